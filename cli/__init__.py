@@ -1,0 +1,1 @@
+"""eda command-line programs: one module per program plus shared plumbing."""

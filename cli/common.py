@@ -1,0 +1,190 @@
+"""Shared CLI plumbing: options, config, output modes, errors and signals.
+
+Every program is a click command wrapped by :func:`run`, which loads the
+TOML config into click's ``default_map`` (so flags and ``EDA_*`` variables
+win over it), renders errors as one line with the exit codes of
+CONVENTIONS.md, and turns SIGTERM, SIGINT and a closed pipe into clean exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from eda.core import __version__
+from eda.core.config import Setting, default_paths, settings_for
+from eda.core.errors import ConfigError, EdaError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_LOSS = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+
+
+class Exit(Exception):
+    """Leave the program with *code* after cleanup (raised from deep inside loops)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: flush, clean up and exit."""
+
+
+def common_options(func: F) -> F:
+    """Options every program has."""
+    decorators = [
+        click.option(
+            "-c", "--config", "config", type=click.Path(dir_okay=False),
+            envvar="EDA_CONFIG", help="TOML config file (see FILES in the man page).",
+        ),
+        click.option(
+            "--interface", envvar="EDA_INTERFACE", metavar="NAME|IP",
+            help="Network interface (name or IPv4 address) for mDNS and binding.",
+        ),
+        click.option(
+            "--no-mdns", "no_mdns", is_flag=True, envvar="EDA_NO_MDNS",
+            help="Do not use mDNS; wire everything with --connect/--bind.",
+        ),
+        click.option(
+            "-v", "--verbose", "--debug", "verbose", is_flag=True,
+            help="Diagnostics on stderr; tracebacks on errors.",
+        ),
+        click.version_option(__version__, "--version", message="%(prog)s %(version)s"),
+        click.help_option("-h", "--help"),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def output_options(func: F) -> F:
+    """Options choosing how items are printed on stdout."""
+    func = click.option(
+        "--format", "template", metavar="TEMPLATE",
+        help="Print one line per item from a template, e.g. '{time} {topic} {data}'.",
+    )(func)
+    return click.option(
+        "--json", "force_json", is_flag=True, help="JSON Lines even on a terminal."
+    )(func)
+
+
+class Context:
+    """What a running program needs besides its options: its name and stderr."""
+
+    def __init__(self, prog: str, verbose: bool) -> None:
+        self.prog = prog
+        self.verbose = verbose
+
+    def warn(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.stderr.flush()
+
+    def debug(self, message: str) -> None:
+        if self.verbose:
+            self.warn(message)
+
+
+def write_stdout(data: bytes) -> None:
+    """Write all of *data* to stdout now (a closed pipe ends the program with 0)."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(1, view)
+            view = view[written:]
+    except BrokenPipeError:
+        raise Exit(EXIT_OK) from None
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """Find -c/--config before click parses, so the file can feed default_map."""
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-c") and len(arg) > 2 and not arg.startswith("--"):
+            return arg[2:]
+        if arg == "--":
+            break
+    return os.environ.get("EDA_CONFIG")
+
+
+def default_map(command: click.Command, program: str, argv: list[str]) -> dict[str, Any]:
+    """Config-file values for *command*, type-checked, errors naming file, line and key."""
+    settings = settings_for(program, default_paths(_config_path(argv)))
+    params = {p.name: p for p in command.params if p.name}
+    result: dict[str, Any] = {}
+    for name, setting in settings.items():
+        param = params.get(name)
+        if param is None or name in ("config",):
+            if setting.key.startswith(f"{program}."):
+                raise ConfigError(f"{setting.where()} is not an option of {program}")
+            continue  # a shared key meant for another program
+        result[name] = _convert(param, setting)
+    return result
+
+
+def _convert(param: click.Parameter, setting: Setting) -> Any:
+    try:
+        if param.multiple or (param.nargs != 1):
+            values = setting.value if isinstance(setting.value, list) else [setting.value]
+            return [param.type.convert(v, param, None) for v in values]
+        return param.type.convert(setting.value, param, None)
+    except click.BadParameter as exc:
+        raise ConfigError(f"{setting.where()}: {exc.message}") from None
+
+
+def _on_sigterm(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
+def run(command: click.Command, program: str, argv: list[str] | None = None) -> NoReturn:
+    """Run *command* as *program* and exit with the conventional status."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "--verbose", "--debug") for a in argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code = EXIT_OK
+    try:
+        defaults = default_map(command, program, argv)
+        command.main(argv, prog_name=program, standalone_mode=False, default_map=defaults)
+    except Exit as exc:
+        code = exc.code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.UsageError as exc:
+        hint = f" (see {program} --help)"
+        sys.stderr.write(f"{program}: error: {exc.format_message()}{hint}\n")
+        code = EXIT_USAGE
+    except click.Abort:
+        code = EXIT_INTERRUPTED
+    except EdaError as exc:
+        if verbose:
+            traceback.print_exc()
+        sys.stderr.write(f"{program}: error: {exc}\n")
+        code = exc.exit_code
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_OK
+    except BrokenPipeError:
+        code = EXIT_OK
+    except OSError as exc:
+        if verbose:
+            traceback.print_exc()
+        sys.stderr.write(f"{program}: error: {exc.strerror or exc}\n")
+        code = EXIT_ERROR
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    # stdout may be a closed pipe: keep the interpreter from complaining on exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    sys.exit(code)

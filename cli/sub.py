@@ -1,0 +1,225 @@
+"""eda-sub: print (or act on) the events matching one or more topic patterns."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from eda.cli.common import (
+    EXIT_LOSS, EXIT_TIMEOUT, Context, Exit, common_options, output_options, run, write_stdout,
+)
+from eda.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from eda.core.codec import Batch
+
+EPILOG = """\b
+Examples:
+  eda-sub 'orders.>' > orders.jsonl              every orders event, as JSON Lines
+  eda-sub 'orders.*' -C 10 -W 5 --raw | jq .id   ten payloads, or give up after 5 idle seconds
+  eda-sub 'logs.>' --format '{time} {topic} {data}'
+  eda-sub 'jobs.*' --exec ./handle.sh            run a command per event (event on its stdin)
+  eda-sub --no-mdns --connect tcp://10.0.0.5:5555 'metrics.>'
+"""
+
+
+class _Missing(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+@click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.argument("patterns", nargs=-1, required=True)
+@click.option("--connect", "connects", multiple=True, metavar="ENDPOINT", help="Connect to a publisher that binds (repeatable).")
+@click.option("--bind", "binds", multiple=True, metavar="ENDPOINT", help="Listen here for publishers, e.g. tcp://*:5556 (repeatable).")
+@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
+@click.option("-W", "--timeout", "idle_timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Exit 4 after SECONDS without an event.")
+@click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
+@output_options
+@click.option("--strict", is_flag=True, help="Exit 5 as soon as events are lost.")
+@click.option("--exec", "exec_cmd", metavar="CMD", help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set.")
+@click.option("--hwm", type=click.IntRange(1), default=10_000, show_default=True, help="High-water mark: batches queued before dropping.")
+@common_options
+def command(
+    patterns: tuple[str, ...],
+    connects: tuple[str, ...],
+    binds: tuple[str, ...],
+    count: int | None,
+    idle_timeout: float | None,
+    raw: bool,
+    template: str | None,
+    force_json: bool,
+    strict: bool,
+    exec_cmd: str | None,
+    hwm: int,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Print every event whose topic matches a PATTERN.
+
+    Patterns are dot-separated; '*' matches one token and a final '>' one or
+    more, e.g. 'orders.*' or 'orders.>'.  Publishers on the LAN are found by
+    mDNS, including those that start later.  Output is JSON Lines (CloudEvents)
+    when stdout is not a terminal, a coloured view when it is.
+    """
+    ctx = Context("eda-sub", verbose)
+    if sum([raw, bool(template), force_json]) > 1:
+        raise UsageError("choose one of --raw, --json and --format")
+    if no_mdns and not (connects or binds):
+        raise UsageError("with --no-mdns, give --connect or --bind")
+
+    from eda.core import discovery
+    from eda.core.pubsub import Subscriber
+
+    lost = [0]
+
+    def on_loss(source: str, topic: str, n: int) -> None:
+        lost[0] += n
+        ctx.warn(f"lost {n} events from {source} (topic {topic})")
+
+    iface = discovery.resolve_interface(interface)
+    sub = Subscriber(list(patterns), interface=iface, hwm=hwm, on_loss=on_loss)
+    render = _renderer(raw, template, force_json, exec_cmd)
+    try:
+        for endpoint in binds:
+            ctx.debug(f"listening on {sub.bind(endpoint)}")
+        for endpoint in connects:
+            sub.connect(endpoint)
+        if not no_mdns:
+            sub.announce(on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"))
+            ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
+        _loop(sub, render, count, idle_timeout, strict, lost, ctx)
+    finally:
+        sub.close()
+
+
+def _loop(
+    sub: Any,
+    render: Callable[[list[Batch]], bytes],
+    count: int | None,
+    idle_timeout: float | None,
+    strict: bool,
+    lost: list[int],
+    ctx: Context,
+) -> None:
+    from eda.core import codec
+
+    remaining = count
+    last_event = time.monotonic()
+    malformed = 0
+    while True:
+        wait = None if idle_timeout is None else last_event + idle_timeout - time.monotonic()
+        if wait is not None and wait <= 0 or not sub.poll(wait):
+            raise Exit(EXIT_TIMEOUT)
+        batches = sub.receive()
+        if sub.malformed != malformed:
+            ctx.warn(f"ignored {sub.malformed - malformed} malformed message(s)")
+            malformed = sub.malformed
+        if not batches:
+            if strict and lost[0]:
+                raise Exit(EXIT_LOSS)
+            continue
+        last_event = time.monotonic()
+        if remaining is not None:
+            batches, remaining = codec.take(batches, remaining)
+        out = render(batches)
+        if out:
+            write_stdout(out)
+        if strict and lost[0]:
+            raise Exit(EXIT_LOSS)
+        if remaining == 0:
+            return
+
+
+def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str | None) -> Callable[[list[Batch]], bytes]:
+    from eda.core import codec, envelope
+
+    if exec_cmd:
+        return _exec_renderer(exec_cmd)
+    if raw:
+        def render_raw(batches: list[Batch]) -> bytes:
+            out: list[bytes] = []
+            for b in batches:
+                if b.kind == codec.ENVELOPE:
+                    for ev in envelope.batch_to_events(b, codec.split_body(b)):
+                        out.append(envelope.data_text(ev).encode() + b"\n")
+                else:
+                    out.append(b.body)
+                    out.append(b"\n")
+            return b"".join(out)
+        return render_raw
+    if template:
+        fmt = template.replace("\\t", "\t")
+
+        def render_template(batches: list[Batch]) -> bytes:
+            lines = []
+            for b in batches:
+                for ev in envelope.batch_to_events(b, codec.split_body(b)):
+                    fields = _Missing(ev)
+                    fields["topic"] = ev.get("type", "")
+                    fields["data"] = envelope.data_text(ev)
+                    lines.append(fmt.format_map(fields) + "\n")
+            return "".join(lines).encode()
+        return render_template
+    if force_json or not sys.stdout.isatty():
+        def render_json(batches: list[Batch]) -> bytes:
+            lines: list[str] = []
+            for b in batches:
+                lines += envelope.batch_to_json_lines(b, codec.split_body(b))
+            return "".join(lines).encode()
+        return render_json
+    return _terminal_renderer()
+
+
+def _terminal_renderer() -> Callable[[list[Batch]], bytes]:
+    from rich.console import Console
+    from rich.text import Text
+
+    from eda.core import codec, envelope
+
+    console = Console(highlight=False)
+
+    def render(batches: list[Batch]) -> bytes:
+        for b in batches:
+            for ev in envelope.batch_to_events(b, codec.split_body(b)):
+                line = Text()
+                line.append(str(ev.get("time", ""))[11:23], style="dim")
+                line.append(" ")
+                line.append(str(ev.get("type", "")), style="bold cyan")
+                line.append(" ")
+                line.append(envelope.data_text(ev))
+                console.print(line, soft_wrap=True)
+        return b""
+    return render
+
+
+def _exec_renderer(cmd: str) -> Callable[[list[Batch]], bytes]:
+    from eda.core import codec, envelope
+
+    def render(batches: list[Batch]) -> bytes:
+        for b in batches:
+            for ev in envelope.batch_to_events(b, codec.split_body(b)):
+                env = dict(os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", "")))
+                line = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
+                result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
+                if result.returncode:
+                    sys.stderr.write(f"eda-sub: warning: --exec command exited {result.returncode} for event {ev.get('id')}\n")
+        return b""
+    return render
+
+
+def main() -> None:
+    run(command, "eda-sub")
+
+
+if __name__ == "__main__":
+    main()

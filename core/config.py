@@ -1,0 +1,109 @@
+"""TOML configuration with eda's precedence.
+
+Highest first: command-line flag > ``EDA_*`` environment variable >
+``--config FILE`` > ``./eda.toml`` > ``$XDG_CONFIG_HOME/eda/config.toml`` >
+built-in default.  Flags and environment variables are the CLI's business;
+this module finds, parses and merges the files and says where a key came
+from, so an error can name file, line and key.
+
+A file holds shared keys at the top level and per-program tables::
+
+    interface = "eth0"          # every program
+    [sub]
+    hwm = 50000                 # eda-sub only
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configured value and where it was written."""
+
+    value: Any
+    path: Path
+    key: str  # dotted, as written: "hwm" or "sub.hwm"
+
+    def where(self) -> str:
+        return f"{self.path}:{key_line(self.path, self.key)}: key '{self.key}'"
+
+
+def default_paths(explicit: str | os.PathLike[str] | None) -> list[Path]:
+    """Config files that exist, lowest precedence first."""
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    paths = [Path(xdg) / "eda" / "config.toml", Path("eda.toml")]
+    found = [p for p in paths if p.is_file()]
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        found.append(path)
+    return found
+
+
+def read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def settings_for(program: str, paths: list[Path]) -> dict[str, Setting]:
+    """Merge *paths* (lowest first) into the settings that apply to *program*.
+
+    Keys are normalised to option names with underscores.  Tables for other
+    programs are ignored; within a file, the program's table beats the
+    top-level keys.
+    """
+    merged: dict[str, Setting] = {}
+    for path in paths:
+        doc = read(path)
+        for key, value in doc.items():
+            if not isinstance(value, dict):
+                merged[key.replace("-", "_")] = Setting(value, path, key)
+        table = doc.get(program, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}:{key_line(path, program)}: '{program}' must be a table")
+        for key, value in table.items():
+            merged[key.replace("-", "_")] = Setting(value, path, f"{program}.{key}")
+    return merged
+
+
+def key_line(path: Path, dotted: str) -> int:
+    """Line number where *dotted* key is set in *path* (1 when unknown)."""
+    section, _, key = dotted.rpartition(".")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 1
+    current = ""
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        header = re.match(r"\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if not key and current == dotted:
+                return number
+            continue
+        if current == section and re.match(rf"[\"']?{re.escape(key)}[\"']?\s*=", stripped):
+            return number
+    return 1
+
+
+def dump(settings: dict[str, Any]) -> str:
+    """TOML text for *settings* (used to write example or generated configs)."""
+    return tomli_w.dumps(settings)

@@ -1,0 +1,128 @@
+"""CloudEvents 1.0 structured-mode JSON: what eda-sub prints and eda-pub --envelope reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from . import codec
+from .errors import InputError
+from .topics import validate_topic
+
+CORE_ATTRIBUTES = frozenset(
+    {"specversion", "id", "source", "type", "time", "datacontenttype", "data", "sequence"}
+)
+CONTENT_TYPES = {codec.TEXT: "text/plain", codec.JSON: "application/json"}
+
+_dumps = json.dumps
+
+
+def rfc3339(ts: float) -> str:
+    """UTC timestamp with microseconds, e.g. 2026-11-27T15:52:52.123456Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def batch_to_json_lines(batch: codec.Batch, payloads: list[bytes]) -> list[str]:
+    """Render the events of a batch as CloudEvents JSON lines (with newline).
+
+    *payloads* are the batch's payloads, possibly a trimmed slice starting at
+    ``batch.seq``.  Per-event work is one string format; everything shared by
+    the batch is rendered once.
+    """
+    seq = batch.seq
+    if batch.kind == codec.ENVELOPE:
+        out = []
+        for i, line in enumerate(payloads):
+            event = json.loads(line)
+            event["sequence"] = seq + i
+            out.append(_dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
+        return out
+    ext = batch.extensions.decode()
+    ext_part = "," + ext[1:-1] if len(ext) > 2 else ""
+    head = (
+        '{"specversion":"1.0","id":"' + batch.pubid + "-"
+    )
+    middle = (
+        '","source":' + _dumps(batch.source)
+        + ',"type":' + _dumps(batch.topic)
+        + ',"time":"' + rfc3339(batch.time)
+        + '","datacontenttype":"' + CONTENT_TYPES[batch.kind]
+        + '"' + ext_part + ',"sequence":'
+    )
+    if batch.kind == codec.JSON:
+        return [
+            f'{head}{seq + i}{middle}{seq + i},"data":{p.decode(errors="replace")}}}\n'
+            for i, p in enumerate(payloads)
+        ]
+    return [
+        f'{head}{seq + i}{middle}{seq + i},"data":'
+        f'{_dumps(p.decode(errors="replace"), ensure_ascii=False)}}}\n'
+        for i, p in enumerate(payloads)
+    ]
+
+
+def batch_to_events(batch: codec.Batch, payloads: list[bytes]) -> Iterator[dict[str, Any]]:
+    """The events of a batch as dictionaries (for templates and terminal views)."""
+    if batch.kind == codec.ENVELOPE:
+        for i, line in enumerate(payloads):
+            event = json.loads(line)
+            event["sequence"] = batch.seq + i
+            yield event
+        return
+    shared: dict[str, Any] = {
+        "specversion": "1.0",
+        "source": batch.source,
+        "type": batch.topic,
+        "time": rfc3339(batch.time),
+        "datacontenttype": CONTENT_TYPES[batch.kind],
+    }
+    if batch.extensions:
+        shared.update(json.loads(batch.extensions))
+    for i, p in enumerate(payloads):
+        text = p.decode(errors="replace")
+        data: Any = json.loads(text) if batch.kind == codec.JSON else text
+        seq = batch.seq + i
+        yield {**shared, "id": f"{batch.pubid}-{seq}", "sequence": seq, "data": data}
+
+
+def data_text(event: dict[str, Any]) -> str:
+    """The payload as a line of text: strings as they are, anything else as JSON."""
+    data = event.get("data")
+    if isinstance(data, str):
+        return data
+    return _dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_envelope(
+    line: bytes, lineno: int, topic: str | None, source: str, new_id: Callable[[], str]
+) -> tuple[str, bytes]:
+    """Check one input envelope line; return (topic, compact JSON line).
+
+    The event's own id, source, time, data and extension attributes are kept;
+    *topic*, when given, replaces its type; a missing id or source is filled
+    in from *new_id* and *source*.  ``sequence`` belongs to the hop
+    and is dropped (the publisher stamps its own).
+    """
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"invalid JSON envelope: {exc}", lineno) from None
+    if not isinstance(event, dict):
+        raise InputError("an envelope must be a JSON object", lineno)
+    if topic is not None:
+        event["type"] = topic
+    event_type = event.get("type")
+    if not isinstance(event_type, str):
+        raise InputError("envelope has no 'type' (the topic); give TOPIC to set one", lineno)
+    try:
+        validate_topic(event_type)
+    except Exception as exc:
+        raise InputError(str(exc), lineno) from None
+    event.pop("sequence", None)
+    event.setdefault("specversion", "1.0")
+    if "id" not in event:
+        event["id"] = new_id()
+    event.setdefault("source", source)
+    return event_type, _dumps(event, separators=(",", ":"), ensure_ascii=False).encode()

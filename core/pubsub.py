@@ -1,0 +1,320 @@
+"""Brokerless publish/subscribe over ZeroMQ XPUB/SUB sockets, wired by mDNS.
+
+Both sides can connect: a subscriber binds an ephemeral port and announces
+it (``_eda-sub._tcp``), so a publisher that starts later connects straight to
+every running subscriber and waits until each one's subscriptions have
+arrived before sending (the slow-joiner fix); a streaming publisher also
+binds and announces (``_eda-pub._tcp``), so subscribers that start later
+connect to it.  The welcome message and beacon subscriptions of
+:mod:`eda.core.codec` tell each side who is already connected to it, so a
+pair never ends up with two connections; sequence numbers drop any
+duplicate that a race still lets through.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from . import codec, discovery
+from .errors import UsageError
+from .topics import Matcher
+
+LossCallback = Callable[[str, str, int], None]
+
+
+def new_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise UsageError(f"cannot bind {endpoint}: {exc}") from None
+    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+
+def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise UsageError(f"cannot connect to {endpoint}: {exc}") from None
+
+
+def ephemeral_endpoint(interface: str | None) -> str:
+    return f"tcp://{interface or '*'}:*"
+
+
+class Publisher:
+    """An XPUB socket that sends batches of events with per-topic sequence numbers."""
+
+    def __init__(
+        self,
+        *,
+        headers: dict[str, str] | None = None,
+        source: str | None = None,
+        interface: str | None = None,
+        hwm: int = 10_000,
+        block: bool = False,
+    ) -> None:
+        self.pubid = new_id()
+        self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
+        self.interface = interface
+        self._origin = codec.encode_origin(self.pubid, self.source)
+        self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
+        self._seq: dict[str, int] = {}
+        self._envelope_ids = 0
+        self.subscribers: set[str] = set()  # ids whose beacon arrived
+        self._connected: set[str] = set()  # endpoints we connected to
+        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
+        self._discovery: discovery.Discovery | None = None
+        self.endpoints: list[str] = []
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.pubid.encode())
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.XPUB_NODROP, int(block))
+        sock.setsockopt(zmq.LINGER, 0)
+        self.sock = sock
+
+    # -- wiring -------------------------------------------------------------
+    def bind(self, endpoint: str) -> str:
+        real = _bind(self.sock, endpoint)
+        self.endpoints.append(real)
+        return real
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self._connected:
+            _connect(self.sock, endpoint)
+            self._connected.add(endpoint)
+
+    def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
+        """Connect to every subscriber answering a one-shot mDNS query; return their ids."""
+        ids = set()
+        for peer in discovery.find_once(
+            discovery.SUB_TYPE, interface=self.interface, timeout=timeout
+        ):
+            self.connect(peer.endpoint)
+            ids.add(peer.id)
+        return ids
+
+    def bind_for_announce(self) -> None:
+        """Bind the ephemeral port :meth:`announce` will announce (call from the socket's thread)."""
+        if not self.endpoints:
+            self.bind(ephemeral_endpoint(self.interface))
+
+    def announce(self, topics: list[str]) -> None:
+        """Announce this publisher and keep finding subscribers (safe from any thread)."""
+        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        found = discovery.Discovery(self.interface)
+        found.announce(discovery.PUB_TYPE, self.pubid, port, topics)
+        found.browse(discovery.SUB_TYPE, self._peers.put)
+        self._discovery = found
+
+    def service(self) -> None:
+        """Read subscription messages and act on newly discovered subscribers."""
+        sock = self.sock
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:1] == b"\x01" and msg[1:3] == codec.BEACON_PREFIX:
+                self.subscribers.add(msg[3:].decode(errors="replace"))
+        while True:
+            try:
+                peer = self._peers.get_nowait()
+            except queue.Empty:
+                break
+            if peer.id not in self.subscribers:
+                self.connect(peer.endpoint)
+
+    def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:
+        """Wait until the subscribers *ids* (and at least *count* in all) are connected.
+
+        Returns the ids still missing when *timeout* ran out.
+        """
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.service()
+            missing = wanted - self.subscribers
+            if not missing and len(self.subscribers) >= count:
+                return set()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return missing
+            self.sock.poll(max(1, int(min(left, 0.05) * 1000)))
+
+    # -- sending (hot path) ---------------------------------------------------
+    def send(self, topic: str, body: bytes, count: int, kind: int = codec.TEXT) -> None:
+        """Send *count* events of *topic* as one batch (see :mod:`eda.core.codec`)."""
+        seq = self._seq.get(topic, 1)
+        self._seq[topic] = seq + count
+        frames = [
+            topic.encode(),
+            codec.encode_header(kind, count, seq, time.time(), self._origin),
+            body,
+        ]
+        if self._ext:
+            frames.append(self._ext)
+        self.sock.send_multipart(frames, copy=len(body) < 65536)
+
+    def next_envelope_id(self) -> str:
+        self._envelope_ids += 1
+        return f"{self.pubid}-e{self._envelope_ids}"
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self._seq.values()) - len(self._seq)
+
+    def close(self, linger: float = 2.0) -> None:
+        """Hand queued events to the network (at most *linger* seconds), then close."""
+        if self._discovery is not None:
+            self._discovery.close()
+        self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
+        self.sock.close()
+        zmq.Context.instance().term()  # returns once queued messages left or linger ran out
+
+
+class Subscriber:
+    """A SUB socket that yields accepted batches, reporting gaps and dropping duplicates."""
+
+    def __init__(
+        self,
+        patterns: list[str],
+        *,
+        interface: str | None = None,
+        hwm: int = 10_000,
+        on_loss: LossCallback | None = None,
+    ) -> None:
+        self.matcher = Matcher(patterns)
+        self.subid = new_id()
+        self.interface = interface
+        self.on_loss = on_loss
+        self.malformed = 0
+        self.publishers: set[str] = set()  # pubids whose welcome arrived
+        self._next: dict[tuple[str, str], int] = {}
+        self._connected: set[str] = set()
+        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
+        self._discovery: discovery.Discovery | None = None
+        self.endpoints: list[str] = []
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        for prefix in self.matcher.prefixes():
+            sock.subscribe(prefix.encode())
+        sock.subscribe(codec.WELCOME_PREFIX)
+        sock.subscribe(codec.BEACON_PREFIX + self.subid.encode())
+        self.sock = sock
+
+    def bind(self, endpoint: str) -> str:
+        real = _bind(self.sock, endpoint)
+        self.endpoints.append(real)
+        return real
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self._connected:
+            _connect(self.sock, endpoint)
+            self._connected.add(endpoint)
+
+    def announce(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Bind an ephemeral port if needed, announce it, and find publishers.
+
+        *on_ready* is called (from another thread) once the announcement is
+        registered, i.e. publishers can find this subscriber.
+        """
+        if not self.endpoints:
+            self.bind(ephemeral_endpoint(self.interface))
+        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        self._discovery = discovery.Discovery(self.interface)
+        self._discovery.announce(
+            discovery.SUB_TYPE, self.subid, port, self.matcher.patterns, on_ready
+        )
+        self._discovery.browse(discovery.PUB_TYPE, self._peers.put)
+
+    def _connect_discovered(self) -> None:
+        while True:
+            try:
+                peer = self._peers.get_nowait()
+            except queue.Empty:
+                return
+            if peer.id not in self.publishers:
+                self.connect(peer.endpoint)
+
+    def poll(self, timeout: float | None) -> bool:
+        """Wait up to *timeout* seconds (None: forever) for a message."""
+        self._connect_discovered()
+        if timeout is None:
+            while not self.sock.poll(100):
+                self._connect_discovered()
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self.sock.poll(max(0, int(min(left, 0.1) * 1000))):
+                return True
+            self._connect_discovered()
+            if left <= 0.1:
+                return bool(self.sock.poll(0))
+
+    def receive(self, max_messages: int = 256) -> list[codec.Batch]:
+        """Accept every message waiting now (at most *max_messages*), without blocking."""
+        out: list[codec.Batch] = []
+        recv = self.sock.recv_multipart
+        matcher = self.matcher
+        nxt = self._next
+        for _ in range(max_messages):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frames[0][:1] == b"\x00":
+                if frames[0][:2] == codec.WELCOME_PREFIX:
+                    self.publishers.add(frames[0][2:].decode(errors="replace"))
+                continue
+            try:
+                batch = codec.decode(frames)
+            except codec.WireError:
+                self.malformed += 1
+                continue
+            if not matcher(batch.topic):
+                continue
+            key = (batch.pubid, batch.topic)
+            expected = nxt.get(key)
+            nxt[key] = batch.seq + batch.size
+            if expected is None or batch.seq == expected:
+                out.append(batch)
+            elif batch.seq > expected:
+                if self.on_loss is not None:
+                    self.on_loss(batch.source, batch.topic, batch.seq - expected)
+                out.append(batch)
+            else:
+                nxt[key] = max(expected, batch.seq + batch.size)
+                trimmed = _trim(batch, expected)
+                if trimmed is not None:
+                    out.append(trimmed)
+        return out
+
+    def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.close()
+        self.sock.close()
+        zmq.Context.instance().term()
+
+
+def _trim(batch: codec.Batch, first_seq: int) -> codec.Batch | None:
+    """*batch* without the events before *first_seq* (duplicates), or None."""
+    skip = first_seq - batch.seq
+    if skip >= batch.size:
+        return None
+    parts = codec.split_body(batch)[skip:]
+    return batch._replace(seq=first_seq, size=len(parts), body=b"\n".join(parts))

@@ -1,0 +1,83 @@
+"""Dot-separated topics and the patterns that match them.
+
+``*`` matches exactly one token, ``>`` (last token only) matches one or more
+trailing tokens.  ZeroMQ filters by byte prefix, so each pattern also yields
+the literal prefix a SUB socket subscribes to; the exact match runs on top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import UsageError
+
+_TOKEN = re.compile(r"[^.\s*>\x00]+")
+
+
+def validate_topic(topic: str) -> str:
+    """Return *topic* if it is a concrete topic, else raise UsageError."""
+    if not topic or any(not _TOKEN.fullmatch(tok) for tok in topic.split(".")):
+        raise UsageError(
+            f"invalid topic {topic!r}: use dot-separated tokens without spaces, '*' or '>'"
+        )
+    return topic
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return *pattern* if well formed, else raise UsageError."""
+    tokens = pattern.split(".") if pattern else [""]
+    for i, tok in enumerate(tokens):
+        if tok == "*" or (tok == ">" and i == len(tokens) - 1) or _TOKEN.fullmatch(tok):
+            continue
+        raise UsageError(
+            f"invalid pattern {pattern!r}: tokens are words, '*' (one token) "
+            "or a final '>' (one or more tokens)"
+        )
+    return pattern
+
+
+def subscription_prefix(pattern: str) -> str:
+    """The literal prefix of *pattern*, usable as a ZeroMQ subscription."""
+    tokens = pattern.split(".")
+    literal: list[str] = []
+    for tok in tokens:
+        if tok in ("*", ">"):
+            return "".join(t + "." for t in literal)
+        literal.append(tok)
+    return pattern
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for tok in pattern.split("."):
+        if tok == "*":
+            parts.append(r"[^.]+")
+        elif tok == ">":
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        else:
+            parts.append(re.escape(tok))
+    return re.compile(r"\.".join(parts))
+
+
+class Matcher:
+    """Matches topics against several patterns, caching verdicts per topic."""
+
+    __slots__ = ("_cache", "_regexes", "patterns")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = [validate_pattern(p) for p in patterns]
+        self._regexes = [_compile(p) for p in self.patterns]
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, topic: str) -> bool:
+        verdict = self._cache.get(topic)
+        if verdict is None:
+            verdict = any(r.fullmatch(topic) for r in self._regexes)
+            if len(self._cache) < 100_000:
+                self._cache[topic] = verdict
+        return verdict
+
+    def prefixes(self) -> list[str]:
+        """The distinct ZeroMQ subscription prefixes covering every pattern."""
+        return sorted({subscription_prefix(p) for p in self.patterns})
