@@ -1,1 +1,7 @@
-"""eda command-line programs: one module per program plus shared plumbing."""
+"""eda command-line programs: one module per program plus shared plumbing (common.py)."""
+
+# program name -> module; man pages, completions and tests iterate over this
+PROGRAMS = {
+    "eda-pub": "eda.cli.pub",
+    "eda-sub": "eda.cli.sub",
+}

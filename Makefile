@@ -1,0 +1,34 @@
+# Quick start:  make demo   |   make test   (each sets itself up first)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NETNS := scripts/netns-run
+
+.PHONY: setup demo test lint docs bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(NETNS) env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo
+
+lint: setup
+	$(VENV)/bin/ruff check core cli tests bench scripts
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+docs: setup
+	$(PY) scripts/gendocs.py
+
+bench: setup
+	bash bench/setup.sh
+	$(NETNS) $(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,69 @@
+"""Test harness: the whole suite runs inside a private network namespace.
+
+Run plainly (``pytest``), this file re-executes pytest under
+``scripts/netns-run`` before any test opens a socket, so neither ZeroMQ nor
+mDNS traffic can reach a real interface.  Every process a test starts goes
+through :class:`Procs`, and a fixture fails the test if one is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+import pytest
+
+from tests.helpers import Procs, children_of
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Outside a private network namespace, restart this pytest run inside one."""
+    if os.environ.get("EDA_NETNS") == "1":
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()
+    runner = str(ROOT / "scripts" / "netns-run")
+    os.execv(runner, [runner, sys.executable, "-m", "pytest", *config.invocation_params.args])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep discovery caches and config files of the tests away from the user's."""
+    home = tmp_path_factory.mktemp("home")
+    os.environ["XDG_CACHE_HOME"] = str(home / "cache")
+    os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    for var in [v for v in os.environ if v.startswith("EDA_") and v != "EDA_NETNS"]:
+        del os.environ[var]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sandboxed() -> None:
+    """Refuse to run anything unless the only interfaces are ours."""
+    names = {line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:]}
+    foreign = {n for n in names if n != "lo" and not n.startswith(("edabr", "edav"))}
+    assert not foreign, f"not in a private network namespace: {sorted(foreign)}"
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> object:
+    """Start processes for a test; all are killed afterwards and none may linger."""
+    group = Procs(tmp_path)
+    yield group
+    group.kill_all()
+    left = children_of(os.getpid())
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def network(procs: Procs) -> object:
+    """A bridge to which a test attaches hosts (network namespaces)."""
+    from tests.hosts import Network
+
+    net = Network(procs)
+    yield net
+    procs.kill_all()
+    net.close()

@@ -1,0 +1,112 @@
+"""Several "hosts" on one machine: network namespaces joined by a bridge.
+
+Each host is a network namespace held open by a sleeping process, with a
+veth pair to a bridge in the test's own (already private) namespace and an
+address in 10.231.0.0/24.  Tests start programs on a host, kill a host's
+processes, or cut its cable.  Nothing here can reach a real interface: the
+bridge lives inside the namespace the suite runs in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.helpers import Proc, Procs, command
+
+_ids = itertools.count(1)
+
+
+def ip(*args: str, netns_pid: int | None = None) -> None:
+    prefix = ["nsenter", f"--net=/proc/{netns_pid}/ns/net"] if netns_pid else []
+    subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class Host:
+    name: str
+    address: str
+    holder: subprocess.Popen[bytes]
+    link: str  # the veth end on the bridge side
+    procs: Procs
+    started: list[Proc] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net"]
+
+    def eda(self, program: str, *args: str, **kw: Any) -> Proc:
+        proc = self.procs.start(command(program, *args), prefix=self.prefix, **kw)
+        self.started.append(proc)
+        return proc
+
+    def sub_ready(self, *args: str, **kw: Any) -> Proc:
+        proc = self.eda("eda-sub", "-v", *args, **kw)
+        proc.wait_stderr("announced as", 15)
+        return proc
+
+    def run(self, program: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        from tests.helpers import run
+
+        return run(program, *args, prefix=self.prefix, **kw)
+
+    def cut(self) -> None:
+        """Pull the cable: the host keeps running but hears nothing."""
+        ip("link", "set", self.link, "down")
+
+    def reconnect(self) -> None:
+        ip("link", "set", self.link, "up")
+
+    def kill(self) -> None:
+        """Power off: SIGKILL every process started on the host."""
+        for proc in self.started:
+            proc.signal(signal.SIGKILL)
+
+
+class Network:
+    """A bridge and the hosts attached to it."""
+
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.net = next(_ids)
+        self.bridge = f"edabr{self.net}"
+        self.hosts: list[Host] = []
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("link", "set", self.bridge, "up")
+
+    def add_host(self, name: str) -> Host:
+        n = len(self.hosts) + 2
+        holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+        ns = f"/proc/{holder.pid}/ns/net"
+        # unshare has exec'd sleep once the namespace differs from ours
+        while os.readlink(ns) == os.readlink("/proc/self/ns/net"):
+            if holder.poll() is not None:
+                raise RuntimeError("could not create a network namespace")
+        outer, inner = f"edav{self.net}h{n}", f"edav{self.net}i{n}"
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", inner, "netns", str(holder.pid))
+        ip("link", "set", outer, "master", self.bridge)
+        ip("link", "set", outer, "up")
+        address = f"10.231.{self.net}.{n}"
+        for args in (
+            ("link", "set", "lo", "up"),
+            ("addr", "add", f"{address}/24", "dev", inner),
+            ("link", "set", inner, "multicast", "on"),
+            ("link", "set", inner, "up"),
+            ("route", "add", "224.0.0.0/4", "dev", inner),
+        ):
+            ip(*args, netns_pid=holder.pid)
+        host = Host(name, address, holder, outer, self.procs)
+        self.hosts.append(host)
+        return host
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.kill()
+            host.holder.kill()
+            host.holder.wait(5)
+        subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
