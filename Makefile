@@ -18,6 +18,9 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check core cli tests bench scripts
+	mkdir -p build/typecheck/eda
+	ln -sfn $(CURDIR)/core build/typecheck/eda/core
+	ln -sfn $(CURDIR)/cli build/typecheck/eda/cli
 	$(VENV)/bin/mypy
 
 test: lint

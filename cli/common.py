@@ -8,6 +8,7 @@ CONVENTIONS.md, and turns SIGTERM, SIGINT and a closed pipe into clean exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -43,19 +44,32 @@ def common_options(func: F) -> F:
     """Options every program has."""
     decorators = [
         click.option(
-            "-c", "--config", "config", type=click.Path(dir_okay=False),
-            envvar="EDA_CONFIG", help="TOML config file (see FILES in the man page).",
+            "-c",
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            envvar="EDA_CONFIG",
+            help="TOML config file (see FILES in the man page).",
         ),
         click.option(
-            "--interface", envvar="EDA_INTERFACE", metavar="NAME|IP",
+            "--interface",
+            envvar="EDA_INTERFACE",
+            metavar="NAME|IP",
             help="Network interface (name or IPv4 address) for mDNS and binding.",
         ),
         click.option(
-            "--no-mdns", "no_mdns", is_flag=True, envvar="EDA_NO_MDNS",
+            "--no-mdns",
+            "no_mdns",
+            is_flag=True,
+            envvar="EDA_NO_MDNS",
             help="Do not use mDNS; wire everything with --connect/--bind.",
         ),
         click.option(
-            "-v", "--verbose", "--debug", "verbose", is_flag=True,
+            "-v",
+            "--verbose",
+            "--debug",
+            "verbose",
+            is_flag=True,
             help="Diagnostics on stderr; tracebacks on errors.",
         ),
         click.version_option(__version__, "--version", message="%(prog)s %(version)s"),
@@ -69,7 +83,9 @@ def common_options(func: F) -> F:
 def output_options(func: F) -> F:
     """Options choosing how items are printed on stdout."""
     func = click.option(
-        "--format", "template", metavar="TEMPLATE",
+        "--format",
+        "template",
+        metavar="TEMPLATE",
         help="Print one line per item from a template, e.g. '{time} {topic} {data}'.",
     )(func)
     return click.option(
@@ -119,17 +135,48 @@ def _config_path(argv: list[str]) -> str | None:
 
 
 def default_map(command: click.Command, program: str, argv: list[str]) -> dict[str, Any]:
-    """Config-file values for *command*, type-checked, errors naming file, line and key."""
-    settings = settings_for(program, default_paths(_config_path(argv)))
-    params = {p.name: p for p in command.params if p.name}
+    """Config-file values for *command*, type-checked, errors naming file, line and key.
+
+    Keys are option names (``timeout`` or ``idle_timeout`` for ``-W/--timeout``);
+    the per-program table is named after the program without ``eda-``.
+    """
+    section = program.removeprefix("eda-")
+    settings = settings_for(section, default_paths(_config_path(argv)))
+    if isinstance(command, click.Group):
+        return _group_default_map(command, program, section, settings)
+    params: dict[str, click.Parameter] = {}
+    for param in command.params:
+        if not param.name or param.name == "config":
+            continue
+        params[param.name] = param
+        for opt in param.opts:
+            if opt.startswith("--"):
+                params[opt[2:].replace("-", "_")] = param
     result: dict[str, Any] = {}
     for name, setting in settings.items():
-        param = params.get(name)
-        if param is None or name in ("config",):
-            if setting.key.startswith(f"{program}."):
+        found = params.get(name)
+        if found is None or not found.name:
+            if setting.key.startswith(f"{section}."):
                 raise ConfigError(f"{setting.where()} is not an option of {program}")
             continue  # a shared key meant for another program
-        result[name] = _convert(param, setting)
+        result[found.name] = _convert(found, setting)
+    return result
+
+
+def _group_default_map(
+    group: click.Group, program: str, section: str, settings: dict[str, Setting]
+) -> dict[str, Any]:
+    """For a program with subcommands, a key feeds every subcommand that has that option."""
+    result: dict[str, Any] = {}
+    for name, setting in settings.items():
+        used = False
+        for sub_name, sub in group.commands.items():
+            for param in sub.params:
+                if param.name and param.name != "config" and param.name == name:
+                    result.setdefault(sub_name, {})[param.name] = _convert(param, setting)
+                    used = True
+        if not used and setting.key.startswith(f"{section}."):
+            raise ConfigError(f"{setting.where()} is not an option of {program}")
     return result
 
 
@@ -180,10 +227,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
             traceback.print_exc()
         sys.stderr.write(f"{program}: error: {exc.strerror or exc}\n")
         code = EXIT_ERROR
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
-        pass
     # stdout may be a closed pipe: keep the interpreter from complaining on exit
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)

@@ -32,7 +32,9 @@ Examples:
 """
 
 
-def _parse_header(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+def _parse_header(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
     headers: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
@@ -48,20 +50,87 @@ def _parse_header(ctx: click.Context, param: click.Parameter, values: tuple[str,
 @click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
 @click.argument("topic", required=False)
 @click.argument("messages", nargs=-1)
-@click.option("--json", "json_mode", is_flag=True, help="Payloads must be JSON; invalid lines are skipped.")
-@click.option("--envelope", is_flag=True, help="Input lines are CloudEvents as eda-sub prints them.")
+@click.option(
+    "--json", "json_mode", is_flag=True, help="Payloads must be JSON; invalid lines are skipped."
+)
+@click.option(
+    "--envelope", is_flag=True, help="Input lines are CloudEvents as eda-sub prints them."
+)
 @click.option("-s", "--whole", is_flag=True, help="Send all of stdin as one event.")
-@click.option("-H", "--header", "headers", multiple=True, callback=_parse_header, metavar="KEY=VALUE", help="Extension attribute added to every event (repeatable).")
-@click.option("--bind", "binds", multiple=True, metavar="ENDPOINT", help="Also listen here, e.g. tcp://*:5555 (repeatable).")
-@click.option("--connect", "connects", multiple=True, metavar="ENDPOINT", help="Connect to a subscriber that binds (repeatable).")
-@click.option("--wait-subscribers", type=click.IntRange(0), default=0, metavar="N", help="Wait until N subscribers are connected before sending.")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=2.0, show_default=True, metavar="SECONDS", help="Longest wait for subscribers to connect.")
-@click.option("--discover-timeout", type=click.FloatRange(0), default=0.15, show_default=True, metavar="SECONDS", help="How long to listen for subscribers answering the mDNS query.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N", help="At most N events per second.")
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    callback=_parse_header,
+    metavar="KEY=VALUE",
+    help="Extension attribute added to every event (repeatable).",
+)
+@click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Also listen here, e.g. tcp://*:5555 (repeatable).",
+)
+@click.option(
+    "--connect",
+    "connects",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Connect to a subscriber that binds (repeatable).",
+)
+@click.option(
+    "--wait-subscribers",
+    type=click.IntRange(0),
+    default=0,
+    metavar="N",
+    help="Wait until N subscribers are connected before sending.",
+)
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(0),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait for subscribers to connect.",
+)
+@click.option(
+    "--discover-timeout",
+    type=click.FloatRange(0),
+    default=0.15,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to listen for subscribers answering the mDNS query.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="N",
+    help="At most N events per second.",
+)
 @click.option("--progress", is_flag=True, help="Progress bar on stderr when stdin is a file.")
-@click.option("--linger", type=click.FloatRange(0), default=5.0, show_default=True, metavar="SECONDS", help="Longest wait on exit for queued events to leave.")
-@click.option("--hwm", type=click.IntRange(1), default=10_000, show_default=True, help="High-water mark: batches queued per subscriber before dropping.")
-@click.option("--block", is_flag=True, help="Block at the high-water mark instead of dropping (slow subscribers slow the feed).")
+@click.option(
+    "--linger",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait on exit for queued events to leave.",
+)
+@click.option(
+    "--hwm",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="High-water mark: batches queued per subscriber before dropping.",
+)
+@click.option(
+    "--block",
+    is_flag=True,
+    help="Block at the high-water mark instead of dropping (slow subscribers slow the feed).",
+)
 @common_options
 def command(
     topic: str | None,
@@ -154,7 +223,9 @@ def _valid_json(raw: bytes) -> bool:
     return True
 
 
-def _send_arguments(pub: Publisher, ctx: Context, topic: str, messages: tuple[str, ...], kind: int) -> int:
+def _send_arguments(
+    pub: Publisher, ctx: Context, topic: str, messages: tuple[str, ...], kind: int
+) -> int:
     rejected = 0
     good: list[bytes] = []
     for number, message in enumerate(messages, 1):
@@ -177,7 +248,16 @@ def _send_arguments(pub: Publisher, ctx: Context, topic: str, messages: tuple[st
 class _Feeder:
     """Reads stdin in large chunks and sends every complete line, batch by batch."""
 
-    def __init__(self, pub: Publisher, ctx: Context, topic: str | None, kind: int, envelope: bool, rate: float | None, no_mdns: bool) -> None:
+    def __init__(
+        self,
+        pub: Publisher,
+        ctx: Context,
+        topic: str | None,
+        kind: int,
+        envelope: bool,
+        rate: float | None,
+        no_mdns: bool,
+    ) -> None:
         self.pub = pub
         self.ctx = ctx
         self.topic = topic
@@ -228,7 +308,13 @@ class _Feeder:
     def _start_announcing(self) -> None:
         self.pub.bind_for_announce()
         topics = [self.topic] if self.topic else []
-        self._announce_timer = threading.Timer(ANNOUNCE_AFTER, self.pub.announce, args=(topics,))
+
+        def ready() -> None:
+            self.ctx.debug(f"announced as {self.pub.pubid} on mDNS")
+
+        self._announce_timer = threading.Timer(
+            ANNOUNCE_AFTER, self.pub.announce, args=(topics, ready)
+        )
         self._announce_timer.daemon = True
         self._announce_timer.start()
 
@@ -259,7 +345,9 @@ class _Feeder:
                 continue
             try:
                 if self.envelope:
-                    topic, raw = parse_envelope(line, self.lineno, self.topic, pub.source, pub.next_envelope_id)
+                    topic, raw = parse_envelope(
+                        line, self.lineno, self.topic, pub.source, pub.next_envelope_id
+                    )
                     if topic != current_topic and good:
                         self._send(current_topic, good)
                         good = []
@@ -305,8 +393,12 @@ def _progress_bar(total: int) -> Any:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     bar = Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), console=Console(stderr=True), transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+        transient=True,
     )
     task = bar.add_task("eda-pub", total=total)
     bar.start()

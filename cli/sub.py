@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import (
-    EXIT_LOSS, EXIT_TIMEOUT, Context, Exit, common_options, output_options, run, write_stdout,
+    EXIT_LOSS,
+    EXIT_TIMEOUT,
+    Context,
+    Exit,
+    common_options,
+    output_options,
+    run,
+    write_stdout,
 )
 from eda.core.errors import UsageError
 
@@ -37,15 +44,45 @@ class _Missing(dict[str, Any]):
 
 @click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
 @click.argument("patterns", nargs=-1, required=True)
-@click.option("--connect", "connects", multiple=True, metavar="ENDPOINT", help="Connect to a publisher that binds (repeatable).")
-@click.option("--bind", "binds", multiple=True, metavar="ENDPOINT", help="Listen here for publishers, e.g. tcp://*:5556 (repeatable).")
+@click.option(
+    "--connect",
+    "connects",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Connect to a publisher that binds (repeatable).",
+)
+@click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Listen here for publishers, e.g. tcp://*:5556 (repeatable).",
+)
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
-@click.option("-W", "--timeout", "idle_timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Exit 4 after SECONDS without an event.")
+@click.option(
+    "-W",
+    "--timeout",
+    "idle_timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Exit 4 after SECONDS without an event.",
+)
 @click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
 @output_options
 @click.option("--strict", is_flag=True, help="Exit 5 as soon as events are lost.")
-@click.option("--exec", "exec_cmd", metavar="CMD", help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set.")
-@click.option("--hwm", type=click.IntRange(1), default=10_000, show_default=True, help="High-water mark: batches queued before dropping.")
+@click.option(
+    "--exec",
+    "exec_cmd",
+    metavar="CMD",
+    help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set.",
+)
+@click.option(
+    "--hwm",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="High-water mark: batches queued before dropping.",
+)
 @common_options
 def command(
     patterns: tuple[str, ...],
@@ -87,7 +124,13 @@ def command(
         ctx.warn(f"lost {n} events from {source} (topic {topic})")
 
     iface = discovery.resolve_interface(interface)
-    sub = Subscriber(list(patterns), interface=iface, hwm=hwm, on_loss=on_loss)
+    sub = Subscriber(
+        list(patterns),
+        interface=iface,
+        hwm=hwm,
+        on_loss=on_loss,
+        on_connect=lambda peer: ctx.debug(f"connected to publisher {peer.id} at {peer.endpoint}"),
+    )
     render = _renderer(raw, template, force_json, exec_cmd)
     try:
         for endpoint in binds:
@@ -118,7 +161,7 @@ def _loop(
     malformed = 0
     while True:
         wait = None if idle_timeout is None else last_event + idle_timeout - time.monotonic()
-        if wait is not None and wait <= 0 or not sub.poll(wait):
+        if (wait is not None and wait <= 0) or not sub.poll(wait):
             raise Exit(EXIT_TIMEOUT)
         batches = sub.receive()
         if sub.malformed != malformed:
@@ -140,12 +183,15 @@ def _loop(
             return
 
 
-def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str | None) -> Callable[[list[Batch]], bytes]:
+def _renderer(
+    raw: bool, template: str | None, force_json: bool, exec_cmd: str | None
+) -> Callable[[list[Batch]], bytes]:
     from eda.core import codec, envelope
 
     if exec_cmd:
         return _exec_renderer(exec_cmd)
     if raw:
+
         def render_raw(batches: list[Batch]) -> bytes:
             out: list[bytes] = []
             for b in batches:
@@ -156,6 +202,7 @@ def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str |
                     out.append(b.body)
                     out.append(b"\n")
             return b"".join(out)
+
         return render_raw
     if template:
         fmt = template.replace("\\t", "\t")
@@ -169,13 +216,16 @@ def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str |
                     fields["data"] = envelope.data_text(ev)
                     lines.append(fmt.format_map(fields) + "\n")
             return "".join(lines).encode()
+
         return render_template
     if force_json or not sys.stdout.isatty():
+
         def render_json(batches: list[Batch]) -> bytes:
             lines: list[str] = []
             for b in batches:
                 lines += envelope.batch_to_json_lines(b, codec.split_body(b))
             return "".join(lines).encode()
+
         return render_json
     return _terminal_renderer()
 
@@ -199,6 +249,7 @@ def _terminal_renderer() -> Callable[[list[Batch]], bytes]:
                 line.append(envelope.data_text(ev))
                 console.print(line, soft_wrap=True)
         return b""
+
     return render
 
 
@@ -208,12 +259,18 @@ def _exec_renderer(cmd: str) -> Callable[[list[Batch]], bytes]:
     def render(batches: list[Batch]) -> bytes:
         for b in batches:
             for ev in envelope.batch_to_events(b, codec.split_body(b)):
-                env = dict(os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", "")))
+                env = dict(
+                    os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", ""))
+                )
                 line = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
                 result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
                 if result.returncode:
-                    sys.stderr.write(f"eda-sub: warning: --exec command exited {result.returncode} for event {ev.get('id')}\n")
+                    sys.stderr.write(
+                        f"eda-sub: warning: --exec command exited {result.returncode}"
+                        f" for event {ev.get('id')}\n"
+                    )
         return b""
+
     return render
 
 

@@ -196,9 +196,7 @@ class Discovery:
             k.decode(errors="replace").lower(): (v or b"").decode(errors="replace")
             for k, v in info.properties.items()
         }
-        inst = mdns.Instance(
-            name, info.port or 0, info.server or "", info.parsed_addresses(), txt
-        )
+        inst = mdns.Instance(name, info.port or 0, info.server or "", info.parsed_addresses(), txt)
         peer = _peer_from_instance(inst)
         if peer is not None and not self._closed:
             on_peer(peer)

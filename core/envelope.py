@@ -41,15 +41,19 @@ def batch_to_json_lines(batch: codec.Batch, payloads: list[bytes]) -> list[str]:
         return out
     ext = batch.extensions.decode()
     ext_part = "," + ext[1:-1] if len(ext) > 2 else ""
-    head = (
-        '{"specversion":"1.0","id":"' + batch.pubid + "-"
-    )
+    head = '{"specversion":"1.0","id":"' + batch.pubid + "-"
     middle = (
-        '","source":' + _dumps(batch.source)
-        + ',"type":' + _dumps(batch.topic)
-        + ',"time":"' + rfc3339(batch.time)
-        + '","datacontenttype":"' + CONTENT_TYPES[batch.kind]
-        + '"' + ext_part + ',"sequence":'
+        '","source":'
+        + _dumps(batch.source)
+        + ',"type":'
+        + _dumps(batch.topic)
+        + ',"time":"'
+        + rfc3339(batch.time)
+        + '","datacontenttype":"'
+        + CONTENT_TYPES[batch.kind]
+        + '"'
+        + ext_part
+        + ',"sequence":'
     )
     if batch.kind == codec.JSON:
         return [
@@ -58,7 +62,7 @@ def batch_to_json_lines(batch: codec.Batch, payloads: list[bytes]) -> list[str]:
         ]
     return [
         f'{head}{seq + i}{middle}{seq + i},"data":'
-        f'{_dumps(p.decode(errors="replace"), ensure_ascii=False)}}}\n'
+        f"{_dumps(p.decode(errors='replace'), ensure_ascii=False)}}}\n"
         for i, p in enumerate(payloads)
     ]
 

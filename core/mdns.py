@@ -55,8 +55,10 @@ def encode_name(name: str) -> bytes:
 
 
 def build_query(name: str, qtype: int = TYPE_PTR, qid: int = 0) -> bytes:
-    return struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0) + encode_name(name) + struct.pack(
-        "!HH", qtype, 1
+    return (
+        struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0)
+        + encode_name(name)
+        + struct.pack("!HH", qtype, 1)
     )
 
 
@@ -120,8 +122,8 @@ def parse_records(packet: bytes) -> list[tuple[str, int, object]]:
             pos = offset
             while pos < rdata_end:
                 size = packet[pos]
-                key, _, val = packet[pos + 1 : pos + 1 + size].decode(errors="replace").partition(
-                    "="
+                key, _, val = (
+                    packet[pos + 1 : pos + 1 + size].decode(errors="replace").partition("=")
                 )
                 if key:
                     txt[key.lower()] = val

@@ -107,15 +107,15 @@ class Publisher:
         return ids
 
     def bind_for_announce(self) -> None:
-        """Bind the ephemeral port :meth:`announce` will announce (call from the socket's thread)."""
+        """Bind the port :meth:`announce` will announce (from the socket's thread)."""
         if not self.endpoints:
             self.bind(ephemeral_endpoint(self.interface))
 
-    def announce(self, topics: list[str]) -> None:
+    def announce(self, topics: list[str], on_ready: Callable[[], None] | None = None) -> None:
         """Announce this publisher and keep finding subscribers (safe from any thread)."""
         port = int(self.endpoints[0].rsplit(":", 1)[1])
         found = discovery.Discovery(self.interface)
-        found.announce(discovery.PUB_TYPE, self.pubid, port, topics)
+        found.announce(discovery.PUB_TYPE, self.pubid, port, topics, on_ready)
         found.browse(discovery.SUB_TYPE, self._peers.put)
         self._discovery = found
 
@@ -195,8 +195,10 @@ class Subscriber:
         interface: str | None = None,
         hwm: int = 10_000,
         on_loss: LossCallback | None = None,
+        on_connect: Callable[[discovery.Peer], None] | None = None,
     ) -> None:
         self.matcher = Matcher(patterns)
+        self.on_connect = on_connect
         self.subid = new_id()
         self.interface = interface
         self.on_loss = on_loss
@@ -247,8 +249,10 @@ class Subscriber:
                 peer = self._peers.get_nowait()
             except queue.Empty:
                 return
-            if peer.id not in self.publishers:
+            if peer.id not in self.publishers and peer.endpoint not in self._connected:
                 self.connect(peer.endpoint)
+                if self.on_connect is not None:
+                    self.on_connect(peer)
 
     def poll(self, timeout: float | None) -> bool:
         """Wait up to *timeout* seconds (None: forever) for a message."""

@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import pytest
 
 from tests.helpers import Procs, children_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,7 +43,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _sandboxed() -> None:
     """Refuse to run anything unless the only interfaces are ours."""
-    names = {line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:]}
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    names = {line.split(":")[0].strip() for line in lines}
     foreign = {n for n in names if n != "lo" and not n.startswith(("edabr", "edav"))}
     assert not foreign, f"not in a private network namespace: {sorted(foreign)}"
 

@@ -52,7 +52,15 @@ def children_of(pid: int) -> list[str]:
 class Proc:
     """A started process whose stdout and stderr go to files the test can read."""
 
-    def __init__(self, argv: Sequence[str], workdir: Path, n: int, stdin: Any, env: dict[str, str] | None, prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        workdir: Path,
+        n: int,
+        stdin: Any,
+        env: dict[str, str] | None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.out_path = workdir / f"proc{n}.out"
         self.err_path = workdir / f"proc{n}.err"
         self._out = self.out_path.open("wb")
@@ -78,10 +86,16 @@ class Proc:
         return self.stdout.splitlines()
 
     def wait_stderr(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        return wait_until(lambda: re.search(pattern, self.stderr), timeout, f"stderr ~ {pattern!r}; got {self.stderr!r}")
+        return wait_until(
+            lambda: re.search(pattern, self.stderr),
+            timeout,
+            f"stderr ~ {pattern!r}; got {self.stderr!r}",
+        )
 
     def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
-        wait_until(lambda: len(self.lines()) >= n, timeout, f"{n} lines of output; got {self.stdout!r}")
+        wait_until(
+            lambda: len(self.lines()) >= n, timeout, f"{n} lines of output; got {self.stdout!r}"
+        )
         return self.lines()
 
     def wait(self, timeout: float = 15.0) -> int:
@@ -107,7 +121,14 @@ class Procs:
         self.workdir = workdir
         self.started: list[Proc] = []
 
-    def start(self, argv: Sequence[str], *, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> Proc:
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Any = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> Proc:
         proc = Proc(argv, self.workdir, len(self.started), stdin, env, prefix)
         self.started.append(proc)
         return proc
@@ -131,7 +152,14 @@ class Procs:
             proc.close()
 
 
-def run(program: str, *args: str, input: bytes | str | None = None, timeout: float = 30.0, env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+def run(
+    program: str,
+    *args: str,
+    input: bytes | str | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
     """Run an eda program to completion; stdout and stderr as text."""
     data = input.encode() if isinstance(input, str) else input
     result = subprocess.run(
@@ -143,4 +171,9 @@ def run(program: str, *args: str, input: bytes | str | None = None, timeout: flo
         stdin=None if data is not None else subprocess.DEVNULL,
         check=False,
     )
-    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
+    return subprocess.CompletedProcess(
+        result.args,
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
+    )

@@ -1,0 +1,206 @@
+"""Man pages and completions are generated from the click commands and kept current.
+
+Run ``python scripts/gendocs.py`` after changing an option, a docstring or an
+epilog; these tests fail until the committed files match the commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import click
+import pytest
+
+from eda.cli import PROGRAMS
+from eda.core import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+GENDOCS = ROOT / "scripts" / "gendocs.py"
+BIN = Path(sys.executable).parent
+
+
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def gendocs(*args: str) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, str(GENDOCS), *args)
+
+
+def command_of(program: str) -> click.Command:
+    command: click.Command = importlib.import_module(PROGRAMS[program]).command
+    return command
+
+
+def man_text(program: str) -> str:
+    """The man page with roff escapes and font changes undone, as a reader sees it."""
+    roff = (ROOT / "man" / f"{program}.1").read_text()
+    for escape, plain in [("\\-", "-"), ("\\(aq", "'"), ("\\(ga", "`"), ("\\&", ""), ("\\e", "\\")]:
+        roff = roff.replace(escape, plain)
+    return re.sub(r"\\f[BIRP]", "", roff)
+
+
+def commands(program: str) -> list[tuple[list[str], click.Command]]:
+    """The program's command and, for a group, its subcommands, with their argv prefix."""
+    found: list[tuple[list[str], click.Command]] = []
+    todo: list[tuple[list[str], click.Command]] = [([], command_of(program))]
+    while todo:
+        path, command = todo.pop(0)
+        found.append((path, command))
+        if isinstance(command, click.Group):
+            subs = sorted(command.commands.items())
+            todo += [([*path, name], sub) for name, sub in subs if not sub.hidden]
+    return found
+
+
+def options(program: str) -> list[str]:
+    return [
+        opt
+        for _, command in commands(program)
+        for param in command.params
+        if isinstance(param, click.Option) and not param.hidden
+        for opt in [*param.opts, *param.secondary_opts]
+    ]
+
+
+def test_generated_files_are_current() -> None:
+    result = gendocs("--check")
+    assert result.returncode == 0, f"run 'python scripts/gendocs.py':\n{result.stderr}"
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def docs_copy(tmp_path: Path) -> Path:
+    """A copy of man/ and completions/ the test may alter (the real ones stay untouched)."""
+    for folder in ("man", "completions"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    return tmp_path
+
+
+def test_check_names_an_altered_man_page(docs_copy: Path) -> None:
+    assert gendocs("--check", "--out", str(docs_copy)).returncode == 0
+    page = docs_copy / "man" / "eda-pub.1"
+    page.write_text(page.read_text().replace(".SH OPTIONS", ".SH OPTIONS\nStale text."))
+
+    result = gendocs("--check", "--out", str(docs_copy))
+
+    assert result.returncode == 1
+    assert "man/eda-pub.1" in result.stderr
+    assert "completions/" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_names_missing_and_orphaned_files(docs_copy: Path) -> None:
+    (docs_copy / "completions" / "eda-sub.fish").unlink()
+    (docs_copy / "man" / "eda-gone.1").write_text(".TH EDA-GONE 1\n")
+
+    result = gendocs("--check", "--out", str(docs_copy))
+
+    assert result.returncode == 1
+    assert "completions/eda-sub.fish" in result.stderr
+    assert "man/eda-gone.1" in result.stderr
+
+
+def test_regenerating_fixes_the_tree(docs_copy: Path) -> None:
+    (docs_copy / "man" / "eda-sub.1").write_text("garbage\n")
+    (docs_copy / "man" / "eda-gone.1").write_text(".TH EDA-GONE 1\n")
+
+    assert gendocs("--out", str(docs_copy)).returncode == 0
+
+    assert gendocs("--check", "--out", str(docs_copy)).returncode == 0
+    assert (docs_copy / "man" / "eda-sub.1").read_text() == (ROOT / "man" / "eda-sub.1").read_text()
+    assert not (docs_copy / "man" / "eda-gone.1").exists()
+
+
+def test_generating_into_an_empty_tree_matches_the_committed_files(tmp_path: Path) -> None:
+    assert gendocs("--out", str(tmp_path)).returncode == 0
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert len(made) == 4 * len(PROGRAMS)
+    for path in made:
+        assert (tmp_path / path).read_text() == (ROOT / path).read_text(), path
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_every_option_is_in_the_man_page(program: str) -> None:
+    text = man_text(program)
+    # options of subcommands are documented under COMMANDS
+    documented = text.split(".SH OPTIONS", 1)[1].split(".SH EXAMPLES", 1)[0]
+    lines = documented.splitlines()
+    tags = [line for before, line in pairwise(lines) if before == ".TP"]
+    flags = {word for tag in tags for word in re.split(r"[\s,/]+", tag)}
+    for opt in options(program):
+        assert opt in flags, f"{opt} is not listed in man/{program}.1"
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_man_page_structure(program: str) -> None:
+    roff = (ROOT / "man" / f"{program}.1").read_text()
+    lines = roff.splitlines()
+    assert lines[0].startswith(".TH ")
+    assert __version__ in lines[0]
+    sections = [line[4:].strip('"') for line in lines if line.startswith(".SH ")]
+    for needed in (
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "EXAMPLES",
+        "EXIT STATUS",
+        "ENVIRONMENT",
+        "FILES",
+    ):
+        assert needed in sections
+    if len(PROGRAMS) > 1:
+        assert "SEE ALSO" in sections
+    name_line = lines[lines.index(".SH NAME") + 1]
+    assert name_line.startswith(program.replace("-", "\\-") + " \\- ")
+    # a text line starting with a dot or an apostrophe would be read as a request
+    for line in lines:
+        if line and line[0] in ".'":
+            assert re.match(r"\.(TH|SH|SS|PP|TP|br|nf|fi)\b", line), line
+    text = man_text(program)
+    for code in ("0", "1", "2", "3", "4", "5", "130"):
+        assert f"\n{code}\n" in text
+    for var in ("EDA_CONFIG", "EDA_INTERFACE", "EDA_NO_MDNS", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        assert var in text
+    assert "$XDG_CACHE_HOME/eda/discovery.json" in text
+    for other in set(PROGRAMS) - {program}:
+        assert f"{other}(1)" in text.split(".SH SEE ALSO", 1)[1]
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_help_has_examples_and_version_prints(program: str) -> None:
+    for path, _ in commands(program):
+        helped = run(sys.executable, "-m", PROGRAMS[program], *path, "--help")
+        assert helped.returncode == 0, helped.stderr
+        assert helped.stdout.startswith(f"Usage: {' '.join([program, *path])} ")
+        assert helped.stderr == ""
+        after = helped.stdout.split("Examples:", 1)
+        assert len(after) == 2, f"no Examples: section in {program} {' '.join(path)} --help"
+        examples = [line for line in after[1].splitlines() if line.strip()]
+        assert examples and all(line.startswith("    ") for line in examples)
+
+    version = run(sys.executable, "-m", PROGRAMS[program], "--version")
+    assert (version.returncode, version.stderr) == (0, "")
+    assert version.stdout == f"{program} {__version__}\n"
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_console_script_answers_completion_requests(program: str) -> None:
+    """The completion scripts call the installed program with _<PROG>_COMPLETE set."""
+    script = BIN / program
+    assert script.exists(), f"{program} is not installed as a console script"
+    var = "_{}_COMPLETE".format(program.replace("-", "_").upper())
+    assert var in (ROOT / "completions" / f"{program}.bash").read_text()
+    request = {var: "bash_complete", "COMP_WORDS": f"{program} --", "COMP_CWORD": "1"}
+    result = run(str(script), env=request)
+    assert result.returncode == 0, result.stderr
+    assert "plain,--help" in result.stdout.splitlines()
