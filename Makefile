@@ -29,9 +29,12 @@ test: lint
 docs: setup
 	$(PY) scripts/gendocs.py
 
+# benchmarks run a regular (non-editable) install, as users get it
 bench: setup
 	bash bench/setup.sh
-	$(NETNS) $(PY) bench/run.py
+	python3 -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --upgrade .
+	$(NETNS) .venv-bench/bin/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -215,6 +214,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         code = EXIT_INTERRUPTED
     except EdaError as exc:
         if verbose:
+            import traceback
+
             traceback.print_exc()
         sys.stderr.write(f"{program}: error: {exc}\n")
         code = exc.exit_code
@@ -224,6 +225,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         code = EXIT_OK
     except OSError as exc:
         if verbose:
+            import traceback
+
             traceback.print_exc()
         sys.stderr.write(f"{program}: error: {exc.strerror or exc}\n")
         code = EXIT_ERROR

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import stat
 import sys
-import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -17,10 +12,6 @@ from eda.cli.common import EXIT_ERROR, EXIT_TIMEOUT, Context, Exit, common_optio
 from eda.core.errors import InputError, UsageError
 from eda.core.topics import validate_topic
 
-if TYPE_CHECKING:
-    from eda.core.pubsub import Publisher
-
-CHUNK = 1 << 17
 ANNOUNCE_AFTER = 0.5  # a feed still running after this long announces itself
 
 EPILOG = """\b
@@ -171,8 +162,11 @@ def command(
     if messages and (whole or progress):
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
 
-    from eda.core import codec, discovery
+    from eda.core import codec, discovery, feed
     from eda.core.pubsub import Publisher
+
+    def reject(exc: InputError) -> None:
+        ctx.warn(f"error: {exc}; skipped")
 
     iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
@@ -186,24 +180,33 @@ def command(
         if not no_mdns:
             expected = pub.connect_subscribers(discover_timeout)
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
-        want = max(wait_subscribers, len(connects))
-        missing = pub.wait_for(expected, want, wait_seconds)
+        missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
         short = len(pub.subscribers) < wait_subscribers
         if missing or short:
             ctx.warn(f"only {len(pub.subscribers)} subscriber(s) ready after {wait_seconds:g}s")
         kind = codec.JSON if json_mode else codec.TEXT
         if messages:
-            rejected = _send_arguments(pub, ctx, validate_topic(topic or ""), messages, kind)
+            raw = [m.encode(errors="surrogateescape") for m in messages]
+            rejected = feed.send_arguments(pub, topic or "", raw, kind, reject)
         elif whole:
-            body = sys.stdin.buffer.read()
-            if json_mode and not _valid_json(body):
-                ctx.warn("error: stdin is not valid JSON; nothing sent")
-                rejected = 1
-            elif body or not json_mode:
-                pub.send(topic or "", body, 1, kind)
+            rejected = feed.send_arguments(
+                pub, topic or "", [sys.stdin.buffer.read()], kind, reject
+            )
         else:
-            feeder = _Feeder(pub, ctx, topic, kind, envelope, rate, no_mdns)
-            feeder.run(progress)
+            feeder = feed.Feeder(
+                pub, topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject
+            )
+            bar = _progress_bar(sys.stdin.fileno()) if progress else None
+            try:
+                feeder.run(
+                    sys.stdin.fileno(),
+                    on_read=bar.advance if bar else None,
+                    announce_after=None if no_mdns else ANNOUNCE_AFTER,
+                    on_announced=lambda: ctx.debug(f"announced as {pub.pubid} on mDNS"),
+                )
+            finally:
+                if bar is not None:
+                    bar.stop()
             rejected = feeder.rejected
         ctx.debug(f"sent {pub.total_sent} event(s)")
     finally:
@@ -215,180 +218,13 @@ def command(
         raise Exit(EXIT_TIMEOUT)
 
 
-def _valid_json(raw: bytes) -> bool:
-    try:
-        json.loads(raw)
-    except ValueError:
-        return False
-    return True
+def _progress_bar(fd: int) -> Any:
+    """A rich progress bar on stderr for a regular file on *fd*, else None."""
+    import stat
 
-
-def _send_arguments(
-    pub: Publisher, ctx: Context, topic: str, messages: tuple[str, ...], kind: int
-) -> int:
-    rejected = 0
-    good: list[bytes] = []
-    for number, message in enumerate(messages, 1):
-        raw = message.encode(errors="surrogateescape")
-        if kind == 1 and not _valid_json(raw):
-            ctx.warn(f"error: argument {number}: invalid JSON, skipped")
-            rejected += 1
-            continue
-        if kind == 1:
-            raw = json.dumps(json.loads(raw), separators=(",", ":")).encode()
-        good.append(raw)
-    if any(b"\n" in m for m in good):
-        for m in good:
-            pub.send(topic, m, 1, kind)
-    elif good:
-        pub.send(topic, b"\n".join(good), len(good), kind)
-    return rejected
-
-
-class _Feeder:
-    """Reads stdin in large chunks and sends every complete line, batch by batch."""
-
-    def __init__(
-        self,
-        pub: Publisher,
-        ctx: Context,
-        topic: str | None,
-        kind: int,
-        envelope: bool,
-        rate: float | None,
-        no_mdns: bool,
-    ) -> None:
-        self.pub = pub
-        self.ctx = ctx
-        self.topic = topic
-        self.kind = kind
-        self.envelope = envelope
-        self.rate = rate
-        self.no_mdns = no_mdns
-        self.rejected = 0
-        self.lineno = 0
-        self._next_send = time.monotonic()
-        self._announce_timer: threading.Timer | None = None
-
-    def run(self, progress: bool) -> None:
-        fd = sys.stdin.fileno()
-        mode = os.fstat(fd).st_mode
-        bar: Any = None
-        if progress and stat.S_ISREG(mode):
-            bar = _progress_bar(os.fstat(fd).st_size)
-        if not self.no_mdns:
-            self._start_announcing()
-        pending = b""
-        try:
-            while True:
-                if not stat.S_ISREG(mode):
-                    while not select.select([fd], [], [], 0.1)[0]:
-                        self.pub.service()
-                chunk = os.read(fd, CHUNK)
-                if not chunk:
-                    break
-                if bar is not None:
-                    bar.advance(len(chunk))
-                data = pending + chunk if pending else chunk
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    pending = data
-                    continue
-                pending = data[cut + 1 :]
-                self.lines(data[:cut])
-                self.pub.service()
-            if pending:
-                self.lines(pending)
-        finally:
-            if bar is not None:
-                bar.stop()
-            if self._announce_timer is not None:
-                self._announce_timer.cancel()
-
-    def _start_announcing(self) -> None:
-        self.pub.bind_for_announce()
-        topics = [self.topic] if self.topic else []
-
-        def ready() -> None:
-            self.ctx.debug(f"announced as {self.pub.pubid} on mDNS")
-
-        self._announce_timer = threading.Timer(
-            ANNOUNCE_AFTER, self.pub.announce, args=(topics, ready)
-        )
-        self._announce_timer.daemon = True
-        self._announce_timer.start()
-
-    def lines(self, body: bytes) -> None:
-        """Send the complete lines in *body* (no trailing newline)."""
-        if self.envelope or self.kind != 0 or self.rate:
-            self._checked_lines(body.split(b"\n"))
-            return
-        # fast path: plain text lines go out as they were read
-        if b"\n\n" in body or body[:1] == b"\n" or body[-1:] == b"\n":
-            parts = [line for line in body.split(b"\n") if line]
-            if not parts:
-                return
-            body = b"\n".join(parts)
-        elif not body:
-            return
-        self.pub.send(self.topic or "", body, body.count(b"\n") + 1)
-
-    def _checked_lines(self, lines: list[bytes]) -> None:
-        from eda.core.envelope import parse_envelope
-
-        pub = self.pub
-        good: list[bytes] = []
-        current_topic = self.topic or ""
-        for line in lines:
-            self.lineno += 1
-            if not line.strip():
-                continue
-            try:
-                if self.envelope:
-                    topic, raw = parse_envelope(
-                        line, self.lineno, self.topic, pub.source, pub.next_envelope_id
-                    )
-                    if topic != current_topic and good:
-                        self._send(current_topic, good)
-                        good = []
-                    current_topic = topic
-                    good.append(raw)
-                elif self.kind == 1:
-                    try:
-                        value = json.loads(line)
-                    except ValueError as exc:
-                        raise InputError(f"invalid JSON: {exc}", self.lineno) from None
-                    good.append(json.dumps(value, separators=(",", ":")).encode())
-                else:
-                    good.append(line)
-            except InputError as exc:
-                self.rejected += 1
-                self.ctx.warn(f"error: {exc}; skipped")
-            if self.rate:
-                self._send(current_topic, good)
-                good = []
-        if good:
-            self._send(current_topic, good)
-
-    def _send(self, topic: str, payloads: list[bytes]) -> None:
-        if not payloads:
-            return
-        from eda.core import codec
-
-        if self.rate:
-            self._pace()
-        kind = codec.ENVELOPE if self.envelope else self.kind
-        self.pub.send(topic, b"\n".join(payloads), len(payloads), kind)
-
-    def _pace(self) -> None:
-        assert self.rate
-        now = time.monotonic()
-        if self._next_send > now:
-            time.sleep(self._next_send - now)
-        self._next_send = max(self._next_send, now) + 1.0 / self.rate
-
-
-def _progress_bar(total: int) -> Any:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return None
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -400,7 +236,7 @@ def _progress_bar(total: int) -> Any:
         console=Console(stderr=True),
         transient=True,
     )
-    task = bar.add_task("eda-pub", total=total)
+    task = bar.add_task("eda-pub", total=info.st_size)
     bar.start()
 
     class _Bar:

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import tomli_w
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
+# tomllib and tomli_w are imported where used: most runs have no config file,
+# and every millisecond of start-up counts for one-shot commands
 
-@dataclass(frozen=True)
-class Setting:
+
+class Setting(NamedTuple):
     """One configured value and where it was written."""
 
     value: Any
@@ -53,6 +51,8 @@ def default_paths(explicit: str | os.PathLike[str] | None) -> list[Path]:
 
 
 def read(path: Path) -> dict[str, Any]:
+    import tomllib
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -106,4 +106,6 @@ def key_line(path: Path, dotted: str) -> int:
 
 def dump(settings: dict[str, Any]) -> str:
     """TOML text for *settings* (used to write example or generated configs)."""
+    import tomli_w
+
     return tomli_w.dumps(settings)

@@ -164,7 +164,7 @@ def one_shot_query(
     *,
     interface: str | None = None,
     timeout: float = 0.25,
-    settle: float = 0.03,
+    settle: float = 0.05,
     expect: set[str] | None = None,
 ) -> list[Instance]:
     """Ask the LAN once for instances of *service_type*; gather answers.

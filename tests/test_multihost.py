@@ -14,3 +14,38 @@ def test_publisher_reaches_subscribers_on_two_other_hosts(network):
         events = [json.loads(line) for line in sub.lines()]
         assert [e["data"] for e in events] == ["one", "two"]
         assert events[0]["source"].endswith(events[0]["id"].rsplit("-", 1)[0])
+
+
+def test_subscriber_on_another_host_finds_a_running_feed(network, tmp_path):
+    import os
+
+    a, b = network.add_host("a"), network.add_host("b")
+    reader, writer = os.pipe()
+    try:
+        pub = a.eda("eda-pub", "-v", "feed.x", stdin=reader)
+        pub.wait_stderr("announced", 15)
+        sub = b.eda("eda-sub", "-v", "feed.>", "-C", "1")
+        sub.wait_stderr(r"connected to publisher \w+ at tcp://10\.231\.", 15)
+        os.write(writer, b"across hosts\n")
+        assert sub.wait() == 0
+        assert json.loads(sub.lines()[0])["data"] == "across hosts"
+    finally:
+        os.close(writer)
+        os.close(reader)
+    assert pub.wait() == 0
+
+
+def test_dead_and_cut_off_hosts_do_not_stall_publishers(network):
+    a, b, c, d = (network.add_host(n) for n in "abcd")
+    alive = b.sub_ready("t", "-C", "1")
+    killed = c.sub_ready("t")
+    cut = d.sub_ready("t")
+    c.kill()
+    d.cut()
+    result = a.run("eda-pub", "t", "still delivered", "--wait", "5")
+    assert result.returncode == 0
+    assert "subscriber(s) ready" not in result.stderr  # nobody dead was waited for
+    assert alive.wait() == 0
+    assert json.loads(alive.lines()[0])["data"] == "still delivered"
+    assert killed.popen.wait(5) == -9
+    assert cut.lines() == []

@@ -332,3 +332,15 @@ def test_python_m_and_console_scripts_agree():
         by_script = subprocess.run([script, "--version"], capture_output=True, text=True)
         by_module = run(prog, "--version")
         assert by_script.stdout == by_module.stdout and by_script.returncode == 0
+
+
+def test_warm_discovery_cache_never_hides_a_new_subscriber(procs):
+    first = procs.sub_ready("t", "-C", "2")
+    assert run("eda-pub", "t", "warm the cache").returncode == 0
+    first.wait_lines(1)
+    second = procs.sub_ready("t", "-C", "1")  # not in the cache yet
+    result = run("eda-pub", "-v", "t", "both")
+    assert result.returncode == 0
+    assert "found 2 subscriber(s)" in result.stderr
+    assert first.wait() == 0 and second.wait() == 0
+    assert json.loads(second.lines()[0])["data"] == "both"
