@@ -145,9 +145,12 @@ def command(
         sub.close()
 
 
+Render = Callable[["Batch"], bytes]
+
+
 def _loop(
     sub: Any,
-    render: Callable[[list[Batch]], bytes],
+    render: Render,
     count: int | None,
     idle_timeout: float | None,
     strict: bool,
@@ -164,111 +167,94 @@ def _loop(
         if (wait is not None and wait <= 0) or not sub.poll(wait):
             raise Exit(EXIT_TIMEOUT)
         batches = sub.receive()
+        if batches:
+            last_event = time.monotonic()
+            if remaining is not None:
+                batches, remaining = codec.take(batches, remaining)
+            out = []
+            for batch in batches:
+                try:
+                    out.append(render(batch))
+                except ValueError:  # a body that does not hold what its header says
+                    sub.malformed += 1
+            write_stdout(b"".join(out))
         if sub.malformed != malformed:
             ctx.warn(f"ignored {sub.malformed - malformed} malformed message(s)")
             malformed = sub.malformed
-        if not batches:
-            if strict and lost[0]:
-                raise Exit(EXIT_LOSS)
-            continue
-        last_event = time.monotonic()
-        if remaining is not None:
-            batches, remaining = codec.take(batches, remaining)
-        out = render(batches)
-        if out:
-            write_stdout(out)
         if strict and lost[0]:
             raise Exit(EXIT_LOSS)
         if remaining == 0:
             return
 
 
-def _renderer(
-    raw: bool, template: str | None, force_json: bool, exec_cmd: str | None
-) -> Callable[[list[Batch]], bytes]:
+def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str | None) -> Render:
+    """How one batch becomes bytes on stdout (the --exec and terminal views print themselves)."""
     from eda.core import codec, envelope
 
     if exec_cmd:
         return _exec_renderer(exec_cmd)
     if raw:
 
-        def render_raw(batches: list[Batch]) -> bytes:
-            out: list[bytes] = []
-            for b in batches:
-                if b.kind == codec.ENVELOPE:
-                    for ev in envelope.batch_to_events(b, codec.split_body(b)):
-                        out.append(envelope.data_text(ev).encode() + b"\n")
-                else:
-                    out.append(b.body)
-                    out.append(b"\n")
-            return b"".join(out)
+        def render_raw(batch: Batch) -> bytes:
+            if batch.kind != codec.ENVELOPE:
+                return batch.body + b"\n"
+            texts = [envelope.data_text(ev) + "\n" for ev in envelope.batch_to_events(batch)]
+            return "".join(texts).encode()
 
         return render_raw
     if template:
         fmt = template.replace("\\t", "\t")
 
-        def render_template(batches: list[Batch]) -> bytes:
+        def render_template(batch: Batch) -> bytes:
             lines = []
-            for b in batches:
-                for ev in envelope.batch_to_events(b, codec.split_body(b)):
-                    fields = _Missing(ev)
-                    fields["topic"] = ev.get("type", "")
-                    fields["data"] = envelope.data_text(ev)
-                    lines.append(fmt.format_map(fields) + "\n")
+            for ev in envelope.batch_to_events(batch):
+                fields = _Missing(ev)
+                fields["topic"] = ev.get("type", "")
+                fields["data"] = envelope.data_text(ev)
+                lines.append(fmt.format_map(fields) + "\n")
             return "".join(lines).encode()
 
         return render_template
     if force_json or not sys.stdout.isatty():
-
-        def render_json(batches: list[Batch]) -> bytes:
-            lines: list[str] = []
-            for b in batches:
-                lines += envelope.batch_to_json_lines(b, codec.split_body(b))
-            return "".join(lines).encode()
-
-        return render_json
+        return lambda batch: envelope.batch_to_json_lines(batch).encode()
     return _terminal_renderer()
 
 
-def _terminal_renderer() -> Callable[[list[Batch]], bytes]:
+def _terminal_renderer() -> Render:
     from rich.console import Console
     from rich.text import Text
 
-    from eda.core import codec, envelope
+    from eda.core import envelope
 
     console = Console(highlight=False)
 
-    def render(batches: list[Batch]) -> bytes:
-        for b in batches:
-            for ev in envelope.batch_to_events(b, codec.split_body(b)):
-                line = Text()
-                line.append(str(ev.get("time", ""))[11:23], style="dim")
-                line.append(" ")
-                line.append(str(ev.get("type", "")), style="bold cyan")
-                line.append(" ")
-                line.append(envelope.data_text(ev))
-                console.print(line, soft_wrap=True)
+    def render(batch: Batch) -> bytes:
+        for ev in envelope.batch_to_events(batch):
+            line = Text()
+            line.append(str(ev.get("time", ""))[11:23], style="dim")
+            line.append(" ")
+            line.append(str(ev.get("type", "")), style="bold cyan")
+            line.append(" ")
+            line.append(envelope.data_text(ev))
+            console.print(line, soft_wrap=True)
         return b""
 
     return render
 
 
-def _exec_renderer(cmd: str) -> Callable[[list[Batch]], bytes]:
-    from eda.core import codec, envelope
+def _exec_renderer(cmd: str) -> Render:
+    from eda.core import envelope
 
-    def render(batches: list[Batch]) -> bytes:
-        for b in batches:
-            for ev in envelope.batch_to_events(b, codec.split_body(b)):
-                env = dict(
-                    os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", ""))
+    def render(batch: Batch) -> bytes:
+        for ev in envelope.batch_to_events(batch):
+            env = dict(os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", "")))
+            line = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
+            result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
+            if result.returncode:
+                sys.stderr.write(
+                    f"eda-sub: warning: --exec command exited {result.returncode}"
+                    f" for event {ev.get('id')}\n"
                 )
-                line = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
-                result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
-                if result.returncode:
-                    sys.stderr.write(
-                        f"eda-sub: warning: --exec command exited {result.returncode}"
-                        f" for event {ev.get('id')}\n"
-                    )
         return b""
 
     return render

@@ -44,7 +44,7 @@ _HEADER = struct.Struct("!BBIQd")
 _HEADER_SIZE = _HEADER.size
 
 
-class WireError(EdaError):
+class WireError(EdaError, ValueError):
     """A message on the wire is not an eda batch."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -24,21 +25,25 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def batch_to_json_lines(batch: codec.Batch, payloads: list[bytes]) -> list[str]:
-    """Render the events of a batch as CloudEvents JSON lines (with newline).
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x09\x0b-\x1f]')
 
-    *payloads* are the batch's payloads, possibly a trimmed slice starting at
-    ``batch.seq``.  Per-event work is one string format; everything shared by
-    the batch is rendered once.
+
+def batch_to_json_lines(batch: codec.Batch) -> str:
+    """Render the events of a batch as CloudEvents JSON lines, each ending in a newline.
+
+    Per-event work is one string format: everything shared by the batch is
+    rendered once, and text payloads are escaped per event only when the
+    batch holds a character JSON must escape.  Raises ValueError (WireError
+    included) on a batch whose body does not hold what its header says.
     """
     seq = batch.seq
     if batch.kind == codec.ENVELOPE:
         out = []
-        for i, line in enumerate(payloads):
+        for i, line in enumerate(codec.split_body(batch)):
             event = json.loads(line)
             event["sequence"] = seq + i
             out.append(_dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
-        return out
+        return "".join(out)
     ext = batch.extensions.decode()
     ext_part = "," + ext[1:-1] if len(ext) > 2 else ""
     head = '{"specversion":"1.0","id":"' + batch.pubid + "-"
@@ -55,20 +60,34 @@ def batch_to_json_lines(batch: codec.Batch, payloads: list[bytes]) -> list[str]:
         + ext_part
         + ',"sequence":'
     )
+    text = batch.body.decode(errors="replace")
+    if batch.size == 1:
+        parts = [text]
+        escape = batch.kind == codec.TEXT and ("\n" in text or _NEEDS_ESCAPE.search(text))
+    else:
+        parts = text.split("\n")
+        if len(parts) != batch.size:
+            raise codec.WireError(f"batch announces {batch.size} events, holds {len(parts)}")
+        escape = batch.kind == codec.TEXT and _NEEDS_ESCAPE.search(text) is not None
     if batch.kind == codec.JSON:
-        return [
-            f'{head}{seq + i}{middle}{seq + i},"data":{p.decode(errors="replace")}}}\n'
-            for i, p in enumerate(payloads)
+        return "".join(
+            [f'{head}{seq + i}{middle}{seq + i},"data":{p}}}\n' for i, p in enumerate(parts)]
+        )
+    if not escape:
+        return "".join(
+            [f'{head}{seq + i}{middle}{seq + i},"data":"{p}"}}\n' for i, p in enumerate(parts)]
+        )
+    return "".join(
+        [
+            f'{head}{seq + i}{middle}{seq + i},"data":{_dumps(p, ensure_ascii=False)}}}\n'
+            for i, p in enumerate(parts)
         ]
-    return [
-        f'{head}{seq + i}{middle}{seq + i},"data":'
-        f"{_dumps(p.decode(errors='replace'), ensure_ascii=False)}}}\n"
-        for i, p in enumerate(payloads)
-    ]
+    )
 
 
-def batch_to_events(batch: codec.Batch, payloads: list[bytes]) -> Iterator[dict[str, Any]]:
+def batch_to_events(batch: codec.Batch) -> Iterator[dict[str, Any]]:
     """The events of a batch as dictionaries (for templates and terminal views)."""
+    payloads = codec.split_body(batch)
     if batch.kind == codec.ENVELOPE:
         for i, line in enumerate(payloads):
             event = json.loads(line)

@@ -75,9 +75,9 @@ def test_json_lines_are_cloudevents_and_match_the_dict_view():
     batch = codec.decode(
         frames("orders.created", [b'he said "hi"', b"\xc3\xa9t\xc3\xa9"], seq=41, ext=ext)
     )
-    lines = envelope.batch_to_json_lines(batch, codec.split_body(batch))
+    lines = envelope.batch_to_json_lines(batch).split("\n")[:-1]
     events = [json.loads(line) for line in lines]
-    assert events == list(envelope.batch_to_events(batch, codec.split_body(batch)))
+    assert events == list(envelope.batch_to_events(batch))
     first = events[0]
     assert first["specversion"] == "1.0"
     assert first["id"] == "abcd1234-41" and first["sequence"] == 41
@@ -91,7 +91,7 @@ def test_json_lines_are_cloudevents_and_match_the_dict_view():
 
 def test_json_payloads_are_embedded_as_json():
     batch = codec.decode(frames("t", [b'{"id":7}', b"[1,2]"], kind=codec.JSON))
-    events = [json.loads(x) for x in envelope.batch_to_json_lines(batch, codec.split_body(batch))]
+    events = [json.loads(x) for x in envelope.batch_to_json_lines(batch).split("\n")[:-1]]
     assert [e["data"] for e in events] == [{"id": 7}, [1, 2]]
     assert events[0]["datacontenttype"] == "application/json"
 
@@ -112,3 +112,24 @@ def test_parse_envelope_errors_name_the_line(bad):
     with pytest.raises(InputError) as info:
         envelope.parse_envelope(bad, 12, None, "me", lambda: "x")
     assert str(info.value).startswith("line 12:")
+
+
+@given(st.lists(st.text(alphabet=st.characters(exclude_characters="\n"), min_size=1), min_size=1, max_size=6))
+def test_json_lines_escape_exactly_what_json_needs(texts):
+    payloads = [t.encode("utf-8", "surrogatepass") for t in texts]
+    batch = codec.decode(frames("t", payloads))
+    events = [json.loads(x) for x in envelope.batch_to_json_lines(batch).split("\n")[:-1]]
+    expected = [p.decode(errors="replace") for p in payloads]
+    assert [e["data"] for e in events] == expected
+
+
+def test_single_event_with_newlines_renders_as_one_json_line():
+    batch = codec.decode(frames("t", [b'a "quoted"\nsecond\tline\\']))
+    (line,) = envelope.batch_to_json_lines(batch).split("\n")[:-1]
+    assert json.loads(line)["data"] == 'a "quoted"\nsecond\tline\\'
+
+
+def test_body_not_matching_its_count_is_refused():
+    header = codec.encode_header(codec.TEXT, 3, 1, 0.0, ORIGIN)
+    with pytest.raises(ValueError):
+        envelope.batch_to_json_lines(codec.decode([b"t", header, b"a\nb"]))
