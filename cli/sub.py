@@ -138,7 +138,11 @@ def command(
         for endpoint in connects:
             sub.connect(endpoint)
         if not no_mdns:
-            sub.announce(on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"))
+            sub.bind_for_announce()
+            sub.announce(
+                sub.matcher.patterns,
+                on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"),
+            )
             ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
         _loop(sub, render, count, idle_timeout, strict, lost, ctx)
     finally:

@@ -53,8 +53,81 @@ def ephemeral_endpoint(interface: str | None) -> str:
     return f"tcp://{interface or '*'}:*"
 
 
-class Publisher:
+class _Node:
+    """What publishers and subscribers share: a socket, its wiring and its mDNS presence.
+
+    Discovered peers arrive from zeroconf's thread on a queue; the socket's
+    own thread connects to them (ZeroMQ sockets are not thread-safe), skipping
+    those already connected to us (*linked* holds their ids).
+    """
+
+    announce_type = ""  # DNS-SD type this node announces
+    browse_type = ""  # DNS-SD type of the peers it looks for
+
+    def __init__(self, sock: zmq.Socket[bytes], interface: str | None) -> None:
+        self.id = new_id()
+        self.sock = sock
+        self.interface = interface
+        self.endpoints: list[str] = []
+        self.linked: set[str] = set()  # peer ids known to be connected to us
+        self.on_connect: Callable[[discovery.Peer], None] | None = None
+        self._connected: set[str] = set()  # endpoints we connected to
+        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
+        self._discovery: discovery.Discovery | None = None
+
+    def bind(self, endpoint: str) -> str:
+        real = _bind(self.sock, endpoint)
+        self.endpoints.append(real)
+        return real
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self._connected:
+            _connect(self.sock, endpoint)
+            self._connected.add(endpoint)
+
+    def bind_for_announce(self) -> None:
+        """Bind the port :meth:`announce` will announce (from the socket's thread)."""
+        if not self.endpoints:
+            self.bind(ephemeral_endpoint(self.interface))
+
+    def announce(self, patterns: list[str], on_ready: Callable[[], None] | None = None) -> None:
+        """Announce this node and keep finding peers (safe from any thread).
+
+        *on_ready* is called (from another thread) once the announcement is
+        registered, i.e. peers can find this node.
+        """
+        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        found = discovery.Discovery(self.interface)
+        found.announce(self.announce_type, self.id, port, patterns, on_ready)
+        found.browse(self.browse_type, self._peers.put)
+        self._discovery = found
+
+    def connect_discovered(self) -> None:
+        """Connect to the peers discovered since the last call."""
+        while True:
+            try:
+                peer = self._peers.get_nowait()
+            except queue.Empty:
+                return
+            if peer.id not in self.linked and peer.endpoint not in self._connected:
+                self.connect(peer.endpoint)
+                if self.on_connect is not None:
+                    self.on_connect(peer)
+
+    def close(self, linger: float = 0.0) -> None:
+        """Withdraw from mDNS; hand queued messages to the network (at most *linger* s)."""
+        if self._discovery is not None:
+            self._discovery.close()
+        self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
+        self.sock.close()
+        zmq.Context.instance().term()  # returns once queued messages left or linger ran out
+
+
+class Publisher(_Node):
     """An XPUB socket that sends batches of events with per-topic sequence numbers."""
+
+    announce_type = discovery.PUB_TYPE
+    browse_type = discovery.SUB_TYPE
 
     def __init__(
         self,
@@ -65,36 +138,20 @@ class Publisher:
         hwm: int = 10_000,
         block: bool = False,
     ) -> None:
-        self.pubid = new_id()
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
+        super().__init__(sock, interface)
+        self.pubid = self.id
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
-        self.interface = interface
         self._origin = codec.encode_origin(self.pubid, self.source)
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
         self._seq: dict[str, int] = {}
         self._envelope_ids = 0
-        self.subscribers: set[str] = set()  # ids whose beacon arrived
-        self._connected: set[str] = set()  # endpoints we connected to
-        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
-        self._discovery: discovery.Discovery | None = None
-        self.endpoints: list[str] = []
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
+        self.subscribers = self.linked  # ids whose beacon arrived
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.pubid.encode())
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.XPUB_NODROP, int(block))
         sock.setsockopt(zmq.LINGER, 0)
-        self.sock = sock
-
-    # -- wiring -------------------------------------------------------------
-    def bind(self, endpoint: str) -> str:
-        real = _bind(self.sock, endpoint)
-        self.endpoints.append(real)
-        return real
-
-    def connect(self, endpoint: str) -> None:
-        if endpoint not in self._connected:
-            _connect(self.sock, endpoint)
-            self._connected.add(endpoint)
 
     def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
         """Connect to every subscriber answering a one-shot mDNS query; return their ids."""
@@ -106,19 +163,6 @@ class Publisher:
             ids.add(peer.id)
         return ids
 
-    def bind_for_announce(self) -> None:
-        """Bind the port :meth:`announce` will announce (from the socket's thread)."""
-        if not self.endpoints:
-            self.bind(ephemeral_endpoint(self.interface))
-
-    def announce(self, topics: list[str], on_ready: Callable[[], None] | None = None) -> None:
-        """Announce this publisher and keep finding subscribers (safe from any thread)."""
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
-        found = discovery.Discovery(self.interface)
-        found.announce(discovery.PUB_TYPE, self.pubid, port, topics, on_ready)
-        found.browse(discovery.SUB_TYPE, self._peers.put)
-        self._discovery = found
-
     def service(self) -> None:
         """Read subscription messages and act on newly discovered subscribers."""
         sock = self.sock
@@ -129,13 +173,7 @@ class Publisher:
                 break
             if msg[:1] == b"\x01" and msg[1:3] == codec.BEACON_PREFIX:
                 self.subscribers.add(msg[3:].decode(errors="replace"))
-        while True:
-            try:
-                peer = self._peers.get_nowait()
-            except queue.Empty:
-                break
-            if peer.id not in self.subscribers:
-                self.connect(peer.endpoint)
+        self.connect_discovered()
 
     def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:
         """Wait until the subscribers *ids* (and at least *count* in all) are connected.
@@ -176,17 +214,12 @@ class Publisher:
     def total_sent(self) -> int:
         return sum(self._seq.values()) - len(self._seq)
 
-    def close(self, linger: float = 2.0) -> None:
-        """Hand queued events to the network (at most *linger* seconds), then close."""
-        if self._discovery is not None:
-            self._discovery.close()
-        self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
-        self.sock.close()
-        zmq.Context.instance().term()  # returns once queued messages left or linger ran out
 
-
-class Subscriber:
+class Subscriber(_Node):
     """A SUB socket that yields accepted batches, reporting gaps and dropping duplicates."""
+
+    announce_type = discovery.SUB_TYPE
+    browse_type = discovery.PUB_TYPE
 
     def __init__(
         self,
@@ -197,76 +230,35 @@ class Subscriber:
         on_loss: LossCallback | None = None,
         on_connect: Callable[[discovery.Peer], None] | None = None,
     ) -> None:
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        super().__init__(sock, interface)
         self.matcher = Matcher(patterns)
         self.on_connect = on_connect
-        self.subid = new_id()
-        self.interface = interface
+        self.subid = self.id
         self.on_loss = on_loss
         self.malformed = 0
-        self.publishers: set[str] = set()  # pubids whose welcome arrived
+        self.publishers = self.linked  # pubids whose welcome arrived
         self._next: dict[tuple[str, str], int] = {}
-        self._connected: set[str] = set()
-        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
-        self._discovery: discovery.Discovery | None = None
-        self.endpoints: list[str] = []
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         for prefix in self.matcher.prefixes():
             sock.subscribe(prefix.encode())
         sock.subscribe(codec.WELCOME_PREFIX)
         sock.subscribe(codec.BEACON_PREFIX + self.subid.encode())
-        self.sock = sock
-
-    def bind(self, endpoint: str) -> str:
-        real = _bind(self.sock, endpoint)
-        self.endpoints.append(real)
-        return real
-
-    def connect(self, endpoint: str) -> None:
-        if endpoint not in self._connected:
-            _connect(self.sock, endpoint)
-            self._connected.add(endpoint)
-
-    def announce(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Bind an ephemeral port if needed, announce it, and find publishers.
-
-        *on_ready* is called (from another thread) once the announcement is
-        registered, i.e. publishers can find this subscriber.
-        """
-        if not self.endpoints:
-            self.bind(ephemeral_endpoint(self.interface))
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
-        self._discovery = discovery.Discovery(self.interface)
-        self._discovery.announce(
-            discovery.SUB_TYPE, self.subid, port, self.matcher.patterns, on_ready
-        )
-        self._discovery.browse(discovery.PUB_TYPE, self._peers.put)
-
-    def _connect_discovered(self) -> None:
-        while True:
-            try:
-                peer = self._peers.get_nowait()
-            except queue.Empty:
-                return
-            if peer.id not in self.publishers and peer.endpoint not in self._connected:
-                self.connect(peer.endpoint)
-                if self.on_connect is not None:
-                    self.on_connect(peer)
 
     def poll(self, timeout: float | None) -> bool:
         """Wait up to *timeout* seconds (None: forever) for a message."""
-        self._connect_discovered()
+        self.connect_discovered()
         if timeout is None:
             while not self.sock.poll(100):
-                self._connect_discovered()
+                self.connect_discovered()
             return True
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if self.sock.poll(max(0, int(min(left, 0.1) * 1000))):
                 return True
-            self._connect_discovered()
+            self.connect_discovered()
             if left <= 0.1:
                 return bool(self.sock.poll(0))
 
@@ -307,12 +299,6 @@ class Subscriber:
                 if trimmed is not None:
                     out.append(trimmed)
         return out
-
-    def close(self) -> None:
-        if self._discovery is not None:
-            self._discovery.close()
-        self.sock.close()
-        zmq.Context.instance().term()
 
 
 def _trim(batch: codec.Batch, first_seq: int) -> codec.Batch | None:
