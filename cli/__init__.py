@@ -4,4 +4,5 @@
 PROGRAMS = {
     "eda-pub": "eda.cli.pub",
     "eda-sub": "eda.cli.sub",
+    "eda-registry": "eda.cli.registry",
 }

@@ -92,6 +92,35 @@ def output_options(func: F) -> F:
     )(func)
 
 
+class _Blank(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+class Template:
+    """``--format TEMPLATE``: ``str.format`` fields, unknown ones blank, ``\\t`` a tab.
+
+    A template that cannot render an item (``{x[0]}`` on a string, say) is a
+    usage error with a one-line message, not a traceback.
+    """
+
+    def __init__(self, text: str) -> None:
+        import string
+
+        self.text = text.replace("\\t", "\t")
+        try:  # refuse a malformed template before any work is done
+            list(string.Formatter().parse(self.text))
+        except ValueError as exc:
+            raise click.UsageError(f"--format {self.text!r}: {exc}") from None
+
+    def line(self, fields: dict[str, Any]) -> str:
+        """One rendered line, newline included."""
+        try:
+            return self.text.format_map(_Blank(fields)) + "\n"
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise click.UsageError(f"--format {self.text!r}: {exc}") from None
+
+
 class Context:
     """What a running program needs besides its options: its name and stderr."""
 

@@ -17,6 +17,7 @@ from eda.cli.common import (
     EXIT_TIMEOUT,
     Context,
     Exit,
+    Template,
     common_options,
     output_options,
     run,
@@ -35,11 +36,6 @@ Examples:
   eda-sub 'jobs.*' --exec ./handle.sh            run a command per event (event on its stdin)
   eda-sub --no-mdns --connect tcp://10.0.0.5:5555 'metrics.>'
 """
-
-
-class _Missing(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        return ""
 
 
 @click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
@@ -134,7 +130,7 @@ def command(
     render = _renderer(raw, template, force_json, exec_cmd)
     try:
         for endpoint in binds:
-            ctx.debug(f"listening on {sub.bind(endpoint)}")
+            ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
         for endpoint in connects:
             sub.connect(endpoint)
         if not no_mdns:
@@ -207,15 +203,13 @@ def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str |
 
         return render_raw
     if template:
-        fmt = template.replace("\\t", "\t")
+        fmt = Template(template)
 
         def render_template(batch: Batch) -> bytes:
-            lines = []
-            for ev in envelope.batch_to_events(batch):
-                fields = _Missing(ev)
-                fields["topic"] = ev.get("type", "")
-                fields["data"] = envelope.data_text(ev)
-                lines.append(fmt.format_map(fields) + "\n")
+            lines = [
+                fmt.line({**ev, "topic": ev.get("type", ""), "data": envelope.data_text(ev)})
+                for ev in envelope.batch_to_events(batch)
+            ]
             return "".join(lines).encode()
 
         return render_template

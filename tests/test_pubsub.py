@@ -344,3 +344,13 @@ def test_warm_discovery_cache_never_hides_a_new_subscriber(procs):
     assert "found 2 subscriber(s)" in result.stderr
     assert first.wait() == 0 and second.wait() == 0
     assert json.loads(second.lines()[0])["data"] == "both"
+
+
+def test_bad_format_templates_are_one_line_usage_errors(procs):
+    result = run("eda-sub", "t", "--format", "{unclosed")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("eda-sub: error: --format '{unclosed'")
+    sub = procs.sub_ready("t", "--format", "{sequence[0]}")
+    assert run("eda-pub", "t", "x").returncode == 0
+    assert sub.wait() == 2
+    assert "eda-sub: error: --format '{sequence[0]}'" in sub.stderr and "Traceback" not in sub.stderr

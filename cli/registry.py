@@ -1,0 +1,876 @@
+"""eda-registry: the registry center, registration with health checks, lookups and watches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from eda.cli.common import (
+    Context,
+    Exit,
+    Template,
+    Terminated,
+    common_options,
+    output_options,
+    run,
+    write_stdout,
+)
+from eda.core import __version__
+from eda.core.errors import NotFoundError, UsageError
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from eda.core.registry.client import Client
+    from eda.core.registry.model import Instance
+
+SECONDS = click.FloatRange(min=0, min_open=True)
+
+EPILOG_GROUP = """\b
+Examples:
+  eda-registry serve --data /var/lib/eda/registry --dns 127.0.0.1:8600
+  eda-registry register orders --port 8080 --meta version=2 --check tcp
+  eda-registry register web --port 8000 -- python3 -m http.server 8000
+  eda-registry lookup orders --format '{host}:{port}'
+  eda-registry watch orders --exec ./reload.sh
+  eda-registry browse _http._tcp
+"""
+
+
+def registry_option(func: Any) -> Any:
+    func = click.option(
+        "--serverless",
+        is_flag=True,
+        help="No registry: announce / find instances by mDNS alone.",
+    )(func)
+    return click.option(
+        "--registry",
+        "registries",
+        multiple=True,
+        metavar="ENDPOINT",
+        envvar="EDA_REGISTRY",
+        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
+    )(func)
+
+
+@click.group(epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
+@click.version_option(__version__, "--version", message="%(prog)s %(version)s")
+@click.help_option("-h", "--help")
+def command() -> None:
+    """Service registration and discovery for a LAN.
+
+    A registry (`serve`) keeps who runs where; services `register` and
+    heartbeat; clients `lookup`, `list` and `watch`.  Registries are found by
+    mDNS and replicate with each other.  Without any registry, `register`,
+    `lookup` and `watch` work by mDNS alone (serverless mode).
+    """
+
+
+# -- serve ----------------------------------------------------------------------------
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry serve                                  announce by mDNS, listen on port 7700
+  eda-registry serve --data /var/lib/eda/registry     keep state across restarts
+  eda-registry serve --dns 127.0.0.1:8600             answer orders.service.eda A/SRV
+  eda-registry serve --bind tcp://10.0.0.5:7700 --peer tcp://10.0.0.6:7700 --no-mdns
+"""
+)
+@click.option(
+    "--bind",
+    default="tcp://*:7700",
+    show_default=True,
+    metavar="ENDPOINT",
+    envvar="EDA_REGISTRY_BIND",
+    help="Where to listen for requests (tcp://HOST:PORT, PORT may be '*').",
+)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Persist state here (append-only log + snapshots).",
+)
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Another registry to replicate with (repeatable; mDNS finds them too).",
+)
+@click.option(
+    "--dns",
+    metavar="HOST:PORT",
+    help="Also answer DNS for NAME.service.eda here, e.g. 127.0.0.1:8600.",
+)
+@click.option(
+    "--tick",
+    type=SECONDS,
+    default=0.5,
+    show_default=True,
+    metavar="SECONDS",
+    help="Liveness beacon period on the change stream.",
+)
+@click.option(
+    "--peer-timeout",
+    type=SECONDS,
+    default=3.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A peer registry silent this long is considered down.",
+)
+@common_options
+def serve(
+    bind: str,
+    data: str | None,
+    peers: tuple[str, ...],
+    dns: str | None,
+    tick: float,
+    peer_timeout: float,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Run a registry: accept registrations, expire silent instances, stream changes.
+
+    Announced by mDNS as _eda-registry._tcp; other registries found that way
+    (or given with --peer) replicate every change (eventually consistent).
+    """
+    from eda.core.registry.client import check_endpoint
+    from eda.core.registry.server import Server, Settings
+
+    ctx = Context("eda-registry", verbose)
+    iface = _iface(interface)
+    if iface and bind == "tcp://*:7700":
+        bind = f"tcp://{iface}:7700"
+    for peer in peers:
+        check_endpoint(peer)
+    settings = Settings(
+        bind=bind,
+        interface=iface,
+        data=data,
+        mdns=not no_mdns,
+        peers=peers,
+        dns=dns,
+        tick=tick,
+        peer_timeout=peer_timeout,
+    )
+    server = Server(settings, log=ctx.debug)
+    try:
+        server.start()
+        extra = f", DNS on {server.dns_address}" if server.dns_address else ""
+        ctx.warn(
+            f"registry {server.id} listening on {server.endpoint} "
+            f"(changes on {server.pub_endpoint}{extra})"
+        )
+        server.serve()
+    finally:
+        server.close()
+
+
+# -- register ------------------------------------------------------------------------
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry register orders --port 8080 --meta version=2 --weight 3
+  eda-registry register orders --port 8080 --check 'curl -fs localhost:8080/health'
+  eda-registry register orders --port 8081 --check tcp -- python3 -m http.server 8081
+  eda-registry register cache --port 6379 --ttl 3 --interval 1 --serverless
+"""
+)
+@click.argument("name")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD [ARGS]...]")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), required=True, help="Port the instance listens on."
+)
+@click.option(
+    "--host",
+    metavar="HOST",
+    help="Address to publish (default: this host's address towards the registry).",
+)
+@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@click.option(
+    "--meta",
+    "meta",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Metadata (repeatable; sent as DNS-SD TXT, RFC 6763 size limits).",
+)
+@click.option(
+    "--weight",
+    type=click.IntRange(0, 65535),
+    default=1,
+    show_default=True,
+    help="Relative weight (SRV weight in DNS answers).",
+)
+@click.option(
+    "--ttl",
+    type=SECONDS,
+    metavar="SECONDS",
+    help="Expire after this long without a heartbeat  [default: 3 x interval, or 6]",
+)
+@click.option(
+    "--interval", type=SECONDS, metavar="SECONDS", help="Heartbeat period  [default: ttl / 3, or 2]"
+)
+@click.option(
+    "--check",
+    metavar="CMD|tcp",
+    help="Health check: a shell command (0 passing, 1 warning, else critical) or 'tcp'.",
+)
+@click.option(
+    "--check-interval",
+    type=SECONDS,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Period of the health check.",
+)
+@click.option(
+    "--check-timeout",
+    type=SECONDS,
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A check running longer is critical.",
+)
+@click.option(
+    "--rise",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    metavar="N",
+    help="Passing results in a row before an instance is passing again.",
+)
+@click.option(
+    "--fall",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    metavar="N",
+    help="Failing results in a row before an instance stops passing.",
+)
+@registry_option
+@common_options
+def register(
+    name: str,
+    cmd: tuple[str, ...],
+    port: int,
+    host: str | None,
+    inst_id: str | None,
+    meta: tuple[str, ...],
+    weight: int,
+    ttl: float | None,
+    interval: float | None,
+    check: str | None,
+    check_interval: float,
+    check_timeout: float,
+    rise: int,
+    fall: int,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Register NAME while this command runs: heartbeat, check health, deregister on exit.
+
+    With `-- CMD`, run CMD and keep the registration exactly as long as it
+    runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
+    """
+    from eda.core.registry import model
+
+    ctx = Context("eda-registry", verbose)
+    if ttl is None:
+        ttl = round(3 * interval, 3) if interval else 6.0
+    if interval is None:
+        interval = round(ttl / 3, 3)
+    iface = _iface(interface)
+    record = {
+        "service": name,
+        "host": host or "127.0.0.1",
+        "port": port,
+        "weight": weight,
+        "meta": model.parse_meta(meta),
+        "ttl": ttl,
+        "interval": interval,
+    }
+    if inst_id:
+        record["id"] = inst_id
+    model.from_dict(record)  # refuse bad input before touching the network
+    client = (
+        None
+        if serverless
+        else _client(registries, iface, no_mdns, timeout=min(1.0, max(0.3, interval)))
+    )
+    if client is not None and not registries:
+        client = _registry_or_none(client, ctx, no_mdns)
+    if client is None and no_mdns:
+        raise UsageError("with --no-mdns, give --registry")
+    if host is None:
+        record["host"] = _default_host(client, iface)
+    if not inst_id:
+        record["id"] = model.default_id(model.validate_name(name), str(record["host"]), port)
+    inst = model.from_dict(record)
+    keeper = _Keeper(ctx, inst, client, iface)
+    keeper.run(cmd, check, check_interval, check_timeout, rise, fall)
+
+
+def _iface(interface: str | None) -> str | None:
+    """The IPv4 address for --interface (discovery is imported only when needed: start-up time)."""
+    if not interface:
+        return None
+    from eda.core import discovery
+
+    return discovery.resolve_interface(interface)
+
+
+def _client(
+    registries: Iterable[str], iface: str | None, no_mdns: bool, timeout: float = 1.0
+) -> Client:
+    from eda.core.registry.client import Client
+
+    endpoints = [e for item in registries for e in item.replace(",", " ").split()]
+    return Client(endpoints, interface=iface, use_mdns=not no_mdns, timeout=timeout)
+
+
+def _registry_or_none(client: Client, ctx: Context, no_mdns: bool) -> Client | None:
+    """*client* if a registry answers; None (serverless mode) when none is known."""
+    from eda.core.registry.client import NoRegistry
+
+    try:
+        client.hello()
+    except NoRegistry:
+        if no_mdns:
+            raise
+        ctx.debug("no registry found: serverless mode (mDNS only)")
+        client.close()
+        return None
+    return client
+
+
+def _default_host(client: Client | None, iface: str | None) -> str:
+    from eda.core.registry.client import local_address_towards
+    from eda.core.registry.serverless import local_addresses
+
+    if iface:
+        return iface
+    if client is not None and client.current:
+        return local_address_towards(client.current)
+    return local_addresses(None)[0]
+
+
+class _Keeper:
+    """The foreground life of `register`: child process, health checks, heartbeats."""
+
+    def __init__(
+        self, ctx: Context, inst: Instance, client: Client | None, iface: str | None
+    ) -> None:
+        import threading
+
+        self.ctx, self.inst, self.client, self.iface = ctx, inst, client, iface
+        self.wake = threading.Event()
+        self.status = inst.status
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def _on_change(self, status: str) -> None:
+        self.ctx.debug(f"health of {self.inst.id}: {status}")
+        self.status = status
+        self.wake.set()
+
+    def run(
+        self,
+        cmd: tuple[str, ...],
+        check: str | None,
+        check_interval: float,
+        check_timeout: float,
+        rise: int,
+        fall: int,
+    ) -> None:
+        import subprocess
+
+        from eda.core.registry.health import Monitor
+
+        monitor = None
+        if cmd:
+            try:
+                self.child = subprocess.Popen(list(cmd))
+            except OSError as exc:
+                raise UsageError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+        try:
+            if check:
+                env = {
+                    "EDA_SERVICE": self.inst.service,
+                    "EDA_HOST": self.inst.host,
+                    "EDA_PORT": str(self.inst.port),
+                    "EDA_INSTANCE": self.inst.id,
+                }
+                monitor = Monitor(
+                    check,
+                    self.inst.host,
+                    self.inst.port,
+                    interval=check_interval,
+                    timeout=check_timeout,
+                    rise=rise,
+                    fall=fall,
+                    env=env,
+                    on_change=self._on_change,
+                )
+                self.status = self.inst.status = monitor.first()
+                monitor.start()
+            if self.client is None:
+                self._serverless()
+            else:
+                self._registered(self.client)
+        except (KeyboardInterrupt, Terminated) as exc:
+            if self.child is None:
+                raise
+            sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            if self.child.poll() is None:
+                self.child.send_signal(sig)
+        finally:
+            if monitor is not None:
+                monitor.stop()
+        if self.child is not None:
+            code = self._reap_child()
+            raise Exit(code)
+
+    def _reap_child(self) -> int:
+        import subprocess
+
+        assert self.child is not None
+        try:
+            code = self.child.wait(10)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            code = self.child.wait()
+        return 128 - code if code < 0 else code
+
+    def _loop(self, beat: Callable[[], object]) -> None:
+        """Call *beat* every interval and at once on a health change, until the child exits."""
+        next_beat = time.monotonic() + self.inst.interval
+        while self.child is None or self.child.poll() is None:
+            wait = next_beat - time.monotonic()
+            if self.child is not None:
+                wait = min(wait, 0.05)
+            changed = self.wake.wait(max(0.0, wait))
+            if changed or time.monotonic() >= next_beat:
+                self.wake.clear()
+                beat()
+                next_beat = time.monotonic() + self.inst.interval
+
+    def _registered(self, client: Client) -> None:
+        from eda.core.registry.agent import Agent
+
+        agent = Agent(client, self.inst, self.ctx.warn)
+        try:
+            inst = agent.register()
+            self.ctx.debug(
+                f"registered {inst.service}/{inst.id} at {inst.host}:{inst.port} "
+                f"({inst.status}) with registry {agent.registry}"
+            )
+            self._loop(lambda: agent.beat(self.status))
+        finally:
+            agent.deregister()
+            self.ctx.debug(f"deregistered {self.inst.id}")
+            client.close()
+
+    def _serverless(self) -> None:
+        from eda.core.registry.serverless import Announcer
+
+        announcer = Announcer(self.inst, self.iface)
+        try:
+            announcer.start()
+            self.ctx.debug(
+                f"registered {self.inst.service}/{self.inst.id} at "
+                f"{self.inst.host}:{self.inst.port} ({self.inst.status}) by mDNS"
+            )
+
+            def beat() -> None:
+                if announcer.inst.status != self.status:
+                    announcer.update(self.status)
+
+            self._loop(beat)
+        finally:
+            announcer.close()
+            self.ctx.debug(f"deregistered {self.inst.id}")
+
+
+# -- lookup / list -----------------------------------------------------------------------
+def _query(
+    op: str,
+    name: str | None,
+    include_all: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    iface: str | None,
+    no_mdns: bool,
+    ctx: Context,
+) -> list[dict[str, Any]]:
+    from eda.core.registry.client import NoRegistry
+
+    if not serverless:
+        client = _client(registries, iface, no_mdns)
+        try:
+            msg: dict[str, Any] = {"op": op, "all": include_all}
+            if name is not None:
+                msg["service"] = name
+            return list(client.request(msg)["instances"])
+        except NoRegistry:
+            if no_mdns:
+                raise
+            ctx.debug("no registry found: asking the LAN by mDNS (serverless mode)")
+        finally:
+            client.close()
+    from eda.core.registry import serverless as mdns_mode
+
+    found = mdns_mode.query(iface) if name is None else mdns_mode.lookup(name, include_all, iface)
+    if op == "list" and name is not None:
+        found = [i for i in found if i.service == name]
+    return [i.to_dict() for i in found]
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry lookup orders                         passing instances (JSON Lines when piped)
+  eda-registry lookup orders --all                   every instance with its health status
+  curl "http://$(eda-registry lookup orders --format '{host}:{port}' | head -1)/"
+"""
+)
+@click.argument("name")
+@click.option("--all", "include_all", is_flag=True, help="Every instance, whatever its health.")
+@registry_option
+@output_options
+@common_options
+def lookup(
+    name: str,
+    include_all: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Print the passing instances of service NAME; exit 3 if there is none."""
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-registry", verbose)
+    service = validate_name(name)
+    found = _query(
+        "lookup",
+        service,
+        include_all,
+        registries,
+        serverless,
+        _iface(interface),
+        no_mdns,
+        ctx,
+    )
+    if not found:
+        what = "instance" if include_all else "passing instance"
+        raise NotFoundError(f"no {what} of service {service!r}")
+    _print_instances(found, template, force_json)
+
+
+@command.command(
+    "list",
+    epilog="""\b
+Examples:
+  eda-registry list                              every service and instance (a table on a tty)
+  eda-registry list orders --json | jq -r .status
+""",
+)
+@click.argument("name", required=False)
+@registry_option
+@output_options
+@common_options
+def list_(
+    name: str | None,
+    registries: tuple[str, ...],
+    serverless: bool,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Print every registered instance (of service NAME if given), whatever its health."""
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-registry", verbose)
+    service = validate_name(name) if name is not None else None
+    found = _query(
+        "list",
+        service,
+        True,
+        registries,
+        serverless,
+        _iface(interface),
+        no_mdns,
+        ctx,
+    )
+    _print_instances(found, template, force_json)
+
+
+def _fields(record: dict[str, Any]) -> dict[str, Any]:
+    fields = dict(record)
+    fields.update({f"meta.{k}": v for k, v in record.get("meta", {}).items()})
+    fields["address"] = f"{record.get('host')}:{record.get('port')}"
+    return fields
+
+
+def _print_instances(found: list[dict[str, Any]], template: str | None, force_json: bool) -> None:
+    if template:
+        fmt = Template(template)
+        write_stdout("".join(fmt.line(_fields(r)) for r in found).encode())
+    elif force_json or not sys.stdout.isatty():
+        write_stdout("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found).encode())
+    else:
+        _table(found)
+
+
+def _table(found: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colours = {"passing": "green", "warning": "yellow", "critical": "red"}
+    table = Table(box=None, header_style="bold")
+    for column in ("SERVICE", "INSTANCE", "ADDRESS", "STATUS", "WEIGHT", "META", "LAST SEEN"):
+        table.add_column(column)
+    now = time.time()
+    for r in found:
+        status = str(r.get("status"))
+        seen = f"{now - r['heartbeat']:.1f}s ago" if r.get("heartbeat") else "-"
+        meta = " ".join(f"{k}={v}" for k, v in r.get("meta", {}).items())
+        table.add_row(
+            str(r["service"]),
+            str(r["id"]),
+            f"{r['host']}:{r['port']}",
+            f"[{colours.get(status, 'white')}]{status}[/]",
+            str(r.get("weight")),
+            meta,
+            seen,
+        )
+    Console().print(table)
+
+
+# -- watch -----------------------------------------------------------------------------------
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry watch orders                          one JSON line per change
+  eda-registry watch orders --exec ./reload.sh       run a command per change (event on stdin)
+  eda-registry watch --snapshot -C 1                 current instances first, then changes
+"""
+)
+@click.argument("name", required=False)
+@click.option(
+    "--exec",
+    "exec_cmd",
+    metavar="CMD",
+    help="Run CMD per change, the event JSON on its stdin, EDA_EVENT/EDA_SERVICE set.",
+)
+@click.option(
+    "--snapshot",
+    is_flag=True,
+    help="First print each current instance (type 'present', snapshot: true).",
+)
+@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
+@registry_option
+@output_options
+@common_options
+def watch(
+    name: str | None,
+    exec_cmd: str | None,
+    snapshot: bool,
+    count: int | None,
+    registries: tuple[str, ...],
+    serverless: bool,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Print a line per change (registered, deregistered, expired, health, updated).
+
+    Each event has a stable id (INSTANCE@REVISION), the reason and the full
+    instance record.  The watch survives registry restarts and fails over to
+    another registry; changes missed meanwhile are reported once, marked
+    "resync": true, and nothing already reported is repeated.
+    """
+    from eda.core.registry import serverless as mdns_mode
+    from eda.core.registry.client import NoRegistry
+    from eda.core.registry.model import validate_name
+    from eda.core.registry.watch import Watcher
+
+    ctx = Context("eda-registry", verbose)
+    service = validate_name(name) if name is not None else None
+    iface = _iface(interface)
+    emit = _event_printer(exec_cmd, template, force_json)
+    watcher = None
+    events: Iterable[dict[str, Any]]
+    if not serverless:
+        watcher = Watcher(_client(registries, iface, no_mdns), service, ctx.warn)
+        try:
+            initial = watcher.start(snapshot)
+            events = _chain(initial, watcher.follow())
+            ctx.debug(f"watching registry {watcher.client.registry_id} at {watcher.client.current}")
+        except NoRegistry:
+            watcher.close()
+            watcher.client.close()
+            watcher = None
+            if no_mdns:
+                raise
+            ctx.debug("no registry found: watching the LAN by mDNS (serverless mode)")
+            serverless = True
+    if serverless:
+        events = mdns_mode.watch(service, snapshot=snapshot, interface=iface)
+    try:
+        for seen, event in enumerate(events, 1):
+            emit(event)
+            if count is not None and seen >= count:
+                return
+    finally:
+        if watcher is not None:
+            watcher.close()
+            watcher.client.close()
+
+
+def _chain(first: list[dict[str, Any]], rest: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    yield from first
+    yield from rest
+
+
+def _event_printer(
+    exec_cmd: str | None, template: str | None, force_json: bool
+) -> Callable[[dict[str, Any]], None]:
+    if exec_cmd:
+        import subprocess
+
+        def run_exec(event: dict[str, Any]) -> None:
+            env = dict(
+                os.environ,
+                EDA_EVENT=str(event["type"]),
+                EDA_SERVICE=str(event.get("service")),
+                EDA_INSTANCE=str(event["instance"].get("id")),
+                EDA_EVENT_ID=str(event["id"]),
+            )
+            line = json.dumps(event, separators=(",", ":")) + "\n"
+            result = subprocess.run(exec_cmd, shell=True, input=line.encode(), env=env, check=False)
+            if result.returncode:
+                code, event_id = result.returncode, event["id"]
+                sys.stderr.write(
+                    f"eda-registry: warning: --exec command exited {code} for event {event_id}\n"
+                )
+
+        return run_exec
+    if template:
+        fmt = Template(template)
+        return lambda event: write_stdout(fmt.line(_event_fields(event)).encode())
+    if force_json or not sys.stdout.isatty():
+        return lambda event: write_stdout(
+            (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        )
+
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    colours = {
+        "registered": "green",
+        "deregistered": "yellow",
+        "expired": "red",
+        "health": "magenta",
+    }
+
+    def show(event: dict[str, Any]) -> None:
+        inst = event["instance"]
+        kind = event["type"]
+        console.print(
+            f"[dim]{event['time'][11:23]}[/] [{colours.get(kind, 'cyan')}]{kind:<12}[/] "
+            f"{inst['service']}/{inst['id']} {inst['host']}:{inst['port']} {inst['status']}"
+            f"  [dim]{event['reason']}[/]"
+        )
+
+    return show
+
+
+def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
+    fields = _fields(event["instance"])
+    fields.update({k: v for k, v in event.items() if k != "instance"})
+    fields["instance"] = event["instance"].get("id")
+    return fields
+
+
+# -- browse -----------------------------------------------------------------------------------
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry browse _http._tcp                     web servers on the LAN, as they come and go
+  eda-registry browse _eda-svc._tcp --duration 2     eda instances announced in serverless mode
+"""
+)
+@click.argument("service_type", metavar="TYPE")
+@click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
+@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
+@output_options
+@common_options
+def browse(
+    service_type: str,
+    duration: float | None,
+    count: int | None,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Browse any DNS-SD service TYPE by mDNS, like avahi-browse -r (TYPE: _http._tcp...)."""
+    from eda.core.registry.browse import browse as browse_lan
+    from eda.core.registry.browse import full_type
+
+    if no_mdns:
+        raise UsageError("browse needs mDNS; drop --no-mdns")
+    full_type(service_type)
+    deadline = None if duration is None else time.monotonic() + duration
+    seen = 0
+    fmt = Template(template) if template else None
+    as_json = force_json or not sys.stdout.isatty()
+    for item in browse_lan(service_type, _iface(interface)):
+        if item is not None:
+            if fmt:
+                line = fmt.line(item).rstrip("\n")
+            elif as_json:
+                line = json.dumps(item, separators=(",", ":"))
+            else:
+                addr = ",".join(item.get("addresses", []))
+                port, txt = item.get("port", ""), item.get("txt", "")
+                line = f"{item['event']:<8} {item['name']}  {addr}:{port}  {txt}"
+            write_stdout((line + "\n").encode())
+            seen += 1
+            if count is not None and seen >= count:
+                return
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+
+
+def main() -> None:
+    run(command, "eda-registry")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Keeping one instance registered: register, heartbeat, fail over, deregister."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from ..errors import EdaError
+from .client import Client, RegistryUnavailable
+from .model import Instance, from_dict
+
+
+class Agent:
+    """The registering side of one instance, driven by the caller's loop."""
+
+    def __init__(self, client: Client, inst: Instance, log: Callable[[str], None]) -> None:
+        self.client = client
+        self.inst = inst
+        self.log = log
+        self.registry = ""
+        self._lost = False
+
+    def register(self) -> Instance:
+        """First registration; raises if refused or if no registry answers."""
+        self.client.hello()
+        reply = self.client.request({"op": "register", "instance": self.inst.to_dict()})
+        self.inst = from_dict(reply["instance"])
+        self.registry = self.client.registry_id
+        return self.inst
+
+    def beat(self, status: str) -> bool:
+        """One heartbeat carrying the full record; False when no registry answered."""
+        self.inst.status = status
+        try:
+            reply = self.client.request(
+                {"op": "heartbeat", "instance": self.inst.to_dict()},
+                timeout=min(1.0, max(0.2, self.inst.interval)),
+            )
+            if not self.client.registry_id:
+                self.client.hello()  # a registry we moved to: learn its id and peers
+        except RegistryUnavailable as exc:
+            if not self._lost:
+                self.log(f"warning: {exc}; still trying")
+            self._lost = True
+            return False
+        self.inst.rev = int(reply.get("rev", self.inst.rev))
+        if self._lost or self.client.registry_id != self.registry:
+            self.log(
+                f"heartbeats now go to registry {self.client.registry_id} at {self.client.current}"
+            )
+        self._lost = False
+        self.registry = self.client.registry_id
+        return True
+
+    def deregister(self) -> None:
+        """Best effort: the registry would expire the instance anyway."""
+        with contextlib.suppress(EdaError):
+            self.client.request({"op": "deregister", "id": self.inst.id}, timeout=1.0)

@@ -1,0 +1,94 @@
+"""Browsing any DNS-SD service type on the LAN (what ``avahi-browse -r`` shows)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import UsageError
+from .store import iso
+
+
+def full_type(service_type: str) -> str:
+    """``_http._tcp`` -> ``_http._tcp.local.`` (validated)."""
+    name = service_type.rstrip(".")
+    if not name.endswith(".local"):
+        name += ".local"
+    parts = name.split(".")
+    if len(parts) < 3 or not parts[0].startswith("_") or parts[-2] not in ("_tcp", "_udp"):
+        raise UsageError(f"bad service type {service_type!r}: use e.g. _http._tcp")
+    return name + "."
+
+
+def browse(
+    service_type: str, interface: str | None = None, resolve_timeout: float = 3.0
+) -> Iterator[dict[str, Any] | None]:
+    """Yield ``added``/``updated``/``removed`` items as services come and go, forever.
+
+    Yields None when idle for a tenth of a second, so the caller can stop.
+    """
+    from zeroconf import (
+        InterfaceChoice,
+        IPVersion,
+        ServiceBrowser,
+        ServiceInfo,
+        ServiceStateChange,
+        Zeroconf,
+    )
+
+    stype = full_type(service_type)
+    items: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    zc = Zeroconf(
+        interfaces=[interface] if interface else InterfaceChoice.All, ip_version=IPVersion.V4Only
+    )
+
+    def resolve(name: str, kind: str) -> None:
+        info = ServiceInfo(stype, name)
+        if not info.request(zc, int(resolve_timeout * 1000)):
+            return
+        txt = {
+            k.decode(errors="replace"): (v or b"").decode(errors="replace")
+            for k, v in info.properties.items()
+        }
+        items.put(
+            {
+                "event": kind,
+                "name": name.removesuffix("." + stype),
+                "type": stype.removesuffix(".local."),
+                "domain": "local",
+                "host": (info.server or "").rstrip("."),
+                "addresses": info.parsed_addresses(),
+                "port": info.port,
+                "txt": txt,
+                "time": iso(time.time()),
+            }
+        )
+
+    def changed(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change is ServiceStateChange.Removed:
+            items.put(
+                {
+                    "event": "removed",
+                    "name": name.removesuffix("." + stype),
+                    "type": stype.removesuffix(".local."),
+                    "domain": "local",
+                    "time": iso(time.time()),
+                }
+            )
+            return
+        kind = "added" if state_change is ServiceStateChange.Added else "updated"
+        threading.Thread(target=resolve, args=(name, kind), daemon=True).start()
+
+    browser = ServiceBrowser(zc, stype, handlers=[changed])
+    try:
+        while True:
+            try:
+                yield items.get(timeout=0.1)
+            except queue.Empty:
+                yield None
+    finally:
+        browser.cancel()
+        zc.close()

@@ -1,0 +1,209 @@
+"""Talking to registries: finding one, asking it, and failing over to another.
+
+Where the registry is, in order: endpoints given explicitly (``--registry``
+or ``EDA_REGISTRY``); else the endpoints that answered last time (a cache
+file, checked with one TCP connect before use, so a dead entry costs a
+millisecond, not a timeout); else a one-shot mDNS query for
+``_eda-registry._tcp``.  Every registry that answers ``hello`` also names
+its live peers, which become failover candidates: when a request gets no
+answer in time the client moves on to the next registry by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..errors import EdaError, UsageError
+from . import protocol
+from .protocol import decode, encode, raise_for
+
+
+class NoRegistry(EdaError):
+    """No registry is known: none given, none cached, none answering mDNS."""
+
+
+class RegistryUnavailable(EdaError):
+    """Registries are known but none of them answered in time."""
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "eda" / "registry.json"
+
+
+def _load_cache() -> list[str]:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        found = json.loads(cache_file().read_text()).get("endpoints", [])
+        return [e for e in found if isinstance(e, str)]
+    return []
+
+
+def _store_cache(endpoints: list[str]) -> None:
+    if _load_cache() == endpoints:
+        return
+    path = cache_file()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"endpoints": endpoints}))
+        tmp.replace(path)
+
+
+def check_endpoint(endpoint: str) -> str:
+    """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`."""
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not sep or not host or not port.isdigit():
+        raise UsageError(f"bad registry endpoint {endpoint!r}: use tcp://HOST:PORT")
+    return endpoint
+
+
+def _tcp_reachable(endpoint: str, timeout: float = 0.2) -> bool:
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def local_address_towards(endpoint: str) -> str:
+    """The local IPv4 address this host uses to reach *endpoint* (no packet is sent)."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((socket.gethostbyname(host), 9))
+        return str(sock.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        sock.close()
+
+
+class Client:
+    """Requests to a registry, moving to another one when it stops answering."""
+
+    def __init__(
+        self,
+        endpoints: list[str] | tuple[str, ...] = (),
+        *,
+        interface: str | None = None,
+        use_mdns: bool = True,
+        timeout: float = 1.0,
+        discover_timeout: float = 0.15,
+    ) -> None:
+        self.explicit = [check_endpoint(e) for e in endpoints]
+        self.interface = interface
+        self.use_mdns = use_mdns
+        self.timeout = timeout
+        self.discover_timeout = discover_timeout
+        self.learned: list[str] = []  # peers named by registries that answered
+        self.current: str | None = None
+        self.registry_id = ""
+        self._zctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._rids = itertools.count(1)
+
+    # -- choosing a registry --------------------------------------------------------
+    def _candidates(self, tried: set[str]) -> Any:
+        """Endpoints to try next, lazily (mDNS is asked only when the rest failed)."""
+        yield from (e for e in self.explicit if e not in tried)
+        yield from (e for e in self.learned if e not in tried)
+        if self.explicit:
+            return
+        for endpoint in _load_cache():
+            if endpoint not in tried and _tcp_reachable(endpoint):
+                yield endpoint
+        if self.use_mdns:
+            from ..discovery import find_once
+
+            peers = find_once(
+                protocol.REGISTRY_TYPE, interface=self.interface, timeout=self.discover_timeout
+            )
+            yield from (p.endpoint for p in peers if p.endpoint not in tried)
+
+    def _connect(self, endpoint: str) -> None:
+        self.disconnect()
+        if self._zctx is None:
+            self._zctx = zmq.Context()
+        sock: zmq.Socket[bytes] = self._zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        self._sock, self.current = sock, endpoint
+        self.registry_id = ""  # learned again by hello()
+
+    def disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self.current = None, None
+
+    # -- requests ----------------------------------------------------------------------
+    def request(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send *msg* to a registry and return its reply, failing over as needed."""
+        tried: set[str] = set()
+        candidates = None
+        while True:
+            if self._sock is None:
+                if candidates is None:
+                    candidates = self._candidates(tried)
+                endpoint = next(candidates, None)
+                if endpoint is None:
+                    if tried:
+                        raise RegistryUnavailable(
+                            f"no registry answered (tried {', '.join(sorted(tried))})"
+                        )
+                    raise NoRegistry(
+                        "no registry found; start one with 'eda-registry serve' or give --registry"
+                    )
+                self._connect(endpoint)
+            assert self.current is not None
+            reply = self._roundtrip(msg, self.timeout if timeout is None else timeout)
+            if reply is not None:
+                if not self.explicit:
+                    _store_cache([self.current, *[e for e in self.learned if e != self.current]])
+                return raise_for(reply)
+            tried.add(self.current)
+            self.disconnect()
+
+    def _roundtrip(self, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        assert self._sock is not None
+        rid = next(self._rids)
+        self._sock.send(encode({**msg, "rid": rid}))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                return None
+            try:
+                reply = decode(self._sock.recv())
+            except protocol.ProtocolError:
+                continue
+            if reply.get("rid") == rid:
+                return reply
+
+    def hello(self) -> dict[str, Any]:
+        """Greet the registry; remember its id and the peers it names for failover."""
+        reply = self.request({"op": "hello"})
+        self.registry_id = str(reply.get("registry", ""))
+        for endpoint in reply.get("peers", []):
+            if isinstance(endpoint, str) and endpoint not in self.learned:
+                self.learned.append(endpoint)
+        return reply
+
+    def pub_endpoint(self, reply: dict[str, Any]) -> str:
+        assert self.current is not None
+        return f"{self.current.rsplit(':', 1)[0]}:{int(reply['pub_port'])}"
+
+    def close(self) -> None:
+        self.disconnect()
+        if self._zctx is not None:
+            self._zctx.term()
+            self._zctx = None

@@ -1,0 +1,120 @@
+"""Health checks run by ``register`` itself, debounced with rise/fall counts.
+
+A check is a shell command (exit 0 passing, 1 warning, anything else or a
+timeout critical) or ``tcp`` (a TCP connect to the instance's host and
+port).  The reported status changes only after ``rise`` consecutive passing
+results, or ``fall`` consecutive results of another status, so a flapping
+check does not flap lookups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+
+from .model import CRITICAL, PASSING, WARNING
+
+
+def run_command(cmd: str, timeout: float, env: dict[str, str]) -> str:
+    proc = subprocess.Popen(
+        cmd,
+        shell=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return CRITICAL
+    return PASSING if code == 0 else WARNING if code == 1 else CRITICAL
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> str:
+    try:
+        socket.create_connection((host, port), timeout).close()
+    except OSError:
+        return CRITICAL
+    return PASSING
+
+
+class Debounce:
+    """Rise/fall counting over raw check results."""
+
+    def __init__(self, rise: int, fall: int) -> None:
+        self.rise, self.fall = rise, fall
+        self.status: str | None = None
+        self._candidate: str | None = None
+        self._count = 0
+
+    def feed(self, result: str) -> bool:
+        """Take one result; True when the reported status changed."""
+        if self.status is None:
+            self.status = result  # the first result counts at once
+            return True
+        if result == self.status:
+            self._candidate, self._count = None, 0
+            return False
+        if result != self._candidate:
+            self._candidate, self._count = result, 0
+        self._count += 1
+        if self._count >= (self.rise if result == PASSING else self.fall):
+            self.status, self._candidate, self._count = result, None, 0
+            return True
+        return False
+
+
+class Monitor:
+    """Runs a check every *interval* seconds in a thread; calls *on_change* on a new status."""
+
+    def __init__(
+        self,
+        check: str,
+        host: str,
+        port: int,
+        *,
+        interval: float,
+        timeout: float,
+        rise: int,
+        fall: int,
+        env: dict[str, str],
+        on_change: Callable[[str], None],
+    ) -> None:
+        self.interval, self.timeout = interval, timeout
+        if check == "tcp":
+            self._run: Callable[[], str] = lambda: connect_tcp(host, port, timeout)
+        else:
+            self._run = lambda: run_command(check, timeout, env)
+        self.debounce = Debounce(rise, fall)
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eda-check", daemon=True)
+
+    def first(self) -> str:
+        """Run the check once now (before registering) and return its status."""
+        self.debounce.feed(self._run())
+        assert self.debounce.status is not None
+        return self.debounce.status
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            result = self._run()
+            if self.debounce.feed(result) and not self._stop.is_set():
+                assert self.debounce.status is not None
+                self.on_change(self.debounce.status)
+
+    def stop(self) -> None:
+        self._stop.set()

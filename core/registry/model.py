@@ -1,0 +1,181 @@
+"""The registration record and its validation.
+
+A record says where one instance of a service listens and how it is doing.
+Its fields travel as JSON between clients and registries and as DNS-SD TXT
+strings in serverless mode, so metadata obeys the RFC 6763 size advice: each
+``key=value`` string fits in 255 bytes and all of them together in
+:data:`META_TOTAL_LIMIT` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+
+PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
+STATUSES = (PASSING, WARNING, CRITICAL)
+
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+META_ITEM_LIMIT = 255  # RFC 6763 6.1: one TXT string is at most 255 bytes
+META_TOTAL_LIMIT = 1300  # RFC 6763 6.2: keep the whole TXT record under ~1300 bytes
+META_KEY_LIMIT = 64
+RESERVED_META = frozenset({"svc", "id", "w", "st", "ttl", "iv", "h", "rv"})  # serverless TXT keys
+MAX_TTL = 86400.0
+
+
+class InvalidRecord(UsageError):
+    """A registration is malformed (bad name, port, metadata...); it is refused."""
+
+
+@dataclass
+class Instance:
+    """One registered instance of a service."""
+
+    service: str
+    id: str
+    host: str
+    port: int
+    weight: int = 1
+    meta: dict[str, str] = field(default_factory=dict)
+    status: str = PASSING
+    ttl: float = 6.0
+    interval: float = 2.0
+    registered: float = 0.0  # unix time of the first registration
+    heartbeat: float = 0.0  # unix time of the last heartbeat the registry saw
+    registry: str = ""  # id of the registry that receives its heartbeats
+    rev: int = 0  # bumped by the owning registry on every change
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def same_registration(self, other: Instance) -> bool:
+        """True when *other* differs at most in health, times, owner and revision."""
+        return (
+            self.service == other.service
+            and self.host == other.host
+            and self.port == other.port
+            and self.weight == other.weight
+            and self.meta == other.meta
+            and self.ttl == other.ttl
+            and self.interval == other.interval
+        )
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidRecord("missing service name")
+    lowered = name.lower()
+    if not NAME_RE.match(lowered):
+        raise InvalidRecord(
+            f"bad service name {name!r}: use 1-63 letters, digits and '-' (a DNS label)"
+        )
+    return lowered
+
+
+def validate_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidRecord(f"bad port {port!r}: use 1-65535")
+    return port
+
+
+def validate_meta(meta: object) -> dict[str, str]:
+    if not isinstance(meta, dict):
+        raise InvalidRecord("metadata must be an object of strings")
+    total = 0
+    out: dict[str, str] = {}
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRecord("metadata keys and values must be strings")
+        if not key or len(key) > META_KEY_LIMIT or "=" in key or not key.isprintable():
+            raise InvalidRecord(
+                f"bad metadata key {key!r}: 1-{META_KEY_LIMIT} printable characters, no '='"
+            )
+        if not key.isascii():
+            raise InvalidRecord(f"bad metadata key {key!r}: ASCII only (RFC 6763 6.4)")
+        if key.lower() in RESERVED_META:
+            raise InvalidRecord(f"metadata key {key!r} is reserved")
+        size = len(key.encode()) + 1 + len(value.encode())
+        if size > META_ITEM_LIMIT:
+            raise InvalidRecord(
+                f"metadata {key}=... is {size} bytes; one key=value must fit in {META_ITEM_LIMIT}"
+            )
+        total += size + 1
+        out[key.lower()] = value
+    if total > META_TOTAL_LIMIT:
+        raise InvalidRecord(
+            f"metadata is {total} bytes; keep it under {META_TOTAL_LIMIT} (RFC 6763 6.2)"
+        )
+    return out
+
+
+def parse_meta(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` strings (as given on a command line) to validated metadata."""
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRecord(f"bad metadata {item!r}: use KEY=VALUE")
+        meta[key] = value
+    return validate_meta(meta)
+
+
+def _number(value: object, what: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise InvalidRecord(f"bad {what} {value!r}: use a number of seconds in ({low:g}, {high:g}]")
+    return float(value)
+
+
+def default_id(service: str, host: str, port: int) -> str:
+    """A stable instance id: the same service at the same address keeps its id."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", f"{service}-{host}-{port}")[:63]
+
+
+def from_dict(data: object) -> Instance:
+    """Validate a record received from the network or typed by a user."""
+    if not isinstance(data, dict):
+        raise InvalidRecord("a registration must be a JSON object")
+    service = validate_name(data.get("service"))
+    port = validate_port(data.get("port"))
+    host = data.get("host")
+    if not isinstance(host, str) or not HOST_RE.match(host):
+        raise InvalidRecord(f"bad host {host!r}")
+    inst_id = data.get("id") or default_id(service, host, port)
+    if not isinstance(inst_id, str) or not ID_RE.match(inst_id):
+        raise InvalidRecord(f"bad instance id {inst_id!r}: 1-63 letters, digits, '-' or '_'")
+    weight = data.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 65535:
+        raise InvalidRecord(f"bad weight {weight!r}: use 0-65535")
+    status = data.get("status", PASSING)
+    if status not in STATUSES:
+        raise InvalidRecord(f"bad status {status!r}: one of {', '.join(STATUSES)}")
+    ttl = _number(data.get("ttl", 6.0), "ttl", 0, MAX_TTL)
+    interval = _number(data.get("interval", 2.0), "interval", 0, MAX_TTL)
+    if interval >= ttl:
+        raise InvalidRecord(f"heartbeat interval {interval:g}s must be shorter than ttl {ttl:g}s")
+    times = [data.get(k, 0.0) for k in ("registered", "heartbeat")]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+        raise InvalidRecord("bad timestamps")
+    rev = data.get("rev", 0)
+    registry = data.get("registry", "")
+    if isinstance(rev, bool) or not isinstance(rev, int) or not isinstance(registry, str):
+        raise InvalidRecord("bad revision or registry id")
+    return Instance(
+        service=service,
+        id=inst_id,
+        host=host,
+        port=port,
+        weight=weight,
+        meta=validate_meta(data.get("meta", {})),
+        status=status,
+        ttl=ttl,
+        interval=interval,
+        registered=float(times[0]),
+        heartbeat=float(times[1]),
+        registry=registry,
+        rev=rev,
+    )

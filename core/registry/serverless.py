@@ -1,0 +1,204 @@
+"""Serverless mode: instances announce themselves by mDNS; lookups ask the LAN.
+
+Each instance is a standard DNS-SD service of type ``_eda-svc._tcp``, named
+after its instance id, with TXT keys ``svc`` (service name), ``id``, ``w``
+(weight), ``st`` (health status), ``rv`` (revision), ``ttl``, ``iv`` and the
+user's metadata, so ``avahi-browse -r _eda-svc._tcp`` lists them.
+
+A killed process cannot send a goodbye, and ordinary mDNS records live for
+75 minutes in caches.  So the records carry a TTL of a few seconds, and a
+lookup never trusts a cache: it asks the LAN with a one-shot query each time
+and only instances whose own responder answers right now are returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .. import mdns
+from .model import PASSING, Instance, InvalidRecord, from_dict
+from .store import DEREGISTERED, HEALTH, REGISTERED, UPDATED, Event, iso
+
+SVC_TYPE = "_eda-svc._tcp.local."
+RESERVED = ("svc", "id", "w", "st", "rv", "ttl", "iv", "h")
+
+
+def local_addresses(interface: str | None) -> list[str]:
+    if interface:
+        return [interface]
+    import ifaddr
+
+    found = [
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ]
+    outside = [a for a in found if not a.startswith("127.")]
+    return outside + [a for a in found if a.startswith("127.")] or ["127.0.0.1"]
+
+
+def txt_of(inst: Instance) -> dict[str, str]:
+    txt = {
+        "svc": inst.service,
+        "id": inst.id,
+        "w": str(inst.weight),
+        "st": inst.status,
+        "rv": str(inst.rev),
+        "ttl": f"{inst.ttl:g}",
+        "iv": f"{inst.interval:g}",
+        "h": inst.host,
+    }
+    txt.update(inst.meta)
+    return txt
+
+
+def instance_of(found: mdns.Instance) -> Instance | None:
+    """The record an mDNS answer describes, or None if it is not a valid eda instance."""
+    txt = found.txt
+    try:
+        return from_dict(
+            {
+                "service": txt.get("svc"),
+                "id": txt.get("id"),
+                "host": txt.get("h") or found.best_address(),
+                "port": found.port,
+                "weight": int(txt.get("w", "1")),
+                "status": txt.get("st", PASSING),
+                "rev": int(txt.get("rv", "0")),
+                "ttl": float(txt.get("ttl", "6")),
+                "interval": float(txt.get("iv", "2")),
+                "registry": "mdns",
+                "meta": {k: v for k, v in txt.items() if k not in RESERVED},
+            }
+        )
+    except (InvalidRecord, ValueError):
+        return None
+
+
+class Announcer:
+    """Announces one instance with short-lived records; re-announces on change."""
+
+    def __init__(self, inst: Instance, interface: str | None = None) -> None:
+        from zeroconf import InterfaceChoice, IPVersion, Zeroconf
+
+        self.inst = inst
+        self.interface = interface
+        self._zc = Zeroconf(
+            interfaces=[interface] if interface else InterfaceChoice.All,
+            ip_version=IPVersion.V4Only,
+        )
+        self._info: Any = None
+
+    def _make_info(self) -> Any:
+        from zeroconf import ServiceInfo
+
+        ttl = max(1, round(self.inst.ttl))
+        return ServiceInfo(
+            SVC_TYPE,
+            f"{self.inst.id}.{SVC_TYPE}",
+            port=self.inst.port,
+            addresses=[socket.inet_aton(a) for a in local_addresses(self.interface)],
+            properties=txt_of(self.inst),
+            server=f"{self.inst.id}.local.",
+            host_ttl=ttl,
+            other_ttl=ttl,
+        )
+
+    def start(self) -> None:
+        """Probe and announce (takes about a second: RFC 6762 probing)."""
+        self._info = self._make_info()
+        self._zc.register_service(self._info, allow_name_change=False)
+
+    def update(self, status: str) -> None:
+        self.inst.status = status
+        self.inst.rev += 1
+        self._info = self._make_info()
+        self._zc.update_service(self._info)
+
+    def close(self) -> None:
+        """Send goodbye packets (TTL 0) so browsers drop the instance at once."""
+        with contextlib.suppress(Exception):
+            if self._info is not None:
+                self._zc.unregister_service(self._info)
+        with contextlib.suppress(Exception):
+            self._zc.close()
+
+
+def query(interface: str | None = None, timeout: float = 0.3) -> list[Instance]:
+    """Every eda instance whose responder answers a one-shot query now."""
+    found = mdns.one_shot_query(SVC_TYPE, interface=interface, timeout=timeout)
+    return [i for i in map(instance_of, found) if i is not None]
+
+
+def lookup(
+    service: str, include_all: bool = False, interface: str | None = None, timeout: float = 0.3
+) -> list[Instance]:
+    return sorted(
+        (
+            i
+            for i in query(interface, timeout)
+            if i.service == service and (include_all or i.status == PASSING)
+        ),
+        key=lambda i: i.id,
+    )
+
+
+def _event(kind: str, inst: Instance, reason: str, **flags: bool) -> Event:
+    return {
+        "id": f"{inst.id}@{inst.rev}",
+        "type": kind,
+        "reason": reason,
+        "service": inst.service,
+        "time": iso(time.time()),
+        "registry": "mdns",
+        "instance": inst.to_dict(),
+        **flags,
+    }
+
+
+def watch(
+    service: str | None,
+    *,
+    snapshot: bool = False,
+    interface: str | None = None,
+    period: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[Event]:
+    """Poll the LAN every *period* seconds; yield a change event per difference.
+
+    An instance missing from two polls in a row is reported gone (one lost
+    answer does not make it flap).
+    """
+    known: dict[str, Instance] = {}
+    missing: dict[str, int] = {}
+    first = True
+    while True:
+        now = {
+            i.id: i
+            for i in query(interface, min(0.3, period))
+            if service is None or i.service == service
+        }
+        for inst_id, inst in now.items():
+            missing.pop(inst_id, None)
+            old = known.get(inst_id)
+            known[inst_id] = inst
+            if old is None:
+                if first and snapshot:
+                    yield _event("present", inst, "present when the watch started", snapshot=True)
+                elif not first:
+                    yield _event(REGISTERED, inst, "announced by mDNS")
+            elif old.status != inst.status:
+                yield _event(HEALTH, inst, f"{old.status} -> {inst.status}")
+            elif not old.same_registration(inst):
+                yield _event(UPDATED, inst, "registration changed")
+        for inst_id in [k for k in known if k not in now]:
+            missing[inst_id] = missing.get(inst_id, 0) + 1
+            if missing[inst_id] >= 2:
+                gone = known.pop(inst_id)
+                del missing[inst_id]
+                gone.rev += 1
+                yield _event(DEREGISTERED, gone, "no longer answers mDNS")
+        first = False
+        sleep(period)

@@ -1,0 +1,182 @@
+"""Following a registry's change stream safely across reconnects.
+
+The watcher subscribes first, waits for the registry's tick (its
+subscription is live), then takes a snapshot (the clone pattern): events
+numbered at or below the snapshot's ``seq`` are already in it.  It keeps
+each instance's latest revision, so a change seen twice (from two
+registries, or after a reconnect) is printed once.  When the registry goes
+silent it fails over, takes a new snapshot and reports only the real
+differences, marked ``"resync": true``: stale events are never replayed as new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from ..errors import EdaError
+from . import protocol
+from .client import Client
+from .store import DELETIONS, DEREGISTERED, HEALTH, REGISTERED, SYNC, UPDATED, Event, iso
+
+PRESENT = "present"
+
+
+class Watcher:
+    """Yields change events for one service (or every service)."""
+
+    def __init__(self, client: Client, service: str | None, log: Callable[[str], None]) -> None:
+        self.client = client
+        self.service = service
+        self.log = log
+        self.state: dict[str, dict[str, Any]] = {}  # instance id -> record
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sub: zmq.Socket[bytes] | None = None
+        self.silence = 3.0
+        self.seq = 0
+
+    def start(self, snapshot: bool = False) -> list[Event]:
+        """Connect and take the first snapshot; its instances as events if *snapshot*.
+
+        Raises :class:`~eda.core.registry.client.NoRegistry` when no registry is known.
+        """
+        self.seq, initial = self._connect(snapshot, resync=False)
+        return initial
+
+    def follow(self) -> Iterator[Event]:
+        """Changes after :meth:`start`, forever, reconnecting when the registry goes silent."""
+        while True:
+            yield from self._follow(self.seq)
+            self.log(f"registry at {self.client.current} went silent; reconnecting")
+            self.client.disconnect()
+            warned = False
+            while True:
+                try:
+                    self.seq, missed = self._connect(False, resync=True)
+                    break
+                except EdaError as exc:
+                    if not warned:
+                        self.log(f"warning: {exc}; still trying")
+                    warned = True
+                    self.client.disconnect()
+                    time.sleep(0.5)  # back off before asking every known registry again
+            yield from missed
+
+    def _connect(self, show_present: bool, resync: bool) -> tuple[int, list[Event]]:
+        hello = self.client.hello()
+        self.silence = 6 * float(hello.get("tick", 0.5))
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.subscribe(protocol.TICK)
+        sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
+        sub.connect(self.client.pub_endpoint(hello))
+        self.sub = sub
+        if not sub.poll(int(self.silence * 1000)):
+            self._close_sub()
+            raise protocol.RemoteError("the registry's change stream did not answer")
+        msg: dict[str, Any] = {"op": "snapshot"}
+        if self.service:
+            msg["service"] = self.service
+        try:
+            snap = self.client.request(msg)
+        except EdaError:
+            self._close_sub()
+            raise
+        records = {d["id"]: d for d in snap["instances"] if isinstance(d, dict) and "id" in d}
+        events: list[Event] = []
+        if show_present:
+            events = [
+                self._made(PRESENT, r, "present when the watch started", snapshot=True)
+                for r in records.values()
+            ]
+        elif resync:
+            events = list(self._diff(records))
+        self.state = records
+        return int(snap.get("seq", 0)), events
+
+    def _made(self, kind: str, record: dict[str, Any], reason: str, **flags: bool) -> Event:
+        return {
+            "id": f"{record['id']}@{record.get('rev', 0)}",
+            "type": kind,
+            "reason": reason,
+            "service": record.get("service"),
+            "time": iso(time.time()),
+            "registry": self.client.registry_id,
+            "instance": record,
+            **flags,
+        }
+
+    def _diff(self, records: dict[str, dict[str, Any]]) -> Iterator[Event]:
+        for inst_id, old in self.state.items():
+            if inst_id not in records:
+                yield self._made(DEREGISTERED, old, "gone while the watch reconnected", resync=True)
+        for inst_id, new in records.items():
+            before = self.state.get(inst_id)
+            if before is None:
+                yield self._made(
+                    REGISTERED, new, "appeared while the watch reconnected", resync=True
+                )
+            elif new.get("rev", 0) > before.get("rev", 0):
+                kind = HEALTH if before.get("status") != new.get("status") else UPDATED
+                if kind == UPDATED and _same(before, new):
+                    continue
+                yield self._made(kind, new, "changed while the watch reconnected", resync=True)
+
+    def _follow(self, seq: int) -> Iterator[Event]:
+        sub = self.sub
+        assert sub is not None
+        try:
+            while True:
+                if not sub.poll(int(self.silence * 1000)):
+                    return
+                frames = sub.recv_multipart()
+                if len(frames) != 2 or frames[0] == protocol.TICK:
+                    continue
+                try:
+                    event = protocol.decode(frames[1])
+                except protocol.ProtocolError:
+                    continue
+                if int(event.get("seq", 0)) <= seq:
+                    continue
+                shown = self._apply(event)
+                if shown is not None:
+                    yield shown
+        finally:
+            self._close_sub()
+
+    def _apply(self, event: Event) -> Event | None:
+        record = event.get("instance")
+        if not isinstance(record, dict):
+            return None
+        inst_id, rev = record.get("id"), int(record.get("rev", 0))
+        old = self.state.get(str(inst_id))
+        if event.get("type") in DELETIONS:
+            if old is None or rev < int(old.get("rev", 0)):
+                return None
+            del self.state[str(inst_id)]
+            return event
+        if old is not None and rev <= int(old.get("rev", 0)):
+            return None
+        self.state[str(inst_id)] = record
+        if event.get("type") == SYNC:
+            return None
+        if old is None and event.get("type") != REGISTERED:
+            event = {**event, "type": REGISTERED}
+        return event
+
+    def _close_sub(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+
+    def close(self) -> None:
+        self._close_sub()
+        self.ctx.term()
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("host", "port", "weight", "meta", "ttl", "interval")
+    return all(a.get(k) == b.get(k) for k in keys)

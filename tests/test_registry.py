@@ -1,0 +1,416 @@
+"""eda-registry end to end on one host: serve, register, lookup, list, watch, faults, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import zmq
+
+from tests.helpers import Proc, Procs, run, wait_until
+
+FAST = ("--interval", "0.2", "--ttl", "0.8")
+
+
+def serve(procs: Procs, *args: str) -> tuple[Proc, str]:
+    proc = procs.eda(
+        "eda-registry",
+        "serve",
+        "-v",
+        "--no-mdns",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--tick",
+        "0.1",
+        *args,
+    )
+    return proc, proc.wait_stderr(r"listening on (tcp://\S+)").group(1)
+
+
+def register(procs: Procs, endpoint: str, name: str, port: int, *args: str) -> Proc:
+    proc = procs.eda(
+        "eda-registry",
+        "register",
+        "-v",
+        name,
+        "--port",
+        str(port),
+        "--registry",
+        endpoint,
+        *FAST,
+        *args,
+    )
+    proc.wait_stderr(r"registered \S+ at")
+    return proc
+
+
+def lookup(endpoint: str, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("eda-registry", "lookup", name, "--registry", endpoint, *args)
+
+
+def ports(result: subprocess.CompletedProcess[str]) -> list[int]:
+    return sorted(json.loads(line)["port"] for line in result.stdout.splitlines())
+
+
+def watch(procs: Procs, endpoint: str, *args: str) -> Proc:
+    proc = procs.eda("eda-registry", "watch", "-v", "--registry", endpoint, *args)
+    proc.wait_stderr("watching registry")
+    return proc
+
+
+def events(proc: Proc) -> list[dict[str, object]]:
+    return [json.loads(line) for line in proc.lines()]
+
+
+def test_register_lookup_list_and_clean_stop(procs: Procs) -> None:
+    _, ep = serve(procs)
+    w = watch(procs, ep, "orders")
+    a = register(procs, ep, "orders", 8080, "--meta", "version=2", "--weight", "3")
+    register(procs, ep, "orders", 8081)
+    register(procs, ep, "billing", 9000)
+    result = lookup(ep, "orders")
+    assert (result.returncode, result.stderr) == (0, "")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(r["port"] for r in records) == [8080, 8081]
+    first = next(r for r in records if r["port"] == 8080)
+    assert (first["meta"], first["weight"], first["status"], first["host"]) == (
+        {"version": "2"},
+        3,
+        "passing",
+        "127.0.0.1",
+    )
+    listed = run("eda-registry", "list", "--registry", ep, "--format", "{service} {port}")
+    assert listed.returncode == 0 and sorted(listed.stdout.splitlines()) == [
+        "billing 9000",
+        "orders 8080",
+        "orders 8081",
+    ]
+    a.signal(signal.SIGTERM)
+    assert a.wait() == 0
+    assert ports(lookup(ep, "orders")) == [8081]  # gone at once, not after the TTL
+    w.wait_lines(3, timeout=1.0)
+    assert [(e["type"], e["instance"]["port"]) for e in events(w)] == [  # type: ignore[index]
+        ("registered", 8080),
+        ("registered", 8081),
+        ("deregistered", 8080),
+    ]
+    assert all(e["service"] == "orders" for e in events(w))
+
+
+def test_killed_instance_expires_within_its_ttl_and_watch_says_why(procs: Procs) -> None:
+    _, ep = serve(procs)
+    w = watch(procs, ep)
+    victim = register(procs, ep, "orders", 8080)
+    register(procs, ep, "orders", 8081)
+    victim.kill()
+    wait_until(
+        lambda: ports(lookup(ep, "orders")) == [8081], timeout=0.8 + 0.5, what="expiry within TTL"
+    )
+    expired = [e for e in events(w.wait_lines(3) and w) if e["type"] == "expired"]
+    assert len(expired) == 1 and "no heartbeat for 0.8s" in str(expired[0]["reason"])
+    assert expired[0]["instance"]["port"] == 8080  # type: ignore[index]
+
+
+def test_lookup_of_unknown_service_exits_3_and_all_shows_unhealthy(procs: Procs) -> None:
+    _, ep = serve(procs)
+    result = lookup(ep, "nothing")
+    assert (result.returncode, result.stdout) == (3, "")
+    assert result.stderr == "eda-registry: error: no passing instance of service 'nothing'\n"
+    register(procs, ep, "orders", 8080, "--check", "exit 2", "--check-interval", "0.2")
+    assert lookup(ep, "orders").returncode == 3
+    every = lookup(ep, "orders", "--all")
+    assert every.returncode == 0 and json.loads(every.stdout)["status"] == "critical"
+
+
+def test_child_command_lives_with_its_registration_and_gives_its_status(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = serve(procs)
+    gate = tmp_path / "gate"
+    child = procs.eda(
+        "eda-registry",
+        "register",
+        "-v",
+        "job",
+        "--port",
+        "7000",
+        "--registry",
+        ep,
+        *FAST,
+        "--",
+        "sh",
+        "-c",
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; exit 7",
+    )
+    child.wait_stderr("registered job")
+    assert ports(lookup(ep, "job")) == [7000]
+    gate.touch()
+    assert child.wait() == 7
+    assert lookup(ep, "job").returncode == 3
+    assert "deregistered" in child.stderr
+
+
+def test_sigterm_to_register_with_child_stops_child_and_deregisters(procs: Procs) -> None:
+    _, ep = serve(procs)
+    proc = procs.eda(
+        "eda-registry",
+        "register",
+        "-v",
+        "web",
+        "--port",
+        "7001",
+        "--registry",
+        ep,
+        *FAST,
+        "--",
+        "sleep",
+        "30",
+    )
+    proc.wait_stderr("registered web")
+    os.kill(proc.popen.pid, signal.SIGTERM)  # the register process only, not its group
+    assert (
+        proc.wait() == 128 + signal.SIGTERM
+    )  # the child's status: killed by the forwarded SIGTERM
+    assert lookup(ep, "web").returncode == 3
+
+
+def test_bad_registrations_are_refused_and_disturb_nothing(procs: Procs) -> None:
+    server, ep = serve(procs)
+    register(procs, ep, "orders", 8080)
+    cases = [
+        (["register", "Bad_Name!", "--port", "1"], 2, "bad service name"),
+        (["register", "orders", "--port", "70000"], 2, "70000 is not in the range"),
+        (["register", "orders"], 2, "Missing option '--port'"),
+        (["register", "orders", "--port", "1", "--meta", "k=" + "x" * 300], 2, "must fit in 255"),
+        (["register", "orders", "--port", "1", "--meta", "novalue"], 2, "use KEY=VALUE"),
+        (
+            ["register", "orders", "--port", "1", "--ttl", "1", "--interval", "2"],
+            2,
+            "shorter than ttl",
+        ),
+        (["lookup", "Bad_Name!"], 2, "bad service name"),
+        (["lookup", "orders", "--registry", "localhost:1"], 2, "bad registry endpoint"),
+    ]
+    for args, code, message in cases:
+        extra = [] if "--registry" in args else ["--registry", ep]
+        result = run("eda-registry", *args, *extra)
+        assert result.returncode == code, (args, result.stderr)
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert (
+            len(lines) == 1 and lines[0].startswith("eda-registry: error: ") and message in lines[0]
+        ), lines
+    assert ports(lookup(ep, "orders")) == [8080]
+    assert server.popen.poll() is None
+
+
+def test_garbage_on_the_registry_socket_is_answered_or_dropped(procs: Procs) -> None:
+    server, ep = serve(procs)
+    register(procs, ep, "orders", 8080)
+    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as raw:  # not even ZMTP
+        raw.sendall(os.urandom(4096) + b"\xff" * 1024)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(ep)
+    replies = []
+    for frames in (
+        [b"\x00\xff garbage"],
+        [b"[1,2]"],
+        [b'{"op":"explode"}'],
+        [b"{}", b"extra"],
+        [b'{"op":"register","instance":{"service":"x","port":"no"}}'],
+        [
+            b'{"op":"register","instance":'
+            + json.dumps(
+                {
+                    "service": "big",
+                    "host": "h",
+                    "port": 1,
+                    "meta": {f"k{i}": "v" * 200 for i in range(9)},
+                }
+            ).encode()
+            + b"}"
+        ],
+    ):
+        dealer.send_multipart(frames)
+        assert dealer.poll(2000), frames
+        replies.append(json.loads(dealer.recv()))
+    dealer.send(b"x" * 200_000)  # over the size limit: the registry drops the connection
+    dealer.close()
+    ctx.term()
+    assert [r["ok"] for r in replies] == [False] * 6
+    assert [r["code"] for r in replies] == [2] * 6
+    assert "not JSON" in replies[0]["error"] and "unknown operation" in replies[2]["error"]
+    assert "bad port" in replies[4]["error"] and "1300" in replies[5]["error"]
+    assert ports(lookup(ep, "orders")) == [8080]
+    assert server.popen.poll() is None
+
+
+def test_health_check_failure_drops_instance_and_recovery_brings_it_back(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = serve(procs)
+    flag = tmp_path / "healthy"
+    flag.touch()
+    w = watch(procs, ep, "orders")
+    register(
+        procs,
+        ep,
+        "orders",
+        8080,
+        "--check",
+        f"test -e {flag} || exit 2",
+        "--check-interval",
+        "0.05",
+        "--rise",
+        "2",
+        "--fall",
+        "2",
+    )
+    flag.unlink()
+    wait_until(
+        lambda: lookup(ep, "orders").returncode == 3, timeout=2, what="critical instance dropped"
+    )
+    flag.touch()
+    wait_until(lambda: lookup(ep, "orders").returncode == 0, timeout=2, what="instance back")
+    kinds = [(e["type"], e["reason"]) for e in events(w.wait_lines(3) and w)]
+    assert kinds == [
+        ("registered", "registered"),
+        ("health", "passing -> critical"),
+        ("health", "critical -> passing"),
+    ]
+
+
+def test_flapping_check_does_not_flap_lookups(procs: Procs, tmp_path: Path) -> None:
+    _, ep = serve(procs)
+    check = tmp_path / "flap.sh"
+    count = tmp_path / "count"
+    count.write_text("0")
+    # passes and fails in turn; with --fall 3 it never fails three times in a row
+    check.write_text(f"n=$(cat {count}); echo $((n+1)) > {count}; exit $((n % 2 * 2))\n")
+    check.chmod(check.stat().st_mode | stat.S_IXUSR)
+    w = watch(procs, ep, "orders")
+    register(
+        procs,
+        ep,
+        "orders",
+        8080,
+        "--check",
+        f"sh {check}",
+        "--check-interval",
+        "0.03",
+        "--rise",
+        "3",
+        "--fall",
+        "3",
+    )
+    for _ in range(15):
+        assert ports(lookup(ep, "orders")) == [8080]
+    wait_until(lambda: int(count.read_text() or 0) >= 20, timeout=5, what="20 flapping checks")
+    assert [e["type"] for e in events(w)] == ["registered"]
+
+
+def test_watch_exec_runs_once_per_change_with_the_event_on_stdin(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = serve(procs)
+    out = tmp_path / "seen"
+    w = watch(procs, ep, "orders", "--exec", f"cat >> {out}; echo $EDA_EVENT >> {out}.kinds")
+    a = register(procs, ep, "orders", 8080)
+    a.signal(signal.SIGINT)
+    a.wait()
+    wait_until(
+        lambda: (
+            Path(f"{out}.kinds").exists() and len(Path(f"{out}.kinds").read_text().split()) == 2
+        ),
+        what="two --exec runs",
+    )
+    assert Path(f"{out}.kinds").read_text().split() == ["registered", "deregistered"]
+    assert [json.loads(line)["type"] for line in out.read_text().splitlines()] == [
+        "registered",
+        "deregistered",
+    ]
+    assert w.stdout == ""
+
+
+def test_watch_snapshot_then_changes_and_count(procs: Procs) -> None:
+    _, ep = serve(procs)
+    register(procs, ep, "orders", 8080)
+    w = procs.eda("eda-registry", "watch", "orders", "--snapshot", "-C", "2", "--registry", ep)
+    w.wait_lines(1)
+    register(procs, ep, "orders", 8081)
+    assert w.wait() == 0
+    first, second = events(w)
+    assert (first["type"], first["snapshot"], second["type"]) == ("present", True, "registered")
+    assert w.stderr == ""
+
+
+def test_registry_restart_keeps_live_registrations_and_drops_dead_ones(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = str(tmp_path / "data")
+    server, ep = serve(procs, "--data", data, "--bind", "tcp://127.0.0.1:17700")
+    w = watch(procs, ep, "orders")
+    register(procs, ep, "orders", 8080, "--interval", "0.3", "--ttl", "1.5")
+    dead = register(procs, ep, "orders", 8081, "--interval", "0.3", "--ttl", "1.5")
+    server.kill()
+    dead.kill()
+    server2, _ = serve(procs, "--data", data, "--bind", "tcp://127.0.0.1:17700")
+    # every registration written before the kill is served again at once...
+    assert ports(lookup(ep, "orders")) in ([8080], [8080, 8081])
+    # ...and within two heartbeat intervals the dead one is gone, the live one still there
+    wait_until(
+        lambda: ports(lookup(ep, "orders")) == [8080],
+        timeout=1.5 + 0.6,
+        what="dead instance dropped",
+    )
+    for _ in range(5):
+        assert ports(lookup(ep, "orders")) == [8080]
+    w.wait_lines(3, timeout=5)
+    kinds = [(e["type"], e["instance"]["port"]) for e in events(w)]  # type: ignore[index]
+    # the watch reconnected: nothing replayed, the registration never shown twice
+    assert kinds == [("registered", 8080), ("registered", 8081), ("expired", 8081)]
+    assert server2.popen.poll() is None
+
+
+def test_dns_interface_answers_dig_with_healthy_instances_rotated(procs: Procs) -> None:
+    _, ep = serve(procs, "--dns", "127.0.0.1:0")
+    match = procs.started[0].wait_stderr(r"DNS on 127\.0\.0\.1:(\d+)")
+    port = match.group(1)
+    register(procs, ep, "orders", 8080, "--host", "127.0.0.11", "--weight", "5")
+    register(procs, ep, "orders", 8081, "--host", "127.0.0.12")
+    register(procs, ep, "orders", 8082, "--host", "127.0.0.13", "--check", "exit 2")
+
+    def dig(name: str, qtype: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["dig", "@127.0.0.1", "-p", port, "+short", "+tries=1", "+time=2", name, qtype],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+
+    first, second = dig("orders.service.eda", "A"), dig("orders.service.eda", "A")
+    assert first.returncode == 0 and second.returncode == 0
+    assert sorted(first.stdout.split()) == ["127.0.0.11", "127.0.0.12"]  # not the critical one
+    assert first.stdout.split() != second.stdout.split()  # rotated between queries
+    srv = sorted(dig("orders.service.eda", "SRV").stdout.splitlines())
+    assert srv == [
+        "1 1 8081 orders-127-0-0-12-8081.orders.service.eda.",
+        "1 5 8080 orders-127-0-0-11-8080.orders.service.eda.",
+    ]
+    full = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", port, "+tries=1", "nothing.service.eda", "A"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    assert "status: NXDOMAIN" in full.stdout

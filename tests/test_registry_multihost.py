@@ -1,0 +1,144 @@
+"""eda-registry across hosts (network namespaces on a bridge), found by mDNS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import Procs, wait_until
+from tests.hosts import Host, Network
+
+FAST = ("--interval", "0.2", "--ttl", "1")
+
+
+def serve(host: Host, *args: str) -> str:
+    proc = host.eda("eda-registry", "serve", "-v", "--tick", "0.1", "--peer-timeout", "0.6", *args)
+    proc.wait_stderr("announced registry", 15)
+    return proc.wait_stderr(r"registry (\w+) listening").group(1)
+
+
+def found(result: subprocess.CompletedProcess[str]) -> list[tuple[str, int]]:
+    return sorted((r["host"], r["port"]) for r in map(json.loads, result.stdout.splitlines()))
+
+
+def test_instances_on_two_hosts_found_by_mdns_and_kill_9_expires(network: Network) -> None:
+    a, b, c = (network.add_host(n) for n in "abc")
+    serve(a)
+    on_b = b.eda("eda-registry", "register", "-v", "orders", "--port", "8080", *FAST)
+    on_c = c.eda("eda-registry", "register", "-v", "orders", "--port", "8080", *FAST)
+    for proc in (on_b, on_c):
+        proc.wait_stderr("registered orders/")
+    result = c.run("eda-registry", "lookup", "orders")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert found(result) == [(b.address, 8080), (c.address, 8080)]  # each host's own address
+    b.kill()  # SIGKILL: no deregistration
+    wait_until(
+        lambda: found(a.run("eda-registry", "lookup", "orders")) == [(c.address, 8080)],
+        timeout=1 + 0.5,
+        what="b's instance expired within its TTL",
+    )
+
+
+def test_two_registries_replicate_and_clients_fail_over(network: Network) -> None:
+    a, b, c = (network.add_host(n) for n in "abc")
+    id_a = serve(a)
+    id_b = serve(b)
+    ep_a = f"tcp://{a.address}:7700"
+    ep_b = f"tcp://{b.address}:7700"
+    for host in (a, b):  # both have found and greeted each other
+        wait_until(
+            lambda h=host: "replicating with peer" in h.started[0].stderr,
+            timeout=10,
+            what="peering",
+        )
+    reg = c.eda(
+        "eda-registry", "register", "-v", "orders", "--port", "8080", "--registry", ep_a, *FAST
+    )
+    reg.wait_stderr(f"with registry {id_a}")
+    wait_until(
+        lambda: (
+            found(c.run("eda-registry", "lookup", "orders", "--registry", ep_b))
+            == [(c.address, 8080)]
+        ),
+        what="registration replicated to b",
+    )
+    watcher = c.eda("eda-registry", "watch", "-v", "orders", "--registry", ep_b)
+    watcher.wait_stderr("watching registry")
+    a.kill()  # the registry the instance talks to dies
+    reg.wait_stderr(f"heartbeats now go to registry {id_b}", 10)
+    # well past the TTL and the peer timeout: b still serves it, now owning it
+    wait_until(lambda: "went silent" in b.started[0].stderr, what="b notices a is gone")
+    for _ in range(10):
+        result = c.run("eda-registry", "lookup", "orders", "--registry", ep_b)
+        assert found(result) == [(c.address, 8080)]
+    assert json.loads(result.stdout)["registry"] == id_b
+    reg.signal(15)
+    assert reg.wait() == 0
+    watcher.wait_lines(1)
+    assert [json.loads(line)["type"] for line in watcher.lines()] == ["deregistered"]
+
+
+def test_serverless_register_lookup_watch_and_kill_9(network: Network, procs: Procs) -> None:
+    a, b, c = (network.add_host(n) for n in "abc")
+    watcher = c.eda("eda-registry", "watch", "-v", "orders")
+    watcher.wait_stderr("serverless mode")
+    killed = a.eda(
+        "eda-registry", "register", "-v", "orders", "--port", "8080", "--meta", "zone=a", *FAST
+    )
+    killed.wait_stderr("no registry found: serverless mode")
+    killed.wait_stderr("by mDNS", 15)
+    stays = b.eda(
+        "eda-registry", "register", "-v", "orders", "--port", "8081", "--serverless", *FAST
+    )
+    stays.wait_stderr("by mDNS", 15)
+    result = c.run("eda-registry", "lookup", "orders")
+    assert (result.returncode, result.stderr) == (0, "")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted((r["host"], r["port"]) for r in records) == [(a.address, 8080), (b.address, 8081)]
+    assert next(r for r in records if r["port"] == 8080)["meta"] == {"zone": "a"}
+    a.kill()
+    result = c.run(
+        "eda-registry", "lookup", "orders"
+    )  # asks the LAN now: the dead one cannot answer
+    assert found(result) == [(b.address, 8081)]
+    watcher.wait_lines(3, timeout=5)
+    kinds = sorted((e["type"], e["instance"]["port"]) for e in map(json.loads, watcher.lines()))
+    assert kinds == [("deregistered", 8080), ("registered", 8080), ("registered", 8081)]
+    # standard DNS-SD: a generic browser sees the instance with its TXT record
+    browsed = c.run("eda-registry", "browse", "_eda-svc._tcp", "-C", "1", "--duration", "5")
+    assert browsed.returncode == 0, browsed.stderr
+    item = json.loads(browsed.stdout)
+    assert (item["event"], item["port"], item["txt"]["svc"], item["txt"]["st"]) == (
+        "added",
+        8081,
+        "orders",
+        "passing",
+    )
+
+
+def test_browse_sees_a_foreign_dns_sd_service(network: Network) -> None:
+    a, b = network.add_host("a"), network.add_host("b")
+    script = (
+        "import socket, time\n"
+        "from zeroconf import ServiceInfo, Zeroconf\n"
+        f"zc = Zeroconf(interfaces=['{a.address}'])\n"
+        "info = ServiceInfo('_http._tcp.local.', 'printer page._http._tcp.local.', port=631,\n"
+        f"    addresses=[socket.inet_aton('{a.address}')], properties={{'path': '/ipp'}}, server='printer.local.')\n"
+        "zc.register_service(info)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    a.started.append(a.procs.start([sys.executable, "-c", script], prefix=a.prefix))
+    wait_until(
+        lambda: "ready" in a.started[-1].stdout, timeout=15, what="foreign service announced"
+    )
+    result = b.run("eda-registry", "browse", "_http._tcp", "-C", "1", "--duration", "5")
+    assert (result.returncode, result.stderr) == (0, "")
+    item = json.loads(result.stdout)
+    assert (item["name"], item["port"], item["addresses"], item["txt"]) == (
+        "printer page",
+        631,
+        [a.address],
+        {"path": "/ipp"},
+    )

@@ -1,0 +1,229 @@
+"""eda-registry's core without processes: records, store rules, DNS packets, rise/fall, journal."""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from eda.core.errors import NotFoundError
+from eda.core.mdns import build_query
+from eda.core.registry import dns, model
+from eda.core.registry.health import Debounce
+from eda.core.registry.persist import Journal
+from eda.core.registry.store import Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rec(service: str = "orders", port: int = 8080, **kw: object) -> model.Instance:
+    data: dict[str, object] = {
+        "service": service,
+        "host": "10.0.0.1",
+        "port": port,
+        "ttl": 3.0,
+        "interval": 1.0,
+    }
+    data.update(kw)
+    return model.from_dict(data)
+
+
+# -- records ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"service": ""}, "missing service name"),
+        ({"service": "Bad_Name"}, "bad service name"),
+        ({"port": 0}, "bad port"),
+        ({"port": "80"}, "bad port"),
+        ({"port": True}, "bad port"),
+        ({"meta": {"k": "x" * 300}}, "one key=value must fit in 255"),
+        ({"meta": {f"k{i}": "x" * 200 for i in range(7)}}, "keep it under 1300"),
+        ({"meta": {"svc": "x"}}, "reserved"),
+        ({"meta": {"a=b": "x"}}, "bad metadata key"),
+        ({"ttl": 1.0, "interval": 2.0}, "must be shorter than ttl"),
+        ({"status": "dead"}, "bad status"),
+        ({"weight": -1}, "bad weight"),
+        ({"id": "has space"}, "bad instance id"),
+    ],
+)
+def test_invalid_records_are_refused_with_a_reason(change: dict[str, object], message: str) -> None:
+    data = {"service": "orders", "host": "10.0.0.1", "port": 8080, **change}
+    with pytest.raises(model.InvalidRecord, match=message):
+        model.from_dict(data)
+
+
+def test_record_defaults_and_stable_id() -> None:
+    inst = rec()
+    assert inst.id == "orders-10-0-0-1-8080"
+    assert (inst.weight, inst.status, inst.meta) == (1, "passing", {})
+    assert model.parse_meta(["Version=2", "zone=a=b"]) == {"version": "2", "zone": "a=b"}
+    with pytest.raises(model.InvalidRecord, match="KEY=VALUE"):
+        model.parse_meta(["novalue"])
+
+
+# -- store ------------------------------------------------------------------------
+def test_store_register_heartbeat_health_and_expiry() -> None:
+    clock = Clock()
+    store = Store("r1", clock)
+    [ev] = store.heartbeat(rec(), register=True)
+    assert (ev["type"], ev["id"], ev["instance"]["registry"]) == (
+        "registered",
+        "orders-10-0-0-1-8080@1",
+        "r1",
+    )
+    assert store.heartbeat(rec()) == []  # a plain heartbeat is no change
+    [ev] = store.heartbeat(rec(status="critical"))
+    assert (ev["type"], ev["reason"], ev["id"]) == (
+        "health",
+        "passing -> critical",
+        "orders-10-0-0-1-8080@2",
+    )
+    assert store.lookup("orders") == []
+    assert [i.status for i in store.lookup("orders", include_all=True)] == ["critical"]
+    clock.now += 2.9
+    assert store.expire() == []
+    clock.now += 0.2
+    [ev] = store.expire()
+    assert (ev["type"], ev["reason"]) == ("expired", "no heartbeat for 3s")
+    assert store.instances() == []
+
+
+def test_store_deregister_unknown_is_not_found_and_keeps_others() -> None:
+    store = Store("r1", Clock())
+    store.heartbeat(rec(port=1), register=True)
+    with pytest.raises(NotFoundError):
+        store.deregister("nope")
+    [ev] = store.deregister(rec(port=1).id)
+    assert ev["type"] == "deregistered"
+    with pytest.raises(model.InvalidRecord, match="registered for service"):
+        store.heartbeat(rec(port=2), register=True)
+        store.heartbeat(rec(service="billing", port=2, id=rec(port=2).id))
+
+
+def test_replication_applies_newer_revisions_once_and_deletions_win_ties() -> None:
+    a, b = Store("a", Clock()), Store("b", Clock())
+    b.peer_alive("a")
+    [reg] = a.heartbeat(rec(), register=True)
+    [copy] = b.apply_remote(reg)
+    assert copy["id"] == reg["id"] and copy["registry"] == "a"
+    assert b.entries[rec().id].deadline == math.inf  # the owner is alive: it decides expiry
+    assert b.apply_remote(reg) == []  # seen already: not re-published (no loop)
+    assert a.apply_remote(copy) == []  # echoed back to its origin: ignored
+    [gone] = a.deregister(rec().id)
+    assert [e["type"] for e in b.apply_remote(gone)] == ["deregistered"]
+    assert b.apply_remote(reg) == []  # a stale registration cannot resurrect it
+
+
+def test_failover_moves_ownership_and_silent_peer_gets_one_ttl() -> None:
+    clock = Clock()
+    a, b = Store("a", clock), Store("b", clock)
+    b.peer_alive("a")
+    b.apply_remote(a.heartbeat(rec(), register=True)[0])
+    b.peer_lost("a")
+    assert b.entries[rec().id].deadline == clock.now + 3.0
+    [moved] = b.heartbeat(rec())  # the instance's heartbeats now arrive at b
+    assert moved["type"] == "sync" and moved["instance"]["registry"] == "b"
+    assert [e["type"] for e in a.apply_remote(moved)] == ["sync"]
+    assert a.entries[rec().id].inst.registry == "b"
+
+
+def test_merge_peer_adds_updates_and_removes_what_the_peer_no_longer_holds() -> None:
+    a, b = Store("a", Clock()), Store("b", Clock())
+    a.heartbeat(rec(port=1), register=True)
+    a.heartbeat(rec(port=2), register=True)
+    events = b.merge_peer("a", a.instances())
+    assert sorted(e["type"] for e in events) == ["registered", "registered"]
+    a.deregister(rec(port=1).id)
+    a.heartbeat(rec(port=2, status="warning"))
+    events = b.merge_peer("a", a.instances())
+    assert sorted(e["type"] for e in events) == ["deregistered", "health"]
+
+
+def test_restore_serves_records_inside_ttl_and_holds_back_the_others() -> None:
+    clock = Clock()
+    fresh = rec(port=1, heartbeat=clock.now - 1, registry="r1")
+    old = rec(port=2, heartbeat=clock.now - 10, registry="r1")
+    store = Store("r1", clock)
+    store.restore([fresh, old], seq=7)
+    assert [i.port for i in store.lookup("orders")] == [1]
+    assert store.seq == 7
+    assert store.heartbeat(rec(port=2)) == []  # its owner is alive: revived silently
+    assert [i.port for i in store.lookup("orders")] == [1, 2]
+    store2 = Store("r1", clock)
+    store2.restore([old], seq=0)
+    clock.now += 2.1  # two heartbeat intervals without news
+    [ev] = store2.expire()
+    assert ev["reason"] == "no heartbeat since the registry restarted"
+
+
+# -- journal ----------------------------------------------------------------------
+def test_journal_replays_log_after_snapshot_and_skips_a_torn_line(tmp_path: Path) -> None:
+    store = Store("r1", Clock())
+    journal = Journal(tmp_path)
+    assert journal.registry_id() == Journal(tmp_path).registry_id()
+    for ev in store.heartbeat(rec(port=1), register=True):
+        journal.append(ev)
+    journal.snapshot(store.instances(), store.seq)
+    for ev in store.heartbeat(rec(port=2), register=True) + store.deregister(rec(port=1).id):
+        journal.append(ev)
+    with (tmp_path / "changes.log").open("ab") as fh:
+        fh.write(b'{"type": "registered", "instance": {"serv')  # killed mid-write
+    again = Journal(tmp_path)
+    records, seq = again.load()
+    assert [r.port for r in records] == [2]
+    assert seq == 3 and again.skipped == 1
+
+
+# -- DNS --------------------------------------------------------------------------
+def _answers(packet: bytes) -> tuple[int, int, int]:
+    _qid, flags, _qd, an, _ns, ar = struct.unpack_from("!HHHHHH", packet)
+    return flags & 0xF, an, ar
+
+
+def test_dns_rotates_a_records_and_serves_srv_with_weights() -> None:
+    insts = [rec(port=1, host="10.0.0.1", weight=5), rec(port=2, host="10.0.0.2")]
+    responder = dns.Responder(lambda name: insts if name == "orders" else None)
+    first = responder.answer(build_query("orders.service.eda", dns.TYPE_A, 7))
+    second = responder.answer(build_query("orders.service.eda", dns.TYPE_A, 8))
+    assert first is not None and second is not None
+    assert _answers(first) == (dns.NOERROR, 2, 0)
+    ips = [socket.inet_aton(a) for a in ("10.0.0.1", "10.0.0.2")]
+    assert first.index(ips[0]) < first.index(ips[1]) and second.index(ips[1]) < second.index(ips[0])
+    srv = responder.answer(build_query("_orders._tcp.service.eda", dns.TYPE_SRV, 9))
+    assert srv is not None and _answers(srv) == (dns.NOERROR, 2, 2)
+    assert struct.pack("!HHH", 1, 5, 1) in srv
+
+
+def test_dns_errors_and_garbage() -> None:
+    responder = dns.Responder(lambda name: [] if name == "idle" else None)
+    nx = responder.answer(build_query("nope.service.eda", dns.TYPE_A, 1))
+    empty = responder.answer(build_query("idle.service.eda", dns.TYPE_A, 1))
+    refused = responder.answer(build_query("example.com", dns.TYPE_A, 1))
+    assert nx is not None and _answers(nx)[0] == dns.NXDOMAIN
+    assert empty is not None and _answers(empty) == (dns.NOERROR, 0, 0)
+    assert refused is not None and _answers(refused)[0] == dns.REFUSED
+    assert responder.answer(b"\x00\x01") is None
+    bad = responder.answer(b"\x12\x34\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c")
+    assert bad is not None and bad[:2] == b"\x12\x34" and _answers(bad)[0] == dns.FORMERR
+
+
+# -- rise / fall ------------------------------------------------------------------
+def test_debounce_needs_rise_and_fall_results_in_a_row() -> None:
+    deb = Debounce(rise=2, fall=3)
+    assert deb.feed("passing") and deb.status == "passing"
+    for result in ["critical", "passing"] * 5:  # flapping never reaches fall=3
+        assert not deb.feed(result)
+    assert not deb.feed("critical") and not deb.feed("critical")
+    assert deb.feed("critical") and deb.status == "critical"
+    assert not deb.feed("passing")
+    assert deb.feed("passing") and deb.status == "passing"
