@@ -83,11 +83,17 @@ def _load_cache() -> dict[str, list[str]]:
         return {}
 
 
-def _store_cache(service_type: str, names: list[str]) -> None:
+def cached(key: str) -> list[str]:
+    """What :func:`remember` stored under *key* (peer names, endpoints), or []."""
+    return _load_cache().get(key, [])
+
+
+def remember(key: str, values: list[str]) -> None:
+    """Store *values* under *key* in the discovery cache (best effort, atomic)."""
     cache = _load_cache()
-    if cache.get(service_type) == names:
+    if cache.get(key) == values:
         return
-    cache[service_type] = names
+    cache[key] = values
     path = cache_file()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +106,10 @@ def find_once(
     service_type: str, *, interface: str | None = None, timeout: float = 0.15
 ) -> list[Peer]:
     """Peers of *service_type* answering a one-shot query right now."""
-    expected = set(_load_cache().get(service_type, []))
+    expected = set(cached(service_type))
     found = mdns.one_shot_query(service_type, interface=interface, timeout=timeout, expect=expected)
     peers = [p for p in map(_peer_from_instance, found) if p is not None]
-    _store_cache(service_type, sorted(p.name for p in peers))
+    remember(service_type, sorted(p.name for p in peers))
     return peers
 
 

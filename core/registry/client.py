@@ -11,17 +11,14 @@ answer in time the client moves on to the next registry by itself.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
 
+from ..discovery import cached, remember
 from ..errors import EdaError, UsageError
 from . import protocol
 from .protocol import decode, encode, raise_for
@@ -35,27 +32,7 @@ class RegistryUnavailable(EdaError):
     """Registries are known but none of them answered in time."""
 
 
-def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "eda" / "registry.json"
-
-
-def _load_cache() -> list[str]:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        found = json.loads(cache_file().read_text()).get("endpoints", [])
-        return [e for e in found if isinstance(e, str)]
-    return []
-
-
-def _store_cache(endpoints: list[str]) -> None:
-    if _load_cache() == endpoints:
-        return
-    path = cache_file()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"endpoints": endpoints}))
-        tmp.replace(path)
+CACHE_KEY = "registry-endpoints"  # in the shared discovery cache
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -119,7 +96,7 @@ class Client:
         yield from (e for e in self.learned if e not in tried)
         if self.explicit:
             return
-        for endpoint in _load_cache():
+        for endpoint in cached(CACHE_KEY):
             if endpoint not in tried and _tcp_reachable(endpoint):
                 yield endpoint
         if self.use_mdns:
@@ -168,7 +145,8 @@ class Client:
             reply = self._roundtrip(msg, self.timeout if timeout is None else timeout)
             if reply is not None:
                 if not self.explicit:
-                    _store_cache([self.current, *[e for e in self.learned if e != self.current]])
+                    known = [self.current, *[e for e in self.learned if e != self.current]]
+                    remember(CACHE_KEY, known)
                 return raise_for(reply)
             tried.add(self.current)
             self.disconnect()
