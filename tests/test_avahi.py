@@ -118,3 +118,28 @@ def test_eda_pub_finds_a_subscriber_that_avahi_announces(procs, avahi):
     assert "ready after" not in result.stderr  # its beacon arrived: no waiting out --wait
     assert sub.wait() == 0
     assert json.loads(sub.lines()[0])["data"] == "announced by avahi"
+
+
+def test_avahi_sees_a_serverless_instance_and_eda_browse_sees_avahis(procs, avahi):
+    reg = procs.eda(
+        "eda-registry", "register", "-v", "--serverless", "--interface", ADDRESS,
+        "orders", "--port", "8080", "--meta", "version=2",
+    )
+    reg.wait_stderr("registered orders", 15)
+
+    def avahi_sees() -> str | None:
+        out = subprocess.run(
+            ["avahi-browse", "-r", "-t", "-p", "_eda-svc._tcp"],
+            capture_output=True, text=True, timeout=20, env={**avahi, "PATH": "/usr/bin:/bin"},
+        ).stdout
+        return next((x for x in out.splitlines() if x.startswith("=") and '"svc=orders"' in x), None)
+
+    line = wait_until(avahi_sees, 20, "avahi-browse to resolve the serverless instance")
+    assert line.split(";")[8] == "8080" and '"version=2"' in line
+
+    web = procs.start(["avahi-publish", "-s", "avahi web", "_http._tcp", "8081", "path=/"], env=avahi)
+    wait_until(lambda: "Established" in web.stdout + web.stderr, 15, "avahi-publish")
+    result = run("eda-registry", "browse", "_http._tcp", "--interface", ADDRESS, "-C", "1", "--json", timeout=30)
+    assert result.returncode == 0, result.stderr
+    item = json.loads(result.stdout.splitlines()[0])
+    assert item["name"] == "avahi web" and item["port"] == 8081 and ADDRESS in item["addresses"]
