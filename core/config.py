@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
@@ -30,31 +29,34 @@ class Setting(NamedTuple):
     """One configured value and where it was written."""
 
     value: Any
-    path: Path
+    path: str
     key: str  # dotted, as written: "hwm" or "sub.hwm"
 
     def where(self) -> str:
         return f"{self.path}:{key_line(self.path, self.key)}: key '{self.key}'"
 
 
-def default_paths(explicit: str | os.PathLike[str] | None) -> list[Path]:
-    """Config files that exist, lowest precedence first."""
+def default_paths(explicit: str | None) -> list[str]:
+    """Config files that exist, lowest precedence first.
+
+    Plain strings, not pathlib: this runs on every start, ``--help`` included.
+    """
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    paths = [Path(xdg) / "eda" / "config.toml", Path("eda.toml")]
-    found = [p for p in paths if p.is_file()]
+    paths = [os.path.join(xdg, "eda", "config.toml"), "eda.toml"]
+    found = [p for p in paths if os.path.isfile(p)]
     if explicit is not None:
-        path = Path(explicit)
-        if not path.is_file():
+        path = explicit
+        if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
         found.append(path)
     return found
 
 
-def read(path: Path) -> dict[str, Any]:
+def read(path: str) -> dict[str, Any]:
     import tomllib
 
     try:
-        with path.open("rb") as fh:
+        with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -62,7 +64,7 @@ def read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc.strerror}") from None
 
 
-def settings_for(program: str, paths: list[Path]) -> dict[str, Setting]:
+def settings_for(program: str, paths: list[str]) -> dict[str, Setting]:
     """Merge *paths* (lowest first) into the settings that apply to *program*.
 
     Keys are normalised to option names with underscores.  Tables for other
@@ -83,11 +85,12 @@ def settings_for(program: str, paths: list[Path]) -> dict[str, Setting]:
     return merged
 
 
-def key_line(path: Path, dotted: str) -> int:
+def key_line(path: str, dotted: str) -> int:
     """Line number where *dotted* key is set in *path* (1 when unknown)."""
     section, _, key = dotted.rpartition(".")
     try:
-        lines = path.read_text().splitlines()
+        with open(path) as fh:
+            lines = fh.read().splitlines()
     except OSError:
         return 1
     current = ""
