@@ -170,6 +170,7 @@ def command(
 
     iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
+    pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
     rejected = 0
     try:
         for endpoint in binds:

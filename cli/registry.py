@@ -435,6 +435,11 @@ class _Keeper:
             sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
             if self.child.poll() is None:
                 self.child.send_signal(sig)
+        except BaseException:  # registration failed: the child must not outlive us unregistered
+            if self.child is not None and self.child.poll() is None:
+                self.child.terminate()
+                self._reap_child()
+            raise
         finally:
             if monitor is not None:
                 monitor.stop()

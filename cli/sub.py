@@ -169,14 +169,19 @@ def _loop(
         batches = sub.receive()
         if batches:
             last_event = time.monotonic()
-            if remaining is not None:
-                batches, remaining = codec.take(batches, remaining)
             out = []
             for batch in batches:
+                if remaining is not None:
+                    if remaining == 0:
+                        break
+                    batch = codec.take([batch], remaining)[0][0]
                 try:
                     out.append(render(batch))
-                except ValueError:  # a body that does not hold what its header says
+                except (ValueError, RecursionError):  # a body unlike what its header says
                     sub.malformed += 1
+                    continue
+                if remaining is not None:
+                    remaining -= batch.size
             write_stdout(b"".join(out))
         if sub.malformed != malformed:
             ctx.warn(f"ignored {sub.malformed - malformed} malformed message(s)")

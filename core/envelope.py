@@ -39,8 +39,7 @@ def batch_to_json_lines(batch: codec.Batch) -> str:
     seq = batch.seq
     if batch.kind == codec.ENVELOPE:
         out = []
-        for i, line in enumerate(codec.split_body(batch)):
-            event = json.loads(line)
+        for i, event in enumerate(_wire_envelopes(batch)):
             event["sequence"] = seq + i
             out.append(_dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
         return "".join(out)
@@ -85,12 +84,22 @@ def batch_to_json_lines(batch: codec.Batch) -> str:
     )
 
 
+def _wire_envelopes(batch: codec.Batch) -> list[dict[str, Any]]:
+    """The envelopes of an ENVELOPE batch; WireError if any is not a JSON object."""
+    try:
+        events = [json.loads(line) for line in codec.split_body(batch)]
+    except (ValueError, RecursionError) as exc:
+        raise codec.WireError(f"bad envelope on the wire: {exc}") from None
+    if not all(isinstance(e, dict) for e in events):
+        raise codec.WireError("an envelope on the wire is not a JSON object")
+    return events
+
+
 def batch_to_events(batch: codec.Batch) -> Iterator[dict[str, Any]]:
     """The events of a batch as dictionaries (for templates and terminal views)."""
     payloads = codec.split_body(batch)
     if batch.kind == codec.ENVELOPE:
-        for i, line in enumerate(payloads):
-            event = json.loads(line)
+        for i, event in enumerate(_wire_envelopes(batch)):
             event["sequence"] = batch.seq + i
             yield event
         return
@@ -130,7 +139,7 @@ def parse_envelope(
     """
     try:
         event = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"invalid JSON envelope: {exc}", lineno) from None
     if not isinstance(event, dict):
         raise InputError("an envelope must be a JSON object", lineno)

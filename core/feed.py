@@ -30,7 +30,7 @@ def compact_json(raw: bytes, lineno: int | None = None) -> bytes:
     """*raw* as compact JSON text, or InputError."""
     try:
         value = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise InputError(f"invalid JSON: {exc}", lineno) from None
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -147,6 +147,8 @@ class Publisher(_Node):
         self._seq: dict[str, int] = {}
         self._envelope_ids = 0
         self.subscribers = self.linked  # ids whose beacon arrived
+        # called with a subscriber's id once its subscriptions have arrived
+        self.on_subscriber: Callable[[str], None] | None = None
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.pubid.encode())
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -172,7 +174,11 @@ class Publisher(_Node):
             except zmq.Again:
                 break
             if msg[:1] == b"\x01" and msg[1:3] == codec.BEACON_PREFIX:
-                self.subscribers.add(msg[3:].decode(errors="replace"))
+                subid = msg[3:].decode(errors="replace")
+                if subid not in self.subscribers:
+                    self.subscribers.add(subid)
+                    if self.on_subscriber is not None:
+                        self.on_subscriber(subid)
         self.connect_discovered()
 
     def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:

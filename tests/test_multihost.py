@@ -26,6 +26,8 @@ def test_subscriber_on_another_host_finds_a_running_feed(network, tmp_path):
         pub.wait_stderr("announced", 15)
         sub = b.eda("eda-sub", "-v", "feed.>", "-C", "1")
         sub.wait_stderr(r"connected to publisher \w+ at tcp://10\.231\.", 15)
+        subid = sub.wait_stderr(r"as (\w+)").group(1)
+        pub.wait_stderr(f"subscriber {subid} ready", 15)
         os.write(writer, b"across hosts\n")
         assert sub.wait() == 0
         assert json.loads(sub.lines()[0])["data"] == "across hosts"

@@ -166,7 +166,9 @@ def test_subscriber_started_later_finds_a_streaming_publisher(procs, tmp_path):
         pub = procs.start(command("eda-pub", "-v", "live.feed"), stdin=os.open(fifo, os.O_RDONLY))
         pub.wait_stderr("announced", 15)
         sub = procs.eda("eda-sub", "-v", "live.>", "-C", "1")
-        wait_until(lambda: "connected to publisher" in sub.stderr, 15, "subscriber to connect")
+        subid = sub.wait_stderr(r"as (\w+)", 15).group(1)
+        # the publisher has this subscriber's subscriptions: what it sends now arrives
+        pub.wait_stderr(f"subscriber {subid} ready", 15)
         os.write(feeder, b"late hello\n")
         assert sub.wait() == 0
         assert events(sub)[0]["data"] == "late hello"
@@ -354,3 +356,33 @@ def test_bad_format_templates_are_one_line_usage_errors(procs):
     assert run("eda-pub", "t", "x").returncode == 0
     assert sub.wait() == 2
     assert "eda-sub: error: --format '{sequence[0]}'" in sub.stderr and "Traceback" not in sub.stderr
+
+
+def test_absurdly_nested_json_is_one_rejected_line(procs):
+    sub = procs.sub_ready("t", "-C", "2", "--raw")
+    nested = "[" * 100_000 + "]" * 100_000
+    result = run("eda-pub", "t", "--json", input=f"1\n{nested}\n2\n")
+    assert result.returncode == 1 and "line 2: invalid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sub.wait() == 0 and sub.lines() == ["1", "2"]
+
+
+def test_crafted_envelope_batches_do_not_kill_a_subscriber(procs):
+    sub = procs.eda("eda-sub", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t", "-C", "1", "--raw")
+    bound = sub.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    rogue = zmq.Context.instance().socket(zmq.PUB)
+    rogue.connect(bound)
+    origin = codec.encode_origin("r", "rogue")
+    try:
+        def rejected() -> bool:
+            for seq, body in ((1, b"[1]"), (2, b"[" * 50_000)):
+                header = codec.encode_header(codec.ENVELOPE, 1, seq, 0.0, origin)
+                rogue.send_multipart([b"t", header, body])
+            return "malformed" in sub.stderr
+        wait_until(rejected, 15, "malformed report")
+        good = codec.encode_header(codec.ENVELOPE, 1, 3, 0.0, origin)
+        rogue.send_multipart([b"t", good, b'{"type":"t","data":"fine"}'])
+        assert sub.wait() == 0
+    finally:
+        rogue.close(0)
+    assert sub.lines() == ["fine"] and "Traceback" not in sub.stderr

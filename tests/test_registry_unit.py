@@ -14,6 +14,7 @@ from eda.core.mdns import build_query
 from eda.core.registry import dns, model
 from eda.core.registry.health import Debounce
 from eda.core.registry.persist import Journal
+from eda.core.registry.protocol import ProtocolError, decode_request
 from eda.core.registry.store import Store
 
 
@@ -54,6 +55,8 @@ def rec(service: str = "orders", port: int = 8080, **kw: object) -> model.Instan
         ({"status": "dead"}, "bad status"),
         ({"weight": -1}, "bad weight"),
         ({"id": "has space"}, "bad instance id"),
+        ({"heartbeat": float("nan")}, "bad timestamps"),  # would print NaN: not JSON
+        ({"registered": 10**400}, "bad timestamps"),  # OverflowError once killed the daemon
     ],
 )
 def test_invalid_records_are_refused_with_a_reason(change: dict[str, object], message: str) -> None:
@@ -149,6 +152,41 @@ def test_merge_peer_adds_updates_and_removes_what_the_peer_no_longer_holds() -> 
     assert sorted(e["type"] for e in events) == ["deregistered", "health"]
 
 
+def test_restarted_replica_serves_a_peers_records_once_the_peer_confirms_them() -> None:
+    clock = Clock()
+    a, b = Store("a", clock), Store("b", clock)
+    a.heartbeat(rec(), register=True)
+    b.merge_peer("a", a.instances())
+    saved = b.instances(with_stale=True)
+    clock.now += 60  # b was down a while; a kept the instance alive (no change to replicate)
+    a.heartbeat(rec())
+    again = Store("b", clock)
+    again.restore(saved, seq=0)
+    assert again.lookup("orders") == []  # not served on an old copy...
+    again.peer_alive("a")
+    again.merge_peer("a", a.instances())
+    assert [i.id for i in again.lookup("orders")] == [rec().id]  # ...but once its owner lists it
+
+
+def test_partition_heal_relearns_what_the_owner_still_holds() -> None:
+    clock = Clock()
+    a, b = Store("a", clock), Store("b", clock)
+    b.peer_alive("a")
+    b.apply_remote(a.heartbeat(rec(), register=True)[0])
+    b.peer_lost("a")  # cut off: b gives a's instance one TTL, then expires its copy
+    clock.now += 3.1
+    a.heartbeat(rec())
+    assert [e["type"] for e in b.expire()] == ["expired"]
+    b.peer_alive("a")
+    assert [e["type"] for e in b.merge_peer("a", a.instances())] == ["registered"]
+    assert [i.id for i in b.lookup("orders")] == [rec().id]
+
+
+def test_deeply_nested_json_is_a_protocol_error_not_a_crash() -> None:
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        decode_request(b"[" * 60000)
+
+
 def test_restore_serves_records_inside_ttl_and_holds_back_the_others() -> None:
     clock = Clock()
     fresh = rec(port=1, heartbeat=clock.now - 1, registry="r1")
@@ -227,3 +265,12 @@ def test_debounce_needs_rise_and_fall_results_in_a_row() -> None:
     assert deb.feed("critical") and deb.status == "critical"
     assert not deb.feed("passing")
     assert deb.feed("passing") and deb.status == "passing"
+
+
+def test_debounce_counts_warning_and_critical_as_one_failing_run() -> None:
+    deb = Debounce(rise=2, fall=3)
+    assert deb.feed("passing")
+    assert not deb.feed("warning") and not deb.feed("critical")
+    assert deb.feed("warning") and deb.status == "warning"  # three failing in a row
+    assert not deb.feed("critical") and not deb.feed("critical")
+    assert deb.feed("critical") and deb.status == "critical"

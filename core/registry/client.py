@@ -113,7 +113,11 @@ class Client:
             self._zctx = zmq.Context()
         sock: zmq.Socket[bytes] = self._zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()  # an open socket would make close() wait forever in term()
+            raise UsageError(f"bad registry endpoint {endpoint!r}: {exc}") from None
         self._sock, self.current = sock, endpoint
         self.registry_id = ""  # learned again by hello()
 

@@ -54,22 +54,29 @@ class Debounce:
     def __init__(self, rise: int, fall: int) -> None:
         self.rise, self.fall = rise, fall
         self.status: str | None = None
-        self._candidate: str | None = None
+        self._run_failing: bool | None = None  # which way the current run pushes
         self._count = 0
 
     def feed(self, result: str) -> bool:
-        """Take one result; True when the reported status changed."""
+        """Take one result; True when the reported status changed.
+
+        A run is a series of results that push the status the same way:
+        passing ones, or failing ones (warning and critical alike), so a check
+        alternating between warning and critical still falls after ``fall``
+        results and then reports the latest of them.
+        """
         if self.status is None:
             self.status = result  # the first result counts at once
             return True
         if result == self.status:
-            self._candidate, self._count = None, 0
+            self._run_failing, self._count = None, 0
             return False
-        if result != self._candidate:
-            self._candidate, self._count = result, 0
+        failing = result != PASSING
+        if self._run_failing is not failing:
+            self._run_failing, self._count = failing, 0
         self._count += 1
-        if self._count >= (self.rise if result == PASSING else self.fall):
-            self.status, self._candidate, self._count = result, None, 0
+        if self._count >= (self.fall if failing else self.rise):
+            self.status, self._run_failing, self._count = result, None, 0
             return True
         return False
 

@@ -9,6 +9,7 @@ strings in serverless mode, so metadata obeys the RFC 6763 size advice: each
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -130,6 +131,19 @@ def _number(value: object, what: str, low: float, high: float) -> float:
     return float(value)
 
 
+def _timestamp(value: object) -> float:
+    """Unix seconds; a huge int, NaN or infinity would break JSON output and arithmetic."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRecord("bad timestamps")
+    try:
+        ts = float(value)
+    except OverflowError:
+        raise InvalidRecord("bad timestamps") from None
+    if not math.isfinite(ts):
+        raise InvalidRecord("bad timestamps")
+    return ts
+
+
 def default_id(service: str, host: str, port: int) -> str:
     """A stable instance id: the same service at the same address keeps its id."""
     return re.sub(r"[^A-Za-z0-9-]", "-", f"{service}-{host}-{port}")[:63]
@@ -157,9 +171,7 @@ def from_dict(data: object) -> Instance:
     interval = _number(data.get("interval", 2.0), "interval", 0, MAX_TTL)
     if interval >= ttl:
         raise InvalidRecord(f"heartbeat interval {interval:g}s must be shorter than ttl {ttl:g}s")
-    times = [data.get(k, 0.0) for k in ("registered", "heartbeat")]
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
-        raise InvalidRecord("bad timestamps")
+    times = [_timestamp(data.get(k, 0.0)) for k in ("registered", "heartbeat")]
     rev = data.get("rev", 0)
     registry = data.get("registry", "")
     if isinstance(rev, bool) or not isinstance(rev, int) or not isinstance(registry, str):
@@ -174,8 +186,8 @@ def from_dict(data: object) -> Instance:
         status=status,
         ttl=ttl,
         interval=interval,
-        registered=float(times[0]),
-        heartbeat=float(times[1]),
+        registered=times[0],
+        heartbeat=times[1],
         registry=registry,
         rev=rev,
     )

@@ -53,6 +53,8 @@ def decode(frame: bytes) -> dict[str, Any]:
         msg = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("malformed request: not JSON") from None
+    except RecursionError:  # e.g. 64 KiB of '[': the decoder recurses per level
+        raise ProtocolError("malformed request: JSON nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("malformed request: not a JSON object")
     return msg

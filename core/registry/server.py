@@ -187,7 +187,10 @@ class Server:
     def _publish(self, events: list[Event]) -> None:
         for event in events:
             if self.journal is not None:
-                self.journal.append(event)
+                try:
+                    self.journal.append(event)
+                except OSError as exc:  # disk full: keep serving; the snapshot retries
+                    self.log(f"warning: cannot append to the change log: {exc.strerror}")
             self.xpub.send_multipart([protocol.event_topic(event["service"]), encode(event)])
             inst = event["instance"]
             self.log(f"{event['type']} {inst['service']}/{inst['id']}: {event['reason']}")
@@ -228,6 +231,9 @@ class Server:
             if not isinstance(exc, EdaError):
                 exc = ProtocolError(f"malformed request: {exc}")
             return error_reply(rid, exc)
+        except Exception as exc:  # a daemon survives any request; say what broke
+            self.log(f"warning: request failed: {type(exc).__name__}: {exc}")
+            return error_reply(rid, EdaError(f"request failed: {type(exc).__name__}"))
         reply["rid"] = rid
         reply["ok"] = True
         return dict(reply)
@@ -349,8 +355,8 @@ class Server:
                 elif "instances" in reply and reply.get("registry") == link.id:
                     records = [from_dict(d) for d in reply["instances"]]
                     self._publish(self.store.merge_peer(link.id, records))
-            except (EdaError, ValueError, TypeError, KeyError) as exc:
-                self.log(f"warning: bad reply from peer {link.endpoint}: {exc}")
+            except (EdaError, ValueError, TypeError, KeyError, ArithmeticError, zmq.ZMQError) as e:
+                self.log(f"warning: bad reply from peer {link.endpoint}: {e}")
 
     def _on_hello(self, link: PeerLink, reply: dict[str, Any]) -> None:
         peer_id = str(reply.get("registry", ""))
@@ -382,7 +388,7 @@ class Server:
                     self._on_peer_tick(str(msg.get("registry", "")))
                 elif msg.get("registry") != self.id:
                     self._publish(self.store.apply_remote(msg))
-            except (EdaError, ValueError, TypeError, KeyError) as exc:
+            except (EdaError, ValueError, TypeError, KeyError, ArithmeticError) as exc:
                 self.log(f"warning: bad change from a peer: {exc}")
 
     def _on_peer_tick(self, peer_id: str) -> None:

@@ -206,7 +206,9 @@ class Store:
             seen.add(inst.id)
             entry = self.entries.get(inst.id)
             if entry is None:
-                if inst.rev > self._tomb_rev(inst.id):
+                # the owner holds it now: that beats a tombstone we made by expiring our
+                # copy while the owner was silent (a partition), else we never re-learn it
+                if inst.rev > self._tomb_rev(inst.id) or inst.registry == peer:
                     self._put(inst, self._replica_deadline(inst))
                     events.append(
                         self._event(REGISTERED, inst, f"replicated from registry {peer}", peer)
@@ -214,8 +216,8 @@ class Store:
                 continue
             old = entry.inst
             if inst.rev <= old.rev:
-                if old.registry == peer:
-                    entry.deadline = self._replica_deadline(old)
+                if old.registry == peer:  # its owner confirms it: serve it again after a restart
+                    entry.deadline, entry.stale = self._replica_deadline(old), False
                 continue
             if not old.same_registration(inst):
                 kind = UPDATED

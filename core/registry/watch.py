@@ -72,8 +72,12 @@ class Watcher:
         sub.setsockopt(zmq.LINGER, 0)
         sub.subscribe(protocol.TICK)
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
-        sub.connect(self.client.pub_endpoint(hello))
-        self.sub = sub
+        self.sub = sub  # closed by _close_sub whatever happens next (term() waits for it)
+        try:
+            sub.connect(self.client.pub_endpoint(hello))
+        except zmq.ZMQError as exc:
+            self._close_sub()
+            raise protocol.RemoteError(f"bad change stream endpoint: {exc}") from None
         if not sub.poll(int(self.silence * 1000)):
             self._close_sub()
             raise protocol.RemoteError("the registry's change stream did not answer")
