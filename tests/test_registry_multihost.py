@@ -75,6 +75,10 @@ def test_two_registries_replicate_and_clients_fail_over(network: Network) -> Non
     )
     watcher = c.eda("eda-registry", "watch", "-v", "orders", "--registry", ep_b)
     watcher.wait_stderr("watching registry")
+    follower = c.eda("eda-registry", "watch", "-v", "orders", "--registry", ep_a)
+    follower.wait_stderr(f"watching registry {id_a}")
+    # a plain lookup finds a registry by mDNS and remembers it and its peers
+    assert found(c.run("eda-registry", "lookup", "orders")) == [(c.address, 8080)]
     a.kill()  # the registry the instance talks to dies
     reg.wait_stderr(f"heartbeats now go to registry {id_b}", 10)
     # well past the TTL and the peer timeout: b still serves it, now owning it
@@ -83,10 +87,17 @@ def test_two_registries_replicate_and_clients_fail_over(network: Network) -> Non
         result = c.run("eda-registry", "lookup", "orders", "--registry", ep_b)
         assert found(result) == [(c.address, 8080)]
     assert json.loads(result.stdout)["registry"] == id_b
+    # clients that knew only a fail over by themselves
+    plain = c.run("eda-registry", "lookup", "orders")
+    assert found(plain) == [(c.address, 8080)], plain.stderr
+    follower.wait_stderr("went silent; reconnecting", 15)
     reg.signal(15)
     assert reg.wait() == 0
     watcher.wait_lines(1)
     assert [json.loads(line)["type"] for line in watcher.lines()] == ["deregistered"]
+    follower.wait_lines(1)  # it reached b by itself: b's change arrives
+    assert [json.loads(line)["type"] for line in follower.lines()] == ["deregistered"]
+    assert json.loads(follower.lines()[0])["registry"] == id_b
 
 
 def test_serverless_register_lookup_watch_and_kill_9(network: Network, procs: Procs) -> None:
