@@ -23,7 +23,9 @@ from eda.cli.common import (
     write_stdout,
 )
 from eda.core import __version__
-from eda.core.errors import NotFoundError, UsageError
+from eda.core.errors import EdaError, NotFoundError, UsageError
+
+PROBE_EVERY = 2.0  # seconds between looks for a registry while in serverless fallback
 
 if TYPE_CHECKING:
     import subprocess
@@ -320,7 +322,23 @@ def register(
         record["id"] = model.default_id(model.validate_name(name), str(record["host"]), port)
     inst = model.from_dict(record)
     keeper = _Keeper(ctx, inst, client, iface)
+    if client is None and not serverless:
+        # fell back to mDNS only: move to a registry as soon as one appears
+        keeper.find_registry = lambda: _answering_registry(iface, interval)
     keeper.run(cmd, check, check_interval, check_timeout, rise, fall)
+
+
+def _answering_registry(iface: str | None, interval: float) -> Client | None:
+    """A client of a registry that answers now, else None (quietly)."""
+    from eda.core.registry.client import NoRegistry
+
+    client = _client((), iface, False, timeout=min(1.0, max(0.3, interval)))
+    try:
+        client.hello()
+    except (NoRegistry, EdaError):
+        client.close()
+        return None
+    return client
 
 
 def _iface(interface: str | None) -> str | None:
@@ -379,6 +397,8 @@ class _Keeper:
         self.wake = threading.Event()
         self.status = inst.status
         self.child: subprocess.Popen[bytes] | None = None
+        # set when registered by mDNS only for want of a registry: finds one later
+        self.find_registry: Callable[[], Client | None] | None = None
 
     def _on_change(self, status: str) -> None:
         self.ctx.debug(f"health of {self.inst.id}: {status}")
@@ -425,10 +445,9 @@ class _Keeper:
                 )
                 self.status = self.inst.status = monitor.first()
                 monitor.start()
-            if self.client is None:
-                self._serverless()
-            else:
-                self._registered(self.client)
+            client = self.client or self._serverless()
+            if client is not None:
+                self._registered(client)
         except (KeyboardInterrupt, Terminated) as exc:
             if self.child is None:
                 raise
@@ -458,10 +477,13 @@ class _Keeper:
             code = self.child.wait()
         return 128 - code if code < 0 else code
 
-    def _loop(self, beat: Callable[[], object]) -> None:
-        """Call *beat* every interval and at once on a health change, until the child exits."""
+    def _loop(self, beat: Callable[[], object], stop: Callable[[], bool] = bool) -> None:
+        """Call *beat* every interval and at once on a health change.
+
+        Returns when the child exits, or when *stop* () says so.
+        """
         next_beat = time.monotonic() + self.inst.interval
-        while self.child is None or self.child.poll() is None:
+        while (self.child is None or self.child.poll() is None) and not stop():
             wait = next_beat - time.monotonic()
             if self.child is not None:
                 wait = min(wait, 0.05)
@@ -487,10 +509,13 @@ class _Keeper:
             self.ctx.debug(f"deregistered {self.inst.id}")
             client.close()
 
-    def _serverless(self) -> None:
+    def _serverless(self) -> Client | None:
+        """Announce by mDNS until the end, or until a registry appears (returned)."""
         from eda.core.registry.serverless import Announcer
 
         announcer = Announcer(self.inst, self.iface)
+        found: list[Client] = []
+        next_probe = time.monotonic() + PROBE_EVERY
         try:
             announcer.start()
             self.ctx.debug(
@@ -499,13 +524,23 @@ class _Keeper:
             )
 
             def beat() -> None:
+                nonlocal next_probe
                 if announcer.inst.status != self.status:
                     announcer.update(self.status)
+                if self.find_registry is not None and time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + PROBE_EVERY
+                    client = self.find_registry()
+                    if client is not None:
+                        found.append(client)
 
-            self._loop(beat)
+            self._loop(beat, stop=lambda: bool(found))
         finally:
             announcer.close()
-            self.ctx.debug(f"deregistered {self.inst.id}")
+            if found:
+                self.ctx.debug(f"a registry appeared: moving {self.inst.id} to it")
+            else:
+                self.ctx.debug(f"deregistered {self.inst.id}")
+        return found[0] if found else None
 
 
 # -- lookup / list -----------------------------------------------------------------------

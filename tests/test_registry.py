@@ -481,3 +481,19 @@ def test_dns_interface_answers_dig_with_healthy_instances_rotated(procs: Procs) 
         timeout=10,
     )
     assert "status: NXDOMAIN" in full.stdout
+
+
+def test_serverless_fallback_moves_to_a_registry_that_appears(procs: Procs) -> None:
+    early = procs.eda("eda-registry", "register", "-v", "orders", "--port", "8080", *FAST)
+    early.wait_stderr("no registry found: serverless mode")
+    early.wait_stderr(r"registered orders/\S+ at .* by mDNS", 15)
+    reg = procs.eda("eda-registry", "serve", "-v", "--bind", "tcp://127.0.0.1:*", "--tick", "0.1")
+    reg_id = reg.wait_stderr(r"registry (\w+) listening on").group(1)
+    reg.wait_stderr("announced registry", 15)
+    early.wait_stderr(f"registered orders/\\S+ at .* with registry {reg_id}", 15)
+    assert "moving" in early.stderr
+    endpoint = reg.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    assert ports(lookup(endpoint, "orders")) == [8080]
+    early.signal(signal.SIGTERM)
+    assert early.wait() == 0
+    wait_until(lambda: lookup(endpoint, "orders").returncode == 3, 5, "clean deregistration")
