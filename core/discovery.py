@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
-import os
 import socket
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import codec, mdns
+from .cache import cached, remember
 from .errors import UsageError
 
 SUB_TYPE = "_eda-sub._tcp.local."
@@ -68,38 +66,6 @@ def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
         return None
     patterns = tuple(inst.txt.get("p", "").split())
     return Peer(peer_id, f"tcp://{address}:{inst.port}", patterns, inst.name)
-
-
-def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "eda" / "discovery.json"
-
-
-def _load_cache() -> dict[str, list[str]]:
-    try:
-        data = json.loads(cache_file().read_text())
-        return {k: [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def cached(key: str) -> list[str]:
-    """What :func:`remember` stored under *key* (peer names, endpoints), or []."""
-    return _load_cache().get(key, [])
-
-
-def remember(key: str, values: list[str]) -> None:
-    """Store *values* under *key* in the discovery cache (best effort, atomic)."""
-    cache = _load_cache()
-    if cache.get(key) == values:
-        return
-    cache[key] = values
-    path = cache_file()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(path)
 
 
 def find_once(

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from ..discovery import cached, remember
+from ..cache import cached, remember
 from ..errors import EdaError, UsageError
 from . import protocol
 from .protocol import decode, encode, raise_for
