@@ -274,3 +274,16 @@ def test_debounce_counts_warning_and_critical_as_one_failing_run() -> None:
     assert deb.feed("warning") and deb.status == "warning"  # three failing in a row
     assert not deb.feed("critical") and not deb.feed("critical")
     assert deb.feed("critical") and deb.status == "critical"
+
+
+@pytest.mark.parametrize("bad", [b"[1, 2]", b'"text"', b'{"seq": "x"}', b'{"instances": 5}', b"\xff\xfe"])
+def test_journal_survives_a_mangled_snapshot(tmp_path: Path, bad: bytes) -> None:
+    store = Store("r1", Clock())
+    journal = Journal(tmp_path)
+    for ev in store.heartbeat(rec(port=1), register=True):
+        journal.append(ev)
+    (tmp_path / "snapshot.json").write_bytes(bad)
+    again = Journal(tmp_path)
+    records, _seq = again.load()
+    assert [r.port for r in records] == [1]  # the log still has every change
+    assert again.skipped == 1

@@ -56,11 +56,15 @@ class Journal:
         """Records as of the last change written, and the last event sequence number."""
         records: dict[str, Record] = {}
         seq = 0
-        with contextlib.suppress(OSError, ValueError):
+        try:
             snap = json.loads((self.dir / SNAPSHOT).read_text())
             seq = int(snap.get("seq", 0))
             for data in snap.get("instances", []):
                 self._keep(records, data)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.skipped += 1  # an unreadable snapshot: the log still has every change
         with contextlib.suppress(OSError):
             for line in (self.dir / LOG).read_bytes().splitlines():
                 try:
