@@ -287,3 +287,31 @@ def test_journal_survives_a_mangled_snapshot(tmp_path: Path, bad: bytes) -> None
     records, _seq = again.load()
     assert [r.port for r in records] == [1]  # the log still has every change
     assert again.skipped == 1
+
+
+def _with_edns(query: bytes, size: int) -> bytes:
+    header = bytearray(query[:12])
+    header[10:12] = (1).to_bytes(2, "big")  # one additional record: OPT
+    return bytes(header) + query[12:] + b"\x00" + struct.pack("!HHIH", dns.TYPE_OPT, size, 0, 0)
+
+
+def test_dns_replies_fit_the_clients_udp_size() -> None:
+    many = [rec(port=1000 + i, host=f"10.0.{i // 200}.{i % 200 + 1}") for i in range(40)]
+    responder = dns.Responder(lambda name: many if name == "orders" else None)
+    plain = responder.answer(build_query("orders.service.eda", dns.TYPE_SRV, 1))
+    assert plain is not None and len(plain) <= 512
+    flags = struct.unpack_from("!H", plain, 2)[0]
+    assert flags & 0x0200  # TC: cut, and the client is told so
+    assert 0 < _answers(plain)[1] < 40
+    big = responder.answer(_with_edns(build_query("orders.service.eda", dns.TYPE_SRV, 2), 4096))
+    assert big is not None and len(big) <= 4096
+    assert not struct.unpack_from("!H", big, 2)[0] & 0x0200
+    assert _answers(big)[1] == 40
+
+
+def test_dns_refuses_classes_other_than_in() -> None:
+    responder = dns.Responder(lambda name: [rec(port=1)])
+    query = bytearray(build_query("orders.service.eda", dns.TYPE_A, 3))
+    query[-2:] = (3).to_bytes(2, "big")  # class CH
+    reply = responder.answer(bytes(query))
+    assert reply is not None and _answers(reply)[0] == dns.REFUSED

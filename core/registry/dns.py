@@ -10,8 +10,12 @@ can find a service: ``dig @127.0.0.1 -p 8600 orders.service.eda SRV``.
 - ``ID.NAME.service.eda``: the A record of one instance (SRV targets).
 - TTL 0, so health changes take effect at once.
 - Unknown names get NXDOMAIN, known names without a healthy instance an
-  empty answer, names outside ``service.eda`` REFUSED, malformed packets
-  FORMERR (or nothing when even the header is missing).
+  empty answer, names outside ``service.eda`` or classes other than IN
+  REFUSED, malformed packets FORMERR (or nothing when even the header is
+  missing).
+- A reply fits the client's UDP size (512 bytes, or what its EDNS OPT record
+  offers): additional records go first, then answers, with the TC bit set
+  so the client knows it was cut.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from ..mdns import DNSFormatError, _read_name, encode_name
 from .model import Instance
 
 DOMAIN = "service.eda"
-TYPE_A, TYPE_SRV, TYPE_ANY = 1, 33, 255
+TYPE_A, TYPE_SRV, TYPE_OPT, TYPE_ANY = 1, 33, 41, 255
+CLASS_IN, CLASS_ANY = 1, 255
+CLASSIC_UDP_SIZE, MAX_UDP_SIZE = 512, 4096
 NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
 
 
@@ -36,12 +42,14 @@ class Question:
     name: str  # lower case, no trailing dot
     qtype: int
     raw: bytes  # the question section as received, echoed in the reply
+    qclass: int = CLASS_IN
+    udp_size: int = CLASSIC_UDP_SIZE  # the largest reply the client takes over UDP
 
 
 def parse_query(packet: bytes) -> Question:
     if len(packet) < 12:
         raise DNSFormatError("short packet")
-    qid, flags, qd = struct.unpack_from("!HHH", packet)
+    qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", packet)
     if flags & 0x8000:
         raise DNSFormatError("not a query")
     if qd != 1:
@@ -49,8 +57,16 @@ def parse_query(packet: bytes) -> Question:
     name, offset = _read_name(packet, 12)
     if offset + 4 > len(packet):
         raise DNSFormatError("truncated question")
-    qtype, _qclass = struct.unpack_from("!HH", packet, offset)
-    return Question(qid, flags, name.rstrip(".").lower(), qtype, packet[12 : offset + 4])
+    qtype, qclass = struct.unpack_from("!HH", packet, offset)
+    raw = packet[12 : offset + 4]
+    udp_size = CLASSIC_UDP_SIZE
+    if ar and not an and not ns:  # an EDNS OPT record may offer a larger size
+        end = offset + 4
+        if packet[end : end + 1] == b"\x00" and end + 5 <= len(packet):
+            rtype, size = struct.unpack_from("!HH", packet, end + 1)
+            if rtype == TYPE_OPT:
+                udp_size = min(max(size, CLASSIC_UDP_SIZE), MAX_UDP_SIZE)
+    return Question(qid, flags, name.rstrip(".").lower(), qtype, raw, qclass, udp_size)
 
 
 def _rr(name: str, rtype: int, rdata: bytes, ttl: int = 0) -> bytes:
@@ -59,6 +75,17 @@ def _rr(name: str, rtype: int, rdata: bytes, ttl: int = 0) -> bytes:
 
 def _reply(q: Question, rcode: int, answers: list[bytes], extra: list[bytes]) -> bytes:
     flags = 0x8000 | 0x0400 | (q.flags & 0x7900) | rcode  # QR, AA, opcode and RD kept
+    room = q.udp_size - 12 - len(q.raw)
+    if sum(map(len, answers)) + sum(map(len, extra)) > room:
+        extra = []  # additional records are the first to go
+        kept = []
+        for record in answers:
+            if len(record) > room:
+                flags |= 0x0200  # TC: the client may retry over TCP or with EDNS
+                break
+            kept.append(record)
+            room -= len(record)
+        answers = kept
     header = struct.pack("!HHHHHH", q.qid, flags, 1, len(answers), 0, len(extra))
     return header + q.raw + b"".join(answers) + b"".join(extra)
 
@@ -93,6 +120,8 @@ class Responder:
             return format_error(packet)
         if q.flags & 0x7800:
             return _reply(q, NOTIMP, [], [])
+        if q.qclass not in (CLASS_IN, CLASS_ANY):
+            return _reply(q, REFUSED, [], [])
         suffix = "." + DOMAIN
         if not q.name.endswith(suffix):
             return _reply(q, REFUSED, [], [])
