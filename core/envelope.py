@@ -69,6 +69,7 @@ def batch_to_json_lines(batch: codec.Batch) -> str:
             raise codec.WireError(f"batch announces {batch.size} events, holds {len(parts)}")
         escape = batch.kind == codec.TEXT and _NEEDS_ESCAPE.search(text) is not None
     if batch.kind == codec.JSON:
+        parts = _checked_json(parts)
         return "".join(
             [f'{head}{seq + i}{middle}{seq + i},"data":{p}}}\n' for i, p in enumerate(parts)]
         )
@@ -82,6 +83,23 @@ def batch_to_json_lines(batch: codec.Batch) -> str:
             for i, p in enumerate(parts)
         ]
     )
+
+
+def _checked_json(parts: list[str]) -> list[str]:
+    """*parts* if each is one JSON value on one line (one parse per batch), else WireError.
+
+    eda-pub sends compact JSON, but any peer on the LAN can send a batch: a
+    bad payload must not become a broken line in the output.
+    """
+    try:
+        values = json.loads("[" + ",".join(parts) + "]")
+    except (ValueError, RecursionError) as exc:
+        raise codec.WireError(f"bad JSON payload on the wire: {exc}") from None
+    if len(values) != len(parts):
+        raise codec.WireError("a JSON payload on the wire holds several values")
+    if any("\n" in p for p in parts):
+        return [_dumps(v, separators=(",", ":"), ensure_ascii=False) for v in values]
+    return parts
 
 
 def _wire_envelopes(batch: codec.Batch) -> list[dict[str, Any]]:

@@ -133,3 +133,16 @@ def test_body_not_matching_its_count_is_refused():
     header = codec.encode_header(codec.TEXT, 3, 1, 0.0, ORIGIN)
     with pytest.raises(ValueError):
         envelope.batch_to_json_lines(codec.decode([b"t", header, b"a\nb"]))
+
+
+@pytest.mark.parametrize("bad", [[b"{oops"], [b"1,2"], [b"1", b"[1"], [b"[" * 5000]])
+def test_json_payloads_that_are_not_one_json_value_are_refused(bad):
+    batch = codec.decode(frames("t", bad, kind=codec.JSON))
+    with pytest.raises(codec.WireError):
+        envelope.batch_to_json_lines(batch)
+
+
+def test_a_json_payload_spanning_lines_is_compacted_onto_one():
+    batch = codec.decode(frames("t", [b'{\n  "a": 1\n}'], kind=codec.JSON))
+    (line,) = envelope.batch_to_json_lines(batch).split("\n")[:-1]
+    assert json.loads(line)["data"] == {"a": 1}
