@@ -180,7 +180,8 @@ def test_subscriber_started_later_finds_a_streaming_publisher(procs, tmp_path):
 def test_loss_is_reported_and_strict_exits_five(procs, tmp_path):
     sub = procs.sub_ready("flood", "--hwm", "1", "--strict", "--exec", "sleep 0.01")
     data = tmp_path / "flood.txt"
-    data.write_text("".join(f"{i:06d} {'x' * 2000}\n" for i in range(4000)))
+    # 24 MB: more than any socket buffers can hold, so the high-water mark must drop
+    data.write_text("".join(f"{i:06d} {'x' * 2000}\n" for i in range(12000)))
     with data.open("rb") as fh:
         result = subprocess.run(
             command("eda-pub", "--hwm", "1", "--rate", "1000000", "flood"),
