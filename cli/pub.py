@@ -26,13 +26,15 @@ Examples:
 def _parse_header(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> dict[str, str]:
+    from eda.core.envelope import CORE_ATTRIBUTES
+
     headers: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         key = key.strip().lower()
         if not sep or not key.isalnum() or not key.isascii():
             raise click.BadParameter(f"{item!r}: use KEY=VALUE with an alphanumeric KEY")
-        if key in ("specversion", "id", "source", "type", "time", "datacontenttype", "data"):
+        if key in CORE_ATTRIBUTES:
             raise click.BadParameter(f"{key!r} is a CloudEvents core attribute")
         headers[key] = value
     return headers

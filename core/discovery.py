@@ -98,7 +98,6 @@ class Discovery:
         )
         self._infos: list[Any] = []
         self._browsers: list[Any] = []
-        self._lock = threading.Lock()
         self._closed = False
 
     def _addresses(self) -> list[bytes]:

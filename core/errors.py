@@ -23,18 +23,6 @@ class NotFoundError(EdaError):
     exit_code = 3
 
 
-class TimeoutReached(EdaError):
-    """A deadline passed before the requested work finished."""
-
-    exit_code = 4
-
-
-class DataLoss(EdaError):
-    """Events were lost and the caller asked to treat that as fatal."""
-
-    exit_code = 5
-
-
 class InputError(EdaError):
     """One input record was malformed; it is skipped and the rest goes on."""
 
