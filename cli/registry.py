@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -25,13 +24,8 @@ from eda.cli.common import (
 from eda.core import __version__
 from eda.core.errors import EdaError, NotFoundError, UsageError
 
-PROBE_EVERY = 2.0  # seconds between looks for a registry while in serverless fallback
-
 if TYPE_CHECKING:
-    import subprocess
-
     from eda.core.registry.client import Client
-    from eda.core.registry.model import Instance
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -321,11 +315,26 @@ def register(
     if not inst_id:
         record["id"] = model.default_id(model.validate_name(name), str(record["host"]), port)
     inst = model.from_dict(record)
-    keeper = _Keeper(ctx, inst, client, iface)
-    if client is None and not serverless:
+    from eda.core.registry.keeper import Keeper
+
+    keeper = Keeper(
+        inst,
+        client,
+        iface,
+        warn=ctx.warn,
+        debug=ctx.debug,
         # fell back to mDNS only: move to a registry as soon as one appears
-        keeper.find_registry = lambda: _answering_registry(iface, interval)
-    keeper.run(cmd, check, check_interval, check_timeout, rise, fall)
+        find_registry=(
+            None
+            if client is not None or serverless
+            else (lambda: _answering_registry(iface, interval))
+        ),
+    )
+    code = keeper.run(
+        cmd, check, check_interval, check_timeout, rise, fall, (KeyboardInterrupt, Terminated)
+    )
+    if code is not None:
+        raise Exit(code)
 
 
 def _answering_registry(iface: str | None, interval: float) -> Client | None:
@@ -383,164 +392,6 @@ def _default_host(client: Client | None, iface: str | None) -> str:
     if client is not None and client.current:
         return local_address_towards(client.current)
     return local_addresses(None)[0]
-
-
-class _Keeper:
-    """The foreground life of `register`: child process, health checks, heartbeats."""
-
-    def __init__(
-        self, ctx: Context, inst: Instance, client: Client | None, iface: str | None
-    ) -> None:
-        import threading
-
-        self.ctx, self.inst, self.client, self.iface = ctx, inst, client, iface
-        self.wake = threading.Event()
-        self.status = inst.status
-        self.child: subprocess.Popen[bytes] | None = None
-        # set when registered by mDNS only for want of a registry: finds one later
-        self.find_registry: Callable[[], Client | None] | None = None
-
-    def _on_change(self, status: str) -> None:
-        self.ctx.debug(f"health of {self.inst.id}: {status}")
-        self.status = status
-        self.wake.set()
-
-    def run(
-        self,
-        cmd: tuple[str, ...],
-        check: str | None,
-        check_interval: float,
-        check_timeout: float,
-        rise: int,
-        fall: int,
-    ) -> None:
-        import subprocess
-
-        from eda.core.registry.health import Monitor
-
-        monitor = None
-        if cmd:
-            try:
-                self.child = subprocess.Popen(list(cmd))
-            except OSError as exc:
-                raise UsageError(f"cannot run {cmd[0]}: {exc.strerror}") from None
-        try:
-            if check:
-                env = {
-                    "EDA_SERVICE": self.inst.service,
-                    "EDA_HOST": self.inst.host,
-                    "EDA_PORT": str(self.inst.port),
-                    "EDA_INSTANCE": self.inst.id,
-                }
-                monitor = Monitor(
-                    check,
-                    self.inst.host,
-                    self.inst.port,
-                    interval=check_interval,
-                    timeout=check_timeout,
-                    rise=rise,
-                    fall=fall,
-                    env=env,
-                    on_change=self._on_change,
-                )
-                self.status = self.inst.status = monitor.first()
-                monitor.start()
-            client = self.client or self._serverless()
-            if client is not None:
-                self._registered(client)
-        except (KeyboardInterrupt, Terminated) as exc:
-            if self.child is None:
-                raise
-            sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
-            if self.child.poll() is None:
-                self.child.send_signal(sig)
-        except BaseException:  # registration failed: the child must not outlive us unregistered
-            if self.child is not None and self.child.poll() is None:
-                self.child.terminate()
-                self._reap_child()
-            raise
-        finally:
-            if monitor is not None:
-                monitor.stop()
-        if self.child is not None:
-            code = self._reap_child()
-            raise Exit(code)
-
-    def _reap_child(self) -> int:
-        import subprocess
-
-        assert self.child is not None
-        try:
-            code = self.child.wait(10)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            code = self.child.wait()
-        return 128 - code if code < 0 else code
-
-    def _loop(self, beat: Callable[[], object], stop: Callable[[], bool] = bool) -> None:
-        """Call *beat* every interval and at once on a health change.
-
-        Returns when the child exits, or when *stop* () says so.
-        """
-        next_beat = time.monotonic() + self.inst.interval
-        while (self.child is None or self.child.poll() is None) and not stop():
-            wait = next_beat - time.monotonic()
-            if self.child is not None:
-                wait = min(wait, 0.05)
-            changed = self.wake.wait(max(0.0, wait))
-            if changed or time.monotonic() >= next_beat:
-                self.wake.clear()
-                beat()
-                next_beat = time.monotonic() + self.inst.interval
-
-    def _registered(self, client: Client) -> None:
-        from eda.core.registry.agent import Agent
-
-        agent = Agent(client, self.inst, self.ctx.warn)
-        try:
-            inst = agent.register()
-            self.ctx.debug(
-                f"registered {inst.service}/{inst.id} at {inst.host}:{inst.port} "
-                f"({inst.status}) with registry {agent.registry}"
-            )
-            self._loop(lambda: agent.beat(self.status))
-        finally:
-            agent.deregister()
-            self.ctx.debug(f"deregistered {self.inst.id}")
-            client.close()
-
-    def _serverless(self) -> Client | None:
-        """Announce by mDNS until the end, or until a registry appears (returned)."""
-        from eda.core.registry.serverless import Announcer
-
-        announcer = Announcer(self.inst, self.iface)
-        found: list[Client] = []
-        next_probe = time.monotonic() + PROBE_EVERY
-        try:
-            announcer.start()
-            self.ctx.debug(
-                f"registered {self.inst.service}/{self.inst.id} at "
-                f"{self.inst.host}:{self.inst.port} ({self.inst.status}) by mDNS"
-            )
-
-            def beat() -> None:
-                nonlocal next_probe
-                if announcer.inst.status != self.status:
-                    announcer.update(self.status)
-                if self.find_registry is not None and time.monotonic() >= next_probe:
-                    next_probe = time.monotonic() + PROBE_EVERY
-                    client = self.find_registry()
-                    if client is not None:
-                        found.append(client)
-
-            self._loop(beat, stop=lambda: bool(found))
-        finally:
-            announcer.close()
-            if found:
-                self.ctx.debug(f"a registry appeared: moving {self.inst.id} to it")
-            else:
-                self.ctx.debug(f"deregistered {self.inst.id}")
-        return found[0] if found else None
 
 
 # -- lookup / list -----------------------------------------------------------------------
