@@ -162,47 +162,43 @@ def _config_path(argv: list[str]) -> str | None:
     return os.environ.get("EDA_CONFIG")
 
 
-def default_map(command: click.Command, program: str, argv: list[str]) -> dict[str, Any]:
-    """Config-file values for *command*, type-checked, errors naming file, line and key.
-
-    Keys are option names (``timeout`` or ``idle_timeout`` for ``-W/--timeout``);
-    the per-program table is named after the program without ``eda-``.
-    """
-    section = program.removeprefix("eda-")
-    settings = settings_for(section, default_paths(_config_path(argv)))
-    if isinstance(command, click.Group):
-        return _group_default_map(command, program, section, settings)
-    params: dict[str, click.Parameter] = {}
+def _options_by_key(command: click.Command) -> dict[str, click.Parameter]:
+    """The options a config key can name: ``idle_timeout`` and ``timeout`` for -W/--timeout."""
+    keys: dict[str, click.Parameter] = {}
     for param in command.params:
         if not param.name or param.name == "config":
             continue
-        params[param.name] = param
+        keys[param.name] = param
         for opt in param.opts:
             if opt.startswith("--"):
-                params[opt[2:].replace("-", "_")] = param
-    result: dict[str, Any] = {}
-    for name, setting in settings.items():
-        found = params.get(name)
-        if found is None or not found.name:
-            if setting.key.startswith(f"{section}."):
-                raise ConfigError(f"{setting.where()} is not an option of {program}")
-            continue  # a shared key meant for another program
-        result[found.name] = _convert(found, setting)
-    return result
+                keys[opt[2:].replace("-", "_")] = param
+    return keys
 
 
-def _group_default_map(
-    group: click.Group, program: str, section: str, settings: dict[str, Setting]
-) -> dict[str, Any]:
-    """For a program with subcommands, a key feeds every subcommand that has that option."""
+def default_map(command: click.Command, program: str, argv: list[str]) -> dict[str, Any]:
+    """Config-file values for *command*, type-checked, errors naming file, line and key.
+
+    Keys are option names; the per-program table is named after the program
+    without ``eda-``.  For a program with subcommands, a key feeds every
+    subcommand that has that option.
+    """
+    section = program.removeprefix("eda-")
+    settings = settings_for(section, default_paths(_config_path(argv)))
+    targets: list[tuple[str | None, dict[str, click.Parameter]]]
+    if isinstance(command, click.Group):
+        targets = [(name, _options_by_key(sub)) for name, sub in command.commands.items()]
+    else:
+        targets = [(None, _options_by_key(command))]
     result: dict[str, Any] = {}
-    for name, setting in settings.items():
+    for key, setting in settings.items():
         used = False
-        for sub_name, sub in group.commands.items():
-            for param in sub.params:
-                if param.name and param.name != "config" and param.name == name:
-                    result.setdefault(sub_name, {})[param.name] = _convert(param, setting)
-                    used = True
+        for sub_name, options in targets:
+            param = options.get(key)
+            if param is None or not param.name:
+                continue
+            into = result if sub_name is None else result.setdefault(sub_name, {})
+            into[param.name] = _convert(param, setting)
+            used = True
         if not used and setting.key.startswith(f"{section}."):
             raise ConfigError(f"{setting.where()} is not an option of {program}")
     return result

@@ -497,3 +497,19 @@ def test_serverless_fallback_moves_to_a_registry_that_appears(procs: Procs) -> N
     early.signal(signal.SIGTERM)
     assert early.wait() == 0
     wait_until(lambda: lookup(endpoint, "orders").returncode == 3, 5, "clean deregistration")
+
+
+def test_config_file_feeds_subcommands_by_option_name(procs: Procs, tmp_path: Path, monkeypatch) -> None:
+    _, endpoint = serve(procs)
+    register(procs, endpoint, "orders", 8080)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eda.toml").write_text(f'no-mdns = true\n[registry]\nregistry = ["{endpoint}"]\n')
+    result = run("eda-registry", "lookup", "orders")  # the registry comes from eda.toml
+    assert result.returncode == 0, result.stderr
+    assert ports(result) == [8080]
+    (tmp_path / "eda.toml").write_text("[registry]\nttl = 3.0\ncolour = 'red'\n")
+    result = run("eda-registry", "lookup", "orders")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "eda-registry: error: eda.toml:3: key 'registry.colour' is not an option of eda-registry\n"
+    )
