@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import mdns
 from .model import PASSING, Instance, InvalidRecord, from_dict
-from .store import DEREGISTERED, HEALTH, REGISTERED, UPDATED, Event, iso
+from .store import DEREGISTERED, HEALTH, REGISTERED, UPDATED, Event, make_event
 
 SVC_TYPE = "_eda-svc._tcp.local."
 RESERVED = ("svc", "id", "w", "st", "rv", "ttl", "iv", "h")
@@ -146,16 +146,7 @@ def lookup(
 
 
 def _event(kind: str, inst: Instance, reason: str, **flags: bool) -> Event:
-    return {
-        "id": f"{inst.id}@{inst.rev}",
-        "type": kind,
-        "reason": reason,
-        "service": inst.service,
-        "time": iso(time.time()),
-        "registry": "mdns",
-        "instance": inst.to_dict(),
-        **flags,
-    }
+    return make_event(kind, inst, reason, "mdns", time.time(), **flags)
 
 
 def watch(

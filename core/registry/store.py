@@ -50,6 +50,22 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def make_event(
+    kind: str, inst: Instance, reason: str, registry: str, when: float, **extra: Any
+) -> Event:
+    """A change event: stable id (instance@revision), reason and the full record."""
+    return {
+        "id": f"{inst.id}@{inst.rev}",
+        "type": kind,
+        "reason": reason,
+        "service": inst.service,
+        "time": iso(when),
+        "registry": registry,
+        **extra,
+        "instance": inst.to_dict(),
+    }
+
+
 class Store:
     """Instances by id and by service, with their deadlines."""
 
@@ -65,16 +81,7 @@ class Store:
     # -- events --------------------------------------------------------------
     def _event(self, kind: str, inst: Instance, reason: str, origin: str | None = None) -> Event:
         self.seq += 1
-        return {
-            "id": f"{inst.id}@{inst.rev}",
-            "type": kind,
-            "reason": reason,
-            "service": inst.service,
-            "time": iso(self.clock()),
-            "registry": origin or self.id,
-            "seq": self.seq,
-            "instance": inst.to_dict(),
-        }
+        return make_event(kind, inst, reason, origin or self.id, self.clock(), seq=self.seq)
 
     def _put(self, inst: Instance, deadline: float) -> Entry:
         entry = self.entries.get(inst.id)
