@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -92,31 +93,60 @@ def output_options(func: F) -> F:
     )(func)
 
 
-class _Blank(dict[str, Any]):
+# CSI and OSC escape sequences, then any other C0/C1 control character but tab
+_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0a-\x1f\x7f-\x9f]"
+)
+
+
+def for_terminal(value: object) -> str:
+    """*value* as text safe to show on a terminal: escape sequences and control
+    characters (anything a peer could use to retitle, clear or move the screen)
+    become visible ``\\xNN`` escapes.  Render the result with rich ``Text``
+    objects (never as markup), or pass it through ``rich.markup.escape``.
+    """
+    text = value if isinstance(value, str) else str(value)
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class _Fields(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return ""
 
 
 class Template:
-    """``--format TEMPLATE``: ``str.format`` fields, unknown ones blank, ``\\t`` a tab.
+    """``--format TEMPLATE``: ``str.format`` fields, ``\\t`` a tab.
 
-    A template that cannot render an item (``{x[0]}`` on a string, say) is a
-    usage error with a one-line message, not a traceback.
+    With *fields* (the names an item can have), a template naming any other
+    field is refused at once, as ``mosquitto_sub -F`` does; a known field an
+    item lacks renders blank.  A template that cannot render an item
+    (``{x[0]}`` on a string, say) is a usage error with a one-line message,
+    not a traceback.
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, fields: Collection[str] | None = None) -> None:
         import string
 
         self.text = text.replace("\\t", "\t")
         try:  # refuse a malformed template before any work is done
-            list(string.Formatter().parse(self.text))
+            parsed = list(string.Formatter().parse(self.text))
         except ValueError as exc:
             raise click.UsageError(f"--format {self.text!r}: {exc}") from None
+        if fields is not None:
+            for _, name, _, _ in parsed:
+                if name is None:
+                    continue
+                base = re.split(r"[.\[]", name, maxsplit=1)[0]
+                if base not in fields:
+                    known = ", ".join(sorted(fields))
+                    raise click.UsageError(
+                        f"--format: unknown field {{{base}}}; known fields: {known}"
+                    )
 
     def line(self, fields: dict[str, Any]) -> str:
         """One rendered line, newline included."""
         try:
-            return self.text.format_map(_Blank(fields)) + "\n"
+            return self.text.format_map(_Fields(fields)) + "\n"
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise click.UsageError(f"--format {self.text!r}: {exc}") from None
 
