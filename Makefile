@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NETNS := scripts/netns-run
 
-.PHONY: setup demo test lint docs bench clean
+.PHONY: setup deps demo test lint docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: setup
+deps:
+	bash scripts/install-deps
+
+demo: setup deps
 	$(NETNS) env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo
 
 lint: setup
@@ -23,7 +26,7 @@ lint: setup
 	ln -sfn $(CURDIR)/cli build/typecheck/eda/cli
 	$(VENV)/bin/mypy
 
-test: lint
+test: deps lint
 	$(PY) -m pytest -q
 
 docs: setup
