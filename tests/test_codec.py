@@ -3,7 +3,7 @@ import contextlib
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eda.core import codec, envelope
@@ -373,3 +373,133 @@ def test_recent_events_window_is_bounded():
     for i in range(5):
         assert len(recent.fresh(env(i))) == 1
     assert recent.fresh(env(4)) == [] and len(recent.fresh(env(0))) == 1  # e0 was forgotten
+
+
+# -- the property: any bytes in any frame -------------------------------------------------------
+
+_ENVELOPE_LINE = b'{"specversion":"1.0","id":"e1","source":"s","type":"t","data":1}'
+_payloads = st.one_of(
+    st.binary(max_size=24),
+    st.text(max_size=12).map(str.encode),
+    st.sampled_from(
+        [
+            b'{"a":1}',
+            b"[1",
+            b"2]",
+            b"NaN",
+            b"1e400",
+            b'"\\ud800"',
+            b"\xff",
+            b'"q\\"',
+            _ENVELOPE_LINE,
+        ]
+    ),
+)
+_extension_values = st.one_of(
+    st.text(max_size=6),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+_ext = st.one_of(
+    st.just(b""),
+    st.binary(max_size=24),
+    st.sampled_from([b'{"tenant":"a"}', b'{"type":"x"}', b"[1]", b'{"a":NaN}', b'{"data":1}']),
+    st.dictionaries(st.text(max_size=6), _extension_values, max_size=3).map(
+        lambda d: json.dumps(d).encode()
+    ),
+)
+_origin = st.one_of(
+    st.just(ORIGIN),
+    st.binary(max_size=24),
+    st.tuples(st.binary(max_size=8), st.binary(max_size=16)).map(lambda t: t[0] + b"\x00" + t[1]),
+)
+
+
+_json_values = st.lists(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=6),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+        ),
+        max_leaves=6,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@st.composite
+def _wire_frames(draw):
+    """Frames that are mostly well formed, each part now and then replaced by anything."""
+
+    def mostly(good, anything):
+        return draw(anything) if draw(st.integers(0, 6)) == 3 else good
+
+    kind = mostly(draw(st.integers(0, 2)), st.integers(0, 255))
+    parts = draw(st.lists(_payloads, min_size=1, max_size=4))
+    if kind == codec.JSON and draw(st.booleans()):
+        parts = [
+            json.dumps(v, ensure_ascii=draw(st.booleans())).encode() for v in draw(_json_values)
+        ]
+    if kind == codec.ENVELOPE and draw(st.booleans()):
+        parts = [_ENVELOPE_LINE.replace(b'"e1"', b'"e%d"' % i) for i in range(len(parts))]
+    count = mostly(len(parts), st.integers(0, 2**32 - 1))
+    when = mostly(draw(st.floats(0, 4e9)), st.floats())
+    seq = draw(st.integers(0, 2**63))
+    header = codec.encode_header(kind, count, seq, when, mostly(ORIGIN, _origin))
+    topic = mostly(b"t", st.one_of(st.sampled_from([b"orders.x", b"t."]), st.binary(max_size=8)))
+    frames = [topic, mostly(header, st.binary(max_size=40)), b"\n".join(parts)]
+    ext = mostly(draw(st.sampled_from([b"", b'{"tenant":"a","n":1}'])), _ext)
+    if draw(st.integers(0, 20)) == 7:
+        frames.append(ext)
+        frames.append(draw(st.binary(max_size=4)))
+    return [*frames, ext] if ext or draw(st.booleans()) else frames
+
+
+def _strict(line: str) -> dict:
+    def refuse(name):
+        raise AssertionError(f"{name} in output")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_wire_frames())
+def test_any_frames_give_strict_json_lines_of_exactly_the_events_sent(frames):
+    try:
+        batch = codec.decode(frames)
+    except codec.WireError:
+        return
+    text = envelope.batch_to_json_lines(batch)
+    text.encode()  # valid UTF-8 throughout
+    lines = text.split("\n")
+    assert lines.pop() == ""
+    assert len(lines) == batch.size  # no event added, none lost
+    events = [_strict(line) for line in lines]
+    assert events == envelope.batch_to_events(batch)
+    pubid, _, source = frames[1][codec._HEADER_SIZE :].partition(b"\x00")
+    body = frames[2].split(b"\n") if batch.size > 1 else [frames[2]]
+    for i, (event, raw) in enumerate(zip(events, body, strict=True)):
+        assert event["type"] == frames[0].decode() and event["edaseq"] == batch.seq + i
+        if batch.kind == codec.ENVELOPE:
+            assert event == {**json.loads(raw), "edaseq": batch.seq + i}
+            continue
+        ext = json.loads(frames[3]) if len(frames) == 4 and frames[3] else {}
+        payload = "data_base64" if "data_base64" in event else "data"
+        core = {"specversion", "id", "source", "type", "time", "datacontenttype", "edaseq", payload}
+        assert set(event) == core | set(ext) and not core & set(ext)
+        assert event["id"] == f"{pubid.decode()}-{batch.seq + i}"
+        assert event["source"] == source.decode()
+        if payload == "data_base64":
+            assert base64.b64decode(event["data_base64"]) == raw
+        elif batch.kind == codec.JSON:
+            assert event["data"] == json.loads(raw)
+        else:
+            assert event["data"] == raw.decode()
