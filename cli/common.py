@@ -12,20 +12,66 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
-from collections.abc import Callable, Collection
-from typing import Any, NoReturn, TypeVar
+import time
+from collections.abc import Callable, Collection, Iterable
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from eda.core import __version__
+from eda.core.attributes import safe_dumps
 from eda.core.config import Setting, default_paths, settings_for
 from eda.core.errors import ConfigError, EdaError
 
+if TYPE_CHECKING:
+    from rich.text import Text
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_LOSS = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130
+
+class ExitStatus(IntEnum):
+    """The exit statuses of every program (CONVENTIONS.md); man pages and README list these."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    TIMEOUT = 4
+    LOSS = 5
+    INTERRUPTED = 130
+
+
+# what each status means, as the man pages' EXIT STATUS and the README's table say it
+EXIT_MEANINGS: dict[ExitStatus, str] = {
+    ExitStatus.OK: "success (also: a closed output pipe, SIGTERM)",
+    ExitStatus.ERROR: (
+        "runtime error (network, I/O, remote refused), some input was rejected, "
+        "or an --exec command failed"
+    ),
+    ExitStatus.USAGE: "usage error (bad flag, bad config)",
+    ExitStatus.NOT_FOUND: "not found (no such service, no passing instance)",
+    ExitStatus.TIMEOUT: (
+        "timeout reached before the requested work finished (-W, --wait-subscribers)"
+    ),
+    ExitStatus.LOSS: "data loss detected (--strict)",
+    ExitStatus.INTERRUPTED: "interrupted (SIGINT)",
+}
+
+# the names the programs have always used
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = ExitStatus.OK, ExitStatus.ERROR, ExitStatus.USAGE
+EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_LOSS = ExitStatus.NOT_FOUND, ExitStatus.TIMEOUT, ExitStatus.LOSS
+EXIT_INTERRUPTED = ExitStatus.INTERRUPTED
+
+# options every program shares keep one variable each; every other option gets
+# EDA_<PROGRAM>_<LONG OPTION> (assign_envvars)
+SHARED_ENVVARS = {
+    "--config": "EDA_CONFIG",
+    "--interface": "EDA_INTERFACE",
+    "--no-mdns": "EDA_NO_MDNS",
+}
 
 
 class Exit(Exception):
@@ -48,12 +94,12 @@ def common_options(func: F) -> F:
             "--config",
             "config",
             type=click.Path(dir_okay=False),
-            envvar="EDA_CONFIG",
+            envvar=SHARED_ENVVARS["--config"],
             help="TOML config file (see FILES in the man page).",
         ),
         click.option(
             "--interface",
-            envvar="EDA_INTERFACE",
+            envvar=SHARED_ENVVARS["--interface"],
             metavar="NAME|IP",
             help="Network interface (name or IPv4 address) for mDNS and binding.",
         ),
@@ -61,7 +107,7 @@ def common_options(func: F) -> F:
             "--no-mdns",
             "no_mdns",
             is_flag=True,
-            envvar="EDA_NO_MDNS",
+            envvar=SHARED_ENVVARS["--no-mdns"],
             help="Do not use mDNS; wire everything with --connect/--bind.",
         ),
         click.option(
@@ -109,6 +155,41 @@ def for_terminal(value: object) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def json_text(value: Any) -> str:
+    """Compact JSON for any value, safe for values from the wire: never NaN or
+    Infinity (they become null), never a string that is not valid UTF-8."""
+    return safe_dumps(value)
+
+
+def _formattable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _JsonDict(value)
+    if isinstance(value, list):
+        return _JsonList(value)
+    return value
+
+
+class _JsonDict(dict[str, Any]):
+    """A dict in a template: JSON as a whole, blank for a missing ``[key]``."""
+
+    def __format__(self, spec: str) -> str:
+        return format(json_text(self), spec)
+
+    def __getitem__(self, key: str) -> Any:
+        return _formattable(super().__getitem__(key))
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+class _JsonList(list[Any]):
+    def __format__(self, spec: str) -> str:
+        return format(json_text(self), spec)
+
+    def __getitem__(self, index: Any) -> Any:
+        return _formattable(super().__getitem__(index))
+
+
 class _Fields(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return ""
@@ -144,11 +225,19 @@ class Template:
                     )
 
     def line(self, fields: dict[str, Any]) -> str:
-        """One rendered line, newline included."""
+        """One rendered line, newline included; dict and list values render as JSON."""
+        values = _Fields({k: _formattable(v) for k, v in fields.items()})
         try:
-            return self.text.format_map(_Fields(fields)) + "\n"
+            return self.text.format_map(values) + "\n"
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise click.UsageError(f"--format {self.text!r}: {exc}") from None
+
+
+def _stderr(line: str) -> None:
+    """Every line a program writes on stderr goes through here."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 class Context:
@@ -157,14 +246,131 @@ class Context:
     def __init__(self, prog: str, verbose: bool) -> None:
         self.prog = prog
         self.verbose = verbose
+        self._last: dict[str, float] = {}
 
     def warn(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: {message}\n")
-        sys.stderr.flush()
+        _stderr(f"{self.prog}: {message}")
+
+    def error(self, message: str) -> None:
+        _stderr(f"{self.prog}: error: {message}")
 
     def debug(self, message: str) -> None:
         if self.verbose:
             self.warn(message)
+
+    def due(self, key: str, interval: float = 1.0) -> bool:
+        """Whether a rate-limited warning named *key* may be written now (once per *interval*)."""
+        now = time.monotonic()
+        if now - self._last.get(key, -interval) < interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _environment_value(value: Any) -> str:
+    """*value* as an environment variable value (a NUL from a peer would crash exec)."""
+    return str(value).replace("\x00", "\\x00")
+
+
+class Output:
+    """How a program prints items (dicts): one renderer for every output mode.
+
+    * ``--exec CMD``: run ``sh -c CMD`` per item, the item's JSON on its
+      stdin and *exec_env(item)* in its environment; failures are reported
+      at once and counted (:meth:`finish` then says so and returns 1, as
+      xargs does);
+    * ``--format TEMPLATE``: one line per item (*fields* are the names a
+      template may use, *template_fields(item)* the values);
+    * JSON Lines when stdout is not a terminal or with ``--json``;
+    * else a terminal view: *terminal(item)* returns a rich ``Text``.
+
+    Everything printed on a terminal is escaped with :func:`for_terminal`.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        template: str | None = None,
+        fields: Collection[str] | None = None,
+        force_json: bool = False,
+        exec_cmd: str | None = None,
+        exec_env: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        template_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        terminal: Callable[[dict[str, Any]], Text] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.tty = sys.stdout.isatty()
+        self.exec_cmd = exec_cmd
+        self.exec_env = exec_env
+        self.exec_failures = 0
+        self.template = Template(template, fields) if template else None
+        self.template_fields = template_fields
+        self.terminal = terminal
+        if exec_cmd:
+            self.mode = "exec"
+        elif template:
+            self.mode = "template"
+        elif force_json or not self.tty or terminal is None:
+            self.mode = "json"
+        else:
+            self.mode = "terminal"
+        self._console: Any = None
+
+    def items(self, items: Iterable[dict[str, Any]]) -> None:
+        """Render *items* (one write on stdout for all of them)."""
+        if self.mode == "exec":
+            for item in items:
+                self._run(item)
+        elif self.mode == "terminal":
+            self._show(items)
+        elif self.mode == "template":
+            assert self.template is not None
+            to_fields = self.template_fields or (lambda item: item)
+            self.text("".join([self.template.line(to_fields(item)) for item in items]))
+        else:
+            self.text("".join([json_text(item) + "\n" for item in items]))
+
+    def text(self, text: str) -> None:
+        """Write lines of *text* (escaped for a terminal when stdout is one)."""
+        if self.tty:
+            text = "".join(for_terminal(line) + "\n" for line in text.splitlines())
+        write_stdout(text.encode())
+
+    def data(self, data: bytes) -> None:
+        """Write *data* as it is (escaped for a terminal when stdout is one)."""
+        if self.tty:
+            self.text(data.decode(errors="replace"))
+        else:
+            write_stdout(data)
+
+    def _show(self, items: Iterable[dict[str, Any]]) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False)
+        assert self.terminal is not None
+        for item in items:
+            self._console.print(self.terminal(item), soft_wrap=True)
+
+    def _run(self, item: dict[str, Any]) -> None:
+        assert self.exec_cmd is not None
+        extra = self.exec_env(item) if self.exec_env is not None else {}
+        env = dict(os.environ, **{k: _environment_value(v) for k, v in extra.items()})
+        line = json_text(item) + "\n"
+        cmd = self.exec_cmd
+        result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
+        if result.returncode:
+            self.exec_failures += 1
+            what = for_terminal(item.get("id", ""))
+            self.ctx.warn(f"warning: --exec command exited {result.returncode} for item {what}")
+
+    def finish(self) -> ExitStatus:
+        """ERROR (after saying so) when an --exec command failed, else OK."""
+        if self.exec_failures:
+            self.ctx.error(f"--exec command failed for {self.exec_failures} item(s)")
+            return ExitStatus.ERROR
+        return ExitStatus.OK
 
 
 def write_stdout(data: bytes) -> None:
@@ -212,8 +418,11 @@ def default_map(command: click.Command, program: str, argv: list[str]) -> dict[s
     without ``eda-``.  For a program with subcommands, a key feeds every
     subcommand that has that option.
     """
+    from eda.cli import PROGRAMS
+
     section = program.removeprefix("eda-")
-    settings = settings_for(section, default_paths(_config_path(argv)))
+    tables = {name.removeprefix("eda-") for name in PROGRAMS}
+    settings = settings_for(section, default_paths(_config_path(argv)), tables)
     targets: list[tuple[str | None, dict[str, click.Parameter]]]
     if isinstance(command, click.Group):
         targets = [(name, _options_by_key(sub)) for name, sub in command.commands.items()]
@@ -244,6 +453,30 @@ def _convert(param: click.Parameter, setting: Setting) -> Any:
         raise ConfigError(f"{setting.where()}: {exc.message}") from None
 
 
+def _commands(command: click.Command) -> list[click.Command]:
+    if isinstance(command, click.Group):
+        return [command, *command.commands.values()]
+    return [command]
+
+
+def envvar_prefix(program: str) -> str:
+    return "EDA_" + program.removeprefix("eda-").upper().replace("-", "_")
+
+
+def assign_envvars(command: click.Command, program: str) -> None:
+    """Give every option without one its environment variable, EDA_<PROGRAM>_<OPTION>
+    (``EDA_SUB_TIMEOUT`` for eda-sub's ``--timeout``); for a group, the variable
+    feeds every subcommand that has the option, as a config key does."""
+    prefix = envvar_prefix(program)
+    for cmd in _commands(command):
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.envvar or not param.expose_value:
+                continue
+            long = [opt for opt in param.opts if opt.startswith("--")]
+            if long:
+                param.envvar = f"{prefix}_{long[0][2:].replace('-', '_').upper()}"
+
+
 def _on_sigterm(signum: int, frame: Any) -> NoReturn:
     raise Terminated()
 
@@ -253,7 +486,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     argv = sys.argv[1:] if argv is None else argv
     verbose = any(a in ("-v", "--verbose", "--debug") for a in argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    code = EXIT_OK
+    code: int = EXIT_OK
+    assign_envvars(command, program)
     try:
         defaults = default_map(command, program, argv)
         command.main(argv, prog_name=program, standalone_mode=False, default_map=defaults)
@@ -262,8 +496,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
-        hint = f" (see {program} --help)"
-        sys.stderr.write(f"{program}: error: {exc.format_message()}{hint}\n")
+        _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
         code = EXIT_USAGE
     except click.Abort:
         code = EXIT_INTERRUPTED
@@ -272,7 +505,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(f"{program}: error: {exc}\n")
+        _stderr(f"{program}: error: {exc}")
         code = exc.exit_code
     except (KeyboardInterrupt, Terminated) as exc:
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_OK
@@ -283,7 +516,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(f"{program}: error: {exc.strerror or exc}\n")
+        _stderr(f"{program}: error: {exc.strerror or exc}")
         code = EXIT_ERROR
     with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.flush()

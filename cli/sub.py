@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -13,20 +9,23 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import (
-    EXIT_LOSS,
-    EXIT_TIMEOUT,
     Context,
     Exit,
-    Template,
+    ExitStatus,
+    Output,
+    Terminated,
     common_options,
+    for_terminal,
     output_options,
     run,
-    write_stdout,
 )
 from eda.core.errors import UsageError
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from eda.core.codec import Batch
+    from eda.core.envelope import RecentEvents
 
 EPILOG = """\b
 Examples:
@@ -61,7 +60,7 @@ Examples:
     "idle_timeout",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
-    help="Exit 4 after SECONDS without an event.",
+    help="Exit 4 after SECONDS without an event (time spent writing output does not count).",
 )
 @click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
 @output_options
@@ -70,7 +69,8 @@ Examples:
     "--exec",
     "exec_cmd",
     metavar="CMD",
-    help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set.",
+    help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set; exit 1 at the end "
+    "if any run failed.",
 )
 @click.option(
     "--hwm",
@@ -109,15 +109,17 @@ def command(
         raise UsageError("choose one of --raw, --json and --format")
     if no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
+    output = _output(ctx, template, force_json, exec_cmd)
 
     from eda.core import discovery
+    from eda.core.envelope import RecentEvents
     from eda.core.pubsub import Subscriber
 
     lost = [0]
 
     def on_loss(source: str, topic: str, n: int) -> None:
         lost[0] += n
-        ctx.warn(f"lost {n} events from {source} (topic {topic})")
+        ctx.warn(f"lost {n} events from {for_terminal(source)} (topic {for_terminal(topic)})")
 
     iface = discovery.resolve_interface(interface)
     sub = Subscriber(
@@ -125,9 +127,11 @@ def command(
         interface=iface,
         hwm=hwm,
         on_loss=on_loss,
-        on_connect=lambda peer: ctx.debug(f"connected to publisher {peer.id} at {peer.endpoint}"),
+        on_connect=lambda peer: ctx.debug(
+            f"connected to publisher {for_terminal(peer.id)} at {for_terminal(peer.endpoint)}"
+        ),
     )
-    render = _renderer(raw, template, force_json, exec_cmd)
+    status: int = ExitStatus.OK
     try:
         for endpoint in binds:
             ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
@@ -140,127 +144,145 @@ def command(
                 on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"),
             )
             ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
-        _loop(sub, render, count, idle_timeout, strict, lost, ctx)
+        loop = _Loop(sub, _batch_renderer(raw, output), RecentEvents(), ctx)
+        loop.run(count, idle_timeout, strict, lost)
+    except Exit as exc:
+        status = exc.code
+    except Terminated:  # SIGTERM: what arrived is written; leave cleanly
+        pass
     finally:
         sub.close()
+    if output.finish() and status == ExitStatus.OK:
+        status = ExitStatus.ERROR
+    if status:
+        raise Exit(status)
 
 
-Render = Callable[["Batch"], bytes]
+# what --format may name: the event's attributes, {topic} (= {type}) and {ext[NAME]}
+FORMAT_FIELDS = frozenset({"topic", "ext"})
 
 
-def _loop(
-    sub: Any,
-    render: Render,
-    count: int | None,
-    idle_timeout: float | None,
-    strict: bool,
-    lost: list[int],
-    ctx: Context,
-) -> None:
-    from eda.core import codec
+class _Loop:
+    """Receive, drop copies, count, render; report malformed input at most once a second."""
 
-    remaining = count
-    last_event = time.monotonic()
-    malformed = 0
-    while True:
-        wait = None if idle_timeout is None else last_event + idle_timeout - time.monotonic()
-        if (wait is not None and wait <= 0) or not sub.poll(wait):
-            raise Exit(EXIT_TIMEOUT)
-        batches = sub.receive()
-        if batches:
-            last_event = time.monotonic()
-            out = []
-            for batch in batches:
-                if remaining is not None:
-                    if remaining == 0:
-                        break
-                    batch = codec.take([batch], remaining)[0][0]
-                try:
-                    out.append(render(batch))
-                except (ValueError, RecursionError):  # a body unlike what its header says
-                    sub.malformed += 1
-                    continue
-                if remaining is not None:
-                    remaining -= batch.size
-            write_stdout(b"".join(out))
-        if sub.malformed != malformed:
-            ctx.warn(f"ignored {sub.malformed - malformed} malformed message(s)")
-            malformed = sub.malformed
-        if strict and lost[0]:
-            raise Exit(EXIT_LOSS)
-        if remaining == 0:
-            return
+    def __init__(
+        self, sub: Any, render: Callable[[list[Batch]], None], recent: RecentEvents, ctx: Context
+    ) -> None:
+        self.sub = sub
+        self.render = render
+        self.recent = recent
+        self.ctx = ctx
+        self.reported_malformed = 0
+        self.reported_copies = 0
 
+    def run(
+        self, count: int | None, idle_timeout: float | None, strict: bool, lost: list[int]
+    ) -> None:
+        """Until *count* events are out, *idle_timeout* passed without one, or a loss with
+        *strict*."""
+        from eda.core import codec
 
-def _renderer(raw: bool, template: str | None, force_json: bool, exec_cmd: str | None) -> Render:
-    """How one batch becomes bytes on stdout (the --exec and terminal views print themselves)."""
-    from eda.core import codec, envelope
+        remaining = count
+        # the idle clock restarts once output is written: time blocked on a slow
+        # reader is not time without events
+        idle_since = time.monotonic()
+        try:
+            while True:
+                fresh = self._next(idle_since, idle_timeout)
+                if fresh is None:
+                    self.ctx.warn(
+                        f"no event for {idle_timeout:g} s (-W/--timeout): exiting with status 4"
+                    )
+                    raise Exit(ExitStatus.TIMEOUT)
+                if fresh:
+                    if remaining is not None:
+                        fresh, remaining = codec.take(fresh, remaining)
+                    self.render(fresh)
+                    idle_since = time.monotonic()
+                self._report()
+                if strict and lost[0]:
+                    raise Exit(ExitStatus.LOSS)
+                if remaining == 0:
+                    return
+        finally:
+            self._report(final=True)
 
-    if exec_cmd:
-        return _exec_renderer(exec_cmd)
-    if raw:
+    def _next(self, idle_since: float, idle_timeout: float | None) -> list[Batch] | None:
+        """New events, after blocking until a message arrives; None once idle too long."""
+        if idle_timeout is None:
+            self.sub.poll(None)
+            return self._fresh()
+        left = idle_since + idle_timeout - time.monotonic()
+        if left > 0 and self.sub.poll(left):
+            return self._fresh()
+        # out of time: what is already queued still counts (and restarts the clock)
+        return self._fresh() or None
 
-        def render_raw(batch: Batch) -> bytes:
-            if batch.kind != codec.ENVELOPE:
-                return batch.body + b"\n"
-            texts = [envelope.data_text(ev) + "\n" for ev in envelope.batch_to_events(batch)]
-            return "".join(texts).encode()
+    def _fresh(self) -> list[Batch]:
+        """The events waiting now, without copies of events delivered before."""
+        return [piece for batch in self.sub.receive() for piece in self.recent.fresh(batch)]
 
-        return render_raw
-    if template:
-        fmt = Template(template)
-
-        def render_template(batch: Batch) -> bytes:
-            lines = [
-                fmt.line({**ev, "topic": ev.get("type", ""), "data": envelope.data_text(ev)})
-                for ev in envelope.batch_to_events(batch)
-            ]
-            return "".join(lines).encode()
-
-        return render_template
-    if force_json or not sys.stdout.isatty():
-        return lambda batch: envelope.batch_to_json_lines(batch).encode()
-    return _terminal_renderer()
+    def _report(self, final: bool = False) -> None:
+        malformed = self.sub.malformed - self.reported_malformed
+        if malformed and (final or self.ctx.due("malformed")):
+            self.ctx.warn(f"ignored {malformed} malformed message(s)")
+            self.reported_malformed = self.sub.malformed
+        copies = self.recent.dropped - self.reported_copies
+        if copies and self.ctx.verbose and (final or self.ctx.due("copies")):
+            self.ctx.debug(f"dropped {copies} event(s) delivered before (a loop or a copy)")
+            self.reported_copies = self.recent.dropped
 
 
-def _terminal_renderer() -> Render:
-    from rich.console import Console
+def _output(ctx: Context, template: str | None, force_json: bool, exec_cmd: str | None) -> Output:
+    from eda.core.attributes import CORE_ATTRIBUTES
+
+    return Output(
+        ctx,
+        template=template,
+        fields=CORE_ATTRIBUTES | FORMAT_FIELDS,
+        force_json=force_json,
+        exec_cmd=exec_cmd,
+        exec_env=lambda ev: {"EDA_TOPIC": ev.get("type", ""), "EDA_ID": ev.get("id", "")},
+        template_fields=_template_fields,
+        terminal=_terminal_line,
+    )
+
+
+def _template_fields(event: dict[str, Any]) -> dict[str, Any]:
+    from eda.core.attributes import CORE_ATTRIBUTES
+    from eda.core.envelope import data_text
+
+    ext = {k: v for k, v in event.items() if k not in CORE_ATTRIBUTES}
+    return {**event, "topic": event.get("type", ""), "data": data_text(event), "ext": ext}
+
+
+def _terminal_line(event: dict[str, Any]) -> Text:
     from rich.text import Text
 
+    from eda.core.envelope import data_text
+
+    line = Text()
+    line.append(for_terminal(str(event.get("time", ""))[11:23]), style="dim")
+    line.append(" ")
+    line.append(for_terminal(event.get("type", "")), style="bold cyan")
+    line.append(" ")
+    if "data_base64" in event:
+        line.append("(base64) ", style="dim")
+    line.append(for_terminal(data_text(event)))
+    return line
+
+
+def _batch_renderer(raw: bool, output: Output) -> Callable[[list[Batch]], None]:
+    """How batches reach stdout: the fast paths (--raw, JSON Lines) work per batch."""
     from eda.core import envelope
 
-    console = Console(highlight=False)
-
-    def render(batch: Batch) -> bytes:
-        for ev in envelope.batch_to_events(batch):
-            line = Text()
-            line.append(str(ev.get("time", ""))[11:23], style="dim")
-            line.append(" ")
-            line.append(str(ev.get("type", "")), style="bold cyan")
-            line.append(" ")
-            line.append(envelope.data_text(ev))
-            console.print(line, soft_wrap=True)
-        return b""
-
-    return render
-
-
-def _exec_renderer(cmd: str) -> Render:
-    from eda.core import envelope
-
-    def render(batch: Batch) -> bytes:
-        for ev in envelope.batch_to_events(batch):
-            env = dict(os.environ, EDA_TOPIC=str(ev.get("type", "")), EDA_ID=str(ev.get("id", "")))
-            line = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
-            result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
-            if result.returncode:
-                sys.stderr.write(
-                    f"eda-sub: warning: --exec command exited {result.returncode}"
-                    f" for event {ev.get('id')}\n"
-                )
-        return b""
-
-    return render
+    if raw and output.mode != "exec":
+        return lambda batches: output.data(b"".join([envelope.batch_payloads(b) for b in batches]))
+    if output.mode == "json":
+        return lambda batches: output.text(
+            "".join([envelope.batch_to_json_lines(b) for b in batches])
+        )
+    return lambda batches: output.items(ev for b in batches for ev in envelope.batch_to_events(b))
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ One ZeroMQ message carries a *batch* of events of one topic from one publisher:
              unix time) followed by ``pubid \\0 source`` in UTF-8
     frame 2  body
     frame 3  optional: JSON object of extension attributes shared by the batch
+             (CloudEvents names and scalar values; never a core attribute)
 
 Body by kind:
 
@@ -27,10 +28,14 @@ publisher that subscriber is connected.
 
 from __future__ import annotations
 
+import re
 import struct
-from typing import Final, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
 
-from .errors import EdaError
+from . import attributes
+from .errors import EdaError, UsageError
+from .topics import validate_topic
 
 VERSION: Final = 1
 TEXT: Final = 0
@@ -43,9 +48,27 @@ BEACON_PREFIX: Final = b"\x00S"
 _HEADER = struct.Struct("!BBIQd")
 _HEADER_SIZE = _HEADER.size
 
+# limits of what decode() accepts (stated in the README's security model)
+MAX_TIME: Final = 253_402_300_800.0  # 10000-01-01T00:00:00Z, exclusive
+MAX_PUBID: Final = 64
+MAX_EXTENSIONS: Final = 65_536  # bytes of the extension attributes frame
+_PUBID = re.compile(r"[A-Za-z0-9._:~-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CACHE_SIZE = 4096  # distinct topics, origins and extension frames remembered
+
 
 class WireError(EdaError, ValueError):
     """A message on the wire is not an eda batch."""
+
+
+class Extensions(NamedTuple):
+    """The extension attributes of a batch: checked values and their JSON members."""
+
+    values: Mapping[str, Any]  # shared by every batch with the same frame: do not change
+    json: str  # ',"name":value' for each attribute, "" when there are none
+
+
+NO_EXTENSIONS: Final = Extensions({}, "")
 
 
 class Batch(NamedTuple):
@@ -57,7 +80,7 @@ class Batch(NamedTuple):
     pubid: str
     source: str
     body: bytes
-    extensions: bytes  # JSON object text, b"" when there are none
+    extensions: Extensions = NO_EXTENSIONS
 
 
 def encode_header(kind: int, count: int, seq: int, time: float, origin: bytes) -> bytes:
@@ -69,10 +92,66 @@ def encode_origin(pubid: str, source: str) -> bytes:
     return pubid.encode() + b"\x00" + source.encode()
 
 
+# what decode() has already checked, by the bytes it came from: a publisher
+# sends the same topic, origin and extensions frame again and again
+_topics: dict[bytes, str] = {}
+_origins: dict[bytes, tuple[str, str]] = {}
+_extensions: dict[bytes, Extensions] = {}
+
+
+def _remember(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
+def _topic(raw: bytes) -> str:
+    try:
+        topic = validate_topic(raw.decode())
+    except (UnicodeDecodeError, UsageError):
+        raise WireError("topic is not valid UTF-8 or not a valid topic") from None
+    _remember(_topics, raw, topic)
+    return topic
+
+
+def _origin(raw: bytes) -> tuple[str, str]:
+    pubid_raw, sep, source_raw = raw.partition(b"\x00")
+    try:
+        pubid, source = pubid_raw.decode("ascii"), source_raw.decode()
+    except UnicodeDecodeError:
+        raise WireError("publisher id or source is not valid UTF-8") from None
+    if not sep or not _PUBID.fullmatch(pubid):
+        raise WireError(f"publisher id is not 1 to {MAX_PUBID} letters, digits or ._:~-")
+    if not source or len(source) > attributes.MAX_ATTRIBUTE or _CONTROL.search(source):
+        raise WireError("source is empty, too long or holds control characters")
+    _remember(_origins, raw, (pubid, source))
+    return pubid, source
+
+
+def _extension_frame(raw: bytes) -> Extensions:
+    if len(raw) > MAX_EXTENSIONS:
+        raise WireError(f"extension attributes frame is larger than {MAX_EXTENSIONS} bytes")
+    try:
+        values = attributes.extensions(raw)
+    except ValueError as exc:
+        raise WireError(f"bad extension attributes: {exc}") from None
+    members = attributes.dumps(values)[1:-1]
+    ext = Extensions(values, "," + members if members else "")
+    _remember(_extensions, raw, ext)
+    return ext
+
+
 def decode(frames: list[bytes]) -> Batch:
-    """Parse a batch; raise WireError on anything that is not one."""
-    if len(frames) < 3:
-        raise WireError(f"expected at least 3 frames, got {len(frames)}")
+    """Parse and check a batch; raise WireError on anything that is not a valid one.
+
+    Everything is checked here, once: header values in range, the event count
+    against the body, topic, publisher id, source, extension attributes, and
+    (for JSON and envelope batches) every payload.  A batch that passes can
+    be rendered without further checks and never changes sequence state
+    unless it is valid.
+    """
+    if not 3 <= len(frames) <= 4:
+        raise WireError(f"expected 3 or 4 frames, got {len(frames)}")
     header = frames[1]
     if len(header) < _HEADER_SIZE:
         raise WireError("short header")
@@ -81,23 +160,23 @@ def decode(frames: list[bytes]) -> Batch:
         raise WireError(f"unsupported wire version {version}")
     if kind > ENVELOPE or count == 0:
         raise WireError(f"bad batch kind {kind} or count {count}")
-    pubid, sep, source = header[_HEADER_SIZE:].partition(b"\x00")
-    if not sep:
-        raise WireError("header lacks publisher id")
-    try:
-        return Batch(
-            frames[0].decode(),
-            kind,
-            count,
-            seq,
-            time,
-            pubid.decode(),
-            source.decode(),
-            frames[2],
-            frames[3] if len(frames) > 3 else b"",
-        )
-    except UnicodeDecodeError as exc:
-        raise WireError(f"undecodable header: {exc}") from None
+    if not 0.0 <= time < MAX_TIME:  # also false for NaN
+        raise WireError(f"batch time {time!r} out of range")
+    body = frames[2]
+    if count > 1 and body.count(b"\n") != count - 1:
+        raise WireError(f"batch announces {count} events but its body holds another number")
+    topic = _topics.get(frames[0]) or _topic(frames[0])
+    origin = header[_HEADER_SIZE:]
+    pubid, source = _origins.get(origin) or _origin(origin)
+    ext = NO_EXTENSIONS
+    if len(frames) == 4 and frames[3]:
+        ext = _extensions.get(frames[3]) or _extension_frame(frames[3])
+    batch = Batch(topic, kind, count, seq, time, pubid, source, body, ext)
+    if kind == JSON:
+        json_values(batch)
+    elif kind == ENVELOPE:
+        envelopes(batch)
+    return batch
 
 
 def split_body(batch: Batch) -> list[bytes]:
@@ -108,6 +187,30 @@ def split_body(batch: Batch) -> list[bytes]:
     if len(parts) != batch.size:
         raise WireError(f"batch announces {batch.size} events but holds {len(parts)}")
     return parts
+
+
+def json_values(batch: Batch) -> list[Any]:
+    """The payloads of a JSON batch, parsed strictly (see :mod:`attributes`)."""
+    try:
+        return [attributes.loads(part) for part in split_body(batch)]
+    except ValueError as exc:
+        raise WireError(f"bad JSON payload: {exc}") from None
+
+
+def envelopes(batch: Batch) -> list[dict[str, Any]]:
+    """The events of an ENVELOPE batch, parsed and checked; each one's type is the topic."""
+    if batch.size == 1 and b"\n" in batch.body:
+        raise WireError("an envelope spans lines")
+    events = []
+    for line in split_body(batch):
+        try:
+            event = attributes.check_event(attributes.loads(line))
+        except ValueError as exc:
+            raise WireError(f"bad envelope: {exc}") from None
+        if event["type"] != batch.topic:
+            raise WireError("an envelope's type is not the topic it was sent on")
+        events.append(event)
+    return events
 
 
 def take(batches: list[Batch], n: int) -> tuple[list[Batch], int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
@@ -57,18 +58,28 @@ def read(path: str) -> dict[str, Any]:
 
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (TOML files are UTF-8)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
-def settings_for(program: str, paths: list[str]) -> dict[str, Setting]:
+def settings_for(
+    program: str, paths: list[str], tables: Collection[str] | None = None
+) -> dict[str, Setting]:
     """Merge *paths* (lowest first) into the settings that apply to *program*.
 
     Keys are normalised to option names with underscores.  Tables for other
-    programs are ignored; within a file, the program's table beats the
+    programs are ignored (a table that is no program's in *tables* is an
+    error, most likely a typo); within a file, the program's table beats the
     top-level keys.
     """
     merged: dict[str, Setting] = {}
@@ -77,6 +88,12 @@ def settings_for(program: str, paths: list[str]) -> dict[str, Setting]:
         for key, value in doc.items():
             if not isinstance(value, dict):
                 merged[key.replace("-", "_")] = Setting(value, path, key)
+            elif tables is not None and key not in tables and key != program:
+                known = ", ".join(f"[{t}]" for t in sorted(tables))
+                raise ConfigError(
+                    f"{path}:{table_line(path, key)}: unknown table [{key}]; "
+                    f"tables are named after programs: {known}"
+                )
         table = doc.get(program, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}:{key_line(path, program)}: '{program}' must be a table")
@@ -85,11 +102,25 @@ def settings_for(program: str, paths: list[str]) -> dict[str, Setting]:
     return merged
 
 
+def table_line(path: str, name: str) -> int:
+    """Line number of the ``[name]`` header (or ``name = {...}``) in *path* (1 when unknown)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return 1
+    for number, line in enumerate(lines, 1):
+        header = re.match(r"\[+\s*([^\].]+?)\s*[\].]", line.strip())
+        if header and header.group(1).strip("\"'") == name:
+            return number
+    return key_line(path, name)
+
+
 def key_line(path: str, dotted: str) -> int:
     """Line number where *dotted* key is set in *path* (1 when unknown)."""
     section, _, key = dotted.rpartition(".")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8", errors="replace") as fh:
             lines = fh.read().splitlines()
     except OSError:
         return 1

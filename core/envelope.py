@@ -1,23 +1,36 @@
-"""CloudEvents 1.0 structured-mode JSON: what eda-sub prints and eda-pub --envelope reads."""
+"""CloudEvents 1.0 structured-mode JSON: what eda-sub prints and eda-pub --envelope reads.
+
+Every batch reaching this module passed :func:`eda.core.codec.decode`, so its
+header values, extension attributes and payloads are known to be valid; the
+renderers here only assemble them.  Values from the wire always go through a
+JSON encoder (``json.dumps``), once per batch for what the batch shares;
+per event, only the sequence number and the payload are added.
+
+Payloads that are not UTF-8 text are rendered as CloudEvents ``data_base64``
+(with ``datacontenttype`` ``application/octet-stream``), so binary data
+round-trips byte for byte through ``eda-sub | eda-pub --envelope``.
+"""
 
 from __future__ import annotations
 
-import json
+import base64
 import re
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-from . import codec
-from .errors import InputError
+from . import attributes, codec
+from .attributes import CORE_ATTRIBUTES, SEQUENCE
+from .errors import InputError, UsageError
 from .topics import validate_topic
 
-CORE_ATTRIBUTES = frozenset(
-    {"specversion", "id", "source", "type", "time", "datacontenttype", "data", "sequence"}
-)
-CONTENT_TYPES = {codec.TEXT: "text/plain", codec.JSON: "application/json"}
+__all__ = ["CORE_ATTRIBUTES", "SEQUENCE"]
 
-_dumps = json.dumps
+CONTENT_TYPES: Final = {codec.TEXT: "text/plain", codec.JSON: "application/json"}
+BINARY_TYPE: Final = "application/octet-stream"
+
+_dumps = attributes.dumps
 
 
 def rfc3339(ts: float) -> str:
@@ -32,117 +45,125 @@ def batch_to_json_lines(batch: codec.Batch) -> str:
     """Render the events of a batch as CloudEvents JSON lines, each ending in a newline.
 
     Per-event work is one string format: everything shared by the batch is
-    rendered once, and text payloads are escaped per event only when the
-    batch holds a character JSON must escape.  Raises ValueError (WireError
-    included) on a batch whose body does not hold what its header says.
+    encoded once (with ``json.dumps``), and text payloads are escaped per
+    event only when the batch holds a character JSON must escape.
     """
     seq = batch.seq
     if batch.kind == codec.ENVELOPE:
-        out = []
-        for i, event in enumerate(_wire_envelopes(batch)):
-            event["sequence"] = seq + i
-            out.append(_dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
-        return "".join(out)
-    ext = batch.extensions.decode()
-    ext_part = "," + ext[1:-1] if len(ext) > 2 else ""
-    head = '{"specversion":"1.0","id":"' + batch.pubid + "-"
-    middle = (
+        events = codec.envelopes(batch)
+        return "".join([_dumps({**ev, SEQUENCE: seq + i}) + "\n" for i, ev in enumerate(events)])
+    head = '{"specversion":"1.0","id":' + _dumps(batch.pubid + "-")[:-1]
+    shared = (
         '","source":'
         + _dumps(batch.source)
         + ',"type":'
         + _dumps(batch.topic)
         + ',"time":"'
         + rfc3339(batch.time)
-        + '","datacontenttype":"'
-        + CONTENT_TYPES[batch.kind]
-        + '"'
-        + ext_part
-        + ',"sequence":'
+        + '","datacontenttype":'
     )
-    text = batch.body.decode(errors="replace")
-    if batch.size == 1:
-        parts = [text]
-        escape = batch.kind == codec.TEXT and ("\n" in text or _NEEDS_ESCAPE.search(text))
-    else:
-        parts = text.split("\n")
-        if len(parts) != batch.size:
-            raise codec.WireError(f"batch announces {batch.size} events, holds {len(parts)}")
-        escape = batch.kind == codec.TEXT and _NEEDS_ESCAPE.search(text) is not None
+    after = batch.extensions.json + ',"' + SEQUENCE + '":'
+    middle = shared + '"' + CONTENT_TYPES[batch.kind] + '"' + after
     if batch.kind == codec.JSON:
-        parts = _checked_json(parts)
+        text = batch.body.decode()  # checked by decode()
+        if "\n" in text or "\r" in text:
+            parts = [_dumps(v) for v in codec.json_values(batch)]
+        else:
+            parts = text.split("\n") if batch.size > 1 else [text]
         return "".join(
             [f'{head}{seq + i}{middle}{seq + i},"data":{p}}}\n' for i, p in enumerate(parts)]
         )
+    try:
+        text = batch.body.decode()
+    except UnicodeDecodeError:
+        binary = shared + '"' + BINARY_TYPE + '"' + after
+        return _mixed_lines(batch, head, middle, binary)
+    if batch.size == 1:
+        parts = [text]
+        escape = "\n" in text or _NEEDS_ESCAPE.search(text) is not None
+    else:
+        parts = text.split("\n")
+        escape = _NEEDS_ESCAPE.search(text) is not None
     if not escape:
         return "".join(
             [f'{head}{seq + i}{middle}{seq + i},"data":"{p}"}}\n' for i, p in enumerate(parts)]
         )
     return "".join(
-        [
-            f'{head}{seq + i}{middle}{seq + i},"data":{_dumps(p, ensure_ascii=False)}}}\n'
-            for i, p in enumerate(parts)
-        ]
+        [f'{head}{seq + i}{middle}{seq + i},"data":{_dumps(p)}}}\n' for i, p in enumerate(parts)]
     )
 
 
-def _checked_json(parts: list[str]) -> list[str]:
-    """*parts* if each is one JSON value on one line (one parse per batch), else WireError.
-
-    eda-pub sends compact JSON, but any peer on the LAN can send a batch: a
-    bad payload must not become a broken line in the output.
-    """
-    try:
-        values = json.loads("[" + ",".join(parts) + "]")
-    except (ValueError, RecursionError) as exc:
-        raise codec.WireError(f"bad JSON payload on the wire: {exc}") from None
-    if len(values) != len(parts):
-        raise codec.WireError("a JSON payload on the wire holds several values")
-    if any("\n" in p for p in parts):
-        return [_dumps(v, separators=(",", ":"), ensure_ascii=False) for v in values]
-    return parts
+def _mixed_lines(batch: codec.Batch, head: str, middle: str, binary: str) -> str:
+    """Text payloads as ``data``, the others as ``data_base64`` (the slow path)."""
+    out = []
+    for i, part in enumerate(codec.split_body(batch)):
+        seq = batch.seq + i
+        try:
+            out.append(f'{head}{seq}{middle}{seq},"data":{_dumps(part.decode())}}}\n')
+        except UnicodeDecodeError:
+            encoded = base64.b64encode(part).decode("ascii")
+            out.append(f'{head}{seq}{binary}{seq},"data_base64":"{encoded}"}}\n')
+    return "".join(out)
 
 
-def _wire_envelopes(batch: codec.Batch) -> list[dict[str, Any]]:
-    """The envelopes of an ENVELOPE batch; WireError if any is not a JSON object."""
-    try:
-        events = [json.loads(line) for line in codec.split_body(batch)]
-    except (ValueError, RecursionError) as exc:
-        raise codec.WireError(f"bad envelope on the wire: {exc}") from None
-    if not all(isinstance(e, dict) for e in events):
-        raise codec.WireError("an envelope on the wire is not a JSON object")
+def batch_to_events(batch: codec.Batch) -> list[dict[str, Any]]:
+    """The events of a batch as dictionaries (for templates, terminal views and --exec)."""
+    if batch.kind == codec.ENVELOPE:
+        return [{**ev, SEQUENCE: batch.seq + i} for i, ev in enumerate(codec.envelopes(batch))]
+    time = rfc3339(batch.time)
+    content_type = CONTENT_TYPES[batch.kind]
+    ext = batch.extensions.values
+    values: list[Any] = (
+        codec.json_values(batch) if batch.kind == codec.JSON else codec.split_body(batch)
+    )
+    events = []
+    for i, value in enumerate(values):
+        seq = batch.seq + i
+        event: dict[str, Any] = {
+            "specversion": attributes.SPECVERSION,
+            "id": f"{batch.pubid}-{seq}",
+            "source": batch.source,
+            "type": batch.topic,
+            "time": time,
+            "datacontenttype": content_type,
+            **ext,
+            SEQUENCE: seq,
+        }
+        if isinstance(value, bytes):
+            try:
+                event["data"] = value.decode()
+            except UnicodeDecodeError:
+                event["datacontenttype"] = BINARY_TYPE
+                event["data_base64"] = base64.b64encode(value).decode("ascii")
+        else:
+            event["data"] = value
+        events.append(event)
     return events
 
 
-def batch_to_events(batch: codec.Batch) -> Iterator[dict[str, Any]]:
-    """The events of a batch as dictionaries (for templates and terminal views)."""
-    payloads = codec.split_body(batch)
-    if batch.kind == codec.ENVELOPE:
-        for i, event in enumerate(_wire_envelopes(batch)):
-            event["sequence"] = batch.seq + i
-            yield event
-        return
-    shared: dict[str, Any] = {
-        "specversion": "1.0",
-        "source": batch.source,
-        "type": batch.topic,
-        "time": rfc3339(batch.time),
-        "datacontenttype": CONTENT_TYPES[batch.kind],
-    }
-    if batch.extensions:
-        shared.update(json.loads(batch.extensions))
-    for i, p in enumerate(payloads):
-        text = p.decode(errors="replace")
-        data: Any = json.loads(text) if batch.kind == codec.JSON else text
-        seq = batch.seq + i
-        yield {**shared, "id": f"{batch.pubid}-{seq}", "sequence": seq, "data": data}
-
-
 def data_text(event: dict[str, Any]) -> str:
-    """The payload as a line of text: strings as they are, anything else as JSON."""
+    """The payload as a line of text: strings as they are, binary data as its base64
+    text, anything else as JSON."""
+    if "data_base64" in event:
+        return str(event["data_base64"])
     data = event.get("data")
     if isinstance(data, str):
         return data
-    return _dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return attributes.safe_dumps(data)
+
+
+def payload(event: dict[str, Any]) -> bytes:
+    """The payload as bytes (``--raw``): binary data decoded, text as UTF-8, else JSON."""
+    if "data_base64" in event:
+        return base64.b64decode(event["data_base64"])
+    return data_text(event).encode()
+
+
+def batch_payloads(batch: codec.Batch) -> bytes:
+    """The payloads of a batch, one per line (``--raw``)."""
+    if batch.kind != codec.ENVELOPE:
+        return batch.body + b"\n"
+    return b"".join(payload(ev) + b"\n" for ev in codec.envelopes(batch))
 
 
 def parse_envelope(
@@ -150,14 +171,16 @@ def parse_envelope(
 ) -> tuple[str, bytes]:
     """Check one input envelope line; return (topic, compact JSON line).
 
-    The event's own id, source, time, data and extension attributes are kept;
-    *topic*, when given, replaces its type; a missing id or source is filled
-    in from *new_id* and *source*.  ``sequence`` belongs to the hop
-    and is dropped (the publisher stamps its own).
+    The event's own id, source, time, data (or data_base64) and extension
+    attributes are kept; *topic*, when given, replaces its type; a missing
+    id or source is filled in from *new_id* and *source*.  eda's sequence
+    number (``edaseq``, or an integer ``sequence`` as eda before 0.2 printed
+    it) belongs to the hop and is dropped: the publisher stamps its own.  A
+    string ``sequence`` is the CloudEvents sequence extension and is kept.
     """
     try:
-        event = json.loads(line)
-    except (ValueError, RecursionError) as exc:
+        event = attributes.loads(line)
+    except ValueError as exc:
         raise InputError(f"invalid JSON envelope: {exc}", lineno) from None
     if not isinstance(event, dict):
         raise InputError("an envelope must be a JSON object", lineno)
@@ -168,11 +191,122 @@ def parse_envelope(
         raise InputError("envelope has no 'type' (the topic); give TOPIC to set one", lineno)
     try:
         validate_topic(event_type)
-    except Exception as exc:
+    except UsageError as exc:
         raise InputError(str(exc), lineno) from None
-    event.pop("sequence", None)
-    event.setdefault("specversion", "1.0")
+    event.pop(SEQUENCE, None)
+    if isinstance(event.get("sequence"), int):
+        del event["sequence"]
+    event.setdefault("specversion", attributes.SPECVERSION)
     if "id" not in event:
         event["id"] = new_id()
     event.setdefault("source", source)
-    return event_type, _dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        attributes.check_event(event)
+    except ValueError as exc:
+        raise InputError(f"invalid envelope: {exc}", lineno) from None
+    return event_type, _dumps(event).encode()
+
+
+DEDUP_WINDOW: Final = 100_000  # events remembered per publisher and topic, and envelope ids
+_MAX_SCOPES: Final = 10_000  # (source, type, publisher) ranges remembered
+_EDA_ID = re.compile(r"(.+)-(\d+)")
+
+
+class RecentEvents:
+    """The events a subscriber delivered lately, to drop copies that come back.
+
+    CloudEvents identifies an event by ``source`` and ``id``; eda adds
+    ``type`` (a republished event under a new topic is a new event).  An
+    event whose (source, id, type) was delivered within the window is a copy
+    -- such as ``eda-sub 'orders.>' | eda-pub --envelope`` sending every
+    event back to the subscriber that printed it -- and is dropped, so a loop
+    dies after one hop.  Like NATS JetStream's duplicate window, the memory
+    is bounded: the last :data:`DEDUP_WINDOW` events of each publisher and
+    topic (kept as ranges, no per-event cost), and as many envelope ids.
+    """
+
+    def __init__(self, window: int = DEDUP_WINDOW) -> None:
+        self.window = window
+        self.dropped = 0
+        # (source, type, pubid) -> [first, next] sequence numbers delivered
+        self._ranges: dict[tuple[str, str, str], list[int]] = {}
+        self._ids: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # (source, id, type)
+        self._id_scopes: dict[tuple[str, str], int] = {}  # (source, type) -> ids held
+
+    def fresh(self, batch: codec.Batch) -> list[codec.Batch]:
+        """*batch* without the events delivered before (as one batch per run of new ones)."""
+        if batch.kind == codec.ENVELOPE:
+            return self._fresh_envelopes(batch)
+        if (batch.source, batch.topic) in self._id_scopes:
+            keep = [
+                (batch.source, f"{batch.pubid}-{batch.seq + i}", batch.topic) not in self._ids
+                for i in range(batch.size)
+            ]
+            if not all(keep):
+                return self._runs(batch, keep)
+        self._record_range(batch.source, batch.topic, batch.pubid, batch.seq, batch.size)
+        return [batch]
+
+    def _record_range(self, source: str, topic: str, pubid: str, seq: int, size: int) -> None:
+        key = (source, topic, pubid)
+        span = self._ranges.get(key)
+        end = seq + size
+        if span is None or not span[0] <= seq <= span[1]:
+            if span is None and len(self._ranges) >= _MAX_SCOPES:
+                del self._ranges[next(iter(self._ranges))]
+            self._ranges[key] = [seq, end]
+        elif end > span[1]:
+            span[1] = end
+            span[0] = max(span[0], end - self.window)
+
+    def _seen(self, key: tuple[str, str, str]) -> bool:
+        if key in self._ids:
+            return True
+        source, event_id, topic = key
+        match = _EDA_ID.fullmatch(event_id)
+        if match is None:
+            return False
+        span = self._ranges.get((source, topic, match[1]))
+        return span is not None and span[0] <= int(match[2]) < span[1]
+
+    def _remember(self, key: tuple[str, str, str]) -> None:
+        self._ids[key] = None
+        scope = (key[0], key[2])
+        self._id_scopes[scope] = self._id_scopes.get(scope, 0) + 1
+        if len(self._ids) > self.window:
+            old, _ = self._ids.popitem(last=False)
+            old_scope = (old[0], old[2])
+            left = self._id_scopes[old_scope] - 1
+            if left:
+                self._id_scopes[old_scope] = left
+            else:
+                del self._id_scopes[old_scope]
+
+    def _fresh_envelopes(self, batch: codec.Batch) -> list[codec.Batch]:
+        keep = []
+        for event in codec.envelopes(batch):
+            key = (event["source"], event["id"], event["type"])
+            new = not self._seen(key)
+            if new:
+                self._remember(key)
+            keep.append(new)
+        return self._runs(batch, keep) if not all(keep) else [batch]
+
+    def _runs(self, batch: codec.Batch, keep: list[bool]) -> list[codec.Batch]:
+        self.dropped += keep.count(False)
+        parts = codec.split_body(batch)
+        out = []
+        i = 0
+        while i < len(parts):
+            if not keep[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(parts) and keep[j]:
+                j += 1
+            run = batch._replace(seq=batch.seq + i, size=j - i, body=b"\n".join(parts[i:j]))
+            if run.kind != codec.ENVELOPE:
+                self._record_range(run.source, run.topic, run.pubid, run.seq, run.size)
+            out.append(run)
+            i = j
+        return out

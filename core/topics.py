@@ -12,11 +12,25 @@ from collections.abc import Iterable
 
 from .errors import UsageError
 
-_TOKEN = re.compile(r"[^.\s*>\x00]+")
+_TOKEN = re.compile(r"[^.\s*>\x00-\x1f\x7f]+")
+MAX_TOPIC = 255  # bytes of UTF-8, so a topic fits a DNS-SD TXT string
+
+
+def _encoded(text: str, what: str) -> bytes:
+    """*text* as UTF-8; a command-line argument that was not UTF-8 is refused here."""
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise UsageError(f"{what} '{shown}' is not valid UTF-8") from None
+    if len(raw) > MAX_TOPIC:
+        raise UsageError(f"{what} is longer than {MAX_TOPIC} bytes")
+    return raw
 
 
 def validate_topic(topic: str) -> str:
     """Return *topic* if it is a concrete topic, else raise UsageError."""
+    _encoded(topic, "topic")
     if not topic or any(not _TOKEN.fullmatch(tok) for tok in topic.split(".")):
         raise UsageError(
             f"invalid topic {topic!r}: use dot-separated tokens without spaces, '*' or '>'"
@@ -24,8 +38,23 @@ def validate_topic(topic: str) -> str:
     return topic
 
 
+def _mqtt_hint(pattern: str) -> str | None:
+    """The eda pattern for an MQTT-style one (``orders/#`` -> ``orders.>``), if it is one."""
+    tokens = re.split(r"[./]", pattern)
+    if not any(tok in ("#", "+") for tok in tokens):
+        return None
+    return ".".join(">" if tok == "#" else "*" if tok == "+" else tok for tok in tokens)
+
+
 def validate_pattern(pattern: str) -> str:
     """Return *pattern* if well formed, else raise UsageError."""
+    _encoded(pattern, "pattern")
+    hint = _mqtt_hint(pattern)
+    if hint is not None:
+        raise UsageError(
+            f"invalid pattern {pattern!r} (MQTT style): use {hint!r}; eda separates tokens "
+            "with '.', '*' matches one token and a final '>' one or more"
+        )
     tokens = pattern.split(".") if pattern else [""]
     for i, tok in enumerate(tokens):
         if tok == "*" or (tok == ">" and i == len(tokens) - 1) or _TOKEN.fullmatch(tok):

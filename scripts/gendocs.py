@@ -26,24 +26,20 @@ from click.formatting import join_options
 from click.shell_completion import get_completion_class
 
 from eda.cli import PROGRAMS
+from eda.cli.common import EXIT_MEANINGS, SHARED_ENVVARS, assign_envvars
 from eda.core import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPLETIONS = {"bash": "{prog}.bash", "zsh": "_{prog}", "fish": "{prog}.fish"}
 
 EXIT_STATUS = [
-    ("0", "Success."),
-    ("1", "Runtime error (network, I/O, remote refused)."),
-    ("2", "Usage error (bad flag, bad config)."),
-    ("3", "Not found (no such service, no instance, no such transaction)."),
-    ("4", "Timeout reached before the requested work finished."),
-    ("5", "Data loss detected (--strict) or transaction aborted."),
-    ("130", "Interrupted (SIGINT)."),
+    (str(int(code)), meaning[0].upper() + meaning[1:] + ".")
+    for code, meaning in EXIT_MEANINGS.items()
 ]
 ENVIRONMENT = {
-    "EDA_CONFIG": "TOML config file, as -c/--config.",
-    "EDA_INTERFACE": "Network interface (name or IPv4 address), as --interface.",
-    "EDA_NO_MDNS": "Set to 1 to turn mDNS off, as --no-mdns.",
+    SHARED_ENVVARS["--config"]: "TOML config file, as -c/--config.",
+    SHARED_ENVVARS["--interface"]: "Network interface (name or IPv4 address), as --interface.",
+    SHARED_ENVVARS["--no-mdns"]: "Set to 1 to turn mDNS off, as --no-mdns.",
     "XDG_CONFIG_HOME": "Where the user config file lives (default ~/.config).",
     "XDG_CACHE_HOME": "Where the discovery cache lives (default ~/.cache).",
 }
@@ -55,7 +51,11 @@ FILES = [
 PRECEDENCE = (
     "Settings come from, highest first: command-line flags, EDA_* environment variables, "
     "--config FILE, ./eda.toml, $XDG_CONFIG_HOME/eda/config.toml, built-in defaults. "
-    "A file holds shared keys at the top level and per-program tables."
+    "A file holds shared keys at the top level and per-program tables. "
+    "Every option has an environment variable, listed under ENVIRONMENT: "
+    "EDA_<PROGRAM>_<LONG OPTION> (EDA_SUB_TIMEOUT for eda-sub --timeout; for a program "
+    "with subcommands, one variable feeds every subcommand with that option), "
+    "except the options all programs share."
 )
 
 
@@ -206,6 +206,7 @@ def generate() -> dict[str, str]:
     files: dict[str, str] = {}
     for prog, module in sorted(PROGRAMS.items()):
         command: click.Command = importlib.import_module(module).command
+        assign_envvars(command, prog)
         files[f"man/{prog}.1"] = man_page(prog, command)
         for shell, name in COMPLETIONS.items():
             files[f"completions/{name.format(prog=prog)}"] = completion(prog, command, shell)

@@ -1,6 +1,5 @@
 """Config precedence: flag > EDA_* env > --config FILE > ./eda.toml > XDG > default."""
 
-import json
 import os
 
 from tests.helpers import run
@@ -70,7 +69,29 @@ def test_toml_syntax_error_is_one_line_with_position(tmp_path, monkeypatch):
 
 def test_shared_keys_apply_to_every_program_and_other_tables_are_ignored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _write(tmp_path / "eda.toml", "[pub]\nrate = 5.0\n[sub]\ncount = 1\n")
-    sub_result = run("eda-sub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t", "-W", "0.2")
-    assert sub_result.returncode == 4  # [pub] keys did not leak into eda-sub
-    assert json.dumps  # config read without error
+    # the top-level timeout is eda-sub's -W; [pub] has keys eda-sub does not know
+    _write(tmp_path / "eda.toml", "timeout = 0.2\n[pub]\nrate = 5.0\nwait = 1.0\n")
+    sub_result = run("eda-sub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t")
+    assert sub_result.returncode == 4, sub_result.stderr  # the shared key applied
+    assert "no event for 0.2 s" in sub_result.stderr
+    # a key eda-sub does not have, in its own table, is an error: the file was read
+    _write(tmp_path / "eda.toml", "timeout = 0.2\n[pub]\nrate = 5.0\n[sub]\nrate = 5.0\n")
+    sub_result = run("eda-sub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t")
+    assert sub_result.returncode == 2 and "eda.toml:5: key 'sub.rate'" in sub_result.stderr
+
+
+def test_unknown_table_is_refused_naming_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "eda.toml", "interface = '127.0.0.1'\n\n[subb]\nhwm = 5\n")
+    result = _sub_count(tmp_path, "-W", "0.1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("eda-sub: error: eda.toml:3: unknown table [subb]")
+    assert result.stderr.count("\n") == 1 and "[sub]" in result.stderr
+
+
+def test_config_file_that_is_not_utf8_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eda.toml").write_bytes(b"# ok\n[sub]\nformat = '\xff'\n")
+    result = _sub_count(tmp_path, "-W", "0.1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == "eda-sub: error: eda.toml:3: not valid UTF-8 (TOML files are UTF-8)\n"

@@ -204,3 +204,58 @@ def test_console_script_answers_completion_requests(program: str) -> None:
     result = run(str(script), env=request)
     assert result.returncode == 0, result.stderr
     assert "plain,--help" in result.stdout.splitlines()
+
+
+def test_readme_exit_table_is_the_exit_status_enum() -> None:
+    from eda.cli.common import EXIT_MEANINGS, ExitStatus
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Exit codes", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    assert [(int(code), meaning.strip()) for code, meaning in rows] == [
+        (int(code), meaning) for code, meaning in EXIT_MEANINGS.items()
+    ]
+    assert set(EXIT_MEANINGS) == set(ExitStatus)
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_every_option_has_an_environment_variable_the_readme_explains(program: str) -> None:
+    from eda.cli.common import SHARED_ENVVARS, assign_envvars, envvar_prefix
+
+    command = command_of(program)
+    assign_envvars(command, program)
+    readme = (ROOT / "README.md").read_text().split("**Environment variables.**", 1)[1]
+    readme = readme.split("\n\n", 1)[0]
+    man = man_text(program).split(".SH ENVIRONMENT", 1)[1]
+    for _, cmd in commands(program):
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or not param.expose_value:
+                continue
+            long = next(opt for opt in param.opts if opt.startswith("--"))
+            rule = f"{envvar_prefix(program)}_{long[2:].replace('-', '_').upper()}"
+            assert param.envvar, f"{program} {long} has no environment variable"
+            if param.envvar != rule:  # an exception: named in the README
+                assert f"`{param.envvar}`" in readme, f"{param.envvar} ({long}) not in README"
+            assert param.envvar in man, f"{param.envvar} not in man/{program}.1"
+    assert all(f"`{name}`" in readme for name in SHARED_ENVVARS.values())
+
+
+def test_environment_variables_sit_between_flags_and_config(tmp_path: Path) -> None:
+    (tmp_path / "eda.toml").write_text("[sub]\ntimeout = 30\n")
+    argv = [sys.executable, "-m", "eda.cli.sub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t"]
+    env = {**os.environ, "EDA_SUB_TIMEOUT": "0.2"}
+    by_env = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert by_env.returncode == 4 and "no event for 0.2 s" in by_env.stderr  # env beats the file
+    by_flag = subprocess.run(
+        [*argv, "-W", "0.1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert by_flag.returncode == 4 and "no event for 0.1 s" in by_flag.stderr  # the flag beats env
+    bad = subprocess.run(
+        argv,
+        cwd=tmp_path,
+        env={**env, "EDA_SUB_HWM": "lots"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "hwm" in bad.stderr.lower()

@@ -24,7 +24,7 @@ def test_stdin_lines_are_events_and_blank_lines_are_skipped(procs):
     assert sub.wait() == 0
     got = events(sub)
     assert [e["data"] for e in got] == ["first", "second", "third"]
-    assert [e["sequence"] for e in got] == [1, 2, 3]
+    assert [e["edaseq"] for e in got] == [1, 2, 3]
     assert len({e["id"] for e in got}) == 3
 
 
@@ -106,7 +106,7 @@ def test_patterns_filter_topics(procs):
 
 def test_raw_and_format_outputs(procs):
     raw = procs.sub_ready("t", "-C", "2", "--raw")
-    fmt = procs.sub_ready("t", "-C", "2", "--format", "{sequence}\\t{topic}\\t{data}\\t{missing}")
+    fmt = procs.sub_ready("t", "-C", "2", "--format", "{edaseq}\\t{topic}\\t{data}\\t{subject}")
     assert run("eda-pub", "t", "--json", '{"a":1}', '"s"').returncode == 0
     assert raw.wait() == 0 and fmt.wait() == 0
     assert raw.lines() == ['{"a":1}', '"s"']
@@ -353,10 +353,10 @@ def test_bad_format_templates_are_one_line_usage_errors(procs):
     result = run("eda-sub", "t", "--format", "{unclosed")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("eda-sub: error: --format '{unclosed'")
-    sub = procs.sub_ready("t", "--format", "{sequence[0]}")
+    sub = procs.sub_ready("t", "--format", "{edaseq[0]}")
     assert run("eda-pub", "t", "x").returncode == 0
     assert sub.wait() == 2
-    assert "eda-sub: error: --format '{sequence[0]}'" in sub.stderr and "Traceback" not in sub.stderr
+    assert "eda-sub: error: --format '{edaseq[0]}'" in sub.stderr and "Traceback" not in sub.stderr
 
 
 def test_absurdly_nested_json_is_one_rejected_line(procs):
@@ -382,7 +382,7 @@ def test_crafted_envelope_batches_do_not_kill_a_subscriber(procs):
             return "malformed" in sub.stderr
         wait_until(rejected, 15, "malformed report")
         good = codec.encode_header(codec.ENVELOPE, 1, 3, 0.0, origin)
-        rogue.send_multipart([b"t", good, b'{"type":"t","data":"fine"}'])
+        rogue.send_multipart([b"t", good, b'{"specversion":"1.0","id":"1","source":"r","type":"t","data":"fine"}'])
         assert sub.wait() == 0
     finally:
         rogue.close(0)

@@ -71,3 +71,33 @@ def test_zmq_prefix_never_filters_out_a_match(pattern_topic, topic):
     for pattern in (pattern_topic, pattern_topic.split(".")[0] + ".>"):
         if Matcher([pattern])(topic):
             assert topic.startswith(subscription_prefix(pattern))
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "eda"),
+    [
+        ("orders.#", "orders.>"),
+        ("orders/#", "orders.>"),
+        ("orders/+", "orders.*"),
+        ("+/x/#", "*.x.>"),
+    ],
+)
+def test_mqtt_style_patterns_are_refused_with_the_eda_spelling(mqtt, eda):
+    with pytest.raises(UsageError) as info:
+        validate_pattern(mqtt)
+    assert f"use {eda!r}" in str(info.value)
+
+
+@pytest.mark.parametrize("check", [validate_topic, validate_pattern])
+def test_arguments_that_were_not_utf8_are_refused(check):
+    undecodable = b"orders.\xff".decode("utf-8", "surrogateescape")  # as Python hands argv over
+    with pytest.raises(UsageError) as info:
+        check(undecodable)
+    assert "not valid UTF-8" in str(info.value) and "\\xff" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["a\x1b[2J", "a\nb", "x" * 256, "é" * 128])
+def test_control_characters_and_overlong_topics_are_refused(bad):
+    with pytest.raises(UsageError):
+        validate_topic(bad)
+    validate_topic("é" * 127)  # 254 bytes: fits
