@@ -126,13 +126,17 @@ def command(
         hwm=hwm,
         on_loss=on_loss,
         on_connect=lambda peer: ctx.debug(f"connected to publisher {peer.id} at {peer.endpoint}"),
+        on_unreachable=lambda endpoint, refused: ctx.warn(
+            f"warning: --connect {endpoint}: {'connection refused' if refused else 'no answer'}"
+            " so far; still trying"
+        ),
     )
     render = _renderer(raw, template, force_json, exec_cmd)
     try:
         for endpoint in binds:
             ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
         for endpoint in connects:
-            sub.connect(endpoint)
+            sub.connect(endpoint, watch=True)
         if not no_mdns:
             sub.bind_for_announce()
             sub.announce(
