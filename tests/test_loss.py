@@ -138,10 +138,10 @@ def test_a_subscriber_that_never_confirms_makes_eda_pub_exit_4(
 def test_confirmed_delivery_exits_zero_and_quickly(procs: Procs) -> None:
     sub = procs.sub_ready("ok", "-C", "3")
     start = time.monotonic()
-    result = run("eda-pub", "ok", "a", "b", "c")
+    result = run("eda-pub", "--linger", "60", "ok", "a", "b", "c")
     assert result.returncode == 0 and result.stderr == ""
-    # the acknowledgement, not the 5 s linger, ended the wait (generous bound)
-    assert time.monotonic() - start < 4.5
+    # the acknowledgement, not the 60 s linger, ended the wait (a generous bound)
+    assert time.monotonic() - start < 30
     assert sub.wait() == 0 and len(sub.lines()) == 3
 
 
@@ -255,9 +255,9 @@ def test_block_survives_a_subscriber_killed_with_sigkill(procs: Procs, tmp_path:
             # eda-pub blocks on the stuck subscriber; kill it as a crash would
             stuck.popen.kill()
             stuck.popen.wait(10)
-            pub.wait_stderr(rf"subscriber {stuck_id} is gone", 30)
-            feeder.join(120)
+            feeder.join(90)
             assert not feeder.is_alive(), "eda-pub hangs on the killed subscriber"
+            pub.wait_stderr(rf"subscriber {stuck_id} is gone", 30)
             os.write(writer, b"after the kill\n")
             wait_until(lambda: good.stdout.endswith("after the kill\n"), 60, "the feed going on")
         finally:
