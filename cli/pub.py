@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import EXIT_ERROR, EXIT_TIMEOUT, Context, Exit, common_options, run
-from eda.core.errors import InputError, UsageError
+from eda.cli.common import (
+    EXIT_ERROR,
+    EXIT_LOSS,
+    EXIT_TIMEOUT,
+    Context,
+    Exit,
+    common_options,
+    run,
+)
+from eda.core.errors import EdaError, InputError, UsageError
 from eda.core.topics import validate_topic
+
+if TYPE_CHECKING:
+    from eda.core.pubsub import Departure, Outcome
 
 ANNOUNCE_AFTER = 0.5  # a feed still running after this long announces itself
 
@@ -173,28 +185,42 @@ def command(
     iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
+    pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
     rejected = 0
+    failed = False  # some subscriber we knew of did not get (or confirm) everything
+    outcome = None
     try:
         for endpoint in binds:
             ctx.debug(f"listening on {pub.bind(endpoint)}")
         for endpoint in connects:
-            pub.connect(endpoint)
+            pub.connect(endpoint, watch=True)
         expected: set[str] = set()
         if not no_mdns:
             expected = pub.connect_subscribers(discover_timeout)
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
         missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
         short = len(pub.subscribers) < wait_subscribers
-        if missing or short:
+        for subid in sorted(missing):
+            ctx.warn(
+                f"warning: subscriber {subid} (found by mDNS) not ready after {wait_seconds:g}s;"
+                " events sent before it is ready do not reach it"
+            )
+        for endpoint, refused in pub.unready():
+            why = "connection refused" if refused else "no answer"
+            ctx.warn(
+                f"warning: --connect {endpoint}: {why} after {wait_seconds:g}s;"
+                " events sent before it answers do not reach it"
+            )
+            failed = True
+        failed = failed or bool(missing)
+        if short:
             ctx.warn(f"only {len(pub.subscribers)} subscriber(s) ready after {wait_seconds:g}s")
         kind = codec.JSON if json_mode else codec.TEXT
         if messages:
             raw = [m.encode(errors="surrogateescape") for m in messages]
             rejected = feed.send_arguments(pub, topic or "", raw, kind, reject)
         elif whole:
-            rejected = feed.send_arguments(
-                pub, topic or "", [sys.stdin.buffer.read()], kind, reject
-            )
+            rejected = feed.send_arguments(pub, topic or "", [_whole_stdin()], kind, reject)
         else:
             feeder = feed.Feeder(
                 pub, topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject
@@ -212,13 +238,48 @@ def command(
                     bar.stop()
             rejected = feeder.rejected
         ctx.debug(f"sent {pub.total_sent} event(s)")
+        started = time.monotonic()
+        outcome = pub.finish(linger)
+        linger = max(0.0, linger - (time.monotonic() - started))
     finally:
         pub.close(linger)
+    if outcome is not None:
+        _report(ctx, outcome)
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
         raise Exit(EXIT_ERROR)
-    if (missing or short) and wait_subscribers:
+    if outcome is not None and outcome.lost:
+        raise Exit(EXIT_LOSS)
+    if failed or (short and wait_subscribers) or (outcome is not None and not outcome.clean):
         raise Exit(EXIT_TIMEOUT)
+
+
+def _whole_stdin() -> bytes:
+    """All of stdin for -s; empty stdin is an error (there is no event to send)."""
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise EdaError("stdin is empty: -s/--whole has no event to send")
+    return data
+
+
+def _gone_text(gone: Departure) -> str:
+    return (
+        f"subscriber {gone.subid} is gone (connection lost, not back within"
+        f" {gone.after:.0f}s): it missed the {gone.sent_after} event(s) sent since,"
+        f" and any of the {gone.sent_before} before that still queued for it"
+    )
+
+
+def _report(ctx: Context, outcome: Outcome) -> None:
+    """Say which subscribers lost events or did not confirm the end of the stream."""
+    for subid, n in sorted(outcome.lost.items()):
+        ctx.warn(f"warning: subscriber {subid} lost {n} event(s)")
+    for subid, n in sorted(outcome.unconfirmed.items()):
+        ctx.warn(
+            f"warning: subscriber {subid} did not confirm receipt within the linger"
+            f" ({n} event(s) sent to it may be lost)"
+        )
+    # (subscribers that went away were reported by on_gone as it happened)
 
 
 def _progress_bar(fd: int) -> Any:

@@ -130,13 +130,17 @@ def command(
         on_connect=lambda peer: ctx.debug(
             f"connected to publisher {for_terminal(peer.id)} at {for_terminal(peer.endpoint)}"
         ),
+        on_unreachable=lambda endpoint, refused: ctx.warn(
+            f"warning: --connect {endpoint}: {'connection refused' if refused else 'no answer'}"
+            " so far; still trying"
+        ),
     )
     status: int = ExitStatus.OK
     try:
         for endpoint in binds:
             ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
         for endpoint in connects:
-            sub.connect(endpoint)
+            sub.connect(endpoint, watch=True)
         if not no_mdns:
             sub.bind_for_announce()
             sub.announce(

@@ -227,3 +227,17 @@ def take(batches: list[Batch], n: int) -> tuple[list[Batch], int]:
             out.append(batch._replace(size=n, body=b"\n".join(parts)))
             n = 0
     return out, n
+
+
+# -- end of stream, acknowledgement, goodbye (protocol in eda.core.pubsub) ------
+# Frame 0 of an end-of-stream message is BEACON_PREFIX + subid, so it reaches
+# that one subscriber; frame 1 is END_MARK; frame 2 a JSON object
+# {"p": pubid, "s": source, "t": {topic: [first sequence due, next sequence]}}.
+END_MARK: Final = b"eda-end/1"
+MAX_END_BYTES: Final = 1 << 22  # a larger end-of-stream message is malformed
+# A subscriber "sends" by subscribing (XPUB_VERBOSE hands subscriptions up):
+ACK_PREFIX: Final = b"\x00A"  # + b"<pubid> <subid> <lost>": end of stream confirmed
+BYE_PREFIX: Final = b"\x00B"  # + b"<subid>": leaving on purpose (-C, SIGINT, SIGTERM)
+# A batch of several events holds at most about this many bytes (the feed's
+# read size); a subscriber's queue bound in bytes is derived from it.
+MAX_BATCH_BYTES: Final = 1 << 17

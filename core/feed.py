@@ -21,7 +21,7 @@ from .envelope import parse_envelope
 from .errors import InputError
 from .pubsub import Publisher
 
-CHUNK = 1 << 17
+CHUNK = codec.MAX_BATCH_BYTES  # one read, one batch: a batch of many events stays this small
 
 RejectCallback = Callable[[InputError], None]
 

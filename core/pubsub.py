@@ -9,44 +9,144 @@ connect to it.  The welcome message and beacon subscriptions of
 :mod:`eda.core.codec` tell each side who is already connected to it, so a
 pair never ends up with two connections; sequence numbers drop any
 duplicate that a race still lets through.
+
+Loss is accounted on both sides (README, "Loss is never silent"):
+
+* Publisher sockets set ``ZMQ_IMMEDIATE`` and ZMTP heartbeats, so a
+  subscriber whose connection drops (killed, or silent for ``GONE_AFTER``
+  seconds) loses its queue at once instead of blocking ``--block`` forever.
+  XPUB then hands up the removal of that subscriber's beacon subscription,
+  which tells the publisher *who* went; unless it is back within
+  ``GONE_GRACE`` seconds it is reported with the number of events it missed.
+* At the end, :meth:`Publisher.finish` sends every subscriber an
+  end-of-stream message (addressed by its beacon, so only it receives it)
+  carrying, per topic, the first sequence due to it (when it joined) and the
+  next sequence.  The subscriber reports any head or tail gap it shows and
+  acknowledges by subscribing to ``\\0A<pubid> <subid> <lost>`` (and
+  unsubscribing at once).  The end is resent until acknowledged or the
+  linger runs out; what was not confirmed is reported by the publisher.
+* A subscriber that leaves on purpose (``-C``, SIGINT) says goodbye
+  (``\\0B<subid>``), so its departure is not reported as loss.
+
+None of this touches the per-event path: it costs one message per subscriber
+at the end and a few control messages when subscribers come and go.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import queue
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from . import codec, discovery
-from .errors import UsageError
+from .errors import EdaError, UsageError
 from .topics import Matcher
 
 LossCallback = Callable[[str, str, int], None]
+
+GONE_AFTER = 10.0  # s: a subscriber that sends nothing (not even heartbeats) this long is cut off
+GONE_GRACE = 3.0  # s: a subscriber whose connection dropped and is not back by then is reported
+HEARTBEAT_IVL = 1.0  # s: ZMTP PING interval on both sides
+END_RESEND = 0.25  # s: an unconfirmed end-of-stream message is sent again this often
+CLOSE_LINGER = 0.5  # s: a closing subscriber's goodbye gets this long to leave
+UNREADY_AFTER = 3.0  # s: an explicit --connect with no handshake by then is reported
+QUEUE_BYTES = 64 << 20  # a subscriber queues at most about this many bytes of batches
+MAX_EVENTS_PER_RECEIVE = 1 << 16  # Subscriber.receive returns about this many events at most
+_RECV_HWM_CAP = max(16, QUEUE_BYTES // codec.MAX_BATCH_BYTES)
 
 
 def new_id() -> str:
     return secrets.token_hex(4)
 
 
+# bind/connect errors that come from the machine or network, not from the caller's syntax
+_RUNTIME_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV}
+
+
 def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
-        raise UsageError(f"cannot bind {endpoint}: {exc}") from None
+        error = EdaError if exc.errno in _RUNTIME_ERRNOS else UsageError
+        raise error(f"cannot bind {endpoint}: {exc}") from None
     return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
+def _check_resolvable(endpoint: str) -> None:
+    """Resolve a tcp:// host name now: ZeroMQ would retry an unknown name silently forever."""
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme != "tcp" or not sep:
+        return
+    host, _, port = rest.rpartition(":")
+    host = host.split(";")[-1].strip("[]")  # tcp://source;host:port
+    if not host or host == "*" or not port.isdigit():
+        return
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise EdaError(f"cannot connect to {endpoint}: cannot resolve {host!r}: {reason}") from None
+
+
 def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    _check_resolvable(endpoint)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         raise UsageError(f"cannot connect to {endpoint}: {exc}") from None
+
+
+class _Watch:
+    """Explicitly given endpoints, followed by a socket monitor until each completes a
+    ZMTP handshake (a closed port or a stalled peer never does)."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self._sock = sock
+        self._mon: zmq.Socket[bytes] | None = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+        )
+        self.since: dict[str, float] = {}  # endpoint -> when connected; gone once it answered
+        self.refused: set[str] = set()
+        self.reported: set[str] = set()
+
+    def add(self, endpoint: str) -> None:
+        self.since.setdefault(endpoint, time.monotonic())
+
+    def update(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        mon = self._mon
+        while mon is not None and mon.poll(0):
+            event = recv_monitor_message(mon)
+            endpoint = event["endpoint"].decode(errors="replace")
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.since.pop(endpoint, None)
+                self.refused.discard(endpoint)
+            elif endpoint in self.since:
+                self.refused.add(endpoint)
+        if mon is not None and not self.since:
+            self.close()  # everything answered: no more monitoring cost
+
+    def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:
+        """(endpoint, refused) for endpoints without a handshake for *older_than* seconds."""
+        self.update()
+        now = time.monotonic()
+        return [(ep, ep in self.refused) for ep, t in self.since.items() if now - t >= older_than]
+
+    def close(self) -> None:
+        if self._mon is not None:
+            self._sock.disable_monitor()
+            self._mon.close(0)
+            self._mon = None
 
 
 def ephemeral_endpoint(interface: str | None) -> str:
@@ -64,9 +164,13 @@ class _Node:
     announce_type = ""  # DNS-SD type this node announces
     browse_type = ""  # DNS-SD type of the peers it looks for
 
-    def __init__(self, sock: zmq.Socket[bytes], interface: str | None) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], sock: zmq.Socket[bytes], interface: str | None
+    ) -> None:
         self.id = new_id()
+        self.ctx = ctx  # one context per node: closing one never waits for another's sockets
         self.sock = sock
+        self._watch: _Watch | None = None
         self.interface = interface
         self.endpoints: list[str] = []
         self.linked: set[str] = set()  # peer ids known to be connected to us
@@ -80,10 +184,23 @@ class _Node:
         self.endpoints.append(real)
         return real
 
-    def connect(self, endpoint: str) -> None:
+    def connect(self, endpoint: str, *, watch: bool = False) -> None:
+        """Connect to *endpoint*; with *watch*, follow it until it answers (see :meth:`unready`).
+
+        A host name that does not resolve is an EdaError at once.
+        """
         if endpoint not in self._connected:
+            if watch and self._watch is None:
+                self._watch = _Watch(self.sock)
             _connect(self.sock, endpoint)
             self._connected.add(endpoint)
+            if watch and self._watch is not None:
+                self._watch.add(endpoint)
+
+    def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:
+        """Watched endpoints that have not completed a handshake within *older_than*
+        seconds of connecting, as (endpoint, connection refused)."""
+        return self._watch.unready(older_than) if self._watch is not None else []
 
     def bind_for_announce(self) -> None:
         """Bind the port :meth:`announce` will announce (from the socket's thread)."""
@@ -118,9 +235,34 @@ class _Node:
         """Withdraw from mDNS; hand queued messages to the network (at most *linger* s)."""
         if self._discovery is not None:
             self._discovery.close()
+        if self._watch is not None:
+            self._watch.close()
         self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
         self.sock.close()
-        zmq.Context.instance().term()  # returns once queued messages left or linger ran out
+        self.ctx.term()  # this node's context only: returns once its queue left or linger ran out
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A subscriber whose connection dropped and did not come back."""
+
+    subid: str
+    after: float  # seconds since its connection dropped
+    sent_before: int  # events sent between its joining and the drop (the last of them may be lost)
+    sent_after: int  # events sent since (none of them reached it)
+
+
+@dataclass
+class Outcome:
+    """What :meth:`Publisher.finish` found out about each subscriber."""
+
+    lost: dict[str, int] = field(default_factory=dict)  # subid -> events it confirmed lost
+    unconfirmed: dict[str, int] = field(default_factory=dict)  # subid -> events due to it
+    gone: list[Departure] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost or self.unconfirmed or self.gone)
 
 
 class Publisher(_Node):
@@ -138,8 +280,9 @@ class Publisher(_Node):
         hwm: int = 10_000,
         block: bool = False,
     ) -> None:
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
-        super().__init__(sock, interface)
+        ctx: zmq.Context[Any] = zmq.Context()
+        sock: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
+        super().__init__(ctx, sock, interface)
         self.pubid = self.id
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
         self._origin = codec.encode_origin(self.pubid, self.source)
@@ -149,10 +292,22 @@ class Publisher(_Node):
         self.subscribers = self.linked  # ids whose beacon arrived
         # called with a subscriber's id once its subscriptions have arrived
         self.on_subscriber: Callable[[str], None] | None = None
+        # called with a departed subscriber's record once it is reported gone
+        self.on_gone: Callable[[Departure], None] | None = None
+        self._joined: dict[str, dict[str, int]] = {}  # subid -> next sequences when it joined
+        self._acks: dict[str, int] = {}  # subid -> events it confirmed lost
+        self._left: set[str] = set()  # subscribers that said goodbye
+        self._dropped: dict[str, tuple[float, int]] = {}  # subid -> (when, total_sent then)
+        self.gone: list[Departure] = []  # subscribers reported gone
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.pubid.encode())
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.XPUB_NODROP, int(block))
+        # queue only to live connections: a dropped subscriber's queue goes with it,
+        # so --block cannot wait forever on a dead peer (and XPUB reports who left)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(GONE_AFTER * 1000))
         sock.setsockopt(zmq.LINGER, 0)
 
     def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
@@ -166,20 +321,54 @@ class Publisher(_Node):
         return ids
 
     def service(self) -> None:
-        """Read subscription messages and act on newly discovered subscribers."""
+        """Read subscription messages: subscribers joining, leaving, confirming."""
         sock = self.sock
         while True:
             try:
                 msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if msg[:1] == b"\x01" and msg[1:3] == codec.BEACON_PREFIX:
-                subid = msg[3:].decode(errors="replace")
-                if subid not in self.subscribers:
-                    self.subscribers.add(subid)
-                    if self.on_subscriber is not None:
-                        self.on_subscriber(subid)
+            if msg[1:2] == b"\x00":  # a control subscription; topics never start with NUL
+                self._control(msg[:1] == b"\x01", msg[1:3], msg[3:])
+        if self._dropped:
+            self._report_gone(GONE_GRACE)
         self.connect_discovered()
+
+    def _control(self, subscribe: bool, tag: bytes, rest: bytes) -> None:
+        text = rest.decode(errors="replace")
+        if tag == codec.BEACON_PREFIX:
+            if subscribe:
+                self._dropped.pop(text, None)  # (back within the grace period: not reported)
+                if text not in self.subscribers and text not in self._left:
+                    self.subscribers.add(text)
+                    self._joined[text] = dict(self._seq)
+                    if self.on_subscriber is not None:
+                        self.on_subscriber(text)
+            elif text in self._left:
+                self.subscribers.discard(text)
+            elif text in self.subscribers:
+                self._dropped.setdefault(text, (time.monotonic(), self.total_sent))
+        elif subscribe and tag == codec.BYE_PREFIX:
+            self._left.add(text)
+            self._dropped.pop(text, None)
+        elif subscribe and tag == codec.ACK_PREFIX:
+            pubid, subid, lost = [*text.split(" "), "", ""][:3]
+            if pubid == self.pubid and subid in self.subscribers and lost.isdigit():
+                self._acks[subid] = min(int(lost), 1 << 62)
+
+    def _report_gone(self, grace: float) -> None:
+        """Report subscribers whose connection dropped *grace* seconds ago and did not return."""
+        now = time.monotonic()
+        for subid, (since, sent) in list(self._dropped.items()):
+            if now - since < grace:
+                continue
+            del self._dropped[subid]
+            self.subscribers.discard(subid)
+            joined = sum(self._joined.get(subid, {}).values()) - len(self._joined.get(subid, {}))
+            departure = Departure(subid, now - since, sent - joined, self.total_sent - sent)
+            self.gone.append(departure)
+            if self.on_gone is not None:
+                self.on_gone(departure)
 
     def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:
         """Wait until the subscribers *ids* (and at least *count* in all) are connected.
@@ -220,6 +409,57 @@ class Publisher(_Node):
     def total_sent(self) -> int:
         return sum(self._seq.values()) - len(self._seq)
 
+    # -- the end of the stream ----------------------------------------------------
+    def _due(self, subid: str) -> dict[str, list[int]]:
+        """Per topic sent since *subid* joined: [first sequence due to it, next sequence]."""
+        joined = self._joined.get(subid, {})
+        return {
+            topic: [joined.get(topic, 1), nxt]
+            for topic, nxt in self._seq.items()
+            if nxt > joined.get(topic, 1)
+        }
+
+    def _send_end(self, subid: str) -> None:
+        payload = {"p": self.pubid, "s": self.source, "t": self._due(subid)}
+        frames = [
+            codec.BEACON_PREFIX + subid.encode(),
+            codec.END_MARK,
+            json.dumps(payload, separators=(",", ":")).encode(),
+        ]
+        with contextlib.suppress(zmq.Again):  # --block, queue full: again next round
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+
+    def finish(self, linger: float) -> Outcome:
+        """End the stream: wait up to *linger* seconds until every subscriber confirmed it.
+
+        An acknowledgement comes after everything sent before it (one
+        connection keeps order), so a confirmed subscriber has nothing queued
+        any more and reports exactly what it lost.
+        """
+        deadline = time.monotonic() + linger
+        pending = set(self.subscribers) - self._left
+        resend = 0.0
+        while True:
+            self.service()
+            pending -= self._left | self._acks.keys()
+            pending &= self.subscribers | self._dropped.keys()
+            now = time.monotonic()
+            if not pending or now >= deadline:
+                break
+            if now >= resend:
+                for subid in pending - self._dropped.keys():
+                    self._send_end(subid)
+                resend = now + END_RESEND
+            self.sock.poll(max(1, int(min(deadline - now, resend - now, 0.05) * 1000)))
+        self._report_gone(0.0)
+        unconfirmed = {
+            subid: sum(n - first for first, n in self._due(subid).values())
+            for subid in pending
+            if subid in self.subscribers
+        }
+        lost = {subid: n for subid, n in self._acks.items() if n}
+        return Outcome(lost, unconfirmed, list(self.gone))
+
 
 class Subscriber(_Node):
     """A SUB socket that yields accepted batches, reporting gaps and dropping duplicates."""
@@ -235,17 +475,32 @@ class Subscriber(_Node):
         hwm: int = 10_000,
         on_loss: LossCallback | None = None,
         on_connect: Callable[[discovery.Peer], None] | None = None,
+        on_unreachable: Callable[[str, bool], None] | None = None,
     ) -> None:
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
-        super().__init__(sock, interface)
+        ctx: zmq.Context[Any] = zmq.Context()
+        sock: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+        super().__init__(ctx, sock, interface)
         self.matcher = Matcher(patterns)
         self.on_connect = on_connect
         self.subid = self.id
         self.on_loss = on_loss
+        # called once per watched endpoint (connect(..., watch=True)) that has not
+        # answered UNREADY_AFTER seconds after connecting, with "connection refused"
+        self.on_unreachable = on_unreachable
         self.malformed = 0
         self.publishers = self.linked  # pubids whose welcome arrived
         self._next: dict[tuple[str, str], int] = {}
-        sock.setsockopt(zmq.RCVHWM, hwm)
+        self._first: dict[tuple[str, str], int] = {}  # first sequence seen per key
+        self._lost: dict[str, int] = {}  # pubid -> events lost in gaps so far
+        self._ended: dict[str, int] = {}  # pubid -> events lost, once its end of stream came
+        # the queue is bounded in bytes too: a batch of many small events is up to
+        # codec.MAX_BATCH_BYTES, so --hwm batches of any size cannot take gigabytes
+        sock.setsockopt(zmq.RCVHWM, min(hwm, _RECV_HWM_CAP))
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # subscriptions (and the goodbye) go to live peers only
+        # PINGs prove to a publisher whose queue to us is stuck that we are alive;
+        # we never time a publisher out (its PONGs may wait behind our full queue)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
         sock.setsockopt(zmq.LINGER, 0)
         for prefix in self.matcher.prefixes():
             sock.subscribe(prefix.encode())
@@ -254,27 +509,42 @@ class Subscriber(_Node):
 
     def poll(self, timeout: float | None) -> bool:
         """Wait up to *timeout* seconds (None: forever) for a message."""
-        self.connect_discovered()
+        self._housekeeping()
         if timeout is None:
             while not self.sock.poll(100):
-                self.connect_discovered()
+                self._housekeeping()
             return True
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if self.sock.poll(max(0, int(min(left, 0.1) * 1000))):
                 return True
-            self.connect_discovered()
+            self._housekeeping()
             if left <= 0.1:
                 return bool(self.sock.poll(0))
 
-    def receive(self, max_messages: int = 256) -> list[codec.Batch]:
-        """Accept every message waiting now (at most *max_messages*), without blocking."""
+    def _housekeeping(self) -> None:
+        self.connect_discovered()
+        if self._watch is not None and self.on_unreachable is not None:
+            for endpoint, refused in self._watch.unready(UNREADY_AFTER):
+                if endpoint not in self._watch.reported:
+                    self._watch.reported.add(endpoint)
+                    self.on_unreachable(endpoint, refused)
+
+    def receive(
+        self, max_messages: int = 256, max_events: int = MAX_EVENTS_PER_RECEIVE
+    ) -> list[codec.Batch]:
+        """Accept the messages waiting now, without blocking: at most *max_messages*,
+        and no more once *max_events* events are taken (so output keeps flowing
+        and memory stays bounded under a burst)."""
         out: list[codec.Batch] = []
         recv = self.sock.recv_multipart
         matcher = self.matcher
         nxt = self._next
+        events = 0
         for _ in range(max_messages):
+            if events >= max_events:
+                break
             try:
                 frames = recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -282,6 +552,8 @@ class Subscriber(_Node):
             if frames[0][:1] == b"\x00":
                 if frames[0][:2] == codec.WELCOME_PREFIX:
                     self.publishers.add(frames[0][2:].decode(errors="replace"))
+                elif frames[0][:2] == codec.BEACON_PREFIX:
+                    self._end_of_stream(frames)
                 continue
             try:
                 batch = codec.decode(frames)
@@ -290,12 +562,17 @@ class Subscriber(_Node):
                 continue
             if not matcher(batch.topic):
                 continue
+            events += batch.size
             key = (batch.pubid, batch.topic)
             expected = nxt.get(key)
             nxt[key] = batch.seq + batch.size
-            if expected is None or batch.seq == expected:
+            if batch.seq == expected:
+                out.append(batch)
+            elif expected is None:
+                self._first[key] = batch.seq
                 out.append(batch)
             elif batch.seq > expected:
+                self._lost[batch.pubid] = self._lost.get(batch.pubid, 0) + batch.seq - expected
                 if self.on_loss is not None:
                     self.on_loss(batch.source, batch.topic, batch.seq - expected)
                 out.append(batch)
@@ -305,6 +582,66 @@ class Subscriber(_Node):
                 if trimmed is not None:
                     out.append(trimmed)
         return out
+
+    def _end_of_stream(self, frames: list[bytes]) -> None:
+        """A publisher's end of stream: report head and tail gaps, then acknowledge."""
+        try:
+            pubid, source, due = _parse_end(frames)
+        except ValueError:
+            self.malformed += 1
+            return
+        if pubid not in self._ended:
+            lost = self._lost.pop(pubid, 0)
+            for topic, (first, end) in due.items():
+                if not self.matcher(topic):
+                    continue
+                key = (pubid, topic)
+                got = self._next.get(key)
+                if got is None:
+                    missing = end - first  # not one of them arrived
+                else:
+                    missing = max(0, self._first.get(key, first) - first) + max(0, end - got)
+                if missing > 0:
+                    lost += missing
+                    if self.on_loss is not None:
+                        self.on_loss(source, topic, missing)
+            if len(self._ended) >= 4096:
+                self._ended.pop(next(iter(self._ended)))
+            self._ended[pubid] = lost
+        ack = codec.ACK_PREFIX + f"{pubid} {self.subid} {self._ended[pubid]}".encode()
+        self.sock.subscribe(ack)  # XPUB_VERBOSE hands this to the publisher...
+        self.sock.unsubscribe(ack)  # ...and nothing stays subscribed
+
+    def close(self, linger: float = CLOSE_LINGER) -> None:
+        """Say goodbye to every publisher (leaving on purpose is not loss), then close."""
+        self.sock.subscribe(codec.BYE_PREFIX + self.subid.encode())
+        super().close(linger)
+
+
+def _parse_end(frames: list[bytes]) -> tuple[str, str, dict[str, tuple[int, int]]]:
+    """Validate an end-of-stream message; ValueError when it is not one."""
+    if len(frames) != 3 or frames[1] != codec.END_MARK or len(frames[2]) > codec.MAX_END_BYTES:
+        raise ValueError("not an end-of-stream message")
+    try:
+        value = json.loads(frames[2])
+    except (ValueError, RecursionError):
+        raise ValueError("invalid end-of-stream JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("end of stream is not an object")
+    pubid, source, topics = value.get("p"), value.get("s"), value.get("t")
+    if not isinstance(pubid, str) or not isinstance(source, str) or not isinstance(topics, dict):
+        raise ValueError("end of stream lacks p, s or t")
+    due: dict[str, tuple[int, int]] = {}
+    for topic, pair in topics.items():
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(type(n) is int and 1 <= n < 1 << 63 for n in pair)
+            or pair[0] > pair[1]
+        ):
+            raise ValueError(f"bad sequence range for topic {topic!r}")
+        due[topic] = (pair[0], pair[1])
+    return pubid, source, due
 
 
 def _trim(batch: codec.Batch, first_seq: int) -> codec.Batch | None:
