@@ -228,9 +228,13 @@ def instances_from(records: list[tuple[str, int, object]], service_type: str) ->
 
 
 def query_times(timeout: float) -> list[float]:
-    """When to (re)send the question within *timeout*: about ten times, at least 15 ms apart."""
-    step = max(0.015, timeout / 10)
-    count = max(1, min(10, int(timeout / step + 0.999)))
+    """When to (re)send the question within *timeout*: up to 15 times, at least 10 ms apart.
+
+    At 25% loss each way a question gets its answer back 56% of the time;
+    15 tries miss once in 250,000.  Known answers keep the repeats quiet.
+    """
+    step = max(0.01, timeout / 15)
+    count = max(1, min(15, int(timeout / step + 0.999)))
     return [i * step for i in range(count)]
 
 
