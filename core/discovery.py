@@ -13,7 +13,10 @@ peers that answered before, with their endpoints:
   endpoint succeeds, and forgotten only when the connection fails;
 * every endpoint is checked with a TCP connect (concurrently, bounded in
   time) before it is used, and one that refuses is remembered as dead for a
-  while, so a forged announcement of a dead port costs one probe, not a wait.
+  while (with the peer id it claimed: a new peer on the same port is tried),
+  so a forged announcement of a dead port costs one probe, not a wait; one
+  that does not answer the probe in time costs :data:`PROBE_TIMEOUT` and is
+  reported as unreachable.
 
 What a hostile LAN can make a browsing process do is bounded: names are
 resolved by a small pool of threads from a bounded queue (a name that does
@@ -49,7 +52,7 @@ TXT_LIMIT = 200  # RFC 6763 6.2: keep each TXT string well under 255 bytes
 
 PROBE_TIMEOUT = 0.25  # a TCP connect on a LAN takes a millisecond
 MAX_PROBES = 64  # endpoints probed at once
-DEAD_FOR = 30.0  # seconds an endpoint that refused (or did not answer) is skipped
+DEAD_FOR = 30.0  # seconds an endpoint that refused a connection is skipped (same peer id)
 CACHE_TTL = 3600.0  # a cached peer not confirmed for this long is forgotten
 CACHE_MAX = 64  # peers remembered per service type
 DEAD_KEY = "dead-endpoints"
@@ -181,18 +184,25 @@ def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str,
     return result
 
 
-def _dead_endpoints(now: float) -> dict[str, float]:
-    dead: dict[str, float] = {}
+Dead = dict[tuple[str, str], float]  # (endpoint, peer id) -> until (wall clock)
+
+
+def _dead_endpoints(now: float) -> Dead:
+    dead: Dead = {}
     for entry in cache.cached_entries(DEAD_KEY):
         until = entry.get("until")
         if isinstance(until, (int, float)) and until > now:
-            dead[str(entry.get("endpoint"))] = float(until)
+            dead[(str(entry.get("endpoint")), str(entry.get("id")))] = float(until)
     return dead
 
 
-def _remember_dead(dead: dict[str, float]) -> None:
+def _remember_dead(dead: Dead) -> None:
     latest = sorted(dead.items(), key=lambda kv: -kv[1])[: 4 * CACHE_MAX]
-    cache.remember_entries(DEAD_KEY, [{"endpoint": e, "until": u} for e, u in latest])
+    cache.remember_entries(DEAD_KEY, [{"endpoint": e, "id": i, "until": u} for (e, i), u in latest])
+
+
+def _key(peer: Peer) -> tuple[str, str]:
+    return (peer.endpoint, peer.id)
 
 
 def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]]:
@@ -227,12 +237,12 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
     )
     answered: dict[str, Peer] = {}
     for peer in map(_peer_from_instance, answers):
-        if peer is not None and peer.endpoint not in dead:
+        if peer is not None and _key(peer) not in dead:
             answered[peer.name.lower()] = peer
     silent = {name: entry for name, entry in known.items() if name not in answered}
     alive = probe(
         [p.endpoint for p in answered.values()]
-        + [p.endpoint for p, _ in silent.values() if p.endpoint not in dead]
+        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead]
     )
     found = Found(cached=len(known))
     keep: dict[str, tuple[Peer, float]] = {}
@@ -241,10 +251,10 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         if state:
             found.peers.append(peer)
             keep[name] = (peer, now)
+        elif state is None:
+            found.unreachable.append(peer)  # costs a probe each time, and is reported
         else:
-            dead[peer.endpoint] = now + DEAD_FOR
-            if state is None:
-                found.unreachable.append(peer)
+            dead[_key(peer)] = now + DEAD_FOR  # refused: nobody is there
     for name, (peer, seen) in silent.items():
         state = alive.get(peer.endpoint)
         if state:
@@ -253,7 +263,7 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         elif state is None:
             keep[name] = (peer, seen)  # no answer is not proof: keep it, do not wait for it
         else:
-            dead[peer.endpoint] = now + DEAD_FOR  # refused: forget it
+            dead[_key(peer)] = now + DEAD_FOR  # refused: forget it
     found.peers = list({p.endpoint: p for p in found.peers}.values())  # one per endpoint
     newest = sorted(keep.values(), key=lambda ps: -ps[1])[:CACHE_MAX]
     cache.remember_entries(
@@ -369,12 +379,12 @@ class _Prober:
         self._closed = closed
         self._peers: queue.Queue[tuple[Peer, Callable[[Peer], None]]] = queue.Queue(4 * MAX_PROBES)
         self._thread: threading.Thread | None = None
-        self._dead: dict[str, float] = {}
+        self._dead: dict[tuple[str, str], float] = {}  # refused (endpoint, id) -> until
         self.dropped = 0
         self.refused = 0
 
     def submit(self, peer: Peer, done: Callable[[Peer], None]) -> None:
-        if self._dead.get(peer.endpoint, 0.0) > time.monotonic():
+        if self._dead.get(_key(peer), 0.0) > time.monotonic():
             return
         try:
             self._peers.put_nowait((peer, done))
@@ -399,12 +409,11 @@ class _Prober:
             alive = probe(peer.endpoint for peer, _ in batch)
             now = time.monotonic()
             for peer, done in batch:
-                if alive.get(peer.endpoint):
-                    if not self._closed():
-                        done(peer)
-                else:
+                if alive.get(peer.endpoint) is False:
                     self.refused += 1
-                    self._dead[peer.endpoint] = now + DEAD_FOR
+                    self._dead[_key(peer)] = now + DEAD_FOR
+                elif not self._closed():
+                    done(peer)  # accepted, or no answer yet: the connection cap bounds it
             if len(self._dead) > 4096:
                 self._dead = {e: t for e, t in self._dead.items() if t > now}
 

@@ -123,21 +123,39 @@ class _Node:
         are never disconnected here (their last messages may be in flight).
         """
         mine = self._from_discovery
+
+        def drop(endpoint: str) -> None:
+            mine.pop(endpoint, None)
+            if endpoint in self._connected:
+                self._connected.discard(endpoint)
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.disconnect(endpoint)
+
+        def connect_waiting() -> None:
+            while self._backlog and len(mine) < MAX_DISCOVERED:
+                peer = self._backlog.popleft()
+                if peer.id in self.linked or peer.endpoint in self._connected:
+                    continue
+                self.connect(peer.endpoint)
+                mine[peer.endpoint] = (peer, time.monotonic())
+                if self.on_connect is not None:
+                    self.on_connect(peer)
+
         while True:
             try:
                 item = self._peers.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, str):  # withdrawn
-                gone = [
+                for endpoint in [
                     e for e, (p, _) in mine.items() if p.name == item and p.id not in self.linked
-                ]
-                for endpoint in gone:
-                    self._drop_discovered(endpoint)
+                ]:
+                    drop(endpoint)
             elif not (
                 item.id in self.linked or item.endpoint in self._connected or item in self._backlog
             ):
-                self._backlog.append(item)
+                self._backlog.append(item)  # when full, the oldest waiting one is dropped
+            connect_waiting()
         if self._backlog and len(mine) >= MAX_DISCOVERED:
             now = time.monotonic()
             stale = [
@@ -146,22 +164,8 @@ class _Node:
                 if p.id not in self.linked and now - since > HANDSHAKE_TIMEOUT
             ]
             for endpoint in stale[: len(self._backlog)]:
-                self._drop_discovered(endpoint)
-        while self._backlog and len(mine) < MAX_DISCOVERED:
-            peer = self._backlog.popleft()
-            if peer.id in self.linked or peer.endpoint in self._connected:
-                continue
-            self.connect(peer.endpoint)
-            mine[peer.endpoint] = (peer, time.monotonic())
-            if self.on_connect is not None:
-                self.on_connect(peer)
-
-    def _drop_discovered(self, endpoint: str) -> None:
-        self._from_discovery.pop(endpoint, None)
-        if endpoint in self._connected:
-            self._connected.discard(endpoint)
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.disconnect(endpoint)
+                drop(endpoint)
+            connect_waiting()
 
     def close(self, linger: float = 0.0) -> None:
         """Withdraw from mDNS; hand queued messages to the network (at most *linger* s)."""

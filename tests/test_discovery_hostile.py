@@ -212,3 +212,32 @@ def test_probe_sorts_endpoints_quickly():
         assert result == {live: True, dead: False, "tcp://not-an-address:1": False, "junk": False}
     finally:
         listener.close()
+
+
+def test_connections_from_discovery_are_capped_and_withdrawn_ones_closed(monkeypatch):
+    listener = _SilentListener()
+    sub = pubsub.Subscriber(["x.>"])
+    try:
+        peers = [
+            discovery.Peer(
+                f"p{n}", f"tcp://127.0.{n // 200}.{1 + n % 200}:{listener.port}", (), f"n{n}"
+            )
+            for n in range(pubsub.MAX_DISCOVERED + 6)
+        ]
+        for peer in peers:
+            sub._peers.put(peer)
+        sub.connect_discovered()
+        assert len(sub._connected) == pubsub.MAX_DISCOVERED  # the rest wait
+        sub._peers.put("n0")  # n0 withdrew its announcement before it ever greeted
+        sub.connect_discovered()
+        assert peers[0].endpoint not in sub._connected
+        assert peers[pubsub.MAX_DISCOVERED].endpoint in sub._connected  # its slot was reused
+        sub.linked.add("p1")  # p1 greeted: it stays whatever happens
+        monkeypatch.setattr(pubsub, "HANDSHAKE_TIMEOUT", 0.0)
+        sub.connect_discovered()  # the waiting ones replace silent ones
+        assert len(sub._connected) == pubsub.MAX_DISCOVERED
+        assert all(p.endpoint in sub._connected for p in peers[-5:])
+        assert peers[1].endpoint in sub._connected
+    finally:
+        sub.sock.close(0)
+        listener.close()
