@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -22,6 +23,19 @@ PROGRAMS = {"eda-pub": "eda.cli.pub", "eda-sub": "eda.cli.sub", "eda-registry": 
 def command(program: str, *args: str) -> list[str]:
     """argv to run an eda program with this interpreter."""
     return [sys.executable, "-m", PROGRAMS[program], *args]
+
+
+def require_tools(*tools: str, install: str) -> None:
+    """Fail the test at once, naming the package to install, if a peer program is missing."""
+    import pytest
+
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found: install {install} first "
+            f"(Debian/Ubuntu: apt-get install {install})",
+            pytrace=False,
+        )
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
