@@ -444,12 +444,18 @@ class Discovery:
         *,
         server: str | None = None,
         ttl: int | None = None,
+        rename: bool = True,
+        background: bool = True,
     ) -> Any:
-        """Announce instance *name* of *service_type* on *port* with *txt* (probing in background).
+        """Announce instance *name* of *service_type* (any DNS-SD type) on *port* with *txt*.
 
-        Any DNS-SD type.  (Transition: a list as *txt* means the eda peer form,
-        :meth:`announce_peer` with *name* as the peer id.)  Returns the
-        zeroconf ServiceInfo.
+        Probing (about a second, RFC 6762 8.1) runs in a background thread
+        unless *background* is false; *on_ready* is called once announced.
+        *ttl* sets every record's TTL (short-lived records for instances that
+        may die without a goodbye); *rename* allows a new name on conflict.
+        Returns the zeroconf ServiceInfo (for :meth:`update` and :meth:`withdraw`).
+        (Transition: a list as *txt* means the eda peer form,
+        :meth:`announce_peer`, with *name* as the peer id.)
         """
         from zeroconf import ServiceInfo
 
@@ -469,13 +475,31 @@ class Discovery:
         self._infos.append(info)
 
         def register() -> None:
-            with contextlib.suppress(Exception):
-                self._zc.register_service(info, allow_name_change=True)
-                if on_ready is not None:
-                    on_ready()
+            self._zc.register_service(info, allow_name_change=rename)
+            if on_ready is not None:
+                on_ready()
 
-        threading.Thread(target=register, name="eda-announce", daemon=True).start()
+        if not background:
+            register()
+            return info
+
+        def register_quietly() -> None:
+            with contextlib.suppress(Exception):
+                register()
+
+        threading.Thread(target=register_quietly, name="eda-announce", daemon=True).start()
         return info
+
+    def update(self, info: Any) -> None:
+        """Announce changed records of *info* (same name, new TXT or port)."""
+        self._zc.update_service(info)
+
+    def withdraw(self, info: Any) -> None:
+        """Send goodbye packets (TTL 0) for *info* so browsers drop it at once."""
+        with contextlib.suppress(Exception):
+            self._zc.unregister_service(info)
+        if info in self._infos:
+            self._infos.remove(info)
 
     def announce_peer(
         self,

@@ -80,7 +80,8 @@ class _Node:
         # discovered peers (or the names of withdrawn ones) from zeroconf's threads
         self._peers: queue.SimpleQueue[discovery.Peer | str] = queue.SimpleQueue()
         self._discovery: discovery.Discovery | None = None
-        self._from_discovery: dict[str, tuple[discovery.Peer, float]] = {}  # endpoint ->
+        # endpoint -> (peer, when connected) for connections made from discovery
+        self._from_discovery: dict[str, tuple[discovery.Peer, float]] = {}
         self._backlog: collections.deque[discovery.Peer] = collections.deque(maxlen=MAX_DISCOVERED)
         self.unreachable: list[discovery.Peer] = []  # announced, but no TCP connect in time
         self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)

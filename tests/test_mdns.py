@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eda.core import discovery, mdns
-from tests.helpers import MdnsResponder, dns_response, dns_rr, service_records
+from tests.helpers import MdnsResponder, dns_response, dns_rr, service_records, wait_until
 
 
 def _rr(name: str, rtype: int, rdata: bytes) -> bytes:
@@ -236,3 +236,37 @@ def test_repeats_carry_the_answers_already_heard(responder):
     assert known_counts[0] == 0 and known_counts[-1] == 1
     query = original(STYPE, mdns.TYPE_PTR, 7, ("known." + STYPE,))
     assert struct.unpack_from("!H", query, 6)[0] == 1  # one known answer
+
+
+# -- the discovery layer: any service type, one announce, one resolve path ----------------------
+def test_any_service_type_is_announced_browsed_resolved_and_withdrawn():
+    import queue
+
+    stype = "_eda-any._tcp.local."
+    ann = discovery.Discovery("127.0.0.1")
+    other = discovery.Discovery("127.0.0.1")
+    try:
+        info = ann.announce(stype, "web one", 8080, {"path": "/x"}, background=False)
+        found = wait_until(lambda: mdns.one_shot_query(stype, timeout=0.3), 10, "one-shot answer")
+        assert [(i.name, i.port, i.txt) for i in found] == [
+            (f"web one.{stype}", 8080, {"path": "/x"})
+        ]
+        seen: queue.Queue[mdns.Instance | str] = queue.Queue()
+        other.browse_instances(stype, seen.put, seen.put)
+        inst = seen.get(timeout=10)
+        assert isinstance(inst, mdns.Instance)
+        assert (inst.name, inst.port, inst.txt) == (f"web one.{stype}", 8080, {"path": "/x"})
+        assert "127.0.0.1" in inst.addresses
+        resolved = other.resolve(stype, inst.name)
+        assert resolved is not None and resolved.port == 8080
+        ann.withdraw(info)
+        assert seen.get(timeout=10) == f"web one.{stype}"  # the goodbye
+    finally:
+        ann.close()
+        other.close()
+
+
+def test_local_addresses_put_the_interface_first_and_loopback_last():
+    assert discovery.local_addresses("10.1.2.3") == ["10.1.2.3"]
+    found = discovery.local_addresses()
+    assert found and found[-1].startswith("127.")
