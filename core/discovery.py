@@ -1,11 +1,27 @@
 """Zero-configuration discovery: DNS-SD over mDNS, plus a cache for short-lived commands.
 
-Long-running programs (subscribers, streaming publishers) start a zeroconf
-stack, announce themselves and browse continuously.  Short-lived ones ask
-once (:func:`eda.core.mdns.one_shot_query`), helped by a cache of the names
-that answered last time: when all of them answer again the query ends early.
-The cache only shortens the wait; it is never used in place of asking, so a
-peer that is up is never missed because of it.
+Long-running programs (subscribers, streaming publishers, registries) start
+a zeroconf stack (:func:`make_zeroconf`), announce themselves
+(:meth:`Discovery.announce`) and browse continuously
+(:meth:`Discovery.browse`).  Short-lived ones ask once (:func:`discover`,
+built on :func:`eda.core.mdns.one_shot_query`, which repeats its question
+within the wait because multicast loses packets), helped by a cache of the
+peers that answered before, with their endpoints:
+
+* when every cached peer answers again, the query ends early;
+* a cached peer whose answer was lost is still used if a TCP connect to its
+  endpoint succeeds, and forgotten only when the connection fails;
+* every endpoint is checked with a TCP connect (concurrently, bounded in
+  time) before it is used, and one that refuses is remembered as dead for a
+  while (with the peer id it claimed: a new peer on the same port is tried),
+  so a forged announcement of a dead port costs one probe, not a wait; one
+  that does not answer the probe in time costs :data:`PROBE_TIMEOUT` and is
+  reported as unreachable.
+
+What a hostile LAN can make a browsing process do is bounded: names are
+resolved by a small pool of threads from a bounded queue (a name that does
+not resolve in time is dropped), and endpoints are probed before anyone
+connects to them.
 
 Service types are standard DNS-SD, so ``avahi-browse -r _eda-sub._tcp``
 shows them.  TXT keys: ``id`` (peer id), ``p`` (space-separated patterns, or
@@ -15,21 +31,35 @@ the topic for a publisher), ``v`` (wire version).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import queue
+import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec, mdns
-from .cache import cached, remember
+from . import cache, codec, mdns
 from .errors import UsageError
 
 SUB_TYPE = "_eda-sub._tcp.local."
 PUB_TYPE = "_eda-pub._tcp.local."
 TXT_LIMIT = 200  # RFC 6763 6.2: keep each TXT string well under 255 bytes
+
+PROBE_TIMEOUT = 0.25  # a TCP connect on a LAN takes a millisecond
+MAX_PROBES = 64  # endpoints probed at once
+DEAD_FOR = 30.0  # seconds an endpoint that refused a connection is skipped (same peer id)
+CACHE_TTL = 3600.0  # a cached peer not confirmed for this long is forgotten
+CACHE_MAX = 64  # peers remembered per service type
+DEAD_KEY = "dead-endpoints"
+
+RESOLVER_THREADS = 3  # threads resolving names that came without their records
+MAX_PENDING = 64  # names waiting to be resolved; more are dropped (counted)
+RESOLVE_TIMEOUT = 1.5  # seconds; a name that does not resolve by then is dropped
 
 
 @dataclass(frozen=True)
@@ -40,6 +70,15 @@ class Peer:
     endpoint: str
     patterns: tuple[str, ...]
     name: str
+
+
+@dataclass
+class Found:
+    """What :func:`discover` found: peers to use, and peers seen but not reachable."""
+
+    peers: list[Peer] = field(default_factory=list)
+    unreachable: list[Peer] = field(default_factory=list)  # announced, but no TCP connect
+    cached: int = 0  # peers the cache knew before asking
 
 
 def resolve_interface(value: str | None) -> str | None:
@@ -59,6 +98,29 @@ def resolve_interface(value: str | None) -> str | None:
         sock.close()
 
 
+def local_addresses(interface: str | None = None) -> list[str]:
+    """IPv4 addresses to announce: *interface* alone, else all (loopback last)."""
+    if interface:
+        return [interface]
+    import ifaddr
+
+    found = [
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ]
+    outside = [a for a in found if not a.startswith("127.")]
+    return outside + [a for a in found if a.startswith("127.")] or ["127.0.0.1"]
+
+
+def make_zeroconf(interface: str | None = None) -> Any:
+    """The one way eda starts a zeroconf stack: IPv4, on *interface* or on all."""
+    from zeroconf import InterfaceChoice, IPVersion, Zeroconf
+
+    return Zeroconf(
+        interfaces=[interface] if interface else InterfaceChoice.All,
+        ip_version=IPVersion.V4Only,
+    )
+
+
 def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
     peer_id = inst.txt.get("id")
     address = inst.best_address()
@@ -68,15 +130,164 @@ def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
     return Peer(peer_id, f"tcp://{address}:{inst.port}", patterns, inst.name)
 
 
+# -- probing endpoints ------------------------------------------------------------------
+def _split(endpoint: str) -> tuple[str, int] | None:
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not sep or not port.isdigit():
+        return None
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return None  # only addresses: a name to resolve could block
+    return host, int(port)
+
+
+def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str, bool | None]:
+    """TCP-connect to every endpoint at once: True (accepted), False (failed), None (no answer).
+
+    Takes at most *timeout* seconds however many endpoints there are (at
+    most :data:`MAX_PROBES`; the rest are reported None).
+    """
+    result: dict[str, bool | None] = {}
+    pending: dict[socket.socket, str] = {}
+    try:
+        for endpoint in dict.fromkeys(endpoints):
+            where = _split(endpoint)
+            if where is None:
+                result[endpoint] = False
+                continue
+            if len(pending) >= MAX_PROBES:
+                result[endpoint] = None
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex(where)
+            if code in (0, errno.EINPROGRESS):
+                pending[sock] = endpoint
+            else:
+                sock.close()
+                result[endpoint] = False
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, ready, _ = select.select([], list(pending), [], left)
+            for sock in ready:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                result[pending.pop(sock)] = code == 0
+                sock.close()
+    finally:
+        for sock, endpoint in pending.items():
+            result[endpoint] = None
+            sock.close()
+    return result
+
+
+Dead = dict[tuple[str, str], float]  # (endpoint, peer id) -> until (wall clock)
+
+
+def _dead_endpoints(now: float) -> Dead:
+    dead: Dead = {}
+    for entry in cache.cached_entries(DEAD_KEY):
+        until = entry.get("until")
+        if isinstance(until, (int, float)) and until > now:
+            dead[(str(entry.get("endpoint")), str(entry.get("id")))] = float(until)
+    return dead
+
+
+def _remember_dead(dead: Dead) -> None:
+    latest = sorted(dead.items(), key=lambda kv: -kv[1])[: 4 * CACHE_MAX]
+    cache.remember_entries(DEAD_KEY, [{"endpoint": e, "id": i, "until": u} for (e, i), u in latest])
+
+
+def _key(peer: Peer) -> tuple[str, str]:
+    return (peer.endpoint, peer.id)
+
+
+def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]]:
+    peers: dict[str, tuple[Peer, float]] = {}
+    for entry in cache.cached_entries(service_type):
+        try:
+            peer = Peer(
+                str(entry["id"]),
+                str(entry["endpoint"]),
+                tuple(str(p) for p in entry.get("patterns", ())),
+                str(entry["name"]),
+            )
+            seen = float(entry["seen"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if seen > now - CACHE_TTL and _split(peer.endpoint) is not None:
+            peers[peer.name.lower()] = (peer, seen)
+    return peers
+
+
+def discover(service_type: str, *, interface: str | None = None, timeout: float = 0.15) -> Found:
+    """Peers of *service_type* now: those answering a one-shot query, and cached ones alive.
+
+    Every endpoint is probed with a TCP connect before it is returned;
+    the cache is updated with what was learned.
+    """
+    now = time.time()
+    known = _cached_peers(service_type, now)
+    dead = _dead_endpoints(now)
+    answers = mdns.one_shot_query(
+        service_type, interface=interface, timeout=timeout, expect=set(known)
+    )
+    answered: dict[str, Peer] = {}
+    for peer in map(_peer_from_instance, answers):
+        if peer is not None and _key(peer) not in dead:
+            answered[peer.name.lower()] = peer
+    silent = {name: entry for name, entry in known.items() if name not in answered}
+    alive = probe(
+        [p.endpoint for p in answered.values()]
+        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead]
+    )
+    found = Found(cached=len(known))
+    keep: dict[str, tuple[Peer, float]] = {}
+    for name, peer in answered.items():
+        state = alive.get(peer.endpoint)
+        if state:
+            found.peers.append(peer)
+            keep[name] = (peer, now)
+        elif state is None:
+            found.unreachable.append(peer)  # costs a probe each time, and is reported
+        else:
+            dead[_key(peer)] = now + DEAD_FOR  # refused: nobody is there
+    for name, (peer, seen) in silent.items():
+        state = alive.get(peer.endpoint)
+        if state:
+            found.peers.append(peer)
+            keep[name] = (peer, now)
+        elif state is None:
+            keep[name] = (peer, seen)  # no answer is not proof: keep it, do not wait for it
+        else:
+            dead[_key(peer)] = now + DEAD_FOR  # refused: forget it
+    found.peers = list({p.endpoint: p for p in found.peers}.values())  # one per endpoint
+    newest = sorted(keep.values(), key=lambda ps: -ps[1])[:CACHE_MAX]
+    cache.remember_entries(
+        service_type,
+        [
+            {
+                "name": p.name,
+                "id": p.id,
+                "endpoint": p.endpoint,
+                "patterns": list(p.patterns),
+                "seen": s,
+            }
+            for p, s in sorted(newest, key=lambda ps: ps[0].name)
+        ],
+    )
+    _remember_dead(dead)
+    return found
+
+
 def find_once(
     service_type: str, *, interface: str | None = None, timeout: float = 0.15
 ) -> list[Peer]:
-    """Peers of *service_type* answering a one-shot query right now."""
-    expected = set(cached(service_type))
-    found = mdns.one_shot_query(service_type, interface=interface, timeout=timeout, expect=expected)
-    peers = [p for p in map(_peer_from_instance, found) if p is not None]
-    remember(service_type, sorted(p.name for p in peers))
-    return peers
+    """Peers of *service_type* that can be connected to now (see :func:`discover`)."""
+    return discover(service_type, interface=interface, timeout=timeout).peers
 
 
 def txt_patterns(patterns: list[str]) -> str:
@@ -85,92 +296,290 @@ def txt_patterns(patterns: list[str]) -> str:
     return text if len(text) <= TXT_LIMIT else text[:TXT_LIMIT].rsplit(" ", 1)[0]
 
 
+def instance_of(service_type: str, info: Any) -> mdns.Instance:
+    """A resolved zeroconf ServiceInfo as an :class:`eda.core.mdns.Instance`."""
+    txt: dict[str, str] = {}
+    for k, v in list(info.properties.items())[: mdns.MAX_TXT_KEYS]:
+        key = k.decode(errors="replace").lower() if isinstance(k, bytes) else str(k).lower()
+        txt.setdefault(key, v.decode(errors="replace") if isinstance(v, bytes) else (v or ""))
+    return mdns.Instance(
+        info.name, info.port or 0, info.server or "", info.parsed_addresses()[:8], txt
+    )
+
+
+class _Resolver:
+    """A small pool resolving browsed names; what does not fit or resolve in time is dropped."""
+
+    def __init__(self, zc: Any, closed: Callable[[], bool]) -> None:
+        self._zc = zc
+        self._closed = closed
+        self._names: queue.Queue[tuple[str, str, Callable[[mdns.Instance], None]]] = queue.Queue(
+            MAX_PENDING
+        )
+        self._pending: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.dropped = 0
+
+    def submit(self, service_type: str, name: str, done: Callable[[mdns.Instance], None]) -> None:
+        """Resolve *name* from zeroconf's cache now, else queue it for the pool."""
+        from zeroconf import ServiceInfo
+
+        info = ServiceInfo(service_type, name)
+        with contextlib.suppress(Exception):
+            if info.load_from_cache(self._zc) and info.port:
+                done(instance_of(service_type, info))
+                return
+        key = (service_type, name.lower())
+        with self._lock:
+            if key in self._pending:
+                return
+            try:
+                self._names.put_nowait((service_type, name, done))
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._pending.add(key)
+            if len(self._threads) < RESOLVER_THREADS:
+                thread = threading.Thread(target=self._work, name="eda-resolve", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def cancel(self, service_type: str, name: str) -> None:
+        with self._lock:
+            self._pending.discard((service_type, name.lower()))
+
+    def _work(self) -> None:
+        from zeroconf import ServiceInfo
+
+        while not self._closed():
+            try:
+                service_type, name, done = self._names.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            key = (service_type, name.lower())
+            with self._lock:
+                if key not in self._pending:
+                    continue  # withdrawn while it waited
+            info = ServiceInfo(service_type, name)
+            try:
+                ok = info.request(self._zc, int(RESOLVE_TIMEOUT * 1000)) and bool(info.port)
+            except Exception:
+                ok = False
+            with self._lock:
+                self._pending.discard(key)
+            if ok and not self._closed():
+                done(instance_of(service_type, info))
+
+
+class _Prober:
+    """One thread that TCP-probes discovered peers in batches before they are handed on."""
+
+    def __init__(self, closed: Callable[[], bool]) -> None:
+        self._closed = closed
+        self._peers: queue.Queue[tuple[Peer, Callable[[Peer], None]]] = queue.Queue(4 * MAX_PROBES)
+        self._thread: threading.Thread | None = None
+        self._dead: dict[tuple[str, str], float] = {}  # refused (endpoint, id) -> until
+        self.dropped = 0
+        self.refused = 0
+
+    def submit(self, peer: Peer, done: Callable[[Peer], None]) -> None:
+        if self._dead.get(_key(peer), 0.0) > time.monotonic():
+            return
+        try:
+            self._peers.put_nowait((peer, done))
+        except queue.Full:
+            self.dropped += 1
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="eda-probe", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while not self._closed():
+            try:
+                batch = [self._peers.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            while len(batch) < MAX_PROBES:
+                try:
+                    batch.append(self._peers.get_nowait())
+                except queue.Empty:
+                    break
+            alive = probe(peer.endpoint for peer, _ in batch)
+            now = time.monotonic()
+            for peer, done in batch:
+                if alive.get(peer.endpoint) is False:
+                    self.refused += 1
+                    self._dead[_key(peer)] = now + DEAD_FOR
+                elif not self._closed():
+                    done(peer)  # accepted, or no answer yet: the connection cap bounds it
+            if len(self._dead) > 4096:
+                self._dead = {e: t for e, t in self._dead.items() if t > now}
+
+
 class Discovery:
-    """One zeroconf stack per process: announce this process, browse for peers."""
+    """One zeroconf stack per process: announce services, browse for peers."""
 
     def __init__(self, interface: str | None = None) -> None:
-        from zeroconf import InterfaceChoice, IPVersion, Zeroconf
-
         self._interface = interface
-        self._zc = Zeroconf(
-            interfaces=[interface] if interface else InterfaceChoice.All,
-            ip_version=IPVersion.V4Only,
-        )
+        self._zc = make_zeroconf(interface)
         self._infos: list[Any] = []
         self._browsers: list[Any] = []
         self._closed = False
+        self._resolver = _Resolver(self._zc, lambda: self._closed)
+        self._prober = _Prober(lambda: self._closed)
 
-    def _addresses(self) -> list[bytes]:
-        if self._interface:
-            return [socket.inet_aton(self._interface)]
-        import ifaddr
-
-        found = [
-            ip.ip
-            for adapter in ifaddr.get_adapters()
-            for ip in adapter.ips
-            if isinstance(ip.ip, str)
-        ]
-        return [socket.inet_aton(a) for a in found] or [socket.inet_aton("127.0.0.1")]
+    @property
+    def zeroconf(self) -> Any:
+        return self._zc
 
     def announce(
+        self,
+        service_type: str,
+        name: str,
+        port: int,
+        txt: Mapping[str, str] | list[str],
+        on_ready: Callable[[], None] | None = None,
+        *,
+        server: str | None = None,
+        ttl: int | None = None,
+        rename: bool = True,
+        background: bool = True,
+    ) -> Any:
+        """Announce instance *name* of *service_type* (any DNS-SD type) on *port* with *txt*.
+
+        Probing (about a second, RFC 6762 8.1) runs in a background thread
+        unless *background* is false; *on_ready* is called once announced.
+        *ttl* sets every record's TTL (short-lived records for instances that
+        may die without a goodbye); *rename* allows a new name on conflict.
+        Returns the zeroconf ServiceInfo (for :meth:`update` and :meth:`withdraw`).
+        (Transition: a list as *txt* means the eda peer form,
+        :meth:`announce_peer`, with *name* as the peer id.)
+        """
+        from zeroconf import ServiceInfo
+
+        if isinstance(txt, list):
+            return self.announce_peer(service_type, name, port, txt, on_ready)
+        host = socket.gethostname().split(".")[0] or "eda"
+        ttls: dict[str, Any] = {"host_ttl": ttl, "other_ttl": ttl} if ttl else {}
+        info = ServiceInfo(
+            service_type,
+            f"{name}.{service_type}",
+            port=port,
+            addresses=[socket.inet_aton(a) for a in local_addresses(self._interface)],
+            properties=dict(txt),
+            server=server or f"{host}-{name}.local.",
+            **ttls,
+        )
+        self._infos.append(info)
+
+        def register() -> None:
+            self._zc.register_service(info, allow_name_change=rename)
+            if on_ready is not None:
+                on_ready()
+
+        if not background:
+            register()
+            return info
+
+        def register_quietly() -> None:
+            with contextlib.suppress(Exception):
+                register()
+
+        threading.Thread(target=register_quietly, name="eda-announce", daemon=True).start()
+        return info
+
+    def update(self, info: Any) -> None:
+        """Announce changed records of *info* (same name, new TXT or port)."""
+        self._zc.update_service(info)
+
+    def withdraw(self, info: Any) -> None:
+        """Send goodbye packets (TTL 0) for *info* so browsers drop it at once."""
+        with contextlib.suppress(Exception):
+            self._zc.unregister_service(info)
+        if info in self._infos:
+            self._infos.remove(info)
+
+    def announce_peer(
         self,
         service_type: str,
         peer_id: str,
         port: int,
         patterns: list[str],
         on_ready: Callable[[], None] | None = None,
-    ) -> None:
-        """Register this process under *service_type*; probing runs in the background."""
-        from zeroconf import ServiceInfo
-
+    ) -> Any:
+        """Announce this eda process (id, patterns, wire version in TXT)."""
         kind = service_type.split(".")[0].lstrip("_")
         host = socket.gethostname().split(".")[0] or "eda"
-        info = ServiceInfo(
+        return self.announce(
             service_type,
-            f"{kind}-{host}-{peer_id}.{service_type}",
-            port=port,
-            addresses=self._addresses(),
-            properties={"id": peer_id, "p": txt_patterns(patterns), "v": str(codec.VERSION)},
+            f"{kind}-{host}-{peer_id}",
+            port,
+            {"id": peer_id, "p": txt_patterns(patterns), "v": str(codec.VERSION)},
+            on_ready,
             server=f"{host}-{peer_id}.local.",
         )
-        self._infos.append(info)
 
-        def register() -> None:
-            with contextlib.suppress(Exception):
-                self._zc.register_service(info, allow_name_change=True)
-                if on_ready is not None:
-                    on_ready()
+    def browse(
+        self,
+        service_type: str,
+        on_peer: Callable[[Peer], None],
+        on_gone: Callable[[str], None] | None = None,
+    ) -> None:
+        """Call *on_peer* (from another thread) for each reachable peer that appears.
 
-        threading.Thread(target=register, name="eda-announce", daemon=True).start()
+        *on_gone* gets the instance name of a peer that withdrew (goodbye).
+        Names are resolved by a bounded pool and endpoints probed first, so a
+        flood of forged names or dead endpoints costs bounded threads and memory.
+        """
+        self.browse_instances(
+            service_type,
+            lambda inst: self._found(inst, on_peer),
+            on_gone,
+        )
 
-    def browse(self, service_type: str, on_peer: Callable[[Peer], None]) -> None:
-        """Call *on_peer* (from zeroconf's thread) for each peer that appears."""
+    def browse_instances(
+        self,
+        service_type: str,
+        on_instance: Callable[[mdns.Instance], None],
+        on_gone: Callable[[str], None] | None = None,
+    ) -> None:
+        """Call *on_instance* for each instance of any DNS-SD type that appears or changes."""
         from zeroconf import ServiceBrowser, ServiceStateChange
 
         def changed(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-            if state_change is ServiceStateChange.Removed:
+            if self._closed:
                 return
-            threading.Thread(
-                target=self._resolve, args=(service_type, name, on_peer), daemon=True
-            ).start()
+            if state_change is ServiceStateChange.Removed:
+                self._resolver.cancel(service_type, name)
+                if on_gone is not None:
+                    on_gone(name)
+                return
+            self._resolver.submit(service_type, name, on_instance)
 
         self._browsers.append(ServiceBrowser(self._zc, service_type, handlers=[changed]))
 
-    def _resolve(self, service_type: str, name: str, on_peer: Callable[[Peer], None]) -> None:
+    def resolve(
+        self, service_type: str, name: str, timeout: float = RESOLVE_TIMEOUT
+    ) -> mdns.Instance | None:
+        """Resolve one instance now (blocking, at most *timeout* s): the one resolve path."""
         from zeroconf import ServiceInfo
 
         info = ServiceInfo(service_type, name)
-        if self._closed or not info.request(self._zc, 3000):
-            return
-        txt = {
-            k.decode(errors="replace").lower(): (v or b"").decode(errors="replace")
-            for k, v in info.properties.items()
-        }
-        inst = mdns.Instance(name, info.port or 0, info.server or "", info.parsed_addresses(), txt)
+        if self._closed or not info.request(self._zc, int(timeout * 1000)) or not info.port:
+            return None
+        return instance_of(service_type, info)
+
+    def _found(self, inst: mdns.Instance, on_peer: Callable[[Peer], None]) -> None:
         peer = _peer_from_instance(inst)
         if peer is not None and not self._closed:
-            on_peer(peer)
+            self._prober.submit(peer, on_peer)
+
+    @property
+    def dropped(self) -> int:
+        """Names and peers dropped because the pending queues were full."""
+        return self._resolver.dropped + self._prober.dropped
 
     def close(self) -> None:
         """Withdraw announcements (goodbye packets) and stop browsing."""

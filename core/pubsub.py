@@ -34,6 +34,7 @@ at the end and a few control messages when subscribers come and go.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -62,6 +63,8 @@ UNREADY_AFTER = 3.0  # s: an explicit --connect with no handshake by then is rep
 QUEUE_BYTES = 64 << 20  # a subscriber queues at most about this many bytes of batches
 MAX_EVENTS_PER_RECEIVE = 1 << 16  # Subscriber.receive returns about this many events at most
 _RECV_HWM_CAP = max(16, QUEUE_BYTES // codec.MAX_BATCH_BYTES)
+MAX_DISCOVERED = 64  # connections one node makes to peers found by mDNS
+HANDSHAKE_TIMEOUT = 3.0  # seconds a discovered peer has to greet us before it may be dropped
 
 
 def new_id() -> str:
@@ -176,8 +179,14 @@ class _Node:
         self.linked: set[str] = set()  # peer ids known to be connected to us
         self.on_connect: Callable[[discovery.Peer], None] | None = None
         self._connected: set[str] = set()  # endpoints we connected to
-        self._peers: queue.SimpleQueue[discovery.Peer] = queue.SimpleQueue()
+        # discovered peers (or the names of withdrawn ones) from zeroconf's threads
+        self._peers: queue.SimpleQueue[discovery.Peer | str] = queue.SimpleQueue()
         self._discovery: discovery.Discovery | None = None
+        # endpoint -> (peer, when connected) for connections made from discovery
+        self._from_discovery: dict[str, tuple[discovery.Peer, float]] = {}
+        self._backlog: collections.deque[discovery.Peer] = collections.deque(maxlen=MAX_DISCOVERED)
+        self.unreachable: list[discovery.Peer] = []  # announced, but no TCP connect in time
+        self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)
 
     def bind(self, endpoint: str) -> str:
         real = _bind(self.sock, endpoint)
@@ -215,21 +224,64 @@ class _Node:
         """
         port = int(self.endpoints[0].rsplit(":", 1)[1])
         found = discovery.Discovery(self.interface)
-        found.announce(self.announce_type, self.id, port, patterns, on_ready)
-        found.browse(self.browse_type, self._peers.put)
+        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready)
+        found.browse(self.browse_type, self._peers.put, self._peers.put)
         self._discovery = found
 
     def connect_discovered(self) -> None:
-        """Connect to the peers discovered since the last call."""
-        while True:
-            try:
-                peer = self._peers.get_nowait()
-            except queue.Empty:
-                return
-            if peer.id not in self.linked and peer.endpoint not in self._connected:
+        """Connect to the peers discovered since the last call.
+
+        At most :data:`MAX_DISCOVERED` connections come from discovery; more
+        peers wait in a bounded backlog.  When that is full, a connection
+        whose peer never greeted us (no welcome or beacon within
+        :data:`HANDSHAKE_TIMEOUT`) makes room; one whose peer withdrew its
+        announcement before greeting is closed at once.  Peers that did greet
+        are never disconnected here (their last messages may be in flight).
+        """
+        mine = self._from_discovery
+
+        def drop(endpoint: str) -> None:
+            mine.pop(endpoint, None)
+            if endpoint in self._connected:
+                self._connected.discard(endpoint)
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.disconnect(endpoint)
+
+        def connect_waiting() -> None:
+            while self._backlog and len(mine) < MAX_DISCOVERED:
+                peer = self._backlog.popleft()
+                if peer.id in self.linked or peer.endpoint in self._connected:
+                    continue
                 self.connect(peer.endpoint)
+                mine[peer.endpoint] = (peer, time.monotonic())
                 if self.on_connect is not None:
                     self.on_connect(peer)
+
+        while True:
+            try:
+                item = self._peers.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, str):  # withdrawn
+                for endpoint in [
+                    e for e, (p, _) in mine.items() if p.name == item and p.id not in self.linked
+                ]:
+                    drop(endpoint)
+            elif not (
+                item.id in self.linked or item.endpoint in self._connected or item in self._backlog
+            ):
+                self._backlog.append(item)  # when full, the oldest waiting one is dropped
+            connect_waiting()
+        if self._backlog and len(mine) >= MAX_DISCOVERED:
+            now = time.monotonic()
+            stale = [
+                e
+                for e, (p, since) in mine.items()
+                if p.id not in self.linked and now - since > HANDSHAKE_TIMEOUT
+            ]
+            for endpoint in stale[: len(self._backlog)]:
+                drop(endpoint)
+            connect_waiting()
 
     def close(self, linger: float = 0.0) -> None:
         """Withdraw from mDNS; hand queued messages to the network (at most *linger* s)."""
@@ -311,11 +363,19 @@ class Publisher(_Node):
         sock.setsockopt(zmq.LINGER, 0)
 
     def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
-        """Connect to every subscriber answering a one-shot mDNS query; return their ids."""
+        """Connect to every subscriber found now; return the ids to wait for.
+
+        Found means: answering a one-shot mDNS query (asked several times
+        within *timeout*), or remembered in the discovery cache and accepting
+        a TCP connect (its answer may have been lost).  Announced subscribers
+        that do not accept a connection in time are left out and listed in
+        :attr:`unreachable`; ``self.seen_before`` is how many the cache knew.
+        """
+        found = discovery.discover(discovery.SUB_TYPE, interface=self.interface, timeout=timeout)
+        self.unreachable = found.unreachable
+        self.seen_before = found.cached
         ids = set()
-        for peer in discovery.find_once(
-            discovery.SUB_TYPE, interface=self.interface, timeout=timeout
-        ):
+        for peer in found.peers:
             self.connect(peer.endpoint)
             ids.add(peer.id)
         return ids

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +23,19 @@ PROGRAMS = {"eda-pub": "eda.cli.pub", "eda-sub": "eda.cli.sub", "eda-registry": 
 def command(program: str, *args: str) -> list[str]:
     """argv to run an eda program with this interpreter."""
     return [sys.executable, "-m", PROGRAMS[program], *args]
+
+
+def require_tools(*tools: str, install: str) -> None:
+    """Fail the test at once, naming the package to install, if a peer program is missing."""
+    import pytest
+
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found: install {install} first "
+            f"(Debian/Ubuntu: apt-get install {install})",
+            pytrace=False,
+        )
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -177,3 +195,102 @@ def run(
         result.stdout.decode(errors="replace"),
         result.stderr.decode(errors="replace"),
     )
+
+
+# -- a scriptable mDNS responder: forged and hostile peers --------------------------------
+def dns_rr(name: str, rtype: int, rdata: bytes, ttl: int = 120) -> bytes:
+    """One resource record in wire format (class IN)."""
+    from eda.core.mdns import encode_name
+
+    return encode_name(name) + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def dns_response(qid: int, records: Sequence[bytes], answers: int | None = None) -> bytes:
+    """A response packet: the first *answers* records (default all) are answers."""
+    an = len(records) if answers is None else answers
+    head = struct.pack("!HHHHHH", qid, 0x8400, 0, an, 0, len(records) - an)
+    return head + b"".join(records)
+
+
+def service_records(
+    service_type: str, label: str, port: int, txt: dict[str, str], address: str
+) -> list[bytes]:
+    """PTR, SRV, TXT and A records of one DNS-SD instance."""
+    from eda.core.mdns import TYPE_A, TYPE_PTR, TYPE_SRV, TYPE_TXT, encode_name
+
+    stype = service_type.rstrip(".")
+    inst = f"{label}.{stype}"
+    host = f"{label}-host.local"
+    strings = [f"{k}={v}".encode() for k, v in txt.items()]
+    return [
+        dns_rr(stype, TYPE_PTR, encode_name(inst)),
+        dns_rr(inst, TYPE_SRV, struct.pack("!HHH", 0, 0, port) + encode_name(host)),
+        dns_rr(inst, TYPE_TXT, b"".join(bytes([len(s)]) + s for s in strings)),
+        dns_rr(host, TYPE_A, socket.inet_aton(address)),
+    ]
+
+
+def mdns_socket(interface: str = "127.0.0.1") -> socket.socket:
+    """A UDP socket on port 5353 in the mDNS group, sharing the port with real responders."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("", 5353))
+    group = socket.inet_aton("224.0.0.251") + socket.inet_aton(interface)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+    return sock
+
+
+class MdnsResponder:
+    """Answers one-shot PTR queries with whatever :meth:`answer` returns (a forged peer).
+
+    *answer(qid, qname)* returns (packet, reply-from-mDNS-port) pairs; the
+    default answers every question for a type added with :meth:`add`.
+    """
+
+    def __init__(self, interface: str = "127.0.0.1") -> None:
+        self.sock = mdns_socket(interface)
+        self.other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a port that is not 5353
+        self.records: dict[str, list[bytes]] = {}
+        self.answer: Callable[[int, str], list[tuple[bytes, bool]]] = self._answer
+        self.queries = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def add(self, service_type: str, records: list[bytes]) -> None:
+        self.records.setdefault(service_type.rstrip(".").lower() + ".", []).extend(records)
+
+    def _answer(self, qid: int, qname: str) -> list[tuple[bytes, bool]]:
+        records = self.records.get(qname.lower(), [])
+        return [(dns_response(qid, records, 1), True)] if records else []
+
+    def _run(self) -> None:
+        from eda.core.mdns import DNSFormatError, _read_name
+
+        while not self._stop:
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            packet, source = self.sock.recvfrom(9000)
+            if len(packet) < 12 or packet[2] & 0x80 or source[1] == 5353:
+                continue  # a response, or a full responder's own query
+            try:
+                qname = _read_name(packet, 12)[0]
+            except DNSFormatError:
+                continue
+            self.queries += 1
+            qid = struct.unpack_from("!H", packet)[0]
+            for reply, from_mdns_port in self.answer(qid, qname):
+                (self.sock if from_mdns_port else self.other).sendto(reply, source)
+
+    def multicast(self, packet: bytes) -> None:
+        """Send an unsolicited response (an announcement) to the group, from port 5353."""
+        self.sock.sendto(packet, ("224.0.0.251", 5353))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+        self.other.close()

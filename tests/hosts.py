@@ -39,8 +39,13 @@ class Host:
     def prefix(self) -> list[str]:
         return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net"]
 
+    def _env(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """Each host has its own disk: its own discovery cache."""
+        cache = str(self.procs.workdir / f"cache-{self.name}")
+        return {**kw, "env": {"XDG_CACHE_HOME": cache, **(kw.get("env") or {})}}
+
     def eda(self, program: str, *args: str, **kw: Any) -> Proc:
-        proc = self.procs.start(command(program, *args), prefix=self.prefix, **kw)
+        proc = self.procs.start(command(program, *args), prefix=self.prefix, **self._env(kw))
         self.started.append(proc)
         return proc
 
@@ -52,7 +57,23 @@ class Host:
     def run(self, program: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         from tests.helpers import run
 
-        return run(program, *args, prefix=self.prefix, **kw)
+        return run(program, *args, prefix=self.prefix, **self._env(kw))
+
+    def set_input_loss(self, percent: int) -> None:
+        """Drop *percent* % of the UDP packets this host receives (0: none), at random.
+
+        An nftables rule in the host's namespace (``numgen random``), on input
+        only, as a Wi-Fi station misses multicast; TCP is left alone.
+        """
+        nft = [*self.prefix, "nft"]
+        subprocess.run([*nft, "delete", "table", "inet", "edaloss"], capture_output=True)
+        if percent <= 0:
+            return
+        rules = (
+            "table inet edaloss { chain input { type filter hook input priority 0; "
+            f'iifname != "lo" meta l4proto udp numgen random mod 100 < {int(percent)} drop; }}; }}'
+        )
+        subprocess.run([*nft, "-f", "-"], input=rules.encode(), check=True, capture_output=True)
 
     def cut(self) -> None:
         """Pull the cable: the host keeps running but hears nothing."""

@@ -8,16 +8,21 @@ directory on a private tmpfs so it never meets a system avahi.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs, run, wait_until
+from tests.helpers import Procs, require_tools, run, wait_until
 
 ADDRESS = "10.232.0.1"
+TOOLS = ("avahi-daemon", "avahi-browse", "avahi-publish", "dbus-daemon")
+PACKAGES = "avahi-daemon avahi-utils dbus"
 
 BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -49,6 +54,7 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture
 def avahi(procs: Procs, tmp_path: Path) -> Iterator[dict[str, str]]:
+    require_tools(*TOOLS, install=PACKAGES)
     _ip("link", "add", "edava0", "type", "veth", "peer", "name", "edava1")
     try:
         _ip("addr", "add", f"{ADDRESS}/24", "dev", "edava0")
@@ -122,24 +128,78 @@ def test_eda_pub_finds_a_subscriber_that_avahi_announces(procs, avahi):
 
 def test_avahi_sees_a_serverless_instance_and_eda_browse_sees_avahis(procs, avahi):
     reg = procs.eda(
-        "eda-registry", "register", "-v", "--serverless", "--interface", ADDRESS,
-        "orders", "--port", "8080", "--meta", "version=2",
+        "eda-registry",
+        "register",
+        "-v",
+        "--serverless",
+        "--interface",
+        ADDRESS,
+        "orders",
+        "--port",
+        "8080",
+        "--meta",
+        "version=2",
     )
     reg.wait_stderr("registered orders", 15)
 
     def avahi_sees() -> str | None:
         out = subprocess.run(
             ["avahi-browse", "-r", "-t", "-p", "_eda-svc._tcp"],
-            capture_output=True, text=True, timeout=20, env={**avahi, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**avahi, "PATH": "/usr/bin:/bin"},
         ).stdout
-        return next((x for x in out.splitlines() if x.startswith("=") and '"svc=orders"' in x), None)
+        return next(
+            (x for x in out.splitlines() if x.startswith("=") and '"svc=orders"' in x), None
+        )
 
     line = wait_until(avahi_sees, 20, "avahi-browse to resolve the serverless instance")
     assert line.split(";")[8] == "8080" and '"version=2"' in line
 
-    web = procs.start(["avahi-publish", "-s", "avahi web", "_http._tcp", "8081", "path=/"], env=avahi)
+    web = procs.start(
+        ["avahi-publish", "-s", "avahi web", "_http._tcp", "8081", "path=/"], env=avahi
+    )
     wait_until(lambda: "Established" in web.stdout + web.stderr, 15, "avahi-publish")
-    result = run("eda-registry", "browse", "_http._tcp", "--interface", ADDRESS, "-C", "1", "--json", timeout=30)
+    result = run(
+        "eda-registry",
+        "browse",
+        "_http._tcp",
+        "--interface",
+        ADDRESS,
+        "-C",
+        "1",
+        "--json",
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     item = json.loads(result.stdout.splitlines()[0])
     assert item["name"] == "avahi web" and item["port"] == 8081 and ADDRESS in item["addresses"]
+
+
+def test_without_avahi_the_tests_fail_at_once_saying_what_to_install(tmp_path):
+    """A fresh machine without avahi: one line naming the packages, not a 15 s timeout."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    start = time.monotonic()
+    inner = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::test_avahi_browse_resolves_an_eda_subscriber",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": str(empty)},
+        cwd=Path(__file__).parent.parent,
+    )
+    elapsed = time.monotonic() - start
+    assert inner.returncode == 1, inner.stdout + inner.stderr
+    assert f"not found: install {PACKAGES} first" in inner.stdout
+    assert "avahi-daemon, avahi-browse, avahi-publish, dbus-daemon not found" in inner.stdout
+    assert elapsed < 12, elapsed  # the old fixture waited 15 s for a daemon that never ran
