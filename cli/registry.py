@@ -158,7 +158,7 @@ def serve(
         tick=tick,
         peer_timeout=peer_timeout,
     )
-    server = Server(settings, log=ctx.debug)
+    server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""
