@@ -17,6 +17,7 @@ from eda.cli.common import (
     Template,
     Terminated,
     common_options,
+    for_terminal,
     output_options,
     run,
     write_stdout,
@@ -532,29 +533,46 @@ def _print_instances(found: list[dict[str, Any]], template: str | None, force_js
         _table(found)
 
 
-def _table(found: list[dict[str, Any]]) -> None:
+STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
+
+
+def _table(found: list[dict[str, Any]], console: Any = None) -> None:
+    """Instances as a table; every peer-supplied string is escaped and shown as plain Text.
+
+    The address column never wraps or shrinks (an address cut at the edge of
+    the terminal is a wrong address); metadata and instance ids fold instead.
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    colours = {"passing": "green", "warning": "yellow", "critical": "red"}
     table = Table(box=None, header_style="bold")
-    for column in ("SERVICE", "INSTANCE", "ADDRESS", "STATUS", "WEIGHT", "META", "LAST SEEN"):
-        table.add_column(column)
+    addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
+    widest = max(map(len, addresses), default=7)
+    table.add_column("SERVICE", overflow="fold")
+    table.add_column("INSTANCE", overflow="fold")
+    table.add_column("ADDRESS", no_wrap=True, min_width=widest)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("WEIGHT", no_wrap=True)
+    table.add_column("META", overflow="fold")
+    table.add_column("LAST SEEN", no_wrap=True)
     now = time.time()
-    for r in found:
-        status = str(r.get("status"))
-        seen = f"{now - r['heartbeat']:.1f}s ago" if r.get("heartbeat") else "-"
-        meta = " ".join(f"{k}={v}" for k, v in r.get("meta", {}).items())
+    for r, address in zip(found, addresses, strict=True):
+        status = for_terminal(r.get("status"))
+        beat = r.get("heartbeat")
+        seen = f"{now - beat:.1f}s ago" if isinstance(beat, (int, float)) and beat else "-"
+        meta = r.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
         table.add_row(
-            str(r["service"]),
-            str(r["id"]),
-            f"{r['host']}:{r['port']}",
-            f"[{colours.get(status, 'white')}]{status}[/]",
-            str(r.get("weight")),
-            meta,
-            seen,
+            Text(for_terminal(r.get("service"))),
+            Text(for_terminal(r.get("id"))),
+            Text(address),
+            Text(status, style=STATUS_COLOURS.get(status, "")),
+            Text(for_terminal(r.get("weight"))),
+            Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
+            Text(seen),
         )
-    Console().print(table)
+    (console or Console()).print(table)
 
 
 # -- watch -----------------------------------------------------------------------------------
@@ -688,15 +706,31 @@ def _event_printer(
     }
 
     def show(event: dict[str, Any]) -> None:
-        inst = event["instance"]
-        kind = event["type"]
-        console.print(
-            f"[dim]{event['time'][11:23]}[/] [{colours.get(kind, 'cyan')}]{kind:<12}[/] "
-            f"{inst['service']}/{inst['id']} {inst['host']}:{inst['port']} {inst['status']}"
-            f"  [dim]{event['reason']}[/]"
-        )
+        console.print(_event_line(event, colours))
 
     return show
+
+
+def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
+    """One change as rich Text: peer strings escaped, never read as markup."""
+    from rich.text import Text
+
+    inst = event.get("instance")
+    inst = inst if isinstance(inst, dict) else {}
+    kind = for_terminal(event.get("type"))
+    line = Text()
+    line.append(for_terminal(str(event.get("time", ""))[11:23]), style="dim")
+    line.append(" ")
+    line.append(f"{kind:<12}", style=colours.get(kind, "cyan"))
+    line.append(
+        " "
+        + for_terminal(
+            f"{inst.get('service')}/{inst.get('id')} {inst.get('host')}:{inst.get('port')} "
+            f"{inst.get('status')}"
+        )
+    )
+    line.append("  " + for_terminal(event.get("reason", "")), style="dim")
+    return line
 
 
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
@@ -748,15 +782,22 @@ def browse(
             elif as_json:
                 line = json.dumps(item, separators=(",", ":"))
             else:
-                addr = ",".join(item.get("addresses", []))
-                port, txt = item.get("port", ""), item.get("txt", "")
-                line = f"{item['event']:<8} {item['name']}  {addr}:{port}  {txt}"
+                line = _browse_line(item)
             write_stdout((line + "\n").encode())
             seen += 1
             if count is not None and seen >= count:
                 return
         if deadline is not None and time.monotonic() >= deadline:
             return
+
+
+def _browse_line(item: dict[str, Any]) -> str:
+    """One browse item for a terminal: best address first, TXT as key=value, all escaped."""
+    addresses = item.get("addresses") or []
+    where = f"{addresses[0]}:{item.get('port', '')}" if addresses else ""
+    others = f" (also {', '.join(addresses[1:])})" if len(addresses) > 1 else ""
+    txt = " ".join(f"{k}={v}" for k, v in (item.get("txt") or {}).items())
+    return for_terminal(f"{item['event']:<8} {item['name']}  {where}{others}  {txt}".rstrip())
 
 
 def main() -> None:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import signal
 import socket
 import stat
+import struct
 import subprocess
+import termios
 import time
 from datetime import datetime
 from pathlib import Path
 
 import zmq
 
-from tests.helpers import Proc, Procs, run, wait_until
+from tests.helpers import Proc, Procs, command, run, wait_until
 
 FAST = ("--interval", "0.2", "--ttl", "0.8")
 
@@ -499,7 +505,9 @@ def test_serverless_fallback_moves_to_a_registry_that_appears(procs: Procs) -> N
     wait_until(lambda: lookup(endpoint, "orders").returncode == 3, 5, "clean deregistration")
 
 
-def test_config_file_feeds_subcommands_by_option_name(procs: Procs, tmp_path: Path, monkeypatch) -> None:
+def test_config_file_feeds_subcommands_by_option_name(
+    procs: Procs, tmp_path: Path, monkeypatch
+) -> None:
     _, endpoint = serve(procs)
     register(procs, endpoint, "orders", 8080)
     monkeypatch.chdir(tmp_path)
@@ -513,3 +521,70 @@ def test_config_file_feeds_subcommands_by_option_name(procs: Procs, tmp_path: Pa
     assert result.stderr == (
         "eda-registry: error: eda.toml:3: key 'registry.colour' is not an option of eda-registry\n"
     )
+
+
+def run_on_tty(*args: str, columns: int = 80, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Run eda-registry with stdout on a pseudo-terminal *columns* wide; (code, out, err)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    proc = subprocess.Popen(
+        command("eda-registry", *args),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no end of output after {timeout}s: {out!r}"
+            ready, _, _ = select.select([master], [], [], left)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not data:
+                break
+            out += data
+        code = proc.wait(timeout)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return code, out.decode(errors="replace"), err
+
+
+HOSTILE_META = ("--meta", "note=[/]", "--meta", "title=\x1b]0;pwned\x07", "--meta", "x=[bold]y")
+
+
+def test_terminal_views_escape_peer_text_and_never_read_it_as_markup(procs: Procs) -> None:
+    _, ep = serve(procs)
+    register(procs, ep, "orders", 8080, *HOSTILE_META)
+    for args in (["list"], ["lookup", "orders"]):
+        code, out, err = run_on_tty(*args, "--registry", ep)
+        assert (code, err) == (0, ""), (args, err)  # a MarkupError traceback once
+        assert "note=[/]" in out and "x=[bold]y" in out
+        assert "\x1b]0;" not in out and "\x07" not in out  # no window title from a peer
+        assert "pwned\\x07" in out  # shown, escaped
+
+
+def test_terminal_table_never_cuts_an_address(procs: Procs) -> None:
+    _, ep = serve(procs)
+    meta = ("--meta", "description=" + "long words " * 12)
+    register(procs, ep, "orders", 65535, "--host", "10.200.200.200", *meta)
+    for args in (["list"], ["lookup", "orders"]):
+        code, out, err = run_on_tty(*args, "--registry", ep, columns=60)
+        assert (code, err) == (0, "")
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", out)  # colours off: what the eye sees
+        assert "10.200.200.200:65535" in plain, plain
+        assert max(len(line) for line in plain.splitlines()) <= 60

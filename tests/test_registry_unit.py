@@ -383,3 +383,24 @@ def test_journal_refuses_a_snapshot_with_a_bad_sequence(tmp_path: Path) -> None:
     (tmp_path / "snapshot.json").write_bytes(b'{"seq": -5, "instances": []}')
     again = Journal(tmp_path)
     assert again.load() == ([], 0) and again.skipped == 1
+
+
+# -- browse rendering --------------------------------------------------------------
+def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() -> None:
+    from eda.cli.registry import _browse_line
+    from eda.core.registry.browse import address_order
+
+    found = ["fe80::1%eth0", "2001:db8::1", "169.254.1.1", "10.0.0.5"]
+    ordered = sorted(found, key=address_order)
+    assert ordered == ["10.0.0.5", "169.254.1.1", "2001:db8::1", "fe80::1%eth0"]
+    item = {
+        "event": "added",
+        "name": "web\x1b[2J",
+        "addresses": ordered,
+        "port": 80,
+        "txt": {"path": "/index.html", "v": "1"},
+    }
+    line = _browse_line(item)
+    assert line.startswith("added    web\\x1b[2J  10.0.0.5:80 (also 169.254.1.1, ")
+    assert line.endswith("  path=/index.html v=1")
+    assert "{" not in line and "\x1b" not in line
