@@ -588,3 +588,101 @@ def test_terminal_table_never_cuts_an_address(procs: Procs) -> None:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", out)  # colours off: what the eye sees
         assert "10.200.200.200:65535" in plain, plain
         assert max(len(line) for line in plain.splitlines()) <= 60
+
+
+def register_raw(endpoint: str, records: list[dict[str, object]]) -> None:
+    """Register *records* straight over the protocol (long TTLs: no heartbeats needed)."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        for rid, record in enumerate(records):
+            dealer.send(json.dumps({"op": "register", "rid": rid, "instance": record}).encode())
+            assert dealer.poll(5000), "no reply to register"
+            assert json.loads(dealer.recv())["ok"] is True
+    finally:
+        dealer.close()
+        ctx.term()
+
+
+def test_dns_serves_30_instances_over_udp_and_tcp_with_compressed_names(procs: Procs) -> None:
+    server, ep = serve(procs, "--dns", "127.0.0.1:0")
+    port = server.wait_stderr(r"DNS on 127\.0\.0\.1:(\d+)").group(1)
+    records: list[dict[str, object]] = [
+        {"service": "orders", "host": f"10.1.0.{i + 1}", "port": 9000 + i, "ttl": 120,
+         "interval": 40}
+        for i in range(30)
+    ]  # fmt: skip
+    register_raw(ep, records)
+    expected = sorted(f"1 1 {9000 + i} orders-10-1-0-{i + 1}-{9000 + i}" for i in range(30))
+
+    def dig(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["dig", "@127.0.0.1", "-p", port, "+tries=1", "+time=5", *args],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+
+    for transport in ([], ["+tcp"]):  # UDP: truncated, and dig retries over TCP by itself
+        result = dig(*transport, "+short", "orders.service.eda", "SRV")
+        assert result.returncode == 0, result
+        got = sorted(
+            line.rsplit(".orders.service.eda.", 1)[0] for line in result.stdout.split("\n") if line
+        )
+        assert got == expected, (transport, result.stdout, result.stderr)
+    # over UDP with EDNS (no retry): names are compressed, so 30 SRV + 30 A fit in 4 KB
+    full = dig("+notcp", "+ignore", "+bufsize=4096", "orders.service.eda", "SRV")
+    assert (
+        "flags: qr aa" in full.stdout and " tc" not in full.stdout.split("flags:")[1].split(";")[0]
+    )
+    assert "ANSWER: 30, AUTHORITY: 0, ADDITIONAL: 30" in full.stdout
+    size = int(re.search(r"MSG SIZE\s+rcvd: (\d+)", full.stdout).group(1))  # type: ignore[union-attr]
+    uncompressed = 12 + 24 + 30 * (24 + 10 + 6 + 38) + 30 * (38 + 10 + 4)
+    assert size < uncompressed - 30 * 20, size  # owner names are 2-byte pointers
+    a_records = dig("+short", "+tcp", "orders.service.eda", "A")
+    assert sorted(a_records.stdout.split()) == sorted(f"10.1.0.{i + 1}" for i in range(30))
+
+
+def test_a_starting_service_is_found_as_soon_as_its_check_first_passes(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = serve(procs)
+    gate = tmp_path / "listening"
+    # checks every 30 s with rise 2: without the start-up rule, a minute before it is found
+    register(
+        procs, ep, "web", 8000, "--check", f"test -e {gate} || exit 2", "--check-interval", "30",
+        "--rise", "2", "--interval", "0.3", "--ttl", "3",
+    )  # fmt: skip
+    every = lookup(ep, "web", "--all")
+    assert json.loads(every.stdout)["status"] == "critical"  # the first check ran at once
+    gate.touch()  # the service is up now
+    wait_until(lambda: lookup(ep, "web").returncode == 0, 15, "the instance to pass")
+
+
+def test_a_full_disk_is_a_warning_and_leaves_no_temp_file(procs: Procs, tmp_path: Path) -> None:
+    small = tmp_path / "small"  # a 12 KiB tmpfs, mounted only in the registry's namespace
+    small.mkdir()
+    argv = command(
+        "eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--data",
+        f"{small}/data",
+    )  # fmt: skip
+    mount = f'mount -t tmpfs -o size=12k tmpfs {small} && exec "$0" "$@"'
+    server = procs.start(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, *argv]
+    )
+    ep = server.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    records: list[dict[str, object]] = [
+        {"service": "orders", "host": "10.1.0.1", "port": 9000 + i, "ttl": 120, "interval": 40,
+         "meta": {f"k{j}": "v" * 200 for j in range(5)}}
+        for i in range(40)
+    ]  # fmt: skip
+    register_raw(ep, records)  # acknowledged: served from memory...
+    server.wait_stderr(r"warning: cannot .* No space left on device; changes are kept in memory")
+    assert len(ports(lookup(ep, "orders"))) == 40
+    # ...said without -v, once per kind and interval, not once per change
+    assert len(server.stderr.splitlines()) <= 4, server.stderr
+    data = Path(f"/proc/{server.popen.pid}/root") / str(small).lstrip("/") / "data"
+    assert (data / "changes.log").exists()  # looking at the registry's own mount
+    wait_until(lambda: "write the snapshot" in server.stderr, 5, "a failed snapshot")
+    assert not (data / "snapshot.json.tmp").exists()
+    assert server.popen.poll() is None

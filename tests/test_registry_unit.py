@@ -404,3 +404,37 @@ def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() 
     assert line.startswith("added    web\\x1b[2J  10.0.0.5:80 (also 169.254.1.1, ")
     assert line.endswith("  path=/index.html v=1")
     assert "{" not in line and "\x1b" not in line
+
+
+def test_debounce_first_pass_counts_at_once_then_rise_and_fall_apply() -> None:
+    deb = Debounce(rise=3, fall=3)
+    assert deb.feed("critical") and deb.status == "critical"  # the service is not up yet
+    assert not deb.feed("critical")
+    assert deb.feed("passing") and deb.status == "passing"  # the first pass: at once
+    assert not deb.feed("critical") and not deb.feed("critical")
+    assert deb.feed("critical")  # fall applies now
+    assert not deb.feed("passing") and not deb.feed("passing")
+    assert deb.feed("passing")  # and rise on the way back
+
+
+def test_a_failed_snapshot_keeps_the_old_one_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    store = Store("r1", Clock())
+    journal = Journal(tmp_path)
+    store.heartbeat(rec(port=1), register=True)
+    journal.snapshot(store.instances(), store.seq)
+    store.heartbeat(rec(port=2), register=True)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        journal.snapshot(store.instances(), store.seq)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.log", "snapshot.json"]
+    monkeypatch.undo()
+    assert [r.port for r in Journal(tmp_path).load()[0]] == [1]

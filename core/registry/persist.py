@@ -41,10 +41,12 @@ class Journal:
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._log: BinaryIO = (self.dir / LOG).open("ab")
+            # unbuffered: a failed write (disk full) leaves nothing queued to reappear later
+            self._log: BinaryIO = (self.dir / LOG).open("ab", buffering=0)
         except OSError as exc:
             raise UsageError(f"cannot use data directory {self.dir}: {exc.strerror}") from None
         self.skipped = 0
+        self._torn = False  # the last append failed part-way: end that line first
 
     def registry_id(self) -> str:
         path = self.dir / ID_FILE
@@ -103,8 +105,17 @@ class Journal:
         records[inst.id] = inst
 
     def append(self, event: dict[str, Any]) -> None:
-        self._log.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
-        self._log.flush()
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        if self._torn:
+            line = b"\n" + line
+        self._torn = True
+        view = memoryview(line)
+        while view:
+            written = self._log.write(view)
+            if not written:
+                raise OSError(28, "No space left on device")
+            view = view[written:]
+        self._torn = False
 
     def snapshot(self, records: list[Record], seq: int) -> None:
         """Replace the snapshot atomically; on failure the old one stays, no temp file."""
@@ -128,6 +139,7 @@ class Journal:
             os.close(fd)
         self._log.truncate(0)
         self._log.seek(0)
+        self._torn = False
         os.fsync(self._log.fileno())
 
     def close(self) -> None:

@@ -302,7 +302,7 @@ class Server:
     def _persist_failed(self, what: str, exc: OSError) -> None:
         self.persist_failed = True
         self.limited(
-            "persist",
+            f"persist:{what}",
             f"cannot {what} in {self.settings.data}: {exc.strerror or exc}; "
             "changes are kept in memory only until a write succeeds",
         )
