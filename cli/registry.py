@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import (
+    EXIT_USAGE,
     Context,
     Exit,
     Template,
     Terminated,
     common_options,
     for_terminal,
-    output_options,
     run,
     write_stdout,
 )
@@ -57,7 +57,47 @@ def registry_option(func: Any) -> Any:
     )(func)
 
 
-@click.group(epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
+INSTANCE_FIELDS = (
+    "service", "id", "host", "port", "address", "weight", "meta", "status", "ttl", "interval",
+    "registered", "heartbeat", "registry", "rev",
+)  # fmt: skip
+EVENT_FIELDS = (
+    *INSTANCE_FIELDS, "type", "reason", "time", "seq", "instance", "snapshot", "resync",
+)  # fmt: skip
+BROWSE_FIELDS = (
+    "event", "name", "type", "domain", "host", "addresses", "address", "port", "txt", "time",
+)  # fmt: skip
+
+
+def output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
+    """--format (with this command's own fields) and --json."""
+
+    def decorate(func: Any) -> Any:
+        func = click.option(
+            "--format",
+            "template",
+            metavar="TEMPLATE",
+            help=f"Print one line per item from a template, e.g. {example!r}. "
+            f"Fields: {', '.join(fields)}; {{meta}} is JSON, {{meta[KEY]}} one value.",
+        )(func)
+        return click.option(
+            "--json", "force_json", is_flag=True, help="JSON Lines even on a terminal."
+        )(func)
+
+    return decorate
+
+
+class _Group(click.Group):
+    """No subcommand: the help, on stdout, and exit 2 (a usage error, as click does)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:  # (shell completion parses no args too)
+            click.echo(ctx.get_help())
+            raise Exit(EXIT_USAGE)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
 @click.version_option(__version__, "--version", message="%(prog)s %(version)s")
 @click.help_option("-h", "--help")
 def command() -> None:
@@ -440,7 +480,7 @@ Examples:
 @click.argument("name")
 @click.option("--all", "include_all", is_flag=True, help="Every instance, whatever its health.")
 @registry_option
-@output_options
+@output_options("{host}:{port}", INSTANCE_FIELDS)
 @common_options
 def lookup(
     name: str,
@@ -459,6 +499,7 @@ def lookup(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name)
+    fmt = _instance_template(template)
     found = _query(
         "lookup",
         service,
@@ -472,7 +513,7 @@ def lookup(
     if not found:
         what = "instance" if include_all else "passing instance"
         raise NotFoundError(f"no {what} of service {service!r}")
-    _print_instances(found, template, force_json)
+    _print_instances(found, fmt, force_json)
 
 
 @command.command(
@@ -485,7 +526,7 @@ Examples:
 )
 @click.argument("name", required=False)
 @registry_option
-@output_options
+@output_options("{service} {address} {status}", INSTANCE_FIELDS)
 @common_options
 def list_(
     name: str | None,
@@ -503,6 +544,7 @@ def list_(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name) if name is not None else None
+    fmt = _instance_template(template)
     found = _query(
         "list",
         service,
@@ -513,19 +555,52 @@ def list_(
         no_mdns,
         ctx,
     )
-    _print_instances(found, template, force_json)
+    _print_instances(found, fmt, force_json)
+
+
+class _JsonDict(dict[str, Any]):
+    """A mapping that prints as JSON in a template; ``{meta[k]}`` and ``{meta.k}`` index it."""
+
+    def __format__(self, spec: str) -> str:
+        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _JsonList(list[Any]):
+    def __format__(self, spec: str) -> str:
+        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
+
+
+def _template_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _JsonDict(value)
+    if isinstance(value, list):
+        return _JsonList(value)
+    return value
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(record)
-    fields.update({f"meta.{k}": v for k, v in record.get("meta", {}).items()})
-    fields["address"] = f"{record.get('host')}:{record.get('port')}"
+    fields = {k: _template_value(v) for k, v in record.items()}
+    fields["address"] = _address(record.get("host"), record.get("port"))
     return fields
 
 
-def _print_instances(found: list[dict[str, Any]], template: str | None, force_json: bool) -> None:
-    if template:
-        fmt = Template(template)
+def _address(host: object, port: object) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _instance_template(template: str | None) -> Template | None:
+    """The --format template, refused at once if it names an unknown field."""
+    return Template(template, fields=INSTANCE_FIELDS) if template else None
+
+
+def _print_instances(found: list[dict[str, Any]], fmt: Template | None, force_json: bool) -> None:
+    if fmt is not None:
         write_stdout("".join(fmt.line(_fields(r)) for r in found).encode())
     elif force_json or not sys.stdout.isatty():
         write_stdout("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found).encode())
@@ -598,7 +673,7 @@ Examples:
 )
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
 @registry_option
-@output_options
+@output_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @common_options
 def watch(
     name: str | None,
@@ -688,7 +763,7 @@ def _event_printer(
 
         return run_exec
     if template:
-        fmt = Template(template)
+        fmt = Template(template, fields=EVENT_FIELDS)
         return lambda event: write_stdout(fmt.line(_event_fields(event)).encode())
     if force_json or not sys.stdout.isatty():
         return lambda event: write_stdout(
@@ -735,7 +810,7 @@ def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
 
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
     fields = _fields(event["instance"])
-    fields.update({k: v for k, v in event.items() if k != "instance"})
+    fields.update({k: _template_value(v) for k, v in event.items() if k != "instance"})
     fields["instance"] = event["instance"].get("id")
     return fields
 
@@ -751,7 +826,7 @@ Examples:
 @click.argument("service_type", metavar="TYPE")
 @click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
-@output_options
+@output_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(
     service_type: str,
@@ -773,12 +848,12 @@ def browse(
     full_type(service_type)
     deadline = None if duration is None else time.monotonic() + duration
     seen = 0
-    fmt = Template(template) if template else None
+    fmt = Template(template, fields=BROWSE_FIELDS) if template else None
     as_json = force_json or not sys.stdout.isatty()
     for item in browse_lan(service_type, _iface(interface)):
         if item is not None:
             if fmt:
-                line = fmt.line(item).rstrip("\n")
+                line = fmt.line(_browse_fields(item)).rstrip("\n")
             elif as_json:
                 line = json.dumps(item, separators=(",", ":"))
             else:
@@ -789,6 +864,13 @@ def browse(
                 return
         if deadline is not None and time.monotonic() >= deadline:
             return
+
+
+def _browse_fields(item: dict[str, Any]) -> dict[str, Any]:
+    fields = {k: _template_value(v) for k, v in item.items()}
+    addresses = item.get("addresses") or []
+    fields["address"] = _address(addresses[0], item.get("port")) if addresses else ""
+    return fields
 
 
 def _browse_line(item: dict[str, Any]) -> str:

@@ -686,3 +686,46 @@ def test_a_full_disk_is_a_warning_and_leaves_no_temp_file(procs: Procs, tmp_path
     wait_until(lambda: "write the snapshot" in server.stderr, 5, "a failed snapshot")
     assert not (data / "snapshot.json.tmp").exists()
     assert server.popen.poll() is None
+
+
+def test_no_subcommand_prints_the_help_cleanly_and_exits_2() -> None:
+    result = run("eda-registry")
+    assert result.returncode == 2
+    assert result.stdout.startswith("Usage: eda-registry") and "lookup" in result.stdout
+    assert result.stderr == ""  # was "eda-registry: error: Usage: ..."
+
+
+def test_format_fields_are_the_registrys_own_and_unknown_ones_are_refused(procs: Procs) -> None:
+    for sub in ("lookup", "list", "watch", "browse"):
+        shown = run("eda-registry", sub, "--help").stdout
+        assert "{topic}" not in shown and "{data}" not in shown, sub  # pub/sub fields: blank
+        assert "Fields:" in shown
+    _, ep = serve(procs)
+    register(procs, ep, "orders", 8080, "--meta", "version=2", "--meta", "zone=a")
+    for sub in (["lookup", "orders"], ["list"], ["watch", "-C", "1"]):
+        refused = run("eda-registry", *sub, "--registry", ep, "--format", "{tpoic}")
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        assert "unknown field {tpoic}" in refused.stderr
+    shown = run(
+        "eda-registry", "lookup", "orders", "--registry", ep,
+        "--format", "{meta}|{meta[version]}|{meta.zone}|{address}",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    meta, version, zone, address = shown.stdout.rstrip("\n").split("|")
+    assert json.loads(meta) == {"version": "2", "zone": "a"}  # JSON, not a Python dict
+    assert (version, zone, address) == ("2", "a", "127.0.0.1:8080")
+
+
+def test_serve_on_a_port_in_use_is_a_runtime_error(procs: Procs) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))  # held for the whole test: no race
+    with taken:
+        port = taken.getsockname()[1]
+        result = run("eda-registry", "serve", "--no-mdns", "--bind", f"tcp://127.0.0.1:{port}")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("eda-registry: error: cannot bind tcp://127.0.0.1:")
+        assert len(result.stderr.splitlines()) == 1
+        dns = run("eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+                  "--dns", f"127.0.0.1:{port}")  # fmt: skip
+        assert dns.returncode == 1 and "cannot bind DNS" in dns.stderr, dns.stderr
+    bad = run("eda-registry", "serve", "--no-mdns", "--bind", "nonsense://x")
+    assert bad.returncode == 2, bad.stderr  # a malformed endpoint stays a usage error
