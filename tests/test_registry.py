@@ -17,6 +17,7 @@ import termios
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -106,7 +107,7 @@ def test_register_lookup_list_and_clean_stop(procs: Procs) -> None:
     a.signal(signal.SIGTERM)
     assert a.wait() == 0
     assert ports(lookup(ep, "orders")) == [8081]  # gone at once, not after the TTL
-    w.wait_lines(3, timeout=1.0)
+    w.wait_lines(3)
     assert [(e["type"], e["instance"]["port"]) for e in events(w)] == [  # type: ignore[index]
         ("registered", 8080),
         ("registered", 8081),
@@ -118,17 +119,21 @@ def test_register_lookup_list_and_clean_stop(procs: Procs) -> None:
 def test_killed_instance_expires_within_its_ttl_and_watch_says_why(procs: Procs) -> None:
     _, ep = serve(procs)
     w = watch(procs, ep)
-    victim = register(procs, ep, "orders", 8080)
+    victim = register(procs, ep, "orders", 8080, "--interval", "0.3", "--ttl", "3")
     register(procs, ep, "orders", 8081)
     killed_at = time.time()
     victim.kill()
     # the deadline is the registry's, not this loop's: a lookup process may start slowly
     wait_until(lambda: ports(lookup(ep, "orders")) == [8081], what="expiry")
     expired = [e for e in events(w.wait_lines(3) and w) if e["type"] == "expired"]
-    assert len(expired) == 1 and "no heartbeat for 0.8s" in str(expired[0]["reason"])
-    assert expired[0]["instance"]["port"] == 8080  # type: ignore[index]
-    # within its TTL of the kill (its last heartbeat came earlier), plus sweep and scheduling
-    assert event_time(expired[0]) - killed_at < 0.8 + 0.4
+    assert len(expired) == 1 and "no heartbeat for 3s" in str(expired[0]["reason"])
+    inst = expired[0]["instance"]
+    assert inst["port"] == 8080  # type: ignore[index]
+    # timed on the registry's own clock, from the last heartbeat it saw: one TTL, never
+    # early, and with room for a loaded machine, yet well under two TTLs
+    since_beat = event_time(expired[0]) - inst["heartbeat"]  # type: ignore[index]
+    assert 3.0 <= since_beat < 3.0 + 2.0, since_beat
+    assert inst["heartbeat"] <= killed_at + 0.5  # type: ignore[index]
 
 
 def test_lookup_of_unknown_service_exits_3_and_all_shows_unhealthy(procs: Procs) -> None:
@@ -347,10 +352,10 @@ def test_health_check_failure_drops_instance_and_recovery_brings_it_back(
     )
     flag.unlink()
     wait_until(
-        lambda: lookup(ep, "orders").returncode == 3, timeout=2, what="critical instance dropped"
+        lambda: lookup(ep, "orders").returncode == 3, timeout=10, what="critical instance dropped"
     )
     flag.touch()
-    wait_until(lambda: lookup(ep, "orders").returncode == 0, timeout=2, what="instance back")
+    wait_until(lambda: lookup(ep, "orders").returncode == 0, timeout=10, what="instance back")
     kinds = [(e["type"], e["reason"]) for e in events(w.wait_lines(3) and w)]
     assert kinds == [
         ("registered", "registered"),
@@ -435,9 +440,11 @@ def test_registry_restart_keeps_live_registrations_and_drops_dead_ones(
     dead = register(procs, ep, "orders", 8081, "--interval", "0.3", "--ttl", "3")
     server.kill()
     dead.kill()
-    server2, _ = serve(procs, "--data", data, "--bind", "tcp://127.0.0.1:17700")
-    # every registration written before the kill is served again at once...
-    assert ports(lookup(ep, "orders")) in ([8080], [8080, 8081])
+    server2, ep2 = serve(procs, "--data", data, "--bind", "tcp://127.0.0.1:17700")
+    assert ep2 == ep
+    # every registration written before the kill is restored (served at once if still
+    # inside its TTL, else held back until its next heartbeat: both are in the snapshot)
+    assert sorted(i["port"] for i in snapshot(ep)["instances"]) == [8080, 8081]
     # ...and once its TTL is out the dead one is gone, the live one still there
     wait_until(
         lambda: ports(lookup(ep, "orders")) == [8080],
@@ -588,6 +595,28 @@ def test_terminal_table_never_cuts_an_address(procs: Procs) -> None:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", out)  # colours off: what the eye sees
         assert "10.200.200.200:65535" in plain, plain
         assert max(len(line) for line in plain.splitlines()) <= 60
+
+
+def ask(endpoint: str, msg: dict[str, object]) -> dict[str, object]:
+    """One request straight over the protocol; the reply."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        dealer.send(json.dumps(msg).encode())
+        assert dealer.poll(5000), f"no reply to {msg}"
+        reply = json.loads(dealer.recv())
+    finally:
+        dealer.close()
+        ctx.term()
+    assert reply["ok"] is True, reply
+    return dict(reply)
+
+
+def snapshot(endpoint: str) -> dict[str, Any]:
+    """Every record the registry holds, including those held back after a restart."""
+    return ask(endpoint, {"op": "snapshot", "rid": 1})
 
 
 def register_raw(endpoint: str, records: list[dict[str, object]]) -> None:

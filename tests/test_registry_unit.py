@@ -134,13 +134,24 @@ def test_store_register_heartbeat_health_and_expiry() -> None:
 def test_store_deregister_unknown_is_not_found_and_keeps_others() -> None:
     store = Store("r1", Clock())
     store.heartbeat(rec(port=1), register=True)
+    store.heartbeat(rec(port=2), register=True)
+    store.heartbeat(rec(service="billing", port=3), register=True)
+    everything = [(i.service, i.port, i.rev) for i in store.instances()]
     with pytest.raises(NotFoundError):
         store.deregister("nope")
+    assert [(i.service, i.port, i.rev) for i in store.instances()] == everything
     [ev] = store.deregister(rec(port=1).id)
-    assert ev["type"] == "deregistered"
+    assert ev["type"] == "deregistered" and ev["instance"]["port"] == 1
+    assert [i.port for i in store.lookup("orders")] == [2]  # the others are kept
+    assert [i.port for i in store.lookup("billing")] == [3]
+
+
+def test_store_refuses_an_id_registered_for_another_service() -> None:
+    store = Store("r1", Clock())
+    store.heartbeat(rec(port=2), register=True)
     with pytest.raises(model.InvalidRecord, match="registered for service"):
-        store.heartbeat(rec(port=2), register=True)
         store.heartbeat(rec(service="billing", port=2, id=rec(port=2).id))
+    assert [(i.service, i.port) for i in store.instances()] == [("orders", 2)]
 
 
 def test_replication_applies_newer_revisions_once_and_deletions_win_ties() -> None:
