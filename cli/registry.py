@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -23,10 +23,10 @@ from eda.cli.common import (
     write_stdout,
 )
 from eda.core import __version__
-from eda.core.errors import EdaError, NotFoundError, UsageError
+from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from eda.core.registry.client import Client
+    from eda.core.registry.access import Access
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -322,53 +322,28 @@ def register(
     With `-- CMD`, run CMD and keep the registration exactly as long as it
     runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
     """
-    from eda.core.registry import model
-
-    ctx = Context("eda-registry", verbose)
-    if ttl is None:
-        ttl = round(3 * interval, 3) if interval else 6.0
-    if interval is None:
-        interval = round(ttl / 3, 3)
-    iface = _iface(interface)
-    record = {
-        "service": name,
-        "host": host or "127.0.0.1",
-        "port": port,
-        "weight": weight,
-        "meta": model.parse_meta(meta),
-        "ttl": ttl,
-        "interval": interval,
-    }
-    if inst_id:
-        record["id"] = inst_id
-    model.from_dict(record)  # refuse bad input before touching the network
-    client = (
-        None
-        if serverless
-        else _client(registries, iface, no_mdns, timeout=min(1.0, max(0.3, interval)))
-    )
-    if client is not None and not registries:
-        client = _registry_or_none(client, ctx, no_mdns)
-    if client is None and no_mdns:
-        raise UsageError("with --no-mdns, give --registry")
-    if host is None:
-        record["host"] = _default_host(client, iface)
-    if not inst_id:
-        record["id"] = model.default_id(model.validate_name(name), str(record["host"]), port)
-    inst = model.from_dict(record)
+    from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
+    ctx = Context("eda-registry", verbose)
+    record = reg.registration(
+        name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
+        interval=interval,
+    )  # fmt: skip
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    client = reg.connect_for_registration(access, record["interval"])
+    inst = reg.finish(record, client, access.interface)
     keeper = Keeper(
         inst,
         client,
-        iface,
+        access.interface,
         warn=ctx.warn,
         debug=ctx.debug,
         # fell back to mDNS only: move to a registry as soon as one appears
         find_registry=(
             None
             if client is not None or serverless
-            else (lambda: _answering_registry(iface, interval))
+            else (lambda: reg.answering_registry(access, inst.interval))
         ),
     )
     code = keeper.run(
@@ -378,61 +353,28 @@ def register(
         raise Exit(code)
 
 
-def _answering_registry(iface: str | None, interval: float) -> Client | None:
-    """A client of a registry that answers now, else None (quietly)."""
-    from eda.core.registry.client import NoRegistry
-
-    client = _client((), iface, False, timeout=min(1.0, max(0.3, interval)))
-    try:
-        client.hello()
-    except (NoRegistry, EdaError):
-        client.close()
-        return None
-    return client
-
-
 def _iface(interface: str | None) -> str | None:
-    """The IPv4 address for --interface (discovery is imported only when needed: start-up time)."""
-    if not interface:
-        return None
-    from eda.core import discovery
+    from eda.core.registry.access import resolve_interface
 
-    return discovery.resolve_interface(interface)
+    return resolve_interface(interface)
 
 
-def _client(
-    registries: Iterable[str], iface: str | None, no_mdns: bool, timeout: float = 1.0
-) -> Client:
-    from eda.core.registry.client import Client
+def _access(
+    registries: tuple[str, ...],
+    interface: str | None,
+    no_mdns: bool,
+    serverless: bool,
+    ctx: Context,
+) -> Access:
+    from eda.core.registry.access import Access
 
-    endpoints = [e for item in registries for e in item.replace(",", " ").split()]
-    return Client(endpoints, interface=iface, use_mdns=not no_mdns, timeout=timeout)
-
-
-def _registry_or_none(client: Client, ctx: Context, no_mdns: bool) -> Client | None:
-    """*client* if a registry answers; None (serverless mode) when none is known."""
-    from eda.core.registry.client import NoRegistry
-
-    try:
-        client.hello()
-    except NoRegistry:
-        if no_mdns:
-            raise
-        ctx.debug("no registry found: serverless mode (mDNS only)")
-        client.close()
-        return None
-    return client
-
-
-def _default_host(client: Client | None, iface: str | None) -> str:
-    from eda.core.registry.client import local_address_towards
-    from eda.core.registry.serverless import local_addresses
-
-    if iface:
-        return iface
-    if client is not None and client.current:
-        return local_address_towards(client.current)
-    return local_addresses(None)[0]
+    return Access(
+        registries=registries,
+        interface=_iface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
 
 
 # -- lookup / list -----------------------------------------------------------------------
@@ -442,30 +384,16 @@ def _query(
     include_all: bool,
     registries: tuple[str, ...],
     serverless: bool,
-    iface: str | None,
+    interface: str | None,
     no_mdns: bool,
     ctx: Context,
 ) -> list[dict[str, Any]]:
-    from eda.core.registry.client import NoRegistry
+    from eda.core.registry.access import query
 
-    if not serverless:
-        client = _client(registries, iface, no_mdns)
-        try:
-            msg: dict[str, Any] = {"op": op, "all": include_all}
-            if name is not None:
-                msg["service"] = name
-            return list(client.request(msg)["instances"])
-        except NoRegistry:
-            if no_mdns:
-                raise
-            ctx.debug("no registry found: asking the LAN by mDNS (serverless mode)")
-        finally:
-            client.close()
-    from eda.core.registry import serverless as mdns_mode
-
-    found = mdns_mode.query(iface) if name is None else mdns_mode.lookup(name, include_all, iface)
-    if op == "list" and name is not None:
-        found = [i for i in found if i.service == name]
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    found = query(op, name, include_all, access)
+    if access.dropped:
+        ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
     return [i.to_dict() for i in found]
 
 
@@ -506,7 +434,7 @@ def lookup(
         include_all,
         registries,
         serverless,
-        _iface(interface),
+        interface,
         no_mdns,
         ctx,
     )
@@ -551,7 +479,7 @@ def list_(
         True,
         registries,
         serverless,
-        _iface(interface),
+        interface,
         no_mdns,
         ctx,
     )
@@ -696,47 +624,19 @@ def watch(
     another registry; changes missed meanwhile are reported once, marked
     "resync": true, and nothing already reported is repeated.
     """
-    from eda.core.registry import serverless as mdns_mode
-    from eda.core.registry.client import NoRegistry
-    from eda.core.registry.model import validate_name
-    from eda.core.registry.watch import Watcher
+    from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
-    service = validate_name(name) if name is not None else None
-    iface = _iface(interface)
     emit = _event_printer(exec_cmd, template, force_json)
-    watcher = None
-    events: Iterable[dict[str, Any]]
-    if not serverless:
-        watcher = Watcher(_client(registries, iface, no_mdns), service, ctx.warn)
-        try:
-            initial = watcher.start(snapshot)
-            events = _chain(initial, watcher.follow())
-            ctx.debug(f"watching registry {watcher.client.registry_id} at {watcher.client.current}")
-        except NoRegistry:
-            watcher.close()
-            watcher.client.close()
-            watcher = None
-            if no_mdns:
-                raise
-            ctx.debug("no registry found: watching the LAN by mDNS (serverless mode)")
-            serverless = True
-    if serverless:
-        events = mdns_mode.watch(service, snapshot=snapshot, interface=iface)
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
             emit(event)
             if count is not None and seen >= count:
                 return
     finally:
-        if watcher is not None:
-            watcher.close()
-            watcher.client.close()
-
-
-def _chain(first: list[dict[str, Any]], rest: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-    yield from first
-    yield from rest
+        events.close()
 
 
 def _event_printer(

@@ -758,3 +758,17 @@ def test_serve_on_a_port_in_use_is_a_runtime_error(procs: Procs) -> None:
         assert dns.returncode == 1 and "cannot bind DNS" in dns.stderr, dns.stderr
     bad = run("eda-registry", "serve", "--no-mdns", "--bind", "nonsense://x")
     assert bad.returncode == 2, bad.stderr  # a malformed endpoint stays a usage error
+
+
+def test_core_lookup_is_one_call_for_the_passing_instances(procs: Procs) -> None:
+    """What a load balancer needs: passing backends of a service from core, no CLI."""
+    from eda.core.registry.access import Access
+    from eda.core.registry.access import lookup as core_lookup
+
+    _, ep = serve(procs)
+    register(procs, ep, "orders", 8080)
+    register(procs, ep, "orders", 8081, "--check", "exit 2")
+    access = Access(registries=(ep,), mdns=False)
+    assert [i.port for i in core_lookup("orders", access)] == [8080]
+    assert [i.port for i in core_lookup("orders", access, include_all=True)] == [8080, 8081]
+    assert core_lookup("billing", access) == []

@@ -26,7 +26,7 @@ from eda.core.errors import EdaError
 from eda.core.mdns import build_query
 from eda.core.registry import dns, protocol
 from eda.core.registry.model import MAX_REV, from_dict
-from tests.helpers import Proc, Procs, run, wait_until
+from tests.helpers import Proc, Procs, command, run, wait_until
 
 GOOD = {"service": "orders", "host": "127.0.0.1", "port": 8080, "ttl": 30.0, "interval": 10.0}
 
@@ -432,3 +432,28 @@ def test_dns_responder_answers_well_formed_questions(
     assert reply is not None
     _walk_reply(reply, 65535 if tcp else 512)
     assert struct.unpack_from("!H", reply)[0] == qid
+
+
+def test_a_lying_registry_cannot_feed_lookup_bad_records(
+    zctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    liar = FakePeer(zctx)  # answers the client's requests itself
+    bad = [
+        {**GOOD, "port": 2**40},
+        {**GOOD, "host": "h\x1b]0;x\x07"},
+        {**GOOD, "heartbeat": 1e300},
+        "not a record",
+    ]
+    good = {**GOOD, "id": "fine", "registry": "liar"}
+    proc = subprocess.Popen(
+        [*command("eda-registry", "lookup", "orders", "--registry", liar.endpoint)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    liar.answer([json.dumps({"rid": 1, "ok": True, "instances": [*bad, good]}).encode()])
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["id"] for line in out.decode().splitlines()] == ["fine"]
+    assert "left out 4 invalid record(s)" in err.decode()
+    liar.router.close()
+    liar.xpub.close()
