@@ -457,3 +457,53 @@ def test_a_lying_registry_cannot_feed_lookup_bad_records(
     assert "left out 4 invalid record(s)" in err.decode()
     liar.router.close()
     liar.xpub.close()
+
+
+def test_a_lying_registry_cannot_stop_watch(zctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    liar = FakePeer(zctx)
+    proc = subprocess.Popen(
+        command("eda-registry", "watch", "orders", "-C", "1", "--registry", liar.endpoint),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    record = {**GOOD, "id": "fine", "registry": "liar", "rev": 1}
+
+    def reply_to_next(**fields: object) -> str:
+        assert liar.router.poll(15_000), "watch never asked"
+        ident, body = liar.router.recv_multipart()
+        request = json.loads(body)
+        liar.router.send_multipart(
+            [ident, json.dumps({"rid": request["rid"], "ok": True, **fields}).encode()]
+        )
+        return str(request["op"])
+
+    peers = ["tcp://*:1", "garbage", 5, "tcp://10.0.0.1:99999"]
+    assert reply_to_next(registry="liar", tick=1.0, pub_port=liar.pub_port, peers=peers) == "hello"
+    for _ in range(2):  # its subscriptions (ticks and events): now tell it the stream is live
+        assert liar.xpub.poll(10_000)
+        liar.xpub.recv()
+    liar.xpub.send_multipart([b"tick", b'{"registry":"liar","seq":5}'])
+    bad_records = [{**record, "port": 0}, {**record, "rev": -1}, ["x"]]
+    assert reply_to_next(registry="liar", seq=5, instances=[*bad_records, record]) == "snapshot"
+    topic = b"ev.orders."
+    good_event = {"id": "fine@2", "type": "health", "reason": "r", "service": "orders",
+                  "time": "2026-01-01T00:00:00.000Z", "registry": "liar", "seq": 6,
+                  "instance": {**record, "rev": 2, "status": "critical"}}  # fmt: skip
+    for frames in (
+        [topic, b'{"seq": Infinity}'],  # int(inf) once ended the watch with a traceback
+        [topic, b"\xff"],
+        [topic, json.dumps({**good_event, "seq": "6"}).encode()],
+        [topic, json.dumps({**good_event, "seq": 10**30}).encode()],
+        [topic, json.dumps({**good_event, "type": "exploded"}).encode()],
+        [topic, json.dumps({**good_event, "instance": {**record, "rev": 2**80}}).encode()],
+        [topic, json.dumps({**good_event, "reason": ["x"]}).encode()],
+        [topic, json.dumps({**good_event, "instance": "fine"}).encode()],
+        [topic, json.dumps(good_event).encode()],
+    ):
+        liar.xpub.send_multipart(frames)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    [shown] = [json.loads(line) for line in out.decode().splitlines()]
+    assert (shown["type"], shown["instance"]["status"], shown["seq"]) == ("health", "critical", 6)
+    liar.router.close()
+    liar.xpub.close()

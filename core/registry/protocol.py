@@ -144,12 +144,18 @@ def error_reply(rid: int | str | None, exc: Exception) -> dict[str, Any]:
     return {"rid": rid, "ok": False, "error": str(exc), "code": code}
 
 
+def printable(text: str, limit: int = 300) -> str:
+    """*text* cut to *limit* characters, control characters escaped (it came from a peer)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+
+
 def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
     """*reply* when it says ok, else the matching exception."""
     if reply.get("ok"):
         return reply
     code = reply.get("code", 1)
-    message = str(reply.get("error", "request refused"))
+    error = reply.get("error")
+    message = printable(error if isinstance(error, str) else "request refused")
     if code == 3:
         raise NotFoundError(message)
     raise RemoteError(message, code if isinstance(code, int) else 1)
