@@ -6,26 +6,27 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from eda.cli.common import (
+    EXIT_USAGE,
     Context,
     Exit,
     Template,
     Terminated,
     common_options,
-    output_options,
+    for_terminal,
     run,
     write_stdout,
 )
 from eda.core import __version__
-from eda.core.errors import EdaError, NotFoundError, UsageError
+from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from eda.core.registry.client import Client
+    from eda.core.registry.access import Access
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -56,7 +57,47 @@ def registry_option(func: Any) -> Any:
     )(func)
 
 
-@click.group(epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
+INSTANCE_FIELDS = (
+    "service", "id", "host", "port", "address", "weight", "meta", "status", "ttl", "interval",
+    "registered", "heartbeat", "registry", "rev",
+)  # fmt: skip
+EVENT_FIELDS = (
+    *INSTANCE_FIELDS, "type", "reason", "time", "seq", "instance", "snapshot", "resync",
+)  # fmt: skip
+BROWSE_FIELDS = (
+    "event", "name", "type", "domain", "host", "addresses", "address", "port", "txt", "time",
+)  # fmt: skip
+
+
+def output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
+    """--format (with this command's own fields) and --json."""
+
+    def decorate(func: Any) -> Any:
+        func = click.option(
+            "--format",
+            "template",
+            metavar="TEMPLATE",
+            help=f"Print one line per item from a template, e.g. {example!r}. "
+            f"Fields: {', '.join(fields)}; {{meta}} is JSON, {{meta[KEY]}} one value.",
+        )(func)
+        return click.option(
+            "--json", "force_json", is_flag=True, help="JSON Lines even on a terminal."
+        )(func)
+
+    return decorate
+
+
+class _Group(click.Group):
+    """No subcommand: the help, on stdout, and exit 2 (a usage error, as click does)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:  # (shell completion parses no args too)
+            click.echo(ctx.get_help())
+            raise Exit(EXIT_USAGE)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
 @click.version_option(__version__, "--version", message="%(prog)s %(version)s")
 @click.help_option("-h", "--help")
 def command() -> None:
@@ -158,7 +199,7 @@ def serve(
         tick=tick,
         peer_timeout=peer_timeout,
     )
-    server = Server(settings, log=ctx.debug)
+    server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""
@@ -281,53 +322,28 @@ def register(
     With `-- CMD`, run CMD and keep the registration exactly as long as it
     runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
     """
-    from eda.core.registry import model
-
-    ctx = Context("eda-registry", verbose)
-    if ttl is None:
-        ttl = round(3 * interval, 3) if interval else 6.0
-    if interval is None:
-        interval = round(ttl / 3, 3)
-    iface = _iface(interface)
-    record = {
-        "service": name,
-        "host": host or "127.0.0.1",
-        "port": port,
-        "weight": weight,
-        "meta": model.parse_meta(meta),
-        "ttl": ttl,
-        "interval": interval,
-    }
-    if inst_id:
-        record["id"] = inst_id
-    model.from_dict(record)  # refuse bad input before touching the network
-    client = (
-        None
-        if serverless
-        else _client(registries, iface, no_mdns, timeout=min(1.0, max(0.3, interval)))
-    )
-    if client is not None and not registries:
-        client = _registry_or_none(client, ctx, no_mdns)
-    if client is None and no_mdns:
-        raise UsageError("with --no-mdns, give --registry")
-    if host is None:
-        record["host"] = _default_host(client, iface)
-    if not inst_id:
-        record["id"] = model.default_id(model.validate_name(name), str(record["host"]), port)
-    inst = model.from_dict(record)
+    from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
+    ctx = Context("eda-registry", verbose)
+    record = reg.registration(
+        name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
+        interval=interval,
+    )  # fmt: skip
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    client = reg.connect_for_registration(access, record["interval"])
+    inst = reg.finish(record, client, access.interface)
     keeper = Keeper(
         inst,
         client,
-        iface,
+        access.interface,
         warn=ctx.warn,
         debug=ctx.debug,
         # fell back to mDNS only: move to a registry as soon as one appears
         find_registry=(
             None
             if client is not None or serverless
-            else (lambda: _answering_registry(iface, interval))
+            else (lambda: reg.answering_registry(access, inst.interval))
         ),
     )
     code = keeper.run(
@@ -337,61 +353,28 @@ def register(
         raise Exit(code)
 
 
-def _answering_registry(iface: str | None, interval: float) -> Client | None:
-    """A client of a registry that answers now, else None (quietly)."""
-    from eda.core.registry.client import NoRegistry
-
-    client = _client((), iface, False, timeout=min(1.0, max(0.3, interval)))
-    try:
-        client.hello()
-    except (NoRegistry, EdaError):
-        client.close()
-        return None
-    return client
-
-
 def _iface(interface: str | None) -> str | None:
-    """The IPv4 address for --interface (discovery is imported only when needed: start-up time)."""
-    if not interface:
-        return None
-    from eda.core import discovery
+    from eda.core.registry.access import resolve_interface
 
-    return discovery.resolve_interface(interface)
+    return resolve_interface(interface)
 
 
-def _client(
-    registries: Iterable[str], iface: str | None, no_mdns: bool, timeout: float = 1.0
-) -> Client:
-    from eda.core.registry.client import Client
+def _access(
+    registries: tuple[str, ...],
+    interface: str | None,
+    no_mdns: bool,
+    serverless: bool,
+    ctx: Context,
+) -> Access:
+    from eda.core.registry.access import Access
 
-    endpoints = [e for item in registries for e in item.replace(",", " ").split()]
-    return Client(endpoints, interface=iface, use_mdns=not no_mdns, timeout=timeout)
-
-
-def _registry_or_none(client: Client, ctx: Context, no_mdns: bool) -> Client | None:
-    """*client* if a registry answers; None (serverless mode) when none is known."""
-    from eda.core.registry.client import NoRegistry
-
-    try:
-        client.hello()
-    except NoRegistry:
-        if no_mdns:
-            raise
-        ctx.debug("no registry found: serverless mode (mDNS only)")
-        client.close()
-        return None
-    return client
-
-
-def _default_host(client: Client | None, iface: str | None) -> str:
-    from eda.core.registry.client import local_address_towards
-    from eda.core.registry.serverless import local_addresses
-
-    if iface:
-        return iface
-    if client is not None and client.current:
-        return local_address_towards(client.current)
-    return local_addresses(None)[0]
+    return Access(
+        registries=registries,
+        interface=_iface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
 
 
 # -- lookup / list -----------------------------------------------------------------------
@@ -401,30 +384,16 @@ def _query(
     include_all: bool,
     registries: tuple[str, ...],
     serverless: bool,
-    iface: str | None,
+    interface: str | None,
     no_mdns: bool,
     ctx: Context,
 ) -> list[dict[str, Any]]:
-    from eda.core.registry.client import NoRegistry
+    from eda.core.registry.access import query
 
-    if not serverless:
-        client = _client(registries, iface, no_mdns)
-        try:
-            msg: dict[str, Any] = {"op": op, "all": include_all}
-            if name is not None:
-                msg["service"] = name
-            return list(client.request(msg)["instances"])
-        except NoRegistry:
-            if no_mdns:
-                raise
-            ctx.debug("no registry found: asking the LAN by mDNS (serverless mode)")
-        finally:
-            client.close()
-    from eda.core.registry import serverless as mdns_mode
-
-    found = mdns_mode.query(iface) if name is None else mdns_mode.lookup(name, include_all, iface)
-    if op == "list" and name is not None:
-        found = [i for i in found if i.service == name]
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    found = query(op, name, include_all, access)
+    if access.dropped:
+        ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
     return [i.to_dict() for i in found]
 
 
@@ -439,7 +408,7 @@ Examples:
 @click.argument("name")
 @click.option("--all", "include_all", is_flag=True, help="Every instance, whatever its health.")
 @registry_option
-@output_options
+@output_options("{host}:{port}", INSTANCE_FIELDS)
 @common_options
 def lookup(
     name: str,
@@ -458,20 +427,21 @@ def lookup(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name)
+    fmt = _instance_template(template)
     found = _query(
         "lookup",
         service,
         include_all,
         registries,
         serverless,
-        _iface(interface),
+        interface,
         no_mdns,
         ctx,
     )
     if not found:
         what = "instance" if include_all else "passing instance"
         raise NotFoundError(f"no {what} of service {service!r}")
-    _print_instances(found, template, force_json)
+    _print_instances(found, fmt, force_json)
 
 
 @command.command(
@@ -484,7 +454,7 @@ Examples:
 )
 @click.argument("name", required=False)
 @registry_option
-@output_options
+@output_options("{service} {address} {status}", INSTANCE_FIELDS)
 @common_options
 def list_(
     name: str | None,
@@ -502,29 +472,63 @@ def list_(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name) if name is not None else None
+    fmt = _instance_template(template)
     found = _query(
         "list",
         service,
         True,
         registries,
         serverless,
-        _iface(interface),
+        interface,
         no_mdns,
         ctx,
     )
-    _print_instances(found, template, force_json)
+    _print_instances(found, fmt, force_json)
+
+
+class _JsonDict(dict[str, Any]):
+    """A mapping that prints as JSON in a template; ``{meta[k]}`` and ``{meta.k}`` index it."""
+
+    def __format__(self, spec: str) -> str:
+        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _JsonList(list[Any]):
+    def __format__(self, spec: str) -> str:
+        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
+
+
+def _template_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _JsonDict(value)
+    if isinstance(value, list):
+        return _JsonList(value)
+    return value
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(record)
-    fields.update({f"meta.{k}": v for k, v in record.get("meta", {}).items()})
-    fields["address"] = f"{record.get('host')}:{record.get('port')}"
+    fields = {k: _template_value(v) for k, v in record.items()}
+    fields["address"] = _address(record.get("host"), record.get("port"))
     return fields
 
 
-def _print_instances(found: list[dict[str, Any]], template: str | None, force_json: bool) -> None:
-    if template:
-        fmt = Template(template)
+def _address(host: object, port: object) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _instance_template(template: str | None) -> Template | None:
+    """The --format template, refused at once if it names an unknown field."""
+    return Template(template, fields=INSTANCE_FIELDS) if template else None
+
+
+def _print_instances(found: list[dict[str, Any]], fmt: Template | None, force_json: bool) -> None:
+    if fmt is not None:
         write_stdout("".join(fmt.line(_fields(r)) for r in found).encode())
     elif force_json or not sys.stdout.isatty():
         write_stdout("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found).encode())
@@ -532,29 +536,46 @@ def _print_instances(found: list[dict[str, Any]], template: str | None, force_js
         _table(found)
 
 
-def _table(found: list[dict[str, Any]]) -> None:
+STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
+
+
+def _table(found: list[dict[str, Any]], console: Any = None) -> None:
+    """Instances as a table; every peer-supplied string is escaped and shown as plain Text.
+
+    The address column never wraps or shrinks (an address cut at the edge of
+    the terminal is a wrong address); metadata and instance ids fold instead.
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    colours = {"passing": "green", "warning": "yellow", "critical": "red"}
     table = Table(box=None, header_style="bold")
-    for column in ("SERVICE", "INSTANCE", "ADDRESS", "STATUS", "WEIGHT", "META", "LAST SEEN"):
-        table.add_column(column)
+    addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
+    widest = max(map(len, addresses), default=7)
+    table.add_column("SERVICE", overflow="fold")
+    table.add_column("INSTANCE", overflow="fold")
+    table.add_column("ADDRESS", no_wrap=True, min_width=widest)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("WEIGHT", no_wrap=True)
+    table.add_column("META", overflow="fold")
+    table.add_column("LAST SEEN", no_wrap=True)
     now = time.time()
-    for r in found:
-        status = str(r.get("status"))
-        seen = f"{now - r['heartbeat']:.1f}s ago" if r.get("heartbeat") else "-"
-        meta = " ".join(f"{k}={v}" for k, v in r.get("meta", {}).items())
+    for r, address in zip(found, addresses, strict=True):
+        status = for_terminal(r.get("status"))
+        beat = r.get("heartbeat")
+        seen = f"{now - beat:.1f}s ago" if isinstance(beat, (int, float)) and beat else "-"
+        meta = r.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
         table.add_row(
-            str(r["service"]),
-            str(r["id"]),
-            f"{r['host']}:{r['port']}",
-            f"[{colours.get(status, 'white')}]{status}[/]",
-            str(r.get("weight")),
-            meta,
-            seen,
+            Text(for_terminal(r.get("service"))),
+            Text(for_terminal(r.get("id"))),
+            Text(address),
+            Text(status, style=STATUS_COLOURS.get(status, "")),
+            Text(for_terminal(r.get("weight"))),
+            Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
+            Text(seen),
         )
-    Console().print(table)
+    (console or Console()).print(table)
 
 
 # -- watch -----------------------------------------------------------------------------------
@@ -580,7 +601,7 @@ Examples:
 )
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
 @registry_option
-@output_options
+@output_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @common_options
 def watch(
     name: str | None,
@@ -603,47 +624,19 @@ def watch(
     another registry; changes missed meanwhile are reported once, marked
     "resync": true, and nothing already reported is repeated.
     """
-    from eda.core.registry import serverless as mdns_mode
-    from eda.core.registry.client import NoRegistry
-    from eda.core.registry.model import validate_name
-    from eda.core.registry.watch import Watcher
+    from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
-    service = validate_name(name) if name is not None else None
-    iface = _iface(interface)
     emit = _event_printer(exec_cmd, template, force_json)
-    watcher = None
-    events: Iterable[dict[str, Any]]
-    if not serverless:
-        watcher = Watcher(_client(registries, iface, no_mdns), service, ctx.warn)
-        try:
-            initial = watcher.start(snapshot)
-            events = _chain(initial, watcher.follow())
-            ctx.debug(f"watching registry {watcher.client.registry_id} at {watcher.client.current}")
-        except NoRegistry:
-            watcher.close()
-            watcher.client.close()
-            watcher = None
-            if no_mdns:
-                raise
-            ctx.debug("no registry found: watching the LAN by mDNS (serverless mode)")
-            serverless = True
-    if serverless:
-        events = mdns_mode.watch(service, snapshot=snapshot, interface=iface)
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
             emit(event)
             if count is not None and seen >= count:
                 return
     finally:
-        if watcher is not None:
-            watcher.close()
-            watcher.client.close()
-
-
-def _chain(first: list[dict[str, Any]], rest: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-    yield from first
-    yield from rest
+        events.close()
 
 
 def _event_printer(
@@ -670,7 +663,7 @@ def _event_printer(
 
         return run_exec
     if template:
-        fmt = Template(template)
+        fmt = Template(template, fields=EVENT_FIELDS)
         return lambda event: write_stdout(fmt.line(_event_fields(event)).encode())
     if force_json or not sys.stdout.isatty():
         return lambda event: write_stdout(
@@ -688,20 +681,36 @@ def _event_printer(
     }
 
     def show(event: dict[str, Any]) -> None:
-        inst = event["instance"]
-        kind = event["type"]
-        console.print(
-            f"[dim]{event['time'][11:23]}[/] [{colours.get(kind, 'cyan')}]{kind:<12}[/] "
-            f"{inst['service']}/{inst['id']} {inst['host']}:{inst['port']} {inst['status']}"
-            f"  [dim]{event['reason']}[/]"
-        )
+        console.print(_event_line(event, colours))
 
     return show
 
 
+def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
+    """One change as rich Text: peer strings escaped, never read as markup."""
+    from rich.text import Text
+
+    inst = event.get("instance")
+    inst = inst if isinstance(inst, dict) else {}
+    kind = for_terminal(event.get("type"))
+    line = Text()
+    line.append(for_terminal(str(event.get("time", ""))[11:23]), style="dim")
+    line.append(" ")
+    line.append(f"{kind:<12}", style=colours.get(kind, "cyan"))
+    line.append(
+        " "
+        + for_terminal(
+            f"{inst.get('service')}/{inst.get('id')} {inst.get('host')}:{inst.get('port')} "
+            f"{inst.get('status')}"
+        )
+    )
+    line.append("  " + for_terminal(event.get("reason", "")), style="dim")
+    return line
+
+
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
     fields = _fields(event["instance"])
-    fields.update({k: v for k, v in event.items() if k != "instance"})
+    fields.update({k: _template_value(v) for k, v in event.items() if k != "instance"})
     fields["instance"] = event["instance"].get("id")
     return fields
 
@@ -717,7 +726,7 @@ Examples:
 @click.argument("service_type", metavar="TYPE")
 @click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
-@output_options
+@output_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(
     service_type: str,
@@ -739,24 +748,38 @@ def browse(
     full_type(service_type)
     deadline = None if duration is None else time.monotonic() + duration
     seen = 0
-    fmt = Template(template) if template else None
+    fmt = Template(template, fields=BROWSE_FIELDS) if template else None
     as_json = force_json or not sys.stdout.isatty()
     for item in browse_lan(service_type, _iface(interface)):
         if item is not None:
             if fmt:
-                line = fmt.line(item).rstrip("\n")
+                line = fmt.line(_browse_fields(item)).rstrip("\n")
             elif as_json:
                 line = json.dumps(item, separators=(",", ":"))
             else:
-                addr = ",".join(item.get("addresses", []))
-                port, txt = item.get("port", ""), item.get("txt", "")
-                line = f"{item['event']:<8} {item['name']}  {addr}:{port}  {txt}"
+                line = _browse_line(item)
             write_stdout((line + "\n").encode())
             seen += 1
             if count is not None and seen >= count:
                 return
         if deadline is not None and time.monotonic() >= deadline:
             return
+
+
+def _browse_fields(item: dict[str, Any]) -> dict[str, Any]:
+    fields = {k: _template_value(v) for k, v in item.items()}
+    addresses = item.get("addresses") or []
+    fields["address"] = _address(addresses[0], item.get("port")) if addresses else ""
+    return fields
+
+
+def _browse_line(item: dict[str, Any]) -> str:
+    """One browse item for a terminal: best address first, TXT as key=value, all escaped."""
+    addresses = item.get("addresses") or []
+    where = f"{addresses[0]}:{item.get('port', '')}" if addresses else ""
+    others = f" (also {', '.join(addresses[1:])})" if len(addresses) > 1 else ""
+    txt = " ".join(f"{k}={v}" for k, v in (item.get("txt") or {}).items())
+    return for_terminal(f"{item['event']:<8} {item['name']}  {where}{others}  {txt}".rstrip())
 
 
 def main() -> None:

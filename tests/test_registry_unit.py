@@ -57,12 +57,42 @@ def rec(service: str = "orders", port: int = 8080, **kw: object) -> model.Instan
         ({"id": "has space"}, "bad instance id"),
         ({"heartbeat": float("nan")}, "bad timestamps"),  # would print NaN: not JSON
         ({"registered": 10**400}, "bad timestamps"),  # OverflowError once killed the daemon
+        ({"registered": 1e20}, "bad timestamps"),  # no date to print
+        ({"heartbeat": -1.0}, "bad timestamps"),
+        ({"rev": int("9" * 4300)}, "bad revision"),  # +1 could not be printed: killed serve
+        ({"rev": -1}, "bad revision"),
+        ({"rev": 2**53}, "bad revision"),
+        ({"rev": 1.0}, "bad revision"),
+        ({"registry": "r" * 65}, "bad registry id"),
+        ({"registry": ["r"]}, "bad registry id"),
+        ({"service": "orders\n"}, "bad service name"),  # '$' matched before a newline
+        ({"host": "h" * 300}, "bad host"),
+        ({"meta": {"k": "\ud800"}}, "UTF-8"),  # a lone surrogate JSON can carry
+        ({"meta": {f"k{i}": "" for i in range(700)}}, "items"),
+        ({"ttl": float("inf")}, "bad ttl"),
+        ({"interval": float("nan")}, "bad interval"),
+        ({"weight": 10**30}, "bad weight"),
+        ({"status": ["passing"]}, "bad status"),
     ],
 )
 def test_invalid_records_are_refused_with_a_reason(change: dict[str, object], message: str) -> None:
     data = {"service": "orders", "host": "10.0.0.1", "port": 8080, **change}
     with pytest.raises(model.InvalidRecord, match=message):
         model.from_dict(data)
+
+
+def test_refusals_of_huge_values_stay_short() -> None:
+    with pytest.raises(model.InvalidRecord) as caught:
+        model.from_dict({"service": "orders", "host": "h", "port": 10**4000})
+    assert len(str(caught.value)) < 100
+
+
+def test_revisions_saturate_instead_of_growing_past_the_limit() -> None:
+    store = Store("r1", Clock())
+    [ev] = store.heartbeat(rec(rev=model.MAX_REV), register=True)
+    assert ev["instance"]["rev"] == model.MAX_REV
+    [gone] = store.deregister(rec().id)
+    assert model.from_dict(gone["instance"]).rev == model.MAX_REV  # still a valid record
 
 
 def test_record_defaults_and_stable_id() -> None:
@@ -104,13 +134,24 @@ def test_store_register_heartbeat_health_and_expiry() -> None:
 def test_store_deregister_unknown_is_not_found_and_keeps_others() -> None:
     store = Store("r1", Clock())
     store.heartbeat(rec(port=1), register=True)
+    store.heartbeat(rec(port=2), register=True)
+    store.heartbeat(rec(service="billing", port=3), register=True)
+    everything = [(i.service, i.port, i.rev) for i in store.instances()]
     with pytest.raises(NotFoundError):
         store.deregister("nope")
+    assert [(i.service, i.port, i.rev) for i in store.instances()] == everything
     [ev] = store.deregister(rec(port=1).id)
-    assert ev["type"] == "deregistered"
+    assert ev["type"] == "deregistered" and ev["instance"]["port"] == 1
+    assert [i.port for i in store.lookup("orders")] == [2]  # the others are kept
+    assert [i.port for i in store.lookup("billing")] == [3]
+
+
+def test_store_refuses_an_id_registered_for_another_service() -> None:
+    store = Store("r1", Clock())
+    store.heartbeat(rec(port=2), register=True)
     with pytest.raises(model.InvalidRecord, match="registered for service"):
-        store.heartbeat(rec(port=2), register=True)
         store.heartbeat(rec(service="billing", port=2, id=rec(port=2).id))
+    assert [(i.service, i.port) for i in store.instances()] == [("orders", 2)]
 
 
 def test_replication_applies_newer_revisions_once_and_deletions_win_ties() -> None:
@@ -276,7 +317,9 @@ def test_debounce_counts_warning_and_critical_as_one_failing_run() -> None:
     assert deb.feed("critical") and deb.status == "critical"
 
 
-@pytest.mark.parametrize("bad", [b"[1, 2]", b'"text"', b'{"seq": "x"}', b'{"instances": 5}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "bad", [b"[1, 2]", b'"text"', b'{"seq": "x"}', b'{"instances": 5}', b"\xff\xfe"]
+)
 def test_journal_survives_a_mangled_snapshot(tmp_path: Path, bad: bytes) -> None:
     store = Store("r1", Clock())
     journal = Journal(tmp_path)
@@ -315,3 +358,94 @@ def test_dns_refuses_classes_other_than_in() -> None:
     query[-2:] = (3).to_bytes(2, "big")  # class CH
     reply = responder.answer(bytes(query))
     assert reply is not None and _answers(reply)[0] == dns.REFUSED
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"seq": Infinity, "type": "registered", "instance": {}}',  # int(inf) raised
+        b'{"seq": 1e400}',
+        b'{"seq": ' + b"9" * 4300 + b"}",
+        b"[" * 50_000,
+        b'{"type": "deregistered", "instance": {"id": ["x"]}}',
+        b'{"type": "registered", "instance": {"service": "orders", "host": "h", "port": 1, '
+        b'"meta": {"k": "\\ud800"}}}',
+        b'{"type": "registered", "instance": {"service": "orders", "host": "h", "port": 1, '
+        b'"rev": ' + b"9" * 4300 + b"}}",
+        b"7",
+    ],
+)
+def test_journal_skips_any_bad_log_line_and_keeps_the_rest(tmp_path: Path, line: bytes) -> None:
+    store = Store("r1", Clock())
+    journal = Journal(tmp_path)
+    for ev in store.heartbeat(rec(port=1), register=True):
+        journal.append(ev)
+    with (tmp_path / "changes.log").open("ab") as fh:
+        fh.write(line + b"\n")
+    for ev in store.heartbeat(rec(port=2), register=True):
+        journal.append(ev)
+    again = Journal(tmp_path)
+    records, seq = again.load()
+    assert [r.port for r in records] == [1, 2]
+    assert seq == 2 and again.skipped == 1
+
+
+def test_journal_refuses_a_snapshot_with_a_bad_sequence(tmp_path: Path) -> None:
+    (tmp_path / "snapshot.json").write_bytes(b'{"seq": -5, "instances": []}')
+    again = Journal(tmp_path)
+    assert again.load() == ([], 0) and again.skipped == 1
+
+
+# -- browse rendering --------------------------------------------------------------
+def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() -> None:
+    from eda.cli.registry import _browse_line
+    from eda.core.registry.browse import address_order
+
+    found = ["fe80::1%eth0", "2001:db8::1", "169.254.1.1", "10.0.0.5"]
+    ordered = sorted(found, key=address_order)
+    assert ordered == ["10.0.0.5", "169.254.1.1", "2001:db8::1", "fe80::1%eth0"]
+    item = {
+        "event": "added",
+        "name": "web\x1b[2J",
+        "addresses": ordered,
+        "port": 80,
+        "txt": {"path": "/index.html", "v": "1"},
+    }
+    line = _browse_line(item)
+    assert line.startswith("added    web\\x1b[2J  10.0.0.5:80 (also 169.254.1.1, ")
+    assert line.endswith("  path=/index.html v=1")
+    assert "{" not in line and "\x1b" not in line
+
+
+def test_debounce_first_pass_counts_at_once_then_rise_and_fall_apply() -> None:
+    deb = Debounce(rise=3, fall=3)
+    assert deb.feed("critical") and deb.status == "critical"  # the service is not up yet
+    assert not deb.feed("critical")
+    assert deb.feed("passing") and deb.status == "passing"  # the first pass: at once
+    assert not deb.feed("critical") and not deb.feed("critical")
+    assert deb.feed("critical")  # fall applies now
+    assert not deb.feed("passing") and not deb.feed("passing")
+    assert deb.feed("passing")  # and rise on the way back
+
+
+def test_a_failed_snapshot_keeps_the_old_one_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    store = Store("r1", Clock())
+    journal = Journal(tmp_path)
+    store.heartbeat(rec(port=1), register=True)
+    journal.snapshot(store.instances(), store.seq)
+    store.heartbeat(rec(port=2), register=True)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        journal.snapshot(store.instances(), store.seq)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.log", "snapshot.json"]
+    monkeypatch.undo()
+    assert [r.port for r in Journal(tmp_path).load()[0]] == [1]

@@ -7,5 +7,7 @@ daemon's poll loop), :mod:`.client` (finding and asking registries, failover),
 :mod:`.agent` (keeping one instance registered), :mod:`.health` (checks with
 rise/fall), :mod:`.watch` (the change stream across reconnects),
 :mod:`.dns` (the ``NAME.service.eda`` DNS interface), :mod:`.serverless`
-(mDNS-only mode) and :mod:`.browse` (any DNS-SD type).
+(mDNS-only mode), :mod:`.browse` (any DNS-SD type) and :mod:`.access` (one
+call each to look a service up, register, or follow changes, with the
+fallback from registry to mDNS: what every program using the registry needs).
 """

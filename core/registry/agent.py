@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from ..errors import EdaError
 from .client import Client, RegistryUnavailable
-from .model import Instance, from_dict
+from .model import Instance, InvalidRecord, from_dict, validate_rev
+from .protocol import RemoteError
 
 
 class Agent:
@@ -24,7 +25,10 @@ class Agent:
         """First registration; raises if refused or if no registry answers."""
         self.client.hello()
         reply = self.client.request({"op": "register", "instance": self.inst.to_dict()})
-        self.inst = from_dict(reply["instance"])
+        try:
+            self.inst = from_dict(reply.get("instance"))
+        except InvalidRecord as exc:
+            raise RemoteError(f"the registry sent a malformed record: {exc}") from None
         self.registry = self.client.registry_id
         return self.inst
 
@@ -43,7 +47,9 @@ class Agent:
                 self.log(f"warning: {exc}; still trying")
             self._lost = True
             return False
-        self.inst.rev = int(reply.get("rev", self.inst.rev))
+        rev = reply.get("rev", self.inst.rev)
+        with contextlib.suppress(InvalidRecord):  # a malformed revision: keep ours
+            self.inst.rev = validate_rev(rev)
         if self._lost or self.client.registry_id != self.registry:
             self.log(
                 f"heartbeats now go to registry {self.client.registry_id} at {self.client.current}"

@@ -12,6 +12,20 @@ from ..errors import UsageError
 from .store import iso
 
 
+def address_order(address: str) -> tuple[int, str]:
+    """Sort key: IPv4 before IPv6, global before link-local and loopback."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return (9, address)
+    rank = 0 if ip.version == 4 else 2
+    if ip.is_link_local or ip.is_loopback:
+        rank += 1
+    return (rank, address)
+
+
 def full_type(service_type: str) -> str:
     """``_http._tcp`` -> ``_http._tcp.local.`` (validated)."""
     name = service_type.rstrip(".")
@@ -60,7 +74,7 @@ def browse(
                 "type": stype.removesuffix(".local."),
                 "domain": "local",
                 "host": (info.server or "").rstrip("."),
-                "addresses": info.parsed_addresses(),
+                "addresses": sorted(info.parsed_addresses(), key=address_order),
                 "port": info.port,
                 "txt": txt,
                 "time": iso(time.time()),

@@ -21,6 +21,7 @@ import zmq
 from ..cache import cached, remember
 from ..errors import EdaError, UsageError
 from . import protocol
+from .model import InvalidRecord, validate_registry_id
 from .protocol import decode, encode, raise_for
 
 
@@ -33,12 +34,21 @@ class RegistryUnavailable(EdaError):
 
 
 CACHE_KEY = "registry-endpoints"  # in the shared discovery cache
+MAX_LEARNED = 32  # failover candidates learned from registries' hellos
 
 
 def check_endpoint(endpoint: str) -> str:
     """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`."""
     host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not endpoint.startswith("tcp://") or not sep or not host or not port.isdigit():
+    if (
+        not endpoint.startswith("tcp://")
+        or not sep
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port[:6]) < 65536
+        or len(endpoint) > 300
+        or not endpoint.isprintable()
+    ):
         raise UsageError(f"bad registry endpoint {endpoint!r}: use tcp://HOST:PORT")
     return endpoint
 
@@ -172,17 +182,34 @@ class Client:
                 return reply
 
     def hello(self) -> dict[str, Any]:
-        """Greet the registry; remember its id and the peers it names for failover."""
+        """Greet the registry; remember its id and the peers it names for failover.
+
+        The reply is checked: a registry id, a change-stream port and at most
+        :data:`MAX_LEARNED` well-formed peer endpoints (the rest are ignored).
+        """
         reply = self.request({"op": "hello"})
-        self.registry_id = str(reply.get("registry", ""))
-        for endpoint in reply.get("peers", []):
+        try:
+            self.registry_id = validate_registry_id(reply.get("registry", ""))
+        except InvalidRecord:
+            raise protocol.RemoteError("the registry sent a malformed hello") from None
+        peers = reply.get("peers", [])
+        for endpoint in peers if isinstance(peers, list) else []:
+            if len(self.learned) >= MAX_LEARNED:
+                break
             if isinstance(endpoint, str) and endpoint not in self.learned:
-                self.learned.append(endpoint)
+                try:
+                    self.learned.append(check_endpoint(endpoint))
+                except UsageError:
+                    continue
         return reply
 
     def pub_endpoint(self, reply: dict[str, Any]) -> str:
+        """The change stream's endpoint from a hello reply."""
         assert self.current is not None
-        return f"{self.current.rsplit(':', 1)[0]}:{int(reply['pub_port'])}"
+        port = reply.get("pub_port")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise protocol.RemoteError("the registry sent a malformed hello (pub_port)")
+        return f"{self.current.rsplit(':', 1)[0]}:{port}"
 
     def close(self) -> None:
         self.disconnect()

@@ -13,26 +13,42 @@ can find a service: ``dig @127.0.0.1 -p 8600 orders.service.eda SRV``.
   empty answer, names outside ``service.eda`` or classes other than IN
   REFUSED, malformed packets FORMERR (or nothing when even the header is
   missing).
-- A reply fits the client's UDP size (512 bytes, or what its EDNS OPT record
-  offers): additional records go first, then answers, with the TC bit set
-  so the client knows it was cut.
+- Names in answers are compressed (RFC 1035 4.1.4): an owner name is a
+  pointer to the question, an additional A record's name a pointer into the
+  SRV target it resolves.  SRV targets themselves are written in full, as
+  RFC 2782 asks.
+- Over UDP a reply fits the client's size (512 bytes, or what its EDNS OPT
+  record offers): answers that do not fit are left out with the TC bit set,
+  and the client retries over TCP (RFC 7766), where a reply may take 64 KiB.
+  :class:`TcpConnections` serves that side: length-prefixed queries, several
+  per connection, with bounded connections, buffers and idle time.
+
+Hand-written rather than dnslib/dnspython: the responder needs four record
+types and one compressor, a parser whose every bound is visible here, and no
+new dependency for every eda install.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..mdns import DNSFormatError, _read_name, encode_name
 from .model import Instance
 
 DOMAIN = "service.eda"
 TYPE_A, TYPE_SRV, TYPE_OPT, TYPE_ANY = 1, 33, 41, 255
 CLASS_IN, CLASS_ANY = 1, 255
-CLASSIC_UDP_SIZE, MAX_UDP_SIZE = 512, 4096
+CLASSIC_UDP_SIZE, MAX_UDP_SIZE, MAX_TCP_SIZE = 512, 4096, 65535
 NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
+MAX_NAME = 255  # RFC 1035 2.3.4: octets of a name on the wire
+
+
+class DNSFormatError(ValueError):
+    """A query could not be parsed."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +57,50 @@ class Question:
     flags: int
     name: str  # lower case, no trailing dot
     qtype: int
-    raw: bytes  # the question section as received, echoed in the reply
+    labels: tuple[bytes, ...]  # as received, re-encoded without pointers in the reply
     qclass: int = CLASS_IN
     udp_size: int = CLASSIC_UDP_SIZE  # the largest reply the client takes over UDP
+
+
+def read_name(packet: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
+    """The labels of the name at *offset* and the offset after it.
+
+    Bounds: every label inside the packet, pointers only backwards (so no
+    loop), at most :data:`MAX_NAME` octets in all.
+    """
+    labels: list[bytes] = []
+    size = 1
+    end = -1
+    lowest = offset
+    while True:
+        if offset >= len(packet):
+            raise DNSFormatError("name runs past the packet")
+        length = packet[offset]
+        if length & 0xC0 == 0xC0:
+            if offset + 1 >= len(packet):
+                raise DNSFormatError("truncated pointer")
+            target = ((length & 0x3F) << 8) | packet[offset + 1]
+            if target >= lowest:
+                raise DNSFormatError("compression pointer does not point backwards")
+            if end < 0:
+                end = offset + 2
+            offset = lowest = target
+            continue
+        if length & 0xC0:
+            raise DNSFormatError("bad label type")
+        if length == 0:
+            return tuple(labels), (end if end >= 0 else offset + 1)
+        if offset + 1 + length > len(packet):
+            raise DNSFormatError("label runs past the packet")
+        size += 1 + length
+        if size > MAX_NAME:
+            raise DNSFormatError("name longer than 255 octets")
+        labels.append(packet[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+
+
+def _text(labels: tuple[bytes, ...]) -> str:
+    return ".".join(lb.decode("ascii", errors="replace") for lb in labels).lower()
 
 
 def parse_query(packet: bytes) -> Question:
@@ -54,11 +111,10 @@ def parse_query(packet: bytes) -> Question:
         raise DNSFormatError("not a query")
     if qd != 1:
         raise DNSFormatError("expected exactly one question")
-    name, offset = _read_name(packet, 12)
+    labels, offset = read_name(packet, 12)
     if offset + 4 > len(packet):
         raise DNSFormatError("truncated question")
     qtype, qclass = struct.unpack_from("!HH", packet, offset)
-    raw = packet[12 : offset + 4]
     udp_size = CLASSIC_UDP_SIZE
     if ar and not an and not ns:  # an EDNS OPT record may offer a larger size
         end = offset + 4
@@ -66,28 +122,96 @@ def parse_query(packet: bytes) -> Question:
             rtype, size = struct.unpack_from("!HH", packet, end + 1)
             if rtype == TYPE_OPT:
                 udp_size = min(max(size, CLASSIC_UDP_SIZE), MAX_UDP_SIZE)
-    return Question(qid, flags, name.rstrip(".").lower(), qtype, raw, qclass, udp_size)
+    return Question(qid, flags, _text(labels), qtype, labels, qclass, udp_size)
 
 
-def _rr(name: str, rtype: int, rdata: bytes, ttl: int = 0) -> bytes:
-    return encode_name(name) + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+QUESTION_NAME = 12  # where the question's name starts: the target of owner pointers
 
 
-def _reply(q: Question, rcode: int, answers: list[bytes], extra: list[bytes]) -> bytes:
+@dataclass
+class _Message:
+    """A reply being written, with name compression and a size limit."""
+
+    limit: int
+    buf: bytearray = field(default_factory=bytearray)
+    names: dict[tuple[str, ...], int] = field(default_factory=dict)  # suffix -> offset
+
+    def _remember(self, labels: tuple[str, ...], offsets: list[int]) -> None:
+        for i, offset in enumerate(offsets):
+            key = tuple(lb.lower() for lb in labels[i:])
+            if offset < 0x4000 and key not in self.names:
+                self.names[key] = offset
+
+    def name(self, labels: tuple[str, ...], compress: bool = True) -> None:
+        offsets: list[int] = []
+        for i in range(len(labels)):
+            pointer = self.names.get(tuple(lb.lower() for lb in labels[i:])) if compress else None
+            if pointer is not None:
+                self._remember(labels, offsets)
+                self.buf += struct.pack("!H", 0xC000 | pointer)
+                return
+            offsets.append(len(self.buf))
+            raw = labels[i].encode()
+            self.buf += bytes([len(raw)]) + raw
+        self.buf += b"\x00"
+        self._remember(labels, offsets)
+
+    def record(
+        self,
+        owner: tuple[str, ...] | None,
+        rtype: int,
+        rdata: bytes,
+        target: tuple[str, ...] | None = None,
+    ) -> bool:
+        """Append one record (owner None: the question's name); False if it does not fit."""
+        mark, names = len(self.buf), dict(self.names)
+        if owner is None:
+            self.buf += struct.pack("!H", 0xC000 | QUESTION_NAME)
+        else:
+            self.name(owner)
+        self.buf += struct.pack("!HHIH", rtype, CLASS_IN, 0, 0)
+        start = len(self.buf)
+        self.buf += rdata
+        if target is not None:
+            self.name(target, compress=False)  # RFC 2782: SRV targets are not compressed
+        struct.pack_into("!H", self.buf, start - 2, len(self.buf) - start)
+        if len(self.buf) > self.limit:
+            del self.buf[mark:]
+            self.names = names
+            return False
+        return True
+
+
+@dataclass
+class _Record:
+    owner: tuple[str, ...] | None
+    rtype: int
+    rdata: bytes
+    target: tuple[str, ...] | None = None
+
+
+def _reply(
+    q: Question, rcode: int, answers: list[_Record], extra: list[_Record], limit: int
+) -> bytes:
     flags = 0x8000 | 0x0400 | (q.flags & 0x7900) | rcode  # QR, AA, opcode and RD kept
-    room = q.udp_size - 12 - len(q.raw)
-    if sum(map(len, answers)) + sum(map(len, extra)) > room:
-        extra = []  # additional records are the first to go
-        kept = []
-        for record in answers:
-            if len(record) > room:
-                flags |= 0x0200  # TC: the client may retry over TCP or with EDNS
-                break
-            kept.append(record)
-            room -= len(record)
-        answers = kept
-    header = struct.pack("!HHHHHH", q.qid, flags, 1, len(answers), 0, len(extra))
-    return header + q.raw + b"".join(answers) + b"".join(extra)
+    msg = _Message(limit)
+    msg.buf += b"\x00" * 12
+    for label in q.labels:
+        msg.buf += bytes([len(label)]) + label
+    msg.buf += b"\x00" + struct.pack("!HH", q.qtype, q.qclass)
+    an = ar = 0
+    for rec in answers:
+        if not msg.record(rec.owner, rec.rtype, rec.rdata, rec.target):
+            flags |= 0x0200  # TC: the client may retry over TCP or with EDNS
+            extra = []  # additional records are the first to go
+            break
+        an += 1
+    for rec in extra:
+        if not msg.record(rec.owner, rec.rtype, rec.rdata, rec.target):
+            break  # a partial additional section needs no TC (RFC 2181 9)
+        ar += 1
+    struct.pack_into("!HHHHHH", msg.buf, 0, q.qid, flags, 1, an, 0, ar)
+    return bytes(msg.buf)
 
 
 def format_error(packet: bytes) -> bytes | None:
@@ -95,8 +219,7 @@ def format_error(packet: bytes) -> bytes | None:
     if len(packet) < 12 or packet[2] & 0x80:
         return None
     qid, flags = struct.unpack_from("!HH", packet)
-    header = struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | FORMERR, 0, 0, 0, 0)
-    return header
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | FORMERR, 0, 0, 0, 0)
 
 
 def _ipv4(host: str) -> bytes | None:
@@ -113,24 +236,26 @@ class Responder:
         self.lookup = lookup
         self._turn: dict[str, int] = {}
 
-    def answer(self, packet: bytes) -> bytes | None:
+    def answer(self, packet: bytes, tcp: bool = False) -> bytes | None:
+        """The reply to *packet* (None: nothing to answer); never raises on bad input."""
         try:
             q = parse_query(packet)
-        except (DNSFormatError, ValueError, IndexError, struct.error):
+        except (DNSFormatError, struct.error):
             return format_error(packet)
+        limit = MAX_TCP_SIZE if tcp else q.udp_size
         if q.flags & 0x7800:
-            return _reply(q, NOTIMP, [], [])
+            return _reply(q, NOTIMP, [], [], limit)
         if q.qclass not in (CLASS_IN, CLASS_ANY):
-            return _reply(q, REFUSED, [], [])
+            return _reply(q, REFUSED, [], [], limit)
         suffix = "." + DOMAIN
         if not q.name.endswith(suffix):
-            return _reply(q, REFUSED, [], [])
+            return _reply(q, REFUSED, [], [], limit)
         labels = [lb.lstrip("_") for lb in q.name[: -len(suffix)].split(".") if lb != "_tcp"]
         if len(labels) == 1:
-            return self._service(q, labels[0])
+            return self._service(q, labels[0], limit)
         if len(labels) == 2:
-            return self._instance(q, labels[1], labels[0])
-        return _reply(q, NXDOMAIN, [], [])
+            return self._instance(q, labels[1], labels[0], limit)
+        return _reply(q, NXDOMAIN, [], [], limit)
 
     def _rotated(self, service: str, found: list[Instance]) -> list[Instance]:
         if not found:
@@ -140,34 +265,164 @@ class Responder:
         k = turn % len(found)
         return found[k:] + found[:k]
 
-    def _service(self, q: Question, service: str) -> bytes:
+    def _service(self, q: Question, service: str, limit: int) -> bytes:
         found = self.lookup(service)
         if found is None:
-            return _reply(q, NXDOMAIN, [], [])
+            return _reply(q, NXDOMAIN, [], [], limit)
         found = self._rotated(service, found)
-        answers: list[bytes] = []
-        extra: list[bytes] = []
+        answers: list[_Record] = []
+        extra: list[_Record] = []
         if q.qtype in (TYPE_A, TYPE_ANY):
             seen = set()
             for inst in found:
                 addr = _ipv4(inst.host)
                 if addr is not None and addr not in seen:
                     seen.add(addr)
-                    answers.append(_rr(q.name, TYPE_A, addr))
+                    answers.append(_Record(None, TYPE_A, addr))
         if q.qtype in (TYPE_SRV, TYPE_ANY):
             for inst in found:
-                target = f"{inst.id}.{inst.service}.{DOMAIN}"
-                srv = struct.pack("!HHH", 1, inst.weight, inst.port) + encode_name(target)
-                answers.append(_rr(q.name, TYPE_SRV, srv))
+                target = (inst.id, inst.service, *DOMAIN.split("."))
+                srv = struct.pack("!HHH", 1, inst.weight, inst.port)
+                answers.append(_Record(None, TYPE_SRV, srv, target))
                 addr = _ipv4(inst.host)
                 if addr is not None:
-                    extra.append(_rr(target, TYPE_A, addr))
-        return _reply(q, NOERROR, answers, extra)
+                    extra.append(_Record(target, TYPE_A, addr))
+        return _reply(q, NOERROR, answers, extra, limit)
 
-    def _instance(self, q: Question, service: str, inst_id: str) -> bytes:
+    def _instance(self, q: Question, service: str, inst_id: str, limit: int) -> bytes:
         found = [i for i in self.lookup(service) or [] if i.id.lower() == inst_id]
         if not found:
-            return _reply(q, NXDOMAIN, [], [])
+            return _reply(q, NXDOMAIN, [], [], limit)
         addr = _ipv4(found[0].host)
-        answers = [_rr(q.name, TYPE_A, addr)] if addr and q.qtype in (TYPE_A, TYPE_ANY) else []
-        return _reply(q, NOERROR, answers, [])
+        answers = [_Record(None, TYPE_A, addr)] if addr and q.qtype in (TYPE_A, TYPE_ANY) else []
+        return _reply(q, NOERROR, answers, [], limit)
+
+
+# -- DNS over TCP (RFC 1035 4.2.2, RFC 7766) ----------------------------------------------------
+MAX_TCP_CONNECTIONS = 64
+TCP_IDLE_SECONDS = 10.0
+MAX_TCP_PENDING = 256 * 1024  # reply bytes a client has not read yet
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    last: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+
+
+class TcpConnections:
+    """The TCP side of the DNS interface, driven by the server's poll loop.
+
+    *watch(fd, readable, writable)* (un)registers a descriptor with the loop's
+    poller (both False: forget it).  Each connection may send several queries
+    (two-byte length prefix each).  Bounds: :data:`MAX_TCP_CONNECTIONS` (the
+    least recently active one makes room for a new one), an idle timeout, and
+    :data:`MAX_TCP_PENDING` bytes of unread replies, past which the connection
+    is closed.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        responder: Responder,
+        watch: Callable[[int, bool, bool], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.listener = listener
+        self.responder = responder
+        self.watch = watch
+        self.clock = clock
+        self.conns: dict[int, _Conn] = {}
+        listener.setblocking(False)
+        watch(listener.fileno(), True, False)
+
+    def ready(self, fd: int, events: int, pollin: int, pollout: int) -> bool:
+        """Handle poll *events* on *fd* if it is ours; True when it was."""
+        if fd == self.listener.fileno():
+            self._accept()
+            return True
+        conn = self.conns.get(fd)
+        if conn is None:
+            return False
+        if events & pollin:
+            self._read(fd, conn)
+        if fd in self.conns and events & pollout:
+            self._flush(fd, conn)
+        return True
+
+    def _accept(self) -> None:
+        for _ in range(MAX_TCP_CONNECTIONS):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self.conns) >= MAX_TCP_CONNECTIONS:
+                oldest = min(self.conns, key=lambda k: self.conns[k].last)
+                self._close(oldest)
+            sock.setblocking(False)
+            self.conns[sock.fileno()] = _Conn(sock, self.clock())
+            self.watch(sock.fileno(), True, False)
+
+    def _read(self, fd: int, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(fd)
+            return
+        if not data:
+            self._close(fd)
+            return
+        conn.last = self.clock()
+        conn.inbuf += data
+        while len(conn.inbuf) >= 2:
+            size = struct.unpack_from("!H", conn.inbuf)[0]
+            if len(conn.inbuf) < 2 + size:
+                break
+            query = bytes(conn.inbuf[2 : 2 + size])
+            del conn.inbuf[: 2 + size]
+            reply = self.responder.answer(query, tcp=True)
+            if reply is not None:
+                conn.outbuf += struct.pack("!H", len(reply)) + reply
+        if len(conn.outbuf) > MAX_TCP_PENDING:
+            self._close(fd)  # asks and never reads: it gets no more of our memory
+            return
+        self._flush(fd, conn)
+
+    def _flush(self, fd: int, conn: _Conn) -> None:
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(fd)
+                return
+            del conn.outbuf[:sent]
+            if sent:
+                conn.last = self.clock()
+        self.watch(fd, True, bool(conn.outbuf))
+
+    def expire(self) -> None:
+        """Close connections idle for longer than :data:`TCP_IDLE_SECONDS`."""
+        now = self.clock()
+        for fd in [k for k, c in self.conns.items() if now - c.last > TCP_IDLE_SECONDS]:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        conn = self.conns.pop(fd, None)
+        if conn is not None:
+            self.watch(fd, False, False)
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._close(fd)
+        self.watch(self.listener.fileno(), False, False)
+        self.listener.close()

@@ -5,6 +5,12 @@ timeout critical) or ``tcp`` (a TCP connect to the instance's host and
 port).  The reported status changes only after ``rise`` consecutive passing
 results, or ``fall`` consecutive results of another status, so a flapping
 check does not flap lookups.
+
+Start-up, as Consul does it: the first check runs at once, and until the
+instance has passed once, checks repeat quickly (0.1 s, doubling up to the
+check interval) and the first passing result makes it passing at once.  A
+service that takes a second to listen is found a second later, not after
+``rise`` check intervals; rise and fall apply to every later transition.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Debounce:
     def __init__(self, rise: int, fall: int) -> None:
         self.rise, self.fall = rise, fall
         self.status: str | None = None
+        self.passed = False  # has the instance ever been passing?
         self._run_failing: bool | None = None  # which way the current run pushes
         self._count = 0
 
@@ -67,6 +74,10 @@ class Debounce:
         """
         if self.status is None:
             self.status = result  # the first result counts at once
+            self.passed = result == PASSING
+            return True
+        if result == PASSING and not self.passed:  # starting up: the first pass counts at once
+            self.status, self.passed, self._run_failing, self._count = result, True, None, 0
             return True
         if result == self.status:
             self._run_failing, self._count = None, 0
@@ -117,7 +128,14 @@ class Monitor:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        startup = 0.1
+        while True:
+            if self.debounce.passed:
+                wait = self.interval
+            else:  # not passing yet: look again soon, backing off to the interval
+                wait, startup = min(startup, self.interval), startup * 2
+            if self._stop.wait(wait):
+                return
             result = self._run()
             if self.debounce.feed(result) and not self._stop.is_set():
                 assert self.debounce.status is not None

@@ -27,6 +27,11 @@ META_TOTAL_LIMIT = 1300  # RFC 6763 6.2: keep the whole TXT record under ~1300 b
 META_KEY_LIMIT = 64
 RESERVED_META = frozenset({"svc", "id", "w", "st", "ttl", "iv", "h", "rv"})  # serverless TXT keys
 MAX_TTL = 86400.0
+# Revisions are JSON-safe integers (a larger one once stopped the daemon at its next
+# snapshot); bumps saturate here rather than grow past what every reader accepts.
+MAX_REV = 2**53 - 1
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: any later time cannot be printed
+REGISTRY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 
 
 class InvalidRecord(UsageError):
@@ -71,22 +76,33 @@ def validate_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidRecord("missing service name")
     lowered = name.lower()
-    if not NAME_RE.match(lowered):
+    if not NAME_RE.fullmatch(lowered):
         raise InvalidRecord(
-            f"bad service name {name!r}: use 1-63 letters, digits and '-' (a DNS label)"
+            f"bad service name {_short(name)}: use 1-63 letters, digits and '-' (a DNS label)"
         )
     return lowered
 
 
 def validate_port(port: object) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise InvalidRecord(f"bad port {port!r}: use 1-65535")
+        raise InvalidRecord(f"bad port {_short(port)}: use 1-65535")
     return port
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate from JSON "\ud800": not UTF-8 text
+        raise InvalidRecord("metadata must be valid UTF-8 text") from None
 
 
 def validate_meta(meta: object) -> dict[str, str]:
     if not isinstance(meta, dict):
         raise InvalidRecord("metadata must be an object of strings")
+    if len(meta) > META_TOTAL_LIMIT // 2:  # each item costs at least 2 bytes ("k=" + length)
+        raise InvalidRecord(
+            f"metadata has {len(meta)} items; keep it under {META_TOTAL_LIMIT} bytes"
+        )
     total = 0
     out: dict[str, str] = {}
     for key, value in meta.items():
@@ -100,7 +116,7 @@ def validate_meta(meta: object) -> dict[str, str]:
             raise InvalidRecord(f"bad metadata key {key!r}: ASCII only (RFC 6763 6.4)")
         if key.lower() in RESERVED_META:
             raise InvalidRecord(f"metadata key {key!r} is reserved")
-        size = len(key.encode()) + 1 + len(value.encode())
+        size = len(key) + 1 + len(_utf8(value))
         if size > META_ITEM_LIMIT:
             raise InvalidRecord(
                 f"metadata {key}=... is {size} bytes; one key=value must fit in {META_ITEM_LIMIT}"
@@ -125,23 +141,50 @@ def parse_meta(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return validate_meta(meta)
 
 
+def _short(value: object) -> str:
+    """*value* for an error message: a hostile value must not make a huge one."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "<huge number>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(value: object, what: str, low: float, high: float) -> float:
+    # NaN fails the comparison; a huge int compares exactly (no float overflow)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-        raise InvalidRecord(f"bad {what} {value!r}: use a number of seconds in ({low:g}, {high:g}]")
+        raise InvalidRecord(
+            f"bad {what} {_short(value)}: use a number of seconds in ({low:g}, {high:g}]"
+        )
     return float(value)
 
 
 def _timestamp(value: object) -> float:
-    """Unix seconds; a huge int, NaN or infinity would break JSON output and arithmetic."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRecord("bad timestamps")
-    try:
-        ts = float(value)
-    except OverflowError:
-        raise InvalidRecord("bad timestamps") from None
-    if not math.isfinite(ts):
-        raise InvalidRecord("bad timestamps")
-    return ts
+    """Unix seconds in [0, 9999-12-31]: a huge, negative or non-finite time breaks printing."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= MAX_TIME
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise InvalidRecord(
+            f"bad timestamps {_short(value)}: use unix seconds up to {MAX_TIME:.0f}"
+        )
+    return float(value)
+
+
+def validate_rev(rev: object) -> int:
+    if isinstance(rev, bool) or not isinstance(rev, int) or not 0 <= rev <= MAX_REV:
+        raise InvalidRecord(f"bad revision {_short(rev)}: use an integer in [0, 2**53)")
+    return rev
+
+
+def next_rev(rev: int) -> int:
+    """*rev* + 1, saturating at :data:`MAX_REV` so a stored record always reloads."""
+    return min(rev + 1, MAX_REV)
+
+
+def validate_registry_id(value: object) -> str:
+    if not isinstance(value, str) or not REGISTRY_ID_RE.fullmatch(value):
+        raise InvalidRecord(f"bad registry id {_short(value)}: 0-64 letters, digits, '-' or '_'")
+    return value
 
 
 def default_id(service: str, host: str, port: int) -> str:
@@ -156,26 +199,24 @@ def from_dict(data: object) -> Instance:
     service = validate_name(data.get("service"))
     port = validate_port(data.get("port"))
     host = data.get("host")
-    if not isinstance(host, str) or not HOST_RE.match(host):
-        raise InvalidRecord(f"bad host {host!r}")
+    if not isinstance(host, str) or not HOST_RE.fullmatch(host):
+        raise InvalidRecord(f"bad host {_short(host)}")
     inst_id = data.get("id") or default_id(service, host, port)
-    if not isinstance(inst_id, str) or not ID_RE.match(inst_id):
-        raise InvalidRecord(f"bad instance id {inst_id!r}: 1-63 letters, digits, '-' or '_'")
+    if not isinstance(inst_id, str) or not ID_RE.fullmatch(inst_id):
+        raise InvalidRecord(f"bad instance id {_short(inst_id)}: 1-63 letters, digits, '-' or '_'")
     weight = data.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 65535:
-        raise InvalidRecord(f"bad weight {weight!r}: use 0-65535")
+        raise InvalidRecord(f"bad weight {_short(weight)}: use 0-65535")
     status = data.get("status", PASSING)
-    if status not in STATUSES:
-        raise InvalidRecord(f"bad status {status!r}: one of {', '.join(STATUSES)}")
+    if not isinstance(status, str) or status not in STATUSES:
+        raise InvalidRecord(f"bad status {_short(status)}: one of {', '.join(STATUSES)}")
     ttl = _number(data.get("ttl", 6.0), "ttl", 0, MAX_TTL)
     interval = _number(data.get("interval", 2.0), "interval", 0, MAX_TTL)
     if interval >= ttl:
         raise InvalidRecord(f"heartbeat interval {interval:g}s must be shorter than ttl {ttl:g}s")
     times = [_timestamp(data.get(k, 0.0)) for k in ("registered", "heartbeat")]
-    rev = data.get("rev", 0)
-    registry = data.get("registry", "")
-    if isinstance(rev, bool) or not isinstance(rev, int) or not isinstance(registry, str):
-        raise InvalidRecord("bad revision or registry id")
+    rev = validate_rev(data.get("rev", 0))
+    registry = validate_registry_id(data.get("registry", ""))
     return Instance(
         service=service,
         id=inst_id,

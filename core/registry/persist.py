@@ -7,7 +7,14 @@ second, ``DIR/snapshot.json`` is rewritten atomically (temp file, fsync,
 rename) with every record including last-heartbeat times, and the log is
 truncated.  The log is fsynced with each snapshot, so a power cut loses at
 most about a second of changes, which the next heartbeats re-teach anyway.
-A torn last line in the log is skipped.
+A torn last line in the log is skipped, and so is every record or line that
+does not validate as a request would (counted in :attr:`Journal.skipped`):
+a file edited by hand or damaged on disk never stops the registry.
+
+When a write fails (full disk, read-only or removed directory) the error is
+raised to the server, which warns and keeps serving from memory: changes
+since the last good snapshot are then not durable until a later write works.
+A failed snapshot leaves no partial ``snapshot.json.tmp`` behind.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import EdaError, UsageError
+from .model import MAX_REV, InvalidRecord, from_dict
 from .model import Instance as Record
-from .model import InvalidRecord, from_dict
 from .store import DELETIONS
 
 SNAPSHOT, LOG, ID_FILE = "snapshot.json", "changes.log", "id"
@@ -34,10 +41,12 @@ class Journal:
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._log: BinaryIO = (self.dir / LOG).open("ab")
+            # unbuffered: a failed write (disk full) leaves nothing queued to reappear later
+            self._log: BinaryIO = (self.dir / LOG).open("ab", buffering=0)
         except OSError as exc:
             raise UsageError(f"cannot use data directory {self.dir}: {exc.strerror}") from None
         self.skipped = 0
+        self._torn = False  # the last append failed part-way: end that line first
 
     def registry_id(self) -> str:
         path = self.dir / ID_FILE
@@ -57,26 +66,32 @@ class Journal:
         records: dict[str, Record] = {}
         seq = 0
         try:
-            snap = json.loads((self.dir / SNAPSHOT).read_text())
-            seq = int(snap.get("seq", 0))
+            snap = json.loads((self.dir / SNAPSHOT).read_bytes())
+            if not isinstance(snap, dict) or not isinstance(snap.get("instances", []), list):
+                raise ValueError("not a snapshot")
+            seq = _seq(snap)
             for data in snap.get("instances", []):
                 self._keep(records, data)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (OSError, ValueError, RecursionError):
             self.skipped += 1  # an unreadable snapshot: the log still has every change
         with contextlib.suppress(OSError):
             for line in (self.dir / LOG).read_bytes().splitlines():
                 try:
                     event = json.loads(line)
-                    seq = max(seq, int(event.get("seq", 0)))
-                except (ValueError, AttributeError, TypeError):
+                    if not isinstance(event, dict):
+                        raise ValueError("not an event")
+                    seq = max(seq, _seq(event))
+                except (ValueError, RecursionError):
                     self.skipped += 1
                     continue
                 if event.get("type") in DELETIONS:
                     inst = event.get("instance")
-                    if isinstance(inst, dict):
-                        records.pop(str(inst.get("id")), None)
+                    if isinstance(inst, dict) and isinstance(inst.get("id"), str):
+                        records.pop(inst["id"], None)
+                    else:
+                        self.skipped += 1
                 else:
                     self._keep(records, event.get("instance"))
         return list(records.values()), seq
@@ -84,23 +99,39 @@ class Journal:
     def _keep(self, records: dict[str, Record], data: Any) -> None:
         try:
             inst = from_dict(data)
-        except InvalidRecord:
+        except (InvalidRecord, ValueError, TypeError):
             self.skipped += 1
             return
         records[inst.id] = inst
 
     def append(self, event: dict[str, Any]) -> None:
-        self._log.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
-        self._log.flush()
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        if self._torn:
+            line = b"\n" + line
+        self._torn = True
+        view = memoryview(line)
+        while view:
+            written = self._log.write(view)
+            if not written:
+                raise OSError(28, "No space left on device")
+            view = view[written:]
+        self._torn = False
 
     def snapshot(self, records: list[Record], seq: int) -> None:
+        """Replace the snapshot atomically; on failure the old one stays, no temp file."""
         doc = {"seq": seq, "instances": [r.to_dict() for r in records]}
+        data = json.dumps(doc, separators=(",", ":")).encode()
         tmp = self.dir / (SNAPSHOT + ".tmp")
-        with tmp.open("wb") as fh:
-            fh.write(json.dumps(doc, separators=(",", ":")).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.dir / SNAPSHOT)
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self.dir / SNAPSHOT)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -108,8 +139,16 @@ class Journal:
             os.close(fd)
         self._log.truncate(0)
         self._log.seek(0)
+        self._torn = False
         os.fsync(self._log.fileno())
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._log.close()
+
+
+def _seq(doc: dict[str, Any]) -> int:
+    seq = doc.get("seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_REV:
+        raise ValueError("bad sequence number")
+    return seq

@@ -16,9 +16,11 @@ subscription is live and that the registry is still there.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdaError, NotFoundError, UsageError
+from .model import Instance, InvalidRecord, from_dict, validate_name
 
 REGISTRY_TYPE = "_eda-registry._tcp.local."
 MAX_MESSAGE = 65536
@@ -62,14 +64,89 @@ def decode(frame: bytes) -> dict[str, Any]:
 
 def decode_request(frame: bytes) -> dict[str, Any]:
     msg = decode(frame)
-    if msg.get("op") not in OPS:
-        raise ProtocolError(f"unknown operation {msg.get('op')!r}")
+    op = msg.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"unknown operation {str(op)[:40]!r}")
     return msg
 
 
-def error_reply(rid: object, exc: Exception) -> dict[str, Any]:
+MAX_RID = 2**63 - 1
+MAX_RID_TEXT = 64
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request, validated: every field typed and within its limits."""
+
+    op: str
+    rid: int | str | None = None
+    instance: Instance | None = None  # register, heartbeat
+    id: str = ""  # deregister
+    service: str | None = None  # lookup (required), list and snapshot (optional)
+    all: bool = False  # lookup: every instance, not only passing ones
+    owned: bool = False  # snapshot: only the instances this registry owns
+
+
+def request_id(msg: dict[str, Any]) -> int | str | None:
+    """The request's ``rid`` if it is one a reply can safely echo, else None."""
+    rid = msg.get("rid")
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, int) and 0 <= rid <= MAX_RID:
+        return rid
+    if isinstance(rid, str) and len(rid) <= MAX_RID_TEXT and rid.isprintable():
+        return rid
+    return None
+
+
+def _flag(msg: dict[str, Any], key: str) -> bool:
+    value = msg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(f"malformed request: {key!r} must be true or false")
+    return value
+
+
+def parse_request(frame: bytes) -> Request:
+    """Decode and validate *frame* once, at the edge.
+
+    :class:`ProtocolError` for anything that is not a well-formed request
+    (counted as malformed), :class:`~.model.InvalidRecord` for a well-formed
+    request whose record is refused (the client's mistake, answered as such).
+    """
+    return request_from(decode_request(frame))
+
+
+def request_from(msg: dict[str, Any]) -> Request:
+    """The typed request in *msg* (a JSON object with a known ``op``); see :func:`parse_request`."""
+    if msg.get("rid") is not None and request_id(msg) is None:
+        raise ProtocolError("malformed request: rid must be a small integer or short string")
+    op = str(msg["op"])
+    safe_rid = request_id(msg)
+    if op in ("register", "heartbeat"):
+        if not isinstance(msg.get("instance"), dict):
+            raise ProtocolError(f"malformed request: {op} needs an instance object")
+        return Request(op, safe_rid, instance=from_dict(msg["instance"]))
+    if op == "deregister":
+        inst_id = msg.get("id")
+        if not isinstance(inst_id, str) or not 0 < len(inst_id) <= 63:
+            raise InvalidRecord("deregister needs an instance id")
+        return Request(op, safe_rid, id=inst_id)
+    service = msg.get("service")
+    if op == "lookup" or service is not None:
+        service = validate_name(service)
+    return Request(op, safe_rid, service=service, all=_flag(msg, "all"), owned=_flag(msg, "owned"))
+
+
+def error_reply(rid: int | str | None, exc: Exception) -> dict[str, Any]:
     code = exc.exit_code if isinstance(exc, EdaError) else 1
     return {"rid": rid, "ok": False, "error": str(exc), "code": code}
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """*text* cut to *limit* characters, control characters escaped (it came from a peer)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
 
 
 def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +154,8 @@ def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
     if reply.get("ok"):
         return reply
     code = reply.get("code", 1)
-    message = str(reply.get("error", "request refused"))
+    error = reply.get("error")
+    message = printable(error if isinstance(error, str) else "request refused")
     if code == 3:
         raise NotFoundError(message)
     raise RemoteError(message, code if isinstance(code, int) else 1)

@@ -2,13 +2,22 @@
 
 Sockets: a ROUTER for requests (see :mod:`.protocol`), an XPUB for the
 change stream, a SUB and one DEALER per peer registry for replication, and
-optionally a UDP socket for the DNS interface.  Being single-threaded, the
-store needs no locks and the order of events is the order of changes.
+optionally a UDP socket and a TCP listener for the DNS interface.  Being
+single-threaded, the store needs no locks and the order of events is the
+order of changes.
+
+Hostile input: every request, peer message and DNS packet is validated at
+the edge (:func:`.protocol.parse_request`, :func:`.model.from_dict`,
+:func:`.dns.parse_query`); what fails is answered with an error or dropped,
+counted in :attr:`Server.malformed`, and reported by a rate-limited warning.
+It never changes state, and no single request, record or failed write ends
+the loop: each step of the loop is guarded on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import queue
 import secrets
 import socket
@@ -21,13 +30,47 @@ import zmq
 
 from ..errors import EdaError, UsageError
 from . import protocol
-from .dns import Responder
-from .model import InvalidRecord, from_dict, validate_name
+from .dns import Responder, TcpConnections
+from .model import from_dict, validate_registry_id
 from .persist import Journal
-from .protocol import ProtocolError, decode, decode_request, encode, error_reply
+from .protocol import (
+    ProtocolError,
+    Request,
+    decode,
+    decode_request,
+    encode,
+    error_reply,
+    request_from,
+    request_id,
+)
 from .store import Event, Store
 
 Log = Callable[[str], None]
+MAX_PEERS = 32  # peer registries one registry links to (a hostile hello may name thousands)
+WARN_EVERY = 10.0  # seconds between two warnings of the same kind
+
+
+class RateLimited:
+    """A warning said at once, then at most every *every* seconds with a count."""
+
+    def __init__(self, warn: Log, every: float = WARN_EVERY) -> None:
+        self.warn, self.every = warn, every
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def __call__(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -self.every) < self.every:
+            self.held[kind] = self.held.get(kind, 0) + 1
+            return
+        held = self.held.pop(kind, 0)
+        self.last[kind] = now
+        more = f" (and {held} more since the last warning)" if held else ""
+        self.warn(f"warning: {message}{more}")
+
+
+class BindError(EdaError):
+    """An address to listen on is taken or unavailable: a runtime error, not a usage one."""
 
 
 @dataclass
@@ -63,18 +106,24 @@ def _split_hostport(value: str, default_host: str) -> tuple[str, int]:
 class Server:
     """A registry: serves requests, expires instances, replicates with peers."""
 
-    def __init__(self, settings: Settings, log: Log = lambda _msg: None) -> None:
+    def __init__(
+        self, settings: Settings, log: Log = lambda _msg: None, warn: Log | None = None
+    ) -> None:
+        """*log* takes diagnostics (shown with -v), *warn* warnings (always shown)."""
         self.settings = settings
         self.log = log
+        self.warn: Log = warn or log
+        self.limited = RateLimited(self.warn)
         self.journal = Journal(settings.data) if settings.data else None
         self.id = self.journal.registry_id() if self.journal else secrets.token_hex(4)
         self.store = Store(self.id)
+        self.persist_failed = False
         if self.journal is not None:
             records, seq = self.journal.load()
             self.store.restore(records, seq)
             if self.journal.skipped:
                 skipped = self.journal.skipped
-                log(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
+                self.warn(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.poller = zmq.Poller()
         self.router = self._socket(zmq.ROUTER)
@@ -92,15 +141,16 @@ class Server:
         self.subscribed: set[str] = set()
         self.found: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.udp: socket.socket | None = None
+        self.dns_tcp: TcpConnections | None = None
         self.responder = Responder(self._dns_lookup)
         self.dns_address = ""
+        self.requests = 0
+        self.malformed = 0
         if settings.dns:
             self._bind_dns(settings.dns)
         for sock in (self.router, self.xpub, self.peer_sub):
             self.poller.register(sock, zmq.POLLIN)
         self.discovery: Any = None
-        self.requests = 0
-        self.malformed = 0
 
     # -- setup ---------------------------------------------------------------
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
@@ -112,22 +162,49 @@ class Server:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
+            self.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise BindError(f"cannot bind {endpoint}: {exc}") from None
             raise UsageError(f"cannot bind {endpoint}: {exc}") from None
         return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _bind_dns(self, address: str) -> None:
+        """UDP and TCP on the same port (a port of 0 picks one free for both)."""
         host, port = _split_hostport(address, "127.0.0.1")
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            udp.bind((host, port))
-        except OSError as exc:
-            udp.close()
-            raise UsageError(f"cannot bind DNS on {address}: {exc.strerror}") from None
+        for _ in range(20 if port == 0 else 1):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                udp.bind((host, port))
+                tcp.bind((host, udp.getsockname()[1]))
+                tcp.listen(64)
+                break
+            except OSError as exc:
+                udp.close()
+                tcp.close()
+                if port == 0 and exc.errno == errno.EADDRINUSE:
+                    continue  # the UDP port was free, its TCP twin not: pick another
+                self.close()
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                    raise BindError(f"cannot bind DNS on {address}: {exc.strerror}") from None
+                raise UsageError(f"cannot bind DNS on {address}: {exc.strerror}") from None
+        else:
+            self.close()
+            raise BindError(f"cannot bind DNS on {address}: no port free for UDP and TCP")
         udp.setblocking(False)
         self.udp = udp
         host, port = udp.getsockname()
         self.dns_address = f"{host}:{port}"
         self.poller.register(udp, zmq.POLLIN)
+        self.dns_tcp = TcpConnections(tcp, self.responder, self._watch_fd)
+
+    def _watch_fd(self, fd: int, readable: bool, writable: bool) -> None:
+        flags = (zmq.POLLIN if readable else 0) | (zmq.POLLOUT if writable else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self.poller.unregister(fd)
+        if flags:
+            self.poller.register(fd, flags)
 
     @property
     def port(self) -> int:
@@ -163,26 +240,50 @@ class Server:
             timeout = max(0.0, min(next_expire, next_tick, next_snapshot) - time.monotonic())
             ready = dict(self.poller.poll(int(timeout * 1000) + 1))
             if self.router in ready:
-                self._drain_requests()
+                self._guarded("requests", self._drain_requests)
             if self.xpub in ready:
-                self._drain_subscriptions()
+                self._guarded("subscriptions", self._drain_subscriptions)
             if self.peer_sub in ready:
-                self._drain_peer_stream()
+                self._guarded("peer stream", self._drain_peer_stream)
             if self.udp is not None and self.udp.fileno() in ready:
-                self._drain_dns()
+                self._guarded("DNS", self._drain_dns)
+            if self.dns_tcp is not None:
+                for fd, events in ready.items():
+                    if isinstance(fd, int) and (self.udp is None or fd != self.udp.fileno()):
+                        self._guarded("DNS over TCP", self._dns_tcp_ready, fd, events)
             for link in list(self.links.values()):
                 if link.sock in ready:
-                    self._drain_peer_replies(link)
+                    self._guarded("peer replies", self._drain_peer_replies, link)
             now = time.monotonic()
             if now >= next_expire:
-                self._publish(self.store.expire())
+                self._guarded("expiry", lambda: self._publish(self.store.expire()))
                 next_expire = now + 0.05
             if now >= next_tick:
-                self._tick()
+                self._guarded("tick", self._tick)
                 next_tick = now + s.tick
             if now >= next_snapshot:
-                self.persist()
+                self._guarded("snapshot", self.persist)
                 next_snapshot = now + s.snapshot_interval
+
+    def _guarded(self, what: str, step: Callable[..., object], *args: Any) -> None:
+        """Run one step of the loop; whatever it raises, the daemon goes on serving."""
+        try:
+            step(*args)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug or a record nothing caught: say so, keep serving
+            self.limited(f"step:{what}", f"{what} failed: {type(exc).__name__}: {exc}"[:300])
+
+    def _dns_tcp_ready(self, fd: int, events: int) -> None:
+        assert self.dns_tcp is not None
+        self.dns_tcp.ready(fd, events, zmq.POLLIN, zmq.POLLOUT)
+
+    def _malformed(self, where: str, exc: BaseException) -> None:
+        self.malformed += 1
+        self.limited(
+            f"malformed:{where}",
+            f"dropped malformed {where} (#{self.malformed}): {str(exc)[:200]}",
+        )
 
     def _publish(self, events: list[Event]) -> None:
         for event in events:
@@ -190,17 +291,32 @@ class Server:
                 try:
                     self.journal.append(event)
                 except OSError as exc:  # disk full: keep serving; the snapshot retries
-                    self.log(f"warning: cannot append to the change log: {exc.strerror}")
-            self.xpub.send_multipart([protocol.event_topic(event["service"]), encode(event)])
+                    self._persist_failed("append to the change log", exc)
+            with contextlib.suppress(zmq.ZMQError):
+                self.xpub.send_multipart(
+                    [protocol.event_topic(event["service"]), encode(event)], zmq.NOBLOCK
+                )
             inst = event["instance"]
             self.log(f"{event['type']} {inst['service']}/{inst['id']}: {event['reason']}")
+
+    def _persist_failed(self, what: str, exc: OSError) -> None:
+        self.persist_failed = True
+        self.limited(
+            f"persist:{what}",
+            f"cannot {what} in {self.settings.data}: {exc.strerror or exc}; "
+            "changes are kept in memory only until a write succeeds",
+        )
 
     def persist(self) -> None:
         if self.journal is not None:
             try:
                 self.journal.snapshot(self.store.instances(with_stale=True), self.store.seq)
             except OSError as exc:
-                self.log(f"warning: cannot write snapshot: {exc.strerror}")
+                self._persist_failed("write the snapshot", exc)
+                return
+            if self.persist_failed:
+                self.persist_failed = False
+                self.warn(f"snapshot written to {self.settings.data} again: state is durable")
 
     # -- requests -------------------------------------------------------------------
     def _drain_requests(self) -> None:
@@ -212,33 +328,41 @@ class Server:
             self.requests += 1
             ident, body = frames[0], frames[1:]
             if len(body) != 1:
-                self.malformed += 1
-                reply = error_reply(None, ProtocolError("malformed request: expected one frame"))
+                exc = ProtocolError("malformed request: expected one frame")
+                self._malformed("request", exc)
+                reply = error_reply(None, exc)
             else:
                 reply = self._handle(body[0])
+            try:
+                data = encode(reply)
+            except (ValueError, TypeError, RecursionError) as exc:  # never: replies are typed
+                self.limited("reply", f"cannot encode a reply: {exc}")
+                data = encode(error_reply(None, EdaError("request failed")))
             with contextlib.suppress(zmq.ZMQError):
-                self.router.send_multipart([ident, encode(reply)], zmq.NOBLOCK)
+                self.router.send_multipart([ident, data], zmq.NOBLOCK)
 
     def _handle(self, raw: bytes) -> dict[str, Any]:
-        rid: object = None
+        """Validate *raw* once into a :class:`Request`, then act on typed values only."""
+        rid = None
         try:
             msg = decode_request(raw)
-            rid = msg.get("rid")
-            reply = getattr(self, "_op_" + msg["op"])(msg)
-        except (EdaError, ValueError, TypeError, KeyError) as exc:
-            if isinstance(exc, ProtocolError):
-                self.malformed += 1
-            if not isinstance(exc, EdaError):
-                exc = ProtocolError(f"malformed request: {exc}")
+            rid = request_id(msg)
+            req = request_from(msg)
+        except EdaError as exc:  # malformed, or a record this registry refuses
+            self._malformed("request", exc)
             return error_reply(rid, exc)
+        try:
+            reply = getattr(self, "_op_" + req.op)(req)
+        except EdaError as exc:  # refused on the merits (not found, wrong service...)
+            return error_reply(req.rid, exc)
         except Exception as exc:  # a daemon survives any request; say what broke
-            self.log(f"warning: request failed: {type(exc).__name__}: {exc}")
-            return error_reply(rid, EdaError(f"request failed: {type(exc).__name__}"))
-        reply["rid"] = rid
+            self.limited("request", f"request failed: {type(exc).__name__}: {exc}"[:300])
+            return error_reply(req.rid, EdaError(f"request failed: {type(exc).__name__}"))
+        reply["rid"] = req.rid
         reply["ok"] = True
         return dict(reply)
 
-    def _op_hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _op_hello(self, req: Request) -> dict[str, Any]:
         return {
             "registry": self.id,
             "tick": self.settings.tick,
@@ -246,36 +370,30 @@ class Server:
             "peers": sorted(link.endpoint for link in self.links.values() if link.alive),
         }
 
-    def _op_register(self, msg: dict[str, Any]) -> dict[str, Any]:
-        inst = from_dict(msg.get("instance"))
-        register = msg["op"] == "register"
+    def _op_register(self, req: Request) -> dict[str, Any]:
+        inst = req.instance
+        assert inst is not None
+        register = req.op == "register"
         self._publish(self.store.heartbeat(inst, register=register))
         return {"instance": inst.to_dict()} if register else {"rev": inst.rev}
 
     _op_heartbeat = _op_register
 
-    def _op_deregister(self, msg: dict[str, Any]) -> dict[str, Any]:
-        inst_id = msg.get("id")
-        if not isinstance(inst_id, str):
-            raise InvalidRecord("deregister needs an instance id")
-        self._publish(self.store.deregister(inst_id))
+    def _op_deregister(self, req: Request) -> dict[str, Any]:
+        self._publish(self.store.deregister(req.id))
         return {}
 
-    def _op_lookup(self, msg: dict[str, Any]) -> dict[str, Any]:
-        service = validate_name(msg.get("service"))
-        found = self.store.lookup(service, bool(msg.get("all")))
+    def _op_lookup(self, req: Request) -> dict[str, Any]:
+        assert req.service is not None
+        found = self.store.lookup(req.service, req.all)
         return {"instances": [i.to_dict() for i in found]}
 
-    def _op_list(self, msg: dict[str, Any]) -> dict[str, Any]:
-        service = msg.get("service")
-        name = validate_name(service) if service is not None else None
-        return {"instances": [i.to_dict() for i in self.store.instances(name)]}
+    def _op_list(self, req: Request) -> dict[str, Any]:
+        return {"instances": [i.to_dict() for i in self.store.instances(req.service)]}
 
-    def _op_snapshot(self, msg: dict[str, Any]) -> dict[str, Any]:
-        service = msg.get("service")
-        name = validate_name(service) if service is not None else None
-        found = self.store.instances(name, with_stale=True)
-        if msg.get("owned"):
+    def _op_snapshot(self, req: Request) -> dict[str, Any]:
+        found = self.store.instances(req.service, with_stale=True)
+        if req.owned:
             found = [i for i in found if i.registry == self.id]
         return {
             "registry": self.id,
@@ -324,6 +442,12 @@ class Server:
     def _add_peer(self, endpoint: str) -> None:
         if endpoint in self.links or endpoint == self.endpoint:
             return
+        if len(self.links) >= MAX_PEERS:
+            self.limited("peers", f"not linking to {endpoint[:80]}: {MAX_PEERS} peers already")
+            return
+        from .client import check_endpoint
+
+        check_endpoint(endpoint)
         sock = self._socket(zmq.DEALER)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * protocol.MAX_MESSAGE)
         try:
@@ -353,24 +477,33 @@ class Server:
                 if "pub_port" in reply:
                     self._on_hello(link, reply)
                 elif "instances" in reply and reply.get("registry") == link.id:
+                    if not isinstance(reply["instances"], list):
+                        raise ProtocolError("instances is not a list")
+                    # all or nothing: a record left out would read as deleted by the peer
                     records = [from_dict(d) for d in reply["instances"]]
                     self._publish(self.store.merge_peer(link.id, records))
-            except (EdaError, ValueError, TypeError, KeyError, ArithmeticError, zmq.ZMQError) as e:
-                self.log(f"warning: bad reply from peer {link.endpoint}: {e}")
+            except (EdaError, ValueError, TypeError, KeyError, zmq.ZMQError) as e:
+                self._malformed(f"reply from peer {link.endpoint}", e)
 
     def _on_hello(self, link: PeerLink, reply: dict[str, Any]) -> None:
-        peer_id = str(reply.get("registry", ""))
+        peer_id = validate_registry_id(reply.get("registry", ""))
         if not peer_id or peer_id == self.id or link.id:
             return
+        pub_port = reply.get("pub_port")
+        if isinstance(pub_port, bool) or not isinstance(pub_port, int) or not 0 < pub_port < 65536:
+            raise ProtocolError("bad pub_port in a peer's hello")
+        peers = reply.get("peers", [])
+        if not isinstance(peers, list):
+            raise ProtocolError("bad peers in a peer's hello")
         link.id = peer_id
         host = link.endpoint.rsplit(":", 1)[0]
-        pub = f"{host}:{int(reply['pub_port'])}"
+        pub = f"{host}:{pub_port}"
         if pub not in self.subscribed:
             self.subscribed.add(pub)
             self.peer_sub.connect(pub)
         self.log(f"replicating with peer registry {peer_id} at {link.endpoint}")
-        for endpoint in reply.get("peers", []):
-            if isinstance(endpoint, str):
+        for endpoint in peers[:MAX_PEERS]:
+            if isinstance(endpoint, str) and len(endpoint) <= 300:
                 with contextlib.suppress(UsageError):
                     self._add_peer(endpoint)
 
@@ -380,16 +513,16 @@ class Server:
                 frames = self.peer_sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2:
-                continue
             try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"{len(frames)} frames, not 2")
                 msg = decode(frames[1])
                 if frames[0] == protocol.TICK:
-                    self._on_peer_tick(str(msg.get("registry", "")))
+                    self._on_peer_tick(validate_registry_id(msg.get("registry", "")))
                 elif msg.get("registry") != self.id:
                     self._publish(self.store.apply_remote(msg))
-            except (EdaError, ValueError, TypeError, KeyError, ArithmeticError) as exc:
-                self.log(f"warning: bad change from a peer: {exc}")
+            except (EdaError, ValueError, TypeError, KeyError) as exc:
+                self._malformed("change from a peer", exc)
 
     def _on_peer_tick(self, peer_id: str) -> None:
         link = next((lk for lk in self.links.values() if lk.id == peer_id), None)
@@ -423,15 +556,23 @@ class Server:
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self) -> None:
-        if self.discovery is not None:
+        """Release everything (safe on a half-built server: a failed bind calls it)."""
+        if getattr(self, "discovery", None) is not None:
             self.discovery.close()
-        self.persist()
+        if getattr(self, "router", None) is not None and getattr(self, "peer_sub", None):
+            self._guarded("snapshot", self.persist)
         if self.journal is not None:
             self.journal.close()
-        if self.udp is not None:
+        if getattr(self, "udp", None) is not None:
+            assert self.udp is not None
             self.udp.close()
-        for link in self.links.values():
+        if getattr(self, "dns_tcp", None) is not None:
+            assert self.dns_tcp is not None
+            self.dns_tcp.close()
+        for link in getattr(self, "links", {}).values():
             link.sock.close()
-        for sock in (self.router, self.xpub, self.peer_sub):
-            sock.close()
+        for name in ("router", "xpub", "peer_sub"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
         self.zctx.term()

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import NotFoundError
-from .model import PASSING, Instance, InvalidRecord, from_dict
+from .model import PASSING, Instance, InvalidRecord, from_dict, next_rev, validate_registry_id
 
 REGISTERED, DEREGISTERED, EXPIRED, HEALTH, UPDATED = (
     "registered",
@@ -35,6 +35,7 @@ REGISTERED, DEREGISTERED, EXPIRED, HEALTH, UPDATED = (
 SYNC = "sync"  # ownership moved; replicated, never shown to watchers
 DELETIONS = (DEREGISTERED, EXPIRED)
 TOMBSTONE_SECONDS = 600.0
+MAX_REASON = 200  # characters of a replicated event's reason
 
 Event = dict[str, Any]
 
@@ -115,7 +116,7 @@ class Store:
         entry = self.entries.get(inst.id)
         if entry is None:
             inst.registered = now if register or not inst.registered else inst.registered
-            inst.rev = max(inst.rev, self._tomb_rev(inst.id)) + 1
+            inst.rev = next_rev(max(inst.rev, self._tomb_rev(inst.id)))
             self._put(inst, now + inst.ttl)
             reason = "registered" if register else "re-learned from a heartbeat"
             return [self._event(REGISTERED, inst, reason)]
@@ -132,7 +133,7 @@ class Store:
             kind, reason = HEALTH, f"{old.status} -> {inst.status}"
         elif old.registry != self.id:
             kind, reason = SYNC, f"heartbeats moved here from registry {old.registry}"
-        inst.rev = old.rev + 1 if kind else old.rev
+        inst.rev = next_rev(old.rev) if kind else old.rev
         self._put(inst, now + inst.ttl)
         return [self._event(kind, inst, reason)] if kind else []
 
@@ -140,7 +141,7 @@ class Store:
         entry = self._drop(inst_id)
         if entry is None:
             raise NotFoundError(f"no instance {inst_id!r}")
-        entry.inst.rev += 1
+        entry.inst.rev = next_rev(entry.inst.rev)
         self.tombstones[inst_id] = (entry.inst.rev, self.clock())
         return [self._event(DEREGISTERED, entry.inst, reason)]
 
@@ -156,7 +157,7 @@ class Store:
                 else f"no heartbeat for {inst.ttl:g}s"
             )
             self._drop(inst.id)
-            inst.rev += 1
+            inst.rev = next_rev(inst.rev)
             self.tombstones[inst.id] = (inst.rev, now)
             events.append(self._event(EXPIRED, inst, reason))
         for key in [k for k, (_, t) in self.tombstones.items() if now - t > TOMBSTONE_SECONDS]:
@@ -189,21 +190,24 @@ class Store:
         """Apply a peer's change if it is newer than ours; return it to re-publish."""
         kind = event.get("type")
         inst = from_dict(event.get("instance"))
-        origin = str(event.get("registry", ""))
+        origin = validate_registry_id(event.get("registry", ""))
+        reason = event.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise InvalidRecord("bad reason in a replicated event")
         entry = self.entries.get(inst.id)
         if kind in DELETIONS:
             if entry is None or inst.rev < entry.inst.rev:
                 return []
             self._drop(inst.id)
             self.tombstones[inst.id] = (inst.rev, self.clock())
-            return [self._event(str(kind), inst, str(event.get("reason", "")), origin)]
+            return [self._event(str(kind), inst, reason, origin)]
         if kind not in (REGISTERED, HEALTH, UPDATED, SYNC):
             return []
         known = entry.inst.rev if entry is not None else self._tomb_rev(inst.id)
         if inst.rev <= known:
             return []
         self._put(inst, self._replica_deadline(inst))
-        return [self._event(str(kind), inst, str(event.get("reason", "")), origin)]
+        return [self._event(str(kind), inst, reason, origin)]
 
     def merge_peer(self, peer: str, records: list[Instance]) -> list[Event]:
         """Bring our copy of *peer*'s instances in line with its full list."""
@@ -237,7 +241,7 @@ class Store:
         for entry in [e for e in self.entries.values() if e.inst.registry == peer]:
             if entry.inst.id not in seen:
                 self._drop(entry.inst.id)
-                entry.inst.rev += 1
+                entry.inst.rev = next_rev(entry.inst.rev)
                 self.tombstones[entry.inst.id] = (entry.inst.rev, self.clock())
                 events.append(
                     self._event(DEREGISTERED, entry.inst, f"no longer held by registry {peer}")

@@ -7,6 +7,12 @@ each instance's latest revision, so a change seen twice (from two
 registries, or after a reconnect) is printed once.  When the registry goes
 silent it fails over, takes a new snapshot and reports only the real
 differences, marked ``"resync": true``: stale events are never replayed as new.
+
+Everything a registry sends is checked before use: a hello without a valid
+stream port is a failed connection; snapshot records and change events whose
+record does not validate (:func:`~.model.from_dict`), whose ``seq`` is not a
+sequence number or whose type is unknown are skipped and counted in
+:attr:`Watcher.dropped`, so a misbehaving registry cannot stop the watch.
 """
 
 from __future__ import annotations
@@ -20,7 +26,35 @@ import zmq
 from ..errors import EdaError
 from . import protocol
 from .client import Client
-from .store import DELETIONS, DEREGISTERED, HEALTH, REGISTERED, SYNC, UPDATED, Event, iso
+from .model import MAX_REV, InvalidRecord, from_dict
+from .store import (
+    DELETIONS,
+    DEREGISTERED,
+    EXPIRED,
+    HEALTH,
+    REGISTERED,
+    SYNC,
+    UPDATED,
+    Event,
+    iso,
+)
+
+KINDS = (REGISTERED, DEREGISTERED, EXPIRED, HEALTH, UPDATED, SYNC)
+
+
+def _seq(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REV:
+        return None
+    return value
+
+
+def _record(data: object) -> dict[str, Any] | None:
+    """A registry's record, validated and normalised, or None."""
+    try:
+        return from_dict(data).to_dict()
+    except InvalidRecord:
+        return None
+
 
 PRESENT = "present"
 
@@ -37,6 +71,7 @@ class Watcher:
         self.sub: zmq.Socket[bytes] | None = None
         self.silence = 3.0
         self.seq = 0
+        self.dropped = 0  # malformed records and events from the registry
 
     def start(self, snapshot: bool = False) -> list[Event]:
         """Connect and take the first snapshot; its instances as events if *snapshot*.
@@ -67,7 +102,10 @@ class Watcher:
 
     def _connect(self, show_present: bool, resync: bool) -> tuple[int, list[Event]]:
         hello = self.client.hello()
-        self.silence = 6 * float(hello.get("tick", 0.5))
+        tick = hello.get("tick", 0.5)
+        if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0 < tick <= 60:
+            raise protocol.RemoteError("the registry sent a malformed hello (tick)")
+        self.silence = 6 * float(tick)
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.subscribe(protocol.TICK)
@@ -89,7 +127,18 @@ class Watcher:
         except EdaError:
             self._close_sub()
             raise
-        records = {d["id"]: d for d in snap["instances"] if isinstance(d, dict) and "id" in d}
+        listed = snap.get("instances")
+        seq = _seq(snap.get("seq", 0))
+        if not isinstance(listed, list) or seq is None:
+            self._close_sub()
+            raise protocol.RemoteError("the registry sent a malformed snapshot")
+        records = {}
+        for data in listed:
+            record = _record(data)
+            if record is None:
+                self.dropped += 1
+            else:
+                records[record["id"]] = record
         events: list[Event] = []
         if show_present:
             events = [
@@ -99,7 +148,7 @@ class Watcher:
         elif resync:
             events = list(self._diff(records))
         self.state = records
-        return int(snap.get("seq", 0)), events
+        return seq, events
 
     def _made(self, kind: str, record: dict[str, Any], reason: str, **flags: bool) -> Event:
         return {
@@ -123,7 +172,7 @@ class Watcher:
                 yield self._made(
                     REGISTERED, new, "appeared while the watch reconnected", resync=True
                 )
-            elif new.get("rev", 0) > before.get("rev", 0):
+            elif new["rev"] > before["rev"]:
                 kind = HEALTH if before.get("status") != new.get("status") else UPDATED
                 if kind == UPDATED and _same(before, new):
                     continue
@@ -139,11 +188,11 @@ class Watcher:
                 frames = sub.recv_multipart()
                 if len(frames) != 2 or frames[0] == protocol.TICK:
                     continue
-                try:
-                    event = protocol.decode(frames[1])
-                except protocol.ProtocolError:
+                event = self._event(frames[1])
+                if event is None:
+                    self.dropped += 1
                     continue
-                if int(event.get("seq", 0)) <= seq:
+                if event["seq"] <= seq:
                     continue
                 shown = self._apply(event)
                 if shown is not None:
@@ -151,20 +200,34 @@ class Watcher:
         finally:
             self._close_sub()
 
-    def _apply(self, event: Event) -> Event | None:
-        record = event.get("instance")
-        if not isinstance(record, dict):
+    @staticmethod
+    def _event(raw: bytes) -> Event | None:
+        """A change event from the stream, checked, or None."""
+        try:
+            event = protocol.decode(raw)
+        except protocol.ProtocolError:
             return None
-        inst_id, rev = record.get("id"), int(record.get("rev", 0))
-        old = self.state.get(str(inst_id))
-        if event.get("type") in DELETIONS:
-            if old is None or rev < int(old.get("rev", 0)):
+        record = _record(event.get("instance"))
+        seq = _seq(event.get("seq", 0))
+        if record is None or seq is None or event.get("type") not in KINDS:
+            return None
+        for key in ("id", "reason", "time", "service", "registry"):
+            if not isinstance(event.get(key, ""), str) or len(event.get(key, "")) > 300:
                 return None
-            del self.state[str(inst_id)]
+        return {**event, "seq": seq, "instance": record}
+
+    def _apply(self, event: Event) -> Event | None:
+        record = event["instance"]
+        inst_id, rev = record["id"], record["rev"]
+        old = self.state.get(inst_id)
+        if event.get("type") in DELETIONS:
+            if old is None or rev < old["rev"]:
+                return None
+            del self.state[inst_id]
             return event
-        if old is not None and rev <= int(old.get("rev", 0)):
+        if old is not None and rev <= old["rev"]:
             return None
-        self.state[str(inst_id)] = record
+        self.state[inst_id] = record
         if event.get("type") == SYNC:
             return None
         if old is None and event.get("type") != REGISTERED:
