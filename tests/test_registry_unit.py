@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,83 @@ def test_a_failed_snapshot_keeps_the_old_one_and_leaves_no_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.log", "snapshot.json"]
     monkeypatch.undo()
     assert [r.port for r in Journal(tmp_path).load()[0]] == [1]
+
+
+def test_watch_terminal_line_is_plain_text_with_peer_escapes_shown() -> None:
+    import io
+
+    from rich.console import Console
+
+    from eda.cli.registry import _event_line
+
+    event = {
+        "type": "registered[/]",
+        "time": "2026-01-01T00:00:00.000Z",
+        "reason": "[bold]\x1b]0;title\x07",
+        "instance": {"service": "orders", "id": "a[/]", "host": "h", "port": 1, "status": "ok"},
+    }
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(_event_line(event, {}))
+    text = out.getvalue()
+    assert "registered[/]" in text and "a[/]" in text and "[bold]" in text
+    assert "\x1b" not in text and "\\x1b]0;title\\x07" in text
+
+
+# -- DNS over TCP ------------------------------------------------------------------
+def test_dns_over_tcp_answers_pipelined_and_split_queries_and_bounds_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import select
+
+    insts = [rec(port=1000 + i, host=f"10.0.1.{i + 1}") for i in range(40)]
+    responder = dns.Responder(lambda name: insts if name == "orders" else None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    watched: dict[int, tuple[bool, bool]] = {}
+
+    def watch(fd: int, readable: bool, writable: bool) -> None:
+        if readable or writable:
+            watched[fd] = (readable, writable)
+        else:
+            watched.pop(fd, None)
+
+    tcp = dns.TcpConnections(listener, responder, watch)
+
+    def pump() -> None:
+        for _ in range(20):
+            fds = [fd for fd, (r, _w) in watched.items() if r]
+            ready, _, _ = select.select(fds, [], [], 0.2)
+            if not ready:
+                return
+            for fd in ready:
+                tcp.ready(fd, 1, 1, 4)
+
+    client = socket.create_connection(listener.getsockname(), 5)
+    queries = [build_query("orders.service.eda", dns.TYPE_SRV, qid) for qid in (1, 2)]
+    framed = b"".join(struct.pack("!H", len(q)) + q for q in queries)
+    client.sendall(framed[:5])  # split mid-frame...
+    pump()
+    client.sendall(framed[5:])  # ...then the rest and a second query at once
+    pump()
+    data = b""
+    client.settimeout(5)
+    while len(data) < 4 or len(data) < 2 + struct.unpack_from("!H", data)[0] + 2:
+        data += client.recv(65536)
+        pump()
+    first = struct.unpack_from("!H", data)[0]
+    reply1 = data[2 : 2 + first]
+    while len(data) < 2 + first + 2 + struct.unpack_from("!H", data, 2 + first)[0]:
+        data += client.recv(65536)
+    assert struct.unpack_from("!H", reply1)[0] == 1
+    assert _answers(reply1) == (dns.NOERROR, 40, 40)  # over TCP nothing is cut
+    assert not struct.unpack_from("!H", reply1, 2)[0] & 0x0200
+    # at most MAX_TCP_CONNECTIONS: the least recently active makes room
+    monkeypatch.setattr(dns, "MAX_TCP_CONNECTIONS", 3)
+    extra = [socket.create_connection(listener.getsockname(), 5) for _ in range(4)]
+    pump()
+    assert len(tcp.conns) == 3
+    tcp.clock = lambda: time.monotonic() + dns.TCP_IDLE_SECONDS + 1
+    tcp.expire()
+    assert tcp.conns == {}
+    for sock in [client, *extra]:
+        sock.close()
+    tcp.close()
