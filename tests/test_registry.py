@@ -583,6 +583,10 @@ def test_terminal_views_escape_peer_text_and_never_read_it_as_markup(procs: Proc
         assert "note=[/]" in out and "x=[bold]y" in out
         assert "\x1b]0;" not in out and "\x07" not in out  # no window title from a peer
         assert "pwned\\x07" in out  # shown, escaped
+    for template in ("{meta[title]}", "{meta}"):  # a template on a terminal is escaped too
+        code, out, err = run_on_tty("lookup", "orders", "--registry", ep, "--format", template)
+        assert (code, err) == (0, ""), err
+        assert "\x1b]0;" not in out and "\x07" not in out and "pwned" in out
 
 
 def test_terminal_table_never_cuts_an_address(procs: Procs) -> None:
