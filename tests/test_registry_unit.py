@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eda.core.errors import NotFoundError
 from eda.core.mdns import build_query
@@ -530,3 +532,26 @@ def test_dns_over_tcp_answers_pipelined_and_split_queries_and_bounds_connections
     for sock in [client, *extra]:
         sock.close()
     tcp.close()
+
+
+_JOURNAL_SAMPLES = [
+    b'{"seq": 3, "type": "registered", "instance": {"service": "orders", "host": "h", "port": 1}}',
+    b'{"seq": 4, "type": "expired", "instance": {"id": "orders-h-1"}}',
+    b'{"seq": 1e999, "instances": [{"service": "x", "host": "h", "port": 2, "rev": -1}]}',
+    b'{"seq": 2, "instances": [{"service": "x", "host": "h", "port": 2}]}',
+]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.binary(max_size=200) | st.sampled_from(_JOURNAL_SAMPLES), max_size=8))
+def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[bytes]) -> None:
+    directory = tmp_path / "j"
+    directory.mkdir(exist_ok=True)
+    (directory / "changes.log").write_bytes(b"\n".join(lines))
+    (directory / "snapshot.json").write_bytes(lines[0] if lines else b"")
+    records, seq = Journal(directory).load()
+    assert 0 <= seq <= model.MAX_REV
+    for record in records:
+        assert model.from_dict(record.to_dict()) == record
