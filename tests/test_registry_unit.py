@@ -555,3 +555,28 @@ def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[byte
     assert 0 <= seq <= model.MAX_REV
     for record in records:
         assert model.from_dict(record.to_dict()) == record
+
+
+def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eda.core import discovery
+    from eda.core.registry import client as client_mod
+
+    dead = []
+    for _ in range(20):  # ports that were just free: nothing listens there
+        with socket.create_server(("127.0.0.1", 0)) as s:
+            dead.append(f"tcp://127.0.0.1:{s.getsockname()[1]}")
+
+    class Peer:
+        def __init__(self, endpoint: str) -> None:
+            self.endpoint = endpoint
+
+    monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
+    monkeypatch.setattr(client_mod, "cached", lambda key: [])
+    client = client_mod.Client(timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(client_mod.NoRegistry):
+        client.request({"op": "hello"})
+    client.close()
+    assert time.monotonic() - started < 5.0  # 20 forged registries: 20 s before
