@@ -19,6 +19,7 @@ from eda.core.registry.health import Debounce
 from eda.core.registry.persist import Journal
 from eda.core.registry.protocol import ProtocolError, decode_request
 from eda.core.registry.store import Store
+from tests.helpers import wait_until
 
 
 class Clock:
@@ -580,3 +581,26 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
         client.request({"op": "hello"})
     client.close()
     assert time.monotonic() - started < 5.0  # 20 forged registries: 20 s before
+
+
+def test_browse_resolves_a_flood_of_names_on_a_few_threads() -> None:
+    import threading
+
+    from eda.core.registry import browse
+
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def slow(name: str, kind: str) -> None:  # an announcement that never resolves in time
+        gate.wait(10)
+        seen.append(name)
+
+    before = threading.active_count()
+    resolver = browse.Resolver(slow)
+    for i in range(2000):
+        resolver.submit(f"forged-{i}", "added")
+    assert threading.active_count() - before <= browse.RESOLVE_THREADS
+    assert resolver.dropped == 2000 - browse.MAX_PENDING
+    gate.set()
+    wait_until(lambda: len(seen) == browse.MAX_PENDING, 10, "the backlog to drain")
+    resolver.close()
