@@ -522,6 +522,14 @@ def _address(host: object, port: object) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+def _rendered(fmt: Template, fields: dict[str, Any]) -> str:
+    """One template line; on a terminal, peer text in it has its control characters escaped."""
+    line = fmt.line(fields)
+    if sys.stdout.isatty():
+        return for_terminal(line.removesuffix("\n")) + "\n"
+    return line
+
+
 def _instance_template(template: str | None) -> Template | None:
     """The --format template, refused at once if it names an unknown field."""
     return Template(template, fields=INSTANCE_FIELDS) if template else None
@@ -529,7 +537,7 @@ def _instance_template(template: str | None) -> Template | None:
 
 def _print_instances(found: list[dict[str, Any]], fmt: Template | None, force_json: bool) -> None:
     if fmt is not None:
-        write_stdout("".join(fmt.line(_fields(r)) for r in found).encode())
+        write_stdout("".join(_rendered(fmt, _fields(r)) for r in found).encode())
     elif force_json or not sys.stdout.isatty():
         write_stdout("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found).encode())
     else:
@@ -664,7 +672,7 @@ def _event_printer(
         return run_exec
     if template:
         fmt = Template(template, fields=EVENT_FIELDS)
-        return lambda event: write_stdout(fmt.line(_event_fields(event)).encode())
+        return lambda event: write_stdout(_rendered(fmt, _event_fields(event)).encode())
     if force_json or not sys.stdout.isatty():
         return lambda event: write_stdout(
             (json.dumps(event, separators=(",", ":")) + "\n").encode()
@@ -753,7 +761,7 @@ def browse(
     for item in browse_lan(service_type, _iface(interface)):
         if item is not None:
             if fmt:
-                line = fmt.line(_browse_fields(item)).rstrip("\n")
+                line = _rendered(fmt, _browse_fields(item)).rstrip("\n")
             elif as_json:
                 line = json.dumps(item, separators=(",", ":"))
             else:

@@ -583,6 +583,10 @@ def test_terminal_views_escape_peer_text_and_never_read_it_as_markup(procs: Proc
         assert "note=[/]" in out and "x=[bold]y" in out
         assert "\x1b]0;" not in out and "\x07" not in out  # no window title from a peer
         assert "pwned\\x07" in out  # shown, escaped
+    for template in ("{meta[title]}", "{meta}"):  # a template on a terminal is escaped too
+        code, out, err = run_on_tty("lookup", "orders", "--registry", ep, "--format", template)
+        assert (code, err) == (0, ""), err
+        assert "\x1b]0;" not in out and "\x07" not in out and "pwned" in out
 
 
 def test_terminal_table_never_cuts_an_address(procs: Procs) -> None:
@@ -772,3 +776,15 @@ def test_core_lookup_is_one_call_for_the_passing_instances(procs: Procs) -> None
     assert [i.port for i in core_lookup("orders", access)] == [8080]
     assert [i.port for i in core_lookup("orders", access, include_all=True)] == [8080, 8081]
     assert core_lookup("billing", access) == []
+
+
+def test_an_unusable_data_directory_is_a_runtime_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run(
+        "eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--data",
+        str(blocker / "data"),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("eda-registry: error: cannot use data directory")
+    assert len(result.stderr.splitlines()) == 1

@@ -507,3 +507,15 @@ def test_a_lying_registry_cannot_stop_watch(zctx: zmq.Context[zmq.Socket[bytes]]
     assert (shown["type"], shown["instance"]["status"], shown["seq"]) == ("health", "critical", 6)
     liar.router.close()
     liar.xpub.close()
+
+
+def test_idle_dns_tcp_connections_are_closed_by_serve(procs: Procs) -> None:
+    server, _ep = serve(procs, "--dns", "127.0.0.1:0")
+    port = int(server.wait_stderr(r"DNS on 127\.0\.0\.1:(\d+)").group(1))
+    idle = socket.create_connection(("127.0.0.1", port), 5)
+    idle.settimeout(dns.TCP_IDLE_SECONDS + 10)  # idle time, plus seconds of slack
+    with idle:
+        idle.sendall(b"\x00\x40")  # announces a 64-byte query, never sends it
+        assert idle.recv(10) == b""  # closed by the registry, not left open forever
+    assert dig(port, "+tcp").returncode == 0
+    assert server.popen.poll() is None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eda.core.errors import NotFoundError
 from eda.core.mdns import build_query
@@ -16,6 +19,7 @@ from eda.core.registry.health import Debounce
 from eda.core.registry.persist import Journal
 from eda.core.registry.protocol import ProtocolError, decode_request
 from eda.core.registry.store import Store
+from tests.helpers import wait_until
 
 
 class Clock:
@@ -449,3 +453,154 @@ def test_a_failed_snapshot_keeps_the_old_one_and_leaves_no_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.log", "snapshot.json"]
     monkeypatch.undo()
     assert [r.port for r in Journal(tmp_path).load()[0]] == [1]
+
+
+def test_watch_terminal_line_is_plain_text_with_peer_escapes_shown() -> None:
+    import io
+
+    from rich.console import Console
+
+    from eda.cli.registry import _event_line
+
+    event = {
+        "type": "registered[/]",
+        "time": "2026-01-01T00:00:00.000Z",
+        "reason": "[bold]\x1b]0;title\x07",
+        "instance": {"service": "orders", "id": "a[/]", "host": "h", "port": 1, "status": "ok"},
+    }
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(_event_line(event, {}))
+    text = out.getvalue()
+    assert "registered[/]" in text and "a[/]" in text and "[bold]" in text
+    assert "\x1b" not in text and "\\x1b]0;title\\x07" in text
+
+
+# -- DNS over TCP ------------------------------------------------------------------
+def test_dns_over_tcp_answers_pipelined_and_split_queries_and_bounds_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import select
+
+    insts = [rec(port=1000 + i, host=f"10.0.1.{i + 1}") for i in range(40)]
+    responder = dns.Responder(lambda name: insts if name == "orders" else None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    watched: dict[int, tuple[bool, bool]] = {}
+
+    def watch(fd: int, readable: bool, writable: bool) -> None:
+        if readable or writable:
+            watched[fd] = (readable, writable)
+        else:
+            watched.pop(fd, None)
+
+    tcp = dns.TcpConnections(listener, responder, watch)
+
+    def pump() -> None:
+        for _ in range(20):
+            fds = [fd for fd, (r, _w) in watched.items() if r]
+            ready, _, _ = select.select(fds, [], [], 0.2)
+            if not ready:
+                return
+            for fd in ready:
+                tcp.ready(fd, 1, 1, 4)
+
+    client = socket.create_connection(listener.getsockname(), 5)
+    queries = [build_query("orders.service.eda", dns.TYPE_SRV, qid) for qid in (1, 2)]
+    framed = b"".join(struct.pack("!H", len(q)) + q for q in queries)
+    client.sendall(framed[:5])  # split mid-frame...
+    pump()
+    client.sendall(framed[5:])  # ...then the rest and a second query at once
+    pump()
+    data = b""
+    client.settimeout(5)
+    while len(data) < 4 or len(data) < 2 + struct.unpack_from("!H", data)[0] + 2:
+        data += client.recv(65536)
+        pump()
+    first = struct.unpack_from("!H", data)[0]
+    reply1 = data[2 : 2 + first]
+    while len(data) < 2 + first + 2 + struct.unpack_from("!H", data, 2 + first)[0]:
+        data += client.recv(65536)
+    assert struct.unpack_from("!H", reply1)[0] == 1
+    assert _answers(reply1) == (dns.NOERROR, 40, 40)  # over TCP nothing is cut
+    assert not struct.unpack_from("!H", reply1, 2)[0] & 0x0200
+    # at most MAX_TCP_CONNECTIONS: the least recently active makes room
+    monkeypatch.setattr(dns, "MAX_TCP_CONNECTIONS", 3)
+    extra = [socket.create_connection(listener.getsockname(), 5) for _ in range(4)]
+    pump()
+    assert len(tcp.conns) == 3
+    tcp.clock = lambda: time.monotonic() + dns.TCP_IDLE_SECONDS + 1
+    tcp.expire()
+    assert tcp.conns == {}
+    for sock in [client, *extra]:
+        sock.close()
+    tcp.close()
+
+
+_JOURNAL_SAMPLES = [
+    b'{"seq": 3, "type": "registered", "instance": {"service": "orders", "host": "h", "port": 1}}',
+    b'{"seq": 4, "type": "expired", "instance": {"id": "orders-h-1"}}',
+    b'{"seq": 1e999, "instances": [{"service": "x", "host": "h", "port": 2, "rev": -1}]}',
+    b'{"seq": 2, "instances": [{"service": "x", "host": "h", "port": 2}]}',
+]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.binary(max_size=200) | st.sampled_from(_JOURNAL_SAMPLES), max_size=8))
+def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[bytes]) -> None:
+    directory = tmp_path / "j"
+    directory.mkdir(exist_ok=True)
+    (directory / "changes.log").write_bytes(b"\n".join(lines))
+    (directory / "snapshot.json").write_bytes(lines[0] if lines else b"")
+    records, seq = Journal(directory).load()
+    assert 0 <= seq <= model.MAX_REV
+    for record in records:
+        assert model.from_dict(record.to_dict()) == record
+
+
+def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eda.core import discovery
+    from eda.core.registry import client as client_mod
+
+    dead = []
+    for _ in range(20):  # ports that were just free: nothing listens there
+        with socket.create_server(("127.0.0.1", 0)) as s:
+            dead.append(f"tcp://127.0.0.1:{s.getsockname()[1]}")
+
+    class Peer:
+        def __init__(self, endpoint: str) -> None:
+            self.endpoint = endpoint
+
+    monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
+    monkeypatch.setattr(client_mod, "cached", lambda key: [])
+    client = client_mod.Client(timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(client_mod.NoRegistry):
+        client.request({"op": "hello"})
+    client.close()
+    assert time.monotonic() - started < 5.0  # 20 forged registries: 20 s before
+
+
+def test_browse_resolves_a_flood_of_names_on_a_few_threads() -> None:
+    import threading
+
+    from eda.core.registry import browse
+
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def slow(name: str, kind: str) -> None:  # an announcement that never resolves in time
+        gate.wait(10)
+        seen.append(name)
+
+    before = threading.active_count()
+    resolver = browse.Resolver(slow)
+    for i in range(2000):
+        resolver.submit(f"forged-{i}", "added")
+    assert threading.active_count() - before <= browse.RESOLVE_THREADS
+    assert resolver.dropped == 2000 - browse.MAX_PENDING
+    gate.set()
+    wait_until(lambda: len(seen) == browse.MAX_PENDING, 10, "the backlog to drain")
+    resolver.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import UsageError
@@ -24,6 +25,46 @@ def address_order(address: str) -> tuple[int, str]:
     if ip.is_link_local or ip.is_loopback:
         rank += 1
     return (rank, address)
+
+
+RESOLVE_THREADS = 4
+MAX_PENDING = 64  # names waiting to be resolved; a flood of announcements beyond is dropped
+
+
+class Resolver:
+    """Resolves announced names on a few threads, with a bounded backlog.
+
+    Anyone on the LAN can announce thousands of names that never resolve;
+    they cost at most :data:`RESOLVE_THREADS` threads and :data:`MAX_PENDING`
+    waiting names (the rest are counted in :attr:`dropped`), not one thread each.
+    """
+
+    def __init__(self, resolve: Callable[[str, str], None]) -> None:
+        self._resolve = resolve
+        self._pool = ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="eda-resolve")
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def submit(self, name: str, kind: str) -> None:
+        with self._lock:
+            if name in self._pending:
+                return
+            if len(self._pending) >= MAX_PENDING:
+                self.dropped += 1
+                return
+            self._pending.add(name)
+        self._pool.submit(self._run, name, kind)
+
+    def _run(self, name: str, kind: str) -> None:
+        try:
+            self._resolve(name, kind)
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def full_type(service_type: str) -> str:
@@ -94,8 +135,9 @@ def browse(
             )
             return
         kind = "added" if state_change is ServiceStateChange.Added else "updated"
-        threading.Thread(target=resolve, args=(name, kind), daemon=True).start()
+        resolver.submit(name, kind)
 
+    resolver = Resolver(resolve)
     browser = ServiceBrowser(zc, stype, handlers=[changed])
     try:
         while True:
@@ -105,4 +147,5 @@ def browse(
                 yield None
     finally:
         browser.cancel()
+        resolver.close()
         zc.close()

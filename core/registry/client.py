@@ -35,6 +35,7 @@ class RegistryUnavailable(EdaError):
 
 CACHE_KEY = "registry-endpoints"  # in the shared discovery cache
 MAX_LEARNED = 32  # failover candidates learned from registries' hellos
+MAX_ANNOUNCED = 8  # registries found by mDNS that one request tries
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -115,7 +116,13 @@ class Client:
             peers = find_once(
                 protocol.REGISTRY_TYPE, interface=self.interface, timeout=self.discover_timeout
             )
-            yield from (p.endpoint for p in peers if p.endpoint not in tried)
+            # anyone can announce a registry: one that does not even accept a TCP
+            # connection costs a refused connect (or 0.2 s), not a request timeout,
+            # and at most MAX_ANNOUNCED of them are tried
+            announced = [p.endpoint for p in peers if p.endpoint not in tried]
+            for endpoint in announced[:MAX_ANNOUNCED]:
+                if _tcp_reachable(endpoint):
+                    yield endpoint
 
     def _connect(self, endpoint: str) -> None:
         self.disconnect()

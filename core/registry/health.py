@@ -6,11 +6,12 @@ port).  The reported status changes only after ``rise`` consecutive passing
 results, or ``fall`` consecutive results of another status, so a flapping
 check does not flap lookups.
 
-Start-up, as Consul does it: the first check runs at once, and until the
-instance has passed once, checks repeat quickly (0.1 s, doubling up to the
-check interval) and the first passing result makes it passing at once.  A
-service that takes a second to listen is found a second later, not after
-``rise`` check intervals; rise and fall apply to every later transition.
+Start-up: the first check runs at once and, as in Consul, the first passing
+result makes the instance passing at once; rise and fall apply to every
+later transition.  Until that first pass, checks repeat quickly (0.1 s,
+doubling up to 2 s, or the check interval if shorter), so a service that
+takes a second to listen is found a second later, not after ``rise`` check
+intervals.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import threading
 from collections.abc import Callable
 
 from .model import CRITICAL, PASSING, WARNING
+
+STARTUP_MAX = 2.0  # seconds between checks at most, until the instance first passes
 
 
 def run_command(cmd: str, timeout: float, env: dict[str, str]) -> str:
@@ -133,7 +136,7 @@ class Monitor:
             if self.debounce.passed:
                 wait = self.interval
             else:  # not passing yet: look again soon, backing off to the interval
-                wait, startup = min(startup, self.interval), startup * 2
+                wait, startup = min(startup, self.interval, STARTUP_MAX), startup * 2
             if self._stop.wait(wait):
                 return
             result = self._run()

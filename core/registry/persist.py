@@ -26,7 +26,7 @@ import secrets
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import EdaError, UsageError
+from ..errors import EdaError
 from .model import MAX_REV, InvalidRecord, from_dict
 from .model import Instance as Record
 from .store import DELETIONS
@@ -44,7 +44,8 @@ class Journal:
             # unbuffered: a failed write (disk full) leaves nothing queued to reappear later
             self._log: BinaryIO = (self.dir / LOG).open("ab", buffering=0)
         except OSError as exc:
-            raise UsageError(f"cannot use data directory {self.dir}: {exc.strerror}") from None
+            # an I/O failure at start (exit 1): nothing to serve durably from
+            raise EdaError(f"cannot use data directory {self.dir}: {exc.strerror}") from None
         self.skipped = 0
         self._torn = False  # the last append failed part-way: end that line first
 

@@ -403,6 +403,8 @@ class Server:
 
     # -- change stream ---------------------------------------------------------------
     def _tick(self) -> None:
+        if self.dns_tcp is not None:
+            self.dns_tcp.expire()  # idle DNS-over-TCP connections
         tick = encode({"registry": self.id, "seq": self.store.seq})
         self.xpub.send_multipart([protocol.TICK, tick])
         now = time.monotonic()

@@ -192,7 +192,7 @@ class Store:
         inst = from_dict(event.get("instance"))
         origin = validate_registry_id(event.get("registry", ""))
         reason = event.get("reason", "")
-        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+        if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
             raise InvalidRecord("bad reason in a replicated event")
         entry = self.entries.get(inst.id)
         if kind in DELETIONS:
