@@ -9,14 +9,14 @@ within the wait because multicast loses packets), helped by a cache of the
 peers that answered before, with their endpoints:
 
 * when every cached peer answers again, the query ends early;
-* a cached peer whose answer was lost is still used if a TCP connect to its
-  endpoint succeeds, and forgotten only when the connection fails;
-* every endpoint is checked with a TCP connect (concurrently, bounded in
-  time) before it is used, and one that refuses is remembered as dead for a
-  while (with the peer id it claimed: a new peer on the same port is tried),
-  so a forged announcement of a dead port costs one probe, not a wait; one
-  that does not answer the probe in time costs :data:`PROBE_TIMEOUT` and is
-  reported as unreachable.
+* a cached peer whose answer was lost is still used if its endpoint
+  answers a probe, and forgotten only when the connection fails;
+* every endpoint is checked with a TCP connect and the first byte of the
+  ZMTP greeting (concurrently, bounded in time) before it is used; one that
+  refuses is remembered as dead for a while (with the peer id it claimed: a
+  new peer on the same port is tried), so a forged announcement of a dead
+  port costs one probe, not a wait; one that does not answer the probe in
+  time costs :data:`PROBE_TIMEOUT` and is reported as unreachable.
 
 What a hostile LAN can make a browsing process do is bounded: names are
 resolved by a small pool of threads from a bounded queue (a name that does
@@ -50,7 +50,8 @@ SUB_TYPE = "_eda-sub._tcp.local."
 PUB_TYPE = "_eda-pub._tcp.local."
 TXT_LIMIT = 200  # RFC 6763 6.2: keep each TXT string well under 255 bytes
 
-PROBE_TIMEOUT = 0.25  # a TCP connect on a LAN takes a millisecond
+PROBE_TIMEOUT = 0.25  # a TCP connect and a ZMTP greeting on a LAN take a millisecond
+ZMTP_SIGNATURE_START = b"\xff"  # ZMTP 3 (RFC 23): every greeting starts with this byte
 MAX_PROBES = 64  # endpoints probed at once
 DEAD_FOR = 30.0  # seconds an endpoint that refused a connection is skipped (same peer id)
 CACHE_TTL = 3600.0  # a cached peer not confirmed for this long is forgotten
@@ -77,7 +78,7 @@ class Found:
     """What :func:`discover` found: peers to use, and peers seen but not reachable."""
 
     peers: list[Peer] = field(default_factory=list)
-    unreachable: list[Peer] = field(default_factory=list)  # announced, but no TCP connect
+    unreachable: list[Peer] = field(default_factory=list)  # announced, no answer to a probe
     cached: int = 0  # peers the cache knew before asking
 
 
@@ -143,42 +144,57 @@ def _split(endpoint: str) -> tuple[str, int] | None:
 
 
 def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str, bool | None]:
-    """TCP-connect to every endpoint at once: True (accepted), False (failed), None (no answer).
+    """Check that a ZeroMQ peer listens at each endpoint, all at once.
 
+    True: it accepted a TCP connection and sent the first byte of a ZMTP
+    greeting (libzmq sends it at once, even when the program is busy).
+    False: refused, unreachable, closed, or not ZMTP.  None: no answer in
+    time (a stalled process, a lost packet, or a port that is not eda's).
     Takes at most *timeout* seconds however many endpoints there are (at
     most :data:`MAX_PROBES`; the rest are reported None).
     """
     result: dict[str, bool | None] = {}
-    pending: dict[socket.socket, str] = {}
+    connecting: dict[socket.socket, str] = {}
+    greeting: dict[socket.socket, str] = {}
     try:
         for endpoint in dict.fromkeys(endpoints):
             where = _split(endpoint)
             if where is None:
                 result[endpoint] = False
                 continue
-            if len(pending) >= MAX_PROBES:
+            if len(connecting) >= MAX_PROBES:
                 result[endpoint] = None
                 continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             code = sock.connect_ex(where)
             if code in (0, errno.EINPROGRESS):
-                pending[sock] = endpoint
+                connecting[sock] = endpoint
             else:
                 sock.close()
                 result[endpoint] = False
         deadline = time.monotonic() + timeout
-        while pending:
+        while connecting or greeting:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            _, ready, _ = select.select([], list(pending), [], left)
-            for sock in ready:
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                result[pending.pop(sock)] = code == 0
+            readable, writable, _ = select.select(list(greeting), list(connecting), [], left)
+            for sock in writable:
+                endpoint = connecting.pop(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    greeting[sock] = endpoint
+                else:
+                    result[endpoint] = False
+                    sock.close()
+            for sock in readable:
+                try:
+                    first = sock.recv(1)
+                except OSError:
+                    first = b""
+                result[greeting.pop(sock)] = first == ZMTP_SIGNATURE_START
                 sock.close()
     finally:
-        for sock, endpoint in pending.items():
+        for sock, endpoint in [*connecting.items(), *greeting.items()]:
             result[endpoint] = None
             sock.close()
     return result
@@ -226,7 +242,7 @@ def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]
 def discover(service_type: str, *, interface: str | None = None, timeout: float = 0.15) -> Found:
     """Peers of *service_type* now: those answering a one-shot query, and cached ones alive.
 
-    Every endpoint is probed with a TCP connect before it is returned;
+    Every endpoint is probed (:func:`probe`) before it is returned;
     the cache is updated with what was learned.
     """
     now = time.time()

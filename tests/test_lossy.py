@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 from eda.core import cache, discovery
 from tests.helpers import MdnsResponder, service_records, wait_until
@@ -86,10 +87,9 @@ STYPE = "_eda-lossy._tcp.local."
 
 
 def test_a_cached_peer_whose_answer_is_lost_is_still_used(fresh_cache, responder):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
+    ctx = zmq.Context()
+    listener = ctx.socket(zmq.SUB)  # what a subscriber binds
+    port = listener.bind_to_random_port("tcp://127.0.0.1")
     try:
         responder.add(STYPE, service_records(STYPE, "p1", port, {"id": "aa"}, "127.0.0.1"))
         [first] = discovery.find_once(STYPE, timeout=0.2)
@@ -99,7 +99,8 @@ def test_a_cached_peer_whose_answer_is_lost_is_still_used(fresh_cache, responder
         found = discovery.discover(STYPE, timeout=0.2)
         assert found.peers == [first] and found.cached == 1  # the old code: no one
     finally:
-        listener.close()
+        listener.close(0)
+        ctx.term()
     found = discovery.discover(STYPE, timeout=0.2)  # now the port refuses: forgotten
     assert found.peers == [] and cache.cached_entries(STYPE) == []
 
