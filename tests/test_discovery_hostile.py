@@ -25,6 +25,7 @@ from eda.core import discovery, mdns, pubsub
 from tests.helpers import (
     MdnsResponder,
     Procs,
+    closed_port,
     dns_response,
     dns_rr,
     run,
@@ -40,14 +41,6 @@ def responder() -> Iterator[MdnsResponder]:
     fake.close()
 
 
-def _dead_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now: a connect is refused
-    return int(port)
-
-
 def _threads(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/task"))
@@ -60,7 +53,7 @@ def test_a_forged_subscriber_at_a_dead_port_does_not_stall_publishes(procs: Proc
     responder.add(
         discovery.SUB_TYPE,
         service_records(
-            discovery.SUB_TYPE, "forged", _dead_port(), {"id": "f0f0f0f0", "p": "t"}, "127.0.0.1"
+            discovery.SUB_TYPE, "forged", closed_port(), {"id": "f0f0f0f0", "p": "t"}, "127.0.0.1"
         ),
     )
     for n in range(2):
@@ -168,7 +161,7 @@ class _SilentListener:
 def test_forged_publishers_cost_a_capped_number_of_connections(procs: Procs, responder):
     sub = procs.sub_ready("real.>", "-C", "1")
     listener = _SilentListener()
-    dead = _dead_port()
+    dead = closed_port()
     try:
         stype = discovery.PUB_TYPE
         for n in range(300):
@@ -223,7 +216,7 @@ def test_probe_tells_zeromq_peers_from_dead_silent_and_foreign_ports():
         eda, silent = f"tcp://127.0.0.1:{zport}", f"tcp://127.0.0.1:{listener.port}"
         foreign, dead = (
             f"tcp://127.0.0.1:{banner.getsockname()[1]}",
-            f"tcp://127.0.0.1:{_dead_port()}",
+            f"tcp://127.0.0.1:{closed_port()}",
         )
         start = time.monotonic()
         result = discovery.probe([eda, silent, foreign, dead, "tcp://not-an-address:1", "junk"])

@@ -9,7 +9,6 @@ reached nobody, or a lookup answering "not found", with exit 0.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import zmq
 
 from eda.core import cache, discovery
-from tests.helpers import MdnsResponder, service_records, wait_until
+from tests.helpers import MdnsResponder, closed_port, service_records, wait_until
 from tests.hosts import Network
 
 LOSS = 25  # percent, on input, on both hosts
@@ -115,10 +114,7 @@ def test_an_answered_peer_that_does_not_accept_in_time_is_reported(
 
 
 def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, monkeypatch):
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()
+    port = closed_port()
     responder.add(STYPE, service_records(STYPE, "gone", port, {"id": "cc"}, "127.0.0.1"))
     assert discovery.discover(STYPE, timeout=0.2).peers == []
     probed: list[str] = []
