@@ -255,7 +255,13 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
     for peer in map(_peer_from_instance, answers):
         if peer is not None and _key(peer) not in dead:
             answered[peer.name.lower()] = peer
-    silent = {name: entry for name, entry in known.items() if name not in answered}
+    taken = {p.endpoint for p in answered.values()}
+    # a cached peer whose endpoint another peer now answers for is gone (its port reused)
+    silent = {
+        name: (peer, seen)
+        for name, (peer, seen) in known.items()
+        if name not in answered and peer.endpoint not in taken
+    }
     alive = probe(
         [p.endpoint for p in answered.values()]
         + [p.endpoint for p, _ in silent.values() if _key(p) not in dead]

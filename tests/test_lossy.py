@@ -132,3 +132,19 @@ def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, m
     responder.add(STYPE, service_records(STYPE, "new", port, {"id": "dd"}, "127.0.0.1"))
     discovery.discover(STYPE, timeout=0.2)
     assert probed == [f"tcp://127.0.0.1:{port}"]  # another peer on that port is tried
+
+
+def test_a_cached_peer_whose_port_another_peer_answers_for_is_forgotten(fresh_cache, responder):
+    ctx = zmq.Context()
+    listener = ctx.socket(zmq.SUB)
+    port = listener.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        responder.add(STYPE, service_records(STYPE, "old", port, {"id": "01d"}, "127.0.0.1"))
+        assert [p.id for p in discovery.find_once(STYPE, timeout=0.2)] == ["01d"]
+        responder.records.clear()  # "old" is gone; "new" got its port
+        responder.add(STYPE, service_records(STYPE, "new", port, {"id": "9e3"}, "127.0.0.1"))
+        assert [p.id for p in discovery.find_once(STYPE, timeout=0.2)] == ["9e3"]
+        assert [e["id"] for e in cache.cached_entries(STYPE)] == ["9e3"]
+    finally:
+        listener.close(0)
+        ctx.term()
