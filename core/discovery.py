@@ -16,7 +16,8 @@ peers that answered before, with their endpoints:
   refuses is remembered as dead for a while (with the peer id it claimed: a
   new peer on the same port is tried), so a forged announcement of a dead
   port costs one probe, not a wait; one that does not answer the probe in
-  time costs :data:`PROBE_TIMEOUT` and is reported as unreachable.
+  time is reported as unreachable, and costs :data:`PROBE_TIMEOUT` once,
+  then :data:`QUICK_PROBE_TIMEOUT` per command for :data:`DEAD_FOR` seconds.
 
 What a hostile LAN can make a browsing process do is bounded: names are
 resolved by a small pool of threads from a bounded queue (a name that does
@@ -51,9 +52,10 @@ PUB_TYPE = "_eda-pub._tcp.local."
 TXT_LIMIT = 200  # RFC 6763 6.2: keep each TXT string well under 255 bytes
 
 PROBE_TIMEOUT = 0.25  # a TCP connect and a ZMTP greeting on a LAN take a millisecond
+QUICK_PROBE_TIMEOUT = 0.05  # for an endpoint that was silent a moment ago
 ZMTP_SIGNATURE_START = b"\xff"  # ZMTP 3 (RFC 23): every greeting starts with this byte
 MAX_PROBES = 64  # endpoints probed at once
-DEAD_FOR = 30.0  # seconds an endpoint that refused a connection is skipped (same peer id)
+DEAD_FOR = 30.0  # seconds an endpoint that refused (or stayed silent) is not probed again
 CACHE_TTL = 3600.0  # a cached peer not confirmed for this long is forgotten
 CACHE_MAX = 64  # peers remembered per service type
 DEAD_KEY = "dead-endpoints"
@@ -143,7 +145,12 @@ def _split(endpoint: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str, bool | None]:
+def probe(
+    endpoints: Iterable[str],
+    timeout: float = PROBE_TIMEOUT,
+    quick: Iterable[str] = (),
+    quick_timeout: float = QUICK_PROBE_TIMEOUT,
+) -> dict[str, bool | None]:
     """Check that a ZeroMQ peer listens at each endpoint, all at once.
 
     True: it accepted a TCP connection and sent the first byte of a ZMTP
@@ -151,9 +158,11 @@ def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str,
     False: refused, unreachable, closed, or not ZMTP.  None: no answer in
     time (a stalled process, a lost packet, or a port that is not eda's).
     Takes at most *timeout* seconds however many endpoints there are (at
-    most :data:`MAX_PROBES`; the rest are reported None).
+    most :data:`MAX_PROBES`; the rest are reported None); the *quick* ones
+    (silent last time) get only *quick_timeout*.
     """
     result: dict[str, bool | None] = {}
+    hurried = set(quick)
     connecting: dict[socket.socket, str] = {}
     greeting: dict[socket.socket, str] = {}
     try:
@@ -173,10 +182,19 @@ def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str,
             else:
                 sock.close()
                 result[endpoint] = False
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline, quick_deadline = start + timeout, start + min(timeout, quick_timeout)
         while connecting or greeting:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= quick_deadline:  # give up on the hurried ones
+                for pending in (connecting, greeting):
+                    for sock in [k for k, e in pending.items() if e in hurried]:
+                        result[pending.pop(sock)] = None
+                        sock.close()
+                if not (connecting or greeting):
+                    break
+            left = (deadline if now >= quick_deadline else quick_deadline) - now
+            if now >= deadline:
                 break
             readable, writable, _ = select.select(list(greeting), list(connecting), [], left)
             for sock in writable:
@@ -200,7 +218,8 @@ def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str,
     return result
 
 
-Dead = dict[tuple[str, str], float]  # (endpoint, peer id) -> until (wall clock)
+# (endpoint, peer id) -> (until, wall clock; refused, or only silent)
+Dead = dict[tuple[str, str], tuple[float, bool]]
 
 
 def _dead_endpoints(now: float) -> Dead:
@@ -208,13 +227,17 @@ def _dead_endpoints(now: float) -> Dead:
     for entry in cache.cached_entries(DEAD_KEY):
         until = entry.get("until")
         if isinstance(until, (int, float)) and until > now:
-            dead[(str(entry.get("endpoint")), str(entry.get("id")))] = float(until)
+            key = (str(entry.get("endpoint")), str(entry.get("id")))
+            dead[key] = (float(until), entry.get("refused") is not False)
     return dead
 
 
 def _remember_dead(dead: Dead) -> None:
-    latest = sorted(dead.items(), key=lambda kv: -kv[1])[: 4 * CACHE_MAX]
-    cache.remember_entries(DEAD_KEY, [{"endpoint": e, "id": i, "until": u} for (e, i), u in latest])
+    latest = sorted(dead.items(), key=lambda kv: -kv[1][0])[: 4 * CACHE_MAX]
+    cache.remember_entries(
+        DEAD_KEY,
+        [{"endpoint": e, "id": i, "until": u, "refused": r} for (e, i), (u, r) in latest],
+    )
 
 
 def _key(peer: Peer) -> tuple[str, str]:
@@ -252,9 +275,13 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         service_type, interface=interface, timeout=timeout, expect=set(known)
     )
     answered: dict[str, Peer] = {}
+    found = Found(cached=len(known))
     for peer in map(_peer_from_instance, answers):
-        if peer is not None and _key(peer) not in dead:
-            answered[peer.name.lower()] = peer
+        if peer is None:
+            continue
+        marked = dead.get(_key(peer))
+        if marked is None or not marked[1]:
+            answered[peer.name.lower()] = peer  # silent a moment ago: asked again, quickly
     taken = {p.endpoint for p in answered.values()}
     # a cached peer whose endpoint another peer now answers for is gone (its port reused)
     silent = {
@@ -264,9 +291,9 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
     }
     alive = probe(
         [p.endpoint for p in answered.values()]
-        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead]
+        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead],
+        quick=[p.endpoint for p in answered.values() if _key(p) in dead],
     )
-    found = Found(cached=len(known))
     keep: dict[str, tuple[Peer, float]] = {}
     for name, peer in answered.items():
         state = alive.get(peer.endpoint)
@@ -274,18 +301,20 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
             found.peers.append(peer)
             keep[name] = (peer, now)
         elif state is None:
-            found.unreachable.append(peer)  # costs a probe each time, and is reported
+            found.unreachable.append(peer)  # reported; probed only briefly next time
+            dead[_key(peer)] = (now + DEAD_FOR, False)
         else:
-            dead[_key(peer)] = now + DEAD_FOR  # refused: nobody is there
+            dead[_key(peer)] = (now + DEAD_FOR, True)  # refused: nobody is there
     for name, (peer, seen) in silent.items():
         state = alive.get(peer.endpoint)
         if state:
             found.peers.append(peer)
             keep[name] = (peer, now)
-        elif state is None:
-            keep[name] = (peer, seen)  # no answer is not proof: keep it, do not wait for it
-        else:
-            dead[_key(peer)] = now + DEAD_FOR  # refused: forget it
+        elif state is False:
+            dead[_key(peer)] = (now + DEAD_FOR, True)  # refused: forget it
+        else:  # no answer (now, or a moment ago) is not proof: keep it, do not wait for it
+            keep[name] = (peer, seen)
+            dead.setdefault(_key(peer), (now + DEAD_FOR, False))
     found.peers = list({p.endpoint: p for p in found.peers}.values())  # one per endpoint
     newest = sorted(keep.values(), key=lambda ps: -ps[1])[:CACHE_MAX]
     cache.remember_entries(

@@ -9,6 +9,8 @@ reached nobody, or a lookup answering "not found", with exit 0.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,9 +110,33 @@ def test_an_answered_peer_that_does_not_accept_in_time_is_reported(
     fresh_cache, responder, monkeypatch
 ):
     responder.add(STYPE, service_records(STYPE, "slow", 9, {"id": "bb"}, "127.0.0.1"))
-    monkeypatch.setattr(discovery, "probe", lambda endpoints, timeout=0: dict.fromkeys(endpoints))
+    probed: list[tuple[list[str], list[str]]] = []
+
+    def silent(endpoints, timeout=0, quick=()):
+        endpoints = list(endpoints)
+        probed.append((endpoints, list(quick)))
+        return dict.fromkeys(endpoints)
+
+    monkeypatch.setattr(discovery, "probe", silent)
+    endpoint = "tcp://127.0.0.1:9"
     found = discovery.discover(STYPE, timeout=0.2)
     assert found.peers == [] and [p.id for p in found.unreachable] == ["bb"]
+    found = discovery.discover(STYPE, timeout=0.2)  # reported again, probed only briefly
+    assert found.peers == [] and [p.id for p in found.unreachable] == ["bb"]
+    assert probed == [([endpoint], []), ([endpoint], [endpoint])]
+
+
+def test_a_quick_probe_gives_up_on_a_silent_port_early():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts (in the kernel) and never speaks
+    endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        assert discovery.probe([endpoint], timeout=5, quick=[endpoint]) == {endpoint: None}
+        assert time.monotonic() - start < 2.5  # not the 5 s of a full probe
+    finally:
+        listener.close()
 
 
 def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, monkeypatch):
@@ -120,10 +146,10 @@ def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, m
     probed: list[str] = []
     real_probe = discovery.probe
 
-    def spy(endpoints, timeout=discovery.PROBE_TIMEOUT):
+    def spy(endpoints, timeout=discovery.PROBE_TIMEOUT, quick=()):
         endpoints = list(endpoints)
         probed.extend(endpoints)
-        return real_probe(endpoints, timeout)
+        return real_probe(endpoints, timeout, quick)
 
     monkeypatch.setattr(discovery, "probe", spy)
     assert discovery.discover(STYPE, timeout=0.2).peers == []
