@@ -82,6 +82,9 @@ def test_any_bytes_give_a_format_error_or_well_formed_records(packet):
     except mdns.DNSFormatError:
         return
     _well_formed(records)
+    for inst in mdns.instances_from(records, "_eda-sub._tcp.local."):
+        assert 0 < inst.port < 65536 and len(inst.addresses) <= 8
+        discovery._peer_from_instance(inst)
 
 
 @settings(max_examples=300, deadline=None)
