@@ -273,3 +273,32 @@ def test_local_addresses_put_the_interface_first_and_loopback_last():
     assert discovery.local_addresses("10.1.2.3") == ["10.1.2.3"]
     found = discovery.local_addresses()
     assert found and found[-1].startswith("127.")
+
+
+@given(st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=4))
+def test_names_read_from_the_wire_encode_back_to_the_same_bytes(labels):
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    name, _ = mdns._read_name(b"\x00" * 12 + wire, 12)
+    if all(b"\xff" not in label and _utf8(label) for label in labels):
+        assert mdns.encode_name(name) == wire  # dots and backslashes inside labels survive
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_a_hostile_instance_name_cannot_break_the_repeated_question(responder):
+    """A 63-byte label with a backslash and one with invalid UTF-8: heard, and repeats go on."""
+    for label in (b"a" * 62 + b"\\", b"\xff\xfe" * 31):
+        inst = bytes([len(label)]) + label + b"\x06_eda-t\x04_tcp\x05local\x00"
+        stype = mdns.encode_name(STYPE)
+        ptr = stype + struct.pack("!HHIH", mdns.TYPE_PTR, 1, 120, len(inst)) + inst
+        srv_rdata = struct.pack("!HHH", 0, 0, 5555) + mdns.encode_name("h.local")
+        srv = inst + struct.pack("!HHIH", mdns.TYPE_SRV, 1, 120, len(srv_rdata)) + srv_rdata
+        responder.answer = lambda qid, qname, p=ptr, s=srv: [(dns_response(qid, [p, s], 1), True)]
+        found = mdns.one_shot_query(STYPE, timeout=0.2)  # known answers must not fail
+        assert [i.port for i in found] == [5555]
