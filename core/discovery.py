@@ -469,6 +469,11 @@ class _Prober:
                 self._dead = {e: t for e, t in self._dead.items() if t > now}
 
 
+def _host_label(name: str) -> str:
+    """*name* as a host name label: letters, digits and hyphens (RFC 952), at most 40."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in name)[:40] or "eda"
+
+
 class Discovery:
     """One zeroconf stack per process: announce services, browse for peers."""
 
@@ -520,7 +525,7 @@ class Discovery:
             port=port,
             addresses=[socket.inet_aton(a) for a in local_addresses(self._interface)],
             properties=dict(txt),
-            server=server or f"{host}-{name}.local.",
+            server=server or f"{host}-{_host_label(name)}.local.",
             **ttls,
         )
         self._infos.append(info)
@@ -541,9 +546,23 @@ class Discovery:
         threading.Thread(target=register_quietly, name="eda-announce", daemon=True).start()
         return info
 
-    def update(self, info: Any) -> None:
-        """Announce changed records of *info* (same name, new TXT or port)."""
-        self._zc.update_service(info)
+    def update(self, info: Any, txt: Mapping[str, str]) -> Any:
+        """Announce new TXT records for an instance :meth:`announce` returned; the new info."""
+        from zeroconf import ServiceInfo
+
+        new = ServiceInfo(
+            info.type,
+            info.name,
+            port=info.port,
+            addresses=info.addresses,
+            properties=dict(txt),
+            server=info.server,
+            host_ttl=info.host_ttl,
+            other_ttl=info.other_ttl,
+        )
+        self._zc.update_service(new)
+        self._infos = [new if i is info else i for i in self._infos]
+        return new
 
     def withdraw(self, info: Any) -> None:
         """Send goodbye packets (TTL 0) for *info* so browsers drop it at once."""

@@ -262,11 +262,29 @@ def test_any_service_type_is_announced_browsed_resolved_and_withdrawn():
         assert "127.0.0.1" in inst.addresses
         resolved = other.resolve(stype, inst.name)
         assert resolved is not None and resolved.port == 8080
+        info = ann.update(info, {"path": "/y"})
+        updated = wait_until(
+            lambda: next(
+                (i for i in _drain(seen) if isinstance(i, mdns.Instance) and i.txt["path"] == "/y"),
+                None,
+            ),
+            10,
+            "the update",
+        )
+        assert updated.port == 8080
         ann.withdraw(info)
-        assert seen.get(timeout=10) == f"web one.{stype}"  # the goodbye
+        gone = wait_until(lambda: [i for i in _drain(seen) if isinstance(i, str)], 10, "goodbye")
+        assert gone == [f"web one.{stype}"]
     finally:
         ann.close()
         other.close()
+
+
+def _drain(q):
+    items = []
+    while not q.empty():
+        items.append(q.get_nowait())
+    return items
 
 
 def test_local_addresses_put_the_interface_first_and_loopback_last():
