@@ -9,14 +9,15 @@ within the wait because multicast loses packets), helped by a cache of the
 peers that answered before, with their endpoints:
 
 * when every cached peer answers again, the query ends early;
-* a cached peer whose answer was lost is still used if a TCP connect to its
-  endpoint succeeds, and forgotten only when the connection fails;
-* every endpoint is checked with a TCP connect (concurrently, bounded in
-  time) before it is used, and one that refuses is remembered as dead for a
-  while (with the peer id it claimed: a new peer on the same port is tried),
-  so a forged announcement of a dead port costs one probe, not a wait; one
-  that does not answer the probe in time costs :data:`PROBE_TIMEOUT` and is
-  reported as unreachable.
+* a cached peer whose answer was lost is still used if its endpoint
+  answers a probe, and forgotten only when the connection fails;
+* every endpoint is checked with a TCP connect and the first byte of the
+  ZMTP greeting (concurrently, bounded in time) before it is used; one that
+  refuses is remembered as dead for a while (with the peer id it claimed: a
+  new peer on the same port is tried), so a forged announcement of a dead
+  port costs one probe, not a wait; one that does not answer the probe in
+  time is reported as unreachable, and costs :data:`PROBE_TIMEOUT` once,
+  then :data:`QUICK_PROBE_TIMEOUT` per command for :data:`DEAD_FOR` seconds.
 
 What a hostile LAN can make a browsing process do is bounded: names are
 resolved by a small pool of threads from a bounded queue (a name that does
@@ -50,9 +51,11 @@ SUB_TYPE = "_eda-sub._tcp.local."
 PUB_TYPE = "_eda-pub._tcp.local."
 TXT_LIMIT = 200  # RFC 6763 6.2: keep each TXT string well under 255 bytes
 
-PROBE_TIMEOUT = 0.25  # a TCP connect on a LAN takes a millisecond
+PROBE_TIMEOUT = 0.25  # a TCP connect and a ZMTP greeting on a LAN take a millisecond
+QUICK_PROBE_TIMEOUT = 0.05  # for an endpoint that was silent a moment ago
+ZMTP_SIGNATURE_START = b"\xff"  # ZMTP 3 (RFC 23): every greeting starts with this byte
 MAX_PROBES = 64  # endpoints probed at once
-DEAD_FOR = 30.0  # seconds an endpoint that refused a connection is skipped (same peer id)
+DEAD_FOR = 30.0  # seconds an endpoint that refused (or stayed silent) is not probed again
 CACHE_TTL = 3600.0  # a cached peer not confirmed for this long is forgotten
 CACHE_MAX = 64  # peers remembered per service type
 DEAD_KEY = "dead-endpoints"
@@ -77,7 +80,7 @@ class Found:
     """What :func:`discover` found: peers to use, and peers seen but not reachable."""
 
     peers: list[Peer] = field(default_factory=list)
-    unreachable: list[Peer] = field(default_factory=list)  # announced, but no TCP connect
+    unreachable: list[Peer] = field(default_factory=list)  # announced, no answer to a probe
     cached: int = 0  # peers the cache knew before asking
 
 
@@ -142,49 +145,81 @@ def _split(endpoint: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def probe(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> dict[str, bool | None]:
-    """TCP-connect to every endpoint at once: True (accepted), False (failed), None (no answer).
+def probe(
+    endpoints: Iterable[str],
+    timeout: float = PROBE_TIMEOUT,
+    quick: Iterable[str] = (),
+    quick_timeout: float = QUICK_PROBE_TIMEOUT,
+) -> dict[str, bool | None]:
+    """Check that a ZeroMQ peer listens at each endpoint, all at once.
 
+    True: it accepted a TCP connection and sent the first byte of a ZMTP
+    greeting (libzmq sends it at once, even when the program is busy).
+    False: refused, unreachable, closed, or not ZMTP.  None: no answer in
+    time (a stalled process, a lost packet, or a port that is not eda's).
     Takes at most *timeout* seconds however many endpoints there are (at
-    most :data:`MAX_PROBES`; the rest are reported None).
+    most :data:`MAX_PROBES`; the rest are reported None); the *quick* ones
+    (silent last time) get only *quick_timeout*.
     """
     result: dict[str, bool | None] = {}
-    pending: dict[socket.socket, str] = {}
+    hurried = set(quick)
+    connecting: dict[socket.socket, str] = {}
+    greeting: dict[socket.socket, str] = {}
     try:
         for endpoint in dict.fromkeys(endpoints):
             where = _split(endpoint)
             if where is None:
                 result[endpoint] = False
                 continue
-            if len(pending) >= MAX_PROBES:
+            if len(connecting) >= MAX_PROBES:
                 result[endpoint] = None
                 continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             code = sock.connect_ex(where)
             if code in (0, errno.EINPROGRESS):
-                pending[sock] = endpoint
+                connecting[sock] = endpoint
             else:
                 sock.close()
                 result[endpoint] = False
-        deadline = time.monotonic() + timeout
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        start = time.monotonic()
+        deadline, quick_deadline = start + timeout, start + min(timeout, quick_timeout)
+        while connecting or greeting:
+            now = time.monotonic()
+            if now >= quick_deadline:  # give up on the hurried ones
+                for pending in (connecting, greeting):
+                    for sock in [k for k, e in pending.items() if e in hurried]:
+                        result[pending.pop(sock)] = None
+                        sock.close()
+                if not (connecting or greeting):
+                    break
+            left = (deadline if now >= quick_deadline else quick_deadline) - now
+            if now >= deadline:
                 break
-            _, ready, _ = select.select([], list(pending), [], left)
-            for sock in ready:
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                result[pending.pop(sock)] = code == 0
+            readable, writable, _ = select.select(list(greeting), list(connecting), [], left)
+            for sock in writable:
+                endpoint = connecting.pop(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    greeting[sock] = endpoint
+                else:
+                    result[endpoint] = False
+                    sock.close()
+            for sock in readable:
+                try:
+                    first = sock.recv(1)
+                except OSError:
+                    first = b""
+                result[greeting.pop(sock)] = first == ZMTP_SIGNATURE_START
                 sock.close()
     finally:
-        for sock, endpoint in pending.items():
+        for sock, endpoint in [*connecting.items(), *greeting.items()]:
             result[endpoint] = None
             sock.close()
     return result
 
 
-Dead = dict[tuple[str, str], float]  # (endpoint, peer id) -> until (wall clock)
+# (endpoint, peer id) -> (until, wall clock; refused, or only silent)
+Dead = dict[tuple[str, str], tuple[float, bool]]
 
 
 def _dead_endpoints(now: float) -> Dead:
@@ -192,13 +227,17 @@ def _dead_endpoints(now: float) -> Dead:
     for entry in cache.cached_entries(DEAD_KEY):
         until = entry.get("until")
         if isinstance(until, (int, float)) and until > now:
-            dead[(str(entry.get("endpoint")), str(entry.get("id")))] = float(until)
+            key = (str(entry.get("endpoint")), str(entry.get("id")))
+            dead[key] = (float(until), entry.get("refused") is not False)
     return dead
 
 
 def _remember_dead(dead: Dead) -> None:
-    latest = sorted(dead.items(), key=lambda kv: -kv[1])[: 4 * CACHE_MAX]
-    cache.remember_entries(DEAD_KEY, [{"endpoint": e, "id": i, "until": u} for (e, i), u in latest])
+    latest = sorted(dead.items(), key=lambda kv: -kv[1][0])[: 4 * CACHE_MAX]
+    cache.remember_entries(
+        DEAD_KEY,
+        [{"endpoint": e, "id": i, "until": u, "refused": r} for (e, i), (u, r) in latest],
+    )
 
 
 def _key(peer: Peer) -> tuple[str, str]:
@@ -226,7 +265,7 @@ def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]
 def discover(service_type: str, *, interface: str | None = None, timeout: float = 0.15) -> Found:
     """Peers of *service_type* now: those answering a one-shot query, and cached ones alive.
 
-    Every endpoint is probed with a TCP connect before it is returned;
+    Every endpoint is probed (:func:`probe`) before it is returned;
     the cache is updated with what was learned.
     """
     now = time.time()
@@ -236,15 +275,25 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         service_type, interface=interface, timeout=timeout, expect=set(known)
     )
     answered: dict[str, Peer] = {}
+    found = Found(cached=len(known))
     for peer in map(_peer_from_instance, answers):
-        if peer is not None and _key(peer) not in dead:
-            answered[peer.name.lower()] = peer
-    silent = {name: entry for name, entry in known.items() if name not in answered}
+        if peer is None:
+            continue
+        marked = dead.get(_key(peer))
+        if marked is None or not marked[1]:
+            answered[peer.name.lower()] = peer  # silent a moment ago: asked again, quickly
+    taken = {p.endpoint for p in answered.values()}
+    # a cached peer whose endpoint another peer now answers for is gone (its port reused)
+    silent = {
+        name: (peer, seen)
+        for name, (peer, seen) in known.items()
+        if name not in answered and peer.endpoint not in taken
+    }
     alive = probe(
         [p.endpoint for p in answered.values()]
-        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead]
+        + [p.endpoint for p, _ in silent.values() if _key(p) not in dead],
+        quick=[p.endpoint for p in answered.values() if _key(p) in dead],
     )
-    found = Found(cached=len(known))
     keep: dict[str, tuple[Peer, float]] = {}
     for name, peer in answered.items():
         state = alive.get(peer.endpoint)
@@ -252,18 +301,20 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
             found.peers.append(peer)
             keep[name] = (peer, now)
         elif state is None:
-            found.unreachable.append(peer)  # costs a probe each time, and is reported
+            found.unreachable.append(peer)  # reported; probed only briefly next time
+            dead[_key(peer)] = (now + DEAD_FOR, False)
         else:
-            dead[_key(peer)] = now + DEAD_FOR  # refused: nobody is there
+            dead[_key(peer)] = (now + DEAD_FOR, True)  # refused: nobody is there
     for name, (peer, seen) in silent.items():
         state = alive.get(peer.endpoint)
         if state:
             found.peers.append(peer)
             keep[name] = (peer, now)
-        elif state is None:
-            keep[name] = (peer, seen)  # no answer is not proof: keep it, do not wait for it
-        else:
-            dead[_key(peer)] = now + DEAD_FOR  # refused: forget it
+        elif state is False:
+            dead[_key(peer)] = (now + DEAD_FOR, True)  # refused: forget it
+        else:  # no answer (now, or a moment ago) is not proof: keep it, do not wait for it
+            keep[name] = (peer, seen)
+            dead.setdefault(_key(peer), (now + DEAD_FOR, False))
     found.peers = list({p.endpoint: p for p in found.peers}.values())  # one per endpoint
     newest = sorted(keep.values(), key=lambda ps: -ps[1])[:CACHE_MAX]
     cache.remember_entries(
@@ -418,6 +469,11 @@ class _Prober:
                 self._dead = {e: t for e, t in self._dead.items() if t > now}
 
 
+def _host_label(name: str) -> str:
+    """*name* as a host name label: letters, digits and hyphens (RFC 952), at most 40."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in name)[:40] or "eda"
+
+
 class Discovery:
     """One zeroconf stack per process: announce services, browse for peers."""
 
@@ -469,7 +525,7 @@ class Discovery:
             port=port,
             addresses=[socket.inet_aton(a) for a in local_addresses(self._interface)],
             properties=dict(txt),
-            server=server or f"{host}-{name}.local.",
+            server=server or f"{host}-{_host_label(name)}.local.",
             **ttls,
         )
         self._infos.append(info)
@@ -490,9 +546,23 @@ class Discovery:
         threading.Thread(target=register_quietly, name="eda-announce", daemon=True).start()
         return info
 
-    def update(self, info: Any) -> None:
-        """Announce changed records of *info* (same name, new TXT or port)."""
-        self._zc.update_service(info)
+    def update(self, info: Any, txt: Mapping[str, str]) -> Any:
+        """Announce new TXT records for an instance :meth:`announce` returned; the new info."""
+        from zeroconf import ServiceInfo
+
+        new = ServiceInfo(
+            info.type,
+            info.name,
+            port=info.port,
+            addresses=info.addresses,
+            properties=dict(txt),
+            server=info.server,
+            host_ttl=info.host_ttl,
+            other_ttl=info.other_ttl,
+        )
+        self._zc.update_service(new)
+        self._infos = [new if i is info else i for i in self._infos]
+        return new
 
     def withdraw(self, info: Any) -> None:
         """Send goodbye packets (TTL 0) for *info* so browsers drop it at once."""

@@ -60,9 +60,23 @@ class Instance:
         return (non_loop or self.addresses or [""])[0]
 
 
+def _labels(name: str) -> list[str]:
+    """The labels of *name*, split at dots that are not escaped (see :func:`_label`)."""
+    labels, current, chars = [], "", iter(name.rstrip("."))
+    for ch in chars:
+        if ch == "\\":
+            current += next(chars, "")
+        elif ch == ".":
+            labels.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*labels, current]
+
+
 def encode_name(name: str) -> bytes:
     out = b""
-    for label in name.rstrip(".").split("."):
+    for label in _labels(name):
         raw = label.encode()
         if not 0 < len(raw) < 64:
             raise ValueError(f"bad DNS label in {name!r}")
@@ -227,6 +241,14 @@ def instances_from(records: list[tuple[str, int, object]], service_type: str) ->
     return [i for i in by_name.values() if i.port]
 
 
+def _encodable(name: str) -> bool:
+    try:
+        encode_name(name)
+    except ValueError:
+        return False  # e.g. a label with U+FFFD for bytes that were not UTF-8
+    return True
+
+
 def query_times(timeout: float) -> list[float]:
     """When to (re)send the question within *timeout*: up to 15 times, at least 10 ms apart.
 
@@ -278,7 +300,7 @@ def one_shot_query(
                 sends.pop(0)
                 qid = int.from_bytes(os.urandom(2), "big") or 1
                 qids.add(qid)
-                known = tuple(i.name for i in found.values())[:32]
+                known = tuple(i.name for i in found.values() if _encodable(i.name))[:32]
                 # no route yet, or a full buffer: the next repeat may go out
                 with contextlib.suppress(OSError):
                     sock.sendto(

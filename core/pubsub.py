@@ -185,7 +185,7 @@ class _Node:
         # endpoint -> (peer, when connected) for connections made from discovery
         self._from_discovery: dict[str, tuple[discovery.Peer, float]] = {}
         self._backlog: collections.deque[discovery.Peer] = collections.deque(maxlen=MAX_DISCOVERED)
-        self.unreachable: list[discovery.Peer] = []  # announced, but no TCP connect in time
+        self.unreachable: list[discovery.Peer] = []  # announced, but no answer to a probe in time
         self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)
 
     def bind(self, endpoint: str) -> str:
@@ -366,10 +366,11 @@ class Publisher(_Node):
         """Connect to every subscriber found now; return the ids to wait for.
 
         Found means: answering a one-shot mDNS query (asked several times
-        within *timeout*), or remembered in the discovery cache and accepting
-        a TCP connect (its answer may have been lost).  Announced subscribers
-        that do not accept a connection in time are left out and listed in
-        :attr:`unreachable`; ``self.seen_before`` is how many the cache knew.
+        within *timeout*), or remembered in the discovery cache; either way
+        answering a probe (TCP connect and ZMTP greeting).  Announced
+        subscribers that do not answer the probe in time are left out and
+        listed in :attr:`unreachable`; :attr:`seen_before` is how many the
+        cache knew.
         """
         found = discovery.discover(discovery.SUB_TYPE, interface=self.interface, timeout=timeout)
         self.unreachable = found.unreachable

@@ -197,6 +197,21 @@ def run(
     )
 
 
+_held: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 where a connect is refused, and stays refused.
+
+    The socket is bound but never listens, and is held until the process
+    ends, so no other program can take the port in the meantime.
+    """
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    _held.append(sock)
+    return int(sock.getsockname()[1])
+
+
 # -- a scriptable mDNS responder: forged and hostile peers --------------------------------
 def dns_rr(name: str, rtype: int, rdata: bytes, ttl: int = 120) -> bytes:
     """One resource record in wire format (class IN)."""

@@ -65,6 +65,9 @@ class Host:
         An nftables rule in the host's namespace (``numgen random``), on input
         only, as a Wi-Fi station misses multicast; TCP is left alone.
         """
+        from tests.helpers import require_tools
+
+        require_tools("nft", install="nftables")
         nft = [*self.prefix, "nft"]
         subprocess.run([*nft, "delete", "table", "inet", "edaloss"], capture_output=True)
         if percent <= 0:

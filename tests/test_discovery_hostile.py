@@ -25,6 +25,7 @@ from eda.core import discovery, mdns, pubsub
 from tests.helpers import (
     MdnsResponder,
     Procs,
+    closed_port,
     dns_response,
     dns_rr,
     run,
@@ -40,14 +41,6 @@ def responder() -> Iterator[MdnsResponder]:
     fake.close()
 
 
-def _dead_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now: a connect is refused
-    return int(port)
-
-
 def _threads(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/task"))
@@ -60,7 +53,7 @@ def test_a_forged_subscriber_at_a_dead_port_does_not_stall_publishes(procs: Proc
     responder.add(
         discovery.SUB_TYPE,
         service_records(
-            discovery.SUB_TYPE, "forged", _dead_port(), {"id": "f0f0f0f0", "p": "t"}, "127.0.0.1"
+            discovery.SUB_TYPE, "forged", closed_port(), {"id": "f0f0f0f0", "p": "t"}, "127.0.0.1"
         ),
     )
     for n in range(2):
@@ -168,7 +161,7 @@ class _SilentListener:
 def test_forged_publishers_cost_a_capped_number_of_connections(procs: Procs, responder):
     sub = procs.sub_ready("real.>", "-C", "1")
     listener = _SilentListener()
-    dead = _dead_port()
+    dead = closed_port()
     try:
         stype = discovery.PUB_TYPE
         for n in range(300):
@@ -202,15 +195,44 @@ def test_forged_publishers_cost_a_capped_number_of_connections(procs: Procs, res
         listener.close()
 
 
-def test_probe_sorts_endpoints_quickly():
+def test_probe_tells_zeromq_peers_from_dead_silent_and_foreign_ports():
+    import zmq
+
     listener = _SilentListener()
+    banner = socket.socket()
+    banner.bind(("127.0.0.1", 0))
+    banner.listen(4)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.SUB)
     try:
-        live, dead = f"tcp://127.0.0.1:{listener.port}", f"tcp://127.0.0.1:{_dead_port()}"
+        zport = peer.bind_to_random_port("tcp://127.0.0.1")
+
+        def say_hello() -> None:  # an SSH-like server: speaks first, not ZMTP
+            conn, _ = banner.accept()
+            conn.sendall(b"SSH-2.0-x\r\n")
+            conn.close()
+
+        threading.Thread(target=say_hello, daemon=True).start()
+        eda, silent = f"tcp://127.0.0.1:{zport}", f"tcp://127.0.0.1:{listener.port}"
+        foreign, dead = (
+            f"tcp://127.0.0.1:{banner.getsockname()[1]}",
+            f"tcp://127.0.0.1:{closed_port()}",
+        )
         start = time.monotonic()
-        result = discovery.probe([live, dead, "tcp://not-an-address:1", "junk"])
+        result = discovery.probe([eda, silent, foreign, dead, "tcp://not-an-address:1", "junk"])
         assert time.monotonic() - start < 2
-        assert result == {live: True, dead: False, "tcp://not-an-address:1": False, "junk": False}
+        assert result == {
+            eda: True,
+            silent: None,
+            foreign: False,
+            dead: False,
+            "tcp://not-an-address:1": False,
+            "junk": False,
+        }
     finally:
+        peer.close(0)
+        ctx.term()
+        banner.close()
         listener.close()
 
 
@@ -240,4 +262,27 @@ def test_connections_from_discovery_are_capped_and_withdrawn_ones_closed(monkeyp
         assert peers[1].endpoint in sub._connected
     finally:
         sub.sock.close(0)
+        listener.close()
+
+
+def test_a_forged_subscriber_at_a_silent_port_costs_one_probe(responder, tmp_path, monkeypatch):
+    """A port that accepts but never speaks ZMTP (a stalled process, or not eda at all)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    listener = _SilentListener()
+    responder.add(
+        discovery.SUB_TYPE,
+        service_records(
+            discovery.SUB_TYPE, "silent", listener.port, {"id": "5151e7", "p": "t"}, "127.0.0.1"
+        ),
+    )
+    pub = pubsub.Publisher()
+    try:
+        start = time.monotonic()
+        ids = pub.connect_subscribers(0.15)
+        elapsed = time.monotonic() - start
+        assert "5151e7" not in ids  # not waited for: the old code waited --wait for it
+        assert [p.id for p in pub.unreachable] == ["5151e7"]  # but reported
+        assert elapsed < 2, elapsed
+    finally:
+        pub.sock.close(0)
         listener.close()

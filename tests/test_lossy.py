@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 from eda.core import cache, discovery
-from tests.helpers import MdnsResponder, service_records, wait_until
+from tests.helpers import MdnsResponder, closed_port, service_records, wait_until
 from tests.hosts import Network
 
 LOSS = 25  # percent, on input, on both hosts
@@ -86,10 +88,9 @@ STYPE = "_eda-lossy._tcp.local."
 
 
 def test_a_cached_peer_whose_answer_is_lost_is_still_used(fresh_cache, responder):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
+    ctx = zmq.Context()
+    listener = ctx.socket(zmq.SUB)  # what a subscriber binds
+    port = listener.bind_to_random_port("tcp://127.0.0.1")
     try:
         responder.add(STYPE, service_records(STYPE, "p1", port, {"id": "aa"}, "127.0.0.1"))
         [first] = discovery.find_once(STYPE, timeout=0.2)
@@ -99,7 +100,8 @@ def test_a_cached_peer_whose_answer_is_lost_is_still_used(fresh_cache, responder
         found = discovery.discover(STYPE, timeout=0.2)
         assert found.peers == [first] and found.cached == 1  # the old code: no one
     finally:
-        listener.close()
+        listener.close(0)
+        ctx.term()
     found = discovery.discover(STYPE, timeout=0.2)  # now the port refuses: forgotten
     assert found.peers == [] and cache.cached_entries(STYPE) == []
 
@@ -108,25 +110,46 @@ def test_an_answered_peer_that_does_not_accept_in_time_is_reported(
     fresh_cache, responder, monkeypatch
 ):
     responder.add(STYPE, service_records(STYPE, "slow", 9, {"id": "bb"}, "127.0.0.1"))
-    monkeypatch.setattr(discovery, "probe", lambda endpoints, timeout=0: dict.fromkeys(endpoints))
+    probed: list[tuple[list[str], list[str]]] = []
+
+    def silent(endpoints, timeout=0, quick=()):
+        endpoints = list(endpoints)
+        probed.append((endpoints, list(quick)))
+        return dict.fromkeys(endpoints)
+
+    monkeypatch.setattr(discovery, "probe", silent)
+    endpoint = "tcp://127.0.0.1:9"
     found = discovery.discover(STYPE, timeout=0.2)
     assert found.peers == [] and [p.id for p in found.unreachable] == ["bb"]
+    found = discovery.discover(STYPE, timeout=0.2)  # reported again, probed only briefly
+    assert found.peers == [] and [p.id for p in found.unreachable] == ["bb"]
+    assert probed == [([endpoint], []), ([endpoint], [endpoint])]
+
+
+def test_a_quick_probe_gives_up_on_a_silent_port_early():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts (in the kernel) and never speaks
+    endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        assert discovery.probe([endpoint], timeout=5, quick=[endpoint]) == {endpoint: None}
+        assert time.monotonic() - start < 2.5  # not the 5 s of a full probe
+    finally:
+        listener.close()
 
 
 def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, monkeypatch):
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()
+    port = closed_port()
     responder.add(STYPE, service_records(STYPE, "gone", port, {"id": "cc"}, "127.0.0.1"))
     assert discovery.discover(STYPE, timeout=0.2).peers == []
     probed: list[str] = []
     real_probe = discovery.probe
 
-    def spy(endpoints, timeout=discovery.PROBE_TIMEOUT):
+    def spy(endpoints, timeout=discovery.PROBE_TIMEOUT, quick=()):
         endpoints = list(endpoints)
         probed.extend(endpoints)
-        return real_probe(endpoints, timeout)
+        return real_probe(endpoints, timeout, quick)
 
     monkeypatch.setattr(discovery, "probe", spy)
     assert discovery.discover(STYPE, timeout=0.2).peers == []
@@ -135,3 +158,19 @@ def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, m
     responder.add(STYPE, service_records(STYPE, "new", port, {"id": "dd"}, "127.0.0.1"))
     discovery.discover(STYPE, timeout=0.2)
     assert probed == [f"tcp://127.0.0.1:{port}"]  # another peer on that port is tried
+
+
+def test_a_cached_peer_whose_port_another_peer_answers_for_is_forgotten(fresh_cache, responder):
+    ctx = zmq.Context()
+    listener = ctx.socket(zmq.SUB)
+    port = listener.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        responder.add(STYPE, service_records(STYPE, "old", port, {"id": "01d"}, "127.0.0.1"))
+        assert [p.id for p in discovery.find_once(STYPE, timeout=0.2)] == ["01d"]
+        responder.records.clear()  # "old" is gone; "new" got its port
+        responder.add(STYPE, service_records(STYPE, "new", port, {"id": "9e3"}, "127.0.0.1"))
+        assert [p.id for p in discovery.find_once(STYPE, timeout=0.2)] == ["9e3"]
+        assert [e["id"] for e in cache.cached_entries(STYPE)] == ["9e3"]
+    finally:
+        listener.close(0)
+        ctx.term()
