@@ -32,7 +32,7 @@ from .errors import EdaError, UsageError
 Log = Callable[[str], None]
 WARN_EVERY = 10.0  # seconds between two warnings of the same kind
 DRAIN_LIMIT = 1000  # messages one handler reads before the others get their turn
-IDLE_WAIT = 0.1  # longest poll without timers, so a stop predicate is seen promptly
+IDLE_WAIT = 0.1  # longest poll, so a stop predicate is seen promptly
 _BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
@@ -239,8 +239,9 @@ class Daemon:
 
     def _wait_ms(self) -> int:
         self._timers = [t for t in self._timers if not t.cancelled]
-        wait = min((t.due for t in self._timers), default=time.monotonic() + IDLE_WAIT)
-        return int(max(0.0, wait - time.monotonic()) * 1000) + 1
+        now = time.monotonic()
+        wait = min([now + IDLE_WAIT, *(t.due for t in self._timers)])
+        return int(max(0.0, wait - now) * 1000) + 1
 
     def _run_timers(self) -> None:
         now = time.monotonic()

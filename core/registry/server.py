@@ -130,8 +130,7 @@ class Server(Daemon):
             self._bind_dns(settings.dns)
 
     def _handlers(self) -> dict[str, Handler]:
-        handlers: dict[str, Handler] = {op: getattr(self, "_op_" + op) for op in protocol.OPS}
-        return handlers
+        return {op: getattr(self, "_op_" + op) for op in protocol.OPS}
 
     def _bind_dns(self, address: str) -> None:
         """UDP and TCP on the same port (a port of 0 picks one free for both)."""
