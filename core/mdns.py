@@ -61,8 +61,12 @@ class Instance:
 
 
 def _labels(name: str) -> list[str]:
-    """The labels of *name*, split at dots that are not escaped (see :func:`_label`)."""
-    labels, current, chars = [], "", iter(name.rstrip("."))
+    """The labels of *name*, split at dots that are not escaped (see :func:`_label`).
+
+    A final unescaped dot (the root) ends the name; an escaped one is part of
+    the last label.
+    """
+    labels, current, chars = [], "", iter(name)
     for ch in chars:
         if ch == "\\":
             current += next(chars, "")
@@ -71,7 +75,7 @@ def _labels(name: str) -> list[str]:
             current = ""
         else:
             current += ch
-    return [*labels, current]
+    return labels if current == "" and labels else [*labels, current]
 
 
 def encode_name(name: str) -> bytes:
@@ -109,9 +113,14 @@ def _label(raw: bytes) -> str:
     return raw.decode(errors="replace").replace("\\", "\\\\").replace(".", "\\.")
 
 
-def _read_name(packet: bytes, offset: int) -> tuple[str, int]:
-    """The name at *offset* and the offset after it; compression pointers point back only."""
-    labels: list[str] = []
+def read_labels(packet: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
+    """The raw labels of the name at *offset* and the offset after it.
+
+    Bounds: every label inside the packet, compression pointers only backwards
+    (so no loop), at most :data:`MAX_NAME` octets in all.  Shared by the
+    one-shot mDNS parser and the registry's DNS responder.
+    """
+    labels: list[bytes] = []
     end = -1
     size = 1
     limit = offset  # each pointer must point before the last one: no loops
@@ -139,9 +148,15 @@ def _read_name(packet: bytes, offset: int) -> tuple[str, int]:
             raise DNSFormatError("name too long")
         if offset + length > len(packet):
             raise DNSFormatError("label runs past the packet")
-        labels.append(_label(packet[offset : offset + length]))
+        labels.append(packet[offset : offset + length])
         offset += length
-    return ".".join(labels) + ".", (end if end >= 0 else offset)
+    return tuple(labels), (end if end >= 0 else offset)
+
+
+def _read_name(packet: bytes, offset: int) -> tuple[str, int]:
+    """The name at *offset* as text (labels escaped) and the offset after it."""
+    labels, after = read_labels(packet, offset)
+    return ".".join(map(_label, labels)) + ".", after
 
 
 def _read_txt(packet: bytes, start: int, end: int) -> dict[str, str]:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..mdns import DNSFormatError, read_labels
 from .model import Instance
 
 DOMAIN = "service.eda"
@@ -44,11 +45,6 @@ TYPE_A, TYPE_SRV, TYPE_OPT, TYPE_ANY = 1, 33, 41, 255
 CLASS_IN, CLASS_ANY = 1, 255
 CLASSIC_UDP_SIZE, MAX_UDP_SIZE, MAX_TCP_SIZE = 512, 4096, 65535
 NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
-MAX_NAME = 255  # RFC 1035 2.3.4: octets of a name on the wire
-
-
-class DNSFormatError(ValueError):
-    """A query could not be parsed."""
 
 
 @dataclass(frozen=True)
@@ -62,41 +58,7 @@ class Question:
     udp_size: int = CLASSIC_UDP_SIZE  # the largest reply the client takes over UDP
 
 
-def read_name(packet: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
-    """The labels of the name at *offset* and the offset after it.
-
-    Bounds: every label inside the packet, pointers only backwards (so no
-    loop), at most :data:`MAX_NAME` octets in all.
-    """
-    labels: list[bytes] = []
-    size = 1
-    end = -1
-    lowest = offset
-    while True:
-        if offset >= len(packet):
-            raise DNSFormatError("name runs past the packet")
-        length = packet[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 1 >= len(packet):
-                raise DNSFormatError("truncated pointer")
-            target = ((length & 0x3F) << 8) | packet[offset + 1]
-            if target >= lowest:
-                raise DNSFormatError("compression pointer does not point backwards")
-            if end < 0:
-                end = offset + 2
-            offset = lowest = target
-            continue
-        if length & 0xC0:
-            raise DNSFormatError("bad label type")
-        if length == 0:
-            return tuple(labels), (end if end >= 0 else offset + 1)
-        if offset + 1 + length > len(packet):
-            raise DNSFormatError("label runs past the packet")
-        size += 1 + length
-        if size > MAX_NAME:
-            raise DNSFormatError("name longer than 255 octets")
-        labels.append(packet[offset + 1 : offset + 1 + length])
-        offset += 1 + length
+read_name = read_labels  # bounds-checked in one place: core/mdns.py
 
 
 def _text(labels: tuple[bytes, ...]) -> str:
