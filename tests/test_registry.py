@@ -512,6 +512,118 @@ def test_serverless_fallback_moves_to_a_registry_that_appears(procs: Procs) -> N
     wait_until(lambda: lookup(endpoint, "orders").returncode == 3, 5, "clean deregistration")
 
 
+def test_serverless_announce_update_and_goodbye_are_seen_by_browse(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """The serverless announcer goes through the shared discovery layer, and so does browse."""
+    browser = procs.eda("eda-registry", "browse", "_eda-svc._tcp", "-v")
+    flag = tmp_path / "healthy"
+    flag.touch()
+    reg = procs.eda(
+        "eda-registry", "register", "-v", "--serverless", "orders", "--port", "8080",
+        "--interval", "0.5", "--ttl", "10", "--meta", "zone=a",
+        "--check", f"test -e {flag} || exit 2", "--check-interval", "0.05",
+        "--rise", "1", "--fall", "1",
+    )  # fmt: skip
+    reg.wait_stderr(r"registered orders/\S+ at .* by mDNS", 15)
+    browser.wait_lines(1, 15)
+    added = json.loads(browser.lines()[0])
+    assert (added["event"], added["port"], added["type"]) == ("added", 8080, "_eda-svc._tcp")
+    assert (added["txt"]["svc"], added["txt"]["st"], added["txt"]["zone"]) == (
+        "orders",
+        "passing",
+        "a",
+    )
+    assert "127.0.0.1" in added["addresses"]
+    flag.unlink()  # the check fails: new TXT records are announced
+    browser.wait_lines(2, 15)
+    updated = json.loads(browser.lines()[1])
+    assert (updated["event"], updated["name"]) == ("updated", added["name"])
+    assert updated["txt"]["st"] == "critical"
+    assert int(updated["txt"]["rv"]) > int(added["txt"]["rv"])
+    reg.signal(signal.SIGTERM)  # goodbye packets: browsers drop it at once, not after the TTL
+    assert reg.wait() == 0
+    browser.wait_lines(3, 8)  # well under the records' 10 s TTL
+    removed = json.loads(browser.lines()[2])
+    assert (removed["event"], removed["name"]) == ("removed", added["name"])
+    browser.signal(signal.SIGTERM)
+    assert browser.wait() == 0
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def test_browse_survives_a_flood_and_crafted_txt_and_still_shows_real_services(
+    procs: Procs,
+) -> None:
+    """Anyone on the LAN can announce anything: browse stays bounded and keeps reporting."""
+    from eda.core import discovery, mdns
+    from tests.helpers import MdnsResponder, dns_response, dns_rr, service_records
+
+    browser = procs.eda("eda-registry", "browse", "_http._tcp")
+    responder = MdnsResponder()
+    try:
+        real = service_records("_http._tcp.local.", "real", 8080, {"path": "/"}, "127.0.0.1")
+        # repeated until heard: the browser has started listening
+        wait_until(
+            lambda: responder.multicast(dns_response(0, real)) or browser.lines(),
+            15,
+            "browse to show the real service",
+        )
+        peak = 0
+        for first in range(0, 600, 20):  # names with no SRV/TXT/A: they never resolve
+            records = [
+                dns_rr(
+                    "_http._tcp.local", mdns.TYPE_PTR, mdns.encode_name(f"junk{i}._http._tcp.local")
+                )
+                for i in range(first, first + 20)
+            ]
+            responder.multicast(dns_response(0, records))
+            peak = max(peak, _threads(browser.popen.pid))
+            time.sleep(0.01)  # paced, so the kernel does not drop the flood for us
+        # crafted TXT: 200 keys, invalid UTF-8, a string claiming more bytes than it has
+        inst = "crafted._http._tcp.local"
+        strings = b"".join(bytes([len(s)]) + s for s in (f"k{i}=v".encode() for i in range(200)))
+        txt = b"\x05b=\xff\xfe!" + strings + b"\xffshort"
+        crafted = [
+            dns_rr("_http._tcp.local", mdns.TYPE_PTR, mdns.encode_name(inst)),
+            dns_rr(
+                inst, mdns.TYPE_SRV, struct.pack("!HHH", 0, 0, 8081) + mdns.encode_name("c.local")
+            ),
+            dns_rr(inst, mdns.TYPE_TXT, txt),
+            dns_rr("c.local", mdns.TYPE_A, socket.inet_aton("127.0.0.1")),
+        ]
+        later = service_records("_http._tcp.local.", "later", 8082, {"path": "/x"}, "127.0.0.1")
+
+        def shown() -> dict[str, dict[str, Any]]:
+            responder.multicast(dns_response(0, crafted))
+            responder.multicast(dns_response(0, later))
+            peak_now = _threads(browser.popen.pid)
+            nonlocal peak
+            peak = max(peak, peak_now)
+            items = {i["name"]: i for i in map(json.loads, browser.lines())}
+            return items if {"crafted", "later"} <= set(items) else {}
+
+        items = wait_until(shown, 15, "browse to show services announced after the flood")
+    finally:
+        responder.close()
+    assert peak <= 30, peak  # a thread per name would be hundreds
+    assert (items["real"]["event"], items["real"]["txt"]) == ("added", {"path": "/"})
+    assert (items["later"]["port"], items["later"]["txt"]) == (8082, {"path": "/x"})
+    assert items["crafted"]["port"] == 8081
+    assert len(items["crafted"]["txt"]) <= mdns.MAX_TXT_KEYS
+    assert items["crafted"]["txt"]["b"] == "\ufffd\ufffd!"  # invalid UTF-8, replaced
+    assert not any(name.startswith("junk") for name in items)
+    assert discovery.MAX_PENDING < 600  # the flood exceeded the backlog
+    assert browser.popen.poll() is None
+    browser.signal(signal.SIGTERM)
+    assert browser.wait() == 0
+
+
 def test_config_file_feeds_subcommands_by_option_name(
     procs: Procs, tmp_path: Path, monkeypatch
 ) -> None:

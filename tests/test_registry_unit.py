@@ -19,7 +19,6 @@ from eda.core.registry.health import Debounce
 from eda.core.registry.persist import Journal
 from eda.core.registry.protocol import ProtocolError, decode_request
 from eda.core.registry.store import Store
-from tests.helpers import wait_until
 
 
 class Clock:
@@ -583,24 +582,79 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
     assert time.monotonic() - started < 5.0  # 20 forged registries: 20 s before
 
 
-def test_browse_resolves_a_flood_of_names_on_a_few_threads() -> None:
+def test_browse_resolves_a_flood_of_names_on_a_few_threads(monkeypatch) -> None:
+    """browse() uses the shared discovery layer and its bounded resolver pool."""
     import threading
 
+    import zeroconf
+
+    from eda.core import discovery
     from eda.core.registry import browse
 
     gate = threading.Event()
-    seen: list[str] = []
+    seen_handlers: list = []
 
-    def slow(name: str, kind: str) -> None:  # an announcement that never resolves in time
-        gate.wait(10)
-        seen.append(name)
+    class SlowInfo(zeroconf.ServiceInfo):  # an announcement that does not resolve in time
+        def load_from_cache(self, zc, now=None) -> bool:
+            return False
 
+        def request(self, zc, timeout, *args, **kwargs) -> bool:
+            gate.wait(10)
+            self.port = 631
+            return True
+
+    class Browser:  # hands us the handler zeroconf would call
+        def __init__(self, zc, service_type, handlers: list) -> None:
+            seen_handlers.extend(handlers)
+
+        def cancel(self) -> None:
+            pass
+
+    class Stack:  # no sockets: the names arrive from the test
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(zeroconf, "ServiceInfo", SlowInfo)
+    monkeypatch.setattr(zeroconf, "ServiceBrowser", Browser)
+    monkeypatch.setattr(discovery, "make_zeroconf", lambda interface=None: Stack())
     before = threading.active_count()
-    resolver = browse.Resolver(slow)
+    items = browse.browse("_ipp._tcp")
+    assert next(items) is None  # idle: nothing announced yet
+    [changed] = seen_handlers
+    stype = "_ipp._tcp.local."
+
+    def announce(name: str, state: object) -> None:
+        changed(zeroconf=None, service_type=stype, name=f"{name}.{stype}", state_change=state)
+
+    def next_item() -> dict:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            item = next(items)
+            if item is not None:
+                return item
+        raise AssertionError("no item within 10 s")
+
     for i in range(2000):
-        resolver.submit(f"forged-{i}", "added")
-    assert threading.active_count() - before <= browse.RESOLVE_THREADS
-    assert resolver.dropped == 2000 - browse.MAX_PENDING
+        announce(f"forged-{i}", zeroconf.ServiceStateChange.Added)
+    assert threading.active_count() - before <= discovery.RESOLVER_THREADS
     gate.set()
-    wait_until(lambda: len(seen) == browse.MAX_PENDING, 10, "the backlog to drain")
-    resolver.close()
+    added = [next_item() for _ in range(discovery.MAX_PENDING)]
+    deadline = time.monotonic() + 1.0  # the backlog is drained: any more would come now
+    while time.monotonic() < deadline:
+        item = next(items)
+        if item is not None:
+            added.append(item)
+    # what waited (the bounded queue) plus what the few threads had taken: not 2000
+    assert len(added) <= discovery.MAX_PENDING + discovery.RESOLVER_THREADS
+    assert {(i["event"], i["type"], i["port"]) for i in added} == {("added", "_ipp._tcp", 631)}
+    names = [i["name"] for i in added]
+    assert len(set(names)) == len(names) and "forged-0" in names
+
+    # a name seen again is an update; removed, then seen again, it is added anew
+    announce("forged-0", zeroconf.ServiceStateChange.Updated)
+    assert next_item()["event"] == "updated"
+    announce("forged-0", zeroconf.ServiceStateChange.Removed)
+    assert next_item()["event"] == "removed"
+    announce("forged-0", zeroconf.ServiceStateChange.Added)
+    assert next_item()["event"] == "added"
+    items.close()

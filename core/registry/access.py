@@ -221,7 +221,7 @@ def answering_registry(access: Access, interval: float) -> Client | None:
 
 def default_host(client: Client | None, interface: str | None) -> str:
     """The address to publish: the interface's, else the one facing the registry, else ours."""
-    from .serverless import local_addresses
+    from ..discovery import local_addresses
 
     if interface:
         return interface

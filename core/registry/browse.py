@@ -1,14 +1,21 @@
-"""Browsing any DNS-SD service type on the LAN (what ``avahi-browse -r`` shows)."""
+"""Browsing any DNS-SD service type on the LAN (what ``avahi-browse -r`` shows).
+
+Built on :class:`eda.core.discovery.Discovery`: its zeroconf stack, and its
+bounded resolver pool (a flood of names that never resolve costs
+:data:`~eda.core.discovery.RESOLVER_THREADS` threads and
+:data:`~eda.core.discovery.MAX_PENDING` waiting names, not a thread each).
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
+from .. import mdns
+from ..discovery import Discovery
 from ..errors import UsageError
 from .store import iso
 
@@ -27,46 +34,6 @@ def address_order(address: str) -> tuple[int, str]:
     return (rank, address)
 
 
-RESOLVE_THREADS = 4
-MAX_PENDING = 64  # names waiting to be resolved; a flood of announcements beyond is dropped
-
-
-class Resolver:
-    """Resolves announced names on a few threads, with a bounded backlog.
-
-    Anyone on the LAN can announce thousands of names that never resolve;
-    they cost at most :data:`RESOLVE_THREADS` threads and :data:`MAX_PENDING`
-    waiting names (the rest are counted in :attr:`dropped`), not one thread each.
-    """
-
-    def __init__(self, resolve: Callable[[str, str], None]) -> None:
-        self._resolve = resolve
-        self._pool = ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="eda-resolve")
-        self._pending: set[str] = set()
-        self._lock = threading.Lock()
-        self.dropped = 0
-
-    def submit(self, name: str, kind: str) -> None:
-        with self._lock:
-            if name in self._pending:
-                return
-            if len(self._pending) >= MAX_PENDING:
-                self.dropped += 1
-                return
-            self._pending.add(name)
-        self._pool.submit(self._run, name, kind)
-
-    def _run(self, name: str, kind: str) -> None:
-        try:
-            self._resolve(name, kind)
-        finally:
-            with self._lock:
-                self._pending.discard(name)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 def full_type(service_type: str) -> str:
     """``_http._tcp`` -> ``_http._tcp.local.`` (validated)."""
     name = service_type.rstrip(".")
@@ -78,74 +45,53 @@ def full_type(service_type: str) -> str:
     return name + "."
 
 
-def browse(
-    service_type: str, interface: str | None = None, resolve_timeout: float = 3.0
-) -> Iterator[dict[str, Any] | None]:
+def browse(service_type: str, interface: str | None = None) -> Iterator[dict[str, Any] | None]:
     """Yield ``added``/``updated``/``removed`` items as services come and go, forever.
 
     Yields None when idle for a tenth of a second, so the caller can stop.
+    An instance is ``added`` the first time it resolves (since it appeared or
+    was last removed), ``updated`` after that.
     """
-    from zeroconf import (
-        InterfaceChoice,
-        IPVersion,
-        ServiceBrowser,
-        ServiceInfo,
-        ServiceStateChange,
-        Zeroconf,
-    )
-
     stype = full_type(service_type)
     items: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    zc = Zeroconf(
-        interfaces=[interface] if interface else InterfaceChoice.All, ip_version=IPVersion.V4Only
-    )
+    seen: set[str] = set()  # names reported and not removed since
+    lock = threading.Lock()
 
-    def resolve(name: str, kind: str) -> None:
-        info = ServiceInfo(stype, name)
-        if not info.request(zc, int(resolve_timeout * 1000)):
-            return
-        txt = {
-            k.decode(errors="replace"): (v or b"").decode(errors="replace")
-            for k, v in info.properties.items()
+    def item(event: str, name: str) -> dict[str, Any]:
+        return {
+            "event": event,
+            "name": name.removesuffix("." + stype),
+            "type": stype.removesuffix(".local."),
+            "domain": "local",
         }
-        items.put(
-            {
-                "event": kind,
-                "name": name.removesuffix("." + stype),
-                "type": stype.removesuffix(".local."),
-                "domain": "local",
-                "host": (info.server or "").rstrip("."),
-                "addresses": sorted(info.parsed_addresses(), key=address_order),
-                "port": info.port,
-                "txt": txt,
-                "time": iso(time.time()),
-            }
-        )
 
-    def changed(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-        if state_change is ServiceStateChange.Removed:
+    def resolved(inst: mdns.Instance) -> None:
+        with lock:
+            kind = "updated" if inst.name.lower() in seen else "added"
+            seen.add(inst.name.lower())
             items.put(
-                {
-                    "event": "removed",
-                    "name": name.removesuffix("." + stype),
-                    "type": stype.removesuffix(".local."),
-                    "domain": "local",
+                item(kind, inst.name)
+                | {
+                    "host": inst.target.rstrip("."),
+                    "addresses": sorted(inst.addresses, key=address_order),
+                    "port": inst.port,
+                    "txt": inst.txt,
                     "time": iso(time.time()),
                 }
             )
-            return
-        kind = "added" if state_change is ServiceStateChange.Added else "updated"
-        resolver.submit(name, kind)
 
-    resolver = Resolver(resolve)
-    browser = ServiceBrowser(zc, stype, handlers=[changed])
+    def gone(name: str) -> None:
+        with lock:
+            seen.discard(name.lower())
+            items.put(item("removed", name) | {"time": iso(time.time())})
+
+    found = Discovery(interface)
     try:
+        found.browse_instances(stype, resolved, gone)
         while True:
             try:
                 yield items.get(timeout=0.1)
             except queue.Empty:
                 yield None
     finally:
-        browser.cancel()
-        resolver.close()
-        zc.close()
+        found.close()

@@ -13,30 +13,16 @@ and only instances whose own responder answers right now are returned.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import mdns
-from .model import PASSING, Instance, InvalidRecord, from_dict
+from ..discovery import Discovery
+from .model import PASSING, RESERVED_META, Instance, InvalidRecord, from_dict
 from .store import DEREGISTERED, HEALTH, REGISTERED, UPDATED, Event, make_event
 
 SVC_TYPE = "_eda-svc._tcp.local."
-RESERVED = ("svc", "id", "w", "st", "rv", "ttl", "iv", "h")
-
-
-def local_addresses(interface: str | None) -> list[str]:
-    if interface:
-        return [interface]
-    import ifaddr
-
-    found = [
-        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
-    ]
-    outside = [a for a in found if not a.startswith("127.")]
-    return outside + [a for a in found if a.startswith("127.")] or ["127.0.0.1"]
 
 
 def txt_of(inst: Instance) -> dict[str, str]:
@@ -70,7 +56,7 @@ def instance_of(found: mdns.Instance) -> Instance | None:
                 "ttl": float(txt.get("ttl", "6")),
                 "interval": float(txt.get("iv", "2")),
                 "registry": "mdns",
-                "meta": {k: v for k, v in txt.items() if k not in RESERVED},
+                "meta": {k: v for k, v in txt.items() if k not in RESERVED_META},
             }
         )
     except (InvalidRecord, ValueError):
@@ -81,49 +67,34 @@ class Announcer:
     """Announces one instance with short-lived records; re-announces on change."""
 
     def __init__(self, inst: Instance, interface: str | None = None) -> None:
-        from zeroconf import InterfaceChoice, IPVersion, Zeroconf
-
         self.inst = inst
         self.interface = interface
-        self._zc = Zeroconf(
-            interfaces=[interface] if interface else InterfaceChoice.All,
-            ip_version=IPVersion.V4Only,
-        )
+        self._discovery = Discovery(interface)
         self._info: Any = None
-
-    def _make_info(self) -> Any:
-        from zeroconf import ServiceInfo
-
-        ttl = max(1, round(self.inst.ttl))
-        return ServiceInfo(
-            SVC_TYPE,
-            f"{self.inst.id}.{SVC_TYPE}",
-            port=self.inst.port,
-            addresses=[socket.inet_aton(a) for a in local_addresses(self.interface)],
-            properties=txt_of(self.inst),
-            server=f"{self.inst.id}.local.",
-            host_ttl=ttl,
-            other_ttl=ttl,
-        )
 
     def start(self) -> None:
         """Probe and announce (takes about a second: RFC 6762 probing)."""
-        self._info = self._make_info()
-        self._zc.register_service(self._info, allow_name_change=False)
+        self._info = self._discovery.announce(
+            SVC_TYPE,
+            self.inst.id,
+            self.inst.port,
+            txt_of(self.inst),
+            server=f"{self.inst.id}.local.",
+            ttl=max(1, round(self.inst.ttl)),
+            rename=False,
+            background=False,
+        )
 
     def update(self, status: str) -> None:
         self.inst.status = status
         self.inst.rev += 1
-        self._info = self._make_info()
-        self._zc.update_service(self._info)
+        self._info = self._discovery.update(self._info, txt_of(self.inst))
 
     def close(self) -> None:
         """Send goodbye packets (TTL 0) so browsers drop the instance at once."""
-        with contextlib.suppress(Exception):
-            if self._info is not None:
-                self._zc.unregister_service(self._info)
-        with contextlib.suppress(Exception):
-            self._zc.close()
+        if self._info is not None:
+            self._discovery.withdraw(self._info)
+        self._discovery.close()
 
 
 def query(interface: str | None = None, timeout: float = 0.3) -> list[Instance]:
