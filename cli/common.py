@@ -484,7 +484,9 @@ def _on_sigterm(signum: int, frame: Any) -> NoReturn:
 def run(command: click.Command, program: str, argv: list[str] | None = None) -> NoReturn:
     """Run *command* as *program* and exit with the conventional status."""
     argv = sys.argv[1:] if argv is None else argv
-    verbose = any(a in ("-v", "--verbose", "--debug") for a in argv)
+    verbose = any(a in ("-v", "--verbose", "--debug") for a in argv) or os.environ.get(
+        f"{envvar_prefix(program)}_VERBOSE", ""
+    ).lower() in ("1", "true", "yes", "on")
     signal.signal(signal.SIGTERM, _on_sigterm)
     code: int = EXIT_OK
     assign_envvars(command, program)
