@@ -334,7 +334,7 @@ class Output:
     def text(self, text: str) -> None:
         """Write lines of *text* (escaped for a terminal when stdout is one)."""
         if self.tty:
-            text = "".join(for_terminal(line) + "\n" for line in text.splitlines())
+            text = "\n".join([for_terminal(line) for line in text.split("\n")])
         write_stdout(text.encode())
 
     def data(self, data: bytes) -> None:
