@@ -40,6 +40,7 @@ def bound_sub(procs, *args, **kw):
 def peer(endpoint):
     """An XPUB connected to *endpoint*, once the subscriber's subscriptions have arrived."""
     sock = zmq.Context.instance().socket(zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, 0)  # this peer never drops what a test sends
     sock.connect(endpoint)
     try:
         assert sock.poll(15_000), "no subscription arrived from eda-sub"
