@@ -498,7 +498,10 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
-        _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group run without a subcommand
+            _stderr(exc.format_message())
+        else:
+            _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
         code = EXIT_USAGE
     except click.Abort:
         code = EXIT_INTERRUPTED
