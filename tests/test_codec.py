@@ -364,7 +364,7 @@ def test_recent_events_drop_copies_of_delivered_events_only():
 
 
 def test_recent_events_window_is_bounded():
-    recent = envelope.RecentEvents(window=3)
+    recent = envelope.RecentEvents(ids=3)
 
     def env(i):
         line = f'{{"specversion":"1.0","id":"e{i}","source":"s","type":"t"}}'.encode()
