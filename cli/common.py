@@ -334,7 +334,7 @@ class Output:
     def text(self, text: str) -> None:
         """Write lines of *text* (escaped for a terminal when stdout is one)."""
         if self.tty:
-            text = "".join(for_terminal(line) + "\n" for line in text.splitlines())
+            text = "\n".join([for_terminal(line) for line in text.split("\n")])
         write_stdout(text.encode())
 
     def data(self, data: bytes) -> None:
@@ -484,7 +484,9 @@ def _on_sigterm(signum: int, frame: Any) -> NoReturn:
 def run(command: click.Command, program: str, argv: list[str] | None = None) -> NoReturn:
     """Run *command* as *program* and exit with the conventional status."""
     argv = sys.argv[1:] if argv is None else argv
-    verbose = any(a in ("-v", "--verbose", "--debug") for a in argv)
+    verbose = any(a in ("-v", "--verbose", "--debug") for a in argv) or os.environ.get(
+        f"{envvar_prefix(program)}_VERBOSE", ""
+    ).lower() in ("1", "true", "yes", "on")
     signal.signal(signal.SIGTERM, _on_sigterm)
     code: int = EXIT_OK
     assign_envvars(command, program)
@@ -496,7 +498,10 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
-        _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group run without a subcommand
+            _stderr(exc.format_message())
+        else:
+            _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
         code = EXIT_USAGE
     except click.Abort:
         code = EXIT_INTERRUPTED

@@ -207,7 +207,8 @@ def parse_envelope(
     return event_type, _dumps(event).encode()
 
 
-DEDUP_WINDOW: Final = 100_000  # events remembered per publisher and topic, and envelope ids
+DEDUP_WINDOW: Final = 100_000  # events remembered per publisher and topic (as ranges)
+ID_WINDOW: Final = 16_384  # ids of republished (envelope) events remembered, a few MB at most
 _MAX_SCOPES: Final = 10_000  # (source, type, publisher) ranges remembered
 _EDA_ID = re.compile(r"(.+)-(\d+)")
 
@@ -222,11 +223,13 @@ class RecentEvents:
     event back to the subscriber that printed it -- and is dropped, so a loop
     dies after one hop.  Like NATS JetStream's duplicate window, the memory
     is bounded: the last :data:`DEDUP_WINDOW` events of each publisher and
-    topic (kept as ranges, no per-event cost), and as many envelope ids.
+    topic (kept as ranges, no per-event cost), and the last :data:`ID_WINDOW`
+    ids of republished events.
     """
 
-    def __init__(self, window: int = DEDUP_WINDOW) -> None:
+    def __init__(self, window: int = DEDUP_WINDOW, ids: int = ID_WINDOW) -> None:
         self.window = window
+        self.id_window = ids
         self.dropped = 0
         # (source, type, pubid) -> [first, next] sequence numbers delivered
         self._ranges: dict[tuple[str, str, str], list[int]] = {}
@@ -273,7 +276,7 @@ class RecentEvents:
         self._ids[key] = None
         scope = (key[0], key[2])
         self._id_scopes[scope] = self._id_scopes.get(scope, 0) + 1
-        if len(self._ids) > self.window:
+        if len(self._ids) > self.id_window:
             old, _ = self._ids.popitem(last=False)
             old_scope = (old[0], old[2])
             left = self._id_scopes[old_scope] - 1

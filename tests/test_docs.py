@@ -259,3 +259,10 @@ def test_environment_variables_sit_between_flags_and_config(tmp_path: Path) -> N
         timeout=60,
     )
     assert bad.returncode == 2 and "hwm" in bad.stderr.lower()
+
+
+def test_a_group_without_a_subcommand_prints_its_help_not_an_error() -> None:
+    result = run(sys.executable, "-m", PROGRAMS["eda-registry"])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Usage: eda-registry ") and "error:" not in result.stderr
+    assert "Commands:" in result.stderr

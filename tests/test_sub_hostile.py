@@ -40,6 +40,7 @@ def bound_sub(procs, *args, **kw):
 def peer(endpoint):
     """An XPUB connected to *endpoint*, once the subscriber's subscriptions have arrived."""
     sock = zmq.Context.instance().socket(zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, 0)  # this peer never drops what a test sends
     sock.connect(endpoint)
     try:
         assert sock.poll(15_000), "no subscription arrived from eda-sub"
@@ -251,3 +252,21 @@ def test_unknown_format_field_is_refused_and_dicts_render_as_json(procs):
         sock.send_multipart(batch("t", [b'{"a":[1,2]}'], kind=codec.JSON, ext=b'{"tenant":"acme"}'))
         assert sub.wait(20) == 0
     assert sub.lines() == ['{"tenant":"acme"}|acme||{"a":[1,2]}']
+
+
+def test_shared_json_encoder_is_safe_for_values_from_the_wire():
+    from eda.cli.common import json_text
+
+    def refuse(name):
+        raise AssertionError(name)
+
+    text = json_text(
+        {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "bad": "a\ud800b", "ok": 1.5}
+    )
+    text.encode()  # valid UTF-8
+    assert json.loads(text, parse_constant=refuse) == {
+        "nan": None,
+        "inf": [None, None],
+        "bad": "a\ud800b",
+        "ok": 1.5,
+    }
