@@ -87,7 +87,7 @@ class Record(NamedTuple):
             return self
         parts = self.payloads()[lo - self.seq : hi - self.seq + 1]
         return self._replace(
-            seq=lo, count=len(parts), pubseq=self.pubseq + lo - self.seq, body=b"\n".join(parts)
+            seq=lo, size=len(parts), pubseq=self.pubseq + lo - self.seq, body=b"\n".join(parts)
         )
 
 
