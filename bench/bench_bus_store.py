@@ -36,7 +36,9 @@ def batches(n: int) -> list[codec.Batch]:
     for first in range(1, n + 1, PER_BATCH):
         size = min(PER_BATCH, n - first + 1)
         body = b"\n".join(b"%08d " % (first + i) + b"x" * 91 for i in range(size))
-        out.append(codec.Batch("bench.store", codec.TEXT, size, first, now, "bench", "eda://b", body))
+        out.append(
+            codec.Batch("bench.store", codec.TEXT, size, first, now, "bench", "eda://b", body)
+        )
     return out
 
 

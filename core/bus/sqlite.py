@@ -192,6 +192,9 @@ class SQLiteEngine:
         scan = wal.scan(Path(f"{self.path}-wal"))
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        try:
             fresh = conn.execute("PRAGMA page_count").fetchone()[0] == 0
             if fresh:
                 conn.execute(f"PRAGMA page_size = {int(page_size)}")
@@ -207,9 +210,17 @@ class SQLiteEngine:
                 "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('next_seq', 1)",
                 (SCHEMA_VERSION,),
             )
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
             if scan and (scan.torn_bytes or scan.uncommitted):
                 self._repair(conn, scan)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            conn.close()
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+                raise StoreFullError(f"cannot open store {self.path}: the disk is full") from None
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         return conn
 
