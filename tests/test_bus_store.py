@@ -161,6 +161,17 @@ def test_read_by_range_limit_pattern_time_and_last(tmp_path: Path) -> None:
             b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
 
 
+def test_pattern_reads_over_many_batches_in_order(store: SQLiteEngine) -> None:
+    store.append([batch(i // 2 + 1, 1, "a.x" if i % 2 else "b.y") for i in range(3000)])
+    store.commit()
+    got = events(store, 1, matcher=Matcher(["a.*"]))
+    assert [q for q, _ in got] == list(range(2, 3001, 2))
+    assert [q for q, _ in events(store, 101, matcher=Matcher(["b.>"]), limit=700)] == list(
+        range(101, 1500, 2)
+    )
+    assert events(store, 1, matcher=Matcher(["c"])) == []
+
+
 # -- consumers and groups ---------------------------------------------------------
 
 

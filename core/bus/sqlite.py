@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from .. import codec
 from ..codec import Batch
 from ..errors import NotFoundError, UsageError
 from ..topics import Matcher, validate_topic
@@ -85,6 +86,9 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
 _INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_SELECT = f"SELECT {_COLUMNS} FROM batches"
+_RANGE = f"{_SELECT} WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
+_HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 Ranges = list[list[int]]  # sorted, disjoint, non-adjacent half-open [lo, hi)
 
@@ -301,6 +305,8 @@ class SQLiteEngine:
         if batch.topic not in self._topics_ok:
             validate_topic(batch.topic)
             self._topics_ok.add(batch.topic)
+        if batch.kind not in (codec.TEXT, codec.JSON, codec.ENVELOPE):
+            raise UsageError(f"bad batch: unknown kind {batch.kind}")
         if batch.size < 1 or not 0 <= batch.seq <= _MAX_SEQ - batch.size:
             raise UsageError(f"bad batch: {batch.size} events from sequence {batch.seq}")
         if batch.size > 1 and batch.body.count(b"\n") != batch.size - 1:
@@ -392,28 +398,50 @@ class SQLiteEngine:
         end = self._durable if end is None else min(end, self._durable)
         left = limit if limit is not None else _MAX_SEQ
         start = max(start, 1)
-        conn = self._conn
-        head = conn.execute("SELECT max(seq) FROM batches WHERE seq <= ?", (start,)).fetchone()[0]
-        pos = start if head is None else head
-        query = f"SELECT {_COLUMNS} FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
-        while left > 0 and pos <= end:
-            rows = conn.execute(query, (pos, end, _CHUNK)).fetchall()
-            if not rows:
+        if left <= 0 or start > end:
+            return
+        head = self._conn.execute(
+            "SELECT max(seq) FROM batches WHERE seq <= ?", (start,)
+        ).fetchone()[0]
+        for row in self._rows(start if head is None else head, end, matcher):
+            record = Record(*row)
+            top = record.seq + record.size - 1
+            if top < start:
+                continue
+            lo = max(start, record.seq)
+            hi = min(end, top, lo + left - 1)
+            if lo != record.seq or hi != top:
+                record = record.slice(lo, hi)
+            left -= record.size
+            yield record
+            if left <= 0:
                 return
-            for row in rows:
-                record = Record(*row)
-                top = record.seq + record.size - 1
-                if top < start or (matcher is not None and not matcher(record.topic)):
-                    continue
-                lo = max(start, record.seq)
-                hi = min(end, top, lo + left - 1)
-                if lo != record.seq or hi != top:
-                    record = record.slice(lo, hi)
-                left -= record.size
-                yield record
-                if left <= 0:
+
+    def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
+        """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
+
+        With a pattern, topics are looked at first and only matching rows are
+        fetched whole: SQLite never reads the blobs of the others.
+        """
+        conn = self._conn
+        while pos <= end:
+            if matcher is None:
+                rows = conn.execute(_RANGE, (pos, end, _CHUNK)).fetchall()
+                if not rows:
                     return
-            pos = rows[-1][0] + 1
+                pos = rows[-1][0] + 1
+                yield from rows
+                continue
+            heads = conn.execute(_HEADS, (pos, end, _CHUNK * 16)).fetchall()
+            if not heads:
+                return
+            pos = heads[-1][0] + 1
+            wanted = [seq for seq, topic in heads if matcher(topic)]
+            for i in range(0, len(wanted), _CHUNK):
+                part = wanted[i : i + _CHUNK]
+                marks = ",".join("?" * len(part))
+                sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
+                yield from conn.execute(sql, part).fetchall()  # no cursor open across yields
 
     def seq_at(self, when: float) -> int:
         row = self._conn.execute(
