@@ -189,6 +189,8 @@ def test_durable_consumer_position_survives_reopen(tmp_path: Path) -> None:
         assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
         (c,) = s.stats().consumers
         assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
+        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
+        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
         s.drop_consumer("billing")
         with pytest.raises(NotFoundError):
             s.position("billing")

@@ -146,7 +146,10 @@ def _name(name: str, what: str) -> str:
 
 
 class SQLiteEngine:
-    """The embedded store of eda-bus (see the module docstring)."""
+    """The embedded store of eda-bus (see the module docstring).
+
+    Not thread-safe: use it from one thread at a time (it may be created on another).
+    """
 
     def __init__(
         self,
@@ -499,10 +502,14 @@ class SQLiteEngine:
 
     def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
         _name(name, "consumer")
-        row = self._conn.execute("SELECT next FROM consumers WHERE name = ?", (name,)).fetchone()
-        if row:
-            return int(row[0])
         spec = json.dumps(Matcher(patterns).patterns)
+        row = self._conn.execute(
+            "SELECT next, patterns FROM consumers WHERE name = ?", (name,)
+        ).fetchone()
+        if row:
+            if row[1] != spec:  # resumed with other patterns: its lag is counted by the new ones
+                self._write("UPDATE consumers SET patterns = ? WHERE name = ?", (spec, name))
+            return int(row[0])
         start = max(1, min(start, self._next))
         self._write("INSERT INTO consumers VALUES (?, ?, ?)", (name, spec, start))
         return start
