@@ -270,6 +270,20 @@ def test_oversized_event_refused_and_nothing_of_the_call_stored(tmp_path: Path) 
         assert s.commit() == 2
 
 
+def test_a_stream_with_too_many_gaps_is_refused_until_filled(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", max_ranges=3) as s:
+        s.append([batch(1, 1)])
+        s.append([batch(3, 1)])
+        s.append([batch(5, 1)])  # three ranges: 1, 3, 5
+        with pytest.raises(UsageError, match="2 gaps in its sequence: batch from 7 refused"):
+            s.append([batch(7, 1)])
+        s.append([batch(6, 1), batch(5, 1)])  # continuing, and a duplicate: fine
+        s.append([batch(2, 1)])  # filling a gap: fine
+        s.append([batch(9, 1)])
+        assert s.commit() == 6
+        assert sorted(r.pubseq for r in s.read(1)) == [1, 2, 3, 5, 6, 9]
+
+
 @pytest.mark.parametrize(("mode", "level"), [("always", 2), ("batch", 2), ("never", 0)])
 def test_fsync_modes_map_to_sqlite_synchronous(tmp_path: Path, mode: str, level: int) -> None:
     with SQLiteEngine(tmp_path / "bus.db", fsync=mode) as s:  # type: ignore[arg-type]

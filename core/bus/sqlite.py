@@ -10,7 +10,10 @@ Idempotence: for each stream (pubid, topic) the engine keeps the publisher
 sequences it has stored as a list of half-open ranges ``[lo, hi)`` (normally
 one), in memory and in the ``streams`` table, written in the same transaction
 as the batches.  A resent batch is cut against them, so only its new part is
-stored, whatever the order of arrival.
+stored, whatever the order of arrival.  A stream split into more than
+``max_ranges`` ranges refuses batches that would split it further (bounded
+state, as Kafka refuses out-of-order sequences) until the gaps are filled.
+Stream state is forgotten by age retention (a publisher silent for longer).
 
 Durability: appends and consumer bookkeeping go into an open transaction;
 ``commit()`` ends it (group commit).  fsync ``batch`` and ``always`` run with
@@ -46,6 +49,7 @@ from . import retention, wal
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
+    Engine,
     EventTooLargeError,
     Fsync,
     Receipt,
@@ -59,6 +63,7 @@ from .engine import (
 
 SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_EVENT: Final = 1 << 20
+DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 MAX_NAME: Final = 255  # consumer, group and member names
 _MAX_SEQ: Final = (1 << 63) - 1
 _SQLITE_FULL: Final = 13
@@ -157,6 +162,7 @@ class SQLiteEngine:
         *,
         fsync: Fsync = "batch",
         max_event_bytes: int = DEFAULT_MAX_EVENT,
+        max_ranges: int = DEFAULT_MAX_RANGES,
         page_size: int = 65536,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -165,6 +171,7 @@ class SQLiteEngine:
         self.path = Path(path)
         self.fsync = fsync
         self.max_event_bytes = max_event_bytes
+        self.max_ranges = max_ranges
         self._clock = clock
         self.repairs: list[str] = []  # what opening found and repaired, one line each
         self._lock_fd = self._lock()
@@ -324,9 +331,29 @@ class SQLiteEngine:
                     f"more than the maximum of {self.max_event_bytes}: batch refused"
                 )
 
+    def _check_gaps(self, batch: Batch) -> None:
+        """Refuse a batch that would split its stream into more than ``max_ranges`` ranges.
+
+        This bounds the state kept per stream (a call's own batches may add a
+        few more).  Like Kafka's out-of-order sequence error: the publisher
+        sends the missing events first.
+        """
+        ranges = self._streams.get((batch.pubid, batch.topic))
+        if not ranges or len(ranges) < self.max_ranges or ranges[-1][1] == batch.seq:
+            return
+        trial = [r[:] for r in ranges]
+        for a, z in _subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
+            _add(trial, a, z)
+        if len(trial) > len(ranges):
+            raise UsageError(
+                f"publisher {batch.pubid} on {batch.topic} has {len(ranges) - 1} gaps in its "
+                f"sequence: batch from {batch.seq} refused; send the missing events first"
+            )
+
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
         for batch in batches:
             self._check(batch)
+            self._check_gaps(batch)
         now = max(self._clock(), self._last_stored)
         rows: list[tuple[Any, ...]] = []
         receipts: list[Receipt] = []
@@ -719,3 +746,7 @@ class SQLiteEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _implements(engine: SQLiteEngine) -> Engine:
+    return engine  # mypy checks here that SQLiteEngine has every method of Engine
