@@ -295,9 +295,15 @@ def test_fsync_modes_map_to_sqlite_synchronous(tmp_path: Path, mode: str, level:
         SQLiteEngine(tmp_path / "x.db", fsync="sometimes")  # type: ignore[arg-type]
 
 
-def test_a_store_has_one_owner(store: SQLiteEngine) -> None:
+def test_a_store_has_one_owner_and_a_closed_store_says_so(store: SQLiteEngine) -> None:
     with pytest.raises(StoreError, match="in use by another process"):
         SQLiteEngine(store.path)
+    store.close()
+    with SQLiteEngine(store.path) as again:  # the lock went with the close
+        assert again.durable_seq == 0
+    for call in (lambda: store.append([batch(1, 1)]), store.commit, lambda: list(store.read(1))):
+        with pytest.raises(StoreError, match="is closed"):
+            call()
 
 
 # -- crashes, torn writes, full disk -------------------------------------------------
@@ -391,6 +397,26 @@ def test_torn_last_write_is_detected_and_repaired_to_the_last_commit(
         assert r.stored == ((81, 81, 20),)
     with SQLiteEngine(image) as s:
         assert s.repairs == [] and s.durable_seq == 100
+
+
+def test_a_reused_wal_with_old_frames_after_a_crash_is_not_taken_for_damage(
+    tmp_path: Path,
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", page_size=4096) as s:
+        for i in range(5):
+            s.append([batch(1 + 20 * i, 20, width=300)])
+            s.commit()
+        s._conn.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        )  # all copied: the next write restarts the WAL
+        s.append([batch(101, 1)])
+        s.commit()
+        image = crash_image(s, tmp_path / "crash.db")
+    scan = walscan.scan(Path(f"{image}-wal"))
+    assert scan is not None and scan.torn_bytes == 0 and scan.uncommitted == 0
+    assert Path(f"{image}-wal").stat().st_size > 32 + scan.frames * (24 + 4096)  # old frames follow
+    with SQLiteEngine(image) as s:
+        assert s.repairs == [] and s.durable_seq == 101
 
 
 @pytest.fixture(scope="module")

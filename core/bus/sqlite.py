@@ -290,8 +290,7 @@ class SQLiteEngine:
         return int(row[0]) if row[0] is not None else self._next
 
     def _begin(self) -> None:
-        if self._closed:
-            raise StoreError(f"store {self.path} is closed")
+        self._usable()
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
 
@@ -350,7 +349,12 @@ class SQLiteEngine:
                 f"sequence: batch from {batch.seq} refused; send the missing events first"
             )
 
+    def _usable(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
+        self._usable()
         for batch in batches:
             self._check(batch)
             self._check_gaps(batch)
@@ -396,6 +400,7 @@ class SQLiteEngine:
         return receipts
 
     def commit(self) -> int:
+        self._usable()
         if not self._conn.in_transaction:
             return self._durable
         conn = self._conn
@@ -425,6 +430,7 @@ class SQLiteEngine:
         matcher: Matcher | None = None,
         limit: int | None = None,
     ) -> Iterator[Record]:
+        self._usable()
         end = self._durable if end is None else min(end, self._durable)
         left = limit if limit is not None else _MAX_SEQ
         start = max(start, 1)
