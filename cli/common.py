@@ -82,7 +82,7 @@ class Exit(Exception):
         self.code = code
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM arrived: flush, clean up and exit."""
 
 
@@ -180,6 +180,11 @@ class _JsonDict(dict[str, Any]):
 
     def __missing__(self, key: str) -> str:
         return ""
+
+    def __getattr__(self, key: str) -> Any:  # {meta.zone} as well as {meta[zone]}
+        if key.startswith("__"):
+            raise AttributeError(key)
+        return self[key]
 
 
 class _JsonList(list[Any]):
@@ -304,6 +309,7 @@ class Output:
         self.exec_cmd = exec_cmd
         self.exec_env = exec_env
         self.exec_failures = 0
+        self.forced_json = force_json
         self.template = Template(template, fields) if template else None
         self.template_fields = template_fields
         self.terminal = terminal

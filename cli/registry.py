@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -12,20 +9,20 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import (
-    EXIT_USAGE,
     Context,
     Exit,
-    Template,
+    Output,
     Terminated,
     common_options,
     for_terminal,
     run,
-    write_stdout,
 )
 from eda.core import __version__
 from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from eda.core.registry.access import Access
 
 SECONDS = click.FloatRange(min=0, min_open=True)
@@ -87,17 +84,7 @@ def output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any
     return decorate
 
 
-class _Group(click.Group):
-    """No subcommand: the help, on stdout, and exit 2 (a usage error, as click does)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args and not ctx.resilient_parsing:  # (shell completion parses no args too)
-            click.echo(ctx.get_help())
-            raise Exit(EXIT_USAGE)
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_Group, epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
+@click.group(epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
 @click.version_option(__version__, "--version", message="%(prog)s %(version)s")
 @click.help_option("-h", "--help")
 def command() -> None:
@@ -427,7 +414,7 @@ def lookup(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name)
-    fmt = _instance_template(template)
+    out = _instance_output(ctx, template, force_json)
     found = _query(
         "lookup",
         service,
@@ -441,7 +428,7 @@ def lookup(
     if not found:
         what = "instance" if include_all else "passing instance"
         raise NotFoundError(f"no {what} of service {service!r}")
-    _print_instances(found, fmt, force_json)
+    _print_instances(found, out)
 
 
 @command.command(
@@ -472,7 +459,7 @@ def list_(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name) if name is not None else None
-    fmt = _instance_template(template)
+    out = _instance_output(ctx, template, force_json)
     found = _query(
         "list",
         service,
@@ -483,37 +470,11 @@ def list_(
         no_mdns,
         ctx,
     )
-    _print_instances(found, fmt, force_json)
-
-
-class _JsonDict(dict[str, Any]):
-    """A mapping that prints as JSON in a template; ``{meta[k]}`` and ``{meta.k}`` index it."""
-
-    def __format__(self, spec: str) -> str:
-        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-
-class _JsonList(list[Any]):
-    def __format__(self, spec: str) -> str:
-        return format(json.dumps(self, separators=(",", ":"), ensure_ascii=False), spec)
-
-
-def _template_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        return _JsonDict(value)
-    if isinstance(value, list):
-        return _JsonList(value)
-    return value
+    _print_instances(found, out)
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
-    fields = {k: _template_value(v) for k, v in record.items()}
+    fields = dict(record)
     fields["address"] = _address(record.get("host"), record.get("port"))
     return fields
 
@@ -522,26 +483,22 @@ def _address(host: object, port: object) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def _rendered(fmt: Template, fields: dict[str, Any]) -> str:
-    """One template line; on a terminal, peer text in it has its control characters escaped."""
-    line = fmt.line(fields)
-    if sys.stdout.isatty():
-        return for_terminal(line.removesuffix("\n")) + "\n"
-    return line
+def _instance_output(ctx: Context, template: str | None, force_json: bool) -> Output:
+    """How instances print; a --format naming an unknown field is refused at once."""
+    return Output(
+        ctx,
+        template=template,
+        fields=INSTANCE_FIELDS,
+        force_json=force_json,
+        template_fields=_fields,
+    )
 
 
-def _instance_template(template: str | None) -> Template | None:
-    """The --format template, refused at once if it names an unknown field."""
-    return Template(template, fields=INSTANCE_FIELDS) if template else None
-
-
-def _print_instances(found: list[dict[str, Any]], fmt: Template | None, force_json: bool) -> None:
-    if fmt is not None:
-        write_stdout("".join(_rendered(fmt, _fields(r)) for r in found).encode())
-    elif force_json or not sys.stdout.isatty():
-        write_stdout("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found).encode())
+def _print_instances(found: list[dict[str, Any]], out: Output) -> None:
+    if out.mode == "json" and out.tty and not out.forced_json:
+        _table(found)  # a terminal gets one table of them all
     else:
-        _table(found)
+        out.items(found)
 
 
 STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
@@ -635,63 +592,50 @@ def watch(
     from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
-    emit = _event_printer(exec_cmd, template, force_json)
+    out = _event_output(ctx, exec_cmd, template, force_json)
     access = _access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
-            emit(event)
+            out.items([event])
             if count is not None and seen >= count:
-                return
+                break
     finally:
         events.close()
+    raise Exit(out.finish())
 
 
-def _event_printer(
-    exec_cmd: str | None, template: str | None, force_json: bool
-) -> Callable[[dict[str, Any]], None]:
-    if exec_cmd:
-        import subprocess
+EVENT_COLOURS = {
+    "registered": "green",
+    "deregistered": "yellow",
+    "expired": "red",
+    "health": "magenta",
+}
 
-        def run_exec(event: dict[str, Any]) -> None:
-            env = dict(
-                os.environ,
-                EDA_EVENT=str(event["type"]),
-                EDA_SERVICE=str(event.get("service")),
-                EDA_INSTANCE=str(event["instance"].get("id")),
-                EDA_EVENT_ID=str(event["id"]),
-            )
-            line = json.dumps(event, separators=(",", ":")) + "\n"
-            result = subprocess.run(exec_cmd, shell=True, input=line.encode(), env=env, check=False)
-            if result.returncode:
-                code, event_id = result.returncode, event["id"]
-                sys.stderr.write(
-                    f"eda-registry: warning: --exec command exited {code} for event {event_id}\n"
-                )
 
-        return run_exec
-    if template:
-        fmt = Template(template, fields=EVENT_FIELDS)
-        return lambda event: write_stdout(_rendered(fmt, _event_fields(event)).encode())
-    if force_json or not sys.stdout.isatty():
-        return lambda event: write_stdout(
-            (json.dumps(event, separators=(",", ":")) + "\n").encode()
-        )
+def _event_output(
+    ctx: Context, exec_cmd: str | None, template: str | None, force_json: bool
+) -> Output:
+    return Output(
+        ctx,
+        template=template,
+        fields=EVENT_FIELDS,
+        force_json=force_json,
+        exec_cmd=exec_cmd,
+        exec_env=_event_env,
+        template_fields=_event_fields,
+        terminal=lambda event: _event_line(event, EVENT_COLOURS),
+    )
 
-    from rich.console import Console
 
-    console = Console(highlight=False)
-    colours = {
-        "registered": "green",
-        "deregistered": "yellow",
-        "expired": "red",
-        "health": "magenta",
+def _event_env(event: dict[str, Any]) -> dict[str, Any]:
+    inst = event.get("instance") or {}
+    return {
+        "EDA_EVENT": event.get("type"),
+        "EDA_SERVICE": event.get("service"),
+        "EDA_INSTANCE": inst.get("id"),
+        "EDA_EVENT_ID": event.get("id"),
     }
-
-    def show(event: dict[str, Any]) -> None:
-        console.print(_event_line(event, colours))
-
-    return show
 
 
 def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
@@ -718,7 +662,7 @@ def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
 
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
     fields = _fields(event["instance"])
-    fields.update({k: _template_value(v) for k, v in event.items() if k != "instance"})
+    fields.update({k: v for k, v in event.items() if k != "instance"})
     fields["instance"] = event["instance"].get("id")
     return fields
 
@@ -756,17 +700,17 @@ def browse(
     full_type(service_type)
     deadline = None if duration is None else time.monotonic() + duration
     seen = 0
-    fmt = Template(template, fields=BROWSE_FIELDS) if template else None
-    as_json = force_json or not sys.stdout.isatty()
+    out = Output(
+        Context("eda-registry", verbose),
+        template=template,
+        fields=BROWSE_FIELDS,
+        force_json=force_json,
+        template_fields=_browse_fields,
+        terminal=_browse_line,
+    )
     for item in browse_lan(service_type, _iface(interface)):
         if item is not None:
-            if fmt:
-                line = _rendered(fmt, _browse_fields(item)).rstrip("\n")
-            elif as_json:
-                line = json.dumps(item, separators=(",", ":"))
-            else:
-                line = _browse_line(item)
-            write_stdout((line + "\n").encode())
+            out.items([item])
             seen += 1
             if count is not None and seen >= count:
                 return
@@ -775,19 +719,21 @@ def browse(
 
 
 def _browse_fields(item: dict[str, Any]) -> dict[str, Any]:
-    fields = {k: _template_value(v) for k, v in item.items()}
+    fields = dict(item)
     addresses = item.get("addresses") or []
     fields["address"] = _address(addresses[0], item.get("port")) if addresses else ""
     return fields
 
 
-def _browse_line(item: dict[str, Any]) -> str:
+def _browse_line(item: dict[str, Any]) -> Text:
     """One browse item for a terminal: best address first, TXT as key=value, all escaped."""
     addresses = item.get("addresses") or []
     where = f"{addresses[0]}:{item.get('port', '')}" if addresses else ""
     others = f" (also {', '.join(addresses[1:])})" if len(addresses) > 1 else ""
     txt = " ".join(f"{k}={v}" for k, v in (item.get("txt") or {}).items())
-    return for_terminal(f"{item['event']:<8} {item['name']}  {where}{others}  {txt}".rstrip())
+    from rich.text import Text
+
+    return Text(for_terminal(f"{item['event']:<8} {item['name']}  {where}{others}  {txt}".rstrip()))
 
 
 def main() -> None:

@@ -836,8 +836,8 @@ def test_a_full_disk_is_a_warning_and_leaves_no_temp_file(procs: Procs, tmp_path
 def test_no_subcommand_prints_the_help_cleanly_and_exits_2() -> None:
     result = run("eda-registry")
     assert result.returncode == 2
-    assert result.stdout.startswith("Usage: eda-registry") and "lookup" in result.stdout
-    assert result.stderr == ""  # was "eda-registry: error: Usage: ..."
+    assert result.stderr.startswith("Usage: eda-registry") and "lookup" in result.stderr
+    assert result.stdout == "" and "error:" not in result.stderr  # was "error: Usage: ..."
 
 
 def test_format_fields_are_the_registrys_own_and_unknown_ones_are_refused(procs: Procs) -> None:

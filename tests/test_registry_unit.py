@@ -414,7 +414,7 @@ def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() 
         "port": 80,
         "txt": {"path": "/index.html", "v": "1"},
     }
-    line = _browse_line(item)
+    line = _browse_line(item).plain
     assert line.startswith("added    web\\x1b[2J  10.0.0.5:80 (also 169.254.1.1, ")
     assert line.endswith("  path=/index.html v=1")
     assert "{" not in line and "\x1b" not in line
