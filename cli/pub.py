@@ -122,7 +122,7 @@ def _parse_header(
     default=5.0,
     show_default=True,
     metavar="SECONDS",
-    help="Longest wait on exit for queued events to leave.",
+    help="Longest wait on exit for every subscriber to confirm the end of the stream.",
 )
 @click.option(
     "--hwm",
