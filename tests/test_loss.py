@@ -268,6 +268,26 @@ def test_block_survives_a_subscriber_killed_with_sigkill(procs: Procs, tmp_path:
     assert match and int(match.group(1)) >= 0
 
 
+def test_block_keeps_waiting_for_a_slow_subscriber_that_is_alive(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Heartbeats cut off the dead, not the slow: a subscriber stuck writing its
+    output for longer than GONE_AFTER + GONE_GRACE still gets every event."""
+    data = flood_file(tmp_path)
+    with piped_sub(tmp_path, "slow", "--raw", "--hwm", "1") as sub:
+        subid = sub.wait_stderr(r"announced as (\w+)").group(1)
+        with data.open("rb") as fh:
+            pub = procs.eda("eda-pub", "-v", "--block", "--hwm", "1", "slow", stdin=fh)
+            pub.wait_stderr(f"subscriber {subid} ready", 15)
+        # a duration, not a readiness wait: the subscriber must stay stuck this long
+        time.sleep(pubsub.GONE_AFTER + pubsub.GONE_GRACE + 2)
+        assert pub.popen.poll() is None and "gone" not in pub.stderr, pub.stderr
+        sub.drain()
+        assert pub.wait(120) == 0, pub.stderr
+        wait_until(lambda: sub.lines == FLOOD_EVENTS, 60, f"{FLOOD_EVENTS} lines")
+        assert "lost" not in sub.stderr and "gone" not in pub.stderr
+
+
 # -- section 6 -----------------------------------------------------------------------------
 
 
