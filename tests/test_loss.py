@@ -206,13 +206,17 @@ def test_connect_to_a_stalled_subscriber_exits_4(procs: Procs) -> None:
 
 FAKE_SUBSCRIBER = """
 import socket, sys, time
-from eda.core import discovery
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(8)  # accepts TCP, never speaks ZMTP: a stalled subscriber
-found = discovery.Discovery("127.0.0.1")
-found.announce(discovery.SUB_TYPE, "5ta11ed0", listener.getsockname()[1], ["t"],
-               lambda: print("announced", file=sys.stderr, flush=True))
+zc = Zeroconf(ip_version=IPVersion.V4Only)
+zc.register_service(ServiceInfo(
+    "_eda-sub._tcp.local.", "sub-fake-5ta11ed0._eda-sub._tcp.local.",
+    port=listener.getsockname()[1], addresses=[socket.inet_aton("127.0.0.1")],
+    properties={"id": "5ta11ed0", "p": "t", "v": "1"}, server="fake-5ta11ed0.local.",
+))
+print("announced", file=sys.stderr, flush=True)
 time.sleep(120)
 """
 
