@@ -277,7 +277,7 @@ def _report(ctx: Context, outcome: Outcome) -> None:
     for subid, n in sorted(outcome.unconfirmed.items()):
         ctx.warn(
             f"warning: subscriber {subid} did not confirm receipt within the linger"
-            f" ({n} event(s) sent to it may be lost)"
+            f" (of {n} event(s) published since it joined, those it subscribes to may be lost)"
         )
     # (subscribers that went away were reported by on_gone as it happened)
 

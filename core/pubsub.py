@@ -444,12 +444,12 @@ class Publisher(_Node):
             pending -= self._left | self._acks.keys()
             pending &= self.subscribers | self._dropped.keys()
             now = time.monotonic()
-            if not pending or now >= deadline:
-                break
-            if now >= resend:
+            if pending and now >= resend:  # (sent at least once, even with no linger)
                 for subid in pending - self._dropped.keys():
                     self._send_end(subid)
                 resend = now + END_RESEND
+            if not pending or now >= deadline:
+                break
             self.sock.poll(max(1, int(min(deadline - now, resend - now, 0.05) * 1000)))
         self._report_gone(0.0)
         unconfirmed = {
