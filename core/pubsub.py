@@ -111,12 +111,17 @@ class _Watch:
 
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self._sock = sock
-        self._mon: zmq.Socket[bytes] | None = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
-        )
+        self._mon: zmq.Socket[bytes] | None = None
         self.since: dict[str, float] = {}  # endpoint -> when connected; gone once it answered
         self.refused: set[str] = set()
         self.reported: set[str] = set()
+
+    def open(self) -> None:
+        """Start monitoring (before connecting, so no handshake event is missed)."""
+        if self._mon is None:
+            self._mon = self._sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+            )
 
     def add(self, endpoint: str) -> None:
         self.since.setdefault(endpoint, time.monotonic())
@@ -190,8 +195,10 @@ class _Node:
         A host name that does not resolve is an EdaError at once.
         """
         if endpoint not in self._connected:
-            if watch and self._watch is None:
-                self._watch = _Watch(self.sock)
+            if watch:
+                if self._watch is None:
+                    self._watch = _Watch(self.sock)
+                self._watch.open()
             _connect(self.sock, endpoint)
             self._connected.add(endpoint)
             if watch and self._watch is not None:
