@@ -38,6 +38,7 @@ import contextlib
 import errno
 import json
 import queue
+import re
 import secrets
 import socket
 import time
@@ -66,6 +67,9 @@ _RECV_HWM_CAP = max(16, QUEUE_BYTES // codec.MAX_BATCH_BYTES)
 
 def new_id() -> str:
     return secrets.token_hex(4)
+
+
+_PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack may name
 
 
 # bind/connect errors that come from the machine or network, not from the caller's syntax
@@ -343,6 +347,8 @@ class Publisher(_Node):
 
     def _control(self, subscribe: bool, tag: bytes, rest: bytes) -> None:
         text = rest.decode(errors="replace")
+        if tag != codec.ACK_PREFIX and not _PEER_ID.fullmatch(text):
+            return  # not an id eda gives (a peer's odd subscription): never state
         if tag == codec.BEACON_PREFIX:
             if subscribe:
                 self._dropped.pop(text, None)  # (back within the grace period: not reported)
@@ -361,7 +367,7 @@ class Publisher(_Node):
         elif subscribe and tag == codec.ACK_PREFIX:
             pubid, subid, lost = [*text.split(" "), "", ""][:3]
             if pubid == self.pubid and subid in self.subscribers and lost.isdigit():
-                self._acks[subid] = min(int(lost), 1 << 62)
+                self._acks[subid] = int(lost[:18])
 
     def _report_gone(self, grace: float) -> None:
         """Report subscribers whose connection dropped *grace* seconds ago and did not return."""
