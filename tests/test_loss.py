@@ -448,3 +448,32 @@ def test_end_of_stream_decoder_yields_valid_ranges_or_value_error(payload: bytes
     assert isinstance(pubid, str) and isinstance(source, str)
     for first, end in due.values():
         assert type(first) is int and type(end) is int and 1 <= first <= end < 2**63
+
+
+def test_crafted_control_subscriptions_never_become_publisher_state() -> None:
+    pub = pubsub.Publisher()
+    rogue = zmq.Context.instance().socket(zmq.XSUB)
+    try:
+        endpoint = pub.bind("tcp://127.0.0.1:*")
+        rogue.connect(endpoint)
+        crafted = [
+            codec.BEACON_PREFIX + b"\x1b]0;pwned\x07",
+            codec.BEACON_PREFIX + b"x" * 100_000,
+            codec.BEACON_PREFIX + b"\xff\xfe",
+            codec.BEACON_PREFIX,
+            codec.BYE_PREFIX + b"\x1b[2J",
+            codec.ACK_PREFIX + pub.pubid.encode() + b" nobody 99",
+            codec.ACK_PREFIX + pub.pubid.encode() + b" x 99999999999999999999999999999",
+            codec.ACK_PREFIX + b"\x00" * 50,
+        ]
+        for topic in crafted:
+            rogue.send(b"\x01" + topic)
+        rogue.send(b"\x01" + codec.BEACON_PREFIX + b"r0gue")  # a well-formed one, last
+        wait_until(lambda: (pub.service(), "r0gue" in pub.subscribers)[1], 15, "the beacon")
+        assert pub.subscribers == {"r0gue"}
+        rogue.send(b"\x01" + codec.ACK_PREFIX + pub.pubid.encode() + b" r0gue 99999999999999999999")
+        outcome = pub.finish(5)
+        assert outcome.lost == {"r0gue": 999999999999999999} and not outcome.unconfirmed
+    finally:
+        rogue.close(0)
+        pub.close(0)
