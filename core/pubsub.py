@@ -12,9 +12,11 @@ duplicate that a race still lets through.
 
 Loss is accounted on both sides (README, "Loss is never silent"):
 
-* Publisher sockets set ``ZMQ_IMMEDIATE`` and ZMTP heartbeats, so a
-  subscriber whose connection drops (killed, or silent for ``GONE_AFTER``
-  seconds) loses its queue at once instead of blocking ``--block`` forever.
+* Publisher sockets set ``ZMQ_IMMEDIATE``, so a subscriber whose connection
+  drops (killed, exited) loses its queue at once instead of blocking
+  ``--block`` forever.  (No ZMTP heartbeats: libzmq 4.3 stops them while a
+  queue is full and can abort on them once a full connection closes; and a
+  frozen peer cannot be told from a slow reader at the TCP level.)
   XPUB then hands up the removal of that subscriber's beacon subscription,
   which tells the publisher *who* went; unless it is back within
   ``GONE_GRACE`` seconds it is reported with the number of events it missed.
@@ -54,9 +56,7 @@ from .topics import Matcher
 
 LossCallback = Callable[[str, str, int], None]
 
-GONE_AFTER = 10.0  # s: a subscriber that sends nothing (not even heartbeats) this long is cut off
 GONE_GRACE = 3.0  # s: a subscriber whose connection dropped and is not back by then is reported
-HEARTBEAT_IVL = 1.0  # s: ZMTP PING interval on both sides
 END_RESEND = 0.25  # s: an unconfirmed end-of-stream message is sent again this often
 CLOSE_LINGER = 0.5  # s: a closing subscriber's goodbye gets this long to leave
 UNREADY_AFTER = 3.0  # s: an explicit --connect with no handshake by then is reported
@@ -317,8 +317,6 @@ class Publisher(_Node):
         # queue only to live connections: a dropped subscriber's queue goes with it,
         # so --block cannot wait forever on a dead peer (and XPUB reports who left)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(GONE_AFTER * 1000))
         sock.setsockopt(zmq.LINGER, 0)
 
     def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
@@ -510,10 +508,6 @@ class Subscriber(_Node):
         # codec.MAX_BATCH_BYTES, so --hwm batches of any size cannot take gigabytes
         sock.setsockopt(zmq.RCVHWM, min(hwm, _RECV_HWM_CAP))
         sock.setsockopt(zmq.IMMEDIATE, 1)  # subscriptions (and the goodbye) go to live peers only
-        # PINGs prove to a publisher whose queue to us is stuck that we are alive;
-        # we never time a publisher out (its PONGs may wait behind our full queue)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
         sock.setsockopt(zmq.LINGER, 0)
         for prefix in self.matcher.prefixes():
             sock.subscribe(prefix.encode())

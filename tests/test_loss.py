@@ -234,10 +234,7 @@ def test_a_discovered_subscriber_that_is_not_ready_is_named_and_exit_is_4(
 # -- section 4: --block and a subscriber killed with SIGKILL ------------------------------
 
 
-@pytest.mark.parametrize("fate", ["SIGKILL", "SIGSTOP"])
-def test_block_survives_a_subscriber_that_dies(procs: Procs, tmp_path: Path, fate: str) -> None:
-    """SIGKILL closes the connection (seen at once); SIGSTOP leaves it open but
-    silent, like a host that vanished (seen by heartbeats after GONE_AFTER)."""
+def test_block_survives_a_subscriber_killed_with_sigkill(procs: Procs, tmp_path: Path) -> None:
     good = procs.sub_ready("feed", "--raw")
     fifo = tmp_path / "feed"
     os.mkfifo(fifo)
@@ -260,9 +257,9 @@ def test_block_survives_a_subscriber_that_dies(procs: Procs, tmp_path: Path, fat
             feeder.start()
             good.wait_lines(1, 30)
             # eda-pub blocks on the stuck subscriber, which now dies
-            stuck.popen.send_signal(getattr(signal, fate))
+            stuck.popen.send_signal(signal.SIGKILL)
             feeder.join(90)
-            assert not feeder.is_alive(), f"eda-pub hangs on the subscriber after {fate}"
+            assert not feeder.is_alive(), "eda-pub hangs on the killed subscriber"
             pub.wait_stderr(rf"subscriber {stuck_id} is gone", 30)
             os.write(writer, b"after the kill\n")
             wait_until(lambda: good.stdout.endswith("after the kill\n"), 60, "the feed going on")
@@ -277,8 +274,9 @@ def test_block_survives_a_subscriber_that_dies(procs: Procs, tmp_path: Path, fat
 def test_block_keeps_waiting_for_a_slow_subscriber_that_is_alive(
     procs: Procs, tmp_path: Path
 ) -> None:
-    """Heartbeats cut off the dead, not the slow: a subscriber stuck writing its
-    output for longer than GONE_AFTER + GONE_GRACE still gets every event."""
+    """Only the dead are cut off, not the slow: a subscriber stuck writing its
+    output for longer than GONE_GRACE (and than any heartbeat would allow)
+    still gets every event."""
     data = flood_file(tmp_path)
     with piped_sub(tmp_path, "slow", "--raw", "--hwm", "1") as sub:
         subid = sub.wait_stderr(r"announced as (\w+)").group(1)
@@ -286,7 +284,7 @@ def test_block_keeps_waiting_for_a_slow_subscriber_that_is_alive(
             pub = procs.eda("eda-pub", "-v", "--block", "--hwm", "1", "slow", stdin=fh)
             pub.wait_stderr(f"subscriber {subid} ready", 15)
         # a duration, not a readiness wait: the subscriber must stay stuck this long
-        time.sleep(pubsub.GONE_AFTER + pubsub.GONE_GRACE + 2)
+        time.sleep(pubsub.GONE_GRACE + 10)
         assert pub.popen.poll() is None and "gone" not in pub.stderr, pub.stderr
         sub.drain()
         assert pub.wait(120) == 0, pub.stderr
