@@ -16,6 +16,7 @@ from eda.cli.common import (
     Context,
     Exit,
     common_options,
+    for_terminal,
     run,
 )
 from eda.core.errors import EdaError, InputError, UsageError
@@ -122,7 +123,7 @@ def _parse_header(
     default=5.0,
     show_default=True,
     metavar="SECONDS",
-    help="Longest wait on exit for queued events to leave.",
+    help="Longest wait on exit for every subscriber to confirm the end of the stream.",
 )
 @click.option(
     "--hwm",
@@ -182,6 +183,7 @@ def command(
     def reject(exc: InputError) -> None:
         ctx.warn(f"error: {exc}; skipped")
 
+    whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
     iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
@@ -202,7 +204,8 @@ def command(
         short = len(pub.subscribers) < wait_subscribers
         for subid in sorted(missing):
             ctx.warn(
-                f"warning: subscriber {subid} (found by mDNS) not ready after {wait_seconds:g}s;"
+                f"warning: subscriber {for_terminal(subid)} (found by mDNS) not ready after"
+                f" {wait_seconds:g}s;"
                 " events sent before it is ready do not reach it"
             )
         for endpoint, refused in pub.unready():
@@ -220,7 +223,7 @@ def command(
             raw = [m.encode(errors="surrogateescape") for m in messages]
             rejected = feed.send_arguments(pub, topic or "", raw, kind, reject)
         elif whole:
-            rejected = feed.send_arguments(pub, topic or "", [_whole_stdin()], kind, reject)
+            rejected = feed.send_arguments(pub, topic or "", [whole_data], kind, reject)
         else:
             feeder = feed.Feeder(
                 pub, topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject
@@ -277,7 +280,7 @@ def _report(ctx: Context, outcome: Outcome) -> None:
     for subid, n in sorted(outcome.unconfirmed.items()):
         ctx.warn(
             f"warning: subscriber {subid} did not confirm receipt within the linger"
-            f" ({n} event(s) sent to it may be lost)"
+            f" (of {n} event(s) published since it joined, those it subscribes to may be lost)"
         )
     # (subscribers that went away were reported by on_gone as it happened)
 

@@ -12,9 +12,11 @@ duplicate that a race still lets through.
 
 Loss is accounted on both sides (README, "Loss is never silent"):
 
-* Publisher sockets set ``ZMQ_IMMEDIATE`` and ZMTP heartbeats, so a
-  subscriber whose connection drops (killed, or silent for ``GONE_AFTER``
-  seconds) loses its queue at once instead of blocking ``--block`` forever.
+* Publisher sockets set ``ZMQ_IMMEDIATE``, so a subscriber whose connection
+  drops (killed, exited) loses its queue at once instead of blocking
+  ``--block`` forever.  (No ZMTP heartbeats: libzmq 4.3 stops them while a
+  queue is full and can abort on them once a full connection closes; and a
+  frozen peer cannot be told from a slow reader at the TCP level.)
   XPUB then hands up the removal of that subscriber's beacon subscription,
   which tells the publisher *who* went; unless it is back within
   ``GONE_GRACE`` seconds it is reported with the number of events it missed.
@@ -39,6 +41,7 @@ import contextlib
 import errno
 import json
 import queue
+import re
 import secrets
 import socket
 import time
@@ -54,9 +57,7 @@ from .topics import Matcher
 
 LossCallback = Callable[[str, str, int], None]
 
-GONE_AFTER = 10.0  # s: a subscriber that sends nothing (not even heartbeats) this long is cut off
 GONE_GRACE = 3.0  # s: a subscriber whose connection dropped and is not back by then is reported
-HEARTBEAT_IVL = 1.0  # s: ZMTP PING interval on both sides
 END_RESEND = 0.25  # s: an unconfirmed end-of-stream message is sent again this often
 CLOSE_LINGER = 0.5  # s: a closing subscriber's goodbye gets this long to leave
 UNREADY_AFTER = 3.0  # s: an explicit --connect with no handshake by then is reported
@@ -69,6 +70,9 @@ HANDSHAKE_TIMEOUT = 3.0  # seconds a discovered peer has to greet us before it m
 
 def new_id() -> str:
     return secrets.token_hex(4)
+
+
+_PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack may name
 
 
 # bind/connect errors that come from the machine or network, not from the caller's syntax
@@ -114,12 +118,17 @@ class _Watch:
 
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self._sock = sock
-        self._mon: zmq.Socket[bytes] | None = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
-        )
+        self._mon: zmq.Socket[bytes] | None = None
         self.since: dict[str, float] = {}  # endpoint -> when connected; gone once it answered
         self.refused: set[str] = set()
         self.reported: set[str] = set()
+
+    def open(self) -> None:
+        """Start monitoring (before connecting, so no handshake event is missed)."""
+        if self._mon is None:
+            self._mon = self._sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+            )
 
     def add(self, endpoint: str) -> None:
         self.since.setdefault(endpoint, time.monotonic())
@@ -199,8 +208,10 @@ class _Node:
         A host name that does not resolve is an EdaError at once.
         """
         if endpoint not in self._connected:
-            if watch and self._watch is None:
-                self._watch = _Watch(self.sock)
+            if watch:
+                if self._watch is None:
+                    self._watch = _Watch(self.sock)
+                self._watch.open()
             _connect(self.sock, endpoint)
             self._connected.add(endpoint)
             if watch and self._watch is not None:
@@ -358,8 +369,6 @@ class Publisher(_Node):
         # queue only to live connections: a dropped subscriber's queue goes with it,
         # so --block cannot wait forever on a dead peer (and XPUB reports who left)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(GONE_AFTER * 1000))
         sock.setsockopt(zmq.LINGER, 0)
 
     def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
@@ -397,6 +406,8 @@ class Publisher(_Node):
 
     def _control(self, subscribe: bool, tag: bytes, rest: bytes) -> None:
         text = rest.decode(errors="replace")
+        if tag != codec.ACK_PREFIX and not _PEER_ID.fullmatch(text):
+            return  # not an id eda gives (a peer's odd subscription): never state
         if tag == codec.BEACON_PREFIX:
             if subscribe:
                 self._dropped.pop(text, None)  # (back within the grace period: not reported)
@@ -415,7 +426,7 @@ class Publisher(_Node):
         elif subscribe and tag == codec.ACK_PREFIX:
             pubid, subid, lost = [*text.split(" "), "", ""][:3]
             if pubid == self.pubid and subid in self.subscribers and lost.isdigit():
-                self._acks[subid] = min(int(lost), 1 << 62)
+                self._acks[subid] = int(lost[:18])
 
     def _report_gone(self, grace: float) -> None:
         """Report subscribers whose connection dropped *grace* seconds ago and did not return."""
@@ -505,12 +516,12 @@ class Publisher(_Node):
             pending -= self._left | self._acks.keys()
             pending &= self.subscribers | self._dropped.keys()
             now = time.monotonic()
-            if not pending or now >= deadline:
-                break
-            if now >= resend:
+            if pending and now >= resend:  # (sent at least once, even with no linger)
                 for subid in pending - self._dropped.keys():
                     self._send_end(subid)
                 resend = now + END_RESEND
+            if not pending or now >= deadline:
+                break
             self.sock.poll(max(1, int(min(deadline - now, resend - now, 0.05) * 1000)))
         self._report_gone(0.0)
         unconfirmed = {
@@ -558,10 +569,6 @@ class Subscriber(_Node):
         # codec.MAX_BATCH_BYTES, so --hwm batches of any size cannot take gigabytes
         sock.setsockopt(zmq.RCVHWM, min(hwm, _RECV_HWM_CAP))
         sock.setsockopt(zmq.IMMEDIATE, 1)  # subscriptions (and the goodbye) go to live peers only
-        # PINGs prove to a publisher whose queue to us is stuck that we are alive;
-        # we never time a publisher out (its PONGs may wait behind our full queue)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
         sock.setsockopt(zmq.LINGER, 0)
         for prefix in self.matcher.prefixes():
             sock.subscribe(prefix.encode())
