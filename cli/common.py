@@ -379,15 +379,31 @@ class Output:
         return ExitStatus.OK
 
 
+class _Signals:
+    """SIGTERM arriving while output is being written waits for the write to end."""
+
+    writing = False
+    term_pending = False
+
+
 def write_stdout(data: bytes) -> None:
-    """Write all of *data* to stdout now (a closed pipe ends the program with 0)."""
+    """Write all of *data* to stdout now (a closed pipe ends the program with 0).
+
+    A SIGTERM during the write takes effect once it is done, so no line is
+    cut in half; a second SIGTERM ends it at once (a reader that never reads).
+    """
     view = memoryview(data)
+    _Signals.writing = True
     try:
         while view:
             written = os.write(1, view)
             view = view[written:]
     except BrokenPipeError:
         raise Exit(EXIT_OK) from None
+    finally:
+        _Signals.writing = False
+    if _Signals.term_pending:
+        raise Terminated()
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -483,7 +499,10 @@ def assign_envvars(command: click.Command, program: str) -> None:
                 param.envvar = f"{prefix}_{long[0][2:].replace('-', '_').upper()}"
 
 
-def _on_sigterm(signum: int, frame: Any) -> NoReturn:
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _Signals.writing and not _Signals.term_pending:
+        _Signals.term_pending = True  # write_stdout raises once its data is out
+        return
     raise Terminated()
 
 

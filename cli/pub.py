@@ -198,7 +198,9 @@ def command(
             pub.connect(endpoint, watch=True)
         expected: set[str] = set()
         if not no_mdns:
-            expected = pub.connect_subscribers(discover_timeout)
+            expected = pub.connect_subscribers(
+                discover_timeout, None if envelope and topic is None else topic
+            )
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
         missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
         short = len(pub.subscribers) < wait_subscribers
@@ -208,6 +210,12 @@ def command(
                 f" {wait_seconds:g}s;"
                 " events sent before it is ready do not reach it"
             )
+        for peer in pub.unreachable:
+            ctx.warn(
+                f"warning: subscriber {for_terminal(peer.id)} (found by mDNS) does not answer"
+                f" at {for_terminal(peer.endpoint)}; events do not reach it"
+            )
+            failed = True
         for endpoint, refused in pub.unready():
             why = "connection refused" if refused else "no answer"
             ctx.warn(
@@ -218,6 +226,11 @@ def command(
         failed = failed or bool(missing)
         if short:
             ctx.warn(f"only {len(pub.subscribers)} subscriber(s) ready after {wait_seconds:g}s")
+        if not pub.subscribers and pub.seen_before and not failed:
+            ctx.warn(
+                f"warning: no subscriber is listening, although {pub.seen_before} were seen"
+                " before (they are gone)"
+            )
         kind = codec.JSON if json_mode else codec.TEXT
         if messages:
             raw = [m.encode(errors="surrogateescape") for m in messages]

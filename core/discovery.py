@@ -342,9 +342,31 @@ def find_once(
 
 
 def txt_patterns(patterns: list[str]) -> str:
-    """Patterns for a TXT record, cut to the RFC 6763 size advice."""
+    """Patterns for a TXT record, cut to the RFC 6763 size advice.
+
+    A cut list ends in ``>`` (matches any topic), so a publisher reading it
+    errs on the side of "this subscriber may want my topic".
+    """
     text = " ".join(patterns)
-    return text if len(text) <= TXT_LIMIT else text[:TXT_LIMIT].rsplit(" ", 1)[0]
+    if len(text) <= TXT_LIMIT:
+        return text
+    return text[: TXT_LIMIT - 2].rsplit(" ", 1)[0] + " >"
+
+
+def may_want(peer: Peer, topic: str) -> bool:
+    """Whether subscriber *peer* (by its announced patterns) may want events of *topic*.
+
+    No patterns, or patterns that do not parse (a foreign or newer peer),
+    count as "may want": only a clear no leaves a subscriber out.
+    """
+    from .topics import Matcher
+
+    if not peer.patterns:
+        return True
+    try:
+        return Matcher(peer.patterns)(topic)
+    except Exception:
+        return True
 
 
 def instance_of(service_type: str, info: Any) -> mdns.Instance:

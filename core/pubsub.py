@@ -371,7 +371,7 @@ class Publisher(_Node):
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.LINGER, 0)
 
-    def connect_subscribers(self, timeout: float = 0.15) -> set[str]:
+    def connect_subscribers(self, timeout: float = 0.15, topic: str | None = None) -> set[str]:
         """Connect to every subscriber found now; return the ids to wait for.
 
         Found means: answering a one-shot mDNS query (asked several times
@@ -379,15 +379,20 @@ class Publisher(_Node):
         answering a probe (TCP connect and ZMTP greeting).  Announced
         subscribers that do not answer the probe in time are left out and
         listed in :attr:`unreachable`; :attr:`seen_before` is how many the
-        cache knew.
+        cache knew.  With *topic*, subscribers whose announced patterns
+        cannot match it are connected (a later topic may be theirs) but not
+        waited for.
         """
         found = discovery.discover(discovery.SUB_TYPE, interface=self.interface, timeout=timeout)
-        self.unreachable = found.unreachable
+        self.unreachable = [
+            p for p in found.unreachable if topic is None or discovery.may_want(p, topic)
+        ]
         self.seen_before = found.cached
         ids = set()
         for peer in found.peers:
             self.connect(peer.endpoint)
-            ids.add(peer.id)
+            if topic is None or discovery.may_want(peer, topic):
+                ids.add(peer.id)
         return ids
 
     def service(self) -> None:

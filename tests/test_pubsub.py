@@ -382,9 +382,7 @@ def test_bad_format_templates_are_one_line_usage_errors(procs):
     sub = procs.sub_ready("t", "--format", "{edaseq[0]}")
     assert run("eda-pub", "t", "x").returncode == 0
     assert sub.wait() == 2
-    assert (
-        "eda-sub: error: --format '{edaseq[0]}'" in sub.stderr and "Traceback" not in sub.stderr
-    )
+    assert "eda-sub: error: --format '{edaseq[0]}'" in sub.stderr and "Traceback" not in sub.stderr
 
 
 def test_absurdly_nested_json_is_one_rejected_line(procs):
@@ -414,7 +412,9 @@ def test_crafted_envelope_batches_do_not_kill_a_subscriber(procs):
 
         wait_until(rejected, 15, "malformed report")
         good = codec.encode_header(codec.ENVELOPE, 1, 3, 0.0, origin)
-        rogue.send_multipart([b"t", good, b'{"specversion":"1.0","id":"1","source":"r","type":"t","data":"fine"}'])
+        rogue.send_multipart(
+            [b"t", good, b'{"specversion":"1.0","id":"1","source":"r","type":"t","data":"fine"}']
+        )
         assert sub.wait() == 0
     finally:
         rogue.close(0)
