@@ -77,7 +77,7 @@ Examples:
     type=click.IntRange(1),
     default=10_000,
     show_default=True,
-    help="High-water mark: batches queued before dropping.",
+    help="High-water mark: batches queued before dropping (at most about 64 MiB in all).",
 )
 @common_options
 def command(
