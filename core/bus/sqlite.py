@@ -1,0 +1,758 @@
+"""The embedded engine: one SQLite database in WAL mode.
+
+One row per stored batch (a wire batch, or the part of one that was new):
+``seq`` is the bus sequence of its first event and the table's rowid, so a
+lookup by sequence is one b-tree descent and a replay is a range scan over
+large blobs; an index on the stored time makes ``seq_at`` as cheap.  Rows are
+never updated, only appended and, by retention, deleted from the front.
+
+Idempotence: for each stream (pubid, topic) the engine keeps the publisher
+sequences it has stored as a list of half-open ranges ``[lo, hi)`` (normally
+one), in memory and in the ``streams`` table, written in the same transaction
+as the batches.  A resent batch is cut against them, so only its new part is
+stored, whatever the order of arrival.  A stream split into more than
+``max_ranges`` ranges refuses batches that would split it further (bounded
+state, as Kafka refuses out-of-order sequences) until the gaps are filled.
+Stream state is forgotten by age retention (a publisher silent for longer).
+
+Durability: appends and consumer bookkeeping go into an open transaction;
+``commit()`` ends it (group commit).  fsync ``batch`` and ``always`` run with
+``synchronous=FULL`` (the WAL is fsynced at each commit), ``always`` commits
+inside every ``append``; ``never`` runs ``synchronous=OFF`` (a killed process
+loses nothing committed, a power cut may).  When SQLite reports a full disk
+or an I/O error, the open transaction is rolled back, the in-memory state is
+reloaded from the last commit and StoreFullError/StoreError is raised: the
+store stays valid and usable once space is back.
+
+One process owns a store at a time (an flock on ``PATH.lock``).  On open, a
+WAL left by a crash is checked (:mod:`.wal`) and a torn last write is
+reported in :attr:`SQLiteEngine.repairs`; SQLite then drops it, and the store
+is back to its last complete commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from .. import codec
+from ..codec import Batch
+from ..errors import NotFoundError, UsageError
+from ..topics import Matcher, validate_topic
+from . import retention, wal
+from .engine import (
+    FSYNC_MODES,
+    ConsumerStats,
+    Engine,
+    EventTooLargeError,
+    Fsync,
+    Receipt,
+    Record,
+    Retained,
+    Stats,
+    StoreError,
+    StoreFullError,
+    TopicStats,
+)
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_MAX_EVENT: Final = 1 << 20
+DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
+MAX_NAME: Final = 255  # consumer, group and member names
+_MAX_SEQ: Final = (1 << 63) - 1
+_SQLITE_FULL: Final = 13
+_CHUNK: Final = 64  # rows fetched per query while reading
+_CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, stored REAL NOT NULL,
+    topic TEXT NOT NULL, kind INTEGER NOT NULL, time REAL NOT NULL,
+    pubid TEXT NOT NULL, pubseq INTEGER NOT NULL, source TEXT NOT NULL,
+    ext BLOB NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS batches_stored ON batches (stored);
+CREATE TABLE IF NOT EXISTS streams (
+    pubid TEXT NOT NULL, topic TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
+    seen REAL NOT NULL, PRIMARY KEY (pubid, topic, lo)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS consumers (
+    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    grp TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, member TEXT NOT NULL,
+    PRIMARY KEY (grp, first)) WITHOUT ROWID;
+"""
+_COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
+_INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_SELECT = f"SELECT {_COLUMNS} FROM batches"
+_RANGE = f"{_SELECT} WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
+_HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
+
+Ranges = list[list[int]]  # sorted, disjoint, non-adjacent half-open [lo, hi)
+
+
+def _subtract(
+    ranges: Ranges, lo: int, hi: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split [lo, hi) into the parts not in *ranges* (new) and those in it (duplicates)."""
+    new: list[tuple[int, int]] = []
+    dup: list[tuple[int, int]] = []
+    pos = lo
+    for a, b in ranges:
+        if b <= pos:
+            continue
+        if a >= hi:
+            break
+        if a > pos:
+            new.append((pos, a))
+        dup.append((max(a, pos), min(b, hi)))
+        pos = b
+        if pos >= hi:
+            break
+    if pos < hi:
+        new.append((pos, hi))
+    return new, dup
+
+
+def _add(ranges: Ranges, lo: int, hi: int) -> None:
+    """Add [lo, hi) (disjoint from *ranges*) to *ranges*, merging neighbours."""
+    if not ranges or ranges[-1][1] <= lo:  # the usual case: the stream goes on
+        if ranges and ranges[-1][1] == lo:
+            ranges[-1][1] = hi
+        else:
+            ranges.append([lo, hi])
+        return
+    ranges.append([lo, hi])
+    ranges.sort()
+    merged: Ranges = [ranges[0]]
+    for a, b in ranges[1:]:
+        if a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    ranges[:] = merged
+
+
+def _overlaps(ranges: Ranges | None, spans: list[tuple[int, int]]) -> bool:
+    return bool(ranges) and any(a < hi and lo < b for lo, hi in spans for a, b in ranges or ())
+
+
+def _name(name: str, what: str) -> str:
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise UsageError(f"invalid {what} name {name!r}: 1 to {MAX_NAME} printable characters")
+    return name
+
+
+class SQLiteEngine:
+    """The embedded store of eda-bus (see the module docstring).
+
+    Not thread-safe: use it from one thread at a time (it may be created on another).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: Fsync = "batch",
+        max_event_bytes: int = DEFAULT_MAX_EVENT,
+        max_ranges: int = DEFAULT_MAX_RANGES,
+        page_size: int = 65536,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if fsync not in FSYNC_MODES:
+            raise UsageError(f"invalid fsync mode {fsync!r}: use always, batch or never")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.max_event_bytes = max_event_bytes
+        self.max_ranges = max_ranges
+        self._clock = clock
+        self.repairs: list[str] = []  # what opening found and repaired, one line each
+        self._lock_fd = self._lock()
+        try:
+            self._conn = self._open(page_size)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._matchers: dict[str, Matcher] = {}
+        self._topics_ok: set[str] = set()
+        self._streams: dict[tuple[str, str], Ranges] = {}
+        self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
+        self._seen: dict[tuple[str, str], float] = {}
+        self._load()
+        self._closed = False
+
+    # -- opening --------------------------------------------------------------
+    def _lock(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"store {self.path} is in use by another process") from None
+        return fd
+
+    def _open(self, page_size: int) -> sqlite3.Connection:
+        scan = wal.scan(Path(f"{self.path}-wal"))
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        try:
+            fresh = conn.execute("PRAGMA page_count").fetchone()[0] == 0
+            if fresh:
+                conn.execute(f"PRAGMA page_size = {int(page_size)}")
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            sync = "OFF" if self.fsync == "never" else "FULL"
+            conn.execute(f"PRAGMA synchronous = {sync}")
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint = {max(64, _CHECKPOINT_BYTES // size)}")
+            conn.execute("PRAGMA cache_size = -32768")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('next_seq', 1)",
+                (SCHEMA_VERSION,),
+            )
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
+            if scan and (scan.torn_bytes or scan.uncommitted):
+                self._repair(conn, scan)
+        except BaseException as exc:
+            conn.close()
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+                raise StoreFullError(f"cannot open store {self.path}: the disk is full") from None
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        return conn
+
+    def _repair(self, conn: sqlite3.Connection, scan: wal.WalScan) -> None:
+        """SQLite has dropped the damaged tail; check the rest, make it final, and say so."""
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise StoreError(f"store {self.path} is damaged beyond its last write: {verdict}")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        last = conn.execute("SELECT max(seq + count - 1) FROM batches").fetchone()[0] or 0
+        if scan.torn_bytes:
+            self.repairs.append(
+                f"store {self.path}: the last write was torn ({scan.torn_bytes} damaged bytes at "
+                f"the end of the write-ahead log); it was discarded and the store is back to its "
+                f"last complete commit, sequence {last}"
+            )
+        else:
+            self.repairs.append(
+                f"store {self.path}: discarded a transaction that was never committed "
+                f"({scan.uncommitted} pages); the store ends at sequence {last}"
+            )
+
+    def _load(self) -> None:
+        """The in-memory state from the last commit."""
+        conn = self._conn
+        floor = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
+        row = conn.execute("SELECT seq + count, stored FROM batches ORDER BY seq DESC LIMIT 1")
+        top = row.fetchone()
+        self._next: int = int(max(floor, top[0] if top else 1))
+        self._durable: int = self._next - 1
+        self._last_stored: float = float(top[1]) if top else 0.0
+        self._streams.clear()
+        self._fresh.clear()
+        self._seen.clear()
+        for pubid, topic, lo, hi, seen in conn.execute(
+            "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
+        ):
+            self._streams.setdefault((pubid, topic), []).append([lo, hi])
+            self._seen[(pubid, topic)] = seen
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        return self._next - 1
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable
+
+    @property
+    def first_seq(self) -> int:
+        row = self._conn.execute("SELECT min(seq) FROM batches").fetchone()
+        return int(row[0]) if row[0] is not None else self._next
+
+    def _begin(self) -> None:
+        self._usable()
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        """Roll back to the last commit and describe *exc* to the caller."""
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            self._load()
+        except sqlite3.Error:
+            pass  # the next call fails the same way; the file is as the last commit left it
+        after = f"nothing after sequence {self._durable} was stored"
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(exc):
+            return StoreFullError(
+                f"store {self.path}: the disk is full; {after}: free space or retain less"
+            )
+        return StoreError(f"store {self.path}: {exc}; {after}")
+
+    # -- writing --------------------------------------------------------------
+    def _check(self, batch: Batch) -> None:
+        if batch.topic not in self._topics_ok:
+            validate_topic(batch.topic)
+            self._topics_ok.add(batch.topic)
+        if batch.kind not in (codec.TEXT, codec.JSON, codec.ENVELOPE):
+            raise UsageError(f"bad batch: unknown kind {batch.kind}")
+        if batch.size < 1 or not 0 <= batch.seq <= _MAX_SEQ - batch.size:
+            raise UsageError(f"bad batch: {batch.size} events from sequence {batch.seq}")
+        if batch.size > 1 and batch.body.count(b"\n") != batch.size - 1:
+            raise UsageError(f"bad batch: it announces {batch.size} events, its body differs")
+        if len(batch.body) <= self.max_event_bytes:
+            return
+        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
+        for i, part in enumerate(parts):
+            if len(part) > self.max_event_bytes:
+                raise EventTooLargeError(
+                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
+                    f"more than the maximum of {self.max_event_bytes}: batch refused"
+                )
+
+    def _check_gaps(self, batch: Batch) -> None:
+        """Refuse a batch that would split its stream into more than ``max_ranges`` ranges.
+
+        This bounds the state kept per stream (a call's own batches may add a
+        few more).  Like Kafka's out-of-order sequence error: the publisher
+        sends the missing events first.
+        """
+        ranges = self._streams.get((batch.pubid, batch.topic))
+        if not ranges or len(ranges) < self.max_ranges or ranges[-1][1] == batch.seq:
+            return
+        trial = [r[:] for r in ranges]
+        for a, z in _subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
+            _add(trial, a, z)
+        if len(trial) > len(ranges):
+            raise UsageError(
+                f"publisher {batch.pubid} on {batch.topic} has {len(ranges) - 1} gaps in its "
+                f"sequence: batch from {batch.seq} refused; send the missing events first"
+            )
+
+    def _usable(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+
+    def append(self, batches: Sequence[Batch]) -> list[Receipt]:
+        self._usable()
+        for batch in batches:
+            self._check(batch)
+            self._check_gaps(batch)
+        now = max(self._clock(), self._last_stored)
+        rows: list[tuple[Any, ...]] = []
+        receipts: list[Receipt] = []
+        for b in batches:
+            key = (b.pubid, b.topic)
+            ranges = self._streams.setdefault(key, [])
+            lo, hi = b.seq, b.seq + b.size
+            if not ranges or ranges[-1][1] <= lo:
+                new, dup = [(lo, hi)], list[tuple[int, int]]()
+            else:
+                new, dup = _subtract(ranges, lo, hi)
+            confirm_at = self._next - 1 if _overlaps(self._fresh.get(key), dup) else 0
+            stored = []
+            ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
+            parts: list[bytes] | None = None
+            for a, z in new:
+                if z - a == b.size:
+                    body = b.body
+                else:
+                    parts = parts or b.body.split(b"\n")
+                    body = b"\n".join(parts[a - lo : z - lo])
+                rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
+                             b.source, ext, body))  # fmt: skip
+                stored.append((a, self._next, z - a))
+                self._next += z - a
+                _add(ranges, a, z)
+                _add(self._fresh.setdefault(key, []), a, z)
+            if stored:
+                confirm_at = self._next - 1
+                self._seen[key] = now
+            receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
+        self._last_stored = now
+        try:
+            self._begin()
+            self._conn.executemany(_INSERT, rows)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        if self.fsync == "always":
+            self.commit()
+        return receipts
+
+    def commit(self) -> int:
+        self._usable()
+        if not self._conn.in_transaction:
+            return self._durable
+        conn = self._conn
+        try:
+            for key, fresh in self._fresh.items():
+                if not fresh:
+                    continue
+                conn.execute("DELETE FROM streams WHERE pubid = ? AND topic = ?", key)
+                seen = self._seen[key]
+                conn.executemany(
+                    "INSERT INTO streams VALUES (?,?,?,?,?)",
+                    [(*key, lo, hi, seen) for lo, hi in self._streams[key]],
+                )
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        self._fresh.clear()
+        self._durable = self._next - 1
+        return self._durable
+
+    # -- reading --------------------------------------------------------------
+    def read(
+        self,
+        start: int,
+        end: int | None = None,
+        matcher: Matcher | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Record]:
+        self._usable()
+        end = self._durable if end is None else min(end, self._durable)
+        left = limit if limit is not None else _MAX_SEQ
+        start = max(start, 1)
+        if left <= 0 or start > end:
+            return
+        head = self._conn.execute(
+            "SELECT max(seq) FROM batches WHERE seq <= ?", (start,)
+        ).fetchone()[0]
+        for row in self._rows(start if head is None else head, end, matcher):
+            record = Record(*row)
+            top = record.seq + record.size - 1
+            if top < start:
+                continue
+            lo = max(start, record.seq)
+            hi = min(end, top, lo + left - 1)
+            if lo != record.seq or hi != top:
+                record = record.slice(lo, hi)
+            left -= record.size
+            yield record
+            if left <= 0:
+                return
+
+    def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
+        """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
+
+        With a pattern, topics are looked at first and only matching rows are
+        fetched whole: SQLite never reads the blobs of the others.
+        """
+        conn = self._conn
+        while pos <= end:
+            if matcher is None:
+                rows = conn.execute(_RANGE, (pos, end, _CHUNK)).fetchall()
+                if not rows:
+                    return
+                pos = rows[-1][0] + 1
+                yield from rows
+                continue
+            heads = conn.execute(_HEADS, (pos, end, _CHUNK * 16)).fetchall()
+            if not heads:
+                return
+            pos = heads[-1][0] + 1
+            wanted = [seq for seq, topic in heads if matcher(topic)]
+            for i in range(0, len(wanted), _CHUNK):
+                part = wanted[i : i + _CHUNK]
+                marks = ",".join("?" * len(part))
+                sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
+                yield from conn.execute(sql, part).fetchall()  # no cursor open across yields
+
+    def seq_at(self, when: float) -> int:
+        row = self._conn.execute(
+            "SELECT seq FROM batches WHERE stored >= ? ORDER BY stored, seq LIMIT 1", (when,)
+        ).fetchone()
+        return int(row[0]) if row else self._next
+
+    def seq_for_last(self, n: int, matcher: Matcher | None = None) -> int:
+        pos = self._durable
+        if n <= 0:
+            return pos + 1
+        while True:
+            rows = self._conn.execute(
+                "SELECT seq, count, topic FROM batches WHERE seq <= ? ORDER BY seq DESC LIMIT 256",
+                (pos,),
+            ).fetchall()
+            for seq, count, topic in rows:
+                if matcher is None or matcher(topic):
+                    if count >= n:
+                        return int(seq + count - n)
+                    n -= count
+                pos = seq - 1
+            if len(rows) < 256:
+                return self.first_seq
+
+    def _count(self, first: int, last: int, matcher: Matcher | None) -> int:
+        """Stored events with bus sequences in [first, last] that *matcher* accepts."""
+        if last < first:
+            return 0
+        total = 0
+        for seq, count, topic in self._conn.execute(
+            "SELECT seq, count, topic FROM batches WHERE seq <= ? AND seq >= "
+            "coalesce((SELECT max(seq) FROM batches WHERE seq <= ?), 0) ORDER BY seq",
+            (last, first),
+        ):
+            if matcher is None or matcher(topic):
+                total += max(0, min(seq + count - 1, last) - max(seq, first) + 1)
+        return total
+
+    def _matcher(self, patterns_json: str) -> Matcher:
+        m = self._matchers.get(patterns_json)
+        if m is None:
+            m = self._matchers[patterns_json] = Matcher(json.loads(patterns_json))
+        return m
+
+    # -- durable consumers ----------------------------------------------------
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        try:
+            self._begin()
+            self._conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        if self.fsync == "always":
+            self.commit()
+
+    def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
+        _name(name, "consumer")
+        spec = json.dumps(Matcher(patterns).patterns)
+        row = self._conn.execute(
+            "SELECT next, patterns FROM consumers WHERE name = ?", (name,)
+        ).fetchone()
+        if row:
+            if row[1] != spec:  # resumed with other patterns: its lag is counted by the new ones
+                self._write("UPDATE consumers SET patterns = ? WHERE name = ?", (spec, name))
+            return int(row[0])
+        start = max(1, min(start, self._next))
+        self._write("INSERT INTO consumers VALUES (?, ?, ?)", (name, spec, start))
+        return start
+
+    def position(self, name: str) -> int:
+        row = self._conn.execute("SELECT next FROM consumers WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no durable consumer {name!r}")
+        return int(row[0])
+
+    def ack(self, name: str, seq: int) -> int:
+        current = self.position(name)
+        if seq > self.last_seq:
+            raise UsageError(f"consumer {name!r} acknowledged {seq}, beyond the last event")
+        if seq + 1 > current:
+            self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq + 1, name))
+            current = seq + 1
+        return current
+
+    def drop_consumer(self, name: str) -> None:
+        n = self._conn.execute(
+            "SELECT (SELECT count(*) FROM consumers WHERE name = ?)"
+            " + (SELECT count(*) FROM groups WHERE name = ?)",
+            (name, name),
+        ).fetchone()[0]
+        if not n:
+            raise NotFoundError(f"no durable consumer or group {name!r}")
+        self._write("DELETE FROM consumers WHERE name = ?", (name,))
+        self._write("DELETE FROM groups WHERE name = ?", (name,))
+        self._write("DELETE FROM leases WHERE grp = ?", (name,))
+
+    # -- consumer groups ------------------------------------------------------
+    def _group(self, group: str, patterns: Sequence[str], start: int | None) -> tuple[Matcher, int]:
+        _name(group, "group")
+        spec = json.dumps(Matcher(patterns).patterns)
+        row = self._conn.execute(
+            "SELECT patterns, next FROM groups WHERE name = ?", (group,)
+        ).fetchone()
+        if row is None:
+            nxt = self._durable + 1 if start is None else max(1, min(start, self._next))
+            self._write("INSERT INTO groups VALUES (?, ?, ?)", (group, spec, nxt))
+            return self._matcher(spec), nxt
+        if row[0] != spec:
+            raise UsageError(f"group {group!r} has patterns {json.loads(row[0])}, not {patterns}")
+        return self._matcher(spec), int(row[1])
+
+    def claim(
+        self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
+    ) -> list[Record]:
+        _name(member, "member")
+        matcher, nxt = self._group(group, patterns, start)
+        out: list[Record] = []
+        got = 0
+        released = self._conn.execute(
+            "SELECT first, last FROM leases WHERE grp = ? AND member = '' ORDER BY first", (group,)
+        ).fetchall()
+        for first, last in released:
+            if got >= limit:
+                return out
+            records = list(self.read(first, last, matcher))
+            self._write(
+                "UPDATE leases SET member = ? WHERE grp = ? AND first = ?", (member, group, first)
+            )
+            out += records
+            got += sum(r.size for r in records)
+        if got >= limit or nxt > self._durable:
+            return out
+        records = list(self.read(nxt, None, matcher, limit - got))
+        reached = self._durable
+        if records and sum(r.size for r in records) >= limit - got:
+            reached = records[-1].seq + records[-1].size - 1
+        if records:
+            self._write(
+                "INSERT INTO leases VALUES (?, ?, ?, ?)",
+                (group, records[0].seq, reached, member),
+            )
+        self._write("UPDATE groups SET next = ? WHERE name = ?", (reached + 1, group))
+        return out + records
+
+    def group_ack(self, group: str, member: str, seq: int) -> int:
+        matcher = self._group_matcher(group)
+        leases = self._conn.execute(
+            "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
+            (group, member, seq),
+        ).fetchall()
+        settled = 0
+        for first, last in leases:
+            settled += self._count(first, min(last, seq), matcher)
+            if last <= seq:
+                self._write("DELETE FROM leases WHERE grp = ? AND first = ?", (group, first))
+            else:
+                self._write(
+                    "UPDATE leases SET first = ? WHERE grp = ? AND first = ?",
+                    (seq + 1, group, first),
+                )
+        return settled
+
+    def release(self, group: str, member: str) -> int:
+        matcher = self._group_matcher(group)
+        leases = self._conn.execute(
+            "SELECT first, last FROM leases WHERE grp = ? AND member = ?", (group, member)
+        ).fetchall()
+        if leases:
+            self._write(
+                "UPDATE leases SET member = '' WHERE grp = ? AND member = ?", (group, member)
+            )
+        return sum(self._count(first, last, matcher) for first, last in leases)
+
+    def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
+        self._group_matcher(group)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for first, last, member in self._conn.execute(
+            "SELECT first, last, member FROM leases WHERE grp = ? ORDER BY first", (group,)
+        ):
+            out.setdefault(member, []).append((first, last))
+        return out
+
+    def _group_matcher(self, group: str) -> Matcher:
+        row = self._conn.execute("SELECT patterns FROM groups WHERE name = ?", (group,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no consumer group {group!r}")
+        return self._matcher(row[0])
+
+    # -- housekeeping ---------------------------------------------------------
+    def stats(self) -> Stats:
+        conn = self._conn
+        topics = {
+            topic: TopicStats(events, size)
+            for topic, events, size in conn.execute(
+                "SELECT topic, sum(count), sum(length(body)) FROM batches GROUP BY topic"
+            )
+        }
+        consumers = []
+        last = self.last_seq
+        for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM consumers"):
+            m = self._matcher(spec)
+            lag = self._count(nxt, last, m)
+            consumers.append(ConsumerStats(name, "durable", tuple(m.patterns), nxt, lag, 0))
+        for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM groups"):
+            m = self._matcher(spec)
+            held = sum(
+                self._count(first, end, m)
+                for first, end in conn.execute(
+                    "SELECT first, last FROM leases WHERE grp = ?", (name,)
+                )
+            )
+            lag = self._count(nxt, last, m) + held
+            consumers.append(ConsumerStats(name, "group", tuple(m.patterns), nxt, lag, held))
+        file_bytes = sum(
+            p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
+        )
+        return Stats(
+            first_seq=self.first_seq,
+            last_seq=last,
+            durable_seq=self._durable,
+            events=sum(t.events for t in topics.values()),
+            bytes=sum(t.bytes for t in topics.values()),
+            file_bytes=file_bytes,
+            topics=topics,
+            consumers=consumers,
+        )
+
+    def retain(
+        self, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
+    ) -> Retained:
+        self.commit()
+        now = self._clock() if now is None else now
+        conn = self._conn
+        total = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM batches").fetchone()[0]
+        rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
+        plan = retention.cut(rows, total, max_age, max_bytes, now)
+        rows.close()
+        try:
+            self._begin()
+            if plan is not None:
+                keep = plan.keep_from
+                conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
+                conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
+                conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
+            if max_age is not None:
+                conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        self.commit()
+        self._load()
+        try:
+            conn.execute("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        if plan is None:
+            return Retained(0, 0, self.first_seq)
+        return Retained(plan.events, plan.bytes, self.first_seq)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.commit()
+        finally:
+            self._closed = True
+            self._conn.close()
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> SQLiteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _implements(engine: SQLiteEngine) -> Engine:
+    return engine  # mypy checks here that SQLiteEngine has every method of Engine

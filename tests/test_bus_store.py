@@ -1,0 +1,550 @@
+"""The bus's storage engine (core/bus): idempotent appends, reads, consumers, groups,
+retention, and what happens on kill -9, a torn WAL, a full disk and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eda.core import codec
+from eda.core.bus import (
+    EventTooLargeError,
+    SQLiteEngine,
+    StoreError,
+    StoreFullError,
+)
+from eda.core.bus import wal as walscan
+from eda.core.bus.retention import parse_age, parse_size
+from eda.core.errors import NotFoundError, UsageError
+from eda.core.topics import Matcher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def batch(
+    seq: int, size: int, topic: str = "t.a", pubid: str = "p1", width: int = 0
+) -> codec.Batch:
+    body = b"\n".join(f"{pubid}:{topic}:{seq + i}".encode() + b"x" * width for i in range(size))
+    return codec.Batch(topic, codec.TEXT, size, seq, 1000.0, pubid, "eda://t", body)
+
+
+def events(store: SQLiteEngine, start: int = 1, **kw: object) -> list[tuple[int, bytes]]:
+    """(bus seq, payload) of every durable event from *start*."""
+    out = []
+    for r in store.read(start, **kw):  # type: ignore[arg-type]
+        out += [(r.seq + i, p) for i, p in enumerate(r.payloads())]
+    return out
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteEngine:
+    s = SQLiteEngine(tmp_path / "bus.db")
+    yield s
+    s.close()
+
+
+# -- appending, idempotence, reading ---------------------------------------------
+
+
+def test_append_assigns_bus_sequences_and_keeps_ids(store: SQLiteEngine) -> None:
+    receipts = store.append([batch(1, 3), batch(1, 2, topic="t.b", pubid="p2")])
+    assert [r.stored for r in receipts] == [((1, 1, 3),), ((1, 4, 2),)]
+    assert store.durable_seq == 0 and events(store) == []  # not committed: not readable
+    assert store.commit() == 5
+    records = list(store.read(1))
+    assert [(r.seq, r.size, r.topic) for r in records] == [(1, 3, "t.a"), (4, 2, "t.b")]
+    assert records[1].ids() == ["p2-1", "p2-2"]
+    assert [p for _, p in events(store)][3] == b"p2:t.b:1"
+
+
+def test_duplicates_are_stored_once_also_part_of_a_batch(store: SQLiteEngine) -> None:
+    store.append([batch(1, 5)])
+    store.commit()
+    r = store.append([batch(4, 4)])[0]  # 4, 5 were stored; 6, 7 are new
+    assert r.duplicates == ((4, 2),) and r.stored == ((6, 6, 2),) and r.confirm_at == 7
+    r = store.append([batch(1, 3)])[0]  # a resend of committed events: nothing to wait for
+    assert r.stored == () and r.duplicates == ((1, 3),) and r.confirm_at == 0
+    r = store.append([batch(6, 1)])[0]  # a resend of an uncommitted event: wait for the commit
+    assert r.stored == () and r.confirm_at == 7
+    assert store.commit() == 7
+    assert [p for _, p in events(store)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
+
+
+def test_streams_are_per_publisher_and_topic(store: SQLiteEngine) -> None:
+    rs = store.append([batch(1, 2), batch(1, 2, topic="t.b"), batch(1, 2, pubid="p2")])
+    assert all(r.duplicates == () for r in rs)
+    assert store.commit() == 6
+
+
+def test_idempotence_survives_reopen(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        s.append([batch(1, 10), batch(20, 5)])  # a gap: 11..19 arrive later
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        r = s.append([batch(8, 15)])[0]
+        assert r.duplicates == ((8, 3), (20, 3)) and r.stored == ((11, 16, 9),)
+        s.commit()
+        pubseqs = [r.pubseq + i for r in s.read(1) for i in range(r.size)]
+        assert sorted(pubseqs) == list(range(1, 25))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["p1", "p2"]), st.sampled_from(["t.a", "t.b"]),
+                  st.integers(1, 40), st.integers(1, 12), st.booleans()),
+        min_size=1, max_size=25,
+    )
+)  # fmt: skip
+def test_any_interleaving_stores_each_event_exactly_once(
+    tmp_path_factory: pytest.TempPathFactory, appends: list[tuple[str, str, int, int, bool]]
+) -> None:
+    path = tmp_path_factory.mktemp("prop") / "bus.db"
+    expected: set[tuple[str, str, int]] = set()
+    with SQLiteEngine(path) as s:
+        for pubid, topic, seq, size, commit in appends:
+            (r,) = s.append([batch(seq, size, topic, pubid)])
+            assert sum(n for _, _, n in r.stored) + sum(n for _, n in r.duplicates) == size
+            expected |= {(pubid, topic, seq + i) for i in range(size)}
+            if commit:
+                s.commit()
+        s.commit()
+        seen: list[tuple[str, str, int]] = []
+        bus = []
+        for rec in s.read(1):
+            for i, payload in enumerate(rec.payloads()):
+                key = (rec.pubid, rec.topic, rec.pubseq + i)
+                assert payload == f"{rec.pubid}:{rec.topic}:{rec.pubseq + i}".encode()
+                seen.append(key)
+                bus.append(rec.seq + i)
+    assert len(seen) == len(set(seen)) and set(seen) == expected
+    assert bus == list(range(1, len(bus) + 1))  # read back in bus order, no gap
+
+
+def test_read_by_range_limit_pattern_time_and_last(tmp_path: Path) -> None:
+    clock = Clock()
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
+        s.append([batch(1, 4, "orders.created")])  # seqs 1-4 at t0
+        clock.now += 10
+        s.append([batch(1, 3, "users.new"), batch(5, 4, "orders.paid")])  # 5-7, 8-11 at t0+10
+        s.commit()
+        assert [q for q, _ in events(s, 3, end=6)] == [3, 4, 5, 6]
+        assert [q for q, _ in events(s, 2, limit=3)] == [2, 3, 4]
+        orders = Matcher(["orders.*"])
+        assert [q for q, _ in events(s, 3, matcher=orders)] == [3, 4, 8, 9, 10, 11]
+        assert [q for q, _ in events(s, 1, matcher=Matcher(["users.>"]))] == [5, 6, 7]
+        assert s.seq_at(clock.now - 5) == 5 and s.seq_at(0) == 1 and s.seq_at(clock.now + 1) == 12
+        assert s.seq_for_last(2) == 10 and s.seq_for_last(6, orders) == 3
+        assert s.seq_for_last(100) == 1
+        first = next(s.read(3))
+        assert first.seq == 3 and first.pubseq == 3 and first.payloads() == [
+            b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
+
+
+def test_pattern_reads_over_many_batches_in_order(store: SQLiteEngine) -> None:
+    store.append([batch(i // 2 + 1, 1, "a.x" if i % 2 else "b.y") for i in range(3000)])
+    store.commit()
+    got = events(store, 1, matcher=Matcher(["a.*"]))
+    assert [q for q, _ in got] == list(range(2, 3001, 2))
+    assert [q for q, _ in events(store, 101, matcher=Matcher(["b.>"]), limit=700)] == list(
+        range(101, 1500, 2)
+    )
+    assert events(store, 1, matcher=Matcher(["c"])) == []
+
+
+# -- consumers and groups ---------------------------------------------------------
+
+
+def test_durable_consumer_position_survives_reopen(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        s.append([batch(1, 10)])
+        assert s.consumer("billing", ["t.>"], 1) == 1
+        assert s.ack("billing", 4) == 5
+        assert s.ack("billing", 2) == 5  # acks never move back
+        with pytest.raises(UsageError):
+            s.ack("billing", 11)
+        with pytest.raises(NotFoundError):
+            s.position("nobody")
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
+        (c,) = s.stats().consumers
+        assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
+        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
+        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
+        s.drop_consumer("billing")
+        with pytest.raises(NotFoundError):
+            s.position("billing")
+
+
+def test_group_members_share_events_and_a_dead_members_go_to_others(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        s.append([batch(1, 6, "jobs.a"), batch(1, 2, "other"), batch(7, 6, "jobs.a")])
+        s.commit()
+        a = s.claim("workers", "a", ["jobs.>"], 4, start=1)
+        b = s.claim("workers", "b", ["jobs.>"], 100)
+        got_a = [r.seq + i for r in a for i in range(r.size)]
+        got_b = [r.seq + i for r in b for i in range(r.size)]
+        assert got_a == [1, 2, 3, 4] and got_b == [5, 6, 9, 10, 11, 12, 13, 14]
+        assert s.group_ack("workers", "a", 2) == 2
+        assert s.held("workers") == {"a": [(3, 4)], "b": [(5, 14)]}
+    with SQLiteEngine(tmp_path / "bus.db") as s:  # bookkeeping is durable
+        assert s.release("workers", "a") == 2  # a died holding 3 and 4
+        c = s.claim("workers", "c", ["jobs.>"], 10)
+        assert [r.seq + i for r in c for i in range(r.size)] == [3, 4]
+        assert s.group_ack("workers", "b", 14) == 8
+        (g,) = s.stats().consumers
+        assert (g.kind, g.held, g.lag) == ("group", 2, 2)
+        with pytest.raises(UsageError):
+            s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
+
+
+def test_stats_count_topics_bytes_and_lag(store: SQLiteEngine) -> None:
+    store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
+    store.commit()
+    store.consumer("c", ["a.*"], 1)
+    st_ = store.stats()
+    assert (st_.first_seq, st_.last_seq, st_.durable_seq, st_.events) == (1, 5, 5, 5)
+    assert st_.topics["a.x"].events == 3 and st_.bytes == sum(t.bytes for t in st_.topics.values())
+    assert st_.bytes == len(b"\n".join(f"p1:a.x:{i}".encode() for i in (1, 2, 3))) + len(
+        b"p1:b.y:1\np1:b.y:2"
+    )
+    assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+def test_retention_by_age_and_by_bytes_keeps_sequences_going(tmp_path: Path) -> None:
+    clock = Clock()
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
+        for i in range(10):
+            s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
+            clock.now += 60
+        s.commit()
+        gone = s.retain(max_age=parse_age("5m"))  # batches stored more than 300 s ago
+        assert (gone.events, gone.first_seq) == (50, 51)
+        gone = s.retain(max_bytes=2 * 1000 + 500)
+        assert gone.first_seq == 81 and s.stats().events == 20
+        assert events(s)[0][0] == 81
+        gone = s.retain(max_bytes=0)
+        assert s.stats().events == 0 and s.first_seq == 101
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
+        (r,) = s.append([batch(101, 1)])
+        assert r.stored == ((101, 101, 1),)  # sequences are never reused
+    assert parse_size("10GB") == 10**10 and parse_size("1MiB") == 2**20
+    with pytest.raises(UsageError):
+        parse_age("7 days")
+
+
+# -- bad input, fsync modes, ownership -----------------------------------------------
+
+
+def test_oversized_event_refused_and_nothing_of_the_call_stored(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", max_event_bytes=100) as s:
+        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
+        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
+            s.append([batch(1, 1, pubid="p0"), big])
+        with pytest.raises(UsageError, match="announces 3 events"):
+            s.append([big._replace(size=3)])
+        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
+        assert s.commit() == 2
+
+
+def test_a_stream_with_too_many_gaps_is_refused_until_filled(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", max_ranges=3) as s:
+        s.append([batch(1, 1)])
+        s.append([batch(3, 1)])
+        s.append([batch(5, 1)])  # three ranges: 1, 3, 5
+        with pytest.raises(UsageError, match="2 gaps in its sequence: batch from 7 refused"):
+            s.append([batch(7, 1)])
+        s.append([batch(6, 1), batch(5, 1)])  # continuing, and a duplicate: fine
+        s.append([batch(2, 1)])  # filling a gap: fine
+        s.append([batch(9, 1)])
+        assert s.commit() == 6
+        assert sorted(r.pubseq for r in s.read(1)) == [1, 2, 3, 5, 6, 9]
+
+
+@pytest.mark.parametrize(("mode", "level"), [("always", 2), ("batch", 2), ("never", 0)])
+def test_fsync_modes_map_to_sqlite_synchronous(tmp_path: Path, mode: str, level: int) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", fsync=mode) as s:  # type: ignore[arg-type]
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+        assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        s.append([batch(1, 2)])
+        assert s.durable_seq == (2 if mode == "always" else 0)  # always: durable on return
+    with pytest.raises(UsageError):
+        SQLiteEngine(tmp_path / "x.db", fsync="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_store_has_one_owner_and_a_closed_store_says_so(store: SQLiteEngine) -> None:
+    with pytest.raises(StoreError, match="in use by another process"):
+        SQLiteEngine(store.path)
+    store.close()
+    with SQLiteEngine(store.path) as again:  # the lock went with the close
+        assert again.durable_seq == 0
+    for call in (lambda: store.append([batch(1, 1)]), store.commit, lambda: list(store.read(1))):
+        with pytest.raises(StoreError, match="is closed"):
+            call()
+
+
+# -- crashes, torn writes, full disk -------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys
+    from eda.core import codec
+    from eda.core.bus import SQLiteEngine
+    store = SQLiteEngine(sys.argv[1], fsync="batch")
+    seq = 1
+    while True:  # until killed: append 3 batches of 50, commit, confirm
+        for _ in range(3):
+            body = b"\\n".join(b"e%d" % (seq + i) for i in range(50))
+            store.append([codec.Batch("t.a", codec.TEXT, 50, seq, 0.0, "w", "eda://w", body)])
+            seq += 50
+        print(store.commit(), flush=True)
+""")
+
+
+def test_sigkill_mid_stream_loses_nothing_committed_and_stores_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bus.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        assert proc.stdout is not None
+        fd, buf, confirmed = proc.stdout.fileno(), b"", 0
+        deadline = time.monotonic() + 60
+        while confirmed < 30_000:  # read confirmations until well into the stream
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "no confirmation from the writer within 60 s"
+            chunk = os.read(fd, 65536)
+            assert chunk, "writer died"
+            *lines, buf = (buf + chunk).split(b"\n")
+            if lines:
+                confirmed = int(lines[-1])
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    with SQLiteEngine(path) as s:
+        payloads = [p for r in s.read(1) for p in r.payloads()]
+        assert len(payloads) >= confirmed
+        assert payloads == [b"e%d" % i for i in range(1, len(payloads) + 1)]
+        # the publisher resends everything it has no confirmation for: stored once
+        body = b"\n".join(b"e%d" % i for i in range(confirmed + 1, confirmed + 301))
+        (r,) = s.append(
+            [codec.Batch("t.a", codec.TEXT, 300, confirmed + 1, 0.0, "w", "eda://w", body)]
+        )
+        s.commit()
+        assert sum(n for _, n in r.duplicates) == len(payloads) - confirmed
+        again = [p for r in s.read(1) for p in r.payloads()]
+        assert again == [b"e%d" % i for i in range(1, confirmed + 301)]
+
+
+def crash_image(store: SQLiteEngine, dest: Path) -> Path:
+    """Copy the store's files as a crash would leave them (WAL not checkpointed)."""
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{store.path}{suffix}", f"{dest}{suffix}")
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_torn_last_write_is_detected_and_repaired_to_the_last_commit(
+    tmp_path: Path, damage: str
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", page_size=4096) as s:
+        for i in range(5):
+            s.append([batch(1 + 20 * i, 20, width=200)])  # ~4 KB: a few pages per commit
+            s.commit()
+        image = crash_image(s, tmp_path / "crash.db")
+    wal_path = Path(f"{image}-wal")
+    clean = walscan.scan(wal_path)
+    assert clean is not None and clean.torn_bytes == 0 and clean.committed == clean.frames
+    data = bytearray(wal_path.read_bytes())
+    if damage == "truncate":
+        del data[-1000:]
+    else:
+        data[-50] ^= 0xFF
+    wal_path.write_bytes(bytes(data))
+    with SQLiteEngine(image) as s:
+        assert len(s.repairs) == 1 and "torn" in s.repairs[0]
+        assert s.durable_seq == 80 and f"sequence {s.durable_seq}" in s.repairs[0]
+        assert [p for _, p in events(s)] == [
+            f"p1:t.a:{i}".encode() + b"x" * 200 for i in range(1, 81)
+        ]
+        assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        (r,) = s.append([batch(1, 100, width=200)])  # the lost batch can be resent
+        assert r.stored == ((81, 81, 20),)
+    with SQLiteEngine(image) as s:
+        assert s.repairs == [] and s.durable_seq == 100
+
+
+def test_a_reused_wal_with_old_frames_after_a_crash_is_not_taken_for_damage(
+    tmp_path: Path,
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", page_size=4096) as s:
+        for i in range(5):
+            s.append([batch(1 + 20 * i, 20, width=300)])
+            s.commit()
+        s._conn.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        )  # all copied: the next write restarts the WAL
+        s.append([batch(101, 1)])
+        s.commit()
+        image = crash_image(s, tmp_path / "crash.db")
+    scan = walscan.scan(Path(f"{image}-wal"))
+    assert scan is not None and scan.torn_bytes == 0 and scan.uncommitted == 0
+    assert Path(f"{image}-wal").stat().st_size > 32 + scan.frames * (24 + 4096)  # old frames follow
+    with SQLiteEngine(image) as s:
+        assert s.repairs == [] and s.durable_seq == 101
+
+
+@pytest.fixture(scope="module")
+def crash_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """A crash image of 8 commits, and the WAL's size after opening and after each commit."""
+    d = tmp_path_factory.mktemp("crash")
+    with SQLiteEngine(d / "bus.db", page_size=4096) as s:
+        wal_size = Path(f"{s.path}-wal").stat
+        sizes = [wal_size().st_size]
+        for i in range(8):
+            s.append([batch(1 + 20 * i, 20, width=100 + 50 * i)])
+            s.commit()
+            sizes.append(wal_size().st_size)
+        image = crash_image(s, d / "image.db")
+    return image, sizes
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_any_torn_tail_of_the_wal_leaves_exactly_the_intact_commits(
+    tmp_path_factory: pytest.TempPathFactory,
+    crash_base: tuple[Path, list[int]],
+    data: st.DataObject,
+) -> None:
+    image, sizes = crash_base
+    wal_bytes = Path(f"{image}-wal").read_bytes()
+    assert sizes[-1] == len(wal_bytes)
+    if data.draw(st.booleans(), "truncate"):
+        cut = data.draw(st.integers(sizes[0], len(wal_bytes) - 1), "length")
+        damaged, intact = wal_bytes[:cut], sum(1 for n in sizes[1:] if n <= cut)
+    else:  # a torn last write: some byte of the last commit's frames is wrong
+        off = data.draw(st.integers(sizes[-2], len(wal_bytes) - 1), "offset")
+        bit = data.draw(st.integers(0, 7), "bit")
+        damaged = wal_bytes[:off] + bytes([wal_bytes[off] ^ (1 << bit)]) + wal_bytes[off + 1 :]
+        cut, intact = -1, 7
+    copy = tmp_path_factory.mktemp("torn") / "bus.db"
+    shutil.copyfile(image, copy)
+    Path(f"{copy}-wal").write_bytes(damaged)
+    every = [batch(1 + 20 * i, 20, width=100 + 50 * i) for i in range(8)]
+    with SQLiteEngine(copy) as s:
+        got = [p for r in s.read(1) for p in r.payloads()]
+        assert got == [p for b in every[:intact] for p in codec.split_body(b)]
+        if cut >= 0:  # only a cut exactly at a commit boundary cannot be told from a clean end
+            assert bool(s.repairs) == (cut not in sizes)
+        assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        s.append(every)  # the publisher resends: each event is then stored once
+        s.commit()
+        again = [(r.pubseq, r.size) for r in s.read(1)]
+        assert sum(n for _, n in again) == 160
+        assert sorted(q + i for q, n in again for i in range(n)) == list(range(1, 161))
+
+
+def test_full_disk_simulated_by_a_page_limit(tmp_path: Path) -> None:
+    with SQLiteEngine(tmp_path / "bus.db", page_size=4096) as s:
+        s.append([batch(1, 10)])
+        s.commit()
+        s._conn.execute("PRAGMA max_page_count = 40")
+        with pytest.raises(StoreFullError, match="disk is full") as full:
+            for i in range(100):
+                s.append([batch(11 + 50 * i, 50, width=100)])
+                s.commit()
+        assert s.last_seq == s.durable_seq  # rolled back to the last commit
+        durable = s.durable_seq
+        assert f"nothing after sequence {durable} was stored" in str(full.value)
+        s._conn.execute("PRAGMA max_page_count = 1000000")  # space is back
+        (r,) = s.append([batch(11, 50 * 100, width=100)])
+        assert sum(n for _, n in r.duplicates) == durable - 10
+        assert s.commit() == 10 + 5000
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert [p.split(b"x")[0] for _, p in events(s)] == [
+            f"p1:t.a:{i}".encode() for i in range(1, 5011)
+        ]
+
+
+FULL = textwrap.dedent("""
+    import json, subprocess, sys
+    from eda.core import codec
+    from eda.core.bus import SQLiteEngine, StoreFullError
+    d = sys.argv[1]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d], check=True)
+    store = SQLiteEngine(d + "/bus.db", page_size=4096)
+    seq, error = 1, ""
+    try:
+        for _ in range(10_000):
+            body = b"\\n".join(b"%08d" % (seq + i) + b"y" * 92 for i in range(100))
+            store.append([codec.Batch("t.a", codec.TEXT, 100, seq, 0.0, "w", "eda://w", body)])
+            seq += 100
+            store.commit()
+    except StoreFullError as exc:
+        error = str(exc)
+    durable = store.durable_seq
+    store.close()
+    try:  # still full: opening says so
+        SQLiteEngine(d + "/bus.db").close()
+        reopen = "opened"
+    except StoreFullError as exc:
+        reopen = str(exc)
+    subprocess.run(["mount", "-o", "remount,size=8m", d], check=True)  # space is back
+    with SQLiteEngine(d + "/bus.db") as again:
+        got = [p[:8] for r in again.read(1) for p in r.payloads()]
+        check = again._conn.execute("PRAGMA integrity_check").fetchone()[0]
+    print(json.dumps({"error": error, "durable": durable, "got": len(got),
+                      "ordered": got == [b"%08d" % i for i in range(1, len(got) + 1)],
+                      "check": check, "reopen": reopen}))
+""")
+
+
+def test_full_disk_on_a_tiny_tmpfs_stops_commits_and_keeps_the_store(tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to mount a tmpfs (the page-limit test covers it)")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", FULL, str(mnt)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert "disk is full" in out["error"]
+    assert out["durable"] > 1000 and out["got"] == out["durable"]
+    assert out["ordered"] and out["check"] == "ok"
+    assert out["reopen"] == "opened" or "disk is full" in out["reopen"]
+
+
+def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bus.db"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open store"):
+        SQLiteEngine(path)
+    assert sqlite3.sqlite_version  # the standard library's SQLite, nothing else
