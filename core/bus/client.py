@@ -37,6 +37,7 @@ RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them a
 WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
 WINDOW_BATCHES = 4096
 CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
+GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their share
 
 
 class NoBus(EdaError):
@@ -289,7 +290,7 @@ class BusSubscriber:
         start: Any = None,
         durable: str | None = None,
         group: str | None = None,
-        credit: int = CREDIT,
+        credit: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.patterns = patterns
@@ -297,7 +298,7 @@ class BusSubscriber:
         self.durable = durable
         self.group = group
         self.member = secrets.token_hex(6)
-        self.credit = credit
+        self.credit = credit or (GROUP_CREDIT if group else CREDIT)
         self.sock = _dealer(endpoint)
         self.malformed = 0
         self.lost = 0

@@ -136,13 +136,16 @@ class BusServer(Daemon):
             else:
                 self.dropped("message", ProtocolError(f"unknown message kind {kind[:8]!r}"))
         try:
-            self._durable = self.engine.commit()
+            durable = self.engine.commit()
         except StoreError as exc:
             self.limited("commit", f"commit failed: {exc}")
             for ident, tags in confirms.items():
                 for tag in tags:
                     self._refuse(ident, tag, exc, retry=True)
             return
+        if durable != self._durable:
+            self._durable = durable
+            self._groups_dirty = True
         for ident, tags in confirms.items():
             self.confirmed += len(tags)
             self._send(ident, [p.CONFIRM, p.pack_tags(tags)])
@@ -250,7 +253,10 @@ class BusServer(Daemon):
             validate_pattern(pattern)
         matcher = Matcher(patterns)
         durable, group = _name(msg, "durable"), _name(msg, "group")
-        start = self._start(msg.get("from"), matcher)
+        spec = msg.get("from")
+        if spec is None and durable is not None:
+            spec = "start"  # a new durable consumer gets everything stored (as JetStream's)
+        start = self._start(spec, matcher)
         credit = msg.get("credit", 0)
         if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
             raise ProtocolError("credit must be a non-negative integer")
