@@ -107,7 +107,7 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
 
 
-@command.command(epilog="\b\nExample:\n  eda-bus serve --data ./bus --fsync batch")
+@command.command(epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch")
 @click.option(
     "--data",
     "data",
@@ -201,7 +201,7 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
 
 
-@command.command(epilog="\b\nExample:\n  eda-bus stats --json | jq .lag")
+@command.command(epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag")
 @_bus_option
 @click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
 @common_options
@@ -263,7 +263,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
-@command.command(epilog="\b\nExample:\n  eda-bus retain --max-age 7d --max-bytes 10GB")
+@command.command(epilog="\b\nExamples:\n  eda-bus retain --max-age 7d --max-bytes 10GB")
 @_bus_option
 @_retention_options
 @common_options

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -51,7 +50,7 @@ def test_confirmed_publish_then_replay_keeps_ids_and_adds_the_bus_sequence(
     raw = replay(ep, "orders.paid", 3, "--raw")
     assert raw == ["a", "b", "c"]
     last = replay(ep, "orders.>", 1, "--format", "{id} {data}")
-    assert last == ['%s-1 {"id":1}' % events[0]["id"].rsplit("-", 1)[0]]
+    assert last == [events[0]["id"] + ' {"id":1}']
     # --last and --from-seq
     done = run("eda-sub", "--bus", ep, "orders.>", "--last", "2", "-C", "2", "--raw")
     assert done.stdout.splitlines() == ["b", "c"], done.stderr

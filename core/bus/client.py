@@ -53,13 +53,13 @@ class ConfirmTimeout(EdaError):
 class Unconfirmed(NamedTuple):
     topic: str
     first: int  # publisher sequence of the first event
-    count: int
+    events: int
     pubid: str
 
     def __str__(self) -> str:
-        last = self.first + self.count - 1
-        ids = f"{self.pubid}-{self.first}" + (f"..{self.pubid}-{last}" if self.count > 1 else "")
-        return f"{self.topic} {ids} ({self.count} event(s))"
+        last = self.first + self.events - 1
+        ids = f"{self.pubid}-{self.first}" + (f"..{self.pubid}-{last}" if self.events > 1 else "")
+        return f"{self.topic} {ids} ({self.events} event(s))"
 
 
 def find_bus(
@@ -253,7 +253,7 @@ class BusPublisher:
 
     def _timeout_text(self) -> str:
         missing = self.unconfirmed()
-        events = sum(u.count for u in missing)
+        events = sum(u.events for u in missing)
         shown = "; ".join(str(u) for u in missing[:5])
         more = f" and {len(missing) - 5} more batch(es)" if len(missing) > 5 else ""
         why = f" (bus said: {self.warnings[-1]})" if self.warnings else ""
