@@ -34,7 +34,7 @@ from ..errors import EdaError, UsageError
 from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_reply, request_id
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
-from .engine import Engine, EventTooLargeError, StoreError, StoreFullError
+from .engine import Engine, EventTooLargeError, StoreError
 
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
@@ -159,14 +159,16 @@ class BusServer(Daemon):
         try:
             batch = codec.decode(frames[1:])
             self.engine.append([batch])
-        except StoreFullError as exc:
-            self._refuse(ident, tag, exc, retry=True)
-            return
         except (codec.WireError, EventTooLargeError, UsageError) as exc:
             self.dropped("batch", exc)
             self._refuse(ident, tag, exc, retry=False)
             return
-        except StoreError as exc:
+        except StoreError as exc:  # full disk, I/O: what this round appended was rolled back
+            self.limited("store", f"cannot store: {exc}")
+            for other, tags in confirms.items():
+                for earlier in tags:
+                    self._refuse(other, earlier, exc, retry=True)
+            confirms.clear()
             self._refuse(ident, tag, exc, retry=True)
             return
         confirms.setdefault(ident, []).append(tag)

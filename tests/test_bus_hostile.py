@@ -1,0 +1,145 @@
+"""eda-bus under attack, on a full disk, and its stats and retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eda.core.bus import protocol
+from tests.helpers import Procs, command, run, wait_until
+from tests.test_bus import _feed, replay, start_bus, stored_stats
+
+
+def test_hostile_clients_do_not_stop_a_good_publisher_being_confirmed(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus", "--max-event-bytes", "1000")
+    good = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
+    _feed(good, range(1, 1001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) >= 1000, 15, "the first events stored")  # type: ignore[call-overload]
+    zctx = zmq.Context.instance()
+    bad = zctx.socket(zmq.DEALER)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.connect(ep)
+    # garbage of every kind
+    bad.send_multipart([b"\xff" * 100])
+    bad.send_multipart([b"Z", b"what"])
+    bad.send_multipart([protocol.PUBLISH, b"short"])
+    bad.send_multipart([protocol.PUBLISH, b"12345678", b"t.x", b"\x01" * 30, b"body"])
+    bad.send_multipart([protocol.REQUEST, b"{not json"])
+    bad.send_multipart([protocol.REQUEST, b"[" * 60000])
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "sub", "patterns": ["a..b"]}).encode()])
+    # an unknown consumer: told so, nothing else changes
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "credit", "n": 5}).encode()])
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "ack", "seq": 99}).encode()])
+    kinds = set()
+    while bad.poll(2000):
+        kinds.add(bytes(bad.recv_multipart()[0]))
+    assert protocol.UNKNOWN in kinds and protocol.REFUSED in kinds and protocol.ANSWER in kinds
+    # a client that subscribes to everything with all the credit it may have, and never reads
+    greedy = zctx.socket(zmq.DEALER)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    greedy.connect(ep)
+    sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": 1 << 30}
+    greedy.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    # a TCP peer that sends bytes that are not ZMTP
+    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), 2)
+    raw.sendall(os.urandom(4096))
+    # an oversized event is refused, clearly, for that publisher only
+    big = run("eda-pub", "--bus", ep, "--confirm", "big.x", "y" * 5000)
+    assert big.returncode == 1 and "refused" in big.stderr and "1000" in big.stderr, big.stderr
+    # the good publisher keeps being confirmed
+    for start in range(1001, 20_001, 1000):
+        _feed(good, range(start, start + 1000))
+    assert good.popen.stdin is not None
+    good.popen.stdin.close()
+    assert good.wait(30) == 0, good.stderr
+    got = replay(ep, "good.n", 20_000, "--raw")
+    assert got == [str(i) for i in range(1, 20_001)]
+    raw.close()
+    bad.close()
+    greedy.close()
+
+
+def test_stats_and_retain(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    for topic in ("a.one", "a.two"):
+        done = run("eda-pub", "--bus", ep, "--confirm", topic, input="x" * 50 + "\n" * 1)
+        assert done.returncode == 0
+    done = run("eda-pub", "--bus", ep, "--confirm", "a.one",
+               input="".join(f"{i:0100d}\n" for i in range(10_000)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    durable = run("eda-sub", "--bus", ep, "a.two", "--durable", "d1", "-C", "1")
+    assert durable.returncode == 0, durable.stderr
+    stats = run("eda-bus", "stats", "--bus", ep)  # piped: JSON Lines
+    rows = [json.loads(line) for line in stats.stdout.splitlines()]
+    assert rows[0]["kind"] == "bus" and rows[0]["events"] == 10_002
+    topics = {r["topic"]: r["events"] for r in rows if r["kind"] == "topic"}
+    assert topics == {"a.one": 10_001, "a.two": 1}
+    consumer = next(r for r in rows if r["kind"] == "consumer")
+    assert consumer["name"] == "d1" and consumer["lag"] == 0
+    kept = run("eda-bus", "retain", "--bus", ep, "--max-bytes", "100kB")
+    assert kept.returncode == 0, kept.stderr
+    removed = json.loads(kept.stdout)
+    assert removed["removed"] > 0 and removed["first_seq"] > 1
+    after = stored_stats(ep)
+    assert after["first_seq"] == removed["first_seq"]
+    assert int(after["bytes"]) <= 100_000  # type: ignore[call-overload]
+    first = run("eda-sub", "--bus", ep, "a.>", "--from-start", "-C", "1")
+    assert json.loads(first.stdout)["edabusseq"] == removed["first_seq"]
+    usage = run("eda-bus", "retain", "--bus", ep)
+    assert usage.returncode == 2
+
+
+FULL = """
+set -e
+mount -t tmpfs -o size=3m tmpfs "$1"
+shift
+exec "$@"
+"""
+
+
+def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to mount a tmpfs")
+    data = tmp_path / "tiny"
+    data.mkdir()
+    argv = command("eda-bus", "serve", "--data", str(data), "--bind", "tcp://127.0.0.1:0",
+                   "--no-mdns")  # fmt: skip
+    bus = procs.start(["unshare", "-m", "sh", "-c", FULL, "sh", str(data), *argv])
+    ep = bus.wait_stderr(r"serving \S+ on (tcp://\S+)", 15)[1]
+    lines = "".join(f"{i:08d}{'y' * 92}\n" for i in range(1, 100_001))  # 10 MB > 3 MB
+    done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "fill.up", input=lines,
+               timeout=120)  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert "disk is full" in done.stderr and "did not confirm" in done.stderr
+    stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
+    assert 1000 < stored < 100_000
+    got = replay(ep, "fill.up", stored, "--raw")
+    numbers = [int(x[:8]) for x in got]
+    # every stored event once, readable; the first ones (before the disk filled) in order
+    assert len(set(numbers)) == stored and set(numbers) <= set(range(1, 100_001))
+    assert numbers[:1000] == list(range(1, 1001))
+    assert bus.popen.poll() is None  # still serving
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100))
+def test_tags_frames_decode_or_are_refused(frame: bytes) -> None:
+    try:
+        tags = protocol.unpack_tags(frame)
+    except ValueError:
+        assert len(frame) % 8
+        return
+    assert protocol.pack_tags(list(tags)) == frame
