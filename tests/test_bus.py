@@ -196,3 +196,30 @@ def _group(ep: str) -> dict[str, object] | None:
     done = run("eda-bus", "stats", "--bus", ep, "--json")
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     return next((r for r in rows if r.get("consumer") == "group"), None)
+
+
+def test_clients_find_the_bus_by_mdns(procs: Procs, tmp_path: Path) -> None:
+    bus = procs.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "-v")
+    bus.wait_stderr("announced bus", 15)
+    done = run("eda-pub", "--bus", "--confirm", "found.it", "hello")
+    assert done.returncode == 0, done.stderr
+    got = run("eda-sub", "--bus", "found.>", "--from-start", "-C", "1", "--raw", "-W", "10")
+    assert got.stdout == "hello\n", got.stderr
+    env = {"EDA_BUS": "tcp://127.0.0.1:1"}  # EDA_BUS wins over mDNS
+    nobody = run("eda-pub", "--bus", "--confirm", "--timeout", "1", "found.it", "x", env=env)
+    assert nobody.returncode == 4, nobody.stderr
+
+
+def test_a_live_subscriber_continues_across_a_bus_restart(procs: Procs, tmp_path: Path) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    first = run("eda-pub", "--bus", ep, "--confirm", "r.n", input="1\n2\n3\n")
+    assert first.returncode == 0, first.stderr
+    sub = procs.eda("eda-sub", "--bus", ep, "r.n", "--from-start", "-C", "6", "--raw")
+    sub.wait_lines(3, 15)
+    bus.kill()
+    bus, ep = start_bus(procs, data, bind=ep)
+    more = run("eda-pub", "--bus", ep, "--confirm", "r.n", input="4\n5\n6\n")
+    assert more.returncode == 0, more.stderr
+    assert sub.wait(20) == 0, sub.stderr
+    assert sub.lines() == ["1", "2", "3", "4", "5", "6"]
