@@ -245,3 +245,29 @@ def test_a_torn_last_write_is_repaired_on_start_with_a_message(
     assert 2000 <= stored < 3000  # back to the last good commit, nothing before it lost
     got = replay(ep, "torn.n", stored, "--raw")
     assert got == [str(i) for i in range(1, stored + 1)]
+
+
+def test_since_and_serve_retention(procs: Procs, tmp_path: Path) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    done = run("eda-pub", "--bus", ep, "--confirm", "s.n",
+               input="".join(f"{i:0200d}\n" for i in range(1, 2001)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    past = run("eda-sub", "--bus", ep, "s.n", "--since", "2020-01-01T00:00Z", "-C", "1", "--raw")
+    assert past.stdout.strip() == f"{1:0200d}", past.stderr
+    future = run("eda-sub", "--bus", ep, "s.n", "--since", "2999-01-01T00:00Z", "-W", "1")
+    assert future.returncode == 4 and future.stdout == ""
+    bad = run("eda-sub", "--bus", ep, "s.n", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+    # served again with a size limit: the oldest events go at once
+    _, ep = start_bus(procs, data, "--max-bytes", "100kB", bind=ep)
+
+    def retained() -> dict[str, object] | None:
+        now = stored_stats(ep)
+        return now if int(now["bytes"]) <= 100_000 else None  # type: ignore[call-overload]
+
+    stats = wait_until(retained, 15, "retention by size")
+    assert 0 < int(stats["events"]) < 2000
+    assert int(stats["first_seq"]) == 2001 - int(stats["events"])
