@@ -235,7 +235,7 @@ def stats(
         if isinstance(c, dict):
             rows.append({**c, "consumer": c.get("kind"), "kind": "consumer"})
     out = Output(ctx, force_json=force_json)
-    if out.mode == "json" or not sys.stdout.isatty():
+    if force_json or not sys.stdout.isatty():
         out.items(rows)
         return
     _table(rows)

@@ -318,7 +318,8 @@ def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:
 
 def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
     """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
-    from eda.core import envelope
+    from eda.cli.common import json_text
+    from eda.core import codec, envelope
 
     if raw and output.mode != "exec":
         return lambda ds: output.data(b"".join([envelope.batch_payloads(d.batch) for d in ds]))
@@ -328,8 +329,14 @@ def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
         def json_lines(ds: list[Any]) -> None:
             out = []
             for d in ds:
-                lines = envelope.batch_to_json_lines(d.batch).split("\n")
                 seq = d.busseq
+                if d.batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus
+                    out.extend(
+                        json_text({**ev, BUS_SEQ: seq + i}) + "\n"
+                        for i, ev in enumerate(envelope.batch_to_events(d.batch))
+                    )
+                    continue
+                lines = envelope.batch_to_json_lines(d.batch).split("\n")
                 out.extend(
                     [f'{line[:-1]},"{BUS_SEQ}":{seq + i}}}\n' for i, line in enumerate(lines[:-1])]
                 )

@@ -271,3 +271,27 @@ def test_since_and_serve_retention(procs: Procs, tmp_path: Path) -> None:
     stats = wait_until(retained, 15, "retention by size")
     assert 0 < int(stats["events"]) < 2000
     assert int(stats["first_seq"]) == 2001 - int(stats["events"])
+
+
+def test_printed_events_round_trip_through_the_bus_with_ids_kept(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    done = run("eda-pub", "--bus", ep, "--confirm", "orig.x", "a", "b")
+    assert done.returncode == 0, done.stderr
+    printed = replay(ep, "orig.x", 2)
+    again = run("eda-pub", "--bus", ep, "--confirm", "--envelope", "copy.x",
+                input="\n".join(printed) + "\n")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+    def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), keys
+        return dict(pairs)
+
+    copies = [json.loads(line, object_pairs_hook=no_duplicate_keys)
+              for line in replay(ep, "copy.x", 2)]  # fmt: skip
+    originals = [json.loads(line) for line in printed]
+    assert [c["id"] for c in copies] == [o["id"] for o in originals]
+    assert [c["data"] for c in copies] == ["a", "b"]
+    assert [c["edabusseq"] for c in copies] == [3, 4]
