@@ -327,7 +327,7 @@ def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
     if output.mode == "json":
 
         def json_lines(ds: list[Any]) -> None:
-            out = []
+            out: list[str] = []
             for d in ds:
                 seq = d.busseq
                 if d.batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus
