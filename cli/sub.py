@@ -152,8 +152,9 @@ def command(
         output = _output(ctx, template, force_json, exec_cmd)
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(
-            ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output
-        )
+            ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
+            strict,
+        )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
@@ -250,6 +251,7 @@ def _subscribe_bus(
     idle_timeout: float | None,
     raw: bool,
     output: Output,
+    strict: bool = False,
 ) -> None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out."""
     from eda.core.bus.client import BusSubscriber
@@ -277,6 +279,8 @@ def _subscribe_bus(
                     " before they were delivered)"
                 )
                 reported_lost = sub.lost
+                if strict:
+                    raise Exit(ExitStatus.LOSS)
             if got:
                 if remaining is not None:
                     got, remaining = _take(got, remaining)

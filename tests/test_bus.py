@@ -271,6 +271,13 @@ def test_since_and_serve_retention(procs: Procs, tmp_path: Path) -> None:
     stats = wait_until(retained, 15, "retention by size")
     assert 0 < int(stats["events"]) < 2000
     assert int(stats["first_seq"]) == 2001 - int(stats["events"])
+    # a subscriber asking for what retention removed is told how much it lost
+    first = int(stats["first_seq"])  # type: ignore[call-overload]
+    late = run("eda-sub", "--bus", ep, "s.n", "--from-seq", "1", "-C", "1", "--raw")
+    assert late.returncode == 0 and late.stdout.strip() == f"{first:0200d}", late.stderr
+    assert f"lost {first - 1} events" in late.stderr
+    strict = run("eda-sub", "--bus", ep, "s.n", "--from-seq", "1", "--strict", "-W", "5")
+    assert strict.returncode == 5, strict.stderr
 
 
 def test_printed_events_round_trip_through_the_bus_with_ids_kept(
