@@ -257,7 +257,13 @@ def _subscribe_bus(
     from eda.core.bus.client import BusSubscriber
     from eda.core.errors import EdaError
 
-    sub = BusSubscriber(endpoint, patterns, start=start, durable=durable, group=group)
+    # --exec is slow per event: take few at a time, so heartbeats keep going and a
+    # group's other members get the rest
+    slow = output.mode == "exec"
+    sub = BusSubscriber(
+        endpoint, patterns, start=start, durable=durable, group=group, credit=64 if slow else None
+    )
+    limit = 16 if slow else 1 << 16
     render = _bus_renderer(raw, output)
     status: int = ExitStatus.OK
     remaining = count
@@ -268,9 +274,9 @@ def _subscribe_bus(
         idle_since = time.monotonic()
         while remaining != 0:
             left = None if idle_timeout is None else idle_since + idle_timeout - time.monotonic()
-            got = sub.receive() if left is not None and left <= 0 else None
+            got = sub.receive(limit) if left is not None and left <= 0 else None
             if not got and (left is None or left > 0) and sub.poll(left):
-                got = sub.receive()
+                got = sub.receive(limit)
             if sub.errors:
                 raise EdaError(f"the bus refused: {for_terminal(sub.errors[0])}")
             if sub.lost > reported_lost:

@@ -302,3 +302,29 @@ def test_printed_events_round_trip_through_the_bus_with_ids_kept(
     assert [c["id"] for c in copies] == [o["id"] for o in originals]
     assert [c["data"] for c in copies] == ["a", "b"]
     assert [c["edabusseq"] for c in copies] == [3, 4]
+
+
+def test_group_members_running_exec_share_the_work(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    members = [
+        procs.eda(
+            "eda-sub", "--bus", ep, "job.>", "--group", "w", "-v", "--exec", f"cat >> {out}"
+        )  # fmt: skip
+        for out in outs
+    ]
+    for m in members:
+        m.wait_stderr("subscribed", 15)
+    n = 300
+    done = run("eda-pub", "--bus", ep, "--confirm", "job.x",
+               input="".join(f"{i}\n" for i in range(n)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    def handled() -> list[list[str]]:
+        return [[json.loads(x)["data"] for x in o.read_text().splitlines()] if o.exists() else []
+                for o in outs]  # fmt: skip
+
+    wait_until(lambda: sum(map(len, handled())) >= n, 30, "every job handled")
+    a, b = handled()
+    assert sorted(a + b, key=int) == [str(i) for i in range(n)]
+    assert a and b  # both worked

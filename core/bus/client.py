@@ -17,6 +17,7 @@ not know it (after a bus restart).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import secrets
@@ -313,7 +314,8 @@ class BusSubscriber:
 
     def _request(self, msg: dict[str, Any]) -> None:
         self._rid += 1
-        self.sock.send_multipart([p.REQUEST, encode({**msg, "rid": self._rid})])
+        with contextlib.suppress(zmq.Again):  # the bus is away and the queue full: said again
+            self.sock.send_multipart([p.REQUEST, encode({**msg, "rid": self._rid})], zmq.NOBLOCK)
         self._last_send = time.monotonic()
 
     def subscribe(self) -> None:
@@ -377,7 +379,8 @@ class BusSubscriber:
             else:
                 self.malformed += 1
         self._owed += n
-        if self._owed >= self.credit // 4:
+        self._heartbeat()
+        if self._owed >= max(1, self.credit // 4):
             self._request({"op": "credit", "n": self._owed})
             self._owed = 0
         return out
