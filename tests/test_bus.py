@@ -310,7 +310,7 @@ def test_group_members_running_exec_share_the_work(procs: Procs, tmp_path: Path)
     members = [
         procs.eda(
             "eda-sub", "--bus", ep, "job.>", "--group", "w", "-v", "--exec", f"cat >> {out}"
-        )  # fmt: skip
+        )
         for out in outs
     ]
     for m in members:
