@@ -143,3 +143,50 @@ def test_tags_frames_decode_or_are_refused(frame: bytes) -> None:
         assert len(frame) % 8
         return
     assert protocol.pack_tags(list(tags)) == frame
+
+
+def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
+    procs: Procs, tmp_path: Path
+) -> None:
+    import time
+
+    from eda.core import codec
+
+    _, ep = start_bus(procs, tmp_path / "bus")
+    zctx = zmq.Context.instance()
+    member = zctx.socket(zmq.DEALER)
+    member.setsockopt(zmq.LINGER, 0)
+    member.setsockopt(zmq.RCVHWM, 1)
+    member.connect(ep)
+    sub = {"op": "sub", "patterns": ["g.>"], "group": "g", "member": "m1", "credit": 1 << 20}
+    member.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    assert member.poll(5000)
+    assert member.recv_multipart()[0] == protocol.ANSWER
+    pub = zctx.socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    n = 40_000
+    origin = codec.encode_origin("p1", "eda://test")
+    for i in range(1, n + 1):  # one event per message: many messages for the member's queue
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"g.x", header, b"y" * 1000])
+    hb = json.dumps({"op": "hb"}).encode()
+    # the member reads nothing for a while (but stays alive) while the bus fills its queue
+    wait_until(lambda: int(stored_stats(ep)["events"]) == n, 30, "all stored")  # type: ignore[call-overload]
+    member.send_multipart([protocol.REQUEST, hb])
+    got: set[int] = set()
+    deadline = time.monotonic() + 60
+    last_hb = time.monotonic()
+    while len(got) < n and time.monotonic() < deadline:
+        if time.monotonic() - last_hb > 0.5:
+            member.send_multipart([protocol.REQUEST, hb])
+            last_hb = time.monotonic()
+        if member.poll(200):
+            frames = member.recv_multipart()
+            if frames[0] == protocol.DELIVER:
+                batch = codec.decode(frames[2:])
+                (first,) = protocol.TAG.unpack(frames[1])
+                got.update(range(first, first + batch.size))
+    assert got == set(range(1, n + 1))
+    member.close()
+    pub.close()

@@ -34,7 +34,7 @@ from ..errors import EdaError, UsageError
 from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_reply, request_id
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
-from .engine import Engine, EventTooLargeError, StoreError
+from .engine import Engine, EventTooLargeError, Record, StoreError
 
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
@@ -52,7 +52,8 @@ class Subscription:
     member: str = ""
     start: int | None = None
     blocked: bool = False
-    sent: int = field(default=0)
+    sent: int = 0
+    backlog: list[Record] = field(default_factory=list)  # group: claimed, not sent yet
 
 
 @dataclass
@@ -92,7 +93,7 @@ class BusServer(Daemon):
         self._durable = engine.durable_seq
         self._groups_dirty = True
         self.watch(self.sock, "clients", self.drain)
-        self.every(0.05, "delivery", self.pump)
+        self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
         if settings.max_age is not None or settings.max_bytes is not None:
             self.every(settings.retain_every, "retention", self._retain, first=0.0)
@@ -335,17 +336,22 @@ class BusServer(Daemon):
 
     def _pump_member(self, sub: Subscription) -> None:
         assert sub.group is not None
-        limit = min(sub.credit, PUMP_EVENTS)
-        records = self.engine.claim(sub.group, sub.member, sub.matcher.patterns, limit, sub.start)
-        for record in records:
-            if not self._deliver(sub, record):
-                # not sent: it stays held by this member and is redelivered when it is gone
+        if not sub.backlog:
+            limit = min(sub.credit, PUMP_EVENTS)
+            sub.backlog = self.engine.claim(
+                sub.group, sub.member, sub.matcher.patterns, limit, sub.start
+            )
+            sub.backlog.reverse()
+        if sub.backlog:
+            self._groups_dirty = True  # more may be waiting
+        while sub.backlog:
+            # claimed, so held by this member: sent now, or when its queue has room
+            if not self._deliver(sub, sub.backlog[-1]):
                 sub.blocked = True
                 return
-        if records:
-            self._groups_dirty = True
+            sub.backlog.pop()
 
-    def _deliver(self, sub: Subscription, record: Any) -> bool:
+    def _deliver(self, sub: Subscription, record: Record) -> bool:
         header = codec.encode_header(
             record.kind, record.size, record.pubseq, record.time,
             codec.encode_origin(record.pubid, record.source),
@@ -359,14 +365,20 @@ class BusServer(Daemon):
         sub.sent += record.size
         return True
 
+    def _retry(self) -> None:
+        """Try again the subscriptions whose queue was full (it may have room now)."""
+        for sub in self.subs.values():
+            if sub.blocked:
+                sub.blocked = False
+                self._groups_dirty = self._groups_dirty or sub.group is not None
+        self.pump()
+
     def _check_gone(self) -> None:
         now = time.monotonic()
         for ident, sub in list(self.subs.items()):
             if now - sub.seen > p.GONE_AFTER:
                 self.log(f"subscription {ident.hex()} silent for {p.GONE_AFTER:g}s: dropped")
                 self._drop(ident)
-            else:
-                sub.blocked = False  # its queue may have room again
 
     def _drop(self, ident: bytes) -> None:
         sub = self.subs.pop(ident, None)
