@@ -190,3 +190,55 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
     assert got == set(range(1, n + 1))
     member.close()
     pub.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_requests = st.fixed_dictionaries(
+    {"op": st.sampled_from(sorted(protocol.OPS)) | st.text(max_size=6)},
+    optional={
+        "rid": _json,
+        "patterns": _json | st.lists(st.sampled_from(["a.>", "*", "a..b", ">", ""]), max_size=3),
+        "from": _json | st.sampled_from(["start", "live"]),
+        "durable": _json,
+        "group": _json,
+        "member": _json,
+        "credit": _json,
+        "n": _json,
+        "seq": _json,
+        "max_age": _json,
+        "max_bytes": _json,
+    },
+)
+
+
+def test_any_request_is_answered_or_refused_and_never_breaks_the_bus(tmp_path: Path) -> None:
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer, Settings
+
+    server = BusServer(
+        SQLiteEngine(tmp_path / "bus.db"), Settings(bind="tcp://127.0.0.1:0", mdns=False)
+    )
+    try:
+
+        @settings(max_examples=200, deadline=None)
+        @given(_requests, st.binary(max_size=8))
+        def attack(msg: dict[str, object], ident: bytes) -> None:
+            try:
+                frame = json.dumps(msg).encode()
+            except ValueError:
+                return
+            failures = server.failures
+            server._request(b"\x00" + ident, [frame])
+            server.pump()
+            assert server.failures == failures
+
+        attack()
+        assert server.engine.stats().last_seq == 0  # no request stored anything
+    finally:
+        server.close()
