@@ -308,9 +308,7 @@ def test_group_members_running_exec_share_the_work(procs: Procs, tmp_path: Path)
     _, ep = start_bus(procs, tmp_path / "bus")
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     members = [
-        procs.eda(
-            "eda-sub", "--bus", ep, "job.>", "--group", "w", "-v", "--exec", f"cat >> {out}"
-        )
+        procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "-v", "--exec", f"cat >> {out}")
         for out in outs
     ]
     for m in members:
@@ -328,3 +326,17 @@ def test_group_members_running_exec_share_the_work(procs: Procs, tmp_path: Path)
     a, b = handled()
     assert sorted(a + b, key=int) == [str(i) for i in range(n)]
     assert a and b  # both worked
+
+
+def test_refusals_and_usage_errors_are_one_line(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    bad = run("eda-sub", "--bus", ep, "a..b", "-W", "5")
+    assert bad.returncode in (1, 2) and bad.stderr.count("\n") == 1, bad.stderr
+    assert "eda-sub: error:" in bad.stderr
+    both = run("eda-sub", "--bus", ep, "a.>", "--durable", "x", "--group", "y")
+    assert both.returncode == 2 and "exclude" in both.stderr
+    two = run("eda-sub", "--bus", ep, "a.>", "--from-start", "--last", "3")
+    assert two.returncode == 2 and "choose one" in two.stderr
+    nobus = run("eda-pub", "--bus", "--no-mdns", "--confirm", "a.b", "x",
+                env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
+    assert nobus.returncode == 1 and "no bus found" in nobus.stderr
