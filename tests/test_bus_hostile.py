@@ -242,3 +242,19 @@ def test_any_request_is_answered_or_refused_and_never_breaks_the_bus(tmp_path: P
         assert server.engine.stats().last_seq == 0  # no request stored anything
     finally:
         server.close()
+
+
+def test_stats_on_a_terminal_is_a_table(procs: Procs, tmp_path: Path) -> None:
+    import shlex
+
+    if shutil.which("script") is None:
+        pytest.skip("needs script(1) for a terminal")
+    _, ep = start_bus(procs, tmp_path / "bus")
+    done = run("eda-pub", "--bus", ep, "--confirm", "tty.topic", "x")
+    assert done.returncode == 0, done.stderr
+    cmd = shlex.join(command("eda-bus", "stats", "--bus", ep))
+    shown = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                           timeout=30, text=True, env={**os.environ, "COLUMNS": "100"})  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "tty.topic" in shown.stdout and "lag" in shown.stdout
+    assert not shown.stdout.lstrip().startswith("{")  # a table, not JSON Lines
