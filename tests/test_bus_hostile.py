@@ -258,3 +258,22 @@ def test_stats_on_a_terminal_is_a_table(procs: Procs, tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "tty.topic" in shown.stdout and "lag" in shown.stdout
     assert not shown.stdout.lstrip().startswith("{")  # a table, not JSON Lines
+
+
+def test_subscriptions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus import server as bus_server
+
+    monkeypatch.setattr(bus_server, "MAX_SUBSCRIPTIONS", 3)
+    srv = bus_server.BusServer(
+        SQLiteEngine(tmp_path / "bus.db"), bus_server.Settings(bind="tcp://127.0.0.1:0", mdns=False)
+    )
+    try:
+        frame = json.dumps({"op": "sub", "patterns": [">"]}).encode()
+        for i in range(5):
+            srv._request(bytes([0, i]), [frame])
+        assert len(srv.subs) == 3
+        srv._request(bytes([0, 0]), [frame])  # one already known may subscribe again
+        assert len(srv.subs) == 3
+    finally:
+        srv.close()

@@ -38,6 +38,7 @@ from .engine import Engine, EventTooLargeError, Record, StoreError
 
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
+MAX_SUBSCRIPTIONS = 4096  # live subscriptions (a silent one is dropped after GONE_AFTER)
 
 
 @dataclass
@@ -265,6 +266,8 @@ class BusServer(Daemon):
             raise ProtocolError("credit must be a non-negative integer")
         if ident in self.subs:
             self._drop(ident)
+        elif len(self.subs) >= MAX_SUBSCRIPTIONS:
+            raise EdaError(f"too many subscriptions ({MAX_SUBSCRIPTIONS}); try again later")
         sub = Subscription(ident, matcher, 0, min(credit, p.MAX_CREDIT), time.monotonic())
         if durable is not None:
             sub.durable = durable
