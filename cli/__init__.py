@@ -5,4 +5,5 @@ PROGRAMS = {
     "eda-pub": "eda.cli.pub",
     "eda-sub": "eda.cli.sub",
     "eda-registry": "eda.cli.registry",
+    "eda-bus": "eda.cli.bus",
 }

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import (
     EXIT_ERROR,
     EXIT_LOSS,
@@ -137,6 +138,21 @@ def _parse_header(
     is_flag=True,
     help="Block at the high-water mark instead of dropping (slow subscribers slow the feed).",
 )
+@bus_option
+@click.option(
+    "--confirm",
+    is_flag=True,
+    help="With --bus: exit 0 only once the bus confirmed every event durable (4 on timeout).",
+)
+@click.option(
+    "--timeout",
+    "confirm_timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --bus --confirm: give up after SECONDS without a confirmation.",
+)
 @common_options
 def command(
     topic: str | None,
@@ -155,6 +171,9 @@ def command(
     linger: float,
     hwm: int,
     block: bool,
+    bus: str | None,
+    confirm: bool,
+    confirm_timeout: float,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -168,6 +187,10 @@ def command(
     announces itself, so subscribers started later find it.
     """
     ctx = Context("eda-pub", verbose)
+    bus, rest = split_bus(bus, (topic, *messages) if topic is not None else ())
+    topic, messages = (rest[0], rest[1:]) if rest else (None, ())
+    if confirm and bus is None:
+        bus = AUTO
     if topic is not None:
         validate_topic(topic)
     elif not envelope:
@@ -184,6 +207,17 @@ def command(
         ctx.warn(f"error: {exc}; skipped")
 
     whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
+
+    if bus is not None:
+        endpoint = bus_endpoint(bus, interface, no_mdns)
+        kind = codec.JSON if json_mode else codec.TEXT
+        _publish_to_bus(
+            ctx, endpoint, topic, messages, kind, envelope, whole_data if whole else None,
+            headers, rate, reject,
+            confirm_timeout if confirm else linger, confirm,
+        )  # fmt: skip
+        return
+
     iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
@@ -268,6 +302,56 @@ def command(
         raise Exit(EXIT_LOSS)
     if failed or (short and wait_subscribers) or (outcome is not None and not outcome.clean):
         raise Exit(EXIT_TIMEOUT)
+
+
+def _publish_to_bus(
+    ctx: Context,
+    endpoint: str,
+    topic: str | None,
+    messages: tuple[str, ...],
+    kind: int,
+    envelope: bool,
+    whole: bytes | None,
+    headers: dict[str, str],
+    rate: float | None,
+    reject: Any,
+    timeout: float,
+    confirm: bool,
+) -> None:
+    """Publish through eda-bus: batches pipelined, each kept until the bus confirms it."""
+    from eda.core import feed
+    from eda.core.bus.client import BusPublisher, ConfirmTimeout
+
+    pub = BusPublisher(endpoint, headers=headers, timeout=timeout)
+    ctx.debug(f"publishing to the bus at {endpoint} as {pub.pubid}")
+    rejected = 0
+    try:
+        if messages:
+            raw = [m.encode(errors="surrogateescape") for m in messages]
+            rejected = feed.send_arguments(pub, topic or "", raw, kind, reject)  # type: ignore[arg-type]
+        elif whole is not None:
+            rejected = feed.send_arguments(pub, topic or "", [whole], kind, reject)  # type: ignore[arg-type]
+        else:
+            feeder = feed.Feeder(
+                pub,  # type: ignore[arg-type]
+                topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject,
+            )  # fmt: skip
+            feeder.run(sys.stdin.fileno())
+            rejected = feeder.rejected
+        pub.finish()
+    except ConfirmTimeout as exc:
+        if confirm:
+            raise
+        ctx.warn(f"warning: {exc}")
+    finally:
+        pub.close()
+    ctx.debug(f"{pub.confirmed} event(s) confirmed, {pub.resent} batch(es) sent again")
+    for what, why in pub.refused:
+        ctx.warn(f"error: the bus refused {what}: {why}")
+    if rejected:
+        ctx.warn(f"error: {rejected} input(s) rejected")
+    if rejected or pub.refused:
+        raise Exit(EXIT_ERROR)
 
 
 def _whole_stdin() -> bytes:

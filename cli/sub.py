@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import (
     Context,
     Exit,
@@ -38,7 +39,7 @@ Examples:
 
 
 @click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
-@click.argument("patterns", nargs=-1, required=True)
+@click.argument("patterns", nargs=-1)
 @click.option(
     "--connect",
     "connects",
@@ -79,6 +80,29 @@ Examples:
     show_default=True,
     help="High-water mark: batches queued before dropping (at most about 64 MiB in all).",
 )
+@bus_option
+@click.option(
+    "--from-start", is_flag=True, help="With --bus: replay every stored event, then live."
+)
+@click.option(
+    "--from-seq", type=click.IntRange(1), metavar="N", help="With --bus: start at bus sequence N."
+)
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="With --bus: start at events stored since TIME (RFC 3339, e.g. 2026-11-01T00:00Z).",
+)
+@click.option(
+    "--last", type=click.IntRange(0), metavar="N", help="With --bus: the last N events, then live."
+)
+@click.option(
+    "--durable",
+    metavar="NAME",
+    help="With --bus: resume where consumer NAME left off; acknowledged once written out.",
+)
+@click.option(
+    "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
+)
 @common_options
 def command(
     patterns: tuple[str, ...],
@@ -92,6 +116,13 @@ def command(
     strict: bool,
     exec_cmd: str | None,
     hwm: int,
+    bus: str | None,
+    from_start: bool,
+    from_seq: int | None,
+    since: str | None,
+    last: int | None,
+    durable: str | None,
+    group: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -105,8 +136,26 @@ def command(
     when stdout is not a terminal, a coloured view when it is.
     """
     ctx = Context("eda-sub", verbose)
+    if not patterns and bus is None:
+        raise UsageError("missing PATTERN")
     if sum([raw, bool(template), force_json]) > 1:
         raise UsageError("choose one of --raw, --json and --format")
+    bus, patterns = split_bus(bus, patterns)
+    start = _bus_start(from_start, from_seq, since, last)
+    if (start is not None or durable or group) and bus is None:
+        bus = AUTO
+    if bus is not None:
+        if not patterns:
+            raise UsageError("missing PATTERN")
+        if durable and group:
+            raise UsageError("--durable and --group exclude each other")
+        output = _output(ctx, template, force_json, exec_cmd)
+        endpoint = bus_endpoint(bus, interface, no_mdns)
+        _subscribe_bus(
+            ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
+            strict,
+        )  # fmt: skip
+        return
     if no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
     output = _output(ctx, template, force_json, exec_cmd)
@@ -161,6 +210,161 @@ def command(
     if status:
         raise Exit(status)
 
+
+def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: int | None) -> Any:
+    """The starting point of a bus subscription (None: live, or a durable's position)."""
+    given = [from_start, from_seq is not None, since is not None, last is not None]
+    if sum(given) > 1:
+        raise UsageError("choose one of --from-start, --from-seq, --since and --last")
+    if from_start:
+        return "start"
+    if from_seq is not None:
+        return {"seq": from_seq}
+    if last is not None:
+        return {"last": last}
+    if since is not None:
+        from datetime import UTC, datetime
+
+        try:
+            when = datetime.fromisoformat(since)
+        except ValueError:
+            try:
+                return {"time": float(since)}
+            except ValueError:
+                raise UsageError(
+                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z) or unix seconds"
+                ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return {"time": when.timestamp()}
+    return None
+
+
+def _subscribe_bus(
+    ctx: Context,
+    endpoint: str,
+    patterns: list[str],
+    start: Any,
+    durable: str | None,
+    group: str | None,
+    count: int | None,
+    idle_timeout: float | None,
+    raw: bool,
+    output: Output,
+    strict: bool = False,
+) -> None:
+    """Events from eda-bus: replay from *start*, then live; acknowledged once written out."""
+    from eda.core.bus.client import BusSubscriber
+    from eda.core.errors import EdaError
+
+    # --exec is slow per event: take few at a time, so heartbeats keep going and a
+    # group's other members get the rest
+    slow = output.mode == "exec"
+    sub = BusSubscriber(
+        endpoint, patterns, start=start, durable=durable, group=group, credit=64 if slow else None
+    )
+    limit = 16 if slow else 1 << 16
+    render = _bus_renderer(raw, output)
+    status: int = ExitStatus.OK
+    remaining = count
+    reported_lost = 0
+    try:
+        sub.subscribe()
+        ctx.debug(f"subscribed to the bus at {endpoint}")
+        idle_since = time.monotonic()
+        while remaining != 0:
+            left = None if idle_timeout is None else idle_since + idle_timeout - time.monotonic()
+            got = sub.receive(limit) if left is not None and left <= 0 else None
+            if not got and (left is None or left > 0) and sub.poll(left):
+                got = sub.receive(limit)
+            if sub.errors:
+                raise EdaError(f"the bus refused: {for_terminal(sub.errors[0])}")
+            if sub.lost > reported_lost:
+                ctx.warn(
+                    f"lost {sub.lost - reported_lost} events (removed by the bus's retention"
+                    " before they were delivered)"
+                )
+                reported_lost = sub.lost
+                if strict:
+                    raise Exit(ExitStatus.LOSS)
+            if got:
+                if remaining is not None:
+                    got, remaining = _take(got, remaining)
+                render(got)
+                top = got[-1]
+                sub.ack(top.busseq + top.batch.size - 1)
+                idle_since = time.monotonic()
+            elif left is not None and left <= 0:
+                ctx.warn(f"no event for {idle_timeout:g} s (-W/--timeout): exiting with status 4")
+                raise Exit(ExitStatus.TIMEOUT)
+    except Exit as exc:
+        status = exc.code
+    except Terminated:
+        pass
+    finally:
+        sub.close()
+    if sub.malformed:
+        ctx.warn(f"ignored {sub.malformed} malformed message(s)")
+    if output.finish() and status == ExitStatus.OK:
+        status = ExitStatus.ERROR
+    if status:
+        raise Exit(status)
+
+
+def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:
+    out = []
+    for d in deliveries:
+        if n <= 0:
+            break
+        if d.batch.size > n:
+            from eda.core import codec
+
+            (part,), _ = codec.take([d.batch], n)
+            d = d._replace(batch=part)
+        out.append(d)
+        n -= d.batch.size
+    return out, n
+
+
+def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
+    """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
+    from eda.cli.common import json_text
+    from eda.core import codec, envelope
+
+    if raw and output.mode != "exec":
+        return lambda ds: output.data(b"".join([envelope.batch_payloads(d.batch) for d in ds]))
+
+    if output.mode == "json":
+
+        def json_lines(ds: list[Any]) -> None:
+            out: list[str] = []
+            for d in ds:
+                seq = d.busseq
+                if d.batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus
+                    out.extend(
+                        json_text({**ev, BUS_SEQ: seq + i}) + "\n"
+                        for i, ev in enumerate(envelope.batch_to_events(d.batch))
+                    )
+                    continue
+                lines = envelope.batch_to_json_lines(d.batch).split("\n")
+                out.extend(
+                    [f'{line[:-1]},"{BUS_SEQ}":{seq + i}}}\n' for i, line in enumerate(lines[:-1])]
+                )
+            output.text("".join(out))
+
+        return json_lines
+
+    def items(ds: list[Any]) -> None:
+        output.items(
+            {**ev, BUS_SEQ: d.busseq + i}
+            for d in ds
+            for i, ev in enumerate(envelope.batch_to_events(d.batch))
+        )
+
+    return items
+
+
+BUS_SEQ = "edabusseq"  # extension attribute: the event's sequence on the bus
 
 # what --format may name: the event's attributes, {topic} (= {type}) and {ext[NAME]}
 FORMAT_FIELDS = frozenset({"topic", "ext"})

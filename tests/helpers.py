@@ -17,7 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-PROGRAMS = {"eda-pub": "eda.cli.pub", "eda-sub": "eda.cli.sub", "eda-registry": "eda.cli.registry"}
+PROGRAMS = {
+    "eda-pub": "eda.cli.pub",
+    "eda-sub": "eda.cli.sub",
+    "eda-registry": "eda.cli.registry",
+    "eda-bus": "eda.cli.bus",
+}
 
 
 def command(program: str, *args: str) -> list[str]:

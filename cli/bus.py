@@ -1,0 +1,304 @@
+"""eda-bus: the event bus -- a durable log with replay, confirmed publishing and consumers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from typing import Any
+
+import click
+
+from eda.cli.common import Context, Output, common_options, run
+from eda.core.errors import UsageError
+
+EPILOG = """\b
+Examples:
+  eda-bus serve --data ./bus                  serve a bus, announced by mDNS
+  eda-bus serve --data ./bus --fsync always --max-age 7d --max-bytes 10GB
+  eda-bus stats                               topics, counts, consumers and their lag
+  eda-bus retain --max-age 7d                 remove events older than a week
+"""
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_bytes(text: str) -> int:
+    """'10GB', '512MiB', '1000' as bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise UsageError(f"bad size {text!r}: use e.g. 500MB, 10GB, 1GiB")
+    base = 1024 ** "kmgt".index(m[2]) * 1024 if m[3] and m[2] else _UNITS[m[2]]
+    return int(float(m[1]) * base)
+
+
+def parse_age(text: str) -> float:
+    """'7d', '12h', '30m', '90s', '90' as seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise UsageError(f"bad age {text!r}: use e.g. 90s, 30m, 12h, 7d, 2w")
+    return float(m[1]) * _AGES[m[2] or "s"]
+
+
+AUTO = "auto"  # --bus without an endpoint: EDA_BUS, the cache, then mDNS
+
+
+def bus_option(func: Any) -> Any:
+    """``--bus [ENDPOINT]`` for eda-pub and eda-sub."""
+    return click.option(
+        "--bus",
+        "bus",
+        is_flag=False,
+        flag_value=AUTO,
+        default=None,
+        metavar="[ENDPOINT]",
+        help="Go through an eda-bus (found by EDA_BUS or mDNS, or at ENDPOINT tcp://HOST:PORT).",
+    )(func)
+
+
+def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """``--bus TOPIC ...``: click took the first argument as the endpoint; give it back."""
+    if bus is None or bus == AUTO or "://" in bus:
+        return bus, args
+    return AUTO, (bus, *args)
+
+
+def bus_endpoint(bus: str, interface: str | None, no_mdns: bool) -> str:
+    return _endpoint(None if bus == AUTO else bus, interface, no_mdns)
+
+
+def _bytes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_bytes(value)
+
+
+def _age_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    return None if value is None else parse_age(value)
+
+
+def _retention_options(func: Any) -> Any:
+    func = click.option(
+        "--max-bytes",
+        callback=_bytes_option,
+        metavar="SIZE",
+        help="Keep at most SIZE of events (e.g. 10GB); the oldest go first.",
+    )(func)
+    return click.option(
+        "--max-age",
+        callback=_age_option,
+        metavar="AGE",
+        help="Remove events stored longer ago than AGE (e.g. 7d, 12h).",
+    )(func)
+
+
+def _bus_option(func: Any) -> Any:
+    return click.option(
+        "--bus",
+        "bus",
+        metavar="ENDPOINT",
+        help="The bus, e.g. tcp://10.0.0.5:5570 (default: EDA_BUS, then mDNS).",
+    )(func)
+
+
+@click.group(epilog=EPILOG, context_settings={"max_content_width": 100})
+@common_options
+def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+    """The event bus: a durable log of events with replay, confirmed publishing,
+    durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
+
+
+@command.command(epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Directory of the store (created if missing).",
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["always", "batch", "never"]),
+    default="batch",
+    show_default=True,
+    help="always: fsync per batch; batch: group commit; never: leave it to the OS.",
+)
+@click.option(
+    "--bind",
+    default="tcp://*:0",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where clients connect, e.g. tcp://*:5570.",
+)
+@_retention_options
+@click.option(
+    "--max-event-bytes",
+    type=click.IntRange(1, 1 << 26),
+    default=1 << 20,
+    show_default=True,
+    metavar="N",
+    help="Refuse events larger than N bytes.",
+)
+@click.option("--name", default="", help="Instance name announced by mDNS.")
+@common_options
+def serve(
+    data: str,
+    fsync: str,
+    bind: str,
+    max_age: float | None,
+    max_bytes: int | None,
+    max_event_bytes: int,
+    name: str,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Serve the bus: store what publishers send, deliver it to subscribers."""
+    ctx = Context("eda-bus", verbose)
+    from pathlib import Path
+
+    from eda.core import discovery
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer, Settings
+
+    engine = SQLiteEngine(
+        Path(data) / "bus.db",
+        fsync=fsync,  # type: ignore[arg-type]
+        max_event_bytes=max_event_bytes,
+    )
+    for line in engine.repairs:
+        ctx.warn(f"warning: {line}")
+    settings = Settings(
+        bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
+    )
+    try:
+        server = BusServer(
+            engine,
+            settings,
+            log=ctx.debug,
+            warn=ctx.warn,
+            interface=discovery.resolve_interface(interface),
+            max_message=max(4 << 20, 2 * max_event_bytes + 65536),
+        )
+    except BaseException:
+        engine.close()
+        raise
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.start()
+        ctx.warn(f"serving {data} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})")
+        server.serve()
+    finally:
+        server.close()
+
+
+def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
+    from eda.core import discovery
+    from eda.core.bus.client import find_bus
+
+    return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+
+
+@command.command(epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag")
+@_bus_option
+@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@common_options
+def stats(
+    bus: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Topics, counts, bytes, consumers and their lag."""
+    ctx = Context("eda-bus", verbose)
+    from eda.core.bus.client import request
+
+    reply = request(_endpoint(bus, interface, no_mdns), {"op": "stats"})
+    s = reply["stats"] if isinstance(reply.get("stats"), dict) else {}
+    rows: list[dict[str, Any]] = [
+        {
+            "kind": "bus",
+            "events": s.get("events"),
+            "bytes": s.get("bytes"),
+            "file_bytes": s.get("file_bytes"),
+            "first_seq": s.get("first_seq"),
+            "last_seq": s.get("last_seq"),
+        }
+    ]
+    for topic, t in sorted((s.get("topics") or {}).items()):
+        rows.append({"kind": "topic", "topic": topic, **(t if isinstance(t, dict) else {})})
+    for c in s.get("consumers") or []:
+        if isinstance(c, dict):
+            rows.append({**c, "consumer": c.get("kind"), "kind": "consumer"})
+    out = Output(ctx, force_json=force_json)
+    if force_json or not sys.stdout.isatty():
+        out.items(rows)
+        return
+    _table(rows)
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from eda.cli.common import for_terminal
+
+    table = Table("kind", "name", "events", "bytes", "next", "lag", "held")
+    for r in rows:
+        name = r.get("topic") or r.get("name") or ""
+        if r["kind"] == "bus":
+            name = f"seq {r.get('first_seq')}..{r.get('last_seq')}"
+        kind = r["kind"] if r["kind"] != "consumer" else str(r.get("consumer"))
+        cells = [r.get(k) for k in ("events", "bytes", "next", "lag", "held")]
+        table.add_row(
+            Text(for_terminal(kind)),
+            Text(for_terminal(name)),
+            *[Text("" if c is None else for_terminal(c)) for c in cells],
+        )
+    Console().print(table)
+
+
+@command.command(epilog="\b\nExamples:\n  eda-bus retain --max-age 7d --max-bytes 10GB")
+@_bus_option
+@_retention_options
+@common_options
+def retain(
+    bus: str | None,
+    max_age: float | None,
+    max_bytes: int | None,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Remove the oldest events now: older than --max-age, beyond --max-bytes."""
+    ctx = Context("eda-bus", verbose)
+    if max_age is None and max_bytes is None:
+        raise UsageError("give --max-age and/or --max-bytes")
+    from eda.core.bus.client import request
+
+    msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
+    reply = request(_endpoint(bus, interface, no_mdns), msg)
+    out = Output(ctx)
+    out.items(
+        [
+            {
+                "removed": reply.get("events"),
+                "bytes": reply.get("bytes"),
+                "first_seq": reply.get("first_seq"),
+            }
+        ]
+    )
+
+
+def main() -> None:
+    run(command, "eda-bus")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Clients of eda-bus: finding the bus, confirmed publishing, subscribing with credit.
+
+:class:`BusPublisher` has the ``send(topic, body, count, kind)`` shape of
+:class:`eda.core.pubsub.Publisher`, so :class:`eda.core.feed.Feeder` feeds it
+unchanged.  Batches go out pipelined (up to a window); each is kept until the
+bus confirms it durable.  When no confirmation arrives for
+:data:`RESEND_AFTER` seconds (a bus restart, a lost connection), every
+unconfirmed batch is sent again with the same publisher id and sequences:
+the bus stores each event at most once, so resending is always safe.
+
+:class:`BusSubscriber` subscribes with a starting point, grants credit as the
+caller takes events, heartbeats, and subscribes again (from the event after
+the last one it received, or by its durable name) when the bus says it does
+not know it (after a bus restart).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import zmq
+
+from .. import codec
+from ..cache import cached, remember
+from ..errors import EdaError
+from ..reqrep import ProtocolError, check_endpoint, decode, encode, tcp_reachable
+from . import protocol as p
+
+RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
+WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
+WINDOW_BATCHES = 4096
+CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
+GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their share
+
+
+class NoBus(EdaError):
+    """No bus is known: none given, none cached, none answering mDNS."""
+
+
+class ConfirmTimeout(EdaError):
+    """The bus did not confirm every batch in time."""
+
+    exit_code = 4
+
+
+class Unconfirmed(NamedTuple):
+    topic: str
+    first: int  # publisher sequence of the first event
+    events: int
+    pubid: str
+
+    def __str__(self) -> str:
+        last = self.first + self.events - 1
+        ids = f"{self.pubid}-{self.first}" + (f"..{self.pubid}-{last}" if self.events > 1 else "")
+        return f"{self.topic} {ids} ({self.events} event(s))"
+
+
+def find_bus(
+    endpoint: str | None = None,
+    *,
+    interface: str | None = None,
+    use_mdns: bool = True,
+    timeout: float = 0.3,
+) -> str:
+    """The bus to use: *endpoint*, else ``EDA_BUS``, else the cached one, else mDNS."""
+    explicit = endpoint or os.environ.get(p.ENV_BUS) or None
+    if explicit:
+        return check_endpoint(explicit, "bus")
+    for known in cached(p.CACHE_KEY):
+        if tcp_reachable(known):
+            return known
+    if use_mdns:
+        from ..discovery import find_once
+
+        for peer in find_once(p.BUS_TYPE, interface=interface, timeout=timeout):
+            if tcp_reachable(peer.endpoint):
+                remember(p.CACHE_KEY, [peer.endpoint])
+                return peer.endpoint
+    raise NoBus("no bus found; start one with 'eda-bus serve' or give --bus tcp://HOST:PORT")
+
+
+def _dealer(endpoint: str) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(endpoint)
+    return sock
+
+
+class BusPublisher:
+    """Confirmed publishing to a bus (see the module docstring)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        headers: dict[str, str] | None = None,
+        source: str | None = None,
+        timeout: float = 10.0,
+        resend_after: float = RESEND_AFTER,
+    ) -> None:
+        self.endpoint = endpoint
+        self.pubid = secrets.token_hex(4)
+        self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
+        self._origin = codec.encode_origin(self.pubid, self.source)
+        self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
+        self.timeout = timeout
+        self.resend_after = resend_after
+        self.sock = _dealer(endpoint)
+        self._seq: dict[str, int] = {}
+        self._envelope_ids = 0
+        self._tags = 0
+        self.pending: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
+        self._pending_bytes = 0
+        self._progress = time.monotonic()  # last confirmation (or start of waiting)
+        self._resent_at = 0.0
+        self.confirmed = 0  # events
+        self.resent = 0  # batches sent again
+        self.refused: list[tuple[Unconfirmed, str]] = []  # batches the bus will never take
+        self.warnings: list[str] = []  # retryable refusals (disk full...), newest last
+
+    # -- the Publisher shape Feeder uses --------------------------------------------
+    def send(self, topic: str, body: bytes, count: int, kind: int = codec.TEXT) -> None:
+        seq = self._seq.get(topic, 1)
+        self._seq[topic] = seq + count
+        self._tags += 1
+        tag = self._tags
+        frames = [
+            p.PUBLISH,
+            p.TAG.pack(tag),
+            topic.encode(),
+            codec.encode_header(kind, count, seq, time.time(), self._origin),
+            body,
+        ]
+        if self._ext:
+            frames.append(self._ext)
+        if not self.pending:
+            self._progress = time.monotonic()
+        self.pending[tag] = frames
+        self._pending_bytes += len(body)
+        self._push(frames)
+        self.service()
+        while len(self.pending) >= WINDOW_BATCHES or self._pending_bytes >= WINDOW_BYTES:
+            self._wait(time.monotonic() + self.timeout, stall=True)
+
+    def service(self) -> None:
+        """Take in confirmations that arrived (never waits)."""
+        while self.sock.poll(0):
+            self._receive()
+
+    def bind_for_announce(self) -> None:  # a bus publisher is never announced
+        pass
+
+    def announce(self, *_args: Any) -> None:
+        pass
+
+    def next_envelope_id(self) -> str:
+        self._envelope_ids += 1
+        return f"{self.pubid}-e{self._envelope_ids}"
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self._seq.values()) - len(self._seq)
+
+    # -- confirmations ----------------------------------------------------------------
+    def _push(self, frames: list[bytes]) -> bool:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[4]) < 65536)
+        except zmq.Again:
+            return False  # sent again after RESEND_AFTER
+        return True
+
+    def _receive(self) -> None:
+        frames = self.sock.recv_multipart()
+        kind = frames[0]
+        if kind == p.CONFIRM and len(frames) == 2:
+            try:
+                tags = p.unpack_tags(frames[1])
+            except ValueError:
+                return
+            for tag in tags:
+                self._settle(tag)
+            self._progress = time.monotonic()
+        elif kind == p.REFUSED and len(frames) == 3 and len(frames[1]) == 8:
+            (tag,) = p.TAG.unpack(frames[1])
+            try:
+                info = decode(frames[2])
+            except ProtocolError:
+                return
+            error = str(info.get("error", "refused"))[:300]
+            if info.get("retry"):
+                self.warnings.append(error)
+                return
+            batch = self.pending.get(tag)
+            if batch is not None:
+                self.refused.append((self._describe(batch), error))
+                self._settle(tag)
+
+    def _settle(self, tag: int) -> None:
+        frames = self.pending.pop(tag, None)
+        if frames is not None:
+            self._pending_bytes -= len(frames[4])
+            self.confirmed += struct_count(frames[3])
+
+    def _describe(self, frames: list[bytes]) -> Unconfirmed:
+        return Unconfirmed(frames[2].decode(), struct_seq(frames[3]), struct_count(frames[3]),
+                           self.pubid)  # fmt: skip
+
+    def _wait(self, deadline: float, *, stall: bool = False, limit: float | None = None) -> None:
+        """Wait for confirmations until *deadline*, resending when they stop coming."""
+        while self.pending:
+            now = time.monotonic()
+            if stall:
+                deadline = self._progress + (self.timeout if limit is None else limit)
+            if now >= deadline:
+                raise ConfirmTimeout(self._timeout_text())
+            since = max(self._progress, self._resent_at)
+            if now - since >= self.resend_after:
+                self._resend()
+                since = now
+            wait = min(deadline, since + self.resend_after) - now
+            if self.sock.poll(max(1, int(wait * 1000))):
+                self.service()
+                if limit is None and stall and len(self.pending) < WINDOW_BATCHES // 2:
+                    return
+
+    def _resend(self) -> None:
+        self._resent_at = time.monotonic()
+        for frames in list(self.pending.values()):
+            if not self._push(frames):
+                break
+            self.resent += 1
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Wait until every batch is confirmed; :class:`ConfirmTimeout` after *timeout*
+        seconds without confirmation progress."""
+        self._progress = time.monotonic()
+        limit = self.timeout if timeout is None else timeout
+        self._wait(self._progress + limit, stall=True, limit=limit)
+
+    def unconfirmed(self) -> list[Unconfirmed]:
+        return [self._describe(frames) for frames in self.pending.values()]
+
+    def _timeout_text(self) -> str:
+        missing = self.unconfirmed()
+        events = sum(u.events for u in missing)
+        shown = "; ".join(str(u) for u in missing[:5])
+        more = f" and {len(missing) - 5} more batch(es)" if len(missing) > 5 else ""
+        why = f" (bus said: {self.warnings[-1]})" if self.warnings else ""
+        return (
+            f"the bus at {self.endpoint} did not confirm {events} event(s) within"
+            f" {self.timeout:g}s{why}: {shown}{more}"
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def struct_count(header: bytes) -> int:
+    return int.from_bytes(header[2:6], "big")
+
+
+def struct_seq(header: bytes) -> int:
+    return int.from_bytes(header[6:14], "big")
+
+
+class Delivery(NamedTuple):
+    busseq: int  # bus sequence of the batch's first event
+    batch: codec.Batch
+
+
+class BusSubscriber:
+    """A subscription on a bus: replay from a starting point, then live (credit-based)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        patterns: list[str],
+        *,
+        start: Any = None,
+        durable: str | None = None,
+        group: str | None = None,
+        credit: int | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.patterns = patterns
+        self.start = start
+        self.durable = durable
+        self.group = group
+        self.member = secrets.token_hex(6)
+        self.credit = credit or (GROUP_CREDIT if group else CREDIT)
+        self.sock = _dealer(endpoint)
+        self.malformed = 0
+        self.lost = 0
+        self.last = 0  # bus sequence of the newest event received
+        self.acked = 0
+        self._owed = 0  # events taken since credit was last granted
+        self._rid = 0
+        self._last_send = 0.0
+        self._subscribed = False
+        self.resubscribed = 0
+        self.errors: list[str] = []
+
+    def _request(self, msg: dict[str, Any]) -> None:
+        self._rid += 1
+        with contextlib.suppress(zmq.Again):  # the bus is away and the queue full: said again
+            self.sock.send_multipart([p.REQUEST, encode({**msg, "rid": self._rid})], zmq.NOBLOCK)
+        self._last_send = time.monotonic()
+
+    def subscribe(self) -> None:
+        msg: dict[str, Any] = {"op": "sub", "patterns": self.patterns, "credit": self.credit}
+        if self.durable is not None:
+            msg["durable"] = self.durable
+        if self.group is not None:
+            msg["group"], msg["member"] = self.group, self.member
+        start = self.start
+        if self._subscribed and self.durable is None and self.group is None:
+            start = {"seq": self.last + 1} if self.last else self.start
+        if start is not None:
+            msg["from"] = start
+        self._owed = 0
+        self._request(msg)
+        self._subscribed = True
+
+    def poll(self, timeout: float | None) -> bool:
+        """Wait up to *timeout* seconds (None: forever) for a message; heartbeats meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._heartbeat()
+            wait = p.HEARTBEAT
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+            if self.sock.poll(max(1, int(wait * 1000))):
+                return True
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_send >= p.HEARTBEAT:
+            self._request({"op": "hb"})
+
+    def receive(self, limit: int = 1 << 16) -> list[Delivery]:
+        """The events waiting (about *limit* at most), without blocking."""
+        out: list[Delivery] = []
+        n = 0
+        while n < limit and self.sock.poll(0):
+            frames = self.sock.recv_multipart()
+            kind = frames[0]
+            if kind == p.DELIVER and len(frames) >= 5 and len(frames[1]) == 8:
+                try:
+                    batch = codec.decode(frames[2:])
+                except codec.WireError:
+                    self.malformed += 1
+                    continue
+                (busseq,) = p.TAG.unpack(frames[1])
+                if busseq <= self.last and self.durable is None and self.group is None:
+                    continue  # sent before a resubscription took effect
+                out.append(Delivery(busseq, batch))
+                self.last = max(self.last, busseq + batch.size - 1)
+                n += batch.size
+            elif kind == p.UNKNOWN:
+                self.resubscribed += 1
+                self.subscribe()
+            elif kind == p.LOST:
+                self._lost(frames)
+            elif kind == p.ANSWER and len(frames) == 2:
+                self._answer(frames[1])
+            else:
+                self.malformed += 1
+        self._owed += n
+        self._heartbeat()
+        if self._owed >= max(1, self.credit // 4):
+            self._request({"op": "credit", "n": self._owed})
+            self._owed = 0
+        return out
+
+    def _lost(self, frames: list[bytes]) -> None:
+        try:
+            n = decode(frames[1]).get("lost") if len(frames) == 2 else None
+        except ProtocolError:
+            n = None
+        if isinstance(n, int) and n > 0:
+            self.lost += n
+
+    def _answer(self, frame: bytes) -> None:
+        try:
+            reply = decode(frame)
+        except ProtocolError:
+            self.malformed += 1
+            return
+        if not reply.get("ok"):
+            self.errors.append(str(reply.get("error", "request refused"))[:300])
+
+    def ack(self, seq: int) -> None:
+        """The events up to bus sequence *seq* are written out (durable and group only)."""
+        if (self.durable is not None or self.group is not None) and seq > self.acked:
+            self.acked = seq
+            self._request({"op": "ack", "seq": seq})
+
+    def close(self) -> None:
+        try:
+            self._request({"op": "bye"})
+            self.sock.setsockopt(zmq.LINGER, 500)
+        finally:
+            self.sock.close()
+
+
+def request(endpoint: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One request to a bus (stats, retain): its reply, or an error."""
+    sock = _dealer(endpoint)
+    try:
+        sock.send_multipart([p.REQUEST, encode({**msg, "rid": 1})])
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise ConfirmTimeout(f"the bus at {endpoint} did not answer within {timeout:g}s")
+            frames = sock.recv_multipart()
+            if frames[0] == p.ANSWER and len(frames) == 2:
+                reply = decode(frames[1])
+                if reply.get("rid") == 1:
+                    if not reply.get("ok"):
+                        raise EdaError(str(reply.get("error", "refused"))[:300])
+                    return reply
+    finally:
+        sock.close()
+
+
+def deliveries_events(deliveries: list[Delivery]) -> Iterator[int]:
+    for d in deliveries:
+        yield d.batch.size

@@ -1,0 +1,342 @@
+"""eda-bus with real processes: confirmed publishing, replay, live, durable and group consumers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.helpers import Proc, Procs, run, wait_until
+
+BIND = "tcp://127.0.0.1:0"
+
+
+def start_bus(procs: Procs, data: Path, *args: str, bind: str = BIND) -> tuple[Proc, str]:
+    """A bus serving *data*; its endpoint once it listens."""
+    bus = procs.eda("eda-bus", "serve", "--data", str(data), "--bind", bind, "--no-mdns", *args)
+    m = bus.wait_stderr(r"serving \S+ on (tcp://\S+)", 15)
+    return bus, m[1]
+
+
+def stored_stats(endpoint: str) -> dict[str, object]:
+    done = run("eda-bus", "stats", "--bus", endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return next(r for r in rows if r["kind"] == "bus")
+
+
+def replay(endpoint: str, pattern: str, n: int, *args: str) -> list[str]:
+    done = run("eda-sub", "--bus", endpoint, pattern, "--from-start", "-C", str(n), "-W", "10",
+               *args, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_confirmed_publish_then_replay_keeps_ids_and_adds_the_bus_sequence(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    one = run("eda-pub", "--bus", ep, "--confirm", "orders.created", '{"id":1}', "--json")
+    assert one.returncode == 0, one.stderr
+    many = run("eda-pub", "--bus", ep, "--confirm", "orders.paid", input="a\nb\nc\n")
+    assert many.returncode == 0, many.stderr
+    events = [json.loads(line) for line in replay(ep, "orders.>", 4)]
+    assert [e["data"] for e in events] == [{"id": 1}, "a", "b", "c"]
+    assert [e["edabusseq"] for e in events] == [1, 2, 3, 4]
+    assert [e["type"] for e in events] == ["orders.created"] + ["orders.paid"] * 3
+    pubid = events[1]["id"].rsplit("-", 1)[0]
+    assert [e["id"] for e in events[1:]] == [f"{pubid}-{i}" for i in (1, 2, 3)]
+    raw = replay(ep, "orders.paid", 3, "--raw")
+    assert raw == ["a", "b", "c"]
+    last = replay(ep, "orders.>", 1, "--format", "{id} {data}")
+    assert last == [events[0]["id"] + ' {"id":1}']
+    # --last and --from-seq
+    done = run("eda-sub", "--bus", ep, "orders.>", "--last", "2", "-C", "2", "--raw")
+    assert done.stdout.splitlines() == ["b", "c"], done.stderr
+    done = run("eda-sub", "--bus", ep, "orders.>", "--from-seq", "3", "-C", "2", "--raw")
+    assert done.stdout.splitlines() == ["b", "c"], done.stderr
+
+
+def test_no_bus_answering_is_a_timeout_naming_the_unconfirmed_events(
+    procs: Procs, tmp_path: Path
+) -> None:
+    from tests.helpers import closed_port
+
+    ep = f"tcp://127.0.0.1:{closed_port()}"
+    done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "1.5", "t.x", "a", "b")
+    assert done.returncode == 4, done.stderr
+    assert "did not confirm 2 event(s)" in done.stderr
+    assert "t.x" in done.stderr and "(2 event(s))" in done.stderr
+
+
+def _feed(proc: Proc, lines: range) -> None:
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write("".join(f"{i}\n" for i in lines).encode())
+    proc.popen.stdin.flush()
+
+
+def test_kill_9_of_the_bus_mid_confirmed_stream_stores_every_event_exactly_once(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    n = 200_000
+    pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "--timeout", "30", "-v", "nums",
+                    stdin=subprocess.PIPE)  # fmt: skip
+    _feed(pub, range(1, 100_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()  # kill -9 while the stream goes on
+    _feed(pub, range(100_001, 150_001))
+    bus2, ep2 = start_bus(procs, data, bind=ep)
+    assert ep2 == ep
+    _feed(pub, range(150_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(60) == 0, pub.stderr
+    assert int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+    got = replay(ep, "nums", n, "--raw")
+    assert sorted(int(x) for x in got) == list(range(1, n + 1))
+    # nothing beyond: a further event would be the (n+1)th
+    extra = run("eda-sub", "--bus", ep, "nums", "--from-seq", str(n + 1), "-W", "1", "--raw")
+    assert extra.returncode == 4 and extra.stdout == ""
+    bus2.signal(signal.SIGTERM)
+    assert bus2.wait(10) == 0
+
+
+def test_replay_switches_to_live_without_gap_or_duplicate_while_publishing(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "live.n", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 20_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) >= 1, 15, "events stored")  # type: ignore[call-overload]
+    total = 60_000
+    sub = procs.eda("eda-sub", "--bus", ep, "live.>", "--from-start", "-C", str(total))
+    for start in range(20_001, total + 1, 5_000):  # publishing goes on during the replay
+        _feed(pub, range(start, start + 5_000))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(60) == 0, pub.stderr
+    assert sub.wait(60) == 0, sub.stderr
+    events = [json.loads(line) for line in sub.lines()]
+    assert [e["data"] for e in events] == [str(i) for i in range(1, total + 1)]
+    assert [e["edabusseq"] for e in events] == list(range(1, total + 1))
+
+
+def test_durable_consumer_resumes_after_its_kill_9_and_after_a_bus_restart(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    done = run("eda-pub", "--bus", ep, "--confirm", "jobs.a", input="".join(
+        f"{i}\n" for i in range(1, 3001)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # a first run takes 1000 events and leaves: they are acknowledged
+    first = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-C", "1000")
+    assert first.stdout.splitlines() == [str(i) for i in range(1, 1001)], first.stderr
+    # a second run is killed (-9) after it wrote some
+    second = procs.eda("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw")
+    second.wait_lines(3000 - 1000, 20)
+    second.kill()
+    seen2 = [int(x) for x in second.lines()]
+    assert seen2[0] == 1001
+    # the bus is killed too, then more is published
+    bus.kill()
+    bus, ep = start_bus(procs, data, bind=ep)
+    done = run("eda-pub", "--bus", ep, "--confirm", "jobs.a", input="".join(
+        f"{i}\n" for i in range(3001, 3501)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    third = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-W", "2")
+    seen3 = [int(x) for x in third.stdout.splitlines()]
+    # at-least-once: everything after what was acknowledged, nothing acknowledged again
+    assert seen3 and seen3[-1] == 3500 and seen3 == list(range(seen3[0], 3501))
+    assert 1001 <= seen3[0] <= 3001
+    assert set(range(1, 1001)) | set(seen2) | set(seen3) == set(range(1, 3501))
+
+
+def test_group_members_share_events_exactly_once(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    a = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+    b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+    a.wait_stderr("subscribed", 15)
+    b.wait_stderr("subscribed", 15)
+    n = 20_000
+    done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input="".join(
+        f"{i} {'x' * 100}\n" for i in range(1, n + 1)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: len(a.lines()) + len(b.lines()) >= n, 20, "all events handed out")
+    got_a = [int(x.split()[0]) for x in a.lines()]
+    got_b = [int(x.split()[0]) for x in b.lines()]
+    assert sorted(got_a + got_b) == list(range(1, n + 1))  # each to exactly one member
+    assert got_a and got_b
+
+
+def test_a_dead_group_members_unacknowledged_events_go_to_the_others(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    a = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+    a.wait_stderr("subscribed", 15)
+    a.signal(signal.SIGSTOP)  # A takes its share but never writes it out, nor acknowledges
+    n = 5_000
+    done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input="".join(
+        f"{i}\n" for i in range(1, n + 1)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    held = wait_until(lambda: (_group(ep) or {}).get("held"), 10, "events held by A")
+    assert held > 0
+    b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw")
+    # GONE_AFTER (5 s) without a heartbeat: A's events go to B
+    wait_until(lambda: len(b.lines()) >= n, 20, "B got every event, A's too")
+    a.kill()
+    assert sorted(int(x) for x in a.lines() + b.lines()) == list(range(1, n + 1))
+
+
+def _group(ep: str) -> dict[str, object] | None:
+    done = run("eda-bus", "stats", "--bus", ep, "--json")
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return next((r for r in rows if r.get("consumer") == "group"), None)
+
+
+def test_clients_find_the_bus_by_mdns(procs: Procs, tmp_path: Path) -> None:
+    bus = procs.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "-v")
+    bus.wait_stderr("announced bus", 15)
+    done = run("eda-pub", "--bus", "--confirm", "found.it", "hello")
+    assert done.returncode == 0, done.stderr
+    got = run("eda-sub", "--bus", "found.>", "--from-start", "-C", "1", "--raw", "-W", "10")
+    assert got.stdout == "hello\n", got.stderr
+    env = {"EDA_BUS": "tcp://127.0.0.1:1"}  # EDA_BUS wins over mDNS
+    nobody = run("eda-pub", "--bus", "--confirm", "--timeout", "1", "found.it", "x", env=env)
+    assert nobody.returncode == 4, nobody.stderr
+
+
+def test_a_live_subscriber_continues_across_a_bus_restart(procs: Procs, tmp_path: Path) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    first = run("eda-pub", "--bus", ep, "--confirm", "r.n", input="1\n2\n3\n")
+    assert first.returncode == 0, first.stderr
+    sub = procs.eda("eda-sub", "--bus", ep, "r.n", "--from-start", "-C", "6", "--raw")
+    sub.wait_lines(3, 15)
+    bus.kill()
+    bus, ep = start_bus(procs, data, bind=ep)
+    more = run("eda-pub", "--bus", ep, "--confirm", "r.n", input="4\n5\n6\n")
+    assert more.returncode == 0, more.stderr
+    assert sub.wait(20) == 0, sub.stderr
+    assert sub.lines() == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_torn_last_write_is_repaired_on_start_with_a_message(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    for start in (1, 1001, 2001):
+        lines = "".join(f"{i}\n" for i in range(start, start + 1000))
+        done = run("eda-pub", "--bus", ep, "--confirm", "torn.n", input=lines)
+        assert done.returncode == 0, done.stderr
+    bus.kill()  # kill -9: the WAL stays as it is
+    wal = data / "bus.db-wal"
+    image = bytearray(wal.read_bytes())
+    del image[-1000:]  # the last write torn
+    wal.write_bytes(bytes(image))
+    bus, ep = start_bus(procs, data, bind=ep)
+    assert "torn" in bus.stderr
+    stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
+    assert 2000 <= stored < 3000  # back to the last good commit, nothing before it lost
+    got = replay(ep, "torn.n", stored, "--raw")
+    assert got == [str(i) for i in range(1, stored + 1)]
+
+
+def test_since_and_serve_retention(procs: Procs, tmp_path: Path) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    done = run("eda-pub", "--bus", ep, "--confirm", "s.n",
+               input="".join(f"{i:0200d}\n" for i in range(1, 2001)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    past = run("eda-sub", "--bus", ep, "s.n", "--since", "2020-01-01T00:00Z", "-C", "1", "--raw")
+    assert past.stdout.strip() == f"{1:0200d}", past.stderr
+    future = run("eda-sub", "--bus", ep, "s.n", "--since", "2999-01-01T00:00Z", "-W", "1")
+    assert future.returncode == 4 and future.stdout == ""
+    bad = run("eda-sub", "--bus", ep, "s.n", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+    # served again with a size limit: the oldest events go at once
+    _, ep = start_bus(procs, data, "--max-bytes", "100kB", bind=ep)
+
+    def retained() -> dict[str, object] | None:
+        now = stored_stats(ep)
+        return now if int(now["bytes"]) <= 100_000 else None  # type: ignore[call-overload]
+
+    stats = wait_until(retained, 15, "retention by size")
+    assert 0 < int(stats["events"]) < 2000
+    assert int(stats["first_seq"]) == 2001 - int(stats["events"])
+    # a subscriber asking for what retention removed is told how much it lost
+    first = int(stats["first_seq"])  # type: ignore[call-overload]
+    late = run("eda-sub", "--bus", ep, "s.n", "--from-seq", "1", "-C", "1", "--raw")
+    assert late.returncode == 0 and late.stdout.strip() == f"{first:0200d}", late.stderr
+    assert f"lost {first - 1} events" in late.stderr
+    strict = run("eda-sub", "--bus", ep, "s.n", "--from-seq", "1", "--strict", "-W", "5")
+    assert strict.returncode == 5, strict.stderr
+
+
+def test_printed_events_round_trip_through_the_bus_with_ids_kept(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    done = run("eda-pub", "--bus", ep, "--confirm", "orig.x", "a", "b")
+    assert done.returncode == 0, done.stderr
+    printed = replay(ep, "orig.x", 2)
+    again = run("eda-pub", "--bus", ep, "--confirm", "--envelope", "copy.x",
+                input="\n".join(printed) + "\n")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+    def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), keys
+        return dict(pairs)
+
+    copies = [json.loads(line, object_pairs_hook=no_duplicate_keys)
+              for line in replay(ep, "copy.x", 2)]  # fmt: skip
+    originals = [json.loads(line) for line in printed]
+    assert [c["id"] for c in copies] == [o["id"] for o in originals]
+    assert [c["data"] for c in copies] == ["a", "b"]
+    assert [c["edabusseq"] for c in copies] == [3, 4]
+
+
+def test_group_members_running_exec_share_the_work(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    members = [
+        procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "-v", "--exec", f"cat >> {out}")
+        for out in outs
+    ]
+    for m in members:
+        m.wait_stderr("subscribed", 15)
+    n = 300
+    done = run("eda-pub", "--bus", ep, "--confirm", "job.x",
+               input="".join(f"{i}\n" for i in range(n)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    def handled() -> list[list[str]]:
+        return [[json.loads(x)["data"] for x in o.read_text().splitlines()] if o.exists() else []
+                for o in outs]  # fmt: skip
+
+    wait_until(lambda: sum(map(len, handled())) >= n, 30, "every job handled")
+    a, b = handled()
+    assert sorted(a + b, key=int) == [str(i) for i in range(n)]
+    assert a and b  # both worked
+
+
+def test_refusals_and_usage_errors_are_one_line(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    bad = run("eda-sub", "--bus", ep, "a..b", "-W", "5")
+    assert bad.returncode in (1, 2) and bad.stderr.count("\n") == 1, bad.stderr
+    assert "eda-sub: error:" in bad.stderr
+    both = run("eda-sub", "--bus", ep, "a.>", "--durable", "x", "--group", "y")
+    assert both.returncode == 2 and "exclude" in both.stderr
+    two = run("eda-sub", "--bus", ep, "a.>", "--from-start", "--last", "3")
+    assert two.returncode == 2 and "choose one" in two.stderr
+    nobus = run("eda-pub", "--bus", "--no-mdns", "--confirm", "a.b", "x",
+                env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
+    assert nobus.returncode == 1 and "no bus found" in nobus.stderr

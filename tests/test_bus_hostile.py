@@ -1,0 +1,279 @@
+"""eda-bus under attack, on a full disk, and its stats and retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eda.core.bus import protocol
+from tests.helpers import Procs, command, run, wait_until
+from tests.test_bus import _feed, replay, start_bus, stored_stats
+
+
+def test_hostile_clients_do_not_stop_a_good_publisher_being_confirmed(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus", "--max-event-bytes", "1000")
+    good = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
+    _feed(good, range(1, 1001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) >= 1000, 15, "the first events stored")  # type: ignore[call-overload]
+    zctx = zmq.Context.instance()
+    bad = zctx.socket(zmq.DEALER)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.connect(ep)
+    # garbage of every kind
+    bad.send_multipart([b"\xff" * 100])
+    bad.send_multipart([b"Z", b"what"])
+    bad.send_multipart([protocol.PUBLISH, b"short"])
+    bad.send_multipart([protocol.PUBLISH, b"12345678", b"t.x", b"\x01" * 30, b"body"])
+    bad.send_multipart([protocol.REQUEST, b"{not json"])
+    bad.send_multipart([protocol.REQUEST, b"[" * 60000])
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "sub", "patterns": ["a..b"]}).encode()])
+    # an unknown consumer: told so, nothing else changes
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "credit", "n": 5}).encode()])
+    bad.send_multipart([protocol.REQUEST, json.dumps({"op": "ack", "seq": 99}).encode()])
+    kinds = set()
+    while bad.poll(2000):
+        kinds.add(bytes(bad.recv_multipart()[0]))
+    assert protocol.UNKNOWN in kinds and protocol.REFUSED in kinds and protocol.ANSWER in kinds
+    # a client that subscribes to everything with all the credit it may have, and never reads
+    greedy = zctx.socket(zmq.DEALER)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    greedy.connect(ep)
+    sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": 1 << 30}
+    greedy.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    # a TCP peer that sends bytes that are not ZMTP
+    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), 2)
+    raw.sendall(os.urandom(4096))
+    # an oversized event is refused, clearly, for that publisher only
+    big = run("eda-pub", "--bus", ep, "--confirm", "big.x", "y" * 5000)
+    assert big.returncode == 1 and "refused" in big.stderr and "1000" in big.stderr, big.stderr
+    # the good publisher keeps being confirmed
+    for start in range(1001, 20_001, 1000):
+        _feed(good, range(start, start + 1000))
+    assert good.popen.stdin is not None
+    good.popen.stdin.close()
+    assert good.wait(30) == 0, good.stderr
+    got = replay(ep, "good.n", 20_000, "--raw")
+    assert got == [str(i) for i in range(1, 20_001)]
+    raw.close()
+    bad.close()
+    greedy.close()
+
+
+def test_stats_and_retain(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    for topic in ("a.one", "a.two"):
+        done = run("eda-pub", "--bus", ep, "--confirm", topic, input="x" * 50 + "\n" * 1)
+        assert done.returncode == 0
+    done = run("eda-pub", "--bus", ep, "--confirm", "a.one",
+               input="".join(f"{i:0100d}\n" for i in range(10_000)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    durable = run("eda-sub", "--bus", ep, "a.two", "--durable", "d1", "-C", "1")
+    assert durable.returncode == 0, durable.stderr
+    stats = run("eda-bus", "stats", "--bus", ep)  # piped: JSON Lines
+    rows = [json.loads(line) for line in stats.stdout.splitlines()]
+    assert rows[0]["kind"] == "bus" and rows[0]["events"] == 10_002
+    topics = {r["topic"]: r["events"] for r in rows if r["kind"] == "topic"}
+    assert topics == {"a.one": 10_001, "a.two": 1}
+    consumer = next(r for r in rows if r["kind"] == "consumer")
+    assert consumer["name"] == "d1" and consumer["lag"] == 0
+    kept = run("eda-bus", "retain", "--bus", ep, "--max-bytes", "100kB")
+    assert kept.returncode == 0, kept.stderr
+    removed = json.loads(kept.stdout)
+    assert removed["removed"] > 0 and removed["first_seq"] > 1
+    after = stored_stats(ep)
+    assert after["first_seq"] == removed["first_seq"]
+    assert int(after["bytes"]) <= 100_000  # type: ignore[call-overload]
+    first = run("eda-sub", "--bus", ep, "a.>", "--from-start", "-C", "1")
+    assert json.loads(first.stdout)["edabusseq"] == removed["first_seq"]
+    usage = run("eda-bus", "retain", "--bus", ep)
+    assert usage.returncode == 2
+
+
+FULL = """
+set -e
+mount -t tmpfs -o size=3m tmpfs "$1"
+shift
+exec "$@"
+"""
+
+
+def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to mount a tmpfs")
+    data = tmp_path / "tiny"
+    data.mkdir()
+    argv = command("eda-bus", "serve", "--data", str(data), "--bind", "tcp://127.0.0.1:0",
+                   "--no-mdns")  # fmt: skip
+    bus = procs.start(["unshare", "-m", "sh", "-c", FULL, "sh", str(data), *argv])
+    ep = bus.wait_stderr(r"serving \S+ on (tcp://\S+)", 15)[1]
+    lines = "".join(f"{i:08d}{'y' * 92}\n" for i in range(1, 100_001))  # 10 MB > 3 MB
+    done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "fill.up", input=lines,
+               timeout=120)  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert "disk is full" in done.stderr and "did not confirm" in done.stderr
+    stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
+    assert 1000 < stored < 100_000
+    got = replay(ep, "fill.up", stored, "--raw")
+    numbers = [int(x[:8]) for x in got]
+    # every stored event once, readable; the first ones (before the disk filled) in order
+    assert len(set(numbers)) == stored and set(numbers) <= set(range(1, 100_001))
+    assert numbers[:1000] == list(range(1, 1001))
+    assert bus.popen.poll() is None  # still serving
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100))
+def test_tags_frames_decode_or_are_refused(frame: bytes) -> None:
+    try:
+        tags = protocol.unpack_tags(frame)
+    except ValueError:
+        assert len(frame) % 8
+        return
+    assert protocol.pack_tags(list(tags)) == frame
+
+
+def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
+    procs: Procs, tmp_path: Path
+) -> None:
+    import time
+
+    from eda.core import codec
+
+    _, ep = start_bus(procs, tmp_path / "bus")
+    zctx = zmq.Context.instance()
+    member = zctx.socket(zmq.DEALER)
+    member.setsockopt(zmq.LINGER, 0)
+    member.setsockopt(zmq.RCVHWM, 1)
+    member.connect(ep)
+    sub = {"op": "sub", "patterns": ["g.>"], "group": "g", "member": "m1", "credit": 1 << 20}
+    member.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    assert member.poll(5000)
+    assert member.recv_multipart()[0] == protocol.ANSWER
+    pub = zctx.socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    n = 40_000
+    origin = codec.encode_origin("p1", "eda://test")
+    for i in range(1, n + 1):  # one event per message: many messages for the member's queue
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"g.x", header, b"y" * 1000])
+    hb = json.dumps({"op": "hb"}).encode()
+    # the member reads nothing for a while (but stays alive) while the bus fills its queue
+    wait_until(lambda: int(stored_stats(ep)["events"]) == n, 30, "all stored")  # type: ignore[call-overload]
+    member.send_multipart([protocol.REQUEST, hb])
+    got: set[int] = set()
+    deadline = time.monotonic() + 60
+    last_hb = time.monotonic()
+    while len(got) < n and time.monotonic() < deadline:
+        if time.monotonic() - last_hb > 0.5:
+            member.send_multipart([protocol.REQUEST, hb])
+            last_hb = time.monotonic()
+        if member.poll(200):
+            frames = member.recv_multipart()
+            if frames[0] == protocol.DELIVER:
+                batch = codec.decode(frames[2:])
+                (first,) = protocol.TAG.unpack(frames[1])
+                got.update(range(first, first + batch.size))
+    assert got == set(range(1, n + 1))
+    member.close()
+    pub.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_requests = st.fixed_dictionaries(
+    {"op": st.sampled_from(sorted(protocol.OPS)) | st.text(max_size=6)},
+    optional={
+        "rid": _json,
+        "patterns": _json | st.lists(st.sampled_from(["a.>", "*", "a..b", ">", ""]), max_size=3),
+        "from": _json | st.sampled_from(["start", "live"]),
+        "durable": _json,
+        "group": _json,
+        "member": _json,
+        "credit": _json,
+        "n": _json,
+        "seq": _json,
+        "max_age": _json,
+        "max_bytes": _json,
+    },
+)
+
+
+def test_any_request_is_answered_or_refused_and_never_breaks_the_bus(tmp_path: Path) -> None:
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer, Settings
+
+    server = BusServer(
+        SQLiteEngine(tmp_path / "bus.db"), Settings(bind="tcp://127.0.0.1:0", mdns=False)
+    )
+    try:
+
+        @settings(max_examples=200, deadline=None)
+        @given(_requests, st.binary(max_size=8))
+        def attack(msg: dict[str, object], ident: bytes) -> None:
+            try:
+                frame = json.dumps(msg).encode()
+            except ValueError:
+                return
+            failures = server.failures
+            server._request(b"\x00" + ident, [frame])
+            server.pump()
+            assert server.failures == failures
+
+        attack()
+        assert server.engine.stats().last_seq == 0  # no request stored anything
+    finally:
+        server.close()
+
+
+def test_stats_on_a_terminal_is_a_table(procs: Procs, tmp_path: Path) -> None:
+    import shlex
+
+    if shutil.which("script") is None:
+        pytest.skip("needs script(1) for a terminal")
+    _, ep = start_bus(procs, tmp_path / "bus")
+    done = run("eda-pub", "--bus", ep, "--confirm", "tty.topic", "x")
+    assert done.returncode == 0, done.stderr
+    cmd = shlex.join(command("eda-bus", "stats", "--bus", ep))
+    shown = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                           timeout=30, text=True, env={**os.environ, "COLUMNS": "100"})  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "tty.topic" in shown.stdout and "lag" in shown.stdout
+    assert not shown.stdout.lstrip().startswith("{")  # a table, not JSON Lines
+
+
+def test_subscriptions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus import server as bus_server
+
+    monkeypatch.setattr(bus_server, "MAX_SUBSCRIPTIONS", 3)
+    srv = bus_server.BusServer(
+        SQLiteEngine(tmp_path / "bus.db"), bus_server.Settings(bind="tcp://127.0.0.1:0", mdns=False)
+    )
+    try:
+        frame = json.dumps({"op": "sub", "patterns": [">"]}).encode()
+        for i in range(5):
+            srv._request(bytes([0, i]), [frame])
+        assert len(srv.subs) == 3
+        srv._request(bytes([0, 0]), [frame])  # one already known may subscribe again
+        assert len(srv.subs) == 3
+    finally:
+        srv.close()
