@@ -129,11 +129,14 @@ def run(quick: bool) -> list[Row]:
         )
 
     replay, replay_note = eda.replay
+    # the target is for 1,000,000 events; at 100k eda-sub's start-up weighs too much,
+    # so a quick run reports the rate against it without judging it
+    replay_target = f">= {REPLAY_TARGET:,.0f} events/s" + (" (full run)" if quick else "")
     for anchor, (value, note), target in (
-        (JETSTREAM, js_replay, f">= {REPLAY_TARGET:,.0f} events/s"),
+        (JETSTREAM, js_replay, replay_target),
         (MOSQ1 + " session", mosq1_replay, ""),
     ):
-        meets = None if not target or replay is None else replay >= REPLAY_TARGET
+        meets = None if quick or not target or replay is None else replay >= REPLAY_TARGET
         rows.append(
             row(
                 f"replay --from-start --raw ({size})",
