@@ -32,11 +32,12 @@ test: deps lint
 docs: setup
 	$(PY) scripts/gendocs.py
 
-# benchmarks run a regular (non-editable) install, as users get it
+# benchmarks run a regular (non-editable) install, as users get it; nats-py is
+# the JetStream client of bench_bus's anchor
 bench: setup
 	bash bench/setup.sh
 	python3 -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q --upgrade .
+	.venv-bench/bin/python -m pip install -q --upgrade . 'nats-py>=2.6,<3'
 	$(NETNS) .venv-bench/bin/python bench/run.py
 
 clean:

@@ -1,19 +1,26 @@
 #!/bin/bash
-# bench/setup.sh: install the benchmark anchors (mosquitto broker and clients)
-# from Debian packages when they are missing.  The system mosquitto service is
-# never started: the benchmarks run their own broker on 127.0.0.1.
+# bench/setup.sh: install the benchmark anchors from Debian packages when they
+# are missing: the mosquitto broker and clients, and nats-server (JetStream)
+# for the bus benchmark.  No system service is ever started: the benchmarks
+# run their own brokers on 127.0.0.1.  (nats-py, the JetStream client, is
+# installed into .venv-bench by `make bench`.)
 set -euo pipefail
 
-if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null \
-    && [[ -x /usr/sbin/mosquitto ]]; then
-  exit 0
+packages=()
+if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null \
+    || [[ ! -x /usr/sbin/mosquitto ]]; then
+  packages+=(mosquitto mosquitto-clients)
 fi
+if ! command -v nats-server >/dev/null; then
+  packages+=(nats-server)
+fi
+[[ ${#packages[@]} -eq 0 ]] && exit 0
 
 sudo=()
 [[ $(id -u) -ne 0 ]] && sudo=(sudo)
 
-# policy-rc.d exit 101 tells invoke-rc.d not to start the service the package
-# installs; only add one (and remove it afterwards) when none is there.
+# policy-rc.d exit 101 tells invoke-rc.d not to start the services the packages
+# install; only add one (and remove it afterwards) when none is there.
 policy=/usr/sbin/policy-rc.d
 if [[ ! -e $policy ]]; then
   "${sudo[@]}" sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
@@ -22,4 +29,4 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update
-"${sudo[@]}" apt-get install -y --no-install-recommends mosquitto mosquitto-clients
+"${sudo[@]}" apt-get install -y --no-install-recommends "${packages[@]}"
