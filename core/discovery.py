@@ -82,6 +82,7 @@ class Found:
     peers: list[Peer] = field(default_factory=list)
     unreachable: list[Peer] = field(default_factory=list)  # announced, no answer to a probe
     cached: int = 0  # peers the cache knew before asking
+    seen: list[Peer] = field(default_factory=list)  # those peers
 
 
 def resolve_interface(value: str | None) -> str | None:
@@ -275,7 +276,7 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         service_type, interface=interface, timeout=timeout, expect=set(known)
     )
     answered: dict[str, Peer] = {}
-    found = Found(cached=len(known))
+    found = Found(cached=len(known), seen=[peer for peer, _ in known.values()])
     for peer in map(_peer_from_instance, answers):
         if peer is None:
             continue
