@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from .helpers import Procs, run
 
 
@@ -20,3 +22,19 @@ def test_no_gone_warning_for_a_running_subscriber_of_other_topics(procs: Procs) 
     sub.wait()
     gone = run("eda-pub", "review.orders.created", "z")
     assert "no subscriber is listening, although 1 were seen before" in gone.stderr, gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("eda-pub", ["--no-mdns", "--bind", "tcp://127.0.0.1:99999", "t", "m"]),
+        ("eda-pub", ["--no-mdns", "--connect", "tcp://127.0.0.1:65536", "t", "m"]),
+        ("eda-sub", ["--no-mdns", "--bind", "tcp://127.0.0.1:99999", "x", "-W", "5"]),
+        ("eda-sub", ["--no-mdns", "--connect", "tcp://127.0.0.1:70000", "x", "-W", "5"]),
+    ],
+)
+def test_a_port_out_of_range_is_a_usage_error(program: str, args: list[str]) -> None:
+    """libzmq takes port 99999 modulo 65536 (binds 34463): refuse it instead."""
+    result = run(program, *args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and "port" in result.stderr, result.stderr
