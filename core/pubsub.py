@@ -52,6 +52,7 @@ from typing import Any
 import zmq
 
 from . import codec, discovery
+from .daemon import check_port
 from .errors import EdaError, UsageError
 from .topics import Matcher
 
@@ -79,16 +80,8 @@ _PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack m
 _RUNTIME_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV}
 
 
-def _check_port(endpoint: str, verb: str) -> None:
-    """A tcp:// port beyond 65535 is a UsageError (libzmq would silently take it modulo 65536)."""
-    scheme, _, rest = endpoint.partition("://")
-    port = rest.rpartition(":")[2]
-    if scheme == "tcp" and port.isdigit() and (len(port) > 5 or int(port) > 65535):
-        raise UsageError(f"cannot {verb} {endpoint[:80]}: port out of range (0-65535)")
-
-
 def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
-    _check_port(endpoint, "bind")
+    check_port(endpoint, "bind")
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -114,7 +107,7 @@ def _check_resolvable(endpoint: str) -> None:
 
 
 def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
-    _check_port(endpoint, "connect to")
+    check_port(endpoint, "connect to")
     _check_resolvable(endpoint)
     try:
         sock.connect(endpoint)

@@ -38,3 +38,9 @@ def test_a_port_out_of_range_is_a_usage_error(program: str, args: list[str]) -> 
     result = run(program, *args)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert result.stderr.count("\n") == 1 and "port" in result.stderr, result.stderr
+
+
+def test_registry_serve_refuses_a_port_out_of_range() -> None:
+    result = run("eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:99999")
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "port out of range" in result.stderr, result.stderr
