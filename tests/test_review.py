@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from .helpers import Procs, run
+from .helpers import Procs, command, run
 
 
 def test_no_gone_warning_for_a_running_subscriber_of_other_topics(procs: Procs) -> None:
@@ -44,3 +46,18 @@ def test_registry_serve_refuses_a_port_out_of_range() -> None:
     result = run("eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:99999")
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "port out of range" in result.stderr, result.stderr
+
+
+def test_progress_writes_nothing_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    dump = tmp_path / "dump.txt"
+    dump.write_text("".join(f"{i}\n" for i in range(20)))
+    with dump.open("rb") as stdin:
+        result = subprocess.run(
+            command("eda-pub", "--no-mdns", "--rate", "1000", "--progress", "review.replay"),
+            stdin=stdin,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b"", result.stderr
