@@ -61,3 +61,11 @@ def test_progress_writes_nothing_when_stderr_is_not_a_terminal(tmp_path: Path) -
         )
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"", result.stderr
+
+
+def test_a_subcommand_usage_error_points_to_the_subcommand_help() -> None:
+    result = run("eda-registry", "lookup")
+    assert result.returncode == 2
+    assert "(see eda-registry lookup --help)" in result.stderr, result.stderr
+    top = run("eda-sub", "--no-such-option")
+    assert top.returncode == 2 and "(see eda-sub --help)" in top.stderr, top.stderr
