@@ -69,3 +69,34 @@ def test_a_subcommand_usage_error_points_to_the_subcommand_help() -> None:
     assert "(see eda-registry lookup --help)" in result.stderr, result.stderr
     top = run("eda-sub", "--no-such-option")
     assert top.returncode == 2 and "(see eda-sub --help)" in top.stderr, top.stderr
+
+
+def test_a_bad_sequence_number_in_the_snapshot_keeps_its_good_records(tmp_path: Path) -> None:
+    """The log is truncated at each snapshot: dropping the whole snapshot loses records."""
+    import json
+    import time
+
+    from eda.core.registry.persist import Journal
+
+    now = time.time()
+    good = {
+        "service": "orders",
+        "id": "orders-good",
+        "host": "127.0.0.1",
+        "port": 8080,
+        "weight": 1,
+        "meta": {},
+        "status": "passing",
+        "ttl": 60,
+        "interval": 20,
+        "registered": now,
+        "heartbeat": now,
+        "registry": "abcd1234",
+        "rev": 5,
+    }
+    for seq in (10**30, -1, "7", None):
+        (tmp_path / "snapshot.json").write_text(json.dumps({"seq": seq, "instances": [good]}))
+        journal = Journal(tmp_path)
+        records, loaded_seq = journal.load()
+        assert [r.id for r in records] == ["orders-good"], seq
+        assert loaded_seq == 0 and journal.skipped == 1, seq
