@@ -100,3 +100,28 @@ def test_a_bad_sequence_number_in_the_snapshot_keeps_its_good_records(tmp_path: 
         records, loaded_seq = journal.load()
         assert [r.id for r in records] == ["orders-good"], seq
         assert loaded_seq == 0 and journal.skipped == 1, seq
+
+
+def test_a_forged_name_with_a_control_character_does_not_kill_the_browser(procs: Procs) -> None:
+    """zeroconf refuses such a name with an exception that ended the browser thread:
+    every later announcement went unseen, and a traceback reached the terminal."""
+    from .helpers import MdnsResponder, dns_response, service_records, wait_until
+
+    browse = procs.eda("eda-registry", "browse", "_review._tcp", "--duration", "20")
+    responder = MdnsResponder()
+    try:
+
+        def announce(label: str) -> None:
+            records = service_records("_review._tcp.local", label, 80, {"a": "1"}, "127.0.0.1")
+            responder.multicast(dns_response(0, records))
+
+        def seen_good() -> bool:
+            announce("bad\x1b]0;T\x07name")
+            announce("goodname")
+            return "goodname" in browse.stdout
+
+        wait_until(seen_good, 15, "the good announcement after a forged one")
+    finally:
+        responder.close()
+    assert "Traceback" not in browse.stderr, browse.stderr
+    assert "BadTypeInName" not in browse.stderr, browse.stderr
