@@ -526,7 +526,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         if type(exc).__name__ == "NoArgsIsHelpError":  # a group run without a subcommand
             _stderr(exc.format_message())
         else:
-            _stderr(f"{program}: error: {exc.format_message()} (see {program} --help)")
+            see = exc.ctx.command_path if exc.ctx is not None else program  # the subcommand's
+            _stderr(f"{program}: error: {exc.format_message()} (see {see} --help)")
         code = EXIT_USAGE
     except click.Abort:
         code = EXIT_INTERRUPTED

@@ -117,7 +117,11 @@ def _parse_header(
     metavar="N",
     help="At most N events per second.",
 )
-@click.option("--progress", is_flag=True, help="Progress bar on stderr when stdin is a file.")
+@click.option(
+    "--progress",
+    is_flag=True,
+    help="Progress bar on stderr when stdin is a file and stderr a terminal.",
+)
 @click.option(
     "--linger",
     type=click.FloatRange(0),
@@ -383,12 +387,12 @@ def _report(ctx: Context, outcome: Outcome) -> None:
 
 
 def _progress_bar(fd: int) -> Any:
-    """A rich progress bar on stderr for a regular file on *fd*, else None."""
+    """A rich progress bar on a terminal stderr for a regular file on *fd*, else None."""
     import stat
 
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        return None
+    if not stat.S_ISREG(info.st_mode) or not sys.stderr.isatty():
+        return None  # (no progress into a pipe or a log: not even a blank line)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 

@@ -70,6 +70,14 @@ def bind_failed(what: str, err: int | None, reason: object) -> EdaError:
     return kind(f"cannot bind {what}: {reason}")
 
 
+def check_port(endpoint: str, verb: str) -> None:
+    """A tcp:// port beyond 65535 is a UsageError (libzmq would silently take it modulo 65536)."""
+    scheme, _, rest = endpoint.partition("://")
+    port = rest.rpartition(":")[2]
+    if scheme == "tcp" and port.isdigit() and (len(port) > 5 or int(port) > 65535):
+        raise UsageError(f"cannot {verb} {endpoint[:80]}: port out of range (0-65535)")
+
+
 def port_of(endpoint: str) -> int:
     """The port of a bound ``tcp://HOST:PORT`` endpoint."""
     return int(endpoint.rsplit(":", 1)[1])
@@ -162,6 +170,7 @@ class Daemon:
         A port in use is a :class:`BindError` (a runtime error, exit 1), a
         malformed endpoint a :class:`~eda.core.errors.UsageError`.
         """
+        check_port(endpoint, "bind")
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:

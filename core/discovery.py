@@ -82,6 +82,7 @@ class Found:
     peers: list[Peer] = field(default_factory=list)
     unreachable: list[Peer] = field(default_factory=list)  # announced, no answer to a probe
     cached: int = 0  # peers the cache knew before asking
+    seen: list[Peer] = field(default_factory=list)  # those peers
 
 
 def resolve_interface(value: str | None) -> str | None:
@@ -275,7 +276,7 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
         service_type, interface=interface, timeout=timeout, expect=set(known)
     )
     answered: dict[str, Peer] = {}
-    found = Found(cached=len(known))
+    found = Found(cached=len(known), seen=[peer for peer, _ in known.values()])
     for peer in map(_peer_from_instance, answers):
         if peer is None:
             continue
@@ -398,7 +399,11 @@ class _Resolver:
         """Resolve *name* from zeroconf's cache now, else queue it for the pool."""
         from zeroconf import ServiceInfo
 
-        info = ServiceInfo(service_type, name)
+        try:
+            info = ServiceInfo(service_type, name)
+        except Exception:  # a forged name zeroconf refuses (control characters, ...)
+            self.dropped += 1  # (raising here would end zeroconf's browser thread)
+            return
         with contextlib.suppress(Exception):
             if info.load_from_cache(self._zc) and info.port:
                 done(instance_of(service_type, info))
@@ -442,7 +447,10 @@ class _Resolver:
             with self._lock:
                 self._pending.discard(key)
             if ok and not self._closed():
-                done(instance_of(service_type, info))
+                try:
+                    done(instance_of(service_type, info))
+                except Exception:  # (a bad record must not end a pool thread for good)
+                    self.dropped += 1
 
 
 class _Prober:
@@ -658,7 +666,10 @@ class Discovery:
         """Resolve one instance now (blocking, at most *timeout* s): the one resolve path."""
         from zeroconf import ServiceInfo
 
-        info = ServiceInfo(service_type, name)
+        try:
+            info = ServiceInfo(service_type, name)
+        except Exception:  # a name zeroconf refuses (control characters, ...)
+            return None
         if self._closed or not info.request(self._zc, int(timeout * 1000)) or not info.port:
             return None
         return instance_of(service_type, info)

@@ -52,6 +52,7 @@ from typing import Any
 import zmq
 
 from . import codec, discovery
+from .daemon import check_port
 from .errors import EdaError, UsageError
 from .topics import Matcher
 
@@ -80,6 +81,7 @@ _RUNTIME_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EN
 
 
 def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
+    check_port(endpoint, "bind")
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -105,6 +107,7 @@ def _check_resolvable(endpoint: str) -> None:
 
 
 def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    check_port(endpoint, "connect to")
     _check_resolvable(endpoint)
     try:
         sock.connect(endpoint)
@@ -379,15 +382,21 @@ class Publisher(_Node):
         answering a probe (TCP connect and ZMTP greeting).  Announced
         subscribers that do not answer the probe in time are left out and
         listed in :attr:`unreachable`; :attr:`seen_before` is how many the
-        cache knew.  With *topic*, subscribers whose announced patterns
-        cannot match it are connected (a later topic may be theirs) but not
-        waited for.
+        cache knew that may want *topic* and are gone now.  With *topic*,
+        subscribers whose announced patterns cannot match it are connected
+        (a later topic may be theirs) but not waited for.
         """
         found = discovery.discover(discovery.SUB_TYPE, interface=self.interface, timeout=timeout)
         self.unreachable = [
             p for p in found.unreachable if topic is None or discovery.may_want(p, topic)
         ]
-        self.seen_before = found.cached
+        # seen before and wanting this topic, but not found now: gone
+        here = {p.id for p in found.peers} | {p.id for p in found.unreachable}
+        self.seen_before = sum(
+            1
+            for p in found.seen
+            if p.id not in here and (topic is None or discovery.may_want(p, topic))
+        )
         ids = set()
         for peer in found.peers:
             self.connect(peer.endpoint)

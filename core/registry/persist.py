@@ -70,7 +70,10 @@ class Journal:
             snap = json.loads((self.dir / SNAPSHOT).read_bytes())
             if not isinstance(snap, dict) or not isinstance(snap.get("instances", []), list):
                 raise ValueError("not a snapshot")
-            seq = _seq(snap)
+            try:
+                seq = _seq(snap)
+            except ValueError:
+                self.skipped += 1  # (the records are still good: the log was truncated)
             for data in snap.get("instances", []):
                 self._keep(records, data)
         except FileNotFoundError:
