@@ -242,18 +242,17 @@ def command(
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
         missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
         short = len(pub.subscribers) < wait_subscribers
-        for subid in sorted(missing):
-            ctx.warn(
-                f"warning: subscriber {for_terminal(subid)} (found by mDNS) not ready after"
-                f" {wait_seconds:g}s;"
-                " events sent before it is ready do not reach it"
-            )
-        for peer in pub.unreachable:
-            ctx.warn(
-                f"warning: subscriber {for_terminal(peer.id)} (found by mDNS) does not answer"
-                f" at {for_terminal(peer.endpoint)}; events do not reach it"
-            )
-            failed = True
+        problems = [
+            f"subscriber {for_terminal(subid)} (found by mDNS) not ready after"
+            f" {wait_seconds:g}s; events sent before it is ready do not reach it"
+            for subid in sorted(missing)
+        ] + [
+            f"subscriber {for_terminal(peer.id)} (found by mDNS) does not answer"
+            f" at {for_terminal(peer.endpoint)}; events do not reach it"
+            for peer in pub.unreachable
+        ]
+        _warn_some(ctx, problems, "subscriber(s) found by mDNS were not reached")
+        failed = failed or bool(pub.unreachable)
         for endpoint, refused in pub.unready():
             why = "connection refused" if refused else "no answer"
             ctx.warn(
@@ -356,6 +355,19 @@ def _publish_to_bus(
         ctx.warn(f"error: {rejected} input(s) rejected")
     if rejected or pub.refused:
         raise Exit(EXIT_ERROR)
+
+
+SHOWN_PROBLEMS = 5  # forged announcements must not flood a one-shot command's stderr
+
+
+def _warn_some(ctx: Context, problems: list[str], summary: str) -> None:
+    """The first few *problems* as warnings, then one line counting the rest."""
+    for text in problems[:SHOWN_PROBLEMS]:
+        ctx.warn(f"warning: {text}")
+    if len(problems) > SHOWN_PROBLEMS:
+        ctx.warn(f"warning: {len(problems) - SHOWN_PROBLEMS} more {summary} (see -v)")
+        for text in problems[SHOWN_PROBLEMS:]:
+            ctx.debug(f"warning: {text}")
 
 
 def _whole_stdin() -> bytes:

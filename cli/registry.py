@@ -509,10 +509,13 @@ def _table(found: list[dict[str, Any]], console: Any = None) -> None:
 
     The address column never wraps or shrinks (an address cut at the edge of
     the terminal is a wrong address); metadata and instance ids fold instead.
+    A terminal too narrow for every column gets one block per instance.
     """
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    console = console or Console()
 
     table = Table(box=None, header_style="bold")
     addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
@@ -540,7 +543,29 @@ def _table(found: list[dict[str, Any]], console: Any = None) -> None:
             Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
             Text(seen),
         )
-    (console or Console()).print(table)
+    if _table_width(table) <= console.width:
+        console.print(table)
+        return
+    for row in zip(*(column.cells for column in table.columns), strict=True):
+        block = Text()
+        for column, cell in zip(table.columns, row, strict=True):
+            block.append(f"{column.header:<11}", style="bold")
+            block.append_text(cell if isinstance(cell, Text) else Text(str(cell)))
+            block.append("\n")
+        console.print(block, soft_wrap=False)
+
+
+def _table_width(table: Any) -> int:
+    """The narrowest width at which every column shows: no-wrap columns whole,
+    folding ones at least as wide as their header (rich would drop them instead)."""
+    width = 0
+    for column in table.columns:
+        cells = [len(getattr(c, "plain", str(c))) for c in column.cells]
+        if column.no_wrap:
+            width += max([len(str(column.header)), *cells])
+        else:
+            width += max(len(str(column.header)), 8)
+    return width + 2 * len(table.columns)
 
 
 # -- watch -----------------------------------------------------------------------------------

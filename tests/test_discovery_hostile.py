@@ -286,3 +286,21 @@ def test_a_forged_subscriber_at_a_silent_port_costs_one_probe(responder, tmp_pat
     finally:
         pub.sock.close(0)
         listener.close()
+
+
+def test_many_forged_subscribers_cost_a_one_shot_publish_a_few_lines_of_stderr(responder):
+    listener = _SilentListener()
+    try:
+        for n in range(12):
+            records = service_records(
+                discovery.SUB_TYPE, f"silent{n}", listener.port, {"id": f"5e{n:04d}", "p": "t"},
+                "127.0.0.1",
+            )  # fmt: skip
+            responder.add(discovery.SUB_TYPE, records)
+        result = run("eda-pub", "t", "x")
+        assert result.returncode == 4  # a discovered subscriber was not reached
+        lines = result.stderr.splitlines()
+        assert len(lines) <= 6, result.stderr  # was one warning per forged subscriber
+        assert "more subscriber(s) found by mDNS were not reached" in lines[-1], result.stderr
+    finally:
+        listener.close()

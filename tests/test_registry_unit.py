@@ -658,3 +658,28 @@ def test_browse_resolves_a_flood_of_names_on_a_few_threads(monkeypatch) -> None:
     announce("forged-0", zeroconf.ServiceStateChange.Added)
     assert next_item()["event"] == "added"
     items.close()
+
+
+def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance() -> None:
+    import io
+
+    from rich.console import Console
+
+    from eda.cli.registry import _table
+
+    record = {
+        "service": "orders",
+        "id": "orders-10-200-200-200-65535",
+        "host": "10.200.200.200",
+        "port": 65535,
+        "status": "passing",
+        "weight": 3,
+        "meta": {"zone": "a"},
+        "heartbeat": 0,
+    }
+    screen = io.StringIO()
+    _table([record, {**record, "id": "second"}], Console(file=screen, width=40))
+    shown = screen.getvalue()
+    for text in ("orders-10-200-200-200-65535", "second", "10.200.200.200:65535", "zone=a"):
+        assert text in shown, shown
+    assert "SERVICE" in shown and "META" in shown
