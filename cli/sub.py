@@ -149,7 +149,7 @@ def command(
             raise UsageError("missing PATTERN")
         if durable and group:
             raise UsageError("--durable and --group exclude each other")
-        output = _output(ctx, template, force_json, exec_cmd)
+        output = _output(ctx, template, force_json, exec_cmd, {BUS_SEQ})
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
@@ -441,13 +441,19 @@ class _Loop:
             self.reported_copies = self.recent.dropped
 
 
-def _output(ctx: Context, template: str | None, force_json: bool, exec_cmd: str | None) -> Output:
+def _output(
+    ctx: Context,
+    template: str | None,
+    force_json: bool,
+    exec_cmd: str | None,
+    extra_fields: frozenset[str] | set[str] = frozenset(),
+) -> Output:
     from eda.core.attributes import CORE_ATTRIBUTES
 
     return Output(
         ctx,
         template=template,
-        fields=CORE_ATTRIBUTES | FORMAT_FIELDS,
+        fields=CORE_ATTRIBUTES | FORMAT_FIELDS | extra_fields,
         force_json=force_json,
         exec_cmd=exec_cmd,
         exec_env=lambda ev: {"EDA_TOPIC": ev.get("type", ""), "EDA_ID": ev.get("id", "")},

@@ -51,6 +51,7 @@ def test_confirmed_publish_then_replay_keeps_ids_and_adds_the_bus_sequence(
     assert raw == ["a", "b", "c"]
     last = replay(ep, "orders.>", 1, "--format", "{id} {data}")
     assert last == [events[0]["id"] + ' {"id":1}']
+    assert replay(ep, "orders.>", 2, "--format", "{edabusseq} {data}") == ['1 {"id":1}', "2 a"]
     # --last and --from-seq
     done = run("eda-sub", "--bus", ep, "orders.>", "--last", "2", "-C", "2", "--raw")
     assert done.stdout.splitlines() == ["b", "c"], done.stderr
