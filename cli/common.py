@@ -108,7 +108,7 @@ def common_options(func: F) -> F:
             "no_mdns",
             is_flag=True,
             envvar=SHARED_ENVVARS["--no-mdns"],
-            help="Do not use mDNS; wire everything with --connect/--bind.",
+            help="Do not use mDNS (no announcing, no browsing): give endpoints explicitly.",
         ),
         click.option(
             "-v",

@@ -266,3 +266,19 @@ def test_a_group_without_a_subcommand_prints_its_help_not_an_error() -> None:
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("Usage: eda-registry ") and "error:" not in result.stderr
     assert "Commands:" in result.stderr
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_help_mentions_only_options_the_command_has(program: str) -> None:
+    for path, command in commands(program):
+        ctx = click.Context(command, info_name=" ".join([program, *path]))
+        text = command.get_help(ctx).split("Examples:", 1)[0]  # examples may pipe to others
+        sub_commands = [c for _, c in commands(program)] if isinstance(command, click.Group) else []
+        known = {
+            opt
+            for cmd in [command, *sub_commands]
+            for param in cmd.params
+            for opt in [*param.opts, *param.secondary_opts]
+        }
+        mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text))
+        assert mentioned <= known, f"{program} {' '.join(path)}: {sorted(mentioned - known)}"
