@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,12 @@ from typing import Any
 import pytest
 
 from eda.core.bus import SQLiteEngine, StoreError
+from eda.core.bus import nats as nats_engine
+from eda.core.bus.nats import NatsEngine
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.topics import Matcher
 from tests.helpers import Proc, Procs, require_tools, wait_until
 from tests.test_bus_store import Clock, batch, events
-
-nats_mod = pytest.importorskip("nats", reason="nats-py (pip install 'eda[nats]')")
-from eda.core.bus.nats import NatsEngine  # noqa: E402
 
 _ids = itertools.count(1)
 
@@ -53,6 +53,10 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     require_tools("nats-server", install="nats-server")
+    if nats_engine.nats is None:
+        pytest.fail(
+            "nats-py not found: install the test extras (pip install -e '.[test]')", pytrace=False
+        )
     work = tmp_path_factory.mktemp("nats")
     procs = Procs(work)
     try:
@@ -279,10 +283,20 @@ def test_jetstream_drops_a_resend_from_a_second_front_by_msg_id(nats_opener: Ope
             (r,) = second.append([batch(5, 3)])  # after the resync: only 7 is new
             assert r.stored == ((7, 7, 1),)
             assert second.commit() == 7
+            # now first is behind: new events of another publisher must not take bus
+            # sequence 7 again (JetStream refuses the expected last sequence)
+            first.append([batch(1, 2, pubid="p2")])
+            with pytest.raises(StoreError, match="another writer appended"):
+                first.commit()
+            (r,) = first.append([batch(1, 2, pubid="p2")])
+            assert r.stored == ((1, 8, 2),) and first.commit() == 9
         finally:
             second.close()
     with nats_opener() as again:
-        assert [p for _, p in events(again)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
+        got = events(again)
+        assert [q for q, _ in got] == list(range(1, 10))
+        assert [p for _, p in got] == [f"p1:t.a:{i}".encode() for i in range(1, 8)] + [
+            b"p2:t.a:1", b"p2:t.a:2"]  # fmt: skip
 
 
 def test_names_nats_refuses_are_refused_clearly(server: Server, nats_opener: Opener) -> None:
@@ -316,3 +330,86 @@ def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
             lambda: s.claim("workers", "b", ["jobs.>"], 10), 15, "JetStream redelivery"
         )
         assert [(r.seq, r.size) for r in got] == [(1, 3)]
+
+
+# -- a 3-node JetStream cluster on namespaced hosts -------------------------------------
+
+
+def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
+    routes = ",".join(f"nats://{a}:6222" for a in peers)
+    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", host.address, "-p", "4222",
+            "-sd", str(store / f"n{i}"), "--cluster_name", "eda",
+            "--cluster", f"nats://{host.address}:6222", "--routes", routes]  # fmt: skip
+    proc = host.procs.start(argv, prefix=host.prefix)
+    host.started.append(proc)
+    return proc
+
+
+def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
+    tmp_path: Path,
+) -> None:
+    """R3 stream on three hosts; kill -9 one node mid-stream; the writer goes on.
+
+    The test process talks to the hosts through an address on the bridge (the
+    bridge lives in the suite's private namespace).  The writer behaves as a
+    confirmed publisher: it resends everything after its last confirmation
+    when a commit fails.
+    """
+    from tests.hosts import Network, ip
+
+    require_tools("nats-server", install="nats-server")
+    procs = Procs(tmp_path)
+    net = Network(procs)
+    try:
+        hosts = [net.add_host(f"n{i}") for i in range(1, 4)]
+        ip("addr", "add", f"10.231.{net.net}.1/24", "dev", net.bridge)
+        peers = [h.address for h in hosts]
+        nodes = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
+        for node in nodes:
+            node.wait_stderr("Server is ready", 20)
+        urls = [f"nats://{a}:4222" for a in peers]
+
+        def opened() -> NatsEngine | None:
+            try:
+                return NatsEngine(urls, replicas=3, timeout=2.0)
+            except StoreError:
+                return None  # no JetStream meta leader yet
+
+        store = wait_until(opened, 30, "a JetStream cluster that creates an R3 stream")
+        try:
+            total, size, confirmed, failures, killed = 20_000, 100, 0, 0, False
+            resent_dups = 0
+            deadline = time.monotonic() + 40
+            while confirmed < total:
+                assert time.monotonic() < deadline, (
+                    f"stuck at {confirmed} confirmed after {failures} failed commits"
+                )
+                if confirmed >= total // 4 and not killed:
+                    leader = store._run(store._js.stream_info(store.stream)).cluster.leader
+                    hosts[int(leader[1:]) - 1].kill()  # kill -9 of the stream's leader node
+                    killed = True
+                pending = [batch(confirmed + 1 + k * size, size) for k in range(5)]
+                try:
+                    receipts = store.append(pending)
+                    store.commit()
+                except StoreError:
+                    failures += 1
+                    continue  # resend everything after the last confirmation
+                resent_dups += sum(n for r in receipts for _, n in r.duplicates)
+                confirmed += 5 * size
+            assert killed
+            print(f"failed commits {failures}, resent duplicates {resent_dups}")
+            pubseqs = [r.pubseq + i for r in store.read(1) for i in range(r.size)]
+            assert pubseqs == list(range(1, total + 1))  # each confirmed event exactly once
+            seqs = [r.seq + i for r in store.read(1) for i in range(r.size)]
+            assert seqs == list(range(1, total + 1))
+        finally:
+            store.close()
+        alive = [u for h, u in zip(hosts, urls, strict=True) if h.started[0].popen.poll() is None]
+        with NatsEngine(alive, replicas=3, timeout=2.0) as again:  # a fresh reader agrees
+            assert again.durable_seq == total
+            payloads = [p for r in again.read(1) for p in r.payloads()]
+            assert payloads == [f"p1:t.a:{i}".encode() for i in range(1, total + 1)]
+    finally:
+        procs.kill_all()
+        net.close()

@@ -182,8 +182,12 @@ class NatsEngine:
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
         self._matchers: dict[tuple[str, ...], Matcher] = {}
         try:
-            self._run(self._open(duplicate_window, max_age, max_bytes))
+            # patient: a cluster that just lost a node elects new leaders first
+            self._run(self._open(duplicate_window, max_age, max_bytes), timeout * 10)
         except BaseException:
+            if hasattr(self, "_nc"):
+                with contextlib.suppress(Exception):
+                    self._run(self._nc.close(), self.timeout)
             self._stop()
             raise
 
@@ -199,6 +203,14 @@ class NatsEngine:
             raise StoreError(f"NATS stream {self.stream}: {exc or type(exc).__name__}") from None
 
     def _stop(self) -> None:
+        async def cancel_all() -> None:  # the client's reader, flusher, pingers, reconnects
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_all(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -270,7 +282,7 @@ class NatsEngine:
         last = info.state.last_seq
         pos = max(info.state.first_seq, self._heads[-1].sseq + 1 if self._heads else 1)
         while pos <= last:
-            chunk = list(range(pos, min(last, pos + _CHUNK * 4 - 1) + 1))
+            chunk = list(range(pos, min(last, pos + _CHUNK - 1) + 1))
             for msg in await self._fetch(chunk):
                 if msg is not None:
                     self._index(msg)
@@ -449,7 +461,12 @@ class NatsEngine:
                 f.cancel()
             return "the stream did not acknowledge in time"
         for (head, _), reply in zip(pending, replies, strict=True):
-            ack = json.loads(reply.data or b"{}")
+            if not reply.data:  # a status instead of an ack: 503, no stream leader right now
+                status = (reply.headers or {}).get("Status", "?")
+                return f"the stream did not store it (status {status}: no leader or no quorum)"
+            ack = json.loads(reply.data)
+            if ack.get("error", {}).get("err_code") == 10071:  # wrong last sequence
+                return "another writer appended to the stream"
             if "error" in ack:
                 return f"refused: {ack['error'].get('description', ack['error'])}"
             if ack.get("duplicate") or ack.get("seq") != head.sseq:
