@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from eda.core.bus import SQLiteEngine, StoreError
+from eda.core import codec
+from eda.core.bus import EventTooLargeError, SQLiteEngine, StoreError
 from eda.core.bus import nats as nats_engine
 from eda.core.bus.nats import NatsEngine
 from eda.core.errors import NotFoundError, UsageError
@@ -220,8 +221,36 @@ def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> 
         assert events(s)[0][0] == 81
     with opener(clock=clock) as s:  # what retention removed stays removed
         assert s.first_seq == 81 and events(s)[0][0] == 81
+        s.retain(max_bytes=0)
+        assert s.stats().events == 0 and s.first_seq == 101
+    with opener(clock=clock) as s:
+        assert s.first_seq == 101 and s.last_seq == 100
         (r,) = s.append([batch(101, 1)])
         assert r.stored == ((101, 101, 1),)  # sequences are never reused
+
+
+def test_oversized_event_refused_and_nothing_of_the_call_stored(opener: Opener) -> None:
+    with opener(max_event_bytes=100) as s:
+        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
+        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
+            s.append([batch(1, 1, pubid="p0"), big])
+        with pytest.raises(UsageError, match="announces 3 events"):
+            s.append([big._replace(size=3)])
+        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
+        assert s.commit() == 2
+
+
+def test_topics_beyond_ascii_round_trip(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 2, topic="café.ünï"), batch(1, 1, topic="t.a")])
+        s.commit()
+        got = list(s.read(1, matcher=Matcher(["café.*"])))
+        assert [(r.topic, r.payloads()) for r in got] == [
+            (
+                "café.ünï",
+                [b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:1", b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:2"],
+            )
+        ]
 
 
 # -- NATS only ------------------------------------------------------------------------
@@ -303,6 +332,8 @@ def test_names_nats_refuses_are_refused_clearly(server: Server, nats_opener: Ope
     with pytest.raises(UsageError, match=r"stream name 'a\.b'"):
         NatsEngine(server.url, stream="a.b")
     with nats_opener() as s:
+        with pytest.raises(UsageError, match=r"holds subjects .* choose another"):
+            NatsEngine(server.url, stream=s.stream, prefix="elsewhere")
         with pytest.raises(UsageError, match=r"group name 'my group'"):
             s.claim("my group", "m", ["t.>"], 1)
         with pytest.raises(UsageError):

@@ -253,9 +253,16 @@ class NatsEngine:
             discard=jsapi.DiscardPolicy.OLD,
         )
         try:
-            await self._js.stream_info(self.stream)
+            info = await self._js.stream_info(self.stream)
         except JsNotFound:
             await self._js.add_stream(config)
+        else:
+            subjects = info.config.subjects or []
+            if f"{self.prefix}.>" not in subjects:
+                raise UsageError(
+                    f"NATS stream {self.stream} holds subjects {subjects}, not {self.prefix}.>: "
+                    f"choose another stream name or prefix"
+                )
         bucket = f"{self.stream}_consumers"
         try:
             self._kv = await self._js.key_value(bucket)
@@ -281,6 +288,10 @@ class NatsEngine:
         info = await self._js.stream_info(self.stream)
         last = info.state.last_seq
         pos = max(info.state.first_seq, self._heads[-1].sseq + 1 if self._heads else 1)
+        gone = bisect.bisect_left([h.sseq for h in self._heads], info.state.first_seq)
+        if gone:  # removed by the stream's own limits (max_age, max_bytes) or another front
+            del self._heads[:gone]
+            del self._head_seqs[:gone]
         while pos <= last:
             chunk = list(range(pos, min(last, pos + _CHUNK - 1) + 1))
             for msg in await self._fetch(chunk):
@@ -288,7 +299,9 @@ class NatsEngine:
                     self._index(msg)
             pos = chunk[-1] + 1
         self._sseq = last
-        self._next = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
+        floor = await self._kv_get("floor")  # bus sequences are never reused after a purge
+        top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
+        self._next = max(top, int(floor["next"]) if floor else 1)
         self._durable = self._next - 1
 
     def _index(self, msg: Any) -> _Head | None:
@@ -749,6 +762,8 @@ class NatsEngine:
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
         self._usable()
+        if not self._pending:
+            self._run(self._catch_up())  # what other fronts wrote, what the limits removed
         topics: dict[str, TopicStats] = {}
         for h in self._heads:
             t = topics.get(h.topic, TopicStats(0, 0))
@@ -757,7 +772,7 @@ class NatsEngine:
         consumers: list[ConsumerStats] = []
         last = self.last_seq
         for key in self._run(self._keys()):
-            row = self._run(self._kv_get(key))
+            row = self._run(self._kv_get(key)) if key[:1] in ("c", "g") else None
             if row is None:
                 continue
             m = self._matcher(row["patterns"])
@@ -808,6 +823,7 @@ class NatsEngine:
             return Retained(0, 0, self.first_seq)
         i = self._locate(plan.keep_from)
         sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
+        self._run(self._kv_put("floor", {"next": self._next}))
         self._run(self._js.purge_stream(self.stream, seq=sseq))
         del self._heads[:i]
         del self._head_seqs[:i]
