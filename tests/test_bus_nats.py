@@ -187,6 +187,7 @@ def test_group_members_share_events_and_a_released_members_go_to_others(opener: 
         c = s.claim("workers", "c", ["jobs.>"], 10)
         assert {r.seq + i for r in c for i in range(r.size)} >= {3, 4, 5, 6}
         assert s.group_ack("workers", "b", 14) == 6
+        assert s.claim("workers", "d", ["jobs.>"], 10) == []  # nothing left, and no waiting
         with pytest.raises(UsageError):
             s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
         with pytest.raises(NotFoundError):

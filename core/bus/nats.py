@@ -178,7 +178,7 @@ class NatsEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}
         self._topics_ok: set[str] = set()
-        self._subs: dict[str, Any] = {}  # group -> pull subscription
+        self._groups: dict[str, list[str]] = {}  # group -> patterns (its consumer exists)
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
         self._matchers: dict[tuple[str, ...], Matcher] = {}
         try:
@@ -645,32 +645,31 @@ class NatsEngine:
         if _NAME_OK.fullmatch(name):
             with contextlib.suppress(StoreError):  # a group never claimed from has none
                 self._run(self._js.delete_consumer(self.stream, f"eda_g_{name}"))
-            self._subs.pop(name, None)
+            self._groups.pop(name, None)
             self._held.pop(name, None)
 
     # -- consumer groups (JetStream durable pull consumers) --------------------
     def _group(self, group: str, patterns: Sequence[str], start: int | None) -> Matcher:
         nats_name(_name(group, "group"), "group")
         spec = list(self._matcher(patterns).patterns)
-        if group in self._subs:
+        known = self._groups.get(group)
+        if known is None:
             row = self._run(self._kv_get(_key("g", group)))
-            if row is not None and row["patterns"] != spec:
-                raise UsageError(f"group {group!r} has patterns {row['patterns']}, not {spec}")
-            return self._matcher(spec)
-        row = self._run(self._kv_get(_key("g", group)))
-        if row is not None and row["patterns"] != spec:
-            raise UsageError(f"group {group!r} has patterns {row['patterns']}, not {spec}")
-        if row is None:
-            first = self._durable + 1 if start is None else max(1, min(start, self._next))
-            i = self._locate(first)
-            sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
-            self._run(self._kv_put(_key("g", group), {"name": group, "patterns": spec}))
-        else:
-            sseq = 1
-        self._subs[group] = self._run(self._bind(group, spec, sseq))
+            if row is None:
+                first = self._durable + 1 if start is None else max(1, min(start, self._next))
+                i = self._locate(first)
+                sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
+                self._run(self._kv_put(_key("g", group), {"name": group, "patterns": spec}))
+                known = spec
+            else:
+                known, sseq = list(row["patterns"]), 1
+            self._run(self._bind(group, known, sseq))  # the consumer, if it is not there yet
+            self._groups[group] = known
+        if known != spec:
+            raise UsageError(f"group {group!r} has patterns {known}, not {spec}")
         return self._matcher(spec)
 
-    async def _bind(self, group: str, patterns: list[str], sseq: int) -> Any:
+    async def _bind(self, group: str, patterns: list[str], sseq: int) -> None:
         durable = f"eda_g_{group}"
         try:
             await self._js.consumer_info(self.stream, durable)
@@ -687,7 +686,6 @@ class NatsEngine:
                 max_ack_pending=-1,
             )
             await self._js.add_consumer(self.stream, config)
-        return await self._js.pull_subscribe_bind(durable=durable, stream=self.stream)
 
     def claim(
         self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
@@ -695,14 +693,13 @@ class NatsEngine:
         self._usable()
         _name(member, "member")
         matcher = self._group(group, patterns, start)
-        sub = self._subs[group]
         out: list[Record] = []
         held = self._held.setdefault(group, {}).setdefault(member, [])
         got = 0
         # a message holds one batch: ask for about as many as *limit* events fill
         avg = max(1, sum(h.size for h in self._heads[-64:]) // max(1, len(self._heads[-64:])))
         while got < limit:
-            msgs = self._run(self._pull(sub, max(1, min((limit - got) // avg, 256))))
+            msgs = self._run(self._pull(group, max(1, min((limit - got) // avg, 256))))
             if not msgs:
                 break
             for msg in msgs:
@@ -716,12 +713,28 @@ class NatsEngine:
                 got += head.size
         return out
 
-    async def _pull(self, sub: Any, n: int) -> list[Any]:
+    async def _pull(self, group: str, n: int) -> list[Any]:
+        """Up to *n* messages the group's consumer has now; never waits for new ones.
+
+        A ``no_wait`` pull request: the server answers at once with what it
+        has and a 404 status when that is less than *n* (nats-py's fetch
+        would wait for its timeout on an idle consumer, stalling the bus).
+        """
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
         try:
-            msgs: list[Any] = await sub.fetch(n, timeout=0.2)
-        except TimeoutError:
-            return []
-        return msgs
+            request = json.dumps({"batch": n, "no_wait": True}).encode()
+            api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.eda_g_{group}"
+            await self._nc.publish(api, request, reply=inbox)
+            msgs: list[Any] = []
+            while len(msgs) < n:
+                msg = await sub.next_msg(timeout=self.timeout)
+                if not msg.data and msg.headers and "Status" in msg.headers:
+                    break  # 404 no messages, 408 request expired
+                msgs.append(msg)
+            return msgs
+        finally:
+            await sub.unsubscribe()
 
     def group_ack(self, group: str, member: str, seq: int) -> int:
         self._group_known(group)
