@@ -11,13 +11,17 @@ each test gets its own stream and subject prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -369,7 +373,7 @@ def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
 
 def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
     routes = ",".join(f"nats://{a}:6222" for a in peers)
-    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", host.address, "-p", "4222",
+    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", "0.0.0.0", "-p", "4222",
             "-sd", str(store / f"n{i}"), "--cluster_name", "eda",
             "--cluster", f"nats://{host.address}:6222", "--routes", routes]  # fmt: skip
     proc = host.procs.start(argv, prefix=host.prefix)
@@ -377,15 +381,19 @@ def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
     return proc
 
 
-def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
-    tmp_path: Path,
-) -> None:
-    """R3 stream on three hosts; kill -9 one node mid-stream; the writer goes on.
+class Cluster(NamedTuple):
+    hosts: list[Any]
+    urls: list[str]
+    procs: Procs
 
-    The test process talks to the hosts through an address on the bridge (the
-    bridge lives in the suite's private namespace).  The writer behaves as a
-    confirmed publisher: it resends everything after its last confirmation
-    when a commit fails.
+
+@contextlib.contextmanager
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three nats-server -js nodes clustered on three namespaced hosts.
+
+    The test process talks to them through an address on the bridge (the
+    bridge lives in the suite's private namespace).  Every process is killed
+    and the namespaces removed afterwards.
     """
     from tests.hosts import Network, ip
 
@@ -399,18 +407,34 @@ def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
         nodes = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
         for node in nodes:
             node.wait_stderr("Server is ready", 20)
-        urls = [f"nats://{a}:4222" for a in peers]
+        yield Cluster(hosts, [f"nats://{a}:4222" for a in peers], procs)
+    finally:
+        procs.kill_all()
+        net.close()
 
-        def opened() -> NatsEngine | None:
-            try:
-                return NatsEngine(urls, replicas=3, timeout=2.0)
-            except StoreError:
-                return None  # no JetStream meta leader yet
 
-        store = wait_until(opened, 30, "a JetStream cluster that creates an R3 stream")
+def open_when_ready(urls: list[str]) -> NatsEngine:
+    def opened() -> NatsEngine | None:
+        try:
+            return NatsEngine(urls, replicas=3, timeout=2.0)
+        except StoreError:
+            return None  # no JetStream meta leader yet
+
+    return wait_until(opened, 30, "a JetStream cluster that creates an R3 stream")  # type: ignore[no-any-return]
+
+
+def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
+    tmp_path: Path,
+) -> None:
+    """R3 stream on three hosts; kill -9 of the stream leader mid-stream; the writer goes on.
+
+    The writer behaves as a confirmed publisher: it resends everything after
+    its last confirmation when a commit fails.
+    """
+    with cluster(tmp_path) as (hosts, urls, _):
+        store = open_when_ready(urls)
         try:
             total, size, confirmed, failures, killed = 20_000, 100, 0, 0, False
-            resent_dups = 0
             deadline = time.monotonic() + 40
             while confirmed < total:
                 assert time.monotonic() < deadline, (
@@ -422,15 +446,13 @@ def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
                     killed = True
                 pending = [batch(confirmed + 1 + k * size, size) for k in range(5)]
                 try:
-                    receipts = store.append(pending)
+                    store.append(pending)
                     store.commit()
                 except StoreError:
                     failures += 1
                     continue  # resend everything after the last confirmation
-                resent_dups += sum(n for r in receipts for _, n in r.duplicates)
                 confirmed += 5 * size
             assert killed
-            print(f"failed commits {failures}, resent duplicates {resent_dups}")
             pubseqs = [r.pubseq + i for r in store.read(1) for i in range(r.size)]
             assert pubseqs == list(range(1, total + 1))  # each confirmed event exactly once
             seqs = [r.seq + i for r in store.read(1) for i in range(r.size)]
@@ -442,6 +464,60 @@ def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
             assert again.durable_seq == total
             payloads = [p for r in again.read(1) for p in r.payloads()]
             assert payloads == [f"p1:t.a:{i}".encode() for i in range(1, total + 1)]
-    finally:
-        procs.kill_all()
-        net.close()
+
+
+MINORITY = textwrap.dedent("""
+    import json, sys
+    from eda.core import codec
+    from eda.core.bus import StoreError
+    from eda.core.bus.nats import NatsEngine
+    store = NatsEngine(["nats://127.0.0.1:4222"], replicas=3, timeout=2.0)
+    print("ready", store.durable_seq, flush=True)
+    sys.stdin.readline()
+    body = b"\\n".join(b"m%d" % i for i in range(1, 11))
+    try:
+        store.append([codec.Batch("t.a", codec.TEXT, 10, 1, 0.0, "minority", "eda://m", body)])
+        print("confirmed", store.commit(), flush=True)
+    except StoreError as exc:
+        print("refused", json.dumps(str(exc)), flush=True)
+    store.close()
+""")
+
+
+def test_a_partitioned_node_never_confirms_and_the_majority_goes_on(tmp_path: Path) -> None:
+    """Cut the stream leader's host off: its own writer gets no confirmation, the other
+    two nodes elect a leader and keep confirming; after healing, nothing extra is stored."""
+    with cluster(tmp_path) as (hosts, urls, procs):
+        with open_when_ready(urls) as first:
+            first.append([batch(1, 100)])
+            assert first.commit() == 100
+            leader = first._run(first._js.stream_info(first.stream)).cluster.leader
+        cut = hosts[int(leader[1:]) - 1]
+        others = [u for h, u in zip(hosts, urls, strict=True) if h is not cut]
+        minority = procs.start(
+            [sys.executable, "-c", MINORITY], prefix=cut.prefix, stdin=subprocess.PIPE
+        )
+        cut.started.append(minority)
+        assert minority.wait_lines(1, 20) == ["ready 100"], minority.stderr
+        with NatsEngine(others, replicas=3, timeout=2.0) as majority:
+            cut.cut()
+            assert minority.popen.stdin is not None
+            minority.popen.stdin.write(b"go\n")
+            minority.popen.stdin.flush()
+            confirmed, deadline = 100, time.monotonic() + 30
+            while confirmed < 1100:  # the majority side goes on (after a new election)
+                assert time.monotonic() < deadline, f"majority stuck at {confirmed}"
+                try:
+                    majority.append([batch(confirmed + 1, 100)])
+                    majority.commit()
+                    confirmed += 100
+                except StoreError:
+                    continue
+            out = minority.wait_lines(2, 20)[1]
+            assert out.startswith("refused "), out  # never a false confirmation
+            assert "did not acknowledge in time" in out or "did not store it" in out, out
+            cut.reconnect()
+        assert minority.wait(20) == 0
+        with NatsEngine(others, replicas=3, timeout=2.0) as after:
+            got = [(r.pubid, r.pubseq + i) for r in after.read(1) for i in range(r.size)]
+            assert got == [("p1", i) for i in range(1, 1101)]
