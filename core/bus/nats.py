@@ -47,8 +47,20 @@ Shape, and why:
   the stream on open, so lookups by bus sequence and time, ``seq_for_last``
   and stats never scan messages.  Opening costs one read of the stream; a
   store of millions of messages would want this index persisted (later).
-* **Retention** purges the oldest messages (``retain``); ``max_age`` and
-  ``max_bytes`` given at open also become the stream's own limits.
+* **Retention** purges the oldest messages (``retain``) and records the next
+  bus sequence in the bucket, so sequences are never reused; ``max_age`` and
+  ``max_bytes`` given when the stream is created also become its own limits.
+  ``replicas`` (1 to 5) is likewise set when the stream is created.
+
+Differences from the embedded engine, by design: what a group member holds
+(``held``, ``release``) is this engine's view; when the engine itself dies,
+JetStream redelivers what its members held after ``ack_wait``.  A group
+message is acknowledged once all its events are, so a member that dies after
+acknowledging part of a batch has the whole batch redelivered (at least
+once).  A failed ``commit`` may have stored a prefix of the pending batches:
+they are durable and read back; their publishers, unconfirmed, resend and
+are told they are duplicates.  There is no ``fsync`` mode: JetStream's file
+store and its quorum decide durability.
 """
 
 from __future__ import annotations
@@ -755,8 +767,8 @@ class NatsEngine:
     def release(self, group: str, member: str) -> int:
         self._group_known(group)
         held = self._held.get(group, {}).pop(member, [])
-        for h in held:
-            self._run(h.msg.nak())
+        for h in held:  # acknowledged by the server: the next claim sees them
+            self._run(self._nc.request(h.msg.reply, b"-NAK", timeout=self.timeout))
         return sum(h.last - h.first + 1 for h in held)
 
     def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
