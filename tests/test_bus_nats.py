@@ -267,14 +267,13 @@ async def _plain_read(url: str, subject: str) -> list[tuple[str, bytes, dict[str
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        sub = await js.subscribe(subject, ordered_consumer=True)
+        sub = await js.pull_subscribe(subject)  # an ephemeral consumer from the start
         out = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                return out
-            out.append((msg.subject, msg.data, dict(msg.headers or {})))
+        while (await sub.consumer_info()).num_pending:
+            for msg in await sub.fetch(10, timeout=10):
+                out.append((msg.subject, msg.data, dict(msg.headers or {})))
+                await msg.ack()
+        return out
     finally:
         await nc.close()
 

@@ -99,8 +99,10 @@ from .sqlite import DEFAULT_MAX_EVENT, Ranges, _add, _name, _overlaps, _subtract
 try:
     import nats
     from nats.errors import Error as NatsError
+    from nats.errors import TimeoutError as NatsTimeout
     from nats.js import api as jsapi
     from nats.js.errors import NotFoundError as JsNotFound
+    from nats.js.errors import ServiceUnavailableError as ServiceUnavailable
 except ImportError:  # pragma: no cover - the extra is not installed
     nats = None  # type: ignore[assignment]
 
@@ -254,6 +256,17 @@ class NatsEngine:
             why = self.errors[-1] if isinstance(exc, TimeoutError) and self.errors else exc
             raise StoreError(f"cannot reach NATS at {','.join(self._servers)}: {why}") from None
         self._js = self._nc.jetstream(timeout=self.timeout)
+        deadline = time.monotonic() + self.timeout * 7
+        while True:  # a cluster that just lost or regained a node answers 503 for a while
+            try:
+                return await self._setup(window, max_age, max_bytes)
+            except (ServiceUnavailable, NatsTimeout):
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.25)
+
+    async def _setup(self, window: float, max_age: float | None, max_bytes: int | None) -> None:
+        """The stream, the bucket and the index; safe to run again after a failure."""
         config = jsapi.StreamConfig(
             name=self.stream,
             subjects=[f"{self.prefix}.>"],
