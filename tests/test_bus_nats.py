@@ -433,19 +433,19 @@ def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
     with cluster(tmp_path) as (hosts, urls, _):
         store = open_when_ready(urls)
         try:
-            total, size, confirmed, failures, killed = 20_000, 100, 0, 0, False
+            total, size, confirmed, failures, killed = 100_000, 200, 0, 0, False
             deadline = time.monotonic() + 40
             while confirmed < total:
                 assert time.monotonic() < deadline, (
                     f"stuck at {confirmed} confirmed after {failures} failed commits"
                 )
-                if confirmed >= total // 4 and not killed:
-                    leader = store._run(store._js.stream_info(store.stream)).cluster.leader
-                    hosts[int(leader[1:]) - 1].kill()  # kill -9 of the stream's leader node
-                    killed = True
                 pending = [batch(confirmed + 1 + k * size, size) for k in range(5)]
                 try:
                     store.append(pending)
+                    if confirmed >= total // 4 and not killed:  # while appends are in flight:
+                        leader = store._run(store._js.stream_info(store.stream)).cluster.leader
+                        hosts[int(leader[1:]) - 1].kill()  # kill -9 of the stream's leader
+                        killed = True
                     store.commit()
                 except StoreError:
                     failures += 1
