@@ -28,7 +28,7 @@ import pytest
 from eda.core import codec
 from eda.core.bus import EventTooLargeError, SQLiteEngine, StoreError
 from eda.core.bus import nats as nats_engine
-from eda.core.bus.nats import NatsEngine
+from eda.core.bus.nats import NatsEngine, migrate
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.topics import Matcher
 from tests.helpers import Proc, Procs, require_tools, wait_until
@@ -469,7 +469,7 @@ MINORITY = textwrap.dedent("""
     import json, sys
     from eda.core import codec
     from eda.core.bus import StoreError
-    from eda.core.bus.nats import NatsEngine
+    from eda.core.bus.nats import NatsEngine, migrate
     store = NatsEngine(["nats://127.0.0.1:4222"], replicas=3, timeout=2.0)
     print("ready", store.durable_seq, flush=True)
     sys.stdin.readline()
@@ -520,3 +520,39 @@ def test_a_partitioned_node_never_confirms_and_the_majority_goes_on(tmp_path: Pa
         with NatsEngine(others, replicas=3, timeout=2.0) as after:
             got = [(r.pubid, r.pubseq + i) for r in after.read(1) for i in range(r.size)]
             assert got == [("p1", i) for i in range(1, 1101)]
+
+
+def flat(store: Any) -> list[tuple[int, str, str, int, float, bytes]]:
+    """Every event: bus sequence, topic, pubid, publisher sequence, stored time, payload."""
+    return [(r.seq + i, r.topic, r.pubid, r.pubseq + i, r.stored, p)
+            for r in store.read(1) for i, p in enumerate(r.payloads())]  # fmt: skip
+
+
+def test_migrate_copies_an_embedded_store_keeping_ids_order_and_sequences(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    clock = Clock()
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as src:
+        src.append([batch(1, 10, "gone.old")])  # removed by retention before the move
+        src.commit()
+        clock.now += 1000
+        for i in range(30):
+            src.append([batch(1 + 5 * i, 5, f"t.{i % 3}", pubid=f"p{i % 2}")])
+            src.commit()
+            clock.now += 1
+        ext = codec._extension_frame(b'{"region":"eu"}')
+        src.append([batch(151, 2, "t.0", pubid="p0")._replace(extensions=ext)])
+        src.commit()
+        src.retain(max_age=500)
+        assert src.first_seq == 11
+        want = flat(src)
+        with nats_opener() as dest:
+            assert migrate(src, dest, limit=42) == 42  # interrupted after 42 events
+        with nats_opener() as dest:
+            assert migrate(src, dest) == 152 - 42  # resumed: only the rest
+            assert migrate(src, dest) == 0  # nothing twice
+        with nats_opener() as dest:
+            assert dest.first_seq == 11 and dest.last_seq == 162
+            assert flat(dest) == want
+            assert [r.extensions for r in dest.read(161)] == [r.extensions for r in src.read(161)]
+            assert json.loads(next(dest.read(161)).extensions) == {"region": "eu"}

@@ -885,5 +885,36 @@ class NatsEngine:
         self.close()
 
 
+def migrate(source: Engine, dest: NatsEngine, *, limit: int | None = None, chunk: int = 256) -> int:
+    """Copy the events of *source* (e.g. an embedded store) into *dest*; return how many.
+
+    Event ids (pubid, topic, publisher sequence), order, stored times and,
+    when *dest* starts empty, bus sequences are kept.  Resumable: it starts
+    after what *dest* already holds and appends are idempotent, so running it
+    again after an interruption (or *limit* events) only copies the rest.
+    """
+    if dest.last_seq == 0 and source.first_seq > 1:
+        dest._run(dest._kv_put("floor", {"next": source.first_seq}))  # same sequences
+        dest._next = source.first_seq
+        dest._durable = dest._next - 1
+    start = max(source.first_seq, dest.durable_seq + 1)
+    copied = 0
+    clock = dest._clock
+    try:
+        for n, record in enumerate(source.read(start, limit=limit), 1):
+            ext = codec._extension_frame(record.extensions) if record.extensions else None
+            batch = Batch(record.topic, record.kind, record.size, record.pubseq, record.time,
+                          record.pubid, record.source, record.body,
+                          *((ext,) if ext else ()))  # fmt: skip
+            dest._clock = lambda stored=record.stored: stored  # type: ignore[misc]
+            copied += sum(c for _, _, c in dest.append([batch])[0].stored)
+            if n % chunk == 0:
+                dest.commit()
+        dest.commit()
+    finally:
+        dest._clock = clock
+    return copied
+
+
 def _implements(engine: NatsEngine) -> Engine:
     return engine  # mypy checks here that NatsEngine has every method of Engine
