@@ -556,3 +556,16 @@ def test_migrate_copies_an_embedded_store_keeping_ids_order_and_sequences(
             assert flat(dest) == want
             assert [r.extensions for r in dest.read(161)] == [r.extensions for r in src.read(161)]
             assert json.loads(next(dest.read(161)).extensions) == {"region": "eu"}
+
+
+def test_what_live_members_hold_is_kept_in_progress_beyond_ack_wait(nats_opener: Opener) -> None:
+    with nats_opener(ack_wait=1.0) as s:
+        s.append([batch(1, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 10, start=1)] == [1]
+        until = time.monotonic() + 3.0  # three ack waits while the bus serves the group
+        while time.monotonic() < until:
+            assert s.claim("workers", "b", ["jobs.>"], 10) == []  # not redelivered to b
+            assert s.group_ack("workers", "a", 0) == 0
+        assert s.held("workers") == {"a": [(1, 3)]}
+        assert s.group_ack("workers", "a", 3) == 3

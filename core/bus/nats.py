@@ -40,8 +40,9 @@ Shape, and why:
 * **Groups** are JetStream durable pull consumers (``eda_g_<group>``) with
   explicit acks: members claim by fetching, a message is acknowledged once a
   member acknowledged all its events, ``release`` naks what a dead member
-  held (redelivered at once), and JetStream itself redelivers what a crashed
-  engine held after ``ack_wait``.
+  held (redelivered at once), what live members hold is reported in progress
+  on every claim and ack of the group, and JetStream itself redelivers what
+  a crashed engine held after ``ack_wait``.
 * **Index**: the heads of the stored batches (stream sequence, bus sequence,
   count, stored time, topic, publisher stream) are kept in memory, read from
   the stream on open, so lookups by bus sequence and time, ``seq_for_last``
@@ -61,6 +62,8 @@ once).  A failed ``commit`` may have stored a prefix of the pending batches:
 they are durable and read back; their publishers, unconfirmed, resend and
 are told they are duplicates.  There is no ``fsync`` mode: JetStream's file
 store and its quorum decide durability.
+
+:func:`migrate` copies an embedded store into a stream (``eda-bus migrate``).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class _Held(NamedTuple):
     first: int
     last: int
     msg: Any  # nats.aio.msg.Msg
+    since: float  # monotonic time it was claimed or last reported in progress
 
 
 def _msg_id(pubid: str, topic: str, pubseq: int) -> str:
@@ -718,6 +722,7 @@ class NatsEngine:
         self._usable()
         _name(member, "member")
         matcher = self._group(group, patterns, start)
+        self._touch(group)
         out: list[Record] = []
         held = self._held.setdefault(group, {}).setdefault(member, [])
         got = 0
@@ -734,7 +739,7 @@ class NatsEngine:
                     self._run(msg.ack_sync())
                     continue
                 out.append(self._record(head, msg))
-                held.append(_Held(head.seq, head.seq + head.size - 1, msg))
+                held.append(_Held(head.seq, head.seq + head.size - 1, msg, time.monotonic()))
                 got += head.size
         return out
 
@@ -761,8 +766,35 @@ class NatsEngine:
         finally:
             await sub.unsubscribe()
 
+    def _touch(self, group: str) -> None:
+        """Tell JetStream that what live members hold is in progress (restarts ack_wait).
+
+        Called on every claim and group_ack of the group, so a member that
+        works longer than ``ack_wait`` does not see its messages redelivered
+        to another while the bus is serving the group.
+        """
+        now = time.monotonic()
+        stale = [
+            (member, i, h)
+            for member, hs in self._held.get(group, {}).items()
+            for i, h in enumerate(hs)
+            if now - h.since > self.ack_wait / 3
+        ]
+        if not stale:
+            return
+
+        async def progress() -> None:
+            for _, _, h in stale:
+                await self._nc.publish(h.msg.reply, b"+WPI")
+            await self._nc.flush(max(1, int(self.timeout)))
+
+        self._run(progress())
+        for member, i, h in stale:
+            self._held[group][member][i] = h._replace(since=now)
+
     def group_ack(self, group: str, member: str, seq: int) -> int:
         self._group_known(group)
+        self._touch(group)
         held = self._held.get(group, {}).get(member, [])
         settled = 0
         keep: list[_Held] = []
