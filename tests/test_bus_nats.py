@@ -1,0 +1,571 @@
+"""The NATS JetStream engine (core/bus/nats.py) against a real ``nats-server -js``.
+
+The engine-level behaviour checks run against both engines (SQLite and NATS)
+where the semantics are the same; NATS-only checks (a plain NATS view of the
+stream, JetStream's own duplicate detection, group redelivery by JetStream,
+names NATS refuses) follow.  One nats-server per module, on 127.0.0.1 inside
+the suite's private network namespace, with its store in a tmp directory;
+each test gets its own stream and subject prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from eda.core import codec
+from eda.core.bus import EventTooLargeError, SQLiteEngine, StoreError
+from eda.core.bus import nats as nats_engine
+from eda.core.bus.nats import NatsEngine, migrate
+from eda.core.errors import NotFoundError, UsageError
+from eda.core.topics import Matcher
+from tests.helpers import Proc, Procs, require_tools, wait_until
+from tests.test_bus_store import Clock, batch, events
+
+_ids = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One ``nats-server -js`` on 127.0.0.1."""
+
+    def __init__(self, procs: Procs, store: Path) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: Proc = procs.start(
+            ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
+        )
+        self.proc.wait_stderr("Server is ready", 20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    require_tools("nats-server", install="nats-server")
+    if nats_engine.nats is None:
+        pytest.fail(
+            "nats-py not found: install the test extras (pip install -e '.[test]')", pytrace=False
+        )
+    work = tmp_path_factory.mktemp("nats")
+    procs = Procs(work)
+    try:
+        yield Server(procs, work / "store")
+    finally:
+        procs.kill_all()
+
+
+Opener = Callable[..., Any]
+
+
+@pytest.fixture
+def nats_opener(server: Server) -> Opener:
+    """Open a NatsEngine on this test's own stream (and subject prefix)."""
+    n = next(_ids)
+
+    def open_(**kw: Any) -> NatsEngine:
+        return NatsEngine(server.url, stream=f"T{n}", prefix=f"t{n}", timeout=5.0, **kw)
+
+    return open_
+
+
+@pytest.fixture(params=["sqlite", "nats"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Open the same store again and again, on either engine."""
+    if request.param == "sqlite":
+        return lambda **kw: SQLiteEngine(tmp_path / "bus.db", **kw)
+    return request.getfixturevalue("nats_opener")  # type: ignore[no-any-return]
+
+
+# -- the same behaviour on both engines ----------------------------------------------
+
+
+def test_append_assigns_bus_sequences_and_keeps_ids(opener: Opener) -> None:
+    with opener() as store:
+        receipts = store.append([batch(1, 3), batch(1, 2, topic="t.b", pubid="p2")])
+        assert [r.stored for r in receipts] == [((1, 1, 3),), ((1, 4, 2),)]
+        assert store.durable_seq == 0 and events(store) == []  # not committed: not readable
+        assert store.commit() == 5
+        records = list(store.read(1))
+        assert [(r.seq, r.size, r.topic) for r in records] == [(1, 3, "t.a"), (4, 2, "t.b")]
+        assert records[1].ids() == ["p2-1", "p2-2"]
+        assert [p for _, p in events(store)][3] == b"p2:t.b:1"
+
+
+def test_duplicates_are_stored_once_also_part_of_a_batch(opener: Opener) -> None:
+    with opener() as store:
+        store.append([batch(1, 5)])
+        store.commit()
+        r = store.append([batch(4, 4)])[0]  # 4, 5 were stored; 6, 7 are new
+        assert r.duplicates == ((4, 2),) and r.stored == ((6, 6, 2),) and r.confirm_at == 7
+        r = store.append([batch(1, 3)])[0]  # a resend of committed events
+        assert r.stored == () and r.duplicates == ((1, 3),) and r.confirm_at == 0
+        r = store.append([batch(6, 1)])[0]  # a resend of an uncommitted event
+        assert r.stored == () and r.confirm_at == 7
+        assert store.commit() == 7
+        assert [p for _, p in events(store)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
+
+
+def test_idempotence_and_sequences_survive_reopen(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 10), batch(20, 5)])  # a gap: 11..19 arrive later
+    with opener() as s:
+        assert s.durable_seq == 15
+        r = s.append([batch(8, 15)])[0]
+        assert r.duplicates == ((8, 3), (20, 3)) and r.stored == ((11, 16, 9),)
+        s.commit()
+        pubseqs = [r.pubseq + i for r in s.read(1) for i in range(r.size)]
+        assert sorted(pubseqs) == list(range(1, 25))
+        assert [q for q, _ in events(s)] == list(range(1, 25))
+
+
+def test_read_by_range_limit_pattern_time_and_last(opener: Opener) -> None:
+    clock = Clock()
+    with opener(clock=clock) as s:
+        s.append([batch(1, 4, "orders.created")])  # seqs 1-4 at t0
+        s.commit()
+        clock.now += 10
+        s.append([batch(1, 3, "users.new"), batch(5, 4, "orders.paid")])  # 5-7, 8-11 at t0+10
+        s.commit()
+        assert [q for q, _ in events(s, 3, end=6)] == [3, 4, 5, 6]
+        assert [q for q, _ in events(s, 2, limit=3)] == [2, 3, 4]
+        orders = Matcher(["orders.*"])
+        assert [q for q, _ in events(s, 3, matcher=orders)] == [3, 4, 8, 9, 10, 11]
+        assert [q for q, _ in events(s, 1, matcher=Matcher(["users.>"]))] == [5, 6, 7]
+        assert s.seq_at(clock.now - 5) == 5 and s.seq_at(0) == 1 and s.seq_at(clock.now + 1) == 12
+        assert s.seq_for_last(2) == 10 and s.seq_for_last(6, orders) == 3
+        assert s.seq_for_last(100) == 1
+        first = next(s.read(3))
+        assert first.seq == 3 and first.pubseq == 3 and first.payloads() == [
+            b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
+
+
+def test_durable_consumer_position_survives_reopen(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 10)])
+        assert s.consumer("billing", ["t.>"], 1) == 1
+        assert s.ack("billing", 4) == 5
+        assert s.ack("billing", 2) == 5  # acks never move back
+        with pytest.raises(UsageError):
+            s.ack("billing", 11)
+        with pytest.raises(NotFoundError):
+            s.position("nobody")
+    with opener() as s:
+        assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
+        (c,) = s.stats().consumers
+        assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
+        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
+        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
+        s.drop_consumer("billing")
+        with pytest.raises(NotFoundError):
+            s.position("billing")
+
+
+def test_group_members_share_events_and_a_released_members_go_to_others(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 6, "jobs.a"), batch(1, 2, "other"), batch(7, 6, "jobs.a")])
+        s.commit()
+        a = s.claim("workers", "a", ["jobs.>"], 6, start=1)
+        b = s.claim("workers", "b", ["jobs.>"], 100)
+        got_a = [r.seq + i for r in a for i in range(r.size)]
+        got_b = [r.seq + i for r in b for i in range(r.size)]
+        assert got_a == [1, 2, 3, 4, 5, 6] and got_b == [9, 10, 11, 12, 13, 14]
+        assert s.group_ack("workers", "a", 2) == 2
+        assert s.held("workers") == {"a": [(3, 6)], "b": [(9, 14)]}
+        assert s.release("workers", "a") == 4  # a died holding 3 to 6
+        c = s.claim("workers", "c", ["jobs.>"], 10)
+        assert {r.seq + i for r in c for i in range(r.size)} >= {3, 4, 5, 6}
+        assert s.group_ack("workers", "b", 14) == 6
+        assert s.claim("workers", "d", ["jobs.>"], 10) == []  # nothing left, and no waiting
+        with pytest.raises(UsageError):
+            s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
+        with pytest.raises(NotFoundError):
+            s.held("nobody")
+
+
+def test_stats_count_topics_bytes_and_lag(opener: Opener) -> None:
+    with opener() as store:
+        store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
+        store.commit()
+        store.consumer("c", ["a.*"], 1)
+        st_ = store.stats()
+        assert (st_.first_seq, st_.last_seq, st_.durable_seq, st_.events) == (1, 5, 5, 5)
+        assert st_.topics["a.x"].events == 3
+        assert st_.bytes == len(b"\n".join(f"p1:a.x:{i}".encode() for i in (1, 2, 3))) + len(
+            b"p1:b.y:1\np1:b.y:2"
+        )
+        assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
+
+
+def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> None:
+    clock = Clock()
+    with opener(clock=clock) as s:
+        for i in range(10):
+            s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
+            s.commit()
+            clock.now += 60
+        gone = s.retain(max_age=300)  # batches stored more than 300 s ago
+        assert (gone.events, gone.first_seq) == (50, 51)
+        gone = s.retain(max_bytes=2 * 1000 + 500)
+        assert gone.first_seq == 81 and s.stats().events == 20
+        assert events(s)[0][0] == 81
+    with opener(clock=clock) as s:  # what retention removed stays removed
+        assert s.first_seq == 81 and events(s)[0][0] == 81
+        s.retain(max_bytes=0)
+        assert s.stats().events == 0 and s.first_seq == 101
+    with opener(clock=clock) as s:
+        assert s.first_seq == 101 and s.last_seq == 100
+        (r,) = s.append([batch(101, 1)])
+        assert r.stored == ((101, 101, 1),)  # sequences are never reused
+
+
+def test_oversized_event_refused_and_nothing_of_the_call_stored(opener: Opener) -> None:
+    with opener(max_event_bytes=100) as s:
+        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
+        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
+            s.append([batch(1, 1, pubid="p0"), big])
+        with pytest.raises(UsageError, match="announces 3 events"):
+            s.append([big._replace(size=3)])
+        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
+        assert s.commit() == 2
+
+
+def test_topics_beyond_ascii_round_trip(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 2, topic="café.ünï"), batch(1, 1, topic="t.a")])
+        s.commit()
+        got = list(s.read(1, matcher=Matcher(["café.*"])))
+        assert [(r.topic, r.payloads()) for r in got] == [
+            (
+                "café.ünï",
+                [b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:1", b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:2"],
+            )
+        ]
+
+
+# -- NATS only ------------------------------------------------------------------------
+
+
+async def _plain_read(url: str, subject: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(subject)  # an ephemeral consumer from the start
+        out = []
+        while (await sub.consumer_info()).num_pending:
+            for msg in await sub.fetch(10, timeout=10):
+                out.append((msg.subject, msg.data, dict(msg.headers or {})))
+                await msg.ack()
+        return out
+    finally:
+        await nc.close()
+
+
+def test_a_plain_nats_consumer_sees_one_message_per_batch(
+    server: Server, nats_opener: Opener
+) -> None:
+    with nats_opener() as s:
+        s.append([batch(1, 3, "orders.created"), batch(1, 2, "users.new")])
+        s.commit()
+        prefix = s.prefix
+    got = asyncio.run(_plain_read(server.url, f"{prefix}.orders.>"))
+    assert [(subj, data) for subj, data, _ in got] == [
+        (
+            f"{prefix}.orders.created",
+            b"p1:orders.created:1\np1:orders.created:2\np1:orders.created:3",
+        )
+    ]
+    headers = got[0][2]
+    assert (headers["Eda-Seq"], headers["Eda-Count"]) == ("1", "3")
+    assert json.loads(headers["Eda-Meta"])["pubid"] == "p1"
+
+
+def test_jetstream_drops_a_resend_from_a_second_front_by_msg_id(nats_opener: Opener) -> None:
+    """Two engines on one stream: the second does not know what the first stored."""
+    with nats_opener() as first:
+        first.append([batch(1, 4)])
+        first.commit()
+        second = nats_opener()  # opened now: it read the stream, so it cuts the resend
+        try:
+            (r,) = second.append([batch(1, 4)])
+            assert r.stored == () and r.duplicates == ((1, 4),)
+            first.append([batch(5, 2)])
+            first.commit()
+            # second is behind: its publish is refused (expected last sequence), and it
+            # resynchronises instead of storing anything twice
+            second.append([batch(5, 2)])
+            with pytest.raises(StoreError, match="another writer appended"):
+                second.commit()
+            (r,) = second.append([batch(5, 3)])  # after the resync: only 7 is new
+            assert r.stored == ((7, 7, 1),)
+            assert second.commit() == 7
+            # now first is behind: new events of another publisher must not take bus
+            # sequence 7 again (JetStream refuses the expected last sequence)
+            first.append([batch(1, 2, pubid="p2")])
+            with pytest.raises(StoreError, match="another writer appended"):
+                first.commit()
+            (r,) = first.append([batch(1, 2, pubid="p2")])
+            assert r.stored == ((1, 8, 2),) and first.commit() == 9
+        finally:
+            second.close()
+    with nats_opener() as again:
+        got = events(again)
+        assert [q for q, _ in got] == list(range(1, 10))
+        assert [p for _, p in got] == [f"p1:t.a:{i}".encode() for i in range(1, 8)] + [
+            b"p2:t.a:1", b"p2:t.a:2"]  # fmt: skip
+
+
+def test_names_nats_refuses_are_refused_clearly(server: Server, nats_opener: Opener) -> None:
+    with pytest.raises(UsageError, match=r"stream name 'a\.b'"):
+        NatsEngine(server.url, stream="a.b")
+    with nats_opener() as s:
+        with pytest.raises(UsageError, match=r"holds subjects .* choose another"):
+            NatsEngine(server.url, stream=s.stream, prefix="elsewhere")
+        with pytest.raises(UsageError, match=r"group name 'my group'"):
+            s.claim("my group", "m", ["t.>"], 1)
+        with pytest.raises(UsageError):
+            s.append([batch(1, 1, topic="bad..topic")])
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="cannot reach NATS"):
+        NatsEngine(f"nats://127.0.0.1:{free_port()}", timeout=1.0)
+
+
+def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
+    nats_opener: Opener,
+) -> None:
+    with nats_opener(ack_wait=1.0) as s:
+        s.append([batch(1, 3, "jobs.a")])
+        s.commit()
+        first = nats_opener(ack_wait=1.0)
+        held = first.claim("workers", "a", ["jobs.>"], 10, start=1)
+        assert [r.seq for r in held] == [1]
+        first._run(first._nc.close())  # the engine is gone without releasing or acking
+        first._closed = True
+        first._stop()
+        got = wait_until(
+            lambda: s.claim("workers", "b", ["jobs.>"], 10), 15, "JetStream redelivery"
+        )
+        assert [(r.seq, r.size) for r in got] == [(1, 3)]
+
+
+# -- a 3-node JetStream cluster on namespaced hosts -------------------------------------
+
+
+def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
+    routes = ",".join(f"nats://{a}:6222" for a in peers)
+    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", "0.0.0.0", "-p", "4222",
+            "-sd", str(store / f"n{i}"), "--cluster_name", "eda",
+            "--cluster", f"nats://{host.address}:6222", "--routes", routes]  # fmt: skip
+    proc = host.procs.start(argv, prefix=host.prefix)
+    host.started.append(proc)
+    return proc
+
+
+class Cluster(NamedTuple):
+    hosts: list[Any]
+    urls: list[str]
+    procs: Procs
+
+
+@contextlib.contextmanager
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three nats-server -js nodes clustered on three namespaced hosts.
+
+    The test process talks to them through an address on the bridge (the
+    bridge lives in the suite's private namespace).  Every process is killed
+    and the namespaces removed afterwards.
+    """
+    from tests.hosts import Network, ip
+
+    require_tools("nats-server", install="nats-server")
+    procs = Procs(tmp_path)
+    net = Network(procs)
+    try:
+        hosts = [net.add_host(f"n{i}") for i in range(1, 4)]
+        ip("addr", "add", f"10.231.{net.net}.1/24", "dev", net.bridge)
+        peers = [h.address for h in hosts]
+        nodes = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
+        for node in nodes:
+            node.wait_stderr("Server is ready", 20)
+        yield Cluster(hosts, [f"nats://{a}:4222" for a in peers], procs)
+    finally:
+        procs.kill_all()
+        net.close()
+
+
+def open_when_ready(urls: list[str]) -> NatsEngine:
+    def opened() -> NatsEngine | None:
+        try:
+            return NatsEngine(urls, replicas=3, timeout=2.0)
+        except StoreError:
+            return None  # no JetStream meta leader yet
+
+    return wait_until(opened, 30, "a JetStream cluster that creates an R3 stream")  # type: ignore[no-any-return]
+
+
+def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
+    tmp_path: Path,
+) -> None:
+    """R3 stream on three hosts; kill -9 of the stream leader mid-stream; the writer goes on.
+
+    The writer behaves as a confirmed publisher: it resends everything after
+    its last confirmation when a commit fails.
+    """
+    with cluster(tmp_path) as (hosts, urls, _):
+        store = open_when_ready(urls)
+        try:
+            total, size, confirmed, failures, killed = 100_000, 200, 0, 0, False
+            deadline = time.monotonic() + 40
+            while confirmed < total:
+                assert time.monotonic() < deadline, (
+                    f"stuck at {confirmed} confirmed after {failures} failed commits"
+                )
+                pending = [batch(confirmed + 1 + k * size, size) for k in range(5)]
+                try:
+                    store.append(pending)
+                    if confirmed >= total // 4 and not killed:  # while appends are in flight:
+                        leader = store._run(store._js.stream_info(store.stream)).cluster.leader
+                        hosts[int(leader[1:]) - 1].kill()  # kill -9 of the stream's leader
+                        killed = True
+                    store.commit()
+                except StoreError:
+                    failures += 1
+                    continue  # resend everything after the last confirmation
+                confirmed += 5 * size
+            assert killed
+            pubseqs = [r.pubseq + i for r in store.read(1) for i in range(r.size)]
+            assert pubseqs == list(range(1, total + 1))  # each confirmed event exactly once
+            seqs = [r.seq + i for r in store.read(1) for i in range(r.size)]
+            assert seqs == list(range(1, total + 1))
+        finally:
+            store.close()
+        alive = [u for h, u in zip(hosts, urls, strict=True) if h.started[0].popen.poll() is None]
+        with NatsEngine(alive, replicas=3, timeout=2.0) as again:  # a fresh reader agrees
+            assert again.durable_seq == total
+            payloads = [p for r in again.read(1) for p in r.payloads()]
+            assert payloads == [f"p1:t.a:{i}".encode() for i in range(1, total + 1)]
+
+
+MINORITY = textwrap.dedent("""
+    import json, sys
+    from eda.core import codec
+    from eda.core.bus import StoreError
+    from eda.core.bus.nats import NatsEngine, migrate
+    store = NatsEngine(["nats://127.0.0.1:4222"], replicas=3, timeout=2.0)
+    print("ready", store.durable_seq, flush=True)
+    sys.stdin.readline()
+    body = b"\\n".join(b"m%d" % i for i in range(1, 11))
+    try:
+        store.append([codec.Batch("t.a", codec.TEXT, 10, 1, 0.0, "minority", "eda://m", body)])
+        print("confirmed", store.commit(), flush=True)
+    except StoreError as exc:
+        print("refused", json.dumps(str(exc)), flush=True)
+    store.close()
+""")
+
+
+def test_a_partitioned_node_never_confirms_and_the_majority_goes_on(tmp_path: Path) -> None:
+    """Cut the stream leader's host off: its own writer gets no confirmation, the other
+    two nodes elect a leader and keep confirming; after healing, nothing extra is stored."""
+    with cluster(tmp_path) as (hosts, urls, procs):
+        with open_when_ready(urls) as first:
+            first.append([batch(1, 100)])
+            assert first.commit() == 100
+            leader = first._run(first._js.stream_info(first.stream)).cluster.leader
+        cut = hosts[int(leader[1:]) - 1]
+        others = [u for h, u in zip(hosts, urls, strict=True) if h is not cut]
+        minority = procs.start(
+            [sys.executable, "-c", MINORITY], prefix=cut.prefix, stdin=subprocess.PIPE
+        )
+        cut.started.append(minority)
+        assert minority.wait_lines(1, 20) == ["ready 100"], minority.stderr
+        with NatsEngine(others, replicas=3, timeout=2.0) as majority:
+            cut.cut()
+            assert minority.popen.stdin is not None
+            minority.popen.stdin.write(b"go\n")
+            minority.popen.stdin.flush()
+            confirmed, deadline = 100, time.monotonic() + 30
+            while confirmed < 1100:  # the majority side goes on (after a new election)
+                assert time.monotonic() < deadline, f"majority stuck at {confirmed}"
+                try:
+                    majority.append([batch(confirmed + 1, 100)])
+                    majority.commit()
+                    confirmed += 100
+                except StoreError:
+                    continue
+            out = minority.wait_lines(2, 20)[1]
+            assert out.startswith("refused "), out  # never a false confirmation
+            assert "did not acknowledge in time" in out or "did not store it" in out, out
+            cut.reconnect()
+        assert minority.wait(20) == 0
+        with NatsEngine(others, replicas=3, timeout=2.0) as after:
+            got = [(r.pubid, r.pubseq + i) for r in after.read(1) for i in range(r.size)]
+            assert got == [("p1", i) for i in range(1, 1101)]
+
+
+def flat(store: Any) -> list[tuple[int, str, str, int, float, bytes]]:
+    """Every event: bus sequence, topic, pubid, publisher sequence, stored time, payload."""
+    return [(r.seq + i, r.topic, r.pubid, r.pubseq + i, r.stored, p)
+            for r in store.read(1) for i, p in enumerate(r.payloads())]  # fmt: skip
+
+
+def test_migrate_copies_an_embedded_store_keeping_ids_order_and_sequences(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    clock = Clock()
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as src:
+        src.append([batch(1, 10, "gone.old")])  # removed by retention before the move
+        src.commit()
+        clock.now += 1000
+        for i in range(30):
+            src.append([batch(1 + 5 * i, 5, f"t.{i % 3}", pubid=f"p{i % 2}")])
+            src.commit()
+            clock.now += 1
+        ext = codec._extension_frame(b'{"region":"eu"}')
+        src.append([batch(151, 2, "t.0", pubid="p0")._replace(extensions=ext)])
+        src.commit()
+        src.retain(max_age=500)
+        assert src.first_seq == 11
+        want = flat(src)
+        with nats_opener() as dest:
+            assert migrate(src, dest, limit=42) == 42  # interrupted after 42 events
+        with nats_opener() as dest:
+            assert migrate(src, dest) == 152 - 42  # resumed: only the rest
+            assert migrate(src, dest) == 0  # nothing twice
+        with nats_opener() as dest:
+            assert dest.first_seq == 11 and dest.last_seq == 162
+            assert flat(dest) == want
+            assert [r.extensions for r in dest.read(161)] == [r.extensions for r in src.read(161)]
+            assert json.loads(next(dest.read(161)).extensions) == {"region": "eu"}
+
+
+def test_what_live_members_hold_is_kept_in_progress_beyond_ack_wait(nats_opener: Opener) -> None:
+    with nats_opener(ack_wait=1.0) as s:
+        s.append([batch(1, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 10, start=1)] == [1]
+        until = time.monotonic() + 3.0  # three ack waits while the bus serves the group
+        while time.monotonic() < until:
+            assert s.claim("workers", "b", ["jobs.>"], 10) == []  # not redelivered to b
+            assert s.group_ack("workers", "a", 0) == 0
+        assert s.held("workers") == {"a": [(1, 3)]}
+        assert s.group_ack("workers", "a", 3) == 3
