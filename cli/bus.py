@@ -18,6 +18,8 @@ Examples:
   eda-bus serve --data ./bus --fsync always --max-age 7d --max-bytes 10GB
   eda-bus stats                               topics, counts, consumers and their lag
   eda-bus retain --max-age 7d                 remove events older than a week
+  eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222 --replicas 3
+  eda-bus migrate --from ./bus --to nats://10.0.0.5:4222
 """
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -107,21 +109,65 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
 
 
-@command.command(epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch")
+def nats_servers(text: str) -> list[str]:
+    """``nats://HOST:PORT[,nats://...]`` as a list of server URLs."""
+    urls = [u.strip() for u in text.split(",")]
+    for url in urls:
+        m = re.fullmatch(r"(nats|tls)://([^\s/:,]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?", url)
+        if not m or (m[3] and not 0 < int(m[3][1:]) < 65536):
+            raise UsageError(f"bad NATS server {url!r}: use nats://HOST:PORT[,nats://HOST:PORT...]")
+    return urls
+
+
+def _engine_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return None if value in (None, "sqlite") else nats_servers(value)
+
+
+def _nats_options(func: Any) -> Any:
+    func = click.option(
+        "--stream",
+        default="EDA",
+        show_default=True,
+        metavar="NAME",
+        help="NATS engine: the JetStream stream (subjects eda.<topic>).",
+    )(func)
+    return click.option(
+        "--replicas",
+        type=click.IntRange(1, 5),
+        default=1,
+        show_default=True,
+        metavar="N",
+        help="NATS engine: copies of the stream (set when it is created; 3 survives a lost node).",
+    )(func)
+
+
+@command.command(
+    epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch\n"
+    "  eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222,"
+    "nats://10.0.0.7:4222 --replicas 3"
+)
+@click.option(
+    "--engine",
+    "engine_urls",
+    callback=_engine_option,
+    metavar="sqlite|nats://HOST:PORT[,...]",
+    help="Where events are kept: the embedded store under --data (default), or a NATS "
+    "JetStream stream on these servers (needs nats-py: pip install 'eda[nats]').",
+)
 @click.option(
     "--data",
     "data",
-    required=True,
     type=click.Path(file_okay=False),
     metavar="DIR",
-    help="Directory of the store (created if missing).",
+    help="Directory of the embedded store (created if missing); not used with NATS.",
 )
 @click.option(
     "--fsync",
     type=click.Choice(["always", "batch", "never"]),
     default="batch",
     show_default=True,
-    help="always: fsync per batch; batch: group commit; never: leave it to the OS.",
+    help="always: fsync per batch; batch: group commit; never: leave it to the OS. "
+    "Ignored with NATS: its quorum and file store decide.",
 )
 @click.option(
     "--bind",
@@ -139,35 +185,37 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     metavar="N",
     help="Refuse events larger than N bytes.",
 )
+@_nats_options
 @click.option("--name", default="", help="Instance name announced by mDNS.")
 @common_options
 def serve(
-    data: str,
+    engine_urls: list[str] | None,
+    data: str | None,
     fsync: str,
     bind: str,
     max_age: float | None,
     max_bytes: int | None,
     max_event_bytes: int,
+    replicas: int,
+    stream: str,
     name: str,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
 ) -> None:
-    """Serve the bus: store what publishers send, deliver it to subscribers."""
-    ctx = Context("eda-bus", verbose)
-    from pathlib import Path
+    """Serve the bus: store what publishers send, deliver it to subscribers.
 
+    With --engine nats://..., this is a stateless front on a NATS JetStream
+    stream: several fronts can serve the same stream, each found by mDNS."""
+    ctx = Context("eda-bus", verbose)
     from eda.core import discovery
-    from eda.core.bus import SQLiteEngine
     from eda.core.bus.server import BusServer, Settings
 
-    engine = SQLiteEngine(
-        Path(data) / "bus.db",
-        fsync=fsync,  # type: ignore[arg-type]
-        max_event_bytes=max_event_bytes,
+    engine, where = _open_engine(
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream
     )
-    for line in engine.repairs:
+    for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
     settings = Settings(
         bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
@@ -188,10 +236,121 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.start()
-        ctx.warn(f"serving {data} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})")
+        ctx.warn(
+            f"serving {where} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})"
+        )
         server.serve()
     finally:
         server.close()
+
+
+def _open_engine(
+    urls: list[str] | None,
+    data: str | None,
+    fsync: str,
+    max_age: float | None,
+    max_bytes: int | None,
+    max_event_bytes: int,
+    replicas: int,
+    stream: str,
+) -> tuple[Any, str]:
+    """The engine serve uses, and what to call it in messages."""
+    if urls is None:
+        if data is None:
+            raise UsageError("give --data DIR (the embedded store) or --engine nats://HOST:PORT")
+        from pathlib import Path
+
+        from eda.core.bus import SQLiteEngine
+
+        engine = SQLiteEngine(
+            Path(data) / "bus.db",
+            fsync=fsync,  # type: ignore[arg-type]
+            max_event_bytes=max_event_bytes,
+        )
+        return engine, data
+    if data is not None:
+        raise UsageError("--data is for the embedded store: leave it out with --engine nats://")
+    from eda.core.bus.nats import NatsEngine
+
+    nats = NatsEngine(
+        urls,
+        stream=stream,
+        replicas=replicas,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        max_event_bytes=max_event_bytes,
+    )
+    return nats, f"NATS stream {nats.stream} at {','.join(urls)}"
+
+
+@command.command(
+    epilog="\b\nExamples:\n  eda-bus migrate --from ./bus --to nats://10.0.0.5:4222 --replicas 3"
+)
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    metavar="DIR",
+    help="Directory of the embedded store to copy (stop its eda-bus first).",
+)
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    callback=_engine_option,
+    metavar="nats://HOST:PORT[,...]",
+    help="The NATS servers of the JetStream stream to copy into.",
+)
+@_nats_options
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Copy at most N events now; run again to copy the rest.",
+)
+@common_options
+def migrate(
+    source: str,
+    dest: list[str] | None,
+    replicas: int,
+    stream: str,
+    limit: int | None,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Copy an embedded store into a NATS JetStream stream, keeping ids and order.
+
+    Resumable: run it again after an interruption and it copies only the rest
+    (into an empty stream, bus sequences are kept too)."""
+    ctx = Context("eda-bus", verbose)
+    if dest is None:
+        raise UsageError("--to takes nats://HOST:PORT[,...]")
+    from pathlib import Path
+
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus import nats as nats_engine
+
+    db = Path(source) / "bus.db"
+    if not db.is_file():
+        raise UsageError(f"no embedded store in {source} (no bus.db)")
+    with (
+        SQLiteEngine(db) as src,
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas) as to,
+    ):
+        ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
+        copied = nats_engine.migrate(src, to, limit=limit)
+        row = {
+            "copied": copied,
+            "stream": to.stream,
+            "first_seq": to.first_seq,
+            "last_seq": to.last_seq,
+            "source_last_seq": src.last_seq,
+        }
+    Output(ctx).items([row])
 
 
 def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:

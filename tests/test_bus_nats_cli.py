@@ -1,0 +1,169 @@
+"""eda-bus serve --engine nats://... and eda-bus migrate, with real processes.
+
+A real ``nats-server -js`` on 127.0.0.1 per test (started as in
+tests/test_bus_nats.py), the eda-bus front in front of it, and eda-pub/eda-sub
+unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Proc, Procs, require_tools, run, wait_until
+from tests.test_bus import BIND, _feed, replay, start_bus, stored_stats
+from tests.test_bus_nats import Server
+
+
+@pytest.fixture
+def server(procs: Procs, tmp_path: Path) -> Server:
+    """This test's own nats-server -js (the default stream's subjects are eda.>)."""
+    require_tools("nats-server", install="nats-server")
+    return Server(procs, tmp_path / "jetstream")
+
+
+_streams = itertools.count(1)
+
+
+def start_front(
+    procs: Procs, url: str, stream: str, *args: str, bind: str = BIND
+) -> tuple[Proc, str]:
+    """An eda-bus front on the JetStream stream *stream*; its endpoint once it listens."""
+    bus = procs.eda("eda-bus", "serve", "--engine", url, "--stream", stream, "--bind", bind,
+                    "--no-mdns", *args)  # fmt: skip
+    m = bus.wait_stderr(r"serving NATS stream \S+ at \S+ on (tcp://\S+)", 30)
+    return bus, m[1]
+
+
+def new_stream() -> str:
+    return f"CLI{next(_streams)}"
+
+
+def test_confirmed_publish_and_replay_through_a_nats_front_keep_ids(
+    procs: Procs,
+    server: Server,
+) -> None:
+    bus, ep = start_front(procs, server.url, new_stream(), "--max-event-bytes", "1000")
+    one = run("eda-pub", "--bus", ep, "--confirm", "orders.created", '{"id":1}', "--json")
+    assert one.returncode == 0, one.stderr
+    many = run("eda-pub", "--bus", ep, "--confirm", "orders.paid", input="a\nb\nc\n")
+    assert many.returncode == 0, many.stderr
+    events = [json.loads(line) for line in replay(ep, "orders.>", 4)]
+    assert [e["data"] for e in events] == [{"id": 1}, "a", "b", "c"]
+    assert [e["edabusseq"] for e in events] == [1, 2, 3, 4]
+    assert [e["type"] for e in events] == ["orders.created"] + ["orders.paid"] * 3
+    pubid = events[1]["id"].rsplit("-", 1)[0]
+    assert [e["id"] for e in events[1:]] == [f"{pubid}-{i}" for i in (1, 2, 3)]
+    assert stored_stats(ep)["events"] == 4
+    # --max-event-bytes reaches the engine: a larger event is refused, one line
+    big = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "5", "orders.big", "x" * 2000)
+    assert big.returncode == 1 and "more than the maximum of 1000" in big.stderr, big.stderr
+    assert stored_stats(ep)["events"] == 4
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+
+
+def test_usage_errors_of_serve_and_migrate_are_one_line(tmp_path: Path) -> None:
+    for args, what in [
+        (("serve",), "give --data DIR"),
+        (("serve", "--engine", "http://h:1"), "bad NATS server"),
+        (("serve", "--engine", "nats://h:1", "--data", str(tmp_path)), "--data is for"),
+        (("migrate", "--from", str(tmp_path), "--to", "nats://h:1"), "no embedded store"),
+    ]:
+        done = run("eda-bus", *args, "--no-mdns", timeout=30)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("eda-bus: error: ") and what in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_durable_consumer_resumes_across_a_kill_9_of_the_front(
+    procs: Procs,
+    server: Server,
+) -> None:
+    stream = new_stream()
+    bus, ep = start_front(procs, server.url, stream)
+    done = run("eda-pub", "--bus", ep, "--confirm", "jobs.a",
+               input="".join(f"{i}\n" for i in range(1, 3001)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-C", "1000")
+    assert first.stdout.splitlines() == [str(i) for i in range(1, 1001)], first.stderr
+    bus.kill()  # the front dies; the consumer's position is in JetStream
+    bus, ep = start_front(procs, server.url, stream, bind=ep)
+    done = run("eda-pub", "--bus", ep, "--confirm", "jobs.a",
+               input="".join(f"{i}\n" for i in range(3001, 3501)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    second = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-W", "2")
+    assert second.stdout.splitlines() == [str(i) for i in range(1001, 3501)], second.stderr
+    rows = [
+        json.loads(x)
+        for x in run("eda-bus", "stats", "--bus", ep, "--json").stdout.split("\n")
+        if x
+    ]
+    billing = next(r for r in rows if r.get("name") == "billing")
+    assert billing["kind"] == "consumer" and billing["lag"] == 0
+
+
+def test_kill_9_of_the_front_mid_confirmed_stream_stores_every_event_exactly_once(
+    procs: Procs,
+    server: Server,
+) -> None:
+    stream = new_stream()
+    bus, ep = start_front(procs, server.url, stream)
+    n = 50_000
+    pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "--timeout", "30", "nums",
+                    stdin=subprocess.PIPE)  # fmt: skip
+    _feed(pub, range(1, 25_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()  # kill -9 while the stream goes on
+    _feed(pub, range(25_001, 40_001))
+    bus2, ep2 = start_front(procs, server.url, stream, bind=ep)
+    assert ep2 == ep
+    _feed(pub, range(40_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(60) == 0, pub.stderr
+    assert int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+    got = replay(ep, "nums", n, "--raw")
+    assert sorted(int(x) for x in got) == list(range(1, n + 1))
+    extra = run("eda-sub", "--bus", ep, "nums", "--from-seq", str(n + 1), "-W", "1", "--raw")
+    assert extra.returncode == 4 and extra.stdout == ""
+    bus2.signal(signal.SIGTERM)
+    assert bus2.wait(10) == 0
+
+
+def test_migrate_copies_an_embedded_store_resumably_keeping_ids_and_sequences(
+    procs: Procs,
+    server: Server,
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "bus"
+    bus, ep = start_bus(procs, data)
+    for topic in ("a.x", "b.y", "a.x"):
+        done = run("eda-pub", "--bus", ep, "--confirm", topic,
+                   input="".join(f"{topic}-{i}\n" for i in range(1, 1001)))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    want = replay(ep, ">", 3000)
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+    stream = new_stream()
+
+    def migrate(*args: str) -> dict[str, object]:
+        done = run("eda-bus", "migrate", "--from", str(data), "--to", server.url,
+                   "--stream", stream, *args, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    part = migrate("--limit", "1200")  # stopped part-way
+    assert part["copied"] == 1200 and part["last_seq"] == 1200
+    rest = migrate()  # resumed: only the rest
+    assert rest["copied"] == 1800 and rest["last_seq"] == 3000
+    assert migrate()["copied"] == 0  # nothing twice
+    front, fep = start_front(procs, server.url, stream)
+    assert replay(fep, ">", 3000) == want  # ids, order, bus sequences, times kept
+    front.signal(signal.SIGTERM)
+    assert front.wait(10) == 0
