@@ -167,3 +167,29 @@ def test_migrate_copies_an_embedded_store_resumably_keeping_ids_and_sequences(
     assert replay(fep, ">", 3000) == want  # ids, order, bus sequences, times kept
     front.signal(signal.SIGTERM)
     assert front.wait(10) == 0
+
+
+def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Server) -> None:
+    bus, ep = start_front(procs, server.url, new_stream())
+    a = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+    b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+    a.wait_stderr("subscribed", 15)
+    b.wait_stderr("subscribed", 15)
+    n = 5_000
+    done = run("eda-pub", "--bus", ep, "--confirm", "work.items",
+               input="".join(f"{i}\n" for i in range(1, n + 1)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: len(a.lines()) + len(b.lines()) >= n, 20, "all events handed out")
+    assert sorted(int(x) for x in a.lines() + b.lines()) == list(range(1, n + 1))
+    a.kill()
+    b.kill()
+    # retain through the front removes the oldest; bus sequences go on after them
+    removed = run("eda-bus", "retain", "--bus", ep, "--max-age", "0")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["removed"] == n
+    done = run("eda-pub", "--bus", ep, "--confirm", "work.items", "late")
+    assert done.returncode == 0, done.stderr
+    stats = stored_stats(ep)
+    assert (stats["events"], stats["first_seq"], stats["last_seq"]) == (1, n + 1, n + 1)
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
