@@ -129,7 +129,7 @@ def _nats_options(func: Any) -> Any:
         default="EDA",
         show_default=True,
         metavar="NAME",
-        help="NATS engine: the JetStream stream (subjects eda.<topic>).",
+        help="NATS engine: the JetStream stream (subjects eda.<topic>, so one per NATS account).",
     )(func)
     return click.option(
         "--replicas",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from tests.helpers import Proc, Procs, require_tools, run, wait_until
 from tests.test_bus import BIND, _feed, replay, start_bus, stored_stats
-from tests.test_bus_nats import Server
+from tests.test_bus_nats import Server, cluster
 
 
 @pytest.fixture
@@ -223,3 +224,43 @@ def test_an_unreachable_nats_server_is_a_one_line_error(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("eda-bus: error: cannot reach NATS at nats://127.0.0.1:")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_front_on_a_3_node_cluster_loses_nothing_when_the_front_and_a_node_are_killed(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """R3 stream on three namespaced hosts; kill -9 of the front, then of a node, mid-stream."""
+    (tmp_path / "cluster").mkdir()
+    with cluster(tmp_path / "cluster") as (hosts, urls, _):
+        engine = ",".join(urls)
+
+        def front() -> tuple[Proc, str] | None:
+            bus = procs.eda("eda-bus", "serve", "--engine", engine, "--replicas", "3",
+                            "--bind", BIND, "--no-mdns")  # fmt: skip
+            pattern = r"serving NATS stream \S+ at \S+ on (tcp://\S+)"
+            wait_until(lambda: re.search(pattern, bus.stderr) or bus.popen.poll() is not None, 30)
+            m = re.search(pattern, bus.stderr)
+            return (bus, m[1]) if m else None  # no JetStream meta leader yet: start again
+
+        bus, ep = wait_until(front, 60, "a front on an R3 stream")
+        n = 30_000
+        pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "--timeout", "40", "nums",
+                        stdin=subprocess.PIPE)  # fmt: skip
+        _feed(pub, range(1, 10_001))
+        wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+        bus.kill()  # kill -9 of the front while the stream goes on
+        _feed(pub, range(10_001, 20_001))
+        bus = procs.eda("eda-bus", "serve", "--engine", engine, "--replicas", "3", "--bind", ep,
+                        "--no-mdns")  # fmt: skip
+        bus.wait_stderr(r"serving NATS stream", 30)
+        hosts[0].kill()  # then kill -9 of one NATS node, the stream still going on
+        _feed(pub, range(20_001, n + 1))
+        assert pub.popen.stdin is not None
+        pub.popen.stdin.close()
+        assert pub.wait(60) == 0, pub.stderr
+        got = replay(ep, "nums", n, "--raw")
+        assert sorted(int(x) for x in got) == list(range(1, n + 1))  # each exactly once
+        extra = run("eda-sub", "--bus", ep, "nums", "--from-seq", str(n + 1), "-W", "1", "--raw")
+        assert extra.returncode == 4 and extra.stdout == ""
+        bus.signal(signal.SIGTERM)
+        assert bus.wait(10) == 0
