@@ -193,8 +193,12 @@ def js_call(urls: list[str], action: str, stream: str, subjects: str = "") -> No
             while True:
                 try:
                     await js.add_stream(
-                        StreamConfig(name=stream, subjects=[subjects], storage=StorageType.FILE,
-                                     num_replicas=NODES)  # fmt: skip
+                        StreamConfig(
+                            name=stream,
+                            subjects=[subjects],
+                            storage=StorageType.FILE,
+                            num_replicas=NODES,
+                        )
                     )
                     return
                 except Exception as exc:  # 503 / timeout while no meta leader yet
@@ -331,7 +335,7 @@ def engine_direct(urls: list[str], data: Path, events: int) -> tuple[Result, Res
             engine.close()
         with contextlib.suppress(BenchError):
             js_call(urls, "delete", ENGINE_STREAM)
-            js_call(urls, "delete", f"{ENGINE_STREAM}_consumers")
+            js_call(urls, "delete", f"KV_{ENGINE_STREAM}_consumers")  # its key-value bucket
 
 
 # -- eda-bus fronts ---------------------------------------------------------------------------
@@ -365,7 +369,7 @@ def front_on_nats(
     finally:
         with contextlib.suppress(BenchError):
             js_call(urls, "delete", "EDA")
-            js_call(urls, "delete", "EDA_consumers")
+            js_call(urls, "delete", "KV_EDA_consumers")
 
 
 def engine_option() -> bool:
