@@ -277,3 +277,47 @@ def test_subscriptions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert len(srv.subs) == 3
     finally:
         srv.close()
+
+
+def test_a_store_that_cannot_answer_at_start_delays_the_group_release_not_the_bus(
+    tmp_path: Path,
+) -> None:
+    """A JetStream cluster electing leaders after losing a node cannot answer at first:
+    the front starts anyway and releases dead members' events once the store answers."""
+    import time as _time
+
+    from eda.core import codec
+    from eda.core.bus.engine import StoreError
+    from eda.core.bus.server import BusServer, Settings
+    from eda.core.bus.sqlite import SQLiteEngine
+
+    class Recovering(SQLiteEngine):
+        failures = 2
+
+        def stats(self):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("no answer in time")
+            return super().stats()
+
+    engine = Recovering(tmp_path / "bus.db")
+    origin = codec.encode_origin("p1", "src")
+    batch = codec.decode(
+        [b"jobs.a", codec.encode_header(codec.TEXT, 1, 1, _time.time(), origin), b"x"]
+    )
+    engine.append([batch])
+    engine.commit()
+    assert engine.claim(
+        "workers", "dead-member", ["jobs.>"], 10, start=1
+    )  # held by a member that died
+    warnings: list[str] = []
+    server = BusServer(engine, Settings(bind="tcp://127.0.0.1:*", mdns=False), warn=warnings.append)
+    try:
+        assert engine.failures == 1 and any("not released yet" in w for w in warnings)
+        deadline = _time.monotonic() + 20
+        server.serve(until=lambda: (engine.failures == 0 and not engine.held("workers").get(
+            "dead-member")) or _time.monotonic() > deadline)  # fmt: skip
+        assert not engine.held("workers").get("dead-member"), "the dead member's events stay held"
+    finally:
+        server.close()
+        engine.close()

@@ -98,7 +98,24 @@ class BusServer(Daemon):
         self.every(1.0, "heartbeats", self._check_gone)
         if settings.max_age is not None or settings.max_bytes is not None:
             self.every(settings.retain_every, "retention", self._retain, first=0.0)
-        self._release_all()
+        self._releasing: Any = None
+        self._try_release_all()
+
+    def _try_release_all(self) -> None:
+        """:meth:`_release_all`, retried every 2 s while the store cannot answer yet
+        (a JetStream cluster electing leaders after losing a node): the bus serves
+        meanwhile, and what dead members held waits for the release."""
+        try:
+            self._release_all()
+        except StoreError as exc:
+            if self._releasing is None:
+                self.warn(f"warning: group members' events not released yet ({exc}); retrying")
+                self._releasing = self.every(2.0, "release", self._try_release_all, first=2.0)
+            return
+        if self._releasing is not None:
+            self._releasing.cancel()
+            self._releasing = None
+            self.log("group members' events released")
 
     @property
     def port(self) -> int:
