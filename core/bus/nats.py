@@ -89,7 +89,6 @@ from . import retention
 from .engine import (
     ConsumerStats,
     Engine,
-    EventTooLargeError,
     Receipt,
     Record,
     Retained,
@@ -97,7 +96,16 @@ from .engine import (
     StoreError,
     TopicStats,
 )
-from .sqlite import DEFAULT_MAX_EVENT, Ranges, _add, _name, _overlaps, _subtract
+from .streams import (
+    DEFAULT_MAX_EVENT,
+    MAX_SEQ,
+    Ranges,
+    add,
+    check_batch,
+    check_name,
+    overlaps,
+    subtract,
+)
 
 try:
     import nats
@@ -113,7 +121,6 @@ T = TypeVar("T")
 DEFAULT_STREAM: Final = "EDA"
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream, group names NATS accepts everywhere
 _CHUNK: Final = 128  # messages fetched concurrently while reading
-_MAX_SEQ: Final = (1 << 63) - 1
 
 
 class _Head(NamedTuple):
@@ -358,7 +365,7 @@ class NatsEngine:
     def _add_head(self, head: _Head) -> None:
         self._heads.append(head)
         self._head_seqs.append(head.seq)
-        _add(self._streams.setdefault((head.pubid, head.topic), []), head.pubseq,
+        add(self._streams.setdefault((head.pubid, head.topic), []), head.pubseq,
              head.pubseq + head.size)  # fmt: skip
 
     # -- state ----------------------------------------------------------------
@@ -376,26 +383,10 @@ class NatsEngine:
 
     # -- writing --------------------------------------------------------------
     def _check(self, batch: Batch) -> None:
-        if batch.topic not in self._topics_ok:
-            validate_topic(batch.topic)
-            if len(self.prefix) + 1 + len(batch.topic.encode()) > 4000:
-                raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
-            self._topics_ok.add(batch.topic)
-        if batch.kind not in (codec.TEXT, codec.JSON, codec.ENVELOPE):
-            raise UsageError(f"bad batch: unknown kind {batch.kind}")
-        if batch.size < 1 or not 0 <= batch.seq <= _MAX_SEQ - batch.size:
-            raise UsageError(f"bad batch: {batch.size} events from sequence {batch.seq}")
-        if batch.size > 1 and batch.body.count(b"\n") != batch.size - 1:
-            raise UsageError(f"bad batch: it announces {batch.size} events, its body differs")
-        if len(batch.body) <= self.max_event_bytes:
-            return
-        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
-        for i, part in enumerate(parts):
-            if len(part) > self.max_event_bytes:
-                raise EventTooLargeError(
-                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
-                    f"more than the maximum of {self.max_event_bytes}: batch refused"
-                )
+        subject_bytes = len(self.prefix) + 1 + len(batch.topic.encode())
+        if batch.topic not in self._topics_ok and subject_bytes > 4000:
+            raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
+        check_batch(batch, self.max_event_bytes, self._topics_ok)
 
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
         self._usable()
@@ -409,8 +400,8 @@ class NatsEngine:
             key = (b.pubid, b.topic)
             ranges = self._streams.setdefault(key, [])
             lo, hi = b.seq, b.seq + b.size
-            new, dup = _subtract(ranges, lo, hi) if ranges else ([(lo, hi)], [])
-            confirm_at = self._next - 1 if _overlaps(self._fresh.get(key), dup) else 0
+            new, dup = subtract(ranges, lo, hi) if ranges else ([(lo, hi)], [])
+            confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
             ext = ("{" + b.extensions.json[1:] + "}") if b.extensions.json else ""
             parts: list[bytes] | None = None
             stored = []
@@ -434,8 +425,8 @@ class NatsEngine:
                 out.append((f"{self.prefix}.{b.topic}", body, headers, head))
                 stored.append((a, self._next, z - a))
                 self._next += z - a
-                _add(ranges, a, z)
-                _add(self._fresh.setdefault(key, []), a, z)
+                add(ranges, a, z)
+                add(self._fresh.setdefault(key, []), a, z)
             if stored:
                 confirm_at = self._next - 1
             receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
@@ -520,7 +511,7 @@ class NatsEngine:
         self._fresh.clear()
         self._streams.clear()
         for h in self._heads:
-            _add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
+            add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
         try:
             self._run(self._catch_up())
         except StoreError:
@@ -551,7 +542,7 @@ class NatsEngine:
     ) -> Iterator[Record]:
         self._usable()
         end = self._durable if end is None else min(end, self._durable)
-        left = limit if limit is not None else _MAX_SEQ
+        left = limit if limit is not None else MAX_SEQ
         start = max(start, 1)
         if left <= 0 or start > end:
             return
@@ -631,7 +622,7 @@ class NatsEngine:
 
     def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
         self._usable()
-        _name(name, "consumer")
+        check_name(name, "consumer")
         spec = self._matcher(patterns).patterns
         key = _key("c", name)
         row = self._run(self._kv_get(key))
@@ -679,7 +670,7 @@ class NatsEngine:
 
     # -- consumer groups (JetStream durable pull consumers) --------------------
     def _group(self, group: str, patterns: Sequence[str], start: int | None) -> Matcher:
-        nats_name(_name(group, "group"), "group")
+        nats_name(check_name(group, "group"), "group")
         spec = list(self._matcher(patterns).patterns)
         known = self._groups.get(group)
         if known is None:
@@ -720,7 +711,7 @@ class NatsEngine:
         self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
     ) -> list[Record]:
         self._usable()
-        _name(member, "member")
+        check_name(member, "member")
         matcher = self._group(group, patterns, start)
         self._touch(group)
         out: list[Record] = []

@@ -41,16 +41,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from .. import codec
 from ..codec import Batch
 from ..errors import NotFoundError, UsageError
-from ..topics import Matcher, validate_topic
+from ..topics import Matcher
 from . import retention, wal
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
     Engine,
-    EventTooLargeError,
     Fsync,
     Receipt,
     Record,
@@ -60,12 +58,19 @@ from .engine import (
     StoreFullError,
     TopicStats,
 )
+from .streams import (
+    DEFAULT_MAX_EVENT,
+    MAX_SEQ,
+    Ranges,
+    add,
+    check_batch,
+    check_name,
+    overlaps,
+    subtract,
+)
 
 SCHEMA_VERSION: Final = 1
-DEFAULT_MAX_EVENT: Final = 1 << 20
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
-MAX_NAME: Final = 255  # consumer, group and member names
-_MAX_SEQ: Final = (1 << 63) - 1
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
 _CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
@@ -94,60 +99,6 @@ _INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _RANGE = f"{_SELECT} WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
-
-Ranges = list[list[int]]  # sorted, disjoint, non-adjacent half-open [lo, hi)
-
-
-def _subtract(
-    ranges: Ranges, lo: int, hi: int
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Split [lo, hi) into the parts not in *ranges* (new) and those in it (duplicates)."""
-    new: list[tuple[int, int]] = []
-    dup: list[tuple[int, int]] = []
-    pos = lo
-    for a, b in ranges:
-        if b <= pos:
-            continue
-        if a >= hi:
-            break
-        if a > pos:
-            new.append((pos, a))
-        dup.append((max(a, pos), min(b, hi)))
-        pos = b
-        if pos >= hi:
-            break
-    if pos < hi:
-        new.append((pos, hi))
-    return new, dup
-
-
-def _add(ranges: Ranges, lo: int, hi: int) -> None:
-    """Add [lo, hi) (disjoint from *ranges*) to *ranges*, merging neighbours."""
-    if not ranges or ranges[-1][1] <= lo:  # the usual case: the stream goes on
-        if ranges and ranges[-1][1] == lo:
-            ranges[-1][1] = hi
-        else:
-            ranges.append([lo, hi])
-        return
-    ranges.append([lo, hi])
-    ranges.sort()
-    merged: Ranges = [ranges[0]]
-    for a, b in ranges[1:]:
-        if a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    ranges[:] = merged
-
-
-def _overlaps(ranges: Ranges | None, spans: list[tuple[int, int]]) -> bool:
-    return bool(ranges) and any(a < hi and lo < b for lo, hi in spans for a, b in ranges or ())
-
-
-def _name(name: str, what: str) -> str:
-    if not name or len(name) > MAX_NAME or not name.isprintable():
-        raise UsageError(f"invalid {what} name {name!r}: 1 to {MAX_NAME} printable characters")
-    return name
 
 
 class SQLiteEngine:
@@ -311,24 +262,7 @@ class SQLiteEngine:
 
     # -- writing --------------------------------------------------------------
     def _check(self, batch: Batch) -> None:
-        if batch.topic not in self._topics_ok:
-            validate_topic(batch.topic)
-            self._topics_ok.add(batch.topic)
-        if batch.kind not in (codec.TEXT, codec.JSON, codec.ENVELOPE):
-            raise UsageError(f"bad batch: unknown kind {batch.kind}")
-        if batch.size < 1 or not 0 <= batch.seq <= _MAX_SEQ - batch.size:
-            raise UsageError(f"bad batch: {batch.size} events from sequence {batch.seq}")
-        if batch.size > 1 and batch.body.count(b"\n") != batch.size - 1:
-            raise UsageError(f"bad batch: it announces {batch.size} events, its body differs")
-        if len(batch.body) <= self.max_event_bytes:
-            return
-        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
-        for i, part in enumerate(parts):
-            if len(part) > self.max_event_bytes:
-                raise EventTooLargeError(
-                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
-                    f"more than the maximum of {self.max_event_bytes}: batch refused"
-                )
+        check_batch(batch, self.max_event_bytes, self._topics_ok)
 
     def _check_gaps(self, batch: Batch) -> None:
         """Refuse a batch that would split its stream into more than ``max_ranges`` ranges.
@@ -341,8 +275,8 @@ class SQLiteEngine:
         if not ranges or len(ranges) < self.max_ranges or ranges[-1][1] == batch.seq:
             return
         trial = [r[:] for r in ranges]
-        for a, z in _subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
-            _add(trial, a, z)
+        for a, z in subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
+            add(trial, a, z)
         if len(trial) > len(ranges):
             raise UsageError(
                 f"publisher {batch.pubid} on {batch.topic} has {len(ranges) - 1} gaps in its "
@@ -368,8 +302,8 @@ class SQLiteEngine:
             if not ranges or ranges[-1][1] <= lo:
                 new, dup = [(lo, hi)], list[tuple[int, int]]()
             else:
-                new, dup = _subtract(ranges, lo, hi)
-            confirm_at = self._next - 1 if _overlaps(self._fresh.get(key), dup) else 0
+                new, dup = subtract(ranges, lo, hi)
+            confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
             stored = []
             ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
             parts: list[bytes] | None = None
@@ -383,8 +317,8 @@ class SQLiteEngine:
                              b.source, ext, body))  # fmt: skip
                 stored.append((a, self._next, z - a))
                 self._next += z - a
-                _add(ranges, a, z)
-                _add(self._fresh.setdefault(key, []), a, z)
+                add(ranges, a, z)
+                add(self._fresh.setdefault(key, []), a, z)
             if stored:
                 confirm_at = self._next - 1
                 self._seen[key] = now
@@ -432,7 +366,7 @@ class SQLiteEngine:
     ) -> Iterator[Record]:
         self._usable()
         end = self._durable if end is None else min(end, self._durable)
-        left = limit if limit is not None else _MAX_SEQ
+        left = limit if limit is not None else MAX_SEQ
         start = max(start, 1)
         if left <= 0 or start > end:
             return
@@ -534,7 +468,7 @@ class SQLiteEngine:
             self.commit()
 
     def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
-        _name(name, "consumer")
+        check_name(name, "consumer")
         spec = json.dumps(Matcher(patterns).patterns)
         row = self._conn.execute(
             "SELECT next, patterns FROM consumers WHERE name = ?", (name,)
@@ -576,7 +510,7 @@ class SQLiteEngine:
 
     # -- consumer groups ------------------------------------------------------
     def _group(self, group: str, patterns: Sequence[str], start: int | None) -> tuple[Matcher, int]:
-        _name(group, "group")
+        check_name(group, "group")
         spec = json.dumps(Matcher(patterns).patterns)
         row = self._conn.execute(
             "SELECT patterns, next FROM groups WHERE name = ?", (group,)
@@ -592,7 +526,7 @@ class SQLiteEngine:
     def claim(
         self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
     ) -> list[Record]:
-        _name(member, "member")
+        check_name(member, "member")
         matcher, nxt = self._group(group, patterns, start)
         out: list[Record] = []
         got = 0
