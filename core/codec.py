@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from . import attributes
@@ -189,16 +189,46 @@ def split_body(batch: Batch) -> list[bytes]:
     return parts
 
 
+# decode() parses JSON and envelope payloads to check them; rendering and the
+# duplicate filter need the same values right after.  Keep the last batches'
+# parsed values (keyed by their body object, which is kept alive here, so an id
+# is never reused while cached) instead of parsing every payload two or three times.
+_PARSED_MAX: Final = 256  # batches: as many as one Subscriber.receive() returns
+_parsed: dict[int, tuple[bytes, str, int, int, list[Any]]] = {}
+
+
+def _cached(batch: Batch, parse: Callable[[Batch], list[Any]]) -> list[Any]:
+    """*parse(batch)*, computed once per batch body; callers must not mutate the result."""
+    hit = _parsed.get(id(batch.body))
+    if hit is not None:
+        body, topic, kind, size, values = hit
+        if body is batch.body and (topic, kind, size) == (batch.topic, batch.kind, batch.size):
+            return values
+    values = parse(batch)
+    if len(_parsed) >= _PARSED_MAX:
+        del _parsed[next(iter(_parsed))]
+    _parsed[id(batch.body)] = (batch.body, batch.topic, batch.kind, batch.size, values)
+    return values
+
+
 def json_values(batch: Batch) -> list[Any]:
     """The payloads of a JSON batch, parsed strictly (see :mod:`attributes`)."""
+    return _cached(batch, _parse_json_values)
+
+
+def envelopes(batch: Batch) -> list[dict[str, Any]]:
+    """The events of an ENVELOPE batch, parsed and checked; each one's type is the topic."""
+    return _cached(batch, _parse_envelopes)
+
+
+def _parse_json_values(batch: Batch) -> list[Any]:
     try:
         return [attributes.loads(part) for part in split_body(batch)]
     except ValueError as exc:
         raise WireError(f"bad JSON payload: {exc}") from None
 
 
-def envelopes(batch: Batch) -> list[dict[str, Any]]:
-    """The events of an ENVELOPE batch, parsed and checked; each one's type is the topic."""
+def _parse_envelopes(batch: Batch) -> list[Any]:
     if batch.size == 1 and b"\n" in batch.body:
         raise WireError("an envelope spans lines")
     events = []

@@ -505,3 +505,26 @@ def test_any_frames_give_strict_json_lines_of_exactly_the_events_sent(frames):
             assert event["data"] == json.loads(raw)
         else:
             assert event["data"] == raw.decode()
+
+
+def test_checked_payloads_are_parsed_once_per_batch(monkeypatch) -> None:
+    """decode() parses JSON and envelope payloads to check them; rendering reuses that."""
+    from eda.core import attributes, envelope
+
+    calls = []
+    real = attributes.loads
+    monkeypatch.setattr(attributes, "loads", lambda raw: calls.append(raw) or real(raw))
+    origin = codec.encode_origin("p1", "src")
+    for kind, body in [
+        (codec.JSON, b'{"a":1}\n[2]'),
+        (codec.ENVELOPE, b'{"specversion":"1.0","id":"x","source":"s","type":"t","data":1}'),
+    ]:
+        calls.clear()
+        count = body.count(b"\n") + 1
+        batch = codec.decode([b"t", codec.encode_header(kind, count, 1, 1e9, origin), body])
+        lines = envelope.batch_to_json_lines(batch).splitlines()
+        events = envelope.batch_to_events(batch)
+        assert len(lines) == len(events) == count
+        assert len(calls) == count  # once, in decode; not again to render
+        sliced, _ = codec.take([batch], 1)  # a new body: parsed afresh, and right
+        assert len(envelope.batch_to_events(sliced[0])) == 1
