@@ -128,9 +128,11 @@ def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_p
     assert 1000 < stored < 100_000
     got = replay(ep, "fill.up", stored, "--raw")
     numbers = [int(x[:8]) for x in got]
-    # every stored event once, readable; the first ones (before the disk filled) in order
-    assert len(set(numbers)) == stored and set(numbers) <= set(range(1, 100_001))
-    assert numbers[:1000] == list(range(1, 1001))
+    # every stored event once and readable.  Not necessarily a prefix: while SQLite
+    # frees WAL space, a later small batch may fit where an earlier one was refused
+    # (README: what a full disk keeps); the refused ones were reported unconfirmed.
+    assert len(numbers) == len(set(numbers)) == stored
+    assert set(numbers) <= set(range(1, 100_001)) and 1 in numbers
     assert bus.popen.poll() is None  # still serving
 
 
