@@ -6,4 +6,6 @@ PROGRAMS = {
     "eda-sub": "eda.cli.sub",
     "eda-registry": "eda.cli.registry",
     "eda-bus": "eda.cli.bus",
+    "eda-lb": "eda.cli.lb",
+    "eda-txn": "eda.cli.txn",
 }
