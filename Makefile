@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NETNS := scripts/netns-run
+# test workers (pytest-xdist), each in a network namespace of its own; the
+# tests mostly wait (mDNS, timeouts), so more workers than cores pay off
+TEST_WORKERS ?= 4
 
 .PHONY: setup deps demo test lint docs bench clean
 
@@ -27,7 +30,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 docs: setup
 	$(PY) scripts/gendocs.py

@@ -9,6 +9,7 @@ through :class:`Procs`, and a fixture fails the test if one is left behind.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,14 +21,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Outside a private network namespace, restart this pytest run inside one."""
+    """Outside a private network namespace, restart this pytest run inside one.
+
+    With pytest-xdist (``-n N``), each worker starts in a fresh namespace of
+    its own, so tests running at the same time in different workers can never
+    see each other's mDNS announcements, ports, bridges or hosts.
+    """
     if os.environ.get("EDA_NETNS") == "1":
+        _own_namespace_per_worker(config)
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()
     runner = str(ROOT / "scripts" / "netns-run")
     os.execv(runner, [runner, sys.executable, "-m", "pytest", *config.invocation_params.args])
+
+
+def _own_namespace_per_worker(config: pytest.Config) -> None:
+    """Start every local xdist worker through netns-run, in a new namespace of its own."""
+    tx = getattr(config.option, "tx", None)
+    if not tx or getattr(config, "workerinput", None) is not None:
+        return
+    runner = ROOT / "scripts" / "netns-run"
+    python = f"env -u EDA_NETNS {shlex.quote(str(runner))} {shlex.quote(sys.executable)}"
+    specs = []
+    for spec in tx:
+        count, star, rest = spec.rpartition("*")
+        if rest == "popen":
+            spec = f"{count}{star}popen//python={python}"
+        specs.append(spec)
+    config.option.tx = specs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,6 +70,9 @@ def _sandboxed() -> None:
     names = {line.split(":")[0].strip() for line in lines}
     foreign = {n for n in names if n != "lo" and not n.startswith(("edabr", "edav"))}
     assert not foreign, f"not in a private network namespace: {sorted(foreign)}"
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # not the one the controller and other workers share
+        ours, controller = (os.readlink(f"/proc/{pid}/ns/net") for pid in ("self", os.getppid()))
+        assert ours != controller, "this xdist worker shares the network namespace of the others"
 
 
 @pytest.fixture
