@@ -64,13 +64,13 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _sandboxed() -> None:
+def _sandboxed(pytestconfig: pytest.Config) -> None:
     """Refuse to run anything unless the only interfaces are ours."""
     lines = Path("/proc/net/dev").read_text().splitlines()[2:]
     names = {line.split(":")[0].strip() for line in lines}
     foreign = {n for n in names if n != "lo" and not n.startswith(("edabr", "edav"))}
     assert not foreign, f"not in a private network namespace: {sorted(foreign)}"
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # not the one the controller and other workers share
+    if hasattr(pytestconfig, "workerinput"):  # an xdist worker: not in the namespace of the others
         ours, controller = (os.readlink(f"/proc/{pid}/ns/net") for pid in ("self", os.getppid()))
         assert ours != controller, "this xdist worker shares the network namespace of the others"
 
