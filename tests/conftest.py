@@ -38,7 +38,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _own_namespace_per_worker(config: pytest.Config) -> None:
-    """Start every local xdist worker through netns-run, in a new namespace of its own."""
+    """Start every local xdist worker through netns-run, in a new namespace of its own.
+
+    xdist starts a ``popen`` worker as ``PYTHON -c BOOTSTRAP``; the ``python=``
+    part of its spec replaces PYTHON with netns-run (told by the unset
+    EDA_NETNS that it is not yet isolated), which execs the interpreter inside
+    a fresh namespace: the worker keeps its pid and its pipes to the controller.
+    """
     tx = getattr(config.option, "tx", None)
     if not tx or getattr(config, "workerinput", None) is not None:
         return
