@@ -253,7 +253,9 @@ class Worker(Daemon):
                 except p.ProtocolError as exc:
                     self.dropped("request", exc)
                     continue
-                deadline = now + timeout_ms / 1000 if timeout_ms else 0.0
+                # the caller gives up (and retries elsewhere) at its timeout: kill a little
+                # later, so that our "timed out" never preempts its retry
+                deadline = now + timeout_ms * 0.0011 + 0.05 if timeout_ms else 0.0
                 if self.command_timeout:
                     cap = now + self.command_timeout
                     deadline = min(deadline, cap) if deadline else cap
