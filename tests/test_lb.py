@@ -437,6 +437,21 @@ def test_cli_worker_found_by_mdns_and_gone_after_sigterm(procs: Procs) -> None:
     assert gone.returncode == 3 and b"no passing worker" in gone.stderr
 
 
+def test_sigterm_lets_a_running_request_finish_before_the_worker_exits(
+    procs: Procs, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    port = free_port()
+    script = f'cat >/dev/null; touch {started}; sleep 0.5; echo "done $EDA_REQUEST_ID"'
+    worker = worker_proc(procs, port, "--", "sh", "-c", script)
+    caller = lb(procs, "call", "svc", "--connect", f"tcp://127.0.0.1:{port}", "slow")
+    wait_until(started.exists, 10, "the command to start")
+    worker.signal(signal.SIGTERM)
+    assert caller.wait(10) == 0, caller.stderr
+    assert caller.stdout.startswith("done ")
+    assert worker.wait(10) == 0
+
+
 def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) -> None:
     port = free_port()
     script = 'read -r l; [ "$l" = no ] && { echo "refused $l" >&2; exit 2; }; echo "yes $l"'
