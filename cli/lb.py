@@ -219,7 +219,8 @@ def worker(
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
-        ctx.warn(f"worker {inst.id} serving {service} on {endpoint} ({how[presence.mode]})")
+        where = f"tcp://{inst.host}:{port}" if presence.mode != "none" else endpoint
+        ctx.warn(f"worker {inst.id} serving {service} on {where} ({how[presence.mode]})")
         server.serve()
         # stopped (SIGTERM, SIGINT): leave the registry first, then finish what runs
         if presence is not None:
