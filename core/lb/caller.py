@@ -592,7 +592,12 @@ class Caller(Daemon):
         self.after(self.hold_until - time.monotonic(), "start", self._fill)
         if self.source is not None and self.fd < 0:
             self.eof = False
-        self.serve(until=self.done)
+        try:
+            self.serve(until=self.done)
+        finally:
+            if self.fd >= 0:  # a terminal or a pipe shared with others: leave it as it was
+                with contextlib.suppress(OSError):
+                    os.set_blocking(self.fd, True)
         self._emit()
         return self.summary
 
