@@ -80,6 +80,14 @@ def call(
     return b"".join(out), failed, summary, caller
 
 
+def idle(*served: Served) -> None:
+    """Every request answered: no slot left taken, nothing queued, no command running."""
+    for one in served:
+        w = one.worker
+        wait_until(lambda w=w: (w.inflight, len(w.queue), len(w.runs)) == (0, 0, 0), 5, "idle")
+        assert all(not proc.jobs for proc in w.procs)
+
+
 def persistent(name: str) -> list[str]:
     return ["sh", "-c", TAGGED.format(name=name)]
 
@@ -112,6 +120,7 @@ def test_round_robin_over_three_workers_keeps_input_order(serve: Any) -> None:
     shares = Counter(line.split()[0] for line in lines)
     assert set(shares) == set("abc") and max(shares.values()) - min(shares.values()) <= 2, shares
     assert not failed and summary.ok == 300 and summary.retried == 0
+    idle(*workers)
 
 
 def test_weighted_share_follows_weights(serve: Any) -> None:
@@ -169,6 +178,7 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     assert reasons[3] == (b"crash", "killed by signal 9")
     assert reasons[4][1].startswith("request too large (150 bytes")  # the worker's limit
     assert summary.failed == 3 and summary.ok == 3
+    idle(worker)
     # the caller's own limit: refused before sending
     out, failed, _, _ = call([worker.endpoint], [b"y" * 300, b"c"], max_request=200)
     assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
@@ -187,7 +197,8 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     assert time.monotonic() - started < 5
     runs = marker.read_text().split()
     assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
-    wait_until(lambda: worker.worker.timeouts >= 2 and not worker.worker.runs, 5, "kills")
+    wait_until(lambda: worker.worker.timeouts >= 2, 5, "both attempts killed")
+    idle(worker)
 
 
 def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
@@ -197,6 +208,7 @@ def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     out, failed, _, _ = call([worker.endpoint], [b"one", b"two"], timeout=0.3, retries=0)
     assert out == b"" and [f[2] for f in failed] == ["timed out (1 attempt)"] * 2
     wait_until(lambda: worker.worker.timeouts >= 1, 5, "the worker to time the request out")
+    idle(worker)
     answering = serve(persistent("ok"), persistent=True)
     out, failed, _, _ = call([answering.endpoint], [b"three"])
     assert out == b"ok three\n" and not failed
@@ -233,6 +245,7 @@ def test_busy_workers_are_retried_elsewhere_without_failing(serve: Any) -> None:
     out, failed, summary, _ = call([worker.endpoint], [b"%d" % i for i in range(5)], window=5)
     assert out == b"0\n1\n2\n3\n4\n" and not failed
     assert summary.busy > 0  # it was at capacity, answered busy, and the caller came back
+    idle(worker)
 
 
 # -- failover -----------------------------------------------------------------------------------
@@ -473,7 +486,7 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
     assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
 
 
-def test_new_instances_are_used_and_weights_come_from_the_registry(procs: Procs) -> None:
+def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve: Any) -> None:
     registry = procs.start(
         [sys.executable, "-m", "eda.cli.registry", "serve", "--no-mdns", "--bind",
          "tcp://127.0.0.1:*"],
@@ -514,3 +527,21 @@ def test_new_instances_are_used_and_weights_come_from_the_registry(procs: Procs)
     )  # fmt: skip
     metas = [json.loads(line)["meta"] for line in lookup.stdout.splitlines()]
     assert metas and all(m["role"] == "worker" and m["concurrency"] == "1" for m in metas)
+    # --via: the instances registered with role=broker (a broker's frontend speaks as a
+    # worker does: an in-process worker stands in for it here)
+    front = serve(persistent("broker"), persistent=True)
+    registered = procs.start(
+        [sys.executable, "-m", "eda.cli.registry", "register", "-v", "svc", *reg, "--host",
+         "127.0.0.1", "--port", front.endpoint.rsplit(":", 1)[1], "--meta", "role=broker"],
+    )  # fmt: skip
+    registered.wait_stderr("registered svc/", 15)
+    via = subprocess.run(
+        [*LB, "call", "svc", "--via", "svc", *reg, "hi"], capture_output=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert (via.returncode, via.stdout) == (0, b"broker hi\n"), via.stderr
+    direct = subprocess.run(
+        [*LB, "call", "svc", *reg, "a", "b", "c", "d"], capture_output=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert {line.split()[0] for line in direct.stdout.splitlines()} == {b"one", b"two"}
