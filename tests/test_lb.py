@@ -163,6 +163,26 @@ def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve:
     assert got != sorted(got, key=int)  # printed as they came: the quick ones first
 
 
+def test_an_instance_left_out_of_two_lookups_in_a_row_is_drained(serve: Any) -> None:
+    a, b = serve(persistent("a"), persistent=True), serve(persistent("b"), persistent=True)
+    out: list[bytes] = []
+    caller = Caller(out=out.append, failed=lambda *f: None, heartbeat=0.3)
+    try:
+        caller.use([(a.endpoint, 1), (b.endpoint, 1)])
+        deadline = time.monotonic() + 10
+        caller.serve(until=lambda: len(caller.balancer) == 2 or time.monotonic() > deadline)
+        assert len(caller.balancer) == 2
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint in caller.balancer  # one lookup may miss it (a lost mDNS answer)
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint not in caller.balancer and b.endpoint not in caller.conns
+        caller.feed([b"1", b"2", b"3"])
+        caller.run()
+    finally:
+        caller.close()
+    assert b"".join(out) == b"a 1\na 2\na 3\n"
+
+
 # -- what commands do wrong ----------------------------------------------------------------------
 def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) -> None:
     script = (

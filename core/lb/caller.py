@@ -49,6 +49,7 @@ from .protocol import send_request
 READ_CHUNK = 1 << 16
 LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
 REORDER_LIMIT = 100_000  # replies held back waiting for an earlier one before input pauses
+MISSES = 2  # lookups in a row without an instance before it is drained
 
 
 def _quiet(_msg: str) -> None:
@@ -87,6 +88,7 @@ class Conn:
     gone: bool = False  # no longer listed by the registry: drain, then close
     inflight: dict[bytes, Request] = field(default_factory=dict)
     deaths: int = 0
+    missed: int = 0  # lookups in a row that did not list it
 
 
 @dataclass
@@ -162,9 +164,9 @@ class Caller(Daemon):
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
 
     # -- instances ----------------------------------------------------------------------------
-    def use(self, endpoints: Iterable[tuple[str, int]]) -> None:
+    def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
         """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
-        drained."""
+        drained (at once if *final*, else when two calls in a row leave them out)."""
         wanted = dict(endpoints)
         for key, weight in wanted.items():
             conn = self.conns.get(key)
@@ -178,7 +180,14 @@ class Caller(Daemon):
                     if conn.backend is not None:
                         self.balancer.add(key, weight)
         for key, conn in list(self.conns.items()):
-            if key not in wanted and not conn.gone:
+            if key in wanted:
+                conn.missed = 0
+            elif not conn.gone:
+                # one lookup can miss an instance (an mDNS answer lost): drain it only when
+                # two in a row do; one that died is dropped by its heartbeats anyway
+                conn.missed += 1
+                if conn.missed < MISSES and not final:
+                    continue
                 conn.gone = True
                 self._unbalance(conn)
                 if not conn.inflight:

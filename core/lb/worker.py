@@ -593,7 +593,8 @@ class Worker(Daemon):
         delay = min(RESTART_DELAY[1], RESTART_DELAY[0] * 2**proc.restarts) if quick else 0.0
         if not quick:
             proc.restarts = 0
-        self.after(delay, "restart", lambda: self._spawn(proc))
+        if not self.draining:
+            self.after(delay, "restart", lambda: self._spawn(proc))
 
     def _restart(self, proc: Process, why: bytes) -> None:
         if proc.proc is not None:
