@@ -393,8 +393,17 @@ def call(
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
+    closed: list[Exit] = []
+
+    def write(data: bytes) -> None:
+        try:
+            out.data(data)
+        except Exit as exc:  # stdout closed (| head): stop now, quietly
+            closed.append(exc)
+            caller.stop()
+
     caller = Caller(
-        out=out.data,
+        out=write,
         failed=failed,
         strategy=strategy,
         timeout=timeout,
@@ -423,6 +432,8 @@ def call(
         else:
             caller.feed_fd(sys.stdin.fileno())
         summary = caller.run()
+        if closed:
+            raise closed[0]
     finally:
         if finder is not None:
             finder.close()

@@ -485,6 +485,16 @@ def test_sigterm_lets_a_running_request_finish_before_the_worker_exits(
     assert worker.wait(10) == 0
 
 
+def test_a_closed_output_pipe_ends_call_quietly(procs: Procs) -> None:
+    port = free_port()
+    worker_proc(procs, port, "--persistent", "--", "cat")
+    call_cmd = " ".join([*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{port}"])
+    script = f'seq 1 1000000 | {call_cmd} | head -n 2; echo "status ${{PIPESTATUS[1]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=30, check=False)
+    assert result.stdout == b"1\n2\nstatus 0\n", result.stderr
+    assert result.stderr == b""
+
+
 def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) -> None:
     port = free_port()
     script = 'read -r l; [ "$l" = no ] && { echo "refused $l" >&2; exit 2; }; echo "yes $l"'
