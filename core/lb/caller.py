@@ -271,7 +271,7 @@ class Caller(Daemon):
         for conn in list(self.conns.values()):
             if conn.backend is not None and now - conn.last_seen > limit:
                 self._dead(conn, now)
-            elif conn.backend is None and conn.inflight and now - conn.since > limit:
+            elif conn.inflight and now - max(conn.last_seen, conn.since) > limit:
                 self._dead(conn, now)  # drained (gone) instance that stopped answering
             elif conn.sock is not None:
                 self._ping(conn)

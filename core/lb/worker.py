@@ -192,7 +192,7 @@ class Worker(Daemon):
         # a message a little over the body limit still gets its "too large" reply;
         # one far beyond it only costs its sender the connection
         limit = 2 * self.max_request + 65536
-        self.sock = self.socket(zmq.ROUTER, max_message=limit)
+        self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.sock, bind)
@@ -676,7 +676,7 @@ class Worker(Daemon):
                     link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
 
     def _connect_broker(self, link: BrokerLink, now: float) -> None:
-        sock = self.socket(zmq.DEALER, max_message=2 * self.max_request + 65536)
+        sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         try:
