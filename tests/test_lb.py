@@ -410,7 +410,7 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
     port = backend.bind_to_random_port("tcp://127.0.0.1")
     try:
         worker = serve(
-            persistent("b"), persistent=True, heartbeat=0.2, concurrency=3, weight=2,
+            persistent("b"), persistent=True, heartbeat=0.3, concurrency=3, weight=2,
             find_brokers=lambda: [f"tcp://127.0.0.1:{port}"],
         )  # fmt: skip
 
@@ -440,11 +440,29 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         # no heartbeat from the broker for 3 intervals: the worker reconnects and says W again
         started = time.monotonic()
         ident2, again = message(5)
-        assert again.kind == p.READY and time.monotonic() - started >= 0.3
+        assert again.kind == p.READY and time.monotonic() - started >= 0.6
         backend.send_multipart([ident2, *p.disconnect()])  # a broker's goodbye: back later
-        _, third = message(5)
+        ident3, third = message(5)
         assert third.kind == p.READY
-        assert worker.worker.brokers
+        link = worker.worker.brokers[f"tcp://127.0.0.1:{port}"]
+        linked = link.sock
+        backend.send_multipart([ident3, *p.heartbeat()])
+        # the broker restarts on the same port: ZeroMQ reconnects, the worker says W at once
+        backend.close()
+        backend = zmq.Context.instance().socket(zmq.ROUTER)
+        backend.setsockopt(zmq.LINGER, 0)
+
+        def rebound() -> bool:
+            try:
+                backend.bind(f"tcp://127.0.0.1:{port}")
+            except zmq.ZMQError:  # the old listener is released by ZeroMQ's I/O thread
+                return False
+            return True
+
+        wait_until(rebound, 5, "the port to be free again")
+        _, fourth = message(5)
+        assert fourth.kind == p.READY
+        assert link.sock is linked  # the same connection, not a reconnect after silence
     finally:
         backend.close()
 

@@ -610,6 +610,12 @@ class Caller(Daemon):
         self._emit()
         return self.summary
 
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.gone = True
+            self._close(conn)
+        super().close()
+
     def percentile(self, q: float) -> float:
         """The *q* quantile (0..1) of recent request latencies, in milliseconds."""
         lat = sorted(self.latencies)

@@ -101,6 +101,8 @@ class BrokerLink:
 
     endpoint: str
     sock: zmq.Socket[bytes] | None = None
+    monitor: zmq.Socket[bytes] | None = None  # connection events of sock
+    connects: int = 0  # connections made by sock
     last_seen: float = 0.0
     backoff: float = 0.5
     retry_at: float = 0.0
@@ -248,6 +250,8 @@ class Worker(Daemon):
             self._finish_run(run, forced=b"worker shutting down")
         for proc in self.procs:
             self._stop_process(proc, b"worker shutting down")
+        for link in self.brokers.values():
+            self._drop_broker(link)  # the goodbye still goes out (linger)
         self.close()
 
     # -- requests ---------------------------------------------------------------------------
@@ -679,25 +683,53 @@ class Worker(Daemon):
         sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
+        # say W again then, rather than wait to find it silent (watched from before the
+        # connect, so that the first connection is counted)
+        link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
             sock.connect(link.endpoint)
         except zmq.ZMQError as exc:
-            self.close_socket(sock)
+            link.sock = sock
+            self._drop_broker(link)
             self.limited("broker", f"cannot connect to broker {link.endpoint}: {exc}")
             self._schedule(link, now)
             return
-        link.sock, link.last_seen = sock, now
+        link.sock, link.last_seen, link.connects = sock, now, 0
         self.watch(sock, "broker", lambda: self._drain(sock, 0))
+        self.watch(link.monitor, "broker connects", lambda: self._broker_connected(link, sock))
+        self._ready(sock)
+        self.log(f"connecting to broker {link.endpoint}")
+
+    def _ready(self, sock: zmq.Socket[bytes]) -> None:
         ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight)
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(ready, zmq.NOBLOCK)
-        self.log(f"connected to broker {link.endpoint}")
+
+    def _broker_connected(self, link: BrokerLink, sock: zmq.Socket[bytes]) -> None:
+        if link.sock is not sock or link.monitor is None:
+            return
+        with contextlib.suppress(zmq.Again):
+            while True:
+                link.monitor.recv_multipart(zmq.NOBLOCK)
+                link.connects += 1
+                if link.connects > 1:  # the first connection carried the W sent at connect
+                    self.log(f"reconnected to broker {link.endpoint}: ready again")
+                    link.last_seen = time.monotonic()
+                    self._ready(sock)
 
     def _schedule(self, link: BrokerLink, now: float) -> None:
         link.retry_at = now + link.backoff * random.uniform(0.5, 1.5)
         link.backoff = min(link.backoff * 2, 10.0)
 
     def _drop_broker(self, link: BrokerLink, goodbye: bool = False) -> None:
+        if link.monitor is not None:
+            self.forget(link.monitor)
+            if link.sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    link.sock.disable_monitor()
+            link.monitor.close(0)
+            link.monitor = None
         if link.sock is not None:
             if goodbye:
                 with contextlib.suppress(zmq.ZMQError):
