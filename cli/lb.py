@@ -99,7 +99,8 @@ Examples:
 @click.option(
     "--persistent",
     is_flag=True,
-    help="Keep the command running: one request line in, one reply line out, in order.",
+    help="Keep the command running: one request line in, one reply line out, in order "
+    "(it must flush each line: stdbuf -oL CMD, sed -u, python3 -u).",
 )
 @click.option(
     "--concurrency",

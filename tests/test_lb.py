@@ -229,6 +229,13 @@ def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     assert out == b"" and [f[2] for f in failed] == ["timed out (1 attempt)"] * 2
     wait_until(lambda: worker.worker.timeouts >= 1, 5, "the worker to time the request out")
     idle(worker)
+    # with its own --timeout shorter than the caller's, the worker says why: the request
+    # stuck at the head fails, the one behind it is sent back (busy) and tried again
+    capped = serve(["sh", "-c", "cat > /dev/null"], persistent=True, timeout=0.3)
+    out, failed, summary, _ = call([capped.endpoint], [b"one", b"two"], timeout=5, retries=0)
+    assert out == b"" and len(failed) == 2 and summary.busy >= 1
+    assert all(f[2].startswith("timed out: no reply line") and "stdbuf -oL" in f[2] for f in failed)
+    idle(capped)
     answering = serve(persistent("ok"), persistent=True)
     out, failed, _, _ = call([answering.endpoint], [b"three"])
     assert out == b"ok three\n" and not failed

@@ -49,6 +49,10 @@ STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
 BROKER_LOOKUP_EVERY = 3.0
 LATENCIES = 4096  # recent request latencies kept for the stats percentiles
+NO_REPLY_LINE = (
+    b"timed out: no reply line (a command writing to a pipe may buffer its output: "
+    b"flush each line, e.g. stdbuf -oL CMD, sed -u, python3 -u)"
+)
 
 
 @dataclass(slots=True)
@@ -600,14 +604,14 @@ class Worker(Daemon):
         if not self.draining:
             self.after(delay, "restart", lambda: self._spawn(proc))
 
-    def _restart(self, proc: Process, why: bytes) -> None:
+    def _restart(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
         if proc.proc is not None:
             self._kill(proc.proc)
-            self._stop_process(proc, why)
+            self._stop_process(proc, why, status)
             self._spawn(proc)
 
-    def _stop_process(self, proc: Process, why: bytes) -> None:
-        """Forget *proc*'s descriptors and answer its requests with err *why*."""
+    def _stop_process(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
+        """Forget *proc*'s descriptors and answer its requests with *status* and *why*."""
         child = proc.proc
         if child is None:
             return
@@ -624,7 +628,7 @@ class Worker(Daemon):
         jobs, proc.jobs = proc.jobs, collections.deque()
         now = time.monotonic()
         for job in jobs:
-            self._reply(job, p.ERR, why, now)
+            self._reply(job, status, why if status == p.ERR else b"", now)
             self.inflight -= 1
         proc.err.clear()
         if jobs:
@@ -643,10 +647,12 @@ class Worker(Daemon):
             if proc.jobs and proc.jobs[0].deadline and proc.jobs[0].deadline <= now:
                 self.timeouts += 1
                 head = proc.jobs.popleft()
-                self._reply(head, p.ERR, b"timed out", now)
+                self._reply(head, p.ERR, NO_REPLY_LINE, now)
                 self.inflight -= 1
-                # the process is stuck on it: the requests after it cannot be answered
-                self._restart(proc, b"timed out behind a stuck request")
+                # the process is stuck on it: the requests after it cannot be answered here,
+                # "busy" sends them elsewhere (they may have been read: hence the rid)
+                self.busy += len(proc.jobs)
+                self._restart(proc, b"", p.BUSY)
                 self.inflight += 1
                 self._freed()
         while self.queue and self.queue[0].deadline and self.queue[0].deadline <= now:
