@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from eda.cli.common import common_options, run
+from eda.cli.common import (
+    Context,
+    Exit,
+    ExitStatus,
+    Output,
+    common_options,
+    for_terminal,
+    run,
+)
 
 EPILOG = """\b
 Examples:
@@ -28,6 +38,306 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------
+SECONDS_ = click.FloatRange(min=0, min_open=True)
+STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
+STATS_FIELDS = (
+    "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
+    "weight", "p50_ms", "p90_ms", "p99_ms",
+)  # fmt: skip
+
+
+def _broker_access(
+    registries: tuple[str, ...], interface: str | None, no_mdns: bool, serverless: bool, ctx: Any
+) -> Any:
+    from eda.core.registry.access import Access, resolve_interface
+
+    return Access(
+        registries=registries,
+        interface=resolve_interface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
+
+
+def _registry_options(func: Any) -> Any:
+    func = click.option(
+        "--serverless", is_flag=True, help="No registry: announce / find instances by mDNS alone."
+    )(func)
+    return click.option(
+        "--registry",
+        "registries",
+        multiple=True,
+        metavar="ENDPOINT",
+        envvar="EDA_REGISTRY",
+        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
+    )(func)
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb serve upper                                 a broker for service 'upper'
+  eda-lb serve upper --strategy least-conn           the worker with fewest requests in flight
+  eda-lb serve upper --bind tcp://*:7801 --backend tcp://*:7802   fixed ports
+  eda-lb call upper --via upper hello                a caller going through it
+"""
+)
+@click.argument("name")
+@click.option(
+    "--bind",
+    default="tcp://*:*",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where callers connect (tcp://HOST:PORT, PORT may be '*').",
+)
+@click.option(
+    "--backend",
+    default="tcp://*:*",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where workers connect (tcp://HOST:PORT, PORT may be '*').",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGY_NAMES),
+    default="round-robin",
+    show_default=True,
+    help="How a worker is chosen for each request.",
+)
+@click.option(
+    "--heartbeat",
+    type=SECONDS_,
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Heartbeat period with workers; a worker silent 3 periods is dropped.",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(0),
+    default=10_000,
+    show_default=True,
+    metavar="N",
+    help="Requests waiting for a free worker at most; beyond, callers get 'busy'.",
+)
+@click.option(
+    "--max-request",
+    type=click.IntRange(1),
+    default=1 << 20,
+    show_default=True,
+    metavar="BYTES",
+    help="Largest request body; a larger one gets an error reply.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 100),
+    default=2,
+    show_default=True,
+    metavar="N",
+    help="Re-sends of a request whose worker died, to other workers.",
+)
+@click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
+@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@_registry_options
+@common_options
+def serve(
+    name: str,
+    bind: str,
+    backend: str,
+    strategy: str,
+    heartbeat: float,
+    queue: int,
+    max_request: int,
+    retries: int,
+    host: str | None,
+    inst_id: str | None,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Run a broker for service NAME: callers (`call --via NAME`) send it requests,
+    workers connect to it, and it balances each request over the ready workers.
+
+    It registers as an instance of NAME with meta role=broker (registry, else
+    mDNS), so workers of NAME find it and connect, and callers find it with
+    --via.  A worker silent for 3 heartbeats is dropped and its requests in
+    flight are re-sent to another worker with the same request id.
+    """
+    from eda.core.lb.broker import Broker, Presence, Settings
+    from eda.core.registry import access as reg
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-lb", verbose)
+    service = validate_name(name)
+    access = _broker_access(registries, interface, no_mdns, serverless, ctx)
+    if access.interface:
+        bind, backend = (
+            e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)
+        )
+    settings = Settings(
+        service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
+        queue=queue, max_request=max_request, retries=retries,
+    )  # fmt: skip
+    broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
+    presence = None
+    try:
+        broker.start()
+        interval = max(0.2, min(heartbeat, 2.0))
+        record = reg.registration(
+            service, broker.port, host=host, inst_id=inst_id, interval=interval,
+            meta=("role=broker", f"backend={broker.backend_port}"),
+        )  # fmt: skip
+        presence = Presence(record, access, log=ctx.debug, warn=ctx.warn)
+        inst = presence.start()
+        broker.id = inst.id
+        ctx.warn(
+            f"broker {inst.id} for {service} listening on {broker.endpoint} (callers), "
+            f"{broker.backend_endpoint} (workers)"
+        )
+        broker.serve()
+    finally:
+        if presence is not None:
+            presence.close()
+        broker.close()
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb stats upper                        a table on a terminal, JSON Lines when piped
+  eda-lb stats upper --json | jq -r 'select(.state != "healthy") | .instance'
+  eda-lb stats upper --format '{instance} {requests} {p99_ms}'
+"""
+)
+@click.argument("name")
+@click.option(
+    "--timeout",
+    type=SECONDS_,
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for each instance's answer.",
+)
+@click.option(
+    "--format",
+    "template",
+    metavar="TEMPLATE",
+    help="One line per instance, e.g. '{instance} {p99_ms}'. "
+    f"Fields: {', '.join(STATS_FIELDS)}.",
+)
+@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@_registry_options
+@common_options
+def stats(
+    name: str,
+    timeout: float,
+    template: str | None,
+    force_json: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Per-instance figures of service NAME: requests, errors, in flight, latency
+    percentiles (ms) and state (healthy, ejected, slow-start, dead).
+
+    If a broker for NAME runs, it is asked (its workers as it sees them);
+    else each worker instance is asked for its own figures.  Exit 3 when NAME
+    has no instance, 1 when an instance did not answer.
+    """
+    from eda.core.errors import NotFoundError
+    from eda.core.lb.broker import ask_stats
+    from eda.core.registry.access import lookup
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-lb", verbose)
+    service = validate_name(name)
+    out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
+    access = _broker_access(registries, interface, no_mdns, serverless, ctx)
+    found = lookup(service, access)
+    brokers = [i for i in found if i.meta.get("role") == "broker"]
+    chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
+    if not chosen:
+        raise NotFoundError(f"no broker or worker of service {service!r}")
+    endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
+    answers = ask_stats(endpoints, timeout)
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for endpoint, answer in answers.items():
+        inst = endpoints[endpoint]
+        if isinstance(answer, str):
+            failed += 1
+            ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
+            continue
+        rows += _stats_rows(service, inst.id, answer, broker=bool(brokers))
+    if out.mode == "json" and out.tty and not out.forced_json:
+        _stats_table(rows)
+    else:
+        out.items(rows)
+    if failed:
+        raise Exit(ExitStatus.ERROR)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _number(value: object) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _stats_rows(
+    service: str, source_id: str, answer: dict[str, Any], *, broker: bool
+) -> list[dict[str, Any]]:
+    """Rows of one T answer: a broker's workers, or a worker itself."""
+    entries = answer.get("instances") if broker else [answer]
+    if not isinstance(entries, list):
+        return []
+    rows = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        row: dict[str, Any] = {
+            "service": service,
+            "source": source_id if broker else "direct",
+            "instance": str(entry.get("id", source_id))[:128],
+            "state": str(entry.get("state", "healthy"))[:32],
+        }
+        for key in STATS_FIELDS[4:]:
+            row[key] = _number(entry.get(key))
+        rows.append(row)
+    return rows
+
+
+STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
+
+
+def _stats_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold")
+    for header in STATS_FIELDS[1:]:
+        numeric = header not in ("source", "instance", "state")
+        table.add_column(header, justify="right" if numeric else "left")
+    for r in rows:
+        cells = []
+        for key in STATS_FIELDS[1:]:
+            value = r[key]
+            text = "—" if value is None else for_terminal(value)
+            style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+            cells.append(Text(text, style=style))
+        table.add_row(*cells)
+    Console(highlight=False).print(table)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""eda-lb serve: the broker between callers and workers.
+
+In-process tests drive a :class:`Broker` with scripted workers and callers
+(plain DEALER sockets speaking the wire frames), so each behaviour is checked
+exactly and fast; the end-to-end tests run the real commands.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from eda.core.lb.broker import TAG, Broker, Settings
+from tests.helpers import wait_until
+
+HB = 0.1  # heartbeat interval of in-process brokers
+
+
+class BrokerThread:
+    """A broker serving in a thread of this process."""
+
+    def __init__(self, **settings: object) -> None:
+        local = {"bind": "tcp://127.0.0.1:*", "backend": "tcp://127.0.0.1:*"}
+        self.broker = Broker(Settings(service="upper", heartbeat=HB, **{**local, **settings}))  # type: ignore[arg-type]
+        self.broker.start()
+        self._stop = False
+        self.thread = threading.Thread(target=self.broker.serve, args=(lambda: self._stop,))
+        self.thread.start()
+
+    @property
+    def front(self) -> str:
+        return self.broker.endpoint
+
+    @property
+    def back(self) -> str:
+        return self.broker.backend_endpoint
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+        self.broker.close()
+
+
+class FakeWorker:
+    """A worker on a DEALER: W, then answers each Q with *answer(body)* (None: never)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        wid: str,
+        *,
+        concurrency: int = 1,
+        weight: int = 1,
+        answer: Callable[[bytes], bytes | None] = bytes.upper,
+        delay: float = 0.0,
+        beat: bool = True,
+    ) -> None:
+        self.endpoint, self.wid, self.answer, self.delay = endpoint, wid, answer, delay
+        self.concurrency, self.weight, self.beat = concurrency, weight, beat
+        self.seen: list[bytes] = []  # rids received
+        self.max_inflight = 0
+        self.alive = True
+        self.byes = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        ready = {
+            "service": "upper",
+            "id": self.wid,
+            "concurrency": self.concurrency,
+            "weight": self.weight,
+        }
+        sock.send_multipart([TAG, b"W", json.dumps(ready).encode()])
+        due: list[tuple[float, bytes, bytes]] = []  # (time, rid, reply)
+        next_beat = time.monotonic()
+        while not self._stop:
+            now = time.monotonic()
+            if self.alive and self.beat and now >= next_beat:
+                sock.send_multipart([TAG, b"H"])
+                next_beat = now + HB
+            for item in [d for d in due if d[0] <= now]:
+                due.remove(item)
+                if self.alive:
+                    sock.send_multipart([TAG, b"R", item[1], b"ok", item[2]])
+            if not sock.poll(5):
+                continue
+            msg = sock.recv_multipart()
+            if not self.alive:
+                continue
+            if msg[1] == b"D":
+                self.byes += 1
+            if msg[1] != b"Q":
+                continue
+            self.seen.append(msg[2])
+            reply = self.answer(msg[4])
+            inflight = sum(1 for _ in due) + 1
+            self.max_inflight = max(self.max_inflight, inflight)
+            if reply is not None:
+                due.append((time.monotonic() + self.delay, msg[2], reply))
+        sock.close()
+
+    def die(self) -> None:
+        """As kill -9: silent from now on, nothing in flight ever answered."""
+        self.alive = False
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+
+
+class Caller:
+    """A DEALER speaking to the broker's frontend."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, rid: str, body: bytes, timeout_ms: int = 5000) -> None:
+        self.sock.send_multipart([TAG, b"Q", rid.encode(), str(timeout_ms).encode(), body])
+
+    def replies(self, n: int, timeout: float = 10.0) -> list[list[bytes]]:
+        got: list[list[bytes]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            if self.sock.poll(50):
+                got.append(self.sock.recv_multipart())
+        return got
+
+    def ask(self, *frames: bytes, timeout: float = 5.0) -> list[bytes]:
+        self.sock.send_multipart([TAG, *frames])
+        [reply] = self.replies(1, timeout)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., object]]:
+    """Make brokers, workers and callers; close them all afterwards."""
+    made: list[BrokerThread | FakeWorker | Caller] = []
+
+    def factory(kind: type, *args: object, **kw: object) -> object:
+        thing = kind(*args, **kw)
+        made.append(thing)
+        return thing
+
+    yield factory
+    for thing in reversed(made):
+        thing.close()
+
+
+def stats(broker: BrokerThread) -> dict[str, object]:
+    caller = Caller(broker.front)
+    try:
+        reply = caller.ask(b"S")
+        assert reply[:2] == [TAG, b"T"]
+        return json.loads(reply[2])  # type: ignore[no-any-return]
+    finally:
+        caller.close()
+
+
+def ready_workers(broker: BrokerThread, n: int) -> None:
+    wait_until(lambda: len(stats(broker)["instances"]) == n, 10, f"{n} workers ready")  # type: ignore[arg-type]
+
+
+# -- in-process ------------------------------------------------------------------------------
+def test_requests_are_balanced_over_ready_workers_and_each_answered_once(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=4) for i in range(3)]
+    ready_workers(broker, 3)
+    caller = make(Caller, broker.front)
+    for i in range(300):
+        caller.send(f"r.{i}", f"hello {i}".encode())
+    replies = caller.replies(300)
+    assert len(replies) == 300
+    assert sorted(r[2] for r in replies) == sorted(f"r.{i}".encode() for i in range(300))
+    assert all(r[:2] == [TAG, b"R"] and r[3] == b"ok" for r in replies)
+    assert {r[2]: r[4] for r in replies}[b"r.7"] == b"HELLO 7"
+    per_worker = [len(w.seen) for w in workers]
+    assert sum(per_worker) == 300 and min(per_worker) >= 80, per_worker
+    assert not caller.replies(1, 0.3)  # nothing answered twice
+
+
+def test_a_workers_concurrency_is_respected_and_the_rest_waits_in_the_queue(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    worker = make(FakeWorker, broker.back, "slow", concurrency=2, delay=0.05)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(12):
+        caller.send(f"c.{i}", b"x")
+    assert len(caller.replies(12)) == 12
+    assert worker.max_inflight == 2
+
+
+def test_a_full_queue_answers_busy(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, queue=2)
+    make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(4):  # one runs, two wait, the fourth is refused
+        caller.send(f"q.{i}", b"x")
+    [busy] = caller.replies(1, 3)
+    assert (busy[2], busy[3]) == (b"q.3", b"busy")
+
+
+def test_a_silent_workers_requests_go_to_another_with_the_same_rid(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    doomed = make(FakeWorker, broker.back, "doomed", concurrency=50, answer=lambda _b: None)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(20):
+        caller.send(f"k.{i}", f"k{i}".encode())
+    wait_until(lambda: len(doomed.seen) == 20, 5, "the doomed worker has them all")
+    survivor = make(FakeWorker, broker.back, "survivor", concurrency=50)
+    ready_workers(broker, 2)
+    started = time.monotonic()
+    doomed.die()
+    replies = caller.replies(20, 10)
+    assert len(replies) == 20, "a request was lost"
+    assert time.monotonic() - started < 10 * HB + 1  # dropped after ~3 heartbeats
+    assert {r[2] for r in replies} == {f"k.{i}".encode() for i in range(20)}
+    assert all(r[3] == b"ok" for r in replies)
+    assert sorted(survivor.seen) == sorted(doomed.seen)  # the same rids, re-sent
+    figures = stats(broker)
+    states = {i["id"]: i["state"] for i in figures["instances"]}  # type: ignore[index, union-attr]
+    assert states == {"doomed": "dead", "survivor": "healthy"}
+    assert not caller.replies(1, 0.3)
+
+
+def test_stats_and_ping_answer_per_worker_figures(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    make(FakeWorker, broker.back, "w1", concurrency=3, weight=2)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(10):
+        caller.send(f"s.{i}", b"x")
+    assert len(caller.replies(10)) == 10
+    pong = caller.ask(b"P", b"7")
+    assert pong[:3] == [TAG, b"O", b"7"]
+    assert json.loads(pong[3]) == {"inflight": 0, "concurrency": 3, "queued": 0}
+    figures = stats(broker)
+    assert (figures["role"], figures["service"], figures["requests"]) == ("broker", "upper", 10)
+    [w1] = figures["instances"]  # type: ignore[misc]
+    assert (w1["id"], w1["requests"], w1["errors"], w1["concurrency"], w1["weight"]) == (
+        "w1", 10, 0, 3, 2,
+    )  # fmt: skip
+    assert w1["state"] == "healthy" and 0 < w1["p50_ms"] <= w1["p90_ms"] <= w1["p99_ms"]
+
+
+HOSTILE_FRONT: list[list[bytes]] = [
+    [b"junk"],
+    [b""],
+    [TAG],
+    [TAG, b"Z"],
+    [TAG, b"Q"],
+    [TAG, b"Q", b"rid", b"100"],
+    [TAG, b"Q", b"", b"100", b"x"],  # empty rid
+    [TAG, b"Q", b"bad rid", b"100", b"x"],  # a space in the rid
+    [TAG, b"Q", b"r" * 65, b"100", b"x"],
+    [TAG, b"Q", b"rid", b"-1", b"x"],
+    [TAG, b"Q", b"rid", b"1e9", b"x"],
+    [TAG, b"Q", b"rid", b"9" * 40, b"x"],
+    [TAG, b"Q", b"\xff\xfe", b"100", b"x"],
+    [TAG, b"P"],
+    [TAG, b"P", b"x" * 100],
+    [TAG, b"S", b"extra"],
+    [TAG, b"W", b"{}"],  # a worker's frame on the callers' side
+    [b"EDALB2", b"Q", b"rid", b"100", b"x"],
+]
+HOSTILE_BACK: list[list[bytes]] = [
+    [b"junk"],
+    [TAG, b"W"],
+    [TAG, b"W", b"not json"],
+    [TAG, b"W", b"[]"],
+    [TAG, b"W", b"{" * 5000],
+    [TAG, b"W", json.dumps({"service": "upper", "id": "x", "concurrency": 0}).encode()],
+    [TAG, b"W", json.dumps({"service": "upper", "id": "x", "concurrency": True}).encode()],
+    [TAG, b"W", json.dumps({"service": "upper", "id": "a b"}).encode()],
+    [TAG, b"W", json.dumps({"service": "upper", "id": "x", "weight": 1e400}).encode()],
+    [TAG, b"W", json.dumps({"service": "other", "id": "x"}).encode()],
+    [TAG, b"R", b"nope", b"ok", b"from a stranger"],
+    [TAG, b"H", b"extra"],
+    [TAG, b"Q", b"rid", b"100", b"x"],
+    [TAG, b"D", b"x"],
+]
+
+
+def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, max_request=1000)
+    make(FakeWorker, broker.back, "good", concurrency=4)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    front, back = make(Caller, broker.front), make(Caller, broker.back)
+    # a worker that says W and then answers rids it was never given, and bad statuses
+    liar = make(Caller, broker.back)
+    liar.sock.send_multipart([TAG, b"W", json.dumps({"service": "upper", "id": "liar"}).encode()])
+    ready_workers(broker, 2)
+    for round_ in range(3):
+        for frames in HOSTILE_FRONT:
+            front.sock.send_multipart(frames)
+        for frames in HOSTILE_BACK:
+            back.sock.send_multipart(frames)
+        liar.sock.send_multipart([TAG, b"R", b"g.0", b"ok", b"forged"])
+        for i in range(10):
+            caller.send(f"g.{round_}.{i}", b"good")
+        caller.send(f"big.{round_}", b"x" * 1001)
+        replies = {r[2]: r for r in caller.replies(11)}
+        assert replies[f"big.{round_}".encode()][3:] == [b"err", b"request too large (1001 bytes)"]
+        for i in range(10):
+            reply = replies[f"g.{round_}.{i}".encode()]
+            assert reply[3:] == [b"ok", b"GOOD"]
+        # requests sent to the liar (which never answers them) were re-sent once it was
+        # dropped for silence; none got the forged body
+    figures = stats(broker)
+    assert figures["malformed"] >= 3 * (len(HOSTILE_FRONT) + len(HOSTILE_BACK) - 4)
+    assert broker.broker.failures == 0
+    ids = sorted(i["id"] for i in figures["instances"])  # type: ignore[union-attr]
+    assert ids == ["good", "liar"]  # no worker from the garbage
+    hello = make(Caller, broker.front)
+    hello.send("after", b"still here")
+    [after] = hello.replies(1, 10)
+    assert after[3:] == [b"ok", b"STILL HERE"]
+
+
+def test_an_unknown_worker_is_told_to_say_ready_again(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    stranger = make(Caller, broker.back)
+    assert stranger.ask(b"H") == [TAG, b"D"]
+
+
+def test_spread_by_worker_is_even_for_round_robin(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=100) for i in range(3)]
+    ready_workers(broker, 3)
+    caller = make(Caller, broker.front)
+    for i in range(30):
+        caller.send(f"e.{i}", b"x")
+        assert len(caller.replies(1)) == 1  # one at a time: each pick sees every worker free
+    assert Counter(len(w.seen) for w in workers) == Counter({10: 3})
