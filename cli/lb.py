@@ -311,8 +311,11 @@ def _stats_rows(
             "instance": str(entry.get("id", source_id))[:128],
             "state": str(entry.get("state", "healthy"))[:32],
         }
-        for key in STATS_FIELDS[4:]:
+        for key in STATS_FIELDS[4:9]:
             row[key] = _number(entry.get(key))
+        latency = entry.get("latency_ms")
+        for key in STATS_FIELDS[9:]:
+            row[key] = _number(latency.get(key[:3])) if isinstance(latency, dict) else None
         rows.append(row)
     return rows
 

@@ -257,7 +257,8 @@ def test_stats_and_ping_answer_per_worker_figures(make):  # type: ignore[no-unty
     assert (w1["id"], w1["requests"], w1["errors"], w1["concurrency"], w1["weight"]) == (
         "w1", 10, 0, 3, 2,
     )  # fmt: skip
-    assert w1["state"] == "healthy" and 0 < w1["p50_ms"] <= w1["p90_ms"] <= w1["p99_ms"]
+    latency = w1["latency_ms"]
+    assert w1["state"] == "healthy" and 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
 
 
 HOSTILE_FRONT: list[list[bytes]] = [
@@ -306,7 +307,13 @@ def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(mak
     front, back = make(Caller, broker.front), make(Caller, broker.back)
     # a worker that says W and then answers rids it was never given, and bad statuses
     liar = make(Caller, broker.back)
-    liar.sock.send_multipart([TAG, b"W", json.dumps({"service": "upper", "id": "liar"}).encode()])
+    liar.sock.send_multipart(
+        [
+            TAG,
+            b"W",
+            json.dumps({"service": "upper", "id": "liar", "concurrency": 1, "weight": 1}).encode(),
+        ]
+    )
     ready_workers(broker, 2)
     for round_ in range(3):
         for frames in HOSTILE_FRONT:
@@ -318,7 +325,10 @@ def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(mak
             caller.send(f"g.{round_}.{i}", b"good")
         caller.send(f"big.{round_}", b"x" * 1001)
         replies = {r[2]: r for r in caller.replies(11)}
-        assert replies[f"big.{round_}".encode()][3:] == [b"err", b"request too large (1001 bytes)"]
+        assert replies[f"big.{round_}".encode()][3:] == [
+            b"err",
+            b"request too large (1001 bytes; the limit is 1000)",
+        ]
         for i in range(10):
             reply = replies[f"g.{round_}.{i}".encode()]
             assert reply[3:] == [b"ok", b"GOOD"]
@@ -350,3 +360,112 @@ def test_spread_by_worker_is_even_for_round_robin(make):  # type: ignore[no-unty
         caller.send(f"e.{i}", b"x")
         assert len(caller.replies(1)) == 1  # one at a time: each pick sees every worker free
     assert Counter(len(w.seen) for w in workers) == Counter({10: 3})
+
+
+def windowed(
+    caller: Caller, n: int, window: int, prefix: str, timeout_ms: int = 5000
+) -> list[list[bytes]]:
+    """Send *n* requests keeping *window* in flight (a new one per reply); the replies."""
+    sent = got = 0
+    replies: list[list[bytes]] = []
+    while sent < min(window, n):
+        caller.send(f"{prefix}.{sent}", b"x", timeout_ms)
+        sent += 1
+    while got < n:
+        [r] = caller.replies(1, 10)
+        replies.append(r)
+        got += 1
+        if sent < n:
+            caller.send(f"{prefix}.{sent}", b"x", timeout_ms)
+            sent += 1
+    return replies
+
+
+def test_weighted_shares_follow_the_weights(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, strategy="weighted")
+    workers = [
+        make(FakeWorker, broker.back, f"w{w}", concurrency=1000, weight=w) for w in (1, 2, 3)
+    ]
+    ready_workers(broker, 3)
+    caller = make(Caller, broker.front)
+    for i in range(600):
+        caller.send(f"w.{i}", b"x")
+    assert len(caller.replies(600)) == 600
+    shares = [len(w.seen) for w in workers]
+    for share, weight in zip(shares, (1, 2, 3), strict=True):
+        assert abs(share - 100 * weight) <= 30, shares  # within 5% of 600
+
+
+@pytest.mark.parametrize(
+    ("strategy", "most"), [("least-conn", 0.6), ("p2c", 0.45), ("round-robin", 0.5)]
+)
+def test_load_aware_strategies_send_less_to_a_slow_worker(make, strategy, most):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, strategy=strategy)
+    slow = make(FakeWorker, broker.back, "slow", concurrency=100, delay=0.03)
+    fast = [make(FakeWorker, broker.back, f"fast{i}", concurrency=100) for i in range(2)]
+    ready_workers(broker, 3)
+    caller = make(Caller, broker.front)
+    replies = windowed(caller, 240, 6, strategy)
+    assert all(r[3] == b"ok" for r in replies)
+    share = len(slow.seen) / 240
+    if strategy == "round-robin":  # the control: blind to load, a third each
+        assert abs(share - 1 / 3) < 0.05, share
+        assert all(abs(len(f.seen) / 240 - 1 / 3) < 0.05 for f in fast)
+    else:
+        assert share < 1 / 3 - 0.1, share  # well under its round-robin third
+        assert max(len(f.seen) for f in fast) / 240 < most + 0.2
+
+
+def test_random_uses_every_worker(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, strategy="random")
+    workers = [make(FakeWorker, broker.back, f"r{i}", concurrency=1000) for i in range(3)]
+    ready_workers(broker, 3)
+    caller = make(Caller, broker.front)
+    for i in range(300):
+        caller.send(f"rnd.{i}", b"x")
+    assert len(caller.replies(300)) == 300
+    assert all(50 <= len(w.seen) <= 150 for w in workers), [len(w.seen) for w in workers]
+
+
+def test_a_worker_that_keeps_timing_out_is_ejected(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, eject_after=2, eject_base=30)
+    bad = make(FakeWorker, broker.back, "bad", concurrency=10, answer=lambda _b: None)
+    make(FakeWorker, broker.back, "good", concurrency=10)
+    ready_workers(broker, 2)
+    caller = make(Caller, broker.front)
+    replies = [r for i in range(12) for r in windowed(caller, 1, 1, f"e{i}", timeout_ms=100)]
+    timed_out = [r for r in replies if r[3] == b"err"]
+    assert [r[4] for r in timed_out] == [b"timed out on worker bad"] * 2
+    assert len(bad.seen) == 2  # nothing more once ejected
+    states = {i["id"]: i["state"] for i in stats(broker)["instances"]}  # type: ignore[union-attr]
+    assert states == {"bad": "ejected", "good": "healthy"}
+
+
+def test_a_new_worker_starts_slowly(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, slow_start=5.0)
+    old = make(FakeWorker, broker.back, "old", concurrency=100)
+    ready_workers(broker, 1)
+    # the first worker takes all at once (nothing to spare it); a worker joining ramps up
+    new = make(FakeWorker, broker.back, "new", concurrency=100)
+    ready_workers(broker, 2)
+    states = {i["id"]: i["state"] for i in stats(broker)["instances"]}  # type: ignore[union-attr]
+    assert states["new"] == "slow-start"
+    caller = make(Caller, broker.front)
+    windowed(caller, 100, 1, "ss")
+    assert len(new.seen) < 30 < len(old.seen), (len(new.seen), len(old.seen))
+
+
+def test_a_callers_retry_of_a_running_request_runs_elsewhere_and_is_answered_once(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    stuck = make(FakeWorker, broker.back, "stuck", answer=lambda _b: None)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    caller.send("same.1", b"once")
+    wait_until(lambda: stuck.seen == [b"same.1"], 5, "the request at the stuck worker")
+    helper = make(FakeWorker, broker.back, "helper")
+    ready_workers(broker, 2)
+    caller.send("same.1", b"once")  # the caller's retry: the same rid
+    [r] = caller.replies(1, 5)
+    assert r[2:] == [b"same.1", b"ok", b"ONCE"]
+    assert helper.seen == [b"same.1"]
+    assert not caller.replies(1, 0.3)

@@ -1,19 +1,20 @@
 """The broker (``eda-lb serve NAME``): callers on one side, workers on the other.
 
 Callers connect a DEALER to the *frontend* ROUTER and speak to it exactly as
-to a worker (REQUEST, PING, STATS); workers connect a DEALER to the *backend* ROUTER,
-say READY (ready, with their concurrency and weight), then exchange BEAT
-heartbeats with the broker and answer the REQUEST it forwards.  Each request goes
-to one ready worker with a free slot, chosen by the same balancer callers
-use; when every slot is taken it waits in a bounded queue.
+to a worker (Q, P, S); workers connect a DEALER to the *backend* ROUTER, say
+W (ready, with their concurrency and weight), then exchange H heartbeats
+with the broker and answer the Q it forwards (:mod:`.protocol`).  Each
+request goes to a ready worker with a free slot, chosen by the same
+:class:`~.balancer.Balancer` callers use (strategies, outlier ejection, slow
+start, panic threshold); when every slot is taken it waits in a bounded queue.
 
 Nothing is lost when a worker dies: a worker silent for three heartbeat
-intervals (or saying BYE) is dropped and its requests in flight go to another
+intervals (or saying D) is dropped and its requests in flight go to another
 worker with the same request id, up to *retries* times.  A caller that
-retries (the same rid again) while its request is still running gets it
-run on a second worker too; the first answer is the one forwarded, once.
+retries (the same rid again) while its request is still running gets it run
+on a second worker too; the first answer is the one forwarded, once.
 
-Everything from either socket is validated here, at the edge; what fails is
+Everything from either socket is validated at the edge; what fails is
 counted and dropped (a rate-limited warning), and changes no state.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import threading
 import time
 from collections import deque
@@ -34,22 +34,36 @@ import zmq
 
 from ..daemon import Daemon, Log, port_of, received
 from ..errors import EdaError, UsageError
+from .balancer import STRATEGIES, Backend, Balancer
+from .protocol import (
+    BUSY,
+    DISCONNECT,
+    ERR,
+    HEARTBEAT,
+    MAX_BODY,
+    OK,
+    PING,
+    READY,
+    REPLY,
+    REQUEST,
+    STATS,
+    STATS_QUERY,
+    TAG,
+    ProtocolError,
+    TooLarge,
+    parse,
+    parse_reply,
+    parse_request,
+    pong,
+    reply,
+)
 
-TAG = b"EDALB1"
-RID_RE = re.compile(rb"[\x21-\x7e]{1,64}")
-ID_RE = re.compile(r"[\x21-\x7e]{1,64}")
-MAX_TIMEOUT_MS = 86_400_000  # a day: longer is read as "no deadline"
-MAX_READY = 4096  # bytes of a READY frame's JSON
-MAX_WORKERS = 10_000  # ready workers one broker keeps (a flood of READY is refused beyond)
-MAX_CONCURRENCY = 10_000
-MAX_WEIGHT = 65_535
+MAX_WORKERS = 10_000  # workers one broker keeps (a flood of W is refused beyond)
 DEAD_KEPT = 64  # dropped workers still listed by stats (state "dead")
 LATENCIES = 2048  # latency samples per worker for the percentiles
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
-
-REQUEST, REPLY, PING, PONG, STATS, FIGURES = b"Q", b"R", b"P", b"O", b"S", b"T"
-READY, BEAT, BYE = b"W", b"H", b"D"
-OK, ERR, BUSY = b"ok", b"err", b"busy"
+_DISCONNECT = [TAG, DISCONNECT]
+_HEARTBEAT = [TAG, HEARTBEAT]
 
 
 def _quiet(_message: str) -> None:
@@ -66,13 +80,18 @@ class Settings:
     strategy: str = "round-robin"
     heartbeat: float = 1.0  # seconds between heartbeats, both ways
     queue: int = 10_000  # requests waiting for a free worker, at most
-    max_request: int = 1 << 20  # bytes of one request body
+    max_request: int = MAX_BODY  # bytes of one request body
     retries: int = 2  # re-sends of a request whose worker died
+    eject_after: int = 5  # consecutive failures that eject a worker
+    eject_base: float = 1.0  # seconds of the first ejection (doubling, capped)
+    eject_max: float = 30.0
+    slow_start: float = 0.0  # seconds a new or returning worker ramps up over
+    panic: float = 50.0  # percent healthy below which all workers are used
 
 
 @dataclass(eq=False, slots=True)
 class Pending:
-    """One caller's request, from its REQUEST until its reply went out."""
+    """One caller's request, from its Q until its reply went out."""
 
     client: bytes  # the caller's identity on the frontend
     rid: bytes
@@ -80,8 +99,8 @@ class Pending:
     deadline: float  # monotonic; math.inf without one
     attempts: int = 0  # times sent to a worker
     running: int = 0  # workers running it now
-    done: bool = False  # answered: later replies are only freed slots
-    tried: list[bytes] = field(default_factory=list)  # worker identities, in order
+    done: bool = False  # answered: later replies only free their slots
+    tried: list[str] = field(default_factory=list)  # worker keys, in order
 
 
 @dataclass(eq=False)
@@ -91,14 +110,13 @@ class Worker:
     ident: bytes
     id: str
     concurrency: int
-    weight: int
+    backend: Backend
     seen: float  # monotonic time of its last message
-    joined: float  # wall time of its READY
-    inflight: dict[bytes, tuple[Pending, float]] = field(default_factory=dict)  # rid -> (req, t0)
-    requests: int = 0
-    errors: int = 0
+    inflight: dict[bytes, tuple[Pending, float]] = field(default_factory=dict)  # rid -> (p, t0)
+    requests: int = 0  # answered (ok or err)
+    errors: int = 0  # err replies, timeouts, bad replies, requests lost with it
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES))
-    state: str = "healthy"
+    dead: bool = False
 
     @property
     def free(self) -> bool:
@@ -113,11 +131,12 @@ def percentile(ordered: list[float], p: float) -> float | None:
 
 
 def figures(latencies: Iterable[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of *latencies* (seconds), in milliseconds (None: no sample)."""
     ordered = sorted(latencies)
     out: dict[str, float | None] = {}
-    for p in (50, 90, 99):
+    for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)):
         value = percentile(ordered, p)
-        out[f"p{p}_ms"] = None if value is None else round(value * 1000, 3)
+        out[name] = None if value is None else round(value * 1000, 3)
     return out
 
 
@@ -139,32 +158,40 @@ class Broker(Daemon):
                 f"unknown strategy {settings.strategy!r}: use one of {', '.join(STRATEGIES)}"
             )
         self.settings = settings
+        self.balancer = Balancer(
+            settings.strategy,
+            eject_after=settings.eject_after,
+            eject_base=settings.eject_base,
+            eject_max=settings.eject_max,
+            slow_start=settings.slow_start,
+            panic=settings.panic,
+        )
         self.workers: dict[bytes, Worker] = {}
+        self.full: set[str] = set()  # keys of workers with no free slot
         self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
         self.pending: dict[tuple[bytes, bytes], Pending] = {}
         self.queue: deque[Pending] = deque()
         self.requests = 0  # requests accepted from callers
         self.answered = 0  # replies sent to callers
-        self.errors = 0  # of which errors
+        self.errors = 0  # of which err
         self.refused = 0  # busy replies (queue full)
-        self.retried = 0  # re-sends after a worker died or was busy
+        self.retried = 0  # re-sends after a worker died, was busy or failed
         self.stale = 0  # worker replies for nothing in flight
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
-        self._rr = 0
-        self._limit = 2 * settings.max_request + 65_536  # a bigger message drops its peer
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind both sockets and start the heartbeat; raises BindError / UsageError."""
-        self.front = self.socket(zmq.ROUTER, max_message=self._limit)
-        self.back = self.socket(zmq.ROUTER, max_message=self._limit)
+        """Bind both sockets and start the timers; raises BindError / UsageError."""
+        limit = 2 * self.settings.max_request + 65_536  # a bigger message drops its peer
+        self.front = self.socket(zmq.ROUTER, max_message=limit)
+        self.back = self.socket(zmq.ROUTER, max_message=limit)
         for sock in (self.front, self.back):
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.front, self.settings.bind)
         self.backend_endpoint = self.bind(self.back, self.settings.backend)
-        self.watch(self.front, "caller request", self._on_front)
+        self.watch(self.front, "caller message", self._on_front)
         self.watch(self.back, "worker message", self._on_back)
         self.every(self.settings.heartbeat, "heartbeat", self._heartbeat)
         self.every(min(0.1, self.settings.heartbeat), "deadlines", self._expire)
@@ -178,72 +205,71 @@ class Broker(Daemon):
         return port_of(self.backend_endpoint)
 
     def close(self) -> None:
-        """Tell every worker (BYE), answer what is still pending (err), close."""
-        back = getattr(self, "back", None)
-        if back is not None:
+        """Tell every worker (D), answer what is still pending (err), close."""
+        if getattr(self, "back", None) is not None:
             for ident in list(self.workers):
                 with contextlib.suppress(zmq.ZMQError):
-                    back.send_multipart([ident, TAG, BYE], zmq.NOBLOCK)
+                    self.back.send_multipart([ident, *_DISCONNECT], zmq.NOBLOCK)
             for p in list(self.pending.values()):
-                self._answer(p, ERR, b"broker shutting down")
+                with contextlib.suppress(zmq.ZMQError):
+                    self._answer(p, ERR, b"broker shutting down")
         super().close()
 
     # -- callers ------------------------------------------------------------------------
     def _on_front(self) -> None:
+        max_body = self.settings.max_request
         for msg in received(self.front):
-            n = len(msg)
-            if n < 3 or msg[1] != TAG:
-                self.dropped("caller message", ValueError("not an eda-lb message"))
+            if len(msg) == 6 and msg[2] == REQUEST:
+                try:
+                    rid, ms, body = parse_request(msg, 1, max_body)
+                except TooLarge as exc:
+                    self.requests += 1
+                    self._reply(msg[0], exc.rid, ERR, str(exc).encode())
+                except ProtocolError as exc:
+                    self.dropped("caller request", exc)
+                else:
+                    self._request(msg[0], rid, ms, body)
                 continue
-            kind = msg[2]
-            if kind == REQUEST and n == 6:
-                self._request(msg[0], msg[3], msg[4], msg[5])
-            elif kind == PING and n == 4 and len(msg[3]) <= 64:
-                load = {"inflight": self.inflight, "concurrency": self.capacity}
-                load["queued"] = len(self.queue)
-                self.front.send_multipart([msg[0], TAG, PONG, msg[3], json.dumps(load).encode()])
-            elif kind == STATS and n == 3:
-                self.front.send_multipart([msg[0], TAG, FIGURES, json.dumps(self.stats()).encode()])
+            try:
+                m = parse(msg, 1, max_body)
+            except ProtocolError as exc:
+                self.dropped("caller message", exc)
+                continue
+            if m.kind == PING:
+                load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
+                self.front.send_multipart([msg[0], *load])
+            elif m.kind == STATS_QUERY:
+                figures = json.dumps(self.stats(), allow_nan=False).encode()
+                self.front.send_multipart([msg[0], TAG, STATS, figures])
             else:
-                self.dropped("caller message", ValueError(f"bad frames ({n}, type {kind[:8]!r})"))
+                self.dropped("caller message", ProtocolError(f"{m.kind!r} is not for a broker"))
 
-    def _request(self, client: bytes, rid: bytes, timeout: bytes, body: bytes) -> None:
-        if RID_RE.fullmatch(rid) is None:
-            self.dropped("caller request", ValueError("bad request id"))
-            return
-        if not timeout.isdigit() or len(timeout) > 12:
-            self.dropped("caller request", ValueError("bad timeout"))
-            return
-        ms = int(timeout)
+    def _request(self, client: bytes, rid: bytes, ms: int, body: bytes) -> None:
         now = time.monotonic()
-        deadline = now + ms / 1000 if 0 < ms <= MAX_TIMEOUT_MS else math.inf
+        deadline = now + ms / 1000 if ms else math.inf
         key = (client, rid)
         p = self.pending.get(key)
         if p is not None:  # the caller retries: run it on another worker as well
             p.deadline = max(p.deadline, deadline)
-            if p.running and p.attempts <= self.settings.retries and not self._send(p, now):
-                pass  # no other free worker: the running attempts may still answer
+            if p.running and p.attempts <= self.settings.retries:
+                self._send(p, now)  # no other free worker: the running one may answer
             return
         self.requests += 1
-        if len(body) > self.settings.max_request:
-            self._reply(client, rid, ERR, f"request too large ({len(body)} bytes)".encode())
-            return
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
-            return
-        if len(self.queue) >= self.settings.queue:
+        elif len(self.queue) < self.settings.queue:
+            self.pending[key] = p
+            self.queue.append(p)
+        else:
             self.refused += 1
             self._reply(client, rid, BUSY, b"broker queue full")
-            return
-        self.pending[key] = p
-        self.queue.append(p)
 
     def _reply(self, client: bytes, rid: bytes, status: bytes, body: bytes) -> None:
         self.answered += 1
-        if status != OK:
-            self.errors += status == ERR
-        self.front.send_multipart([client, TAG, REPLY, rid, status, body])
+        if status == ERR:
+            self.errors += 1
+        self.front.send_multipart([client, *reply(rid, status, body)])
 
     def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
         """The one reply to *p* (later ones are dropped)."""
@@ -255,16 +281,22 @@ class Broker(Daemon):
 
     # -- choosing a worker ----------------------------------------------------------------
     def _pick(self, p: Pending) -> Worker | None:
-        """A worker with a free slot not yet running *p*, by the strategy."""
-        rid = p.rid
-        ready = [w for w in self.workers.values() if w.free and rid not in w.inflight]
-        if p.tried and len(ready) > 1:  # a retry: rather a worker that has not had it
-            fresh = [w for w in ready if w.ident not in p.tried]
-            ready = fresh or ready
-        if not ready:
+        """A worker with a free slot not already running *p*, by the balancer: workers
+        *p* went to before are avoided while another one can take it."""
+        full = self.full
+        chosen = self.balancer.pick(full.union(p.tried) if p.tried else full)
+        if chosen is None:
             return None
-        self._rr += 1
-        return ready[self._rr % len(ready)]
+        w: Worker = chosen.data
+        if w.free and p.rid not in w.inflight:
+            return w
+        # every free worker had it already, or one runs another caller's same rid
+        hard = full.union(x.backend.key for x in self.workers.values() if p.rid in x.inflight)
+        chosen = self.balancer.pick(hard)
+        if chosen is None or chosen.key in hard:
+            return None
+        w = chosen.data
+        return w
 
     def _send(self, p: Pending, now: float) -> bool:
         """Send *p* to a worker; False when none has a free slot."""
@@ -272,12 +304,16 @@ class Broker(Daemon):
         if w is None:
             return False
         left = p.deadline - now
-        ms = b"0" if left == math.inf else str(max(1, int(left * 1000))).encode()
+        ms = 0 if left == math.inf else max(1, int(left * 1000))
         w.inflight[p.rid] = (p, now)
+        backend = w.backend
+        self.balancer.started(backend)
+        if len(w.inflight) >= w.concurrency:
+            self.full.add(backend.key)
         p.attempts += 1
         p.running += 1
-        p.tried.append(w.ident)
-        self.back.send_multipart([w.ident, TAG, REQUEST, p.rid, ms, p.body])
+        p.tried.append(backend.key)
+        self.back.send_multipart([w.ident, TAG, REQUEST, p.rid, b"%d" % ms, p.body])
         return True
 
     def _dispatch(self) -> None:
@@ -295,88 +331,101 @@ class Broker(Daemon):
     def _on_back(self) -> None:
         now = time.monotonic()
         freed = False
+        max_body = self.settings.max_request
+        workers = self.workers
         for msg in received(self.back):
-            n = len(msg)
-            if n < 3 or msg[1] != TAG:
-                self.dropped("worker message", ValueError("not an eda-lb message"))
+            ident = msg[0]
+            w = workers.get(ident)
+            if len(msg) == 6 and msg[2] == REPLY and w is not None:
+                try:
+                    rid, status, body = parse_reply(msg, 1, max_body)
+                except ProtocolError as exc:
+                    self.dropped("worker reply", exc)
+                    continue
+                w.seen = now
+                freed = self._result(w, rid, status, body, now) or freed
                 continue
-            ident, kind = msg[0], msg[2]
-            w = self.workers.get(ident)
-            if kind == REPLY and n == 6:
-                if w is None:
+            try:
+                m = parse(msg, 1, max_body)
+            except ProtocolError as exc:
+                self.dropped("worker message", exc)
+                continue
+            if m.kind == READY:
+                assert m.data is not None
+                freed = self._ready(ident, m.data, now) or freed
+            elif w is None:
+                if m.kind != DISCONNECT:
                     self._stranger(ident)
-                else:
-                    w.seen = now
-                    freed = self._result(w, msg[3], msg[4], msg[5], now) or freed
-            elif kind == BEAT and n == 3:
-                if w is None:
-                    self._stranger(ident)
-                else:
-                    w.seen = now
-            elif kind == READY and n == 4:
-                freed = self._ready(ident, msg[3], now) or freed
-            elif kind == BYE and n == 3:
-                if w is not None:
-                    self._drop(w, "disconnected")
-                    freed = True
+            elif m.kind == HEARTBEAT:
+                w.seen = now
+            elif m.kind == DISCONNECT:
+                self._drop(w, "disconnected")
+                freed = True
             else:
-                self.dropped("worker message", ValueError(f"bad frames ({n}, type {kind[:8]!r})"))
+                self.dropped("worker message", ProtocolError(f"{m.kind!r} is not for a broker"))
         if freed:
             self._dispatch()
 
     def _stranger(self, ident: bytes) -> None:
-        """A message from a worker we do not know (we restarted, or dropped it): say BYE,
-        so it says READY again at once instead of waiting for our silence."""
-        self.back.send_multipart([ident, TAG, BYE])
+        """A message from a worker we do not know (we restarted, or dropped it): say D,
+        so that it says W again at once instead of waiting for our silence."""
+        self.back.send_multipart([ident, *_DISCONNECT])
 
-    def _ready(self, ident: bytes, raw: bytes, now: float) -> bool:
-        try:
-            service, inst_id, concurrency, weight = parse_ready(raw)
-        except ValueError as exc:
-            self.dropped("worker ready", exc)
+    def _ready(self, ident: bytes, data: dict[str, Any], now: float) -> bool:
+        if data["service"] != self.settings.service:
+            self.dropped("worker ready", ProtocolError(f"a worker of {data['service']!r}"))
+            self.back.send_multipart([ident, *_DISCONNECT])
             return False
-        if service != self.settings.service:
-            self.dropped("worker ready", ValueError(f"worker of another service {service!r}"))
-            self.back.send_multipart([ident, TAG, BYE])
-            return False
+        concurrency, weight = data["concurrency"], data["weight"]
         w = self.workers.get(ident)
-        if w is not None:  # READY again: new figures, same requests in flight
-            w.concurrency, w.weight, w.id, w.seen = concurrency, weight, inst_id, now
+        if w is not None:  # W again: new figures, same requests in flight
+            w.id, w.concurrency, w.seen = data["id"], concurrency, now
+            self.balancer.add(w.backend.key, weight)
+            self._fullness(w)
             return True
         if len(self.workers) >= MAX_WORKERS:
-            self.dropped("worker ready", ValueError("too many workers"))
+            self.dropped("worker ready", ProtocolError("too many workers"))
             return False
-        self.workers[ident] = Worker(ident, inst_id, concurrency, weight, now, time.time())
-        self.log(f"worker {inst_id} ready (concurrency {concurrency}, weight {weight})")
-        self.back.send_multipart([ident, TAG, BEAT])
+        # a worker joining others ramps up (slow start); the first ones take all at once
+        backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
+        w = Worker(ident, data["id"], concurrency, backend, now)
+        backend.data = w
+        self.workers[ident] = w
+        self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
+        self.back.send_multipart([ident, *_HEARTBEAT])
         return True
+
+    def _fullness(self, w: Worker) -> None:
+        if w.free:
+            self.full.discard(w.backend.key)
+        else:
+            self.full.add(w.backend.key)
 
     def _result(self, w: Worker, rid: bytes, status: bytes, body: bytes, now: float) -> bool:
         entry = w.inflight.pop(rid, None)
         if entry is None:
             self.stale += 1  # a reply after its deadline, or made up
             return False
+        if len(w.inflight) < w.concurrency:
+            self.full.discard(w.backend.key)
         p, t0 = entry
         p.running -= 1
-        if status in (OK, ERR):
-            w.requests += 1
-            w.latencies.append(now - t0)
-            if status == ERR:
-                w.errors += 1
-            self._answer(p, status, body)
-        elif status == BUSY or p.done:
+        if status == BUSY:
+            self.balancer.released(w.backend)
             if not p.done:
                 self._again(p)
-        else:
-            self.dropped("worker reply", ValueError(f"bad status {status[:16]!r}"))
+            return True
+        self.balancer.finished(w.backend, True)
+        w.requests += 1
+        w.latencies.append(now - t0)
+        if status != OK:
             w.errors += 1
-            if not p.done and not p.running:
-                self._again(p)
+        self._answer(p, status, body)
         return True
 
     def _again(self, p: Pending) -> None:
-        """Send *p* once more (front of the queue), or give up after the retries."""
-        if p.running:
+        """Send *p* once more (first in the queue), or give up after the retries."""
+        if p.running or p.done:
             return  # another worker still runs it
         if p.attempts > self.settings.retries:
             self._answer(p, ERR, f"failed on {p.attempts} workers".encode())
@@ -389,18 +438,20 @@ class Broker(Daemon):
         """Forget *w*; what it was running goes to other workers (same rid)."""
         if self.workers.pop(w.ident, None) is None:
             return
-        w.state = "dead"
+        self.balancer.remove(w.backend.key)
+        self.full.discard(w.backend.key)
+        w.dead = True
         self.dead.append(w)
         lost = list(w.inflight.values())
         w.inflight.clear()
+        w.errors += len(lost)
         if lost:
             self.warn(f"warning: worker {w.id} {why}: re-sending its {len(lost)} request(s)")
         else:
             self.log(f"worker {w.id} {why}")
         for p, _t0 in reversed(lost):
             p.running -= 1
-            if not p.done:
-                self._again(p)
+            self._again(p)
         self._dispatch()
 
     # -- timers -------------------------------------------------------------------------
@@ -410,11 +461,11 @@ class Broker(Daemon):
             if w.seen < limit:
                 self._drop(w, "went silent")
             else:
-                self.back.send_multipart([w.ident, TAG, BEAT])
+                self.back.send_multipart([w.ident, *_HEARTBEAT])
 
     def _expire(self) -> None:
         """Answer requests whose deadline passed: queued ones, and running ones whose
-        worker did not answer within a heartbeat interval after it."""
+        worker did not answer within a heartbeat interval after it (a failure of it)."""
         now = time.monotonic()
         if self.queue:
             kept: deque[Pending] = deque()
@@ -427,15 +478,20 @@ class Broker(Daemon):
                     kept.append(p)
             self.queue = kept
         grace = now - self.settings.heartbeat
+        freed = False
         for w in list(self.workers.values()):
             late = [rid for rid, (p, _t0) in w.inflight.items() if p.deadline < grace]
             for rid in late:
                 p, _t0 = w.inflight.pop(rid)
                 p.running -= 1
                 w.errors += 1
+                self.balancer.finished(w.backend, False)
                 if not p.running:
                     self._answer(p, ERR, f"timed out on worker {w.id}".encode())
-        if any(w.free for w in self.workers.values()):
+                freed = True
+            if late:
+                self._fullness(w)
+        if freed:
             self._dispatch()
 
     # -- figures ------------------------------------------------------------------------
@@ -447,22 +503,33 @@ class Broker(Daemon):
     def capacity(self) -> int:
         return sum(w.concurrency for w in self.workers.values())
 
+    def state(self, w: Worker, now: float) -> str:
+        """dead, ejected, slow-start or healthy."""
+        b = w.backend
+        if w.dead:
+            return "dead"
+        if b.ejected_until > now:
+            return "ejected"
+        if self.balancer.slow_start > 0 and now - b.warm_from < self.balancer.slow_start:
+            return "slow-start"
+        return "healthy"
+
     def stats(self) -> dict[str, Any]:
-        """What STATS answers: the broker's totals and one entry per worker (dead ones too)."""
-        instances = []
-        for w in [*self.workers.values(), *self.dead]:
-            instances.append(
-                {
-                    "id": w.id,
-                    "state": w.state,
-                    "requests": w.requests,
-                    "errors": w.errors,
-                    "inflight": len(w.inflight),
-                    "concurrency": w.concurrency,
-                    "weight": w.weight,
-                    **figures(w.latencies),
-                }
-            )
+        """What S answers: the broker's totals and one entry per worker (dead ones too)."""
+        now = time.monotonic()
+        instances = [
+            {
+                "id": w.id,
+                "state": self.state(w, now),
+                "requests": w.requests,
+                "errors": w.errors,
+                "inflight": len(w.inflight),
+                "concurrency": w.concurrency,
+                "weight": w.backend.weight,
+                "latency_ms": figures(w.latencies),
+            }
+            for w in [*self.workers.values(), *self.dead]
+        ]
         return {
             "role": "broker",
             "service": self.settings.service,
@@ -478,34 +545,6 @@ class Broker(Daemon):
             "malformed": self.malformed,
             "instances": instances,
         }
-
-
-STRATEGIES = ("round-robin", "weighted", "least-conn", "random", "p2c")
-
-
-def parse_ready(raw: bytes) -> tuple[str, str, int, int]:
-    """A READY frame's JSON: (service, id, concurrency, weight); ValueError when malformed."""
-    if len(raw) > MAX_READY:
-        raise ValueError("ready message too large")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"ready message is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("ready message is not an object")
-    service, inst_id = data.get("service"), data.get("id")
-    concurrency, weight = data.get("concurrency", 1), data.get("weight", 1)
-    if not isinstance(service, str) or not service or len(service) > 63:
-        raise ValueError("ready message without a valid service")
-    if not isinstance(inst_id, str) or ID_RE.fullmatch(inst_id) is None:
-        raise ValueError("ready message without a valid id")
-    for name, value, top in (
-        ("concurrency", concurrency, MAX_CONCURRENCY),
-        ("weight", weight, MAX_WEIGHT),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top:
-            raise ValueError(f"ready message with a bad {name}")
-    return service, inst_id, concurrency, weight
 
 
 # -- being found -----------------------------------------------------------------------------
@@ -580,7 +619,7 @@ class Presence:
 
 
 # -- asking for figures ------------------------------------------------------------------------
-MAX_STATS = 1 << 20  # bytes of one FIGURES answer
+MAX_STATS = 1 << 20  # bytes of one T answer
 
 
 def ask_stats(
@@ -588,9 +627,9 @@ def ask_stats(
     timeout: float = 2.0,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> dict[str, dict[str, Any] | str]:
-    """Send STATS to each endpoint at once; each one's FIGURES object, or why there is none.
+    """Send S to each endpoint at once; each one's T object, or why there is none.
 
-    An answer that is not a JSON object (or too large, or not a FIGURES) is an
+    An answer that is not a JSON object (or too large, or not a T) is an
     error string for that endpoint, never an exception.
     """
     ctx = context or zmq.Context.instance()
@@ -605,7 +644,7 @@ def ask_stats(
             socks[sock] = endpoint
             results[endpoint] = "no answer"
             sock.connect(endpoint)
-            sock.send_multipart([TAG, STATS], zmq.NOBLOCK)
+            sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
             poller.register(sock, zmq.POLLIN)
         deadline = time.monotonic() + timeout
         waiting = set(socks)
@@ -628,12 +667,11 @@ def ask_stats(
 
 
 def _stats_answer(msg: list[bytes]) -> dict[str, Any] | str | None:
-    if len(msg) != 3 or msg[0] != TAG or msg[1] != FIGURES:
+    if len(msg) < 2 or msg[:2] != [TAG, STATS]:
         return None  # something else (a late pong...): keep waiting
     try:
-        data = json.loads(msg[2])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return "malformed stats answer (not JSON)"
-    if not isinstance(data, dict):
-        return "malformed stats answer (not an object)"
+        data = parse(msg, 0, MAX_STATS).data
+    except ProtocolError as exc:
+        return f"malformed stats answer: {exc}"
+    assert data is not None
     return data
