@@ -137,6 +137,47 @@ Examples:
     metavar="N",
     help="Re-sends of a request whose worker died, to other workers.",
 )
+@click.option(
+    "--pipeline",
+    type=click.IntRange(1, 10_000),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for --persistent "
+    "workers, which pipeline requests into their process.",
+)
+@click.option(
+    "--eject-after",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    metavar="N",
+    help="Failures in a row (timeouts, deaths) that eject a worker for a while.",
+)
+@click.option(
+    "--eject-time",
+    type=SECONDS_,
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="First ejection; each next one doubles, up to 30 s.",
+)
+@click.option(
+    "--slow-start",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A worker joining others ramps its share up over this long (0: off).",
+)
+@click.option(
+    "--panic",
+    type=click.FloatRange(0, 100),
+    default=50.0,
+    show_default=True,
+    metavar="PERCENT",
+    help="Below this share of healthy workers, balance over all of them.",
+)
 @click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
 @click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
 @_registry_options
@@ -150,6 +191,11 @@ def serve(
     queue: int,
     max_request: int,
     retries: int,
+    pipeline: int,
+    eject_after: int,
+    eject_time: float,
+    slow_start: float,
+    panic: float,
     host: str | None,
     inst_id: str | None,
     registries: tuple[str, ...],
@@ -180,7 +226,9 @@ def serve(
         )
     settings = Settings(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
-        queue=queue, max_request=max_request, retries=retries,
+        queue=queue, max_request=max_request, retries=retries, pipeline=pipeline,
+        eject_after=eject_after,
+        eject_base=eject_time, slow_start=slow_start, panic=panic,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
@@ -275,7 +323,10 @@ def stats(
             failed += 1
             ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
             continue
-        rows += _stats_rows(service, inst.id, answer, broker=bool(brokers))
+        found_rows = _stats_rows(service, inst.id, answer, broker=bool(brokers))
+        if not found_rows and brokers:
+            ctx.warn(f"warning: broker {inst.id} has no worker")
+        rows += found_rows
     if out.mode == "json" and out.tty and not out.forced_json:
         _stats_table(rows)
     else:

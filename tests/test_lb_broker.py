@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eda.core.lb.broker import TAG, Broker, Settings
 from tests.helpers import wait_until
@@ -203,6 +205,17 @@ def test_a_workers_concurrency_is_respected_and_the_rest_waits_in_the_queue(make
         caller.send(f"c.{i}", b"x")
     assert len(caller.replies(12)) == 12
     assert worker.max_inflight == 2
+
+
+def test_pipeline_sends_ahead_to_each_slot_and_no_further(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, pipeline=4)
+    worker = make(FakeWorker, broker.back, "piped", concurrency=1, delay=0.05)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(12):
+        caller.send(f"p.{i}", b"x")
+    assert len(caller.replies(12)) == 12
+    assert worker.max_inflight == 4
 
 
 def test_a_full_queue_answers_busy(make):  # type: ignore[no-untyped-def]
@@ -469,3 +482,46 @@ def test_a_callers_retry_of_a_running_request_runs_elsewhere_and_is_answered_onc
     assert r[2:] == [b"same.1", b"ok", b"ONCE"]
     assert helper.seen == [b"same.1"]
     assert not caller.replies(1, 0.3)
+
+
+_frame = st.one_of(
+    st.sampled_from([TAG, b"Q", b"R", b"W", b"H", b"D", b"S", b"P", b"ok", b"busy", b"100", b"0"]),
+    st.binary(max_size=80),
+    st.sampled_from([b'{"service":"upper","id":"x","concurrency":1,"weight":1}', b"{}", b"[]"]),
+)
+_message = st.lists(_frame, min_size=1, max_size=6)
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[BrokerThread, FakeWorker]]:
+    broker = BrokerThread()
+    worker = FakeWorker(broker.back, "steady", concurrency=8)
+    ready_workers(broker, 1)
+    yield broker, worker
+    worker.close()
+    broker.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(front=st.lists(_message, max_size=8), back=st.lists(_message, max_size=8))
+def test_any_frames_on_either_socket_leave_the_broker_serving(shared, front, back):  # type: ignore[no-untyped-def]
+    broker, _worker = shared
+    noisy_front, noisy_back, caller = (
+        Caller(broker.front),
+        Caller(broker.back),
+        Caller(broker.front),
+    )
+    try:
+        for frames in front:
+            noisy_front.sock.send_multipart(frames)
+        for frames in back:
+            noisy_back.sock.send_multipart(frames)
+        caller.send("probe", b"still")
+        [r] = caller.replies(1, 10)
+        assert r[2:] == [b"probe", b"ok", b"STILL"]
+        assert broker.broker.failures == 0
+    finally:
+        for c in (noisy_front, noisy_back, caller):
+            c.close()
