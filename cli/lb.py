@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
-from eda.cli.common import (
-    Context,
-    Exit,
-    ExitStatus,
-    Output,
-    common_options,
-    for_terminal,
-    run,
-)
+from eda.cli.common import common_options, run
 
 EPILOG = """\b
 Examples:
@@ -38,6 +28,10 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------
+from typing import Any  # noqa: E402  (this section's imports stay in it: merges stay clean)
+
+from eda.cli.common import Context, Exit, ExitStatus, Output, for_terminal  # noqa: E402
+
 SECONDS_ = click.FloatRange(min=0, min_open=True)
 STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
 STATS_FIELDS = (
@@ -374,7 +368,8 @@ def _stats_rows(
 STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
 
 
-def _stats_table(rows: list[dict[str, Any]]) -> None:
+def _stats_table(rows: list[dict[str, Any]], console: Any = None) -> None:
+    """Rows as a table; every peer-supplied string is escaped and shown as plain Text."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -391,7 +386,7 @@ def _stats_table(rows: list[dict[str, Any]]) -> None:
             style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
             cells.append(Text(text, style=style))
         table.add_row(*cells)
-    Console(highlight=False).print(table)
+    (console or Console(highlight=False)).print(table)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
