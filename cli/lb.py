@@ -30,7 +30,14 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 # -- serve, stats (the broker) -------------------------------------------------------------
 from typing import Any  # noqa: E402  (this section's imports stay in it: merges stay clean)
 
-from eda.cli.common import Context, Exit, ExitStatus, Output, for_terminal  # noqa: E402
+from eda.cli.common import (  # noqa: E402
+    Context,
+    Exit,
+    ExitStatus,
+    Output,
+    Terminated,
+    for_terminal,
+)
 
 SECONDS_ = click.FloatRange(min=0, min_open=True)
 STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
@@ -172,6 +179,15 @@ Examples:
     metavar="PERCENT",
     help="Below this share of healthy workers, balance over all of them.",
 )
+@click.option(
+    "--drain",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT: answer new requests 'busy' (callers retry elsewhere) and let "
+    "the running ones finish this long.",
+)
 @click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
 @click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
 @_registry_options
@@ -190,6 +206,7 @@ def serve(
     eject_time: float,
     slow_start: float,
     panic: float,
+    drain: float,
     host: str | None,
     inst_id: str | None,
     registries: tuple[str, ...],
@@ -240,7 +257,13 @@ def serve(
             f"broker {inst.id} for {service} listening on {broker.endpoint} (callers), "
             f"{broker.backend_endpoint} (workers)"
         )
-        broker.serve()
+        try:
+            broker.serve()
+        except (KeyboardInterrupt, Terminated):
+            presence.close()  # no new caller finds us
+            ctx.debug(f"draining: {len(broker.pending)} request(s) pending")
+            broker.drain(drain)
+            raise
     finally:
         if presence is not None:
             presence.close()

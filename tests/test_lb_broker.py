@@ -43,9 +43,13 @@ class BrokerThread:
     def back(self) -> str:
         return self.broker.backend_endpoint
 
-    def close(self) -> None:
+    def close_serving(self) -> None:
+        """Stop the serving thread (the broker is then this thread's to drive)."""
         self._stop = True
         self.thread.join(5)
+
+    def close(self) -> None:
+        self.close_serving()
         self.broker.close()
 
 
@@ -216,6 +220,24 @@ def test_pipeline_sends_ahead_to_each_slot_and_no_further(make):  # type: ignore
         caller.send(f"p.{i}", b"x")
     assert len(caller.replies(12)) == 12
     assert worker.max_inflight == 4
+
+
+def test_drain_lets_running_requests_finish_and_answers_the_rest_busy(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    worker = make(FakeWorker, broker.back, "slow", delay=0.3)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(3):  # one runs, two wait
+        caller.send(f"d.{i}", b"x")
+    wait_until(lambda: worker.seen == [b"d.0"], 5, "the first request under way")
+    broker.close_serving()
+    late = make(Caller, broker.front)
+    late.send("late", b"x")
+    broker.broker.drain(5)
+    replies = {r[2]: r[3:] for r in caller.replies(3, 5)}
+    assert replies == {b"d.0": [b"ok", b"X"], b"d.1": [b"busy", b"broker shutting down"],
+                       b"d.2": [b"busy", b"broker shutting down"]}  # fmt: skip
+    assert late.replies(1, 5)[0][2:] == [b"late", b"busy", b"broker shutting down"]
 
 
 def test_a_full_queue_answers_busy(make):  # type: ignore[no-untyped-def]
@@ -525,3 +547,18 @@ def test_any_frames_on_either_socket_leave_the_broker_serving(shared, front, bac
     finally:
         for c in (noisy_front, noisy_back, caller):
             c.close()
+
+
+def test_the_stats_table_shows_peer_strings_escaped() -> None:
+    from rich.console import Console
+
+    from eda.cli import lb
+
+    rows = lb._stats_rows(
+        "upper", "b1", {"instances": [{"id": "\x1b]0;pwned\x07w", "state": "\x1b[2Jhealthy"}]},
+        broker=True,
+    )  # fmt: skip
+    console = Console(record=True, width=200, force_terminal=False)
+    lb._stats_table(rows, console)
+    text = console.export_text()
+    assert "\x1b" not in text and "\\x1b]0;pwned" in text

@@ -61,6 +61,7 @@ from .protocol import (
 MAX_WORKERS = 10_000  # workers one broker keeps (a flood of W is refused beyond)
 DEAD_KEPT = 64  # dropped workers still listed by stats (state "dead")
 LATENCIES = 2048  # latency samples per worker for the percentiles
+MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
@@ -211,6 +212,7 @@ class Broker(Daemon):
         self.stale = 0  # worker replies for nothing in flight
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
+        self.draining = False
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -236,15 +238,26 @@ class Broker(Daemon):
     def backend_port(self) -> int:
         return port_of(self.backend_endpoint)
 
+    def drain(self, grace: float) -> None:
+        """Stop taking requests (callers get busy, and retry elsewhere), let those
+        running finish for *grace* seconds at most; what is left is answered busy."""
+        self.draining = True
+        for p in self.queue:
+            self._answer(p, BUSY, b"broker shutting down")
+        self.queue.clear()
+        end = time.monotonic() + grace
+        self.serve(lambda: not self.pending or time.monotonic() > end)
+
     def close(self) -> None:
-        """Tell every worker (D), answer what is still pending (err), close."""
+        """Tell every worker (D), answer what is still pending (busy: never run, or the
+        caller retries it under the same rid), close."""
         if getattr(self, "back", None) is not None:
             for ident in list(self.workers):
                 with contextlib.suppress(zmq.ZMQError):
                     send_frames(self.back, [ident, *_DISCONNECT])
             for p in list(self.pending.values()):
                 with contextlib.suppress(zmq.ZMQError):
-                    self._answer(p, ERR, b"broker shutting down")
+                    self._answer(p, BUSY, b"broker shutting down")
         super().close()
 
     # -- callers ------------------------------------------------------------------------
@@ -287,6 +300,9 @@ class Broker(Daemon):
                 self._send(p, now)  # no other free worker: the running one may answer
             return
         self.requests += 1
+        if self.draining:
+            self._reply(client, rid, BUSY, b"broker shutting down")
+            return
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
@@ -407,6 +423,9 @@ class Broker(Daemon):
         if data["service"] != self.settings.service:
             self.dropped("worker ready", ProtocolError(f"a worker of {data['service']!r}"))
             send_frames(self.back, [ident, *_DISCONNECT])
+            known = self.workers.get(ident)
+            if known is not None:
+                self._drop(known, "changed service")
             return False
         concurrency, weight = data["concurrency"], data["weight"]
         w = self.workers.get(ident)
@@ -562,7 +581,7 @@ class Broker(Daemon):
                 "weight": w.backend.weight,
                 "latency_ms": figures(w.latencies),
             }
-            for w in [*self.workers.values(), *self.dead]
+            for w in [*self.workers.values(), *self.dead][:MAX_LISTED]
         ]
         return {
             "role": "broker",
@@ -577,6 +596,7 @@ class Broker(Daemon):
             "inflight": self.inflight,
             "queued": len(self.queue),
             "malformed": self.malformed,
+            "workers": len(self.workers),
             "instances": instances,
         }
 
@@ -646,10 +666,12 @@ class Presence:
             announcer.close()
 
     def close(self) -> None:
-        """Deregister (or withdraw the mDNS records) and wait for it, a few seconds at most."""
+        """Deregister (or withdraw the mDNS records) and wait for it, a few seconds at most;
+        safe to call twice."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+            self._thread = None
 
 
 # -- asking for figures ------------------------------------------------------------------------
@@ -703,9 +725,18 @@ def ask_stats(
 def _stats_answer(msg: list[bytes]) -> dict[str, Any] | str | None:
     if len(msg) < 2 or msg[:2] != [TAG, STATS]:
         return None  # something else (a late pong...): keep waiting
-    try:
-        data = parse(msg, 0, MAX_STATS).data
-    except ProtocolError as exc:
-        return f"malformed stats answer: {exc}"
-    assert data is not None
+    if len(msg) != 3:
+        return "malformed stats answer (frames)"
+    if len(msg[2]) > MAX_STATS:
+        return "stats answer too large"
+    try:  # a broker's answer may be larger than protocol.MAX_JSON: parsed here
+        data = json.loads(msg[2], parse_constant=_not_a_number)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return "malformed stats answer (not JSON)"
+    if not isinstance(data, dict):
+        return "malformed stats answer (not an object)"
     return data
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
