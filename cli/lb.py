@@ -144,7 +144,7 @@ Examples:
     default=1,
     show_default=True,
     metavar="N",
-    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for --persistent "
+    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for persistent "
     "workers, which pipeline requests into their process.",
 )
 @click.option(
@@ -216,13 +216,14 @@ def serve(
     no_mdns: bool,
     verbose: bool,
 ) -> None:
-    """Run a broker for service NAME: callers (`call --via NAME`) send it requests,
-    workers connect to it, and it balances each request over the ready workers.
+    """Run a broker for service NAME: workers of NAME connect to it, callers send it
+    requests (`eda-lb call NAME` with its via option), and it balances each
+    request over the ready workers, within each one's concurrency.
 
     It registers as an instance of NAME with meta role=broker (registry, else
-    mDNS), so workers of NAME find it and connect, and callers find it with
-    --via.  A worker silent for 3 heartbeats is dropped and its requests in
-    flight are re-sent to another worker with the same request id.
+    mDNS), so that workers and callers find it.  A worker silent for 3
+    heartbeats is dropped and its requests in flight are re-sent to another
+    worker with the same request id.
     """
     from eda.core.lb.broker import Broker, Presence, Settings
     from eda.core.registry import access as reg
