@@ -393,24 +393,32 @@ STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "
 
 
 def _stats_table(rows: list[dict[str, Any]], console: Any = None) -> None:
-    """Rows as a table; every peer-supplied string is escaped and shown as plain Text."""
+    """Rows as a table, one per source (a broker, or the workers asked directly);
+    every peer-supplied string is escaped and shown as plain Text."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold")
-    for header in STATS_FIELDS[1:]:
-        numeric = header not in ("source", "instance", "state")
-        table.add_column(header, justify="right" if numeric else "left")
-    for r in rows:
-        cells = []
-        for key in STATS_FIELDS[1:]:
-            value = r[key]
-            text = "—" if value is None else for_terminal(value)
-            style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-            cells.append(Text(text, style=style))
-        table.add_row(*cells)
-    (console or Console(highlight=False)).print(table)
+    console = console or Console(highlight=False)
+    columns = STATS_FIELDS[2:]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    for source in sources:
+        title = "each worker asked directly" if source == "direct" else f"via broker {source}"
+        table = Table(
+            title=Text(for_terminal(title)), title_justify="left", box=None, header_style="bold"
+        )
+        for header in columns:
+            numeric = header not in ("instance", "state")
+            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+        for r in (r for r in rows if r["source"] == source):
+            cells = []
+            for key in columns:
+                value = r[key]
+                text = "—" if value is None else for_terminal(value)
+                style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+                cells.append(Text(text, style=style))
+            table.add_row(*cells)
+        console.print(table)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
