@@ -129,7 +129,8 @@ class Pending:
     rid: bytes
     body: bytes
     deadline: float  # monotonic; math.inf without one
-    attempts: int = 0  # times sent to a worker
+    attempts: int = 0  # times sent to a worker (busy answers not counted)
+    busy: int = 0  # busy answers from workers
     running: int = 0  # workers running it now
     done: bool = False  # answered: later replies only free their slots
     tried: list[str] = field(default_factory=list)  # worker keys, in order
@@ -210,6 +211,7 @@ class Broker(Daemon):
         self.refused = 0  # busy replies (queue full)
         self.retried = 0  # re-sends after a worker died, was busy or failed
         self.stale = 0  # worker replies for nothing in flight
+        self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -463,9 +465,15 @@ class Broker(Daemon):
             self.full.discard(w.backend.key)
         p, t0 = entry
         p.running -= 1
-        if status == BUSY:
+        if status == BUSY:  # not a failure, and not an attempt: try another worker
             self.balancer.released(w.backend)
-            if not p.done:
+            p.busy += 1
+            p.attempts -= 1
+            if p.done:
+                pass
+            elif p.busy > 2 * len(self.workers):
+                self._answer(p, BUSY, b"every worker is busy")
+            else:
                 self._again(p)
             return True
         self.balancer.finished(w.backend, True)
@@ -517,8 +525,11 @@ class Broker(Daemon):
                 send_frames(self.back, [w.ident, *_HEARTBEAT])
 
     def _expire(self) -> None:
-        """Answer requests whose deadline passed: queued ones, and running ones whose
-        worker did not answer within a heartbeat interval after it (a failure of it)."""
+        """Requests whose deadline (the caller's time) passed: a queued one is answered
+        busy (not run: the caller may try elsewhere); a running one whose worker did not
+        answer within a heartbeat interval after it is a failure of that worker and is
+        forgotten -- the caller's own timeout, at the same moment, retries or reports it,
+        whereas an error reply racing that timeout would end the request for good."""
         now = time.monotonic()
         if self.queue:
             kept: deque[Pending] = deque()
@@ -526,7 +537,8 @@ class Broker(Daemon):
                 if p.done:
                     continue
                 if p.deadline < now:
-                    self._answer(p, ERR, b"timed out waiting for a free worker")
+                    self.expired += 1
+                    self._answer(p, BUSY, b"no free worker in time")
                 else:
                     kept.append(p)
             self.queue = kept
@@ -539,8 +551,10 @@ class Broker(Daemon):
                 p.running -= 1
                 w.errors += 1
                 self.balancer.finished(w.backend, False)
-                if not p.running:
-                    self._answer(p, ERR, f"timed out on worker {w.id}".encode())
+                if not p.running and not p.done:
+                    self.expired += 1
+                    p.done = True  # a retry of its rid is a new request
+                    self.pending.pop((p.client, p.rid), None)
                 freed = True
             if late:
                 self._fullness(w)
@@ -593,6 +607,7 @@ class Broker(Daemon):
             "errors": self.errors,
             "refused": self.refused,
             "retried": self.retried,
+            "expired": self.expired,
             "inflight": self.inflight,
             "queued": len(self.queue),
             "malformed": self.malformed,
