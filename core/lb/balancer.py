@@ -94,12 +94,14 @@ class Balancer:
             "p2c": self._p2c,
         }
         self._pick = self._pickers[strategy]
+        self._live: list[Backend] | None = None  # instances of weight > 0, when nothing changes
         self._ejected = 0  # backends ejected now (maybe expired: checked lazily)
         self._warming = 0  # backends possibly still in slow start
 
     # -- membership ----------------------------------------------------------------------------
     def add(self, key: str, weight: int = 1, data: Any = None, *, warm: bool = True) -> Backend:
         """Add *key* (or update its weight and data); new instances slow-start if *warm*."""
+        self._live = None
         backend = self._backends.get(key)
         if backend is not None:
             backend.weight = max(0, weight)
@@ -117,6 +119,7 @@ class Balancer:
         return backend
 
     def remove(self, key: str) -> Backend | None:
+        self._live = None
         backend = self._backends.pop(key, None)
         if backend is not None:
             self._order.remove(backend)
@@ -142,6 +145,13 @@ class Balancer:
         another one is available.  The pick is not counted as in flight until
         :meth:`started`.
         """
+        if not exclude and not self._ejected and not self._warming:  # the common case
+            live = self._live
+            if live is None:
+                live = self._live = [b for b in self._order if b.weight > 0]
+            if len(live) > 1:
+                return self._pick(live)
+            return live[0] if live else None
         candidates = self._candidates()
         if exclude and candidates:
             others = [b for b in candidates if b.key not in exclude]
