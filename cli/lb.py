@@ -432,51 +432,15 @@ def call(
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------
-from typing import Any  # noqa: E402  (this section's imports stay in it: merges stay clean)
+# this section's own imports stay in it, so merges stay clean (Any, Context, Exit,
+# ExitStatus and Output come with the worker/call section above)
+from eda.cli.common import Terminated, for_terminal  # noqa: E402
 
-from eda.cli.common import (  # noqa: E402
-    Context,
-    Exit,
-    ExitStatus,
-    Output,
-    Terminated,
-    for_terminal,
-)
-
-SECONDS_ = click.FloatRange(min=0, min_open=True)
 STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
 STATS_FIELDS = (
     "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
     "weight", "p50_ms", "p90_ms", "p99_ms",
 )  # fmt: skip
-
-
-def _broker_access(
-    registries: tuple[str, ...], interface: str | None, no_mdns: bool, serverless: bool, ctx: Any
-) -> Any:
-    from eda.core.registry.access import Access, resolve_interface
-
-    return Access(
-        registries=registries,
-        interface=resolve_interface(interface),
-        mdns=not no_mdns,
-        serverless=serverless,
-        log=ctx.debug,
-    )
-
-
-def _registry_options(func: Any) -> Any:
-    func = click.option(
-        "--serverless", is_flag=True, help="No registry: announce / find instances by mDNS alone."
-    )(func)
-    return click.option(
-        "--registry",
-        "registries",
-        multiple=True,
-        metavar="ENDPOINT",
-        envvar="EDA_REGISTRY",
-        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
-    )(func)
 
 
 @command.command(
@@ -512,7 +476,7 @@ Examples:
 )
 @click.option(
     "--heartbeat",
-    type=SECONDS_,
+    type=SECONDS,
     default=1.0,
     show_default=True,
     metavar="SECONDS",
@@ -561,7 +525,7 @@ Examples:
 )
 @click.option(
     "--eject-time",
-    type=SECONDS_,
+    type=SECONDS,
     default=1.0,
     show_default=True,
     metavar="SECONDS",
@@ -594,7 +558,7 @@ Examples:
 )
 @click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
 @click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
-@_registry_options
+@registry_option
 @common_options
 def serve(
     name: str,
@@ -629,13 +593,14 @@ def serve(
     heartbeats is dropped and its requests in flight are re-sent to another
     worker with the same request id.
     """
-    from eda.core.lb.broker import Broker, Presence, Settings
+    from eda.core.lb.broker import Broker, Settings
+    from eda.core.lb.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    access = _broker_access(registries, interface, no_mdns, serverless, ctx)
+    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
     if access.interface:
         bind, backend = (
             e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)
@@ -655,12 +620,13 @@ def serve(
             service, broker.port, host=host, inst_id=inst_id, interval=interval,
             meta=("role=broker", f"backend={broker.backend_port}"),
         )  # fmt: skip
-        presence = Presence(record, access, log=ctx.debug, warn=ctx.warn)
+        presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
         inst = presence.start()
         broker.id = inst.id
+        how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
         ctx.warn(
             f"broker {inst.id} for {service} listening on {broker.endpoint} (callers), "
-            f"{broker.backend_endpoint} (workers)"
+            f"{broker.backend_endpoint} (workers) ({how[presence.mode]})"
         )
         try:
             broker.serve()
@@ -686,7 +652,7 @@ Examples:
 @click.argument("name")
 @click.option(
     "--timeout",
-    type=SECONDS_,
+    type=SECONDS,
     default=2.0,
     show_default=True,
     metavar="SECONDS",
@@ -700,7 +666,7 @@ Examples:
     f"Fields: {', '.join(STATS_FIELDS)}.",
 )
 @click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
-@_registry_options
+@registry_option
 @common_options
 def stats(
     name: str,
@@ -729,7 +695,7 @@ def stats(
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
-    access = _broker_access(registries, interface, no_mdns, serverless, ctx)
+    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
     found = lookup(service, access)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]

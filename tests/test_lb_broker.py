@@ -12,6 +12,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -19,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eda.core.lb.broker import TAG, Broker, Settings
-from tests.helpers import wait_until
+from tests.helpers import PROGRAMS, Proc, Procs, run, wait_until
 
 HB = 0.1  # heartbeat interval of in-process brokers
 
@@ -580,6 +582,135 @@ def test_any_frames_on_either_socket_leave_the_broker_serving(shared, front, bac
     finally:
         for c in (noisy_front, noisy_back, caller):
             c.close()
+
+
+# -- end to end: the real commands ------------------------------------------------------------
+PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+E2E_HB = "0.2"
+
+
+def serve_cli(procs: Procs, *args: str) -> Proc:
+    """eda-lb serve upper (serverless, fast heartbeats); not waited for."""
+    return procs.eda("eda-lb", "serve", "upper", "-v", "--heartbeat", E2E_HB, *args)
+
+
+def announced(proc: Proc) -> None:
+    proc.wait_stderr(r"listening on .*\((registered|announced by mDNS)\)", 15)
+
+
+def worker_cli(procs: Procs, *args: str) -> Proc:
+    """eda-lb worker upper (serverless, fast heartbeats); not waited for."""
+    return procs.eda("eda-lb", "worker", "upper", "-v", "--heartbeat", E2E_HB, *args)
+
+
+def broker_rows(n: int, timeout: float = 15.0, reg: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The stats rows of the broker once it lists *n* live workers."""
+
+    def rows() -> list[dict[str, Any]] | None:
+        done = run("eda-lb", "stats", "upper", "--timeout", "1", *reg)
+        found = [json.loads(line) for line in done.stdout.splitlines()]
+        live = [r for r in found if r["state"] != "dead" and r["source"] != "direct"]
+        return found if len(live) == n else None
+
+    found: list[dict[str, Any]] = wait_until(rows, timeout, f"{n} workers at the broker")
+    return found
+
+
+def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
+    procs: Procs, tmp_path: Path
+) -> None:
+    ports = ("--bind", "tcp://127.0.0.1:7893", "--backend", "tcp://127.0.0.1:7894")
+    broker = serve_cli(procs, "--strategy", "weighted", *ports)
+    # slots to spare (8 each, a window of 8): shares follow the weights, not who is free
+    workers = [
+        worker_cli(
+            procs, "--weight", w, "--id", name, "--concurrency", "8", "--", "tr", "a-z", "A-Z"
+        )
+        for w, name in (("1", "light"), ("3", "heavy"))
+    ]
+    announced(broker)
+    broker_rows(2)
+    done = run("eda-lb", "call", "upper", "--via", "upper", "hello", "world")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "HELLO\nWORLD\n", "")
+    lines = "".join(f"line {i}\n" for i in range(200))
+    done = run("eda-lb", "call", "upper", "--via", "upper", "--window", "8", input=lines)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == lines.upper()  # in input order
+
+    # stats: one row per worker, as the broker sees it
+    rows = {r["instance"]: r for r in broker_rows(2)}
+    assert set(rows) == {"light", "heavy"}
+    assert rows["light"]["requests"] + rows["heavy"]["requests"] == 202
+    assert 2.4 <= rows["heavy"]["requests"] / rows["light"]["requests"] <= 3.6  # weight 3:1
+    broker_id = broker.wait_stderr(r"broker (\S+) for upper listening").group(1)
+    for r in rows.values():
+        assert (r["service"], r["source"], r["state"], r["errors"]) == (
+            "upper", broker_id, "healthy", 0,
+        )  # fmt: skip
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    formatted = run("eda-lb", "stats", "upper", "--format", "{instance}:{requests}")
+    assert sorted(formatted.stdout.split()) == sorted(
+        f"{i}:{r['requests']}" for i, r in rows.items()
+    )
+
+    # hostile peers on both sockets: dropped, counted, said once (rate-limited)
+    front, back = Caller("tcp://127.0.0.1:7893"), Caller("tcp://127.0.0.1:7894")
+    try:
+        for _ in range(20):
+            for frames in HOSTILE_FRONT:
+                front.sock.send_multipart(frames)
+            for frames in HOSTILE_BACK:
+                back.sock.send_multipart(frames)
+        done = run("eda-lb", "call", "upper", "--via", "upper", "still", "serving")
+        assert (done.returncode, done.stdout) == (0, "STILL\nSERVING\n"), done.stderr
+    finally:
+        front.close()
+        back.close()
+    assert "dropped malformed" in broker.stderr and broker.stderr.count("dropped malformed") < 10
+
+    # kill -9 of a worker under load: nothing lost, nothing doubled, order kept
+    source = tmp_path / "requests.txt"
+    source.write_text("".join(f"r{i}\n" for i in range(1000)))
+    with source.open("rb") as stdin:
+        caller = procs.eda(
+            "eda-lb", "call", "upper", "--via", "upper", "--window", "16", "--timeout", "5",
+            "--heartbeat", E2E_HB, stdin=stdin,
+        )  # fmt: skip
+        wait_until(lambda: len(caller.lines()) >= 200, 30, "the load under way")
+        workers[1].kill()  # kill -9 the heavy one, its commands with it
+        assert caller.wait(60) == 0, caller.stderr
+    assert caller.lines() == [f"R{i}" for i in range(1000)]
+    rows = {r["instance"]: r for r in broker_rows(1)}
+    assert (rows["heavy"]["state"], rows["light"]["state"]) == ("dead", "healthy")
+    assert broker.popen.poll() is None
+
+
+def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Procs) -> None:
+    """With a registry this time: the broker registers there, workers and callers look it up."""
+    registry = procs.eda(
+        "eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:7895", "--tick", "0.1"
+    )
+    registry.wait_stderr("listening on", 15)
+    reg = ("--registry", "tcp://127.0.0.1:7895")
+    ports = ("--bind", "tcp://127.0.0.1:7891", "--backend", "tcp://127.0.0.1:7892")
+    broker = serve_cli(procs, *ports, *reg)
+    for i in range(2):
+        worker_cli(procs, "--id", f"w{i}", *reg, "--", "tr", "a-z", "A-Z")
+    announced(broker)
+    assert "with registry" in broker.stderr
+    broker_rows(2, reg=reg)
+    broker.kill()
+    # a caller started while the broker is down: its requests wait and are retried
+    caller = procs.eda(
+        "eda-lb", "call", "upper", "--connect", "tcp://127.0.0.1:7891", "--timeout", "1",
+        "--retries", "20", "--heartbeat", E2E_HB, "one", "two",
+    )  # fmt: skip
+    announced(serve_cli(procs, *ports, *reg))
+    broker_rows(2, timeout=20, reg=reg)  # the workers reconnected (backoff with jitter)
+    assert caller.wait(30) == 0, caller.stderr
+    assert caller.lines() == ["ONE", "TWO"]
+    done = run("eda-lb", "call", "upper", "--via", "upper", *reg, "three")
+    assert (done.returncode, done.stdout) == (0, "THREE\n"), done.stderr
 
 
 def test_the_stats_table_shows_peer_strings_escaped() -> None:

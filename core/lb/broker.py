@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +32,7 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, Log, port_of, received
-from ..errors import EdaError, UsageError
+from ..errors import UsageError
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -614,79 +613,6 @@ class Broker(Daemon):
             "workers": len(self.workers),
             "instances": instances,
         }
-
-
-# -- being found -----------------------------------------------------------------------------
-class Presence:
-    """Keeps one instance registered from a background thread: with a registry
-    (register, heartbeat, deregister), else by mDNS (serverless mode)."""
-
-    def __init__(self, record: dict[str, Any], access: Any, *, log: Log, warn: Log) -> None:
-        self.record, self.access, self.log, self.warn = record, access, log, warn
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.inst: Any = None
-
-    def start(self) -> Any:
-        """Choose registry or mDNS now (errors raise here); register in the background."""
-        from ..registry import access as reg
-
-        client = reg.connect_for_registration(self.access, self.record["interval"])
-        self.inst = reg.finish(self.record, client, self.access.interface)
-        self._thread = threading.Thread(
-            target=self._run, args=(client,), name="registration", daemon=True
-        )
-        self._thread.start()
-        return self.inst
-
-    def _run(self, client: Any) -> None:
-        try:
-            if client is None:
-                self._announce()
-            else:
-                self._heartbeat(client)
-        except Exception as exc:  # the broker serves on; it just cannot be found
-            self.warn(f"warning: registration of {self.inst.id} failed: {exc}")
-
-    def _heartbeat(self, client: Any) -> None:
-        from ..registry.agent import Agent
-
-        agent = Agent(client, self.inst, self.warn)
-        try:
-            while not self._stop.is_set():
-                try:
-                    agent.register()
-                    break
-                except EdaError as exc:
-                    self.warn(f"warning: cannot register {self.inst.id}: {exc}; retrying")
-                    self._stop.wait(self.inst.interval)
-            else:
-                return
-            self.log(f"registered {self.inst.service}/{self.inst.id} with registry")
-            while not self._stop.wait(self.inst.interval):
-                agent.beat("passing")
-            agent.deregister()
-        finally:
-            client.close()
-
-    def _announce(self) -> None:
-        from ..registry.serverless import Announcer
-
-        announcer = Announcer(self.inst, self.access.interface)
-        try:
-            announcer.start()
-            self.log(f"registered {self.inst.service}/{self.inst.id} by mDNS")
-            self._stop.wait()
-        finally:
-            announcer.close()
-
-    def close(self) -> None:
-        """Deregister (or withdraw the mDNS records) and wait for it, a few seconds at most;
-        safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
 
 
 # -- asking for figures ------------------------------------------------------------------------
