@@ -244,6 +244,18 @@ def test_drain_lets_running_requests_finish_and_answers_the_rest_busy(make):  # 
     assert late.replies(1, 5)[0][2:] == [b"late", b"busy", b"broker shutting down"]
 
 
+def test_two_callers_with_the_same_rid_each_get_their_own_reply(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    worker = make(FakeWorker, broker.back, "one", concurrency=2, delay=0.1)
+    ready_workers(broker, 1)
+    a, b = make(Caller, broker.front), make(Caller, broker.front)
+    a.send("1a2b.1", b"from a")  # two hosts, the same pid: the same rid
+    b.send("1a2b.1", b"from b")
+    assert a.replies(1)[0][2:] == [b"1a2b.1", b"ok", b"FROM A"]
+    assert b.replies(1)[0][2:] == [b"1a2b.1", b"ok", b"FROM B"]
+    assert worker.max_inflight == 1  # never both at once: its replies would be ambiguous
+
+
 def test_a_full_queue_answers_busy(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread, queue=2)
     make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
