@@ -54,7 +54,6 @@ from .protocol import (
     parse_reply,
     parse_request,
     pong,
-    reply,
 )
 
 MAX_WORKERS = 10_000  # workers one broker keeps (a flood of W is refused beyond)
@@ -318,7 +317,13 @@ class Broker(Daemon):
         self.answered += 1
         if status == ERR:
             self.errors += 1
-        send_frames(self.front, [client, *reply(rid, status, body)])
+        front = self.front  # send_frames(front, [client, *reply(rid, status, body)]), inlined
+        _zsend(front, client, _SNDMORE)
+        _zsend(front, TAG, _SNDMORE)
+        _zsend(front, REPLY, _SNDMORE)
+        _zsend(front, rid, _SNDMORE)
+        _zsend(front, status, _SNDMORE)
+        _zsend(front, body, 0)
 
     def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
         """The one reply to *p* (later ones are dropped)."""
@@ -362,7 +367,13 @@ class Broker(Daemon):
         p.attempts += 1
         p.running += 1
         p.tried.append(backend.key)
-        send_frames(self.back, [w.ident, TAG, REQUEST, p.rid, b"%d" % ms, p.body])
+        back = self.back  # send_frames(back, [w.ident, *request(p.rid, ms, p.body)]), inlined
+        _zsend(back, w.ident, _SNDMORE)
+        _zsend(back, TAG, _SNDMORE)
+        _zsend(back, REQUEST, _SNDMORE)
+        _zsend(back, p.rid, _SNDMORE)
+        _zsend(back, b"%d" % ms, _SNDMORE)
+        _zsend(back, p.body, 0)
         return True
 
     def _dispatch(self) -> None:
