@@ -50,6 +50,12 @@ class BrokerThread:
         self._stop = True
         self.thread.join(5)
 
+    def resume(self) -> None:
+        """Serve again in a new thread (after :meth:`close_serving`)."""
+        self._stop = False
+        self.thread = threading.Thread(target=self.broker.serve, args=(lambda: self._stop,))
+        self.thread.start()
+
     def close(self) -> None:
         self.close_serving()
         self.broker.close()
@@ -69,7 +75,9 @@ class FakeWorker:
         delay: float = 0.0,
         beat: bool = True,
         status: bytes = b"ok",
+        beat_every: float = HB,
     ) -> None:
+        self.beat_every = beat_every
         self.endpoint, self.wid, self.answer, self.delay = endpoint, wid, answer, delay
         self.status = status
         self.concurrency, self.weight, self.beat = concurrency, weight, beat
@@ -77,6 +85,8 @@ class FakeWorker:
         self.max_inflight = 0
         self.alive = True
         self.byes = 0
+        self.beats = 0  # H sent
+        self.echoes = 0  # H received
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -98,7 +108,8 @@ class FakeWorker:
             now = time.monotonic()
             if self.alive and self.beat and now >= next_beat:
                 sock.send_multipart([TAG, b"H"])
-                next_beat = now + HB
+                self.beats += 1
+                next_beat = now + self.beat_every
             for item in [d for d in due if d[0] <= now]:
                 due.remove(item)
                 if self.alive:
@@ -110,6 +121,8 @@ class FakeWorker:
                 continue
             if msg[1] == b"D":
                 self.byes += 1
+            if msg[1] == b"H":
+                self.echoes += 1
             if msg[1] != b"Q":
                 continue
             self.seen.append(msg[2])
@@ -274,7 +287,9 @@ def test_a_silent_workers_requests_go_to_another_with_the_same_rid(make):  # typ
     caller = make(Caller, broker.front)
     for i in range(20):
         caller.send(f"k.{i}", f"k{i}".encode())
-    wait_until(lambda: len(doomed.seen) == 20, 5, "the doomed worker has them all")
+    # the broker learns a worker's heartbeat period from two of its H (until then it
+    # allows eda-lb workers' default, 1 s)
+    wait_until(lambda: len(doomed.seen) == 20 and doomed.beats >= 3, 5, "the doomed worker's load")
     survivor = make(FakeWorker, broker.back, "survivor", concurrency=50)
     ready_workers(broker, 2)
     started = time.monotonic()
@@ -289,6 +304,19 @@ def test_a_silent_workers_requests_go_to_another_with_the_same_rid(make):  # typ
     states = {i["id"]: i["state"] for i in figures["instances"]}  # type: ignore[index, union-attr]
     assert states == {"doomed": "dead", "survivor": "healthy"}
     assert not caller.replies(1, 0.3)
+
+
+def test_a_worker_with_a_slower_heartbeat_is_kept_and_each_of_its_beats_answered(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)  # heartbeat HB; the worker's is 4 x HB
+    worker = make(FakeWorker, broker.back, "slow-beat", beat_every=4 * HB)
+    ready_workers(broker, 1)
+    wait_until(lambda: worker.beats >= 2, 5, "two beats")
+    time.sleep(8 * HB)  # not a readiness wait: the time in which it must not be dropped
+    [w] = stats(broker)["instances"]  # type: ignore[misc]
+    assert w["state"] == "healthy"
+    assert worker.byes == 0 and worker.echoes >= worker.beats - 1 >= 3
+    worker.die()
+    wait_until(lambda: stats(broker)["instances"][0]["state"] == "dead", 5, "dropped")  # type: ignore[index]
 
 
 def test_stats_and_ping_answer_per_worker_figures(make):  # type: ignore[no-untyped-def]
@@ -365,6 +393,8 @@ def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(mak
             json.dumps({"service": "upper", "id": "liar", "concurrency": 1, "weight": 1}).encode(),
         ]
     )
+    for _ in range(2):  # two beats, then silence: dropped after three of them
+        liar.sock.send_multipart([TAG, b"H"])
     ready_workers(broker, 2)
     for round_ in range(3):
         for frames in HOSTILE_FRONT:
@@ -521,6 +551,25 @@ def test_a_request_waiting_past_its_time_is_answered_busy(make):  # type: ignore
     caller.send("waits", b"x", timeout_ms=100)  # queued behind it, past its time before
     replies = {r[2]: r[3:] for r in caller.replies(2, 5)}
     assert replies == {b"waits": [b"busy", b"no free worker in time"], b"runs": [b"ok", b"X"]}
+
+
+@pytest.mark.parametrize(("panic", "spread"), [(50.0, True), (0.0, False)])
+def test_panic_spreads_over_all_workers_when_most_are_ejected(make, panic, spread):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, panic=panic)
+    workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=10) for i in range(3)]
+    ready_workers(broker, 3)
+    broker.close_serving()  # eject two of three (as failures would), in the broker's thread
+    for w in broker.broker.workers.values():
+        if w.id != "w0":
+            broker.broker.balancer.eject(w.backend, 30)
+    broker.resume()
+    caller = make(Caller, broker.front)
+    windowed(caller, 30, 1, "panic")
+    used = [len(w.seen) for w in workers]
+    if spread:  # 1 healthy of 3 is under 50 %: all three share the load rather than one
+        assert all(n >= 5 for n in used), used
+    else:
+        assert used == [30, 0, 0], used
 
 
 def test_a_new_worker_starts_slowly(make):  # type: ignore[no-untyped-def]

@@ -61,6 +61,8 @@ DEAD_KEPT = 64  # dropped workers still listed by stats (state "dead")
 LATENCIES = 2048  # latency samples per worker for the percentiles
 MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
+DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
+MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
 
@@ -144,11 +146,13 @@ class Worker:
     limit: int  # requests in flight at most: concurrency x pipeline
     backend: Backend
     seen: float  # monotonic time of its last message
+    period: float  # its heartbeat interval, as observed between two H
     inflight: dict[bytes, tuple[Pending, float]] = field(default_factory=dict)  # rid -> (p, t0)
     requests: int = 0  # answered (ok or err)
     errors: int = 0  # err replies, timeouts, bad replies, requests lost with it
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES))
     dead: bool = False
+    beat_at: float = 0.0  # monotonic time of its last H
 
     @property
     def free(self) -> bool:
@@ -417,7 +421,7 @@ class Broker(Daemon):
                 if m.kind != DISCONNECT:
                     self._stranger(ident)
             elif m.kind == HEARTBEAT:
-                w.seen = now
+                self._beat(w, now)
             elif m.kind == DISCONNECT:
                 self._drop(w, "disconnected")
                 freed = True
@@ -453,7 +457,9 @@ class Broker(Daemon):
         # a worker joining others ramps up (slow start); the first ones take all at once
         backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
         limit = concurrency * self.settings.pipeline
-        w = Worker(ident, data["id"], concurrency, limit, backend, now)
+        # until its second H, allow the default heartbeat of eda-lb workers
+        period = max(self.settings.heartbeat, DEFAULT_WORKER_HEARTBEAT)
+        w = Worker(ident, data["id"], concurrency, limit, backend, now, period)
         backend.data = w
         self.workers[ident] = w
         self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
@@ -526,10 +532,20 @@ class Broker(Daemon):
         self._dispatch()
 
     # -- timers -------------------------------------------------------------------------
+    def _beat(self, w: Worker, now: float) -> None:
+        """A worker's H: answered at once, so that a worker whose heartbeat is faster
+        than ours still hears from us in time; its period is learnt, so that one whose
+        heartbeat is slower than ours is not dropped between two of its H."""
+        if w.beat_at:
+            w.period = min(MAX_PERIOD, max(0.01, now - w.beat_at))
+        w.beat_at = w.seen = now
+        send_frames(self.back, [w.ident, *_HEARTBEAT])
+
     def _heartbeat(self) -> None:
-        limit = time.monotonic() - MISSED * self.settings.heartbeat
+        now = time.monotonic()
+        hb = self.settings.heartbeat
         for w in list(self.workers.values()):
-            if w.seen < limit:
+            if now - w.seen > MISSED * max(hb, w.period):
                 self._drop(w, "went silent")
             else:
                 send_frames(self.back, [w.ident, *_HEARTBEAT])
