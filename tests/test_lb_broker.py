@@ -558,7 +558,7 @@ def test_panic_spreads_over_all_workers_when_most_are_ejected(make, panic, sprea
     broker = make(BrokerThread, panic=panic)
     workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=10) for i in range(3)]
     ready_workers(broker, 3)
-    broker.close_serving()  # eject two of three (as failures would), in the broker's thread
+    broker.close_serving()  # eject two of three (as failures would) while it does not serve
     for w in broker.broker.workers.values():
         if w.id != "w0":
             broker.broker.balancer.eject(w.backend, 30)
