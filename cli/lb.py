@@ -521,7 +521,7 @@ Examples:
     default=5,
     show_default=True,
     metavar="N",
-    help="Failures in a row (timeouts, deaths) that eject a worker for a while.",
+    help="Requests in a row that time out at a worker eject it for a while.",
 )
 @click.option(
     "--eject-time",
