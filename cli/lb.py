@@ -33,6 +33,7 @@ from eda.cli.common import Context, Exit, ExitStatus, Output  # noqa: E402
 from eda.cli.registry import registry_option  # noqa: E402
 
 SECONDS = click.FloatRange(min=0, min_open=True)
+DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without --timeout)
 STRATEGY_HELP = "round-robin, weighted (registry weight), least-conn, random, p2c (two choices)."
 
 
@@ -91,10 +92,6 @@ Examples:
   eda-lb worker upper --concurrency 4 -- ./slow.sh           up to 4 requests at once
   eda-lb worker echo --persistent --concurrency 2 -- cat     2 processes, one line per request
   eda-lb worker upper --weight 3 --serverless -- tr a-z A-Z  announced by mDNS, 3x the traffic
-\b
-The command sees the request on stdin (with a newline) and its id in
-EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A non-zero
-exit is an error reply carrying stderr's last line.
 """,
 )
 @click.argument("name")
@@ -172,6 +169,10 @@ def worker(
 ) -> None:
     """Serve requests for NAME by running a command: any shell command becomes a service.
 
+    The command sees the request on stdin (with a newline) and its id in
+    EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
+    non-zero exit is an error reply carrying stderr's last line.
+
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
     NAME (eda-lb serve) are found and served as well."""
@@ -218,8 +219,13 @@ def worker(
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
-        ctx.warn(f"worker {inst.id} serving {service} on {endpoint} ({how[presence.mode]})")
+        where = f"tcp://{inst.host}:{port}" if presence.mode != "none" else endpoint
+        ctx.warn(f"worker {inst.id} serving {service} on {where} ({how[presence.mode]})")
         server.serve()
+        # stopped (SIGTERM, SIGINT): leave the registry first, then finish what runs
+        if presence is not None:
+            presence.close()
+        server.drain(timeout or DRAIN_GRACE)
     finally:
         if presence is not None:
             presence.close()
@@ -285,10 +291,6 @@ Examples:
   eda-lb call upper --unordered --window 500 < in.txt replies as they come, 500 in flight
   eda-lb call upper --via upper hello                 through the broker (eda-lb serve upper)
   eda-lb call upper --connect tcp://10.0.0.5:5000 hi  to a given instance, no lookup
-\b
-A failed request (an error reply, or no answer after its retries) is
-reported on stderr with its input; the exit status is then 1 (4 if every
-failure was a timeout); 3 when no instance is found.
 """,
 )
 @click.argument("name")
@@ -372,7 +374,11 @@ def call(
 
     Each argument is one request; without arguments, each stdin line is one,
     pipelined.  Requests are balanced over the live instances; one that times
-    out or whose instance dies is retried on another."""
+    out or whose instance dies is retried on another.
+
+    A failed request (an error reply, or no answer after its retries) is
+    reported on stderr with its input; the exit status is then 1 (4 if every
+    failure was a timeout); 3 when no instance is found."""
     from eda.core.lb.caller import Caller, lookup_endpoints
     from eda.core.registry.model import validate_name
     from eda.core.reqrep import check_endpoint, printable

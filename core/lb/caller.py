@@ -58,7 +58,9 @@ def _quiet(_msg: str) -> None:
 class Request:
     """One input line on its way: its place in the output, id, body and current attempt."""
 
-    __slots__ = ("attempt", "body", "busy", "conn", "first", "rid", "seq", "tried", "tries")
+    __slots__ = (
+        "attempt", "body", "busy", "conn", "first", "rid", "seq", "stale", "tried", "tries",
+    )  # fmt: skip
 
     def __init__(self, seq: int, rid: bytes, body: bytes) -> None:
         self.seq, self.rid, self.body = seq, rid, body
@@ -66,6 +68,7 @@ class Request:
         self.attempt = 0  # attempts sent (tells a stale deadline from the current one)
         self.tries = 0  # attempts that failed (timeout, instance died): counted against retries
         self.tried: set[str] | None = None
+        self.stale: list[Conn] | None = None  # where attempts timed out (their answers may come)
         self.first = 0.0  # when it was first sent or queued
         self.busy = 0
 
@@ -409,6 +412,9 @@ class Caller(Daemon):
                 if req is None:
                     self.summary.late += 1
                     continue
+                if status != p.OK and req.stale and conn in req.stale:
+                    req.stale.remove(conn)  # the late answer of an attempt that timed out
+                    continue
                 if req.conn is conn:
                     del inflight[rid]
                     if status == p.BUSY:
@@ -418,8 +424,8 @@ class Caller(Daemon):
                         continue
                     if backend is not None:
                         balancer.finished(backend, True)
-                elif status == p.BUSY:
-                    continue  # a busy answer to an earlier attempt: the current one goes on
+                elif status != p.OK:
+                    continue  # an earlier attempt failed after all: the current one goes on
                 else:  # an earlier attempt answered first: take it, cancel the current one
                     self._cancel_current(req)
                 del pending[rid]
@@ -538,6 +544,7 @@ class Caller(Daemon):
                 continue  # answered, or already retried
             conn = req.conn
             conn.inflight.pop(req.rid, None)
+            req.stale = [*req.stale, conn] if req.stale else [conn]
             if conn.backend is not None:
                 self.balancer.finished(conn.backend, False)
             self._attempt_failed(req, "timed out", now)
@@ -585,7 +592,12 @@ class Caller(Daemon):
         self.after(self.hold_until - time.monotonic(), "start", self._fill)
         if self.source is not None and self.fd < 0:
             self.eof = False
-        self.serve(until=self.done)
+        try:
+            self.serve(until=self.done)
+        finally:
+            if self.fd >= 0:  # a terminal or a pipe shared with others: leave it as it was
+                with contextlib.suppress(OSError):
+                    os.set_blocking(self.fd, True)
         self._emit()
         return self.summary
 

@@ -179,6 +179,7 @@ class Worker(Daemon):
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
         self.brokers: dict[str, BrokerLink] = {}
         self.started = time.monotonic()
+        self.draining = False
         self.endpoint = ""
         self.sock: zmq.Socket[bytes] | None = None
         self._dispatch: Callable[[Job], None] = (
@@ -212,14 +213,35 @@ class Worker(Daemon):
         self.find_brokers = find
         self.every(self.heartbeat_interval, "brokers", self._tend_brokers)
 
-    def shutdown(self) -> None:
-        """Say goodbye to brokers, answer what is left with err, stop every process."""
-        for link in list(self.brokers.values()):
+    def drain(self, grace: float) -> None:
+        """Stop taking requests (they get ``busy``: callers go elsewhere), tell brokers
+        goodbye, and serve until the running requests are answered or *grace* seconds pass."""
+        self.draining = True
+        self._goodbye()
+        for job in self.queue:
+            self.busy += 1
+            self._send(job, p.BUSY, b"")
+        self.queue.clear()
+        if self.persistent:
+            for proc in self.procs:
+                if not proc.jobs:  # nothing to answer: no need to wait for it
+                    self._stop_process(proc, b"worker shutting down")
+        deadline = time.monotonic() + grace
+        self.serve(until=lambda: self.inflight <= 0 or time.monotonic() >= deadline)
+
+    def _goodbye(self) -> None:
+        for link in self.brokers.values():
             if link.sock is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     link.sock.send_multipart(p.disconnect(), zmq.NOBLOCK)
+
+    def shutdown(self) -> None:
+        """Say goodbye to brokers, send what waits back (busy: to be run elsewhere),
+        answer what runs with err, stop every process."""
+        if not self.draining:
+            self._goodbye()
         for job in self.queue:
-            self._reply(job, p.ERR, b"worker shutting down")
+            self._send(job, p.BUSY, b"")
         self.queue.clear()
         for run in list(self.runs.values()):
             self._kill(run.proc)
@@ -253,7 +275,9 @@ class Worker(Daemon):
                 except p.ProtocolError as exc:
                     self.dropped("request", exc)
                     continue
-                deadline = now + timeout_ms / 1000 if timeout_ms else 0.0
+                # the caller gives up (and retries elsewhere) at its timeout: kill a little
+                # later, so that our "timed out" never preempts its retry
+                deadline = now + timeout_ms * 0.0011 + 0.05 if timeout_ms else 0.0
                 if self.command_timeout:
                     cap = now + self.command_timeout
                     deadline = min(deadline, cap) if deadline else cap
@@ -300,7 +324,10 @@ class Worker(Daemon):
 
     def _admit(self, job: Job) -> None:
         self.requests += 1
-        if self.inflight < self.capacity:
+        if self.draining:
+            self.busy += 1
+            self._send(job, p.BUSY, b"")
+        elif self.inflight < self.capacity:
             self.inflight += 1
             self._dispatch(job)
         elif len(self.queue) < self.queue_limit:
@@ -624,6 +651,8 @@ class Worker(Daemon):
     # -- brokers -----------------------------------------------------------------------------------
     def _tend_brokers(self) -> None:
         assert self.find_brokers is not None
+        if self.draining:  # said goodbye: no heartbeats, no reconnects
+            return
         now = time.monotonic()
         found = self.find_brokers()
         if found is not None:
