@@ -486,7 +486,8 @@ Examples:
     default=1.0,
     show_default=True,
     metavar="SECONDS",
-    help="Heartbeat period with workers; a worker silent 3 periods is dropped.",
+    help="Heartbeat period towards workers (each worker's own is learnt); a worker silent "
+    "for 3 of its periods is dropped.",
 )
 @click.option(
     "--queue",
@@ -498,11 +499,11 @@ Examples:
 )
 @click.option(
     "--max-request",
-    type=click.IntRange(1),
-    default=1 << 20,
+    default="1MiB",
     show_default=True,
-    metavar="BYTES",
-    help="Largest request body; a larger one gets an error reply.",
+    metavar="SIZE",
+    callback=_size,
+    help="Largest request body; a larger one gets one error reply, the rest go on.",
 )
 @click.option(
     "--retries",
