@@ -402,6 +402,8 @@ def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(mak
         for frames in HOSTILE_BACK:
             back.sock.send_multipart(frames)
         liar.sock.send_multipart([TAG, b"R", b"g.0", b"ok", b"forged"])
+        for end in (broker.front, broker.back):  # far over the limit: costs its sender the link
+            make(Caller, end).sock.send_multipart([TAG, b"Q", b"huge", b"100", b"x" * 200_000])
         for i in range(10):
             caller.send(f"g.{round_}.{i}", b"good")
         caller.send(f"big.{round_}", b"x" * 1001)
