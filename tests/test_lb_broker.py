@@ -310,8 +310,9 @@ def test_a_worker_with_a_slower_heartbeat_is_kept_and_each_of_its_beats_answered
     broker = make(BrokerThread)  # heartbeat HB; the worker's is 4 x HB
     worker = make(FakeWorker, broker.back, "slow-beat", beat_every=4 * HB)
     ready_workers(broker, 1)
-    wait_until(lambda: worker.beats >= 2, 5, "two beats")
-    time.sleep(8 * HB)  # not a readiness wait: the time in which it must not be dropped
+    # four of its beats: 12 x HB, far over the 3 x HB after which it would be dropped if
+    # its period were taken to be ours
+    wait_until(lambda: worker.beats >= 4, 10, "four beats")
     [w] = stats(broker)["instances"]  # type: ignore[misc]
     assert w["state"] == "healthy"
     assert worker.byes == 0 and worker.echoes >= worker.beats - 1 >= 3
