@@ -298,10 +298,10 @@ class Broker(Daemon):
         deadline = now + ms / 1000 if ms else math.inf
         key = (client, rid)
         p = self.pending.get(key)
-        if p is not None:  # the caller retries: run it on another worker as well
-            p.deadline = max(p.deadline, deadline)
+        if p is not None:  # the caller retries: run it on another worker as well (when
+            p.deadline = max(p.deadline, deadline)  # none is free, the running one may answer)
             if p.running and p.attempts <= self.settings.retries:
-                self._send(p, now)  # no other free worker: the running one may answer
+                self._send(p, now)
             return
         self.requests += 1
         if self.draining:
