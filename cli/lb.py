@@ -498,6 +498,14 @@ Examples:
     help="Requests waiting for a free worker at most; beyond, callers get 'busy'.",
 )
 @click.option(
+    "--queue-bytes",
+    default="64MiB",
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Bytes of the requests waiting at most; beyond, callers get 'busy'.",
+)
+@click.option(
     "--max-request",
     default="1MiB",
     show_default=True,
@@ -574,6 +582,7 @@ def serve(
     strategy: str,
     heartbeat: float,
     queue: int,
+    queue_bytes: int,
     max_request: int,
     retries: int,
     pipeline: int,
@@ -614,9 +623,9 @@ def serve(
         )
     settings = Settings(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
-        queue=queue, max_request=max_request, retries=retries, pipeline=pipeline,
-        eject_after=eject_after,
-        eject_base=eject_time, slow_start=slow_start, panic=panic,
+        queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
+        pipeline=pipeline, eject_after=eject_after, eject_base=eject_time,
+        slow_start=slow_start, panic=panic,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None

@@ -545,6 +545,19 @@ def test_a_busy_worker_s_requests_go_to_another_worker_without_using_retries(mak
     assert len(full.seen) >= 5  # it was asked, said busy, and the request went on
 
 
+def test_the_queue_is_bounded_in_bytes_too(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, queue_bytes=1000)
+    make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    caller.send("runs", b"x" * 600)  # at the worker: not in the queue
+    caller.send("waits", b"x" * 600)
+    caller.send("over", b"x" * 600)  # 1200 bytes waiting would be over 1000
+    [busy] = caller.replies(1, 3)
+    assert busy[2:4] == [b"over", b"busy"]
+    assert stats(broker)["queued"] == 1
+
+
 def test_a_request_waiting_past_its_time_is_answered_busy(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread)
     make(FakeWorker, broker.back, "slow", delay=0.5)

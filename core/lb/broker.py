@@ -111,6 +111,7 @@ class Settings:
     strategy: str = "round-robin"
     heartbeat: float = 1.0  # seconds between heartbeats, both ways
     queue: int = 10_000  # requests waiting for a free worker, at most
+    queue_bytes: int = 64 << 20  # and their bodies, in bytes at most
     max_request: int = MAX_BODY  # bytes of one request body
     retries: int = 2  # re-sends of a request whose worker died
     pipeline: int = 1  # requests sent ahead per worker slot (persistent workers pipeline)
@@ -217,6 +218,7 @@ class Broker(Daemon):
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
+        self.queued_bytes = 0  # bodies waiting in the queue
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,6 +251,7 @@ class Broker(Daemon):
         for p in self.queue:
             self._answer(p, BUSY, b"broker shutting down")
         self.queue.clear()
+        self.queued_bytes = 0
         end = time.monotonic() + grace
         self.serve(lambda: not self.pending or time.monotonic() > end)
 
@@ -310,9 +313,13 @@ class Broker(Daemon):
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
-        elif len(self.queue) < self.settings.queue:
+        elif (
+            len(self.queue) < self.settings.queue
+            and self.queued_bytes + len(body) <= self.settings.queue_bytes
+        ):
             self.pending[key] = p
             self.queue.append(p)
+            self.queued_bytes += len(body)
         else:
             self.refused += 1
             self._reply(client, rid, BUSY, b"broker queue full")
@@ -388,6 +395,7 @@ class Broker(Daemon):
             p = queue[0]
             if p.done or self._send(p, now):
                 queue.popleft()
+                self.queued_bytes -= len(p.body)
             else:
                 return
 
@@ -509,7 +517,8 @@ class Broker(Daemon):
             return
         self.retried += 1
         if not self._send(p, time.monotonic()):
-            self.queue.appendleft(p)
+            self.queue.appendleft(p)  # accepted already: may go over the queue's bounds
+            self.queued_bytes += len(p.body)
 
     def _drop(self, w: Worker, why: str) -> None:
         """Forget *w*; what it was running goes to other workers (same rid)."""
@@ -568,6 +577,7 @@ class Broker(Daemon):
                 else:
                     kept.append(p)
             self.queue = kept
+            self.queued_bytes = sum(len(p.body) for p in kept)
         grace = now - self.settings.heartbeat
         freed = False
         for w in list(self.workers.values()):
