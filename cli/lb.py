@@ -495,7 +495,8 @@ Examples:
     default=10_000,
     show_default=True,
     metavar="N",
-    help="Requests waiting for a free worker at most; beyond, callers get 'busy'.",
+    help="Requests waiting for a free worker at most (a caller takes half at most); "
+    "beyond, callers get 'busy'.",
 )
 @click.option(
     "--queue-bytes",

@@ -269,15 +269,21 @@ def test_two_callers_with_the_same_rid_each_get_their_own_reply(make):  # type: 
     assert worker.max_inflight == 1  # never both at once: its replies would be ambiguous
 
 
-def test_a_full_queue_answers_busy(make):  # type: ignore[no-untyped-def]
-    broker = make(BrokerThread, queue=2)
+def test_a_full_queue_answers_busy_and_one_caller_gets_half_of_it_at_most(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, queue=5)  # 2 places for each caller
     make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
     ready_workers(broker, 1)
-    caller = make(Caller, broker.front)
-    for i in range(4):  # one runs, two wait, the fourth is refused
-        caller.send(f"q.{i}", b"x")
-    [busy] = caller.replies(1, 3)
-    assert (busy[2], busy[3]) == (b"q.3", b"busy")
+    a, b, c = (make(Caller, broker.front) for _ in range(3))
+    for i in range(4):  # one runs, two wait, the fourth is over a's half
+        a.send(f"a.{i}", b"x")
+    assert [r[2:4] for r in a.replies(1, 3)] == [[b"a.3", b"busy"]]
+    for i in range(2):
+        b.send(f"b.{i}", b"x")
+    wait_until(lambda: stats(broker)["queued"] == 4, 5, "b's two waiting")
+    for i in range(2):  # the queue is full after c's first
+        c.send(f"c.{i}", b"x")
+    assert [r[2:4] for r in c.replies(1, 3)] == [[b"c.1", b"busy"]]
+    assert b.replies(1, 0.2) == [] and stats(broker)["queued"] == 5
 
 
 def test_a_silent_workers_requests_go_to_another_with_the_same_rid(make):  # type: ignore[no-untyped-def]

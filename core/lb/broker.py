@@ -160,6 +160,76 @@ class Worker:
         return len(self.inflight) < self.limit
 
 
+class Waiting:
+    """The requests waiting for a free worker, in order; bounded in number and in
+    bytes, and each caller to half of the places, so that one caller cannot shut
+    the others out."""
+
+    def __init__(self, limit: int, limit_bytes: int) -> None:
+        self.limit, self.limit_bytes = limit, limit_bytes
+        self.per_caller = max(1, limit // 2)
+        self.items: deque[Pending] = deque()
+        self.bytes = 0
+        self.by_caller: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fits(self, p: Pending) -> bool:
+        return (
+            len(self.items) < self.limit
+            and self.bytes + len(p.body) <= self.limit_bytes
+            and self.by_caller.get(p.client, 0) < self.per_caller
+        )
+
+    def push(self, p: Pending, first: bool = False) -> None:
+        """Add *p* at the end (or *first*: a retry, accepted before, may exceed the bounds)."""
+        if first:
+            self.items.appendleft(p)
+        else:
+            self.items.append(p)
+        self.bytes += len(p.body)
+        self.by_caller[p.client] = self.by_caller.get(p.client, 0) + 1
+
+    def pop(self) -> Pending:
+        p = self.items.popleft()
+        self._gone(p)
+        return p
+
+    def _gone(self, p: Pending) -> None:
+        self.bytes -= len(p.body)
+        left = self.by_caller[p.client] - 1
+        if left:
+            self.by_caller[p.client] = left
+        else:
+            del self.by_caller[p.client]
+
+    def take_all(self) -> list[Pending]:
+        """Empty the queue; what was in it."""
+        items = list(self.items)
+        self.items.clear()
+        self.bytes = 0
+        self.by_caller.clear()
+        return items
+
+    def take_expired(self, now: float) -> list[Pending]:
+        """Remove and return the waiting requests whose deadline passed (and drop the
+        answered ones)."""
+        if not any(p.done or p.deadline < now for p in self.items):
+            return []
+        expired = []
+        kept: deque[Pending] = deque()
+        for p in self.items:
+            if p.done or p.deadline < now:
+                self._gone(p)
+                if not p.done:
+                    expired.append(p)
+            else:
+                kept.append(p)
+        self.items = kept
+        return expired
+
+
 def percentile(ordered: list[float], p: float) -> float | None:
     """The *p*-th percentile (nearest rank) of sorted *ordered*, None when empty."""
     if not ordered:
@@ -207,7 +277,7 @@ class Broker(Daemon):
         self.full: set[str] = set()  # keys of workers with no free slot
         self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
         self.pending: dict[tuple[bytes, bytes], Pending] = {}
-        self.queue: deque[Pending] = deque()
+        self.queue = Waiting(settings.queue, settings.queue_bytes)
         self.requests = 0  # requests accepted from callers
         self.answered = 0  # replies sent to callers
         self.errors = 0  # of which err
@@ -218,7 +288,6 @@ class Broker(Daemon):
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
-        self.queued_bytes = 0  # bodies waiting in the queue
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -248,10 +317,8 @@ class Broker(Daemon):
         """Stop taking requests (callers get busy, and retry elsewhere), let those
         running finish for *grace* seconds at most; what is left is answered busy."""
         self.draining = True
-        for p in self.queue:
+        for p in self.queue.take_all():
             self._answer(p, BUSY, b"broker shutting down")
-        self.queue.clear()
-        self.queued_bytes = 0
         end = time.monotonic() + grace
         self.serve(lambda: not self.pending or time.monotonic() > end)
 
@@ -313,13 +380,9 @@ class Broker(Daemon):
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
-        elif (
-            len(self.queue) < self.settings.queue
-            and self.queued_bytes + len(body) <= self.settings.queue_bytes
-        ):
+        elif self.queue.fits(p):
             self.pending[key] = p
-            self.queue.append(p)
-            self.queued_bytes += len(body)
+            self.queue.push(p)
         else:
             self.refused += 1
             self._reply(client, rid, BUSY, b"broker queue full")
@@ -389,13 +452,12 @@ class Broker(Daemon):
 
     def _dispatch(self) -> None:
         """Send queued requests while some worker has a free slot."""
-        queue = self.queue
+        items = self.queue.items
         now = time.monotonic()
-        while queue:
-            p = queue[0]
+        while items:
+            p = items[0]
             if p.done or self._send(p, now):
-                queue.popleft()
-                self.queued_bytes -= len(p.body)
+                self.queue.pop()
             else:
                 return
 
@@ -517,8 +579,7 @@ class Broker(Daemon):
             return
         self.retried += 1
         if not self._send(p, time.monotonic()):
-            self.queue.appendleft(p)  # accepted already: may go over the queue's bounds
-            self.queued_bytes += len(p.body)
+            self.queue.push(p, first=True)
 
     def _drop(self, w: Worker, why: str) -> None:
         """Forget *w*; what it was running goes to other workers (same rid)."""
@@ -566,18 +627,9 @@ class Broker(Daemon):
         forgotten -- the caller's own timeout, at the same moment, retries or reports it,
         whereas an error reply racing that timeout would end the request for good."""
         now = time.monotonic()
-        if self.queue:
-            kept: deque[Pending] = deque()
-            for p in self.queue:
-                if p.done:
-                    continue
-                if p.deadline < now:
-                    self.expired += 1
-                    self._answer(p, BUSY, b"no free worker in time")
-                else:
-                    kept.append(p)
-            self.queue = kept
-            self.queued_bytes = sum(len(p.body) for p in kept)
+        for p in self.queue.take_expired(now):
+            self.expired += 1
+            self._answer(p, BUSY, b"no free worker in time")
         grace = now - self.settings.heartbeat
         freed = False
         for w in list(self.workers.values()):
