@@ -99,7 +99,8 @@ Examples:
 @click.option(
     "--persistent",
     is_flag=True,
-    help="Keep the command running: one request line in, one reply line out, in order.",
+    help="Keep the command running: one request line in, one reply line out, in order "
+    "(it must flush each line: stdbuf -oL CMD, sed -u, python3 -u).",
 )
 @click.option(
     "--concurrency",
@@ -393,8 +394,17 @@ def call(
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
+    closed: list[Exit] = []
+
+    def write(data: bytes) -> None:
+        try:
+            out.data(data)
+        except Exit as exc:  # stdout closed (| head): stop now, quietly
+            closed.append(exc)
+            caller.stop()
+
     caller = Caller(
-        out=out.data,
+        out=write,
         failed=failed,
         strategy=strategy,
         timeout=timeout,
@@ -423,6 +433,8 @@ def call(
         else:
             caller.feed_fd(sys.stdin.fileno())
         summary = caller.run()
+        if closed:
+            raise closed[0]
     finally:
         if finder is not None:
             finder.close()

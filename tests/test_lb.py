@@ -163,6 +163,26 @@ def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve:
     assert got != sorted(got, key=int)  # printed as they came: the quick ones first
 
 
+def test_an_instance_left_out_of_two_lookups_in_a_row_is_drained(serve: Any) -> None:
+    a, b = serve(persistent("a"), persistent=True), serve(persistent("b"), persistent=True)
+    out: list[bytes] = []
+    caller = Caller(out=out.append, failed=lambda *f: None, heartbeat=0.3)
+    try:
+        caller.use([(a.endpoint, 1), (b.endpoint, 1)])
+        deadline = time.monotonic() + 10
+        caller.serve(until=lambda: len(caller.balancer) == 2 or time.monotonic() > deadline)
+        assert len(caller.balancer) == 2
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint in caller.balancer  # one lookup may miss it (a lost mDNS answer)
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint not in caller.balancer and b.endpoint not in caller.conns
+        caller.feed([b"1", b"2", b"3"])
+        caller.run()
+    finally:
+        caller.close()
+    assert b"".join(out) == b"a 1\na 2\na 3\n"
+
+
 # -- what commands do wrong ----------------------------------------------------------------------
 def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) -> None:
     script = (
@@ -209,6 +229,13 @@ def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     assert out == b"" and [f[2] for f in failed] == ["timed out (1 attempt)"] * 2
     wait_until(lambda: worker.worker.timeouts >= 1, 5, "the worker to time the request out")
     idle(worker)
+    # with its own --timeout shorter than the caller's, the worker says why: the request
+    # stuck at the head fails, the one behind it is sent back (busy) and tried again
+    capped = serve(["sh", "-c", "cat > /dev/null"], persistent=True, timeout=0.3)
+    out, failed, summary, _ = call([capped.endpoint], [b"one", b"two"], timeout=5, retries=0)
+    assert out == b"" and len(failed) == 2 and summary.busy >= 1
+    assert all(f[2].startswith("timed out: no reply line") and "stdbuf -oL" in f[2] for f in failed)
+    idle(capped)
     answering = serve(persistent("ok"), persistent=True)
     out, failed, _, _ = call([answering.endpoint], [b"three"])
     assert out == b"ok three\n" and not failed
@@ -390,7 +417,7 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
     port = backend.bind_to_random_port("tcp://127.0.0.1")
     try:
         worker = serve(
-            persistent("b"), persistent=True, heartbeat=0.2, concurrency=3, weight=2,
+            persistent("b"), persistent=True, heartbeat=0.3, concurrency=3, weight=2,
             find_brokers=lambda: [f"tcp://127.0.0.1:{port}"],
         )  # fmt: skip
 
@@ -420,11 +447,29 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         # no heartbeat from the broker for 3 intervals: the worker reconnects and says W again
         started = time.monotonic()
         ident2, again = message(5)
-        assert again.kind == p.READY and time.monotonic() - started >= 0.3
+        assert again.kind == p.READY and time.monotonic() - started >= 0.6
         backend.send_multipart([ident2, *p.disconnect()])  # a broker's goodbye: back later
-        _, third = message(5)
+        ident3, third = message(5)
         assert third.kind == p.READY
-        assert worker.worker.brokers
+        link = worker.worker.brokers[f"tcp://127.0.0.1:{port}"]
+        linked = link.sock
+        backend.send_multipart([ident3, *p.heartbeat()])
+        # the broker restarts on the same port: ZeroMQ reconnects, the worker says W at once
+        backend.close()
+        backend = zmq.Context.instance().socket(zmq.ROUTER)
+        backend.setsockopt(zmq.LINGER, 0)
+
+        def rebound() -> bool:
+            try:
+                backend.bind(f"tcp://127.0.0.1:{port}")
+            except zmq.ZMQError:  # the old listener is released by ZeroMQ's I/O thread
+                return False
+            return True
+
+        wait_until(rebound, 5, "the port to be free again")
+        _, fourth = message(5)
+        assert fourth.kind == p.READY
+        assert link.sock is linked  # the same connection, not a reconnect after silence
     finally:
         backend.close()
 
@@ -463,6 +508,16 @@ def test_sigterm_lets_a_running_request_finish_before_the_worker_exits(
     assert caller.wait(10) == 0, caller.stderr
     assert caller.stdout.startswith("done ")
     assert worker.wait(10) == 0
+
+
+def test_a_closed_output_pipe_ends_call_quietly(procs: Procs) -> None:
+    port = free_port()
+    worker_proc(procs, port, "--persistent", "--", "cat")
+    call_cmd = " ".join([*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{port}"])
+    script = f'seq 1 1000000 | {call_cmd} | head -n 2; echo "status ${{PIPESTATUS[1]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=30, check=False)
+    assert result.stdout == b"1\n2\nstatus 0\n", result.stderr
+    assert result.stderr == b""
 
 
 def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) -> None:

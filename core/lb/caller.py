@@ -49,6 +49,7 @@ from .protocol import send_request
 READ_CHUNK = 1 << 16
 LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
 REORDER_LIMIT = 100_000  # replies held back waiting for an earlier one before input pauses
+MISSES = 2  # lookups in a row without an instance before it is drained
 
 
 def _quiet(_msg: str) -> None:
@@ -87,6 +88,7 @@ class Conn:
     gone: bool = False  # no longer listed by the registry: drain, then close
     inflight: dict[bytes, Request] = field(default_factory=dict)
     deaths: int = 0
+    missed: int = 0  # lookups in a row that did not list it
 
 
 @dataclass
@@ -162,9 +164,9 @@ class Caller(Daemon):
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
 
     # -- instances ----------------------------------------------------------------------------
-    def use(self, endpoints: Iterable[tuple[str, int]]) -> None:
+    def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
         """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
-        drained."""
+        drained (at once if *final*, else when two calls in a row leave them out)."""
         wanted = dict(endpoints)
         for key, weight in wanted.items():
             conn = self.conns.get(key)
@@ -178,7 +180,14 @@ class Caller(Daemon):
                     if conn.backend is not None:
                         self.balancer.add(key, weight)
         for key, conn in list(self.conns.items()):
-            if key not in wanted and not conn.gone:
+            if key in wanted:
+                conn.missed = 0
+            elif not conn.gone:
+                # one lookup can miss an instance (an mDNS answer lost): drain it only when
+                # two in a row do; one that died is dropped by its heartbeats anyway
+                conn.missed += 1
+                if conn.missed < MISSES and not final:
+                    continue
                 conn.gone = True
                 self._unbalance(conn)
                 if not conn.inflight:
@@ -262,7 +271,7 @@ class Caller(Daemon):
         for conn in list(self.conns.values()):
             if conn.backend is not None and now - conn.last_seen > limit:
                 self._dead(conn, now)
-            elif conn.backend is None and conn.inflight and now - conn.since > limit:
+            elif conn.inflight and now - max(conn.last_seen, conn.since) > limit:
                 self._dead(conn, now)  # drained (gone) instance that stopped answering
             elif conn.sock is not None:
                 self._ping(conn)
@@ -600,6 +609,12 @@ class Caller(Daemon):
                     os.set_blocking(self.fd, True)
         self._emit()
         return self.summary
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.gone = True
+            self._close(conn)
+        super().close()
 
     def percentile(self, q: float) -> float:
         """The *q* quantile (0..1) of recent request latencies, in milliseconds."""

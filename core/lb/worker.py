@@ -49,6 +49,10 @@ STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
 BROKER_LOOKUP_EVERY = 3.0
 LATENCIES = 4096  # recent request latencies kept for the stats percentiles
+NO_REPLY_LINE = (
+    b"timed out: no reply line (a command writing to a pipe may buffer its output: "
+    b"flush each line, e.g. stdbuf -oL CMD, sed -u, python3 -u)"
+)
 
 
 @dataclass(slots=True)
@@ -101,6 +105,8 @@ class BrokerLink:
 
     endpoint: str
     sock: zmq.Socket[bytes] | None = None
+    monitor: zmq.Socket[bytes] | None = None  # connection events of sock
+    connects: int = 0  # connections made by sock
     last_seen: float = 0.0
     backoff: float = 0.5
     retry_at: float = 0.0
@@ -192,7 +198,7 @@ class Worker(Daemon):
         # a message a little over the body limit still gets its "too large" reply;
         # one far beyond it only costs its sender the connection
         limit = 2 * self.max_request + 65536
-        self.sock = self.socket(zmq.ROUTER, max_message=limit)
+        self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.sock, bind)
@@ -248,6 +254,8 @@ class Worker(Daemon):
             self._finish_run(run, forced=b"worker shutting down")
         for proc in self.procs:
             self._stop_process(proc, b"worker shutting down")
+        for link in self.brokers.values():
+            self._drop_broker(link)  # the goodbye still goes out (linger)
         self.close()
 
     # -- requests ---------------------------------------------------------------------------
@@ -593,16 +601,17 @@ class Worker(Daemon):
         delay = min(RESTART_DELAY[1], RESTART_DELAY[0] * 2**proc.restarts) if quick else 0.0
         if not quick:
             proc.restarts = 0
-        self.after(delay, "restart", lambda: self._spawn(proc))
+        if not self.draining:
+            self.after(delay, "restart", lambda: self._spawn(proc))
 
-    def _restart(self, proc: Process, why: bytes) -> None:
+    def _restart(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
         if proc.proc is not None:
             self._kill(proc.proc)
-            self._stop_process(proc, why)
+            self._stop_process(proc, why, status)
             self._spawn(proc)
 
-    def _stop_process(self, proc: Process, why: bytes) -> None:
-        """Forget *proc*'s descriptors and answer its requests with err *why*."""
+    def _stop_process(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
+        """Forget *proc*'s descriptors and answer its requests with *status* and *why*."""
         child = proc.proc
         if child is None:
             return
@@ -619,7 +628,7 @@ class Worker(Daemon):
         jobs, proc.jobs = proc.jobs, collections.deque()
         now = time.monotonic()
         for job in jobs:
-            self._reply(job, p.ERR, why, now)
+            self._reply(job, status, why if status == p.ERR else b"", now)
             self.inflight -= 1
         proc.err.clear()
         if jobs:
@@ -638,10 +647,12 @@ class Worker(Daemon):
             if proc.jobs and proc.jobs[0].deadline and proc.jobs[0].deadline <= now:
                 self.timeouts += 1
                 head = proc.jobs.popleft()
-                self._reply(head, p.ERR, b"timed out", now)
+                self._reply(head, p.ERR, NO_REPLY_LINE, now)
                 self.inflight -= 1
-                # the process is stuck on it: the requests after it cannot be answered
-                self._restart(proc, b"timed out behind a stuck request")
+                # the process is stuck on it: the requests after it cannot be answered here,
+                # "busy" sends them elsewhere (they may have been read: hence the rid)
+                self.busy += len(proc.jobs)
+                self._restart(proc, b"", p.BUSY)
                 self.inflight += 1
                 self._freed()
         while self.queue and self.queue[0].deadline and self.queue[0].deadline <= now:
@@ -675,28 +686,56 @@ class Worker(Daemon):
                     link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
 
     def _connect_broker(self, link: BrokerLink, now: float) -> None:
-        sock = self.socket(zmq.DEALER, max_message=2 * self.max_request + 65536)
+        sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
+        # say W again then, rather than wait to find it silent (watched from before the
+        # connect, so that the first connection is counted)
+        link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
             sock.connect(link.endpoint)
         except zmq.ZMQError as exc:
-            self.close_socket(sock)
+            link.sock = sock
+            self._drop_broker(link)
             self.limited("broker", f"cannot connect to broker {link.endpoint}: {exc}")
             self._schedule(link, now)
             return
-        link.sock, link.last_seen = sock, now
+        link.sock, link.last_seen, link.connects = sock, now, 0
         self.watch(sock, "broker", lambda: self._drain(sock, 0))
+        self.watch(link.monitor, "broker connects", lambda: self._broker_connected(link, sock))
+        self._ready(sock)
+        self.log(f"connecting to broker {link.endpoint}")
+
+    def _ready(self, sock: zmq.Socket[bytes]) -> None:
         ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight)
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(ready, zmq.NOBLOCK)
-        self.log(f"connected to broker {link.endpoint}")
+
+    def _broker_connected(self, link: BrokerLink, sock: zmq.Socket[bytes]) -> None:
+        if link.sock is not sock or link.monitor is None:
+            return
+        with contextlib.suppress(zmq.Again):
+            while True:
+                link.monitor.recv_multipart(zmq.NOBLOCK)
+                link.connects += 1
+                if link.connects > 1:  # the first connection carried the W sent at connect
+                    self.log(f"reconnected to broker {link.endpoint}: ready again")
+                    link.last_seen = time.monotonic()
+                    self._ready(sock)
 
     def _schedule(self, link: BrokerLink, now: float) -> None:
         link.retry_at = now + link.backoff * random.uniform(0.5, 1.5)
         link.backoff = min(link.backoff * 2, 10.0)
 
     def _drop_broker(self, link: BrokerLink, goodbye: bool = False) -> None:
+        if link.monitor is not None:
+            self.forget(link.monitor)
+            if link.sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    link.sock.disable_monitor()
+            link.monitor.close(0)
+            link.monitor = None
         if link.sock is not None:
             if goodbye:
                 with contextlib.suppress(zmq.ZMQError):
