@@ -67,15 +67,20 @@ def stats(host: Host) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+def worker_on(host: Host) -> Proc:
+    """A worker of upper whose replies say which host answered."""
+    reply = f'echo "$(tr a-z A-Z) from {host.name}"'
+    return host.eda(
+        "eda-lb", "worker", "upper", "-v", *HB, "--id", f"w-{host.name}", "--", "sh", "-c", reply
+    )
+
+
 def test_a_caller_balances_over_workers_on_two_hosts_directly_and_via_a_broker(
     network: Network,
 ) -> None:
     a, b, c, d = (network.add_host(n) for n in "abcd")
-    for host in (a, b):
-        worker = host.eda(
-            "eda-lb", "worker", "upper", "-v", *HB, "--id", f"w-{host.name}", "--",
-            "sh", "-c", f'echo "$(tr a-z A-Z) from {host.name}"',
-        )  # fmt: skip
+    workers = [worker_on(host) for host in (a, b)]
+    for worker in workers:
         worker.wait_stderr("serving upper on", 15)
     lines = "".join(f"hello {i}\n" for i in range(40))
     done = c.run("eda-lb", "call", "upper", "--window", "4", input=lines)
@@ -92,14 +97,13 @@ def test_a_caller_balances_over_workers_on_two_hosts_directly_and_via_a_broker(
     broker = d.eda("eda-lb", "serve", "upper", "-v", *HB)
     broker.wait_stderr(r"listening on .*\(announced by mDNS\)", 15)
     # each worker finds the broker on host d by mDNS and connects to its backend
-    wait_until(
-        lambda: (
-            {r["instance"] for r in stats(c) if r["state"] == "healthy"} == {"w-a", "w-b"}
-            and all(r["source"] != "direct" for r in stats(c))
-        ),
-        20,
-        "both workers at the broker",
-    )
+
+    def at_broker() -> bool:
+        rows = stats(c)
+        healthy = {r["instance"] for r in rows if r["state"] == "healthy"}
+        return healthy == {"w-a", "w-b"} and all(r["source"] != "direct" for r in rows)
+
+    wait_until(at_broker, 20, "both workers at the broker")
     done = c.run("eda-lb", "call", "upper", "--via", "upper", "--window", "4", input=lines)
     assert done.returncode == 0, done.stderr
     assert [r.split(" from")[0] for r in done.stdout.splitlines()] == [
