@@ -704,11 +704,10 @@ def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
 ) -> None:
     ports = ("--bind", "tcp://127.0.0.1:7893", "--backend", "tcp://127.0.0.1:7894")
     broker = serve_cli(procs, "--strategy", "weighted", *ports)
-    # slots to spare (8 each, a window of 8): shares follow the weights, not who is free
+    # slots to spare (4 each, a window of 4): shares follow the weights, not who is free
+    upper = ("--persistent", "--concurrency", "4", "--", "stdbuf", "-oL", "tr", "a-z", "A-Z")
     workers = [
-        worker_cli(
-            procs, "--weight", w, "--id", name, "--concurrency", "8", "--", "tr", "a-z", "A-Z"
-        )
+        worker_cli(procs, "--weight", w, "--id", name, *upper)
         for w, name in (("1", "light"), ("3", "heavy"))
     ]
     announced(broker)
@@ -716,7 +715,7 @@ def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
     done = run("eda-lb", "call", "upper", "--via", "upper", "hello", "world")
     assert (done.returncode, done.stdout, done.stderr) == (0, "HELLO\nWORLD\n", "")
     lines = "".join(f"line {i}\n" for i in range(200))
-    done = run("eda-lb", "call", "upper", "--via", "upper", "--window", "8", input=lines)
+    done = run("eda-lb", "call", "upper", "--via", "upper", "--window", "4", input=lines)
     assert done.returncode == 0, done.stderr
     assert done.stdout == lines.upper()  # in input order
 
