@@ -808,3 +808,60 @@ def test_the_stats_table_shows_peer_strings_escaped() -> None:
     lb._stats_table(rows, console)
     text = console.export_text()
     assert "\x1b" not in text and "\\x1b]0;pwned" in text
+
+
+def test_stats_answers_from_hostile_instances_become_errors_or_blank_figures() -> None:
+    from eda.cli import lb
+    from eda.core.lb.broker import ask_stats
+
+    answers = {
+        "garbage": [TAG, b"T", b"not json"],
+        "list": [TAG, b"T", b"[1, 2]"],
+        "nan": [TAG, b"T", b'{"requests": NaN}'],
+        "frames": [TAG, b"T", b"{}", b"extra"],
+        "good": [TAG, b"T", json.dumps({"id": "w", "requests": 3}).encode()],
+    }
+    ctx = zmq.Context.instance()
+    servers = {}
+    for name in answers:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        servers[name] = (sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}")
+    silent = ctx.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent_ep = f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def answer() -> None:
+        for name, (sock, _ep) in servers.items():
+            if sock.poll(5000):
+                ident = sock.recv_multipart()[0]
+                sock.send_multipart([ident, b"junk"])  # first something else, then the answer
+                sock.send_multipart([ident, *answers[name]])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        got = ask_stats([*(ep for _s, ep in servers.values()), silent_ep], timeout=2)
+    finally:
+        thread.join(10)
+        for sock, _ep in servers.values():
+            sock.close()
+        silent.close()
+    by_name = {name: got[ep] for name, (_s, ep) in servers.items()}
+    assert by_name["garbage"] == by_name["nan"] == "malformed stats answer (not JSON)"
+    assert by_name["list"] == "malformed stats answer (not an object)"
+    assert by_name["frames"] == "malformed stats answer (frames)"
+    assert by_name["good"] == {"id": "w", "requests": 3}
+    assert got[silent_ep] == "no answer"
+    # figures of the wrong type print blank, never as the peer's text
+    rows = lb._stats_rows(
+        "upper", "b1", {"instances": [1, {"id": "x", "requests": "9", "p50_ms": 1e999,
+                                          "latency_ms": {"p50": True, "p99": 2.5}}]},
+        broker=True,
+    )  # fmt: skip
+    assert rows == [{
+        "service": "upper", "source": "b1", "instance": "x", "state": "healthy",
+        "requests": None, "errors": None, "inflight": None, "concurrency": None, "weight": None,
+        "p50_ms": None, "p90_ms": None, "p99_ms": 2.5,
+    }]  # fmt: skip
+    assert lb._stats_rows("upper", "b1", {"instances": "x"}, broker=True) == []
