@@ -201,8 +201,14 @@ def worker(
     )
     presence: Any = None
     finder: Any = None
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    stopping: list[int] = []  # a signal during start-up must not be lost: serve() checks it
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = int(endpoint.rsplit(":", 1)[1])
@@ -222,7 +228,7 @@ def worker(
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
         where = f"tcp://{inst.host}:{port}" if presence.mode != "none" else endpoint
         ctx.warn(f"worker {inst.id} serving {service} on {where} ({how[presence.mode]})")
-        server.serve()
+        server.serve(until=lambda: bool(stopping))
         # stopped (SIGTERM, SIGINT): leave the registry first, then finish what runs
         if presence is not None:
             presence.close()

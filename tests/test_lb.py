@@ -64,6 +64,7 @@ def serve() -> Iterator[Any]:
 def call(
     endpoints: list[str] | list[tuple[str, int]],
     bodies: list[bytes],
+    all_live: bool = False,
     **kw: Any,
 ) -> tuple[bytes, list[tuple[int, bytes, str]], Summary, Caller]:
     out: list[bytes] = []
@@ -73,6 +74,11 @@ def call(
     caller = Caller(out=out.append, failed=lambda *f: failed.append(f), **kw)
     try:
         caller.use(e if isinstance(e, tuple) else (e, 1) for e in endpoints)
+        if all_live:  # every instance answered its first ping: shares start even
+            deadline = time.monotonic() + 10
+            caller.serve(
+                lambda: len(caller.balancer) == len(endpoints) or time.monotonic() > deadline
+            )
         caller.feed(bodies)
         summary = caller.run()
     finally:
@@ -114,7 +120,9 @@ def free_port() -> int:
 def test_round_robin_over_three_workers_keeps_input_order(serve: Any) -> None:
     workers = [serve(persistent(n), persistent=True) for n in "abc"]
     bodies = [b"%d" % i for i in range(300)]
-    out, failed, summary, _ = call([w.endpoint for w in workers], bodies, window=20)
+    out, failed, summary, _ = call(
+        [w.endpoint for w in workers], bodies, window=20, all_live=True, slow_start=0
+    )
     lines = out.decode().splitlines()
     assert [line.split()[1] for line in lines] == [b.decode() for b in bodies]
     shares = Counter(line.split()[0] for line in lines)
@@ -130,8 +138,9 @@ def test_weighted_share_follows_weights(serve: Any) -> None:
     )
     bodies = [b"x"] * 2000
     out, failed, _, _ = call(
-        [(light.endpoint, 1), (heavy.endpoint, 3)], bodies, strategy="weighted", window=50
-    )
+        [(light.endpoint, 1), (heavy.endpoint, 3)], bodies, strategy="weighted", window=50,
+        all_live=True, slow_start=0,
+    )  # fmt: skip
     shares = Counter(line.split()[0] for line in out.decode().splitlines())
     assert not failed
     assert abs(shares["heavy"] - 1500) <= 75 and abs(shares["light"] - 500) <= 25, shares
@@ -140,10 +149,13 @@ def test_weighted_share_follows_weights(serve: Any) -> None:
 @pytest.mark.parametrize("strategy", ["least-conn", "random", "p2c"])
 def test_every_strategy_uses_every_worker(serve: Any, strategy: str) -> None:
     workers = [serve(persistent(n), persistent=True) for n in "ab"]
-    out, failed, _, _ = call([w.endpoint for w in workers], [b"y"] * 400, strategy=strategy)
+    out, failed, _, _ = call(
+        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True, slow_start=0
+    )
     shares = Counter(line.split()[0] for line in out.decode().splitlines())
     assert not failed and sum(shares.values()) == 400
-    assert min(shares["a"], shares["b"]) > 80, shares
+    # random spreads evenly; least-conn and p2c follow load: the quicker worker gets more
+    assert min(shares["a"], shares["b"]) > (100 if strategy == "random" else 20), shares
 
 
 def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve: Any) -> None:
@@ -157,10 +169,14 @@ def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve:
     assert [line.split()[0] for line in lines] == [b.decode() for b in bodies]
     rids = [line.split()[1] for line in lines]
     assert len(set(rids)) == 40 and all(r.startswith(caller.prefix.decode()) for r in rids)
-    unordered, failed, _, _ = call([worker.endpoint], bodies, window=16, unordered=True)
-    got = [line.split()[0] for line in unordered.decode().splitlines()]
-    assert not failed and sorted(got, key=int) == [b.decode() for b in bodies]
-    assert got != sorted(got, key=int)  # printed as they came: the quick ones first
+    # unordered: the first request takes much longer than the seven after it
+    slow_first = serve(["sh", "-c", 'read -r l; [ "$l" = 0 ] && sleep 1; echo "$l"'], concurrency=8)
+    unordered, failed, _, _ = call(
+        [slow_first.endpoint], [b"%d" % i for i in range(8)], window=8, unordered=True
+    )
+    got = unordered.decode().split()
+    assert not failed and sorted(got) == [str(i) for i in range(8)]
+    assert got[-1] == "0"  # printed as they came: the slow one last
 
 
 def test_an_instance_left_out_of_two_lookups_in_a_row_is_drained(serve: Any) -> None:
@@ -211,10 +227,11 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     script = f'read -r l; echo "$EDA_REQUEST_ID" >> {marker}; exec sleep 30'
     worker = serve(["sh", "-c", script], concurrency=2)
     started = time.monotonic()
-    out, failed, summary, _ = call([worker.endpoint], [b"slow"], timeout=0.4, retries=1)
+    out, failed, summary, _ = call([worker.endpoint], [b"slow"], timeout=1.0, retries=1)
     assert out == b"" and len(failed) == 1
     assert failed[0][2] == "timed out (2 attempts)" and summary.timed_out == 1
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 8
+    wait_until(lambda: len(marker.read_text().split()) == 2, 5, "both attempts to start")
     runs = marker.read_text().split()
     assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
     wait_until(lambda: worker.worker.timeouts >= 2, 5, "both attempts killed")
@@ -256,13 +273,14 @@ def test_retry_goes_to_another_worker_with_the_same_request_id(serve: Any, tmp_p
         concurrency=8,
     )
     out, failed, summary, _ = call(
-        [stuck.endpoint, good.endpoint], [b"r%d" % i for i in range(6)], timeout=0.5, retries=2
+        [stuck.endpoint, good.endpoint], [b"r%d" % i for i in range(6)], timeout=1.0, retries=2
     )
     assert not failed
     answered = out.decode().split()
     assert len(answered) == len(set(answered)) == 6  # each answered once
+    wait_until(lambda: len(stuck_log.read_text().split()) == summary.retried, 5, "the log")
     retried = stuck_log.read_text().split()
-    assert retried and summary.retried == len(retried)
+    assert retried
     assert set(retried) <= set(good_log.read_text().split()) == set(answered)
 
 
@@ -318,7 +336,7 @@ def test_a_frozen_worker_is_dropped_by_heartbeats_and_its_requests_retried(
         for port, name in zip(ports, ("frozen", "alive"), strict=True)
     )
     caller = lb(
-        procs, "call", "svc", "--heartbeat", "0.2", "--timeout", "5",
+        procs, "call", "svc", "--heartbeat", "0.2", "--timeout", "10",
         *[a for port in ports for a in ("--connect", f"tcp://127.0.0.1:{port}")],
         stdin=subprocess.PIPE,
     )  # fmt: skip
@@ -340,7 +358,7 @@ def test_a_frozen_worker_is_dropped_by_heartbeats_and_its_requests_retried(
     lines = caller.lines()
     assert [line.split()[1] for line in lines] == [str(i) for i in range(30)]
     assert all(line.startswith("alive") for line in lines[10:])
-    assert took < 4  # retried once dropped (~3 heartbeats of 0.2 s), not after the 5 s timeout
+    assert took < 6  # retried once dropped (~3 heartbeats of 0.2 s), not after the 10 s timeout
 
 
 # -- the wire: stats, ping, hostile peers -------------------------------------------------------
@@ -408,6 +426,40 @@ def test_hostile_frames_are_dropped_and_the_worker_keeps_serving(serve: Any) -> 
     finally:
         attacker.close()
         flood.close()
+
+
+def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
+    """Garbage, replies to requests never made and duplicates: counted, ignored."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                for junk in ([b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"]):
+                    router.send_multipart([ident, *junk])
+                router.send_multipart([ident, *p.reply(b"never-asked.1", p.OK, b"forged")])
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"got " + msg.body)])
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"again " + msg.body)])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        out, failed, summary, caller = call([f"tcp://127.0.0.1:{port}"], [b"a", b"b", b"c"])
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
+    assert out == b"got a\ngot b\ngot c\n" and not failed
+    assert caller.malformed >= 9 and summary.late >= 6  # forged and duplicate replies
 
 
 # -- brokers, seen from the worker ---------------------------------------------------------------
