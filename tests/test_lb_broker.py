@@ -865,3 +865,21 @@ def test_stats_answers_from_hostile_instances_become_errors_or_blank_figures() -
         "p50_ms": None, "p90_ms": None, "p99_ms": 2.5,
     }]  # fmt: skip
     assert lb._stats_rows("upper", "b1", {"instances": "x"}, broker=True) == []
+
+
+def test_serve_refuses_bad_arguments_with_one_line_and_the_right_status() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, code, error in (
+            (("--bind", "tcp://127.0.0.1:99999"), 2, "port out of range"),
+            (("--backend", f"tcp://127.0.0.1:{port}"), 1, "Address already in use"),
+            (("--strategy", "fastest"), 2, "Invalid value for '--strategy'"),
+        ):
+            done = run("eda-lb", "serve", "upper", "--no-mdns", *args, timeout=30)
+            assert done.returncode == code, done.stderr
+            assert done.stderr.count("\n") == 1 and error in done.stderr
+            assert done.stderr.startswith("eda-lb: error: ") and done.stdout == ""
