@@ -456,6 +456,374 @@ def call(
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------
+# this section's own imports stay in it, so merges stay clean (Any, Context, Exit,
+# ExitStatus and Output come with the worker/call section above)
+from eda.cli.common import Terminated, for_terminal  # noqa: E402
+
+STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
+STATS_FIELDS = (
+    "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
+    "weight", "p50_ms", "p90_ms", "p99_ms",
+)  # fmt: skip
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb serve upper                                 a broker for service 'upper'
+  eda-lb serve upper --strategy least-conn           the worker with fewest requests in flight
+  eda-lb serve upper --bind tcp://*:7801 --backend tcp://*:7802   fixed ports
+  eda-lb call upper --via upper hello                a caller going through it
+"""
+)
+@click.argument("name")
+@click.option(
+    "--bind",
+    default="tcp://*:*",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where callers connect (tcp://HOST:PORT, PORT may be '*').",
+)
+@click.option(
+    "--backend",
+    default="tcp://*:*",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where workers connect (tcp://HOST:PORT, PORT may be '*').",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGY_NAMES),
+    default="round-robin",
+    show_default=True,
+    help="How a worker is chosen for each request.",
+)
+@click.option(
+    "--heartbeat",
+    type=SECONDS,
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Heartbeat period towards workers (each worker's own is learnt); a worker silent "
+    "for 3 of its periods is dropped.",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(0),
+    default=10_000,
+    show_default=True,
+    metavar="N",
+    help="Requests waiting for a free worker at most (a caller takes half at most); "
+    "beyond, callers get 'busy'.",
+)
+@click.option(
+    "--queue-bytes",
+    default="64MiB",
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Bytes of the requests waiting at most; beyond, callers get 'busy'.",
+)
+@click.option(
+    "--max-request",
+    default="1MiB",
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Largest request body; a larger one gets one error reply, the rest go on.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 100),
+    default=2,
+    show_default=True,
+    metavar="N",
+    help="Re-sends of a request whose worker died, to other workers.",
+)
+@click.option(
+    "--pipeline",
+    type=click.IntRange(1, 10_000),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for persistent "
+    "workers, which pipeline requests into their process.",
+)
+@click.option(
+    "--eject-after",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    metavar="N",
+    help="Requests in a row that time out at a worker eject it for a while.",
+)
+@click.option(
+    "--eject-time",
+    type=SECONDS,
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="First ejection; each next one doubles, up to 30 s.",
+)
+@click.option(
+    "--slow-start",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A worker joining others ramps its share up over this long (0: off).",
+)
+@click.option(
+    "--panic",
+    type=click.FloatRange(0, 100),
+    default=50.0,
+    show_default=True,
+    metavar="PERCENT",
+    help="Below this share of healthy workers, balance over all of them.",
+)
+@click.option(
+    "--drain",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT: answer new requests 'busy' (callers retry elsewhere) and let "
+    "the running ones finish this long.",
+)
+@click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
+@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@registry_option
+@common_options
+def serve(
+    name: str,
+    bind: str,
+    backend: str,
+    strategy: str,
+    heartbeat: float,
+    queue: int,
+    queue_bytes: int,
+    max_request: int,
+    retries: int,
+    pipeline: int,
+    eject_after: int,
+    eject_time: float,
+    slow_start: float,
+    panic: float,
+    drain: float,
+    host: str | None,
+    inst_id: str | None,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Run a broker for service NAME: workers of NAME connect to it, callers send it
+    requests (`eda-lb call NAME` with its via option), and it balances each
+    request over the ready workers, within each one's concurrency.
+
+    It registers as an instance of NAME with meta role=broker (registry, else
+    mDNS), so that workers and callers find it.  A worker silent for 3
+    heartbeats is dropped and its requests in flight are re-sent to another
+    worker with the same request id.
+    """
+    from eda.core.lb.broker import Broker, Settings
+    from eda.core.lb.presence import Presence
+    from eda.core.registry import access as reg
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-lb", verbose)
+    service = validate_name(name)
+    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    if access.interface:
+        bind, backend = (
+            e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)
+        )
+    settings = Settings(
+        service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
+        queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
+        pipeline=pipeline, eject_after=eject_after, eject_base=eject_time,
+        slow_start=slow_start, panic=panic,
+    )  # fmt: skip
+    broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
+    presence = None
+    try:
+        broker.start()
+        interval = max(0.2, min(heartbeat, 2.0))
+        record = reg.registration(
+            service, broker.port, host=host, inst_id=inst_id, interval=interval,
+            meta=("role=broker", f"backend={broker.backend_port}"),
+        )  # fmt: skip
+        presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
+        inst = presence.start()
+        broker.id = inst.id
+        how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
+        ctx.warn(
+            f"broker {inst.id} for {service} listening on {broker.endpoint} (callers), "
+            f"{broker.backend_endpoint} (workers) ({how[presence.mode]})"
+        )
+        try:
+            broker.serve()
+        except (KeyboardInterrupt, Terminated):
+            presence.close()  # no new caller finds us
+            ctx.debug(f"draining: {len(broker.pending)} request(s) pending")
+            broker.drain(drain)
+            raise
+    finally:
+        if presence is not None:
+            presence.close()
+        broker.close()
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb stats upper                        a table on a terminal, JSON Lines when piped
+  eda-lb stats upper --json | jq -r 'select(.state != "healthy") | .instance'
+  eda-lb stats upper --format '{instance} {requests} {p99_ms}'
+"""
+)
+@click.argument("name")
+@click.option(
+    "--timeout",
+    type=SECONDS,
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for each instance's answer.",
+)
+@click.option(
+    "--format",
+    "template",
+    metavar="TEMPLATE",
+    help="One line per instance, e.g. '{instance} {p99_ms}'. "
+    f"Fields: {', '.join(STATS_FIELDS)}.",
+)
+@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@registry_option
+@common_options
+def stats(
+    name: str,
+    timeout: float,
+    template: str | None,
+    force_json: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Per-instance figures of service NAME: requests, errors, in flight, latency
+    percentiles (ms) and state (healthy, ejected, slow-start, dead).
+
+    If a broker for NAME runs, it is asked (its workers as it sees them);
+    else each worker instance is asked for its own figures.  Exit 3 when NAME
+    has no instance, 1 when an instance did not answer.
+    """
+    from eda.core.errors import NotFoundError
+    from eda.core.lb.broker import ask_stats
+    from eda.core.registry.access import lookup
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-lb", verbose)
+    service = validate_name(name)
+    out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
+    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    found = lookup(service, access)
+    brokers = [i for i in found if i.meta.get("role") == "broker"]
+    chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
+    if not chosen:
+        raise NotFoundError(f"no broker or worker of service {service!r}")
+    endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
+    answers = ask_stats(endpoints, timeout)
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for endpoint, answer in answers.items():
+        inst = endpoints[endpoint]
+        if isinstance(answer, str):
+            failed += 1
+            ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
+            continue
+        found_rows = _stats_rows(service, inst.id, answer, broker=bool(brokers))
+        if not found_rows and brokers:
+            ctx.warn(f"warning: broker {inst.id} has no worker")
+        rows += found_rows
+    if out.mode == "json" and out.tty and not out.forced_json:
+        _stats_table(rows)
+    else:
+        out.items(rows)
+    if failed:
+        raise Exit(ExitStatus.ERROR)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _number(value: object) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _stats_rows(
+    service: str, source_id: str, answer: dict[str, Any], *, broker: bool
+) -> list[dict[str, Any]]:
+    """Rows of one T answer: a broker's workers, or a worker itself."""
+    entries = answer.get("instances") if broker else [answer]
+    if not isinstance(entries, list):
+        return []
+    rows = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        row: dict[str, Any] = {
+            "service": service,
+            "source": source_id if broker else "direct",
+            "instance": str(entry.get("id", source_id))[:128],
+            "state": str(entry.get("state", "healthy"))[:32],
+        }
+        for key in STATS_FIELDS[4:9]:
+            row[key] = _number(entry.get(key))
+        latency = entry.get("latency_ms")
+        for key in STATS_FIELDS[9:]:
+            row[key] = _number(latency.get(key[:3])) if isinstance(latency, dict) else None
+        rows.append(row)
+    return rows
+
+
+STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
+
+
+def _stats_table(rows: list[dict[str, Any]], console: Any = None) -> None:
+    """Rows as a table, one per source (a broker, or the workers asked directly);
+    every peer-supplied string is escaped and shown as plain Text."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console(highlight=False)
+    columns = STATS_FIELDS[2:]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    for source in sources:
+        title = "each worker asked directly" if source == "direct" else f"via broker {source}"
+        table = Table(
+            title=Text(for_terminal(title)), title_justify="left", box=None, header_style="bold"
+        )
+        for header in columns:
+            numeric = header not in ("instance", "state")
+            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+        for r in (r for r in rows if r["source"] == source):
+            cells = []
+            for key in columns:
+                value = r[key]
+                text = "—" if value is None else for_terminal(value)
+                style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+                cells.append(Text(text, style=style))
+            table.add_row(*cells)
+        console.print(table)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------

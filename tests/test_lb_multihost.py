@@ -1,12 +1,15 @@
-"""eda-lb across hosts (network namespaces on a bridge): workers found by mDNS, kill -9."""
+"""eda-lb across hosts (network namespaces on a bridge), found by mDNS: workers on two
+hosts and a caller on a third, through a kill -9 of a host; and the same brokerless and
+via a broker on a fourth host, with the stats of each way."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from typing import Any
 
-from tests.helpers import Proc, wait_until
+from tests.helpers import PROGRAMS, Proc, wait_until
 from tests.hosts import Host, Network
 
 LB = [sys.executable, "-m", "eda.cli.lb"]
@@ -52,3 +55,62 @@ def test_workers_on_two_hosts_serve_a_caller_on_a_third_through_a_kill_9(
     lines = caller.lines()
     assert [line.split()[1] for line in lines] == [str(i) for i in range(sent + 200)]
     assert "dropped" in caller.stderr
+
+
+# -- brokerless and via a broker (owner: lbbroker) ----------------------------------------
+PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+HB = ("--heartbeat", "0.3")
+
+
+def stats(host: Host) -> list[dict[str, Any]]:
+    done = host.run("eda-lb", "stats", "upper", "--timeout", "2")
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def worker_on(host: Host) -> Proc:
+    """A worker of upper whose replies say which host answered."""
+    reply = f'echo "$(tr a-z A-Z) from {host.name}"'
+    return host.eda(
+        "eda-lb", "worker", "upper", "-v", *HB, "--id", f"w-{host.name}", "--", "sh", "-c", reply
+    )
+
+
+def test_a_caller_balances_over_workers_on_two_hosts_directly_and_via_a_broker(
+    network: Network,
+) -> None:
+    a, b, c, d = (network.add_host(n) for n in "abcd")
+    workers = [worker_on(host) for host in (a, b)]
+    for worker in workers:
+        worker.wait_stderr("serving upper on", 15)
+    lines = "".join(f"hello {i}\n" for i in range(40))
+    done = c.run("eda-lb", "call", "upper", "--window", "4", input=lines)
+    assert done.returncode == 0, done.stderr
+    replies = done.stdout.splitlines()
+    assert len(replies) == 40 and replies[0].startswith("HELLO 0")
+    assert [r.split(" from ")[0] for r in replies] == [f"HELLO {i}" for i in range(40)]
+    assert {r.rsplit(" ", 1)[1] for r in replies} == {"a", "b"}
+    direct = {r["instance"]: r for r in stats(c)}
+    assert set(direct) == {"w-a", "w-b"} and all(r["source"] == "direct" for r in direct.values())
+    assert direct["w-a"]["requests"] + direct["w-b"]["requests"] == 40
+    assert min(r["requests"] for r in direct.values()) >= 10  # both served
+
+    broker = d.eda("eda-lb", "serve", "upper", "-v", *HB)
+    broker.wait_stderr(r"listening on .*\(announced by mDNS\)", 15)
+    # each worker finds the broker on host d by mDNS and connects to its backend
+
+    def at_broker() -> bool:
+        rows = stats(c)
+        healthy = {r["instance"] for r in rows if r["state"] == "healthy"}
+        return healthy == {"w-a", "w-b"} and all(r["source"] != "direct" for r in rows)
+
+    wait_until(at_broker, 20, "both workers at the broker")
+    done = c.run("eda-lb", "call", "upper", "--via", "upper", "--window", "4", input=lines)
+    assert done.returncode == 0, done.stderr
+    assert [r.split(" from")[0] for r in done.stdout.splitlines()] == [
+        f"HELLO {i}" for i in range(40)
+    ]
+    via = {r["instance"]: r for r in stats(c)}
+    assert via["w-a"]["requests"] + via["w-b"]["requests"] == 40
+    assert min(r["requests"] for r in via.values()) >= 10
+    broker_id = broker.wait_stderr(r"broker (\S+) for upper listening").group(1)
+    assert {r["source"] for r in via.values()} == {broker_id}

@@ -1,0 +1,772 @@
+"""The broker (``eda-lb serve NAME``): callers on one side, workers on the other.
+
+Callers connect a DEALER to the *frontend* ROUTER and speak to it exactly as
+to a worker (Q, P, S); workers connect a DEALER to the *backend* ROUTER, say
+W (ready, with their concurrency and weight), then exchange H heartbeats
+with the broker and answer the Q it forwards (:mod:`.protocol`).  Each
+request goes to a ready worker with a free slot, chosen by the same
+:class:`~.balancer.Balancer` callers use (strategies, outlier ejection, slow
+start, panic threshold); when every slot is taken it waits in a bounded queue.
+
+Nothing is lost when a worker dies: a worker silent for three heartbeat
+intervals (or saying D) is dropped and its requests in flight go to another
+worker with the same request id, up to *retries* times.  A caller that
+retries (the same rid again) while its request is still running gets it run
+on a second worker too; the first answer is the one forwarded, once.
+
+Everything from either socket is validated at the edge; what fails is
+counted and dropped (a rate-limited warning), and changes no state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..daemon import Daemon, Log, port_of, received
+from ..errors import UsageError
+from .balancer import STRATEGIES, Backend, Balancer
+from .protocol import (
+    BUSY,
+    DISCONNECT,
+    ERR,
+    HEARTBEAT,
+    MAX_BODY,
+    OK,
+    PING,
+    READY,
+    REPLY,
+    REQUEST,
+    STATS,
+    STATS_QUERY,
+    TAG,
+    ProtocolError,
+    TooLarge,
+    parse,
+    parse_reply,
+    parse_request,
+    pong,
+)
+
+MAX_WORKERS = 10_000  # workers one broker keeps (a flood of W is refused beyond)
+DEAD_KEPT = 64  # dropped workers still listed by stats (state "dead")
+LATENCIES = 2048  # latency samples per worker for the percentiles
+MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
+MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
+DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
+MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
+_DISCONNECT = [TAG, DISCONNECT]
+_HEARTBEAT = [TAG, HEARTBEAT]
+
+# The per-request path calls libzmq through pyzmq's compiled socket methods with
+# plain int flags, and reads frames as Frame objects (whose ``more`` is a plain
+# attribute): pyzmq's Python layer (send_multipart, recv_multipart, enum flags and
+# socket options) cost more than half of the broker's time per request.
+_zsend: Callable[..., Any] = zmq.backend.Socket.send
+_zrecv: Callable[..., Any] = zmq.backend.Socket.recv
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    """``sock.send_multipart(frames)``, faster (a ROUTER never blocks: it drops)."""
+    last = len(frames) - 1
+    for i in range(last):
+        _zsend(sock, frames[i], _SNDMORE)
+    _zsend(sock, frames[last], 0)
+
+
+def messages(sock: zmq.Socket[bytes], limit: int = 1000) -> Iterator[list[bytes]]:
+    """The messages waiting on *sock*, at most *limit*, without blocking (fast ``received``)."""
+    for _ in range(limit):
+        try:
+            frame = _zrecv(sock, _NOBLOCK, False)
+        except zmq.Again:
+            return
+        msg = [frame.bytes]
+        while frame.more:  # a message arrives whole: the rest is there
+            frame = _zrecv(sock, 0, False)
+            msg.append(frame.bytes)
+        yield msg
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``eda-lb serve`` was asked for."""
+
+    service: str
+    bind: str = "tcp://*:*"  # frontend: callers
+    backend: str = "tcp://*:*"  # workers
+    strategy: str = "round-robin"
+    heartbeat: float = 1.0  # seconds between heartbeats, both ways
+    queue: int = 10_000  # requests waiting for a free worker, at most
+    queue_bytes: int = 64 << 20  # and their bodies, in bytes at most
+    max_request: int = MAX_BODY  # bytes of one request body
+    retries: int = 2  # re-sends of a request whose worker died
+    pipeline: int = 1  # requests sent ahead per worker slot (persistent workers pipeline)
+    eject_after: int = 5  # consecutive failures that eject a worker
+    eject_base: float = 1.0  # seconds of the first ejection (doubling, capped)
+    eject_max: float = 30.0
+    slow_start: float = 0.0  # seconds a new or returning worker ramps up over
+    panic: float = 50.0  # percent healthy below which all workers are used
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """One caller's request, from its Q until its reply went out."""
+
+    client: bytes  # the caller's identity on the frontend
+    rid: bytes
+    body: bytes
+    deadline: float  # monotonic; math.inf without one
+    attempts: int = 0  # times sent to a worker (busy answers not counted)
+    busy: int = 0  # busy answers from workers
+    running: int = 0  # workers running it now
+    done: bool = False  # answered: later replies only free their slots
+    tried: list[str] = field(default_factory=list)  # worker keys, in order
+
+
+@dataclass(eq=False)
+class Worker:
+    """A worker connected to the backend, with its figures."""
+
+    ident: bytes
+    id: str
+    concurrency: int
+    limit: int  # requests in flight at most: concurrency x pipeline
+    backend: Backend
+    seen: float  # monotonic time of its last message
+    period: float  # its heartbeat interval, as observed between two H
+    inflight: dict[bytes, tuple[Pending, float]] = field(default_factory=dict)  # rid -> (p, t0)
+    requests: int = 0  # answered (ok or err)
+    errors: int = 0  # err replies, timeouts, bad replies, requests lost with it
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES))
+    dead: bool = False
+    beat_at: float = 0.0  # monotonic time of its last H
+
+    @property
+    def free(self) -> bool:
+        return len(self.inflight) < self.limit
+
+
+class Waiting:
+    """The requests waiting for a free worker, in order; bounded in number and in
+    bytes, and each caller to half of the places, so that one caller cannot shut
+    the others out."""
+
+    def __init__(self, limit: int, limit_bytes: int) -> None:
+        self.limit, self.limit_bytes = limit, limit_bytes
+        self.per_caller = max(1, limit // 2)
+        self.items: deque[Pending] = deque()
+        self.bytes = 0
+        self.by_caller: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fits(self, p: Pending) -> bool:
+        return (
+            len(self.items) < self.limit
+            and self.bytes + len(p.body) <= self.limit_bytes
+            and self.by_caller.get(p.client, 0) < self.per_caller
+        )
+
+    def push(self, p: Pending, first: bool = False) -> None:
+        """Add *p* at the end (or *first*: a retry, accepted before, may exceed the bounds)."""
+        if first:
+            self.items.appendleft(p)
+        else:
+            self.items.append(p)
+        self.bytes += len(p.body)
+        self.by_caller[p.client] = self.by_caller.get(p.client, 0) + 1
+
+    def pop(self) -> Pending:
+        p = self.items.popleft()
+        self._gone(p)
+        return p
+
+    def _gone(self, p: Pending) -> None:
+        self.bytes -= len(p.body)
+        left = self.by_caller[p.client] - 1
+        if left:
+            self.by_caller[p.client] = left
+        else:
+            del self.by_caller[p.client]
+
+    def take_all(self) -> list[Pending]:
+        """Empty the queue; what was in it."""
+        items = list(self.items)
+        self.items.clear()
+        self.bytes = 0
+        self.by_caller.clear()
+        return items
+
+    def take_expired(self, now: float) -> list[Pending]:
+        """Remove and return the waiting requests whose deadline passed (and drop the
+        answered ones)."""
+        if not any(p.done or p.deadline < now for p in self.items):
+            return []
+        expired = []
+        kept: deque[Pending] = deque()
+        for p in self.items:
+            if p.done or p.deadline < now:
+                self._gone(p)
+                if not p.done:
+                    expired.append(p)
+            else:
+                kept.append(p)
+        self.items = kept
+        return expired
+
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    """The *p*-th percentile (nearest rank) of sorted *ordered*, None when empty."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def figures(latencies: Iterable[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of *latencies* (seconds), in milliseconds (None: no sample)."""
+    ordered = sorted(latencies)
+    out: dict[str, float | None] = {}
+    for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)):
+        value = percentile(ordered, p)
+        out[name] = None if value is None else round(value * 1000, 3)
+    return out
+
+
+class Broker(Daemon):
+    """``eda-lb serve``: balance callers' requests over the workers connected to it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log: Log = _quiet,
+        warn: Log | None = None,
+        interface: str | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        super().__init__(log, warn, interface=interface, context=context)
+        if settings.strategy not in STRATEGIES:
+            raise UsageError(
+                f"unknown strategy {settings.strategy!r}: use one of {', '.join(STRATEGIES)}"
+            )
+        self.settings = settings
+        self.balancer = Balancer(
+            settings.strategy,
+            eject_after=settings.eject_after,
+            eject_base=settings.eject_base,
+            eject_max=settings.eject_max,
+            slow_start=settings.slow_start,
+            panic=settings.panic,
+        )
+        self.workers: dict[bytes, Worker] = {}
+        self.full: set[str] = set()  # keys of workers with no free slot
+        self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
+        self.pending: dict[tuple[bytes, bytes], Pending] = {}
+        self.queue = Waiting(settings.queue, settings.queue_bytes)
+        self.requests = 0  # requests accepted from callers
+        self.answered = 0  # replies sent to callers
+        self.errors = 0  # of which err
+        self.refused = 0  # busy replies (queue full)
+        self.retried = 0  # re-sends after a worker died, was busy or failed
+        self.stale = 0  # worker replies for nothing in flight
+        self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
+        self.id = ""
+        self.endpoint = self.backend_endpoint = ""
+        self.draining = False
+
+    # -- life ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind both sockets and start the timers; raises BindError / UsageError."""
+        limit = 2 * self.settings.max_request + 65_536  # a bigger message drops its peer
+        self.front = self.socket(zmq.ROUTER, max_message=limit)
+        self.back = self.socket(zmq.ROUTER, max_message=limit)
+        for sock in (self.front, self.back):
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.endpoint = self.bind(self.front, self.settings.bind)
+        self.backend_endpoint = self.bind(self.back, self.settings.backend)
+        self.watch(self.front, "caller message", self._on_front)
+        self.watch(self.back, "worker message", self._on_back)
+        self.every(self.settings.heartbeat, "heartbeat", self._heartbeat)
+        self.every(min(0.1, self.settings.heartbeat), "deadlines", self._expire)
+
+    @property
+    def port(self) -> int:
+        return port_of(self.endpoint)
+
+    @property
+    def backend_port(self) -> int:
+        return port_of(self.backend_endpoint)
+
+    def drain(self, grace: float) -> None:
+        """Stop taking requests (callers get busy, and retry elsewhere), let those
+        running finish for *grace* seconds at most; what is left is answered busy."""
+        self.draining = True
+        for p in self.queue.take_all():
+            self._answer(p, BUSY, b"broker shutting down")
+        end = time.monotonic() + grace
+        self.serve(lambda: not self.pending or time.monotonic() > end)
+
+    def close(self) -> None:
+        """Tell every worker (D), answer what is still pending (busy: never run, or the
+        caller retries it under the same rid), close."""
+        if getattr(self, "back", None) is not None:
+            for ident in list(self.workers):
+                with contextlib.suppress(zmq.ZMQError):
+                    send_frames(self.back, [ident, *_DISCONNECT])
+            for p in list(self.pending.values()):
+                with contextlib.suppress(zmq.ZMQError):
+                    self._answer(p, BUSY, b"broker shutting down")
+        super().close()
+
+    # -- callers ------------------------------------------------------------------------
+    def _on_front(self) -> None:
+        max_body = self.settings.max_request
+        for msg in messages(self.front):
+            if len(msg) == 6 and msg[2] == REQUEST:
+                try:
+                    rid, ms, body = parse_request(msg, 1, max_body)
+                except TooLarge as exc:
+                    self.requests += 1
+                    self._reply(msg[0], exc.rid, ERR, str(exc).encode())
+                except ProtocolError as exc:
+                    self.dropped("caller request", exc)
+                else:
+                    self._request(msg[0], rid, ms, body)
+                continue
+            try:
+                m = parse(msg, 1, max_body)
+            except ProtocolError as exc:
+                self.dropped("caller message", exc)
+                continue
+            if m.kind == PING:
+                load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
+                send_frames(self.front, [msg[0], *load])
+            elif m.kind == STATS_QUERY:
+                figures = json.dumps(self.stats(), allow_nan=False).encode()
+                send_frames(self.front, [msg[0], TAG, STATS, figures])
+            else:
+                self.dropped("caller message", ProtocolError(f"{m.kind!r} is not for a broker"))
+
+    def _request(self, client: bytes, rid: bytes, ms: int, body: bytes) -> None:
+        now = time.monotonic()
+        deadline = now + ms / 1000 if ms else math.inf
+        key = (client, rid)
+        p = self.pending.get(key)
+        if p is not None:  # the caller retries: run it on another worker as well (when
+            p.deadline = max(p.deadline, deadline)  # none is free, the running one may answer)
+            if p.running and p.attempts <= self.settings.retries:
+                self._send(p, now)
+            return
+        self.requests += 1
+        if self.draining:
+            self._reply(client, rid, BUSY, b"broker shutting down")
+            return
+        p = Pending(client, rid, body, deadline)
+        if not self.queue and self._send(p, now):
+            self.pending[key] = p
+        elif self.queue.fits(p):
+            self.pending[key] = p
+            self.queue.push(p)
+        else:
+            self.refused += 1
+            self._reply(client, rid, BUSY, b"broker queue full")
+
+    def _reply(self, client: bytes, rid: bytes, status: bytes, body: bytes) -> None:
+        self.answered += 1
+        if status == ERR:
+            self.errors += 1
+        front = self.front  # send_frames(front, [client, *reply(rid, status, body)]), inlined
+        _zsend(front, client, _SNDMORE)
+        _zsend(front, TAG, _SNDMORE)
+        _zsend(front, REPLY, _SNDMORE)
+        _zsend(front, rid, _SNDMORE)
+        _zsend(front, status, _SNDMORE)
+        _zsend(front, body, 0)
+
+    def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
+        """The one reply to *p* (later ones are dropped)."""
+        if p.done:
+            return
+        p.done = True
+        self.pending.pop((p.client, p.rid), None)
+        self._reply(p.client, p.rid, status, body)
+
+    # -- choosing a worker ----------------------------------------------------------------
+    def _pick(self, p: Pending) -> Worker | None:
+        """A worker with a free slot not already running *p*, by the balancer: workers
+        *p* went to before are avoided while another one can take it."""
+        full = self.full
+        chosen = self.balancer.pick(full.union(p.tried) if p.tried else full)
+        if chosen is None:
+            return None
+        w: Worker = chosen.data
+        if w.free and p.rid not in w.inflight:
+            return w
+        # every free worker had it already, or one runs another caller's same rid
+        hard = full.union(x.backend.key for x in self.workers.values() if p.rid in x.inflight)
+        chosen = self.balancer.pick(hard)
+        if chosen is None or chosen.key in hard:
+            return None
+        w = chosen.data
+        return w
+
+    def _send(self, p: Pending, now: float) -> bool:
+        """Send *p* to a worker; False when none has a free slot."""
+        w = self._pick(p)
+        if w is None:
+            return False
+        left = p.deadline - now
+        ms = 0 if left == math.inf else max(1, int(left * 1000))
+        w.inflight[p.rid] = (p, now)
+        backend = w.backend
+        self.balancer.started(backend)
+        if len(w.inflight) >= w.limit:
+            self.full.add(backend.key)
+        p.attempts += 1
+        p.running += 1
+        p.tried.append(backend.key)
+        back = self.back  # send_frames(back, [w.ident, *request(p.rid, ms, p.body)]), inlined
+        _zsend(back, w.ident, _SNDMORE)
+        _zsend(back, TAG, _SNDMORE)
+        _zsend(back, REQUEST, _SNDMORE)
+        _zsend(back, p.rid, _SNDMORE)
+        _zsend(back, b"%d" % ms, _SNDMORE)
+        _zsend(back, p.body, 0)
+        return True
+
+    def _dispatch(self) -> None:
+        """Send queued requests while some worker has a free slot."""
+        items = self.queue.items
+        now = time.monotonic()
+        while items:
+            p = items[0]
+            if p.done or self._send(p, now):
+                self.queue.pop()
+            else:
+                return
+
+    # -- workers ------------------------------------------------------------------------
+    def _on_back(self) -> None:
+        now = time.monotonic()
+        freed = False
+        max_body = self.settings.max_request
+        workers = self.workers
+        for msg in messages(self.back):
+            ident = msg[0]
+            w = workers.get(ident)
+            if len(msg) == 6 and msg[2] == REPLY and w is not None:
+                try:
+                    rid, status, body = parse_reply(msg, 1, max_body)
+                except ProtocolError as exc:
+                    self.dropped("worker reply", exc)
+                    continue
+                w.seen = now
+                freed = self._result(w, rid, status, body, now) or freed
+                continue
+            try:
+                m = parse(msg, 1, max_body)
+            except ProtocolError as exc:
+                self.dropped("worker message", exc)
+                continue
+            if m.kind == READY:
+                assert m.data is not None
+                freed = self._ready(ident, m.data, now) or freed
+            elif w is None:
+                if m.kind != DISCONNECT:
+                    self._stranger(ident)
+            elif m.kind == HEARTBEAT:
+                self._beat(w, now)
+            elif m.kind == DISCONNECT:
+                self._drop(w, "disconnected")
+                freed = True
+            else:
+                self.dropped("worker message", ProtocolError(f"{m.kind!r} is not for a broker"))
+        if freed:
+            self._dispatch()
+
+    def _stranger(self, ident: bytes) -> None:
+        """A message from a worker we do not know (we restarted, or dropped it): say D,
+        so that it says W again at once instead of waiting for our silence."""
+        send_frames(self.back, [ident, *_DISCONNECT])
+
+    def _ready(self, ident: bytes, data: dict[str, Any], now: float) -> bool:
+        if data["service"] != self.settings.service:
+            self.dropped("worker ready", ProtocolError(f"a worker of {data['service']!r}"))
+            send_frames(self.back, [ident, *_DISCONNECT])
+            known = self.workers.get(ident)
+            if known is not None:
+                self._drop(known, "changed service")
+            return False
+        concurrency, weight = data["concurrency"], data["weight"]
+        w = self.workers.get(ident)
+        if w is not None:  # W again: new figures, same requests in flight
+            w.id, w.concurrency, w.seen = data["id"], concurrency, now
+            w.limit = concurrency * self.settings.pipeline
+            self.balancer.add(w.backend.key, weight)
+            self._fullness(w)
+            return True
+        if len(self.workers) >= MAX_WORKERS:
+            self.dropped("worker ready", ProtocolError("too many workers"))
+            return False
+        # a worker joining others ramps up (slow start); the first ones take all at once
+        backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
+        limit = concurrency * self.settings.pipeline
+        # until its second H, allow the default heartbeat of eda-lb workers
+        period = max(self.settings.heartbeat, DEFAULT_WORKER_HEARTBEAT)
+        w = Worker(ident, data["id"], concurrency, limit, backend, now, period)
+        backend.data = w
+        self.workers[ident] = w
+        self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
+        send_frames(self.back, [ident, *_HEARTBEAT])
+        return True
+
+    def _fullness(self, w: Worker) -> None:
+        if w.free:
+            self.full.discard(w.backend.key)
+        else:
+            self.full.add(w.backend.key)
+
+    def _result(self, w: Worker, rid: bytes, status: bytes, body: bytes, now: float) -> bool:
+        entry = w.inflight.pop(rid, None)
+        if entry is None:
+            self.stale += 1  # a reply after its deadline, or made up
+            return False
+        if len(w.inflight) < w.limit:
+            self.full.discard(w.backend.key)
+        p, t0 = entry
+        p.running -= 1
+        if status == BUSY:  # not a failure, and not an attempt: try another worker
+            self.balancer.released(w.backend)
+            p.busy += 1
+            p.attempts -= 1
+            if p.done:
+                pass
+            elif p.busy > 2 * len(self.workers):
+                self._answer(p, BUSY, b"every worker is busy")
+            else:
+                self._again(p)
+            return True
+        self.balancer.finished(w.backend, True)
+        w.requests += 1
+        w.latencies.append(now - t0)
+        if status != OK:
+            w.errors += 1
+        self._answer(p, status, body)
+        return True
+
+    def _again(self, p: Pending) -> None:
+        """Send *p* once more (first in the queue), or give up after the retries."""
+        if p.running or p.done:
+            return  # another worker still runs it
+        if p.attempts > self.settings.retries:
+            self._answer(p, ERR, f"failed on {p.attempts} workers".encode())
+            return
+        self.retried += 1
+        if not self._send(p, time.monotonic()):
+            self.queue.push(p, first=True)
+
+    def _drop(self, w: Worker, why: str) -> None:
+        """Forget *w*; what it was running goes to other workers (same rid)."""
+        if self.workers.pop(w.ident, None) is None:
+            return
+        self.balancer.remove(w.backend.key)
+        self.full.discard(w.backend.key)
+        w.dead = True
+        self.dead.append(w)
+        lost = list(w.inflight.values())
+        w.inflight.clear()
+        w.errors += len(lost)
+        if lost:
+            self.warn(f"warning: worker {w.id} {why}: re-sending its {len(lost)} request(s)")
+        else:
+            self.log(f"worker {w.id} {why}")
+        for p, _t0 in reversed(lost):
+            p.running -= 1
+            self._again(p)
+        self._dispatch()
+
+    # -- timers -------------------------------------------------------------------------
+    def _beat(self, w: Worker, now: float) -> None:
+        """A worker's H: answered at once, so that a worker whose heartbeat is faster
+        than ours still hears from us in time; its period is learnt, so that one whose
+        heartbeat is slower than ours is not dropped between two of its H."""
+        if w.beat_at:
+            w.period = min(MAX_PERIOD, max(0.01, now - w.beat_at))
+        w.beat_at = w.seen = now
+        send_frames(self.back, [w.ident, *_HEARTBEAT])
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        hb = self.settings.heartbeat
+        for w in list(self.workers.values()):
+            if now - w.seen > MISSED * max(hb, w.period):
+                self._drop(w, "went silent")
+            else:
+                send_frames(self.back, [w.ident, *_HEARTBEAT])
+
+    def _expire(self) -> None:
+        """Requests whose deadline (the caller's time) passed: a queued one is answered
+        busy (not run: the caller may try elsewhere); a running one whose worker did not
+        answer within a heartbeat interval after it is a failure of that worker and is
+        forgotten -- the caller's own timeout, at the same moment, retries or reports it,
+        whereas an error reply racing that timeout would end the request for good."""
+        now = time.monotonic()
+        for p in self.queue.take_expired(now):
+            self.expired += 1
+            self._answer(p, BUSY, b"no free worker in time")
+        grace = now - self.settings.heartbeat
+        freed = False
+        for w in list(self.workers.values()):
+            late = [rid for rid, (p, _t0) in w.inflight.items() if p.deadline < grace]
+            for rid in late:
+                p, _t0 = w.inflight.pop(rid)
+                p.running -= 1
+                w.errors += 1
+                self.balancer.finished(w.backend, False)
+                if not p.running and not p.done:
+                    self.expired += 1
+                    p.done = True  # a retry of its rid is a new request
+                    self.pending.pop((p.client, p.rid), None)
+                freed = True
+            if late:
+                self._fullness(w)
+        if freed:
+            self._dispatch()
+
+    # -- figures ------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.concurrency for w in self.workers.values())
+
+    def state(self, w: Worker, now: float) -> str:
+        """dead, ejected, slow-start or healthy."""
+        b = w.backend
+        if w.dead:
+            return "dead"
+        if b.ejected_until > now:
+            return "ejected"
+        if self.balancer.slow_start > 0 and now - b.warm_from < self.balancer.slow_start:
+            return "slow-start"
+        return "healthy"
+
+    def stats(self) -> dict[str, Any]:
+        """What S answers: the broker's totals and one entry per worker (dead ones too)."""
+        now = time.monotonic()
+        instances = [
+            {
+                "id": w.id,
+                "state": self.state(w, now),
+                "requests": w.requests,
+                "errors": w.errors,
+                "inflight": len(w.inflight),
+                "concurrency": w.concurrency,
+                "weight": w.backend.weight,
+                "latency_ms": figures(w.latencies),
+            }
+            for w in [*self.workers.values(), *self.dead][:MAX_LISTED]
+        ]
+        return {
+            "role": "broker",
+            "service": self.settings.service,
+            "id": self.id,
+            "strategy": self.settings.strategy,
+            "requests": self.requests,
+            "answered": self.answered,
+            "errors": self.errors,
+            "refused": self.refused,
+            "retried": self.retried,
+            "expired": self.expired,
+            "inflight": self.inflight,
+            "queued": len(self.queue),
+            "malformed": self.malformed,
+            "workers": len(self.workers),
+            "instances": instances,
+        }
+
+
+# -- asking for figures ------------------------------------------------------------------------
+MAX_STATS = 1 << 20  # bytes of one T answer
+
+
+def ask_stats(
+    endpoints: Iterable[str],
+    timeout: float = 2.0,
+    context: zmq.Context[zmq.Socket[bytes]] | None = None,
+) -> dict[str, dict[str, Any] | str]:
+    """Send S to each endpoint at once; each one's T object, or why there is none.
+
+    An answer that is not a JSON object (or too large, or not a T) is an
+    error string for that endpoint, never an exception.
+    """
+    ctx = context or zmq.Context.instance()
+    socks: dict[zmq.Socket[bytes], str] = {}
+    results: dict[str, dict[str, Any] | str] = {}
+    poller = zmq.Poller()
+    try:
+        for endpoint in endpoints:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_STATS + 4096)
+            socks[sock] = endpoint
+            results[endpoint] = "no answer"
+            sock.connect(endpoint)
+            sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        waiting = set(socks)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                for msg in received(sock, 16):
+                    answer = _stats_answer(msg)
+                    if answer is not None:
+                        results[socks[sock]] = answer
+                        waiting.discard(sock)
+                        poller.unregister(sock)
+                        break
+    finally:
+        for sock in socks:
+            sock.close()
+    return results
+
+
+def _stats_answer(msg: list[bytes]) -> dict[str, Any] | str | None:
+    if len(msg) < 2 or msg[:2] != [TAG, STATS]:
+        return None  # something else (a late pong...): keep waiting
+    if len(msg) != 3:
+        return "malformed stats answer (frames)"
+    if len(msg[2]) > MAX_STATS:
+        return "stats answer too large"
+    try:  # a broker's answer may be larger than protocol.MAX_JSON: parsed here
+        data = json.loads(msg[2], parse_constant=_not_a_number)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return "malformed stats answer (not JSON)"
+    if not isinstance(data, dict):
+        return "malformed stats answer (not an object)"
+    return data
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
