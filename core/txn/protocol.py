@@ -1,0 +1,373 @@
+"""What the 2PC coordinator and participants say to each other, and how they find each other.
+
+Both sides speak the JSON request/reply of :mod:`eda.core.reqrep` (one JSON
+object per frame, ``op`` and ``rid`` in, ``ok`` and ``rid`` out):
+
+=============  ============================================  ===============================
+to             request                                       reply
+=============  ============================================  ===============================
+coordinator    ``commit`` participants, data, timeout        txn, outcome, votes, reason
+coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abort|pending
+participant    ``prepare`` txn, data, coordinator            vote: yes|no, reason
+participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
+participant    ``resolve`` txn, outcome (an operator)        state
+participant    ``state`` txn (optional)                      transactions
+=============  ============================================  ===============================
+
+Two pieces here are shared by both daemons:
+
+- :class:`BatchService`, a :class:`~eda.core.reqrep.Service` that answers a
+  drained batch of requests together, after one ``flush`` (the journal's
+  fsync: group commit), and whose handlers may defer a reply (``commit``
+  answers once the transaction is decided);
+- :class:`Peer`, an asynchronous request socket inside a daemon's poll loop
+  (the blocking :class:`~eda.core.reqrep.Client` would stall every other
+  transaction), and :class:`Directory`, which finds a participant or a
+  coordinator by name: explicit endpoints, else the registry, else mDNS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from ..daemon import Daemon, received
+from ..errors import EdaError, UsageError
+from ..reqrep import ProtocolError, Service, check_endpoint, decode, encode, error_reply
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
+TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
+MAX_PARTICIPANTS = 64
+MAX_DATA = 32768  # bytes of a transaction's data as JSON
+COORDINATOR_SERVICE = "txn-coordinator"
+COMMIT, ABORT, PENDING = "commit", "abort", "pending"
+DEFER = "__deferred__"  # a handler's reply meaning "answered later"
+
+Log = Callable[[str], None]
+
+
+class TxnError(EdaError):
+    """A transaction request that cannot be carried out."""
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A participant or coordinator name: letters, digits and '-', at most 50."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = str(name)[:60] if isinstance(name, str) else type(name).__name__
+        raise UsageError(f"bad {what} {shown!r}: use 1-50 letters, digits and '-'")
+    return name
+
+
+def check_txn(txn: object) -> str:
+    """A transaction id as coordinators make them: ``COORDINATOR.HEX``."""
+    if not isinstance(txn, str) or not TXN_RE.fullmatch(txn):
+        shown = str(txn)[:60] if isinstance(txn, str) else type(txn).__name__
+        raise ProtocolError(f"bad transaction id {shown!r}")
+    return txn
+
+
+def owner_of(txn: str) -> str:
+    """The name of the coordinator that made transaction id *txn*."""
+    return txn.partition(".")[0]
+
+
+def new_txn_id(coordinator: str) -> str:
+    """A fresh id: unique across restarts (time and randomness), sortable by time."""
+    return f"{coordinator}.{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+
+
+def check_data(data: object) -> dict[str, Any]:
+    """A transaction's data: a JSON object of bounded size."""
+    if not isinstance(data, dict):
+        raise ProtocolError("data must be a JSON object")
+    try:
+        size = len(json.dumps(data, allow_nan=False))
+    except (ValueError, TypeError, RecursionError):
+        raise ProtocolError("data is not valid JSON") from None
+    if size > MAX_DATA:
+        raise ProtocolError(f"data of {size} bytes is over {MAX_DATA}")
+    return data
+
+
+def check_outcome(value: object) -> str:
+    if value not in (COMMIT, ABORT):
+        raise ProtocolError("outcome must be 'commit' or 'abort'")
+    return str(value)
+
+
+def check_participants(value: object) -> list[str]:
+    if not isinstance(value, list) or not value or len(value) > MAX_PARTICIPANTS:
+        raise ProtocolError(f"participants must be a list of 1-{MAX_PARTICIPANTS} names")
+    names = [check_name(n, "participant name") for n in value]
+    if len(set(names)) != len(names):
+        raise ProtocolError("a participant is named twice")
+    return names
+
+
+def check_timeout(value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ProtocolError("timeout must be a number of seconds in (0, 3600]")
+    return float(value)
+
+
+# -- serving ----------------------------------------------------------------------------------
+class BatchService(Service):
+    """A request service with group commit and deferred replies.
+
+    The replies to one drained batch are sent after *flush* () returned (the
+    owner's journal fsync): whatever a reply promises is durable first, and
+    one fsync covers the whole batch.  A handler that returns ``{DEFER:
+    True}`` answers later with :meth:`reply`, using :attr:`current` (the
+    asking peer) and the request's rid, saved at the time.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        handlers: Mapping[str, Callable[[Any], Mapping[str, Any]]],
+        *,
+        flush: Callable[[], None],
+    ) -> None:
+        super().__init__(daemon, handlers)
+        self.flush = flush
+        self.current = b""
+
+    def drain(self) -> None:
+        batch: list[tuple[bytes, dict[str, Any]]] = []
+        for frames in received(self.sock, 256):
+            self.requests += 1
+            self.current = frames[0]
+            reply = self.answer(frames[1:])
+            if not reply.get(DEFER):
+                batch.append((frames[0], reply))
+        if batch:
+            self.flush()
+            for identity, reply in batch:
+                self.send(identity, reply)
+
+    def send(self, identity: bytes, reply: Mapping[str, Any]) -> None:
+        try:
+            data = encode(reply)
+        except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
+            self.daemon.limited("reply", f"cannot encode a reply: {exc}")
+            data = encode(error_reply(reply.get("rid"), EdaError("request failed")))
+        try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
+            self.sock.send_multipart([identity, data], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client is gone or not reading
+            pass
+
+    def reply(self, identity: bytes, rid: object, fields: Mapping[str, Any]) -> None:
+        """Answer a deferred request."""
+        self.send(identity, {**fields, "rid": rid, "ok": True})
+
+
+# -- asking ------------------------------------------------------------------------------------
+Callback = Callable[[dict[str, Any] | None], None]
+
+
+class Peer:
+    """Requests to one endpoint from inside a daemon's loop, never blocking it.
+
+    :meth:`ask` sends and returns at once; the callback gets the reply
+    (``None`` when the peer refused it as malformed, never for silence: the
+    caller's own timers decide when silence means "no").  Garbled replies and
+    replies to forgotten requests are dropped.
+    """
+
+    _rids = itertools.count(1)
+
+    def __init__(self, daemon: Daemon, endpoint: str, max_pending: int = 100_000) -> None:
+        self.daemon = daemon
+        self.endpoint = endpoint
+        self.max_pending = max_pending
+        self.pending: dict[int, Callback] = {}
+        self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.connect(endpoint)
+        daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
+
+    def ask(self, msg: dict[str, Any], callback: Callback) -> int:
+        rid = next(self._rids)
+        if len(self.pending) >= self.max_pending:  # a peer that never answers: forget the oldest
+            self.pending.pop(next(iter(self.pending)))
+        self.pending[rid] = callback
+        msg["rid"] = rid
+        try:
+            self.sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.pending.pop(rid, None)
+        return rid
+
+    def forget(self, rid: int) -> None:
+        self.pending.pop(rid, None)
+
+    def _drain(self) -> None:
+        for (frame,) in received(self.sock, multipart=False):
+            try:
+                reply = decode(frame)
+            except ProtocolError as exc:
+                self.daemon.dropped(f"reply from {self.endpoint}", exc)
+                continue
+            rid = reply.get("rid")
+            callback = self.pending.pop(rid, None) if isinstance(rid, int) else None
+            if callback is not None:
+                self.daemon.guarded("reply", callback, reply)
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.daemon.close_socket(self.sock)
+
+
+class Peers:
+    """One :class:`Peer` per endpoint, made when first needed."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.by_endpoint: dict[str, Peer] = {}
+
+    def get(self, endpoint: str) -> Peer:
+        peer = self.by_endpoint.get(endpoint)
+        if peer is None:
+            peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint)
+        return peer
+
+
+# -- finding --------------------------------------------------------------------------------
+def participant_service(name: str) -> str:
+    """The registry service a participant registers as: ``txn-NAME``."""
+    return f"txn-{name}".lower()
+
+
+class Directory:
+    """Endpoints by name: explicit ones, else what the registry or mDNS said (cached).
+
+    *find* (name -> endpoints) is the lookup; by default the registry (or
+    mDNS without one) through :func:`eda.core.registry.access.lookup`.
+    Answers are kept *ttl* seconds, and dropped at once by :meth:`stale`
+    when an endpoint stops answering.
+    """
+
+    def __init__(
+        self,
+        explicit: Mapping[str, str] | None = None,
+        *,
+        access: Any = None,
+        find: Callable[[str], list[str]] | None = None,
+        ttl: float = 30.0,
+    ) -> None:
+        self.explicit = {k: check_endpoint(v, f"{k}") for k, v in (explicit or {}).items()}
+        self.access = access
+        self.find = find or self._lookup
+        self.ttl = ttl
+        self.cache: dict[str, tuple[float, list[str]]] = {}
+
+    def _lookup(self, name: str) -> list[str]:
+        if self.access is None:
+            return []
+        from ..registry.access import lookup
+
+        try:
+            found = lookup(participant_service(name), self.access)
+        except EdaError:
+            return []
+        return [f"tcp://{i.host}:{i.port}" for i in found]
+
+    def endpoints(self, name: str) -> list[str]:
+        if name in self.explicit:
+            return [self.explicit[name]]
+        hit = self.cache.get(name)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        found = self.find(name)
+        if found:
+            self.cache[name] = (now, found)
+        return found
+
+    def stale(self, name: str) -> None:
+        self.cache.pop(name, None)
+
+
+def find_coordinators(access: Any, name: str | None = None) -> list[str]:
+    """Endpoints of coordinators (the one called *name* only), from the registry or mDNS."""
+    from ..registry.access import lookup
+
+    found = lookup(COORDINATOR_SERVICE, access)
+    return [f"tcp://{i.host}:{i.port}" for i in found if name is None or i.meta.get("name") == name]
+
+
+class Registration:
+    """Keeps a daemon registered under *service* while it runs.
+
+    With a registry: an :class:`~eda.core.registry.agent.Agent` registers and
+    heartbeats from a timer of the daemon.  Without one: announced by mDNS
+    (serverless mode, :class:`~eda.core.registry.serverless.Announcer`).
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        service: str,
+        port: int,
+        access: Any,
+        *,
+        inst_id: str | None = None,
+        meta: Mapping[str, str] | None = None,
+        interval: float = 2.0,
+    ) -> None:
+        from ..registry import access as reg
+
+        self.daemon = daemon
+        record = reg.registration(
+            service,
+            port,
+            inst_id=inst_id,
+            meta=[f"{k}={v}" for k, v in (meta or {}).items()],
+            interval=interval,
+        )
+        self.client = reg.connect_for_registration(access, interval)
+        self.inst = reg.finish(record, self.client, access.interface)
+        self.agent: Any = None
+        self.announcer: Any = None
+        if self.client is not None:
+            from ..registry.agent import Agent
+
+            self.agent = Agent(self.client, self.inst, daemon.warn)
+            self.agent.register()
+            daemon.every(interval, "heartbeat", lambda: self.agent.beat("passing"), first=interval)
+            self.where = f"registry {self.agent.registry}"
+        else:
+            from ..registry.serverless import Announcer
+
+            self.announcer = Announcer(self.inst, access.interface)
+            self.announcer.start()
+            self.where = "mDNS"
+
+    def close(self) -> None:
+        if self.agent is not None and self.client is not None:
+            self.agent.deregister()
+            self.client.close()
+            self.agent = None
+        if self.announcer is not None:
+            self.announcer.close()
+            self.announcer = None
+
+
+def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``NAME=tcp://HOST:PORT`` items as a dict (``--peer``)."""
+    peers: dict[str, str] = {}
+    for item in items:
+        name, sep, endpoint = item.partition("=")
+        if not sep:
+            raise UsageError(f"bad peer {item[:80]!r}: use NAME=tcp://HOST:PORT")
+        peers[check_name(name, "participant name")] = check_endpoint(endpoint, "peer")
+    return peers
