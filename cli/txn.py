@@ -582,7 +582,7 @@ def resolve(
 
 
 def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, str]:
-    """Participants of *log_dir* in doubt about *txn_id* (among *names*, if any), by endpoint."""
+    """Endpoints of the participants of *log_dir* in doubt about *txn_id*, or of *names*."""
     from pathlib import Path
 
     from eda.core.txn.journal import read
@@ -598,8 +598,8 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
             (r["endpoint"] for r in reversed(records) if isinstance(r.get("endpoint"), str)), None
         )
         state = replay(records).get(txn_id, {}).get("state")
-        if state == "prepared" and endpoint is not None:
-            found[name] = endpoint
+        if endpoint is not None and (names or state == "prepared"):
+            found[name] = endpoint  # a participant named is asked whatever its log says
     return found
 
 

@@ -102,7 +102,7 @@ class ShellActions:
                 stderr=None,
                 env=env,
                 cwd=self.cwd,
-                start_new_session=True,  # a timeout kills the whole command, children too
+                process_group=0,  # a timeout kills the whole command, children too
             )
         except OSError as exc:
             return Result(False, f"cannot run {call.phase} command: {exc.strerror}")
@@ -144,7 +144,7 @@ class PersistentAgent:
                 stdout=subprocess.PIPE,
                 env=dict(os.environ, EDA_PARTICIPANT=self.participant),
                 cwd=self.cwd,
-                start_new_session=True,
+                process_group=0,
             )
         except OSError as exc:
             raise UsageError(f"cannot run {self.argv[0]}: {exc.strerror}") from None

@@ -98,7 +98,7 @@ class Participant(Daemon):
         self.txns = replay(self.journal.records)
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
-        self.attempts: dict[str, int] = {}
+        self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
         self.retry: dict[str, float] = {}  # txn -> when to run its pending action again
         self.asking: dict[str, tuple[Any, int, float]] = {}
         self.unanswered: set[str] = set()
@@ -144,7 +144,8 @@ class Participant(Daemon):
 
     # -- actions ----------------------------------------------------------------------------
     def _run(self, phase: str, txn: str, data: dict[str, Any]) -> Result:
-        attempt = self.attempts[txn] = self.attempts.get(txn, 0) + 1
+        key = (txn, phase)
+        attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
         return self.actions.run(Call(phase, txn, data, attempt))
 
     def _apply(self, txn: str, outcome: str, final: str | None = None) -> Result:
@@ -152,7 +153,8 @@ class Participant(Daemon):
         record = self.txns[txn]
         result = self._run(outcome, txn, record.get("data") or {})
         if result.ok:
-            self.attempts.pop(txn, None)
+            self.attempts.pop((txn, PREPARE), None)
+            self.attempts.pop((txn, outcome), None)
             self.retry.pop(txn, None)
             extra = {"heuristic": outcome} if final and final.startswith("heuristic") else {}
             self._record(txn, final or DONE[outcome], **extra)
@@ -160,7 +162,7 @@ class Participant(Daemon):
             pending = "committing" if outcome == COMMIT else "aborting"
             if final is None and record.get("state") != pending:
                 self._record(txn, pending)
-            n = self.attempts.get(txn, 1)
+            n = self.attempts.get((txn, outcome), 1)
             self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
         return result
@@ -191,8 +193,11 @@ class Participant(Daemon):
         txn = check_txn(req.get("txn"))
         outcome = check_outcome(req.get("outcome"))
         if txn not in self.txns:
-            if outcome == ABORT:  # never prepared here (lost, or asked too late): nothing to undo
-                self._record(txn, "aborted", note="never prepared")
+            if outcome == ABORT:  # no vote logged: a prepare cut short by a crash may have run
+                self._record(txn, "aborting", data={}, note="no vote logged")
+                if not self._apply(txn, ABORT).ok:
+                    raise TxnError(f"abort of {txn} failed")
+                self._acked = True
                 return {"done": True}
             raise NotFoundError(f"transaction {txn} was never prepared by {self.name}")
         reply = self.settle(txn, outcome)

@@ -100,6 +100,8 @@ def overall(row: dict[str, Any], done: bool) -> str:
     if row["hazards"] or "hazard" in states:
         return "hazard"
     decision = row["decision"]
+    if states & IN_DOUBT and row["notes"]:  # waiting for a coordinator that does not answer
+        return "in-doubt"
     if decision in FINAL:
         settled = done or all(s in (decision, "unknown") for s in states)
         return decision if settled else {"committed": "committing", "aborted": "aborting"}[decision]
