@@ -214,19 +214,6 @@ Examples:
   eda-txn participant stock --prepare ./reserve.sh --commit ./confirm.sh --abort ./release.sh
   eda-txn participant pay --persistent -- ./pay-agent
   eda-txn participant bank --bind 'tcp://*:7741' --prepare 'jq -e ".amount < 100"'
-
-\b
-Commands run with sh -c, the transaction's data as JSON on stdin and
-EDA_TXN_ID, EDA_PARTICIPANT, EDA_PHASE, EDA_ATTEMPT in their environment:
-prepare exiting 0 votes yes; commit and abort are retried until they exit 0,
-so make them idempotent (EDA_TXN_ID is a good key).
-\b
-A --persistent agent reads one JSON request per line on stdin and answers
-one JSON line each, in order:
-  {"op": "prepare", "txn": ID, "participant": NAME, "attempt": 1, "data": {...}}
-      -> {"vote": "yes"} or {"vote": "no", "reason": "..."}
-  {"op": "commit"|"abort", "txn": ID, ...} -> {"ok": true} or {"ok": false, "error": "..."}
-Anything else (garbage, silence past --action-timeout) is a no vote or a failure.
 """
 )
 @click.argument("name")
@@ -253,7 +240,7 @@ Anything else (garbage, silence past --action-timeout) is a no vote or a failure
     default="tcp://*:*",
     show_default=True,
     metavar="ENDPOINT",
-    help="Where to listen (default: any free port).",
+    help="Where to listen (tcp://*:* : any free port).",
 )
 @click.option(
     "--action-timeout",
@@ -292,6 +279,22 @@ def participant(
     verbose: bool,
 ) -> None:
     """Take part in transactions as NAME: vote, then commit or abort.
+
+    Commands run with sh -c, the transaction's data as JSON on stdin and
+    EDA_TXN_ID, EDA_PARTICIPANT, EDA_PHASE, EDA_ATTEMPT in their environment.
+    Prepare exiting 0 votes yes.  Commit and abort are retried until they
+    exit 0, and abort also runs for a prepare cut short by a crash: make them
+    idempotent (EDA_TXN_ID is a good key).
+
+    \b
+    A --persistent agent reads one JSON request per line on stdin and
+    answers one JSON line each, in order:
+      {"op": "prepare", "txn": ID, "participant": NAME, "attempt": 1, "data": {...}}
+        -> {"vote": "yes"} or {"vote": "no", "reason": "..."}
+      {"op": "commit" or "abort", "txn": ID, ...}
+        -> {"ok": true} or {"ok": false, "error": "..."}
+    Anything else (garbage, silence past --action-timeout) is a no vote or a
+    failure.
 
     The vote is fsynced before it is sent.  A transaction prepared and not
     decided after --inquire-after asks its coordinator; while none answers it
@@ -409,7 +412,7 @@ Examples:
     "--timeout",
     type=SECONDS,
     metavar="SECONDS",
-    help="Abort unless every vote is in by then  [default: the coordinator's --vote-timeout]",
+    help="Abort unless every vote is in by then  [default: the coordinator's]",
 )
 @click.option(
     "--wait",
