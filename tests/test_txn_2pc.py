@@ -623,9 +623,8 @@ class CoordinatorMachine(RuleBasedStateMachine):
         machine = self
 
         class Fake(Coordinator):
-            def ask(
-                self, txn: Txn, name: str, msg: dict[str, Any], callback: Callable[..., None]
-            ) -> None:
+            def ask(self, txn: Txn, name: str, frame: bytes, callback: Callable[..., None]) -> None:
+                msg = json.loads(frame)
                 if msg["op"] == "prepare":
                     machine.votes_pending.append((txn.id, name, callback))
                 else:
@@ -645,7 +644,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
 
     @rule(names=st.lists(st.sampled_from("abc"), min_size=1, max_size=3, unique=True))
     def begin(self, names: list[str]) -> None:
-        self.coord.begin(names, {"n": 1}, 60, lambda result: None)
+        self.coord.begin(names, '{"n": 1}', 60, lambda result: None)
 
     @precondition(lambda self: self.votes_pending)
     @rule(pick=st.integers(0, 100), vote=st.sampled_from(["yes", "yes", "no", "garbage"]))

@@ -56,6 +56,8 @@ class Result:
 class Actions(Protocol):
     def run(self, call: Call) -> Result: ...
 
+    def run_many(self, calls: list[Call]) -> list[Result]: ...
+
     def close(self) -> None: ...
 
 
@@ -116,6 +118,9 @@ class ShellActions:
         reason = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
         return Result(False, f"{call.phase} exited {proc.returncode} {reason[0][:200]}".strip())
 
+    def run_many(self, calls: list[Call]) -> list[Result]:
+        return [self.run(call) for call in calls]
+
     def close(self) -> None:
         pass
 
@@ -173,27 +178,42 @@ class PersistentAgent:
         return line
 
     def run(self, call: Call) -> Result:
+        return self.run_many([call])[0]
+
+    def run_many(self, calls: list[Call]) -> list[Result]:
+        """Send every request at once, then read the replies in order (a pipeline)."""
         if self.proc is None or self.proc.poll() is not None:
             self._restart()
         assert self.proc is not None and self.proc.stdin is not None
-        request = {
-            "op": call.phase,
-            "txn": call.txn,
-            "participant": self.participant,
-            "attempt": call.attempt,
-            "data": call.data,
-        }
+        lines = [
+            json.dumps(
+                {
+                    "op": call.phase,
+                    "txn": call.txn,
+                    "participant": self.participant,
+                    "attempt": call.attempt,
+                    "data": call.data,
+                }
+            )
+            for call in calls
+        ]
         try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.write(("\n".join(lines) + "\n").encode())
             self.proc.stdin.flush()
         except OSError:
             self._restart()
-            return Result(False, "the agent exited")
-        line = self._line(time.monotonic() + self.timeout)
-        if line is None:
-            self._restart()
-            return Result(False, f"the agent did not answer within {self.timeout:g}s")
-        return judge(call, line)
+            return [Result(False, "the agent exited")] * len(calls)
+        results: list[Result] = []
+        deadline = time.monotonic() + self.timeout
+        for call in calls:
+            line = self._line(deadline)
+            if line is None:
+                self._restart()
+                missing = len(calls) - len(results)
+                why = f"the agent did not answer within {self.timeout:g}s"
+                return [*results, *[Result(False, why)] * missing]
+            results.append(judge(call, line))
+        return results
 
     def close(self) -> None:
         if self.proc is not None:

@@ -20,6 +20,7 @@ Records::
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..daemon import Daemon, Timer
+from ..daemon import Daemon
 from ..errors import NotFoundError
 from . import crash
 from .journal import Journal, open_journal
@@ -41,11 +42,11 @@ from .protocol import (
     Directory,
     Log,
     Peers,
-    check_data,
     check_name,
     check_participants,
     check_timeout,
     check_txn,
+    data_json,
     new_txn_id,
     owner_of,
 )
@@ -66,13 +67,12 @@ def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
 class Txn:
     id: str
     participants: dict[str, str | None]  # name -> endpoint (None: not found)
-    data: dict[str, Any]
     state: str = VOTING
     votes: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     acked: set[str] = field(default_factory=set)
     waiter: Reply | None = None
-    timer: Timer | None = None
+    deadline: float = float("inf")
     timeout: float = 0.0
     tries: int = 0
     next_try: float = 0.0
@@ -124,17 +124,20 @@ class Coordinator(Daemon):
         self.flush_due = False
         self.committed = self.aborted = 0
         self.service = BatchService(
-            self, {"commit": self.commit, "outcome": self.outcome}, flush=lambda: None
+            self,
+            {"commit": self.commit, "outcome": self.outcome, "stats": self.stats},
+            flush=lambda: None,
         )
         self.endpoint = self.bind(self.service.sock, bind)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self)
         self.recover()
-        self.every(0.05, "phase two", self.retry)
+        self.every(0.05, "vote timeouts and phase two", self.retry)
         self.every(0.2, "journal", self.journal.sync)
 
     # -- transport (a test replaces it) -------------------------------------------------------
-    def ask(self, txn: Txn, name: str, msg: dict[str, Any], callback: Callable[..., None]) -> None:
+    def ask(self, txn: Txn, name: str, msg: bytes, callback: Callable[..., None]) -> None:
+        """Send *msg* (a JSON object, encoded) to participant *name* of *txn*."""
         endpoint = txn.participants[name]
         assert endpoint is not None
         peer = self.peers.get(endpoint)
@@ -160,7 +163,7 @@ class Coordinator(Daemon):
             participants = record.get("participants")
             if not isinstance(participants, dict):
                 continue
-            txn = Txn(txn_id, participants, record.get("data") or {}, state=state)
+            txn = Txn(txn_id, participants, state=state)
             txn.reason = str(record.get("reason", ""))
             txn.acked = {n for n, e in participants.items() if e is None}
             self.active[txn_id] = txn
@@ -174,7 +177,7 @@ class Coordinator(Daemon):
     # -- requests ----------------------------------------------------------------------------
     def commit(self, req: dict[str, Any]) -> dict[str, Any]:
         names = check_participants(req.get("participants"))
-        data = check_data(req.get("data", {}))
+        data = data_json(req.get("data", {}))
         timeout = check_timeout(req.get("timeout"), self.vote_timeout)
         identity, rid = self.service.current, req.get("rid")
         self.begin(names, data, timeout, lambda result: self.service.reply(identity, rid, result))
@@ -191,30 +194,38 @@ class Coordinator(Daemon):
             raise NotFoundError(f"transaction {txn_id} belongs to another coordinator")
         return {"txn": txn_id, "outcome": ABORT}  # presumed abort: never decided, or long done
 
+    def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "committed": self.committed,
+            "aborted": self.aborted,
+            "active": len(self.active),
+            "fsyncs": self.journal.fsyncs,
+            "malformed": self.malformed,
+        }
+
     # -- phase one ---------------------------------------------------------------------------
-    def begin(self, names: list[str], data: dict[str, Any], timeout: float, waiter: Reply) -> Txn:
+    def begin(self, names: list[str], data: str, timeout: float, waiter: Reply) -> Txn:
+        """Start a transaction of *names* on *data* (JSON text); *waiter* gets the result."""
         endpoints: dict[str, str | None] = {}
         for name in names:
             found = self.directory.endpoints(name)
             endpoints[name] = found[0] if found else None
-        txn = Txn(new_txn_id(self.name), endpoints, data, waiter=waiter, timeout=timeout)
+        txn = Txn(new_txn_id(self.name), endpoints, waiter=waiter, timeout=timeout)
         self.active[txn.id] = txn
         missing = [n for n, e in endpoints.items() if e is None]
         if missing:  # nobody was asked anything: nobody to tell
             txn.acked.update(names)
             self.decide(txn, ABORT, f"participant {missing[0]} not found")
             return txn
+        msg = (
+            f'{{"op":"prepare","txn":"{txn.id}","coordinator":"{self.name}",'
+            f'"reply_to":{json.dumps(self.advertise)},"data":{data}}}'
+        ).encode()
         for name in names:
-            msg = {
-                "op": "prepare",
-                "txn": txn.id,
-                "data": data,
-                "coordinator": self.name,
-                "reply_to": self.advertise,
-            }
             self.ask(txn, name, msg, lambda reply, n=name: self.on_vote(txn, n, reply))
         crash.point(ROLE, "after-prepare-sent")
-        txn.timer = self.after(timeout, "vote timeout", lambda: self.expire(txn))
+        txn.deadline = time.monotonic() + timeout
         return txn
 
     def on_vote(self, txn: Txn, name: str, reply: dict[str, Any] | None) -> None:
@@ -241,8 +252,6 @@ class Coordinator(Daemon):
 
     # -- the decision ------------------------------------------------------------------------
     def decide(self, txn: Txn, outcome: str, reason: str) -> None:
-        if txn.timer is not None:
-            txn.timer.cancel()
         txn.reason = reason
         record = {"txn": txn.id, "participants": txn.participants, "time": round(time.time(), 3)}
         if outcome == COMMIT:
@@ -284,10 +293,10 @@ class Coordinator(Daemon):
         txn.tries += 1
         txn.next_try = time.monotonic() + min(self.retry_max, 0.1 * 2 ** min(txn.tries - 1, 10))
         first = True
+        msg = f'{{"op":"decide","txn":"{txn.id}","outcome":"{outcome}"}}'.encode()
         for name in txn.participants:
             if name in txn.acked:
                 continue
-            msg = {"op": "decide", "txn": txn.id, "outcome": outcome}
             self.ask(txn, name, msg, lambda reply, n=name: self.on_ack(txn, n, reply))
             if first:
                 first = False
@@ -321,9 +330,12 @@ class Coordinator(Daemon):
         self._finished(txn.id, txn.state)
 
     def retry(self) -> None:
-        """Phase two again for the decided transactions whose participants are late."""
+        """Abort what is still voting past its deadline; phase two again for the
+        decided transactions whose participants are late."""
         now = time.monotonic()
         for txn in list(self.active.values()):
+            if txn.state == VOTING and now >= txn.deadline:
+                self.expire(txn)
             if txn.state in (COMMITTED, ABORTED) and now >= txn.next_try:
                 if txn.tries % 4 == 3:  # a participant may have moved: ask where it is now
                     for name in txn.participants:

@@ -23,13 +23,14 @@ it stays in doubt, which the journal and ``eda-txn status`` show.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..daemon import Daemon
-from ..errors import NotFoundError
+from ..errors import EdaError, NotFoundError
 from ..reqrep import check_endpoint
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
@@ -106,9 +107,16 @@ class Participant(Daemon):
         self._voted = self._acked = False
         self.service = BatchService(
             self,
-            {"prepare": self.prepare, "decide": self.decide, "resolve": self.resolve},
+            {
+                "prepare": self.prepare,
+                "decide": self.decide,
+                "resolve": self.resolve,
+                "stats": self.stats,
+            },
             flush=self._flush,
         )
+        self.service.ahead = self._look_ahead
+        self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         self.endpoint = self.bind(self.service.sock, bind)
         self.peers = Peers(self)
         for txn, record in self.txns.items():
@@ -145,8 +153,53 @@ class Participant(Daemon):
     # -- actions ----------------------------------------------------------------------------
     def _run(self, phase: str, txn: str, data: dict[str, Any]) -> Result:
         key = (txn, phase)
+        ready = self.ready.pop(key, None)
+        if ready is not None:
+            return ready
         attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
         return self.actions.run(Call(phase, txn, data, attempt))
+
+    def _look_ahead(self, messages: list[list[bytes]]) -> None:
+        """Run at once the actions a batch of requests will certainly need (an agent
+        then gets them as one pipeline); the handlers find the results ready."""
+        self.ready.clear()
+        calls: list[Call] = []
+        seen: set[str] = set()
+        for frames in messages:
+            try:
+                msg = json.loads(frames[-1])
+                op, txn = msg.get("op"), check_txn(msg.get("txn"))
+            except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, EdaError):
+                continue
+            if op not in ("prepare", "decide"):
+                return  # a resolve may change what a decide does: no running ahead
+            if txn in seen:
+                continue
+            seen.add(txn)
+            record = self.txns.get(txn)
+            if op == "prepare" and record is None:
+                try:
+                    data = check_data(msg.get("data", {}))
+                    check_name(msg.get("coordinator"), "coordinator name")
+                    check_endpoint(str(msg.get("reply_to", ""))[:300], "coordinator")
+                except EdaError:
+                    continue
+                calls.append(Call(PREPARE, txn, data, 1))
+            elif (
+                op == "decide"
+                and record is not None
+                and record.get("state") == PREPARED
+                and msg.get("outcome") in (COMMIT, ABORT)
+                and "heuristic" not in record
+            ):
+                calls.append(Call(msg["outcome"], txn, record.get("data") or {}, 1))
+        if len(calls) < 2:
+            return
+        for call in calls:
+            key = (call.txn, call.phase)
+            call.attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
+        for call, result in zip(calls, self.actions.run_many(calls), strict=True):
+            self.ready[(call.txn, call.phase)] = result
 
     def _apply(self, txn: str, outcome: str, final: str | None = None) -> Result:
         """Run the commit or abort action; record *final* (default committed/aborted) when done."""
@@ -251,6 +304,19 @@ class Participant(Daemon):
         if not result.ok:
             raise TxnError(f"{outcome} of {txn} failed: {result.reason}")
         return {"txn": txn, "state": self.txns[txn]["state"], "participant": self.name}
+
+    def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for record in self.txns.values():
+            state = str(record.get("state"))
+            states[state] = states.get(state, 0) + 1
+        return {
+            "name": self.name,
+            "states": states,
+            "hazards": self.hazards,
+            "fsyncs": self.journal.fsyncs,
+            "malformed": self.malformed,
+        }
 
     # -- in doubt ---------------------------------------------------------------------------
     def _tick(self) -> None:

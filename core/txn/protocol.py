@@ -11,7 +11,7 @@ coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abo
 participant    ``prepare`` txn, data, coordinator            vote: yes|no, reason
 participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
 participant    ``resolve`` txn, outcome (an operator)        state
-participant    ``state`` txn (optional)                      transactions
+both           ``stats``                                     counters (fsyncs, outcomes...)
 =============  ============================================  ===============================
 
 Two pieces here are shared by both daemons:
@@ -83,17 +83,23 @@ def new_txn_id(coordinator: str) -> str:
     return f"{coordinator}.{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
 
 
-def check_data(data: object) -> dict[str, Any]:
-    """A transaction's data: a JSON object of bounded size."""
+def data_json(data: object) -> str:
+    """A transaction's data (a JSON object of bounded size) as compact JSON text."""
     if not isinstance(data, dict):
         raise ProtocolError("data must be a JSON object")
     try:
-        size = len(json.dumps(data, allow_nan=False))
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (ValueError, TypeError, RecursionError):
         raise ProtocolError("data is not valid JSON") from None
-    if size > MAX_DATA:
-        raise ProtocolError(f"data of {size} bytes is over {MAX_DATA}")
-    return data
+    if len(text) > MAX_DATA:
+        raise ProtocolError(f"data of {len(text)} characters is over {MAX_DATA}")
+    return text
+
+
+def check_data(data: object) -> dict[str, Any]:
+    """A transaction's data: a JSON object of bounded size."""
+    data_json(data)
+    return data  # type: ignore[return-value]
 
 
 def check_outcome(value: object) -> str:
@@ -127,7 +133,8 @@ class BatchService(Service):
     owner's journal fsync): whatever a reply promises is durable first, and
     one fsync covers the whole batch.  A handler that returns ``{DEFER:
     True}`` answers later with :meth:`reply`, using :attr:`current` (the
-    asking peer) and the request's rid, saved at the time.
+    asking peer) and the request's rid, saved at the time.  :attr:`ahead`,
+    when set, sees the whole batch first (to start its work in one go).
     """
 
     def __init__(
@@ -140,10 +147,15 @@ class BatchService(Service):
         super().__init__(daemon, handlers)
         self.flush = flush
         self.current = b""
+        self.ahead: Callable[[list[list[bytes]]], None] | None = None
 
     def drain(self) -> None:
+        """Answer a batch of requests; one flush, then every reply of the batch."""
         batch: list[tuple[bytes, dict[str, Any]]] = []
-        for frames in received(self.sock, 256):
+        messages = list(received(self.sock, 256))
+        if self.ahead is not None and len(messages) > 1:
+            self.daemon.guarded("look-ahead", self.ahead, messages)
+        for frames in messages:
             self.requests += 1
             self.current = frames[0]
             reply = self.answer(frames[1:])
@@ -195,14 +207,19 @@ class Peer:
         self.sock.connect(endpoint)
         daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
 
-    def ask(self, msg: dict[str, Any], callback: Callback) -> int:
+    def ask(self, msg: dict[str, Any] | bytes, callback: Callback) -> int:
+        """Send *msg* (an object, or one already encoded, without its rid)."""
         rid = next(self._rids)
         if len(self.pending) >= self.max_pending:  # a peer that never answers: forget the oldest
             self.pending.pop(next(iter(self.pending)))
         self.pending[rid] = callback
-        msg["rid"] = rid
+        if isinstance(msg, bytes):  # encoded once for every participant: splice the rid in
+            frame = b'{"rid":%d,%s' % (rid, msg[1:])
+        else:
+            msg["rid"] = rid
+            frame = encode(msg)
         try:
-            self.sock.send(encode(msg), zmq.NOBLOCK)
+            self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:
             self.pending.pop(rid, None)
         return rid
