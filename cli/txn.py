@@ -612,7 +612,7 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
 # -- status (both) -------------------------------------------------------------------------
 STATUS_FIELDS = (
     "txn", "kind", "state", "coordinator", "decision", "participants", "reason", "hazards",
-    "notes", "time",
+    "notes", "time", "steps", "name", "step", "error", "active", "log",
 )  # fmt: skip
 STATE_COLOURS = {
     "committed": "green", "aborted": "yellow", "in-doubt": "red", "hazard": "bold red",

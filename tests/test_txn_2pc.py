@@ -874,3 +874,35 @@ def test_cli_commit_exit_status_and_status_table(procs: Any, tmp_path: Path) -> 
     rows = [json.loads(line) for line in run("eda-txn", "status", "--log", log).stdout.splitlines()]
     assert [r["state"] for r in rows] == ["committed", "aborted"]
     assert rows[0]["coordinator"] == "c9" and rows[0]["participants"] == {"pay": "committed"}
+
+
+def test_status_shows_sagas_next_to_transactions(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saga executor's summaries (eda.core.txn.saga.saga_status) join the 2PC rows."""
+    import types
+
+    from eda.core.txn.status import everything
+
+    c = cluster(["pay"])
+    c.start_all()
+    txn = c.commit({"order": 1})["txn"]
+    wait_until(lambda: c.states(txn) == {"pay": "committed"}, 5)
+    fake = types.ModuleType("eda.core.txn.saga")
+    seen: list[Path] = []
+
+    def saga_status(log_dir: Path) -> list[dict[str, Any]]:
+        seen.append(Path(log_dir))
+        return [{"kind": "saga", "id": "order-1", "name": "order", "status": "stuck", "error": "refund failed",
+                 "started": "2000-01-01T00:00:00+00:00", "steps": {"charge": {"status": "compensation-failed"}}}]  # fmt: skip
+
+    fake.saga_status = saga_status  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "eda.core.txn.saga", fake)
+    rows, problems = everything(c.log)
+    assert seen == [c.log] and not problems
+    assert [r["kind"] for r in rows] == ["saga", "2pc"]  # oldest first
+    saga = rows[0]
+    assert (
+        saga["txn"] == "order-1" and saga["state"] == "stuck" and saga["reason"] == "refund failed"
+    )
+    assert saga["steps"] == {"charge": "compensation-failed"} and saga["time"] == 946684800.0

@@ -115,8 +115,9 @@ class ShellActions:
             return Result(False, f"{call.phase} command timed out after {self.timeout:g}s")
         if proc.returncode == 0:
             return Result(True)
-        reason = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return Result(False, f"{call.phase} exited {proc.returncode} {reason[0][:200]}".strip())
+        said = out.decode(errors="replace").strip().splitlines()[-1:]  # its last line says why
+        why = f": {said[0][:200]}" if said else ""
+        return Result(False, f"{call.phase} exited {proc.returncode}{why}")
 
     def run_many(self, calls: list[Call]) -> list[Result]:
         return [self.run(call) for call in calls]

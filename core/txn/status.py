@@ -1,14 +1,16 @@
 """Where transactions stand, read from the journals of a log directory (``eda-txn status``).
 
 A log directory holds ``coordinator-NAME.jsonl`` and ``participant-NAME.jsonl``
-journals (2PC) and the saga executor's logs.  Reading never changes a file
+journals (2PC) and the saga executor's logs (``sagas/ID.jsonl``).  Reading never changes a file
 (a torn tail is left for its owner to cut), so status works while the
 daemons run and after they died.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -113,26 +115,55 @@ def overall(row: dict[str, Any], done: bool) -> str:
 
 
 def sagas(log_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the sagas in *log_dir*: the hook for the saga executor.
+    """Rows of the sagas in *log_dir* (``DIR/sagas/ID.jsonl``), in the shape of the 2PC ones.
 
-    When :mod:`eda.core.txn.saga` provides ``status_rows(log_dir)`` (returning
-    rows with at least ``txn``, ``kind`` = "saga" and ``state``), its rows
-    are shown with the 2PC ones.
+    The saga executor (:mod:`eda.core.txn.saga`, when installed) summarizes
+    its logs with ``saga_status(log_dir)``; each summary keeps its own fields
+    and gains ``txn`` (its id), ``state`` (its status), ``reason`` and ``time``.
     """
     try:
-        from . import saga  # type: ignore[attr-defined]
+        module = importlib.import_module(f"{__package__}.saga")
     except ImportError:
         return [], []
-    status_rows = getattr(saga, "status_rows", None)
-    if not callable(status_rows):
+    summarize = getattr(module, "saga_status", None)
+    if not callable(summarize):
         return [], []
     try:
-        return list(status_rows(log_dir)), []
+        summaries = list(summarize(log_dir))
     except (OSError, CorruptJournal) as exc:
         return [], [f"sagas: {exc}"]
+    rows = []
+    for summary in summaries:
+        steps = summary.get("steps")
+        rows.append(
+            {
+                **summary,
+                "txn": summary.get("id"),
+                "kind": "saga",
+                "state": summary.get("status"),
+                "reason": summary.get("error") or "",
+                "steps": {
+                    str(name): step.get("status") if isinstance(step, dict) else step
+                    for name, step in (steps.items() if isinstance(steps, dict) else ())
+                },
+                "time": _epoch(summary.get("started")),
+            }
+        )
+    return rows, []
+
+
+def _epoch(stamp: object) -> float | None:
+    if isinstance(stamp, int | float):
+        return float(stamp)
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
 
 
 def everything(log_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """2PC transactions and sagas together, oldest first."""
     rows, problems = twopc(log_dir)
     more, more_problems = sagas(log_dir)
-    return rows + more, problems + more_problems
+    both = sorted(rows + more, key=lambda r: (r.get("time") or 0, str(r.get("txn"))))
+    return both, problems + more_problems
