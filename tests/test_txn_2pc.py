@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from eda.core.daemon import Daemon
+from eda.core.errors import NotFoundError
 from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import crash
 from eda.core.txn.actions import PersistentAgent, ShellActions
@@ -148,7 +149,14 @@ class Cluster:
         return lambda: shell_actions(self.work, name)
 
     def endpoint(self, name: str) -> str:
+        if name not in self.ports:
+            self.ports[name] = free_port()
         return f"tcp://127.0.0.1:{self.ports[name]}"
+
+    @staticmethod
+    def coordinator_name(name: str) -> str:
+        """'coordinator' is c1; 'coordinator-c2' is c2."""
+        return name.partition("-")[2] or "c1"
 
     def start(self, name: str, crash_at: str = "") -> Forked:
         env = {"EDA_CRASH_AT": crash_at} if crash_at else {}
@@ -159,15 +167,16 @@ class Cluster:
                 f.write(message + "\n")
 
         make: Callable[[], Daemon]
-        if name == "coordinator":
+        endpoint = self.endpoint(name)  # chosen here: the child must not pick its own
+        if name.startswith("coordinator"):
             peers = {n: self.endpoint(n) for n in self.names}
             make = lambda: Coordinator(  # noqa: E731
-                "c1", self.log, directory=Directory(peers), bind=self.endpoint(name),
+                self.coordinator_name(name), self.log, directory=Directory(peers), bind=endpoint,
                 vote_timeout=self.vote_timeout, retry_max=0.3, warn=warn,
             )  # fmt: skip
         else:
             make = lambda: Participant(  # noqa: E731
-                name, self.actions[name](), self.log, bind=self.endpoint(name), warn=warn, **FAST
+                name, self.actions[name](), self.log, bind=endpoint, warn=warn, **FAST
             )
         self.procs[name] = Forked(make, env, errors)
         return self.procs[name]
@@ -186,9 +195,13 @@ class Cluster:
             proc.kill()
 
     def commit(
-        self, data: dict[str, Any], names: list[str] | None = None, wait: float = 5.0
+        self,
+        data: dict[str, Any],
+        names: list[str] | None = None,
+        wait: float = 5.0,
+        via: str = "coordinator",
     ) -> dict[str, Any]:
-        client = Client([self.endpoint("coordinator")], timeout=wait)
+        client = Client([self.endpoint(via)], timeout=wait)
         try:
             return client.request(
                 {"op": "commit", "participants": names or self.names, "data": data}
@@ -366,6 +379,29 @@ def test_crash_at_every_point_then_all_participants_agree(
         "before-apply": "committed", "before-ack": "committed",
     }  # fmt: skip
     assert final == expected[point]
+
+
+def test_several_coordinators_each_own_their_transactions(cluster: Any) -> None:
+    c = cluster(["stock", "pay"])
+    c.start_all()
+    c.start("coordinator-c2", "coordinator:after-decision")
+    with pytest.raises(Unavailable):
+        c.commit({"order": 2}, via="coordinator-c2", wait=1.0)
+    wait_until(c.procs["coordinator-c2"].crashed, 5)
+    theirs = only_txn(c, "pay")
+    assert theirs.startswith("c2.")
+    ours = c.commit({"order": 1})  # c1 serves on, the same participants
+    assert ours["outcome"] == "committed" and ours["txn"].startswith("c1.")
+    client = Client([c.endpoint("coordinator")], timeout=2)
+    with pytest.raises(NotFoundError, match="belongs to another coordinator"):
+        client.request({"op": "outcome", "txn": theirs})  # c1 never presumes about c2's
+    client.close()
+    assert c.states(theirs) == {"stock": "prepared", "pay": "prepared"}  # in doubt: c2 is down
+    c.start("coordinator-c2")  # c2 comes back and finishes its own decided transaction
+    wait_until(lambda: c.states(theirs) == {"stock": "committed", "pay": "committed"}, 10)
+    assert [
+        r["txn"] for r in read(coordinator_journal(c.log, "c2")) if r.get("state") == "committed"
+    ] == [theirs]
 
 
 # -- in doubt, resolve, heuristic hazard --------------------------------------------------------
@@ -846,16 +882,20 @@ def test_bank_invariant_under_concurrent_transfers_and_random_kills(
 
 
 # -- the command line ---------------------------------------------------------------------------
-def test_cli_commit_exit_status_and_status_table(procs: Any, tmp_path: Path) -> None:
+def test_cli_commit_exit_status_and_status_table_found_through_a_registry(
+    procs: Any, tmp_path: Path
+) -> None:
     log = str(tmp_path / "txn")
-    port = free_port()
-    coord = procs.eda("eda-txn", "coordinator", "--no-mdns", "--name", "c9", "--log", log,
-                      "--bind", f"tcp://127.0.0.1:{port}", "--peer", f"pay=tcp://127.0.0.1:{port + 1}")  # fmt: skip
-    pay = procs.eda("eda-txn", "participant", "pay", "--no-mdns", "--log", log, "--bind", f"tcp://127.0.0.1:{port + 1}",
-                    "--prepare", 'grep -q \'"amount": [0-9],\'', "--commit", "true")  # fmt: skip
-    coord.wait_stderr("listening on", 15)
-    pay.wait_stderr("listening on", 15)
-    base = ("commit", "--no-mdns", "--coordinator", f"tcp://127.0.0.1:{port}", "-p", "pay")
+    registry = f"tcp://127.0.0.1:{free_port()}"
+    reg = procs.eda("eda-registry", "serve", "--no-mdns", "--bind", registry)
+    reg.wait_stderr("listening on", 15)
+    coord = procs.eda("eda-txn", "coordinator", "--no-mdns", "--registry", registry, "--name", "c9",
+                      "--log", log, "--bind", "tcp://127.0.0.1:*")  # fmt: skip
+    pay = procs.eda("eda-txn", "participant", "pay", "--no-mdns", "--registry", registry, "--log", log,
+                    "--bind", "tcp://127.0.0.1:*", "--prepare", 'grep -q \'"amount": [0-9],\'', "--commit", "true")  # fmt: skip
+    coord.wait_stderr("announced by registry", 15)
+    pay.wait_stderr("announced by registry", 15)
+    base = ("commit", "--no-mdns", "--registry", registry, "-p", "pay")  # both found by name
     ok = run("eda-txn", *base, "--data", '{"amount": 5, "x": 1}')
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["outcome"] == "committed"

@@ -326,6 +326,7 @@ class Participant(Daemon):
                 state = self.txns[txn].get("state")
                 self._apply(txn, COMMIT if state == "committing" else ABORT)
         asked = 0
+        found: dict[str, list[str]] = {}  # coordinators looked up this tick: once each
         for txn, since in list(self.since.items()):
             if asked >= 200 or now - since < self.inquire_after:
                 continue
@@ -335,15 +336,20 @@ class Participant(Daemon):
                     continue
                 pending[0].forget(pending[1])
                 self._unanswered(txn)
-            self._inquire(txn, now, alternate=pending is not None)
+            self._inquire(txn, now, found if pending is not None else None)
             asked += 1
 
-    def _inquire(self, txn: str, now: float, alternate: bool) -> None:
+    def _inquire(self, txn: str, now: float, found: dict[str, list[str]] | None) -> None:
+        """Ask the coordinator of *txn*; with *found*, one found anew by name if it
+        was silent (the recorded endpoint may be gone: a coordinator that moved)."""
         record = self.txns[txn]
         endpoint = record.get("reply_to")
-        if alternate and self.find_coordinator is not None:
-            found = [e for e in self.find_coordinator(record.get("coordinator")) if e != endpoint]
-            endpoint = found[0] if found else endpoint
+        name = str(record.get("coordinator"))
+        if found is not None and self.find_coordinator is not None:
+            if name not in found:
+                found[name] = list(self.find_coordinator(name))
+            others = [e for e in found[name] if e != endpoint]
+            endpoint = others[0] if others else endpoint
         if not isinstance(endpoint, str):
             return
         peer = self.peers.get(endpoint)

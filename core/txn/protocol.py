@@ -270,7 +270,8 @@ class Directory:
     *find* (name -> endpoints) is the lookup; by default the registry (or
     mDNS without one) through :func:`eda.core.registry.access.lookup`.
     Answers are kept *ttl* seconds, and dropped at once by :meth:`stale`
-    when an endpoint stops answering.
+    when an endpoint stops answering; a name not found is not looked up again
+    for *miss_ttl* seconds (a lookup blocks the daemon's loop).
     """
 
     def __init__(
@@ -280,11 +281,13 @@ class Directory:
         access: Any = None,
         find: Callable[[str], list[str]] | None = None,
         ttl: float = 30.0,
+        miss_ttl: float = 1.0,
     ) -> None:
         self.explicit = {k: check_endpoint(v, f"{k}") for k, v in (explicit or {}).items()}
         self.access = access
         self.find = find or self._lookup
         self.ttl = ttl
+        self.miss_ttl = miss_ttl
         self.cache: dict[str, tuple[float, list[str]]] = {}
 
     def _lookup(self, name: str) -> list[str]:
@@ -303,11 +306,10 @@ class Directory:
             return [self.explicit[name]]
         hit = self.cache.get(name)
         now = time.monotonic()
-        if hit is not None and now - hit[0] < self.ttl:
+        if hit is not None and now - hit[0] < (self.ttl if hit[1] else self.miss_ttl):
             return hit[1]
         found = self.find(name)
-        if found:
-            self.cache[name] = (now, found)
+        self.cache[name] = (now, found)
         return found
 
     def stale(self, name: str) -> None:
