@@ -195,6 +195,8 @@ class Participant(Daemon):
                 calls.append(Call(msg["outcome"], txn, record.get("data") or {}, 1))
         if len(calls) < 2:
             return
+        if any(call.phase != PREPARE for call in calls):
+            crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:
             key = (call.txn, call.phase)
             call.attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
@@ -285,7 +287,8 @@ class Participant(Daemon):
         started = {"committing": COMMIT, "aborting": ABORT}.get(str(state))
         if started is not None and started != outcome:
             raise TxnError(f"transaction {txn} is already {state} here")
-        crash.point(ROLE, "before-apply")
+        if (txn, outcome) not in self.ready:  # else the look-ahead passed the point already
+            crash.point(ROLE, "before-apply")
         result = self._apply(txn, outcome)
         if not result.ok:
             raise TxnError(f"{outcome} of {txn} failed: {result.reason}")
