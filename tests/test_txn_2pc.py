@@ -946,3 +946,96 @@ def test_status_shows_sagas_next_to_transactions(
         saga["txn"] == "order-1" and saga["state"] == "stuck" and saga["reason"] == "refund failed"
     )
     assert saga["steps"] == {"charge": "compensation-failed"} and saga["time"] == 946684800.0
+
+
+# -- bounded memory and journals ----------------------------------------------------------------
+class Recorded:
+    """Actions that succeed and are counted."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def run(self, call: Any) -> Any:
+        from eda.core.txn.actions import Result
+
+        self.calls.append((call.phase, call.txn))
+        return Result(True)
+
+    def run_many(self, calls: list[Any]) -> list[Any]:
+        return [self.run(c) for c in calls]
+
+    def close(self) -> None:
+        pass
+
+
+def ask(part: Participant, **msg: Any) -> dict[str, Any]:
+    reply = part.service.answer([json.dumps(msg).encode()])
+    part.journal.sync()
+    return reply
+
+
+def test_finished_transactions_are_forgotten_in_order_and_the_journal_compacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eda.core.txn import participant as participant_module
+    from eda.core.txn.protocol import new_txn_id
+
+    actions = Recorded()
+    part = Participant("stock", actions, tmp_path, kept=5)
+    prepare = {"op": "prepare", "data": {}, "coordinator": "c1", "reply_to": "tcp://127.0.0.1:9"}
+    ids = []
+    for _ in range(30):
+        txn = new_txn_id("c1")
+        ids.append(txn)
+        assert ask(part, **prepare, txn=txn)["vote"] == "yes"
+        assert ask(part, op="decide", txn=txn, outcome="commit")["done"] is True
+        time.sleep(0.002)  # ids of different milliseconds
+    assert not part.txns and list(part.finished) == ids[-5:]  # memory stays bounded
+    again = ask(part, op="decide", txn=ids[0], outcome="commit")  # a late repeat: long done here
+    assert again["ok"] and again["forgotten"] is True
+    never = ask(part, op="decide", txn=new_txn_id("c1"), outcome="commit")
+    assert never["ok"] is False and never["code"] == 3  # newer than anything forgotten: never seen
+    runs = len(actions.calls)
+    assert (
+        ask(part, **prepare, txn=ids[-1])["vote"] == "yes" and len(actions.calls) == runs
+    )  # not rerun
+    part.close()
+    lines = len(participant_journal(tmp_path, "stock").read_text().splitlines())
+    monkeypatch.setattr(participant_module, "COMPACT_MIN", 10)
+    part = Participant("stock", Recorded(), tmp_path, kept=5)
+    try:
+        kept = participant_journal(tmp_path, "stock").read_text().splitlines()
+        assert lines > 60 and len(kept) == 1 + 5 + 1  # the mark, five finished, a start record
+        assert list(part.finished) == ids[-5:]
+        assert ask(part, op="decide", txn=ids[0], outcome="commit")["forgotten"] is True
+    finally:
+        part.close()
+
+
+def test_a_coordinator_journal_of_mostly_done_transactions_is_compacted_on_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eda.core.txn import coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module, "COMPACT_MIN", 10)
+    monkeypatch.setattr(coordinator_module, "FINISHED_KEPT", 5)
+    path = coordinator_journal(tmp_path, "c1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(50):
+        txn = f"c1.{i:017x}"
+        records += [{"txn": txn, "state": "committed", "participants": {"a": "tcp://127.0.0.1:9"}},
+                    {"txn": txn, "state": "done", "outcome": "committed"}]  # fmt: skip
+    records.append(
+        {"txn": "c1.1000", "state": "committed", "participants": {"a": "tcp://127.0.0.1:9"}}
+    )
+    records.append({"txn": f"c1.{3:017x}", "hazard": "a"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    coord = Coordinator("c1", tmp_path, directory=Directory({"a": "tcp://127.0.0.1:9"}))
+    try:
+        assert list(coord.active) == ["c1.1000"]  # still to finish
+        kept = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(kept) == 5 * 2 + 1 + 1
+        assert coord.outcome({"txn": f"c1.{49:017x}"})["outcome"] == "commit"  # remembered
+    finally:
+        coord.close()

@@ -8,7 +8,9 @@ the disk: a transaction the journal does not know was aborted, so that is
 what a participant asking about it hears.  Phase two is retried, with
 backoff, until every participant acknowledged; then a ``done`` record lets a
 restart skip it.  On start the journal is read and every decided transaction
-not done is driven again; undecided ones were never logged: aborted.
+not done is driven again; undecided ones were never logged: aborted.  The
+last :data:`FINISHED_KEPT` finished transactions are remembered; a journal
+mostly made of older ones is rewritten without them on start.
 
 Records::
 
@@ -32,6 +34,7 @@ from typing import Any
 from ..daemon import Daemon
 from ..errors import NotFoundError
 from . import crash
+from .compact import COMPACT_MIN, rewrite
 from .journal import Journal, open_journal
 from .protocol import (
     ABORT,
@@ -168,6 +171,17 @@ class Coordinator(Daemon):
             txn.acked = {n for n, e in participants.items() if e is None}
             self.active[txn_id] = txn
             self.log(f"recovering {txn_id}: {state}, phase two again")
+        records = self.journal.records
+        if len(records) > COMPACT_MIN and len(records) > 4 * (
+            len(self.active) + len(self.finished)
+        ):
+            kept = [
+                r
+                for r in records
+                if r.get("txn") in self.active or r.get("txn") in self.finished or "hazard" in r
+            ]
+            self.journal = rewrite(self.journal, kept)
+            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
 
     def _finished(self, txn_id: str, outcome: object) -> None:
         self.finished[txn_id] = outcome if outcome in (COMMITTED, ABORTED) else COMMITTED

@@ -14,7 +14,9 @@ States: ``prepared`` (voted yes: in doubt until the outcome is known),
 coordinator's outcome contradicted the operator's).
 
 A yes vote is fsynced before it is sent; an ack (``done``) only after the
-final record is fsynced.  Requests drained together share one fsync.  A
+final record is fsynced.  Finished transactions are kept in memory as a
+small record, the last *kept* of them (:mod:`.compact`); a journal mostly
+made of forgotten ones is rewritten on start.  Requests drained together share one fsync.  A
 transaction prepared for longer than *inquire_after* seconds asks its
 coordinator for the outcome, again and again; while no coordinator answers
 it stays in doubt, which the journal and ``eda-txn status`` show.
@@ -34,6 +36,7 @@ from ..errors import EdaError, NotFoundError
 from ..reqrep import check_endpoint
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
+from .compact import COMPACT_MIN, Finished, rewrite
 from .journal import open_journal
 from .protocol import (
     BatchService,
@@ -48,6 +51,8 @@ from .protocol import (
 
 PREPARED = "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
+FINAL = {"committed", "aborted", "hazard"}
+KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -83,6 +88,7 @@ class Participant(Daemon):
         inquire_after: float = 2.0,
         inquire_timeout: float = 1.0,
         find_coordinator: Any = None,
+        kept: int = KEPT,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -96,7 +102,9 @@ class Participant(Daemon):
         self.journal = open_journal(journal_path(log_dir, name))
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
-        self.txns = replay(self.journal.records)
+        self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
+        self.finished = Finished(kept)
+        self._load()
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
@@ -130,16 +138,44 @@ class Participant(Daemon):
         self.every(0.2, "journal", self.journal.sync)
 
     # -- the journal ------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Live and finished transactions from the journal; compacted if mostly forgotten."""
+        records = self.journal.records
+        for record in records:
+            mark = record.get("forgotten_before")
+            if isinstance(mark, int) and mark > self.finished.forgotten_before:
+                self.finished.forgotten_before = mark
+        for txn, record in replay(records).items():
+            if record.get("state") in FINAL:
+                self.finished.add(txn, _final(txn, record))
+            else:
+                self.txns[txn] = record
+        if len(records) > COMPACT_MIN and len(records) > 2 * (len(self.txns) + len(self.finished)):
+            kept = [
+                {"forgotten_before": self.finished.forgotten_before},
+                *self.finished.values(),
+                *({"txn": t, **r} for t, r in self.txns.items()),
+            ]
+            self.journal = rewrite(self.journal, kept)
+            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
+
+    def _known(self, txn: str) -> dict[str, Any] | None:
+        return self.txns.get(txn) or self.finished.get(txn)
+
     def _record(self, txn: str, state: str, **fields: Any) -> dict[str, Any]:
         record = {"txn": txn, "state": state, **fields, "time": round(time.time(), 3)}
         self.journal.append(record)
-        self.txns.setdefault(txn, {}).update(record)
+        live = self.txns.setdefault(txn, {})
+        live.update(record)
         if state in IN_DOUBT:
             self.since.setdefault(txn, time.monotonic())
         else:
             self.since.pop(txn, None)
             self.asking.pop(txn, None)
-        return self.txns[txn]
+        if state in FINAL:  # finished: only a small record stays, for repeated messages
+            del self.txns[txn]
+            self.finished.add(txn, _final(txn, live))
+        return live
 
     def _flush(self) -> None:
         self.journal.sync()
@@ -176,7 +212,7 @@ class Participant(Daemon):
             if txn in seen:
                 continue
             seen.add(txn)
-            record = self.txns.get(txn)
+            record = self._known(txn)
             if op == "prepare" and record is None:
                 try:
                     data = check_data(msg.get("data", {}))
@@ -228,7 +264,7 @@ class Participant(Daemon):
         data = check_data(req.get("data", {}))
         coordinator = check_name(req.get("coordinator"), "coordinator name")
         reply_to = check_endpoint(str(req.get("reply_to", ""))[:300], "coordinator")
-        known = self.txns.get(txn)
+        known = self._known(txn)
         if known is not None:  # a repeated prepare: the same vote, nothing run again
             state = known.get("state")
             yes = state in IN_DOUBT or state == "committed" or state == "committing"
@@ -247,7 +283,9 @@ class Participant(Daemon):
     def decide(self, req: dict[str, Any]) -> dict[str, Any]:
         txn = check_txn(req.get("txn"))
         outcome = check_outcome(req.get("outcome"))
-        if txn not in self.txns:
+        if self._known(txn) is None:
+            if outcome == COMMIT and self.finished.forgotten(txn):
+                return {"done": True, "forgotten": True}  # finished here long ago
             if outcome == ABORT:  # no vote logged: a prepare cut short by a crash may have run
                 self._record(txn, "aborting", data={}, note="no vote logged")
                 if not self._apply(txn, ABORT).ok:
@@ -261,7 +299,8 @@ class Participant(Daemon):
 
     def settle(self, txn: str, outcome: str) -> dict[str, Any]:
         """Apply the coordinator's *outcome* to *txn*; a contradicted heuristic is a hazard."""
-        record = self.txns[txn]
+        record = self._known(txn)
+        assert record is not None
         state = record.get("state")
         if state == "hazard":
             return {"done": True, "hazard": True}
@@ -298,7 +337,7 @@ class Participant(Daemon):
         """An operator's heuristic decision on an in-doubt transaction."""
         txn = check_txn(req.get("txn"))
         outcome = check_outcome(req.get("outcome"))
-        record = self.txns.get(txn)
+        record = self._known(txn)
         if record is None:
             raise NotFoundError(f"no transaction {txn} at participant {self.name}")
         if record.get("state") != PREPARED:
@@ -310,12 +349,13 @@ class Participant(Daemon):
 
     def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
         states: dict[str, int] = {}
-        for record in self.txns.values():
+        for record in [*self.txns.values(), *self.finished.values()]:
             state = str(record.get("state"))
             states[state] = states.get(state, 0) + 1
         return {
             "name": self.name,
             "states": states,
+            "forgotten_before": self.finished.forgotten_before,
             "hazards": self.hazards,
             "fsyncs": self.journal.fsyncs,
             "malformed": self.malformed,
@@ -388,6 +428,14 @@ class Participant(Daemon):
             self.actions.close()
         finally:
             super().close()
+
+
+def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a finished transaction."""
+    keep = {"txn": txn, "state": record.get("state"), "time": record.get("time")}
+    if "heuristic" in record:
+        keep["heuristic"] = record["heuristic"]
+    return keep
 
 
 def local(endpoint: str) -> str:
