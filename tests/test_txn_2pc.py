@@ -327,11 +327,12 @@ COORDINATOR_POINTS = [
     "before-decision",
     "after-decision",
     "after-commit-sent",
+    "after-abort-sent",  # pay votes no in this one
     "before-done",
 ]
 PARTICIPANT_POINTS = ["before-vote-logged", "after-vote-logged", "before-apply", "before-ack"]
 MATRIX = [("coordinator", p) for p in COORDINATOR_POINTS] + [
-    ("stock", p) for p in PARTICIPANT_POINTS
+    (name, p) for name in ("stock", "pay") for p in PARTICIPANT_POINTS
 ]
 
 
@@ -343,7 +344,8 @@ def test_crash_at_every_point_then_all_participants_agree(
     role = "coordinator" if victim == "coordinator" else "participant"
     c.start_all({victim: f"{role}:{point}"})
     try:
-        answered: dict[str, Any] | None = c.commit({"order": 7}, wait=1.5)
+        data = {"order": 7, "no": "pay"} if point == "after-abort-sent" else {"order": 7}
+        answered: dict[str, Any] | None = c.commit(data, wait=1.5)
     except Unavailable:
         answered = None  # the coordinator died before answering: the outcome is unknown to us
     wait_until(lambda: c.procs[victim].crashed(), 5, f"{victim} to crash at {point}")
@@ -374,7 +376,7 @@ def test_crash_at_every_point_then_all_participants_agree(
         assert not any(line.startswith(f"commit {txn}") for n in c.names for line in c.effects(n))
     expected = {
         "after-decision": "committed", "after-commit-sent": "committed", "before-done": "committed",
-        "before-decision": "aborted", "after-prepare-sent": "aborted",
+        "before-decision": "aborted", "after-prepare-sent": "aborted", "after-abort-sent": "aborted",
         "before-vote-logged": "aborted", "after-vote-logged": "aborted",
         "before-apply": "committed", "before-ack": "committed",
     }  # fmt: skip
