@@ -1041,3 +1041,35 @@ def test_a_coordinator_journal_of_mostly_done_transactions_is_compacted_on_start
         assert coord.outcome({"txn": f"c1.{49:017x}"})["outcome"] == "commit"  # remembered
     finally:
         coord.close()
+
+
+def test_decisions_of_one_loop_turn_share_one_fsync(tmp_path: Path) -> None:
+    """Group commit: every commit decided while handling one turn's messages is
+    appended, then one fsync covers them all, then phase two starts."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+    votes: list[Callable[..., None]] = []
+
+    class Fake(Coordinator):
+        def ask(self, txn: Txn, name: str, frame: bytes, callback: Callable[..., None]) -> None:
+            msg = json.loads(frame)
+            sent.append((name, msg))
+            if msg["op"] == "prepare":
+                votes.append(callback)
+
+    peers = {"a": "tcp://127.0.0.1:9", "b": "tcp://127.0.0.1:10"}
+    coord = Fake("c1", tmp_path, directory=Directory(peers))
+    results: list[dict[str, Any]] = []
+    try:
+        for i in range(10):
+            coord.begin(["a", "b"], json.dumps({"n": i}), 60, results.append)
+        before = coord.journal.fsyncs
+        for vote in votes:  # every vote arrives in the same turn
+            vote({"ok": True, "vote": "yes"})
+        assert not results and not [m for _, m in sent if m["op"] == "decide"]  # nothing told yet
+        assert coord.journal.pending == 10
+        coord._run_timers()  # the end of the turn
+        assert coord.journal.fsyncs == before + 1
+        assert [r["outcome"] for r in results] == ["committed"] * 10
+        assert len([m for _, m in sent if m["op"] == "decide"]) == 20
+    finally:
+        coord.close()
