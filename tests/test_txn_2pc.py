@@ -517,13 +517,14 @@ def test_hostile_frames_are_refused_and_the_daemons_keep_serving(cluster: Any) -
         sock.connect(c.endpoint(target))
         for frames in HOSTILE:
             sock.send_multipart(frames)
+        sock.send_multipart([b"{}"] * 300)  # a batch over the limit: the first 256 answered
+        expected = sum(len(frames) for frames in HOSTILE) + 256  # one reply per request (frame)
         replies = []
-        while sock.poll(2000):
+        while len(replies) < expected and sock.poll(2000):
             replies.append(json.loads(sock.recv()))
-            if len(replies) == len(HOSTILE):
-                break
+        assert not sock.poll(300)  # and nothing more
         sock.close()
-        assert replies and all(r["ok"] is False for r in replies), replies
+        assert len(replies) == expected and all(r["ok"] is False for r in replies), replies
         assert any(r.get("code") == 3 for r in replies)  # e.g. a transaction never prepared
     # a client that connects and never reads, with a burst of requests
     idle = ctx.socket(zmq.DEALER)

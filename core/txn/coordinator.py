@@ -289,11 +289,14 @@ class Coordinator(Daemon):
         batch, self.deciding = self.deciding, []
         self.journal.sync()
         crash.point(ROLE, "after-decision")
+        self.service.hold()  # one message per asker, one per participant
         for txn in batch:
             txn.state = COMMITTED
             self.committed += 1
             self._answer(txn)
             self.phase_two(txn)
+        self.service.release()
+        self.peers.flush()
 
     def _answer(self, txn: Txn) -> None:
         if txn.waiter is not None:
@@ -314,6 +317,8 @@ class Coordinator(Daemon):
             self.ask(txn, name, msg, lambda reply, n=name: self.on_ack(txn, n, reply))
             if first:
                 first = False
+                if "EDA_CRASH_AT" in os.environ and name in txn.asked:  # really sent, then crash
+                    txn.asked[name][0].flush()
                 crash.point(ROLE, f"after-{outcome}-sent")
         self._maybe_done(txn)
 
@@ -359,6 +364,7 @@ class Coordinator(Daemon):
                             if found:
                                 txn.participants[name] = found[0]
                 self.phase_two(txn)
+        self.peers.flush()
 
     def close(self) -> None:
         try:

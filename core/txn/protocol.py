@@ -126,15 +126,22 @@ def check_timeout(value: object, default: float) -> float:
 
 
 # -- serving ----------------------------------------------------------------------------------
+MAX_BATCH = 256  # requests in one message (its frames); more are dropped
+
+
 class BatchService(Service):
-    """A request service with group commit and deferred replies.
+    """A request service with group commit, batched messages and deferred replies.
 
     The replies to one drained batch are sent after *flush* () returned (the
     owner's journal fsync): whatever a reply promises is durable first, and
-    one fsync covers the whole batch.  A handler that returns ``{DEFER:
-    True}`` answers later with :meth:`reply`, using :attr:`current` (the
-    asking peer) and the request's rid, saved at the time.  :attr:`ahead`,
-    when set, sees the whole batch first (to start its work in one go).
+    one fsync covers the whole batch.  A message may carry several requests,
+    one per frame (a :class:`Peer` sends what it has in one go); the replies
+    to one asker go back together, one per frame, as one message.  A handler
+    that returns ``{DEFER: True}`` answers later with :meth:`reply`, using
+    :attr:`current` (the asking peer) and the request's rid, saved at the
+    time; between :meth:`hold` and :meth:`release` those replies are gathered
+    too.  :attr:`ahead`, when set, sees the whole batch first (to start its
+    work in one go).
     """
 
     def __init__(
@@ -148,38 +155,59 @@ class BatchService(Service):
         self.flush = flush
         self.current = b""
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
+        self.held: dict[bytes, list[bytes]] | None = None
 
     def drain(self) -> None:
         """Answer a batch of requests; one flush, then every reply of the batch."""
-        batch: list[tuple[bytes, dict[str, Any]]] = []
-        messages = list(received(self.sock, 256))
-        if self.ahead is not None and len(messages) > 1:
-            self.daemon.guarded("look-ahead", self.ahead, messages)
-        for frames in messages:
+        requests: list[list[bytes]] = []
+        for frames in received(self.sock, 256):
+            if len(frames) > MAX_BATCH + 1:
+                self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
+            requests += [[frames[0], body] for body in frames[1 : MAX_BATCH + 1]]
+        if self.ahead is not None and len(requests) > 1:
+            self.daemon.guarded("look-ahead", self.ahead, requests)
+        out: dict[bytes, list[bytes]] = {}
+        for identity, body in requests:
             self.requests += 1
-            self.current = frames[0]
-            reply = self.answer(frames[1:])
+            self.current = identity
+            reply = self.answer([body])
             if not reply.get(DEFER):
-                batch.append((frames[0], reply))
-        if batch:
+                out.setdefault(identity, []).append(self._encode(reply))
+        if out:
             self.flush()
-            for identity, reply in batch:
-                self.send(identity, reply)
+            self._send(out)
 
-    def send(self, identity: bytes, reply: Mapping[str, Any]) -> None:
+    def _encode(self, reply: Mapping[str, Any]) -> bytes:
         try:
-            data = encode(reply)
+            return encode(reply)
         except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
             self.daemon.limited("reply", f"cannot encode a reply: {exc}")
-            data = encode(error_reply(reply.get("rid"), EdaError("request failed")))
-        try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
-            self.sock.send_multipart([identity, data], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the client is gone or not reading
-            pass
+            return encode(error_reply(reply.get("rid"), EdaError("request failed")))
+
+    def _send(self, out: Mapping[bytes, list[bytes]]) -> None:
+        for identity, replies in out.items():
+            try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
+                self.sock.send_multipart([identity, *replies], zmq.NOBLOCK)
+            except zmq.ZMQError:  # the client is gone or not reading
+                pass
 
     def reply(self, identity: bytes, rid: object, fields: Mapping[str, Any]) -> None:
-        """Answer a deferred request."""
-        self.send(identity, {**fields, "rid": rid, "ok": True})
+        """Answer a deferred request (at :meth:`release`, if held)."""
+        data = self._encode({**fields, "rid": rid, "ok": True})
+        if self.held is not None:
+            self.held.setdefault(identity, []).append(data)
+        else:
+            self._send({identity: [data]})
+
+    def hold(self) -> None:
+        """Gather deferred replies until :meth:`release` (one message per asker)."""
+        if self.held is None:
+            self.held = {}
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self._send(held)
 
 
 # -- asking ------------------------------------------------------------------------------------
@@ -189,26 +217,36 @@ Callback = Callable[[dict[str, Any] | None], None]
 class Peer:
     """Requests to one endpoint from inside a daemon's loop, never blocking it.
 
-    :meth:`ask` sends and returns at once; the callback gets the reply
-    (``None`` when the peer refused it as malformed, never for silence: the
-    caller's own timers decide when silence means "no").  Garbled replies and
-    replies to forgotten requests are dropped.
+    :meth:`ask` queues the request and returns at once; :meth:`flush` sends
+    every queued request as one message (called at the end of the loop's
+    turn by :class:`Peers`: one wake-up of the peer for many requests).  The
+    callback gets the reply (``None`` when the peer refused it as malformed,
+    never for silence: the caller's own timers decide when silence means
+    "no").  Garbled replies and replies to forgotten requests are dropped.
     """
 
     _rids = itertools.count(1)
 
-    def __init__(self, daemon: Daemon, endpoint: str, max_pending: int = 100_000) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        endpoint: str,
+        max_pending: int = 100_000,
+        queued: Callable[[Peer], None] | None = None,
+    ) -> None:
         self.daemon = daemon
         self.endpoint = endpoint
         self.max_pending = max_pending
         self.pending: dict[int, Callback] = {}
+        self.outbox: list[bytes] = []
+        self.queued = queued
         self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.connect(endpoint)
         daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
 
     def ask(self, msg: dict[str, Any] | bytes, callback: Callback) -> int:
-        """Send *msg* (an object, or one already encoded, without its rid)."""
+        """Queue *msg* (an object, or one already encoded, without its rid)."""
         rid = next(self._rids)
         if len(self.pending) >= self.max_pending:  # a peer that never answers: forget the oldest
             self.pending.pop(next(iter(self.pending)))
@@ -218,11 +256,22 @@ class Peer:
         else:
             msg["rid"] = rid
             frame = encode(msg)
-        try:
-            self.sock.send(frame, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.pending.pop(rid, None)
+        self.outbox.append(frame)
+        if len(self.outbox) == 1:
+            if self.queued is None:
+                self.flush()
+            else:
+                self.queued(self)
         return rid
+
+    def flush(self) -> None:
+        """Send the queued requests, as few messages as :data:`MAX_BATCH` allows."""
+        outbox, self.outbox = self.outbox, []
+        for start in range(0, len(outbox), MAX_BATCH):
+            try:  # noqa: SIM105 (per message)
+                self.sock.send_multipart(outbox[start : start + MAX_BATCH], zmq.NOBLOCK)
+            except zmq.ZMQError:  # unanswered: the caller's timers take it from there
+                pass
 
     def forget(self, rid: int) -> None:
         self.pending.pop(rid, None)
@@ -245,17 +294,29 @@ class Peer:
 
 
 class Peers:
-    """One :class:`Peer` per endpoint, made when first needed."""
+    """One :class:`Peer` per endpoint, made when first needed; what they queue
+    during a turn of the loop is sent at its end (or at :meth:`flush`)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.by_endpoint: dict[str, Peer] = {}
+        self.dirty: list[Peer] = []
 
     def get(self, endpoint: str) -> Peer:
         peer = self.by_endpoint.get(endpoint)
         if peer is None:
-            peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint)
+            peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint, queued=self._queued)
         return peer
+
+    def _queued(self, peer: Peer) -> None:
+        if not self.dirty:
+            self.daemon.after(0, "send", self.flush)
+        self.dirty.append(peer)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for peer in dirty:
+            peer.flush()
 
 
 # -- finding --------------------------------------------------------------------------------
