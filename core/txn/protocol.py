@@ -241,7 +241,7 @@ class Peer:
         self.outbox: list[bytes] = []
         self.queued = queued
         self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)  # a peer long gone: retries are dropped
         self.sock.connect(endpoint)
         daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
 
