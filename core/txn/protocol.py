@@ -1,14 +1,15 @@
 """What the 2PC coordinator and participants say to each other, and how they find each other.
 
 Both sides speak the JSON request/reply of :mod:`eda.core.reqrep` (one JSON
-object per frame, ``op`` and ``rid`` in, ``ok`` and ``rid`` out):
+object per frame, ``op`` and ``rid`` in, ``ok`` and ``rid`` out; here a
+message may carry several requests, one per frame, answered alike):
 
 =============  ============================================  ===============================
 to             request                                       reply
 =============  ============================================  ===============================
 coordinator    ``commit`` participants, data, timeout        txn, outcome, votes, reason
 coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abort|pending
-participant    ``prepare`` txn, data, coordinator            vote: yes|no, reason
+participant    ``prepare`` txn, data, coordinator, reply_to  vote: yes|no, reason
 participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
 participant    ``resolve`` txn, outcome (an operator)        state
 both           ``stats``                                     counters (fsyncs, outcomes...)
@@ -22,8 +23,10 @@ Two pieces here are shared by both daemons:
   answers once the transaction is decided);
 - :class:`Peer`, an asynchronous request socket inside a daemon's poll loop
   (the blocking :class:`~eda.core.reqrep.Client` would stall every other
-  transaction), and :class:`Directory`, which finds a participant or a
-  coordinator by name: explicit endpoints, else the registry, else mDNS.
+  transaction) that sends what a turn of the loop queued as one message,
+  and :class:`Directory`, which finds a participant or a coordinator by
+  name: explicit endpoints, else the registry, else mDNS;
+- :class:`Registration`, which keeps a daemon registered (registry or mDNS).
 """
 
 from __future__ import annotations
