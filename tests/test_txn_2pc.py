@@ -1074,3 +1074,40 @@ def test_decisions_of_one_loop_turn_share_one_fsync(tmp_path: Path) -> None:
         assert len([m for _, m in sent if m["op"] == "decide"]) == 20
     finally:
         coord.close()
+
+
+def test_an_ack_waits_a_moment_to_share_the_next_votes_fsync(tmp_path: Path) -> None:
+    part = Participant("stock", Recorded(), tmp_path, bind="tcp://127.0.0.1:*")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(part.endpoint)
+    prepare = {"op": "prepare", "data": {}, "coordinator": "c1", "reply_to": "tcp://127.0.0.1:9"}
+
+    def turn(*msgs: dict[str, Any]) -> list[dict[str, Any]]:
+        for msg in msgs:
+            sock.send(json.dumps(msg).encode())
+        wait_until(lambda: part.service.sock.poll(0), 5)
+        part.service.drain()
+        replies = []
+        while sock.poll(200):
+            replies.append(json.loads(sock.recv()))
+        return replies
+
+    try:
+        assert turn({**prepare, "txn": "c1.00a1", "rid": 1})[0]["vote"] == "yes"
+        fsyncs = part.journal.fsyncs
+        assert (
+            turn({"op": "decide", "txn": "c1.00a1", "outcome": "commit", "rid": 2}) == []
+        )  # lingers
+        both = turn({**prepare, "txn": "c1.00a2", "rid": 3})
+        assert [r["rid"] for r in both] == [2, 3] and both[0]["done"] is True
+        assert part.journal.fsyncs == fsyncs + 1  # the ack and the vote: one fsync
+        assert turn({"op": "decide", "txn": "c1.00a2", "outcome": "abort", "rid": 4}) == []
+        time.sleep(part.service.linger * 2)
+        part._run_timers()  # nothing came: the ack goes out alone, durable first
+        assert (
+            json.loads(sock.recv(zmq.NOBLOCK))["done"] is True and part.journal.fsyncs == fsyncs + 2
+        )
+    finally:
+        sock.close()
+        part.close()

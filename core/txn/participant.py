@@ -124,6 +124,8 @@ class Participant(Daemon):
             flush=self._flush,
         )
         self.service.ahead = self._look_ahead
+        # an ack may wait a moment for the next prepare: one fsync for both
+        self.service.lazy = lambda reply: reply.get("done") is True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         self.endpoint = self.bind(self.service.sock, bind)
         self.peers = Peers(self)

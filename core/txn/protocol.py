@@ -144,7 +144,9 @@ class BatchService(Service):
     :attr:`current` (the asking peer) and the request's rid, saved at the
     time; between :meth:`hold` and :meth:`release` those replies are gathered
     too.  :attr:`ahead`, when set, sees the whole batch first (to start its
-    work in one go).
+    work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
+    nobody waits on) may linger up to :attr:`linger` seconds for the next
+    batch, so that the two share one flush.
     """
 
     def __init__(
@@ -159,6 +161,10 @@ class BatchService(Service):
         self.current = b""
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
         self.held: dict[bytes, list[bytes]] | None = None
+        self.lazy: Callable[[dict[str, Any]], bool] | None = None
+        self.linger = 0.002
+        self.waiting: dict[bytes, list[bytes]] = {}
+        self.lingering: Any = None  # the timer that sends lingering replies
 
     def drain(self) -> None:
         """Answer a batch of requests; one flush, then every reply of the batch."""
@@ -169,16 +175,28 @@ class BatchService(Service):
             requests += [[frames[0], body] for body in frames[1 : MAX_BATCH + 1]]
         if self.ahead is not None and len(requests) > 1:
             self.daemon.guarded("look-ahead", self.ahead, requests)
-        out: dict[bytes, list[bytes]] = {}
+        urgent = False
         for identity, body in requests:
             self.requests += 1
             self.current = identity
             reply = self.answer([body])
             if not reply.get(DEFER):
-                out.setdefault(identity, []).append(self._encode(reply))
-        if out:
+                self.waiting.setdefault(identity, []).append(self._encode(reply))
+                urgent = urgent or self.lazy is None or not self.lazy(reply)
+        if urgent:
+            self.answer_waiting()
+        elif self.waiting and self.lingering is None:
+            self.lingering = self.daemon.after(self.linger, "replies", self.answer_waiting)
+
+    def answer_waiting(self) -> None:
+        """Flush, then send every reply waiting."""
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
+        waiting, self.waiting = self.waiting, {}
+        if waiting:
             self.flush()
-            self._send(out)
+            self._send(waiting)
 
     def _encode(self, reply: Mapping[str, Any]) -> bytes:
         try:
