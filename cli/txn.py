@@ -612,7 +612,8 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
 # -- status (both) -------------------------------------------------------------------------
 STATUS_FIELDS = (
     "txn", "kind", "state", "coordinator", "decision", "participants", "reason", "hazards",
-    "notes", "time", "steps", "name", "step", "error", "active", "log",
+    "notes", "time", "steps", "name", "step", "error", "active", "log", "id", "status",
+    "started", "updated",
 )  # fmt: skip
 STATE_COLOURS = {
     "committed": "green", "aborted": "yellow", "in-doubt": "red", "hazard": "bold red",
