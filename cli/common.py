@@ -56,7 +56,7 @@ EXIT_MEANINGS: dict[ExitStatus, str] = {
     ExitStatus.TIMEOUT: (
         "timeout reached before the requested work finished (-W, --wait-subscribers)"
     ),
-    ExitStatus.LOSS: "data loss detected (--strict)",
+    ExitStatus.LOSS: "data loss detected (--strict); eda-txn: the transaction aborted",
     ExitStatus.INTERRUPTED: "interrupted (SIGINT)",
 }
 

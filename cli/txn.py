@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
-from eda.cli.common import common_options, run
+from eda.cli.common import (
+    Context,
+    Exit,
+    ExitStatus,
+    Output,
+    Terminated,
+    common_options,
+    for_terminal,
+    run,
+)
+from eda.core.errors import EdaError, NotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 EPILOG = """\b
 Examples:
@@ -25,12 +40,674 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- two-phase commit: coordinator, participant, commit, resolve ---------------------------
+SECONDS = click.FloatRange(min=0, min_open=True)
+LOG_HELP = "Directory of the journals (JSON Lines, fsynced)."
+
+
+def _registry_options(func: Any) -> Any:
+    from eda.cli.registry import registry_option
+
+    return registry_option(func)
+
+
+def _access(
+    registries: tuple[str, ...],
+    interface: str | None,
+    no_mdns: bool,
+    serverless: bool,
+    ctx: Context,
+) -> Any:
+    """How to find names (registry, else mDNS), or None when neither may be used."""
+    from eda.core.registry.access import Access, resolve_interface
+
+    if no_mdns and not registries:
+        return None
+    return Access(
+        registries=registries,
+        interface=resolve_interface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
+
+
+def _default_name() -> str:
+    import re
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]).strip("-")
+    return (name or "coordinator")[:50]
+
+
+def _serve(daemon: Any, ctx: Context, what: str) -> None:
+    """Run *daemon* until SIGINT/SIGTERM; close it whatever happens."""
+    try:
+        daemon.serve()
+    except (KeyboardInterrupt, Terminated):
+        ctx.debug(f"{what}: stopping")
+    finally:
+        daemon.close()
+
+
+def _register(daemon: Any, service: str, access: Any, ctx: Context, **kw: Any) -> Any:
+    """Register *daemon* (registry or mDNS); a warning, not an error, when that fails."""
+    from eda.core.daemon import port_of
+    from eda.core.txn.protocol import Registration
+
+    if access is None:
+        return None
+    try:
+        return Registration(daemon, service, port_of(daemon.endpoint), access, **kw)
+    except EdaError as exc:
+        ctx.warn(f"warning: not registered as {service}: {exc}")
+        return None
+
+
+def _advertised(endpoint: str, registration: Any, interface: str | None) -> str:
+    """The endpoint others reach a daemon bound to *endpoint* at."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if host not in ("0.0.0.0", "*"):
+        return endpoint
+    if registration is not None:
+        return f"tcp://{registration.inst.host}:{port}"
+    return f"tcp://{interface or '127.0.0.1'}:{port}"
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-txn coordinator --log ./txn                    announced by mDNS (or a registry)
+  eda-txn coordinator --name c2 --bind 'tcp://*:7731' --log ./txn
+  eda-txn coordinator --no-mdns --peer stock=tcp://10.0.0.7:7741 --peer pay=tcp://10.0.0.8:7742
+"""
+)
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="Coordinator name, the prefix of its transaction ids  [default: host name]",
+)
+@click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
+@click.option(
+    "--bind", default="tcp://*:7730", show_default=True, metavar="ENDPOINT", help="Where to listen."
+)
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="NAME=ENDPOINT",
+    help="Where participant NAME listens, without discovery (repeatable).",
+)
+@click.option(
+    "--vote-timeout",
+    type=SECONDS,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Abort a transaction whose votes are not all in by then (a commit may ask for another).",
+)
+@click.option(
+    "--retry-max",
+    type=SECONDS,
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest pause between two deliveries of a decision not yet acknowledged.",
+)
+@_registry_options
+@common_options
+def coordinator(
+    name: str | None,
+    log_dir: str,
+    bind: str,
+    peers: tuple[str, ...],
+    vote_timeout: float,
+    retry_max: float,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Run a two-phase commit coordinator: `commit` asks it to run transactions.
+
+    The decision is fsynced before any participant hears it (group commit:
+    one fsync for all the decisions of one loop turn); presumed abort.  On
+    start, every decided transaction of the journal that is not done is
+    driven to the end again.  Participants are found by name: --peer, else
+    the registry, else mDNS.  Announced as the service txn-coordinator.
+    """
+    from eda.core.txn.coordinator import Coordinator, journal_path
+    from eda.core.txn.protocol import COORDINATOR_SERVICE, Directory, check_name, parse_peers
+
+    ctx = Context("eda-txn", verbose)
+    name = check_name(name or _default_name(), "coordinator name")
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    directory = Directory(parse_peers(peers), access=access)
+    coord = Coordinator(
+        name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
+        retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+    )  # fmt: skip
+    registration = None
+    try:
+        registration = _register(
+            coord, COORDINATOR_SERVICE, access, ctx,
+            inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
+        )  # fmt: skip
+        coord.advertise = _advertised(coord.endpoint, registration, access and access.interface)
+        where = f", announced by {registration.where}" if registration else ""
+        recovering = f", recovering {len(coord.active)}" if coord.active else ""
+        ctx.warn(
+            f"coordinator {name} listening on {coord.advertise}{where} "
+            f"(journal {journal_path(log_dir, name)}{recovering})"
+        )
+        _serve(coord, ctx, "coordinator")
+    finally:
+        if registration is not None:
+            registration.close()
+        coord.close()
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-txn participant stock --prepare ./reserve.sh --commit ./confirm.sh --abort ./release.sh
+  eda-txn participant pay --persistent -- ./pay-agent
+  eda-txn participant bank --bind 'tcp://*:7741' --prepare 'jq -e ".amount < 100"'
+"""
+)
+@click.argument("name")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, metavar="[-- AGENT [ARGS]...]")
+@click.option(
+    "--prepare",
+    "prepare_cmd",
+    metavar="CMD",
+    help="Shell command voting on a transaction (exit 0: yes).",
+)
+@click.option(
+    "--commit",
+    "commit_cmd",
+    metavar="CMD",
+    help="Shell command making the transaction's work permanent.",
+)
+@click.option("--abort", "abort_cmd", metavar="CMD", help="Shell command undoing what prepare did.")
+@click.option(
+    "--persistent", is_flag=True, help="Run the command after -- once, speaking JSON Lines."
+)
+@click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
+@click.option(
+    "--bind",
+    default="tcp://*:*",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where to listen (tcp://*:* : any free port).",
+)
+@click.option(
+    "--action-timeout",
+    type=SECONDS,
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A command or agent silent this long fails (prepare: votes no).",
+)
+@click.option(
+    "--inquire-after",
+    type=SECONDS,
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ask the coordinator for the outcome of a transaction prepared this long ago.",
+)
+@_registry_options
+@common_options
+def participant(
+    name: str,
+    cmd: tuple[str, ...],
+    prepare_cmd: str | None,
+    commit_cmd: str | None,
+    abort_cmd: str | None,
+    persistent: bool,
+    log_dir: str,
+    bind: str,
+    action_timeout: float,
+    inquire_after: float,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Take part in transactions as NAME: vote, then commit or abort.
+
+    Commands run with sh -c, the transaction's data as JSON on stdin and
+    EDA_TXN_ID, EDA_PARTICIPANT, EDA_PHASE, EDA_ATTEMPT in their environment.
+    Prepare exiting 0 votes yes.  Commit and abort are retried until they
+    exit 0, and abort also runs for a prepare cut short by a crash: make them
+    idempotent (EDA_TXN_ID is a good key).
+
+    \b
+    A --persistent agent reads one JSON request per line on stdin and
+    answers one JSON line each, in order:
+      {"op": "prepare", "txn": ID, "participant": NAME, "attempt": 1, "data": {...}}
+        -> {"vote": "yes"} or {"vote": "no", "reason": "..."}
+      {"op": "commit" or "abort", "txn": ID, ...}
+        -> {"ok": true} or {"ok": false, "error": "..."}
+    Anything else (garbage, silence past --action-timeout) is a no vote or a
+    failure.
+
+    The vote is fsynced before it is sent.  A transaction prepared and not
+    decided after --inquire-after asks its coordinator; while none answers it
+    stays in doubt (see `status`, `resolve`).  Registered as the service
+    txn-NAME (registry, else mDNS) so coordinators find it by name.
+    """
+    from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
+    from eda.core.txn.participant import Participant, journal_path
+    from eda.core.txn.protocol import check_name, find_coordinators, participant_service
+
+    ctx = Context("eda-txn", verbose)
+    check_name(name, "participant name")
+    actions: Actions
+    if persistent:
+        if prepare_cmd or commit_cmd or abort_cmd:
+            raise click.UsageError(
+                "--persistent takes the agent after --, not --prepare/--commit/--abort"
+            )
+        agent = PersistentAgent(name, list(cmd), timeout=action_timeout)
+        agent.start()
+        actions = agent
+    else:
+        if cmd:
+            raise click.UsageError("a command after -- needs --persistent")
+        commands = {"prepare": prepare_cmd, "commit": commit_cmd, "abort": abort_cmd}
+        actions = ShellActions(name, commands, timeout=action_timeout)
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+
+    def find(coordinator: str) -> list[str]:
+        try:
+            return find_coordinators(access, coordinator) if access else []
+        except EdaError:
+            return []
+
+    try:
+        part = Participant(
+            name, actions, log_dir, bind=bind, inquire_after=inquire_after, find_coordinator=find,
+            log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+        )  # fmt: skip
+    except BaseException:
+        actions.close()
+        raise
+    registration = None
+    try:
+        registration = _register(part, participant_service(name), access, ctx)
+        where = f", announced by {registration.where}" if registration else ""
+        doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")
+        in_doubt = f", {doubt} in doubt" if doubt else ""
+        ctx.warn(
+            f"participant {name} listening on "
+            f"{_advertised(part.endpoint, registration, access and access.interface)}{where} "
+            f"(journal {journal_path(log_dir, name)}{in_doubt})"
+        )
+        _serve(part, ctx, "participant")
+    finally:
+        if registration is not None:
+            registration.close()
+        part.close()
+
+
+def _coordinator_client(coordinator: str | None, access: Any, timeout: float) -> Any:
+    """A client of the coordinator: --coordinator, else the last one found, else discovery."""
+    from eda.core import cache
+    from eda.core.reqrep import Client, tcp_reachable
+    from eda.core.txn.protocol import find_coordinators
+
+    if coordinator:
+        return Client([coordinator], timeout=timeout)
+    known = [e for e in cache.cached("txn-coordinator") if tcp_reachable(e)]
+    if not known:
+        if access is None:
+            raise UsageError("no coordinator: give --coordinator, or allow mDNS")
+        known = find_coordinators(access)
+        if not known:
+            raise NotFoundError(
+                "no coordinator found: start `eda-txn coordinator` or give --coordinator"
+            )
+        cache.remember("txn-coordinator", known)
+    return Client(known[:1], timeout=timeout)
+
+
+RESULT_FIELDS = ("txn", "outcome", "votes", "reason")
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-txn commit --participants stock,pay --data '{"order": 7, "qty": 2}'
+  echo '{"order": 8}' | eda-txn commit --participants stock,pay --data -
+  eda-txn commit -p stock -p pay --timeout 2 --format '{outcome} {txn}' || echo "exit $?"
+"""
+)
+@click.option(
+    "--participants",
+    "-p",
+    "participants",
+    multiple=True,
+    required=True,
+    metavar="A,B,...",
+    help="Participants by name (comma-separated or repeated).",
+)
+@click.option(
+    "--data",
+    default="{}",
+    show_default=True,
+    metavar="JSON|-",
+    help="The transaction's data: a JSON object ('-': read it from stdin).",
+)
+@click.option(
+    "--coordinator",
+    metavar="ENDPOINT",
+    help="Coordinator to ask (default: the last one found, else discovery).",
+)
+@click.option(
+    "--timeout",
+    type=SECONDS,
+    metavar="SECONDS",
+    help="Abort unless every vote is in by then  [default: the coordinator's]",
+)
+@click.option(
+    "--wait",
+    type=SECONDS,
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Give up waiting for the outcome after this long (exit 4: outcome unknown).",
+)
+@click.option(
+    "--format",
+    "template",
+    metavar="TEMPLATE",
+    help=f"Print the result from a template. Fields: {', '.join(RESULT_FIELDS)}.",
+)
+@click.option("--json", "force_json", is_flag=True, help="JSON even on a terminal.")
+@_registry_options
+@common_options
+def commit(
+    participants: tuple[str, ...],
+    data: str,
+    coordinator: str | None,
+    timeout: float | None,
+    wait: float,
+    template: str | None,
+    force_json: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Run one transaction across participants: exit 0 committed, 5 aborted.
+
+    Prints the transaction id, the outcome, each participant's vote and why
+    it aborted.  Exit 4 when no coordinator answered in --wait seconds: the
+    outcome is then unknown (see `status`).
+    """
+    import json
+    import sys
+
+    from eda.core.reqrep import Unavailable
+
+    ctx = Context("eda-txn", verbose)
+    names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
+    text = sys.stdin.read() if data == "-" else data
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise click.UsageError(f"--data is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise click.UsageError("--data must be a JSON object")
+    out = Output(
+        ctx, template=template, fields=RESULT_FIELDS, force_json=force_json, terminal=_result_text
+    )
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    client = _coordinator_client(coordinator, access, wait)
+    msg: dict[str, Any] = {"op": "commit", "participants": names, "data": payload}
+    if timeout is not None:
+        msg["timeout"] = timeout
+    try:
+        reply = client.request(msg)
+    except Unavailable:
+        ctx.error(
+            f"no answer from the coordinator within {wait:g}s: "
+            "the outcome is unknown (see eda-txn status)"
+        )
+        raise Exit(ExitStatus.TIMEOUT) from None
+    finally:
+        client.close()
+    result = {k: reply.get(k) for k in RESULT_FIELDS}
+    out.items([result])
+    if result["outcome"] != "committed":
+        raise Exit(ExitStatus.LOSS)
+
+
+def _result_text(result: dict[str, Any]) -> Text:
+    from rich.text import Text
+
+    outcome = for_terminal(result.get("outcome"))
+    line = Text(outcome, style="green" if outcome == "committed" else "red")
+    line.append(f" {for_terminal(result.get('txn'))}  ")
+    votes = result.get("votes") or {}
+    line.append(" ".join(for_terminal(f"{n}:{v}") for n, v in votes.items()))
+    if result.get("reason"):
+        line.append(f"  ({for_terminal(result['reason'])})", style="dim")
+    return line
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-txn resolve c1.18f3a2b4c5d6e7 --commit             participants of ./txn in doubt about it
+  eda-txn resolve c1.18f3a2b4c5d6e7 --abort --participant stock
+"""
+)
+@click.argument("txn_id", metavar="ID")
+@click.option(
+    "--commit", "outcome", flag_value="commit", help="Commit it at the participants in doubt."
+)
+@click.option(
+    "--abort", "outcome", flag_value="abort", help="Abort it at the participants in doubt."
+)
+@click.option(
+    "--participant",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="Participant to settle, found by name (default: those of --log in doubt about ID).",
+)
+@click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
+@click.option("--json", "force_json", is_flag=True, help="JSON even on a terminal.")
+@_registry_options
+@common_options
+def resolve(
+    txn_id: str,
+    outcome: str | None,
+    names: tuple[str, ...],
+    log_dir: str,
+    force_json: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Settle an in-doubt transaction by hand (a heuristic decision).
+
+    The participants apply the outcome at once and record that an operator
+    chose it; if the coordinator later decides otherwise, both report a
+    heuristic hazard (see `status`) instead of hiding it.
+    """
+    from eda.core.reqrep import Client
+    from eda.core.txn.protocol import Directory, check_txn
+
+    ctx = Context("eda-txn", verbose)
+    if outcome is None:
+        raise click.UsageError("say --commit or --abort")
+    try:
+        check_txn(txn_id)
+    except EdaError as exc:
+        raise click.UsageError(str(exc)) from None
+    targets = _in_doubt(log_dir, txn_id, names)
+    access = _access(registries, interface, no_mdns, serverless, ctx)
+    directory = Directory(access=access)
+    for name in names:
+        if name not in targets:
+            found = directory.endpoints(name)
+            if not found:
+                raise NotFoundError(f"participant {name} not found")
+            targets[name] = found[0]
+    if not targets:
+        raise NotFoundError(f"no participant in {log_dir} is in doubt about {txn_id}")
+    out = Output(ctx, force_json=force_json)
+    failed = 0
+    for name, endpoint in sorted(targets.items()):
+        client = Client([endpoint], timeout=15.0)
+        try:
+            reply = client.request({"op": "resolve", "txn": txn_id, "outcome": outcome})
+            out.items([{"txn": txn_id, "participant": name, "state": reply.get("state")}])
+        except EdaError as exc:
+            failed += 1
+            ctx.error(f"{name}: {exc}")
+        finally:
+            client.close()
+    if failed:
+        raise Exit(ExitStatus.ERROR)
+
+
+def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, str]:
+    """Endpoints of the participants of *log_dir* in doubt about *txn_id*, or of *names*."""
+    from pathlib import Path
+
+    from eda.core.txn.journal import read
+    from eda.core.txn.participant import replay
+
+    found: dict[str, str] = {}
+    for path in sorted(Path(log_dir).glob("participant-*.jsonl")):
+        name = path.stem.removeprefix("participant-")
+        if names and name not in names:
+            continue
+        records = list(read(path))
+        endpoint = next(
+            (r["endpoint"] for r in reversed(records) if isinstance(r.get("endpoint"), str)), None
+        )
+        state = replay(records).get(txn_id, {}).get("state")
+        if endpoint is not None and (names or state == "prepared"):
+            found[name] = endpoint  # a participant named is asked whatever its log says
+    return found
 
 
 # -- sagas: saga, saga init ----------------------------------------------------------------
 
 
 # -- status (both) -------------------------------------------------------------------------
+STATUS_FIELDS = (
+    "txn", "kind", "state", "coordinator", "decision", "participants", "reason", "hazards",
+    "notes", "time", "steps", "name", "step", "error", "active", "log", "id", "status",
+    "started", "updated",
+)  # fmt: skip
+STATE_COLOURS = {
+    "committed": "green", "aborted": "yellow", "in-doubt": "red", "hazard": "bold red",
+    "committing": "cyan", "aborting": "cyan", "stuck": "red",
+}  # fmt: skip
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-txn status                                    every transaction and saga of ./txn
+  eda-txn status c1.18f3a2b4c5d6e7                  one of them (exit 3 if unknown)
+  eda-txn status --log /var/lib/eda/txn --json | jq 'select(.state == "in-doubt")'
+"""
+)
+@click.argument("txn_id", metavar="[ID]", required=False)
+@click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
+@click.option(
+    "--format",
+    "template",
+    metavar="TEMPLATE",
+    help=f"Print one line per transaction from a template. Fields: {', '.join(STATUS_FIELDS)}.",
+)
+@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@common_options
+def status(
+    txn_id: str | None,
+    log_dir: str,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Where transactions and sagas stand, from the journals in --log.
+
+    States: committed, aborted, committing/aborting (decided, not yet
+    acknowledged by all), in-doubt (prepared, outcome unknown), hazard (an
+    operator's `resolve` contradicted the outcome); sagas show their own.
+    A table on a terminal, JSON Lines otherwise.
+    """
+    from eda.core.txn.status import everything
+
+    ctx = Context("eda-txn", verbose)
+    rows, problems = everything(log_dir)
+    for problem in problems:
+        ctx.warn(f"warning: {problem}")
+    if txn_id is not None:
+        rows = [r for r in rows if r.get("txn") == txn_id]
+        if not rows:
+            raise NotFoundError(f"no transaction or saga {txn_id} in {log_dir}")
+    out = Output(ctx, template=template, fields=STATUS_FIELDS, force_json=force_json)
+    if out.mode == "json" and out.tty and not out.forced_json:
+        _status_table(rows)
+    else:
+        out.items(rows)
+    if problems:
+        raise Exit(ExitStatus.ERROR)
+
+
+def _status_table(rows: list[dict[str, Any]]) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold")
+    for header in ("ID", "KIND", "STATE", "PARTICIPANTS / STEPS", "WHEN", "NOTE"):
+        table.add_column(header, overflow="fold")
+    for r in rows:
+        state = for_terminal(r.get("state"))
+        parts = r.get("participants") or r.get("steps") or {}
+        shown = (
+            " ".join(for_terminal(f"{k}:{v}") for k, v in parts.items())
+            if isinstance(parts, dict)
+            else for_terminal(parts)
+        )
+        when = r.get("time")
+        stamp = (
+            time.strftime("%H:%M:%S", time.localtime(when))
+            if isinstance(when, int | float)
+            else "-"
+        )
+        notes = [str(r.get("reason") or ""), *map(str, r.get("notes") or [])]
+        if r.get("hazards"):
+            notes.append("heuristic hazard at " + ", ".join(map(str, r["hazards"])))
+        table.add_row(
+            Text(for_terminal(r.get("txn"))), Text(for_terminal(r.get("kind"))),
+            Text(state, style=STATE_COLOURS.get(state, "")), Text(shown), Text(stamp),
+            Text(for_terminal("; ".join(n for n in notes if n))),
+        )  # fmt: skip
+    Console().print(table)
 
 
 def main() -> None:

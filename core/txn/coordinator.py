@@ -1,0 +1,373 @@
+"""The 2PC coordinator: collects votes, logs the decision durably, drives phase two to the end.
+
+Presumed abort: nothing is logged before the decision.  A commit decision is
+appended to the journal (``coordinator-NAME.jsonl``) and fsynced before any
+participant hears of it; every commit decided in one turn of the poll loop
+shares one fsync (group commit).  An abort is appended without waiting for
+the disk: a transaction the journal does not know was aborted, so that is
+what a participant asking about it hears.  Phase two is retried, with
+backoff, until every participant acknowledged; then a ``done`` record lets a
+restart skip it.  On start the journal is read and every decided transaction
+not done is driven again; undecided ones were never logged: aborted.  The
+last :data:`FINISHED_KEPT` finished transactions are remembered; a journal
+mostly made of older ones is rewritten without them on start.
+
+Records::
+
+    {"txn": "c1.18f...", "state": "committed", "participants": {"stock": "tcp://..."}, ...}
+    {"txn": "c1.18f...", "state": "aborted", "reason": "pay voted no: ...", ...}
+    {"txn": "c1.18f...", "state": "done"}
+    {"txn": "c1.18f...", "hazard": "stock", "heuristic": "abort"}   (reported by a participant)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..daemon import Daemon
+from ..errors import NotFoundError
+from . import crash
+from .compact import COMPACT_MIN, rewrite
+from .journal import Journal, open_journal
+from .protocol import (
+    ABORT,
+    COMMIT,
+    DEFER,
+    PENDING,
+    BatchService,
+    Directory,
+    Log,
+    Peers,
+    check_name,
+    check_participants,
+    check_timeout,
+    check_txn,
+    data_json,
+    new_txn_id,
+    owner_of,
+)
+
+ROLE = "coordinator"
+VOTING, DECIDING, COMMITTED, ABORTED = "voting", "deciding", "committed", "aborted"
+OUTCOME_OF = {COMMITTED: COMMIT, ABORTED: ABORT}
+FINISHED_KEPT = 10_000  # finished transactions remembered for repeated outcome queries
+
+Reply = Callable[[dict[str, Any]], None]
+
+
+def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
+    return Path(log_dir) / f"coordinator-{name}.jsonl"
+
+
+@dataclass(eq=False)
+class Txn:
+    id: str
+    participants: dict[str, str | None]  # name -> endpoint (None: not found)
+    state: str = VOTING
+    votes: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    acked: set[str] = field(default_factory=set)
+    waiter: Reply | None = None
+    deadline: float = float("inf")
+    timeout: float = 0.0
+    tries: int = 0
+    next_try: float = 0.0
+    asked: dict[str, Any] = field(default_factory=dict)  # name -> (peer, rid) outstanding
+    hazards: list[str] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "txn": self.id,
+            "outcome": self.state,
+            "votes": {n: self.votes.get(n, "none") for n in self.participants},
+            "reason": self.reason,
+        }
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+class Coordinator(Daemon):
+    """Runs the transactions asked of it (``commit``) and answers ``outcome`` questions."""
+
+    def __init__(
+        self,
+        name: str,
+        log_dir: str | os.PathLike[str],
+        *,
+        directory: Directory | None = None,
+        bind: str = "tcp://127.0.0.1:*",
+        advertise: str | None = None,
+        vote_timeout: float = 5.0,
+        retry_max: float = 2.0,
+        journal: Journal | None = None,
+        log: Log = _quiet,
+        warn: Log | None = None,
+        interface: str | None = None,
+    ) -> None:
+        super().__init__(log, warn, interface=interface)
+        self.name = check_name(name, "coordinator name")
+        self.directory = directory or Directory()
+        self.vote_timeout = vote_timeout
+        self.retry_max = retry_max
+        self.journal = journal or open_journal(journal_path(log_dir, name))
+        if self.journal.repaired:
+            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
+        self.active: dict[str, Txn] = {}
+        self.finished: OrderedDict[str, str] = OrderedDict()
+        self.deciding: list[Txn] = []
+        self.flush_due = False
+        self.committed = self.aborted = 0
+        self.service = BatchService(
+            self,
+            {"commit": self.commit, "outcome": self.outcome, "stats": self.stats},
+            flush=lambda: None,
+        )
+        self.endpoint = self.bind(self.service.sock, bind)
+        self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
+        self.peers = Peers(self)
+        self.recover()
+        self.every(0.05, "vote timeouts and phase two", self.retry)
+        self.every(0.2, "journal", self.journal.sync)
+
+    # -- transport (a test replaces it) -------------------------------------------------------
+    def ask(self, txn: Txn, name: str, msg: bytes, callback: Callable[..., None]) -> None:
+        """Send *msg* (a JSON object, encoded) to participant *name* of *txn*."""
+        endpoint = txn.participants[name]
+        assert endpoint is not None
+        peer = self.peers.get(endpoint)
+        old = txn.asked.get(name)
+        if old is not None:
+            old[0].forget(old[1])
+        txn.asked[name] = (peer, peer.ask(msg, callback))
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Drive again every transaction the journal shows decided and not done."""
+        last: dict[str, dict[str, Any]] = {}
+        for record in self.journal.records:
+            txn = record.get("txn")
+            if isinstance(txn, str) and record.get("state") is not None:
+                last.setdefault(txn, {}).update(record)
+        for txn_id, record in last.items():
+            state = record.get("state")
+            if state not in (COMMITTED, ABORTED):
+                if state == "done":
+                    self._finished(txn_id, record.get("outcome"))
+                continue
+            participants = record.get("participants")
+            if not isinstance(participants, dict):
+                continue
+            txn = Txn(txn_id, participants, state=state)
+            txn.reason = str(record.get("reason", ""))
+            txn.acked = {n for n, e in participants.items() if e is None}
+            self.active[txn_id] = txn
+            self.log(f"recovering {txn_id}: {state}, phase two again")
+        records = self.journal.records
+        if len(records) > COMPACT_MIN and len(records) > 4 * (
+            len(self.active) + len(self.finished)
+        ):
+            kept = [
+                r
+                for r in records
+                if r.get("txn") in self.active or r.get("txn") in self.finished or "hazard" in r
+            ]
+            self.journal = rewrite(self.journal, kept)
+            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
+
+    def _finished(self, txn_id: str, outcome: object) -> None:
+        self.finished[txn_id] = outcome if outcome in (COMMITTED, ABORTED) else COMMITTED
+        if len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    # -- requests ----------------------------------------------------------------------------
+    def commit(self, req: dict[str, Any]) -> dict[str, Any]:
+        names = check_participants(req.get("participants"))
+        data = data_json(req.get("data", {}))
+        timeout = check_timeout(req.get("timeout"), self.vote_timeout)
+        identity, rid = self.service.current, req.get("rid")
+        self.begin(names, data, timeout, lambda result: self.service.reply(identity, rid, result))
+        return {DEFER: True}
+
+    def outcome(self, req: dict[str, Any]) -> dict[str, Any]:
+        txn_id = check_txn(req.get("txn"))
+        txn = self.active.get(txn_id)
+        if txn is not None:
+            return {"txn": txn_id, "outcome": OUTCOME_OF.get(txn.state, PENDING)}
+        if txn_id in self.finished:
+            return {"txn": txn_id, "outcome": OUTCOME_OF[self.finished[txn_id]]}
+        if owner_of(txn_id) != self.name:
+            raise NotFoundError(f"transaction {txn_id} belongs to another coordinator")
+        return {"txn": txn_id, "outcome": ABORT}  # presumed abort: never decided, or long done
+
+    def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "committed": self.committed,
+            "aborted": self.aborted,
+            "active": len(self.active),
+            "fsyncs": self.journal.fsyncs,
+            "malformed": self.malformed,
+        }
+
+    # -- phase one ---------------------------------------------------------------------------
+    def begin(self, names: list[str], data: str, timeout: float, waiter: Reply) -> Txn:
+        """Start a transaction of *names* on *data* (JSON text); *waiter* gets the result."""
+        endpoints: dict[str, str | None] = {}
+        for name in names:
+            found = self.directory.endpoints(name)
+            endpoints[name] = found[0] if found else None
+        txn = Txn(new_txn_id(self.name), endpoints, waiter=waiter, timeout=timeout)
+        self.active[txn.id] = txn
+        missing = [n for n, e in endpoints.items() if e is None]
+        if missing:  # nobody was asked anything: nobody to tell
+            txn.acked.update(names)
+            self.decide(txn, ABORT, f"participant {missing[0]} not found")
+            return txn
+        msg = (
+            f'{{"op":"prepare","txn":"{txn.id}","coordinator":"{self.name}",'
+            f'"reply_to":{json.dumps(self.advertise)},"data":{data}}}'
+        ).encode()
+        for name in names:
+            self.ask(txn, name, msg, lambda reply, n=name: self.on_vote(txn, n, reply))
+        crash.point(ROLE, "after-prepare-sent")
+        txn.deadline = time.monotonic() + timeout
+        return txn
+
+    def on_vote(self, txn: Txn, name: str, reply: dict[str, Any] | None) -> None:
+        txn.asked.pop(name, None)
+        if txn.state != VOTING:
+            return
+        yes = reply is not None and reply.get("ok") is True and reply.get("vote") == "yes"
+        txn.votes[name] = "yes" if yes else "no"
+        if not yes:
+            txn.acked.add(name)  # a no vote aborted there already
+            why = reply.get("reason") or reply.get("error") if reply else None
+            detail = f": {str(why)[:200]}" if why else ""
+            self.decide(txn, ABORT, f"{name} voted no{detail}")
+        elif len(txn.votes) == len(txn.participants):
+            self.decide(txn, COMMIT, "")
+
+    def expire(self, txn: Txn) -> None:
+        if txn.state != VOTING:
+            return
+        silent = [n for n in txn.participants if n not in txn.votes]
+        for name in silent:
+            self.directory.stale(name)
+        self.decide(txn, ABORT, f"no vote from {', '.join(silent)} within {txn.timeout:g}s")
+
+    # -- the decision ------------------------------------------------------------------------
+    def decide(self, txn: Txn, outcome: str, reason: str) -> None:
+        txn.reason = reason
+        record = {"txn": txn.id, "participants": txn.participants, "time": round(time.time(), 3)}
+        if outcome == COMMIT:
+            crash.point(ROLE, "before-decision")
+            self.journal.append({**record, "state": COMMITTED})
+            txn.state = DECIDING
+            self.deciding.append(txn)
+            if not self.flush_due:  # after every handler of this turn: one fsync for all
+                self.flush_due = True
+                self.after(0, "group commit", self.flush)
+        else:
+            self.journal.append({**record, "state": ABORTED, "reason": reason})
+            txn.state = ABORTED
+            self.aborted += 1
+            self._answer(txn)
+            self.phase_two(txn)
+
+    def flush(self) -> None:
+        """Make the decisions of this turn durable, then tell their participants."""
+        self.flush_due = False
+        batch, self.deciding = self.deciding, []
+        self.journal.sync()
+        crash.point(ROLE, "after-decision")
+        self.service.hold()  # one message per asker, one per participant
+        for txn in batch:
+            txn.state = COMMITTED
+            self.committed += 1
+            self._answer(txn)
+            self.phase_two(txn)
+        self.service.release()
+        self.peers.flush()
+
+    def _answer(self, txn: Txn) -> None:
+        if txn.waiter is not None:
+            waiter, txn.waiter = txn.waiter, None
+            waiter(txn.result())
+
+    # -- phase two ---------------------------------------------------------------------------
+    def phase_two(self, txn: Txn) -> None:
+        """Send the decision to every participant that has not acknowledged it."""
+        outcome = OUTCOME_OF[txn.state]
+        txn.tries += 1
+        txn.next_try = time.monotonic() + min(self.retry_max, 0.1 * 2 ** min(txn.tries - 1, 10))
+        first = True
+        msg = f'{{"op":"decide","txn":"{txn.id}","outcome":"{outcome}"}}'.encode()
+        for name in txn.participants:
+            if name in txn.acked:
+                continue
+            self.ask(txn, name, msg, lambda reply, n=name: self.on_ack(txn, n, reply))
+            if first:
+                first = False
+                if "EDA_CRASH_AT" in os.environ and name in txn.asked:  # really sent, then crash
+                    txn.asked[name][0].flush()
+                crash.point(ROLE, f"after-{outcome}-sent")
+        self._maybe_done(txn)
+
+    def on_ack(self, txn: Txn, name: str, reply: dict[str, Any] | None) -> None:
+        txn.asked.pop(name, None)
+        if reply is None or name in txn.acked or txn.id not in self.active:
+            return
+        if reply.get("ok") is True and reply.get("done") is True:
+            if reply.get("hazard") is True:
+                self._hazard(txn, name, "its operator's heuristic decision differs")
+            txn.acked.add(name)
+        elif reply.get("code") == 3 and txn.state == COMMITTED:
+            self._hazard(txn, name, "it never prepared the transaction")
+            txn.acked.add(name)
+        self._maybe_done(txn)
+
+    def _hazard(self, txn: Txn, name: str, why: str) -> None:
+        txn.hazards.append(name)
+        self.journal.write({"txn": txn.id, "hazard": name, "outcome": txn.state, "why": why})
+        self.warn(f"warning: heuristic hazard: {txn.id} {txn.state}, but at {name} {why}")
+
+    def _maybe_done(self, txn: Txn) -> None:
+        if len(txn.acked) < len(txn.participants) or txn.id not in self.active:
+            return
+        crash.point(ROLE, "before-done")
+        self.journal.append({"txn": txn.id, "state": "done", "outcome": txn.state})
+        del self.active[txn.id]
+        self._finished(txn.id, txn.state)
+
+    def retry(self) -> None:
+        """Abort what is still voting past its deadline; phase two again for the
+        decided transactions whose participants are late."""
+        now = time.monotonic()
+        for txn in list(self.active.values()):
+            if txn.state == VOTING and now >= txn.deadline:
+                self.expire(txn)
+            if txn.state in (COMMITTED, ABORTED) and now >= txn.next_try:
+                if txn.tries % 4 == 3:  # a participant may have moved: ask where it is now
+                    for name in txn.participants:
+                        if name not in txn.acked:
+                            self.directory.stale(name)
+                            found = self.directory.endpoints(name)
+                            if found:
+                                txn.participants[name] = found[0]
+                self.phase_two(txn)
+        self.peers.flush()
+
+    def close(self) -> None:
+        try:
+            self.journal.close()
+        finally:
+            super().close()

@@ -1,0 +1,474 @@
+"""What the 2PC coordinator and participants say to each other, and how they find each other.
+
+Both sides speak the JSON request/reply of :mod:`eda.core.reqrep` (one JSON
+object per frame, ``op`` and ``rid`` in, ``ok`` and ``rid`` out; here a
+message may carry several requests, one per frame, answered alike):
+
+=============  ============================================  ===============================
+to             request                                       reply
+=============  ============================================  ===============================
+coordinator    ``commit`` participants, data, timeout        txn, outcome, votes, reason
+coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abort|pending
+participant    ``prepare`` txn, data, coordinator, reply_to  vote: yes|no, reason
+participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
+participant    ``resolve`` txn, outcome (an operator)        state
+both           ``stats``                                     counters (fsyncs, outcomes...)
+=============  ============================================  ===============================
+
+Two pieces here are shared by both daemons:
+
+- :class:`BatchService`, a :class:`~eda.core.reqrep.Service` that answers a
+  drained batch of requests together, after one ``flush`` (the journal's
+  fsync: group commit), and whose handlers may defer a reply (``commit``
+  answers once the transaction is decided);
+- :class:`Peer`, an asynchronous request socket inside a daemon's poll loop
+  (the blocking :class:`~eda.core.reqrep.Client` would stall every other
+  transaction) that sends what a turn of the loop queued as one message,
+  and :class:`Directory`, which finds a participant or a coordinator by
+  name: explicit endpoints, else the registry, else mDNS;
+- :class:`Registration`, which keeps a daemon registered (registry or mDNS).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from ..daemon import Daemon, received
+from ..errors import EdaError, UsageError
+from ..reqrep import ProtocolError, Service, check_endpoint, decode, encode, error_reply
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
+TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
+MAX_PARTICIPANTS = 64
+MAX_DATA = 32768  # bytes of a transaction's data as JSON
+COORDINATOR_SERVICE = "txn-coordinator"
+COMMIT, ABORT, PENDING = "commit", "abort", "pending"
+DEFER = "__deferred__"  # a handler's reply meaning "answered later"
+
+Log = Callable[[str], None]
+
+
+class TxnError(EdaError):
+    """A transaction request that cannot be carried out."""
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A participant or coordinator name: letters, digits and '-', at most 50."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = str(name)[:60] if isinstance(name, str) else type(name).__name__
+        raise UsageError(f"bad {what} {shown!r}: use 1-50 letters, digits and '-'")
+    return name
+
+
+def check_txn(txn: object) -> str:
+    """A transaction id as coordinators make them: ``COORDINATOR.HEX``."""
+    if not isinstance(txn, str) or not TXN_RE.fullmatch(txn):
+        shown = str(txn)[:60] if isinstance(txn, str) else type(txn).__name__
+        raise ProtocolError(f"bad transaction id {shown!r}")
+    return txn
+
+
+def owner_of(txn: str) -> str:
+    """The name of the coordinator that made transaction id *txn*."""
+    return txn.partition(".")[0]
+
+
+def new_txn_id(coordinator: str) -> str:
+    """A fresh id: unique across restarts (time and randomness), sortable by time."""
+    return f"{coordinator}.{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+
+
+def data_json(data: object) -> str:
+    """A transaction's data (a JSON object of bounded size) as compact JSON text."""
+    if not isinstance(data, dict):
+        raise ProtocolError("data must be a JSON object")
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise ProtocolError("data is not valid JSON") from None
+    if len(text) > MAX_DATA:
+        raise ProtocolError(f"data of {len(text)} characters is over {MAX_DATA}")
+    return text
+
+
+def check_data(data: object) -> dict[str, Any]:
+    """A transaction's data: a JSON object of bounded size."""
+    data_json(data)
+    return data  # type: ignore[return-value]
+
+
+def check_outcome(value: object) -> str:
+    if value not in (COMMIT, ABORT):
+        raise ProtocolError("outcome must be 'commit' or 'abort'")
+    return str(value)
+
+
+def check_participants(value: object) -> list[str]:
+    if not isinstance(value, list) or not value or len(value) > MAX_PARTICIPANTS:
+        raise ProtocolError(f"participants must be a list of 1-{MAX_PARTICIPANTS} names")
+    names = [check_name(n, "participant name") for n in value]
+    if len(set(names)) != len(names):
+        raise ProtocolError("a participant is named twice")
+    return names
+
+
+def check_timeout(value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ProtocolError("timeout must be a number of seconds in (0, 3600]")
+    return float(value)
+
+
+# -- serving ----------------------------------------------------------------------------------
+MAX_BATCH = 256  # requests in one message (its frames); more are dropped
+
+
+class BatchService(Service):
+    """A request service with group commit, batched messages and deferred replies.
+
+    The replies to one drained batch are sent after *flush* () returned (the
+    owner's journal fsync): whatever a reply promises is durable first, and
+    one fsync covers the whole batch.  A message may carry several requests,
+    one per frame (a :class:`Peer` sends what it has in one go); the replies
+    to one asker go back together, one per frame, as one message.  A handler
+    that returns ``{DEFER: True}`` answers later with :meth:`reply`, using
+    :attr:`current` (the asking peer) and the request's rid, saved at the
+    time; between :meth:`hold` and :meth:`release` those replies are gathered
+    too.  :attr:`ahead`, when set, sees the whole batch first (to start its
+    work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
+    nobody waits on) may linger up to :attr:`linger` seconds for the next
+    batch, so that the two share one flush.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        handlers: Mapping[str, Callable[[Any], Mapping[str, Any]]],
+        *,
+        flush: Callable[[], None],
+    ) -> None:
+        super().__init__(daemon, handlers)
+        self.flush = flush
+        self.current = b""
+        self.ahead: Callable[[list[list[bytes]]], None] | None = None
+        self.held: dict[bytes, list[bytes]] | None = None
+        self.lazy: Callable[[dict[str, Any]], bool] | None = None
+        self.linger = 0.002
+        self.waiting: dict[bytes, list[bytes]] = {}
+        self.lingering: Any = None  # the timer that sends lingering replies
+
+    def drain(self) -> None:
+        """Answer a batch of requests; one flush, then every reply of the batch."""
+        requests: list[list[bytes]] = []
+        for frames in received(self.sock, 256):
+            if len(frames) > MAX_BATCH + 1:
+                self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
+            requests += [[frames[0], body] for body in frames[1 : MAX_BATCH + 1]]
+        if self.ahead is not None and len(requests) > 1:
+            self.daemon.guarded("look-ahead", self.ahead, requests)
+        urgent = False
+        for identity, body in requests:
+            self.requests += 1
+            self.current = identity
+            reply = self.answer([body])
+            if not reply.get(DEFER):
+                self.waiting.setdefault(identity, []).append(self._encode(reply))
+                urgent = urgent or self.lazy is None or not self.lazy(reply)
+        if urgent:
+            self.answer_waiting()
+        elif self.waiting and self.lingering is None:
+            self.lingering = self.daemon.after(self.linger, "replies", self.answer_waiting)
+
+    def answer_waiting(self) -> None:
+        """Flush, then send every reply waiting."""
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
+        waiting, self.waiting = self.waiting, {}
+        if waiting:
+            self.flush()
+            self._send(waiting)
+
+    def _encode(self, reply: Mapping[str, Any]) -> bytes:
+        try:
+            return encode(reply)
+        except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
+            self.daemon.limited("reply", f"cannot encode a reply: {exc}")
+            return encode(error_reply(reply.get("rid"), EdaError("request failed")))
+
+    def _send(self, out: Mapping[bytes, list[bytes]]) -> None:
+        for identity, replies in out.items():
+            try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
+                self.sock.send_multipart([identity, *replies], zmq.NOBLOCK)
+            except zmq.ZMQError:  # the client is gone or not reading
+                pass
+
+    def reply(self, identity: bytes, rid: object, fields: Mapping[str, Any]) -> None:
+        """Answer a deferred request (at :meth:`release`, if held)."""
+        data = self._encode({**fields, "rid": rid, "ok": True})
+        if self.held is not None:
+            self.held.setdefault(identity, []).append(data)
+        else:
+            self._send({identity: [data]})
+
+    def hold(self) -> None:
+        """Gather deferred replies until :meth:`release` (one message per asker)."""
+        if self.held is None:
+            self.held = {}
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self._send(held)
+
+
+# -- asking ------------------------------------------------------------------------------------
+Callback = Callable[[dict[str, Any] | None], None]
+
+
+class Peer:
+    """Requests to one endpoint from inside a daemon's loop, never blocking it.
+
+    :meth:`ask` queues the request and returns at once; :meth:`flush` sends
+    every queued request as one message (called at the end of the loop's
+    turn by :class:`Peers`: one wake-up of the peer for many requests).  The
+    callback gets the reply (``None`` when the peer refused it as malformed,
+    never for silence: the caller's own timers decide when silence means
+    "no").  Garbled replies and replies to forgotten requests are dropped.
+    """
+
+    _rids = itertools.count(1)
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        endpoint: str,
+        max_pending: int = 100_000,
+        queued: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.endpoint = endpoint
+        self.max_pending = max_pending
+        self.pending: dict[int, Callback] = {}
+        self.outbox: list[bytes] = []
+        self.queued = queued
+        self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)  # a peer long gone: retries are dropped
+        self.sock.connect(endpoint)
+        daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
+
+    def ask(self, msg: dict[str, Any] | bytes, callback: Callback) -> int:
+        """Queue *msg* (an object, or one already encoded, without its rid)."""
+        rid = next(self._rids)
+        if len(self.pending) >= self.max_pending:  # a peer that never answers: forget the oldest
+            self.pending.pop(next(iter(self.pending)))
+        self.pending[rid] = callback
+        if isinstance(msg, bytes):  # encoded once for every participant: splice the rid in
+            frame = b'{"rid":%d,%s' % (rid, msg[1:])
+        else:
+            msg["rid"] = rid
+            frame = encode(msg)
+        self.outbox.append(frame)
+        if len(self.outbox) == 1:
+            if self.queued is None:
+                self.flush()
+            else:
+                self.queued(self)
+        return rid
+
+    def flush(self) -> None:
+        """Send the queued requests, as few messages as :data:`MAX_BATCH` allows."""
+        outbox, self.outbox = self.outbox, []
+        for start in range(0, len(outbox), MAX_BATCH):
+            try:  # noqa: SIM105 (per message)
+                self.sock.send_multipart(outbox[start : start + MAX_BATCH], zmq.NOBLOCK)
+            except zmq.ZMQError:  # unanswered: the caller's timers take it from there
+                pass
+
+    def forget(self, rid: int) -> None:
+        self.pending.pop(rid, None)
+
+    def _drain(self) -> None:
+        for (frame,) in received(self.sock, multipart=False):
+            try:
+                reply = decode(frame)
+            except ProtocolError as exc:
+                self.daemon.dropped(f"reply from {self.endpoint}", exc)
+                continue
+            rid = reply.get("rid")
+            callback = self.pending.pop(rid, None) if isinstance(rid, int) else None
+            if callback is not None:
+                self.daemon.guarded("reply", callback, reply)
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.daemon.close_socket(self.sock)
+
+
+class Peers:
+    """One :class:`Peer` per endpoint, made when first needed; what they queue
+    during a turn of the loop is sent at its end (or at :meth:`flush`)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.by_endpoint: dict[str, Peer] = {}
+        self.dirty: list[Peer] = []
+
+    def get(self, endpoint: str) -> Peer:
+        peer = self.by_endpoint.get(endpoint)
+        if peer is None:
+            peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint, queued=self._queued)
+        return peer
+
+    def _queued(self, peer: Peer) -> None:
+        if not self.dirty:
+            self.daemon.after(0, "send", self.flush)
+        self.dirty.append(peer)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for peer in dirty:
+            peer.flush()
+
+
+# -- finding --------------------------------------------------------------------------------
+def participant_service(name: str) -> str:
+    """The registry service a participant registers as: ``txn-NAME``."""
+    return f"txn-{name}".lower()
+
+
+class Directory:
+    """Endpoints by name: explicit ones, else what the registry or mDNS said (cached).
+
+    *find* (name -> endpoints) is the lookup; by default the registry (or
+    mDNS without one) through :func:`eda.core.registry.access.lookup`.
+    Answers are kept *ttl* seconds, and dropped at once by :meth:`stale`
+    when an endpoint stops answering; a name not found is not looked up again
+    for *miss_ttl* seconds (a lookup blocks the daemon's loop).
+    """
+
+    def __init__(
+        self,
+        explicit: Mapping[str, str] | None = None,
+        *,
+        access: Any = None,
+        find: Callable[[str], list[str]] | None = None,
+        ttl: float = 30.0,
+        miss_ttl: float = 1.0,
+    ) -> None:
+        self.explicit = {k: check_endpoint(v, f"{k}") for k, v in (explicit or {}).items()}
+        self.access = access
+        self.find = find or self._lookup
+        self.ttl = ttl
+        self.miss_ttl = miss_ttl
+        self.cache: dict[str, tuple[float, list[str]]] = {}
+
+    def _lookup(self, name: str) -> list[str]:
+        if self.access is None:
+            return []
+        from ..registry.access import lookup
+
+        try:
+            found = lookup(participant_service(name), self.access)
+        except EdaError:
+            return []
+        return [f"tcp://{i.host}:{i.port}" for i in found]
+
+    def endpoints(self, name: str) -> list[str]:
+        if name in self.explicit:
+            return [self.explicit[name]]
+        hit = self.cache.get(name)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < (self.ttl if hit[1] else self.miss_ttl):
+            return hit[1]
+        found = self.find(name)
+        self.cache[name] = (now, found)
+        return found
+
+    def stale(self, name: str) -> None:
+        self.cache.pop(name, None)
+
+
+def find_coordinators(access: Any, name: str | None = None) -> list[str]:
+    """Endpoints of coordinators (the one called *name* only), from the registry or mDNS."""
+    from ..registry.access import lookup
+
+    found = lookup(COORDINATOR_SERVICE, access)
+    return [f"tcp://{i.host}:{i.port}" for i in found if name is None or i.meta.get("name") == name]
+
+
+class Registration:
+    """Keeps a daemon registered under *service* while it runs.
+
+    With a registry: an :class:`~eda.core.registry.agent.Agent` registers and
+    heartbeats from a timer of the daemon.  Without one: announced by mDNS
+    (serverless mode, :class:`~eda.core.registry.serverless.Announcer`).
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        service: str,
+        port: int,
+        access: Any,
+        *,
+        inst_id: str | None = None,
+        meta: Mapping[str, str] | None = None,
+        interval: float = 2.0,
+    ) -> None:
+        from ..registry import access as reg
+
+        self.daemon = daemon
+        record = reg.registration(
+            service,
+            port,
+            inst_id=inst_id,
+            meta=[f"{k}={v}" for k, v in (meta or {}).items()],
+            interval=interval,
+        )
+        self.client = reg.connect_for_registration(access, interval)
+        self.inst = reg.finish(record, self.client, access.interface)
+        self.agent: Any = None
+        self.announcer: Any = None
+        if self.client is not None:
+            from ..registry.agent import Agent
+
+            self.agent = Agent(self.client, self.inst, daemon.warn)
+            self.agent.register()
+            daemon.every(interval, "heartbeat", lambda: self.agent.beat("passing"), first=interval)
+            self.where = f"registry {self.agent.registry}"
+        else:
+            from ..registry.serverless import Announcer
+
+            self.announcer = Announcer(self.inst, access.interface)
+            self.announcer.start()
+            self.where = "mDNS"
+
+    def close(self) -> None:
+        if self.agent is not None and self.client is not None:
+            self.agent.deregister()
+            self.client.close()
+            self.agent = None
+        if self.announcer is not None:
+            self.announcer.close()
+            self.announcer = None
+
+
+def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``NAME=tcp://HOST:PORT`` items as a dict (``--peer``)."""
+    peers: dict[str, str] = {}
+    for item in items:
+        name, sep, endpoint = item.partition("=")
+        if not sep:
+            raise UsageError(f"bad peer {item[:80]!r}: use NAME=tcp://HOST:PORT")
+        peers[check_name(name, "participant name")] = check_endpoint(endpoint, "peer")
+    return peers
