@@ -517,9 +517,16 @@ def test_a_partitioned_node_never_confirms_and_the_majority_goes_on(tmp_path: Pa
             assert "did not acknowledge in time" in out or "did not store it" in out, out
             cut.reconnect()
         assert minority.wait(20) == 0
-        with NatsEngine(others, replicas=3, timeout=2.0) as after:
-            got = [(r.pubid, r.pubseq + i) for r in after.read(1) for i in range(r.size)]
-            assert got == [("p1", i) for i in range(1, 1101)]
+
+        def stored() -> list[tuple[str, int]] | None:
+            try:
+                with NatsEngine(others, replicas=3, timeout=2.0) as after:
+                    return [(r.pubid, r.pubseq + i) for r in after.read(1) for i in range(r.size)]
+            except StoreError:  # 503 "temporarily unavailable" while the healed node rejoins
+                return None
+
+        got = wait_until(stored, 30, "the healed cluster answering a read")
+        assert got == [("p1", i) for i in range(1, 1101)]
 
 
 def flat(store: Any) -> list[tuple[int, str, str, int, float, bytes]]:
