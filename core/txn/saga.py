@@ -808,9 +808,14 @@ class SagaRun:
                     self._forward(step, self._data(), threading.Event())
             for step in reversed(self.plan.steps):
                 st = state.steps[step.name]
-                if step.compensate is None or st.status not in (DONE, STEP_COMPENSATING):
+                if step.compensate is None or st.status not in (
+                    DONE,
+                    STEP_COMPENSATING,
+                    STEP_STUCK,
+                ):
                     continue
-                if not self._compensate(step):
+                # (stuck: its last try was logged as final, then the process died)
+                if st.status == STEP_STUCK or not self._compensate(step):
                     self._record("saga-stuck", step=step.name, error=st.error)
                     return STUCK
             self._record("saga-compensated", step=failed)

@@ -285,8 +285,8 @@ class _Checker:
             where = f"step {name!r}: " if name else f"[[step]] number {path[1] + 1}: "
             path = path[2:]
         key = ".".join(str(p) for p in path)
-        what = f"key '{key}'" if key else "table"
-        return SagaFileError(f"{self.source}:{line}: {where}{what}: {message}")
+        what = f"key '{key}': " if key else ""
+        return SagaFileError(f"{self.source}:{line}: {where}{what}{message}")
 
     def string(self, value: Any, path: Sequence[str | int], pattern: re.Pattern[str] | None) -> str:
         if not isinstance(value, str) or not value.strip():
