@@ -174,8 +174,17 @@ def saga(
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
 
+    printing = [True]
+
+    def on_event(record: dict[str, Any]) -> None:
+        if printing[0]:
+            try:
+                out.items([record])
+            except Exit:  # stdout closed (| head): the saga goes on, unprinted
+                printing[0] = False
+
     options: dict[str, Any] = {
-        "on_event": lambda record: out.items([record]),
+        "on_event": on_event,
         "on_stderr": on_stderr,
         "interface": interface,
         "mdns": not no_mdns,

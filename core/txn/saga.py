@@ -752,7 +752,7 @@ class SagaRun:
                 t.join()
         except BaseException:
             stop.set()
-            self.children.kill_all()
+            self._halt()
             raise
         if errors:
             raise errors[0]
@@ -821,8 +821,17 @@ class SagaRun:
             self._record("saga-compensated", step=failed)
             return COMPENSATED
         except BaseException:
-            self.children.kill_all()
+            self._halt()
             raise
+
+    def _halt(self) -> None:
+        """Interrupted (or crashed): write nothing more, kill the running actions.
+
+        A try cut short this way is not a failed try: it is not logged, and a
+        resume runs the step again."""
+        with self._lock:
+            self._dead = True
+        self.children.kill_all()
 
     def close(self) -> None:
         self.log.close()
