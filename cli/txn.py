@@ -78,7 +78,7 @@ SAGA_COLOURS = {
 
 
 @command.command("saga", epilog=SAGA_EPILOG)
-@click.argument("file", required=False, metavar="FILE")
+@click.argument("file", required=False, metavar="[FILE]")
 @click.argument("init_file", required=False, metavar="[INIT_FILE]")
 @click.option(
     "--data",
