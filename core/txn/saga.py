@@ -97,6 +97,7 @@ FINISHED = (COMPLETED, COMPENSATED)
 # statuses of a step
 PENDING, STEP_RUNNING, RETRYING, DONE, FAILED = "pending", "running", "retrying", "done", "failed"
 STEP_COMPENSATING, STEP_COMPENSATED, STEP_STUCK = "compensating", "compensated", "stuck"
+TO_COMPENSATE = (DONE, STEP_COMPENSATING, STEP_STUCK)  # a step in these has taken effect
 
 CRASH_POINTS = (
     "after-saga-started",
@@ -398,17 +399,25 @@ class Children:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pids: set[int] = set()
+        self._closed = False
 
     def add(self, pid: int) -> None:
+        """Track *pid*'s group; after :meth:`kill_all`, kill it at once."""
         with self._lock:
-            self._pids.add(pid)
+            if not self._closed:
+                self._pids.add(pid)
+                return
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
     def discard(self, pid: int) -> None:
         with self._lock:
             self._pids.discard(pid)
 
     def kill_all(self) -> None:
+        """Kill every tracked group, and any added from now on."""
         with self._lock:
+            self._closed = True
             pids = list(self._pids)
         for pid in pids:
             with contextlib.suppress(OSError):
@@ -436,16 +445,17 @@ def run_shell(
         start_new_session=True,  # its own process group: a timeout kills all of it
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    if children is not None:
-        children.add(proc.pid)
     deadline = None if timeout is None else time.monotonic() + timeout
     out = bytearray()
     overflow = False
     tail = b""
     timed_out = False
     sel = selectors.DefaultSelector()
-    pidfd = os.pidfd_open(proc.pid)
+    pidfd = -1
     try:
+        if children is not None:
+            children.add(proc.pid)
+        pidfd = os.pidfd_open(proc.pid)
         pending = memoryview(inv.data)
         stdin_fd = proc.stdin.fileno()
         os.set_blocking(stdin_fd, False)
@@ -516,7 +526,8 @@ def run_shell(
         raise
     finally:
         sel.close()
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
         for f in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 f.close()
@@ -753,6 +764,8 @@ class SagaRun:
         except BaseException:
             stop.set()
             self._halt()
+            for t in threads:  # (their actions are killed: they end at once)
+                t.join(5.0)
             raise
         if errors:
             raise errors[0]
@@ -808,11 +821,7 @@ class SagaRun:
                     self._forward(step, self._data(), threading.Event())
             for step in reversed(self.plan.steps):
                 st = state.steps[step.name]
-                if step.compensate is None or st.status not in (
-                    DONE,
-                    STEP_COMPENSATING,
-                    STEP_STUCK,
-                ):
+                if step.compensate is None or st.status not in TO_COMPENSATE:
                     continue
                 # (stuck: its last try was logged as final, then the process died)
                 if st.status == STEP_STUCK or not self._compensate(step):
