@@ -62,16 +62,12 @@ that was compensating goes on compensating.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import random
 import re
 import secrets
-import selectors
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -81,13 +77,23 @@ from typing import Any
 
 from ..errors import EdaError, NotFoundError, UsageError
 from . import crash, journal
+from .sagaactions import (
+    Children,
+    Invocation,
+    Result,
+    Runner,
+    check_runnable,
+    run_call,
+    run_publish,
+    run_shell,
+)
 from .sagafile import Action, Plan, Step
+
+__all__ = ["Invocation", "Result", "Runner", "check_runnable"]  # (re-exported for callers)
 
 SAGAS = "sagas"  # the subdirectory of the log directory
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_OUTPUT = 256 << 10  # a step's stdout above this is not merged into the data
 MAX_DATA = 256 << 10  # the initial data, as JSON
-STDERR_TAIL = 4096
 
 # statuses of a saga
 RUNNING, COMPENSATING = "running", "compensating"
@@ -337,270 +343,6 @@ def read_saga(log_dir: str | os.PathLike[str], saga_id: str) -> SagaState:
     if not path.exists():
         raise NotFoundError(f"no saga {saga_id!r} in {Path(log_dir) / SAGAS}")
     return SagaState.from_records(journal.read(path))
-
-
-# -- running actions ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Invocation:
-    """One try of one action: who it is, and the data it gets."""
-
-    saga_id: str
-    step: str
-    attempt: int
-    phase: str  # "action" or "compensate"
-    data: bytes  # the saga data, JSON, newline-terminated
-    cwd: str
-
-    def env(self) -> dict[str, str]:
-        return {
-            "EDA_SAGA_ID": self.saga_id,
-            "EDA_STEP": self.step,
-            "EDA_ATTEMPT": str(self.attempt),
-            "EDA_SAGA_PHASE": self.phase,
-        }
-
-
-@dataclass
-class Result:
-    ok: bool
-    output: dict[str, Any] | None = None  # a JSON object to merge into the data
-    error: str = ""
-    note: str = ""
-
-
-Runner = Callable[[Action, Invocation], Result]
-
-
-def _json_object(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """The JSON object *raw* holds (or None) and, if it looked like one but is not used, why."""
-    text = raw.strip()
-    if not text.startswith(b"{"):
-        return None, ""
-    if len(text) > MAX_OUTPUT:
-        return None, f"output of {len(text)} bytes is over {MAX_OUTPUT}: not merged"
-
-    def refuse(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        value = json.loads(text, parse_constant=refuse)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        return None, f"output is not valid JSON ({str(exc)[:80]}): not merged"
-    if not isinstance(value, dict):
-        return None, ""
-    return value, ""
-
-
-class Children:
-    """The process groups of running shell actions, to kill on a timeout or an interrupt."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pids: set[int] = set()
-        self._closed = False
-
-    def add(self, pid: int) -> None:
-        """Track *pid*'s group; after :meth:`kill_all`, kill it at once."""
-        with self._lock:
-            if not self._closed:
-                self._pids.add(pid)
-                return
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-
-    def discard(self, pid: int) -> None:
-        with self._lock:
-            self._pids.discard(pid)
-
-    def kill_all(self) -> None:
-        """Kill every tracked group, and any added from now on."""
-        with self._lock:
-            self._closed = True
-            pids = list(self._pids)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-
-
-def run_shell(
-    command: str,
-    inv: Invocation,
-    timeout: float | None,
-    *,
-    children: Children | None = None,
-    on_stderr: Callable[[bytes], None] | None = None,
-) -> Result:
-    """``sh -c COMMAND`` with the data on stdin; its JSON-object stdout becomes the output."""
-    env = dict(os.environ)
-    env.update(inv.env())
-    proc = subprocess.Popen(
-        ["sh", "-c", command],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=inv.cwd or None,
-        env=env,
-        start_new_session=True,  # its own process group: a timeout kills all of it
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = bytearray()
-    overflow = False
-    tail = b""
-    timed_out = False
-    sel = selectors.DefaultSelector()
-    pidfd = -1
-    try:
-        if children is not None:
-            children.add(proc.pid)
-        pidfd = os.pidfd_open(proc.pid)
-        pending = memoryview(inv.data)
-        stdin_fd = proc.stdin.fileno()
-        os.set_blocking(stdin_fd, False)
-        sel.register(stdin_fd, selectors.EVENT_WRITE, "in")
-        sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "out")
-        sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "err")
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
-        exited = False
-        while True:
-            readers = [k for k in sel.get_map().values() if k.data in ("out", "err")]
-            if not readers:
-                break
-            if exited:  # the shell is gone: take what is buffered, do not wait for its children
-                events = [(k, selectors.EVENT_READ) for k in readers]
-            else:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    timed_out = True
-                    break
-                events = sel.select(left)
-            for key, _ in events:
-                if key.data == "exit":
-                    exited = True
-                    sel.unregister(pidfd)
-                    if "in" in [k.data for k in sel.get_map().values()]:
-                        sel.unregister(stdin_fd)
-                        proc.stdin.close()
-                    for fd in (proc.stdout.fileno(), proc.stderr.fileno()):
-                        with contextlib.suppress(KeyError):
-                            os.set_blocking(fd, False)
-                elif key.data == "in":
-                    try:
-                        pending = pending[os.write(stdin_fd, pending[:65536]) :]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        pending = pending[:0]
-                    if not pending:
-                        sel.unregister(stdin_fd)
-                        proc.stdin.close()
-                else:
-                    fd = key.fd
-                    try:
-                        chunk = os.read(fd, 65536)
-                    except BlockingIOError:
-                        chunk = None
-                    if not chunk:
-                        if chunk is not None or exited:
-                            sel.unregister(fd)
-                        continue
-                    if key.data == "out":
-                        if len(out) <= MAX_OUTPUT:
-                            out += chunk
-                        else:
-                            overflow = True
-                    else:
-                        tail = (tail + chunk)[-STDERR_TAIL:]
-                        if on_stderr is not None:
-                            on_stderr(chunk)
-        if timed_out:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        sel.close()
-        if pidfd >= 0:
-            os.close(pidfd)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(OSError):
-                f.close()
-        if children is not None:
-            children.discard(proc.pid)
-    if timed_out:
-        return Result(False, error=f"timed out after {timeout:g}s")
-    if code != 0:
-        last = tail.decode(errors="replace").strip().splitlines()
-        why = f"exit {code}" if code > 0 else f"killed by signal {-code}"
-        return Result(False, error=f"{why}: {last[-1][:200]}" if last else why)
-    if overflow:
-        return Result(True, None, note=f"output over {MAX_OUTPUT} bytes: not merged")
-    output, note = _json_object(bytes(out))
-    return Result(True, output, note=note)
-
-
-def run_publish(action: Action, inv: Invocation, *, interface: str | None, mdns: bool) -> Result:
-    """Publish the saga data as one JSON event on the action's topic (eda pub/sub).
-
-    Subscribers are those found by mDNS (unless *mdns* is off) and the
-    action's ``connect`` endpoints; the try fails when one of them does not
-    confirm the event within the timeout (default 5 s).  No subscriber at all
-    is not a failure (nobody asked for the event); the record notes it.
-    The event carries the headers ``sagaid``, ``sagastep`` and ``sagaattempt``.
-    """
-    from .. import codec, discovery
-    from ..pubsub import Publisher
-
-    if not mdns and not action.connect:
-        return Result(False, error="publish needs mDNS or connect = [endpoints] (--no-mdns is on)")
-    limit = action.timeout or 5.0
-    headers = {"sagaid": inv.saga_id, "sagastep": inv.step, "sagaattempt": str(inv.attempt)}
-    pub = Publisher(headers=headers, interface=discovery.resolve_interface(interface))
-    try:
-        started = time.monotonic()
-        for endpoint in action.connect:
-            pub.connect(endpoint, watch=True)
-        expected = pub.connect_subscribers(0.15, action.target) if mdns else set()
-        missing = pub.wait_for(expected, len(action.connect), min(limit, 3.0))
-        unready = pub.unready()
-        body = inv.data.rstrip(b"\n")
-        pub.send(action.target, body, 1, codec.JSON)
-        outcome = pub.finish(max(0.1, limit - (time.monotonic() - started)))
-    finally:
-        pub.close(0.5)
-    problems = [f"subscriber {s} not ready" for s in sorted(missing)]
-    problems += [f"{endpoint} did not answer" for endpoint, _ in unready]
-    problems += [f"subscriber {s} lost it" for s in sorted(outcome.lost)]
-    problems += [f"subscriber {s} did not confirm it" for s in sorted(outcome.unconfirmed)]
-    if problems:
-        return Result(False, error="publish: " + "; ".join(problems)[:300])
-    if not pub.subscribers and not outcome.gone:
-        return Result(True, note="no subscriber was listening")
-    return Result(True)
-
-
-def run_call(action: Action, inv: Invocation) -> Result:
-    """A request to an eda-lb service: not available in this build."""
-    return Result(False, error=CALL_UNAVAILABLE)
-
-
-CALL_UNAVAILABLE = (
-    "call steps need eda-lb's caller (eda.core.lb.caller), which this build does not have yet"
-)
-
-
-def check_runnable(plan: Plan) -> None:
-    """Refuse a plan this build cannot run, before any step runs."""
-    for step in plan.steps:
-        for action in (step.action, step.compensate):
-            if action is not None and action.kind == "call":
-                raise UsageError(f"step {step.name!r}: {CALL_UNAVAILABLE}")
 
 
 # -- the executor -------------------------------------------------------------------------
