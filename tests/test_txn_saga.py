@@ -1217,3 +1217,33 @@ def test_a_closed_stdout_does_not_stop_the_saga(tmp_path: Path) -> None:
     assert done.returncode == 0 and json.loads(done.stdout)["event"] == "saga-started"
     assert (tmp_path / "b.done").exists()
     assert saga.read_saga(tmp_path / "txn", "h").status == saga.COMPLETED
+
+
+def test_resume_needs_the_directory_the_saga_ran_in(tmp_path: Path) -> None:
+    where = tmp_path / "shop"
+    where.mkdir()
+    plan = plan_of(step("a"), step("b"))
+    run = saga.start(
+        plan,
+        {},
+        tmp_path / "log",
+        saga_id="s",
+        cwd=str(where),
+        crash_hook=_crash_at("after-step-started"),
+    )
+    with run, pytest.raises(Crashed):
+        run.run()
+    where.rmdir()
+    with pytest.raises(saga.EdaError, match="which is gone"):
+        saga.resume(tmp_path / "log", "s")
+    where.mkdir()
+    with saga.resume(tmp_path / "log", "s", runner=World()) as again:
+        assert again.run() == saga.COMPLETED
+
+
+def _crash_at(name: str) -> Any:
+    def hook(point: str) -> None:
+        if point == name:
+            raise Crashed()
+
+    return hook

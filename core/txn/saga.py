@@ -674,6 +674,12 @@ def resume(log_dir: str | os.PathLike[str], saga_id: str, **options: Any) -> Sag
         log.close()
         os.close(fd)
         raise NotFoundError(f"saga {saga_id} never started (its log {path} is empty)")
+    if state.end not in FINISHED and state.cwd and not os.path.isdir(state.cwd):
+        log.close()
+        os.close(fd)
+        raise EdaError(
+            f"saga {saga_id} runs its steps in {state.cwd}, which is gone: restore it to resume"
+        )
     run = SagaRun(fd, log, state, **options)
     if state.end not in FINISHED:
         try:
