@@ -1247,3 +1247,84 @@ def _crash_at(name: str) -> Any:
             raise Crashed()
 
     return hook
+
+
+TOML_VALUES = st.recursive(
+    st.none().map(lambda _: "x")
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+STEP_TABLES = st.dictionaries(
+    st.sampled_from([*sagafile.STEP_KEYS, "bogus", "retry.attempts"]),
+    TOML_VALUES,
+    max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    top=st.dictionaries(
+        st.sampled_from(["name", "timeout", "retry", "x"]), TOML_VALUES, max_size=3
+    ),
+    steps=st.lists(STEP_TABLES, max_size=4),
+)
+def test_any_toml_document_loads_or_gets_one_error_with_a_line(
+    top: dict[str, Any], steps: list[dict[str, Any]]
+) -> None:
+    import tomli_w
+
+    doc = dict(top)
+    if steps:
+        doc["step"] = steps
+    text = tomli_w.dumps(doc)
+    try:
+        plan = sagafile.parse(text, "h.toml")
+    except SagaFileError as exc:
+        message = str(exc)
+        assert message.startswith("h.toml:") and "\n" not in message
+        line = message.split(":")[1]
+        assert line.isdigit() and 1 <= int(line) <= max(1, text.count("\n")), message
+    else:
+        assert plan.steps and Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_loads_or_gets_a_saga_file_error(text: str) -> None:
+    try:
+        plan = sagafile.parse(text, "t.toml")
+    except SagaFileError as exc:
+        assert str(exc).startswith("t.toml:") and "\n" not in str(exc)
+    else:
+        assert plan.steps
+
+
+def test_a_log_with_records_of_the_wrong_shape_is_refused_not_trusted(tmp_path: Path) -> None:
+    plan = plan_of(step("a"))
+    world = World()
+    assert drive(plan, world, tmp_path, crash_at=2) is None
+    path = saga.log_path(tmp_path, "s1")
+    with path.open("a") as fh:
+        fh.write('{"saga":"s1","event":"step-started","step":"a","attempt":"two"}\n')
+    with pytest.raises(journal.CorruptJournal, match="not a saga log"):
+        saga.resume(tmp_path, "s1")
+    [summary] = saga.saga_status(tmp_path)
+    assert summary["status"] == "damaged" and "two" in summary["error"]
+
+
+def test_the_terminal_view_escapes_what_steps_print() -> None:
+    from eda.cli.txn import _saga_line
+
+    line = _saga_line(
+        {"time": "2026-11-28T01:02:03.456Z", "event": "step-failed", "step": "a\x1b[2J",
+         "attempt": 2, "error": "exit 1: \x1b]0;owned\x07", "retry_in": 0.5}
+    )  # fmt: skip
+    assert "\x1b" not in line.plain and "\x07" not in line.plain
+    assert line.plain.startswith("01:02:03.456 step-failed")
+    assert "a\\x1b[2J try 2 exit 1: \\x1b]0;owned\\x07 (again in 0.5s)" in line.plain
