@@ -118,6 +118,7 @@ def run_shell(
     *,
     children: Children | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
+    on_spawn: Callable[[], None] | None = None,
 ) -> Result:
     """``sh -c COMMAND`` with the data on stdin; its JSON-object stdout becomes the output."""
     env = dict(os.environ)
@@ -142,6 +143,8 @@ def run_shell(
     try:
         if children is not None:
             children.add(proc.pid)
+        if on_spawn is not None:  # (the command runs meanwhile)
+            on_spawn()
         pidfd = os.pidfd_open(proc.pid)
         pending = memoryview(inv.data)
         stdin_fd = proc.stdin.fileno()

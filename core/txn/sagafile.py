@@ -223,7 +223,8 @@ def _keyed_lines(text: str) -> list[tuple[list[str | int], int]]:
     table: list[str | int] = []
     steps = -1
     in_string = False
-    for number, line in enumerate(text.splitlines(), 1):
+    # (split, not splitlines: "\x85" and friends are no newline in TOML)
+    for number, line in enumerate(text.split("\n"), 1):
         quotes = line.count('"""') + line.count("'''")
         if in_string:
             in_string = quotes % 2 == 0
