@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from typing import TYPE_CHECKING, Any
-
 import click
 
-from eda.cli.common import (
-    Context,
-    Exit,
-    ExitStatus,
-    Output,
-    Terminated,
-    common_options,
-    for_terminal,
-    run,
-    write_stdout,
-)
-from eda.core.errors import UsageError
-
-if TYPE_CHECKING:
-    from rich.text import Text
+from eda.cli.common import common_options, run
 
 EPILOG = """\b
 Examples:
@@ -46,6 +28,24 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- sagas: saga, saga init ----------------------------------------------------------------
+import contextlib  # noqa: E402  (imports of this section kept here: merges stay clean)
+import sys  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from eda.cli.common import (  # noqa: E402
+    Context,
+    Exit,
+    ExitStatus,
+    Output,
+    Terminated,
+    for_terminal,
+    write_stdout,
+)
+from eda.cli.registry import registry_option  # noqa: E402
+from eda.core.errors import UsageError  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 SAGA_EPILOG = """\b
 Examples:
@@ -112,6 +112,7 @@ SAGA_COLOURS = {
     f"Fields: {', '.join(SAGA_FIELDS)}.",
 )
 @click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@registry_option
 @common_options
 def saga(
     file: str | None,
@@ -124,6 +125,8 @@ def saga(
     force: bool,
     template: str | None,
     force_json: bool,
+    registries: tuple[str, ...],
+    serverless: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -141,6 +144,7 @@ def saga(
     'eda-txn saga init [FILE]' writes a commented template to FILE
     (saga.toml by default, - for stdout).
     """
+    from eda.core.registry.access import resolve_interface
     from eda.core.txn import saga as sagas
     from eda.core.txn import sagafile
 
@@ -186,8 +190,12 @@ def saga(
     options: dict[str, Any] = {
         "on_event": on_event,
         "on_stderr": on_stderr,
-        "interface": interface,
-        "mdns": not no_mdns,
+        "reach": sagas.Reach(
+            interface=resolve_interface(interface),
+            mdns=not no_mdns,
+            registries=registries,
+            serverless=serverless,
+        ),
     }
     if resume is not None:
         run_ = sagas.resume(log_dir, resume, **options)

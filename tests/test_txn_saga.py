@@ -250,7 +250,7 @@ BAD_FILES = [
     (
         '[[step]]\nname = "a"\nrun = "x"\nconnect = "tcp://h:1"\n',
         4,
-        ["key 'connect'", "only a publish"],
+        ["key 'connect'", "only publish and call"],
     ),
     (
         '[[step]]\nname = "a"\nrun = "x"\npivot = true\n[[step]]\nname = "b"\nrun = "y"\ncompensate = "z"\n',
@@ -689,7 +689,9 @@ publish = "orders.confirmed"
 connect = "{endpoint}"
 timeout = 10
 """
-        status, _, seen = run_text(tmp_path, text, {"order": 7}, saga_id="pub-1", mdns=False)
+        status, _, seen = run_text(
+            tmp_path, text, {"order": 7}, saga_id="pub-1", reach=saga.Reach(mdns=False)
+        )
     finally:
         stop.set()
         thread.join(10)
@@ -704,7 +706,7 @@ timeout = 10
         Step("a", Action("run", "true"), Action("run", "touch undone")),
         Step("p", Action("publish", "x.y", 0.5, Retry(2, 0.0), ("tcp://127.0.0.1:9",))),
     )
-    run = saga.start(dead, {}, tmp_path / "log2", cwd=str(tmp_path), mdns=False)
+    run = saga.start(dead, {}, tmp_path / "log2", cwd=str(tmp_path), reach=saga.Reach(mdns=False))
     with run:
         assert run.run() == saga.COMPENSATED
     assert "did not answer" in run.state.steps["p"].error

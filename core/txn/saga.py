@@ -81,6 +81,7 @@ from . import crash, journal
 from .sagaactions import (
     Children,
     Invocation,
+    Reach,
     Result,
     Runner,
     check_runnable,
@@ -90,7 +91,7 @@ from .sagaactions import (
 )
 from .sagafile import Action, Plan, Step
 
-__all__ = ["Invocation", "Result", "Runner", "check_runnable"]  # (re-exported for callers)
+__all__ = ["Invocation", "Reach", "Result", "Runner", "check_runnable"]  # (re-exported for callers)
 
 SAGAS = "sagas"  # the subdirectory of the log directory
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -368,8 +369,7 @@ class SagaRun:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         crash_hook: Callable[[str], None] | None = None,
-        interface: str | None = None,
-        mdns: bool = True,
+        reach: Reach | None = None,
     ) -> None:
         self._lock_fd = lock_fd
         self.log = log
@@ -382,8 +382,7 @@ class SagaRun:
         self.sleep = sleep
         self.rand = rand
         self.crash_hook = crash_hook
-        self.interface = interface
-        self.mdns = mdns
+        self.reach = reach or Reach()
         self.repaired = log.repaired
         self.children = Children()
         self._lock = threading.Lock()
@@ -469,8 +468,8 @@ class SagaRun:
                 on_spawn=on_spawn,
             )
         if action.kind == "publish":
-            return run_publish(action, inv, interface=self.interface, mdns=self.mdns)
-        return run_call(action, inv)
+            return run_publish(action, inv, self.reach)
+        return run_call(action, inv, self.reach)
 
     def _data(self) -> bytes:
         with self._lock:

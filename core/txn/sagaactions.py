@@ -235,7 +235,17 @@ def run_shell(
     return Result(True, output, note=note)
 
 
-def run_publish(action: Action, inv: Invocation, *, interface: str | None, mdns: bool) -> Result:
+@dataclass(frozen=True)
+class Reach:
+    """How call and publish actions find their peers (the CLI's discovery options)."""
+
+    interface: str | None = None  # an IPv4 address
+    mdns: bool = True
+    registries: tuple[str, ...] = ()
+    serverless: bool = False
+
+
+def run_publish(action: Action, inv: Invocation, reach: Reach) -> Result:
     """Publish the saga data as one JSON event on the action's topic (eda pub/sub).
 
     Subscribers are those found by mDNS (unless *mdns* is off) and the
@@ -247,16 +257,16 @@ def run_publish(action: Action, inv: Invocation, *, interface: str | None, mdns:
     from .. import codec, discovery
     from ..pubsub import Publisher
 
-    if not mdns and not action.connect:
+    if not reach.mdns and not action.connect:
         return Result(False, error="publish needs mDNS or connect = [endpoints] (--no-mdns is on)")
     limit = action.timeout or 5.0
     headers = {"sagaid": inv.saga_id, "sagastep": inv.step, "sagaattempt": str(inv.attempt)}
-    pub = Publisher(headers=headers, interface=discovery.resolve_interface(interface))
+    pub = Publisher(headers=headers, interface=discovery.resolve_interface(reach.interface))
     try:
         started = time.monotonic()
         for endpoint in action.connect:
             pub.connect(endpoint, watch=True)
-        expected = pub.connect_subscribers(0.15, action.target) if mdns else set()
+        expected = pub.connect_subscribers(0.15, action.target) if reach.mdns else set()
         missing = pub.wait_for(expected, len(action.connect), min(limit, 3.0))
         unready = pub.unready()
         body = inv.data.rstrip(b"\n")
@@ -275,9 +285,79 @@ def run_publish(action: Action, inv: Invocation, *, interface: str | None, mdns:
     return Result(True)
 
 
-def run_call(action: Action, inv: Invocation) -> Result:
-    """A request to an eda-lb service: not available in this build."""
-    return Result(False, error=CALL_UNAVAILABLE)
+def request_prefix(inv: Invocation) -> bytes:
+    """The request id's prefix: the same for every try of one step's action (or
+    compensation) in one saga, so a service sees the same ``EDA_REQUEST_ID``
+    (the prefix and ``0``) on a retry -- a key to make it idempotent."""
+    key = f"{inv.saga_id}.{inv.step}.{inv.phase}."
+    if len(key) > 62 or not key.isascii():
+        import hashlib
+
+        key = hashlib.sha256(key.encode()).hexdigest()[:40] + "."
+    return key.encode()
+
+
+def _caller() -> Any:
+    """eda-lb's Caller class and lookup, or None in a build without them."""
+    try:
+        from ..lb.caller import Caller, lookup_endpoints
+    except ImportError:
+        return None
+    return Caller, lookup_endpoints
+
+
+def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
+    """One request with the saga data to the eda-lb service *action.target*.
+
+    Its instances are looked up (registry, else mDNS; or the action's
+    ``connect`` endpoints) and balanced over by eda-lb's caller, which
+    retries a request that times out or whose instance dies once on another
+    instance, with the same request id.  The reply is the step's output; an
+    error reply, a timeout or no live instance fails the try.
+    """
+    found = _caller()
+    if found is None:
+        return Result(False, error=CALL_UNAVAILABLE)
+    caller_class, lookup_endpoints = found
+    from ..errors import EdaError
+    from ..registry.access import Access
+
+    replies: list[bytes] = []
+    failures: list[str] = []
+    caller = caller_class(
+        out=replies.append,
+        failed=lambda seq, body, reason: failures.append(reason),
+        timeout=action.timeout or 10.0,
+        retries=1,
+        window=1,
+        interface=reach.interface,
+    )
+    caller.prefix = request_prefix(inv)
+    finder = None
+    try:
+        if action.connect:
+            caller.use([(endpoint, 1) for endpoint in action.connect])
+        else:
+            access = Access(
+                registries=reach.registries,
+                interface=reach.interface,
+                mdns=reach.mdns,
+                serverless=reach.serverless,
+            )
+            finder, instances = lookup_endpoints(action.target, access)
+            caller.use(instances)
+        caller.feed([inv.data.rstrip(b"\n")])
+        caller.run()
+    except EdaError as exc:  # no instance, no registry
+        return Result(False, error=f"call {action.target}: {exc}")
+    finally:
+        if finder is not None:
+            finder.close()
+        caller.close()
+    if failures:
+        return Result(False, error=f"call {action.target}: {failures[0]}"[:300])
+    output, note = _json_object(b"".join(replies))
+    return Result(True, output, note=note)
 
 
 CALL_UNAVAILABLE = (
@@ -289,5 +369,5 @@ def check_runnable(plan: Plan) -> None:
     """Refuse a plan this build cannot run, before any step runs."""
     for step in plan.steps:
         for action in (step.action, step.compensate):
-            if action is not None and action.kind == "call":
+            if action is not None and action.kind == "call" and _caller() is None:
                 raise UsageError(f"step {step.name!r}: {CALL_UNAVAILABLE}")

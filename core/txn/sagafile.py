@@ -39,7 +39,8 @@ Rules (each broken one is an error naming the file, line and key):
   compensated, so neither they nor the pivot may have a ``compensate``; the
   pivot is not in a group;
 - ``connect`` (a string or list of ``tcp://`` endpoints) sends a ``publish``
-  action to those subscribers too (besides those found by mDNS).
+  action to those subscribers too (besides those found by mDNS), and a
+  ``call`` action to those instances (instead of looking the service up).
 
 tomllib gives no positions for keys, so :func:`locate` finds a key's line by
 scanning the text: table headers delimit the ``[[step]]`` tables, then the
@@ -104,7 +105,7 @@ class Action:
     target: str  # the command, service or topic
     timeout: float | None = None  # seconds; None = no limit
     retry: Retry = field(default_factory=Retry)
-    connect: tuple[str, ...] = ()  # publish: subscriber endpoints besides mDNS
+    connect: tuple[str, ...] = ()  # publish: subscribers besides mDNS; call: the instances
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -389,8 +390,8 @@ class _Checker:
             retry = self.retry(table["retry"], [*path, "retry"], retry)
         connect: tuple[str, ...] = ()
         if "connect" in table:
-            if kind != "publish":
-                raise self.fail([*path, "connect"], "only a publish action connects to subscribers")
+            if kind == "run":
+                raise self.fail([*path, "connect"], "only publish and call actions connect")
             connect = self.connect(table["connect"], [*path, "connect"])
         return Action(kind, target, timeout, retry, connect)
 
