@@ -381,10 +381,16 @@ run = 'cat > three.in; echo not json; pwd > three.pwd'
 [[step]]
 name = "four"
 run = 'cat > four.in; echo "{\\"bad\\": NaN}"'
+[[step]]
+name = "five"
+run = 'echo working...; echo "{\\"e\\": 5}"'
+[[step]]
+name = "six"
+run = 'cat > six.in'
 """
     status, run, seen = run_text(tmp_path, text, {"order": 7, "b": 0}, saga_id="order-7")
     assert status == saga.COMPLETED
-    assert names(seen, "step-done") == ["one", "two", "three", "four"]
+    assert names(seen, "step-done") == ["one", "two", "three", "four", "five", "six"]
     read = lambda name: json.loads((tmp_path / name).read_text())  # noqa: E731
     assert read("one.in") == {"order": 7, "b": 0}
     assert read("two.in") == {"order": 7, "b": 1, "a": 1}
@@ -397,7 +403,9 @@ run = 'cat > four.in; echo "{\\"bad\\": NaN}"'
     assert seen[-1]["event"] == "saga-completed"
     logged = list(journal.read(saga.log_path(tmp_path / "log", "order-7")))
     assert logged == seen  # the log holds exactly what was printed
-    assert run.state.data() == {"order": 7, "b": 2, "a": 1, "c": [1, 2]}
+    # text, then a JSON object on the last line: the object is merged
+    assert read("six.in") == {"order": 7, "b": 2, "a": 1, "c": [1, 2], "e": 5}
+    assert run.state.data() == read("six.in")
 
 
 def test_a_failed_step_has_the_completed_ones_compensated_in_reverse_not_itself(

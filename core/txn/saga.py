@@ -14,11 +14,12 @@ complete.  A compensation is retried in the same way; one that fails for good
 leaves the saga ``stuck`` and ``--resume`` tries it again, with a fresh budget.
 
 Every action gets the saga data as one JSON object on stdin and, in its
-environment, ``EDA_SAGA_ID``, ``EDA_STEP``, ``EDA_ATTEMPT`` (1, 2, ... over
-the whole life of the saga, resumes included: a key for idempotency) and
-``EDA_SAGA_PHASE`` (``action`` or ``compensate``).  A JSON object a step
-prints on stdout is merged into the data (keys of later steps win; the
-members of a group see the data as it was when the group started).  Shell
+environment, ``EDA_SAGA_ID``, ``EDA_STEP``, ``EDA_SAGA_PHASE`` (``action``
+or ``compensate``) -- together the key that makes an action idempotent --
+and ``EDA_ATTEMPT`` (1, 2, ... over the whole life of the saga, resumes
+included).  A JSON object a step prints on stdout (all of it, or its last
+line) is merged into the data (keys of later steps win; the members of a
+group see the data as it was when the group started).  Shell
 commands run with ``sh -c`` in the directory the saga was started from,
 in a session of their own (a timeout kills the whole process group); their
 stderr is passed on through :attr:`SagaRun.on_stderr`.

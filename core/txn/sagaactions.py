@@ -61,10 +61,15 @@ Runner = Callable[[Action, Invocation], Result]
 
 
 def _json_object(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """The JSON object *raw* holds (or None) and, if it looked like one but is not used, why."""
+    """The JSON object *raw* holds -- all of it, or else its last line (after lines
+    of other text) -- or None, and, if it looked like an object but is not
+    used, why."""
     text = raw.strip()
     if not text.startswith(b"{"):
-        return None, ""
+        last = text.rsplit(b"\n", 1)[-1].strip()
+        if last is text or not last.startswith(b"{"):
+            return None, ""
+        text = last
     if len(text) > MAX_OUTPUT:
         return None, f"output of {len(text)} bytes is over {MAX_OUTPUT}: not merged"
 
