@@ -1213,6 +1213,10 @@ run = "cat > after.in"
         sagafile.load(tmp_path / "big.toml")
     with pytest.raises(SagaFileError, match="No such file"):
         sagafile.load(tmp_path / "none.toml")
+    # a key holding an escape sequence is shown escaped, never sent to the terminal as is
+    with pytest.raises(SagaFileError) as caught:
+        sagafile.parse('[[step]]\nname = "a"\nrun = "x"\n"\\u001b[2J" = 1\n', "e.toml")
+    assert str(caught.value).startswith("e.toml:1: step 'a': key '\\x1b[2J': unknown key")
 
 
 def test_a_closed_stdout_does_not_stop_the_saga(tmp_path: Path) -> None:

@@ -287,6 +287,7 @@ class _Checker:
             where = f"step {name!r}: " if name else f"[[step]] number {path[1] + 1}: "
             path = path[2:]
         key = ".".join(str(p) for p in path)
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)  # (a key from the file)
         what = f"key '{key}': " if key else ""
         return SagaFileError(f"{self.source}:{line}: {where}{what}{message}")
 
