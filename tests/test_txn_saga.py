@@ -1040,7 +1040,7 @@ class SagaMachine(RuleBasedStateMachine):
 
 
 SagaMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=150,
     stateful_step_count=6,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
