@@ -144,7 +144,6 @@ def saga(
     'eda-txn saga init [FILE]' writes a commented template to FILE
     (saga.toml by default, - for stdout).
     """
-    from eda.core.registry.access import resolve_interface
     from eda.core.txn import saga as sagas
     from eda.core.txn import sagafile
 
@@ -191,7 +190,7 @@ def saga(
         "on_event": on_event,
         "on_stderr": on_stderr,
         "reach": sagas.Reach(
-            interface=resolve_interface(interface),
+            interface=_interface_address(interface),
             mdns=not no_mdns,
             registries=registries,
             serverless=serverless,
@@ -233,6 +232,14 @@ def saga(
             f" eda-txn saga --resume {run_.saga_id}"
         )
         raise Exit(ExitStatus.ERROR)
+
+
+def _interface_address(interface: str | None) -> str | None:
+    if not interface:  # (the usual case: no network module loaded at all)
+        return None
+    from eda.core.registry.access import resolve_interface
+
+    return resolve_interface(interface)
 
 
 def _saga_data(text: str | None) -> dict[str, Any]:
