@@ -272,7 +272,7 @@ def run_publish(action: Action, inv: Invocation, reach: Reach) -> Result:
         for endpoint in action.connect:
             pub.connect(endpoint, watch=True)
         expected = pub.connect_subscribers(0.15, action.target) if reach.mdns else set()
-        missing = pub.wait_for(expected, len(action.connect), min(limit, 3.0))
+        missing = pub.wait_for(expected, len(action.connect), limit * 0.6)  # the rest: finish
         unready = pub.unready()
         body = inv.data.rstrip(b"\n")
         pub.send(action.target, body, 1, codec.JSON)
