@@ -25,6 +25,434 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- worker, call (request/reply, brokerless) ---------------------------------------------
+import signal  # noqa: E402  (imports of this section kept here: merges stay clean)
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+from eda.cli.common import Context, Exit, ExitStatus, Output  # noqa: E402
+from eda.cli.registry import registry_option  # noqa: E402
+
+SECONDS = click.FloatRange(min=0, min_open=True)
+DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without --timeout)
+STRATEGY_HELP = "round-robin, weighted (registry weight), least-conn, random, p2c (two choices)."
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from eda.cli.bus import parse_bytes
+    from eda.core.errors import UsageError
+
+    try:
+        size = parse_bytes(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not 0 < size <= 256 << 20:
+        raise click.BadParameter("use 1 byte to 256MiB")
+    return size
+
+
+def _lb_access(
+    registries: tuple[str, ...], serverless: bool, interface: str | None, no_mdns: bool, ctx: Any
+) -> Any:
+    from eda.core.registry.access import Access, resolve_interface
+
+    return Access(
+        registries=registries,
+        interface=resolve_interface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
+
+
+def _request_options(func: Any) -> Any:
+    """Options worker and call share."""
+    func = click.option(
+        "--max-request",
+        default="1MiB",
+        show_default=True,
+        metavar="SIZE",
+        callback=_size,
+        help="Largest request (and reply) body; a bigger one gets one error, the rest go on.",
+    )(func)
+    func = click.option(
+        "--heartbeat",
+        type=SECONDS,
+        default=1.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Heartbeat interval; a peer silent for three intervals is dropped.",
+    )(func)
+    return registry_option(func)
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb worker upper -- tr a-z A-Z                          one command per request
+  eda-lb worker upper --concurrency 4 -- ./slow.sh           up to 4 requests at once
+  eda-lb worker echo --persistent --concurrency 2 -- cat     2 processes, one line per request
+  eda-lb worker upper --weight 3 --serverless -- tr a-z A-Z  announced by mDNS, 3x the traffic
+""",
+)
+@click.argument("name")
+@click.argument("cmd", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
+@click.option(
+    "--persistent",
+    is_flag=True,
+    help="Keep the command running: one request line in, one reply line out, in order "
+    "(it must flush each line: stdbuf -oL CMD, sed -u, python3 -u).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Requests run at once (with --persistent: processes kept running).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(0, 1_000_000),
+    default=None,
+    metavar="N",
+    help="Requests waiting for a free slot before 'busy' is answered [default: 1024].",
+)
+@click.option(
+    "--weight",
+    type=click.IntRange(0, 65535),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Share of the traffic under the weighted strategy (0: drain).",
+)
+@click.option(
+    "--timeout",
+    type=SECONDS,
+    default=None,
+    metavar="SECONDS",
+    help="Kill a request's command after this long [default: the caller's timeout].",
+)
+@click.option(
+    "--bind",
+    default=None,
+    metavar="ENDPOINT",
+    help="Where to listen [default: tcp://*:* on --interface's address, or on all].",
+)
+@click.option(
+    "--broker",
+    "brokers",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Also serve this broker's backend (repeatable); brokers of NAME are found anyway.",
+)
+@click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
+@_request_options
+@common_options
+def worker(
+    name: str,
+    cmd: tuple[str, ...],
+    persistent: bool,
+    concurrency: int,
+    queue: int | None,
+    weight: int,
+    timeout: float | None,
+    bind: str | None,
+    brokers: tuple[str, ...],
+    inst_id: str | None,
+    max_request: int,
+    heartbeat: float,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Serve requests for NAME by running a command: any shell command becomes a service.
+
+    The command sees the request on stdin (with a newline) and its id in
+    EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
+    non-zero exit is an error reply carrying stderr's last line.
+
+    Registers with the registry (or by mDNS when there is none) with its
+    weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
+    NAME (eda-lb serve) are found and served as well."""
+    from eda.core.lb.presence import Presence
+    from eda.core.lb.worker import Worker
+    from eda.core.registry import access as reg
+    from eda.core.registry.model import validate_name
+
+    ctx = Context("eda-lb", verbose)
+    service = validate_name(name)
+    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    server = Worker(
+        service,
+        list(cmd),
+        persistent=persistent,
+        concurrency=concurrency,
+        queue=queue,
+        max_request=max_request,
+        timeout=timeout or 0.0,
+        heartbeat=heartbeat,
+        weight=weight,
+        log=ctx.debug,
+        warn=ctx.warn,
+        interface=access.interface,
+    )
+    presence: Any = None
+    finder: Any = None
+    stopping: list[int] = []  # a signal during start-up must not be lost: serve() checks it
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
+        port = int(endpoint.rsplit(":", 1)[1])
+        ttl = round(3 * heartbeat, 3)
+        meta = ["role=worker", f"concurrency={concurrency}"]
+        if persistent:
+            meta.append("mode=persistent")
+        record = reg.registration(
+            service, port, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl, interval=heartbeat
+        )
+        presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
+        inst = presence.start()
+        server.inst_id = inst.id
+        finder = _broker_finder(service, access, presence.mode, brokers, ctx)
+        if finder is not None:
+            server.follow_brokers(finder)
+        how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
+        where = f"tcp://{inst.host}:{port}" if presence.mode != "none" else endpoint
+        ctx.warn(f"worker {inst.id} serving {service} on {where} ({how[presence.mode]})")
+        server.serve(until=lambda: bool(stopping))
+        # stopped (SIGTERM, SIGINT): leave the registry first, then finish what runs
+        if presence is not None:
+            presence.close()
+        server.drain(timeout or DRAIN_GRACE)
+    finally:
+        if presence is not None:
+            presence.close()
+        if finder is not None:
+            finder.close()
+        server.shutdown()
+
+
+class _BrokerFinder:
+    """Endpoints of the brokers' backends: the --broker ones and those looked up."""
+
+    def __init__(self, explicit: tuple[str, ...], finder: Any) -> None:
+        self.explicit, self.finder, self.first = list(explicit), finder, True
+
+    def __call__(self) -> list[str] | None:
+        found = self.finder.take() if self.finder is not None else None
+        if found is None:
+            if not self.first:
+                return None
+            found = []
+        self.first = False
+        endpoints = list(self.explicit)
+        for inst in found:
+            backend = inst.meta.get("backend", "")
+            if backend.isdigit() and 0 < int(backend) < 65536:
+                endpoints.append(f"tcp://{inst.host}:{backend}")
+        return endpoints
+
+    def close(self) -> None:
+        if self.finder is not None:
+            self.finder.close()
+
+
+def _broker_finder(
+    service: str, access: Any, mode: str, explicit: tuple[str, ...], ctx: Context
+) -> _BrokerFinder | None:
+    from eda.core.lb.presence import Finder
+    from eda.core.reqrep import check_endpoint
+
+    for endpoint in explicit:
+        check_endpoint(endpoint, "broker")
+    finder = None
+    if mode != "none":
+        finder = Finder(
+            service,
+            access,
+            lambda i: i.meta.get("role") == "broker",
+            every=3.0,
+            warn=ctx.debug,
+        )
+        finder.start()
+    if finder is None and not explicit:
+        return None
+    return _BrokerFinder(explicit, finder)
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-lb call upper hello world                       one request per argument, replies in order
+  cat requests.txt | eda-lb call upper --timeout 2    one request per stdin line, pipelined
+  eda-lb call upper --strategy least-conn < in.txt    to the instance with the fewest in flight
+  eda-lb call upper --unordered --window 500 < in.txt replies as they come, 500 in flight
+  eda-lb call upper --via upper hello                 through the broker (eda-lb serve upper)
+  eda-lb call upper --connect tcp://10.0.0.5:5000 hi  to a given instance, no lookup
+""",
+)
+@click.argument("name")
+@click.argument("requests", nargs=-1)
+@click.option(
+    "--strategy",
+    type=click.Choice(["round-robin", "weighted", "least-conn", "random", "p2c"]),
+    default="round-robin",
+    show_default=True,
+    help=STRATEGY_HELP,
+)
+@click.option(
+    "--timeout",
+    type=SECONDS,
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time for each attempt of a request.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 100),
+    default=2,
+    show_default=True,
+    metavar="N",
+    help="Attempts on other instances after a timeout or a dead instance (same request id).",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    metavar="N",
+    help="Requests in flight at once.",
+)
+@click.option("--unordered", is_flag=True, help="Print replies as they come, not in input order.")
+@click.option(
+    "--via",
+    default=None,
+    metavar="BROKER",
+    help="Go through the broker(s) registered as service BROKER (eda-lb serve) instead.",
+)
+@click.option(
+    "--connect",
+    "endpoints",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Call this instance (repeatable) instead of looking NAME up.",
+)
+@click.option(
+    "--slow-start",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ramp up the share of an instance that appears or comes back over this long.",
+)
+@_request_options
+@common_options
+def call(
+    name: str,
+    requests: tuple[str, ...],
+    strategy: str,
+    timeout: float,
+    retries: int,
+    window: int,
+    unordered: bool,
+    via: str | None,
+    endpoints: tuple[str, ...],
+    slow_start: float,
+    max_request: int,
+    heartbeat: float,
+    registries: tuple[str, ...],
+    serverless: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Send requests to the instances of NAME and print the replies.
+
+    Each argument is one request; without arguments, each stdin line is one,
+    pipelined.  Requests are balanced over the live instances; one that times
+    out or whose instance dies is retried on another.
+
+    A failed request (an error reply, or no answer after its retries) is
+    reported on stderr with its input; the exit status is then 1 (4 if every
+    failure was a timeout); 3 when no instance is found."""
+    from eda.core.lb.caller import Caller, lookup_endpoints
+    from eda.core.registry.model import validate_name
+    from eda.core.reqrep import check_endpoint, printable
+
+    ctx = Context("eda-lb", verbose)
+    validate_name(name)
+    for endpoint in endpoints:
+        check_endpoint(endpoint, "instance")
+    out = Output(ctx)
+
+    def failed(seq: int, line: bytes, reason: str) -> None:
+        text = printable(line.decode(errors="replace"), 200)
+        ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
+
+    closed: list[Exit] = []
+
+    def write(data: bytes) -> None:
+        try:
+            out.data(data)
+        except Exit as exc:  # stdout closed (| head): stop now, quietly
+            closed.append(exc)
+            caller.stop()
+
+    caller = Caller(
+        out=write,
+        failed=failed,
+        strategy=strategy,
+        timeout=timeout,
+        retries=retries,
+        window=window,
+        unordered=unordered,
+        heartbeat=heartbeat,
+        max_request=max_request,
+        slow_start=slow_start,
+        log=ctx.debug,
+        warn=ctx.warn,
+    )
+    finder: Any = None
+    try:
+        if endpoints:
+            caller.use((e, 1) for e in endpoints)
+        else:
+            access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+            target = validate_name(via) if via else name
+            finder, found = lookup_endpoints(target, access, via=bool(via))
+            caller.use(found)
+            finder.start()
+            caller.follow(finder)
+        if requests:
+            caller.feed(r.encode(errors="surrogateescape") for r in requests)
+        else:
+            caller.feed_fd(sys.stdin.fileno())
+        summary = caller.run()
+        if closed:
+            raise closed[0]
+    finally:
+        if finder is not None:
+            finder.close()
+        caller.close()
+    ctx.debug(
+        f"{summary.ok} answered, {summary.failed} failed, {summary.retried} retried, "
+        f"{summary.busy} busy, {summary.dropped_instances} instance(s) dropped; latency "
+        f"p50 {caller.percentile(0.5):.3f} ms, p99 {caller.percentile(0.99):.3f} ms"
+    )
+    if summary.failed:
+        ctx.error(f"{summary.failed} request(s) failed")
+        raise Exit(ExitStatus.TIMEOUT if summary.timed_out == summary.failed else ExitStatus.ERROR)
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------

@@ -1,0 +1,645 @@
+"""Client-side balancing: requests pipelined over a service's instances.
+
+:class:`Caller` is a :class:`~eda.core.daemon.Daemon` holding one DEALER per
+instance (workers, or brokers with ``via``) and a
+:class:`~.balancer.Balancer` over the live ones:
+
+- **window**: up to *window* requests in flight at once, read from the
+  input as replies free room (input is read only as fast as it is answered);
+- **liveness**: an instance is used once it answered a ping; every
+  *heartbeat* seconds each one is pinged, and one silent for three intervals
+  is dropped (its socket closed, its requests retried elsewhere at once) and
+  probed again on a fresh socket;
+- **retries**: a request that times out (*timeout* per attempt) or whose
+  instance dies is sent again, with the same rid, to another instance, up to
+  *retries* times; a ``busy`` reply is tried elsewhere without using up a
+  retry, within the request's overall time; an ``err`` reply is final;
+- **order**: replies are emitted in input order (or as they come with
+  *unordered*); a request is answered at most once -- a late reply to an
+  attempt that was already retried is taken if it comes first, and the
+  later one is ignored;
+- **discovery**: instances come from *endpoints*, or from a lookup of the
+  service (role ``worker``, or ``broker`` with *via*) repeated every
+  *relookup* seconds in the background, so new instances are used and
+  deregistered ones are drained.
+
+Each failed request is reported through *failed* with its input, and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..daemon import Daemon, Log
+from ..errors import NotFoundError
+from ..registry.model import Instance
+from . import protocol as p
+from .balancer import Backend, Balancer
+from .protocol import send_request
+
+READ_CHUNK = 1 << 16
+LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
+REORDER_LIMIT = 100_000  # replies held back waiting for an earlier one before input pauses
+MISSES = 2  # lookups in a row without an instance before it is drained
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class Request:
+    """One input line on its way: its place in the output, id, body and current attempt."""
+
+    __slots__ = (
+        "attempt", "body", "busy", "conn", "first", "rid", "seq", "stale", "tried", "tries",
+    )  # fmt: skip
+
+    def __init__(self, seq: int, rid: bytes, body: bytes) -> None:
+        self.seq, self.rid, self.body = seq, rid, body
+        self.conn: Conn | None = None  # where the current attempt went
+        self.attempt = 0  # attempts sent (tells a stale deadline from the current one)
+        self.tries = 0  # attempts that failed (timeout, instance died): counted against retries
+        self.tried: set[str] | None = None
+        self.stale: list[Conn] | None = None  # where attempts timed out (their answers may come)
+        self.first = 0.0  # when it was first sent or queued
+        self.busy = 0
+
+
+@dataclass(eq=False)
+class Conn:
+    """One instance: its endpoint, socket and liveness."""
+
+    key: str  # the endpoint
+    weight: int
+    sock: zmq.Socket[bytes] | None = None
+    monitor: zmq.Socket[bytes] | None = None
+    backend: Backend | None = None  # set while it is in the balancer (alive)
+    last_seen: float = 0.0
+    since: float = 0.0  # when the current socket was made
+    gone: bool = False  # no longer listed by the registry: drain, then close
+    inflight: dict[bytes, Request] = field(default_factory=dict)
+    deaths: int = 0
+    missed: int = 0  # lookups in a row that did not list it
+
+
+@dataclass
+class Summary:
+    sent: int = 0  # attempts sent
+    ok: int = 0
+    failed: int = 0
+    timed_out: int = 0  # failed requests whose last attempt timed out
+    retried: int = 0
+    busy: int = 0
+    late: int = 0  # replies to requests already answered (ignored)
+    dropped_instances: int = 0
+    picks: dict[str, int] = field(default_factory=dict)
+
+
+def endpoint_of(inst: Instance) -> str:
+    """The endpoint callers use for *inst* (a worker, or a broker's frontend)."""
+    host = inst.host if ":" not in inst.host else f"[{inst.host}]"
+    return f"tcp://{host}:{inst.port}"
+
+
+class Caller(Daemon):
+    """Sends requests for one service and collects their replies (see the module's doc)."""
+
+    def __init__(
+        self,
+        *,
+        out: Callable[[bytes], None],
+        failed: Callable[[int, bytes, str], None],
+        strategy: str = "round-robin",
+        timeout: float = 10.0,
+        retries: int = 2,
+        window: int = 100,
+        unordered: bool = False,
+        heartbeat: float = 1.0,
+        max_request: int = p.MAX_BODY,
+        slow_start: float = 2.0,
+        relookup: float = 2.0,
+        log: Log = _quiet,
+        warn: Log | None = None,
+        interface: str | None = None,
+    ) -> None:
+        super().__init__(log, warn, interface=interface)
+        self.out, self.failed_cb = out, failed
+        self.balancer = Balancer(strategy, slow_start=slow_start)
+        self.timeout, self.retries, self.window = timeout, retries, max(1, window)
+        self.unordered, self.heartbeat, self.max_request = unordered, heartbeat, max_request
+        self.relookup = relookup
+        self.timeout_ms = b"%d" % max(1, int(timeout * 1000))
+        self.conns: dict[str, Conn] = {}
+        self.by_sock: dict[zmq.Socket[bytes], Conn] = {}
+        self.pending: dict[bytes, Request] = {}
+        self.waiting: collections.deque[Request] = collections.deque()  # to send (or resend)
+        self.deadlines: collections.deque[tuple[float, Request, int]] = collections.deque()
+        self.delayed: list[tuple[float, Request]] = []  # busy everywhere: to try again later
+        self.summary = Summary()
+        self.prefix = f"{os.getpid():x}-{secrets.token_hex(2)}.".encode()
+        self.next_seq = 0  # the next input line's number
+        self.next_out = 0  # the next line to emit in order
+        self.held: dict[int, bytes | None] = {}  # finished out of order (None: failed)
+        self.source: Iterator[bytes] | None = None
+        self.fd = -1
+        self.partial = b""
+        self.eof = False
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.finder: Any = None
+        self.started = time.monotonic()
+        self.ping_seq = 0
+        self.empty_since: float | None = None
+        self.holding = True
+        self.hold_until = self.started + min(0.5, heartbeat, timeout)
+        self._buf: list[bytes] = []
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
+
+    # -- instances ----------------------------------------------------------------------------
+    def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
+        """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
+        drained (at once if *final*, else when two calls in a row leave them out)."""
+        wanted = dict(endpoints)
+        for key, weight in wanted.items():
+            conn = self.conns.get(key)
+            if conn is None:
+                conn = self.conns[key] = Conn(key, weight)
+                self._open(conn)
+            else:
+                conn.gone = False
+                if conn.weight != weight:
+                    conn.weight = weight
+                    if conn.backend is not None:
+                        self.balancer.add(key, weight)
+        for key, conn in list(self.conns.items()):
+            if key in wanted:
+                conn.missed = 0
+            elif not conn.gone:
+                # one lookup can miss an instance (an mDNS answer lost): drain it only when
+                # two in a row do; one that died is dropped by its heartbeats anyway
+                conn.missed += 1
+                if conn.missed < MISSES and not final:
+                    continue
+                conn.gone = True
+                self._unbalance(conn)
+                if not conn.inflight:
+                    self._close(conn)
+
+    def follow(self, finder: Any) -> None:
+        """Take the instances *finder* (a :class:`~.presence.Finder`) keeps finding."""
+        self.finder = finder
+        self.every(min(self.relookup, 1.0), "lookup", self._apply_lookup, first=0.2)
+
+    def _apply_lookup(self) -> None:
+        found = self.finder.take()
+        if found is not None:
+            self.use((endpoint_of(i), i.weight) for i in found)
+
+    def _open(self, conn: Conn) -> None:
+        sock = self.socket(zmq.DEALER, max_message=self.max_request + 65536)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(conn.key)
+        conn.sock, conn.since = sock, time.monotonic()
+        self.by_sock[sock] = conn
+        self.watch(sock, "replies", lambda: self._on_replies(conn, sock))
+        # a dead process's connection closes at once: act on that, not on heartbeats alone
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        conn.monitor = monitor
+        self.watch(monitor, "disconnects", lambda: self._on_disconnect(conn, sock))
+        self._ping(conn)
+
+    def _on_disconnect(self, conn: Conn, sock: zmq.Socket[bytes]) -> None:
+        monitor = conn.monitor
+        if conn.sock is not sock or monitor is None:
+            return
+        events = 0
+        with contextlib.suppress(zmq.Again):
+            while True:
+                monitor.recv_multipart(zmq.NOBLOCK)
+                events += 1
+        if events and (conn.backend is not None or conn.inflight):
+            self._dead(conn, time.monotonic(), "its connection closed")
+
+    def _close(self, conn: Conn) -> None:
+        self._unbalance(conn)
+        if conn.monitor is not None:
+            self.forget(conn.monitor)
+            if conn.sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    conn.sock.disable_monitor()
+            conn.monitor.close(0)
+            conn.monitor = None
+        if conn.sock is not None:
+            self.by_sock.pop(conn.sock, None)
+            self.close_socket(conn.sock)
+            conn.sock = None
+        if conn.gone:
+            self.conns.pop(conn.key, None)
+
+    def _unbalance(self, conn: Conn) -> None:
+        if conn.backend is not None:
+            self.balancer.remove(conn.key)
+            conn.backend = None
+
+    def _alive(self, conn: Conn, now: float) -> None:
+        """*conn* answered: into the balancer (slow start unless it is there from the start)."""
+        if conn.gone or conn.backend is not None:
+            return
+        warm = now - self.started > 1.0
+        conn.backend = self.balancer.add(conn.key, conn.weight, conn, warm=warm)
+        self.log(f"instance {conn.key} is live")
+        self._fill()
+
+    def _ping(self, conn: Conn) -> None:
+        self.ping_seq += 1
+        if conn.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                conn.sock.send_multipart(p.ping(self.ping_seq), zmq.NOBLOCK)
+
+    def _heartbeats(self) -> None:
+        now = time.monotonic()
+        limit = 3 * self.heartbeat
+        for conn in list(self.conns.values()):
+            if conn.backend is not None and now - conn.last_seen > limit:
+                self._dead(conn, now)
+            elif conn.inflight and now - max(conn.last_seen, conn.since) > limit:
+                self._dead(conn, now)  # drained (gone) instance that stopped answering
+            elif conn.sock is not None:
+                self._ping(conn)
+
+    def _dead(self, conn: Conn, now: float, why: str = "it stopped answering") -> None:
+        """*conn* is dead: retry its requests elsewhere and probe it afresh."""
+        self.warn(f"warning: instance {conn.key} dropped: {why}")
+        self.summary.dropped_instances += 1
+        conn.deaths += 1
+        self._unbalance(conn)
+        requests = list(conn.inflight.values())
+        conn.inflight.clear()
+        gone = conn.gone
+        self._close(conn)
+        if not gone:
+            self._open(conn)  # a fresh socket: nothing queued for the dead one is ever sent
+        for req in requests:
+            self._attempt_failed(req, "its instance died", now)
+        self._fill()
+
+    # -- input --------------------------------------------------------------------------------
+    def feed(self, items: Iterable[bytes]) -> None:
+        """Requests from *items* (one body each), e.g. the command line's arguments."""
+        self.source = iter(items)
+
+    def feed_fd(self, fd: int) -> None:
+        """Requests from the lines read from *fd* (newlines removed)."""
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.watch(fd, "input", self._read_input)
+
+    def _read_input(self) -> None:
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self.eof = True
+            self.forget(self.fd)
+            if self.partial:
+                self.lines.append(self.partial)
+                self.partial = b""
+        else:
+            parts = (self.partial + data).split(b"\n")
+            self.partial = parts.pop()
+            self.lines.extend(parts)
+        if len(self.lines) >= self.window or self.eof:
+            self.forget(self.fd)  # enough read ahead: read on when they are sent
+        self._fill()
+
+    def _next_body(self) -> bytes | None:
+        if self.lines:
+            return self.lines.popleft()
+        if self.source is not None:
+            item = next(self.source, None)
+            if item is None:
+                self.source = None
+                self.eof = True
+            return item
+        if self.fd >= 0 and not self.eof:
+            self.watch(self.fd, "input", self._read_input)
+        return None
+
+    # -- sending --------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        """Send while the window has room: retries first, then new input."""
+        if not self.balancer:
+            return
+        now = time.monotonic()
+        if self.holding:
+            # at the start, give every known instance a moment to answer its first ping,
+            # so the first requests do not all go to the quickest one
+            if now < self.hold_until and any(c.backend is None for c in self.conns.values()):
+                return
+            self.holding = False
+        pending = self.pending
+        window = self.window
+        waiting = self.waiting
+        while len(pending) < window:
+            if waiting:
+                req = waiting.popleft()
+            else:
+                if self.next_seq - self.next_out > REORDER_LIMIT and not self.unordered:
+                    return
+                body = self._next_body()
+                if body is None:
+                    return
+                seq = self.next_seq
+                self.next_seq = seq + 1
+                req = Request(seq, self.prefix + b"%d" % seq, body)
+                req.first = now
+                if len(body) > self.max_request:
+                    size, limit = len(body), self.max_request
+                    self._fail(req, f"request too large ({size} bytes; the limit is {limit})")
+                    continue
+            if not self._send(req, now):
+                waiting.appendleft(req)
+                return
+        self._emit()
+
+    def _send(self, req: Request, now: float) -> bool:
+        backend = self.balancer.pick(req.tried or ())
+        if backend is None:
+            return False
+        conn: Conn = backend.data
+        sock = conn.sock
+        assert sock is not None
+        try:
+            send_request(sock, req.rid, self.timeout_ms, req.body)
+        except zmq.ZMQError:
+            return False
+        self.balancer.started(backend)
+        req.conn = conn
+        req.attempt += 1
+        conn.inflight[req.rid] = req
+        self.pending[req.rid] = req
+        self.deadlines.append((now + self.timeout, req, req.attempt))
+        self.summary.sent += 1
+        return True
+
+    # -- replies -------------------------------------------------------------------------------
+    def _on_replies(self, conn: Conn, sock: zmq.Socket[bytes]) -> None:
+        if conn.sock is not sock:  # a socket closed since the poll
+            return
+        now = time.monotonic()
+        conn.last_seen = now
+        pending = self.pending
+        inflight = conn.inflight
+        balancer = self.balancer
+        backend = conn.backend
+        buf = self._buf
+        unordered = self.unordered
+        latencies = self.latencies
+        recv = p.recv
+        for _ in range(1000):
+            try:
+                frames = recv(sock)
+            except zmq.Again:
+                break
+            if len(frames) == 5 and frames[1] == p.REPLY:
+                try:
+                    rid, status, body = p.parse_reply(frames, 0, self.max_request)
+                except p.ProtocolError as exc:
+                    self.dropped("reply", exc)
+                    continue
+                req = pending.get(rid)
+                if req is None:
+                    self.summary.late += 1
+                    continue
+                if status != p.OK and req.stale and conn in req.stale:
+                    req.stale.remove(conn)  # the late answer of an attempt that timed out
+                    continue
+                if req.conn is conn:
+                    del inflight[rid]
+                    if status == p.BUSY:
+                        if backend is not None:
+                            balancer.released(backend)
+                        self._busy(req, now)
+                        continue
+                    if backend is not None:
+                        balancer.finished(backend, True)
+                elif status != p.OK:
+                    continue  # an earlier attempt failed after all: the current one goes on
+                else:  # an earlier attempt answered first: take it, cancel the current one
+                    self._cancel_current(req)
+                del pending[rid]
+                latencies.append(now - req.first)
+                if status == p.OK:
+                    self.summary.ok += 1
+                    if unordered:
+                        buf.append(body)
+                        buf.append(b"\n")
+                    elif req.seq == self.next_out:
+                        buf.append(body)
+                        buf.append(b"\n")
+                        self.next_out += 1
+                        if self.held:
+                            self._release_held()
+                    else:
+                        self.held[req.seq] = body
+                else:
+                    self._fail(req, body.decode(errors="replace"))
+            else:
+                self._control(conn, frames, now)
+        if backend is None and conn.backend is None and conn.sock is sock and not conn.gone:
+            self._alive(conn, now)
+        if conn.gone and not conn.inflight:
+            self._close(conn)
+        self._fill()
+        self._emit()
+
+    def _control(self, conn: Conn, frames: list[bytes], now: float) -> None:
+        try:
+            msg = p.parse(frames, 0, self.max_request)
+        except p.ProtocolError as exc:
+            self.dropped("message", exc)
+            return
+        if msg.kind != p.PONG:
+            self.dropped("message", p.ProtocolError(f"unexpected {msg.kind.decode()}"))
+
+    def _cancel_current(self, req: Request) -> None:
+        conn = req.conn
+        if conn is not None:
+            conn.inflight.pop(req.rid, None)
+            if conn.backend is not None:
+                self.balancer.released(conn.backend)
+        req.conn = None
+
+    def _busy(self, req: Request, now: float) -> None:
+        """Try elsewhere, within the request's overall time; not a failure of the instance."""
+        self.summary.busy += 1
+        del self.pending[req.rid]
+        req.busy += 1
+        conn = req.conn
+        req.conn = None
+        if now - req.first > self.timeout * (self.retries + 1):
+            self._fail(req, "every instance is busy")
+            return
+        if conn is not None:
+            req.tried = (req.tried or set()) | {conn.key}
+            if len(req.tried) >= len(self.balancer):
+                # every instance is full: wait a little (longer each time) before trying again
+                req.tried = None
+                self.delayed.append((now + min(0.2, 0.005 * 2**req.busy), req))
+                return
+        self.waiting.append(req)
+
+    def _attempt_failed(self, req: Request, why: str, now: float) -> None:
+        """The current attempt of *req* timed out or its instance died: retry or fail."""
+        self.pending.pop(req.rid, None)
+        conn = req.conn
+        req.conn = None
+        req.tries += 1
+        if req.tries > self.retries:
+            if why == "timed out":
+                self.summary.timed_out += 1
+            attempts = req.tries
+            self._fail(req, f"{why} ({attempts} attempt{'s' if attempts > 1 else ''})")
+            return
+        self.summary.retried += 1
+        if conn is not None:
+            req.tried = (req.tried or set()) | {conn.key}
+        self.waiting.appendleft(req)
+
+    def _fail(self, req: Request, reason: str) -> None:
+        self.summary.failed += 1
+        self.failed_cb(req.seq, req.body, reason)
+        if self.unordered:
+            return
+        if req.seq == self.next_out:
+            self.next_out += 1
+            self._release_held()
+        else:
+            self.held[req.seq] = None
+
+    def _release_held(self) -> None:
+        held, buf = self.held, self._buf
+        while self.next_out in held:
+            body = held.pop(self.next_out)
+            if body is not None:
+                buf.append(body)
+                buf.append(b"\n")
+            self.next_out += 1
+
+    def _emit(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            self.out(data)
+
+    # -- deadlines ------------------------------------------------------------------------------
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        deadlines = self.deadlines
+        expired = False
+        while deadlines and deadlines[0][0] <= now:
+            _, req, attempt = deadlines.popleft()
+            if req.attempt != attempt or req.rid not in self.pending or req.conn is None:
+                continue  # answered, or already retried
+            conn = req.conn
+            conn.inflight.pop(req.rid, None)
+            req.stale = [*req.stale, conn] if req.stale else [conn]
+            if conn.backend is not None:
+                self.balancer.finished(conn.backend, False)
+            self._attempt_failed(req, "timed out", now)
+            expired = True
+        if self.delayed:
+            due = [d for d in self.delayed if d[0] <= now]
+            if due:
+                self.delayed = [d for d in self.delayed if d[0] > now]
+                self.waiting.extend(req for _, req in due)
+                expired = True
+        if not self.balancer:
+            if self.empty_since is None:
+                self.empty_since = now
+            elif now - self.empty_since > self.timeout:
+                # no live instance for a whole timeout: fail what waits rather than wait forever
+                self.waiting.extend(req for _, req in self.delayed)
+                self.delayed.clear()
+                while self.waiting:
+                    self._fail(self.waiting.popleft(), "no live instance")
+                while (body := self._next_body()) is not None:
+                    seq = self.next_seq
+                    self.next_seq += 1
+                    self._fail(Request(seq, self.prefix + b"%d" % seq, body), "no live instance")
+        else:
+            self.empty_since = None
+        if expired:
+            self._fill()
+        self._emit()
+
+    # -- running ----------------------------------------------------------------------------------
+    def done(self) -> bool:
+        return (
+            self.eof
+            and not self.lines
+            and not self.pending
+            and not self.waiting
+            and not self.delayed
+            and self.source is None
+        )
+
+    def run(self) -> Summary:
+        """Send every request and wait for every answer (or failure); the summary."""
+        self.every(self.heartbeat, "heartbeats", self._heartbeats, first=self.heartbeat)
+        self.every(min(0.05, self.timeout / 4), "deadlines", self._check_deadlines)
+        self.after(self.hold_until - time.monotonic(), "start", self._fill)
+        if self.source is not None and self.fd < 0:
+            self.eof = False
+        try:
+            self.serve(until=self.done)
+        finally:
+            if self.fd >= 0:  # a terminal or a pipe shared with others: leave it as it was
+                with contextlib.suppress(OSError):
+                    os.set_blocking(self.fd, True)
+        self._emit()
+        return self.summary
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.gone = True
+            self._close(conn)
+        super().close()
+
+    def percentile(self, q: float) -> float:
+        """The *q* quantile (0..1) of recent request latencies, in milliseconds."""
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else 0.0
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in vars(self.summary).items() if k != "picks"},
+            "latency_ms": {"p50": self.percentile(0.5), "p99": self.percentile(0.99)},
+            "instances": self.balancer.snapshot(),
+        }
+
+
+def lookup_endpoints(
+    service: str, access: Any, *, via: bool = False
+) -> tuple[Any, list[tuple[str, int]]]:
+    """A :class:`~.presence.Finder` of *service*'s workers (brokers with *via*) and the
+    instances it finds now; :class:`~eda.core.errors.NotFoundError` when there is none."""
+    from .presence import Finder
+
+    role = "broker" if via else "worker"
+    finder = Finder(service, access, lambda i: i.meta.get("role") == role)
+    found = finder.once()
+    if not found:
+        what = "broker" if via else "worker"
+        raise NotFoundError(f"no passing {what} of service {service!r} found")
+    return finder, [(endpoint_of(i), i.weight) for i in found]

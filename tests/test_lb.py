@@ -1,0 +1,672 @@
+"""eda-lb request/reply: workers, callers, failover, hostile input (in-process where possible)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from eda.core.lb import protocol as p
+from eda.core.lb.caller import Caller, Summary
+from eda.core.lb.worker import Worker
+from tests.helpers import Proc, Procs, wait_until
+
+LB = [sys.executable, "-m", "eda.cli.lb"]
+# a persistent worker command that says who answered: "NAME LINE"
+TAGGED = 'while read -r l; do echo "{name} $l"; done'
+
+
+class Served:
+    """A Worker serving in a thread of the test process."""
+
+    def __init__(self, argv: list[str], **kw: Any) -> None:
+        self.worker = Worker("svc", argv, **kw)
+        self.endpoint = self.worker.start("tcp://127.0.0.1:*")
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.serve(until=self._stop.is_set)
+        finally:
+            self.worker.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    started: list[Served] = []
+
+    def start(argv: list[str], **kw: Any) -> Served:
+        served = Served(argv, **kw)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def call(
+    endpoints: list[str] | list[tuple[str, int]],
+    bodies: list[bytes],
+    all_live: bool = False,
+    **kw: Any,
+) -> tuple[bytes, list[tuple[int, bytes, str]], Summary, Caller]:
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    kw.setdefault("timeout", 5.0)
+    kw.setdefault("heartbeat", 0.3)
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), **kw)
+    try:
+        caller.use(e if isinstance(e, tuple) else (e, 1) for e in endpoints)
+        if all_live:  # every instance answered its first ping: shares start even
+            deadline = time.monotonic() + 10
+            caller.serve(
+                lambda: len(caller.balancer) == len(endpoints) or time.monotonic() > deadline
+            )
+        caller.feed(bodies)
+        summary = caller.run()
+    finally:
+        caller.close()
+    return b"".join(out), failed, summary, caller
+
+
+def idle(*served: Served) -> None:
+    """Every request answered: no slot left taken, nothing queued, no command running."""
+    for one in served:
+        w = one.worker
+        wait_until(lambda w=w: (w.inflight, len(w.queue), len(w.runs)) == (0, 0, 0), 5, "idle")
+        assert all(not proc.jobs for proc in w.procs)
+
+
+def persistent(name: str) -> list[str]:
+    return ["sh", "-c", TAGGED.format(name=name)]
+
+
+def lb(procs: Procs, *args: str, **kw: Any) -> Proc:
+    return procs.start([*LB, *args], **kw)
+
+
+def worker_proc(procs: Procs, port: int, *args: str) -> Proc:
+    proc = lb(procs, "worker", "svc", "--no-mdns", "--bind", f"tcp://127.0.0.1:{port}", *args)
+    proc.wait_stderr("serving svc", 15)
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- balancing and order ---------------------------------------------------------------------
+def test_round_robin_over_three_workers_keeps_input_order(serve: Any) -> None:
+    workers = [serve(persistent(n), persistent=True) for n in "abc"]
+    bodies = [b"%d" % i for i in range(300)]
+    out, failed, summary, _ = call(
+        [w.endpoint for w in workers], bodies, window=20, all_live=True, slow_start=0
+    )
+    lines = out.decode().splitlines()
+    assert [line.split()[1] for line in lines] == [b.decode() for b in bodies]
+    shares = Counter(line.split()[0] for line in lines)
+    assert set(shares) == set("abc") and max(shares.values()) - min(shares.values()) <= 2, shares
+    assert not failed and summary.ok == 300 and summary.retried == 0
+    idle(*workers)
+
+
+def test_weighted_share_follows_weights(serve: Any) -> None:
+    light, heavy = (
+        serve(persistent("light"), persistent=True),
+        serve(persistent("heavy"), persistent=True),
+    )
+    bodies = [b"x"] * 2000
+    out, failed, _, _ = call(
+        [(light.endpoint, 1), (heavy.endpoint, 3)], bodies, strategy="weighted", window=50,
+        all_live=True, slow_start=0,
+    )  # fmt: skip
+    shares = Counter(line.split()[0] for line in out.decode().splitlines())
+    assert not failed
+    assert abs(shares["heavy"] - 1500) <= 75 and abs(shares["light"] - 500) <= 25, shares
+
+
+@pytest.mark.parametrize("strategy", ["least-conn", "random", "p2c"])
+def test_every_strategy_uses_every_worker(serve: Any, strategy: str) -> None:
+    workers = [serve(persistent(n), persistent=True) for n in "ab"]
+    out, failed, _, _ = call(
+        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True, slow_start=0
+    )
+    shares = Counter(line.split()[0] for line in out.decode().splitlines())
+    assert not failed and sum(shares.values()) == 400
+    # random spreads evenly; least-conn and p2c follow load: the quicker worker gets more
+    assert min(shares["a"], shares["b"]) > (100 if strategy == "random" else 20), shares
+
+
+def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve: Any) -> None:
+    # each command sleeps a different time: replies finish out of order
+    script = 'read -r l; sleep "0.0$(( l % 7 ))"; echo "$l $EDA_REQUEST_ID"'
+    worker = serve(["sh", "-c", script], concurrency=8)
+    bodies = [b"%d" % i for i in range(40)]
+    out, failed, _, caller = call([worker.endpoint], bodies, window=16)
+    assert not failed
+    lines = out.decode().splitlines()
+    assert [line.split()[0] for line in lines] == [b.decode() for b in bodies]
+    rids = [line.split()[1] for line in lines]
+    assert len(set(rids)) == 40 and all(r.startswith(caller.prefix.decode()) for r in rids)
+    # unordered: the first request takes much longer than the seven after it
+    slow_first = serve(["sh", "-c", 'read -r l; [ "$l" = 0 ] && sleep 1; echo "$l"'], concurrency=8)
+    unordered, failed, _, _ = call(
+        [slow_first.endpoint], [b"%d" % i for i in range(8)], window=8, unordered=True
+    )
+    got = unordered.decode().split()
+    assert not failed and sorted(got) == [str(i) for i in range(8)]
+    assert got[-1] == "0"  # printed as they came: the slow one last
+
+
+def test_an_instance_left_out_of_two_lookups_in_a_row_is_drained(serve: Any) -> None:
+    a, b = serve(persistent("a"), persistent=True), serve(persistent("b"), persistent=True)
+    out: list[bytes] = []
+    caller = Caller(out=out.append, failed=lambda *f: None, heartbeat=0.3)
+    try:
+        caller.use([(a.endpoint, 1), (b.endpoint, 1)])
+        deadline = time.monotonic() + 10
+        caller.serve(until=lambda: len(caller.balancer) == 2 or time.monotonic() > deadline)
+        assert len(caller.balancer) == 2
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint in caller.balancer  # one lookup may miss it (a lost mDNS answer)
+        caller.use([(a.endpoint, 1)])
+        assert b.endpoint not in caller.balancer and b.endpoint not in caller.conns
+        caller.feed([b"1", b"2", b"3"])
+        caller.run()
+    finally:
+        caller.close()
+    assert b"".join(out) == b"a 1\na 2\na 3\n"
+
+
+# -- what commands do wrong ----------------------------------------------------------------------
+def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) -> None:
+    script = (
+        'read -r l; case "$l" in bad) echo "first" >&2; echo "it broke" >&2; exit 3;; '
+        'crash) kill -9 $$;; quiet) ;; *) echo "ok $l";; esac'
+    )
+    worker = serve(["sh", "-c", script], concurrency=4, max_request=100)
+    bodies = [b"a", b"bad", b"quiet", b"crash", b"x" * 150, b"b"]
+    out, failed, summary, _ = call([worker.endpoint], bodies, retries=0)
+    assert out == b"ok a\n\nok b\n"  # 'quiet' printed nothing: an empty reply
+    reasons = {seq: (line, reason) for seq, line, reason in failed}
+    assert reasons[1] == (b"bad", "exit 3: it broke")
+    assert reasons[3] == (b"crash", "killed by signal 9")
+    assert reasons[4][1].startswith("request too large (150 bytes")  # the worker's limit
+    assert summary.failed == 3 and summary.ok == 3
+    idle(worker)
+    # the caller's own limit: refused before sending
+    out, failed, _, _ = call([worker.endpoint], [b"y" * 300, b"c"], max_request=200)
+    assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
+
+
+def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
+    serve: Any, tmp_path: Path
+) -> None:
+    marker = tmp_path / "runs"
+    script = f'read -r l; echo "$EDA_REQUEST_ID" >> {marker}; exec sleep 30'
+    worker = serve(["sh", "-c", script], concurrency=2)
+    started = time.monotonic()
+    out, failed, summary, _ = call([worker.endpoint], [b"slow"], timeout=1.0, retries=1)
+    assert out == b"" and len(failed) == 1
+    assert failed[0][2] == "timed out (2 attempts)" and summary.timed_out == 1
+    assert time.monotonic() - started < 8
+    wait_until(lambda: len(marker.read_text().split()) == 2, 5, "both attempts to start")
+    runs = marker.read_text().split()
+    assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
+    wait_until(lambda: worker.worker.timeouts >= 2, 5, "both attempts killed")
+    idle(worker)
+
+
+def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
+    serve: Any,
+) -> None:
+    worker = serve(["sh", "-c", "cat > /dev/null"], persistent=True)
+    out, failed, _, _ = call([worker.endpoint], [b"one", b"two"], timeout=0.3, retries=0)
+    assert out == b"" and [f[2] for f in failed] == ["timed out (1 attempt)"] * 2
+    wait_until(lambda: worker.worker.timeouts >= 1, 5, "the worker to time the request out")
+    idle(worker)
+    # with its own --timeout shorter than the caller's, the worker says why: the request
+    # stuck at the head fails, the one behind it is sent back (busy) and tried again
+    capped = serve(["sh", "-c", "cat > /dev/null"], persistent=True, timeout=0.3)
+    out, failed, summary, _ = call([capped.endpoint], [b"one", b"two"], timeout=5, retries=0)
+    assert out == b"" and len(failed) == 2 and summary.busy >= 1
+    assert all(f[2].startswith("timed out: no reply line") and "stdbuf -oL" in f[2] for f in failed)
+    idle(capped)
+    answering = serve(persistent("ok"), persistent=True)
+    out, failed, _, _ = call([answering.endpoint], [b"three"])
+    assert out == b"ok three\n" and not failed
+
+
+def test_retry_goes_to_another_worker_with_the_same_request_id(serve: Any, tmp_path: Path) -> None:
+    stuck_log, good_log = tmp_path / "stuck", tmp_path / "good"
+    stuck = serve(
+        ["sh", "-c", f'cat >/dev/null; echo "$EDA_REQUEST_ID" >> {stuck_log}; exec sleep 30'],
+        concurrency=8,
+    )
+    good = serve(
+        [
+            "sh",
+            "-c",
+            f'cat >/dev/null; echo "$EDA_REQUEST_ID" >> {good_log}; echo "$EDA_REQUEST_ID"',
+        ],
+        concurrency=8,
+    )
+    out, failed, summary, _ = call(
+        [stuck.endpoint, good.endpoint], [b"r%d" % i for i in range(6)], timeout=1.0, retries=2
+    )
+    assert not failed
+    answered = out.decode().split()
+    assert len(answered) == len(set(answered)) == 6  # each answered once
+    wait_until(lambda: len(stuck_log.read_text().split()) == summary.retried, 5, "the log")
+    retried = stuck_log.read_text().split()
+    assert retried
+    assert set(retried) <= set(good_log.read_text().split()) == set(answered)
+
+
+def test_busy_workers_are_retried_elsewhere_without_failing(serve: Any) -> None:
+    slow = ["sh", "-c", 'read -r l; sleep 0.1; echo "$l"']
+    worker = serve(slow, concurrency=1, queue=0)
+    out, failed, summary, _ = call([worker.endpoint], [b"%d" % i for i in range(5)], window=5)
+    assert out == b"0\n1\n2\n3\n4\n" and not failed
+    assert summary.busy > 0  # it was at capacity, answered busy, and the caller came back
+    idle(worker)
+
+
+# -- failover -----------------------------------------------------------------------------------
+def test_kill_9_of_a_worker_under_load_loses_nothing(procs: Procs) -> None:
+    ports = [free_port() for _ in range(3)]
+    workers = [worker_proc(procs, port, "--persistent", "--", "cat") for port in ports]
+    caller = lb(
+        procs, "call", "svc", "-v", "--heartbeat", "0.3", "--timeout", "2",
+        *[a for port in ports for a in ("--connect", f"tcp://127.0.0.1:{port}")],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    stdin = caller.popen.stdin
+    assert stdin is not None
+    sent = 0
+
+    def feed(count: int) -> None:
+        nonlocal sent
+        stdin.write(b"".join(b"line %d\n" % i for i in range(sent, sent + count)))
+        stdin.flush()
+        sent += count
+
+    for _ in range(5):
+        feed(200)
+    caller.wait_lines(500)
+    workers[0].signal(signal.SIGKILL)  # kill -9, mid-stream
+    for _ in range(5):
+        feed(200)
+        time.sleep(0.02)  # a steady stream, not one burst
+    caller.wait_stderr("dropped", 5)
+    feed(500)
+    stdin.close()
+    assert caller.wait(20) == 0, caller.stderr
+    assert caller.lines() == [f"line {i}" for i in range(sent)]
+    assert "failed:" not in caller.stderr and " 0 failed" in caller.stderr
+
+
+def test_a_frozen_worker_is_dropped_by_heartbeats_and_its_requests_retried(
+    procs: Procs,
+) -> None:
+    ports = [free_port() for _ in range(2)]
+    frozen, _ = (
+        worker_proc(procs, port, "--persistent", "--", "sh", "-c", TAGGED.format(name=name))
+        for port, name in zip(ports, ("frozen", "alive"), strict=True)
+    )
+    caller = lb(
+        procs, "call", "svc", "--heartbeat", "0.2", "--timeout", "10",
+        *[a for port in ports for a in ("--connect", f"tcp://127.0.0.1:{port}")],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    stdin = caller.popen.stdin
+    assert stdin is not None
+    stdin.write(b"".join(b"%d\n" % i for i in range(10)))
+    stdin.flush()
+    assert {line.split()[0] for line in caller.wait_lines(10)} == {"frozen", "alive"}
+    frozen.signal(signal.SIGSTOP)  # its connection stays open: only heartbeats can tell
+    try:
+        started = time.monotonic()
+        stdin.write(b"".join(b"%d\n" % i for i in range(10, 30)))
+        stdin.close()
+        assert caller.wait(10) == 0, caller.stderr
+        took = time.monotonic() - started
+    finally:
+        frozen.signal(signal.SIGCONT)
+    assert "dropped: it stopped answering" in caller.stderr
+    lines = caller.lines()
+    assert [line.split()[1] for line in lines] == [str(i) for i in range(30)]
+    assert all(line.startswith("alive") for line in lines[10:])
+    assert took < 6  # retried once dropped (~3 heartbeats of 0.2 s), not after the 10 s timeout
+
+
+# -- the wire: stats, ping, hostile peers -------------------------------------------------------
+def dealer(endpoint: str) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def answer(sock: zmq.Socket[bytes], timeout: float = 5.0) -> p.Message:
+    assert sock.poll(int(timeout * 1000)), "no answer"
+    return p.parse(sock.recv_multipart())
+
+
+def test_ping_and_stats_are_answered(serve: Any) -> None:
+    worker = serve(persistent("s"), persistent=True, concurrency=2)
+    call([worker.endpoint], [b"1", b"2", b"3"])
+    sock = dealer(worker.endpoint)
+    try:
+        sock.send_multipart(p.ping(7))
+        pong = answer(sock)
+        assert pong.kind == p.PONG and pong.seq == 7
+        assert pong.data == {"inflight": 0, "concurrency": 2, "queued": 0}
+        sock.send_multipart(p.stats_query())
+        stats = answer(sock)
+        assert stats.kind == p.STATS and stats.data is not None
+        assert stats.data["requests"] == 3 and stats.data["errors"] == 0
+        assert stats.data["latency_ms"]["p50"] > 0 and stats.data["role"] == "worker"
+    finally:
+        sock.close()
+
+
+HOSTILE: list[list[bytes]] = [
+    [b"garbage"],
+    [b"EDALB1"],
+    [b"EDALB1", b"Q"],
+    [b"EDALB1", b"Q", b"r", b"0"],
+    [b"EDALB1", b"Q", b"\x00bad", b"0", b"x"],
+    [b"EDALB1", b"Q", b"r", b"-5", b"x"],
+    [b"EDALB1", b"Q", b"r" * 100, b"0", b"x"],
+    [b"EDALB1", b"R", b"r", b"ok", b"x"],
+    [b"EDALB1", b"W", b"{}"],
+    [b"EDALB1", b"H"],
+    [b"EDALB1", b"P", b"nan"],
+    [b"EDALB2", b"P", b"1"],
+    [b"", b"EDALB1", b"P", b"1"],
+    [b"\xff" * 10] * 20,
+]
+
+
+def test_hostile_frames_are_dropped_and_the_worker_keeps_serving(serve: Any) -> None:
+    worker = serve(persistent("w"), persistent=True, max_request=1000)
+    attacker = dealer(worker.endpoint)
+    flood = dealer(worker.endpoint)
+    try:
+        for frames in HOSTILE:
+            attacker.send_multipart(frames)
+        flood.send_multipart([b"x" * 100_000])  # far over the message limit: its connection goes
+        out, failed, _, _ = call([worker.endpoint], [b"%d" % i for i in range(20)])
+        assert out.decode().split("\n")[:-1] == [f"w {i}" for i in range(20)] and not failed
+        wait_until(lambda: worker.worker.malformed >= len(HOSTILE) - 1, 5, "malformed counted")
+        assert worker.worker.failures == 0
+        assert not attacker.poll(200)  # nothing is answered to garbage
+    finally:
+        attacker.close()
+        flood.close()
+
+
+def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
+    """Garbage, replies to requests never made and duplicates: counted, ignored."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                for junk in ([b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"]):
+                    router.send_multipart([ident, *junk])
+                router.send_multipart([ident, *p.reply(b"never-asked.1", p.OK, b"forged")])
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"got " + msg.body)])
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"again " + msg.body)])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        out, failed, summary, caller = call([f"tcp://127.0.0.1:{port}"], [b"a", b"b", b"c"])
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
+    assert out == b"got a\ngot b\ngot c\n" and not failed
+    assert caller.malformed >= 9 and summary.late >= 6  # forged and duplicate replies
+
+
+# -- brokers, seen from the worker ---------------------------------------------------------------
+def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) -> None:
+    backend: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    backend.setsockopt(zmq.LINGER, 0)
+    port = backend.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        worker = serve(
+            persistent("b"), persistent=True, heartbeat=0.3, concurrency=3, weight=2,
+            find_brokers=lambda: [f"tcp://127.0.0.1:{port}"],
+        )  # fmt: skip
+
+        def message(timeout: float = 5.0) -> tuple[bytes, p.Message]:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if backend.poll(100):
+                    ident, *frames = backend.recv_multipart()
+                    msg = p.parse(frames)
+                    if msg.kind != p.HEARTBEAT:
+                        return ident, msg
+            raise AssertionError("no message from the worker")
+
+        ident, ready = message()
+        assert ready.kind == p.READY and ready.data is not None
+        assert ready.data["service"] == "svc" and ready.data["concurrency"] == 3
+        assert ready.data["weight"] == 2
+        backend.send_multipart([ident, *p.heartbeat()])
+        backend.send_multipart([ident, *p.request(b"via.1", 1000, b"hello")])
+        _, reply = message()
+        assert (reply.kind, reply.rid, reply.status, reply.body) == (
+            p.REPLY,
+            b"via.1",
+            p.OK,
+            b"b hello",
+        )
+        # no heartbeat from the broker for 3 intervals: the worker reconnects and says W again
+        started = time.monotonic()
+        ident2, again = message(5)
+        assert again.kind == p.READY and time.monotonic() - started >= 0.6
+        backend.send_multipart([ident2, *p.disconnect()])  # a broker's goodbye: back later
+        ident3, third = message(5)
+        assert third.kind == p.READY
+        link = worker.worker.brokers[f"tcp://127.0.0.1:{port}"]
+        linked = link.sock
+        backend.send_multipart([ident3, *p.heartbeat()])
+        # the broker restarts on the same port: ZeroMQ reconnects, the worker says W at once
+        backend.close()
+        backend = zmq.Context.instance().socket(zmq.ROUTER)
+        backend.setsockopt(zmq.LINGER, 0)
+
+        def rebound() -> bool:
+            try:
+                backend.bind(f"tcp://127.0.0.1:{port}")
+            except zmq.ZMQError:  # the old listener is released by ZeroMQ's I/O thread
+                return False
+            return True
+
+        wait_until(rebound, 5, "the port to be free again")
+        _, fourth = message(5)
+        assert fourth.kind == p.READY
+        assert link.sock is linked  # the same connection, not a reconnect after silence
+    finally:
+        backend.close()
+
+
+# -- the command line: registration, discovery, exit statuses -----------------------------------
+def test_cli_worker_found_by_mdns_and_gone_after_sigterm(procs: Procs) -> None:
+    worker = lb(procs, "worker", "upper", "-v", "--serverless", "--", "tr", "a-z", "A-Z")
+    worker.wait_stderr("serving upper", 20)
+    result = subprocess.run(
+        [*LB, "call", "upper", "--serverless", "hello", "world"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"HELLO\nWORLD\n"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    gone = subprocess.run(
+        [*LB, "call", "upper", "--serverless", "hello"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert gone.returncode == 3 and b"no passing worker" in gone.stderr
+
+
+def test_a_worker_announced_by_mdns_moves_to_a_registry_that_appears(procs: Procs) -> None:
+    worker = lb(procs, "worker", "svc", "-v", "--", "cat")
+    worker.wait_stderr(r"serving svc on \S+ \(announced by mDNS\)", 20)
+    registry = procs.start(
+        [sys.executable, "-m", "eda.cli.registry", "serve", "-v", "--bind", "tcp://127.0.0.1:*",
+         "--tick", "0.1"],
+    )  # fmt: skip
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    worker.wait_stderr("moved to registry", 20)
+    reg = ["--no-mdns", "--registry", endpoint]
+    found = subprocess.run([*LB, "call", "svc", *reg, "hi"], capture_output=True, timeout=30)
+    assert (found.returncode, found.stdout) == (0, b"hi\n"), found.stderr
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    gone = subprocess.run([*LB, "call", "svc", *reg, "hi"], capture_output=True, timeout=30)
+    assert gone.returncode == 3  # deregistered from the registry it moved to
+
+
+def test_sigterm_lets_a_running_request_finish_before_the_worker_exits(
+    procs: Procs, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    port = free_port()
+    script = f'cat >/dev/null; touch {started}; sleep 0.5; echo "done $EDA_REQUEST_ID"'
+    worker = worker_proc(procs, port, "--", "sh", "-c", script)
+    caller = lb(procs, "call", "svc", "--connect", f"tcp://127.0.0.1:{port}", "slow")
+    wait_until(started.exists, 10, "the command to start")
+    worker.signal(signal.SIGTERM)
+    assert caller.wait(10) == 0, caller.stderr
+    assert caller.stdout.startswith("done ")
+    assert worker.wait(10) == 0
+
+
+def test_a_closed_output_pipe_ends_call_quietly(procs: Procs) -> None:
+    port = free_port()
+    worker_proc(procs, port, "--persistent", "--", "cat")
+    call_cmd = " ".join([*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{port}"])
+    script = f'seq 1 1000000 | {call_cmd} | head -n 2; echo "status ${{PIPESTATUS[1]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=30, check=False)
+    assert result.stdout == b"1\n2\nstatus 0\n", result.stderr
+    assert result.stderr == b""
+
+
+def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) -> None:
+    port = free_port()
+    script = 'read -r l; [ "$l" = no ] && { echo "refused $l" >&2; exit 2; }; echo "yes $l"'
+    worker_proc(procs, port, "--concurrency", "2", "--", "sh", "-c", script)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    result = subprocess.run(
+        [*LB, "call", "svc", "--connect", endpoint], input=b"a\nno\nb\n",
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == b"yes a\nyes b\n"
+    err = result.stderr.decode()
+    assert "request 2 failed: exit 2: refused no; input: no" in err
+    assert "1 request(s) failed" in err
+    timeout = subprocess.run(
+        [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"],
+        input=b"lost\n", capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
+
+
+def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve: Any) -> None:
+    registry = procs.start(
+        [sys.executable, "-m", "eda.cli.registry", "serve", "--no-mdns", "--bind",
+         "tcp://127.0.0.1:*"],
+    )  # fmt: skip
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    reg = ["--no-mdns", "--registry", endpoint]
+    first = lb(
+        procs, "worker", "svc", *reg, "--persistent", "--", "sh", "-c", TAGGED.format(name="one")
+    )
+    first.wait_stderr("serving svc", 15)
+    caller = lb(procs, "call", "svc", *reg, "--heartbeat", "0.3", stdin=subprocess.PIPE)
+    stdin = caller.popen.stdin
+    assert stdin is not None
+    stdin.write(b"a\n")
+    stdin.flush()
+    assert caller.wait_lines(1) == ["one a"]
+    second = lb(
+        procs, "worker", "svc", *reg, "--persistent", "--", "sh", "-c", TAGGED.format(name="two")
+    )
+    second.wait_stderr("serving svc", 15)
+    sent = 1
+
+    def two_answered() -> bool:
+        nonlocal sent
+        stdin.write(b"x\n")
+        stdin.flush()
+        sent += 1
+        time.sleep(0.05)
+        return any(line.startswith("two") for line in caller.lines())
+
+    wait_until(two_answered, 10, "the new worker to get requests")
+    stdin.close()
+    assert caller.wait(15) == 0
+    assert len(caller.lines()) == sent
+    lookup = subprocess.run(
+        [sys.executable, "-m", "eda.cli.registry", "lookup", "svc", *reg],
+        capture_output=True, timeout=15, check=False,
+    )  # fmt: skip
+    metas = [json.loads(line)["meta"] for line in lookup.stdout.splitlines()]
+    assert metas and all(m["role"] == "worker" and m["concurrency"] == "1" for m in metas)
+    # --via: the instances registered with role=broker (a broker's frontend speaks as a
+    # worker does: an in-process worker stands in for it here)
+    front = serve(persistent("broker"), persistent=True)
+    registered = procs.start(
+        [sys.executable, "-m", "eda.cli.registry", "register", "-v", "svc", *reg, "--host",
+         "127.0.0.1", "--port", front.endpoint.rsplit(":", 1)[1], "--meta", "role=broker"],
+    )  # fmt: skip
+    registered.wait_stderr("registered svc/", 15)
+    via = subprocess.run(
+        [*LB, "call", "svc", "--via", "svc", *reg, "hi"], capture_output=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert (via.returncode, via.stdout) == (0, b"broker hi\n"), via.stderr
+    direct = subprocess.run(
+        [*LB, "call", "svc", *reg, "a", "b", "c", "d"], capture_output=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert {line.split()[0] for line in direct.stdout.splitlines()} == {b"one", b"two"}
