@@ -353,15 +353,6 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
     )
 
 
-def test_call_steps_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    (tmp_path / "s.toml").write_text(
-        '[[step]]\nname = "a"\nrun = "touch ran"\n[[step]]\nname = "b"\ncall = "pay"\n'
-    )
-    done = txn("saga", "s.toml", cwd=tmp_path)
-    assert done.returncode == 2 and "eda-lb" in done.stderr and "'b'" in done.stderr
-    assert not (tmp_path / "ran").exists()
-
-
 # -- the executor: shell steps ------------------------------------------------------------------
 
 
@@ -1343,3 +1334,89 @@ def test_the_terminal_view_escapes_what_steps_print() -> None:
     assert "\x1b" not in line.plain and "\x07" not in line.plain
     assert line.plain.startswith("01:02:03.456 step-failed")
     assert "a\\x1b[2J try 2 exit 1: \\x1b]0;owned\\x07 (again in 0.5s)" in line.plain
+
+
+# -- call steps through eda-lb -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_call_step_goes_to_an_eda_lb_service_with_one_request_id_per_step(
+    procs: Any, tmp_path: Path
+) -> None:
+    port = _free_port()
+    # the service keeps each request under its id: a retry of the same step would overwrite
+    service = f'cat > {tmp_path}/req.$EDA_REQUEST_ID; echo "{{\\"paid\\": \\"$EDA_REQUEST_ID\\"}}"'
+    worker = procs.start(
+        [sys.executable, "-m", "eda.cli.lb", "worker", "pay", "--no-mdns",
+         "--bind", f"tcp://127.0.0.1:{port}", "--", "sh", "-c", service]
+    )  # fmt: skip
+    worker.wait_stderr("serving pay", 20)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    text = f"""
+[[step]]
+name = "charge"
+call = "pay"
+connect = "{endpoint}"
+compensate = {{ call = "pay", connect = "{endpoint}" }}
+timeout = 10
+[[step]]
+name = "ship"
+run = "cat > ship.in; exit 1"
+"""
+    status, _, seen = run_text(
+        tmp_path, text, {"order": 7}, saga_id="c1", reach=saga.Reach(mdns=False)
+    )
+    assert status == saga.COMPENSATED, seen
+    done = next(e for e in seen if e["event"] == "step-done")
+    assert done["output"] == {"paid": "c1.charge.action.0"}
+    assert json.loads((tmp_path / "req.c1.charge.action.0").read_text()) == {"order": 7}
+    assert json.loads((tmp_path / "ship.in").read_text()) == {
+        "order": 7,
+        "paid": "c1.charge.action.0",
+    }
+    refund = json.loads((tmp_path / "req.c1.charge.compensate.0").read_text())
+    assert refund == {"order": 7, "paid": "c1.charge.action.0"}
+    # no live instance of the service: the try fails once the call times out
+    dead = plan_of(
+        Step("a", Action("call", "pay", 1.0, Retry(1, 0.0), (endpoint,))),
+    )
+    worker.kill()
+    run = saga.start(dead, {}, tmp_path / "log2", cwd=str(tmp_path), reach=saga.Reach(mdns=False))
+    with run:
+        assert run.run() == saga.COMPENSATED
+    assert "no live instance" in run.state.steps["a"].error
+
+
+def test_without_eda_lb_call_steps_are_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eda.core.txn import sagaactions
+
+    plan = sagafile.parse(
+        '[[step]]\nname = "a"\nrun = "true"\n[[step]]\nname = "b"\ncall = "pay"\n'
+    )
+    saga.check_runnable(plan)  # eda-lb is here: fine
+    monkeypatch.setattr(sagaactions, "_caller", lambda: None)
+    with pytest.raises(UsageError, match="step 'b': call steps need eda-lb"):
+        saga.check_runnable(plan)
+
+
+def test_a_call_step_finds_the_service_by_mdns_from_the_cli(procs: Any, tmp_path: Path) -> None:
+    worker = procs.start(
+        [sys.executable, "-m", "eda.cli.lb", "worker", "stock", "--serverless", "--",
+         "sh", "-c", 'jq -c "{reserved: .qty}"']
+    )  # fmt: skip
+    worker.wait_stderr("serving stock", 20)
+    (tmp_path / "s.toml").write_text('[[step]]\nname = "reserve"\ncall = "stock"\ntimeout = 10\n')
+    done = txn("saga", "s.toml", "--serverless", "--data", '{"qty": 3}', "--id", "m1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [started, finished] = [e for e in events(done.stdout) if e.get("step") == "reserve"]
+    assert started["event"] == "step-started"
+    assert finished["event"] == "step-done" and finished["output"] == {"reserved": 3}
