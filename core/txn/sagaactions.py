@@ -1,0 +1,378 @@
+"""What a saga step does: run a shell command, publish an event, call a service.
+
+Each runner takes an :class:`~.sagafile.Action` and an :class:`Invocation`
+(who is asking: saga id, step, attempt, phase; the saga data; the directory)
+and returns a :class:`Result`: ok or not, the JSON object to merge into the
+saga data, the error of a failed try.  A runner never raises for a failed
+try; an exception means the try could not be made at all (the executor then
+stops as after a crash, and a resume tries again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+from .sagafile import Action, Plan
+
+MAX_OUTPUT = 256 << 10  # a step's stdout above this is not merged into the data
+STDERR_TAIL = 4096
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One try of one action: who it is, and the data it gets."""
+
+    saga_id: str
+    step: str
+    attempt: int
+    phase: str  # "action" or "compensate"
+    data: bytes  # the saga data, JSON, newline-terminated
+    cwd: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "EDA_SAGA_ID": self.saga_id,
+            "EDA_STEP": self.step,
+            "EDA_ATTEMPT": str(self.attempt),
+            "EDA_SAGA_PHASE": self.phase,
+        }
+
+
+@dataclass
+class Result:
+    ok: bool
+    output: dict[str, Any] | None = None  # a JSON object to merge into the data
+    error: str = ""
+    note: str = ""
+
+
+Runner = Callable[[Action, Invocation], Result]
+
+
+def _json_object(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object *raw* holds -- all of it, or else its last line (after lines
+    of other text) -- or None, and, if it looked like an object but is not
+    used, why."""
+    text = raw.strip()
+    if not text.startswith(b"{"):
+        last = text.rsplit(b"\n", 1)[-1].strip()
+        if last is text or not last.startswith(b"{"):
+            return None, ""
+        text = last
+    if len(text) > MAX_OUTPUT:
+        return None, f"output of {len(text)} bytes is over {MAX_OUTPUT}: not merged"
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        return None, f"output is not valid JSON ({str(exc)[:80]}): not merged"
+    if not isinstance(value, dict):
+        return None, ""
+    return value, ""
+
+
+class Children:
+    """The process groups of running shell actions, to kill on a timeout or an interrupt."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+        self._closed = False
+
+    def add(self, pid: int) -> None:
+        """Track *pid*'s group; after :meth:`kill_all`, kill it at once."""
+        with self._lock:
+            if not self._closed:
+                self._pids.add(pid)
+                return
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def discard(self, pid: int) -> None:
+        with self._lock:
+            self._pids.discard(pid)
+
+    def kill_all(self) -> None:
+        """Kill every tracked group, and any added from now on."""
+        with self._lock:
+            self._closed = True
+            pids = list(self._pids)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def run_shell(
+    command: str,
+    inv: Invocation,
+    timeout: float | None,
+    *,
+    children: Children | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+    on_spawn: Callable[[], None] | None = None,
+) -> Result:
+    """``sh -c COMMAND`` with the data on stdin; its JSON-object stdout becomes the output."""
+    env = dict(os.environ)
+    env.update(inv.env())
+    proc = subprocess.Popen(
+        ["sh", "-c", command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=inv.cwd or None,
+        env=env,
+        start_new_session=True,  # its own process group: a timeout kills all of it
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = bytearray()
+    overflow = False
+    tail = b""
+    timed_out = False
+    sel = selectors.DefaultSelector()
+    pidfd = -1
+    try:
+        if children is not None:
+            children.add(proc.pid)
+        if on_spawn is not None:  # (the command runs meanwhile)
+            on_spawn()
+        pidfd = os.pidfd_open(proc.pid)
+        pending = memoryview(inv.data)
+        stdin_fd = proc.stdin.fileno()
+        os.set_blocking(stdin_fd, False)
+        sel.register(stdin_fd, selectors.EVENT_WRITE, "in")
+        sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "out")
+        sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "err")
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+        exited = False
+        while True:
+            readers = [k for k in sel.get_map().values() if k.data in ("out", "err")]
+            if not readers:
+                break
+            if exited:  # the shell is gone: take what is buffered, do not wait for its children
+                events = [(k, selectors.EVENT_READ) for k in readers]
+            else:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    timed_out = True
+                    break
+                events = sel.select(left)
+            for key, _ in events:
+                if key.data == "exit":
+                    exited = True
+                    sel.unregister(pidfd)
+                    if "in" in [k.data for k in sel.get_map().values()]:
+                        sel.unregister(stdin_fd)
+                        proc.stdin.close()
+                    for fd in (proc.stdout.fileno(), proc.stderr.fileno()):
+                        with contextlib.suppress(KeyError):
+                            os.set_blocking(fd, False)
+                elif key.data == "in":
+                    try:
+                        pending = pending[os.write(stdin_fd, pending[:65536]) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(stdin_fd)
+                        proc.stdin.close()
+                else:
+                    fd = key.fd
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        chunk = None
+                    if not chunk:
+                        if chunk is not None or exited:
+                            sel.unregister(fd)
+                        continue
+                    if key.data == "out":
+                        if len(out) <= MAX_OUTPUT:
+                            out += chunk
+                        else:
+                            overflow = True
+                    else:
+                        tail = (tail + chunk)[-STDERR_TAIL:]
+                        if on_stderr is not None:
+                            on_stderr(chunk)
+        if timed_out:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        sel.close()
+        if pidfd >= 0:
+            os.close(pidfd)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                f.close()
+        if children is not None:
+            children.discard(proc.pid)
+    if timed_out:
+        return Result(False, error=f"timed out after {timeout:g}s")
+    if code != 0:
+        last = tail.decode(errors="replace").strip().splitlines()
+        why = f"exit {code}" if code > 0 else f"killed by signal {-code}"
+        return Result(False, error=f"{why}: {last[-1][:200]}" if last else why)
+    if overflow:
+        return Result(True, None, note=f"output over {MAX_OUTPUT} bytes: not merged")
+    output, note = _json_object(bytes(out))
+    return Result(True, output, note=note)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How call and publish actions find their peers (the CLI's discovery options)."""
+
+    interface: str | None = None  # an IPv4 address
+    mdns: bool = True
+    registries: tuple[str, ...] = ()
+    serverless: bool = False
+
+
+def run_publish(action: Action, inv: Invocation, reach: Reach) -> Result:
+    """Publish the saga data as one JSON event on the action's topic (eda pub/sub).
+
+    Subscribers are those found by mDNS (unless *mdns* is off) and the
+    action's ``connect`` endpoints; the try fails when one of them does not
+    confirm the event within the timeout (default 5 s).  No subscriber at all
+    is not a failure (nobody asked for the event); the record notes it.
+    The event carries the headers ``sagaid``, ``sagastep`` and ``sagaattempt``.
+    """
+    from .. import codec, discovery
+    from ..pubsub import Publisher
+
+    if not reach.mdns and not action.connect:
+        return Result(False, error="publish needs mDNS or connect = [endpoints] (--no-mdns is on)")
+    limit = action.timeout or 5.0
+    headers = {"sagaid": inv.saga_id, "sagastep": inv.step, "sagaattempt": str(inv.attempt)}
+    pub = Publisher(headers=headers, interface=discovery.resolve_interface(reach.interface))
+    try:
+        started = time.monotonic()
+        for endpoint in action.connect:
+            pub.connect(endpoint, watch=True)
+        expected = pub.connect_subscribers(0.15, action.target) if reach.mdns else set()
+        missing = pub.wait_for(expected, len(action.connect), limit * 0.6)  # the rest: finish
+        unready = pub.unready()
+        body = inv.data.rstrip(b"\n")
+        pub.send(action.target, body, 1, codec.JSON)
+        outcome = pub.finish(max(0.1, limit - (time.monotonic() - started)))
+    finally:
+        pub.close(0.5)
+    problems = [f"subscriber {s} not ready" for s in sorted(missing)]
+    problems += [f"{endpoint} did not answer" for endpoint, _ in unready]
+    problems += [f"subscriber {s} lost it" for s in sorted(outcome.lost)]
+    problems += [f"subscriber {s} did not confirm it" for s in sorted(outcome.unconfirmed)]
+    if problems:
+        return Result(False, error="publish: " + "; ".join(problems)[:300])
+    if not pub.subscribers and not outcome.gone:
+        return Result(True, note="no subscriber was listening")
+    return Result(True)
+
+
+def request_prefix(inv: Invocation) -> bytes:
+    """The request id's prefix: the same for every try of one step's action (or
+    compensation) in one saga, so a service sees the same ``EDA_REQUEST_ID``
+    (the prefix and ``0``) on a retry -- a key to make it idempotent."""
+    key = f"{inv.saga_id}.{inv.step}.{inv.phase}."
+    if len(key) > 62 or not key.isascii():
+        import hashlib
+
+        key = hashlib.sha256(key.encode()).hexdigest()[:40] + "."
+    return key.encode()
+
+
+def _caller() -> Any:
+    """eda-lb's Caller class and lookup, or None in a build without them."""
+    try:
+        from ..lb.caller import Caller, lookup_endpoints
+    except ImportError:
+        return None
+    return Caller, lookup_endpoints
+
+
+def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
+    """One request with the saga data to the eda-lb service *action.target*.
+
+    Its instances are looked up (registry, else mDNS; or the action's
+    ``connect`` endpoints) and balanced over by eda-lb's caller, which
+    retries a request that times out or whose instance dies once on another
+    instance, with the same request id.  The reply is the step's output; an
+    error reply, a timeout or no live instance fails the try.
+    """
+    found = _caller()
+    if found is None:
+        return Result(False, error=CALL_UNAVAILABLE)
+    caller_class, lookup_endpoints = found
+    from ..errors import EdaError
+    from ..registry.access import Access
+
+    replies: list[bytes] = []
+    failures: list[str] = []
+    caller = caller_class(
+        out=replies.append,
+        failed=lambda seq, body, reason: failures.append(reason),
+        timeout=action.timeout or 10.0,
+        retries=1,
+        window=1,
+        interface=reach.interface,
+    )
+    caller.prefix = request_prefix(inv)
+    finder = None
+    try:
+        if action.connect:
+            caller.use([(endpoint, 1) for endpoint in action.connect])
+        else:
+            access = Access(
+                registries=reach.registries,
+                interface=reach.interface,
+                mdns=reach.mdns,
+                serverless=reach.serverless,
+            )
+            finder, instances = lookup_endpoints(action.target, access)
+            caller.use(instances)
+        caller.feed([inv.data.rstrip(b"\n")])
+        caller.run()
+    except EdaError as exc:  # no instance, no registry
+        return Result(False, error=f"call {action.target}: {exc}")
+    finally:
+        if finder is not None:
+            finder.close()
+        caller.close()
+    if failures:
+        return Result(False, error=f"call {action.target}: {failures[0]}"[:300])
+    output, note = _json_object(b"".join(replies))
+    return Result(True, output, note=note)
+
+
+CALL_UNAVAILABLE = (
+    "call steps need eda-lb's caller (eda.core.lb.caller), which this build does not have yet"
+)
+
+
+def check_runnable(plan: Plan) -> None:
+    """Refuse a plan this build cannot run, before any step runs."""
+    for step in plan.steps:
+        for action in (step.action, step.compensate):
+            if action is not None and action.kind == "call" and _caller() is None:
+                raise UsageError(f"step {step.name!r}: {CALL_UNAVAILABLE}")
