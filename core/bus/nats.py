@@ -820,6 +820,25 @@ class NatsEngine:
             raise NotFoundError(f"no consumer group {group!r}")
         return row
 
+    def refresh(self) -> int:
+        """Take in what other writers (fronts) stored; the new ``durable_seq``.
+
+        One stream info request (short timeout) when nothing of ours is
+        pending, and a read of the new heads only when the stream moved.
+        """
+        self._usable()
+        if self._pending or not self._nc.is_connected:
+            return self._durable
+
+        async def moved() -> None:
+            state = (await self._js.stream_info(self.stream)).state
+            first = self._heads[0].sseq if self._heads else state.first_seq
+            if state.last_seq != self._sseq or (self._heads and state.first_seq > first):
+                await self._catch_up()
+
+        self._run(moved(), min(1.0, self.timeout))
+        return self._durable
+
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
         self._usable()

@@ -1,0 +1,156 @@
+"""eda-bus on NATS JetStream at CLI level, across namespaced hosts.
+
+A 3-node JetStream cluster (three hosts, ``start_node`` of
+tests/test_bus_nats.py), eda-bus fronts on hosts of their own, eda-pub and
+eda-sub on two more hosts, finding a front by mDNS.  Failures: kill -9 of a
+NATS node during a confirmed stream of 200,000 events, kill -9 of a front,
+a partition cutting one node off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Proc, require_tools, wait_until
+from tests.hosts import Host, Network, ip
+from tests.test_bus import _feed
+from tests.test_bus_nats import start_node
+
+ANNOUNCED = r"serving NATS stream \S+ at \S+ on tcp://\S+"
+
+
+@pytest.fixture
+def nodes(network: Network, tmp_path: Path) -> tuple[list[Host], list[str]]:
+    """Three clustered ``nats-server -js`` nodes on hosts n1..n3; their URLs."""
+    require_tools("nats-server", install="nats-server")
+    hosts = [network.add_host(f"n{i}") for i in range(1, 4)]
+    # the test process reaches the nodes through an address on the bridge
+    ip("addr", "add", f"10.231.{network.net}.1/24", "dev", network.bridge)
+    peers = [h.address for h in hosts]
+    procs = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
+    for proc in procs:
+        proc.wait_stderr("Server is ready", 20)
+    return hosts, [f"nats://{a}:4222" for a in peers]
+
+
+def front(host: Host, engine: str, *args: str) -> tuple[Proc, str]:
+    """An eda-bus front on *host* (R3 stream EDA); its endpoint as others reach it."""
+
+    def started() -> tuple[Proc, str] | None:
+        bus = host.eda("eda-bus", "serve", "--engine", engine, "--replicas", "3", "-v", *args)
+        ready = "announced bus" if "--no-mdns" not in args else ANNOUNCED
+        wait_until(lambda: re.search(ready, bus.stderr) or bus.popen.poll() is not None, 40)
+        if bus.popen.poll() is not None:
+            return None  # no JetStream meta leader yet: start again
+        m = re.search(r" on tcp://[^:]+:(\d+) ", bus.stderr)
+        assert m, bus.stderr
+        return bus, f"tcp://{host.address}:{m[1]}"
+
+    return wait_until(started, 60, f"a front on {host.name}")  # type: ignore[no-any-return]
+
+
+async def _leader(urls: list[str]) -> str:
+    import nats
+
+    nc = await nats.connect(servers=urls, connect_timeout=2, allow_reconnect=False)
+    try:
+        info = await nc.jetstream(timeout=5).stream_info("EDA")
+        return str(info.cluster.leader)
+    finally:
+        await nc.close()
+
+
+def leader(hosts: list[Host], urls: list[str]) -> Host:
+    """The host of the node leading stream EDA (node n<i> runs on hosts[i-1])."""
+    name = asyncio.run(_leader(urls))
+    return hosts[int(name[1:]) - 1]
+
+
+def events_of(host: Host, pattern: str, n: int, *args: str, bus: str = "") -> list[str]:
+    """*n* events replayed on *host*, through the bus at *bus* (default: found by mDNS)."""
+    where = [bus] if bus else []
+    got = host.run("eda-sub", "--bus", *where, pattern, "--from-start", "-C", str(n), "-W", "15",
+                   "--raw", *args, timeout=180)  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    return got.stdout.splitlines()
+
+
+def test_200k_confirmed_events_survive_a_killed_node_and_fronts_are_found_by_mdns(
+    network: Network, nodes: tuple[list[Host], list[str]]
+) -> None:
+    hosts, urls = nodes
+    engine = ",".join(urls)
+    f1, f2, pub_host, sub_host = (network.add_host(n) for n in ("f1", "f2", "pub", "sub"))
+    bus1, ep1 = front(f1, engine)
+    probe = pub_host.run("eda-pub", "--bus", "--confirm", "--timeout", "30", "probe.x", "one")
+    assert probe.returncode == 0, probe.stderr  # found f1 by mDNS (and remembered it)
+    bus2, ep2 = front(f2, engine)  # a second front on the same stream
+
+    n = 200_000
+    pub = pub_host.eda("eda-pub", "--bus", "--confirm", "--timeout", "60", "nums",
+                       stdin=subprocess.PIPE)  # fmt: skip
+    _feed(pub, range(1, 50_001))
+    wait_until(lambda: _stored(pub_host, ep1) > 1, 30, "events stored")
+    killed = leader(hosts, urls)
+    killed.kill()  # kill -9 of the stream leader's nats-server, the stream going on
+    _feed(pub, range(50_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(90) == 0, pub.stderr  # every event confirmed, no user action
+
+    # replayed through the other front, which wrote none of them
+    got = events_of(sub_host, "nums", n, bus=ep2)
+    assert sorted(int(x) for x in got) == list(range(1, n + 1))  # each exactly once
+    extra = sub_host.run("eda-sub", "--bus", ep2, "nums", "--from-seq", str(n + 2), "-W", "1")
+    assert extra.returncode == 4 and extra.stdout == ""  # nothing beyond (seq 1 was probe.x)
+
+    # two fronts found by mDNS: kill -9 of the one the publisher uses, the next finds the other
+    bus1.kill()
+    after = pub_host.run("eda-pub", "--bus", "--confirm", "--timeout", "30", "after.x", "two")
+    assert after.returncode == 0, after.stderr
+    assert events_of(sub_host, "after.x", 1) == ["two"]
+    assert bus2.popen.poll() is None
+
+
+def _stored(host: Host, ep: str) -> int:
+    done = host.run("eda-bus", "stats", "--bus", ep, "--json")
+    rows = [json.loads(x) for x in done.stdout.splitlines()]
+    return int(next((r["events"] for r in rows if r.get("kind") == "bus"), 0) or 0)
+
+
+def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
+    network: Network, nodes: tuple[list[Host], list[str]]
+) -> None:
+    hosts, urls = nodes
+    f1, pub_host, sub_host = (network.add_host(n) for n in ("f1", "pub", "sub"))
+    front(f1, ",".join(urls))
+    first = pub_host.run("eda-pub", "--bus", "--confirm", "--timeout", "30", "maj.x",
+                         input="".join(f"{i}\n" for i in range(1, 101)))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    cut = leader(hosts, urls)
+    # on the host to be cut off: a front that reaches only its own node, and a publisher
+    _, ep_min = front(cut, "nats://127.0.0.1:4222", "--no-mdns", "--bind", "tcp://127.0.0.1:0")
+    ep_min = ep_min.replace(cut.address, "127.0.0.1")
+    minority = cut.eda("eda-pub", "--bus", ep_min, "--confirm", "--timeout", "8", "min.x",
+                       stdin=subprocess.PIPE)  # fmt: skip
+    cut.cut()
+    _feed(minority, range(1, 11))
+    assert minority.popen.stdin is not None
+    minority.popen.stdin.close()
+    # the majority side goes on: the two other nodes elect a leader, f1 confirms
+    more = pub_host.run("eda-pub", "--bus", "--confirm", "--timeout", "40", "maj.x",
+                        input="".join(f"{i}\n" for i in range(101, 1001)), timeout=60)  # fmt: skip
+    assert more.returncode == 0, more.stderr
+    assert minority.wait(30) == 4, minority.stderr  # a timeout, never a false confirmation
+    assert "did not confirm 10 event(s)" in minority.stderr
+    cut.reconnect()
+    got = events_of(sub_host, "maj.x", 1000)
+    assert got == [str(i) for i in range(1, 1001)]
+    lone = sub_host.run("eda-sub", "--bus", "min.x", "--from-start", "-W", "3", "--raw")
+    assert lone.stdout.split() in ([], [str(i) for i in range(1, 11)])  # at most once
