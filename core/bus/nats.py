@@ -259,6 +259,10 @@ class NatsEngine:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.2,
                     allow_reconnect=True,
+                    # a server cut off by the network is silent: found dead after two
+                    # unanswered pings (not nats-py's 2 x 120 s), then another is used
+                    ping_interval=max(1, int(self.timeout / 4)),
+                    max_outstanding_pings=2,
                     error_cb=on_error,
                 ),
                 self.timeout,
