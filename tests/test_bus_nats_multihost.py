@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,11 +40,12 @@ def nodes(network: Network, tmp_path: Path) -> tuple[list[Host], list[str]]:
     return hosts, [f"nats://{a}:4222" for a in peers]
 
 
-def front(host: Host, engine: str, *args: str) -> tuple[Proc, str]:
+def front(host: Host, engine: str, *args: str, replicas: bool = True) -> tuple[Proc, str]:
     """An eda-bus front on *host* (R3 stream EDA); its endpoint as others reach it."""
+    three = ["--replicas", "3"] if replicas else []
 
     def started() -> tuple[Proc, str] | None:
-        bus = host.eda("eda-bus", "serve", "--engine", engine, "--replicas", "3", "-v", *args)
+        bus = host.eda("eda-bus", "serve", "--engine", engine, *three, "-v", *args)
         ready = "announced bus" if "--no-mdns" not in args else ANNOUNCED
         wait_until(lambda: re.search(ready, bus.stderr) or bus.popen.poll() is not None, 40)
         if bus.popen.poll() is not None:
@@ -55,20 +57,24 @@ def front(host: Host, engine: str, *args: str) -> tuple[Proc, str]:
     return wait_until(started, 60, f"a front on {host.name}")  # type: ignore[no-any-return]
 
 
-async def _leader(urls: list[str]) -> str:
+async def _info(urls: list[str], stream: str) -> Any:
     import nats
 
     nc = await nats.connect(servers=urls, connect_timeout=2, allow_reconnect=False)
     try:
-        info = await nc.jetstream(timeout=5).stream_info("EDA")
-        return str(info.cluster.leader)
+        return await nc.jetstream(timeout=5).stream_info(stream)
     finally:
         await nc.close()
 
 
+def stream_info(urls: list[str], stream: str = "EDA") -> Any:
+    """JetStream's own view of *stream* (nats-py StreamInfo)."""
+    return asyncio.run(_info(urls, stream))
+
+
 def leader(hosts: list[Host], urls: list[str]) -> Host:
     """The host of the node leading stream EDA (node n<i> runs on hosts[i-1])."""
-    name = asyncio.run(_leader(urls))
+    name = str(stream_info(urls).cluster.leader)
     return hosts[int(name[1:]) - 1]
 
 
@@ -162,3 +168,43 @@ def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
     assert got == [str(i) for i in range(1, 1001)]
     lone = sub_host.run("eda-sub", "--bus", "min.x", "--from-start", "-W", "3", "--raw")
     assert lone.stdout.split() in ([], [str(i) for i in range(1, 11)])  # at most once
+
+
+def test_serve_changes_the_replicas_and_limits_of_an_existing_stream_or_refuses_clearly(
+    network: Network, nodes: tuple[list[Host], list[str]]
+) -> None:
+    urls = nodes[1]
+    engine = ",".join(urls)
+    f1 = network.add_host("f1")
+
+    def serve(*args: str) -> tuple[Proc, str]:
+        return front(f1, engine, "--no-mdns", *args, replicas=False)
+
+    bus, ep = serve("--replicas", "1", "--max-age", "1h", "--stream", "GROW")
+    sent = f1.run("eda-pub", "--bus", ep, "--confirm", "g.x", input="".join(
+        f"{i}\n" for i in range(1, 101)))  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    bus.kill()
+    cfg = stream_info(urls, "GROW").config
+    assert (cfg.num_replicas, cfg.max_age) == (1, 3600)
+    # served again with three copies and other limits: the stream is changed in place
+    bus, ep = serve("--replicas", "3", "--max-age", "2h", "--max-bytes", "1GB", "--stream", "GROW")
+    assert "NATS stream GROW changed: replicas 1 -> 3, max_age 3600.0 -> 7200.0" in bus.stderr
+    cfg = stream_info(urls, "GROW").config
+    assert (cfg.num_replicas, cfg.max_age, cfg.max_bytes) == (3, 7200, 10**9)
+    assert stream_info(urls, "KV_GROW_consumers").config.num_replicas == 3
+    got = f1.run("eda-sub", "--bus", ep, "g.x", "--from-start", "-C", "100", "--raw", "-W", "10")
+    assert got.stdout.split() == [str(i) for i in range(1, 101)], got.stderr
+    bus.kill()
+    # served without them: nothing changes (not back to one copy)
+    bus, _ = serve("--stream", "GROW")
+    assert "changed" not in bus.stderr
+    assert stream_info(urls, "GROW").config.num_replicas == 3
+    bus.kill()
+    # a change JetStream refuses (5 copies on 3 servers): one line, status 2, nothing changed
+    refused = f1.run("eda-bus", "serve", "--engine", engine, "--stream", "GROW",
+                     "--replicas", "5", "--no-mdns", timeout=60)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("eda-bus: error: cannot change NATS stream GROW (replicas")
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert stream_info(urls, "GROW").config.num_replicas == 3
