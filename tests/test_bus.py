@@ -423,3 +423,17 @@ def test_refusals_and_usage_errors_are_one_line(procs: Procs, engine: Bus, tmp_p
     nobus = run("eda-pub", "--bus", "--no-mdns", "--confirm", "a.b", "x",
                 env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
     assert nobus.returncode == 1 and "no bus found" in nobus.stderr
+
+
+@pytest.mark.parametrize("engine", ["nats"], indirect=True)
+def test_fronts_on_one_stream_deliver_what_the_others_stored(procs: Procs, engine: Bus) -> None:
+    """NATS only: the embedded store has one server, a JetStream stream may have many fronts."""
+    _, ep1 = engine.start()
+    _, ep2 = engine.start()
+    live = procs.eda("eda-sub", "--bus", ep2, "two.>", "-C", "3", "--raw", "-v")
+    live.wait_stderr("subscribed", 15)
+    done = run("eda-pub", "--bus", ep1, "--confirm", "two.x", "a", "b", "c")
+    assert done.returncode == 0, done.stderr
+    assert live.wait(20) == 0, live.stderr  # live through the front that stored nothing
+    assert live.lines() == ["a", "b", "c"]
+    assert replay(ep2, "two.>", 3, "--raw") == ["a", "b", "c"]
