@@ -137,8 +137,8 @@ def _nats_options(func: Any) -> Any:
         default=None,
         metavar="N",
         help="NATS engine: copies of the stream (3 survives a lost node; 1 when created "
-        "without it).  Given for an existing stream, changes it, as --max-age and "
-        "--max-bytes do.",
+        "without it).  Given for an existing stream, it changes the stream in place, as the "
+        "retention limits of serve do.",
     )(func)
 
 

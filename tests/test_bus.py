@@ -437,3 +437,24 @@ def test_fronts_on_one_stream_deliver_what_the_others_stored(procs: Procs, engin
     assert live.wait(20) == 0, live.stderr  # live through the front that stored nothing
     assert live.lines() == ["a", "b", "c"]
     assert replay(ep2, "two.>", 3, "--raw") == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("engine", ["nats"], indirect=True)
+def test_more_replicas_than_a_single_nats_server_keeps_are_refused(
+    procs: Procs, engine: Bus
+) -> None:
+    """NATS only: a server that is not clustered would record 3 replicas and keep one copy."""
+    bus, _ = engine.start()
+    bus.kill()
+    url, stream = engine.server.url, engine.stream
+    done = run("eda-bus", "serve", "--engine", url, "--stream", stream, "--replicas", "3",
+               "--max-age", "1h", "--no-mdns", timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"eda-bus: error: cannot change NATS stream {stream} (replicas 1 -> 3, max_age 0.0 -> "
+        "3600.0): the server is not clustered, so it keeps one copy (more need a JetStream "
+        "cluster)\n"
+    )
+    again, ep = engine.start("--max-age", "1h")  # what it can do, it does
+    assert f"NATS stream {stream} changed: max_age 0.0 -> 3600.0" in again.stderr
+    assert run("eda-pub", "--bus", ep, "--confirm", "r.x", "1").returncode == 0

@@ -310,7 +310,7 @@ class NatsEngine:
                     f"NATS stream {self.stream} holds subjects {subjects}, not {self.prefix}.>: "
                     f"choose another stream name or prefix"
                 )
-            await self._reconfigure(info.config, max_age, max_bytes)
+            await self._reconfigure(info, max_age, max_bytes)
         bucket = f"{self.stream}_consumers"
         try:
             self._kv = await self._js.key_value(bucket)
@@ -320,7 +320,7 @@ class NatsEngine:
             )
         await self._catch_up()
 
-    async def _reconfigure(self, config: Any, max_age: float | None, max_bytes: int | None) -> None:
+    async def _reconfigure(self, info: Any, max_age: float | None, max_bytes: int | None) -> None:
         """Give an existing stream the limits and replicas asked for (those given only).
 
         JetStream changes them in place (a replicated stream grows or shrinks
@@ -328,6 +328,7 @@ class NatsEngine:
         UsageError naming the change.  The consumers' bucket follows the
         stream's replicas.
         """
+        config = info.config
         want: dict[str, Any] = {}
         if self._want_replicas is not None and config.num_replicas != self._want_replicas:
             want["num_replicas"] = self._want_replicas
@@ -341,6 +342,12 @@ class NatsEngine:
         said = ", ".join(
             f"{k.removeprefix('num_')} {getattr(config, k)} -> {v}" for k, v in want.items()
         )
+        if want.get("num_replicas", 1) > 1 and info.cluster is None:
+            # a single server would record the number and keep one copy
+            raise UsageError(
+                f"cannot change NATS stream {self.stream} ({said}): the server is not "
+                f"clustered, so it keeps one copy (more need a JetStream cluster)"
+            )
         try:
             await self._js.update_stream(dataclasses.replace(config, **want))
             if "num_replicas" in want:
