@@ -134,10 +134,11 @@ def _nats_options(func: Any) -> Any:
     return click.option(
         "--replicas",
         type=click.IntRange(1, 5),
-        default=1,
-        show_default=True,
+        default=None,
         metavar="N",
-        help="NATS engine: copies of the stream (set when it is created; 3 survives a lost node).",
+        help="NATS engine: copies of the stream (3 survives a lost node; 1 when created "
+        "without it).  Given for an existing stream, it changes the stream in place, as the "
+        "retention limits of serve do.",
     )(func)
 
 
@@ -196,7 +197,7 @@ def serve(
     max_age: float | None,
     max_bytes: int | None,
     max_event_bytes: int,
-    replicas: int,
+    replicas: int | None,
     stream: str,
     name: str,
     config: str | None,
@@ -217,6 +218,8 @@ def serve(
     )
     for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
+    for line in getattr(engine, "changes", ()):
+        ctx.warn(line)
     settings = Settings(
         bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
     )
@@ -251,7 +254,7 @@ def _open_engine(
     max_age: float | None,
     max_bytes: int | None,
     max_event_bytes: int,
-    replicas: int,
+    replicas: int | None,
     stream: str,
 ) -> tuple[Any, str]:
     """The engine serve uses, and what to call it in messages."""
@@ -314,7 +317,7 @@ def _open_engine(
 def migrate(
     source: str,
     dest: list[str] | None,
-    replicas: int,
+    replicas: int | None,
     stream: str,
     limit: int | None,
     config: str | None,

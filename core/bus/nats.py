@@ -51,7 +51,10 @@ Shape, and why:
 * **Retention** purges the oldest messages (``retain``) and records the next
   bus sequence in the bucket, so sequences are never reused; ``max_age`` and
   ``max_bytes`` given when the stream is created also become its own limits.
-  ``replicas`` (1 to 5) is likewise set when the stream is created.
+  ``replicas`` (1 to 5) is likewise set when the stream is created.  Opened
+  again with other ``replicas``, ``max_age`` or ``max_bytes`` (given ones
+  only), the existing stream is updated in place (``changes`` says what), or
+  the change is refused with a UsageError when JetStream refuses it.
 
 Differences from the embedded engine, by design: what a group member holds
 (``held``, ``release``) is this engine's view; when the engine itself dies,
@@ -72,6 +75,7 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -112,6 +116,7 @@ try:
     from nats.errors import Error as NatsError
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js import api as jsapi
+    from nats.js.errors import APIError as JsApiError
     from nats.js.errors import NotFoundError as JsNotFound
     from nats.js.errors import ServiceUnavailableError as ServiceUnavailable
 except ImportError:  # pragma: no cover - the extra is not installed
@@ -172,7 +177,7 @@ class NatsEngine:
         *,
         stream: str = DEFAULT_STREAM,
         prefix: str = "eda",
-        replicas: int = 1,
+        replicas: int | None = None,
         duplicate_window: float = 120.0,
         max_age: float | None = None,
         max_bytes: int | None = None,
@@ -185,9 +190,11 @@ class NatsEngine:
             raise UsageError("the NATS engine needs nats-py: pip install 'eda[nats]'")
         self.stream = nats_name(stream, "stream")
         self.prefix = validate_topic(prefix)
-        if not 1 <= replicas <= 5:
+        if replicas is not None and not 1 <= replicas <= 5:
             raise UsageError(f"invalid replicas {replicas}: JetStream allows 1 to 5")
-        self.replicas = replicas
+        self._want_replicas = replicas  # None: as the stream has it (1 when created)
+        self.replicas = replicas or 1
+        self.changes: list[str] = []  # what opening changed in an existing stream's config
         self.max_event_bytes = max_event_bytes
         self.ack_wait = ack_wait
         self.timeout = timeout
@@ -259,6 +266,10 @@ class NatsEngine:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.2,
                     allow_reconnect=True,
+                    # a server cut off by the network is silent: found dead after two
+                    # unanswered pings (not nats-py's 2 x 120 s), then another is used
+                    ping_interval=max(1, int(self.timeout / 4)),
+                    max_outstanding_pings=2,
                     error_cb=on_error,
                 ),
                 self.timeout,
@@ -299,6 +310,7 @@ class NatsEngine:
                     f"NATS stream {self.stream} holds subjects {subjects}, not {self.prefix}.>: "
                     f"choose another stream name or prefix"
                 )
+            await self._reconfigure(info, max_age, max_bytes)
         bucket = f"{self.stream}_consumers"
         try:
             self._kv = await self._js.key_value(bucket)
@@ -307,6 +319,49 @@ class NatsEngine:
                 bucket=bucket, history=1, replicas=self.replicas
             )
         await self._catch_up()
+
+    async def _reconfigure(self, info: Any, max_age: float | None, max_bytes: int | None) -> None:
+        """Give an existing stream the limits and replicas asked for (those given only).
+
+        JetStream changes them in place (a replicated stream grows or shrinks
+        its copies); what it refuses (more replicas than servers, ...) is a
+        UsageError naming the change.  The consumers' bucket follows the
+        stream's replicas.
+        """
+        config = info.config
+        want: dict[str, Any] = {}
+        if self._want_replicas is not None and config.num_replicas != self._want_replicas:
+            want["num_replicas"] = self._want_replicas
+        if max_age is not None and (config.max_age or 0.0) != max_age:
+            want["max_age"] = max_age
+        if max_bytes is not None and config.max_bytes != max_bytes:
+            want["max_bytes"] = max_bytes
+        if not want:
+            self.replicas = config.num_replicas or 1
+            return
+        said = ", ".join(
+            f"{k.removeprefix('num_')} {getattr(config, k)} -> {v}" for k, v in want.items()
+        )
+        if want.get("num_replicas", 1) > 1 and info.cluster is None:
+            # a single server would record the number and keep one copy
+            raise UsageError(
+                f"cannot change NATS stream {self.stream} ({said}): the server is not "
+                f"clustered, so it keeps one copy (more need a JetStream cluster)"
+            )
+        try:
+            await self._js.update_stream(dataclasses.replace(config, **want))
+            if "num_replicas" in want:
+                kv = (await self._js.stream_info(f"KV_{self.stream}_consumers")).config
+                if kv.num_replicas != self.replicas:
+                    await self._js.update_stream(
+                        dataclasses.replace(kv, num_replicas=self.replicas)
+                    )
+        except JsNotFound:
+            pass  # no bucket yet: created with these replicas
+        except JsApiError as exc:
+            why = exc.description or type(exc).__name__
+            raise UsageError(f"cannot change NATS stream {self.stream} ({said}): {why}") from None
+        self.changes.append(f"NATS stream {self.stream} changed: {said}")
 
     async def _fetch(self, sseqs: Sequence[int]) -> list[Any]:
         """The stored messages at *sseqs* (None where a message is gone), concurrently."""
@@ -819,6 +874,25 @@ class NatsEngine:
         if row is None:
             raise NotFoundError(f"no consumer group {group!r}")
         return row
+
+    def refresh(self) -> int:
+        """Take in what other writers (fronts) stored; the new ``durable_seq``.
+
+        One stream info request (short timeout) when nothing of ours is
+        pending, and a read of the new heads only when the stream moved.
+        """
+        self._usable()
+        if self._pending or not self._nc.is_connected:
+            return self._durable
+
+        async def moved() -> None:
+            state = (await self._js.stream_info(self.stream)).state
+            first = self._heads[0].sseq if self._heads else state.first_seq
+            if state.last_seq != self._sseq or (self._heads and state.first_seq > first):
+                await self._catch_up()
+
+        self._run(moved(), min(1.0, self.timeout))
+        return self._durable
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:

@@ -96,6 +96,8 @@ class BusServer(Daemon):
         self.watch(self.sock, "clients", self.drain)
         self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
+        if hasattr(engine, "refresh"):  # a shared store (NATS): other fronts write to it too
+            self.every(0.2, "others' writes", self._refresh)
         if settings.max_age is not None or settings.max_bytes is not None:
             self.every(settings.retain_every, "retention", self._retain, first=0.0)
         self._releasing: Any = None
@@ -116,6 +118,17 @@ class BusServer(Daemon):
             self._releasing.cancel()
             self._releasing = None
             self.log("group members' events released")
+
+    def _refresh(self) -> None:
+        """Deliver what other fronts of a shared store stored (the store tells its durable_seq)."""
+        try:
+            durable = int(self.engine.refresh())  # type: ignore[attr-defined]
+        except StoreError:
+            return  # unreachable for now: publishing and stats report it
+        if durable != self._durable:
+            self._durable = durable
+            self._groups_dirty = True
+            self.pump()
 
     @property
     def port(self) -> int:
