@@ -547,6 +547,24 @@ def test_cli_worker_found_by_mdns_and_gone_after_sigterm(procs: Procs) -> None:
     assert gone.returncode == 3 and b"no passing worker" in gone.stderr
 
 
+def test_a_worker_announced_by_mdns_moves_to_a_registry_that_appears(procs: Procs) -> None:
+    worker = lb(procs, "worker", "svc", "-v", "--", "cat")
+    worker.wait_stderr(r"serving svc on \S+ \(announced by mDNS\)", 20)
+    registry = procs.start(
+        [sys.executable, "-m", "eda.cli.registry", "serve", "-v", "--bind", "tcp://127.0.0.1:*",
+         "--tick", "0.1"],
+    )  # fmt: skip
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    worker.wait_stderr("moved to registry", 20)
+    reg = ["--no-mdns", "--registry", endpoint]
+    found = subprocess.run([*LB, "call", "svc", *reg, "hi"], capture_output=True, timeout=30)
+    assert (found.returncode, found.stdout) == (0, b"hi\n"), found.stderr
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    gone = subprocess.run([*LB, "call", "svc", *reg, "hi"], capture_output=True, timeout=30)
+    assert gone.returncode == 3  # deregistered from the registry it moved to
+
+
 def test_sigterm_lets_a_running_request_finish_before_the_worker_exits(
     procs: Procs, tmp_path: Path
 ) -> None:

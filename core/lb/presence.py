@@ -23,6 +23,7 @@ from ..registry import access as reg
 from ..registry.model import Instance
 
 Log = Callable[[str], None]
+PROBE_EVERY = 2.0  # seconds between looks for a registry while announced by mDNS for want of one
 
 
 def _quiet(_msg: str) -> None:
@@ -61,6 +62,9 @@ class Presence:
             self.mode = "mdns"
         else:
             self.mode = "none"
+        # announced by mDNS only for want of a registry: move to one as soon as one answers
+        self.access = access
+        self.fell_back = self.mode == "mdns" and not access.serverless
 
     def start(self) -> Instance:
         """Register now (raises if a registry refuses), then heartbeat in the background."""
@@ -80,9 +84,37 @@ class Presence:
             announcer.start()
             self._announcer = announcer
             self.log(f"announced {self.inst.id} by mDNS (serverless mode)")
+            if self.fell_back:
+                self._thread = threading.Thread(target=self._look_for_registry, daemon=True)
+                self._thread.start()
         else:
             self.log("not registered (no registry and mDNS off): callers need the endpoint")
         return self.inst
+
+    def _look_for_registry(self) -> None:
+        """While announced by mDNS for want of a registry: every few seconds, ask whether
+        one answers now; if so, register there and stop announcing (as eda-registry does)."""
+        from ..registry.agent import Agent
+
+        while not self._stop.wait(PROBE_EVERY):
+            client = reg.answering_registry(self.access, self.inst.interval)
+            if client is None:
+                continue
+            agent = Agent(client, self.inst, self.warn)
+            try:
+                self.inst = agent.register()
+            except Exception as exc:  # refused or gone again: stay announced, try later
+                client.close()
+                self.log(f"a registry appeared but refused the registration: {exc}")
+                continue
+            self.client, self.mode = client, "registry"
+            self.log(f"a registry appeared: {self.inst.id} moved to registry {agent.registry}")
+            announcer, self._announcer = self._announcer, None
+            if announcer is not None:
+                with contextlib.suppress(Exception):
+                    announcer.close()  # type: ignore[attr-defined]
+            self._beat(agent)
+            return
 
     def _beat(self, agent: object) -> None:
         from ..registry.agent import Agent
@@ -96,9 +128,9 @@ class Presence:
         """Deregister (best effort) and stop; safe to call twice."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(2.0)
+            self._thread.join(3.0)
             self._thread = None
-            if self.client is not None:
+            if self.client is not None and self.mode == "registry":
                 from ..registry.agent import Agent
 
                 Agent(self.client, self.inst, self.warn).deregister()
