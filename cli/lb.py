@@ -555,7 +555,8 @@ Examples:
     default=5,
     show_default=True,
     metavar="N",
-    help="Requests in a row that time out at a worker eject it for a while.",
+    help="Requests in a row that fail at a worker (time out, or an error reply) eject it "
+    "for a while.",
 )
 @click.option(
     "--eject-time",

@@ -65,6 +65,7 @@ def call(
     endpoints: list[str] | list[tuple[str, int]],
     bodies: list[bytes],
     all_live: bool = False,
+    setup: Any = None,
     **kw: Any,
 ) -> tuple[bytes, list[tuple[int, bytes, str]], Summary, Caller]:
     out: list[bytes] = []
@@ -72,6 +73,8 @@ def call(
     kw.setdefault("timeout", 5.0)
     kw.setdefault("heartbeat", 0.3)
     caller = Caller(out=out.append, failed=lambda *f: failed.append(f), **kw)
+    if setup is not None:
+        setup(caller)
     try:
         caller.use(e if isinstance(e, tuple) else (e, 1) for e in endpoints)
         if all_live:  # every instance answered its first ping: shares start even
@@ -149,13 +152,30 @@ def test_weighted_share_follows_weights(serve: Any) -> None:
 @pytest.mark.parametrize("strategy", ["least-conn", "random", "p2c"])
 def test_every_strategy_uses_every_worker(serve: Any, strategy: str) -> None:
     workers = [serve(persistent(n), persistent=True) for n in "ab"]
+    picks: list[tuple[int, int]] = []  # at each pick: the picked one's in flight, the least
+
+    def watch(caller: Caller) -> None:
+        balancer = caller.balancer
+        started = balancer.started
+
+        def record(backend: Any) -> None:
+            picks.append((backend.inflight, min(b.inflight for b in balancer)))
+            started(backend)
+
+        balancer.started = record  # type: ignore[method-assign]
+
     out, failed, _, _ = call(
-        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True, slow_start=0
-    )
+        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True,
+        slow_start=0, setup=watch,
+    )  # fmt: skip
     shares = Counter(line.split()[0] for line in out.decode().splitlines())
-    assert not failed and sum(shares.values()) == 400
-    # random spreads evenly; least-conn and p2c follow load: the quicker worker gets more
-    assert min(shares["a"], shares["b"]) > (100 if strategy == "random" else 20), shares
+    assert not failed and sum(shares.values()) == 400 and len(picks) == 400
+    assert min(shares["a"], shares["b"]) > 0, shares
+    if strategy == "random":  # blind to load: even shares (binomial: 100 is 10 sigma off)
+        assert min(shares.values()) > 100, shares
+    else:  # least-conn, and p2c (of two, it compares both), follow the load however uneven
+        # the machine makes it: each request goes to an instance with the fewest in flight
+        assert all(mine == least for mine, least in picks), picks
 
 
 def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve: Any) -> None:
@@ -460,6 +480,91 @@ def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
         router.close()
     assert out == b"got a\ngot b\ngot c\n" and not failed
     assert caller.malformed >= 9 and summary.late >= 6  # forged and duplicate replies
+
+
+def test_an_instance_cannot_answer_a_request_sent_to_another() -> None:
+    """A hostile instance that answers with rids it guessed (the caller's prefix and
+    counter): only the instance a request went to (or timed out at) may answer it."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    slow: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow_port = slow.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve_slow() -> None:  # an honest instance that answers after 0.3 s
+        due: list[tuple[float, list[bytes]]] = []
+        while not stop.is_set():
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                slow.send_multipart(item[1])
+            if not slow.poll(10):
+                continue
+            ident, *frames = slow.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                slow.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                answer = [ident, *p.reply(msg.rid, p.OK, b"honest " + msg.body)]
+                due.append((time.monotonic() + 0.3, answer))
+
+    def hostile() -> None:  # answers its own request, and every rid it can guess
+        while not stop.is_set():
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                prefix = msg.rid.rsplit(b".", 1)[0]
+                for n in range(6):
+                    router.send_multipart([ident, *p.reply(b"%s.%d" % (prefix, n), p.OK, b"X")])
+
+    threads = [threading.Thread(target=t, daemon=True) for t in (serve_slow, hostile)]
+    for thread in threads:
+        thread.start()
+    try:
+        out, failed, _, caller = call(
+            [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{slow_port}"],
+            [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        router.close()
+        slow.close()
+    lines = out.decode().splitlines()
+    assert not failed and len(lines) == 6
+    honest = [line for line in lines if line.startswith("honest")]
+    assert len(honest) == 3 and caller.malformed >= 3  # the forged ones: dropped, counted
+
+
+def test_an_instance_whose_command_keeps_failing_is_ejected(serve: Any) -> None:
+    """Error replies count as failures (as Envoy counts consecutive 5xx): the instance
+    is ejected, each error reply stays final (not retried)."""
+    good = serve(persistent("good"), persistent=True)
+    bad = serve(["sh", "-c", "echo broken >&2; exit 1"])
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), heartbeat=0.3,
+                    window=1, slow_start=0)  # fmt: skip
+    caller.balancer.eject_after, caller.balancer.eject_base = 3, 30.0
+    try:
+        caller.use([(good.endpoint, 1), (bad.endpoint, 1)])
+        deadline = time.monotonic() + 10
+        caller.serve(lambda: len(caller.balancer) == 2 or time.monotonic() > deadline)
+        caller.feed([b"%d" % i for i in range(20)])
+        summary = caller.run()
+    finally:
+        caller.close()
+    assert [f[2] for f in failed] == ["exit 1: broken"] * 3 and summary.retried == 0
+    assert b"".join(out).decode().split("\n")[:-1] == [
+        f"good {i}" for i in range(20) if i not in {f[0] for f in failed}
+    ]
+    assert bad.worker.requests == 3
 
 
 # -- brokers, seen from the worker ---------------------------------------------------------------

@@ -318,10 +318,11 @@ def test_a_worker_with_a_slower_heartbeat_is_kept_and_each_of_its_beats_answered
     ready_workers(broker, 1)
     # four of its beats: 12 x HB, far over the 3 x HB after which it would be dropped if
     # its period were taken to be ours
-    wait_until(lambda: worker.beats >= 4, 10, "four beats")
+    # (the broker answers each H at once, besides its own beat every HB)
+    wait_until(lambda: worker.beats >= 4 and worker.echoes >= 4, 10, "four beats answered")
     [w] = stats(broker)["instances"]  # type: ignore[misc]
-    assert w["state"] == "healthy"
-    assert worker.byes == 0 and worker.echoes >= worker.beats - 1 >= 3
+    assert w["state"] == "healthy" and w["id"] == "slow-beat"
+    assert worker.byes == 0  # never dropped: it would have been told D on its next beat
     worker.die()
     wait_until(lambda: stats(broker)["instances"][0]["state"] == "dead", 5, "dropped")  # type: ignore[index]
 
@@ -536,6 +537,23 @@ def test_a_worker_that_keeps_timing_out_is_ejected(make):  # type: ignore[no-unt
     states = {i["id"]: i["state"] for i in figures["instances"]}  # type: ignore[union-attr]
     assert states == {"bad": "ejected", "good": "healthy"}
     assert figures["expired"] == 2
+
+
+def test_a_worker_whose_command_keeps_failing_is_ejected(make):  # type: ignore[no-untyped-def]
+    """Error replies count as failures (as Envoy counts consecutive 5xx); each is final."""
+    broker = make(BrokerThread, eject_after=3, eject_base=30)
+    bad = make(FakeWorker, broker.back, "bad", status=b"err", answer=lambda _b: b"exit 1: no")
+    make(FakeWorker, broker.back, "good")
+    ready_workers(broker, 2)
+    caller = make(Caller, broker.front)
+    answers = []
+    for i in range(12):  # one at a time: round-robin alternates until "bad" is out
+        caller.send(f"f.{i}", b"x")
+        [got] = caller.replies(1, 5)
+        answers.append(got[3])
+    assert answers.count(b"err") == len(bad.seen) == 3  # nothing more once ejected
+    states = {i["id"]: i["state"] for i in stats(broker)["instances"]}  # type: ignore[union-attr]
+    assert states == {"bad": "ejected", "good": "healthy"}
 
 
 def test_a_busy_worker_s_requests_go_to_another_worker_without_using_retries(make):  # type: ignore[no-untyped-def]

@@ -562,7 +562,7 @@ class Broker(Daemon):
             else:
                 self._again(p)
             return True
-        self.balancer.finished(w.backend, True)
+        self.balancer.finished(w.backend, status == OK)  # an error reply is a failure (5xx)
         w.requests += 1
         w.latencies.append(now - t0)
         if status != OK:

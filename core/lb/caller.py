@@ -421,9 +421,6 @@ class Caller(Daemon):
                 if req is None:
                     self.summary.late += 1
                     continue
-                if status != p.OK and req.stale and conn in req.stale:
-                    req.stale.remove(conn)  # the late answer of an attempt that timed out
-                    continue
                 if req.conn is conn:
                     del inflight[rid]
                     if status == p.BUSY:
@@ -431,12 +428,17 @@ class Caller(Daemon):
                             balancer.released(backend)
                         self._busy(req, now)
                         continue
-                    if backend is not None:
-                        balancer.finished(backend, True)
-                elif status != p.OK:
-                    continue  # an earlier attempt failed after all: the current one goes on
-                else:  # an earlier attempt answered first: take it, cancel the current one
-                    self._cancel_current(req)
+                    if backend is not None:  # an error reply counts as a failure (5xx)
+                        balancer.finished(backend, status == p.OK)
+                else:
+                    stale = req.stale
+                    if not stale or conn not in stale:  # never sent there: someone else's rid
+                        self.dropped("reply", p.ProtocolError("a reply to a request not sent"))
+                        continue
+                    stale.remove(conn)  # the late answer of an attempt that timed out
+                    if status != p.OK:
+                        continue  # an earlier attempt failed after all: the current one goes on
+                    self._cancel_current(req)  # it answered first: take it, cancel the current
                 del pending[rid]
                 latencies.append(now - req.first)
                 if status == p.OK:
