@@ -91,6 +91,7 @@ Examples:
   eda-lb worker upper -- tr a-z A-Z                          one command per request
   eda-lb worker upper --concurrency 4 -- ./slow.sh           up to 4 requests at once
   eda-lb worker echo --persistent --concurrency 2 -- cat     2 processes, one line per request
+  eda-lb worker upper --persistent --with-id -- ./loop.sh    lines 'ID<TAB>request' in and out
   eda-lb worker upper --weight 3 --serverless -- tr a-z A-Z  announced by mDNS, 3x the traffic
 """,
 )
@@ -101,6 +102,13 @@ Examples:
     is_flag=True,
     help="Keep the command running: one request line in, one reply line out, in order "
     "(it must flush each line: stdbuf -oL CMD, sed -u, python3 -u).",
+)
+@click.option(
+    "--with-id",
+    is_flag=True,
+    help="With --persistent: each line the command reads is 'ID<TAB>request' (ID: the "
+    "request id, the same on a retry); a reply line 'ID<TAB>reply' answers request ID, "
+    "in any order; any other line answers the oldest request.",
 )
 @click.option(
     "--concurrency",
@@ -152,6 +160,7 @@ def worker(
     name: str,
     cmd: tuple[str, ...],
     persistent: bool,
+    with_id: bool,
     concurrency: int,
     queue: int | None,
     weight: int,
@@ -172,7 +181,9 @@ def worker(
 
     The command sees the request on stdin (with a newline) and its id in
     EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
-    non-zero exit is an error reply carrying stderr's last line.
+    non-zero exit is an error reply carrying stderr's last line.  With
+    --persistent, one process reads one request per line; with --with-id each
+    line is prefixed by its request id and a tab.
 
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
@@ -189,6 +200,7 @@ def worker(
         service,
         list(cmd),
         persistent=persistent,
+        with_id=with_id,
         concurrency=concurrency,
         queue=queue,
         max_request=max_request,
@@ -543,11 +555,11 @@ Examples:
 @click.option(
     "--pipeline",
     type=click.IntRange(1, 10_000),
-    default=1,
-    show_default=True,
+    default=None,
     metavar="N",
-    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for persistent "
-    "workers, which pipeline requests into their process.",
+    help="Requests sent ahead to each worker slot [default: as many as each worker says "
+    "it takes: its --concurrency, times 256 for a --persistent one, which pipelines "
+    "requests into its processes].",
 )
 @click.option(
     "--eject-after",
@@ -605,7 +617,7 @@ def serve(
     queue_bytes: int,
     max_request: int,
     retries: int,
-    pipeline: int,
+    pipeline: int | None,
     eject_after: int,
     eject_time: float,
     slow_start: float,
@@ -644,7 +656,7 @@ def serve(
     settings = Settings(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
         queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
-        pipeline=pipeline, eject_after=eject_after, eject_base=eject_time,
+        pipeline=pipeline or 0, eject_after=eject_after, eject_base=eject_time,
         slow_start=slow_start, panic=panic,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)

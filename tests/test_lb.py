@@ -18,7 +18,8 @@ import zmq
 
 from eda.core.lb import protocol as p
 from eda.core.lb.caller import Caller, Summary
-from eda.core.lb.worker import Worker
+from eda.core.errors import UsageError
+from eda.core.lb.worker import DEPTH, Worker
 from tests.helpers import Proc, Procs, wait_until
 
 LB = [sys.executable, "-m", "eda.cli.lb"]
@@ -276,6 +277,54 @@ def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     answering = serve(persistent("ok"), persistent=True)
     out, failed, _, _ = call([answering.endpoint], [b"three"])
     assert out == b"ok three\n" and not failed
+
+
+WITH_ID_REVERSED = """
+import sys
+pending = []
+for line in sys.stdin:
+    pending.append(line.rstrip("\\n").split("\\t", 1))
+    if len(pending) == 2:  # answer two at a time, the second first
+        for rid, body in reversed(pending):
+            print(f"{rid}\\t{body} {rid}", flush=True)
+        pending.clear()
+"""
+
+
+def test_with_id_a_persistent_command_sees_each_request_id_and_may_answer_out_of_order(
+    serve: Any,
+) -> None:
+    worker = serve([sys.executable, "-c", WITH_ID_REVERSED], persistent=True, with_id=True)
+    bodies = [b"%d" % i for i in range(8)]
+    out, failed, _, caller = call([worker.endpoint], bodies, window=8)
+    assert not failed
+    replies = out.decode().splitlines()
+    # each reply went to its own request: its body, and the id the command saw for it
+    assert replies == [f"{i} {caller.prefix.decode()}{i}" for i in range(8)]
+    # a shell loop: the id in, the reply (without it) out, in order
+    shell = 'while IFS="$(printf "\\t")" read -r id body; do echo "$body from $id"; done'
+    plain = serve(["sh", "-c", shell], persistent=True, with_id=True)
+    out, failed, _, caller = call([plain.endpoint], [b"a\tb", b"c"])
+    assert not failed and out.decode().splitlines() == [
+        f"a\tb from {caller.prefix.decode()}0",
+        f"c from {caller.prefix.decode()}1",
+    ]
+    with pytest.raises(UsageError, match="--with-id goes with --persistent"):
+        Worker("svc", ["cat"], with_id=True)
+
+
+def test_a_body_with_nul_bytes_or_a_newline_stays_one_request_to_a_persistent_command(
+    serve: Any,
+) -> None:
+    for with_id in (False, True):
+        worker = serve(["cat"], persistent=True, with_id=with_id)
+        bodies = [b"a\x00b", b"c\nd", b"e\rf\x00", b"g\n", b"h"]
+        out, failed, summary, caller = call([worker.endpoint], bodies, retries=0)
+        # with --with-id, cat echoes "ID<TAB>body": the id addresses the reply, body remains
+        assert out == b"a\x00b\ne\rf\x00\nh\n"
+        one_line = "a persistent worker takes one line per request"
+        assert [(f[0], f[2]) for f in failed] == [(1, one_line), (3, one_line)]
+        idle(worker)
 
 
 def test_retry_goes_to_another_worker_with_the_same_request_id(serve: Any, tmp_path: Path) -> None:
@@ -592,6 +641,7 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         assert ready.kind == p.READY and ready.data is not None
         assert ready.data["service"] == "svc" and ready.data["concurrency"] == 3
         assert ready.data["weight"] == 2
+        assert ready.data["capacity"] == 3 * DEPTH  # requests pipelined into its processes
         backend.send_multipart([ident, *p.heartbeat()])
         backend.send_multipart([ident, *p.request(b"via.1", 1000, b"hello")])
         _, reply = message()

@@ -76,7 +76,9 @@ class FakeWorker:
         beat: bool = True,
         status: bytes = b"ok",
         beat_every: float = HB,
+        capacity: int = 0,
     ) -> None:
+        self.capacity = capacity
         self.beat_every = beat_every
         self.endpoint, self.wid, self.answer, self.delay = endpoint, wid, answer, delay
         self.status = status
@@ -101,6 +103,8 @@ class FakeWorker:
             "concurrency": self.concurrency,
             "weight": self.weight,
         }
+        if self.capacity:
+            ready["capacity"] = self.capacity
         sock.send_multipart([TAG, b"W", json.dumps(ready).encode()])
         due: list[tuple[float, bytes, bytes]] = []  # (time, rid, reply)
         next_beat = time.monotonic()
@@ -237,6 +241,21 @@ def test_pipeline_sends_ahead_to_each_slot_and_no_further(make):  # type: ignore
         caller.send(f"p.{i}", b"x")
     assert len(caller.replies(12)) == 12
     assert worker.max_inflight == 4
+
+
+def test_a_worker_gets_as_many_requests_at_once_as_its_ready_says_it_takes(make):  # type: ignore[no-untyped-def]
+    """A persistent worker pipelines requests into its process: its W says how many it
+    takes (capacity), and the broker, without --pipeline, sends that many and no more."""
+    broker = make(BrokerThread)
+    worker = make(FakeWorker, broker.back, "piped", concurrency=1, capacity=5, delay=0.05)
+    ready_workers(broker, 1)
+    caller = make(Caller, broker.front)
+    for i in range(15):
+        caller.send(f"p.{i}", b"x")
+    assert len(caller.replies(15)) == 15
+    assert worker.max_inflight == 5
+    [w] = stats(broker)["instances"]  # type: ignore[misc]
+    assert w["concurrency"] == 1
 
 
 def test_drain_lets_running_requests_finish_and_answers_the_rest_busy(make):  # type: ignore[no-untyped-def]

@@ -31,7 +31,9 @@ def test_every_message_round_trips() -> None:
         "id": "w-1",
         "concurrency": 4,
         "weight": 2,
+        "capacity": 4,  # not said: its concurrency
     }
+    assert p.parse(p.ready("upper", "w-1", 4, 2, 1024)).data["capacity"] == 1024  # type: ignore[index]
     for frames, kind in (
         (p.stats_query(), p.STATS_QUERY),
         (p.heartbeat(), p.HEARTBEAT),
@@ -74,6 +76,13 @@ def test_every_message_round_trips() -> None:
         [b"EDALB1", b"W", b'{"service":"UP PER","id":"a","concurrency":1,"weight":1}'],
         [b"EDALB1", b"W", b'{"service":"up","id":"a b","concurrency":1,"weight":1}'],
         [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":0,"weight":1}'],
+        [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":2,"weight":1,"capacity":1}'],
+        [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":1,"weight":1,"capacity":1e9}'],
+        [
+            b"EDALB1",
+            b"W",
+            b'{"service":"up","id":"a","concurrency":1,"weight":1,"capacity":2000000}',
+        ],
         [b"EDALB1", b"H", b"extra"],
     ],
 )

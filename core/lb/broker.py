@@ -2,7 +2,7 @@
 
 Callers connect a DEALER to the *frontend* ROUTER and speak to it exactly as
 to a worker (Q, P, S); workers connect a DEALER to the *backend* ROUTER, say
-W (ready, with their concurrency and weight), then exchange H heartbeats
+W (ready, with their concurrency, capacity and weight), then exchange H heartbeats
 with the broker and answer the Q it forwards (:mod:`.protocol`).  Each
 request goes to a ready worker with a free slot, chosen by the same
 :class:`~.balancer.Balancer` callers use (strategies, outlier ejection, slow
@@ -114,7 +114,8 @@ class Settings:
     queue_bytes: int = 64 << 20  # and their bodies, in bytes at most
     max_request: int = MAX_BODY  # bytes of one request body
     retries: int = 2  # re-sends of a request whose worker died
-    pipeline: int = 1  # requests sent ahead per worker slot (persistent workers pipeline)
+    pipeline: int = 0  # requests sent ahead per worker slot; 0: as many as the worker's W
+    # says it takes (its capacity: a persistent worker pipelines requests into its processes)
     eject_after: int = 5  # consecutive failures that eject a worker
     eject_base: float = 1.0  # seconds of the first ejection (doubling, capped)
     eject_max: float = 30.0
@@ -144,7 +145,7 @@ class Worker:
     ident: bytes
     id: str
     concurrency: int
-    limit: int  # requests in flight at most: concurrency x pipeline
+    limit: int  # requests in flight at most: its capacity (or concurrency x pipeline)
     backend: Backend
     seen: float  # monotonic time of its last message
     period: float  # its heartbeat interval, as observed between two H
@@ -517,7 +518,7 @@ class Broker(Daemon):
         w = self.workers.get(ident)
         if w is not None:  # W again: new figures, same requests in flight
             w.id, w.concurrency, w.seen = data["id"], concurrency, now
-            w.limit = concurrency * self.settings.pipeline
+            w.limit = self._limit(data)
             self.balancer.add(w.backend.key, weight)
             self._fullness(w)
             return True
@@ -526,7 +527,7 @@ class Broker(Daemon):
             return False
         # a worker joining others ramps up (slow start); the first ones take all at once
         backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
-        limit = concurrency * self.settings.pipeline
+        limit = self._limit(data)
         # until its second H, allow the default heartbeat of eda-lb workers
         period = max(self.settings.heartbeat, DEFAULT_WORKER_HEARTBEAT)
         w = Worker(ident, data["id"], concurrency, limit, backend, now, period)
@@ -535,6 +536,12 @@ class Broker(Daemon):
         self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
         send_frames(self.back, [ident, *_HEARTBEAT])
         return True
+
+    def _limit(self, ready: dict[str, Any]) -> int:
+        """Requests in flight at a worker at most: what its W says it takes, unless
+        ``--pipeline`` says how many per slot."""
+        pipeline = self.settings.pipeline
+        return int(ready["concurrency"] * pipeline if pipeline else ready["capacity"])
 
     def _fullness(self, w: Worker) -> None:
         if w.free:

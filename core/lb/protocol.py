@@ -51,6 +51,7 @@ MAX_JSON = 65536  # a load, stats or ready object
 MAX_TIMEOUT_MS = 2**31 - 1
 MAX_SEQ_DIGITS = 20
 MAX_NUMBER = 2**31 - 1
+MAX_CAPACITY = 1 << 20  # requests one worker may say it takes in flight (W capacity)
 
 # number of fields after [TAG, type] for each type
 ARITY = {
@@ -117,8 +118,15 @@ def stats(figures: dict[str, Any]) -> list[bytes]:
     return [TAG, STATS, _dumps(figures)]
 
 
-def ready(service: str, inst_id: str, concurrency: int, weight: int) -> list[bytes]:
+def ready(
+    service: str, inst_id: str, concurrency: int, weight: int, capacity: int = 0
+) -> list[bytes]:
+    """A worker's W: *capacity* is how many requests it takes in flight at once (its
+    slots, times the requests pipelined into each persistent process); 0: not said,
+    *concurrency* then."""
     info = {"service": service, "id": inst_id, "concurrency": concurrency, "weight": weight}
+    if capacity:
+        info["capacity"] = capacity
     return [TAG, READY, _dumps(info)]
 
 
@@ -297,9 +305,15 @@ def _ready(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("bad ready message: id must be 1-63 letters, digits, '-' or '_'")
     concurrency = _count(obj, "concurrency", "ready message")
     weight = _count(obj, "weight", "ready message")
+    capacity = _count(obj, "capacity", "ready message", required=False) or concurrency
     if concurrency < 1 or weight > 65535:
         raise ProtocolError("bad ready message: concurrency >= 1, weight in 0..65535")
-    return {"service": service, "id": inst_id, "concurrency": concurrency, "weight": weight}
+    if not concurrency <= capacity <= MAX_CAPACITY:
+        raise ProtocolError(f"bad ready message: capacity in concurrency..{MAX_CAPACITY}")
+    return {
+        "service": service, "id": inst_id, "concurrency": concurrency, "weight": weight,
+        "capacity": capacity,
+    }  # fmt: skip
 
 
 def _stats(frame: bytes) -> dict[str, Any]:

@@ -11,7 +11,11 @@ reconnect with backoff and jitter).  Requests run in one of two ways:
   ``err`` reply carrying stderr's last line; up to *concurrency* at once;
 - **persistent**: *concurrency* long-running processes, each fed one request
   line at a time and answering with one line per request line, in order;
-  requests are pipelined into them (up to :data:`DEPTH` each).
+  requests are pipelined into them (up to :data:`DEPTH` each).  With
+  *with_id*, each line fed is ``ID<TAB>body`` (ID: the request id); a reply
+  line ``ID<TAB>reply`` answers request ID, in any order, and any other
+  line answers the oldest request, as without it.  A body with a newline
+  would be two lines: it gets an ``err`` reply instead.
 
 Beyond capacity, requests wait in a bounded queue; beyond that they get a
 ``busy`` reply (the caller tries elsewhere).  A request whose deadline
@@ -146,6 +150,7 @@ class Worker(Daemon):
         argv: list[str],
         *,
         persistent: bool = False,
+        with_id: bool = False,
         concurrency: int = 1,
         queue: int | None = None,
         max_request: int = p.MAX_BODY,
@@ -165,7 +170,10 @@ class Worker(Daemon):
         if concurrency < 1:
             raise UsageError("--concurrency must be at least 1")
         self.service, self.argv = service, list(argv)
-        self.persistent = persistent
+        if with_id and not persistent:
+            raise UsageError("--with-id goes with --persistent (a command run per request "
+                             "has its id in EDA_REQUEST_ID)")  # fmt: skip
+        self.persistent, self.with_id = persistent, with_id
         self.concurrency = concurrency
         self.capacity = concurrency * (DEPTH if persistent else 1)
         self.queue_limit = queue if queue is not None else QUEUE
@@ -524,11 +532,14 @@ class Worker(Daemon):
             self._send(job, p.BUSY, b"")
             return
         body = job.body
-        if b"\n" in body:
+        if b"\n" in body:  # it would be two requests to the process
             self._reply(job, p.ERR, b"a persistent worker takes one line per request")
             self._freed()
             return
         best.jobs.append(job)
+        if self.with_id:
+            best.outbuf += job.rid
+            best.outbuf += b"\t"
         best.outbuf += body
         best.outbuf += b"\n"
 
@@ -563,11 +574,25 @@ class Worker(Daemon):
         jobs = proc.jobs
         now = time.monotonic()
         answered = 0
+        with_id = self.with_id
         for line in lines:
             if not jobs:
                 self.limited("extra", f"{self.argv[0]} printed a line nobody asked for: dropped")
                 continue
-            job = jobs.popleft()
+            job = jobs[0]
+            if with_id:  # "ID<TAB>reply" answers that request, in any order
+                rid, tab, rest = line.partition(b"\t")
+                if tab:
+                    if rid == job.rid:
+                        line = rest
+                    else:
+                        found = self._find(jobs, rid)
+                        if found is not None:
+                            job, line = found, rest
+            if job is jobs[0]:
+                jobs.popleft()
+            else:
+                jobs.remove(job)
             self.latencies.append(now - job.received)
             self._send(job, p.OK, line)
             answered += 1
@@ -576,6 +601,13 @@ class Worker(Daemon):
             self._freed()
         if len(proc.partial) > self.max_request:
             self._restart(proc, b"reply too large")
+
+    @staticmethod
+    def _find(jobs: collections.deque[Job], rid: bytes) -> Job | None:
+        for job in jobs:
+            if job.rid == rid:
+                return job
+        return None
 
     def _read_stderr(self, proc: Process) -> None:
         data = _read(proc.stderr)
@@ -708,7 +740,7 @@ class Worker(Daemon):
         self.log(f"connecting to broker {link.endpoint}")
 
     def _ready(self, sock: zmq.Socket[bytes]) -> None:
-        ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight)
+        ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight, self.capacity)
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(ready, zmq.NOBLOCK)
 
