@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import zmq
 
+from eda.core.errors import UsageError
 from eda.core.lb import protocol as p
 from eda.core.lb.caller import Caller, Summary
-from eda.core.errors import UsageError
 from eda.core.lb.worker import DEPTH, Worker
 from tests.helpers import Proc, Procs, wait_until
 
@@ -319,7 +319,7 @@ def test_a_body_with_nul_bytes_or_a_newline_stays_one_request_to_a_persistent_co
     for with_id in (False, True):
         worker = serve(["cat"], persistent=True, with_id=with_id)
         bodies = [b"a\x00b", b"c\nd", b"e\rf\x00", b"g\n", b"h"]
-        out, failed, summary, caller = call([worker.endpoint], bodies, retries=0)
+        out, failed, _, _ = call([worker.endpoint], bodies, retries=0)
         # with --with-id, cat echoes "ID<TAB>body": the id addresses the reply, body remains
         assert out == b"a\x00b\ne\rf\x00\nh\n"
         one_line = "a persistent worker takes one line per request"
