@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import zmq
 
 from eda.core.errors import UsageError
 from eda.core.lb import protocol as p
-from eda.core.lb.caller import Caller, Summary
-from eda.core.lb.worker import DEPTH, Worker
+from eda.core.lb.broker import Broker, Settings
+from eda.core.lb.caller import MAX_CONNS, Caller, Summary
+from eda.core.lb.worker import DEPTH, MAX_BROKERS, Worker
 from tests.helpers import Proc, Procs, wait_until
 
 LB = [sys.executable, "-m", "eda.cli.lb"]
@@ -616,6 +618,43 @@ def test_an_instance_whose_command_keeps_failing_is_ejected(serve: Any) -> None:
     assert bad.worker.requests == 3
 
 
+def test_a_flood_of_announced_fake_instances_costs_bounded_sockets_and_no_hang(
+    serve: Any,
+) -> None:
+    """Anyone can announce instances by mDNS: 1500 fakes (ports that refuse, and some
+    that accept but never answer) listed before the real one. The caller connects to a
+    bounded number at a time, passes over those that do not answer, and finds it."""
+    real = serve(persistent("real"), persistent=True)
+    silent = []
+    for _ in range(3):  # accept the connection, never answer a ping
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        silent.append((sock, sock.bind_to_random_port("tcp://127.0.0.1")))
+    fakes = [f"tcp://127.0.0.{2 + i // 500}:{30000 + i % 500}" for i in range(1500)]
+    found = [f"tcp://127.0.0.1:{port}" for _, port in silent] + fakes + [real.endpoint]
+    most = 0
+
+    def watch(caller: Caller) -> None:
+        opened = caller._open
+
+        def counting(conn: Any) -> None:
+            nonlocal most
+            opened(conn)
+            most = max(most, len(caller.conns))
+
+        caller._open = counting  # type: ignore[method-assign]
+
+    started = time.monotonic()
+    try:
+        out, failed, _, caller = call(found, [b"a", b"b"], timeout=15, setup=watch)
+    finally:
+        for sock, _ in silent:
+            sock.close()
+    assert out == b"real a\nreal b\n" and not failed
+    assert most <= MAX_CONNS and time.monotonic() - started < 12
+    assert not caller.conns  # all closed at the end
+
+
 # -- brokers, seen from the worker ---------------------------------------------------------------
 def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) -> None:
     backend: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
@@ -679,6 +718,67 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         assert link.sock is linked  # the same connection, not a reconnect after silence
     finally:
         backend.close()
+
+
+def test_forged_broker_announcements_cannot_keep_a_worker_from_its_broker(serve: Any) -> None:
+    """Brokers announced with forged backend ports -- the worker's own port, a port that
+    speaks garbage, another service's broker, and many that are not there -- cost the
+    worker a bounded number of links; it reaches the real broker in turn and serves."""
+    import socket as sockets
+
+    brokers = []
+    for service in ("svc", "other"):
+        broker = Broker(Settings(service=service, bind="tcp://127.0.0.1:*",
+                                 backend="tcp://127.0.0.1:*", heartbeat=0.1))  # fmt: skip
+        broker.start()
+        brokers.append(broker)
+    stop = threading.Event()
+    real, other = brokers
+    garbage = sockets.socket()
+    garbage.bind(("127.0.0.1", 0))
+    garbage.listen(8)
+    garbage.settimeout(0.05)
+
+    def speak_garbage() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = garbage.accept()
+                with conn:
+                    conn.sendall(b"\xff" * 64 + b"HTTP/1.0 200 OK\r\n\r\n")
+
+    threads = [threading.Thread(target=b.serve, args=(stop.is_set,)) for b in brokers]
+    threads.append(threading.Thread(target=speak_garbage, daemon=True))
+    for thread in threads:
+        thread.start()
+    found: list[list[str]] = [[]]
+    worker = serve(persistent("w"), persistent=True, heartbeat=0.1, find_brokers=lambda: found[0])
+    fakes = [f"tcp://127.0.0.3:{31000 + i}" for i in range(40)]
+    found[0] = [
+        worker.endpoint, f"tcp://127.0.0.1:{garbage.getsockname()[1]}",
+        other.backend_endpoint, *fakes, real.backend_endpoint,
+    ]  # fmt: skip
+    most = 0
+
+    def linked() -> bool:
+        nonlocal most
+        most = max(most, len(worker.worker.brokers))
+        return len(real.workers) == 1
+
+    try:
+        wait_until(linked, 15, "the worker at the real broker")
+        out, failed, _, _ = call([real.endpoint], [b"via", b"broker"])
+        assert out == b"w via\nw broker\n" and not failed
+    finally:
+        stop.set()
+        for thread in threads[:2]:
+            thread.join(5)
+        for broker in brokers:
+            broker.close()
+        garbage.close()
+    assert most <= MAX_BROKERS and not other.workers
+    assert worker.worker.failures == 0 and worker.worker.malformed > 0  # its own W, H: dropped
+    heard = [e for e, link in worker.worker.brokers.items() if link.heard]
+    assert heard == [real.backend_endpoint]
 
 
 # -- the command line: registration, discovery, exit statuses -----------------------------------

@@ -52,6 +52,7 @@ READ_CHUNK = 1 << 18
 STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
 BROKER_LOOKUP_EVERY = 3.0
+MAX_BROKERS = 16  # brokers served at once (anyone can announce one: each costs sockets)
 LATENCIES = 4096  # recent request latencies kept for the stats percentiles
 NO_REPLY_LINE = (
     b"timed out: no reply line (a command writing to a pipe may buffer its output: "
@@ -114,6 +115,7 @@ class BrokerLink:
     last_seen: float = 0.0
     backoff: float = 0.5
     retry_at: float = 0.0
+    heard: bool = False  # it ever sent H: a broker, not just a port that accepts
 
 
 def last_line(data: bytes | bytearray) -> str:
@@ -192,6 +194,7 @@ class Worker(Daemon):
         self.requests = self.errors = self.busy = self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
         self.brokers: dict[str, BrokerLink] = {}
+        self.found_brokers: list[str] = []  # the latest found, in the order they are tried
         self.started = time.monotonic()
         self.draining = False
         self.endpoint = ""
@@ -300,6 +303,8 @@ class Worker(Daemon):
                 self._admit(Job(sock, frames[0] if start else None, rid, body, deadline, now))
             else:
                 self._control(sock, frames, start)
+                if sock.closed:  # a broker's goodbye closed its link
+                    break
         if self.persistent:
             for proc in self.procs:
                 if proc.outbuf:
@@ -699,13 +704,19 @@ class Worker(Daemon):
         now = time.monotonic()
         found = self.find_brokers()
         if found is not None:
-            for endpoint in found:
-                if endpoint not in self.brokers:
-                    self.brokers[endpoint] = BrokerLink(endpoint)
-            for endpoint in [e for e in self.brokers if e not in found]:
+            listed = dict.fromkeys(found)  # in the order tried so far, new ones last
+            self.found_brokers = [e for e in self.found_brokers if e in listed]
+            known = set(self.found_brokers)
+            self.found_brokers += [e for e in listed if e not in known]
+            for endpoint in [e for e in self.brokers if e not in self.found_brokers]:
                 self._drop_broker(self.brokers.pop(endpoint), goodbye=True)
+        for endpoint in self.found_brokers:
+            if len(self.brokers) >= MAX_BROKERS:
+                break
+            if endpoint not in self.brokers:
+                self.brokers[endpoint] = BrokerLink(endpoint)
         silent = 3 * self.heartbeat_interval
-        for link in self.brokers.values():
+        for link in list(self.brokers.values()):
             if link.sock is None:
                 if now >= link.retry_at:
                     self._connect_broker(link, now)
@@ -713,6 +724,11 @@ class Worker(Daemon):
                 self.log(f"broker {link.endpoint} silent for {silent:g} s: reconnecting")
                 self._drop_broker(link)
                 self._schedule(link, now)
+                if not link.heard and len(self.found_brokers) > MAX_BROKERS:
+                    # never a word from it, and others wait for a place: give them its turn
+                    del self.brokers[link.endpoint]
+                    self.found_brokers.remove(link.endpoint)
+                    self.found_brokers.append(link.endpoint)
             else:
                 with contextlib.suppress(zmq.ZMQError):
                     link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
@@ -782,6 +798,7 @@ class Worker(Daemon):
         if msg.kind == p.HEARTBEAT:
             link.last_seen = time.monotonic()
             link.backoff = 0.5
+            link.heard = True
         elif msg.kind == p.DISCONNECT:
             self.log(f"broker {link.endpoint} said goodbye: reconnecting later")
             self._drop_broker(link)
