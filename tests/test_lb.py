@@ -499,6 +499,70 @@ def test_hostile_frames_are_dropped_and_the_worker_keeps_serving(serve: Any) -> 
         flood.close()
 
 
+def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
+    worker = serve(persistent("w"), persistent=True)
+    flood = dealer(worker.endpoint)
+    flood.setsockopt(zmq.SNDHWM, 0)
+    stop = threading.Event()
+
+    def pings() -> None:  # never reads its pongs
+        seq = 0
+        while not stop.is_set() and seq < 300_000:
+            flood.send_multipart(p.ping(seq))
+            seq += 1
+
+    thread = threading.Thread(target=pings, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: worker.worker.sock is not None, 5, "the worker")
+        started = time.monotonic()
+        out, failed, _, _ = call([worker.endpoint], [b"%d" % i for i in range(50)], timeout=10)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(10)
+        flood.close()
+    assert out.decode().split("\n")[:-1] == [f"w {i}" for i in range(50)] and not failed
+    assert took < 8 and worker.worker.failures == 0
+
+
+def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> None:
+    """An instance answering far over the size limit loses its connection (ZeroMQ's
+    MAXMSGSIZE); one answering garbage is dropped; the requests go elsewhere."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    good = serve(persistent("good"), persistent=True)
+    stop = threading.Event()
+    huge = b"x" * (3 << 20)
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, huge)])
+                router.send_multipart([ident, p.TAG, p.REPLY, msg.rid, b"ok"])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        out, failed, summary, _ = call(
+            [f"tcp://127.0.0.1:{port}", good.endpoint], [b"%d" % i for i in range(10)],
+            all_live=True, slow_start=0, timeout=2, max_request=1 << 20,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
+    assert out.decode().split("\n")[:-1] == [f"good {i}" for i in range(10)] and not failed
+    assert summary.retried + summary.dropped_instances > 0
+
+
 def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
     """Garbage, replies to requests never made and duplicates: counted, ignored."""
     router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)

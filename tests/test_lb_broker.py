@@ -8,6 +8,7 @@ exactly and fast; the end-to-end tests run the real commands.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -455,6 +456,21 @@ def test_garbage_on_both_sockets_changes_nothing_and_good_callers_are_served(mak
     assert after[3:] == [b"ok", b"STILL HERE"]
 
 
+def test_a_peer_flooding_pings_does_not_starve_callers(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    make(FakeWorker, broker.back, "w", concurrency=8)
+    ready_workers(broker, 1)
+    flood, caller = make(Caller, broker.front), make(Caller, broker.front)
+    flood.sock.setsockopt(zmq.SNDHWM, 0)
+    for seq in range(100_000):  # never read
+        flood.sock.send_multipart([TAG, b"P", b"%d" % seq])
+    for i in range(50):
+        caller.send(f"f.{i}", b"x")
+    replies = caller.replies(50, 10)
+    assert sorted(r[2] for r in replies) == sorted(f"f.{i}".encode() for i in range(50))
+    assert broker.broker.failures == 0
+
+
 def test_an_unknown_worker_is_told_to_say_ready_again(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread)
     stranger = make(Caller, broker.back)
@@ -805,31 +821,50 @@ def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
 
 
 def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Procs) -> None:
-    """With a registry this time: the broker registers there, workers and callers look it up."""
+    """The real commands, with a registry: the broker is killed (-9) with requests in
+    flight and comes back on other ports; the workers notice its silence, find the new
+    one in the registry and reconnect (backoff, jitter); the caller's requests that were
+    at the dead broker are retried (same ids) at the new one: every one answered once."""
     registry = procs.eda(
         "eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:7895", "--tick", "0.1"
     )
     registry.wait_stderr("listening on", 15)
-    reg = ("--registry", "tcp://127.0.0.1:7895")
-    ports = ("--bind", "tcp://127.0.0.1:7891", "--backend", "tcp://127.0.0.1:7892")
-    broker = serve_cli(procs, *ports, *reg)
-    for i in range(2):
-        worker_cli(procs, "--id", f"w{i}", *reg, "--", "tr", "a-z", "A-Z")
+    reg = ("--no-mdns", "--registry", "tcp://127.0.0.1:7895")
+    broker = serve_cli(procs, "--bind", "tcp://127.0.0.1:7891", "--backend",
+                       "tcp://127.0.0.1:7892", *reg)  # fmt: skip
+    slow_upper = 'read -r l; sleep 0.2; echo "$l" | tr a-z A-Z'
+    workers = [
+        worker_cli(procs, "--id", f"w{i}", "--concurrency", "2", *reg, "--", "sh", "-c", slow_upper)
+        for i in range(2)
+    ]
     announced(broker)
     assert "with registry" in broker.stderr
     broker_rows(2, reg=reg)
-    broker.kill()
-    # a caller started while the broker is down: its requests wait and are retried
     caller = procs.eda(
-        "eda-lb", "call", "upper", "--connect", "tcp://127.0.0.1:7891", "--timeout", "1",
-        "--retries", "20", "--heartbeat", E2E_HB, "one", "two",
+        "eda-lb", "call", "upper", "--via", "upper", *reg, "-v", "--timeout", "10",
+        "--heartbeat", E2E_HB, "--window", "4", stdin=subprocess.PIPE,
     )  # fmt: skip
-    announced(serve_cli(procs, *ports, *reg))
-    broker_rows(2, timeout=20, reg=reg)  # the workers reconnected (backoff with jitter)
+    stdin = caller.popen.stdin
+    assert stdin is not None
+    stdin.write(b"".join(b"r%d\n" % i for i in range(12)))
+    stdin.flush()
+    caller.wait_lines(2, 15)
+    broker.kill()  # with requests in flight at it
+    caller.wait_stderr("dropped", 10)
+    moved = serve_cli(procs, "--bind", "tcp://127.0.0.1:7896", "--backend",
+                      "tcp://127.0.0.1:7897", *reg)  # fmt: skip
+    announced(moved)
+    for worker in workers:  # silent for 3 heartbeats: dropped, then the new one found
+        worker.wait_stderr("broker tcp://127.0.0.1:7892 silent", 10)
+        worker.wait_stderr("connecting to broker tcp://127.0.0.1:7897", 20)
+    stdin.write(b"".join(b"r%d\n" % i for i in range(12, 20)))
+    stdin.close()
     assert caller.wait(30) == 0, caller.stderr
-    assert caller.lines() == ["ONE", "TWO"]
-    done = run("eda-lb", "call", "upper", "--via", "upper", *reg, "three")
-    assert (done.returncode, done.stdout) == (0, "THREE\n"), done.stderr
+    assert caller.lines() == [f"R{i}" for i in range(20)]
+    retried = caller.wait_stderr(r"20 answered, 0 failed, (\d+) retried").group(1)
+    assert int(retried) >= 1  # the requests in flight at the killed broker
+    rows = broker_rows(2, reg=reg)
+    assert {r["source"] for r in rows} == {moved.wait_stderr(r"broker (\S+) for").group(1)}
 
 
 def test_the_stats_table_shows_peer_strings_escaped() -> None:
