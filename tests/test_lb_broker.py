@@ -471,6 +471,23 @@ def test_a_peer_flooding_pings_does_not_starve_callers(make):  # type: ignore[no
     assert broker.broker.failures == 0
 
 
+def test_a_worker_cannot_answer_a_request_sent_to_another(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread)
+    honest = make(FakeWorker, broker.back, "honest", concurrency=4, delay=0.5)
+    liar = make(Caller, broker.back)  # a DEALER on the backend: ready, then forged replies
+    ready = {"service": "upper", "id": "liar", "concurrency": 1, "weight": 0}  # never picked
+    liar.sock.send_multipart([TAG, b"W", json.dumps(ready).encode()])
+    ready_workers(broker, 2)
+    caller = make(Caller, broker.front)
+    for i in range(4):
+        caller.send(f"x.{i}", b"x")
+    wait_until(lambda: len(honest.seen) == 4, 5, "every request at the honest one")
+    for i in range(4):  # the rids it guessed: none of these requests went to it
+        liar.sock.send_multipart([TAG, b"R", f"x.{i}".encode(), b"ok", b"forged"])
+    replies = caller.replies(4, 5)
+    assert sorted(r[2:] for r in replies) == [[f"x.{i}".encode(), b"ok", b"X"] for i in range(4)]
+
+
 def test_an_unknown_worker_is_told_to_say_ready_again(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread)
     stranger = make(Caller, broker.back)
