@@ -234,7 +234,7 @@ def worker(
         presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
         inst = presence.start()
         server.inst_id = inst.id
-        finder = _broker_finder(service, access, presence.mode, brokers, ctx)
+        finder = _broker_finder(service, access, presence.mode, brokers, ctx, heartbeat)
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
@@ -279,7 +279,12 @@ class _BrokerFinder:
 
 
 def _broker_finder(
-    service: str, access: Any, mode: str, explicit: tuple[str, ...], ctx: Context
+    service: str,
+    access: Any,
+    mode: str,
+    explicit: tuple[str, ...],
+    ctx: Context,
+    heartbeat: float = 1.0,
 ) -> _BrokerFinder | None:
     from eda.core.lb.presence import Finder
     from eda.core.reqrep import check_endpoint
@@ -292,7 +297,9 @@ def _broker_finder(
             service,
             access,
             lambda i: i.meta.get("role") == "broker",
-            every=3.0,
+            # every 3 heartbeats (1 to 3 s): a broker that moved is found as soon as the
+            # old one is known dead
+            every=min(3.0, max(1.0, 3 * heartbeat)),
             warn=ctx.debug,
         )
         finder.start()

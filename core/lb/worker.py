@@ -709,6 +709,7 @@ class Worker(Daemon):
             known = set(self.found_brokers)
             self.found_brokers += [e for e in listed if e not in known]
             for endpoint in [e for e in self.brokers if e not in self.found_brokers]:
+                self.log(f"broker {endpoint} no longer listed: leaving it")
                 self._drop_broker(self.brokers.pop(endpoint), goodbye=True)
         for endpoint in self.found_brokers:
             if len(self.brokers) >= MAX_BROKERS:
