@@ -565,7 +565,7 @@ Examples:
     default=None,
     metavar="N",
     help="Requests sent ahead to each worker slot [default: as many as each worker says "
-    "it takes: its --concurrency, times 256 for a --persistent one, which pipelines "
+    "it takes: its concurrency, times 256 for a persistent worker, which pipelines "
     "requests into its processes].",
 )
 @click.option(
