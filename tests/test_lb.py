@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -241,6 +242,43 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     # the caller's own limit: refused before sending
     out, failed, _, _ = call([worker.endpoint], [b"y" * 300, b"c"], max_request=200)
     assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
+
+
+def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
+    serve: Any,
+) -> None:
+    """20 MB without a newline: one 'too large' failure, in bounded memory and time."""
+    worker = serve(persistent("w"), persistent=True)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(b"before\n")
+            chunk = b"x" * (1 << 20)
+            for _ in range(20):
+                pipe.write(chunk)
+            pipe.write(b"\nafter\n")
+
+    writer = threading.Thread(target=feed, daemon=True)
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), heartbeat=0.3,
+                    max_request=1000)  # fmt: skip
+    started = time.monotonic()
+    try:
+        caller.use([(worker.endpoint, 1)])
+        caller.feed_fd(read_fd)
+        writer.start()
+        caller.run()
+    finally:
+        caller.close()
+        writer.join(10)
+        os.close(read_fd)
+    assert b"".join(out) == b"w before\nw after\n"
+    [(seq, line, reason)] = failed
+    assert seq == 1 and line == b"x" * 1001
+    assert reason == f"request too large ({20 << 20} bytes; the limit is 1000)"
+    assert time.monotonic() - started < 10
 
 
 def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(

@@ -65,6 +65,17 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+class _Long(bytes):
+    """The kept head of an input line over the size limit, and the line's real size."""
+
+    size: int
+
+    def __new__(cls, head: bytes, size: int) -> _Long:
+        line = super().__new__(cls, head)
+        line.size = size
+        return line
+
+
 class Request:
     """One input line on its way: its place in the output, id, body and current attempt."""
 
@@ -163,6 +174,7 @@ class Caller(Daemon):
         self.source: Iterator[bytes] | None = None
         self.fd = -1
         self.partial = b""
+        self.skipped = 0  # bytes of the current input line dropped (it is over the limit)
         self.eof = False
         self.lines: collections.deque[bytes] = collections.deque()
         self.finder: Any = None
@@ -363,11 +375,23 @@ class Caller(Daemon):
             self.eof = True
             self.forget(self.fd)
             if self.partial:
-                self.lines.append(self.partial)
-                self.partial = b""
+                tail = self.partial
+                self.lines.append(_Long(tail, self.skipped + len(tail)) if self.skipped else tail)
+                self.partial, self.skipped = b"", 0
         else:
+            # a line over the limit keeps only its head (for the error): input without a
+            # newline costs neither unbounded memory nor quadratic copying
+            keep = self.max_request + 1
             parts = (self.partial + data).split(b"\n")
-            self.partial = parts.pop()
+            tail = parts.pop()
+            if self.skipped and parts:  # the long line ends here
+                first = parts[0]
+                parts[0] = _Long(first[:keep], self.skipped + len(first))
+                self.skipped = 0
+            if len(tail) > keep:
+                self.skipped += len(tail) - keep
+                tail = tail[:keep]
+            self.partial = tail
             self.lines.extend(parts)
         if len(self.lines) >= self.window or self.eof:
             self.forget(self.fd)  # enough read ahead: read on when they are sent
@@ -415,7 +439,7 @@ class Caller(Daemon):
                 req = Request(seq, self.prefix + b"%d" % seq, body)
                 req.first = now
                 if len(body) > self.max_request:
-                    size, limit = len(body), self.max_request
+                    size, limit = getattr(body, "size", len(body)), self.max_request
                     self._fail(req, f"request too large ({size} bytes; the limit is {limit})")
                     continue
             if not self._send(req, now):
