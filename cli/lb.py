@@ -756,6 +756,9 @@ def stats(
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
     if not chosen:
         raise NotFoundError(f"no broker or worker of service {service!r}")
+    if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
+        ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
+        chosen = chosen[:MAX_ASKED]
     endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
     answers = ask_stats(endpoints, timeout)
     rows: list[dict[str, Any]] = []
@@ -812,6 +815,9 @@ def _stats_rows(
             row[key] = _number(latency.get(key[:3])) if isinstance(latency, dict) else None
         rows.append(row)
     return rows
+
+
+MAX_ASKED = 1024  # instances stats asks at most
 
 
 STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}

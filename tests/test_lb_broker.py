@@ -885,6 +885,23 @@ def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Proc
     assert {r["source"] for r in rows} == {moved.wait_stderr(r"broker (\S+) for").group(1)}
 
 
+def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
+    """1100 instances that are not there and one that answers: asked 256 at a time
+    (each costs a socket): one answer, the others 'no answer', no crash."""
+    from eda.core.lb.broker import ask_stats
+
+    worker = BrokerThread()
+    try:
+        fakes = [f"tcp://127.0.0.4:{32000 + i}" for i in range(1100)]
+        started = time.monotonic()
+        answers = ask_stats([*fakes, worker.front], timeout=0.2)
+        assert time.monotonic() - started < 5
+    finally:
+        worker.close()
+    assert len(answers) == 1101 and {answers[f] for f in fakes} == {"no answer"}
+    assert isinstance(answers[worker.front], dict) and answers[worker.front]["role"] == "broker"
+
+
 def test_the_stats_table_shows_peer_strings_escaped() -> None:
     from rich.console import Console
 

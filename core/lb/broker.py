@@ -713,6 +713,7 @@ class Broker(Daemon):
 
 # -- asking for figures ------------------------------------------------------------------------
 MAX_STATS = 1 << 20  # bytes of one T answer
+ASK_AT_ONCE = 256  # instances asked at once (each costs a socket; ZeroMQ allows ~1000)
 
 
 def ask_stats(
@@ -720,11 +721,22 @@ def ask_stats(
     timeout: float = 2.0,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> dict[str, dict[str, Any] | str]:
-    """Send S to each endpoint at once; each one's T object, or why there is none.
+    """Send S to each endpoint, :data:`ASK_AT_ONCE` at a time, each batch waiting
+    *timeout* at most; each one's T object, or why there is none.
 
     An answer that is not a JSON object (or too large, or not a T) is an
     error string for that endpoint, never an exception.
     """
+    listed = list(dict.fromkeys(endpoints))
+    results: dict[str, dict[str, Any] | str] = {}
+    for start in range(0, len(listed), ASK_AT_ONCE):
+        results.update(_ask(listed[start : start + ASK_AT_ONCE], timeout, context))
+    return results
+
+
+def _ask(
+    endpoints: list[str], timeout: float, context: zmq.Context[zmq.Socket[bytes]] | None
+) -> dict[str, dict[str, Any] | str]:
     ctx = context or zmq.Context.instance()
     socks: dict[zmq.Socket[bytes], str] = {}
     results: dict[str, dict[str, Any] | str] = {}
