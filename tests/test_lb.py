@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -966,6 +967,16 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
         input=b"lost\n", capture_output=True, timeout=30, check=False,
     )  # fmt: skip
     assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
+    # --with-id: the persistent command reads "ID<TAB>request"
+    with_id = free_port()
+    loop = 'while IFS= read -r l; do echo "got $l"; done'
+    worker_proc(procs, with_id, "--persistent", "--with-id", "--", "sh", "-c", loop)
+    result = subprocess.run(
+        [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{with_id}", "x"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rb"got [0-9a-f]+-[0-9a-f]{4}\.0\tx\n", result.stdout), result.stdout
 
 
 def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve: Any) -> None:
