@@ -207,7 +207,9 @@ def ready_workers(broker: BrokerThread, n: int) -> None:
 # -- in-process ------------------------------------------------------------------------------
 def test_requests_are_balanced_over_ready_workers_and_each_answered_once(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread)
-    workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=4) for i in range(3)]
+    # slots to spare: no worker is ever full, so round-robin is strictly each in turn
+    # however the threads are scheduled (with full workers skipped, a slow one gets less)
+    workers = [make(FakeWorker, broker.back, f"w{i}", concurrency=100) for i in range(3)]
     ready_workers(broker, 3)
     caller = make(Caller, broker.front)
     for i in range(300):
@@ -218,7 +220,7 @@ def test_requests_are_balanced_over_ready_workers_and_each_answered_once(make): 
     assert all(r[:2] == [TAG, b"R"] and r[3] == b"ok" for r in replies)
     assert {r[2]: r[4] for r in replies}[b"r.7"] == b"HELLO 7"
     per_worker = [len(w.seen) for w in workers]
-    assert sum(per_worker) == 300 and min(per_worker) >= 80, per_worker
+    assert per_worker == [100, 100, 100], per_worker
     assert not caller.replies(1, 0.3)  # nothing answered twice
 
 
