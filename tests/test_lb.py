@@ -563,6 +563,21 @@ def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
         flood.close()
     assert out.decode().split("\n")[:-1] == [f"w {i}" for i in range(50)] and not failed
     assert took < 8 and worker.worker.failures == 0
+    # stats queries cost more (a sort of the latencies): 50 a second are answered at most
+    asker = dealer(worker.endpoint)
+    try:
+        started = time.monotonic()
+        for _ in range(1000):
+            asker.send_multipart(p.stats_query())
+        answers = 0
+        while asker.poll(300):
+            asker.recv_multipart()
+            answers += 1
+        took = time.monotonic() - started
+    finally:
+        asker.close()
+    assert 1 <= answers <= 50 * (took + 1) + 1, (answers, took)
+    wait_until(lambda: worker.worker.stats_dropped >= 700, 5, "the flood dropped")
 
 
 def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> None:

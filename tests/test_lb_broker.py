@@ -471,6 +471,16 @@ def test_a_peer_flooding_pings_does_not_starve_callers(make):  # type: ignore[no
     replies = caller.replies(50, 10)
     assert sorted(r[2] for r in replies) == sorted(f"f.{i}".encode() for i in range(50))
     assert broker.broker.failures == 0
+    # stats cost a sort of every worker's latencies: a flood of them is answered 50 times
+    # a second at most, the rest dropped
+    asker = make(Caller, broker.front)
+    started = time.monotonic()
+    for _ in range(2000):
+        asker.sock.send_multipart([TAG, b"S"])
+    answers = asker.replies(2000, 1.0)
+    took = time.monotonic() - started
+    assert 1 <= len(answers) <= 50 * (took + 1) + 1, (len(answers), took)
+    wait_until(lambda: broker.broker.stats_dropped >= 1500, 5, "the flood dropped")
 
 
 def test_a_worker_cannot_answer_a_request_sent_to_another(make):  # type: ignore[no-untyped-def]

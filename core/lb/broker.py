@@ -48,6 +48,7 @@ from .protocol import (
     STATS,
     STATS_QUERY,
     TAG,
+    Budget,
     ProtocolError,
     TooLarge,
     parse,
@@ -286,6 +287,8 @@ class Broker(Daemon):
         self.retried = 0  # re-sends after a worker died, was busy or failed
         self.stale = 0  # worker replies for nothing in flight
         self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
+        self.stats_budget = Budget()
+        self.stats_dropped = 0  # S over the budget
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -359,6 +362,9 @@ class Broker(Daemon):
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
                 send_frames(self.front, [msg[0], *load])
             elif m.kind == STATS_QUERY:
+                if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
+                    self.stats_dropped += 1
+                    continue
                 figures = json.dumps(self.stats(), allow_nan=False).encode()
                 send_frames(self.front, [msg[0], TAG, STATS, figures])
             else:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, NamedTuple
 
 import zmq
@@ -66,6 +67,26 @@ ARITY = {
     DISCONNECT: 0,
 }
 _PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+STATS_RATE = 50.0  # S answered per second at most (each costs a sort of the latencies)
+
+
+class Budget:
+    """At most *rate* events a second, in bursts of *rate* at most (a token bucket): a
+    peer flooding queries that cost (S) is answered this often, the rest dropped."""
+
+    def __init__(self, rate: float = STATS_RATE) -> None:
+        self.rate, self.tokens, self.at = rate, rate, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class ProtocolError(EdaError):

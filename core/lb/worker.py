@@ -194,6 +194,8 @@ class Worker(Daemon):
         self.requests = self.errors = self.busy = self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
         self.brokers: dict[str, BrokerLink] = {}
+        self.stats_budget = p.Budget()
+        self.stats_dropped = 0  # S over the budget
         self.found_brokers: list[str] = []  # the latest found, in the order they are tried
         self.started = time.monotonic()
         self.draining = False
@@ -334,6 +336,9 @@ class Worker(Daemon):
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*route, *load], zmq.NOBLOCK)
         elif msg.kind == p.STATS_QUERY:
+            if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
+                self.stats_dropped += 1
+                return
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*route, *p.stats(self.figures())], zmq.NOBLOCK)
         elif start == 0:  # from a broker
