@@ -91,6 +91,7 @@ Examples:
   eda-lb worker upper -- tr a-z A-Z                          one command per request
   eda-lb worker upper --concurrency 4 -- ./slow.sh           up to 4 requests at once
   eda-lb worker echo --persistent --concurrency 2 -- cat     2 processes, one line per request
+  eda-lb worker upper --persistent --with-id -- ./loop.sh    lines 'ID<TAB>request' in and out
   eda-lb worker upper --weight 3 --serverless -- tr a-z A-Z  announced by mDNS, 3x the traffic
 """,
 )
@@ -101,6 +102,13 @@ Examples:
     is_flag=True,
     help="Keep the command running: one request line in, one reply line out, in order "
     "(it must flush each line: stdbuf -oL CMD, sed -u, python3 -u).",
+)
+@click.option(
+    "--with-id",
+    is_flag=True,
+    help="With --persistent: each line the command reads is 'ID<TAB>request' (ID: the "
+    "request id, the same on a retry); a reply line 'ID<TAB>reply' answers request ID, "
+    "in any order; any other line answers the oldest request.",
 )
 @click.option(
     "--concurrency",
@@ -152,6 +160,7 @@ def worker(
     name: str,
     cmd: tuple[str, ...],
     persistent: bool,
+    with_id: bool,
     concurrency: int,
     queue: int | None,
     weight: int,
@@ -172,7 +181,9 @@ def worker(
 
     The command sees the request on stdin (with a newline) and its id in
     EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
-    non-zero exit is an error reply carrying stderr's last line.
+    non-zero exit is an error reply carrying stderr's last line.  With
+    --persistent, one process reads one request per line; with --with-id each
+    line is prefixed by its request id and a tab.
 
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
@@ -189,6 +200,7 @@ def worker(
         service,
         list(cmd),
         persistent=persistent,
+        with_id=with_id,
         concurrency=concurrency,
         queue=queue,
         max_request=max_request,
@@ -222,7 +234,7 @@ def worker(
         presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
         inst = presence.start()
         server.inst_id = inst.id
-        finder = _broker_finder(service, access, presence.mode, brokers, ctx)
+        finder = _broker_finder(service, access, presence.mode, brokers, ctx, heartbeat)
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
@@ -267,7 +279,12 @@ class _BrokerFinder:
 
 
 def _broker_finder(
-    service: str, access: Any, mode: str, explicit: tuple[str, ...], ctx: Context
+    service: str,
+    access: Any,
+    mode: str,
+    explicit: tuple[str, ...],
+    ctx: Context,
+    heartbeat: float = 1.0,
 ) -> _BrokerFinder | None:
     from eda.core.lb.presence import Finder
     from eda.core.reqrep import check_endpoint
@@ -280,7 +297,9 @@ def _broker_finder(
             service,
             access,
             lambda i: i.meta.get("role") == "broker",
-            every=3.0,
+            # every 3 heartbeats (1 to 3 s): a broker that moved is found as soon as the
+            # old one is known dead
+            every=min(3.0, max(1.0, 3 * heartbeat)),
             warn=ctx.debug,
         )
         finder.start()
@@ -543,11 +562,11 @@ Examples:
 @click.option(
     "--pipeline",
     type=click.IntRange(1, 10_000),
-    default=1,
-    show_default=True,
+    default=None,
     metavar="N",
-    help="Requests sent ahead to each worker slot: raise it (e.g. 64) for persistent "
-    "workers, which pipeline requests into their process.",
+    help="Requests sent ahead to each worker slot [default: as many as each worker says "
+    "it takes: its concurrency, times 256 for a persistent worker, which pipelines "
+    "requests into its processes].",
 )
 @click.option(
     "--eject-after",
@@ -555,7 +574,8 @@ Examples:
     default=5,
     show_default=True,
     metavar="N",
-    help="Requests in a row that time out at a worker eject it for a while.",
+    help="Requests in a row that fail at a worker (time out, or an error reply) eject it "
+    "for a while.",
 )
 @click.option(
     "--eject-time",
@@ -604,7 +624,7 @@ def serve(
     queue_bytes: int,
     max_request: int,
     retries: int,
-    pipeline: int,
+    pipeline: int | None,
     eject_after: int,
     eject_time: float,
     slow_start: float,
@@ -643,7 +663,7 @@ def serve(
     settings = Settings(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
         queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
-        pipeline=pipeline, eject_after=eject_after, eject_base=eject_time,
+        pipeline=pipeline or 0, eject_after=eject_after, eject_base=eject_time,
         slow_start=slow_start, panic=panic,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
@@ -736,6 +756,9 @@ def stats(
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
     if not chosen:
         raise NotFoundError(f"no broker or worker of service {service!r}")
+    if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
+        ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
+        chosen = chosen[:MAX_ASKED]
     endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
     answers = ask_stats(endpoints, timeout)
     rows: list[dict[str, Any]] = []
@@ -792,6 +815,9 @@ def _stats_rows(
             row[key] = _number(latency.get(key[:3])) if isinstance(latency, dict) else None
         rows.append(row)
     return rows
+
+
+MAX_ASKED = 1024  # instances stats asks at most
 
 
 STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}

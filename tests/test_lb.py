@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +19,11 @@ from typing import Any
 import pytest
 import zmq
 
+from eda.core.errors import UsageError
 from eda.core.lb import protocol as p
-from eda.core.lb.caller import Caller, Summary
-from eda.core.lb.worker import Worker
+from eda.core.lb.broker import Broker, Settings
+from eda.core.lb.caller import MAX_CONNS, Caller, Summary
+from eda.core.lb.worker import DEPTH, MAX_BROKERS, Worker
 from tests.helpers import Proc, Procs, wait_until
 
 LB = [sys.executable, "-m", "eda.cli.lb"]
@@ -65,6 +70,7 @@ def call(
     endpoints: list[str] | list[tuple[str, int]],
     bodies: list[bytes],
     all_live: bool = False,
+    setup: Any = None,
     **kw: Any,
 ) -> tuple[bytes, list[tuple[int, bytes, str]], Summary, Caller]:
     out: list[bytes] = []
@@ -72,6 +78,8 @@ def call(
     kw.setdefault("timeout", 5.0)
     kw.setdefault("heartbeat", 0.3)
     caller = Caller(out=out.append, failed=lambda *f: failed.append(f), **kw)
+    if setup is not None:
+        setup(caller)
     try:
         caller.use(e if isinstance(e, tuple) else (e, 1) for e in endpoints)
         if all_live:  # every instance answered its first ping: shares start even
@@ -149,13 +157,30 @@ def test_weighted_share_follows_weights(serve: Any) -> None:
 @pytest.mark.parametrize("strategy", ["least-conn", "random", "p2c"])
 def test_every_strategy_uses_every_worker(serve: Any, strategy: str) -> None:
     workers = [serve(persistent(n), persistent=True) for n in "ab"]
+    picks: list[tuple[int, int]] = []  # at each pick: the picked one's in flight, the least
+
+    def watch(caller: Caller) -> None:
+        balancer = caller.balancer
+        started = balancer.started
+
+        def record(backend: Any) -> None:
+            picks.append((backend.inflight, min(b.inflight for b in balancer)))
+            started(backend)
+
+        balancer.started = record  # type: ignore[method-assign]
+
     out, failed, _, _ = call(
-        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True, slow_start=0
-    )
+        [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True,
+        slow_start=0, setup=watch,
+    )  # fmt: skip
     shares = Counter(line.split()[0] for line in out.decode().splitlines())
-    assert not failed and sum(shares.values()) == 400
-    # random spreads evenly; least-conn and p2c follow load: the quicker worker gets more
-    assert min(shares["a"], shares["b"]) > (100 if strategy == "random" else 20), shares
+    assert not failed and sum(shares.values()) == 400 and len(picks) == 400
+    assert min(shares["a"], shares["b"]) > 0, shares
+    if strategy == "random":  # blind to load: even shares (binomial: 100 is 10 sigma off)
+        assert min(shares.values()) > 100, shares
+    else:  # least-conn, and p2c (of two, it compares both), follow the load however uneven
+        # the machine makes it: each request goes to an instance with the fewest in flight
+        assert all(mine == least for mine, least in picks), picks
 
 
 def test_concurrent_commands_answer_in_input_order_with_their_request_ids(serve: Any) -> None:
@@ -220,6 +245,43 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
 
 
+def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
+    serve: Any,
+) -> None:
+    """20 MB without a newline: one 'too large' failure, in bounded memory and time."""
+    worker = serve(persistent("w"), persistent=True)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(b"before\n")
+            chunk = b"x" * (1 << 20)
+            for _ in range(20):
+                pipe.write(chunk)
+            pipe.write(b"\nafter\n")
+
+    writer = threading.Thread(target=feed, daemon=True)
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), heartbeat=0.3,
+                    max_request=1000)  # fmt: skip
+    started = time.monotonic()
+    try:
+        caller.use([(worker.endpoint, 1)])
+        caller.feed_fd(read_fd)
+        writer.start()
+        caller.run()
+    finally:
+        caller.close()
+        writer.join(10)
+        os.close(read_fd)
+    assert b"".join(out) == b"w before\nw after\n"
+    [(seq, line, reason)] = failed
+    assert seq == 1 and line == b"x" * 1001
+    assert reason == f"request too large ({20 << 20} bytes; the limit is 1000)"
+    assert time.monotonic() - started < 10
+
+
 def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     serve: Any, tmp_path: Path
 ) -> None:
@@ -256,6 +318,54 @@ def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     answering = serve(persistent("ok"), persistent=True)
     out, failed, _, _ = call([answering.endpoint], [b"three"])
     assert out == b"ok three\n" and not failed
+
+
+WITH_ID_REVERSED = """
+import sys
+pending = []
+for line in sys.stdin:
+    pending.append(line.rstrip("\\n").split("\\t", 1))
+    if len(pending) == 2:  # answer two at a time, the second first
+        for rid, body in reversed(pending):
+            print(f"{rid}\\t{body} {rid}", flush=True)
+        pending.clear()
+"""
+
+
+def test_with_id_a_persistent_command_sees_each_request_id_and_may_answer_out_of_order(
+    serve: Any,
+) -> None:
+    worker = serve([sys.executable, "-c", WITH_ID_REVERSED], persistent=True, with_id=True)
+    bodies = [b"%d" % i for i in range(8)]
+    out, failed, _, caller = call([worker.endpoint], bodies, window=8)
+    assert not failed
+    replies = out.decode().splitlines()
+    # each reply went to its own request: its body, and the id the command saw for it
+    assert replies == [f"{i} {caller.prefix.decode()}{i}" for i in range(8)]
+    # a shell loop: the id in, the reply (without it) out, in order
+    shell = 'while IFS="$(printf "\\t")" read -r id body; do echo "$body from $id"; done'
+    plain = serve(["sh", "-c", shell], persistent=True, with_id=True)
+    out, failed, _, caller = call([plain.endpoint], [b"a\tb", b"c"])
+    assert not failed and out.decode().splitlines() == [
+        f"a\tb from {caller.prefix.decode()}0",
+        f"c from {caller.prefix.decode()}1",
+    ]
+    with pytest.raises(UsageError, match="--with-id goes with --persistent"):
+        Worker("svc", ["cat"], with_id=True)
+
+
+def test_a_body_with_nul_bytes_or_a_newline_stays_one_request_to_a_persistent_command(
+    serve: Any,
+) -> None:
+    for with_id in (False, True):
+        worker = serve(["cat"], persistent=True, with_id=with_id)
+        bodies = [b"a\x00b", b"c\nd", b"e\rf\x00", b"g\n", b"h"]
+        out, failed, _, _ = call([worker.endpoint], bodies, retries=0)
+        # with --with-id, cat echoes "ID<TAB>body": the id addresses the reply, body remains
+        assert out == b"a\x00b\ne\rf\x00\nh\n"
+        one_line = "a persistent worker takes one line per request"
+        assert [(f[0], f[2]) for f in failed] == [(1, one_line), (3, one_line)]
+        idle(worker)
 
 
 def test_retry_goes_to_another_worker_with_the_same_request_id(serve: Any, tmp_path: Path) -> None:
@@ -428,6 +538,85 @@ def test_hostile_frames_are_dropped_and_the_worker_keeps_serving(serve: Any) -> 
         flood.close()
 
 
+def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
+    worker = serve(persistent("w"), persistent=True)
+    flood = dealer(worker.endpoint)
+    flood.setsockopt(zmq.SNDHWM, 0)
+    stop = threading.Event()
+
+    def pings() -> None:  # never reads its pongs
+        seq = 0
+        while not stop.is_set() and seq < 300_000:
+            flood.send_multipart(p.ping(seq))
+            seq += 1
+
+    thread = threading.Thread(target=pings, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: worker.worker.sock is not None, 5, "the worker")
+        started = time.monotonic()
+        out, failed, _, _ = call([worker.endpoint], [b"%d" % i for i in range(50)], timeout=10)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(10)
+        flood.close()
+    assert out.decode().split("\n")[:-1] == [f"w {i}" for i in range(50)] and not failed
+    assert took < 8 and worker.worker.failures == 0
+    # stats queries cost more (a sort of the latencies): 50 a second are answered at most
+    asker = dealer(worker.endpoint)
+    try:
+        started = time.monotonic()
+        for _ in range(1000):
+            asker.send_multipart(p.stats_query())
+        answers = 0
+        while asker.poll(300):
+            asker.recv_multipart()
+            answers += 1
+        took = time.monotonic() - started
+    finally:
+        asker.close()
+    assert 1 <= answers <= 50 * (took + 1) + 1, (answers, took)
+    wait_until(lambda: worker.worker.stats_dropped >= 700, 5, "the flood dropped")
+
+
+def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> None:
+    """An instance answering far over the size limit loses its connection (ZeroMQ's
+    MAXMSGSIZE); one answering garbage is dropped; the requests go elsewhere."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    good = serve(persistent("good"), persistent=True)
+    stop = threading.Event()
+    huge = b"x" * (3 << 20)
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, huge)])
+                router.send_multipart([ident, p.TAG, p.REPLY, msg.rid, b"ok"])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        out, failed, summary, _ = call(
+            [f"tcp://127.0.0.1:{port}", good.endpoint], [b"%d" % i for i in range(10)],
+            all_live=True, slow_start=0, timeout=2, max_request=1 << 20,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
+    assert out.decode().split("\n")[:-1] == [f"good {i}" for i in range(10)] and not failed
+    assert summary.retried + summary.dropped_instances > 0
+
+
 def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
     """Garbage, replies to requests never made and duplicates: counted, ignored."""
     router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
@@ -462,6 +651,128 @@ def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
     assert caller.malformed >= 9 and summary.late >= 6  # forged and duplicate replies
 
 
+def test_an_instance_cannot_answer_a_request_sent_to_another() -> None:
+    """A hostile instance that answers with rids it guessed (the caller's prefix and
+    counter): only the instance a request went to (or timed out at) may answer it."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    slow: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow_port = slow.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve_slow() -> None:  # an honest instance that answers after 0.3 s
+        due: list[tuple[float, list[bytes]]] = []
+        while not stop.is_set():
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                slow.send_multipart(item[1])
+            if not slow.poll(10):
+                continue
+            ident, *frames = slow.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                slow.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                answer = [ident, *p.reply(msg.rid, p.OK, b"honest " + msg.body)]
+                due.append((time.monotonic() + 0.3, answer))
+
+    def hostile() -> None:  # answers its own request, and every rid it can guess
+        while not stop.is_set():
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                prefix = msg.rid.rsplit(b".", 1)[0]
+                for n in range(6):
+                    router.send_multipart([ident, *p.reply(b"%s.%d" % (prefix, n), p.OK, b"X")])
+
+    threads = [threading.Thread(target=t, daemon=True) for t in (serve_slow, hostile)]
+    for thread in threads:
+        thread.start()
+    try:
+        out, failed, _, caller = call(
+            [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{slow_port}"],
+            [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        router.close()
+        slow.close()
+    lines = out.decode().splitlines()
+    assert not failed and len(lines) == 6
+    honest = [line for line in lines if line.startswith("honest")]
+    assert len(honest) == 3 and caller.malformed >= 3  # the forged ones: dropped, counted
+
+
+def test_an_instance_whose_command_keeps_failing_is_ejected(serve: Any) -> None:
+    """Error replies count as failures (as Envoy counts consecutive 5xx): the instance
+    is ejected, each error reply stays final (not retried)."""
+    good = serve(persistent("good"), persistent=True)
+    bad = serve(["sh", "-c", "echo broken >&2; exit 1"])
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), heartbeat=0.3,
+                    window=1, slow_start=0)  # fmt: skip
+    caller.balancer.eject_after, caller.balancer.eject_base = 3, 30.0
+    try:
+        caller.use([(good.endpoint, 1), (bad.endpoint, 1)])
+        deadline = time.monotonic() + 10
+        caller.serve(lambda: len(caller.balancer) == 2 or time.monotonic() > deadline)
+        caller.feed([b"%d" % i for i in range(20)])
+        summary = caller.run()
+    finally:
+        caller.close()
+    assert [f[2] for f in failed] == ["exit 1: broken"] * 3 and summary.retried == 0
+    assert b"".join(out).decode().split("\n")[:-1] == [
+        f"good {i}" for i in range(20) if i not in {f[0] for f in failed}
+    ]
+    assert bad.worker.requests == 3
+
+
+def test_a_flood_of_announced_fake_instances_costs_bounded_sockets_and_no_hang(
+    serve: Any,
+) -> None:
+    """Anyone can announce instances by mDNS: 1500 fakes (ports that refuse, and some
+    that accept but never answer) listed before the real one. The caller connects to a
+    bounded number at a time, passes over those that do not answer, and finds it."""
+    real = serve(persistent("real"), persistent=True)
+    silent = []
+    for _ in range(3):  # accept the connection, never answer a ping
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        silent.append((sock, sock.bind_to_random_port("tcp://127.0.0.1")))
+    fakes = [f"tcp://127.0.0.{2 + i // 500}:{30000 + i % 500}" for i in range(1500)]
+    found = [f"tcp://127.0.0.1:{port}" for _, port in silent] + fakes + [real.endpoint]
+    most = 0
+
+    def watch(caller: Caller) -> None:
+        opened = caller._open
+
+        def counting(conn: Any) -> None:
+            nonlocal most
+            opened(conn)
+            most = max(most, len(caller.conns))
+
+        caller._open = counting  # type: ignore[method-assign]
+
+    started = time.monotonic()
+    try:
+        out, failed, _, caller = call(found, [b"a", b"b"], timeout=15, setup=watch)
+    finally:
+        for sock, _ in silent:
+            sock.close()
+    assert out == b"real a\nreal b\n" and not failed
+    assert most <= MAX_CONNS and time.monotonic() - started < 12
+    assert not caller.conns  # all closed at the end
+
+
 # -- brokers, seen from the worker ---------------------------------------------------------------
 def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) -> None:
     backend: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
@@ -487,6 +798,7 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         assert ready.kind == p.READY and ready.data is not None
         assert ready.data["service"] == "svc" and ready.data["concurrency"] == 3
         assert ready.data["weight"] == 2
+        assert ready.data["capacity"] == 3 * DEPTH  # requests pipelined into its processes
         backend.send_multipart([ident, *p.heartbeat()])
         backend.send_multipart([ident, *p.request(b"via.1", 1000, b"hello")])
         _, reply = message()
@@ -524,6 +836,67 @@ def test_worker_serves_a_broker_and_reconnects_when_it_falls_silent(serve: Any) 
         assert link.sock is linked  # the same connection, not a reconnect after silence
     finally:
         backend.close()
+
+
+def test_forged_broker_announcements_cannot_keep_a_worker_from_its_broker(serve: Any) -> None:
+    """Brokers announced with forged backend ports -- the worker's own port, a port that
+    speaks garbage, another service's broker, and many that are not there -- cost the
+    worker a bounded number of links; it reaches the real broker in turn and serves."""
+    import socket as sockets
+
+    brokers = []
+    for service in ("svc", "other"):
+        broker = Broker(Settings(service=service, bind="tcp://127.0.0.1:*",
+                                 backend="tcp://127.0.0.1:*", heartbeat=0.1))  # fmt: skip
+        broker.start()
+        brokers.append(broker)
+    stop = threading.Event()
+    real, other = brokers
+    garbage = sockets.socket()
+    garbage.bind(("127.0.0.1", 0))
+    garbage.listen(8)
+    garbage.settimeout(0.05)
+
+    def speak_garbage() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = garbage.accept()
+                with conn:
+                    conn.sendall(b"\xff" * 64 + b"HTTP/1.0 200 OK\r\n\r\n")
+
+    threads = [threading.Thread(target=b.serve, args=(stop.is_set,)) for b in brokers]
+    threads.append(threading.Thread(target=speak_garbage, daemon=True))
+    for thread in threads:
+        thread.start()
+    found: list[list[str]] = [[]]
+    worker = serve(persistent("w"), persistent=True, heartbeat=0.1, find_brokers=lambda: found[0])
+    fakes = [f"tcp://127.0.0.3:{31000 + i}" for i in range(40)]
+    found[0] = [
+        worker.endpoint, f"tcp://127.0.0.1:{garbage.getsockname()[1]}",
+        other.backend_endpoint, *fakes, real.backend_endpoint,
+    ]  # fmt: skip
+    most = 0
+
+    def linked() -> bool:
+        nonlocal most
+        most = max(most, len(worker.worker.brokers))
+        return len(real.workers) == 1
+
+    try:
+        wait_until(linked, 15, "the worker at the real broker")
+        out, failed, _, _ = call([real.endpoint], [b"via", b"broker"])
+        assert out == b"w via\nw broker\n" and not failed
+    finally:
+        stop.set()
+        for thread in threads[:2]:
+            thread.join(5)
+        for broker in brokers:
+            broker.close()
+        garbage.close()
+    assert most <= MAX_BROKERS and not other.workers
+    assert worker.worker.failures == 0 and worker.worker.malformed > 0  # its own W, H: dropped
+    heard = [e for e, link in worker.worker.brokers.items() if link.heard]
+    assert heard == [real.backend_endpoint]
 
 
 # -- the command line: registration, discovery, exit statuses -----------------------------------
@@ -609,6 +982,16 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
         input=b"lost\n", capture_output=True, timeout=30, check=False,
     )  # fmt: skip
     assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
+    # --with-id: the persistent command reads "ID<TAB>request"
+    with_id = free_port()
+    loop = 'while IFS= read -r l; do echo "got $l"; done'
+    worker_proc(procs, with_id, "--persistent", "--with-id", "--", "sh", "-c", loop)
+    result = subprocess.run(
+        [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{with_id}", "x"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rb"got [0-9a-f]+-[0-9a-f]{4}\.0\tx\n", result.stdout), result.stdout
 
 
 def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve: Any) -> None:

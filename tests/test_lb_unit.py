@@ -31,7 +31,9 @@ def test_every_message_round_trips() -> None:
         "id": "w-1",
         "concurrency": 4,
         "weight": 2,
+        "capacity": 4,  # not said: its concurrency
     }
+    assert p.parse(p.ready("upper", "w-1", 4, 2, 1024)).data["capacity"] == 1024  # type: ignore[index]
     for frames, kind in (
         (p.stats_query(), p.STATS_QUERY),
         (p.heartbeat(), p.HEARTBEAT),
@@ -74,6 +76,13 @@ def test_every_message_round_trips() -> None:
         [b"EDALB1", b"W", b'{"service":"UP PER","id":"a","concurrency":1,"weight":1}'],
         [b"EDALB1", b"W", b'{"service":"up","id":"a b","concurrency":1,"weight":1}'],
         [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":0,"weight":1}'],
+        [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":2,"weight":1,"capacity":1}'],
+        [b"EDALB1", b"W", b'{"service":"up","id":"a","concurrency":1,"weight":1,"capacity":1e9}'],
+        [
+            b"EDALB1",
+            b"W",
+            b'{"service":"up","id":"a","concurrency":1,"weight":1,"capacity":2000000}',
+        ],
         [b"EDALB1", b"H", b"extra"],
     ],
 )
@@ -266,3 +275,21 @@ def test_an_ejected_instance_slow_starts_when_it_comes_back() -> None:
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown strategy"):
         Balancer("fastest")
+
+
+def test_a_worker_reconnects_to_a_broker_with_growing_backoff_and_jitter() -> None:
+    from eda.core.lb.worker import BrokerLink, Worker
+
+    worker = Worker("svc", ["cat"])
+    try:
+        link = BrokerLink("tcp://127.0.0.1:1")
+        waits: list[float] = []
+        for _ in range(8):
+            base = link.backoff
+            worker._schedule(link, 100.0)
+            waits.append(link.retry_at - 100.0)
+            assert 0.5 * base <= waits[-1] <= 1.5 * base  # jitter: +-50%
+        assert link.backoff == 10.0  # doubled from 0.5 up to the cap
+        assert waits[5] > waits[0] and len(set(waits)) == len(waits)  # growing, not in step
+    finally:
+        worker.close()

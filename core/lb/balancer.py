@@ -13,7 +13,8 @@ with a strategy:
 
 Health is passive, from the outcome of requests (:meth:`Balancer.finished`):
 
-- **outlier ejection**: *eject_after* consecutive failures eject an
+- **outlier ejection**: *eject_after* consecutive failures (timeouts,
+  deaths, error replies) eject an
   instance for ``eject_base * 2**k`` seconds (k: how many times it was
   ejected since its last success), capped at *eject_max*;
 - **slow start**: an instance that appears or comes back from ejection
@@ -273,9 +274,11 @@ class Balancer:
     def finished(self, backend: Backend, ok: bool = True) -> bool:
         """A request to *backend* ended; True when this failure ejected it.
 
-        *ok* False is a failure (timeout, transport error, instance died);
-        an answer, even an error reply from the command, is a success of the
-        instance.  A busy reply should be reported with :meth:`released`.
+        *ok* False is a failure: a timeout, a transport error, the instance
+        died, or an error reply (as Envoy counts consecutive 5xx: an instance
+        whose command keeps failing -- missing on its host, out of disk --
+        is ejected; when every instance fails alike, the panic threshold keeps
+        them all in use).  A busy reply should be reported with :meth:`released`.
         """
         backend.inflight = max(0, backend.inflight - 1)
         if ok:

@@ -2,7 +2,7 @@
 
 Callers connect a DEALER to the *frontend* ROUTER and speak to it exactly as
 to a worker (Q, P, S); workers connect a DEALER to the *backend* ROUTER, say
-W (ready, with their concurrency and weight), then exchange H heartbeats
+W (ready, with their concurrency, capacity and weight), then exchange H heartbeats
 with the broker and answer the Q it forwards (:mod:`.protocol`).  Each
 request goes to a ready worker with a free slot, chosen by the same
 :class:`~.balancer.Balancer` callers use (strategies, outlier ejection, slow
@@ -48,6 +48,7 @@ from .protocol import (
     STATS,
     STATS_QUERY,
     TAG,
+    Budget,
     ProtocolError,
     TooLarge,
     parse,
@@ -114,7 +115,8 @@ class Settings:
     queue_bytes: int = 64 << 20  # and their bodies, in bytes at most
     max_request: int = MAX_BODY  # bytes of one request body
     retries: int = 2  # re-sends of a request whose worker died
-    pipeline: int = 1  # requests sent ahead per worker slot (persistent workers pipeline)
+    pipeline: int = 0  # requests sent ahead per worker slot; 0: as many as the worker's W
+    # says it takes (its capacity: a persistent worker pipelines requests into its processes)
     eject_after: int = 5  # consecutive failures that eject a worker
     eject_base: float = 1.0  # seconds of the first ejection (doubling, capped)
     eject_max: float = 30.0
@@ -144,7 +146,7 @@ class Worker:
     ident: bytes
     id: str
     concurrency: int
-    limit: int  # requests in flight at most: concurrency x pipeline
+    limit: int  # requests in flight at most: its capacity (or concurrency x pipeline)
     backend: Backend
     seen: float  # monotonic time of its last message
     period: float  # its heartbeat interval, as observed between two H
@@ -285,6 +287,8 @@ class Broker(Daemon):
         self.retried = 0  # re-sends after a worker died, was busy or failed
         self.stale = 0  # worker replies for nothing in flight
         self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
+        self.stats_budget = Budget()
+        self.stats_dropped = 0  # S over the budget
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -358,6 +362,9 @@ class Broker(Daemon):
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
                 send_frames(self.front, [msg[0], *load])
             elif m.kind == STATS_QUERY:
+                if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
+                    self.stats_dropped += 1
+                    continue
                 figures = json.dumps(self.stats(), allow_nan=False).encode()
                 send_frames(self.front, [msg[0], TAG, STATS, figures])
             else:
@@ -517,7 +524,7 @@ class Broker(Daemon):
         w = self.workers.get(ident)
         if w is not None:  # W again: new figures, same requests in flight
             w.id, w.concurrency, w.seen = data["id"], concurrency, now
-            w.limit = concurrency * self.settings.pipeline
+            w.limit = self._limit(data)
             self.balancer.add(w.backend.key, weight)
             self._fullness(w)
             return True
@@ -526,7 +533,7 @@ class Broker(Daemon):
             return False
         # a worker joining others ramps up (slow start); the first ones take all at once
         backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
-        limit = concurrency * self.settings.pipeline
+        limit = self._limit(data)
         # until its second H, allow the default heartbeat of eda-lb workers
         period = max(self.settings.heartbeat, DEFAULT_WORKER_HEARTBEAT)
         w = Worker(ident, data["id"], concurrency, limit, backend, now, period)
@@ -535,6 +542,12 @@ class Broker(Daemon):
         self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
         send_frames(self.back, [ident, *_HEARTBEAT])
         return True
+
+    def _limit(self, ready: dict[str, Any]) -> int:
+        """Requests in flight at a worker at most: what its W says it takes, unless
+        ``--pipeline`` says how many per slot."""
+        pipeline = self.settings.pipeline
+        return int(ready["concurrency"] * pipeline if pipeline else ready["capacity"])
 
     def _fullness(self, w: Worker) -> None:
         if w.free:
@@ -562,7 +575,7 @@ class Broker(Daemon):
             else:
                 self._again(p)
             return True
-        self.balancer.finished(w.backend, True)
+        self.balancer.finished(w.backend, status == OK)  # an error reply is a failure (5xx)
         w.requests += 1
         w.latencies.append(now - t0)
         if status != OK:
@@ -706,6 +719,7 @@ class Broker(Daemon):
 
 # -- asking for figures ------------------------------------------------------------------------
 MAX_STATS = 1 << 20  # bytes of one T answer
+ASK_AT_ONCE = 256  # instances asked at once (each costs a socket; ZeroMQ allows ~1000)
 
 
 def ask_stats(
@@ -713,11 +727,22 @@ def ask_stats(
     timeout: float = 2.0,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> dict[str, dict[str, Any] | str]:
-    """Send S to each endpoint at once; each one's T object, or why there is none.
+    """Send S to each endpoint, :data:`ASK_AT_ONCE` at a time, each batch waiting
+    *timeout* at most; each one's T object, or why there is none.
 
     An answer that is not a JSON object (or too large, or not a T) is an
     error string for that endpoint, never an exception.
     """
+    listed = list(dict.fromkeys(endpoints))
+    results: dict[str, dict[str, Any] | str] = {}
+    for start in range(0, len(listed), ASK_AT_ONCE):
+        results.update(_ask(listed[start : start + ASK_AT_ONCE], timeout, context))
+    return results
+
+
+def _ask(
+    endpoints: list[str], timeout: float, context: zmq.Context[zmq.Socket[bytes]] | None
+) -> dict[str, dict[str, Any] | str]:
     ctx = context or zmq.Context.instance()
     socks: dict[zmq.Socket[bytes], str] = {}
     results: dict[str, dict[str, Any] | str] = {}

@@ -21,7 +21,11 @@ instance (workers, or brokers with ``via``) and a
 - **discovery**: instances come from *endpoints*, or from a lookup of the
   service (role ``worker``, or ``broker`` with *via*) repeated every
   *relookup* seconds in the background, so new instances are used and
-  deregistered ones are drained.
+  deregistered ones are drained.  At most :data:`MAX_PROBING` of them are
+  waiting for their first answer at once (and :data:`MAX_CONNS` connected):
+  one that does not answer in three heartbeats is closed and the next one
+  found is tried, so that a flood of announced instances costs a bounded
+  number of sockets and the real ones are still reached in turn.
 
 Each failed request is reported through *failed* with its input, and counted.
 """
@@ -50,10 +54,26 @@ READ_CHUNK = 1 << 16
 LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
 REORDER_LIMIT = 100_000  # replies held back waiting for an earlier one before input pauses
 MISSES = 2  # lookups in a row without an instance before it is drained
+# Instances found are connected to a few at a time: anyone on the LAN can announce as
+# many as they like by mDNS, and each connection costs sockets (ZeroMQ allows ~1000).
+MAX_PROBING = 64  # connections waiting for a first answer at once
+MAX_CONNS = 256  # connections at once, live ones included
+PROBE_TIME = 1.0  # seconds at least a new connection has to answer (else: the next one)
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+class _Long(bytes):
+    """The kept head of an input line over the size limit, and the line's real size."""
+
+    size: int
+
+    def __new__(cls, head: bytes, size: int) -> _Long:
+        line = super().__new__(cls, head)
+        line.size = size
+        return line
 
 
 class Request:
@@ -139,6 +159,8 @@ class Caller(Daemon):
         self.relookup = relookup
         self.timeout_ms = b"%d" % max(1, int(timeout * 1000))
         self.conns: dict[str, Conn] = {}
+        self.candidates: dict[str, int] = {}  # found, not connected yet: endpoint -> weight
+        self.wanted: dict[str, int] = {}  # the latest instances found
         self.by_sock: dict[zmq.Socket[bytes], Conn] = {}
         self.pending: dict[bytes, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()  # to send (or resend)
@@ -152,6 +174,7 @@ class Caller(Daemon):
         self.source: Iterator[bytes] | None = None
         self.fd = -1
         self.partial = b""
+        self.skipped = 0  # bytes of the current input line dropped (it is over the limit)
         self.eof = False
         self.lines: collections.deque[bytes] = collections.deque()
         self.finder: Any = None
@@ -167,12 +190,14 @@ class Caller(Daemon):
     def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
         """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
         drained (at once if *final*, else when two calls in a row leave them out)."""
-        wanted = dict(endpoints)
+        wanted = self.wanted = dict(endpoints)
+        candidates = self.candidates
+        for key in [k for k in candidates if k not in wanted]:
+            del candidates[key]
         for key, weight in wanted.items():
             conn = self.conns.get(key)
             if conn is None:
-                conn = self.conns[key] = Conn(key, weight)
-                self._open(conn)
+                candidates[key] = weight
             else:
                 conn.gone = False
                 if conn.weight != weight:
@@ -192,6 +217,37 @@ class Caller(Daemon):
                 self._unbalance(conn)
                 if not conn.inflight:
                     self._close(conn)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Connect to more of the instances found, within the bounds."""
+        candidates = self.candidates
+        if not candidates:
+            return
+        conns = self.conns
+        probing = sum(1 for c in conns.values() if c.backend is None)
+        while candidates and probing < MAX_PROBING and len(conns) < MAX_CONNS:
+            key = next(iter(candidates))
+            conn = conns[key] = Conn(key, candidates.pop(key))
+            self._open(conn)
+            probing += 1
+
+    def _rotate(self, now: float) -> None:
+        """Close the connections that never answered in time, to try the next instances
+        found (they go last in the line, if they are still listed)."""
+        if not self.candidates:
+            return
+        limit = max(PROBE_TIME, 3 * self.heartbeat)
+        for conn in list(self.conns.values()):
+            if conn.backend is None and not conn.inflight and now - conn.since > limit:
+                self._pass_over(conn)
+
+    def _pass_over(self, conn: Conn) -> None:
+        conn.gone = True
+        self._close(conn)
+        if conn.key in self.wanted:
+            self.candidates[conn.key] = conn.weight
+        self._probe()
 
     def follow(self, finder: Any) -> None:
         """Take the instances *finder* (a :class:`~.presence.Finder`) keeps finding."""
@@ -212,7 +268,8 @@ class Caller(Daemon):
         self.by_sock[sock] = conn
         self.watch(sock, "replies", lambda: self._on_replies(conn, sock))
         # a dead process's connection closes at once: act on that, not on heartbeats alone
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # (and one that refuses the connection, announced but not there, is passed over)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         conn.monitor = monitor
         self.watch(monitor, "disconnects", lambda: self._on_disconnect(conn, sock))
         self._ping(conn)
@@ -221,13 +278,18 @@ class Caller(Daemon):
         monitor = conn.monitor
         if conn.sock is not sock or monitor is None:
             return
-        events = 0
+        events = refused = 0
         with contextlib.suppress(zmq.Again):
             while True:
-                monitor.recv_multipart(zmq.NOBLOCK)
-                events += 1
+                event = monitor.recv_multipart(zmq.NOBLOCK)
+                if int.from_bytes(event[0][:2], "little") == zmq.EVENT_CONNECT_RETRIED:
+                    refused += 1
+                else:
+                    events += 1
         if events and (conn.backend is not None or conn.inflight):
             self._dead(conn, time.monotonic(), "its connection closed")
+        elif refused and conn.backend is None and not conn.inflight and self.candidates:
+            self._pass_over(conn)  # not there: try the next instance found
 
     def _close(self, conn: Conn) -> None:
         self._unbalance(conn)
@@ -267,6 +329,7 @@ class Caller(Daemon):
 
     def _heartbeats(self) -> None:
         now = time.monotonic()
+        self._rotate(now)
         limit = 3 * self.heartbeat
         for conn in list(self.conns.values()):
             if conn.backend is not None and now - conn.last_seen > limit:
@@ -312,11 +375,23 @@ class Caller(Daemon):
             self.eof = True
             self.forget(self.fd)
             if self.partial:
-                self.lines.append(self.partial)
-                self.partial = b""
+                tail = self.partial
+                self.lines.append(_Long(tail, self.skipped + len(tail)) if self.skipped else tail)
+                self.partial, self.skipped = b"", 0
         else:
+            # a line over the limit keeps only its head (for the error): input without a
+            # newline costs neither unbounded memory nor quadratic copying
+            keep = self.max_request + 1
             parts = (self.partial + data).split(b"\n")
-            self.partial = parts.pop()
+            tail = parts.pop()
+            if self.skipped and parts:  # the long line ends here
+                first = parts[0]
+                parts[0] = _Long(first[:keep], self.skipped + len(first))
+                self.skipped = 0
+            if len(tail) > keep:
+                self.skipped += len(tail) - keep
+                tail = tail[:keep]
+            self.partial = tail
             self.lines.extend(parts)
         if len(self.lines) >= self.window or self.eof:
             self.forget(self.fd)  # enough read ahead: read on when they are sent
@@ -364,7 +439,7 @@ class Caller(Daemon):
                 req = Request(seq, self.prefix + b"%d" % seq, body)
                 req.first = now
                 if len(body) > self.max_request:
-                    size, limit = len(body), self.max_request
+                    size, limit = getattr(body, "size", len(body)), self.max_request
                     self._fail(req, f"request too large ({size} bytes; the limit is {limit})")
                     continue
             if not self._send(req, now):
@@ -421,8 +496,9 @@ class Caller(Daemon):
                 if req is None:
                     self.summary.late += 1
                     continue
-                if status != p.OK and req.stale and conn in req.stale:
-                    req.stale.remove(conn)  # the late answer of an attempt that timed out
+                stale = req.stale
+                if status != p.OK and stale and conn in stale:
+                    stale.remove(conn)  # the late answer of an attempt that timed out
                     continue
                 if req.conn is conn:
                     del inflight[rid]
@@ -431,12 +507,14 @@ class Caller(Daemon):
                             balancer.released(backend)
                         self._busy(req, now)
                         continue
-                    if backend is not None:
-                        balancer.finished(backend, True)
-                elif status != p.OK:
-                    continue  # an earlier attempt failed after all: the current one goes on
-                else:  # an earlier attempt answered first: take it, cancel the current one
+                    if backend is not None:  # an error reply counts as a failure (5xx)
+                        balancer.finished(backend, status == p.OK)
+                elif stale and conn in stale:  # an earlier attempt answered first: take it
+                    stale.remove(conn)
                     self._cancel_current(req)
+                else:  # never sent there: someone else's rid
+                    self.dropped("reply", p.ProtocolError("a reply to a request not sent there"))
+                    continue
                 del pending[rid]
                 latencies.append(now - req.first)
                 if status == p.OK:

@@ -162,10 +162,13 @@ class Finder:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self._fresh = False  # once() just answered: the background starts a period later
 
     def once(self) -> list[Instance]:
         """A lookup now, in the calling thread (raises what the lookup raises)."""
-        return [i for i in reg.lookup(self.service, self.access) if self.keep(i)]
+        found = [i for i in reg.lookup(self.service, self.access) if self.keep(i)]
+        self._fresh = True
+        return found
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -176,6 +179,9 @@ class Finder:
         self._wake.set()
 
     def _run(self) -> None:
+        if self._fresh:  # the same lookup again at once would only delay close()
+            self._wake.wait(self.every)
+            self._wake.clear()
         while not self._stop.is_set():
             try:
                 found = self.once()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, NamedTuple
 
 import zmq
@@ -51,6 +52,7 @@ MAX_JSON = 65536  # a load, stats or ready object
 MAX_TIMEOUT_MS = 2**31 - 1
 MAX_SEQ_DIGITS = 20
 MAX_NUMBER = 2**31 - 1
+MAX_CAPACITY = 1 << 20  # requests one worker may say it takes in flight (W capacity)
 
 # number of fields after [TAG, type] for each type
 ARITY = {
@@ -65,6 +67,26 @@ ARITY = {
     DISCONNECT: 0,
 }
 _PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+STATS_RATE = 50.0  # S answered per second at most (each costs a sort of the latencies)
+
+
+class Budget:
+    """At most *rate* events a second, in bursts of *rate* at most (a token bucket): a
+    peer flooding queries that cost (S) is answered this often, the rest dropped."""
+
+    def __init__(self, rate: float = STATS_RATE) -> None:
+        self.rate, self.tokens, self.at = rate, rate, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class ProtocolError(EdaError):
@@ -117,8 +139,15 @@ def stats(figures: dict[str, Any]) -> list[bytes]:
     return [TAG, STATS, _dumps(figures)]
 
 
-def ready(service: str, inst_id: str, concurrency: int, weight: int) -> list[bytes]:
+def ready(
+    service: str, inst_id: str, concurrency: int, weight: int, capacity: int = 0
+) -> list[bytes]:
+    """A worker's W: *capacity* is how many requests it takes in flight at once (its
+    slots, times the requests pipelined into each persistent process); 0: not said,
+    *concurrency* then."""
     info = {"service": service, "id": inst_id, "concurrency": concurrency, "weight": weight}
+    if capacity:
+        info["capacity"] = capacity
     return [TAG, READY, _dumps(info)]
 
 
@@ -297,9 +326,15 @@ def _ready(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("bad ready message: id must be 1-63 letters, digits, '-' or '_'")
     concurrency = _count(obj, "concurrency", "ready message")
     weight = _count(obj, "weight", "ready message")
+    capacity = _count(obj, "capacity", "ready message", required=False) or concurrency
     if concurrency < 1 or weight > 65535:
         raise ProtocolError("bad ready message: concurrency >= 1, weight in 0..65535")
-    return {"service": service, "id": inst_id, "concurrency": concurrency, "weight": weight}
+    if not concurrency <= capacity <= MAX_CAPACITY:
+        raise ProtocolError(f"bad ready message: capacity in concurrency..{MAX_CAPACITY}")
+    return {
+        "service": service, "id": inst_id, "concurrency": concurrency, "weight": weight,
+        "capacity": capacity,
+    }  # fmt: skip
 
 
 def _stats(frame: bytes) -> dict[str, Any]:

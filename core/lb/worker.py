@@ -11,7 +11,11 @@ reconnect with backoff and jitter).  Requests run in one of two ways:
   ``err`` reply carrying stderr's last line; up to *concurrency* at once;
 - **persistent**: *concurrency* long-running processes, each fed one request
   line at a time and answering with one line per request line, in order;
-  requests are pipelined into them (up to :data:`DEPTH` each).
+  requests are pipelined into them (up to :data:`DEPTH` each).  With
+  *with_id*, each line fed is ``ID<TAB>body`` (ID: the request id); a reply
+  line ``ID<TAB>reply`` answers request ID, in any order, and any other
+  line answers the oldest request, as without it.  A body with a newline
+  would be two lines: it gets an ``err`` reply instead.
 
 Beyond capacity, requests wait in a bounded queue; beyond that they get a
 ``busy`` reply (the caller tries elsewhere).  A request whose deadline
@@ -48,6 +52,7 @@ READ_CHUNK = 1 << 18
 STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
 BROKER_LOOKUP_EVERY = 3.0
+MAX_BROKERS = 16  # brokers served at once (anyone can announce one: each costs sockets)
 LATENCIES = 4096  # recent request latencies kept for the stats percentiles
 NO_REPLY_LINE = (
     b"timed out: no reply line (a command writing to a pipe may buffer its output: "
@@ -110,6 +115,7 @@ class BrokerLink:
     last_seen: float = 0.0
     backoff: float = 0.5
     retry_at: float = 0.0
+    heard: bool = False  # it ever sent H: a broker, not just a port that accepts
 
 
 def last_line(data: bytes | bytearray) -> str:
@@ -146,6 +152,7 @@ class Worker(Daemon):
         argv: list[str],
         *,
         persistent: bool = False,
+        with_id: bool = False,
         concurrency: int = 1,
         queue: int | None = None,
         max_request: int = p.MAX_BODY,
@@ -165,7 +172,10 @@ class Worker(Daemon):
         if concurrency < 1:
             raise UsageError("--concurrency must be at least 1")
         self.service, self.argv = service, list(argv)
-        self.persistent = persistent
+        if with_id and not persistent:
+            raise UsageError("--with-id goes with --persistent (a command run per request "
+                             "has its id in EDA_REQUEST_ID)")  # fmt: skip
+        self.persistent, self.with_id = persistent, with_id
         self.concurrency = concurrency
         self.capacity = concurrency * (DEPTH if persistent else 1)
         self.queue_limit = queue if queue is not None else QUEUE
@@ -184,6 +194,9 @@ class Worker(Daemon):
         self.requests = self.errors = self.busy = self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
         self.brokers: dict[str, BrokerLink] = {}
+        self.stats_budget = p.Budget()
+        self.stats_dropped = 0  # S over the budget
+        self.found_brokers: list[str] = []  # the latest found, in the order they are tried
         self.started = time.monotonic()
         self.draining = False
         self.endpoint = ""
@@ -292,6 +305,8 @@ class Worker(Daemon):
                 self._admit(Job(sock, frames[0] if start else None, rid, body, deadline, now))
             else:
                 self._control(sock, frames, start)
+                if sock.closed:  # a broker's goodbye closed its link
+                    break
         if self.persistent:
             for proc in self.procs:
                 if proc.outbuf:
@@ -321,6 +336,9 @@ class Worker(Daemon):
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*route, *load], zmq.NOBLOCK)
         elif msg.kind == p.STATS_QUERY:
+            if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
+                self.stats_dropped += 1
+                return
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*route, *p.stats(self.figures())], zmq.NOBLOCK)
         elif start == 0:  # from a broker
@@ -524,11 +542,14 @@ class Worker(Daemon):
             self._send(job, p.BUSY, b"")
             return
         body = job.body
-        if b"\n" in body:
+        if b"\n" in body:  # it would be two requests to the process
             self._reply(job, p.ERR, b"a persistent worker takes one line per request")
             self._freed()
             return
         best.jobs.append(job)
+        if self.with_id:
+            best.outbuf += job.rid
+            best.outbuf += b"\t"
         best.outbuf += body
         best.outbuf += b"\n"
 
@@ -563,11 +584,25 @@ class Worker(Daemon):
         jobs = proc.jobs
         now = time.monotonic()
         answered = 0
+        with_id = self.with_id
         for line in lines:
             if not jobs:
                 self.limited("extra", f"{self.argv[0]} printed a line nobody asked for: dropped")
                 continue
-            job = jobs.popleft()
+            job = jobs[0]
+            if with_id:  # "ID<TAB>reply" answers that request, in any order
+                rid, tab, rest = line.partition(b"\t")
+                if tab:
+                    if rid == job.rid:
+                        line = rest
+                    else:
+                        found = self._find(jobs, rid)
+                        if found is not None:
+                            job, line = found, rest
+            if job is jobs[0]:
+                jobs.popleft()
+            else:
+                jobs.remove(job)
             self.latencies.append(now - job.received)
             self._send(job, p.OK, line)
             answered += 1
@@ -576,6 +611,13 @@ class Worker(Daemon):
             self._freed()
         if len(proc.partial) > self.max_request:
             self._restart(proc, b"reply too large")
+
+    @staticmethod
+    def _find(jobs: collections.deque[Job], rid: bytes) -> Job | None:
+        for job in jobs:
+            if job.rid == rid:
+                return job
+        return None
 
     def _read_stderr(self, proc: Process) -> None:
         data = _read(proc.stderr)
@@ -667,13 +709,20 @@ class Worker(Daemon):
         now = time.monotonic()
         found = self.find_brokers()
         if found is not None:
-            for endpoint in found:
-                if endpoint not in self.brokers:
-                    self.brokers[endpoint] = BrokerLink(endpoint)
-            for endpoint in [e for e in self.brokers if e not in found]:
+            listed = dict.fromkeys(found)  # in the order tried so far, new ones last
+            self.found_brokers = [e for e in self.found_brokers if e in listed]
+            known = set(self.found_brokers)
+            self.found_brokers += [e for e in listed if e not in known]
+            for endpoint in [e for e in self.brokers if e not in self.found_brokers]:
+                self.log(f"broker {endpoint} no longer listed: leaving it")
                 self._drop_broker(self.brokers.pop(endpoint), goodbye=True)
+        for endpoint in self.found_brokers:
+            if len(self.brokers) >= MAX_BROKERS:
+                break
+            if endpoint not in self.brokers:
+                self.brokers[endpoint] = BrokerLink(endpoint)
         silent = 3 * self.heartbeat_interval
-        for link in self.brokers.values():
+        for link in list(self.brokers.values()):
             if link.sock is None:
                 if now >= link.retry_at:
                     self._connect_broker(link, now)
@@ -681,6 +730,11 @@ class Worker(Daemon):
                 self.log(f"broker {link.endpoint} silent for {silent:g} s: reconnecting")
                 self._drop_broker(link)
                 self._schedule(link, now)
+                if not link.heard and len(self.found_brokers) > MAX_BROKERS:
+                    # never a word from it, and others wait for a place: give them its turn
+                    del self.brokers[link.endpoint]
+                    self.found_brokers.remove(link.endpoint)
+                    self.found_brokers.append(link.endpoint)
             else:
                 with contextlib.suppress(zmq.ZMQError):
                     link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
@@ -708,7 +762,7 @@ class Worker(Daemon):
         self.log(f"connecting to broker {link.endpoint}")
 
     def _ready(self, sock: zmq.Socket[bytes]) -> None:
-        ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight)
+        ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight, self.capacity)
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(ready, zmq.NOBLOCK)
 
@@ -750,6 +804,7 @@ class Worker(Daemon):
         if msg.kind == p.HEARTBEAT:
             link.last_seen = time.monotonic()
             link.backoff = 0.5
+            link.heard = True
         elif msg.kind == p.DISCONNECT:
             self.log(f"broker {link.endpoint} said goodbye: reconnecting later")
             self._drop_broker(link)
