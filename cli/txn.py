@@ -609,22 +609,9 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
 # -- sagas: saga, saga init ----------------------------------------------------------------
 import contextlib  # noqa: E402  (imports of this section kept here: merges stay clean)
 import sys  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
 
-from eda.cli.common import (  # noqa: E402
-    Context,
-    Exit,
-    ExitStatus,
-    Output,
-    Terminated,
-    for_terminal,
-    write_stdout,
-)
+from eda.cli.common import write_stdout  # noqa: E402
 from eda.cli.registry import registry_option  # noqa: E402
-from eda.core.errors import UsageError  # noqa: E402
-
-if TYPE_CHECKING:
-    from rich.text import Text
 
 SAGA_EPILOG = """\b
 Examples:

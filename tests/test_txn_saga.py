@@ -557,7 +557,7 @@ def test_a_group_member_failing_stops_the_others_retries_and_compensates_the_don
     )
     assert drive(plan, world, tmp_path) == saga.COMPENSATED
     assert world.applied == set() and world.ever == {"a", "ok"}
-    assert world.counts[("slow", "action")] <= 4  # no retries once the group is doomed
+    assert world.counts.get(("slow", "action"), 0) <= 4  # no retries once the group is doomed (it may never start)
     comps = [c[0] for c in world.calls if c[1] == "compensate"]
     assert comps == ["ok", "a"]
 
