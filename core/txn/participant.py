@@ -41,6 +41,7 @@ from .journal import open_journal
 from .protocol import (
     BatchService,
     Log,
+    Lookups,
     Peers,
     TxnError,
     check_data,
@@ -98,7 +99,8 @@ class Participant(Daemon):
         self.actions = actions
         self.inquire_after = inquire_after
         self.inquire_timeout = inquire_timeout
-        self.find_coordinator = find_coordinator  # name -> endpoints, when the recorded one fails
+        # name -> endpoints, when the recorded one fails; looked up off the loop
+        self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
         self.journal = open_journal(journal_path(log_dir, name))
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
@@ -128,6 +130,8 @@ class Participant(Daemon):
         self.service.lazy = lambda reply: reply.get("done") is True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         self.endpoint = self.bind(self.service.sock, bind)
+        if self.coordinators is not None:
+            self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
@@ -254,7 +258,7 @@ class Participant(Daemon):
         else:
             pending = "committing" if outcome == COMMIT else "aborting"
             if final is None and record.get("state") != pending:
-                self._record(txn, pending)
+                self._record(txn, pending, error=result.reason[:300])
             n = self.attempts.get((txn, outcome), 1)
             self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
@@ -328,6 +332,13 @@ class Participant(Daemon):
         started = {"committing": COMMIT, "aborting": ABORT}.get(str(state))
         if started is not None and started != outcome:
             raise TxnError(f"transaction {txn} is already {state} here")
+        due = self.retry.get(txn)
+        if started is not None and due is not None and time.monotonic() < due:
+            # failing, and backing off: a coordinator's repeated decide does not run it sooner
+            n = self.attempts.get((txn, outcome), 0)
+            raise TxnError(
+                f"{outcome} of {txn} failed {n} times; next try in {due - time.monotonic():.1f}s"
+            )
         if (txn, outcome) not in self.ready:  # else the look-ahead passed the point already
             crash.point(ROLE, "before-apply")
         result = self._apply(txn, outcome)
@@ -390,9 +401,9 @@ class Participant(Daemon):
         record = self.txns[txn]
         endpoint = record.get("reply_to")
         name = str(record.get("coordinator"))
-        if found is not None and self.find_coordinator is not None:
+        if found is not None and self.coordinators is not None:
             if name not in found:
-                found[name] = list(self.find_coordinator(name))
+                found[name] = self.coordinators.get(name) or []  # [] while being looked up
             others = [e for e in found[name] if e != endpoint]
             endpoint = others[0] if others else endpoint
         if not isinstance(endpoint, str):
@@ -428,6 +439,8 @@ class Participant(Daemon):
         try:
             self.journal.close()
             self.actions.close()
+            if self.coordinators is not None:
+                self.coordinators.close()
         finally:
             super().close()
 
