@@ -466,3 +466,50 @@ def test_cli_commit_refuses_bad_data_and_an_unreachable_coordinator_fast_and_sta
     assert raw.returncode == 2 and "not UTF-8" in raw.stderr, raw.stderr
     unknown = run("eda-txn", "status", "--log", str(tmp_path), "c1.00000000000000001")
     assert unknown.returncode == 3 and "no transaction or saga" in unknown.stderr
+
+
+def test_prepares_with_made_up_reply_to_endpoints_cannot_use_up_sockets(
+    tmp_path: Path,
+) -> None:
+    """Each in-doubt transaction asks the endpoint its prepare named: a flood of
+    made-up endpoints keeps at most MAX_PEERS sockets open (least recently used closed)."""
+    part = Participant("stock", Actions(), tmp_path, inquire_after=0.01, max_live=10_000)
+    part.peers.max_peers = 8
+    try:
+        for i in range(40):
+            part.prepare(
+                {"txn": f"evil.{i:017x}", "coordinator": "evil", "data": {},
+                 "reply_to": f"tcp://127.0.0.1:{20000 + i}"}
+            )  # fmt: skip
+        time.sleep(0.02)
+        part._tick()  # every one in doubt: each asks its coordinator
+        assert len(part.asking) == 40
+        assert len(part.peers.by_endpoint) == 8 and len(part._sockets) <= 8 + 2
+    finally:
+        part.close()
+
+
+def test_a_flood_of_prepares_is_refused_beyond_max_live_without_running_the_action(
+    running: Any, tmp_path: Path
+) -> None:
+    actions = Actions()
+    stock = running(lambda: Participant("stock", actions, tmp_path, max_live=5, **FAST))  # type: ignore[arg-type]
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        prepare = {
+            "op": "prepare",
+            "coordinator": "c1",
+            "reply_to": "tcp://127.0.0.1:9",
+            "data": {},
+        }
+        for i in range(5):
+            assert client.request({**prepare, "txn": f"c1.{i:017x}"})["vote"] == "yes"
+        with pytest.raises(Exception, match="busy: 5 transactions unfinished"):
+            client.request({**prepare, "txn": "c1.00000000000000099"})
+        assert actions.count("prepare") == 5
+        assert client.request({"op": "decide", "txn": "c1.00000000000000000", "outcome": "abort"})[
+            "done"
+        ]  # one finished: room for one more
+        assert client.request({**prepare, "txn": "c1.00000000000000099"})["vote"] == "yes"
+    finally:
+        client.close()

@@ -54,6 +54,7 @@ PREPARED = "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
 FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
+MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -90,6 +91,7 @@ class Participant(Daemon):
         inquire_timeout: float = 1.0,
         find_coordinator: Any = None,
         kept: int = KEPT,
+        max_live: int = MAX_LIVE,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -106,6 +108,7 @@ class Participant(Daemon):
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
+        self.max_live = max_live
         self._load()
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
@@ -219,7 +222,7 @@ class Participant(Daemon):
                 continue
             seen.add(txn)
             record = self._known(txn)
-            if op == "prepare" and record is None:
+            if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
                     check_name(msg.get("coordinator"), "coordinator name")
@@ -271,6 +274,9 @@ class Participant(Daemon):
         coordinator = check_name(req.get("coordinator"), "coordinator name")
         reply_to = check_endpoint(str(req.get("reply_to", ""))[:300], "coordinator")
         known = self._known(txn)
+        busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
+        if known is None and busy:  # a flood of prepares (none run ahead for this one)
+            raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
         if known is not None:  # a repeated prepare: the same vote, nothing run again
             state = known.get("state")
             yes = state in IN_DOUBT or state == "committed" or state == "committing"

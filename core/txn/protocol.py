@@ -40,6 +40,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -324,19 +325,37 @@ class Peer:
         self.daemon.close_socket(self.sock)
 
 
+MAX_PEERS = 256  # endpoints with a socket open at once (the least recently used is closed)
+
+
 class Peers:
     """One :class:`Peer` per endpoint, made when first needed; what they queue
-    during a turn of the loop is sent at its end (or at :meth:`flush`)."""
+    during a turn of the loop is sent at its end (or at :meth:`flush`).
 
-    def __init__(self, daemon: Daemon) -> None:
+    At most *max_peers* stay open: endpoints come from peers' messages (a
+    prepare's ``reply_to``), and a flood of made-up ones must not use up the
+    daemon's descriptors.  Closing one forgets its unanswered requests; the
+    callers' timers take it from there, as for any silent peer.
+    """
+
+    def __init__(self, daemon: Daemon, max_peers: int = MAX_PEERS) -> None:
         self.daemon = daemon
-        self.by_endpoint: dict[str, Peer] = {}
+        self.max_peers = max_peers
+        self.by_endpoint: OrderedDict[str, Peer] = OrderedDict()
         self.dirty: list[Peer] = []
 
     def get(self, endpoint: str) -> Peer:
         peer = self.by_endpoint.get(endpoint)
         if peer is None:
+            while len(self.by_endpoint) >= self.max_peers:
+                _, old = self.by_endpoint.popitem(last=False)
+                if old in self.dirty:
+                    old.flush()
+                    self.dirty.remove(old)
+                old.close()
             peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint, queued=self._queued)
+        elif len(self.by_endpoint) > 1:
+            self.by_endpoint.move_to_end(endpoint)
         return peer
 
     def _queued(self, peer: Peer) -> None:
