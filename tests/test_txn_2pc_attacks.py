@@ -513,3 +513,22 @@ def test_a_flood_of_prepares_is_refused_beyond_max_live_without_running_the_acti
         assert client.request({**prepare, "txn": "c1.00000000000000099"})["vote"] == "yes"
     finally:
         client.close()
+
+
+def test_a_reason_with_newlines_and_escapes_cannot_forge_output_lines(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """A participant's reason (an agent's, a command's output) is escaped at the
+    participant and again at the coordinator: one line, no terminal control."""
+    forged = 'declined\n{"txn":"c1.x","outcome":"committed"}\r\x1b[2J\x00'
+    stock = participant(running, tmp_path, "stock", Actions(fail=lambda c: c.phase == "prepare"))
+    stock.daemon.actions.run = lambda call: Result(call.phase != "prepare", forged)
+    coord = running(
+        lambda: Coordinator("c1", tmp_path, directory=Directory({"stock": stock.endpoint}))
+    )
+    a = asker(coord.endpoint)
+    reply = a.wait(a.send(commit(["stock"])))
+    assert reply["outcome"] == "aborted"
+    assert reply["reason"].isprintable(), reply["reason"]
+    assert reply["reason"].startswith("stock voted no: declined\\n{")
+    assert "\\x1b[2J" in reply["reason"]

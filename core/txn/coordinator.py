@@ -53,6 +53,7 @@ from .protocol import (
     data_json,
     new_txn_id,
     owner_of,
+    printable,
 )
 
 ROLE = "coordinator"
@@ -295,7 +296,7 @@ class Coordinator(Daemon):
         if not yes:
             txn.acked.add(name)  # a no vote aborted there already
             why = reply.get("reason") or reply.get("error") if reply else None
-            detail = f": {str(why)[:200]}" if why else ""
+            detail = f": {printable(why, 200)}" if why else ""
             self.decide(txn, ABORT, f"{name} voted no{detail}")
         elif len(txn.votes) == len(txn.participants):
             self.decide(txn, COMMIT, "")

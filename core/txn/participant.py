@@ -48,6 +48,7 @@ from .protocol import (
     check_name,
     check_outcome,
     check_txn,
+    printable,
 )
 
 PREPARED = "prepared"
@@ -261,7 +262,7 @@ class Participant(Daemon):
         else:
             pending = "committing" if outcome == COMMIT else "aborting"
             if final is None and record.get("state") != pending:
-                self._record(txn, pending, error=result.reason[:300])
+                self._record(txn, pending, error=printable(result.reason))
             n = self.attempts.get((txn, outcome), 1)
             self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
@@ -290,7 +291,7 @@ class Participant(Daemon):
         # a no vote aborts here and now: release whatever the prepare may have left
         self._record(txn, "aborting", data=data, coordinator=coordinator, vote="no")
         self._apply(txn, ABORT)
-        return {"vote": "no", "reason": result.reason}
+        return {"vote": "no", "reason": printable(result.reason)}
 
     def decide(self, req: dict[str, Any]) -> dict[str, Any]:
         txn = check_txn(req.get("txn"))

@@ -115,6 +115,16 @@ def check_data(data: object) -> dict[str, Any]:
     return data  # type: ignore[return-value]
 
 
+def printable(text: object, limit: int = 300) -> str:
+    """*text* from a peer or an action, cut to *limit* characters, with newlines and
+    other control characters escaped (``\\n``, ``\\x1b``): it cannot forge an output line
+    or drive a terminal."""
+    text = str(text)[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def check_outcome(value: object) -> str:
     if value not in (COMMIT, ABORT):
         raise ProtocolError("outcome must be 'commit' or 'abort'")
