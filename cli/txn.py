@@ -581,7 +581,7 @@ def resolve(
     chose it; if the coordinator later decides otherwise, both report a
     heuristic hazard (see `status`) instead of hiding it.
     """
-    from eda.core.reqrep import Client
+    from eda.core.reqrep import Client, tcp_reachable
     from eda.core.txn.protocol import Directory, check_txn
 
     ctx = Context("eda-txn", verbose)
@@ -605,6 +605,10 @@ def resolve(
     out = Output(ctx, force_json=force_json)
     failed = 0
     for name, endpoint in sorted(targets.items()):
+        if not tcp_reachable(endpoint, 1.0):  # a dead participant: say so now, not in 15 s
+            failed += 1
+            ctx.error(f"{name}: nothing listens at {endpoint} (is the participant running?)")
+            continue
         client = Client([endpoint], timeout=15.0)
         try:
             reply = client.request({"op": "resolve", "txn": txn_id, "outcome": outcome})

@@ -466,6 +466,15 @@ def test_cli_commit_refuses_bad_data_and_an_unreachable_coordinator_fast_and_sta
     assert raw.returncode == 2 and "not UTF-8" in raw.stderr, raw.stderr
     unknown = run("eda-txn", "status", "--log", str(tmp_path), "c1.00000000000000001")
     assert unknown.returncode == 3 and "no transaction or saga" in unknown.stderr
+    txn = "c1.00000000000000002"  # in doubt at a participant that is not running
+    (tmp_path / "participant-stock.jsonl").write_text(
+        json.dumps({"participant": "stock", "endpoint": dead}) + "\n"
+        + json.dumps({"txn": txn, "state": "prepared", "coordinator": "c1"}) + "\n"
+    )  # fmt: skip
+    started = time.monotonic()
+    stuck = run("eda-txn", "resolve", "--no-mdns", "--log", str(tmp_path), txn, "--abort")
+    assert stuck.returncode == 1 and "nothing listens at tcp://127.0.0.1:9" in stuck.stderr
+    assert time.monotonic() - started < 10  # not the 15 s of a request to nobody
 
 
 def test_prepares_with_made_up_reply_to_endpoints_cannot_use_up_sockets(
@@ -532,3 +541,59 @@ def test_a_reason_with_newlines_and_escapes_cannot_forge_output_lines(
     assert reply["reason"].isprintable(), reply["reason"]
     assert reply["reason"].startswith("stock voted no: declined\\n{")
     assert "\\x1b[2J" in reply["reason"]
+
+
+def test_status_is_a_table_on_a_terminal_and_json_lines_when_piped(tmp_path: Path) -> None:
+    import os
+    import pty
+    import subprocess
+
+    from tests.helpers import command
+
+    ok, failing = "c1.1a21fe53c674348e1", "c1.1a21fe540861f6694"
+    (tmp_path / "coordinator-c1.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"txn": ok, "participants": {"stock": "tcp://h:1"}, "time": 1.0, "state": "committed"},
+                {"txn": ok, "state": "done", "outcome": "committed"},
+                {"txn": failing, "participants": {"stock": "tcp://h:1"}, "time": 2.0, "state": "committed"},
+            ]
+        )
+    )  # fmt: skip
+    (tmp_path / "participant-stock.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"txn": ok, "state": "committed", "time": 1.0},
+                {"txn": failing, "state": "committing", "error": "commit exited 1", "time": 2.0},
+            ]
+        )
+    )  # fmt: skip
+    piped = run("eda-txn", "status", "--log", str(tmp_path))
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [(r["txn"], r["state"]) for r in rows] == [(ok, "committed"), (failing, "committing")]
+    assert rows[1]["notes"] == ["stock: commit failing: commit exited 1"]
+    one = run("eda-txn", "status", "--log", str(tmp_path), failing)
+    assert one.returncode == 0 and json.loads(one.stdout)["txn"] == failing
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        command("eda-txn", "status", "--log", str(tmp_path)),
+        stdout=child, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    os.close(child)
+    out = b""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait(20) == 0
+    text = out.decode(errors="replace")
+    assert "ID" in text and "STATE" in text and "committing" in text, text
+    assert "commit failing: commit exited 1" in text and "{" not in text
