@@ -597,3 +597,35 @@ def test_status_is_a_table_on_a_terminal_and_json_lines_when_piped(tmp_path: Pat
     text = out.decode(errors="replace")
     assert "ID" in text and "STATE" in text and "committing" in text, text
     assert "commit failing: commit exited 1" in text and "{" not in text
+
+
+def test_a_reply_to_zmq_cannot_connect_to_is_refused_and_cannot_break_the_inquiries(
+    tmp_path: Path,
+) -> None:
+    """'tcp://a b:1' passes as an endpoint but zmq refuses to connect to it: it
+    used to raise in every tick (leaking a socket each time) and stop the
+    inquiries of the transactions after it."""
+    from eda.core.errors import EdaError
+
+    bad, good = "c1.00000000000000001", "c1.00000000000000002"
+    (tmp_path / "participant-stock.jsonl").write_text(
+        "".join(
+            json.dumps({"txn": t, "state": "prepared", "coordinator": "c1", "reply_to": e,
+                        "data": {}}) + "\n"
+            for t, e in [(bad, "tcp://a b:1"), (good, "tcp://127.0.0.1:9")]
+        )
+    )  # fmt: skip
+    part = Participant("stock", Actions(), tmp_path, inquire_after=0.01, inquire_timeout=0.01)
+    try:
+        with pytest.raises(EdaError, match="bad coordinator endpoint"):
+            part.prepare(
+                {"txn": "c1.00000000000000003", "coordinator": "c1", "data": {},
+                 "reply_to": "tcp://a b:1"}
+            )  # fmt: skip
+        sockets = len(part._sockets)
+        for _ in range(5):
+            time.sleep(0.02)
+            part._tick()
+        assert good in part.asking and len(part._sockets) == sockets + 1  # the good one's peer
+    finally:
+        part.close()

@@ -33,7 +33,6 @@ from typing import Any
 
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
-from ..reqrep import check_endpoint
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished, rewrite
@@ -47,6 +46,7 @@ from .protocol import (
     check_data,
     check_name,
     check_outcome,
+    check_reply_to,
     check_txn,
     printable,
 )
@@ -227,7 +227,7 @@ class Participant(Daemon):
                 try:
                     data = check_data(msg.get("data", {}))
                     check_name(msg.get("coordinator"), "coordinator name")
-                    check_endpoint(str(msg.get("reply_to", ""))[:300], "coordinator")
+                    check_reply_to(msg.get("reply_to", ""))
                 except EdaError:
                     continue
                 calls.append(Call(PREPARE, txn, data, 1))
@@ -273,7 +273,7 @@ class Participant(Daemon):
         txn = check_txn(req.get("txn"))
         data = check_data(req.get("data", {}))
         coordinator = check_name(req.get("coordinator"), "coordinator name")
-        reply_to = check_endpoint(str(req.get("reply_to", ""))[:300], "coordinator")
+        reply_to = check_reply_to(req.get("reply_to", ""))
         known = self._known(txn)
         busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
         if known is None and busy:  # a flood of prepares (none run ahead for this one)
@@ -415,7 +415,12 @@ class Participant(Daemon):
             endpoint = others[0] if others else endpoint
         if not isinstance(endpoint, str):
             return
-        peer = self.peers.get(endpoint)
+        try:
+            peer = self.peers.get(endpoint)
+        except EdaError as exc:  # a journal written before reply_to was checked this strictly
+            self.limited("inquire", f"cannot ask about {txn}: {exc}")
+            self.asking[txn] = (_NOBODY, 0, now)  # asked again after inquire_timeout
+            return
         rid = peer.ask({"op": "outcome", "txn": txn}, functools.partial(self._answered, txn))
         self.asking[txn] = (peer, rid, now)
 
@@ -450,6 +455,16 @@ class Participant(Daemon):
                 self.coordinators.close()
         finally:
             super().close()
+
+
+class _Nobody:
+    """Stands for a peer that could not be made (nothing to forget)."""
+
+    def forget(self, rid: int) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -125,6 +125,19 @@ def printable(text: object, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def check_reply_to(value: object) -> str:
+    """A coordinator's endpoint as a prepare names it: tcp://HOST:PORT, HOST a name,
+    an IPv4 address or a bracketed IPv6 one (zmq refuses to connect to others)."""
+    endpoint = check_endpoint(str(value)[:300], "coordinator")
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    if not HOST_RE.fullmatch(host):
+        raise ProtocolError(f"bad coordinator endpoint {printable(endpoint, 80)!r}")
+    return endpoint
+
+
 def check_outcome(value: object) -> str:
     if value not in (COMMIT, ABORT):
         raise ProtocolError("outcome must be 'commit' or 'abort'")
@@ -284,7 +297,11 @@ class Peer:
         self.queued = queued
         self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)  # a peer long gone: retries are dropped
-        self.sock.connect(endpoint)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as exc:  # an endpoint zmq refuses: no socket left behind
+            daemon.close_socket(self.sock)
+            raise ProtocolError(f"cannot connect to {printable(endpoint, 80)}: {exc}") from None
         daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
 
     def ask(self, msg: dict[str, Any] | bytes, callback: Callback) -> int:
