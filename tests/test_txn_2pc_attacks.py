@@ -629,3 +629,16 @@ def test_a_reply_to_zmq_cannot_connect_to_is_refused_and_cannot_break_the_inquir
         assert good in part.asking and len(part._sockets) == sockets + 1  # the good one's peer
     finally:
         part.close()
+
+
+def test_a_participant_endpoint_zmq_refuses_is_a_no_vote_not_a_broken_coordinator(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    stock = participant(running, tmp_path, "stock", Actions())
+    peers = {"odd": "tcp://a b:1", "stock": stock.endpoint}
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory(peers)))
+    a = asker(coord.endpoint)
+    reply = a.wait(a.send(commit(["stock", "odd"])))
+    assert reply["outcome"] == "aborted" and "odd voted no: cannot connect" in reply["reason"]
+    assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"
+    wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)

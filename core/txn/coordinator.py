@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..daemon import Daemon
-from ..errors import NotFoundError
+from ..errors import EdaError, NotFoundError
 from . import crash
 from .compact import COMPACT_MIN, rewrite
 from .journal import Journal, open_journal
@@ -152,7 +152,12 @@ class Coordinator(Daemon):
         """Send *msg* (a JSON object, encoded) to participant *name* of *txn*."""
         endpoint = txn.participants[name]
         assert endpoint is not None
-        peer = self.peers.get(endpoint)
+        try:
+            peer = self.peers.get(endpoint)
+        except EdaError as exc:  # an endpoint zmq refuses (an odd announcement): a failed ask
+            failed = {"ok": False, "error": str(exc)}
+            self.after(0, "ask", lambda: callback(failed))
+            return
         old = txn.asked.get(name)
         if old is not None:
             old[0].forget(old[1])
