@@ -472,13 +472,13 @@ class Lookups:
                 found = list(self.find(name))
             except Exception:  # a lookup that fails finds nothing; the loop goes on
                 found = []
-            with self._lock:
+            with self._lock:  # (close takes it too: never a write to a closed descriptor)
                 self.cache[name] = (time.monotonic(), found)
                 self.pending.discard(name)
                 self._done.append(name)
-            if self._wake_w >= 0:
-                with contextlib.suppress(OSError):  # full pipe: a wake-up is already due
-                    os.write(self._wake_w, b"x")
+                if self._wake_w >= 0:
+                    with contextlib.suppress(OSError):  # full pipe: a wake-up is already due
+                        os.write(self._wake_w, b"x")
 
     def _woken(self) -> None:
         with contextlib.suppress(OSError):
@@ -492,10 +492,11 @@ class Lookups:
         if self._thread is not None:
             self._queue.put(None)
             self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._lock:
+            fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
 
 class Directory:
