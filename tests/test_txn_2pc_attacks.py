@@ -642,3 +642,29 @@ def test_a_participant_endpoint_zmq_refuses_is_a_no_vote_not_a_broken_coordinato
     assert reply["outcome"] == "aborted" and "odd voted no: cannot connect" in reply["reason"]
     assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"
     wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)
+
+
+def test_a_persistent_agent_that_stops_reading_cannot_block_the_participant(
+    tmp_path: Path,
+) -> None:
+    """Requests bigger than the pipe to an agent that never reads: the write used
+    to block the daemon forever; now it fails after the action timeout."""
+    from eda.core.txn.actions import PersistentAgent
+
+    agent = PersistentAgent("stock", ["sleep", "30"], timeout=0.5)
+    agent.start()
+    results: list[Result] = []
+    calls = [Call("prepare", f"c1.{i:017x}", {"x": "y" * 30000}, 1) for i in range(4)]
+    worker = threading.Thread(target=lambda: results.extend(agent.run_many(calls)), daemon=True)
+    try:
+        started = time.monotonic()
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "run_many blocked on a full pipe"
+        assert time.monotonic() - started < 5
+        assert [r.ok for r in results] == [False] * 4
+        assert "did not read its requests within 0.5s" in results[0].reason
+    finally:
+        if agent.proc is not None:  # the restarted agent does not read either: no grace
+            agent.proc.kill()
+        agent.close()
