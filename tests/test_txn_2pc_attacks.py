@@ -361,6 +361,12 @@ def test_a_decide_for_an_unknown_transaction(running: Any, tmp_path: Path) -> No
              "reply_to": "tcp://127.0.0.1:9", "data": {}}
         )  # fmt: skip
         assert again["vote"] == "no" and actions.count("prepare") == 0
+        with pytest.raises(Exception, match="does not belong to coordinator evil"):
+            client.request(  # another coordinator's id: its inquiries would go astray
+                {"op": "prepare", "txn": "c1.00000000000000005", "coordinator": "evil",
+                 "reply_to": "tcp://127.0.0.1:9", "data": {}}
+            )  # fmt: skip
+        assert actions.count("prepare") == 0
     finally:
         client.close()
 

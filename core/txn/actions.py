@@ -169,7 +169,7 @@ class PersistentAgent:
             if len(self.buffer) > MAX_LINE:
                 return None
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not _wait(fd, select.POLLIN, left):
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -199,8 +199,7 @@ class PersistentAgent:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            readable, _, _ = select.select([out], [fd], [], left)
-            if readable:
+            if _wait(out, select.POLLIN, left, also=(fd, select.POLLOUT)) == out:
                 chunk = os.read(out, 65536)
                 if not chunk:
                     raise BrokenPipeError("the agent closed its stdout")
@@ -257,6 +256,19 @@ class PersistentAgent:
             except subprocess.TimeoutExpired:
                 _kill_group(self.proc)
             self.proc = None
+
+
+def _wait(fd: int, events: int, timeout: float, also: tuple[int, int] | None = None) -> int | None:
+    """The first of *fd* (for *events*) and *also* (fd, events) ready within *timeout*
+    seconds, else None (poll(2): no FD_SETSIZE limit, unlike select)."""
+    poller = select.poll()
+    poller.register(fd, events | select.POLLHUP | select.POLLERR)
+    if also is not None:
+        poller.register(also[0], also[1] | select.POLLERR)
+    ready = poller.poll(max(1, int(timeout * 1000)))
+    if not ready:
+        return None
+    return next((f for f, _ in ready if f == fd), ready[0][0])
 
 
 def judge(call: Call, line: bytes) -> Result:

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
+from ..reqrep import ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished, rewrite
@@ -48,6 +49,7 @@ from .protocol import (
     check_outcome,
     check_reply_to,
     check_txn,
+    owner_of,
     printable,
 )
 
@@ -226,7 +228,8 @@ class Participant(Daemon):
             if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
-                    check_name(msg.get("coordinator"), "coordinator name")
+                    if check_name(msg.get("coordinator"), "coordinator name") != owner_of(txn):
+                        continue
                     check_reply_to(msg.get("reply_to", ""))
                 except EdaError:
                     continue
@@ -273,6 +276,8 @@ class Participant(Daemon):
         txn = check_txn(req.get("txn"))
         data = check_data(req.get("data", {}))
         coordinator = check_name(req.get("coordinator"), "coordinator name")
+        if owner_of(txn) != coordinator:  # ids are NAME.HEX, made by coordinator NAME
+            raise ProtocolError(f"transaction {txn} does not belong to coordinator {coordinator}")
         reply_to = check_reply_to(req.get("reply_to", ""))
         known = self._known(txn)
         busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
