@@ -412,15 +412,15 @@ Examples:
     "--timeout",
     type=SECONDS,
     metavar="SECONDS",
-    help="Abort unless every vote is in by then  [default: the coordinator's]",
+    help="Abort the transaction unless every vote is in by then "
+    "[default: the coordinator's --vote-timeout, 5 s]",
 )
 @click.option(
     "--wait",
     type=SECONDS,
-    default=30.0,
-    show_default=True,
     metavar="SECONDS",
-    help="Give up waiting for the outcome after this long (exit 4: outcome unknown).",
+    help="Give up waiting for the outcome after this long (exit 4: outcome unknown) "
+    "[default: --timeout + 10, else 30]",
 )
 @click.option(
     "--format",
@@ -436,7 +436,7 @@ def commit(
     data: str,
     coordinator: str | None,
     timeout: float | None,
-    wait: float,
+    wait: float | None,
     template: str | None,
     force_json: bool,
     registries: tuple[str, ...],
@@ -449,27 +449,61 @@ def commit(
     """Run one transaction across participants: exit 0 committed, 5 aborted.
 
     Prints the transaction id, the outcome, each participant's vote and why
-    it aborted.  Exit 4 when no coordinator answered in --wait seconds: the
-    outcome is then unknown (see `status`).
+    it aborted.  --timeout bounds the voting (a participant silent that long
+    aborts the transaction); --wait bounds how long this command waits.
+
+    \b
+    Exit status:
+      0  committed
+      5  aborted (a no vote, a participant silent past --timeout or not found)
+      4  no answer from the coordinator within --wait: the outcome is
+         unknown (see `status`); or the --coordinator given refused the
+         connection: nothing was sent, nothing committed
+      3  no coordinator found;  2  bad options or --data;  1  refused
     """
     import json
     import sys
 
-    from eda.core.reqrep import Unavailable
+    from eda.core.reqrep import Unavailable, tcp_reachable
+    from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
     ctx = Context("eda-txn", verbose)
     names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
-    text = sys.stdin.read() if data == "-" else data
+    try:
+        check_participants(names)
+    except EdaError as exc:
+        raise click.UsageError(str(exc)) from None
+    if data == "-":
+        raw = sys.stdin.buffer.read(4 * MAX_DATA + 1)
+        if len(raw) > 4 * MAX_DATA:
+            raise click.UsageError(f"--data - : stdin is over {MAX_DATA} bytes")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise click.UsageError(
+                f"--data - : stdin is not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+    else:
+        text = data
     try:
         payload = json.loads(text)
     except ValueError as exc:
         raise click.UsageError(f"--data is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise click.UsageError("--data must be a JSON object")
+    try:
+        data_json(payload)  # too big, or not UTF-8: refused here, not by the coordinator
+    except EdaError as exc:
+        raise click.UsageError(f"--data: {exc}") from None
+    if wait is None:
+        wait = 30.0 if timeout is None else timeout + 10.0
     out = Output(
         ctx, template=template, fields=RESULT_FIELDS, force_json=force_json, terminal=_result_text
     )
     access = _access(registries, interface, no_mdns, serverless, ctx)
+    if coordinator and not tcp_reachable(coordinator, 1.0):
+        ctx.error(f"cannot reach the coordinator at {coordinator}: nothing was committed")
+        raise Exit(ExitStatus.TIMEOUT)
     client = _coordinator_client(coordinator, access, wait)
     msg: dict[str, Any] = {"op": "commit", "participants": names, "data": payload}
     if timeout is not None:
@@ -547,7 +581,7 @@ def resolve(
     chose it; if the coordinator later decides otherwise, both report a
     heuristic hazard (see `status`) instead of hiding it.
     """
-    from eda.core.reqrep import Client
+    from eda.core.reqrep import Client, tcp_reachable
     from eda.core.txn.protocol import Directory, check_txn
 
     ctx = Context("eda-txn", verbose)
@@ -571,6 +605,10 @@ def resolve(
     out = Output(ctx, force_json=force_json)
     failed = 0
     for name, endpoint in sorted(targets.items()):
+        if not tcp_reachable(endpoint, 1.0):  # a dead participant: say so now, not in 15 s
+            failed += 1
+            ctx.error(f"{name}: nothing listens at {endpoint} (is the participant running?)")
+            continue
         client = Client([endpoint], timeout=15.0)
         try:
             reply = client.request({"op": "resolve", "txn": txn_id, "outcome": outcome})

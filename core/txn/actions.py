@@ -169,7 +169,7 @@ class PersistentAgent:
             if len(self.buffer) > MAX_LINE:
                 return None
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not _wait(fd, select.POLLIN, left):
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -180,6 +180,33 @@ class PersistentAgent:
 
     def run(self, call: Call) -> Result:
         return self.run_many([call])[0]
+
+    def _write(self, data: bytes, deadline: float) -> bool:
+        """Write *data* to the agent by *deadline*, reading its answers meanwhile (an
+        agent that answers as it reads cannot fill its stdout and stall both)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        fd, out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        if os.get_blocking(fd):
+            os.set_blocking(fd, False)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if _wait(out, select.POLLIN, left, also=(fd, select.POLLOUT)) == out:
+                chunk = os.read(out, 65536)
+                if not chunk:
+                    raise BrokenPipeError("the agent closed its stdout")
+                if len(self.buffer) + len(chunk) > 4 * MAX_LINE:
+                    return False  # an agent that only writes: treated as not reading
+                self.buffer += chunk
+        return True
 
     def run_many(self, calls: list[Call]) -> list[Result]:
         """Send every request at once, then read the replies in order (a pipeline)."""
@@ -198,14 +225,17 @@ class PersistentAgent:
             )
             for call in calls
         ]
+        deadline = time.monotonic() + self.timeout
         try:
-            self.proc.stdin.write(("\n".join(lines) + "\n").encode())
-            self.proc.stdin.flush()
+            written = self._write(("\n".join(lines) + "\n").encode(), deadline)
         except OSError:
             self._restart()
             return [Result(False, "the agent exited")] * len(calls)
+        if not written:  # an agent that stopped reading: never block the daemon on it
+            self._restart()
+            why = f"the agent did not read its requests within {self.timeout:g}s"
+            return [Result(False, why)] * len(calls)
         results: list[Result] = []
-        deadline = time.monotonic() + self.timeout
         for call in calls:
             line = self._line(deadline)
             if line is None:
@@ -226,6 +256,19 @@ class PersistentAgent:
             except subprocess.TimeoutExpired:
                 _kill_group(self.proc)
             self.proc = None
+
+
+def _wait(fd: int, events: int, timeout: float, also: tuple[int, int] | None = None) -> int | None:
+    """The first of *fd* (for *events*) and *also* (fd, events) ready within *timeout*
+    seconds, else None (poll(2): no FD_SETSIZE limit, unlike select)."""
+    poller = select.poll()
+    poller.register(fd, events | select.POLLHUP | select.POLLERR)
+    if also is not None:
+        poller.register(also[0], also[1] | select.POLLERR)
+    ready = poller.poll(max(1, int(timeout * 1000)))
+    if not ready:
+        return None
+    return next((f for f, _ in ready if f == fd), ready[0][0])
 
 
 def judge(call: Call, line: bytes) -> Result:

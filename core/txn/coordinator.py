@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..daemon import Daemon
-from ..errors import NotFoundError
+from ..errors import EdaError, NotFoundError
 from . import crash
 from .compact import COMPACT_MIN, rewrite
 from .journal import Journal, open_journal
@@ -45,6 +45,7 @@ from .protocol import (
     Directory,
     Log,
     Peers,
+    TxnError,
     check_name,
     check_participants,
     check_timeout,
@@ -52,12 +53,14 @@ from .protocol import (
     data_json,
     new_txn_id,
     owner_of,
+    printable,
 )
 
 ROLE = "coordinator"
 VOTING, DECIDING, COMMITTED, ABORTED = "voting", "deciding", "committed", "aborted"
 OUTCOME_OF = {COMMITTED: COMMIT, ABORTED: ABORT}
 FINISHED_KEPT = 10_000  # finished transactions remembered for repeated outcome queries
+MAX_ACTIVE = 10_000  # transactions voting at once; a commit beyond is refused (busy)
 
 Reply = Callable[[dict[str, Any]], None]
 
@@ -80,6 +83,7 @@ class Txn:
     tries: int = 0
     next_try: float = 0.0
     asked: dict[str, Any] = field(default_factory=dict)  # name -> (peer, rid) outstanding
+    prepare: bytes = b""  # the prepare message, while participants are being looked up
     hazards: list[str] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
@@ -109,6 +113,7 @@ class Coordinator(Daemon):
         vote_timeout: float = 5.0,
         retry_max: float = 2.0,
         journal: Journal | None = None,
+        max_active: int = MAX_ACTIVE,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -121,7 +126,10 @@ class Coordinator(Daemon):
         self.journal = journal or open_journal(journal_path(log_dir, name))
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
+        self.max_active = max_active
+        self.voting = 0  # transactions of self.active still voting
         self.active: dict[str, Txn] = {}
+        self.looking: dict[str, list[Txn]] = {}  # participant name -> transactions waiting for it
         self.finished: OrderedDict[str, str] = OrderedDict()
         self.deciding: list[Txn] = []
         self.flush_due = False
@@ -134,6 +142,7 @@ class Coordinator(Daemon):
         self.endpoint = self.bind(self.service.sock, bind)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self)
+        self.directory.attach(self, self.found)
         self.recover()
         self.every(0.05, "vote timeouts and phase two", self.retry)
         self.every(0.2, "journal", self.journal.sync)
@@ -143,7 +152,12 @@ class Coordinator(Daemon):
         """Send *msg* (a JSON object, encoded) to participant *name* of *txn*."""
         endpoint = txn.participants[name]
         assert endpoint is not None
-        peer = self.peers.get(endpoint)
+        try:
+            peer = self.peers.get(endpoint)
+        except EdaError as exc:  # an endpoint zmq refuses (an odd announcement): a failed ask
+            failed = {"ok": False, "error": str(exc)}
+            self.after(0, "ask", lambda: callback(failed))
+            return
         old = txn.asked.get(name)
         if old is not None:
             old[0].forget(old[1])
@@ -220,27 +234,63 @@ class Coordinator(Daemon):
 
     # -- phase one ---------------------------------------------------------------------------
     def begin(self, names: list[str], data: str, timeout: float, waiter: Reply) -> Txn:
-        """Start a transaction of *names* on *data* (JSON text); *waiter* gets the result."""
-        endpoints: dict[str, str | None] = {}
-        for name in names:
-            found = self.directory.endpoints(name)
-            endpoints[name] = found[0] if found else None
-        txn = Txn(new_txn_id(self.name), endpoints, waiter=waiter, timeout=timeout)
-        self.active[txn.id] = txn
-        missing = [n for n, e in endpoints.items() if e is None]
-        if missing:  # nobody was asked anything: nobody to tell
-            txn.acked.update(names)
-            self.decide(txn, ABORT, f"participant {missing[0]} not found")
-            return txn
-        msg = (
-            f'{{"op":"prepare","txn":"{txn.id}","coordinator":"{self.name}",'
+        """Start a transaction of *names* on *data* (JSON text); *waiter* gets the result.
+
+        Participants not known yet are looked up in the background; the
+        prepares go out when every one is found (or the transaction aborts
+        when one is not, or when *timeout* passes first)."""
+        if self.voting >= self.max_active:
+            raise TxnError(f"busy: {self.voting} transactions are voting; try again later")
+        txn_id = new_txn_id(self.name)
+        while txn_id in self.active or txn_id in self.finished:  # a clock that went back
+            txn_id = new_txn_id(self.name)
+        prepare = (
+            f'{{"op":"prepare","txn":"{txn_id}","coordinator":"{self.name}",'
             f'"reply_to":{json.dumps(self.advertise)},"data":{data}}}'
         ).encode()
+        endpoints: dict[str, str | None] = dict.fromkeys(names)
+        txn = Txn(txn_id, endpoints, waiter=waiter, timeout=timeout, prepare=prepare)
+        txn.deadline = time.monotonic() + timeout
+        self.active[txn.id] = txn
+        self.voting += 1
         for name in names:
+            found = self.directory.endpoints(name)
+            if found is None:
+                self.looking.setdefault(name, []).append(txn)
+            elif not found:
+                return self._not_found(txn, name)
+            else:
+                txn.participants[name] = found[0]
+        self._send_prepares(txn)
+        return txn
+
+    def _not_found(self, txn: Txn, name: str) -> Txn:
+        txn.acked.update(txn.participants)  # nobody was asked anything: nobody to tell
+        self.decide(txn, ABORT, f"participant {name} not found")
+        return txn
+
+    def _send_prepares(self, txn: Txn) -> None:
+        if txn.state != VOTING or None in txn.participants.values():
+            return
+        msg, txn.prepare = txn.prepare, b""
+        for name in txn.participants:
             self.ask(txn, name, msg, lambda reply, n=name: self.on_vote(txn, n, reply))
         crash.point(ROLE, "after-prepare-sent")
-        txn.deadline = time.monotonic() + timeout
-        return txn
+
+    def found(self, names: list[str]) -> None:
+        """Lookups of *names* ended (in the background): go on with the transactions
+        waiting for them, and with phase two where a participant was looked for again."""
+        for name in names:
+            endpoints = self.directory.endpoints(name) or []
+            for txn in self.looking.pop(name, []):
+                if txn.state != VOTING or txn.participants.get(name, "") is not None:
+                    continue
+                if not endpoints:
+                    self._not_found(txn, name)
+                else:
+                    txn.participants[name] = endpoints[0]
+                    self._send_prepares(txn)
+        self.peers.flush()
 
     def on_vote(self, txn: Txn, name: str, reply: dict[str, Any] | None) -> None:
         txn.asked.pop(name, None)
@@ -251,13 +301,22 @@ class Coordinator(Daemon):
         if not yes:
             txn.acked.add(name)  # a no vote aborted there already
             why = reply.get("reason") or reply.get("error") if reply else None
-            detail = f": {str(why)[:200]}" if why else ""
+            detail = f": {printable(why, 200)}" if why else ""
             self.decide(txn, ABORT, f"{name} voted no{detail}")
         elif len(txn.votes) == len(txn.participants):
             self.decide(txn, COMMIT, "")
 
     def expire(self, txn: Txn) -> None:
         if txn.state != VOTING:
+            return
+        unknown = [n for n, e in txn.participants.items() if e is None]
+        if unknown:
+            txn.acked.update(txn.participants)  # the prepares were never sent: nobody to tell
+            self.decide(
+                txn,
+                ABORT,
+                f"participant {', '.join(unknown)} still looked for after {txn.timeout:g}s",
+            )
             return
         silent = [n for n in txn.participants if n not in txn.votes]
         for name in silent:
@@ -266,6 +325,8 @@ class Coordinator(Daemon):
 
     # -- the decision ------------------------------------------------------------------------
     def decide(self, txn: Txn, outcome: str, reason: str) -> None:
+        if txn.state == VOTING:
+            self.voting -= 1
         txn.reason = reason
         record = {"txn": txn.id, "participants": txn.participants, "time": round(time.time(), 3)}
         if outcome == COMMIT:
@@ -360,7 +421,7 @@ class Coordinator(Daemon):
                     for name in txn.participants:
                         if name not in txn.acked:
                             self.directory.stale(name)
-                            found = self.directory.endpoints(name)
+                            found = self.directory.endpoints(name)  # None: being looked up
                             if found:
                                 txn.participants[name] = found[0]
                 self.phase_two(txn)
@@ -369,5 +430,6 @@ class Coordinator(Daemon):
     def close(self) -> None:
         try:
             self.journal.close()
+            self.directory.close()
         finally:
             super().close()

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
-from ..reqrep import check_endpoint
+from ..reqrep import ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished, rewrite
@@ -41,18 +41,23 @@ from .journal import open_journal
 from .protocol import (
     BatchService,
     Log,
+    Lookups,
     Peers,
     TxnError,
     check_data,
     check_name,
     check_outcome,
+    check_reply_to,
     check_txn,
+    owner_of,
+    printable,
 )
 
 PREPARED = "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
 FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
+MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -89,6 +94,7 @@ class Participant(Daemon):
         inquire_timeout: float = 1.0,
         find_coordinator: Any = None,
         kept: int = KEPT,
+        max_live: int = MAX_LIVE,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -98,12 +104,14 @@ class Participant(Daemon):
         self.actions = actions
         self.inquire_after = inquire_after
         self.inquire_timeout = inquire_timeout
-        self.find_coordinator = find_coordinator  # name -> endpoints, when the recorded one fails
+        # name -> endpoints, when the recorded one fails; looked up off the loop
+        self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
         self.journal = open_journal(journal_path(log_dir, name))
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
+        self.max_live = max_live
         self._load()
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
@@ -128,6 +136,8 @@ class Participant(Daemon):
         self.service.lazy = lambda reply: reply.get("done") is True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         self.endpoint = self.bind(self.service.sock, bind)
+        if self.coordinators is not None:
+            self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
@@ -215,11 +225,12 @@ class Participant(Daemon):
                 continue
             seen.add(txn)
             record = self._known(txn)
-            if op == "prepare" and record is None:
+            if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
-                    check_name(msg.get("coordinator"), "coordinator name")
-                    check_endpoint(str(msg.get("reply_to", ""))[:300], "coordinator")
+                    if check_name(msg.get("coordinator"), "coordinator name") != owner_of(txn):
+                        continue
+                    check_reply_to(msg.get("reply_to", ""))
                 except EdaError:
                     continue
                 calls.append(Call(PREPARE, txn, data, 1))
@@ -254,7 +265,7 @@ class Participant(Daemon):
         else:
             pending = "committing" if outcome == COMMIT else "aborting"
             if final is None and record.get("state") != pending:
-                self._record(txn, pending)
+                self._record(txn, pending, error=printable(result.reason))
             n = self.attempts.get((txn, outcome), 1)
             self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
@@ -265,8 +276,13 @@ class Participant(Daemon):
         txn = check_txn(req.get("txn"))
         data = check_data(req.get("data", {}))
         coordinator = check_name(req.get("coordinator"), "coordinator name")
-        reply_to = check_endpoint(str(req.get("reply_to", ""))[:300], "coordinator")
+        if owner_of(txn) != coordinator:  # ids are NAME.HEX, made by coordinator NAME
+            raise ProtocolError(f"transaction {txn} does not belong to coordinator {coordinator}")
+        reply_to = check_reply_to(req.get("reply_to", ""))
         known = self._known(txn)
+        busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
+        if known is None and busy:  # a flood of prepares (none run ahead for this one)
+            raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
         if known is not None:  # a repeated prepare: the same vote, nothing run again
             state = known.get("state")
             yes = state in IN_DOUBT or state == "committed" or state == "committing"
@@ -280,7 +296,7 @@ class Participant(Daemon):
         # a no vote aborts here and now: release whatever the prepare may have left
         self._record(txn, "aborting", data=data, coordinator=coordinator, vote="no")
         self._apply(txn, ABORT)
-        return {"vote": "no", "reason": result.reason}
+        return {"vote": "no", "reason": printable(result.reason)}
 
     def decide(self, req: dict[str, Any]) -> dict[str, Any]:
         txn = check_txn(req.get("txn"))
@@ -328,6 +344,13 @@ class Participant(Daemon):
         started = {"committing": COMMIT, "aborting": ABORT}.get(str(state))
         if started is not None and started != outcome:
             raise TxnError(f"transaction {txn} is already {state} here")
+        due = self.retry.get(txn)
+        if started is not None and due is not None and time.monotonic() < due:
+            # failing, and backing off: a coordinator's repeated decide does not run it sooner
+            n = self.attempts.get((txn, outcome), 0)
+            raise TxnError(
+                f"{outcome} of {txn} failed {n} times; next try in {due - time.monotonic():.1f}s"
+            )
         if (txn, outcome) not in self.ready:  # else the look-ahead passed the point already
             crash.point(ROLE, "before-apply")
         result = self._apply(txn, outcome)
@@ -390,14 +413,19 @@ class Participant(Daemon):
         record = self.txns[txn]
         endpoint = record.get("reply_to")
         name = str(record.get("coordinator"))
-        if found is not None and self.find_coordinator is not None:
+        if found is not None and self.coordinators is not None:
             if name not in found:
-                found[name] = list(self.find_coordinator(name))
+                found[name] = self.coordinators.get(name) or []  # [] while being looked up
             others = [e for e in found[name] if e != endpoint]
             endpoint = others[0] if others else endpoint
         if not isinstance(endpoint, str):
             return
-        peer = self.peers.get(endpoint)
+        try:
+            peer = self.peers.get(endpoint)
+        except EdaError as exc:  # a journal written before reply_to was checked this strictly
+            self.limited("inquire", f"cannot ask about {txn}: {exc}")
+            self.asking[txn] = (_NOBODY, 0, now)  # asked again after inquire_timeout
+            return
         rid = peer.ask({"op": "outcome", "txn": txn}, functools.partial(self._answered, txn))
         self.asking[txn] = (peer, rid, now)
 
@@ -428,8 +456,20 @@ class Participant(Daemon):
         try:
             self.journal.close()
             self.actions.close()
+            if self.coordinators is not None:
+                self.coordinators.close()
         finally:
             super().close()
+
+
+class _Nobody:
+    """Stands for a peer that could not be made (nothing to forget)."""
+
+    def forget(self, rid: int) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -31,11 +31,16 @@ Two pieces here are shared by both daemons:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
+import queue
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,7 +53,8 @@ from ..reqrep import ProtocolError, Service, check_endpoint, decode, encode, err
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
 TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
 MAX_PARTICIPANTS = 64
-MAX_DATA = 32768  # bytes of a transaction's data as JSON
+MAX_DATA = 32768  # bytes of a transaction's data as JSON (UTF-8)
+MAX_FRAME = 8 * MAX_DATA  # bytes of one request frame (bigger ones drop the connection)
 COORDINATOR_SERVICE = "txn-coordinator"
 COMMIT, ABORT, PENDING = "commit", "abort", "pending"
 DEFER = "__deferred__"  # a handler's reply meaning "answered later"
@@ -94,8 +100,12 @@ def data_json(data: object) -> str:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (ValueError, TypeError, RecursionError):
         raise ProtocolError("data is not valid JSON") from None
-    if len(text) > MAX_DATA:
-        raise ProtocolError(f"data of {len(text)} characters is over {MAX_DATA}")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # JSON may spell a lone surrogate (\ud800): not UTF-8
+        raise ProtocolError("data is not valid UTF-8 (a lone surrogate)") from None
+    if size > MAX_DATA:
+        raise ProtocolError(f"data of {size} bytes (as JSON) is over {MAX_DATA}")
     return text
 
 
@@ -103,6 +113,29 @@ def check_data(data: object) -> dict[str, Any]:
     """A transaction's data: a JSON object of bounded size."""
     data_json(data)
     return data  # type: ignore[return-value]
+
+
+def printable(text: object, limit: int = 300) -> str:
+    """*text* from a peer or an action, cut to *limit* characters, with newlines and
+    other control characters escaped (``\\n``, ``\\x1b``): it cannot forge an output line
+    or drive a terminal."""
+    text = str(text)[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def check_reply_to(value: object) -> str:
+    """A coordinator's endpoint as a prepare names it: tcp://HOST:PORT, HOST a name,
+    an IPv4 address or a bracketed IPv6 one (zmq refuses to connect to others)."""
+    endpoint = check_endpoint(str(value)[:300], "coordinator")
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    if not HOST_RE.fullmatch(host):
+        raise ProtocolError(f"bad coordinator endpoint {printable(endpoint, 80)!r}")
+    return endpoint
 
 
 def check_outcome(value: object) -> str:
@@ -156,7 +189,8 @@ class BatchService(Service):
         *,
         flush: Callable[[], None],
     ) -> None:
-        super().__init__(daemon, handlers)
+        # a frame of the largest data, every character escaped as \\uXXXX, still arrives
+        super().__init__(daemon, handlers, max_message=MAX_FRAME)
         self.flush = flush
         self.current = b""
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
@@ -263,7 +297,11 @@ class Peer:
         self.queued = queued
         self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)  # a peer long gone: retries are dropped
-        self.sock.connect(endpoint)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as exc:  # an endpoint zmq refuses: no socket left behind
+            daemon.close_socket(self.sock)
+            raise ProtocolError(f"cannot connect to {printable(endpoint, 80)}: {exc}") from None
         daemon.watch(self.sock, f"replies from {endpoint}", self._drain)
 
     def ask(self, msg: dict[str, Any] | bytes, callback: Callback) -> int:
@@ -314,19 +352,37 @@ class Peer:
         self.daemon.close_socket(self.sock)
 
 
+MAX_PEERS = 256  # endpoints with a socket open at once (the least recently used is closed)
+
+
 class Peers:
     """One :class:`Peer` per endpoint, made when first needed; what they queue
-    during a turn of the loop is sent at its end (or at :meth:`flush`)."""
+    during a turn of the loop is sent at its end (or at :meth:`flush`).
 
-    def __init__(self, daemon: Daemon) -> None:
+    At most *max_peers* stay open: endpoints come from peers' messages (a
+    prepare's ``reply_to``), and a flood of made-up ones must not use up the
+    daemon's descriptors.  Closing one forgets its unanswered requests; the
+    callers' timers take it from there, as for any silent peer.
+    """
+
+    def __init__(self, daemon: Daemon, max_peers: int = MAX_PEERS) -> None:
         self.daemon = daemon
-        self.by_endpoint: dict[str, Peer] = {}
+        self.max_peers = max_peers
+        self.by_endpoint: OrderedDict[str, Peer] = OrderedDict()
         self.dirty: list[Peer] = []
 
     def get(self, endpoint: str) -> Peer:
         peer = self.by_endpoint.get(endpoint)
         if peer is None:
+            while len(self.by_endpoint) >= self.max_peers:
+                _, old = self.by_endpoint.popitem(last=False)
+                if old in self.dirty:
+                    old.flush()
+                    self.dirty.remove(old)
+                old.close()
             peer = self.by_endpoint[endpoint] = Peer(self.daemon, endpoint, queued=self._queued)
+        elif len(self.by_endpoint) > 1:
+            self.by_endpoint.move_to_end(endpoint)
         return peer
 
     def _queued(self, peer: Peer) -> None:
@@ -346,14 +402,114 @@ def participant_service(name: str) -> str:
     return f"txn-{name}".lower()
 
 
+class Lookups:
+    """Lookups by name run in one background thread, never in the daemon's loop.
+
+    :meth:`get` answers at once: the endpoints known for a name (kept *ttl*
+    seconds; a name not found, *miss_ttl* seconds), or ``None`` while a
+    lookup of it is under way.  An answer past its *ttl* is still given
+    while a fresh lookup runs (a known participant never waits on mDNS).
+    When a lookup ends, the daemon's loop is woken (a pipe it watches,
+    :meth:`attach`) and *on_found* hears the names looked up since.  At
+    most *max_pending* names wait for a lookup; more are answered "not
+    found" at once (a flood of made-up names cannot grow the queue).
+    """
+
+    def __init__(
+        self,
+        find: Callable[[str], list[str]],
+        *,
+        ttl: float = 30.0,
+        miss_ttl: float = 1.0,
+        max_pending: int = 256,
+    ) -> None:
+        self.find = find
+        self.ttl = ttl
+        self.miss_ttl = miss_ttl
+        self.max_pending = max_pending
+        self.cache: dict[str, tuple[float, list[str]]] = {}
+        self.pending: set[str] = set()  # queued or being looked up
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._done: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self.on_found: Callable[[list[str]], None] | None = None
+
+    def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
+        """Have *daemon*'s loop call *on_found(names)* when lookups of *names* ended."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.on_found = on_found
+        daemon.watch(self._wake_r, "lookups", self._woken)
+
+    def get(self, name: str) -> list[str] | None:
+        hit = self.cache.get(name)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < (self.ttl if hit[1] else self.miss_ttl):
+            return hit[1]
+        if name not in self.pending:
+            if len(self.pending) >= self.max_pending:
+                return hit[1] if hit is not None else []
+            self.pending.add(name)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="txn-lookups", daemon=True)
+                self._thread.start()
+            self._queue.put(name)
+        return hit[1] if hit is not None and hit[1] else None
+
+    def stale(self, name: str) -> None:
+        """Forget what was found for *name* (an endpoint stopped answering)."""
+        self.cache.pop(name, None)
+
+    def _run(self) -> None:
+        while True:
+            name = self._queue.get()
+            if name is None:
+                return
+            try:
+                found = list(self.find(name))
+            except Exception:  # a lookup that fails finds nothing; the loop goes on
+                found = []
+            with self._lock:  # (close takes it too: never a write to a closed descriptor)
+                self.cache[name] = (time.monotonic(), found)
+                self.pending.discard(name)
+                self._done.append(name)
+                if self._wake_w >= 0:
+                    with contextlib.suppress(OSError):  # full pipe: a wake-up is already due
+                        os.write(self._wake_w, b"x")
+
+    def _woken(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+        with self._lock:
+            done, self._done = self._done, []
+        if done and self.on_found is not None:
+            self.on_found(done)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+        with self._lock:
+            fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+
 class Directory:
     """Endpoints by name: explicit ones, else what the registry or mDNS said (cached).
 
     *find* (name -> endpoints) is the lookup; by default the registry (or
-    mDNS without one) through :func:`eda.core.registry.access.lookup`.
-    Answers are kept *ttl* seconds, and dropped at once by :meth:`stale`
-    when an endpoint stops answering; a name not found is not looked up again
-    for *miss_ttl* seconds (a lookup blocks the daemon's loop).
+    mDNS without one) through :func:`eda.core.registry.access.lookup`.  In a
+    daemon (:meth:`attach`) lookups run in a background thread
+    (:class:`Lookups`) and :meth:`endpoints` may answer ``None``: "being
+    looked up, you will hear"; elsewhere (a command) they block.  Answers are
+    kept *ttl* seconds, dropped at once by :meth:`stale` when an endpoint
+    stops answering; a name not found is not looked up again for *miss_ttl*
+    seconds.
     """
 
     def __init__(
@@ -367,10 +523,8 @@ class Directory:
     ) -> None:
         self.explicit = {k: check_endpoint(v, f"{k}") for k, v in (explicit or {}).items()}
         self.access = access
-        self.find = find or self._lookup
-        self.ttl = ttl
-        self.miss_ttl = miss_ttl
-        self.cache: dict[str, tuple[float, list[str]]] = {}
+        self.lookups = Lookups(find or self._lookup, ttl=ttl, miss_ttl=miss_ttl)
+        self.attached = False
 
     def _lookup(self, name: str) -> list[str]:
         if self.access is None:
@@ -383,19 +537,28 @@ class Directory:
             return []
         return [f"tcp://{i.host}:{i.port}" for i in found]
 
-    def endpoints(self, name: str) -> list[str]:
+    def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
+        """Look up in the background from now on; *on_found* (in *daemon*'s loop) hears
+        which names a lookup ended for."""
+        self.lookups.attach(daemon, on_found)
+        self.attached = True
+
+    def endpoints(self, name: str) -> list[str] | None:
+        """Where *name* is (``[]``: not found); ``None`` while it is being looked up."""
         if name in self.explicit:
             return [self.explicit[name]]
-        hit = self.cache.get(name)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < (self.ttl if hit[1] else self.miss_ttl):
-            return hit[1]
-        found = self.find(name)
-        self.cache[name] = (now, found)
-        return found
+        if not self.attached:  # a command: just look
+            hit = self.lookups.cache.get(name)
+            if hit is None or time.monotonic() - hit[0] >= self.lookups.ttl:
+                self.lookups.cache[name] = (time.monotonic(), list(self.lookups.find(name)))
+            return self.lookups.cache[name][1]
+        return self.lookups.get(name)
 
     def stale(self, name: str) -> None:
-        self.cache.pop(name, None)
+        self.lookups.stale(name)
+
+    def close(self) -> None:
+        self.lookups.close()
 
 
 def find_coordinators(access: Any, name: str | None = None) -> list[str]:

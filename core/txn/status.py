@@ -18,6 +18,7 @@ from .journal import CorruptJournal, read
 from .participant import IN_DOUBT, replay
 
 FINAL = ("committed", "aborted")
+ACTION_OF = {"committing": "commit", "aborting": "abort"}
 
 
 def _row(rows: dict[str, dict[str, Any]], txn: str) -> dict[str, Any]:
@@ -87,6 +88,8 @@ def twopc(log_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[s
             row["participants"][name] = state
             if state in IN_DOUBT and record.get("in_doubt"):
                 row["notes"].append(f"{name}: {record['in_doubt']}")
+            if state in ("committing", "aborting") and record.get("error"):
+                row["notes"].append(f"{name}: {ACTION_OF[state]} failing: {record['error']}")
             if state == "hazard":
                 row["hazards"].append(name)
     for txn, row in rows.items():
@@ -102,10 +105,13 @@ def overall(row: dict[str, Any], done: bool) -> str:
     if row["hazards"] or "hazard" in states:
         return "hazard"
     decision = row["decision"]
-    if states & IN_DOUBT and row["notes"]:  # waiting for a coordinator that does not answer
+    if states & IN_DOUBT and any("in doubt" in str(n) for n in row["notes"]):
+        # waiting for a coordinator that does not answer
         return "in-doubt"
     if decision in FINAL:
-        settled = done or all(s in (decision, "unknown") for s in states)
+        # "unknown": a participant whose journal is not here (another host, or never
+        # reached): only the coordinator's done record says it acknowledged
+        settled = done or states == {decision}
         return decision if settled else {"committed": "committing", "aborted": "aborting"}[decision]
     if states & IN_DOUBT:
         return "in-doubt"

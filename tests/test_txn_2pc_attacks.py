@@ -1,0 +1,676 @@
+"""eda-txn 2PC under attack: slow lookups, dead and failing peers, floods, bad data, clock jumps.
+
+In-process: the coordinator and participants serve from threads of the
+test process (their sockets are made and used in their own thread), with
+actions as Python functions, so a scenario costs milliseconds, not
+processes.  The command line is run where the command is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from eda.core.daemon import Daemon
+from eda.core.reqrep import Client
+from eda.core.txn import coordinator as coordinator_module
+from eda.core.txn.actions import Call, Result
+from eda.core.txn.coordinator import Coordinator
+from eda.core.txn.participant import Participant
+from eda.core.txn.protocol import MAX_DATA, Directory
+from eda.core.txn.status import twopc
+from tests import helpers
+from tests.helpers import run, wait_until
+
+helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
+
+
+class Actions:
+    """Actions as Python: *fail* says which phases fail; every call is counted."""
+
+    def __init__(self, fail: Callable[[Call], bool] = lambda _c: False) -> None:
+        self.fail = fail
+        self.calls: list[Call] = []
+
+    def run(self, call: Call) -> Result:
+        self.calls.append(call)
+        return Result(False, "refused") if self.fail(call) else Result(True)
+
+    def run_many(self, calls: list[Call]) -> list[Result]:
+        return [self.run(c) for c in calls]
+
+    def close(self) -> None:
+        pass
+
+    def count(self, phase: str) -> int:
+        return sum(1 for c in self.calls if c.phase == phase)
+
+
+class Running:
+    """A daemon made by *make* and serving in a thread of its own until :meth:`stop`."""
+
+    def __init__(self, make: Callable[[], Daemon]) -> None:
+        self.daemon: Any = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        made = threading.Event()
+
+        def main() -> None:
+            try:
+                self.daemon = make()
+            except BaseException as exc:
+                self.error = exc
+                made.set()
+                raise
+            made.set()
+            try:
+                self.daemon.serve(until=self._stop.is_set)
+            finally:
+                self.daemon.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert made.wait(10) and self.error is None, self.error
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.daemon.endpoint)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[Callable[[], Daemon]], Running]]:
+    made: list[Running] = []
+
+    def start(make: Callable[[], Daemon]) -> Running:
+        r = Running(make)
+        made.append(r)
+        return r
+
+    yield start
+    for r in reversed(made):
+        r.stop()
+
+
+FAST = {"inquire_after": 0.3, "inquire_timeout": 0.3}
+
+
+def participant(running: Any, tmp_path: Path, name: str, actions: Actions) -> Running:
+    return running(lambda: Participant(name, actions, tmp_path, **FAST))  # type: ignore[arg-type]
+
+
+class Asker:
+    """Requests to a coordinator over one socket, many in flight, replies by rid."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.rid = 0
+        self.replies: dict[int, dict[str, Any]] = {}
+
+    def send(self, msg: dict[str, Any]) -> int:
+        self.rid += 1
+        self.sock.send(json.dumps({**msg, "rid": self.rid}).encode())
+        return self.rid
+
+    def send_raw(self, frame: bytes) -> None:
+        self.sock.send(frame)
+
+    def wait(self, rid: int, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while rid not in self.replies:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no reply to request {rid} within {timeout}s"
+            if self.sock.poll(int(left * 1000) + 1):
+                for frame in self.sock.recv_multipart():
+                    reply = json.loads(frame)
+                    self.replies[reply.get("rid")] = reply
+        return self.replies.pop(rid)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def asker() -> Iterator[Callable[[str], Asker]]:
+    made: list[Asker] = []
+
+    def make(endpoint: str) -> Asker:
+        a = Asker(endpoint)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.close()
+
+
+def commit(names: list[str], data: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    return {"op": "commit", "participants": names, "data": data or {}, **kw}
+
+
+# -- lookups off the loop -----------------------------------------------------------------------
+def test_a_participant_being_looked_up_does_not_delay_other_transactions(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """Five names nobody answers for, each a 0.25 s lookup: a transaction to a
+    participant already found is not held up by them (it used to wait 1.25 s)."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    looked: list[str] = []
+
+    def find(name: str) -> list[str]:
+        looked.append(name)
+        if name == "stock":
+            return [stock.endpoint]
+        time.sleep(0.25)  # mDNS asking a LAN where nobody answers
+        return []
+
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory(find=find)))
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"  # stock now known
+    ghosts = [a.send(commit([f"ghost-{i}"], timeout=10)) for i in range(5)]
+    started = time.monotonic()
+    fast = a.wait(a.send(commit(["stock"])), 5)
+    took = time.monotonic() - started
+    assert fast["outcome"] == "committed"
+    assert took < 0.3, f"a transaction to a known participant took {took:.2f}s"
+    for rid in ghosts:  # the lookups still end, in the background: not found, aborted
+        reply = a.wait(rid, 10)
+        assert reply["outcome"] == "aborted" and "not found" in reply["reason"], reply
+    assert coord.daemon.voting == 0 and not coord.daemon.looking
+
+
+def test_a_lookup_slower_than_the_vote_timeout_aborts_and_the_flood_of_names_is_bounded(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    def find(name: str) -> list[str]:
+        release.wait(10)
+        return []
+
+    directory = Directory(find=find)
+    directory.lookups.max_pending = 3
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=directory))
+    a = asker(coord.endpoint)
+    rids = [a.send(commit([f"n{i}"], timeout=0.3)) for i in range(10)]
+    replies = [a.wait(rid) for rid in rids]
+    assert all(r["outcome"] == "aborted" for r in replies)
+    waited = [r for r in replies if "still looked for after 0.3s" in r["reason"]]
+    refused = [r for r in replies if r["reason"].endswith("not found")]
+    assert len(waited) == 3 and len(refused) == 7, replies  # at most 3 names queued
+    release.set()
+
+
+# -- dead, vanishing and failing peers ----------------------------------------------------------
+class FakeParticipant:
+    """A ROUTER that votes yes to every prepare and then never answers again."""
+
+    def __init__(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.decides = 0
+        self.answer_prepares = True
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(20):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            replies = []
+            for frame in frames:
+                msg = json.loads(frame)
+                if msg["op"] == "prepare" and self.answer_prepares:
+                    replies.append(json.dumps({"rid": msg["rid"], "ok": True, "vote": "yes"}))
+                elif msg["op"] == "decide":
+                    self.decides += 1
+            if replies:
+                self.sock.send_multipart([identity, *(r.encode() for r in replies)])
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeParticipant]:
+    f = FakeParticipant()
+    yield f
+    f.close()
+
+
+def test_a_participant_that_votes_yes_then_vanishes_does_not_hang_the_coordinator(
+    running: Any, asker: Any, fake: FakeParticipant, tmp_path: Path
+) -> None:
+    """The commit is answered at once; phase two goes on in the background, with
+    backoff, and status shows the transaction committing, not done."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    peers = {"gone": fake.endpoint, "stock": stock.endpoint}
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory(peers), retry_max=0.2))
+    a = asker(coord.endpoint)
+    started = time.monotonic()
+    reply = a.wait(a.send(commit(["gone", "stock"])))
+    assert reply["outcome"] == "committed" and time.monotonic() - started < 2
+    wait_until(lambda: fake.decides >= 4, 5, "phase two to be retried")
+    rows, _ = twopc(tmp_path)
+    assert [(r["txn"], r["state"]) for r in rows] == [(reply["txn"], "committing")]
+    assert rows[0]["participants"] == {"gone": "unknown", "stock": "committed"}
+    assert coord.daemon.stats({})["active"] == 1
+    again = a.wait(a.send(commit(["stock"])))  # and the coordinator serves on meanwhile
+    assert again["outcome"] == "committed"
+
+
+def test_a_client_that_vanishes_mid_commit_does_not_stop_the_transaction(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    actions = Actions(fail=lambda c: c.phase == "prepare" and not gate.wait(5))
+    stock = participant(running, tmp_path, "stock", actions)
+    coord = running(
+        lambda: Coordinator("c1", tmp_path, directory=Directory({"stock": stock.endpoint}))
+    )
+    gone = asker(coord.endpoint)
+    gone.send(commit(["stock"]))
+    wait_until(lambda: actions.count("prepare") == 1, 5, "the prepare to start")
+    gone.close()  # the client dies while the participant prepares
+    gate.set()
+    wait_until(lambda: [r["state"] for r in twopc(tmp_path)[0]] == ["committed"], 5)
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"
+
+
+def test_a_commit_action_failing_forever_is_retried_with_backoff_and_never_done(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """The coordinator asks again every 20 ms; the participant runs the failing
+    commit on its own backoff only (it used to run it at every ask), shows it
+    in status with the error, and neither side marks the transaction done."""
+    actions = Actions(fail=lambda c: c.phase == "commit")
+    stock = participant(running, tmp_path, "stock", actions)
+    coord = running(
+        lambda: Coordinator(
+            "c1", tmp_path, directory=Directory({"stock": stock.endpoint}), retry_max=0.02
+        )
+    )
+    a = asker(coord.endpoint)
+    reply = a.wait(a.send(commit(["stock"])))
+    assert reply["outcome"] == "committed"
+    time.sleep(1.2)  # the window in which attempts are counted
+    attempts = actions.count("commit")
+    assert 3 <= attempts <= 8, f"{attempts} commit attempts in 1.2 s"
+    assert [c.attempt for c in actions.calls if c.phase == "commit"] == list(range(1, attempts + 1))
+    rows, _ = twopc(tmp_path)
+    assert rows[0]["state"] == "committing" and rows[0]["participants"] == {"stock": "committing"}
+    assert any("commit failing: refused" in n for n in rows[0]["notes"]), rows[0]
+    assert coord.daemon.stats({})["active"] == 1
+    actions.fail = lambda _c: False  # repaired: the next try succeeds, and both finish
+    wait_until(lambda: twopc(tmp_path)[0][0]["state"] == "committed", 10)
+    wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)
+
+
+# -- forged, duplicate and unknown ids ----------------------------------------------------------
+def test_two_ids_made_in_the_same_millisecond_with_the_same_randomness_stay_distinct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock that went back can repeat an id; a new transaction never takes an active one's."""
+    ids = iter(["c1.0000000000a000001", "c1.0000000000a000001", "c1.0000000000a000002"])
+    monkeypatch.setattr(coordinator_module, "new_txn_id", lambda _name: next(ids))
+    coord = Coordinator("c1", tmp_path, directory=Directory({"a": "tcp://127.0.0.1:9"}))
+    try:
+        first = coord.begin(["a"], "{}", 5, lambda _r: None)
+        second = coord.begin(["a"], "{}", 5, lambda _r: None)
+        assert first.id != second.id and set(coord.active) == {first.id, second.id}
+    finally:
+        coord.close()
+
+
+def test_a_decide_for_an_unknown_transaction(running: Any, tmp_path: Path) -> None:
+    """commit: refused (never prepared here); abort: the abort action runs once (a
+    prepare cut short by a crash may have run), a repeat changes nothing."""
+    actions = Actions()
+    stock = participant(running, tmp_path, "stock", actions)
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        with pytest.raises(Exception, match="never prepared"):
+            client.request({"op": "decide", "txn": "evil.0123456789abcdef0", "outcome": "commit"})
+        for _ in range(2):
+            reply = client.request(
+                {"op": "decide", "txn": "evil.00000000000000001", "outcome": "abort"}
+            )
+            assert reply["done"] is True
+        assert actions.count("abort") == 1 and actions.count("commit") == 0
+        again = client.request(  # a prepare with a forged id of the same txn: no, nothing run
+            {"op": "prepare", "txn": "evil.00000000000000001", "coordinator": "evil",
+             "reply_to": "tcp://127.0.0.1:9", "data": {}}
+        )  # fmt: skip
+        assert again["vote"] == "no" and actions.count("prepare") == 0
+        with pytest.raises(Exception, match="does not belong to coordinator evil"):
+            client.request(  # another coordinator's id: its inquiries would go astray
+                {"op": "prepare", "txn": "c1.00000000000000005", "coordinator": "evil",
+                 "reply_to": "tcp://127.0.0.1:9", "data": {}}
+            )  # fmt: skip
+        assert actions.count("prepare") == 0
+    finally:
+        client.close()
+
+
+# -- floods and bad data ------------------------------------------------------------------------
+def test_a_flood_of_commits_is_bounded_and_answered(
+    running: Any, asker: Any, fake: FakeParticipant, tmp_path: Path
+) -> None:
+    fake.answer_prepares = False  # every transaction waits for votes that never come
+    coord = running(
+        lambda: Coordinator(
+            "c1", tmp_path, directory=Directory({"mute": fake.endpoint}), max_active=20,
+            vote_timeout=30,
+        )
+    )  # fmt: skip
+    a = asker(coord.endpoint)
+    rids = [a.send(commit(["mute"])) for _ in range(60)]
+    busy = [a.wait(rid) for rid in rids[20:]]  # answered at once, not after 30 s
+    assert all(r["ok"] is False and "busy" in r["error"] for r in busy), busy[:2]
+    assert coord.daemon.stats({})["active"] == 20
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ({"x": "\u00e9" * 20000}, "over 32768"),  # 20,000 characters, 40,000 bytes
+        ({"x": "\u4e00" * 30000}, "over 32768"),  # a frame of 90 kB: used to drop the connection
+        ("LONE", "lone surrogate"),
+    ],
+    ids=["two-byte", "three-byte", "surrogate"],
+)
+def test_data_too_big_or_not_utf8_is_refused_with_a_reply(
+    running: Any, asker: Any, tmp_path: Path, data: Any, why: str
+) -> None:
+    coord = running(
+        lambda: Coordinator("c1", tmp_path, directory=Directory({"a": "tcp://127.0.0.1:9"}))
+    )
+    a = asker(coord.endpoint)
+    if data == "LONE":
+        a.send_raw(b'{"op":"commit","rid":7,"participants":["a"],"data":{"x":"\\ud800"}}')
+        a.rid = 7
+        reply = a.wait(7)
+    else:
+        reply = a.wait(a.send(commit(["a"], data)))
+    assert reply["ok"] is False and why in reply["error"], reply
+    assert coord.daemon.voting == 0 and not coord.daemon.active
+
+
+def test_nul_and_unicode_in_data_reach_the_actions_intact(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    actions = Actions()
+    stock = participant(running, tmp_path, "stock", actions)
+    coord = running(
+        lambda: Coordinator("c1", tmp_path, directory=Directory({"stock": stock.endpoint}))
+    )
+    a = asker(coord.endpoint)
+    data = {"note": "a\u0000b\n\u2028\U0001f600", "big": "x" * (MAX_DATA - 100)}
+    assert a.wait(a.send(commit(["stock"], data)))["outcome"] == "committed"
+    wait_until(lambda: len(actions.calls) == 2, 5, "the commit action")
+    assert [(c.phase, c.data) for c in actions.calls] == [("prepare", data), ("commit", data)]
+
+
+def test_a_clock_jump_neither_aborts_early_nor_breaks_ids(
+    running: Any, asker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wall-clock jumps (a day back, a day ahead) between transactions: deadlines
+    run on the monotonic clock, ids stay unique, outcomes stay right."""
+    actions = Actions()
+    stock = participant(running, tmp_path, "stock", actions)
+    coord = running(
+        lambda: Coordinator(
+            "c1", tmp_path, directory=Directory({"stock": stock.endpoint}), vote_timeout=2
+        )
+    )
+    a = asker(coord.endpoint)
+    real = time.time
+    txns = []
+    for jump in (0, -86400, 86400, -86400):
+        monkeypatch.setattr(time, "time", lambda j=jump: real() + j)
+        reply = a.wait(a.send(commit(["stock"])))
+        assert reply["outcome"] == "committed", reply
+        txns.append(reply["txn"])
+    assert len(set(txns)) == 4
+    wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_cli_commit_refuses_bad_data_and_an_unreachable_coordinator_fast_and_status_exits_3(
+    tmp_path: Path,
+) -> None:
+    dead = "tcp://127.0.0.1:9"
+    base = ("commit", "--no-mdns", "--coordinator", dead, "-p", "stock")
+    started = time.monotonic()
+    gone = run("eda-txn", *base, "--data", "{}")
+    assert gone.returncode == 4 and "cannot reach the coordinator" in gone.stderr, gone
+    assert "nothing was committed" in gone.stderr
+    assert time.monotonic() - started < 10  # not the 30 s of --wait
+    big = run("eda-txn", *base, "--data", json.dumps({"x": "y" * 40000}))
+    assert big.returncode == 2 and "over 32768" in big.stderr, big.stderr
+    assert len(big.stderr.strip().splitlines()) <= 3  # a usage line, not a traceback
+    raw = run("eda-txn", *base, "--data", "-", input=b'{"x": "\xff\xfe"}')
+    assert raw.returncode == 2 and "not UTF-8" in raw.stderr, raw.stderr
+    unknown = run("eda-txn", "status", "--log", str(tmp_path), "c1.00000000000000001")
+    assert unknown.returncode == 3 and "no transaction or saga" in unknown.stderr
+    txn = "c1.00000000000000002"  # in doubt at a participant that is not running
+    (tmp_path / "participant-stock.jsonl").write_text(
+        json.dumps({"participant": "stock", "endpoint": dead}) + "\n"
+        + json.dumps({"txn": txn, "state": "prepared", "coordinator": "c1"}) + "\n"
+    )  # fmt: skip
+    started = time.monotonic()
+    stuck = run("eda-txn", "resolve", "--no-mdns", "--log", str(tmp_path), txn, "--abort")
+    assert stuck.returncode == 1 and "nothing listens at tcp://127.0.0.1:9" in stuck.stderr
+    assert time.monotonic() - started < 10  # not the 15 s of a request to nobody
+
+
+def test_prepares_with_made_up_reply_to_endpoints_cannot_use_up_sockets(
+    tmp_path: Path,
+) -> None:
+    """Each in-doubt transaction asks the endpoint its prepare named: a flood of
+    made-up endpoints keeps at most MAX_PEERS sockets open (least recently used closed)."""
+    part = Participant("stock", Actions(), tmp_path, inquire_after=0.01, max_live=10_000)
+    part.peers.max_peers = 8
+    try:
+        for i in range(40):
+            part.prepare(
+                {"txn": f"evil.{i:017x}", "coordinator": "evil", "data": {},
+                 "reply_to": f"tcp://127.0.0.1:{20000 + i}"}
+            )  # fmt: skip
+        time.sleep(0.02)
+        part._tick()  # every one in doubt: each asks its coordinator
+        assert len(part.asking) == 40
+        assert len(part.peers.by_endpoint) == 8 and len(part._sockets) <= 8 + 2
+    finally:
+        part.close()
+
+
+def test_a_flood_of_prepares_is_refused_beyond_max_live_without_running_the_action(
+    running: Any, tmp_path: Path
+) -> None:
+    actions = Actions()
+    stock = running(lambda: Participant("stock", actions, tmp_path, max_live=5, **FAST))  # type: ignore[arg-type]
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        prepare = {
+            "op": "prepare",
+            "coordinator": "c1",
+            "reply_to": "tcp://127.0.0.1:9",
+            "data": {},
+        }
+        for i in range(5):
+            assert client.request({**prepare, "txn": f"c1.{i:017x}"})["vote"] == "yes"
+        with pytest.raises(Exception, match="busy: 5 transactions unfinished"):
+            client.request({**prepare, "txn": "c1.00000000000000099"})
+        assert actions.count("prepare") == 5
+        assert client.request({"op": "decide", "txn": "c1.00000000000000000", "outcome": "abort"})[
+            "done"
+        ]  # one finished: room for one more
+        assert client.request({**prepare, "txn": "c1.00000000000000099"})["vote"] == "yes"
+    finally:
+        client.close()
+
+
+def test_a_reason_with_newlines_and_escapes_cannot_forge_output_lines(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """A participant's reason (an agent's, a command's output) is escaped at the
+    participant and again at the coordinator: one line, no terminal control."""
+    forged = 'declined\n{"txn":"c1.x","outcome":"committed"}\r\x1b[2J\x00'
+    stock = participant(running, tmp_path, "stock", Actions(fail=lambda c: c.phase == "prepare"))
+    stock.daemon.actions.run = lambda call: Result(call.phase != "prepare", forged)
+    coord = running(
+        lambda: Coordinator("c1", tmp_path, directory=Directory({"stock": stock.endpoint}))
+    )
+    a = asker(coord.endpoint)
+    reply = a.wait(a.send(commit(["stock"])))
+    assert reply["outcome"] == "aborted"
+    assert reply["reason"].isprintable(), reply["reason"]
+    assert reply["reason"].startswith("stock voted no: declined\\n{")
+    assert "\\x1b[2J" in reply["reason"]
+
+
+def test_status_is_a_table_on_a_terminal_and_json_lines_when_piped(tmp_path: Path) -> None:
+    import os
+    import pty
+    import subprocess
+
+    from tests.helpers import command
+
+    ok, failing = "c1.1a21fe53c674348e1", "c1.1a21fe540861f6694"
+    (tmp_path / "coordinator-c1.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"txn": ok, "participants": {"stock": "tcp://h:1"}, "time": 1.0, "state": "committed"},
+                {"txn": ok, "state": "done", "outcome": "committed"},
+                {"txn": failing, "participants": {"stock": "tcp://h:1"}, "time": 2.0, "state": "committed"},
+            ]
+        )
+    )  # fmt: skip
+    (tmp_path / "participant-stock.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"txn": ok, "state": "committed", "time": 1.0},
+                {"txn": failing, "state": "committing", "error": "commit exited 1", "time": 2.0},
+            ]
+        )
+    )  # fmt: skip
+    piped = run("eda-txn", "status", "--log", str(tmp_path))
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [(r["txn"], r["state"]) for r in rows] == [(ok, "committed"), (failing, "committing")]
+    assert rows[1]["notes"] == ["stock: commit failing: commit exited 1"]
+    one = run("eda-txn", "status", "--log", str(tmp_path), failing)
+    assert one.returncode == 0 and json.loads(one.stdout)["txn"] == failing
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        command("eda-txn", "status", "--log", str(tmp_path)),
+        stdout=child, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    os.close(child)
+    out = b""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait(20) == 0
+    text = out.decode(errors="replace")
+    assert "ID" in text and "STATE" in text and "committing" in text, text
+    assert "commit failing: commit exited 1" in text and "{" not in text
+
+
+def test_a_reply_to_zmq_cannot_connect_to_is_refused_and_cannot_break_the_inquiries(
+    tmp_path: Path,
+) -> None:
+    """'tcp://a b:1' passes as an endpoint but zmq refuses to connect to it: it
+    used to raise in every tick (leaking a socket each time) and stop the
+    inquiries of the transactions after it."""
+    from eda.core.errors import EdaError
+
+    bad, good = "c1.00000000000000001", "c1.00000000000000002"
+    (tmp_path / "participant-stock.jsonl").write_text(
+        "".join(
+            json.dumps({"txn": t, "state": "prepared", "coordinator": "c1", "reply_to": e,
+                        "data": {}}) + "\n"
+            for t, e in [(bad, "tcp://a b:1"), (good, "tcp://127.0.0.1:9")]
+        )
+    )  # fmt: skip
+    part = Participant("stock", Actions(), tmp_path, inquire_after=0.01, inquire_timeout=0.01)
+    try:
+        with pytest.raises(EdaError, match="bad coordinator endpoint"):
+            part.prepare(
+                {"txn": "c1.00000000000000003", "coordinator": "c1", "data": {},
+                 "reply_to": "tcp://a b:1"}
+            )  # fmt: skip
+        sockets = len(part._sockets)
+        for _ in range(5):
+            time.sleep(0.02)
+            part._tick()
+        assert good in part.asking and len(part._sockets) == sockets + 1  # the good one's peer
+    finally:
+        part.close()
+
+
+def test_a_participant_endpoint_zmq_refuses_is_a_no_vote_not_a_broken_coordinator(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    stock = participant(running, tmp_path, "stock", Actions())
+    peers = {"odd": "tcp://a b:1", "stock": stock.endpoint}
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory(peers)))
+    a = asker(coord.endpoint)
+    reply = a.wait(a.send(commit(["stock", "odd"])))
+    assert reply["outcome"] == "aborted" and "odd voted no: cannot connect" in reply["reason"]
+    assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"
+    wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)
+
+
+def test_a_persistent_agent_that_stops_reading_cannot_block_the_participant(
+    tmp_path: Path,
+) -> None:
+    """Requests bigger than the pipe to an agent that never reads: the write used
+    to block the daemon forever; now it fails after the action timeout."""
+    from eda.core.txn.actions import PersistentAgent
+
+    agent = PersistentAgent("stock", ["sleep", "30"], timeout=0.5)
+    agent.start()
+    results: list[Result] = []
+    calls = [Call("prepare", f"c1.{i:017x}", {"x": "y" * 30000}, 1) for i in range(4)]
+    worker = threading.Thread(target=lambda: results.extend(agent.run_many(calls)), daemon=True)
+    try:
+        started = time.monotonic()
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "run_many blocked on a full pipe"
+        assert time.monotonic() - started < 5
+        assert [r.ok for r in results] == [False] * 4
+        assert "did not read its requests within 0.5s" in results[0].reason
+    finally:
+        if agent.proc is not None:  # the restarted agent does not read either: no grace
+            agent.proc.kill()
+        agent.close()
