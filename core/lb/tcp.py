@@ -287,7 +287,7 @@ class DataPlane:
                     if fd == lfd:
                         self.accept_now = True
                     elif fd in self.connecting:
-                        self._connected(fd)
+                        self._connected(fd, ev)
                     elif fd == control and not self._instructions():
                         return
                 if self.accept_now:
@@ -364,10 +364,9 @@ class DataPlane:
         else:
             self._connect_failed(bfd, cfd, slot, tried, registered=False)
 
-    def _connected(self, bfd: int) -> None:
+    def _connected(self, bfd: int, ev: int) -> None:
         cfd, slot, tried, _deadline = self.connecting.pop(bfd)
-        err = self.socks[bfd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        if ev & (EPOLLERR | EPOLLHUP):  # a failed connect says so (no SO_ERROR call needed)
             self._connect_failed(bfd, cfd, slot, tried, registered=True)
             return
         self.ep.modify(bfd, EPOLLIN)
@@ -447,10 +446,10 @@ class DataPlane:
         """*fd* reached EOF: pass the half-close on, close both when both ended."""
         self.eof.add(fd)
         if other not in self.pending:
-            self._shut(other)
             if other in self.eof and fd not in self.pending:
-                self._close(fd)
+                self._close(fd)  # both ended and all delivered: no half-close needed
                 return
+            self._shut(other)
         self.ep.modify(fd, self._mask(fd))
 
     def _shut(self, fd: int) -> None:
@@ -641,9 +640,10 @@ class TcpProxy:
         self.host, self.port = host, port
         self.settings = settings
         self.log, self.warn = log, warn
-        self.listener: socket.socket | None = None
+        self.listeners: list[socket.socket] = []  # one per data plane, on the same port
         self.health = Health(settings, warn)
-        self.workers: dict[int, int] = {}  # pid -> control pipe write end
+        self.workers: dict[int, int] = {}  # data-plane pid -> its listener's index
+        self.feeds: dict[int, int] = {}  # data-plane pid -> its control pipe's write end
         self.threads: list[tuple[threading.Thread, int]] = []
         self.planes: list[DataPlane] = []  # the data planes running in threads (workers=0)
         self.lock = threading.Lock()
@@ -656,41 +656,54 @@ class TcpProxy:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self.listener is not None
-        name = self.listener.getsockname()
+        name = self.listeners[0].getsockname()
         return str(name[0]), int(name[1])
 
     def start(self) -> None:
-        """Bind and start the data planes (forked before any thread of ours exists)."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            listener.bind((self.host, self.port))
-            listener.listen(4096)
-        except OSError as exc:
-            listener.close()
-            raise ProxyError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        self.listener = listener
+        """Bind and start the data planes (forked before any thread of ours exists).
+
+        Each data-plane process gets a listening socket of its own on the same
+        port (SO_REUSEPORT): the kernel spreads new connections evenly over
+        them, where one shared socket hands most to whichever process is awake.
+        """
+        port = self.port
+        for _ in range(max(1, self.settings.workers)):
+            self.listeners.append(self._bind(port))
+            port = self.address[1]  # the port the first one got (port 0: ephemeral)
         _raise_fd_limit()
         if self.settings.workers == 0:
             self._start_thread()
         else:
-            for _ in range(self.settings.workers):
-                self._fork()
+            for slot in range(self.settings.workers):
+                self._fork(slot)
+
+    def _bind(self, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.settings.workers > 1:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            listener.bind((self.host, port))
+            listener.listen(4096)
+        except OSError as exc:
+            listener.close()
+            for other in self.listeners:
+                other.close()
+            self.listeners.clear()
+            raise ProxyError(f"cannot listen on {self.host}:{port}: {exc.strerror}") from None
+        return listener
 
     def _start_thread(self) -> None:
-        assert self.listener is not None
         control, feed = os.pipe()
-        plane = DataPlane(self.listener.dup(), control, self.settings, self.warn)
+        plane = DataPlane(self.listeners[0].dup(), control, self.settings, self.warn)
         thread = threading.Thread(target=plane.run, name="eda-lb-tcp", daemon=True)
         thread.start()
         self.planes.append(plane)
         self.threads.append((thread, feed))
 
-    def _fork(self) -> None:
-        assert self.listener is not None
+    def _fork(self, slot: int) -> None:
         control, feed = os.pipe()
         pid = os.fork()
         if pid == 0:  # the data-plane process
@@ -698,12 +711,12 @@ class TcpProxy:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent tells it to drain
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                os.close(feed)
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                for other in self.workers.values():
-                    os.close(other)
-                DataPlane(self.listener, control, self.settings, self.warn).run()
+                for fd in (feed, self.wake_r, self.wake_w, *self.feeds.values()):
+                    os.close(fd)
+                for n, other in enumerate(self.listeners):
+                    if n != slot:
+                        other.close()
+                DataPlane(self.listeners[slot], control, self.settings, self.warn).run()
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
                     self.warn(f"data plane {os.getpid()} failed: {exc!r}")
@@ -711,7 +724,8 @@ class TcpProxy:
             finally:
                 os._exit(code)
         os.close(control)
-        self.workers[pid] = feed
+        self.workers[pid] = slot
+        self.feeds[pid] = feed
         if self.last_sent:
             self._send(feed, self.last_sent)
 
@@ -757,7 +771,7 @@ class TcpProxy:
         self.log(f"{len(up)} instance(s) up: {', '.join(b.id for b in up) or 'none'}")
 
     def _feeds(self) -> list[int]:
-        return [*self.workers.values(), *(feed for _t, feed in self.threads)]
+        return [*self.feeds.values(), *(feed for _t, feed in self.threads)]
 
     @staticmethod
     def _send(feed: int, data: bytes) -> None:
@@ -770,17 +784,18 @@ class TcpProxy:
             with contextlib.suppress(ChildProcessError):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    os.close(self.workers.pop(pid))
+                    os.close(self.feeds.pop(pid))
+                    slot = self.workers.pop(pid)
                     self.warn(f"data plane {pid} ended (status {status}); starting another")
-                    self._fork()
+                    self._fork(slot)
 
     def _finish(self, timeout: float) -> None:
         """Drain every data plane and wait for them (a little past *timeout* at most)."""
         message = json.dumps({"drain": timeout}).encode() + b"\n"
         for feed in self._feeds():
             self._send(feed, message)
-        if self.listener is not None:
-            self.listener.close()  # the data planes hold their own copies until drained
+        for listener in self.listeners:
+            listener.close()  # the data planes hold their own copies until drained
         deadline = time.monotonic() + timeout + 2.0
         for thread, _feed in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -797,12 +812,15 @@ class TcpProxy:
         for feed in self._feeds():
             os.close(feed)
         self.workers.clear()
+        self.feeds.clear()
         self.threads.clear()
 
     def close(self) -> None:
         """Stop at once (no drain)."""
         if self.drain_timeout is None and (self.workers or self.threads):
             self._finish(0.0)
+        for listener in self.listeners:
+            listener.close()
         for fd in (self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
