@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from eda.core.errors import UsageError
-from eda.core.lb.tcp import Backend, Selector, Settings, TcpProxy, parse_listen
+from eda.core.lb.tcp import Backend, Settings, TcpProxy, parse_listen
 from tests.helpers import Proc, Procs, closed_port, wait_until
 
 TIMEOUT = 5.0
@@ -118,8 +118,8 @@ class Running:
         """Candidates; waits until the proxy sends traffic to exactly these."""
         self.proxy.set_candidates(backends)
         want = {b.id for b in backends}
-        selector = self.proxy.planes[0].selector
-        wait_until(lambda: set(selector.by_id) == want, TIMEOUT, f"traffic to {want}")
+        balancer = self.proxy.planes[0].balancer
+        wait_until(lambda: {b.key for b in balancer} == want, TIMEOUT, f"traffic to {want}")
 
     def stop(self) -> None:
         self.proxy.drain(0)
@@ -173,40 +173,46 @@ def test_weighted_shares_follow_the_registry_weight(proxy: Any, servers: list[Se
     assert seen == {"a": 10, "b": 30}
 
 
-def test_strategies_distribution() -> None:
-    backends = [Backend(f"i{n}", "127.0.0.1", 1000 + n, weight=n + 1) for n in range(3)]
-    rr = Selector("round-robin")
-    rr.update(backends)
-    assert Counter(rr.pick().backend.id for _ in range(300)) == {"i0": 100, "i1": 100, "i2": 100}
-    weighted = Selector("weighted")
-    weighted.update(backends)
-    counts = Counter(weighted.pick().backend.id for _ in range(600))
-    assert counts == {"i0": 100, "i1": 200, "i2": 300}
-    rnd = Selector("random", random.Random(7))
-    rnd.update(backends)
-    counts = Counter(rnd.pick().backend.id for _ in range(3000))
-    assert all(900 <= c <= 1100 for c in counts.values()), counts
-    # least-conn: the instance with the fewest open connections (per weight) first
-    least = Selector("least-conn")
-    least.update([Backend(b.id, b.host, b.port) for b in backends])
-    for _ in range(30):
-        least.pick().active += 1
-    assert [s.active for s in least.slots] == [10, 10, 10]
-    least.slots[0].active = 0
-    assert least.pick().backend.id == "i0"
-    # p2c: of two random instances the less loaded; never the busiest of three
-    p2c = Selector("p2c", random.Random(3))
-    p2c.update([Backend(b.id, b.host, b.port) for b in backends])
-    p2c.slots[2].active = 50
-    p2c.slots[1].active = 5
-    counts = Counter(p2c.pick().backend.id for _ in range(300))
-    assert "i2" not in counts and counts["i0"] > counts["i1"] > 0
-    # instances already tried are skipped; weight 0 gets nothing
-    rr.update([backends[0], Backend("z", "127.0.0.1", 9, weight=0)])
-    assert {rr.pick().backend.id for _ in range(10)} == {"i0"}
-    assert rr.pick((rr.slots[0],)) is None
+def test_least_conn_and_p2c_send_new_connections_to_the_least_loaded(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    for strategy in ("least-conn", "p2c"):
+        running = proxy(strategy=strategy)
+        running.use([a.backend(), b.backend()])
+        held: dict[str, list[socket.socket]] = {"a": [], "b": []}
+        for _ in range(4):
+            sock = socket.create_connection(running.address, timeout=TIMEOUT)
+            sock.sendall(b"?")
+            held[who(sock.recv(100))].append(sock)
+        assert len(held["a"]) == len(held["b"]) == 2, strategy  # each time the less loaded
+        for sock in held["a"]:
+            sock.close()
+        slot = running.proxy.planes[0].balancer.get("a")
+        assert slot is not None
+        wait_until(lambda s=slot: s.inflight == 0, TIMEOUT, "a's closes seen")
+        more = []
+        for _ in range(2):  # b holds 2, a none: both go to a
+            sock = socket.create_connection(running.address, timeout=TIMEOUT)
+            sock.sendall(b"?")
+            assert who(sock.recv(100)) == "a", strategy
+            more.append(sock)
+        for sock in [*held["b"], *more]:
+            sock.close()
+
+
+def test_random_uses_every_instance(proxy: Any, servers: list[Server]) -> None:
+    servers.extend([Server("a"), Server("b"), Server("c")])
+    running = proxy(strategy="random")
+    running.use([s.backend() for s in servers])
+    seen = Counter(who(ask(running.address)) for _ in range(60))
+    assert set(seen) == {"a", "b", "c"} and max(seen.values()) < 40, seen
+
+
+def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(UsageError):
-        Selector("fastest")
+        TcpProxy("127.0.0.1", 0, Settings(strategy="fastest"))
 
 
 def test_listen_addresses() -> None:

@@ -24,8 +24,9 @@ Layout (one module, three parts):
   finish until a deadline.
 
 The strategies (``round-robin``, ``weighted``, ``least-conn``, ``random``,
-``p2c``) choose per connection among the instances that are up; with several
-data-plane processes each balances its own connections (counts are local).
+``p2c``) are the shared balancer's (core/lb/balancer.py), choosing per
+connection among the instances that are up; with several data-plane
+processes each balances its own connections (counts are local).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import contextlib
 import errno
 import json
 import os
-import random
 import select
 import signal
 import socket
@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdaError, UsageError
+from .balancer import STRATEGIES, Balancer
+from .balancer import Backend as Slot
 
 Log = Callable[[str], None]
-STRATEGIES = ("round-robin", "weighted", "least-conn", "random", "p2c")
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLLERR, EPOLLHUP = select.EPOLLERR, select.EPOLLHUP
@@ -100,99 +101,26 @@ def resolve(host: str, port: int) -> str | None:
 
 
 # -- choosing an instance ----------------------------------------------------------------
-class _Slot:
-    """Selection state of one instance inside one data plane."""
-
-    __slots__ = ("active", "addr", "backend", "current", "family", "weight")
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.addr = (backend.host, backend.port)
-        self.family = backend.family
-        self.weight = backend.weight
-        self.active = 0  # connections open through this data plane
-        self.current = 0  # smooth weighted round-robin credit
+def _balancer(strategy: str) -> Balancer:
+    """The shared balancer (core/lb/balancer.py) as the data plane uses it: the
+    strategy per connection, and passive ejection of an instance whose connects
+    keep failing (between two active checks)."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    return Balancer(strategy, eject_after=3, eject_base=1.0, eject_max=30.0)
 
 
-class Selector:
-    """Picks an instance per connection with one of :data:`STRATEGIES`.
-
-    A minimal TCP-side selection; the request/reply balancer (core/lb/balancer.py)
-    is meant to take this over.  Instances of weight 0 get nothing, except when
-    every instance has weight 0 (then they share equally).
-    """
-
-    def __init__(self, strategy: str, rng: random.Random | None = None) -> None:
-        if strategy not in STRATEGIES:
-            raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
-        self.strategy = strategy
-        self.rng = rng or random.Random()
-        self.slots: list[_Slot] = []
-        self.by_id: dict[str, _Slot] = {}
-        self.next = 0
-        self.pick = getattr(self, "_" + strategy.replace("-", "_"))
-
-    def update(self, backends: Iterable[Backend]) -> None:
-        """The instances that are up now (slots of instances that stay keep their counts)."""
-        slots = []
-        by_id: dict[str, _Slot] = {}
-        for backend in backends:
-            old = self.by_id.get(backend.id)
-            slot = old if old is not None and old.backend == backend else _Slot(backend)
-            if old is not None and slot is not old:
-                slot.active = old.active
-            slots.append(slot)
-            by_id[backend.id] = slot
-        self.slots, self.by_id = slots, by_id
-        if not any(s.weight > 0 for s in slots):
-            for slot in slots:
-                slot.weight = 1
-
-    def _candidates(self, tried: tuple[_Slot, ...]) -> list[_Slot]:
-        return [s for s in self.slots if s.weight > 0 and s not in tried]
-
-    def _round_robin(self, tried: tuple[_Slot, ...] = ()) -> _Slot | None:
-        slots = self.slots
-        for _ in range(len(slots)):
-            self.next = (self.next + 1) % len(slots)
-            slot = slots[self.next]
-            if slot.weight > 0 and slot not in tried:
-                return slot
-        return None
-
-    def _weighted(self, tried: tuple[_Slot, ...] = ()) -> _Slot | None:
-        # nginx's smooth weighted round-robin: exact shares, spread out evenly
-        candidates = self._candidates(tried)
-        if not candidates:
-            return None
-        total = 0
-        best = candidates[0]
-        for slot in candidates:
-            slot.current += slot.weight
-            total += slot.weight
-            if slot.current > best.current:
-                best = slot
-        best.current -= total
-        return best
-
-    def _least_conn(self, tried: tuple[_Slot, ...] = ()) -> _Slot | None:
-        candidates = self._candidates(tried)
-        if not candidates:
-            return None
-        self.next = (self.next + 1) % len(candidates)  # ties go round
-        rotated = candidates[self.next :] + candidates[: self.next]
-        return min(rotated, key=lambda s: s.active / s.weight)
-
-    def _random(self, tried: tuple[_Slot, ...] = ()) -> _Slot | None:
-        candidates = self._candidates(tried)
-        return self.rng.choice(candidates) if candidates else None
-
-    def _p2c(self, tried: tuple[_Slot, ...] = ()) -> _Slot | None:
-        candidates = self._candidates(tried)
-        if len(candidates) < 2:
-            return candidates[0] if candidates else None
-        a, b = self.rng.sample(candidates, 2)
-        return a if a.active / a.weight <= b.active / b.weight else b
+def update_balancer(balancer: Balancer, backends: Iterable[Backend]) -> None:
+    """Make *balancer* hold exactly *backends* (instances that stay keep their counts)."""
+    wanted = {b.id: b for b in backends}
+    for old in list(balancer):
+        new = wanted.get(old.key)
+        if new is None or old.data[1] != (new.host, new.port):
+            balancer.remove(old.key)
+    for backend in wanted.values():
+        # data: (the Backend, its address, its family) -- read on every connect
+        data = (backend, (backend.host, backend.port), backend.family)
+        balancer.add(backend.id, backend.weight, data if backend.id not in balancer else None)
 
 
 # -- the data plane ------------------------------------------------------------------------
@@ -225,16 +153,16 @@ class DataPlane:
         self.control = control
         self.settings = settings
         self.log = log
-        self.selector = Selector(settings.strategy)
+        self.balancer = _balancer(settings.strategy)
         self.ep = select.epoll()
         self.peer: dict[int, int] = {}  # fd -> the other side of its connection
         self.pending: dict[int, bytes] = {}  # fd -> bytes still to be written to it
         self.eof: set[int] = set()  # fds whose reading side has ended
         self.socks: dict[int, Any] = {}  # fd -> socket object (owns the fd)
-        self.slot_of: dict[int, _Slot] = {}  # client fd -> instance it goes to
-        # backend fd being connected -> (client fd, slot, instances tried, deadline)
-        self.connecting: dict[int, tuple[int, _Slot, tuple[_Slot, ...], float]] = {}
-        self.later: list[tuple[int, tuple[_Slot, ...]]] = []  # connects to start after a batch
+        self.slot_of: dict[int, Slot] = {}  # client fd -> instance it goes to
+        # backend fd being connected -> (client fd, instance, ids tried, deadline)
+        self.connecting: dict[int, tuple[int, Slot, tuple[str, ...], float]] = {}
+        self.later: list[tuple[int, tuple[str, ...]]] = []  # connects to start after a batch
         self.accept_now = False
         self.accepting = False
         self.conns = 0
@@ -336,15 +264,16 @@ class DataPlane:
             self.conns += 1
             self._connect(cfd, ())
 
-    def _connect(self, cfd: int, tried: tuple[_Slot, ...]) -> None:
+    def _connect(self, cfd: int, tried: tuple[str, ...]) -> None:
         """Start connecting client *cfd* to an instance not in *tried*."""
-        slot = self.selector.pick(tried) if len(tried) <= self.settings.retries else None
+        slot = self.balancer.pick(tried) if len(tried) <= self.settings.retries else None
         if slot is None:
             self.counts["no_backend"] += 1
             self._drop_client(cfd)
             return
         try:
-            backend = _socket.socket(slot.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0)
+            _b, addr, family = slot.data
+            backend = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0)
         except OSError as exc:
             self.log(f"cannot open a socket to an instance: {exc}")
             self._drop_client(cfd)
@@ -352,9 +281,9 @@ class DataPlane:
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         bfd = backend.fileno()
         self.socks[bfd] = backend
-        tried = (*tried, slot)
-        slot.active += 1
-        err = backend.connect_ex(slot.addr)
+        tried = (*tried, slot.key)
+        self.balancer.started(slot)
+        err = backend.connect_ex(addr)
         if err == 0:
             self._pair(cfd, bfd, slot)
         elif err == errno.EINPROGRESS:
@@ -372,7 +301,8 @@ class DataPlane:
         self.ep.modify(bfd, EPOLLIN)
         self._pair(cfd, bfd, slot, registered=True)
 
-    def _pair(self, cfd: int, bfd: int, slot: _Slot, registered: bool = False) -> None:
+    def _pair(self, cfd: int, bfd: int, slot: Slot, registered: bool = False) -> None:
+        slot.consecutive = slot.ejections = 0  # a connect that works: no longer an outlier
         self.peer[cfd] = bfd
         self.peer[bfd] = cfd
         self.slot_of[cfd] = slot
@@ -381,10 +311,10 @@ class DataPlane:
             self.ep.register(bfd, EPOLLIN)
 
     def _connect_failed(
-        self, bfd: int, cfd: int, slot: _Slot, tried: tuple[_Slot, ...], registered: bool
+        self, bfd: int, cfd: int, slot: Slot, tried: tuple[str, ...], registered: bool
     ) -> None:
         self.counts["connect_failed"] += 1
-        slot.active -= 1
+        self.balancer.finished(slot, ok=False)
         if registered:
             self.ep.unregister(bfd)
         self.socks.pop(bfd).close()
@@ -466,7 +396,7 @@ class DataPlane:
             self.socks.pop(side).close()
         slot = self.slot_of.pop(fd, None) or self.slot_of.pop(other, None)
         if slot is not None:
-            slot.active -= 1
+            self.balancer.released(slot)
         self._gone()
 
     def _close_all(self) -> None:
@@ -490,7 +420,7 @@ class DataPlane:
         for line in lines:
             message = json.loads(line)
             if "backends" in message:
-                self.selector.update(Backend(*item) for item in message["backends"])
+                update_balancer(self.balancer, (Backend(*item) for item in message["backends"]))
             if "drain" in message:
                 self.drain_deadline = time.monotonic() + float(message["drain"])
                 self._listen(False)
@@ -636,7 +566,7 @@ class TcpProxy:
         log: Log = _quiet,
         warn: Log = _quiet,
     ) -> None:
-        Selector(settings.strategy)  # refuse an unknown strategy now
+        _balancer(settings.strategy)  # refuse an unknown strategy now
         self.host, self.port = host, port
         self.settings = settings
         self.log, self.warn = log, warn
