@@ -116,6 +116,14 @@ Examples:
     help="On SIGTERM: stop accepting, let open connections finish for this long.",
 )
 @click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close a connection that moved no byte either way this long (0: never).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(0, 256),
     metavar="N",
@@ -149,6 +157,7 @@ def tcp(
     retries: int,
     connect_timeout: float,
     drain_timeout: float,
+    idle_timeout: float,
     workers: int | None,
     max_conn: int,
     engine: str,
@@ -183,6 +192,7 @@ def tcp(
         retries=retries,
         connect_timeout=connect_timeout,
         max_conns=max_conn,
+        idle_timeout=idle_timeout,
         check_interval=check_interval,
         check_timeout=check_timeout,
         rise=rise,
@@ -190,7 +200,7 @@ def tcp(
         workers=os.cpu_count() or 1 if workers is None else workers,
     )
     if engine == "haproxy":
-        _tcp_haproxy(ctx, service, access, host, port, settings)
+        _tcp_haproxy(ctx, service, access, host, port, settings, drain_timeout)
         return
     proxy = core.TcpProxy(host, port, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
@@ -226,6 +236,7 @@ def _tcp_haproxy(
     host: str,
     port: int,
     settings: Any,
+    drain_timeout: float,
 ) -> None:
     """--engine haproxy: the same registry following, HAProxy as the data plane."""
     import queue
@@ -256,6 +267,9 @@ def _tcp_haproxy(
         rise=settings.rise,
         fall=settings.fall,
         log=ctx.debug,
+        drain_timeout=drain_timeout,
+        connect_timeout=settings.connect_timeout,
+        idle_timeout=settings.idle_timeout or 86400.0 * 365,
     )
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -264,19 +278,27 @@ def _tcp_haproxy(
     def servers(backends: list[core.Backend]) -> list[Server]:
         return [Server(b.id, b.host, b.port, b.weight) for b in backends]
 
-    current: list[core.Backend] = []
+    def newest(wait: float) -> list[core.Backend] | None:
+        try:
+            latest = updates.get(timeout=wait)
+        except queue.Empty:
+            return None
+        while not updates.empty():  # only the newest set matters
+            latest = updates.get_nowait()
+        return latest
+
+    current = newest(3.0) or []  # the registry's first answer, so HAProxy starts with it
     try:
+        if stop.is_set():
+            return
         engine.start(servers(current))
         ctx.warn(f"proxying {host}:{port} to {service} ({settings.strategy}, haproxy)")
         while not stop.is_set():
-            try:
-                latest = updates.get(timeout=1.0)
-            except queue.Empty:
+            latest = newest(1.0)
+            if latest is None:
                 if not engine.alive():
-                    raise EdaError("haproxy stopped unexpectedly") from None
+                    raise EdaError("haproxy stopped unexpectedly")
                 continue
-            while not updates.empty():  # only the newest set matters
-                latest = updates.get_nowait()
             if not stop.is_set() and latest != current:
                 current = latest
                 engine.update(servers(current))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import pytest
 
 from eda.core.errors import UsageError
 from eda.core.lb.tcp import Backend, Settings, TcpProxy, parse_listen
-from tests.helpers import Proc, Procs, closed_port, wait_until
+from tests.helpers import Proc, Procs, children_of, closed_port, wait_until
 
 TIMEOUT = 5.0
 
@@ -310,6 +312,25 @@ def _refused(address: tuple[str, int]) -> bool:
     return False
 
 
+def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy(idle_timeout=0.4)
+    running.use([servers[0].backend()])
+    quiet = socket.create_connection(running.address, timeout=TIMEOUT)
+    busy = socket.create_connection(running.address, timeout=TIMEOUT)
+    started = time.monotonic()
+    while not select.select([quiet], [], [], 0.1)[0]:  # busy talks while quiet says nothing
+        busy.sendall(b"x")
+        assert busy.recv(100) == b"a:x"
+        assert time.monotonic() - started < 5, "the quiet connection was never closed"
+    assert quiet.recv(100) == b""
+    assert time.monotonic() - started >= 0.35
+    busy.sendall(b"still")
+    assert busy.recv(100) == b"a:still"
+    quiet.close()
+    busy.close()
+
+
 def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
     proxy: Any, servers: list[Server]
 ) -> None:
@@ -403,13 +424,22 @@ def test_cli_follows_registry_changes_while_clients_stay_connected(
     assert proc.wait() == 0
 
 
-def test_cli_drains_on_sigterm(procs: Procs, servers: list[Server]) -> None:
+def test_cli_restarts_a_dead_data_plane_and_drains_on_sigterm(
+    procs: Procs, servers: list[Server]
+) -> None:
     servers.append(Server("a"))
     endpoint = registry(procs)
     register(procs, endpoint, servers[0])
     proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
                        "--no-mdns", "--workers", "2", "--drain-timeout", "20")  # fmt: skip
     proc.wait_stderr(r"1 instance\(s\) up: a")
+    planes = wait_until(
+        lambda: len(children_of(proc.popen.pid)) == 2 and children_of(proc.popen.pid)
+    )
+    os.kill(int(planes[0].split(":")[0]), signal.SIGKILL)  # a data plane dies: another replaces it
+    proc.wait_stderr("starting another")
+    wait_until(lambda: len(set(children_of(proc.popen.pid)) - set(planes)) == 1, TIMEOUT)
+    assert [who(ask(address)) for _ in range(20)] == ["a"] * 20
     held = socket.create_connection(address, timeout=TIMEOUT)
     held.sendall(b"before")
     assert held.recv(100) == b"a:before"

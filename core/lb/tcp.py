@@ -130,6 +130,7 @@ class Settings:
     retries: int = 2  # further instances tried when a connect fails
     connect_timeout: float = 2.0
     max_conns: int = 10000  # proxied connections per data plane
+    idle_timeout: float = 600.0  # close a connection silent both ways this long (0: never)
     check_interval: float = 1.0
     check_timeout: float = 1.0
     rise: int = 2
@@ -168,7 +169,13 @@ class DataPlane:
         self.conns = 0
         self.drain_deadline: float | None = None
         self.control_buf = b""
-        self.counts = {"accepted": 0, "no_backend": 0, "connect_failed": 0, "retried": 0}
+        self.counts = dict.fromkeys(("accepted", "no_backend", "connect_failed", "idle_closed"), 0)
+        self.touched: set[int] = set()  # fds that moved bytes since the last idle sweep
+        self.idle: dict[int, bool] = {}  # client fd -> idle for a whole sweep already
+        self.sweep_every = settings.idle_timeout / 2
+        self.next_sweep = time.monotonic() + self.sweep_every
+        self.paused = 0.0  # accepting paused until then (out of file descriptors)
+        self.warned: dict[str, float] = {}
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
@@ -181,12 +188,16 @@ class DataPlane:
         read, write = os.read, os.write
         poll = ep.poll
         lfd, control = self.lfd, self.control
+        touch = self.touched.add
         try:
             while True:
-                timeout = 0.25 if self.connecting or self.drain_deadline is not None else -1
+                timed = self.connecting or self.paused or self.drain_deadline is not None
+                sweeping = self.sweep_every > 0 and self.slot_of
+                timeout = 0.25 if timed else self.sweep_every if sweeping else -1
                 for fd, ev in poll(timeout):
                     other = peer.get(fd)
                     if other is not None:  # the hot path: bytes from one side to the other
+                        touch(fd)
                         if ev & EPOLLIN:
                             try:
                                 data = read(fd, READ_SIZE)
@@ -224,16 +235,50 @@ class DataPlane:
                     later, self.later = self.later, []
                     for cfd, tried in later:
                         self._connect(cfd, tried)
-                if self.connecting:
-                    self._expire_connects()
-                if self.drain_deadline is not None:
-                    if not self.conns and not self.connecting:
-                        return
-                    if time.monotonic() >= self.drain_deadline:
-                        self.log(f"drain deadline reached: closing {self.conns} connection(s)")
-                        return
+                if (timed or sweeping) and not self._tick():
+                    return
         finally:
             self._close_all()
+
+    def _tick(self) -> bool:
+        """Timers: connect timeouts, accept pauses, idle connections, drain; False: stop."""
+        now = time.monotonic()
+        if self.connecting:
+            self._expire_connects(now)
+        if self.paused and now >= self.paused:
+            self.paused = 0.0
+            if self.drain_deadline is None and self.conns < self.settings.max_conns:
+                self._listen(True)
+        if self.sweep_every > 0 and now >= self.next_sweep:
+            self.next_sweep = now + self.sweep_every
+            self._sweep_idle()
+        if self.drain_deadline is not None:
+            if not self.conns and not self.connecting:
+                return False
+            if now >= self.drain_deadline:
+                self.log(f"drain deadline reached: closing {self.conns} connection(s)")
+                return False
+        return True
+
+    def _sweep_idle(self) -> None:
+        """Close connections without a byte either way for two sweeps (idle timeout)."""
+        touched, idle = self.touched, self.idle
+        for cfd in list(self.slot_of):
+            if cfd in touched or self.peer[cfd] in touched:
+                idle.pop(cfd, None)
+            elif idle.get(cfd):
+                self.counts["idle_closed"] += 1
+                self._close(cfd)
+            else:
+                idle[cfd] = True
+        touched.clear()
+
+    def _warn(self, key: str, message: str) -> None:
+        """A warning, at most once a second per kind (a flood of failures is one line)."""
+        now = time.monotonic()
+        if now - self.warned.get(key, -2.0) >= 1.0:
+            self.warned[key] = now
+            self.log(message)
 
     # -- accepting and connecting ------------------------------------------------------------
     def _listen(self, on: bool) -> None:
@@ -254,8 +299,10 @@ class DataPlane:
                 cfd, _addr = accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: stop for now, the backlog waits
-                self.log(f"accept failed: {exc}")
+            except OSError as exc:  # EMFILE and friends: pause, the backlog waits
+                self._warn("accept", f"accept failed: {exc.strerror}; pausing 0.1 s")
+                self._listen(False)
+                self.paused = time.monotonic() + 0.1
                 return
             self.counts["accepted"] += 1
             client = _socket.socket(self.listener.family, socket.SOCK_STREAM, 0, cfd)
@@ -269,6 +316,8 @@ class DataPlane:
         slot = self.balancer.pick(tried) if len(tried) <= self.settings.retries else None
         if slot is None:
             self.counts["no_backend"] += 1
+            if not tried:
+                self._warn("none", "no instance is up: connection refused")
             self._drop_client(cfd)
             return
         try:
@@ -314,15 +363,15 @@ class DataPlane:
         self, bfd: int, cfd: int, slot: Slot, tried: tuple[str, ...], registered: bool
     ) -> None:
         self.counts["connect_failed"] += 1
+        _backend, (host, port), _family = slot.data
+        self._warn("connect", f"connect to {slot.key} ({host}:{port}) failed: trying another")
         self.balancer.finished(slot, ok=False)
         if registered:
             self.ep.unregister(bfd)
         self.socks.pop(bfd).close()
-        self.counts["retried"] += 1
         self.later.append((cfd, tried))  # a new socket only after this batch
 
-    def _expire_connects(self) -> None:
-        now = time.monotonic()
+    def _expire_connects(self, now: float) -> None:
         for bfd, (cfd, slot, tried, deadline) in list(self.connecting.items()):
             if now >= deadline:
                 del self.connecting[bfd]
@@ -337,7 +386,7 @@ class DataPlane:
 
     def _gone(self) -> None:
         self.conns -= 1
-        if not self.accepting and self.drain_deadline is None:
+        if not self.accepting and not self.paused and self.drain_deadline is None:
             self._listen(True)
 
     # -- moving bytes (the slow paths) ------------------------------------------------------
@@ -394,6 +443,8 @@ class DataPlane:
             self.pending.pop(side, None)
             self.eof.discard(side)
             self.socks.pop(side).close()
+        self.idle.pop(fd, None)
+        self.idle.pop(other, None)
         slot = self.slot_of.pop(fd, None) or self.slot_of.pop(other, None)
         if slot is not None:
             self.balancer.released(slot)
