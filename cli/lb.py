@@ -216,7 +216,7 @@ def tcp(
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         where = "{}:{}".format(*proxy.address)
-        ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data planes)")
+        ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
 
         def feed() -> None:
             for backends in core.follow(service, access, ctx.warn):
