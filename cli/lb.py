@@ -218,12 +218,20 @@ def tcp(
         where = "{}:{}".format(*proxy.address)
         ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
 
+        failed: list[EdaError] = []
+
         def feed() -> None:
-            for backends in core.follow(service, access, ctx.warn):
-                proxy.set_candidates(backends)
+            try:
+                for backends in core.follow(service, access, ctx.warn):
+                    proxy.set_candidates(backends)
+            except EdaError as exc:  # no registry known and mDNS off: nothing to follow
+                failed.append(exc)
+                proxy.drain(0)
 
         threading.Thread(target=feed, name="eda-lb-follow", daemon=True).start()
         proxy.run()
+        if failed:
+            raise failed[0]
         ctx.warn("drained: stopped")
     finally:
         proxy.close()
@@ -249,9 +257,16 @@ def _tcp_haproxy(
     updates: queue.Queue[list[core.Backend]] = queue.Queue()
     stop = threading.Event()
 
+    failed: list[EdaError] = []
+
     def feed() -> None:
-        for backends in core.follow(service, access, ctx.warn):
-            updates.put(backends)
+        try:
+            for backends in core.follow(service, access, ctx.warn):
+                updates.put(backends)
+        except EdaError as exc:  # no registry known and mDNS off: nothing to follow
+            failed.append(exc)
+            stop.set()
+            updates.put([])
 
     def on_term(signum: int, frame: object) -> None:
         if stop.is_set():
@@ -288,9 +303,9 @@ def _tcp_haproxy(
         return latest
 
     current = newest(3.0) or []  # the registry's first answer, so HAProxy starts with it
+    if failed:
+        raise failed[0]
     try:
-        if stop.is_set():
-            return
         engine.start(servers(current))
         ctx.warn(f"proxying {host}:{port} to {service} ({settings.strategy}, haproxy)")
         while not stop.is_set():
@@ -304,8 +319,10 @@ def _tcp_haproxy(
                 engine.update(servers(current))
                 ctx.debug(f"{len(current)} instance(s): {', '.join(b.id for b in current)}")
     finally:
-        engine.stop(drain=stop.is_set())
-        ctx.warn("stopped")
+        engine.stop(drain=stop.is_set() and not failed)
+    if failed:
+        raise failed[0]
+    ctx.warn("stopped")
 
 
 def main() -> None:

@@ -467,3 +467,23 @@ def test_cli_refuses_bad_options(procs: Procs, tmp_path: Path) -> None:
                    "--registry", "tcp://127.0.0.1:1")  # fmt: skip
     held.close()
     assert taken.returncode == 1 and "cannot listen" in taken.stderr, taken.stderr
+    alone = lb_run("--listen", "127.0.0.1:0", "web", "--no-mdns")  # no registry, no mDNS
+    assert alone.returncode != 0 and alone.stderr.strip().splitlines()[-1].startswith(
+        "eda-lb: error: "
+    ), alone.stderr
+    assert "Traceback" not in alone.stderr
+
+
+def test_cli_started_before_its_registry_waits_for_it(procs: Procs, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
+                       "--no-mdns", "--workers", "1")  # fmt: skip
+    proc.wait_stderr("still trying", 15)
+    reg = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", endpoint, "--tick", "0.1")
+    reg.wait_stderr("listening on")
+    register(procs, endpoint, servers[0])
+    proc.wait_stderr(r"1 instance\(s\) up: a", 15)
+    assert ask(address) == b"a:ping"

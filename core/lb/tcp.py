@@ -548,7 +548,12 @@ class Health:
 
     def _start(self, check: _Check, now: float) -> bool:
         backend = check.backend
-        sock = socket.socket(backend.family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(backend.family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of file descriptors: this round is lost, not the proxy
+            self.log(f"cannot check {backend.id}: {exc.strerror}")
+            check.due = now + self.settings.check_interval
+            return False
         sock.setblocking(False)
         err = sock.connect_ex((backend.host, backend.port))
         if err not in (0, errno.EINPROGRESS):
@@ -831,18 +836,37 @@ def instances_of(records: Iterable[dict[str, Any]], warn: Log = _quiet) -> list[
     return found
 
 
-def follow(service: str, access: Any, warn: Log = _quiet) -> Iterator[list[Backend]]:
-    """The passing instances of *service*, again after every registry change, forever."""
+def follow(
+    service: str, access: Any, warn: Log = _quiet, retry: float = 1.0
+) -> Iterator[list[Backend]]:
+    """The passing instances of *service*, again after every registry change, forever.
+
+    A registry that does not answer at the start is asked again every *retry*
+    seconds (once answering, the change stream itself survives restarts and
+    failover).  Raises :class:`~eda.core.registry.client.NoRegistry` when no
+    registry is known and mDNS is off: there is nothing to wait for.
+    """
     from ..registry.access import changes
+    from ..registry.client import NoRegistry
     from ..registry.store import DELETIONS
 
-    records: dict[str, dict[str, Any]] = {}
-    for event in changes(service, access, snapshot=True, warn=warn):
-        record = event.get("instance")
-        if not isinstance(record, dict):
-            continue
-        if event.get("type") in DELETIONS:
-            records.pop(str(record.get("id")), None)
-        else:
-            records[str(record.get("id"))] = record
-        yield instances_of(records.values(), warn)
+    warned = False
+    while True:
+        records: dict[str, dict[str, Any]] = {}
+        try:
+            for event in changes(service, access, snapshot=True, warn=warn):
+                record = event.get("instance")
+                if not isinstance(record, dict):
+                    continue
+                if event.get("type") in DELETIONS:
+                    records.pop(str(record.get("id")), None)
+                else:
+                    records[str(record.get("id"))] = record
+                yield instances_of(records.values(), warn)
+        except NoRegistry:
+            raise
+        except EdaError as exc:
+            if not warned:
+                warn(f"warning: {exc}; still trying")
+                warned = True
+            time.sleep(retry)
