@@ -487,3 +487,15 @@ def test_cli_started_before_its_registry_waits_for_it(procs: Procs, servers: lis
     register(procs, endpoint, servers[0])
     proc.wait_stderr(r"1 instance\(s\) up: a", 15)
     assert ask(address) == b"a:ping"
+    planes = [int(p.split(":")[0]) for p in children_of(proc.popen.pid)]
+    assert len(planes) == 1
+    os.kill(proc.popen.pid, signal.SIGKILL)  # the data planes see their control pipe close
+    wait_until(lambda: not any(_alive(pid) for pid in planes), TIMEOUT, "data planes to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
