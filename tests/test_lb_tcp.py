@@ -173,6 +173,11 @@ def test_weighted_shares_follow_the_registry_weight(proxy: Any, servers: list[Se
     running.use([servers[0].backend(1), servers[1].backend(3)])
     seen = Counter(who(ask(running.address)) for _ in range(40))
     assert seen == {"a": 10, "b": 30}
+    running.proxy.set_candidates([servers[0].backend(2), servers[1].backend(1)])  # reweighted
+    slot = running.proxy.planes[0].balancer.get("a")
+    wait_until(lambda: slot is not None and slot.weight == 2, TIMEOUT, "the new weight")
+    seen = Counter(who(ask(running.address)) for _ in range(30))
+    assert seen == {"a": 20, "b": 10}
 
 
 def test_least_conn_and_p2c_send_new_connections_to_the_least_loaded(
