@@ -164,6 +164,7 @@ class DataPlane:
         # backend fd being connected -> (client fd, instance, ids tried, deadline)
         self.connecting: dict[int, tuple[int, Slot, tuple[str, ...], float]] = {}
         self.later: list[tuple[int, tuple[str, ...]]] = []  # connects to start after a batch
+        self.shut_soon: list[int] = []  # fds whose EOF is passed on after this batch
         self.accept_now = False
         self.accepting = False
         self.conns = 0
@@ -229,6 +230,8 @@ class DataPlane:
                         self._connected(fd, ev)
                     elif fd == control and not self._instructions():
                         return
+                if self.shut_soon:
+                    self._pass_ends()
                 if self.accept_now:
                     self._accept()
                 if self.later:
@@ -428,8 +431,19 @@ class DataPlane:
             if other in self.eof and fd not in self.pending:
                 self._close(fd)  # both ended and all delivered: no half-close needed
                 return
-            self._shut(other)
+            # after this batch, unless the other side ends in it too (then both just close)
+            self.shut_soon.append(fd)
+            return
         self.ep.modify(fd, self._mask(fd))
+
+    def _pass_ends(self) -> None:
+        """Half-close the other side of connections that reached EOF in the last batch."""
+        for fd in self.shut_soon:
+            other = self.peer.get(fd)
+            if other is not None:  # still open: the other side did not end meanwhile
+                self._shut(other)
+                self.ep.modify(fd, self._mask(fd))
+        self.shut_soon.clear()
 
     def _shut(self, fd: int) -> None:
         with contextlib.suppress(OSError):
