@@ -504,3 +504,12 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_cli_serverless_finds_instances_by_mdns(procs: Procs, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    procs.eda("eda-registry", "register", "web", "--port", str(servers[0].port), "--host",
+              "127.0.0.1", "--id", "a", "--serverless", "--interval", "0.5")  # fmt: skip
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--serverless", "--workers", "1")
+    proc.wait_stderr(r"1 instance\(s\) up: a", 20)
+    assert ask(address) == b"a:ping"
