@@ -197,7 +197,7 @@ def tcp(
         check_timeout=check_timeout,
         rise=rise,
         fall=fall,
-        workers=os.cpu_count() or 1 if workers is None else workers,
+        workers=(os.cpu_count() or 1) if workers is None else workers,
     )
     if engine == "haproxy":
         _tcp_haproxy(ctx, service, access, host, port, settings, drain_timeout)
