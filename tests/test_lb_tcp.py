@@ -274,6 +274,8 @@ def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: li
     answers = [ask(running.address, b"x") for _ in range(10)]
     assert answers == [b"a:x"] * 10
     assert running.proxy.health.checks["b"].up  # health did not see it yet: retries did it
+    slot = running.proxy.planes[0].balancer.get("b")
+    assert slot is not None and slot.ejections >= 1  # and its failed connects ejected it
 
 
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:
@@ -334,6 +336,24 @@ def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: lis
     assert busy.recv(100) == b"a:still"
     quiet.close()
     busy.close()
+
+
+def test_connections_over_max_conn_wait_in_the_backlog(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy(max_conns=2)
+    running.use([servers[0].backend()])
+    held = [socket.create_connection(running.address, timeout=TIMEOUT) for _ in range(2)]
+    for sock in held:
+        sock.sendall(b"x")
+        assert sock.recv(100) == b"a:x"
+    waiting = socket.create_connection(running.address, timeout=TIMEOUT)  # the kernel queues it
+    waiting.sendall(b"third")
+    assert not select.select([waiting], [], [], 0.3)[0]  # not served while two are open
+    held[0].close()
+    waiting.settimeout(TIMEOUT)
+    assert waiting.recv(100) == b"a:third"
+    for sock in [*held[1:], waiting]:
+        sock.close()
 
 
 def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
