@@ -250,6 +250,7 @@ def _tcp_haproxy(
     import queue
     import signal
     import threading
+    import time
 
     from eda.core.lb import tcp as core
     from eda.core.lb.haproxy import HaproxyEngine, Server
@@ -294,12 +295,17 @@ def _tcp_haproxy(
         return [Server(b.id, b.host, b.port, b.weight) for b in backends]
 
     def newest(wait: float) -> list[core.Backend] | None:
+        """The newest set once changes pause for 50 ms (a snapshot arrives one by one)."""
         try:
             latest = updates.get(timeout=wait)
         except queue.Empty:
             return None
-        while not updates.empty():  # only the newest set matters
-            latest = updates.get_nowait()
+        settle = time.monotonic() + 0.5  # a flood of changes still gets applied twice a second
+        try:
+            while time.monotonic() < settle:
+                latest = updates.get(timeout=0.05)
+        except queue.Empty:
+            pass
         return latest
 
     current = newest(3.0) or []  # the registry's first answer, so HAProxy starts with it
