@@ -278,6 +278,27 @@ def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: li
     assert slot is not None and slot.ejections >= 1  # and its failed connects ejected it
 
 
+def test_a_connect_that_hangs_is_retried_after_the_connect_timeout(
+    proxy: Any, servers: list[Server]
+) -> None:
+    servers.append(Server("a"))
+    stuck = socket.create_server(("127.0.0.1", 0), backlog=0)  # never accepts
+    fillers = []
+    for _ in range(3):  # fill its accept queue: further SYNs are dropped, connects hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(stuck.getsockname())
+        fillers.append(filler)
+    running = proxy(connect_timeout=0.3, check_interval=30, check_timeout=20)
+    hung = Backend("stuck", "127.0.0.1", stuck.getsockname()[1])
+    running.use([servers[0].backend(), hung])
+    started = time.monotonic()
+    assert [ask(running.address, b"x") for _ in range(4)] == [b"a:x"] * 4
+    assert time.monotonic() - started >= 0.3  # at least one waited for its connect timeout
+    for sock in [stuck, *fillers]:
+        sock.close()
+
+
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:
     running = proxy()
     running.use([])

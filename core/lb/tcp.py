@@ -232,14 +232,14 @@ class DataPlane:
                         return
                 if self.shut_soon:
                     self._pass_ends()
+                if (timed or sweeping) and not self._tick():  # may queue retries in later
+                    return
                 if self.accept_now:
                     self._accept()
                 if self.later:
                     later, self.later = self.later, []
                     for cfd, tried in later:
                         self._connect(cfd, tried)
-                if (timed or sweeping) and not self._tick():
-                    return
         finally:
             self._close_all()
 
