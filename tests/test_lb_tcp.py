@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import select
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from eda.core.errors import UsageError
-from eda.core.lb.tcp import Backend, Settings, TcpProxy, parse_listen
+from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
 from tests.helpers import Proc, Procs, children_of, closed_port, wait_until
 
 TIMEOUT = 5.0
@@ -297,6 +298,28 @@ def test_a_connect_that_hangs_is_retried_after_the_connect_timeout(
     assert time.monotonic() - started >= 0.3  # at least one waited for its connect timeout
     for sock in [stuck, *fillers]:
         sock.close()
+
+
+def test_connects_failing_at_once_are_retried_at_once(servers: list[Server]) -> None:
+    """Two instances nobody can route to (the connect fails in the call), one good one."""
+    servers.append(Server("a"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    control, feed = os.pipe()
+    plane = DataPlane(listener, control, Settings(retries=2))
+    thread = threading.Thread(target=plane.run, daemon=True)
+    thread.start()
+    nowhere = [["u1", "10.99.99.1", 9, 1], ["u2", "10.99.99.2", 9, 1]]
+    good = [servers[0].name.decode(), "127.0.0.1", servers[0].port, 1]
+    os.write(feed, json.dumps({"backends": [*nowhere, good]}).encode() + b"\n")
+    wait_until(lambda: len(plane.balancer) == 3, TIMEOUT, "the instances")
+    address = listener.getsockname()
+    assert [ask(address, b"x") for _ in range(6)] == [b"a:x"] * 6
+    assert plane.counts["connect_failed"] >= 2
+    os.write(feed, b'{"drain": 0}\n')
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    os.close(feed)
+    os.close(control)
 
 
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:

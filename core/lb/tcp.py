@@ -236,7 +236,7 @@ class DataPlane:
                     return
                 if self.accept_now:
                     self._accept()
-                if self.later:
+                while self.later:  # a retry may fail at once and queue another (bounded)
                     later, self.later = self.later, []
                     for cfd, tried in later:
                         self._connect(cfd, tried)
