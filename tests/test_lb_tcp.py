@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eda.core.errors import UsageError
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
+from eda.core.registry.model import HOST_RE
 from tests.helpers import Proc, Procs, children_of, closed_port, wait_until
 
 TIMEOUT = 5.0
@@ -223,11 +226,23 @@ def test_unknown_strategy_is_refused() -> None:
         TcpProxy("127.0.0.1", 0, Settings(strategy="fastest"))
 
 
+@given(st.text(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_any_listen_text_parses_or_is_one_usage_error(text: str) -> None:
+    try:
+        host, port = parse_listen(text)
+    except UsageError as exc:
+        assert "bad listen address" in str(exc)
+        return
+    assert HOST_RE.fullmatch(host) and 0 <= port <= 65535
+
+
 def test_listen_addresses() -> None:
     assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_listen(":80") == ("0.0.0.0", 80)
     assert parse_listen("[::1]:8080") == ("::1", 8080)
-    for bad in ("8080", "host:", "host:99999", "host:x"):
+    assert parse_listen("localhost:80") == ("localhost", 80)
+    for bad in ("8080", "host:", "host:99999", "host:x", "a b:80", "\x00:80", "h:\u0661"):
         with pytest.raises(UsageError):
             parse_listen(bad)
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdaError, UsageError
+from ..registry.model import HOST_RE
 from .balancer import STRATEGIES, Balancer
 from .balancer import Backend as Slot
 
@@ -82,9 +83,17 @@ class Backend:
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``:PORT`` (every address) or ``[V6]:PORT`` as (host, port)."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or "0.0.0.0"
+    if (
+        not sep
+        or not port_text.isascii()
+        or not port_text.isdigit()
+        or not 0 <= int(port_text) <= 65535
+        or not HOST_RE.fullmatch(host)
+    ):
         raise UsageError(f"bad listen address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    host = host.strip("[]") or "0.0.0.0"
     return host, int(port_text)
 
 
@@ -687,12 +696,13 @@ class TcpProxy:
         try:
             listener.bind((self.host, port))
             listener.listen(4096)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             listener.close()
             for other in self.listeners:
                 other.close()
             self.listeners.clear()
-            raise ProxyError(f"cannot listen on {self.host}:{port}: {exc.strerror}") from None
+            why = getattr(exc, "strerror", None) or exc
+            raise ProxyError(f"cannot listen on {self.host}:{port}: {why}") from None
         return listener
 
     def _start_thread(self) -> None:
