@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -375,6 +374,8 @@ def _refused(address: tuple[str, int]) -> bool:
         socket.create_connection(address, timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # queued as the listener closed: ask again
+        return False
     return False
 
 
@@ -443,8 +444,13 @@ def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
     assert ask(running.address, b"still there?") == b"good:still there?"
     running.use([rude.backend()])
     for _ in range(5):  # a backend that resets: the client sees an end, never a hang
-        with contextlib.suppress(ConnectionResetError):
-            assert ask(running.address, b"x") == b""
+        try:
+            answer = ask(running.address, b"x")
+        except TimeoutError:
+            raise
+        except OSError:  # reset, broken pipe, not connected: an end all the same
+            answer = b""
+        assert answer == b""
     assert rude.accepted >= 5
     running.use([good.backend()])
     assert ask(running.address, b"ok") == b"good:ok"
