@@ -311,6 +311,8 @@ def _tcp_haproxy(
     current = newest(3.0) or []  # the registry's first answer, so HAProxy starts with it
     if failed:
         raise failed[0]
+    if stop.is_set():  # SIGTERM before HAProxy even started
+        return
     try:
         engine.start(servers(current))
         ctx.warn(f"proxying {host}:{port} to {service} ({settings.strategy}, haproxy)")
