@@ -134,6 +134,7 @@ def _resolve(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise ValueError(f"cannot resolve {text!r}: {exc}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as 'localhost' means
     for _family, _type, _proto, _canon, sockaddr in infos:
         with contextlib.suppress(ValueError):
             return ipaddress.ip_address(sockaddr[0])
@@ -290,6 +291,10 @@ class HaproxyEngine:
         except BaseException:
             self.stop(drain=False)
             raise
+        self._log(
+            f"haproxy {self.version[0]}.{self.version[1]} started (pid {self.pid}, "
+            f"balance {STRATEGIES[self.strategy]}, config {self.config_path})"
+        )
         for t in targets:
             self._log(f"haproxy: serving {t.server.id!r} at {t.endpoint} weight {t.weight}")
         self._stop_reaper.clear()
