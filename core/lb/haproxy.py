@@ -215,6 +215,7 @@ class HaproxyEngine:
         self._active: dict[str, _Target] = {}  # by HAProxy name
         self._draining: dict[str, tuple[_Target, float]] = {}  # name -> (target, deadline)
         self._names: dict[str, str] = {}  # HAProxy name -> registry id, for every server added
+        self._reported: set[Server] = set()  # refused records already logged
         self._stop_reaper = threading.Event()
         self._reaper: threading.Thread | None = None
         self.version: tuple[int, int] | None = None
@@ -366,6 +367,7 @@ class HaproxyEngine:
         targets = {t.name: t for t in self._targets(servers)}
         with self._lock:
             self._check_running()
+            before = {name: t.weight for name, t in self._active.items()}
             for name in [n for n in self._active if n not in targets]:
                 self._retire(name)
             for name, target in targets.items():
@@ -380,7 +382,8 @@ class HaproxyEngine:
                     self._revive(target)
                 else:
                     self._add(target)
-            self._write_config()
+            if before != {name: t.weight for name, t in self._active.items()}:
+                self._write_config()
             self._reap()
 
     def _add(self, target: _Target) -> None:
@@ -486,16 +489,25 @@ class HaproxyEngine:
                 ip = _resolve(str(s.host))
                 endpoint = _endpoint(ip, s.port)
             except ValueError as exc:
-                self._log(f"haproxy: instance {str(s.id)[:80]!r} left out: {exc}")
+                self._report(s, f"haproxy: instance {str(s.id)[:80]!r} left out: {exc}")
                 continue
             if s.id in seen:
-                self._log(f"haproxy: duplicate instance id {s.id[:80]!r} left out")
+                self._report(s, f"haproxy: duplicate instance id {s.id[:80]!r} left out")
                 continue
             seen.add(s.id)
             weight = min(max(s.weight, 0), MAX_WEIGHT) if self.strategy == "weighted" else 1
             name = server_name(s.id, str(ip), s.port)
             out[name] = _Target(server=s, name=name, endpoint=endpoint, weight=weight)
         return list(out.values())
+
+    def _report(self, server: Server, message: str) -> None:
+        """Log a refused record once, not at every update that still carries it."""
+        if server in self._reported:
+            return
+        if len(self._reported) >= 1024:
+            self._reported.clear()
+        self._reported.add(server)
+        self._log(message)
 
     def _write_config(self) -> None:
         """haproxy.cfg for the current servers (read by haproxy at start; kept in step after)."""
