@@ -18,8 +18,11 @@ request (``-H 'Connection: close'``):
   data plane without the CLI and the registry): no target, it tells a slow
   engine row apart from a slow configuration.
 
-Runs alternate between the proxies (anchor first) so that load from elsewhere
-hits them alike; full runs take the median of 3 rounds.  p99 latency rows
+Runs alternate between the proxies, each round in a rotated order, so that
+load from elsewhere hits them alike; full runs take 3 rounds of 5 s per proxy
+and mode (``--quick``: 2 of 2 s).  The table shows the median figures; the
+ratio is the median over rounds of each run's ratio to the anchor's run of
+the same round (a machine shared with other work drifts between rounds).  p99 latency rows
 (wrk ``--latency``) have no target.  A proxy is measured only after a request
 through it returned each backend's body; a run whose socket errors or non-2xx
 answers exceed 1 % of its requests fails its row.
@@ -264,11 +267,11 @@ def run(quick: bool) -> list[Row]:
     for tool, package in (("nginx", "nginx-light"), ("wrk", "wrk"), ("haproxy", "haproxy")):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found: run bench/setup.sh (Debian package {package})")
-    seconds = 3 if quick else 5
-    rounds = 1 if quick else 3
+    seconds = 2 if quick else 5
+    rounds = 2 if quick else 3
     from eda.core.lb.haproxy import HaproxyEngine, Server
 
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
     failed: dict[str, str] = {}
     notes: dict[tuple[str, str], list[str]] = {}
     change: tuple[list[float], list[float]] | None = None
@@ -325,9 +328,11 @@ def run(quick: bool) -> list[Row]:
             except Exception as exc:
                 failed["inproc"] = str(exc)
 
-            for _ in range(rounds):
+            proxies = ["anchor", "builtin", "engine", "inproc"]
+            for n in range(rounds):
+                order = proxies[n % 4 :] + proxies[: n % 4]  # nobody always runs first
                 for mode in MODES:
-                    for proxy in ("anchor", "builtin", "engine", "inproc"):
+                    for proxy in order:
                         if proxy in failed:
                             continue
                         try:
@@ -335,7 +340,7 @@ def run(quick: bool) -> list[Row]:
                         except BenchError as exc:
                             failed[f"{proxy} {mode}"] = str(exc)
                             continue
-                        results.setdefault((proxy, mode), []).append((rate, p99))
+                        results.setdefault((proxy, mode), {})[n] = (rate, p99)
                         if note:
                             notes.setdefault((proxy, mode), []).append(note)
 
@@ -356,11 +361,27 @@ def run(quick: bool) -> list[Row]:
         runs = results.get((proxy, mode))
         if why or not runs:
             return None, None, why or "no run"
-        rate = statistics.median(r for r, _ in runs)
-        p99 = statistics.median(p for _, p in runs)
+        rate = statistics.median(r for r, _ in runs.values())
+        p99 = statistics.median(p for _, p in runs.values())
         return rate, p99, "; ".join(notes.get((proxy, mode), []))
 
+    def paired(proxy: str, mode: str, index: int, higher_is_better: bool) -> float | None:
+        """Median over rounds of the ratio to the anchor's run of the same round."""
+        mine, anchors = results.get((proxy, mode), {}), results.get(("anchor", mode), {})
+        ratios = [
+            mine[n][index] / anchors[n][index]
+            if higher_is_better
+            else anchors[n][index] / mine[n][index]
+            for n in mine
+            if n in anchors and mine[n][index] and anchors[n][index]
+        ]
+        return statistics.median(ratios) if ratios else None
+
     rows: list[Row] = []
+    detail = (
+        f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{seconds}s, {rounds} round(s): "
+        "values are medians, the ratio is the median of each round's ratio to the anchor's run"
+    )
     for mode in MODES:
         a_rate, a_p99, a_note = figure("anchor", mode)
         for proxy in ("builtin", "engine", "inproc"):
@@ -368,19 +389,20 @@ def run(quick: bool) -> list[Row]:
             if a_rate is None:
                 note = f"anchor failed: {a_note}" + (f"; {note}" if note else "")
             target = TARGETS.get((proxy, mode))
-            ok = None
-            if target is not None:
-                ok = bool(rate and a_rate and rate / a_rate >= target)
-            detail = f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{seconds}s x{rounds}, median"
-            rows.append(row(
+            ratio = paired(proxy, mode, 0, True)
+            rate_row = row(
                 f"TCP {mode}: {LABELS[proxy]}", rate, ANCHOR, a_rate, "req/s",
-                higher_is_better=True, target=f">= {target}x" if target else "", ok=ok,
+                higher_is_better=True, target=f">= {target}x" if target else "",
+                ok=None if target is None else bool(ratio and ratio >= target),
                 note="; ".join(x for x in (note, detail) if x),
-            ))  # fmt: skip
-            rows.append(row(
+            )  # fmt: skip
+            rate_row["ratio"] = ratio
+            p99_row = row(
                 f"TCP {mode}: {LABELS[proxy]} p99", p99, ANCHOR, a_p99, "ms",
                 higher_is_better=False, note=note,
-            ))  # fmt: skip
+            )  # fmt: skip
+            p99_row["ratio"] = paired(proxy, mode, 1, False)
+            rows += [rate_row, p99_row]
     if change is not None:
         added, removed = change
         for what, values in (("register", added), ("deregister", removed)):
