@@ -335,3 +335,23 @@ def test_drain_on_stop_and_dead_haproxy_is_reported(
     crashed._proc.wait(5)  # type: ignore[union-attr]
     with pytest.raises(EdaError, match="haproxy exited"):
         crashed.update([])
+
+
+def test_connections_to_a_removed_server_end_after_the_drain_timeout(
+    engines: list[HaproxyEngine], backends: dict[str, Backend]
+) -> None:
+    a, b = backends["A"], backends["B"] = Backend("A"), Backend("B")
+    eng = engine_for(engines, "round-robin", drain_timeout=0.5)
+    eng.start([Server("a", "127.0.0.1", a.port)])
+    conn = Conn(port_of(eng))
+    assert conn.ask() == "A"
+    eng.update([Server("b", "127.0.0.1", b.port)])
+    assert conn.ask() == "A"  # still served while it drains
+    wait_until(lambda: "a" not in by_id(eng), 5, "the drained server to be deleted")
+    try:  # its session was shut when the drain time was up
+        answer = conn.ask()
+    except OSError:
+        answer = ""
+    assert answer == ""
+    conn.close()
+    assert ask(port_of(eng)) == "B"
