@@ -13,17 +13,19 @@ import re
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eda.core.errors import EdaError, UsageError
 from eda.core.lb.haproxy import STRATEGIES, HaproxyEngine, Server, ServerState, server_name
-from tests.helpers import require_tools, wait_until
+from tests.helpers import Procs, require_tools, wait_until
 
 pytestmark = pytest.mark.usefixtures("procs")  # no process may be left behind
 
@@ -355,3 +357,27 @@ def test_connections_to_a_removed_server_end_after_the_drain_timeout(
     assert answer == ""
     conn.close()
     assert ask(port_of(eng)) == "B"
+
+
+def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs) -> None:
+    owner = procs.start(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from eda.core.lb.haproxy import HaproxyEngine\n"
+         f"e = HaproxyEngine('127.0.0.1', {free_port()}, 'random')\n"
+         "e.start([])\n"
+         "print(e.pid, flush=True)\n"
+         "time.sleep(60)\n"]
+    )  # fmt: skip
+    pid = int(owner.wait_lines(1, 15)[0])
+    assert _running(pid)
+    owner.signal(signal.SIGKILL)
+    wait_until(lambda: not _running(pid), 5, "haproxy to end with its owner")
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

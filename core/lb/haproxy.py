@@ -158,11 +158,26 @@ class _Target:
     weight: int
 
 
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
-    """In the child: get SIGTERM when the parent dies, so no haproxy outlives eda-lb."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _pdeathsig() -> Callable[[], None] | None:
+    """A function for the child, between fork and exec: SIGTERM when the parent dies, so
+    no haproxy outlives eda-lb.  libc's prctl is looked up here, in the parent: loading a
+    library in a child forked from a threaded process could deadlock."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+    args = (
+        ctypes.c_int(_PR_SET_PDEATHSIG),
+        ctypes.c_ulong(signal.SIGTERM),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
+
+    def child() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(*args)
+
+    return child
 
 
 class HaproxyEngine:
@@ -273,7 +288,7 @@ class HaproxyEngine:
                     stderr=err,
                     cwd=self.workdir,
                     start_new_session=True,  # the terminal's ^C is eda-lb's to handle
-                    preexec_fn=_set_pdeathsig,  # prctl only, before exec
+                    preexec_fn=_pdeathsig(),  # prctl only, between fork and exec
                 )
         except OSError as exc:
             self._cleanup()
