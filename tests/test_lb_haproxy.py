@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eda.core.errors import EdaError, UsageError
 from eda.core.lb.haproxy import STRATEGIES, HaproxyEngine, Server, ServerState, server_name
@@ -381,3 +383,32 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=100),
+            st.one_of(st.ip_addresses().map(str), st.text(alphabet=" ;\n#/[]:.0123456789")),
+            st.integers(-(2**70), 2**70),
+            st.integers(-(2**70), 2**70),
+        ),
+        max_size=8,
+    )
+)
+def test_property_any_record_gives_safe_names_and_addresses(
+    records: list[tuple[str, str, int, int]],
+) -> None:
+    """Whatever a registration carries, a target is either left out (logged) or has a
+    name and an address that HAProxy reads as one token each; nothing raises."""
+    logs: list[str] = []
+    eng = HaproxyEngine("127.0.0.1", 8080, "weighted", log=logs.append)
+    targets = eng._targets([Server(i, h, p, w) for i, h, p, w in records])
+    for t in targets:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", t.name)
+        assert re.fullmatch(r"(ipv6@[0-9a-f:.]+|[0-9.]+):\d{1,5}", t.endpoint), t.endpoint
+        assert 0 <= t.weight <= 256
+    assert len({t.name for t in targets}) == len(targets)
+    assert len(targets) + len(logs) >= len({r[0] for r in records})
+    assert all("\n" not in line for line in logs)
