@@ -302,6 +302,9 @@ def test_errors_are_one_line(engines: list[HaproxyEngine]) -> None:
         HaproxyEngine("127.0.0.1", 8080, "fastest")
     with pytest.raises(UsageError, match="listen address"):
         HaproxyEngine("no such host!", 8080, "random")
+    odd = HaproxyEngine("127.0.0.1", 8080, "random", workdir='/tmp/x y\n"stats socket')
+    with pytest.raises(UsageError, match="work directory"):
+        odd.start([])
     with pytest.raises(EdaError, match="not started"):
         HaproxyEngine("127.0.0.1", 8080, "random").update([])
 

@@ -267,8 +267,14 @@ class HaproxyEngine:
         if self._own_workdir:
             self.workdir = Path(tempfile.mkdtemp(prefix="eda-haproxy-"))
         else:
-            self.workdir = Path(self._workdir_arg or ".")
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            workdir = Path(self._workdir_arg or ".").absolute()
+            if not re.fullmatch(r"[A-Za-z0-9_./+-]+", str(workdir)):
+                raise UsageError(
+                    f"haproxy work directory path must be plain (letters, digits, _ . / + -): "
+                    f"{str(workdir)[:100]!r}"
+                )
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir = workdir
         if len(os.fsencode(self.socket_path)) > 100:
             raise UsageError(
                 f"haproxy work directory path too long for a unix socket: {self.workdir}"
