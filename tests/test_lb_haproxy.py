@@ -310,7 +310,7 @@ def test_errors_are_one_line(engines: list[HaproxyEngine]) -> None:
 
 
 def test_drain_on_stop_and_dead_haproxy_is_reported(
-    engines: list[HaproxyEngine], backends: dict[str, Backend]
+    engines: list[HaproxyEngine], backends: dict[str, Backend], tmp_path: Path
 ) -> None:
     a = backends["A"] = Backend("A")
     eng = engine_for(engines)
@@ -335,13 +335,16 @@ def test_drain_on_stop_and_dead_haproxy_is_reported(
     stopper.join(10)
     assert not stopper.is_alive() and not eng.alive()
 
-    crashed = engine_for(engines)
+    crashed = engine_for(engines, workdir=str(tmp_path / "hap"))  # a directory of one's own
     crashed.start([Server("a", "127.0.0.1", a.port)])
+    assert crashed.socket_path == tmp_path / "hap" / "admin.sock" and crashed.socket_path.exists()
     assert crashed.pid is not None
     crashed._proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     crashed._proc.wait(5)  # type: ignore[union-attr]
     with pytest.raises(EdaError, match="haproxy exited"):
         crashed.update([])
+    crashed.stop()
+    assert (tmp_path / "hap" / "haproxy.cfg").exists()  # kept: it is not the engine's to remove
 
 
 def test_connections_to_a_removed_server_end_after_the_drain_timeout(
