@@ -300,6 +300,8 @@ def test_errors_are_one_line(engines: list[HaproxyEngine]) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="unknown strategy"):
         HaproxyEngine("127.0.0.1", 8080, "fastest")
+    with pytest.raises(UsageError, match="idle timeout"):
+        HaproxyEngine("127.0.0.1", 8080, "random", idle_timeout=float("nan"))
     with pytest.raises(UsageError, match="listen address"):
         HaproxyEngine("no such host!", 8080, "random")
     odd = HaproxyEngine("127.0.0.1", 8080, "random", workdir='/tmp/x y\n"stats socket')
@@ -313,8 +315,9 @@ def test_drain_on_stop_and_dead_haproxy_is_reported(
     engines: list[HaproxyEngine], backends: dict[str, Backend], tmp_path: Path
 ) -> None:
     a = backends["A"] = Backend("A")
-    eng = engine_for(engines)
+    eng = engine_for(engines, idle_timeout=86400.0 * 365)  # capped at HAProxy's ~24 days
     eng.start([Server("a", "127.0.0.1", a.port)])
+    assert "timeout client 2147483647ms" in eng.config_path.read_text()
     port = port_of(eng)
     conn = Conn(port)
     assert conn.ask() == "A"

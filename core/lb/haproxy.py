@@ -33,6 +33,7 @@ import csv
 import ctypes
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ FRONTEND = "eda_in"
 BACKEND = "eda"
 MIN_VERSION = (2, 5)
 MAX_WEIGHT = 256  # HAProxy's limit for a server weight
+MAX_TIMER_MS = 2**31 - 1  # HAProxy's limit for a time in its configuration
 STRATEGIES = {
     "round-robin": "roundrobin",
     "weighted": "roundrobin",
@@ -212,6 +214,11 @@ class HaproxyEngine:
             raise UsageError(f"listen port out of range: {listen_port}")
         if not (0.01 <= check_interval <= 3600 and 1 <= rise <= 100 and 1 <= fall <= 100):
             raise UsageError("health check interval, rise or fall out of range")
+        for what, value in (
+            ("drain", drain_timeout), ("connect", connect_timeout), ("idle", idle_timeout),
+        ):  # fmt: skip
+            if not 0 <= value < math.inf:
+                raise UsageError(f"{what} timeout must be a number of seconds >= 0: {value}")
         self.strategy = strategy
         self.check_interval = check_interval
         self.rise, self.fall = rise, fall
@@ -409,10 +416,7 @@ class HaproxyEngine:
 
     def _add(self, target: _Target) -> None:
         name = target.name
-        check = (
-            f"check inter {max(10, round(self.check_interval * 1000))}ms "
-            f"rise {self.rise} fall {self.fall}"
-        )
+        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
         if not self._try(
             f"add server {BACKEND}/{name} {target.endpoint} weight {target.weight} {check}",
             ok=("New server registered.",),
@@ -532,22 +536,19 @@ class HaproxyEngine:
 
     def _write_config(self) -> None:
         """haproxy.cfg for the current servers (read by haproxy at start; kept in step after)."""
-        check = (
-            f"check inter {max(10, round(self.check_interval * 1000))}ms "
-            f"rise {self.rise} fall {self.fall}"
-        )
+        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
         lines = [
             "# written by eda-lb; changes after start go through the Runtime API",
             "global",
             f"    stats socket {self.socket_path} mode 600 level admin",
             "    stats timeout 10s",
-            f"    hard-stop-after {max(1, round(self.drain_timeout * 1000))}ms",
+            f"    hard-stop-after {_ms(self.drain_timeout, 1)}ms",
             "",
             "defaults",
             "    mode tcp",
-            f"    timeout connect {max(1, round(self.connect_timeout * 1000))}ms",
-            f"    timeout client {max(1, round(self.idle_timeout * 1000))}ms",
-            f"    timeout server {max(1, round(self.idle_timeout * 1000))}ms",
+            f"    timeout connect {_ms(self.connect_timeout, 1)}ms",
+            f"    timeout client {_ms(self.idle_timeout, 1)}ms",
+            f"    timeout server {_ms(self.idle_timeout, 1)}ms",
             "    retries 2",
             "    option redispatch 1",  # a failed connect is retried on another instance
             "",
@@ -620,6 +621,11 @@ class HaproxyEngine:
         alerts = [line for line in lines if line.startswith("[ALERT]")]
         line = (alerts or lines or ["no message"])[0]
         return _ALERT.sub("", line)[:300]
+
+
+def _ms(seconds: float, least: int) -> int:
+    """*seconds* as HAProxy milliseconds: at least *least*, at most its timer limit (~24 days)."""
+    return min(max(least, round(seconds * 1000)), MAX_TIMER_MS)
 
 
 def _int(value: str | None) -> int:
