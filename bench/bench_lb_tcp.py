@@ -390,11 +390,15 @@ def run(quick: bool) -> list[Row]:
                 note = f"anchor failed: {a_note}" + (f"; {note}" if note else "")
             target = TARGETS.get((proxy, mode))
             ratio = paired(proxy, mode, 0, True)
+            mine, anchors = results.get((proxy, mode), {}), results.get(("anchor", mode), {})
+            per_round = "rounds (eda/anchor req/s): " + ", ".join(
+                f"{mine[n][0]:.0f}/{anchors[n][0]:.0f}" for n in sorted(mine) if n in anchors
+            )
             rate_row = row(
                 f"TCP {mode}: {LABELS[proxy]}", rate, ANCHOR, a_rate, "req/s",
                 higher_is_better=True, target=f">= {target}x" if target else "",
                 ok=None if target is None else bool(ratio and ratio >= target),
-                note="; ".join(x for x in (note, detail) if x),
+                note="; ".join(x for x in (note, per_round if mine else "", detail) if x),
             )  # fmt: skip
             rate_row["ratio"] = ratio
             p99_row = row(
