@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from eda.core.errors import UsageError
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
 from eda.core.registry.model import HOST_RE
-from tests.helpers import Proc, Procs, children_of, closed_port, wait_until
+from tests.helpers import Proc, Procs, children_of, closed_port, require_tools, wait_until
 
 TIMEOUT = 5.0
 
@@ -598,3 +598,31 @@ def test_cli_serverless_finds_instances_by_mdns(procs: Procs, servers: list[Serv
     proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--serverless", "--workers", "1")
     proc.wait_stderr(r"1 instance\(s\) up: a", 20)
     assert ask(address) == b"a:ping"
+
+
+def test_cli_haproxy_engine_follows_the_registry(procs: Procs, servers: list[Server]) -> None:
+    require_tools("haproxy", install="haproxy")
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    endpoint = registry(procs)
+    reg_a = register(procs, endpoint, a)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc, address = lb(procs, "--listen", f"127.0.0.1:{port}", "web", "--engine", "haproxy",
+                       "--registry", endpoint, "--no-mdns", "--check-interval", "0.2",
+                       "--drain-timeout", "10")  # fmt: skip
+    assert address == ("127.0.0.1", port)
+    assert ask(address) == b"a:ping"
+    held = socket.create_connection(address, timeout=TIMEOUT)
+    held.sendall(b"1")
+    assert held.recv(100) == b"a:1"
+    register(procs, endpoint, b)
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"a", "b"}, TIMEOUT, "b in")
+    reg_a.signal(signal.SIGTERM)  # a deregisters: new connections go to b only
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"b"}, TIMEOUT, "a out")
+    held.sendall(b"2")
+    assert held.recv(100) == b"a:2"  # no restart: the open connection to a goes on
+    held.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
