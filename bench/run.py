@@ -127,6 +127,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "mosquitto": tool_version(["/usr/sbin/mosquitto", "-h"]),
+        "haproxy": tool_version(["haproxy", "-v"]),  # bench_lb_tcp's anchor and engine
     }
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # bench/setup.sh: install the benchmark anchors from Debian packages when they
-# are missing: the mosquitto broker and clients, and nats-server (JetStream)
-# for the bus benchmark.  No system service is ever started: the benchmarks
+# are missing: the mosquitto broker and clients, nats-server (JetStream) for
+# the bus benchmark, nginx-light, wrk and haproxy for the TCP load balancer's.  No system service is ever started: the benchmarks
 # run their own brokers on 127.0.0.1.  (nats-py, the JetStream client, is
 # installed into .venv-bench by `make bench`.)
 set -euo pipefail
@@ -14,6 +14,10 @@ fi
 if ! command -v nats-server >/dev/null; then
   packages+=(nats-server)
 fi
+# bench_lb_tcp: two nginx backends, the wrk load and the hand-configured haproxy anchor
+command -v nginx >/dev/null || packages+=(nginx-light)
+command -v wrk >/dev/null || packages+=(wrk)
+command -v haproxy >/dev/null || packages+=(haproxy)
 [[ ${#packages[@]} -eq 0 ]] && exit 0
 
 sudo=()

@@ -1,0 +1,635 @@
+"""HAProxy as the data plane of ``eda-lb tcp --engine haproxy``.
+
+:class:`HaproxyEngine` writes a ``haproxy.cfg`` into a private working
+directory (a frontend on the listen address, one backend with the strategy and
+one ``server`` line per instance, each with ``check inter rise fall`` and its
+weight, and a ``stats socket ... level admin`` for the Runtime API), starts
+``haproxy`` as a child process it owns and waits until the Runtime API
+answers.  Every later change goes through that API over the unix socket, in
+the same call as :meth:`HaproxyEngine.update`, without a restart:
+
+- a new instance: ``add server`` (in maintenance), ``enable health``,
+  ``enable server``;
+- a new weight: ``set server ... weight``;
+- a gone instance: ``set server ... state maint`` (no new connection goes to
+  it; the ones it has keep running), then ``del server`` as soon as its last
+  connection has ended (HAProxy refuses to delete a server with connections),
+  or after ``drain_timeout`` by ``shutdown sessions server`` first.
+
+HAProxy server names are derived from the registry ids (a cleaned prefix and
+a hash of id, host and port), so no id, however hostile, reaches the
+configuration file or a Runtime API command as anything but ``[A-Za-z0-9_.-]``.
+Addresses are IP literals (a host name is resolved once, here) and ports and
+weights are integers in range: a record that fails is logged and left out.
+
+Needs HAProxy >= 2.5 (``add server`` with ``check``, ``del server``); the
+Debian 12 package is 2.6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import hashlib
+import ipaddress
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EdaError, UsageError
+
+Log = Callable[[str], None]
+
+FRONTEND = "eda_in"
+BACKEND = "eda"
+MIN_VERSION = (2, 5)
+MAX_WEIGHT = 256  # HAProxy's limit for a server weight
+MAX_TIMER_MS = 2**31 - 1  # HAProxy's limit for a time in its configuration
+STRATEGIES = {
+    "round-robin": "roundrobin",
+    "weighted": "roundrobin",
+    "least-conn": "leastconn",
+    "random": "random",
+    "p2c": "random(2)",  # HAProxy's power of two choices
+}
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.?"
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ALERT = re.compile(r"^\[(?:ALERT|ERROR|NOTICE|WARNING)\]\s*(?:\(\d+\)\s*)?:\s*")
+_PR_SET_PDEATHSIG = 1
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Server:
+    """One backend as HAProxy should see it."""
+
+    id: str  # registry instance id (HAProxy server name derived safely from it)
+    host: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """One server as HAProxy reports it (``show stat``)."""
+
+    id: str  # the registry id it was added for ("" if HAProxy has a server eda did not add)
+    name: str  # HAProxy's server name
+    address: str  # ip:port
+    status: str  # UP, DOWN, MAINT, DRAIN, "UP 1/2", "DOWN 1/3", no check...
+    weight: int
+    sessions: int  # current connections
+    total: int  # connections since the server was added
+
+
+def server_name(server_id: str, host: str, port: int) -> str:
+    """HAProxy's name for an instance: ``[A-Za-z0-9_.-]`` only, unique per (id, host, port).
+
+    A cleaned prefix of the id keeps it readable in HAProxy's statistics; the
+    hash keeps two ids that clean to the same prefix (or an id that moved to
+    another address) apart.
+    """
+    raw = f"{server_id}\0{host}\0{port}".encode("utf-8", "backslashreplace")
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    label = _UNSAFE.sub("_", server_id)[:40].strip("._-") or "server"
+    return f"{label}-{digest}"
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """(major, minor) from ``show info``'s ``Version: 2.6.12-1+deb12u4`` (or ``haproxy -v``)."""
+    match = re.search(r"(?:Version:|version)\s*(\d+)\.(\d+)", text)
+    if match is None:
+        raise EdaError(f"haproxy: cannot tell its version from {text[:80]!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _resolve(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP literal as is; a well-formed host name resolved (first address)."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(text):
+        raise ValueError(f"not an IP address or host name: {host[:80]!r}")
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve {text!r}: {exc}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as 'localhost' means
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(sockaddr[0])
+    raise ValueError(f"cannot resolve {text!r}")
+
+
+def _endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    """``ip:port`` as HAProxy reads it (``ipv6@`` makes an IPv6 address unambiguous)."""
+    if ip.version == 6:
+        if ip.scope_id:
+            raise ValueError(f"scoped IPv6 addresses are not supported: {ip}")
+        return f"ipv6@{ip}:{port}"
+    return f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class _Target:
+    server: Server
+    name: str
+    endpoint: str
+    weight: int
+
+
+def _pdeathsig() -> Callable[[], None] | None:
+    """A function for the child, between fork and exec: SIGTERM when the parent dies, so
+    no haproxy outlives eda-lb.  libc's prctl is looked up here, in the parent: loading a
+    library in a child forked from a threaded process could deadlock."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+    args = (
+        ctypes.c_int(_PR_SET_PDEATHSIG),
+        ctypes.c_ulong(signal.SIGTERM),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
+
+    def child() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(*args)
+
+    return child
+
+
+class HaproxyEngine:
+    """HAProxy configured from registry instances and updated through its Runtime API.
+
+    The haproxy child gets SIGTERM if the thread that called :meth:`start`
+    ends (Linux's parent-death signal), so call :meth:`start` from a
+    long-lived thread (the main one).  :meth:`update` and :meth:`servers` may
+    be called from any thread.
+    """
+
+    def __init__(
+        self,
+        listen_host: str,
+        listen_port: int,
+        strategy: str,
+        *,
+        check_interval: float = 1.0,
+        rise: int = 2,
+        fall: int = 3,
+        workdir: str | None = None,
+        log: Log = _quiet,
+        binary: str = "haproxy",
+        drain_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 3600.0,
+        ready_timeout: float = 10.0,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        if not 1 <= listen_port <= 65535:
+            raise UsageError(f"listen port out of range: {listen_port}")
+        if not (0.01 <= check_interval <= 3600 and 1 <= rise <= 100 and 1 <= fall <= 100):
+            raise UsageError("health check interval, rise or fall out of range")
+        for what, value in (
+            ("drain", drain_timeout), ("connect", connect_timeout), ("idle", idle_timeout),
+        ):  # fmt: skip
+            if not 0 <= value < math.inf:
+                raise UsageError(f"{what} timeout must be a number of seconds >= 0: {value}")
+        self.strategy = strategy
+        self.check_interval = check_interval
+        self.rise, self.fall = rise, fall
+        self.drain_timeout = drain_timeout
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.ready_timeout = ready_timeout
+        self.binary = binary
+        self._log = log
+        self._bind = self._listen_endpoint(listen_host, listen_port)
+        self._own_workdir = workdir is None
+        self._workdir_arg = workdir
+        self.workdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+        self._active: dict[str, _Target] = {}  # by HAProxy name
+        self._draining: dict[str, tuple[_Target, float]] = {}  # name -> (target, deadline)
+        self._names: dict[str, str] = {}  # HAProxy name -> registry id, for every server added
+        self._reported: set[Server] = set()  # refused records already logged
+        self._stop_reaper = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self.version: tuple[int, int] | None = None
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self._dir() / "haproxy.cfg"
+
+    @property
+    def socket_path(self) -> Path:
+        return self._dir() / "admin.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir() / "haproxy.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _dir(self) -> Path:
+        if self.workdir is None:
+            raise EdaError("haproxy engine not started")
+        return self.workdir
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self, servers: list[Server]) -> None:
+        """Write the configuration for *servers*, start haproxy and wait until it serves."""
+        if self._proc is not None:
+            raise EdaError("haproxy engine already started")
+        if self._own_workdir:
+            self.workdir = Path(tempfile.mkdtemp(prefix="eda-haproxy-"))
+        else:
+            workdir = Path(self._workdir_arg or ".").absolute()
+            if not re.fullmatch(r"[A-Za-z0-9_./+-]+", str(workdir)):
+                raise UsageError(
+                    f"haproxy work directory path must be plain (letters, digits, _ . / + -): "
+                    f"{str(workdir)[:100]!r}"
+                )
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir = workdir
+        if len(os.fsencode(self.socket_path)) > 100:
+            raise UsageError(
+                f"haproxy work directory path too long for a unix socket: {self.workdir}"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        targets = self._targets(servers)
+        self._active = {t.name: t for t in targets}
+        self._names = {t.name: t.server.id for t in targets}
+        self._write_config()
+        try:
+            with open(self.log_path, "wb") as err:
+                self._proc = subprocess.Popen(
+                    [self.binary, "-db", "-f", str(self.config_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    cwd=self.workdir,
+                    start_new_session=True,  # the terminal's ^C is eda-lb's to handle
+                    preexec_fn=_pdeathsig(),  # prctl only, between fork and exec
+                )
+        except OSError as exc:
+            self._cleanup()
+            raise EdaError(
+                f"cannot run {self.binary} ({exc.strerror or exc}): install HAProxy "
+                "(Debian: apt-get install haproxy)"
+            ) from None
+        try:
+            self._wait_ready()
+            self.version = parse_version(self._command("show info"))
+            if self.version < MIN_VERSION:
+                raise EdaError(
+                    f"haproxy {self.version[0]}.{self.version[1]} is too old: "
+                    f"the Runtime API's add/del server need {MIN_VERSION[0]}.{MIN_VERSION[1]}+"
+                )
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        self._log(
+            f"haproxy {self.version[0]}.{self.version[1]} started (pid {self.pid}, "
+            f"balance {STRATEGIES[self.strategy]}, config {self.config_path})"
+        )
+        for t in targets:
+            self._log(f"haproxy: serving {t.server.id!r} at {t.endpoint} weight {t.weight}")
+        self._stop_reaper.clear()
+        self._reaper = threading.Thread(
+            target=self._reap_loop, name="eda-haproxy-drain", daemon=True
+        )
+        self._reaper.start()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = self._proc.returncode if self._proc is not None else None
+                raise EdaError(f"haproxy exited with status {code}: {self._alert()}")
+            if self.socket_path.exists():
+                with contextlib.suppress(EdaError):
+                    self._command("show info")
+                    return
+            if time.monotonic() > deadline:
+                raise EdaError(
+                    f"haproxy did not answer on its Runtime API within {self.ready_timeout:g}s: "
+                    f"{self._alert()}"
+                )
+            time.sleep(0.01)
+
+    def alive(self) -> bool:
+        """Whether the haproxy process is running."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop haproxy: with *drain*, it closes its listener and lets open connections
+        finish (``drain_timeout`` at most); without, it closes everything at once."""
+        self._stop_reaper.set()
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            self._reaper.join(5.0)
+        self._reaper = None
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1 if drain else signal.SIGTERM)
+            try:
+                proc.wait(self.drain_timeout + 5.0 if drain else 5.0)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> HaproxyEngine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop(drain=False)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def update(self, servers: list[Server]) -> None:
+        """Make HAProxy's backend match *servers* through the Runtime API (no restart).
+
+        New instances are added and enabled, changed weights set, gone ones
+        taken out of the balancing and deleted once their connections have
+        ended.  An instance HAProxy refuses is logged and tried again at the
+        next update; raises :class:`EdaError` only when haproxy is not running.
+        """
+        targets = {t.name: t for t in self._targets(servers)}
+        with self._lock:
+            self._check_running()
+            before = {name: t.weight for name, t in self._active.items()}
+            for name in [n for n in self._active if n not in targets]:
+                self._retire(name)
+            for name, target in targets.items():
+                current = self._active.get(name)
+                if current is not None:
+                    if current.weight != target.weight and self._try(
+                        f"set server {BACKEND}/{name} weight {target.weight}"
+                    ):
+                        self._active[name] = target
+                        self._log(f"haproxy: {target.server.id!r} weight {target.weight}")
+                elif name in self._draining:
+                    self._revive(target)
+                else:
+                    self._add(target)
+            if before != {name: t.weight for name, t in self._active.items()}:
+                self._write_config()
+            self._reap()
+
+    def _add(self, target: _Target) -> None:
+        name = target.name
+        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
+        if not self._try(
+            f"add server {BACKEND}/{name} {target.endpoint} weight {target.weight} {check}",
+            ok=("New server registered.",),
+        ):
+            return
+        self._names[name] = target.server.id
+        if self._try(f"enable health {BACKEND}/{name}") and self._try(
+            f"enable server {BACKEND}/{name}"
+        ):
+            self._active[name] = target
+            self._log(
+                f"haproxy: added {target.server.id!r} at {target.endpoint} weight {target.weight}"
+            )
+        else:  # half-added: take it out again so the next update starts clean
+            self._try(f"set server {BACKEND}/{name} state maint")
+            self._try(f"del server {BACKEND}/{name}", ok=("Server deleted.",))
+
+    def _revive(self, target: _Target) -> None:
+        """An instance that comes back while its old server still drains: use it again."""
+        name = target.name
+        if self._try(f"set server {BACKEND}/{name} weight {target.weight}") and self._try(
+            f"set server {BACKEND}/{name} state ready"
+        ):
+            del self._draining[name]
+            self._active[name] = target
+            self._log(f"haproxy: {target.server.id!r} back at {target.endpoint}")
+
+    def _retire(self, name: str) -> None:
+        target = self._active.pop(name)
+        if self._try(f"set server {BACKEND}/{name} state maint"):
+            self._draining[name] = (target, time.monotonic() + self.drain_timeout)
+            self._log(f"haproxy: removing {target.server.id!r} (draining its connections)")
+
+    def _reap(self) -> None:
+        """Delete drained servers: HAProxy refuses while a server still has connections."""
+        now = time.monotonic()
+        for name, (target, deadline) in list(self._draining.items()):
+            if now > deadline:
+                self._try(f"shutdown sessions server {BACKEND}/{name}")
+            reply = self._command(f"del server {BACKEND}/{name}").strip()
+            if reply in ("Server deleted.", "No such server."):
+                del self._draining[name]
+                self._names.pop(name, None)
+                self._log(f"haproxy: removed {target.server.id!r}")
+
+    def _reap_loop(self) -> None:
+        while not self._stop_reaper.wait(0.2):
+            if not self._draining:
+                continue
+            with self._lock:
+                if not self.alive():
+                    return
+                with contextlib.suppress(EdaError):
+                    self._reap()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def servers(self) -> list[ServerState]:
+        """The backend's servers as HAProxy sees them now (status, weight, connections)."""
+        with self._lock:
+            self._check_running()
+            text = self._command(f"show stat {BACKEND} 4 -1")
+            names = dict(self._names)
+        lines = text.lstrip("# ").splitlines()
+        found = []
+        for rec in csv.DictReader(line for line in lines if line.strip()):
+            if rec.get("pxname") != BACKEND or rec.get("svname") in (None, "BACKEND"):
+                continue
+            name = rec["svname"]
+            found.append(
+                ServerState(
+                    id=names.get(name, ""),
+                    name=name,
+                    address=rec.get("addr") or "",
+                    status=rec.get("status") or "",
+                    weight=_int(rec.get("weight")),
+                    sessions=_int(rec.get("scur")),
+                    total=_int(rec.get("stot")),
+                )
+            )
+        return found
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _targets(self, servers: list[Server]) -> list[_Target]:
+        """Validated, de-duplicated targets; a bad record is logged and left out."""
+        out: dict[str, _Target] = {}
+        seen: set[str] = set()
+        for s in servers:
+            try:
+                if not isinstance(s.port, int) or not 1 <= s.port <= 65535:
+                    raise ValueError(f"port out of range: {s.port!r}")
+                if not isinstance(s.weight, int):
+                    raise ValueError(f"weight not an integer: {s.weight!r}")
+                ip = _resolve(str(s.host))
+                endpoint = _endpoint(ip, s.port)
+            except ValueError as exc:
+                self._report(s, f"haproxy: instance {str(s.id)[:80]!r} left out: {exc}")
+                continue
+            if s.id in seen:
+                self._report(s, f"haproxy: duplicate instance id {s.id[:80]!r} left out")
+                continue
+            seen.add(s.id)
+            weight = min(max(s.weight, 0), MAX_WEIGHT) if self.strategy == "weighted" else 1
+            name = server_name(s.id, str(ip), s.port)
+            out[name] = _Target(server=s, name=name, endpoint=endpoint, weight=weight)
+        return list(out.values())
+
+    def _report(self, server: Server, message: str) -> None:
+        """Log a refused record once, not at every update that still carries it."""
+        if server in self._reported:
+            return
+        if len(self._reported) >= 1024:
+            self._reported.clear()
+        self._reported.add(server)
+        self._log(message)
+
+    def _write_config(self) -> None:
+        """haproxy.cfg for the current servers (read by haproxy at start; kept in step after)."""
+        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
+        lines = [
+            "# written by eda-lb; changes after start go through the Runtime API",
+            "global",
+            f"    stats socket {self.socket_path} mode 600 level admin",
+            "    stats timeout 10s",
+            f"    hard-stop-after {_ms(self.drain_timeout, 1)}ms",
+            "",
+            "defaults",
+            "    mode tcp",
+            f"    timeout connect {_ms(self.connect_timeout, 1)}ms",
+            f"    timeout client {_ms(self.idle_timeout, 1)}ms",
+            f"    timeout server {_ms(self.idle_timeout, 1)}ms",
+            "    retries 2",
+            "    option redispatch 1",  # a failed connect is retried on another instance
+            "",
+            f"frontend {FRONTEND}",
+            f"    bind {self._bind}",
+            f"    default_backend {BACKEND}",
+            "",
+            f"backend {BACKEND}",
+            f"    balance {STRATEGIES[self.strategy]}",
+        ]
+        for t in self._active.values():
+            assert _SAFE_NAME.fullmatch(t.name)
+            lines.append(f"    server {t.name} {t.endpoint} weight {t.weight} {check}")
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.config_path)
+
+    @staticmethod
+    def _listen_endpoint(host: str, port: int) -> str:
+        if host in ("", "*"):
+            return f":{port}"
+        try:
+            return _endpoint(_resolve(host), port)
+        except ValueError as exc:
+            raise UsageError(f"bad listen address: {exc}") from None
+
+    def _check_running(self) -> None:
+        if self._proc is None:
+            raise EdaError("haproxy engine not started")
+        if self._proc.poll() is not None:
+            raise EdaError(f"haproxy exited with status {self._proc.returncode}: {self._alert()}")
+
+    def _command(self, command: str) -> str:
+        """One Runtime API command on its own connection; HAProxy's reply as text."""
+        if "\n" in command or ";" in command:  # names and addresses are validated: never
+            raise EdaError(f"refusing a Runtime API command with a separator: {command[:80]!r}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5.0)
+            try:
+                sock.connect(str(self.socket_path))
+                sock.sendall(command.encode() + b"\n")
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            except OSError as exc:
+                raise EdaError(f"haproxy Runtime API: {exc.strerror or exc}") from None
+        return b"".join(chunks).decode(errors="replace")
+
+    def _try(self, command: str, ok: tuple[str, ...] = ("",)) -> bool:
+        """Run *command*; log HAProxy's answer on one line and return False if it refused."""
+        try:
+            reply = self._command(command).strip()
+        except EdaError as exc:
+            self._log(f"haproxy: {command.split(' ', 3)[:3]}: {exc}")
+            return False
+        if reply in ok:
+            return True
+        self._log(
+            f"haproxy: {' '.join(command.split(' ', 3)[:3])}: {' '.join(reply.split())[:200]}"
+        )
+        return False
+
+    def _alert(self) -> str:
+        """The first alert haproxy printed (or its last line), on one line."""
+        try:
+            text = self.log_path.read_text(errors="replace") if self.workdir else ""
+        except OSError:
+            text = ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        alerts = [line for line in lines if line.startswith("[ALERT]")]
+        line = (alerts or lines or ["no message"])[0]
+        return _ALERT.sub("", line)[:300]
+
+
+def _ms(seconds: float, least: int) -> int:
+    """*seconds* as HAProxy milliseconds: at least *least*, at most its timer limit (~24 days)."""
+    return min(max(least, round(seconds * 1000)), MAX_TIMER_MS)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0

@@ -1,0 +1,628 @@
+"""eda-lb tcp: the built-in TCP proxy (in-process core tests) and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eda.core.errors import UsageError
+from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
+from eda.core.registry.model import HOST_RE
+from tests.helpers import Proc, Procs, children_of, closed_port, require_tools, wait_until
+
+TIMEOUT = 5.0
+
+
+class Server:
+    """A backend: answers every chunk it receives with ``NAME:chunk`` (mode echo),
+    or resets the connection when it receives something (mode reset)."""
+
+    def __init__(self, name: str, port: int = 0, mode: str = "echo") -> None:
+        self.name = name.encode()
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(0.05)
+        self.port = int(self.sock.getsockname()[1])
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while chunk := conn.recv(65536):
+                if self.mode == "reset":  # a reset in the middle of a conversation
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    break
+                conn.sendall(self.name + b":" + chunk)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop accepting (new connects are refused); open connections go on."""
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+    def backend(self, weight: int = 1) -> Backend:
+        return Backend(self.name.decode(), "127.0.0.1", self.port, weight)
+
+
+def ask(address: tuple[str, int], text: bytes = b"ping") -> bytes:
+    """One connection through the proxy: send *text*, the backend's whole answer."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(text)
+        sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def who(answer: bytes) -> str:
+    return answer.split(b":", 1)[0].decode()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    made: list[Server] = []
+    yield made
+    for server in made:
+        if server.running:
+            server.stop()
+
+
+class Running:
+    """A TcpProxy (one data plane in a thread) running in a thread of the test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.proxy = TcpProxy("127.0.0.1", 0, settings)
+        self.proxy.start()
+        self.address = self.proxy.address
+        self.thread = threading.Thread(target=self.proxy.run, daemon=True)
+        self.thread.start()
+
+    def use(self, backends: list[Backend]) -> None:
+        """Candidates; waits until the proxy sends traffic to exactly these."""
+        self.proxy.set_candidates(backends)
+        want = {b.id for b in backends}
+        balancer = self.proxy.planes[0].balancer
+        wait_until(lambda: {b.key for b in balancer} == want, TIMEOUT, f"traffic to {want}")
+
+    def stop(self) -> None:
+        self.proxy.drain(0)
+        self.thread.join(10)
+        self.proxy.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Any]:
+    made: list[Running] = []
+
+    def make(**kw: Any) -> Running:
+        settings = Settings(**{"check_interval": 0.05, "check_timeout": 0.5, **kw})
+        running = Running(settings)
+        made.append(running)
+        return running
+
+    yield make
+    for running in made:
+        running.stop()
+
+
+# -- core, in process ------------------------------------------------------------------
+def test_proxies_bytes_both_ways_and_passes_half_close(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy()
+    running.use([servers[0].backend()])
+    assert ask(running.address, b"hello") == b"a:hello"
+    big = random.Random(1).randbytes(300_000).replace(b":", b";")  # ':' marks chunks
+    with socket.create_connection(running.address, timeout=TIMEOUT) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(big), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        answer = read_all(sock)
+        sender.join()
+    assert answer.replace(b"a:", b"") == big  # every byte, in order, through partial writes
+
+
+def test_round_robin_spreads_connections_evenly(proxy: Any, servers: list[Server]) -> None:
+    servers.extend([Server("a"), Server("b"), Server("c")])
+    running = proxy()
+    running.use([s.backend() for s in servers])
+    seen = Counter(who(ask(running.address)) for _ in range(30))
+    assert seen == {"a": 10, "b": 10, "c": 10}
+
+
+def test_weighted_shares_follow_the_registry_weight(proxy: Any, servers: list[Server]) -> None:
+    servers.extend([Server("a"), Server("b")])
+    running = proxy(strategy="weighted")
+    running.use([servers[0].backend(1), servers[1].backend(3)])
+    seen = Counter(who(ask(running.address)) for _ in range(40))
+    assert seen == {"a": 10, "b": 30}
+    running.proxy.set_candidates([servers[0].backend(2), servers[1].backend(1)])  # reweighted
+    slot = running.proxy.planes[0].balancer.get("a")
+    wait_until(lambda: slot is not None and slot.weight == 2, TIMEOUT, "the new weight")
+    seen = Counter(who(ask(running.address)) for _ in range(30))
+    assert seen == {"a": 20, "b": 10}
+
+
+def test_least_conn_and_p2c_send_new_connections_to_the_least_loaded(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    for strategy in ("least-conn", "p2c"):
+        running = proxy(strategy=strategy)
+        running.use([a.backend(), b.backend()])
+        held: dict[str, list[socket.socket]] = {"a": [], "b": []}
+        for _ in range(4):
+            sock = socket.create_connection(running.address, timeout=TIMEOUT)
+            sock.sendall(b"?")
+            held[who(sock.recv(100))].append(sock)
+        assert len(held["a"]) == len(held["b"]) == 2, strategy  # each time the less loaded
+        for sock in held["a"]:
+            sock.close()
+        slot = running.proxy.planes[0].balancer.get("a")
+        assert slot is not None
+        wait_until(lambda s=slot: s.inflight == 0, TIMEOUT, "a's closes seen")
+        more = []
+        for _ in range(2):  # b holds 2, a none: both go to a
+            sock = socket.create_connection(running.address, timeout=TIMEOUT)
+            sock.sendall(b"?")
+            assert who(sock.recv(100)) == "a", strategy
+            more.append(sock)
+        for sock in [*held["b"], *more]:
+            sock.close()
+
+
+def test_random_uses_every_instance(proxy: Any, servers: list[Server]) -> None:
+    servers.extend([Server("a"), Server("b"), Server("c")])
+    running = proxy(strategy="random")
+    running.use([s.backend() for s in servers])
+    seen = Counter(who(ask(running.address)) for _ in range(60))
+    assert set(seen) == {"a", "b", "c"} and max(seen.values()) < 40, seen
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(UsageError):
+        TcpProxy("127.0.0.1", 0, Settings(strategy="fastest"))
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_any_listen_text_parses_or_is_one_usage_error(text: str) -> None:
+    try:
+        host, port = parse_listen(text)
+    except UsageError as exc:
+        assert "bad listen address" in str(exc)
+        return
+    assert HOST_RE.fullmatch(host) and 0 <= port <= 65535
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen(":80") == ("0.0.0.0", 80)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    assert parse_listen("localhost:80") == ("localhost", 80)
+    for bad in ("8080", "host:", "host:99999", "host:x", "a b:80", "\x00:80", "h:\u0661"):
+        with pytest.raises(UsageError):
+            parse_listen(bad)
+
+
+def test_health_drops_a_dead_instance_after_fall_and_brings_it_back_after_rise(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy(check_interval=0.1, rise=3, fall=2)
+    running.use([a.backend(), b.backend()])
+    health = running.proxy.health
+    port = b.port
+    b.stop()
+    wait_until(lambda: [x.id for x in health.up()] == ["a"], TIMEOUT, "b down")
+    assert health.checks["b"].failed >= 2
+    assert {who(ask(running.address)) for _ in range(6)} == {"a"}
+    back = Server("b", port)
+    servers.append(back)
+    wait_until(lambda: health.checks["b"].ok >= 1, TIMEOUT, "a passed check of b")
+    assert not health.checks["b"].up  # one pass is not enough with rise 3
+    wait_until(lambda: [x.id for x in health.up()] == ["a", "b"], TIMEOUT, "b up again")
+    assert health.checks["b"].ok >= 3
+    wait_until(lambda: {who(ask(running.address)) for _ in range(4)} == {"a", "b"}, TIMEOUT, "b")
+
+
+def test_a_new_instance_that_refuses_is_dropped_at_its_first_check(
+    proxy: Any, servers: list[Server]
+) -> None:
+    servers.append(Server("a"))
+    running = proxy(check_interval=0.1)
+    running.proxy.set_candidates(
+        [servers[0].backend(), Backend("dead", "127.0.0.1", closed_port())]
+    )
+    wait_until(lambda: [x.id for x in running.proxy.health.up()] == ["a"], TIMEOUT, "dead dropped")
+
+
+def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: list[Server]) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy(check_interval=30, retries=1)  # no check comes to help
+    running.use([a.backend(), b.backend()])
+    wait_until(lambda: all(c.confirmed for c in running.proxy.health.checks.values()), TIMEOUT)
+    b.stop()
+    answers = [ask(running.address, b"x") for _ in range(10)]
+    assert answers == [b"a:x"] * 10
+    assert running.proxy.health.checks["b"].up  # health did not see it yet: retries did it
+    slot = running.proxy.planes[0].balancer.get("b")
+    assert slot is not None and slot.ejections >= 1  # and its failed connects ejected it
+
+
+def test_a_connect_that_hangs_is_retried_after_the_connect_timeout(
+    proxy: Any, servers: list[Server]
+) -> None:
+    servers.append(Server("a"))
+    stuck = socket.create_server(("127.0.0.1", 0), backlog=0)  # never accepts
+    fillers = []
+    for _ in range(3):  # fill its accept queue: further SYNs are dropped, connects hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(stuck.getsockname())
+        fillers.append(filler)
+    running = proxy(connect_timeout=0.3, check_interval=30, check_timeout=20)
+    hung = Backend("stuck", "127.0.0.1", stuck.getsockname()[1])
+    running.use([servers[0].backend(), hung])
+    started = time.monotonic()
+    assert [ask(running.address, b"x") for _ in range(4)] == [b"a:x"] * 4
+    assert time.monotonic() - started >= 0.3  # at least one waited for its connect timeout
+    for sock in [stuck, *fillers]:
+        sock.close()
+
+
+def test_connects_failing_at_once_are_retried_at_once(servers: list[Server]) -> None:
+    """Two instances nobody can route to (the connect fails in the call), one good one."""
+    servers.append(Server("a"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    control, feed = os.pipe()
+    plane = DataPlane(listener, control, Settings(retries=2))
+    thread = threading.Thread(target=plane.run, daemon=True)
+    thread.start()
+    nowhere = [["u1", "10.99.99.1", 9, 1], ["u2", "10.99.99.2", 9, 1]]
+    good = [servers[0].name.decode(), "127.0.0.1", servers[0].port, 1]
+    os.write(feed, json.dumps({"backends": [*nowhere, good]}).encode() + b"\n")
+    wait_until(lambda: len(plane.balancer) == 3, TIMEOUT, "the instances")
+    address = listener.getsockname()
+    assert [ask(address, b"x") for _ in range(6)] == [b"a:x"] * 6
+    assert plane.counts["connect_failed"] >= 2
+    os.write(feed, b'{"drain": 0}\n')
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    os.close(feed)
+    os.close(control)
+
+
+def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:
+    running = proxy()
+    running.use([])
+    started = time.monotonic()
+    with (
+        pytest.raises(ConnectionResetError),
+        socket.create_connection(running.address, timeout=TIMEOUT) as sock,
+    ):
+        sock.sendall(b"x")
+        read_all(sock)
+    assert time.monotonic() - started < 2
+
+
+def test_drain_lets_an_open_connection_finish_and_refuses_new_ones(
+    servers: list[Server],
+) -> None:
+    servers.append(Server("a"))
+    running = Running(Settings(check_interval=0.05))
+    running.use([servers[0].backend()])
+    sock = socket.create_connection(running.address, timeout=TIMEOUT)
+    sock.sendall(b"one")
+    assert sock.recv(100) == b"a:one"
+    running.proxy.drain(10)
+    wait_until(lambda: _refused(running.address), TIMEOUT, "the listener to close")
+    assert running.thread.is_alive()
+    sock.sendall(b"two")
+    assert sock.recv(100) == b"a:two"  # the open connection still works
+    sock.close()
+    running.thread.join(TIMEOUT)
+    assert not running.thread.is_alive()  # run() returned once it was done
+    running.proxy.close()
+
+
+def _refused(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:  # queued as the listener closed: ask again
+        return False
+    return False
+
+
+def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy(idle_timeout=0.4)
+    running.use([servers[0].backend()])
+    quiet = socket.create_connection(running.address, timeout=TIMEOUT)
+    busy = socket.create_connection(running.address, timeout=TIMEOUT)
+    started = time.monotonic()
+    while not select.select([quiet], [], [], 0.1)[0]:  # busy talks while quiet says nothing
+        busy.sendall(b"x")
+        assert busy.recv(100) == b"a:x"
+        assert time.monotonic() - started < 5, "the quiet connection was never closed"
+    assert quiet.recv(100) == b""
+    assert time.monotonic() - started >= 0.35
+    busy.sendall(b"still")
+    assert busy.recv(100) == b"a:still"
+    quiet.close()
+    busy.close()
+
+
+def test_connections_over_max_conn_wait_in_the_backlog(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy(max_conns=2)
+    running.use([servers[0].backend()])
+    held = [socket.create_connection(running.address, timeout=TIMEOUT) for _ in range(2)]
+    for sock in held:
+        sock.sendall(b"x")
+        assert sock.recv(100) == b"a:x"
+    waiting = socket.create_connection(running.address, timeout=TIMEOUT)  # the kernel queues it
+    waiting.sendall(b"third")
+    assert not select.select([waiting], [], [], 0.3)[0]  # not served while two are open
+    held[0].close()
+    waiting.settimeout(TIMEOUT)
+    assert waiting.recv(100) == b"a:third"
+    for sock in [*held[1:], waiting]:
+        sock.close()
+
+
+def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
+    proxy: Any, servers: list[Server]
+) -> None:
+    good, rude = Server("good"), Server("rude", mode="reset")
+    servers.extend([good, rude])
+    running = proxy(check_interval=30, max_conns=200)
+    running.use([good.backend()])
+    garbage = random.Random(5)
+    hostile = []
+    for n in range(30):
+        sock = socket.create_connection(running.address, timeout=TIMEOUT)
+        if n % 3 == 0:  # garbage, then a reset
+            sock.sendall(garbage.randbytes(2000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()
+        elif n % 3 == 1:  # sends a lot and never reads
+            sock.setblocking(False)
+            try:
+                while True:
+                    sock.send(b"\xff" * 65536)
+            except BlockingIOError:
+                pass
+            hostile.append(sock)
+        else:  # connects and says nothing
+            hostile.append(sock)
+    assert ask(running.address, b"still there?") == b"good:still there?"
+    running.use([rude.backend()])
+    for _ in range(5):  # a backend that resets: the client sees an end, never a hang
+        try:
+            answer = ask(running.address, b"x")
+        except TimeoutError:
+            raise
+        except OSError:  # reset, broken pipe, not connected: an end all the same
+            answer = b""
+        assert answer == b""
+    assert rude.accepted >= 5
+    running.use([good.backend()])
+    assert ask(running.address, b"ok") == b"good:ok"
+    for sock in hostile:
+        sock.close()
+
+
+# -- the CLI, end to end -------------------------------------------------------------------
+FAST = ("--interval", "0.2", "--ttl", "0.8")
+
+
+def lb(procs: Procs, *args: str) -> tuple[Proc, tuple[str, int]]:
+    proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "-v", *args])
+    where = proc.wait_stderr(r"proxying (\S+):(\d+) to", 15)
+    return proc, (where.group(1), int(where.group(2)))
+
+
+def registry(procs: Procs) -> str:
+    reg = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+                    "--tick", "0.1")  # fmt: skip
+    return reg.wait_stderr(r"listening on (tcp://\S+)").group(1)
+
+
+def register(procs: Procs, endpoint: str, server: Server) -> Proc:
+    proc = procs.eda("eda-registry", "register", "-v", "web", "--port", str(server.port),
+                     "--host", "127.0.0.1", "--id", server.name.decode(), "--registry",
+                     endpoint, "--no-mdns", *FAST)  # fmt: skip
+    proc.wait_stderr(r"registered \S+ at")
+    return proc
+
+
+def test_cli_follows_registry_changes_while_clients_stay_connected(
+    procs: Procs, servers: list[Server]
+) -> None:
+    a, b, c = Server("a"), Server("b"), Server("c")
+    servers.extend([a, b, c])
+    endpoint = registry(procs)
+    reg_a = register(procs, endpoint, a)
+    reg_b = register(procs, endpoint, b)
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
+                       "--no-mdns", "--workers", "1", "--check-interval", "0.1")  # fmt: skip
+    proc.wait_stderr(r"2 instance\(s\) up: a, b")
+    assert {who(ask(address)) for _ in range(4)} == {"a", "b"}
+    held = socket.create_connection(address, timeout=TIMEOUT)
+    held.sendall(b"1")
+    first = held.recv(100)
+    reg_c = register(procs, endpoint, c)
+    proc.wait_stderr(r"3 instance\(s\) up: a, b, c")
+    assert {who(ask(address)) for _ in range(6)} == {"a", "b", "c"}
+    gone = reg_a if who(first) == "b" else reg_b  # deregister the one the held client is not on
+    gone.signal(signal.SIGTERM)
+    assert gone.wait() == 0
+    left = {"a", "b", "c"} - {"a" if gone is reg_a else "b"}
+    proc.wait_stderr(r"2 instance\(s\) up: " + ", ".join(sorted(left)))
+    assert {who(ask(address)) for _ in range(6)} == left
+    held.sendall(b"2")
+    assert held.recv(100) == first[:2] + b"2"  # the held client kept its connection
+    held.close()
+    reg_c.signal(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
+def test_cli_restarts_a_dead_data_plane_and_drains_on_sigterm(
+    procs: Procs, servers: list[Server]
+) -> None:
+    servers.append(Server("a"))
+    endpoint = registry(procs)
+    register(procs, endpoint, servers[0])
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
+                       "--no-mdns", "--workers", "2", "--drain-timeout", "20")  # fmt: skip
+    proc.wait_stderr(r"1 instance\(s\) up: a")
+    planes = wait_until(
+        lambda: len(children_of(proc.popen.pid)) == 2 and children_of(proc.popen.pid)
+    )
+    os.kill(int(planes[0].split(":")[0]), signal.SIGKILL)  # a data plane dies: another replaces it
+    proc.wait_stderr("starting another")
+    wait_until(lambda: len(set(children_of(proc.popen.pid)) - set(planes)) == 1, TIMEOUT)
+    assert [who(ask(address)) for _ in range(20)] == ["a"] * 20
+    held = socket.create_connection(address, timeout=TIMEOUT)
+    held.sendall(b"before")
+    assert held.recv(100) == b"a:before"
+    proc.signal(signal.SIGTERM)
+    wait_until(lambda: _refused(address), TIMEOUT, "no new connection accepted")
+    held.sendall(b"during")
+    assert held.recv(100) == b"a:during"
+    assert proc.popen.poll() is None
+    held.close()
+    assert proc.wait(10) == 0
+    assert "drained" in proc.stderr
+
+
+def test_cli_refuses_bad_options(procs: Procs, tmp_path: Path) -> None:
+    def lb_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "eda.cli.lb", "tcp", *args],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    bad = lb_run("--listen", "nowhere", "web", "--no-mdns", "--registry", "tcp://127.0.0.1:1")
+    assert bad.returncode == 2 and "bad listen address" in bad.stderr
+    bad = lb_run("--listen", ":1", "Bad_Name!", "--no-mdns")
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    held = socket.create_server(("127.0.0.1", 0))
+    taken = lb_run("--listen", f"127.0.0.1:{held.getsockname()[1]}", "web", "--no-mdns",
+                   "--registry", "tcp://127.0.0.1:1")  # fmt: skip
+    held.close()
+    assert taken.returncode == 1 and "cannot listen" in taken.stderr, taken.stderr
+    alone = lb_run("--listen", "127.0.0.1:0", "web", "--no-mdns")  # no registry, no mDNS
+    assert alone.returncode != 0 and alone.stderr.strip().splitlines()[-1].startswith(
+        "eda-lb: error: "
+    ), alone.stderr
+    assert "Traceback" not in alone.stderr
+
+
+def test_cli_started_before_its_registry_waits_for_it(procs: Procs, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
+                       "--no-mdns", "--workers", "1")  # fmt: skip
+    proc.wait_stderr("still trying", 15)
+    reg = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", endpoint, "--tick", "0.1")
+    reg.wait_stderr("listening on")
+    register(procs, endpoint, servers[0])
+    proc.wait_stderr(r"1 instance\(s\) up: a", 15)
+    assert ask(address) == b"a:ping"
+    planes = [int(p.split(":")[0]) for p in children_of(proc.popen.pid)]
+    assert len(planes) == 1
+    os.kill(proc.popen.pid, signal.SIGKILL)  # the data planes see their control pipe close
+    wait_until(lambda: not any(_alive(pid) for pid in planes), TIMEOUT, "data planes to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_cli_serverless_finds_instances_by_mdns(procs: Procs, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    procs.eda("eda-registry", "register", "web", "--port", str(servers[0].port), "--host",
+              "127.0.0.1", "--id", "a", "--serverless", "--interval", "0.5")  # fmt: skip
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--serverless", "--workers", "1")
+    proc.wait_stderr(r"1 instance\(s\) up: a", 20)
+    assert ask(address) == b"a:ping"
+
+
+def test_cli_haproxy_engine_follows_the_registry(procs: Procs, servers: list[Server]) -> None:
+    require_tools("haproxy", install="haproxy")
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    endpoint = registry(procs)
+    reg_a = register(procs, endpoint, a)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc, address = lb(procs, "--listen", f"127.0.0.1:{port}", "web", "--engine", "haproxy",
+                       "--registry", endpoint, "--no-mdns", "--check-interval", "0.2",
+                       "--drain-timeout", "10")  # fmt: skip
+    assert address == ("127.0.0.1", port)
+    assert ask(address) == b"a:ping"
+    held = socket.create_connection(address, timeout=TIMEOUT)
+    held.sendall(b"1")
+    assert held.recv(100) == b"a:1"
+    register(procs, endpoint, b)
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"a", "b"}, TIMEOUT, "b in")
+    reg_a.signal(signal.SIGTERM)  # a deregisters: new connections go to b only
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"b"}, TIMEOUT, "a out")
+    held.sendall(b"2")
+    assert held.recv(100) == b"a:2"  # no restart: the open connection to a goes on
+    held.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
