@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -723,6 +724,11 @@ class TcpProxy:
         pid = os.fork()
         if pid == 0:  # the data-plane process
             code = 0
+            # forked while another thread (the registry feed) may hold the stderr
+            # stream's lock: give this process streams of its own, so its first
+            # warning cannot wait forever on a lock no thread here will release
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent tells it to drain
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
