@@ -371,12 +371,12 @@ def test_connections_to_a_removed_server_end_after_the_drain_timeout(
     assert ask(port_of(eng)) == "B"
 
 
-def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs) -> None:
+def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs, tmp_path: Path) -> None:
     owner = procs.start(
         [sys.executable, "-c",
          "import sys, time\n"
          "from eda.core.lb.haproxy import HaproxyEngine\n"
-         f"e = HaproxyEngine('127.0.0.1', {free_port()}, 'random')\n"
+         f"e = HaproxyEngine('127.0.0.1', {free_port()}, 'random', workdir={str(tmp_path)!r})\n"
          "e.start([])\n"
          "print(e.pid, flush=True)\n"
          "time.sleep(60)\n"]
