@@ -9,6 +9,7 @@ fail, naming the package.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -370,12 +371,12 @@ def test_connections_to_a_removed_server_end_after_the_drain_timeout(
     assert ask(port_of(eng)) == "B"
 
 
-def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs) -> None:
+def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs, tmp_path: Path) -> None:
     owner = procs.start(
         [sys.executable, "-c",
          "import sys, time\n"
          "from eda.core.lb.haproxy import HaproxyEngine\n"
-         f"e = HaproxyEngine('127.0.0.1', {free_port()}, 'random')\n"
+         f"e = HaproxyEngine('127.0.0.1', {free_port()}, 'random', workdir={str(tmp_path)!r})\n"
          "e.start([])\n"
          "print(e.pid, flush=True)\n"
          "time.sleep(60)\n"]
@@ -421,3 +422,58 @@ def test_property_any_record_gives_safe_names_and_addresses(
     assert len({t.name for t in targets}) == len(targets)
     assert len(targets) + len(logs) >= len({r[0] for r in records})
     assert all("\n" not in line for line in logs)
+
+
+def test_cli_engine_haproxy_keeps_one_haproxy_and_drains_on_sigterm(
+    procs: Procs, backends: dict[str, Backend]
+) -> None:
+    """eda-lb tcp --engine haproxy end to end: registry changes reach HAProxy without a
+    restart, an open connection survives its instance's removal and the SIGTERM drain."""
+    from eda.core.registry.client import Client
+
+    a, b = backends["A"], backends["B"] = Backend("A"), Backend("B")
+    registry = procs.eda(
+        "eda-registry", "serve", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--tick", "0.1"
+    )
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    client = Client([endpoint], use_mdns=False, timeout=5.0)
+
+    def register(inst_id: str, port: int, weight: int = 1) -> None:
+        record = {"service": "web", "id": inst_id, "host": "127.0.0.1", "port": port,
+                  "weight": weight, "ttl": 600.0, "interval": 200.0}  # fmt: skip
+        client.request({"op": "register", "instance": record})
+
+    def answer(port: int) -> str:
+        try:
+            return ask(port)
+        except OSError:
+            return ""
+
+    try:
+        register("web-a", a.port)
+        port = free_port()
+        lb = procs.start(
+            [sys.executable, "-m", "eda.cli.lb", "tcp", "--listen", f"127.0.0.1:{port}", "web",
+             "--engine", "haproxy", "--strategy", "weighted", "--check-interval", "0.1",
+             "--registry", endpoint, "--no-mdns", "-v"]
+        )  # fmt: skip
+        wait_until(lambda: answer(port) == "A", 15, "eda-lb to proxy to A")
+        pid = int(lb.wait_stderr(r"haproxy \S+ started \(pid (\d+)").group(1))
+        kept = Conn(port)
+        assert kept.ask() == "A"
+
+        register("web-b", b.port, weight=3)
+        wait_until(lambda: answer(port) == "B", 5, "the new instance to get connections")
+        client.request({"op": "deregister", "id": "web-a"})
+        wait_until(lambda: {answer(port) for _ in range(6)} == {"B"}, 5, "A to be taken out")
+        assert kept.ask() == "A"  # its open connection goes on
+        assert os.path.exists(f"/proc/{pid}") and lb.stderr.count(" started (pid ") == 1
+
+        lb.signal(signal.SIGTERM)
+        wait_until(lambda: answer(port) == "", 5, "the listener to close on SIGTERM")
+        assert kept.ask() == "A"  # drained, not cut
+        kept.close()
+        assert lb.wait(15) == 0
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        client.close()
