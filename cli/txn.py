@@ -413,7 +413,7 @@ Examples:
     type=SECONDS,
     metavar="SECONDS",
     help="Abort the transaction unless every vote is in by then "
-    "[default: the coordinator's --vote-timeout, 5 s]",
+    "[default: what the coordinator was started with, 5 s by default]",
 )
 @click.option(
     "--wait",
