@@ -132,7 +132,7 @@ def test_killed_instance_expires_within_its_ttl_and_watch_says_why(procs: Procs)
     # timed on the registry's own clock, from the last heartbeat it saw: one TTL, never
     # early, and with room for a loaded machine, yet well under two TTLs
     since_beat = event_time(expired[0]) - inst["heartbeat"]  # type: ignore[index]
-    assert 3.0 <= since_beat < 3.0 + 2.0, since_beat
+    assert 3.0 - 0.001 <= since_beat < 3.0 + 2.0, since_beat  # event times are in whole ms
     assert inst["heartbeat"] <= killed_at + 0.5  # type: ignore[index]
 
 
