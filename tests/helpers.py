@@ -17,6 +17,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+
+def readable(files: Sequence[Any], timeout: float) -> list[Any]:
+    """Those of *files* (objects with fileno() or descriptors) readable within *timeout* s.
+
+    select.select cannot take a descriptor above 1023, which a long-lived test
+    worker reaches; poll(2) has no such limit.
+    """
+    poller = select.poll()
+    by_fd = {}
+    for f in files:
+        fd = f if isinstance(f, int) else f.fileno()
+        by_fd[fd] = f
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
+
+
 PROGRAMS = {
     "eda-pub": "eda.cli.pub",
     "eda-sub": "eda.cli.sub",
@@ -291,7 +307,7 @@ class MdnsResponder:
         from eda.core.mdns import DNSFormatError, _read_name
 
         while not self._stop:
-            if not select.select([self.sock], [], [], 0.05)[0]:
+            if not readable([self.sock], 0.05):
                 continue
             packet, source = self.sock.recvfrom(9000)
             if len(packet) < 12 or packet[2] & 0x80 or source[1] == 5353:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import sqlite3
@@ -30,6 +29,7 @@ from eda.core.bus import wal as walscan
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.topics import Matcher
+from tests.helpers import readable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -335,7 +335,7 @@ def test_sigkill_mid_stream_loses_nothing_committed_and_stores_nothing_twice(
         fd, buf, confirmed = proc.stdout.fileno(), b"", 0
         deadline = time.monotonic() + 60
         while confirmed < 30_000:  # read confirmations until well into the stream
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            ready = readable([fd], deadline - time.monotonic())
             assert ready, "no confirmation from the writer within 60 s"
             chunk = os.read(fd, 65536)
             assert chunk, "writer died"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from tests.helpers import (
     closed_port,
     dns_response,
     dns_rr,
+    readable,
     run,
     service_records,
     wait_until,
@@ -133,7 +133,7 @@ class _SilentListener:
 
     def _run(self) -> None:
         while not self._stop:
-            ready, _, _ = select.select([self.sock, *self._conns], [], [], 0.05)
+            ready = readable([self.sock, *self._conns], 0.05)
             for s in ready:
                 if s is self.sock:
                     self._conns.add(self.sock.accept()[0])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import pty
 import re
-import select
 import subprocess
 
-from tests.helpers import command, require_tools, run, wait_until
+from tests.helpers import command, readable, require_tools, run, wait_until
 
 
 def _dig(name: str, rtype: str) -> list[str]:
@@ -53,7 +52,7 @@ def test_terminal_view_is_coloured_and_readable(procs):
             nonlocal output
             if run("eda-pub", "t", "on a terminal").returncode != 0:
                 return False
-            while select.select([leader], [], [], 0.2)[0]:
+            while readable([leader], 0.2):
                 try:
                     output += os.read(leader, 4096)
                 except OSError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from eda.core.errors import UsageError
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
 from eda.core.registry.model import HOST_RE
-from tests.helpers import Proc, Procs, children_of, closed_port, require_tools, wait_until
+from tests.helpers import Proc, Procs, children_of, closed_port, readable, require_tools, wait_until
 
 TIMEOUT = 5.0
 
@@ -386,7 +385,7 @@ def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: lis
     quiet = socket.create_connection(running.address, timeout=TIMEOUT)
     busy = socket.create_connection(running.address, timeout=TIMEOUT)
     started = time.monotonic()
-    while not select.select([quiet], [], [], 0.1)[0]:  # busy talks while quiet says nothing
+    while not readable([quiet], 0.1):  # busy talks while quiet says nothing
         busy.sendall(b"x")
         assert busy.recv(100) == b"a:x"
         assert time.monotonic() - started < 5, "the quiet connection was never closed"
@@ -408,7 +407,7 @@ def test_connections_over_max_conn_wait_in_the_backlog(proxy: Any, servers: list
         assert sock.recv(100) == b"a:x"
     waiting = socket.create_connection(running.address, timeout=TIMEOUT)  # the kernel queues it
     waiting.sendall(b"third")
-    assert not select.select([waiting], [], [], 0.3)[0]  # not served while two are open
+    assert not readable([waiting], 0.3)  # not served while two are open
     held[0].close()
     waiting.settimeout(TIMEOUT)
     assert waiting.recv(100) == b"a:third"

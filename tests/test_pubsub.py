@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ from datetime import datetime
 import zmq
 
 from eda.core import codec
-from tests.helpers import command, run, wait_until
+from tests.helpers import command, readable, run, wait_until
 
 
 def read_line(stream, timeout: float) -> bytes:
@@ -24,7 +23,7 @@ def read_line(stream, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     while not data.endswith(b"\n"):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not readable([fd], left):
             raise AssertionError(f"no line within {timeout}s; got {data!r}")
         chunk = os.read(fd, 1)
         if not chunk:

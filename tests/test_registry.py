@@ -7,7 +7,6 @@ import json
 import os
 import pty
 import re
-import select
 import signal
 import socket
 import stat
@@ -21,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from tests.helpers import Proc, Procs, command, run, wait_until
+from tests.helpers import Proc, Procs, command, readable, run, wait_until
 
 FAST = ("--interval", "0.2", "--ttl", "0.8")
 
@@ -661,7 +660,7 @@ def run_on_tty(*args: str, columns: int = 80, timeout: float = 30.0) -> tuple[in
         while True:
             left = deadline - time.monotonic()
             assert left > 0, f"no end of output after {timeout}s: {out!r}"
-            ready, _, _ = select.select([master], [], [], left)
+            ready = readable([master], left)
             if not ready:
                 continue
             try:

@@ -19,6 +19,7 @@ from eda.core.registry.health import Debounce
 from eda.core.registry.persist import Journal
 from eda.core.registry.protocol import ProtocolError, decode_request
 from eda.core.registry.store import Store
+from tests.helpers import readable
 
 
 class Clock:
@@ -478,7 +479,6 @@ def test_watch_terminal_line_is_plain_text_with_peer_escapes_shown() -> None:
 def test_dns_over_tcp_answers_pipelined_and_split_queries_and_bounds_connections(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import select
 
     insts = [rec(port=1000 + i, host=f"10.0.1.{i + 1}") for i in range(40)]
     responder = dns.Responder(lambda name: insts if name == "orders" else None)
@@ -496,7 +496,7 @@ def test_dns_over_tcp_answers_pipelined_and_split_queries_and_bounds_connections
     def pump() -> None:
         for _ in range(20):
             fds = [fd for fd, (r, _w) in watched.items() if r]
-            ready, _, _ = select.select(fds, [], [], 0.2)
+            ready = readable(fds, 0.2)
             if not ready:
                 return
             for fd in ready:

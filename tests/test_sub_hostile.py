@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from eda.core import codec
-from tests.helpers import command, run, wait_until
+from tests.helpers import command, readable, run, wait_until
 
 GOOD = codec.encode_origin("good1", "eda://test/good")
 ROGUE = codec.encode_origin("rogue1", "eda://test/rogue")
@@ -111,7 +111,7 @@ def _endpoint_from(proc: subprocess.Popen) -> str:
     deadline = time.monotonic() + 15
     while b"listening on" not in err or not err.endswith(b"\n"):
         assert time.monotonic() < deadline, err
-        if select.select([proc.stderr], [], [], 0.5)[0]:
+        if readable([proc.stderr], 0.5):
             err += os.read(proc.stderr.fileno(), 4096)
     return err.decode().split("listening on ")[1].split()[0]
 
