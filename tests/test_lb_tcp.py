@@ -348,7 +348,8 @@ def test_an_instance_at_the_proxys_own_address_is_ignored(
     running.proxy.warn = warnings.append
     running.use([servers[0].backend()])  # traffic to a, then the hostile record joins
     running.proxy.set_candidates([servers[0].backend(), Backend("me", host, port)])
-    assert any("own listen address" in w for w in warnings)
+    running.proxy.set_candidates([servers[0].backend(), Backend("me", host, port)])
+    assert sum("own listen address" in w for w in warnings) == 1  # once, not per change
     assert all(who(ask(running.address)) == "a" for _ in range(20))  # never the loop
     everywhere = TcpProxy("0.0.0.0", 0, Settings())
     everywhere.start()

@@ -669,6 +669,7 @@ class TcpProxy:
         os.set_blocking(self.wake_w, False)
         self.drain_timeout: float | None = None
         self.last_sent = b""
+        self.warned_self: set[Backend] = set()  # instances at our own address, told once
 
     @property
     def address(self) -> tuple[str, int]:
@@ -761,6 +762,9 @@ class TcpProxy:
         kept = []
         for backend in backends:
             if self._is_self(backend):
+                if backend in self.warned_self:
+                    continue
+                self.warned_self.add(backend)
                 self.warn(
                     f"instance {backend.id} ({backend.host}:{backend.port}) is this proxy's "
                     "own listen address: ignored"
