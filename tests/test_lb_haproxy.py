@@ -477,3 +477,16 @@ def test_cli_engine_haproxy_keeps_one_haproxy_and_drains_on_sigterm(
         assert not os.path.exists(f"/proc/{pid}")
     finally:
         client.close()
+
+
+def test_an_instance_at_haproxys_own_listen_address_is_left_out() -> None:
+    """A record pointing haproxy at its own frontend would make it connect to itself
+    in a loop until maxconn is full: it is left out, with one line."""
+    logs: list[str] = []
+    eng = HaproxyEngine("127.0.0.1", 8080, "round-robin", log=logs.append)
+    records = [Server("me", "127.0.0.1", 8080), Server("ok", "127.0.0.1", 8081)]
+    assert [t.server.id for t in eng._targets(records)] == ["ok"]
+    assert any("own listen address" in line for line in logs)
+    everywhere = HaproxyEngine("0.0.0.0", 8080, "round-robin", log=logs.append)
+    local, far = Server("lo", "127.0.0.1", 8080), Server("far", "192.0.2.1", 8080)
+    assert [t.server.id for t in everywhere._targets([local, far])] == ["far"]

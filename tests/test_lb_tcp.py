@@ -335,6 +335,32 @@ def test_connects_failing_at_once_are_retried_at_once(servers: list[Server]) -> 
     os.close(control)
 
 
+def test_an_instance_at_the_proxys_own_address_is_ignored(
+    proxy: Any, servers: list[Server]
+) -> None:
+    # a hostile (or mistaken) record pointing the proxy at itself must not make it
+    # connect to itself in a loop until --max-conn and the backlog are full
+    servers.append(Server("a"))
+    running = proxy(max_conns=8)
+    host, port = running.address
+    warnings: list[str] = []
+    running.proxy.warn = warnings.append
+    running.use([servers[0].backend()])  # traffic to a, then the hostile record joins
+    running.proxy.set_candidates([servers[0].backend(), Backend("me", host, port)])
+    running.proxy.set_candidates([servers[0].backend(), Backend("me", host, port)])
+    assert sum("own listen address" in w for w in warnings) == 1  # once, not per change
+    assert all(who(ask(running.address)) == "a" for _ in range(20))  # never the loop
+    everywhere = TcpProxy("0.0.0.0", 0, Settings())
+    everywhere.start()
+    try:
+        any_port = everywhere.address[1]
+        assert everywhere._is_self(Backend("lo", "127.0.0.1", any_port))
+        assert not everywhere._is_self(Backend("other", "127.0.0.1", any_port + 1))
+        assert not everywhere._is_self(Backend("far", "192.0.2.1", any_port))
+    finally:
+        everywhere.close()
+
+
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:
     running = proxy()
     running.use([])

@@ -229,6 +229,10 @@ class HaproxyEngine:
         self.binary = binary
         self._log = log
         self._bind = self._listen_endpoint(listen_host, listen_port)
+        self._listen_port = listen_port
+        self._listen_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        with contextlib.suppress(ValueError):
+            self._listen_ip = _resolve(listen_host or "0.0.0.0")
         self._own_workdir = workdir is None
         self._workdir_arg = workdir
         self.workdir: Path | None = None
@@ -513,6 +517,8 @@ class HaproxyEngine:
                     raise ValueError(f"weight not an integer: {s.weight!r}")
                 ip = _resolve(str(s.host))
                 endpoint = _endpoint(ip, s.port)
+                if self._is_self(ip, s.port):
+                    raise ValueError("it is this proxy's own listen address")
             except ValueError as exc:
                 self._report(s, f"haproxy: instance {str(s.id)[:80]!r} left out: {exc}")
                 continue
@@ -524,6 +530,22 @@ class HaproxyEngine:
             name = server_name(s.id, str(ip), s.port)
             out[name] = _Target(server=s, name=name, endpoint=endpoint, weight=weight)
         return list(out.values())
+
+    def _is_self(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        """Whether *ip*:*port* is haproxy's own frontend (a connection loop if served)."""
+        if port != self._listen_port:
+            return False
+        if ip == self._listen_ip:
+            return True
+        if self._listen_ip is None or not self._listen_ip.is_unspecified:
+            return False
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # local if it binds
+            try:
+                probe.bind((str(ip), 0))
+            except OSError:
+                return False
+            return True
 
     def _report(self, server: Server, message: str) -> None:
         """Log a refused record once, not at every update that still carries it."""

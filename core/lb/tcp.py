@@ -34,6 +34,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import ipaddress
 import json
 import os
 import select
@@ -668,6 +669,7 @@ class TcpProxy:
         os.set_blocking(self.wake_w, False)
         self.drain_timeout: float | None = None
         self.last_sent = b""
+        self.warned_self: set[Backend] = set()  # instances at our own address, told once
 
     @property
     def address(self) -> tuple[str, int]:
@@ -751,10 +753,46 @@ class TcpProxy:
             self._send(feed, self.last_sent)
 
     def set_candidates(self, backends: list[Backend]) -> None:
-        """The instances to check and use (thread-safe)."""
+        """The instances to check and use (thread-safe).
+
+        An instance at the proxy's own listen address is left out with a warning:
+        proxying to it would connect the proxy to itself, each connection opening
+        another until --max-conn and the backlog are full of the loop.
+        """
+        kept = []
+        for backend in backends:
+            if self._is_self(backend):
+                if backend in self.warned_self:
+                    continue
+                self.warned_self.add(backend)
+                self.warn(
+                    f"instance {backend.id} ({backend.host}:{backend.port}) is this proxy's "
+                    "own listen address: ignored"
+                )
+            else:
+                kept.append(backend)
         with self.lock:
-            self.candidates = list(backends)
+            self.candidates = kept
         self._wake()
+
+    def _is_self(self, backend: Backend) -> bool:
+        """Whether connecting to *backend* would reach this proxy's listener."""
+        port = self.address[1] if self.listeners else self.port
+        if backend.port != port:
+            return False
+        if backend.host == self.host:
+            return True
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(self.host).is_unspecified:
+                return False
+            # listening on every address: the instance is us if its address is local
+            with socket.socket(backend.family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((backend.host, 0))
+                except OSError:
+                    return False
+                return True
+        return False
 
     def drain(self, timeout: float) -> None:
         """Stop accepting; :meth:`run` returns once connections end or *timeout* passes."""
