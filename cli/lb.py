@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from typing import Any
 
 import click
 
-from eda.cli.common import Context, Terminated, common_options, run
+from eda.cli.common import (
+    Context,
+    Exit,
+    ExitStatus,
+    Output,
+    Terminated,
+    common_options,
+    for_terminal,
+    run,
+)
+from eda.cli.registry import registry_option
 from eda.core.errors import EdaError
 
 EPILOG = """\b
@@ -28,11 +40,7 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- worker, call (request/reply, brokerless) ---------------------------------------------
-import signal  # noqa: E402  (imports of this section kept here: merges stay clean)
-import sys  # noqa: E402
 
-from eda.cli.common import Exit, ExitStatus, Output  # noqa: E402
-from eda.cli.registry import registry_option  # noqa: E402
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without --timeout)
@@ -479,7 +487,6 @@ def call(
 # -- serve, stats (the broker) -------------------------------------------------------------
 # this section's own imports stay in it, so merges stay clean (Any, Context, Exit,
 # ExitStatus and Output come with the worker/call section above)
-from eda.cli.common import for_terminal  # noqa: E402
 
 STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
 STATS_FIELDS = (

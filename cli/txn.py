@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -15,7 +17,9 @@ from eda.cli.common import (
     common_options,
     for_terminal,
     run,
+    write_stdout,
 )
+from eda.cli.registry import registry_option
 from eda.core.errors import EdaError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
@@ -645,11 +649,7 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
 
 
 # -- sagas: saga, saga init ----------------------------------------------------------------
-import contextlib  # noqa: E402  (imports of this section kept here: merges stay clean)
-import sys  # noqa: E402
 
-from eda.cli.common import write_stdout  # noqa: E402
-from eda.cli.registry import registry_option  # noqa: E402
 
 SAGA_EPILOG = """\b
 Examples:
