@@ -29,6 +29,8 @@ from eda.core.errors import ConfigError, EdaError
 if TYPE_CHECKING:
     from rich.text import Text
 
+    from eda.core.registry.access import Access
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -275,6 +277,26 @@ class Context:
 def _environment_value(value: Any) -> str:
     """*value* as an environment variable value (a NUL from a peer would crash exec)."""
     return str(value).replace("\x00", "\\x00")
+
+
+def registry_access(
+    registries: tuple[str, ...],
+    interface: str | None,
+    no_mdns: bool,
+    serverless: bool,
+    ctx: Context,
+) -> Access:
+    """How a program finds services: the ``--registry``/``--serverless`` options and the
+    common ``--interface``/``--no-mdns`` as an :class:`~eda.core.registry.access.Access`."""
+    from eda.core.registry.access import Access, resolve_interface
+
+    return Access(
+        registries=registries,
+        interface=resolve_interface(interface),
+        mdns=not no_mdns,
+        serverless=serverless,
+        log=ctx.debug,
+    )
 
 
 class Output:

@@ -16,6 +16,7 @@ from eda.cli.common import (
     Terminated,
     common_options,
     for_terminal,
+    registry_access,
     run,
 )
 from eda.cli.registry import registry_option
@@ -58,20 +59,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     if not 0 < size <= 256 << 20:
         raise click.BadParameter("use 1 byte to 256MiB")
     return size
-
-
-def _lb_access(
-    registries: tuple[str, ...], serverless: bool, interface: str | None, no_mdns: bool, ctx: Any
-) -> Any:
-    from eda.core.registry.access import Access, resolve_interface
-
-    return Access(
-        registries=registries,
-        interface=resolve_interface(interface),
-        mdns=not no_mdns,
-        serverless=serverless,
-        log=ctx.debug,
-    )
 
 
 def _request_options(func: Any) -> Any:
@@ -205,7 +192,7 @@ def worker(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     server = Worker(
         service,
         list(cmd),
@@ -457,7 +444,7 @@ def call(
         if endpoints:
             caller.use((e, 1) for e in endpoints)
         else:
-            access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+            access = registry_access(registries, interface, no_mdns, serverless, ctx)
             target = validate_name(via) if via else name
             finder, found = lookup_endpoints(target, access, via=bool(via))
             caller.use(found)
@@ -664,7 +651,7 @@ def serve(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     if access.interface:
         bind, backend = (
             e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)
@@ -759,7 +746,7 @@ def stats(
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
-    access = _lb_access(registries, serverless, interface, no_mdns, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     found = lookup(service, access)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
@@ -1007,14 +994,13 @@ def tcp(
     import signal
     import threading
 
-    from eda.cli.registry import _access
     from eda.core.lb import tcp as core
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     host, port = core.parse_listen(listen)
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(
         strategy=strategy,
         retries=retries,

@@ -15,6 +15,7 @@ from eda.cli.common import (
     Terminated,
     common_options,
     for_terminal,
+    registry_access,
     run,
 )
 from eda.core import __version__
@@ -23,7 +24,6 @@ from eda.core.errors import NotFoundError, UsageError
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from eda.core.registry.access import Access
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -317,7 +317,7 @@ def register(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,
     )  # fmt: skip
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     client = reg.connect_for_registration(access, record["interval"])
     inst = reg.finish(record, client, access.interface)
     keeper = Keeper(
@@ -346,24 +346,6 @@ def _iface(interface: str | None) -> str | None:
     return resolve_interface(interface)
 
 
-def _access(
-    registries: tuple[str, ...],
-    interface: str | None,
-    no_mdns: bool,
-    serverless: bool,
-    ctx: Context,
-) -> Access:
-    from eda.core.registry.access import Access
-
-    return Access(
-        registries=registries,
-        interface=_iface(interface),
-        mdns=not no_mdns,
-        serverless=serverless,
-        log=ctx.debug,
-    )
-
-
 # -- lookup / list -----------------------------------------------------------------------
 def _query(
     op: str,
@@ -377,7 +359,7 @@ def _query(
 ) -> list[dict[str, Any]]:
     from eda.core.registry.access import query
 
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     found = query(op, name, include_all, access)
     if access.dropped:
         ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
@@ -618,7 +600,7 @@ def watch(
 
     ctx = Context("eda-registry", verbose)
     out = _event_output(ctx, exec_cmd, template, force_json)
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):

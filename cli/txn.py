@@ -16,6 +16,7 @@ from eda.cli.common import (
     Terminated,
     common_options,
     for_terminal,
+    registry_access,
     run,
     write_stdout,
 )
@@ -48,12 +49,6 @@ SECONDS = click.FloatRange(min=0, min_open=True)
 LOG_HELP = "Directory of the journals (JSON Lines, fsynced)."
 
 
-def _registry_options(func: Any) -> Any:
-    from eda.cli.registry import registry_option
-
-    return registry_option(func)
-
-
 def _access(
     registries: tuple[str, ...],
     interface: str | None,
@@ -62,17 +57,9 @@ def _access(
     ctx: Context,
 ) -> Any:
     """How to find names (registry, else mDNS), or None when neither may be used."""
-    from eda.core.registry.access import Access, resolve_interface
-
     if no_mdns and not registries:
         return None
-    return Access(
-        registries=registries,
-        interface=resolve_interface(interface),
-        mdns=not no_mdns,
-        serverless=serverless,
-        log=ctx.debug,
-    )
+    return registry_access(registries, interface, no_mdns, serverless, ctx)
 
 
 def _default_name() -> str:
@@ -157,7 +144,7 @@ Examples:
     metavar="SECONDS",
     help="Longest pause between two deliveries of a decision not yet acknowledged.",
 )
-@_registry_options
+@registry_option
 @common_options
 def coordinator(
     name: str | None,
@@ -262,7 +249,7 @@ Examples:
     metavar="SECONDS",
     help="Ask the coordinator for the outcome of a transaction prepared this long ago.",
 )
-@_registry_options
+@registry_option
 @common_options
 def participant(
     name: str,
@@ -433,7 +420,7 @@ Examples:
     help=f"Print the result from a template. Fields: {', '.join(RESULT_FIELDS)}.",
 )
 @click.option("--json", "force_json", is_flag=True, help="JSON even on a terminal.")
-@_registry_options
+@registry_option
 @common_options
 def commit(
     participants: tuple[str, ...],
@@ -564,7 +551,7 @@ Examples:
 )
 @click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
 @click.option("--json", "force_json", is_flag=True, help="JSON even on a terminal.")
-@_registry_options
+@registry_option
 @common_options
 def resolve(
     txn_id: str,
