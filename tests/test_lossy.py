@@ -133,8 +133,9 @@ def test_a_quick_probe_gives_up_on_a_silent_port_early():
     endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
     try:
         start = time.monotonic()
-        assert discovery.probe([endpoint], timeout=5, quick=[endpoint]) == {endpoint: None}
-        assert time.monotonic() - start < 2.5  # not the 5 s of a full probe
+        assert discovery.probe([endpoint], timeout=60, quick=[endpoint]) == {endpoint: None}
+        # not the 60 s of a full probe: half of it tells the two apart however loaded the machine
+        assert time.monotonic() - start < 30
     finally:
         listener.close()
 
