@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .helpers import Procs, command, run
+from .helpers import Procs, command, readable, run
 
 
 def test_no_gone_warning_for_a_running_subscriber_of_other_topics(procs: Procs) -> None:
@@ -61,6 +63,40 @@ def test_progress_writes_nothing_when_stderr_is_not_a_terminal(tmp_path: Path) -
         )
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"", result.stderr
+
+
+def test_progress_draws_a_bar_with_the_file_size_when_stderr_is_a_terminal(tmp_path: Path) -> None:
+    dump = tmp_path / "dump.txt"
+    dump.write_text("".join(f"{i:05}\n" for i in range(2000)))  # 12,000 bytes
+    leader, follower = pty.openpty()
+    with dump.open("rb") as stdin:
+        proc = subprocess.Popen(
+            command("eda-pub", "--no-mdns", "--rate", "2000", "--progress", "review.replay"),
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=follower,
+        )
+    os.close(follower)
+    drawn = b""
+    try:
+        while True:  # until the pty closes: the program ended
+            if not readable([leader], 60):
+                break
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the other end closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert proc.wait(30) == 0, drawn
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    assert b"eda-pub" in drawn, drawn  # the bar's label
+    assert b"12.0 kB" in drawn, drawn  # and the file's size, from DownloadColumn
 
 
 def test_a_subcommand_usage_error_points_to_the_subcommand_help() -> None:
