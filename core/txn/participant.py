@@ -7,7 +7,10 @@ record per change of a transaction, the last one wins::
      "reply_to": "tcp://10.0.0.5:7730", "time": 1764290000.1}
     {"txn": "c1.18f...", "state": "committed", "time": 1764290000.2}
 
-States: ``prepared`` (voted yes: in doubt until the outcome is known),
+States: ``preparing`` (the prepare action was started: fsynced before it runs, so
+that a crash before the vote leaves a trace; on restart such a transaction is
+aborted here, its abort action run, since no yes vote was ever sent),
+``prepared`` (voted yes: in doubt until the outcome is known),
 ``committing``/``aborting`` (outcome known, action not yet done),
 ``committed``/``aborted`` (done), ``heuristic-commit``/``heuristic-abort``
 (an operator's ``resolve`` applied while in doubt) and ``hazard`` (the
@@ -20,6 +23,18 @@ made of forgotten ones is rewritten on start.  Requests drained together share o
 transaction prepared for longer than *inquire_after* seconds asks its
 coordinator for the outcome, again and again; while no coordinator answers
 it stays in doubt, which the journal and ``eda-txn status`` show.
+
+Presumed abort, from this side: a participant that voted yes aborts on its
+own only when the coordinator named by the transaction answers that it never
+decided it (the coordinator presumes abort for its own ids only, and it
+alone holds the journal where a commit would be).  Silence, a refused
+connection, another coordinator at the recorded endpoint, or a name that
+discovery does not find prove nothing: a crashed coordinator vanishes from
+the registry and from mDNS too, with its commit decision on its disk.  So
+forged prepares that name a coordinator that never existed stay in doubt;
+what bounds them is *max_per_coordinator* (unfinished transactions of one
+coordinator name: the others are served on) and what ends them is one
+``resolve`` with a filter (``eda-txn resolve --abort --coordinator NAME``).
 """
 
 from __future__ import annotations
@@ -53,11 +68,13 @@ from .protocol import (
     printable,
 )
 
-PREPARED = "prepared"
+PREPARING, PREPARED = "preparing", "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
 FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
 MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
+MAX_PER_COORDINATOR = 1_000  # unfinished transactions of one coordinator name (ditto)
+MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -95,6 +112,7 @@ class Participant(Daemon):
         find_coordinator: Any = None,
         kept: int = KEPT,
         max_live: int = MAX_LIVE,
+        max_per_coordinator: int = MAX_PER_COORDINATOR,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -112,7 +130,11 @@ class Participant(Daemon):
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
         self.max_live = max_live
+        self.max_per_coordinator = max_per_coordinator
+        self.live_of: dict[str, int] = {}  # coordinator name -> its unfinished transactions
         self._load()
+        for txn in self.txns:
+            self.live_of[owner_of(txn)] = self.live_of.get(owner_of(txn), 0) + 1
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
@@ -139,6 +161,11 @@ class Participant(Daemon):
         if self.coordinators is not None:
             self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)
+        self.misdirected: set[str] = set()  # recorded endpoint is another coordinator's
+        for txn, record in list(self.txns.items()):
+            if record.get("state") == PREPARING:  # cut short before any vote: undo it here
+                self._record(txn, "aborting", note="prepare cut short by a crash, no vote sent")
+                self.warn(f"warning: {txn}: its prepare was cut short by a crash: aborting it")
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
                 self.retry[txn] = now
@@ -177,7 +204,11 @@ class Participant(Daemon):
     def _record(self, txn: str, state: str, **fields: Any) -> dict[str, Any]:
         record = {"txn": txn, "state": state, **fields, "time": round(time.time(), 3)}
         self.journal.append(record)
-        live = self.txns.setdefault(txn, {})
+        live = self.txns.get(txn)
+        if live is None:
+            live = self.txns[txn] = {}
+            owner = owner_of(txn)
+            self.live_of[owner] = self.live_of.get(owner, 0) + 1
         live.update(record)
         if state in IN_DOUBT:
             self.since.setdefault(txn, time.monotonic())
@@ -186,6 +217,13 @@ class Participant(Daemon):
             self.asking.pop(txn, None)
         if state in FINAL:  # finished: only a small record stays, for repeated messages
             del self.txns[txn]
+            self.misdirected.discard(txn)
+            owner = owner_of(txn)
+            left = self.live_of.get(owner, 1) - 1
+            if left > 0:
+                self.live_of[owner] = left
+            else:
+                self.live_of.pop(owner, None)
             self.finished.add(txn, _final(txn, live))
         return live
 
@@ -213,6 +251,8 @@ class Participant(Daemon):
         self.ready.clear()
         calls: list[Call] = []
         seen: set[str] = set()
+        starting: list[tuple[str, dict[str, Any]]] = []  # preparing records to write first
+        planned: dict[str, int] = {}  # prepares of this batch per coordinator
         for frames in messages:
             try:
                 msg = json.loads(frames[-1])
@@ -228,12 +268,19 @@ class Participant(Daemon):
             if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
-                    if check_name(msg.get("coordinator"), "coordinator name") != owner_of(txn):
+                    coordinator = check_name(msg.get("coordinator"), "coordinator name")
+                    if coordinator != owner_of(txn):
                         continue
-                    check_reply_to(msg.get("reply_to", ""))
+                    reply_to = check_reply_to(msg.get("reply_to", ""))
                 except EdaError:
                     continue
+                if self._crowded(coordinator, planned.get(coordinator, 0)):
+                    continue
+                planned[coordinator] = planned.get(coordinator, 0) + 1
                 calls.append(Call(PREPARE, txn, data, 1))
+                starting.append(
+                    (txn, {"data": data, "coordinator": coordinator, "reply_to": reply_to})
+                )
             elif (
                 op == "decide"
                 and record is not None
@@ -244,6 +291,9 @@ class Participant(Daemon):
                 calls.append(Call(msg["outcome"], txn, record.get("data") or {}, 1))
         if len(calls) < 2:
             return
+        for txn, fields in starting:
+            self._record(txn, PREPARING, **fields, since=round(time.time(), 3))
+        self.journal.sync()  # one fsync: every prepare of the batch leaves a trace first
         if any(call.phase != PREPARE for call in calls):
             crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:
@@ -280,23 +330,36 @@ class Participant(Daemon):
             raise ProtocolError(f"transaction {txn} does not belong to coordinator {coordinator}")
         reply_to = check_reply_to(req.get("reply_to", ""))
         known = self._known(txn)
-        busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
-        if known is None and busy:  # a flood of prepares (none run ahead for this one)
-            raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
-        if known is not None:  # a repeated prepare: the same vote, nothing run again
+        if known is not None and known.get("state") != PREPARING:
+            # a repeated prepare: the same vote, nothing run again
             state = known.get("state")
             yes = state in IN_DOUBT or state == "committed" or state == "committing"
             return {"vote": "yes" if yes else "no", "reason": "" if yes else f"already {state}"}
+        if known is None:  # (else the look-ahead recorded it and ran the action)
+            if len(self.txns) >= self.max_live:  # a flood of prepares
+                raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
+            if self._crowded(coordinator):  # a flood naming one coordinator: the others go on
+                raise TxnError(
+                    f"busy: {self.live_of.get(coordinator, 0)} transactions of coordinator "
+                    f"{coordinator} unfinished at {self.name}"
+                )
+            self._record(txn, PREPARING, data=data, coordinator=coordinator, reply_to=reply_to,
+                         since=round(time.time(), 3))  # fmt: skip
+            self.journal.sync()  # a crash from here on leaves a trace: the abort runs on restart
         result = self._run(PREPARE, txn, data)
         crash.point(ROLE, "before-vote-logged")
         if result.ok:
-            self._record(txn, PREPARED, data=data, coordinator=coordinator, reply_to=reply_to)
+            self._record(txn, PREPARED)
             self._voted = True
             return {"vote": "yes"}
         # a no vote aborts here and now: release whatever the prepare may have left
-        self._record(txn, "aborting", data=data, coordinator=coordinator, vote="no")
+        self._record(txn, "aborting", vote="no")
         self._apply(txn, ABORT)
         return {"vote": "no", "reason": printable(result.reason)}
+
+    def _crowded(self, coordinator: str, more: int = 0) -> bool:
+        """Whether *coordinator* has its full share of unfinished transactions here."""
+        return self.live_of.get(coordinator, 0) + more >= self.max_per_coordinator
 
     def decide(self, req: dict[str, Any]) -> dict[str, Any]:
         txn = check_txn(req.get("txn"))
