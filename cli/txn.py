@@ -314,11 +314,8 @@ def participant(
         actions = ShellActions(name, commands, timeout=action_timeout)
     access = _access(registries, interface, no_mdns, serverless, ctx)
 
-    def find(coordinator: str) -> list[str]:
-        try:
-            return find_coordinators(access, coordinator) if access else []
-        except EdaError:
-            return []
+    def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)
+        return find_coordinators(access, coordinator) if access else []
 
     try:
         part = Participant(
@@ -589,7 +586,7 @@ def resolve(
         if name not in targets:
             found = directory.endpoints(name)
             if not found:
-                raise NotFoundError(f"participant {name} not found")
+                raise NotFoundError(directory.missing(name))
             targets[name] = found[0]
     if not targets:
         raise NotFoundError(f"no participant in {log_dir} is in doubt about {txn_id}")

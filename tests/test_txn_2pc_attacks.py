@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from eda.core.daemon import Daemon
-from eda.core.reqrep import Client
+from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
 from eda.core.txn.coordinator import Coordinator
@@ -211,6 +211,38 @@ def test_a_lookup_slower_than_the_vote_timeout_aborts_and_the_flood_of_names_is_
     refused = [r for r in replies if r["reason"].endswith("not found")]
     assert len(waited) == 3 and len(refused) == 7, replies  # at most 3 names queued
     release.set()
+
+
+def test_a_registry_that_stops_answering_does_not_make_known_participants_unknown(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """The registry answers once, then stalls (SIGSTOP): every lookup after the first
+    fails.  The participants found keep being used while they are looked up again,
+    and a name never found is refused for the true reason: no answer, not "not found"."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    pay = participant(running, tmp_path, "pay", Actions())
+    where = {"stock": stock.endpoint, "pay": pay.endpoint}
+    looked: list[str] = []
+
+    def find(name: str) -> list[str]:
+        looked.append(name)
+        if looked.count(name) > 1 or name not in where:
+            raise Unavailable("no registry answered (tried tcp://127.0.0.1:7700)")
+        return [where[name]]
+
+    # answers kept 0.2 s instead of 30 s: many refreshes in a second
+    directory = Directory(find=find, ttl=0.2, miss_ttl=0.05)
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=directory))
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock", "pay"])))["outcome"] == "committed"
+    outcomes = []
+    while looked.count("stock") < 4 or looked.count("pay") < 4:  # refreshed (and failed) thrice
+        reply = a.wait(a.send(commit(["stock", "pay"])))
+        outcomes.append((reply["outcome"], reply["reason"]))
+    assert set(outcomes) == {("committed", "")}, outcomes
+    ghost = a.wait(a.send(commit(["stock", "ghost"])))
+    assert ghost["outcome"] == "aborted"
+    assert "not found" not in ghost["reason"] and "no registry answered" in ghost["reason"], ghost
 
 
 # -- dead, vanishing and failing peers ----------------------------------------------------------
