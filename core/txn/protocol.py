@@ -634,9 +634,11 @@ def find_coordinators(access: Any, name: str | None = None) -> list[str]:
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    With a registry: an :class:`~eda.core.registry.agent.Agent` registers and
-    heartbeats from a timer of the daemon.  Without one: announced by mDNS
-    (serverless mode, :class:`~eda.core.registry.serverless.Announcer`).
+    The work is :class:`~eda.core.lb.presence.Presence`'s, as for eda-lb
+    workers: with a registry, heartbeats from a background thread; without
+    one, announced by mDNS (serverless mode) -- and, when that was for want
+    of a registry, moved to one as soon as one answers (as ``eda-registry
+    register`` does), so that coordinators asking it find participants.
     """
 
     def __init__(
@@ -650,9 +652,9 @@ class Registration:
         meta: Mapping[str, str] | None = None,
         interval: float = 2.0,
     ) -> None:
+        from ..lb.presence import Presence
         from ..registry import access as reg
 
-        self.daemon = daemon
         record = reg.registration(
             service,
             port,
@@ -660,32 +662,18 @@ class Registration:
             meta=[f"{k}={v}" for k, v in (meta or {}).items()],
             interval=interval,
         )
-        self.client = reg.connect_for_registration(access, interval)
-        self.inst = reg.finish(record, self.client, access.interface)
-        self.agent: Any = None
-        self.announcer: Any = None
-        if self.client is not None:
-            from ..registry.agent import Agent
+        self.presence = Presence(access, record, log=daemon.log, warn=daemon.warn)
+        self.inst = self.presence.start()
 
-            self.agent = Agent(self.client, self.inst, daemon.warn)
-            self.agent.register()
-            daemon.every(interval, "heartbeat", lambda: self.agent.beat("passing"), first=interval)
-            self.where = f"registry {self.agent.registry}"
-        else:
-            from ..registry.serverless import Announcer
-
-            self.announcer = Announcer(self.inst, access.interface)
-            self.announcer.start()
-            self.where = "mDNS"
+    @property
+    def where(self) -> str:
+        client = self.presence.client
+        if self.presence.mode == "registry" and client is not None:
+            return f"registry {client.registry_id}"
+        return "mDNS" if self.presence.mode == "mdns" else "nothing"
 
     def close(self) -> None:
-        if self.agent is not None and self.client is not None:
-            self.agent.deregister()
-            self.client.close()
-            self.agent = None
-        if self.announcer is not None:
-            self.announcer.close()
-            self.announcer = None
+        self.presence.close()
 
 
 def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
