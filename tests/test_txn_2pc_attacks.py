@@ -562,6 +562,122 @@ def test_a_flood_of_prepares_is_refused_beyond_max_live_without_running_the_acti
         client.close()
 
 
+def test_forged_prepares_naming_a_made_up_coordinator_are_bounded_and_resolved_at_once(
+    running: Any, tmp_path: Path
+) -> None:
+    """Well-formed prepares naming coordinator 'ghost' (nobody answers at its endpoint):
+    at most max_per_coordinator of them run the prepare action; real coordinators are
+    served on, across a restart too; they stay in doubt (a coordinator that does not
+    answer may be down: nothing proves it never decided), and one `resolve` with a
+    filter aborts them all."""
+    actions = Actions()
+
+    def make() -> Participant:
+        return Participant(
+            "stock", actions, tmp_path, max_live=100, max_per_coordinator=20,  # type: ignore[arg-type]
+            inquire_after=0.1, inquire_timeout=0.1,
+        )  # fmt: skip
+
+    def prepare(txn: str) -> dict[str, Any]:
+        coordinator = txn.partition(".")[0]
+        return {"op": "prepare", "txn": txn, "coordinator": coordinator,
+                "reply_to": "tcp://127.0.0.1:9", "data": {}}  # fmt: skip
+
+    stock = running(make)
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        votes = []
+        for i in range(50):
+            try:
+                votes.append(client.request(prepare(f"ghost.{i:017x}"))["vote"])
+            except Exception as exc:
+                votes.append(str(exc))
+        assert votes[:20] == ["yes"] * 20
+        assert all("busy: 20 transactions of coordinator ghost" in v for v in votes[20:]), votes
+        assert actions.count("prepare") == 20
+        assert client.request(prepare("c1.00000000000000001"))["vote"] == "yes"  # served on
+    finally:
+        client.close()
+    stock.stop()
+    stock = running(make)  # a restart: the bound holds, real coordinators are still served
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        with pytest.raises(Exception, match="busy: 20 transactions of coordinator ghost"):
+            client.request(prepare("ghost.000000000000000ff"))
+        assert client.request(prepare("c2.00000000000000001"))["vote"] == "yes"
+    finally:
+        client.close()
+    part = stock.daemon
+    # nobody answers for ghost: each asked, none presumed aborted on that account
+    wait_until(lambda: all(part.txns[f"ghost.{i:017x}"].get("in_doubt") for i in range(20)), 10)
+    assert {r["state"] for t, r in list(part.txns.items()) if t.startswith("ghost.")} == {
+        "prepared"
+    }
+    resolved = run("eda-txn", "resolve", "--abort", "--coordinator", "ghost", "--log",
+                   str(tmp_path), "--no-mdns", "--json")  # fmt: skip
+    assert resolved.returncode == 0, resolved.stderr
+    rows = [json.loads(line) for line in resolved.stdout.splitlines()]
+    assert sorted(r["txn"] for r in rows) == [f"ghost.{i:017x}" for i in range(20)]
+    assert {(r["participant"], r["state"]) for r in rows} == {("stock", "heuristic-abort")}
+    assert actions.count("abort") == 20
+    assert part.txns["c1.00000000000000001"]["state"] == "prepared"  # not selected: untouched
+    again = run("eda-txn", "resolve", "--abort", "--coordinator", "ghost", "--log",
+                str(tmp_path), "--no-mdns")  # fmt: skip
+    assert again.returncode == 3, again.stderr
+    client = Client([stock.endpoint], timeout=5)
+    try:  # settled here: ghost's share is free again
+        assert client.request(prepare("ghost.000000000000000ff"))["vote"] == "yes"
+    finally:
+        client.close()
+    usage = run("eda-txn", "resolve", "--abort", "--log", str(tmp_path), "--no-mdns")
+    assert usage.returncode == 2 and "--coordinator" in usage.stderr
+
+
+def test_a_participant_presumes_abort_only_on_the_word_of_the_coordinator_named(
+    running: Any, tmp_path: Path
+) -> None:
+    """In doubt, a participant aborts on its own only when the coordinator that made
+    the id says it never decided it -- even when another coordinator sits at the
+    endpoint the prepare gave (found again by name).  Another coordinator's word, a
+    dead endpoint or a name discovery does not find leave it in doubt."""
+    c1 = running(lambda: Coordinator("c1", tmp_path / "c1", directory=Directory({})))
+    c2 = running(lambda: Coordinator("c2", tmp_path / "c2", directory=Directory({})))
+    actions = Actions()
+
+    def find(name: str) -> list[str]:
+        return [c1.endpoint] if name == "c1" else []
+
+    stock = running(
+        lambda: Participant("stock", actions, tmp_path, find_coordinator=find, **FAST)  # type: ignore[arg-type]
+    )
+    cases = {
+        "c1.00000000000000001": c1.endpoint,  # its coordinator never knew it: presumed abort
+        "c1.00000000000000002": c2.endpoint,  # c2 answers there; c1, found by name, presumes
+        "ghost.00000000000000003": c2.endpoint,  # c2 answers "not mine"; no ghost is found
+        "c3.00000000000000004": "tcp://127.0.0.1:9",  # nothing answers: c3 may be down
+    }
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        for txn, reply_to in cases.items():
+            msg = {"op": "prepare", "txn": txn, "coordinator": txn.partition(".")[0],
+                   "reply_to": reply_to, "data": {}}  # fmt: skip
+            assert client.request(msg)["vote"] == "yes"
+    finally:
+        client.close()
+    part = stock.daemon
+
+    def state(txn: str) -> Any:
+        record = part._known(txn)
+        return record and record.get("state")
+
+    wait_until(lambda: state("c1.00000000000000001") == "aborted", 10, "presumed abort")
+    wait_until(lambda: state("c1.00000000000000002") == "aborted", 10, "c1 found by name")
+    for txn in ("ghost.00000000000000003", "c3.00000000000000004"):
+        wait_until(lambda t=txn: part.txns[t].get("in_doubt"), 10, f"{txn} noted in doubt")
+        assert state(txn) == "prepared"
+    assert actions.count("abort") == 2
+
+
 def test_a_reason_with_newlines_and_escapes_cannot_forge_output_lines(
     running: Any, asker: Any, tmp_path: Path
 ) -> None:

@@ -70,6 +70,9 @@ from .protocol import (
 
 PREPARING, PREPARED = "preparing", "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
+# what a participant still owes work or a vote's outcome on: bounded (a heuristic one is
+# settled here and only waits to compare with the coordinator's outcome)
+OPEN = {PREPARING, PREPARED, "committing", "aborting"}
 FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
 MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
@@ -131,10 +134,12 @@ class Participant(Daemon):
         self.finished = Finished(kept)
         self.max_live = max_live
         self.max_per_coordinator = max_per_coordinator
-        self.live_of: dict[str, int] = {}  # coordinator name -> its unfinished transactions
+        self.live_of: dict[str, int] = {}  # coordinator name -> its open transactions here
+        self.open = 0  # open transactions (see OPEN): at most max_live
         self._load()
-        for txn in self.txns:
-            self.live_of[owner_of(txn)] = self.live_of.get(owner_of(txn), 0) + 1
+        for txn, record in self.txns.items():
+            if record.get("state") in OPEN:
+                self._count(txn, 1)
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
@@ -204,12 +209,11 @@ class Participant(Daemon):
     def _record(self, txn: str, state: str, **fields: Any) -> dict[str, Any]:
         record = {"txn": txn, "state": state, **fields, "time": round(time.time(), 3)}
         self.journal.append(record)
-        live = self.txns.get(txn)
-        if live is None:
-            live = self.txns[txn] = {}
-            owner = owner_of(txn)
-            self.live_of[owner] = self.live_of.get(owner, 0) + 1
+        live = self.txns.setdefault(txn, {})
+        was_open = live.get("state") in OPEN
         live.update(record)
+        if was_open != (state in OPEN):
+            self._count(txn, -1 if was_open else 1)
         if state in IN_DOUBT:
             self.since.setdefault(txn, time.monotonic())
         else:
@@ -218,14 +222,18 @@ class Participant(Daemon):
         if state in FINAL:  # finished: only a small record stays, for repeated messages
             del self.txns[txn]
             self.misdirected.discard(txn)
-            owner = owner_of(txn)
-            left = self.live_of.get(owner, 1) - 1
-            if left > 0:
-                self.live_of[owner] = left
-            else:
-                self.live_of.pop(owner, None)
             self.finished.add(txn, _final(txn, live))
         return live
+
+    def _count(self, txn: str, change: int) -> None:
+        """*txn* became open (+1) or stopped being open (-1)."""
+        owner = owner_of(txn)
+        left = self.live_of.get(owner, 0) + change
+        if left > 0:
+            self.live_of[owner] = left
+        else:
+            self.live_of.pop(owner, None)
+        self.open += change
 
     def _flush(self) -> None:
         self.journal.sync()
@@ -265,7 +273,7 @@ class Participant(Daemon):
                 continue
             seen.add(txn)
             record = self._known(txn)
-            if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
+            if op == "prepare" and record is None and self.open + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
                     coordinator = check_name(msg.get("coordinator"), "coordinator name")
@@ -317,7 +325,8 @@ class Participant(Daemon):
             if final is None and record.get("state") != pending:
                 self._record(txn, pending, error=printable(result.reason))
             n = self.attempts.get((txn, outcome), 1)
-            self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
+            if final is None:  # (an operator's resolve that failed is not retried on its own)
+                self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
         return result
 
@@ -336,8 +345,8 @@ class Participant(Daemon):
             yes = state in IN_DOUBT or state == "committed" or state == "committing"
             return {"vote": "yes" if yes else "no", "reason": "" if yes else f"already {state}"}
         if known is None:  # (else the look-ahead recorded it and ran the action)
-            if len(self.txns) >= self.max_live:  # a flood of prepares
-                raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
+            if self.open >= self.max_live:  # a flood of prepares
+                raise TxnError(f"busy: {self.open} transactions unfinished at {self.name}")
             if self._crowded(coordinator):  # a flood naming one coordinator: the others go on
                 raise TxnError(
                     f"busy: {self.live_of.get(coordinator, 0)} transactions of coordinator "
@@ -422,9 +431,12 @@ class Participant(Daemon):
         return {"done": True}
 
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
-        """An operator's heuristic decision on an in-doubt transaction."""
-        txn = check_txn(req.get("txn"))
+        """An operator's heuristic decision on an in-doubt transaction, or on every one
+        a filter matches (see :meth:`resolve_matching`)."""
         outcome = check_outcome(req.get("outcome"))
+        if req.get("txn") is None:
+            return self.resolve_matching(outcome, Filter.from_request(req))
+        txn = check_txn(req.get("txn"))
         record = self._known(txn)
         if record is None:
             raise NotFoundError(f"no transaction {txn} at participant {self.name}")
@@ -434,6 +446,26 @@ class Participant(Daemon):
         if not result.ok:
             raise TxnError(f"{outcome} of {txn} failed: {result.reason}")
         return {"txn": txn, "state": self.txns[txn]["state"], "participant": self.name}
+
+    def resolve_matching(self, outcome: str, where: Filter) -> dict[str, Any]:
+        """Settle by hand up to *where.limit* in-doubt transactions that *where* matches
+        (oldest first); ``more`` says how many others match (ask again)."""
+        now = time.time()
+        matching = [t for t, r in self.txns.items() if where.matches(t, r, now)]
+        resolved: list[dict[str, str]] = []
+        failed: list[dict[str, str]] = []
+        for txn in matching[: where.limit]:
+            result = self._apply(txn, outcome, final=f"heuristic-{outcome}")
+            if result.ok:
+                resolved.append({"txn": txn, "state": self.txns[txn]["state"]})
+            else:
+                failed.append({"txn": txn, "error": printable(result.reason, 200)})
+        return {
+            "participant": self.name,
+            "resolved": resolved,
+            "failed": failed,
+            "more": max(0, len(matching) - where.limit),
+        }
 
     def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
         states: dict[str, int] = {}
@@ -467,7 +499,8 @@ class Participant(Daemon):
                     continue
                 pending[0].forget(pending[1])
                 self._unanswered(txn)
-            self._inquire(txn, now, found if pending is not None else None)
+            again = pending is not None or txn in self.misdirected  # look the name up anew
+            self._inquire(txn, now, found if again else None)
             asked += 1
 
     def _inquire(self, txn: str, now: float, found: dict[str, list[str]] | None) -> None:
@@ -498,7 +531,8 @@ class Participant(Daemon):
         self.unanswered.add(txn)
         record = self.txns[txn]
         note = f"in doubt: coordinator {record.get('coordinator')} does not answer"
-        self.journal.write({"txn": txn, "in_doubt": note, "time": round(time.time(), 3)})
+        # a note, not a promise: synced with the next batch (a flood costs no fsync each)
+        self.journal.append({"txn": txn, "in_doubt": note, "time": round(time.time(), 3)})
         record["in_doubt"] = note
         self.warn(f"warning: {txn} {note}")
 
@@ -507,6 +541,12 @@ class Participant(Daemon):
         if reply is None or txn not in self.txns or txn not in self.since:
             return
         outcome = reply.get("outcome")
+        if reply.get("ok") is not True and reply.get("code") == 3:
+            # another coordinator answers there (it never presumes about ids not its own):
+            # no outcome, and no proof that ours is gone; find it by name next time
+            self.misdirected.add(txn)
+            self._unanswered(txn)
+            return
         if not reply.get("ok") or outcome not in (COMMIT, ABORT):
             return  # pending, or refused: ask again later
         self.unanswered.discard(txn)
@@ -523,6 +563,58 @@ class Participant(Daemon):
                 self.coordinators.close()
         finally:
             super().close()
+
+
+class Filter:
+    """Which in-doubt transactions a filtered ``resolve`` settles: all those (state
+    ``prepared``) of *coordinator*, prepared at least *older_than* seconds ago, whose
+    coordinator did not answer (*unanswered*); each given condition must hold."""
+
+    def __init__(
+        self,
+        coordinator: str | None = None,
+        older_than: float | None = None,
+        unanswered: bool = False,
+        limit: int = MAX_RESOLVE,
+    ) -> None:
+        self.coordinator = coordinator
+        self.older_than = older_than
+        self.unanswered = unanswered
+        self.limit = limit
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> Filter:
+        coordinator = req.get("coordinator")
+        if coordinator is not None:
+            coordinator = check_name(coordinator, "coordinator name")
+        older = req.get("older_than")
+        if older is not None and (
+            isinstance(older, bool) or not isinstance(older, int | float)
+            or not 0 <= older <= 10 * 365 * 86400
+        ):  # fmt: skip
+            raise ProtocolError("older_than must be a number of seconds, at least 0")
+        unanswered = req.get("unanswered", False)
+        if not isinstance(unanswered, bool):
+            raise ProtocolError("unanswered must be true or false")
+        limit = req.get("limit", MAX_RESOLVE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RESOLVE:
+            raise ProtocolError(f"limit must be a whole number in [1, {MAX_RESOLVE}]")
+        if coordinator is None and older is None and not unanswered:
+            raise ProtocolError("give a transaction id, or a filter (coordinator, older_than)")
+        return cls(coordinator, None if older is None else float(older), unanswered, limit)
+
+    def matches(self, txn: str, record: dict[str, Any], now: float) -> bool:
+        if record.get("state") != PREPARED:
+            return False
+        if self.coordinator is not None and owner_of(txn) != self.coordinator:
+            return False
+        if self.unanswered and not record.get("in_doubt"):
+            return False
+        if self.older_than is not None:
+            since = record.get("since", record.get("time"))
+            if not isinstance(since, int | float) or now - since < self.older_than:
+                return False
+        return True
 
 
 class _Nobody:
