@@ -9,6 +9,8 @@ processes.  The command line is run where the command is under test.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ import pytest
 import zmq
 
 from eda.core.daemon import Daemon
+from eda.core.registry.access import Access
 from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
@@ -243,6 +246,45 @@ def test_a_registry_that_stops_answering_does_not_make_known_participants_unknow
     ghost = a.wait(a.send(commit(["stock", "ghost"])))
     assert ghost["outcome"] == "aborted"
     assert "not found" not in ghost["reason"] and "no registry answered" in ghost["reason"], ghost
+
+
+def test_a_real_registry_stopped_keeps_known_participants_in_use(
+    procs: Any, running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """The same with a real eda-registry, SIGSTOPped after the first commit (the
+    coordinator's Directory driven in-process, answers kept 0.3 s instead of 30 s)."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    pay = participant(running, tmp_path, "pay", Actions())
+    registry = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*")
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    for name, part in (("stock", stock), ("pay", pay)):
+        procs.eda(
+            "eda-registry", "register", "-v", f"txn-{name}", "--port",
+            part.endpoint.rpartition(":")[2], "--host", "127.0.0.1", "--registry", endpoint,
+            "--no-mdns",
+        ).wait_stderr("registered")  # fmt: skip
+    directory = Directory(
+        access=Access(registries=(endpoint,), mdns=False, timeout=0.3), ttl=0.3, miss_ttl=0.1
+    )
+    looked: list[str] = []
+    find = directory.lookups.find
+    directory.lookups.find = lambda name: looked.append(name) or find(name)
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=directory))
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock", "pay"])))["outcome"] == "committed"
+    os.kill(registry.popen.pid, signal.SIGSTOP)
+    try:
+        outcomes = []
+        failed = directory.lookups.failed
+        while not ("stock" in failed and "pay" in failed and looked.count("stock") >= 4):
+            reply = a.wait(a.send(commit(["stock", "pay"])), 10)
+            outcomes.append((reply["outcome"], reply["reason"]))
+        assert set(outcomes) == {("committed", "")}, outcomes
+        ghost = a.wait(a.send(commit(["ghost"])), 10)
+        assert ghost["outcome"] == "aborted" and "could not be looked up" in ghost["reason"], ghost
+        assert "no registry answered" in ghost["reason"]
+    finally:
+        os.kill(registry.popen.pid, signal.SIGCONT)
 
 
 # -- dead, vanishing and failing peers ----------------------------------------------------------
