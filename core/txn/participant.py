@@ -167,10 +167,14 @@ class Participant(Daemon):
             self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)
         self.misdirected: set[str] = set()  # recorded endpoint is another coordinator's
-        for txn, record in list(self.txns.items()):
-            if record.get("state") == PREPARING:  # cut short before any vote: undo it here
-                self._record(txn, "aborting", note="prepare cut short by a crash, no vote sent")
-                self.warn(f"warning: {txn}: its prepare was cut short by a crash: aborting it")
+        cut = [t for t, r in self.txns.items() if r.get("state") == PREPARING]
+        for txn in cut:  # cut short before any vote: nobody was promised anything, undo it
+            self._record(txn, "aborting", note="prepare cut short by a crash, no vote sent")
+        if cut:
+            self.warn(
+                f"warning: {len(cut)} prepare(s) cut short by a crash ({cut[0]}"
+                f"{', ...' if len(cut) > 1 else ''}): aborting them"
+            )
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
                 self.retry[txn] = now
@@ -411,8 +415,9 @@ class Participant(Daemon):
                 f"but its coordinator decided {outcome}"
             )
             return {"done": True, "hazard": True}
-        if record.get("vote") == "no" and outcome == COMMIT:
-            raise TxnError(f"{self.name} voted no on {txn}: it cannot commit")
+        if (record.get("vote") == "no" or state == PREPARING) and outcome == COMMIT:
+            how = "voted no" if state != PREPARING else "has not voted"
+            raise TxnError(f"{self.name} {how} on {txn}: it cannot commit")
         started = {"committing": COMMIT, "aborting": ABORT}.get(str(state))
         if started is not None and started != outcome:
             raise TxnError(f"transaction {txn} is already {state} here")
