@@ -627,8 +627,9 @@ def resolve(
     for name in names:
         if name not in targets:
             found = directory.endpoints(name)
-            if not found:
-                raise NotFoundError(directory.missing(name))
+            if not found:  # no answer from a registry is not "not found" (exit 1, not 3)
+                missing = NotFoundError if name not in directory.lookups.failed else EdaError
+                raise missing(directory.missing(name))
             targets[name] = found[0]
     if not targets:
         which = txn_id or "the transactions selected"
