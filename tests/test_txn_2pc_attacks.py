@@ -19,15 +19,18 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eda.core.daemon import Daemon
+from eda.core.errors import EdaError
 from eda.core.registry.access import Access
 from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
 from eda.core.txn.coordinator import Coordinator
-from eda.core.txn.participant import Participant
-from eda.core.txn.protocol import MAX_DATA, Directory
+from eda.core.txn.participant import MAX_RESOLVE, Filter, Participant
+from eda.core.txn.protocol import MAX_DATA, NAME_RE, Directory
 from eda.core.txn.status import twopc
 from tests import helpers
 from tests.helpers import run, wait_until
@@ -673,6 +676,54 @@ def test_forged_prepares_naming_a_made_up_coordinator_are_bounded_and_resolved_a
         client.close()
     usage = run("eda-txn", "resolve", "--abort", "--log", str(tmp_path), "--no-mdns")
     assert usage.returncode == 2 and "--coordinator" in usage.stderr
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=60),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["coordinator", "older_than", "unanswered", "limit", "txn", "x"]),
+        JSONISH,
+        max_size=5,
+    )
+)
+def test_a_resolve_filter_from_a_peer_is_valid_or_refused(req: dict[str, Any]) -> None:
+    """Whatever a resolve request carries, the filter is in range or refused as one error."""
+    try:
+        where = Filter.from_request(req)
+    except EdaError:
+        return
+    assert where.coordinator is None or NAME_RE.fullmatch(where.coordinator)
+    assert where.older_than is None or 0 <= where.older_than <= 10 * 365 * 86400
+    assert isinstance(where.unanswered, bool) and 1 <= where.limit <= MAX_RESOLVE
+    assert where.coordinator is not None or where.older_than is not None or where.unanswered
+
+
+def test_bad_resolve_filters_are_refused_and_change_nothing(running: Any, tmp_path: Path) -> None:
+    actions = Actions()
+    stock = participant(running, tmp_path, "stock", actions)
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        msg = {"op": "prepare", "txn": "c1.00000000000000001", "coordinator": "c1",
+               "reply_to": "tcp://127.0.0.1:9", "data": {}}  # fmt: skip
+        assert client.request(msg)["vote"] == "yes"
+        for bad in ({}, {"coordinator": "a b"}, {"older_than": -1}, {"older_than": True},
+                    {"older_than": float("inf")}, {"unanswered": "yes"},
+                    {"coordinator": "c1", "limit": 0}, {"coordinator": "c1", "limit": 10**6}):  # fmt: skip
+            with pytest.raises(EdaError):
+                client.request({"op": "resolve", "outcome": "abort", **bad})
+        assert actions.count("abort") == 0
+        assert client.request({"op": "stats"})["states"] == {"prepared": 1}
+    finally:
+        client.close()
 
 
 def test_a_participant_presumes_abort_only_on_the_word_of_the_coordinator_named(
