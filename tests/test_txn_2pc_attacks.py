@@ -251,6 +251,24 @@ def test_a_registry_that_stops_answering_does_not_make_known_participants_unknow
     assert "not found" not in ghost["reason"] and "no registry answered" in ghost["reason"], ghost
 
 
+def test_an_endpoint_declared_stale_is_still_used_when_the_lookup_gets_no_answer() -> None:
+    answers: list[Any] = [["tcp://127.0.0.1:7001"], Unavailable("no registry answered"), []]
+
+    def find(_name: str) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+    directory = Directory(find=find, ttl=30, miss_ttl=0)
+    assert directory.endpoints("stock") == ["tcp://127.0.0.1:7001"]
+    directory.stale("stock")  # it stopped answering: look it up again before using it
+    assert directory.endpoints("stock") == ["tcp://127.0.0.1:7001"]  # no answer: still it
+    assert "no registry answered" in directory.missing("stock")
+    assert directory.endpoints("stock") == []  # the registry answers: it is gone
+    assert directory.missing("stock") == "participant stock not found"
+
+
 def test_a_real_registry_stopped_keeps_known_participants_in_use(
     procs: Any, running: Any, asker: Any, tmp_path: Path
 ) -> None:

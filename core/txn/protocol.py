@@ -438,6 +438,7 @@ class Lookups:
         self.cache: dict[str, tuple[float, list[str]]] = {}
         self.pending: set[str] = set()  # queued or being looked up
         self.failed: dict[str, str] = {}  # name -> why its last lookup got no answer
+        self.previous: dict[str, list[str]] = {}  # found, then declared stale: a fallback
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done: list[str] = []
@@ -469,8 +470,11 @@ class Lookups:
         return hit[1] if hit is not None and hit[1] else None
 
     def stale(self, name: str) -> None:
-        """Forget what was found for *name* (an endpoint stopped answering)."""
-        self.cache.pop(name, None)
+        """Look *name* up afresh before using it again (an endpoint stopped answering);
+        what was found stays the answer should that lookup get no answer."""
+        hit = self.cache.pop(name, None)
+        if hit is not None and hit[1] and len(self.previous) < 4 * self.max_pending:
+            self.previous[name] = hit[1]
 
     def _run(self) -> None:
         while True:
@@ -495,6 +499,7 @@ class Lookups:
 
     def _store(self, name: str, found: list[str], failure: str | None) -> None:
         now = time.monotonic()
+        previous = self.previous.pop(name, None)
         if failure is None:
             self.failed.pop(name, None)
             self.cache[name] = (now, found)
@@ -502,8 +507,9 @@ class Lookups:
         if len(self.failed) < 4 * self.max_pending or name in self.failed:
             self.failed[name] = failure
         old = self.cache.get(name)
-        if old is not None and old[1]:  # keep what was found; look again after miss_ttl
-            self.cache[name] = (now - self.ttl + self.miss_ttl, old[1])
+        known = old[1] if old is not None and old[1] else previous
+        if known:  # keep what was found; look again after miss_ttl
+            self.cache[name] = (now - self.ttl + self.miss_ttl, known)
         else:
             self.cache[name] = (now, [])
 
