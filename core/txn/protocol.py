@@ -12,6 +12,8 @@ coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abo
 participant    ``prepare`` txn, data, coordinator, reply_to  vote: yes|no, reason
 participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
 participant    ``resolve`` txn, outcome (an operator)        state
+participant    ``resolve`` outcome, a filter (no txn: see    resolved, failed, more
+               ``participant.Filter``)
 both           ``stats``                                     counters (fsyncs, outcomes...)
 =============  ============================================  ===============================
 
