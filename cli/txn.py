@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -314,11 +315,8 @@ def participant(
         actions = ShellActions(name, commands, timeout=action_timeout)
     access = _access(registries, interface, no_mdns, serverless, ctx)
 
-    def find(coordinator: str) -> list[str]:
-        try:
-            return find_coordinators(access, coordinator) if access else []
-        except EdaError:
-            return []
+    def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)
+        return find_coordinators(access, coordinator) if access else []
 
     try:
         part = Participant(
@@ -533,9 +531,11 @@ def _result_text(result: dict[str, Any]) -> Text:
 Examples:
   eda-txn resolve c1.18f3a2b4c5d6e7 --commit             participants of ./txn in doubt about it
   eda-txn resolve c1.18f3a2b4c5d6e7 --abort --participant stock
+  eda-txn resolve --abort --coordinator ghost            all those of coordinator ghost, at once
+  eda-txn resolve --abort --unanswered --older-than 3600 --participant stock
 """
 )
-@click.argument("txn_id", metavar="ID")
+@click.argument("txn_id", metavar="[ID]", required=False)
 @click.option(
     "--commit", "outcome", flag_value="commit", help="Commit it at the participants in doubt."
 )
@@ -549,14 +549,34 @@ Examples:
     metavar="NAME",
     help="Participant to settle, found by name (default: those of --log in doubt about ID).",
 )
+@click.option(
+    "--coordinator",
+    "coordinator",
+    metavar="NAME",
+    help="No ID: every transaction in doubt that coordinator NAME started.",
+)
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="No ID: every transaction in doubt that was prepared at least SECONDS ago.",
+)
+@click.option(
+    "--unanswered",
+    is_flag=True,
+    help="No ID: every transaction in doubt whose coordinator does not answer.",
+)
 @click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
 @click.option("--json", "force_json", is_flag=True, help="JSON even on a terminal.")
 @registry_option
 @common_options
 def resolve(
-    txn_id: str,
+    txn_id: str | None,
     outcome: str | None,
     names: tuple[str, ...],
+    coordinator: str | None,
+    older_than: float | None,
+    unanswered: bool,
     log_dir: str,
     force_json: bool,
     registries: tuple[str, ...],
@@ -566,44 +586,85 @@ def resolve(
     no_mdns: bool,
     verbose: bool,
 ) -> None:
-    """Settle an in-doubt transaction by hand (a heuristic decision).
+    """Settle an in-doubt transaction by hand (a heuristic decision), or every one
+    that --coordinator, --older-than and --unanswered select (all given must hold).
 
     The participants apply the outcome at once and record that an operator
     chose it; if the coordinator later decides otherwise, both report a
-    heuristic hazard (see `status`) instead of hiding it.
+    heuristic hazard (see `status`) instead of hiding it.  Prints one line
+    per transaction settled at a participant.  Exit status: 0 done, 3 none
+    in doubt (or matching), 1 a participant failed or could not be reached.
     """
     from eda.core.reqrep import Client, tcp_reachable
-    from eda.core.txn.protocol import Directory, check_txn
+    from eda.core.txn.protocol import Directory, check_name, check_txn
 
     ctx = Context("eda-txn", verbose)
     if outcome is None:
         raise click.UsageError("say --commit or --abort")
+    filtered = coordinator is not None or older_than is not None or unanswered
+    if txn_id is not None and filtered:
+        raise click.UsageError("give an ID, or --coordinator/--older-than/--unanswered: not both")
+    if txn_id is None and not filtered:
+        raise click.UsageError("give an ID, or select with --coordinator/--older-than/--unanswered")
     try:
-        check_txn(txn_id)
+        if txn_id is not None:
+            check_txn(txn_id)
+        if coordinator is not None:
+            check_name(coordinator, "coordinator name")
     except EdaError as exc:
         raise click.UsageError(str(exc)) from None
-    targets = _in_doubt(log_dir, txn_id, names)
+
+    def wanted(txn: str, record: dict[str, Any]) -> bool:
+        if record.get("state") != "prepared":
+            return False
+        if txn_id is not None:
+            return txn == txn_id
+        return coordinator is None or txn.partition(".")[0] == coordinator
+
+    targets = _in_doubt(log_dir, wanted, names)
     access = _access(registries, interface, no_mdns, serverless, ctx)
     directory = Directory(access=access)
     for name in names:
         if name not in targets:
             found = directory.endpoints(name)
-            if not found:
-                raise NotFoundError(f"participant {name} not found")
+            if not found:  # no answer from a registry is not "not found" (exit 1, not 3)
+                missing = NotFoundError if name not in directory.lookups.failed else EdaError
+                raise missing(directory.missing(name))
             targets[name] = found[0]
     if not targets:
-        raise NotFoundError(f"no participant in {log_dir} is in doubt about {txn_id}")
+        which = txn_id or "the transactions selected"
+        raise NotFoundError(f"no participant in {log_dir} is in doubt about {which}")
     out = Output(ctx, force_json=force_json)
-    failed = 0
+    failed = settled = 0
+    request: dict[str, Any] = {"op": "resolve", "outcome": outcome}
+    if txn_id is not None:
+        request["txn"] = txn_id
+    else:
+        selection = {"coordinator": coordinator, "older_than": older_than, "limit": 100}
+        request.update({k: v for k, v in selection.items() if v is not None})
+        if unanswered:
+            request["unanswered"] = True
     for name, endpoint in sorted(targets.items()):
         if not tcp_reachable(endpoint, 1.0):  # a dead participant: say so now, not in 15 s
             failed += 1
             ctx.error(f"{name}: nothing listens at {endpoint} (is the participant running?)")
             continue
-        client = Client([endpoint], timeout=15.0)
+        client = Client([endpoint], timeout=15.0 if txn_id else 60.0)
         try:
-            reply = client.request({"op": "resolve", "txn": txn_id, "outcome": outcome})
-            out.items([{"txn": txn_id, "participant": name, "state": reply.get("state")}])
+            while True:
+                reply = client.request(dict(request))
+                if txn_id is not None:
+                    settled += 1
+                    out.items([{"txn": txn_id, "participant": name, "state": reply.get("state")}])
+                    break
+                done = _resolved_rows(reply, name)
+                settled += len(done)
+                out.items(done)
+                for item in _list(reply.get("failed")):
+                    failed += 1
+                    ctx.error(f"{name}: {item.get('txn')}: {item.get('error')}")
+                if not done or not reply.get("more"):
+                    break
         except EdaError as exc:
             failed += 1
             ctx.error(f"{name}: {exc}")
@@ -611,10 +672,26 @@ def resolve(
             client.close()
     if failed:
         raise Exit(ExitStatus.ERROR)
+    if not settled:
+        raise NotFoundError("no transaction in doubt matches at the participants asked")
 
 
-def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, str]:
-    """Endpoints of the participants of *log_dir* in doubt about *txn_id*, or of *names*."""
+def _list(value: object) -> list[dict[str, Any]]:
+    """The objects of a list from a reply (anything else: nothing)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _resolved_rows(reply: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [
+        {"txn": item.get("txn"), "participant": name, "state": item.get("state")}
+        for item in _list(reply.get("resolved"))
+    ]
+
+
+def _in_doubt(
+    log_dir: str, wanted: Callable[[str, dict[str, Any]], bool], names: tuple[str, ...]
+) -> dict[str, str]:
+    """Endpoints of the participants of *log_dir* with a transaction *wanted*, or of *names*."""
     from pathlib import Path
 
     from eda.core.txn.journal import read
@@ -629,8 +706,9 @@ def _in_doubt(log_dir: str, txn_id: str, names: tuple[str, ...]) -> dict[str, st
         endpoint = next(
             (r["endpoint"] for r in reversed(records) if isinstance(r.get("endpoint"), str)), None
         )
-        state = replay(records).get(txn_id, {}).get("state")
-        if endpoint is not None and (names or state == "prepared"):
+        if endpoint is None:
+            continue
+        if names or any(wanted(t, r) for t, r in replay(records).items()):
             found[name] = endpoint  # a participant named is asked whatever its log says
     return found
 

@@ -1101,12 +1101,14 @@ def test_an_ack_waits_a_moment_to_share_the_next_votes_fsync(tmp_path: Path) -> 
         )  # lingers
         both = turn({**prepare, "txn": "c1.00a2", "rid": 3})
         assert [r["rid"] for r in both] == [2, 3] and both[0]["done"] is True
-        assert part.journal.fsyncs == fsyncs + 1  # the ack and the vote: one fsync
+        # the ack shares the fsync of the prepare's "preparing" mark (made durable before the
+        # action runs); the vote takes one more
+        assert part.journal.fsyncs == fsyncs + 2
         assert turn({"op": "decide", "txn": "c1.00a2", "outcome": "abort", "rid": 4}) == []
         time.sleep(part.service.linger * 2)
         part._run_timers()  # nothing came: the ack goes out alone, durable first
         assert sock.poll(2000) and json.loads(sock.recv())["done"] is True
-        assert part.journal.fsyncs == fsyncs + 2
+        assert part.journal.fsyncs == fsyncs + 3
     finally:
         sock.close()
         part.close()

@@ -9,6 +9,8 @@ processes.  The command line is run where the command is under test.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,14 +19,18 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eda.core.daemon import Daemon
-from eda.core.reqrep import Client
+from eda.core.errors import EdaError
+from eda.core.registry.access import Access
+from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
 from eda.core.txn.coordinator import Coordinator
-from eda.core.txn.participant import Participant
-from eda.core.txn.protocol import MAX_DATA, Directory
+from eda.core.txn.participant import MAX_RESOLVE, Filter, Participant
+from eda.core.txn.protocol import MAX_DATA, NAME_RE, Directory
 from eda.core.txn.status import twopc
 from tests import helpers
 from tests.helpers import run, wait_until
@@ -211,6 +217,95 @@ def test_a_lookup_slower_than_the_vote_timeout_aborts_and_the_flood_of_names_is_
     refused = [r for r in replies if r["reason"].endswith("not found")]
     assert len(waited) == 3 and len(refused) == 7, replies  # at most 3 names queued
     release.set()
+
+
+def test_a_registry_that_stops_answering_does_not_make_known_participants_unknown(
+    running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """The registry answers once, then stalls (SIGSTOP): every lookup after the first
+    fails.  The participants found keep being used while they are looked up again,
+    and a name never found is refused for the true reason: no answer, not "not found"."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    pay = participant(running, tmp_path, "pay", Actions())
+    where = {"stock": stock.endpoint, "pay": pay.endpoint}
+    looked: list[str] = []
+
+    def find(name: str) -> list[str]:
+        looked.append(name)
+        if looked.count(name) > 1 or name not in where:
+            raise Unavailable("no registry answered (tried tcp://127.0.0.1:7700)")
+        return [where[name]]
+
+    # answers kept 0.2 s instead of 30 s: many refreshes in a second
+    directory = Directory(find=find, ttl=0.2, miss_ttl=0.05)
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=directory))
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock", "pay"])))["outcome"] == "committed"
+    outcomes = []
+    while looked.count("stock") < 4 or looked.count("pay") < 4:  # refreshed (and failed) thrice
+        reply = a.wait(a.send(commit(["stock", "pay"])))
+        outcomes.append((reply["outcome"], reply["reason"]))
+    assert set(outcomes) == {("committed", "")}, outcomes
+    ghost = a.wait(a.send(commit(["stock", "ghost"])))
+    assert ghost["outcome"] == "aborted"
+    assert "not found" not in ghost["reason"] and "no registry answered" in ghost["reason"], ghost
+
+
+def test_an_endpoint_declared_stale_is_still_used_when_the_lookup_gets_no_answer() -> None:
+    answers: list[Any] = [["tcp://127.0.0.1:7001"], Unavailable("no registry answered"), []]
+
+    def find(_name: str) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+    directory = Directory(find=find, ttl=30, miss_ttl=0)
+    assert directory.endpoints("stock") == ["tcp://127.0.0.1:7001"]
+    directory.stale("stock")  # it stopped answering: look it up again before using it
+    assert directory.endpoints("stock") == ["tcp://127.0.0.1:7001"]  # no answer: still it
+    assert "no registry answered" in directory.missing("stock")
+    assert directory.endpoints("stock") == []  # the registry answers: it is gone
+    assert directory.missing("stock") == "participant stock not found"
+
+
+def test_a_real_registry_stopped_keeps_known_participants_in_use(
+    procs: Any, running: Any, asker: Any, tmp_path: Path
+) -> None:
+    """The same with a real eda-registry, SIGSTOPped after the first commit (the
+    coordinator's Directory driven in-process, answers kept 0.3 s instead of 30 s)."""
+    stock = participant(running, tmp_path, "stock", Actions())
+    pay = participant(running, tmp_path, "pay", Actions())
+    registry = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*")
+    endpoint = registry.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    for name, part in (("stock", stock), ("pay", pay)):
+        procs.eda(
+            "eda-registry", "register", "-v", f"txn-{name}", "--port",
+            part.endpoint.rpartition(":")[2], "--host", "127.0.0.1", "--registry", endpoint,
+            "--no-mdns",
+        ).wait_stderr("registered")  # fmt: skip
+    directory = Directory(
+        access=Access(registries=(endpoint,), mdns=False, timeout=0.3), ttl=0.3, miss_ttl=0.1
+    )
+    looked: list[str] = []
+    find = directory.lookups.find
+    directory.lookups.find = lambda name: looked.append(name) or find(name)
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=directory))
+    a = asker(coord.endpoint)
+    assert a.wait(a.send(commit(["stock", "pay"])))["outcome"] == "committed"
+    os.kill(registry.popen.pid, signal.SIGSTOP)
+    try:
+        outcomes = []
+        failed = directory.lookups.failed
+        while not ("stock" in failed and "pay" in failed and looked.count("stock") >= 4):
+            reply = a.wait(a.send(commit(["stock", "pay"])), 10)
+            outcomes.append((reply["outcome"], reply["reason"]))
+        assert set(outcomes) == {("committed", "")}, outcomes
+        ghost = a.wait(a.send(commit(["ghost"])), 10)
+        assert ghost["outcome"] == "aborted" and "could not be looked up" in ghost["reason"], ghost
+        assert "no registry answered" in ghost["reason"]
+    finally:
+        os.kill(registry.popen.pid, signal.SIGCONT)
 
 
 # -- dead, vanishing and failing peers ----------------------------------------------------------
@@ -528,6 +623,170 @@ def test_a_flood_of_prepares_is_refused_beyond_max_live_without_running_the_acti
         assert client.request({**prepare, "txn": "c1.00000000000000099"})["vote"] == "yes"
     finally:
         client.close()
+
+
+def test_forged_prepares_naming_a_made_up_coordinator_are_bounded_and_resolved_at_once(
+    running: Any, tmp_path: Path
+) -> None:
+    """Well-formed prepares naming coordinator 'ghost' (nobody answers at its endpoint):
+    at most max_per_coordinator of them run the prepare action; real coordinators are
+    served on, across a restart too; they stay in doubt (a coordinator that does not
+    answer may be down: nothing proves it never decided), and one `resolve` with a
+    filter aborts them all."""
+    actions = Actions()
+
+    def make() -> Participant:
+        return Participant(
+            "stock", actions, tmp_path, max_live=100, max_per_coordinator=20,  # type: ignore[arg-type]
+            inquire_after=0.1, inquire_timeout=0.1,
+        )  # fmt: skip
+
+    def prepare(txn: str) -> dict[str, Any]:
+        coordinator = txn.partition(".")[0]
+        return {"op": "prepare", "txn": txn, "coordinator": coordinator,
+                "reply_to": "tcp://127.0.0.1:9", "data": {}}  # fmt: skip
+
+    stock = running(make)
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        votes = []
+        for i in range(50):
+            try:
+                votes.append(client.request(prepare(f"ghost.{i:017x}"))["vote"])
+            except Exception as exc:
+                votes.append(str(exc))
+        assert votes[:20] == ["yes"] * 20
+        assert all("busy: 20 transactions of coordinator ghost" in v for v in votes[20:]), votes
+        assert actions.count("prepare") == 20
+        assert client.request(prepare("c1.00000000000000001"))["vote"] == "yes"  # served on
+    finally:
+        client.close()
+    stock.stop()
+    stock = running(make)  # a restart: the bound holds, real coordinators are still served
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        with pytest.raises(Exception, match="busy: 20 transactions of coordinator ghost"):
+            client.request(prepare("ghost.000000000000000ff"))
+        assert client.request(prepare("c2.00000000000000001"))["vote"] == "yes"
+    finally:
+        client.close()
+    part = stock.daemon
+    # nobody answers for ghost: each asked, none presumed aborted on that account
+    wait_until(lambda: all(part.txns[f"ghost.{i:017x}"].get("in_doubt") for i in range(20)), 10)
+    assert {r["state"] for t, r in list(part.txns.items()) if t.startswith("ghost.")} == {
+        "prepared"
+    }
+    resolved = run("eda-txn", "resolve", "--abort", "--coordinator", "ghost", "--log",
+                   str(tmp_path), "--no-mdns", "--json")  # fmt: skip
+    assert resolved.returncode == 0, resolved.stderr
+    rows = [json.loads(line) for line in resolved.stdout.splitlines()]
+    assert sorted(r["txn"] for r in rows) == [f"ghost.{i:017x}" for i in range(20)]
+    assert {(r["participant"], r["state"]) for r in rows} == {("stock", "heuristic-abort")}
+    assert actions.count("abort") == 20
+    assert part.txns["c1.00000000000000001"]["state"] == "prepared"  # not selected: untouched
+    again = run("eda-txn", "resolve", "--abort", "--coordinator", "ghost", "--log",
+                str(tmp_path), "--no-mdns")  # fmt: skip
+    assert again.returncode == 3, again.stderr
+    client = Client([stock.endpoint], timeout=5)
+    try:  # settled here: ghost's share is free again
+        assert client.request(prepare("ghost.000000000000000ff"))["vote"] == "yes"
+    finally:
+        client.close()
+    usage = run("eda-txn", "resolve", "--abort", "--log", str(tmp_path), "--no-mdns")
+    assert usage.returncode == 2 and "--coordinator" in usage.stderr
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=60),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["coordinator", "older_than", "unanswered", "limit", "txn", "x"]),
+        JSONISH,
+        max_size=5,
+    )
+)
+def test_a_resolve_filter_from_a_peer_is_valid_or_refused(req: dict[str, Any]) -> None:
+    """Whatever a resolve request carries, the filter is in range or refused as one error."""
+    try:
+        where = Filter.from_request(req)
+    except EdaError:
+        return
+    assert where.coordinator is None or NAME_RE.fullmatch(where.coordinator)
+    assert where.older_than is None or 0 <= where.older_than <= 10 * 365 * 86400
+    assert isinstance(where.unanswered, bool) and 1 <= where.limit <= MAX_RESOLVE
+    assert where.coordinator is not None or where.older_than is not None or where.unanswered
+
+
+def test_bad_resolve_filters_are_refused_and_change_nothing(running: Any, tmp_path: Path) -> None:
+    actions = Actions()
+    stock = participant(running, tmp_path, "stock", actions)
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        msg = {"op": "prepare", "txn": "c1.00000000000000001", "coordinator": "c1",
+               "reply_to": "tcp://127.0.0.1:9", "data": {}}  # fmt: skip
+        assert client.request(msg)["vote"] == "yes"
+        for bad in ({}, {"coordinator": "a b"}, {"older_than": -1}, {"older_than": True},
+                    {"older_than": float("inf")}, {"unanswered": "yes"},
+                    {"coordinator": "c1", "limit": 0}, {"coordinator": "c1", "limit": 10**6}):  # fmt: skip
+            with pytest.raises(EdaError):
+                client.request({"op": "resolve", "outcome": "abort", **bad})
+        assert actions.count("abort") == 0
+        assert client.request({"op": "stats"})["states"] == {"prepared": 1}
+    finally:
+        client.close()
+
+
+def test_a_participant_presumes_abort_only_on_the_word_of_the_coordinator_named(
+    running: Any, tmp_path: Path
+) -> None:
+    """In doubt, a participant aborts on its own only when the coordinator that made
+    the id says it never decided it -- even when another coordinator sits at the
+    endpoint the prepare gave (found again by name).  Another coordinator's word, a
+    dead endpoint or a name discovery does not find leave it in doubt."""
+    c1 = running(lambda: Coordinator("c1", tmp_path / "c1", directory=Directory({})))
+    c2 = running(lambda: Coordinator("c2", tmp_path / "c2", directory=Directory({})))
+    actions = Actions()
+
+    def find(name: str) -> list[str]:
+        return [c1.endpoint] if name == "c1" else []
+
+    stock = running(
+        lambda: Participant("stock", actions, tmp_path, find_coordinator=find, **FAST)  # type: ignore[arg-type]
+    )
+    cases = {
+        "c1.00000000000000001": c1.endpoint,  # its coordinator never knew it: presumed abort
+        "c1.00000000000000002": c2.endpoint,  # c2 answers there; c1, found by name, presumes
+        "ghost.00000000000000003": c2.endpoint,  # c2 answers "not mine"; no ghost is found
+        "c3.00000000000000004": "tcp://127.0.0.1:9",  # nothing answers: c3 may be down
+    }
+    client = Client([stock.endpoint], timeout=5)
+    try:
+        for txn, reply_to in cases.items():
+            msg = {"op": "prepare", "txn": txn, "coordinator": txn.partition(".")[0],
+                   "reply_to": reply_to, "data": {}}  # fmt: skip
+            assert client.request(msg)["vote"] == "yes"
+    finally:
+        client.close()
+    part = stock.daemon
+
+    def state(txn: str) -> Any:
+        record = part._known(txn)
+        return record and record.get("state")
+
+    wait_until(lambda: state("c1.00000000000000001") == "aborted", 10, "presumed abort")
+    wait_until(lambda: state("c1.00000000000000002") == "aborted", 10, "c1 found by name")
+    for txn in ("ghost.00000000000000003", "c3.00000000000000004"):
+        wait_until(lambda t=txn: part.txns[t].get("in_doubt"), 10, f"{txn} noted in doubt")
+        assert state(txn) == "prepared"
+    assert actions.count("abort") == 2
 
 
 def test_a_reason_with_newlines_and_escapes_cannot_forge_output_lines(

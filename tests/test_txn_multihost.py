@@ -66,3 +66,34 @@ def test_two_phase_commit_across_three_hosts_found_by_mdns(network: Any, tmp_pat
     assert decisions() == ["committed", "aborted", "aborted"]
     stock_rows = a.run("eda-txn", "status", txn, "--log", log.format("b"))
     assert json.loads(stock_rows.stdout)["participants"] == {"stock": "committed"}
+
+
+def test_2pc_daemons_started_before_a_registry_move_to_it_and_mdns_still_finds_the_rest(
+    network: Any, tmp_path: Path
+) -> None:
+    """A coordinator and participants start with no registry (announced by mDNS); then
+    a registry starts.  p1 moves to it (as eda-lb workers and eda-registry register do);
+    p2 runs --serverless (mDNS only, never moves): the coordinator, now asking the
+    registry, falls back to what mDNS knows for it.  Every commit goes through."""
+    a, b, c = (network.add_host(n) for n in "abc")
+    log = str(tmp_path / "{}")
+    coord = a.eda("eda-txn", "coordinator", "-v", "--name", "ca", "--log", log.format("a"),
+                  "--vote-timeout", "5")  # fmt: skip
+    p1 = b.eda("eda-txn", "participant", "p1", "-v", "--log", log.format("b"))
+    p2 = c.eda("eda-txn", "participant", "p2", "--serverless", "--log", log.format("c"))
+    for proc in (coord, p1, p2):
+        proc.wait_stderr("announced by mDNS", 20)
+    registry = a.eda("eda-registry", "serve", "-v")
+    registry.wait_stderr("announced registry", 15)
+    p1.wait_stderr("a registry appeared", 15)
+
+    def in_registry(service: str) -> list[Any]:
+        found = c.run("eda-registry", "lookup", service, "--json")
+        return [json.loads(line) for line in found.stdout.splitlines()]
+
+    wait_until(lambda: in_registry("txn-p1"), 10, "p1 to be registered with the registry")
+    assert not in_registry("txn-p2")  # announced by mDNS only
+    for order in (1, 2):
+        done = b.run("eda-txn", "commit", "-p", "p1,p2", "--data", json.dumps({"order": order}))
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert json.loads(done.stdout)["outcome"] == "committed"

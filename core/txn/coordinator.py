@@ -266,7 +266,7 @@ class Coordinator(Daemon):
 
     def _not_found(self, txn: Txn, name: str) -> Txn:
         txn.acked.update(txn.participants)  # nobody was asked anything: nobody to tell
-        self.decide(txn, ABORT, f"participant {name} not found")
+        self.decide(txn, ABORT, self.directory.missing(name))
         return txn
 
     def _send_prepares(self, txn: Txn) -> None:

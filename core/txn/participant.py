@@ -7,7 +7,10 @@ record per change of a transaction, the last one wins::
      "reply_to": "tcp://10.0.0.5:7730", "time": 1764290000.1}
     {"txn": "c1.18f...", "state": "committed", "time": 1764290000.2}
 
-States: ``prepared`` (voted yes: in doubt until the outcome is known),
+States: ``preparing`` (the prepare action was started: fsynced before it runs, so
+that a crash before the vote leaves a trace; on restart such a transaction is
+aborted here, its abort action run, since no yes vote was ever sent),
+``prepared`` (voted yes: in doubt until the outcome is known),
 ``committing``/``aborting`` (outcome known, action not yet done),
 ``committed``/``aborted`` (done), ``heuristic-commit``/``heuristic-abort``
 (an operator's ``resolve`` applied while in doubt) and ``hazard`` (the
@@ -20,6 +23,18 @@ made of forgotten ones is rewritten on start.  Requests drained together share o
 transaction prepared for longer than *inquire_after* seconds asks its
 coordinator for the outcome, again and again; while no coordinator answers
 it stays in doubt, which the journal and ``eda-txn status`` show.
+
+Presumed abort, from this side: a participant that voted yes aborts on its
+own only when the coordinator named by the transaction answers that it never
+decided it (the coordinator presumes abort for its own ids only, and it
+alone holds the journal where a commit would be).  Silence, a refused
+connection, another coordinator at the recorded endpoint, or a name that
+discovery does not find prove nothing: a crashed coordinator vanishes from
+the registry and from mDNS too, with its commit decision on its disk.  So
+forged prepares that name a coordinator that never existed stay in doubt;
+what bounds them is *max_per_coordinator* (unfinished transactions of one
+coordinator name: the others are served on) and what ends them is one
+``resolve`` with a filter (``eda-txn resolve --abort --coordinator NAME``).
 """
 
 from __future__ import annotations
@@ -53,11 +68,16 @@ from .protocol import (
     printable,
 )
 
-PREPARED = "prepared"
+PREPARING, PREPARED = "preparing", "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
+# what a participant still owes work or a vote's outcome on: bounded (a heuristic one is
+# settled here and only waits to compare with the coordinator's outcome)
+OPEN = {PREPARING, PREPARED, "committing", "aborting"}
 FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
 MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
+MAX_PER_COORDINATOR = 1_000  # unfinished transactions of one coordinator name (ditto)
+MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -95,6 +115,7 @@ class Participant(Daemon):
         find_coordinator: Any = None,
         kept: int = KEPT,
         max_live: int = MAX_LIVE,
+        max_per_coordinator: int = MAX_PER_COORDINATOR,
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
@@ -112,7 +133,13 @@ class Participant(Daemon):
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
         self.max_live = max_live
+        self.max_per_coordinator = max_per_coordinator
+        self.live_of: dict[str, int] = {}  # coordinator name -> its open transactions here
+        self.open = 0  # open transactions (see OPEN): at most max_live
         self._load()
+        for txn, record in self.txns.items():
+            if record.get("state") in OPEN:
+                self._count(txn, 1)
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
@@ -139,6 +166,15 @@ class Participant(Daemon):
         if self.coordinators is not None:
             self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)
+        self.misdirected: set[str] = set()  # recorded endpoint is another coordinator's
+        cut = [t for t, r in self.txns.items() if r.get("state") == PREPARING]
+        for txn in cut:  # cut short before any vote: nobody was promised anything, undo it
+            self._record(txn, "aborting", note="prepare cut short by a crash, no vote sent")
+        if cut:
+            self.warn(
+                f"warning: {len(cut)} prepare(s) cut short by a crash ({cut[0]}"
+                f"{', ...' if len(cut) > 1 else ''}): aborting them"
+            )
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
                 self.retry[txn] = now
@@ -178,7 +214,10 @@ class Participant(Daemon):
         record = {"txn": txn, "state": state, **fields, "time": round(time.time(), 3)}
         self.journal.append(record)
         live = self.txns.setdefault(txn, {})
+        was_open = live.get("state") in OPEN
         live.update(record)
+        if was_open != (state in OPEN):
+            self._count(txn, -1 if was_open else 1)
         if state in IN_DOUBT:
             self.since.setdefault(txn, time.monotonic())
         else:
@@ -186,8 +225,19 @@ class Participant(Daemon):
             self.asking.pop(txn, None)
         if state in FINAL:  # finished: only a small record stays, for repeated messages
             del self.txns[txn]
+            self.misdirected.discard(txn)
             self.finished.add(txn, _final(txn, live))
         return live
+
+    def _count(self, txn: str, change: int) -> None:
+        """*txn* became open (+1) or stopped being open (-1)."""
+        owner = owner_of(txn)
+        left = self.live_of.get(owner, 0) + change
+        if left > 0:
+            self.live_of[owner] = left
+        else:
+            self.live_of.pop(owner, None)
+        self.open += change
 
     def _flush(self) -> None:
         self.journal.sync()
@@ -213,6 +263,8 @@ class Participant(Daemon):
         self.ready.clear()
         calls: list[Call] = []
         seen: set[str] = set()
+        starting: list[tuple[str, dict[str, Any]]] = []  # preparing records to write first
+        planned: dict[str, int] = {}  # prepares of this batch per coordinator
         for frames in messages:
             try:
                 msg = json.loads(frames[-1])
@@ -225,15 +277,22 @@ class Participant(Daemon):
                 continue
             seen.add(txn)
             record = self._known(txn)
-            if op == "prepare" and record is None and len(self.txns) + len(calls) < self.max_live:
+            if op == "prepare" and record is None and self.open + len(calls) < self.max_live:
                 try:
                     data = check_data(msg.get("data", {}))
-                    if check_name(msg.get("coordinator"), "coordinator name") != owner_of(txn):
+                    coordinator = check_name(msg.get("coordinator"), "coordinator name")
+                    if coordinator != owner_of(txn):
                         continue
-                    check_reply_to(msg.get("reply_to", ""))
+                    reply_to = check_reply_to(msg.get("reply_to", ""))
                 except EdaError:
                     continue
+                if self._crowded(coordinator, planned.get(coordinator, 0)):
+                    continue
+                planned[coordinator] = planned.get(coordinator, 0) + 1
                 calls.append(Call(PREPARE, txn, data, 1))
+                starting.append(
+                    (txn, {"data": data, "coordinator": coordinator, "reply_to": reply_to})
+                )
             elif (
                 op == "decide"
                 and record is not None
@@ -244,6 +303,9 @@ class Participant(Daemon):
                 calls.append(Call(msg["outcome"], txn, record.get("data") or {}, 1))
         if len(calls) < 2:
             return
+        for txn, fields in starting:
+            self._record(txn, PREPARING, **fields, since=round(time.time(), 3))
+        self.journal.sync()  # one fsync: every prepare of the batch leaves a trace first
         if any(call.phase != PREPARE for call in calls):
             crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:
@@ -267,7 +329,8 @@ class Participant(Daemon):
             if final is None and record.get("state") != pending:
                 self._record(txn, pending, error=printable(result.reason))
             n = self.attempts.get((txn, outcome), 1)
-            self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
+            if final is None:  # (an operator's resolve that failed is not retried on its own)
+                self.retry[txn] = time.monotonic() + min(5.0, 0.05 * 2 ** min(n, 10))
             self.limited(f"action:{outcome}", f"{outcome} of {txn} failed: {result.reason}")
         return result
 
@@ -280,23 +343,36 @@ class Participant(Daemon):
             raise ProtocolError(f"transaction {txn} does not belong to coordinator {coordinator}")
         reply_to = check_reply_to(req.get("reply_to", ""))
         known = self._known(txn)
-        busy = len(self.txns) >= self.max_live and (txn, PREPARE) not in self.ready
-        if known is None and busy:  # a flood of prepares (none run ahead for this one)
-            raise TxnError(f"busy: {len(self.txns)} transactions unfinished at {self.name}")
-        if known is not None:  # a repeated prepare: the same vote, nothing run again
+        if known is not None and known.get("state") != PREPARING:
+            # a repeated prepare: the same vote, nothing run again
             state = known.get("state")
             yes = state in IN_DOUBT or state == "committed" or state == "committing"
             return {"vote": "yes" if yes else "no", "reason": "" if yes else f"already {state}"}
+        if known is None:  # (else the look-ahead recorded it and ran the action)
+            if self.open >= self.max_live:  # a flood of prepares
+                raise TxnError(f"busy: {self.open} transactions unfinished at {self.name}")
+            if self._crowded(coordinator):  # a flood naming one coordinator: the others go on
+                raise TxnError(
+                    f"busy: {self.live_of.get(coordinator, 0)} transactions of coordinator "
+                    f"{coordinator} unfinished at {self.name}"
+                )
+            self._record(txn, PREPARING, data=data, coordinator=coordinator, reply_to=reply_to,
+                         since=round(time.time(), 3))  # fmt: skip
+            self.journal.sync()  # a crash from here on leaves a trace: the abort runs on restart
         result = self._run(PREPARE, txn, data)
         crash.point(ROLE, "before-vote-logged")
         if result.ok:
-            self._record(txn, PREPARED, data=data, coordinator=coordinator, reply_to=reply_to)
+            self._record(txn, PREPARED)
             self._voted = True
             return {"vote": "yes"}
         # a no vote aborts here and now: release whatever the prepare may have left
-        self._record(txn, "aborting", data=data, coordinator=coordinator, vote="no")
+        self._record(txn, "aborting", vote="no")
         self._apply(txn, ABORT)
         return {"vote": "no", "reason": printable(result.reason)}
+
+    def _crowded(self, coordinator: str, more: int = 0) -> bool:
+        """Whether *coordinator* has its full share of unfinished transactions here."""
+        return self.live_of.get(coordinator, 0) + more >= self.max_per_coordinator
 
     def decide(self, req: dict[str, Any]) -> dict[str, Any]:
         txn = check_txn(req.get("txn"))
@@ -339,8 +415,9 @@ class Participant(Daemon):
                 f"but its coordinator decided {outcome}"
             )
             return {"done": True, "hazard": True}
-        if record.get("vote") == "no" and outcome == COMMIT:
-            raise TxnError(f"{self.name} voted no on {txn}: it cannot commit")
+        if (record.get("vote") == "no" or state == PREPARING) and outcome == COMMIT:
+            how = "voted no" if state != PREPARING else "has not voted"
+            raise TxnError(f"{self.name} {how} on {txn}: it cannot commit")
         started = {"committing": COMMIT, "aborting": ABORT}.get(str(state))
         if started is not None and started != outcome:
             raise TxnError(f"transaction {txn} is already {state} here")
@@ -359,9 +436,12 @@ class Participant(Daemon):
         return {"done": True}
 
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
-        """An operator's heuristic decision on an in-doubt transaction."""
-        txn = check_txn(req.get("txn"))
+        """An operator's heuristic decision on an in-doubt transaction, or on every one
+        a filter matches (see :meth:`resolve_matching`)."""
         outcome = check_outcome(req.get("outcome"))
+        if req.get("txn") is None:
+            return self.resolve_matching(outcome, Filter.from_request(req))
+        txn = check_txn(req.get("txn"))
         record = self._known(txn)
         if record is None:
             raise NotFoundError(f"no transaction {txn} at participant {self.name}")
@@ -371,6 +451,26 @@ class Participant(Daemon):
         if not result.ok:
             raise TxnError(f"{outcome} of {txn} failed: {result.reason}")
         return {"txn": txn, "state": self.txns[txn]["state"], "participant": self.name}
+
+    def resolve_matching(self, outcome: str, where: Filter) -> dict[str, Any]:
+        """Settle by hand up to *where.limit* in-doubt transactions that *where* matches
+        (oldest first); ``more`` says how many others match (ask again)."""
+        now = time.time()
+        matching = [t for t, r in self.txns.items() if where.matches(t, r, now)]
+        resolved: list[dict[str, str]] = []
+        failed: list[dict[str, str]] = []
+        for txn in matching[: where.limit]:
+            result = self._apply(txn, outcome, final=f"heuristic-{outcome}")
+            if result.ok:
+                resolved.append({"txn": txn, "state": self.txns[txn]["state"]})
+            else:
+                failed.append({"txn": txn, "error": printable(result.reason, 200)})
+        return {
+            "participant": self.name,
+            "resolved": resolved,
+            "failed": failed,
+            "more": max(0, len(matching) - where.limit),
+        }
 
     def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
         states: dict[str, int] = {}
@@ -404,7 +504,8 @@ class Participant(Daemon):
                     continue
                 pending[0].forget(pending[1])
                 self._unanswered(txn)
-            self._inquire(txn, now, found if pending is not None else None)
+            again = pending is not None or txn in self.misdirected  # look the name up anew
+            self._inquire(txn, now, found if again else None)
             asked += 1
 
     def _inquire(self, txn: str, now: float, found: dict[str, list[str]] | None) -> None:
@@ -435,7 +536,8 @@ class Participant(Daemon):
         self.unanswered.add(txn)
         record = self.txns[txn]
         note = f"in doubt: coordinator {record.get('coordinator')} does not answer"
-        self.journal.write({"txn": txn, "in_doubt": note, "time": round(time.time(), 3)})
+        # a note, not a promise: synced with the next batch (a flood costs no fsync each)
+        self.journal.append({"txn": txn, "in_doubt": note, "time": round(time.time(), 3)})
         record["in_doubt"] = note
         self.warn(f"warning: {txn} {note}")
 
@@ -444,6 +546,12 @@ class Participant(Daemon):
         if reply is None or txn not in self.txns or txn not in self.since:
             return
         outcome = reply.get("outcome")
+        if reply.get("ok") is not True and reply.get("code") == 3:
+            # another coordinator answers there (it never presumes about ids not its own):
+            # no outcome, and no proof that ours is gone; find it by name next time
+            self.misdirected.add(txn)
+            self._unanswered(txn)
+            return
         if not reply.get("ok") or outcome not in (COMMIT, ABORT):
             return  # pending, or refused: ask again later
         self.unanswered.discard(txn)
@@ -460,6 +568,58 @@ class Participant(Daemon):
                 self.coordinators.close()
         finally:
             super().close()
+
+
+class Filter:
+    """Which in-doubt transactions a filtered ``resolve`` settles: all those (state
+    ``prepared``) of *coordinator*, prepared at least *older_than* seconds ago, whose
+    coordinator did not answer (*unanswered*); each given condition must hold."""
+
+    def __init__(
+        self,
+        coordinator: str | None = None,
+        older_than: float | None = None,
+        unanswered: bool = False,
+        limit: int = MAX_RESOLVE,
+    ) -> None:
+        self.coordinator = coordinator
+        self.older_than = older_than
+        self.unanswered = unanswered
+        self.limit = limit
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> Filter:
+        coordinator = req.get("coordinator")
+        if coordinator is not None:
+            coordinator = check_name(coordinator, "coordinator name")
+        older = req.get("older_than")
+        if older is not None and (
+            isinstance(older, bool) or not isinstance(older, int | float)
+            or not 0 <= older <= 10 * 365 * 86400
+        ):  # fmt: skip
+            raise ProtocolError("older_than must be a number of seconds, at least 0")
+        unanswered = req.get("unanswered", False)
+        if not isinstance(unanswered, bool):
+            raise ProtocolError("unanswered must be true or false")
+        limit = req.get("limit", MAX_RESOLVE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RESOLVE:
+            raise ProtocolError(f"limit must be a whole number in [1, {MAX_RESOLVE}]")
+        if coordinator is None and older is None and not unanswered:
+            raise ProtocolError("give a transaction id, or a filter (coordinator, older_than)")
+        return cls(coordinator, None if older is None else float(older), unanswered, limit)
+
+    def matches(self, txn: str, record: dict[str, Any], now: float) -> bool:
+        if record.get("state") != PREPARED:
+            return False
+        if self.coordinator is not None and owner_of(txn) != self.coordinator:
+            return False
+        if self.unanswered and not record.get("in_doubt"):
+            return False
+        if self.older_than is not None:
+            since = record.get("since", record.get("time"))
+            if not isinstance(since, int | float) or now - since < self.older_than:
+                return False
+        return True
 
 
 class _Nobody:

@@ -12,6 +12,8 @@ coordinator    ``outcome`` txn (a participant in doubt)      outcome: commit|abo
 participant    ``prepare`` txn, data, coordinator, reply_to  vote: yes|no, reason
 participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
 participant    ``resolve`` txn, outcome (an operator)        state
+participant    ``resolve`` outcome, a filter (no txn: see    resolved, failed, more
+               ``participant.Filter``)
 both           ``stats``                                     counters (fsyncs, outcomes...)
 =============  ============================================  ===============================
 
@@ -64,6 +66,10 @@ Log = Callable[[str], None]
 
 class TxnError(EdaError):
     """A transaction request that cannot be carried out."""
+
+
+class LookupFailed(TxnError):
+    """A lookup that got no answer (no registry answered): it says nothing about the name."""
 
 
 def check_name(name: object, what: str = "name") -> str:
@@ -409,6 +415,10 @@ class Lookups:
     seconds; a name not found, *miss_ttl* seconds), or ``None`` while a
     lookup of it is under way.  An answer past its *ttl* is still given
     while a fresh lookup runs (a known participant never waits on mDNS).
+    A lookup that fails (*find* raises: no registry answered) changes
+    nothing known: the endpoints found before stay in use, looked up again
+    after *miss_ttl*; a name never found is answered ``[]`` with the failure
+    in :attr:`failed` (a reason, never "not found").
     When a lookup ends, the daemon's loop is woken (a pipe it watches,
     :meth:`attach`) and *on_found* hears the names looked up since.  At
     most *max_pending* names wait for a lookup; more are answered "not
@@ -429,6 +439,8 @@ class Lookups:
         self.max_pending = max_pending
         self.cache: dict[str, tuple[float, list[str]]] = {}
         self.pending: set[str] = set()  # queued or being looked up
+        self.failed: dict[str, str] = {}  # name -> why its last lookup got no answer
+        self.previous: dict[str, list[str]] = {}  # found, then declared stale: a fallback
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done: list[str] = []
@@ -460,25 +472,55 @@ class Lookups:
         return hit[1] if hit is not None and hit[1] else None
 
     def stale(self, name: str) -> None:
-        """Forget what was found for *name* (an endpoint stopped answering)."""
-        self.cache.pop(name, None)
+        """Look *name* up afresh before using it again (an endpoint stopped answering);
+        what was found stays the answer should that lookup get no answer."""
+        hit = self.cache.pop(name, None)
+        if hit is not None and hit[1] and len(self.previous) < 4 * self.max_pending:
+            self.previous[name] = hit[1]
 
     def _run(self) -> None:
         while True:
             name = self._queue.get()
             if name is None:
                 return
-            try:
-                found = list(self.find(name))
-            except Exception:  # a lookup that fails finds nothing; the loop goes on
-                found = []
+            found, failure = self._find(name)
             with self._lock:  # (close takes it too: never a write to a closed descriptor)
-                self.cache[name] = (time.monotonic(), found)
+                self._store(name, found, failure)
                 self.pending.discard(name)
                 self._done.append(name)
                 if self._wake_w >= 0:
                     with contextlib.suppress(OSError):  # full pipe: a wake-up is already due
                         os.write(self._wake_w, b"x")
+
+    def _find(self, name: str) -> tuple[list[str], str | None]:
+        """What *find* says of *name*, or why it could not say (the loop goes on)."""
+        try:
+            return list(self.find(name)), None
+        except Exception as exc:
+            return [], printable(exc, 200) or type(exc).__name__
+
+    def _store(self, name: str, found: list[str], failure: str | None) -> None:
+        now = time.monotonic()
+        previous = self.previous.pop(name, None)
+        if failure is None:
+            self.failed.pop(name, None)
+            self.cache[name] = (now, found)
+            return
+        if len(self.failed) < 4 * self.max_pending or name in self.failed:
+            self.failed[name] = failure
+        old = self.cache.get(name)
+        known = old[1] if old is not None and old[1] else previous
+        if known:  # keep what was found; look again after miss_ttl
+            self.cache[name] = (now - self.ttl + self.miss_ttl, known)
+        else:
+            self.cache[name] = (now, [])
+
+    def lookup_now(self, name: str) -> list[str]:
+        """Look *name* up in the calling thread (a command), with the same rules."""
+        hit = self.cache.get(name)
+        if hit is None or time.monotonic() - hit[0] >= (self.ttl if hit[1] else self.miss_ttl):
+            self._store(name, *self._find(name))
+        return self.cache[name][1]
 
     def _woken(self) -> None:
         with contextlib.suppress(OSError):
@@ -529,12 +571,7 @@ class Directory:
     def _lookup(self, name: str) -> list[str]:
         if self.access is None:
             return []
-        from ..registry.access import lookup
-
-        try:
-            found = lookup(participant_service(name), self.access)
-        except EdaError:
-            return []
+        found = find_instances(participant_service(name), self.access)
         return [f"tcp://{i.host}:{i.port}" for i in found]
 
     def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
@@ -548,11 +585,15 @@ class Directory:
         if name in self.explicit:
             return [self.explicit[name]]
         if not self.attached:  # a command: just look
-            hit = self.lookups.cache.get(name)
-            if hit is None or time.monotonic() - hit[0] >= self.lookups.ttl:
-                self.lookups.cache[name] = (time.monotonic(), list(self.lookups.find(name)))
-            return self.lookups.cache[name][1]
+            return self.lookups.lookup_now(name)
         return self.lookups.get(name)
+
+    def missing(self, name: str) -> str:
+        """Why participant *name* has no endpoint: not found, or no registry answered."""
+        failure = self.lookups.failed.get(name)
+        if failure is not None:
+            return f"participant {name} could not be looked up: {failure}"
+        return f"participant {name} not found"
 
     def stale(self, name: str) -> None:
         self.lookups.stale(name)
@@ -561,20 +602,51 @@ class Directory:
         self.lookups.close()
 
 
+def find_instances(
+    service: str, access: Any, keep: Callable[[Any], bool] = lambda _inst: True
+) -> list[Any]:
+    """The instances of *service* that *keep* accepts: the registry's; where it has
+    none (daemons that announced themselves by mDNS before it started) or does not
+    answer, what mDNS knows.
+
+    Raises :class:`LookupFailed` when no registry answered and mDNS knows
+    nothing either: that is no answer, not "not found".
+    """
+    from ..registry import access as reg
+    from ..registry import serverless
+    from ..registry.client import NoRegistry
+
+    failure: EdaError | None = None
+    try:
+        found = [i for i in reg.lookup(service, access) if keep(i)]
+    except NoRegistry:  # none known and mDNS off: nothing can be found
+        return []
+    except EdaError as exc:
+        failure, found = exc, []
+    if not found and not access.serverless and access.mdns:
+        heard = serverless.lookup(service, False, access.interface)
+        found = [i for i in heard if i.service == service and keep(i)]
+    if not found and failure is not None:
+        raise LookupFailed(str(failure))
+    return found
+
+
 def find_coordinators(access: Any, name: str | None = None) -> list[str]:
     """Endpoints of coordinators (the one called *name* only), from the registry or mDNS."""
-    from ..registry.access import lookup
-
-    found = lookup(COORDINATOR_SERVICE, access)
-    return [f"tcp://{i.host}:{i.port}" for i in found if name is None or i.meta.get("name") == name]
+    found = find_instances(
+        COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name
+    )
+    return [f"tcp://{i.host}:{i.port}" for i in found]
 
 
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    With a registry: an :class:`~eda.core.registry.agent.Agent` registers and
-    heartbeats from a timer of the daemon.  Without one: announced by mDNS
-    (serverless mode, :class:`~eda.core.registry.serverless.Announcer`).
+    The work is :class:`~eda.core.lb.presence.Presence`'s, as for eda-lb
+    workers: with a registry, heartbeats from a background thread; without
+    one, announced by mDNS (serverless mode) -- and, when that was for want
+    of a registry, moved to one as soon as one answers (as ``eda-registry
+    register`` does), so that coordinators asking it find participants.
     """
 
     def __init__(
@@ -588,9 +660,9 @@ class Registration:
         meta: Mapping[str, str] | None = None,
         interval: float = 2.0,
     ) -> None:
+        from ..lb.presence import Presence
         from ..registry import access as reg
 
-        self.daemon = daemon
         record = reg.registration(
             service,
             port,
@@ -598,32 +670,18 @@ class Registration:
             meta=[f"{k}={v}" for k, v in (meta or {}).items()],
             interval=interval,
         )
-        self.client = reg.connect_for_registration(access, interval)
-        self.inst = reg.finish(record, self.client, access.interface)
-        self.agent: Any = None
-        self.announcer: Any = None
-        if self.client is not None:
-            from ..registry.agent import Agent
+        self.presence = Presence(access, record, log=daemon.log, warn=daemon.warn)
+        self.inst = self.presence.start()
 
-            self.agent = Agent(self.client, self.inst, daemon.warn)
-            self.agent.register()
-            daemon.every(interval, "heartbeat", lambda: self.agent.beat("passing"), first=interval)
-            self.where = f"registry {self.agent.registry}"
-        else:
-            from ..registry.serverless import Announcer
-
-            self.announcer = Announcer(self.inst, access.interface)
-            self.announcer.start()
-            self.where = "mDNS"
+    @property
+    def where(self) -> str:
+        client = self.presence.client
+        if self.presence.mode == "registry" and client is not None:
+            return f"registry {client.registry_id}"
+        return "mDNS" if self.presence.mode == "mdns" else "nothing"
 
     def close(self) -> None:
-        if self.agent is not None and self.client is not None:
-            self.agent.deregister()
-            self.client.close()
-            self.agent = None
-        if self.announcer is not None:
-            self.announcer.close()
-            self.announcer = None
+        self.presence.close()
 
 
 def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
