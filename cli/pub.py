@@ -286,7 +286,7 @@ def command(
                     sys.stdin.fileno(),
                     on_read=bar.advance if bar else None,
                     announce_after=None if no_mdns else ANNOUNCE_AFTER,
-                    on_announced=lambda: ctx.debug(f"announced as {pub.pubid} on mDNS"),
+                    on_announced=lambda: ctx.debug(f"announced as {pub.id} on mDNS"),
                 )
             finally:
                 if bar is not None:

@@ -188,3 +188,19 @@ def test_the_wire_decoder_refuses_every_attribute_eda_adds() -> None:
         event = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", name: 1}
         with pytest.raises(ValueError, match=name):
             attributes.check_event(event)
+
+
+def test_brokerless_publishers_and_saga_publish_steps_use_128_bit_ids_too() -> None:
+    """A subscriber that outlives publisher runs keeps each (pubid, topic)'s next sequence
+    and drops what it already had as copies: a run whose 32-bit id collided with an
+    earlier one lost its events there, end of stream confirmed all the same."""
+    from eda.core.pubsub import Publisher
+
+    pubs = [Publisher(), Publisher()]  # what eda-pub and a saga's publish step create
+    try:
+        assert all(HEX128.fullmatch(p.pubid) for p in pubs)
+        assert pubs[0].pubid != pubs[1].pubid
+        assert all(p.pubid in p.source and p.next_envelope_id().startswith(p.pubid) for p in pubs)
+    finally:
+        for p in pubs:
+            p.close(0)
