@@ -60,9 +60,19 @@ def bus_option(func: Any) -> Any:
 
 
 def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    """``--bus TOPIC ...``: click took the first argument as the endpoint; give it back."""
-    if bus is None or bus == AUTO or "://" in bus:
+    """``--bus TOPIC ...``: click took the first argument as the endpoint; give it back.
+
+    A value that looks like an endpoint (``://``, or ``HOST:PORT``) is one,
+    checked here (a bare ``HOST:PORT`` is refused: endpoints are tcp://HOST:PORT
+    everywhere), never a topic or a pattern.
+    """
+    if bus is None or bus == AUTO:
         return bus, args
+    _, colon, port = bus.rpartition(":")
+    if "://" in bus or (colon and port.isascii() and port.isdigit()):
+        from eda.core.reqrep import check_endpoint
+
+        return check_endpoint(bus, "bus"), args
     return AUTO, (bus, *args)
 
 

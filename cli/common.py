@@ -9,6 +9,7 @@ CONVENTIONS.md, and turns SIGTERM, SIGINT and a closed pipe into clean exits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
 
@@ -408,6 +409,47 @@ class _Signals:
     term_pending = False
 
 
+CLOSED_STDOUT = "stdout is closed (>&-): there is nowhere to write the output"
+
+
+class _Standard:
+    """Which of the standard descriptors were closed when the program started."""
+
+    closed: ClassVar[set[int]] = set()
+
+
+def hold_standard_fds() -> None:
+    """Give a closed stdin, stdout or stderr (``cmd >&-``) /dev/null.
+
+    Python has no ``sys.stdout`` then, and the next file or socket opened (a
+    store, a ZeroMQ socket) would take descriptor 1 and receive the output.
+    A closed stdin reads as empty and a closed stderr discards; stdout is held
+    read-only, so writing output still fails (EBADF), reported as
+    :data:`CLOSED_STDOUT`.
+    """
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        held = os.open(os.devnull, flags)  # the lowest free number: fd itself, in this order
+        if held != fd:
+            os.dup2(held, fd)
+            os.close(held)
+        _Standard.closed.add(fd)
+    if sys.stdin is None:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
+def _closed_stdout(exc: OSError) -> bool:
+    return exc.errno == errno.EBADF and 1 in _Standard.closed
+
+
 def write_stdout(data: bytes) -> None:
     """Write all of *data* to stdout now (a closed pipe ends the program with 0).
 
@@ -422,6 +464,10 @@ def write_stdout(data: bytes) -> None:
             view = view[written:]
     except BrokenPipeError:
         raise Exit(EXIT_OK) from None
+    except OSError as exc:
+        if _closed_stdout(exc):
+            raise EdaError(CLOSED_STDOUT) from None
+        raise
     finally:
         _Signals.writing = False
     if _Signals.term_pending:
@@ -535,6 +581,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         f"{envvar_prefix(program)}_VERBOSE", ""
     ).lower() in ("1", "true", "yes", "on")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    hold_standard_fds()
     code: int = EXIT_OK
     assign_envvars(command, program)
     try:
@@ -569,9 +616,10 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
             import traceback
 
             traceback.print_exc()
-        _stderr(f"{program}: error: {exc.strerror or exc}")
+        what = CLOSED_STDOUT if _closed_stdout(exc) else exc.strerror or exc
+        _stderr(f"{program}: error: {what}")
         code = EXIT_ERROR
-    with contextlib.suppress(BrokenPipeError, ValueError):
+    with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stdout
         sys.stdout.flush()
     # stdout may be a closed pipe: keep the interpreter from complaining on exit
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -40,7 +40,7 @@ Examples:
 def _parse_header(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> dict[str, str]:
-    from eda.core.envelope import CORE_ATTRIBUTES
+    from eda.core.attributes import check_extension
 
     headers: dict[str, str] = {}
     for item in values:
@@ -48,8 +48,10 @@ def _parse_header(
         key = key.strip().lower()
         if not sep or not key.isalnum() or not key.isascii():
             raise click.BadParameter(f"{item!r}: use KEY=VALUE with an alphanumeric KEY")
-        if key in CORE_ATTRIBUTES:
-            raise click.BadParameter(f"{key!r} is a CloudEvents core attribute")
+        try:  # the same rules as every event from the network
+            check_extension(key, value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
         headers[key] = value
     return headers
 
@@ -284,7 +286,7 @@ def command(
                     sys.stdin.fileno(),
                     on_read=bar.advance if bar else None,
                     announce_after=None if no_mdns else ANNOUNCE_AFTER,
-                    on_announced=lambda: ctx.debug(f"announced as {pub.pubid} on mDNS"),
+                    on_announced=lambda: ctx.debug(f"announced as {pub.id} on mDNS"),
                 )
             finally:
                 if bar is not None:

@@ -20,6 +20,7 @@ from eda.cli.common import (
     output_options,
     run,
 )
+from eda.core.attributes import BUS_SEQUENCE
 from eda.core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -364,7 +365,7 @@ def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
     return items
 
 
-BUS_SEQ = "edabusseq"  # extension attribute: the event's sequence on the bus
+BUS_SEQ = BUS_SEQUENCE  # the attribute eda-sub --bus adds: the event's sequence on the bus
 
 # what --format may name: the event's attributes, {topic} (= {type}) and {ext[NAME]}
 FORMAT_FIELDS = frozenset({"topic", "ext"})

@@ -6,7 +6,8 @@ refuses what RFC 8259 does not have (NaN, Infinity, numbers that overflow to
 infinity) and strings that cannot be written as UTF-8 (lone surrogates), and
 checked against CloudEvents 1.0: attribute names are lowercase letters and
 digits, extension values are scalars, and the attributes eda itself renders
-(:data:`CORE_ATTRIBUTES`) can never be set by an extension.  What fails
+(:data:`CORE_ATTRIBUTES`) or stamps on the events it delivers
+(:data:`EDA_ATTRIBUTES`) can never be set by an extension.  What fails
 raises ValueError; callers turn it into their own error type.
 """
 
@@ -23,6 +24,12 @@ SPECVERSION: Final = "1.0"
 # CloudEvents "sequence" extension (a string, scoped to a source), which an
 # event may carry as an ordinary extension and which eda passes on unchanged.
 SEQUENCE: Final = "edaseq"
+# the event's sequence on the bus, added by eda-sub --bus
+BUS_SEQUENCE: Final = "edabusseq"
+# every attribute eda adds to an event it delivers: each hop stamps its own, so a
+# publisher may not set one (an output line would hold the key twice, and a
+# reader could take the publisher's value for eda's)
+EDA_ATTRIBUTES: Final = frozenset({SEQUENCE, BUS_SEQUENCE})
 
 # the attributes eda renders itself or that CloudEvents defines: an extension
 # attribute may not take any of these names
@@ -97,6 +104,8 @@ def check_name(name: str) -> str:
 def check_extension(name: str, value: Any) -> None:
     """An extension attribute: a CloudEvents name that is not a core one, a scalar value."""
     check_name(name)
+    if name in EDA_ATTRIBUTES:
+        raise ValueError(f"attribute {name!r} is added by eda (each hop stamps its own)")
     if name in CORE_ATTRIBUTES:
         raise ValueError(f"extension attribute {name!r} would override a core attribute")
     if isinstance(value, str):
@@ -130,7 +139,7 @@ def _string(event: dict[str, Any], name: str, required: bool) -> None:
 def check_event(event: Any) -> dict[str, Any]:
     """A CloudEvents 1.0 event in JSON format, checked; ValueError says what is wrong.
 
-    eda's own sequence attribute is refused: each hop stamps its own.
+    The attributes eda adds (:data:`EDA_ATTRIBUTES`) are refused: each hop stamps its own.
     """
     if not isinstance(event, dict):
         raise ValueError("an event must be a JSON object")
@@ -151,10 +160,10 @@ def check_event(event: Any) -> dict[str, Any]:
         except (binascii.Error, ValueError):
             raise ValueError("'data_base64' is not valid base64") from None
     for name, value in event.items():
+        if name in EDA_ATTRIBUTES:
+            raise ValueError(f"{name!r} is stamped by each hop and cannot be sent")
         if name not in CORE_ATTRIBUTES:
             check_extension(name, value)
-        elif name == SEQUENCE:
-            raise ValueError(f"{SEQUENCE!r} is stamped by each hop and cannot be sent")
     return event
 
 

@@ -173,9 +173,10 @@ def parse_envelope(
 
     The event's own id, source, time, data (or data_base64) and extension
     attributes are kept; *topic*, when given, replaces its type; a missing
-    id or source is filled in from *new_id* and *source*.  eda's sequence
-    number (``edaseq``, or an integer ``sequence`` as eda before 0.2 printed
-    it) belongs to the hop and is dropped: the publisher stamps its own.  A
+    id or source is filled in from *new_id* and *source*.  What eda added
+    (:data:`~eda.core.attributes.EDA_ATTRIBUTES`: ``edaseq``, ``edabusseq``,
+    or an integer ``sequence`` as eda before 0.2 printed its sequence)
+    belongs to the hop and is dropped: the publisher stamps its own.  A
     string ``sequence`` is the CloudEvents sequence extension and is kept.
     """
     try:
@@ -193,7 +194,8 @@ def parse_envelope(
         validate_topic(event_type)
     except UsageError as exc:
         raise InputError(str(exc), lineno) from None
-    event.pop(SEQUENCE, None)
+    for name in attributes.EDA_ATTRIBUTES:
+        event.pop(name, None)
     if isinstance(event.get("sequence"), int):
         del event["sequence"]
     event.setdefault("specversion", attributes.SPECVERSION)

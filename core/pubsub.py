@@ -349,7 +349,11 @@ class Publisher(_Node):
         ctx: zmq.Context[Any] = zmq.Context()
         sock: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
         super().__init__(ctx, sock, interface)
-        self.pubid = self.id
+        # what its events and end of stream carry: 128 random bits, since a subscriber
+        # that outlives publisher runs takes an id it saw before for the same stream
+        # and drops sequences it already had as copies (self.id, in mDNS names and
+        # the welcome, stays short)
+        self.pubid = secrets.token_hex(16)
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
         self._origin = codec.encode_origin(self.pubid, self.source)
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
@@ -366,7 +370,7 @@ class Publisher(_Node):
         self._dropped: dict[str, tuple[float, int]] = {}  # subid -> (when, total_sent then)
         self.gone: list[Departure] = []  # subscribers reported gone
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.pubid.encode())
+        sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.id.encode())
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.XPUB_NODROP, int(block))
         # queue only to live connections: a dropped subscriber's queue goes with it,

@@ -458,3 +458,29 @@ def test_more_replicas_than_a_single_nats_server_keeps_are_refused(
     again, ep = engine.start("--max-age", "1h")  # what it can do, it does
     assert f"NATS stream {stream} changed: max_age 0.0 -> 3600.0" in again.stderr
     assert run("eda-pub", "--bus", ep, "--confirm", "r.x", "1").returncode == 0
+
+
+def test_a_bus_value_that_looks_like_an_endpoint_is_never_a_topic(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """``--bus HOST:PORT`` (no tcp://) once published to the topic 'HOST:PORT' on the bus
+    found otherwise; it is a usage error in eda-pub and eda-sub alike."""
+    _, ep = start_bus(procs, tmp_path / "bus")
+    hostport = ep.removeprefix("tcp://")
+    env = {"EDA_BUS": ep}  # where --bus without an endpoint would go
+    for argv in (
+        ("eda-pub", "--bus", hostport, "--confirm", "orders.created", "x"),
+        ("eda-sub", "--bus", hostport, "orders.>", "--from-start", "-W", "2"),
+        ("eda-pub", "--bus", "localhost:99999", "--confirm", "orders.created", "x"),
+    ):
+        done = run(*argv, env=env)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "use tcp://HOST:PORT" in done.stderr, done.stderr
+    assert int(stored_stats(ep)["events"]) == 0  # type: ignore[call-overload]
+    # a topic after --bus still means the bus found otherwise; a tcp:// value is the bus
+    done = run("eda-pub", "--bus", "orders.created", "--confirm", "y", env=env)
+    assert done.returncode == 0, done.stderr
+    done = run("eda-pub", "--bus", ep, "--confirm", "orders.created", "z")
+    assert done.returncode == 0, done.stderr
+    done = run("eda-sub", "--bus", "orders.>", "--from-start", "-C", "2", "--raw", env=env)
+    assert (done.returncode, done.stdout) == (0, "y\nz\n"), done.stderr

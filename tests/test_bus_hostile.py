@@ -168,7 +168,7 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
     pub.setsockopt(zmq.LINGER, 0)
     pub.connect(ep)
     n = 40_000
-    origin = codec.encode_origin("p1", "eda://test")
+    origin = codec.encode_origin("0123456789abcdef" * 2, "eda://test")  # 128 bits
     for i in range(1, n + 1):  # one event per message: many messages for the member's queue
         header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
         pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"g.x", header, b"y" * 1000])

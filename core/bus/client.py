@@ -111,7 +111,9 @@ class BusPublisher:
         resend_after: float = RESEND_AFTER,
     ) -> None:
         self.endpoint = endpoint
-        self.pubid = secrets.token_hex(4)
+        # 128 random bits: the bus keeps every (pubid, topic)'s sequences, so an id
+        # another run ever used would have this run's events dropped as duplicates
+        self.pubid = secrets.token_hex(16)
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
         self._origin = codec.encode_origin(self.pubid, self.source)
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
@@ -205,13 +207,14 @@ class BusPublisher:
             batch = self.pending.get(tag)
             if batch is not None:
                 self.refused.append((self._describe(batch), error))
-                self._settle(tag)
+                self._settle(tag, stored=False)
 
-    def _settle(self, tag: int) -> None:
+    def _settle(self, tag: int, *, stored: bool = True) -> None:
         frames = self.pending.pop(tag, None)
         if frames is not None:
             self._pending_bytes -= len(frames[4])
-            self.confirmed += struct_count(frames[3])
+            if stored:  # a refused batch is settled, never counted as confirmed
+                self.confirmed += struct_count(frames[3])
 
     def _describe(self, frames: list[bytes]) -> Unconfirmed:
         return Unconfirmed(frames[2].decode(), struct_seq(frames[3]), struct_count(frames[3]),

@@ -35,6 +35,7 @@ from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_rep
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
 from .engine import Engine, EventTooLargeError, Record, StoreError
+from .streams import check_publisher
 
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
@@ -190,6 +191,7 @@ class BusServer(Daemon):
         (tag,) = p.TAG.unpack(frames[0])
         try:
             batch = codec.decode(frames[1:])
+            check_publisher(batch.pubid)
             self.engine.append([batch])
         except (codec.WireError, EventTooLargeError, UsageError) as exc:
             self.dropped("batch", exc)

@@ -18,6 +18,26 @@ from .engine import EventTooLargeError
 DEFAULT_MAX_EVENT: Final = 1 << 20
 MAX_NAME: Final = 255  # consumer, group and member names
 MAX_SEQ: Final = (1 << 63) - 1
+# a publisher id carries at least 128 random bits (32 hex digits, as eda's
+# publishers draw it from ``secrets``): ids are chosen by publishers, and the
+# bus keeps each (id, topic)'s sequences for exactly-once storage, so two ids
+# that collide would have a new run's events dropped as duplicates
+MIN_PUBID: Final = 32
+
+
+def check_publisher(pubid: str) -> None:
+    """Refuse (UsageError) a publisher id too short to be unique among every run.
+
+    The server calls it on what publishers send, before any engine sees it;
+    engines themselves also take (and migrate) events stored under older,
+    shorter ids.
+    """
+    if len(pubid) < MIN_PUBID:
+        raise UsageError(
+            f"publisher id {pubid!r} is shorter than {MIN_PUBID} characters (128 random bits):"
+            " its events could be taken for another publisher's and dropped as duplicates;"
+            " upgrade the publisher (eda-pub draws 128-bit ids)"
+        )
 
 
 def check_batch(batch: Batch, max_event_bytes: int, topics_ok: set[str]) -> None:
