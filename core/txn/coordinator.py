@@ -9,8 +9,14 @@ what a participant asking about it hears.  Phase two is retried, with
 backoff, until every participant acknowledged; then a ``done`` record lets a
 restart skip it.  On start the journal is read and every decided transaction
 not done is driven again; undecided ones were never logged: aborted.  The
-last :data:`FINISHED_KEPT` finished transactions are remembered; a journal
-mostly made of older ones is rewritten without them on start.
+last :data:`FINISHED_KEPT` finished transactions are remembered; when the
+journal is mostly made of older ones, it is compacted (on start and while
+running): a new segment keeps every record of the transactions not finished
+and of the remembered ones, and every hazard.
+
+A journal that cannot be written (disk full) decides nothing: the commits
+whose record did not reach the disk are aborted (their participants told so),
+and a new ``commit`` is refused with an error until a write succeeds again.
 
 Records::
 
@@ -34,8 +40,8 @@ from typing import Any
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
 from . import crash
-from .compact import COMPACT_MIN, rewrite
-from .journal import Journal, open_journal
+from .compact import COMPACT_MIN
+from .journal import Journal, JournalError, open_journal
 from .protocol import (
     ABORT,
     COMMIT,
@@ -84,6 +90,7 @@ class Txn:
     next_try: float = 0.0
     asked: dict[str, Any] = field(default_factory=dict)  # name -> (peer, rid) outstanding
     prepare: bytes = b""  # the prepare message, while participants are being looked up
+    ticket: int = 0  # the journal's ticket of its commit record, until it is durable
     hazards: list[str] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
@@ -145,7 +152,7 @@ class Coordinator(Daemon):
         self.directory.attach(self, self.found)
         self.recover()
         self.every(0.05, "vote timeouts and phase two", self.retry)
-        self.every(0.2, "journal", self.journal.sync)
+        self.every(0.2, "journal", self.sync_journal)
 
     # -- transport (a test replaces it) -------------------------------------------------------
     def ask(self, txn: Txn, name: str, msg: bytes, callback: Callable[..., None]) -> None:
@@ -165,37 +172,59 @@ class Coordinator(Daemon):
 
     # -- recovery ----------------------------------------------------------------------------
     def recover(self) -> None:
-        """Drive again every transaction the journal shows decided and not done."""
-        last: dict[str, dict[str, Any]] = {}
-        for record in self.journal.records:
-            txn = record.get("txn")
-            if isinstance(txn, str) and record.get("state") is not None:
-                last.setdefault(txn, {}).update(record)
-        for txn_id, record in last.items():
-            state = record.get("state")
-            if state not in (COMMITTED, ABORTED):
-                if state == "done":
-                    self._finished(txn_id, record.get("outcome"))
+        """Drive again every transaction the journal shows decided and not done.
+
+        The journal is read stream-wise: memory holds the transactions not done
+        and the remembered finished ones, whatever the size of the file."""
+        decided: dict[str, dict[str, Any]] = {}
+        for record in self.journal.replay():
+            txn_id, state = record.get("txn"), record.get("state")
+            if not isinstance(txn_id, str) or state is None:
                 continue
-            participants = record.get("participants")
-            if not isinstance(participants, dict):
-                continue
+            if state in (COMMITTED, ABORTED):
+                if isinstance(record.get("participants"), dict):
+                    decided[txn_id] = record
+            elif state == "done":
+                decided.pop(txn_id, None)
+                self._finished(txn_id, record.get("outcome"))
+        for txn_id, record in decided.items():
+            state = record["state"]
+            participants = record["participants"]
             txn = Txn(txn_id, participants, state=state)
             txn.reason = str(record.get("reason", ""))
             txn.acked = {n for n, e in participants.items() if e is None}
             self.active[txn_id] = txn
             self.log(f"recovering {txn_id}: {state}, phase two again")
-        records = self.journal.records
-        if len(records) > COMPACT_MIN and len(records) > 4 * (
-            len(self.active) + len(self.finished)
-        ):
-            kept = [
-                r
-                for r in records
-                if r.get("txn") in self.active or r.get("txn") in self.finished or "hazard" in r
-            ]
-            self.journal = rewrite(self.journal, kept)
-            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
+        self.compact()
+
+    # -- the journal -------------------------------------------------------------------------
+    def sync_journal(self) -> None:
+        """Make what was appended durable (aborts, done records), then compact if due."""
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            self.limited("journal", f"error: {exc}; nothing is decided until it can be written")
+            return
+        self.compact()
+
+    def compact(self) -> None:
+        """A new journal segment, when the journal is mostly forgotten transactions:
+        every record of the active and remembered transactions is kept, and hazards."""
+        count = self.journal.count
+        if count <= COMPACT_MIN or count <= 4 * (len(self.active) + len(self.finished)):
+            return
+        try:
+            kept = self.journal.compact((), self._keep)
+        except JournalError as exc:
+            self.limited("journal", f"warning: {exc}; it goes on in the old segment")
+            return
+        self.log(f"journal compacted: {count} records -> {kept}")
+
+    def _keep(self, record: dict[str, Any]) -> bool:
+        txn = record.get("txn")
+        if not isinstance(txn, str):
+            return False
+        return txn in self.active or txn in self.finished or "hazard" in record
 
     def _finished(self, txn_id: str, outcome: object) -> None:
         self.finished[txn_id] = outcome if outcome in (COMMITTED, ABORTED) else COMMITTED
@@ -241,6 +270,7 @@ class Coordinator(Daemon):
         when one is not, or when *timeout* passes first)."""
         if self.voting >= self.max_active:
             raise TxnError(f"busy: {self.voting} transactions are voting; try again later")
+        self.writable()
         txn_id = new_txn_id(self.name)
         while txn_id in self.active or txn_id in self.finished:  # a clock that went back
             txn_id = new_txn_id(self.name)
@@ -263,6 +293,15 @@ class Coordinator(Daemon):
                 txn.participants[name] = found[0]
         self._send_prepares(txn)
         return txn
+
+    def writable(self) -> None:
+        """Raise unless the journal can be written (after a failure: try it again now)."""
+        if self.journal.failed is None:
+            return
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            raise TxnError(f"{exc}; no transaction is started until it can be") from None
 
     def _not_found(self, txn: Txn, name: str) -> Txn:
         txn.acked.update(txn.participants)  # nobody was asked anything: nobody to tell
@@ -331,24 +370,31 @@ class Coordinator(Daemon):
         record = {"txn": txn.id, "participants": txn.participants, "time": round(time.time(), 3)}
         if outcome == COMMIT:
             crash.point(ROLE, "before-decision")
-            self.journal.append({**record, "state": COMMITTED})
+            txn.ticket = self.journal.append({**record, "state": COMMITTED})
             txn.state = DECIDING
             self.deciding.append(txn)
             if not self.flush_due:  # after every handler of this turn: one fsync for all
                 self.flush_due = True
                 self.after(0, "group commit", self.flush)
         else:
-            self.journal.append({**record, "state": ABORTED, "reason": reason})
-            txn.state = ABORTED
-            self.aborted += 1
-            self._answer(txn)
-            self.phase_two(txn)
+            self._abort(txn, record)
+
+    def _abort(self, txn: Txn, record: dict[str, Any]) -> None:
+        # not synced: a transaction the journal does not know was aborted anyway
+        self.journal.append({**record, "state": ABORTED, "reason": txn.reason})
+        txn.state = ABORTED
+        self.aborted += 1
+        self._answer(txn)
+        self.phase_two(txn)
 
     def flush(self) -> None:
         """Make the decisions of this turn durable, then tell their participants."""
         self.flush_due = False
         batch, self.deciding = self.deciding, []
-        self.journal.sync()
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            batch = self._not_durable(batch, exc)
         crash.point(ROLE, "after-decision")
         self.service.hold()  # one message per asker, one per participant
         for txn in batch:
@@ -358,6 +404,21 @@ class Coordinator(Daemon):
             self.phase_two(txn)
         self.service.release()
         self.peers.flush()
+
+    def _not_durable(self, batch: list[Txn], exc: JournalError) -> list[Txn]:
+        """The journal refused the commit records of *batch*: those not on disk are
+        taken back and aborted (nobody heard "commit" yet); those already on disk
+        (synced by an earlier write) stay committed and are returned."""
+        taken = self.journal.withdraw({txn.ticket for txn in batch})
+        lost = [txn for txn in batch if txn.ticket in taken]
+        self.limited("journal", f"error: {exc}; nothing is decided until it can be written")
+        self.service.hold()
+        for txn in lost:
+            txn.reason = f"not committed: {exc}"
+            when = round(time.time(), 3)
+            self._abort(txn, {"txn": txn.id, "participants": txn.participants, "time": when})
+        self.service.release()
+        return [txn for txn in batch if txn not in lost]
 
     def _answer(self, txn: Txn) -> None:
         if txn.waiter is not None:
