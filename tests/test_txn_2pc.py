@@ -15,6 +15,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -1110,3 +1112,115 @@ def test_an_ack_waits_a_moment_to_share_the_next_votes_fsync(tmp_path: Path) -> 
     finally:
         sock.close()
         part.close()
+
+
+# -- a full disk --------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+COORDINATOR_FULL = '''
+import json, os, subprocess, sys
+from eda.core.daemon import Daemon
+from eda.core.txn.coordinator import Coordinator, journal_path
+from eda.core.txn.journal import read
+from eda.core.txn.protocol import Directory
+
+d = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], check=True)
+with open(d + "/filler", "wb") as f:  # two pages left for the journal
+    f.write(b"f" * (56 << 10))
+told, votes, results = {}, [], {}
+
+class Fake(Coordinator):
+    def ask(self, txn, name, frame, callback):
+        msg = json.loads(frame)
+        if msg["op"] == "prepare":
+            votes.append(callback)
+        else:
+            told.setdefault(txn.id, set()).add(msg["outcome"])
+
+peers = {"a": "tcp://127.0.0.1:9", "b": "tcp://127.0.0.1:10"}
+make = lambda: Fake("c1", d, directory=Directory(peers), vote_timeout=60, warn=lambda m: None)
+coord = make()
+
+def turn(n):
+    ids = [coord.begin(["a", "b"], "{}", 60, lambda r: results.__setitem__(r["txn"], r)).id
+           for _ in range(n)]
+    while votes:
+        votes.pop()({"ok": True, "vote": "yes"})
+    coord._run_timers()  # the group commit
+    return ids
+
+batches = []
+while len(batches) < 100:
+    batches.append(turn(10))
+    if any(results.get(t, {}).get("outcome") != "committed" for t in batches[-1]):
+        break
+failed = batches[-1]
+refused = coord.service.answer([json.dumps({"op": "commit", "participants": ["a"]}).encode()])
+on_disk = {r["txn"]: r["state"] for r in read(journal_path(d, "c1")) if "state" in r}
+raw = journal_path(d, "c1").read_bytes()
+early = [t for b in batches[:-1] for t in b]
+outcome = {t: coord.outcome({"txn": t})["outcome"] for t in early + failed}
+told_failed = sorted({o for t in failed for o in told.get(t, ())})
+os.unlink(d + "/filler")  # room again
+after = turn(3)
+# a power cut: what was not synced is lost; a new coordinator reads the journal
+os.close(coord.journal._fd)
+coord.journal._fd = -1
+coord.journal._pending.clear()
+coord.journal.close = lambda: None
+Daemon.close(coord)
+told.clear()
+again = make()
+again._run_timers()  # phase two again
+print(json.dumps({
+    "batches": len(batches),
+    "early": {t: results[t]["outcome"] for t in early},
+    "failed": {t: [results[t]["outcome"], results[t]["reason"]] for t in failed},
+    "told_failed": told_failed,
+    "refused": refused,
+    "on_disk": on_disk,
+    "whole_lines": raw.endswith(b"\\n") and all(json.loads(x) for x in raw.splitlines()),
+    "outcome": outcome,
+    "after": {t: results[t]["outcome"] for t in after},
+    "recovered": {t: x.state for t, x in again.active.items()},
+    "told_on_restart": {t: sorted(o) for t, o in told.items()},
+    "outcome_after": {t: again.outcome({"txn": t})["outcome"] for t in failed},
+}))
+again.close()
+'''
+
+
+def test_a_coordinator_on_a_full_disk_aborts_what_it_could_not_log_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """The commit records the disk refused are taken back and those transactions
+    aborted (their participants told so, an inquiry answered "abort", never
+    "pending"); a new commit is refused with a clear error until the journal
+    can be written; then commits go on, and a restart finishes what was decided."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", COORDINATOR_FULL, str(mnt)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["batches"] >= 2 and set(out["early"].values()) == {"committed"}
+    for outcome, reason in out["failed"].values():
+        assert outcome == "aborted" and "not committed" in reason and "No space left" in reason
+    assert out["told_failed"] == ["abort"]  # never "commit"
+    refused = out["refused"]
+    assert refused["ok"] is False and "No space left on device" in refused["error"]
+    assert "no transaction is started" in refused["error"]
+    assert out["whole_lines"]  # no torn line
+    assert all(out["on_disk"][t] == "committed" for t in out["early"])
+    assert not any(out["on_disk"].get(t) == "committed" for t in out["failed"])
+    assert {out["outcome"][t] for t in out["early"]} == {"commit"}
+    assert {out["outcome"][t] for t in out["failed"]} == {"abort"}
+    assert set(out["after"].values()) == {"committed"}  # room again: deciding again
+    # the restart drives phase two of every decision again (nobody acknowledged)
+    recovered = out["recovered"]
+    assert all(recovered[t] == "committed" for t in [*out["early"], *out["after"]])
+    assert all(out["told_on_restart"][t] == ["commit"] for t in out["early"])
+    assert set(out["outcome_after"].values()) == {"abort"}
