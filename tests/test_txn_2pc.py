@@ -1224,3 +1224,101 @@ def test_a_coordinator_on_a_full_disk_aborts_what_it_could_not_log_and_recovers(
     assert all(recovered[t] == "committed" for t in [*out["early"], *out["after"]])
     assert all(out["told_on_restart"][t] == ["commit"] for t in out["early"])
     assert set(out["outcome_after"].values()) == {"abort"}
+
+
+PARTICIPANT_FULL = '''
+import json, os, subprocess, sys
+from eda.core.txn.actions import Result
+from eda.core.txn.journal import JournalError, read
+from eda.core.txn.participant import Participant, journal_path
+from eda.core.txn.status import twopc
+
+d = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], check=True)
+
+class Recorded:
+    def __init__(self):
+        self.calls = []
+    def run(self, call):
+        self.calls.append([call.phase, call.txn])
+        return Result(True)
+    def run_many(self, calls):
+        return [self.run(c) for c in calls]
+    def close(self):
+        pass
+
+def ask(part, **msg):
+    """A request and the group commit of its batch: the reply is sent only if that worked."""
+    reply = part.service.answer([json.dumps(msg).encode()])
+    try:
+        part._flush()
+    except JournalError as exc:
+        return {"not sent": str(exc)}
+    return reply
+
+prepare = {"op": "prepare", "coordinator": "c1", "reply_to": "tcp://127.0.0.1:9"}
+actions = Recorded()
+part = Participant("stock", actions, d, warn=lambda m: None)
+t1, t2 = "c1.18f0000000a000001", "c1.18f0000000b000002"
+first = ask(part, **prepare, txn=t1, data={})
+fd = os.open(d + "/filler", os.O_WRONLY | os.O_CREAT)
+try:  # the disk fills up...
+    while os.write(fd, b"f" * 4096):
+        pass
+except OSError:
+    os.close(fd)
+os.truncate(d + "/filler", max(0, os.path.getsize(d + "/filler") - 4096))  # ...all but a page
+vote = ask(part, **prepare, txn=t2, data={"pad": "p" * 9000})  # more than a page: cut short
+ack = ask(part, op="decide", txn=t1, outcome="commit")
+raw = journal_path(d, "stock").read_bytes()
+rows, problems = twopc(d)
+while_full = {"problems": problems, "states": {r["txn"]: r["state"] for r in rows}}
+subprocess.run(["mount", "-o", "remount,size=1m", d], check=True)  # room again
+part._run_timers()  # the journal timer: the buffered records go to disk
+ack_again = ask(part, op="decide", txn=t1, outcome="commit")  # the coordinator retries
+abort = ask(part, op="decide", txn=t2, outcome="abort")  # t2's vote never reached it
+part.close()
+again = Participant("stock", Recorded(), d, warn=lambda m: None)
+rows, problems = twopc(d)
+print(json.dumps({
+    "first": first, "vote": vote, "ack": ack,
+    "whole_lines": raw.endswith(b"\\n") and all(json.loads(x) for x in raw.splitlines()),
+    "while_full": while_full, "ack_again": ack_again, "abort": abort,
+    "repaired": again.journal.repaired,
+    "finished": {t: r["state"] for t, r in again.finished.items()},
+    "live": sorted(again.txns), "problems": problems,
+    "states": {r["txn"]: r["participants"]["stock"] for r in rows},
+    "actions": actions.calls,
+}))
+again.close()
+'''
+
+
+def test_a_participant_on_a_full_disk_sends_nothing_unlogged_and_goes_on_when_there_is_room(
+    tmp_path: Path,
+) -> None:
+    """While its journal cannot be written, a participant's votes and acks are not
+    sent; its journal stays whole (``status`` reads it); when the disk has room
+    the buffered records are written, the in-doubt transaction resolves, and a
+    restart finds everything."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", PARTICIPANT_FULL, str(mnt)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    t1, t2 = "c1.18f0000000a000001", "c1.18f0000000b000002"
+    assert out["first"]["vote"] == "yes"
+    assert "No space left on device" in out["vote"]["not sent"]  # no yes vote without its record
+    assert "No space left on device" in out["ack"]["not sent"]
+    assert out["whole_lines"]
+    assert out["while_full"] == {"problems": [], "states": {t1: "in-doubt"}}
+    assert out["ack_again"]["done"] is True and out["abort"]["done"] is True
+    assert out["repaired"] == 0 and out["live"] == []
+    assert out["finished"] == {t1: "committed", t2: "aborted"}
+    assert out["problems"] == [] and out["states"] == {t1: "committed", t2: "aborted"}
+    assert out["actions"] == [
+        ["prepare", t1], ["prepare", t2], ["commit", t1], ["abort", t2]
+    ]  # fmt: skip
