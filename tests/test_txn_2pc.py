@@ -1322,3 +1322,60 @@ def test_a_participant_on_a_full_disk_sends_nothing_unlogged_and_goes_on_when_th
     assert out["actions"] == [
         ["prepare", t1], ["prepare", t2], ["commit", t1], ["abort", t2]
     ]  # fmt: skip
+
+
+# -- journals bounded while running, restarts read stream-wise ------------------------------------
+def test_journals_stay_bounded_while_the_daemons_run(
+    tmp_path: Path, procs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many transactions through a running coordinator and participant: each
+    journal is compacted as it goes (new segments, counted in bytes), and what
+    it must remember is still there."""
+    from eda.core.txn import coordinator as coordinator_module
+    from eda.core.txn import participant as participant_module
+
+    kept, count = 20, 300
+    monkeypatch.setattr(coordinator_module, "FINISHED_KEPT", kept)
+    monkeypatch.setattr(coordinator_module, "COMPACT_MIN", 50)
+    monkeypatch.setattr(participant_module, "COMPACT_MIN", 50)
+    log = tmp_path / "txn"
+    stock, coord = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemons = [
+        Forked(lambda: Participant("stock", Recorded(), log, bind=stock, kept=kept), {},
+               tmp_path / "stock.errors"),
+        Forked(lambda: Coordinator("c1", log, directory=Directory({"stock": stock}), bind=coord),
+               {}, tmp_path / "coordinator.errors"),
+    ]  # fmt: skip
+    paths = [coordinator_journal(log, "c1"), participant_journal(log, "stock")]
+    client = Client([coord], timeout=10)
+    largest = [0, 0]
+    txns = []
+    try:
+        for i in range(count):
+            reply = client.request({"op": "commit", "participants": ["stock"], "data": {"n": i}})
+            assert reply["outcome"] == "committed"
+            txns.append(reply["txn"])
+            largest = [max(m, p.stat().st_size) for m, p in zip(largest, paths, strict=True)]
+        last = client.request({"op": "outcome", "txn": txns[-1]})
+        wait_until(
+            lambda: replay(list(read(paths[1]))).get(txns[-1], {}).get("state") == "committed",
+            10, "the last commit at the participant",
+        )  # fmt: skip
+    finally:
+        client.close()
+        for daemon in daemons:
+            daemon.kill()
+    # compaction is due past 4x the coordinator's remembered transactions (and 50
+    # records), 2x the participant's; a transaction or two may come first
+    longest = [max(len(line) + 1 for line in p.read_bytes().splitlines()) for p in paths]
+    coordinator_bound = (max(50, 4 * (kept + 1)) + 4) * longest[0]
+    participant_bound = (max(50, 2 * (kept + 1)) + 4) * longest[1]
+    assert largest[0] <= coordinator_bound, (largest, coordinator_bound)
+    assert largest[1] <= participant_bound, (largest, participant_bound)
+    assert coordinator_bound < count * longest[0] // 2  # far below what was written
+    assert last["outcome"] == "commit"  # remembered
+    remembered = {r.get("txn") for r in read(paths[0])}
+    assert set(txns[-kept:]) <= remembered and len(remembered) <= 4 * (kept + 1) + 4
+    participant_records = list(read(paths[1]))
+    assert any(r.get("endpoint") == stock for r in participant_records)  # for eda-txn resolve
+    assert replay(participant_records)[txns[-1]]["state"] == "committed"

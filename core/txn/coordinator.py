@@ -404,6 +404,8 @@ class Coordinator(Daemon):
             self.phase_two(txn)
         self.service.release()
         self.peers.flush()
+        if self.journal.failed is None:
+            self.compact()
 
     def _not_durable(self, batch: list[Txn], exc: JournalError) -> list[Txn]:
         """The journal refused the commit records of *batch*: those not on disk are

@@ -220,6 +220,7 @@ class Participant(Daemon):
         if self._acked:
             self._acked = False
             crash.point(ROLE, "before-ack")
+        self._compact()
 
     # -- actions ----------------------------------------------------------------------------
     def _run(self, phase: str, txn: str, data: dict[str, Any]) -> Result:
