@@ -1379,3 +1379,52 @@ def test_journals_stay_bounded_while_the_daemons_run(
     participant_records = list(read(paths[1]))
     assert any(r.get("endpoint") == stock for r in participant_records)  # for eda-txn resolve
     assert replay(participant_records)[txns[-1]]["state"] == "committed"
+
+
+def test_a_restart_reads_a_long_journal_stream_wise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator and a participant starting on journals of 6,000 transactions
+    (as a journal written before compaction while running could be): memory at
+    start holds what they remember, not the file; every unfinished one recovered."""
+    import tracemalloc
+
+    from eda.core.txn import coordinator as coordinator_module
+    from eda.core.txn import participant as participant_module
+
+    monkeypatch.setattr(coordinator_module, "FINISHED_KEPT", 100)
+    monkeypatch.setattr(coordinator_module, "COMPACT_MIN", 1000)
+    monkeypatch.setattr(participant_module, "COMPACT_MIN", 1000)
+    endpoint = {"a": "tcp://127.0.0.1:9"}
+    paths = [coordinator_journal(tmp_path, "c1"), participant_journal(tmp_path, "a")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    with open(paths[0], "w") as c, open(paths[1], "w") as p:
+        for i in range(6_000):
+            txn = f"c1.{i:017x}"
+            c.write(json.dumps({"txn": txn, "state": "committed", "participants": endpoint,
+                                "time": 1764290000.0 + i}) + "\n")  # fmt: skip
+            p.write(json.dumps({"txn": txn, "state": "prepared", "data": {"n": i},
+                                "coordinator": "c1", "reply_to": endpoint["a"]}) + "\n")  # fmt: skip
+            if i not in (7, 5_990):  # two still to finish
+                c.write(json.dumps({"txn": txn, "state": "done", "outcome": "committed"}) + "\n")
+                p.write(json.dumps({"txn": txn, "state": "committed", "time": 1.0}) + "\n")
+    sizes = [path.stat().st_size for path in paths]
+    assert min(sizes) > 900_000
+    tracemalloc.start()
+    try:
+        coord = Coordinator("c1", tmp_path, directory=Directory(endpoint))
+        coord_peak = tracemalloc.get_traced_memory()[1]
+        coord.close()
+        tracemalloc.reset_peak()
+        part = Participant("a", Recorded(), tmp_path, kept=100)
+        part_peak = tracemalloc.get_traced_memory()[1]
+        part.close()
+    finally:
+        tracemalloc.stop()
+    assert coord_peak < sizes[0] // 4, (coord_peak, sizes[0])
+    assert part_peak < sizes[1] // 4, (part_peak, sizes[1])
+    assert sorted(coord.active) == sorted(part.txns) == [f"c1.{7:017x}", f"c1.{5_990:017x}"]
+    assert list(coord.finished)[-1] == f"c1.{5_999:017x}" and len(coord.finished) == 100
+    assert len(part.finished) == 100
+    # and both compacted on the way: a restart now reads a short file
+    assert all(path.stat().st_size < size // 20 for path, size in zip(paths, sizes, strict=True))
