@@ -1117,7 +1117,7 @@ def test_an_ack_waits_a_moment_to_share_the_next_votes_fsync(tmp_path: Path) -> 
 # -- a full disk --------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 
-COORDINATOR_FULL = '''
+COORDINATOR_FULL = """
 import json, os, subprocess, sys
 from eda.core.daemon import Daemon
 from eda.core.txn.coordinator import Coordinator, journal_path
@@ -1188,7 +1188,7 @@ print(json.dumps({
     "outcome_after": {t: again.outcome({"txn": t})["outcome"] for t in failed},
 }))
 again.close()
-'''
+"""
 
 
 def test_a_coordinator_on_a_full_disk_aborts_what_it_could_not_log_and_recovers(
