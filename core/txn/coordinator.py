@@ -28,6 +28,7 @@ Records::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -130,14 +131,21 @@ class Coordinator(Daemon):
         self.directory = directory or Directory()
         self.vote_timeout = vote_timeout
         self.retry_max = retry_max
-        self.journal = journal or open_journal(journal_path(log_dir, name))
+        self.finished: OrderedDict[str, str] = OrderedDict()
+        decided: dict[str, dict[str, Any]] = {}  # read from the journal: not done yet
+        fold = functools.partial(self._fold, decided)
+        if journal is None:
+            journal = open_journal(journal_path(log_dir, name), fold)
+        else:
+            for record in journal.replay():
+                fold(record)
+        self.journal = journal
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.max_active = max_active
         self.voting = 0  # transactions of self.active still voting
         self.active: dict[str, Txn] = {}
         self.looking: dict[str, list[Txn]] = {}  # participant name -> transactions waiting for it
-        self.finished: OrderedDict[str, str] = OrderedDict()
         self.deciding: list[Txn] = []
         self.flush_due = False
         self.committed = self.aborted = 0
@@ -150,7 +158,7 @@ class Coordinator(Daemon):
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self)
         self.directory.attach(self, self.found)
-        self.recover()
+        self.recover(decided)
         self.every(0.05, "vote timeouts and phase two", self.retry)
         self.every(0.2, "journal", self.sync_journal)
 
@@ -171,22 +179,22 @@ class Coordinator(Daemon):
         txn.asked[name] = (peer, peer.ask(msg, callback))
 
     # -- recovery ----------------------------------------------------------------------------
-    def recover(self) -> None:
-        """Drive again every transaction the journal shows decided and not done.
+    def _fold(self, decided: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+        """One record of the journal, read on start: the decisions not done yet go
+        to *decided*, the done ones to :attr:`finished` (memory holds those, not
+        the file)."""
+        txn_id, state = record.get("txn"), record.get("state")
+        if not isinstance(txn_id, str) or state is None:
+            return
+        if state in (COMMITTED, ABORTED):
+            if isinstance(record.get("participants"), dict):
+                decided[txn_id] = record
+        elif state == "done":
+            decided.pop(txn_id, None)
+            self._finished(txn_id, record.get("outcome"))
 
-        The journal is read stream-wise: memory holds the transactions not done
-        and the remembered finished ones, whatever the size of the file."""
-        decided: dict[str, dict[str, Any]] = {}
-        for record in self.journal.replay():
-            txn_id, state = record.get("txn"), record.get("state")
-            if not isinstance(txn_id, str) or state is None:
-                continue
-            if state in (COMMITTED, ABORTED):
-                if isinstance(record.get("participants"), dict):
-                    decided[txn_id] = record
-            elif state == "done":
-                decided.pop(txn_id, None)
-                self._finished(txn_id, record.get("outcome"))
+    def recover(self, decided: dict[str, dict[str, Any]]) -> None:
+        """Drive again every transaction the journal shows decided and not done."""
         for txn_id, record in decided.items():
             state = record["state"]
             participants = record["participants"]

@@ -17,9 +17,9 @@ The coordinator, participants and the saga executor each keep one.  The rules:
   reported in :attr:`Journal.repaired`.  A bad record *before* good ones is
   not a torn tail but a damaged file: :class:`CorruptJournal`, never silently
   dropped history;
-- opening reads the file stream-wise (memory does not grow with its size) and
-  :meth:`Journal.replay` streams its records again for the owner to fold into
-  its state;
+- opening reads the file stream-wise (memory does not grow with its size),
+  handing each record to the owner's *fold* (or :meth:`Journal.replay`
+  streams them again later);
 - :meth:`Journal.compact` starts a new segment holding only what the owner
   still needs (a new file, fsynced, renamed over the old one: a crash leaves
   one or the other, never half of each), so a journal stays bounded while
@@ -249,32 +249,41 @@ def _lines(f: IO[bytes], end: int | None = None) -> Iterator[tuple[int, bytes | 
         pos += len(line)
 
 
-def scan(f: IO[bytes]) -> tuple[int, int]:
+Fold = Callable[[dict[str, Any]], None]
+
+
+def scan(f: IO[bytes], fold: Fold | None = None) -> tuple[int, int]:
     """The offset where the good records of *f* end, and how many there are.
 
-    Reads stream-wise.  Raises :class:`CorruptJournal` when a bad line is
-    followed by a good one."""
+    Reads stream-wise, handing each good record to *fold*.  Raises
+    :class:`CorruptJournal` when a bad line is followed by a good one."""
     good_end = count = 0
     bad_at: int | None = None
     for pos, line in _lines(f):
-        if line is None or _parse(line) is None:
+        record = _parse(line) if line is not None else None
+        if record is None:
             if bad_at is None:
                 bad_at = pos
         elif bad_at is not None:
             raise CorruptJournal(f"bad record at line {count + 1}, followed by good ones")
         else:
             count += 1
-            good_end = pos + len(line) + 1
+            good_end = pos + len(line or b"") + 1
+            if fold is not None:
+                fold(record)
     return good_end, count
 
 
-def open_journal(path: str | os.PathLike[str]) -> Journal:
-    """Open (creating) the journal at *path*, cutting a torn tail at the last good record."""
+def open_journal(path: str | os.PathLike[str], fold: Fold | None = None) -> Journal:
+    """Open (creating) the journal at *path*, cutting a torn tail at the last good record.
+
+    *fold*, when given, gets every good record, oldest first, as the file is
+    read (one pass: what a daemon folds into its state on start)."""
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(file, "rb") as f:
-            end, count = scan(f)
+            end, count = scan(f, fold)
             length = f.seek(0, os.SEEK_END)
     except FileNotFoundError:
         end = count = length = 0

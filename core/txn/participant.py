@@ -109,14 +109,14 @@ class Participant(Daemon):
         self.inquire_timeout = inquire_timeout
         # name -> endpoints, when the recorded one fails; looked up off the loop
         self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
-        self.journal = open_journal(journal_path(log_dir, name))
-        if self.journal.repaired:
-            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
         self.max_live = max_live
         self.started: dict[str, Any] = {}  # this process's start record (with its endpoint)
-        self._load()
+        self.journal = open_journal(journal_path(log_dir, name), self._load)
+        if self.journal.repaired:
+            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
+        self._compact()
         now = time.monotonic()
         self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
@@ -153,23 +153,21 @@ class Participant(Daemon):
         self.every(0.2, "journal", self._sync_journal)
 
     # -- the journal ------------------------------------------------------------------------
-    def _load(self) -> None:
-        """Live and finished transactions from the journal (read stream-wise: memory
-        holds what is remembered, not the file); compacted if mostly forgotten."""
-        for record in self.journal.replay():
-            mark = record.get("forgotten_before")
-            if isinstance(mark, int) and mark > self.finished.forgotten_before:
-                self.finished.forgotten_before = mark
-            txn = record.get("txn")
-            if not isinstance(txn, str):
-                continue
-            merged = self.txns.pop(txn, None) or self.finished.pop(txn, None) or {}
-            merged.update(record)
-            if merged.get("state") in FINAL:
-                self.finished.add(txn, _final(txn, merged))
-            else:
-                self.txns[txn] = merged
-        self._compact()
+    def _load(self, record: dict[str, Any]) -> None:
+        """One record of the journal, read on start (stream-wise: memory holds the
+        live and remembered transactions, not the file)."""
+        mark = record.get("forgotten_before")
+        if isinstance(mark, int) and mark > self.finished.forgotten_before:
+            self.finished.forgotten_before = mark
+        txn = record.get("txn")
+        if not isinstance(txn, str):
+            return
+        merged = self.txns.pop(txn, None) or self.finished.pop(txn, None) or {}
+        merged.update(record)
+        if merged.get("state") in FINAL:
+            self.finished.add(txn, _final(txn, merged))
+        else:
+            self.txns[txn] = merged
 
     def _compact(self) -> None:
         """A new journal segment when the journal is mostly forgotten transactions:
