@@ -1428,3 +1428,44 @@ def test_a_restart_reads_a_long_journal_stream_wise(
     assert len(part.finished) == 100
     # and both compacted on the way: a restart now reads a short file
     assert all(path.stat().st_size < size // 20 for path, size in zip(paths, sizes, strict=True))
+
+
+def test_compaction_keeps_every_record_of_an_unfinished_transaction_whatever_its_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records a participant writes before or beside its vote (a "preparing" record,
+    an in-doubt note, kinds this version does not know) all survive compaction."""
+    from eda.core.txn import participant as participant_module
+
+    monkeypatch.setattr(participant_module, "COMPACT_MIN", 10)
+    path = participant_journal(tmp_path, "stock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    live = "c1.18f0000000a0000ff"
+    unfinished = [
+        {"txn": live, "state": "preparing", "data": {"n": 1}, "coordinator": "c1"},
+        {"txn": live, "in_doubt": "coordinator c1 does not answer", "time": 2.0},
+        {"txn": live, "note": "a kind of record from a newer version"},
+    ]
+    records: list[dict[str, Any]] = []
+    for i in range(40):
+        txn = f"c1.{i:017x}"
+        records += [{"txn": txn, "state": "prepared", "data": {}}, {"txn": txn, "state": "aborted"}]
+        if i == 3:
+            records += unfinished
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    part = Participant("stock", Recorded(), tmp_path, kept=5)
+    try:
+        kept = list(read(path))
+        assert [r for r in kept if r.get("txn") == live] == unfinished  # each one, in order
+        assert len(kept) == 1 + 5 + len(unfinished) + 1  # the mark, the remembered, a start
+        for i in range(30):  # and again while running
+            txn = f"c1.{100 + i:017x}"
+            prepare = {"data": {}, "coordinator": "c1", "reply_to": "tcp://127.0.0.1:9"}
+            assert ask(part, op="prepare", txn=txn, **prepare)["vote"] == "yes"
+            assert ask(part, op="decide", txn=txn, outcome="abort")["done"] is True
+            part._flush()
+        kept = list(read(path))
+        assert len(kept) < 40 and [r for r in kept if r.get("txn") == live] == unfinished
+        assert any(r.get("endpoint") == part.endpoint for r in kept)
+    finally:
+        part.close()

@@ -208,11 +208,14 @@ class Coordinator(Daemon):
     # -- the journal -------------------------------------------------------------------------
     def sync_journal(self) -> None:
         """Make what was appended durable (aborts, done records), then compact if due."""
+        failed = self.journal.failed
         try:
             self.journal.sync()
         except JournalError as exc:
             self.limited("journal", f"error: {exc}; nothing is decided until it can be written")
             return
+        if failed is not None and self.journal.failed is None:
+            self.warn(f"the journal {self.journal.path} can be written again: deciding again")
         self.compact()
 
     def compact(self) -> None:
