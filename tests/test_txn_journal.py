@@ -236,3 +236,29 @@ def test_an_overlong_line_is_a_bad_record_not_a_memory_hog(tmp_path: Path) -> No
     j = open_journal(path)
     assert j.records == [{"a": 1}] and j.repaired == 3 << 20
     j.close()
+
+
+def test_compaction_by_transaction_judges_every_record_of_one_alike(tmp_path: Path) -> None:
+    """With *txns*, every record of a transaction goes or stays with it, however
+    its line is written (read without parsing when the id comes first)."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        '{"txn": "c1.a", "state": "preparing"}\n'  # spaces: parsed
+        '{"state": "prepared", "txn": "c1.a"}\n'  # the id not first: parsed
+        '{"txn":"c1.b","state":"committed"}\n'
+        '{"mark": 1}\n'
+        '{"txn":"c1.\\u0061","note":"an escaped id"}\n'  # "c1.a", escaped: parsed
+        '{"txn":"c1.b","hazard":"x"}\n'
+    )
+    with open_journal(path) as j:
+        j.append({"txn": "c1.a", "state": "new kind"})
+        kept = j.compact([{"head": True}], lambda r: "mark" in r, lambda t: t == "c1.a")
+    records = list(read(path))
+    assert kept == 6 and records == [
+        {"head": True},
+        {"txn": "c1.a", "state": "preparing"},
+        {"state": "prepared", "txn": "c1.a"},
+        {"mark": 1},
+        {"txn": "c1.a", "note": "an escaped id"},
+        {"txn": "c1.a", "state": "new kind"},
+    ]

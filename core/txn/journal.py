@@ -149,13 +149,19 @@ class Journal:
 
     # -- compaction -------------------------------------------------------------------------
     def compact(
-        self, head: Iterable[Mapping[str, Any]], keep: Callable[[dict[str, Any]], bool]
+        self,
+        head: Iterable[Mapping[str, Any]],
+        keep: Callable[[dict[str, Any]], bool],
+        txns: Callable[[str], bool] | None = None,
     ) -> int:
         """Start a new segment: the records of *head*, then every record of the
         current segment that *keep* accepts, in order.  Returns the records it holds.
 
-        Buffered records are synced first.  Raises :class:`JournalError` when the
-        new segment cannot be written: the journal then goes on in the old one."""
+        With *txns*, a record with a ``txn`` is kept exactly when ``txns(txn)``
+        says so (most lines then need no parsing: :meth:`append` writes that
+        key first), and *keep* judges the others.  Buffered records are synced
+        first.  Raises :class:`JournalError` when the new segment cannot be
+        written: the journal then goes on in the old one."""
         self.sync()
         tmp = self.path.with_name(self.path.name + ".compact")
         size = count = 0
@@ -166,10 +172,9 @@ class Journal:
                     out.write(data)
                     size, count = size + len(data), count + 1
                 with open(self.path, "rb") as f:
-                    for line, record in _good(f, self.size):
-                        if keep(record):
-                            out.write(line)
-                            size, count = size + len(line), count + 1
+                    for line in _kept(f, self.size, keep, txns):
+                        out.write(line)
+                        size, count = size + len(line), count + 1
                 out.flush()
                 os.fsync(out.fileno())
             fd = os.open(tmp, os.O_WRONLY | os.O_APPEND)
@@ -318,6 +323,38 @@ def _records(f: IO[bytes], end: int) -> Iterator[dict[str, Any]]:
     with f:
         for _line, record in _good(f, end):
             yield record
+
+
+_TXN_FIRST = b'{"txn":"'
+
+
+def _kept(
+    f: IO[bytes],
+    end: int,
+    keep: Callable[[dict[str, Any]], bool],
+    txns: Callable[[str], bool] | None,
+) -> Iterator[bytes]:
+    """The lines (with their newlines) of the good records of *f* before *end*
+    that *keep* or *txns* accept (see :meth:`Journal.compact`)."""
+    for _pos, line in _lines(f, end):
+        if line is None:
+            continue
+        if txns is not None and line.startswith(_TXN_FIRST):
+            close = line.find(b'"', len(_TXN_FIRST))
+            txn = line[len(_TXN_FIRST) : close]
+            if close > 0 and b"\\" not in txn:  # a plain id: no escapes to decode
+                if txns(txn.decode("utf-8", "replace")):
+                    yield line + b"\n"
+                continue
+        record = _parse(line)
+        if record is None:
+            continue
+        txn_id = record.get("txn")
+        if txns is not None and isinstance(txn_id, str):
+            if txns(txn_id):
+                yield line + b"\n"
+        elif keep(record):
+            yield line + b"\n"
 
 
 def _good(f: IO[bytes], end: int) -> Iterator[tuple[bytes, dict[str, Any]]]:

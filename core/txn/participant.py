@@ -178,15 +178,12 @@ class Participant(Daemon):
         started = [self.started] if self.started else []
         head = [{"forgotten_before": self.finished.forgotten_before}, *self.finished.values()]
         try:
-            kept = self.journal.compact([*head, *started], self._unfinished)
+            # every record of an unfinished transaction; the rest is in the head
+            kept = self.journal.compact([*head, *started], _nothing, self.txns.__contains__)
         except JournalError as exc:
             self.limited("journal", f"warning: {exc}; it goes on in the old segment")
             return
         self.log(f"journal compacted: {count} records -> {kept}")
-
-    def _unfinished(self, record: dict[str, Any]) -> bool:
-        txn = record.get("txn")
-        return isinstance(txn, str) and txn in self.txns
 
     def _sync_journal(self) -> None:
         self.journal.sync()  # a failure is warned by the loop; the records stay buffered
@@ -492,6 +489,10 @@ class _Nobody:
 
 
 _NOBODY = _Nobody()
+
+
+def _nothing(_record: dict[str, Any]) -> bool:
+    return False
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:
