@@ -503,7 +503,7 @@ class Coordinator(Daemon):
 
     def close(self) -> None:
         try:
-            self.journal.close()
             self.directory.close()
+            self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()

@@ -473,10 +473,10 @@ class Participant(Daemon):
 
     def close(self) -> None:
         try:
-            self.journal.close()
             self.actions.close()
             if self.coordinators is not None:
                 self.coordinators.close()
+            self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()
 
