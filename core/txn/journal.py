@@ -181,6 +181,9 @@ class Journal:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise JournalError(f"cannot compact the journal {self.path}: {exc.strerror}") from None
+        except BaseException:  # a record or a predicate that failed: no half segment left
+            tmp.unlink(missing_ok=True)
+            raise
         try:
             os.replace(tmp, self.path)
         except OSError as exc:
