@@ -12,7 +12,7 @@ not done is driven again; undecided ones were never logged: aborted.  The
 last :data:`FINISHED_KEPT` finished transactions are remembered; when the
 journal is mostly made of older ones, it is compacted (on start and while
 running): a new segment keeps every record of the transactions not finished
-and of the remembered ones, and every hazard.
+and of the remembered ones, and the last :data:`FINISHED_KEPT` hazards.
 
 A journal that cannot be written (disk full) decides nothing: the commits
 whose record did not reach the disk are aborted (their participants told so),
@@ -32,7 +32,7 @@ import functools
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +107,10 @@ def _quiet(_message: str) -> None:
     pass
 
 
+def _nothing(_record: dict[str, Any]) -> bool:
+    return False
+
+
 class Coordinator(Daemon):
     """Runs the transactions asked of it (``commit``) and answers ``outcome`` questions."""
 
@@ -132,6 +136,7 @@ class Coordinator(Daemon):
         self.vote_timeout = vote_timeout
         self.retry_max = retry_max
         self.finished: OrderedDict[str, str] = OrderedDict()
+        self.hazard_records: deque[dict[str, Any]] = deque(maxlen=FINISHED_KEPT)
         decided: dict[str, dict[str, Any]] = {}  # read from the journal: not done yet
         fold = functools.partial(self._fold, decided)
         if journal is None:
@@ -184,6 +189,8 @@ class Coordinator(Daemon):
         to *decided*, the done ones to :attr:`finished` (memory holds those, not
         the file)."""
         txn_id, state = record.get("txn"), record.get("state")
+        if "hazard" in record:
+            self.hazard_records.append(record)
         if not isinstance(txn_id, str) or state is None:
             return
         if state in (COMMITTED, ABORTED):
@@ -220,22 +227,21 @@ class Coordinator(Daemon):
 
     def compact(self) -> None:
         """A new journal segment, when the journal is mostly forgotten transactions:
-        every record of the active and remembered transactions is kept, and hazards."""
+        every record of the active and remembered transactions is kept, and the
+        hazards (of forgotten transactions too: in the head)."""
         count = self.journal.count
         if count <= COMPACT_MIN or count <= 4 * (len(self.active) + len(self.finished)):
             return
         try:
-            kept = self.journal.compact((), self._keep)
+            hazards = [r for r in self.hazard_records if not self._remembered(r.get("txn"))]
+            kept = self.journal.compact(hazards, _nothing, self._remembered)
         except JournalError as exc:
             self.limited("journal", f"warning: {exc}; it goes on in the old segment")
             return
         self.log(f"journal compacted: {count} records -> {kept}")
 
-    def _keep(self, record: dict[str, Any]) -> bool:
-        txn = record.get("txn")
-        if not isinstance(txn, str):
-            return False
-        return txn in self.active or txn in self.finished or "hazard" in record
+    def _remembered(self, txn: object) -> bool:
+        return isinstance(txn, str) and (txn in self.active or txn in self.finished)
 
     def _finished(self, txn_id: str, outcome: object) -> None:
         self.finished[txn_id] = outcome if outcome in (COMMITTED, ABORTED) else COMMITTED
@@ -472,7 +478,9 @@ class Coordinator(Daemon):
 
     def _hazard(self, txn: Txn, name: str, why: str) -> None:
         txn.hazards.append(name)
-        self.journal.write({"txn": txn.id, "hazard": name, "outcome": txn.state, "why": why})
+        record = {"txn": txn.id, "hazard": name, "outcome": txn.state, "why": why}
+        self.hazard_records.append(record)
+        self.journal.write(record)
         self.warn(f"warning: heuristic hazard: {txn.id} {txn.state}, but at {name} {why}")
 
     def _maybe_done(self, txn: Txn) -> None:
