@@ -1,10 +1,10 @@
 """Keeping 2PC journals and memory bounded: finished transactions are forgotten in order.
 
 A daemon remembers the last *kept* finished transactions (to answer a
-repeated message about them) and forgets older ones; on start, a journal
-mostly made of forgotten transactions is rewritten with only what is still
-remembered (a new file, fsynced, renamed over the old one: a crash leaves
-one or the other, never half of each).
+repeated message about them) and forgets older ones; a journal mostly made
+of forgotten transactions (over :data:`COMPACT_MIN` records) is compacted,
+on start and while running, into a new segment with only what is still
+needed (:meth:`.journal.Journal.compact`).
 
 Transaction ids carry their creation time (``COORDINATOR.TTTTTTTTTTTRRRRRR``:
 eleven hex digits of milliseconds, six random), so a daemon can tell a
@@ -14,12 +14,9 @@ never saw.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-from .journal import Journal, open_journal
 
 COMPACT_MIN = 20_000  # records: smaller journals are read as they are
 
@@ -55,22 +52,3 @@ class Finished(OrderedDict[str, dict[str, Any]]):
         """Whether *txn* is older than something forgotten (so perhaps forgotten itself)."""
         when = created_ms(txn)
         return when is not None and when <= self.forgotten_before
-
-
-def rewrite(journal: Journal, records: Iterable[Mapping[str, Any]]) -> Journal:
-    """Replace *journal*'s file by *records*; the journal reopened on the new file."""
-    path = journal.path
-    tmp = path.with_name(path.name + ".compact")
-    tmp.unlink(missing_ok=True)
-    with open_journal(tmp) as fresh:
-        for record in records:
-            fresh.append(record)
-        fresh.sync()
-    journal.close()
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
-    return open_journal(path)

@@ -9,8 +9,14 @@ what a participant asking about it hears.  Phase two is retried, with
 backoff, until every participant acknowledged; then a ``done`` record lets a
 restart skip it.  On start the journal is read and every decided transaction
 not done is driven again; undecided ones were never logged: aborted.  The
-last :data:`FINISHED_KEPT` finished transactions are remembered; a journal
-mostly made of older ones is rewritten without them on start.
+last :data:`FINISHED_KEPT` finished transactions are remembered; when the
+journal is mostly made of older ones, it is compacted (on start and while
+running): a new segment keeps every record of the transactions not finished
+and of the remembered ones, and the last :data:`FINISHED_KEPT` hazards.
+
+A journal that cannot be written (disk full) decides nothing: the commits
+whose record did not reach the disk are aborted (their participants told so),
+and a new ``commit`` is refused with an error until a write succeeds again.
 
 Records::
 
@@ -22,10 +28,11 @@ Records::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +41,8 @@ from typing import Any
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
 from . import crash
-from .compact import COMPACT_MIN, rewrite
-from .journal import Journal, open_journal
+from .compact import COMPACT_MIN
+from .journal import Journal, JournalError, open_journal
 from .protocol import (
     ABORT,
     COMMIT,
@@ -84,6 +91,7 @@ class Txn:
     next_try: float = 0.0
     asked: dict[str, Any] = field(default_factory=dict)  # name -> (peer, rid) outstanding
     prepare: bytes = b""  # the prepare message, while participants are being looked up
+    ticket: int = 0  # the journal's ticket of its commit record, until it is durable
     hazards: list[str] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
@@ -97,6 +105,10 @@ class Txn:
 
 def _quiet(_message: str) -> None:
     pass
+
+
+def _nothing(_record: dict[str, Any]) -> bool:
+    return False
 
 
 class Coordinator(Daemon):
@@ -123,14 +135,22 @@ class Coordinator(Daemon):
         self.directory = directory or Directory()
         self.vote_timeout = vote_timeout
         self.retry_max = retry_max
-        self.journal = journal or open_journal(journal_path(log_dir, name))
+        self.finished: OrderedDict[str, str] = OrderedDict()
+        self.hazard_records: deque[dict[str, Any]] = deque(maxlen=FINISHED_KEPT)
+        decided: dict[str, dict[str, Any]] = {}  # read from the journal: not done yet
+        fold = functools.partial(self._fold, decided)
+        if journal is None:
+            journal = open_journal(journal_path(log_dir, name), fold)
+        else:
+            for record in journal.replay():
+                fold(record)
+        self.journal = journal
         if self.journal.repaired:
             self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.max_active = max_active
         self.voting = 0  # transactions of self.active still voting
         self.active: dict[str, Txn] = {}
         self.looking: dict[str, list[Txn]] = {}  # participant name -> transactions waiting for it
-        self.finished: OrderedDict[str, str] = OrderedDict()
         self.deciding: list[Txn] = []
         self.flush_due = False
         self.committed = self.aborted = 0
@@ -143,9 +163,9 @@ class Coordinator(Daemon):
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self)
         self.directory.attach(self, self.found)
-        self.recover()
+        self.recover(decided)
         self.every(0.05, "vote timeouts and phase two", self.retry)
-        self.every(0.2, "journal", self.journal.sync)
+        self.every(0.2, "journal", self.sync_journal)
 
     # -- transport (a test replaces it) -------------------------------------------------------
     def ask(self, txn: Txn, name: str, msg: bytes, callback: Callable[..., None]) -> None:
@@ -164,38 +184,64 @@ class Coordinator(Daemon):
         txn.asked[name] = (peer, peer.ask(msg, callback))
 
     # -- recovery ----------------------------------------------------------------------------
-    def recover(self) -> None:
+    def _fold(self, decided: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+        """One record of the journal, read on start: the decisions not done yet go
+        to *decided*, the done ones to :attr:`finished` (memory holds those, not
+        the file)."""
+        txn_id, state = record.get("txn"), record.get("state")
+        if "hazard" in record:
+            self.hazard_records.append(record)
+        if not isinstance(txn_id, str) or state is None:
+            return
+        if state in (COMMITTED, ABORTED):
+            if isinstance(record.get("participants"), dict):
+                decided[txn_id] = record
+        elif state == "done":
+            decided.pop(txn_id, None)
+            self._finished(txn_id, record.get("outcome"))
+
+    def recover(self, decided: dict[str, dict[str, Any]]) -> None:
         """Drive again every transaction the journal shows decided and not done."""
-        last: dict[str, dict[str, Any]] = {}
-        for record in self.journal.records:
-            txn = record.get("txn")
-            if isinstance(txn, str) and record.get("state") is not None:
-                last.setdefault(txn, {}).update(record)
-        for txn_id, record in last.items():
-            state = record.get("state")
-            if state not in (COMMITTED, ABORTED):
-                if state == "done":
-                    self._finished(txn_id, record.get("outcome"))
-                continue
-            participants = record.get("participants")
-            if not isinstance(participants, dict):
-                continue
+        for txn_id, record in decided.items():
+            state = record["state"]
+            participants = record["participants"]
             txn = Txn(txn_id, participants, state=state)
             txn.reason = str(record.get("reason", ""))
             txn.acked = {n for n, e in participants.items() if e is None}
             self.active[txn_id] = txn
             self.log(f"recovering {txn_id}: {state}, phase two again")
-        records = self.journal.records
-        if len(records) > COMPACT_MIN and len(records) > 4 * (
-            len(self.active) + len(self.finished)
-        ):
-            kept = [
-                r
-                for r in records
-                if r.get("txn") in self.active or r.get("txn") in self.finished or "hazard" in r
-            ]
-            self.journal = rewrite(self.journal, kept)
-            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
+        self.compact()
+
+    # -- the journal -------------------------------------------------------------------------
+    def sync_journal(self) -> None:
+        """Make what was appended durable (aborts, done records), then compact if due."""
+        failed = self.journal.failed
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            self.limited("journal", f"error: {exc}; nothing is decided until it can be written")
+            return
+        if failed is not None and self.journal.failed is None:
+            self.warn(f"the journal {self.journal.path} can be written again: deciding again")
+        self.compact()
+
+    def compact(self) -> None:
+        """A new journal segment, when the journal is mostly forgotten transactions:
+        every record of the active and remembered transactions is kept, and the
+        hazards (of forgotten transactions too: in the head)."""
+        count = self.journal.count
+        if count <= COMPACT_MIN or count <= 4 * (len(self.active) + len(self.finished)):
+            return
+        try:
+            hazards = [r for r in self.hazard_records if not self._remembered(r.get("txn"))]
+            kept = self.journal.compact(hazards, _nothing, self._remembered)
+        except JournalError as exc:
+            self.limited("journal", f"warning: {exc}; it goes on in the old segment")
+            return
+        self.log(f"journal compacted: {count} records -> {kept}")
+
+    def _remembered(self, txn: object) -> bool:
+        return isinstance(txn, str) and (txn in self.active or txn in self.finished)
 
     def _finished(self, txn_id: str, outcome: object) -> None:
         self.finished[txn_id] = outcome if outcome in (COMMITTED, ABORTED) else COMMITTED
@@ -241,6 +287,7 @@ class Coordinator(Daemon):
         when one is not, or when *timeout* passes first)."""
         if self.voting >= self.max_active:
             raise TxnError(f"busy: {self.voting} transactions are voting; try again later")
+        self.writable()
         txn_id = new_txn_id(self.name)
         while txn_id in self.active or txn_id in self.finished:  # a clock that went back
             txn_id = new_txn_id(self.name)
@@ -263,6 +310,15 @@ class Coordinator(Daemon):
                 txn.participants[name] = found[0]
         self._send_prepares(txn)
         return txn
+
+    def writable(self) -> None:
+        """Raise unless the journal can be written (after a failure: try it again now)."""
+        if self.journal.failed is None:
+            return
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            raise TxnError(f"{exc}; no transaction is started until it can be") from None
 
     def _not_found(self, txn: Txn, name: str) -> Txn:
         txn.acked.update(txn.participants)  # nobody was asked anything: nobody to tell
@@ -331,24 +387,31 @@ class Coordinator(Daemon):
         record = {"txn": txn.id, "participants": txn.participants, "time": round(time.time(), 3)}
         if outcome == COMMIT:
             crash.point(ROLE, "before-decision")
-            self.journal.append({**record, "state": COMMITTED})
+            txn.ticket = self.journal.append({**record, "state": COMMITTED})
             txn.state = DECIDING
             self.deciding.append(txn)
             if not self.flush_due:  # after every handler of this turn: one fsync for all
                 self.flush_due = True
                 self.after(0, "group commit", self.flush)
         else:
-            self.journal.append({**record, "state": ABORTED, "reason": reason})
-            txn.state = ABORTED
-            self.aborted += 1
-            self._answer(txn)
-            self.phase_two(txn)
+            self._abort(txn, record)
+
+    def _abort(self, txn: Txn, record: dict[str, Any]) -> None:
+        # not synced: a transaction the journal does not know was aborted anyway
+        self.journal.append({**record, "state": ABORTED, "reason": txn.reason})
+        txn.state = ABORTED
+        self.aborted += 1
+        self._answer(txn)
+        self.phase_two(txn)
 
     def flush(self) -> None:
         """Make the decisions of this turn durable, then tell their participants."""
         self.flush_due = False
         batch, self.deciding = self.deciding, []
-        self.journal.sync()
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            batch = self._not_durable(batch, exc)
         crash.point(ROLE, "after-decision")
         self.service.hold()  # one message per asker, one per participant
         for txn in batch:
@@ -358,6 +421,23 @@ class Coordinator(Daemon):
             self.phase_two(txn)
         self.service.release()
         self.peers.flush()
+        if self.journal.failed is None:
+            self.compact()
+
+    def _not_durable(self, batch: list[Txn], exc: JournalError) -> list[Txn]:
+        """The journal refused the commit records of *batch*: those not on disk are
+        taken back and aborted (nobody heard "commit" yet); those already on disk
+        (synced by an earlier write) stay committed and are returned."""
+        taken = self.journal.withdraw({txn.ticket for txn in batch})
+        lost = [txn for txn in batch if txn.ticket in taken]
+        self.limited("journal", f"error: {exc}; nothing is decided until it can be written")
+        self.service.hold()
+        for txn in lost:
+            txn.reason = f"not committed: {exc}"
+            when = round(time.time(), 3)
+            self._abort(txn, {"txn": txn.id, "participants": txn.participants, "time": when})
+        self.service.release()
+        return [txn for txn in batch if txn not in lost]
 
     def _answer(self, txn: Txn) -> None:
         if txn.waiter is not None:
@@ -398,7 +478,9 @@ class Coordinator(Daemon):
 
     def _hazard(self, txn: Txn, name: str, why: str) -> None:
         txn.hazards.append(name)
-        self.journal.write({"txn": txn.id, "hazard": name, "outcome": txn.state, "why": why})
+        record = {"txn": txn.id, "hazard": name, "outcome": txn.state, "why": why}
+        self.hazard_records.append(record)
+        self.journal.write(record)
         self.warn(f"warning: heuristic hazard: {txn.id} {txn.state}, but at {name} {why}")
 
     def _maybe_done(self, txn: Txn) -> None:
@@ -429,7 +511,7 @@ class Coordinator(Daemon):
 
     def close(self) -> None:
         try:
-            self.journal.close()
             self.directory.close()
+            self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()

@@ -19,7 +19,10 @@ coordinator's outcome contradicted the operator's).
 A yes vote is fsynced before it is sent; an ack (``done``) only after the
 final record is fsynced.  Finished transactions are kept in memory as a
 small record, the last *kept* of them (:mod:`.compact`); a journal mostly
-made of forgotten ones is rewritten on start.  Requests drained together share one fsync.  A
+made of forgotten ones is compacted, on start and while running (every record
+of an unfinished transaction is kept, whatever its state).  A journal that
+cannot be written (disk full) sends no vote and no ack until it can.
+Requests drained together share one fsync.  A
 transaction prepared for longer than *inquire_after* seconds asks its
 coordinator for the outcome, again and again; while no coordinator answers
 it stays in doubt, which the journal and ``eda-txn status`` show.
@@ -51,8 +54,8 @@ from ..errors import EdaError, NotFoundError
 from ..reqrep import ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
-from .compact import COMPACT_MIN, Finished, rewrite
-from .journal import open_journal
+from .compact import COMPACT_MIN, Finished
+from .journal import JournalError, open_journal
 from .protocol import (
     BatchService,
     Log,
@@ -127,16 +130,17 @@ class Participant(Daemon):
         self.inquire_timeout = inquire_timeout
         # name -> endpoints, when the recorded one fails; looked up off the loop
         self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
-        self.journal = open_journal(journal_path(log_dir, name))
-        if self.journal.repaired:
-            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
         self.max_live = max_live
         self.max_per_coordinator = max_per_coordinator
         self.live_of: dict[str, int] = {}  # coordinator name -> its open transactions here
         self.open = 0  # open transactions (see OPEN): at most max_live
-        self._load()
+        self.started: dict[str, Any] = {}  # this process's start record (with its endpoint)
+        self.journal = open_journal(journal_path(log_dir, name), self._load)
+        if self.journal.repaired:
+            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
+        self._compact()
         for txn, record in self.txns.items():
             if record.get("state") in OPEN:
                 self._count(txn, 1)
@@ -178,34 +182,48 @@ class Participant(Daemon):
         for txn, record in self.txns.items():
             if record.get("state") in ("committing", "aborting"):
                 self.retry[txn] = now
-        self.journal.write(
-            {"participant": self.name, "endpoint": local(self.endpoint), "pid": os.getpid(),
-             "started": time.time()}
-        )  # fmt: skip
+        self.started = {"participant": self.name, "endpoint": local(self.endpoint),
+                        "pid": os.getpid(), "started": time.time()}  # fmt: skip
+        self.journal.write(self.started)
         self.every(min(0.5, inquire_after / 2), "in-doubt transactions", self._tick)
-        self.every(0.2, "journal", self.journal.sync)
+        self.every(0.2, "journal", self._sync_journal)
 
     # -- the journal ------------------------------------------------------------------------
-    def _load(self) -> None:
-        """Live and finished transactions from the journal; compacted if mostly forgotten."""
-        records = self.journal.records
-        for record in records:
-            mark = record.get("forgotten_before")
-            if isinstance(mark, int) and mark > self.finished.forgotten_before:
-                self.finished.forgotten_before = mark
-        for txn, record in replay(records).items():
-            if record.get("state") in FINAL:
-                self.finished.add(txn, _final(txn, record))
-            else:
-                self.txns[txn] = record
-        if len(records) > COMPACT_MIN and len(records) > 2 * (len(self.txns) + len(self.finished)):
-            kept = [
-                {"forgotten_before": self.finished.forgotten_before},
-                *self.finished.values(),
-                *({"txn": t, **r} for t, r in self.txns.items()),
-            ]
-            self.journal = rewrite(self.journal, kept)
-            self.log(f"journal compacted: {len(records)} records -> {len(kept)}")
+    def _load(self, record: dict[str, Any]) -> None:
+        """One record of the journal, read on start (stream-wise: memory holds the
+        live and remembered transactions, not the file)."""
+        mark = record.get("forgotten_before")
+        if isinstance(mark, int) and mark > self.finished.forgotten_before:
+            self.finished.forgotten_before = mark
+        txn = record.get("txn")
+        if not isinstance(txn, str):
+            return
+        merged = self.txns.pop(txn, None) or self.finished.pop(txn, None) or {}
+        merged.update(record)
+        if merged.get("state") in FINAL:
+            self.finished.add(txn, _final(txn, merged))
+        else:
+            self.txns[txn] = merged
+
+    def _compact(self) -> None:
+        """A new journal segment when the journal is mostly forgotten transactions:
+        every record of an unfinished transaction, a small one per remembered one."""
+        count = self.journal.count
+        if count <= COMPACT_MIN or count <= 2 * (len(self.txns) + len(self.finished)):
+            return
+        started = [self.started] if self.started else []
+        head = [{"forgotten_before": self.finished.forgotten_before}, *self.finished.values()]
+        try:
+            # every record of an unfinished transaction; the rest is in the head
+            kept = self.journal.compact([*head, *started], _nothing, self.txns.__contains__)
+        except JournalError as exc:
+            self.limited("journal", f"warning: {exc}; it goes on in the old segment")
+            return
+        self.log(f"journal compacted: {count} records -> {kept}")
+
+    def _sync_journal(self) -> None:
+        self.journal.sync()  # a failure is warned by the loop; the records stay buffered
+        self._compact()
 
     def _known(self, txn: str) -> dict[str, Any] | None:
         return self.txns.get(txn) or self.finished.get(txn)
@@ -247,6 +265,7 @@ class Participant(Daemon):
         if self._acked:
             self._acked = False
             crash.point(ROLE, "before-ack")
+        self._compact()
 
     # -- actions ----------------------------------------------------------------------------
     def _run(self, phase: str, txn: str, data: dict[str, Any]) -> Result:
@@ -562,10 +581,10 @@ class Participant(Daemon):
 
     def close(self) -> None:
         try:
-            self.journal.close()
             self.actions.close()
             if self.coordinators is not None:
                 self.coordinators.close()
+            self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()
 
@@ -630,6 +649,10 @@ class _Nobody:
 
 
 _NOBODY = _Nobody()
+
+
+def _nothing(_record: dict[str, Any]) -> bool:
+    return False
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:
