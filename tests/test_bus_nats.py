@@ -576,3 +576,36 @@ def test_what_live_members_hold_is_kept_in_progress_beyond_ack_wait(nats_opener:
             assert s.group_ack("workers", "a", 0) == 0
         assert s.held("workers") == {"a": [(1, 3)]}
         assert s.group_ack("workers", "a", 3) == 3
+
+
+def test_a_batch_beyond_the_servers_max_payload_is_stored_in_pieces(nats_opener: Opener) -> None:
+    big = 700_000  # two of them pass the 1 MiB event limit but not the 1 MiB max payload
+    with nats_opener() as s:
+        pair = batch(1, 2, "t.big", width=big)
+        try:
+            s.append([pair])
+        except StoreError:  # what the bus did before: refuse, and the publisher resends
+            s.append([pair])
+        assert s.commit() == 2
+        assert [p for _, p in events(s)] == pair.body.split(b"\n")
+        assert s.append([pair])[0].duplicates == ((1, 2),)  # a resend is a duplicate now
+        s.append([batch(3, 3, "t.big", width=big // 2)])  # 1.05 MB: cut in two
+        assert s.commit() == 5
+    with nats_opener() as s:  # read back from the stream itself
+        assert [(r.seq, r.size) for r in s.read(1)] == [(1, 1), (2, 1), (3, 2), (5, 1)]
+        assert [r.ids() for r in s.read(1)][2] == ["p1-3", "p1-4"]
+        assert len(s._heads) == 4
+
+
+def test_an_event_beyond_the_servers_max_payload_is_refused_never_confirmed(
+    nats_opener: Opener,
+) -> None:
+    with nats_opener(max_event_bytes=4_000_000) as s:
+        s.append([batch(1, 1, "t.a")])
+        with pytest.raises(EventTooLargeError, match="max payload of 1048576"):
+            s.append([batch(2, 1, "t.a", width=2_000_000)])
+        with pytest.raises(EventTooLargeError):  # a resend is refused again, not a duplicate
+            s.append([batch(2, 1, "t.a", width=2_000_000)])
+        assert s.commit() == 1 and s.last_seq == 1
+        assert s.append([batch(2, 1, "t.a")])[0].stored == ((2, 2, 1),)
+        assert s.commit() == 2

@@ -93,6 +93,7 @@ from . import retention
 from .engine import (
     ConsumerStats,
     Engine,
+    EventTooLargeError,
     Receipt,
     Record,
     Retained,
@@ -148,6 +149,33 @@ class _Held(NamedTuple):
 
 def _msg_id(pubid: str, topic: str, pubseq: int) -> str:
     return hashlib.sha256(f"{pubid}\0{topic}\0{pubseq}".encode()).hexdigest()[:32]
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Bytes *headers* take in a NATS message: a status line, a line each, an empty line."""
+    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def _pieces(
+    batch: Batch, spans: list[tuple[int, int]], room: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """The publisher sequences [a, z) of *spans* of *batch*, cut in pieces whose
+    bodies (events joined by newlines) hold at most *room* bytes, with their bodies."""
+    lo = batch.seq
+    parts: list[bytes] | None = None
+    for a, z in spans:
+        if z - a == batch.size and len(batch.body) <= room:
+            yield a, z, batch.body
+            continue
+        parts = parts or ([batch.body] if batch.size == 1 else batch.body.split(b"\n"))
+        first, used = a, -1
+        for i in range(a, z):
+            size = len(parts[i - lo]) + 1
+            if i > first and used + size > room:
+                yield first, i, b"\n".join(parts[first - lo : i - lo])
+                first, used = i, -1
+            used += size
+        yield first, z, b"\n".join(parts[first - lo : z - lo])
 
 
 def _key(kind: str, name: str) -> str:
@@ -443,29 +471,52 @@ class NatsEngine:
             raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
         check_batch(batch, self.max_event_bytes, self._topics_ok)
 
+    def _room(self, batch: Batch) -> int:
+        """Payload bytes one message of *batch* may carry: the server's max payload
+        (read from the connection: it counts headers too) less the largest headers
+        this batch's messages can have.  EventTooLargeError when one event alone
+        does not fit, so it is refused before anything is stored."""
+        ext = ("{" + batch.extensions.json[1:] + "}") if batch.extensions.json else ""
+        meta = {"kind": batch.kind, "time": batch.time, "pubid": batch.pubid, "pubseq": MAX_SEQ,
+                "source": batch.source, "ext": ext, "stored": -1.2345678901234567e308}  # fmt: skip
+        widest = str(MAX_SEQ)
+        headers = {"Eda-Seq": widest, "Eda-Count": widest, "Eda-Meta": json.dumps(meta),
+                   "Nats-Msg-Id": "0" * 32, "Nats-Expected-Last-Sequence": widest}  # fmt: skip
+        limit = int(self._nc.max_payload)
+        room = limit - _header_bytes(headers)
+        if len(batch.body) <= room:
+            return room
+        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
+        for i, part in enumerate(parts):
+            if len(part) > room:
+                raise EventTooLargeError(
+                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
+                    f"more than the NATS server's max payload of {limit} (less "
+                    f"{limit - room} bytes of headers): batch refused"
+                )
+        return room
+
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
         self._usable()
+        rooms = []
         for batch in batches:
             self._check(batch)
+            rooms.append(self._room(batch))
         last_stored = self._heads[-1].stored if self._heads else 0.0
         now = max(self._clock(), self._pending[-1][0].stored if self._pending else last_stored)
         out: list[tuple[str, bytes, dict[str, str], _Head]] = []
         receipts: list[Receipt] = []
-        for b in batches:
+        for b, room in zip(batches, rooms, strict=True):
             key = (b.pubid, b.topic)
             ranges = self._streams.setdefault(key, [])
             lo, hi = b.seq, b.seq + b.size
             new, dup = subtract(ranges, lo, hi) if ranges else ([(lo, hi)], [])
             confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
             ext = ("{" + b.extensions.json[1:] + "}") if b.extensions.json else ""
-            parts: list[bytes] | None = None
             stored = []
-            for a, z in new:
-                if z - a == b.size:
-                    body = b.body
-                else:
-                    parts = parts or b.body.split(b"\n")
-                    body = b"\n".join(parts[a - lo : z - lo])
+            # what a publish refuses is forgotten again by _abandon (and what the
+            # stream does not acknowledge by commit's _resync): never confirmed
+            for a, z, body in _pieces(b, new, room):
                 meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": a,
                         "source": b.source, "ext": ext, "stored": now}  # fmt: skip
                 self._sseq += 1
@@ -486,12 +537,37 @@ class NatsEngine:
                 confirm_at = self._next - 1
             receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
         if out:
-            futures = self._run(self._publish([(s, d, h) for s, d, h, _ in out]))
-            self._pending += [(m[3], f) for m, f in zip(out, futures, strict=True)]
+            sent: list[asyncio.Future[Any]] = []
+            try:
+                self._run(self._publish([(s, d, h) for s, d, h, _ in out], sent))
+            except StoreError as exc:
+                self._pending += [(m[3], f) for m, f in zip(out, sent, strict=False)]
+                self._abandon()
+                raise StoreError(
+                    f"{exc}; nothing after sequence {self._durable} is confirmed: the "
+                    f"publishers resend it"
+                ) from None
+            self._pending += [(m[3], f) for m, f in zip(out, sent, strict=True)]
         return receipts
 
-    async def _publish(self, msgs: list[tuple[str, bytes, dict[str, str]]]) -> list[Any]:
-        """Send *msgs* in order without waiting for their acks; one future per message."""
+    def _abandon(self) -> None:
+        """Give up on every unacknowledged publish: forget the sequences and ranges
+        they took and read back what the stream really holds."""
+        pending, self._pending = self._pending, []
+
+        def forget() -> None:
+            for _, fut in pending:
+                fut.cancel()
+            getattr(self, "_acks", {}).clear()
+
+        self._loop.call_soon_threadsafe(forget)
+        self._resync()
+
+    async def _publish(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """Send *msgs* in order without waiting for their acks; one future per message
+        sent, appended to *futures* (so a failure part-way leaves those of the sent ones)."""
         if not hasattr(self, "_inbox"):
             self._inbox = self._nc.new_inbox()
             self._acks: dict[str, asyncio.Future[Any]] = {}
@@ -503,15 +579,13 @@ class NatsEngine:
                     fut.set_result(msg)
 
             await self._nc.subscribe(f"{self._inbox}.*", cb=on_ack)
-        futures = []
         for subject, data, headers in msgs:
             self._ackn += 1
             reply = f"{self._inbox}.{self._ackn}"
             fut: asyncio.Future[Any] = self._loop.create_future()
             self._acks[reply] = fut
-            futures.append(fut)
             await self._nc.publish(subject, data, reply=reply, headers=headers)
-        return futures
+            futures.append(fut)
 
     def commit(self) -> int:
         self._usable()
