@@ -554,10 +554,10 @@ def test_migrate_copies_an_embedded_store_keeping_ids_order_and_sequences(
         assert src.first_seq == 11
         want = flat(src)
         with nats_opener() as dest:
-            assert migrate(src, dest, limit=42) == 42  # interrupted after 42 events
+            assert migrate(src, dest, limit=42).copied == 42  # interrupted after 42 events
         with nats_opener() as dest:
-            assert migrate(src, dest) == 152 - 42  # resumed: only the rest
-            assert migrate(src, dest) == 0  # nothing twice
+            assert migrate(src, dest) == (152 - 42, 42)  # resumed: only the rest
+            assert migrate(src, dest) == (0, 152)  # nothing twice
         with nats_opener() as dest:
             assert dest.first_seq == 11 and dest.last_seq == 162
             assert flat(dest) == want
@@ -609,3 +609,64 @@ def test_an_event_beyond_the_servers_max_payload_is_refused_never_confirmed(
         assert s.commit() == 1 and s.last_seq == 1
         assert s.append([batch(2, 1, "t.a")])[0].stored == ((2, 2, 1),)
         assert s.commit() == 2
+
+
+def stored_ids(store: Any) -> list[tuple[str, str, int, bytes]]:
+    """Every event in order: topic, pubid, publisher sequence, payload."""
+    return [(r.topic, r.pubid, r.pubseq + i, p)
+            for r in store.read(1) for i, p in enumerate(r.payloads())]  # fmt: skip
+
+
+def test_migrate_into_a_stream_that_holds_events_copies_each_event_once(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as src:
+        for i in range(5):
+            src.append([batch(1 + 2 * i, 2, "t.a", pubid="src")])
+            src.commit()
+        want = stored_ids(src)
+        assert len(want) == 10
+        with nats_opener() as dest:  # the target already holds 2 events of its own
+            dest.append([batch(1, 2, "t.a", pubid="other")])
+            dest.commit()
+            theirs = stored_ids(dest)
+            assert migrate(src, dest, limit=3) == (3, 0)  # stopped part-way
+        with nats_opener() as dest:
+            assert migrate(src, dest) == (7, 3)  # resumed: the rest, by event identity
+            assert migrate(src, dest) == (0, 10)  # again: nothing twice
+        with nats_opener() as dest:
+            assert stored_ids(dest) == theirs + want  # all there, exactly once, in order
+            assert (dest.first_seq, dest.last_seq) == (1, 12)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_migrate_interrupted_mid_copy_resumes_without_copying_twice(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as src:
+        for i in range(20):
+            src.append([batch(1 + 3 * i, 3, f"t.{i % 2}", pubid="src")])
+            src.commit()
+        want = stored_ids(src)
+        read = src.read
+
+        def broken(start: int, *args: Any, **kw: Any) -> Iterator[Any]:
+            for n, record in enumerate(read(start, *args, **kw)):
+                if n == 13:
+                    raise _Interrupted
+                yield record
+
+        with nats_opener() as dest:
+            dest.append([batch(1, 4, "t.1", pubid="other")])
+            dest.commit()
+            theirs = stored_ids(dest)
+            src.read = broken  # type: ignore[method-assign]
+            with pytest.raises(_Interrupted):
+                migrate(src, dest, chunk=5)
+            src.read = read  # type: ignore[method-assign]
+        with nats_opener() as dest:  # what was appended before the break was committed on close
+            assert migrate(src, dest) == (60 - 39, 39)
+            assert stored_ids(dest) == theirs + want

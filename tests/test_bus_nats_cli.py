@@ -170,6 +170,42 @@ def test_migrate_copies_an_embedded_store_resumably_keeping_ids_and_sequences(
     assert front.wait(10) == 0
 
 
+def test_migrate_into_a_stream_that_holds_events_copies_every_event_once(
+    procs: Procs,
+    server: Server,
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "bus3"
+    bus, ep = start_bus(procs, data)
+    done = run("eda-pub", "--bus", ep, "--confirm", "t.src",
+               input="".join(f"src-{i}\n" for i in range(1, 11)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+    stream = new_stream()
+    front, fep = start_front(procs, server.url, stream)
+    done = run("eda-pub", "--bus", fep, "--confirm", "t.own", input="own-1\nown-2\n")
+    assert done.returncode == 0, done.stderr
+    front.signal(signal.SIGTERM)
+    assert front.wait(10) == 0
+
+    def migrate() -> dict[str, object]:
+        done = run("eda-bus", "migrate", "--from", str(data), "--to", server.url,
+                   "--stream", stream, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    first = migrate()
+    assert (first["copied"], first["present"], first["last_seq"]) == (10, 0, 12), first
+    again = migrate()
+    assert (again["copied"], again["present"], again["last_seq"]) == (0, 10, 12), again
+    front, fep = start_front(procs, server.url, stream, bind=fep)
+    got = run("eda-sub", "--bus", fep, "t.*", "--from-start", "-C", "12", "--raw", "-W", "10")
+    assert got.stdout.split() == ["own-1", "own-2"] + [f"src-{i}" for i in range(1, 11)]
+    front.signal(signal.SIGTERM)
+    assert front.wait(10) == 0
+
+
 def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Server) -> None:
     bus, ep = start_front(procs, server.url, new_stream())
     a = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")

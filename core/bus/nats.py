@@ -1056,35 +1056,66 @@ class NatsEngine:
         self.close()
 
 
-def migrate(source: Engine, dest: NatsEngine, *, limit: int | None = None, chunk: int = 256) -> int:
-    """Copy the events of *source* (e.g. an embedded store) into *dest*; return how many.
+class Migrated(NamedTuple):
+    """What :func:`migrate` did: events copied, and events the target already held."""
+
+    copied: int
+    present: int
+
+
+def migrate(
+    source: Engine, dest: NatsEngine, *, limit: int | None = None, chunk: int = 256
+) -> Migrated:
+    """Copy the events of *source* (e.g. an embedded store) into *dest*.
 
     Event ids (pubid, topic, publisher sequence), order, stored times and,
-    when *dest* starts empty, bus sequences are kept.  Resumable: it starts
-    after what *dest* already holds and appends are idempotent, so running it
-    again after an interruption (or *limit* events) only copies the rest.
+    when *dest* starts empty, bus sequences are kept.  Each event is copied
+    once whatever *dest* already holds (other events, part of this copy):
+    what is there is known by identity, the publisher sequences *dest* holds
+    for that pubid and topic, never by bus sequence.  So running it again
+    after an interruption (or after *limit* events copied) copies only the
+    rest, and into a stream other publishers use, events take the next bus
+    sequences there.
     """
     if dest.last_seq == 0 and source.first_seq > 1:
         dest._run(dest._kv_put("floor", {"next": source.first_seq}))  # same sequences
         dest._next = source.first_seq
         dest._durable = dest._next - 1
-    start = max(source.first_seq, dest.durable_seq + 1)
-    copied = 0
+    left = MAX_SEQ if limit is None else limit
+    copied = present = pending = 0
     clock = dest._clock
     try:
-        for n, record in enumerate(source.read(start, limit=limit), 1):
+        for record in source.read(source.first_seq):
+            held = dest._streams.get((record.pubid, record.topic))
+            lo, hi = record.pubseq, record.pubseq + record.size
+            new = subtract(held, lo, hi)[0] if held else [(lo, hi)]
+            fresh = sum(z - a for a, z in new)
+            present += record.size - fresh
+            if not fresh:
+                continue
+            if left <= 0:
+                break
+            if fresh > left:  # only the first *left* new events now
+                need, end = left, lo
+                for a, z in new:
+                    end, need = a + min(z - a, need), need - min(z - a, need)
+                    if not need:
+                        break
+                record = record.slice(record.seq, record.seq + end - lo - 1)
             ext = codec._extension_frame(record.extensions) if record.extensions else None
             batch = Batch(record.topic, record.kind, record.size, record.pubseq, record.time,
                           record.pubid, record.source, record.body,
                           *((ext,) if ext else ()))  # fmt: skip
             dest._clock = lambda stored=record.stored: stored  # type: ignore[misc]
-            copied += sum(c for _, _, c in dest.append([batch])[0].stored)
-            if n % chunk == 0:
+            n = sum(c for _, _, c in dest.append([batch])[0].stored)
+            copied, left, pending = copied + n, left - n, pending + n
+            if pending >= chunk:
                 dest.commit()
+                pending = 0
         dest.commit()
     finally:
         dest._clock = clock
-    return copied
+    return Migrated(copied, present)
 
 
 def _implements(engine: NatsEngine) -> Engine:
