@@ -220,6 +220,8 @@ def serve(
         ctx.warn(f"warning: {line}")
     for line in getattr(engine, "changes", ()):
         ctx.warn(line)
+    for line in getattr(engine, "warnings", ()):
+        ctx.warn(f"warning: {line}")
     settings = Settings(
         bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
     )

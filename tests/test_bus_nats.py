@@ -670,3 +670,30 @@ def test_migrate_interrupted_mid_copy_resumes_without_copying_twice(
         with nats_opener() as dest:  # what was appended before the break was committed on close
             assert migrate(src, dest) == (60 - 39, 39)
             assert stored_ids(dest) == theirs + want
+
+
+def test_claims_go_on_after_a_purge_removed_what_a_member_held(nats_opener: Opener) -> None:
+    # nats-server 2.9 never answers a no-wait pull on such a consumer: a claim must
+    # neither fail nor wait for its timeout (the engine's here is 5 s)
+    with nats_opener() as s:
+        s.append([batch(1, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 10, start=1)] == [1]
+        assert s.retain(max_age=0).events == 3  # what a holds is purged
+        s.append([batch(4, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "b", ["jobs.>"], 10)] == [4]
+        for member in "cde":
+            assert s.claim("workers", member, ["jobs.>"], 10) == []
+        assert s.group_ack("workers", "b", 6) == 3
+        assert s.stats().consumers[0].lag == 3  # a's purged events, still held by a
+
+
+def test_serving_calls_answer_within_the_publishers_patience() -> None:
+    import inspect
+
+    from eda.core.bus.client import BusPublisher
+
+    patience = inspect.signature(BusPublisher).parameters["timeout"].default
+    # a round may wait for a commit and the resync after it: still well inside
+    assert patience >= 3 * nats_engine.SERVE_DEADLINE

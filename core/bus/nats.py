@@ -127,6 +127,16 @@ T = TypeVar("T")
 DEFAULT_STREAM: Final = "EDA"
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream, group names NATS accepts everywhere
 _CHUNK: Final = 128  # messages fetched concurrently while reading
+_CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
+# The longest any one call of the serving loop waits for NATS (an ack, a pull, an
+# API answer): well inside a publisher's patience (eda-pub --timeout, BusPublisher's
+# default 10 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
+# is slow, gone or stuck costs the bus a refused round (publishers resend) or one
+# error reply, never a stalled front.
+SERVE_DEADLINE: Final = 2.0
+# A pull asks the server to answer by then at the latest: nats-server 2.9 never
+# answers a no-wait pull on a consumer that held messages a purge removed.
+_PULL_EXPIRES: Final = 0.05
 
 
 class _Head(NamedTuple):
@@ -212,6 +222,7 @@ class NatsEngine:
         max_event_bytes: int = DEFAULT_MAX_EVENT,
         ack_wait: float = 30.0,
         timeout: float = 10.0,
+        deadline: float = SERVE_DEADLINE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if nats is None:
@@ -223,9 +234,11 @@ class NatsEngine:
         self._want_replicas = replicas  # None: as the stream has it (1 when created)
         self.replicas = replicas or 1
         self.changes: list[str] = []  # what opening changed in an existing stream's config
+        self.warnings: list[str] = []  # what the caller should tell its user
         self.max_event_bytes = max_event_bytes
         self.ack_wait = ack_wait
-        self.timeout = timeout
+        self.timeout = timeout  # opening (patient: a cluster may be electing leaders)
+        self.deadline = min(deadline, timeout)  # every call once open (see SERVE_DEADLINE)
         self._clock = clock
         self._servers = [servers] if isinstance(servers, str) else list(servers)
         self._loop = asyncio.new_event_loop()
@@ -255,7 +268,7 @@ class NatsEngine:
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result(timeout if timeout is not None else self.timeout * 3)
+            return fut.result(timeout if timeout is not None else self.deadline)
         except TimeoutError:
             fut.cancel()
             raise StoreError(f"NATS stream {self.stream}: no answer in time") from None
@@ -347,6 +360,12 @@ class NatsEngine:
                 bucket=bucket, history=1, replicas=self.replicas
             )
         await self._catch_up()
+        limit = int(self._nc.max_payload)
+        if self.max_event_bytes > limit:
+            self.warnings[:] = [
+                f"events larger than the NATS server's max payload ({limit} bytes, less "
+                f"headers) are refused, though the event limit is {self.max_event_bytes}"
+            ]
 
     async def _reconfigure(self, info: Any, max_age: float | None, max_bytes: int | None) -> None:
         """Give an existing stream the limits and replicas asked for (those given only).
@@ -616,7 +635,7 @@ class NatsEngine:
         """Wait for every ack; None when each message was stored where it was meant to be."""
         try:
             replies = await asyncio.wait_for(
-                asyncio.gather(*(f for _, f in pending)), self.timeout * 2
+                asyncio.gather(*(f for _, f in pending)), self.deadline * 0.9
             )
         except TimeoutError:
             for _, f in pending:
@@ -642,6 +661,8 @@ class NatsEngine:
         for h in self._heads:
             add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
         try:
+            if not self._nc.is_connected:  # not now: the next commit or refresh reads it
+                raise StoreError("not connected")
             self._run(self._catch_up())
         except StoreError:
             self._sseq = self._heads[-1].sseq if self._heads else 0
@@ -678,14 +699,15 @@ class NatsEngine:
         i = self._locate(start)
         while i < len(self._heads) and self._heads[i].seq <= end and left > 0:
             heads: list[_Head] = []
-            want = 0
+            want = nbytes = 0
             while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
                 h = self._heads[i]
                 i += 1
                 if matcher is None or matcher(h.topic):
                     heads.append(h)
                     want += h.size
-                    if want >= left:
+                    nbytes += h.nbytes
+                    if want >= left or nbytes >= _CHUNK_BYTES:  # one fetch, one deadline
                         break
             msgs = self._run(self._fetch([h.sseq for h in heads]))
             for head, msg in zip(heads, msgs, strict=True):
@@ -856,7 +878,7 @@ class NatsEngine:
                 head = self._head_of(msg.metadata.sequence.stream, msg.subject, msg.headers,
                                      msg.data)  # fmt: skip
                 if head is None or not matcher(head.topic):
-                    self._run(msg.ack_sync())
+                    self._run(msg.ack_sync(timeout=self.deadline / 2))
                     continue
                 out.append(self._record(head, msg))
                 held.append(_Held(head.seq, head.seq + head.size - 1, msg, time.monotonic()))
@@ -869,22 +891,28 @@ class NatsEngine:
         A ``no_wait`` pull request: the server answers at once with what it
         has and a 404 status when that is less than *n* (nats-py's fetch
         would wait for its timeout on an idle consumer, stalling the bus).
+        It also expires after _PULL_EXPIRES (408), for the servers that do
+        not answer it, and what came by the deadline is all there is.
         """
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
+        msgs: list[Any] = []
         try:
-            request = json.dumps({"batch": n, "no_wait": True}).encode()
+            expires = int(min(_PULL_EXPIRES, self.deadline / 4) * 1e9)
+            request = json.dumps({"batch": n, "no_wait": True, "expires": expires}).encode()
             api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.eda_g_{group}"
             await self._nc.publish(api, request, reply=inbox)
-            msgs: list[Any] = []
+            until = time.monotonic() + self.deadline / 2
             while len(msgs) < n:
-                msg = await sub.next_msg(timeout=self.timeout)
+                msg = await sub.next_msg(timeout=max(0.001, until - time.monotonic()))
                 if not msg.data and msg.headers and "Status" in msg.headers:
                     break  # 404 no messages, 408 request expired
                 msgs.append(msg)
-            return msgs
+        except NatsTimeout:
+            pass  # no answer: what came is what there is now (JetStream redelivers the rest)
         finally:
             await sub.unsubscribe()
+        return msgs
 
     def _touch(self, group: str) -> None:
         """Tell JetStream that what live members hold is in progress (restarts ack_wait).
@@ -906,7 +934,7 @@ class NatsEngine:
         async def progress() -> None:
             for _, _, h in stale:
                 await self._nc.publish(h.msg.reply, b"+WPI")
-            await self._nc.flush(max(1, int(self.timeout)))
+            await self._nc.flush(max(1, int(self.deadline / 2)))
 
         self._run(progress())
         for member, i, h in stale:
@@ -916,15 +944,19 @@ class NatsEngine:
         self._group_known(group)
         self._touch(group)
         held = self._held.get(group, {}).get(member, [])
+        done = [h for h in held if h.last <= seq]
+        acked = self._run(self._each([h.msg.ack_sync(timeout=self.deadline / 2) for h in done]))
+        unacked = {id(h) for h, ok in zip(done, acked, strict=True) if not ok}
         settled = 0
         keep: list[_Held] = []
         for h in held:
+            if id(h) in unacked:  # no answer (server gone, message purged): acked again later
+                keep.append(h)
+                continue
             settled += max(0, min(h.last, seq) - h.first + 1)
-            if h.last <= seq:
-                self._run(h.msg.ack_sync())
-            elif h.first <= seq:
+            if h.first <= seq < h.last:
                 keep.append(h._replace(first=seq + 1))
-            else:
+            elif seq < h.first:
                 keep.append(h)
         held[:] = keep
         return settled
@@ -932,9 +964,16 @@ class NatsEngine:
     def release(self, group: str, member: str) -> int:
         self._group_known(group)
         held = self._held.get(group, {}).pop(member, [])
-        for h in held:  # acknowledged by the server: the next claim sees them
-            self._run(self._nc.request(h.msg.reply, b"-NAK", timeout=self.timeout))
+        # each answered by the server, so the next claim sees it; one left unanswered
+        # (a purged message, a server gone) is redelivered by JetStream after ack_wait
+        naks = [self._nc.request(h.msg.reply, b"-NAK", timeout=self.deadline / 2) for h in held]
+        self._run(self._each(naks))
         return sum(h.last - h.first + 1 for h in held)
+
+    async def _each(self, calls: Sequence[Coroutine[Any, Any, Any]]) -> list[bool]:
+        """Run *calls* concurrently (each with its own timeout); which of them succeeded."""
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return [not isinstance(r, BaseException) for r in results]
 
     def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
         self._group_known(group)
@@ -969,28 +1008,41 @@ class NatsEngine:
         return self._durable
 
     # -- housekeeping ---------------------------------------------------------
+    async def _stats_sources(self) -> tuple[Any, list[tuple[str, dict[str, Any], Any]]]:
+        """The stream's info and every consumer's row (with its JetStream consumer's
+        info for a group), asked concurrently: one deadline covers all of stats."""
+        if not self._pending:
+            await self._catch_up()  # what other fronts wrote, what the limits removed
+        keys = [k for k in await self._keys() if k[:1] in ("c", "g")]
+        info, *rows = await asyncio.gather(
+            self._js.stream_info(self.stream), *(self._kv_get(k) for k in keys)
+        )
+
+        async def group_info(key: str, row: dict[str, Any] | None) -> Any:
+            if row is None or not key.startswith("g"):
+                return None
+            return await self._js.consumer_info(self.stream, f"eda_g_{row['name']}")
+
+        infos = await asyncio.gather(*(group_info(k, r) for k, r in zip(keys, rows, strict=True)))
+        found = zip(keys, rows, infos, strict=True)
+        return info, [(k, r, ci) for k, r, ci in found if r is not None]
+
     def stats(self) -> Stats:
         self._usable()
-        if not self._pending:
-            self._run(self._catch_up())  # what other fronts wrote, what the limits removed
+        info, rows = self._run(self._stats_sources())
         topics: dict[str, TopicStats] = {}
         for h in self._heads:
             t = topics.get(h.topic, TopicStats(0, 0))
             topics[h.topic] = TopicStats(t.events + h.size, t.bytes + h.nbytes)
-        info = self._run(self._js.stream_info(self.stream))
         consumers: list[ConsumerStats] = []
         last = self.last_seq
-        for key in self._run(self._keys()):
-            row = self._run(self._kv_get(key)) if key[:1] in ("c", "g") else None
-            if row is None:
-                continue
+        for key, row, ci in rows:
             m = self._matcher(row["patterns"])
             if key.startswith("c"):
                 nxt = int(row["next"])
                 consumers.append(ConsumerStats(row["name"], "durable", tuple(m.patterns), nxt,
                                                self._count(nxt, last, m), 0))  # fmt: skip
                 continue
-            ci = self._run(self._js.consumer_info(self.stream, f"eda_g_{row['name']}"))
             delivered = ci.delivered.stream_seq if ci.delivered else 0
             i = bisect.bisect_right([h.sseq for h in self._heads], delivered)
             nxt = self._heads[i].seq if i < len(self._heads) else self._next
