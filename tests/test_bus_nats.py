@@ -677,16 +677,18 @@ def test_claims_go_on_after_a_purge_removed_what_a_member_held(nats_opener: Open
     # neither fail nor wait for its timeout (the engine's here is 5 s)
     with nats_opener() as s:
         s.append([batch(1, 3, "jobs.a")])
-        s.commit()
-        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 10, start=1)] == [1]
-        assert s.retain(max_age=0).events == 3  # what a holds is purged
         s.append([batch(4, 3, "jobs.a")])
         s.commit()
-        assert [r.seq for r in s.claim("workers", "b", ["jobs.>"], 10)] == [4]
+        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 3, start=1)] == [1]
+        assert s.retain(max_age=0).events == 6  # what a holds, and what no one claimed yet
+        s.append([batch(7, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "b", ["jobs.>"], 10)] == [7]
         for member in "cde":
             assert s.claim("workers", member, ["jobs.>"], 10) == []
-        assert s.group_ack("workers", "b", 6) == 3
+        assert s.group_ack("workers", "b", 9) == 3
         assert s.stats().consumers[0].lag == 3  # a's purged events, still held by a
+        assert s.release("workers", "a") == 3
 
 
 def test_serving_calls_answer_within_the_publishers_patience() -> None:
