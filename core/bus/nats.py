@@ -10,7 +10,10 @@ Shape, and why:
 * **One JetStream message carries one eda batch** (or the part of one that
   was new): JetStream costs about the same per message whatever its size, so
   a batch of hundreds of events costs one replicated write instead of
-  hundreds.  The body is the wire batch's body (payloads joined by ``\\n``),
+  hundreds.  A batch larger than the server's max payload (read from the
+  connection; headers count) is cut into several messages; an event that
+  does not fit in one by itself is refused (EventTooLargeError) before
+  anything is stored.  The body is the wire batch's body (payloads joined by ``\\n``),
   so a plain NATS consumer of ``eda.>`` sees, per message, the subject
   ``eda.<topic>``, one event per line (a CloudEvents JSON object per line for
   envelopes) and the headers below; it must split lines itself.
@@ -31,7 +34,14 @@ Shape, and why:
   stores its new part, also after the duplicate window.
 * **Durability**: ``append`` publishes without waiting; ``commit`` waits for
   the stream's acknowledgements (given by the Raft quorum when ``replicas`` >
-  1) and only then moves ``durable_seq``.
+  1) and only then moves ``durable_seq``.  Sequences and publisher ranges an
+  unacknowledged or refused publish took are forgotten again (the engine
+  reads back what the stream holds), so a resend is stored, never taken for
+  a duplicate.
+* **Deadlines**: once open, no call waits for NATS longer than
+  ``SERVE_DEADLINE`` (2 s), well inside a publisher's patience: a server
+  that is slow, gone, or that lost acknowledgements with a restart costs a
+  refused round (the publishers resend) or one error, never a stalled bus.
 * **Durable consumers** keep their exact position (a bus sequence, which may
   fall inside a message) in the key-value bucket ``<stream>_consumers``
   (itself a JetStream stream with the same replicas): a JetStream consumer
