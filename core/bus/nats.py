@@ -1124,7 +1124,9 @@ class NatsEngine:
 
 
 class Migrated(NamedTuple):
-    """What :func:`migrate` did: events copied, and events the target already held."""
+    """What :func:`migrate` did: events copied, and events of the source the target
+    already held (of those it looked at: with a limit, it stops at the first new
+    event beyond it)."""
 
     copied: int
     present: int
@@ -1142,7 +1144,7 @@ def migrate(
     for that pubid and topic, never by bus sequence.  So running it again
     after an interruption (or after *limit* events copied) copies only the
     rest, and into a stream other publishers use, events take the next bus
-    sequences there.
+    sequences there (and stored times no earlier than the newest there).
     """
     if dest.last_seq == 0 and source.first_seq > 1:
         dest._run(dest._kv_put("floor", {"next": source.first_seq}))  # same sequences
