@@ -144,9 +144,13 @@ _CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
 # is slow, gone or stuck costs the bus a refused round (publishers resend) or one
 # error reply, never a stalled front.
 SERVE_DEADLINE: Final = 2.0
-# A pull asks the server to answer by then at the latest: nats-server 2.9 never
-# answers a no-wait pull on a consumer that held messages a purge removed.
+# nats-server 2.9 never answers a no-wait pull on a consumer that held messages a
+# purge removed (it answers at once otherwise).  A group whose pull went unanswered
+# this long is pulled with an expiry instead for a while (the server answers by then,
+# as it also waits that long when it has nothing: a cost only such groups pay).
+_NO_WAIT_ANSWER: Final = 0.5
 _PULL_EXPIRES: Final = 0.05
+_EXPIRING_FOR: Final = 60.0
 
 
 class _Head(NamedTuple):
@@ -263,6 +267,7 @@ class NatsEngine:
         self._topics_ok: set[str] = set()
         self._groups: dict[str, list[str]] = {}  # group -> patterns (its consumer exists)
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
+        self._unanswered: dict[str, float] = {}  # group -> when a no-wait pull went unanswered
         self._matchers: dict[tuple[str, ...], Matcher] = {}
         try:
             # patient: a cluster that just lost a node elects new leaders first
@@ -906,27 +911,37 @@ class NatsEngine:
         A ``no_wait`` pull request: the server answers at once with what it
         has and a 404 status when that is less than *n* (nats-py's fetch
         would wait for its timeout on an idle consumer, stalling the bus).
-        It also expires after _PULL_EXPIRES (408), for the servers that do
-        not answer it, and what came by the deadline is all there is.
+        For a group whose consumer left one unanswered (see _NO_WAIT_ANSWER),
+        the request also expires after _PULL_EXPIRES; what came by the
+        deadline is all there is.
         """
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         msgs: list[Any] = []
+        now = time.monotonic()
+        expiring = now - self._unanswered.get(group, -_EXPIRING_FOR) < _EXPIRING_FOR
+        answered = False
         try:
-            expires = int(min(_PULL_EXPIRES, self.deadline / 4) * 1e9)
-            request = json.dumps({"batch": n, "no_wait": True, "expires": expires}).encode()
+            request: dict[str, Any] = {"batch": n, "no_wait": True}
+            if expiring:
+                request["expires"] = int(min(_PULL_EXPIRES, self.deadline / 4) * 1e9)
             api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.eda_g_{group}"
-            await self._nc.publish(api, request, reply=inbox)
-            until = time.monotonic() + self.deadline / 2
+            await self._nc.publish(api, json.dumps(request).encode(), reply=inbox)
+            until = now + self.deadline / 2
+            first = until if expiring else now + min(_NO_WAIT_ANSWER, self.deadline / 2)
             while len(msgs) < n:
-                msg = await sub.next_msg(timeout=max(0.001, until - time.monotonic()))
+                wait = (until if msgs else first) - time.monotonic()
+                msg = await sub.next_msg(timeout=max(0.001, wait))
                 if not msg.data and msg.headers and "Status" in msg.headers:
-                    break  # 404 no messages, 408 request expired
+                    answered = True  # 404 no messages, 408 request expired
+                    break
                 msgs.append(msg)
         except NatsTimeout:
             pass  # no answer: what came is what there is now (JetStream redelivers the rest)
         finally:
             await sub.unsubscribe()
+        if not answered and len(msgs) < n and not expiring:
+            self._unanswered[group] = time.monotonic()
         return msgs
 
     def _touch(self, group: str) -> None:
