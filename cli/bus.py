@@ -230,6 +230,8 @@ def serve(
         ctx.warn(f"warning: {line}")
     for line in getattr(engine, "changes", ()):
         ctx.warn(line)
+    for line in getattr(engine, "warnings", ()):
+        ctx.warn(f"warning: {line}")
     settings = Settings(
         bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
     )
@@ -337,8 +339,9 @@ def migrate(
 ) -> None:
     """Copy an embedded store into a NATS JetStream stream, keeping ids and order.
 
-    Resumable: run it again after an interruption and it copies only the rest
-    (into an empty stream, bus sequences are kept too)."""
+    Each event is copied once, whatever the stream already holds: run it again
+    after an interruption and it copies only the rest ("present": events the
+    stream already had).  Into an empty stream, bus sequences are kept too."""
     ctx = Context("eda-bus", verbose)
     if dest is None:
         raise UsageError("--to takes nats://HOST:PORT[,...]")
@@ -355,9 +358,10 @@ def migrate(
         nats_engine.NatsEngine(dest, stream=stream, replicas=replicas) as to,
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
-        copied = nats_engine.migrate(src, to, limit=limit)
+        done = nats_engine.migrate(src, to, limit=limit)
         row = {
-            "copied": copied,
+            "copied": done.copied,
+            "present": done.present,
             "stream": to.stream,
             "first_seq": to.first_seq,
             "last_seq": to.last_seq,

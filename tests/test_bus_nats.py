@@ -554,10 +554,10 @@ def test_migrate_copies_an_embedded_store_keeping_ids_order_and_sequences(
         assert src.first_seq == 11
         want = flat(src)
         with nats_opener() as dest:
-            assert migrate(src, dest, limit=42) == 42  # interrupted after 42 events
+            assert migrate(src, dest, limit=42).copied == 42  # interrupted after 42 events
         with nats_opener() as dest:
-            assert migrate(src, dest) == 152 - 42  # resumed: only the rest
-            assert migrate(src, dest) == 0  # nothing twice
+            assert migrate(src, dest) == (152 - 42, 42)  # resumed: only the rest
+            assert migrate(src, dest) == (0, 152)  # nothing twice
         with nats_opener() as dest:
             assert dest.first_seq == 11 and dest.last_seq == 162
             assert flat(dest) == want
@@ -576,3 +576,126 @@ def test_what_live_members_hold_is_kept_in_progress_beyond_ack_wait(nats_opener:
             assert s.group_ack("workers", "a", 0) == 0
         assert s.held("workers") == {"a": [(1, 3)]}
         assert s.group_ack("workers", "a", 3) == 3
+
+
+def test_a_batch_beyond_the_servers_max_payload_is_stored_in_pieces(nats_opener: Opener) -> None:
+    big = 700_000  # two of them pass the 1 MiB event limit but not the 1 MiB max payload
+    with nats_opener() as s:
+        pair = batch(1, 2, "t.big", width=big)
+        try:
+            s.append([pair])
+        except StoreError:  # what the bus did before: refuse, and the publisher resends
+            s.append([pair])
+        assert s.commit() == 2
+        assert [p for _, p in events(s)] == pair.body.split(b"\n")
+        assert s.append([pair])[0].duplicates == ((1, 2),)  # a resend is a duplicate now
+        s.append([batch(3, 3, "t.big", width=big // 2)])  # 1.05 MB: cut in two
+        assert s.commit() == 5
+    with nats_opener() as s:  # read back from the stream itself
+        assert [(r.seq, r.size) for r in s.read(1)] == [(1, 1), (2, 1), (3, 2), (5, 1)]
+        assert [r.ids() for r in s.read(1)][2] == ["p1-3", "p1-4"]
+        assert len(s._heads) == 4
+
+
+def test_an_event_beyond_the_servers_max_payload_is_refused_never_confirmed(
+    nats_opener: Opener,
+) -> None:
+    with nats_opener(max_event_bytes=4_000_000) as s:
+        s.append([batch(1, 1, "t.a")])
+        with pytest.raises(EventTooLargeError, match="max payload of 1048576"):
+            s.append([batch(2, 1, "t.a", width=2_000_000)])
+        with pytest.raises(EventTooLargeError):  # a resend is refused again, not a duplicate
+            s.append([batch(2, 1, "t.a", width=2_000_000)])
+        assert s.commit() == 1 and s.last_seq == 1
+        assert s.append([batch(2, 1, "t.a")])[0].stored == ((2, 2, 1),)
+        assert s.commit() == 2
+
+
+def stored_ids(store: Any) -> list[tuple[str, str, int, bytes]]:
+    """Every event in order: topic, pubid, publisher sequence, payload."""
+    return [(r.topic, r.pubid, r.pubseq + i, p)
+            for r in store.read(1) for i, p in enumerate(r.payloads())]  # fmt: skip
+
+
+def test_migrate_into_a_stream_that_holds_events_copies_each_event_once(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as src:
+        for i in range(5):
+            src.append([batch(1 + 2 * i, 2, "t.a", pubid="src")])
+            src.commit()
+        want = stored_ids(src)
+        assert len(want) == 10
+        with nats_opener() as dest:  # the target already holds 2 events of its own
+            dest.append([batch(1, 2, "t.a", pubid="other")])
+            dest.commit()
+            theirs = stored_ids(dest)
+            assert migrate(src, dest, limit=3) == (3, 0)  # stopped part-way
+        with nats_opener() as dest:
+            assert migrate(src, dest) == (7, 3)  # resumed: the rest, by event identity
+            assert migrate(src, dest) == (0, 10)  # again: nothing twice
+        with nats_opener() as dest:
+            assert stored_ids(dest) == theirs + want  # all there, exactly once, in order
+            assert (dest.first_seq, dest.last_seq) == (1, 12)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_migrate_interrupted_mid_copy_resumes_without_copying_twice(
+    tmp_path: Path, nats_opener: Opener
+) -> None:
+    with SQLiteEngine(tmp_path / "bus.db") as src:
+        for i in range(20):
+            src.append([batch(1 + 3 * i, 3, f"t.{i % 2}", pubid="src")])
+            src.commit()
+        want = stored_ids(src)
+        read = src.read
+
+        def broken(start: int, *args: Any, **kw: Any) -> Iterator[Any]:
+            for n, record in enumerate(read(start, *args, **kw)):
+                if n == 13:
+                    raise _Interrupted
+                yield record
+
+        with nats_opener() as dest:
+            dest.append([batch(1, 4, "t.1", pubid="other")])
+            dest.commit()
+            theirs = stored_ids(dest)
+            src.read = broken  # type: ignore[method-assign]
+            with pytest.raises(_Interrupted):
+                migrate(src, dest, chunk=5)
+            src.read = read  # type: ignore[method-assign]
+        with nats_opener() as dest:  # what was appended before the break was committed on close
+            assert migrate(src, dest) == (60 - 39, 39)
+            assert stored_ids(dest) == theirs + want
+
+
+def test_claims_go_on_after_a_purge_removed_what_a_member_held(nats_opener: Opener) -> None:
+    # nats-server 2.9 never answers a no-wait pull on such a consumer: a claim must
+    # neither fail nor wait for its timeout (the engine's here is 5 s)
+    with nats_opener() as s:
+        s.append([batch(1, 3, "jobs.a")])
+        s.append([batch(4, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "a", ["jobs.>"], 3, start=1)] == [1]
+        assert s.retain(max_age=0).events == 6  # what a holds, and what no one claimed yet
+        s.append([batch(7, 3, "jobs.a")])
+        s.commit()
+        assert [r.seq for r in s.claim("workers", "b", ["jobs.>"], 10)] == [7]
+        for member in "cde":
+            assert s.claim("workers", member, ["jobs.>"], 10) == []
+        assert s.group_ack("workers", "b", 9) == 3
+        assert s.stats().consumers[0].lag == 3  # a's purged events, still held by a
+        assert s.release("workers", "a") == 3
+
+
+def test_serving_calls_answer_within_the_publishers_patience() -> None:
+    import inspect
+
+    from eda.core.bus.client import BusPublisher
+
+    patience = inspect.signature(BusPublisher).parameters["timeout"].default
+    # a round may wait for a commit and the resync after it: still well inside
+    assert patience >= 3 * nats_engine.SERVE_DEADLINE

@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,36 @@ def test_confirmed_publish_and_replay_through_a_nats_front_keep_ids(
     # --max-event-bytes reaches the engine: a larger event is refused, one line
     big = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "5", "orders.big", "x" * 2000)
     assert big.returncode == 1 and "more than the maximum of 1000" in big.stderr, big.stderr
+    assert stored_stats(ep)["events"] == 4
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+
+
+def test_events_beyond_the_nats_max_payload_are_stored_or_refused_never_falsely_confirmed(
+    procs: Procs,
+    server: Server,
+) -> None:
+    bus, ep = start_front(procs, server.url, new_stream(), "--max-event-bytes", "4000000")
+    assert "warning: events larger than the NATS server's max payload (1048576" in bus.stderr
+    two = "".join(f"{i}" + "x" * 700_000 + "\n" for i in (1, 2))
+    done = run("eda-pub", "--bus", ep, "--confirm", "t.big", input=two)
+    assert done.returncode == 0, done.stderr
+    # one batch of two such events (together beyond 1 MiB), as any bus client may send
+    from eda.core.bus.client import BusPublisher
+
+    pub = BusPublisher(ep)
+    try:
+        pub.send("t.big", b"\n".join(b"%d" % i + b"y" * 700_000 for i in (3, 4)), 2)
+        pub.finish()  # confirmed...
+    finally:
+        pub.close()
+    # ... and so stored
+    assert [e[:2] for e in replay(ep, "t.big", 4, "--raw")] == ["1x", "2x", "3y", "4y"]
+    big = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "5", "t.big",
+              input="x" * 2_000_000 + "\n")  # fmt: skip
+    assert big.returncode == 1, big.stderr
+    assert "more than the NATS server's max payload of 1048576" in big.stderr
+    assert len(big.stderr.strip().splitlines()) == 1
     assert stored_stats(ep)["events"] == 4
     bus.signal(signal.SIGTERM)
     assert bus.wait(10) == 0
@@ -170,6 +201,42 @@ def test_migrate_copies_an_embedded_store_resumably_keeping_ids_and_sequences(
     assert front.wait(10) == 0
 
 
+def test_migrate_into_a_stream_that_holds_events_copies_every_event_once(
+    procs: Procs,
+    server: Server,
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "bus3"
+    bus, ep = start_bus(procs, data)
+    done = run("eda-pub", "--bus", ep, "--confirm", "t.src",
+               input="".join(f"src-{i}\n" for i in range(1, 11)))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+    stream = new_stream()
+    front, fep = start_front(procs, server.url, stream)
+    done = run("eda-pub", "--bus", fep, "--confirm", "t.own", input="own-1\nown-2\n")
+    assert done.returncode == 0, done.stderr
+    front.signal(signal.SIGTERM)
+    assert front.wait(10) == 0
+
+    def migrate() -> dict[str, object]:
+        done = run("eda-bus", "migrate", "--from", str(data), "--to", server.url,
+                   "--stream", stream, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    first = migrate()
+    assert (first["copied"], first["present"], first["last_seq"]) == (10, 0, 12), first
+    again = migrate()
+    assert (again["copied"], again["present"], again["last_seq"]) == (0, 10, 12), again
+    front, fep = start_front(procs, server.url, stream, bind=fep)
+    got = run("eda-sub", "--bus", fep, "t.*", "--from-start", "-C", "12", "--raw", "-W", "10")
+    assert got.stdout.split() == ["own-1", "own-2"] + [f"src-{i}" for i in range(1, 11)]
+    front.signal(signal.SIGTERM)
+    assert front.wait(10) == 0
+
+
 def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Server) -> None:
     bus, ep = start_front(procs, server.url, new_stream())
     a = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
@@ -196,6 +263,64 @@ def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Serve
     assert bus.wait(10) == 0
 
 
+def group_held(endpoint: str, group: str) -> int | None:
+    done = run("eda-bus", "stats", "--bus", endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return next((r["held"] for r in rows if r.get("name") == group), None)
+
+
+class Holder:
+    """A live group member that takes *credit* events, then neither acknowledges
+    them nor grants more credit (it only heartbeats)."""
+
+    def __init__(self, endpoint: str, group: str, credit: int) -> None:
+        from eda.core.bus.client import BusSubscriber
+
+        self.sub = BusSubscriber(endpoint, ["work.>"], group=group, credit=credit)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.sub.subscribe()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sub.poll(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sub.close()
+
+
+def test_a_purge_of_what_a_group_member_holds_never_freezes_the_front(
+    procs: Procs, server: Server
+) -> None:
+    # a purge of messages the group's consumer holds unacknowledged and has not
+    # delivered yet: nats-server 2.9 never answers a no-wait pull on it then
+    bus, ep = start_front(procs, server.url, new_stream())
+    holder = Holder(ep, "workers", credit=3)
+    try:
+        for events in ("1\n2\n3\n", "4\n5\n6\n"):  # the holder takes the first 3 only
+            done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input=events)
+            assert done.returncode == 0, done.stderr
+        wait_until(lambda: group_held(ep, "workers") == 3, 10, "the member holding 3 events")
+        removed = run("eda-bus", "retain", "--bus", ep, "--max-age", "0")
+        assert removed.returncode == 0, removed.stderr
+        assert json.loads(removed.stdout)["removed"] == 6
+        b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")
+        b.wait_stderr("subscribed", 15)
+        for i in range(7, 10):  # each one claimed by the group: the front must go on answering
+            done = run("eda-pub", "--bus", ep, "--confirm", "work.items", str(i))
+            assert done.returncode == 0, done.stderr
+            assert stored_stats(ep)["last_seq"] == i
+        assert b.wait_lines(3, 10) == ["7", "8", "9"]
+    finally:
+        holder.close()
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
+
+
 def test_the_front_survives_its_nats_server_going_away_and_coming_back(
     procs: Procs, server: Server, tmp_path: Path
 ) -> None:
@@ -208,12 +333,37 @@ def test_the_front_survives_its_nats_server_going_away_and_coming_back(
     argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(server.port),
             "-sd", str(tmp_path / "jetstream")]  # fmt: skip
     procs.start(argv).wait_stderr("Server is ready", 20)
-    up = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "30", "t.x", "3")
+    # what the front waited for died with the server: it answers within the
+    # publisher's default patience, and stats within its own
+    up = run("eda-pub", "--bus", ep, "--confirm", "t.x", "3")
     assert up.returncode == 0, up.stderr
+    assert stored_stats(ep)["last_seq"] in (2, 3)
     assert bus.popen.poll() is None
     got = run("eda-sub", "--bus", ep, "t.x", "--from-start", "-W", "2", "--raw").stdout.split()
     # "2" was not confirmed: it may or may not have been stored, at most once
     assert got in (["1", "3"], ["1", "2", "3"]), got
+
+
+def test_acknowledgements_lost_with_the_nats_server_never_stall_the_front(
+    procs: Procs, server: Server, tmp_path: Path
+) -> None:
+    bus, ep = start_front(procs, server.url, new_stream())
+    assert run("eda-pub", "--bus", ep, "--confirm", "t.x", "1").returncode == 0
+    server.proc.signal(signal.SIGSTOP)  # takes what the front sends, never acknowledges it
+    down = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "t.x", "2")
+    assert down.returncode == 4, down.stderr  # never a false confirmation
+    server.proc.kill()  # and what it took dies with it
+    argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(server.port),
+            "-sd", str(tmp_path / "jetstream")]  # fmt: skip
+    procs.start(argv).wait_stderr("Server is ready", 20)
+    # with the publisher's and stats' default patience
+    up = run("eda-pub", "--bus", ep, "--confirm", "t.x", "3")
+    assert up.returncode == 0, up.stderr
+    assert stored_stats(ep)["last_seq"] in (2, 3)
+    got = run("eda-sub", "--bus", ep, "t.x", "--from-start", "-W", "2", "--raw").stdout.split()
+    assert got in (["1", "3"], ["1", "2", "3"]), got
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
 
 
 def test_an_unreachable_nats_server_is_a_one_line_error(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ Shape, and why:
 * **One JetStream message carries one eda batch** (or the part of one that
   was new): JetStream costs about the same per message whatever its size, so
   a batch of hundreds of events costs one replicated write instead of
-  hundreds.  The body is the wire batch's body (payloads joined by ``\\n``),
+  hundreds.  A batch larger than the server's max payload (read from the
+  connection; headers count) is cut into several messages; an event that
+  does not fit in one by itself is refused (EventTooLargeError) before
+  anything is stored.  The body is the wire batch's body (payloads joined by ``\\n``),
   so a plain NATS consumer of ``eda.>`` sees, per message, the subject
   ``eda.<topic>``, one event per line (a CloudEvents JSON object per line for
   envelopes) and the headers below; it must split lines itself.
@@ -31,7 +34,14 @@ Shape, and why:
   stores its new part, also after the duplicate window.
 * **Durability**: ``append`` publishes without waiting; ``commit`` waits for
   the stream's acknowledgements (given by the Raft quorum when ``replicas`` >
-  1) and only then moves ``durable_seq``.
+  1) and only then moves ``durable_seq``.  Sequences and publisher ranges an
+  unacknowledged or refused publish took are forgotten again (the engine
+  reads back what the stream holds), so a resend is stored, never taken for
+  a duplicate.
+* **Deadlines**: once open, no call waits for NATS longer than
+  ``SERVE_DEADLINE`` (2 s), well inside a publisher's patience: a server
+  that is slow, gone, or that lost acknowledgements with a restart costs a
+  refused round (the publishers resend) or one error, never a stalled bus.
 * **Durable consumers** keep their exact position (a bus sequence, which may
   fall inside a message) in the key-value bucket ``<stream>_consumers``
   (itself a JetStream stream with the same replicas): a JetStream consumer
@@ -93,6 +103,7 @@ from . import retention
 from .engine import (
     ConsumerStats,
     Engine,
+    EventTooLargeError,
     Receipt,
     Record,
     Retained,
@@ -126,6 +137,20 @@ T = TypeVar("T")
 DEFAULT_STREAM: Final = "EDA"
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream, group names NATS accepts everywhere
 _CHUNK: Final = 128  # messages fetched concurrently while reading
+_CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
+# The longest any one call of the serving loop waits for NATS (an ack, a pull, an
+# API answer): well inside a publisher's patience (eda-pub --timeout, BusPublisher's
+# default 10 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
+# is slow, gone or stuck costs the bus a refused round (publishers resend) or one
+# error reply, never a stalled front.
+SERVE_DEADLINE: Final = 2.0
+# nats-server 2.9 never answers a no-wait pull on a consumer that held messages a
+# purge removed (it answers at once otherwise).  A group whose pull went unanswered
+# this long is pulled with an expiry instead for a while (the server answers by then,
+# as it also waits that long when it has nothing: a cost only such groups pay).
+_NO_WAIT_ANSWER: Final = 0.5
+_PULL_EXPIRES: Final = 0.05
+_EXPIRING_FOR: Final = 60.0
 
 
 class _Head(NamedTuple):
@@ -148,6 +173,33 @@ class _Held(NamedTuple):
 
 def _msg_id(pubid: str, topic: str, pubseq: int) -> str:
     return hashlib.sha256(f"{pubid}\0{topic}\0{pubseq}".encode()).hexdigest()[:32]
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Bytes *headers* take in a NATS message: a status line, a line each, an empty line."""
+    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def _pieces(
+    batch: Batch, spans: list[tuple[int, int]], room: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """The publisher sequences [a, z) of *spans* of *batch*, cut in pieces whose
+    bodies (events joined by newlines) hold at most *room* bytes, with their bodies."""
+    lo = batch.seq
+    parts: list[bytes] | None = None
+    for a, z in spans:
+        if z - a == batch.size and len(batch.body) <= room:
+            yield a, z, batch.body
+            continue
+        parts = parts or ([batch.body] if batch.size == 1 else batch.body.split(b"\n"))
+        first, used = a, -1
+        for i in range(a, z):
+            size = len(parts[i - lo]) + 1
+            if i > first and used + size > room:
+                yield first, i, b"\n".join(parts[first - lo : i - lo])
+                first, used = i, -1
+            used += size
+        yield first, z, b"\n".join(parts[first - lo : z - lo])
 
 
 def _key(kind: str, name: str) -> str:
@@ -184,6 +236,7 @@ class NatsEngine:
         max_event_bytes: int = DEFAULT_MAX_EVENT,
         ack_wait: float = 30.0,
         timeout: float = 10.0,
+        deadline: float = SERVE_DEADLINE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if nats is None:
@@ -195,9 +248,11 @@ class NatsEngine:
         self._want_replicas = replicas  # None: as the stream has it (1 when created)
         self.replicas = replicas or 1
         self.changes: list[str] = []  # what opening changed in an existing stream's config
+        self.warnings: list[str] = []  # what the caller should tell its user
         self.max_event_bytes = max_event_bytes
         self.ack_wait = ack_wait
-        self.timeout = timeout
+        self.timeout = timeout  # opening (patient: a cluster may be electing leaders)
+        self.deadline = min(deadline, timeout)  # every call once open (see SERVE_DEADLINE)
         self._clock = clock
         self._servers = [servers] if isinstance(servers, str) else list(servers)
         self._loop = asyncio.new_event_loop()
@@ -212,6 +267,7 @@ class NatsEngine:
         self._topics_ok: set[str] = set()
         self._groups: dict[str, list[str]] = {}  # group -> patterns (its consumer exists)
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
+        self._unanswered: dict[str, float] = {}  # group -> when a no-wait pull went unanswered
         self._matchers: dict[tuple[str, ...], Matcher] = {}
         try:
             # patient: a cluster that just lost a node elects new leaders first
@@ -227,7 +283,7 @@ class NatsEngine:
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result(timeout if timeout is not None else self.timeout * 3)
+            return fut.result(timeout if timeout is not None else self.deadline)
         except TimeoutError:
             fut.cancel()
             raise StoreError(f"NATS stream {self.stream}: no answer in time") from None
@@ -319,6 +375,12 @@ class NatsEngine:
                 bucket=bucket, history=1, replicas=self.replicas
             )
         await self._catch_up()
+        limit = int(self._nc.max_payload)
+        if self.max_event_bytes > limit:
+            self.warnings[:] = [
+                f"events larger than the NATS server's max payload ({limit} bytes, less "
+                f"headers) are refused, though the event limit is {self.max_event_bytes}"
+            ]
 
     async def _reconfigure(self, info: Any, max_age: float | None, max_bytes: int | None) -> None:
         """Give an existing stream the limits and replicas asked for (those given only).
@@ -443,29 +505,57 @@ class NatsEngine:
             raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
         check_batch(batch, self.max_event_bytes, self._topics_ok)
 
+    def _room(self, batch: Batch) -> int:
+        """Payload bytes one message of *batch* may carry: the server's max payload
+        (read from the connection: it counts headers too) less the largest headers
+        this batch's messages can have.  EventTooLargeError when one event alone
+        does not fit, so it is refused before anything is stored."""
+        ext = ("{" + batch.extensions.json[1:] + "}") if batch.extensions.json else ""
+        limit = int(self._nc.max_payload)
+        # the common case, cheaply: headers of fixed size plus strings JSON escapes
+        # at most 12-fold (an astral character as two \\uXXXX escapes)
+        bound = 512 + 12 * (len(batch.pubid) + len(batch.source) + len(ext))
+        if len(batch.body) + bound <= limit:
+            return limit - bound
+        meta = {"kind": batch.kind, "time": batch.time, "pubid": batch.pubid, "pubseq": MAX_SEQ,
+                "source": batch.source, "ext": ext, "stored": -1.2345678901234567e308}  # fmt: skip
+        widest = str(MAX_SEQ)
+        headers = {"Eda-Seq": widest, "Eda-Count": widest, "Eda-Meta": json.dumps(meta),
+                   "Nats-Msg-Id": "0" * 32, "Nats-Expected-Last-Sequence": widest}  # fmt: skip
+        room = limit - _header_bytes(headers)
+        if len(batch.body) <= room:
+            return room
+        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
+        for i, part in enumerate(parts):
+            if len(part) > room:
+                raise EventTooLargeError(
+                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
+                    f"more than the NATS server's max payload of {limit} (less "
+                    f"{limit - room} bytes of headers): batch refused"
+                )
+        return room
+
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
         self._usable()
+        rooms = []
         for batch in batches:
             self._check(batch)
+            rooms.append(self._room(batch))
         last_stored = self._heads[-1].stored if self._heads else 0.0
         now = max(self._clock(), self._pending[-1][0].stored if self._pending else last_stored)
         out: list[tuple[str, bytes, dict[str, str], _Head]] = []
         receipts: list[Receipt] = []
-        for b in batches:
+        for b, room in zip(batches, rooms, strict=True):
             key = (b.pubid, b.topic)
             ranges = self._streams.setdefault(key, [])
             lo, hi = b.seq, b.seq + b.size
             new, dup = subtract(ranges, lo, hi) if ranges else ([(lo, hi)], [])
             confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
             ext = ("{" + b.extensions.json[1:] + "}") if b.extensions.json else ""
-            parts: list[bytes] | None = None
             stored = []
-            for a, z in new:
-                if z - a == b.size:
-                    body = b.body
-                else:
-                    parts = parts or b.body.split(b"\n")
-                    body = b"\n".join(parts[a - lo : z - lo])
+            # what a publish refuses is forgotten again by _abandon (and what the
+            # stream does not acknowledge by commit's _resync): never confirmed
+            for a, z, body in _pieces(b, new, room):
                 meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": a,
                         "source": b.source, "ext": ext, "stored": now}  # fmt: skip
                 self._sseq += 1
@@ -486,12 +576,37 @@ class NatsEngine:
                 confirm_at = self._next - 1
             receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
         if out:
-            futures = self._run(self._publish([(s, d, h) for s, d, h, _ in out]))
-            self._pending += [(m[3], f) for m, f in zip(out, futures, strict=True)]
+            sent: list[asyncio.Future[Any]] = []
+            try:
+                self._run(self._publish([(s, d, h) for s, d, h, _ in out], sent))
+            except StoreError as exc:
+                self._pending += [(m[3], f) for m, f in zip(out, sent, strict=False)]
+                self._abandon()
+                raise StoreError(
+                    f"{exc}; nothing after sequence {self._durable} is confirmed: the "
+                    f"publishers resend it"
+                ) from None
+            self._pending += [(m[3], f) for m, f in zip(out, sent, strict=True)]
         return receipts
 
-    async def _publish(self, msgs: list[tuple[str, bytes, dict[str, str]]]) -> list[Any]:
-        """Send *msgs* in order without waiting for their acks; one future per message."""
+    def _abandon(self) -> None:
+        """Give up on every unacknowledged publish: forget the sequences and ranges
+        they took and read back what the stream really holds."""
+        pending, self._pending = self._pending, []
+
+        def forget() -> None:
+            for _, fut in pending:
+                fut.cancel()
+            getattr(self, "_acks", {}).clear()
+
+        self._loop.call_soon_threadsafe(forget)
+        self._resync()
+
+    async def _publish(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """Send *msgs* in order without waiting for their acks; one future per message
+        sent, appended to *futures* (so a failure part-way leaves those of the sent ones)."""
         if not hasattr(self, "_inbox"):
             self._inbox = self._nc.new_inbox()
             self._acks: dict[str, asyncio.Future[Any]] = {}
@@ -503,15 +618,13 @@ class NatsEngine:
                     fut.set_result(msg)
 
             await self._nc.subscribe(f"{self._inbox}.*", cb=on_ack)
-        futures = []
         for subject, data, headers in msgs:
             self._ackn += 1
             reply = f"{self._inbox}.{self._ackn}"
             fut: asyncio.Future[Any] = self._loop.create_future()
             self._acks[reply] = fut
-            futures.append(fut)
             await self._nc.publish(subject, data, reply=reply, headers=headers)
-        return futures
+            futures.append(fut)
 
     def commit(self) -> int:
         self._usable()
@@ -542,7 +655,7 @@ class NatsEngine:
         """Wait for every ack; None when each message was stored where it was meant to be."""
         try:
             replies = await asyncio.wait_for(
-                asyncio.gather(*(f for _, f in pending)), self.timeout * 2
+                asyncio.gather(*(f for _, f in pending)), self.deadline * 0.9
             )
         except TimeoutError:
             for _, f in pending:
@@ -568,6 +681,8 @@ class NatsEngine:
         for h in self._heads:
             add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
         try:
+            if not self._nc.is_connected:  # not now: the next commit or refresh reads it
+                raise StoreError("not connected")
             self._run(self._catch_up())
         except StoreError:
             self._sseq = self._heads[-1].sseq if self._heads else 0
@@ -604,14 +719,15 @@ class NatsEngine:
         i = self._locate(start)
         while i < len(self._heads) and self._heads[i].seq <= end and left > 0:
             heads: list[_Head] = []
-            want = 0
+            want = nbytes = 0
             while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
                 h = self._heads[i]
                 i += 1
                 if matcher is None or matcher(h.topic):
                     heads.append(h)
                     want += h.size
-                    if want >= left:
+                    nbytes += h.nbytes
+                    if want >= left or nbytes >= _CHUNK_BYTES:  # one fetch, one deadline
                         break
             msgs = self._run(self._fetch([h.sseq for h in heads]))
             for head, msg in zip(heads, msgs, strict=True):
@@ -782,7 +898,7 @@ class NatsEngine:
                 head = self._head_of(msg.metadata.sequence.stream, msg.subject, msg.headers,
                                      msg.data)  # fmt: skip
                 if head is None or not matcher(head.topic):
-                    self._run(msg.ack_sync())
+                    self._run(msg.ack_sync(timeout=self.deadline / 2))
                     continue
                 out.append(self._record(head, msg))
                 held.append(_Held(head.seq, head.seq + head.size - 1, msg, time.monotonic()))
@@ -795,22 +911,38 @@ class NatsEngine:
         A ``no_wait`` pull request: the server answers at once with what it
         has and a 404 status when that is less than *n* (nats-py's fetch
         would wait for its timeout on an idle consumer, stalling the bus).
+        For a group whose consumer left one unanswered (see _NO_WAIT_ANSWER),
+        the request also expires after _PULL_EXPIRES; what came by the
+        deadline is all there is.
         """
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
+        msgs: list[Any] = []
+        now = time.monotonic()
+        expiring = now - self._unanswered.get(group, -_EXPIRING_FOR) < _EXPIRING_FOR
+        answered = False
         try:
-            request = json.dumps({"batch": n, "no_wait": True}).encode()
+            request: dict[str, Any] = {"batch": n, "no_wait": True}
+            if expiring:
+                request["expires"] = int(min(_PULL_EXPIRES, self.deadline / 4) * 1e9)
             api = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.eda_g_{group}"
-            await self._nc.publish(api, request, reply=inbox)
-            msgs: list[Any] = []
+            await self._nc.publish(api, json.dumps(request).encode(), reply=inbox)
+            until = now + self.deadline / 2
+            first = until if expiring else now + min(_NO_WAIT_ANSWER, self.deadline / 2)
             while len(msgs) < n:
-                msg = await sub.next_msg(timeout=self.timeout)
+                wait = (until if msgs else first) - time.monotonic()
+                msg = await sub.next_msg(timeout=max(0.001, wait))
                 if not msg.data and msg.headers and "Status" in msg.headers:
-                    break  # 404 no messages, 408 request expired
+                    answered = True  # 404 no messages, 408 request expired
+                    break
                 msgs.append(msg)
-            return msgs
+        except NatsTimeout:
+            pass  # no answer: what came is what there is now (JetStream redelivers the rest)
         finally:
             await sub.unsubscribe()
+        if not answered and len(msgs) < n and not expiring:
+            self._unanswered[group] = time.monotonic()
+        return msgs
 
     def _touch(self, group: str) -> None:
         """Tell JetStream that what live members hold is in progress (restarts ack_wait).
@@ -832,7 +964,7 @@ class NatsEngine:
         async def progress() -> None:
             for _, _, h in stale:
                 await self._nc.publish(h.msg.reply, b"+WPI")
-            await self._nc.flush(max(1, int(self.timeout)))
+            await self._nc.flush(max(1, int(self.deadline / 2)))
 
         self._run(progress())
         for member, i, h in stale:
@@ -842,15 +974,19 @@ class NatsEngine:
         self._group_known(group)
         self._touch(group)
         held = self._held.get(group, {}).get(member, [])
+        done = [h for h in held if h.last <= seq]
+        acked = self._run(self._each([h.msg.ack_sync(timeout=self.deadline / 2) for h in done]))
+        unacked = {id(h) for h, ok in zip(done, acked, strict=True) if not ok}
         settled = 0
         keep: list[_Held] = []
         for h in held:
+            if id(h) in unacked:  # no answer (server gone, message purged): acked again later
+                keep.append(h)
+                continue
             settled += max(0, min(h.last, seq) - h.first + 1)
-            if h.last <= seq:
-                self._run(h.msg.ack_sync())
-            elif h.first <= seq:
+            if h.first <= seq < h.last:
                 keep.append(h._replace(first=seq + 1))
-            else:
+            elif seq < h.first:
                 keep.append(h)
         held[:] = keep
         return settled
@@ -858,9 +994,16 @@ class NatsEngine:
     def release(self, group: str, member: str) -> int:
         self._group_known(group)
         held = self._held.get(group, {}).pop(member, [])
-        for h in held:  # acknowledged by the server: the next claim sees them
-            self._run(self._nc.request(h.msg.reply, b"-NAK", timeout=self.timeout))
+        # each answered by the server, so the next claim sees it; one left unanswered
+        # (a purged message, a server gone) is redelivered by JetStream after ack_wait
+        naks = [self._nc.request(h.msg.reply, b"-NAK", timeout=self.deadline / 2) for h in held]
+        self._run(self._each(naks))
         return sum(h.last - h.first + 1 for h in held)
+
+    async def _each(self, calls: Sequence[Coroutine[Any, Any, Any]]) -> list[bool]:
+        """Run *calls* concurrently (each with its own timeout); which of them succeeded."""
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return [not isinstance(r, BaseException) for r in results]
 
     def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
         self._group_known(group)
@@ -895,28 +1038,41 @@ class NatsEngine:
         return self._durable
 
     # -- housekeeping ---------------------------------------------------------
+    async def _stats_sources(self) -> tuple[Any, list[tuple[str, dict[str, Any], Any]]]:
+        """The stream's info and every consumer's row (with its JetStream consumer's
+        info for a group), asked concurrently: one deadline covers all of stats."""
+        if not self._pending:
+            await self._catch_up()  # what other fronts wrote, what the limits removed
+        keys = [k for k in await self._keys() if k[:1] in ("c", "g")]
+        info, *rows = await asyncio.gather(
+            self._js.stream_info(self.stream), *(self._kv_get(k) for k in keys)
+        )
+
+        async def group_info(key: str, row: dict[str, Any] | None) -> Any:
+            if row is None or not key.startswith("g"):
+                return None
+            return await self._js.consumer_info(self.stream, f"eda_g_{row['name']}")
+
+        infos = await asyncio.gather(*(group_info(k, r) for k, r in zip(keys, rows, strict=True)))
+        found = zip(keys, rows, infos, strict=True)
+        return info, [(k, r, ci) for k, r, ci in found if r is not None]
+
     def stats(self) -> Stats:
         self._usable()
-        if not self._pending:
-            self._run(self._catch_up())  # what other fronts wrote, what the limits removed
+        info, rows = self._run(self._stats_sources())
         topics: dict[str, TopicStats] = {}
         for h in self._heads:
             t = topics.get(h.topic, TopicStats(0, 0))
             topics[h.topic] = TopicStats(t.events + h.size, t.bytes + h.nbytes)
-        info = self._run(self._js.stream_info(self.stream))
         consumers: list[ConsumerStats] = []
         last = self.last_seq
-        for key in self._run(self._keys()):
-            row = self._run(self._kv_get(key)) if key[:1] in ("c", "g") else None
-            if row is None:
-                continue
+        for key, row, ci in rows:
             m = self._matcher(row["patterns"])
             if key.startswith("c"):
                 nxt = int(row["next"])
                 consumers.append(ConsumerStats(row["name"], "durable", tuple(m.patterns), nxt,
                                                self._count(nxt, last, m), 0))  # fmt: skip
                 continue
-            ci = self._run(self._js.consumer_info(self.stream, f"eda_g_{row['name']}"))
             delivered = ci.delivered.stream_seq if ci.delivered else 0
             i = bisect.bisect_right([h.sseq for h in self._heads], delivered)
             nxt = self._heads[i].seq if i < len(self._heads) else self._next
@@ -982,35 +1138,68 @@ class NatsEngine:
         self.close()
 
 
-def migrate(source: Engine, dest: NatsEngine, *, limit: int | None = None, chunk: int = 256) -> int:
-    """Copy the events of *source* (e.g. an embedded store) into *dest*; return how many.
+class Migrated(NamedTuple):
+    """What :func:`migrate` did: events copied, and events of the source the target
+    already held (of those it looked at: with a limit, it stops at the first new
+    event beyond it)."""
+
+    copied: int
+    present: int
+
+
+def migrate(
+    source: Engine, dest: NatsEngine, *, limit: int | None = None, chunk: int = 256
+) -> Migrated:
+    """Copy the events of *source* (e.g. an embedded store) into *dest*.
 
     Event ids (pubid, topic, publisher sequence), order, stored times and,
-    when *dest* starts empty, bus sequences are kept.  Resumable: it starts
-    after what *dest* already holds and appends are idempotent, so running it
-    again after an interruption (or *limit* events) only copies the rest.
+    when *dest* starts empty, bus sequences are kept.  Each event is copied
+    once whatever *dest* already holds (other events, part of this copy):
+    what is there is known by identity, the publisher sequences *dest* holds
+    for that pubid and topic, never by bus sequence.  So running it again
+    after an interruption (or after *limit* events copied) copies only the
+    rest, and into a stream other publishers use, events take the next bus
+    sequences there (and stored times no earlier than the newest there).
     """
     if dest.last_seq == 0 and source.first_seq > 1:
         dest._run(dest._kv_put("floor", {"next": source.first_seq}))  # same sequences
         dest._next = source.first_seq
         dest._durable = dest._next - 1
-    start = max(source.first_seq, dest.durable_seq + 1)
-    copied = 0
+    left = MAX_SEQ if limit is None else limit
+    copied = present = pending = 0
     clock = dest._clock
     try:
-        for n, record in enumerate(source.read(start, limit=limit), 1):
+        for record in source.read(source.first_seq):
+            held = dest._streams.get((record.pubid, record.topic))
+            lo, hi = record.pubseq, record.pubseq + record.size
+            new = subtract(held, lo, hi)[0] if held else [(lo, hi)]
+            fresh = sum(z - a for a, z in new)
+            present += record.size - fresh
+            if not fresh:
+                continue
+            if left <= 0:
+                break
+            if fresh > left:  # only the first *left* new events now
+                need, end = left, lo
+                for a, z in new:
+                    end, need = a + min(z - a, need), need - min(z - a, need)
+                    if not need:
+                        break
+                record = record.slice(record.seq, record.seq + end - lo - 1)
             ext = codec._extension_frame(record.extensions) if record.extensions else None
             batch = Batch(record.topic, record.kind, record.size, record.pubseq, record.time,
                           record.pubid, record.source, record.body,
                           *((ext,) if ext else ()))  # fmt: skip
             dest._clock = lambda stored=record.stored: stored  # type: ignore[misc]
-            copied += sum(c for _, _, c in dest.append([batch])[0].stored)
-            if n % chunk == 0:
+            n = sum(c for _, _, c in dest.append([batch])[0].stored)
+            copied, left, pending = copied + n, left - n, pending + n
+            if pending >= chunk:
                 dest.commit()
+                pending = 0
         dest.commit()
     finally:
         dest._clock = clock
-    return copied
+    return Migrated(copied, present)
 
 
 def _implements(engine: NatsEngine) -> Engine:
