@@ -1161,6 +1161,8 @@ run = '{wait.replace("{name}", "right")}'
         [*in_tmp, sys.executable, "-m", "eda.cli.txn", "saga", "s.toml", "--id", "t"]
     )
     wait_until(lambda: (tmp_path / "left.pid").exists() and (tmp_path / "right.pid").exists())
+    # a step's command starts while its start record is fsynced: wait for both records too
+    wait_until(lambda: proc.stdout.count('"step-started"') == 2, 30, "both starts logged")
     proc.signal(signal.SIGTERM)
     assert proc.wait(10) == 130
     assert "continue with eda-txn saga --resume t" in proc.stderr
