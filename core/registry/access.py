@@ -56,6 +56,9 @@ class Access:
     timeout: float = 1.0
     log: Log = _quiet  # diagnostics: which way an answer was found
     dropped: int = 0  # invalid records received from a registry or the LAN
+    # set when registries seen before (cached, announced) did not answer and the
+    # answer came from the LAN by mDNS instead: what to tell the user
+    registry_down: str = ""
 
     @property
     def endpoints(self) -> list[str]:
@@ -111,6 +114,8 @@ def query(op: str, service: str | None, include_all: bool, access: Access) -> li
         except NoRegistry:
             if not access.mdns:
                 raise
+            if client.unreachable:
+                access.registry_down = client.down_message()
             access.log("no registry found: asking the LAN by mDNS (serverless mode)")
         finally:
             client.close()
@@ -254,6 +259,9 @@ def changes(
             except NoRegistry:
                 if not access.mdns:
                     raise
+                if client.unreachable:
+                    access.registry_down = client.down_message()
+                    warn(f"warning: {access.registry_down}; watching the LAN by mDNS instead")
                 access.log("no registry found: watching the LAN by mDNS (serverless mode)")
             else:
                 access.log(f"watching registry {client.registry_id} at {client.current}")
