@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from eda.core.pubsub import Departure, Outcome
 
 ANNOUNCE_AFTER = 0.5  # a feed still running after this long announces itself
+BIND_GRACE = 0.5  # s: with --bind, how long subscribers get to connect before the first event
 
 EPILOG = """\b
 Examples:
@@ -242,7 +243,12 @@ def command(
                 discover_timeout, None if envelope and topic is None else topic
             )
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
-        missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
+        # a bound publisher cannot know who will connect: subscribers already retrying
+        # a --connect to it (every 0.1 s) or starting now get a short grace period
+        grace = min(BIND_GRACE, wait_seconds) if binds and not wait_subscribers else 0.0
+        missing = pub.wait_for(
+            expected, max(wait_subscribers, len(connects)), wait_seconds, at_least=grace
+        )
         short = len(pub.subscribers) < wait_subscribers
         problems = [
             f"subscriber {for_terminal(subid)} (found by mDNS) not ready after"

@@ -460,17 +460,26 @@ class Publisher(_Node):
             if self.on_gone is not None:
                 self.on_gone(departure)
 
-    def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:
+    def wait_for(
+        self, ids: Iterable[str], count: int, timeout: float, at_least: float = 0.0
+    ) -> set[str]:
         """Wait until the subscribers *ids* (and at least *count* in all) are connected.
 
-        Returns the ids still missing when *timeout* ran out.
+        With *at_least*, wait that long in any case (a grace period for
+        subscribers that connect to a bound endpoint: nobody knows they exist
+        until they do).  Returns the ids still missing when *timeout* ran out.
         """
         wanted = set(ids)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while True:
             self.service()
             missing = wanted - self.subscribers
-            if not missing and len(self.subscribers) >= count:
+            if (
+                not missing
+                and len(self.subscribers) >= count
+                and time.monotonic() - start >= at_least
+            ):
                 return set()
             left = deadline - time.monotonic()
             if left <= 0:

@@ -169,6 +169,28 @@ def test_explicit_wiring_without_mdns(procs):
     assert sub.wait() == 0 and events(sub)[0]["data"] == "x"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_bound_publisher_delivers_to_a_subscriber_already_connecting_to_it(procs):
+    """No --wait-subscribers: a subscriber retrying a --connect to the port gets the events."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    sub = procs.eda(
+        "eda-sub", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--connect", endpoint,
+        "t.>", "-C", "3",
+    )  # fmt: skip
+    sub.wait_stderr("listening on")  # (its --connect follows at once, and retries)
+    result = run("eda-pub", "--no-mdns", "--bind", endpoint, "t.x", "a", "b", "c")
+    assert result.returncode == 0, result.stderr
+    assert sub.wait(10) == 0
+    assert [e["data"] for e in events(sub)] == ["a", "b", "c"]
+
+
 def test_wait_subscribers_times_out_with_status_four():
     result = run("eda-pub", "--no-mdns", "--wait-subscribers", "1", "--wait", "0.3", "t", "x")
     assert result.returncode == 4
