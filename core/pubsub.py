@@ -703,12 +703,24 @@ class Subscriber(_Node):
             if len(self._ended) >= 4096:
                 self._ended.pop(next(iter(self._ended)))
             self._ended[pubid] = lost
-        ack = codec.ACK_PREFIX + f"{pubid} {self.subid} {self._ended[pubid]}".encode()
+        self._acknowledge(pubid, self._ended[pubid])
+
+    def _acknowledge(self, pubid: str, lost: int) -> None:
+        """Tell publisher *pubid* how many of its events were lost here."""
+        ack = codec.ACK_PREFIX + f"{pubid} {self.subid} {lost}".encode()
         self.sock.subscribe(ack)  # XPUB_VERBOSE hands this to the publisher...
         self.sock.unsubscribe(ack)  # ...and nothing stays subscribed
 
     def close(self, linger: float = CLOSE_LINGER) -> None:
-        """Say goodbye to every publisher (leaving on purpose is not loss), then close."""
+        """Say goodbye to every publisher (leaving on purpose is not loss), then close.
+
+        A publisher whose events were lost here (a gap, before its end of
+        stream) is first told how many, as an acknowledgement would: leaving
+        early (``--strict``, ``-C``) must not hide that loss from it.
+        """
+        for pubid, lost in self._lost.items():
+            if lost and pubid not in self._ended:
+                self._acknowledge(pubid, lost)
         self.sock.subscribe(codec.BYE_PREFIX + self.subid.encode())
         super().close(linger)
 
