@@ -231,6 +231,7 @@ def command(
     pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
     rejected = 0
     failed = False  # some subscriber we knew of did not get (or confirm) everything
+    said_nobody = False  # a warning already said that no subscriber is there
     outcome = None
     try:
         for endpoint in binds:
@@ -276,6 +277,7 @@ def command(
                 f"warning: no subscriber is listening, although {pub.seen_before} were seen"
                 " before (they are gone)"
             )
+        said_nobody = short or failed or bool(not pub.subscribers and pub.seen_before)
         kind = codec.JSON if json_mode else codec.TEXT
         if messages:
             raw = [m.encode(errors="surrogateescape") for m in messages]
@@ -306,6 +308,12 @@ def command(
         pub.close(linger)
     if outcome is not None:
         _report(ctx, outcome)
+        if pub.total_sent and not pub.ever_joined and not said_nobody:
+            # publishing to nobody is not an error (as with MQTT), but never silent
+            ctx.warn(
+                f"warning: no subscriber was found or connected: the {pub.total_sent}"
+                " event(s) reached nobody (--wait-subscribers N waits for N)"
+            )
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
         raise Exit(EXIT_ERROR)

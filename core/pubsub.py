@@ -238,7 +238,9 @@ class _Node:
         """
         port = int(self.endpoints[0].rsplit(":", 1)[1])
         found = discovery.Discovery(self.interface)
-        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready)
+        # the id is random (32 bits) and new for each process: no conflict to probe for,
+        # so a starting subscriber is found at once, not after about a second
+        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready, unique=True)
         found.browse(self.browse_type, self._peers.put, self._peers.put)
         self._discovery = found
 
@@ -503,6 +505,11 @@ class Publisher(_Node):
     def next_envelope_id(self) -> str:
         self._envelope_ids += 1
         return f"{self.pubid}-e{self._envelope_ids}"
+
+    @property
+    def ever_joined(self) -> int:
+        """How many subscribers joined at some point (0: every event reached nobody)."""
+        return len(self._joined)
 
     @property
     def total_sent(self) -> int:

@@ -187,8 +187,23 @@ def test_a_bound_publisher_delivers_to_a_subscriber_already_connecting_to_it(pro
     sub.wait_stderr("listening on")  # (its --connect follows at once, and retries)
     result = run("eda-pub", "--no-mdns", "--bind", endpoint, "t.x", "a", "b", "c")
     assert result.returncode == 0, result.stderr
+    assert "reached nobody" not in result.stderr
     assert sub.wait(10) == 0
     assert [e["data"] for e in events(sub)] == ["a", "b", "c"]
+
+
+def test_a_publish_that_reaches_nobody_says_so(tmp_path):
+    """Publishing to no subscriber is not an error (exit 0), but it is never silent."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    one_shot = run("eda-pub", "t", "x", "y", env=env)
+    assert one_shot.returncode == 0
+    assert "no subscriber was found or connected: the 2 event(s) reached nobody" in (
+        one_shot.stderr
+    )
+    bound = run("eda-pub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t", "x", env=env)
+    assert bound.returncode == 0 and "reached nobody" in bound.stderr
+    fed = run("eda-pub", "--no-mdns", "t", input="a\nb\n", env=env)
+    assert fed.returncode == 0 and "the 2 event(s) reached nobody" in fed.stderr
 
 
 def test_wait_subscribers_times_out_with_status_four():
