@@ -932,6 +932,14 @@ def test_a_stopped_registry_does_not_pass_for_an_empty_one(procs: Procs, tmp_pat
     assert "does not answer" in fallback.stderr and "by mDNS" in fallback.stderr
     no_mdns = run("eda-registry", "lookup", "orders", "--no-mdns", env=env)
     assert no_mdns.returncode == 1 and "does not answer" in no_mdns.stderr
+    watcher = procs.eda("eda-registry", "watch", "orders", env=env)
+    watcher.wait_stderr(r"does not answer.*watching the LAN by mDNS instead", 15)
+    watcher.signal(signal.SIGTERM)
+    watcher.wait()
+    # configured (EDA_REGISTRY): an error naming it, never an answer from elsewhere
+    configured = run("eda-registry", "lookup", "orders", env={**env, "EDA_REGISTRY": endpoint})
+    assert (configured.returncode, configured.stdout) == (1, ""), configured.stderr
+    assert f"no registry answered (tried {endpoint})" in configured.stderr
 
 
 def _accepts(endpoint: str) -> bool:
