@@ -308,7 +308,8 @@ def command(
         pub.close(linger)
     if outcome is not None:
         _report(ctx, outcome)
-        if pub.total_sent and not pub.ever_joined and not said_nobody:
+        one_shot = bool(messages) or whole
+        if one_shot and pub.total_sent and not pub.ever_joined and not said_nobody:
             # publishing to nobody is not an error (as with MQTT), but never silent
             ctx.warn(
                 f"warning: no subscriber was found or connected: the {pub.total_sent}"
