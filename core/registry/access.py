@@ -96,12 +96,17 @@ def resolve_interface(interface: str | None) -> str | None:
 def query(op: str, service: str | None, include_all: bool, access: Access) -> list[Instance]:
     """``lookup`` (passing, or every instance with *include_all*) or ``list`` (every one).
 
-    Raises :class:`~.client.NoRegistry` when no registry is known and mDNS is off,
-    :class:`~.client.RegistryUnavailable` when known registries do not answer.
+    When registries seen before refuse connections and the answer comes from
+    the LAN instead, :attr:`Access.registry_down` says so (for the caller to
+    tell the user: a registry that is down is not an empty one).
+
+    Raises :class:`~.client.NoRegistry` when no registry is known and mDNS is
+    off, :class:`~.client.RegistryUnavailable` when known registries do not answer.
     """
     if op not in ("lookup", "list"):
         raise ValueError(f"unknown query {op!r}")
     name = validate_name(service) if service is not None else None
+    access.registry_down = ""  # (an Access may be used for many queries)
     if not access.serverless:
         client = access.client()
         try:
