@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from eda.core.pubsub import Departure, Outcome
 
 ANNOUNCE_AFTER = 0.5  # a feed still running after this long announces itself
+BIND_GRACE = 0.5  # s: with --bind, how long subscribers get to connect before the first event
 
 EPILOG = """\b
 Examples:
@@ -230,6 +231,7 @@ def command(
     pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
     rejected = 0
     failed = False  # some subscriber we knew of did not get (or confirm) everything
+    said_nobody = False  # a warning already said that no subscriber is there
     outcome = None
     try:
         for endpoint in binds:
@@ -242,7 +244,12 @@ def command(
                 discover_timeout, None if envelope and topic is None else topic
             )
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
-        missing = pub.wait_for(expected, max(wait_subscribers, len(connects)), wait_seconds)
+        # a bound publisher cannot know who will connect: subscribers already retrying
+        # a --connect to it (every 0.1 s) or starting now get a short grace period
+        grace = min(BIND_GRACE, wait_seconds) if binds and not wait_subscribers else 0.0
+        missing = pub.wait_for(
+            expected, max(wait_subscribers, len(connects)), wait_seconds, at_least=grace
+        )
         short = len(pub.subscribers) < wait_subscribers
         problems = [
             f"subscriber {for_terminal(subid)} (found by mDNS) not ready after"
@@ -270,6 +277,7 @@ def command(
                 f"warning: no subscriber is listening, although {pub.seen_before} were seen"
                 " before (they are gone)"
             )
+        said_nobody = short or failed or bool(not pub.subscribers and pub.seen_before)
         kind = codec.JSON if json_mode else codec.TEXT
         if messages:
             raw = [m.encode(errors="surrogateescape") for m in messages]
@@ -300,6 +308,13 @@ def command(
         pub.close(linger)
     if outcome is not None:
         _report(ctx, outcome)
+        one_shot = bool(messages) or whole
+        if one_shot and pub.total_sent and not pub.ever_joined and not said_nobody:
+            # publishing to nobody is not an error (as with MQTT), but never silent
+            ctx.warn(
+                f"warning: no subscriber was found or connected: the {pub.total_sent}"
+                " event(s) reached nobody (--wait-subscribers N waits for N)"
+            )
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
         raise Exit(EXIT_ERROR)

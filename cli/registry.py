@@ -358,11 +358,24 @@ def _query(
     ctx: Context,
 ) -> list[dict[str, Any]]:
     from eda.core.registry.access import query
+    from eda.core.registry.client import RegistryUnavailable
 
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     found = query(op, name, include_all, access)
     if access.dropped:
         ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
+    if access.registry_down:
+        # a registry that is down must not pass for an empty one: what mDNS found
+        # is shown with a warning; nothing found is an error, not "not found"
+        if not found:
+            raise RegistryUnavailable(
+                f"{access.registry_down}, and nothing on the LAN answered by mDNS"
+                " either; start the registry, or use --serverless to ask the LAN only"
+            )
+        ctx.warn(
+            f"warning: {access.registry_down}; showing what the LAN announces by mDNS"
+            " (serverless mode), which may be incomplete"
+        )
     return [i.to_dict() for i in found]
 
 

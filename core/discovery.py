@@ -63,6 +63,7 @@ DEAD_KEY = "dead-endpoints"
 RESOLVER_THREADS = 3  # threads resolving names that came without their records
 MAX_PENDING = 64  # names waiting to be resolved; more are dropped (counted)
 RESOLVE_TIMEOUT = 1.5  # seconds; a name that does not resolve by then is dropped
+REGISTER_TIMEOUT = 5.0  # seconds for zeroconf's loop to take a registration
 
 
 @dataclass(frozen=True)
@@ -532,11 +533,16 @@ class Discovery:
         ttl: int | None = None,
         rename: bool = True,
         background: bool = True,
+        unique: bool = False,
     ) -> Any:
         """Announce instance *name* of *service_type* (any DNS-SD type) on *port* with *txt*.
 
         Probing (about a second, RFC 6762 8.1) runs in a background thread
         unless *background* is false; *on_ready* is called once announced.
+        With *unique* (a name and host name made from a random id of this
+        process, which nobody else can hold), probing is skipped: queries are
+        answered at once, *on_ready* is called then, and the announcements
+        follow (RFC 6762 8.1 probes only to find a conflict, and there is none).
         *ttl* sets every record's TTL (short-lived records for instances that
         may die without a goodbye); *rename* allows a new name on conflict.
         Returns the zeroconf ServiceInfo (for :meth:`update` and :meth:`withdraw`).
@@ -561,7 +567,10 @@ class Discovery:
         self._infos.append(info)
 
         def register() -> None:
-            self._zc.register_service(info, allow_name_change=rename)
+            if unique:
+                self._register_unique(info)
+            else:
+                self._zc.register_service(info, allow_name_change=rename)
             if on_ready is not None:
                 on_ready()
 
@@ -575,6 +584,16 @@ class Discovery:
 
         threading.Thread(target=register_quietly, name="eda-announce", daemon=True).start()
         return info
+
+    def _register_unique(self, info: Any) -> None:
+        """Register *info* without probing; return once queries for it are answered
+        (its announcements go on in zeroconf's loop)."""
+        import asyncio
+
+        registered = asyncio.run_coroutine_threadsafe(
+            self._zc.async_register_service(info, cooperating_responders=True), self._zc.loop
+        )
+        registered.result(REGISTER_TIMEOUT)
 
     def update(self, info: Any, txt: Mapping[str, str]) -> Any:
         """Announce new TXT records for an instance :meth:`announce` returned; the new info."""
@@ -608,8 +627,14 @@ class Discovery:
         port: int,
         patterns: list[str],
         on_ready: Callable[[], None] | None = None,
+        *,
+        unique: bool = False,
     ) -> Any:
-        """Announce this eda process (id, patterns, wire version in TXT)."""
+        """Announce this eda process (id, patterns, wire version in TXT).
+
+        *unique*: the peer id is random and new for this process (no probing;
+        see :meth:`announce`).
+        """
         kind = service_type.split(".")[0].lstrip("_")
         host = socket.gethostname().split(".")[0] or "eda"
         return self.announce(
@@ -619,6 +644,7 @@ class Discovery:
             {"id": peer_id, "p": txt_patterns(patterns), "v": str(codec.VERSION)},
             on_ready,
             server=f"{host}-{peer_id}.local.",
+            unique=unique,
         )
 
     def browse(

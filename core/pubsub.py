@@ -238,7 +238,9 @@ class _Node:
         """
         port = int(self.endpoints[0].rsplit(":", 1)[1])
         found = discovery.Discovery(self.interface)
-        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready)
+        # the id is random (32 bits) and new for each process: no conflict to probe for,
+        # so a starting subscriber is found at once, not after about a second
+        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready, unique=True)
         found.browse(self.browse_type, self._peers.put, self._peers.put)
         self._discovery = found
 
@@ -460,17 +462,26 @@ class Publisher(_Node):
             if self.on_gone is not None:
                 self.on_gone(departure)
 
-    def wait_for(self, ids: Iterable[str], count: int, timeout: float) -> set[str]:
+    def wait_for(
+        self, ids: Iterable[str], count: int, timeout: float, at_least: float = 0.0
+    ) -> set[str]:
         """Wait until the subscribers *ids* (and at least *count* in all) are connected.
 
-        Returns the ids still missing when *timeout* ran out.
+        With *at_least*, wait that long in any case (a grace period for
+        subscribers that connect to a bound endpoint: nobody knows they exist
+        until they do).  Returns the ids still missing when *timeout* ran out.
         """
         wanted = set(ids)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while True:
             self.service()
             missing = wanted - self.subscribers
-            if not missing and len(self.subscribers) >= count:
+            if (
+                not missing
+                and len(self.subscribers) >= count
+                and time.monotonic() - start >= at_least
+            ):
                 return set()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -494,6 +505,11 @@ class Publisher(_Node):
     def next_envelope_id(self) -> str:
         self._envelope_ids += 1
         return f"{self.pubid}-e{self._envelope_ids}"
+
+    @property
+    def ever_joined(self) -> int:
+        """How many subscribers joined at some point (0: every event reached nobody)."""
+        return len(self._joined)
 
     @property
     def total_sent(self) -> int:
@@ -694,12 +710,24 @@ class Subscriber(_Node):
             if len(self._ended) >= 4096:
                 self._ended.pop(next(iter(self._ended)))
             self._ended[pubid] = lost
-        ack = codec.ACK_PREFIX + f"{pubid} {self.subid} {self._ended[pubid]}".encode()
+        self._acknowledge(pubid, self._ended[pubid])
+
+    def _acknowledge(self, pubid: str, lost: int) -> None:
+        """Tell publisher *pubid* how many of its events were lost here."""
+        ack = codec.ACK_PREFIX + f"{pubid} {self.subid} {lost}".encode()
         self.sock.subscribe(ack)  # XPUB_VERBOSE hands this to the publisher...
         self.sock.unsubscribe(ack)  # ...and nothing stays subscribed
 
     def close(self, linger: float = CLOSE_LINGER) -> None:
-        """Say goodbye to every publisher (leaving on purpose is not loss), then close."""
+        """Say goodbye to every publisher (leaving on purpose is not loss), then close.
+
+        A publisher whose events were lost here (a gap, before its end of
+        stream) is first told how many, as an acknowledgement would: leaving
+        early (``--strict``, ``-C``) must not hide that loss from it.
+        """
+        for pubid, lost in self._lost.items():
+            if lost and pubid not in self._ended:
+                self._acknowledge(pubid, lost)
         self.sock.subscribe(codec.BYE_PREFIX + self.subid.encode())
         super().close(linger)
 

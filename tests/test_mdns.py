@@ -1,13 +1,23 @@
 import contextlib
+import json
+import signal
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eda.core import discovery, mdns
-from tests.helpers import MdnsResponder, dns_response, dns_rr, service_records, wait_until
+from tests.helpers import (
+    MdnsResponder,
+    dns_response,
+    dns_rr,
+    run,
+    service_records,
+    wait_until,
+)
 
 
 def _rr(name: str, rtype: int, rdata: bytes) -> bytes:
@@ -320,3 +330,30 @@ def test_a_hostile_instance_name_cannot_break_the_repeated_question(responder):
         responder.answer = lambda qid, qname, p=ptr, s=srv: [(dns_response(qid, [p, s], 1), True)]
         found = mdns.one_shot_query(STYPE, timeout=0.2)  # known answers must not fail
         assert [i.port for i in found] == [5555]
+
+
+def test_a_starting_subscriber_answers_at_once_without_probing(procs):
+    """Its mDNS names come from a random id of its own: no probe queries (RFC 6762 8.1,
+    about a second) delay it; the first packet naming it is its announcement."""
+    from tests.helpers import mdns_socket, readable
+
+    capture = mdns_socket()
+    try:
+        sub = procs.eda("eda-sub", "-v", "probe.>")
+        subid = sub.wait_stderr(r"announced as (\w+)", 15).group(1)
+        packets: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while not any(subid.encode() in p for p in packets) and time.monotonic() < deadline:
+            if readable([capture], 0.1):
+                packets.append(capture.recv(9000))
+    finally:
+        capture.close()
+    naming = [p for p in packets if subid.encode() in p]
+    assert naming, "the subscriber was never announced"
+    assert naming[0][2] & 0x80, "a probe query came before the announcement"
+    # and a publisher finds it now (it said it is announced)
+    result = run("eda-pub", "probe.x", "hello")
+    assert result.returncode == 0 and "reached nobody" not in result.stderr, result.stderr
+    sub.signal(signal.SIGTERM)
+    assert sub.wait() == 0
+    assert json.loads(sub.lines()[0])["data"] == "hello"

@@ -169,6 +169,43 @@ def test_explicit_wiring_without_mdns(procs):
     assert sub.wait() == 0 and events(sub)[0]["data"] == "x"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_bound_publisher_delivers_to_a_subscriber_already_connecting_to_it(procs):
+    """No --wait-subscribers: a subscriber retrying a --connect to the port gets the events."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    sub = procs.eda(
+        "eda-sub", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--connect", endpoint,
+        "t.>", "-C", "3",
+    )  # fmt: skip
+    sub.wait_stderr("listening on")  # (its --connect follows at once, and retries)
+    result = run("eda-pub", "--no-mdns", "--bind", endpoint, "t.x", "a", "b", "c")
+    assert result.returncode == 0, result.stderr
+    assert "reached nobody" not in result.stderr
+    assert sub.wait(10) == 0
+    assert [e["data"] for e in events(sub)] == ["a", "b", "c"]
+
+
+def test_a_publish_that_reaches_nobody_says_so(tmp_path):
+    """Publishing to no subscriber is not an error (exit 0), but it is never silent."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    one_shot = run("eda-pub", "t", "x", "y", env=env)
+    assert one_shot.returncode == 0
+    assert "no subscriber was found or connected: the 2 event(s) reached nobody" in (
+        one_shot.stderr
+    )
+    bound = run("eda-pub", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "t", "x", env=env)
+    assert bound.returncode == 0 and "reached nobody" in bound.stderr
+    whole = run("eda-pub", "--no-mdns", "-s", "t", input="a\nb\n", env=env)
+    assert whole.returncode == 0 and "the 1 event(s) reached nobody" in whole.stderr
+
+
 def test_wait_subscribers_times_out_with_status_four():
     result = run("eda-pub", "--no-mdns", "--wait-subscribers", "1", "--wait", "0.3", "t", "x")
     assert result.returncode == 4
@@ -208,13 +245,12 @@ def test_loss_is_reported_and_strict_exits_five(procs, tmp_path):
         )
     assert sub.wait(30) == 5
     assert "eda-sub: lost " in sub.stderr and " events from eda://" in sub.stderr
-    # the subscriber left (a goodbye: not the publisher's loss to report), or it
-    # confirmed the end of the stream with its loss first, which eda-pub reports
+    # whether the subscriber left at its first gap (its goodbye carries its loss)
+    # or confirmed the end of the stream with its loss first, eda-pub reports it
     stderr = result.stderr.decode()
-    if result.returncode == 5:
-        assert re.search(r"subscriber \w+ lost \d+ event", stderr), stderr
-    else:
-        assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    assert result.returncode == 5, stderr
+    assert re.search(r"subscriber \w+ lost \d+ event", stderr), stderr
+    assert "Traceback" not in stderr
 
 
 def test_exec_runs_once_per_event_with_environment(procs, tmp_path):

@@ -899,3 +899,53 @@ def test_an_unusable_data_directory_is_a_runtime_error(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("eda-registry: error: cannot use data directory")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_stopped_registry_does_not_pass_for_an_empty_one(procs: Procs, tmp_path: Path) -> None:
+    """A registry seen before (cached) that is down is said on stderr, and never "not found"."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # this test's dead registry stays here
+    reg = procs.eda("eda-registry", "serve", "-v", "--bind", "tcp://127.0.0.1:*", "--tick", "0.1")
+    endpoint = reg.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    reg.wait_stderr("announced registry", 15)
+    register(procs, endpoint, "orders", 8080)
+    found = run("eda-registry", "lookup", "orders", env=env)  # found by mDNS, then cached
+    assert (found.returncode, ports(found)) == (0, [8080]), found.stderr
+    reg.signal(signal.SIGKILL)
+    reg.wait()
+    wait_until(lambda: not _accepts(endpoint), 5, "the registry to be gone")
+
+    missing = run("eda-registry", "lookup", "orders", env=env)
+    assert missing.returncode == 1, missing.stderr  # a runtime error, not "not found" (3)
+    assert missing.stdout == ""
+    assert f"registry seen before ({endpoint}) does not answer" in missing.stderr
+    assert "no passing instance" not in missing.stderr
+    listed = run("eda-registry", "list", env=env)
+    assert (listed.returncode, listed.stdout) == (1, ""), listed.stderr
+    assert "does not answer" in listed.stderr
+
+    # what the LAN announces meanwhile is shown, with the warning
+    procs.eda(
+        "eda-registry", "register", "-v", "--serverless", "orders", "--port", "8081", *FAST
+    ).wait_stderr(r"registered orders/\S+ at .* by mDNS", 15)
+    fallback = run("eda-registry", "lookup", "orders", env=env)
+    assert (fallback.returncode, ports(fallback)) == (0, [8081]), fallback.stderr
+    assert "does not answer" in fallback.stderr and "by mDNS" in fallback.stderr
+    no_mdns = run("eda-registry", "lookup", "orders", "--no-mdns", env=env)
+    assert no_mdns.returncode == 1 and "does not answer" in no_mdns.stderr
+    watcher = procs.eda("eda-registry", "watch", "orders", env=env)
+    watcher.wait_stderr(r"does not answer.*watching the LAN by mDNS instead", 15)
+    watcher.signal(signal.SIGTERM)
+    watcher.wait()
+    # configured (EDA_REGISTRY): an error naming it, never an answer from elsewhere
+    configured = run("eda-registry", "lookup", "orders", env={**env, "EDA_REGISTRY": endpoint})
+    assert (configured.returncode, configured.stdout) == (1, ""), configured.stderr
+    assert f"no registry answered (tried {endpoint})" in configured.stderr
+
+
+def _accepts(endpoint: str) -> bool:
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), 0.5).close()
+    except OSError:
+        return False
+    return True

@@ -56,6 +56,9 @@ class Access:
     timeout: float = 1.0
     log: Log = _quiet  # diagnostics: which way an answer was found
     dropped: int = 0  # invalid records received from a registry or the LAN
+    # set when registries seen before (cached, announced) did not answer and the
+    # answer came from the LAN by mDNS instead: what to tell the user
+    registry_down: str = ""
 
     @property
     def endpoints(self) -> list[str]:
@@ -93,12 +96,17 @@ def resolve_interface(interface: str | None) -> str | None:
 def query(op: str, service: str | None, include_all: bool, access: Access) -> list[Instance]:
     """``lookup`` (passing, or every instance with *include_all*) or ``list`` (every one).
 
-    Raises :class:`~.client.NoRegistry` when no registry is known and mDNS is off,
-    :class:`~.client.RegistryUnavailable` when known registries do not answer.
+    When registries seen before refuse connections and the answer comes from
+    the LAN instead, :attr:`Access.registry_down` says so (for the caller to
+    tell the user: a registry that is down is not an empty one).
+
+    Raises :class:`~.client.NoRegistry` when no registry is known and mDNS is
+    off, :class:`~.client.RegistryUnavailable` when known registries do not answer.
     """
     if op not in ("lookup", "list"):
         raise ValueError(f"unknown query {op!r}")
     name = validate_name(service) if service is not None else None
+    access.registry_down = ""  # (an Access may be used for many queries)
     if not access.serverless:
         client = access.client()
         try:
@@ -111,6 +119,8 @@ def query(op: str, service: str | None, include_all: bool, access: Access) -> li
         except NoRegistry:
             if not access.mdns:
                 raise
+            if client.unreachable:
+                access.registry_down = client.down_message()
             access.log("no registry found: asking the LAN by mDNS (serverless mode)")
         finally:
             client.close()
@@ -254,6 +264,9 @@ def changes(
             except NoRegistry:
                 if not access.mdns:
                     raise
+                if client.unreachable:
+                    access.registry_down = client.down_message()
+                    warn(f"warning: {access.registry_down}; watching the LAN by mDNS instead")
                 access.log("no registry found: watching the LAN by mDNS (serverless mode)")
             else:
                 access.log(f"watching registry {client.registry_id} at {client.current}")

@@ -76,6 +76,9 @@ class Client(reqrep.Client):
         self.use_mdns = use_mdns
         self.discover_timeout = discover_timeout
         self.learned: list[str] = []  # peers named by registries that answered
+        # registries known from the cache or mDNS that refused a TCP connect: a
+        # registry that is down, which must not pass for an empty one
+        self.unreachable: list[str] = []
         self.registry_id = ""
 
     # -- choosing a registry --------------------------------------------------------
@@ -86,7 +89,7 @@ class Client(reqrep.Client):
         if self.explicit:
             return
         for endpoint in cached(CACHE_KEY):
-            if endpoint not in tried and _tcp_reachable(endpoint):
+            if endpoint not in tried and self._reachable(endpoint):
                 yield endpoint
         if self.use_mdns:
             from ..discovery import find_once
@@ -99,8 +102,16 @@ class Client(reqrep.Client):
             # and at most MAX_ANNOUNCED of them are tried
             announced = [p.endpoint for p in peers if p.endpoint not in tried]
             for endpoint in announced[:MAX_ANNOUNCED]:
-                if _tcp_reachable(endpoint):
+                if self._reachable(endpoint):
                     yield endpoint
+
+    def _reachable(self, endpoint: str) -> bool:
+        """Whether *endpoint* accepts a TCP connection (else noted in :attr:`unreachable`)."""
+        if _tcp_reachable(endpoint):
+            return True
+        if endpoint not in self.unreachable:
+            self.unreachable.append(endpoint)
+        return False
 
     def connect(self, endpoint: str) -> None:
         super().connect(endpoint)
@@ -113,9 +124,16 @@ class Client(reqrep.Client):
             remember(CACHE_KEY, known)
 
     def none_found(self) -> EdaError:
+        if self.unreachable:
+            return NoRegistry(f"{self.down_message()}; start it or give --registry")
         return NoRegistry(
             "no registry found; start one with 'eda-registry serve' or give --registry"
         )
+
+    def down_message(self) -> str:
+        """What :attr:`unreachable` means, in words: the registries seen before are down."""
+        listed = ", ".join(self.unreachable[:3]) + (", ..." if len(self.unreachable) > 3 else "")
+        return f"the registry seen before ({listed}) does not answer: it refuses connections"
 
     def none_answered(self, tried: set[str]) -> EdaError:
         return RegistryUnavailable(f"no registry answered (tried {', '.join(sorted(tried))})")

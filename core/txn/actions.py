@@ -18,7 +18,10 @@ in the order of the requests::
 
 A reply that is not such an object (garbage, a wrong ``txn`` echo) is a
 "no" vote or a failed step; an agent that exits or stays silent past the
-timeout is restarted, and its pending requests fail the same way.
+timeout is restarted, and its pending requests fail the same way.  The
+reason says which: an agent that exited is reported with its exit status
+and the last line of its stderr (which is passed on to the participant's
+stderr as it comes, and its tail kept for this).
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import UsageError
+from ..reqrep import printable
 
 PREPARE, COMMIT, ABORT = "prepare", "commit", "abort"
 MAX_LINE = 1 << 20
+STDERR_TAIL = 4096  # bytes of an agent's stderr kept to say why it exited
+EXIT_WAIT = 1.0  # s: an agent that closed its stdout gets this long to exit and flush stderr
 
 
 @dataclass
@@ -126,6 +133,42 @@ class ShellActions:
         pass
 
 
+class _StderrTail:
+    """Passes an agent's stderr on to ours as it comes, keeping its last bytes."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._tail = b""
+        self._thread = threading.Thread(target=self._pump, name="eda-agent-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while chunk := os.read(self._fd, 65536):
+                with contextlib.suppress(OSError):
+                    os.write(2, chunk)  # where the agent's stderr went when inherited
+                self._tail = (self._tail + chunk)[-STDERR_TAIL:]
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def last_line(self, wait: float) -> str:
+        """The last non-blank line written (after up to *wait* s for the rest to come)."""
+        self._thread.join(wait)
+        lines = [x for x in self._tail.decode(errors="replace").splitlines() if x.strip()]
+        return printable(lines[-1].strip(), 200) if lines else ""
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 class PersistentAgent:
     """A long-running command speaking JSON Lines (see the module's docstring)."""
 
@@ -141,6 +184,8 @@ class PersistentAgent:
         self.proc: subprocess.Popen[bytes] | None = None
         self.buffer = b""
         self.restarts = 0
+        self._stderr: _StderrTail | None = None
+        self._eof = False  # the agent closed its stdout
 
     def start(self) -> None:
         try:
@@ -148,13 +193,31 @@ class PersistentAgent:
                 self.argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=dict(os.environ, EDA_PARTICIPANT=self.participant),
                 cwd=self.cwd,
                 process_group=0,
             )
         except OSError as exc:
             raise UsageError(f"cannot run {self.argv[0]}: {exc.strerror}") from None
+        assert self.proc.stderr is not None
+        self._stderr = _StderrTail(os.dup(self.proc.stderr.fileno()))
+        self.proc.stderr.close()
         self.buffer = b""
+        self._eof = False
+
+    def _exited(self) -> str | None:
+        """Why the agent is gone (exit status, last stderr line), or None if it runs."""
+        if self.proc is None:
+            return None
+        if self._eof:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(EXIT_WAIT)
+        returncode = self.proc.poll()
+        if returncode is None:
+            return "the agent closed its stdout" if self._eof else None
+        said = self._stderr.last_line(EXIT_WAIT) if self._stderr is not None else ""
+        return f"the agent {_status(returncode)}" + (f": {said}" if said else "")
 
     def _restart(self) -> None:
         if self.proc is not None:
@@ -173,6 +236,7 @@ class PersistentAgent:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._eof = True
                 return None
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
@@ -229,8 +293,10 @@ class PersistentAgent:
         try:
             written = self._write(("\n".join(lines) + "\n").encode(), deadline)
         except OSError:
+            self._eof = True
+            why = self._exited() or "the agent exited"
             self._restart()
-            return [Result(False, "the agent exited")] * len(calls)
+            return [Result(False, why)] * len(calls)
         if not written:  # an agent that stopped reading: never block the daemon on it
             self._restart()
             why = f"the agent did not read its requests within {self.timeout:g}s"
@@ -239,9 +305,9 @@ class PersistentAgent:
         for call in calls:
             line = self._line(deadline)
             if line is None:
+                why = self._exited() or f"the agent did not answer within {self.timeout:g}s"
                 self._restart()
                 missing = len(calls) - len(results)
-                why = f"the agent did not answer within {self.timeout:g}s"
                 return [*results, *[Result(False, why)] * missing]
             results.append(judge(call, line))
         return results
