@@ -245,8 +245,11 @@ class SQLiteEngine:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
 
-    def _failed(self, exc: sqlite3.Error) -> StoreError:
-        """Roll back to the last commit and describe *exc* to the caller."""
+    def _failed(self, exc: Exception) -> StoreError:
+        """Roll back to the last commit and describe *exc* to the caller.
+
+        Every write path ends here on any exception, not only SQLite's: the
+        in-memory state never runs ahead of what the store holds."""
         try:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
@@ -292,42 +295,43 @@ class SQLiteEngine:
         for batch in batches:
             self._check(batch)
             self._check_gaps(batch)
-        now = max(self._clock(), self._last_stored)
-        rows: list[tuple[Any, ...]] = []
-        receipts: list[Receipt] = []
-        for b in batches:
-            key = (b.pubid, b.topic)
-            ranges = self._streams.setdefault(key, [])
-            lo, hi = b.seq, b.seq + b.size
-            if not ranges or ranges[-1][1] <= lo:
-                new, dup = [(lo, hi)], list[tuple[int, int]]()
-            else:
-                new, dup = subtract(ranges, lo, hi)
-            confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
-            stored = []
-            ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
-            parts: list[bytes] | None = None
-            for a, z in new:
-                if z - a == b.size:
-                    body = b.body
+        try:  # whatever fails from here on (I/O, a bug) rolls back and reloads: no half-append
+            now = max(self._clock(), self._last_stored)
+            rows: list[tuple[Any, ...]] = []
+            receipts: list[Receipt] = []
+            for b in batches:
+                key = (b.pubid, b.topic)
+                ranges = self._streams.setdefault(key, [])
+                lo, hi = b.seq, b.seq + b.size
+                if not ranges or ranges[-1][1] <= lo:
+                    new, dup = [(lo, hi)], list[tuple[int, int]]()
                 else:
-                    parts = parts or b.body.split(b"\n")
-                    body = b"\n".join(parts[a - lo : z - lo])
-                rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                             b.source, ext, body))  # fmt: skip
-                stored.append((a, self._next, z - a))
-                self._next += z - a
-                add(ranges, a, z)
-                add(self._fresh.setdefault(key, []), a, z)
-            if stored:
-                confirm_at = self._next - 1
-                self._seen[key] = now
-            receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
-        self._last_stored = now
-        try:
+                    new, dup = subtract(ranges, lo, hi)
+                confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
+                stored = []
+                ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
+                parts: list[bytes] | None = None
+                for a, z in new:
+                    if z - a == b.size:
+                        body = b.body
+                    else:
+                        parts = parts or b.body.split(b"\n")
+                        body = b"\n".join(parts[a - lo : z - lo])
+                    rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
+                                 b.source, ext, body))  # fmt: skip
+                    stored.append((a, self._next, z - a))
+                    self._next += z - a
+                    add(ranges, a, z)
+                    add(self._fresh.setdefault(key, []), a, z)
+                if stored:
+                    confirm_at = self._next - 1
+                    self._seen[key] = now
+                dups = tuple((a, z - a) for a, z in dup)
+                receipts.append(Receipt(tuple(stored), dups, confirm_at))
+            self._last_stored = now
             self._begin()
             self._conn.executemany(_INSERT, rows)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if self.fsync == "always":
             self.commit()
@@ -350,7 +354,7 @@ class SQLiteEngine:
                 )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         self._fresh.clear()
         self._durable = self._next - 1
@@ -462,7 +466,7 @@ class SQLiteEngine:
         try:
             self._begin()
             self._conn.execute(sql, args)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if self.fsync == "always":
             self.commit()
@@ -557,6 +561,8 @@ class SQLiteEngine:
         return out + records
 
     def group_ack(self, group: str, member: str, seq: int) -> int:
+        if not 0 <= seq <= MAX_SEQ:
+            raise UsageError(f"group {group!r}: acknowledged sequence {seq} is out of range")
         matcher = self._group_matcher(group)
         leases = self._conn.execute(
             "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
@@ -658,14 +664,14 @@ class SQLiteEngine:
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
             if max_age is not None:
                 conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         self.commit()
         self._load()
         try:
             conn.execute("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if plan is None:
             return Retained(0, 0, self.first_seq)
