@@ -27,7 +27,13 @@ store stays valid and usable once space is back.
 One process owns a store at a time (an flock on ``PATH.lock``).  On open, a
 WAL left by a crash is checked (:mod:`.wal`) and a torn last write is
 reported in :attr:`SQLiteEngine.repairs`; SQLite then drops it, and the store
-is back to its last complete commit.
+is back to its last complete commit.  A WAL damaged in the middle (intact
+frames after a bad one) is never truncated: opening raises StoreError before
+SQLite sees it, and the files stay as they are.
+
+Reading cost stays linear in what is read: a big batch read a slice at a time
+(a group member claiming a 4 MB batch a thousand events at a time) is fetched
+and split once, then kept, with the offsets of its events, in a small cache.
 """
 
 from __future__ import annotations
@@ -155,6 +161,14 @@ class SQLiteEngine:
 
     def _open(self, page_size: int) -> sqlite3.Connection:
         scan = wal.scan(Path(f"{self.path}-wal"))
+        if scan and scan.intact_after:  # before SQLite opens it: it would drop the intact frames
+            raise StoreError(
+                f"store {self.path} is damaged: its write-ahead log has a bad frame at byte "
+                f"{scan.damaged_at} followed by {scan.intact_after} intact frames, so this is not "
+                f"a torn last write; not opening it (SQLite would discard those frames): keep "
+                f"{self.path}-wal, restore the store from a copy, or move the log aside to open "
+                f"the store as of its last checkpoint, losing what the log holds"
+            )
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
