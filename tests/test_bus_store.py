@@ -488,7 +488,7 @@ def test_damage_before_the_last_write_stops_the_store_and_keeps_every_file(
     shutil.copyfile(image, copy)
     Path(f"{copy}-wal").write_bytes(damaged)
     main = copy.read_bytes()
-    with pytest.raises(StoreError, match="damaged.*not a torn last write"):
+    with pytest.raises(StoreError, match=r"damaged.*not a torn last write"):
         SQLiteEngine(copy)
     assert Path(f"{copy}-wal").read_bytes() == damaged and copy.read_bytes() == main
     found = walscan.scan(Path(f"{copy}-wal"))
