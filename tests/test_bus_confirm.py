@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from eda.core import codec
 from eda.core.bus import SQLiteEngine, protocol
+from eda.core.bus.engine import Record
 from eda.core.bus.server import BusServer, Settings
 
 
@@ -318,3 +319,45 @@ def test_confirmed_events_are_exactly_the_stored_ones_under_any_interleaving(
         bus.close()
     with SQLiteEngine(path) as again:  # what was confirmed is durable
         assert {p.decode() for p in stored(again)} == done
+
+
+# -- 4. a big batch costs a consumer group (and a subscriber) linear work ---------------
+
+
+def test_claiming_a_big_batch_a_slice_at_a_time_fetches_and_splits_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch of 200,000 tiny events, claimed 1,000 at a time by two group members and
+    read 1,000 at a time by a subscriber: the store fetches the batch's blob and splits
+    it once, not once per slice (which made 700,000 events cost quadratic CPU)."""
+    n = 200_000
+    with SQLiteEngine(tmp_path / "bus.db") as s:
+        header = codec.encode_header(codec.TEXT, n, 1, 1000.0, codec.encode_origin("p1", "src"))
+        body = b"\n".join(b"%d" % i for i in range(1, n + 1))
+        s.append([codec.decode([b"t.big", header, body])])
+        s.commit()
+        splits = fetches = 0
+        payloads = Record.payloads
+
+        def counted(self: Record) -> list[bytes]:
+            nonlocal splits
+            splits += self.size == n
+            return payloads(self)
+
+        def traced(sql: str) -> None:
+            nonlocal fetches
+            fetches += "body FROM batches" in sql
+
+        monkeypatch.setattr(Record, "payloads", counted)
+        s._conn.set_trace_callback(traced)
+        got: list[bytes] = []
+        while records := s.claim("g", "ab"[len(got) // 1000 % 2], ["t.>"], 1000, start=1):
+            got += [e for r in records for e in r.payloads()]
+        assert got == body.split(b"\n")
+        read: list[bytes] = []
+        while records := list(s.read(len(read) + 1, limit=1000)):
+            read += [e for r in records for e in r.payloads()]
+        assert read == got
+        s._conn.set_trace_callback(None)
+        assert splits == 1, f"the batch was split {splits} times"
+        assert fetches == 1, f"the batch's blob was fetched {fetches} times"

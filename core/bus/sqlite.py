@@ -43,7 +43,10 @@ import json
 import os
 import sqlite3
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
 
@@ -79,6 +82,8 @@ SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
+_CUT_MIN: Final = 256  # events: a batch this big read in slices is kept split (see _slice)
+_CUTS: Final = 4  # batches kept split at a time (each one wire batch: 4 MiB by default)
 _CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
 
 _SCHEMA = """
@@ -103,7 +108,6 @@ CREATE TABLE IF NOT EXISTS leases (
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
 _INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _SELECT = f"SELECT {_COLUMNS} FROM batches"
-_RANGE = f"{_SELECT} WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
@@ -142,6 +146,7 @@ class SQLiteEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
+        self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
 
@@ -399,7 +404,7 @@ class SQLiteEngine:
             lo = max(start, record.seq)
             hi = min(end, top, lo + left - 1)
             if lo != record.seq or hi != top:
-                record = record.slice(lo, hi)
+                record = self._slice(record, lo, hi)
             left -= record.size
             yield record
             if left <= 0:
@@ -408,28 +413,50 @@ class SQLiteEngine:
     def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
         """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
 
-        With a pattern, topics are looked at first and only matching rows are
-        fetched whole: SQLite never reads the blobs of the others.
+        Topics are looked at first and only matching rows are fetched whole:
+        SQLite never reads the blobs of the others, nor of batches kept split.
         """
         conn = self._conn
         while pos <= end:
-            if matcher is None:
-                rows = conn.execute(_RANGE, (pos, end, _CHUNK)).fetchall()
-                if not rows:
-                    return
-                pos = rows[-1][0] + 1
-                yield from rows
-                continue
             heads = conn.execute(_HEADS, (pos, end, _CHUNK * 16)).fetchall()
             if not heads:
                 return
             pos = heads[-1][0] + 1
-            wanted = [seq for seq, topic in heads if matcher(topic)]
+            wanted = [seq for seq, topic in heads if matcher is None or matcher(topic)]
             for i in range(0, len(wanted), _CHUNK):
                 part = wanted[i : i + _CHUNK]
-                marks = ",".join("?" * len(part))
-                sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
-                yield from conn.execute(sql, part).fetchall()  # no cursor open across yields
+                kept = {seq: self._cuts[seq][0] for seq in part if seq in self._cuts}
+                fetch = [seq for seq in part if seq not in kept]
+                rows = []
+                if fetch:
+                    marks = ",".join("?" * len(fetch))
+                    sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
+                    rows = conn.execute(sql, fetch).fetchall()  # no cursor open across yields
+                if kept:
+                    rows = sorted([*rows, *kept.values()], key=lambda r: int(r[0]))
+                yield from rows
+
+    def _slice(self, record: Record, lo: int, hi: int) -> Record:
+        """*record*'s events [lo, hi], in time linear in the slice, not in the batch.
+
+        A big batch is read a slice at a time (a group member claims a 4 MiB batch
+        of tiny events 1,000 at a time): it is split once and kept, with where each
+        event starts, for the next slices (never updated, a stored row can stay).
+        """
+        if record.size < _CUT_MIN:
+            return record.slice(lo, hi)
+        cut = self._cuts.get(record.seq)
+        if cut is None:
+            starts = array("q", accumulate((len(e) + 1 for e in record.payloads()), initial=0))
+            cut = self._cuts[record.seq] = (tuple(record), starts)
+            while len(self._cuts) > _CUTS:
+                self._cuts.popitem(last=False)
+        else:
+            self._cuts.move_to_end(record.seq)
+        starts = cut[1]
+        i, j = lo - record.seq, hi - record.seq + 1
+        body = record.body[starts[i] : starts[j] - 1]
+        return record._replace(seq=lo, size=j - i, pubseq=record.pubseq + i, body=body)
 
     def seq_at(self, when: float) -> int:
         row = self._conn.execute(
@@ -673,6 +700,7 @@ class SQLiteEngine:
             self._begin()
             if plan is not None:
                 keep = plan.keep_from
+                self._cuts.clear()
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
