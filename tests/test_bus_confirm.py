@@ -8,7 +8,10 @@ messages make up a round, then runs the round (``BusServer.drain``)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ from eda.core import codec
 from eda.core.bus import SQLiteEngine, protocol
 from eda.core.bus.engine import Record
 from eda.core.bus.server import BusServer, Settings
+from tests.helpers import Procs, command, run
+from tests.test_bus import replay, stored_stats
 
 
 class FakeSocket:
@@ -361,3 +366,64 @@ def test_claiming_a_big_batch_a_slice_at_a_time_fetches_and_splits_it_once(
         s._conn.set_trace_callback(None)
         assert splits == 1, f"the batch was split {splits} times"
         assert fetches == 1, f"the batch's blob was fetched {fetches} times"
+
+
+# -- 1, end to end: the reviewer's full disk with subscribers (re)joining ---------------
+
+FULL = """
+set -e
+mount -t tmpfs -o size=3m tmpfs "$1"
+shift
+exec "$@"
+"""
+
+
+def test_a_full_disk_with_subscribers_joining_never_confirms_what_was_not_stored(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """eda-pub --confirm streams 5 MB into a bus on a 3 MB tmpfs while another client keeps
+    sending ``sub`` requests (each one commits): eda-pub must not exit 0, and what the
+    bus stored is what it confirmed, each event once."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.fail("needs unshare and root to mount a tmpfs")
+    data = tmp_path / "tiny"
+    data.mkdir()
+    argv = command("eda-bus", "serve", "--data", str(data), "--bind", "tcp://127.0.0.1:0",
+                   "--no-mdns")  # fmt: skip
+    bus = procs.start(["unshare", "-m", "sh", "-c", FULL, "sh", str(data), *argv])
+    ep = bus.wait_stderr(r"serving \S+ on (tcp://\S+)", 15)[1]
+    stop = threading.Event()
+    answered = 0
+
+    def subscribe_again_and_again() -> None:
+        nonlocal answered
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep)
+        sub = json.dumps({"op": "sub", "patterns": ["other.>"]}).encode()
+        try:
+            while not stop.is_set():
+                sock.send_multipart([protocol.REQUEST, sub])
+                if sock.poll(1000):
+                    sock.recv_multipart()
+                    answered += 1
+        finally:
+            sock.close()
+
+    flood = threading.Thread(target=subscribe_again_and_again, daemon=True)
+    flood.start()
+    try:
+        lines = "".join(f"{i:08d}{'y' * 92}\n" for i in range(1, 50_001))  # 5 MB > 3 MB
+        done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "fill.up",
+                   input=lines, timeout=120)  # fmt: skip
+    finally:
+        stop.set()
+        flood.join(10)
+    assert answered > 10  # the subscriptions shared the bus's rounds with the batches
+    assert done.returncode == 4, done.stderr
+    assert "disk is full" in done.stderr
+    stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
+    assert 1000 < stored < 50_000
+    numbers = [int(x[:8]) for x in replay(ep, "fill.up", stored, "--raw")]
+    assert len(numbers) == len(set(numbers)) == stored
+    assert bus.popen.poll() is None  # still serving
