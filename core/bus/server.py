@@ -92,6 +92,7 @@ class BusServer(Daemon):
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
         self._waiting: list[tuple[bytes, int, int]] = []  # (client, tag, confirm_at) this round
+        self._safe = 0  # durable_seq after the round's last message that did not fail
         self.refused = 0
         self._durable = engine.durable_seq
         self._groups_dirty = True
@@ -169,15 +170,16 @@ class BusServer(Daemon):
         own: whatever one raises, the others' work goes on.
         """
         self._waiting = []
+        self._safe = self.engine.durable_seq
         for frames in received(self.sock):
             self.guarded("message", self._take, frames)
+            self._safe = self.engine.durable_seq
         waiting, self._waiting = self._waiting, []
         try:
             durable = self.engine.commit()
         except StoreError as exc:
             self.limited("commit", f"commit failed: {exc}")
-            durable = self.engine.durable_seq
-            self._answer(waiting, durable, exc)
+            self._answer(waiting, self._safe, exc)
             return
         if durable != self._durable:
             self._durable = durable
@@ -209,13 +211,14 @@ class BusServer(Daemon):
             self._send(ident, [p.CONFIRM, p.pack_tags(tags)])
 
     def _rolled_back(self, exc: StoreError) -> None:
-        """The store failed mid-round and rolled back to its last commit: refuse (retry)
-        the batches waiting that the last commit did not cover.  Done at once, so a
-        later append that reuses their bus sequences cannot be taken for them."""
-        durable = self.engine.durable_seq
+        """The store failed mid-round and rolled back what was not committed: refuse
+        (retry) the batches waiting that no commit covered before this message (the
+        store's ``durable_seq`` after a failure may count others' writes: a shared
+        NATS stream re-read).  Done at once, so a later append that reuses their bus
+        sequences cannot be taken for them."""
         kept = []
         for ident, tag, confirm_at in self._waiting:
-            if confirm_at <= durable:
+            if confirm_at <= self._safe:
                 kept.append((ident, tag, confirm_at))
             else:
                 self._refuse(ident, tag, exc, retry=True)
