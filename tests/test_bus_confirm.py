@@ -427,3 +427,54 @@ def test_a_full_disk_with_subscribers_joining_never_confirms_what_was_not_stored
     numbers = [int(x[:8]) for x in replay(ep, "fill.up", stored, "--raw")]
     assert len(numbers) == len(set(numbers)) == stored
     assert bus.popen.poll() is None  # still serving
+
+
+# -- 2, end to end: a group member flooding out-of-range acks --------------------------
+
+
+def test_a_flood_of_out_of_range_acks_does_not_stop_confirmations(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A group member repeats ``ack`` 2**64-1 while eda-pub --confirm publishes: each ack is
+    answered as refused, and eda-pub has every event confirmed and stored."""
+    bus = procs.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--bind",
+                    "tcp://127.0.0.1:0", "--no-mdns")  # fmt: skip
+    ep = bus.wait_stderr(r"serving \S+ on (tcp://\S+)", 15)[1]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    sub = {"op": "sub", "patterns": ["jobs.>"], "group": "workers", "credit": 10}
+    sock.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    assert sock.poll(10_000) and json.loads(sock.recv_multipart()[1])["ok"] is True
+    stop = threading.Event()
+    sent = 0
+    refusals: list[bool] = []  # the bus answers each one: ok false
+
+    def flood() -> None:
+        nonlocal sent
+        ack = json.dumps({"op": "ack", "seq": HUGE}).encode()
+        while not stop.is_set():
+            try:
+                sock.send_multipart([protocol.REQUEST, ack], zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                pass
+            while sock.poll(0):
+                kind, *rest = sock.recv_multipart()
+                if kind == protocol.ANSWER:
+                    refusals.append(json.loads(rest[0])["ok"])
+
+    attacker = threading.Thread(target=flood, daemon=True)
+    attacker.start()
+    try:
+        lines = "".join(f'{{"n":{i}}}\n' for i in range(2000))
+        done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "20", "jobs.a",
+                   input=lines, timeout=60)  # fmt: skip
+    finally:
+        stop.set()
+        attacker.join(10)
+        sock.close()
+    assert sent > 100 and len(refusals) > 100 and not any(refusals)
+    assert done.returncode == 0, done.stderr
+    assert int(stored_stats(ep)["events"]) == 2000  # type: ignore[call-overload]
+    assert bus.popen.poll() is None
