@@ -113,8 +113,11 @@ def _bad_header(data: bytes) -> WalScan:
     for size in [page_size] if valid else [512 << i for i in range(8)]:
         candidates = {(salt1, salt2)}
         if len(data) >= _HEADER.size + _FRAME.size:
+            # the header's salts with a flipped bit, not a new header torn over old frames
+            # (its salt1 is the old one plus 1, its salt2 random)
             f1, f2 = _FRAME.unpack_from(data, _HEADER.size)[2:4]
-            candidates.add((f1, f2))
+            if ((f1 ^ salt1).bit_count() + (f2 ^ salt2).bit_count()) <= 2:
+                candidates.add((f1, f2))
         for salts in candidates:
             for big in (magic == _MAGIC[1], magic != _MAGIC[1]):  # the magic may be wrong
                 frame = _FRAME.size + size
