@@ -5,7 +5,9 @@ One ROUTER socket serves every client (:mod:`.protocol`).  The loop, per round:
 * take in a bounded batch of messages; publish batches are checked
   (:func:`eda.core.codec.decode`) and appended; requests answered;
 * commit once (group commit: one fsync covers every batch of the round) and
-  only then confirm the batches it covered;
+  only then confirm the batches it covered; any other commit or write of the
+  round that fails (a subscription's, an ack's...) refuses (retry) at once the
+  batches its rollback took;
 * pump the subscriptions: each reads from the engine, from its own cursor,
   at most as many events as its credit allows.  Replay and live delivery are
   the same path (live is a replay that caught up), so the switch from one to
