@@ -249,6 +249,29 @@ def test_any_exception_in_one_request_leaves_the_others_work_alone(
     assert answers(sent, SUB)[0]["ok"] is False and bus.server.failures == 1
 
 
+def test_a_member_with_other_patterns_than_its_group_is_refused_and_others_served(
+    bus: Bus,
+) -> None:
+    """Its claims would fail every round: it is refused when it subscribes, and the
+    subscriptions after it are still pumped."""
+    good, bad, plain = b"\x00good", b"\x00bad", b"\x00plain"
+    bus.request(good, {"op": "sub", "patterns": ["t.>"], "group": "g", "credit": 100})
+    bus.request(bad, {"op": "sub", "patterns": ["x.>"], "group": "g", "credit": 100})
+    bus.request(plain, {"op": "sub", "patterns": ["t.>"], "credit": 100})
+    sent = bus.round()
+    assert answers(sent, good)[0]["ok"] and answers(sent, plain)[0]["ok"]
+    (refusal,) = answers(sent, bad)
+    assert refusal["ok"] is False and "patterns" in refusal["error"]
+    bus.publish(PUB, 1, "p1", 1, 3)
+    sent = bus.round()
+    assert confirmed(sent, PUB) == {1}
+    for ident in (good, plain):
+        assert [m[2] for m in sent if m[0] == ident and m[1] == protocol.DELIVER] == [
+            protocol.TAG.pack(1)
+        ]
+    assert bus.server.failures == 0
+
+
 # -- 5. property: confirmed == stored, exactly once, under any interleaving ------------
 
 _action = st.one_of(

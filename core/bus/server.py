@@ -352,6 +352,8 @@ class BusServer(Daemon):
         elif group is not None:
             member = _name(msg, "member") or ident.hex()
             sub.group, sub.member, sub.start = group, member, start
+            # creates the group, or refuses now a member whose patterns are not the group's
+            self.engine.claim(group, member, patterns, 0, start)
             sub.cursor = start
         else:
             sub.cursor = start
@@ -418,9 +420,18 @@ class BusServer(Daemon):
         assert sub.group is not None
         if not sub.backlog:
             limit = min(sub.credit, PUMP_EVENTS)
-            sub.backlog = self.engine.claim(
-                sub.group, sub.member, sub.matcher.patterns, limit, sub.start
-            )
+            try:
+                sub.backlog = self.engine.claim(
+                    sub.group, sub.member, sub.matcher.patterns, limit, sub.start
+                )
+            except StoreError as exc:  # not now: the next round (or retry) claims again
+                self.limited("claim", f"group {sub.group}: cannot hand out events: {exc}")
+                self._groups_dirty = True
+                return
+            except EdaError as exc:  # this member's own fault: it alone is dropped
+                self.dropped("subscription", exc)
+                self._drop(sub.ident)
+                return
             sub.backlog.reverse()
         if sub.backlog:
             self._groups_dirty = True  # more may be waiting
