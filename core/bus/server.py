@@ -5,7 +5,9 @@ One ROUTER socket serves every client (:mod:`.protocol`).  The loop, per round:
 * take in a bounded batch of messages; publish batches are checked
   (:func:`eda.core.codec.decode`) and appended; requests answered;
 * commit once (group commit: one fsync covers every batch of the round) and
-  only then confirm the batches it covered;
+  only then confirm the batches it covered; any other commit or write of the
+  round that fails (a subscription's, an ack's...) refuses (retry) at once the
+  batches its rollback took;
 * pump the subscriptions: each reads from the engine, from its own cursor,
   at most as many events as its credit allows.  Replay and live delivery are
   the same path (live is a replay that caught up), so the switch from one to
@@ -35,7 +37,7 @@ from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_rep
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
 from .engine import Engine, EventTooLargeError, Record, StoreError
-from .streams import check_publisher
+from .streams import MAX_SEQ, check_publisher
 
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
@@ -91,6 +93,8 @@ class BusServer(Daemon):
         self.endpoint = self.bind(self.sock, settings.bind)
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
+        self._waiting: list[tuple[bytes, int, int]] = []  # (client, tag, confirm_at) this round
+        self._safe = 0  # durable_seq after the round's last message that did not fail
         self.refused = 0
         self._durable = engine.durable_seq
         self._groups_dirty = True
@@ -157,34 +161,72 @@ class BusServer(Daemon):
 
     # -- input -------------------------------------------------------------------
     def drain(self) -> None:
-        confirms: dict[bytes, list[int]] = {}
+        """One round: take in a bounded batch of messages, commit, confirm, pump.
+
+        A confirmation only ever follows the commit that covers it.  Each batch
+        appended this round waits in :attr:`_waiting` with the bus sequence that
+        must be durable first; whatever else shares the round (a subscription's
+        commit, an ack, a retention pass, a release) may fail and roll the open
+        transaction back, and then the batches it took with it are refused
+        (retry) at once (:meth:`_rolled_back`).  Each message is handled on its
+        own: whatever one raises, the others' work goes on.
+        """
+        self._waiting = []
+        self._safe = self.engine.durable_seq
         for frames in received(self.sock):
-            if len(frames) < 2:
-                continue
-            ident, kind = frames[0], frames[1]
-            if kind == p.PUBLISH:
-                self._publish(ident, frames[2:], confirms)
-            elif kind == p.REQUEST:
-                self._request(ident, frames[2:])
-            else:
-                self.dropped("message", ProtocolError(f"unknown message kind {kind[:8]!r}"))
+            self.guarded("message", self._take, frames)
+            self._safe = self.engine.durable_seq
+        waiting, self._waiting = self._waiting, []
         try:
             durable = self.engine.commit()
         except StoreError as exc:
             self.limited("commit", f"commit failed: {exc}")
-            for ident, tags in confirms.items():
-                for tag in tags:
-                    self._refuse(ident, tag, exc, retry=True)
+            self._answer(waiting, self._safe, exc)
             return
         if durable != self._durable:
             self._durable = durable
             self._groups_dirty = True
+        self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
+        self.pump()
+
+    def _take(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        ident, kind = frames[0], frames[1]
+        if kind == p.PUBLISH:
+            self._publish(ident, frames[2:])
+        elif kind == p.REQUEST:
+            self._request(ident, frames[2:])
+        else:
+            self.dropped("message", ProtocolError(f"unknown message kind {kind[:8]!r}"))
+
+    def _answer(self, waiting: list[tuple[bytes, int, int]], durable: int, exc: Exception) -> None:
+        """Confirm the batches *durable* covers; refuse (retry) the others."""
+        confirms: dict[bytes, list[int]] = {}
+        for ident, tag, confirm_at in waiting:
+            if confirm_at <= durable:
+                confirms.setdefault(ident, []).append(tag)
+            else:
+                self._refuse(ident, tag, exc, retry=True)
         for ident, tags in confirms.items():
             self.confirmed += len(tags)
             self._send(ident, [p.CONFIRM, p.pack_tags(tags)])
-        self.pump()
 
-    def _publish(self, ident: bytes, frames: list[bytes], confirms: dict[bytes, list[int]]) -> None:
+    def _rolled_back(self, exc: StoreError) -> None:
+        """The store failed mid-round and rolled back what was not committed: refuse
+        (retry) the batches waiting that no commit covered before this message (the
+        store's ``durable_seq`` after a failure may count others' writes: a shared
+        NATS stream re-read).  Done at once, so a later append that reuses their bus
+        sequences cannot be taken for them."""
+        kept = []
+        for ident, tag, confirm_at in self._waiting:
+            if confirm_at <= self._safe:
+                kept.append((ident, tag, confirm_at))
+            else:
+                self._refuse(ident, tag, exc, retry=True)
+        self._waiting = kept
+
+    def _publish(self, ident: bytes, frames: list[bytes]) -> None:
         if len(frames) < 4 or len(frames[0]) != 8:
             self.dropped("publish", ProtocolError("publish message without tag and batch"))
             return
@@ -192,20 +234,22 @@ class BusServer(Daemon):
         try:
             batch = codec.decode(frames[1:])
             check_publisher(batch.pubid)
-            self.engine.append([batch])
+            (receipt,) = self.engine.append([batch])
         except (codec.WireError, EventTooLargeError, UsageError) as exc:
             self.dropped("batch", exc)
             self._refuse(ident, tag, exc, retry=False)
             return
         except StoreError as exc:  # full disk, I/O: what this round appended was rolled back
             self.limited("store", f"cannot store: {exc}")
-            for other, tags in confirms.items():
-                for earlier in tags:
-                    self._refuse(other, earlier, exc, retry=True)
-            confirms.clear()
+            self._rolled_back(exc)
             self._refuse(ident, tag, exc, retry=True)
             return
-        confirms.setdefault(ident, []).append(tag)
+        except Exception as exc:  # a bug: say so, refuse this batch, serve the others
+            self.failures += 1
+            self.limited("publish", f"publish failed: {type(exc).__name__}: {exc}"[:300])
+            self._refuse(ident, tag, EdaError("the bus failed to store the batch"), retry=False)
+            return
+        self._waiting.append((ident, tag, receipt.confirm_at))
 
     def _refuse(self, ident: bytes, tag: int, exc: Exception, *, retry: bool) -> None:
         self.refused += 1
@@ -233,8 +277,16 @@ class BusServer(Daemon):
         except (ProtocolError, UsageError) as exc:
             self.dropped("request", exc)
             reply = error_reply(rid, exc)
+        except StoreError as exc:  # its commit (or write) failed: the round's batches with it
+            self.limited("store", f"request failed: {exc}")
+            self._rolled_back(exc)
+            reply = error_reply(rid, exc)
         except EdaError as exc:
             reply = error_reply(rid, exc)
+        except Exception as exc:  # a bug: say so, answer, serve the others
+            self.failures += 1
+            self.limited("request", f"request failed: {type(exc).__name__}: {exc}"[:300])
+            reply = error_reply(rid, EdaError("the bus failed to handle the request"))
         if reply is None:
             return
         reply.setdefault("ok", True)
@@ -259,16 +311,12 @@ class BusServer(Daemon):
             return None
         sub.seen = time.monotonic()
         if op == "credit":
-            n = msg.get("n")
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ProtocolError("credit must be a non-negative integer")
+            n = _integer(msg.get("n"), "credit")
             sub.credit = min(sub.credit + n, p.MAX_CREDIT)
             sub.blocked = False
             self._groups_dirty = self._groups_dirty or sub.group is not None
         elif op == "ack":
-            seq = msg.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ProtocolError("ack seq must be a non-negative integer")
+            seq = _integer(msg.get("seq"), "ack seq")
             if sub.durable is not None:
                 self.engine.ack(sub.durable, min(seq, self._durable))
             elif sub.group is not None:
@@ -293,9 +341,7 @@ class BusServer(Daemon):
         if spec is None and durable is not None:
             spec = "start"  # a new durable consumer gets everything stored (as JetStream's)
         start = self._start(spec, matcher)
-        credit = msg.get("credit", 0)
-        if not isinstance(credit, int) or isinstance(credit, bool) or credit < 0:
-            raise ProtocolError("credit must be a non-negative integer")
+        credit = _integer(msg.get("credit", 0), "credit")
         if ident in self.subs:
             self._drop(ident)
         elif len(self.subs) >= MAX_SUBSCRIPTIONS:
@@ -307,6 +353,8 @@ class BusServer(Daemon):
         elif group is not None:
             member = _name(msg, "member") or ident.hex()
             sub.group, sub.member, sub.start = group, member, start
+            # creates the group, or refuses now a member whose patterns are not the group's
+            self.engine.claim(group, member, patterns, 0, start)
             sub.cursor = start
         else:
             sub.cursor = start
@@ -326,12 +374,12 @@ class BusServer(Daemon):
             ((key, value),) = spec.items()
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ProtocolError("from: a number is needed")
-            if key == "seq" and isinstance(value, int) and value >= 0:
-                return max(value, 1)
+            if key == "seq":
+                return max(_integer(value, "from seq"), 1)
             if key == "time" and 0 <= value < codec.MAX_TIME:
                 return engine.seq_at(float(value))
-            if key == "last" and isinstance(value, int) and value >= 0:
-                return engine.seq_for_last(value, matcher)
+            if key == "last":
+                return engine.seq_for_last(_integer(value, "from last"), matcher)
         raise ProtocolError("from: use 'start', 'live', {seq: N}, {time: T} or {last: N}")
 
     # -- delivery ----------------------------------------------------------------
@@ -373,9 +421,18 @@ class BusServer(Daemon):
         assert sub.group is not None
         if not sub.backlog:
             limit = min(sub.credit, PUMP_EVENTS)
-            sub.backlog = self.engine.claim(
-                sub.group, sub.member, sub.matcher.patterns, limit, sub.start
-            )
+            try:
+                sub.backlog = self.engine.claim(
+                    sub.group, sub.member, sub.matcher.patterns, limit, sub.start
+                )
+            except StoreError as exc:  # not now: the next round (or retry) claims again
+                self.limited("claim", f"group {sub.group}: cannot hand out events: {exc}")
+                self._groups_dirty = True
+                return
+            except EdaError as exc:  # this member's own fault: it alone is dropped
+                self.dropped("subscription", exc)
+                self._drop(sub.ident)
+                return
             sub.backlog.reverse()
         if sub.backlog:
             self._groups_dirty = True  # more may be waiting
@@ -432,6 +489,14 @@ class BusServer(Daemon):
         super().close()
         with contextlib.suppress(StoreError):
             self.engine.close()
+
+
+def _integer(value: Any, what: str) -> int:
+    """*value* if it is an integer in the range of bus sequences and counts, [0, 2**63 - 1]
+    (what SQLite stores), else :class:`ProtocolError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise ProtocolError(f"{what} must be an integer from 0 to {MAX_SEQ}")
+    return value
 
 
 def _name(msg: dict[str, Any], key: str) -> str | None:

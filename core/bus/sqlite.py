@@ -27,7 +27,13 @@ store stays valid and usable once space is back.
 One process owns a store at a time (an flock on ``PATH.lock``).  On open, a
 WAL left by a crash is checked (:mod:`.wal`) and a torn last write is
 reported in :attr:`SQLiteEngine.repairs`; SQLite then drops it, and the store
-is back to its last complete commit.
+is back to its last complete commit.  A WAL damaged in the middle (intact
+frames after a bad one) is never truncated: opening raises StoreError before
+SQLite sees it, and the files stay as they are.
+
+Reading cost stays linear in what is read: a big batch read a slice at a time
+(a group member claiming a 4 MB batch a thousand events at a time) is fetched
+and split once, then kept, with the offsets of its events, in a small cache.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ import json
 import os
 import sqlite3
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
 
@@ -73,6 +82,8 @@ SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
+_CUT_MIN: Final = 256  # events: a batch this big read in slices is kept split (see _slice)
+_CUTS: Final = 4  # batches kept split at a time (each one wire batch: 4 MiB by default)
 _CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
 
 _SCHEMA = """
@@ -97,7 +108,6 @@ CREATE TABLE IF NOT EXISTS leases (
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
 _INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _SELECT = f"SELECT {_COLUMNS} FROM batches"
-_RANGE = f"{_SELECT} WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
@@ -136,6 +146,7 @@ class SQLiteEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
+        self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
 
@@ -155,6 +166,14 @@ class SQLiteEngine:
 
     def _open(self, page_size: int) -> sqlite3.Connection:
         scan = wal.scan(Path(f"{self.path}-wal"))
+        if scan and scan.intact_after:  # before SQLite opens it: it would drop the intact frames
+            raise StoreError(
+                f"store {self.path} is damaged: its write-ahead log has a bad frame at byte "
+                f"{scan.damaged_at} followed by {scan.intact_after} intact frames, so this is not "
+                f"a torn last write; not opening it (SQLite would discard those frames): keep "
+                f"{self.path}-wal, restore the store from a copy, or move the log aside to open "
+                f"the store as of its last checkpoint, losing what the log holds"
+            )
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -245,8 +264,11 @@ class SQLiteEngine:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
 
-    def _failed(self, exc: sqlite3.Error) -> StoreError:
-        """Roll back to the last commit and describe *exc* to the caller."""
+    def _failed(self, exc: Exception) -> StoreError:
+        """Roll back to the last commit and describe *exc* to the caller.
+
+        Every write path ends here on any exception, not only SQLite's: the
+        in-memory state never runs ahead of what the store holds."""
         try:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
@@ -292,42 +314,43 @@ class SQLiteEngine:
         for batch in batches:
             self._check(batch)
             self._check_gaps(batch)
-        now = max(self._clock(), self._last_stored)
-        rows: list[tuple[Any, ...]] = []
-        receipts: list[Receipt] = []
-        for b in batches:
-            key = (b.pubid, b.topic)
-            ranges = self._streams.setdefault(key, [])
-            lo, hi = b.seq, b.seq + b.size
-            if not ranges or ranges[-1][1] <= lo:
-                new, dup = [(lo, hi)], list[tuple[int, int]]()
-            else:
-                new, dup = subtract(ranges, lo, hi)
-            confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
-            stored = []
-            ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
-            parts: list[bytes] | None = None
-            for a, z in new:
-                if z - a == b.size:
-                    body = b.body
+        try:  # whatever fails from here on (I/O, a bug) rolls back and reloads: no half-append
+            now = max(self._clock(), self._last_stored)
+            rows: list[tuple[Any, ...]] = []
+            receipts: list[Receipt] = []
+            for b in batches:
+                key = (b.pubid, b.topic)
+                ranges = self._streams.setdefault(key, [])
+                lo, hi = b.seq, b.seq + b.size
+                if not ranges or ranges[-1][1] <= lo:
+                    new, dup = [(lo, hi)], list[tuple[int, int]]()
                 else:
-                    parts = parts or b.body.split(b"\n")
-                    body = b"\n".join(parts[a - lo : z - lo])
-                rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                             b.source, ext, body))  # fmt: skip
-                stored.append((a, self._next, z - a))
-                self._next += z - a
-                add(ranges, a, z)
-                add(self._fresh.setdefault(key, []), a, z)
-            if stored:
-                confirm_at = self._next - 1
-                self._seen[key] = now
-            receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
-        self._last_stored = now
-        try:
+                    new, dup = subtract(ranges, lo, hi)
+                confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
+                stored = []
+                ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
+                parts: list[bytes] | None = None
+                for a, z in new:
+                    if z - a == b.size:
+                        body = b.body
+                    else:
+                        parts = parts or b.body.split(b"\n")
+                        body = b"\n".join(parts[a - lo : z - lo])
+                    rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
+                                 b.source, ext, body))  # fmt: skip
+                    stored.append((a, self._next, z - a))
+                    self._next += z - a
+                    add(ranges, a, z)
+                    add(self._fresh.setdefault(key, []), a, z)
+                if stored:
+                    confirm_at = self._next - 1
+                    self._seen[key] = now
+                dups = tuple((a, z - a) for a, z in dup)
+                receipts.append(Receipt(tuple(stored), dups, confirm_at))
+            self._last_stored = now
             self._begin()
             self._conn.executemany(_INSERT, rows)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if self.fsync == "always":
             self.commit()
@@ -350,7 +373,7 @@ class SQLiteEngine:
                 )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         self._fresh.clear()
         self._durable = self._next - 1
@@ -381,7 +404,7 @@ class SQLiteEngine:
             lo = max(start, record.seq)
             hi = min(end, top, lo + left - 1)
             if lo != record.seq or hi != top:
-                record = record.slice(lo, hi)
+                record = self._slice(record, lo, hi)
             left -= record.size
             yield record
             if left <= 0:
@@ -390,28 +413,50 @@ class SQLiteEngine:
     def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
         """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
 
-        With a pattern, topics are looked at first and only matching rows are
-        fetched whole: SQLite never reads the blobs of the others.
+        Topics are looked at first and only matching rows are fetched whole:
+        SQLite never reads the blobs of the others, nor of batches kept split.
         """
         conn = self._conn
         while pos <= end:
-            if matcher is None:
-                rows = conn.execute(_RANGE, (pos, end, _CHUNK)).fetchall()
-                if not rows:
-                    return
-                pos = rows[-1][0] + 1
-                yield from rows
-                continue
             heads = conn.execute(_HEADS, (pos, end, _CHUNK * 16)).fetchall()
             if not heads:
                 return
             pos = heads[-1][0] + 1
-            wanted = [seq for seq, topic in heads if matcher(topic)]
+            wanted = [seq for seq, topic in heads if matcher is None or matcher(topic)]
             for i in range(0, len(wanted), _CHUNK):
                 part = wanted[i : i + _CHUNK]
-                marks = ",".join("?" * len(part))
-                sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
-                yield from conn.execute(sql, part).fetchall()  # no cursor open across yields
+                kept = {seq: self._cuts[seq][0] for seq in part if seq in self._cuts}
+                fetch = [seq for seq in part if seq not in kept]
+                rows = []
+                if fetch:
+                    marks = ",".join("?" * len(fetch))
+                    sql = f"{_SELECT} WHERE seq IN ({marks}) ORDER BY seq"
+                    rows = conn.execute(sql, fetch).fetchall()  # no cursor open across yields
+                if kept:
+                    rows = sorted([*rows, *kept.values()], key=lambda r: int(r[0]))
+                yield from rows
+
+    def _slice(self, record: Record, lo: int, hi: int) -> Record:
+        """*record*'s events [lo, hi], in time linear in the slice, not in the batch.
+
+        A big batch is read a slice at a time (a group member claims a 4 MiB batch
+        of tiny events 1,000 at a time): it is split once and kept, with where each
+        event starts, for the next slices (never updated, a stored row can stay).
+        """
+        if record.size < _CUT_MIN:
+            return record.slice(lo, hi)
+        cut = self._cuts.get(record.seq)
+        if cut is None:
+            starts = array("q", accumulate((len(e) + 1 for e in record.payloads()), initial=0))
+            cut = self._cuts[record.seq] = (tuple(record), starts)
+            while len(self._cuts) > _CUTS:
+                self._cuts.popitem(last=False)
+        else:
+            self._cuts.move_to_end(record.seq)
+        starts = cut[1]
+        i, j = lo - record.seq, hi - record.seq + 1
+        body = record.body[starts[i] : starts[j] - 1]
+        return record._replace(seq=lo, size=j - i, pubseq=record.pubseq + i, body=body)
 
     def seq_at(self, when: float) -> int:
         row = self._conn.execute(
@@ -462,7 +507,7 @@ class SQLiteEngine:
         try:
             self._begin()
             self._conn.execute(sql, args)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if self.fsync == "always":
             self.commit()
@@ -557,6 +602,8 @@ class SQLiteEngine:
         return out + records
 
     def group_ack(self, group: str, member: str, seq: int) -> int:
+        if not 0 <= seq <= MAX_SEQ:
+            raise UsageError(f"group {group!r}: acknowledged sequence {seq} is out of range")
         matcher = self._group_matcher(group)
         leases = self._conn.execute(
             "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
@@ -653,19 +700,20 @@ class SQLiteEngine:
             self._begin()
             if plan is not None:
                 keep = plan.keep_from
+                self._cuts.clear()
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
             if max_age is not None:
                 conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         self.commit()
         self._load()
         try:
             conn.execute("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             raise self._failed(exc) from None
         if plan is None:
             return Retained(0, 0, self.first_seq)
