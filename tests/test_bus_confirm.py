@@ -91,7 +91,7 @@ class Bus:
     def publish(self, ident: bytes, tag: int, pubid: str, seq: int, size: int) -> None:
         body = b"\n".join(b"%s-%d" % (pubid.encode(), seq + i) for i in range(size))
         header = codec.encode_header(
-            codec.TEXT, size, seq, 1000.0, codec.encode_origin(pubid, "eda://t")
+            codec.TEXT, size, seq, 1000.0, codec.encode_origin(_long(pubid), "eda://t")
         )
         self.sock.inbox.append(
             [ident, protocol.PUBLISH, protocol.TAG.pack(tag), b"t.a", header, body]
@@ -128,6 +128,11 @@ def refused(sent: list[list[bytes]], ident: bytes) -> dict[int, dict[str, Any]]:
 
 def answers(sent: list[list[bytes]], ident: bytes) -> list[dict[str, Any]]:
     return [json.loads(m[2]) for m in sent if m[0] == ident and m[1] == protocol.ANSWER]
+
+
+def _long(pubid: str) -> str:
+    """A short test name as a publisher id of 128 bits, as the bus requires."""
+    return pubid.rjust(32, "0")
 
 
 def stored(engine: SQLiteEngine) -> list[bytes]:
