@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -323,3 +324,121 @@ def test_a_store_that_cannot_answer_at_start_delays_the_group_release_not_the_bu
     finally:
         server.close()
         engine.close()
+
+
+def test_idle_connections_under_a_low_descriptor_limit_do_not_stop_a_confirmed_publish(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """400 TCP connections that never greet, against a bus allowed 256 descriptors."""
+    from tests.test_bus import SERVING
+
+    argv = command("eda-bus", "serve", "--data", str(tmp_path / "bus"),
+                   "--bind", "tcp://127.0.0.1:0", "--no-mdns")  # fmt: skip
+    bus = procs.start(["prlimit", "--nofile=256:256", "--", *argv])
+    ep = bus.wait_stderr(SERVING, 15)[1]
+    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+    idle = []
+    for _ in range(400):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((host, int(port)))
+        idle.append(s)
+    try:
+        done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "20", "idle.t", "hello")
+        assert done.returncode == 0, done.stderr
+        assert replay(ep, "idle.t", 1, "--raw") == ["hello"]
+        assert bus.popen.poll() is None
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_the_bus_raises_its_soft_descriptor_limit(procs: Procs, tmp_path: Path) -> None:
+    from tests.test_bus import SERVING
+
+    argv = command("eda-bus", "serve", "--data", str(tmp_path / "bus"),
+                   "--bind", "tcp://127.0.0.1:0", "--no-mdns")  # fmt: skip
+    bus = procs.start(["prlimit", "--nofile=256:4096", "--", *argv])
+    bus.wait_stderr(SERVING, 15)
+    limits = Path(f"/proc/{bus.popen.pid}/limits").read_text()
+    row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert row.split()[3:5] == ["4096", "4096"], row
+
+
+def test_retain_is_refused_from_another_host_and_accepted_on_the_bus_host(
+    network: Any, tmp_path: Path
+) -> None:
+    a, b = network.add_host("a"), network.add_host("b")
+    bus = a.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--bind", "tcp://*:0",
+                "--no-mdns")  # fmt: skip
+    port = bus.wait_stderr(r"serving .+ on tcp://\S+:(\d+) \(seq", 15)[1]
+    outside, inside = f"tcp://{a.address}:{port}", f"tcp://127.0.0.1:{port}"
+    sent = b.run("eda-pub", "--bus", outside, "--confirm", "keep.me", "one", "two", "three")
+    assert sent.returncode == 0, sent.stderr
+    # from another host: refused, nothing removed
+    wiped = b.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    assert wiped.returncode == 1 and "own host" in wiped.stderr, wiped.stderr
+    assert wiped.stdout == ""
+    stats = b.run("eda-bus", "stats", "--bus", outside, "--json")  # reading stays open to all
+    assert stats.returncode == 0 and json.loads(stats.stdout.splitlines()[0])["events"] == 3
+    # on the bus's host, by its LAN address and by loopback: done
+    kept = a.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["removed"] == 3
+    again = a.run("eda-bus", "retain", "--bus", inside, "--max-age", "1d")
+    assert again.returncode == 0, again.stderr
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_served(
+    procs: Procs, tmp_path: Path
+) -> None:
+    import time
+
+    bus, ep = start_bus(procs, tmp_path / "bus", "--max-client-queued", "2MiB",
+                        "--max-queued", "8MiB")  # fmt: skip
+    big = "".join(f"{i:06d}{'x' * 999_000}\n" for i in range(64))  # 64 MB, one event a batch
+    done = run("eda-pub", "--bus", ep, "--confirm", "big.x", input=big, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before = _rss(bus.popen.pid)
+    zctx = zmq.Context.instance()
+    greedy = []
+    sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": protocol.MAX_CREDIT}
+    for _ in range(6):
+        s = zctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 1)
+        s.connect(ep)
+        s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+        greedy.append(s)
+    good = procs.eda("eda-sub", "--bus", ep, "good.n", "-C", "2000", "--raw")
+    pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 1001))
+    peak, beat = 0, 0.0
+    hb = json.dumps({"op": "hb"}).encode()
+
+    def watch() -> bool:  # the greedy ones stay alive (but read nothing)
+        nonlocal peak, beat
+        if time.monotonic() - beat > 0.5:
+            beat = time.monotonic()
+            for s in greedy:
+                s.send_multipart([protocol.REQUEST, hb], zmq.NOBLOCK)
+        peak = max(peak, _rss(bus.popen.pid))
+        return "cut off" in bus.stderr
+
+    wait_until(watch, 30, "a never-reading subscriber cut off")
+    _feed(pub, range(1001, 2001))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(30) == 0, pub.stderr
+    assert good.wait(30) == 0, good.stderr
+    assert good.stdout.split() == [str(i) for i in range(1, 2001)]
+    # six subscribers were sent all of 64 MB each before (384 MB); now 8 MiB in all, plus one
+    # event each, plus what reading from the store costs
+    assert peak - before < 100 << 20, (before, peak)
+    for s in greedy:
+        s.close()
