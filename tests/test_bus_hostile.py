@@ -174,9 +174,13 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
         header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
         pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"g.x", header, b"y" * 1000])
     hb = json.dumps({"op": "hb"}).encode()
+
+    def stored_all() -> bool:
+        member.send_multipart([protocol.REQUEST, hb])
+        return int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+
     # the member reads nothing for a while (but stays alive) while the bus fills its queue
-    wait_until(lambda: int(stored_stats(ep)["events"]) == n, 30, "all stored")  # type: ignore[call-overload]
-    member.send_multipart([protocol.REQUEST, hb])
+    wait_until(stored_all, 30, "all stored")
     got: set[int] = set()
     deadline = time.monotonic() + 60
     last_hb = time.monotonic()
