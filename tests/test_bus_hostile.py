@@ -452,3 +452,43 @@ def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_serv
     assert peak - before < 100 << 20, (before, peak)
     for s in greedy:
         s.close()
+
+
+def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Credit says what a client took; one whose queue stays full while it grants more lies."""
+    from eda.core import codec
+
+    bus, ep = start_bus(procs, tmp_path / "bus")
+    zctx = zmq.Context.instance()
+    pub = zctx.socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    origin = codec.encode_origin("p1", "eda://test")
+    for i in range(1, 601):  # 600 messages of 64 kB: more than its queue and TCP buffers take
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"lie.x", header, b"y" * 65536])
+    wait_until(lambda: int(stored_stats(ep)["events"]) == 600, 60, "all stored")  # type: ignore[call-overload]
+    liar = zctx.socket(zmq.DEALER)
+    liar.setsockopt(zmq.LINGER, 0)
+    liar.setsockopt(zmq.RCVHWM, 1)
+    liar.connect(ep)
+    sub = {"op": "sub", "patterns": ["lie.>"], "from": "start", "credit": 1000}
+    liar.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    credit = json.dumps({"op": "credit", "n": 100}).encode()
+
+    def lies() -> bool:  # says it took events, reads none
+        liar.send_multipart([protocol.REQUEST, credit], zmq.NOBLOCK)
+        return "does not take" in bus.stderr
+
+    pub.close()
+    wait_until(lies, 30, "the lying subscriber cut off")
+    assert "cut off" in bus.stderr
+    # and hung up on (its end does not notice: it reads nothing), which frees its queue
+    port = ep.rsplit(":", 1)[1]
+    ss = ["ss", "-Htn", "state", "established", f"( sport = :{port} )"]
+    wait_until(lambda: not subprocess.run(ss, capture_output=True, text=True).stdout.strip(),
+               10, "the bus ends the liar's connection")  # fmt: skip
+    assert bus.popen.poll() is None
+    liar.close()

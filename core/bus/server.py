@@ -48,6 +48,7 @@ MAX_SUBSCRIPTIONS = 4096  # live subscriptions (a silent one is dropped after GO
 HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by then is closed
 FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
 CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
+LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
 ADMIN_OPS = frozenset({"retain"})  # operations only a client on the bus's own host may ask for
 
 
@@ -75,6 +76,8 @@ class Subscription:
     backlog: list[Record] = field(default_factory=list)  # group: claimed, not sent yet
     conn: Connection | None = None
     waiting: float | None = None  # since when its queued-bytes bound holds events back
+    stalled: float | None = None  # since when its queue (SEND_HWM messages) has been full
+    credited: float = 0.0  # when it last granted credit
 
 
 @dataclass
@@ -297,7 +300,7 @@ class BusServer(Daemon):
             sub.credit = min(sub.credit + n, p.MAX_CREDIT)
             if n:
                 self.queued.release(ident, n)
-                sub.waiting = None
+                sub.credited = time.monotonic()
             sub.blocked = False
             self._groups_dirty = self._groups_dirty or sub.group is not None
         elif op == "ack":
@@ -336,7 +339,7 @@ class BusServer(Daemon):
         elif len(self.subs) >= MAX_SUBSCRIPTIONS:
             raise EdaError(f"too many subscriptions ({MAX_SUBSCRIPTIONS}); try again later")
         sub = Subscription(ident, matcher, 0, min(credit, p.MAX_CREDIT), time.monotonic())
-        sub.conn = self._connection(None)
+        sub.conn, sub.credited = self._connection(None), sub.seen
         if durable is not None:
             sub.durable = durable
             sub.cursor = self.engine.consumer(durable, patterns, start)
@@ -436,7 +439,10 @@ class BusServer(Daemon):
                 sub.waiting = time.monotonic()
             return False
         if not self._send(sub.ident, frames):
+            if sub.stalled is None:
+                sub.stalled = time.monotonic()
             return False
+        sub.waiting = sub.stalled = None
         self.queued.add(sub.ident, record.size, size)
         sub.credit -= record.size
         sub.sent += record.size
@@ -456,32 +462,33 @@ class BusServer(Daemon):
             if now - sub.seen > p.GONE_AFTER:
                 self.log(f"subscription {ident.hex()} silent for {p.GONE_AFTER:g}s: dropped")
                 self._drop(ident)
-            elif sub.waiting is not None and now - sub.waiting > CUT_AFTER:
-                self._cut_off(sub)
+            elif sub.waiting is not None and now - max(sub.waiting, sub.credited) > CUT_AFTER:
+                held = self.queued.held(ident)
+                self._cut_off(sub, f"{held} bytes queued and none taken for {CUT_AFTER:g}s "
+                              f"(at most {self.settings.client_bytes} per client)")  # fmt: skip
+            elif sub.stalled is not None and sub.credited - sub.stalled > LIE_AFTER:
+                # its queue has had no room for seconds: it read nothing, yet says it took events
+                self._cut_off(sub, "it grants credit for events it does not take")
 
-    def _cut_off(self, sub: Subscription) -> None:
-        """A subscriber that took nothing of what is queued for it: told, dropped, hung up on.
+    def _cut_off(self, sub: Subscription, reason: str) -> None:
+        """A subscriber that does not take what is queued for it: told, dropped, hung up on.
 
         Hanging up frees what its connection queued; it may connect and
         subscribe again (a durable or plain one resumes where it was).
         """
-        held = self.queued.held(sub.ident)
-        why = (
-            f"cut off: {held} bytes queued and none taken for {CUT_AFTER:g}s "
-            f"(at most {self.settings.client_bytes} per client); read faster and subscribe again"
-        )
+        why = f"cut off: {reason}; read faster and subscribe again"
         self.cut += 1
         self.limited("cut", f"subscriber {sub.ident.hex()} {why}")
         self._send(sub.ident, [p.UNKNOWN, encode({"error": why})])
-        self._drop(sub.ident)
+        self._drop(sub.ident, hang_up=True)
 
-    def _drop(self, ident: bytes, *, resubscribing: bool = False) -> None:
+    def _drop(self, ident: bytes, *, resubscribing: bool = False, hang_up: bool = False) -> None:
         """End a subscription.  What is queued for it stays counted while the client
         subscribes again on the same connection; else its connection is hung up on
-        (which frees what is queued), unless nothing is queued."""
+        (which frees what is queued) when something is queued or *hang_up* says so."""
         sub = self.subs.pop(ident, None)
         if not resubscribing:
-            if sub is not None and self.queued.held(ident):
+            if sub is not None and (hang_up or self.queued.held(ident)):
                 self._hang_up(sub.conn)
             self.queued.forget(ident)
         if sub is not None and sub.group is not None:
