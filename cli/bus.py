@@ -88,6 +88,35 @@ def _age_option(ctx: click.Context, param: click.Parameter, value: str | None) -
     return None if value is None else parse_age(value)
 
 
+def _client_limit_options(func: Any) -> Any:
+    """Bounds on what clients can make eda-bus serve hold."""
+    func = click.option(
+        "--max-connections",
+        type=click.IntRange(1, 1 << 20),
+        metavar="N",
+        help="Close new TCP connections beyond N (default: the descriptor limit, less 64).",
+    )(func)
+    func = click.option(
+        "--max-queued",
+        "queued_bytes",
+        callback=_bytes_option,
+        default="512MiB",
+        show_default=True,
+        metavar="SIZE",
+        help="Events queued for all subscribers together, at most.",
+    )(func)
+    return click.option(
+        "--max-client-queued",
+        "client_bytes",
+        callback=_bytes_option,
+        default="64MiB",
+        show_default=True,
+        metavar="SIZE",
+        help="Events queued for one subscriber, at most; one that takes none of them "
+        "for 5 s is cut off (it may subscribe again).",
+    )(func)
+
+
 def _retention_options(func: Any) -> Any:
     func = click.option(
         "--max-bytes",
@@ -196,6 +225,7 @@ def _nats_options(func: Any) -> Any:
     metavar="N",
     help="Refuse events larger than N bytes.",
 )
+@_client_limit_options
 @_nats_options
 @click.option("--name", default="", help="Instance name announced by mDNS.")
 @common_options
@@ -207,6 +237,9 @@ def serve(
     max_age: float | None,
     max_bytes: int | None,
     max_event_bytes: int,
+    client_bytes: int,
+    queued_bytes: int,
+    max_connections: int | None,
     replicas: int | None,
     stream: str,
     name: str,
@@ -233,7 +266,14 @@ def serve(
     for line in getattr(engine, "warnings", ()):
         ctx.warn(f"warning: {line}")
     settings = Settings(
-        bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
+        bind=bind,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        mdns=not no_mdns,
+        name=name,
+        max_connections=max_connections or 0,
+        client_bytes=client_bytes,
+        queued_bytes=queued_bytes,
     )
     try:
         server = BusServer(

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eda.core import codec
@@ -38,10 +38,24 @@ class FakeSocket:
         self.inbox: list[list[bytes]] = []
         self.outbox: list[list[bytes]] = []
 
+        self._rest: list[bytes] = []  # frames of the message being read frame by frame
+
     def recv_multipart(self, flags: int = 0) -> list[bytes]:
         if not self.inbox:
             raise zmq.Again()
         return self.inbox.pop(0)
+
+    def recv(self, flags: int = 0, copy: bool = True) -> Any:
+        """Frame by frame, as the server reads (a frame without copy: no properties)."""
+        if not self._rest:
+            self._rest = list(self.recv_multipart(flags))
+        frame = self._rest.pop(0)
+        return frame if copy else zmq.Frame(frame)
+
+    def getsockopt(self, option: int) -> Any:
+        if option == zmq.RCVMORE:
+            return int(bool(self._rest))
+        return self.real.getsockopt(option)
 
     def send_multipart(self, frames: list[bytes], flags: int = 0, **kw: Any) -> None:
         self.outbox.append(list(frames))
@@ -291,6 +305,9 @@ _action = st.one_of(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(rounds=st.lists(st.lists(_action, max_size=8), min_size=1, max_size=8))
+# a resubscription's release commits the round's batch, then its next write fails: the
+# batch is stored, so it must stay confirmed (it was refused once)
+@example(rounds=[[("fail", 5, 0), ("sub", 0, "group"), ("pub", 0, 1), ("sub", 0, "durable")]])
 def test_confirmed_events_are_exactly_the_stored_ones_under_any_interleaving(
     tmp_path_factory: pytest.TempPathFactory, rounds: list[list[tuple[str, int, Any]]]
 ) -> None:

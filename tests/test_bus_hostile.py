@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -169,13 +170,21 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
     pub.connect(ep)
     n = 40_000
     origin = codec.encode_origin("0123456789abcdef" * 2, "eda://test")  # 128 bits
+    hb = json.dumps({"op": "hb"}).encode()
+    last_hb = time.monotonic()
     for i in range(1, n + 1):  # one event per message: many messages for the member's queue
         header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
         pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"g.x", header, b"y" * 1000])
-    hb = json.dumps({"op": "hb"}).encode()
+        if time.monotonic() - last_hb > 0.5:  # alive while a loaded machine takes seconds
+            member.send_multipart([protocol.REQUEST, hb])
+            last_hb = time.monotonic()
+
+    def stored_all() -> bool:
+        member.send_multipart([protocol.REQUEST, hb])
+        return int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+
     # the member reads nothing for a while (but stays alive) while the bus fills its queue
-    wait_until(lambda: int(stored_stats(ep)["events"]) == n, 30, "all stored")  # type: ignore[call-overload]
-    member.send_multipart([protocol.REQUEST, hb])
+    wait_until(stored_all, 30, "all stored")
     got: set[int] = set()
     deadline = time.monotonic() + 60
     last_hb = time.monotonic()
@@ -323,3 +332,163 @@ def test_a_store_that_cannot_answer_at_start_delays_the_group_release_not_the_bu
     finally:
         server.close()
         engine.close()
+
+
+def test_idle_connections_under_a_low_descriptor_limit_do_not_stop_a_confirmed_publish(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """400 TCP connections that never greet, against a bus allowed 256 descriptors."""
+    from tests.test_bus import SERVING
+
+    argv = command("eda-bus", "serve", "--data", str(tmp_path / "bus"),
+                   "--bind", "tcp://127.0.0.1:0", "--no-mdns")  # fmt: skip
+    bus = procs.start(["prlimit", "--nofile=256:256", "--", *argv])
+    ep = bus.wait_stderr(SERVING, 15)[1]
+    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+    idle = []
+    for _ in range(400):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((host, int(port)))
+        idle.append(s)
+    try:
+        done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "20", "idle.t", "hello")
+        assert done.returncode == 0, done.stderr
+        assert replay(ep, "idle.t", 1, "--raw") == ["hello"]
+        assert bus.popen.poll() is None
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_the_bus_raises_its_soft_descriptor_limit(procs: Procs, tmp_path: Path) -> None:
+    from tests.test_bus import SERVING
+
+    argv = command("eda-bus", "serve", "--data", str(tmp_path / "bus"),
+                   "--bind", "tcp://127.0.0.1:0", "--no-mdns")  # fmt: skip
+    bus = procs.start(["prlimit", "--nofile=256:4096", "--", *argv])
+    bus.wait_stderr(SERVING, 15)
+    limits = Path(f"/proc/{bus.popen.pid}/limits").read_text()
+    row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert row.split()[3:5] == ["4096", "4096"], row
+
+
+def test_retain_is_refused_from_another_host_and_accepted_on_the_bus_host(
+    network: Any, tmp_path: Path
+) -> None:
+    a, b = network.add_host("a"), network.add_host("b")
+    bus = a.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--bind", "tcp://*:0",
+                "--no-mdns")  # fmt: skip
+    port = bus.wait_stderr(r"serving .+ on tcp://\S+:(\d+) \(seq", 15)[1]
+    outside, inside = f"tcp://{a.address}:{port}", f"tcp://127.0.0.1:{port}"
+    sent = b.run("eda-pub", "--bus", outside, "--confirm", "keep.me", "one", "two", "three")
+    assert sent.returncode == 0, sent.stderr
+    # from another host: refused, nothing removed
+    wiped = b.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    assert wiped.returncode == 1 and "own host" in wiped.stderr, wiped.stderr
+    assert wiped.stdout == ""
+    stats = b.run("eda-bus", "stats", "--bus", outside, "--json")  # reading stays open to all
+    assert stats.returncode == 0 and json.loads(stats.stdout.splitlines()[0])["events"] == 3
+    # on the bus's host, by its LAN address and by loopback: done
+    kept = a.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["removed"] == 3
+    again = a.run("eda-bus", "retain", "--bus", inside, "--max-age", "1d")
+    assert again.returncode == 0, again.stderr
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_served(
+    procs: Procs, tmp_path: Path
+) -> None:
+    import time
+
+    bus, ep = start_bus(procs, tmp_path / "bus", "--max-client-queued", "2MiB",
+                        "--max-queued", "8MiB")  # fmt: skip
+    big = "".join(f"{i:06d}{'x' * 999_000}\n" for i in range(64))  # 64 MB, one event a batch
+    done = run("eda-pub", "--bus", ep, "--confirm", "big.x", input=big, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before = _rss(bus.popen.pid)
+    zctx = zmq.Context.instance()
+    greedy = []
+    sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": protocol.MAX_CREDIT}
+    for _ in range(6):
+        s = zctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 1)
+        s.connect(ep)
+        s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+        greedy.append(s)
+    good = procs.eda("eda-sub", "--bus", ep, "good.n", "-C", "2000", "--raw")
+    pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 2001))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    peak, beat = 0, 0.0
+    hb = json.dumps({"op": "hb"}).encode()
+
+    def alive() -> None:  # the greedy ones stay alive (but read nothing)
+        nonlocal peak, beat
+        if time.monotonic() - beat > 0.5:
+            beat = time.monotonic()
+            for s in greedy:
+                s.send_multipart([protocol.REQUEST, hb], zmq.NOBLOCK)
+        peak = max(peak, _rss(bus.popen.pid))
+
+    # the good publisher and subscriber are served meanwhile
+    wait_until(lambda: alive() or good.popen.poll() is not None, 60, "the good subscriber")
+    assert good.wait() == 0, good.stderr
+    assert good.stdout.split() == [str(i) for i in range(1, 2001)]
+    assert pub.wait(30) == 0, pub.stderr
+    # six subscribers could be sent all of 64 MB each (384 MB); now 8 MiB in all, plus
+    # one event each, plus what reading from the store costs
+    assert peak - before < 100 << 20, (before, peak)
+    # and one that takes nothing of what is queued for it is cut off
+    wait_until(lambda: alive() or "cut off" in bus.stderr, 30, "a never-reading subscriber cut")
+    assert peak - before < 100 << 20, (before, peak)
+    for s in greedy:
+        s.close()
+
+
+def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Credit says what a client took; one whose queue stays full while it grants more lies."""
+    from eda.core import codec
+
+    bus, ep = start_bus(procs, tmp_path / "bus")
+    zctx = zmq.Context.instance()
+    pub = zctx.socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    origin = codec.encode_origin("p1", "eda://test")
+    for i in range(1, 601):  # 600 messages of 64 kB: more than its queue and TCP buffers take
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"lie.x", header, b"y" * 65536])
+    wait_until(lambda: int(stored_stats(ep)["events"]) == 600, 60, "all stored")  # type: ignore[call-overload]
+    liar = zctx.socket(zmq.DEALER)
+    liar.setsockopt(zmq.LINGER, 0)
+    liar.setsockopt(zmq.RCVHWM, 1)
+    liar.connect(ep)
+    sub = {"op": "sub", "patterns": ["lie.>"], "from": "start", "credit": 1000}
+    liar.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+    credit = json.dumps({"op": "credit", "n": 100}).encode()
+
+    def lies() -> bool:  # says it took events, reads none
+        liar.send_multipart([protocol.REQUEST, credit], zmq.NOBLOCK)
+        return "does not take" in bus.stderr
+
+    pub.close()
+    wait_until(lies, 30, "the lying subscriber cut off")
+    assert "cut off" in bus.stderr
+    # and hung up on (its end does not notice: it reads nothing), which frees its queue
+    port = ep.rsplit(":", 1)[1]
+    ss = ["ss", "-Htn", "state", "established", f"( sport = :{port} )"]
+    wait_until(lambda: not subprocess.run(ss, capture_output=True, text=True).stdout.strip(),
+               10, "the bus ends the liar's connection")  # fmt: skip
+    assert bus.popen.poll() is None
+    liar.close()

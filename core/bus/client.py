@@ -39,6 +39,7 @@ WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
 WINDOW_BATCHES = 4096
 CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
 GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their share
+GRANT_BYTES = 4 << 20  # bytes of events taken after which credit is granted again
 
 
 class NoBus(EdaError):
@@ -309,6 +310,7 @@ class BusSubscriber:
         self.last = 0  # bus sequence of the newest event received
         self.acked = 0
         self._owed = 0  # events taken since credit was last granted
+        self._owed_bytes = 0  # and their bytes
         self._rid = 0
         self._last_send = 0.0
         self._subscribed = False
@@ -332,7 +334,7 @@ class BusSubscriber:
             start = {"seq": self.last + 1} if self.last else self.start
         if start is not None:
             msg["from"] = start
-        self._owed = 0
+        self._owed = self._owed_bytes = 0
         self._request(msg)
         self._subscribed = True
 
@@ -351,7 +353,14 @@ class BusSubscriber:
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_send >= p.HEARTBEAT:
-            self._request({"op": "hb"})
+            if self._owed:  # what was taken is granted again at least this often
+                self._grant()
+            else:
+                self._request({"op": "hb"})
+
+    def _grant(self) -> None:
+        self._request({"op": "credit", "n": self._owed})
+        self._owed = self._owed_bytes = 0
 
     def receive(self, limit: int = 1 << 16) -> list[Delivery]:
         """The events waiting (about *limit* at most), without blocking."""
@@ -372,6 +381,7 @@ class BusSubscriber:
                 out.append(Delivery(busseq, batch))
                 self.last = max(self.last, busseq + batch.size - 1)
                 n += batch.size
+                self._owed_bytes += sum(map(len, frames))
             elif kind == p.UNKNOWN:
                 self.resubscribed += 1
                 self.subscribe()
@@ -383,9 +393,9 @@ class BusSubscriber:
                 self.malformed += 1
         self._owed += n
         self._heartbeat()
-        if self._owed >= max(1, self.credit // 4):
-            self._request({"op": "credit", "n": self._owed})
-            self._owed = 0
+        # the bus queues a client a bounded number of bytes: large events are granted sooner
+        if self._owed >= max(1, self.credit // 4) or self._owed_bytes >= GRANT_BYTES:
+            self._grant()
         return out
 
     def _lost(self, frames: list[bytes]) -> None:

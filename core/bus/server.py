@@ -23,16 +23,22 @@ unacknowledged events go to the other members.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .. import codec
-from ..daemon import Daemon, Log, port_of, received
+from ..daemon import DRAIN_LIMIT, Daemon, Log, port_of, received
 from ..errors import EdaError, UsageError
+from ..limits import QueuedBytes, raise_fd_limit
 from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_reply, request_id
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
@@ -42,6 +48,19 @@ from .streams import MAX_SEQ, check_publisher
 PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
 MAX_SUBSCRIPTIONS = 4096  # live subscriptions (a silent one is dropped after GONE_AFTER)
+HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by then is closed
+FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
+CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
+LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
+ADMIN_OPS = frozenset({"retain"})  # operations only a client on the bus's own host may ask for
+
+
+@dataclass
+class Connection:
+    """The TCP connection a client's requests come from (to cut it off)."""
+
+    fd: int
+    peer: Any  # getpeername() when first seen: a reused descriptor is not cut by mistake
 
 
 @dataclass
@@ -58,6 +77,10 @@ class Subscription:
     blocked: bool = False
     sent: int = 0
     backlog: list[Record] = field(default_factory=list)  # group: claimed, not sent yet
+    conn: Connection | None = None
+    waiting: float | None = None  # since when its queued-bytes bound holds events back
+    stalled: float | None = None  # since when its queue (SEND_HWM messages) has been full
+    credited: float = 0.0  # when it last granted credit
 
 
 @dataclass
@@ -68,6 +91,9 @@ class Settings:
     retain_every: float = 60.0
     mdns: bool = True
     name: str = ""
+    max_connections: int = 0  # 0: as many as the descriptor limit allows
+    client_bytes: int = 64 << 20  # queued for one client (JetStream cuts a slow consumer there)
+    queued_bytes: int = 512 << 20  # queued for all clients together
 
 
 class BusServer(Daemon):
@@ -90,7 +116,15 @@ class BusServer(Daemon):
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        self.max_connections = settings.max_connections or max(16, raise_fd_limit() - FD_RESERVE)
+        self.connections: set[int] = set()
+        self._watch_connections()
         self.endpoint = self.bind(self.sock, settings.bind)
+        self.queued = QueuedBytes(settings.client_bytes, settings.queued_bytes)
+        self._sender: zmq.Frame | None = None  # a frame of the message being handled
+        self._own: set[str] = set()
+        self.cut = 0  # subscribers cut off for not reading
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
         self._waiting: list[tuple[bytes, int, int]] = []  # (client, tag, confirm_at) this round
@@ -173,7 +207,7 @@ class BusServer(Daemon):
         """
         self._waiting = []
         self._safe = self.engine.durable_seq
-        for frames in received(self.sock):
+        for frames in self._incoming():  # each noting where it came from
             self.guarded("message", self._take, frames)
             self._safe = self.engine.durable_seq
         waiting, self._waiting = self._waiting, []
@@ -188,6 +222,13 @@ class BusServer(Daemon):
             self._groups_dirty = True
         self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
         self.pump()
+
+    def _commit(self) -> int:
+        """Commit mid-round (a request's own writes): the batches it made durable are
+        safe from a rollback later in the round, even within the same message."""
+        durable = self.engine.commit()
+        self._safe = max(self._safe, durable)
+        return durable
 
     def _take(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -299,10 +340,12 @@ class BusServer(Daemon):
             return self._subscribe(ident, msg)
         if op == "stats":
             return {"stats": _stats_json(self.engine)}
+        if op in ADMIN_OPS and not self._from_own_host():
+            raise EdaError(f"{op} is only accepted from the bus's own host; run it there")
         if op == "retain":
             age, size = _number(msg, "max_age"), _number(msg, "max_bytes")
             done = self.engine.retain(age, None if size is None else int(size))
-            self.engine.commit()
+            self._commit()
             return {"events": done.events, "bytes": done.bytes, "first_seq": done.first_seq}
         sub = self.subs.get(ident)
         if sub is None:  # restarted bus, or cut off: the client subscribes again
@@ -310,9 +353,13 @@ class BusServer(Daemon):
                 self._send(ident, [p.UNKNOWN, encode({"error": "unknown subscription"})])
             return None
         sub.seen = time.monotonic()
+        sub.conn = self._connection(sub.conn)
         if op == "credit":
             n = _integer(msg.get("n"), "credit")
             sub.credit = min(sub.credit + n, p.MAX_CREDIT)
+            if n:
+                self.queued.release(ident, n)
+                sub.credited = time.monotonic()
             sub.blocked = False
             self._groups_dirty = self._groups_dirty or sub.group is not None
         elif op == "ack":
@@ -343,10 +390,11 @@ class BusServer(Daemon):
         start = self._start(spec, matcher)
         credit = _integer(msg.get("credit", 0), "credit")
         if ident in self.subs:
-            self._drop(ident)
+            self._drop(ident, resubscribing=True)
         elif len(self.subs) >= MAX_SUBSCRIPTIONS:
             raise EdaError(f"too many subscriptions ({MAX_SUBSCRIPTIONS}); try again later")
         sub = Subscription(ident, matcher, 0, min(credit, p.MAX_CREDIT), time.monotonic())
+        sub.conn, sub.credited = self._connection(None), sub.seen
         if durable is not None:
             sub.durable = durable
             sub.cursor = self.engine.consumer(durable, patterns, start)
@@ -358,7 +406,7 @@ class BusServer(Daemon):
             sub.cursor = start
         else:
             sub.cursor = start
-        self.engine.commit()
+        self._commit()
         self.subs[ident] = sub
         self._groups_dirty = True
         self.log(f"subscription {ident.hex()} {patterns} from {sub.cursor}")
@@ -451,8 +499,17 @@ class BusServer(Daemon):
         frames = [p.DELIVER, p.TAG.pack(record.seq), record.topic.encode(), header, record.body]
         if record.extensions:
             frames.append(record.extensions)
-        if not self._send(sub.ident, frames):
+        size = sum(map(len, frames))
+        if not self.queued.room(sub.ident, size):
+            if sub.waiting is None:
+                sub.waiting = time.monotonic()
             return False
+        if not self._send(sub.ident, frames):
+            if sub.stalled is None:
+                sub.stalled = time.monotonic()
+            return False
+        sub.waiting = sub.stalled = None
+        self.queued.add(sub.ident, record.size, size)
         sub.credit -= record.size
         sub.sent += record.size
         return True
@@ -471,21 +528,127 @@ class BusServer(Daemon):
             if now - sub.seen > p.GONE_AFTER:
                 self.log(f"subscription {ident.hex()} silent for {p.GONE_AFTER:g}s: dropped")
                 self._drop(ident)
+            elif sub.waiting is not None and now - max(sub.waiting, sub.credited) > CUT_AFTER:
+                held = self.queued.held(ident)
+                self._cut_off(sub, f"{held} bytes queued and none taken for {CUT_AFTER:g}s "
+                              f"(at most {self.settings.client_bytes} per client)")  # fmt: skip
+            elif sub.stalled is not None and sub.credited - sub.stalled > LIE_AFTER:
+                # its queue has had no room for seconds: it read nothing, yet says it took events
+                self._cut_off(sub, "it grants credit for events it does not take")
 
-    def _drop(self, ident: bytes) -> None:
+    def _cut_off(self, sub: Subscription, reason: str) -> None:
+        """A subscriber that does not take what is queued for it: told, dropped, hung up on.
+
+        Hanging up frees what its connection queued; it may connect and
+        subscribe again (a durable or plain one resumes where it was).
+        """
+        why = f"cut off: {reason}; read faster and subscribe again"
+        self.cut += 1
+        self.limited("cut", f"subscriber {sub.ident.hex()} {why}")
+        self._send(sub.ident, [p.UNKNOWN, encode({"error": why})])
+        self._drop(sub.ident, hang_up=True)
+
+    def _drop(self, ident: bytes, *, resubscribing: bool = False, hang_up: bool = False) -> None:
+        """End a subscription.  What is queued for it stays counted while the client
+        subscribes again on the same connection; else its connection is hung up on
+        (which frees what is queued) when something is queued or *hang_up* says so."""
         sub = self.subs.pop(ident, None)
+        if not resubscribing:
+            if sub is not None and (hang_up or self.queued.held(ident)):
+                self._hang_up(sub.conn)
+            self.queued.forget(ident)
         if sub is not None and sub.group is not None:
             self.engine.release(sub.group, sub.member)
-            self.engine.commit()
+            self._commit()
             self._groups_dirty = True
+
+    # -- clients' connections ------------------------------------------------------
+    def _incoming(self) -> Iterator[list[bytes]]:
+        """The messages waiting (as :func:`~eda.core.daemon.received`), each noting
+        in :attr:`_sender` the frame that tells where it came from."""
+        sock = self.sock
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = [sock.recv(zmq.NOBLOCK)]
+            except zmq.Again:
+                return
+            if sock.getsockopt(zmq.RCVMORE):
+                kind = sock.recv(copy=False)
+                self._sender = kind  # the routing id frame carries no properties
+                frames.append(kind.bytes)
+                while sock.getsockopt(zmq.RCVMORE):
+                    frames.append(sock.recv())
+            yield frames
+            self._sender = None
+
+    def _connection(self, known: Connection | None) -> Connection | None:
+        """The connection the message being handled came from (*known* if the same)."""
+        try:
+            fd = int(self._sender.get(zmq.SRCFD)) if self._sender is not None else -1
+        except zmq.ZMQError:
+            fd = -1
+        if fd < 0:
+            return known
+        if known is not None and known.fd == fd:
+            return known
+        return Connection(fd, _peer_of(fd))
+
+    def _hang_up(self, conn: Connection | None) -> None:
+        """Close a client's connection (libzmq frees what it queued for it)."""
+        if conn is not None and conn.peer is not None and _peer_of(conn.fd) == conn.peer:
+            _shutdown(conn.fd)
+
+    def _from_own_host(self) -> bool:
+        """Whether the request being handled came from this host (loopback or one of its
+        addresses); a transport without addresses (ipc, inproc) is this host's."""
+        if self._sender is None:
+            return True
+        try:
+            address = str(self._sender.get("Peer-Address"))
+        except zmq.ZMQError:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback or str(ip) in self._own:
+            return True
+        self._own = _own_addresses()  # addresses change (DHCP): read again before refusing
+        return str(ip) in self._own
+
+    def _watch_connections(self) -> None:
+        """Count TCP connections (socket monitor); beyond :attr:`max_connections` a new
+        one is closed at once, so idle connections cannot take every descriptor."""
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+        self._monitor = self.sock.get_monitor_socket(events)
+        self._sockets.append(self._monitor)
+        self.watch(self._monitor, "connections", self._connection_events)
+
+    def _connection_events(self) -> None:
+        for frames in received(self._monitor):
+            event = parse_monitor_message(frames)
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                if len(self.connections) >= self.max_connections:
+                    self.limited("connections", f"too many connections ({self.max_connections})"
+                                 "; closing new ones")  # fmt: skip
+                    _shutdown(fd)
+                else:
+                    self.connections.add(fd)
+            else:
+                self.connections.discard(fd)
 
     def _retain(self) -> None:
         done = self.engine.retain(self.settings.max_age, self.settings.max_bytes)
-        self.engine.commit()
+        self._commit()
         if done.events:
             self.log(f"retention removed {done.events} event(s), {done.bytes} bytes")
 
     def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError, AttributeError):
+            self.sock.disable_monitor()
         super().close()
         with contextlib.suppress(StoreError):
             self.engine.close()
@@ -497,6 +660,34 @@ def _integer(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise ProtocolError(f"{what} must be an integer from 0 to {MAX_SEQ}")
     return value
+
+
+def _peer_of(fd: int) -> Any:
+    """The peer address of connected socket *fd*, or None."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return sock.getpeername()
+    except OSError:
+        return None
+
+
+def _shutdown(fd: int) -> None:
+    """End the connection on *fd* without closing the descriptor libzmq owns."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _own_addresses() -> set[str]:
+    import ifaddr
+
+    found = set()
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            found.add(ip.ip if isinstance(ip.ip, str) else ip.ip[0].split("%")[0])
+    return found
 
 
 def _name(msg: dict[str, Any], key: str) -> str | None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdaError, UsageError
+from ..limits import raise_fd_limit
 from ..registry.model import HOST_RE
 from .balancer import STRATEGIES, Balancer
 from .balancer import Backend as Slot
@@ -687,7 +688,7 @@ class TcpProxy:
         for _ in range(max(1, self.settings.workers)):
             self.listeners.append(self._bind(port))
             port = self.address[1]  # the port the first one got (port 0: ephemeral)
-        _raise_fd_limit()
+        raise_fd_limit()
         if self.settings.workers == 0:
             self._start_thread()
         else:
@@ -883,15 +884,6 @@ class TcpProxy:
         for fd in (self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # -- following the registry ----------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""core/limits.py: the queued-bytes bound shared by the daemons."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eda.core.limits import QueuedBytes
+
+_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "release", "forget"]),
+        st.integers(0, 3),  # peer
+        st.integers(1, 50),  # units
+        st.integers(0, 5000),  # bytes
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps)
+def test_queued_bytes_add_up_and_stay_within_their_bounds(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    q = QueuedBytes(per_peer=8000, total=20000)
+    for op, peer, units, size in steps:
+        if op == "add":
+            if not q.room(peer, size):
+                assert q.held(peer) > 0
+                continue
+            q.add(peer, units, size)
+        elif op == "release":
+            before = q.held(peer)
+            q.release(peer, units)
+            assert 0 <= q.held(peer) <= before
+        else:
+            q.forget(peer)
+            assert q.held(peer) == 0
+        assert q.total == sum(q.held(p) for p in range(4))
+        # a peer exceeds its bound by at most the one item it may always be sent
+        assert all(q.held(p) <= 8000 + 5000 for p in range(4))
+        assert q.total <= 20000 + 4 * 5000
+
+
+def test_releasing_what_was_sent_frees_it_in_order_and_in_proportion() -> None:
+    q = QueuedBytes(per_peer=1000, total=1000)
+    q.add("a", 10, 500)
+    q.add("a", 10, 400)
+    assert not q.room("a", 200) and q.room("b", 10_000)  # a peer holding nothing gets one
+    q.release("a", 15)  # the first ten and half the next
+    assert q.held("a") == 200 and q.total == 200
+    q.release("a", 100)  # more than was sent: all of it, no less than nothing
+    assert q.held("a") == 0 and q.total == 0
