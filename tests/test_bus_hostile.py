@@ -465,7 +465,7 @@ def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(
     pub = zctx.socket(zmq.DEALER)
     pub.setsockopt(zmq.LINGER, 0)
     pub.connect(ep)
-    origin = codec.encode_origin("p1", "eda://test")
+    origin = codec.encode_origin("p1".rjust(32, "0"), "eda://test")  # 128 bits
     for i in range(1, 601):  # 600 messages of 64 kB: more than its queue and TCP buffers take
         header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
         pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"lie.x", header, b"y" * 65536])
