@@ -637,13 +637,20 @@ def test_the_queue_is_bounded_in_bytes_too(make):  # type: ignore[no-untyped-def
     broker = make(BrokerThread, queue_bytes=1000)
     make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
     ready_workers(broker, 1)
-    caller = make(Caller, broker.front)
+    caller, other, third = make(Caller, broker.front), make(Caller, broker.front), make(
+        Caller, broker.front
+    )
     caller.send("runs", b"x" * 600)  # at the worker: not in the queue
-    caller.send("waits", b"x" * 600)
-    caller.send("over", b"x" * 600)  # 1200 bytes waiting would be over 1000
+    caller.send("waits", b"x" * 400)
+    caller.send("mine", b"x" * 200)  # 600 bytes of one caller: over its half of 1000
     [busy] = caller.replies(1, 3)
+    assert busy[2:4] == [b"mine", b"busy"]
+    other.send("waits", b"x" * 400)
+    wait_until(lambda: stats(broker)["queued"] == 2, 5, "the other caller's request queued")
+    third.send("over", b"x" * 400)  # 1200 bytes waiting would be over 1000
+    [busy] = third.replies(1, 3)
     assert busy[2:4] == [b"over", b"busy"]
-    assert stats(broker)["queued"] == 1
+    assert stats(broker)["queued"] == 2 and stats(broker)["queued_bytes"] == 800
 
 
 def test_a_request_waiting_past_its_time_is_answered_busy(make):  # type: ignore[no-untyped-def]

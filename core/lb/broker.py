@@ -31,8 +31,9 @@ from typing import Any
 
 import zmq
 
-from ..daemon import Daemon, Log, port_of, received
+from ..daemon import Daemon, Log, Timer, port_of, received
 from ..errors import UsageError
+from ..outbox import RELEASE_AFTER, Outbox, bound_socket, release_memory
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -64,6 +65,7 @@ MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
 DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
 MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
+FLUSH_EVERY = 0.005  # seconds between tries to send replies a caller's pipe could not take
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
 
@@ -164,15 +166,18 @@ class Worker:
 
 class Waiting:
     """The requests waiting for a free worker, in order; bounded in number and in
-    bytes, and each caller to half of the places, so that one caller cannot shut
-    the others out."""
+    bytes, and each caller to half of the places and half of the bytes, so that
+    one caller cannot shut the others out."""
 
     def __init__(self, limit: int, limit_bytes: int) -> None:
         self.limit, self.limit_bytes = limit, limit_bytes
         self.per_caller = max(1, limit // 2)
+        self.per_caller_bytes = max(1, limit_bytes // 2)
         self.items: deque[Pending] = deque()
         self.bytes = 0
+        self.high = 0  # the most bytes waiting since memory was last given back
         self.by_caller: dict[bytes, int] = {}
+        self.bytes_by_caller: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,6 +187,7 @@ class Waiting:
             len(self.items) < self.limit
             and self.bytes + len(p.body) <= self.limit_bytes
             and self.by_caller.get(p.client, 0) < self.per_caller
+            and self.bytes_by_caller.get(p.client, 0) + len(p.body) <= self.per_caller_bytes
         )
 
     def push(self, p: Pending, first: bool = False) -> None:
@@ -191,7 +197,9 @@ class Waiting:
         else:
             self.items.append(p)
         self.bytes += len(p.body)
+        self.high = max(self.high, self.bytes)
         self.by_caller[p.client] = self.by_caller.get(p.client, 0) + 1
+        self.bytes_by_caller[p.client] = self.bytes_by_caller.get(p.client, 0) + len(p.body)
 
     def pop(self) -> Pending:
         p = self.items.popleft()
@@ -203,8 +211,12 @@ class Waiting:
         left = self.by_caller[p.client] - 1
         if left:
             self.by_caller[p.client] = left
+            self.bytes_by_caller[p.client] -= len(p.body)
         else:
-            del self.by_caller[p.client]
+            del self.by_caller[p.client], self.bytes_by_caller[p.client]
+        if not self.items and self.high >= RELEASE_AFTER:
+            self.high = 0
+            release_memory()  # a burst of large requests is gone: so is its memory
 
     def take_all(self) -> list[Pending]:
         """Empty the queue; what was in it."""
@@ -212,6 +224,7 @@ class Waiting:
         self.items.clear()
         self.bytes = 0
         self.by_caller.clear()
+        self.bytes_by_caller.clear()
         return items
 
     def take_expired(self, now: float) -> list[Pending]:
@@ -289,6 +302,8 @@ class Broker(Daemon):
         self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
         self.stats_budget = Budget()
         self.stats_dropped = 0  # S over the budget
+        self.outbox = Outbox()  # replies a caller did not read yet, bounded in bytes
+        self.flush_timer: Timer | None = None
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -299,9 +314,12 @@ class Broker(Daemon):
         limit = 2 * self.settings.max_request + 65_536  # a bigger message drops its peer
         self.front = self.socket(zmq.ROUTER, max_message=limit)
         self.back = self.socket(zmq.ROUTER, max_message=limit)
-        for sock in (self.front, self.back):
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
+        # callers: what ZeroMQ queues per caller is bounded in bytes, and a reply its
+        # pipe cannot take waits in the outbox (bounded too); workers: up to their
+        # capacity in flight each (they read at once), so their pipes hold that many
+        bound_socket(self.front, self.settings.max_request)
+        self.back.setsockopt(zmq.SNDHWM, 100_000)
+        self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.front, self.settings.bind)
         self.backend_endpoint = self.bind(self.back, self.settings.backend)
         self.watch(self.front, "caller message", self._on_front)
@@ -360,15 +378,27 @@ class Broker(Daemon):
                 continue
             if m.kind == PING:
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
-                send_frames(self.front, [msg[0], *load])
+                self.outbox.send(self.front, msg[0], load)
             elif m.kind == STATS_QUERY:
                 if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
                     self.stats_dropped += 1
                     continue
                 figures = json.dumps(self.stats(), allow_nan=False).encode()
-                send_frames(self.front, [msg[0], TAG, STATS, figures])
+                self.outbox.send(self.front, msg[0], [TAG, STATS, figures])
             else:
                 self.dropped("caller message", ProtocolError(f"{m.kind!r} is not for a broker"))
+        if self.outbox.waiting:
+            self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        """Send the replies callers' pipes could not take; again every FLUSH_EVERY
+        while some wait."""
+        outbox = self.outbox
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+        outbox.flush()
+        more = bool(outbox.waiting)
+        self.flush_timer = self.after(FLUSH_EVERY, "replies", self._flush_replies) if more else None
 
     def _request(self, client: bytes, rid: bytes, ms: int, body: bytes) -> None:
         now = time.monotonic()
@@ -384,6 +414,12 @@ class Broker(Daemon):
         if self.draining:
             self._reply(client, rid, BUSY, b"broker shutting down")
             return
+        if self.outbox.waiting and self.outbox.full(self.front, client):
+            # it does not read its replies: nothing more is run for it (the busy reply is
+            # counted by the outbox as refused: its pipe cannot take that either)
+            self.refused += 1
+            self._reply(client, rid, BUSY, b"caller not reading its replies")
+            return
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
@@ -398,13 +434,7 @@ class Broker(Daemon):
         self.answered += 1
         if status == ERR:
             self.errors += 1
-        front = self.front  # send_frames(front, [client, *reply(rid, status, body)]), inlined
-        _zsend(front, client, _SNDMORE)
-        _zsend(front, TAG, _SNDMORE)
-        _zsend(front, REPLY, _SNDMORE)
-        _zsend(front, rid, _SNDMORE)
-        _zsend(front, status, _SNDMORE)
-        _zsend(front, body, 0)
+        self.outbox.send(self.front, client, [TAG, REPLY, rid, status, body])
 
     def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
         """The one reply to *p* (later ones are dropped)."""
@@ -506,6 +536,8 @@ class Broker(Daemon):
                 self.dropped("worker message", ProtocolError(f"{m.kind!r} is not for a broker"))
         if freed:
             self._dispatch()
+        if self.outbox.waiting:
+            self._flush_replies()
 
     def _stranger(self, ident: bytes) -> None:
         """A message from a worker we do not know (we restarted, or dropped it): say D,
@@ -711,6 +743,9 @@ class Broker(Daemon):
             "expired": self.expired,
             "inflight": self.inflight,
             "queued": len(self.queue),
+            "queued_bytes": self.queue.bytes,
+            "unread_bytes": self.outbox.bytes,  # replies waiting for callers that do not read
+            "unsent": self.outbox.refused + self.outbox.lost,  # replies over a bound, or lost
             "malformed": self.malformed,
             "workers": len(self.workers),
             "instances": instances,
