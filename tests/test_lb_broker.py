@@ -1009,3 +1009,43 @@ def test_serve_refuses_bad_arguments_with_one_line_and_the_right_status() -> Non
             assert done.returncode == code, done.stderr
             assert done.stderr.count("\n") == 1 and error in done.stderr
             assert done.stderr.startswith("eda-lb: error: ") and done.stdout == ""
+
+
+def test_a_caller_that_never_reads_costs_the_broker_bounded_memory(procs: Procs) -> None:
+    # 2,400 requests of 256 KiB through the broker, replies never read: the broker used
+    # to grow by 245-347 MB (its ROUTER queues 100,000 messages per caller); now what
+    # waits for one caller is bounded in bytes, and a good caller is served meanwhile
+    from tests.test_lb import MIB, flood, free_port, never_reads, stats_of, vm_kib
+
+    front, back = free_port(), free_port()
+    broker = serve_cli(procs, "--no-mdns", "--bind", f"tcp://127.0.0.1:{front}",
+                       "--backend", f"tcp://127.0.0.1:{back}")  # fmt: skip
+    worker_cli(procs, "--no-mdns", "--broker", f"tcp://127.0.0.1:{back}", "--persistent",
+               "--", "cat")  # fmt: skip
+    endpoint = f"tcp://127.0.0.1:{front}"
+    good = Caller(endpoint)
+    try:
+        wait_until(lambda: stats_of(endpoint)["workers"] == 1, 15, "the worker at the broker")
+        for i in range(20):
+            good.send(f"warm{i}", b"w%d" % i)
+        assert len(good.replies(20)) == 20
+        before = vm_kib(broker.popen.pid, "VmRSS")
+        attacker = never_reads(endpoint)
+        try:
+            assert flood(attacker, 2400, 256 << 10) == 2400
+            wait_until(lambda: stats_of(endpoint)["refused"] > 0, 30, "its requests refused")
+            for i in range(50):
+                good.send(f"good{i}", b"g%d" % i)
+            replies = good.replies(50)
+            assert sorted(r[2:4] for r in replies) == sorted(
+                [f"good{i}".encode(), b"ok"] for i in range(50)
+            )
+            peak = vm_kib(broker.popen.pid, "VmHWM")
+            assert peak - before < 100 * MIB, (before, peak)  # 600 MB of replies asked for
+            figures = stats_of(endpoint)
+            assert figures["unsent"] > 0 and figures["unread_bytes"] <= 8 << 20
+        finally:
+            attacker.close()
+        wait_until(lambda: stats_of(endpoint)["unread_bytes"] == 0, 10, "the replies let go")
+    finally:
+        good.close()

@@ -292,6 +292,10 @@ class Broker(Daemon):
         self.full: set[str] = set()  # keys of workers with no free slot
         self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
         self.pending: dict[tuple[bytes, bytes], Pending] = {}
+        # request bytes each caller has at the broker (queued or at a worker), at most
+        # half of --queue-bytes: a caller that sends and never reads holds that much
+        self.held: dict[bytes, int] = {}
+        self.caller_bytes = max(settings.max_request, settings.queue_bytes // 2)
         self.queue = Waiting(settings.queue, settings.queue_bytes)
         self.requests = 0  # requests accepted from callers
         self.answered = 0  # replies sent to callers
@@ -420,11 +424,18 @@ class Broker(Daemon):
             self.refused += 1
             self._reply(client, rid, BUSY, b"caller not reading its replies")
             return
+        held = self.held.get(client, 0) + len(body)
+        if held > self.caller_bytes:  # queued or running: one caller's share is taken
+            self.refused += 1
+            self._reply(client, rid, BUSY, b"too many of this caller's requests waiting")
+            return
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
+            self.held[client] = held
         elif self.queue.fits(p):
             self.pending[key] = p
+            self.held[client] = held
             self.queue.push(p)
         else:
             self.refused += 1
@@ -441,8 +452,18 @@ class Broker(Daemon):
         if p.done:
             return
         p.done = True
-        self.pending.pop((p.client, p.rid), None)
+        self._forget(p)
         self._reply(p.client, p.rid, status, body)
+
+    def _forget(self, p: Pending) -> None:
+        """*p* is answered (or expired): no longer pending, its bytes no longer held."""
+        if self.pending.pop((p.client, p.rid), None) is None:
+            return
+        left = self.held[p.client] - len(p.body)
+        if left > 0:
+            self.held[p.client] = left
+        else:
+            del self.held[p.client]
 
     # -- choosing a worker ----------------------------------------------------------------
     def _pick(self, p: Pending) -> Worker | None:
@@ -484,7 +505,7 @@ class Broker(Daemon):
         _zsend(back, REQUEST, _SNDMORE)
         _zsend(back, p.rid, _SNDMORE)
         _zsend(back, b"%d" % ms, _SNDMORE)
-        _zsend(back, p.body, 0)
+        _zsend(back, p.body, 0, False)  # a large body is not copied (a small one is)
         return True
 
     def _dispatch(self) -> None:
@@ -687,7 +708,7 @@ class Broker(Daemon):
                 if not p.running and not p.done:
                     self.expired += 1
                     p.done = True  # a retry of its rid is a new request
-                    self.pending.pop((p.client, p.rid), None)
+                    self._forget(p)
                 freed = True
             if late:
                 self._fullness(w)
