@@ -17,6 +17,12 @@ its replies through an :class:`Outbox` instead:
   peer's further requests while :meth:`Outbox.full` (it is not reading);
 - a peer that left (``EHOSTUNREACH``) has its waiting replies dropped at once,
   counted in :attr:`Outbox.lost`: its memory is released when it goes.
+
+:class:`Pump` drives an outbox from a :class:`~eda.core.daemon.Daemon`'s loop:
+while replies wait and the pipes move, it watches the sockets for POLLOUT
+(a burst of replies to a caller that reads goes out at once); when a try
+moved nothing (a ROUTER is writable when *any* of its peers' pipes has room,
+so a peer that never reads would keep it awake), it tries again on a timer.
 """
 
 from __future__ import annotations
@@ -25,16 +31,22 @@ import collections
 import ctypes
 import ctypes.util
 import errno
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
+if TYPE_CHECKING:
+    from .daemon import Daemon, Timer
+
 PIPE_BYTES = 8 << 20  # what ZeroMQ may queue for one peer, one direction (via the HWM)
 MIN_HWM, MAX_HWM = 16, 1000  # messages: a burst of small replies still fits the pipe
+RECV_HWM = 1000  # messages waiting to be read from one peer (was 100,000)
 PEER_BYTES = 8 << 20  # replies waiting in an outbox for one peer, at most
 TOTAL_BYTES = 64 << 20  # and for every peer together
 OVERHEAD = 64  # bytes counted per frame beyond its payload (ZeroMQ's and Python's)
 RELEASE_AFTER = 8 << 20  # bytes held at once after which emptying gives memory back
+RETRY_EVERY = 0.005  # seconds between tries while no pipe moved
 
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
@@ -50,11 +62,13 @@ def hwm_for(max_message: int, budget: int = PIPE_BYTES) -> int:
 
 
 def bound_socket(sock: zmq.Socket[bytes], max_message: int) -> None:
-    """Set *sock*'s high-water marks from bytes (before it binds or connects) and make a
-    ROUTER say when a peer's pipe is full."""
-    hwm = hwm_for(max_message)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.RCVHWM, hwm)
+    """Set *sock*'s sending high-water mark from bytes (before it binds or connects)
+    and make a ROUTER say when a peer's pipe is full."""
+    sock.setsockopt(zmq.SNDHWM, hwm_for(max_message))
+    # what arrives is read at once (and refused at once when over a bound): this pipe
+    # fills only while the daemon is slower than the sender, and a small one costs
+    # throughput (every refill is a wake-up of the I/O thread)
+    sock.setsockopt(zmq.RCVHWM, RECV_HWM)
     if sock.type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
@@ -85,6 +99,7 @@ class Outbox:
         self.refused = 0  # replies over a bound: not sent
         self.lost = 0  # replies to peers that left
         self.high = 0  # the most bytes waiting since memory was last given back
+        self.kept = False  # something was kept since the last flush
 
     @staticmethod
     def size(frames: list[bytes]) -> int:
@@ -120,10 +135,13 @@ class Outbox:
         self.bytes_of[key] = held + size
         self.bytes += size
         self.high = max(self.high, self.bytes)
+        self.kept = True
         return True
 
-    def flush(self) -> None:
-        """Send what waits, in order, as far as each peer's pipe takes it."""
+    def flush(self) -> bool:
+        """Send what waits, in order, as far as each peer's pipe takes it; True when
+        something went (or something new was kept since the last flush)."""
+        moved, self.kept = self.kept, False
         for key in list(self.waiting):
             sock, ident = key
             queue = self.waiting[key]
@@ -139,6 +157,7 @@ class Outbox:
                 sent += sum(self.size(frames) for frames in queue)
                 queue.clear()
             self.bytes -= sent
+            moved = moved or sent > 0
             if queue:
                 self.bytes_of[key] -= sent
             else:
@@ -146,6 +165,7 @@ class Outbox:
         if not self.waiting and self.high >= RELEASE_AFTER:
             self.high = 0
             release_memory()
+        return moved
 
     def drop(self, sock: zmq.Socket[bytes]) -> None:
         """Forget every reply waiting on *sock* (it is being closed); counted as lost."""
@@ -160,3 +180,67 @@ def _send_now(sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes])
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         _SEND(sock, frame, _MORE if i < last else _LAST)
+
+
+class Pump:
+    """Sends an :class:`Outbox`'s replies from *daemon*'s loop (see the module's doc).
+
+    Sockets whose replies go through the outbox are watched with :meth:`watch`
+    (instead of the daemon's own) and replies sent with :meth:`send`.
+    """
+
+    def __init__(self, daemon: Daemon, outbox: Outbox | None = None) -> None:
+        self.daemon = daemon
+        self.outbox = outbox or Outbox()
+        self.inputs: dict[zmq.Socket[bytes], tuple[str, Callable[[], object]]] = {}
+        self.writing: set[zmq.Socket[bytes]] = set()  # watched for POLLOUT too
+        self.timer: Timer | None = None
+
+    def watch(self, sock: zmq.Socket[bytes], what: str, on_input: Callable[[], object]) -> None:
+        """Call *on_input* when *sock* is readable (and send its replies when writable)."""
+        self.inputs[sock] = (what, on_input)
+        self._events(sock, zmq.POLLIN)
+
+    def send(self, sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes]) -> bool:
+        """:meth:`Outbox.send`; what had to wait goes out from the loop, soon."""
+        outbox = self.outbox
+        sent = outbox.send(sock, ident, frames)
+        if outbox.kept and self.timer is None and not self.writing:
+            self.timer = self.daemon.after(0.0, "replies", self._retry)  # after this batch
+        return sent
+
+    def forget(self, sock: zmq.Socket[bytes]) -> None:
+        """*sock* is being closed: its waiting replies are dropped (counted as lost)."""
+        self.outbox.drop(sock)
+        self.inputs.pop(sock, None)
+        self.writing.discard(sock)
+
+    def _events(self, sock: zmq.Socket[bytes], events: int) -> None:
+        what, on_input = self.inputs[sock]
+
+        def handle(ready: int) -> None:
+            if ready & zmq.POLLIN:
+                on_input()
+            if ready & zmq.POLLOUT:
+                self.settle()
+
+        self.daemon.watch_events(sock, what, handle, events)
+
+    def settle(self) -> None:
+        """Send what waits; watch for room while pipes move, else try again on a timer."""
+        outbox = self.outbox
+        moved = outbox.flush() if outbox.waiting else False
+        wanted = {key[0] for key in outbox.waiting} if moved else set()
+        wanted &= self.inputs.keys()
+        for sock in self.writing - wanted:
+            if sock in self.inputs and not sock.closed:
+                self._events(sock, zmq.POLLIN)
+        for sock in wanted - self.writing:
+            self._events(sock, zmq.POLLIN | zmq.POLLOUT)
+        self.writing = wanted
+        if outbox.waiting and not moved and self.timer is None:
+            self.timer = self.daemon.after(RETRY_EVERY, "replies", self._retry)
+
+    def _retry(self) -> None:
+        self.timer = None
+        self.settle()

@@ -31,9 +31,9 @@ from typing import Any
 
 import zmq
 
-from ..daemon import Daemon, Log, Timer, port_of, received
+from ..daemon import Daemon, Log, port_of, received
 from ..errors import UsageError
-from ..outbox import RELEASE_AFTER, Outbox, bound_socket, release_memory
+from ..outbox import RELEASE_AFTER, Pump, bound_socket, release_memory
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -65,7 +65,6 @@ MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
 DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
 MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
-FLUSH_EVERY = 0.005  # seconds between tries to send replies a caller's pipe could not take
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
 
@@ -306,8 +305,8 @@ class Broker(Daemon):
         self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
         self.stats_budget = Budget()
         self.stats_dropped = 0  # S over the budget
-        self.outbox = Outbox()  # replies a caller did not read yet, bounded in bytes
-        self.flush_timer: Timer | None = None
+        self.pump = Pump(self)  # replies a caller did not read yet, bounded in bytes
+        self.outbox = self.pump.outbox
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -326,7 +325,7 @@ class Broker(Daemon):
         self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.front, self.settings.bind)
         self.backend_endpoint = self.bind(self.back, self.settings.backend)
-        self.watch(self.front, "caller message", self._on_front)
+        self.pump.watch(self.front, "caller message", self._on_front)
         self.watch(self.back, "worker message", self._on_back)
         self.every(self.settings.heartbeat, "heartbeat", self._heartbeat)
         self.every(min(0.1, self.settings.heartbeat), "deadlines", self._expire)
@@ -382,27 +381,15 @@ class Broker(Daemon):
                 continue
             if m.kind == PING:
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
-                self.outbox.send(self.front, msg[0], load)
+                self.pump.send(self.front, msg[0], load)
             elif m.kind == STATS_QUERY:
                 if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
                     self.stats_dropped += 1
                     continue
                 figures = json.dumps(self.stats(), allow_nan=False).encode()
-                self.outbox.send(self.front, msg[0], [TAG, STATS, figures])
+                self.pump.send(self.front, msg[0], [TAG, STATS, figures])
             else:
                 self.dropped("caller message", ProtocolError(f"{m.kind!r} is not for a broker"))
-        if self.outbox.waiting:
-            self._flush_replies()
-
-    def _flush_replies(self) -> None:
-        """Send the replies callers' pipes could not take; again every FLUSH_EVERY
-        while some wait."""
-        outbox = self.outbox
-        if self.flush_timer is not None:
-            self.flush_timer.cancel()
-        outbox.flush()
-        more = bool(outbox.waiting)
-        self.flush_timer = self.after(FLUSH_EVERY, "replies", self._flush_replies) if more else None
 
     def _request(self, client: bytes, rid: bytes, ms: int, body: bytes) -> None:
         now = time.monotonic()
@@ -445,7 +432,7 @@ class Broker(Daemon):
         self.answered += 1
         if status == ERR:
             self.errors += 1
-        self.outbox.send(self.front, client, [TAG, REPLY, rid, status, body])
+        self.pump.send(self.front, client, [TAG, REPLY, rid, status, body])
 
     def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
         """The one reply to *p* (later ones are dropped)."""
@@ -505,7 +492,7 @@ class Broker(Daemon):
         _zsend(back, REQUEST, _SNDMORE)
         _zsend(back, p.rid, _SNDMORE)
         _zsend(back, b"%d" % ms, _SNDMORE)
-        _zsend(back, p.body, 0, False)  # a large body is not copied (a small one is)
+        _zsend(back, p.body, 0, len(p.body) < 65536)  # a large body shared, not copied
         return True
 
     def _dispatch(self) -> None:
@@ -557,8 +544,6 @@ class Broker(Daemon):
                 self.dropped("worker message", ProtocolError(f"{m.kind!r} is not for a broker"))
         if freed:
             self._dispatch()
-        if self.outbox.waiting:
-            self._flush_replies()
 
     def _stranger(self, ident: bytes) -> None:
         """A message from a worker we do not know (we restarted, or dropped it): say D,

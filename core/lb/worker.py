@@ -41,9 +41,9 @@ from typing import Any
 
 import zmq
 
-from ..daemon import DRAIN_LIMIT, Daemon, Log, Timer
+from ..daemon import DRAIN_LIMIT, Daemon, Log
 from ..errors import UsageError
-from ..outbox import RELEASE_AFTER, Outbox, bound_socket, release_memory
+from ..outbox import RELEASE_AFTER, Pump, bound_socket, release_memory
 from . import protocol as p
 
 DEPTH = 256  # request lines in flight in one persistent process
@@ -52,7 +52,6 @@ QUEUE = 1024  # requests waiting for a free slot before "busy" is answered
 QUEUE_BYTES = 64 << 20  # and their bodies, in bytes (beyond: "busy")
 CALLER_QUEUE_BYTES = 16 << 20  # of which one caller's requests (one broker counts as one)
 FRAME_COST = 64  # bytes counted per queued request beyond its body
-FLUSH_EVERY = 0.005  # seconds between tries to send replies a caller's pipe could not take
 READ_CHUNK = 1 << 18
 STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
@@ -196,8 +195,8 @@ class Worker(Daemon):
         self.queue_bytes = 0  # bodies waiting in the queue (plus FRAME_COST each)
         self.queue_high = 0  # the most queue_bytes since memory was last given back
         self.queued_by: dict[tuple[zmq.Socket[bytes], bytes | None], int] = {}  # per caller
-        self.outbox = Outbox()  # replies a caller did not read yet, bounded in bytes
-        self.flush_timer: Timer | None = None
+        self.pump = Pump(self)  # replies a caller did not read yet, bounded in bytes
+        self.outbox = self.pump.outbox
         self.runs: dict[int, Run] = {}  # by pidfd
         self.procs: list[Process] = []
         self.inflight = 0
@@ -224,7 +223,7 @@ class Worker(Daemon):
         self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
         bound_socket(self.sock, self.max_request)  # a caller's pipes bounded in bytes
         self.endpoint = self.bind(self.sock, bind)
-        self.watch(self.sock, "requests", self._on_requests)
+        self.pump.watch(self.sock, "requests", self._on_requests)
         if self.persistent:
             for i in range(self.concurrency):
                 proc = Process(i)
@@ -319,10 +318,6 @@ class Worker(Daemon):
             for proc in self.procs:
                 if proc.outbuf:
                     self._flush(proc)
-        if self.outbox.waiting:
-            self.outbox.flush()
-            if self.outbox.waiting and self.flush_timer is None:
-                self.flush_timer = self.after(FLUSH_EVERY, "replies", self._flush_replies)
 
     def _answer_now(
         self,
@@ -334,7 +329,7 @@ class Worker(Daemon):
         body: bytes,
     ) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self.outbox.send(sock, frames[0] if start else None, p.reply(rid, status, body))
+            self.pump.send(sock, frames[0] if start else None, p.reply(rid, status, body))
 
     def _control(self, sock: zmq.Socket[bytes], frames: list[bytes], start: int) -> None:
         try:
@@ -416,19 +411,10 @@ class Worker(Daemon):
         return jobs
 
     def _send(self, job: Job, status: bytes, body: bytes) -> None:
-        outbox = self.outbox
-        try:
-            outbox.send(job.sock, job.ident, [p.TAG, p.REPLY, job.rid, status, body])
+        try:  # noqa: SIM105  (per reply: contextlib.suppress costs more than the send)
+            self.pump.send(job.sock, job.ident, [p.TAG, p.REPLY, job.rid, status, body])
         except zmq.ZMQError:  # its socket is closed (a broker link that ended)
-            return
-        if outbox.waiting and self.flush_timer is None:
-            self.flush_timer = self.after(FLUSH_EVERY, "replies", self._flush_replies)
-
-    def _flush_replies(self) -> None:
-        """Send the replies callers' pipes could not take, again every FLUSH_EVERY."""
-        self.outbox.flush()
-        more = bool(self.outbox.waiting)
-        self.flush_timer = self.after(FLUSH_EVERY, "replies", self._flush_replies) if more else None
+            pass
 
     def _reply(self, job: Job, status: bytes, body: bytes, now: float = 0.0) -> None:
         """The one reply of an admitted request; its slot goes to the next queued one."""
@@ -839,7 +825,7 @@ class Worker(Daemon):
             self._schedule(link, now)
             return
         link.sock, link.last_seen, link.connects = sock, now, 0
-        self.watch(sock, "broker", lambda: self._drain(sock, 0))
+        self.pump.watch(sock, "broker", lambda: self._drain(sock, 0))
         self.watch(link.monitor, "broker connects", lambda: self._broker_connected(link, sock))
         self._ready(sock)
         self.log(f"connecting to broker {link.endpoint}")
@@ -877,7 +863,7 @@ class Worker(Daemon):
             if goodbye:
                 with contextlib.suppress(zmq.ZMQError):
                     link.sock.send_multipart(p.disconnect(), zmq.NOBLOCK)
-            self.outbox.drop(link.sock)
+            self.pump.forget(link.sock)
             self.close_socket(link.sock)
             link.sock = None
 
