@@ -5,10 +5,13 @@ mark), not in bytes: 100,000 replies of 1 MiB to a caller that never reads is
 100 GB.  A daemon answering peers on a ROUTER (or on a DEALER, one peer) sends
 its replies through an :class:`Outbox` instead:
 
-- the socket's high-water marks come from a byte budget (:func:`hwm_for`:
-  so many messages of the largest size fit in it), and a ROUTER is made
-  ``ROUTER_MANDATORY``, so that a full pipe says so (``EAGAIN``) instead of
-  dropping the message;
+- the socket's sending high-water mark comes from a byte budget (:func:`hwm_for`:
+  as many messages of the largest size as fit in :data:`PIPE_BYTES`; with a
+  smaller largest size, a deeper pipe, up to :data:`MAX_HWM` messages) and
+  is set once, before the socket connects (lowering it on open pipes can
+  stall them: the reader acknowledges reads at the old mark's pace); a ROUTER
+  is made ``ROUTER_MANDATORY``, so that a full pipe says so (``EAGAIN``)
+  instead of dropping the message;
 - what the pipe cannot take now waits in the outbox, in order, counted in
   bytes per peer and in total, and goes out on :meth:`Outbox.flush` (after
   every batch of input, and on a timer);
@@ -62,8 +65,8 @@ def hwm_for(max_message: int, budget: int = PIPE_BYTES) -> int:
 
 
 def bound_socket(sock: zmq.Socket[bytes], max_message: int) -> None:
-    """Set *sock*'s sending high-water mark from bytes (before it binds or connects)
-    and make a ROUTER say when a peer's pipe is full."""
+    """Set *sock*'s high-water marks from bytes (before it binds or connects) and make a
+    ROUTER say when a peer's pipe is full."""
     sock.setsockopt(zmq.SNDHWM, hwm_for(max_message))
     # what arrives is read at once (and refused at once when over a bound): this pipe
     # fills only while the daemon is slower than the sender, and a small one costs
@@ -100,6 +103,11 @@ class Outbox:
         self.lost = 0  # replies to peers that left
         self.high = 0  # the most bytes waiting since memory was last given back
         self.kept = False  # something was kept since the last flush
+
+    @staticmethod
+    def adopt(sock: zmq.Socket[bytes], max_message: int) -> None:
+        """Bound *sock* (before it binds or connects): see the module's doc."""
+        bound_socket(sock, max_message)
 
     @staticmethod
     def size(frames: list[bytes]) -> int:

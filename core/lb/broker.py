@@ -33,7 +33,7 @@ import zmq
 
 from ..daemon import Daemon, Log, port_of, received
 from ..errors import UsageError
-from ..outbox import RELEASE_AFTER, Pump, bound_socket, release_memory
+from ..outbox import RELEASE_AFTER, Pump, release_memory
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -65,6 +65,7 @@ MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
 DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
 MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
+BATCH_BYTES = 16 << 20  # caller bytes read at once before the workers' side gets its turn
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
 
@@ -85,9 +86,14 @@ def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
     _zsend(sock, frames[last], 0)
 
 
-def messages(sock: zmq.Socket[bytes], limit: int = 1000) -> Iterator[list[bytes]]:
-    """The messages waiting on *sock*, at most *limit*, without blocking (fast ``received``)."""
+def messages(
+    sock: zmq.Socket[bytes], limit: int = 1000, max_bytes: int = 1 << 62
+) -> Iterator[list[bytes]]:
+    """The messages waiting on *sock*, at most *limit* (and about *max_bytes*), without
+    blocking (fast ``received``)."""
     for _ in range(limit):
+        if max_bytes <= 0:
+            return
         try:
             frame = _zrecv(sock, _NOBLOCK, False)
         except zmq.Again:
@@ -96,6 +102,7 @@ def messages(sock: zmq.Socket[bytes], limit: int = 1000) -> Iterator[list[bytes]
         while frame.more:  # a message arrives whole: the rest is there
             frame = _zrecv(sock, 0, False)
             msg.append(frame.bytes)
+        max_bytes -= len(msg[-1])
         yield msg
 
 
@@ -320,7 +327,7 @@ class Broker(Daemon):
         # callers: what ZeroMQ queues per caller is bounded in bytes, and a reply its
         # pipe cannot take waits in the outbox (bounded too); workers: up to their
         # capacity in flight each (they read at once), so their pipes hold that many
-        bound_socket(self.front, self.settings.max_request)
+        self.outbox.adopt(self.front, self.settings.max_request)
         self.back.setsockopt(zmq.SNDHWM, 100_000)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.front, self.settings.bind)
@@ -362,7 +369,8 @@ class Broker(Daemon):
     # -- callers ------------------------------------------------------------------------
     def _on_front(self) -> None:
         max_body = self.settings.max_request
-        for msg in messages(self.front):
+        # at most BATCH_BYTES, then the workers' side gets its turn (replies, heartbeats)
+        for msg in messages(self.front, max_bytes=BATCH_BYTES):
             if len(msg) == 6 and msg[2] == REQUEST:
                 try:
                     rid, ms, body = parse_request(msg, 1, max_body)

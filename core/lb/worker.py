@@ -43,7 +43,7 @@ import zmq
 
 from ..daemon import DRAIN_LIMIT, Daemon, Log
 from ..errors import UsageError
-from ..outbox import RELEASE_AFTER, Pump, bound_socket, release_memory
+from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
 
 DEPTH = 256  # request lines in flight in one persistent process
@@ -52,6 +52,7 @@ QUEUE = 1024  # requests waiting for a free slot before "busy" is answered
 QUEUE_BYTES = 64 << 20  # and their bodies, in bytes (beyond: "busy")
 CALLER_QUEUE_BYTES = 16 << 20  # of which one caller's requests (one broker counts as one)
 FRAME_COST = 64  # bytes counted per queued request beyond its body
+BATCH_BYTES = 16 << 20  # request bytes read from one socket before the others' turn
 READ_CHUNK = 1 << 18
 STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
@@ -221,7 +222,7 @@ class Worker(Daemon):
         # one far beyond it only costs its sender the connection
         limit = 2 * self.max_request + 65536
         self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
-        bound_socket(self.sock, self.max_request)  # a caller's pipes bounded in bytes
+        self.outbox.adopt(self.sock, self.max_request)  # a caller's pipes bounded in bytes
         self.endpoint = self.bind(self.sock, bind)
         self.pump.watch(self.sock, "requests", self._on_requests)
         if self.persistent:
@@ -287,11 +288,15 @@ class Worker(Daemon):
         now = time.monotonic()
         max_request = self.max_request
         recv = p.recv
+        budget = BATCH_BYTES  # then the other sockets get their turn (heartbeats, replies)
         for _ in range(DRAIN_LIMIT):
+            if budget <= 0:
+                break
             try:
                 frames = recv(sock)
             except zmq.Again:
                 break
+            budget -= len(frames[-1])
             if len(frames) == start + 5 and frames[start + 1] == p.REQUEST:
                 try:
                     rid, timeout_ms, body = p.parse_request(frames, start, max_request)
@@ -807,11 +812,12 @@ class Worker(Daemon):
                     self.found_brokers.append(link.endpoint)
             else:
                 with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
+                    # behind the replies waiting for it, if any: never dropped on a full pipe
+                    self.pump.send(link.sock, None, p.heartbeat())
 
     def _connect_broker(self, link: BrokerLink, now: float) -> None:
         sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
-        bound_socket(sock, self.max_request)
+        self.outbox.adopt(sock, self.max_request)
         # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
         # say W again then, rather than wait to find it silent (watched from before the
         # connect, so that the first connection is counted)
