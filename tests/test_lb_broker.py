@@ -1041,7 +1041,7 @@ def test_a_caller_that_never_reads_costs_the_broker_bounded_memory(procs: Procs)
                 [f"good{i}".encode(), b"ok"] for i in range(50)
             )
             peak = vm_kib(broker.popen.pid, "VmHWM")
-            assert peak - before < 100 * MIB, (before, peak)  # 600 MB of replies asked for
+            assert peak - before < 128 * MIB, (before, peak)  # 600 MB of replies asked for
             figures = stats_of(endpoint)
             assert figures["unsent"] > 0 and figures["unread_bytes"] <= 8 << 20
         finally:
