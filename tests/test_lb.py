@@ -1053,3 +1053,76 @@ def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve
         check=False,
     )  # fmt: skip
     assert {line.split()[0] for line in direct.stdout.splitlines()} == {b"one", b"two"}
+
+
+# -- memory bounded per caller ---------------------------------------------------------------
+def vm_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status figure (VmRSS, VmHWM: the peak RSS) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def stats_of(endpoint: str) -> dict[str, Any]:
+    sock = dealer(endpoint)
+    try:
+        sock.send_multipart(p.stats_query())
+        data = answer(sock).data
+        assert data is not None
+        return data
+    finally:
+        sock.close()
+
+
+def never_reads(endpoint: str) -> zmq.Socket[bytes]:
+    """A DEALER that sends requests and takes in (almost) none of its replies."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.setsockopt(zmq.SNDTIMEO, 10_000)
+    sock.connect(endpoint)
+    return sock
+
+
+def flood(sock: zmq.Socket[bytes], count: int, size: int) -> int:
+    """Send *count* requests of *size* bytes (one line each); how many went."""
+    body = b"x" * (size - 1)
+    sent = 0
+    with contextlib.suppress(zmq.Again):
+        for i in range(count):
+            sock.send_multipart(p.request(b"a%d" % i, 0, body))
+            sent += 1
+    return sent
+
+
+MIB = 1024
+
+
+def test_a_caller_that_never_reads_costs_the_worker_bounded_memory(procs: Procs) -> None:
+    # 2,400 requests of 256 KiB, replies never read: the worker used to keep them all
+    # (its ROUTER queues 100,000 messages per peer), 500-650 MB, most of it after the
+    # caller left; now bytes per caller are bounded, and a good caller is served meanwhile
+    port = free_port()
+    proc = worker_proc(procs, port, "--persistent", "--", "cat")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    out, failed, _, _ = call([endpoint], [b"warm %d" % i for i in range(50)])
+    assert not failed
+    before = vm_kib(proc.popen.pid, "VmRSS")
+    attacker = never_reads(endpoint)
+    try:
+        assert flood(attacker, 2400, 256 << 10) == 2400
+        wait_until(lambda: stats_of(endpoint)["busy"] > 0, 30, "the caller's requests refused")
+        out, failed, _, _ = call([endpoint], [b"good %d" % i for i in range(200)], timeout=10)
+        assert out.decode().split("\n")[:-1] == [f"good {i}" for i in range(200)] and not failed
+        peak = vm_kib(proc.popen.pid, "VmHWM")
+        assert peak - before < 100 * MIB, (before, peak)  # 600 MB of replies were asked for
+        figures = stats_of(endpoint)
+        assert figures["unsent"] > 0 and figures["unread_bytes"] <= 8 << 20
+    finally:
+        attacker.close()
+    wait_until(lambda: stats_of(endpoint)["unread_bytes"] == 0, 10, "the replies let go")
+    out, failed, _, _ = call([endpoint], [b"after"])
+    assert out == b"after\n" and not failed
+    assert vm_kib(proc.popen.pid, "VmRSS") - before < 96 * MIB

@@ -637,13 +637,20 @@ def test_the_queue_is_bounded_in_bytes_too(make):  # type: ignore[no-untyped-def
     broker = make(BrokerThread, queue_bytes=1000)
     make(FakeWorker, broker.back, "hang", answer=lambda _b: None)
     ready_workers(broker, 1)
-    caller = make(Caller, broker.front)
+    caller, other, third = make(Caller, broker.front), make(Caller, broker.front), make(
+        Caller, broker.front
+    )
     caller.send("runs", b"x" * 600)  # at the worker: not in the queue
-    caller.send("waits", b"x" * 600)
-    caller.send("over", b"x" * 600)  # 1200 bytes waiting would be over 1000
+    caller.send("waits", b"x" * 400)
+    caller.send("mine", b"x" * 200)  # 600 bytes of one caller: over its half of 1000
     [busy] = caller.replies(1, 3)
+    assert busy[2:4] == [b"mine", b"busy"]
+    other.send("waits", b"x" * 400)
+    wait_until(lambda: stats(broker)["queued"] == 2, 5, "the other caller's request queued")
+    third.send("over", b"x" * 400)  # 1200 bytes waiting would be over 1000
+    [busy] = third.replies(1, 3)
     assert busy[2:4] == [b"over", b"busy"]
-    assert stats(broker)["queued"] == 1
+    assert stats(broker)["queued"] == 2 and stats(broker)["queued_bytes"] == 800
 
 
 def test_a_request_waiting_past_its_time_is_answered_busy(make):  # type: ignore[no-untyped-def]
@@ -1002,3 +1009,43 @@ def test_serve_refuses_bad_arguments_with_one_line_and_the_right_status() -> Non
             assert done.returncode == code, done.stderr
             assert done.stderr.count("\n") == 1 and error in done.stderr
             assert done.stderr.startswith("eda-lb: error: ") and done.stdout == ""
+
+
+def test_a_caller_that_never_reads_costs_the_broker_bounded_memory(procs: Procs) -> None:
+    # 2,400 requests of 256 KiB through the broker, replies never read: the broker used
+    # to grow by 245-347 MB (its ROUTER queues 100,000 messages per caller); now what
+    # waits for one caller is bounded in bytes, and a good caller is served meanwhile
+    from tests.test_lb import MIB, flood, free_port, never_reads, stats_of, vm_kib
+
+    front, back = free_port(), free_port()
+    broker = serve_cli(procs, "--no-mdns", "--bind", f"tcp://127.0.0.1:{front}",
+                       "--backend", f"tcp://127.0.0.1:{back}")  # fmt: skip
+    worker_cli(procs, "--no-mdns", "--broker", f"tcp://127.0.0.1:{back}", "--persistent",
+               "--", "cat")  # fmt: skip
+    endpoint = f"tcp://127.0.0.1:{front}"
+    good = Caller(endpoint)
+    try:
+        wait_until(lambda: stats_of(endpoint)["workers"] == 1, 15, "the worker at the broker")
+        for i in range(20):
+            good.send(f"warm{i}", b"w%d" % i)
+        assert len(good.replies(20)) == 20
+        before = vm_kib(broker.popen.pid, "VmRSS")
+        attacker = never_reads(endpoint)
+        try:
+            assert flood(attacker, 2400, 256 << 10) == 2400
+            wait_until(lambda: stats_of(endpoint)["refused"] > 0, 30, "its requests refused")
+            for i in range(50):
+                good.send(f"good{i}", b"g%d" % i)
+            replies = good.replies(50)
+            assert sorted(r[2:4] for r in replies) == sorted(
+                [f"good{i}".encode(), b"ok"] for i in range(50)
+            )
+            peak = vm_kib(broker.popen.pid, "VmHWM")
+            assert peak - before < 128 * MIB, (before, peak)  # 600 MB of replies asked for
+            figures = stats_of(endpoint)
+            assert figures["unsent"] > 0 and figures["unread_bytes"] <= 8 << 20
+        finally:
+            attacker.close()
+        wait_until(lambda: stats_of(endpoint)["unread_bytes"] == 0, 10, "the replies let go")
+    finally:
+        good.close()

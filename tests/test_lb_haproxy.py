@@ -490,3 +490,22 @@ def test_an_instance_at_haproxys_own_listen_address_is_left_out() -> None:
     everywhere = HaproxyEngine("0.0.0.0", 8080, "round-robin", log=logs.append)
     local, far = Server("lo", "127.0.0.1", 8080), Server("far", "192.0.2.1", 8080)
     assert [t.server.id for t in everywhere._targets([local, far])] == ["far"]
+
+
+def test_no_spelling_of_haproxys_own_address_is_served() -> None:
+    """0.0.0.0:<listen port> at weight 100 once made 10 requests leave 935 TIME-WAIT
+    sockets: every spelling of this host at the listen port is left out."""
+    logs: list[str] = []
+    spellings = ["0.0.0.0", "127.0.0.1", "::ffff:127.0.0.1", "[::ffff:127.0.0.1]"]
+    eng = HaproxyEngine("127.0.0.1", 8080, "weighted", log=logs.append)
+    records = [Server(f"me{n}", h, 8080, 100) for n, h in enumerate(spellings)]
+    ok = [Server("ok", "127.0.0.1", 8081), Server("lo2", "127.0.0.2", 8080)]
+    assert [t.server.id for t in eng._targets([*records, *ok])] == ["ok", "lo2"]
+    assert sum("own listen address" in line for line in logs) == len(records)
+    everywhere = HaproxyEngine("::", 8080, "weighted", log=logs.append)
+    local = [*spellings, "::", "::1", "[::1]", "127.0.0.2", "127.9.9.9", "localhost"]
+    records = [Server(f"me{n}", h, 8080, 100) for n, h in enumerate(local)]
+    far = Server("far", "192.0.2.1", 8080)
+    assert [t.server.id for t in everywhere._targets([*records, far])] == ["far"]
+    v4 = HaproxyEngine("*", 8080, "weighted", log=logs.append)
+    assert [t.server.id for t in v4._targets([*records[:4], far])] == ["far"]

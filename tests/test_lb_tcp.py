@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -21,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eda.core.errors import UsageError
-from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, parse_listen
+from eda.core.lb.selfloop import reaches
+from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, instances_of, parse_listen
 from eda.core.registry.model import HOST_RE
 from tests.helpers import Proc, Procs, children_of, closed_port, readable, require_tools, wait_until
 
@@ -111,10 +113,10 @@ def servers() -> Iterator[list[Server]]:
 class Running:
     """A TcpProxy (one data plane in a thread) running in a thread of the test."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.proxy = TcpProxy("127.0.0.1", 0, settings)
+    def __init__(self, settings: Settings, host: str = "127.0.0.1") -> None:
+        self.proxy = TcpProxy(host, 0, settings)
         self.proxy.start()
-        self.address = self.proxy.address
+        self.address = ("127.0.0.1", self.proxy.address[1]) if host == "::" else self.proxy.address
         self.thread = threading.Thread(target=self.proxy.run, daemon=True)
         self.thread.start()
 
@@ -135,9 +137,9 @@ class Running:
 def proxy() -> Iterator[Any]:
     made: list[Running] = []
 
-    def make(**kw: Any) -> Running:
+    def make(host: str = "127.0.0.1", **kw: Any) -> Running:
         settings = Settings(**{"check_interval": 0.05, "check_timeout": 0.5, **kw})
-        running = Running(settings)
+        running = Running(settings, host)
         made.append(running)
         return running
 
@@ -359,6 +361,79 @@ def test_an_instance_at_the_proxys_own_address_is_ignored(
         assert not everywhere._is_self(Backend("far", "192.0.2.1", any_port))
     finally:
         everywhere.close()
+
+
+# every spelling of "this host" an attacker may register, for a listener on port 8080
+SELF_SPELLINGS = ["0.0.0.0", "::", "127.0.0.1", "127.0.0.2", "127.255.255.254", "::1", "[::1]",
+                  "::ffff:127.0.0.1", "[::ffff:127.0.0.2]", "::ffff:0.0.0.0"]  # fmt: skip
+
+
+@pytest.fixture
+def interface() -> Iterator[tuple[str, str]]:
+    """An interface with an IPv4 and an IPv6 address (this test's namespace only)."""
+    ip = ["ip", "link", "add", "edalbself0", "type", "veth", "peer", "name", "edalbself1"]
+    subprocess.run(ip, check=True, capture_output=True)
+    try:
+        for args in (["addr", "add", "198.51.100.7/24", "dev", "edalbself0"],
+                     ["-6", "addr", "add", "2001:db8::7/64", "dev", "edalbself0", "nodad"],
+                     ["link", "set", "edalbself0", "up"], ["link", "set", "edalbself1", "up"]):  # fmt: skip
+            subprocess.run(["ip", *args], check=True, capture_output=True)
+        yield "198.51.100.7", "2001:db8::7"
+    finally:
+        subprocess.run(["ip", "link", "del", "edalbself0"], check=False, capture_output=True)
+
+
+def test_every_spelling_of_this_host_is_recognised(interface: tuple[str, str]) -> None:
+    v4, v6 = interface
+    every4, every6 = ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")
+    lo = ipaddress.ip_address("127.0.0.1")
+    for host in [*SELF_SPELLINGS, v4, v6, f"::ffff:{v4}"]:
+        assert reaches(every6, 8080, host, 8080), host  # dual stack: every local address
+        assert not reaches(every6, 8080, host, 8081), host
+    for host in ["0.0.0.0", "127.0.0.2", "::ffff:127.0.0.1", v4, f"::ffff:{v4}"]:
+        assert reaches(every4, 8080, host, 8080), host
+        assert reaches(None, 8080, host, 8080), host  # haproxy's "*:8080"
+    assert not reaches(every4, 8080, "::1", 8080)  # an IPv4 listener never sees IPv6
+    for host in ["0.0.0.0", "127.0.0.1", "::ffff:127.0.0.1", "[::ffff:127.0.0.1]"]:
+        assert reaches(lo, 8080, host, 8080), host  # 0.0.0.0 connects to 127.0.0.1
+    assert reaches(ipaddress.ip_address("::1"), 8080, "::", 8080)
+    assert reaches(ipaddress.ip_address(v4), 8080, f"::ffff:{v4}", 8080)
+    # not this listener: another address, a far one, a name never resolved here
+    for host in ["127.0.0.2", "::1", v4, "192.0.2.1", "2001:db8::8", "localhost", "x"]:
+        assert not reaches(lo, 8080, host, 8080), host
+    for host in ["192.0.2.1", "198.51.100.8", "2001:db8::8", "::ffff:192.0.2.1"]:
+        assert not reaches(every6, 8080, host, 8080), host
+
+
+@pytest.mark.parametrize(
+    ("listen", "loops"),
+    [("127.0.0.1", ["0.0.0.0", "127.0.0.1", "::ffff:127.0.0.1", "::ffff:0.0.0.0"]),
+     ("::", ["0.0.0.0", "::", "127.0.0.1", "127.0.0.2", "127.255.255.254", "::1",
+             "::ffff:127.0.0.1", "::ffff:0.0.0.0", "localhost"])],
+)  # fmt: skip
+def test_no_spelling_of_the_proxys_own_address_makes_a_loop(
+    proxy: Any, servers: list[Server], listen: str, loops: list[str]
+) -> None:
+    # 0.0.0.0:<listen port> at weight 100 once made 10 requests leave ~1,000 TIME-WAIT
+    # sockets (each connection proxied to the proxy again)
+    servers.append(Server("a"))
+    running = proxy(listen, strategy="weighted")
+    port = running.address[1]
+    warnings: list[str] = []
+    running.proxy.warn = warnings.append
+    records = [
+        {"id": f"me{n}", "host": h, "port": port, "weight": 100, "status": "passing"}
+        for n, h in enumerate(loops)
+    ]
+    hostile = instances_of(records)  # resolved, as the registry feed does
+    assert len(hostile) == len(loops)
+    running.use([servers[0].backend()])
+    running.proxy.set_candidates([servers[0].backend(), *hostile])
+    assert sum("own listen address" in w for w in warnings) == len(loops)
+    assert [who(ask(running.address)) for _ in range(10)] == ["a"] * 10
+    plane = running.proxy.planes[0]
+    assert {b.key for b in plane.balancer} == {"a"}
+    assert plane.counts["accepted"] == 10  # none of them from the proxy itself
 
 
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:

@@ -33,6 +33,7 @@ import zmq
 
 from ..daemon import Daemon, Log, port_of, received
 from ..errors import UsageError
+from ..outbox import RELEASE_AFTER, Pump, release_memory
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -64,6 +65,7 @@ MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
 MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
 DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
 MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
+BATCH_BYTES = 16 << 20  # caller bytes read at once before the workers' side gets its turn
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
 
@@ -84,9 +86,14 @@ def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
     _zsend(sock, frames[last], 0)
 
 
-def messages(sock: zmq.Socket[bytes], limit: int = 1000) -> Iterator[list[bytes]]:
-    """The messages waiting on *sock*, at most *limit*, without blocking (fast ``received``)."""
+def messages(
+    sock: zmq.Socket[bytes], limit: int = 1000, max_bytes: int = 1 << 62
+) -> Iterator[list[bytes]]:
+    """The messages waiting on *sock*, at most *limit* (and about *max_bytes*), without
+    blocking (fast ``received``)."""
     for _ in range(limit):
+        if max_bytes <= 0:
+            return
         try:
             frame = _zrecv(sock, _NOBLOCK, False)
         except zmq.Again:
@@ -95,6 +102,7 @@ def messages(sock: zmq.Socket[bytes], limit: int = 1000) -> Iterator[list[bytes]
         while frame.more:  # a message arrives whole: the rest is there
             frame = _zrecv(sock, 0, False)
             msg.append(frame.bytes)
+        max_bytes -= len(msg[-1])
         yield msg
 
 
@@ -164,15 +172,18 @@ class Worker:
 
 class Waiting:
     """The requests waiting for a free worker, in order; bounded in number and in
-    bytes, and each caller to half of the places, so that one caller cannot shut
-    the others out."""
+    bytes, and each caller to half of the places and half of the bytes, so that
+    one caller cannot shut the others out."""
 
     def __init__(self, limit: int, limit_bytes: int) -> None:
         self.limit, self.limit_bytes = limit, limit_bytes
         self.per_caller = max(1, limit // 2)
+        self.per_caller_bytes = max(1, limit_bytes // 2)
         self.items: deque[Pending] = deque()
         self.bytes = 0
+        self.high = 0  # the most bytes waiting since memory was last given back
         self.by_caller: dict[bytes, int] = {}
+        self.bytes_by_caller: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,6 +193,7 @@ class Waiting:
             len(self.items) < self.limit
             and self.bytes + len(p.body) <= self.limit_bytes
             and self.by_caller.get(p.client, 0) < self.per_caller
+            and self.bytes_by_caller.get(p.client, 0) + len(p.body) <= self.per_caller_bytes
         )
 
     def push(self, p: Pending, first: bool = False) -> None:
@@ -191,7 +203,9 @@ class Waiting:
         else:
             self.items.append(p)
         self.bytes += len(p.body)
+        self.high = max(self.high, self.bytes)
         self.by_caller[p.client] = self.by_caller.get(p.client, 0) + 1
+        self.bytes_by_caller[p.client] = self.bytes_by_caller.get(p.client, 0) + len(p.body)
 
     def pop(self) -> Pending:
         p = self.items.popleft()
@@ -203,8 +217,12 @@ class Waiting:
         left = self.by_caller[p.client] - 1
         if left:
             self.by_caller[p.client] = left
+            self.bytes_by_caller[p.client] -= len(p.body)
         else:
-            del self.by_caller[p.client]
+            del self.by_caller[p.client], self.bytes_by_caller[p.client]
+        if not self.items and self.high >= RELEASE_AFTER:
+            self.high = 0
+            release_memory()  # a burst of large requests is gone: so is its memory
 
     def take_all(self) -> list[Pending]:
         """Empty the queue; what was in it."""
@@ -212,6 +230,7 @@ class Waiting:
         self.items.clear()
         self.bytes = 0
         self.by_caller.clear()
+        self.bytes_by_caller.clear()
         return items
 
     def take_expired(self, now: float) -> list[Pending]:
@@ -279,6 +298,10 @@ class Broker(Daemon):
         self.full: set[str] = set()  # keys of workers with no free slot
         self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
         self.pending: dict[tuple[bytes, bytes], Pending] = {}
+        # request bytes each caller has at the broker (queued or at a worker), at most
+        # half of --queue-bytes: a caller that sends and never reads holds that much
+        self.held: dict[bytes, int] = {}
+        self.caller_bytes = max(settings.max_request, settings.queue_bytes // 2)
         self.queue = Waiting(settings.queue, settings.queue_bytes)
         self.requests = 0  # requests accepted from callers
         self.answered = 0  # replies sent to callers
@@ -289,6 +312,8 @@ class Broker(Daemon):
         self.expired = 0  # requests whose deadline passed (queued, or at a silent worker)
         self.stats_budget = Budget()
         self.stats_dropped = 0  # S over the budget
+        self.pump = Pump(self)  # replies a caller did not read yet, bounded in bytes
+        self.outbox = self.pump.outbox
         self.id = ""
         self.endpoint = self.backend_endpoint = ""
         self.draining = False
@@ -299,12 +324,15 @@ class Broker(Daemon):
         limit = 2 * self.settings.max_request + 65_536  # a bigger message drops its peer
         self.front = self.socket(zmq.ROUTER, max_message=limit)
         self.back = self.socket(zmq.ROUTER, max_message=limit)
-        for sock in (self.front, self.back):
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
+        # callers: what ZeroMQ queues per caller is bounded in bytes, and a reply its
+        # pipe cannot take waits in the outbox (bounded too); workers: up to their
+        # capacity in flight each (they read at once), so their pipes hold that many
+        self.outbox.adopt(self.front, self.settings.max_request)
+        self.back.setsockopt(zmq.SNDHWM, 100_000)
+        self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.endpoint = self.bind(self.front, self.settings.bind)
         self.backend_endpoint = self.bind(self.back, self.settings.backend)
-        self.watch(self.front, "caller message", self._on_front)
+        self.pump.watch(self.front, "caller message", self._on_front)
         self.watch(self.back, "worker message", self._on_back)
         self.every(self.settings.heartbeat, "heartbeat", self._heartbeat)
         self.every(min(0.1, self.settings.heartbeat), "deadlines", self._expire)
@@ -341,7 +369,8 @@ class Broker(Daemon):
     # -- callers ------------------------------------------------------------------------
     def _on_front(self) -> None:
         max_body = self.settings.max_request
-        for msg in messages(self.front):
+        # at most BATCH_BYTES, then the workers' side gets its turn (replies, heartbeats)
+        for msg in messages(self.front, max_bytes=BATCH_BYTES):
             if len(msg) == 6 and msg[2] == REQUEST:
                 try:
                     rid, ms, body = parse_request(msg, 1, max_body)
@@ -360,13 +389,13 @@ class Broker(Daemon):
                 continue
             if m.kind == PING:
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
-                send_frames(self.front, [msg[0], *load])
+                self.pump.send(self.front, msg[0], load)
             elif m.kind == STATS_QUERY:
                 if not self.stats_budget.take():  # a flood: answered STATS_RATE times a second
                     self.stats_dropped += 1
                     continue
                 figures = json.dumps(self.stats(), allow_nan=False).encode()
-                send_frames(self.front, [msg[0], TAG, STATS, figures])
+                self.pump.send(self.front, msg[0], [TAG, STATS, figures])
             else:
                 self.dropped("caller message", ProtocolError(f"{m.kind!r} is not for a broker"))
 
@@ -384,11 +413,24 @@ class Broker(Daemon):
         if self.draining:
             self._reply(client, rid, BUSY, b"broker shutting down")
             return
+        if self.outbox.waiting and self.outbox.full(self.front, client):
+            # it does not read its replies: nothing more is run for it (the busy reply is
+            # counted by the outbox as refused: its pipe cannot take that either)
+            self.refused += 1
+            self._reply(client, rid, BUSY, b"caller not reading its replies")
+            return
+        held = self.held.get(client, 0) + len(body)
+        if held > self.caller_bytes:  # queued or running: one caller's share is taken
+            self.refused += 1
+            self._reply(client, rid, BUSY, b"too many of this caller's requests waiting")
+            return
         p = Pending(client, rid, body, deadline)
         if not self.queue and self._send(p, now):
             self.pending[key] = p
+            self.held[client] = held
         elif self.queue.fits(p):
             self.pending[key] = p
+            self.held[client] = held
             self.queue.push(p)
         else:
             self.refused += 1
@@ -398,21 +440,25 @@ class Broker(Daemon):
         self.answered += 1
         if status == ERR:
             self.errors += 1
-        front = self.front  # send_frames(front, [client, *reply(rid, status, body)]), inlined
-        _zsend(front, client, _SNDMORE)
-        _zsend(front, TAG, _SNDMORE)
-        _zsend(front, REPLY, _SNDMORE)
-        _zsend(front, rid, _SNDMORE)
-        _zsend(front, status, _SNDMORE)
-        _zsend(front, body, 0)
+        self.pump.send(self.front, client, [TAG, REPLY, rid, status, body])
 
     def _answer(self, p: Pending, status: bytes, body: bytes) -> None:
         """The one reply to *p* (later ones are dropped)."""
         if p.done:
             return
         p.done = True
-        self.pending.pop((p.client, p.rid), None)
+        self._forget(p)
         self._reply(p.client, p.rid, status, body)
+
+    def _forget(self, p: Pending) -> None:
+        """*p* is answered (or expired): no longer pending, its bytes no longer held."""
+        if self.pending.pop((p.client, p.rid), None) is None:
+            return
+        left = self.held[p.client] - len(p.body)
+        if left > 0:
+            self.held[p.client] = left
+        else:
+            del self.held[p.client]
 
     # -- choosing a worker ----------------------------------------------------------------
     def _pick(self, p: Pending) -> Worker | None:
@@ -454,7 +500,7 @@ class Broker(Daemon):
         _zsend(back, REQUEST, _SNDMORE)
         _zsend(back, p.rid, _SNDMORE)
         _zsend(back, b"%d" % ms, _SNDMORE)
-        _zsend(back, p.body, 0)
+        _zsend(back, p.body, 0, len(p.body) < 65536)  # a large body shared, not copied
         return True
 
     def _dispatch(self) -> None:
@@ -655,7 +701,7 @@ class Broker(Daemon):
                 if not p.running and not p.done:
                     self.expired += 1
                     p.done = True  # a retry of its rid is a new request
-                    self.pending.pop((p.client, p.rid), None)
+                    self._forget(p)
                 freed = True
             if late:
                 self._fullness(w)
@@ -711,6 +757,9 @@ class Broker(Daemon):
             "expired": self.expired,
             "inflight": self.inflight,
             "queued": len(self.queue),
+            "queued_bytes": self.queue.bytes,
+            "unread_bytes": self.outbox.bytes,  # replies waiting for callers that do not read
+            "unsent": self.outbox.refused + self.outbox.lost,  # replies over a bound, or lost
             "malformed": self.malformed,
             "workers": len(self.workers),
             "instances": instances,

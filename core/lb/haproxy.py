@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdaError, UsageError
+from .selfloop import reaches
 
 Log = Callable[[str], None]
 
@@ -533,19 +534,7 @@ class HaproxyEngine:
 
     def _is_self(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
         """Whether *ip*:*port* is haproxy's own frontend (a connection loop if served)."""
-        if port != self._listen_port:
-            return False
-        if ip == self._listen_ip:
-            return True
-        if self._listen_ip is None or not self._listen_ip.is_unspecified:
-            return False
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:  # local if it binds
-            try:
-                probe.bind((str(ip), 0))
-            except OSError:
-                return False
-            return True
+        return reaches(self._listen_ip, self._listen_port, str(ip), port)
 
     def _report(self, server: Server, message: str) -> None:
         """Log a refused record once, not at every update that still carries it."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
-import ipaddress
 import json
 import os
 import select
@@ -53,6 +52,7 @@ from ..limits import raise_fd_limit
 from ..registry.model import HOST_RE
 from .balancer import STRATEGIES, Balancer
 from .balancer import Backend as Slot
+from .selfloop import as_ip, reaches
 
 Log = Callable[[str], None]
 
@@ -777,23 +777,13 @@ class TcpProxy:
         self._wake()
 
     def _is_self(self, backend: Backend) -> bool:
-        """Whether connecting to *backend* would reach this proxy's listener."""
-        port = self.address[1] if self.listeners else self.port
-        if backend.port != port:
-            return False
-        if backend.host == self.host:
-            return True
-        with contextlib.suppress(ValueError):
-            if not ipaddress.ip_address(self.host).is_unspecified:
-                return False
-            # listening on every address: the instance is us if its address is local
-            with socket.socket(backend.family, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.bind((backend.host, 0))
-                except OSError:
-                    return False
-                return True
-        return False
+        """Whether connecting to *backend* would reach this proxy's listener (in any
+        spelling: 0.0.0.0, ::, 127.0.0.2, ::ffff:127.0.0.1, an interface's address)."""
+        if self.listeners:
+            host, port = self.address
+        else:
+            host, port = resolve(self.host, self.port) or self.host, self.port
+        return reaches(as_ip(host), port, backend.host, backend.port)
 
     def drain(self, timeout: float) -> None:
         """Stop accepting; :meth:`run` returns once connections end or *timeout* passes."""

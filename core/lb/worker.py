@@ -43,11 +43,16 @@ import zmq
 
 from ..daemon import DRAIN_LIMIT, Daemon, Log
 from ..errors import UsageError
+from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
-from .protocol import send_reply
 
 DEPTH = 256  # request lines in flight in one persistent process
+PROCESS_INPUT = 1 << 20  # request bytes waiting to be written to one persistent process
 QUEUE = 1024  # requests waiting for a free slot before "busy" is answered
+QUEUE_BYTES = 64 << 20  # and their bodies, in bytes (beyond: "busy")
+CALLER_QUEUE_BYTES = 16 << 20  # of which one caller's requests (one broker counts as one)
+FRAME_COST = 64  # bytes counted per queued request beyond its body
+BATCH_BYTES = 16 << 20  # request bytes read from one socket before the others' turn
 READ_CHUNK = 1 << 18
 STDERR_KEEP = 4096  # bytes of a command's stderr kept for its error message
 RESTART_DELAY = (0.1, 5.0)  # a persistent process that keeps dying restarts at most this slowly
@@ -188,6 +193,11 @@ class Worker(Daemon):
         self.env = dict(os.environ if env is None else env)
         self.env["EDA_SERVICE"] = service
         self.queue: collections.deque[Job] = collections.deque()
+        self.queue_bytes = 0  # bodies waiting in the queue (plus FRAME_COST each)
+        self.queue_high = 0  # the most queue_bytes since memory was last given back
+        self.queued_by: dict[tuple[zmq.Socket[bytes], bytes | None], int] = {}  # per caller
+        self.pump = Pump(self)  # replies a caller did not read yet, bounded in bytes
+        self.outbox = self.pump.outbox
         self.runs: dict[int, Run] = {}  # by pidfd
         self.procs: list[Process] = []
         self.inflight = 0
@@ -201,7 +211,7 @@ class Worker(Daemon):
         self.draining = False
         self.endpoint = ""
         self.sock: zmq.Socket[bytes] | None = None
-        self._dispatch: Callable[[Job], None] = (
+        self._dispatch: Callable[[Job], bool] = (
             self._to_process if persistent else self._run_command
         )
 
@@ -212,10 +222,9 @@ class Worker(Daemon):
         # one far beyond it only costs its sender the connection
         limit = 2 * self.max_request + 65536
         self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.outbox.adopt(self.sock, self.max_request)  # a caller's pipes bounded in bytes
         self.endpoint = self.bind(self.sock, bind)
-        self.watch(self.sock, "requests", self._on_requests)
+        self.pump.watch(self.sock, "requests", self._on_requests)
         if self.persistent:
             for i in range(self.concurrency):
                 proc = Process(i)
@@ -237,10 +246,9 @@ class Worker(Daemon):
         goodbye, and serve until the running requests are answered or *grace* seconds pass."""
         self.draining = True
         self._goodbye()
-        for job in self.queue:
+        for job in self._take_queue():
             self.busy += 1
             self._send(job, p.BUSY, b"")
-        self.queue.clear()
         if self.persistent:
             for proc in self.procs:
                 if not proc.jobs:  # nothing to answer: no need to wait for it
@@ -259,9 +267,9 @@ class Worker(Daemon):
         answer what runs with err, stop every process."""
         if not self.draining:
             self._goodbye()
-        for job in self.queue:
+        for job in self._take_queue():
             self._send(job, p.BUSY, b"")
-        self.queue.clear()
+        self.outbox.flush()  # what the callers' pipes take now; the rest is lost with them
         for run in list(self.runs.values()):
             self._kill(run.proc)
             self._finish_run(run, forced=b"worker shutting down")
@@ -280,11 +288,15 @@ class Worker(Daemon):
         now = time.monotonic()
         max_request = self.max_request
         recv = p.recv
+        budget = BATCH_BYTES  # then the other sockets get their turn (heartbeats, replies)
         for _ in range(DRAIN_LIMIT):
+            if budget <= 0:
+                break
             try:
                 frames = recv(sock)
             except zmq.Again:
                 break
+            budget -= len(frames[-1])
             if len(frames) == start + 5 and frames[start + 1] == p.REQUEST:
                 try:
                     rid, timeout_ms, body = p.parse_request(frames, start, max_request)
@@ -322,7 +334,7 @@ class Worker(Daemon):
         body: bytes,
     ) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            send_reply(sock, frames[0] if start else None, rid, status, body)
+            self.pump.send(sock, frames[0] if start else None, p.reply(rid, status, body))
 
     def _control(self, sock: zmq.Socket[bytes], frames: list[bytes], start: int) -> None:
         try:
@@ -353,19 +365,60 @@ class Worker(Daemon):
         if self.draining:
             self.busy += 1
             self._send(job, p.BUSY, b"")
-        elif self.inflight < self.capacity:
-            self.inflight += 1
-            self._dispatch(job)
-        elif len(self.queue) < self.queue_limit:
+        elif self.outbox.waiting and self.outbox.full(job.sock, job.ident):
+            # it does not read its replies: run nothing more for it (the busy reply is
+            # counted as refused by the outbox, as it cannot take it either)
+            self.busy += 1
+            self._send(job, p.BUSY, b"")
+        elif self.inflight < self.capacity and not self.queue and self._dispatch(job):
+            pass
+        elif self._fits(job):
             self.queue.append(job)
+            self._queued(job, 1)
         else:
             self.busy += 1
             self._send(job, p.BUSY, b"")
 
+    def _fits(self, job: Job) -> bool:
+        """Whether *job* may wait in the queue: places, bytes, and its caller's bytes."""
+        size = len(job.body) + FRAME_COST
+        return (
+            len(self.queue) < self.queue_limit
+            and self.queue_bytes + size <= QUEUE_BYTES
+            and self.queued_by.get((job.sock, job.ident), 0) + size <= CALLER_QUEUE_BYTES
+        )
+
+    def _queued(self, job: Job, sign: int) -> None:
+        """Count *job* into (+1) or out of (-1) the queue's bytes."""
+        size = sign * (len(job.body) + FRAME_COST)
+        self.queue_bytes += size
+        self.queue_high = max(self.queue_high, self.queue_bytes)
+        key = (job.sock, job.ident)
+        left = self.queued_by.get(key, 0) + size
+        if left > 0:
+            self.queued_by[key] = left
+        else:
+            del self.queued_by[key]
+
+    def _dequeue(self) -> Job:
+        job = self.queue.popleft()
+        self._queued(job, -1)
+        if not self.queue and self.queue_high >= RELEASE_AFTER:
+            self.queue_high = 0
+            release_memory()  # a burst of large requests is gone: so is its memory
+        return job
+
+    def _take_queue(self) -> list[Job]:
+        jobs = list(self.queue)
+        self.queue.clear()
+        self.queue_bytes = 0
+        self.queued_by.clear()
+        return jobs
+
     def _send(self, job: Job, status: bytes, body: bytes) -> None:
         try:  # noqa: SIM105  (per reply: contextlib.suppress costs more than the send)
-            send_reply(job.sock, job.ident, job.rid, status, body)
-        except zmq.ZMQError:  # the caller is gone, or not reading
+            self.pump.send(job.sock, job.ident, [p.TAG, p.REPLY, job.rid, status, body])
+        except zmq.ZMQError:  # its socket is closed (a broker link that ended)
             pass
 
     def _reply(self, job: Job, status: bytes, body: bytes, now: float = 0.0) -> None:
@@ -378,18 +431,26 @@ class Worker(Daemon):
     def _freed(self) -> None:
         """A slot is free: run the next queued request whose time is not up."""
         self.inflight -= 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Run queued requests while there is room (a slot, and a process's input)."""
         now = time.monotonic()
         while self.queue and self.inflight < self.capacity:
-            job = self.queue.popleft()
+            job = self._dequeue()
             if job.deadline and job.deadline <= now:
                 self.timeouts += 1
                 self._reply(job, p.ERR, b"timed out in the queue", now)
                 continue
-            self.inflight += 1
-            self._dispatch(job)
+            if not self._dispatch(job):  # every process's input is full: it waits, first
+                self.queue.appendleft(job)
+                self._queued(job, 1)
+                return
 
     # -- per-request commands -----------------------------------------------------------------
-    def _run_command(self, job: Job) -> None:
+    def _run_command(self, job: Job) -> bool:
+        """Start the command for *job* (it takes a slot); True: taken (or answered)."""
+        self.inflight += 1
         env = self.env
         env["EDA_REQUEST_ID"] = job.rid.decode()
         try:
@@ -404,7 +465,7 @@ class Worker(Daemon):
         except OSError as exc:
             self._reply(job, p.ERR, f"cannot run {self.argv[0]}: {exc.strerror}".encode())
             self._freed()
-            return
+            return True
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         pidfd = os.pidfd_open(proc.pid)
         run = Run(job, proc, pidfd, memoryview(job.body + b"\n"))
@@ -415,6 +476,7 @@ class Worker(Daemon):
         self.watch(proc.stderr.fileno(), "command errors", lambda: self._read_run(run))
         self.watch(pidfd, "command exit", lambda: self._run_exited(run))
         self._write_run(run)
+        return True
 
     def _write_run(self, run: Run) -> None:
         stdin = run.proc.stdin
@@ -531,27 +593,38 @@ class Worker(Daemon):
         self.watch(proc.stderr, "process errors", lambda: self._read_stderr(proc))
         self.watch(proc.pidfd, "process exit", lambda: self._process_died(proc))
 
-    def _to_process(self, job: Job) -> None:
+    def _to_process(self, job: Job) -> bool:
+        """Pipeline *job* into the least busy process (it takes a slot); True: taken (or
+        answered), False: every process has PROCESS_INPUT bytes waiting already."""
         best = None
+        running = False
         for proc in self.procs:
-            if proc.proc is not None and (best is None or len(proc.jobs) < len(best.jobs)):
+            if proc.proc is None:
+                continue
+            running = True
+            if len(proc.outbuf) < PROCESS_INPUT and (
+                best is None or len(proc.jobs) < len(best.jobs)
+            ):
                 best = proc
-        if best is None or len(best.jobs) >= DEPTH:  # all restarting
-            self.inflight -= 1
+        if not running or (best is not None and len(best.jobs) >= DEPTH):  # all restarting
             self.busy += 1
             self._send(job, p.BUSY, b"")
-            return
+            return True
+        if best is None:
+            return False
         body = job.body
         if b"\n" in body:  # it would be two requests to the process
             self._reply(job, p.ERR, b"a persistent worker takes one line per request")
-            self._freed()
-            return
+            return True
+        self.inflight += 1
         best.jobs.append(job)
         if self.with_id:
             best.outbuf += job.rid
             best.outbuf += b"\t"
         best.outbuf += body
         best.outbuf += b"\n"
+        job.body = b""  # in the process's input now: kept once, not twice
+        return True
 
     def _flush(self, proc: Process) -> None:
         try:
@@ -570,6 +643,8 @@ class Worker(Daemon):
         elif not proc.outbuf and proc.writable_watched:
             proc.writable_watched = False
             self.forget(proc.stdin)
+            if self.queue:  # requests that waited for room in a process's input
+                self._pump()
 
     def _read_process(self, proc: Process) -> None:
         data = _read(proc.stdout)
@@ -699,7 +774,7 @@ class Worker(Daemon):
                 self._freed()
         while self.queue and self.queue[0].deadline and self.queue[0].deadline <= now:
             self.timeouts += 1
-            self._reply(self.queue.popleft(), p.ERR, b"timed out in the queue", now)
+            self._reply(self._dequeue(), p.ERR, b"timed out in the queue", now)
 
     # -- brokers -----------------------------------------------------------------------------------
     def _tend_brokers(self) -> None:
@@ -737,12 +812,12 @@ class Worker(Daemon):
                     self.found_brokers.append(link.endpoint)
             else:
                 with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send_multipart(p.heartbeat(), zmq.NOBLOCK)
+                    # behind the replies waiting for it, if any: never dropped on a full pipe
+                    self.pump.send(link.sock, None, p.heartbeat())
 
     def _connect_broker(self, link: BrokerLink, now: float) -> None:
         sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.outbox.adopt(sock, self.max_request)
         # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
         # say W again then, rather than wait to find it silent (watched from before the
         # connect, so that the first connection is counted)
@@ -756,7 +831,7 @@ class Worker(Daemon):
             self._schedule(link, now)
             return
         link.sock, link.last_seen, link.connects = sock, now, 0
-        self.watch(sock, "broker", lambda: self._drain(sock, 0))
+        self.pump.watch(sock, "broker", lambda: self._drain(sock, 0))
         self.watch(link.monitor, "broker connects", lambda: self._broker_connected(link, sock))
         self._ready(sock)
         self.log(f"connecting to broker {link.endpoint}")
@@ -794,6 +869,7 @@ class Worker(Daemon):
             if goodbye:
                 with contextlib.suppress(zmq.ZMQError):
                     link.sock.send_multipart(p.disconnect(), zmq.NOBLOCK)
+            self.pump.forget(link.sock)
             self.close_socket(link.sock)
             link.sock = None
 
@@ -834,6 +910,9 @@ class Worker(Daemon):
             "malformed": self.malformed,
             "inflight": self.inflight,
             "queued": len(self.queue),
+            "queued_bytes": self.queue_bytes,
+            "unread_bytes": self.outbox.bytes,  # replies waiting for callers that do not read
+            "unsent": self.outbox.refused + self.outbox.lost,  # replies over a bound, or lost
             "concurrency": self.concurrency,
             "weight": self.weight,
             "brokers": sum(1 for b in self.brokers.values() if b.sock is not None),
