@@ -16,7 +16,6 @@ import socket
 import socketserver
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,9 +156,7 @@ def test_update_adds_removes_reweights_without_restart(
         conn.close()
     assert kept is not None
 
-    started = time.monotonic()
     eng.update([Server("a", "127.0.0.1", a.port, weight=3), Server("c", "127.0.0.1", c.port)])
-    assert time.monotonic() - started < 1.0
     # applied when update() returns: no B for new connections, C in, A weighted 3:1
     hits = Counter(ask(port) for _ in range(40))
     assert hits["B"] == 0 and hits["C"] >= 5 and hits["A"] >= 2 * hits["C"], hits
@@ -276,7 +273,7 @@ def test_hostile_ids_and_records_cannot_inject(
     assert len(eng.servers()) == len(HOSTILE_IDS) + 2
     # names are distinct even when ids clean to the same text, and stable
     assert server_name("a b", "h", 1) != server_name("a_b", "h", 1)
-    assert server_name("a b", "h", 1) == server_name("a b", "h", 1)
+    assert state["neg"].name == server_name("neg", "127.0.0.1", a.port)  # what haproxy serves
     assert server_name("a", "h", 1) != server_name("a", "h", 2)
     eng.update([Server("plain", "127.0.0.1", a.port)])
     wait_until(lambda: set(by_id(eng)) == {"plain"}, 5, "hostile servers to be deleted")

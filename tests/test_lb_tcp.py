@@ -273,11 +273,12 @@ def test_a_new_instance_that_refuses_is_dropped_at_its_first_check(
     proxy: Any, servers: list[Server]
 ) -> None:
     servers.append(Server("a"))
-    running = proxy(check_interval=0.1)
+    running = proxy(check_interval=0.1, fall=1000)  # by fall alone: 100 s
     running.proxy.set_candidates(
         [servers[0].backend(), Backend("dead", "127.0.0.1", closed_port())]
     )
     wait_until(lambda: [x.id for x in running.proxy.health.up()] == ["a"], TIMEOUT, "dead dropped")
+    assert running.proxy.health.checks["dead"].failed < 1000  # not by fall: by its first check
 
 
 def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: list[Server]) -> None:
@@ -439,14 +440,12 @@ def test_no_spelling_of_the_proxys_own_address_makes_a_loop(
 def test_no_instance_closes_the_client_at_once(proxy: Any) -> None:
     running = proxy()
     running.use([])
-    started = time.monotonic()
-    with (
+    with (  # reset, not left to time out (a timeout raises socket.timeout)
         pytest.raises(ConnectionResetError),
         socket.create_connection(running.address, timeout=TIMEOUT) as sock,
     ):
         sock.sendall(b"x")
         read_all(sock)
-    assert time.monotonic() - started < 2
 
 
 def test_drain_lets_an_open_connection_finish_and_refuses_new_ones(
