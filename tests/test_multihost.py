@@ -23,11 +23,11 @@ def test_subscriber_on_another_host_finds_a_running_feed(network, tmp_path):
     reader, writer = os.pipe()
     try:
         pub = a.eda("eda-pub", "-v", "feed.x", stdin=reader)
-        pub.wait_stderr("announced", 15)
+        pub.wait_stderr("announced", 30)  # deadlines for a loaded machine: each is a condition
         sub = b.eda("eda-sub", "-v", "feed.>", "-C", "1")
-        sub.wait_stderr(r"connected to publisher \w+ at tcp://10\.231\.", 15)
+        sub.wait_stderr(r"connected to publisher \w+ at tcp://10\.231\.", 30)
         subid = sub.wait_stderr(r"as (\w+)").group(1)
-        pub.wait_stderr(f"subscriber {subid} ready", 15)
+        pub.wait_stderr(f"subscriber {subid} ready", 30)
         os.write(writer, b"across hosts\n")
         assert sub.wait() == 0
         assert json.loads(sub.lines()[0])["data"] == "across hosts"
