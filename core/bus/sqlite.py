@@ -31,6 +31,15 @@ is back to its last complete commit.  A WAL damaged in the middle (intact
 frames after a bad one) is never truncated: opening raises StoreError before
 SQLite sees it, and the files stay as they are.
 
+Statistics cost O(topics + consumers), whatever the store holds: the
+``topics`` table keeps each topic's stored events and bytes (updated by the
+same transactions as the batches: appends, retention, a rollback undoes
+both), and each row carries ``cum``, its topic's running count of events up
+to and including it.  An index on (topic, seq, count, cum) then gives the
+events of a topic from any sequence on (a consumer's lag) in one descent per
+topic, never a scan of the batches.  Stores of schema 1 are upgraded when
+opened (one pass, once).
+
 Reading cost stays linear in what is read: a big batch read a slice at a time
 (a group member claiming a 4 MB batch a thousand events at a time) is fetched
 and split once, then kept, with the offsets of its events, in a small cache.
@@ -78,7 +87,7 @@ from .streams import (
     subtract,
 )
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: batches.cum, the topics table and index
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
@@ -101,12 +110,30 @@ CREATE TABLE IF NOT EXISTS consumers (
     name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topics (
+    topic TEXT PRIMARY KEY, events INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    total INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     grp TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, member TEXT NOT NULL,
     PRIMARY KEY (grp, first)) WITHOUT ROWID;
 """
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
-_INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO batches ({_COLUMNS}, cum) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_UPGRADE_2 = """
+ALTER TABLE batches ADD COLUMN cum INTEGER NOT NULL DEFAULT 0;
+UPDATE batches SET cum = w.cum FROM (
+    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum FROM batches) AS w
+    WHERE batches.seq = w.seq;
+DELETE FROM topics;
+INSERT INTO topics SELECT topic, sum(count), sum(length(body)), sum(count)
+    FROM batches GROUP BY topic;
+CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum);
+UPDATE meta SET value = 2 WHERE key = 'schema';
+"""
+# the last stored batch of a topic before a sequence (covered by the index batches_topic)
+_BEFORE = (
+    "SELECT seq, count, cum FROM batches WHERE topic = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
+)
 _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
@@ -146,6 +173,8 @@ class SQLiteEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
+        self._topics: dict[str, list[int]] = {}  # topic -> [events, bytes, total] (see ``topics``)
+        self._topics_dirty: set[str] = set()  # changed since the last commit
         self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
@@ -199,6 +228,13 @@ class SQLiteEngine:
                 raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
             if scan and (scan.torn_bytes or scan.uncommitted):
                 self._repair(conn, scan)
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(batches)")]
+            if "cum" not in columns:  # a new store, or one of schema 1: one pass, one transaction
+                conn.execute("BEGIN")
+                for statement in _UPGRADE_2.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
         except BaseException as exc:
             conn.close()
             if not isinstance(exc, sqlite3.Error):
@@ -239,6 +275,11 @@ class SQLiteEngine:
         self._streams.clear()
         self._fresh.clear()
         self._seen.clear()
+        self._topics = {
+            topic: [events, size, total]
+            for topic, events, size, total in conn.execute("SELECT * FROM topics")
+        }
+        self._topics_dirty.clear()
         for pubid, topic, lo, hi, seen in conn.execute(
             "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
         ):
@@ -336,8 +377,13 @@ class SQLiteEngine:
                     else:
                         parts = parts or b.body.split(b"\n")
                         body = b"\n".join(parts[a - lo : z - lo])
+                    counts = self._topics.setdefault(b.topic, [0, 0, 0])
+                    counts[0] += z - a
+                    counts[1] += len(body)
+                    counts[2] += z - a
+                    self._topics_dirty.add(b.topic)
                     rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                                 b.source, ext, body))  # fmt: skip
+                                 b.source, ext, body, counts[2]))  # fmt: skip
                     stored.append((a, self._next, z - a))
                     self._next += z - a
                     add(ranges, a, z)
@@ -371,13 +417,42 @@ class SQLiteEngine:
                     "INSERT INTO streams VALUES (?,?,?,?,?)",
                     [(*key, lo, hi, seen) for lo, hi in self._streams[key]],
                 )
+            self._save_topics()
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
         except Exception as exc:
             raise self._failed(exc) from None
         self._fresh.clear()
+        self._topics_dirty.clear()
         self._durable = self._next - 1
         return self._durable
+
+    def _save_topics(self) -> None:
+        """Write the counts of the topics changed since the last commit (inside its transaction)."""
+        for topic in self._topics_dirty:
+            counts = self._topics.get(topic)
+            if counts is None or counts[0] <= 0:  # nothing of it stored any more
+                self._topics.pop(topic, None)
+                self._conn.execute("DELETE FROM topics WHERE topic = ?", (topic,))
+            else:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO topics VALUES (?,?,?,?)", (topic, *counts)
+                )
+
+    def _from(self, topic: str, seq: int) -> int:
+        """Stored events of *topic* with bus sequences from *seq* on: one index descent."""
+        counts = self._topics.get(topic)
+        if counts is None:
+            return 0
+        row = self._conn.execute(_BEFORE, (topic, seq)).fetchone()
+        if row is None:  # every stored event of the topic is at seq or later
+            return counts[0]
+        first, count, cum = row
+        return int(counts[2] - (cum - max(0, first + count - seq)))
+
+    def _lag(self, matcher: Matcher, seq: int) -> int:
+        """Stored events from *seq* on whose topic *matcher* accepts, in O(topics)."""
+        return sum(self._from(topic, seq) for topic in self._topics if matcher(topic))
 
     # -- reading --------------------------------------------------------------
     def read(
@@ -649,18 +724,14 @@ class SQLiteEngine:
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
+        self._usable()
         conn = self._conn
-        topics = {
-            topic: TopicStats(events, size)
-            for topic, events, size in conn.execute(
-                "SELECT topic, sum(count), sum(length(body)) FROM batches GROUP BY topic"
-            )
-        }
+        topics = {t: TopicStats(c[0], c[1]) for t, c in sorted(self._topics.items()) if c[0] > 0}
         consumers = []
         last = self.last_seq
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM consumers"):
             m = self._matcher(spec)
-            lag = self._count(nxt, last, m)
+            lag = self._lag(m, nxt)
             consumers.append(ConsumerStats(name, "durable", tuple(m.patterns), nxt, lag, 0))
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM groups"):
             m = self._matcher(spec)
@@ -670,7 +741,7 @@ class SQLiteEngine:
                     "SELECT first, last FROM leases WHERE grp = ?", (name,)
                 )
             )
-            lag = self._count(nxt, last, m) + held
+            lag = self._lag(m, nxt) + held
             consumers.append(ConsumerStats(name, "group", tuple(m.patterns), nxt, lag, held))
         file_bytes = sum(
             p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
@@ -692,14 +763,38 @@ class SQLiteEngine:
         self.commit()
         now = self._clock() if now is None else now
         conn = self._conn
-        total = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM batches").fetchone()[0]
-        rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
-        plan = retention.cut(rows, total, max_age, max_bytes, now)
+        total = sum(c[1] for c in self._topics.values())
+        rows = conn.execute(
+            "SELECT seq, count, stored, length(body), topic FROM batches ORDER BY seq"
+        )
+        removed: dict[str, list[int]] = {}  # topic -> [events, bytes] of the rows cut passed
+        last: list[tuple[int, str, int, int]] = []  # the last row it looked at: maybe kept
+
+        def batches() -> Iterator[tuple[int, int, float, int]]:
+            for seq, count, stored, size, topic in rows:
+                if last:
+                    _, t, n, b = last.pop()
+                    counts = removed.setdefault(t, [0, 0])
+                    counts[0] += n
+                    counts[1] += b
+                last.append((seq, topic, count, size))
+                yield seq, count, stored, size
+
+        plan = retention.cut(batches(), total, max_age, max_bytes, now)
         rows.close()
         try:
             self._begin()
             if plan is not None:
                 keep = plan.keep_from
+                if last and last[0][0] < keep:
+                    _, t, n, b = last[0]
+                    removed.setdefault(t, [0, 0])[0] += n
+                    removed[t][1] += b
+                for topic, (n, b) in removed.items():
+                    if topic in self._topics:
+                        self._topics[topic][0] -= n
+                        self._topics[topic][1] -= b
+                        self._topics_dirty.add(topic)
                 self._cuts.clear()
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
