@@ -443,6 +443,14 @@ def test_no_bus_found_exits_3_not_found(argv: list[str], tmp_path: Path) -> None
     assert done.stderr.count("\n") == 1 and "no bus found" in done.stderr, done.stderr
 
 
+def test_bus_stats_and_retain_take_a_timeout(tmp_path: Path) -> None:
+    """A bus that never answers (nothing listens): exit 4 after --timeout, named in the error."""
+    for argv in (["stats"], ["retain", "--max-age", "1d"]):
+        done = run("eda-bus", *argv, "--bus", "tcp://127.0.0.1:9", "--timeout", "0.3")
+        assert done.returncode == 4, done.stderr
+        assert "did not answer within 0.3s" in done.stderr and done.stderr.count("\n") == 1
+
+
 def test_an_invalid_pattern_is_a_usage_error_before_looking_for_the_bus(tmp_path: Path) -> None:
     """As without --bus: exit 2 and the pattern named, even with no bus anywhere."""
     done = run("eda-sub", "--bus", "--no-mdns", "a..b",

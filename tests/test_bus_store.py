@@ -328,8 +328,8 @@ def test_stats_counts_stay_right_across_retention_rollback_restart_and_upgrade(
         s.retain(max_bytes=_said(s)[0]["b.z"][1])  # by bytes: most of the rest
         assert _said(s) == _brute(s)
         before = _said(s)
-        s._conn.execute("PRAGMA max_page_count = %d" % s._conn.execute(
-            "PRAGMA page_count").fetchone()[0])  # fmt: skip
+        pages = s._conn.execute("PRAGMA page_count").fetchone()[0]
+        s._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
         with pytest.raises(StoreFullError):
             for i in range(50):
                 s.append([batch(1000 + 100 * i, 50, "a.new", width=200)])
