@@ -350,7 +350,8 @@ def test_stats_counts_stay_right_across_retention_rollback_restart_and_upgrade(
         assert _said(s) == expected == _brute(s)
     with sqlite3.connect(path) as old:  # the same store as schema 1 wrote it
         old.executescript(
-            "DROP INDEX batches_topic; ALTER TABLE batches DROP COLUMN cum; DROP TABLE topics;"
+            "DROP INDEX batches_topic; ALTER TABLE batches DROP COLUMN cum;"
+            "ALTER TABLE batches DROP COLUMN cumb;"
             "UPDATE meta SET value = 1 WHERE key = 'schema';"
         )
     with SQLiteEngine(path) as s:  # upgraded on opening

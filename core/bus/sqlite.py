@@ -31,14 +31,15 @@ is back to its last complete commit.  A WAL damaged in the middle (intact
 frames after a bad one) is never truncated: opening raises StoreError before
 SQLite sees it, and the files stay as they are.
 
-Statistics cost O(topics + consumers), whatever the store holds: the
-``topics`` table keeps each topic's stored events and bytes (updated by the
-same transactions as the batches: appends, retention, a rollback undoes
-both), and each row carries ``cum``, its topic's running count of events up
-to and including it.  An index on (topic, seq, count, cum) then gives the
-events of a topic from any sequence on (a consumer's lag) in one descent per
-topic, never a scan of the batches.  Stores of schema 1 are upgraded when
-opened (one pass, once).
+Statistics cost O(topics + consumers), whatever the store holds: each row
+carries ``cum`` and ``cumb``, its topic's running count of events and of
+bytes up to and including it, and an index on (topic, seq, count, cum, cumb)
+gives, in one descent per topic, the events of a topic from any sequence on
+(a consumer's lag), and its first and last stored batches, hence what it
+holds.  Those counts are kept in memory from there (read again at opening,
+after retention and after a rollback: O(topics) descents, never a scan of the
+batches, and nothing more written per commit than the index entry).  Stores
+of schema 1 are upgraded when opened (one pass, once).
 
 Reading cost stays linear in what is read: a big batch read a slice at a time
 (a group member claiming a 4 MB batch a thousand events at a time) is fetched
@@ -110,24 +111,20 @@ CREATE TABLE IF NOT EXISTS consumers (
     name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS topics (
-    topic TEXT PRIMARY KEY, events INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    total INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     grp TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, member TEXT NOT NULL,
     PRIMARY KEY (grp, first)) WITHOUT ROWID;
 """
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
-_INSERT = f"INSERT INTO batches ({_COLUMNS}, cum) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO batches ({_COLUMNS}, cum, cumb) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _UPGRADE_2 = """
 ALTER TABLE batches ADD COLUMN cum INTEGER NOT NULL DEFAULT 0;
-UPDATE batches SET cum = w.cum FROM (
-    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum FROM batches) AS w
+ALTER TABLE batches ADD COLUMN cumb INTEGER NOT NULL DEFAULT 0;
+UPDATE batches SET cum = w.cum, cumb = w.cumb FROM (
+    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum,
+        sum(length(body)) OVER (PARTITION BY topic ORDER BY seq) AS cumb FROM batches) AS w
     WHERE batches.seq = w.seq;
-DELETE FROM topics;
-INSERT INTO topics SELECT topic, sum(count), sum(length(body)), sum(count)
-    FROM batches GROUP BY topic;
-CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum);
+CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum, cumb);
 UPDATE meta SET value = 2 WHERE key = 'schema';
 """
 # the last stored batch of a topic before a sequence (covered by the index batches_topic)
@@ -173,8 +170,8 @@ class SQLiteEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
-        self._topics: dict[str, list[int]] = {}  # topic -> [events, bytes, total] (see ``topics``)
-        self._topics_dirty: set[str] = set()  # changed since the last commit
+        # topic -> [events, bytes] stored, [events, bytes] ever (cum, cumb of its last batch)
+        self._topics: dict[str, list[int]] = {}
         self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
@@ -275,11 +272,25 @@ class SQLiteEngine:
         self._streams.clear()
         self._fresh.clear()
         self._seen.clear()
-        self._topics = {
-            topic: [events, size, total]
-            for topic, events, size, total in conn.execute("SELECT * FROM topics")
-        }
-        self._topics_dirty.clear()
+        self._topics.clear()
+        topic = conn.execute("SELECT min(topic) FROM batches").fetchone()[0]
+        while topic is not None:  # one descent per topic, by the index batches_topic
+            seq, count, cum, cumb = conn.execute(
+                "SELECT seq, count, cum, cumb FROM batches WHERE topic = ? ORDER BY seq LIMIT 1",
+                (topic,),
+            ).fetchone()
+            size = conn.execute("SELECT length(body) FROM batches WHERE seq = ?", (seq,))
+            first_bytes = size.fetchone()[0]
+            total, total_bytes = conn.execute(
+                "SELECT cum, cumb FROM batches WHERE topic = ? ORDER BY seq DESC LIMIT 1",
+                (topic,),
+            ).fetchone()
+            events, stored = total - cum + count, total_bytes - cumb + first_bytes
+            self._topics[topic] = [events, stored, total, total_bytes]
+            topic = conn.execute(
+                "SELECT topic FROM batches WHERE topic > ? ORDER BY topic LIMIT 1", (topic,)
+            ).fetchone()
+            topic = topic and topic[0]
         for pubid, topic, lo, hi, seen in conn.execute(
             "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
         ):
@@ -377,13 +388,13 @@ class SQLiteEngine:
                     else:
                         parts = parts or b.body.split(b"\n")
                         body = b"\n".join(parts[a - lo : z - lo])
-                    counts = self._topics.setdefault(b.topic, [0, 0, 0])
+                    counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
                     counts[0] += z - a
                     counts[1] += len(body)
                     counts[2] += z - a
-                    self._topics_dirty.add(b.topic)
+                    counts[3] += len(body)
                     rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                                 b.source, ext, body, counts[2]))  # fmt: skip
+                                 b.source, ext, body, counts[2], counts[3]))  # fmt: skip
                     stored.append((a, self._next, z - a))
                     self._next += z - a
                     add(ranges, a, z)
@@ -417,27 +428,13 @@ class SQLiteEngine:
                     "INSERT INTO streams VALUES (?,?,?,?,?)",
                     [(*key, lo, hi, seen) for lo, hi in self._streams[key]],
                 )
-            self._save_topics()
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
         except Exception as exc:
             raise self._failed(exc) from None
         self._fresh.clear()
-        self._topics_dirty.clear()
         self._durable = self._next - 1
         return self._durable
-
-    def _save_topics(self) -> None:
-        """Write the counts of the topics changed since the last commit (inside its transaction)."""
-        for topic in self._topics_dirty:
-            counts = self._topics.get(topic)
-            if counts is None or counts[0] <= 0:  # nothing of it stored any more
-                self._topics.pop(topic, None)
-                self._conn.execute("DELETE FROM topics WHERE topic = ?", (topic,))
-            else:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO topics VALUES (?,?,?,?)", (topic, *counts)
-                )
 
     def _from(self, topic: str, seq: int) -> int:
         """Stored events of *topic* with bus sequences from *seq* on: one index descent."""
@@ -764,37 +761,13 @@ class SQLiteEngine:
         now = self._clock() if now is None else now
         conn = self._conn
         total = sum(c[1] for c in self._topics.values())
-        rows = conn.execute(
-            "SELECT seq, count, stored, length(body), topic FROM batches ORDER BY seq"
-        )
-        removed: dict[str, list[int]] = {}  # topic -> [events, bytes] of the rows cut passed
-        last: list[tuple[int, str, int, int]] = []  # the last row it looked at: maybe kept
-
-        def batches() -> Iterator[tuple[int, int, float, int]]:
-            for seq, count, stored, size, topic in rows:
-                if last:
-                    _, t, n, b = last.pop()
-                    counts = removed.setdefault(t, [0, 0])
-                    counts[0] += n
-                    counts[1] += b
-                last.append((seq, topic, count, size))
-                yield seq, count, stored, size
-
-        plan = retention.cut(batches(), total, max_age, max_bytes, now)
+        rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
+        plan = retention.cut(rows, total, max_age, max_bytes, now)
         rows.close()
         try:
             self._begin()
             if plan is not None:
                 keep = plan.keep_from
-                if last and last[0][0] < keep:
-                    _, t, n, b = last[0]
-                    removed.setdefault(t, [0, 0])[0] += n
-                    removed[t][1] += b
-                for topic, (n, b) in removed.items():
-                    if topic in self._topics:
-                        self._topics[topic][0] -= n
-                        self._topics[topic][1] -= b
-                        self._topics_dirty.add(topic)
                 self._cuts.clear()
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
