@@ -141,6 +141,17 @@ def _bus_option(func: Any) -> Any:
     )(func)
 
 
+def _timeout_option(func: Any) -> Any:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=5.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Give up (exit 4) when the bus has not answered after SECONDS.",
+    )(func)
+
+
 @click.group(epilog=EPILOG, context_settings={"max_content_width": 100})
 @common_options
 def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
@@ -419,10 +430,12 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
 
 @command.command(epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag")
 @_bus_option
+@_timeout_option
 @click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
 @common_options
 def stats(
     bus: str | None,
+    timeout: float,
     force_json: bool,
     config: str | None,
     interface: str | None,
@@ -433,7 +446,7 @@ def stats(
     ctx = Context("eda-bus", verbose)
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns), {"op": "stats"})
+    reply = request(_endpoint(bus, interface, no_mdns), {"op": "stats"}, timeout)
     s = reply["stats"] if isinstance(reply.get("stats"), dict) else {}
     rows: list[dict[str, Any]] = [
         {
@@ -482,11 +495,13 @@ def _table(rows: list[dict[str, Any]]) -> None:
 @command.command(epilog="\b\nExamples:\n  eda-bus retain --max-age 7d --max-bytes 10GB")
 @_bus_option
 @_retention_options
+@_timeout_option
 @common_options
 def retain(
     bus: str | None,
     max_age: float | None,
     max_bytes: int | None,
+    timeout: float,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -499,7 +514,7 @@ def retain(
     from eda.core.bus.client import request
 
     msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
-    reply = request(_endpoint(bus, interface, no_mdns), msg)
+    reply = request(_endpoint(bus, interface, no_mdns), msg, timeout)
     out = Output(ctx)
     out.items(
         [

@@ -22,6 +22,7 @@ from eda.cli.common import (
 )
 from eda.core.attributes import BUS_SEQUENCE
 from eda.core.errors import UsageError
+from eda.core.topics import validate_pattern
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -150,6 +151,8 @@ def command(
             raise UsageError("missing PATTERN")
         if durable and group:
             raise UsageError("--durable and --group exclude each other")
+        for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
+            validate_pattern(pattern)
         output = _output(ctx, template, force_json, exec_cmd, {BUS_SEQ})
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(

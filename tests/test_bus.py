@@ -414,15 +414,49 @@ def test_group_members_running_exec_share_the_work(
 def test_refusals_and_usage_errors_are_one_line(procs: Procs, engine: Bus, tmp_path: Path) -> None:
     _, ep = engine.start()
     bad = run("eda-sub", "--bus", ep, "a..b", "-W", "5")
-    assert bad.returncode in (1, 2) and bad.stderr.count("\n") == 1, bad.stderr
-    assert "eda-sub: error:" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "eda-sub: error: invalid pattern 'a..b'" in bad.stderr
     both = run("eda-sub", "--bus", ep, "a.>", "--durable", "x", "--group", "y")
     assert both.returncode == 2 and "exclude" in both.stderr
     two = run("eda-sub", "--bus", ep, "a.>", "--from-start", "--last", "3")
     assert two.returncode == 2 and "choose one" in two.stderr
     nobus = run("eda-pub", "--bus", "--no-mdns", "--confirm", "a.b", "x",
                 env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
-    assert nobus.returncode == 1 and "no bus found" in nobus.stderr
+    assert nobus.returncode == 3 and "no bus found" in nobus.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eda-pub", "--bus", "--no-mdns", "--confirm", "a.b", "x"],
+        ["eda-pub", "--bus", "--no-mdns", "a.b", "x"],
+        ["eda-sub", "--bus", "--no-mdns", "a.>", "-C", "1"],
+        ["eda-sub", "--no-mdns", "--durable", "d", "a.>", "-C", "1"],
+        ["eda-bus", "stats", "--no-mdns"],
+        ["eda-bus", "retain", "--no-mdns", "--max-age", "1d"],
+    ],
+)
+def test_no_bus_found_exits_3_not_found(argv: list[str], tmp_path: Path) -> None:
+    """The README's exit table: 3 is "not found"; a missing bus is one, for every client."""
+    done = run(*argv, env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.count("\n") == 1 and "no bus found" in done.stderr, done.stderr
+
+
+def test_bus_stats_and_retain_take_a_timeout(tmp_path: Path) -> None:
+    """A bus that never answers (nothing listens): exit 4 after --timeout, named in the error."""
+    for argv in (["stats"], ["retain", "--max-age", "1d"]):
+        done = run("eda-bus", *argv, "--bus", "tcp://127.0.0.1:9", "--timeout", "0.3")
+        assert done.returncode == 4, done.stderr
+        assert "did not answer within 0.3s" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_an_invalid_pattern_is_a_usage_error_before_looking_for_the_bus(tmp_path: Path) -> None:
+    """As without --bus: exit 2 and the pattern named, even with no bus anywhere."""
+    done = run("eda-sub", "--bus", "--no-mdns", "a..b",
+               env={"EDA_BUS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("eda-sub: error: invalid pattern 'a..b'"), done.stderr
 
 
 @pytest.mark.parametrize("engine", ["nats"], indirect=True)

@@ -231,6 +231,137 @@ def test_stats_count_topics_bytes_and_lag(store: SQLiteEngine) -> None:
     assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
 
 
+def _stats_work(store: SQLiteEngine) -> tuple[int, list[str]]:
+    """SQLite VM instructions run by ``store.stats()``, and the query plans of its statements."""
+    steps = [0]
+    sql: list[str] = []
+
+    def step() -> int:
+        steps[0] += 1
+        return 0
+
+    store._conn.set_progress_handler(step, 1)
+    store._conn.set_trace_callback(sql.append)
+    try:
+        store.stats()
+    finally:
+        store._conn.set_progress_handler(None, 1)
+        store._conn.set_trace_callback(None)
+    plans = [
+        str(row[3])
+        for text in sql
+        if text.lstrip().upper().startswith("SELECT")
+        for row in store._conn.execute("EXPLAIN QUERY PLAN " + text)
+    ]
+    return steps[0], plans
+
+
+def test_stats_work_does_not_grow_with_the_store(tmp_path: Path) -> None:
+    """Stats are O(topics + consumers): no scan of the batches, the same work on 11x the events.
+
+    (A store of 2,000,201 events in one-event batches made ``eda-bus stats`` time out.)
+    """
+    with SQLiteEngine(tmp_path / "bus.db", fsync="never") as s:
+        seq = {"a.x": 1, "a.y": 1, "b.z": 1}
+
+        def fill(n: int) -> None:
+            for i in range(n):
+                topic = ("a.x", "a.y", "b.z")[i % 3]
+                s.append([batch(seq[topic], 1, topic)])
+                seq[topic] += 1
+            s.commit()
+
+        fill(300)
+        for i, patterns in enumerate((["a.>"], ["b.*"], ["*.x", "b.z"], [">"])):
+            s.consumer(f"c{i}", patterns, 1 + 50 * i)  # behind by most of the store
+        s.claim("g1", "m1", ["a.>"], 10, start=1)
+        s.claim("g2", "m1", [">"], 10, start=1)
+        s.commit()
+        small, _ = _stats_work(s)
+        fill(3000)
+        big, plans = _stats_work(s)
+        assert plans and not [p for p in plans if p.startswith("SCAN batches")], plans
+        assert big <= small * 1.1, (small, big)  # old: one row visited per stored batch
+        assert s.stats().consumers[0].lag == 2200  # a.x and a.y from sequence 1
+
+
+def _brute(store: SQLiteEngine) -> tuple[dict[str, tuple[int, int]], list[int]]:
+    """What stats must say, counted the slow way (every row)."""
+    topics = {
+        t: (int(n), int(b))
+        for t, n, b in store._conn.execute(
+            "SELECT topic, sum(count), sum(length(body)) FROM batches GROUP BY topic"
+        )
+    }
+    lags = []
+    for _, spec, nxt in store._conn.execute("SELECT name, patterns, next FROM consumers"):
+        lags.append(store._count(nxt, store.last_seq, Matcher(json.loads(spec))))
+    return topics, lags
+
+
+def _said(store: SQLiteEngine) -> tuple[dict[str, tuple[int, int]], list[int]]:
+    st_ = store.stats()
+    assert st_.events == sum(t.events for t in st_.topics.values())
+    topics = {t: (v.events, v.bytes) for t, v in st_.topics.items()}
+    return topics, [c.lag for c in st_.consumers if c.kind == "durable"]
+
+
+def test_stats_counts_stay_right_across_retention_rollback_restart_and_upgrade(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bus.db"
+    clock = Clock()
+    with SQLiteEngine(path, page_size=4096, clock=clock) as s:
+        for i in range(30):  # batches of 1..7 events over three topics, two publishers
+            topic = ("a.x", "a.y", "b.z")[i % 3]
+            s.append([batch(1 + 10 * i, 1 + i % 7, topic, width=20 * (i % 4)),
+                      batch(1 + 10 * i, 2, topic, pubid="p2")])  # fmt: skip
+            clock.now += 60
+        s.append([batch(1, 3, "a.x")])  # a duplicate: nothing stored, nothing counted
+        s.commit()
+        for name, patterns, start in (("c1", ["a.>"], 1), ("c2", ["b.z"], 17), ("c3", [">"], 40)):
+            s.consumer(name, patterns, start)  # 17 and 40: in the middle of batches
+        s.commit()
+        assert _said(s) == _brute(s) and _said(s)[0]["a.x"][0] > 0
+        s.retain(max_age=20 * 60)  # by age: the first ten wire batches go
+        assert _said(s) == _brute(s) and s.first_seq > 1
+        s.retain(max_bytes=_said(s)[0]["b.z"][1])  # by bytes: most of the rest
+        assert _said(s) == _brute(s)
+        before = _said(s)
+        pages = s._conn.execute("PRAGMA page_count").fetchone()[0]
+        s._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+        with pytest.raises(StoreFullError):
+            for i in range(50):
+                s.append([batch(1000 + 100 * i, 50, "a.new", width=200)])
+                s.commit()
+        assert _said(s) == before == _brute(s)  # the failed commit counted nothing
+        s._conn.execute("PRAGMA max_page_count = 1000000")
+        s.append([batch(1, 4, "a.new")])
+        s.commit()
+        after = _said(s)
+        assert after == _brute(s) and after[0]["a.new"][0] >= 4
+        s.retain(max_bytes=0)  # everything goes: no topic is left
+        assert _said(s) == ({}, [0, 0, 0]) == _brute(s)
+        s.append([batch(100, 2, "a.x"), batch(7, 3, "c.w")])
+        s.commit()
+        expected = _said(s)
+        assert expected == _brute(s) and expected[0]["a.x"][0] == 2
+    with SQLiteEngine(path) as s:  # a restart: counts as they were
+        assert _said(s) == expected == _brute(s)
+    with sqlite3.connect(path) as old:  # the same store as schema 1 wrote it
+        old.executescript(
+            "DROP INDEX batches_topic; ALTER TABLE batches DROP COLUMN cum;"
+            "ALTER TABLE batches DROP COLUMN cumb;"
+            "UPDATE meta SET value = 1 WHERE key = 'schema';"
+        )
+    with SQLiteEngine(path) as s:  # upgraded on opening
+        assert _said(s) == expected == _brute(s)
+        assert s._conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
+        s.append([batch(200, 5, "a.x")])
+        s.commit()
+        assert _said(s)[0]["a.x"][0] == 7 and _said(s) == _brute(s)
+
+
 # -- retention ---------------------------------------------------------------------
 
 

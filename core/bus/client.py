@@ -30,7 +30,7 @@ import zmq
 
 from .. import codec
 from ..cache import cached, remember
-from ..errors import EdaError
+from ..errors import EdaError, NotFoundError
 from ..reqrep import ProtocolError, check_endpoint, decode, encode, tcp_reachable
 from . import protocol as p
 
@@ -42,8 +42,8 @@ GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their sha
 GRANT_BYTES = 4 << 20  # bytes of events taken after which credit is granted again
 
 
-class NoBus(EdaError):
-    """No bus is known: none given, none cached, none answering mDNS."""
+class NoBus(NotFoundError):
+    """No bus is known: none given, none cached, none answering mDNS (exit 3: not found)."""
 
 
 class ConfirmTimeout(EdaError):

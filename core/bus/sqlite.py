@@ -31,6 +31,16 @@ is back to its last complete commit.  A WAL damaged in the middle (intact
 frames after a bad one) is never truncated: opening raises StoreError before
 SQLite sees it, and the files stay as they are.
 
+Statistics cost O(topics + consumers), whatever the store holds: each row
+carries ``cum`` and ``cumb``, its topic's running count of events and of
+bytes up to and including it, and an index on (topic, seq, count, cum, cumb)
+gives, in one descent per topic, the events of a topic from any sequence on
+(a consumer's lag), and its first and last stored batches, hence what it
+holds.  Those counts are kept in memory from there (read again at opening,
+after retention and after a rollback: O(topics) descents, never a scan of the
+batches, and nothing more written per commit than the index entry).  Stores
+of schema 1 are upgraded when opened (one pass, once).
+
 Reading cost stays linear in what is read: a big batch read a slice at a time
 (a group member claiming a 4 MB batch a thousand events at a time) is fetched
 and split once, then kept, with the offsets of its events, in a small cache.
@@ -78,7 +88,7 @@ from .streams import (
     subtract,
 )
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: batches.cum, the topics table and index
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
@@ -106,7 +116,21 @@ CREATE TABLE IF NOT EXISTS leases (
     PRIMARY KEY (grp, first)) WITHOUT ROWID;
 """
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
-_INSERT = f"INSERT INTO batches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO batches ({_COLUMNS}, cum, cumb) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_UPGRADE_2 = """
+ALTER TABLE batches ADD COLUMN cum INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN cumb INTEGER NOT NULL DEFAULT 0;
+UPDATE batches SET cum = w.cum, cumb = w.cumb FROM (
+    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum,
+        sum(length(body)) OVER (PARTITION BY topic ORDER BY seq) AS cumb FROM batches) AS w
+    WHERE batches.seq = w.seq;
+CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum, cumb);
+UPDATE meta SET value = 2 WHERE key = 'schema';
+"""
+# the last stored batch of a topic before a sequence (covered by the index batches_topic)
+_BEFORE = (
+    "SELECT seq, count, cum FROM batches WHERE topic = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
+)
 _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
@@ -146,6 +170,8 @@ class SQLiteEngine:
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
+        # topic -> [events, bytes] stored, [events, bytes] ever (cum, cumb of its last batch)
+        self._topics: dict[str, list[int]] = {}
         self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
@@ -199,6 +225,13 @@ class SQLiteEngine:
                 raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
             if scan and (scan.torn_bytes or scan.uncommitted):
                 self._repair(conn, scan)
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(batches)")]
+            if "cum" not in columns:  # a new store, or one of schema 1: one pass, one transaction
+                conn.execute("BEGIN")
+                for statement in _UPGRADE_2.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
         except BaseException as exc:
             conn.close()
             if not isinstance(exc, sqlite3.Error):
@@ -239,6 +272,25 @@ class SQLiteEngine:
         self._streams.clear()
         self._fresh.clear()
         self._seen.clear()
+        self._topics.clear()
+        topic = conn.execute("SELECT min(topic) FROM batches").fetchone()[0]
+        while topic is not None:  # one descent per topic, by the index batches_topic
+            seq, count, cum, cumb = conn.execute(
+                "SELECT seq, count, cum, cumb FROM batches WHERE topic = ? ORDER BY seq LIMIT 1",
+                (topic,),
+            ).fetchone()
+            size = conn.execute("SELECT length(body) FROM batches WHERE seq = ?", (seq,))
+            first_bytes = size.fetchone()[0]
+            total, total_bytes = conn.execute(
+                "SELECT cum, cumb FROM batches WHERE topic = ? ORDER BY seq DESC LIMIT 1",
+                (topic,),
+            ).fetchone()
+            events, stored = total - cum + count, total_bytes - cumb + first_bytes
+            self._topics[topic] = [events, stored, total, total_bytes]
+            topic = conn.execute(
+                "SELECT topic FROM batches WHERE topic > ? ORDER BY topic LIMIT 1", (topic,)
+            ).fetchone()
+            topic = topic and topic[0]
         for pubid, topic, lo, hi, seen in conn.execute(
             "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
         ):
@@ -336,8 +388,13 @@ class SQLiteEngine:
                     else:
                         parts = parts or b.body.split(b"\n")
                         body = b"\n".join(parts[a - lo : z - lo])
+                    counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
+                    counts[0] += z - a
+                    counts[1] += len(body)
+                    counts[2] += z - a
+                    counts[3] += len(body)
                     rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                                 b.source, ext, body))  # fmt: skip
+                                 b.source, ext, body, counts[2], counts[3]))  # fmt: skip
                     stored.append((a, self._next, z - a))
                     self._next += z - a
                     add(ranges, a, z)
@@ -378,6 +435,21 @@ class SQLiteEngine:
         self._fresh.clear()
         self._durable = self._next - 1
         return self._durable
+
+    def _from(self, topic: str, seq: int) -> int:
+        """Stored events of *topic* with bus sequences from *seq* on: one index descent."""
+        counts = self._topics.get(topic)
+        if counts is None:
+            return 0
+        row = self._conn.execute(_BEFORE, (topic, seq)).fetchone()
+        if row is None:  # every stored event of the topic is at seq or later
+            return counts[0]
+        first, count, cum = row
+        return int(counts[2] - (cum - max(0, first + count - seq)))
+
+    def _lag(self, matcher: Matcher, seq: int) -> int:
+        """Stored events from *seq* on whose topic *matcher* accepts, in O(topics)."""
+        return sum(self._from(topic, seq) for topic in self._topics if matcher(topic))
 
     # -- reading --------------------------------------------------------------
     def read(
@@ -649,18 +721,14 @@ class SQLiteEngine:
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
+        self._usable()
         conn = self._conn
-        topics = {
-            topic: TopicStats(events, size)
-            for topic, events, size in conn.execute(
-                "SELECT topic, sum(count), sum(length(body)) FROM batches GROUP BY topic"
-            )
-        }
+        topics = {t: TopicStats(c[0], c[1]) for t, c in sorted(self._topics.items()) if c[0] > 0}
         consumers = []
         last = self.last_seq
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM consumers"):
             m = self._matcher(spec)
-            lag = self._count(nxt, last, m)
+            lag = self._lag(m, nxt)
             consumers.append(ConsumerStats(name, "durable", tuple(m.patterns), nxt, lag, 0))
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM groups"):
             m = self._matcher(spec)
@@ -670,7 +738,7 @@ class SQLiteEngine:
                     "SELECT first, last FROM leases WHERE grp = ?", (name,)
                 )
             )
-            lag = self._count(nxt, last, m) + held
+            lag = self._lag(m, nxt) + held
             consumers.append(ConsumerStats(name, "group", tuple(m.patterns), nxt, lag, held))
         file_bytes = sum(
             p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
@@ -692,7 +760,7 @@ class SQLiteEngine:
         self.commit()
         now = self._clock() if now is None else now
         conn = self._conn
-        total = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM batches").fetchone()[0]
+        total = sum(c[1] for c in self._topics.values())
         rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
         plan = retention.cut(rows, total, max_age, max_bytes, now)
         rows.close()
