@@ -10,10 +10,18 @@ instance (workers, or brokers with ``via``) and a
   *heartbeat* seconds each one is pinged, and one silent for three intervals
   is dropped (its socket closed, its requests retried elsewhere at once) and
   probed again on a fresh socket;
-- **retries**: a request that times out (*timeout* per attempt) or whose
-  instance dies is sent again, with the same rid, to another instance, up to
-  *retries* times; a ``busy`` reply is tried elsewhere without using up a
-  retry, within the request's overall time; an ``err`` reply is final;
+- **deadline**: *timeout* is each request's overall time, retries included;
+  an attempt gets an equal share of what is left of it (the time left divided
+  by the attempts left), so the attempts' timeouts never add up to more;
+- **retries**: a request whose attempt times out or whose instance dies is
+  sent again, with the same rid, to another instance, up to *retries* times;
+  a ``busy`` reply is tried elsewhere without using up a retry, within the
+  request's overall time; an ``err`` reply is final;
+- **no instance**: with no live instance for :meth:`Caller.no_instance_wait`
+  seconds (three heartbeats at the start, a whole *timeout* once one was
+  live), the requests sent are failed, the rest are not sent and
+  :attr:`Summary.no_instance` is set: the caller stops instead of failing
+  every input line in turn;
 - **order**: replies are emitted in input order (or as they come with
   *unordered*); a request is answered at most once -- a late reply to an
   attempt that was already retried is taken if it comes first, and the
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import os
 import secrets
 import time
@@ -121,7 +130,13 @@ class Summary:
     busy: int = 0
     late: int = 0  # replies to requests already answered (ignored)
     dropped_instances: int = 0
+    no_instance: bool = False  # stopped: no live instance for too long (the rest not sent)
+    unsent: int | None = None  # then: the first input line not sent (from 0), if any
     picks: dict[str, int] = field(default_factory=dict)
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''}"
 
 
 def endpoint_of(inst: Instance) -> str:
@@ -157,14 +172,14 @@ class Caller(Daemon):
         self.timeout, self.retries, self.window = timeout, retries, max(1, window)
         self.unordered, self.heartbeat, self.max_request = unordered, heartbeat, max_request
         self.relookup = relookup
-        self.timeout_ms = b"%d" % max(1, int(timeout * 1000))
         self.conns: dict[str, Conn] = {}
         self.candidates: dict[str, int] = {}  # found, not connected yet: endpoint -> weight
         self.wanted: dict[str, int] = {}  # the latest instances found
         self.by_sock: dict[zmq.Socket[bytes], Conn] = {}
         self.pending: dict[bytes, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()  # to send (or resend)
-        self.deadlines: collections.deque[tuple[float, Request, int]] = collections.deque()
+        # (when, tie-breaker, request, attempt) of the attempts in flight, a heap
+        self.deadlines: list[tuple[float, int, Request, int]] = []
         self.delayed: list[tuple[float, Request]] = []  # busy everywhere: to try again later
         self.summary = Summary()
         self.prefix = f"{os.getpid():x}-{secrets.token_hex(2)}.".encode()
@@ -181,6 +196,7 @@ class Caller(Daemon):
         self.started = time.monotonic()
         self.ping_seq = 0
         self.empty_since: float | None = None
+        self.ever_live = False
         self.holding = True
         self.hold_until = self.started + min(0.5, heartbeat, timeout)
         self._buf: list[bytes] = []
@@ -318,6 +334,7 @@ class Caller(Daemon):
             return
         warm = now - self.started > 1.0
         conn.backend = self.balancer.add(conn.key, conn.weight, conn, warm=warm)
+        self.ever_live = True
         self.log(f"instance {conn.key} is live")
         self._fill()
 
@@ -428,6 +445,9 @@ class Caller(Daemon):
         while len(pending) < window:
             if waiting:
                 req = waiting.popleft()
+                if now >= req.first + self.timeout:
+                    self._expire(req)
+                    continue
             else:
                 if self.next_seq - self.next_out > REORDER_LIMIT and not self.unordered:
                     return
@@ -454,8 +474,13 @@ class Caller(Daemon):
         conn: Conn = backend.data
         sock = conn.sock
         assert sock is not None
+        if not req.attempt and not req.busy:
+            req.first = now  # the request's time starts when it is first sent
+        # an equal share of the time left: the attempts never take longer than the request
+        share = (req.first + self.timeout - now) / max(1, self.retries + 1 - req.tries)
+        share = max(0.001, share)
         try:
-            send_request(sock, req.rid, self.timeout_ms, req.body)
+            send_request(sock, req.rid, b"%d" % max(1, int(share * 1000)), req.body)
         except zmq.ZMQError:
             return False
         self.balancer.started(backend)
@@ -463,7 +488,7 @@ class Caller(Daemon):
         req.attempt += 1
         conn.inflight[req.rid] = req
         self.pending[req.rid] = req
-        self.deadlines.append((now + self.timeout, req, req.attempt))
+        heapq.heappush(self.deadlines, (now + share, self.summary.sent, req, req.attempt))
         self.summary.sent += 1
         return True
 
@@ -565,7 +590,7 @@ class Caller(Daemon):
         req.busy += 1
         conn = req.conn
         req.conn = None
-        if now - req.first > self.timeout * (self.retries + 1):
+        if now >= req.first + self.timeout:
             self._fail(req, "every instance is busy")
             return
         if conn is not None:
@@ -583,16 +608,24 @@ class Caller(Daemon):
         conn = req.conn
         req.conn = None
         req.tries += 1
-        if req.tries > self.retries:
+        if req.tries > self.retries or now >= req.first + self.timeout:
             if why == "timed out":
                 self.summary.timed_out += 1
-            attempts = req.tries
-            self._fail(req, f"{why} ({attempts} attempt{'s' if attempts > 1 else ''})")
+            self._fail(req, f"{why} ({_attempts(req.attempt)})")
             return
         self.summary.retried += 1
         if conn is not None:
             req.tried = (req.tried or set()) | {conn.key}
         self.waiting.appendleft(req)
+
+    def _expire(self, req: Request) -> None:
+        """*req*, waiting to be sent again, is past its overall deadline."""
+        self.pending.pop(req.rid, None)
+        if req.attempt:
+            self.summary.timed_out += 1
+            self._fail(req, f"timed out ({_attempts(req.attempt)})")
+        else:
+            self._fail(req, "no live instance")
 
     def _fail(self, req: Request, reason: str) -> None:
         self.summary.failed += 1
@@ -626,7 +659,7 @@ class Caller(Daemon):
         deadlines = self.deadlines
         expired = False
         while deadlines and deadlines[0][0] <= now:
-            _, req, attempt = deadlines.popleft()
+            _, _, req, attempt = heapq.heappop(deadlines)
             if req.attempt != attempt or req.rid not in self.pending or req.conn is None:
                 continue  # answered, or already retried
             conn = req.conn
@@ -642,24 +675,61 @@ class Caller(Daemon):
                 self.delayed = [d for d in self.delayed if d[0] > now]
                 self.waiting.extend(req for _, req in due)
                 expired = True
+        if self.waiting:
+            # retries that found no instance to go to: each ends at its overall deadline
+            keep: collections.deque[Request] = collections.deque()
+            for req in self.waiting:
+                if now >= req.first + self.timeout:
+                    self._expire(req)
+                else:
+                    keep.append(req)
+            self.waiting = keep
         if not self.balancer:
             if self.empty_since is None:
                 self.empty_since = now
-            elif now - self.empty_since > self.timeout:
-                # no live instance for a whole timeout: fail what waits rather than wait forever
-                self.waiting.extend(req for _, req in self.delayed)
-                self.delayed.clear()
-                while self.waiting:
-                    self._fail(self.waiting.popleft(), "no live instance")
-                while (body := self._next_body()) is not None:
-                    seq = self.next_seq
-                    self.next_seq += 1
-                    self._fail(Request(seq, self.prefix + b"%d" % seq, body), "no live instance")
+            elif now - self.empty_since >= self.no_instance_wait():
+                self._give_up()
+                return
         else:
             self.empty_since = None
         if expired:
             self._fill()
         self._emit()
+
+    def no_instance_wait(self) -> float:
+        """How long the caller waits with no live instance before it stops: three
+        heartbeats (1 s at least) for a first one -- an instance that is up answers its
+        first ping at once --, a whole request's time for one to come back."""
+        if self.ever_live:
+            return self.timeout
+        return min(self.timeout, max(PROBE_TIME, 3 * self.heartbeat))
+
+    def _give_up(self) -> None:
+        """No live instance for too long: fail the requests sent (they may have run, each is
+        reported), send no more and stop (:attr:`Summary.no_instance`)."""
+        sent = [*self.pending.values(), *self.waiting, *(req for _, req in self.delayed)]
+        self.pending.clear()
+        self.waiting.clear()
+        self.delayed.clear()
+        self.deadlines.clear()
+        for conn in self.conns.values():
+            conn.inflight.clear()
+        more = bool(self.lines) or self.source is not None or not self.eof
+        unsent = self.next_seq
+        for req in sorted(sent, key=lambda r: r.seq):
+            if req.attempt:
+                self._fail(req, f"no live instance ({_attempts(req.attempt)})")
+            else:
+                unsent = min(unsent, req.seq)
+        self.summary.no_instance = True
+        self.summary.unsent = unsent if more or unsent < self.next_seq else None
+        self.lines.clear()
+        self.source = None
+        self.eof = True
+        if self.fd >= 0:
+            self.forget(self.fd)
+        self._emit()
+        self.stop()
 
     # -- running ----------------------------------------------------------------------------------
     def done(self) -> bool:
