@@ -476,7 +476,8 @@ def call(
         if summary.unsent is not None:
             parts.append(f"input from line {summary.unsent + 1} on not sent")
         rest = f" ({', '.join(parts)})" if parts else ""
-        ctx.error(f"no live instance of {printable(where)} for {caller.no_instance_wait():g} s{rest}")
+        wait = caller.no_instance_wait()
+        ctx.error(f"no live instance of {printable(where)} for {wait:g} s{rest}")
         raise Exit(ExitStatus.NOT_FOUND)
     if summary.failed:
         ctx.error(f"{summary.failed} request(s) failed")
