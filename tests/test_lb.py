@@ -981,7 +981,8 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
         [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"],
         input=b"lost\n", capture_output=True, timeout=30, check=False,
     )  # fmt: skip
-    assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
+    assert timeout.returncode == 3 and b"no live instance of tcp://" in timeout.stderr
+    assert b"(input from line 1 on not sent)" in timeout.stderr
     # --with-id: the persistent command reads "ID<TAB>request"
     with_id = free_port()
     loop = 'while IFS= read -r l; do echo "got $l"; done'
@@ -1126,3 +1127,102 @@ def test_a_caller_that_never_reads_costs_the_worker_bounded_memory(procs: Procs)
     out, failed, _, _ = call([endpoint], [b"after"])
     assert out == b"after\n" and not failed
     assert vm_kib(proc.popen.pid, "VmRSS") - before < 96 * MIB
+
+
+# -- no live instance, overall deadline ----------------------------------------------------------
+class Hanging:
+    """An instance that answers pings and never a request; it keeps each timeout_ms it got."""
+
+    def __init__(self) -> None:
+        self.router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.timeouts_ms: list[int] = []
+        self.rids: list[bytes] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.router.poll(20):
+                continue
+            ident, *frames = self.router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                self.router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                self.timeouts_ms.append(msg.timeout_ms)
+                self.rids.append(msg.rid)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.router.close()
+
+
+def test_timeout_is_the_request_s_overall_deadline_shared_by_its_attempts() -> None:
+    """--timeout 1 --retries 2: three attempts whose timeouts (as the instance is told them)
+    add up to no more than 1 s, then exit 4 with the attempts counted."""
+    hanging = Hanging()
+    try:
+        result = subprocess.run(
+            [*LB, "call", "svc", "--connect", hanging.endpoint, "--timeout", "1",
+             "--retries", "2", "x"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        hanging.close()
+    err = result.stderr.decode()
+    assert result.returncode == 4, err
+    assert "request 1 failed: timed out (3 attempts); input: x" in err
+    assert len(hanging.timeouts_ms) == 3 and len(set(hanging.rids)) == 1
+    assert sum(hanging.timeouts_ms) <= 1000, hanging.timeouts_ms
+    assert hanging.timeouts_ms[0] == 333  # an equal share: the first attempt gets a third
+
+
+def test_with_no_live_instance_call_fails_once_with_exit_3() -> None:
+    """An endless input and an instance that is not there: one error line, not one per
+    request, and the input is not read to its end."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    call_cmd = " ".join([*LB, "call", "svc", "--connect", endpoint])
+    script = f'yes line | head -c 5000000 | {call_cmd}; echo "status ${{PIPESTATUS[2]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=60, check=False)
+    assert result.stdout == b"status 3\n", result.stderr[-500:]
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        f"eda-lb: error: no live instance of {endpoint} for 3 s (input from line 1 on not sent)"
+    ]
+
+
+def test_when_every_instance_dies_mid_stream_the_caller_stops_once(serve: Any) -> None:
+    """The requests sent are each reported (at most a window of them), the rest not sent;
+    the caller waits a request's time for an instance to come back, then stops."""
+    worker = serve(["sh", "-c", "read -r l; echo $l"], concurrency=4)
+    count = 0
+
+    def bodies() -> Iterator[bytes]:
+        nonlocal count
+        while True:
+            count += 1
+            if count == 20:
+                worker.stop()
+            yield b"%d" % count
+
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), timeout=1.0,
+                    heartbeat=0.3, window=4)  # fmt: skip
+    try:
+        caller.use([(worker.endpoint, 1)])
+        caller.feed(bodies())
+        summary = caller.run()
+    finally:
+        caller.close()
+    assert summary.no_instance and summary.unsent is not None
+    # every line before the first one not sent: answered, or reported once
+    assert summary.ok >= 10 and summary.ok + summary.failed == summary.unsent
+    assert len(failed) == summary.failed and len({seq for seq, _, _ in failed}) == len(failed)
+    assert all(seq < summary.unsent for seq, _, _ in failed)
+    assert caller.no_instance_wait() == 1.0
+    assert count < 100  # the endless input was not read on
