@@ -417,6 +417,8 @@ def call(
     out = Output(ctx)
 
     def failed(seq: int, line: bytes, reason: str) -> None:
+        if caller.summary.no_instance and seq == caller.summary.unsent:
+            return  # the first request not sent: the final error says it
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
@@ -476,8 +478,8 @@ def call(
         if summary.unsent is not None:
             parts.append(f"input from line {summary.unsent + 1} on not sent")
         rest = f" ({', '.join(parts)})" if parts else ""
-        wait = caller.no_instance_wait()
-        ctx.error(f"no live instance of {printable(where)} for {wait:g} s{rest}")
+        wait = summary.no_instance_for
+        ctx.error(f"no live instance of {printable(where)} for {wait:.2g} s{rest}")
         raise Exit(ExitStatus.NOT_FOUND)
     if summary.failed:
         ctx.error(f"{summary.failed} request(s) failed")

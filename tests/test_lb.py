@@ -1190,9 +1190,9 @@ def test_with_no_live_instance_call_fails_once_with_exit_3() -> None:
     result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=60, check=False)
     assert result.stdout == b"status 3\n", result.stderr[-500:]
     lines = result.stderr.decode().splitlines()
-    assert lines == [
-        f"eda-lb: error: no live instance of {endpoint} for 3 s (input from line 1 on not sent)"
-    ]
+    assert len(lines) == 1, lines
+    expected = rf"eda-lb: error: no live instance of {endpoint} for [\d.]+ s "
+    assert re.fullmatch(expected + r"\(input from line 1 on not sent\)", lines[0]), lines
 
 
 def test_when_every_instance_dies_mid_stream_the_caller_stops_once(serve: Any) -> None:
@@ -1222,7 +1222,9 @@ def test_when_every_instance_dies_mid_stream_the_caller_stops_once(serve: Any) -
     assert summary.no_instance and summary.unsent is not None
     # every line before the first one not sent: answered, or reported once
     assert summary.ok >= 10 and summary.ok + summary.failed == summary.unsent
-    assert len(failed) == summary.failed and len({seq for seq, _, _ in failed}) == len(failed)
-    assert all(seq < summary.unsent for seq, _, _ in failed)
-    assert caller.no_instance_wait() == 1.0
+    *sent, first_unsent = failed
+    assert first_unsent == (summary.unsent, b"%d" % (summary.unsent + 1), "no live instance (not sent)")
+    assert len(sent) == summary.failed and len({seq for seq, _, _ in sent}) == len(sent)
+    assert all(seq < summary.unsent for seq, _, _ in sent)
+    assert summary.no_instance_for >= 1.0  # a whole request's time for one to come back
     assert count < 100  # the endless input was not read on

@@ -17,11 +17,12 @@ instance (workers, or brokers with ``via``) and a
   sent again, with the same rid, to another instance, up to *retries* times;
   a ``busy`` reply is tried elsewhere without using up a retry, within the
   request's overall time; an ``err`` reply is final;
-- **no instance**: with no live instance for :meth:`Caller.no_instance_wait`
-  seconds (three heartbeats at the start, a whole *timeout* once one was
-  live), the requests sent are failed, the rest are not sent and
-  :attr:`Summary.no_instance` is set: the caller stops instead of failing
-  every input line in turn;
+- **no instance**: with no live instance for a whole *timeout* (or, before
+  the first one, for three heartbeats after every instance found was tried),
+  the requests sent are failed, :attr:`Summary.no_instance` is set, the first
+  request not sent is reported through *failed* (``no live instance (not
+  sent)``, not counted) and the rest are not read: the caller stops instead
+  of failing every input line in turn;
 - **order**: replies are emitted in input order (or as they come with
   *unordered*); a request is answered at most once -- a late reply to an
   attempt that was already retried is taken if it comes first, and the
@@ -131,6 +132,7 @@ class Summary:
     late: int = 0  # replies to requests already answered (ignored)
     dropped_instances: int = 0
     no_instance: bool = False  # stopped: no live instance for too long (the rest not sent)
+    no_instance_for: float = 0.0  # then: seconds without one
     unsent: int | None = None  # then: the first input line not sent (from 0), if any
     picks: dict[str, int] = field(default_factory=dict)
 
@@ -687,7 +689,8 @@ class Caller(Daemon):
         if not self.balancer:
             if self.empty_since is None:
                 self.empty_since = now
-            elif now - self.empty_since >= self.no_instance_wait():
+            elif self._hopeless(now):
+                self.summary.no_instance_for = now - self.empty_since
                 self._give_up()
                 return
         else:
@@ -696,13 +699,18 @@ class Caller(Daemon):
             self._fill()
         self._emit()
 
-    def no_instance_wait(self) -> float:
-        """How long the caller waits with no live instance before it stops: three
-        heartbeats (1 s at least) for a first one -- an instance that is up answers its
-        first ping at once --, a whole request's time for one to come back."""
-        if self.ever_live:
-            return self.timeout
-        return min(self.timeout, max(PROBE_TIME, 3 * self.heartbeat))
+    def _hopeless(self, now: float) -> bool:
+        """No live instance, and none to hope for: for a whole request's time (for one to
+        come back, or to be found); for a first one, three heartbeats (1 s at least) after
+        every instance found was tried -- one that is up answers its first ping at once."""
+        assert self.empty_since is not None
+        empty = now - self.empty_since
+        if empty >= self.timeout:
+            return True
+        if self.ever_live or self.candidates:
+            return False
+        wait = max(PROBE_TIME, 3 * self.heartbeat)
+        return empty >= wait and all(now - c.since >= wait for c in self.conns.values())
 
     def _give_up(self) -> None:
         """No live instance for too long: fail the requests sent (they may have run, each is
@@ -715,14 +723,21 @@ class Caller(Daemon):
         for conn in self.conns.values():
             conn.inflight.clear()
         more = bool(self.lines) or self.source is not None or not self.eof
-        unsent = self.next_seq
+        unsent: Request | None = None
         for req in sorted(sent, key=lambda r: r.seq):
             if req.attempt:
                 self._fail(req, f"no live instance ({_attempts(req.attempt)})")
-            else:
-                unsent = min(unsent, req.seq)
+            elif unsent is None:
+                unsent = req
         self.summary.no_instance = True
-        self.summary.unsent = unsent if more or unsent < self.next_seq else None
+        if unsent is None and more:
+            body = self._next_body() if self.lines or self.source is not None else None
+            unsent = Request(self.next_seq, b"", body or b"")
+        if unsent is not None:
+            # the first request not sent is reported (not counted as failed): the others
+            # after it are not read
+            self.summary.unsent = unsent.seq
+            self.failed_cb(unsent.seq, unsent.body, "no live instance (not sent)")
         self.lines.clear()
         self.source = None
         self.eof = True
