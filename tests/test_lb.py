@@ -34,9 +34,9 @@ TAGGED = 'while read -r l; do echo "{name} $l"; done'
 class Served:
     """A Worker serving in a thread of the test process."""
 
-    def __init__(self, argv: list[str], **kw: Any) -> None:
+    def __init__(self, argv: list[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:
         self.worker = Worker("svc", argv, **kw)
-        self.endpoint = self.worker.start("tcp://127.0.0.1:*")
+        self.endpoint = self.worker.start(bind)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -1228,3 +1228,17 @@ def test_when_every_instance_dies_mid_stream_the_caller_stops_once(serve: Any) -
     assert all(seq < summary.unsent for seq, _, _ in sent)
     assert summary.no_instance_for >= 1.0  # a whole request's time for one to come back
     assert count < 100  # the endless input was not read on
+
+
+def test_an_instance_that_comes_up_just_after_the_caller_is_used(serve: Any) -> None:
+    """`eda-lb worker ... & eda-lb call ...`: giving up fast does not mean giving up before
+    an instance starting at the same time had its chance."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+
+    def late(caller: Caller) -> None:  # the worker starts 0.6 s after the caller
+        start = lambda: serve(persistent("late"), bind=endpoint, persistent=True)  # noqa: E731
+        caller.after(0.6, "late worker", start)
+
+    out, failed, summary, _ = call([endpoint], [b"a", b"b"], heartbeat=0.3, setup=late)
+    assert out == b"late a\nlate b\n" and not failed and not summary.no_instance
