@@ -288,16 +288,19 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     marker = tmp_path / "runs"
     script = f'read -r l; echo "$EDA_REQUEST_ID" >> {marker}; exec sleep 30'
     worker = serve(["sh", "-c", script], concurrency=2)
+    other = serve(["sh", "-c", script], concurrency=2)
     started = time.monotonic()
-    out, failed, summary, _ = call([worker.endpoint], [b"slow"], timeout=1.0, retries=1)
+    out, failed, summary, _ = call(
+        [worker.endpoint, other.endpoint], [b"slow"], timeout=1.0, retries=1, all_live=True
+    )
     assert out == b"" and len(failed) == 1
     assert failed[0][2] == "timed out (2 attempts)" and summary.timed_out == 1
     assert time.monotonic() - started < 8
     wait_until(lambda: len(marker.read_text().split()) == 2, 5, "both attempts to start")
     runs = marker.read_text().split()
     assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
-    wait_until(lambda: worker.worker.timeouts >= 2, 5, "both attempts killed")
-    idle(worker)
+    wait_until(lambda: worker.worker.timeouts + other.worker.timeouts >= 2, 5, "both killed")
+    idle(worker, other)
 
 
 def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
@@ -1162,23 +1165,35 @@ class Hanging:
 
 
 def test_timeout_is_the_request_s_overall_deadline_shared_by_its_attempts() -> None:
-    """--timeout 1 --retries 2: three attempts whose timeouts (as the instance is told them)
-    add up to no more than 1 s, then exit 4 with the attempts counted."""
-    hanging = Hanging()
+    """--timeout 1 --retries 2 over three instances that never answer: three attempts
+    whose timeouts (as the instances are told them) add up to no more than 1 s, then exit
+    4 with the attempts counted.  With one instance, one attempt gets the whole time (a
+    retry there would only wait behind the same queue)."""
+    hanging = [Hanging() for _ in range(3)]
+    solo = Hanging()
+    connects = [arg for h in hanging for arg in ("--connect", h.endpoint)]
     try:
         result = subprocess.run(
-            [*LB, "call", "svc", "--connect", hanging.endpoint, "--timeout", "1",
-             "--retries", "2", "x"],
+            [*LB, "call", "svc", *connects, "--timeout", "1", "--retries", "2", "x"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        alone = subprocess.run(
+            [*LB, "call", "svc", "--connect", solo.endpoint, "--timeout", "1", "y"],
             capture_output=True, timeout=60, check=False,
         )  # fmt: skip
     finally:
-        hanging.close()
+        for h in [*hanging, solo]:
+            h.close()
     err = result.stderr.decode()
     assert result.returncode == 4, err
     assert "request 1 failed: timed out (3 attempts); input: x" in err
-    assert len(hanging.timeouts_ms) == 3 and len(set(hanging.rids)) == 1
-    assert sum(hanging.timeouts_ms) <= 1000, hanging.timeouts_ms
-    assert hanging.timeouts_ms[0] == 333  # an equal share: the first attempt gets a third
+    timeouts = [t for h in hanging for t in h.timeouts_ms]
+    assert [len(h.timeouts_ms) for h in hanging] == [1, 1, 1]  # each instance tried once
+    assert len({rid for h in hanging for rid in h.rids}) == 1  # the same request id
+    assert sum(timeouts) <= 1000, timeouts
+    assert 333 in timeouts  # an equal share: the first attempt gets a third
+    assert alone.returncode == 4 and solo.timeouts_ms == [1000], alone.stderr
+    assert b"request 1 failed: timed out (1 attempt); input: y" in alone.stderr
 
 
 def test_with_no_live_instance_call_fails_once_with_exit_3() -> None:

@@ -12,7 +12,8 @@ instance (workers, or brokers with ``via``) and a
   probed again on a fresh socket;
 - **deadline**: *timeout* is each request's overall time, retries included;
   an attempt gets an equal share of what is left of it (the time left divided
-  by the attempts left), so the attempts' timeouts never add up to more;
+  by the attempts left, no more than the live instances not tried yet), so
+  the attempts' timeouts never add up to more;
 - **retries**: a request whose attempt times out or whose instance dies is
   sent again, with the same rid, to another instance, up to *retries* times;
   a ``busy`` reply is tried elsewhere without using up a retry, within the
@@ -469,6 +470,19 @@ class Caller(Daemon):
                 return
         self._emit()
 
+    def _attempts_left(self, req: Request) -> int:
+        """The attempts *req* may still make, the one about to be sent included: its retries
+        left, but no more than the live instances it was not tried on (a retry after a
+        timeout on the same instance would only wait behind the same queue again).  Each
+        attempt gets an equal share of the time left, so they never take longer than the
+        request."""
+        left = self.retries + 1 - req.tries
+        if left > 1:
+            balancer, tried = self.balancer, req.tried
+            untried = len(balancer) - (sum(1 for k in tried if k in balancer) if tried else 0)
+            left = max(1, min(left, untried))
+        return max(1, left)
+
     def _send(self, req: Request, now: float) -> bool:
         backend = self.balancer.pick(req.tried or ())
         if backend is None:
@@ -478,9 +492,7 @@ class Caller(Daemon):
         assert sock is not None
         if not req.attempt and not req.busy:
             req.first = now  # the request's time starts when it is first sent
-        # an equal share of the time left: the attempts never take longer than the request
-        share = (req.first + self.timeout - now) / max(1, self.retries + 1 - req.tries)
-        share = max(0.001, share)
+        share = max(0.001, (req.first + self.timeout - now) / self._attempts_left(req))
         try:
             send_request(sock, req.rid, b"%d" % max(1, int(share * 1000)), req.body)
         except zmq.ZMQError:
