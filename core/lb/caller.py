@@ -448,7 +448,7 @@ class Caller(Daemon):
         while len(pending) < window:
             if waiting:
                 req = waiting.popleft()
-                if now >= req.first + self.timeout:
+                if req.attempt and now >= req.first + self.timeout:
                     self._expire(req)
                     continue
             else:
@@ -633,13 +633,13 @@ class Caller(Daemon):
         self.waiting.appendleft(req)
 
     def _expire(self, req: Request) -> None:
-        """*req*, waiting to be sent again, is past its overall deadline."""
+        """*req*, sent and waiting to be sent again, is past its overall deadline."""
         self.pending.pop(req.rid, None)
-        if req.attempt:
+        if not self.balancer:  # its instance died, and there is no other
+            self._fail(req, f"no live instance ({_attempts(req.attempt)})")
+        else:
             self.summary.timed_out += 1
             self._fail(req, f"timed out ({_attempts(req.attempt)})")
-        else:
-            self._fail(req, "no live instance")
 
     def _fail(self, req: Request, reason: str) -> None:
         self.summary.failed += 1
@@ -693,7 +693,7 @@ class Caller(Daemon):
             # retries that found no instance to go to: each ends at its overall deadline
             keep: collections.deque[Request] = collections.deque()
             for req in self.waiting:
-                if now >= req.first + self.timeout:
+                if req.attempt and now >= req.first + self.timeout:
                     self._expire(req)
                 else:
                     keep.append(req)
