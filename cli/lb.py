@@ -331,7 +331,8 @@ Examples:
     default=10.0,
     show_default=True,
     metavar="SECONDS",
-    help="Time for each attempt of a request.",
+    help="Time for each request, retries included (each attempt gets an equal share of the "
+    "time left).",
 )
 @click.option(
     "--retries",
@@ -401,7 +402,10 @@ def call(
 
     A failed request (an error reply, or no answer after its retries) is
     reported on stderr with its input; the exit status is then 1 (4 if every
-    failure was a timeout); 3 when no instance is found."""
+    failure was a timeout).  With no live instance (none found, none that
+    answers, or all gone for a whole --timeout), call stops with one error
+    and exit status 3: the requests already sent are reported, the rest are
+    not sent."""
     from eda.core.lb.caller import Caller, lookup_endpoints
     from eda.core.registry.model import validate_name
     from eda.core.reqrep import check_endpoint, printable
@@ -413,6 +417,8 @@ def call(
     out = Output(ctx)
 
     def failed(seq: int, line: bytes, reason: str) -> None:
+        if caller.summary.no_instance and seq == caller.summary.unsent:
+            return  # the first request not sent: the final error says it
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
@@ -466,6 +472,15 @@ def call(
         f"{summary.busy} busy, {summary.dropped_instances} instance(s) dropped; latency "
         f"p50 {caller.percentile(0.5):.3f} ms, p99 {caller.percentile(0.99):.3f} ms"
     )
+    if summary.no_instance:
+        where = f"service {via or name!r}" if not endpoints else ", ".join(endpoints)
+        parts = [f"{summary.ok} answered", f"{summary.failed} failed"] if summary.sent else []
+        if summary.unsent is not None:
+            parts.append(f"input from line {summary.unsent + 1} on not sent")
+        rest = f" ({', '.join(parts)})" if parts else ""
+        wait = summary.no_instance_for
+        ctx.error(f"no live instance of {printable(where)} for {wait:.2g} s{rest}")
+        raise Exit(ExitStatus.NOT_FOUND)
     if summary.failed:
         ctx.error(f"{summary.failed} request(s) failed")
         raise Exit(ExitStatus.TIMEOUT if summary.timed_out == summary.failed else ExitStatus.ERROR)

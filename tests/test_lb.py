@@ -34,9 +34,9 @@ TAGGED = 'while read -r l; do echo "{name} $l"; done'
 class Served:
     """A Worker serving in a thread of the test process."""
 
-    def __init__(self, argv: list[str], **kw: Any) -> None:
+    def __init__(self, argv: list[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:
         self.worker = Worker("svc", argv, **kw)
-        self.endpoint = self.worker.start("tcp://127.0.0.1:*")
+        self.endpoint = self.worker.start(bind)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -288,16 +288,19 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     marker = tmp_path / "runs"
     script = f'read -r l; echo "$EDA_REQUEST_ID" >> {marker}; exec sleep 30'
     worker = serve(["sh", "-c", script], concurrency=2)
+    other = serve(["sh", "-c", script], concurrency=2)
     started = time.monotonic()
-    out, failed, summary, _ = call([worker.endpoint], [b"slow"], timeout=1.0, retries=1)
+    out, failed, summary, _ = call(
+        [worker.endpoint, other.endpoint], [b"slow"], timeout=1.0, retries=1, all_live=True
+    )
     assert out == b"" and len(failed) == 1
     assert failed[0][2] == "timed out (2 attempts)" and summary.timed_out == 1
     assert time.monotonic() - started < 8
     wait_until(lambda: len(marker.read_text().split()) == 2, 5, "both attempts to start")
     runs = marker.read_text().split()
     assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
-    wait_until(lambda: worker.worker.timeouts >= 2, 5, "both attempts killed")
-    idle(worker)
+    wait_until(lambda: worker.worker.timeouts + other.worker.timeouts >= 2, 5, "both killed")
+    idle(worker, other)
 
 
 def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
@@ -981,7 +984,8 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
         [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"],
         input=b"lost\n", capture_output=True, timeout=30, check=False,
     )  # fmt: skip
-    assert timeout.returncode == 1 and b"no live instance; input: lost" in timeout.stderr
+    assert timeout.returncode == 3 and b"no live instance of tcp://" in timeout.stderr
+    assert b"(input from line 1 on not sent)" in timeout.stderr
     # --with-id: the persistent command reads "ID<TAB>request"
     with_id = free_port()
     loop = 'while IFS= read -r l; do echo "got $l"; done'
@@ -1126,3 +1130,130 @@ def test_a_caller_that_never_reads_costs_the_worker_bounded_memory(procs: Procs)
     out, failed, _, _ = call([endpoint], [b"after"])
     assert out == b"after\n" and not failed
     assert vm_kib(proc.popen.pid, "VmRSS") - before < 96 * MIB
+
+
+# -- no live instance, overall deadline ----------------------------------------------------------
+class Hanging:
+    """An instance that answers pings and never a request; it keeps each timeout_ms it got."""
+
+    def __init__(self) -> None:
+        self.router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.timeouts_ms: list[int] = []
+        self.rids: list[bytes] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.router.poll(20):
+                continue
+            ident, *frames = self.router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                self.router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                self.timeouts_ms.append(msg.timeout_ms)
+                self.rids.append(msg.rid)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.router.close()
+
+
+def test_timeout_is_the_request_s_overall_deadline_shared_by_its_attempts() -> None:
+    """--timeout 1 --retries 2 over three instances that never answer: three attempts
+    whose timeouts (as the instances are told them) add up to no more than 1 s, then exit
+    4 with the attempts counted.  With one instance, one attempt gets the whole time (a
+    retry there would only wait behind the same queue)."""
+    hanging = [Hanging() for _ in range(3)]
+    solo = Hanging()
+    connects = [arg for h in hanging for arg in ("--connect", h.endpoint)]
+    try:
+        result = subprocess.run(
+            [*LB, "call", "svc", *connects, "--timeout", "1", "--retries", "2", "x"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        alone = subprocess.run(
+            [*LB, "call", "svc", "--connect", solo.endpoint, "--timeout", "1", "y"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        for h in [*hanging, solo]:
+            h.close()
+    err = result.stderr.decode()
+    assert result.returncode == 4, err
+    assert "request 1 failed: timed out (3 attempts); input: x" in err
+    timeouts = [t for h in hanging for t in h.timeouts_ms]
+    assert [len(h.timeouts_ms) for h in hanging] == [1, 1, 1]  # each instance tried once
+    assert len({rid for h in hanging for rid in h.rids}) == 1  # the same request id
+    assert sum(timeouts) <= 1000, timeouts
+    assert 333 in timeouts  # an equal share: the first attempt gets a third
+    assert alone.returncode == 4 and solo.timeouts_ms == [1000], alone.stderr
+    assert b"request 1 failed: timed out (1 attempt); input: y" in alone.stderr
+
+
+def test_with_no_live_instance_call_fails_once_with_exit_3() -> None:
+    """An endless input and an instance that is not there: one error line, not one per
+    request, and the input is not read to its end."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    call_cmd = " ".join([*LB, "call", "svc", "--connect", endpoint])
+    script = f'yes line | head -c 5000000 | {call_cmd}; echo "status ${{PIPESTATUS[2]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, timeout=60, check=False)
+    assert result.stdout == b"status 3\n", result.stderr[-500:]
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    expected = rf"eda-lb: error: no live instance of {endpoint} for [\d.]+ s "
+    assert re.fullmatch(expected + r"\(input from line 1 on not sent\)", lines[0]), lines
+
+
+def test_when_every_instance_dies_mid_stream_the_caller_stops_once(serve: Any) -> None:
+    """The requests sent are each reported (at most a window of them), the rest not sent;
+    the caller waits a request's time for an instance to come back, then stops."""
+    worker = serve(["sh", "-c", "read -r l; echo $l"], concurrency=4)
+    count = 0
+
+    def bodies() -> Iterator[bytes]:
+        nonlocal count
+        while True:
+            count += 1
+            if count == 20:
+                worker.stop()
+            yield b"%d" % count
+
+    out: list[bytes] = []
+    failed: list[tuple[int, bytes, str]] = []
+    caller = Caller(out=out.append, failed=lambda *f: failed.append(f), timeout=1.0,
+                    heartbeat=0.3, window=4)  # fmt: skip
+    try:
+        caller.use([(worker.endpoint, 1)])
+        caller.feed(bodies())
+        summary = caller.run()
+    finally:
+        caller.close()
+    assert summary.no_instance and summary.unsent is not None
+    # every line before the first one not sent: answered, or reported once
+    assert summary.ok >= 10 and summary.ok + summary.failed == summary.unsent
+    *sent, first_unsent = failed
+    assert first_unsent == (summary.unsent, b"%d" % (summary.unsent + 1), "no live instance (not sent)")
+    assert len(sent) == summary.failed and len({seq for seq, _, _ in sent}) == len(sent)
+    assert all(seq < summary.unsent for seq, _, _ in sent)
+    assert summary.no_instance_for >= 1.0  # a whole request's time for one to come back
+    assert count < 100  # the endless input was not read on
+
+
+def test_an_instance_that_comes_up_just_after_the_caller_is_used(serve: Any) -> None:
+    """`eda-lb worker ... & eda-lb call ...`: giving up fast does not mean giving up before
+    an instance starting at the same time had its chance."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+
+    def late(caller: Caller) -> None:  # the worker starts 0.6 s after the caller
+        start = lambda: serve(persistent("late"), bind=endpoint, persistent=True)  # noqa: E731
+        caller.after(0.6, "late worker", start)
+
+    out, failed, summary, _ = call([endpoint], [b"a", b"b"], heartbeat=0.3, setup=late)
+    assert out == b"late a\nlate b\n" and not failed and not summary.no_instance

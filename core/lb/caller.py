@@ -10,10 +10,20 @@ instance (workers, or brokers with ``via``) and a
   *heartbeat* seconds each one is pinged, and one silent for three intervals
   is dropped (its socket closed, its requests retried elsewhere at once) and
   probed again on a fresh socket;
-- **retries**: a request that times out (*timeout* per attempt) or whose
-  instance dies is sent again, with the same rid, to another instance, up to
-  *retries* times; a ``busy`` reply is tried elsewhere without using up a
-  retry, within the request's overall time; an ``err`` reply is final;
+- **deadline**: *timeout* is each request's overall time, retries included;
+  an attempt gets an equal share of what is left of it (the time left divided
+  by the attempts left, no more than the live instances not tried yet), so
+  the attempts' timeouts never add up to more;
+- **retries**: a request whose attempt times out or whose instance dies is
+  sent again, with the same rid, to another instance, up to *retries* times;
+  a ``busy`` reply is tried elsewhere without using up a retry, within the
+  request's overall time; an ``err`` reply is final;
+- **no instance**: with no live instance for a whole *timeout* (or, before
+  the first one, for three heartbeats after every instance found was tried),
+  the requests sent are failed, :attr:`Summary.no_instance` is set, the first
+  request not sent is reported through *failed* (``no live instance (not
+  sent)``, not counted) and the rest are not read: the caller stops instead
+  of failing every input line in turn;
 - **order**: replies are emitted in input order (or as they come with
   *unordered*); a request is answered at most once -- a late reply to an
   attempt that was already retried is taken if it comes first, and the
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import os
 import secrets
 import time
@@ -121,7 +132,14 @@ class Summary:
     busy: int = 0
     late: int = 0  # replies to requests already answered (ignored)
     dropped_instances: int = 0
+    no_instance: bool = False  # stopped: no live instance for too long (the rest not sent)
+    no_instance_for: float = 0.0  # then: seconds without one
+    unsent: int | None = None  # then: the first input line not sent (from 0), if any
     picks: dict[str, int] = field(default_factory=dict)
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''}"
 
 
 def endpoint_of(inst: Instance) -> str:
@@ -157,14 +175,14 @@ class Caller(Daemon):
         self.timeout, self.retries, self.window = timeout, retries, max(1, window)
         self.unordered, self.heartbeat, self.max_request = unordered, heartbeat, max_request
         self.relookup = relookup
-        self.timeout_ms = b"%d" % max(1, int(timeout * 1000))
         self.conns: dict[str, Conn] = {}
         self.candidates: dict[str, int] = {}  # found, not connected yet: endpoint -> weight
         self.wanted: dict[str, int] = {}  # the latest instances found
         self.by_sock: dict[zmq.Socket[bytes], Conn] = {}
         self.pending: dict[bytes, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()  # to send (or resend)
-        self.deadlines: collections.deque[tuple[float, Request, int]] = collections.deque()
+        # (when, tie-breaker, request, attempt) of the attempts in flight, a heap
+        self.deadlines: list[tuple[float, int, Request, int]] = []
         self.delayed: list[tuple[float, Request]] = []  # busy everywhere: to try again later
         self.summary = Summary()
         self.prefix = f"{os.getpid():x}-{secrets.token_hex(2)}.".encode()
@@ -181,6 +199,7 @@ class Caller(Daemon):
         self.started = time.monotonic()
         self.ping_seq = 0
         self.empty_since: float | None = None
+        self.ever_live = False
         self.holding = True
         self.hold_until = self.started + min(0.5, heartbeat, timeout)
         self._buf: list[bytes] = []
@@ -318,6 +337,7 @@ class Caller(Daemon):
             return
         warm = now - self.started > 1.0
         conn.backend = self.balancer.add(conn.key, conn.weight, conn, warm=warm)
+        self.ever_live = True
         self.log(f"instance {conn.key} is live")
         self._fill()
 
@@ -428,6 +448,9 @@ class Caller(Daemon):
         while len(pending) < window:
             if waiting:
                 req = waiting.popleft()
+                if req.attempt and now >= req.first + self.timeout:
+                    self._expire(req)
+                    continue
             else:
                 if self.next_seq - self.next_out > REORDER_LIMIT and not self.unordered:
                     return
@@ -447,6 +470,19 @@ class Caller(Daemon):
                 return
         self._emit()
 
+    def _attempts_left(self, req: Request) -> int:
+        """The attempts *req* may still make, the one about to be sent included: its retries
+        left, but no more than the live instances it was not tried on (a retry after a
+        timeout on the same instance would only wait behind the same queue again).  Each
+        attempt gets an equal share of the time left, so they never take longer than the
+        request."""
+        left = self.retries + 1 - req.tries
+        if left > 1:
+            balancer, tried = self.balancer, req.tried
+            untried = len(balancer) - (sum(1 for k in tried if k in balancer) if tried else 0)
+            left = max(1, min(left, untried))
+        return max(1, left)
+
     def _send(self, req: Request, now: float) -> bool:
         backend = self.balancer.pick(req.tried or ())
         if backend is None:
@@ -454,8 +490,11 @@ class Caller(Daemon):
         conn: Conn = backend.data
         sock = conn.sock
         assert sock is not None
+        if not req.attempt and not req.busy:
+            req.first = now  # the request's time starts when it is first sent
+        share = max(0.001, (req.first + self.timeout - now) / self._attempts_left(req))
         try:
-            send_request(sock, req.rid, self.timeout_ms, req.body)
+            send_request(sock, req.rid, b"%d" % max(1, int(share * 1000)), req.body)
         except zmq.ZMQError:
             return False
         self.balancer.started(backend)
@@ -463,7 +502,7 @@ class Caller(Daemon):
         req.attempt += 1
         conn.inflight[req.rid] = req
         self.pending[req.rid] = req
-        self.deadlines.append((now + self.timeout, req, req.attempt))
+        heapq.heappush(self.deadlines, (now + share, self.summary.sent, req, req.attempt))
         self.summary.sent += 1
         return True
 
@@ -565,7 +604,7 @@ class Caller(Daemon):
         req.busy += 1
         conn = req.conn
         req.conn = None
-        if now - req.first > self.timeout * (self.retries + 1):
+        if now >= req.first + self.timeout:
             self._fail(req, "every instance is busy")
             return
         if conn is not None:
@@ -583,16 +622,24 @@ class Caller(Daemon):
         conn = req.conn
         req.conn = None
         req.tries += 1
-        if req.tries > self.retries:
+        if req.tries > self.retries or now >= req.first + self.timeout:
             if why == "timed out":
                 self.summary.timed_out += 1
-            attempts = req.tries
-            self._fail(req, f"{why} ({attempts} attempt{'s' if attempts > 1 else ''})")
+            self._fail(req, f"{why} ({_attempts(req.attempt)})")
             return
         self.summary.retried += 1
         if conn is not None:
             req.tried = (req.tried or set()) | {conn.key}
         self.waiting.appendleft(req)
+
+    def _expire(self, req: Request) -> None:
+        """*req*, sent and waiting to be sent again, is past its overall deadline."""
+        self.pending.pop(req.rid, None)
+        if not self.balancer:  # its instance died, and there is no other
+            self._fail(req, f"no live instance ({_attempts(req.attempt)})")
+        else:
+            self.summary.timed_out += 1
+            self._fail(req, f"timed out ({_attempts(req.attempt)})")
 
     def _fail(self, req: Request, reason: str) -> None:
         self.summary.failed += 1
@@ -626,7 +673,7 @@ class Caller(Daemon):
         deadlines = self.deadlines
         expired = False
         while deadlines and deadlines[0][0] <= now:
-            _, req, attempt = deadlines.popleft()
+            _, _, req, attempt = heapq.heappop(deadlines)
             if req.attempt != attempt or req.rid not in self.pending or req.conn is None:
                 continue  # answered, or already retried
             conn = req.conn
@@ -642,24 +689,74 @@ class Caller(Daemon):
                 self.delayed = [d for d in self.delayed if d[0] > now]
                 self.waiting.extend(req for _, req in due)
                 expired = True
+        if self.waiting:
+            # retries that found no instance to go to: each ends at its overall deadline
+            keep: collections.deque[Request] = collections.deque()
+            for req in self.waiting:
+                if req.attempt and now >= req.first + self.timeout:
+                    self._expire(req)
+                else:
+                    keep.append(req)
+            self.waiting = keep
         if not self.balancer:
             if self.empty_since is None:
                 self.empty_since = now
-            elif now - self.empty_since > self.timeout:
-                # no live instance for a whole timeout: fail what waits rather than wait forever
-                self.waiting.extend(req for _, req in self.delayed)
-                self.delayed.clear()
-                while self.waiting:
-                    self._fail(self.waiting.popleft(), "no live instance")
-                while (body := self._next_body()) is not None:
-                    seq = self.next_seq
-                    self.next_seq += 1
-                    self._fail(Request(seq, self.prefix + b"%d" % seq, body), "no live instance")
+            elif self._hopeless(now):
+                self.summary.no_instance_for = now - self.empty_since
+                self._give_up()
+                return
         else:
             self.empty_since = None
         if expired:
             self._fill()
         self._emit()
+
+    def _hopeless(self, now: float) -> bool:
+        """No live instance, and none to hope for: for a whole request's time (for one to
+        come back, or to be found); for a first one, three heartbeats (1 s at least) after
+        every instance found was tried -- one that is up answers its first ping at once."""
+        assert self.empty_since is not None
+        empty = now - self.empty_since
+        if empty >= self.timeout:
+            return True
+        if self.ever_live or self.candidates:
+            return False
+        wait = max(PROBE_TIME, 3 * self.heartbeat)
+        return empty >= wait and all(now - c.since >= wait for c in self.conns.values())
+
+    def _give_up(self) -> None:
+        """No live instance for too long: fail the requests sent (they may have run, each is
+        reported), send no more and stop (:attr:`Summary.no_instance`)."""
+        sent = [*self.pending.values(), *self.waiting, *(req for _, req in self.delayed)]
+        self.pending.clear()
+        self.waiting.clear()
+        self.delayed.clear()
+        self.deadlines.clear()
+        for conn in self.conns.values():
+            conn.inflight.clear()
+        more = bool(self.lines) or self.source is not None or not self.eof
+        unsent: Request | None = None
+        for req in sorted(sent, key=lambda r: r.seq):
+            if req.attempt:
+                self._fail(req, f"no live instance ({_attempts(req.attempt)})")
+            elif unsent is None:
+                unsent = req
+        self.summary.no_instance = True
+        if unsent is None and more:
+            body = self._next_body() if self.lines or self.source is not None else None
+            unsent = Request(self.next_seq, b"", body or b"")
+        if unsent is not None:
+            # the first request not sent is reported (not counted as failed): the others
+            # after it are not read
+            self.summary.unsent = unsent.seq
+            self.failed_cb(unsent.seq, unsent.body, "no live instance (not sent)")
+        self.lines.clear()
+        self.source = None
+        self.eof = True
+        if self.fd >= 0:
+            self.forget(self.fd)
+        self._emit()
+        self.stop()
 
     # -- running ----------------------------------------------------------------------------------
     def done(self) -> bool:
