@@ -649,7 +649,9 @@ def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
         thread.join(5)
         router.close()
     assert out == b"got a\ngot b\ngot c\n" and not failed
-    assert caller.malformed >= 9 and summary.late >= 6  # forged and duplicate replies
+    # forged and duplicate replies; the caller may end before the duplicate of the last
+    # request arrives, so 3 forged and 2 duplicates are sure to be read: 5
+    assert caller.malformed >= 9 and summary.late >= 5
 
 
 def test_an_instance_cannot_answer_a_request_sent_to_another() -> None:
