@@ -233,7 +233,12 @@ def serve(
     for line in getattr(engine, "warnings", ()):
         ctx.warn(f"warning: {line}")
     settings = Settings(
-        bind=bind, max_age=max_age, max_bytes=max_bytes, mdns=not no_mdns, name=name
+        bind=bind,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        mdns=not no_mdns,
+        name=name,
+        port_file=_port_file(data, getattr(engine, "stream", None)),
     )
     try:
         server = BusServer(
@@ -257,6 +262,17 @@ def serve(
         server.serve()
     finally:
         server.close()
+
+
+def _port_file(data: str | None, stream: str | None) -> str:
+    """Where serve remembers its port: in the data directory, or for a NATS front
+    (no directory of its own) in $XDG_STATE_HOME/eda, one file per stream."""
+    import os
+
+    if data is not None:
+        return os.path.join(data, "port")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "eda", f"bus-nats-{stream}.port")
 
 
 def _open_engine(

@@ -267,6 +267,32 @@ def _group(ep: str) -> dict[str, object] | None:
     return next((r for r in rows if r.get("consumer") == "group"), None)
 
 
+def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
+    procs: Procs, engine: Bus
+) -> None:
+    # the README's command, no --bind: the port of the last run is remembered
+    # (embedded: in --data; NATS: under $XDG_STATE_HOME, per stream)
+    serve = ["eda-bus", "serve", *engine.serve_args(), "-v"]
+    bus = procs.eda(*serve)
+    ep = bus.wait_stderr(SERVING, 30)[1]
+    bus.wait_stderr("announced bus", 15)
+    n = 50_000
+    sub = procs.eda("eda-sub", "--bus", "nums", "--from-start", "-C", str(n), "--raw")
+    pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 25_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()  # kill -9 mid-stream, then the same command again
+    _feed(pub, range(25_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    bus = procs.eda(*serve)
+    assert bus.wait_stderr(SERVING, 30)[1] == ep
+    assert pub.wait(60) == 0, pub.stderr
+    assert int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+    assert sub.wait(60) == 0, sub.stderr
+    assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
+
+
 def test_clients_find_the_bus_by_mdns(procs: Procs, engine: Bus) -> None:
     bus = procs.eda("eda-bus", "serve", *engine.serve_args(), "-v")
     bus.wait_stderr("announced bus", 15)

@@ -66,6 +66,7 @@ class Settings:
     retain_every: float = 60.0
     mdns: bool = True
     name: str = ""
+    port_file: str | None = None  # where the port is remembered across restarts
 
 
 class BusServer(Daemon):
@@ -88,7 +89,7 @@ class BusServer(Daemon):
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
-        self.endpoint = self.bind(self.sock, settings.bind)
+        self.endpoint = self.bind_remembered(self.sock, settings.bind, settings.port_file)
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
         self.refused = 0
