@@ -293,6 +293,31 @@ def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
     assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
 
 
+def test_a_publisher_finds_a_bus_that_came_back_elsewhere_again(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "bus"
+    bus = procs.eda("eda-bus", "serve", "--data", str(data), "-v")
+    ep = bus.wait_stderr(SERVING, 30)[1]
+    bus.wait_stderr("announced bus", 15)
+    n = 20_000
+    pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 10_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()
+    (data / "port").unlink()  # forgotten: it comes back on another port
+    _feed(pub, range(10_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    bus = procs.eda("eda-bus", "serve", "--data", str(data), "-v")
+    ep2 = bus.wait_stderr(SERVING, 30)[1]
+    assert ep2 != ep
+    assert pub.wait(60) == 0, pub.stderr  # it looked again (cache, then mDNS)
+    assert int(stored_stats(ep2)["events"]) == n  # type: ignore[call-overload]
+    got = replay(ep2, "nums", n, "--raw")
+    assert sorted(int(x) for x in got) == list(range(1, n + 1))
+
+
 def test_clients_find_the_bus_by_mdns(procs: Procs, engine: Bus) -> None:
     bus = procs.eda("eda-bus", "serve", *engine.serve_args(), "-v")
     bus.wait_stderr("announced bus", 15)

@@ -23,7 +23,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import zmq
@@ -35,6 +35,7 @@ from ..reqrep import ProtocolError, check_endpoint, decode, encode, tcp_reachabl
 from . import protocol as p
 
 RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
+LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
 WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
 WINDOW_BATCHES = 4096
 CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
@@ -109,8 +110,13 @@ class BusPublisher:
         source: str | None = None,
         timeout: float = 10.0,
         resend_after: float = RESEND_AFTER,
+        relocate: Callable[[], str] | None = None,
     ) -> None:
+        """*relocate* finds the bus again (e.g. :func:`find_bus`: cache, then mDNS) when
+        it stops answering; the pending batches then go to where it is now."""
         self.endpoint = endpoint
+        self._relocate = relocate
+        self._looked = 0.0
         # 128 random bits: the bus keeps every (pubid, topic)'s sequences, so an id
         # another run ever used would have this run's events dropped as duplicates
         self.pubid = secrets.token_hex(16)
@@ -230,6 +236,7 @@ class BusPublisher:
                 raise ConfirmTimeout(self._timeout_text())
             since = max(self._progress, self._resent_at)
             if now - since >= self.resend_after:
+                self._look_again(now)
                 self._resend()
                 since = now
             wait = min(deadline, since + self.resend_after) - now
@@ -237,6 +244,21 @@ class BusPublisher:
                 self.service()
                 if limit is None and stall and len(self.pending) < WINDOW_BATCHES // 2:
                     return
+
+    def _look_again(self, now: float) -> None:
+        """No answer for a while: find the bus again; if it moved, talk to it there."""
+        silent = now - self._progress
+        if self._relocate is None or silent < LOOK_AGAIN_AFTER or now - self._looked < 1.0:
+            return
+        self._looked = now
+        try:
+            endpoint = self._relocate()
+        except EdaError:
+            return  # none found now: go on resending where it was
+        if endpoint != self.endpoint:
+            self.sock.close()
+            self.sock = _dealer(endpoint)
+            self.endpoint = endpoint
 
     def _resend(self) -> None:
         self._resent_at = time.monotonic()
