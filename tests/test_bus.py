@@ -293,7 +293,7 @@ def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
     assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
 
 
-def test_a_publisher_finds_a_bus_that_came_back_elsewhere_again(
+def test_clients_find_a_bus_that_came_back_elsewhere_again(
     procs: Procs, tmp_path: Path
 ) -> None:
     data = tmp_path / "bus"
@@ -301,6 +301,7 @@ def test_a_publisher_finds_a_bus_that_came_back_elsewhere_again(
     ep = bus.wait_stderr(SERVING, 30)[1]
     bus.wait_stderr("announced bus", 15)
     n = 20_000
+    sub = procs.eda("eda-sub", "--bus", "nums", "--from-start", "-C", str(n), "--raw")
     pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
     _feed(pub, range(1, 10_001))
     wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
@@ -316,6 +317,8 @@ def test_a_publisher_finds_a_bus_that_came_back_elsewhere_again(
     assert int(stored_stats(ep2)["events"]) == n  # type: ignore[call-overload]
     got = replay(ep2, "nums", n, "--raw")
     assert sorted(int(x) for x in got) == list(range(1, n + 1))
+    assert sub.wait(30) == 0, sub.stderr  # the running subscriber found it again too
+    assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
 
 
 def test_clients_find_the_bus_by_mdns(procs: Procs, engine: Bus) -> None:

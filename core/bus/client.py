@@ -317,8 +317,13 @@ class BusSubscriber:
         durable: str | None = None,
         group: str | None = None,
         credit: int | None = None,
+        relocate: Callable[[], str] | None = None,
     ) -> None:
+        """*relocate* finds the bus again (e.g. :func:`find_bus`) when it stops
+        answering: the subscription then goes on where it is now."""
         self.endpoint = endpoint
+        self._relocate = relocate
+        self._heard = self._looked = time.monotonic()
         self.patterns = patterns
         self.start = start
         self.durable = durable
@@ -363,6 +368,7 @@ class BusSubscriber:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._heartbeat()
+            self._look_again()
             wait = p.HEARTBEAT
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
@@ -370,6 +376,25 @@ class BusSubscriber:
                     return False
             if self.sock.poll(max(1, int(wait * 1000))):
                 return True
+
+    def _look_again(self) -> None:
+        """Nothing heard for a while and the bus refuses connections: find it again."""
+        now = time.monotonic()
+        if self._relocate is None or min(now - self._heard, now - self._looked) < LOOK_AGAIN_AFTER:
+            return
+        self._looked = now
+        if tcp_reachable(self.endpoint):
+            return  # there, only quiet
+        try:
+            endpoint = self._relocate()
+        except EdaError:
+            return
+        if endpoint != self.endpoint:
+            self.sock.close()
+            self.sock = _dealer(endpoint)
+            self.endpoint = endpoint
+            self.resubscribed += 1
+            self.subscribe()
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_send >= p.HEARTBEAT:
@@ -381,6 +406,7 @@ class BusSubscriber:
         n = 0
         while n < limit and self.sock.poll(0):
             frames = self.sock.recv_multipart()
+            self._heard = time.monotonic()
             kind = frames[0]
             if kind == p.DELIVER and len(frames) >= 5 and len(frames[1]) == 8:
                 try:
