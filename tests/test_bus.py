@@ -321,6 +321,26 @@ def test_clients_find_a_bus_that_came_back_elsewhere_again(
     assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
 
 
+def test_a_remembered_port_that_is_taken_or_garbage_gives_another_port(
+    procs: Procs, tmp_path: Path
+) -> None:
+    first, ep = start_bus(procs, tmp_path / "a")
+    taken = ep.rsplit(":", 1)[1]
+    assert (tmp_path / "a" / "port").read_text().strip() == taken
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "port").write_text(taken)
+    second, ep2 = start_bus(procs, tmp_path / "b")
+    assert ep2 != ep
+    assert f"port {taken} of the last run is taken: binding another" in second.stderr
+    assert (tmp_path / "b" / "port").read_text().strip() == ep2.rsplit(":", 1)[1]
+    second.kill()
+    (tmp_path / "b" / "port").write_text("99999\n\x1b[2J")  # garbage: ignored
+    third, ep3 = start_bus(procs, tmp_path / "b")
+    assert "warning" not in third.stderr
+    done = run("eda-pub", "--bus", ep3, "--confirm", "t.x", "hello")
+    assert done.returncode == 0, done.stderr
+
+
 def test_clients_find_the_bus_by_mdns(procs: Procs, engine: Bus) -> None:
     bus = procs.eda("eda-bus", "serve", *engine.serve_args(), "-v")
     bus.wait_stderr("announced bus", 15)
