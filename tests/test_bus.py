@@ -324,7 +324,7 @@ def test_clients_find_a_bus_that_came_back_elsewhere_again(
 def test_a_remembered_port_that_is_taken_or_garbage_gives_another_port(
     procs: Procs, tmp_path: Path
 ) -> None:
-    first, ep = start_bus(procs, tmp_path / "a")
+    _, ep = start_bus(procs, tmp_path / "a")
     taken = ep.rsplit(":", 1)[1]
     assert (tmp_path / "a" / "port").read_text().strip() == taken
     (tmp_path / "b").mkdir()
