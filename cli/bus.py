@@ -285,6 +285,7 @@ def serve(
         max_connections=max_connections or 0,
         client_bytes=client_bytes,
         queued_bytes=queued_bytes,
+        port_file=_port_file(data, getattr(engine, "stream", None)),
     )
     try:
         server = BusServer(
@@ -308,6 +309,17 @@ def serve(
         server.serve()
     finally:
         server.close()
+
+
+def _port_file(data: str | None, stream: str | None) -> str:
+    """Where serve remembers its port: in the data directory, or for a NATS front
+    (no directory of its own) in $XDG_STATE_HOME/eda, one file per stream."""
+    import os
+
+    if data is not None:
+        return os.path.join(data, "port")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "eda", f"bus-nats-{stream}.port")
 
 
 def _open_engine(

@@ -222,6 +222,7 @@ def command(
             ctx, endpoint, topic, messages, kind, envelope, whole_data if whole else None,
             headers, rate, reject,
             confirm_timeout if confirm else linger, confirm,
+            relocate=lambda: bus_endpoint(bus, interface, no_mdns),
         )  # fmt: skip
         return
 
@@ -337,12 +338,13 @@ def _publish_to_bus(
     reject: Any,
     timeout: float,
     confirm: bool,
+    relocate: Any = None,
 ) -> None:
     """Publish through eda-bus: batches pipelined, each kept until the bus confirms it."""
     from eda.core import feed
     from eda.core.bus.client import BusPublisher, ConfirmTimeout
 
-    pub = BusPublisher(endpoint, headers=headers, timeout=timeout)
+    pub = BusPublisher(endpoint, headers=headers, timeout=timeout, relocate=relocate)
     ctx.debug(f"publishing to the bus at {endpoint} as {pub.pubid}")
     rejected = 0
     try:

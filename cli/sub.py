@@ -157,7 +157,7 @@ def command(
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
-            strict,
+            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns),
         )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
@@ -256,6 +256,7 @@ def _subscribe_bus(
     raw: bool,
     output: Output,
     strict: bool = False,
+    relocate: Any = None,
 ) -> None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out."""
     from eda.core.bus.client import BusSubscriber
@@ -265,8 +266,9 @@ def _subscribe_bus(
     # group's other members get the rest
     slow = output.mode == "exec"
     sub = BusSubscriber(
-        endpoint, patterns, start=start, durable=durable, group=group, credit=64 if slow else None
-    )
+        endpoint, patterns, start=start, durable=durable, group=group,
+        credit=64 if slow else None, relocate=relocate,
+    )  # fmt: skip
     limit = 16 if slow else 1 << 16
     render = _bus_renderer(raw, output)
     status: int = ExitStatus.OK

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -81,6 +82,30 @@ def check_port(endpoint: str, verb: str) -> None:
 def port_of(endpoint: str) -> int:
     """The port of a bound ``tcp://HOST:PORT`` endpoint."""
     return int(endpoint.rsplit(":", 1)[1])
+
+
+def read_port(path: str) -> int | None:
+    """The port a daemon's last run remembered in *path*, or None (none, or not a port)."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(16).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) <= 65535 else None
+
+
+def write_port(path: str, port: int) -> None:
+    """Remember *port* in *path* (atomically; best effort: a daemon runs on without it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(f"{port}\n")
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def received(
@@ -176,6 +201,25 @@ class Daemon:
         except zmq.ZMQError as exc:
             raise bind_failed(endpoint, exc.errno, exc) from None
         return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def bind_remembered(self, sock: zmq.Socket[bytes], endpoint: str, state: str | None) -> str:
+        """Bind *sock* like :meth:`bind`; a ``:0`` (any port) endpoint takes the port
+        remembered in the file *state* by the last run, so a daemon restarted with the
+        same command comes back where its clients expect it.  When that port is taken,
+        another is bound (with a warning).  The port bound is remembered (best effort)."""
+        if state is None or not endpoint.endswith(":0"):
+            return self.bind(sock, endpoint)
+        bound = None
+        port = read_port(state)
+        if port:
+            try:
+                bound = self.bind(sock, f"{endpoint[:-1]}{port}")
+            except BindError:
+                self.warn(f"warning: port {port} of the last run is taken: binding another")
+        if bound is None:
+            bound = self.bind(sock, endpoint)
+        write_port(state, port_of(bound))
+        return bound
 
     def close_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Stop watching *sock* and close it (with the linger it was made with)."""

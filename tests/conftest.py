@@ -65,6 +65,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = tmp_path_factory.mktemp("home")
     os.environ["XDG_CACHE_HOME"] = str(home / "cache")
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    os.environ["XDG_STATE_HOME"] = str(home / "state")  # ports daemons remember
     for var in [v for v in os.environ if v.startswith("EDA_") and v != "EDA_NETNS"]:
         del os.environ[var]
 

@@ -267,6 +267,80 @@ def _group(ep: str) -> dict[str, object] | None:
     return next((r for r in rows if r.get("consumer") == "group"), None)
 
 
+def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
+    procs: Procs, engine: Bus
+) -> None:
+    # the README's command, no --bind: the port of the last run is remembered
+    # (embedded: in --data; NATS: under $XDG_STATE_HOME, per stream)
+    serve = ["eda-bus", "serve", *engine.serve_args(), "-v"]
+    bus = procs.eda(*serve)
+    ep = bus.wait_stderr(SERVING, 30)[1]
+    bus.wait_stderr("announced bus", 15)
+    n = 50_000
+    sub = procs.eda("eda-sub", "--bus", "nums", "--from-start", "-C", str(n), "--raw")
+    pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 25_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()  # kill -9 mid-stream, then the same command again
+    _feed(pub, range(25_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    bus = procs.eda(*serve)
+    assert bus.wait_stderr(SERVING, 30)[1] == ep
+    assert pub.wait(60) == 0, pub.stderr
+    assert int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+    assert sub.wait(60) == 0, sub.stderr
+    assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
+
+
+def test_clients_find_a_bus_that_came_back_elsewhere_again(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "bus"
+    bus = procs.eda("eda-bus", "serve", "--data", str(data), "-v")
+    ep = bus.wait_stderr(SERVING, 30)[1]
+    bus.wait_stderr("announced bus", 15)
+    n = 20_000
+    sub = procs.eda("eda-sub", "--bus", "nums", "--from-start", "-C", str(n), "--raw")
+    pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
+    _feed(pub, range(1, 10_001))
+    wait_until(lambda: int(stored_stats(ep)["events"]) > 0, 15, "events stored")  # type: ignore[call-overload]
+    bus.kill()
+    (data / "port").unlink()  # forgotten: it comes back on another port
+    _feed(pub, range(10_001, n + 1))
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    bus = procs.eda("eda-bus", "serve", "--data", str(data), "-v")
+    ep2 = bus.wait_stderr(SERVING, 30)[1]
+    assert ep2 != ep
+    assert pub.wait(60) == 0, pub.stderr  # it looked again (cache, then mDNS)
+    assert int(stored_stats(ep2)["events"]) == n  # type: ignore[call-overload]
+    got = replay(ep2, "nums", n, "--raw")
+    assert sorted(int(x) for x in got) == list(range(1, n + 1))
+    assert sub.wait(30) == 0, sub.stderr  # the running subscriber found it again too
+    assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
+
+
+def test_a_remembered_port_that_is_taken_or_garbage_gives_another_port(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "a")
+    taken = ep.rsplit(":", 1)[1]
+    assert (tmp_path / "a" / "port").read_text().strip() == taken
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "port").write_text(taken)
+    second, ep2 = start_bus(procs, tmp_path / "b")
+    assert ep2 != ep
+    assert f"port {taken} of the last run is taken: binding another" in second.stderr
+    assert (tmp_path / "b" / "port").read_text().strip() == ep2.rsplit(":", 1)[1]
+    second.kill()
+    (tmp_path / "b" / "port").write_text("99999\n\x1b[2J")  # garbage: ignored
+    third, ep3 = start_bus(procs, tmp_path / "b")
+    assert "warning" not in third.stderr
+    done = run("eda-pub", "--bus", ep3, "--confirm", "t.x", "hello")
+    assert done.returncode == 0, done.stderr
+
+
 def test_clients_find_the_bus_by_mdns(procs: Procs, engine: Bus) -> None:
     bus = procs.eda("eda-bus", "serve", *engine.serve_args(), "-v")
     bus.wait_stderr("announced bus", 15)

@@ -23,7 +23,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import zmq
@@ -35,6 +35,7 @@ from ..reqrep import ProtocolError, check_endpoint, decode, encode, tcp_reachabl
 from . import protocol as p
 
 RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
+LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
 WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
 WINDOW_BATCHES = 4096
 CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
@@ -110,8 +111,13 @@ class BusPublisher:
         source: str | None = None,
         timeout: float = 10.0,
         resend_after: float = RESEND_AFTER,
+        relocate: Callable[[], str] | None = None,
     ) -> None:
+        """*relocate* finds the bus again (e.g. :func:`find_bus`: cache, then mDNS) when
+        it stops answering; the pending batches then go to where it is now."""
         self.endpoint = endpoint
+        self._relocate = relocate
+        self._looked = 0.0
         # 128 random bits: the bus keeps every (pubid, topic)'s sequences, so an id
         # another run ever used would have this run's events dropped as duplicates
         self.pubid = secrets.token_hex(16)
@@ -231,6 +237,7 @@ class BusPublisher:
                 raise ConfirmTimeout(self._timeout_text())
             since = max(self._progress, self._resent_at)
             if now - since >= self.resend_after:
+                self._look_again(now)
                 self._resend()
                 since = now
             wait = min(deadline, since + self.resend_after) - now
@@ -238,6 +245,21 @@ class BusPublisher:
                 self.service()
                 if limit is None and stall and len(self.pending) < WINDOW_BATCHES // 2:
                     return
+
+    def _look_again(self, now: float) -> None:
+        """No answer for a while: find the bus again; if it moved, talk to it there."""
+        silent = now - self._progress
+        if self._relocate is None or silent < LOOK_AGAIN_AFTER or now - self._looked < 1.0:
+            return
+        self._looked = now
+        try:
+            endpoint = self._relocate()
+        except EdaError:
+            return  # none found now: go on resending where it was
+        if endpoint != self.endpoint:
+            self.sock.close()
+            self.sock = _dealer(endpoint)
+            self.endpoint = endpoint
 
     def _resend(self) -> None:
         self._resent_at = time.monotonic()
@@ -296,8 +318,13 @@ class BusSubscriber:
         durable: str | None = None,
         group: str | None = None,
         credit: int | None = None,
+        relocate: Callable[[], str] | None = None,
     ) -> None:
+        """*relocate* finds the bus again (e.g. :func:`find_bus`) when it stops
+        answering: the subscription then goes on where it is now."""
         self.endpoint = endpoint
+        self._relocate = relocate
+        self._heard = self._looked = time.monotonic()
         self.patterns = patterns
         self.start = start
         self.durable = durable
@@ -343,6 +370,7 @@ class BusSubscriber:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._heartbeat()
+            self._look_again()
             wait = p.HEARTBEAT
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
@@ -350,6 +378,25 @@ class BusSubscriber:
                     return False
             if self.sock.poll(max(1, int(wait * 1000))):
                 return True
+
+    def _look_again(self) -> None:
+        """Nothing heard for a while and the bus refuses connections: find it again."""
+        now = time.monotonic()
+        if self._relocate is None or min(now - self._heard, now - self._looked) < LOOK_AGAIN_AFTER:
+            return
+        self._looked = now
+        if tcp_reachable(self.endpoint):
+            return  # there, only quiet
+        try:
+            endpoint = self._relocate()
+        except EdaError:
+            return
+        if endpoint != self.endpoint:
+            self.sock.close()
+            self.sock = _dealer(endpoint)
+            self.endpoint = endpoint
+            self.resubscribed += 1
+            self.subscribe()
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_send >= p.HEARTBEAT:
@@ -368,6 +415,7 @@ class BusSubscriber:
         n = 0
         while n < limit and self.sock.poll(0):
             frames = self.sock.recv_multipart()
+            self._heard = time.monotonic()
             kind = frames[0]
             if kind == p.DELIVER and len(frames) >= 5 and len(frames[1]) == 8:
                 try:

@@ -264,6 +264,11 @@ class NatsEngine:
         self._pending: list[tuple[_Head, asyncio.Future[Any]]] = []
         self._streams: dict[tuple[str, str], Ranges] = {}
         self._fresh: dict[tuple[str, str], Ranges] = {}
+        # publisher sequences of events no longer in the stream (retention), kept for a
+        # while so that a late resend of one is still a duplicate, also after a resync
+        # or a reopen (JetStream's duplicate window refuses its Msg-Id meanwhile)
+        self._gone: dict[tuple[str, str], tuple[Ranges, float]] = {}
+        self._gone_for = max(2 * duplicate_window, 600.0)
         self._topics_ok: set[str] = set()
         self._groups: dict[str, list[str]] = {}  # group -> patterns (its consumer exists)
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
@@ -443,6 +448,7 @@ class NatsEngine:
         pos = max(info.state.first_seq, self._heads[-1].sseq + 1 if self._heads else 1)
         gone = bisect.bisect_left([h.sseq for h in self._heads], info.state.first_seq)
         if gone:  # removed by the stream's own limits (max_age, max_bytes) or another front
+            self._forget(self._heads[:gone])
             del self._heads[:gone]
             del self._head_seqs[:gone]
         while pos <= last:
@@ -456,6 +462,37 @@ class NatsEngine:
         top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
         self._next = max(top, int(floor["next"]) if floor else 1)
         self._durable = self._next - 1
+        self._load_gone(await self._kv_get("retained"))
+
+    def _forget(self, heads: Sequence[_Head]) -> None:
+        """*heads* leave the stream: remember their publisher sequences (see _gone)."""
+        now = time.time()
+        for h in heads:
+            ranges, _ = self._gone.get((h.pubid, h.topic), ([], now))
+            add(ranges, h.pubseq, h.pubseq + h.size)
+            self._gone[h.pubid, h.topic] = (ranges, now)
+        self._gone = {k: v for k, v in self._gone.items() if v[1] > now - self._gone_for}
+
+    def _load_gone(self, value: dict[str, Any] | None) -> None:
+        """Merge what retention (of any front) wrote to the bucket; malformed rows are skipped."""
+        rows = value.get("streams") if isinstance(value, dict) else None
+        for row in rows if isinstance(rows, list) else []:
+            try:
+                pubid, topic, spans, when = row
+                key, when = (str(pubid), str(topic)), float(when)
+                ranges, seen = self._gone.get(key, ([], when))
+                for lo, hi in spans:
+                    if 1 <= int(lo) < int(hi) <= MAX_SEQ + 1:
+                        add(ranges, int(lo), int(hi))
+                self._gone[key] = (ranges, max(seen, when))
+            except (TypeError, ValueError):
+                continue
+        for key, (ranges, _) in self._gone.items():
+            for lo, hi in ranges:
+                add(self._streams.setdefault(key, []), lo, hi)
+
+    def _gone_value(self) -> dict[str, Any]:
+        return {"streams": [[k[0], k[1], r, when] for k, (r, when) in self._gone.items()]}
 
     def _index(self, msg: Any) -> _Head | None:
         head = self._head_of(msg.seq, msg.subject, msg.headers, msg.data)
@@ -678,6 +715,9 @@ class NatsEngine:
         """Forget what was not acknowledged and read what the stream really holds."""
         self._fresh.clear()
         self._streams.clear()
+        for key, (ranges, _) in self._gone.items():
+            for lo, hi in ranges:
+                add(self._streams.setdefault(key, []), lo, hi)
         for h in self._heads:
             add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
         try:
@@ -1115,6 +1155,8 @@ class NatsEngine:
         i = self._locate(plan.keep_from)
         sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
         self._run(self._kv_put("floor", {"next": self._next}))
+        self._forget(self._heads[:i])
+        self._run(self._kv_put("retained", self._gone_value()))
         self._run(self._js.purge_stream(self.stream, seq=sseq))
         del self._heads[:i]
         del self._head_seqs[:i]

@@ -94,6 +94,7 @@ class Settings:
     max_connections: int = 0  # 0: as many as the descriptor limit allows
     client_bytes: int = 64 << 20  # queued for one client (JetStream cuts a slow consumer there)
     queued_bytes: int = 512 << 20  # queued for all clients together
+    port_file: str | None = None  # where the port is remembered across restarts
 
 
 class BusServer(Daemon):
@@ -120,7 +121,7 @@ class BusServer(Daemon):
         self.max_connections = settings.max_connections or max(16, raise_fd_limit() - FD_RESERVE)
         self.connections: set[int] = set()
         self._watch_connections()
-        self.endpoint = self.bind(self.sock, settings.bind)
+        self.endpoint = self.bind_remembered(self.sock, settings.bind, settings.port_file)
         self.queued = QueuedBytes(settings.client_bytes, settings.queued_bytes)
         self._sender: zmq.Frame | None = None  # a frame of the message being handled
         self._own: set[str] = set()
