@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,8 @@ Examples:
 @click.option(
     "--since",
     metavar="TIME",
-    help="With --bus: start at events stored since TIME (RFC 3339, e.g. 2026-11-01T00:00Z).",
+    help="With --bus: start at events stored since TIME: RFC 3339 (2026-11-01T00:00Z), unix "
+    "seconds, or an age ago (90s, 30m, 1h, 2d, 1w).",
 )
 @click.option(
     "--last", type=click.IntRange(0), metavar="N", help="With --bus: the last N events, then live."
@@ -229,6 +231,13 @@ def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: 
     if since is not None:
         from datetime import UTC, datetime
 
+        if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdwSMHDW]\s*", since):  # an age: that long ago
+            from eda.core.bus.retention import parse_age
+
+            try:
+                return {"time": max(time.time() - parse_age(since), 0.0)}
+            except UsageError:
+                raise UsageError(f"bad --since {since!r}: an age must be positive") from None
         try:
             when = datetime.fromisoformat(since)
         except ValueError:
@@ -236,7 +245,8 @@ def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: 
                 return {"time": float(since)}
             except ValueError:
                 raise UsageError(
-                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z) or unix seconds"
+                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z), unix seconds"
+                    " or an age (30m, 1h, 2d)"
                 ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)

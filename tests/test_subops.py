@@ -1,0 +1,40 @@
+"""Everyday operations of eda-sub and eda-pub: relative --since, --until-end, topic rules, --progress."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from eda.cli.sub import _bus_start
+from eda.core.errors import UsageError
+from tests.helpers import Procs, run
+from tests.test_bus import start_bus
+
+
+@pytest.mark.parametrize(("age", "seconds"), [("90s", 90), ("30m", 1800), ("1h", 3600),
+                                              ("2d", 2 * 86400), ("1w", 7 * 86400)])  # fmt: skip
+def test_since_takes_an_age_ago(age: str, seconds: int) -> None:
+    before = time.time()
+    start = _bus_start(False, None, age, None)
+    after = time.time()
+    assert before - seconds <= start["time"] <= after - seconds
+
+
+@pytest.mark.parametrize("bad", ["0h", "1y", "h", "-1h", "yesterday"])
+def test_a_bad_since_is_a_usage_error_naming_the_option(bad: str) -> None:
+    with pytest.raises(UsageError, match="--since"):
+        _bus_start(False, None, bad, None)
+
+
+def test_since_an_age_replays_what_the_bus_stored_since(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    done = run("eda-pub", "--bus", ep, "--confirm", "s.n", input="a\nb\n")
+    assert done.returncode == 0, done.stderr
+    for age in ("1h", "30m", "2d"):
+        got = run("eda-sub", "--bus", ep, "s.n", "--since", age, "-C", "2", "--raw")
+        assert got.returncode == 0 and got.stdout.splitlines() == ["a", "b"], got.stderr
+    bad = run("eda-sub", "--bus", ep, "s.n", "--since", "2y")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
