@@ -38,3 +38,20 @@ def test_since_an_age_replays_what_the_bus_stored_since(procs: Procs, tmp_path: 
     bad = run("eda-sub", "--bus", ep, "s.n", "--since", "2y")
     assert bad.returncode == 2 and "--since" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+@pytest.mark.parametrize("bad", ["orders/#", "orders/+/eu", "orders.+", "orders.#", "#", "+"])
+def test_a_topic_follows_the_pattern_token_rules(bad: str) -> None:
+    done = run("eda-pub", "--no-mdns", "--connect", "tcp://127.0.0.1:1", bad, "hi")
+    assert done.returncode == 2, done.stderr
+    assert "invalid topic" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    refused = run("eda-sub", "--no-mdns", "--connect", "tcp://127.0.0.1:1", bad)
+    assert refused.returncode == 2, refused.stderr  # the same rule on both sides
+
+
+@pytest.mark.parametrize("good", ["orders.created", "c++.builds", "a/b", "eu#1.x", "é.ü"])
+def test_topics_without_wildcards_are_still_accepted(good: str) -> None:
+    from eda.core.topics import validate_pattern, validate_topic
+
+    assert validate_topic(good) == good
+    assert validate_pattern(good) == good
