@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
 import time
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import pytest
 
 from eda.cli.sub import _bus_start
 from eda.core.errors import UsageError
-from tests.helpers import Procs, run
+from tests.helpers import Procs, command, readable, run
 from tests.test_bus import start_bus
 
 
@@ -55,3 +58,47 @@ def test_topics_without_wildcards_are_still_accepted(good: str) -> None:
 
     assert validate_topic(good) == good
     assert validate_pattern(good) == good
+
+
+def _drawn_on_a_pty(argv: list[str], stdin_path: Path) -> bytes:
+    """What *argv* draws on a terminal stderr (a pty) until it ends, stdin from a file."""
+    leader, follower = pty.openpty()
+    with stdin_path.open("rb") as stdin:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    drawn = b""
+    try:
+        while readable([leader], 60):  # until the pty closes: the program ended
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the other end closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert proc.wait(30) == 0, drawn
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    return drawn
+
+
+def test_progress_counts_the_events_sent(tmp_path: Path) -> None:
+    dump = tmp_path / "dump.txt"
+    dump.write_text("".join(f"{i:05}\n" for i in range(2000)))  # 12,000 bytes
+    drawn = _drawn_on_a_pty(command("eda-pub", "--no-mdns", "--progress", "subops.p"), dump)
+    assert b"12.0 kB" in drawn, drawn  # the file's size, as before
+    assert b"2000 events sent" in drawn, drawn
+
+
+def test_progress_through_the_bus_counts_sent_and_confirmed(procs: Procs, tmp_path: Path) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    dump = tmp_path / "dump.txt"
+    dump.write_text("".join(f"{i:05}\n" for i in range(2000)))
+    argv = command("eda-pub", "--bus", ep, "--confirm", "--progress", "subops.p")
+    drawn = _drawn_on_a_pty(argv, dump)
+    assert b"2000 events sent, 2000 confirmed" in drawn, drawn
+    got = run("eda-sub", "--bus", ep, "subops.p", "--from-start", "-C", "2000", "--raw")
+    assert got.stdout.splitlines() == [f"{i:05}" for i in range(2000)], got.stderr
