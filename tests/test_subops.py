@@ -13,7 +13,9 @@ import pytest
 from eda.cli.sub import _bus_start
 from eda.core.errors import UsageError
 from tests.helpers import Procs, command, readable, run
-from tests.test_bus import start_bus
+from tests.test_bus import Bus, engine, start_bus
+
+__all__ = ["engine"]  # the fixture: each engine of the bus
 
 
 @pytest.mark.parametrize(("age", "seconds"), [("90s", 90), ("30m", 1800), ("1h", 3600),
@@ -102,3 +104,27 @@ def test_progress_through_the_bus_counts_sent_and_confirmed(procs: Procs, tmp_pa
     assert b"2000 events sent, 2000 confirmed" in drawn, drawn
     got = run("eda-sub", "--bus", ep, "subops.p", "--from-start", "-C", "2000", "--raw")
     assert got.stdout.splitlines() == [f"{i:05}" for i in range(2000)], got.stderr
+
+
+def test_until_end_dumps_what_is_stored_and_exits_0(procs: Procs, engine: Bus) -> None:
+    _, ep = engine.start()
+    for topic, body in [("a.x", "1\n2\n"), ("b.y", "3\n"), ("a.z", "4\n"), ("b.y", "5\n6\n")]:
+        done = run("eda-pub", "--bus", ep, "--confirm", topic, input=body)
+        assert done.returncode == 0, done.stderr
+
+    def dump(*args: str) -> list[str]:
+        got = run("eda-sub", "--bus", ep, *args, "--until-end", "--raw", "-W", "60")
+        assert got.returncode == 0, got.stderr
+        return got.stdout.splitlines()
+
+    # fewer stored than asked for: what exists, then the end (kcat -o -10 -e)
+    assert dump("a.>", "--last", "10") == ["1", "2", "4"]
+    assert dump("a.>", "--last", "2") == ["2", "4"]
+    assert dump(">") == ["1", "2", "3", "4", "5", "6"]  # from the start unless told
+    assert dump("b.y", "--from-seq", "4") == ["5", "6"]
+    assert dump("a.>", "--since", "1h") == ["1", "2", "4"]
+    assert dump("a.>", "--from-seq", "5") == []  # nothing matching left: ends at once
+    assert dump("nothing.here") == []
+    assert dump(">", "-C", "2") == ["1", "2"]
+    refused = run("eda-sub", "--bus", ep, "a.>", "--until-end", "--durable", "d")
+    assert refused.returncode == 2 and "--until-end" in refused.stderr
