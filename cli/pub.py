@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -123,7 +124,8 @@ def _parse_header(
 @click.option(
     "--progress",
     is_flag=True,
-    help="Progress bar on stderr when stdin is a file and stderr a terminal.",
+    help="Progress bar on stderr when stdin is a file and stderr a terminal: bytes read, "
+    "events sent and, with --bus, confirmed.",
 )
 @click.option(
     "--linger",
@@ -222,7 +224,7 @@ def command(
             ctx, endpoint, topic, messages, kind, envelope, whole_data if whole else None,
             headers, rate, reject,
             confirm_timeout if confirm else linger, confirm,
-            relocate=lambda: bus_endpoint(bus, interface, no_mdns),
+            relocate=lambda: bus_endpoint(bus, interface, no_mdns), progress=progress,
         )  # fmt: skip
         return
 
@@ -289,7 +291,9 @@ def command(
             feeder = feed.Feeder(
                 pub, topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject
             )
-            bar = _progress_bar(sys.stdin.fileno()) if progress else None
+            bar = None
+            if progress:
+                bar = _progress_bar(sys.stdin.fileno(), lambda: (pub.total_sent, None))
             try:
                 feeder.run(
                     sys.stdin.fileno(),
@@ -297,6 +301,8 @@ def command(
                     announce_after=None if no_mdns else ANNOUNCE_AFTER,
                     on_announced=lambda: ctx.debug(f"announced as {pub.id} on mDNS"),
                 )
+                if bar is not None:
+                    bar.advance(0)  # the last chunk's events
             finally:
                 if bar is not None:
                     bar.stop()
@@ -339,6 +345,7 @@ def _publish_to_bus(
     timeout: float,
     confirm: bool,
     relocate: Any = None,
+    progress: bool = False,
 ) -> None:
     """Publish through eda-bus: batches pipelined, each kept until the bus confirms it."""
     from eda.core import feed
@@ -347,6 +354,7 @@ def _publish_to_bus(
     pub = BusPublisher(endpoint, headers=headers, timeout=timeout, relocate=relocate)
     ctx.debug(f"publishing to the bus at {endpoint} as {pub.pubid}")
     rejected = 0
+    bar = None
     try:
         if messages:
             raw = [m.encode(errors="surrogateescape") for m in messages]
@@ -358,14 +366,20 @@ def _publish_to_bus(
                 pub,  # type: ignore[arg-type]
                 topic, kind=kind, envelope=envelope, rate=rate, on_reject=reject,
             )  # fmt: skip
-            feeder.run(sys.stdin.fileno())
+            if progress:
+                bar = _progress_bar(sys.stdin.fileno(), lambda: (pub.total_sent, pub.confirmed))
+            feeder.run(sys.stdin.fileno(), on_read=bar.advance if bar else None)
             rejected = feeder.rejected
         pub.finish()
+        if bar is not None:
+            bar.advance(0)  # the confirmations that came in at the end
     except ConfirmTimeout as exc:
         if confirm:
             raise
         ctx.warn(f"warning: {exc}")
     finally:
+        if bar is not None:
+            bar.stop()
         pub.close()
     ctx.debug(f"{pub.confirmed} event(s) confirmed, {pub.resent} batch(es) sent again")
     for what, why in pub.refused:
@@ -417,30 +431,38 @@ def _report(ctx: Context, outcome: Outcome) -> None:
     # (subscribers that went away were reported by on_gone as it happened)
 
 
-def _progress_bar(fd: int) -> Any:
-    """A rich progress bar on a terminal stderr for a regular file on *fd*, else None."""
+def _progress_bar(fd: int, counts: Callable[[], tuple[int, int | None]]) -> Any:
+    """A rich progress bar on a terminal stderr for a regular file on *fd*, else None.
+
+    Beside the bytes read of the file, it shows the events sent and, through
+    the bus, those it confirmed: *counts* returns both (None: no confirmations).
+    """
     import stat
 
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or not sys.stderr.isatty():
         return None  # (no progress into a pipe or a log: not even a blank line)
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    def events() -> str:
+        sent, confirmed = counts()
+        return f"{sent} events sent" + ("" if confirmed is None else f", {confirmed} confirmed")
 
     bar = Progress(
         "[progress.description]{task.description}",
-        BarColumn(),
+        BarColumn(bar_width=20),  # (room for the counts on 80 columns)
         DownloadColumn(),
-        TransferSpeedColumn(),
+        TextColumn("{task.fields[events]}", markup=False),
         console=Console(stderr=True),
         transient=True,
     )
-    task = bar.add_task("eda-pub", total=info.st_size)
+    task = bar.add_task("eda-pub", total=info.st_size, events=events())
     bar.start()
 
     class _Bar:
         def advance(self, n: int) -> None:
-            bar.advance(task, n)
+            bar.update(task, advance=n, events=events())
 
         def stop(self) -> None:
             bar.stop()

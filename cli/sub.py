@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -92,10 +93,17 @@ Examples:
 @click.option(
     "--since",
     metavar="TIME",
-    help="With --bus: start at events stored since TIME (RFC 3339, e.g. 2026-11-01T00:00Z).",
+    help="With --bus: start at events stored since TIME: RFC 3339 (2026-11-01T00:00Z), unix "
+    "seconds, or an age ago (90s, 30m, 1h, 2d, 1w).",
 )
 @click.option(
     "--last", type=click.IntRange(0), metavar="N", help="With --bus: the last N events, then live."
+)
+@click.option(
+    "--until-end",
+    is_flag=True,
+    help="With --bus: exit 0 at the end of what is stored (from the start chosen, else the "
+    "first stored event) instead of going on live.",
 )
 @click.option(
     "--durable",
@@ -123,6 +131,7 @@ def command(
     from_seq: int | None,
     since: str | None,
     last: int | None,
+    until_end: bool,
     durable: str | None,
     group: str | None,
     config: str | None,
@@ -144,6 +153,10 @@ def command(
         raise UsageError("choose one of --raw, --json and --format")
     bus, patterns = split_bus(bus, patterns)
     start = _bus_start(from_start, from_seq, since, last)
+    if until_end and (durable or group):
+        raise UsageError("--until-end excludes --durable and --group")
+    if until_end and start is None:
+        start = "start"  # a dump of what is stored: from its beginning unless told
     if (start is not None or durable or group) and bus is None:
         bus = AUTO
     if bus is not None:
@@ -157,7 +170,7 @@ def command(
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
-            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns),
+            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), until_end=until_end,
         )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
@@ -229,6 +242,13 @@ def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: 
     if since is not None:
         from datetime import UTC, datetime
 
+        if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdwSMHDW]\s*", since):  # an age: that long ago
+            from eda.core.bus.retention import parse_age
+
+            try:
+                return {"time": max(time.time() - parse_age(since), 0.0)}
+            except UsageError:
+                raise UsageError(f"bad --since {since!r}: an age must be positive") from None
         try:
             when = datetime.fromisoformat(since)
         except ValueError:
@@ -236,7 +256,8 @@ def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: 
                 return {"time": float(since)}
             except ValueError:
                 raise UsageError(
-                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z) or unix seconds"
+                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z), unix seconds"
+                    " or an age (30m, 1h, 2d)"
                 ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -257,10 +278,27 @@ def _subscribe_bus(
     output: Output,
     strict: bool = False,
     relocate: Any = None,
+    until_end: bool = False,
 ) -> None:
-    """Events from eda-bus: replay from *start*, then live; acknowledged once written out."""
+    """Events from eda-bus: replay from *start*, then live; acknowledged once written out.
+
+    With *until_end*, only up to the last event stored when it starts, then return.
+    """
     from eda.core.bus.client import BusSubscriber
     from eda.core.errors import EdaError
+
+    matcher = None
+    end = 0  # with until_end: the last bus sequence to deliver
+    if until_end:
+        start, end = _stored_range(endpoint, patterns, start)
+        if start["seq"] > end:  # nothing stored from there
+            output.finish()
+            return
+        # every topic is read, and the matching ones kept here: reaching bus sequence
+        # *end* then tells that nothing matching is left before it
+        from eda.core.topics import Matcher
+
+        matcher, patterns = Matcher(patterns), [">"]
 
     # --exec is slow per event: take few at a time, so heartbeats keep going and a
     # group's other members get the rest
@@ -293,7 +331,17 @@ def _subscribe_bus(
                 reported_lost = sub.lost
                 if strict:
                     raise Exit(ExitStatus.LOSS)
-            if got:
+            if got and matcher is not None:
+                reached = sub.last >= end
+                got = [d for d in got if d.busseq <= end and matcher(d.batch.topic)]
+                if remaining is not None and got:
+                    got, remaining = _take(got, remaining)
+                if got:
+                    render(got)
+                if reached:
+                    break
+                idle_since = time.monotonic()
+            elif got:
                 if remaining is not None:
                     got, remaining = _take(got, remaining)
                 render(got)
@@ -315,6 +363,22 @@ def _subscribe_bus(
         status = ExitStatus.ERROR
     if status:
         raise Exit(status)
+
+
+def _stored_range(endpoint: str, patterns: list[str], start: Any) -> tuple[dict[str, int], int]:
+    """Where *start* is for *patterns*, and the last bus sequence stored now.
+
+    The bus answers a subscription with both; this one takes no event (no credit).
+    """
+    from eda.core.bus.client import request
+    from eda.core.errors import EdaError
+
+    reply = request(endpoint, {"op": "sub", "patterns": patterns, "from": start, "credit": 0})
+    first, last = reply.get("from"), reply.get("last")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (first, last)):
+        raise EdaError("the bus answered a subscription without its range")
+    assert isinstance(first, int) and isinstance(last, int)
+    return {"seq": max(first, 1)}, last
 
 
 def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:

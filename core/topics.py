@@ -29,8 +29,19 @@ def _encoded(text: str, what: str) -> bytes:
 
 
 def validate_topic(topic: str) -> str:
-    """Return *topic* if it is a concrete topic, else raise UsageError."""
+    """Return *topic* if it is a concrete topic, else raise UsageError.
+
+    One rule with patterns: a topic is a pattern without wildcards, so every
+    topic can be subscribed to by its own name (MQTT-style ``orders/#`` is
+    refused here too, with the same hint).
+    """
     _encoded(topic, "topic")
+    hint = _mqtt_hint(topic)
+    if hint is not None:
+        raise UsageError(
+            f"invalid topic {topic!r} (MQTT style): eda separates tokens with '.', and a topic "
+            f"has no wildcards (as a pattern: {hint!r})"
+        )
     if not topic or any(not _TOKEN.fullmatch(tok) for tok in topic.split(".")):
         raise UsageError(
             f"invalid topic {topic!r}: use dot-separated tokens without spaces, '*' or '>'"
