@@ -42,11 +42,17 @@ Examples:
 
 
 def registry_option(func: Any) -> Any:
+    """--registry and --serverless."""
     func = click.option(
         "--serverless",
         is_flag=True,
         help="No registry: announce / find instances by mDNS alone.",
     )(func)
+    return registries_option(func)
+
+
+def registries_option(func: Any) -> Any:
+    """--registry alone (for what only a registry can do)."""
     return click.option(
         "--registry",
         "registries",
@@ -550,6 +556,38 @@ def _services_table(found: list[dict[str, Any]]) -> None:
             Text(f"{passing}/{total}", style=style),
         )
     Console().print(table)
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry deregister orders-10-0-0-5-8080    remove a stuck instance
+  eda-registry list orders --format '{id} {status}'   find its id first
+""",
+)
+@click.argument("inst_id", metavar="ID")
+@registries_option
+@common_options
+def deregister(
+    inst_id: str,
+    registries: tuple[str, ...],
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Remove instance ID from the registry at once; exit 3 if there is no such instance.
+
+    An operator's fix for a stuck entry.  An instance whose owner still
+    heartbeats is registered again by its next heartbeat: stop the owner first.
+    """
+    from eda.core.registry.access import deregister as remove
+    from eda.core.registry.model import validate_id
+
+    ctx = Context("eda-registry", verbose)
+    inst_id = validate_id(inst_id)
+    remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
+    ctx.debug(f"deregistered {inst_id}")
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,16 @@ import json
 import re
 
 from tests.helpers import Procs, run, wait_until
-from tests.test_registry import register, run_on_tty, serve
+from tests.test_registry import (
+    events,
+    lookup,
+    ports,
+    register,
+    register_raw,
+    run_on_tty,
+    serve,
+    watch,
+)
 
 
 def test_services_counts_instances_and_passing_ones(procs: Procs) -> None:
@@ -41,3 +50,27 @@ def test_services_of_an_empty_registry_prints_nothing(procs: Procs) -> None:
     _, ep = serve(procs)
     result = run("eda-registry", "services", "--registry", ep)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_deregister_removes_a_stuck_instance_and_exits_3_for_an_unknown_one(
+    procs: Procs,
+) -> None:
+    _, ep = serve(procs)
+    w = watch(procs, ep, "orders")
+    # a stuck entry: registered with a long TTL by an owner that died without deregistering
+    register_raw(ep, [{"service": "orders", "id": "stuck-1", "host": "10.0.0.9", "port": 8080,
+                       "ttl": 3600, "interval": 60}])  # fmt: skip
+    kept = register(procs, ep, "orders", 8081, "--id", "kept-1")
+    gone = run("eda-registry", "deregister", "stuck-1", "--registry", ep)
+    assert (gone.returncode, gone.stdout, gone.stderr) == (0, "", "")
+    assert ports(lookup(ep, "orders", "--all")) == [8081]  # at once, not after the TTL
+    again = run("eda-registry", "deregister", "stuck-1", "--registry", ep)
+    assert (again.returncode, again.stdout) == (3, "")
+    assert again.stderr.startswith("eda-registry: error: ") and "stuck-1" in again.stderr
+    bad = run("eda-registry", "deregister", "no such id", "--registry", ep)
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.count("\n") == 1 and "instance id" in bad.stderr
+    w.wait_lines(3)
+    seen = [(e["type"], e["instance"]["id"], e["reason"]) for e in events(w)]  # type: ignore[index]
+    assert seen[-1] == ("deregistered", "stuck-1", "deregistered by an operator")
+    assert kept.popen.poll() is None and ports(lookup(ep, "orders")) == [8081]

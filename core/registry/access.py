@@ -35,6 +35,7 @@ from .model import (
     default_id,
     from_dict,
     parse_meta,
+    validate_id,
     validate_name,
 )
 from .store import Event
@@ -138,6 +139,22 @@ def query(op: str, service: str | None, include_all: bool, access: Access) -> li
         return serverless.query(access.interface)
     found = serverless.lookup(name, include_all or op == "list", access.interface)
     return [i for i in found if i.service == name]
+
+
+def deregister(inst_id: str, access: Access) -> None:
+    """Remove instance *inst_id* from the registry (an operator's fix for a stuck entry).
+
+    Raises :class:`~eda.core.errors.NotFoundError` when the registry has no such
+    instance, :class:`~.client.NoRegistry` when no registry is known: an mDNS
+    announcement belongs to its announcer, and only it can withdraw it.  A
+    live owner's next heartbeat registers the instance again.
+    """
+    inst_id = validate_id(inst_id)
+    client = access.client()
+    try:
+        client.request({"op": "deregister", "id": inst_id, "operator": True})
+    finally:
+        client.close()
 
 
 def services(access: Access) -> list[dict[str, Any]]:
