@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
+from pathlib import Path
 
-from tests.helpers import Procs, run, wait_until
+import pytest
+
+from tests.helpers import Proc, Procs, run, wait_until
 from tests.test_registry import (
     events,
     lookup,
@@ -74,3 +79,38 @@ def test_deregister_removes_a_stuck_instance_and_exits_3_for_an_unknown_one(
     seen = [(e["type"], e["instance"]["id"], e["reason"]) for e in events(w)]  # type: ignore[index]
     assert seen[-1] == ("deregistered", "stuck-1", "deregistered by an operator")
     assert kept.popen.poll() is None and ports(lookup(ep, "orders")) == [8081]
+
+
+# -- exit codes --------------------------------------------------------------------------
+def _stopped_by(proc: Proc, sig: int) -> int:
+    proc.signal(sig)
+    return proc.wait()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_daemon_stopped_by_sigint_exits_130_and_by_sigterm_0(
+    procs: Procs, tmp_path: Path, sig: int, code: int
+) -> None:
+    bus = procs.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--no-mdns",
+                    "--bind", "tcp://127.0.0.1:0")  # fmt: skip
+    bus.wait_stderr(r"serving .+ on tcp://", 15)
+    worker = procs.start([sys.executable, "-m", "eda.cli.lb", "worker", "svc", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+                          "--persistent", "--", "cat"])  # fmt: skip
+    worker.wait_stderr("serving svc", 15)
+    assert _stopped_by(bus, sig) == code, bus.stderr
+    assert _stopped_by(worker, sig) == code, worker.stderr
+    assert "Traceback" not in bus.stderr + worker.stderr
+
+
+@pytest.mark.parametrize("interface", ["nosuch0", "10.9.9.9"])
+def test_an_interface_this_host_does_not_have_is_a_usage_error(
+    tmp_path: Path, interface: str
+) -> None:
+    for argv in (
+        ["eda-registry", "lookup", "orders", "--interface", interface],
+        ["eda-pub", "--interface", interface, "t", "x"],
+        ["eda-bus", "serve", "--data", str(tmp_path), "--no-mdns", "--interface", interface],
+    ):
+        result = run(*argv)
+        assert (result.returncode, result.stdout) == (2, ""), (argv, result.stderr)
+        assert result.stderr.count("\n") == 1 and interface in result.stderr, result.stderr
