@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import Proc, Procs, run, wait_until
 from tests.test_registry import (
     events,
@@ -21,6 +21,9 @@ from tests.test_registry import (
     serve,
     watch,
 )
+
+helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
+helpers.PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
 
 
 def test_services_counts_instances_and_passing_ones(procs: Procs) -> None:
@@ -94,8 +97,8 @@ def test_a_daemon_stopped_by_sigint_exits_130_and_by_sigterm_0(
     bus = procs.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--no-mdns",
                     "--bind", "tcp://127.0.0.1:0")  # fmt: skip
     bus.wait_stderr(r"serving .+ on tcp://", 15)
-    worker = procs.start([sys.executable, "-m", "eda.cli.lb", "worker", "svc", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
-                          "--persistent", "--", "cat"])  # fmt: skip
+    worker = procs.eda("eda-lb", "worker", "svc", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+                       "--persistent", "--", "cat")  # fmt: skip
     worker.wait_stderr("serving svc", 15)
     assert _stopped_by(bus, sig) == code, bus.stderr
     assert _stopped_by(worker, sig) == code, worker.stderr
@@ -114,3 +117,15 @@ def test_an_interface_this_host_does_not_have_is_a_usage_error(
         result = run(*argv)
         assert (result.returncode, result.stdout) == (2, ""), (argv, result.stderr)
         assert result.stderr.count("\n") == 1 and interface in result.stderr, result.stderr
+
+
+def test_txn_resolve_with_both_outcomes_is_a_usage_error(tmp_path: Path) -> None:
+    log = str(tmp_path / "txn")
+    both = run("eda-txn", "resolve", "shop.0123abcd", "--commit", "--abort", "--log", log, "--no-mdns")
+    assert (both.returncode, both.stdout) == (2, "")
+    assert both.stderr.count("\n") == 1 and "--commit and --abort" in both.stderr
+    neither = run("eda-txn", "resolve", "shop.0123abcd", "--log", log, "--no-mdns")
+    assert (neither.returncode, neither.stdout) == (2, "")
+    assert "say --commit or --abort" in neither.stderr
+    one = run("eda-txn", "resolve", "shop.0123abcd", "--commit", "--log", log, "--no-mdns")
+    assert one.returncode == 3, one.stderr  # checked, then nothing in doubt: not found
