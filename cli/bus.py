@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import signal
 import sys
 from typing import Any
 
 import click
 
-from eda.cli.common import Context, Output, common_options, run
+from eda.cli.common import Context, Output, common_options, on_stop_signals, run
 from eda.core.errors import UsageError
 
 EPILOG = """\b
@@ -299,8 +298,7 @@ def serve(
     except BaseException:
         engine.close()
         raise
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    on_stop_signals(lambda *_: server.stop())
     try:
         server.start()
         ctx.warn(

@@ -407,6 +407,23 @@ class _Signals:
 
     writing = False
     term_pending = False
+    interrupted = False  # SIGINT stopped a daemon: it ends cleanly, and exits 130
+
+
+def on_stop_signals(handler: Callable[[int, Any], None]) -> None:
+    """Call *handler* on SIGINT and SIGTERM (a daemon's clean shutdown).
+
+    A command that returns after a SIGINT exits 130 (interrupted), after a
+    SIGTERM 0, as the exit-code table says; :func:`run` sees to it.
+    """
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            _Signals.interrupted = True
+        handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 CLOSED_STDOUT = "stdout is closed (>&-): there is nowhere to write the output"
@@ -619,6 +636,8 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         what = CLOSED_STDOUT if _closed_stdout(exc) else exc.strerror or exc
         _stderr(f"{program}: error: {what}")
         code = EXIT_ERROR
+    if code == EXIT_OK and _Signals.interrupted:
+        code = EXIT_INTERRUPTED  # a daemon that SIGINT stopped cleanly (see on_stop_signals)
     with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stdout
         sys.stdout.flush()
     # stdout may be a closed pipe: keep the interpreter from complaining on exit

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
@@ -16,6 +15,7 @@ from eda.cli.common import (
     Terminated,
     common_options,
     for_terminal,
+    on_stop_signals,
     registry_access,
     run,
 )
@@ -216,8 +216,7 @@ def worker(
         stopping.append(signum)
         server.stop()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    on_stop_signals(stop)
     try:
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = int(endpoint.rsplit(":", 1)[1])
@@ -1006,7 +1005,6 @@ def tcp(
     connections finish (--drain-timeout).  Diagnostics go to stderr.
     """
     import os
-    import signal
     import threading
 
     from eda.core.lb import tcp as core
@@ -1042,8 +1040,7 @@ def tcp(
 
     try:
         proxy.start()  # forks the data planes before any thread starts
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
+        on_stop_signals(on_term)
         where = "{}:{}".format(*proxy.address)
         ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
 
@@ -1077,7 +1074,6 @@ def _tcp_haproxy(
 ) -> None:
     """--engine haproxy: the same registry following, HAProxy as the data plane."""
     import queue
-    import signal
     import threading
     import time
 
@@ -1116,8 +1112,7 @@ def _tcp_haproxy(
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout or 86400.0 * 365,
     )
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    on_stop_signals(on_term)
     threading.Thread(target=feed, name="eda-lb-follow", daemon=True).start()
 
     def servers(backends: list[core.Backend]) -> list[Server]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,6 +24,8 @@ from eda.core.errors import NotFoundError, UsageError
 if TYPE_CHECKING:
     from rich.text import Text
 
+    from eda.core.registry.access import Access
+
 
 SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -33,17 +35,24 @@ Examples:
   eda-registry register orders --port 8080 --meta version=2 --check tcp
   eda-registry register web --port 8000 -- python3 -m http.server 8000
   eda-registry lookup orders --format '{host}:{port}'
+  eda-registry services
   eda-registry watch orders --exec ./reload.sh
   eda-registry browse _http._tcp
 """
 
 
 def registry_option(func: Any) -> Any:
+    """--registry and --serverless."""
     func = click.option(
         "--serverless",
         is_flag=True,
         help="No registry: announce / find instances by mDNS alone.",
     )(func)
+    return registries_option(func)
+
+
+def registries_option(func: Any) -> Any:
+    """--registry alone (for what only a registry can do)."""
     return click.option(
         "--registry",
         "registries",
@@ -358,10 +367,34 @@ def _query(
     ctx: Context,
 ) -> list[dict[str, Any]]:
     from eda.core.registry.access import query
+
+    found = _ask(
+        lambda access: query(op, name, include_all, access),
+        registries,
+        serverless,
+        interface,
+        no_mdns,
+        ctx,
+    )
+    return [i.to_dict() for i in found]
+
+
+T = TypeVar("T")
+
+
+def _ask(
+    fetch: Callable[[Access], list[T]],
+    registries: tuple[str, ...],
+    serverless: bool,
+    interface: str | None,
+    no_mdns: bool,
+    ctx: Context,
+) -> list[T]:
+    """*fetch* from the registry (or the LAN), saying what was left out or is down."""
     from eda.core.registry.client import RegistryUnavailable
 
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    found = query(op, name, include_all, access)
+    found = fetch(access)
     if access.dropped:
         ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
     if access.registry_down:
@@ -376,7 +409,7 @@ def _query(
             f"warning: {access.registry_down}; showing what the LAN announces by mDNS"
             " (serverless mode), which may be incomplete"
         )
-    return [i.to_dict() for i in found]
+    return found
 
 
 @command.command(
@@ -466,6 +499,95 @@ def list_(
         ctx,
     )
     _print_instances(found, out)
+
+
+SERVICE_FIELDS = ("service", "instances", "passing")
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry services                          a table of services on a terminal
+  eda-registry services --format '{service} {passing}/{instances}'
+  eda-registry services | jq -r 'select(.passing < .instances) | .service'
+""",
+)
+@registry_option
+@output_options("{service} {passing}/{instances}", SERVICE_FIELDS)
+@common_options
+def services(
+    registries: tuple[str, ...],
+    serverless: bool,
+    template: str | None,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Print every service name with its instance counts (passing of all registered)."""
+    from eda.core.registry.access import services as fetch
+
+    ctx = Context("eda-registry", verbose)
+    out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
+    found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
+    if out.mode == "json" and out.tty and not out.forced_json:
+        _services_table(found)
+    else:
+        out.items(found)
+
+
+def _services_table(found: list[dict[str, Any]]) -> None:
+    """Services as a table: a service with failing instances shows its count in colour."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("SERVICE", overflow="fold")
+    table.add_column("INSTANCES", no_wrap=True, justify="right")
+    table.add_column("PASSING", no_wrap=True, justify="right")
+    for item in found:
+        passing, total = item["passing"], item["instances"]
+        style = "green" if passing == total else "yellow" if passing else "red"
+        table.add_row(
+            Text(for_terminal(item["service"])),
+            Text(str(total)),
+            Text(f"{passing}/{total}", style=style),
+        )
+    Console().print(table)
+
+
+@command.command(
+    epilog="""\b
+Examples:
+  eda-registry deregister orders-10-0-0-5-8080    remove a stuck instance
+  eda-registry list orders --format '{id} {status}'   find its id first
+""",
+)
+@click.argument("inst_id", metavar="ID")
+@registries_option
+@common_options
+def deregister(
+    inst_id: str,
+    registries: tuple[str, ...],
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Remove instance ID from the registry at once; exit 3 if there is no such instance.
+
+    An operator's fix for a stuck entry.  An instance whose owner still
+    heartbeats is registered again by its next heartbeat: stop the owner first.
+    """
+    from eda.core.registry.access import deregister as remove
+    from eda.core.registry.model import validate_id
+
+    ctx = Context("eda-registry", verbose)
+    inst_id = validate_id(inst_id)
+    remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
+    ctx.debug(f"deregistered {inst_id}")
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -536,12 +536,8 @@ Examples:
 """
 )
 @click.argument("txn_id", metavar="[ID]", required=False)
-@click.option(
-    "--commit", "outcome", flag_value="commit", help="Commit it at the participants in doubt."
-)
-@click.option(
-    "--abort", "outcome", flag_value="abort", help="Abort it at the participants in doubt."
-)
+@click.option("--commit", is_flag=True, help="Commit it at the participants in doubt.")
+@click.option("--abort", is_flag=True, help="Abort it at the participants in doubt.")
 @click.option(
     "--participant",
     "names",
@@ -572,7 +568,8 @@ Examples:
 @common_options
 def resolve(
     txn_id: str | None,
-    outcome: str | None,
+    commit: bool,
+    abort: bool,
     names: tuple[str, ...],
     coordinator: str | None,
     older_than: float | None,
@@ -599,8 +596,11 @@ def resolve(
     from eda.core.txn.protocol import Directory, check_name, check_txn
 
     ctx = Context("eda-txn", verbose)
-    if outcome is None:
-        raise click.UsageError("say --commit or --abort")
+    if commit == abort:
+        raise click.UsageError(
+            "say --commit or --abort" if not commit else "--commit and --abort conflict: say one"
+        )
+    outcome = "commit" if commit else "abort"
     filtered = coordinator is not None or older_than is not None or unanswered
     if txn_id is not None and filtered:
         raise click.UsageError("give an ID, or --coordinator/--older-than/--unanswered: not both")

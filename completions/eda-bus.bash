@@ -22,7 +22,7 @@ _eda_bus_completion() {
 }
 
 _eda_bus_completion_setup() {
-    complete -o nosort -F _eda_bus_completion eda-bus
+    complete -o default -o nosort -F _eda_bus_completion eda-bus
 }
 
 _eda_bus_completion_setup;

@@ -22,7 +22,7 @@ _eda_lb_completion() {
 }
 
 _eda_lb_completion_setup() {
-    complete -o nosort -F _eda_lb_completion eda-lb
+    complete -o default -o nosort -F _eda_lb_completion eda-lb
 }
 
 _eda_lb_completion_setup;

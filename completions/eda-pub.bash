@@ -22,7 +22,7 @@ _eda_pub_completion() {
 }
 
 _eda_pub_completion_setup() {
-    complete -o nosort -F _eda_pub_completion eda-pub
+    complete -o default -o nosort -F _eda_pub_completion eda-pub
 }
 
 _eda_pub_completion_setup;

@@ -22,7 +22,7 @@ _eda_registry_completion() {
 }
 
 _eda_registry_completion_setup() {
-    complete -o nosort -F _eda_registry_completion eda-registry
+    complete -o default -o nosort -F _eda_registry_completion eda-registry
 }
 
 _eda_registry_completion_setup;

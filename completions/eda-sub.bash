@@ -22,7 +22,7 @@ _eda_sub_completion() {
 }
 
 _eda_sub_completion_setup() {
-    complete -o nosort -F _eda_sub_completion eda-sub
+    complete -o default -o nosort -F _eda_sub_completion eda-sub
 }
 
 _eda_sub_completion_setup;

@@ -22,7 +22,7 @@ _eda_txn_completion() {
 }
 
 _eda_txn_completion_setup() {
-    complete -o nosort -F _eda_txn_completion eda-txn
+    complete -o default -o nosort -F _eda_txn_completion eda-txn
 }
 
 _eda_txn_completion_setup;

@@ -87,20 +87,33 @@ class Found:
 
 
 def resolve_interface(value: str | None) -> str | None:
-    """Map an interface name or IPv4 address to the IPv4 address to use."""
+    """Map an interface name or IPv4 address to the IPv4 address to use.
+
+    :class:`UsageError` when no interface has that name, or that address.
+    """
     if not value:
         return None
-    with contextlib.suppress(OSError):
-        socket.inet_aton(value)
-        return value
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if _is_ipv4(value):
+            sock.bind((value, 0))  # only this host's addresses bind; nothing is sent
+            return value
         packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", value.encode()[:15]))
         return socket.inet_ntoa(packed[20:24])  # SIOCGIFADDR
     except OSError:
+        if _is_ipv4(value):
+            raise UsageError(f"no interface has the IPv4 address {value!r}") from None
         raise UsageError(f"no IPv4 address on interface {value!r}") from None
     finally:
         sock.close()
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, value)
+    except OSError:
+        return False
+    return True
 
 
 def local_addresses(interface: str | None = None) -> list[str]:

@@ -198,7 +198,19 @@ def completion(prog: str, command: click.Command, shell: str) -> str:
     complete_var = "_{}_COMPLETE".format(re.sub(r"\W", "_", prog).upper())
     shell_class = get_completion_class(shell)
     assert shell_class is not None, shell
-    return shell_class(command, {}, prog, complete_var).source().rstrip("\n") + "\n"
+    source = shell_class(command, {}, prog, complete_var).source().rstrip("\n") + "\n"
+    if shell == "bash":
+        source = bash_default_files(source)
+    return source
+
+
+def bash_default_files(source: str) -> str:
+    """*source* registering with ``-o default``: where the program offers nothing (a
+    file argument, ``--exec ./script``), bash completes file names as usual."""
+    registered, count = re.subn(r"^(\s*complete )", r"\1-o default ", source, flags=re.M)
+    if count != 1:
+        raise SystemExit(f"gendocs: no single 'complete' line in click's bash script ({count})")
+    return registered
 
 
 def generate() -> dict[str, str]:

@@ -282,3 +282,22 @@ def test_help_mentions_only_options_the_command_has(program: str) -> None:
         }
         mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text))
         assert mentioned <= known, f"{program} {' '.join(path)}: {sorted(mentioned - known)}"
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_bash_completion_falls_back_to_file_names(program: str) -> None:
+    """Registered with ``-o default``: `eda-txn saga or<TAB>`, `eda-sub --exec ./h<TAB>`
+    complete file names where the program itself offers nothing."""
+    bash = shutil.which("bash")
+    assert bash is not None
+    script = ROOT / "completions" / f"{program}.bash"
+    result = subprocess.run(
+        [bash, "--norc", "--noprofile", "-c", f'source "$1" && complete -p {program}', "-", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    registration = result.stdout.split()
+    assert registration[0] == "complete" and registration[-1] == program, result.stdout
+    assert "default" in [b for a, b in pairwise(registration) if a == "-o"], result.stdout

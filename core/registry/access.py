@@ -28,7 +28,16 @@ from typing import Any
 
 from ..errors import EdaError, UsageError
 from .client import Client, NoRegistry, local_address_towards
-from .model import Instance, InvalidRecord, default_id, from_dict, parse_meta, validate_name
+from .model import (
+    PASSING,
+    Instance,
+    InvalidRecord,
+    default_id,
+    from_dict,
+    parse_meta,
+    validate_id,
+    validate_name,
+)
 from .store import Event
 
 Log = Callable[[str], None]
@@ -130,6 +139,39 @@ def query(op: str, service: str | None, include_all: bool, access: Access) -> li
         return serverless.query(access.interface)
     found = serverless.lookup(name, include_all or op == "list", access.interface)
     return [i for i in found if i.service == name]
+
+
+def deregister(inst_id: str, access: Access) -> None:
+    """Remove instance *inst_id* from the registry (an operator's fix for a stuck entry).
+
+    Raises :class:`~eda.core.errors.NotFoundError` when the registry has no such
+    instance, :class:`~.client.NoRegistry` when no registry is known: an mDNS
+    announcement belongs to its announcer, and only it can withdraw it.  A
+    live owner's next heartbeat registers the instance again.
+    """
+    inst_id = validate_id(inst_id)
+    client = access.client()
+    try:
+        client.request({"op": "deregister", "id": inst_id, "operator": True})
+    finally:
+        client.close()
+
+
+def services(access: Access) -> list[dict[str, Any]]:
+    """Every service with its instance counts, sorted by name, as ``consul catalog services``.
+
+    Each item: ``service``, ``instances`` (how many are registered) and
+    ``passing`` (how many of them pass their health check).
+    """
+    counts: dict[str, list[int]] = {}
+    for inst in query("list", None, True, access):
+        count = counts.setdefault(inst.service, [0, 0])
+        count[0] += 1
+        count[1] += inst.status == PASSING
+    return [
+        {"service": name, "instances": total, "passing": passing}
+        for name, (total, passing) in sorted(counts.items())
+    ]
 
 
 def lookup(service: str, access: Access | None = None, include_all: bool = False) -> list[Instance]:

@@ -181,6 +181,13 @@ def next_rev(rev: int) -> int:
     return min(rev + 1, MAX_REV)
 
 
+def validate_id(value: object) -> str:
+    """*value* as an instance id: 1-63 letters, digits, '-' or '_'."""
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise InvalidRecord(f"bad instance id {_short(value)}: 1-63 letters, digits, '-' or '_'")
+    return value
+
+
 def validate_registry_id(value: object) -> str:
     if not isinstance(value, str) or not REGISTRY_ID_RE.fullmatch(value):
         raise InvalidRecord(f"bad registry id {_short(value)}: 0-64 letters, digits, '-' or '_'")
@@ -201,9 +208,7 @@ def from_dict(data: object) -> Instance:
     host = data.get("host")
     if not isinstance(host, str) or not HOST_RE.fullmatch(host):
         raise InvalidRecord(f"bad host {_short(host)}")
-    inst_id = data.get("id") or default_id(service, host, port)
-    if not isinstance(inst_id, str) or not ID_RE.fullmatch(inst_id):
-        raise InvalidRecord(f"bad instance id {_short(inst_id)}: 1-63 letters, digits, '-' or '_'")
+    inst_id = validate_id(data.get("id") or default_id(service, host, port))
     weight = data.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 65535:
         raise InvalidRecord(f"bad weight {_short(weight)}: use 0-65535")

@@ -4,7 +4,8 @@ Requests go to the registry's ROUTER socket from a DEALER, one JSON object
 per message: ``{"op": ..., "rid": ...}`` plus the operation's fields; the
 reply echoes ``rid`` and carries ``ok`` (and ``error``/``code`` when false).
 Operations: ``hello``, ``register``, ``heartbeat`` (carries the full record,
-so a registry that lost its state re-learns it), ``deregister``, ``lookup``,
+so a registry that lost its state re-learns it), ``deregister`` (``operator``: true when
+an operator, not the owner, removes it), ``lookup``,
 ``list`` and ``snapshot``.
 
 Changes stream from an XPUB socket: frames ``[b"ev.<service>.", event]``,
@@ -29,7 +30,7 @@ from ..reqrep import RemoteError as RemoteError
 from ..reqrep import check_rid, request_id
 from ..reqrep import decode as decode
 from ..reqrep import encode as encode
-from .model import Instance, InvalidRecord, from_dict, validate_name
+from .model import Instance, InvalidRecord, from_dict, validate_id, validate_name
 
 REGISTRY_TYPE = "_eda-registry._tcp.local."
 EVENTS = b"ev."
@@ -57,6 +58,7 @@ class Request:
     service: str | None = None  # lookup (required), list and snapshot (optional)
     all: bool = False  # lookup: every instance, not only passing ones
     owned: bool = False  # snapshot: only the instances this registry owns
+    operator: bool = False  # deregister: by an operator, not by the instance's owner
 
 
 def _flag(msg: dict[str, Any], key: str) -> bool:
@@ -88,10 +90,10 @@ def request_from(msg: dict[str, Any]) -> Request:
             raise ProtocolError(f"malformed request: {op} needs an instance object")
         return Request(op, safe_rid, instance=from_dict(msg["instance"]))
     if op == "deregister":
-        inst_id = msg.get("id")
-        if not isinstance(inst_id, str) or not 0 < len(inst_id) <= 63:
+        if "id" not in msg:
             raise InvalidRecord("deregister needs an instance id")
-        return Request(op, safe_rid, id=inst_id)
+        inst_id = validate_id(msg["id"])
+        return Request(op, safe_rid, id=inst_id, operator=_flag(msg, "operator"))
     service = msg.get("service")
     if op == "lookup" or service is not None:
         service = validate_name(service)

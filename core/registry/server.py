@@ -242,7 +242,10 @@ class Server(Daemon):
     _op_heartbeat = _op_register
 
     def _op_deregister(self, req: Request) -> dict[str, Any]:
-        self._publish(self.store.deregister(req.id))
+        if req.operator:
+            self._publish(self.store.deregister(req.id, "deregistered by an operator"))
+        else:
+            self._publish(self.store.deregister(req.id))
         return {}
 
     def _op_lookup(self, req: Request) -> dict[str, Any]:
