@@ -75,8 +75,11 @@ def _serve(daemon: Any, ctx: Context, what: str) -> None:
     """Run *daemon* until SIGINT/SIGTERM; close it whatever happens."""
     try:
         daemon.serve()
-    except (KeyboardInterrupt, Terminated):
+    except Terminated:
         ctx.debug(f"{what}: stopping")
+    except KeyboardInterrupt:  # stopped cleanly all the same, and the exit status says 130
+        ctx.debug(f"{what}: stopping")
+        raise
     finally:
         daemon.close()
 

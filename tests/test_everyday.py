@@ -100,9 +100,14 @@ def test_a_daemon_stopped_by_sigint_exits_130_and_by_sigterm_0(
     worker = procs.eda("eda-lb", "worker", "svc", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
                        "--persistent", "--", "cat")  # fmt: skip
     worker.wait_stderr("serving svc", 15)
+    coordinator = procs.eda("eda-txn", "coordinator", "--name", "c1", "--log",
+                            str(tmp_path / "txn"), "--no-mdns", "-v",
+                            "--bind", "tcp://127.0.0.1:0")  # fmt: skip
+    coordinator.wait_stderr("coordinator c1 listening", 15)
     assert _stopped_by(bus, sig) == code, bus.stderr
     assert _stopped_by(worker, sig) == code, worker.stderr
-    assert "Traceback" not in bus.stderr + worker.stderr
+    assert _stopped_by(coordinator, sig) == code, coordinator.stderr
+    assert "Traceback" not in bus.stderr + worker.stderr + coordinator.stderr
 
 
 @pytest.mark.parametrize("interface", ["nosuch0", "10.9.9.9"])
