@@ -23,7 +23,8 @@ Bus to client:
     L  JSON                 ``{"lost": n}``: events removed by retention before delivery
 
 Requests (op): ``sub`` (patterns, from, durable, group, member, credit), ``credit``
-(n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes).
+(n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
+``drop`` (name: a durable consumer or group nobody is subscribed as).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ UNKNOWN: Final = b"X"
 LOST: Final = b"L"
 
 TAG: Final = struct.Struct("!Q")
-OPS: Final = frozenset({"sub", "credit", "ack", "hb", "bye", "stats", "retain"})
+OPS: Final = frozenset({"sub", "credit", "ack", "hb", "bye", "stats", "retain", "drop"})
 
 MAX_CREDIT: Final = 1 << 20  # events a subscriber may have in flight
 MAX_PATTERNS: Final = 64

@@ -52,7 +52,7 @@ HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by 
 FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
 CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
 LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
-ADMIN_OPS = frozenset({"retain"})  # operations only a client on the bus's own host may ask for
+ADMIN_OPS = frozenset({"retain", "drop"})  # ops only a client on the bus's own host may ask for
 
 
 @dataclass
@@ -348,6 +348,8 @@ class BusServer(Daemon):
             done = self.engine.retain(age, None if size is None else int(size))
             self._commit()
             return {"events": done.events, "bytes": done.bytes, "first_seq": done.first_seq}
+        if op == "drop":
+            return self._drop_consumer(msg)
         sub = self.subs.get(ident)
         if sub is None:  # restarted bus, or cut off: the client subscribes again
             if op != "bye":
@@ -372,6 +374,19 @@ class BusServer(Daemon):
         elif op == "bye":
             self._drop(ident)
         return None
+
+    def _drop_consumer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Delete a durable consumer or a group nobody is subscribed as (admin)."""
+        name = _name(msg, "name")
+        if name is None:
+            raise ProtocolError("drop needs a name")
+        live = sum(1 for s in self.subs.values() if name in (s.durable, s.group))
+        if live:
+            raise EdaError(f"{name!r} has {live} live subscriber(s); stop them first")
+        self.engine.drop_consumer(name)
+        self._commit()
+        self.log(f"consumer {name!r} deleted")
+        return {"deleted": name}
 
     def _subscribe(self, ident: bytes, msg: dict[str, Any]) -> dict[str, Any]:
         patterns = msg.get("patterns")
