@@ -105,6 +105,12 @@ Examples:
 @click.option(
     "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
 )
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="With --durable: move the existing consumer to --from-start, --from-seq, --since or "
+    "--last (on the bus's host only).",
+)
 @common_options
 def command(
     patterns: tuple[str, ...],
@@ -125,6 +131,7 @@ def command(
     last: int | None,
     durable: str | None,
     group: str | None,
+    reset: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -144,6 +151,9 @@ def command(
         raise UsageError("choose one of --raw, --json and --format")
     bus, patterns = split_bus(bus, patterns)
     start = _bus_start(from_start, from_seq, since, last)
+    if reset and (not durable or start is None):
+        raise UsageError("--reset needs --durable NAME and one of --from-start, --from-seq, "
+                         "--since, --last")  # fmt: skip
     if (start is not None or durable or group) and bus is None:
         bus = AUTO
     if bus is not None:
@@ -157,7 +167,7 @@ def command(
         endpoint = bus_endpoint(bus, interface, no_mdns)
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
-            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns),
+            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), reset=reset,
         )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
@@ -257,6 +267,7 @@ def _subscribe_bus(
     output: Output,
     strict: bool = False,
     relocate: Any = None,
+    reset: bool = False,
 ) -> None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out."""
     from eda.core.bus.client import BusSubscriber
@@ -267,13 +278,14 @@ def _subscribe_bus(
     slow = output.mode == "exec"
     sub = BusSubscriber(
         endpoint, patterns, start=start, durable=durable, group=group,
-        credit=64 if slow else None, relocate=relocate,
+        credit=64 if slow else None, relocate=relocate, reset=reset,
     )  # fmt: skip
     limit = 16 if slow else 1 << 16
     render = _bus_renderer(raw, output)
     status: int = ExitStatus.OK
     remaining = count
     reported_lost = 0
+    warned = False
     try:
         sub.subscribe()
         ctx.debug(f"subscribed to the bus at {endpoint}")
@@ -285,6 +297,9 @@ def _subscribe_bus(
                 got = sub.receive(limit)
             if sub.errors:
                 raise EdaError(f"the bus refused: {for_terminal(sub.errors[0])}")
+            if sub.resumed is not None and durable is not None and not warned:
+                _warn_resumed(ctx, durable, patterns, *sub.resumed)
+                warned = True
             if sub.lost > reported_lost:
                 ctx.warn(
                     f"lost {sub.lost - reported_lost} events (removed by the bus's retention"
@@ -315,6 +330,24 @@ def _subscribe_bus(
         status = ExitStatus.ERROR
     if status:
         raise Exit(status)
+
+
+def _warn_resumed(
+    ctx: Context, name: str, patterns: list[str], at: int, old: list[str], asked: bool
+) -> None:
+    """A durable that already existed resumes at its position: say what was not done."""
+    shown = for_terminal(name)
+    if asked:
+        ctx.warn(
+            f"durable {shown!r} exists: resuming at seq {at}, the start asked for is ignored"
+            f" (to move it: eda-sub --bus --durable {shown} --reset --from-seq N|--since T"
+            "|--from-start, on the bus's host)"
+        )
+    if old != patterns:
+        ctx.warn(
+            f"durable {shown!r} had patterns {for_terminal(' '.join(old))}: now"
+            f" {for_terminal(' '.join(patterns))} (resuming at seq {at})"
+        )
 
 
 def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:

@@ -90,3 +90,73 @@ def test_delete_consumer_is_refused_from_another_host(network: Any, tmp_path: Pa
     assert [json.loads(x)["name"] for x in listed.stdout.splitlines()] == ["d"]
     kept = a.run("eda-bus", "delete-consumer", "d", "--bus", outside)
     assert kept.returncode == 0, kept.stderr
+
+
+def test_an_existing_durable_says_it_ignores_a_start_and_a_new_pattern(
+    procs: Procs, engine: Bus  # noqa: F811
+) -> None:
+    _, ep = engine.start()
+    publish(ep, "jobs.a", range(1, 11))
+    took = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-C", "4")
+    assert took.stdout.splitlines() == ["1", "2", "3", "4"] and took.stderr == "", took.stderr
+    again = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--from-start",
+                "--raw", "-C", "2")  # fmt: skip
+    assert again.stdout.splitlines() == ["5", "6"], again.stderr  # the position holds
+    assert "'billing' exists: resuming at seq 5" in again.stderr, again.stderr
+    assert "--reset" in again.stderr
+    assert "had patterns" not in again.stderr
+    other = run("eda-sub", "--bus", ep, "jobs.*", "--durable", "billing", "--raw", "-C", "1")
+    assert other.stdout.splitlines() == ["7"], other.stderr
+    assert "'billing' had patterns jobs.>: now jobs.*" in other.stderr, other.stderr
+    assert "start asked for" not in other.stderr
+    plain = run("eda-sub", "--bus", ep, "jobs.*", "--durable", "billing", "--raw", "-C", "1")
+    assert plain.stdout.splitlines() == ["8"] and plain.stderr == "", plain.stderr
+
+
+def test_reset_moves_a_durable_back_to_a_sequence_a_time_or_the_start(
+    procs: Procs, engine: Bus  # noqa: F811
+) -> None:
+    _, ep = engine.start()
+    publish(ep, "jobs.a", range(1, 6))
+    took = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--raw", "-C", "5")
+    assert took.returncode == 0, took.stderr
+    back = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--reset", "--from-seq", "3",
+               "--raw", "-C", "1")  # fmt: skip
+    assert back.stdout.splitlines() == ["3"] and back.stderr == "", back.stderr
+    assert [c["next"] for c in consumers(ep)] == [4]
+    start = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--reset", "--from-start",
+                "--raw", "-C", "2")  # fmt: skip
+    assert start.stdout.splitlines() == ["1", "2"], start.stderr
+    # by time: nothing was stored since 2100, so it moves past the last event
+    later = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--reset", "--since",
+                "2100-01-01T00:00Z", "--raw", "-W", "1")  # fmt: skip
+    assert later.stdout == "", later.stderr
+    assert [c["next"] for c in consumers(ep)] == [6]
+    publish(ep, "jobs.a", range(6, 7))
+    after = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--raw", "-C", "1")
+    assert after.stdout.splitlines() == ["6"], after.stderr
+    bad = run("eda-sub", "--bus", ep, "jobs.>", "--reset", "--from-start", "--raw", "-C", "1")
+    assert bad.returncode == 2 and "--reset needs --durable" in bad.stderr, bad.stderr
+    bare = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "d", "--reset", "--raw", "-C", "1")
+    assert bare.returncode == 2 and "--reset needs" in bare.stderr, bare.stderr
+
+
+def test_reset_is_refused_from_another_host(network: Any, tmp_path: Path) -> None:
+    a, b = network.add_host("a"), network.add_host("b")
+    bus = a.eda("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--bind", "tcp://*:0",
+                "--no-mdns")  # fmt: skip
+    port = bus.wait_stderr(r"serving .+ on tcp://\S+:(\d+) \(seq", 15)[1]
+    outside = f"tcp://{a.address}:{port}"
+    sent = b.run("eda-pub", "--bus", outside, "--confirm", "keep.me", "one", "two")
+    assert sent.returncode == 0, sent.stderr
+    took = b.run("eda-sub", "--bus", outside, "keep.>", "--durable", "d", "--raw", "-C", "2")
+    assert took.returncode == 0, took.stderr
+    refused = b.run("eda-sub", "--bus", outside, "keep.>", "--durable", "d", "--reset",
+                    "--from-start", "--raw", "-C", "1")  # fmt: skip
+    assert refused.returncode == 1 and "own host" in refused.stderr, refused.stderr
+    assert refused.stdout == ""
+    listed = b.run("eda-bus", "stats", "--consumers", "--bus", outside, "--json")
+    assert [json.loads(x)["next"] for x in listed.stdout.splitlines()] == [3]
+    moved = a.run("eda-sub", "--bus", outside, "keep.>", "--durable", "d", "--reset",
+                  "--from-start", "--raw", "-C", "1")  # fmt: skip
+    assert moved.stdout.splitlines() == ["one"], moved.stderr

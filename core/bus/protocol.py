@@ -22,7 +22,8 @@ Bus to client:
                             restarted, or the client was cut off): subscribe again
     L  JSON                 ``{"lost": n}``: events removed by retention before delivery
 
-Requests (op): ``sub`` (patterns, from, durable, group, member, credit), ``credit``
+Requests (op): ``sub`` (patterns, from, durable, group, member, credit, reset: move
+an existing durable to *from*, admin), ``credit``
 (n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
 ``drop`` (name: a durable consumer or group nobody is subscribed as).
 """
