@@ -348,6 +348,7 @@ class BusSubscriber:
         self.reset = reset
         # a durable that already existed: (its position, its patterns before, a start was asked)
         self.resumed: tuple[int, list[str], bool] | None = None
+        self._answered = False  # the bus answered a subscribe of ours
 
     def _request(self, msg: dict[str, Any]) -> None:
         self._rid += 1
@@ -472,9 +473,11 @@ class BusSubscriber:
             return
         if "from" not in reply:
             return
-        self.reset = False  # done once: a later subscribe (after a bus restart) resumes
+        first, self.reset, self._answered = not self._answered, False, True
+        if not first:  # a subscribe again (after a bus restart) resumes, as it should
+            return
         resumed, position = reply.get("resumed"), reply.get("from")
-        if isinstance(resumed, dict) and isinstance(position, int) and self.resumed is None:
+        if isinstance(resumed, dict) and isinstance(position, int):
             old = resumed.get("patterns")
             if isinstance(old, list) and all(isinstance(x, str) for x in old):
                 self.resumed = (position, old[:64], resumed.get("asked_from") is True)
