@@ -17,6 +17,8 @@ Examples:
   eda-bus serve --data ./bus --fsync always --max-age 7d --max-bytes 10GB
   eda-bus stats                               topics, counts, consumers and their lag
   eda-bus retain --max-age 7d                 remove events older than a week
+  eda-bus stats --consumers                   durable consumers, groups and their lag
+  eda-bus delete-consumer billing             forget a durable consumer or a group
   eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222 --replicas 3
   eda-bus migrate --from ./bus --to nats://10.0.0.5:4222
 """
@@ -438,15 +440,24 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
 
 
-@command.command(epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag")
+@command.command(
+    epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag\n  eda-bus stats --consumers"
+)
 @_bus_option
 @_timeout_option
 @click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@click.option(
+    "--consumers",
+    "only_consumers",
+    is_flag=True,
+    help="Only the durable consumers and groups: patterns, next sequence, lag, held.",
+)
 @common_options
 def stats(
     bus: str | None,
     timeout: float,
     force_json: bool,
+    only_consumers: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -473,11 +484,33 @@ def stats(
     for c in s.get("consumers") or []:
         if isinstance(c, dict):
             rows.append({**c, "consumer": c.get("kind"), "kind": "consumer"})
+    if only_consumers:
+        rows = [r for r in rows if r["kind"] == "consumer"]
     out = Output(ctx, force_json=force_json)
     if force_json or not sys.stdout.isatty():
         out.items(rows)
         return
+    if only_consumers:
+        _consumer_table(rows)
+        return
     _table(rows)
+
+
+def _consumer_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from eda.cli.common import for_terminal
+
+    table = Table("kind", "name", "patterns", "next", "lag", "held")
+    for r in rows:
+        patterns = r.get("patterns")
+        shown = " ".join(str(x) for x in patterns) if isinstance(patterns, list) else ""
+        counts = [r.get(k) for k in ("next", "lag", "held")]
+        cells = [r.get("consumer"), r.get("name"), shown, *counts]
+        table.add_row(*[Text("" if c is None else for_terminal(c)) for c in cells])
+    Console().print(table)
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -535,6 +568,32 @@ def retain(
             }
         ]
     )
+
+
+@command.command(
+    "delete-consumer",
+    epilog="\b\nExamples:\n  eda-bus delete-consumer billing",
+)
+@click.argument("name")
+@_bus_option
+@_timeout_option
+@common_options
+def delete_consumer(
+    name: str,
+    bus: str | None,
+    timeout: float,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    verbose: bool,
+) -> None:
+    """Delete durable consumer or group NAME (run it on the bus's host; nobody may be
+    subscribed as NAME).  Its position is forgotten: NAME used again starts anew."""
+    ctx = Context("eda-bus", verbose)
+    from eda.core.bus.client import request
+
+    reply = request(_endpoint(bus, interface, no_mdns), {"op": "drop", "name": name}, timeout)
+    Output(ctx).items([{"deleted": reply.get("deleted", name)}])
 
 
 def main() -> None:

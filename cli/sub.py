@@ -113,6 +113,12 @@ Examples:
 @click.option(
     "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
 )
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="With --durable: move the existing consumer to --from-start, --from-seq, --since or "
+    "--last (on the bus's host only).",
+)
 @common_options
 def command(
     patterns: tuple[str, ...],
@@ -134,6 +140,7 @@ def command(
     until_end: bool,
     durable: str | None,
     group: str | None,
+    reset: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -157,6 +164,9 @@ def command(
         raise UsageError("--until-end excludes --durable and --group")
     if until_end and start is None:
         start = "start"  # a dump of what is stored: from its beginning unless told
+    if reset and (not durable or start is None):
+        raise UsageError("--reset needs --durable NAME and one of --from-start, --from-seq, "
+                         "--since, --last")  # fmt: skip
     if (start is not None or durable or group) and bus is None:
         bus = AUTO
     if bus is not None:
@@ -171,6 +181,7 @@ def command(
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
             strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), until_end=until_end,
+            reset=reset,
         )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
@@ -279,6 +290,7 @@ def _subscribe_bus(
     strict: bool = False,
     relocate: Any = None,
     until_end: bool = False,
+    reset: bool = False,
 ) -> None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out.
 
@@ -305,13 +317,14 @@ def _subscribe_bus(
     slow = output.mode == "exec"
     sub = BusSubscriber(
         endpoint, patterns, start=start, durable=durable, group=group,
-        credit=64 if slow else None, relocate=relocate,
+        credit=64 if slow else None, relocate=relocate, reset=reset,
     )  # fmt: skip
     limit = 16 if slow else 1 << 16
     render = _bus_renderer(raw, output)
     status: int = ExitStatus.OK
     remaining = count
     reported_lost = 0
+    warned = False
     try:
         sub.subscribe()
         ctx.debug(f"subscribed to the bus at {endpoint}")
@@ -323,6 +336,9 @@ def _subscribe_bus(
                 got = sub.receive(limit)
             if sub.errors:
                 raise EdaError(f"the bus refused: {for_terminal(sub.errors[0])}")
+            if sub.resumed is not None and durable is not None and not warned:
+                _warn_resumed(ctx, durable, patterns, *sub.resumed)
+                warned = True
             if sub.lost > reported_lost:
                 ctx.warn(
                     f"lost {sub.lost - reported_lost} events (removed by the bus's retention"
@@ -379,6 +395,24 @@ def _stored_range(endpoint: str, patterns: list[str], start: Any) -> tuple[dict[
         raise EdaError("the bus answered a subscription without its range")
     assert isinstance(first, int) and isinstance(last, int)
     return {"seq": max(first, 1)}, last
+
+
+def _warn_resumed(
+    ctx: Context, name: str, patterns: list[str], at: int, old: list[str], asked: bool
+) -> None:
+    """A durable that already existed resumes at its position: say what was not done."""
+    shown = for_terminal(name)
+    if asked:
+        ctx.warn(
+            f"durable {shown!r} exists: resuming at seq {at}, the start asked for is ignored"
+            f" (to move it: eda-sub --bus --durable {shown} --reset --from-seq N|--since T"
+            "|--from-start, on the bus's host)"
+        )
+    if old != patterns:
+        ctx.warn(
+            f"durable {shown!r} had patterns {for_terminal(' '.join(old))}: now"
+            f" {for_terminal(' '.join(patterns))} (resuming at seq {at})"
+        )
 
 
 def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:

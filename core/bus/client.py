@@ -319,9 +319,11 @@ class BusSubscriber:
         group: str | None = None,
         credit: int | None = None,
         relocate: Callable[[], str] | None = None,
+        reset: bool = False,
     ) -> None:
         """*relocate* finds the bus again (e.g. :func:`find_bus`) when it stops
-        answering: the subscription then goes on where it is now."""
+        answering: the subscription then goes on where it is now.  *reset* moves
+        the existing durable consumer to *start* (asked until the bus agrees once)."""
         self.endpoint = endpoint
         self._relocate = relocate
         self._heard = self._looked = time.monotonic()
@@ -343,6 +345,10 @@ class BusSubscriber:
         self._subscribed = False
         self.resubscribed = 0
         self.errors: list[str] = []
+        self.reset = reset
+        # a durable that already existed: (its position, its patterns before, a start was asked)
+        self.resumed: tuple[int, list[str], bool] | None = None
+        self._answered = False  # the bus answered a subscribe of ours
 
     def _request(self, msg: dict[str, Any]) -> None:
         self._rid += 1
@@ -361,6 +367,8 @@ class BusSubscriber:
             start = {"seq": self.last + 1} if self.last else self.start
         if start is not None:
             msg["from"] = start
+        if self.reset:
+            msg["reset"] = True
         self._owed = self._owed_bytes = 0
         self._request(msg)
         self._subscribed = True
@@ -462,6 +470,17 @@ class BusSubscriber:
             return
         if not reply.get("ok"):
             self.errors.append(str(reply.get("error", "request refused"))[:300])
+            return
+        if "from" not in reply:
+            return
+        first, self.reset, self._answered = not self._answered, False, True
+        if not first:  # a subscribe again (after a bus restart) resumes, as it should
+            return
+        resumed, position = reply.get("resumed"), reply.get("from")
+        if isinstance(resumed, dict) and isinstance(position, int):
+            old = resumed.get("patterns")
+            if isinstance(old, list) and all(isinstance(x, str) for x in old):
+                self.resumed = (position, old[:64], resumed.get("asked_from") is True)
 
     def ack(self, seq: int) -> None:
         """The events up to bus sequence *seq* are written out (durable and group only)."""

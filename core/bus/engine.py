@@ -179,6 +179,12 @@ class Engine(Protocol):
     def position(self, name: str) -> int:
         """The next sequence consumer *name* has not acknowledged (NotFoundError if unknown)."""
 
+    def patterns_of(self, name: str) -> tuple[str, ...] | None:
+        """The patterns of durable consumer *name* (None if there is none)."""
+
+    def move(self, name: str, seq: int) -> int:
+        """Set durable consumer *name*'s next sequence to *seq* (clamped); return it."""
+
     def drop_consumer(self, name: str) -> None:
         """Forget a durable consumer or a group (NotFoundError if unknown)."""
 

@@ -864,6 +864,21 @@ class NatsEngine:
             self._run(self._kv_put(key, row))
         return int(row["next"])
 
+    def patterns_of(self, name: str) -> tuple[str, ...] | None:
+        self._usable()
+        row = self._run(self._kv_get(_key("c", name)))
+        return None if row is None else tuple(str(x) for x in row["patterns"])
+
+    def move(self, name: str, seq: int) -> int:
+        self._usable()
+        key = _key("c", name)
+        row = self._run(self._kv_get(key))
+        if row is None:
+            raise NotFoundError(f"no durable consumer {name!r}")
+        row["next"] = max(1, min(seq, self._next))
+        self._run(self._kv_put(key, row))
+        return int(row["next"])
+
     def drop_consumer(self, name: str) -> None:
         self._usable()
         found = False

@@ -22,8 +22,10 @@ Bus to client:
                             restarted, or the client was cut off): subscribe again
     L  JSON                 ``{"lost": n}``: events removed by retention before delivery
 
-Requests (op): ``sub`` (patterns, from, durable, group, member, credit), ``credit``
-(n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes).
+Requests (op): ``sub`` (patterns, from, durable, group, member, credit, reset: move
+an existing durable to *from*, admin), ``credit``
+(n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
+``drop`` (name: a durable consumer or group nobody is subscribed as).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ UNKNOWN: Final = b"X"
 LOST: Final = b"L"
 
 TAG: Final = struct.Struct("!Q")
-OPS: Final = frozenset({"sub", "credit", "ack", "hb", "bye", "stats", "retain"})
+OPS: Final = frozenset({"sub", "credit", "ack", "hb", "bye", "stats", "retain", "drop"})
 
 MAX_CREDIT: Final = 1 << 20  # events a subscriber may have in flight
 MAX_PATTERNS: Final = 64

@@ -52,7 +52,7 @@ HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by 
 FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
 CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
 LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
-ADMIN_OPS = frozenset({"retain"})  # operations only a client on the bus's own host may ask for
+ADMIN_OPS = frozenset({"retain", "drop"})  # ops only a client on the bus's own host may ask for
 
 
 @dataclass
@@ -348,6 +348,8 @@ class BusServer(Daemon):
             done = self.engine.retain(age, None if size is None else int(size))
             self._commit()
             return {"events": done.events, "bytes": done.bytes, "first_seq": done.first_seq}
+        if op == "drop":
+            return self._drop_consumer(msg)
         sub = self.subs.get(ident)
         if sub is None:  # restarted bus, or cut off: the client subscribes again
             if op != "bye":
@@ -373,6 +375,19 @@ class BusServer(Daemon):
             self._drop(ident)
         return None
 
+    def _drop_consumer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Delete a durable consumer or a group nobody is subscribed as (admin)."""
+        name = _name(msg, "name")
+        if name is None:
+            raise ProtocolError("drop needs a name")
+        live = sum(1 for s in self.subs.values() if name in (s.durable, s.group))
+        if live:
+            raise EdaError(f"{name!r} has {live} live subscriber(s); stop them first")
+        self.engine.drop_consumer(name)
+        self._commit()
+        self.log(f"consumer {name!r} deleted")
+        return {"deleted": name}
+
     def _subscribe(self, ident: bytes, msg: dict[str, Any]) -> dict[str, Any]:
         patterns = msg.get("patterns")
         if (
@@ -385,10 +400,22 @@ class BusServer(Daemon):
             validate_pattern(pattern)
         matcher = Matcher(patterns)
         durable, group = _name(msg, "durable"), _name(msg, "group")
-        spec = msg.get("from")
-        if spec is None and durable is not None:
-            spec = "start"  # a new durable consumer gets everything stored (as JetStream's)
+        reset = msg.get("reset", False)
+        if not isinstance(reset, bool):
+            raise ProtocolError("reset must be true or false")
+        given = msg.get("from")
+        if reset:
+            if durable is None or given is None:
+                raise UsageError("reset moves a durable consumer: give durable and from")
+            if not self._from_own_host():
+                raise EdaError("moving a durable consumer is only accepted from the bus's own host")
+            others = sum(1 for i, s in self.subs.items() if s.durable == durable and i != ident)
+            if others:
+                raise EdaError(f"{durable!r} has {others} live subscriber(s); stop them first")
+        spec = "start" if given is None and durable is not None else given
+        # (a new durable consumer gets everything stored, as JetStream's)
         start = self._start(spec, matcher)
+        old = None if durable is None else self.engine.patterns_of(durable)
         credit = _integer(msg.get("credit", 0), "credit")
         if ident in self.subs:
             self._drop(ident, resubscribing=True)
@@ -399,6 +426,8 @@ class BusServer(Daemon):
         if durable is not None:
             sub.durable = durable
             sub.cursor = self.engine.consumer(durable, patterns, start)
+            if reset and sub.cursor != start:
+                sub.cursor = self.engine.move(durable, start)
         elif group is not None:
             member = _name(msg, "member") or ident.hex()
             sub.group, sub.member, sub.start = group, member, start
@@ -411,7 +440,10 @@ class BusServer(Daemon):
         self.subs[ident] = sub
         self._groups_dirty = True
         self.log(f"subscription {ident.hex()} {patterns} from {sub.cursor}")
-        return {"from": sub.cursor, "last": self._durable}
+        reply: dict[str, Any] = {"from": sub.cursor, "last": self._durable}
+        if old is not None and not reset:  # it resumed: what the client asked may not hold
+            reply["resumed"] = {"patterns": list(old), "asked_from": given is not None}
+        return reply
 
     def _start(self, spec: Any, matcher: Matcher) -> int:
         engine = self.engine

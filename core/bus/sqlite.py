@@ -613,6 +613,17 @@ class SQLiteEngine:
             current = seq + 1
         return current
 
+    def patterns_of(self, name: str) -> tuple[str, ...] | None:
+        sql = "SELECT patterns FROM consumers WHERE name = ?"
+        row = self._conn.execute(sql, (name,)).fetchone()
+        return None if row is None else tuple(self._matcher(row[0]).patterns)
+
+    def move(self, name: str, seq: int) -> int:
+        self.position(name)  # NotFoundError if unknown
+        seq = max(1, min(seq, self._next))
+        self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq, name))
+        return seq
+
     def drop_consumer(self, name: str) -> None:
         n = self._conn.execute(
             "SELECT (SELECT count(*) FROM consumers WHERE name = ?)"
