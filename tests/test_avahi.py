@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -88,8 +87,8 @@ def avahi(procs: Procs, tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def test_avahi_browse_resolves_an_eda_subscriber(procs, avahi):
     sub = procs.sub_ready("orders.>", "--interface", ADDRESS)
-    subid = re.search(r"announced as (\w+)", sub.stderr).group(1)
-    port = re.search(r"listening on tcp://[^:]+:(\d+)", sub.stderr).group(1)
+    subid = sub.wait_stderr(r"announced as (\w+)", 15).group(1)
+    port = sub.wait_stderr(r"listening on tcp://[^:]+:(\d+)", 15).group(1)  # may come after
 
     def resolved() -> str | None:
         out = subprocess.run(

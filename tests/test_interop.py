@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pty
-import re
 import subprocess
 
 from tests.helpers import command, readable, require_tools, run, wait_until
@@ -25,8 +24,9 @@ def test_dns_sd_records_resolve_with_a_foreign_dns_client(procs):
     """dig (BIND's resolver, no mDNS library in common with eda) resolves PTR, SRV, TXT and A."""
     require_tools("dig", install="bind9-dnsutils")
     sub = procs.sub_ready("orders.>", "logs.*")
-    subid = re.search(r"announced as (\w+)", sub.stderr).group(1)
-    port = int(re.search(r"listening on tcp://[^:]+:(\d+)", sub.stderr).group(1))
+    subid = sub.wait_stderr(r"announced as (\w+)", 15).group(1)
+    # (announced at once, without probing: "listening on" may follow it)
+    port = int(sub.wait_stderr(r"listening on tcp://[^:]+:(\d+)", 15).group(1))
     name = wait_until(
         lambda: next((n for n in _dig("_eda-sub._tcp.local", "PTR") if subid in n), None),
         10,
