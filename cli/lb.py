@@ -185,8 +185,8 @@ def worker(
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
     NAME (eda-lb serve) are found and served as well."""
-    from eda.core.lb.presence import Presence
     from eda.core.lb.worker import Worker
+    from eda.core.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
@@ -282,7 +282,7 @@ def _broker_finder(
     ctx: Context,
     heartbeat: float = 1.0,
 ) -> _BrokerFinder | None:
-    from eda.core.lb.presence import Finder
+    from eda.core.presence import Finder
     from eda.core.reqrep import check_endpoint
 
     for endpoint in explicit:
@@ -659,7 +659,7 @@ def serve(
     worker with the same request id.
     """
     from eda.core.lb.broker import Broker, Settings
-    from eda.core.lb.presence import Presence
+    from eda.core.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 

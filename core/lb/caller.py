@@ -809,7 +809,7 @@ def lookup_endpoints(
 ) -> tuple[Any, list[tuple[str, int]]]:
     """A :class:`~.presence.Finder` of *service*'s workers (brokers with *via*) and the
     instances it finds now; :class:`~eda.core.errors.NotFoundError` when there is none."""
-    from .presence import Finder
+    from ..presence import Finder
 
     role = "broker" if via else "worker"
     finder = Finder(service, access, lambda i: i.meta.get("role") == role)

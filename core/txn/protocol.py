@@ -642,7 +642,7 @@ def find_coordinators(access: Any, name: str | None = None) -> list[str]:
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    The work is :class:`~eda.core.lb.presence.Presence`'s, as for eda-lb
+    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb
     workers: with a registry, heartbeats from a background thread; without
     one, announced by mDNS (serverless mode) -- and, when that was for want
     of a registry, moved to one as soon as one answers (as ``eda-registry
@@ -660,7 +660,7 @@ class Registration:
         meta: Mapping[str, str] | None = None,
         interval: float = 2.0,
     ) -> None:
-        from ..lb.presence import Presence
+        from ..presence import Presence
         from ..registry import access as reg
 
         record = reg.registration(

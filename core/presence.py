@@ -1,7 +1,8 @@
 """Being found and finding others, off the serving thread.
 
-A worker or broker serves from one poll loop that must never wait on the
-registry or on mDNS; these helpers do that work in a background thread:
+A daemon (an eda-lb worker or broker, an eda-txn coordinator or participant)
+serves from one poll loop that must never wait on the registry or on mDNS;
+these helpers do that work in a background thread:
 
 - :class:`Presence` -- keeps one instance registered (a registry through
   :class:`~eda.core.registry.agent.Agent`, else serverless mDNS through
@@ -18,9 +19,9 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from ..errors import EdaError
-from ..registry import access as reg
-from ..registry.model import Instance
+from .errors import EdaError
+from .registry import access as reg
+from .registry.model import Instance
 
 Log = Callable[[str], None]
 PROBE_EVERY = 2.0  # seconds between looks for a registry while announced by mDNS for want of one
@@ -69,7 +70,7 @@ class Presence:
     def start(self) -> Instance:
         """Register now (raises if a registry refuses), then heartbeat in the background."""
         if self.mode == "registry":
-            from ..registry.agent import Agent
+            from .registry.agent import Agent
 
             assert self.client is not None
             agent = Agent(self.client, self.inst, self.warn)
@@ -78,7 +79,7 @@ class Presence:
             self._thread = threading.Thread(target=self._beat, args=(agent,), daemon=True)
             self._thread.start()
         elif self.mode == "mdns":
-            from ..registry.serverless import Announcer
+            from .registry.serverless import Announcer
 
             announcer = Announcer(self.inst, self.interface)
             announcer.start()
@@ -94,7 +95,7 @@ class Presence:
     def _look_for_registry(self) -> None:
         """While announced by mDNS for want of a registry: every few seconds, ask whether
         one answers now; if so, register there and stop announcing (as eda-registry does)."""
-        from ..registry.agent import Agent
+        from .registry.agent import Agent
 
         while not self._stop.wait(PROBE_EVERY):
             client = reg.answering_registry(self.access, self.inst.interval)
@@ -117,7 +118,7 @@ class Presence:
             return
 
     def _beat(self, agent: object) -> None:
-        from ..registry.agent import Agent
+        from .registry.agent import Agent
 
         assert isinstance(agent, Agent)
         while not self._stop.wait(self.inst.interval):
@@ -131,7 +132,7 @@ class Presence:
             self._thread.join(3.0)
             self._thread = None
             if self.client is not None and self.mode == "registry":
-                from ..registry.agent import Agent
+                from .registry.agent import Agent
 
                 Agent(self.client, self.inst, self.warn).deregister()
                 self.client.close()
