@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
@@ -25,7 +24,7 @@ import click
 from eda.core import __version__
 from eda.core.attributes import safe_dumps
 from eda.core.config import Setting, default_paths, settings_for
-from eda.core.errors import ConfigError, EdaError
+from eda.core.errors import ConfigError, EdaError, ExitStatus
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -33,18 +32,6 @@ if TYPE_CHECKING:
     from eda.core.registry.access import Access
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ExitStatus(IntEnum):
-    """The exit statuses of every program (CONVENTIONS.md); man pages and README list these."""
-
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    NOT_FOUND = 3
-    TIMEOUT = 4
-    LOSS = 5
-    INTERRUPTED = 130
 
 
 # what each status means, as the man pages' EXIT STATUS and the README's table say it

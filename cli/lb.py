@@ -10,7 +10,6 @@ import click
 from eda.cli.common import (
     Context,
     Exit,
-    ExitStatus,
     Output,
     Terminated,
     common_options,
@@ -20,7 +19,7 @@ from eda.cli.common import (
     run,
 )
 from eda.cli.registry import registry_option
-from eda.core.errors import EdaError
+from eda.core.errors import EdaError, ExitStatus
 
 EPILOG = """\b
 Examples:

@@ -13,7 +13,6 @@ from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import (
     Context,
     Exit,
-    ExitStatus,
     Output,
     Terminated,
     common_options,
@@ -22,7 +21,7 @@ from eda.cli.common import (
     run,
 )
 from eda.core.attributes import BUS_SEQUENCE
-from eda.core.errors import UsageError
+from eda.core.errors import ExitStatus, UsageError
 from eda.core.topics import validate_pattern
 
 if TYPE_CHECKING:

@@ -12,7 +12,6 @@ import click
 from eda.cli.common import (
     Context,
     Exit,
-    ExitStatus,
     Output,
     Terminated,
     common_options,
@@ -22,7 +21,7 @@ from eda.cli.common import (
     write_stdout,
 )
 from eda.cli.registry import registry_option
-from eda.core.errors import EdaError, NotFoundError, UsageError
+from eda.core.errors import EdaError, ExitStatus, NotFoundError, UsageError
 
 if TYPE_CHECKING:
     from rich.text import Text

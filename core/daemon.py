@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from .errors import EdaError, UsageError
+from .sockets import new_socket
 
 Log = Callable[[str], None]
 WARN_EVERY = 10.0  # seconds between two warnings of the same kind
@@ -182,10 +183,7 @@ class Daemon:
         self, kind: int, *, linger: int = 0, max_message: int | None = None
     ) -> zmq.Socket[bytes]:
         """A socket this daemon closes (with *linger* ms) in :meth:`close`."""
-        sock: zmq.Socket[bytes] = self.zctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, linger)
-        if max_message is not None:
-            sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+        sock = new_socket(kind, context=self.zctx, linger=linger, max_message=max_message)
         self._sockets.append(sock)
         return sock
 

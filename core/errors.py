@@ -1,16 +1,40 @@
-"""The exceptions raised by eda's core; each maps to one exit status in the CLI."""
+"""The exit statuses of every program, and the exceptions eda's core raises.
+
+Each exception carries the :class:`ExitStatus` the CLI exits with
+(``exit_code``), so the status of a failure is decided where the failure is
+understood, once, and ``cli/`` only renders it.
+"""
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """The exit statuses of every program (CONVENTIONS.md); man pages and README list these."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    TIMEOUT = 4
+    LOSS = 5
+    INTERRUPTED = 130
 
 
 class EdaError(Exception):
     """Base class of every error eda's core raises on purpose."""
 
-    exit_code = 1
+    exit_code: ExitStatus = ExitStatus.ERROR
 
 
 class UsageError(EdaError):
     """The caller asked for something malformed (bad endpoint, bad pattern)."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
+
+
+class ProtocolError(EdaError):
+    """A peer sent something that is not the protocol: garbage from a peer is a
+    runtime error (exit 1), never a usage error, whatever the program."""
 
 
 class ConfigError(UsageError):
@@ -20,7 +44,7 @@ class ConfigError(UsageError):
 class NotFoundError(EdaError):
     """The named thing (service, instance, transaction) does not exist."""
 
-    exit_code = 3
+    exit_code = ExitStatus.NOT_FOUND
 
 
 class InputError(EdaError):

@@ -54,6 +54,7 @@ import zmq
 from . import codec, discovery
 from .daemon import check_port
 from .errors import EdaError, UsageError
+from .sockets import new_socket
 from .topics import Matcher
 
 LossCallback = Callable[[str, str, int], None]
@@ -349,7 +350,7 @@ class Publisher(_Node):
         block: bool = False,
     ) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
-        sock: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
+        sock = new_socket(zmq.XPUB, context=ctx)
         super().__init__(ctx, sock, interface)
         # what its events and end of stream carry: 128 random bits, since a subscriber
         # that outlives publisher runs takes an id it saw before for the same stream
@@ -584,7 +585,7 @@ class Subscriber(_Node):
         on_unreachable: Callable[[str, bool], None] | None = None,
     ) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
-        sock: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+        sock = new_socket(zmq.SUB, context=ctx)
         super().__init__(ctx, sock, interface)
         self.matcher = Matcher(patterns)
         self.on_connect = on_connect

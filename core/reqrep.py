@@ -27,15 +27,12 @@ from typing import Any
 import zmq
 
 from .daemon import Daemon, received
-from .errors import EdaError, NotFoundError, UsageError
+from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
+from .sockets import new_socket
 
 MAX_MESSAGE = 65536  # bytes in one request; a bigger one drops its connection
 MAX_RID = 2**63 - 1
 MAX_RID_TEXT = 64
-
-
-class ProtocolError(UsageError):
-    """A message on a request socket is not a valid request."""
 
 
 class RemoteError(EdaError):
@@ -43,7 +40,7 @@ class RemoteError(EdaError):
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = code if code in (1, 2, 3) else 1
+        self.exit_code = ExitStatus(code) if code in (1, 2, 3) else ExitStatus.ERROR
 
 
 class NoServer(EdaError):
@@ -274,10 +271,7 @@ class Client:
         self.disconnect()
         if self._zctx is None:
             self._zctx = zmq.Context.instance()
-        sock: zmq.Socket[bytes] = self._zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.max_reply is not None:
-            sock.setsockopt(zmq.MAXMSGSIZE, self.max_reply)
+        sock = new_socket(zmq.DEALER, context=self._zctx, max_message=self.max_reply)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:

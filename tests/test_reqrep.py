@@ -137,12 +137,13 @@ def test_garbage_requests_get_error_replies_and_the_daemon_continues(echo: Echo)
     for frames in garbage:
         reply = raw.ask(frames)
         assert reply is not None and reply["ok"] is False, frames
-        assert reply["code"] == 2 and reply["error"].startswith(("malformed", "unknown")), reply
+        # garbage from a peer is a runtime error (1), never a usage error (2)
+        assert reply["code"] == 1 and reply["error"].startswith(("malformed", "unknown")), reply
     assert raw.ask([b'{"op": "nope", "rid": 7}']) == {
         "rid": None,  # refused before its rid was looked at
         "ok": False,
         "error": "unknown operation 'nope'",
-        "code": 2,
+        "code": 1,
     }
     assert echo.malformed == len(garbage) + 1
     good = Client([echo.endpoint])

@@ -30,8 +30,9 @@ import zmq
 
 from .. import codec
 from ..cache import cached, remember
-from ..errors import EdaError, NotFoundError
-from ..reqrep import ProtocolError, check_endpoint, decode, encode, tcp_reachable
+from ..errors import EdaError, ExitStatus, NotFoundError, ProtocolError
+from ..reqrep import check_endpoint, decode, encode, tcp_reachable
+from ..sockets import new_socket
 from . import protocol as p
 
 RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
@@ -50,7 +51,7 @@ class NoBus(NotFoundError):
 class ConfirmTimeout(EdaError):
     """The bus did not confirm every batch in time."""
 
-    exit_code = 4
+    exit_code = ExitStatus.TIMEOUT
 
 
 class Unconfirmed(NamedTuple):
@@ -90,10 +91,7 @@ def find_bus(
 
 
 def _dealer(endpoint: str) -> zmq.Socket[bytes]:
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.connect(endpoint)

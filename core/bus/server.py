@@ -37,9 +37,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .. import codec
 from ..daemon import DRAIN_LIMIT, Daemon, Log, port_of, received
-from ..errors import EdaError, UsageError
+from ..errors import EdaError, ProtocolError, UsageError
 from ..limits import QueuedBytes, raise_fd_limit
-from ..reqrep import ProtocolError, check_rid, decode_request, encode, error_reply, request_id
+from ..reqrep import check_rid, decode_request, encode, error_reply, request_id
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
 from .engine import Engine, EventTooLargeError, Record, StoreError

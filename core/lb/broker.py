@@ -32,8 +32,9 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, Log, port_of, received
-from ..errors import UsageError
+from ..errors import ProtocolError, UsageError
 from ..outbox import RELEASE_AFTER, Pump, release_memory
+from ..sockets import new_socket
 from .balancer import STRATEGIES, Backend, Balancer
 from .protocol import (
     BUSY,
@@ -50,7 +51,6 @@ from .protocol import (
     STATS_QUERY,
     TAG,
     Budget,
-    ProtocolError,
     TooLarge,
     parse,
     parse_reply,
@@ -798,9 +798,7 @@ def _ask(
     poller = zmq.Poller()
     try:
         for endpoint in endpoints:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, MAX_STATS + 4096)
+            sock = new_socket(zmq.DEALER, context=ctx, max_message=MAX_STATS + 4096)
             socks[sock] = endpoint
             results[endpoint] = "no answer"
             sock.connect(endpoint)

@@ -55,7 +55,7 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, Log
-from ..errors import NotFoundError
+from ..errors import NotFoundError, ProtocolError
 from ..registry.model import Instance
 from . import protocol as p
 from .balancer import Backend, Balancer
@@ -528,7 +528,7 @@ class Caller(Daemon):
             if len(frames) == 5 and frames[1] == p.REPLY:
                 try:
                     rid, status, body = p.parse_reply(frames, 0, self.max_request)
-                except p.ProtocolError as exc:
+                except ProtocolError as exc:
                     self.dropped("reply", exc)
                     continue
                 req = pending.get(rid)
@@ -552,7 +552,7 @@ class Caller(Daemon):
                     stale.remove(conn)
                     self._cancel_current(req)
                 else:  # never sent there: someone else's rid
-                    self.dropped("reply", p.ProtocolError("a reply to a request not sent there"))
+                    self.dropped("reply", ProtocolError("a reply to a request not sent there"))
                     continue
                 del pending[rid]
                 latencies.append(now - req.first)
@@ -583,11 +583,11 @@ class Caller(Daemon):
     def _control(self, conn: Conn, frames: list[bytes], now: float) -> None:
         try:
             msg = p.parse(frames, 0, self.max_request)
-        except p.ProtocolError as exc:
+        except ProtocolError as exc:
             self.dropped("message", exc)
             return
         if msg.kind != p.PONG:
-            self.dropped("message", p.ProtocolError(f"unexpected {msg.kind.decode()}"))
+            self.dropped("message", ProtocolError(f"unexpected {msg.kind.decode()}"))
 
     def _cancel_current(self, req: Request) -> None:
         conn = req.conn

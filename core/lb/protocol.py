@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import zmq
 from zmq.backend import Socket as _Raw
 
-from ..errors import EdaError
+from ..errors import ProtocolError
 
 TAG = b"EDALB1"
 REQUEST, REPLY, PING, PONG = b"Q", b"R", b"P", b"O"
@@ -87,10 +87,6 @@ class Budget:
             return False
         self.tokens -= 1
         return True
-
-
-class ProtocolError(EdaError):
-    """A message from a peer breaks the eda-lb wire rules; it is dropped and counted."""
 
 
 class TooLarge(ProtocolError):

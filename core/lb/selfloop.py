@@ -74,4 +74,3 @@ def reaches(listen: IP | None, listen_port: int, host: str, port: int) -> bool:
     if listen.version == 4 and dest.version == 6:
         return False  # an IPv4 listener never sees an IPv6 connection
     return is_local(dest)
-

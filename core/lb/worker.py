@@ -42,7 +42,7 @@ from typing import Any
 import zmq
 
 from ..daemon import DRAIN_LIMIT, Daemon, Log
-from ..errors import UsageError
+from ..errors import ProtocolError, UsageError
 from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
 
@@ -305,7 +305,7 @@ class Worker(Daemon):
                     self.requests += 1
                     self.errors += 1
                     continue
-                except p.ProtocolError as exc:
+                except ProtocolError as exc:
                     self.dropped("request", exc)
                     continue
                 # the caller gives up (and retries elsewhere) at its timeout: kill a little
@@ -339,7 +339,7 @@ class Worker(Daemon):
     def _control(self, sock: zmq.Socket[bytes], frames: list[bytes], start: int) -> None:
         try:
             msg = p.parse(frames, start, self.max_request)
-        except p.ProtocolError as exc:
+        except ProtocolError as exc:
             self.dropped("message", exc)
             return
         route = frames[:start]
@@ -356,9 +356,7 @@ class Worker(Daemon):
         elif start == 0:  # from a broker
             self._from_broker(sock, msg)
         else:
-            self.dropped(
-                "message", p.ProtocolError(f"unexpected {msg.kind.decode()} from a caller")
-            )
+            self.dropped("message", ProtocolError(f"unexpected {msg.kind.decode()} from a caller"))
 
     def _admit(self, job: Job) -> None:
         self.requests += 1
@@ -886,9 +884,7 @@ class Worker(Daemon):
             self._drop_broker(link)
             self._schedule(link, time.monotonic())
         else:
-            self.dropped(
-                "message", p.ProtocolError(f"unexpected {msg.kind.decode()} from a broker")
-            )
+            self.dropped("message", ProtocolError(f"unexpected {msg.kind.decode()} from a broker"))
 
     # -- stats -------------------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:

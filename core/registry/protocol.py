@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import reqrep
+from ..errors import ProtocolError as ProtocolError
 from ..reqrep import MAX_MESSAGE as MAX_MESSAGE
-from ..reqrep import ProtocolError as ProtocolError
 from ..reqrep import RemoteError as RemoteError
 from ..reqrep import check_rid, request_id
 from ..reqrep import decode as decode

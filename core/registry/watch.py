@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from ..errors import EdaError
+from ..sockets import new_socket
 from . import protocol
 from .client import Client
 from .model import MAX_REV, InvalidRecord, from_dict
@@ -106,8 +107,7 @@ class Watcher:
         if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0 < tick <= 60:
             raise protocol.RemoteError("the registry sent a malformed hello (tick)")
         self.silence = 6 * float(tick)
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = new_socket(zmq.SUB, context=self.ctx)
         sub.subscribe(protocol.TICK)
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
         self.sub = sub  # closed by _close_sub whatever happens next (term() waits for it)

@@ -50,8 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..daemon import Daemon
-from ..errors import EdaError, NotFoundError
-from ..reqrep import ProtocolError
+from ..errors import EdaError, NotFoundError, ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished

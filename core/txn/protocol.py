@@ -49,8 +49,8 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, received
-from ..errors import EdaError, UsageError
-from ..reqrep import ProtocolError, Service, check_endpoint, decode, encode, error_reply
+from ..errors import EdaError, ProtocolError, UsageError
+from ..reqrep import Service, check_endpoint, decode, encode, error_reply
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
 TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")

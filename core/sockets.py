@@ -1,0 +1,88 @@
+"""The one place ZeroMQ sockets are made: every eda socket comes from :func:`new_socket`.
+
+It sets what every eda socket needs (linger, the message size limit, high
+water marks), and applies the process's *socket policies* — functions that
+configure a socket before it is used — so that a process-wide setting (secure
+mode's CURVE keys, next) is added here once and reaches every socket of every
+program.  :func:`connect` and :func:`bind` take a typed
+:class:`~eda.core.endpoint.Endpoint` (IPv6 included: the socket's IPV6 option is
+set when the endpoint needs it).
+
+Plain TCP/UDP sockets (the TCP proxy's data plane, mDNS, DNS) are not ZeroMQ
+sockets and are not made here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+
+from .endpoint import Endpoint
+
+Socket = zmq.Socket[bytes]
+Context = zmq.Context[Socket]
+Policy = Callable[[Socket, int], None]  # (socket, kind) -> None
+
+_policies: list[Policy] = []
+
+
+def add_policy(policy: Policy) -> None:
+    """Apply *policy* to every socket made from now on (secure mode, tests)."""
+    _policies.append(policy)
+
+
+def remove_policy(policy: Policy) -> None:
+    if policy in _policies:
+        _policies.remove(policy)
+
+
+def new_socket(
+    kind: int,
+    *,
+    context: Context | None = None,
+    linger: int = 0,
+    max_message: int | None = None,
+    sndhwm: int | None = None,
+    rcvhwm: int | None = None,
+) -> Socket:
+    """A ZeroMQ socket of *kind* on *context* (the process-wide one by default).
+
+    *linger* is in milliseconds (0: unsent messages are dropped at close);
+    *max_message* bounds what a peer can make this socket take in one message
+    (a bigger one drops the peer's connection).
+    """
+    ctx = context if context is not None else zmq.Context.instance()
+    sock: Socket = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger)
+    if max_message is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    if sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if rcvhwm is not None:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    for policy in _policies:
+        policy(sock, kind)
+    return sock
+
+
+def connect(sock: Socket, endpoint: Endpoint) -> str:
+    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to."""
+    if endpoint.is_ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
+    text = endpoint.zmq
+    sock.connect(text)
+    return text
+
+
+def bind(sock: Socket, endpoint: Endpoint) -> Endpoint:
+    """Bind *sock* to *endpoint* (port 0: any); the endpoint really bound.
+
+    Raises :class:`zmq.ZMQError` as bind does; :meth:`eda.core.daemon.Daemon.bind`
+    turns that into eda's errors.
+    """
+    if endpoint.is_ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.bind(endpoint.zmq)
+    bound = Endpoint.from_peer(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    return bound if bound is not None else endpoint
