@@ -1257,3 +1257,34 @@ def test_an_instance_that_comes_up_just_after_the_caller_is_used(serve: Any) -> 
 
     out, failed, summary, _ = call([endpoint], [b"a", b"b"], heartbeat=0.3, setup=late)
     assert out == b"late a\nlate b\n" and not failed and not summary.no_instance
+
+
+def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_samples() -> None:
+    """One percentile definition (nearest rank, core/measure.py) in every figure of
+    ``eda-lb stats`` and of a caller's summary: the same samples, the same p50/p99."""
+    import random
+
+    from eda.core.lb import broker as broker_module
+    from eda.core.lb.balancer import Backend
+
+    samples = [n / 1000 for n in range(1, 101)]  # 1 ms .. 100 ms
+    random.Random(7).shuffle(samples)
+    caller = Caller(out=lambda _b: None, failed=lambda *f: None)
+    worker = Worker("svc", ["cat"])
+    broker = Broker(Settings(service="svc"))
+    try:
+        caller.latencies.extend(samples)
+        worker.latencies.extend(samples)
+        entry = broker_module.Worker(b"w", "w-1", 1, 1, Backend("w-1", 1), 0.0, 1.0)
+        entry.latencies.extend(samples)
+        broker.workers[b"w"] = entry
+        from_caller = {"p50": caller.percentile(0.5), "p99": caller.percentile(0.99)}
+        from_worker = worker.figures()["latency_ms"]
+        [from_broker] = [i["latency_ms"] for i in broker.stats()["instances"]]
+        for figures in (from_caller, from_worker, from_broker):
+            assert (figures["p50"], figures["p99"]) == (50.0, 99.0), figures
+        assert from_worker == from_broker  # p90 and max too
+    finally:
+        caller.close()
+        worker.close()
+        broker.close()

@@ -33,6 +33,7 @@ import zmq
 
 from ..daemon import Daemon, Log, port_of, received
 from ..errors import ProtocolError, UsageError
+from ..measure import latency_ms
 from ..outbox import RELEASE_AFTER, Pump, release_memory
 from ..sockets import new_socket
 from .balancer import STRATEGIES, Backend, Balancer
@@ -249,23 +250,6 @@ class Waiting:
                 kept.append(p)
         self.items = kept
         return expired
-
-
-def percentile(ordered: list[float], p: float) -> float | None:
-    """The *p*-th percentile (nearest rank) of sorted *ordered*, None when empty."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def figures(latencies: Iterable[float]) -> dict[str, float | None]:
-    """p50, p90, p99 and max of *latencies* (seconds), in milliseconds (None: no sample)."""
-    ordered = sorted(latencies)
-    out: dict[str, float | None] = {}
-    for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)):
-        value = percentile(ordered, p)
-        out[name] = None if value is None else round(value * 1000, 3)
-    return out
 
 
 class Broker(Daemon):
@@ -740,7 +724,7 @@ class Broker(Daemon):
                 "inflight": len(w.inflight),
                 "concurrency": w.concurrency,
                 "weight": w.backend.weight,
-                "latency_ms": figures(w.latencies),
+                "latency_ms": latency_ms(w.latencies),
             }
             for w in [*self.workers.values(), *self.dead][:MAX_LISTED]
         ]

@@ -56,6 +56,7 @@ import zmq
 
 from ..daemon import Daemon, Log
 from ..errors import NotFoundError, ProtocolError
+from ..measure import percentile
 from ..registry.model import Instance
 from . import protocol as p
 from .balancer import Backend, Balancer
@@ -793,8 +794,8 @@ class Caller(Daemon):
 
     def percentile(self, q: float) -> float:
         """The *q* quantile (0..1) of recent request latencies, in milliseconds."""
-        lat = sorted(self.latencies)
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else 0.0
+        value = percentile(sorted(self.latencies), q)
+        return 0.0 if value is None else value * 1000
 
     def figures(self) -> dict[str, Any]:
         return {
