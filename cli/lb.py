@@ -1011,7 +1011,7 @@ def tcp(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    host, port = core.parse_listen(listen)
+    where = core.parse_listen(listen)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(
         strategy=strategy,
@@ -1026,9 +1026,9 @@ def tcp(
         workers=(os.cpu_count() or 1) if workers is None else workers,
     )
     if engine == "haproxy":
-        _tcp_haproxy(ctx, service, access, host, port, settings, drain_timeout)
+        _tcp_haproxy(ctx, service, access, where.host, where.port, settings, drain_timeout)
         return
-    proxy = core.TcpProxy(host, port, settings, log=ctx.debug, warn=ctx.warn)
+    proxy = core.TcpProxy(where, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
 
     def on_term(signum: int, frame: object) -> None:
@@ -1038,10 +1038,10 @@ def tcp(
         proxy.drain(drain_timeout)
 
     try:
-        proxy.start()  # forks the data planes before any thread starts
+        proxy.start()
         on_stop_signals(on_term)
-        where = "{}:{}".format(*proxy.address)
-        ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
+        bound = "{}:{}".format(*proxy.address)
+        ctx.warn(f"proxying {bound} to {service} ({strategy}, {settings.workers} data plane(s))")
 
         failed: list[EdaError] = []
 
