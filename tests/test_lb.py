@@ -22,7 +22,8 @@ import zmq
 from eda.core.errors import UsageError
 from eda.core.lb import protocol as p
 from eda.core.lb.broker import Broker, Settings
-from eda.core.lb.caller import MAX_CONNS, Caller, Summary
+from eda.core.lb.caller import Caller, Summary
+from eda.core.lb.callpool import MAX_CONNS
 from eda.core.lb.worker import DEPTH, MAX_BROKERS, Worker
 from tests.helpers import Proc, Procs, wait_until
 
@@ -756,14 +757,14 @@ def test_a_flood_of_announced_fake_instances_costs_bounded_sockets_and_no_hang(
     most = 0
 
     def watch(caller: Caller) -> None:
-        opened = caller._open
+        opened = caller.pool._open
 
         def counting(conn: Any) -> None:
             nonlocal most
             opened(conn)
             most = max(most, len(caller.conns))
 
-        caller._open = counting  # type: ignore[method-assign]
+        caller.pool._open = counting  # type: ignore[method-assign]
 
     started = time.monotonic()
     try:
