@@ -752,7 +752,7 @@ def stats(
     has no instance, 1 when an instance did not answer.
     """
     from eda.core.errors import NotFoundError
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
     from eda.core.registry.access import lookup
     from eda.core.registry.model import validate_name
 

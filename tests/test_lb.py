@@ -1265,8 +1265,8 @@ def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_sampl
     ``eda-lb stats`` and of a caller's summary: the same samples, the same p50/p99."""
     import random
 
-    from eda.core.lb import broker as broker_module
     from eda.core.lb.balancer import Backend
+    from eda.core.lb.brokerworkers import Worker as Entry
 
     samples = [n / 1000 for n in range(1, 101)]  # 1 ms .. 100 ms
     random.Random(7).shuffle(samples)
@@ -1276,7 +1276,7 @@ def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_sampl
     try:
         caller.latencies.extend(samples)
         worker.latencies.extend(samples)
-        entry = broker_module.Worker(b"w", "w-1", 1, 1, Backend("w-1", 1), 0.0, 1.0)
+        entry = Entry(b"w", "w-1", 1, 1, Backend("w-1", 1), 0.0, 1.0)
         entry.latencies.extend(samples)
         broker.workers[b"w"] = entry
         from_caller = {"p50": caller.percentile(0.5), "p99": caller.percentile(0.99)}
