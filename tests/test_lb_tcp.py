@@ -282,6 +282,30 @@ def test_a_new_instance_that_refuses_is_dropped_at_its_first_check(
     assert running.proxy.health.checks["dead"].failed < 1000  # not by fall: by its first check
 
 
+def test_an_instance_that_failed_its_first_check_is_in_at_its_first_pass(
+    proxy: Any, servers: list[Server]
+) -> None:
+    """The one rise/fall rule (core/measure.py, as the registry's checks): until an
+    instance first passes, one result decides; rise and fall apply after that."""
+    servers.append(Server("a"))
+    with socket.socket() as probe:  # a port nothing listens on, for now
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    running = proxy(check_interval=0.05, rise=1000, fall=2)  # by rise alone: 50 s
+    health = running.proxy.health
+    running.proxy.set_candidates([servers[0].backend(), Backend("late", "127.0.0.1", port)])
+    wait_until(lambda: [x.id for x in health.up()] == ["a"], TIMEOUT, "late out at first")
+    late = Server("late", port)  # it starts listening a moment later
+    servers.append(late)
+    wait_until(lambda: [x.id for x in health.up()] == ["a", "late"], TIMEOUT, "late in")
+    assert health.checks["late"].ok < 1000  # not by rise: by its first pass
+    late.stop()
+    wait_until(lambda: [x.id for x in health.up()] == ["a"], TIMEOUT, "late down after fall")
+    servers.append(Server("late", port))
+    wait_until(lambda: health.checks["late"].ok >= 5, TIMEOUT, "late passing again")
+    assert [x.id for x in health.up()] == ["a"]  # now rise applies
+
+
 def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: list[Server]) -> None:
     a, b = Server("a"), Server("b")
     servers.extend([a, b])
