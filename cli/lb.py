@@ -1,4 +1,11 @@
-"""eda-lb: load balancing -- shell commands as services over ZeroMQ, and a TCP proxy."""
+"""eda-lb: load balancing -- shell commands as services over ZeroMQ, and a TCP proxy.
+
+One section per subcommand (worker, call, serve, stats, tcp) after the helpers
+they share.  Over 500 lines for a reason: five subcommands with some sixty
+options, whose declarations and help texts are the man page; the logic is in
+``eda.core.lb`` (the broker finder in ``brokers.py``, the TCP proxy's registry
+following and its HAProxy engine loop in ``follow.py``).
+"""
 
 from __future__ import annotations
 
