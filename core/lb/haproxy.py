@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
+import errno
 import ipaddress
 import math
 import os
@@ -69,33 +69,24 @@ __all__ = ["STRATEGIES", "HaproxyEngine", "Server", "ServerState", "server_name"
 Log = Callable[[str], None]
 
 _ALERT = re.compile(r"^\[(?:ALERT|ERROR|NOTICE|WARNING)\]\s*(?:\(\d+\)\s*)?:\s*")
-_PR_SET_PDEATHSIG = 1
 
 
 def _quiet(_message: str) -> None:
     pass
 
 
-def _pdeathsig() -> Callable[[], None] | None:
-    """A function for the child, between fork and exec: SIGTERM when the parent dies, so
-    no haproxy outlives eda-lb.  libc's prctl is looked up here, in the parent: loading a
-    library in a child forked from a threaded process could deadlock."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-    args = (
-        ctypes.c_int(_PR_SET_PDEATHSIG),
-        ctypes.c_ulong(signal.SIGTERM),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-    )
-
-    def child() -> None:  # pragma: no cover - runs in the child before exec
-        prctl(*args)
-
-    return child
+def _command_line(binary: str, config: Path) -> list[str]:
+    """haproxy's command line; behind ``setpriv --pdeathsig TERM`` (util-linux) when it is
+    there, so that no haproxy outlives eda-lb.  The signal is set by setpriv, not by a
+    ``preexec_fn``: eda-lb runs threads (the registry feed, zeroconf's) when it starts
+    haproxy, and Python code in the child of a fork of a threaded process can deadlock
+    on a lock another thread held."""
+    found = shutil.which(binary)
+    if found is None:
+        raise OSError(errno.ENOENT, "not found")
+    argv = [found, "-db", "-f", str(config)]
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 class HaproxyEngine:
@@ -215,13 +206,12 @@ class HaproxyEngine:
         try:
             with open(self.log_path, "wb") as err:
                 self._proc = subprocess.Popen(
-                    [self.binary, "-db", "-f", str(self.config_path)],
+                    _command_line(self.binary, self.config_path),
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
                     cwd=self.workdir,
                     start_new_session=True,  # the terminal's ^C is eda-lb's to handle
-                    preexec_fn=_pdeathsig(),  # prctl only, between fork and exec
                 )
         except OSError as exc:
             self._cleanup()
