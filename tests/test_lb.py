@@ -1289,3 +1289,35 @@ def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_sampl
         caller.close()
         worker.close()
         broker.close()
+
+
+def test_a_caller_reaches_an_instance_on_ipv6() -> None:
+    """An IPv6 endpoint connected without ZeroMQ's IPV6 option accepts the connect and
+    never delivers: the caller's sockets connect through core/sockets.connect."""
+    ctx = zmq.Context.instance()
+    router: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.IPV6, 1)
+    endpoint = f"tcp://[::1]:{router.bind_to_random_port('tcp://[::1]')}"
+    stop = threading.Event()
+
+    def instance() -> None:  # answers pings, and requests in upper case
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                router.send_multipart([ident, *p.reply(msg.rid, p.OK, msg.body.upper())])
+
+    thread = threading.Thread(target=instance, daemon=True)
+    thread.start()
+    try:
+        out, failed, summary, _ = call([endpoint], [b"hi", b"there"], timeout=5.0)
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
+    assert (out, failed, summary.ok) == (b"HI\nTHERE\n", [], 2)

@@ -31,6 +31,7 @@ import zmq
 
 from ..endpoint import Endpoint
 from ..registry.model import Instance
+from ..sockets import connect
 from . import protocol as p
 from .balancer import Backend, Balancer
 
@@ -103,7 +104,12 @@ class Pool:
     def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
         """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
         drained (at once if *final*, else when two calls in a row leave them out)."""
-        wanted = self.wanted = dict(endpoints)
+        wanted = self.wanted = {}
+        for key, weight in endpoints:
+            if Endpoint.from_peer(key) is None:
+                self.daemon.warn(f"warning: instance endpoint {key[:80]!r} is malformed: ignored")
+            else:
+                wanted[key] = weight
         candidates = self.candidates
         for key in [k for k in candidates if k not in wanted]:
             del candidates[key]
@@ -178,7 +184,9 @@ class Pool:
         sock = daemon.socket(zmq.DEALER, max_message=self.max_request + 65536)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(conn.key)
+        endpoint = Endpoint.from_peer(conn.key)
+        assert endpoint is not None  # checked by use()
+        connect(sock, endpoint)  # an IPv6 one needs ZeroMQ's IPV6 option: it says so
         conn.sock, conn.since = sock, time.monotonic()
         daemon.watch(sock, "replies", lambda: self.on_replies(conn, sock))
         # a dead process's connection closes at once: act on that, not on heartbeats alone

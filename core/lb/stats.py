@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..daemon import received
+from ..endpoint import Endpoint
 from ..measure import latency_ms
-from ..sockets import new_socket
+from ..sockets import connect, new_socket
 from .protocol import STATS, STATS_QUERY, TAG
 
 if TYPE_CHECKING:
@@ -97,10 +98,14 @@ def _ask(
     poller = zmq.Poller()
     try:
         for endpoint in endpoints:
+            parsed = Endpoint.from_peer(endpoint)
+            if parsed is None:
+                results[endpoint] = "malformed endpoint"
+                continue
             sock = new_socket(zmq.DEALER, context=ctx, max_message=MAX_STATS + 4096)
             socks[sock] = endpoint
             results[endpoint] = "no answer"
-            sock.connect(endpoint)
+            connect(sock, parsed)
             sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
             poller.register(sock, zmq.POLLIN)
         deadline = time.monotonic() + timeout
