@@ -695,6 +695,29 @@ def test_data_planes_are_fresh_interpreters_never_forks_of_the_threaded_proxy(
     assert proc.wait(10) == 0
 
 
+def test_a_data_plane_process_warns_through_the_proxy() -> None:
+    """A data-plane process's warnings come back to the proxy and are said by its warn."""
+    warned: list[str] = []
+    proxy = TcpProxy(Endpoint("127.0.0.1", 0), Settings(workers=1), warn=warned.append)
+    proxy.start()
+    proxy.set_candidates([])
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(proxy.dataplanes.pids) == 1, TIMEOUT, "a data plane")
+        with (  # nothing behind: reset at once
+            pytest.raises(ConnectionResetError),
+            socket.create_connection(proxy.address, timeout=TIMEOUT) as client,
+        ):
+            client.sendall(b"x")
+            read_all(client)
+        wait_until(lambda: "no instance is up: connection refused" in warned, TIMEOUT)
+    finally:
+        proxy.drain(0)
+        thread.join(10)
+        proxy.close()
+
+
 def test_cli_refuses_bad_options(procs: Procs, tmp_path: Path) -> None:
     def lb_run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "eda.cli.lb", "tcp", *args],

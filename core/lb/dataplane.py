@@ -361,8 +361,8 @@ class DataPlane:
         self, bfd: int, cfd: int, slot: Slot, tried: tuple[str, ...], registered: bool
     ) -> None:
         self.counts["connect_failed"] += 1
-        _backend, (host, port), _family = slot.data
-        self._warn("connect", f"connect to {slot.key} ({host}:{port}) failed: trying another")
+        backend: Backend = slot.data[0]
+        self._warn("connect", f"connect to {slot.key} ({backend.endpoint}) failed: trying another")
         self.balancer.finished(slot, ok=False)
         if registered:
             self.ep.unregister(bfd)
