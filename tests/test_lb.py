@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,40 @@ def call(
     finally:
         caller.close()
     return b"".join(out), failed, summary, caller
+
+
+@contextlib.contextmanager
+def fake_instance(
+    answer: Callable[[p.Message], list[list[bytes]]], host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """A raw ROUTER on *host* that answers pings, and each request with the messages
+    *answer* makes of it, in a thread; its endpoint."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.IPV6, 1)
+    endpoint = f"tcp://{host}:{router.bind_to_random_port(f'tcp://{host}')}"
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                for reply in answer(msg):
+                    router.send_multipart([ident, *reply])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield endpoint
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
 
 
 def idle(*served: Served) -> None:
@@ -585,36 +619,17 @@ def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
 def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> None:
     """An instance answering far over the size limit loses its connection (ZeroMQ's
     MAXMSGSIZE); one answering garbage is dropped; the requests go elsewhere."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     good = serve(persistent("good"), persistent=True)
-    stop = threading.Event()
     huge = b"x" * (3 << 20)
 
-    def hostile() -> None:
-        while not stop.is_set():
-            if not router.poll(10):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, huge)])
-                router.send_multipart([ident, p.TAG, p.REPLY, msg.rid, b"ok"])
+    def hostile(msg: p.Message) -> list[list[bytes]]:
+        return [p.reply(msg.rid, p.OK, huge), [p.TAG, p.REPLY, msg.rid, b"ok"]]
 
-    thread = threading.Thread(target=hostile, daemon=True)
-    thread.start()
-    try:
+    with fake_instance(hostile) as endpoint:
         out, failed, summary, _ = call(
-            [f"tcp://127.0.0.1:{port}", good.endpoint], [b"%d" % i for i in range(10)],
+            [endpoint, good.endpoint], [b"%d" % i for i in range(10)],
             all_live=True, slow_start=0, timeout=2, max_request=1 << 20,
         )  # fmt: skip
-    finally:
-        stop.set()
-        thread.join(5)
-        router.close()
     assert out.decode().split("\n")[:-1] == [f"good {i}" for i in range(10)] and not failed
     assert summary.retried + summary.dropped_instances > 0
 
@@ -1294,30 +1309,10 @@ def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_sampl
 def test_a_caller_reaches_an_instance_on_ipv6() -> None:
     """An IPv6 endpoint connected without ZeroMQ's IPV6 option accepts the connect and
     never delivers: the caller's sockets connect through core/sockets.connect."""
-    ctx = zmq.Context.instance()
-    router: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.IPV6, 1)
-    endpoint = f"tcp://[::1]:{router.bind_to_random_port('tcp://[::1]')}"
-    stop = threading.Event()
 
-    def instance() -> None:  # answers pings, and requests in upper case
-        while not stop.is_set():
-            if not router.poll(50):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, msg.body.upper())])
+    def upper(msg: p.Message) -> list[list[bytes]]:
+        return [p.reply(msg.rid, p.OK, msg.body.upper())]
 
-    thread = threading.Thread(target=instance, daemon=True)
-    thread.start()
-    try:
+    with fake_instance(upper, host="[::1]") as endpoint:
         out, failed, summary, _ = call([endpoint], [b"hi", b"there"], timeout=5.0)
-    finally:
-        stop.set()
-        thread.join(5)
-        router.close()
     assert (out, failed, summary.ok) == (b"HI\nTHERE\n", [], 2)
