@@ -636,34 +636,17 @@ def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> No
 
 def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
     """Garbage, replies to requests never made and duplicates: counted, ignored."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
 
-    def hostile() -> None:
-        while not stop.is_set():
-            if not router.poll(50):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                for junk in ([b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"]):
-                    router.send_multipart([ident, *junk])
-                router.send_multipart([ident, *p.reply(b"never-asked.1", p.OK, b"forged")])
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"got " + msg.body)])
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"again " + msg.body)])
+    def hostile(msg: p.Message) -> list[list[bytes]]:
+        return [
+            [b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"],
+            p.reply(b"never-asked.1", p.OK, b"forged"),
+            p.reply(msg.rid, p.OK, b"got " + msg.body),
+            p.reply(msg.rid, p.OK, b"again " + msg.body),
+        ]  # fmt: skip
 
-    thread = threading.Thread(target=hostile, daemon=True)
-    thread.start()
-    try:
-        out, failed, summary, caller = call([f"tcp://127.0.0.1:{port}"], [b"a", b"b", b"c"])
-    finally:
-        stop.set()
-        thread.join(5)
-        router.close()
+    with fake_instance(hostile) as endpoint:
+        out, failed, summary, caller = call([endpoint], [b"a", b"b", b"c"])
     assert out == b"got a\ngot b\ngot c\n" and not failed
     # forged and duplicate replies; the caller may end before the duplicate of the last
     # request arrives, so 3 forged and 2 duplicates are sure to be read: 5
