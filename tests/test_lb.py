@@ -97,10 +97,10 @@ def call(
 
 @contextlib.contextmanager
 def fake_instance(
-    answer: Callable[[p.Message], list[list[bytes]]], host: str = "127.0.0.1"
+    answer: Callable[[p.Message], list[list[bytes]]], host: str = "127.0.0.1", delay: float = 0.0
 ) -> Iterator[str]:
     """A raw ROUTER on *host* that answers pings, and each request with the messages
-    *answer* makes of it, in a thread; its endpoint."""
+    *answer* makes of it (*delay* seconds later), in a thread; its endpoint."""
     router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.IPV6, 1)
@@ -108,7 +108,11 @@ def fake_instance(
     stop = threading.Event()
 
     def serve() -> None:
+        due: list[tuple[float, list[bytes]]] = []
         while not stop.is_set():
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                router.send_multipart(item[1])
             if not router.poll(10):
                 continue
             ident, *frames = router.recv_multipart()
@@ -117,7 +121,7 @@ def fake_instance(
                 router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
             elif msg.kind == p.REQUEST:
                 for reply in answer(msg):
-                    router.send_multipart([ident, *reply])
+                    due.append((time.monotonic() + delay, [ident, *reply]))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -656,57 +660,18 @@ def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
 def test_an_instance_cannot_answer_a_request_sent_to_another() -> None:
     """A hostile instance that answers with rids it guessed (the caller's prefix and
     counter): only the instance a request went to (or timed out at) may answer it."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    slow: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    slow.setsockopt(zmq.LINGER, 0)
-    slow_port = slow.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
 
-    def serve_slow() -> None:  # an honest instance that answers after 0.3 s
-        due: list[tuple[float, list[bytes]]] = []
-        while not stop.is_set():
-            for item in [d for d in due if d[0] <= time.monotonic()]:
-                due.remove(item)
-                slow.send_multipart(item[1])
-            if not slow.poll(10):
-                continue
-            ident, *frames = slow.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                slow.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                answer = [ident, *p.reply(msg.rid, p.OK, b"honest " + msg.body)]
-                due.append((time.monotonic() + 0.3, answer))
+    def honest(msg: p.Message) -> list[list[bytes]]:  # answered after 0.3 s
+        return [p.reply(msg.rid, p.OK, b"honest " + msg.body)]
 
-    def hostile() -> None:  # answers its own request, and every rid it can guess
-        while not stop.is_set():
-            if not router.poll(10):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                prefix = msg.rid.rsplit(b".", 1)[0]
-                for n in range(6):
-                    router.send_multipart([ident, *p.reply(b"%s.%d" % (prefix, n), p.OK, b"X")])
+    def hostile(msg: p.Message) -> list[list[bytes]]:  # its own request, and every rid guessed
+        prefix = msg.rid.rsplit(b".", 1)[0]
+        return [p.reply(b"%s.%d" % (prefix, n), p.OK, b"X") for n in range(6)]
 
-    threads = [threading.Thread(target=t, daemon=True) for t in (serve_slow, hostile)]
-    for thread in threads:
-        thread.start()
-    try:
+    with fake_instance(hostile) as forger, fake_instance(honest, delay=0.3) as slow:
         out, failed, _, caller = call(
-            [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{slow_port}"],
-            [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6,
-        )  # fmt: skip
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(5)
-        router.close()
-        slow.close()
+            [forger, slow], [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6
+        )
     lines = out.decode().splitlines()
     assert not failed and len(lines) == 6
     honest = [line for line in lines if line.startswith("honest")]
