@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import json
 import queue
 import re
@@ -51,8 +50,9 @@ from typing import Any
 
 import zmq
 
-from . import codec, discovery
-from .daemon import check_port
+from . import codec, discovery, sockets
+from .daemon import bind_socket
+from .endpoint import Endpoint
 from .errors import EdaError, UsageError
 from .limits import BoundedMap, BoundedSet
 from .sockets import new_socket
@@ -82,43 +82,28 @@ def new_id() -> str:
 _PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack may name
 
 
-# bind/connect errors that come from the machine or network, not from the caller's syntax
-_RUNTIME_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV}
-
-
-def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
-    check_port(endpoint, "bind")
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        error = EdaError if exc.errno in _RUNTIME_ERRNOS else UsageError
-        raise error(f"cannot bind {endpoint}: {exc}") from None
-    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-
-
-def _check_resolvable(endpoint: str) -> None:
-    """Resolve a tcp:// host name now: ZeroMQ would retry an unknown name silently forever."""
-    scheme, sep, rest = endpoint.partition("://")
-    if scheme != "tcp" or not sep:
-        return
-    host, _, port = rest.rpartition(":")
-    host = host.split(";")[-1].strip("[]")  # tcp://source;host:port
-    if not host or host == "*" or not port.isdigit():
+def _check_resolvable(endpoint: Endpoint) -> None:
+    """Resolve a host name now: ZeroMQ would retry an unknown name silently forever."""
+    if endpoint.is_literal:
         return
     try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise EdaError(f"cannot connect to {endpoint}: cannot resolve {host!r}: {reason}") from None
+        raise EdaError(
+            f"cannot connect to {endpoint.zmq}: cannot resolve {endpoint.host!r}: {reason}"
+        ) from None
 
 
-def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
-    check_port(endpoint, "connect to")
+def _connect(sock: zmq.Socket[Any], endpoint: Endpoint) -> str:
+    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to."""
+    if endpoint.host == "*" or endpoint.port == 0:
+        raise UsageError(f"cannot connect to {endpoint.zmq}: give a host and a port")
     _check_resolvable(endpoint)
     try:
-        sock.connect(endpoint)
+        return sockets.connect(sock, endpoint)
     except zmq.ZMQError as exc:
-        raise UsageError(f"cannot connect to {endpoint}: {exc}") from None
+        raise UsageError(f"cannot connect to {endpoint.zmq}: {exc}") from None
 
 
 class _Watch:
@@ -170,8 +155,9 @@ class _Watch:
             self._mon = None
 
 
-def ephemeral_endpoint(interface: str | None) -> str:
-    return f"tcp://{interface or '*'}:*"
+def ephemeral_endpoint(interface: str | None) -> Endpoint:
+    """Any port on *interface* (an address), or on every interface."""
+    return Endpoint(interface or "*", 0)
 
 
 class _Node:
@@ -193,7 +179,8 @@ class _Node:
         self.sock = sock
         self._watch: _Watch | None = None
         self.interface = interface
-        self.endpoints: list[str] = []
+        self.endpoints: list[str] = []  # bound, as tcp://HOST:PORT
+        self.bound: list[Endpoint] = []  # the same, typed
         self.linked: BoundedSet[str] = BoundedSet(MAX_PEERS)  # peer ids connected to us
         self.on_connect: Callable[[discovery.Peer], None] | None = None
         self._connected: set[str] = set()  # endpoints we connected to
@@ -206,25 +193,30 @@ class _Node:
         self.unreachable: list[discovery.Peer] = []  # announced, but no answer to a probe in time
         self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)
 
-    def bind(self, endpoint: str) -> str:
-        real = _bind(self.sock, endpoint)
-        self.endpoints.append(real)
-        return real
+    def bind(self, endpoint: Endpoint | str) -> str:
+        """Bind (text is parsed first: :class:`UsageError`); the ``tcp://`` endpoint bound."""
+        real = bind_socket(self.sock, endpoint)
+        self.bound.append(real)
+        self.endpoints.append(real.zmq)
+        return real.zmq
 
-    def connect(self, endpoint: str, *, watch: bool = False) -> None:
+    def connect(self, endpoint: Endpoint | str, *, watch: bool = False) -> None:
         """Connect to *endpoint*; with *watch*, follow it until it answers (see :meth:`unready`).
 
-        A host name that does not resolve is an EdaError at once.
+        Text is parsed first (:class:`UsageError`); a host name that does not
+        resolve is an EdaError at once.
         """
-        if endpoint not in self._connected:
+        where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "connect")
+        text = where.zmq
+        if text not in self._connected:
             if watch:
                 if self._watch is None:
                     self._watch = _Watch(self.sock)
                 self._watch.open()
-            _connect(self.sock, endpoint)
-            self._connected.add(endpoint)
+            _connect(self.sock, where)
+            self._connected.add(text)
             if watch and self._watch is not None:
-                self._watch.add(endpoint)
+                self._watch.add(text)
 
     def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:
         """Watched endpoints that have not completed a handshake within *older_than*
@@ -242,7 +234,7 @@ class _Node:
         *on_ready* is called (from another thread) once the announcement is
         registered, i.e. peers can find this node.
         """
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        port = self.bound[0].port
         found = discovery.Discovery(self.interface)
         # the id is random (32 bits) and new for each process: no conflict to probe for,
         # so a starting subscriber is found at once, not after about a second
