@@ -2,9 +2,11 @@
 
 A daemon raises its descriptor limit once (:func:`raise_fd_limit`) so that a
 crowd of idle connections meets the hard limit, not a low default soft one.
-:class:`QueuedBytes` counts, per peer and in total, the bytes sent to peers
-and not yet known to be taken by them, so that a daemon sends a peer more
-only while both counts stay within their bounds (CONVENTIONS.md §7).
+:class:`PeerBytes` counts bytes per peer and in total, and says whether
+more fit within both bounds (CONVENTIONS.md §7); it is the one such count:
+:class:`QueuedBytes` (eda-bus: bytes sent to peers and not yet known to be
+taken by them) and :class:`eda.core.outbox.Outbox` (replies that could not
+be sent yet) count with it.
 :class:`BoundedMap` and :class:`BoundedSet` hold state keyed by what peers
 send (their ids, their topics) in a bounded number of keys, forgetting the
 least recently used ones first and counting how many were forgotten.
@@ -34,6 +36,47 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+class PeerBytes:
+    """Bytes held for each peer and for all of them, within a bound per peer and in total."""
+
+    __slots__ = ("_held", "limit", "per_peer", "total")
+
+    def __init__(self, per_peer: int, total: int) -> None:
+        self.per_peer, self.limit = per_peer, total
+        self.total = 0
+        self._held: dict[Hashable, int] = {}
+
+    def held(self, peer: Hashable) -> int:
+        return self._held.get(peer, 0)
+
+    def fits(self, peer: Hashable, size: int) -> bool:
+        """Whether *size* more bytes for *peer* stay within both bounds."""
+        return self._held.get(peer, 0) + size <= self.per_peer and self.total + size <= self.limit
+
+    def full(self, peer: Hashable) -> bool:
+        """Whether *peer* holds its bound already."""
+        return self._held.get(peer, 0) >= self.per_peer
+
+    def add(self, peer: Hashable, size: int) -> None:
+        self._held[peer] = self._held.get(peer, 0) + size
+        self.total += size
+
+    def remove(self, peer: Hashable, size: int) -> None:
+        """*size* of *peer*'s bytes are no longer held (a peer left at 0 is forgotten)."""
+        left = self._held.get(peer, 0) - size
+        if left > 0:
+            self._held[peer] = left
+        else:
+            self._held.pop(peer, None)
+        self.total -= size
+
+    def forget(self, peer: Hashable) -> int:
+        """*peer* is gone, and its bytes with it; how many they were."""
+        freed = self._held.pop(peer, 0)
+        self.total -= freed
+        return freed
+
+
 class QueuedBytes:
     """Bytes sent to each peer and not taken yet, bounded per peer and in total.
 
@@ -46,24 +89,22 @@ class QueuedBytes:
     """
 
     def __init__(self, per_peer: int, total: int) -> None:
-        self.per_peer, self.limit = per_peer, total
-        self.total = 0
-        self._held: dict[Hashable, int] = {}
+        self.bytes = PeerBytes(per_peer, total)
         self._sent: dict[Hashable, deque[list[int]]] = {}  # [units, bytes], oldest first
 
+    @property
+    def total(self) -> int:
+        return self.bytes.total
+
     def held(self, peer: Hashable) -> int:
-        return self._held.get(peer, 0)
+        return self.bytes.held(peer)
 
     def room(self, peer: Hashable, size: int) -> bool:
-        held = self._held.get(peer, 0)
-        if held == 0:
-            return True
-        return held + size <= self.per_peer and self.total + size <= self.limit
+        return self.bytes.held(peer) == 0 or self.bytes.fits(peer, size)
 
     def add(self, peer: Hashable, units: int, size: int) -> None:
         self._sent.setdefault(peer, deque()).append([units, size])
-        self._held[peer] = self._held.get(peer, 0) + size
-        self.total += size
+        self.bytes.add(peer, size)
 
     def release(self, peer: Hashable, units: int) -> None:
         """*peer* took its oldest *units* (more than it was sent is ignored)."""
@@ -82,15 +123,14 @@ class QueuedBytes:
                 freed += part
                 units = 0
         if freed:
-            self._held[peer] -= freed
-            self.total -= freed
+            self.bytes.remove(peer, freed)
         if not sent:
             self.forget(peer)
 
     def forget(self, peer: Hashable) -> None:
         """*peer* is gone, and what was queued for it with it."""
         self._sent.pop(peer, None)
-        self.total -= self._held.pop(peer, 0)
+        self.bytes.forget(peer)
 
 
 class BoundedMap(Generic[K, V]):
