@@ -145,7 +145,9 @@ class BoundedMap(Generic[K, V]):
     that holds half the limit, the old generation is forgotten (counted,
     passed to *on_evict*) and the young one becomes old; a key used while
     old moves back to the young one.  Every operation is O(1) (amortized)
-    and a hit on a recently used key costs one dict lookup.
+    and a hit on a recently used key costs one dict lookup: a hot path may
+    read :attr:`recent` (the young generation, always the same dict) first
+    and call :meth:`get` only on a miss.
     """
 
     __slots__ = ("_half", "_old", "_young", "evicted", "limit", "on_evict")
@@ -159,6 +161,11 @@ class BoundedMap(Generic[K, V]):
         self._half = limit // 2
         self._young: dict[K, V] = {}
         self._old: dict[K, V] = {}
+
+    @property
+    def recent(self) -> dict[K, V]:
+        """The recently used keys (read only; the same dict for the map's life)."""
+        return self._young
 
     @overload
     def get(self, key: K) -> V | None: ...
@@ -197,13 +204,15 @@ class BoundedMap(Generic[K, V]):
         return value
 
     def _add(self, key: K, value: V) -> None:
-        if len(self._young) >= self._half:
-            forgotten, self._old, self._young = self._old, self._young, {}
+        young = self._young
+        if len(young) >= self._half:
+            forgotten, self._old = self._old, dict(young)
+            young.clear()  # (the same dict: see recent)
             if forgotten:
                 self.evicted += len(forgotten)
                 if self.on_evict is not None:
                     self.on_evict(forgotten)
-        self._young[key] = value
+        young[key] = value
 
     @overload
     def pop(self, key: K) -> V | None: ...

@@ -668,6 +668,7 @@ class Subscriber(_Node):
         recv = self.sock.recv_multipart
         matcher = self.matcher
         streams = self._streams
+        recent = streams.recent.get  # (a hit here is all the per-batch lookup costs)
         events = 0
         for _ in range(max_messages):
             if events >= max_events:
@@ -695,7 +696,7 @@ class Subscriber(_Node):
                 continue
             events += batch.size
             key = (batch.pubid, batch.topic)
-            stream = streams.get(key)
+            stream = recent(key) or streams.get(key)
             if stream is None:
                 # a new stream; after streams were forgotten it may be one of them
                 # coming back, whose first sequence is then unknown
