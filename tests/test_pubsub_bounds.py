@@ -8,13 +8,14 @@ and a real stream going on during the flood is still accounted exactly.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import zmq
 
 from eda.core import codec, pubsub
 from eda.core.limits import BoundedMap, BoundedSet
-from tests.helpers import wait_until
+from tests.helpers import Procs, wait_until
 
 INVENTED = 100_000
 
@@ -165,3 +166,25 @@ def test_bounded_map_forgets_the_least_recently_used_and_counts() -> None:
     assert m.pop("a") == ord("a") and "a" not in m and m.pop("a", -1) == -1
     s: BoundedSet[int] = BoundedSet(10, range(100))
     assert len(s) <= 10 and s.evicted >= 90 and 99 in s and s == set(s)
+
+
+def test_eda_sub_verbose_says_how_many_streams_it_forgot(procs: Procs) -> None:
+    count = pubsub.MAX_STREAMS + 4000  # enough for the oldest half to be forgotten
+    sub = procs.eda(
+        "eda-sub", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:*", ">", "-C", str(count), "--raw"
+    )  # fmt: skip
+    endpoint = sub.wait_stderr(r"listening on (tcp://\S+)").group(1)
+    rogue = zmq.Context.instance().socket(zmq.XPUB)
+    rogue.setsockopt(zmq.SNDHWM, 0)  # nothing dropped on the sending side
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        rogue.connect(endpoint)
+        assert rogue.poll(20_000), "the subscription never came"
+        for i in range(count):
+            rogue.send_multipart(_batch(f"{i:032x}", f"t.{i}", 1))
+        assert sub.wait(120) == 0, sub.stderr
+    finally:
+        rogue.close(0)
+    assert len(sub.lines()) == count
+    forgot = re.search(r"forgot (\d+) publisher id\(s\) or stream\(s\)", sub.stderr)
+    assert forgot is not None and int(forgot.group(1)) >= count - pubsub.MAX_STREAMS, sub.stderr
