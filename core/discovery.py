@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import cache, codec, mdns
+from .endpoint import Endpoint
 from .errors import UsageError
 
 SUB_TYPE = "_eda-sub._tcp.local."
@@ -140,12 +141,16 @@ def make_zeroconf(interface: str | None = None) -> Any:
 
 
 def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
+    """The peer an mDNS answer announces, or None when it lacks an id or a valid endpoint."""
     peer_id = inst.txt.get("id")
     address = inst.best_address()
-    if not peer_id or not address or not inst.port:
+    if not peer_id or not address:
+        return None
+    where = Endpoint.from_peer(Endpoint(address, inst.port).zmq)  # (IPv6 written bracketed)
+    if where is None:
         return None
     patterns = tuple(inst.txt.get("p", "").split())
-    return Peer(peer_id, f"tcp://{address}:{inst.port}", patterns, inst.name)
+    return Peer(peer_id, where.zmq, patterns, inst.name)
 
 
 # -- probing endpoints ------------------------------------------------------------------
