@@ -33,6 +33,7 @@ from .sockets import new_socket
 MAX_MESSAGE = 65536  # bytes in one request; a bigger one drops its connection
 MAX_RID = 2**63 - 1
 MAX_RID_TEXT = 64
+MAX_HOPS = 16  # routing frames before a REQ's empty delimiter (one per proxy on the way)
 
 
 class RemoteError(EdaError):
@@ -129,6 +130,33 @@ def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- server side ---------------------------------------------------------------------------
+Envelope = tuple[bytes, ...]  # the frames a reply goes back with (see split_envelope)
+
+
+def split_envelope(
+    frames: list[bytes], kinds: Collection[bytes] = ()
+) -> tuple[list[bytes], list[bytes]]:
+    """(envelope, body) of a message a ROUTER socket received.
+
+    The envelope is what the reply must start with, as in the zguide's
+    servers: the sender's routing id and, from a REQ socket (directly, or
+    through proxies that each add a routing id), every frame up to and
+    including the empty delimiter.  A DEALER sends no delimiter: its envelope
+    is its routing id alone.  So REQ and DEALER clients are answered alike.
+    The delimiter is looked for among the first :data:`MAX_HOPS` frames, and
+    never past a frame in *kinds* (those a protocol's messages start with),
+    so that an empty frame inside a body is never taken for one; the last
+    frame is always body (a DEALER's one empty request is answered as malformed).
+    """
+    for i in range(1, min(len(frames) - 1, MAX_HOPS + 1)):  # a delimiter has a body after it
+        frame = frames[i]
+        if frame == b"":
+            return frames[: i + 1], frames[i + 1 :]
+        if frame in kinds:
+            break
+    return frames[:1], frames[1:]
+
+
 Handler = Callable[[Any], Mapping[str, Any]]
 
 
@@ -163,17 +191,18 @@ class Service:
         """Answer the requests waiting (a bounded batch)."""
         for frames in received(self.sock):
             self.requests += 1
-            reply = self.answer(frames[1:])
+            envelope, body = split_envelope(frames)
+            reply = self.answer(body)
             try:
                 data = encode(reply)
             except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
                 self.daemon.limited("reply", f"cannot encode a reply: {exc}")
                 data = encode(error_reply(None, EdaError("request failed")))
             with contextlib.suppress(zmq.ZMQError):  # the client is gone or not reading
-                self.sock.send_multipart([frames[0], data], zmq.NOBLOCK)
+                self.sock.send_multipart([*envelope, data], zmq.NOBLOCK)
 
     def answer(self, body: list[bytes]) -> dict[str, Any]:
-        """The reply to one request (the frames after the ROUTER's identity)."""
+        """The reply to one request (the frames after the envelope)."""
         rid = None
         try:
             msg = parse_request(body, self.handlers)
