@@ -513,6 +513,8 @@ def request(endpoint: Endpoint | str, msg: dict[str, Any], timeout: float = 5.0)
     client = BusClient([endpoint], timeout=timeout)
     try:
         return client.request(msg)
+    except (reqrep.RemoteError, NotFoundError) as exc:  # a refusal is exit 1, as it always was
+        raise EdaError(str(exc)) from None
     finally:
         client.close()
 
