@@ -9,9 +9,13 @@ answers this way and every client asks this way, so the rules live here once:
   JSON, a known ``op``, a ``rid`` safe to echo), hands it to the handler of
   its ``op``, and answers every request -- malformed, refused or failed --
   with exactly one reply; nothing a client sends ends the daemon;
-- the client (:class:`Client`) tags each request with a fresh ``rid``, waits
-  at most a timeout, ignores stale or garbled replies, and fails over to the
-  next endpoint it knows when one stops answering.
+- the server answers REQ and DEALER clients alike: each reply goes back
+  with the envelope its request came with (:func:`split_envelope`);
+- the client (:class:`Client`) finds its server (given, else cached with a
+  TCP probe, else mDNS, and remembers what answered: the registry, bus and
+  coordinator clients only say where to look), tags each request with a
+  fresh ``rid``, waits at most a timeout, ignores stale or garbled replies,
+  and fails over to the next endpoint it knows when one stops answering.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ the bus stores each event at most once, so resending is always safe.
 caller takes events, heartbeats, and subscribes again (from the event after
 the last one it received, or by its durable name) when the bus says it does
 not know it (after a bus restart).
+
+Where the bus is, and the one-shot requests (stats, retain, drop), are
+:class:`BusClient`'s: :class:`eda.core.reqrep.Client` (given, else cached
+with a TCP probe, else mDNS) with the bus protocol's framing.  The module is a
+little over 500 lines because it holds every client of the bus protocol,
+which share the dealer socket and the rule for finding a bus that moved.
 """
 
 from __future__ import annotations
