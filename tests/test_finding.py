@@ -111,7 +111,7 @@ def test_given_endpoints_are_the_only_ones_tried(announced: list[str]) -> None:
 @pytest.mark.parametrize("text", ["localhost:1", "tcp://*:7700", "tcp://h:0", "udp://h:1",
                                   "tcp://::1:5555", "tcp://[::1]", "tcp://h:99999"])  # fmt: skip
 def test_a_client_endpoint_is_tcp_host_port(text: str) -> None:
-    with pytest.raises(UsageError, match="bad echo server endpoint .*use tcp://HOST:PORT"):
+    with pytest.raises(UsageError, match=r"bad echo server endpoint .*use tcp://HOST:PORT"):
         EchoClient([text])
 
 
