@@ -118,6 +118,16 @@ def _dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
 Relocate = Callable[[], Endpoint | str]
 
 
+def _moved(relocate: Relocate, endpoint: Endpoint) -> Endpoint | None:
+    """Where *relocate* finds the bus now, if not at *endpoint* (None: it did not
+    move, or none is found now)."""
+    try:
+        found = client_endpoint(relocate(), "bus")
+    except EdaError:
+        return None
+    return None if found == endpoint else found
+
+
 class BusPublisher:
     """Confirmed publishing to a bus (see the module docstring)."""
 
@@ -270,11 +280,8 @@ class BusPublisher:
         if self._relocate is None or silent < LOOK_AGAIN_AFTER or now - self._looked < 1.0:
             return
         self._looked = now
-        try:
-            endpoint = client_endpoint(self._relocate(), "bus")
-        except EdaError:
-            return  # none found now: go on resending where it was
-        if endpoint != self.endpoint:
+        endpoint = _moved(self._relocate, self.endpoint)
+        if endpoint is not None:  # (None: not moved, or none found now: resend where it was)
             self.sock.close()
             self.sock = _dealer(endpoint)
             self.endpoint = endpoint
@@ -413,11 +420,8 @@ class BusSubscriber:
         self._looked = now
         if tcp_reachable(self.endpoint):
             return  # there, only quiet
-        try:
-            endpoint = client_endpoint(self._relocate(), "bus")
-        except EdaError:
-            return
-        if endpoint != self.endpoint:
+        endpoint = _moved(self._relocate, self.endpoint)
+        if endpoint is not None:
             self.sock.close()
             self.sock = _dealer(endpoint)
             self.endpoint = endpoint
