@@ -200,3 +200,32 @@ def test_a_commit_is_never_sent_to_a_second_coordinator(monkeypatch: pytest.Monk
     assert silent.poll(1000)
     assert json.loads(silent.recv_multipart()[-1])["op"] == "echo"  # the one it was sent to
     silent.close()
+
+
+# -- the bus ---------------------------------------------------------------------------------
+def test_a_bus_publisher_follows_the_bus_to_where_the_cache_says_it_is_now(
+    procs: Any, tmp_path: Any
+) -> None:
+    """The bus in use is gone; another answers where the cache now points: the
+    unconfirmed batches go there (looked for again, not resent forever)."""
+    from eda.core.bus import client as bus_client
+    from eda.core.bus import protocol as p
+    from tests.test_bus import start_bus
+
+    first, ep1 = start_bus(procs, tmp_path / "one")
+    cache.remember(p.CACHE_KEY, [ep1])
+    find = lambda: bus_client.find_bus(use_mdns=False)  # noqa: E731 (as eda-pub --bus does)
+    assert find() == Endpoint.parse(ep1)
+    pub = bus_client.BusPublisher(find(), relocate=find, timeout=60)
+    pub.send("t", b"a", 1)
+    pub.finish()
+    first.kill()
+    pub.send("t", b"b", 1)  # unconfirmed: the bus is gone
+    _, ep2 = start_bus(procs, tmp_path / "two")
+    assert ep2 != ep1
+    cache.remember(p.CACHE_KEY, [ep2])  # e.g. another client found it by mDNS
+    pub.finish()
+    assert pub.endpoint == Endpoint.parse(ep2) and pub.confirmed == 2
+    pub.close()
+    stats = bus_client.request(ep2, {"op": "stats"})
+    assert stats["stats"]["events"] == 1  # the one sent after the move
