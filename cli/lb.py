@@ -688,7 +688,7 @@ def stats(
     has no instance, 1 when an instance did not answer.
     """
     from eda.core.errors import NotFoundError
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
     from eda.core.registry.access import lookup
     from eda.core.registry.model import validate_name
 
@@ -902,7 +902,7 @@ def tcp(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    host, port = core.parse_listen(listen)
+    where = core.parse_listen(listen)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(
         strategy=strategy,
@@ -918,8 +918,9 @@ def tcp(
     )
     if engine == "haproxy":
         haproxy = HaproxyFollower(
-            service, access, host, port, settings, drain_timeout, log=ctx.debug, warn=ctx.warn
-        )
+            service, access, where.host, where.port, settings, drain_timeout,
+            log=ctx.debug, warn=ctx.warn,
+        )  # fmt: skip
 
         def on_stop(signum: int, frame: object) -> None:
             if haproxy.stopping.is_set():
@@ -928,12 +929,12 @@ def tcp(
 
         on_stop_signals(on_stop)
         started = haproxy.run(
-            lambda: ctx.warn(f"proxying {host}:{port} to {service} ({strategy}, haproxy)")
+            lambda: ctx.warn(f"proxying {where} to {service} ({strategy}, haproxy)")
         )
         if started:
             ctx.warn("stopped")
         return
-    proxy = core.TcpProxy(host, port, settings, log=ctx.debug, warn=ctx.warn)
+    proxy = core.TcpProxy(where, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
 
     def on_term(signum: int, frame: object) -> None:
@@ -943,10 +944,10 @@ def tcp(
         proxy.drain(drain_timeout)
 
     try:
-        proxy.start()  # forks the data planes before any thread starts
+        proxy.start()
         on_stop_signals(on_term)
-        where = "{}:{}".format(*proxy.address)
-        ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
+        bound = "{}:{}".format(*proxy.address)
+        ctx.warn(f"proxying {bound} to {service} ({strategy}, {settings.workers} data plane(s))")
         follower = Follower(
             service, access, proxy.set_candidates, lambda: proxy.drain(0), warn=ctx.warn
         )

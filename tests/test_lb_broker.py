@@ -907,7 +907,7 @@ def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Proc
 def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
     """1100 instances that are not there and one that answers: asked 256 at a time
     (each costs a socket): one answer, the others 'no answer', no crash."""
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
 
     worker = BrokerThread()
     try:
@@ -939,7 +939,7 @@ def test_the_stats_table_shows_peer_strings_escaped() -> None:
 
 def test_stats_answers_from_hostile_instances_become_errors_or_blank_figures() -> None:
     from eda.cli import lb
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
 
     answers = {
         "garbage": [TAG, b"T", b"not json"],
