@@ -75,9 +75,9 @@ def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple
         return bus, args
     _, colon, port = bus.rpartition(":")
     if "://" in bus or (colon and port.isascii() and port.isdigit()):
-        from eda.core.reqrep import check_endpoint
+        from eda.core.reqrep import client_endpoint
 
-        return check_endpoint(bus, "bus"), args
+        return client_endpoint(bus, "bus").zmq, args
     return AUTO, (bus, *args)
 
 
@@ -441,7 +441,8 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     from eda.core import discovery
     from eda.core.bus.client import find_bus
 
-    return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    return found.zmq
 
 
 @command.command(

@@ -338,27 +338,6 @@ def participant(
         part.close()
 
 
-def _coordinator_client(coordinator: str | None, access: Any, timeout: float) -> Any:
-    """A client of the coordinator: --coordinator, else the last one found, else discovery."""
-    from eda.core import cache
-    from eda.core.reqrep import Client, tcp_reachable
-    from eda.core.txn.protocol import find_coordinators
-
-    if coordinator:
-        return Client([coordinator], timeout=timeout)
-    known = [e for e in cache.cached("txn-coordinator") if tcp_reachable(e)]
-    if not known:
-        if access is None:
-            raise UsageError("no coordinator: give --coordinator, or allow mDNS")
-        known = find_coordinators(access)
-        if not known:
-            raise NotFoundError(
-                "no coordinator found: start `eda-txn coordinator` or give --coordinator"
-            )
-        cache.remember("txn-coordinator", known)
-    return Client(known[:1], timeout=timeout)
-
-
 RESULT_FIELDS = ("txn", "outcome", "votes", "reason")
 
 
@@ -442,6 +421,7 @@ def commit(
       3  no coordinator found;  2  bad options or --data;  1  refused
     """
     from eda.core.reqrep import Unavailable, tcp_reachable
+    from eda.core.txn.client import CoordinatorClient
     from eda.core.txn.data import read_data
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
@@ -465,7 +445,7 @@ def commit(
     if coordinator and not tcp_reachable(coordinator, 1.0):
         ctx.error(f"cannot reach the coordinator at {coordinator}: nothing was committed")
         raise Exit(ExitStatus.TIMEOUT)
-    client = _coordinator_client(coordinator, access, wait)
+    client = CoordinatorClient(coordinator, access, wait)
     msg: dict[str, Any] = {"op": "commit", "participants": names, "data": payload}
     if timeout is not None:
         msg["timeout"] = timeout

@@ -154,15 +154,11 @@ def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
 
 
 # -- probing endpoints ------------------------------------------------------------------
-def _split(endpoint: str) -> tuple[str, int] | None:
-    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not endpoint.startswith("tcp://") or not sep or not port.isdigit():
-        return None
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return None  # only addresses: a name to resolve could block
-    return host, int(port)
+def _split(endpoint: str) -> Endpoint | None:
+    """*endpoint* (``tcp://HOST:PORT``) if it can be probed: a numeric address,
+    IPv4 or IPv6 (a name to resolve could block)."""
+    where = Endpoint.from_peer(endpoint) if endpoint.startswith("tcp://") else None
+    return where if where is not None and where.is_literal else None
 
 
 def probe(
@@ -194,9 +190,11 @@ def probe(
             if len(connecting) >= MAX_PROBES:
                 result[endpoint] = None
                 continue
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(
+                socket.AF_INET6 if where.is_ipv6 else socket.AF_INET, socket.SOCK_STREAM
+            )
             sock.setblocking(False)
-            code = sock.connect_ex(where)
+            code = sock.connect_ex(where.sockaddr)
             if code in (0, errno.EINPROGRESS):
                 connecting[sock] = endpoint
             else:

@@ -560,7 +560,7 @@ def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[byte
 def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eda.core import discovery
+    from eda.core import cache, discovery
     from eda.core.registry import client as client_mod
 
     dead = []
@@ -573,7 +573,7 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
             self.endpoint = endpoint
 
     monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
-    monkeypatch.setattr(client_mod, "cached", lambda key: [])
+    monkeypatch.setattr(cache, "cached", lambda key: [])  # the client base reads it
     client = client_mod.Client(timeout=1.0)
     started = time.monotonic()
     with pytest.raises(client_mod.NoRegistry):

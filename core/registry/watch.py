@@ -23,10 +23,8 @@ from typing import Any
 
 import zmq
 
-from .. import sockets
-from ..endpoint import Endpoint
 from ..errors import EdaError
-from ..sockets import new_socket
+from ..sockets import connect, new_socket
 from . import protocol
 from .client import Client
 from .model import MAX_REV, InvalidRecord, from_dict
@@ -113,12 +111,9 @@ class Watcher:
         sub.subscribe(protocol.TICK)
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
         self.sub = sub  # closed by _close_sub whatever happens next (term() waits for it)
-        where = Endpoint.from_peer(self.client.pub_endpoint(hello))
         try:
-            if where is None:
-                raise ValueError("not tcp://HOST:PORT")
-            sockets.connect(sub, where)
-        except (zmq.ZMQError, ValueError) as exc:
+            connect(sub, self.client.pub_endpoint(hello))
+        except zmq.ZMQError as exc:
             self._close_sub()
             raise protocol.RemoteError(f"bad change stream endpoint: {exc}") from None
         if not sub.poll(int(self.silence * 1000)):
