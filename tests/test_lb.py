@@ -235,7 +235,7 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     out, failed, summary, _ = call([worker.endpoint], bodies, retries=0)
     assert out == b"ok a\n\nok b\n"  # 'quiet' printed nothing: an empty reply
     reasons = {seq: (line, reason) for seq, line, reason in failed}
-    assert reasons[1] == (b"bad", "exit 3: it broke")
+    assert reasons[1] == (b"bad", "exit status 3: it broke")
     assert reasons[3] == (b"crash", "killed by signal 9")
     assert reasons[4][1].startswith("request too large (150 bytes")  # the worker's limit
     assert summary.failed == 3 and summary.ok == 3
@@ -732,7 +732,7 @@ def test_an_instance_whose_command_keeps_failing_is_ejected(serve: Any) -> None:
         summary = caller.run()
     finally:
         caller.close()
-    assert [f[2] for f in failed] == ["exit 1: broken"] * 3 and summary.retried == 0
+    assert [f[2] for f in failed] == ["exit status 1: broken"] * 3 and summary.retried == 0
     assert b"".join(out).decode().split("\n")[:-1] == [
         f"good {i}" for i in range(20) if i not in {f[0] for f in failed}
     ]
@@ -978,7 +978,7 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
     assert result.returncode == 1
     assert result.stdout == b"yes a\nyes b\n"
     err = result.stderr.decode()
-    assert "request 2 failed: exit 2: refused no; input: no" in err
+    assert "request 2 failed: exit status 2: refused no; input: no" in err
     assert "1 request(s) failed" in err
     timeout = subprocess.run(
         [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"],

@@ -33,7 +33,7 @@ def test_an_agent_that_crashes_is_reported_with_its_status_and_stderr(tmp_path: 
     try:
         result = agent.run(Call("prepare", "c1.00000000000000001", {"order": 7}, 1))
         assert not result.ok
-        assert result.reason.startswith("the agent exited with status 1"), result.reason
+        assert result.reason.startswith("the agent ended: exit status 1: "), result.reason
         assert result.reason.endswith("KeyError: 'amount'"), result.reason
         assert "did not answer" not in result.reason
         # restarted: a good request is served by the new process
@@ -55,7 +55,7 @@ def test_an_agent_killed_by_a_signal_says_so_and_a_silent_one_is_a_timeout(
     )
     try:
         killed = agent.run(Call("prepare", "c1.00000000000000001", {"die": 1}, 1))
-        assert killed.reason == "the agent was killed by SIGKILL", killed.reason
+        assert killed.reason == "the agent ended: killed by signal 9", killed.reason
         silent = agent.run(Call("prepare", "c1.00000000000000002", {}, 1))
         assert silent.reason == "the agent did not answer within 0.5s", silent.reason
     finally:
