@@ -225,6 +225,8 @@ class Child:
         self.signal(signal.SIGKILL)
 
     def close_stdin(self) -> None:
+        """Close its stdin (stop watching it first: its number is free for reuse)."""
+        self.stdin = -1
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -553,7 +555,8 @@ class LineProcess:
         child = self.child
         assert child is not None
         for fd in (child.stdin, child.stdout, child.stderr, child.pidfd):
-            self.loop.forget(fd)
+            if fd >= 0:
+                self.loop.forget(fd)
         self.child = None
         self.outbuf.clear()
         self._writing = False
@@ -569,6 +572,8 @@ class LineProcess:
         """Close its stdin (the end of requests), give it *wait* seconds to exit, then stop it."""
         if self.child is None:
             return
+        if self.child.stdin >= 0:
+            self.loop.forget(self.child.stdin)
         self.child.close_stdin()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.child.proc.wait(wait)

@@ -245,6 +245,25 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
 
 
+def test_a_failure_says_why_from_stdout_when_stderr_is_silent_and_a_timeout_asks_first(
+    serve: Any, tmp_path: Path
+) -> None:
+    """core/runner.py's rule in eda-lb: the reason is stderr's last line, else stdout's
+    (it used to be stderr's only); a command whose time is up gets SIGTERM before
+    SIGKILL, so it may clean up (it used to be killed outright)."""
+    flag = tmp_path / "cleaned"
+    script = (
+        'read -r l; case "$l" in said) echo "no such account"; exit 4;; '
+        f'slow) trap "touch {flag}; exit 1" TERM; sleep 30 & wait;; esac'
+    )
+    worker = serve(["sh", "-c", script], concurrency=2, timeout=0.3)
+    _, failed, _, _ = call([worker.endpoint], [b"said", b"slow"], retries=0)
+    reasons = {line: reason for _, line, reason in failed}
+    assert reasons == {b"said": "exit status 4: no such account", b"slow": "timed out after 0.3s"}
+    wait_until(flag.exists, 10, "the timed-out command's SIGTERM trap to run")
+    idle(worker)
+
+
 def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
     serve: Any,
 ) -> None:

@@ -164,3 +164,46 @@ def test_a_line_over_the_limit_is_reported() -> None:
     finally:
         proc.stop()
         loop.close()
+
+
+# -- every program follows the rule ----------------------------------------------------------
+def test_a_txn_participant_command_says_why_from_stderr_and_is_asked_to_stop(
+    tmp_path: Path,
+) -> None:
+    """eda-txn's --prepare/--commit/--abort commands: the reason was stdout's last line
+    only, and a timeout killed them outright."""
+    from eda.core.txn.actions import Call, ShellActions
+
+    flag = tmp_path / "cleaned"
+    actions = ShellActions(
+        "pay",
+        {
+            "prepare": "echo 'card declined' >&2; exit 1",
+            "commit": f"trap 'touch {flag}; exit 1' TERM; sleep 30 & wait",
+        },
+        timeout=0.3,
+    )
+    voted = actions.run(Call("prepare", "c1.1", {}, 1))
+    assert not voted.ok and voted.reason == "prepare: exit status 1: card declined"
+    stuck = actions.run(Call("commit", "c1.1", {}, 1))
+    assert stuck.reason == "commit: timed out after 0.3s" and flag.exists()
+
+
+def test_a_saga_step_says_why_from_stdout_when_stderr_is_silent(tmp_path: Path) -> None:
+    """Saga run steps: the reason was stderr's tail only."""
+    from eda.core.txn.sagaactions import Invocation, run_shell
+
+    inv = Invocation("s1", "pay", 1, "action", b"{}\n", str(tmp_path))
+    result = run_shell("echo 'insufficient funds'; exit 3", inv, 10.0)
+    assert not result.ok and result.error == "exit status 3: insufficient funds"
+
+
+def test_a_health_check_past_its_timeout_is_asked_to_stop_first(tmp_path: Path) -> None:
+    """eda-registry register --check: a check past its timeout was killed outright."""
+    from eda.core.registry.health import run_command
+    from eda.core.registry.model import CRITICAL, WARNING
+
+    flag = tmp_path / "cleaned"
+    assert run_command(f"trap 'touch {flag}; exit 1' TERM; sleep 30 & wait", 0.3, {}) == CRITICAL
+    assert flag.exists()
+    assert run_command("exit 1", 10.0, {}) == WARNING
