@@ -30,12 +30,11 @@ made printable and cut to :data:`REASON_CHARS` characters::
     timed out after 0.5s: still waiting for the lock
 
 Two ways to drive a command: :func:`run` blocks (the caller is a thread of
-its own: eda-txn actions, saga steps, health checks); :class:`Run` and
-:class:`LineProcess` are attached to a :class:`Loop` (eda-lb's poll loop,
-or :class:`SelectLoop` for a thread that waits on one agent).
-:class:`LineProcess` is the persistent line protocol: a long-running
-command fed one request line at a time on stdin, answering with lines on
-stdout; what a line means is its caller's business.
+its own: eda-txn actions, saga steps, health checks); :class:`Run` is
+attached to a :class:`Loop` (eda-lb's poll loop, or :class:`SelectLoop`
+for a thread that waits on its commands), and so is
+:class:`eda.core.lineprocess.LineProcess`, the persistent line protocol on
+the same :class:`Child`.
 """
 
 from __future__ import annotations
@@ -159,7 +158,7 @@ class SelectLoop:
         self._sel.close()
 
 
-def _read(fd: int) -> bytes | None:
+def read_ready(fd: int) -> bytes | None:
     """What is waiting on *fd* (b"" at EOF), or None when nothing is ready."""
     try:
         return os.read(fd, READ_CHUNK)
@@ -167,6 +166,12 @@ def _read(fd: int) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send *sig* to the process group *pgid* (no error when it is gone)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, sig)
 
 
 class Child:
@@ -206,8 +211,7 @@ class Child:
 
     def signal(self, sig: int) -> None:
         """Send *sig* to the whole group (no error when it is gone)."""
-        with contextlib.suppress(OSError):
-            os.killpg(self.pid, sig)
+        signal_group(self.pid, sig)
 
     def terminate(self, grace: float | None = None) -> None:
         """SIGTERM to the group; :meth:`escalate` sends SIGKILL after *grace* seconds
@@ -296,7 +300,7 @@ class Run:
         """Read *fd* into *buf* (a bounded number of chunks: the loop's other work goes
         on); False at EOF (or, unless *more*, when nothing is ready)."""
         for _ in range(DRAIN_CHUNKS):
-            data = _read(fd)
+            data = read_ready(fd)
             if data is None:
                 return more
             if not data:
@@ -426,155 +430,3 @@ def run(
     finally:
         loop.close()
     return done[0]
-
-
-class LineProcess:
-    """A long-running command fed lines on stdin, answering lines on stdout (see the
-    module's doc), on *loop*.
-
-    *on_lines* gets the complete lines read (in order, without their newline);
-    *on_overflow* is called when a line grows over *max_line* bytes unfinished;
-    *on_exit* gets the :class:`Outcome` of a command that ended by itself (not
-    after :meth:`stop`).  Nothing here restarts it: :meth:`start` again.
-    """
-
-    def __init__(
-        self,
-        argv: list[str],
-        loop: Loop,
-        *,
-        on_lines: Callable[[list[bytes]], object],
-        on_exit: Callable[[Outcome], object],
-        on_overflow: Callable[[], object],
-        on_drained: Callable[[], object] = lambda: None,
-        on_stderr: Callable[[bytes], object] | None = None,
-        max_line: int = MAX_OUTPUT,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-    ) -> None:
-        self.argv, self.loop = argv, loop
-        self.on_lines, self.on_exit, self.on_overflow = on_lines, on_exit, on_overflow
-        self.on_drained, self.on_stderr = on_drained, on_stderr
-        self.max_line, self.env, self.cwd = max_line, env, cwd
-        self.child: Child | None = None
-        self.outbuf = bytearray()  # input not yet taken by the command
-        self.err = bytearray()  # stderr's tail
-        self.partial = b""  # an unfinished output line
-        self.eof = False  # it closed its stdout
-        self.started = 0.0
-        self._writing = False
-
-    @property
-    def running(self) -> bool:
-        return self.child is not None
-
-    def start(self) -> None:
-        """Start the command (:class:`RunError` if it cannot be)."""
-        child = Child(self.argv, env=self.env, cwd=self.cwd)
-        self.child = child
-        self.outbuf, self.err, self.partial = bytearray(), bytearray(), b""
-        self.eof, self._writing = False, False
-        self.started = time.monotonic()
-        self.loop.on_readable(child.stdout, self._read)
-        self.loop.on_readable(child.stderr, self._read_err)
-        self.loop.on_readable(child.pidfd, self._exited)
-
-    def flush(self) -> None:
-        """Write what :attr:`outbuf` holds, as much as the command takes now; the rest
-        when it takes more (then *on_drained*)."""
-        child = self.child
-        if child is None:
-            self.outbuf.clear()
-            return
-        try:
-            del self.outbuf[: os.write(child.stdin, self.outbuf)]
-        except BlockingIOError:
-            pass
-        except OSError:  # it closed its input: its exit follows
-            self.outbuf.clear()
-        if self.outbuf and not self._writing:
-            self._writing = True
-            self.loop.on_writable(child.stdin, self.flush)
-        elif not self.outbuf and self._writing:
-            self._writing = False
-            self.loop.forget(child.stdin)
-            self.on_drained()
-
-    def send(self, data: bytes) -> None:
-        """Queue *data* (whole lines) and write what the command takes now."""
-        self.outbuf += data
-        self.flush()
-
-    def _read(self) -> bool:
-        """Read one chunk of output; False when there was nothing (or EOF)."""
-        assert self.child is not None
-        data = _read(self.child.stdout)
-        if not data:
-            if data is not None:
-                self.loop.forget(self.child.stdout)  # EOF: the exit follows
-                self.eof = True
-            return False
-        if self.partial:
-            data = self.partial + data
-        lines = data.split(b"\n")
-        self.partial = lines.pop()
-        if lines:
-            self.on_lines(lines)
-        if len(self.partial) > self.max_line and self.child is not None:
-            self.on_overflow()
-        return True
-
-    def _read_err(self) -> None:
-        assert self.child is not None
-        data = _read(self.child.stderr)
-        if not data:
-            if data is not None:
-                self.loop.forget(self.child.stderr)
-            return
-        if self.on_stderr is not None:
-            self.on_stderr(data)
-        self.err += data
-        if len(self.err) > STDERR_TAIL:
-            del self.err[: len(self.err) - STDERR_TAIL]
-
-    def _exited(self) -> None:
-        child = self.child
-        assert child is not None
-        for _ in range(DRAIN_CHUNKS):  # its last lines are in the pipe
-            if self.eof or self.child is not child or not self._read():
-                break
-        if self.child is not child:  # its last lines stopped it
-            return
-        self._read_err()
-        if self.child is not child:  # its last lines stopped it
-            return
-        status = self._detach()
-        self.on_exit(Outcome(status, self.partial, bytes(self.err)))
-
-    def _detach(self) -> int:
-        child = self.child
-        assert child is not None
-        for fd in (child.stdin, child.stdout, child.stderr, child.pidfd):
-            if fd >= 0:
-                self.loop.forget(fd)
-        self.child = None
-        self.outbuf.clear()
-        self._writing = False
-        return child.close()
-
-    def stop(self) -> None:
-        """Kill the command's group now and forget it (no *on_exit*)."""
-        if self.child is not None:
-            self.child.kill()
-            self._detach()
-
-    def close_input(self, wait: float) -> None:
-        """Close its stdin (the end of requests), give it *wait* seconds to exit, then stop it."""
-        if self.child is None:
-            return
-        if self.child.stdin >= 0:
-            self.loop.forget(self.child.stdin)
-        self.child.close_stdin()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.child.proc.wait(wait)
-        self.stop()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from eda.core import runner
-from eda.core.runner import LineProcess, Outcome, SelectLoop, run, shell
+from eda.core.lineprocess import LineProcess
+from eda.core.runner import Outcome, SelectLoop, run, shell
 from tests.helpers import wait_until
 
 
@@ -171,7 +172,7 @@ def test_a_txn_participant_command_says_why_from_stderr_and_is_asked_to_stop(
     tmp_path: Path,
 ) -> None:
     """eda-txn's --prepare/--commit/--abort commands: the reason was stdout's last line
-    only, and a timeout killed them outright."""
+    only (``prepare exited 1``), and a timeout killed them outright."""
     from eda.core.txn.actions import Call, ShellActions
 
     flag = tmp_path / "cleaned"
@@ -184,9 +185,9 @@ def test_a_txn_participant_command_says_why_from_stderr_and_is_asked_to_stop(
         timeout=0.3,
     )
     voted = actions.run(Call("prepare", "c1.1", {}, 1))
-    assert not voted.ok and voted.reason == "prepare: exit status 1: card declined"
+    assert not voted.ok and voted.reason == "exit status 1: card declined"
     stuck = actions.run(Call("commit", "c1.1", {}, 1))
-    assert stuck.reason == "commit: timed out after 0.3s" and flag.exists()
+    assert stuck.reason == "timed out after 0.3s" and flag.exists()
 
 
 def test_a_saga_step_says_why_from_stdout_when_stderr_is_silent(tmp_path: Path) -> None:

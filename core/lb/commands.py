@@ -15,7 +15,7 @@ poll loop without blocking:
   its command's group stopped (SIGTERM, SIGKILL after a grace); its slot is
   free when the command is gone.
 - :class:`Persistent`: *concurrency* long-running processes
-  (:class:`~eda.core.runner.LineProcess`), each fed one request line at a
+  (:class:`~eda.core.lineprocess.LineProcess`), each fed one request line at a
   time, requests pipelined (up to :data:`DEPTH` each), answered one line
   per request line in order, or by id with *with_id* (see :mod:`.worker`).
 """
@@ -33,6 +33,7 @@ import zmq
 from .. import runner
 from ..daemon import RateLimited
 from ..errors import UsageError
+from ..lineprocess import LineProcess
 from . import protocol as p
 
 DEPTH = 256  # request lines in flight in one persistent process
@@ -195,7 +196,7 @@ class Process:
     """One persistent process and the requests it is answering, in order."""
 
     index: int
-    line: runner.LineProcess
+    line: LineProcess
     jobs: collections.deque[Job] = field(default_factory=collections.deque)
     restarts: int = 0
 
@@ -223,7 +224,7 @@ class Persistent:
         def lines(got: list[bytes]) -> None:
             self._lines(proc, got)
 
-        line = runner.LineProcess(
+        line = LineProcess(
             self.argv, self.loop, on_lines=lines, on_exit=lambda o: self._died(proc, o),
             on_overflow=lambda: self._restart(proc, b"reply too large"),
             on_drained=self.host.run_queued, max_line=self.max_reply, env=self.env,

@@ -37,10 +37,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -50,6 +48,7 @@ from ..errors import ProtocolError, UsageError
 from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
 from .commands import DEPTH, Job, PerRequest, Persistent, Running
+from .links import MAX_BROKERS, BrokerLink, BrokerLinks
 
 __all__ = ["DEPTH", "MAX_BROKERS", "BrokerLink", "Job", "Worker"]
 
@@ -59,22 +58,7 @@ CALLER_QUEUE_BYTES = 16 << 20  # of which one caller's requests (one broker coun
 FRAME_COST = 64  # bytes counted per queued request beyond its body
 BATCH_BYTES = 16 << 20  # request bytes read from one socket before the others' turn
 BROKER_LOOKUP_EVERY = 3.0
-MAX_BROKERS = 16  # brokers served at once (anyone can announce one: each costs sockets)
 LATENCIES = 4096  # recent request latencies kept for the stats percentiles
-
-
-@dataclass
-class BrokerLink:
-    """A DEALER to one broker's backend."""
-
-    endpoint: str
-    sock: zmq.Socket[bytes] | None = None
-    monitor: zmq.Socket[bytes] | None = None  # connection events of sock
-    connects: int = 0  # connections made by sock
-    last_seen: float = 0.0
-    backoff: float = 0.5
-    retry_at: float = 0.0
-    heard: bool = False  # it ever sent H: a broker, not just a port that accepts
 
 
 class Worker(Daemon):
@@ -128,10 +112,9 @@ class Worker(Daemon):
         self.outbox = self.pump.outbox
         self.requests = self.errors = self.busy = self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
-        self.brokers: dict[str, BrokerLink] = {}
+        self.links: BrokerLinks | None = None  # to the brokers of the service, if asked
         self.stats_budget = p.Budget()
         self.stats_dropped = 0  # S over the budget
-        self.found_brokers: list[str] = []  # the latest found, in the order they are tried
         self.started = time.monotonic()
         self.draining = False
         self.endpoint = ""
@@ -142,6 +125,11 @@ class Worker(Daemon):
             else PerRequest(self, self.argv, self.env, concurrency, max_request)
         )
         self.capacity = self.app.capacity
+
+    @property
+    def brokers(self) -> dict[str, BrokerLink]:
+        """The links to brokers, by endpoint."""
+        return self.links.links if self.links is not None else {}
 
     @property
     def inflight(self) -> int:
@@ -178,7 +166,11 @@ class Worker(Daemon):
         """Serve the brokers whose backend endpoints *find* returns (None: no news),
         asked every heartbeat interval."""
         self.find_brokers = find
-        self.every(self.heartbeat_interval, "brokers", self._tend_brokers)
+        if self.links is not None:  # followed already: ask *find* from now on
+            self.links.find = find
+            return
+        self.links = BrokerLinks(self, find)
+        self.every(self.heartbeat_interval, "brokers", self.links.tend)
 
     def drain(self, grace: float) -> None:
         """Stop taking requests (they get ``busy``: callers go elsewhere), tell brokers
@@ -192,10 +184,8 @@ class Worker(Daemon):
         self.serve(until=lambda: self.inflight <= 0 or time.monotonic() >= deadline)
 
     def _goodbye(self) -> None:
-        for link in self.brokers.values():
-            if link.sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send_multipart(p.disconnect(), zmq.NOBLOCK)
+        if self.links is not None:
+            self.links.goodbye()
 
     def shutdown(self) -> None:
         """Say goodbye to brokers, send what waits back (busy: to be run elsewhere),
@@ -206,16 +196,16 @@ class Worker(Daemon):
             self._send(job, p.BUSY, b"")
         self.outbox.flush()  # what the callers' pipes take now; the rest is lost with them
         self.app.shutdown()
-        for link in self.brokers.values():
-            self._drop_broker(link)  # the goodbye still goes out (linger)
+        if self.links is not None:
+            self.links.close()  # the goodbye still goes out (linger)
         self.close()
 
     # -- requests ---------------------------------------------------------------------------
     def _on_requests(self) -> None:
         assert self.sock is not None
-        self._drain(self.sock, 1)
+        self.read_requests(self.sock, 1)
 
-    def _drain(self, sock: zmq.Socket[bytes], start: int) -> None:
+    def read_requests(self, sock: zmq.Socket[bytes], start: int) -> None:
         now = time.monotonic()
         max_request = self.max_request
         recv = p.recv
@@ -281,8 +271,8 @@ class Worker(Daemon):
                 return
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*route, *p.stats(self.figures())], zmq.NOBLOCK)
-        elif start == 0:  # from a broker
-            self._from_broker(sock, msg)
+        elif start == 0 and self.links is not None:  # from a broker
+            self.links.on_message(sock, msg)
         else:
             self.dropped("message", ProtocolError(f"unexpected {msg.kind.decode()} from a caller"))
 
@@ -378,118 +368,6 @@ class Worker(Daemon):
         while self.queue and self.queue[0].deadline and self.queue[0].deadline <= now:
             self.timeouts += 1
             self.reply(self._dequeue(), p.ERR, b"timed out in the queue", now)
-
-    # -- brokers -----------------------------------------------------------------------------------
-    def _tend_brokers(self) -> None:
-        assert self.find_brokers is not None
-        if self.draining:  # said goodbye: no heartbeats, no reconnects
-            return
-        now = time.monotonic()
-        found = self.find_brokers()
-        if found is not None:
-            listed = dict.fromkeys(found)  # in the order tried so far, new ones last
-            self.found_brokers = [e for e in self.found_brokers if e in listed]
-            known = set(self.found_brokers)
-            self.found_brokers += [e for e in listed if e not in known]
-            for endpoint in [e for e in self.brokers if e not in self.found_brokers]:
-                self.log(f"broker {endpoint} no longer listed: leaving it")
-                self._drop_broker(self.brokers.pop(endpoint), goodbye=True)
-        for endpoint in self.found_brokers:
-            if len(self.brokers) >= MAX_BROKERS:
-                break
-            if endpoint not in self.brokers:
-                self.brokers[endpoint] = BrokerLink(endpoint)
-        silent = 3 * self.heartbeat_interval
-        for link in list(self.brokers.values()):
-            if link.sock is None:
-                if now >= link.retry_at:
-                    self._connect_broker(link, now)
-            elif now - link.last_seen > silent:
-                self.log(f"broker {link.endpoint} silent for {silent:g} s: reconnecting")
-                self._drop_broker(link)
-                self._schedule(link, now)
-                if not link.heard and len(self.found_brokers) > MAX_BROKERS:
-                    # never a word from it, and others wait for a place: give them its turn
-                    del self.brokers[link.endpoint]
-                    self.found_brokers.remove(link.endpoint)
-                    self.found_brokers.append(link.endpoint)
-            else:
-                with contextlib.suppress(zmq.ZMQError):
-                    # behind the replies waiting for it, if any: never dropped on a full pipe
-                    self.pump.send(link.sock, None, p.heartbeat())
-
-    def _connect_broker(self, link: BrokerLink, now: float) -> None:
-        sock = self.socket(zmq.DEALER, linger=1000, max_message=2 * self.max_request + 65536)
-        self.outbox.adopt(sock, self.max_request)
-        # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
-        # say W again then, rather than wait to find it silent (watched from before the
-        # connect, so that the first connection is counted)
-        link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
-        try:
-            sock.connect(link.endpoint)
-        except zmq.ZMQError as exc:
-            link.sock = sock
-            self._drop_broker(link)
-            self.limited("broker", f"cannot connect to broker {link.endpoint}: {exc}")
-            self._schedule(link, now)
-            return
-        link.sock, link.last_seen, link.connects = sock, now, 0
-        self.pump.watch(sock, "broker", lambda: self._drain(sock, 0))
-        self.watch(link.monitor, "broker connects", lambda: self._broker_connected(link, sock))
-        self._ready(sock)
-        self.log(f"connecting to broker {link.endpoint}")
-
-    def _ready(self, sock: zmq.Socket[bytes]) -> None:
-        ready = p.ready(self.service, self.inst_id, self.concurrency, self.weight, self.capacity)
-        with contextlib.suppress(zmq.ZMQError):
-            sock.send_multipart(ready, zmq.NOBLOCK)
-
-    def _broker_connected(self, link: BrokerLink, sock: zmq.Socket[bytes]) -> None:
-        if link.sock is not sock or link.monitor is None:
-            return
-        with contextlib.suppress(zmq.Again):
-            while True:
-                link.monitor.recv_multipart(zmq.NOBLOCK)
-                link.connects += 1
-                if link.connects > 1:  # the first connection carried the W sent at connect
-                    self.log(f"reconnected to broker {link.endpoint}: ready again")
-                    link.last_seen = time.monotonic()
-                    self._ready(sock)
-
-    def _schedule(self, link: BrokerLink, now: float) -> None:
-        link.retry_at = now + link.backoff * random.uniform(0.5, 1.5)
-        link.backoff = min(link.backoff * 2, 10.0)
-
-    def _drop_broker(self, link: BrokerLink, goodbye: bool = False) -> None:
-        if link.monitor is not None:
-            self.forget(link.monitor)
-            if link.sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    link.sock.disable_monitor()
-            link.monitor.close(0)
-            link.monitor = None
-        if link.sock is not None:
-            if goodbye:
-                with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send_multipart(p.disconnect(), zmq.NOBLOCK)
-            self.pump.forget(link.sock)
-            self.close_socket(link.sock)
-            link.sock = None
-
-    def _from_broker(self, sock: zmq.Socket[bytes], msg: p.Message) -> None:
-        link = next((b for b in self.brokers.values() if b.sock is sock), None)
-        if link is None:
-            return
-        if msg.kind == p.HEARTBEAT:
-            link.last_seen = time.monotonic()
-            link.backoff = 0.5
-            link.heard = True
-        elif msg.kind == p.DISCONNECT:
-            self.log(f"broker {link.endpoint} said goodbye: reconnecting later")
-            self._drop_broker(link)
-            self._schedule(link, time.monotonic())
-        else:
-            self.dropped("message", ProtocolError(f"unexpected {msg.kind.decode()} from a broker"))
 
     # -- stats -------------------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:

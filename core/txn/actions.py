@@ -6,8 +6,8 @@ participant's directory, the transaction's data as JSON on stdin and
 their environment.  Prepare exiting 0 votes yes, anything else no; commit
 and abort exiting 0 are done, anything else is retried.  A missing command
 is a step with nothing to do.  A failed step's reason follows
-:mod:`eda.core.runner`'s rule (``prepare: exit status 1: card declined``:
-the last line of its stderr, else of its stdout); its stderr is passed on
+:mod:`eda.core.runner`'s rule (``exit status 1: card declined``: the last
+line of its stderr, else of its stdout); its stderr is passed on
 to the participant's as it comes.
 
 A persistent agent (``--persistent -- CMD``) is started once and speaks JSON
@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from .. import runner
 from ..errors import UsageError
+from ..lineprocess import LineProcess
 
 PREPARE, COMMIT, ABORT = "prepare", "commit", "abort"
 MAX_LINE = 1 << 20
@@ -109,7 +110,7 @@ class ShellActions:
             return Result(False, f"cannot run {call.phase} command: {exc}")
         if outcome.ok:
             return Result(True)
-        return Result(False, f"{call.phase}: {outcome.reason()}")
+        return Result(False, outcome.reason())
 
     def run_many(self, calls: list[Call]) -> list[Result]:
         return [self.run(call) for call in calls]
@@ -120,7 +121,7 @@ class ShellActions:
 
 class PersistentAgent:
     """A long-running command speaking JSON Lines (see the module's docstring), on
-    :class:`eda.core.runner.LineProcess`, waited on by the calling thread."""
+    :class:`eda.core.lineprocess.LineProcess`, waited on by the calling thread."""
 
     def __init__(
         self, participant: str, argv: list[str], *, timeout: float = 10.0, cwd: str | None = None
@@ -135,7 +136,7 @@ class PersistentAgent:
         self._replies: list[bytes] = []
         self._ended: runner.Outcome | None = None  # how it exited, if it did
         self._overflow = False
-        self.process = runner.LineProcess(
+        self.process = LineProcess(
             argv, self._loop, on_lines=self._replies.extend, on_exit=self._exit,
             on_overflow=self._too_long, on_stderr=_pass_on, max_line=MAX_LINE,
             env=dict(os.environ, EDA_PARTICIPANT=participant), cwd=cwd,

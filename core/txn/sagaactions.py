@@ -10,7 +10,6 @@ stops as after a crash, and a resume tries again).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
-from ..runner import run, shell
+from ..runner import run, shell, signal_group
 from .sagafile import Action, Plan
 
 MAX_OUTPUT = 256 << 10  # a step's stdout above this is not merged into the data
@@ -97,8 +96,7 @@ class Children:
             if not self._closed:
                 self._pids.add(pid)
                 return
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
 
     def discard(self, pid: int) -> None:
         with self._lock:
@@ -110,8 +108,7 @@ class Children:
             self._closed = True
             pids = list(self._pids)
         for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
 
 
 def run_shell(
