@@ -162,6 +162,24 @@ class LineProcess:
             self.child.kill()
             self._detach()
 
+    def retire(self) -> Child | None:
+        """Forget the command (no *on_exit*) and ask its group to stop (SIGTERM): the
+        child, for :meth:`Child.gone` (or :meth:`Child.stop`) to finish; None if none."""
+        child = self.child
+        if child is None:
+            return None
+        for fd in (child.stdin, child.stdout, child.stderr, child.pidfd):
+            if fd >= 0:
+                self.loop.forget(fd)
+        self.child = None
+        self.outbuf.clear()
+        self._writing = False
+        # its input ends; its output stays open until it is gone (a shell that says
+        # "Terminated" to a closed pipe would die of SIGPIPE before its own trap ran)
+        child.close_stdin()
+        child.terminate()
+        return child
+
     def close_input(self, wait: float) -> None:
         """Close its stdin (the end of requests), give it *wait* seconds to exit, then stop it."""
         if self.child is None:

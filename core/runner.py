@@ -235,6 +235,25 @@ class Child:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
 
+    def gone(self, now: float) -> bool:
+        """After :meth:`terminate`, without blocking: True once it has exited (what is
+        left of its group killed, its descriptors closed); SIGKILL when the grace is up."""
+        self.escalate(now)
+        if self.proc.poll() is None:
+            return False
+        self.kill()  # what is left of its group
+        self.close()
+        return True
+
+    def stop(self, grace: float | None = None) -> int:
+        """Stop it, blocking: SIGTERM to the group, SIGKILL after *grace* seconds (default
+        :data:`GRACE`) if it has not exited; its status."""
+        self.terminate(grace)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(max(0.0, self.kill_at - time.monotonic()))
+        self.kill()  # it, if it ignored SIGTERM, and what is left of its group
+        return self.close()
+
     def close(self) -> int:
         """Close every descriptor and reap the command (killed first if it still runs):
         its status, negative for a signal."""

@@ -320,6 +320,21 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     idle(worker, other)
 
 
+def test_a_stuck_persistent_command_is_asked_to_stop_before_it_is_killed(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A persistent process stuck past a request's time gets SIGTERM (it may clean up),
+    SIGKILL only after a grace; it used to be killed outright."""
+    flag = tmp_path / "cleaned"
+    script = f'trap "touch {flag}; exit 0" TERM; while read -r l; do sleep 30; done'
+    worker = serve(["sh", "-c", script], persistent=True, timeout=0.3)
+    _, failed, _, _ = call([worker.endpoint], [b"one"], timeout=5, retries=0)
+    assert [f[2][:28] for f in failed] == ["timed out: no reply line (a "]
+    wait_until(flag.exists, 10, "the stuck process's SIGTERM trap to run")
+    wait_until(lambda: not worker.worker.app.retired, 10, "the old process reaped")
+    idle(worker)
+
+
 def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
     serve: Any,
 ) -> None:

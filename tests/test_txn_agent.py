@@ -97,3 +97,24 @@ def test_the_readme_pay_agent_runs_as_written_on_the_readme_orders(tmp_path: Pat
         assert agent.restarts == 0
     finally:
         agent.close()
+
+
+def test_a_silent_agent_is_asked_to_stop_before_it_is_killed(tmp_path: Path) -> None:
+    """An agent silent past the timeout is restarted: SIGTERM first (it may clean up),
+    SIGKILL only after a grace; it used to be killed outright."""
+    flag = tmp_path / "cleaned"
+    agent = _agent(
+        tmp_path,
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(flag)!r}, 'w'), sys.exit(0)))\n"
+        "print('ready', file=sys.stderr, flush=True)\n"
+        "while True:\n"
+        "    time.sleep(1)\n",
+        timeout=0.5,
+    )
+    try:
+        silent = agent.run(Call("prepare", "c1.00000000000000001", {}, 1))
+        assert silent.reason == "the agent did not answer within 0.5s", silent.reason
+        assert flag.exists()
+    finally:
+        agent.close()

@@ -18,6 +18,8 @@ poll loop without blocking:
   (:class:`~eda.core.lineprocess.LineProcess`), each fed one request line at a
   time, requests pipelined (up to :data:`DEPTH` each), answered one line
   per request line in order, or by id with *with_id* (see :mod:`.worker`).
+  One stuck past a request's deadline is replaced: the old one retired
+  (SIGTERM, SIGKILL after a grace, reaped by :meth:`check_deadlines`).
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class Persistent:
         self.with_id = with_id
         self.loop = DaemonLoop(host)
         self.procs: list[Process] = []
+        self.retired: list[runner.Child] = []  # replaced processes asked to stop
         self.runs: dict[int, Running] = {}  # none: requests are lines here
         self.inflight = 0
 
@@ -338,8 +341,12 @@ class Persistent:
             self.host.after(delay, "restart", lambda: self._spawn(proc))
 
     def _restart(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
-        if proc.line.running:
-            self._stop(proc, why, status)
+        """Replace *proc* (stuck, or too long a line): its requests are answered, the old
+        process gets SIGTERM (SIGKILL after a grace, see check_deadlines), a new one starts."""
+        child = proc.line.retire()
+        if child is not None:
+            self.retired.append(child)
+            self._answer_all(proc, why, status)
             self._spawn(proc)
 
     def _stop(self, proc: Process, why: bytes, status: bytes = p.ERR) -> None:
@@ -357,6 +364,8 @@ class Persistent:
             self._free(len(jobs))
 
     def check_deadlines(self, now: float) -> None:
+        if self.retired:
+            self.retired = [child for child in self.retired if not child.gone(now)]
         for proc in self.procs:
             if proc.jobs and proc.jobs[0].deadline and proc.jobs[0].deadline <= now:
                 self.host.timeouts += 1
@@ -371,9 +380,14 @@ class Persistent:
 
     def drain(self) -> None:
         for proc in self.procs:
-            if not proc.jobs:  # nothing to answer: no need to wait for it
-                self._stop(proc, SHUTTING_DOWN)
+            if not proc.jobs:  # nothing to answer: asked to stop now (SIGTERM)
+                child = proc.line.retire()
+                if child is not None:
+                    self.retired.append(child)
 
     def shutdown(self) -> None:
         for proc in self.procs:
             self._stop(proc, SHUTTING_DOWN)
+        for child in self.retired:
+            child.close()  # (killed: the worker is leaving)
+        self.retired.clear()

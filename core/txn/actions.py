@@ -163,7 +163,9 @@ class PersistentAgent:
         self._ended, self._overflow = None, False
 
     def _restart(self) -> None:
-        self.process.stop()
+        child = self.process.retire()
+        if child is not None:  # a silent or stuck agent: SIGTERM, SIGKILL after a grace
+            child.stop()
         self.restarts += 1
         self.start()
 
