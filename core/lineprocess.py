@@ -145,7 +145,8 @@ class LineProcess:
         status = self._detach()
         self.on_exit(Outcome(status, self.partial, bytes(self.err)))
 
-    def _detach(self) -> int:
+    def _forget(self) -> Child:
+        """Stop watching the command and drop what it was to be fed: the child."""
         child = self.child
         assert child is not None
         for fd in (child.stdin, child.stdout, child.stderr, child.pidfd):
@@ -154,7 +155,10 @@ class LineProcess:
         self.child = None
         self.outbuf.clear()
         self._writing = False
-        return child.close()
+        return child
+
+    def _detach(self) -> int:
+        return self._forget().close()
 
     def stop(self) -> None:
         """Kill the command's group now and forget it (no *on_exit*)."""
@@ -165,15 +169,9 @@ class LineProcess:
     def retire(self) -> Child | None:
         """Forget the command (no *on_exit*) and ask its group to stop (SIGTERM): the
         child, for :meth:`Child.gone` (or :meth:`Child.stop`) to finish; None if none."""
-        child = self.child
-        if child is None:
+        if self.child is None:
             return None
-        for fd in (child.stdin, child.stdout, child.stderr, child.pidfd):
-            if fd >= 0:
-                self.loop.forget(fd)
-        self.child = None
-        self.outbuf.clear()
-        self._writing = False
+        child = self._forget()
         # its input ends; its output stays open until it is gone (a shell that says
         # "Terminated" to a closed pipe would die of SIGPIPE before its own trap ran)
         child.close_stdin()
