@@ -186,9 +186,10 @@ def worker(
 
     The command sees the request on stdin (with a newline) and its id in
     EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
-    non-zero exit is an error reply carrying stderr's last line.  With
-    --persistent, one process reads one request per line; with --with-id each
-    line is prefixed by its request id and a tab.
+    failure is an error reply saying why ('exit status 3: ' and the last line
+    of its stderr, else of its stdout).  With --persistent, one process reads
+    one request per line; with --with-id each line is prefixed by its request
+    id and a tab.
 
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of

@@ -429,7 +429,7 @@ compensate = "echo undo-d >> trace"
         "do-a", "do-n", "do-b", "do-c", "undo-b", "undo-a compensate 1"
     ]  # fmt: skip
     failed = [e for e in seen if e["event"] == "step-failed"]
-    assert failed == [failed[0]] and failed[0]["error"] == "exit 3: no stock" and failed[0]["final"]
+    assert failed == [failed[0]] and failed[0]["error"] == "exit status 3: no stock" and failed[0]["final"]
     assert [e["event"] for e in seen[-6:]] == [
         "saga-aborting", "compensation-started", "compensation-done",
         "compensation-started", "compensation-done", "saga-compensated",
