@@ -1,0 +1,213 @@
+"""The etcd anchor of bench_registry: a private etcd and what a Python user writes for it.
+
+etcd is Debian's ``etcd-server`` (3.4; ``etcdctl`` is ``etcd-client``), which
+bench/setup.sh installs.  :class:`Etcd` runs one member, its data directory in
+the benchmark's scratch directory, client and peer URLs on 127.0.0.1 (the
+benchmark runs in a private network namespace).  Python talks to it over
+etcd's gRPC gateway (HTTP/1.1 + JSON on the client port) with the standard
+library: no gRPC dependency.  The registry's data maps onto etcd as a service
+registry on etcd is usually written: one lease (TTL 3 s, as the instances'
+TTL) per instance, the instance record stored under ``SERVICE/ID`` with that
+lease, and a lookup is a range read of the prefix ``SERVICE/``.
+
+:data:`LOAD` is the load generator (run as ``python -c LOAD PORT N SERVICES
+SECONDS TTL``): it grants N leases and stores N records in SERVICES
+services, prints ``ready`` once all are stored, and keeps every lease alive
+once a second from its grant on (N keep-alive requests per second in steady
+state), for at most SECONDS after ``ready``; it prints
+``answered COUNT`` (keep-alives answered so far) every 0.25 s.  Like the eda load, it
+builds every request in advance and sends them asynchronously over 10
+connections (HTTP/1.1 pipelining: each connection's answers come in order),
+so that the load generator stays cheap on a loaded machine.  A keep-alive
+that finds its lease gone, or any failed request, ends it with status 1.
+One request per keep-alive: the gateway of etcd 3.4 (Go 1.19's HTTP/1.1
+server) cannot stream a request body while answering it, so the gRPC
+keep-alive stream that Go clients use is not available to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import BenchError, Procs, free_port, tail, wait_until
+
+TTL = 3
+
+LOAD = r"""
+import base64, heapq, json, selectors, socket, sys, time
+port, n, services, seconds, ttl = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                   float(sys.argv[4]), int(sys.argv[5]))
+CONNS = 10
+def b64(text): return base64.b64encode(text.encode()).decode()
+def request(path, body):
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+def record(i):
+    return {"service": f"svc{i % services}", "id": f"inst{i}", "host": "127.0.0.1",
+            "port": 10000 + i, "ttl": 3.0, "interval": 1.0, "meta": {"version": "2"}}
+# Lease IDs are chosen here (LeaseGrant takes one), so every request is built in advance.
+grants = [request("/v3/lease/grant", {"ID": i + 1, "TTL": ttl}) for i in range(n)]
+puts = [request("/v3/kv/put", {"key": b64(f"svc{i % services}/inst{i}"),
+                               "value": b64(json.dumps(record(i))), "lease": i + 1})
+        for i in range(n)]
+keepalives = [request("/v3/lease/keepalive", {"ID": i + 1}) for i in range(n)]
+sel = selectors.DefaultSelector()
+socks, inbox, outbox, expect = [], [], [], []
+for c in range(CONNS):
+    s = socket.create_connection(("127.0.0.1", port)); s.setblocking(False)
+    socks.append(s); inbox.append(bytearray()); outbox.append(bytearray()); expect.append([])
+    sel.register(s, selectors.EVENT_READ, c)
+def fail(text):
+    print(text, file=sys.stderr, flush=True); sys.exit(1)
+def send(c, data, kind):
+    outbox[c] += data; expect[c].append(kind)
+def responses(buf):
+    # complete HTTP/1.1 responses at the start of buf (Content-Length or chunked), consumed
+    while True:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0: return
+        head = bytes(buf[:head_end]).lower()
+        status = int(head.split(b" ", 2)[1])
+        if b"transfer-encoding: chunked" in head:
+            end = buf.find(b"\r\n0\r\n\r\n", head_end)
+            if end < 0: return
+            end += 7
+        else:
+            length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+            end = head_end + 4 + length
+            if len(buf) < end: return
+        body = bytes(buf[head_end + 4:end])
+        del buf[:end]
+        yield status, body
+due = []  # heap of (time of the next keep-alive, lease index)
+setup_left, answered = 2 * n, 0
+t0 = time.monotonic()
+for i in range(n):  # set up: each connection's requests are answered in order
+    send(i % CONNS, grants[i], "grant"); send(i % CONNS, puts[i], "put")
+    # kept alive once a second from now on, spread evenly over the second
+    heapq.heappush(due, (t0 + 1.0 + i / n, i))
+ready_at = None
+last_report = time.monotonic()
+while ready_at is None or time.monotonic() - ready_at < seconds:
+    now = time.monotonic()
+    while due and due[0][0] <= now:
+        at, i = heapq.heappop(due)
+        send(i % CONNS, keepalives[i], "keepalive")
+        heapq.heappush(due, (at + 1.0, i))  # a late one catches up, as eda's load does
+    for c, s in enumerate(socks):
+        if outbox[c]:
+            try: sent = s.send(outbox[c])
+            except BlockingIOError: sent = 0
+            del outbox[c][:sent]
+    timeout = max(0.0, min(due[0][0] - time.monotonic(), 0.05)) if due else 0.05
+    if any(outbox): timeout = 0.001
+    for key, _ in sel.select(timeout):
+        c = key.data
+        data = socks[c].recv(1 << 20)
+        if not data: fail("etcd closed a connection")
+        inbox[c] += data
+        for status, body in responses(inbox[c]):
+            kind = expect[c].pop(0)
+            if status != 200: fail(f"{kind}: HTTP {status}: {body[:200]!r}")
+            if kind == "keepalive":
+                if b'"TTL":"' not in body or b'"TTL":"-' in body:
+                    fail(f"a lease expired (keep-alive answered {body[:200]!r})")
+                answered += 1
+            else:
+                setup_left -= 1
+                if setup_left == 0:
+                    ready_at = time.monotonic()
+                    print("ready", flush=True)
+    if time.monotonic() - last_report >= 0.25:
+        last_report = time.monotonic()
+        print(f"answered {answered}", flush=True)
+print(f"answered {answered} keep-alives", flush=True)
+"""
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def prefix_range(prefix: str) -> dict[str, str]:
+    """The range request body of every key starting with *prefix* (etcdctl get --prefix)."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return {"key": b64(prefix), "range_end": b64(end)}
+
+
+class Etcd:
+    """A private single-member etcd on 127.0.0.1, data in *workdir*/etcd."""
+
+    def __init__(self, procs: Procs, workdir: Path) -> None:
+        exe = shutil.which("etcd")
+        if exe is None:
+            raise BenchError("etcd is not installed (bench/setup.sh installs etcd-server)")
+        self.port = free_port()
+        peer = f"http://127.0.0.1:{free_port()}"
+        client = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "etcd.log"
+        self.proc = procs.start(
+            [exe, "--name", "bench", "--data-dir", str(workdir / "etcd"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new",
+             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"],
+            stderr=self.log,
+        )
+        wait_until(self._healthy, 30.0, "etcd to be healthy", step=0.05)
+
+    @property
+    def endpoint(self) -> str:
+        """HOST:PORT of the client URL, as etcdctl --endpoints takes it."""
+        return f"127.0.0.1:{self.port}"
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise BenchError(f"etcd exited {self.proc.returncode}: {tail(self.log)}")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            return resp.status == 200 and json.loads(resp.read()).get("health") == "true"
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        finally:
+            conn.close()
+
+
+def post(conn: http.client.HTTPConnection, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One gateway request on a persistent connection; the JSON reply."""
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise BenchError(f"etcd {path}: HTTP {resp.status}: {data[:200]!r}")
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def range_latencies(port: int, prefix: str, expect: int, count: int) -> list[float]:
+    """Time *count* range reads of *prefix* (each must return *expect* keys), ~300/s."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    body = prefix_range(prefix)
+    out = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            reply = post(conn, "/v3/kv/range", body)
+            out.append(time.perf_counter() - start)
+            if int(reply.get("count", 0)) != expect:
+                raise BenchError(f"etcd range read returned {reply.get('count', 0)} keys")
+            time.sleep(0.002)  # the same pace as the registry's lookups
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"etcd range read failed: {exc}") from None
+    finally:
+        conn.close()
+    return out
