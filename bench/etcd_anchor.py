@@ -6,9 +6,12 @@ the benchmark's scratch directory, client and peer URLs on 127.0.0.1 (the
 benchmark runs in a private network namespace).  Python talks to it over
 etcd's gRPC gateway (HTTP/1.1 + JSON on the client port) with the standard
 library: no gRPC dependency.  The registry's data maps onto etcd as a service
-registry on etcd is usually written: one lease (TTL 3 s, as the instances'
-TTL) per instance, the instance record stored under ``SERVICE/ID`` with that
-lease, and a lookup is a range read of the prefix ``SERVICE/``.
+registry on etcd is usually written: one lease per instance, the instance
+record stored under ``SERVICE/ID`` with that lease, and a lookup is a range
+read of the prefix ``SERVICE/``.  The leases' TTL is 10 s, not the instances'
+3 s: a renewal costs etcd the same whatever the TTL, and with 3 s the leases
+expired whenever etcd fell behind the keep-alives on a loaded machine, which
+ended the anchor's measurement.
 
 :data:`LOAD` is the load generator (run as ``python -c LOAD PORT N SERVICES
 SECONDS TTL``): it grants N leases and stores N records in SERVICES
@@ -16,10 +19,15 @@ services, prints ``ready`` once all are stored, and keeps every lease alive
 once a second from its grant on (N keep-alive requests per second in steady
 state), for at most SECONDS after ``ready``; it prints
 ``answered COUNT`` (keep-alives answered so far) every 0.25 s.  Like the eda load, it
-builds every request in advance and sends them asynchronously over 10
-connections (HTTP/1.1 pipelining: each connection's answers come in order),
-so that the load generator stays cheap on a loaded machine.  A keep-alive
-that finds its lease gone, or any failed request, ends it with status 1.
+builds every request in advance and sends them asynchronously, so that it
+stays cheap on a loaded machine: over 50 connections, one per service
+(HTTP/1.1 pipelining; etcd answers one request of a connection at a time, so
+10 connections, the eda load's number of sockets, fell behind on a loaded
+machine and let leases expire).  At most 4
+keep-alives are in flight on a connection: when etcd answers fewer than N a
+second (a loaded machine), the others wait instead of piling up, and the
+``answered`` count shows the rate it sustained.  A keep-alive that finds its
+lease gone, or any failed request, ends it with status 1.
 One request per keep-alive: the gateway of etcd 3.4 (Go 1.19's HTTP/1.1
 server) cannot stream a request body while answering it, so the gRPC
 keep-alive stream that Go clients use is not available to it.
@@ -37,13 +45,13 @@ from typing import Any
 
 from harness import BenchError, Procs, free_port, tail, wait_until
 
-TTL = 3
+TTL = 10  # s: the keep-alives come once a second; see below
 
 LOAD = r"""
 import base64, heapq, json, selectors, socket, sys, time
 port, n, services, seconds, ttl = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                    float(sys.argv[4]), int(sys.argv[5]))
-CONNS = 10
+CONNS = 50  # one per service: each connection answers one request at a time
 def b64(text): return base64.b64encode(text.encode()).decode()
 def request(path, body):
     data = json.dumps(body).encode()
@@ -86,27 +94,37 @@ def responses(buf):
         body = bytes(buf[head_end + 4:end])
         del buf[:end]
         yield status, body
-due = []  # heap of (time of the next keep-alive, lease index)
+DEPTH = 4  # keep-alives in flight per connection at most: beyond, they wait (no backlog)
+due = [[] for _ in range(CONNS)]  # by connection: heap of (next keep-alive time, lease)
+inflight = [0] * CONNS
 setup_left, answered = 2 * n, 0
-t0 = time.monotonic()
-for i in range(n):  # set up: each connection's requests are answered in order
-    send(i % CONNS, grants[i], "grant"); send(i % CONNS, puts[i], "put")
-    # kept alive once a second from now on, spread evenly over the second
-    heapq.heappush(due, (t0 + 1.0 + i / n, i))
+todo = [list(range(c, n, CONNS)) for c in range(CONNS)]  # leases to set up, by connection
+def set_up_next(c):
+    # one grant + put in flight per connection, so keep-alives never queue behind many
+    if todo[c]:
+        i = todo[c].pop(0)
+        send(c, grants[i], ("grant", i)); send(c, puts[i], ("put", i))
+for c in range(CONNS):
+    set_up_next(c)
 ready_at = None
 last_report = time.monotonic()
 while ready_at is None or time.monotonic() - ready_at < seconds:
     now = time.monotonic()
-    while due and due[0][0] <= now:
-        at, i = heapq.heappop(due)
-        send(i % CONNS, keepalives[i], "keepalive")
-        heapq.heappush(due, (at + 1.0, i))  # a late one catches up, as eda's load does
+    upcoming = now + 0.05
+    for c in range(CONNS):
+        while due[c] and due[c][0][0] <= now and inflight[c] < DEPTH:
+            at, i = heapq.heappop(due[c])
+            send(c, keepalives[i], ("keepalive", i))
+            inflight[c] += 1
+            heapq.heappush(due[c], (at + 1.0, i))  # once a second; a late one catches up
+        if due[c] and inflight[c] < DEPTH:
+            upcoming = min(upcoming, due[c][0][0])
     for c, s in enumerate(socks):
         if outbox[c]:
             try: sent = s.send(outbox[c])
             except BlockingIOError: sent = 0
             del outbox[c][:sent]
-    timeout = max(0.0, min(due[0][0] - time.monotonic(), 0.05)) if due else 0.05
+    timeout = max(0.0, upcoming - time.monotonic())
     if any(outbox): timeout = 0.001
     for key, _ in sel.select(timeout):
         c = key.data
@@ -114,13 +132,18 @@ while ready_at is None or time.monotonic() - ready_at < seconds:
         if not data: fail("etcd closed a connection")
         inbox[c] += data
         for status, body in responses(inbox[c]):
-            kind = expect[c].pop(0)
+            kind, i = expect[c].pop(0)
             if status != 200: fail(f"{kind}: HTTP {status}: {body[:200]!r}")
             if kind == "keepalive":
                 if b'"TTL":"' not in body or b'"TTL":"-' in body:
-                    fail(f"a lease expired (keep-alive answered {body[:200]!r})")
+                    fail(f"lease {i + 1} expired (keep-alive answered {body[:200]!r})")
                 answered += 1
+                inflight[c] -= 1
             else:
+                if kind == "grant":  # kept alive once a second from now on
+                    heapq.heappush(due[c], (time.monotonic() + 1.0, i))
+                else:
+                    set_up_next(c)
                 setup_left -= 1
                 if setup_left == 0:
                     ready_at = time.monotonic()
