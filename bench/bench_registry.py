@@ -81,7 +81,7 @@ ANCHOR_DNS = "registry DNS interface (UDP)"
 ANCHOR_DIG = "dig (DNS interface)"
 
 # The load generator: registers INSTANCES instances, then heartbeats each once a second
-# (for at most argv[4] seconds), printing ``answered COUNT`` every 0.25 s.
+# (for at most argv[4] seconds in all), printing ``answered COUNT`` every 0.25 s.
 LOAD = r"""
 import json, sys, time, zmq
 endpoint, n, services, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -104,12 +104,15 @@ def drain(timeout_ms):
         while True:
             try: s.recv(zmq.NOBLOCK); got += 1
             except zmq.Again: break
+deadline = time.monotonic() + seconds  # bounded, whatever happens
 while got < n:
+    if time.monotonic() > deadline:
+        sys.exit(f"only {got} of {n} registrations answered")
     drain(1000)
 print("ready", flush=True)
 start = last_report = time.monotonic()
 sent = 0
-while time.monotonic() - start < seconds:
+while time.monotonic() < deadline:
     due = int((time.monotonic() - start) * n)  # n heartbeats per second, spread evenly
     while sent < due:
         socks[sent % 10].send(msgs[sent % n]); sent += 1

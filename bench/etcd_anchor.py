@@ -17,7 +17,7 @@ ended the anchor's measurement.
 SECONDS TTL``): it grants N leases and stores N records in SERVICES
 services, prints ``ready`` once all are stored, and keeps every lease alive
 once a second from its grant on (N keep-alive requests per second in steady
-state), for at most SECONDS after ``ready``; it prints
+state), for at most SECONDS in all; it prints
 ``answered COUNT`` (keep-alives answered so far) every 0.25 s.  Like the eda load, it
 builds every request in advance and sends them asynchronously, so that it
 stays cheap on a loaded machine: over 50 connections, one per service
@@ -108,7 +108,8 @@ for c in range(CONNS):
     set_up_next(c)
 ready_at = None
 last_report = time.monotonic()
-while ready_at is None or time.monotonic() - ready_at < seconds:
+deadline = last_report + seconds  # bounded, whatever happens
+while time.monotonic() < deadline:
     now = time.monotonic()
     upcoming = now + 0.05
     for c in range(CONNS):
@@ -151,6 +152,8 @@ while ready_at is None or time.monotonic() - ready_at < seconds:
     if time.monotonic() - last_report >= 0.25:
         last_report = time.monotonic()
         print(f"answered {answered}", flush=True)
+if ready_at is None:
+    fail(f"only {2 * n - setup_left} of {2 * n} set-up requests answered")
 print(f"answered {answered} keep-alives", flush=True)
 """
 
