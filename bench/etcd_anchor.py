@@ -14,20 +14,20 @@ expired whenever etcd fell behind the keep-alives on a loaded machine, which
 ended the anchor's measurement.
 
 :data:`LOAD` is the load generator (run as ``python -c LOAD PORT N SERVICES
-SECONDS TTL``): it grants N leases and stores N records in SERVICES
-services, prints ``ready`` once all are stored, and keeps every lease alive
-once a second from its grant on (N keep-alive requests per second in steady
-state), for at most SECONDS in all; it prints
-``answered COUNT`` (keep-alives answered so far) every 0.25 s.  Like the eda load, it
-builds every request in advance and sends them asynchronously, so that it
-stays cheap on a loaded machine: over 50 connections, one per service
-(HTTP/1.1 pipelining; etcd answers one request of a connection at a time, so
-10 connections, the eda load's number of sockets, fell behind on a loaded
-machine and let leases expire).  At most 4
-keep-alives are in flight on a connection: when etcd answers fewer than N a
-second (a loaded machine), the others wait instead of piling up, and the
-``answered`` count shows the rate it sustained.  A keep-alive that finds its
-lease gone, or any failed request, ends it with status 1.
+SECONDS TTL``): it grants N leases and stores N records in SERVICES services,
+prints ``ready`` once all are stored, and keeps every lease alive once a
+second from its grant on (N keep-alive requests per second in steady state),
+for at most SECONDS in all; it prints ``answered COUNT`` (keep-alives
+answered so far) every 0.25 s.  Like the eda load, it builds every request in
+advance and sends them asynchronously, so that it stays cheap on a loaded
+machine: over 50 connections, one per service (HTTP/1.1 pipelining; etcd
+answers one request of a connection at a time, so 10 connections, the eda
+load's number of sockets, fell behind on a loaded machine and let leases
+expire).  At most 4 keep-alives are in flight on a connection: when etcd
+answers fewer than N a second (a loaded machine), the others wait instead of
+piling up, and the ``answered`` count shows the rate it sustained.  A
+keep-alive that finds its lease gone, or any failed request, ends it with
+status 1.
 One request per keep-alive: the gateway of etcd 3.4 (Go 1.19's HTTP/1.1
 server) cannot stream a request body while answering it, so the gRPC
 keep-alive stream that Go clients use is not available to it.
@@ -232,7 +232,7 @@ def range_latencies(port: int, prefix: str, expect: int, count: int) -> list[flo
             if int(reply.get("count", 0)) != expect:
                 raise BenchError(f"etcd range read returned {reply.get('count', 0)} keys")
             time.sleep(0.002)  # the same pace as the registry's lookups
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         raise BenchError(f"etcd range read failed: {exc}") from None
     finally:
         conn.close()
