@@ -318,6 +318,7 @@ def register(
     With `-- CMD`, run CMD and keep the registration exactly as long as it
     runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
     """
+    from eda.core.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
@@ -327,21 +328,8 @@ def register(
         interval=interval,
     )  # fmt: skip
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    client = reg.connect_for_registration(access, record["interval"])
-    inst = reg.finish(record, client, access.interface)
-    keeper = Keeper(
-        inst,
-        client,
-        access.interface,
-        warn=ctx.warn,
-        debug=ctx.debug,
-        # fell back to mDNS only: move to a registry as soon as one appears
-        find_registry=(
-            None
-            if client is not None or serverless
-            else (lambda: reg.answering_registry(access, inst.interval))
-        ),
-    )
+    presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
+    keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(
         cmd, check, check_interval, check_timeout, rise, fall, (KeyboardInterrupt, Terminated)
     )
