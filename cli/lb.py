@@ -673,7 +673,7 @@ def serve(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
         queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
         pipeline=pipeline or 0, eject_after=eject_after, eject_base=eject_time,
-        slow_start=slow_start, panic=panic,
+        slow_start=slow_start, panic=panic, remember=True,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None

@@ -194,6 +194,7 @@ def serve(
         dns=dns,
         tick=tick,
         peer_timeout=peer_timeout,
+        remember=True,
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:

@@ -181,6 +181,7 @@ def coordinator(
     coord = Coordinator(
         name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+        remember=True,
     )  # fmt: skip
     registration = None
     try:

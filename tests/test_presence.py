@@ -3,6 +3,7 @@ restarted with the same command come back where their clients expect them."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from eda.core.reqrep import Client
 from tests import helpers
-from tests.helpers import Procs
+from tests.helpers import Procs, run, wait_until
 
 helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
 helpers.PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
@@ -73,3 +74,113 @@ def test_a_stopped_registry_does_not_stall_2pc(procs: Procs, tmp_path: Path) -> 
     assert stopped >= before / 2, (
         f"{stopped:.0f}/s with the registry stopped, {before:.0f}/s before"
     )
+
+
+# -- restarted with the same command: the same endpoint, and clients carry on ---------------------
+def _restarted(procs: Procs, program: str, argv: tuple[str, ...], env: dict[str, str],
+               listening: str) -> tuple[str, str]:  # fmt: skip
+    """Start *program*, kill -9 it, start it again with the same command: what the
+    *listening* pattern matched each time."""
+    first = procs.eda(program, *argv, env=env)
+    before = first.wait_stderr(listening, 15).group(0)
+    first.kill()
+    second = procs.eda(program, *argv, env=env)
+    after = second.wait_stderr(listening, 15).group(0)
+    return before, after
+
+
+def _ports(found: str) -> list[int]:
+    return sorted(json.loads(line)["port"] for line in found.splitlines())
+
+
+def test_a_registry_restarted_with_the_same_command_keeps_its_endpoint(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A registry bound to any port (no --data: the port is remembered in
+    $XDG_STATE_HOME/eda/registry.port) comes back there after kill -9; the instance
+    kept by `eda-registry register` is registered there again by its heartbeats."""
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    argv = ("serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*", "--tick", "0.1")
+    first = procs.eda("eda-registry", *argv, env=env)
+    endpoint = first.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    keeper = procs.eda("eda-registry", "register", "-v", "web", "--port", "8080", "--host",
+                       "127.0.0.1", "--registry", endpoint, "--no-mdns", "--interval", "0.2",
+                       "--ttl", "0.8")  # fmt: skip
+    keeper.wait_stderr(r"registered web/\S+ at .* with registry", 15)
+    first.kill()
+    second = procs.eda("eda-registry", *argv, env=env)
+    assert second.wait_stderr(r"listening on (tcp://\S+)", 15).group(1) == endpoint
+    assert (tmp_path / "state" / "eda" / "registry.port").read_text().strip() == endpoint.rsplit(
+        ":", 1
+    )[1]
+
+    def found() -> list[int]:
+        done = run("eda-registry", "lookup", "web", "--registry", endpoint, "--no-mdns")
+        return _ports(done.stdout) if done.returncode == 0 else []
+
+    assert wait_until(found, 15, "web registered again at the restarted registry") == [8080]
+    assert keeper.popen.poll() is None  # the keeper carried on
+
+
+def test_a_registry_with_data_remembers_its_port_there(procs: Procs, tmp_path: Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    data = tmp_path / "reg"
+    argv = ("serve", "--no-mdns", "--bind", "tcp://127.0.0.1:0", "--data", str(data))
+    before, after = _restarted(procs, "eda-registry", argv, env, r"listening on tcp://\S+")
+    assert before == after
+    assert (data / "port").read_text().strip() == before.rsplit(":", 1)[1]
+    assert not (tmp_path / "state" / "eda").exists()
+
+
+def test_an_lb_broker_restarted_with_the_same_command_keeps_both_endpoints(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """eda-lb serve (any ports, the default) comes back at the same frontend and backend
+    after kill -9: its worker reconnects and `eda-lb call --via` is served again."""
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    reg = procs.eda("eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*")
+    registry = reg.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    where = ("--no-mdns", "--registry", registry, "--heartbeat", "0.2")
+    argv = ("serve", "again", "-v", *where)
+    listening = r"listening on (\S+) \(callers\), (\S+) \(workers\)"
+    first = procs.eda("eda-lb", *argv, env=env)
+    before = first.wait_stderr(listening, 15).groups()
+    procs.eda("eda-lb", "worker", "again", *where, "--", "tr", "a-z", "A-Z")
+    call = ("call", "again", "--via", "again", "--no-mdns", "--registry", registry, "hello")
+
+    def served() -> bool:
+        done = run("eda-lb", *call, timeout=60)
+        return done.returncode == 0 and done.stdout == "HELLO\n"
+
+    wait_until(served, 30, "a call through the broker")
+    first.kill()
+    second = procs.eda("eda-lb", *argv, env=env)
+    after = second.wait_stderr(listening, 15).groups()
+    assert after == before
+    wait_until(served, 30, "a call through the restarted broker")
+
+
+def test_a_txn_coordinator_restarted_with_the_same_command_keeps_its_endpoint(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A coordinator bound to any port remembers it next to its journal; the same
+    `eda-txn commit --coordinator` works across its kill -9 and restart.  (By default
+    it binds the fixed port 7730.)"""
+    log = str(tmp_path / "txn")
+    part = procs.eda("eda-txn", "participant", "pay", "--no-mdns", "--log", log, "--bind",
+                     "tcp://127.0.0.1:*", "--prepare", "true", "--commit", "true")  # fmt: skip
+    pay = part.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    argv = ("coordinator", "--name", "c1", "--no-mdns", "--log", log, "--peer", f"pay={pay}",
+            "--bind", "tcp://127.0.0.1:*")  # fmt: skip
+    first = procs.eda("eda-txn", *argv)
+    endpoint = first.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    commit = ("commit", "--no-mdns", "--coordinator", endpoint, "-p", "pay", "--data", "{}")
+    done = run("eda-txn", *commit)
+    assert done.returncode == 0, done.stderr
+    first.kill()
+    second = procs.eda("eda-txn", *argv)
+    assert second.wait_stderr(r"listening on (tcp://\S+)", 15).group(1) == endpoint
+    assert (Path(log) / "coordinator-c1.port").read_text().strip() == endpoint.rsplit(":", 1)[1]
+    done = run("eda-txn", *commit)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "committed"
