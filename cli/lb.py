@@ -656,6 +656,10 @@ def serve(
     mDNS), so that workers and callers find it.  A worker silent for 3
     heartbeats is dropped and its requests in flight are re-sent to another
     worker with the same request id.
+
+    Ports bound as '*' (the default) are remembered in $XDG_STATE_HOME/eda
+    (lb-NAME.port, lb-NAME.backend.port): restarted with the same command,
+    the broker listens where callers and workers expect it.
     """
     from eda.core.lb.broker import Broker, Settings
     from eda.core.presence import Presence

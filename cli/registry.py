@@ -175,6 +175,9 @@ def serve(
 
     Announced by mDNS as _eda-registry._tcp; other registries found that way
     (or given with --peer) replicate every change (eventually consistent).
+    A --bind port of '*' is remembered (in --data, else in
+    $XDG_STATE_HOME/eda/registry.port): restarted with the same command, the
+    registry listens where its clients expect it.
     """
     from eda.core.registry.client import check_endpoint
     from eda.core.registry.server import Server, Settings

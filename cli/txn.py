@@ -169,7 +169,9 @@ def coordinator(
     one fsync for all the decisions of one loop turn); presumed abort.  On
     start, every decided transaction of the journal that is not done is
     driven to the end again.  Participants are found by name: --peer, else
-    the registry, else mDNS.  Announced as the service txn-coordinator.
+    the registry, else mDNS.  Announced as the service txn-coordinator.  A
+    --bind port of '*' is remembered next to the journal: restarted with the
+    same command, the coordinator listens where its clients expect it.
     """
     from eda.core.txn.coordinator import Coordinator, journal_path
     from eda.core.txn.protocol import COORDINATOR_SERVICE, Directory, check_name, parse_peers
