@@ -110,9 +110,8 @@ def test_a_registry_restarted_with_the_same_command_keeps_its_endpoint(
     first.kill()
     second = procs.eda("eda-registry", *argv, env=env)
     assert second.wait_stderr(r"listening on (tcp://\S+)", 15).group(1) == endpoint
-    assert (tmp_path / "state" / "eda" / "registry.port").read_text().strip() == endpoint.rsplit(
-        ":", 1
-    )[1]
+    remembered = (tmp_path / "state" / "eda" / "registry.port").read_text()
+    assert remembered.strip() == endpoint.rsplit(":", 1)[1]
 
     def found() -> list[int]:
         done = run("eda-registry", "lookup", "web", "--registry", endpoint, "--no-mdns")
