@@ -296,7 +296,9 @@ def participant(
     The vote is fsynced before it is sent.  A transaction prepared and not
     decided after --inquire-after asks its coordinator; while none answers it
     stays in doubt (see `status`, `resolve`).  Registered as the service
-    txn-NAME (registry, else mDNS) so coordinators find it by name.
+    txn-NAME (registry, else mDNS) so coordinators find it by name.  A --bind
+    port of '*' (the default) is remembered next to the journal: restarted
+    with the same command, the participant listens where coordinators found it.
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
     from eda.core.txn.participant import Participant, journal_path
@@ -326,7 +328,7 @@ def participant(
     try:
         part = Participant(
             name, actions, log_dir, bind=bind, inquire_after=inquire_after, find_coordinator=find,
-            log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+            log=ctx.debug, warn=ctx.warn, interface=access and access.interface, remember=True,
         )  # fmt: skip
     except BaseException:
         actions.close()

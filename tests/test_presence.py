@@ -183,3 +183,32 @@ def test_a_txn_coordinator_restarted_with_the_same_command_keeps_its_endpoint(
     done = run("eda-txn", *commit)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["outcome"] == "committed"
+
+
+def test_a_txn_participant_restarted_with_the_same_command_keeps_its_endpoint(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A participant (any port by default) remembers it next to its journal: after its
+    kill -9 and restart, the coordinator that found it through the registry reaches it
+    where it was."""
+    log = str(tmp_path / "txn")
+    reg = procs.eda("eda-registry", "serve", "--no-mdns", "--bind", "tcp://127.0.0.1:*")
+    registry = reg.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
+    where = ("--no-mdns", "--registry", registry, "--log", log)
+    coord = procs.eda("eda-txn", "coordinator", "--name", "c1", *where, "--bind",
+                      "tcp://127.0.0.1:*")  # fmt: skip
+    endpoint = coord.wait_stderr(r"listening on (tcp://[^\s,]+)", 15).group(1)
+    argv = ("participant", "pay", *where, "--prepare", "true", "--commit", "true")
+    listening = r"listening on (tcp://[^\s,]+), announced by registry"
+    first = procs.eda("eda-txn", *argv)
+    before = first.wait_stderr(listening, 15).group(1)
+    commit = ("commit", "--no-mdns", "--coordinator", endpoint, "-p", "pay", "--data", "{}")
+    done = run("eda-txn", *commit)
+    assert done.returncode == 0, done.stderr
+    first.kill()
+    second = procs.eda("eda-txn", *argv)
+    assert second.wait_stderr(listening, 15).group(1) == before
+    assert (Path(log) / "participant-pay.port").read_text().strip() == before.rsplit(":", 1)[1]
+    done = run("eda-txn", *commit)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "committed"
