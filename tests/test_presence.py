@@ -25,8 +25,8 @@ def free_port() -> int:
 
 def test_a_stopped_registry_does_not_stall_2pc(procs: Procs, tmp_path: Path) -> None:
     """The coordinator and the participant heartbeat two registries that are SIGSTOPped
-    (they accept connections, never answer): transactions keep committing meanwhile, as
-    fast as before (compared with the rate just before, not with a clock)."""
+    (they accept connections, never answer): transactions keep committing meanwhile,
+    about as fast as before and after (compared with those rates, not with a clock)."""
     log = str(tmp_path / "txn")
     registries = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]  # replicating peers
     regs = [
@@ -59,20 +59,23 @@ def test_a_stopped_registry_does_not_stall_2pc(procs: Procs, tmp_path: Path) -> 
             return done / (time.monotonic() - start)
 
         commit()  # the participant is found (through the registry) and known from now on
-        before = rate(4.0)  # the same machine, the same load, the registry answering
+        before = rate(6.0)  # the same machine, the same load, the registries answering
         for reg in regs:
             reg.signal(signal.SIGSTOP)
         try:
-            # heartbeats fall due every 2 s and now wait 1 s per registry in vain: a
-            # heartbeat sent from the loop stalls it over half the time
+            # heartbeats fall due every 2 s and now wait 1 s per registry in vain: sent
+            # from the daemons' loops, they would stall them nearly all the time
             stopped = rate(8.0)
         finally:
             for reg in regs:
                 reg.signal(signal.SIGCONT)
+        after = rate(6.0)
     finally:
         client.close()
-    assert stopped >= before / 2, (
-        f"{stopped:.0f}/s with the registry stopped, {before:.0f}/s before"
+    # a margin for the load of a shared machine: a stall costs about nine tenths here
+    assert stopped >= min(before, after) / 3, (
+        f"{stopped:.0f} commits/s with the registries stopped, {before:.0f}/s before, "
+        f"{after:.0f}/s after"
     )
 
 
