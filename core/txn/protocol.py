@@ -642,11 +642,13 @@ def find_coordinators(access: Any, name: str | None = None) -> list[str]:
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb
-    workers: with a registry, heartbeats from a background thread; without
-    one, announced by mDNS (serverless mode) -- and, when that was for want
-    of a registry, moved to one as soon as one answers (as ``eda-registry
-    register`` does), so that coordinators asking it find participants.
+    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb and
+    ``eda-registry register``: with a registry, heartbeats from its thread,
+    never from the daemon's loop (a stopped registry must not stall 2PC);
+    without one, announced by mDNS (serverless mode) -- and, when that was
+    for want of a registry, moved to one as soon as one answers, so that
+    coordinators asking it find participants.  This class only says what a
+    2PC daemon registers as.
     """
 
     def __init__(
