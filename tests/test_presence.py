@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from eda.core.reqrep import Client
 from tests import helpers
 from tests.helpers import Procs, run, wait_until
@@ -215,3 +217,26 @@ def test_a_txn_participant_restarted_with_the_same_command_keeps_its_endpoint(
     done = run("eda-txn", *commit)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["outcome"] == "committed"
+
+
+# -- endpoints through the one Endpoint ----------------------------------------------------------
+def test_txn_endpoints_from_the_registry_and_from_peers_go_through_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An IPv6 instance is connected to with brackets (tcp://[::1]:7730, not the
+    tcp://::1:7730 zmq refuses); a prepare's reply_to follows Endpoint.from_peer."""
+    from eda.core.errors import ProtocolError
+    from eda.core.registry import access as reg
+    from eda.core.registry.model import from_dict
+    from eda.core.txn.protocol import check_reply_to, find_coordinators
+
+    found = [from_dict({"service": "txn-coordinator", "id": f"c{i}", "host": host, "port": 7730,
+                        "meta": {"name": "c1"}}) for i, host in enumerate(("::1", "10.0.0.5"))]  # fmt: skip
+    monkeypatch.setattr(reg, "lookup", lambda service, access: found)
+    access = reg.Access(mdns=False)
+    assert find_coordinators(access, "c1") == ["tcp://[::1]:7730", "tcp://10.0.0.5:7730"]
+    assert check_reply_to("tcp://[::1]:7730") == "tcp://[::1]:7730"
+    assert check_reply_to("tcp://host-1.lan:7730") == "tcp://host-1.lan:7730"
+    for bad in ("tcp://a b:1", "tcp://*:7730", "tcp://h:0", "udp://h:1", "tcp://::1:7730", 7, None):
+        with pytest.raises(ProtocolError, match="bad coordinator endpoint"):
+            check_reply_to(bad)
