@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .endpoint import Endpoint
 from .errors import EdaError
 from .registry import access as reg
 from .registry.model import Instance
@@ -90,10 +91,8 @@ class Presence:
 
     def _said(self, where: str) -> None:
         inst = self.inst
-        self.log(
-            f"registered {inst.service}/{inst.id} at {inst.host}:{inst.port} "
-            f"({inst.status}) {where}"
-        )
+        at = Endpoint(inst.host, inst.port)
+        self.log(f"registered {inst.service}/{inst.id} at {at} ({inst.status}) {where}")
 
     def start(self) -> Instance:
         """Register now (raises if a registry refuses), then keep it in the background."""
