@@ -10,16 +10,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
-from eda.cli.common import (
-    Context,
-    Exit,
-    Output,
-    Terminated,
-    common_options,
-    for_terminal,
-    output_options,
-    run,
-)
+from eda.cli.common import Context, Exit, Terminated, run
+from eda.cli.options import common_options, output_options
+from eda.cli.output import Output, for_terminal
 from eda.core.attributes import BUS_SEQUENCE
 from eda.core.errors import ExitStatus, UsageError
 from eda.core.topics import validate_pattern
@@ -66,7 +59,7 @@ Examples:
     help="Exit 4 after SECONDS without an event (time spent writing output does not count).",
 )
 @click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
-@output_options
+@output_options("Print one line per item from a template, e.g. '{time} {topic} {data}'.")
 @click.option("--strict", is_flag=True, help="Exit 5 as soon as events are lost.")
 @click.option(
     "--exec",
@@ -431,7 +424,7 @@ def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:
 
 def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
     """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
-    from eda.cli.common import json_text
+    from eda.cli.output import json_text
     from eda.core import codec, envelope
 
     if raw and output.mode != "exec":
