@@ -318,12 +318,9 @@ def serve(
 def _port_file(data: str | None, stream: str | None) -> str:
     """Where serve remembers its port: in the data directory, or for a NATS front
     (no directory of its own) in $XDG_STATE_HOME/eda, one file per stream."""
-    import os
+    from eda.core.daemon import port_file
 
-    if data is not None:
-        return os.path.join(data, "port")
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(state, "eda", f"bus-nats-{stream}.port")
+    return port_file(f"bus-nats-{stream}", data)
 
 
 def _open_engine(

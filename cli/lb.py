@@ -598,6 +598,10 @@ def serve(
     mDNS), so that workers and callers find it.  A worker silent for 3
     heartbeats is dropped and its requests in flight are re-sent to another
     worker with the same request id.
+
+    Ports bound as '*' (the default) are remembered in $XDG_STATE_HOME/eda
+    (lb-NAME.port, lb-NAME.backend.port): restarted with the same command,
+    the broker listens where callers and workers expect it.
     """
     from eda.core.lb.broker import Broker, Settings
     from eda.core.presence import Presence
@@ -615,7 +619,7 @@ def serve(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
         queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
         pipeline=pipeline or 0, eject_after=eject_after, eject_base=eject_time,
-        slow_start=slow_start, panic=panic,
+        slow_start=slow_start, panic=panic, remember=True,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None

@@ -148,6 +148,9 @@ def serve(
 
     Announced by mDNS as _eda-registry._tcp; other registries found that way
     (or given with --peer) replicate every change (eventually consistent).
+    A --bind port of '*' is remembered (in --data, else in
+    $XDG_STATE_HOME/eda/registry.port): restarted with the same command, the
+    registry listens where its clients expect it.
     """
     from eda.core.registry.client import check_endpoint
     from eda.core.registry.server import Server, Settings
@@ -167,6 +170,7 @@ def serve(
         dns=dns,
         tick=tick,
         peer_timeout=peer_timeout,
+        remember=True,
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
@@ -260,6 +264,7 @@ def register(
     With `-- CMD`, run CMD and keep the registration exactly as long as it
     runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
     """
+    from eda.core.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
@@ -269,21 +274,8 @@ def register(
         interval=interval,
     )  # fmt: skip
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    client = reg.connect_for_registration(access, record["interval"])
-    inst = reg.finish(record, client, access.interface)
-    keeper = Keeper(
-        inst,
-        client,
-        access.interface,
-        warn=ctx.warn,
-        debug=ctx.debug,
-        # fell back to mDNS only: move to a registry as soon as one appears
-        find_registry=(
-            None
-            if client is not None or serverless
-            else (lambda: reg.answering_registry(access, inst.interval))
-        ),
-    )
+    presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
+    keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(
         cmd, check, check_interval, check_timeout, rise, fall, (KeyboardInterrupt, Terminated)
     )

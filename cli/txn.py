@@ -155,7 +155,9 @@ def coordinator(
     one fsync for all the decisions of one loop turn); presumed abort.  On
     start, every decided transaction of the journal that is not done is
     driven to the end again.  Participants are found by name: --peer, else
-    the registry, else mDNS.  Announced as the service txn-coordinator.
+    the registry, else mDNS.  Announced as the service txn-coordinator.  A
+    --bind port of '*' is remembered next to the journal: restarted with the
+    same command, the coordinator listens where its clients expect it.
     """
     from eda.core.txn.advertise import advertised, default_name
     from eda.core.txn.coordinator import Coordinator, journal_path
@@ -168,6 +170,7 @@ def coordinator(
     coord = Coordinator(
         name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+        remember=True,
     )  # fmt: skip
     registration = None
     try:
@@ -282,7 +285,9 @@ def participant(
     The vote is fsynced before it is sent.  A transaction prepared and not
     decided after --inquire-after asks its coordinator; while none answers it
     stays in doubt (see `status`, `resolve`).  Registered as the service
-    txn-NAME (registry, else mDNS) so coordinators find it by name.
+    txn-NAME (registry, else mDNS) so coordinators find it by name.  A --bind
+    port of '*' (the default) is remembered next to the journal: restarted
+    with the same command, the participant listens where coordinators found it.
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
     from eda.core.txn.advertise import advertised
@@ -313,7 +318,7 @@ def participant(
     try:
         part = Participant(
             name, actions, log_dir, bind=bind, inquire_after=inquire_after, find_coordinator=find,
-            log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+            log=ctx.debug, warn=ctx.warn, interface=access and access.interface, remember=True,
         )  # fmt: skip
     except BaseException:
         actions.close()

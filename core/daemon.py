@@ -110,6 +110,15 @@ def read_port(path: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) <= 65535 else None
 
 
+def port_file(name: str, data: str | os.PathLike[str] | None = None, file: str = "port") -> str:
+    """Where a daemon binding any port remembers it: *file* in its data directory
+    *data*, else ``$XDG_STATE_HOME/eda/NAME.port`` (NAME as ``PROGRAM-NAME``)."""
+    if data is not None:
+        return os.path.join(data, file)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "eda", f"{name}.port")
+
+
 def write_port(path: str, port: int) -> None:
     """Remember *port* in *path* (atomically; best effort: a daemon runs on without it)."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -226,10 +235,10 @@ class Daemon:
         self, sock: zmq.Socket[bytes], endpoint: Endpoint | str, state: str | None
     ) -> Endpoint | str:
         """Bind *sock* like :meth:`bind`; an endpoint with any port (``0`` or ``*``)
-        takes the port remembered in the file *state* by the last run, so a daemon
-        restarted with the same command comes back where its clients expect it.  When
-        that port is taken, another is bound (with a warning).  The port bound is
-        remembered (best effort)."""
+        takes the port remembered in the file *state* (:func:`port_file`) by the last
+        run, so a daemon restarted with the same command comes back where its clients
+        expect it.  When that port is taken, another is bound (with a warning).  The
+        port bound is remembered (best effort)."""
         where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "bind")
         bound = None
         if state is None or where.port != 0:

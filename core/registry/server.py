@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from .. import sockets
-from ..daemon import BindError, Daemon, Log, bind_failed, port_of, received
+from ..daemon import BindError, Daemon, Log, bind_failed, port_file, port_of, received
 from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
 from ..reqrep import Handler, Service
@@ -59,6 +59,9 @@ class Settings:
     tick: float = 0.5
     peer_timeout: float = 3.0
     snapshot_interval: float = 1.0
+    # remember a port bound as '*' (in --data, else $XDG_STATE_HOME/eda/registry.port), so
+    # that a registry restarted with the same command comes back where its clients are
+    remember: bool = False
 
 
 @dataclass
@@ -124,7 +127,8 @@ class Server(Daemon):
     def _open_sockets(self, settings: Settings) -> None:
         self.service = Service(self, self._handlers(), parse=protocol.request_from)
         self.router = self.service.sock
-        self.endpoint = self.bind(self.router, settings.bind)
+        state = port_file("registry", settings.data) if settings.remember else None
+        self.endpoint = self.bind_remembered(self.router, settings.bind, state)
         self.xpub = self.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)

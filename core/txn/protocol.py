@@ -49,6 +49,7 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, received
+from ..endpoint import Endpoint
 from ..errors import EdaError, ProtocolError, UsageError
 from ..reqrep import Envelope, Service, check_endpoint, decode, encode, error_reply, split_envelope
 
@@ -131,17 +132,13 @@ def printable(text: object, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
-
-
 def check_reply_to(value: object) -> str:
-    """A coordinator's endpoint as a prepare names it: tcp://HOST:PORT, HOST a name,
-    an IPv4 address or a bracketed IPv6 one (zmq refuses to connect to others)."""
-    endpoint = check_endpoint(str(value)[:300], "coordinator")
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    if not HOST_RE.fullmatch(host):
-        raise ProtocolError(f"bad coordinator endpoint {printable(endpoint, 80)!r}")
-    return endpoint
+    """A coordinator's endpoint as a prepare names it (``tcp://HOST:PORT``; see
+    :meth:`~eda.core.endpoint.Endpoint.from_peer`), as ZeroMQ takes it."""
+    endpoint = Endpoint.from_peer(value)
+    if endpoint is None:
+        raise ProtocolError(f"bad coordinator endpoint {printable(value, 80)!r}")
+    return endpoint.zmq
 
 
 def check_outcome(value: object) -> str:
@@ -574,7 +571,7 @@ class Directory:
         if self.access is None:
             return []
         found = find_instances(participant_service(name), self.access)
-        return [f"tcp://{i.host}:{i.port}" for i in found]
+        return [Endpoint(i.host, i.port).zmq for i in found]
 
     def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
         """Look up in the background from now on; *on_found* (in *daemon*'s loop) hears
@@ -638,17 +635,19 @@ def find_coordinators(access: Any, name: str | None = None) -> list[str]:
     found = find_instances(
         COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name
     )
-    return [f"tcp://{i.host}:{i.port}" for i in found]
+    return [Endpoint(i.host, i.port).zmq for i in found]
 
 
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb
-    workers: with a registry, heartbeats from a background thread; without
-    one, announced by mDNS (serverless mode) -- and, when that was for want
-    of a registry, moved to one as soon as one answers (as ``eda-registry
-    register`` does), so that coordinators asking it find participants.
+    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb and
+    ``eda-registry register``: with a registry, heartbeats from its thread,
+    never from the daemon's loop (a stopped registry must not stall 2PC);
+    without one, announced by mDNS (serverless mode) -- and, when that was
+    for want of a registry, moved to one as soon as one answers, so that
+    coordinators asking it find participants.  This class only says what a
+    2PC daemon registers as.
     """
 
     def __init__(
