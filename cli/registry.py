@@ -22,13 +22,11 @@ from eda.cli.options import (
     registries_option,
     registry_option,
 )
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core import __version__
 from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-    from rich.table import Table
     from rich.text import Text
 
     from eda.core.registry.access import Access
@@ -476,24 +474,23 @@ def services(
     out.table(found, _services_table)
 
 
-def _services_table(found: list[dict[str, Any]]) -> Table:
-    """Services as a table: a service with failing instances shows its count in colour."""
-    from rich.table import Table
+def _services_cells(item: dict[str, Any]) -> list[Any]:
+    """A service with failing instances shows its count in colour."""
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold")
-    table.add_column("SERVICE", overflow="fold")
-    table.add_column("INSTANCES", no_wrap=True, justify="right")
-    table.add_column("PASSING", no_wrap=True, justify="right")
-    for item in found:
-        passing, total = item["passing"], item["instances"]
-        style = "green" if passing == total else "yellow" if passing else "red"
-        table.add_row(
-            Text(for_terminal(item["service"])),
-            Text(str(total)),
-            Text(f"{passing}/{total}", style=style),
-        )
-    return table
+    passing, total = item["passing"], item["instances"]
+    style = "green" if passing == total else "yellow" if passing else "red"
+    return [item["service"], str(total), Text(f"{passing}/{total}", style=style)]
+
+
+_services_table = TableView(
+    (
+        Column("SERVICE", wrap=True),
+        Column("INSTANCES", numeric=True),
+        Column("PASSING", numeric=True),
+    ),
+    _services_cells,
+)
 
 
 @command.command(
@@ -551,73 +548,47 @@ def _instance_output(ctx: Context, template: str | None, force_json: bool) -> Ou
 
 def _print_instances(found: list[dict[str, Any]], out: Output) -> None:
     """One table of them all on a terminal, else one item each."""
-    out.table(found, lambda rows: _table(rows, out.width))
+    out.table(found, INSTANCES_TABLE)
 
 
 STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
 
 
-def _table(found: list[dict[str, Any]], width: int) -> RenderableType:
-    """Instances as a table; every peer-supplied string is escaped and shown as plain Text.
-
-    The address column never wraps or shrinks (an address cut at the edge of
-    the terminal is a wrong address); metadata and instance ids fold instead.
-    A terminal too narrow for every column gets one block per instance.
-    """
-    from rich.console import Group
-    from rich.table import Table
+def _instance_cells(r: dict[str, Any]) -> list[Any]:
+    """An instance's cells; every peer-supplied string is escaped and shown as plain Text."""
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold")
-    addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
-    widest = max(map(len, addresses), default=7)
-    table.add_column("SERVICE", overflow="fold")
-    table.add_column("INSTANCE", overflow="fold")
-    table.add_column("ADDRESS", no_wrap=True, min_width=widest)
-    table.add_column("STATUS", no_wrap=True)
-    table.add_column("WEIGHT", no_wrap=True)
-    table.add_column("META", overflow="fold")
-    table.add_column("LAST SEEN", no_wrap=True)
-    now = time.time()
-    for r, address in zip(found, addresses, strict=True):
-        status = for_terminal(r.get("status"))
-        beat = r.get("heartbeat")
-        seen = f"{now - beat:.1f}s ago" if isinstance(beat, (int, float)) and beat else "-"
-        meta = r.get("meta")
-        meta = meta if isinstance(meta, dict) else {}
-        table.add_row(
-            Text(for_terminal(r.get("service"))),
-            Text(for_terminal(r.get("id"))),
-            Text(address),
-            Text(status, style=STATUS_COLOURS.get(status, "")),
-            Text(for_terminal(r.get("weight"))),
-            Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
-            Text(seen),
-        )
-    if _table_width(table) <= width:
-        return table
-    blocks = []
-    for row in zip(*(column.cells for column in table.columns), strict=True):
-        block = Text()
-        for column, cell in zip(table.columns, row, strict=True):
-            block.append(f"{column.header:<11}", style="bold")
-            block.append_text(cell if isinstance(cell, Text) else Text(str(cell)))
-            block.append("\n")
-        blocks.append(block)
-    return Group(*blocks)
+    status = for_terminal(r.get("status"))
+    beat = r.get("heartbeat")
+    seen = f"{time.time() - beat:.1f}s ago" if isinstance(beat, (int, float)) and beat else "-"
+    meta = r.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    return [
+        r.get("service"),
+        r.get("id"),
+        f"{r.get('host')}:{r.get('port')}",
+        Text(status, style=STATUS_COLOURS.get(status, "")),
+        r.get("weight"),
+        " ".join(for_terminal(f"{k}={v}") for k, v in meta.items()),
+        seen,
+    ]
 
 
-def _table_width(table: Any) -> int:
-    """The narrowest width at which every column shows: no-wrap columns whole,
-    folding ones at least as wide as their header (rich would drop them instead)."""
-    width = 0
-    for column in table.columns:
-        cells = [len(getattr(c, "plain", str(c))) for c in column.cells]
-        if column.no_wrap:
-            width += max([len(str(column.header)), *cells])
-        else:
-            width += max(len(str(column.header)), 8)
-    return width + 2 * len(table.columns)
+# an address, an id or a service name is never cut (a cut address is a wrong
+# address): the least needed columns go first, and a terminal too narrow for
+# the others gets one block per instance
+INSTANCES_TABLE = TableView(
+    (
+        Column("SERVICE"),
+        Column("INSTANCE"),
+        Column("ADDRESS"),
+        Column("STATUS", priority=1),
+        Column("WEIGHT", priority=4, numeric=True),
+        Column("META", priority=3, wrap=True),
+        Column("LAST SEEN", priority=2),
+    ),
+    _instance_cells,
+)
 
 
 # -- watch -----------------------------------------------------------------------------------

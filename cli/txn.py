@@ -24,11 +24,10 @@ from eda.cli.options import (
     output_options,
     registry_option,
 )
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import EdaError, ExitStatus, NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from rich.table import Table
     from rich.text import Text
 
 EPILOG = """\b
@@ -880,27 +879,32 @@ def _saga_plan(ctx: Context, plan: Any, force_json: bool) -> None:
                     "retriable": step.retriable,
                 }
             )
-    Output(ctx, force_json=force_json).table(rows, lambda rows: _plan_table(plan.name, rows))
+    Output(ctx, force_json=force_json).table(rows, _plan_view(plan.name))
 
 
-def _plan_table(name: str, rows: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
+def _plan_cells(r: dict[str, Any]) -> list[Any]:
+    note = "pivot" if r["pivot"] else "retriable" if r["retriable"] else ""
+    if r["group"]:
+        note = f"group {r['group']} {note}".strip()
+    tries = "until done" if r["retriable"] else str(r["retry"]["attempts"])
+    timeout = f"{r['timeout']:g}s" if r["timeout"] else "-"
+    return [str(r["stage"]), r["step"], r["action"], r["compensate"] or "-", timeout, tries, note]
 
-    table = Table(box=None, header_style="bold", title=f"saga {for_terminal(name)}")
-    for header in ("STAGE", "STEP", "ACTION", "COMPENSATE", "TIMEOUT", "TRIES", "NOTE"):
-        table.add_column(header, overflow="fold")
-    for r in rows:
-        note = "pivot" if r["pivot"] else "retriable" if r["retriable"] else ""
-        if r["group"]:
-            note = f"group {r['group']} {note}".strip()
-        tries = "until done" if r["retriable"] else str(r["retry"]["attempts"])
-        cells = [
-            str(r["stage"]), r["step"], r["action"], r["compensate"] or "-",
-            f"{r['timeout']:g}s" if r["timeout"] else "-", tries, note,
-        ]  # fmt: skip
-        table.add_row(*[Text(for_terminal(c)) for c in cells])
-    return table
+
+def _plan_view(name: str) -> TableView:
+    return TableView(
+        (
+            Column("STAGE"),
+            Column("STEP"),
+            Column("ACTION", wrap=True),
+            Column("COMPENSATE", priority=1, wrap=True),
+            Column("TIMEOUT", priority=3),
+            Column("TRIES", priority=4),
+            Column("NOTE", priority=2, wrap=True),
+        ),
+        _plan_cells,
+        title=f"saga {name}",
+    )
 
 
 def _saga_line(record: dict[str, Any]) -> Text:
@@ -994,38 +998,43 @@ def status(
         raise Exit(ExitStatus.ERROR)
 
 
-def _status_table(rows: list[dict[str, Any]]) -> Table:
+def _status_cells(r: dict[str, Any]) -> list[Any]:
     import time
 
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold")
-    for header in ("ID", "KIND", "STATE", "PARTICIPANTS / STEPS", "WHEN", "NOTE"):
-        table.add_column(header, overflow="fold")
-    for r in rows:
-        state = for_terminal(r.get("state"))
-        parts = r.get("participants") or r.get("steps") or {}
-        shown = (
-            " ".join(for_terminal(f"{k}:{v}") for k, v in parts.items())
-            if isinstance(parts, dict)
-            else for_terminal(parts)
-        )
-        when = r.get("time")
-        stamp = (
-            time.strftime("%H:%M:%S", time.localtime(when))
-            if isinstance(when, int | float)
-            else "-"
-        )
-        notes = [str(r.get("reason") or ""), *map(str, r.get("notes") or [])]
-        if r.get("hazards"):
-            notes.append("heuristic hazard at " + ", ".join(map(str, r["hazards"])))
-        table.add_row(
-            Text(for_terminal(r.get("txn"))), Text(for_terminal(r.get("kind"))),
-            Text(state, style=STATE_COLOURS.get(state, "")), Text(shown), Text(stamp),
-            Text(for_terminal("; ".join(n for n in notes if n))),
-        )  # fmt: skip
-    return table
+    state = for_terminal(r.get("state"))
+    parts = r.get("participants") or r.get("steps") or {}
+    shown = (
+        " ".join(for_terminal(f"{k}:{v}") for k, v in parts.items())
+        if isinstance(parts, dict)
+        else for_terminal(parts)
+    )
+    when = r.get("time")
+    stamp = "-"
+    if isinstance(when, int | float):
+        stamp = time.strftime("%H:%M:%S", time.localtime(when))
+    notes = [str(r.get("reason") or ""), *map(str, r.get("notes") or [])]
+    if r.get("hazards"):
+        notes.append("heuristic hazard at " + ", ".join(map(str, r["hazards"])))
+    return [
+        r.get("txn"), r.get("kind"), Text(state, style=STATE_COLOURS.get(state, "")), shown, stamp,
+        "; ".join(n for n in notes if n),
+    ]  # fmt: skip
+
+
+# ids and states are never cut: the least needed columns go first
+_status_table = TableView(
+    (
+        Column("ID"),
+        Column("KIND", priority=3),
+        Column("STATE"),
+        Column("PARTICIPANTS / STEPS", priority=1, wrap=True),
+        Column("WHEN", priority=4),
+        Column("NOTE", priority=2, wrap=True),
+    ),
+    _status_cells,
+)
 
 
 def main() -> None:

@@ -209,3 +209,96 @@ def test_a_broker_found_at_an_ipv6_address_is_served_at_a_bracketed_endpoint() -
 
     find = BrokerFinder([Endpoint("10.0.0.1", 7000)], Found())  # type: ignore[arg-type]
     assert find() == ["tcp://10.0.0.1:7000", "tcp://[fd00::5]:7802", "tcp://10.0.0.5:7802"]
+
+
+# -- tables at 80 and 60 columns (issue 16) ------------------------------------------------
+
+
+def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
+    """Every table of every program, with realistic widths, and the values (ids,
+    counts, addresses) each must show whole."""
+    from eda.cli import bus, lb, registry, txn
+
+    worker = {
+        "id": "upper-10-200-200-200-40123", "state": "slow-start", "requests": 1234567,
+        "errors": 12345, "inflight": 64, "concurrency": 128, "weight": 100,
+        "latency_ms": {"p50": 12.345, "p90": 123.456, "p99": 1234.567},
+    }  # fmt: skip
+    lb_rows = lb._stats_rows("upper", "broker-10-0-0-1-5555", {"instances": [worker]}, broker=True)
+    instance = {
+        "service": "orders", "id": "orders-10-200-200-200-65535", "host": "10.200.200.200",
+        "port": 65535, "status": "passing", "weight": 3, "meta": {"zone": "a", "version": "1.2"},
+        "heartbeat": 0,
+    }  # fmt: skip
+    return [
+        ("eda-lb stats", lb._stats_table, lb_rows,
+         ["upper-10-200-200-200-40123", "1234567", "12345"]),
+        ("eda-bus stats", bus._table,
+         [{"kind": "bus", "events": 2000201, "bytes": 123456789012, "first_seq": 1,
+           "last_seq": 2000201},
+          {"kind": "topic", "topic": "orders.created.eu-west", "events": 1000000,
+           "bytes": 61234567890},
+          {"kind": "consumer", "consumer": "durable", "name": "billing-eu-west-1",
+           "next": 1999990, "lag": 1000211, "held": 1000}],
+         ["2000201", "1000000", "orders.created.eu-west", "billing-eu-west-1", "1000211"]),
+        ("eda-bus stats --consumers", bus._consumer_table,
+         [{"kind": "consumer", "consumer": "group", "name": "billing-eu-west-1",
+           "patterns": ["orders.>", "payments.*.settled"], "next": 1999990, "lag": 1000211,
+           "held": 1000}],
+         ["billing-eu-west-1", "1000211"]),
+        ("eda-txn status", txn._status_table,
+         [{"txn": "coordinator-1.18f3a2b4c5d6e7", "kind": "2pc", "state": "committing",
+           "participants": {"stock": "committed", "payments": "prepared"}, "time": 0,
+           "reason": "", "notes": ["payments: commit failing: connection refused"]},
+          {"txn": "order-20261207-083512-a1b2c3", "kind": "saga", "state": "compensated",
+           "steps": {"reserve": "compensated", "charge": "failed"}, "time": 0,
+           "reason": "charge: card declined"}],
+         ["coordinator-1.18f3a2b4c5d6e7", "committing", "order-20261207-083512-a1b2c3",
+          "compensated"]),
+        ("eda-registry list", registry.INSTANCES_TABLE,
+         [instance, {**instance, "id": "orders-10-200-200-201-65535", "host": "10.200.200.201"}],
+         ["orders-10-200-200-200-65535", "10.200.200.200:65535", "10.200.200.201:65535"]),
+        ("eda-registry services", registry._services_table,
+         [{"service": "orders", "instances": 120000, "passing": 119999}], ["120000"]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_every_table_fits_the_terminal_without_splitting_an_id_or_a_number(width: int) -> None:
+    for program, view, rows, whole in _tables():
+        screen = bytearray()
+        env = Environment(write=screen.extend, stdout_isatty=True, width=width, colour=False)
+        Output(Context("t", False), env=env).table(rows, view)
+        lines = screen.decode().splitlines()
+        assert all(len(line) <= width for line in lines), (program, lines)
+        tokens = {token for line in lines for token in line.split()}
+        for value in whole:  # every id, count and address whole on one line
+            assert value in tokens, (program, width, value, lines)
+        headers = {c.header for c in view.columns}
+        text = " ".join(lines)
+        shown = {h for h in headers if any(h in line for line in lines[:3])}
+        if shown != headers:  # a column dropped is named, and --json still has it
+            note = text[text.index("hidden to fit") :]
+            assert "--json" in note and all(h in note for h in headers - shown), (program, lines)
+
+
+def test_the_most_important_columns_stay_on_a_narrow_terminal() -> None:
+    from eda.cli import lb
+
+    rows = _tables()[0][2]
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=60, colour=False)
+    Output(Context("t", False), env=env).table(rows, lb._stats_table)
+    header = next(line for line in screen.decode().splitlines() if "instance" in line).split()
+    assert header[:4] == ["instance", "state", "requests", "errors"]
+    assert "p90_ms" not in header  # the least needed went first
+
+
+def test_an_empty_bus_says_empty_not_a_backwards_range() -> None:
+    from eda.cli import bus
+
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=80, colour=False)
+    empty = {"kind": "bus", "events": 0, "bytes": 0, "first_seq": 1, "last_seq": 0}
+    Output(Context("t", False), env=env).table([empty], bus._table)
+    assert "empty" in screen.decode() and "1..0" not in screen.decode()
