@@ -961,6 +961,13 @@ Examples:
 )
 @click.argument("txn_id", metavar="[ID]", required=False)
 @click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="With ID: print each change of its steps (or participants) as it happens, until it"
+    " ends; exit 0 completed/committed, 5 compensated/aborted, 1 stuck.",
+)
 @output_options(
     f"Print one line per transaction from a template. Fields: {', '.join(STATUS_FIELDS)}."
 )
@@ -968,6 +975,7 @@ Examples:
 def status(
     txn_id: str | None,
     log_dir: str,
+    follow: bool,
     template: str | None,
     force_json: bool,
     config: str | None,
@@ -985,6 +993,14 @@ def status(
     from eda.core.txn.status import everything
 
     ctx = Context("eda-txn", verbose)
+    if follow:
+        if txn_id is None:
+            raise UsageError("--follow follows one transaction or saga: give its ID")
+        _follow(ctx, log_dir, txn_id, Output(
+            ctx, template=template, fields=STATUS_FIELDS, force_json=force_json,
+            terminal=_change_line,
+        ))  # fmt: skip
+        return
     rows, problems = everything(log_dir)
     for problem in problems:
         ctx.warn(f"warning: {problem}")
@@ -996,6 +1012,45 @@ def status(
     out.table(rows, _status_table)
     if problems:
         raise Exit(ExitStatus.ERROR)
+
+
+# how `status --follow` ends, as `saga` and `commit` do
+ENDED_STATUS = {
+    "completed": ExitStatus.OK, "committed": ExitStatus.OK,
+    "compensated": ExitStatus.LOSS, "aborted": ExitStatus.LOSS,
+}  # fmt: skip
+
+
+def _follow(ctx: Context, log_dir: str, txn_id: str, out: Output) -> None:
+    """Print each change of *txn_id* until it ends; exit as it ended (SIGINT: 130)."""
+    from eda.core.txn.status import follow
+
+    state = None
+    for change in follow(log_dir, txn_id):
+        out.items([change])
+        state = change.get("state")
+    code = ENDED_STATUS.get(str(state), ExitStatus.ERROR)
+    if code == ExitStatus.ERROR:
+        ctx.error(f"{txn_id} is {for_terminal(state)}: see eda-txn status {txn_id}")
+    if code != ExitStatus.OK:
+        raise Exit(code)
+
+
+def _change_line(change: dict[str, Any]) -> Text:
+    """One change as rich Text: the time, the step (or participant) and its status."""
+    import time
+
+    from rich.text import Text
+
+    line = Text(time.strftime("%H:%M:%S", time.localtime(change["time"])), style="dim")
+    state = for_terminal(change.get("state"))
+    if "step" in change:
+        line.append(f" {for_terminal(change['step'])} {for_terminal(change.get('status'))}")
+        line.append(f"  ({state})", style="dim")
+    else:
+        line.append(f" {for_terminal(change.get('txn'))} ")
+        line.append(state, style=STATE_COLOURS.get(state, "bold"))
+    return line
 
 
 def _status_cells(r: dict[str, Any]) -> list[Any]:
