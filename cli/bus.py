@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from eda.cli.common import Context, on_stop_signals, run
 from eda.cli.options import common_options, json_option
-from eda.cli.output import Column, Output, TableView
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 EPILOG = """\b
 Examples:
@@ -541,12 +544,14 @@ _table = TableView(
 @_bus_option
 @_retention_options
 @_timeout_option
+@json_option()
 @common_options
 def retain(
     bus: str | None,
     max_age: float | None,
     max_bytes: int | None,
     timeout: float,
+    force_json: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -560,16 +565,19 @@ def retain(
 
     msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
     reply = request(_endpoint(bus, interface, no_mdns), msg, timeout)
-    out = Output(ctx)
-    out.items(
-        [
-            {
-                "removed": reply.get("events"),
-                "bytes": reply.get("bytes"),
-                "first_seq": reply.get("first_seq"),
-            }
-        ]
-    )
+    done = {k: reply.get(w) for k, w in (("removed", "events"), ("bytes", "bytes"),
+                                         ("first_seq", "first_seq"))}  # fmt: skip
+    Output(ctx, force_json=force_json, terminal=_retained_line).items([done])
+
+
+def _retained_line(done: dict[str, Any]) -> Text:
+    """What retain did, in words (a terminal)."""
+    from rich.text import Text
+
+    removed, size, first = (for_terminal(done.get(k)) for k in ("removed", "bytes", "first_seq"))
+    if not done.get("removed"):
+        return Text("removed nothing")
+    return Text(f"removed {removed} events ({size} bytes); the log now starts at seq {first}")
 
 
 @command.command(
@@ -595,7 +603,13 @@ def delete_consumer(
     from eda.core.bus.client import request
 
     reply = request(_endpoint(bus, interface, no_mdns), {"op": "drop", "name": name}, timeout)
-    Output(ctx).items([{"deleted": reply.get("deleted", name)}])
+    Output(ctx, terminal=_deleted_line).items([{"deleted": reply.get("deleted", name)}])
+
+
+def _deleted_line(done: dict[str, Any]) -> Text:
+    from rich.text import Text
+
+    return Text(f"deleted {for_terminal(done['deleted'])}")
 
 
 def main() -> None:

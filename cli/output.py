@@ -57,6 +57,8 @@ def json_text(value: Any) -> str:
 
 
 def _formattable(value: Any) -> Any:
+    if value is None:  # a JSON null renders blank, as a missing field does
+        return ""
     if isinstance(value, dict):
         return _JsonDict(value)
     if isinstance(value, list):

@@ -52,7 +52,8 @@ EVENT_FIELDS = (
     *INSTANCE_FIELDS, "type", "reason", "time", "seq", "instance", "snapshot", "resync",
 )  # fmt: skip
 BROWSE_FIELDS = (
-    "event", "name", "type", "domain", "host", "addresses", "address", "port", "txt", "time",
+    "event", "name", "type", "domain", "host", "addresses", "address", "port", "txt", "meta",
+    "time",
 )  # fmt: skip
 
 
@@ -770,6 +771,7 @@ def _browse_fields(item: dict[str, Any]) -> dict[str, Any]:
     fields = dict(item)
     addresses = item.get("addresses") or []
     fields["address"] = _address(addresses[0], item.get("port")) if addresses else ""
+    fields["meta"] = item.get("txt") or {}  # a TXT record is a service's metadata
     return fields
 
 

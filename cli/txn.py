@@ -666,6 +666,12 @@ SAGA_FIELDS = (
     "note", "name", "data", "from",
 )  # fmt: skip
 
+PLAN_FIELDS = (
+    "stage", "step", "line", "action", "compensate", "timeout", "retry", "group", "pivot",
+    "retriable",
+)  # fmt: skip
+
+
 SAGA_COLOURS = {
     "saga-started": "bold",
     "step-done": "green",
@@ -710,7 +716,8 @@ SAGA_COLOURS = {
 @click.option("--force", is_flag=True, help="saga init: overwrite an existing file.")
 @output_options(
     "One line per event from a template, e.g. '{event} {step} {error}'. "
-    f"Fields: {', '.join(SAGA_FIELDS)}."
+    f"Fields: {', '.join(SAGA_FIELDS)}.  With --dry-run, one line per step; "
+    f"fields: {', '.join(PLAN_FIELDS)}."
 )
 @registry_option
 @common_options
@@ -763,7 +770,7 @@ def saga(
             raise UsageError("--dry-run checks a FILE")
         plan = sagafile.load(file)
         sagas.check_runnable(plan)
-        _saga_plan(ctx, plan, force_json)
+        _saga_plan(ctx, plan, template, force_json)
         return
     out = Output(
         ctx,
@@ -859,8 +866,8 @@ def _saga_init(ctx: Context, target: str, force: bool) -> None:
     ctx.warn(f"wrote {target}: edit it, then eda-txn saga --dry-run {target}")
 
 
-def _saga_plan(ctx: Context, plan: Any, force_json: bool) -> None:
-    """The plan: one JSON object per step, or a table on a terminal."""
+def _saga_plan(ctx: Context, plan: Any, template: str | None, force_json: bool) -> None:
+    """The plan: one JSON object per step (a --format line), or a table on a terminal."""
     rows: list[dict[str, Any]] = []
     for stage, members in enumerate(plan.stages(), 1):
         for step in members:
@@ -879,7 +886,8 @@ def _saga_plan(ctx: Context, plan: Any, force_json: bool) -> None:
                     "retriable": step.retriable,
                 }
             )
-    Output(ctx, force_json=force_json).table(rows, _plan_view(plan.name))
+    out = Output(ctx, template=template, fields=PLAN_FIELDS, force_json=force_json)
+    out.table(rows, _plan_view(plan.name))
 
 
 def _plan_cells(r: dict[str, Any]) -> list[Any]:

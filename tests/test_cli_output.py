@@ -302,3 +302,38 @@ def test_an_empty_bus_says_empty_not_a_backwards_range() -> None:
     empty = {"kind": "bus", "events": 0, "bytes": 0, "first_seq": 1, "last_seq": 0}
     Output(Context("t", False), env=env).table([empty], bus._table)
     assert "empty" in screen.decode() and "1..0" not in screen.decode()
+
+
+def test_browse_templates_take_meta_as_its_help_says() -> None:
+    from eda.cli import registry
+
+    item = {"event": "added", "name": "web", "addresses": ["10.0.0.5"], "port": 80,
+            "txt": {"zone": "a"}}  # fmt: skip
+    out = bytearray()
+    env = Environment(write=out.extend, stdout_isatty=False)
+    Output(Context("t", False), env=env, template="{meta[zone]} {meta}", fields=registry.BROWSE_FIELDS,
+           template_fields=registry._browse_fields).items([item])  # fmt: skip
+    assert out.decode() == 'a {"zone":"a"}\n'
+    assert "{meta}" in registry.browse.get_help(click.Context(registry.browse))
+
+
+def test_durations_print_as_they_are_written() -> None:
+    from eda.core.bus.retention import format_age, parse_age
+
+    assert [format_age(s) for s in (604800, 2592000, 3600, 5400, 90, 1.5)] == [
+        "7d", "30d", "1h", "90m", "90s", "1.5s"
+    ]  # fmt: skip
+    for text in ("7d", "12h", "30m", "90s", "0.5s", "2w"):
+        assert parse_age(format_age(parse_age(text))) == parse_age(text)
+
+
+def test_retain_says_what_it_did_in_words_on_a_terminal_and_json_on_a_pipe() -> None:
+    from eda.cli import bus
+
+    done = {"removed": 5, "bytes": 600, "first_seq": 6}
+    for tty, expected in ((True, "removed 5 events (600 bytes); the log now starts at seq 6\n"),
+                          (False, '{"removed":5,"bytes":600,"first_seq":6}\n')):  # fmt: skip
+        screen = bytearray()
+        env = Environment(write=screen.extend, stdout_isatty=tty, width=80, colour=False)
+        Output(Context("t", False), env=env, terminal=bus._retained_line).items([done])
+        assert screen.decode() == expected

@@ -101,3 +101,34 @@ def test_follow_needs_an_id_that_exists(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "give its ID" in bad.stderr
     gone = txn("status", "nosuch", "--follow", cwd=tmp_path)
     assert gone.returncode == 3 and gone.stderr.count("\n") == 1, gone.stderr
+
+
+def test_each_subcommand_has_its_own_format_variable(tmp_path: Path) -> None:
+    """EDA_TXN_FORMAT fed commit's fields to status (exit 2); now EDA_TXN_<SUB>_FORMAT."""
+    (tmp_path / "s.toml").write_text('[[step]]\nname = "a"\nrun = "true"\n')
+    assert txn("saga", "s.toml", "--id", "s-1", cwd=tmp_path).returncode == 0
+    commits = {"EDA_TXN_COMMIT_FORMAT": "{outcome} {txn}", "EDA_TXN_FORMAT": "{outcome}"}
+    plain = txn("status", cwd=tmp_path, env=commits)  # commit's template is not status's
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["txn"] == "s-1"
+    own = txn("status", cwd=tmp_path, env={"EDA_TXN_STATUS_FORMAT": "{txn} {state}"})
+    assert (own.returncode, own.stdout) == (0, "s-1 completed\n"), own.stderr
+    man = txn("status", "--help", cwd=tmp_path)
+    assert "--follow" in man.stdout
+
+
+def test_a_not_found_is_one_line_even_with_verbose(tmp_path: Path) -> None:
+    gone = txn("status", "nosuch", "-v", cwd=tmp_path)
+    assert gone.returncode == 3
+    assert gone.stderr == "eda-txn: error: no transaction or saga nosuch in txn\n", gone.stderr
+
+
+def test_a_dry_run_prints_the_plan_with_the_format_given(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(
+        '[[step]]\nname = "a"\nrun = "true"\ncompensate = "false"\n[[step]]\nname = "b"\nrun = "true"\n'
+    )
+    done = txn("saga", "--dry-run", "s.toml", "--format", "{stage} {step} {compensate}",
+               cwd=tmp_path)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "1 a run false\n2 b \n"), done.stderr
+    bad = txn("saga", "--dry-run", "s.toml", "--format", "{event}", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown field {event}" in bad.stderr
