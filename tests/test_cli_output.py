@@ -27,7 +27,7 @@ SERVICES = [
 def render(
     rows: list[dict[str, Any]], *, tty: bool, width: int, colour: bool | None = None, **kw: Any
 ) -> str:
-    from eda.cli.registry import _services_table
+    from eda.cli.registryviews import SERVICES_TABLE as _services_table
 
     screen = bytearray()
     env = Environment(write=screen.extend, stdout_isatty=tty, width=width, colour=colour)
@@ -83,7 +83,7 @@ def test_items_with_a_terminal_view_are_drawn_in_one_write() -> None:
 
 
 def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
-    from eda.cli import bus, lb, txn
+    from eda.cli import bus, lb, txnstatus
 
     cases: list[tuple[Any, list[dict[str, Any]], str]] = [
         (bus._table, [{"kind": "topic", "topic": "t", "events": 5, "bytes": 9}], "events"),
@@ -91,7 +91,7 @@ def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
                                 "patterns": ["a.>"], "next": 3, "lag": 0}], "patterns"),
         (lb._stats_table, lb._stats_rows("s", "b1", {"instances": [{"id": "w1"}]}, broker=True),
          "p99_ms"),
-        (txn._status_table, [{"txn": "c1.1", "kind": "2pc", "state": "committed"}], "STATE"),
+        (txnstatus._status_table, [{"txn": "c1.1", "kind": "2pc", "state": "committed"}], "STATE"),
     ]  # fmt: skip
     for draw, rows, header in cases:
         screen = bytearray()
@@ -217,7 +217,7 @@ def test_a_broker_found_at_an_ipv6_address_is_served_at_a_bracketed_endpoint() -
 def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
     """Every table of every program, with realistic widths, and the values (ids,
     counts, addresses) each must show whole."""
-    from eda.cli import bus, lb, registry, txn
+    from eda.cli import bus, lb, registryviews, txnstatus
 
     worker = {
         "id": "upper-10-200-200-200-40123", "state": "slow-start", "requests": 1234567,
@@ -246,7 +246,7 @@ def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
            "patterns": ["orders.>", "payments.*.settled"], "next": 1999990, "lag": 1000211,
            "held": 1000}],
          ["billing-eu-west-1", "1000211"]),
-        ("eda-txn status", txn._status_table,
+        ("eda-txn status", txnstatus._status_table,
          [{"txn": "coordinator-1.18f3a2b4c5d6e7", "kind": "2pc", "state": "committing",
            "participants": {"stock": "committed", "payments": "prepared"}, "time": 0,
            "reason": "", "notes": ["payments: commit failing: connection refused"]},
@@ -255,10 +255,10 @@ def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
            "reason": "charge: card declined"}],
          ["coordinator-1.18f3a2b4c5d6e7", "committing", "order-20261207-083512-a1b2c3",
           "compensated"]),
-        ("eda-registry list", registry.INSTANCES_TABLE,
+        ("eda-registry list", registryviews.INSTANCES_TABLE,
          [instance, {**instance, "id": "orders-10-200-200-201-65535", "host": "10.200.200.201"}],
          ["orders-10-200-200-200-65535", "10.200.200.200:65535", "10.200.200.201:65535"]),
-        ("eda-registry services", registry._services_table,
+        ("eda-registry services", registryviews.SERVICES_TABLE,
          [{"service": "orders", "instances": 120000, "passing": 119999}], ["120000"]),
     ]  # fmt: skip
 
@@ -312,7 +312,7 @@ def test_browse_templates_take_meta_as_its_help_says() -> None:
     out = bytearray()
     env = Environment(write=out.extend, stdout_isatty=False)
     Output(Context("t", False), env=env, template="{meta[zone]} {meta}", fields=registry.BROWSE_FIELDS,
-           template_fields=registry._browse_fields).items([item])  # fmt: skip
+           template_fields=registry.browse_fields).items([item])  # fmt: skip
     assert out.decode() == 'a {"zone":"a"}\n'
     assert "{meta}" in registry.browse.get_help(click.Context(registry.browse))
 
