@@ -153,7 +153,7 @@ class Column:
     wrap: bool = False
 
 
-WRAP_WORD = 30  # a wrapping column is at least as wide as its longest word, up to this
+WRAP_WORD = 16  # a wrapping column is at least as wide as its longest word, up to this
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,8 @@ INSTANCES_TABLE = TableView(
         Column("ADDRESS"),
         Column("STATUS", priority=1),
         Column("WEIGHT", priority=4, numeric=True),
-        Column("META", priority=3, wrap=True),
-        Column("LAST SEEN", priority=2),
+        Column("META", priority=2, wrap=True),
+        Column("LAST SEEN", priority=3),
     ),
     _instance_cells,
 )
