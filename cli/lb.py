@@ -24,12 +24,10 @@ from eda.cli.options import (
     registry_option,
     strategy_option,
 )
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import ExitStatus
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-
     from eda.core.endpoint import Endpoint
 
 EPILOG = """\b
@@ -770,34 +768,33 @@ MAX_ASKED = 1024  # instances stats asks at most
 STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
 
 
-def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
-    """Rows as a table, one per source (a broker, or the workers asked directly);
-    every peer-supplied string is escaped and shown as plain Text."""
-    from rich.console import Group
-    from rich.table import Table
+def _stats_cells(r: dict[str, Any]) -> list[Any]:
+    """Every peer-supplied string is escaped and shown as plain Text."""
     from rich.text import Text
 
-    tables = []
-    columns = STATS_FIELDS[2:]
-    sources = list(dict.fromkeys(r["source"] for r in rows))
-    for source in sources:
-        title = "each worker asked directly" if source == "direct" else f"via broker {source}"
-        table = Table(
-            title=Text(for_terminal(title)), title_justify="left", box=None, header_style="bold"
-        )
-        for header in columns:
-            numeric = header not in ("instance", "state")
-            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
-        for r in (r for r in rows if r["source"] == source):
-            cells = []
-            for key in columns:
-                value = r[key]
-                text = "—" if value is None else for_terminal(value)
-                style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-                cells.append(Text(text, style=style))
-            table.add_row(*cells)
-        tables.append(table)
-    return Group(*tables)
+    cells: list[Any] = []
+    for key in STATS_FIELDS[2:]:
+        value = r[key]
+        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+        cells.append(Text("—" if value is None else for_terminal(value), style=style))
+    return cells
+
+
+# one table per source (a broker, or the workers asked directly); on a narrow
+# terminal the least needed figures go first, never a number cut
+_STATS_PRIORITY = {
+    "inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1,
+}  # fmt: skip
+_stats_table = TableView(
+    tuple(
+        Column(key, priority=_STATS_PRIORITY.get(key, 0), numeric=key not in ("instance", "state"))
+        for key in STATS_FIELDS[2:]
+    ),
+    _stats_cells,
+    group=lambda r: (
+        "each worker asked directly" if r["source"] == "direct" else f"via broker {r['source']}"
+    ),
+)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------

@@ -402,7 +402,7 @@ def test_journal_refuses_a_snapshot_with_a_bad_sequence(tmp_path: Path) -> None:
 
 # -- browse rendering --------------------------------------------------------------
 def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() -> None:
-    from eda.cli.registry import _browse_line
+    from eda.cli.registryviews import browse_line as _browse_line
     from eda.core.registry.browse import address_order
 
     found = ["fe80::1%eth0", "2001:db8::1", "169.254.1.1", "10.0.0.5"]
@@ -460,7 +460,7 @@ def test_watch_terminal_line_is_plain_text_with_peer_escapes_shown() -> None:
 
     from rich.console import Console
 
-    from eda.cli.registry import _event_line
+    from eda.cli.registryviews import event_line as _event_line
 
     event = {
         "type": "registered[/]",
@@ -663,7 +663,7 @@ def test_browse_resolves_a_flood_of_names_on_a_few_threads(monkeypatch) -> None:
 def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance() -> None:
     from eda.cli.common import Context
     from eda.cli.output import Environment, Output
-    from eda.cli.registry import _print_instances
+    from eda.cli.registryviews import print_instances as _print_instances
 
     record = {
         "service": "orders",

@@ -1327,7 +1327,7 @@ def test_a_log_with_records_of_the_wrong_shape_is_refused_not_trusted(tmp_path: 
 
 
 def test_the_terminal_view_escapes_what_steps_print() -> None:
-    from eda.cli.txn import _saga_line
+    from eda.cli.txnsaga import _saga_line
 
     line = _saga_line(
         {"time": "2026-11-28T01:02:03.456Z", "event": "step-failed", "step": "a\x1b[2J",
