@@ -10,6 +10,7 @@ following and its HAProxy engine loop in ``follow.py``).
 from __future__ import annotations
 
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -440,6 +441,12 @@ STATS_FIELDS = (
     "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
     "weight", "p50_ms", "p90_ms", "p99_ms",
 )  # fmt: skip
+# the TCP proxy's figures per instance (eda-lb tcp, either engine), as HAProxy's show stat
+PROXY_FIELDS = (
+    "service", "source", "instance", "state", "weight", "sessions", "sessions_total",
+    "bytes_in", "bytes_out", "connect_errors", "address",
+)  # fmt: skip
+ALL_STATS_FIELDS = tuple(dict.fromkeys((*STATS_FIELDS, *PROXY_FIELDS)))
 
 
 @command.command(
@@ -652,6 +659,7 @@ Examples:
   eda-lb stats upper                        a table on a terminal, JSON Lines when piped
   eda-lb stats upper --json | jq -r 'select(.state != "healthy") | .instance'
   eda-lb stats upper --format '{instance} {requests} {p99_ms}'
+  eda-lb stats web                          a TCP proxy's (eda-lb tcp web) per-instance counters
 """
 )
 @click.argument("name")
@@ -664,7 +672,8 @@ Examples:
     help="How long to wait for each instance's answer.",
 )
 @output_options(
-    f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}."
+    f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}; "
+    f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."
 )
 @registry_option
 @common_options
@@ -684,7 +693,10 @@ def stats(
     percentiles (ms) and state (healthy, ejected, slow-start, dead).
 
     If a broker for NAME runs, it is asked (its workers as it sees them);
-    else each worker instance is asked for its own figures.  Exit 3 when NAME
+    else each worker instance is asked for its own figures.  Every TCP proxy
+    of NAME (eda-lb tcp, either engine) is asked too: per instance, sessions
+    open and in total, bytes in (from clients) and out, connect errors, health
+    state (up, down) and weight, as HAProxy's show stat.  Exit 3 when NAME
     has no instance, 1 when an instance did not answer.
     """
     from eda.core.errors import NotFoundError
@@ -694,13 +706,14 @@ def stats(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
+    out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     found = lookup(service, access)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
+    chosen += [i for i in found if i.meta.get("role") == "proxy"]
     if not chosen:
-        raise NotFoundError(f"no broker or worker of service {service!r}")
+        raise NotFoundError(f"no broker, worker or TCP proxy of service {service!r}")
     if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
         ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
         chosen = chosen[:MAX_ASKED]
@@ -713,6 +726,9 @@ def stats(
         if isinstance(answer, str):
             failed += 1
             ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
+            continue
+        if inst.meta.get("role") == "proxy":
+            rows += _proxy_rows(service, inst.id, answer)
             continue
         found_rows = _stats_rows(service, inst.id, answer, broker=bool(brokers))
         if not found_rows and brokers:
@@ -759,10 +775,36 @@ def _stats_rows(
     return rows
 
 
+def _proxy_rows(service: str, source_id: str, answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a TCP proxy's T answer (core/lb/proxystats.py): one per instance."""
+    entries = answer.get("backends")
+    if not isinstance(entries, list):
+        return []
+    rows = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        address = entry.get("address")
+        row: dict[str, Any] = {
+            "service": service,
+            "source": f"proxy {source_id}",
+            "instance": str(entry.get("id", ""))[:128],
+            "state": str(entry.get("state", "unknown"))[:32],
+        }
+        for key in PROXY_FIELDS[4:10]:
+            row[key] = _number(entry.get(key))
+        row["address"] = str(address)[:64] if isinstance(address, str) else None
+        rows.append(row)
+    return rows
+
+
 MAX_ASKED = 1024  # instances stats asks at most
 
 
-STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
+STATE_COLOURS = {
+    "healthy": "green", "up": "green", "slow-start": "yellow", "ejected": "red",
+    "down": "red", "dead": "dim", "gone": "dim", "maint": "dim",
+}  # fmt: skip
 
 
 def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
@@ -773,15 +815,19 @@ def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
     from rich.text import Text
 
     tables = []
-    columns = STATS_FIELDS[2:]
     sources = list(dict.fromkeys(r["source"] for r in rows))
     for source in sources:
-        title = "each worker asked directly" if source == "direct" else f"via broker {source}"
+        proxy = source.startswith("proxy ")
+        columns = PROXY_FIELDS[2:] if proxy else STATS_FIELDS[2:]
+        title = (
+            source if proxy else
+            "each worker asked directly" if source == "direct" else f"via broker {source}"
+        )  # fmt: skip
         table = Table(
             title=Text(for_terminal(title)), title_justify="left", box=None, header_style="bold"
         )
         for header in columns:
-            numeric = header not in ("instance", "state")
+            numeric = header not in ("instance", "state", "address")
             table.add_column(header, justify="right" if numeric else "left", overflow="fold")
         for r in (r for r in rows if r["source"] == source):
             cells = []
@@ -796,6 +842,7 @@ def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
+
 
 @command.command(
     epilog="""\b
@@ -916,11 +963,19 @@ def tcp(
         fall=fall,
         workers=(os.cpu_count() or 1) if workers is None else workers,
     )
+    served: list[Any] = []  # the stats socket and its registration, closed at the end
     if engine == "haproxy":
         haproxy = HaproxyFollower(
             service, access, where.host, where.port, settings, drain_timeout,
             log=ctx.debug, warn=ctx.warn,
         )  # fmt: skip
+
+        def started() -> None:
+            ctx.warn(
+                f"proxying {where} to {service} ({strategy}, haproxy); "
+                f"runtime API: {haproxy.engine.socket_path}"
+            )
+            served.extend(_serve_figures(service, access, haproxy.figures, "haproxy", ctx))
 
         def on_stop(signum: int, frame: object) -> None:
             if haproxy.stopping.is_set():
@@ -928,11 +983,11 @@ def tcp(
             haproxy.stop()
 
         on_stop_signals(on_stop)
-        started = haproxy.run(
-            lambda: ctx.warn(f"proxying {where} to {service} ({strategy}, haproxy)")
-        )
-        if started:
-            ctx.warn("stopped")
+        try:
+            if haproxy.run(started):
+                ctx.warn("stopped")
+        finally:
+            _close_all(served)
         return
     proxy = core.TcpProxy(where, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
@@ -952,11 +1007,63 @@ def tcp(
             service, access, proxy.set_candidates, lambda: proxy.drain(0), warn=ctx.warn
         )
         follower.start()
+        served.extend(_serve_figures(service, access, proxy.figures, "builtin", ctx))
         proxy.run()
         follower.check()
         ctx.warn("drained: stopped")
     finally:
+        _close_all(served)
         proxy.close()
+
+
+def _serve_figures(service: str, access: Any, figures: Any, engine: str, ctx: Context) -> list[Any]:
+    """The proxy's stats socket (core/lb/proxystats.py), registered as an instance of
+    *service* with meta role=proxy, where ``eda-lb stats`` finds it."""
+    from eda.core.endpoint import Endpoint
+    from eda.core.errors import EdaError
+    from eda.core.lb.proxystats import StatsServer
+    from eda.core.presence import Presence
+    from eda.core.registry import access as reg
+
+    server = StatsServer(Endpoint(access.interface or "0.0.0.0", 0), figures, ctx.warn).start()
+    record = reg.registration(
+        service, server.port, meta=("role=proxy", f"engine={engine}"), interval=1.0
+    )
+    stop = threading.Event()
+    presences: list[Presence] = []
+
+    def register() -> None:  # the registry may come later, as the proxy's feed waits for it
+        warned = False
+        while not stop.is_set():
+            try:
+                presence = Presence(access, record, log=ctx.debug, warn=ctx.debug)
+                inst = presence.start()
+            except EdaError as exc:
+                if not warned:
+                    ctx.debug(f"figures not registered yet: {exc}; still trying")
+                    warned = True
+                stop.wait(1.0)
+                continue
+            presences.append(presence)
+            ctx.debug(f"figures of proxy {inst.id} on {server.endpoint.zmq}")
+            return
+
+    thread = threading.Thread(target=register, name="eda-lb-stats-register", daemon=True)
+    thread.start()
+
+    class Registered:
+        def close(self) -> None:
+            stop.set()
+            thread.join(5.0)
+            for presence in presences:
+                presence.close()
+
+    return [Registered(), server]
+
+
+def _close_all(things: list[Any]) -> None:
+    for thing in things:
+        thing.close()
 
 
 def main() -> None:

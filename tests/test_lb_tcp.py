@@ -582,6 +582,112 @@ def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
         sock.close()
 
 
+# -- figures (eda-lb stats) ------------------------------------------------------------------
+def _settled(proxy: TcpProxy, sessions_total: int) -> Any:
+    """The figures once every connection counted has ended (None before)."""
+    figures = proxy.figures()
+    counted = sum(b["sessions_total"] for b in figures["backends"])
+    open_now = sum(b["sessions"] for b in figures["backends"])
+    return figures if counted == sessions_total and open_now == 0 else None
+
+
+def test_figures_count_the_sessions_and_bytes_of_proxied_connections(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy()
+    running.use([a.backend(), b.backend(weight=2)])
+    sent = received = 0
+    for i in range(10):
+        text = b"x" * (100 + i)
+        answer = ask(running.address, text)
+        assert answer.endswith(text)
+        sent, received = sent + len(text), received + len(answer)
+    figures = wait_until(lambda: _settled(running.proxy, 10), TIMEOUT, "10 sessions counted")
+    assert figures["role"] == "proxy" and figures["engine"] == "builtin"
+    rows = {row["id"]: row for row in figures["backends"]}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["sessions_total"] == rows["b"]["sessions_total"] == 5  # round robin
+    assert sum(r["bytes_in"] for r in rows.values()) == sent
+    assert sum(r["bytes_out"] for r in rows.values()) == received
+    assert rows["a"]["state"] == rows["b"]["state"] == "up"
+    assert (rows["a"]["weight"], rows["b"]["weight"]) == (1, 2)
+    assert rows["a"]["address"] == f"127.0.0.1:{a.port}"
+    assert rows["a"]["connect_errors"] == rows["b"]["connect_errors"] == 0
+
+
+def test_figures_count_open_sessions_and_their_bytes(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy()
+    running.use([servers[0].backend()])
+    held = socket.create_connection(running.address, timeout=TIMEOUT)
+    held.sendall(b"12345")
+    assert held.recv(100) == b"a:12345"
+
+    def counted() -> Any:
+        [row] = running.proxy.figures()["backends"]
+        return row if row["sessions"] == 1 and row["bytes_in"] == 5 else None
+
+    row = wait_until(counted, TIMEOUT, "the open session")
+    assert row["sessions_total"] == 1 and row["bytes_out"] == 7
+    held.close()
+
+
+def test_figures_show_an_instance_whose_checks_fail_down_and_its_connect_errors(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy(check_interval=0.1, fall=2)
+    running.use([a.backend(), b.backend()])
+    b.stop()
+
+    def states() -> dict[str, str]:
+        return {row["id"]: row["state"] for row in running.proxy.figures()["backends"]}
+
+    wait_until(lambda: states() == {"a": "up", "b": "down"}, TIMEOUT, "b down")
+    assert {who(ask(running.address)) for _ in range(4)} == {"a"}
+
+
+def test_figures_count_connect_errors(proxy: Any, servers: list[Server]) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy(check_interval=30, retries=1)  # no check comes to help
+    running.use([a.backend(), b.backend()])
+    wait_until(lambda: all(c.confirmed for c in running.proxy.health.checks.values()), TIMEOUT)
+    b.stop()
+    assert [ask(running.address, b"x") for _ in range(6)] == [b"a:x"] * 6
+    figures = wait_until(lambda: _settled(running.proxy, 6), TIMEOUT, "6 sessions counted")
+    rows = {row["id"]: row for row in figures["backends"]}
+    assert rows["b"]["connect_errors"] >= 1 and rows["b"]["sessions_total"] == 0
+    assert rows["a"]["sessions_total"] == 6 and rows["a"]["connect_errors"] == 0
+
+
+def test_data_plane_processes_report_their_figures_and_the_proxy_sums_them(
+    servers: list[Server],
+) -> None:
+    servers.append(Server("a"))
+    proxy = TcpProxy(Endpoint("127.0.0.1", 0), Settings(workers=2, check_interval=0.05))
+    proxy.start()
+    proxy.set_candidates([servers[0].backend()])
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(proxy.dataplanes.pids) == 2, TIMEOUT, "two data planes")
+        wait_until(lambda: ask(proxy.address) == b"a:ping", TIMEOUT, "traffic to a")
+        for _ in range(19):
+            assert ask(proxy.address, b"ping") == b"a:ping"
+        figures = wait_until(lambda: _settled(proxy, 20), TIMEOUT, "20 sessions counted")
+        [row] = figures["backends"]
+        assert (row["bytes_in"], row["bytes_out"]) == (20 * 4, 20 * 6)
+        assert figures["data_planes"] == figures["answered"] == 2
+    finally:
+        proxy.drain(0)
+        thread.join(10)
+        proxy.close()
+
+
 # -- the CLI, end to end -------------------------------------------------------------------
 FAST = ("--interval", "0.2", "--ttl", "0.8")
 
