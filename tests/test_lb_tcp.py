@@ -26,7 +26,15 @@ from eda.core.errors import UsageError
 from eda.core.lb.selfloop import reaches
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, instances_of, parse_listen
 from eda.core.registry.model import HOST_RE
-from tests.helpers import Proc, Procs, children_of, closed_port, readable, require_tools, wait_until
+from tests.helpers import (
+    Proc,
+    Procs,
+    children_of,
+    closed_port,
+    readable,
+    require_tools,
+    wait_until,
+)
 
 TIMEOUT = 5.0
 
@@ -905,5 +913,81 @@ def test_cli_haproxy_engine_follows_the_registry(procs: Procs, servers: list[Ser
     held.sendall(b"2")
     assert held.recv(100) == b"a:2"  # no restart: the open connection to a goes on
     held.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _stats_rows(endpoint: str) -> dict[str, dict[str, Any]]:
+    """eda-lb stats web, piped: its JSON Lines by instance ({} while it fails)."""
+    done = subprocess.run([sys.executable, "-m", "eda.cli.lb", "stats", "web", "--registry",
+                           endpoint, "--no-mdns"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    if done.returncode != 0:
+        return {}
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return {row["instance"]: row for row in rows}
+
+
+@pytest.mark.parametrize("engine", ["builtin", "haproxy"])
+def test_cli_stats_show_a_proxys_sessions_bytes_and_health(
+    procs: Procs, servers: list[Server], engine: str
+) -> None:
+    if engine == "haproxy":
+        require_tools("haproxy", install="haproxy")
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    endpoint = registry(procs)
+    register(procs, endpoint, a)
+    register(procs, endpoint, b)
+    proc, address = lb(procs, "--listen", f"127.0.0.1:{_free_port()}", "web", "--registry", endpoint, "--no-mdns",
+                       "--workers", "2", "--engine", engine, "--check-interval", "0.1",
+                       "--fall", "2")  # fmt: skip
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"a", "b"}, TIMEOUT, "a and b")
+    before = _stats_rows(endpoint)  # what the checks above sent
+    n, sent, received = 10, 0, 0
+    for i in range(n):
+        text = b"y" * (50 + i)
+        answer = ask(address, text)
+        sent, received = sent + len(text), received + len(answer)
+    total = sum(row["sessions_total"] for row in before.values()) + n
+
+    def settled() -> dict[str, dict[str, Any]]:
+        rows = _stats_rows(endpoint)
+        done = sum(row["sessions_total"] for row in rows.values()) == total
+        return rows if done and not any(row["sessions"] for row in rows.values()) else {}
+
+    rows = wait_until(settled, 15, f"{total} sessions counted")
+    assert set(rows) == {"a", "b"}
+
+    def moved(key: str) -> int:
+        return sum(r[key] for r in rows.values()) - sum(r[key] for r in before.values())
+
+    assert (moved("bytes_in"), moved("bytes_out")) == (sent, received)
+    assert {row["state"] for row in rows.values()} == {"up"}
+    assert all(row["weight"] == 1 for row in rows.values())
+    assert all(row["source"].startswith("proxy ") for row in rows.values())
+    b.stop()  # its checks fail: down
+    wait_until(lambda: _stats_rows(endpoint).get("b", {}).get("state") == "down", 15, "b down")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def test_cli_haproxy_engine_names_its_runtime_socket_without_verbose(
+    procs: Procs, servers: list[Server]
+) -> None:
+    require_tools("haproxy", install="haproxy")
+    servers.append(Server("a"))
+    endpoint = registry(procs)
+    register(procs, endpoint, servers[0])
+    proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "--listen",
+                        f"127.0.0.1:{_free_port()}", "web", "--engine", "haproxy",
+                        "--registry", endpoint, "--no-mdns"])  # fmt: skip
+    found = proc.wait_stderr(r"runtime API: (\S+)", 15)
+    assert Path(found.group(1)).is_socket()
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
