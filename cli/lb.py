@@ -749,17 +749,17 @@ def _number(value: object) -> float | int | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def _entries(value: object) -> list[dict[str, Any]]:
+    """The objects of a list in a peer's answer (anything else in it left out)."""
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
 def _stats_rows(
     service: str, source_id: str, answer: dict[str, Any], *, broker: bool
 ) -> list[dict[str, Any]]:
     """Rows of one T answer: a broker's workers, or a worker itself."""
-    entries = answer.get("instances") if broker else [answer]
-    if not isinstance(entries, list):
-        return []
     rows = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+    for entry in _entries(answer.get("instances") if broker else [answer]):
         row: dict[str, Any] = {
             "service": service,
             "source": source_id if broker else "direct",
@@ -777,13 +777,8 @@ def _stats_rows(
 
 def _proxy_rows(service: str, source_id: str, answer: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of a TCP proxy's T answer (core/lb/proxystats.py): one per instance."""
-    entries = answer.get("backends")
-    if not isinstance(entries, list):
-        return []
     rows = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+    for entry in _entries(answer.get("backends")):
         address = entry.get("address")
         row: dict[str, Any] = {
             "service": service,
