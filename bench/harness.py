@@ -203,6 +203,23 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, what: str) -> int:
     return proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process *pid* has used so far, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        raise BenchError(f"process {pid} is gone") from None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_percent(pid: int, seconds: float) -> float:
+    """% of one core process *pid* uses over the next *seconds* (waited here)."""
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
+
+
 def tail(path: Path, size: int = 300) -> str:
     """The end of a log file, on one line, for error messages."""
     try:
@@ -227,13 +244,21 @@ def free_port() -> int:
 
 
 def time_command(
-    args: Sequence[str], workdir: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+    args: Sequence[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    stdout: Path | None = None,
 ) -> tuple[float, int]:
-    """Run *args* to completion; return (wall seconds, exit status)."""
+    """Run *args* to completion; return (wall seconds, exit status).
+
+    Its stdout goes to the file *stdout* when given (to check what it printed),
+    else to /dev/null; its stderr to ``timed.err`` in *workdir*.
+    """
     log = workdir / "timed.err"
     with Procs(workdir, env) as procs:
         start = time.perf_counter()
-        proc = procs.start(args, stderr=log)
+        proc = procs.start(args, stdout=stdout, stderr=log)
         code = wait_exit(proc, timeout, args[0])
         return time.perf_counter() - start, code
 

@@ -1,9 +1,10 @@
 #!/bin/bash
 # bench/setup.sh: install the benchmark anchors from Debian packages when they
 # are missing: the mosquitto broker and clients, nats-server (JetStream) for
-# the bus benchmark, nginx-light, wrk and haproxy for the TCP load balancer's.  No system service is ever started: the benchmarks
-# run their own brokers on 127.0.0.1.  (nats-py, the JetStream client, is
-# installed into .venv-bench by `make bench`.)
+# the bus benchmark, nginx-light, wrk and haproxy for the TCP load balancer's,
+# etcd (etcd-server, and etcd-client for etcdctl) for the registry's.  No system
+# service is ever started: the benchmarks run their own brokers on 127.0.0.1.
+# (nats-py, the JetStream client, is installed into .venv-bench by `make bench`.)
 set -euo pipefail
 
 packages=()
@@ -18,6 +19,9 @@ fi
 command -v nginx >/dev/null || packages+=(nginx-light)
 command -v wrk >/dev/null || packages+=(wrk)
 command -v haproxy >/dev/null || packages+=(haproxy)
+# bench_registry: a private etcd (leases kept alive, prefix reads) and etcdctl
+command -v etcd >/dev/null || packages+=(etcd-server)
+command -v etcdctl >/dev/null || packages+=(etcd-client)
 [[ ${#packages[@]} -eq 0 ]] && exit 0
 
 sudo=()

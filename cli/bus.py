@@ -9,11 +9,11 @@ import click
 
 from eda.cli.common import Context, on_stop_signals, run
 from eda.cli.options import common_options, json_option
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.text import Text
 
 EPILOG = """\b
 Examples:
@@ -75,9 +75,9 @@ def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple
         return bus, args
     _, colon, port = bus.rpartition(":")
     if "://" in bus or (colon and port.isascii() and port.isdigit()):
-        from eda.core.reqrep import check_endpoint
+        from eda.core.reqrep import client_endpoint
 
-        return check_endpoint(bus, "bus"), args
+        return client_endpoint(bus, "bus").zmq, args
     return AUTO, (bus, *args)
 
 
@@ -318,12 +318,9 @@ def serve(
 def _port_file(data: str | None, stream: str | None) -> str:
     """Where serve remembers its port: in the data directory, or for a NATS front
     (no directory of its own) in $XDG_STATE_HOME/eda, one file per stream."""
-    import os
+    from eda.core.daemon import port_file
 
-    if data is not None:
-        return os.path.join(data, "port")
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(state, "eda", f"bus-nats-{stream}.port")
+    return port_file(f"bus-nats-{stream}", data)
 
 
 def _open_engine(
@@ -441,7 +438,8 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     from eda.core import discovery
     from eda.core.bus.client import find_bus
 
-    return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    return found.zmq
 
 
 @command.command(
@@ -494,49 +492,64 @@ def stats(
     out.table(rows, _consumer_table if only_consumers else _table)
 
 
-def _consumer_table(rows: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table("kind", "name", "patterns", "next", "lag", "held")
-    for r in rows:
-        patterns = r.get("patterns")
-        shown = " ".join(str(x) for x in patterns) if isinstance(patterns, list) else ""
-        counts = [r.get(k) for k in ("next", "lag", "held")]
-        cells = [r.get("consumer"), r.get("name"), shown, *counts]
-        table.add_row(*[Text("" if c is None else for_terminal(c)) for c in cells])
-    return table
+def _counts(r: dict[str, Any], *keys: str) -> list[Any]:
+    return [None if r.get(k) is None else str(r.get(k)) for k in keys]
 
 
-def _table(rows: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
+def _consumer_cells(r: dict[str, Any]) -> list[Any]:
+    patterns = r.get("patterns")
+    shown = " ".join(str(x) for x in patterns) if isinstance(patterns, list) else ""
+    return [r.get("consumer"), r.get("name"), shown, *_counts(r, "next", "lag", "held")]
 
-    table = Table("kind", "name", "events", "bytes", "next", "lag", "held")
-    for r in rows:
-        name = r.get("topic") or r.get("name") or ""
-        if r["kind"] == "bus":
-            name = f"seq {r.get('first_seq')}..{r.get('last_seq')}"
-        kind = r["kind"] if r["kind"] != "consumer" else str(r.get("consumer"))
-        cells = [r.get(k) for k in ("events", "bytes", "next", "lag", "held")]
-        table.add_row(
-            Text(for_terminal(kind)),
-            Text(for_terminal(name)),
-            *[Text("" if c is None else for_terminal(c)) for c in cells],
-        )
-    return table
+
+def _cells(r: dict[str, Any]) -> list[Any]:
+    name = r.get("topic") or r.get("name") or ""
+    if r["kind"] == "bus":
+        first, last = r.get("first_seq"), r.get("last_seq")
+        empty = not r.get("events") or not isinstance(last, int) or last < (first or 0)
+        name = "empty" if empty else f"seq {first}..{last}"
+    kind = r["kind"] if r["kind"] != "consumer" else str(r.get("consumer"))
+    return [kind, name, *_counts(r, "events", "bytes", "next", "lag", "held")]
+
+
+# counts are never cut: the least needed columns go first on a narrow terminal
+_consumer_table = TableView(
+    (
+        Column("kind", priority=2),
+        Column("name"),
+        Column("patterns", priority=3, wrap=True),
+        Column("next", priority=1, numeric=True),
+        Column("lag", numeric=True),
+        Column("held", priority=4, numeric=True),
+    ),
+    _consumer_cells,
+)
+_table = TableView(
+    (
+        Column("kind"),
+        Column("name"),
+        Column("events", numeric=True),
+        Column("bytes", priority=2, numeric=True),
+        Column("next", priority=3, numeric=True),
+        Column("lag", priority=1, numeric=True),
+        Column("held", priority=4, numeric=True),
+    ),
+    _cells,
+)
 
 
 @command.command(epilog="\b\nExamples:\n  eda-bus retain --max-age 7d --max-bytes 10GB")
 @_bus_option
 @_retention_options
 @_timeout_option
+@json_option()
 @common_options
 def retain(
     bus: str | None,
     max_age: float | None,
     max_bytes: int | None,
     timeout: float,
+    force_json: bool,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -550,16 +563,19 @@ def retain(
 
     msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
     reply = request(_endpoint(bus, interface, no_mdns), msg, timeout)
-    out = Output(ctx)
-    out.items(
-        [
-            {
-                "removed": reply.get("events"),
-                "bytes": reply.get("bytes"),
-                "first_seq": reply.get("first_seq"),
-            }
-        ]
-    )
+    done = {k: reply.get(w) for k, w in (("removed", "events"), ("bytes", "bytes"),
+                                         ("first_seq", "first_seq"))}  # fmt: skip
+    Output(ctx, force_json=force_json, terminal=_retained_line).items([done])
+
+
+def _retained_line(done: dict[str, Any]) -> Text:
+    """What retain did, in words (a terminal)."""
+    from rich.text import Text
+
+    removed, size, first = (for_terminal(done.get(k)) for k in ("removed", "bytes", "first_seq"))
+    if not done.get("removed"):
+        return Text("removed nothing")
+    return Text(f"removed {removed} events ({size} bytes); the log now starts at seq {first}")
 
 
 @command.command(
@@ -585,7 +601,13 @@ def delete_consumer(
     from eda.core.bus.client import request
 
     reply = request(_endpoint(bus, interface, no_mdns), {"op": "drop", "name": name}, timeout)
-    Output(ctx).items([{"deleted": reply.get("deleted", name)}])
+    Output(ctx, terminal=_deleted_line).items([{"deleted": reply.get("deleted", name)}])
+
+
+def _deleted_line(done: dict[str, Any]) -> Text:
+    from rich.text import Text
+
+    return Text(f"deleted {for_terminal(done['deleted'])}")
 
 
 def main() -> None:

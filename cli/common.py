@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 import click
 
 from eda.core.config import Setting, default_paths, settings_for
-from eda.core.errors import ConfigError, EdaError, ExitStatus
+from eda.core.errors import ConfigError, EdaError, ExitStatus, NotFoundError
 
 if TYPE_CHECKING:
     from eda.core.registry.access import Access
@@ -287,18 +287,26 @@ def envvar_prefix(program: str) -> str:
     return "EDA_" + program.removeprefix("eda-").upper().replace("-", "_")
 
 
+# options whose value means something else in each subcommand (a template names
+# that subcommand's fields): their variable names the subcommand, EDA_TXN_STATUS_FORMAT
+PER_SUBCOMMAND = ("--format",)
+
+
 def assign_envvars(command: click.Command, program: str) -> None:
     """Give every option without one its environment variable, EDA_<PROGRAM>_<OPTION>
     (``EDA_SUB_TIMEOUT`` for eda-sub's ``--timeout``); for a group, the variable
-    feeds every subcommand that has the option, as a config key does."""
+    feeds every subcommand that has the option, as a config key does, except for
+    :data:`PER_SUBCOMMAND` options: EDA_<PROGRAM>_<SUBCOMMAND>_<OPTION>."""
     prefix = envvar_prefix(program)
     for cmd in _commands(command):
+        sub = f"_{cmd.name}" if cmd is not command and cmd.name else ""
         for param in cmd.params:
             if not isinstance(param, click.Option) or param.envvar or not param.expose_value:
                 continue
             long = [opt for opt in param.opts if opt.startswith("--")]
             if long:
-                param.envvar = f"{prefix}_{long[0][2:].replace('-', '_').upper()}"
+                name = long[0][2:] if long[0] not in PER_SUBCOMMAND else sub + "_" + long[0][2:]
+                param.envvar = f"{prefix}_{name.lstrip('_').replace('-', '_').upper()}"
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -335,7 +343,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     except click.Abort:
         code = ExitStatus.INTERRUPTED
     except EdaError as exc:
-        if verbose:
+        if verbose and not isinstance(exc, NotFoundError):  # a not-found is one line
             import traceback
 
             traceback.print_exc()

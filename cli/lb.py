@@ -25,12 +25,10 @@ from eda.cli.options import (
     registry_option,
     strategy_option,
 )
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import ExitStatus
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-
     from eda.core.endpoint import Endpoint
 
 EPILOG = """\b
@@ -187,9 +185,10 @@ def worker(
 
     The command sees the request on stdin (with a newline) and its id in
     EDA_REQUEST_ID (the same on a retry); its stdout is the reply.  A
-    non-zero exit is an error reply carrying stderr's last line.  With
-    --persistent, one process reads one request per line; with --with-id each
-    line is prefixed by its request id and a tab.
+    failure is an error reply saying why ('exit status 3: ' and the last line
+    of its stderr, else of its stdout).  With --persistent, one process reads
+    one request per line; with --with-id each line is prefixed by its request
+    id and a tab.
 
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
@@ -604,6 +603,10 @@ def serve(
     mDNS), so that workers and callers find it.  A worker silent for 3
     heartbeats is dropped and its requests in flight are re-sent to another
     worker with the same request id.
+
+    Ports bound as '*' (the default) are remembered in $XDG_STATE_HOME/eda
+    (lb-NAME.port, lb-NAME.backend.port): restarted with the same command,
+    the broker listens where callers and workers expect it.
     """
     from eda.core.lb.broker import Broker, Settings
     from eda.core.presence import Presence
@@ -621,7 +624,7 @@ def serve(
         service=service, bind=bind, backend=backend, strategy=strategy, heartbeat=heartbeat,
         queue=queue, queue_bytes=queue_bytes, max_request=max_request, retries=retries,
         pipeline=pipeline or 0, eject_after=eject_after, eject_base=eject_time,
-        slow_start=slow_start, panic=panic,
+        slow_start=slow_start, panic=panic, remember=True,
     )  # fmt: skip
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
@@ -734,7 +737,12 @@ def stats(
         if not found_rows and brokers:
             ctx.warn(f"warning: broker {inst.id} has no worker")
         rows += found_rows
-    out.table(rows, _stats_table)
+    proxied = [r for r in rows if r["source"].startswith("proxy ")]
+    rows = [r for r in rows if not r["source"].startswith("proxy ")]
+    if rows or not proxied:
+        out.table(rows, _stats_table)
+    if proxied:
+        out.table(proxied, _proxy_table)
     if failed:
         raise Exit(ExitStatus.ERROR)
 
@@ -802,38 +810,64 @@ STATE_COLOURS = {
 }  # fmt: skip
 
 
-def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
-    """Rows as a table, one per source (a broker, or the workers asked directly);
-    every peer-supplied string is escaped and shown as plain Text."""
-    from rich.console import Group
-    from rich.table import Table
+def _stats_cells(r: dict[str, Any]) -> list[Any]:
+    """Every peer-supplied string is escaped and shown as plain Text."""
     from rich.text import Text
 
-    tables = []
-    sources = list(dict.fromkeys(r["source"] for r in rows))
-    for source in sources:
-        proxy = source.startswith("proxy ")
-        columns = PROXY_FIELDS[2:] if proxy else STATS_FIELDS[2:]
-        title = (
-            source if proxy else
-            "each worker asked directly" if source == "direct" else f"via broker {source}"
-        )  # fmt: skip
-        table = Table(
-            title=Text(for_terminal(title)), title_justify="left", box=None, header_style="bold"
+    cells: list[Any] = []
+    for key in STATS_FIELDS[2:]:
+        value = r[key]
+        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+        cells.append(Text("—" if value is None else for_terminal(value), style=style))
+    return cells
+
+
+# one table per source (a broker, or the workers asked directly); on a narrow
+# terminal the least needed figures go first, never a number cut
+_STATS_PRIORITY = {
+    "inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1,
+}  # fmt: skip
+_stats_table = TableView(
+    tuple(
+        Column(key, priority=_STATS_PRIORITY.get(key, 0), numeric=key not in ("instance", "state"))
+        for key in STATS_FIELDS[2:]
+    ),
+    _stats_cells,
+    group=lambda r: (
+        "each worker asked directly" if r["source"] == "direct" else f"via broker {r['source']}"
+    ),
+)
+
+
+def _proxy_cells(r: dict[str, Any]) -> list[Any]:
+    """A TCP proxy's row (every peer-supplied string escaped, as plain Text)."""
+    from rich.text import Text
+
+    cells: list[Any] = []
+    for key in PROXY_FIELDS[2:]:
+        value = r[key]
+        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+        cells.append(Text("—" if value is None else for_terminal(value), style=style))
+    return cells
+
+
+# one table per TCP proxy; on a narrow terminal the least needed figures go first
+_PROXY_PRIORITY = {
+    "weight": 4, "sessions": 0, "sessions_total": 2, "bytes_in": 3, "bytes_out": 3,
+    "connect_errors": 1, "address": 5,
+}  # fmt: skip
+_proxy_table = TableView(
+    tuple(
+        Column(
+            key,
+            priority=_PROXY_PRIORITY.get(key, 0),
+            numeric=key not in ("instance", "state", "address"),
         )
-        for header in columns:
-            numeric = header not in ("instance", "state", "address")
-            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
-        for r in (r for r in rows if r["source"] == source):
-            cells = []
-            for key in columns:
-                value = r[key]
-                text = "—" if value is None else for_terminal(value)
-                style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-                cells.append(Text(text, style=style))
-            table.add_row(*cells)
-        tables.append(table)
-    return Group(*tables)
+        for key in PROXY_FIELDS[2:]
+    ),
+    _proxy_cells,
+    group=lambda r: str(r["source"]),
+)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------

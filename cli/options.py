@@ -78,6 +78,9 @@ def json_option(help: str = JSON_HELP) -> Callable[[F], F]:
     return click.option("--json", "force_json", is_flag=True, help=help)
 
 
+LOG_HELP = "Directory of the journals (JSON Lines, fsynced)."  # eda-txn's --log
+
+
 def output_options(format_help: str, json_help: str = JSON_HELP) -> Callable[[F], F]:
     """--format TEMPLATE and --json, as :class:`eda.cli.output.Output` takes them."""
 

@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,8 @@ def json_text(value: Any) -> str:
 
 
 def _formattable(value: Any) -> Any:
+    if value is None:  # a JSON null renders blank, as a missing field does
+        return ""
     if isinstance(value, dict):
         return _JsonDict(value)
     if isinstance(value, list):
@@ -133,6 +135,151 @@ class Template:
             raise click.UsageError(f"--format {self.text!r}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Column:
+    """A column of a terminal table (:class:`TableView`).
+
+    *priority* 0: always shown; when the terminal is too narrow, the columns
+    with the highest priority numbers go first (as ``kubectl get`` and
+    ``docker ps`` do), and the table says which (``--json`` has every field).
+    *wrap*: free text (notes, metadata) that may fold over lines, between its
+    words; any other column (an id, a number, an address, a state) is shown
+    whole or not at all.  *numeric* columns are right-aligned.
+    """
+
+    header: str
+    priority: int = 0
+    numeric: bool = False
+    wrap: bool = False
+
+
+WRAP_WORD = 16  # a wrapping column is at least as wide as its longest word, up to this
+
+
+@dataclass(frozen=True)
+class TableView:
+    """How rows show as a table on a terminal: the *columns*, and *cells(row)*, one
+    value per column (a str, escaped here; a rich ``Text``, escaped by *cells*
+    with :func:`for_terminal`; None, blank).  *title* heads the table; with
+    *group*, rows make one table per ``group(row)`` (its title), in order, all
+    with the same columns."""
+
+    columns: tuple[Column, ...]
+    cells: Callable[[Row], Sequence[Any]]
+    title: str | None = None
+    group: Callable[[Row], str] | None = None
+
+    def draw(self, rows: list[Row], width: int) -> RenderableType:
+        """The rows in *width* columns: the columns that fit by priority, else (when
+        even the priority-0 ones do not fit) one block per row with every field."""
+        from rich.console import Group
+        from rich.text import Text
+
+        cells = [[_cell(value) for value in self.cells(row)] for row in rows]
+        need = [_column_width(col, [r[i] for r in cells]) for i, col in enumerate(self.columns)]
+        shown = list(range(len(self.columns)))
+
+        def fits() -> bool:
+            return sum(need[i] for i in shown) + 2 * (len(shown) - 1) <= width
+
+        droppable = sorted(
+            (i for i, col in enumerate(self.columns) if col.priority > 0),
+            key=lambda i: (self.columns[i].priority, i),
+        )
+        while not fits() and droppable:
+            shown.remove(droppable.pop())
+        if not fits():
+            return self._blocks(rows, cells)
+        # what is left goes to the wrapping columns (as much as their longest line needs)
+        spare = width - sum(need[i] for i in shown) - 2 * (len(shown) - 1)
+        widths = {i: need[i] for i in shown}
+        wants = {
+            i: max([need[i], *(r[i].cell_len for r in cells)])
+            for i in shown
+            if self.columns[i].wrap
+        }
+        while spare > 0 and any(widths[i] < want for i, want in wants.items()):
+            for i, want in wants.items():  # in equal shares
+                if spare > 0 and widths[i] < want:
+                    widths[i] += 1
+                    spare -= 1
+        parts: list[RenderableType] = []
+        for title, members in _grouped(rows, cells, self.group):
+            parts.append(self._table(members, widths, title))
+        hidden = [self.columns[i].header for i in range(len(self.columns)) if i not in shown]
+        if hidden:
+            note = f"hidden to fit {width} columns: {', '.join(hidden)} (--json shows all)"
+            parts.append(Text(note, style="dim"))
+        return parts[0] if len(parts) == 1 else Group(*parts)
+
+    def _table(
+        self, cells: list[list[Text]], widths: dict[int, int], title: str | None
+    ) -> RenderableType:
+        from rich.table import Table
+        from rich.text import Text
+
+        heading = title if title is not None else self.title
+        table = Table(
+            box=None,
+            header_style="bold",
+            pad_edge=False,
+            title=Text(for_terminal(heading)) if heading is not None else None,
+            title_justify="left",
+        )
+        for i, width in widths.items():
+            col = self.columns[i]
+            table.add_column(
+                col.header,
+                justify="right" if col.numeric else "left",
+                no_wrap=not col.wrap,
+                overflow="fold" if col.wrap else "ignore",
+                width=width,
+            )
+        for row in cells:
+            table.add_row(*[row[i] for i in widths])
+        return table
+
+    def _blocks(self, rows: list[Row], cells: list[list[Text]]) -> RenderableType:
+        from rich.console import Group
+        from rich.text import Text
+
+        label = max(len(col.header) for col in self.columns) + 1
+        blocks = []
+        for row in cells:
+            block = Text()
+            for col, cell in zip(self.columns, row, strict=True):
+                block.append(f"{col.header:<{label}}", style="bold")
+                block.append_text(cell)
+                block.append("\n")
+            blocks.append(block)
+        return Group(*blocks)
+
+
+def _cell(value: Any) -> Text:
+    from rich.text import Text
+
+    if isinstance(value, Text):
+        return value
+    return Text("" if value is None else for_terminal(value))
+
+
+def _column_width(column: Column, cells: list[Text]) -> int:
+    """The width *column* needs: its widest cell, or (a wrapping one) its longest word."""
+    if column.wrap:
+        words = [len(word) for cell in cells for word in cell.plain.split()]
+        return max([len(column.header), min(max(words, default=0), WRAP_WORD)])
+    return max([len(column.header), *(cell.cell_len for cell in cells)])
+
+
+def _grouped(
+    rows: list[Row], cells: list[list[Text]], group: Callable[[Row], str] | None
+) -> list[tuple[str | None, list[list[Text]]]]:
+    if group is None:
+        return [(None, cells)]
+    groups: dict[str, list[list[Text]]] = {}
+    for row, row_cells in zip(rows, cells, strict=True):
+        groups.setdefault(group(row), []).append(row_cells)
+    return list(groups.items())
 
 
 def _stdout_isatty() -> bool:
@@ -177,7 +324,6 @@ class Environment:
 def _environment_value(value: Any) -> str:
     """*value* as an environment variable value (a NUL from a peer would crash exec)."""
     return str(value).replace("\x00", "\\x00")
-
 
 
 class Output:
@@ -246,12 +392,12 @@ class Output:
         else:
             self.text("".join([json_text(item) + "\n" for item in items]))
 
-    def table(self, rows: list[Row], draw: Callable[[list[Row]], RenderableType]) -> None:
-        """*rows* as a table on a terminal (*draw* makes it, from rows whose
-        strings it escapes with :func:`for_terminal`), else as :meth:`items`:
-        the same rows, JSON Lines on a pipe, whatever the terminal's width."""
+    def table(self, rows: list[Row], view: TableView) -> None:
+        """*rows* as a table on a terminal (*view* draws it to fit the terminal's
+        width: columns dropped by priority, never a number or an id split), else
+        as :meth:`items`: the same rows, JSON Lines on a pipe, whatever the width."""
         if self.terminal_view:
-            self.show(draw(rows))
+            self.show(view.draw(rows, self.width))
         else:
             self.items(rows)
 

@@ -303,6 +303,8 @@ def command(
         ctx.debug(f"sent {pub.total_sent} event(s)")
         started = time.monotonic()
         outcome = pub.finish(linger)
+        if pub.evicted:
+            ctx.debug(f"forgot {pub.evicted} subscriber id(s) (per-peer bound)")
         linger = max(0.0, linger - (time.monotonic() - started))
     finally:
         pub.close(linger)

@@ -1,8 +1,9 @@
 """eda-registry: the registry center, registration with health checks, lookups and watches.
 
-Over 500 lines for a reason: eight subcommands, their option declarations and
-help texts (the man page) and their terminal views; the logic is in
-``eda.core.registry``.
+The subcommands (options, help texts, the core call); how what they find
+prints is in ``registryviews.py``, the logic in ``eda.core.registry``.  Over
+500 lines for a reason: eight subcommands whose option declarations and help
+texts (the man page) are most of it.
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ from eda.cli.options import (
     registries_option,
     registry_option,
 )
-from eda.cli.output import Output, for_terminal
+from eda.cli.output import Output
+from eda.cli.registryviews import (
+    BROWSE_FIELDS,
+    EVENT_FIELDS,
+    INSTANCE_FIELDS,
+    SERVICE_FIELDS,
+    SERVICES_TABLE,
+    browse_fields,
+    browse_line,
+    event_output,
+    instance_output,
+    print_instances,
+)
 from eda.core import __version__
 from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-    from rich.table import Table
-    from rich.text import Text
-
     from eda.core.registry.access import Access
 
 
@@ -45,17 +54,6 @@ Examples:
   eda-registry browse _http._tcp
 """
 
-
-INSTANCE_FIELDS = (
-    "service", "id", "host", "port", "address", "weight", "meta", "status", "ttl", "interval",
-    "registered", "heartbeat", "registry", "rev",
-)  # fmt: skip
-EVENT_FIELDS = (
-    *INSTANCE_FIELDS, "type", "reason", "time", "seq", "instance", "snapshot", "resync",
-)  # fmt: skip
-BROWSE_FIELDS = (
-    "event", "name", "type", "domain", "host", "addresses", "address", "port", "txt", "time",
-)  # fmt: skip
 
 
 def _output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
@@ -148,6 +146,9 @@ def serve(
 
     Announced by mDNS as _eda-registry._tcp; other registries found that way
     (or given with --peer) replicate every change (eventually consistent).
+    A --bind port of '*' is remembered (in --data, else in
+    $XDG_STATE_HOME/eda/registry.port): restarted with the same command, the
+    registry listens where its clients expect it.
     """
     from eda.core.registry.client import check_endpoint
     from eda.core.registry.server import Server, Settings
@@ -167,6 +168,7 @@ def serve(
         dns=dns,
         tick=tick,
         peer_timeout=peer_timeout,
+        remember=True,
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
@@ -260,6 +262,7 @@ def register(
     With `-- CMD`, run CMD and keep the registration exactly as long as it
     runs; exit with CMD's status.  SIGINT/SIGTERM deregister at once.
     """
+    from eda.core.presence import Presence
     from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
@@ -269,21 +272,8 @@ def register(
         interval=interval,
     )  # fmt: skip
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    client = reg.connect_for_registration(access, record["interval"])
-    inst = reg.finish(record, client, access.interface)
-    keeper = Keeper(
-        inst,
-        client,
-        access.interface,
-        warn=ctx.warn,
-        debug=ctx.debug,
-        # fell back to mDNS only: move to a registry as soon as one appears
-        find_registry=(
-            None
-            if client is not None or serverless
-            else (lambda: reg.answering_registry(access, inst.interval))
-        ),
-    )
+    presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
+    keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(
         cmd, check, check_interval, check_timeout, rise, fall, (KeyboardInterrupt, Terminated)
     )
@@ -333,25 +323,10 @@ def _ask(
     ctx: Context,
 ) -> list[T]:
     """*fetch* from the registry (or the LAN), saying what was left out or is down."""
-    from eda.core.registry.client import RegistryUnavailable
+    from eda.core.registry.fetching import fetched
 
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    found = fetch(access)
-    if access.dropped:
-        ctx.warn(f"warning: left out {access.dropped} invalid record(s) from the registry")
-    if access.registry_down:
-        # a registry that is down must not pass for an empty one: what mDNS found
-        # is shown with a warning; nothing found is an error, not "not found"
-        if not found:
-            raise RegistryUnavailable(
-                f"{access.registry_down}, and nothing on the LAN answered by mDNS"
-                " either; start the registry, or use --serverless to ask the LAN only"
-            )
-        ctx.warn(
-            f"warning: {access.registry_down}; showing what the LAN announces by mDNS"
-            " (serverless mode), which may be incomplete"
-        )
-    return found
+    return fetched(fetch, access, ctx.warn)
 
 
 @command.command(
@@ -384,7 +359,7 @@ def lookup(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name)
-    out = _instance_output(ctx, template, force_json)
+    out = instance_output(ctx, template, force_json)
     found = _query(
         "lookup",
         service,
@@ -398,7 +373,7 @@ def lookup(
     if not found:
         what = "instance" if include_all else "passing instance"
         raise NotFoundError(f"no {what} of service {service!r}")
-    _print_instances(found, out)
+    print_instances(found, out)
 
 
 @command.command(
@@ -429,7 +404,7 @@ def list_(
 
     ctx = Context("eda-registry", verbose)
     service = validate_name(name) if name is not None else None
-    out = _instance_output(ctx, template, force_json)
+    out = instance_output(ctx, template, force_json)
     found = _query(
         "list",
         service,
@@ -440,10 +415,9 @@ def list_(
         no_mdns,
         ctx,
     )
-    _print_instances(found, out)
+    print_instances(found, out)
 
 
-SERVICE_FIELDS = ("service", "instances", "passing")
 
 
 @command.command(
@@ -473,27 +447,7 @@ def services(
     ctx = Context("eda-registry", verbose)
     out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
     found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
-    out.table(found, _services_table)
-
-
-def _services_table(found: list[dict[str, Any]]) -> Table:
-    """Services as a table: a service with failing instances shows its count in colour."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=None, header_style="bold")
-    table.add_column("SERVICE", overflow="fold")
-    table.add_column("INSTANCES", no_wrap=True, justify="right")
-    table.add_column("PASSING", no_wrap=True, justify="right")
-    for item in found:
-        passing, total = item["passing"], item["instances"]
-        style = "green" if passing == total else "yellow" if passing else "red"
-        table.add_row(
-            Text(for_terminal(item["service"])),
-            Text(str(total)),
-            Text(f"{passing}/{total}", style=style),
-        )
-    return table
+    out.table(found, SERVICES_TABLE)
 
 
 @command.command(
@@ -526,98 +480,6 @@ def deregister(
     inst_id = validate_id(inst_id)
     remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
     ctx.debug(f"deregistered {inst_id}")
-
-
-def _fields(record: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(record)
-    fields["address"] = _address(record.get("host"), record.get("port"))
-    return fields
-
-
-def _address(host: object, port: object) -> str:
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def _instance_output(ctx: Context, template: str | None, force_json: bool) -> Output:
-    """How instances print; a --format naming an unknown field is refused at once."""
-    return Output(
-        ctx,
-        template=template,
-        fields=INSTANCE_FIELDS,
-        force_json=force_json,
-        template_fields=_fields,
-    )
-
-
-def _print_instances(found: list[dict[str, Any]], out: Output) -> None:
-    """One table of them all on a terminal, else one item each."""
-    out.table(found, lambda rows: _table(rows, out.width))
-
-
-STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
-
-
-def _table(found: list[dict[str, Any]], width: int) -> RenderableType:
-    """Instances as a table; every peer-supplied string is escaped and shown as plain Text.
-
-    The address column never wraps or shrinks (an address cut at the edge of
-    the terminal is a wrong address); metadata and instance ids fold instead.
-    A terminal too narrow for every column gets one block per instance.
-    """
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=None, header_style="bold")
-    addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
-    widest = max(map(len, addresses), default=7)
-    table.add_column("SERVICE", overflow="fold")
-    table.add_column("INSTANCE", overflow="fold")
-    table.add_column("ADDRESS", no_wrap=True, min_width=widest)
-    table.add_column("STATUS", no_wrap=True)
-    table.add_column("WEIGHT", no_wrap=True)
-    table.add_column("META", overflow="fold")
-    table.add_column("LAST SEEN", no_wrap=True)
-    now = time.time()
-    for r, address in zip(found, addresses, strict=True):
-        status = for_terminal(r.get("status"))
-        beat = r.get("heartbeat")
-        seen = f"{now - beat:.1f}s ago" if isinstance(beat, (int, float)) and beat else "-"
-        meta = r.get("meta")
-        meta = meta if isinstance(meta, dict) else {}
-        table.add_row(
-            Text(for_terminal(r.get("service"))),
-            Text(for_terminal(r.get("id"))),
-            Text(address),
-            Text(status, style=STATUS_COLOURS.get(status, "")),
-            Text(for_terminal(r.get("weight"))),
-            Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
-            Text(seen),
-        )
-    if _table_width(table) <= width:
-        return table
-    blocks = []
-    for row in zip(*(column.cells for column in table.columns), strict=True):
-        block = Text()
-        for column, cell in zip(table.columns, row, strict=True):
-            block.append(f"{column.header:<11}", style="bold")
-            block.append_text(cell if isinstance(cell, Text) else Text(str(cell)))
-            block.append("\n")
-        blocks.append(block)
-    return Group(*blocks)
-
-
-def _table_width(table: Any) -> int:
-    """The narrowest width at which every column shows: no-wrap columns whole,
-    folding ones at least as wide as their header (rich would drop them instead)."""
-    width = 0
-    for column in table.columns:
-        cells = [len(getattr(c, "plain", str(c))) for c in column.cells]
-        if column.no_wrap:
-            width += max([len(str(column.header)), *cells])
-        else:
-            width += max(len(str(column.header)), 8)
-    return width + 2 * len(table.columns)
 
 
 # -- watch -----------------------------------------------------------------------------------
@@ -669,7 +531,7 @@ def watch(
     from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
-    out = _event_output(ctx, exec_cmd, template, force_json)
+    out = event_output(ctx, exec_cmd, template, force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
@@ -680,68 +542,6 @@ def watch(
     finally:
         events.close()
     raise Exit(out.finish())
-
-
-EVENT_COLOURS = {
-    "registered": "green",
-    "deregistered": "yellow",
-    "expired": "red",
-    "health": "magenta",
-}
-
-
-def _event_output(
-    ctx: Context, exec_cmd: str | None, template: str | None, force_json: bool
-) -> Output:
-    return Output(
-        ctx,
-        template=template,
-        fields=EVENT_FIELDS,
-        force_json=force_json,
-        exec_cmd=exec_cmd,
-        exec_env=_event_env,
-        template_fields=_event_fields,
-        terminal=lambda event: _event_line(event, EVENT_COLOURS),
-    )
-
-
-def _event_env(event: dict[str, Any]) -> dict[str, Any]:
-    inst = event.get("instance") or {}
-    return {
-        "EDA_EVENT": event.get("type"),
-        "EDA_SERVICE": event.get("service"),
-        "EDA_INSTANCE": inst.get("id"),
-        "EDA_EVENT_ID": event.get("id"),
-    }
-
-
-def _event_line(event: dict[str, Any], colours: dict[str, str]) -> Any:
-    """One change as rich Text: peer strings escaped, never read as markup."""
-    from rich.text import Text
-
-    inst = event.get("instance")
-    inst = inst if isinstance(inst, dict) else {}
-    kind = for_terminal(event.get("type"))
-    line = Text()
-    line.append(for_terminal(str(event.get("time", ""))[11:23]), style="dim")
-    line.append(" ")
-    line.append(f"{kind:<12}", style=colours.get(kind, "cyan"))
-    line.append(
-        " "
-        + for_terminal(
-            f"{inst.get('service')}/{inst.get('id')} {inst.get('host')}:{inst.get('port')} "
-            f"{inst.get('status')}"
-        )
-    )
-    line.append("  " + for_terminal(event.get("reason", "")), style="dim")
-    return line
-
-
-def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
-    fields = _fields(event["instance"])
-    fields.update({k: v for k, v in event.items() if k != "instance"})
-    fields["instance"] = event["instance"].get("id")
-    return fields
 
 
 # -- browse -----------------------------------------------------------------------------------
@@ -782,8 +582,8 @@ def browse(
         template=template,
         fields=BROWSE_FIELDS,
         force_json=force_json,
-        template_fields=_browse_fields,
-        terminal=_browse_line,
+        template_fields=browse_fields,
+        terminal=browse_line,
     )
     for item in browse_lan(service_type, _iface(interface)):
         if item is not None:
@@ -793,24 +593,6 @@ def browse(
                 return
         if deadline is not None and time.monotonic() >= deadline:
             return
-
-
-def _browse_fields(item: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(item)
-    addresses = item.get("addresses") or []
-    fields["address"] = _address(addresses[0], item.get("port")) if addresses else ""
-    return fields
-
-
-def _browse_line(item: dict[str, Any]) -> Text:
-    """One browse item for a terminal: best address first, TXT as key=value, all escaped."""
-    addresses = item.get("addresses") or []
-    where = f"{addresses[0]}:{item.get('port', '')}" if addresses else ""
-    others = f" (also {', '.join(addresses[1:])})" if len(addresses) > 1 else ""
-    txt = " ".join(f"{k}={v}" for k, v in (item.get("txt") or {}).items())
-    from rich.text import Text
-
-    return Text(for_terminal(f"{item['event']:<8} {item['name']}  {where}{others}  {txt}".rstrip()))
 
 
 def main() -> None:

@@ -478,6 +478,8 @@ class _Loop:
         self.ctx = ctx
         self.reported_malformed = 0
         self.reported_copies = 0
+        self.reported_evicted = 0
+        self.reported_unaccounted = 0
 
     def run(
         self, count: int | None, idle_timeout: float | None, strict: bool, lost: list[int]
@@ -535,6 +537,17 @@ class _Loop:
         if copies and self.ctx.verbose and (final or self.ctx.due("copies")):
             self.ctx.debug(f"dropped {copies} event(s) delivered before (a loop or a copy)")
             self.reported_copies = self.recent.dropped
+        evicted = getattr(self.sub, "evicted", 0) - self.reported_evicted
+        if evicted and self.ctx.verbose and (final or self.ctx.due("evicted")):
+            self.ctx.debug(f"forgot {evicted} publisher id(s) or stream(s) (per-peer bound)")
+            self.reported_evicted += evicted
+        unknown = getattr(self.sub, "unaccounted", 0) - self.reported_unaccounted
+        if unknown and (final or self.ctx.due("unaccounted")):
+            self.ctx.warn(
+                f"warning: cannot tell whether {unknown} event(s) arrived: their streams"
+                " were forgotten (more publishers and topics than a subscriber follows)"
+            )
+            self.reported_unaccounted += unknown
 
 
 def _output(

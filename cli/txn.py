@@ -1,23 +1,23 @@
 """eda-txn: distributed transactions -- two-phase commit and sagas with compensation.
 
-One section per subcommand after the helpers they share: coordinator,
-participant, commit, resolve (2PC), saga, status.  Over 500 lines for a
-reason: six subcommands whose option declarations, help texts and terminal
-views are most of it; the logic is in ``eda.core.txn`` (``--data`` in
-``data.py``, advertised endpoints in ``advertise.py``, whom ``resolve`` asks
-in ``resolve.py``).
+The group and its 2PC subcommands (coordinator, participant, commit, resolve),
+after the helpers they share; `saga` is in ``txnsaga.py``, `status` in
+``txnstatus.py``.  Over 500 lines for a reason: four subcommands whose option
+declarations and help texts are most of it; the logic is in ``eda.core.txn``
+(``--data`` in ``data.py``, advertised endpoints in ``advertise.py``, the
+coordinator found in ``client.py``, whom ``resolve`` asks and how in ``resolve.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit, Terminated, registry_access, run, write_stdout
+from eda.cli.common import Context, Exit, Terminated, registry_access, run
 from eda.cli.options import (
+    LOG_HELP,
     SECONDS,
     common_options,
     json_option,
@@ -25,10 +25,11 @@ from eda.cli.options import (
     registry_option,
 )
 from eda.cli.output import Output, for_terminal
-from eda.core.errors import EdaError, ExitStatus, NotFoundError, UsageError
+from eda.cli.txnsaga import saga
+from eda.cli.txnstatus import status
+from eda.core.errors import EdaError, ExitStatus, NotFoundError
 
 if TYPE_CHECKING:
-    from rich.table import Table
     from rich.text import Text
 
 EPILOG = """\b
@@ -50,7 +51,6 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 
 
 # -- shared by the subcommands ------------------------------------------------------------
-LOG_HELP = "Directory of the journals (JSON Lines, fsynced)."
 
 
 def _access(
@@ -155,7 +155,9 @@ def coordinator(
     one fsync for all the decisions of one loop turn); presumed abort.  On
     start, every decided transaction of the journal that is not done is
     driven to the end again.  Participants are found by name: --peer, else
-    the registry, else mDNS.  Announced as the service txn-coordinator.
+    the registry, else mDNS.  Announced as the service txn-coordinator.  A
+    --bind port of '*' is remembered next to the journal: restarted with the
+    same command, the coordinator listens where its clients expect it.
     """
     from eda.core.txn.advertise import advertised, default_name
     from eda.core.txn.coordinator import Coordinator, journal_path
@@ -168,6 +170,7 @@ def coordinator(
     coord = Coordinator(
         name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+        remember=True,
     )  # fmt: skip
     registration = None
     try:
@@ -282,7 +285,9 @@ def participant(
     The vote is fsynced before it is sent.  A transaction prepared and not
     decided after --inquire-after asks its coordinator; while none answers it
     stays in doubt (see `status`, `resolve`).  Registered as the service
-    txn-NAME (registry, else mDNS) so coordinators find it by name.
+    txn-NAME (registry, else mDNS) so coordinators find it by name.  A --bind
+    port of '*' (the default) is remembered next to the journal: restarted
+    with the same command, the participant listens where coordinators found it.
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
     from eda.core.txn.advertise import advertised
@@ -313,7 +318,7 @@ def participant(
     try:
         part = Participant(
             name, actions, log_dir, bind=bind, inquire_after=inquire_after, find_coordinator=find,
-            log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
+            log=ctx.debug, warn=ctx.warn, interface=access and access.interface, remember=True,
         )  # fmt: skip
     except BaseException:
         actions.close()
@@ -336,27 +341,6 @@ def participant(
         if registration is not None:
             registration.close()
         part.close()
-
-
-def _coordinator_client(coordinator: str | None, access: Any, timeout: float) -> Any:
-    """A client of the coordinator: --coordinator, else the last one found, else discovery."""
-    from eda.core import cache
-    from eda.core.reqrep import Client, tcp_reachable
-    from eda.core.txn.protocol import find_coordinators
-
-    if coordinator:
-        return Client([coordinator], timeout=timeout)
-    known = [e for e in cache.cached("txn-coordinator") if tcp_reachable(e)]
-    if not known:
-        if access is None:
-            raise UsageError("no coordinator: give --coordinator, or allow mDNS")
-        known = find_coordinators(access)
-        if not known:
-            raise NotFoundError(
-                "no coordinator found: start `eda-txn coordinator` or give --coordinator"
-            )
-        cache.remember("txn-coordinator", known)
-    return Client(known[:1], timeout=timeout)
 
 
 RESULT_FIELDS = ("txn", "outcome", "votes", "reason")
@@ -442,6 +426,7 @@ def commit(
       3  no coordinator found;  2  bad options or --data;  1  refused
     """
     from eda.core.reqrep import Unavailable, tcp_reachable
+    from eda.core.txn.client import CoordinatorClient
     from eda.core.txn.data import read_data
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
@@ -465,7 +450,7 @@ def commit(
     if coordinator and not tcp_reachable(coordinator, 1.0):
         ctx.error(f"cannot reach the coordinator at {coordinator}: nothing was committed")
         raise Exit(ExitStatus.TIMEOUT)
-    client = _coordinator_client(coordinator, access, wait)
+    client = CoordinatorClient(coordinator, access, wait)
     msg: dict[str, Any] = {"op": "commit", "participants": names, "data": payload}
     if timeout is not None:
         msg["timeout"] = timeout
@@ -564,9 +549,8 @@ def resolve(
     per transaction settled at a participant.  Exit status: 0 done, 3 none
     in doubt (or matching), 1 a participant failed or could not be reached.
     """
-    from eda.core.reqrep import Client, tcp_reachable
     from eda.core.txn.protocol import Directory, check_name, check_txn
-    from eda.core.txn.resolve import in_doubt, objects, resolved_rows
+    from eda.core.txn.resolve import settle, whom
 
     ctx = Context("eda-txn", verbose)
     if commit == abort:
@@ -587,23 +571,8 @@ def resolve(
     except EdaError as exc:
         raise click.UsageError(str(exc)) from None
 
-    def wanted(txn: str, record: dict[str, Any]) -> bool:
-        if record.get("state") != "prepared":
-            return False
-        if txn_id is not None:
-            return txn == txn_id
-        return coordinator is None or txn.partition(".")[0] == coordinator
-
-    targets = in_doubt(log_dir, wanted, names)
     access = _access(registries, interface, no_mdns, serverless, ctx)
-    directory = Directory(access=access)
-    for name in names:
-        if name not in targets:
-            found = directory.endpoints(name)
-            if not found:  # no answer from a registry is not "not found" (exit 1, not 3)
-                missing = NotFoundError if name not in directory.lookups.failed else EdaError
-                raise missing(directory.missing(name))
-            targets[name] = found[0]
+    targets = whom(log_dir, txn_id, coordinator, names, Directory(access=access))
     if not targets:
         which = txn_id or "the transactions selected"
         raise NotFoundError(f"no participant in {log_dir} is in doubt about {which}")
@@ -618,414 +587,24 @@ def resolve(
         if unanswered:
             request["unanswered"] = True
     for name, endpoint in sorted(targets.items()):
-        if not tcp_reachable(endpoint, 1.0):  # a dead participant: say so now, not in 15 s
-            failed += 1
-            ctx.error(f"{name}: nothing listens at {endpoint} (is the participant running?)")
-            continue
-        client = Client([endpoint], timeout=15.0 if txn_id else 60.0)
         try:
-            while True:
-                reply = client.request(dict(request))
-                if txn_id is not None:
-                    settled += 1
-                    out.items([{"txn": txn_id, "participant": name, "state": reply.get("state")}])
-                    break
-                done = resolved_rows(reply, name)
+            for done, failures in settle(name, endpoint, request):
                 settled += len(done)
                 out.items(done)
-                for item in objects(reply.get("failed")):
+                for item in failures:
                     failed += 1
                     ctx.error(f"{name}: {item.get('txn')}: {item.get('error')}")
-                if not done or not reply.get("more"):
-                    break
         except EdaError as exc:
             failed += 1
             ctx.error(f"{name}: {exc}")
-        finally:
-            client.close()
     if failed:
         raise Exit(ExitStatus.ERROR)
     if not settled:
         raise NotFoundError("no transaction in doubt matches at the participants asked")
 
 
-# -- sagas: saga, saga init ----------------------------------------------------------------
-
-
-SAGA_EPILOG = """\b
-Examples:
-  eda-txn saga init order.toml                     write a commented template
-  eda-txn saga --dry-run order.toml                check the file and print the plan
-  eda-txn saga order.toml --data '{"order": 7}'    run it: exit 0 completed, 5 compensated, 1 stuck
-  eda-txn saga order.toml --id order-7 --data @order.json   your own id; the data from a file
-  eda-txn saga --resume order-7                    go on after a crash, or retry a stuck saga
-  eda-txn saga order.toml | jq -c 'select(.event == "step-failed")'
-"""
-
-SAGA_FIELDS = (
-    "saga", "event", "time", "step", "attempt", "error", "final", "retry_in", "output",
-    "note", "name", "data", "from",
-)  # fmt: skip
-
-SAGA_COLOURS = {
-    "saga-started": "bold",
-    "step-done": "green",
-    "step-failed": "red",
-    "saga-aborting": "bold red",
-    "compensation-started": "yellow",
-    "compensation-done": "yellow",
-    "compensation-failed": "red",
-    "saga-completed": "bold green",
-    "saga-compensated": "bold yellow",
-    "saga-stuck": "bold red",
-    "saga-resumed": "bold",
-}
-
-
-@command.command("saga", epilog=SAGA_EPILOG)
-@click.argument("file", required=False, metavar="[FILE]")
-@click.argument("init_file", required=False, metavar="[INIT_FILE]")
-@click.option(
-    "--data",
-    metavar="JSON",
-    help="The saga data, a JSON object ('{}' by default): @FILE reads it from a file, - from"
-    " stdin.  Every step gets it on stdin.",
-)
-@click.option(
-    "--id",
-    "saga_id",
-    metavar="ID",
-    help="The saga's id (default: NAME-DATE-TIME-RANDOM); one log per id.",
-)
-@click.option("--resume", metavar="ID", help="Continue saga ID from its log (no FILE).")
-@click.option("--dry-run", is_flag=True, help="Check FILE and print the plan; run nothing.")
-@click.option(
-    "--log",
-    "log_dir",
-    default="txn",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    metavar="DIR",
-    help="Log directory; a saga's log is DIR/sagas/ID.jsonl (JSON Lines, fsynced).",
-)
-@click.option("--force", is_flag=True, help="saga init: overwrite an existing file.")
-@output_options(
-    "One line per event from a template, e.g. '{event} {step} {error}'. "
-    f"Fields: {', '.join(SAGA_FIELDS)}."
-)
-@registry_option
-@common_options
-def saga(
-    file: str | None,
-    init_file: str | None,
-    data: str | None,
-    saga_id: str | None,
-    resume: str | None,
-    dry_run: bool,
-    log_dir: str,
-    force: bool,
-    template: str | None,
-    force_json: bool,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
-) -> None:
-    """Run the saga in FILE (TOML), or continue one with --resume ID.
-
-    Steps run in order (a group's steps in parallel), each a shell command
-    (run), an eda-lb service call (call) or a publish; a step that fails for
-    good has the completed steps compensated in reverse order.  Progress is
-    printed as JSON Lines (a readable view on a terminal), the same records
-    as the log.  Exit status: 0 completed, 5 compensated (aborted), 1 stuck
-    (a compensation failed for good: fix the cause, then --resume).
-
-    'eda-txn saga init [FILE]' writes a commented template to FILE
-    (saga.toml by default, - for stdout).
-    """
-    from eda.core.txn import saga as sagas
-    from eda.core.txn import sagafile
-    from eda.core.txn.data import read_data
-
-    ctx = Context("eda-txn", verbose)
-    if file == "init" and resume is None and not dry_run:
-        _saga_init(ctx, init_file or "saga.toml", force)
-        return
-    if init_file is not None:
-        raise UsageError(f"unexpected argument {init_file!r}: give one FILE")
-    if resume is not None and (file is not None or data is not None or saga_id is not None):
-        raise UsageError("--resume ID continues a logged saga: no FILE, --data or --id")
-    if resume is None and file is None:
-        raise UsageError("missing FILE (or --resume ID)")
-    if dry_run:
-        if file is None:
-            raise UsageError("--dry-run checks a FILE")
-        plan = sagafile.load(file)
-        sagas.check_runnable(plan)
-        _saga_plan(ctx, plan, force_json)
-        return
-    out = Output(
-        ctx,
-        template=template,
-        fields=SAGA_FIELDS,
-        force_json=force_json,
-        terminal=_saga_line,
-    )
-
-    def on_stderr(step: str, chunk: bytes) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-
-    printing = [True]
-
-    def on_event(record: dict[str, Any]) -> None:
-        if printing[0]:
-            try:
-                out.items([record])
-            except Exit:  # stdout closed (| head): the saga goes on, unprinted
-                printing[0] = False
-
-    options: dict[str, Any] = {
-        "on_event": on_event,
-        "on_stderr": on_stderr,
-        "reach": sagas.Reach(
-            interface=_interface_address(interface),
-            mdns=not no_mdns,
-            registries=registries,
-            serverless=serverless,
-        ),
-    }
-    if resume is not None:
-        run_ = sagas.resume(log_dir, resume, **options)
-        if run_.repaired:
-            ctx.warn(f"warning: cut a torn tail of {run_.repaired} bytes from the log of {resume}")
-        sagas.check_runnable(run_.plan)
-    else:
-        assert file is not None
-        plan = sagafile.load(file)
-        sagas.check_runnable(plan)
-        payload = read_data(data, sys.stdin.buffer)
-        run_ = sagas.start(plan, payload, log_dir, saga_id=saga_id, **options)
-    try:
-        status = run_.run()
-    except Terminated:
-        ctx.warn(f"interrupted: continue with eda-txn saga --resume {run_.saga_id}")
-        raise Exit(ExitStatus.INTERRUPTED) from None
-    except KeyboardInterrupt:
-        ctx.warn(f"interrupted: continue with eda-txn saga --resume {run_.saga_id}")
-        raise
-    finally:
-        run_.close()
-    state = run_.state
-    if status == sagas.COMPENSATED:
-        failed = state.failed_step or ""
-        ctx.warn(
-            f"saga {run_.saga_id} aborted: step {for_terminal(failed)} failed"
-            f" ({for_terminal(state.steps[failed].error)}); completed steps compensated"
-        )
-        raise Exit(ExitStatus.LOSS)
-    if status == sagas.STUCK:
-        step = state.stuck_step or ""
-        ctx.error(
-            f"saga {run_.saga_id} is stuck: compensation of {for_terminal(step)} failed"
-            f" ({for_terminal(state.steps[step].error)}); fix it, then run"
-            f" eda-txn saga --resume {run_.saga_id}"
-        )
-        raise Exit(ExitStatus.ERROR)
-
-
-def _interface_address(interface: str | None) -> str | None:
-    if not interface:  # (the usual case: no network module loaded at all)
-        return None
-    from eda.core.registry.access import resolve_interface
-
-    return resolve_interface(interface)
-
-
-def _saga_init(ctx: Context, target: str, force: bool) -> None:
-    from eda.core.txn.sagafile import template
-
-    text = template()
-    if target == "-":
-        write_stdout(text.encode())
-        return
-    try:
-        with open(target, "w" if force else "x", encoding="utf-8") as fh:
-            fh.write(text)
-    except FileExistsError:
-        raise UsageError(f"{target} exists already (--force overwrites it)") from None
-    ctx.warn(f"wrote {target}: edit it, then eda-txn saga --dry-run {target}")
-
-
-def _saga_plan(ctx: Context, plan: Any, force_json: bool) -> None:
-    """The plan: one JSON object per step, or a table on a terminal."""
-    rows: list[dict[str, Any]] = []
-    for stage, members in enumerate(plan.stages(), 1):
-        for step in members:
-            comp = step.compensate
-            rows.append(
-                {
-                    "stage": stage,
-                    "step": step.name,
-                    "line": step.line,
-                    "action": step.action.describe(),
-                    "compensate": comp.describe() if comp else None,
-                    "timeout": step.action.timeout,
-                    "retry": step.action.retry.to_dict(),
-                    "group": step.group,
-                    "pivot": step.pivot,
-                    "retriable": step.retriable,
-                }
-            )
-    Output(ctx, force_json=force_json).table(rows, lambda rows: _plan_table(plan.name, rows))
-
-
-def _plan_table(name: str, rows: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=None, header_style="bold", title=f"saga {for_terminal(name)}")
-    for header in ("STAGE", "STEP", "ACTION", "COMPENSATE", "TIMEOUT", "TRIES", "NOTE"):
-        table.add_column(header, overflow="fold")
-    for r in rows:
-        note = "pivot" if r["pivot"] else "retriable" if r["retriable"] else ""
-        if r["group"]:
-            note = f"group {r['group']} {note}".strip()
-        tries = "until done" if r["retriable"] else str(r["retry"]["attempts"])
-        cells = [
-            str(r["stage"]), r["step"], r["action"], r["compensate"] or "-",
-            f"{r['timeout']:g}s" if r["timeout"] else "-", tries, note,
-        ]  # fmt: skip
-        table.add_row(*[Text(for_terminal(c)) for c in cells])
-    return table
-
-
-def _saga_line(record: dict[str, Any]) -> Text:
-    """One saga event as rich Text (values escaped, never markup)."""
-    from rich.text import Text
-
-    event = str(record.get("event", ""))
-    line = Text()
-    line.append(for_terminal(str(record.get("time", ""))[11:23]), style="dim")
-    line.append(" ")
-    line.append(f"{for_terminal(event):<21}", style=SAGA_COLOURS.get(event, "cyan"))
-    parts: list[str] = []
-    if event == "saga-started":
-        parts.append(f"{record.get('name')} {record.get('saga')}")
-    elif "step" in record:
-        parts.append(str(record["step"]))
-    if "attempt" in record:
-        parts.append(f"try {record['attempt']}")
-    if record.get("error"):
-        parts.append(str(record["error"]))
-    if "retry_in" in record:
-        parts.append(f"(again in {record['retry_in']}s)")
-    if record.get("output"):
-        import json
-
-        parts.append(json.dumps(record["output"], ensure_ascii=False)[:200])
-    if record.get("note"):
-        parts.append(f"({record['note']})")
-    if event == "saga-resumed":
-        parts.append(f"{record.get('saga')} from {record.get('from')}")
-    line.append(" " + for_terminal(" ".join(parts)))
-    return line
-
-
-# -- status (both) -------------------------------------------------------------------------
-STATUS_FIELDS = (
-    "txn", "kind", "state", "coordinator", "decision", "participants", "reason", "hazards",
-    "notes", "time", "steps", "name", "step", "error", "active", "log", "id", "status",
-    "started", "updated",
-)  # fmt: skip
-STATE_COLOURS = {
-    "committed": "green", "aborted": "yellow", "in-doubt": "red", "hazard": "bold red",
-    "committing": "cyan", "aborting": "cyan", "stuck": "red",
-}  # fmt: skip
-
-
-@command.command(
-    epilog="""\b
-Examples:
-  eda-txn status                                    every transaction and saga of ./txn
-  eda-txn status c1.18f3a2b4c5d6e7                  one of them (exit 3 if unknown)
-  eda-txn status --log /var/lib/eda/txn --json | jq 'select(.state == "in-doubt")'
-"""
-)
-@click.argument("txn_id", metavar="[ID]", required=False)
-@click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
-@output_options(
-    f"Print one line per transaction from a template. Fields: {', '.join(STATUS_FIELDS)}."
-)
-@common_options
-def status(
-    txn_id: str | None,
-    log_dir: str,
-    template: str | None,
-    force_json: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
-) -> None:
-    """Where transactions and sagas stand, from the journals in --log.
-
-    States: committed, aborted, committing/aborting (decided, not yet
-    acknowledged by all), in-doubt (prepared, outcome unknown), hazard (an
-    operator's `resolve` contradicted the outcome); sagas show their own.
-    A table on a terminal, JSON Lines otherwise.
-    """
-    from eda.core.txn.status import everything
-
-    ctx = Context("eda-txn", verbose)
-    rows, problems = everything(log_dir)
-    for problem in problems:
-        ctx.warn(f"warning: {problem}")
-    if txn_id is not None:
-        rows = [r for r in rows if r.get("txn") == txn_id]
-        if not rows:
-            raise NotFoundError(f"no transaction or saga {txn_id} in {log_dir}")
-    out = Output(ctx, template=template, fields=STATUS_FIELDS, force_json=force_json)
-    out.table(rows, _status_table)
-    if problems:
-        raise Exit(ExitStatus.ERROR)
-
-
-def _status_table(rows: list[dict[str, Any]]) -> Table:
-    import time
-
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=None, header_style="bold")
-    for header in ("ID", "KIND", "STATE", "PARTICIPANTS / STEPS", "WHEN", "NOTE"):
-        table.add_column(header, overflow="fold")
-    for r in rows:
-        state = for_terminal(r.get("state"))
-        parts = r.get("participants") or r.get("steps") or {}
-        shown = (
-            " ".join(for_terminal(f"{k}:{v}") for k, v in parts.items())
-            if isinstance(parts, dict)
-            else for_terminal(parts)
-        )
-        when = r.get("time")
-        stamp = (
-            time.strftime("%H:%M:%S", time.localtime(when))
-            if isinstance(when, int | float)
-            else "-"
-        )
-        notes = [str(r.get("reason") or ""), *map(str, r.get("notes") or [])]
-        if r.get("hazards"):
-            notes.append("heuristic hazard at " + ", ".join(map(str, r["hazards"])))
-        table.add_row(
-            Text(for_terminal(r.get("txn"))), Text(for_terminal(r.get("kind"))),
-            Text(state, style=STATE_COLOURS.get(state, "")), Text(shown), Text(stamp),
-            Text(for_terminal("; ".join(n for n in notes if n))),
-        )  # fmt: skip
-    return table
+command.add_command(saga)
+command.add_command(status)
 
 
 def main() -> None:

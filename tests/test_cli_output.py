@@ -27,7 +27,7 @@ SERVICES = [
 def render(
     rows: list[dict[str, Any]], *, tty: bool, width: int, colour: bool | None = None, **kw: Any
 ) -> str:
-    from eda.cli.registry import _services_table
+    from eda.cli.registryviews import SERVICES_TABLE as _services_table
 
     screen = bytearray()
     env = Environment(write=screen.extend, stdout_isatty=tty, width=width, colour=colour)
@@ -83,7 +83,7 @@ def test_items_with_a_terminal_view_are_drawn_in_one_write() -> None:
 
 
 def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
-    from eda.cli import bus, lb, txn
+    from eda.cli import bus, lb, txnstatus
 
     cases: list[tuple[Any, list[dict[str, Any]], str]] = [
         (bus._table, [{"kind": "topic", "topic": "t", "events": 5, "bytes": 9}], "events"),
@@ -91,7 +91,7 @@ def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
                                 "patterns": ["a.>"], "next": 3, "lag": 0}], "patterns"),
         (lb._stats_table, lb._stats_rows("s", "b1", {"instances": [{"id": "w1"}]}, broker=True),
          "p99_ms"),
-        (txn._status_table, [{"txn": "c1.1", "kind": "2pc", "state": "committed"}], "STATE"),
+        (txnstatus._status_table, [{"txn": "c1.1", "kind": "2pc", "state": "committed"}], "STATE"),
     ]  # fmt: skip
     for draw, rows, header in cases:
         screen = bytearray()
@@ -209,3 +209,131 @@ def test_a_broker_found_at_an_ipv6_address_is_served_at_a_bracketed_endpoint() -
 
     find = BrokerFinder([Endpoint("10.0.0.1", 7000)], Found())  # type: ignore[arg-type]
     assert find() == ["tcp://10.0.0.1:7000", "tcp://[fd00::5]:7802", "tcp://10.0.0.5:7802"]
+
+
+# -- tables at 80 and 60 columns (issue 16) ------------------------------------------------
+
+
+def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
+    """Every table of every program, with realistic widths, and the values (ids,
+    counts, addresses) each must show whole."""
+    from eda.cli import bus, lb, registryviews, txnstatus
+
+    worker = {
+        "id": "upper-10-200-200-200-40123", "state": "slow-start", "requests": 1234567,
+        "errors": 12345, "inflight": 64, "concurrency": 128, "weight": 100,
+        "latency_ms": {"p50": 12.345, "p90": 123.456, "p99": 1234.567},
+    }  # fmt: skip
+    lb_rows = lb._stats_rows("upper", "broker-10-0-0-1-5555", {"instances": [worker]}, broker=True)
+    instance = {
+        "service": "orders", "id": "orders-10-200-200-200-65535", "host": "10.200.200.200",
+        "port": 65535, "status": "passing", "weight": 3, "meta": {"zone": "a", "version": "1.2"},
+        "heartbeat": 0,
+    }  # fmt: skip
+    return [
+        ("eda-lb stats", lb._stats_table, lb_rows,
+         ["upper-10-200-200-200-40123", "1234567", "12345"]),
+        ("eda-bus stats", bus._table,
+         [{"kind": "bus", "events": 2000201, "bytes": 123456789012, "first_seq": 1,
+           "last_seq": 2000201},
+          {"kind": "topic", "topic": "orders.created.eu-west", "events": 1000000,
+           "bytes": 61234567890},
+          {"kind": "consumer", "consumer": "durable", "name": "billing-eu-west-1",
+           "next": 1999990, "lag": 1000211, "held": 1000}],
+         ["2000201", "1000000", "orders.created.eu-west", "billing-eu-west-1", "1000211"]),
+        ("eda-bus stats --consumers", bus._consumer_table,
+         [{"kind": "consumer", "consumer": "group", "name": "billing-eu-west-1",
+           "patterns": ["orders.>", "payments.*.settled"], "next": 1999990, "lag": 1000211,
+           "held": 1000}],
+         ["billing-eu-west-1", "1000211"]),
+        ("eda-txn status", txnstatus._status_table,
+         [{"txn": "coordinator-1.18f3a2b4c5d6e7", "kind": "2pc", "state": "committing",
+           "participants": {"stock": "committed", "payments": "prepared"}, "time": 0,
+           "reason": "", "notes": ["payments: commit failing: connection refused"]},
+          {"txn": "order-20261207-083512-a1b2c3", "kind": "saga", "state": "compensated",
+           "steps": {"reserve": "compensated", "charge": "failed"}, "time": 0,
+           "reason": "charge: card declined"}],
+         ["coordinator-1.18f3a2b4c5d6e7", "committing", "order-20261207-083512-a1b2c3",
+          "compensated"]),
+        ("eda-registry list", registryviews.INSTANCES_TABLE,
+         [instance, {**instance, "id": "orders-10-200-200-201-65535", "host": "10.200.200.201"}],
+         ["orders-10-200-200-200-65535", "10.200.200.200:65535", "10.200.200.201:65535"]),
+        ("eda-registry services", registryviews.SERVICES_TABLE,
+         [{"service": "orders", "instances": 120000, "passing": 119999}], ["120000"]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_every_table_fits_the_terminal_without_splitting_an_id_or_a_number(width: int) -> None:
+    for program, view, rows, whole in _tables():
+        screen = bytearray()
+        env = Environment(write=screen.extend, stdout_isatty=True, width=width, colour=False)
+        Output(Context("t", False), env=env).table(rows, view)
+        lines = screen.decode().splitlines()
+        assert all(len(line) <= width for line in lines), (program, lines)
+        tokens = {token for line in lines for token in line.split()}
+        for value in whole:  # every id, count and address whole on one line
+            assert value in tokens, (program, width, value, lines)
+        headers = {c.header for c in view.columns}
+        text = " ".join(lines)
+        shown = {h for h in headers if any(h in line for line in lines[:3])}
+        if shown != headers:  # a column dropped is named, and --json still has it
+            note = text[text.index("hidden to fit") :]
+            assert "--json" in note and all(h in note for h in headers - shown), (program, lines)
+
+
+def test_the_most_important_columns_stay_on_a_narrow_terminal() -> None:
+    from eda.cli import lb
+
+    rows = _tables()[0][2]
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=60, colour=False)
+    Output(Context("t", False), env=env).table(rows, lb._stats_table)
+    header = next(line for line in screen.decode().splitlines() if "instance" in line).split()
+    assert header[:4] == ["instance", "state", "requests", "errors"]
+    assert "p90_ms" not in header  # the least needed went first
+
+
+def test_an_empty_bus_says_empty_not_a_backwards_range() -> None:
+    from eda.cli import bus
+
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=80, colour=False)
+    empty = {"kind": "bus", "events": 0, "bytes": 0, "first_seq": 1, "last_seq": 0}
+    Output(Context("t", False), env=env).table([empty], bus._table)
+    assert "empty" in screen.decode() and "1..0" not in screen.decode()
+
+
+def test_browse_templates_take_meta_as_its_help_says() -> None:
+    from eda.cli import registry
+
+    item = {"event": "added", "name": "web", "addresses": ["10.0.0.5"], "port": 80,
+            "txt": {"zone": "a"}}  # fmt: skip
+    out = bytearray()
+    env = Environment(write=out.extend, stdout_isatty=False)
+    Output(Context("t", False), env=env, template="{meta[zone]} {meta}", fields=registry.BROWSE_FIELDS,
+           template_fields=registry.browse_fields).items([item])  # fmt: skip
+    assert out.decode() == 'a {"zone":"a"}\n'
+    assert "{meta}" in registry.browse.get_help(click.Context(registry.browse))
+
+
+def test_durations_print_as_they_are_written() -> None:
+    from eda.core.bus.retention import format_age, parse_age
+
+    assert [format_age(s) for s in (604800, 2592000, 3600, 5400, 90, 1.5)] == [
+        "7d", "30d", "1h", "90m", "90s", "1.5s"
+    ]  # fmt: skip
+    for text in ("7d", "12h", "30m", "90s", "0.5s", "2w"):
+        assert parse_age(format_age(parse_age(text))) == parse_age(text)
+
+
+def test_retain_says_what_it_did_in_words_on_a_terminal_and_json_on_a_pipe() -> None:
+    from eda.cli import bus
+
+    done = {"removed": 5, "bytes": 600, "first_seq": 6}
+    for tty, expected in ((True, "removed 5 events (600 bytes); the log now starts at seq 6\n"),
+                          (False, '{"removed":5,"bytes":600,"first_seq":6}\n')):  # fmt: skip
+        screen = bytearray()
+        env = Environment(write=screen.extend, stdout_isatty=tty, width=80, colour=False)
+        Output(Context("t", False), env=env, terminal=bus._retained_line).items([done])
+        assert screen.decode() == expected

@@ -274,7 +274,7 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     out, failed, summary, _ = call([worker.endpoint], bodies, retries=0)
     assert out == b"ok a\n\nok b\n"  # 'quiet' printed nothing: an empty reply
     reasons = {seq: (line, reason) for seq, line, reason in failed}
-    assert reasons[1] == (b"bad", "exit 3: it broke")
+    assert reasons[1] == (b"bad", "exit status 3: it broke")
     assert reasons[3] == (b"crash", "killed by signal 9")
     assert reasons[4][1].startswith("request too large (150 bytes")  # the worker's limit
     assert summary.failed == 3 and summary.ok == 3
@@ -282,6 +282,25 @@ def test_error_exit_empty_output_crash_and_oversize_each_fail_alone(serve: Any) 
     # the caller's own limit: refused before sending
     out, failed, _, _ = call([worker.endpoint], [b"y" * 300, b"c"], max_request=200)
     assert out == b"ok c\n" and failed[0][2].startswith("request too large (300 bytes")
+
+
+def test_a_failure_says_why_from_stdout_when_stderr_is_silent_and_a_timeout_asks_first(
+    serve: Any, tmp_path: Path
+) -> None:
+    """core/runner.py's rule in eda-lb: the reason is stderr's last line, else stdout's
+    (it used to be stderr's only); a command whose time is up gets SIGTERM before
+    SIGKILL, so it may clean up (it used to be killed outright)."""
+    flag = tmp_path / "cleaned"
+    script = (
+        'read -r l; case "$l" in said) echo "no such account"; exit 4;; '
+        f'slow) trap "touch {flag}; exit 1" TERM; sleep 30 & wait;; esac'
+    )
+    worker = serve(["sh", "-c", script], concurrency=2, timeout=0.3)
+    _, failed, _, _ = call([worker.endpoint], [b"said", b"slow"], retries=0)
+    reasons = {line: reason for _, line, reason in failed}
+    assert reasons == {b"said": "exit status 4: no such account", b"slow": "timed out after 0.3s"}
+    wait_until(flag.exists, 10, "the timed-out command's SIGTERM trap to run")
+    idle(worker)
 
 
 def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
@@ -338,6 +357,21 @@ def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
     assert len(runs) == 2 and runs[0] == runs[1]  # the retry kept the request id
     wait_until(lambda: worker.worker.timeouts + other.worker.timeouts >= 2, 5, "both killed")
     idle(worker, other)
+
+
+def test_a_stuck_persistent_command_is_asked_to_stop_before_it_is_killed(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A persistent process stuck past a request's time gets SIGTERM (it may clean up),
+    SIGKILL only after a grace; it used to be killed outright."""
+    flag = tmp_path / "cleaned"
+    script = f'trap "touch {flag}; exit 0" TERM; while read -r l; do sleep 30; done'
+    worker = serve(["sh", "-c", script], persistent=True, timeout=0.3)
+    _, failed, _, _ = call([worker.endpoint], [b"one"], timeout=5, retries=0)
+    assert [f[2][:28] for f in failed] == ["timed out: no reply line (a "]
+    wait_until(flag.exists, 10, "the stuck process's SIGTERM trap to run")
+    wait_until(lambda: not worker.worker.app.retired, 10, "the old process reaped")
+    idle(worker)
 
 
 def test_a_persistent_command_that_prints_nothing_times_out_and_is_restarted(
@@ -696,7 +730,7 @@ def test_an_instance_whose_command_keeps_failing_is_ejected(serve: Any) -> None:
         summary = caller.run()
     finally:
         caller.close()
-    assert [f[2] for f in failed] == ["exit 1: broken"] * 3 and summary.retried == 0
+    assert [f[2] for f in failed] == ["exit status 1: broken"] * 3 and summary.retried == 0
     assert b"".join(out).decode().split("\n")[:-1] == [
         f"good {i}" for i in range(20) if i not in {f[0] for f in failed}
     ]
@@ -942,7 +976,7 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
     assert result.returncode == 1
     assert result.stdout == b"yes a\nyes b\n"
     err = result.stderr.decode()
-    assert "request 2 failed: exit 2: refused no; input: no" in err
+    assert "request 2 failed: exit status 2: refused no; input: no" in err
     assert "1 request(s) failed" in err
     timeout = subprocess.run(
         [*LB, "call", "svc", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"],

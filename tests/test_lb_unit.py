@@ -278,15 +278,17 @@ def test_unknown_strategy_is_refused() -> None:
 
 
 def test_a_worker_reconnects_to_a_broker_with_growing_backoff_and_jitter() -> None:
-    from eda.core.lb.worker import BrokerLink, Worker
+    from eda.core.lb.links import BrokerLink, BrokerLinks
+    from eda.core.lb.worker import Worker
 
     worker = Worker("svc", ["cat"])
     try:
+        links = BrokerLinks(worker, lambda: None)
         link = BrokerLink("tcp://127.0.0.1:1")
         waits: list[float] = []
         for _ in range(8):
             base = link.backoff
-            worker._schedule(link, 100.0)
+            links.schedule(link, 100.0)
             waits.append(link.retry_at - 100.0)
             assert 0.5 * base <= waits[-1] <= 1.5 * base  # jitter: +-50%
         assert link.backoff == 10.0  # doubled from 0.5 up to the cap

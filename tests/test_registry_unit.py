@@ -402,7 +402,7 @@ def test_journal_refuses_a_snapshot_with_a_bad_sequence(tmp_path: Path) -> None:
 
 # -- browse rendering --------------------------------------------------------------
 def test_browse_prefers_ipv4_and_global_addresses_and_prints_txt_as_key_value() -> None:
-    from eda.cli.registry import _browse_line
+    from eda.cli.registryviews import browse_line as _browse_line
     from eda.core.registry.browse import address_order
 
     found = ["fe80::1%eth0", "2001:db8::1", "169.254.1.1", "10.0.0.5"]
@@ -460,7 +460,7 @@ def test_watch_terminal_line_is_plain_text_with_peer_escapes_shown() -> None:
 
     from rich.console import Console
 
-    from eda.cli.registry import _event_line
+    from eda.cli.registryviews import event_line as _event_line
 
     event = {
         "type": "registered[/]",
@@ -560,7 +560,7 @@ def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[byte
 def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eda.core import discovery
+    from eda.core import cache, discovery
     from eda.core.registry import client as client_mod
 
     dead = []
@@ -573,7 +573,7 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
             self.endpoint = endpoint
 
     monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
-    monkeypatch.setattr(client_mod, "cached", lambda key: [])
+    monkeypatch.setattr(cache, "cached", lambda key: [])  # the client base reads it
     client = client_mod.Client(timeout=1.0)
     started = time.monotonic()
     with pytest.raises(client_mod.NoRegistry):
@@ -663,7 +663,7 @@ def test_browse_resolves_a_flood_of_names_on_a_few_threads(monkeypatch) -> None:
 def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance() -> None:
     from eda.cli.common import Context
     from eda.cli.output import Environment, Output
-    from eda.cli.registry import _print_instances
+    from eda.cli.registryviews import print_instances as _print_instances
 
     record = {
         "service": "orders",

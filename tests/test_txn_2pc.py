@@ -952,6 +952,21 @@ def test_status_shows_sagas_next_to_transactions(
     assert saga["steps"] == {"charge": "compensation-failed"} and saga["time"] == 946684800.0
 
 
+def test_follow_ends_with_the_outcome_of_a_2pc_transaction(cluster: Any) -> None:
+    """`eda-txn status ID --follow` on 2PC: each participant's state, then the outcome."""
+    from eda.core.txn.status import follow
+
+    c = cluster(["pay", "stock"])
+    c.start_all()
+    txn = c.commit({"order": 1})["txn"]
+    wait_until(lambda: c.states(txn) == {"pay": "committed", "stock": "committed"}, 5)
+    changes = list(follow(c.log, txn, interval=0.01))
+    assert {(ch["step"], ch["status"]) for ch in changes if "step" in ch} == {
+        ("pay", "committed"), ("stock", "committed")
+    }  # fmt: skip
+    assert changes[-1]["state"] == "committed" and changes[-1]["kind"] == "2pc"
+
+
 # -- bounded memory and journals ----------------------------------------------------------------
 class Recorded:
     """Actions that succeed and are counted."""

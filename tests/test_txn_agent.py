@@ -33,7 +33,7 @@ def test_an_agent_that_crashes_is_reported_with_its_status_and_stderr(tmp_path: 
     try:
         result = agent.run(Call("prepare", "c1.00000000000000001", {"order": 7}, 1))
         assert not result.ok
-        assert result.reason.startswith("the agent exited with status 1"), result.reason
+        assert result.reason.startswith("the agent ended: exit status 1: "), result.reason
         assert result.reason.endswith("KeyError: 'amount'"), result.reason
         assert "did not answer" not in result.reason
         # restarted: a good request is served by the new process
@@ -55,7 +55,7 @@ def test_an_agent_killed_by_a_signal_says_so_and_a_silent_one_is_a_timeout(
     )
     try:
         killed = agent.run(Call("prepare", "c1.00000000000000001", {"die": 1}, 1))
-        assert killed.reason == "the agent was killed by SIGKILL", killed.reason
+        assert killed.reason == "the agent ended: killed by signal 9", killed.reason
         silent = agent.run(Call("prepare", "c1.00000000000000002", {}, 1))
         assert silent.reason == "the agent did not answer within 0.5s", silent.reason
     finally:
@@ -95,5 +95,26 @@ def test_the_readme_pay_agent_runs_as_written_on_the_readme_orders(tmp_path: Pat
         no_amount = agent.run(Call("prepare", "c1.00000000000000099", {"order": 1}, 1))
         assert (no_amount.ok, no_amount.reason) == (False, "no amount to pay")
         assert agent.restarts == 0
+    finally:
+        agent.close()
+
+
+def test_a_silent_agent_is_asked_to_stop_before_it_is_killed(tmp_path: Path) -> None:
+    """An agent silent past the timeout is restarted: SIGTERM first (it may clean up),
+    SIGKILL only after a grace; it used to be killed outright."""
+    flag = tmp_path / "cleaned"
+    agent = _agent(
+        tmp_path,
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(flag)!r}, 'w'), sys.exit(0)))\n"
+        "print('ready', file=sys.stderr, flush=True)\n"
+        "while True:\n"
+        "    time.sleep(1)\n",
+        timeout=0.5,
+    )
+    try:
+        silent = agent.run(Call("prepare", "c1.00000000000000001", {}, 1))
+        assert silent.reason == "the agent did not answer within 0.5s", silent.reason
+        assert flag.exists()
     finally:
         agent.close()

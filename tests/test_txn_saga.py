@@ -429,7 +429,7 @@ compensate = "echo undo-d >> trace"
         "do-a", "do-n", "do-b", "do-c", "undo-b", "undo-a compensate 1"
     ]  # fmt: skip
     failed = [e for e in seen if e["event"] == "step-failed"]
-    assert failed == [failed[0]] and failed[0]["error"] == "exit 3: no stock" and failed[0]["final"]
+    assert failed == [failed[0]] and failed[0]["error"] == "exit status 3: no stock" and failed[0]["final"]
     assert [e["event"] for e in seen[-6:]] == [
         "saga-aborting", "compensation-started", "compensation-done",
         "compensation-started", "compensation-done", "saga-compensated",
@@ -1327,7 +1327,7 @@ def test_a_log_with_records_of_the_wrong_shape_is_refused_not_trusted(tmp_path: 
 
 
 def test_the_terminal_view_escapes_what_steps_print() -> None:
-    from eda.cli.txn import _saga_line
+    from eda.cli.txnsaga import _saga_line
 
     line = _saga_line(
         {"time": "2026-11-28T01:02:03.456Z", "event": "step-failed", "step": "a\x1b[2J",

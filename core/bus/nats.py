@@ -407,7 +407,8 @@ class NatsEngine:
             self.replicas = config.num_replicas or 1
             return
         said = ", ".join(
-            f"{k.removeprefix('num_')} {getattr(config, k)} -> {v}" for k, v in want.items()
+            f"{k.removeprefix('num_')} {_said(k, getattr(config, k))} -> {_said(k, v)}"
+            for k, v in want.items()
         )
         if want.get("num_replicas", 1) > 1 and info.cluster is None:
             # a single server would record the number and keep one copy
@@ -1261,3 +1262,10 @@ def migrate(
 
 def _implements(engine: NatsEngine) -> Engine:
     return engine  # mypy checks here that NatsEngine has every method of Engine
+
+
+def _said(key: str, value: Any) -> Any:
+    """A stream setting as an operator wrote it (``7d``, not ``604800.0``)."""
+    from .retention import format_age
+
+    return format_age(value) if key == "max_age" and value else value

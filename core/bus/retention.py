@@ -30,6 +30,16 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _AGE_UNITS[m.group(2) or "s"]
 
 
+def format_age(seconds: float) -> str:
+    """The inverse of :func:`parse_age`: ``7d`` for 604800, ``90m``, ``1.5s``, in the
+    largest unit that holds *seconds* exactly (weeks are said in days)."""
+    for unit in "dhm":
+        count = seconds / _AGE_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_size(text: str) -> int:
     """Bytes in ``500MB``, ``10GB``, ``1GiB``, ``4096`` (decimal and binary units)."""
     m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())

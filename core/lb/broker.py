@@ -34,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from ..daemon import Daemon, Log, port_of
+from ..daemon import Daemon, Log, port_file, port_of
 from ..errors import ProtocolError, UsageError
 from ..outbox import Pump
 from .balancer import STRATEGIES, Balancer
@@ -95,6 +95,9 @@ class Settings:
     eject_max: float = 30.0
     slow_start: float = 0.0  # seconds a new or returning worker ramps up over
     panic: float = 50.0  # percent healthy below which all workers are used
+    # remember ports bound as '*' (in $XDG_STATE_HOME/eda/lb-SERVICE[.backend].port), so
+    # that a broker restarted with the same command comes back where callers and workers are
+    remember: bool = False
 
 
 class Broker(Daemon):
@@ -157,8 +160,11 @@ class Broker(Daemon):
         self.outbox.adopt(self.front, self.settings.max_request)
         self.back.setsockopt(zmq.SNDHWM, 100_000)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
-        self.endpoint = self.bind(self.front, self.settings.bind)
-        self.backend_endpoint = self.bind(self.back, self.settings.backend)
+        name = f"lb-{self.settings.service}"
+        front, back = (port_file(n) if self.settings.remember else None
+                       for n in (name, f"{name}.backend"))  # fmt: skip
+        self.endpoint = self.bind_remembered(self.front, self.settings.bind, front)
+        self.backend_endpoint = self.bind_remembered(self.back, self.settings.backend, back)
         self.pump.watch(self.front, "caller message", self._on_front)
         self.watch(self.back, "worker message", self._on_back)
         self.every(self.settings.heartbeat, "heartbeat", self._heartbeat)

@@ -1,4 +1,8 @@
-"""Keeping one instance registered: register, heartbeat, fail over, deregister."""
+"""One registration's requests: register, heartbeat, fail over, deregister.
+
+Blocking requests: only :class:`~eda.core.presence.Presence` drives an
+:class:`Agent`, from its own thread (never a daemon's poll loop).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from .protocol import RemoteError
 
 
 class Agent:
-    """The registering side of one instance, driven by the caller's loop."""
+    """The registering side of one instance, driven by a :class:`~eda.core.presence.Presence`."""
 
     def __init__(self, client: Client, inst: Instance, log: Callable[[str], None]) -> None:
         self.client = client

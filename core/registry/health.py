@@ -17,38 +17,27 @@ intervals.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import subprocess
 import threading
 from collections.abc import Callable
 
 from ..measure import Debounce as _Debounce
+from ..runner import RunError, run, shell
 from .model import CRITICAL, PASSING, WARNING
 
 STARTUP_MAX = 2.0  # seconds between checks at most, until the instance first passes
 
 
 def run_command(cmd: str, timeout: float, env: dict[str, str]) -> str:
-    proc = subprocess.Popen(
-        cmd,
-        shell=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
+    """The status of one run of the check command *cmd* (its output is not kept)."""
     try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        outcome = run(shell(cmd), timeout=timeout, env={**os.environ, **env}, max_output=0)
+    except RunError:
         return CRITICAL
-    return PASSING if code == 0 else WARNING if code == 1 else CRITICAL
+    if outcome.timed_out:
+        return CRITICAL
+    return PASSING if outcome.status == 0 else WARNING if outcome.status == 1 else CRITICAL
 
 
 def connect_tcp(host: str, port: int, timeout: float) -> str:

@@ -5,7 +5,10 @@ participant's directory, the transaction's data as JSON on stdin and
 ``EDA_TXN_ID``, ``EDA_PARTICIPANT``, ``EDA_PHASE`` and ``EDA_ATTEMPT`` in
 their environment.  Prepare exiting 0 votes yes, anything else no; commit
 and abort exiting 0 are done, anything else is retried.  A missing command
-is a step with nothing to do.
+is a step with nothing to do.  A failed step's reason follows
+:mod:`eda.core.runner`'s rule (``exit status 1: card declined``: the last
+line of its stderr, else of its stdout); its stderr is passed on
+to the participant's as it comes.
 
 A persistent agent (``--persistent -- CMD``) is started once and speaks JSON
 Lines on its stdin and stdout, one request and one reply per line, replies
@@ -19,9 +22,9 @@ in the order of the requests::
 A reply that is not such an object (garbage, a wrong ``txn`` echo) is a
 "no" vote or a failed step; an agent that exits or stays silent past the
 timeout is restarted, and its pending requests fail the same way.  The
-reason says which: an agent that exited is reported with its exit status
-and the last line of its stderr (which is passed on to the participant's
-stderr as it comes, and its tail kept for this).
+reason says which: an agent that exited is reported by the runner's rule,
+``the agent ended: exit status 1: out of memory`` (its stderr is passed on
+to the participant's stderr as it comes, and its tail kept for this).
 """
 
 from __future__ import annotations
@@ -29,20 +32,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .. import runner
 from ..errors import UsageError
-from ..reqrep import printable
+from ..lineprocess import LineProcess
 
 PREPARE, COMMIT, ABORT = "prepare", "commit", "abort"
 MAX_LINE = 1 << 20
-STDERR_TAIL = 4096  # bytes of an agent's stderr kept to say why it exited
 EXIT_WAIT = 1.0  # s: an agent that closed its stdout gets this long to exit and flush stderr
 
 
@@ -68,11 +68,10 @@ class Actions(Protocol):
     def close(self) -> None: ...
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
+def _pass_on(chunk: bytes) -> None:
+    """A command's stderr goes on to ours as it comes (its tail is kept for its reason)."""
+    with contextlib.suppress(OSError):
+        os.write(2, chunk)
 
 
 class ShellActions:
@@ -102,29 +101,16 @@ class ShellActions:
             EDA_PHASE=call.phase,
             EDA_ATTEMPT=str(call.attempt),
         )
-        data = json.dumps(call.data).encode()
         try:
-            proc = subprocess.Popen(
-                ["sh", "-c", cmd],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None,
-                env=env,
-                cwd=self.cwd,
-                process_group=0,  # a timeout kills the whole command, children too
-            )
-        except OSError as exc:
-            return Result(False, f"cannot run {call.phase} command: {exc.strerror}")
-        try:
-            out, _ = proc.communicate(data, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return Result(False, f"{call.phase} command timed out after {self.timeout:g}s")
-        if proc.returncode == 0:
+            outcome = runner.run(
+                runner.shell(cmd), json.dumps(call.data).encode(), timeout=self.timeout,
+                env=env, cwd=self.cwd, max_output=MAX_LINE, on_stderr=_pass_on,
+            )  # fmt: skip
+        except runner.RunError as exc:
+            return Result(False, f"cannot run {call.phase} command: {exc}")
+        if outcome.ok:
             return Result(True)
-        said = out.decode(errors="replace").strip().splitlines()[-1:]  # its last line says why
-        why = f": {said[0][:200]}" if said else ""
-        return Result(False, f"{call.phase} exited {proc.returncode}{why}")
+        return Result(False, outcome.reason())
 
     def run_many(self, calls: list[Call]) -> list[Result]:
         return [self.run(call) for call in calls]
@@ -133,44 +119,9 @@ class ShellActions:
         pass
 
 
-class _StderrTail:
-    """Passes an agent's stderr on to ours as it comes, keeping its last bytes."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._tail = b""
-        self._thread = threading.Thread(target=self._pump, name="eda-agent-stderr", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        try:
-            while chunk := os.read(self._fd, 65536):
-                with contextlib.suppress(OSError):
-                    os.write(2, chunk)  # where the agent's stderr went when inherited
-                self._tail = (self._tail + chunk)[-STDERR_TAIL:]
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-
-    def last_line(self, wait: float) -> str:
-        """The last non-blank line written (after up to *wait* s for the rest to come)."""
-        self._thread.join(wait)
-        lines = [x for x in self._tail.decode(errors="replace").splitlines() if x.strip()]
-        return printable(lines[-1].strip(), 200) if lines else ""
-
-
-def _status(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
 class PersistentAgent:
-    """A long-running command speaking JSON Lines (see the module's docstring)."""
+    """A long-running command speaking JSON Lines (see the module's docstring), on
+    :class:`eda.core.lineprocess.LineProcess`, waited on by the calling thread."""
 
     def __init__(
         self, participant: str, argv: list[str], *, timeout: float = 10.0, cwd: str | None = None
@@ -180,103 +131,63 @@ class PersistentAgent:
         self.participant = participant
         self.argv = argv
         self.timeout = timeout
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.buffer = b""
         self.restarts = 0
-        self._stderr: _StderrTail | None = None
-        self._eof = False  # the agent closed its stdout
+        self._loop = runner.SelectLoop()
+        self._replies: list[bytes] = []
+        self._ended: runner.Outcome | None = None  # how it exited, if it did
+        self._overflow = False
+        self.process = LineProcess(
+            argv, self._loop, on_lines=self._replies.extend, on_exit=self._exit,
+            on_overflow=self._too_long, on_stderr=_pass_on, max_line=MAX_LINE,
+            env=dict(os.environ, EDA_PARTICIPANT=participant), cwd=cwd,
+        )  # fmt: skip
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The agent's process while it runs."""
+        child = self.process.child
+        return child.proc if child is not None else None
+
+    def _exit(self, outcome: runner.Outcome) -> None:
+        self._ended = outcome
+
+    def _too_long(self) -> None:
+        self._overflow = True
 
     def start(self) -> None:
         try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=dict(os.environ, EDA_PARTICIPANT=self.participant),
-                cwd=self.cwd,
-                process_group=0,
-            )
-        except OSError as exc:
-            raise UsageError(f"cannot run {self.argv[0]}: {exc.strerror}") from None
-        assert self.proc.stderr is not None
-        self._stderr = _StderrTail(os.dup(self.proc.stderr.fileno()))
-        self.proc.stderr.close()
-        self.buffer = b""
-        self._eof = False
-
-    def _exited(self) -> str | None:
-        """Why the agent is gone (exit status, last stderr line), or None if it runs."""
-        if self.proc is None:
-            return None
-        if self._eof:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(EXIT_WAIT)
-        returncode = self.proc.poll()
-        if returncode is None:
-            return "the agent closed its stdout" if self._eof else None
-        said = self._stderr.last_line(EXIT_WAIT) if self._stderr is not None else ""
-        return f"the agent {_status(returncode)}" + (f": {said}" if said else "")
+            self.process.start()
+        except runner.RunError as exc:
+            raise UsageError(str(exc)) from None
+        self._replies.clear()
+        self._ended, self._overflow = None, False
 
     def _restart(self) -> None:
-        if self.proc is not None:
-            _kill_group(self.proc)
+        child = self.process.retire()
+        if child is not None:  # a silent or stuck agent: SIGTERM, SIGKILL after a grace
+            child.stop()
         self.restarts += 1
         self.start()
 
-    def _line(self, deadline: float) -> bytes | None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buffer:
-            if len(self.buffer) > MAX_LINE:
-                return None
-            left = deadline - time.monotonic()
-            if left <= 0 or not _wait(fd, select.POLLIN, left):
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self._eof = True
-                return None
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line
+    def _gone(self) -> str | None:
+        """Why the agent is gone (its exit, by the runner's rule), or None if it runs."""
+        if self._ended is None and self.process.eof:  # give it a moment to exit
+            until = time.monotonic() + EXIT_WAIT
+            while self._ended is None and time.monotonic() < until:
+                self._loop.step(until - time.monotonic())
+            if self._ended is None:
+                return "the agent closed its stdout"
+        if self._ended is None:
+            return None
+        return f"the agent ended: {self._ended.reason()}"
 
     def run(self, call: Call) -> Result:
         return self.run_many([call])[0]
 
-    def _write(self, data: bytes, deadline: float) -> bool:
-        """Write *data* to the agent by *deadline*, reading its answers meanwhile (an
-        agent that answers as it reads cannot fill its stdout and stall both)."""
-        assert self.proc is not None and self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        fd, out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        if os.get_blocking(fd):
-            os.set_blocking(fd, False)
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-                continue
-            except BlockingIOError:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if _wait(out, select.POLLIN, left, also=(fd, select.POLLOUT)) == out:
-                chunk = os.read(out, 65536)
-                if not chunk:
-                    raise BrokenPipeError("the agent closed its stdout")
-                if len(self.buffer) + len(chunk) > 4 * MAX_LINE:
-                    return False  # an agent that only writes: treated as not reading
-                self.buffer += chunk
-        return True
-
     def run_many(self, calls: list[Call]) -> list[Result]:
         """Send every request at once, then read the replies in order (a pipeline)."""
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.process.running or self._ended is not None:
             self._restart()
-        assert self.proc is not None and self.proc.stdin is not None
         lines = [
             json.dumps(
                 {
@@ -290,51 +201,39 @@ class PersistentAgent:
             for call in calls
         ]
         deadline = time.monotonic() + self.timeout
-        try:
-            written = self._write(("\n".join(lines) + "\n").encode(), deadline)
-        except OSError:
-            self._eof = True
-            why = self._exited() or "the agent exited"
-            self._restart()
-            return [Result(False, why)] * len(calls)
-        if not written:  # an agent that stopped reading: never block the daemon on it
-            self._restart()
+        self.process.send(("\n".join(lines) + "\n").encode())
+        replies = self._replies
+        # its replies are read while the requests are written: an agent that answers
+        # as it reads cannot fill its stdout and stall both
+        while (
+            len(replies) < len(calls)
+            and self._ended is None
+            and not self.process.eof
+            and not self._overflow
+            and len(replies) <= 4 * len(calls) + 1024  # an agent that only writes
+        ):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._loop.step(left)
+        results = [judge(call, line) for call, line in zip(calls, replies, strict=False)]
+        del replies[: len(results)]
+        if len(results) == len(calls):
+            return results
+        unread = self.process.outbuf  # an agent that stopped reading: never block on it
+        if self._overflow:
+            why = f"the agent answered a line over {MAX_LINE} bytes"
+        elif unread:
             why = f"the agent did not read its requests within {self.timeout:g}s"
-            return [Result(False, why)] * len(calls)
-        results: list[Result] = []
-        for call in calls:
-            line = self._line(deadline)
-            if line is None:
-                why = self._exited() or f"the agent did not answer within {self.timeout:g}s"
-                self._restart()
-                missing = len(calls) - len(results)
-                return [*results, *[Result(False, why)] * missing]
-            results.append(judge(call, line))
-        return results
+        else:
+            why = f"the agent did not answer within {self.timeout:g}s"
+        why = self._gone() or why
+        self._restart()
+        return [*results, *[Result(False, why)] * (len(calls) - len(results))]
 
     def close(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(2)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.proc)
-            self.proc = None
-
-
-def _wait(fd: int, events: int, timeout: float, also: tuple[int, int] | None = None) -> int | None:
-    """The first of *fd* (for *events*) and *also* (fd, events) ready within *timeout*
-    seconds, else None (poll(2): no FD_SETSIZE limit, unlike select)."""
-    poller = select.poll()
-    poller.register(fd, events | select.POLLHUP | select.POLLERR)
-    if also is not None:
-        poller.register(also[0], also[1] | select.POLLERR)
-    ready = poller.poll(max(1, int(timeout * 1000)))
-    if not ready:
-        return None
-    return next((f for f, _ in ready if f == fd), ready[0][0])
+        self.process.close_input(2.0)
+        self._loop.close()
 
 
 def judge(call: Call, line: bytes) -> Result:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..daemon import Daemon
+from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError
 from . import crash
 from .compact import COMPACT_MIN
@@ -129,7 +129,11 @@ class Coordinator(Daemon):
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
+        remember: bool = False,
     ) -> None:
+        """With *remember*, a port bound as ``*`` is remembered next to the journal
+        (``coordinator-NAME.port``): restarted with the same command, the coordinator
+        comes back where its clients (``commit``, participants in doubt) expect it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "coordinator name")
         self.directory = directory or Directory()
@@ -159,7 +163,8 @@ class Coordinator(Daemon):
             {"commit": self.commit, "outcome": self.outcome, "stats": self.stats},
             flush=lambda: None,
         )
-        self.endpoint = self.bind(self.service.sock, bind)
+        state = port_file(f"coordinator-{name}", log_dir, f"coordinator-{name}.port")
+        self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self)
         self.directory.attach(self, self.found)

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..daemon import Daemon
+from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError, ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
@@ -121,7 +121,11 @@ class Participant(Daemon):
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
+        remember: bool = False,
     ) -> None:
+        """With *remember*, a port bound as ``*`` is remembered next to the journal
+        (``participant-NAME.port``): restarted with the same command, the participant
+        comes back where coordinators last found it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "participant name")
         self.actions = actions
@@ -165,7 +169,8 @@ class Participant(Daemon):
         # an ack may wait a moment for the next prepare: one fsync for both
         self.service.lazy = lambda reply: reply.get("done") is True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
-        self.endpoint = self.bind(self.service.sock, bind)
+        state = port_file(f"participant-{name}", log_dir, f"participant-{name}.port")
+        self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
         if self.coordinators is not None:
             self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
         self.peers = Peers(self)

@@ -49,8 +49,9 @@ from typing import Any
 import zmq
 
 from ..daemon import Daemon, received
+from ..endpoint import Endpoint
 from ..errors import EdaError, ProtocolError, UsageError
-from ..reqrep import Service, check_endpoint, decode, encode, error_reply
+from ..reqrep import Envelope, Service, check_endpoint, decode, encode, error_reply, split_envelope
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
 TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
@@ -131,17 +132,13 @@ def printable(text: object, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
-
-
 def check_reply_to(value: object) -> str:
-    """A coordinator's endpoint as a prepare names it: tcp://HOST:PORT, HOST a name,
-    an IPv4 address or a bracketed IPv6 one (zmq refuses to connect to others)."""
-    endpoint = check_endpoint(str(value)[:300], "coordinator")
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    if not HOST_RE.fullmatch(host):
-        raise ProtocolError(f"bad coordinator endpoint {printable(endpoint, 80)!r}")
-    return endpoint
+    """A coordinator's endpoint as a prepare names it (``tcp://HOST:PORT``; see
+    :meth:`~eda.core.endpoint.Endpoint.from_peer`), as ZeroMQ takes it."""
+    endpoint = Endpoint.from_peer(value)
+    if endpoint is None:
+        raise ProtocolError(f"bad coordinator endpoint {printable(value, 80)!r}")
+    return endpoint.zmq
 
 
 def check_outcome(value: object) -> str:
@@ -180,7 +177,7 @@ class BatchService(Service):
     one per frame (a :class:`Peer` sends what it has in one go); the replies
     to one asker go back together, one per frame, as one message.  A handler
     that returns ``{DEFER: True}`` answers later with :meth:`reply`, using
-    :attr:`current` (the asking peer) and the request's rid, saved at the
+    :attr:`current` (the asking peer's envelope) and the request's rid, saved at the
     time; between :meth:`hold` and :meth:`release` those replies are gathered
     too.  :attr:`ahead`, when set, sees the whole batch first (to start its
     work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
@@ -198,25 +195,27 @@ class BatchService(Service):
         # a frame of the largest data, every character escaped as \\uXXXX, still arrives
         super().__init__(daemon, handlers, max_message=MAX_FRAME)
         self.flush = flush
-        self.current = b""
+        self.current: Envelope = ()
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
-        self.held: dict[bytes, list[bytes]] | None = None
+        self.held: dict[Envelope, list[bytes]] | None = None
         self.lazy: Callable[[dict[str, Any]], bool] | None = None
         self.linger = 0.002
-        self.waiting: dict[bytes, list[bytes]] = {}
+        self.waiting: dict[Envelope, list[bytes]] = {}
         self.lingering: Any = None  # the timer that sends lingering replies
 
     def drain(self) -> None:
         """Answer a batch of requests; one flush, then every reply of the batch."""
         requests: list[list[bytes]] = []
         for frames in received(self.sock, 256):
-            if len(frames) > MAX_BATCH + 1:
+            envelope, bodies = split_envelope(frames)
+            if len(bodies) > MAX_BATCH:
                 self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
-            requests += [[frames[0], body] for body in frames[1 : MAX_BATCH + 1]]
+            requests += [[*envelope, body] for body in bodies[:MAX_BATCH]]
         if self.ahead is not None and len(requests) > 1:
             self.daemon.guarded("look-ahead", self.ahead, requests)
         urgent = False
-        for identity, body in requests:
+        for *route, body in requests:
+            identity = tuple(route)
             self.requests += 1
             self.current = identity
             reply = self.answer([body])
@@ -245,14 +244,14 @@ class BatchService(Service):
             self.daemon.limited("reply", f"cannot encode a reply: {exc}")
             return encode(error_reply(reply.get("rid"), EdaError("request failed")))
 
-    def _send(self, out: Mapping[bytes, list[bytes]]) -> None:
+    def _send(self, out: Mapping[Envelope, list[bytes]]) -> None:
         for identity, replies in out.items():
             try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
-                self.sock.send_multipart([identity, *replies], zmq.NOBLOCK)
+                self.sock.send_multipart([*identity, *replies], zmq.NOBLOCK)
             except zmq.ZMQError:  # the client is gone or not reading
                 pass
 
-    def reply(self, identity: bytes, rid: object, fields: Mapping[str, Any]) -> None:
+    def reply(self, identity: Envelope, rid: object, fields: Mapping[str, Any]) -> None:
         """Answer a deferred request (at :meth:`release`, if held)."""
         data = self._encode({**fields, "rid": rid, "ok": True})
         if self.held is not None:
@@ -572,7 +571,7 @@ class Directory:
         if self.access is None:
             return []
         found = find_instances(participant_service(name), self.access)
-        return [f"tcp://{i.host}:{i.port}" for i in found]
+        return [Endpoint(i.host, i.port).zmq for i in found]
 
     def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
         """Look up in the background from now on; *on_found* (in *daemon*'s loop) hears
@@ -636,17 +635,19 @@ def find_coordinators(access: Any, name: str | None = None) -> list[str]:
     found = find_instances(
         COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name
     )
-    return [f"tcp://{i.host}:{i.port}" for i in found]
+    return [Endpoint(i.host, i.port).zmq for i in found]
 
 
 class Registration:
     """Keeps a daemon registered under *service* while it runs.
 
-    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb
-    workers: with a registry, heartbeats from a background thread; without
-    one, announced by mDNS (serverless mode) -- and, when that was for want
-    of a registry, moved to one as soon as one answers (as ``eda-registry
-    register`` does), so that coordinators asking it find participants.
+    The work is :class:`~eda.core.presence.Presence`'s, as for eda-lb and
+    ``eda-registry register``: with a registry, heartbeats from its thread,
+    never from the daemon's loop (a stopped registry must not stall 2PC);
+    without one, announced by mDNS (serverless mode) -- and, when that was
+    for want of a registry, moved to one as soon as one answers, so that
+    coordinators asking it find participants.  This class only says what a
+    2PC daemon registers as.
     """
 
     def __init__(

@@ -8,10 +8,11 @@ in doubt about a transaction *wanted* is asked to apply the operator's outcome.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import EdaError, NotFoundError
 from .journal import read
 from .participant import replay
 
@@ -47,3 +48,60 @@ def in_doubt(
         if names or any(wanted(t, r) for t, r in replay(records).items()):
             found[name] = endpoint  # a participant named is asked whatever its log says
     return found
+
+
+def whom(
+    log_dir: str,
+    txn_id: str | None,
+    coordinator: str | None,
+    names: tuple[str, ...],
+    directory: Any,
+) -> dict[str, str]:
+    """Endpoints of the participants to ask: those of *log_dir* in doubt about
+    *txn_id* (or, without one, about a transaction of *coordinator*, or any),
+    and *names* found by *directory* (a :class:`~eda.core.txn.protocol.Directory`).
+    NotFoundError for a name nobody has; EdaError when a registry did not answer."""
+
+    def wanted(txn: str, record: dict[str, Any]) -> bool:
+        if record.get("state") != "prepared":
+            return False
+        if txn_id is not None:
+            return txn == txn_id
+        return coordinator is None or txn.partition(".")[0] == coordinator
+
+    targets = in_doubt(log_dir, wanted, names)
+    for name in names:
+        if name not in targets:
+            found = directory.endpoints(name)
+            if not found:  # no answer from a registry is not "not found" (exit 1, not 3)
+                missing = NotFoundError if name not in directory.lookups.failed else EdaError
+                raise missing(directory.missing(name))
+            targets[name] = found[0]
+    return targets
+
+
+def settle(
+    name: str, endpoint: str, request: dict[str, Any]
+) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Ask participant *name* at *endpoint* to apply *request* (one transaction, or
+    every one a selection matches, a page per answer): per answer, the rows it
+    settled and the transactions it failed to.  EdaError when it cannot be asked
+    (nothing listens: said at once, not after the request's timeout)."""
+    from ..reqrep import Client, tcp_reachable
+
+    one = request.get("txn")
+    if not tcp_reachable(endpoint, 1.0):
+        raise EdaError(f"nothing listens at {endpoint} (is the participant running?)")
+    client = Client([endpoint], timeout=15.0 if one is not None else 60.0)
+    try:
+        while True:
+            reply = client.request(dict(request))
+            if one is not None:
+                yield [{"txn": one, "participant": name, "state": reply.get("state")}], []
+                return
+            done = resolved_rows(reply, name)
+            yield done, objects(reply.get("failed"))
+            if not done or not reply.get("more"):
+                return
+    finally:
+        client.close()

@@ -10,12 +10,9 @@ stops as after a crash, and a resume tries again).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import selectors
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..runner import run, shell, signal_group
 from .sagafile import Action, Plan
 
 MAX_OUTPUT = 256 << 10  # a step's stdout above this is not merged into the data
-STDERR_TAIL = 4096
 
 
 @dataclass(frozen=True)
@@ -99,8 +96,7 @@ class Children:
             if not self._closed:
                 self._pids.add(pid)
                 return
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
 
     def discard(self, pid: int) -> None:
         with self._lock:
@@ -112,8 +108,7 @@ class Children:
             self._closed = True
             pids = list(self._pids)
         for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
 
 
 def run_shell(
@@ -125,118 +120,34 @@ def run_shell(
     on_stderr: Callable[[bytes], None] | None = None,
     on_spawn: Callable[[], None] | None = None,
 ) -> Result:
-    """``sh -c COMMAND`` with the data on stdin; its JSON-object stdout becomes the output."""
+    """``sh -c COMMAND`` with the data on stdin; its JSON-object stdout becomes the output
+    (a failed try's error follows :mod:`eda.core.runner`'s rule)."""
     env = dict(os.environ)
     env.update(inv.env())
-    proc = subprocess.Popen(
-        ["sh", "-c", command],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=inv.cwd or None,
-        env=env,
-        start_new_session=True,  # its own process group: a timeout kills all of it
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out = bytearray()
-    overflow = False
-    tail = b""
-    timed_out = False
-    sel = selectors.DefaultSelector()
-    pidfd = -1
-    try:
+
+    pid = 0
+
+    def track(group: int) -> None:
+        nonlocal pid
+        pid = group
         if children is not None:
-            children.add(proc.pid)
+            children.add(group)
         if on_spawn is not None:  # (the command runs meanwhile)
             on_spawn()
-        pidfd = os.pidfd_open(proc.pid)
-        pending = memoryview(inv.data)
-        stdin_fd = proc.stdin.fileno()
-        os.set_blocking(stdin_fd, False)
-        sel.register(stdin_fd, selectors.EVENT_WRITE, "in")
-        sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "out")
-        sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "err")
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
-        exited = False
-        while True:
-            readers = [k for k in sel.get_map().values() if k.data in ("out", "err")]
-            if not readers:
-                break
-            if exited:  # the shell is gone: take what is buffered, do not wait for its children
-                events = [(k, selectors.EVENT_READ) for k in readers]
-            else:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    timed_out = True
-                    break
-                events = sel.select(left)
-            for key, _ in events:
-                if key.data == "exit":
-                    exited = True
-                    sel.unregister(pidfd)
-                    if "in" in [k.data for k in sel.get_map().values()]:
-                        sel.unregister(stdin_fd)
-                        proc.stdin.close()
-                    for fd in (proc.stdout.fileno(), proc.stderr.fileno()):
-                        with contextlib.suppress(KeyError):
-                            os.set_blocking(fd, False)
-                elif key.data == "in":
-                    try:
-                        pending = pending[os.write(stdin_fd, pending[:65536]) :]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        pending = pending[:0]
-                    if not pending:
-                        sel.unregister(stdin_fd)
-                        proc.stdin.close()
-                else:
-                    fd = key.fd
-                    try:
-                        chunk = os.read(fd, 65536)
-                    except BlockingIOError:
-                        chunk = None
-                    if not chunk:
-                        if chunk is not None or exited:
-                            sel.unregister(fd)
-                        continue
-                    if key.data == "out":
-                        if len(out) <= MAX_OUTPUT:
-                            out += chunk
-                        else:
-                            overflow = True
-                    else:
-                        tail = (tail + chunk)[-STDERR_TAIL:]
-                        if on_stderr is not None:
-                            on_stderr(chunk)
-        if timed_out:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+
+    try:
+        outcome = run(
+            shell(command), inv.data, timeout=timeout, env=env, cwd=inv.cwd or None,
+            max_output=MAX_OUTPUT, on_stderr=on_stderr, on_spawn=track,
+        )  # fmt: skip
     finally:
-        sel.close()
-        if pidfd >= 0:
-            os.close(pidfd)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(OSError):
-                f.close()
-        if children is not None:
-            children.discard(proc.pid)
-    if timed_out:
-        return Result(False, error=f"timed out after {timeout:g}s")
-    if code != 0:
-        last = tail.decode(errors="replace").strip().splitlines()
-        why = f"exit {code}" if code > 0 else f"killed by signal {-code}"
-        return Result(False, error=f"{why}: {last[-1][:200]}" if last else why)
-    if overflow:
+        if children is not None and pid:
+            children.discard(pid)
+    if not outcome.ok:
+        return Result(False, error=outcome.reason())
+    if outcome.overflow:
         return Result(True, None, note=f"output over {MAX_OUTPUT} bytes: not merged")
-    output, note = _json_object(bytes(out))
+    output, note = _json_object(outcome.stdout)
     return Result(True, output, note=note)
 
 

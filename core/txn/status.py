@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import NotFoundError
 from .journal import CorruptJournal, read
 from .participant import IN_DOUBT, replay
 
@@ -173,3 +176,74 @@ def everything(log_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], l
     more, more_problems = sagas(log_dir)
     both = sorted(rows + more, key=lambda r: (r.get("time") or 0, str(r.get("txn"))))
     return both, problems + more_problems
+
+
+# where a transaction or a saga ends: nothing changes it any more but an operator
+ENDED = ("committed", "aborted", "hazard", "completed", "compensated", "stuck", "damaged")
+
+
+def find(log_dir: str | os.PathLike[str], txn_id: str) -> tuple[dict[str, Any], list[str]]:
+    """The row of transaction or saga *txn_id* (NotFoundError when the journals
+    of *log_dir* have none), and the problems met reading them."""
+    rows, problems = everything(log_dir)
+    for row in rows:
+        if row.get("txn") == txn_id:
+            return row, problems
+    raise NotFoundError(f"no transaction or saga {txn_id} in {log_dir}")
+
+
+def _signature(base: Path) -> list[tuple[str, int, int]]:
+    """What changes when a journal of *base* does (its files' names, sizes and times)."""
+    seen = []
+    for path in [*base.glob("*.jsonl"), *base.glob("sagas/*.jsonl")]:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        seen.append((str(path), st.st_size, st.st_mtime_ns))
+    return sorted(seen)
+
+
+def follow(
+    log_dir: str | os.PathLike[str],
+    txn_id: str,
+    *,
+    interval: float = 0.2,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[dict[str, Any]]:
+    """Changes of transaction or saga *txn_id* as its journals record them (as
+    ``temporal workflow show --follow``): first where each participant or step
+    stands, then one record per change -- ``{txn, kind, step, status, state,
+    time}`` for a participant or a step, ``{txn, kind, state, time}`` for the
+    whole -- until it ends (:data:`ENDED`).  The journals are read again only when
+    one changed; NotFoundError at once when there is no *txn_id*.
+    """
+    base = Path(log_dir)
+    parts: dict[str, Any] = {}
+    state: Any = None
+    signature: list[tuple[str, int, int]] | None = None
+    while True:
+        now = _signature(base)
+        if now != signature:
+            signature = now
+            try:
+                row, _ = find(log_dir, txn_id)
+            except NotFoundError:
+                if state is None:
+                    raise
+                row = None  # gone while followed (compacted): wait for it
+            if row is not None:
+                stamp = time.time()
+                kind = row.get("kind")
+                current = row.get("participants") or row.get("steps") or {}
+                for name, status in current.items() if isinstance(current, dict) else ():
+                    if parts.get(name) != status:
+                        parts[name] = status
+                        yield {"txn": txn_id, "kind": kind, "step": name, "status": status,
+                               "state": row.get("state"), "time": stamp}  # fmt: skip
+                if row.get("state") != state:
+                    state = row.get("state")
+                    yield {"txn": txn_id, "kind": kind, "state": state, "time": stamp}
+                if state in ENDED:
+                    return
+        sleep(interval)
