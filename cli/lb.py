@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -810,64 +811,44 @@ STATE_COLOURS = {
 }  # fmt: skip
 
 
-def _stats_cells(r: dict[str, Any]) -> list[Any]:
-    """Every peer-supplied string is escaped and shown as plain Text."""
-    from rich.text import Text
+def _figures_view(
+    fields: tuple[str, ...], priority: dict[str, int], group: Callable[[dict[str, Any]], str]
+) -> TableView:
+    """A table of figures: *fields* as columns (the least needed, by *priority*, go
+    first on a narrow terminal, never a number cut), one table per *group*; every
+    peer-supplied string escaped and shown as plain Text."""
 
-    cells: list[Any] = []
-    for key in STATS_FIELDS[2:]:
-        value = r[key]
-        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-        cells.append(Text("—" if value is None else for_terminal(value), style=style))
-    return cells
+    def cells(r: dict[str, Any]) -> list[Any]:
+        from rich.text import Text
+
+        out: list[Any] = []
+        for key in fields:
+            value = r[key]
+            style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+            out.append(Text("—" if value is None else for_terminal(value), style=style))
+        return out
+
+    columns = tuple(
+        Column(key, priority=priority.get(key, 0), numeric=key not in TEXT_FIELDS) for key in fields
+    )
+    return TableView(columns, cells, group=group)
 
 
-# one table per source (a broker, or the workers asked directly); on a narrow
-# terminal the least needed figures go first, never a number cut
-_STATS_PRIORITY = {
-    "inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1,
-}  # fmt: skip
-_stats_table = TableView(
-    tuple(
-        Column(key, priority=_STATS_PRIORITY.get(key, 0), numeric=key not in ("instance", "state"))
-        for key in STATS_FIELDS[2:]
-    ),
-    _stats_cells,
-    group=lambda r: (
+TEXT_FIELDS = ("instance", "state", "address")
+# one table per source (a broker, or the workers asked directly)
+_stats_table = _figures_view(
+    STATS_FIELDS[2:],
+    {"inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1},
+    lambda r: (
         "each worker asked directly" if r["source"] == "direct" else f"via broker {r['source']}"
     ),
 )
-
-
-def _proxy_cells(r: dict[str, Any]) -> list[Any]:
-    """A TCP proxy's row (every peer-supplied string escaped, as plain Text)."""
-    from rich.text import Text
-
-    cells: list[Any] = []
-    for key in PROXY_FIELDS[2:]:
-        value = r[key]
-        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-        cells.append(Text("—" if value is None else for_terminal(value), style=style))
-    return cells
-
-
-# one table per TCP proxy; on a narrow terminal the least needed figures go first
+# one table per TCP proxy
 _PROXY_PRIORITY = {
-    "weight": 4, "sessions": 0, "sessions_total": 2, "bytes_in": 3, "bytes_out": 3,
-    "connect_errors": 1, "address": 5,
+    "weight": 4, "sessions_total": 2, "bytes_in": 3, "bytes_out": 3, "connect_errors": 1,
+    "address": 5,
 }  # fmt: skip
-_proxy_table = TableView(
-    tuple(
-        Column(
-            key,
-            priority=_PROXY_PRIORITY.get(key, 0),
-            numeric=key not in ("instance", "state", "address"),
-        )
-        for key in PROXY_FIELDS[2:]
-    ),
-    _proxy_cells,
-    group=lambda r: str(r["source"]),
-)
+_proxy_table = _figures_view(PROXY_FIELDS[2:], _PROXY_PRIORITY, lambda r: str(r["source"]))
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
