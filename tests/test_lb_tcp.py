@@ -981,3 +981,28 @@ def test_cli_haproxy_engine_names_its_runtime_socket_without_verbose(
     assert Path(found.group(1)).is_socket()
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+def test_a_proxys_figures_as_a_table_keep_every_number_whole_at_80_columns() -> None:
+    from rich.console import Console
+
+    from eda.cli.lb import _proxy_rows, _proxy_table
+
+    answer = {
+        "backends": [
+            {"id": "web-127-0-0-1-8001", "address": "127.0.0.1:8001", "state": "up",
+             "weight": 3, "sessions": 1, "sessions_total": 612, "bytes_in": 48960,
+             "bytes_out": 9345612, "connect_errors": 0},
+            {"id": "\x1b[31mevil", "state": "down", "bytes_in": "many"},  # a hostile peer
+        ]
+    }  # fmt: skip
+    rows = _proxy_rows("web", "web-192-168-1-20-41123", answer)
+    assert rows[1]["bytes_in"] is None  # not a number: shown as —, never as the peer sent it
+    for width in (130, 80):
+        console = Console(width=width, color_system=None, record=True)
+        console.print(_proxy_table.draw(rows, width))
+        text = console.export_text()
+        assert "\x1b" not in text and "proxy web-192-168-1-20-41123" in text
+        assert all(len(line.rstrip()) <= width for line in text.splitlines())
+        first = next(line for line in text.splitlines() if "8001" in line or "-8001" in line)
+        assert {"612", "48960", "up"} <= set(first.split())
