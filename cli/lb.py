@@ -10,6 +10,8 @@ following and its HAProxy engine loop in ``follow.py``).
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -439,6 +441,12 @@ STATS_FIELDS = (
     "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
     "weight", "p50_ms", "p90_ms", "p99_ms",
 )  # fmt: skip
+# the TCP proxy's figures per instance (eda-lb tcp, either engine), as HAProxy's show stat
+PROXY_FIELDS = (
+    "service", "source", "instance", "state", "weight", "sessions", "sessions_total",
+    "bytes_in", "bytes_out", "connect_errors", "address",
+)  # fmt: skip
+ALL_STATS_FIELDS = tuple(dict.fromkeys((*STATS_FIELDS, *PROXY_FIELDS)))
 
 
 @command.command(
@@ -655,6 +663,7 @@ Examples:
   eda-lb stats upper                        a table on a terminal, JSON Lines when piped
   eda-lb stats upper --json | jq -r 'select(.state != "healthy") | .instance'
   eda-lb stats upper --format '{instance} {requests} {p99_ms}'
+  eda-lb stats web                          a TCP proxy's (eda-lb tcp web) per-instance counters
 """
 )
 @click.argument("name")
@@ -667,7 +676,8 @@ Examples:
     help="How long to wait for each instance's answer.",
 )
 @output_options(
-    f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}."
+    f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}; "
+    f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."
 )
 @registry_option
 @common_options
@@ -687,7 +697,10 @@ def stats(
     percentiles (ms) and state (healthy, ejected, slow-start, dead).
 
     If a broker for NAME runs, it is asked (its workers as it sees them);
-    else each worker instance is asked for its own figures.  Exit 3 when NAME
+    else each worker instance is asked for its own figures.  Every TCP proxy
+    of NAME (eda-lb tcp, either engine) is asked too: per instance, sessions
+    open and in total, bytes in (from clients) and out, connect errors, health
+    state (up, down) and weight, as HAProxy's show stat.  Exit 3 when NAME
     has no instance, 1 when an instance did not answer.
     """
     from eda.core.errors import NotFoundError
@@ -697,13 +710,14 @@ def stats(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    out = Output(ctx, template=template, fields=STATS_FIELDS, force_json=force_json)
+    out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     found = lookup(service, access)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
+    chosen += [i for i in found if i.meta.get("role") == "proxy"]
     if not chosen:
-        raise NotFoundError(f"no broker or worker of service {service!r}")
+        raise NotFoundError(f"no broker, worker or TCP proxy of service {service!r}")
     if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
         ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
         chosen = chosen[:MAX_ASKED]
@@ -717,11 +731,19 @@ def stats(
             failed += 1
             ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
             continue
+        if inst.meta.get("role") == "proxy":
+            rows += _proxy_rows(service, inst.id, answer)
+            continue
         found_rows = _stats_rows(service, inst.id, answer, broker=bool(brokers))
         if not found_rows and brokers:
             ctx.warn(f"warning: broker {inst.id} has no worker")
         rows += found_rows
-    out.table(rows, _stats_table)
+    proxied = [r for r in rows if r["source"].startswith("proxy ")]
+    rows = [r for r in rows if not r["source"].startswith("proxy ")]
+    if rows or not proxied:
+        out.table(rows, _stats_table)
+    if proxied:
+        out.table(proxied, _proxy_table)
     if failed:
         raise Exit(ExitStatus.ERROR)
 
@@ -736,17 +758,17 @@ def _number(value: object) -> float | int | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def _entries(value: object) -> list[dict[str, Any]]:
+    """The objects of a list in a peer's answer (anything else in it left out)."""
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
 def _stats_rows(
     service: str, source_id: str, answer: dict[str, Any], *, broker: bool
 ) -> list[dict[str, Any]]:
     """Rows of one T answer: a broker's workers, or a worker itself."""
-    entries = answer.get("instances") if broker else [answer]
-    if not isinstance(entries, list):
-        return []
     rows = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+    for entry in _entries(answer.get("instances") if broker else [answer]):
         row: dict[str, Any] = {
             "service": service,
             "source": source_id if broker else "direct",
@@ -762,42 +784,75 @@ def _stats_rows(
     return rows
 
 
+def _proxy_rows(service: str, source_id: str, answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a TCP proxy's T answer (core/lb/proxystats.py): one per instance."""
+    rows = []
+    for entry in _entries(answer.get("backends")):
+        address = entry.get("address")
+        row: dict[str, Any] = {
+            "service": service,
+            "source": f"proxy {source_id}",
+            "instance": str(entry.get("id", ""))[:128],
+            "state": str(entry.get("state", "unknown"))[:32],
+        }
+        for key in PROXY_FIELDS[4:10]:
+            row[key] = _number(entry.get(key))
+        row["address"] = str(address)[:64] if isinstance(address, str) else None
+        rows.append(row)
+    return rows
+
+
 MAX_ASKED = 1024  # instances stats asks at most
 
 
-STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
-
-
-def _stats_cells(r: dict[str, Any]) -> list[Any]:
-    """Every peer-supplied string is escaped and shown as plain Text."""
-    from rich.text import Text
-
-    cells: list[Any] = []
-    for key in STATS_FIELDS[2:]:
-        value = r[key]
-        style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
-        cells.append(Text("—" if value is None else for_terminal(value), style=style))
-    return cells
-
-
-# one table per source (a broker, or the workers asked directly); on a narrow
-# terminal the least needed figures go first, never a number cut
-_STATS_PRIORITY = {
-    "inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1,
+STATE_COLOURS = {
+    "healthy": "green", "up": "green", "slow-start": "yellow", "ejected": "red",
+    "down": "red", "dead": "dim", "gone": "dim", "maint": "dim",
 }  # fmt: skip
-_stats_table = TableView(
-    tuple(
-        Column(key, priority=_STATS_PRIORITY.get(key, 0), numeric=key not in ("instance", "state"))
-        for key in STATS_FIELDS[2:]
-    ),
-    _stats_cells,
-    group=lambda r: (
+
+
+def _figures_view(
+    fields: tuple[str, ...], priority: dict[str, int], group: Callable[[dict[str, Any]], str]
+) -> TableView:
+    """A table of figures: *fields* as columns (the least needed, by *priority*, go
+    first on a narrow terminal, never a number cut), one table per *group*; every
+    peer-supplied string escaped and shown as plain Text."""
+
+    def cells(r: dict[str, Any]) -> list[Any]:
+        from rich.text import Text
+
+        out: list[Any] = []
+        for key in fields:
+            value = r[key]
+            style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
+            out.append(Text("—" if value is None else for_terminal(value), style=style))
+        return out
+
+    columns = tuple(
+        Column(key, priority=priority.get(key, 0), numeric=key not in TEXT_FIELDS) for key in fields
+    )
+    return TableView(columns, cells, group=group)
+
+
+TEXT_FIELDS = ("instance", "state", "address")
+# one table per source (a broker, or the workers asked directly)
+_stats_table = _figures_view(
+    STATS_FIELDS[2:],
+    {"inflight": 2, "concurrency": 5, "weight": 4, "p50_ms": 3, "p90_ms": 6, "p99_ms": 1},
+    lambda r: (
         "each worker asked directly" if r["source"] == "direct" else f"via broker {r['source']}"
     ),
 )
+# one table per TCP proxy
+_PROXY_PRIORITY = {
+    "weight": 4, "sessions_total": 2, "bytes_in": 3, "bytes_out": 3, "connect_errors": 1,
+    "address": 5,
+}  # fmt: skip
+_proxy_table = _figures_view(PROXY_FIELDS[2:], _PROXY_PRIORITY, lambda r: str(r["source"]))
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
+
 
 @command.command(
     epilog="""\b
@@ -918,11 +973,19 @@ def tcp(
         fall=fall,
         workers=(os.cpu_count() or 1) if workers is None else workers,
     )
+    served: list[Any] = []  # the stats socket and its registration, closed at the end
     if engine == "haproxy":
         haproxy = HaproxyFollower(
             service, access, where.host, where.port, settings, drain_timeout,
             log=ctx.debug, warn=ctx.warn,
         )  # fmt: skip
+
+        def started() -> None:
+            ctx.warn(
+                f"proxying {where} to {service} ({strategy}, haproxy); "
+                f"runtime API: {haproxy.engine.socket_path}"
+            )
+            served.extend(_serve_figures(service, access, haproxy.figures, "haproxy", ctx))
 
         def on_stop(signum: int, frame: object) -> None:
             if haproxy.stopping.is_set():
@@ -930,11 +993,11 @@ def tcp(
             haproxy.stop()
 
         on_stop_signals(on_stop)
-        started = haproxy.run(
-            lambda: ctx.warn(f"proxying {where} to {service} ({strategy}, haproxy)")
-        )
-        if started:
-            ctx.warn("stopped")
+        try:
+            if haproxy.run(started):
+                ctx.warn("stopped")
+        finally:
+            _close_all(served)
         return
     proxy = core.TcpProxy(where, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
@@ -954,11 +1017,63 @@ def tcp(
             service, access, proxy.set_candidates, lambda: proxy.drain(0), warn=ctx.warn
         )
         follower.start()
+        served.extend(_serve_figures(service, access, proxy.figures, "builtin", ctx))
         proxy.run()
         follower.check()
         ctx.warn("drained: stopped")
     finally:
+        _close_all(served)
         proxy.close()
+
+
+def _serve_figures(service: str, access: Any, figures: Any, engine: str, ctx: Context) -> list[Any]:
+    """The proxy's stats socket (core/lb/proxystats.py), registered as an instance of
+    *service* with meta role=proxy, where ``eda-lb stats`` finds it."""
+    from eda.core.endpoint import Endpoint
+    from eda.core.errors import EdaError
+    from eda.core.lb.proxystats import StatsServer
+    from eda.core.presence import Presence
+    from eda.core.registry import access as reg
+
+    server = StatsServer(Endpoint(access.interface or "0.0.0.0", 0), figures, ctx.warn).start()
+    record = reg.registration(
+        service, server.port, meta=("role=proxy", f"engine={engine}"), interval=1.0
+    )
+    stop = threading.Event()
+    presences: list[Presence] = []
+
+    def register() -> None:  # the registry may come later, as the proxy's feed waits for it
+        warned = False
+        while not stop.is_set():
+            try:
+                presence = Presence(access, record, log=ctx.debug, warn=ctx.debug)
+                inst = presence.start()
+            except EdaError as exc:
+                if not warned:
+                    ctx.debug(f"figures not registered yet: {exc}; still trying")
+                    warned = True
+                stop.wait(1.0)
+                continue
+            presences.append(presence)
+            ctx.debug(f"figures of proxy {inst.id} on {server.endpoint.zmq}")
+            return
+
+    thread = threading.Thread(target=register, name="eda-lb-stats-register", daemon=True)
+    thread.start()
+
+    class Registered:
+        def close(self) -> None:
+            stop.set()
+            thread.join(5.0)
+            for presence in presences:
+                presence.close()
+
+    return [Registered(), server]
+
+
+def _close_all(things: list[Any]) -> None:
+    for thing in things:
+        thing.close()
 
 
 def main() -> None:

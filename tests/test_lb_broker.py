@@ -633,6 +633,34 @@ def test_a_busy_worker_s_requests_go_to_another_worker_without_using_retries(mak
     assert len(full.seen) >= 5  # it was asked, said busy, and the request went on
 
 
+def test_a_request_a_worker_refused_busy_waits_for_a_worker_that_is_only_full(make):  # type: ignore[no-untyped-def]
+    """The race behind a flaky busy != ok: a request refused by a busy worker while the
+    other worker was at its concurrency went back and forth to the busy one until it
+    gave up; it waits for the full one instead (busy only when every worker said so)."""
+    broker = make(BrokerThread, retries=0)
+    full = make(FakeWorker, broker.back, "full", concurrency=10, status=b"busy")
+    slow = make(FakeWorker, broker.back, "slow", concurrency=1, delay=0.2)
+    ready_workers(broker, 2)
+    caller = make(Caller, broker.front)
+    for i in range(4):
+        caller.send(f"s.{i}", b"x")
+    replies = caller.replies(4)
+    assert sorted(r[3] for r in replies) == [b"ok"] * 4
+    assert sorted(slow.seen) == [b"s.0", b"s.1", b"s.2", b"s.3"]
+    assert len(full.seen) <= 4  # each request asked the busy worker once at most
+
+
+def test_every_worker_busy_is_answered_busy(make):  # type: ignore[no-untyped-def]
+    broker = make(BrokerThread, retries=0)
+    for name in ("b1", "b2"):
+        make(FakeWorker, broker.back, name, concurrency=10, status=b"busy")
+    ready_workers(broker, 2)
+    caller = make(Caller, broker.front)
+    caller.send("n", b"x")
+    [reply] = caller.replies(1, 5)
+    assert reply[2:5] == [b"n", b"busy", b"every worker is busy"]
+
+
 def test_the_queue_is_bounded_in_bytes_too(make):  # type: ignore[no-untyped-def]
     broker = make(BrokerThread, queue_bytes=1000)
     make(FakeWorker, broker.back, "hang", answer=lambda _b: None)

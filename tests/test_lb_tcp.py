@@ -26,7 +26,15 @@ from eda.core.errors import UsageError
 from eda.core.lb.selfloop import reaches
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, instances_of, parse_listen
 from eda.core.registry.model import HOST_RE
-from tests.helpers import Proc, Procs, children_of, closed_port, readable, require_tools, wait_until
+from tests.helpers import (
+    Proc,
+    Procs,
+    children_of,
+    closed_port,
+    readable,
+    require_tools,
+    wait_until,
+)
 
 TIMEOUT = 5.0
 
@@ -318,6 +326,10 @@ def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: li
     assert running.proxy.health.checks["b"].up  # health did not see it yet: retries did it
     slot = running.proxy.planes[0].balancer.get("b")
     assert slot is not None and slot.ejections >= 1  # and its failed connects ejected it
+    figures = wait_until(lambda: _settled(running.proxy, 10), TIMEOUT, "10 sessions counted")
+    rows = {row["id"]: row for row in figures["backends"]}  # and counted as connect errors
+    assert rows["b"]["connect_errors"] >= 1 and rows["b"]["sessions_total"] == 0
+    assert rows["a"]["sessions_total"] == 10 and rows["a"]["connect_errors"] == 0
 
 
 def test_a_connect_that_hangs_is_retried_after_the_connect_timeout(
@@ -582,6 +594,98 @@ def test_hostile_clients_and_resetting_backends_do_not_disturb_others(
         sock.close()
 
 
+# -- figures (eda-lb stats) ------------------------------------------------------------------
+def _settled(proxy: TcpProxy, sessions_total: int) -> Any:
+    """The figures once every connection counted has ended (None before)."""
+    figures = proxy.figures()
+    counted = sum(b["sessions_total"] for b in figures["backends"])
+    open_now = sum(b["sessions"] for b in figures["backends"])
+    return figures if counted == sessions_total and open_now == 0 else None
+
+
+def test_figures_count_the_sessions_and_bytes_of_proxied_connections(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy()
+    running.use([a.backend(), b.backend(weight=2)])
+    sent = received = 0
+    for i in range(10):
+        text = b"x" * (100 + i)
+        answer = ask(running.address, text)
+        assert answer.endswith(text)
+        sent, received = sent + len(text), received + len(answer)
+    figures = wait_until(lambda: _settled(running.proxy, 10), TIMEOUT, "10 sessions counted")
+    assert figures["role"] == "proxy" and figures["engine"] == "builtin"
+    rows = {row["id"]: row for row in figures["backends"]}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["sessions_total"] == rows["b"]["sessions_total"] == 5  # round robin
+    assert sum(r["bytes_in"] for r in rows.values()) == sent
+    assert sum(r["bytes_out"] for r in rows.values()) == received
+    assert rows["a"]["state"] == rows["b"]["state"] == "up"
+    assert (rows["a"]["weight"], rows["b"]["weight"]) == (1, 2)
+    assert rows["a"]["address"] == f"127.0.0.1:{a.port}"
+    assert rows["a"]["connect_errors"] == rows["b"]["connect_errors"] == 0
+
+
+def test_figures_count_open_sessions_and_their_bytes(proxy: Any, servers: list[Server]) -> None:
+    servers.append(Server("a"))
+    running = proxy()
+    running.use([servers[0].backend()])
+    held = socket.create_connection(running.address, timeout=TIMEOUT)
+    held.sendall(b"12345")
+    assert held.recv(100) == b"a:12345"
+
+    def counted() -> Any:
+        [row] = running.proxy.figures()["backends"]
+        return row if row["sessions"] == 1 and row["bytes_in"] == 5 else None
+
+    row = wait_until(counted, TIMEOUT, "the open session")
+    assert row["sessions_total"] == 1 and row["bytes_out"] == 7
+    held.close()
+
+
+def test_figures_show_an_instance_whose_checks_fail_down_and_its_connect_errors(
+    proxy: Any, servers: list[Server]
+) -> None:
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    running = proxy(check_interval=0.1, fall=2)
+    running.use([a.backend(), b.backend()])
+    b.stop()
+
+    def states() -> dict[str, str]:
+        return {row["id"]: row["state"] for row in running.proxy.figures()["backends"]}
+
+    wait_until(lambda: states() == {"a": "up", "b": "down"}, TIMEOUT, "b down")
+    assert {who(ask(running.address)) for _ in range(4)} == {"a"}
+
+
+def test_data_plane_processes_report_their_figures_and_the_proxy_sums_them(
+    servers: list[Server],
+) -> None:
+    servers.append(Server("a"))
+    proxy = TcpProxy(Endpoint("127.0.0.1", 0), Settings(workers=2, check_interval=0.05))
+    proxy.start()
+    proxy.set_candidates([servers[0].backend()])
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(proxy.dataplanes.pids) == 2, TIMEOUT, "two data planes")
+        wait_until(lambda: ask(proxy.address) == b"a:ping", TIMEOUT, "traffic to a")
+        for _ in range(19):
+            assert ask(proxy.address, b"ping") == b"a:ping"
+        figures = wait_until(lambda: _settled(proxy, 20), TIMEOUT, "20 sessions counted")
+        [row] = figures["backends"]
+        assert (row["bytes_in"], row["bytes_out"]) == (20 * 4, 20 * 6)
+        assert figures["data_planes"] == figures["answered"] == 2
+    finally:
+        proxy.drain(0)
+        thread.join(10)
+        proxy.close()
+
+
 # -- the CLI, end to end -------------------------------------------------------------------
 FAST = ("--interval", "0.2", "--ttl", "0.8")
 
@@ -801,3 +905,104 @@ def test_cli_haproxy_engine_follows_the_registry(procs: Procs, servers: list[Ser
     held.close()
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _stats_rows(endpoint: str) -> dict[str, dict[str, Any]]:
+    """eda-lb stats web, piped: its JSON Lines by instance ({} while it fails)."""
+    done = subprocess.run([sys.executable, "-m", "eda.cli.lb", "stats", "web", "--registry",
+                           endpoint, "--no-mdns"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    if done.returncode != 0:
+        return {}
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return {row["instance"]: row for row in rows}
+
+
+@pytest.mark.parametrize("engine", ["builtin", "haproxy"])
+def test_cli_stats_show_a_proxys_sessions_bytes_and_health(
+    procs: Procs, servers: list[Server], engine: str
+) -> None:
+    if engine == "haproxy":
+        require_tools("haproxy", install="haproxy")
+    a, b = Server("a"), Server("b")
+    servers.extend([a, b])
+    endpoint = registry(procs)
+    register(procs, endpoint, a)
+    register(procs, endpoint, b)
+    proc, address = lb(procs, "--listen", f"127.0.0.1:{_free_port()}", "web", "--registry", endpoint, "--no-mdns",
+                       "--workers", "2", "--engine", engine, "--check-interval", "0.1",
+                       "--fall", "2")  # fmt: skip
+    wait_until(lambda: {who(ask(address)) for _ in range(4)} == {"a", "b"}, TIMEOUT, "a and b")
+    before = _stats_rows(endpoint)  # what the checks above sent
+    n, sent, received = 10, 0, 0
+    for i in range(n):
+        text = b"y" * (50 + i)
+        answer = ask(address, text)
+        sent, received = sent + len(text), received + len(answer)
+    total = sum(row["sessions_total"] for row in before.values()) + n
+
+    def settled() -> dict[str, dict[str, Any]]:
+        rows = _stats_rows(endpoint)
+        done = sum(row["sessions_total"] for row in rows.values()) == total
+        return rows if done and not any(row["sessions"] for row in rows.values()) else {}
+
+    rows = wait_until(settled, 15, f"{total} sessions counted")
+    assert set(rows) == {"a", "b"}
+
+    def moved(key: str) -> int:
+        return sum(r[key] for r in rows.values()) - sum(r[key] for r in before.values())
+
+    assert (moved("bytes_in"), moved("bytes_out")) == (sent, received)
+    assert {row["state"] for row in rows.values()} == {"up"}
+    assert all(row["weight"] == 1 for row in rows.values())
+    assert all(row["source"].startswith("proxy ") for row in rows.values())
+    b.stop()  # its checks fail: down
+    wait_until(lambda: _stats_rows(endpoint).get("b", {}).get("state") == "down", 15, "b down")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def test_cli_haproxy_engine_names_its_runtime_socket_without_verbose(
+    procs: Procs, servers: list[Server]
+) -> None:
+    require_tools("haproxy", install="haproxy")
+    servers.append(Server("a"))
+    endpoint = registry(procs)
+    register(procs, endpoint, servers[0])
+    proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "--listen",
+                        f"127.0.0.1:{_free_port()}", "web", "--engine", "haproxy",
+                        "--registry", endpoint, "--no-mdns"])  # fmt: skip
+    found = proc.wait_stderr(r"runtime API: (\S+)", 15)
+    assert Path(found.group(1)).is_socket()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def test_a_proxys_figures_as_a_table_keep_every_number_whole_at_80_columns() -> None:
+    from rich.console import Console
+
+    from eda.cli.lb import _proxy_rows, _proxy_table
+
+    answer = {
+        "backends": [
+            {"id": "web-127-0-0-1-8001", "address": "127.0.0.1:8001", "state": "up",
+             "weight": 3, "sessions": 1, "sessions_total": 612, "bytes_in": 48960,
+             "bytes_out": 9345612, "connect_errors": 0},
+            {"id": "\x1b[31mevil", "state": "down", "bytes_in": "many"},  # a hostile peer
+        ]
+    }  # fmt: skip
+    rows = _proxy_rows("web", "web-192-168-1-20-41123", answer)
+    assert rows[1]["bytes_in"] is None  # not a number: shown as —, never as the peer sent it
+    for width in (130, 80):
+        console = Console(width=width, color_system=None, record=True)
+        console.print(_proxy_table.draw(rows, width))
+        text = console.export_text()
+        assert "\x1b" not in text and "proxy web-192-168-1-20-41123" in text
+        assert all(len(line.rstrip()) <= width for line in text.splitlines())
+        first = next(line for line in text.splitlines() if "8001" in line or "-8001" in line)
+        assert {"612", "48960", "up"} <= set(first.split())

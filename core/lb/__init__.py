@@ -9,6 +9,7 @@
   :mod:`.brokerworkers` and :mod:`.stats` (its figures, and asking for them);
 - :mod:`.tcp` -- the TCP proxy: :mod:`.dataplane` (moving bytes), :mod:`.planes`
   (data-plane processes, fresh interpreters), :mod:`.tcpcheck` (health checks),
-  :mod:`.follow` (the registry feed); :mod:`.haproxy` and :mod:`.haproxycfg` -- HAProxy
-  as the data plane instead.
+  :mod:`.follow` (the registry feed), :mod:`.proxystats` (its figures' stats socket,
+  for ``eda-lb stats``); :mod:`.haproxy` and :mod:`.haproxycfg` -- HAProxy as the data
+  plane instead.
 """

@@ -302,10 +302,12 @@ class Broker(Daemon):
         if chosen is None:
             return None
         w: Worker = chosen.data
-        if w.free and p.rid not in w.inflight:
+        if w.free and p.rid not in w.inflight and chosen.key not in p.refused:
             return w
-        # every free worker had it already, or one runs another caller's same rid
+        # every free worker had it already, or one runs another caller's same rid; a
+        # worker that answered busy is not asked again: the request waits for the others
         hard = full.union(x.backend.key for x in self.workers.values() if p.rid in x.inflight)
+        hard |= p.refused
         chosen = self.balancer.pick(hard)
         if chosen is None or chosen.key in hard:
             return None
@@ -338,6 +340,9 @@ class Broker(Daemon):
             p = items[0]
             if p.done or self._send(p, now):
                 self.queue.pop()
+            elif self._all_refused(p):  # the workers it waited for are gone
+                self.queue.pop()
+                self._answer(p, BUSY, b"every worker is busy")
             else:
                 return
 
@@ -415,13 +420,14 @@ class Broker(Daemon):
         if status == BUSY:  # not a failure, and not an attempt: try another worker
             self.balancer.released(w.backend)
             p.busy += 1
+            p.refused.add(w.backend.key)
             p.attempts -= 1
             if p.done:
                 pass
-            elif p.busy > 2 * len(self.workers):
+            elif self._all_refused(p):
                 self._answer(p, BUSY, b"every worker is busy")
             else:
-                self._again(p)
+                self._again(p)  # to a worker that did not say busy, now or once one is free
             return True
         self.balancer.finished(w.backend, status == OK)  # an error reply is a failure (5xx)
         w.requests += 1
@@ -430,6 +436,10 @@ class Broker(Daemon):
             w.errors += 1
         self._answer(p, status, body)
         return True
+
+    def _all_refused(self, p: Pending) -> bool:
+        """Whether every worker there is answered *p* busy."""
+        return bool(p.refused) and all(w.backend.key in p.refused for w in self.workers.values())
 
     def _again(self, p: Pending) -> None:
         """Send *p* once more (first in the queue), or give up after the retries."""

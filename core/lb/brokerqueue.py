@@ -19,6 +19,7 @@ class Pending:
     deadline: float  # monotonic; math.inf without one
     attempts: int = 0  # times sent to a worker (busy answers not counted)
     busy: int = 0  # busy answers from workers
+    refused: set[str] = field(default_factory=set)  # keys of the workers that answered busy
     running: int = 0  # workers running it now
     done: bool = False  # answered: later replies only free their slots
     tried: list[str] = field(default_factory=list)  # worker keys, in order

@@ -61,11 +61,31 @@ READ_SIZE = 65536  # one read: also the most a connection ever holds back per di
 # unacked, sacked, lost, retrans, fackets, last_data_sent, last_ack_sent, last_data_recv
 TCP_INFO_SIZE, TCP_INFO_IDLE_AT = 104, 8 + 9 * 4
 TCP_INFO_IDLE = struct.Struct("=I4xI")  # last_data_sent, (last_ack_sent), last_data_recv
+# ... then (Linux 4.1+) u64 bytes_acked at 120, bytes_received at 128: the bytes a socket
+# received, counted by the kernel, so that the byte path counts nothing
+TCP_INFO_BYTES_SIZE, TCP_INFO_RECEIVED_AT = 136, 128
+TCP_INFO_RECEIVED = struct.Struct("=Q")
+STATS_LINE = "\x1e"  # starts a data-plane process's figures line on its stdout (not a warning)
+MAX_COUNTED = 4096  # instances a data plane keeps figures for (those gone are dropped past it)
 ACCEPT_BATCH = 64
 
 
 def _quiet(_message: str) -> None:
     pass
+
+
+def received_bytes(sock: Any, ended: bool) -> int:
+    """Bytes *sock* has received (TCP_INFO; 0 where the kernel does not say).
+
+    The kernel's count takes in the peer's FIN (one sequence number): left out
+    when the end was read (*ended*).
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES_SIZE)
+        count = int(TCP_INFO_RECEIVED.unpack_from(info, TCP_INFO_RECEIVED_AT)[0])
+    except (OSError, struct.error):
+        return 0
+    return count - 1 if count and ended else count
 
 
 @dataclass(frozen=True)
@@ -135,12 +155,18 @@ class DataPlane:
     """One epoll loop proxying connections accepted on *listener*.
 
     Instructions arrive as JSON lines on *control* (a pipe's read end):
-    ``{"backends": [[id, host, port, weight], ...]}`` and ``{"drain": seconds}``.
+    ``{"backends": [[id, host, port, weight], ...]}``, ``{"drain": seconds}`` and
+    ``{"stats": N}``, answered by calling *figures* with N and :meth:`figures`.
     :meth:`run` returns when drained (or when the control pipe closes).
     """
 
     def __init__(
-        self, listener: socket.socket, control: int, settings: Settings, log: Log = _quiet
+        self,
+        listener: socket.socket,
+        control: int,
+        settings: Settings,
+        log: Log = _quiet,
+        figures: Callable[[int, dict[str, dict[str, int]]], None] | None = None,
     ) -> None:
         self.listener = listener
         self.lfd = listener.fileno()
@@ -164,6 +190,10 @@ class DataPlane:
         self.drain_deadline: float | None = None
         self.control_buf = b""
         self.counts = dict.fromkeys(("accepted", "no_backend", "connect_failed", "idle_closed"), 0)
+        # per instance id: [sessions total, bytes in (from clients), bytes out (to clients),
+        # connect errors], of connections that ended (open ones are added when asked)
+        self.totals: dict[str, list[int]] = {}
+        self.answer_figures = figures
         self.idle_ms = settings.idle_timeout * 1000
         # idle connections are found by the kernel's own clocks, nothing on the byte path
         self.sweep_every = min(settings.idle_timeout / 4, 30.0)
@@ -350,6 +380,7 @@ class DataPlane:
 
     def _pair(self, cfd: int, bfd: int, slot: Slot, registered: bool = False) -> None:
         slot.consecutive = slot.ejections = 0  # a connect that works: no longer an outlier
+        self._totals(slot.key)[0] += 1
         self.peer[cfd] = bfd
         self.peer[bfd] = cfd
         self.slot_of[cfd] = slot
@@ -361,6 +392,7 @@ class DataPlane:
         self, bfd: int, cfd: int, slot: Slot, tried: tuple[str, ...], registered: bool
     ) -> None:
         self.counts["connect_failed"] += 1
+        self._totals(slot.key)[3] += 1
         backend: Backend = slot.data[0]
         self._warn("connect", f"connect to {slot.key} ({backend.endpoint}) failed: trying another")
         self.balancer.finished(slot, ok=False)
@@ -448,14 +480,58 @@ class DataPlane:
         """Close the connection *fd* belongs to, both sides."""
         other = self.peer.pop(fd)
         del self.peer[other]
+        cfd, bfd = (fd, other) if fd in self.slot_of else (other, fd)
+        slot = self.slot_of.pop(cfd, None)
+        if slot is not None:  # the kernel's byte counts, read once per connection
+            totals = self._totals(slot.key)
+            totals[1] += received_bytes(self.socks[cfd], cfd in self.eof)
+            totals[2] += received_bytes(self.socks[bfd], bfd in self.eof)
         for side in (fd, other):
             self.pending.pop(side, None)
             self.eof.discard(side)
             self.socks.pop(side).close()
-        slot = self.slot_of.pop(fd, None) or self.slot_of.pop(other, None)
         if slot is not None:
             self.balancer.released(slot)
         self._gone()
+
+    # -- figures ---------------------------------------------------------------------------
+    def _totals(self, key: str) -> list[int]:
+        totals = self.totals.get(key)
+        if totals is None:
+            if len(self.totals) >= MAX_COUNTED:
+                self._forget_gone()
+            totals = self.totals[key] = [0, 0, 0, 0]
+        return totals
+
+    def _forget_gone(self) -> None:
+        """Drop the figures of instances no longer used, with no connection open."""
+        open_keys = {slot.key for slot in self.slot_of.values()}
+        for key in list(self.totals):
+            if key not in self.balancer and key not in open_keys:
+                del self.totals[key]
+
+    def figures(self) -> dict[str, dict[str, int]]:
+        """Per instance id: sessions (open now), sessions_total, bytes_in, bytes_out,
+        connect_errors; the bytes of open connections included (asked of the kernel)."""
+        out = {
+            key: {
+                "sessions": 0,
+                "sessions_total": t[0],
+                "bytes_in": t[1],
+                "bytes_out": t[2],
+                "connect_errors": t[3],
+            }
+            for key, t in self.totals.items()
+        }
+        for cfd, slot in self.slot_of.items():
+            entry = out.get(slot.key)
+            if entry is None:
+                continue
+            entry["sessions"] += 1
+            bfd = self.peer[cfd]
+            entry["bytes_in"] += received_bytes(self.socks[cfd], cfd in self.eof)
+            entry["bytes_out"] += received_bytes(self.socks[bfd], bfd in self.eof)
+        return out
 
     def _close_all(self) -> None:
         for sock in self.socks.values():
@@ -479,6 +555,8 @@ class DataPlane:
             message = json.loads(line)
             if "backends" in message:
                 update_balancer(self.balancer, (Backend(*item) for item in message["backends"]))
+            if "stats" in message and self.answer_figures is not None:
+                self.answer_figures(int(message["stats"]), self.figures())
             if "drain" in message:
                 self.drain_deadline = time.monotonic() + float(message["drain"])
                 self._listen(False)
@@ -494,6 +572,14 @@ def _report(message: str) -> None:
         sys.stdout.flush()
 
 
+def _report_figures(asked: int, figures: dict[str, dict[str, int]]) -> None:
+    """The figures asked for, as one line on stdout marked :data:`STATS_LINE`."""
+    line = STATS_LINE + json.dumps({"stats": asked, "backends": figures}) + "\n"
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 def main(argv: list[str]) -> int:
     """``python -m eda.core.lb.dataplane LISTEN_FD CONTROL_FD SETTINGS_JSON``."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the proxy tells it to drain
@@ -501,7 +587,7 @@ def main(argv: list[str]) -> int:
     listen_fd, control, settings = int(argv[0]), int(argv[1]), Settings.from_json(argv[2])
     listener = socket.socket(fileno=listen_fd)
     try:
-        DataPlane(listener, control, settings, _report).run()
+        DataPlane(listener, control, settings, _report, _report_figures).run()
     except Exception as exc:
         _report(f"data plane {os.getpid()} failed: {exc!r}")
         return 1

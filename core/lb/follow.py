@@ -17,11 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+from ..endpoint import Endpoint
 from ..errors import EdaError
 from ..registry.access import Access
 from . import tcp
 from .haproxy import HaproxyEngine, Server
+from .proxystats import state_of
 
 Log = Callable[[str], None]
 
@@ -129,6 +132,35 @@ class HaproxyFollower:
         except queue.Empty:
             pass
         return latest
+
+    def figures(self) -> dict[str, Any]:
+        """What ``eda-lb stats`` shows, from HAProxy's ``show stat`` (any thread)."""
+        try:
+            servers = self.engine.servers()
+        except EdaError:  # not running (yet, or any more)
+            servers = []
+        backends = [
+            {
+                "id": s.id or s.name,
+                "address": s.address,
+                "state": state_of(s.status),
+                "weight": s.weight,
+                "sessions": s.sessions,
+                "sessions_total": s.total,
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+                "connect_errors": s.connect_errors,
+            }
+            for s in servers
+        ]
+        return {
+            "role": "proxy",
+            "engine": "haproxy",
+            "listen": str(Endpoint(self.host or "0.0.0.0", self.port)),
+            "strategy": self.settings.strategy,
+            "runtime_socket": str(self.engine.socket_path) if self.engine.workdir else None,
+            "backends": sorted(backends, key=lambda b: str(b["id"])),
+        }
 
     def _servers(self, backends: list[tcp.Backend]) -> list[Server]:
         return [Server(b.id, b.host, b.port, b.weight) for b in backends]

@@ -385,7 +385,8 @@ class HaproxyEngine:
     # -- state ---------------------------------------------------------------------------------
 
     def servers(self) -> list[ServerState]:
-        """The backend's servers as HAProxy sees them now (status, weight, connections)."""
+        """The backend's servers as HAProxy sees them now (status, weight, connections,
+        bytes, connect errors): its ``show stat``."""
         with self._lock:
             self._check_running()
             text = self._command(f"show stat {BACKEND} 4 -1")
@@ -405,6 +406,9 @@ class HaproxyEngine:
                     weight=as_int(rec.get("weight")),
                     sessions=as_int(rec.get("scur")),
                     total=as_int(rec.get("stot")),
+                    bytes_in=as_int(rec.get("bin")),
+                    bytes_out=as_int(rec.get("bout")),
+                    connect_errors=as_int(rec.get("econ")),
                 )
             )
         return found

@@ -65,6 +65,9 @@ class ServerState:
     weight: int
     sessions: int  # current connections
     total: int  # connections since the server was added
+    bytes_in: int = 0  # from clients (bin)
+    bytes_out: int = 0  # to clients (bout)
+    connect_errors: int = 0  # econ
 
 
 def server_name(server_id: str, host: str, port: int) -> str:

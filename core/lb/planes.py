@@ -14,6 +14,12 @@ pipe by file descriptor (nothing else is inherited: every other descriptor
 of the proxy is close-on-exec), and writes its warnings as lines on its
 stdout, read here and said through *warn*.  One that dies is started again
 with the latest instructions.
+
+Figures (``eda-lb stats``): :meth:`Planes.collect`, called from another
+thread, asks for a new round; the proxy's loop sends ``{"stats": N}`` to
+every data plane (:meth:`Planes.send_asks`), each answers with its
+per-instance counters (a line marked ``STATS_LINE`` on its stdout, or a call
+from the thread), and :meth:`~Planes.collect` sums the answers of round N.
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
-from .dataplane import DataPlane, Log, Settings
+from .dataplane import STATS_LINE, DataPlane, Log, Settings
+
+Figures = dict[str, dict[str, int]]  # per instance id: counter -> value
+COUNTERS = ("sessions", "sessions_total", "bytes_in", "bytes_out", "connect_errors")
 
 
 class _Process:
@@ -55,6 +65,7 @@ class Planes:
     """
 
     MAX_REPORT = 4096  # bytes of one report line kept (a longer one is cut)
+    MAX_FIGURES = 8 << 20  # bytes of one figures line (a longer one is dropped)
 
     def __init__(
         self,
@@ -71,6 +82,11 @@ class Planes:
         self.threads: list[tuple[threading.Thread, int]] = []  # (thread, control feed)
         self.in_threads: list[DataPlane] = []
         self.last_sent = b""
+        # figures: rounds asked for (by collect) and sent (by the proxy's loop), and the
+        # latest answer of each data plane (by report fd, or -1 - index of a thread)
+        self.answered = threading.Condition()
+        self.wanted = self.asked = 0
+        self.answers: dict[int, tuple[int, Figures]] = {}
 
     def start(self) -> None:
         if self.settings.workers == 0:
@@ -85,7 +101,12 @@ class Planes:
 
     def _start_thread(self) -> None:
         control, feed = os.pipe()
-        plane = DataPlane(self.listeners[0].dup(), control, self.settings, self.warn)
+        key = -1 - len(self.threads)
+
+        def answer(asked: int, figures: Figures) -> None:
+            self._store(key, asked, figures)
+
+        plane = DataPlane(self.listeners[0].dup(), control, self.settings, self.warn, answer)
         thread = threading.Thread(target=plane.run, name="eda-lb-tcp", daemon=True)
         thread.start()
         self.in_threads.append(plane)
@@ -149,14 +170,19 @@ class Planes:
                 with contextlib.suppress(OSError, ValueError):
                     self.watch.unregister(process.report)
                 if process.partial:
-                    self._say(process.partial)
+                    self._say(process.partial, process.report)
                 return
             lines = (process.partial + data).split(b"\n")
-            process.partial = lines.pop()[: self.MAX_REPORT]
+            process.partial = lines.pop()
+            if len(process.partial) > self.MAX_FIGURES:
+                process.partial = process.partial[: self.MAX_REPORT]
             for line in lines:
-                self._say(line)
+                self._say(line, process.report)
 
-    def _say(self, line: bytes) -> None:
+    def _say(self, line: bytes, key: int) -> None:
+        if line.startswith(STATS_LINE.encode()):
+            self._figures_line(line[1:], key)
+            return
         text = line[: self.MAX_REPORT].decode("utf-8", "replace").strip()
         if text:
             self.warn(text)
@@ -177,9 +203,70 @@ class Planes:
         with contextlib.suppress(OSError, ValueError):
             self.watch.unregister(process.report)
         del self.processes[process.report]
+        with self.answered:
+            self.answers.pop(process.report, None)
         assert process.proc.stdout is not None
         process.proc.stdout.close()
         os.close(process.feed)
+
+    # -- figures ---------------------------------------------------------------------------
+    def _figures_line(self, data: bytes, key: int) -> None:
+        import json
+
+        try:
+            message = json.loads(data)
+            asked, figures = int(message["stats"]), message["backends"]
+        except (ValueError, KeyError, TypeError):
+            self.warn("a data plane's figures were not readable: dropped")
+            return
+        if isinstance(figures, dict):
+            self._store(key, asked, figures)
+
+    def _store(self, key: int, asked: int, figures: Figures) -> None:
+        with self.answered:
+            self.answers[key] = (asked, figures)
+            self.answered.notify_all()
+
+    def send_asks(self) -> None:
+        """Send a round of figures asked for since the last one (the proxy's loop)."""
+        import json
+
+        with self.answered:
+            if self.wanted <= self.asked:
+                return
+            self.asked = self.wanted
+        message = json.dumps({"stats": self.asked}).encode() + b"\n"
+        for feed in self._feeds():
+            self._send(feed, message)
+
+    def collect(self, wake: Callable[[], None], timeout: float) -> tuple[Figures, int, int]:
+        """Ask every data plane for its figures (from any thread but the proxy's loop,
+        which *wake* wakes to send the round) and sum them, waiting *timeout* at most:
+        (per instance, data planes that answered, data planes there are)."""
+        with self.answered:
+            self.wanted += 1
+            asked = self.wanted
+        wake()
+        deadline = time.monotonic() + timeout
+        with self.answered:
+            while True:
+                planes = [*self.processes, *(-1 - i for i in range(len(self.threads)))]
+                got = [self.answers.get(k) for k in planes]
+                fresh = [a[1] for a in got if a is not None and a[0] >= asked]
+                left = deadline - time.monotonic()
+                if len(fresh) == len(planes) or left <= 0:
+                    break
+                self.answered.wait(left)
+        total: Figures = {}
+        for figures in fresh:
+            for key, counts in figures.items():
+                into = total.setdefault(str(key), dict.fromkeys(COUNTERS, 0))
+                if isinstance(counts, dict):
+                    for name in COUNTERS:
+                        value = counts.get(name)
+                        if isinstance(value, int) and not isinstance(value, bool):
+                            into[name] += value
+        return total, len(fresh), len(planes)
 
     # -- the end -------------------------------------------------------------------------------
     @property

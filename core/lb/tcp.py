@@ -13,6 +13,10 @@ The proxy is four parts, each in a module of its own:
   registry (:func:`follow`), leaves out its own address, and runs the health
   checks, passing every change of the set that is up to the data planes,
   until drained: stop accepting, let open connections finish until a deadline.
+
+Its figures (:meth:`TcpProxy.figures`, what ``eda-lb stats`` shows, served by
+core/lb/proxystats.py): per instance, the data planes' counters summed and the
+health checks' state and weight, like HAProxy's ``show stat``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
 from ..limits import raise_fd_limit
 from .dataplane import Backend, DataPlane, Log, Settings, balancer_for, update_balancer
-from .planes import Planes
+from .planes import COUNTERS, Planes
 from .selfloop import as_ip, reaches
 from .tcpcheck import Health
 
@@ -110,7 +114,10 @@ class TcpProxy:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.drain_timeout: float | None = None
+        self.bound = listen  # the address listened on, its port known after start()
         self.warned_self: set[Backend] = set()  # instances at our own address, told once
+        # the candidates and whether each is up, for figures(): replaced, never changed
+        self.checked: dict[str, tuple[Backend, bool]] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -133,6 +140,7 @@ class TcpProxy:
         for _ in range(max(1, self.settings.workers)):
             self.listeners.append(self._bind(port))
             port = self.address[1]  # the port the first one got (port 0: ephemeral)
+        self.bound = self.listen.with_port(port)
         raise_fd_limit()
         self.dataplanes.start()
 
@@ -209,6 +217,7 @@ class TcpProxy:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
                 self.dataplanes.read_reports()
+                self.dataplanes.send_asks()
                 if changed or not self.dataplanes.last_sent:
                     self._publish()
                 self.dataplanes.restart_dead()
@@ -217,10 +226,39 @@ class TcpProxy:
             self.health.close()
 
     def _publish(self) -> None:
+        self.checked = {c.backend.id: (c.backend, c.up) for c in self.health.checks.values()}
         up = self.health.up()
         message = {"backends": [[b.id, b.host, b.port, b.weight] for b in up]}
         self.dataplanes.send(json.dumps(message).encode() + b"\n")
         self.log(f"{len(up)} instance(s) up: {', '.join(b.id for b in up) or 'none'}")
+
+    def figures(self, timeout: float = 1.0) -> dict[str, Any]:
+        """What ``eda-lb stats`` shows (any thread): per instance, the data planes'
+        counters summed, its health (up, down; gone: no longer a candidate, counted
+        before) and weight."""
+        counted, answered, planes = self.dataplanes.collect(self._wake, timeout)
+        checked = self.checked
+        backends = []
+        for inst_id in sorted(set(checked) | set(counted)):
+            backend, up = checked.get(inst_id, (None, False))
+            state = "gone" if backend is None else "up" if up else "down"
+            entry: dict[str, Any] = {
+                "id": inst_id,
+                "address": str(backend.endpoint) if backend is not None else None,
+                "state": state,
+                "weight": backend.weight if backend is not None else None,
+            }
+            entry.update(counted.get(inst_id) or dict.fromkeys(COUNTERS, 0))
+            backends.append(entry)
+        return {
+            "role": "proxy",
+            "engine": "builtin",
+            "listen": str(self.bound),
+            "strategy": self.settings.strategy,
+            "data_planes": planes,
+            "answered": answered,
+            "backends": backends,
+        }
 
     def close(self) -> None:
         """Stop at once (no drain)."""
@@ -240,6 +278,9 @@ def instances_of(records: Iterable[dict[str, Any]], warn: Log = _quiet) -> list[
     for record in records:
         if record.get("status") != "passing":
             continue
+        meta = record.get("meta")
+        if isinstance(meta, dict) and meta.get("role") == "proxy":
+            continue  # a proxy's stats socket (core/lb/proxystats.py), never a backend
         host = resolve(str(record["host"]), int(record["port"]))
         if host is None:
             warn(f"instance {record['id']}: cannot resolve host {record['host']!r}; left out")
