@@ -83,7 +83,8 @@ def test_items_with_a_terminal_view_are_drawn_in_one_write() -> None:
 
 
 def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
-    from eda.cli import bus, lb, txnstatus
+    from eda.cli import bus, txnstatus
+    from eda.cli import lbstats as lb
 
     cases: list[tuple[Any, list[dict[str, Any]], str]] = [
         (bus._table, [{"kind": "topic", "topic": "t", "events": 5, "bytes": 9}], "events"),
@@ -217,7 +218,8 @@ def test_a_broker_found_at_an_ipv6_address_is_served_at_a_bracketed_endpoint() -
 def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
     """Every table of every program, with realistic widths, and the values (ids,
     counts, addresses) each must show whole."""
-    from eda.cli import bus, lb, registryviews, txnstatus
+    from eda.cli import bus, registryviews, txnstatus
+    from eda.cli import lbstats as lb
 
     worker = {
         "id": "upper-10-200-200-200-40123", "state": "slow-start", "requests": 1234567,
@@ -283,7 +285,7 @@ def test_every_table_fits_the_terminal_without_splitting_an_id_or_a_number(width
 
 
 def test_the_most_important_columns_stay_on_a_narrow_terminal() -> None:
-    from eda.cli import lb
+    from eda.cli import lbstats as lb
 
     rows = _tables()[0][2]
     screen = bytearray()

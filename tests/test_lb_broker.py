@@ -950,7 +950,7 @@ def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
 
 
 def test_the_stats_table_shows_peer_strings_escaped() -> None:
-    from eda.cli import lb
+    from eda.cli import lbstats as lb
     from eda.cli.common import Context
     from eda.cli.output import Environment, Output
 
@@ -966,7 +966,7 @@ def test_the_stats_table_shows_peer_strings_escaped() -> None:
 
 
 def test_stats_answers_from_hostile_instances_become_errors_or_blank_figures() -> None:
-    from eda.cli import lb
+    from eda.cli import lbstats as lb
     from eda.core.lb.stats import ask_stats
 
     answers = {

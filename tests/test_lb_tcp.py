@@ -986,7 +986,7 @@ def test_cli_haproxy_engine_names_its_runtime_socket_without_verbose(
 def test_a_proxys_figures_as_a_table_keep_every_number_whole_at_80_columns() -> None:
     from rich.console import Console
 
-    from eda.cli.lb import _proxy_rows, _proxy_table
+    from eda.cli.lbstats import _proxy_rows, _proxy_table
 
     answer = {
         "backends": [

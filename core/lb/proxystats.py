@@ -92,3 +92,64 @@ class StatsServer:
             self.thread.join(2.0)
         else:
             self.sock.close()
+
+
+class PublishedFigures:
+    """A proxy's :class:`StatsServer`, registered as an instance of *service* with
+    meta ``role=proxy`` (where ``eda-lb stats`` finds it).
+
+    Registering never holds the proxy up: it is tried in a thread, again every
+    second until a registry (or mDNS) takes it, since the proxy itself waits for
+    a registry that comes later.
+    """
+
+    RETRY = 1.0  # seconds between two attempts to register
+
+    def __init__(
+        self, service: str, access: Any, figures: Callable[[], Any], engine: str,
+        log: Log = _quiet, warn: Log = _quiet,
+    ) -> None:  # fmt: skip
+        self.service, self.access, self.engine, self.log = service, access, engine, log
+        self.server = StatsServer(Endpoint(access.interface or "0.0.0.0", 0), figures, warn)
+        self._stop = threading.Event()
+        self._presences: list[Any] = []
+        self._thread = threading.Thread(
+            target=self._register, name="eda-lb-stats-register", daemon=True
+        )
+
+    def start(self) -> PublishedFigures:
+        self.server.start()
+        self._thread.start()
+        return self
+
+    def _register(self) -> None:
+        from ..errors import EdaError
+        from ..presence import Presence
+        from ..registry import access as reg
+
+        record = reg.registration(
+            self.service, self.server.port, meta=("role=proxy", f"engine={self.engine}"),
+            interval=1.0,
+        )  # fmt: skip
+        told = False
+        while not self._stop.is_set():
+            try:
+                presence = Presence(self.access, record, log=self.log, warn=self.log)
+                inst = presence.start()
+            except EdaError as exc:
+                if not told:
+                    self.log(f"figures not registered yet: {exc}; still trying")
+                    told = True
+                self._stop.wait(self.RETRY)
+                continue
+            self._presences.append(presence)
+            self.log(f"figures of proxy {inst.id} on {self.server.endpoint.zmq}")
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        for presence in self._presences:
+            presence.close()
+        self.server.close()
