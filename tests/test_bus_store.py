@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eda.cli import bus as cli_bus
 from eda.core import codec
 from eda.core.bus import (
     EventTooLargeError,
@@ -29,7 +30,7 @@ from eda.core.bus import wal as walscan
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.topics import Matcher
-from tests.helpers import readable
+from tests.helpers import readable, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -382,9 +383,33 @@ def test_retention_by_age_and_by_bytes_keeps_sequences_going(tmp_path: Path) -> 
     with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
         (r,) = s.append([batch(101, 1)])
         assert r.stored == ((101, 101, 1),)  # sequences are never reused
-    assert parse_size("10GB") == 10**10 and parse_size("1MiB") == 2**20
-    with pytest.raises(UsageError):
-        parse_age("7 days")
+
+
+def test_the_size_and_age_parsers_eda_bus_calls(tmp_path: Path) -> None:
+    """One parser of each (core/bus/retention.py), the one eda-bus's options call."""
+    assert cli_bus.parse_bytes is parse_size
+    sizes = {"10GB": 10**10, "1MiB": 2**20, "64k": 64_000, "2ki": 2048, "4096": 4096,
+             "1.5 kb": 1500, "512MiB": 512 << 20}  # fmt: skip
+    assert {text: parse_size(text) for text in sizes} == sizes
+    assert [parse_age(t) for t in ("90s", "15m", "12h", "7d", "2w", "30")] == [
+        90, 900, 43200, 604800, 1209600, 30]  # fmt: skip
+    for bad in ("0", "0GB", "-1MB", "10 parsecs", "", "0.0001b"):
+        with pytest.raises(UsageError, match="invalid size"):
+            parse_size(bad)
+    for bad in ("0", "0s", "0d", "-5m", "7 days", ""):
+        with pytest.raises(UsageError, match="invalid age"):
+            parse_age(bad)
+    # through the CLI: a limit of nothing is a one-line usage error (exit 2), never
+    # accepted (which would remove every event at the first retention pass)
+    for option, value in [("--max-age", "0"), ("--max-bytes", "0"), ("--max-age", "0d"),
+                          ("--max-bytes", "0GB"), ("--max-queued", "0")]:  # fmt: skip
+        done = run("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--no-mdns",
+                   "--bind", "tcp://127.0.0.1:0", option, value)  # fmt: skip
+        assert done.returncode == 2, (option, value, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "invalid" in done.stderr
+    assert not (tmp_path / "bus").exists()  # refused before anything was created
+    done = run("eda-bus", "retain", "--max-age", "0", "--bus", "tcp://127.0.0.1:9")
+    assert done.returncode == 2 and "invalid age '0'" in done.stderr
 
 
 # -- bad input, fsync modes, ownership -----------------------------------------------
@@ -441,7 +466,8 @@ def test_a_store_has_one_owner_and_a_closed_store_says_so(store: SQLiteEngine) -
 
 WRITER = textwrap.dedent("""
     import sys
-    from eda.core import codec
+    from eda.cli import bus as cli_bus
+from eda.core import codec
     from eda.core.bus import SQLiteEngine
     store = SQLiteEngine(sys.argv[1], fsync="batch")
     seq = 1
@@ -688,7 +714,8 @@ def test_full_disk_simulated_by_a_page_limit(tmp_path: Path) -> None:
 
 FULL = textwrap.dedent("""
     import json, subprocess, sys
-    from eda.core import codec
+    from eda.cli import bus as cli_bus
+from eda.core import codec
     from eda.core.bus import SQLiteEngine, StoreFullError
     d = sys.argv[1]
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d], check=True)
