@@ -466,8 +466,7 @@ def test_a_store_has_one_owner_and_a_closed_store_says_so(store: SQLiteEngine) -
 
 WRITER = textwrap.dedent("""
     import sys
-    from eda.cli import bus as cli_bus
-from eda.core import codec
+    from eda.core import codec
     from eda.core.bus import SQLiteEngine
     store = SQLiteEngine(sys.argv[1], fsync="batch")
     seq = 1
@@ -714,8 +713,7 @@ def test_full_disk_simulated_by_a_page_limit(tmp_path: Path) -> None:
 
 FULL = textwrap.dedent("""
     import json, subprocess, sys
-    from eda.cli import bus as cli_bus
-from eda.core import codec
+    from eda.core import codec
     from eda.core.bus import SQLiteEngine, StoreFullError
     d = sys.argv[1]
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d], check=True)
