@@ -91,7 +91,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -100,27 +100,18 @@ from ..codec import Batch
 from ..errors import NotFoundError, UsageError
 from ..topics import Matcher, validate_topic
 from . import retention
+from .base import DEFAULT_MAX_RANGES, EngineBase, Span
 from .engine import (
     ConsumerStats,
     Engine,
     EventTooLargeError,
     Receipt,
     Record,
-    Retained,
     Stats,
     StoreError,
     TopicStats,
 )
-from .streams import (
-    DEFAULT_MAX_EVENT,
-    MAX_SEQ,
-    Ranges,
-    add,
-    check_batch,
-    check_name,
-    overlaps,
-    subtract,
-)
+from .streams import DEFAULT_MAX_EVENT, MAX_SEQ, Ranges, add, check_name, subtract
 
 try:
     import nats
@@ -180,28 +171,6 @@ def _header_bytes(headers: dict[str, str]) -> int:
     return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
 
 
-def _pieces(
-    batch: Batch, spans: list[tuple[int, int]], room: int
-) -> Iterator[tuple[int, int, bytes]]:
-    """The publisher sequences [a, z) of *spans* of *batch*, cut in pieces whose
-    bodies (events joined by newlines) hold at most *room* bytes, with their bodies."""
-    lo = batch.seq
-    parts: list[bytes] | None = None
-    for a, z in spans:
-        if z - a == batch.size and len(batch.body) <= room:
-            yield a, z, batch.body
-            continue
-        parts = parts or ([batch.body] if batch.size == 1 else batch.body.split(b"\n"))
-        first, used = a, -1
-        for i in range(a, z):
-            size = len(parts[i - lo]) + 1
-            if i > first and used + size > room:
-                yield first, i, b"\n".join(parts[first - lo : i - lo])
-                first, used = i, -1
-            used += size
-        yield first, z, b"\n".join(parts[first - lo : z - lo])
-
-
 def _key(kind: str, name: str) -> str:
     return kind + base64.b32encode(name.encode()).decode().rstrip("=")
 
@@ -216,12 +185,14 @@ def nats_name(name: str, what: str) -> str:
     return name
 
 
-class NatsEngine:
+class NatsEngine(EngineBase):
     """eda-bus's store on a NATS JetStream stream (see the module docstring).
 
     Not thread-safe: use it from one thread at a time.  It runs its own
     asyncio loop in a background thread; every method waits for its result.
     """
+
+    shared = True  # other fronts write to the same stream
 
     def __init__(
         self,
@@ -234,6 +205,7 @@ class NatsEngine:
         max_age: float | None = None,
         max_bytes: int | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT,
+        max_ranges: int = DEFAULT_MAX_RANGES,
         ack_wait: float = 30.0,
         timeout: float = 10.0,
         deadline: float = SERVE_DEADLINE,
@@ -249,11 +221,10 @@ class NatsEngine:
         self.replicas = replicas or 1
         self.changes: list[str] = []  # what opening changed in an existing stream's config
         self.warnings: list[str] = []  # what the caller should tell its user
-        self.max_event_bytes = max_event_bytes
+        super().__init__(max_event_bytes=max_event_bytes, max_ranges=max_ranges, clock=clock)
         self.ack_wait = ack_wait
         self.timeout = timeout  # opening (patient: a cluster may be electing leaders)
         self.deadline = min(deadline, timeout)  # every call once open (see SERVE_DEADLINE)
-        self._clock = clock
         self._servers = [servers] if isinstance(servers, str) else list(servers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="nats")
@@ -262,18 +233,14 @@ class NatsEngine:
         self._heads: list[_Head] = []
         self._head_seqs: list[int] = []  # bus sequences of _heads, for bisect
         self._pending: list[tuple[_Head, asyncio.Future[Any]]] = []
-        self._streams: dict[tuple[str, str], Ranges] = {}
-        self._fresh: dict[tuple[str, str], Ranges] = {}
         # publisher sequences of events no longer in the stream (retention), kept for a
         # while so that a late resend of one is still a duplicate, also after a resync
         # or a reopen (JetStream's duplicate window refuses its Msg-Id meanwhile)
         self._gone: dict[tuple[str, str], tuple[Ranges, float]] = {}
         self._gone_for = max(2 * duplicate_window, 600.0)
-        self._topics_ok: set[str] = set()
         self._groups: dict[str, list[str]] = {}  # group -> patterns (its consumer exists)
         self._held: dict[str, dict[str, list[_Held]]] = {}  # group -> member -> messages
         self._unanswered: dict[str, float] = {}  # group -> when a no-wait pull went unanswered
-        self._matchers: dict[tuple[str, ...], Matcher] = {}
         try:
             # patient: a cluster that just lost a node elects new leaders first
             self._run(self._open(duplicate_window, max_age, max_bytes), timeout * 10)
@@ -489,7 +456,7 @@ class NatsEngine:
                 continue
         for key, (ranges, _) in self._gone.items():
             for lo, hi in ranges:
-                add(self._streams.setdefault(key, []), lo, hi)
+                self._ledger.add(key, lo, hi)
 
     def _gone_value(self) -> dict[str, Any]:
         return {"streams": [[k[0], k[1], r, when] for k, (r, when) in self._gone.items()]}
@@ -519,18 +486,9 @@ class NatsEngine:
     def _add_head(self, head: _Head) -> None:
         self._heads.append(head)
         self._head_seqs.append(head.seq)
-        add(self._streams.setdefault((head.pubid, head.topic), []), head.pubseq,
-             head.pubseq + head.size)  # fmt: skip
+        self._ledger.add((head.pubid, head.topic), head.pubseq, head.pubseq + head.size)
 
     # -- state ----------------------------------------------------------------
-    @property
-    def last_seq(self) -> int:
-        return self._next - 1
-
-    @property
-    def durable_seq(self) -> int:
-        return self._durable
-
     @property
     def first_seq(self) -> int:
         return self._heads[0].seq if self._heads else self._durable + 1
@@ -540,7 +498,7 @@ class NatsEngine:
         subject_bytes = len(self.prefix) + 1 + len(batch.topic.encode())
         if batch.topic not in self._topics_ok and subject_bytes > 4000:
             raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
-        check_batch(batch, self.max_event_bytes, self._topics_ok)
+        super()._check(batch)
 
     def _room(self, batch: Batch) -> int:
         """Payload bytes one message of *batch* may carry: the server's max payload
@@ -580,38 +538,30 @@ class NatsEngine:
             rooms.append(self._room(batch))
         last_stored = self._heads[-1].stored if self._heads else 0.0
         now = max(self._clock(), self._pending[-1][0].stored if self._pending else last_stored)
+        # what a publish refuses is forgotten again by _abandon (and what the
+        # stream does not acknowledge by commit's _resync): never confirmed
+        pieces, receipts = self._ledger.plan(batches, self._next, rooms)
         out: list[tuple[str, bytes, dict[str, str], _Head]] = []
-        receipts: list[Receipt] = []
-        for b, room in zip(batches, rooms, strict=True):
-            key = (b.pubid, b.topic)
-            ranges = self._streams.setdefault(key, [])
-            lo, hi = b.seq, b.seq + b.size
-            new, dup = subtract(ranges, lo, hi) if ranges else ([(lo, hi)], [])
-            confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
-            ext = ("{" + b.extensions.json[1:] + "}") if b.extensions.json else ""
-            stored = []
-            # what a publish refuses is forgotten again by _abandon (and what the
-            # stream does not acknowledge by commit's _resync): never confirmed
-            for a, z, body in _pieces(b, new, room):
-                meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": a,
-                        "source": b.source, "ext": ext, "stored": now}  # fmt: skip
-                self._sseq += 1
-                headers = {
-                    "Eda-Seq": str(self._next),
-                    "Eda-Count": str(z - a),
-                    "Eda-Meta": json.dumps(meta),
-                    "Nats-Msg-Id": _msg_id(b.pubid, b.topic, a),
-                    "Nats-Expected-Last-Sequence": str(self._sseq - 1),
-                }
-                head = _Head(self._sseq, self._next, z - a, now, b.topic, b.pubid, a, len(body))
-                out.append((f"{self.prefix}.{b.topic}", body, headers, head))
-                stored.append((a, self._next, z - a))
-                self._next += z - a
-                add(ranges, a, z)
-                add(self._fresh.setdefault(key, []), a, z)
-            if stored:
-                confirm_at = self._next - 1
-            receipts.append(Receipt(tuple(stored), tuple((a, z - a) for a, z in dup), confirm_at))
+        exts: dict[int, str] = {}
+        for p in pieces:
+            b = p.batch
+            ext = exts.get(id(b))
+            if ext is None:
+                json_ = b.extensions.json
+                ext = exts[id(b)] = ("{" + json_[1:] + "}") if json_ else ""
+            meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": p.pubseq,
+                    "source": b.source, "ext": ext, "stored": now}  # fmt: skip
+            self._sseq += 1
+            headers = {
+                "Eda-Seq": str(p.seq),
+                "Eda-Count": str(p.size),
+                "Eda-Meta": json.dumps(meta),
+                "Nats-Msg-Id": _msg_id(b.pubid, b.topic, p.pubseq),
+                "Nats-Expected-Last-Sequence": str(self._sseq - 1),
+            }
+            head = _Head(self._sseq, p.seq, p.size, now, b.topic, b.pubid, p.pubseq, len(p.body))
+            out.append((f"{self.prefix}.{b.topic}", p.body, headers, head))
+            self._next = p.seq + p.size
         if out:
             sent: list[asyncio.Future[Any]] = []
             try:
@@ -675,7 +625,7 @@ class NatsEngine:
         if failure is None:
             for head, _ in pending:
                 self._add_head_indexed(head)
-            self._fresh.clear()
+            self._ledger.fresh.clear()
             self._durable = self._next - 1
             return self._durable
         self._resync()
@@ -713,13 +663,12 @@ class NatsEngine:
 
     def _resync(self) -> None:
         """Forget what was not acknowledged and read what the stream really holds."""
-        self._fresh.clear()
-        self._streams.clear()
+        self._ledger.clear()
         for key, (ranges, _) in self._gone.items():
             for lo, hi in ranges:
-                add(self._streams.setdefault(key, []), lo, hi)
+                self._ledger.add(key, lo, hi)
         for h in self._heads:
-            add(self._streams.setdefault((h.pubid, h.topic), []), h.pubseq, h.pubseq + h.size)
+            self._ledger.add((h.pubid, h.topic), h.pubseq, h.pubseq + h.size)
         try:
             if not self._nc.is_connected:  # not now: the next commit or refresh reads it
                 raise StoreError("not connected")
@@ -743,21 +692,11 @@ class NatsEngine:
             head.pubid, head.pubseq, meta["source"], meta["ext"].encode(), msg.data or b"",
         )  # fmt: skip
 
-    def read(
-        self,
-        start: int,
-        end: int | None = None,
-        matcher: Matcher | None = None,
-        limit: int | None = None,
+    def _records(
+        self, start: int, end: int, matcher: Matcher | None, left: int
     ) -> Iterator[Record]:
-        self._usable()
-        end = self._durable if end is None else min(end, self._durable)
-        left = limit if limit is not None else MAX_SEQ
-        start = max(start, 1)
-        if left <= 0 or start > end:
-            return
         i = self._locate(start)
-        while i < len(self._heads) and self._heads[i].seq <= end and left > 0:
+        while i < len(self._heads) and self._heads[i].seq <= end:
             heads: list[_Head] = []
             want = nbytes = 0
             while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
@@ -765,55 +704,32 @@ class NatsEngine:
                 i += 1
                 if matcher is None or matcher(h.topic):
                     heads.append(h)
-                    want += h.size
+                    want += min(h.seq + h.size - 1, end) - max(h.seq, start) + 1
                     nbytes += h.nbytes
                     if want >= left or nbytes >= _CHUNK_BYTES:  # one fetch, one deadline
                         break
             msgs = self._run(self._fetch([h.sseq for h in heads]))
+            left = max(1, left - want)  # the caller stops reading once it has enough
             for head, msg in zip(heads, msgs, strict=True):
-                if msg is None:
-                    continue  # removed by retention meanwhile
-                record = self._record(head, msg)
-                top = record.seq + record.size - 1
-                lo = max(start, record.seq)
-                hi = min(end, top, lo + left - 1)
-                if lo != record.seq or hi != top:
-                    record = record.slice(lo, hi)
-                left -= record.size
-                yield record
-                if left <= 0:
-                    return
+                if msg is not None:  # else removed by retention meanwhile
+                    yield self._record(head, msg)
 
     def seq_at(self, when: float) -> int:
         stored = [h.stored for h in self._heads]
         i = bisect.bisect_left(stored, when)
         return self._heads[i].seq if i < len(self._heads) else self._next
 
-    def seq_for_last(self, n: int, matcher: Matcher | None = None) -> int:
-        if n <= 0:
-            return self._durable + 1
+    def _backwards(self, pos: int) -> Iterator[Span]:
         for h in reversed(self._heads):
-            if matcher is None or matcher(h.topic):
-                if h.size >= n:
-                    return h.seq + h.size - n
-                n -= h.size
-        return self.first_seq
+            if h.seq <= pos:
+                yield h.seq, h.size, h.topic
 
-    def _count(self, first: int, last: int, matcher: Matcher | None) -> int:
-        total = 0
-        for h in self._heads[self._locate(first) :]:
+    def _spans(self, first: int, last: int) -> Iterator[Span]:
+        for i in range(self._locate(first), len(self._heads)):
+            h = self._heads[i]
             if h.seq > last:
-                break
-            if matcher is None or matcher(h.topic):
-                total += max(0, min(h.seq + h.size - 1, last) - max(h.seq, first) + 1)
-        return total
-
-    def _matcher(self, patterns: Sequence[str]) -> Matcher:
-        key = tuple(patterns)
-        m = self._matchers.get(key)
-        if m is None:
-            m = self._matchers[key] = Matcher(list(patterns))
-        return m
+                return
+            yield h.seq, h.size, h.topic
 
     # -- durable consumers (positions in the key-value bucket) -----------------
     async def _kv_get(self, key: str) -> dict[str, Any] | None:
@@ -1137,16 +1053,7 @@ class NatsEngine:
             lag = self._count(nxt, last, m) + held
             consumers.append(ConsumerStats(row["name"], "group", tuple(m.patterns), nxt, lag,
                                            held))  # fmt: skip
-        return Stats(
-            first_seq=self.first_seq,
-            last_seq=last,
-            durable_seq=self._durable,
-            events=sum(t.events for t in topics.values()),
-            bytes=sum(t.bytes for t in topics.values()),
-            file_bytes=int(info.state.bytes),
-            topics=topics,
-            consumers=consumers,
-        )
+        return self._stats(topics, consumers, int(info.state.bytes))
 
     async def _keys(self) -> list[str]:
         try:
@@ -1157,16 +1064,16 @@ class NatsEngine:
             raise
         return sorted(keys)
 
-    def retain(
-        self, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
-    ) -> Retained:
-        self.commit()
-        now = self._clock() if now is None else now
-        total = sum(h.nbytes for h in self._heads)
-        rows = ((h.seq, h.size, h.stored, h.nbytes) for h in self._heads)
-        plan = retention.cut(rows, total, max_age, max_bytes, now)
+    def _sizes(self) -> Generator[tuple[int, int, float, int], None, None]:
+        for h in self._heads:
+            yield h.seq, h.size, h.stored, h.nbytes
+
+    def _stored_bytes(self) -> int:
+        return sum(h.nbytes for h in self._heads)
+
+    def _remove(self, plan: retention.Cut | None, max_age: float | None, now: float) -> None:
         if plan is None:
-            return Retained(0, 0, self.first_seq)
+            return
         i = self._locate(plan.keep_from)
         sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
         self._run(self._kv_put("floor", {"next": self._next}))
@@ -1175,7 +1082,6 @@ class NatsEngine:
         self._run(self._js.purge_stream(self.stream, seq=sseq))
         del self._heads[:i]
         del self._head_seqs[:i]
-        return Retained(plan.events, plan.bytes, self.first_seq)
 
     def close(self) -> None:
         if self._closed:
@@ -1187,12 +1093,6 @@ class NatsEngine:
             with contextlib.suppress(Exception):  # closing a broken connection
                 self._run(self._nc.close(), self.timeout)
             self._stop()
-
-    def __enter__(self) -> NatsEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Migrated(NamedTuple):
@@ -1227,7 +1127,7 @@ def migrate(
     clock = dest._clock
     try:
         for record in source.read(source.first_seq):
-            held = dest._streams.get((record.pubid, record.topic))
+            held = dest._ledger.ranges.get((record.pubid, record.topic))
             lo, hi = record.pubseq, record.pubseq + record.size
             new = subtract(held, lo, hi)[0] if held else [(lo, hi)]
             fresh = sum(z - a for a, z in new)

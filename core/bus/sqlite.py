@@ -55,7 +55,7 @@ import sqlite3
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
@@ -64,6 +64,7 @@ from ..codec import Batch
 from ..errors import NotFoundError, UsageError
 from ..topics import Matcher
 from . import retention, wal
+from .base import DEFAULT_MAX_RANGES, EngineBase, Span
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
@@ -71,25 +72,14 @@ from .engine import (
     Fsync,
     Receipt,
     Record,
-    Retained,
     Stats,
     StoreError,
     StoreFullError,
     TopicStats,
 )
-from .streams import (
-    DEFAULT_MAX_EVENT,
-    MAX_SEQ,
-    Ranges,
-    add,
-    check_batch,
-    check_name,
-    overlaps,
-    subtract,
-)
+from .streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_name
 
 SCHEMA_VERSION: Final = 2  # 2: batches.cum, the topics table and index
-DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
 _SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
 _CUT_MIN: Final = 256  # events: a batch this big read in slices is kept split (see _slice)
@@ -135,7 +125,7 @@ _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
-class SQLiteEngine:
+class SQLiteEngine(EngineBase):
     """The embedded store of eda-bus (see the module docstring).
 
     Not thread-safe: use it from one thread at a time (it may be created on another).
@@ -153,11 +143,9 @@ class SQLiteEngine:
     ) -> None:
         if fsync not in FSYNC_MODES:
             raise UsageError(f"invalid fsync mode {fsync!r}: use always, batch or never")
+        super().__init__(max_event_bytes=max_event_bytes, max_ranges=max_ranges, clock=clock)
         self.path = Path(path)
         self.fsync = fsync
-        self.max_event_bytes = max_event_bytes
-        self.max_ranges = max_ranges
-        self._clock = clock
         self.repairs: list[str] = []  # what opening found and repaired, one line each
         self._lock_fd = self._lock()
         try:
@@ -165,10 +153,6 @@ class SQLiteEngine:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._matchers: dict[str, Matcher] = {}
-        self._topics_ok: set[str] = set()
-        self._streams: dict[tuple[str, str], Ranges] = {}
-        self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
         # topic -> [events, bytes] stored, [events, bytes] ever (cum, cumb of its last batch)
         self._topics: dict[str, list[int]] = {}
@@ -269,8 +253,7 @@ class SQLiteEngine:
         self._next: int = int(max(floor, top[0] if top else 1))
         self._durable: int = self._next - 1
         self._last_stored: float = float(top[1]) if top else 0.0
-        self._streams.clear()
-        self._fresh.clear()
+        self._ledger.clear()
         self._seen.clear()
         self._topics.clear()
         topic = conn.execute("SELECT min(topic) FROM batches").fetchone()[0]
@@ -294,18 +277,10 @@ class SQLiteEngine:
         for pubid, topic, lo, hi, seen in conn.execute(
             "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
         ):
-            self._streams.setdefault((pubid, topic), []).append([lo, hi])
+            self._ledger.add((pubid, topic), lo, hi)
             self._seen[(pubid, topic)] = seen
 
     # -- state ----------------------------------------------------------------
-    @property
-    def last_seq(self) -> int:
-        return self._next - 1
-
-    @property
-    def durable_seq(self) -> int:
-        return self._durable
-
     @property
     def first_seq(self) -> int:
         row = self._conn.execute("SELECT min(seq) FROM batches").fetchone()
@@ -335,28 +310,6 @@ class SQLiteEngine:
         return StoreError(f"store {self.path}: {exc}; {after}")
 
     # -- writing --------------------------------------------------------------
-    def _check(self, batch: Batch) -> None:
-        check_batch(batch, self.max_event_bytes, self._topics_ok)
-
-    def _check_gaps(self, batch: Batch) -> None:
-        """Refuse a batch that would split its stream into more than ``max_ranges`` ranges.
-
-        This bounds the state kept per stream (a call's own batches may add a
-        few more).  Like Kafka's out-of-order sequence error: the publisher
-        sends the missing events first.
-        """
-        ranges = self._streams.get((batch.pubid, batch.topic))
-        if not ranges or len(ranges) < self.max_ranges or ranges[-1][1] == batch.seq:
-            return
-        trial = [r[:] for r in ranges]
-        for a, z in subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
-            add(trial, a, z)
-        if len(trial) > len(ranges):
-            raise UsageError(
-                f"publisher {batch.pubid} on {batch.topic} has {len(ranges) - 1} gaps in its "
-                f"sequence: batch from {batch.seq} refused; send the missing events first"
-            )
-
     def _usable(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
@@ -365,45 +318,26 @@ class SQLiteEngine:
         self._usable()
         for batch in batches:
             self._check(batch)
-            self._check_gaps(batch)
         try:  # whatever fails from here on (I/O, a bug) rolls back and reloads: no half-append
             now = max(self._clock(), self._last_stored)
+            pieces, receipts = self._ledger.plan(batches, self._next)
             rows: list[tuple[Any, ...]] = []
-            receipts: list[Receipt] = []
-            for b in batches:
-                key = (b.pubid, b.topic)
-                ranges = self._streams.setdefault(key, [])
-                lo, hi = b.seq, b.seq + b.size
-                if not ranges or ranges[-1][1] <= lo:
-                    new, dup = [(lo, hi)], list[tuple[int, int]]()
-                else:
-                    new, dup = subtract(ranges, lo, hi)
-                confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
-                stored = []
-                ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
-                parts: list[bytes] | None = None
-                for a, z in new:
-                    if z - a == b.size:
-                        body = b.body
-                    else:
-                        parts = parts or b.body.split(b"\n")
-                        body = b"\n".join(parts[a - lo : z - lo])
-                    counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
-                    counts[0] += z - a
-                    counts[1] += len(body)
-                    counts[2] += z - a
-                    counts[3] += len(body)
-                    rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                                 b.source, ext, body, counts[2], counts[3]))  # fmt: skip
-                    stored.append((a, self._next, z - a))
-                    self._next += z - a
-                    add(ranges, a, z)
-                    add(self._fresh.setdefault(key, []), a, z)
-                if stored:
-                    confirm_at = self._next - 1
-                    self._seen[key] = now
-                dups = tuple((a, z - a) for a, z in dup)
-                receipts.append(Receipt(tuple(stored), dups, confirm_at))
+            exts: dict[int, bytes] = {}
+            for p in pieces:
+                b = p.batch
+                ext = exts.get(id(b))
+                if ext is None:
+                    json_ = b.extensions.json
+                    ext = exts[id(b)] = ("{" + json_[1:] + "}").encode() if json_ else b""
+                counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
+                counts[0] += p.size
+                counts[1] += len(p.body)
+                counts[2] += p.size
+                counts[3] += len(p.body)
+                rows.append((p.seq, p.size, now, b.topic, b.kind, b.time, b.pubid, p.pubseq,
+                             b.source, ext, p.body, counts[2], counts[3]))  # fmt: skip
+                self._seen[b.pubid, b.topic] = now
+                self._next = p.seq + p.size
             self._last_stored = now
             self._begin()
             self._conn.executemany(_INSERT, rows)
@@ -419,20 +353,20 @@ class SQLiteEngine:
             return self._durable
         conn = self._conn
         try:
-            for key, fresh in self._fresh.items():
+            for key, fresh in self._ledger.fresh.items():
                 if not fresh:
                     continue
                 conn.execute("DELETE FROM streams WHERE pubid = ? AND topic = ?", key)
                 seen = self._seen[key]
                 conn.executemany(
                     "INSERT INTO streams VALUES (?,?,?,?,?)",
-                    [(*key, lo, hi, seen) for lo, hi in self._streams[key]],
+                    [(*key, lo, hi, seen) for lo, hi in self._ledger.ranges[key]],
                 )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
         except Exception as exc:
             raise self._failed(exc) from None
-        self._fresh.clear()
+        self._ledger.fresh.clear()
         self._durable = self._next - 1
         return self._durable
 
@@ -452,35 +386,14 @@ class SQLiteEngine:
         return sum(self._from(topic, seq) for topic in self._topics if matcher(topic))
 
     # -- reading --------------------------------------------------------------
-    def read(
-        self,
-        start: int,
-        end: int | None = None,
-        matcher: Matcher | None = None,
-        limit: int | None = None,
+    def _records(
+        self, start: int, end: int, matcher: Matcher | None, left: int
     ) -> Iterator[Record]:
-        self._usable()
-        end = self._durable if end is None else min(end, self._durable)
-        left = limit if limit is not None else MAX_SEQ
-        start = max(start, 1)
-        if left <= 0 or start > end:
-            return
         head = self._conn.execute(
             "SELECT max(seq) FROM batches WHERE seq <= ?", (start,)
         ).fetchone()[0]
         for row in self._rows(start if head is None else head, end, matcher):
-            record = Record(*row)
-            top = record.seq + record.size - 1
-            if top < start:
-                continue
-            lo = max(start, record.seq)
-            hi = min(end, top, lo + left - 1)
-            if lo != record.seq or hi != top:
-                record = self._slice(record, lo, hi)
-            left -= record.size
-            yield record
-            if left <= 0:
-                return
+            yield Record(*row)
 
     def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
         """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
@@ -536,43 +449,26 @@ class SQLiteEngine:
         ).fetchone()
         return int(row[0]) if row else self._next
 
-    def seq_for_last(self, n: int, matcher: Matcher | None = None) -> int:
-        pos = self._durable
-        if n <= 0:
-            return pos + 1
+    def _backwards(self, pos: int) -> Iterator[Span]:
         while True:
             rows = self._conn.execute(
                 "SELECT seq, count, topic FROM batches WHERE seq <= ? ORDER BY seq DESC LIMIT 256",
                 (pos,),
-            ).fetchall()
-            for seq, count, topic in rows:
-                if matcher is None or matcher(topic):
-                    if count >= n:
-                        return int(seq + count - n)
-                    n -= count
-                pos = seq - 1
+            ).fetchall()  # no cursor open across yields
+            yield from rows
             if len(rows) < 256:
-                return self.first_seq
+                return
+            pos = rows[-1][0] - 1
 
-    def _count(self, first: int, last: int, matcher: Matcher | None) -> int:
-        """Stored events with bus sequences in [first, last] that *matcher* accepts."""
-        if last < first:
-            return 0
-        total = 0
-        for seq, count, topic in self._conn.execute(
+    def _spans(self, first: int, last: int) -> Iterator[Span]:
+        yield from self._conn.execute(
             "SELECT seq, count, topic FROM batches WHERE seq <= ? AND seq >= "
             "coalesce((SELECT max(seq) FROM batches WHERE seq <= ?), 0) ORDER BY seq",
             (last, first),
-        ):
-            if matcher is None or matcher(topic):
-                total += max(0, min(seq + count - 1, last) - max(seq, first) + 1)
-        return total
+        ).fetchall()
 
-    def _matcher(self, patterns_json: str) -> Matcher:
-        m = self._matchers.get(patterns_json)
-        if m is None:
-            m = self._matchers[patterns_json] = Matcher(json.loads(patterns_json))
-        return m
+    def _spec(self, patterns_json: str) -> Matcher:
+        return self._matcher(json.loads(patterns_json))
 
     # -- durable consumers ----------------------------------------------------
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
@@ -616,7 +512,7 @@ class SQLiteEngine:
     def patterns_of(self, name: str) -> tuple[str, ...] | None:
         sql = "SELECT patterns FROM consumers WHERE name = ?"
         row = self._conn.execute(sql, (name,)).fetchone()
-        return None if row is None else tuple(self._matcher(row[0]).patterns)
+        return None if row is None else tuple(self._spec(row[0]).patterns)
 
     def move(self, name: str, seq: int) -> int:
         self.position(name)  # NotFoundError if unknown
@@ -646,10 +542,10 @@ class SQLiteEngine:
         if row is None:
             nxt = self._durable + 1 if start is None else max(1, min(start, self._next))
             self._write("INSERT INTO groups VALUES (?, ?, ?)", (group, spec, nxt))
-            return self._matcher(spec), nxt
+            return self._spec(spec), nxt
         if row[0] != spec:
             raise UsageError(f"group {group!r} has patterns {json.loads(row[0])}, not {patterns}")
-        return self._matcher(spec), int(row[1])
+        return self._spec(spec), int(row[1])
 
     def claim(
         self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
@@ -728,7 +624,7 @@ class SQLiteEngine:
         row = self._conn.execute("SELECT patterns FROM groups WHERE name = ?", (group,)).fetchone()
         if row is None:
             raise NotFoundError(f"no consumer group {group!r}")
-        return self._matcher(row[0])
+        return self._spec(row[0])
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
@@ -736,13 +632,12 @@ class SQLiteEngine:
         conn = self._conn
         topics = {t: TopicStats(c[0], c[1]) for t, c in sorted(self._topics.items()) if c[0] > 0}
         consumers = []
-        last = self.last_seq
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM consumers"):
-            m = self._matcher(spec)
+            m = self._spec(spec)
             lag = self._lag(m, nxt)
             consumers.append(ConsumerStats(name, "durable", tuple(m.patterns), nxt, lag, 0))
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM groups"):
-            m = self._matcher(spec)
+            m = self._spec(spec)
             held = sum(
                 self._count(first, end, m)
                 for first, end in conn.execute(
@@ -754,27 +649,22 @@ class SQLiteEngine:
         file_bytes = sum(
             p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
         )
-        return Stats(
-            first_seq=self.first_seq,
-            last_seq=last,
-            durable_seq=self._durable,
-            events=sum(t.events for t in topics.values()),
-            bytes=sum(t.bytes for t in topics.values()),
-            file_bytes=file_bytes,
-            topics=topics,
-            consumers=consumers,
-        )
+        return self._stats(topics, consumers, file_bytes)
 
-    def retain(
-        self, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
-    ) -> Retained:
-        self.commit()
-        now = self._clock() if now is None else now
+    def _sizes(self) -> Generator[tuple[int, int, float, int], None, None]:
+        rows = self._conn.execute(
+            "SELECT seq, count, stored, length(body) FROM batches ORDER BY seq"
+        )
+        try:
+            yield from rows
+        finally:
+            rows.close()
+
+    def _stored_bytes(self) -> int:
+        return sum(c[1] for c in self._topics.values())
+
+    def _remove(self, plan: retention.Cut | None, max_age: float | None, now: float) -> None:
         conn = self._conn
-        total = sum(c[1] for c in self._topics.values())
-        rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
-        plan = retention.cut(rows, total, max_age, max_bytes, now)
-        rows.close()
         try:
             self._begin()
             if plan is not None:
@@ -783,7 +673,7 @@ class SQLiteEngine:
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
-            if max_age is not None:
+            if max_age is not None:  # a publisher silent for longer is forgotten
                 conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
         except Exception as exc:
             raise self._failed(exc) from None
@@ -794,9 +684,6 @@ class SQLiteEngine:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception as exc:
             raise self._failed(exc) from None
-        if plan is None:
-            return Retained(0, 0, self.first_seq)
-        return Retained(plan.events, plan.bytes, self.first_seq)
 
     def close(self) -> None:
         if self._closed:
@@ -807,12 +694,6 @@ class SQLiteEngine:
             self._closed = True
             self._conn.close()
             os.close(self._lock_fd)
-
-    def __enter__(self) -> SQLiteEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _implements(engine: SQLiteEngine) -> Engine:
