@@ -43,6 +43,7 @@ class Piece(NamedTuple):
     pubseq: int  # publisher sequence of its first event
     size: int
     body: bytes  # its events joined by b"\n"
+    ext: str  # the batch's extension attributes as a JSON object, or ""
 
 
 def pieces(
@@ -132,8 +133,9 @@ class Ledger:
                 new, dup = subtract(ranges, lo, hi)
             confirm_at = next_seq - 1 if overlaps(self.fresh.get(key), dup) else 0
             stored = []
+            ext = ("{" + b.extensions.json[1:] + "}") if new and b.extensions.json else ""
             for a, z, body in pieces(b, new, rooms[i] if rooms else None):
-                out.append(Piece(b, next_seq, a, z - a, body))
+                out.append(Piece(b, next_seq, a, z - a, body, ext))
                 stored.append((a, next_seq, z - a))
                 next_seq += z - a
                 add(ranges, a, z)

@@ -104,14 +104,13 @@ from .base import DEFAULT_MAX_RANGES, EngineBase, Span
 from .engine import (
     ConsumerStats,
     Engine,
-    EventTooLargeError,
     Receipt,
     Record,
     Stats,
     StoreError,
     TopicStats,
 )
-from .streams import DEFAULT_MAX_EVENT, MAX_SEQ, Ranges, add, check_name, subtract
+from .streams import DEFAULT_MAX_EVENT, MAX_SEQ, Ranges, add, check_events, check_name, subtract
 
 try:
     import nats
@@ -518,16 +517,8 @@ class NatsEngine(EngineBase):
         headers = {"Eda-Seq": widest, "Eda-Count": widest, "Eda-Meta": json.dumps(meta),
                    "Nats-Msg-Id": "0" * 32, "Nats-Expected-Last-Sequence": widest}  # fmt: skip
         room = limit - _header_bytes(headers)
-        if len(batch.body) <= room:
-            return room
-        parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
-        for i, part in enumerate(parts):
-            if len(part) > room:
-                raise EventTooLargeError(
-                    f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
-                    f"more than the NATS server's max payload of {limit} (less "
-                    f"{limit - room} bytes of headers): batch refused"
-                )
+        what = f"the NATS server's max payload of {limit} (less {limit - room} bytes of headers)"
+        check_events(batch, room, what)
         return room
 
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
@@ -542,15 +533,10 @@ class NatsEngine(EngineBase):
         # stream does not acknowledge by commit's _resync): never confirmed
         pieces, receipts = self._ledger.plan(batches, self._next, rooms)
         out: list[tuple[str, bytes, dict[str, str], _Head]] = []
-        exts: dict[int, str] = {}
         for p in pieces:
             b = p.batch
-            ext = exts.get(id(b))
-            if ext is None:
-                json_ = b.extensions.json
-                ext = exts[id(b)] = ("{" + json_[1:] + "}") if json_ else ""
             meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": p.pubseq,
-                    "source": b.source, "ext": ext, "stored": now}  # fmt: skip
+                    "source": b.source, "ext": p.ext, "stored": now}  # fmt: skip
             self._sseq += 1
             headers = {
                 "Eda-Seq": str(p.seq),

@@ -322,20 +322,15 @@ class SQLiteEngine(EngineBase):
             now = max(self._clock(), self._last_stored)
             pieces, receipts = self._ledger.plan(batches, self._next)
             rows: list[tuple[Any, ...]] = []
-            exts: dict[int, bytes] = {}
             for p in pieces:
                 b = p.batch
-                ext = exts.get(id(b))
-                if ext is None:
-                    json_ = b.extensions.json
-                    ext = exts[id(b)] = ("{" + json_[1:] + "}").encode() if json_ else b""
                 counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
                 counts[0] += p.size
                 counts[1] += len(p.body)
                 counts[2] += p.size
                 counts[3] += len(p.body)
                 rows.append((p.seq, p.size, now, b.topic, b.kind, b.time, b.pubid, p.pubseq,
-                             b.source, ext, p.body, counts[2], counts[3]))  # fmt: skip
+                             b.source, p.ext.encode(), p.body, counts[2], counts[3]))  # fmt: skip
                 self._seen[b.pubid, b.topic] = now
                 self._next = p.seq + p.size
             self._last_stored = now
