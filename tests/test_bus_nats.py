@@ -136,7 +136,7 @@ def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
         assert [r.seq for r in held] == [1]
         first._run(first._nc.close())  # the engine is gone without releasing or acking
         first._closed = True
-        first._stop()
+        first._bridge.stop()
         got = wait_until(
             lambda: s.claim("workers", "b", ["jobs.>"], 10), 15, "JetStream redelivery"
         )
