@@ -1,4 +1,4 @@
-"""The NATS JetStream engine (core/bus/nats.py) against a real ``nats-server -js``.
+"""The NATS JetStream engine (core/bus/nats/) against a real ``nats-server -js``.
 
 The engine-level behaviour checks run against both engines (SQLite and NATS)
 where the semantics are the same; NATS-only checks (a plain NATS view of the

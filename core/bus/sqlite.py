@@ -24,12 +24,8 @@ or an I/O error, the open transaction is rolled back, the in-memory state is
 reloaded from the last commit and StoreFullError/StoreError is raised: the
 store stays valid and usable once space is back.
 
-One process owns a store at a time (an flock on ``PATH.lock``).  On open, a
-WAL left by a crash is checked (:mod:`.wal`) and a torn last write is
-reported in :attr:`SQLiteEngine.repairs`; SQLite then drops it, and the store
-is back to its last complete commit.  A WAL damaged in the middle (intact
-frames after a bad one) is never truncated: opening raises StoreError before
-SQLite sees it, and the files stay as they are.
+Opening (ownership, the WAL check and repair, schema upgrades) is
+:mod:`.sqlitefile`; what both engines do the same way is :mod:`.base`.
 
 Statistics cost O(topics + consumers), whatever the store holds: each row
 carries ``cum`` and ``cumb``, its topic's running count of events and of
@@ -48,8 +44,6 @@ and split once, then kept, with the offsets of its events, in a small cache.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import sqlite3
 import time
@@ -61,10 +55,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..codec import Batch
-from ..errors import NotFoundError, UsageError
+from ..errors import UsageError
 from ..topics import Matcher
-from . import retention, wal
-from .base import DEFAULT_MAX_RANGES, EngineBase, Span
+from . import retention
+from .base import DEFAULT_MAX_RANGES, Span
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
@@ -77,46 +71,15 @@ from .engine import (
     StoreFullError,
     TopicStats,
 )
-from .streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_name
+from .sqliteconsumers import SQLiteConsumers
+from .sqlitefile import SQLITE_FULL, lock, open_store
+from .streams import DEFAULT_MAX_EVENT
 
-SCHEMA_VERSION: Final = 2  # 2: batches.cum, the topics table and index
-_SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
 _CUT_MIN: Final = 256  # events: a batch this big read in slices is kept split (see _slice)
 _CUTS: Final = 4  # batches kept split at a time (each one wire batch: 4 MiB by default)
-_CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, stored REAL NOT NULL,
-    topic TEXT NOT NULL, kind INTEGER NOT NULL, time REAL NOT NULL,
-    pubid TEXT NOT NULL, pubseq INTEGER NOT NULL, source TEXT NOT NULL,
-    ext BLOB NOT NULL, body BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS batches_stored ON batches (stored);
-CREATE TABLE IF NOT EXISTS streams (
-    pubid TEXT NOT NULL, topic TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
-    seen REAL NOT NULL, PRIMARY KEY (pubid, topic, lo)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS consumers (
-    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS groups (
-    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS leases (
-    grp TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, member TEXT NOT NULL,
-    PRIMARY KEY (grp, first)) WITHOUT ROWID;
-"""
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
 _INSERT = f"INSERT INTO batches ({_COLUMNS}, cum, cumb) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-_UPGRADE_2 = """
-ALTER TABLE batches ADD COLUMN cum INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE batches ADD COLUMN cumb INTEGER NOT NULL DEFAULT 0;
-UPDATE batches SET cum = w.cum, cumb = w.cumb FROM (
-    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum,
-        sum(length(body)) OVER (PARTITION BY topic ORDER BY seq) AS cumb FROM batches) AS w
-    WHERE batches.seq = w.seq;
-CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum, cumb);
-UPDATE meta SET value = 2 WHERE key = 'schema';
-"""
 # the last stored batch of a topic before a sequence (covered by the index batches_topic)
 _BEFORE = (
     "SELECT seq, count, cum FROM batches WHERE topic = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
@@ -125,7 +88,7 @@ _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
-class SQLiteEngine(EngineBase):
+class SQLiteEngine(SQLiteConsumers):
     """The embedded store of eda-bus (see the module docstring).
 
     Not thread-safe: use it from one thread at a time (it may be created on another).
@@ -147,9 +110,9 @@ class SQLiteEngine(EngineBase):
         self.path = Path(path)
         self.fsync = fsync
         self.repairs: list[str] = []  # what opening found and repaired, one line each
-        self._lock_fd = self._lock()
+        self._lock_fd = lock(self.path)
         try:
-            self._conn = self._open(page_size)
+            self._conn = open_store(self.path, fsync, page_size, self.repairs)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -159,90 +122,6 @@ class SQLiteEngine(EngineBase):
         self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
-
-    # -- opening --------------------------------------------------------------
-    def _lock(self) -> int:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StoreError(f"store {self.path} is in use by another process") from None
-        return fd
-
-    def _open(self, page_size: int) -> sqlite3.Connection:
-        scan = wal.scan(Path(f"{self.path}-wal"))
-        if scan and scan.intact_after:  # before SQLite opens it: it would drop the intact frames
-            raise StoreError(
-                f"store {self.path} is damaged: its write-ahead log has a bad frame at byte "
-                f"{scan.damaged_at} followed by {scan.intact_after} intact frames, so this is not "
-                f"a torn last write; not opening it (SQLite would discard those frames): keep "
-                f"{self.path}-wal, restore the store from a copy, or move the log aside to open "
-                f"the store as of its last checkpoint, losing what the log holds"
-            )
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        try:
-            fresh = conn.execute("PRAGMA page_count").fetchone()[0] == 0
-            if fresh:
-                conn.execute(f"PRAGMA page_size = {int(page_size)}")
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = WAL")
-            sync = "OFF" if self.fsync == "never" else "FULL"
-            conn.execute(f"PRAGMA synchronous = {sync}")
-            size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA wal_autocheckpoint = {max(64, _CHECKPOINT_BYTES // size)}")
-            conn.execute("PRAGMA cache_size = -32768")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('next_seq', 1)",
-                (SCHEMA_VERSION,),
-            )
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
-            if scan and (scan.torn_bytes or scan.uncommitted):
-                self._repair(conn, scan)
-            columns = [row[1] for row in conn.execute("PRAGMA table_info(batches)")]
-            if "cum" not in columns:  # a new store, or one of schema 1: one pass, one transaction
-                conn.execute("BEGIN")
-                for statement in _UPGRADE_2.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-        except BaseException as exc:
-            conn.close()
-            if not isinstance(exc, sqlite3.Error):
-                raise
-            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
-                raise StoreFullError(f"cannot open store {self.path}: the disk is full") from None
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        return conn
-
-    def _repair(self, conn: sqlite3.Connection, scan: wal.WalScan) -> None:
-        """SQLite has dropped the damaged tail; check the rest, make it final, and say so."""
-        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if verdict != "ok":
-            raise StoreError(f"store {self.path} is damaged beyond its last write: {verdict}")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        last = conn.execute("SELECT max(seq + count - 1) FROM batches").fetchone()[0] or 0
-        if scan.torn_bytes:
-            self.repairs.append(
-                f"store {self.path}: the last write was torn ({scan.torn_bytes} damaged bytes at "
-                f"the end of the write-ahead log); it was discarded and the store is back to its "
-                f"last complete commit, sequence {last}"
-            )
-        else:
-            self.repairs.append(
-                f"store {self.path}: discarded a transaction that was never committed "
-                f"({scan.uncommitted} pages); the store ends at sequence {last}"
-            )
 
     def _load(self) -> None:
         """The in-memory state from the last commit."""
@@ -303,7 +182,7 @@ class SQLiteEngine(EngineBase):
         except sqlite3.Error:
             pass  # the next call fails the same way; the file is as the last commit left it
         after = f"nothing after sequence {self._durable} was stored"
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(exc):
+        if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc):
             return StoreFullError(
                 f"store {self.path}: the disk is full; {after}: free space or retain less"
             )
@@ -461,165 +340,6 @@ class SQLiteEngine(EngineBase):
             "coalesce((SELECT max(seq) FROM batches WHERE seq <= ?), 0) ORDER BY seq",
             (last, first),
         ).fetchall()
-
-    def _spec(self, patterns_json: str) -> Matcher:
-        return self._matcher(json.loads(patterns_json))
-
-    # -- durable consumers ----------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        try:
-            self._begin()
-            self._conn.execute(sql, args)
-        except Exception as exc:
-            raise self._failed(exc) from None
-        if self.fsync == "always":
-            self.commit()
-
-    def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
-        check_name(name, "consumer")
-        spec = json.dumps(Matcher(patterns).patterns)
-        row = self._conn.execute(
-            "SELECT next, patterns FROM consumers WHERE name = ?", (name,)
-        ).fetchone()
-        if row:
-            if row[1] != spec:  # resumed with other patterns: its lag is counted by the new ones
-                self._write("UPDATE consumers SET patterns = ? WHERE name = ?", (spec, name))
-            return int(row[0])
-        start = max(1, min(start, self._next))
-        self._write("INSERT INTO consumers VALUES (?, ?, ?)", (name, spec, start))
-        return start
-
-    def position(self, name: str) -> int:
-        row = self._conn.execute("SELECT next FROM consumers WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no durable consumer {name!r}")
-        return int(row[0])
-
-    def ack(self, name: str, seq: int) -> int:
-        current = self.position(name)
-        if seq > self.last_seq:
-            raise UsageError(f"consumer {name!r} acknowledged {seq}, beyond the last event")
-        if seq + 1 > current:
-            self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq + 1, name))
-            current = seq + 1
-        return current
-
-    def patterns_of(self, name: str) -> tuple[str, ...] | None:
-        sql = "SELECT patterns FROM consumers WHERE name = ?"
-        row = self._conn.execute(sql, (name,)).fetchone()
-        return None if row is None else tuple(self._spec(row[0]).patterns)
-
-    def move(self, name: str, seq: int) -> int:
-        self.position(name)  # NotFoundError if unknown
-        seq = max(1, min(seq, self._next))
-        self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq, name))
-        return seq
-
-    def drop_consumer(self, name: str) -> None:
-        n = self._conn.execute(
-            "SELECT (SELECT count(*) FROM consumers WHERE name = ?)"
-            " + (SELECT count(*) FROM groups WHERE name = ?)",
-            (name, name),
-        ).fetchone()[0]
-        if not n:
-            raise NotFoundError(f"no durable consumer or group {name!r}")
-        self._write("DELETE FROM consumers WHERE name = ?", (name,))
-        self._write("DELETE FROM groups WHERE name = ?", (name,))
-        self._write("DELETE FROM leases WHERE grp = ?", (name,))
-
-    # -- consumer groups ------------------------------------------------------
-    def _group(self, group: str, patterns: Sequence[str], start: int | None) -> tuple[Matcher, int]:
-        check_name(group, "group")
-        spec = json.dumps(Matcher(patterns).patterns)
-        row = self._conn.execute(
-            "SELECT patterns, next FROM groups WHERE name = ?", (group,)
-        ).fetchone()
-        if row is None:
-            nxt = self._durable + 1 if start is None else max(1, min(start, self._next))
-            self._write("INSERT INTO groups VALUES (?, ?, ?)", (group, spec, nxt))
-            return self._spec(spec), nxt
-        if row[0] != spec:
-            raise UsageError(f"group {group!r} has patterns {json.loads(row[0])}, not {patterns}")
-        return self._spec(spec), int(row[1])
-
-    def claim(
-        self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
-    ) -> list[Record]:
-        check_name(member, "member")
-        matcher, nxt = self._group(group, patterns, start)
-        out: list[Record] = []
-        got = 0
-        released = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = '' ORDER BY first", (group,)
-        ).fetchall()
-        for first, last in released:
-            if got >= limit:
-                return out
-            records = list(self.read(first, last, matcher))
-            self._write(
-                "UPDATE leases SET member = ? WHERE grp = ? AND first = ?", (member, group, first)
-            )
-            out += records
-            got += sum(r.size for r in records)
-        if got >= limit or nxt > self._durable:
-            return out
-        records = list(self.read(nxt, None, matcher, limit - got))
-        reached = self._durable
-        if records and sum(r.size for r in records) >= limit - got:
-            reached = records[-1].seq + records[-1].size - 1
-        if records:
-            self._write(
-                "INSERT INTO leases VALUES (?, ?, ?, ?)",
-                (group, records[0].seq, reached, member),
-            )
-        self._write("UPDATE groups SET next = ? WHERE name = ?", (reached + 1, group))
-        return out + records
-
-    def group_ack(self, group: str, member: str, seq: int) -> int:
-        if not 0 <= seq <= MAX_SEQ:
-            raise UsageError(f"group {group!r}: acknowledged sequence {seq} is out of range")
-        matcher = self._group_matcher(group)
-        leases = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
-            (group, member, seq),
-        ).fetchall()
-        settled = 0
-        for first, last in leases:
-            settled += self._count(first, min(last, seq), matcher)
-            if last <= seq:
-                self._write("DELETE FROM leases WHERE grp = ? AND first = ?", (group, first))
-            else:
-                self._write(
-                    "UPDATE leases SET first = ? WHERE grp = ? AND first = ?",
-                    (seq + 1, group, first),
-                )
-        return settled
-
-    def release(self, group: str, member: str) -> int:
-        matcher = self._group_matcher(group)
-        leases = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = ?", (group, member)
-        ).fetchall()
-        if leases:
-            self._write(
-                "UPDATE leases SET member = '' WHERE grp = ? AND member = ?", (group, member)
-            )
-        return sum(self._count(first, last, matcher) for first, last in leases)
-
-    def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
-        self._group_matcher(group)
-        out: dict[str, list[tuple[int, int]]] = {}
-        for first, last, member in self._conn.execute(
-            "SELECT first, last, member FROM leases WHERE grp = ? ORDER BY first", (group,)
-        ):
-            out.setdefault(member, []).append((first, last))
-        return out
-
-    def _group_matcher(self, group: str) -> Matcher:
-        row = self._conn.execute("SELECT patterns FROM groups WHERE name = ?", (group,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no consumer group {group!r}")
-        return self._spec(row[0])
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
