@@ -247,6 +247,21 @@ def test_topics_beyond_ascii_round_trip(opener: Opener) -> None:
 # -- appending, idempotence, reading ---------------------------------------------
 
 
+def test_refresh_takes_in_what_other_writers_stored(opener: Opener) -> None:
+    """``refresh`` is part of every engine: a shared store (NATS) takes in another
+    front's writes; a store one process owns has nothing to take in."""
+    with opener() as a:
+        a.append([batch(1, 3)])
+        assert a.refresh() == 0 and a.commit() == 3 and a.refresh() == 3
+        if not a.shared:
+            return
+        with opener() as b:  # a second front on the same stream
+            b.append([batch(1, 2, pubid="p2")])
+            assert b.commit() == 5
+            assert a.refresh() == 5 and a.last_seq == 5
+            assert [r.pubid for r in a.read(4)] == ["p2"]
+
+
 def test_streams_are_per_publisher_and_topic(opener: Opener) -> None:
     with opener() as store:
         rs = store.append([batch(1, 2), batch(1, 2, topic="t.b"), batch(1, 2, pubid="p2")])
