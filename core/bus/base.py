@@ -156,6 +156,7 @@ class EngineBase(ABC):
 
     _next: int
     _durable: int
+    _closed: bool
     shared = False  # other processes write to the store too: ``refresh`` finds their writes
 
     def __init__(
@@ -315,8 +316,18 @@ class EngineBase(ABC):
         return Retained(plan.events, plan.bytes, self.first_seq)
 
     @abstractmethod
+    def _release(self) -> None:
+        """Let go of the store (connection, lock, threads); called once, by close."""
+
     def close(self) -> None:
-        """Commit what is pending and release the store."""
+        """Commit what is pending and release the store (also when the commit fails)."""
+        if self._closed:
+            return
+        try:
+            self.commit()
+        finally:
+            self._closed = True
+            self._release()
 
     def __enter__(self) -> Self:
         return self

@@ -400,15 +400,9 @@ class SQLiteEngine(SQLiteConsumers):
         except Exception as exc:
             raise self._failed(exc) from None
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self.commit()
-        finally:
-            self._closed = True
-            self._conn.close()
-            os.close(self._lock_fd)
+    def _release(self) -> None:
+        self._conn.close()
+        os.close(self._lock_fd)
 
 
 def _implements(engine: SQLiteEngine) -> Engine:

@@ -300,16 +300,10 @@ class NatsEngine(StatsOf):
         del self._heads[:i]
         del self._head_seqs[:i]
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self.commit()
-        finally:
-            self._closed = True
-            with contextlib.suppress(Exception):  # closing a broken connection
-                self._run(self._nc.close(), self.timeout)
-            self._bridge.stop()
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection
+            self._run(self._nc.close(), self.timeout)
+        self._bridge.stop()
 
 
 def _implements(engine: NatsEngine) -> Engine:

@@ -44,7 +44,6 @@ class NatsState(EngineBase):
     errors: list[str]  # the client's last connection errors (it reconnects)
     _want_replicas: int | None
     _bridge: Bridge
-    _closed: bool
     _nc: Any  # nats.aio.client.Client
     _js: Any  # its JetStreamContext
     _kv: Any  # the bucket
