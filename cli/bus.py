@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Output, common_options, on_stop_signals, run
+from eda.cli.common import Context, on_stop_signals, run
+from eda.cli.options import common_options, json_option
+from eda.cli.output import Output, for_terminal
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EPILOG = """\b
 Examples:
@@ -54,9 +58,9 @@ def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple
         return bus, args
     _, colon, port = bus.rpartition(":")
     if "://" in bus or (colon and port.isascii() and port.isdigit()):
-        from eda.core.reqrep import check_endpoint
+        from eda.core.reqrep import client_endpoint
 
-        return check_endpoint(bus, "bus"), args
+        return client_endpoint(bus, "bus").zmq, args
     return AUTO, (bus, *args)
 
 
@@ -420,7 +424,8 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     from eda.core import discovery
     from eda.core.bus.client import find_bus
 
-    return find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    return found.zmq
 
 
 @command.command(
@@ -428,7 +433,7 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
 )
 @_bus_option
 @_timeout_option
-@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
+@json_option()
 @click.option(
     "--consumers",
     "only_consumers",
@@ -470,21 +475,12 @@ def stats(
     if only_consumers:
         rows = [r for r in rows if r["kind"] == "consumer"]
     out = Output(ctx, force_json=force_json)
-    if force_json or not sys.stdout.isatty():
-        out.items(rows)
-        return
-    if only_consumers:
-        _consumer_table(rows)
-        return
-    _table(rows)
+    out.table(rows, _consumer_table if only_consumers else _table)
 
 
-def _consumer_table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
+def _consumer_table(rows: list[dict[str, Any]]) -> Table:
     from rich.table import Table
     from rich.text import Text
-
-    from eda.cli.common import for_terminal
 
     table = Table("kind", "name", "patterns", "next", "lag", "held")
     for r in rows:
@@ -493,15 +489,12 @@ def _consumer_table(rows: list[dict[str, Any]]) -> None:
         counts = [r.get(k) for k in ("next", "lag", "held")]
         cells = [r.get("consumer"), r.get("name"), shown, *counts]
         table.add_row(*[Text("" if c is None else for_terminal(c)) for c in cells])
-    Console().print(table)
+    return table
 
 
-def _table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
+def _table(rows: list[dict[str, Any]]) -> Table:
     from rich.table import Table
     from rich.text import Text
-
-    from eda.cli.common import for_terminal
 
     table = Table("kind", "name", "events", "bytes", "next", "lag", "held")
     for r in rows:
@@ -515,7 +508,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             Text(for_terminal(name)),
             *[Text("" if c is None else for_terminal(c)) for c in cells],
         )
-    Console().print(table)
+    return table
 
 
 @command.command(epilog="\b\nExamples:\n  eda-bus retain --max-age 7d --max-bytes 10GB")

@@ -1,9 +1,11 @@
-"""Shared CLI plumbing: options, config, output modes, errors and signals.
+"""Shared CLI plumbing: running a program -- config, errors, exit status, signals, stderr.
 
 Every program is a click command wrapped by :func:`run`, which loads the
 TOML config into click's ``default_map`` (so flags and ``EDA_*`` variables
 win over it), renders errors as one line with the exit codes of
 CONVENTIONS.md, and turns SIGTERM, SIGINT and a closed pipe into clean exits.
+Options every program shares are in :mod:`eda.cli.options`, the output
+modes in :mod:`eda.cli.output`.
 """
 
 from __future__ import annotations
@@ -11,27 +13,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import click
 
-from eda.core import __version__
-from eda.core.attributes import safe_dumps
 from eda.core.config import Setting, default_paths, settings_for
 from eda.core.errors import ConfigError, EdaError, ExitStatus
 
 if TYPE_CHECKING:
-    from rich.text import Text
-
     from eda.core.registry.access import Access
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 # what each status means, as the man pages' EXIT STATUS and the README's table say it
@@ -49,11 +43,6 @@ EXIT_MEANINGS: dict[ExitStatus, str] = {
     ExitStatus.LOSS: "data loss detected (--strict); eda-txn: the transaction aborted",
     ExitStatus.INTERRUPTED: "interrupted (SIGINT)",
 }
-
-# the names the programs have always used
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = ExitStatus.OK, ExitStatus.ERROR, ExitStatus.USAGE
-EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_LOSS = ExitStatus.NOT_FOUND, ExitStatus.TIMEOUT, ExitStatus.LOSS
-EXIT_INTERRUPTED = ExitStatus.INTERRUPTED
 
 # options every program shares keep one variable each; every other option gets
 # EDA_<PROGRAM>_<LONG OPTION> (assign_envvars)
@@ -74,158 +63,6 @@ class Exit(Exception):
 
 class Terminated(BaseException):
     """SIGTERM arrived: flush, clean up and exit."""
-
-
-def common_options(func: F) -> F:
-    """Options every program has."""
-    decorators = [
-        click.option(
-            "-c",
-            "--config",
-            "config",
-            type=click.Path(dir_okay=False),
-            envvar=SHARED_ENVVARS["--config"],
-            help="TOML config file (see FILES in the man page).",
-        ),
-        click.option(
-            "--interface",
-            envvar=SHARED_ENVVARS["--interface"],
-            metavar="NAME|IP",
-            help="Network interface (name or IPv4 address) for mDNS and binding.",
-        ),
-        click.option(
-            "--no-mdns",
-            "no_mdns",
-            is_flag=True,
-            envvar=SHARED_ENVVARS["--no-mdns"],
-            help="Do not use mDNS (no announcing, no browsing): give endpoints explicitly.",
-        ),
-        click.option(
-            "-v",
-            "--verbose",
-            "--debug",
-            "verbose",
-            is_flag=True,
-            help="Diagnostics on stderr; tracebacks on errors.",
-        ),
-        click.version_option(__version__, "--version", message="%(prog)s %(version)s"),
-        click.help_option("-h", "--help"),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
-
-
-def output_options(func: F) -> F:
-    """Options choosing how items are printed on stdout."""
-    func = click.option(
-        "--format",
-        "template",
-        metavar="TEMPLATE",
-        help="Print one line per item from a template, e.g. '{time} {topic} {data}'.",
-    )(func)
-    return click.option(
-        "--json", "force_json", is_flag=True, help="JSON Lines even on a terminal."
-    )(func)
-
-
-# CSI and OSC escape sequences, then any other C0/C1 control character but tab
-_CONTROL = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0a-\x1f\x7f-\x9f]"
-)
-
-
-def for_terminal(value: object) -> str:
-    """*value* as text safe to show on a terminal: escape sequences and control
-    characters (anything a peer could use to retitle, clear or move the screen)
-    become visible ``\\xNN`` escapes.  Render the result with rich ``Text``
-    objects (never as markup), or pass it through ``rich.markup.escape``.
-    """
-    text = value if isinstance(value, str) else str(value)
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def json_text(value: Any) -> str:
-    """Compact JSON for any value, safe for values from the wire: never NaN or
-    Infinity (they become null), never a string that is not valid UTF-8."""
-    return safe_dumps(value)
-
-
-def _formattable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return _JsonDict(value)
-    if isinstance(value, list):
-        return _JsonList(value)
-    return value
-
-
-class _JsonDict(dict[str, Any]):
-    """A dict in a template: JSON as a whole, blank for a missing ``[key]``."""
-
-    def __format__(self, spec: str) -> str:
-        return format(json_text(self), spec)
-
-    def __getitem__(self, key: str) -> Any:
-        return _formattable(super().__getitem__(key))
-
-    def __missing__(self, key: str) -> str:
-        return ""
-
-    def __getattr__(self, key: str) -> Any:  # {meta.zone} as well as {meta[zone]}
-        if key.startswith("__"):
-            raise AttributeError(key)
-        return self[key]
-
-
-class _JsonList(list[Any]):
-    def __format__(self, spec: str) -> str:
-        return format(json_text(self), spec)
-
-    def __getitem__(self, index: Any) -> Any:
-        return _formattable(super().__getitem__(index))
-
-
-class _Fields(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        return ""
-
-
-class Template:
-    """``--format TEMPLATE``: ``str.format`` fields, ``\\t`` a tab.
-
-    With *fields* (the names an item can have), a template naming any other
-    field is refused at once, as ``mosquitto_sub -F`` does; a known field an
-    item lacks renders blank.  A template that cannot render an item
-    (``{x[0]}`` on a string, say) is a usage error with a one-line message,
-    not a traceback.
-    """
-
-    def __init__(self, text: str, fields: Collection[str] | None = None) -> None:
-        import string
-
-        self.text = text.replace("\\t", "\t")
-        try:  # refuse a malformed template before any work is done
-            parsed = list(string.Formatter().parse(self.text))
-        except ValueError as exc:
-            raise click.UsageError(f"--format {self.text!r}: {exc}") from None
-        if fields is not None:
-            for _, name, _, _ in parsed:
-                if name is None:
-                    continue
-                base = re.split(r"[.\[]", name, maxsplit=1)[0]
-                if base not in fields:
-                    known = ", ".join(sorted(fields))
-                    raise click.UsageError(
-                        f"--format: unknown field {{{base}}}; known fields: {known}"
-                    )
-
-    def line(self, fields: dict[str, Any]) -> str:
-        """One rendered line, newline included; dict and list values render as JSON."""
-        values = _Fields({k: _formattable(v) for k, v in fields.items()})
-        try:
-            return self.text.format_map(values) + "\n"
-        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise click.UsageError(f"--format {self.text!r}: {exc}") from None
 
 
 def _stderr(line: str) -> None:
@@ -262,11 +99,6 @@ class Context:
         return True
 
 
-def _environment_value(value: Any) -> str:
-    """*value* as an environment variable value (a NUL from a peer would crash exec)."""
-    return str(value).replace("\x00", "\\x00")
-
-
 def registry_access(
     registries: tuple[str, ...],
     interface: str | None,
@@ -285,108 +117,6 @@ def registry_access(
         serverless=serverless,
         log=ctx.debug,
     )
-
-
-class Output:
-    """How a program prints items (dicts): one renderer for every output mode.
-
-    * ``--exec CMD``: run ``sh -c CMD`` per item, the item's JSON on its
-      stdin and *exec_env(item)* in its environment; failures are reported
-      at once and counted (:meth:`finish` then says so and returns 1, as
-      xargs does);
-    * ``--format TEMPLATE``: one line per item (*fields* are the names a
-      template may use, *template_fields(item)* the values);
-    * JSON Lines when stdout is not a terminal or with ``--json``;
-    * else a terminal view: *terminal(item)* returns a rich ``Text``.
-
-    Everything printed on a terminal is escaped with :func:`for_terminal`.
-    """
-
-    def __init__(
-        self,
-        ctx: Context,
-        *,
-        template: str | None = None,
-        fields: Collection[str] | None = None,
-        force_json: bool = False,
-        exec_cmd: str | None = None,
-        exec_env: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        template_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        terminal: Callable[[dict[str, Any]], Text] | None = None,
-    ) -> None:
-        self.ctx = ctx
-        self.tty = sys.stdout.isatty()
-        self.exec_cmd = exec_cmd
-        self.exec_env = exec_env
-        self.exec_failures = 0
-        self.forced_json = force_json
-        self.template = Template(template, fields) if template else None
-        self.template_fields = template_fields
-        self.terminal = terminal
-        if exec_cmd:
-            self.mode = "exec"
-        elif template:
-            self.mode = "template"
-        elif force_json or not self.tty or terminal is None:
-            self.mode = "json"
-        else:
-            self.mode = "terminal"
-        self._console: Any = None
-
-    def items(self, items: Iterable[dict[str, Any]]) -> None:
-        """Render *items* (one write on stdout for all of them)."""
-        if self.mode == "exec":
-            for item in items:
-                self._run(item)
-        elif self.mode == "terminal":
-            self._show(items)
-        elif self.mode == "template":
-            assert self.template is not None
-            to_fields = self.template_fields or (lambda item: item)
-            self.text("".join([self.template.line(to_fields(item)) for item in items]))
-        else:
-            self.text("".join([json_text(item) + "\n" for item in items]))
-
-    def text(self, text: str) -> None:
-        """Write lines of *text* (escaped for a terminal when stdout is one)."""
-        if self.tty:
-            text = "\n".join([for_terminal(line) for line in text.split("\n")])
-        write_stdout(text.encode())
-
-    def data(self, data: bytes) -> None:
-        """Write *data* as it is (escaped for a terminal when stdout is one)."""
-        if self.tty:
-            self.text(data.decode(errors="replace"))
-        else:
-            write_stdout(data)
-
-    def _show(self, items: Iterable[dict[str, Any]]) -> None:
-        if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(highlight=False)
-        assert self.terminal is not None
-        for item in items:
-            self._console.print(self.terminal(item), soft_wrap=True)
-
-    def _run(self, item: dict[str, Any]) -> None:
-        assert self.exec_cmd is not None
-        extra = self.exec_env(item) if self.exec_env is not None else {}
-        env = dict(os.environ, **{k: _environment_value(v) for k, v in extra.items()})
-        line = json_text(item) + "\n"
-        cmd = self.exec_cmd
-        result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)
-        if result.returncode:
-            self.exec_failures += 1
-            what = for_terminal(item.get("id", ""))
-            self.ctx.warn(f"warning: --exec command exited {result.returncode} for item {what}")
-
-    def finish(self) -> ExitStatus:
-        """ERROR (after saying so) when an --exec command failed, else OK."""
-        if self.exec_failures:
-            self.ctx.error(f"--exec command failed for {self.exec_failures} item(s)")
-            return ExitStatus.ERROR
-        return ExitStatus.OK
 
 
 class _Signals:
@@ -467,7 +197,7 @@ def write_stdout(data: bytes) -> None:
             written = os.write(1, view)
             view = view[written:]
     except BrokenPipeError:
-        raise Exit(EXIT_OK) from None
+        raise Exit(ExitStatus.OK) from None
     except OSError as exc:
         if _closed_stdout(exc):
             raise EdaError(CLOSED_STDOUT) from None
@@ -586,7 +316,7 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
     ).lower() in ("1", "true", "yes", "on")
     signal.signal(signal.SIGTERM, _on_sigterm)
     hold_standard_fds()
-    code: int = EXIT_OK
+    code: int = ExitStatus.OK
     assign_envvars(command, program)
     try:
         defaults = default_map(command, program, argv)
@@ -601,9 +331,9 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         else:
             see = exc.ctx.command_path if exc.ctx is not None else program  # the subcommand's
             _stderr(f"{program}: error: {exc.format_message()} (see {see} --help)")
-        code = EXIT_USAGE
+        code = ExitStatus.USAGE
     except click.Abort:
-        code = EXIT_INTERRUPTED
+        code = ExitStatus.INTERRUPTED
     except EdaError as exc:
         if verbose:
             import traceback
@@ -612,9 +342,9 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
         _stderr(f"{program}: error: {exc}")
         code = exc.exit_code
     except (KeyboardInterrupt, Terminated) as exc:
-        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_OK
+        code = ExitStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitStatus.OK
     except BrokenPipeError:
-        code = EXIT_OK
+        code = ExitStatus.OK
     except OSError as exc:
         if verbose:
             import traceback
@@ -622,9 +352,9 @@ def run(command: click.Command, program: str, argv: list[str] | None = None) -> 
             traceback.print_exc()
         what = CLOSED_STDOUT if _closed_stdout(exc) else exc.strerror or exc
         _stderr(f"{program}: error: {what}")
-        code = EXIT_ERROR
-    if code == EXIT_OK and _Signals.interrupted:
-        code = EXIT_INTERRUPTED  # a daemon that SIGINT stopped cleanly (see on_stop_signals)
+        code = ExitStatus.ERROR
+    if code == ExitStatus.OK and _Signals.interrupted:
+        code = ExitStatus.INTERRUPTED  # a daemon that SIGINT stopped cleanly (see on_stop_signals)
     with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stdout
         sys.stdout.flush()
     # stdout may be a closed pipe: keep the interpreter from complaining on exit

@@ -1,25 +1,36 @@
-"""eda-lb: load balancing -- shell commands as services over ZeroMQ, and a TCP proxy."""
+"""eda-lb: load balancing -- shell commands as services over ZeroMQ, and a TCP proxy.
+
+One section per subcommand (worker, call, serve, stats, tcp) after the helpers
+they share.  Over 500 lines for a reason: five subcommands with some sixty
+options, whose declarations and help texts are the man page; the logic is in
+``eda.core.lb`` (the broker finder in ``brokers.py``, the TCP proxy's registry
+following and its HAProxy engine loop in ``follow.py``).
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import (
-    Context,
-    Exit,
-    Output,
-    Terminated,
+from eda.cli.common import Context, Exit, Terminated, on_stop_signals, registry_access, run
+from eda.cli.options import (
+    SECONDS,
+    EndpointType,
     common_options,
-    for_terminal,
-    on_stop_signals,
-    registry_access,
-    run,
+    health_check_options,
+    output_options,
+    registry_option,
+    strategy_option,
 )
-from eda.cli.registry import registry_option
-from eda.core.errors import EdaError, ExitStatus
+from eda.cli.output import Output, for_terminal
+from eda.core.errors import ExitStatus
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from eda.core.endpoint import Endpoint
 
 EPILOG = """\b
 Examples:
@@ -39,10 +50,7 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     serve), and a TCP proxy that follows the registry (tcp)."""
 
 
-# -- worker, call (request/reply, brokerless) ---------------------------------------------
-
-
-SECONDS = click.FloatRange(min=0, min_open=True)
+# -- shared by the subcommands ------------------------------------------------------------
 DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without --timeout)
 STRATEGY_HELP = "round-robin, weighted (registry weight), least-conn, random, p2c (two choices)."
 
@@ -146,6 +154,7 @@ Examples:
     "--broker",
     "brokers",
     multiple=True,
+    type=EndpointType("broker"),
     metavar="ENDPOINT",
     help="Also serve this broker's backend (repeatable); brokers of NAME are found anyway.",
 )
@@ -162,7 +171,7 @@ def worker(
     weight: int,
     timeout: float | None,
     bind: str | None,
-    brokers: tuple[str, ...],
+    brokers: tuple[Endpoint, ...],
     inst_id: str | None,
     max_request: int,
     heartbeat: float,
@@ -184,6 +193,8 @@ def worker(
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
     NAME (eda-lb serve) are found and served as well."""
+    from eda.core.endpoint import Endpoint
+    from eda.core.lb.brokers import find_brokers
     from eda.core.lb.worker import Worker
     from eda.core.presence import Presence
     from eda.core.registry import access as reg
@@ -218,7 +229,7 @@ def worker(
     on_stop_signals(stop)
     try:
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
-        port = int(endpoint.rsplit(":", 1)[1])
+        port = Endpoint.parse(endpoint, "worker").port
         ttl = round(3 * heartbeat, 3)
         meta = ["role=worker", f"concurrency={concurrency}"]
         if persistent:
@@ -229,11 +240,13 @@ def worker(
         presence = Presence(access, record, log=ctx.debug, warn=ctx.warn)
         inst = presence.start()
         server.inst_id = inst.id
-        finder = _broker_finder(service, access, presence.mode, brokers, ctx, heartbeat)
+        finder = find_brokers(
+            service, access, presence.mode, brokers, heartbeat=heartbeat, warn=ctx.debug
+        )
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
-        where = f"tcp://{inst.host}:{port}" if presence.mode != "none" else endpoint
+        where = Endpoint(inst.host, port).zmq if presence.mode != "none" else endpoint
         ctx.warn(f"worker {inst.id} serving {service} on {where} ({how[presence.mode]})")
         server.serve(until=lambda: bool(stopping))
         # stopped (SIGTERM, SIGINT): leave the registry first, then finish what runs
@@ -246,61 +259,6 @@ def worker(
         if finder is not None:
             finder.close()
         server.shutdown()
-
-
-class _BrokerFinder:
-    """Endpoints of the brokers' backends: the --broker ones and those looked up."""
-
-    def __init__(self, explicit: tuple[str, ...], finder: Any) -> None:
-        self.explicit, self.finder, self.first = list(explicit), finder, True
-
-    def __call__(self) -> list[str] | None:
-        found = self.finder.take() if self.finder is not None else None
-        if found is None:
-            if not self.first:
-                return None
-            found = []
-        self.first = False
-        endpoints = list(self.explicit)
-        for inst in found:
-            backend = inst.meta.get("backend", "")
-            if backend.isdigit() and 0 < int(backend) < 65536:
-                endpoints.append(f"tcp://{inst.host}:{backend}")
-        return endpoints
-
-    def close(self) -> None:
-        if self.finder is not None:
-            self.finder.close()
-
-
-def _broker_finder(
-    service: str,
-    access: Any,
-    mode: str,
-    explicit: tuple[str, ...],
-    ctx: Context,
-    heartbeat: float = 1.0,
-) -> _BrokerFinder | None:
-    from eda.core.presence import Finder
-    from eda.core.reqrep import check_endpoint
-
-    for endpoint in explicit:
-        check_endpoint(endpoint, "broker")
-    finder = None
-    if mode != "none":
-        finder = Finder(
-            service,
-            access,
-            lambda i: i.meta.get("role") == "broker",
-            # every 3 heartbeats (1 to 3 s): a broker that moved is found as soon as the
-            # old one is known dead
-            every=min(3.0, max(1.0, 3 * heartbeat)),
-            warn=ctx.debug,
-        )
-        finder.start()
-    if finder is None and not explicit:
-        return None
-    return _BrokerFinder(explicit, finder)
 
 
 @command.command(
@@ -316,13 +274,7 @@ Examples:
 )
 @click.argument("name")
 @click.argument("requests", nargs=-1)
-@click.option(
-    "--strategy",
-    type=click.Choice(["round-robin", "weighted", "least-conn", "random", "p2c"]),
-    default="round-robin",
-    show_default=True,
-    help=STRATEGY_HELP,
-)
+@strategy_option(STRATEGY_HELP)
 @click.option(
     "--timeout",
     type=SECONDS,
@@ -359,6 +311,7 @@ Examples:
     "--connect",
     "endpoints",
     multiple=True,
+    type=EndpointType("instance"),
     metavar="ENDPOINT",
     help="Call this instance (repeatable) instead of looking NAME up.",
 )
@@ -381,7 +334,7 @@ def call(
     window: int,
     unordered: bool,
     via: str | None,
-    endpoints: tuple[str, ...],
+    endpoints: tuple[Endpoint, ...],
     slow_start: float,
     max_request: int,
     heartbeat: float,
@@ -406,12 +359,10 @@ def call(
     not sent."""
     from eda.core.lb.caller import Caller, lookup_endpoints
     from eda.core.registry.model import validate_name
-    from eda.core.reqrep import check_endpoint, printable
+    from eda.core.reqrep import printable
 
     ctx = Context("eda-lb", verbose)
     validate_name(name)
-    for endpoint in endpoints:
-        check_endpoint(endpoint, "instance")
     out = Output(ctx)
 
     def failed(seq: int, line: bytes, reason: str) -> None:
@@ -446,7 +397,7 @@ def call(
     finder: Any = None
     try:
         if endpoints:
-            caller.use((e, 1) for e in endpoints)
+            caller.use((e.zmq, 1) for e in endpoints)
         else:
             access = registry_access(registries, interface, no_mdns, serverless, ctx)
             target = validate_name(via) if via else name
@@ -471,7 +422,7 @@ def call(
         f"p50 {caller.percentile(0.5):.3f} ms, p99 {caller.percentile(0.99):.3f} ms"
     )
     if summary.no_instance:
-        where = f"service {via or name!r}" if not endpoints else ", ".join(endpoints)
+        where = f"service {via or name!r}" if not endpoints else ", ".join(e.zmq for e in endpoints)
         parts = [f"{summary.ok} answered", f"{summary.failed} failed"] if summary.sent else []
         if summary.unsent is not None:
             parts.append(f"input from line {summary.unsent + 1} on not sent")
@@ -485,10 +436,6 @@ def call(
 
 
 # -- serve, stats (the broker) -------------------------------------------------------------
-# this section's own imports stay in it, so merges stay clean (Any, Context, Exit,
-# ExitStatus and Output come with the worker/call section above)
-
-STRATEGY_NAMES = ("round-robin", "weighted", "least-conn", "random", "p2c")
 STATS_FIELDS = (
     "service", "source", "instance", "state", "requests", "errors", "inflight", "concurrency",
     "weight", "p50_ms", "p90_ms", "p99_ms",
@@ -519,13 +466,7 @@ Examples:
     metavar="ENDPOINT",
     help="Where workers connect (tcp://HOST:PORT, PORT may be '*').",
 )
-@click.option(
-    "--strategy",
-    type=click.Choice(STRATEGY_NAMES),
-    default="round-robin",
-    show_default=True,
-    help="How a worker is chosen for each request.",
-)
+@strategy_option("How a worker is chosen for each request.")
 @click.option(
     "--heartbeat",
     type=SECONDS,
@@ -722,14 +663,9 @@ Examples:
     metavar="SECONDS",
     help="How long to wait for each instance's answer.",
 )
-@click.option(
-    "--format",
-    "template",
-    metavar="TEMPLATE",
-    help="One line per instance, e.g. '{instance} {p99_ms}'. "
-    f"Fields: {', '.join(STATS_FIELDS)}.",
+@output_options(
+    f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}."
 )
-@click.option("--json", "force_json", is_flag=True, help="JSON Lines even on a terminal.")
 @registry_option
 @common_options
 def stats(
@@ -752,7 +688,7 @@ def stats(
     has no instance, 1 when an instance did not answer.
     """
     from eda.core.errors import NotFoundError
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
     from eda.core.registry.access import lookup
     from eda.core.registry.model import validate_name
 
@@ -782,10 +718,7 @@ def stats(
         if not found_rows and brokers:
             ctx.warn(f"warning: broker {inst.id} has no worker")
         rows += found_rows
-    if out.mode == "json" and out.tty and not out.forced_json:
-        _stats_table(rows)
-    else:
-        out.items(rows)
+    out.table(rows, _stats_table)
     if failed:
         raise Exit(ExitStatus.ERROR)
 
@@ -832,14 +765,14 @@ MAX_ASKED = 1024  # instances stats asks at most
 STATE_COLOURS = {"healthy": "green", "slow-start": "yellow", "ejected": "red", "dead": "dim"}
 
 
-def _stats_table(rows: list[dict[str, Any]], console: Any = None) -> None:
+def _stats_table(rows: list[dict[str, Any]]) -> RenderableType:
     """Rows as a table, one per source (a broker, or the workers asked directly);
     every peer-supplied string is escaped and shown as plain Text."""
-    from rich.console import Console
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console(highlight=False)
+    tables = []
     columns = STATS_FIELDS[2:]
     sources = list(dict.fromkeys(r["source"] for r in rows))
     for source in sources:
@@ -858,18 +791,11 @@ def _stats_table(rows: list[dict[str, Any]], console: Any = None) -> None:
                 style = STATE_COLOURS.get(str(value), "") if key == "state" else ""
                 cells.append(Text(text, style=style))
             table.add_row(*cells)
-        console.print(table)
+        tables.append(table)
+    return Group(*tables)
 
 
 # -- tcp (the TCP proxy) -------------------------------------------------------------------
-TCP_STRATEGIES = ("round-robin", "weighted", "least-conn", "random", "p2c")
-
-
-def _registry_option(func: Any) -> Any:
-    from eda.cli.registry import registry_option
-
-    return registry_option(func)
-
 
 @command.command(
     epilog="""\b
@@ -883,43 +809,8 @@ Examples:
 )
 @click.argument("name")
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept connections.")
-@click.option(
-    "--strategy",
-    type=click.Choice(TCP_STRATEGIES),
-    default="round-robin",
-    show_default=True,
-    help="How each new connection picks an instance (weighted: the registry weight).",
-)
-@click.option(
-    "--check-interval",
-    type=click.FloatRange(min=0.01),
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Active TCP health check period per instance.",
-)
-@click.option(
-    "--check-timeout",
-    type=click.FloatRange(min=0.01),
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A check fails when the connect takes longer.",
-)
-@click.option(
-    "--rise",
-    type=click.IntRange(1, 100),
-    default=2,
-    show_default=True,
-    help="Passed checks that bring a down instance back.",
-)
-@click.option(
-    "--fall",
-    type=click.IntRange(1, 100),
-    default=3,
-    show_default=True,
-    help="Failed checks that take an instance down.",
-)
+@strategy_option("How each new connection picks an instance (weighted: the registry weight).")
+@health_check_options(interval=1.0, timeout=1.0)
 @click.option(
     "--retries",
     type=click.IntRange(0, 20),
@@ -972,7 +863,7 @@ Examples:
     show_default=True,
     help="builtin: the embedded proxy; haproxy: run HAProxy, configured from the registry.",
 )
-@_registry_option
+@registry_option
 @common_options
 def tcp(
     name: str,
@@ -1004,14 +895,14 @@ def tcp(
     connections finish (--drain-timeout).  Diagnostics go to stderr.
     """
     import os
-    import threading
 
     from eda.core.lb import tcp as core
+    from eda.core.lb.follow import Follower, HaproxyFollower
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    host, port = core.parse_listen(listen)
+    where = core.parse_listen(listen)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(
         strategy=strategy,
@@ -1026,9 +917,24 @@ def tcp(
         workers=(os.cpu_count() or 1) if workers is None else workers,
     )
     if engine == "haproxy":
-        _tcp_haproxy(ctx, service, access, host, port, settings, drain_timeout)
+        haproxy = HaproxyFollower(
+            service, access, where.host, where.port, settings, drain_timeout,
+            log=ctx.debug, warn=ctx.warn,
+        )  # fmt: skip
+
+        def on_stop(signum: int, frame: object) -> None:
+            if haproxy.stopping.is_set():
+                raise Terminated()
+            haproxy.stop()
+
+        on_stop_signals(on_stop)
+        started = haproxy.run(
+            lambda: ctx.warn(f"proxying {where} to {service} ({strategy}, haproxy)")
+        )
+        if started:
+            ctx.warn("stopped")
         return
-    proxy = core.TcpProxy(host, port, settings, log=ctx.debug, warn=ctx.warn)
+    proxy = core.TcpProxy(where, settings, log=ctx.debug, warn=ctx.warn)
     terms = []
 
     def on_term(signum: int, frame: object) -> None:
@@ -1038,122 +944,19 @@ def tcp(
         proxy.drain(drain_timeout)
 
     try:
-        proxy.start()  # forks the data planes before any thread starts
+        proxy.start()
         on_stop_signals(on_term)
-        where = "{}:{}".format(*proxy.address)
-        ctx.warn(f"proxying {where} to {service} ({strategy}, {settings.workers} data plane(s))")
-
-        failed: list[EdaError] = []
-
-        def feed() -> None:
-            try:
-                for backends in core.follow(service, access, ctx.warn):
-                    proxy.set_candidates(backends)
-            except EdaError as exc:  # no registry known and mDNS off: nothing to follow
-                failed.append(exc)
-                proxy.drain(0)
-
-        threading.Thread(target=feed, name="eda-lb-follow", daemon=True).start()
+        bound = "{}:{}".format(*proxy.address)
+        ctx.warn(f"proxying {bound} to {service} ({strategy}, {settings.workers} data plane(s))")
+        follower = Follower(
+            service, access, proxy.set_candidates, lambda: proxy.drain(0), warn=ctx.warn
+        )
+        follower.start()
         proxy.run()
-        if failed:
-            raise failed[0]
+        follower.check()
         ctx.warn("drained: stopped")
     finally:
         proxy.close()
-
-
-def _tcp_haproxy(
-    ctx: Context,
-    service: str,
-    access: Any,
-    host: str,
-    port: int,
-    settings: Any,
-    drain_timeout: float,
-) -> None:
-    """--engine haproxy: the same registry following, HAProxy as the data plane."""
-    import queue
-    import threading
-    import time
-
-    from eda.core.lb import tcp as core
-    from eda.core.lb.haproxy import HaproxyEngine, Server
-
-    updates: queue.Queue[list[core.Backend]] = queue.Queue()
-    stop = threading.Event()
-
-    failed: list[EdaError] = []
-
-    def feed() -> None:
-        try:
-            for backends in core.follow(service, access, ctx.warn):
-                updates.put(backends)
-        except EdaError as exc:  # no registry known and mDNS off: nothing to follow
-            failed.append(exc)
-            stop.set()
-            updates.put([])
-
-    def on_term(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise Terminated()
-        stop.set()
-        updates.put([])  # wakes the loop below
-
-    engine = HaproxyEngine(
-        host,
-        port,
-        settings.strategy,
-        check_interval=settings.check_interval,
-        rise=settings.rise,
-        fall=settings.fall,
-        log=ctx.debug,
-        drain_timeout=drain_timeout,
-        connect_timeout=settings.connect_timeout,
-        idle_timeout=settings.idle_timeout or 86400.0 * 365,
-    )
-    on_stop_signals(on_term)
-    threading.Thread(target=feed, name="eda-lb-follow", daemon=True).start()
-
-    def servers(backends: list[core.Backend]) -> list[Server]:
-        return [Server(b.id, b.host, b.port, b.weight) for b in backends]
-
-    def newest(wait: float) -> list[core.Backend] | None:
-        """The newest set once changes pause for 20 ms (a snapshot arrives one by one)."""
-        try:
-            latest = updates.get(timeout=wait)
-        except queue.Empty:
-            return None
-        settle = time.monotonic() + 0.5  # a flood of changes still gets applied twice a second
-        try:
-            while time.monotonic() < settle:
-                latest = updates.get(timeout=0.02)
-        except queue.Empty:
-            pass
-        return latest
-
-    current = newest(3.0) or []  # the registry's first answer, so HAProxy starts with it
-    if failed:
-        raise failed[0]
-    if stop.is_set():  # SIGTERM before HAProxy even started
-        return
-    try:
-        engine.start(servers(current))
-        ctx.warn(f"proxying {host}:{port} to {service} ({settings.strategy}, haproxy)")
-        while not stop.is_set():
-            latest = newest(1.0)
-            if latest is None:
-                if not engine.alive():
-                    raise EdaError("haproxy stopped unexpectedly")
-                continue
-            if not stop.is_set() and latest != current:
-                current = latest
-                engine.update(servers(current))
-                ctx.debug(f"{len(current)} instance(s): {', '.join(b.id for b in current)}")
-    finally:
-        engine.stop(drain=stop.is_set() and not failed)
-    if failed:
-        raise failed[0]
-    ctx.warn("stopped")
 
 
 def main() -> None:

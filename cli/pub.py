@@ -11,17 +11,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
-from eda.cli.common import (
-    EXIT_ERROR,
-    EXIT_LOSS,
-    EXIT_TIMEOUT,
-    Context,
-    Exit,
-    common_options,
-    for_terminal,
-    run,
-)
-from eda.core.errors import EdaError, InputError, UsageError
+from eda.cli.common import Context, Exit, run
+from eda.cli.options import common_options
+from eda.cli.output import for_terminal
+from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
 from eda.core.topics import validate_topic
 
 if TYPE_CHECKING:
@@ -310,6 +303,8 @@ def command(
         ctx.debug(f"sent {pub.total_sent} event(s)")
         started = time.monotonic()
         outcome = pub.finish(linger)
+        if pub.evicted:
+            ctx.debug(f"forgot {pub.evicted} subscriber id(s) (per-peer bound)")
         linger = max(0.0, linger - (time.monotonic() - started))
     finally:
         pub.close(linger)
@@ -324,11 +319,11 @@ def command(
             )
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
-        raise Exit(EXIT_ERROR)
+        raise Exit(ExitStatus.ERROR)
     if outcome is not None and outcome.lost:
-        raise Exit(EXIT_LOSS)
+        raise Exit(ExitStatus.LOSS)
     if failed or (short and wait_subscribers) or (outcome is not None and not outcome.clean):
-        raise Exit(EXIT_TIMEOUT)
+        raise Exit(ExitStatus.TIMEOUT)
 
 
 def _publish_to_bus(
@@ -387,7 +382,7 @@ def _publish_to_bus(
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
     if rejected or pub.refused:
-        raise Exit(EXIT_ERROR)
+        raise Exit(ExitStatus.ERROR)
 
 
 SHOWN_PROBLEMS = 5  # forged announcements must not flood a one-shot command's stderr

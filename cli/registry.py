@@ -1,4 +1,9 @@
-"""eda-registry: the registry center, registration with health checks, lookups and watches."""
+"""eda-registry: the registry center, registration with health checks, lookups and watches.
+
+Over 500 lines for a reason: eight subcommands, their option declarations and
+help texts (the man page) and their terminal views; the logic is in
+``eda.core.registry``.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,26 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from eda.cli.common import (
-    Context,
-    Exit,
-    Output,
-    Terminated,
+from eda.cli.common import Context, Exit, Terminated, registry_access, run
+from eda.cli.options import (
+    SECONDS,
     common_options,
-    for_terminal,
-    registry_access,
-    run,
+    health_check_options,
+    output_options,
+    registries_option,
+    registry_option,
 )
+from eda.cli.output import Output, for_terminal
 from eda.core import __version__
 from eda.core.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
     from rich.text import Text
 
     from eda.core.registry.access import Access
 
-
-SECONDS = click.FloatRange(min=0, min_open=True)
 
 EPILOG_GROUP = """\b
 Examples:
@@ -39,28 +44,6 @@ Examples:
   eda-registry watch orders --exec ./reload.sh
   eda-registry browse _http._tcp
 """
-
-
-def registry_option(func: Any) -> Any:
-    """--registry and --serverless."""
-    func = click.option(
-        "--serverless",
-        is_flag=True,
-        help="No registry: announce / find instances by mDNS alone.",
-    )(func)
-    return registries_option(func)
-
-
-def registries_option(func: Any) -> Any:
-    """--registry alone (for what only a registry can do)."""
-    return click.option(
-        "--registry",
-        "registries",
-        multiple=True,
-        metavar="ENDPOINT",
-        envvar="EDA_REGISTRY",
-        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
-    )(func)
 
 
 INSTANCE_FIELDS = (
@@ -75,22 +58,12 @@ BROWSE_FIELDS = (
 )  # fmt: skip
 
 
-def output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
+def _output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
     """--format (with this command's own fields) and --json."""
-
-    def decorate(func: Any) -> Any:
-        func = click.option(
-            "--format",
-            "template",
-            metavar="TEMPLATE",
-            help=f"Print one line per item from a template, e.g. {example!r}. "
-            f"Fields: {', '.join(fields)}; {{meta}} is JSON, {{meta[KEY]}} one value.",
-        )(func)
-        return click.option(
-            "--json", "force_json", is_flag=True, help="JSON Lines even on a terminal."
-        )(func)
-
-    return decorate
+    return output_options(
+        f"Print one line per item from a template, e.g. {example!r}. "
+        f"Fields: {', '.join(fields)}; {{meta}} is JSON, {{meta[KEY]}} one value."
+    )
 
 
 @click.group(epilog=EPILOG_GROUP, context_settings={"max_content_width": 100})
@@ -257,38 +230,7 @@ Examples:
     metavar="CMD|tcp",
     help="Health check: a shell command (0 passing, 1 warning, else critical) or 'tcp'.",
 )
-@click.option(
-    "--check-interval",
-    type=SECONDS,
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Period of the health check.",
-)
-@click.option(
-    "--check-timeout",
-    type=SECONDS,
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A check running longer is critical.",
-)
-@click.option(
-    "--rise",
-    type=click.IntRange(1),
-    default=2,
-    show_default=True,
-    metavar="N",
-    help="Passing results in a row before an instance is passing again.",
-)
-@click.option(
-    "--fall",
-    type=click.IntRange(1),
-    default=3,
-    show_default=True,
-    metavar="N",
-    help="Failing results in a row before an instance stops passing.",
-)
+@health_check_options(interval=5.0, timeout=2.0)
 @registry_option
 @common_options
 def register(
@@ -423,7 +365,7 @@ Examples:
 @click.argument("name")
 @click.option("--all", "include_all", is_flag=True, help="Every instance, whatever its health.")
 @registry_option
-@output_options("{host}:{port}", INSTANCE_FIELDS)
+@_output_options("{host}:{port}", INSTANCE_FIELDS)
 @common_options
 def lookup(
     name: str,
@@ -469,7 +411,7 @@ Examples:
 )
 @click.argument("name", required=False)
 @registry_option
-@output_options("{service} {address} {status}", INSTANCE_FIELDS)
+@_output_options("{service} {address} {status}", INSTANCE_FIELDS)
 @common_options
 def list_(
     name: str | None,
@@ -513,7 +455,7 @@ Examples:
 """,
 )
 @registry_option
-@output_options("{service} {passing}/{instances}", SERVICE_FIELDS)
+@_output_options("{service} {passing}/{instances}", SERVICE_FIELDS)
 @common_options
 def services(
     registries: tuple[str, ...],
@@ -531,15 +473,11 @@ def services(
     ctx = Context("eda-registry", verbose)
     out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
     found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
-    if out.mode == "json" and out.tty and not out.forced_json:
-        _services_table(found)
-    else:
-        out.items(found)
+    out.table(found, _services_table)
 
 
-def _services_table(found: list[dict[str, Any]]) -> None:
+def _services_table(found: list[dict[str, Any]]) -> Table:
     """Services as a table: a service with failing instances shows its count in colour."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -555,7 +493,7 @@ def _services_table(found: list[dict[str, Any]]) -> None:
             Text(str(total)),
             Text(f"{passing}/{total}", style=style),
         )
-    Console().print(table)
+    return table
 
 
 @command.command(
@@ -612,27 +550,23 @@ def _instance_output(ctx: Context, template: str | None, force_json: bool) -> Ou
 
 
 def _print_instances(found: list[dict[str, Any]], out: Output) -> None:
-    if out.mode == "json" and out.tty and not out.forced_json:
-        _table(found)  # a terminal gets one table of them all
-    else:
-        out.items(found)
+    """One table of them all on a terminal, else one item each."""
+    out.table(found, lambda rows: _table(rows, out.width))
 
 
 STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
 
 
-def _table(found: list[dict[str, Any]], console: Any = None) -> None:
+def _table(found: list[dict[str, Any]], width: int) -> RenderableType:
     """Instances as a table; every peer-supplied string is escaped and shown as plain Text.
 
     The address column never wraps or shrinks (an address cut at the edge of
     the terminal is a wrong address); metadata and instance ids fold instead.
     A terminal too narrow for every column gets one block per instance.
     """
-    from rich.console import Console
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
-
-    console = console or Console()
 
     table = Table(box=None, header_style="bold")
     addresses = [for_terminal(f"{r.get('host')}:{r.get('port')}") for r in found]
@@ -660,16 +594,17 @@ def _table(found: list[dict[str, Any]], console: Any = None) -> None:
             Text(" ".join(for_terminal(f"{k}={v}") for k, v in meta.items())),
             Text(seen),
         )
-    if _table_width(table) <= console.width:
-        console.print(table)
-        return
+    if _table_width(table) <= width:
+        return table
+    blocks = []
     for row in zip(*(column.cells for column in table.columns), strict=True):
         block = Text()
         for column, cell in zip(table.columns, row, strict=True):
             block.append(f"{column.header:<11}", style="bold")
             block.append_text(cell if isinstance(cell, Text) else Text(str(cell)))
             block.append("\n")
-        console.print(block, soft_wrap=False)
+        blocks.append(block)
+    return Group(*blocks)
 
 
 def _table_width(table: Any) -> int:
@@ -708,7 +643,7 @@ Examples:
 )
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
 @registry_option
-@output_options("{time} {type} {service} {address}", EVENT_FIELDS)
+@_output_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @common_options
 def watch(
     name: str | None,
@@ -820,7 +755,7 @@ Examples:
 @click.argument("service_type", metavar="TYPE")
 @click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
-@output_options("{event} {name} {address}", BROWSE_FIELDS)
+@_output_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(
     service_type: str,

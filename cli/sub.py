@@ -10,16 +10,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
-from eda.cli.common import (
-    Context,
-    Exit,
-    Output,
-    Terminated,
-    common_options,
-    for_terminal,
-    output_options,
-    run,
-)
+from eda.cli.common import Context, Exit, Terminated, run
+from eda.cli.options import common_options, output_options
+from eda.cli.output import Output, for_terminal
 from eda.core.attributes import BUS_SEQUENCE
 from eda.core.errors import ExitStatus, UsageError
 from eda.core.topics import validate_pattern
@@ -66,7 +59,7 @@ Examples:
     help="Exit 4 after SECONDS without an event (time spent writing output does not count).",
 )
 @click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
-@output_options
+@output_options("Print one line per item from a template, e.g. '{time} {topic} {data}'.")
 @click.option("--strict", is_flag=True, help="Exit 5 as soon as events are lost.")
 @click.option(
     "--exec",
@@ -431,7 +424,7 @@ def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:
 
 def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
     """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
-    from eda.cli.common import json_text
+    from eda.cli.output import json_text
     from eda.core import codec, envelope
 
     if raw and output.mode != "exec":
@@ -485,6 +478,8 @@ class _Loop:
         self.ctx = ctx
         self.reported_malformed = 0
         self.reported_copies = 0
+        self.reported_evicted = 0
+        self.reported_unaccounted = 0
 
     def run(
         self, count: int | None, idle_timeout: float | None, strict: bool, lost: list[int]
@@ -542,6 +537,17 @@ class _Loop:
         if copies and self.ctx.verbose and (final or self.ctx.due("copies")):
             self.ctx.debug(f"dropped {copies} event(s) delivered before (a loop or a copy)")
             self.reported_copies = self.recent.dropped
+        evicted = getattr(self.sub, "evicted", 0) - self.reported_evicted
+        if evicted and self.ctx.verbose and (final or self.ctx.due("evicted")):
+            self.ctx.debug(f"forgot {evicted} publisher id(s) or stream(s) (per-peer bound)")
+            self.reported_evicted += evicted
+        unknown = getattr(self.sub, "unaccounted", 0) - self.reported_unaccounted
+        if unknown and (final or self.ctx.due("unaccounted")):
+            self.ctx.warn(
+                f"warning: cannot tell whether {unknown} event(s) arrived: their streams"
+                " were forgotten (more publishers and topics than a subscriber follows)"
+            )
+            self.reported_unaccounted += unknown
 
 
 def _output(

@@ -24,10 +24,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import zmq
 
+from . import sockets
+from .endpoint import Endpoint
 from .errors import EdaError, UsageError
 from .sockets import new_socket
 
@@ -35,7 +37,9 @@ Log = Callable[[str], None]
 WARN_EVERY = 10.0  # seconds between two warnings of the same kind
 DRAIN_LIMIT = 1000  # messages one handler reads before the others get their turn
 IDLE_WAIT = 0.1  # longest poll, so a stop predicate is seen promptly
-_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+# a bind that fails with one of these failed because of the machine (a port taken, an
+# address or interface this host does not have), not because of the caller's syntax
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV)
 
 
 class RateLimited:
@@ -72,17 +76,28 @@ def bind_failed(what: str, err: int | None, reason: object) -> EdaError:
     return kind(f"cannot bind {what}: {reason}")
 
 
-def check_port(endpoint: str, verb: str) -> None:
-    """A tcp:// port beyond 65535 is a UsageError (libzmq would silently take it modulo 65536)."""
-    scheme, _, rest = endpoint.partition("://")
-    port = rest.rpartition(":")[2]
-    if scheme == "tcp" and port.isdigit() and (len(port) > 5 or int(port) > 65535):
-        raise UsageError(f"cannot {verb} {endpoint[:80]}: port out of range (0-65535)")
+def bind_socket(sock: zmq.Socket[bytes], endpoint: Endpoint | str) -> Endpoint:
+    """Bind *sock* to *endpoint* (text is parsed first); the endpoint really bound.
+
+    Malformed text is a :class:`~eda.core.errors.UsageError` (exit 2); a
+    port in use, or an address or interface this host lacks, a
+    :class:`BindError` (exit 1).
+    """
+    where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "bind")
+    try:
+        return sockets.bind(sock, where)
+    except zmq.ZMQError as exc:
+        raise bind_failed(where.zmq, exc.errno, exc) from None
 
 
-def port_of(endpoint: str) -> int:
-    """The port of a bound ``tcp://HOST:PORT`` endpoint."""
-    return int(endpoint.rsplit(":", 1)[1])
+def port_of(endpoint: Endpoint | str) -> int:
+    """The port of a bound endpoint (``tcp://HOST:PORT`` or an :class:`Endpoint`)."""
+    if isinstance(endpoint, Endpoint):
+        return endpoint.port
+    parsed = Endpoint.from_peer(endpoint)
+    if parsed is None:
+        raise ValueError(f"not a bound endpoint: {endpoint[:80]!r}")
+    return parsed.port
 
 
 def read_port(path: str) -> int | None:
@@ -187,37 +202,49 @@ class Daemon:
         self._sockets.append(sock)
         return sock
 
-    def bind(self, sock: zmq.Socket[bytes], endpoint: str) -> str:
-        """Bind *sock*; the endpoint really bound (``*`` ports resolved).
+    @overload
+    def bind(self, sock: zmq.Socket[bytes], endpoint: Endpoint) -> Endpoint: ...
+    @overload
+    def bind(self, sock: zmq.Socket[bytes], endpoint: str) -> str: ...
+    def bind(self, sock: zmq.Socket[bytes], endpoint: Endpoint | str) -> Endpoint | str:
+        """Bind *sock*; the endpoint really bound (any port resolved), as an
+        :class:`Endpoint` when given one, else as ``tcp://HOST:PORT`` text.
 
         A port in use is a :class:`BindError` (a runtime error, exit 1), a
         malformed endpoint a :class:`~eda.core.errors.UsageError`.
         """
-        check_port(endpoint, "bind")
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            raise bind_failed(endpoint, exc.errno, exc) from None
-        return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        bound = bind_socket(sock, endpoint)
+        return bound if isinstance(endpoint, Endpoint) else bound.zmq
 
-    def bind_remembered(self, sock: zmq.Socket[bytes], endpoint: str, state: str | None) -> str:
-        """Bind *sock* like :meth:`bind`; a ``:0`` (any port) endpoint takes the port
-        remembered in the file *state* by the last run, so a daemon restarted with the
-        same command comes back where its clients expect it.  When that port is taken,
-        another is bound (with a warning).  The port bound is remembered (best effort)."""
-        if state is None or not endpoint.endswith(":0"):
-            return self.bind(sock, endpoint)
+    @overload
+    def bind_remembered(
+        self, sock: zmq.Socket[bytes], endpoint: Endpoint, state: str | None
+    ) -> Endpoint: ...
+    @overload
+    def bind_remembered(self, sock: zmq.Socket[bytes], endpoint: str, state: str | None) -> str: ...
+    def bind_remembered(
+        self, sock: zmq.Socket[bytes], endpoint: Endpoint | str, state: str | None
+    ) -> Endpoint | str:
+        """Bind *sock* like :meth:`bind`; an endpoint with any port (``0`` or ``*``)
+        takes the port remembered in the file *state* by the last run, so a daemon
+        restarted with the same command comes back where its clients expect it.  When
+        that port is taken, another is bound (with a warning).  The port bound is
+        remembered (best effort)."""
+        where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "bind")
         bound = None
-        port = read_port(state)
-        if port:
-            try:
-                bound = self.bind(sock, f"{endpoint[:-1]}{port}")
-            except BindError:
-                self.warn(f"warning: port {port} of the last run is taken: binding another")
-        if bound is None:
-            bound = self.bind(sock, endpoint)
-        write_port(state, port_of(bound))
-        return bound
+        if state is None or where.port != 0:
+            bound = bind_socket(sock, where)
+        else:
+            port = read_port(state)
+            if port:
+                try:
+                    bound = bind_socket(sock, where.with_port(port))
+                except BindError:
+                    self.warn(f"warning: port {port} of the last run is taken: binding another")
+            if bound is None:
+                bound = bind_socket(sock, where)
+            write_port(state, bound.port)
+        return bound if isinstance(endpoint, Endpoint) else bound.zmq
 
     def close_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Stop watching *sock* and close it (with the linger it was made with)."""

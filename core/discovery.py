@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import cache, codec, mdns
+from .endpoint import Endpoint
 from .errors import UsageError
 
 SUB_TYPE = "_eda-sub._tcp.local."
@@ -140,24 +141,24 @@ def make_zeroconf(interface: str | None = None) -> Any:
 
 
 def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
+    """The peer an mDNS answer announces, or None when it lacks an id or a valid endpoint."""
     peer_id = inst.txt.get("id")
     address = inst.best_address()
-    if not peer_id or not address or not inst.port:
+    if not peer_id or not address:
+        return None
+    where = Endpoint.from_peer(Endpoint(address, inst.port).zmq)  # (IPv6 written bracketed)
+    if where is None:
         return None
     patterns = tuple(inst.txt.get("p", "").split())
-    return Peer(peer_id, f"tcp://{address}:{inst.port}", patterns, inst.name)
+    return Peer(peer_id, where.zmq, patterns, inst.name)
 
 
 # -- probing endpoints ------------------------------------------------------------------
-def _split(endpoint: str) -> tuple[str, int] | None:
-    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not endpoint.startswith("tcp://") or not sep or not port.isdigit():
-        return None
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return None  # only addresses: a name to resolve could block
-    return host, int(port)
+def _split(endpoint: str) -> Endpoint | None:
+    """*endpoint* (``tcp://HOST:PORT``) if it can be probed: a numeric address,
+    IPv4 or IPv6 (a name to resolve could block)."""
+    where = Endpoint.from_peer(endpoint) if endpoint.startswith("tcp://") else None
+    return where if where is not None and where.is_literal else None
 
 
 def probe(
@@ -189,9 +190,11 @@ def probe(
             if len(connecting) >= MAX_PROBES:
                 result[endpoint] = None
                 continue
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(
+                socket.AF_INET6 if where.is_ipv6 else socket.AF_INET, socket.SOCK_STREAM
+            )
             sock.setblocking(False)
-            code = sock.connect_ex(where)
+            code = sock.connect_ex(where.sockaddr)
             if code in (0, errno.EINPROGRESS):
                 connecting[sock] = endpoint
             else:

@@ -60,8 +60,10 @@ class Endpoint:
         if parsed is None:
             label = f"{what} endpoint" if what else "endpoint"
             shown = text[:80] + ("..." if len(text) > 80 else "")
-            hint = "HOST:PORT or tcp://HOST:PORT ([V6]:PORT for IPv6)"
-            raise UsageError(f"bad {label} {shown!r}: use {hint}")
+            hint = "use HOST:PORT or tcp://HOST:PORT ([V6]:PORT for IPv6)"
+            if _port_too_large(text):  # (libzmq would take it modulo 65536)
+                hint = "port out of range (0-65535)"
+            raise UsageError(f"bad {label} {shown!r}: {hint}")
         return parsed
 
     @classmethod
@@ -168,6 +170,14 @@ def _split(rest: str) -> tuple[str, str | None]:
     if ":" in host:
         return "", "x"  # a bare IPv6 literal: ambiguous without brackets
     return host, port
+
+
+def _port_too_large(text: str) -> bool:
+    """Whether *text* is well formed but for a port number beyond 65535."""
+    if not isinstance(text, str) or len(text) > MAX_TEXT:
+        return False
+    port = _split(text.partition("://")[2] or text)[1]
+    return port is not None and port.isdigit() and int(port) > 65535
 
 
 def valid_host(host: str) -> bool:

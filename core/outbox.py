@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from .limits import PeerBytes
+
 if TYPE_CHECKING:
     from .daemon import Daemon, Timer
 
@@ -100,8 +102,7 @@ class Outbox:
     def __init__(self, peer_bytes: int = PEER_BYTES, total_bytes: int = TOTAL_BYTES) -> None:
         self.peer_bytes, self.total_bytes = peer_bytes, total_bytes
         self.waiting: dict[Key, collections.deque[list[bytes]]] = {}
-        self.bytes_of: dict[Key, int] = {}
-        self.bytes = 0
+        self.held = PeerBytes(peer_bytes, total_bytes)  # bytes waiting, per peer and in all
         self.refused = 0  # replies over a bound: not sent
         self.lost = 0  # replies to peers that left
         self.high = 0  # the most bytes waiting since memory was last given back
@@ -118,7 +119,7 @@ class Outbox:
 
     def full(self, sock: zmq.Socket[bytes], ident: bytes | None) -> bool:
         """Whether replies to this peer wait already at its bound (it does not read)."""
-        return self.bytes_of.get((sock, ident), 0) >= self.peer_bytes
+        return self.held.full((sock, ident))
 
     def send(self, sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes]) -> bool:
         """Send *frames* to the peer, or keep them for later; False: refused (counted)."""
@@ -138,14 +139,12 @@ class Outbox:
 
     def _keep(self, key: Key, frames: list[bytes]) -> bool:
         size = self.size(frames)
-        held = self.bytes_of.get(key, 0)
-        if held + size > self.peer_bytes or self.bytes + size > self.total_bytes:
+        if not self.held.fits(key, size):
             self.refused += 1
             return False
         self.waiting.setdefault(key, collections.deque()).append(frames)
-        self.bytes_of[key] = held + size
-        self.bytes += size
-        self.high = max(self.high, self.bytes)
+        self.held.add(key, size)
+        self.high = max(self.high, self.held.total)
         self.kept = True
         return True
 
@@ -167,12 +166,11 @@ class Outbox:
                 self.lost += len(queue)
                 sent += sum(self.size(frames) for frames in queue)
                 queue.clear()
-            self.bytes -= sent
+            self.held.remove(key, sent)
             moved = moved or sent > 0
-            if queue:
-                self.bytes_of[key] -= sent
-            else:
-                del self.waiting[key], self.bytes_of[key]
+            if not queue:
+                del self.waiting[key]
+                self.held.forget(key)
         if not self.waiting and self.high >= RELEASE_AFTER:
             self.high = 0
             release_memory()
@@ -182,7 +180,12 @@ class Outbox:
         """Forget every reply waiting on *sock* (it is being closed); counted as lost."""
         for key in [k for k in self.waiting if k[0] is sock]:
             self.lost += len(self.waiting.pop(key))
-            self.bytes -= self.bytes_of.pop(key)
+            self.held.forget(key)
+
+    @property  # (last in the class: the name hides the builtin type below it)
+    def bytes(self) -> int:
+        """Bytes waiting for every peer together."""
+        return self.held.total
 
 
 def _send_now(sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes]) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import json
 import queue
 import re
@@ -51,9 +50,11 @@ from typing import Any
 
 import zmq
 
-from . import codec, discovery
-from .daemon import check_port
+from . import codec, discovery, sockets
+from .daemon import bind_socket
+from .endpoint import Endpoint
 from .errors import EdaError, UsageError
+from .limits import BoundedMap, BoundedSet
 from .sockets import new_socket
 from .topics import Matcher
 
@@ -67,6 +68,10 @@ QUEUE_BYTES = 64 << 20  # a subscriber queues at most about this many bytes of b
 MAX_EVENTS_PER_RECEIVE = 1 << 16  # Subscriber.receive returns about this many events at most
 _RECV_HWM_CAP = max(16, QUEUE_BYTES // codec.MAX_BATCH_BYTES)
 MAX_DISCOVERED = 64  # connections one node makes to peers found by mDNS
+# per-peer state keyed by what peers send (CONVENTIONS.md §7): beyond these, the least
+# recently used keys are forgotten, counted in ``evicted`` (shown by eda-pub/eda-sub -v)
+MAX_PEERS = 4096  # peer ids a node remembers (publishers greeting, subscribers joining)
+MAX_STREAMS = 16_384  # (publisher, topic) sequences a subscriber follows
 HANDSHAKE_TIMEOUT = 3.0  # seconds a discovered peer has to greet us before it may be dropped
 
 
@@ -77,43 +82,28 @@ def new_id() -> str:
 _PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack may name
 
 
-# bind/connect errors that come from the machine or network, not from the caller's syntax
-_RUNTIME_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV}
-
-
-def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
-    check_port(endpoint, "bind")
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        error = EdaError if exc.errno in _RUNTIME_ERRNOS else UsageError
-        raise error(f"cannot bind {endpoint}: {exc}") from None
-    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-
-
-def _check_resolvable(endpoint: str) -> None:
-    """Resolve a tcp:// host name now: ZeroMQ would retry an unknown name silently forever."""
-    scheme, sep, rest = endpoint.partition("://")
-    if scheme != "tcp" or not sep:
-        return
-    host, _, port = rest.rpartition(":")
-    host = host.split(";")[-1].strip("[]")  # tcp://source;host:port
-    if not host or host == "*" or not port.isdigit():
+def _check_resolvable(endpoint: Endpoint) -> None:
+    """Resolve a host name now: ZeroMQ would retry an unknown name silently forever."""
+    if endpoint.is_literal:
         return
     try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise EdaError(f"cannot connect to {endpoint}: cannot resolve {host!r}: {reason}") from None
+        raise EdaError(
+            f"cannot connect to {endpoint.zmq}: cannot resolve {endpoint.host!r}: {reason}"
+        ) from None
 
 
-def _connect(sock: zmq.Socket[Any], endpoint: str) -> None:
-    check_port(endpoint, "connect to")
+def _connect(sock: zmq.Socket[Any], endpoint: Endpoint) -> str:
+    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to."""
+    if endpoint.host == "*" or endpoint.port == 0:
+        raise UsageError(f"cannot connect to {endpoint.zmq}: give a host and a port")
     _check_resolvable(endpoint)
     try:
-        sock.connect(endpoint)
+        return sockets.connect(sock, endpoint)
     except zmq.ZMQError as exc:
-        raise UsageError(f"cannot connect to {endpoint}: {exc}") from None
+        raise UsageError(f"cannot connect to {endpoint.zmq}: {exc}") from None
 
 
 class _Watch:
@@ -165,8 +155,9 @@ class _Watch:
             self._mon = None
 
 
-def ephemeral_endpoint(interface: str | None) -> str:
-    return f"tcp://{interface or '*'}:*"
+def ephemeral_endpoint(interface: str | None) -> Endpoint:
+    """Any port on *interface* (an address), or on every interface."""
+    return Endpoint(interface or "*", 0)
 
 
 class _Node:
@@ -188,8 +179,9 @@ class _Node:
         self.sock = sock
         self._watch: _Watch | None = None
         self.interface = interface
-        self.endpoints: list[str] = []
-        self.linked: set[str] = set()  # peer ids known to be connected to us
+        self.endpoints: list[str] = []  # bound, as tcp://HOST:PORT
+        self.bound: list[Endpoint] = []  # the same, typed
+        self.linked: BoundedSet[str] = BoundedSet(MAX_PEERS)  # peer ids connected to us
         self.on_connect: Callable[[discovery.Peer], None] | None = None
         self._connected: set[str] = set()  # endpoints we connected to
         # discovered peers (or the names of withdrawn ones) from zeroconf's threads
@@ -201,25 +193,30 @@ class _Node:
         self.unreachable: list[discovery.Peer] = []  # announced, but no answer to a probe in time
         self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)
 
-    def bind(self, endpoint: str) -> str:
-        real = _bind(self.sock, endpoint)
-        self.endpoints.append(real)
-        return real
+    def bind(self, endpoint: Endpoint | str) -> str:
+        """Bind (text is parsed first: :class:`UsageError`); the ``tcp://`` endpoint bound."""
+        real = bind_socket(self.sock, endpoint)
+        self.bound.append(real)
+        self.endpoints.append(real.zmq)
+        return real.zmq
 
-    def connect(self, endpoint: str, *, watch: bool = False) -> None:
+    def connect(self, endpoint: Endpoint | str, *, watch: bool = False) -> None:
         """Connect to *endpoint*; with *watch*, follow it until it answers (see :meth:`unready`).
 
-        A host name that does not resolve is an EdaError at once.
+        Text is parsed first (:class:`UsageError`); a host name that does not
+        resolve is an EdaError at once.
         """
-        if endpoint not in self._connected:
+        where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "connect")
+        text = where.zmq
+        if text not in self._connected:
             if watch:
                 if self._watch is None:
                     self._watch = _Watch(self.sock)
                 self._watch.open()
-            _connect(self.sock, endpoint)
-            self._connected.add(endpoint)
+            _connect(self.sock, where)
+            self._connected.add(text)
             if watch and self._watch is not None:
-                self._watch.add(endpoint)
+                self._watch.add(text)
 
     def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:
         """Watched endpoints that have not completed a handshake within *older_than*
@@ -237,7 +234,7 @@ class _Node:
         *on_ready* is called (from another thread) once the announcement is
         registered, i.e. peers can find this node.
         """
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        port = self.bound[0].port
         found = discovery.Discovery(self.interface)
         # the id is random (32 bits) and new for each process: no conflict to probe for,
         # so a starting subscriber is found at once, not after about a second
@@ -362,16 +359,21 @@ class Publisher(_Node):
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
         self._seq: dict[str, int] = {}
         self._envelope_ids = 0
-        self.subscribers = self.linked  # ids whose beacon arrived
+        self.subscribers = self.linked  # ids whose beacon arrived (at most MAX_PEERS)
+        self.linked.on_evict = self._forget_subscribers
         # called with a subscriber's id once its subscriptions have arrived
         self.on_subscriber: Callable[[str], None] | None = None
         # called with a departed subscriber's record once it is reported gone
         self.on_gone: Callable[[Departure], None] | None = None
-        self._joined: dict[str, dict[str, int]] = {}  # subid -> next sequences when it joined
-        self._acks: dict[str, int] = {}  # subid -> events it confirmed lost
-        self._left: set[str] = set()  # subscribers that said goodbye
+        # subid -> next sequences when it joined (entries go with the subscriber)
+        self._joined: dict[str, dict[str, int]] = {}
+        self.joined = 0  # subscribers that joined at some point
+        self._acks: BoundedMap[str, int] = BoundedMap(MAX_PEERS)  # subid -> it confirmed lost
+        self._left: BoundedSet[str] = BoundedSet(MAX_PEERS)  # subscribers that said goodbye
         self._dropped: dict[str, tuple[float, int]] = {}  # subid -> (when, total_sent then)
-        self.gone: list[Departure] = []  # subscribers reported gone
+        # subscribers reported gone: the last MAX_PEERS of them, and how many in all
+        self.gone: collections.deque[Departure] = collections.deque(maxlen=MAX_PEERS)
+        self.gone_count = 0
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         sock.setsockopt(zmq.XPUB_WELCOME_MSG, codec.WELCOME_PREFIX + self.id.encode())
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -435,10 +437,11 @@ class Publisher(_Node):
                 if text not in self.subscribers and text not in self._left:
                     self.subscribers.add(text)
                     self._joined[text] = dict(self._seq)
+                    self.joined += 1
                     if self.on_subscriber is not None:
                         self.on_subscriber(text)
             elif text in self._left:
-                self.subscribers.discard(text)
+                self._forget(text)
             elif text in self.subscribers:
                 self._dropped.setdefault(text, (time.monotonic(), self.total_sent))
         elif subscribe and tag == codec.BYE_PREFIX:
@@ -455,13 +458,30 @@ class Publisher(_Node):
         for subid, (since, sent) in list(self._dropped.items()):
             if now - since < grace:
                 continue
-            del self._dropped[subid]
-            self.subscribers.discard(subid)
             joined = sum(self._joined.get(subid, {}).values()) - len(self._joined.get(subid, {}))
+            self._forget(subid)
             departure = Departure(subid, now - since, sent - joined, self.total_sent - sent)
             self.gone.append(departure)
+            self.gone_count += 1
             if self.on_gone is not None:
                 self.on_gone(departure)
+
+    def _forget(self, subid: str) -> None:
+        """*subid* is no longer a subscriber (it left, or is reported gone)."""
+        self.subscribers.discard(subid)
+        self._forget_subscribers({subid: None})
+
+    def _forget_subscribers(self, subids: dict[str, None]) -> None:
+        """What is kept about each of *subids* (evicted, or gone) goes with it (but
+        the loss it confirmed, reported at the end)."""
+        for subid in subids:
+            self._dropped.pop(subid, None)
+            self._joined.pop(subid, None)
+
+    @property
+    def evicted(self) -> int:
+        """Subscriber ids forgotten to stay within :data:`MAX_PEERS` (a peer inventing ids)."""
+        return self.subscribers.evicted + self._left.evicted + self._acks.evicted
 
     def wait_for(
         self, ids: Iterable[str], count: int, timeout: float, at_least: float = 0.0
@@ -477,7 +497,7 @@ class Publisher(_Node):
         deadline = start + timeout
         while True:
             self.service()
-            missing = wanted - self.subscribers
+            missing = wanted - self.subscribers.keys()
             if (
                 not missing
                 and len(self.subscribers) >= count
@@ -510,7 +530,7 @@ class Publisher(_Node):
     @property
     def ever_joined(self) -> int:
         """How many subscribers joined at some point (0: every event reached nobody)."""
-        return len(self._joined)
+        return self.joined
 
     @property
     def total_sent(self) -> int:
@@ -544,12 +564,12 @@ class Publisher(_Node):
         any more and reports exactly what it lost.
         """
         deadline = time.monotonic() + linger
-        pending = set(self.subscribers) - self._left
+        pending = self.subscribers.keys() - self._left.keys()
         resend = 0.0
         while True:
             self.service()
-            pending -= self._left | self._acks.keys()
-            pending &= self.subscribers | self._dropped.keys()
+            pending -= self._left.keys() | self._acks.keys()
+            pending &= self.subscribers.keys() | self._dropped.keys()
             now = time.monotonic()
             if pending and now >= resend:  # (sent at least once, even with no linger)
                 for subid in pending - self._dropped.keys():
@@ -596,10 +616,14 @@ class Subscriber(_Node):
         self.on_unreachable = on_unreachable
         self.malformed = 0
         self.publishers = self.linked  # pubids whose welcome arrived
-        self._next: dict[tuple[str, str], int] = {}
-        self._first: dict[tuple[str, str], int] = {}  # first sequence seen per key
-        self._lost: dict[str, int] = {}  # pubid -> events lost in gaps so far
-        self._ended: dict[str, int] = {}  # pubid -> events lost, once its end of stream came
+        # (pubid, topic) -> [next sequence, first sequence seen (0: unknown)]
+        self._streams: BoundedMap[tuple[str, str], list[int]] = BoundedMap(MAX_STREAMS)
+        self._lost: BoundedMap[str, int] = BoundedMap(MAX_PEERS)  # pubid -> lost in gaps so far
+        # pubid -> events lost, once its end of stream came
+        self._ended: BoundedMap[str, int] = BoundedMap(MAX_PEERS)
+        # events an end of stream said were sent whose fate is unknown here: their
+        # stream was forgotten (more than MAX_STREAMS), so neither delivered nor lost
+        self.unaccounted = 0
         # the queue is bounded in bytes too: a batch of many small events is up to
         # codec.MAX_BATCH_BYTES, so --hwm batches of any size cannot take gigabytes
         sock.setsockopt(zmq.RCVHWM, min(hwm, _RECV_HWM_CAP))
@@ -643,7 +667,8 @@ class Subscriber(_Node):
         out: list[codec.Batch] = []
         recv = self.sock.recv_multipart
         matcher = self.matcher
-        nxt = self._next
+        streams = self._streams
+        recent = streams.recent.get  # (a hit here is all the per-batch lookup costs)
         events = 0
         for _ in range(max_messages):
             if events >= max_events:
@@ -654,7 +679,11 @@ class Subscriber(_Node):
                 break
             if frames[0][:1] == b"\x00":
                 if frames[0][:2] == codec.WELCOME_PREFIX:
-                    self.publishers.add(frames[0][2:].decode(errors="replace"))
+                    pubid = frames[0][2:].decode(errors="replace")
+                    if _PEER_ID.fullmatch(pubid):
+                        self.publishers.add(pubid)
+                    else:
+                        self.malformed += 1
                 elif frames[0][:2] == codec.BEACON_PREFIX:
                     self._end_of_stream(frames)
                 continue
@@ -667,24 +696,35 @@ class Subscriber(_Node):
                 continue
             events += batch.size
             key = (batch.pubid, batch.topic)
-            expected = nxt.get(key)
-            nxt[key] = batch.seq + batch.size
-            if batch.seq == expected:
+            stream = recent(key) or streams.get(key)
+            if stream is None:
+                # a new stream; after streams were forgotten it may be one of them
+                # coming back, whose first sequence is then unknown
+                streams[key] = [batch.seq + batch.size, 0 if streams.evicted else batch.seq]
                 out.append(batch)
-            elif expected is None:
-                self._first[key] = batch.seq
+                continue
+            expected = stream[0]
+            if batch.seq == expected:
+                stream[0] = expected + batch.size
                 out.append(batch)
             elif batch.seq > expected:
+                stream[0] = batch.seq + batch.size
                 self._lost[batch.pubid] = self._lost.get(batch.pubid, 0) + batch.seq - expected
                 if self.on_loss is not None:
                     self.on_loss(batch.source, batch.topic, batch.seq - expected)
                 out.append(batch)
             else:
-                nxt[key] = max(expected, batch.seq + batch.size)
+                stream[0] = max(expected, batch.seq + batch.size)
                 trimmed = _trim(batch, expected)
                 if trimmed is not None:
                     out.append(trimmed)
         return out
+
+    @property
+    def evicted(self) -> int:
+        """Publishers and streams forgotten to stay within :data:`MAX_PEERS` and
+        :data:`MAX_STREAMS` (a peer inventing ids, or a very wide stream)."""
+        return self._streams.evicted + self.publishers.evicted + self._lost.evicted
 
     def _end_of_stream(self, frames: list[bytes]) -> None:
         """A publisher's end of stream: report head and tail gaps, then acknowledge."""
@@ -693,25 +733,33 @@ class Subscriber(_Node):
         except ValueError:
             self.malformed += 1
             return
-        if pubid not in self._ended:
-            lost = self._lost.pop(pubid, 0)
-            for topic, (first, end) in due.items():
-                if not self.matcher(topic):
-                    continue
-                key = (pubid, topic)
-                got = self._next.get(key)
-                if got is None:
-                    missing = end - first  # not one of them arrived
-                else:
-                    missing = max(0, self._first.get(key, first) - first) + max(0, end - got)
-                if missing > 0:
-                    lost += missing
-                    if self.on_loss is not None:
-                        self.on_loss(source, topic, missing)
-            if len(self._ended) >= 4096:
-                self._ended.pop(next(iter(self._ended)))
-            self._ended[pubid] = lost
-        self._acknowledge(pubid, self._ended[pubid])
+        ended = self._ended.get(pubid)
+        if ended is None:
+            ended = self._ended[pubid] = self._gaps(pubid, source, due)
+        self._acknowledge(pubid, ended)
+
+    def _gaps(self, pubid: str, source: str, due: dict[str, tuple[int, int]]) -> int:
+        """Events of *pubid* lost here, given what its end of stream says was sent."""
+        lost = self._lost.pop(pubid, 0)
+        streams = self._streams
+        for topic, (first, end) in due.items():
+            if not self.matcher(topic):
+                continue
+            stream = streams.get((pubid, topic))
+            if stream is None and streams.evicted:
+                self.unaccounted += end - first  # forgotten, or never arrived: unknown
+                continue
+            if stream is None:
+                missing = end - first  # not one of them arrived
+            else:
+                got, seen = stream
+                head = max(0, seen - first) if seen else 0  # (0: first one unknown)
+                missing = head + max(0, end - got)
+            if missing > 0:
+                lost += missing
+                if self.on_loss is not None:
+                    self.on_loss(source, topic, missing)
+        return lost
 
     def _acknowledge(self, pubid: str, lost: int) -> None:
         """Tell publisher *pubid* how many of its events were lost here."""

@@ -9,9 +9,13 @@ answers this way and every client asks this way, so the rules live here once:
   JSON, a known ``op``, a ``rid`` safe to echo), hands it to the handler of
   its ``op``, and answers every request -- malformed, refused or failed --
   with exactly one reply; nothing a client sends ends the daemon;
-- the client (:class:`Client`) tags each request with a fresh ``rid``, waits
-  at most a timeout, ignores stale or garbled replies, and fails over to the
-  next endpoint it knows when one stops answering.
+- the server answers REQ and DEALER clients alike: each reply goes back
+  with the envelope its request came with (:func:`split_envelope`);
+- the client (:class:`Client`) finds its server (given, else cached with a
+  TCP probe, else mDNS, and remembers what answered: the registry, bus and
+  coordinator clients only say where to look), tags each request with a
+  fresh ``rid``, waits at most a timeout, ignores stale or garbled replies,
+  and fails over to the next endpoint it knows when one stops answering.
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import zmq
 
+from . import cache, sockets
 from .daemon import Daemon, received
+from .endpoint import Endpoint
 from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
 from .sockets import new_socket
 
 MAX_MESSAGE = 65536  # bytes in one request; a bigger one drops its connection
 MAX_RID = 2**63 - 1
 MAX_RID_TEXT = 64
+MAX_ANNOUNCED = 8  # servers found by mDNS that one request tries
+MAX_HOPS = 16  # routing frames before a REQ's empty delimiter (one per proxy on the way)
 
 
 class RemoteError(EdaError):
@@ -129,6 +137,33 @@ def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- server side ---------------------------------------------------------------------------
+Envelope = tuple[bytes, ...]  # the frames a reply goes back with (see split_envelope)
+
+
+def split_envelope(
+    frames: list[bytes], kinds: Collection[bytes] = ()
+) -> tuple[list[bytes], list[bytes]]:
+    """(envelope, body) of a message a ROUTER socket received.
+
+    The envelope is what the reply must start with, as in the zguide's
+    servers: the sender's routing id and, from a REQ socket (directly, or
+    through proxies that each add a routing id), every frame up to and
+    including the empty delimiter.  A DEALER sends no delimiter: its envelope
+    is its routing id alone.  So REQ and DEALER clients are answered alike.
+    The delimiter is looked for among the first :data:`MAX_HOPS` frames, and
+    never past a frame in *kinds* (those a protocol's messages start with),
+    so that an empty frame inside a body is never taken for one; the last
+    frame is always body (a DEALER's one empty request is answered as malformed).
+    """
+    for i in range(1, min(len(frames) - 1, MAX_HOPS + 1)):  # a delimiter has a body after it
+        frame = frames[i]
+        if frame == b"":
+            return frames[: i + 1], frames[i + 1 :]
+        if frame in kinds:
+            break
+    return frames[:1], frames[1:]
+
+
 Handler = Callable[[Any], Mapping[str, Any]]
 
 
@@ -163,17 +198,18 @@ class Service:
         """Answer the requests waiting (a bounded batch)."""
         for frames in received(self.sock):
             self.requests += 1
-            reply = self.answer(frames[1:])
+            envelope, body = split_envelope(frames)
+            reply = self.answer(body)
             try:
                 data = encode(reply)
             except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
                 self.daemon.limited("reply", f"cannot encode a reply: {exc}")
                 data = encode(error_reply(None, EdaError("request failed")))
             with contextlib.suppress(zmq.ZMQError):  # the client is gone or not reading
-                self.sock.send_multipart([frames[0], data], zmq.NOBLOCK)
+                self.sock.send_multipart([*envelope, data], zmq.NOBLOCK)
 
     def answer(self, body: list[bytes]) -> dict[str, Any]:
-        """The reply to one request (the frames after the ROUTER's identity)."""
+        """The reply to one request (the frames after the envelope)."""
         rid = None
         try:
             msg = parse_request(body, self.handlers)
@@ -196,8 +232,33 @@ class Service:
 
 
 # -- client side ---------------------------------------------------------------------------
+def client_endpoint(value: Endpoint | str, what: str = "server") -> Endpoint:
+    """*value* as an endpoint to connect to, or :class:`UsageError` naming *what* it is for.
+
+    Text must be ``tcp://HOST:PORT`` (``tcp://[V6]:PORT``): the scheme tells an
+    endpoint from a topic after ``--bus``; a wildcard host or port 0 is for
+    binding only.
+    """
+    if isinstance(value, Endpoint):
+        endpoint: Endpoint | None = value
+        shown = value.zmq
+    else:
+        endpoint = Endpoint.from_peer(value) if value.startswith("tcp://") else None
+        shown = value[:80] + ("..." if len(value) > 80 else "")
+    if endpoint is None or endpoint.port == 0 or endpoint.host == "*":
+        raise UsageError(f"bad {what} endpoint {shown!r}: use tcp://HOST:PORT (tcp://[V6]:PORT)")
+    return endpoint
+
+
 def check_endpoint(endpoint: str, what: str = "server") -> str:
-    """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`."""
+    """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`.
+
+    The loose text check callers outside the clients still use (the 2PC
+    directory's explicit peers, eda-lb's and the registry's peer lists):
+    a test pins that a malformed host there reaches ZeroMQ and is refused by
+    it.  Clients take :func:`client_endpoint`; these callers move to it with
+    their owners.
+    """
     host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
     if (
         not endpoint.startswith("tcp://")
@@ -212,71 +273,156 @@ def check_endpoint(endpoint: str, what: str = "server") -> str:
     return endpoint
 
 
-def tcp_reachable(endpoint: str, timeout: float = 0.2) -> bool:
+def tcp_reachable(endpoint: Endpoint | str, timeout: float = 0.2) -> bool:
     """Whether *endpoint* accepts a TCP connection: a dead cached or announced
     endpoint then costs a refused connect, not a whole request timeout."""
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.from_peer(endpoint)
+    if where is None:
+        return False
     try:
-        socket.create_connection((host, int(port)), timeout).close()
+        socket.create_connection(where.sockaddr, timeout).close()
     except (OSError, ValueError):
         return False
     return True
 
 
 class Client:
-    """Requests to one of several servers, moving on when one stops answering.
+    """Requests to a server, found where its kind of server is, failing over as needed.
 
-    Subclasses say where servers are by overriding :meth:`candidates` (tried
-    lazily, in order, so an expensive source such as mDNS is asked only
-    when the cheap ones failed), and may override :meth:`answered` (e.g. to
-    cache the endpoint that answered), :meth:`connect`, :meth:`none_found`
-    and :meth:`none_answered`.  :attr:`what` names the server in messages.
+    Where servers are, in order (:meth:`candidates`, tried lazily, so that
+    mDNS is asked only when the cheap sources failed):
+
+    1. the endpoints given (``explicit``); with any given, nothing else is
+       tried but what the servers themselves named (:attr:`learned`);
+    2. else the endpoints that answered last time, under :attr:`cache_key` in
+       the discovery cache, each checked with one TCP connect first (a dead
+       entry costs a refused connect, not a request timeout);
+    3. else what :meth:`discover` finds (by default a one-shot mDNS query for
+       :attr:`service_type`), at most :data:`MAX_ANNOUNCED`, probed alike.
+
+    What answered is remembered under :attr:`cache_key`.  When the server in
+    use stops answering, the next request looks again (the cache, then
+    mDNS) before giving up, unless :attr:`failover` is off (a request that
+    must not be sent twice).  Subclasses say only where to look (the class
+    attributes, or :meth:`discover`) and what to say when nothing answers
+    (:meth:`none_found`, :meth:`none_answered`).  :attr:`request_frames` and
+    :attr:`reply_frames` are the frames a protocol puts before the JSON
+    object (eda-bus's kind frame).
     """
 
     what = "server"
+    cache_key: str | None = None  # where the endpoints that answered are remembered
+    service_type: str | None = None  # the mDNS service type servers announce
+    failover = True  # after a timeout, try the next server (the request is idempotent)
+    request_frames: tuple[bytes, ...] = ()
+    reply_frames: tuple[bytes, ...] = ()
 
     def __init__(
         self,
-        endpoints: list[str] | tuple[str, ...] = (),
+        endpoints: Sequence[Endpoint | str] = (),
         *,
         timeout: float = 1.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         max_reply: int | None = None,
+        use_mdns: bool = True,
+        interface: str | None = None,
+        discover_timeout: float = 0.15,
     ) -> None:
-        self.explicit = [check_endpoint(e, self.what) for e in endpoints]
+        self.explicit = [client_endpoint(e, self.what) for e in endpoints]
         self.timeout = timeout
         self.max_reply = max_reply
-        self.current: str | None = None
+        self.use_mdns = use_mdns
+        self.interface = interface
+        self.discover_timeout = discover_timeout
+        self.learned: list[Endpoint] = []  # servers named by servers that answered
+        # endpoints from the cache or discovery that refused a TCP connect: a server
+        # that is down, which must not pass for one that has nothing
+        self.unreachable: list[Endpoint] = []
+        self.current: Endpoint | None = None
         self._zctx = context
         self._sock: zmq.Socket[bytes] | None = None
         self._rids = itertools.count(1)
 
-    # -- hooks ---------------------------------------------------------------------------
-    def candidates(self, tried: set[str]) -> Iterator[str]:
-        """Endpoints to try next, lazily; by default the explicit ones."""
+    # -- where servers are ---------------------------------------------------------------
+    def candidates(self, tried: set[Endpoint]) -> Iterator[Endpoint]:
+        """Endpoints to try next, lazily, in the order of the class docstring."""
         yield from (e for e in self.explicit if e not in tried)
+        yield from (e for e in self.learned if e not in tried)
+        if self.explicit:
+            return
+        for endpoint in self.remembered():
+            if endpoint not in tried and self.reachable(endpoint):
+                yield endpoint
+        # anyone can announce a server: one that does not even accept a TCP
+        # connection costs a refused connect (or 0.2 s), not a request timeout,
+        # and at most MAX_ANNOUNCED of them are tried
+        announced = [e for e in self.discover() if e not in tried]
+        for endpoint in announced[:MAX_ANNOUNCED]:
+            if self.reachable(endpoint):
+                yield endpoint
 
+    def remembered(self) -> list[Endpoint]:
+        """The endpoints that answered last time (well-formed ones only)."""
+        if self.cache_key is None:
+            return []
+        found = (Endpoint.from_peer(e) for e in cache.cached(self.cache_key))
+        return [e for e in found if e is not None]
+
+    def discover(self) -> list[Endpoint]:
+        """Servers announced now: a one-shot mDNS query for :attr:`service_type`."""
+        if not self.use_mdns or self.service_type is None:
+            return []
+        from .discovery import find_once
+
+        peers = find_once(self.service_type, interface=self.interface,
+                          timeout=self.discover_timeout)  # fmt: skip
+        found = (Endpoint.from_peer(p.endpoint) for p in peers)
+        return [e for e in found if e is not None]
+
+    def reachable(self, endpoint: Endpoint) -> bool:
+        """Whether *endpoint* accepts a TCP connection (else noted in :attr:`unreachable`)."""
+        if tcp_reachable(endpoint):
+            return True
+        if endpoint not in self.unreachable:
+            self.unreachable.append(endpoint)
+        return False
+
+    def find(self) -> Endpoint:
+        """The server to use, without a request: the first candidate (remembered when
+        it was looked up); :meth:`none_found` when there is none."""
+        endpoint = next(self.candidates(set()), None)
+        if endpoint is None:
+            raise self.none_found()
+        if not self.explicit and self.cache_key is not None:
+            cache.remember(self.cache_key, [endpoint.zmq])
+        return endpoint
+
+    # -- hooks ---------------------------------------------------------------------------
     def answered(self) -> None:
-        """Called after :attr:`current` answered a request."""
+        """Called after :attr:`current` answered a request: remember it (first) and the
+        servers it named, unless the endpoints were given."""
+        if not self.explicit and self.cache_key is not None and self.current is not None:
+            known = [self.current, *[e for e in self.learned if e != self.current]]
+            cache.remember(self.cache_key, [e.zmq for e in known])
 
     def none_found(self) -> EdaError:
         return NoServer(f"no {self.what} found; give its endpoint")
 
-    def none_answered(self, tried: set[str]) -> EdaError:
-        return Unavailable(f"no {self.what} answered (tried {', '.join(sorted(tried))})")
+    def none_answered(self, tried: set[Endpoint]) -> EdaError:
+        return Unavailable(f"no {self.what} answered (tried {listed(tried)})")
 
     # -- connection ----------------------------------------------------------------------
-    def connect(self, endpoint: str) -> None:
+    def connect(self, endpoint: Endpoint) -> None:
         """Talk to *endpoint* from now on (a fresh socket: no stale replies)."""
         self.disconnect()
         if self._zctx is None:
             self._zctx = zmq.Context.instance()
         sock = new_socket(zmq.DEALER, context=self._zctx, max_message=self.max_reply)
         try:
-            sock.connect(endpoint)
+            sockets.connect(sock, endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise UsageError(f"bad {self.what} endpoint {endpoint!r}: {exc}") from None
+            raise UsageError(f"bad {self.what} endpoint {endpoint.zmq!r}: {exc}") from None
         self._sock, self.current = sock, endpoint
 
     def disconnect(self) -> None:
@@ -296,8 +442,8 @@ class Client:
         refusal raises (:func:`raise_for`); when no endpoint answers,
         :meth:`none_answered` (or :meth:`none_found` if none was known).
         """
-        tried: set[str] = set()
-        candidates: Iterator[str] | None = None
+        tried: set[Endpoint] = set()
+        candidates: Iterator[Endpoint] | None = None
         while True:
             if self._sock is None:
                 if candidates is None:
@@ -313,6 +459,8 @@ class Client:
                 return raise_for(reply)
             tried.add(self.current)
             self.disconnect()
+            if not self.failover:
+                raise self.none_answered(tried)
 
     def roundtrip(self, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """The reply to *msg* from the current endpoint, or None after *timeout*.
@@ -321,15 +469,27 @@ class Client:
         """
         assert self._sock is not None
         rid = next(self._rids)
-        self._sock.send(encode({**msg, "rid": rid}))
+        self._sock.send_multipart([*self.request_frames, encode({**msg, "rid": rid})])
+        head = len(self.reply_frames)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 return None
+            frames = self._sock.recv_multipart()
+            if len(frames) != head + 1 or tuple(frames[:head]) != self.reply_frames:
+                continue  # not a reply (a bus's other messages), or garbled
             try:
-                reply = decode(self._sock.recv())
+                reply = decode(frames[head])
             except ProtocolError:
                 continue
             if reply.get("rid") == rid:
                 return reply
+
+
+def listed(endpoints: Iterable[Endpoint], limit: int = 0) -> str:
+    """*endpoints* as ``tcp://`` text, sorted and comma-separated (the first *limit*)."""
+    texts = sorted(e.zmq for e in endpoints)
+    if limit and len(texts) > limit:
+        return ", ".join(texts[:limit]) + ", ..."
+    return ", ".join(texts)

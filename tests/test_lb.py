@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ import zmq
 from eda.core.errors import UsageError
 from eda.core.lb import protocol as p
 from eda.core.lb.broker import Broker, Settings
-from eda.core.lb.caller import MAX_CONNS, Caller, Summary
+from eda.core.lb.caller import Caller, Summary
+from eda.core.lb.callpool import MAX_CONNS
 from eda.core.lb.worker import DEPTH, MAX_BROKERS, Worker
 from tests.helpers import Proc, Procs, wait_until
 
@@ -92,6 +93,44 @@ def call(
     finally:
         caller.close()
     return b"".join(out), failed, summary, caller
+
+
+@contextlib.contextmanager
+def fake_instance(
+    answer: Callable[[p.Message], list[list[bytes]]], host: str = "127.0.0.1", delay: float = 0.0
+) -> Iterator[str]:
+    """A raw ROUTER on *host* that answers pings, and each request with the messages
+    *answer* makes of it (*delay* seconds later), in a thread; its endpoint."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.IPV6, 1)
+    endpoint = f"tcp://{host}:{router.bind_to_random_port(f'tcp://{host}')}"
+    stop = threading.Event()
+
+    def serve() -> None:
+        due: list[tuple[float, list[bytes]]] = []
+        while not stop.is_set():
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                router.send_multipart(item[1])
+            if not router.poll(10):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = p.parse(frames)
+            if msg.kind == p.PING:
+                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
+            elif msg.kind == p.REQUEST:
+                for reply in answer(msg):
+                    due.append((time.monotonic() + delay, [ident, *reply]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield endpoint
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close()
 
 
 def idle(*served: Served) -> None:
@@ -584,70 +623,34 @@ def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
 def test_an_oversize_or_garbage_reply_costs_the_caller_nothing(serve: Any) -> None:
     """An instance answering far over the size limit loses its connection (ZeroMQ's
     MAXMSGSIZE); one answering garbage is dropped; the requests go elsewhere."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     good = serve(persistent("good"), persistent=True)
-    stop = threading.Event()
     huge = b"x" * (3 << 20)
 
-    def hostile() -> None:
-        while not stop.is_set():
-            if not router.poll(10):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, huge)])
-                router.send_multipart([ident, p.TAG, p.REPLY, msg.rid, b"ok"])
+    def hostile(msg: p.Message) -> list[list[bytes]]:
+        return [p.reply(msg.rid, p.OK, huge), [p.TAG, p.REPLY, msg.rid, b"ok"]]
 
-    thread = threading.Thread(target=hostile, daemon=True)
-    thread.start()
-    try:
+    with fake_instance(hostile) as endpoint:
         out, failed, summary, _ = call(
-            [f"tcp://127.0.0.1:{port}", good.endpoint], [b"%d" % i for i in range(10)],
+            [endpoint, good.endpoint], [b"%d" % i for i in range(10)],
             all_live=True, slow_start=0, timeout=2, max_request=1 << 20,
         )  # fmt: skip
-    finally:
-        stop.set()
-        thread.join(5)
-        router.close()
     assert out.decode().split("\n")[:-1] == [f"good {i}" for i in range(10)] and not failed
     assert summary.retried + summary.dropped_instances > 0
 
 
 def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
     """Garbage, replies to requests never made and duplicates: counted, ignored."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
 
-    def hostile() -> None:
-        while not stop.is_set():
-            if not router.poll(50):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                for junk in ([b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"]):
-                    router.send_multipart([ident, *junk])
-                router.send_multipart([ident, *p.reply(b"never-asked.1", p.OK, b"forged")])
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"got " + msg.body)])
-                router.send_multipart([ident, *p.reply(msg.rid, p.OK, b"again " + msg.body)])
+    def hostile(msg: p.Message) -> list[list[bytes]]:
+        return [
+            [b"junk"], [p.TAG, p.REPLY, b"\x00", p.OK, b"x"], [p.TAG, b"Z"],
+            p.reply(b"never-asked.1", p.OK, b"forged"),
+            p.reply(msg.rid, p.OK, b"got " + msg.body),
+            p.reply(msg.rid, p.OK, b"again " + msg.body),
+        ]  # fmt: skip
 
-    thread = threading.Thread(target=hostile, daemon=True)
-    thread.start()
-    try:
-        out, failed, summary, caller = call([f"tcp://127.0.0.1:{port}"], [b"a", b"b", b"c"])
-    finally:
-        stop.set()
-        thread.join(5)
-        router.close()
+    with fake_instance(hostile) as endpoint:
+        out, failed, summary, caller = call([endpoint], [b"a", b"b", b"c"])
     assert out == b"got a\ngot b\ngot c\n" and not failed
     # forged and duplicate replies; the caller may end before the duplicate of the last
     # request arrives, so 3 forged and 2 duplicates are sure to be read: 5
@@ -657,57 +660,18 @@ def test_a_hostile_instance_cannot_answer_twice_or_break_the_caller() -> None:
 def test_an_instance_cannot_answer_a_request_sent_to_another() -> None:
     """A hostile instance that answers with rids it guessed (the caller's prefix and
     counter): only the instance a request went to (or timed out at) may answer it."""
-    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    slow: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    slow.setsockopt(zmq.LINGER, 0)
-    slow_port = slow.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
 
-    def serve_slow() -> None:  # an honest instance that answers after 0.3 s
-        due: list[tuple[float, list[bytes]]] = []
-        while not stop.is_set():
-            for item in [d for d in due if d[0] <= time.monotonic()]:
-                due.remove(item)
-                slow.send_multipart(item[1])
-            if not slow.poll(10):
-                continue
-            ident, *frames = slow.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                slow.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                answer = [ident, *p.reply(msg.rid, p.OK, b"honest " + msg.body)]
-                due.append((time.monotonic() + 0.3, answer))
+    def honest(msg: p.Message) -> list[list[bytes]]:  # answered after 0.3 s
+        return [p.reply(msg.rid, p.OK, b"honest " + msg.body)]
 
-    def hostile() -> None:  # answers its own request, and every rid it can guess
-        while not stop.is_set():
-            if not router.poll(10):
-                continue
-            ident, *frames = router.recv_multipart()
-            msg = p.parse(frames)
-            if msg.kind == p.PING:
-                router.send_multipart([ident, *p.pong(msg.seq, 0, 1, 0)])
-            elif msg.kind == p.REQUEST:
-                prefix = msg.rid.rsplit(b".", 1)[0]
-                for n in range(6):
-                    router.send_multipart([ident, *p.reply(b"%s.%d" % (prefix, n), p.OK, b"X")])
+    def hostile(msg: p.Message) -> list[list[bytes]]:  # its own request, and every rid guessed
+        prefix = msg.rid.rsplit(b".", 1)[0]
+        return [p.reply(b"%s.%d" % (prefix, n), p.OK, b"X") for n in range(6)]
 
-    threads = [threading.Thread(target=t, daemon=True) for t in (serve_slow, hostile)]
-    for thread in threads:
-        thread.start()
-    try:
+    with fake_instance(hostile) as forger, fake_instance(honest, delay=0.3) as slow:
         out, failed, _, caller = call(
-            [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{slow_port}"],
-            [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6,
-        )  # fmt: skip
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(5)
-        router.close()
-        slow.close()
+            [forger, slow], [b"%d" % i for i in range(6)], all_live=True, slow_start=0, window=6
+        )
     lines = out.decode().splitlines()
     assert not failed and len(lines) == 6
     honest = [line for line in lines if line.startswith("honest")]
@@ -756,14 +720,14 @@ def test_a_flood_of_announced_fake_instances_costs_bounded_sockets_and_no_hang(
     most = 0
 
     def watch(caller: Caller) -> None:
-        opened = caller._open
+        opened = caller.pool._open
 
         def counting(conn: Any) -> None:
             nonlocal most
             opened(conn)
             most = max(most, len(caller.conns))
 
-        caller._open = counting  # type: ignore[method-assign]
+        caller.pool._open = counting  # type: ignore[method-assign]
 
     started = time.monotonic()
     try:
@@ -1257,3 +1221,46 @@ def test_an_instance_that_comes_up_just_after_the_caller_is_used(serve: Any) -> 
 
     out, failed, summary, _ = call([endpoint], [b"a", b"b"], heartbeat=0.3, setup=late)
     assert out == b"late a\nlate b\n" and not failed and not summary.no_instance
+
+
+def test_caller_worker_and_broker_report_the_same_percentiles_for_the_same_samples() -> None:
+    """One percentile definition (nearest rank, core/measure.py) in every figure of
+    ``eda-lb stats`` and of a caller's summary: the same samples, the same p50/p99."""
+    import random
+
+    from eda.core.lb.balancer import Backend
+    from eda.core.lb.brokerworkers import Worker as Entry
+
+    samples = [n / 1000 for n in range(1, 101)]  # 1 ms .. 100 ms
+    random.Random(7).shuffle(samples)
+    caller = Caller(out=lambda _b: None, failed=lambda *f: None)
+    worker = Worker("svc", ["cat"])
+    broker = Broker(Settings(service="svc"))
+    try:
+        caller.latencies.extend(samples)
+        worker.latencies.extend(samples)
+        entry = Entry(b"w", "w-1", 1, 1, Backend("w-1", 1), 0.0, 1.0)
+        entry.latencies.extend(samples)
+        broker.workers[b"w"] = entry
+        from_caller = {"p50": caller.percentile(0.5), "p99": caller.percentile(0.99)}
+        from_worker = worker.figures()["latency_ms"]
+        [from_broker] = [i["latency_ms"] for i in broker.stats()["instances"]]
+        for figures in (from_caller, from_worker, from_broker):
+            assert (figures["p50"], figures["p99"]) == (50.0, 99.0), figures
+        assert from_worker == from_broker  # p90 and max too
+    finally:
+        caller.close()
+        worker.close()
+        broker.close()
+
+
+def test_a_caller_reaches_an_instance_on_ipv6() -> None:
+    """An IPv6 endpoint connected without ZeroMQ's IPV6 option accepts the connect and
+    never delivers: the caller's sockets connect through core/sockets.connect."""
+
+    def upper(msg: p.Message) -> list[list[bytes]]:
+        return [p.reply(msg.rid, p.OK, msg.body.upper())]
+
+    with fake_instance(upper, host="[::1]") as endpoint:
+        out, failed, summary, _ = call([endpoint], [b"hi", b"there"], timeout=5.0)
+    assert (out, failed, summary.ok) == (b"HI\nTHERE\n", [], 2)

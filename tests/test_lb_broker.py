@@ -907,7 +907,7 @@ def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Proc
 def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
     """1100 instances that are not there and one that answers: asked 256 at a time
     (each costs a socket): one answer, the others 'no answer', no crash."""
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
 
     worker = BrokerThread()
     try:
@@ -922,23 +922,24 @@ def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
 
 
 def test_the_stats_table_shows_peer_strings_escaped() -> None:
-    from rich.console import Console
-
     from eda.cli import lb
+    from eda.cli.common import Context
+    from eda.cli.output import Environment, Output
 
     rows = lb._stats_rows(
         "upper", "b1", {"instances": [{"id": "\x1b]0;pwned\x07w", "state": "\x1b[2Jhealthy"}]},
         broker=True,
     )  # fmt: skip
-    console = Console(record=True, width=200, force_terminal=False)
-    lb._stats_table(rows, console)
-    text = console.export_text()
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=200, colour=False)
+    Output(Context("eda-lb", False), env=env).table(rows, lb._stats_table)
+    text = screen.decode()
     assert "\x1b" not in text and "\\x1b]0;pwned" in text
 
 
 def test_stats_answers_from_hostile_instances_become_errors_or_blank_figures() -> None:
     from eda.cli import lb
-    from eda.core.lb.broker import ask_stats
+    from eda.core.lb.stats import ask_stats
 
     answers = {
         "garbage": [TAG, b"T", b"not json"],

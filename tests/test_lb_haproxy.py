@@ -384,6 +384,29 @@ def test_haproxy_does_not_outlive_a_killed_owner(procs: Procs, tmp_path: Path) -
     wait_until(lambda: not _running(pid), 5, "haproxy to end with its owner")
 
 
+def test_haproxy_is_started_without_python_code_between_fork_and_exec(
+    engines: list[HaproxyEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eda-lb runs threads (the registry feed) when it starts HAProxy: a preexec_fn would
+    run Python in a fork of a threaded process, where a lock another thread held is never
+    released; the parent-death signal is set by setpriv instead (the test above)."""
+    import subprocess
+
+    started: list[dict[str, Any]] = []
+    popen = subprocess.Popen
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        started.append(kw)
+        return popen(*args, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    eng = HaproxyEngine("127.0.0.1", free_port(), "random")
+    engines.append(eng)
+    eng.start([])
+    assert eng.alive() and started
+    assert all(kw.get("preexec_fn") is None for kw in started), started
+
+
 def _running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eda.core.endpoint import Endpoint
 from eda.core.errors import UsageError
 from eda.core.lb.selfloop import reaches
 from eda.core.lb.tcp import Backend, DataPlane, Settings, TcpProxy, instances_of, parse_listen
@@ -114,7 +115,7 @@ class Running:
     """A TcpProxy (one data plane in a thread) running in a thread of the test."""
 
     def __init__(self, settings: Settings, host: str = "127.0.0.1") -> None:
-        self.proxy = TcpProxy(host, 0, settings)
+        self.proxy = TcpProxy(Endpoint(host, 0), settings)
         self.proxy.start()
         self.address = ("127.0.0.1", self.proxy.address[1]) if host == "::" else self.proxy.address
         self.thread = threading.Thread(target=self.proxy.run, daemon=True)
@@ -223,14 +224,14 @@ def test_random_uses_every_instance(proxy: Any, servers: list[Server]) -> None:
 
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(UsageError):
-        TcpProxy("127.0.0.1", 0, Settings(strategy="fastest"))
+        TcpProxy(Endpoint("127.0.0.1", 0), Settings(strategy="fastest"))
 
 
 @given(st.text(max_size=40))
 @settings(max_examples=300, deadline=None)
 def test_any_listen_text_parses_or_is_one_usage_error(text: str) -> None:
     try:
-        host, port = parse_listen(text)
+        host, port = parse_listen(text).sockaddr
     except UsageError as exc:
         assert "bad listen address" in str(exc)
         return
@@ -238,10 +239,10 @@ def test_any_listen_text_parses_or_is_one_usage_error(text: str) -> None:
 
 
 def test_listen_addresses() -> None:
-    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
-    assert parse_listen(":80") == ("0.0.0.0", 80)
-    assert parse_listen("[::1]:8080") == ("::1", 8080)
-    assert parse_listen("localhost:80") == ("localhost", 80)
+    assert parse_listen("127.0.0.1:8080") == Endpoint("127.0.0.1", 8080)
+    assert parse_listen(":80") == Endpoint("0.0.0.0", 80)
+    assert parse_listen("[::1]:8080") == Endpoint("::1", 8080)
+    assert parse_listen("localhost:80") == Endpoint("localhost", 80)
     for bad in ("8080", "host:", "host:99999", "host:x", "a b:80", "\x00:80", "h:\u0661"):
         with pytest.raises(UsageError):
             parse_listen(bad)
@@ -279,6 +280,30 @@ def test_a_new_instance_that_refuses_is_dropped_at_its_first_check(
     )
     wait_until(lambda: [x.id for x in running.proxy.health.up()] == ["a"], TIMEOUT, "dead dropped")
     assert running.proxy.health.checks["dead"].failed < 1000  # not by fall: by its first check
+
+
+def test_an_instance_that_failed_its_first_check_is_in_at_its_first_pass(
+    proxy: Any, servers: list[Server]
+) -> None:
+    """The one rise/fall rule (core/measure.py, as the registry's checks): until an
+    instance first passes, one result decides; rise and fall apply after that."""
+    servers.append(Server("a"))
+    with socket.socket() as probe:  # a port nothing listens on, for now
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    running = proxy(check_interval=0.05, rise=1000, fall=2)  # by rise alone: 50 s
+    health = running.proxy.health
+    running.proxy.set_candidates([servers[0].backend(), Backend("late", "127.0.0.1", port)])
+    wait_until(lambda: [x.id for x in health.up()] == ["a"], TIMEOUT, "late out at first")
+    late = Server("late", port)  # it starts listening a moment later
+    servers.append(late)
+    wait_until(lambda: [x.id for x in health.up()] == ["a", "late"], TIMEOUT, "late in")
+    assert health.checks["late"].ok < 1000  # not by rise: by its first pass
+    late.stop()
+    wait_until(lambda: [x.id for x in health.up()] == ["a"], TIMEOUT, "late down after fall")
+    servers.append(Server("late", port))
+    wait_until(lambda: health.checks["late"].ok >= 5, TIMEOUT, "late passing again")
+    assert [x.id for x in health.up()] == ["a"]  # now rise applies
 
 
 def test_a_failed_connect_is_retried_on_another_instance(proxy: Any, servers: list[Server]) -> None:
@@ -353,7 +378,7 @@ def test_an_instance_at_the_proxys_own_address_is_ignored(
     running.proxy.set_candidates([servers[0].backend(), Backend("me", host, port)])
     assert sum("own listen address" in w for w in warnings) == 1  # once, not per change
     assert all(who(ask(running.address)) == "a" for _ in range(20))  # never the loop
-    everywhere = TcpProxy("0.0.0.0", 0, Settings())
+    everywhere = TcpProxy(Endpoint("0.0.0.0", 0), Settings())
     everywhere.start()
     try:
         any_port = everywhere.address[1]
@@ -640,6 +665,57 @@ def test_cli_restarts_a_dead_data_plane_and_drains_on_sigterm(
     held.close()
     assert proc.wait(10) == 0
     assert "drained" in proc.stderr
+
+
+def test_data_planes_are_fresh_interpreters_never_forks_of_the_threaded_proxy(
+    procs: Procs, servers: list[Server]
+) -> None:
+    """A fork of a process running threads (the registry feed, zeroconf's) inherits
+    any lock one of them holds: data planes are started as new interpreters, at the
+    start and when one is replaced while the registry feed runs."""
+    servers.append(Server("a"))
+    endpoint = registry(procs)
+    register(procs, endpoint, servers[0])
+    proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
+                       "--no-mdns", "--workers", "2")  # fmt: skip
+    proc.wait_stderr(r"1 instance\(s\) up: a")
+    pid = proc.popen.pid
+    assert len(os.listdir(f"/proc/{pid}/task")) > 1  # the proxy runs threads now
+    planes = wait_until(lambda: len(children_of(pid)) == 2 and children_of(pid))
+    os.kill(int(planes[0].split(":")[0]), signal.SIGKILL)
+    proc.wait_stderr("starting another")
+    wait_until(lambda: len(set(children_of(pid)) - set(planes)) == 1, TIMEOUT)
+    now = children_of(pid)
+    assert len(now) == 2 and set(now) != set(planes)
+    for plane in now:
+        argv = Path(f"/proc/{plane.split(':')[0]}/cmdline").read_bytes().split(b"\0")
+        assert argv[0] == sys.executable.encode() and b"eda.core.lb.dataplane" in argv, argv
+    assert [who(ask(address)) for _ in range(10)] == ["a"] * 10
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+def test_a_data_plane_process_warns_through_the_proxy() -> None:
+    """A data-plane process's warnings come back to the proxy and are said by its warn."""
+    warned: list[str] = []
+    proxy = TcpProxy(Endpoint("127.0.0.1", 0), Settings(workers=1), warn=warned.append)
+    proxy.start()
+    proxy.set_candidates([])
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(proxy.dataplanes.pids) == 1, TIMEOUT, "a data plane")
+        with (  # nothing behind: reset at once
+            pytest.raises(ConnectionResetError),
+            socket.create_connection(proxy.address, timeout=TIMEOUT) as client,
+        ):
+            client.sendall(b"x")
+            read_all(client)
+        wait_until(lambda: "no instance is up: connection refused" in warned, TIMEOUT)
+    finally:
+        proxy.drain(0)
+        thread.join(10)
+        proxy.close()
 
 
 def test_cli_refuses_bad_options(procs: Procs, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eda.core.limits import QueuedBytes
+from eda.core.limits import PeerBytes, QueuedBytes
 
 _steps = st.lists(
     st.tuples(
@@ -52,3 +52,35 @@ def test_releasing_what_was_sent_frees_it_in_order_and_in_proportion() -> None:
     assert q.held("a") == 200 and q.total == 200
     q.release("a", 100)  # more than was sent: all of it, no less than nothing
     assert q.held("a") == 0 and q.total == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps)
+def test_peer_bytes_add_up_and_fits_keeps_both_bounds(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    held = PeerBytes(per_peer=8000, total=20000)
+    for op, peer, _units, size in steps:
+        if op == "add":
+            if held.fits(peer, size):
+                held.add(peer, size)
+        elif op == "release":
+            held.remove(peer, min(size, held.held(peer)))
+        else:
+            held.forget(peer)
+            assert held.held(peer) == 0
+        assert held.total == sum(held.held(p) for p in range(4))
+        assert all(held.held(p) <= 8000 for p in range(4)) and held.total <= 20000
+        assert all(held.full(p) == (held.held(p) >= 8000) for p in range(4))
+
+
+def test_the_bus_and_the_outbox_count_bytes_the_same_way() -> None:
+    from eda.core.outbox import Outbox
+
+    outbox, queued = Outbox(peer_bytes=100, total_bytes=150), QueuedBytes(100, 150)
+    assert isinstance(outbox.held, PeerBytes) and isinstance(queued.bytes, PeerBytes)
+    queued.add("a", 1, 60)
+    outbox.held.add("a", 60)
+    assert queued.total == outbox.bytes == 60
+    assert queued.room("b", 100) and not queued.room("a", 50)  # 110 > 100 for a
+    assert not outbox.held.fits("a", 50) and outbox.held.fits("b", 90)

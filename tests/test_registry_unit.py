@@ -560,7 +560,7 @@ def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[byte
 def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eda.core import discovery
+    from eda.core import cache, discovery
     from eda.core.registry import client as client_mod
 
     dead = []
@@ -573,7 +573,7 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
             self.endpoint = endpoint
 
     monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
-    monkeypatch.setattr(client_mod, "cached", lambda key: [])
+    monkeypatch.setattr(cache, "cached", lambda key: [])  # the client base reads it
     client = client_mod.Client(timeout=1.0)
     started = time.monotonic()
     with pytest.raises(client_mod.NoRegistry):
@@ -661,11 +661,9 @@ def test_browse_resolves_a_flood_of_names_on_a_few_threads(monkeypatch) -> None:
 
 
 def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance() -> None:
-    import io
-
-    from rich.console import Console
-
-    from eda.cli.registry import _table
+    from eda.cli.common import Context
+    from eda.cli.output import Environment, Output
+    from eda.cli.registry import _print_instances
 
     record = {
         "service": "orders",
@@ -677,9 +675,10 @@ def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance(
         "meta": {"zone": "a"},
         "heartbeat": 0,
     }
-    screen = io.StringIO()
-    _table([record, {**record, "id": "second"}], Console(file=screen, width=40))
-    shown = screen.getvalue()
+    screen = bytearray()
+    env = Environment(write=screen.extend, stdout_isatty=True, width=40, colour=False)
+    _print_instances([record, {**record, "id": "second"}], Output(Context("t", False), env=env))
+    shown = screen.decode()
     for text in ("orders-10-200-200-200-65535", "second", "10.200.200.200:65535", "zone=a"):
         assert text in shown, shown
     assert "SERVICE" in shown and "META" in shown

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from eda.core import reqrep
 from eda.core.daemon import Daemon
+from eda.core.endpoint import Endpoint
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.reqrep import Client, NoServer, ProtocolError, RemoteError, Service, Unavailable
 from tests.helpers import wait_until
@@ -176,9 +177,9 @@ def test_failover_moves_on_to_the_next_endpoint_and_stays_there(echo: Echo, sile
     started = time.monotonic()
     assert client.request({"op": "echo", "say": "a"})["said"] == "a"
     assert time.monotonic() - started >= 0.3  # it waited on the silent one first
-    assert client.current == echo.endpoint
+    assert client.current == Endpoint.parse(echo.endpoint)  # a typed endpoint now
     assert client.request({"op": "echo", "say": "b"})["said"] == "b"
-    assert client.current == echo.endpoint
+    assert client.current == Endpoint.parse(echo.endpoint)  # a typed endpoint now
     client.close()
 
 

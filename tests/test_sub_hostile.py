@@ -255,7 +255,7 @@ def test_unknown_format_field_is_refused_and_dicts_render_as_json(procs):
 
 
 def test_shared_json_encoder_is_safe_for_values_from_the_wire():
-    from eda.cli.common import json_text
+    from eda.cli.output import json_text
 
     def refuse(name):
         raise AssertionError(name)

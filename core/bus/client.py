@@ -12,6 +12,12 @@ the bus stores each event at most once, so resending is always safe.
 caller takes events, heartbeats, and subscribes again (from the event after
 the last one it received, or by its durable name) when the bus says it does
 not know it (after a bus restart).
+
+Where the bus is, and the one-shot requests (stats, retain, drop), are
+:class:`BusClient`'s: :class:`eda.core.reqrep.Client` (given, else cached
+with a TCP probe, else mDNS) with the bus protocol's framing.  The module is a
+little over 500 lines because it holds every client of the bus protocol,
+which share the dealer socket and the rule for finding a bus that moved.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from .. import codec
-from ..cache import cached, remember
+from .. import codec, reqrep
+from ..endpoint import Endpoint
 from ..errors import EdaError, ExitStatus, NotFoundError, ProtocolError
-from ..reqrep import check_endpoint, decode, encode, tcp_reachable
-from ..sockets import new_socket
+from ..reqrep import client_endpoint, decode, encode, tcp_reachable
+from ..sockets import connect, new_socket
 from . import protocol as p
 
 RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
@@ -66,36 +72,60 @@ class Unconfirmed(NamedTuple):
         return f"{self.topic} {ids} ({self.events} event(s))"
 
 
+class BusClient(reqrep.Client):
+    """Where the bus is (``--bus``, else ``EDA_BUS``, else the cached one, else
+    mDNS), and its requests (stats, retain, drop) with :class:`reqrep.Client`'s
+    round trip, framed as the bus protocol says (kind ``R``, answer ``A``)."""
+
+    what = "bus"
+    cache_key = p.CACHE_KEY
+    service_type = p.BUS_TYPE
+    request_frames = (p.REQUEST,)
+    reply_frames = (p.ANSWER,)
+
+    def none_found(self) -> EdaError:
+        return NoBus("no bus found; start one with 'eda-bus serve' or give --bus tcp://HOST:PORT")
+
+    def none_answered(self, tried: set[Endpoint]) -> EdaError:
+        where = reqrep.listed(tried, limit=3)
+        return ConfirmTimeout(f"the bus at {where} did not answer within {self.timeout:g}s")
+
+
 def find_bus(
-    endpoint: str | None = None,
+    endpoint: Endpoint | str | None = None,
     *,
     interface: str | None = None,
     use_mdns: bool = True,
     timeout: float = 0.3,
-) -> str:
+) -> Endpoint:
     """The bus to use: *endpoint*, else ``EDA_BUS``, else the cached one, else mDNS."""
     explicit = endpoint or os.environ.get(p.ENV_BUS) or None
-    if explicit:
-        return check_endpoint(explicit, "bus")
-    for known in cached(p.CACHE_KEY):
-        if tcp_reachable(known):
-            return known
-    if use_mdns:
-        from ..discovery import find_once
-
-        for peer in find_once(p.BUS_TYPE, interface=interface, timeout=timeout):
-            if tcp_reachable(peer.endpoint):
-                remember(p.CACHE_KEY, [peer.endpoint])
-                return peer.endpoint
-    raise NoBus("no bus found; start one with 'eda-bus serve' or give --bus tcp://HOST:PORT")
+    client = BusClient([explicit] if explicit else [], use_mdns=use_mdns, interface=interface,
+                       discover_timeout=timeout)  # fmt: skip
+    if client.explicit:
+        return client.explicit[0]  # given: used as it is, even when it is down now
+    return client.find()
 
 
-def _dealer(endpoint: str) -> zmq.Socket[bytes]:
+def _dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
     sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    sock.connect(endpoint)
+    connect(sock, endpoint)
     return sock
+
+
+Relocate = Callable[[], Endpoint | str]
+
+
+def _moved(relocate: Relocate, endpoint: Endpoint) -> Endpoint | None:
+    """Where *relocate* finds the bus now, if not at *endpoint* (None: it did not
+    move, or none is found now)."""
+    try:
+        found = client_endpoint(relocate(), "bus")
+    except EdaError:
+        return None
+    return None if found == endpoint else found
 
 
 class BusPublisher:
@@ -103,17 +133,17 @@ class BusPublisher:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: Endpoint | str,
         *,
         headers: dict[str, str] | None = None,
         source: str | None = None,
         timeout: float = 10.0,
         resend_after: float = RESEND_AFTER,
-        relocate: Callable[[], str] | None = None,
+        relocate: Relocate | None = None,
     ) -> None:
         """*relocate* finds the bus again (e.g. :func:`find_bus`: cache, then mDNS) when
         it stops answering; the pending batches then go to where it is now."""
-        self.endpoint = endpoint
+        self.endpoint = client_endpoint(endpoint, "bus")
         self._relocate = relocate
         self._looked = 0.0
         # 128 random bits: the bus keeps every (pubid, topic)'s sequences, so an id
@@ -124,7 +154,7 @@ class BusPublisher:
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
         self.timeout = timeout
         self.resend_after = resend_after
-        self.sock = _dealer(endpoint)
+        self.sock = _dealer(self.endpoint)
         self._seq: dict[str, int] = {}
         self._envelope_ids = 0
         self._tags = 0
@@ -250,11 +280,8 @@ class BusPublisher:
         if self._relocate is None or silent < LOOK_AGAIN_AFTER or now - self._looked < 1.0:
             return
         self._looked = now
-        try:
-            endpoint = self._relocate()
-        except EdaError:
-            return  # none found now: go on resending where it was
-        if endpoint != self.endpoint:
+        endpoint = _moved(self._relocate, self.endpoint)
+        if endpoint is not None:  # (None: not moved, or none found now: resend where it was)
             self.sock.close()
             self.sock = _dealer(endpoint)
             self.endpoint = endpoint
@@ -283,7 +310,7 @@ class BusPublisher:
         more = f" and {len(missing) - 5} more batch(es)" if len(missing) > 5 else ""
         why = f" (bus said: {self.warnings[-1]})" if self.warnings else ""
         return (
-            f"the bus at {self.endpoint} did not confirm {events} event(s) within"
+            f"the bus at {self.endpoint.zmq} did not confirm {events} event(s) within"
             f" {self.timeout:g}s{why}: {shown}{more}"
         )
 
@@ -309,20 +336,20 @@ class BusSubscriber:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: Endpoint | str,
         patterns: list[str],
         *,
         start: Any = None,
         durable: str | None = None,
         group: str | None = None,
         credit: int | None = None,
-        relocate: Callable[[], str] | None = None,
+        relocate: Relocate | None = None,
         reset: bool = False,
     ) -> None:
         """*relocate* finds the bus again (e.g. :func:`find_bus`) when it stops
         answering: the subscription then goes on where it is now.  *reset* moves
         the existing durable consumer to *start* (asked until the bus agrees once)."""
-        self.endpoint = endpoint
+        self.endpoint = client_endpoint(endpoint, "bus")
         self._relocate = relocate
         self._heard = self._looked = time.monotonic()
         self.patterns = patterns
@@ -331,7 +358,7 @@ class BusSubscriber:
         self.group = group
         self.member = secrets.token_hex(6)
         self.credit = credit or (GROUP_CREDIT if group else CREDIT)
-        self.sock = _dealer(endpoint)
+        self.sock = _dealer(self.endpoint)
         self.malformed = 0
         self.lost = 0
         self.last = 0  # bus sequence of the newest event received
@@ -393,11 +420,8 @@ class BusSubscriber:
         self._looked = now
         if tcp_reachable(self.endpoint):
             return  # there, only quiet
-        try:
-            endpoint = self._relocate()
-        except EdaError:
-            return
-        if endpoint != self.endpoint:
+        endpoint = _moved(self._relocate, self.endpoint)
+        if endpoint is not None:
             self.sock.close()
             self.sock = _dealer(endpoint)
             self.endpoint = endpoint
@@ -494,25 +518,15 @@ class BusSubscriber:
             self.sock.close()
 
 
-def request(endpoint: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """One request to a bus (stats, retain): its reply, or an error."""
-    sock = _dealer(endpoint)
+def request(endpoint: Endpoint | str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One request to a bus (stats, retain, drop): its reply, or an error."""
+    client = BusClient([endpoint], timeout=timeout)
     try:
-        sock.send_multipart([p.REQUEST, encode({**msg, "rid": 1})])
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                raise ConfirmTimeout(f"the bus at {endpoint} did not answer within {timeout:g}s")
-            frames = sock.recv_multipart()
-            if frames[0] == p.ANSWER and len(frames) == 2:
-                reply = decode(frames[1])
-                if reply.get("rid") == 1:
-                    if not reply.get("ok"):
-                        raise EdaError(str(reply.get("error", "refused"))[:300])
-                    return reply
+        return client.request(msg)
+    except (reqrep.RemoteError, NotFoundError) as exc:  # a refusal is exit 1, as it always was
+        raise EdaError(str(exc)) from None
     finally:
-        sock.close()
+        client.close()
 
 
 def deliveries_events(deliveries: list[Delivery]) -> Iterator[int]:

@@ -28,7 +28,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from .. import codec
 from ..daemon import DRAIN_LIMIT, Daemon, Log, port_of, received
 from ..errors import EdaError, ProtocolError, UsageError
 from ..limits import QueuedBytes, raise_fd_limit
-from ..reqrep import check_rid, decode_request, encode, error_reply, request_id
+from ..reqrep import check_rid, decode_request, encode, error_reply, request_id, split_envelope
 from ..topics import Matcher, validate_pattern
 from . import protocol as p
 from .engine import Engine, EventTooLargeError, Record, StoreError
@@ -53,6 +53,7 @@ FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of 
 CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
 LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
 ADMIN_OPS = frozenset({"retain", "drop"})  # ops only a client on the bus's own host may ask for
+REPLY_OPS = frozenset({"stats", "retain", "drop"})  # one reply each: a REQ socket may ask them
 
 
 @dataclass
@@ -232,13 +233,21 @@ class BusServer(Daemon):
         return durable
 
     def _take(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
+        envelope, body = split_envelope(frames, (p.PUBLISH, p.REQUEST))
+        if not body:
             return
-        ident, kind = frames[0], frames[1]
-        if kind == p.PUBLISH:
-            self._publish(ident, frames[2:])
+        ident, route, kind = envelope[0], envelope[1:], body[0]
+        if route:  # a REQ socket: one request, one reply, nothing streamed
+            if kind == p.REQUEST:
+                self._request(ident, body[1:], route)
+            else:
+                exc = ProtocolError("a REQ socket may only send requests")
+                self.dropped("message", exc)
+                self._send(ident, [p.ANSWER, encode(error_reply(None, exc))], route)
+        elif kind == p.PUBLISH:
+            self._publish(ident, body[1:])
         elif kind == p.REQUEST:
-            self._request(ident, frames[2:])
+            self._request(ident, body[1:])
         else:
             self.dropped("message", ProtocolError(f"unknown message kind {kind[:8]!r}"))
 
@@ -299,15 +308,20 @@ class BusServer(Daemon):
         body = encode({"error": str(exc)[:300], "code": code, "retry": retry})
         self._send(ident, [p.REFUSED, p.TAG.pack(tag), body])
 
-    def _send(self, ident: bytes, frames: list[bytes]) -> bool:
-        """Send to one client without ever blocking; False when its queue is full or it is gone."""
+    def _send(self, ident: bytes, frames: list[bytes], route: Sequence[bytes] = ()) -> bool:
+        """Send to one client without ever blocking; False when its queue is full or it is gone.
+
+        *route* is the rest of a REQ client's envelope (up to its empty delimiter).
+        """
         try:
-            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+            self.sock.send_multipart([ident, *route, *frames], zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
 
-    def _request(self, ident: bytes, frames: list[bytes]) -> None:
+    def _request(self, ident: bytes, frames: list[bytes], route: Sequence[bytes] = ()) -> None:
+        """Answer a request; *route*: from a REQ socket (see :meth:`_send`), which
+        can only make requests that get one reply (no subscription)."""
         rid = None
         try:
             if len(frames) != 1:
@@ -315,6 +329,8 @@ class BusServer(Daemon):
             msg = decode_request(frames[0], p.OPS)
             check_rid(msg)
             rid = request_id(msg)
+            if route and msg["op"] not in REPLY_OPS:
+                raise ProtocolError(f"a REQ socket cannot {msg['op']!r}: subscribe from a DEALER")
             reply = self._handle(ident, msg)
         except (ProtocolError, UsageError) as exc:
             self.dropped("request", exc)
@@ -333,7 +349,7 @@ class BusServer(Daemon):
             return
         reply.setdefault("ok", True)
         reply["rid"] = rid
-        self._send(ident, [p.ANSWER, encode(reply)])
+        self._send(ident, [p.ANSWER, encode(reply)], route)
 
     def _handle(self, ident: bytes, msg: dict[str, Any]) -> dict[str, Any] | None:
         op = msg["op"]

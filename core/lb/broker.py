@@ -16,6 +16,11 @@ on a second worker too; the first answer is the one forwarded, once.
 
 Everything from either socket is validated at the edge; what fails is
 counted and dropped (a rate-limited warning), and changes no state.
+
+This module is the broker's poll loop and its decisions; what it keeps lives
+next to it: the requests and their bounded queue (core/lb/brokerqueue.py),
+the workers connected (core/lb/brokerworkers.py), and the figures of its S
+answer (core/lb/stats.py).
 """
 
 from __future__ import annotations
@@ -24,18 +29,17 @@ import contextlib
 import json
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from ..daemon import Daemon, Log, port_of, received
+from ..daemon import Daemon, Log, port_of
 from ..errors import ProtocolError, UsageError
-from ..outbox import RELEASE_AFTER, Pump, release_memory
-from ..sockets import new_socket
-from .balancer import STRATEGIES, Backend, Balancer
+from ..outbox import Pump
+from .balancer import STRATEGIES, Balancer
+from .brokerqueue import Pending, Waiting
+from .brokerworkers import Worker, Workers
 from .protocol import (
     BUSY,
     DISCONNECT,
@@ -52,58 +56,19 @@ from .protocol import (
     TAG,
     Budget,
     TooLarge,
+    forward_request,
+    messages,
     parse,
     parse_reply,
     parse_request,
     pong,
+    send,
 )
+from .stats import broker_figures
 
-MAX_WORKERS = 10_000  # workers one broker keeps (a flood of W is refused beyond)
-DEAD_KEPT = 64  # dropped workers still listed by stats (state "dead")
-LATENCIES = 2048  # latency samples per worker for the percentiles
-MAX_LISTED = 2000  # workers listed in a T answer (about 200 bytes each)
-MISSED = 3  # heartbeat intervals of silence after which a worker is dropped
-DEFAULT_WORKER_HEARTBEAT = 1.0  # eda-lb worker --heartbeat's default
-MAX_PERIOD = 60.0  # longest heartbeat interval learnt from a worker
 BATCH_BYTES = 16 << 20  # caller bytes read at once before the workers' side gets its turn
 _DISCONNECT = [TAG, DISCONNECT]
 _HEARTBEAT = [TAG, HEARTBEAT]
-
-# The per-request path calls libzmq through pyzmq's compiled socket methods with
-# plain int flags, and reads frames as Frame objects (whose ``more`` is a plain
-# attribute): pyzmq's Python layer (send_multipart, recv_multipart, enum flags and
-# socket options) cost more than half of the broker's time per request.
-_zsend: Callable[..., Any] = zmq.backend.Socket.send
-_zrecv: Callable[..., Any] = zmq.backend.Socket.recv
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-
-
-def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-    """``sock.send_multipart(frames)``, faster (a ROUTER never blocks: it drops)."""
-    last = len(frames) - 1
-    for i in range(last):
-        _zsend(sock, frames[i], _SNDMORE)
-    _zsend(sock, frames[last], 0)
-
-
-def messages(
-    sock: zmq.Socket[bytes], limit: int = 1000, max_bytes: int = 1 << 62
-) -> Iterator[list[bytes]]:
-    """The messages waiting on *sock*, at most *limit* (and about *max_bytes*), without
-    blocking (fast ``received``)."""
-    for _ in range(limit):
-        if max_bytes <= 0:
-            return
-        try:
-            frame = _zrecv(sock, _NOBLOCK, False)
-        except zmq.Again:
-            return
-        msg = [frame.bytes]
-        while frame.more:  # a message arrives whole: the rest is there
-            frame = _zrecv(sock, 0, False)
-            msg.append(frame.bytes)
-        max_bytes -= len(msg[-1])
-        yield msg
 
 
 def _quiet(_message: str) -> None:
@@ -132,142 +97,6 @@ class Settings:
     panic: float = 50.0  # percent healthy below which all workers are used
 
 
-@dataclass(eq=False, slots=True)
-class Pending:
-    """One caller's request, from its Q until its reply went out."""
-
-    client: bytes  # the caller's identity on the frontend
-    rid: bytes
-    body: bytes
-    deadline: float  # monotonic; math.inf without one
-    attempts: int = 0  # times sent to a worker (busy answers not counted)
-    busy: int = 0  # busy answers from workers
-    running: int = 0  # workers running it now
-    done: bool = False  # answered: later replies only free their slots
-    tried: list[str] = field(default_factory=list)  # worker keys, in order
-
-
-@dataclass(eq=False)
-class Worker:
-    """A worker connected to the backend, with its figures."""
-
-    ident: bytes
-    id: str
-    concurrency: int
-    limit: int  # requests in flight at most: its capacity (or concurrency x pipeline)
-    backend: Backend
-    seen: float  # monotonic time of its last message
-    period: float  # its heartbeat interval, as observed between two H
-    inflight: dict[bytes, tuple[Pending, float]] = field(default_factory=dict)  # rid -> (p, t0)
-    requests: int = 0  # answered (ok or err)
-    errors: int = 0  # err replies, timeouts, bad replies, requests lost with it
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES))
-    dead: bool = False
-    beat_at: float = 0.0  # monotonic time of its last H
-
-    @property
-    def free(self) -> bool:
-        return len(self.inflight) < self.limit
-
-
-class Waiting:
-    """The requests waiting for a free worker, in order; bounded in number and in
-    bytes, and each caller to half of the places and half of the bytes, so that
-    one caller cannot shut the others out."""
-
-    def __init__(self, limit: int, limit_bytes: int) -> None:
-        self.limit, self.limit_bytes = limit, limit_bytes
-        self.per_caller = max(1, limit // 2)
-        self.per_caller_bytes = max(1, limit_bytes // 2)
-        self.items: deque[Pending] = deque()
-        self.bytes = 0
-        self.high = 0  # the most bytes waiting since memory was last given back
-        self.by_caller: dict[bytes, int] = {}
-        self.bytes_by_caller: dict[bytes, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def fits(self, p: Pending) -> bool:
-        return (
-            len(self.items) < self.limit
-            and self.bytes + len(p.body) <= self.limit_bytes
-            and self.by_caller.get(p.client, 0) < self.per_caller
-            and self.bytes_by_caller.get(p.client, 0) + len(p.body) <= self.per_caller_bytes
-        )
-
-    def push(self, p: Pending, first: bool = False) -> None:
-        """Add *p* at the end (or *first*: a retry, accepted before, may exceed the bounds)."""
-        if first:
-            self.items.appendleft(p)
-        else:
-            self.items.append(p)
-        self.bytes += len(p.body)
-        self.high = max(self.high, self.bytes)
-        self.by_caller[p.client] = self.by_caller.get(p.client, 0) + 1
-        self.bytes_by_caller[p.client] = self.bytes_by_caller.get(p.client, 0) + len(p.body)
-
-    def pop(self) -> Pending:
-        p = self.items.popleft()
-        self._gone(p)
-        return p
-
-    def _gone(self, p: Pending) -> None:
-        self.bytes -= len(p.body)
-        left = self.by_caller[p.client] - 1
-        if left:
-            self.by_caller[p.client] = left
-            self.bytes_by_caller[p.client] -= len(p.body)
-        else:
-            del self.by_caller[p.client], self.bytes_by_caller[p.client]
-        if not self.items and self.high >= RELEASE_AFTER:
-            self.high = 0
-            release_memory()  # a burst of large requests is gone: so is its memory
-
-    def take_all(self) -> list[Pending]:
-        """Empty the queue; what was in it."""
-        items = list(self.items)
-        self.items.clear()
-        self.bytes = 0
-        self.by_caller.clear()
-        self.bytes_by_caller.clear()
-        return items
-
-    def take_expired(self, now: float) -> list[Pending]:
-        """Remove and return the waiting requests whose deadline passed (and drop the
-        answered ones)."""
-        if not any(p.done or p.deadline < now for p in self.items):
-            return []
-        expired = []
-        kept: deque[Pending] = deque()
-        for p in self.items:
-            if p.done or p.deadline < now:
-                self._gone(p)
-                if not p.done:
-                    expired.append(p)
-            else:
-                kept.append(p)
-        self.items = kept
-        return expired
-
-
-def percentile(ordered: list[float], p: float) -> float | None:
-    """The *p*-th percentile (nearest rank) of sorted *ordered*, None when empty."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def figures(latencies: Iterable[float]) -> dict[str, float | None]:
-    """p50, p90, p99 and max of *latencies* (seconds), in milliseconds (None: no sample)."""
-    ordered = sorted(latencies)
-    out: dict[str, float | None] = {}
-    for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)):
-        value = percentile(ordered, p)
-        out[name] = None if value is None else round(value * 1000, 3)
-    return out
-
-
 class Broker(Daemon):
     """``eda-lb serve``: balance callers' requests over the workers connected to it."""
 
@@ -294,9 +123,7 @@ class Broker(Daemon):
             slow_start=settings.slow_start,
             panic=settings.panic,
         )
-        self.workers: dict[bytes, Worker] = {}
-        self.full: set[str] = set()  # keys of workers with no free slot
-        self.dead: deque[Worker] = deque(maxlen=DEAD_KEPT)
+        self.members = Workers(self.balancer, settings.heartbeat, settings.pipeline)
         self.pending: dict[tuple[bytes, bytes], Pending] = {}
         # request bytes each caller has at the broker (queued or at a worker), at most
         # half of --queue-bytes: a caller that sends and never reads holds that much
@@ -360,7 +187,7 @@ class Broker(Daemon):
         if getattr(self, "back", None) is not None:
             for ident in list(self.workers):
                 with contextlib.suppress(zmq.ZMQError):
-                    send_frames(self.back, [ident, *_DISCONNECT])
+                    send(self.back, [ident, *_DISCONNECT])
             for p in list(self.pending.values()):
                 with contextlib.suppress(zmq.ZMQError):
                     self._answer(p, BUSY, b"broker shutting down")
@@ -464,7 +291,7 @@ class Broker(Daemon):
     def _pick(self, p: Pending) -> Worker | None:
         """A worker with a free slot not already running *p*, by the balancer: workers
         *p* went to before are avoided while another one can take it."""
-        full = self.full
+        full = self.members.full
         chosen = self.balancer.pick(full.union(p.tried) if p.tried else full)
         if chosen is None:
             return None
@@ -490,17 +317,11 @@ class Broker(Daemon):
         backend = w.backend
         self.balancer.started(backend)
         if len(w.inflight) >= w.limit:
-            self.full.add(backend.key)
+            self.members.full.add(backend.key)
         p.attempts += 1
         p.running += 1
         p.tried.append(backend.key)
-        back = self.back  # send_frames(back, [w.ident, *request(p.rid, ms, p.body)]), inlined
-        _zsend(back, w.ident, _SNDMORE)
-        _zsend(back, TAG, _SNDMORE)
-        _zsend(back, REQUEST, _SNDMORE)
-        _zsend(back, p.rid, _SNDMORE)
-        _zsend(back, b"%d" % ms, _SNDMORE)
-        _zsend(back, p.body, 0, len(p.body) < 65536)  # a large body shared, not copied
+        forward_request(self.back, w.ident, p.rid, b"%d" % ms, p.body)
         return True
 
     def _dispatch(self) -> None:
@@ -556,50 +377,25 @@ class Broker(Daemon):
     def _stranger(self, ident: bytes) -> None:
         """A message from a worker we do not know (we restarted, or dropped it): say D,
         so that it says W again at once instead of waiting for our silence."""
-        send_frames(self.back, [ident, *_DISCONNECT])
+        send(self.back, [ident, *_DISCONNECT])
 
     def _ready(self, ident: bytes, data: dict[str, Any], now: float) -> bool:
         if data["service"] != self.settings.service:
             self.dropped("worker ready", ProtocolError(f"a worker of {data['service']!r}"))
-            send_frames(self.back, [ident, *_DISCONNECT])
+            send(self.back, [ident, *_DISCONNECT])
             known = self.workers.get(ident)
             if known is not None:
                 self._drop(known, "changed service")
             return False
-        concurrency, weight = data["concurrency"], data["weight"]
-        w = self.workers.get(ident)
-        if w is not None:  # W again: new figures, same requests in flight
-            w.id, w.concurrency, w.seen = data["id"], concurrency, now
-            w.limit = self._limit(data)
-            self.balancer.add(w.backend.key, weight)
-            self._fullness(w)
-            return True
-        if len(self.workers) >= MAX_WORKERS:
-            self.dropped("worker ready", ProtocolError("too many workers"))
+        try:
+            w = self.members.ready(ident, data, now)
+        except OverflowError as exc:
+            self.dropped("worker ready", ProtocolError(str(exc)))
             return False
-        # a worker joining others ramps up (slow start); the first ones take all at once
-        backend = self.balancer.add(ident.hex(), weight, warm=len(self.balancer) > 0)
-        limit = self._limit(data)
-        # until its second H, allow the default heartbeat of eda-lb workers
-        period = max(self.settings.heartbeat, DEFAULT_WORKER_HEARTBEAT)
-        w = Worker(ident, data["id"], concurrency, limit, backend, now, period)
-        backend.data = w
-        self.workers[ident] = w
-        self.log(f"worker {w.id} ready (concurrency {concurrency}, weight {weight})")
-        send_frames(self.back, [ident, *_HEARTBEAT])
+        if w is not None:
+            self.log(f"worker {w.id} ready (concurrency {w.concurrency}, weight {data['weight']})")
+            send(self.back, [ident, *_HEARTBEAT])
         return True
-
-    def _limit(self, ready: dict[str, Any]) -> int:
-        """Requests in flight at a worker at most: what its W says it takes, unless
-        ``--pipeline`` says how many per slot."""
-        pipeline = self.settings.pipeline
-        return int(ready["concurrency"] * pipeline if pipeline else ready["capacity"])
-
-    def _fullness(self, w: Worker) -> None:
-        if w.free:
-            self.full.discard(w.backend.key)
-        else:
-            self.full.add(w.backend.key)
 
     def _result(self, w: Worker, rid: bytes, status: bytes, body: bytes, now: float) -> bool:
         entry = w.inflight.pop(rid, None)
@@ -607,7 +403,7 @@ class Broker(Daemon):
             self.stale += 1  # a reply after its deadline, or made up
             return False
         if len(w.inflight) < w.limit:
-            self.full.discard(w.backend.key)
+            self.members.full.discard(w.backend.key)
         p, t0 = entry
         p.running -= 1
         if status == BUSY:  # not a failure, and not an attempt: try another worker
@@ -642,15 +438,9 @@ class Broker(Daemon):
 
     def _drop(self, w: Worker, why: str) -> None:
         """Forget *w*; what it was running goes to other workers (same rid)."""
-        if self.workers.pop(w.ident, None) is None:
+        lost = self.members.remove(w)
+        if lost is None:
             return
-        self.balancer.remove(w.backend.key)
-        self.full.discard(w.backend.key)
-        w.dead = True
-        self.dead.append(w)
-        lost = list(w.inflight.values())
-        w.inflight.clear()
-        w.errors += len(lost)
         if lost:
             self.warn(f"warning: worker {w.id} {why}: re-sending its {len(lost)} request(s)")
         else:
@@ -663,21 +453,17 @@ class Broker(Daemon):
     # -- timers -------------------------------------------------------------------------
     def _beat(self, w: Worker, now: float) -> None:
         """A worker's H: answered at once, so that a worker whose heartbeat is faster
-        than ours still hears from us in time; its period is learnt, so that one whose
-        heartbeat is slower than ours is not dropped between two of its H."""
-        if w.beat_at:
-            w.period = min(MAX_PERIOD, max(0.01, now - w.beat_at))
-        w.beat_at = w.seen = now
-        send_frames(self.back, [w.ident, *_HEARTBEAT])
+        than ours still hears from us in time."""
+        self.members.beat(w, now)
+        send(self.back, [w.ident, *_HEARTBEAT])
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
-        hb = self.settings.heartbeat
         for w in list(self.workers.values()):
-            if now - w.seen > MISSED * max(hb, w.period):
+            if self.members.silent(w, now):
                 self._drop(w, "went silent")
             else:
-                send_frames(self.back, [w.ident, *_HEARTBEAT])
+                send(self.back, [w.ident, *_HEARTBEAT])
 
     def _expire(self) -> None:
         """Requests whose deadline (the caller's time) passed: a queued one is answered
@@ -704,141 +490,23 @@ class Broker(Daemon):
                     self._forget(p)
                 freed = True
             if late:
-                self._fullness(w)
+                self.members.fullness(w)
         if freed:
             self._dispatch()
 
     # -- figures ------------------------------------------------------------------------
     @property
+    def workers(self) -> dict[bytes, Worker]:
+        return self.members.by_ident
+
+    @property
     def inflight(self) -> int:
-        return sum(len(w.inflight) for w in self.workers.values())
+        return self.members.inflight
 
     @property
     def capacity(self) -> int:
-        return sum(w.concurrency for w in self.workers.values())
-
-    def state(self, w: Worker, now: float) -> str:
-        """dead, ejected, slow-start or healthy."""
-        b = w.backend
-        if w.dead:
-            return "dead"
-        if b.ejected_until > now:
-            return "ejected"
-        if self.balancer.slow_start > 0 and now - b.warm_from < self.balancer.slow_start:
-            return "slow-start"
-        return "healthy"
+        return self.members.capacity
 
     def stats(self) -> dict[str, Any]:
-        """What S answers: the broker's totals and one entry per worker (dead ones too)."""
-        now = time.monotonic()
-        instances = [
-            {
-                "id": w.id,
-                "state": self.state(w, now),
-                "requests": w.requests,
-                "errors": w.errors,
-                "inflight": len(w.inflight),
-                "concurrency": w.concurrency,
-                "weight": w.backend.weight,
-                "latency_ms": figures(w.latencies),
-            }
-            for w in [*self.workers.values(), *self.dead][:MAX_LISTED]
-        ]
-        return {
-            "role": "broker",
-            "service": self.settings.service,
-            "id": self.id,
-            "strategy": self.settings.strategy,
-            "requests": self.requests,
-            "answered": self.answered,
-            "errors": self.errors,
-            "refused": self.refused,
-            "retried": self.retried,
-            "expired": self.expired,
-            "inflight": self.inflight,
-            "queued": len(self.queue),
-            "queued_bytes": self.queue.bytes,
-            "unread_bytes": self.outbox.bytes,  # replies waiting for callers that do not read
-            "unsent": self.outbox.refused + self.outbox.lost,  # replies over a bound, or lost
-            "malformed": self.malformed,
-            "workers": len(self.workers),
-            "instances": instances,
-        }
-
-
-# -- asking for figures ------------------------------------------------------------------------
-MAX_STATS = 1 << 20  # bytes of one T answer
-ASK_AT_ONCE = 256  # instances asked at once (each costs a socket; ZeroMQ allows ~1000)
-
-
-def ask_stats(
-    endpoints: Iterable[str],
-    timeout: float = 2.0,
-    context: zmq.Context[zmq.Socket[bytes]] | None = None,
-) -> dict[str, dict[str, Any] | str]:
-    """Send S to each endpoint, :data:`ASK_AT_ONCE` at a time, each batch waiting
-    *timeout* at most; each one's T object, or why there is none.
-
-    An answer that is not a JSON object (or too large, or not a T) is an
-    error string for that endpoint, never an exception.
-    """
-    listed = list(dict.fromkeys(endpoints))
-    results: dict[str, dict[str, Any] | str] = {}
-    for start in range(0, len(listed), ASK_AT_ONCE):
-        results.update(_ask(listed[start : start + ASK_AT_ONCE], timeout, context))
-    return results
-
-
-def _ask(
-    endpoints: list[str], timeout: float, context: zmq.Context[zmq.Socket[bytes]] | None
-) -> dict[str, dict[str, Any] | str]:
-    ctx = context or zmq.Context.instance()
-    socks: dict[zmq.Socket[bytes], str] = {}
-    results: dict[str, dict[str, Any] | str] = {}
-    poller = zmq.Poller()
-    try:
-        for endpoint in endpoints:
-            sock = new_socket(zmq.DEALER, context=ctx, max_message=MAX_STATS + 4096)
-            socks[sock] = endpoint
-            results[endpoint] = "no answer"
-            sock.connect(endpoint)
-            sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
-            poller.register(sock, zmq.POLLIN)
-        deadline = time.monotonic() + timeout
-        waiting = set(socks)
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for sock, _ in poller.poll(int(left * 1000) + 1):
-                for msg in received(sock, 16):
-                    answer = _stats_answer(msg)
-                    if answer is not None:
-                        results[socks[sock]] = answer
-                        waiting.discard(sock)
-                        poller.unregister(sock)
-                        break
-    finally:
-        for sock in socks:
-            sock.close()
-    return results
-
-
-def _stats_answer(msg: list[bytes]) -> dict[str, Any] | str | None:
-    if len(msg) < 2 or msg[:2] != [TAG, STATS]:
-        return None  # something else (a late pong...): keep waiting
-    if len(msg) != 3:
-        return "malformed stats answer (frames)"
-    if len(msg[2]) > MAX_STATS:
-        return "stats answer too large"
-    try:  # a broker's answer may be larger than protocol.MAX_JSON: parsed here
-        data = json.loads(msg[2], parse_constant=_not_a_number)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return "malformed stats answer (not JSON)"
-    if not isinstance(data, dict):
-        return "malformed stats answer (not an object)"
-    return data
-
-
-def _not_a_number(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
+        """What S answers (core/lb/stats.py)."""
+        return broker_figures(self)

@@ -1,15 +1,14 @@
 """Client-side balancing: requests pipelined over a service's instances.
 
-:class:`Caller` is a :class:`~eda.core.daemon.Daemon` holding one DEALER per
-instance (workers, or brokers with ``via``) and a
-:class:`~.balancer.Balancer` over the live ones:
+:class:`Caller` is a :class:`~eda.core.daemon.Daemon` that sends requests
+over the instances of a :class:`~.callpool.Pool` (one DEALER per instance,
+liveness by heartbeats, discovery, bounds on connections) chosen by a
+:class:`~.balancer.Balancer`, reading them from an :class:`~.callio.Input`
+and writing the replies through an :class:`~.callio.Output` (input order
+unless *unordered*).  This module is the requests' own part:
 
 - **window**: up to *window* requests in flight at once, read from the
   input as replies free room (input is read only as fast as it is answered);
-- **liveness**: an instance is used once it answered a ping; every
-  *heartbeat* seconds each one is pinged, and one silent for three intervals
-  is dropped (its socket closed, its requests retried elsewhere at once) and
-  probed again on a fresh socket;
 - **deadline**: *timeout* is each request's overall time, retries included;
   an attempt gets an equal share of what is left of it (the time left divided
   by the attempts left, no more than the live instances not tried yet), so
@@ -24,18 +23,9 @@ instance (workers, or brokers with ``via``) and a
   request not sent is reported through *failed* (``no live instance (not
   sent)``, not counted) and the rest are not read: the caller stops instead
   of failing every input line in turn;
-- **order**: replies are emitted in input order (or as they come with
-  *unordered*); a request is answered at most once -- a late reply to an
-  attempt that was already retried is taken if it comes first, and the
-  later one is ignored;
-- **discovery**: instances come from *endpoints*, or from a lookup of the
-  service (role ``worker``, or ``broker`` with *via*) repeated every
-  *relookup* seconds in the background, so new instances are used and
-  deregistered ones are drained.  At most :data:`MAX_PROBING` of them are
-  waiting for their first answer at once (and :data:`MAX_CONNS` connected):
-  one that does not answer in three heartbeats is closed and the next one
-  found is tried, so that a flood of announced instances costs a bounded
-  number of sockets and the real ones are still reached in turn.
+- **once**: a request is answered at most once -- a late reply to an attempt
+  that was already retried is taken if it comes first, and the later one is
+  ignored.
 
 Each failed request is reported through *failed* with its input, and counted.
 """
@@ -43,12 +33,11 @@ Each failed request is reported through *failed* with its input, and counted.
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,35 +45,19 @@ import zmq
 
 from ..daemon import Daemon, Log
 from ..errors import NotFoundError, ProtocolError
-from ..registry.model import Instance
+from ..measure import percentile
 from . import protocol as p
-from .balancer import Backend, Balancer
+from .balancer import Balancer
+from .callio import Input, Output
+from .callpool import PROBE_TIME, Conn, Pool, endpoint_of
 from .protocol import send_request
 
-READ_CHUNK = 1 << 16
 LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
 REORDER_LIMIT = 100_000  # replies held back waiting for an earlier one before input pauses
-MISSES = 2  # lookups in a row without an instance before it is drained
-# Instances found are connected to a few at a time: anyone on the LAN can announce as
-# many as they like by mDNS, and each connection costs sockets (ZeroMQ allows ~1000).
-MAX_PROBING = 64  # connections waiting for a first answer at once
-MAX_CONNS = 256  # connections at once, live ones included
-PROBE_TIME = 1.0  # seconds at least a new connection has to answer (else: the next one)
 
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-class _Long(bytes):
-    """The kept head of an input line over the size limit, and the line's real size."""
-
-    size: int
-
-    def __new__(cls, head: bytes, size: int) -> _Long:
-        line = super().__new__(cls, head)
-        line.size = size
-        return line
 
 
 class Request:
@@ -105,23 +78,6 @@ class Request:
         self.busy = 0
 
 
-@dataclass(eq=False)
-class Conn:
-    """One instance: its endpoint, socket and liveness."""
-
-    key: str  # the endpoint
-    weight: int
-    sock: zmq.Socket[bytes] | None = None
-    monitor: zmq.Socket[bytes] | None = None
-    backend: Backend | None = None  # set while it is in the balancer (alive)
-    last_seen: float = 0.0
-    since: float = 0.0  # when the current socket was made
-    gone: bool = False  # no longer listed by the registry: drain, then close
-    inflight: dict[bytes, Request] = field(default_factory=dict)
-    deaths: int = 0
-    missed: int = 0  # lookups in a row that did not list it
-
-
 @dataclass
 class Summary:
     sent: int = 0  # attempts sent
@@ -140,12 +96,6 @@ class Summary:
 
 def _attempts(n: int) -> str:
     return f"{n} attempt{'s' if n != 1 else ''}"
-
-
-def endpoint_of(inst: Instance) -> str:
-    """The endpoint callers use for *inst* (a worker, or a broker's frontend)."""
-    host = inst.host if ":" not in inst.host else f"[{inst.host}]"
-    return f"tcp://{host}:{inst.port}"
 
 
 class Caller(Daemon):
@@ -175,10 +125,18 @@ class Caller(Daemon):
         self.timeout, self.retries, self.window = timeout, retries, max(1, window)
         self.unordered, self.heartbeat, self.max_request = unordered, heartbeat, max_request
         self.relookup = relookup
-        self.conns: dict[str, Conn] = {}
-        self.candidates: dict[str, int] = {}  # found, not connected yet: endpoint -> weight
-        self.wanted: dict[str, int] = {}  # the latest instances found
-        self.by_sock: dict[zmq.Socket[bytes], Conn] = {}
+        self.pool = Pool(
+            self,
+            self.balancer,
+            heartbeat=heartbeat,
+            max_request=max_request,
+            relookup=relookup,
+            on_replies=self._on_replies,
+            on_live=self._fill,
+            on_dead=self._retry_all,
+        )
+        self.input = Input(self, max_request, self.window, self._fill)
+        self.output = Output(out, unordered)
         self.pending: dict[bytes, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()  # to send (or resend)
         # (when, tie-breaker, request, attempt) of the attempts in flight, a heap
@@ -187,248 +145,39 @@ class Caller(Daemon):
         self.summary = Summary()
         self.prefix = f"{os.getpid():x}-{secrets.token_hex(2)}.".encode()
         self.next_seq = 0  # the next input line's number
-        self.next_out = 0  # the next line to emit in order
-        self.held: dict[int, bytes | None] = {}  # finished out of order (None: failed)
-        self.source: Iterator[bytes] | None = None
-        self.fd = -1
-        self.partial = b""
-        self.skipped = 0  # bytes of the current input line dropped (it is over the limit)
-        self.eof = False
-        self.lines: collections.deque[bytes] = collections.deque()
-        self.finder: Any = None
         self.started = time.monotonic()
-        self.ping_seq = 0
         self.empty_since: float | None = None
-        self.ever_live = False
         self.holding = True
         self.hold_until = self.started + min(0.5, heartbeat, timeout)
-        self._buf: list[bytes] = []
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
 
-    # -- instances ----------------------------------------------------------------------------
+    # -- instances and input (core/lb/callpool.py, core/lb/callio.py) -----------------------
+    @property
+    def conns(self) -> dict[str, Conn]:
+        return self.pool.conns
+
     def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
-        """Call these (endpoint, weight) pairs from now on: new ones are probed, missing ones
-        drained (at once if *final*, else when two calls in a row leave them out)."""
-        wanted = self.wanted = dict(endpoints)
-        candidates = self.candidates
-        for key in [k for k in candidates if k not in wanted]:
-            del candidates[key]
-        for key, weight in wanted.items():
-            conn = self.conns.get(key)
-            if conn is None:
-                candidates[key] = weight
-            else:
-                conn.gone = False
-                if conn.weight != weight:
-                    conn.weight = weight
-                    if conn.backend is not None:
-                        self.balancer.add(key, weight)
-        for key, conn in list(self.conns.items()):
-            if key in wanted:
-                conn.missed = 0
-            elif not conn.gone:
-                # one lookup can miss an instance (an mDNS answer lost): drain it only when
-                # two in a row do; one that died is dropped by its heartbeats anyway
-                conn.missed += 1
-                if conn.missed < MISSES and not final:
-                    continue
-                conn.gone = True
-                self._unbalance(conn)
-                if not conn.inflight:
-                    self._close(conn)
-        self._probe()
-
-    def _probe(self) -> None:
-        """Connect to more of the instances found, within the bounds."""
-        candidates = self.candidates
-        if not candidates:
-            return
-        conns = self.conns
-        probing = sum(1 for c in conns.values() if c.backend is None)
-        while candidates and probing < MAX_PROBING and len(conns) < MAX_CONNS:
-            key = next(iter(candidates))
-            conn = conns[key] = Conn(key, candidates.pop(key))
-            self._open(conn)
-            probing += 1
-
-    def _rotate(self, now: float) -> None:
-        """Close the connections that never answered in time, to try the next instances
-        found (they go last in the line, if they are still listed)."""
-        if not self.candidates:
-            return
-        limit = max(PROBE_TIME, 3 * self.heartbeat)
-        for conn in list(self.conns.values()):
-            if conn.backend is None and not conn.inflight and now - conn.since > limit:
-                self._pass_over(conn)
-
-    def _pass_over(self, conn: Conn) -> None:
-        conn.gone = True
-        self._close(conn)
-        if conn.key in self.wanted:
-            self.candidates[conn.key] = conn.weight
-        self._probe()
+        """Call these (endpoint, weight) pairs from now on (see :meth:`Pool.use`)."""
+        self.pool.use(endpoints, final=final)
 
     def follow(self, finder: Any) -> None:
-        """Take the instances *finder* (a :class:`~.presence.Finder`) keeps finding."""
-        self.finder = finder
-        self.every(min(self.relookup, 1.0), "lookup", self._apply_lookup, first=0.2)
+        """Take the instances *finder* (a :class:`~eda.core.presence.Finder`) keeps finding."""
+        self.pool.follow(finder)
 
-    def _apply_lookup(self) -> None:
-        found = self.finder.take()
-        if found is not None:
-            self.use((endpoint_of(i), i.weight) for i in found)
-
-    def _open(self, conn: Conn) -> None:
-        sock = self.socket(zmq.DEALER, max_message=self.max_request + 65536)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(conn.key)
-        conn.sock, conn.since = sock, time.monotonic()
-        self.by_sock[sock] = conn
-        self.watch(sock, "replies", lambda: self._on_replies(conn, sock))
-        # a dead process's connection closes at once: act on that, not on heartbeats alone
-        # (and one that refuses the connection, announced but not there, is passed over)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
-        conn.monitor = monitor
-        self.watch(monitor, "disconnects", lambda: self._on_disconnect(conn, sock))
-        self._ping(conn)
-
-    def _on_disconnect(self, conn: Conn, sock: zmq.Socket[bytes]) -> None:
-        monitor = conn.monitor
-        if conn.sock is not sock or monitor is None:
-            return
-        events = refused = 0
-        with contextlib.suppress(zmq.Again):
-            while True:
-                event = monitor.recv_multipart(zmq.NOBLOCK)
-                if int.from_bytes(event[0][:2], "little") == zmq.EVENT_CONNECT_RETRIED:
-                    refused += 1
-                else:
-                    events += 1
-        if events and (conn.backend is not None or conn.inflight):
-            self._dead(conn, time.monotonic(), "its connection closed")
-        elif refused and conn.backend is None and not conn.inflight and self.candidates:
-            self._pass_over(conn)  # not there: try the next instance found
-
-    def _close(self, conn: Conn) -> None:
-        self._unbalance(conn)
-        if conn.monitor is not None:
-            self.forget(conn.monitor)
-            if conn.sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    conn.sock.disable_monitor()
-            conn.monitor.close(0)
-            conn.monitor = None
-        if conn.sock is not None:
-            self.by_sock.pop(conn.sock, None)
-            self.close_socket(conn.sock)
-            conn.sock = None
-        if conn.gone:
-            self.conns.pop(conn.key, None)
-
-    def _unbalance(self, conn: Conn) -> None:
-        if conn.backend is not None:
-            self.balancer.remove(conn.key)
-            conn.backend = None
-
-    def _alive(self, conn: Conn, now: float) -> None:
-        """*conn* answered: into the balancer (slow start unless it is there from the start)."""
-        if conn.gone or conn.backend is not None:
-            return
-        warm = now - self.started > 1.0
-        conn.backend = self.balancer.add(conn.key, conn.weight, conn, warm=warm)
-        self.ever_live = True
-        self.log(f"instance {conn.key} is live")
-        self._fill()
-
-    def _ping(self, conn: Conn) -> None:
-        self.ping_seq += 1
-        if conn.sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                conn.sock.send_multipart(p.ping(self.ping_seq), zmq.NOBLOCK)
-
-    def _heartbeats(self) -> None:
-        now = time.monotonic()
-        self._rotate(now)
-        limit = 3 * self.heartbeat
-        for conn in list(self.conns.values()):
-            if conn.backend is not None and now - conn.last_seen > limit:
-                self._dead(conn, now)
-            elif conn.inflight and now - max(conn.last_seen, conn.since) > limit:
-                self._dead(conn, now)  # drained (gone) instance that stopped answering
-            elif conn.sock is not None:
-                self._ping(conn)
-
-    def _dead(self, conn: Conn, now: float, why: str = "it stopped answering") -> None:
-        """*conn* is dead: retry its requests elsewhere and probe it afresh."""
-        self.warn(f"warning: instance {conn.key} dropped: {why}")
-        self.summary.dropped_instances += 1
-        conn.deaths += 1
-        self._unbalance(conn)
-        requests = list(conn.inflight.values())
-        conn.inflight.clear()
-        gone = conn.gone
-        self._close(conn)
-        if not gone:
-            self._open(conn)  # a fresh socket: nothing queued for the dead one is ever sent
-        for req in requests:
-            self._attempt_failed(req, "its instance died", now)
-        self._fill()
-
-    # -- input --------------------------------------------------------------------------------
     def feed(self, items: Iterable[bytes]) -> None:
         """Requests from *items* (one body each), e.g. the command line's arguments."""
-        self.source = iter(items)
+        self.input.feed(items)
 
     def feed_fd(self, fd: int) -> None:
         """Requests from the lines read from *fd* (newlines removed)."""
-        self.fd = fd
-        os.set_blocking(fd, False)
-        self.watch(fd, "input", self._read_input)
+        self.input.feed_fd(fd)
 
-    def _read_input(self) -> None:
-        try:
-            data = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        if not data:
-            self.eof = True
-            self.forget(self.fd)
-            if self.partial:
-                tail = self.partial
-                self.lines.append(_Long(tail, self.skipped + len(tail)) if self.skipped else tail)
-                self.partial, self.skipped = b"", 0
-        else:
-            # a line over the limit keeps only its head (for the error): input without a
-            # newline costs neither unbounded memory nor quadratic copying
-            keep = self.max_request + 1
-            parts = (self.partial + data).split(b"\n")
-            tail = parts.pop()
-            if self.skipped and parts:  # the long line ends here
-                first = parts[0]
-                parts[0] = _Long(first[:keep], self.skipped + len(first))
-                self.skipped = 0
-            if len(tail) > keep:
-                self.skipped += len(tail) - keep
-                tail = tail[:keep]
-            self.partial = tail
-            self.lines.extend(parts)
-        if len(self.lines) >= self.window or self.eof:
-            self.forget(self.fd)  # enough read ahead: read on when they are sent
+    def _retry_all(self, requests: list[Request], now: float) -> None:
+        """The instance these were sent to died: retry each elsewhere."""
+        self.summary.dropped_instances += 1
+        for req in requests:
+            self._attempt_failed(req, "its instance died", now)
         self._fill()
-
-    def _next_body(self) -> bytes | None:
-        if self.lines:
-            return self.lines.popleft()
-        if self.source is not None:
-            item = next(self.source, None)
-            if item is None:
-                self.source = None
-                self.eof = True
-            return item
-        if self.fd >= 0 and not self.eof:
-            self.watch(self.fd, "input", self._read_input)
-        return None
 
     # -- sending --------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -439,7 +188,7 @@ class Caller(Daemon):
         if self.holding:
             # at the start, give every known instance a moment to answer its first ping,
             # so the first requests do not all go to the quickest one
-            if now < self.hold_until and any(c.backend is None for c in self.conns.values()):
+            if now < self.hold_until and self.pool.probing():
                 return
             self.holding = False
         pending = self.pending
@@ -452,9 +201,9 @@ class Caller(Daemon):
                     self._expire(req)
                     continue
             else:
-                if self.next_seq - self.next_out > REORDER_LIMIT and not self.unordered:
+                if self.next_seq - self.output.next_out > REORDER_LIMIT and not self.unordered:
                     return
-                body = self._next_body()
+                body = self.input.next_body()
                 if body is None:
                     return
                 seq = self.next_seq
@@ -468,7 +217,7 @@ class Caller(Daemon):
             if not self._send(req, now):
                 waiting.appendleft(req)
                 return
-        self._emit()
+        self.output.emit()
 
     def _attempts_left(self, req: Request) -> int:
         """The attempts *req* may still make, the one about to be sent included: its retries
@@ -516,8 +265,7 @@ class Caller(Daemon):
         inflight = conn.inflight
         balancer = self.balancer
         backend = conn.backend
-        buf = self._buf
-        unordered = self.unordered
+        answered = self.output.answered
         latencies = self.latencies
         recv = p.recv
         for _ in range(1000):
@@ -558,27 +306,17 @@ class Caller(Daemon):
                 latencies.append(now - req.first)
                 if status == p.OK:
                     self.summary.ok += 1
-                    if unordered:
-                        buf.append(body)
-                        buf.append(b"\n")
-                    elif req.seq == self.next_out:
-                        buf.append(body)
-                        buf.append(b"\n")
-                        self.next_out += 1
-                        if self.held:
-                            self._release_held()
-                    else:
-                        self.held[req.seq] = body
+                    answered(req.seq, body)
                 else:
                     self._fail(req, body.decode(errors="replace"))
             else:
                 self._control(conn, frames, now)
         if backend is None and conn.backend is None and conn.sock is sock and not conn.gone:
-            self._alive(conn, now)
+            self.pool.alive(conn, now)
         if conn.gone and not conn.inflight:
-            self._close(conn)
+            self.pool.close(conn)
         self._fill()
-        self._emit()
+        self.output.emit()
 
     def _control(self, conn: Conn, frames: list[bytes], now: float) -> None:
         try:
@@ -644,28 +382,7 @@ class Caller(Daemon):
     def _fail(self, req: Request, reason: str) -> None:
         self.summary.failed += 1
         self.failed_cb(req.seq, req.body, reason)
-        if self.unordered:
-            return
-        if req.seq == self.next_out:
-            self.next_out += 1
-            self._release_held()
-        else:
-            self.held[req.seq] = None
-
-    def _release_held(self) -> None:
-        held, buf = self.held, self._buf
-        while self.next_out in held:
-            body = held.pop(self.next_out)
-            if body is not None:
-                buf.append(body)
-                buf.append(b"\n")
-            self.next_out += 1
-
-    def _emit(self) -> None:
-        if self._buf:
-            data = b"".join(self._buf)
-            self._buf.clear()
-            self.out(data)
+        self.output.failed(req.seq)
 
     # -- deadlines ------------------------------------------------------------------------------
     def _check_deadlines(self) -> None:
@@ -709,7 +426,7 @@ class Caller(Daemon):
             self.empty_since = None
         if expired:
             self._fill()
-        self._emit()
+        self.output.emit()
 
     def _hopeless(self, now: float) -> bool:
         """No live instance, and none to hope for: for a whole request's time (for one to
@@ -719,10 +436,8 @@ class Caller(Daemon):
         empty = now - self.empty_since
         if empty >= self.timeout:
             return True
-        if self.ever_live or self.candidates:
-            return False
         wait = max(PROBE_TIME, 3 * self.heartbeat)
-        return empty >= wait and all(now - c.since >= wait for c in self.conns.values())
+        return empty >= wait and self.pool.none_to_hope_for(now, wait)
 
     def _give_up(self) -> None:
         """No live instance for too long: fail the requests sent (they may have run, each is
@@ -732,9 +447,8 @@ class Caller(Daemon):
         self.waiting.clear()
         self.delayed.clear()
         self.deadlines.clear()
-        for conn in self.conns.values():
-            conn.inflight.clear()
-        more = bool(self.lines) or self.source is not None or not self.eof
+        self.pool.forget_requests()
+        more = self.input.more
         unsent: Request | None = None
         for req in sorted(sent, key=lambda r: r.seq):
             if req.attempt:
@@ -743,58 +457,42 @@ class Caller(Daemon):
                 unsent = req
         self.summary.no_instance = True
         if unsent is None and more:
-            body = self._next_body() if self.lines or self.source is not None else None
+            body = self.input.next_unsent()
             unsent = Request(self.next_seq, b"", body or b"")
         if unsent is not None:
             # the first request not sent is reported (not counted as failed): the others
             # after it are not read
             self.summary.unsent = unsent.seq
             self.failed_cb(unsent.seq, unsent.body, "no live instance (not sent)")
-        self.lines.clear()
-        self.source = None
-        self.eof = True
-        if self.fd >= 0:
-            self.forget(self.fd)
-        self._emit()
+        self.input.stop()
+        self.output.emit()
         self.stop()
 
     # -- running ----------------------------------------------------------------------------------
     def done(self) -> bool:
-        return (
-            self.eof
-            and not self.lines
-            and not self.pending
-            and not self.waiting
-            and not self.delayed
-            and self.source is None
-        )
+        return self.input.exhausted and not self.pending and not self.waiting and not self.delayed
 
     def run(self) -> Summary:
         """Send every request and wait for every answer (or failure); the summary."""
-        self.every(self.heartbeat, "heartbeats", self._heartbeats, first=self.heartbeat)
+        self.every(self.heartbeat, "heartbeats", self.pool.heartbeats, first=self.heartbeat)
         self.every(min(0.05, self.timeout / 4), "deadlines", self._check_deadlines)
         self.after(self.hold_until - time.monotonic(), "start", self._fill)
-        if self.source is not None and self.fd < 0:
-            self.eof = False
+        self.input.start()
         try:
             self.serve(until=self.done)
         finally:
-            if self.fd >= 0:  # a terminal or a pipe shared with others: leave it as it was
-                with contextlib.suppress(OSError):
-                    os.set_blocking(self.fd, True)
-        self._emit()
+            self.input.restore()
+        self.output.emit()
         return self.summary
 
     def close(self) -> None:
-        for conn in list(self.conns.values()):
-            conn.gone = True
-            self._close(conn)
+        self.pool.close_all()
         super().close()
 
     def percentile(self, q: float) -> float:
         """The *q* quantile (0..1) of recent request latencies, in milliseconds."""
-        lat = sorted(self.latencies)
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else 0.0
+        value = percentile(sorted(self.latencies), q)
+        return 0.0 if value is None else value * 1000
 
     def figures(self) -> dict[str, Any]:
         return {

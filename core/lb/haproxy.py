@@ -16,11 +16,9 @@ the same call as :meth:`HaproxyEngine.update`, without a restart:
   connection has ended (HAProxy refuses to delete a server with connections),
   or after ``drain_timeout`` by ``shutdown sessions server`` first.
 
-HAProxy server names are derived from the registry ids (a cleaned prefix and
-a hash of id, host and port), so no id, however hostile, reaches the
-configuration file or a Runtime API command as anything but ``[A-Za-z0-9_.-]``.
-Addresses are IP literals (a host name is resolved once, here) and ports and
-weights are integers in range: a record that fails is logged and left out.
+Server names, addresses and the configuration file are core/lb/haproxycfg.py's:
+no registry id or address reaches HAProxy unchecked; a record that fails is
+logged and left out.
 
 Needs HAProxy >= 2.5 (``add server`` with ``check``, ``del server``); the
 Debian 12 package is 2.6.
@@ -30,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
-import hashlib
+import errno
 import ipaddress
 import math
 import os
@@ -44,143 +41,52 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdaError, UsageError
+from .haproxycfg import (
+    BACKEND,
+    MAX_WEIGHT,
+    MIN_VERSION,
+    STRATEGIES,
+    Server,
+    ServerState,
+    Target,
+    Timers,
+    address,
+    as_int,
+    check_words,
+    listen_address,
+    parse_version,
+    resolve,
+    server_name,
+    write_config,
+)
 from .selfloop import reaches
+
+__all__ = ["STRATEGIES", "HaproxyEngine", "Server", "ServerState", "server_name"]
 
 Log = Callable[[str], None]
 
-FRONTEND = "eda_in"
-BACKEND = "eda"
-MIN_VERSION = (2, 5)
-MAX_WEIGHT = 256  # HAProxy's limit for a server weight
-MAX_TIMER_MS = 2**31 - 1  # HAProxy's limit for a time in its configuration
-STRATEGIES = {
-    "round-robin": "roundrobin",
-    "weighted": "roundrobin",
-    "least-conn": "leastconn",
-    "random": "random",
-    "p2c": "random(2)",  # HAProxy's power of two choices
-}
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.?"
-)
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ALERT = re.compile(r"^\[(?:ALERT|ERROR|NOTICE|WARNING)\]\s*(?:\(\d+\)\s*)?:\s*")
-_PR_SET_PDEATHSIG = 1
 
 
 def _quiet(_message: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Server:
-    """One backend as HAProxy should see it."""
-
-    id: str  # registry instance id (HAProxy server name derived safely from it)
-    host: str
-    port: int
-    weight: int = 1
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """One server as HAProxy reports it (``show stat``)."""
-
-    id: str  # the registry id it was added for ("" if HAProxy has a server eda did not add)
-    name: str  # HAProxy's server name
-    address: str  # ip:port
-    status: str  # UP, DOWN, MAINT, DRAIN, "UP 1/2", "DOWN 1/3", no check...
-    weight: int
-    sessions: int  # current connections
-    total: int  # connections since the server was added
-
-
-def server_name(server_id: str, host: str, port: int) -> str:
-    """HAProxy's name for an instance: ``[A-Za-z0-9_.-]`` only, unique per (id, host, port).
-
-    A cleaned prefix of the id keeps it readable in HAProxy's statistics; the
-    hash keeps two ids that clean to the same prefix (or an id that moved to
-    another address) apart.
-    """
-    raw = f"{server_id}\0{host}\0{port}".encode("utf-8", "backslashreplace")
-    digest = hashlib.sha256(raw).hexdigest()[:12]
-    label = _UNSAFE.sub("_", server_id)[:40].strip("._-") or "server"
-    return f"{label}-{digest}"
-
-
-def parse_version(text: str) -> tuple[int, int]:
-    """(major, minor) from ``show info``'s ``Version: 2.6.12-1+deb12u4`` (or ``haproxy -v``)."""
-    match = re.search(r"(?:Version:|version)\s*(\d+)\.(\d+)", text)
-    if match is None:
-        raise EdaError(f"haproxy: cannot tell its version from {text[:80]!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def _resolve(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An IP literal as is; a well-formed host name resolved (first address)."""
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    if not _HOSTNAME.fullmatch(text):
-        raise ValueError(f"not an IP address or host name: {host[:80]!r}")
-    try:
-        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise ValueError(f"cannot resolve {text!r}: {exc}") from None
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as 'localhost' means
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        with contextlib.suppress(ValueError):
-            return ipaddress.ip_address(sockaddr[0])
-    raise ValueError(f"cannot resolve {text!r}")
-
-
-def _endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
-    """``ip:port`` as HAProxy reads it (``ipv6@`` makes an IPv6 address unambiguous)."""
-    if ip.version == 6:
-        if ip.scope_id:
-            raise ValueError(f"scoped IPv6 addresses are not supported: {ip}")
-        return f"ipv6@{ip}:{port}"
-    return f"{ip}:{port}"
-
-
-@dataclass(frozen=True)
-class _Target:
-    server: Server
-    name: str
-    endpoint: str
-    weight: int
-
-
-def _pdeathsig() -> Callable[[], None] | None:
-    """A function for the child, between fork and exec: SIGTERM when the parent dies, so
-    no haproxy outlives eda-lb.  libc's prctl is looked up here, in the parent: loading a
-    library in a child forked from a threaded process could deadlock."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-    args = (
-        ctypes.c_int(_PR_SET_PDEATHSIG),
-        ctypes.c_ulong(signal.SIGTERM),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-    )
-
-    def child() -> None:  # pragma: no cover - runs in the child before exec
-        prctl(*args)
-
-    return child
+def _command_line(binary: str, config: Path) -> list[str]:
+    """haproxy's command line; behind ``setpriv --pdeathsig TERM`` (util-linux) when it is
+    there, so that no haproxy outlives eda-lb.  The signal is set by setpriv, not by a
+    ``preexec_fn``: eda-lb runs threads (the registry feed, zeroconf's) when it starts
+    haproxy, and Python code in the child of a fork of a threaded process can deadlock
+    on a lock another thread held."""
+    found = shutil.which(binary)
+    if found is None:
+        raise OSError(errno.ENOENT, "not found")
+    argv = [found, "-db", "-f", str(config)]
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 class HaproxyEngine:
@@ -229,18 +135,18 @@ class HaproxyEngine:
         self.ready_timeout = ready_timeout
         self.binary = binary
         self._log = log
-        self._bind = self._listen_endpoint(listen_host, listen_port)
+        self._bind = listen_address(listen_host, listen_port)
         self._listen_port = listen_port
         self._listen_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         with contextlib.suppress(ValueError):
-            self._listen_ip = _resolve(listen_host or "0.0.0.0")
+            self._listen_ip = resolve(listen_host or "0.0.0.0")
         self._own_workdir = workdir is None
         self._workdir_arg = workdir
         self.workdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
-        self._active: dict[str, _Target] = {}  # by HAProxy name
-        self._draining: dict[str, tuple[_Target, float]] = {}  # name -> (target, deadline)
+        self._active: dict[str, Target] = {}  # by HAProxy name
+        self._draining: dict[str, tuple[Target, float]] = {}  # name -> (target, deadline)
         self._names: dict[str, str] = {}  # HAProxy name -> registry id, for every server added
         self._reported: set[Server] = set()  # refused records already logged
         self._stop_reaper = threading.Event()
@@ -300,13 +206,12 @@ class HaproxyEngine:
         try:
             with open(self.log_path, "wb") as err:
                 self._proc = subprocess.Popen(
-                    [self.binary, "-db", "-f", str(self.config_path)],
+                    _command_line(self.binary, self.config_path),
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
                     cwd=self.workdir,
                     start_new_session=True,  # the terminal's ^C is eda-lb's to handle
-                    preexec_fn=_pdeathsig(),  # prctl only, between fork and exec
                 )
         except OSError as exc:
             self._cleanup()
@@ -419,9 +324,9 @@ class HaproxyEngine:
                 self._write_config()
             self._reap()
 
-    def _add(self, target: _Target) -> None:
+    def _add(self, target: Target) -> None:
         name = target.name
-        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
+        check = check_words(self.check_interval, self.rise, self.fall)
         if not self._try(
             f"add server {BACKEND}/{name} {target.endpoint} weight {target.weight} {check}",
             ok=("New server registered.",),
@@ -439,7 +344,7 @@ class HaproxyEngine:
             self._try(f"set server {BACKEND}/{name} state maint")
             self._try(f"del server {BACKEND}/{name}", ok=("Server deleted.",))
 
-    def _revive(self, target: _Target) -> None:
+    def _revive(self, target: Target) -> None:
         """An instance that comes back while its old server still drains: use it again."""
         name = target.name
         if self._try(f"set server {BACKEND}/{name} weight {target.weight}") and self._try(
@@ -497,18 +402,18 @@ class HaproxyEngine:
                     name=name,
                     address=rec.get("addr") or "",
                     status=rec.get("status") or "",
-                    weight=_int(rec.get("weight")),
-                    sessions=_int(rec.get("scur")),
-                    total=_int(rec.get("stot")),
+                    weight=as_int(rec.get("weight")),
+                    sessions=as_int(rec.get("scur")),
+                    total=as_int(rec.get("stot")),
                 )
             )
         return found
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _targets(self, servers: list[Server]) -> list[_Target]:
+    def _targets(self, servers: list[Server]) -> list[Target]:
         """Validated, de-duplicated targets; a bad record is logged and left out."""
-        out: dict[str, _Target] = {}
+        out: dict[str, Target] = {}
         seen: set[str] = set()
         for s in servers:
             try:
@@ -516,8 +421,8 @@ class HaproxyEngine:
                     raise ValueError(f"port out of range: {s.port!r}")
                 if not isinstance(s.weight, int):
                     raise ValueError(f"weight not an integer: {s.weight!r}")
-                ip = _resolve(str(s.host))
-                endpoint = _endpoint(ip, s.port)
+                ip = resolve(str(s.host))
+                endpoint = address(ip, s.port)
                 if self._is_self(ip, s.port):
                     raise ValueError("it is this proxy's own listen address")
             except ValueError as exc:
@@ -529,7 +434,7 @@ class HaproxyEngine:
             seen.add(s.id)
             weight = min(max(s.weight, 0), MAX_WEIGHT) if self.strategy == "weighted" else 1
             name = server_name(s.id, str(ip), s.port)
-            out[name] = _Target(server=s, name=name, endpoint=endpoint, weight=weight)
+            out[name] = Target(server=s, name=name, endpoint=endpoint, weight=weight)
         return list(out.values())
 
     def _is_self(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
@@ -546,45 +451,16 @@ class HaproxyEngine:
         self._log(message)
 
     def _write_config(self) -> None:
-        """haproxy.cfg for the current servers (read by haproxy at start; kept in step after)."""
-        check = f"check inter {_ms(self.check_interval, 10)}ms rise {self.rise} fall {self.fall}"
-        lines = [
-            "# written by eda-lb; changes after start go through the Runtime API",
-            "global",
-            f"    stats socket {self.socket_path} mode 600 level admin",
-            "    stats timeout 10s",
-            f"    hard-stop-after {_ms(self.drain_timeout, 1)}ms",
-            "",
-            "defaults",
-            "    mode tcp",
-            f"    timeout connect {_ms(self.connect_timeout, 1)}ms",
-            f"    timeout client {_ms(self.idle_timeout, 1)}ms",
-            f"    timeout server {_ms(self.idle_timeout, 1)}ms",
-            "    retries 2",
-            "    option redispatch 1",  # a failed connect is retried on another instance
-            "",
-            f"frontend {FRONTEND}",
-            f"    bind {self._bind}",
-            f"    default_backend {BACKEND}",
-            "",
-            f"backend {BACKEND}",
-            f"    balance {STRATEGIES[self.strategy]}",
-        ]
-        for t in self._active.values():
-            assert _SAFE_NAME.fullmatch(t.name)
-            lines.append(f"    server {t.name} {t.endpoint} weight {t.weight} {check}")
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(self.config_path)
-
-    @staticmethod
-    def _listen_endpoint(host: str, port: int) -> str:
-        if host in ("", "*"):
-            return f":{port}"
-        try:
-            return _endpoint(_resolve(host), port)
-        except ValueError as exc:
-            raise UsageError(f"bad listen address: {exc}") from None
+        timers = Timers(
+            self.check_interval,
+            self.rise,
+            self.fall,
+            self.drain_timeout,
+            self.connect_timeout,
+            self.idle_timeout,
+        )
+        targets = list(self._active.values())
+        write_config(self.config_path, self.socket_path, self._bind, self.strategy, timers, targets)
 
     def _check_running(self) -> None:
         if self._proc is None:
@@ -632,15 +508,3 @@ class HaproxyEngine:
         alerts = [line for line in lines if line.startswith("[ALERT]")]
         line = (alerts or lines or ["no message"])[0]
         return _ALERT.sub("", line)[:300]
-
-
-def _ms(seconds: float, least: int) -> int:
-    """*seconds* as HAProxy milliseconds: at least *least*, at most its timer limit (~24 days)."""
-    return min(max(least, round(seconds * 1000)), MAX_TIMER_MS)
-
-
-def _int(value: str | None) -> int:
-    try:
-        return int(value or 0)
-    except ValueError:
-        return 0

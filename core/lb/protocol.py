@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import zmq
@@ -166,6 +167,7 @@ _SEND, _RECV, _GET = _Raw.send, _Raw.recv, _Raw.get
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
+_SEND_SHARED: Callable[..., Any] = _Raw.send  # with its copy argument
 
 
 def send(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -182,6 +184,19 @@ def send_request(sock: zmq.Socket[bytes], rid: bytes, timeout_ms: bytes, body: b
     _SEND(sock, rid, _MORE)
     _SEND(sock, timeout_ms, _MORE)
     _SEND(sock, body, _LAST)
+
+
+def forward_request(
+    sock: zmq.Socket[bytes], ident: bytes, rid: bytes, timeout_ms: bytes, body: bytes
+) -> None:
+    """A ``Q`` on a ROUTER, to the peer *ident* (a broker to a worker); a large body is
+    shared with libzmq, not copied."""
+    _SEND(sock, ident, _MORE)
+    _SEND(sock, TAG, _MORE)
+    _SEND(sock, REQUEST, _MORE)
+    _SEND(sock, rid, _MORE)
+    _SEND(sock, timeout_ms, _MORE)
+    _SEND_SHARED(sock, body, _LAST, len(body) < 65536)
 
 
 def send_reply(
@@ -210,6 +225,22 @@ def recv(sock: zmq.Socket[bytes]) -> list[bytes]:
         frame = _RECV(sock, _LAST, False)
         frames.append(frame.bytes)
     return frames
+
+
+def messages(
+    sock: zmq.Socket[bytes], limit: int = 1000, max_bytes: int = 1 << 62
+) -> Iterator[list[bytes]]:
+    """The messages waiting on *sock*, at most *limit* (and about *max_bytes*), without
+    blocking."""
+    for _ in range(limit):
+        if max_bytes <= 0:
+            return
+        try:
+            msg = recv(sock)
+        except zmq.Again:
+            return
+        max_bytes -= len(msg[-1])
+        yield msg
 
 
 # -- validating -----------------------------------------------------------------------------

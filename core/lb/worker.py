@@ -43,6 +43,7 @@ import zmq
 
 from ..daemon import DRAIN_LIMIT, Daemon, Log
 from ..errors import ProtocolError, UsageError
+from ..measure import latency_ms
 from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
 
@@ -889,10 +890,7 @@ class Worker(Daemon):
     # -- stats -------------------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:
         """This instance's figures, as its ``T`` reply carries them."""
-        lat = sorted(self.latencies)
-
-        def pct(q: float) -> float:
-            return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3) if lat else 0.0
+        latency = {k: v or 0.0 for k, v in latency_ms(self.latencies).items()}
 
         return {
             "service": self.service,
@@ -913,5 +911,5 @@ class Worker(Daemon):
             "weight": self.weight,
             "brokers": sum(1 for b in self.brokers.values() if b.sock is not None),
             "uptime": round(time.monotonic() - self.started, 3),
-            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
+            "latency_ms": latency,
         }

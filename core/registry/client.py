@@ -1,4 +1,4 @@
-"""Talking to registries: finding one, asking it, and failing over to another.
+"""Talking to registries: where they are, and what a registry's hello means.
 
 Where the registry is, in order: endpoints given explicitly (``--registry``
 or ``EDA_REGISTRY``); else the endpoints that answered last time (a cache
@@ -8,20 +8,19 @@ millisecond, not a timeout); else a one-shot mDNS query for
 its live peers, which become failover candidates: when a request gets no
 answer in time the client moves on to the next registry by itself.
 
-Request ids, timeouts and the failover loop are :class:`eda.core.reqrep.Client`'s;
-this module says where registries are and what a registry's hello means.
+Finding, request ids, timeouts and the failover loop are
+:class:`eda.core.reqrep.Client`'s; this module says where registries are
+and what a registry's hello means.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 from .. import reqrep
-from ..cache import cached, remember
-from ..errors import EdaError, UsageError
-from ..reqrep import tcp_reachable as _tcp_reachable
+from ..endpoint import Endpoint
+from ..errors import EdaError
 from . import protocol
 from .model import InvalidRecord, validate_registry_id
 
@@ -36,23 +35,23 @@ class RegistryUnavailable(reqrep.Unavailable):
 
 CACHE_KEY = "registry-endpoints"  # in the shared discovery cache
 MAX_LEARNED = 32  # failover candidates learned from registries' hellos
-MAX_ANNOUNCED = 8  # registries found by mDNS that one request tries
 
 
 def check_endpoint(endpoint: str) -> str:
-    """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`."""
+    """*endpoint* as tcp://HOST:PORT text, else :class:`UsageError`."""
     return reqrep.check_endpoint(endpoint, "registry")
 
 
-def local_address_towards(endpoint: str) -> str:
-    """The local IPv4 address this host uses to reach *endpoint* (no packet is sent)."""
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def local_address_towards(endpoint: Endpoint) -> str:
+    """The local address this host uses to reach *endpoint* (no packet is sent)."""
+    family = socket.AF_INET6 if endpoint.is_ipv6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.connect((socket.gethostbyname(host), 9))
+        host = endpoint.host if endpoint.is_literal else socket.gethostbyname(endpoint.host)
+        sock.connect((host, 9))
         return str(sock.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        return "::1" if endpoint.is_ipv6 else "127.0.0.1"
     finally:
         sock.close()
 
@@ -61,6 +60,8 @@ class Client(reqrep.Client):
     """Requests to a registry, moving to another one when it stops answering."""
 
     what = "registry"
+    cache_key = CACHE_KEY
+    service_type = protocol.REGISTRY_TYPE
 
     def __init__(
         self,
@@ -71,57 +72,13 @@ class Client(reqrep.Client):
         timeout: float = 1.0,
         discover_timeout: float = 0.15,
     ) -> None:
-        super().__init__(endpoints, timeout=timeout)
-        self.interface = interface
-        self.use_mdns = use_mdns
-        self.discover_timeout = discover_timeout
-        self.learned: list[str] = []  # peers named by registries that answered
-        # registries known from the cache or mDNS that refused a TCP connect: a
-        # registry that is down, which must not pass for an empty one
-        self.unreachable: list[str] = []
+        super().__init__(endpoints, timeout=timeout, use_mdns=use_mdns, interface=interface,
+                         discover_timeout=discover_timeout)  # fmt: skip
         self.registry_id = ""
 
-    # -- choosing a registry --------------------------------------------------------
-    def candidates(self, tried: set[str]) -> Iterator[str]:
-        """Endpoints to try next, lazily (mDNS is asked only when the rest failed)."""
-        yield from (e for e in self.explicit if e not in tried)
-        yield from (e for e in self.learned if e not in tried)
-        if self.explicit:
-            return
-        for endpoint in cached(CACHE_KEY):
-            if endpoint not in tried and self._reachable(endpoint):
-                yield endpoint
-        if self.use_mdns:
-            from ..discovery import find_once
-
-            peers = find_once(
-                protocol.REGISTRY_TYPE, interface=self.interface, timeout=self.discover_timeout
-            )
-            # anyone can announce a registry: one that does not even accept a TCP
-            # connection costs a refused connect (or 0.2 s), not a request timeout,
-            # and at most MAX_ANNOUNCED of them are tried
-            announced = [p.endpoint for p in peers if p.endpoint not in tried]
-            for endpoint in announced[:MAX_ANNOUNCED]:
-                if self._reachable(endpoint):
-                    yield endpoint
-
-    def _reachable(self, endpoint: str) -> bool:
-        """Whether *endpoint* accepts a TCP connection (else noted in :attr:`unreachable`)."""
-        if _tcp_reachable(endpoint):
-            return True
-        if endpoint not in self.unreachable:
-            self.unreachable.append(endpoint)
-        return False
-
-    def connect(self, endpoint: str) -> None:
+    def connect(self, endpoint: Endpoint) -> None:
         super().connect(endpoint)
         self.registry_id = ""  # learned again by hello()
-
-    def answered(self) -> None:
-        """Cache the registry that answered (first) and the peers it named."""
-        if not self.explicit and self.current is not None:
-            known = [self.current, *[e for e in self.learned if e != self.current]]
-            remember(CACHE_KEY, known)
 
     def none_found(self) -> EdaError:
         if self.unreachable:
@@ -132,11 +89,12 @@ class Client(reqrep.Client):
 
     def down_message(self) -> str:
         """What :attr:`unreachable` means, in words: the registries seen before are down."""
-        listed = ", ".join(self.unreachable[:3]) + (", ..." if len(self.unreachable) > 3 else "")
-        return f"the registry seen before ({listed}) does not answer: it refuses connections"
+        listed = ", ".join(e.zmq for e in self.unreachable[:3])
+        more = ", ..." if len(self.unreachable) > 3 else ""
+        return f"the registry seen before ({listed}{more}) does not answer: it refuses connections"
 
-    def none_answered(self, tried: set[str]) -> EdaError:
-        return RegistryUnavailable(f"no registry answered (tried {', '.join(sorted(tried))})")
+    def none_answered(self, tried: set[Endpoint]) -> EdaError:
+        return RegistryUnavailable(f"no registry answered (tried {reqrep.listed(tried)})")
 
     def hello(self) -> dict[str, Any]:
         """Greet the registry; remember its id and the peers it names for failover.
@@ -150,20 +108,18 @@ class Client(reqrep.Client):
         except InvalidRecord:
             raise protocol.RemoteError("the registry sent a malformed hello") from None
         peers = reply.get("peers", [])
-        for endpoint in peers if isinstance(peers, list) else []:
+        for text in peers if isinstance(peers, list) else []:
             if len(self.learned) >= MAX_LEARNED:
                 break
-            if isinstance(endpoint, str) and endpoint not in self.learned:
-                try:
-                    self.learned.append(check_endpoint(endpoint))
-                except UsageError:
-                    continue
+            endpoint = Endpoint.from_peer(text)
+            if endpoint is not None and endpoint not in self.learned:
+                self.learned.append(endpoint)
         return reply
 
-    def pub_endpoint(self, reply: dict[str, Any]) -> str:
+    def pub_endpoint(self, reply: dict[str, Any]) -> Endpoint:
         """The change stream's endpoint from a hello reply."""
         assert self.current is not None
         port = reply.get("pub_port")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise protocol.RemoteError("the registry sent a malformed hello (pub_port)")
-        return f"{self.current.rsplit(':', 1)[0]}:{port}"
+        return self.current.with_port(port)

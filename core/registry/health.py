@@ -1,4 +1,5 @@
-"""Health checks run by ``register`` itself, debounced with rise/fall counts.
+"""Health checks run by ``register`` itself, debounced with rise/fall counts
+(the one rule of core/measure.py, which eda-lb tcp's checks follow too).
 
 A check is a shell command (exit 0 passing, 1 warning, anything else or a
 timeout critical) or ``tcp`` (a TCP connect to the instance's host and
@@ -24,6 +25,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 
+from ..measure import Debounce as _Debounce
 from .model import CRITICAL, PASSING, WARNING
 
 STARTUP_MAX = 2.0  # seconds between checks at most, until the instance first passes
@@ -57,42 +59,11 @@ def connect_tcp(host: str, port: int, timeout: float) -> str:
     return PASSING
 
 
-class Debounce:
-    """Rise/fall counting over raw check results."""
+class Debounce(_Debounce[str]):
+    """Rise/fall over check statuses (core/measure.py): ``passing`` is the good one."""
 
     def __init__(self, rise: int, fall: int) -> None:
-        self.rise, self.fall = rise, fall
-        self.status: str | None = None
-        self.passed = False  # has the instance ever been passing?
-        self._run_failing: bool | None = None  # which way the current run pushes
-        self._count = 0
-
-    def feed(self, result: str) -> bool:
-        """Take one result; True when the reported status changed.
-
-        A run is a series of results that push the status the same way:
-        passing ones, or failing ones (warning and critical alike), so a check
-        alternating between warning and critical still falls after ``fall``
-        results and then reports the latest of them.
-        """
-        if self.status is None:
-            self.status = result  # the first result counts at once
-            self.passed = result == PASSING
-            return True
-        if result == PASSING and not self.passed:  # starting up: the first pass counts at once
-            self.status, self.passed, self._run_failing, self._count = result, True, None, 0
-            return True
-        if result == self.status:
-            self._run_failing, self._count = None, 0
-            return False
-        failing = result != PASSING
-        if self._run_failing is not failing:
-            self._run_failing, self._count = failing, 0
-        self._count += 1
-        if self._count >= (self.fall if failing else self.rise):
-            self.status, self._run_failing, self._count = result, None, 0
-            return True
-        return False
+        super().__init__(rise, fall, PASSING)
 
 
 class Monitor:

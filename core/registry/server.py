@@ -32,7 +32,9 @@ from typing import Any
 
 import zmq
 
+from .. import sockets
 from ..daemon import BindError, Daemon, Log, bind_failed, port_of, received
+from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
 from ..reqrep import Handler, Service
 from . import protocol
@@ -61,19 +63,25 @@ class Settings:
 
 @dataclass
 class PeerLink:
-    endpoint: str
+    address: Endpoint
     sock: zmq.Socket[bytes]
     id: str = ""
     last_tick: float = 0.0
     alive: bool = False
     hello_sent: float = 0.0
 
+    @property
+    def endpoint(self) -> str:
+        return self.address.zmq
 
-def _split_hostport(value: str, default_host: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"bad address {value!r}: use HOST:PORT")
-    return host or default_host, int(port)
+
+def peer_endpoint(text: str) -> Endpoint:
+    """A peer registry's endpoint given by the user, or :class:`UsageError`."""
+    parsed = Endpoint.from_peer(text)
+    if parsed is None:
+        Endpoint.parse(text, "peer registry")  # says what is wrong with it
+        raise UsageError(f"bad peer registry endpoint {text[:80]!r}: give a host and a port")
+    return parsed
 
 
 class Server(Daemon):
@@ -120,7 +128,9 @@ class Server(Daemon):
         self.xpub = self.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub_endpoint = self.bind(self.xpub, settings.bind.rsplit(":", 1)[0] + ":*")
+        # the change stream: any port on the same interface as requests
+        where = Endpoint.parse(settings.bind, "bind").with_port(0)
+        self.pub_endpoint = self.bind(self.xpub, where).zmq
         self.watch(self.xpub, "subscriptions", self._drain_subscriptions)
         self.peer_sub = self.socket(zmq.SUB, max_message=4 * protocol.MAX_MESSAGE)
         for topic in (protocol.EVENTS, protocol.TICK):
@@ -134,10 +144,13 @@ class Server(Daemon):
 
     def _bind_dns(self, address: str) -> None:
         """UDP and TCP on the same port (a port of 0 picks one free for both)."""
-        host, port = _split_hostport(address, "127.0.0.1")
+        where = Endpoint.parse(address, "DNS", default_host="127.0.0.1")
+        family = socket.AF_INET6 if where.is_ipv6 else socket.AF_INET
+        host = "0.0.0.0" if where.host == "*" else where.host
+        port = where.port
         for _ in range(20 if port == 0 else 1):
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 udp.bind((host, port))
@@ -154,8 +167,8 @@ class Server(Daemon):
             raise BindError(f"cannot bind DNS on {address}: no port free for UDP and TCP")
         udp.setblocking(False)
         self.udp = udp
-        host, port = udp.getsockname()
-        self.dns_address = f"{host}:{port}"
+        host, port = udp.getsockname()[:2]
+        self.dns_address = str(Endpoint(host, port))
         self.watch(udp, "DNS", self._drain_dns)
         self.dns_tcp = TcpConnections(tcp, self.responder, self._watch_fd)
 
@@ -173,7 +186,7 @@ class Server(Daemon):
     def start(self) -> None:
         """Announce by mDNS, browse for peer registries, connect to explicit peers."""
         for endpoint in self.settings.peers:
-            self._add_peer(endpoint)
+            self._add_peer(peer_endpoint(endpoint))
         if self.settings.mdns:
             discovery = self.announce(
                 protocol.REGISTRY_TYPE,
@@ -228,7 +241,7 @@ class Server(Daemon):
         return {
             "registry": self.id,
             "tick": self.settings.tick,
-            "pub_port": int(self.pub_endpoint.rsplit(":", 1)[1]),
+            "pub_port": port_of(self.pub_endpoint),
             "peers": sorted(link.endpoint for link in self.links.values() if link.alive),
         }
 
@@ -300,24 +313,24 @@ class Server(Daemon):
                 endpoint = self.found.get_nowait()
             except queue.Empty:
                 return
-            self._add_peer(endpoint)
+            where = Endpoint.from_peer(endpoint)  # (from mDNS: checked there already)
+            if where is not None:
+                self._add_peer(where)
 
-    def _add_peer(self, endpoint: str) -> None:
+    def _add_peer(self, where: Endpoint) -> None:
+        endpoint = where.zmq
         if endpoint in self.links or endpoint == self.endpoint:
             return
         if len(self.links) >= MAX_PEERS:
             self.limited("peers", f"not linking to {endpoint[:80]}: {MAX_PEERS} peers already")
             return
-        from .client import check_endpoint
-
-        check_endpoint(endpoint)
         sock = self.socket(zmq.DEALER, max_message=64 * protocol.MAX_MESSAGE)
         try:
-            sock.connect(endpoint)
+            sockets.connect(sock, where)
         except zmq.ZMQError as exc:
             self.close_socket(sock)
             raise UsageError(f"bad peer endpoint {endpoint}: {exc}") from None
-        link = PeerLink(endpoint, sock)
+        link = PeerLink(where, sock)
         self.links[endpoint] = link
         self.watch(sock, "peer replies", lambda: self._drain_peer_replies(link))
         self._send(link, {"op": "hello"})
@@ -354,16 +367,16 @@ class Server(Daemon):
         if not isinstance(peers, list):
             raise ProtocolError("bad peers in a peer's hello")
         link.id = peer_id
-        host = link.endpoint.rsplit(":", 1)[0]
-        pub = f"{host}:{pub_port}"
-        if pub not in self.subscribed:
-            self.subscribed.add(pub)
-            self.peer_sub.connect(pub)
+        pub = link.address.with_port(pub_port)  # its change stream: same host
+        if pub.zmq not in self.subscribed:
+            self.subscribed.add(pub.zmq)
+            sockets.connect(self.peer_sub, pub)
         self.log(f"replicating with peer registry {peer_id} at {link.endpoint}")
         for endpoint in peers[:MAX_PEERS]:
-            if isinstance(endpoint, str) and len(endpoint) <= 300:
+            where = Endpoint.from_peer(endpoint)  # malformed ones are skipped
+            if where is not None:
                 with contextlib.suppress(UsageError):
-                    self._add_peer(endpoint)
+                    self._add_peer(where)
 
     def _drain_peer_stream(self) -> None:
         for frames in received(self.peer_sub):

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from ..errors import EdaError
-from ..sockets import new_socket
+from ..sockets import connect, new_socket
 from . import protocol
 from .client import Client
 from .model import MAX_REV, InvalidRecord, from_dict
@@ -112,7 +112,7 @@ class Watcher:
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
         self.sub = sub  # closed by _close_sub whatever happens next (term() waits for it)
         try:
-            sub.connect(self.client.pub_endpoint(hello))
+            connect(sub, self.client.pub_endpoint(hello))
         except zmq.ZMQError as exc:
             self._close_sub()
             raise protocol.RemoteError(f"bad change stream endpoint: {exc}") from None

@@ -50,7 +50,7 @@ import zmq
 
 from ..daemon import Daemon, received
 from ..errors import EdaError, ProtocolError, UsageError
-from ..reqrep import Service, check_endpoint, decode, encode, error_reply
+from ..reqrep import Envelope, Service, check_endpoint, decode, encode, error_reply, split_envelope
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
 TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
@@ -180,7 +180,7 @@ class BatchService(Service):
     one per frame (a :class:`Peer` sends what it has in one go); the replies
     to one asker go back together, one per frame, as one message.  A handler
     that returns ``{DEFER: True}`` answers later with :meth:`reply`, using
-    :attr:`current` (the asking peer) and the request's rid, saved at the
+    :attr:`current` (the asking peer's envelope) and the request's rid, saved at the
     time; between :meth:`hold` and :meth:`release` those replies are gathered
     too.  :attr:`ahead`, when set, sees the whole batch first (to start its
     work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
@@ -198,25 +198,27 @@ class BatchService(Service):
         # a frame of the largest data, every character escaped as \\uXXXX, still arrives
         super().__init__(daemon, handlers, max_message=MAX_FRAME)
         self.flush = flush
-        self.current = b""
+        self.current: Envelope = ()
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
-        self.held: dict[bytes, list[bytes]] | None = None
+        self.held: dict[Envelope, list[bytes]] | None = None
         self.lazy: Callable[[dict[str, Any]], bool] | None = None
         self.linger = 0.002
-        self.waiting: dict[bytes, list[bytes]] = {}
+        self.waiting: dict[Envelope, list[bytes]] = {}
         self.lingering: Any = None  # the timer that sends lingering replies
 
     def drain(self) -> None:
         """Answer a batch of requests; one flush, then every reply of the batch."""
         requests: list[list[bytes]] = []
         for frames in received(self.sock, 256):
-            if len(frames) > MAX_BATCH + 1:
+            envelope, bodies = split_envelope(frames)
+            if len(bodies) > MAX_BATCH:
                 self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
-            requests += [[frames[0], body] for body in frames[1 : MAX_BATCH + 1]]
+            requests += [[*envelope, body] for body in bodies[:MAX_BATCH]]
         if self.ahead is not None and len(requests) > 1:
             self.daemon.guarded("look-ahead", self.ahead, requests)
         urgent = False
-        for identity, body in requests:
+        for *route, body in requests:
+            identity = tuple(route)
             self.requests += 1
             self.current = identity
             reply = self.answer([body])
@@ -245,14 +247,14 @@ class BatchService(Service):
             self.daemon.limited("reply", f"cannot encode a reply: {exc}")
             return encode(error_reply(reply.get("rid"), EdaError("request failed")))
 
-    def _send(self, out: Mapping[bytes, list[bytes]]) -> None:
+    def _send(self, out: Mapping[Envelope, list[bytes]]) -> None:
         for identity, replies in out.items():
             try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
-                self.sock.send_multipart([identity, *replies], zmq.NOBLOCK)
+                self.sock.send_multipart([*identity, *replies], zmq.NOBLOCK)
             except zmq.ZMQError:  # the client is gone or not reading
                 pass
 
-    def reply(self, identity: bytes, rid: object, fields: Mapping[str, Any]) -> None:
+    def reply(self, identity: Envelope, rid: object, fields: Mapping[str, Any]) -> None:
         """Answer a deferred request (at :meth:`release`, if held)."""
         data = self._encode({**fields, "rid": rid, "ok": True})
         if self.held is not None:

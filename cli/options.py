@@ -1,0 +1,196 @@
+"""Options more than one command shares, each defined once.
+
+Every program has :func:`common_options`; commands that print items take
+:func:`output_options` (``--format``, ``--json``); those that find services
+:func:`registry_option`; the TCP proxy and ``eda-registry register``
+:func:`health_check_options`; eda-lb's three balancers :func:`strategy_option`
+(the names are :data:`eda.core.lb.balancer.STRATEGIES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from eda.cli.common import SHARED_ENVVARS
+from eda.core import __version__
+from eda.core.endpoint import Endpoint
+from eda.core.errors import UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SECONDS = click.FloatRange(min=0, min_open=True)
+JSON_HELP = "JSON Lines even on a terminal."
+# a health check at most every 10 ms: a shorter period spins a shell (or a connect) per
+# loop turn, and HAProxy counts its check interval in whole milliseconds
+CHECK_SECONDS = click.FloatRange(min=0.01)
+
+
+def common_options(func: F) -> F:
+    """Options every program has."""
+    decorators = [
+        click.option(
+            "-c",
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            envvar=SHARED_ENVVARS["--config"],
+            help="TOML config file (see FILES in the man page).",
+        ),
+        click.option(
+            "--interface",
+            envvar=SHARED_ENVVARS["--interface"],
+            metavar="NAME|IP",
+            help="Network interface (name or IPv4 address) for mDNS and binding.",
+        ),
+        click.option(
+            "--no-mdns",
+            "no_mdns",
+            is_flag=True,
+            envvar=SHARED_ENVVARS["--no-mdns"],
+            help="Do not use mDNS (no announcing, no browsing): give endpoints explicitly.",
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            "--debug",
+            "verbose",
+            is_flag=True,
+            help="Diagnostics on stderr; tracebacks on errors.",
+        ),
+        click.version_option(__version__, "--version", message="%(prog)s %(version)s"),
+        click.help_option("-h", "--help"),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def format_option(help: str) -> Callable[[F], F]:
+    """--format TEMPLATE (*help* names the fields of the command)."""
+    return click.option("--format", "template", metavar="TEMPLATE", help=help)
+
+
+def json_option(help: str = JSON_HELP) -> Callable[[F], F]:
+    """--json: JSON (Lines) even on a terminal."""
+    return click.option("--json", "force_json", is_flag=True, help=help)
+
+
+def output_options(format_help: str, json_help: str = JSON_HELP) -> Callable[[F], F]:
+    """--format TEMPLATE and --json, as :class:`eda.cli.output.Output` takes them."""
+
+    def decorate(func: F) -> F:
+        return format_option(format_help)(json_option(json_help)(func))
+
+    return decorate
+
+
+def registry_option(func: F) -> F:
+    """--registry and --serverless."""
+    func = click.option(
+        "--serverless",
+        is_flag=True,
+        help="No registry: announce / find instances by mDNS alone.",
+    )(func)
+    return registries_option(func)
+
+
+def registries_option(func: F) -> F:
+    """--registry alone (for what only a registry can do)."""
+    return click.option(
+        "--registry",
+        "registries",
+        multiple=True,
+        metavar="ENDPOINT",
+        envvar="EDA_REGISTRY",
+        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
+    )(func)
+
+
+def health_check_options(interval: float, timeout: float) -> Callable[[F], F]:
+    """--check-interval, --check-timeout, --rise and --fall; *interval* and *timeout* are
+    the program's defaults (a registered service's command check runs every 5 s, the TCP
+    proxy's connect checks every second)."""
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--check-interval",
+                type=CHECK_SECONDS,
+                default=interval,
+                show_default=True,
+                metavar="SECONDS",
+                help="Period of the health check.",
+            ),
+            click.option(
+                "--check-timeout",
+                type=CHECK_SECONDS,
+                default=timeout,
+                show_default=True,
+                metavar="SECONDS",
+                help="A check running longer fails.",
+            ),
+            click.option(
+                "--rise",
+                type=click.IntRange(1),
+                default=2,
+                show_default=True,
+                metavar="N",
+                help="Passing results in a row before an instance is passing again.",
+            ),
+            click.option(
+                "--fall",
+                type=click.IntRange(1),
+                default=3,
+                show_default=True,
+                metavar="N",
+                help="Failing results in a row before an instance stops passing.",
+            ),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def strategy_option(help: str) -> Callable[[F], F]:
+    """--strategy, one of :data:`eda.core.lb.balancer.STRATEGIES` (round-robin by default)."""
+    from eda.core.lb.balancer import STRATEGIES
+
+    return click.option(
+        "--strategy",
+        type=click.Choice(STRATEGIES),
+        default="round-robin",
+        show_default=True,
+        help=help,
+    )
+
+
+class EndpointType(click.ParamType[Endpoint]):
+    """An option naming a server to connect to, parsed once into an
+    :class:`~eda.core.endpoint.Endpoint` (``tcp://HOST:PORT``, ``HOST:PORT``,
+    ``[V6]:PORT``); a wildcard host or port is refused (nothing to connect to)."""
+
+    name = "endpoint"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        try:
+            endpoint = Endpoint.parse(str(value), self.what)
+            if endpoint.port == 0 or endpoint.host == "*":
+                raise UsageError(
+                    f"bad {self.what} endpoint {str(value)[:80]!r}: give the host and port "
+                    "to connect to, not a wildcard"
+                )
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        return endpoint
