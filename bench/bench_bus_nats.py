@@ -158,6 +158,11 @@ def prerequisites() -> str:
 
 def start_cluster(procs: Procs, work: Path) -> list[str]:
     """Three clustered nats-server -js on 127.0.0.1; their client URLs once each is ready."""
+    return [url for url, _ in start_nodes(procs, work)]
+
+
+def start_nodes(procs: Procs, work: Path) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`start_cluster`, with each node's process (node i + 1 is named ``n{i + 1}``)."""
     clients = [free_port() for _ in range(NODES)]
     routes = [free_port() for _ in range(NODES)]
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -173,7 +178,7 @@ def start_cluster(procs: Procs, work: Path) -> list[str]:
         nodes.append((proc, log))
     for proc, log in nodes:
         wait_for_text(log, "Server is ready", 20.0, proc)
-    return [f"nats://127.0.0.1:{p}" for p in clients]
+    return [(f"nats://127.0.0.1:{p}", proc) for p, (proc, _) in zip(clients, nodes, strict=True)]
 
 
 def js_call(urls: list[str], action: str, stream: str, subjects: str = "") -> None:

@@ -10,6 +10,7 @@ import click
 from eda.cli.common import Context, on_stop_signals, run
 from eda.cli.options import common_options, json_option
 from eda.cli.output import Column, Output, TableView, for_terminal
+from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -27,25 +28,7 @@ Examples:
   eda-bus migrate --from ./bus --to nats://10.0.0.5:4222
 """
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_bytes(text: str) -> int:
-    """'10GB', '512MiB', '1000' as bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not m:
-        raise UsageError(f"bad size {text!r}: use e.g. 500MB, 10GB, 1GiB")
-    base = 1024 ** "kmgt".index(m[2]) * 1024 if m[3] and m[2] else _UNITS[m[2]]
-    return int(float(m[1]) * base)
-
-
-def parse_age(text: str) -> float:
-    """'7d', '12h', '30m', '90s', '90' as seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
-    if not m:
-        raise UsageError(f"bad age {text!r}: use e.g. 90s, 30m, 12h, 7d, 2w")
-    return float(m[1]) * _AGES[m[2] or "s"]
+parse_bytes = parse_size  # sizes and ages are parsed in core (eda-lb imports this name)
 
 
 AUTO = "auto"  # --bus without an endpoint: EDA_BUS, the cache, then mDNS
@@ -86,7 +69,7 @@ def bus_endpoint(bus: str, interface: str | None, no_mdns: bool) -> str:
 
 
 def _bytes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    return None if value is None else parse_bytes(value)
+    return None if value is None else parse_size(value)
 
 
 def _age_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

@@ -384,13 +384,13 @@ def test_retain_is_refused_from_another_host_and_accepted_on_the_bus_host(
     sent = b.run("eda-pub", "--bus", outside, "--confirm", "keep.me", "one", "two", "three")
     assert sent.returncode == 0, sent.stderr
     # from another host: refused, nothing removed
-    wiped = b.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    wiped = b.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "1")
     assert wiped.returncode == 1 and "own host" in wiped.stderr, wiped.stderr
     assert wiped.stdout == ""
     stats = b.run("eda-bus", "stats", "--bus", outside, "--json")  # reading stays open to all
     assert stats.returncode == 0 and json.loads(stats.stdout.splitlines()[0])["events"] == 3
     # on the bus's host, by its LAN address and by loopback: done
-    kept = a.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "0")
+    kept = a.run("eda-bus", "retain", "--bus", outside, "--max-bytes", "1")
     assert kept.returncode == 0, kept.stderr
     assert json.loads(kept.stdout)["removed"] == 3
     again = a.run("eda-bus", "retain", "--bus", inside, "--max-age", "1d")

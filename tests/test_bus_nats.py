@@ -1,4 +1,4 @@
-"""The NATS JetStream engine (core/bus/nats.py) against a real ``nats-server -js``.
+"""The NATS JetStream engine (core/bus/nats/) against a real ``nats-server -js``.
 
 The engine-level behaviour checks run against both engines (SQLite and NATS)
 where the semantics are the same; NATS-only checks (a plain NATS view of the
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,236 +27,14 @@ from eda.core import codec
 from eda.core.bus import EventTooLargeError, SQLiteEngine, StoreError
 from eda.core.bus import nats as nats_engine
 from eda.core.bus.nats import NatsEngine, migrate
-from eda.core.errors import NotFoundError, UsageError
-from eda.core.topics import Matcher
+from eda.core.errors import UsageError
+from tests import bus_engines
+from tests.bus_engines import Opener, Server, free_port
 from tests.helpers import Proc, Procs, require_tools, wait_until
 from tests.test_bus_store import Clock, batch, events
 
-_ids = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """One ``nats-server -js`` on 127.0.0.1."""
-
-    def __init__(self, procs: Procs, store: Path) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: Proc = procs.start(
-            ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
-        )
-        self.proc.wait_stderr("Server is ready", 20)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tools("nats-server", install="nats-server")
-    if nats_engine.nats is None:
-        pytest.fail(
-            "nats-py not found: install the test extras (pip install -e '.[test]')", pytrace=False
-        )
-    work = tmp_path_factory.mktemp("nats")
-    procs = Procs(work)
-    try:
-        yield Server(procs, work / "store")
-    finally:
-        procs.kill_all()
-
-
-Opener = Callable[..., Any]
-
-
-@pytest.fixture
-def nats_opener(server: Server) -> Opener:
-    """Open a NatsEngine on this test's own stream (and subject prefix)."""
-    n = next(_ids)
-
-    def open_(**kw: Any) -> NatsEngine:
-        return NatsEngine(server.url, stream=f"T{n}", prefix=f"t{n}", timeout=5.0, **kw)
-
-    return open_
-
-
-@pytest.fixture(params=["sqlite", "nats"])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    """Open the same store again and again, on either engine."""
-    if request.param == "sqlite":
-        return lambda **kw: SQLiteEngine(tmp_path / "bus.db", **kw)
-    return request.getfixturevalue("nats_opener")  # type: ignore[no-any-return]
-
-
-# -- the same behaviour on both engines ----------------------------------------------
-
-
-def test_append_assigns_bus_sequences_and_keeps_ids(opener: Opener) -> None:
-    with opener() as store:
-        receipts = store.append([batch(1, 3), batch(1, 2, topic="t.b", pubid="p2")])
-        assert [r.stored for r in receipts] == [((1, 1, 3),), ((1, 4, 2),)]
-        assert store.durable_seq == 0 and events(store) == []  # not committed: not readable
-        assert store.commit() == 5
-        records = list(store.read(1))
-        assert [(r.seq, r.size, r.topic) for r in records] == [(1, 3, "t.a"), (4, 2, "t.b")]
-        assert records[1].ids() == ["p2-1", "p2-2"]
-        assert [p for _, p in events(store)][3] == b"p2:t.b:1"
-
-
-def test_duplicates_are_stored_once_also_part_of_a_batch(opener: Opener) -> None:
-    with opener() as store:
-        store.append([batch(1, 5)])
-        store.commit()
-        r = store.append([batch(4, 4)])[0]  # 4, 5 were stored; 6, 7 are new
-        assert r.duplicates == ((4, 2),) and r.stored == ((6, 6, 2),) and r.confirm_at == 7
-        r = store.append([batch(1, 3)])[0]  # a resend of committed events
-        assert r.stored == () and r.duplicates == ((1, 3),) and r.confirm_at == 0
-        r = store.append([batch(6, 1)])[0]  # a resend of an uncommitted event
-        assert r.stored == () and r.confirm_at == 7
-        assert store.commit() == 7
-        assert [p for _, p in events(store)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
-
-
-def test_idempotence_and_sequences_survive_reopen(opener: Opener) -> None:
-    with opener() as s:
-        s.append([batch(1, 10), batch(20, 5)])  # a gap: 11..19 arrive later
-    with opener() as s:
-        assert s.durable_seq == 15
-        r = s.append([batch(8, 15)])[0]
-        assert r.duplicates == ((8, 3), (20, 3)) and r.stored == ((11, 16, 9),)
-        s.commit()
-        pubseqs = [r.pubseq + i for r in s.read(1) for i in range(r.size)]
-        assert sorted(pubseqs) == list(range(1, 25))
-        assert [q for q, _ in events(s)] == list(range(1, 25))
-
-
-def test_read_by_range_limit_pattern_time_and_last(opener: Opener) -> None:
-    clock = Clock()
-    with opener(clock=clock) as s:
-        s.append([batch(1, 4, "orders.created")])  # seqs 1-4 at t0
-        s.commit()
-        clock.now += 10
-        s.append([batch(1, 3, "users.new"), batch(5, 4, "orders.paid")])  # 5-7, 8-11 at t0+10
-        s.commit()
-        assert [q for q, _ in events(s, 3, end=6)] == [3, 4, 5, 6]
-        assert [q for q, _ in events(s, 2, limit=3)] == [2, 3, 4]
-        orders = Matcher(["orders.*"])
-        assert [q for q, _ in events(s, 3, matcher=orders)] == [3, 4, 8, 9, 10, 11]
-        assert [q for q, _ in events(s, 1, matcher=Matcher(["users.>"]))] == [5, 6, 7]
-        assert s.seq_at(clock.now - 5) == 5 and s.seq_at(0) == 1 and s.seq_at(clock.now + 1) == 12
-        assert s.seq_for_last(2) == 10 and s.seq_for_last(6, orders) == 3
-        assert s.seq_for_last(100) == 1
-        first = next(s.read(3))
-        assert first.seq == 3 and first.pubseq == 3 and first.payloads() == [
-            b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
-
-
-def test_durable_consumer_position_survives_reopen(opener: Opener) -> None:
-    with opener() as s:
-        s.append([batch(1, 10)])
-        assert s.consumer("billing", ["t.>"], 1) == 1
-        assert s.ack("billing", 4) == 5
-        assert s.ack("billing", 2) == 5  # acks never move back
-        with pytest.raises(UsageError):
-            s.ack("billing", 11)
-        with pytest.raises(NotFoundError):
-            s.position("nobody")
-    with opener() as s:
-        assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
-        (c,) = s.stats().consumers
-        assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
-        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
-        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
-        s.drop_consumer("billing")
-        with pytest.raises(NotFoundError):
-            s.position("billing")
-
-
-def test_group_members_share_events_and_a_released_members_go_to_others(opener: Opener) -> None:
-    with opener() as s:
-        s.append([batch(1, 6, "jobs.a"), batch(1, 2, "other"), batch(7, 6, "jobs.a")])
-        s.commit()
-        a = s.claim("workers", "a", ["jobs.>"], 6, start=1)
-        b = s.claim("workers", "b", ["jobs.>"], 100)
-        got_a = [r.seq + i for r in a for i in range(r.size)]
-        got_b = [r.seq + i for r in b for i in range(r.size)]
-        assert got_a == [1, 2, 3, 4, 5, 6] and got_b == [9, 10, 11, 12, 13, 14]
-        assert s.group_ack("workers", "a", 2) == 2
-        assert s.held("workers") == {"a": [(3, 6)], "b": [(9, 14)]}
-        assert s.release("workers", "a") == 4  # a died holding 3 to 6
-        c = s.claim("workers", "c", ["jobs.>"], 10)
-        assert {r.seq + i for r in c for i in range(r.size)} >= {3, 4, 5, 6}
-        assert s.group_ack("workers", "b", 14) == 6
-        assert s.claim("workers", "d", ["jobs.>"], 10) == []  # nothing left, and no waiting
-        with pytest.raises(UsageError):
-            s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
-        with pytest.raises(NotFoundError):
-            s.held("nobody")
-
-
-def test_stats_count_topics_bytes_and_lag(opener: Opener) -> None:
-    with opener() as store:
-        store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
-        store.commit()
-        store.consumer("c", ["a.*"], 1)
-        st_ = store.stats()
-        assert (st_.first_seq, st_.last_seq, st_.durable_seq, st_.events) == (1, 5, 5, 5)
-        assert st_.topics["a.x"].events == 3
-        assert st_.bytes == len(b"\n".join(f"p1:a.x:{i}".encode() for i in (1, 2, 3))) + len(
-            b"p1:b.y:1\np1:b.y:2"
-        )
-        assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
-
-
-def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> None:
-    clock = Clock()
-    with opener(clock=clock) as s:
-        for i in range(10):
-            s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
-            s.commit()
-            clock.now += 60
-        gone = s.retain(max_age=300)  # batches stored more than 300 s ago
-        assert (gone.events, gone.first_seq) == (50, 51)
-        gone = s.retain(max_bytes=2 * 1000 + 500)
-        assert gone.first_seq == 81 and s.stats().events == 20
-        assert events(s)[0][0] == 81
-    with opener(clock=clock) as s:  # what retention removed stays removed
-        assert s.first_seq == 81 and events(s)[0][0] == 81
-        s.retain(max_bytes=0)
-        assert s.stats().events == 0 and s.first_seq == 101
-    with opener(clock=clock) as s:
-        assert s.first_seq == 101 and s.last_seq == 100
-        (r,) = s.append([batch(101, 1)])
-        assert r.stored == ((101, 101, 1),)  # sequences are never reused
-
-
-def test_oversized_event_refused_and_nothing_of_the_call_stored(opener: Opener) -> None:
-    with opener(max_event_bytes=100) as s:
-        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
-        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
-            s.append([batch(1, 1, pubid="p0"), big])
-        with pytest.raises(UsageError, match="announces 3 events"):
-            s.append([big._replace(size=3)])
-        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
-        assert s.commit() == 2
-
-
-def test_topics_beyond_ascii_round_trip(opener: Opener) -> None:
-    with opener() as s:
-        s.append([batch(1, 2, topic="café.ünï"), batch(1, 1, topic="t.a")])
-        s.commit()
-        got = list(s.read(1, matcher=Matcher(["café.*"])))
-        assert [(r.topic, r.payloads()) for r in got] == [
-            (
-                "café.ünï",
-                [b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:1", b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:2"],
-            )
-        ]
-
-
-# -- NATS only ------------------------------------------------------------------------
+# the contract tests that run on both engines are in tests/test_bus_store.py
+server, nats_opener = bus_engines.server, bus_engines.nats_opener  # fixtures
 
 
 async def _plain_read(url: str, subject: str) -> list[tuple[str, bytes, dict[str, str]]]:
@@ -360,7 +136,7 @@ def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
         assert [r.seq for r in held] == [1]
         first._run(first._nc.close())  # the engine is gone without releasing or acking
         first._closed = True
-        first._stop()
+        first._bridge.stop()
         got = wait_until(
             lambda: s.claim("workers", "b", ["jobs.>"], 10), 15, "JetStream redelivery"
         )

@@ -252,7 +252,7 @@ def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Serve
     a.kill()
     b.kill()
     # retain through the front removes the oldest; bus sequences go on after them
-    removed = run("eda-bus", "retain", "--bus", ep, "--max-age", "0")
+    removed = run("eda-bus", "retain", "--bus", ep, "--max-bytes", "1")
     assert removed.returncode == 0, removed.stderr
     assert json.loads(removed.stdout)["removed"] == n
     done = run("eda-pub", "--bus", ep, "--confirm", "work.items", "late")
@@ -305,7 +305,7 @@ def test_a_purge_of_what_a_group_member_holds_never_freezes_the_front(
             done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input=events)
             assert done.returncode == 0, done.stderr
         wait_until(lambda: group_held(ep, "workers") == 3, 10, "the member holding 3 events")
-        removed = run("eda-bus", "retain", "--bus", ep, "--max-age", "0")
+        removed = run("eda-bus", "retain", "--bus", ep, "--max-bytes", "1")
         assert removed.returncode == 0, removed.stderr
         assert json.loads(removed.stdout)["removed"] == 6
         b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw", "-v")

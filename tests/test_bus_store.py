@@ -1,5 +1,10 @@
-"""The bus's storage engine (core/bus): idempotent appends, reads, consumers, groups,
-retention, and what happens on kill -9, a torn WAL, a full disk and bad input."""
+"""The bus's storage engines (core/bus): idempotent appends, reads, consumers, groups,
+retention, and what happens on kill -9, a torn WAL, a full disk and bad input.
+
+The engine contract tests take the ``opener`` fixture and run on both engines
+(SQLite, and NATS JetStream on a real ``nats-server -js``); the embedded
+engine's own concerns (its files, fsync, WAL repair, a full disk) follow.
+NATS-only behaviour is in tests/test_bus_nats.py."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eda.cli import bus as cli_bus
 from eda.core import codec
 from eda.core.bus import (
     EventTooLargeError,
@@ -26,12 +32,17 @@ from eda.core.bus import (
     StoreFullError,
 )
 from eda.core.bus import wal as walscan
+from eda.core.bus.base import DEFAULT_MAX_RANGES
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.topics import Matcher
-from tests.helpers import readable
+from tests import bus_engines
+from tests.bus_engines import Opener
+from tests.helpers import readable, run
 
 ROOT = Path(__file__).resolve().parent.parent
+# the engines as fixtures: a test that takes ``opener`` runs on both
+server, nats_opener, opener = bus_engines.server, bus_engines.nats_opener, bus_engines.opener
 
 
 def batch(
@@ -64,48 +75,198 @@ def store(tmp_path: Path) -> SQLiteEngine:
     s.close()
 
 
-# -- appending, idempotence, reading ---------------------------------------------
+# -- the engine contract, on both engines ------------------------------------------
 
 
-def test_append_assigns_bus_sequences_and_keeps_ids(store: SQLiteEngine) -> None:
-    receipts = store.append([batch(1, 3), batch(1, 2, topic="t.b", pubid="p2")])
-    assert [r.stored for r in receipts] == [((1, 1, 3),), ((1, 4, 2),)]
-    assert store.durable_seq == 0 and events(store) == []  # not committed: not readable
-    assert store.commit() == 5
-    records = list(store.read(1))
-    assert [(r.seq, r.size, r.topic) for r in records] == [(1, 3, "t.a"), (4, 2, "t.b")]
-    assert records[1].ids() == ["p2-1", "p2-2"]
-    assert [p for _, p in events(store)][3] == b"p2:t.b:1"
+def test_append_assigns_bus_sequences_and_keeps_ids(opener: Opener) -> None:
+    with opener() as store:
+        receipts = store.append([batch(1, 3), batch(1, 2, topic="t.b", pubid="p2")])
+        assert [r.stored for r in receipts] == [((1, 1, 3),), ((1, 4, 2),)]
+        assert store.durable_seq == 0 and events(store) == []  # not committed: not readable
+        assert store.commit() == 5
+        records = list(store.read(1))
+        assert [(r.seq, r.size, r.topic) for r in records] == [(1, 3, "t.a"), (4, 2, "t.b")]
+        assert records[1].ids() == ["p2-1", "p2-2"]
+        assert [p for _, p in events(store)][3] == b"p2:t.b:1"
 
 
-def test_duplicates_are_stored_once_also_part_of_a_batch(store: SQLiteEngine) -> None:
-    store.append([batch(1, 5)])
-    store.commit()
-    r = store.append([batch(4, 4)])[0]  # 4, 5 were stored; 6, 7 are new
-    assert r.duplicates == ((4, 2),) and r.stored == ((6, 6, 2),) and r.confirm_at == 7
-    r = store.append([batch(1, 3)])[0]  # a resend of committed events: nothing to wait for
-    assert r.stored == () and r.duplicates == ((1, 3),) and r.confirm_at == 0
-    r = store.append([batch(6, 1)])[0]  # a resend of an uncommitted event: wait for the commit
-    assert r.stored == () and r.confirm_at == 7
-    assert store.commit() == 7
-    assert [p for _, p in events(store)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
+def test_duplicates_are_stored_once_also_part_of_a_batch(opener: Opener) -> None:
+    with opener() as store:
+        store.append([batch(1, 5)])
+        store.commit()
+        r = store.append([batch(4, 4)])[0]  # 4, 5 were stored; 6, 7 are new
+        assert r.duplicates == ((4, 2),) and r.stored == ((6, 6, 2),) and r.confirm_at == 7
+        r = store.append([batch(1, 3)])[0]  # a resend of committed events
+        assert r.stored == () and r.duplicates == ((1, 3),) and r.confirm_at == 0
+        r = store.append([batch(6, 1)])[0]  # a resend of an uncommitted event
+        assert r.stored == () and r.confirm_at == 7
+        assert store.commit() == 7
+        assert [p for _, p in events(store)] == [f"p1:t.a:{i}".encode() for i in range(1, 8)]
 
 
-def test_streams_are_per_publisher_and_topic(store: SQLiteEngine) -> None:
-    rs = store.append([batch(1, 2), batch(1, 2, topic="t.b"), batch(1, 2, pubid="p2")])
-    assert all(r.duplicates == () for r in rs)
-    assert store.commit() == 6
-
-
-def test_idempotence_survives_reopen(tmp_path: Path) -> None:
-    with SQLiteEngine(tmp_path / "bus.db") as s:
+def test_idempotence_and_sequences_survive_reopen(opener: Opener) -> None:
+    with opener() as s:
         s.append([batch(1, 10), batch(20, 5)])  # a gap: 11..19 arrive later
-    with SQLiteEngine(tmp_path / "bus.db") as s:
+    with opener() as s:
+        assert s.durable_seq == 15
         r = s.append([batch(8, 15)])[0]
         assert r.duplicates == ((8, 3), (20, 3)) and r.stored == ((11, 16, 9),)
         s.commit()
         pubseqs = [r.pubseq + i for r in s.read(1) for i in range(r.size)]
         assert sorted(pubseqs) == list(range(1, 25))
+        assert [q for q, _ in events(s)] == list(range(1, 25))
+
+
+def test_read_by_range_limit_pattern_time_and_last(opener: Opener) -> None:
+    clock = Clock()
+    with opener(clock=clock) as s:
+        s.append([batch(1, 4, "orders.created")])  # seqs 1-4 at t0
+        s.commit()
+        clock.now += 10
+        s.append([batch(1, 3, "users.new"), batch(5, 4, "orders.paid")])  # 5-7, 8-11 at t0+10
+        s.commit()
+        assert [q for q, _ in events(s, 3, end=6)] == [3, 4, 5, 6]
+        assert [q for q, _ in events(s, 2, limit=3)] == [2, 3, 4]
+        orders = Matcher(["orders.*"])
+        assert [q for q, _ in events(s, 3, matcher=orders)] == [3, 4, 8, 9, 10, 11]
+        assert [q for q, _ in events(s, 1, matcher=Matcher(["users.>"]))] == [5, 6, 7]
+        assert s.seq_at(clock.now - 5) == 5 and s.seq_at(0) == 1 and s.seq_at(clock.now + 1) == 12
+        assert s.seq_for_last(2) == 10 and s.seq_for_last(6, orders) == 3
+        assert s.seq_for_last(100) == 1
+        first = next(s.read(3))
+        assert first.seq == 3 and first.pubseq == 3 and first.payloads() == [
+            b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
+
+
+def test_durable_consumer_position_survives_reopen(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 10)])
+        assert s.consumer("billing", ["t.>"], 1) == 1
+        assert s.ack("billing", 4) == 5
+        assert s.ack("billing", 2) == 5  # acks never move back
+        with pytest.raises(UsageError):
+            s.ack("billing", 11)
+        with pytest.raises(NotFoundError):
+            s.position("nobody")
+    with opener() as s:
+        assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
+        (c,) = s.stats().consumers
+        assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
+        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
+        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
+        s.drop_consumer("billing")
+        with pytest.raises(NotFoundError):
+            s.position("billing")
+
+
+def test_group_members_share_events_and_a_released_members_go_to_others(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 6, "jobs.a"), batch(1, 2, "other"), batch(7, 6, "jobs.a")])
+        s.commit()
+        a = s.claim("workers", "a", ["jobs.>"], 6, start=1)
+        b = s.claim("workers", "b", ["jobs.>"], 100)
+        got_a = [r.seq + i for r in a for i in range(r.size)]
+        got_b = [r.seq + i for r in b for i in range(r.size)]
+        assert got_a == [1, 2, 3, 4, 5, 6] and got_b == [9, 10, 11, 12, 13, 14]
+        assert s.group_ack("workers", "a", 2) == 2
+        assert s.held("workers") == {"a": [(3, 6)], "b": [(9, 14)]}
+        assert s.release("workers", "a") == 4  # a died holding 3 to 6
+        c = s.claim("workers", "c", ["jobs.>"], 10)
+        assert {r.seq + i for r in c for i in range(r.size)} >= {3, 4, 5, 6}
+        assert s.group_ack("workers", "b", 14) == 6
+        assert s.claim("workers", "d", ["jobs.>"], 10) == []  # nothing left, and no waiting
+        with pytest.raises(UsageError):
+            s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
+        with pytest.raises(NotFoundError):
+            s.held("nobody")
+
+
+def test_stats_count_topics_bytes_and_lag(opener: Opener) -> None:
+    with opener() as store:
+        store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
+        store.commit()
+        store.consumer("c", ["a.*"], 1)
+        st_ = store.stats()
+        assert (st_.first_seq, st_.last_seq, st_.durable_seq, st_.events) == (1, 5, 5, 5)
+        assert st_.topics["a.x"].events == 3
+        assert st_.bytes == len(b"\n".join(f"p1:a.x:{i}".encode() for i in (1, 2, 3))) + len(
+            b"p1:b.y:1\np1:b.y:2"
+        )
+        assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
+
+
+def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> None:
+    clock = Clock()
+    with opener(clock=clock) as s:
+        for i in range(10):
+            s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
+            s.commit()
+            clock.now += 60
+        gone = s.retain(max_age=300)  # batches stored more than 300 s ago
+        assert (gone.events, gone.first_seq) == (50, 51)
+        gone = s.retain(max_bytes=2 * 1000 + 500)
+        assert gone.first_seq == 81 and s.stats().events == 20
+        assert events(s)[0][0] == 81
+    with opener(clock=clock) as s:  # what retention removed stays removed
+        assert s.first_seq == 81 and events(s)[0][0] == 81
+        s.retain(max_bytes=0)
+        assert s.stats().events == 0 and s.first_seq == 101
+    with opener(clock=clock) as s:
+        assert s.first_seq == 101 and s.last_seq == 100
+        (r,) = s.append([batch(101, 1)])
+        assert r.stored == ((101, 101, 1),)  # sequences are never reused
+
+
+def test_oversized_event_refused_and_nothing_of_the_call_stored(opener: Opener) -> None:
+    with opener(max_event_bytes=100) as s:
+        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
+        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
+            s.append([batch(1, 1, pubid="p0"), big])
+        with pytest.raises(UsageError, match="announces 3 events"):
+            s.append([big._replace(size=3)])
+        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
+        assert s.commit() == 2
+
+
+def test_topics_beyond_ascii_round_trip(opener: Opener) -> None:
+    with opener() as s:
+        s.append([batch(1, 2, topic="café.ünï"), batch(1, 1, topic="t.a")])
+        s.commit()
+        got = list(s.read(1, matcher=Matcher(["café.*"])))
+        assert [(r.topic, r.payloads()) for r in got] == [
+            (
+                "café.ünï",
+                [b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:1", b"p1:caf\xc3\xa9.\xc3\xbcn\xc3\xaf:2"],
+            )
+        ]
+
+
+# -- NATS only ------------------------------------------------------------------------
+
+
+# -- appending, idempotence, reading ---------------------------------------------
+
+
+def test_refresh_takes_in_what_other_writers_stored(opener: Opener) -> None:
+    """``refresh`` is part of every engine: a shared store (NATS) takes in another
+    front's writes; a store one process owns has nothing to take in."""
+    with opener() as a:
+        a.append([batch(1, 3)])
+        assert a.refresh() == 0 and a.commit() == 3 and a.refresh() == 3
+        if not a.shared:
+            return
+        with opener() as b:  # a second front on the same stream
+            b.append([batch(1, 2, pubid="p2")])
+            assert b.commit() == 5
+            assert a.refresh() == 5 and a.last_seq == 5
+            assert [r.pubid for r in a.read(4)] == ["p2"]
+
+
+def test_streams_are_per_publisher_and_topic(opener: Opener) -> None:
+    with opener() as store:
+        rs = store.append([batch(1, 2), batch(1, 2, topic="t.b"), batch(1, 2, pubid="p2")])
+        assert all(r.duplicates == () for r in rs)
+        assert store.commit() == 6
 
 
 @settings(max_examples=200, deadline=None)
@@ -141,70 +302,29 @@ def test_any_interleaving_stores_each_event_exactly_once(
     assert bus == list(range(1, len(bus) + 1))  # read back in bus order, no gap
 
 
-def test_read_by_range_limit_pattern_time_and_last(tmp_path: Path) -> None:
-    clock = Clock()
-    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
-        s.append([batch(1, 4, "orders.created")])  # seqs 1-4 at t0
-        clock.now += 10
-        s.append([batch(1, 3, "users.new"), batch(5, 4, "orders.paid")])  # 5-7, 8-11 at t0+10
-        s.commit()
-        assert [q for q, _ in events(s, 3, end=6)] == [3, 4, 5, 6]
-        assert [q for q, _ in events(s, 2, limit=3)] == [2, 3, 4]
-        orders = Matcher(["orders.*"])
-        assert [q for q, _ in events(s, 3, matcher=orders)] == [3, 4, 8, 9, 10, 11]
-        assert [q for q, _ in events(s, 1, matcher=Matcher(["users.>"]))] == [5, 6, 7]
-        assert s.seq_at(clock.now - 5) == 5 and s.seq_at(0) == 1 and s.seq_at(clock.now + 1) == 12
-        assert s.seq_for_last(2) == 10 and s.seq_for_last(6, orders) == 3
-        assert s.seq_for_last(100) == 1
-        first = next(s.read(3))
-        assert first.seq == 3 and first.pubseq == 3 and first.payloads() == [
-            b"p1:orders.created:3", b"p1:orders.created:4"]  # fmt: skip
-
-
-def test_pattern_reads_over_many_batches_in_order(store: SQLiteEngine) -> None:
-    store.append([batch(i // 2 + 1, 1, "a.x" if i % 2 else "b.y") for i in range(3000)])
-    store.commit()
-    got = events(store, 1, matcher=Matcher(["a.*"]))
-    assert [q for q, _ in got] == list(range(2, 3001, 2))
-    assert [q for q, _ in events(store, 101, matcher=Matcher(["b.>"]), limit=700)] == list(
-        range(101, 1500, 2)
-    )
-    assert events(store, 1, matcher=Matcher(["c"])) == []
+def test_pattern_reads_over_many_batches_in_order(opener: Opener) -> None:
+    with opener() as store:
+        store.append([batch(i // 2 + 1, 1, "a.x" if i % 2 else "b.y") for i in range(3000)])
+        store.commit()
+        got = events(store, 1, matcher=Matcher(["a.*"]))
+        assert [q for q, _ in got] == list(range(2, 3001, 2))
+        assert [q for q, _ in events(store, 101, matcher=Matcher(["b.>"]), limit=700)] == list(
+            range(101, 1500, 2)
+        )
+        assert events(store, 1, matcher=Matcher(["c"])) == []
 
 
 # -- consumers and groups ---------------------------------------------------------
 
 
-def test_durable_consumer_position_survives_reopen(tmp_path: Path) -> None:
-    with SQLiteEngine(tmp_path / "bus.db") as s:
-        s.append([batch(1, 10)])
-        assert s.consumer("billing", ["t.>"], 1) == 1
-        assert s.ack("billing", 4) == 5
-        assert s.ack("billing", 2) == 5  # acks never move back
-        with pytest.raises(UsageError):
-            s.ack("billing", 11)
-        with pytest.raises(NotFoundError):
-            s.position("nobody")
-    with SQLiteEngine(tmp_path / "bus.db") as s:
-        assert s.consumer("billing", ["t.>"], 1) == 5 and s.position("billing") == 5
-        (c,) = s.stats().consumers
-        assert (c.name, c.kind, c.next, c.lag) == ("billing", "durable", 5, 6)
-        assert s.consumer("billing", ["x.*"], 1) == 5  # resumed with other patterns
-        assert s.stats().consumers[0][2:5] == (("x.*",), 5, 0)
-        s.drop_consumer("billing")
-        with pytest.raises(NotFoundError):
-            s.position("billing")
-
-
-def test_group_members_share_events_and_a_dead_members_go_to_others(tmp_path: Path) -> None:
+def test_group_leases_are_exact_and_durable_on_the_embedded_engine(tmp_path: Path) -> None:
     with SQLiteEngine(tmp_path / "bus.db") as s:
         s.append([batch(1, 6, "jobs.a"), batch(1, 2, "other"), batch(7, 6, "jobs.a")])
         s.commit()
-        a = s.claim("workers", "a", ["jobs.>"], 4, start=1)
-        b = s.claim("workers", "b", ["jobs.>"], 100)
-        got_a = [r.seq + i for r in a for i in range(r.size)]
-        got_b = [r.seq + i for r in b for i in range(r.size)]
-        assert got_a == [1, 2, 3, 4] and got_b == [5, 6, 9, 10, 11, 12, 13, 14]
+        claims = [s.claim("workers", "a", ["jobs.>"], 4, start=1)]  # part of a batch
+        claims.append(s.claim("workers", "b", ["jobs.>"], 100))
+        a, b = ([r.seq + i for r in got for i in range(r.size)] for got in claims)
+        assert a == [1, 2, 3, 4] and b == [5, 6, 9, 10, 11, 12, 13, 14]
         assert s.group_ack("workers", "a", 2) == 2
         assert s.held("workers") == {"a": [(3, 4)], "b": [(5, 14)]}
     with SQLiteEngine(tmp_path / "bus.db") as s:  # bookkeeping is durable
@@ -216,19 +336,6 @@ def test_group_members_share_events_and_a_dead_members_go_to_others(tmp_path: Pa
         assert (g.kind, g.held, g.lag) == ("group", 2, 2)
         with pytest.raises(UsageError):
             s.claim("workers", "d", ["other"], 1)  # a group has one set of patterns
-
-
-def test_stats_count_topics_bytes_and_lag(store: SQLiteEngine) -> None:
-    store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
-    store.commit()
-    store.consumer("c", ["a.*"], 1)
-    st_ = store.stats()
-    assert (st_.first_seq, st_.last_seq, st_.durable_seq, st_.events) == (1, 5, 5, 5)
-    assert st_.topics["a.x"].events == 3 and st_.bytes == sum(t.bytes for t in st_.topics.values())
-    assert st_.bytes == len(b"\n".join(f"p1:a.x:{i}".encode() for i in (1, 2, 3))) + len(
-        b"p1:b.y:1\np1:b.y:2"
-    )
-    assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
 
 
 def _stats_work(store: SQLiteEngine) -> tuple[int, list[str]]:
@@ -365,44 +472,38 @@ def test_stats_counts_stay_right_across_retention_rollback_restart_and_upgrade(
 # -- retention ---------------------------------------------------------------------
 
 
-def test_retention_by_age_and_by_bytes_keeps_sequences_going(tmp_path: Path) -> None:
-    clock = Clock()
-    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
-        for i in range(10):
-            s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
-            clock.now += 60
-        s.commit()
-        gone = s.retain(max_age=parse_age("5m"))  # batches stored more than 300 s ago
-        assert (gone.events, gone.first_seq) == (50, 51)
-        gone = s.retain(max_bytes=2 * 1000 + 500)
-        assert gone.first_seq == 81 and s.stats().events == 20
-        assert events(s)[0][0] == 81
-        gone = s.retain(max_bytes=0)
-        assert s.stats().events == 0 and s.first_seq == 101
-    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
-        (r,) = s.append([batch(101, 1)])
-        assert r.stored == ((101, 101, 1),)  # sequences are never reused
-    assert parse_size("10GB") == 10**10 and parse_size("1MiB") == 2**20
-    with pytest.raises(UsageError):
-        parse_age("7 days")
+def test_the_size_and_age_parsers_eda_bus_calls(tmp_path: Path) -> None:
+    """One parser of each (core/bus/retention.py), the one eda-bus's options call."""
+    assert cli_bus.parse_bytes is parse_size
+    sizes = {"10GB": 10**10, "1MiB": 2**20, "64k": 64_000, "2ki": 2048, "4096": 4096,
+             "1.5 kb": 1500, "512MiB": 512 << 20}  # fmt: skip
+    assert {text: parse_size(text) for text in sizes} == sizes
+    assert [parse_age(t) for t in ("90s", "15m", "12h", "7d", "2w", "30")] == [
+        90, 900, 43200, 604800, 1209600, 30]  # fmt: skip
+    for bad in ("0", "0GB", "-1MB", "10 parsecs", "", "0.0001b"):
+        with pytest.raises(UsageError, match="invalid size"):
+            parse_size(bad)
+    for bad in ("0", "0s", "0d", "-5m", "7 days", ""):
+        with pytest.raises(UsageError, match="invalid age"):
+            parse_age(bad)
+    # through the CLI: a limit of nothing is a one-line usage error (exit 2), never
+    # accepted (which would remove every event at the first retention pass)
+    for option, value in [("--max-age", "0"), ("--max-bytes", "0"), ("--max-age", "0d"),
+                          ("--max-bytes", "0GB"), ("--max-queued", "0")]:  # fmt: skip
+        done = run("eda-bus", "serve", "--data", str(tmp_path / "bus"), "--no-mdns",
+                   "--bind", "tcp://127.0.0.1:0", option, value)  # fmt: skip
+        assert done.returncode == 2, (option, value, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "invalid" in done.stderr
+    assert not (tmp_path / "bus").exists()  # refused before anything was created
+    done = run("eda-bus", "retain", "--max-age", "0", "--bus", "tcp://127.0.0.1:9")
+    assert done.returncode == 2 and "invalid age '0'" in done.stderr
 
 
 # -- bad input, fsync modes, ownership -----------------------------------------------
 
 
-def test_oversized_event_refused_and_nothing_of_the_call_stored(tmp_path: Path) -> None:
-    with SQLiteEngine(tmp_path / "bus.db", max_event_bytes=100) as s:
-        big = codec.Batch("t.a", codec.TEXT, 2, 1, 0.0, "p1", "eda://t", b"ok\n" + b"x" * 101)
-        with pytest.raises(EventTooLargeError, match=r"p1-2 on t\.a is 101 bytes"):
-            s.append([batch(1, 1, pubid="p0"), big])
-        with pytest.raises(UsageError, match="announces 3 events"):
-            s.append([big._replace(size=3)])
-        s.append([batch(1, 2)])  # the same publisher sequences, valid: still new
-        assert s.commit() == 2
-
-
-def test_a_stream_with_too_many_gaps_is_refused_until_filled(tmp_path: Path) -> None:
-    with SQLiteEngine(tmp_path / "bus.db", max_ranges=3) as s:
+def test_a_stream_with_too_many_gaps_is_refused_until_filled(opener: Opener) -> None:
+    with opener(max_ranges=3) as s:
         s.append([batch(1, 1)])
         s.append([batch(3, 1)])
         s.append([batch(5, 1)])  # three ranges: 1, 3, 5
@@ -413,6 +514,40 @@ def test_a_stream_with_too_many_gaps_is_refused_until_filled(tmp_path: Path) -> 
         s.append([batch(9, 1)])
         assert s.commit() == 6
         assert sorted(r.pubseq for r in s.read(1)) == [1, 2, 3, 5, 6, 9]
+
+
+def test_a_publisher_that_skips_numbers_keeps_bounded_state(opener: Opener) -> None:
+    """Every other sequence number (1, 3, 5, ...): each event opens a range of its own.
+
+    Both engines keep at most DEFAULT_MAX_RANGES ranges for the stream and
+    refuse, with one line, the events that would open more (the NATS engine's
+    used to grow without limit); continuing the last range and filling a gap
+    stay possible, also after a reopen.
+    """
+    limit = DEFAULT_MAX_RANGES
+    refused: list[str] = []
+    with opener() as s:
+        for i in range(limit + 40):
+            try:
+                s.append([batch(1 + 2 * i, 1)])
+            except UsageError as exc:
+                refused.append(str(exc))
+            if i % 256 == 255:
+                s.commit()
+        s.commit()
+        assert len(refused) == 40 and s.last_seq == limit
+        assert len(s._ledger.ranges["p1", "t.a"]) == limit
+        assert f"has {limit - 1} gaps in its sequence" in refused[0]
+        assert "\n" not in refused[0]
+        s.append([batch(2 * limit, 1)])  # continues the last range: stored
+        s.append([batch(2, 1)])  # fills the first gap: stored, one range fewer
+        assert s.commit() == limit + 2
+    with opener() as s:  # the bound holds for the state read back
+        assert len(s._ledger.ranges["p1", "t.a"]) == limit - 1
+        s.append([batch(3 * limit, 1)])  # a new range: the limit again
+        with pytest.raises(UsageError, match="gaps in its sequence"):
+            s.append([batch(3 * limit + 2, 1)])
+        assert s.commit() == limit + 3
 
 
 @pytest.mark.parametrize(("mode", "level"), [("always", 2), ("batch", 2), ("never", 0)])

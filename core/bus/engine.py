@@ -2,7 +2,7 @@
 
 An engine is a durable, ordered log of event batches plus the bookkeeping a
 bus needs around it.  The embedded engine is :class:`eda.core.bus.sqlite.SQLiteEngine`;
-a NATS JetStream engine implements the same protocol later, so the daemon
+the NATS JetStream engine (:mod:`.nats`) implements the same protocol, so the daemon
 above never knows which one it drives.
 
 Terms used throughout:
@@ -125,7 +125,15 @@ class Retained(NamedTuple):
 
 
 class Engine(Protocol):
-    """What eda-bus needs from a store.  All methods run on the caller's thread."""
+    """What eda-bus needs from a store.  All methods run on the caller's thread.
+
+    The rules every engine follows the same way (append planning, read
+    slicing, counting, retention) are written once in :mod:`.base`.
+    """
+
+    #: other processes write to the store too (a NATS stream behind several
+    #: fronts): the daemon calls ``refresh`` often to take in their writes
+    shared: bool
 
     @property
     def last_seq(self) -> int:
@@ -152,6 +160,9 @@ class Engine(Protocol):
 
     def commit(self) -> int:
         """Make every append so far durable (per the fsync mode); return ``durable_seq``."""
+
+    def refresh(self) -> int:
+        """Take in what other writers stored; return ``durable_seq`` (cheap when unshared)."""
 
     # -- reading (durable events only) ----------------------------------------
     def read(

@@ -14,17 +14,19 @@ from typing import NamedTuple
 from ..errors import UsageError
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_NUMBER = r"(\d+(?:\.\d+)?)"
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+# a number, then a unit: "", b, k, kb, ki, kib, ... (decimal unless with an "i")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 
 
 def parse_age(text: str) -> float:
-    """Seconds in ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or a plain number of seconds)."""
-    m = re.fullmatch(_NUMBER + r"\s*([smhdw]?)", text.strip().lower())
+    """Seconds in ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or a plain number of seconds).
+
+    The one parser of ages (``eda-bus --max-age``, ``eda-sub --since``); zero
+    and negative ages are refused (UsageError), as a limit of nothing keeps nothing.
+    """
+    m = _AGE.fullmatch(text.strip().lower())
     if not m or float(m.group(1)) <= 0:
         raise UsageError(f"invalid age {text!r}: use a positive number with s, m, h, d or w")
     return float(m.group(1)) * _AGE_UNITS[m.group(2) or "s"]
@@ -41,11 +43,19 @@ def format_age(seconds: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``500MB``, ``10GB``, ``1GiB``, ``4096`` (decimal and binary units)."""
-    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())
-    if not m or m.group(2) not in _SIZE_UNITS or float(m.group(1)) <= 0:
+    """Bytes in ``500MB``, ``10GB``, ``1GiB``, ``64k``, ``4096`` (decimal and binary units).
+
+    The one parser of sizes (``eda-bus --max-bytes``, the queue limits,
+    ``eda-lb --max-request``); sizes below one byte are refused (UsageError).
+    """
+    m = _SIZE.fullmatch(text.strip().lower())
+    if not m:
         raise UsageError(f"invalid size {text!r}: use a positive number with B, KB, MB, GB, MiB…")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    base = (1024 if m.group(3) else 1000) ** _SIZE_POWERS[m.group(2) or ""]
+    size = int(float(m.group(1)) * base)
+    if size < 1:
+        raise UsageError(f"invalid size {text!r}: use a positive number with B, KB, MB, GB, MiB…")
+    return size
 
 
 class Cut(NamedTuple):

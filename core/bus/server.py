@@ -137,7 +137,7 @@ class BusServer(Daemon):
         self.watch(self.sock, "clients", self.drain)
         self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
-        if hasattr(engine, "refresh"):  # a shared store (NATS): other fronts write to it too
+        if engine.shared:  # a shared store (NATS): other fronts write to it too
             self.every(0.2, "others' writes", self._refresh)
         if settings.max_age is not None or settings.max_bytes is not None:
             self.every(settings.retain_every, "retention", self._retain, first=0.0)
@@ -163,7 +163,7 @@ class BusServer(Daemon):
     def _refresh(self) -> None:
         """Deliver what other fronts of a shared store stored (the store tells its durable_seq)."""
         try:
-            durable = int(self.engine.refresh())  # type: ignore[attr-defined]
+            durable = self.engine.refresh()
         except StoreError:
             return  # unreachable for now: publishing and stats report it
         if durable != self._durable:

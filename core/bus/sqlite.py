@@ -24,12 +24,8 @@ or an I/O error, the open transaction is rolled back, the in-memory state is
 reloaded from the last commit and StoreFullError/StoreError is raised: the
 store stays valid and usable once space is back.
 
-One process owns a store at a time (an flock on ``PATH.lock``).  On open, a
-WAL left by a crash is checked (:mod:`.wal`) and a torn last write is
-reported in :attr:`SQLiteEngine.repairs`; SQLite then drops it, and the store
-is back to its last complete commit.  A WAL damaged in the middle (intact
-frames after a bad one) is never truncated: opening raises StoreError before
-SQLite sees it, and the files stay as they are.
+Opening (ownership, the WAL check and repair, schema upgrades) is
+:mod:`.sqlitefile`; what both engines do the same way is :mod:`.base`.
 
 Statistics cost O(topics + consumers), whatever the store holds: each row
 carries ``cum`` and ``cumb``, its topic's running count of events and of
@@ -48,22 +44,21 @@ and split once, then kept, with the offsets of its events, in a small cache.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import sqlite3
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
 
 from ..codec import Batch
-from ..errors import NotFoundError, UsageError
+from ..errors import UsageError
 from ..topics import Matcher
-from . import retention, wal
+from . import retention
+from .base import DEFAULT_MAX_RANGES, Span
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
@@ -71,62 +66,20 @@ from .engine import (
     Fsync,
     Receipt,
     Record,
-    Retained,
     Stats,
     StoreError,
     StoreFullError,
     TopicStats,
 )
-from .streams import (
-    DEFAULT_MAX_EVENT,
-    MAX_SEQ,
-    Ranges,
-    add,
-    check_batch,
-    check_name,
-    overlaps,
-    subtract,
-)
+from .sqliteconsumers import SQLiteConsumers
+from .sqlitefile import SQLITE_FULL, lock, open_store
+from .streams import DEFAULT_MAX_EVENT
 
-SCHEMA_VERSION: Final = 2  # 2: batches.cum, the topics table and index
-DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
-_SQLITE_FULL: Final = 13
 _CHUNK: Final = 64  # rows fetched per query while reading
 _CUT_MIN: Final = 256  # events: a batch this big read in slices is kept split (see _slice)
 _CUTS: Final = 4  # batches kept split at a time (each one wire batch: 4 MiB by default)
-_CHECKPOINT_BYTES: Final = 16 << 20  # WAL size that triggers an automatic checkpoint
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, stored REAL NOT NULL,
-    topic TEXT NOT NULL, kind INTEGER NOT NULL, time REAL NOT NULL,
-    pubid TEXT NOT NULL, pubseq INTEGER NOT NULL, source TEXT NOT NULL,
-    ext BLOB NOT NULL, body BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS batches_stored ON batches (stored);
-CREATE TABLE IF NOT EXISTS streams (
-    pubid TEXT NOT NULL, topic TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
-    seen REAL NOT NULL, PRIMARY KEY (pubid, topic, lo)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS consumers (
-    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS groups (
-    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS leases (
-    grp TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, member TEXT NOT NULL,
-    PRIMARY KEY (grp, first)) WITHOUT ROWID;
-"""
 _COLUMNS = "seq, count, stored, topic, kind, time, pubid, pubseq, source, ext, body"
 _INSERT = f"INSERT INTO batches ({_COLUMNS}, cum, cumb) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-_UPGRADE_2 = """
-ALTER TABLE batches ADD COLUMN cum INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE batches ADD COLUMN cumb INTEGER NOT NULL DEFAULT 0;
-UPDATE batches SET cum = w.cum, cumb = w.cumb FROM (
-    SELECT seq, sum(count) OVER (PARTITION BY topic ORDER BY seq) AS cum,
-        sum(length(body)) OVER (PARTITION BY topic ORDER BY seq) AS cumb FROM batches) AS w
-    WHERE batches.seq = w.seq;
-CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, seq, count, cum, cumb);
-UPDATE meta SET value = 2 WHERE key = 'schema';
-"""
 # the last stored batch of a topic before a sequence (covered by the index batches_topic)
 _BEFORE = (
     "SELECT seq, count, cum FROM batches WHERE topic = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
@@ -135,7 +88,7 @@ _SELECT = f"SELECT {_COLUMNS} FROM batches"
 _HEADS = "SELECT seq, topic FROM batches WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
 
 
-class SQLiteEngine:
+class SQLiteEngine(SQLiteConsumers):
     """The embedded store of eda-bus (see the module docstring).
 
     Not thread-safe: use it from one thread at a time (it may be created on another).
@@ -153,112 +106,22 @@ class SQLiteEngine:
     ) -> None:
         if fsync not in FSYNC_MODES:
             raise UsageError(f"invalid fsync mode {fsync!r}: use always, batch or never")
+        super().__init__(max_event_bytes=max_event_bytes, max_ranges=max_ranges, clock=clock)
         self.path = Path(path)
         self.fsync = fsync
-        self.max_event_bytes = max_event_bytes
-        self.max_ranges = max_ranges
-        self._clock = clock
         self.repairs: list[str] = []  # what opening found and repaired, one line each
-        self._lock_fd = self._lock()
+        self._lock_fd = lock(self.path)
         try:
-            self._conn = self._open(page_size)
+            self._conn = open_store(self.path, fsync, page_size, self.repairs)
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._matchers: dict[str, Matcher] = {}
-        self._topics_ok: set[str] = set()
-        self._streams: dict[tuple[str, str], Ranges] = {}
-        self._fresh: dict[tuple[str, str], Ranges] = {}  # stored since the last commit
         self._seen: dict[tuple[str, str], float] = {}
         # topic -> [events, bytes] stored, [events, bytes] ever (cum, cumb of its last batch)
         self._topics: dict[str, list[int]] = {}
         self._cuts: OrderedDict[int, tuple[tuple[Any, ...], array[int]]] = OrderedDict()
         self._load()
         self._closed = False
-
-    # -- opening --------------------------------------------------------------
-    def _lock(self) -> int:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StoreError(f"store {self.path} is in use by another process") from None
-        return fd
-
-    def _open(self, page_size: int) -> sqlite3.Connection:
-        scan = wal.scan(Path(f"{self.path}-wal"))
-        if scan and scan.intact_after:  # before SQLite opens it: it would drop the intact frames
-            raise StoreError(
-                f"store {self.path} is damaged: its write-ahead log has a bad frame at byte "
-                f"{scan.damaged_at} followed by {scan.intact_after} intact frames, so this is not "
-                f"a torn last write; not opening it (SQLite would discard those frames): keep "
-                f"{self.path}-wal, restore the store from a copy, or move the log aside to open "
-                f"the store as of its last checkpoint, losing what the log holds"
-            )
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        try:
-            fresh = conn.execute("PRAGMA page_count").fetchone()[0] == 0
-            if fresh:
-                conn.execute(f"PRAGMA page_size = {int(page_size)}")
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = WAL")
-            sync = "OFF" if self.fsync == "never" else "FULL"
-            conn.execute(f"PRAGMA synchronous = {sync}")
-            size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA wal_autocheckpoint = {max(64, _CHECKPOINT_BYTES // size)}")
-            conn.execute("PRAGMA cache_size = -32768")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('next_seq', 1)",
-                (SCHEMA_VERSION,),
-            )
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"store {self.path} was written by a newer eda (schema {version})")
-            if scan and (scan.torn_bytes or scan.uncommitted):
-                self._repair(conn, scan)
-            columns = [row[1] for row in conn.execute("PRAGMA table_info(batches)")]
-            if "cum" not in columns:  # a new store, or one of schema 1: one pass, one transaction
-                conn.execute("BEGIN")
-                for statement in _UPGRADE_2.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-        except BaseException as exc:
-            conn.close()
-            if not isinstance(exc, sqlite3.Error):
-                raise
-            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
-                raise StoreFullError(f"cannot open store {self.path}: the disk is full") from None
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        return conn
-
-    def _repair(self, conn: sqlite3.Connection, scan: wal.WalScan) -> None:
-        """SQLite has dropped the damaged tail; check the rest, make it final, and say so."""
-        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if verdict != "ok":
-            raise StoreError(f"store {self.path} is damaged beyond its last write: {verdict}")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        last = conn.execute("SELECT max(seq + count - 1) FROM batches").fetchone()[0] or 0
-        if scan.torn_bytes:
-            self.repairs.append(
-                f"store {self.path}: the last write was torn ({scan.torn_bytes} damaged bytes at "
-                f"the end of the write-ahead log); it was discarded and the store is back to its "
-                f"last complete commit, sequence {last}"
-            )
-        else:
-            self.repairs.append(
-                f"store {self.path}: discarded a transaction that was never committed "
-                f"({scan.uncommitted} pages); the store ends at sequence {last}"
-            )
 
     def _load(self) -> None:
         """The in-memory state from the last commit."""
@@ -269,8 +132,7 @@ class SQLiteEngine:
         self._next: int = int(max(floor, top[0] if top else 1))
         self._durable: int = self._next - 1
         self._last_stored: float = float(top[1]) if top else 0.0
-        self._streams.clear()
-        self._fresh.clear()
+        self._ledger.clear()
         self._seen.clear()
         self._topics.clear()
         topic = conn.execute("SELECT min(topic) FROM batches").fetchone()[0]
@@ -294,18 +156,10 @@ class SQLiteEngine:
         for pubid, topic, lo, hi, seen in conn.execute(
             "SELECT pubid, topic, lo, hi, seen FROM streams ORDER BY pubid, topic, lo"
         ):
-            self._streams.setdefault((pubid, topic), []).append([lo, hi])
+            self._ledger.add((pubid, topic), lo, hi)
             self._seen[(pubid, topic)] = seen
 
     # -- state ----------------------------------------------------------------
-    @property
-    def last_seq(self) -> int:
-        return self._next - 1
-
-    @property
-    def durable_seq(self) -> int:
-        return self._durable
-
     @property
     def first_seq(self) -> int:
         row = self._conn.execute("SELECT min(seq) FROM batches").fetchone()
@@ -328,35 +182,13 @@ class SQLiteEngine:
         except sqlite3.Error:
             pass  # the next call fails the same way; the file is as the last commit left it
         after = f"nothing after sequence {self._durable} was stored"
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(exc):
+        if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc):
             return StoreFullError(
                 f"store {self.path}: the disk is full; {after}: free space or retain less"
             )
         return StoreError(f"store {self.path}: {exc}; {after}")
 
     # -- writing --------------------------------------------------------------
-    def _check(self, batch: Batch) -> None:
-        check_batch(batch, self.max_event_bytes, self._topics_ok)
-
-    def _check_gaps(self, batch: Batch) -> None:
-        """Refuse a batch that would split its stream into more than ``max_ranges`` ranges.
-
-        This bounds the state kept per stream (a call's own batches may add a
-        few more).  Like Kafka's out-of-order sequence error: the publisher
-        sends the missing events first.
-        """
-        ranges = self._streams.get((batch.pubid, batch.topic))
-        if not ranges or len(ranges) < self.max_ranges or ranges[-1][1] == batch.seq:
-            return
-        trial = [r[:] for r in ranges]
-        for a, z in subtract(ranges, batch.seq, batch.seq + batch.size)[0]:
-            add(trial, a, z)
-        if len(trial) > len(ranges):
-            raise UsageError(
-                f"publisher {batch.pubid} on {batch.topic} has {len(ranges) - 1} gaps in its "
-                f"sequence: batch from {batch.seq} refused; send the missing events first"
-            )
-
     def _usable(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
@@ -365,45 +197,21 @@ class SQLiteEngine:
         self._usable()
         for batch in batches:
             self._check(batch)
-            self._check_gaps(batch)
         try:  # whatever fails from here on (I/O, a bug) rolls back and reloads: no half-append
             now = max(self._clock(), self._last_stored)
+            pieces, receipts = self._ledger.plan(batches, self._next)
             rows: list[tuple[Any, ...]] = []
-            receipts: list[Receipt] = []
-            for b in batches:
-                key = (b.pubid, b.topic)
-                ranges = self._streams.setdefault(key, [])
-                lo, hi = b.seq, b.seq + b.size
-                if not ranges or ranges[-1][1] <= lo:
-                    new, dup = [(lo, hi)], list[tuple[int, int]]()
-                else:
-                    new, dup = subtract(ranges, lo, hi)
-                confirm_at = self._next - 1 if overlaps(self._fresh.get(key), dup) else 0
-                stored = []
-                ext = ("{" + b.extensions.json[1:] + "}").encode() if b.extensions.json else b""
-                parts: list[bytes] | None = None
-                for a, z in new:
-                    if z - a == b.size:
-                        body = b.body
-                    else:
-                        parts = parts or b.body.split(b"\n")
-                        body = b"\n".join(parts[a - lo : z - lo])
-                    counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
-                    counts[0] += z - a
-                    counts[1] += len(body)
-                    counts[2] += z - a
-                    counts[3] += len(body)
-                    rows.append((self._next, z - a, now, b.topic, b.kind, b.time, b.pubid, a,
-                                 b.source, ext, body, counts[2], counts[3]))  # fmt: skip
-                    stored.append((a, self._next, z - a))
-                    self._next += z - a
-                    add(ranges, a, z)
-                    add(self._fresh.setdefault(key, []), a, z)
-                if stored:
-                    confirm_at = self._next - 1
-                    self._seen[key] = now
-                dups = tuple((a, z - a) for a, z in dup)
-                receipts.append(Receipt(tuple(stored), dups, confirm_at))
+            for p in pieces:
+                b = p.batch
+                counts = self._topics.setdefault(b.topic, [0, 0, 0, 0])
+                counts[0] += p.size
+                counts[1] += len(p.body)
+                counts[2] += p.size
+                counts[3] += len(p.body)
+                rows.append((p.seq, p.size, now, b.topic, b.kind, b.time, b.pubid, p.pubseq,
+                             b.source, p.ext.encode(), p.body, counts[2], counts[3]))  # fmt: skip
+                self._seen[b.pubid, b.topic] = now
+                self._next = p.seq + p.size
             self._last_stored = now
             self._begin()
             self._conn.executemany(_INSERT, rows)
@@ -419,20 +227,20 @@ class SQLiteEngine:
             return self._durable
         conn = self._conn
         try:
-            for key, fresh in self._fresh.items():
+            for key, fresh in self._ledger.fresh.items():
                 if not fresh:
                     continue
                 conn.execute("DELETE FROM streams WHERE pubid = ? AND topic = ?", key)
                 seen = self._seen[key]
                 conn.executemany(
                     "INSERT INTO streams VALUES (?,?,?,?,?)",
-                    [(*key, lo, hi, seen) for lo, hi in self._streams[key]],
+                    [(*key, lo, hi, seen) for lo, hi in self._ledger.ranges[key]],
                 )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next,))
             conn.execute("COMMIT")
         except Exception as exc:
             raise self._failed(exc) from None
-        self._fresh.clear()
+        self._ledger.fresh.clear()
         self._durable = self._next - 1
         return self._durable
 
@@ -452,35 +260,14 @@ class SQLiteEngine:
         return sum(self._from(topic, seq) for topic in self._topics if matcher(topic))
 
     # -- reading --------------------------------------------------------------
-    def read(
-        self,
-        start: int,
-        end: int | None = None,
-        matcher: Matcher | None = None,
-        limit: int | None = None,
+    def _records(
+        self, start: int, end: int, matcher: Matcher | None, left: int
     ) -> Iterator[Record]:
-        self._usable()
-        end = self._durable if end is None else min(end, self._durable)
-        left = limit if limit is not None else MAX_SEQ
-        start = max(start, 1)
-        if left <= 0 or start > end:
-            return
         head = self._conn.execute(
             "SELECT max(seq) FROM batches WHERE seq <= ?", (start,)
         ).fetchone()[0]
         for row in self._rows(start if head is None else head, end, matcher):
-            record = Record(*row)
-            top = record.seq + record.size - 1
-            if top < start:
-                continue
-            lo = max(start, record.seq)
-            hi = min(end, top, lo + left - 1)
-            if lo != record.seq or hi != top:
-                record = self._slice(record, lo, hi)
-            left -= record.size
-            yield record
-            if left <= 0:
-                return
+            yield Record(*row)
 
     def _rows(self, pos: int, end: int, matcher: Matcher | None) -> Iterator[tuple[Any, ...]]:
         """Rows of batches from *pos* to *end* whose topic matches, a chunk at a time.
@@ -536,199 +323,23 @@ class SQLiteEngine:
         ).fetchone()
         return int(row[0]) if row else self._next
 
-    def seq_for_last(self, n: int, matcher: Matcher | None = None) -> int:
-        pos = self._durable
-        if n <= 0:
-            return pos + 1
+    def _backwards(self, pos: int) -> Iterator[Span]:
         while True:
             rows = self._conn.execute(
                 "SELECT seq, count, topic FROM batches WHERE seq <= ? ORDER BY seq DESC LIMIT 256",
                 (pos,),
-            ).fetchall()
-            for seq, count, topic in rows:
-                if matcher is None or matcher(topic):
-                    if count >= n:
-                        return int(seq + count - n)
-                    n -= count
-                pos = seq - 1
+            ).fetchall()  # no cursor open across yields
+            yield from rows
             if len(rows) < 256:
-                return self.first_seq
+                return
+            pos = rows[-1][0] - 1
 
-    def _count(self, first: int, last: int, matcher: Matcher | None) -> int:
-        """Stored events with bus sequences in [first, last] that *matcher* accepts."""
-        if last < first:
-            return 0
-        total = 0
-        for seq, count, topic in self._conn.execute(
+    def _spans(self, first: int, last: int) -> Iterator[Span]:
+        yield from self._conn.execute(
             "SELECT seq, count, topic FROM batches WHERE seq <= ? AND seq >= "
             "coalesce((SELECT max(seq) FROM batches WHERE seq <= ?), 0) ORDER BY seq",
             (last, first),
-        ):
-            if matcher is None or matcher(topic):
-                total += max(0, min(seq + count - 1, last) - max(seq, first) + 1)
-        return total
-
-    def _matcher(self, patterns_json: str) -> Matcher:
-        m = self._matchers.get(patterns_json)
-        if m is None:
-            m = self._matchers[patterns_json] = Matcher(json.loads(patterns_json))
-        return m
-
-    # -- durable consumers ----------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        try:
-            self._begin()
-            self._conn.execute(sql, args)
-        except Exception as exc:
-            raise self._failed(exc) from None
-        if self.fsync == "always":
-            self.commit()
-
-    def consumer(self, name: str, patterns: Sequence[str], start: int) -> int:
-        check_name(name, "consumer")
-        spec = json.dumps(Matcher(patterns).patterns)
-        row = self._conn.execute(
-            "SELECT next, patterns FROM consumers WHERE name = ?", (name,)
-        ).fetchone()
-        if row:
-            if row[1] != spec:  # resumed with other patterns: its lag is counted by the new ones
-                self._write("UPDATE consumers SET patterns = ? WHERE name = ?", (spec, name))
-            return int(row[0])
-        start = max(1, min(start, self._next))
-        self._write("INSERT INTO consumers VALUES (?, ?, ?)", (name, spec, start))
-        return start
-
-    def position(self, name: str) -> int:
-        row = self._conn.execute("SELECT next FROM consumers WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no durable consumer {name!r}")
-        return int(row[0])
-
-    def ack(self, name: str, seq: int) -> int:
-        current = self.position(name)
-        if seq > self.last_seq:
-            raise UsageError(f"consumer {name!r} acknowledged {seq}, beyond the last event")
-        if seq + 1 > current:
-            self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq + 1, name))
-            current = seq + 1
-        return current
-
-    def patterns_of(self, name: str) -> tuple[str, ...] | None:
-        sql = "SELECT patterns FROM consumers WHERE name = ?"
-        row = self._conn.execute(sql, (name,)).fetchone()
-        return None if row is None else tuple(self._matcher(row[0]).patterns)
-
-    def move(self, name: str, seq: int) -> int:
-        self.position(name)  # NotFoundError if unknown
-        seq = max(1, min(seq, self._next))
-        self._write("UPDATE consumers SET next = ? WHERE name = ?", (seq, name))
-        return seq
-
-    def drop_consumer(self, name: str) -> None:
-        n = self._conn.execute(
-            "SELECT (SELECT count(*) FROM consumers WHERE name = ?)"
-            " + (SELECT count(*) FROM groups WHERE name = ?)",
-            (name, name),
-        ).fetchone()[0]
-        if not n:
-            raise NotFoundError(f"no durable consumer or group {name!r}")
-        self._write("DELETE FROM consumers WHERE name = ?", (name,))
-        self._write("DELETE FROM groups WHERE name = ?", (name,))
-        self._write("DELETE FROM leases WHERE grp = ?", (name,))
-
-    # -- consumer groups ------------------------------------------------------
-    def _group(self, group: str, patterns: Sequence[str], start: int | None) -> tuple[Matcher, int]:
-        check_name(group, "group")
-        spec = json.dumps(Matcher(patterns).patterns)
-        row = self._conn.execute(
-            "SELECT patterns, next FROM groups WHERE name = ?", (group,)
-        ).fetchone()
-        if row is None:
-            nxt = self._durable + 1 if start is None else max(1, min(start, self._next))
-            self._write("INSERT INTO groups VALUES (?, ?, ?)", (group, spec, nxt))
-            return self._matcher(spec), nxt
-        if row[0] != spec:
-            raise UsageError(f"group {group!r} has patterns {json.loads(row[0])}, not {patterns}")
-        return self._matcher(spec), int(row[1])
-
-    def claim(
-        self, group: str, member: str, patterns: Sequence[str], limit: int, start: int | None = None
-    ) -> list[Record]:
-        check_name(member, "member")
-        matcher, nxt = self._group(group, patterns, start)
-        out: list[Record] = []
-        got = 0
-        released = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = '' ORDER BY first", (group,)
         ).fetchall()
-        for first, last in released:
-            if got >= limit:
-                return out
-            records = list(self.read(first, last, matcher))
-            self._write(
-                "UPDATE leases SET member = ? WHERE grp = ? AND first = ?", (member, group, first)
-            )
-            out += records
-            got += sum(r.size for r in records)
-        if got >= limit or nxt > self._durable:
-            return out
-        records = list(self.read(nxt, None, matcher, limit - got))
-        reached = self._durable
-        if records and sum(r.size for r in records) >= limit - got:
-            reached = records[-1].seq + records[-1].size - 1
-        if records:
-            self._write(
-                "INSERT INTO leases VALUES (?, ?, ?, ?)",
-                (group, records[0].seq, reached, member),
-            )
-        self._write("UPDATE groups SET next = ? WHERE name = ?", (reached + 1, group))
-        return out + records
-
-    def group_ack(self, group: str, member: str, seq: int) -> int:
-        if not 0 <= seq <= MAX_SEQ:
-            raise UsageError(f"group {group!r}: acknowledged sequence {seq} is out of range")
-        matcher = self._group_matcher(group)
-        leases = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
-            (group, member, seq),
-        ).fetchall()
-        settled = 0
-        for first, last in leases:
-            settled += self._count(first, min(last, seq), matcher)
-            if last <= seq:
-                self._write("DELETE FROM leases WHERE grp = ? AND first = ?", (group, first))
-            else:
-                self._write(
-                    "UPDATE leases SET first = ? WHERE grp = ? AND first = ?",
-                    (seq + 1, group, first),
-                )
-        return settled
-
-    def release(self, group: str, member: str) -> int:
-        matcher = self._group_matcher(group)
-        leases = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = ?", (group, member)
-        ).fetchall()
-        if leases:
-            self._write(
-                "UPDATE leases SET member = '' WHERE grp = ? AND member = ?", (group, member)
-            )
-        return sum(self._count(first, last, matcher) for first, last in leases)
-
-    def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
-        self._group_matcher(group)
-        out: dict[str, list[tuple[int, int]]] = {}
-        for first, last, member in self._conn.execute(
-            "SELECT first, last, member FROM leases WHERE grp = ? ORDER BY first", (group,)
-        ):
-            out.setdefault(member, []).append((first, last))
-        return out
-
-    def _group_matcher(self, group: str) -> Matcher:
-        row = self._conn.execute("SELECT patterns FROM groups WHERE name = ?", (group,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no consumer group {group!r}")
-        return self._matcher(row[0])
 
     # -- housekeeping ---------------------------------------------------------
     def stats(self) -> Stats:
@@ -736,13 +347,12 @@ class SQLiteEngine:
         conn = self._conn
         topics = {t: TopicStats(c[0], c[1]) for t, c in sorted(self._topics.items()) if c[0] > 0}
         consumers = []
-        last = self.last_seq
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM consumers"):
-            m = self._matcher(spec)
+            m = self._spec(spec)
             lag = self._lag(m, nxt)
             consumers.append(ConsumerStats(name, "durable", tuple(m.patterns), nxt, lag, 0))
         for name, spec, nxt in conn.execute("SELECT name, patterns, next FROM groups"):
-            m = self._matcher(spec)
+            m = self._spec(spec)
             held = sum(
                 self._count(first, end, m)
                 for first, end in conn.execute(
@@ -754,27 +364,22 @@ class SQLiteEngine:
         file_bytes = sum(
             p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
         )
-        return Stats(
-            first_seq=self.first_seq,
-            last_seq=last,
-            durable_seq=self._durable,
-            events=sum(t.events for t in topics.values()),
-            bytes=sum(t.bytes for t in topics.values()),
-            file_bytes=file_bytes,
-            topics=topics,
-            consumers=consumers,
-        )
+        return self._stats(topics, consumers, file_bytes)
 
-    def retain(
-        self, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
-    ) -> Retained:
-        self.commit()
-        now = self._clock() if now is None else now
+    def _sizes(self) -> Generator[tuple[int, int, float, int], None, None]:
+        rows = self._conn.execute(
+            "SELECT seq, count, stored, length(body) FROM batches ORDER BY seq"
+        )
+        try:
+            yield from rows
+        finally:
+            rows.close()
+
+    def _stored_bytes(self) -> int:
+        return sum(c[1] for c in self._topics.values())
+
+    def _remove(self, plan: retention.Cut | None, max_age: float | None, now: float) -> None:
         conn = self._conn
-        total = sum(c[1] for c in self._topics.values())
-        rows = conn.execute("SELECT seq, count, stored, length(body) FROM batches ORDER BY seq")
-        plan = retention.cut(rows, total, max_age, max_bytes, now)
-        rows.close()
         try:
             self._begin()
             if plan is not None:
@@ -783,7 +388,7 @@ class SQLiteEngine:
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
-            if max_age is not None:
+            if max_age is not None:  # a publisher silent for longer is forgotten
                 conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
         except Exception as exc:
             raise self._failed(exc) from None
@@ -794,25 +399,10 @@ class SQLiteEngine:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception as exc:
             raise self._failed(exc) from None
-        if plan is None:
-            return Retained(0, 0, self.first_seq)
-        return Retained(plan.events, plan.bytes, self.first_seq)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self.commit()
-        finally:
-            self._closed = True
-            self._conn.close()
-            os.close(self._lock_fd)
-
-    def __enter__(self) -> SQLiteEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        self._conn.close()
+        os.close(self._lock_fd)
 
 
 def _implements(engine: SQLiteEngine) -> Engine:

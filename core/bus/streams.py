@@ -54,14 +54,20 @@ def check_batch(batch: Batch, max_event_bytes: int, topics_ok: set[str]) -> None
         raise UsageError(f"bad batch: {batch.size} events from sequence {batch.seq}")
     if batch.size > 1 and batch.body.count(b"\n") != batch.size - 1:
         raise UsageError(f"bad batch: it announces {batch.size} events, its body differs")
-    if len(batch.body) <= max_event_bytes:
+    check_events(batch, max_event_bytes, f"the maximum of {max_event_bytes}")
+
+
+def check_events(batch: Batch, limit: int, what: str) -> None:
+    """Refuse (EventTooLargeError) a batch with an event over *limit* bytes (*what* says
+    which limit, for the message); the batch's size alone decides when it is within."""
+    if len(batch.body) <= limit:
         return
     parts = [batch.body] if batch.size == 1 else batch.body.split(b"\n")
     for i, part in enumerate(parts):
-        if len(part) > max_event_bytes:
+        if len(part) > limit:
             raise EventTooLargeError(
                 f"event {batch.pubid}-{batch.seq + i} on {batch.topic} is {len(part)} bytes, "
-                f"more than the maximum of {max_event_bytes}: batch refused"
+                f"more than {what}: batch refused"
             )
 
 

@@ -1,0 +1,310 @@
+"""The NATS JetStream engine itself: opening, writing (publish, commit, resync), retention.
+
+The layers below it, one module each: :mod:`.state` (what they share),
+:mod:`.index` (heads in memory, reads), :mod:`.setup` (stream and bucket),
+:mod:`.consumers`, :mod:`.groups`, :mod:`.stats`; the rules every engine
+follows the same way come from :mod:`..base`.  The design is in the package
+docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from ...codec import Batch
+from ...errors import UsageError
+from ...topics import validate_topic
+from .. import retention
+from ..base import DEFAULT_MAX_RANGES
+from ..engine import Engine, Receipt, StoreError
+from ..streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_events
+from .bridge import Bridge
+from .client import nats
+from .stats import StatsOf
+from .wire import _Head, header_bytes, msg_id, nats_name
+
+DEFAULT_STREAM: Final = "EDA"
+# The longest any one call of the serving loop waits for NATS (an ack, a pull, an
+# API answer): well inside a publisher's patience (eda-pub --timeout, BusPublisher's
+# default 10 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
+# is slow, gone or stuck costs the bus a refused round (publishers resend) or one
+# error reply, never a stalled front.
+SERVE_DEADLINE: Final = 2.0
+
+
+class NatsEngine(StatsOf):
+    """eda-bus's store on a NATS JetStream stream (see the package docstring).
+
+    Not thread-safe: use it from one thread at a time.  It runs its own
+    asyncio loop in a background thread; every method waits for its result.
+    """
+
+    shared = True  # other fronts write to the same stream
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        *,
+        stream: str = DEFAULT_STREAM,
+        prefix: str = "eda",
+        replicas: int | None = None,
+        duplicate_window: float = 120.0,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT,
+        max_ranges: int = DEFAULT_MAX_RANGES,
+        ack_wait: float = 30.0,
+        timeout: float = 10.0,
+        deadline: float = SERVE_DEADLINE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if nats is None:
+            raise UsageError("the NATS engine needs nats-py: pip install 'eda[nats]'")
+        self.stream = nats_name(stream, "stream")
+        self.prefix = validate_topic(prefix)
+        if replicas is not None and not 1 <= replicas <= 5:
+            raise UsageError(f"invalid replicas {replicas}: JetStream allows 1 to 5")
+        self._want_replicas = replicas  # None: as the stream has it (1 when created)
+        self.replicas = replicas or 1
+        self.changes: list[str] = []  # what opening changed in an existing stream's config
+        self.warnings: list[str] = []  # what the caller should tell its user
+        super().__init__(max_event_bytes=max_event_bytes, max_ranges=max_ranges, clock=clock)
+        self.ack_wait = ack_wait
+        self.timeout = timeout  # opening (patient: a cluster may be electing leaders)
+        self.deadline = min(deadline, timeout)  # every call once open (see SERVE_DEADLINE)
+        self._servers = [servers] if isinstance(servers, str) else list(servers)
+        self._bridge = Bridge(f"NATS stream {self.stream}", self.deadline)
+        self._closed = False
+        self._heads = []
+        self._head_seqs = []
+        self._pending = []
+        self._gone = {}  # see NatsState
+        self._gone_for = max(2 * duplicate_window, 600.0)
+        self._groups = {}
+        self._held = {}
+        self._unanswered = {}
+        try:
+            # patient: a cluster that just lost a node elects new leaders first
+            self._run(self._open(duplicate_window, max_age, max_bytes), timeout * 10)
+        except BaseException:
+            if hasattr(self, "_nc"):
+                with contextlib.suppress(Exception):
+                    self._run(self._nc.close(), self.timeout)
+            self._bridge.stop()
+            raise
+
+    # -- writing --------------------------------------------------------------
+    def _check(self, batch: Batch) -> None:
+        subject_bytes = len(self.prefix) + 1 + len(batch.topic.encode())
+        if batch.topic not in self._topics_ok and subject_bytes > 4000:
+            raise UsageError(f"topic {batch.topic[:40]!r}… is too long for a NATS subject")
+        super()._check(batch)
+
+    def _room(self, batch: Batch) -> int:
+        """Payload bytes one message of *batch* may carry: the server's max payload
+        (read from the connection: it counts headers too) less the largest headers
+        this batch's messages can have.  EventTooLargeError when one event alone
+        does not fit, so it is refused before anything is stored."""
+        ext = ("{" + batch.extensions.json[1:] + "}") if batch.extensions.json else ""
+        limit = int(self._nc.max_payload)
+        # the common case, cheaply: headers of fixed size plus strings JSON escapes
+        # at most 12-fold (an astral character as two \\uXXXX escapes)
+        bound = 512 + 12 * (len(batch.pubid) + len(batch.source) + len(ext))
+        if len(batch.body) + bound <= limit:
+            return limit - bound
+        meta = {"kind": batch.kind, "time": batch.time, "pubid": batch.pubid, "pubseq": MAX_SEQ,
+                "source": batch.source, "ext": ext, "stored": -1.2345678901234567e308}  # fmt: skip
+        widest = str(MAX_SEQ)
+        headers = {"Eda-Seq": widest, "Eda-Count": widest, "Eda-Meta": json.dumps(meta),
+                   "Nats-Msg-Id": "0" * 32, "Nats-Expected-Last-Sequence": widest}  # fmt: skip
+        room = limit - header_bytes(headers)
+        what = f"the NATS server's max payload of {limit} (less {limit - room} bytes of headers)"
+        check_events(batch, room, what)
+        return room
+
+    def append(self, batches: Sequence[Batch]) -> list[Receipt]:
+        self._usable()
+        rooms = []
+        for batch in batches:
+            self._check(batch)
+            rooms.append(self._room(batch))
+        last_stored = self._heads[-1].stored if self._heads else 0.0
+        now = max(self._clock(), self._pending[-1][0].stored if self._pending else last_stored)
+        # what a publish refuses is forgotten again by _abandon (and what the
+        # stream does not acknowledge by commit's _resync): never confirmed
+        pieces, receipts = self._ledger.plan(batches, self._next, rooms)
+        out: list[tuple[str, bytes, dict[str, str], _Head]] = []
+        for p in pieces:
+            b = p.batch
+            meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": p.pubseq,
+                    "source": b.source, "ext": p.ext, "stored": now}  # fmt: skip
+            self._sseq += 1
+            headers = {
+                "Eda-Seq": str(p.seq),
+                "Eda-Count": str(p.size),
+                "Eda-Meta": json.dumps(meta),
+                "Nats-Msg-Id": msg_id(b.pubid, b.topic, p.pubseq),
+                "Nats-Expected-Last-Sequence": str(self._sseq - 1),
+            }
+            head = _Head(self._sseq, p.seq, p.size, now, b.topic, b.pubid, p.pubseq, len(p.body))
+            out.append((f"{self.prefix}.{b.topic}", p.body, headers, head))
+            self._next = p.seq + p.size
+        if out:
+            sent: list[asyncio.Future[Any]] = []
+            try:
+                self._run(self._publish([(s, d, h) for s, d, h, _ in out], sent))
+            except StoreError as exc:
+                self._pending += [(m[3], f) for m, f in zip(out, sent, strict=False)]
+                self._abandon()
+                raise StoreError(
+                    f"{exc}; nothing after sequence {self._durable} is confirmed: the "
+                    f"publishers resend it"
+                ) from None
+            self._pending += [(m[3], f) for m, f in zip(out, sent, strict=True)]
+        return receipts
+
+    def _abandon(self) -> None:
+        """Give up on every unacknowledged publish: forget the sequences and ranges
+        they took and read back what the stream really holds."""
+        pending, self._pending = self._pending, []
+
+        def forget() -> None:
+            for _, fut in pending:
+                fut.cancel()
+            getattr(self, "_acks", {}).clear()
+
+        self._bridge.call_soon(forget)
+        self._resync()
+
+    async def _publish(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """Send *msgs* in order without waiting for their acks; one future per message
+        sent, appended to *futures* (so a failure part-way leaves those of the sent ones)."""
+        if not hasattr(self, "_inbox"):
+            self._inbox = self._nc.new_inbox()
+            self._acks: dict[str, asyncio.Future[Any]] = {}
+            self._ackn = 0
+
+            async def on_ack(msg: Any) -> None:
+                fut = self._acks.pop(msg.subject, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+            await self._nc.subscribe(f"{self._inbox}.*", cb=on_ack)
+        for subject, data, headers in msgs:
+            self._ackn += 1
+            reply = f"{self._inbox}.{self._ackn}"
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._acks[reply] = fut
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            futures.append(fut)
+
+    def commit(self) -> int:
+        self._usable()
+        if not self._pending:
+            return self._durable
+        pending, self._pending = self._pending, []
+        try:
+            failure = self._run(self._settle(pending))
+        except StoreError as exc:
+            failure = str(exc)
+        if failure is None:
+            for head, _ in pending:
+                self._add_head_indexed(head)
+            self._ledger.fresh.clear()
+            self._durable = self._next - 1
+            return self._durable
+        self._resync()
+        raise StoreError(
+            f"NATS stream {self.stream}: {failure}; nothing after sequence {self._durable} is "
+            f"confirmed: the publishers resend it"
+        )
+
+    def _add_head_indexed(self, head: _Head) -> None:
+        self._heads.append(head)
+        self._head_seqs.append(head.seq)
+
+    async def _settle(self, pending: list[tuple[_Head, asyncio.Future[Any]]]) -> str | None:
+        """Wait for every ack; None when each message was stored where it was meant to be."""
+        try:
+            replies = await asyncio.wait_for(
+                asyncio.gather(*(f for _, f in pending)), self.deadline * 0.9
+            )
+        except TimeoutError:
+            for _, f in pending:
+                f.cancel()
+            return "the stream did not acknowledge in time"
+        for (head, _), reply in zip(pending, replies, strict=True):
+            if not reply.data:  # a status instead of an ack: 503, no stream leader right now
+                status = (reply.headers or {}).get("Status", "?")
+                return f"the stream did not store it (status {status}: no leader or no quorum)"
+            ack = json.loads(reply.data)
+            if ack.get("error", {}).get("err_code") == 10071:  # wrong last sequence
+                return "another writer appended to the stream"
+            if "error" in ack:
+                return f"refused: {ack['error'].get('description', ack['error'])}"
+            if ack.get("duplicate") or ack.get("seq") != head.sseq:
+                return "another writer appended to the stream"
+        return None
+
+    def _resync(self) -> None:
+        """Forget what was not acknowledged and read what the stream really holds."""
+        self._ledger.clear()
+        for key, (ranges, _) in self._gone.items():
+            for lo, hi in ranges:
+                self._ledger.add(key, lo, hi)
+        for h in self._heads:
+            self._ledger.add((h.pubid, h.topic), h.pubseq, h.pubseq + h.size)
+        try:
+            if not self._nc.is_connected:  # not now: the next commit or refresh reads it
+                raise StoreError("not connected")
+            self._run(self._catch_up())
+        except StoreError:
+            self._sseq = self._heads[-1].sseq if self._heads else 0
+            self._next = self._durable + 1
+
+    def refresh(self) -> int:
+        """Take in what other writers (fronts) stored; the new ``durable_seq``.
+
+        One stream info request (short timeout) when nothing of ours is
+        pending, and a read of the new heads only when the stream moved.
+        """
+        self._usable()
+        if self._pending or not self._nc.is_connected:
+            return self._durable
+
+        async def moved() -> None:
+            state = (await self._js.stream_info(self.stream)).state
+            first = self._heads[0].sseq if self._heads else state.first_seq
+            if state.last_seq != self._sseq or (self._heads and state.first_seq > first):
+                await self._catch_up()
+
+        self._run(moved(), min(1.0, self.timeout))
+        return self._durable
+
+    def _remove(self, plan: retention.Cut | None, max_age: float | None, now: float) -> None:
+        if plan is None:
+            return
+        i = self._locate(plan.keep_from)
+        sseq = self._heads[i].sseq if i < len(self._heads) else self._sseq + 1
+        self._run(self._kv_put("floor", {"next": self._next}))
+        self._forget(self._heads[:i])
+        self._run(self._kv_put("retained", self._gone_value()))
+        self._run(self._js.purge_stream(self.stream, seq=sseq))
+        del self._heads[:i]
+        del self._head_seqs[:i]
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection
+            self._run(self._nc.close(), self.timeout)
+        self._bridge.stop()
+
+
+def _implements(engine: NatsEngine) -> Engine:
+    return engine  # mypy checks here that NatsEngine has every method of Engine

@@ -1,0 +1,165 @@
+"""The index of the NATS engine: the heads of the stored messages, in memory.
+
+Each stored message's head (stream sequence, bus sequence, count, stored
+time, topic, publisher stream, size) is read from the stream on open and
+kept, so lookups by bus sequence and time, ``seq_for_last``, counts and stats
+never scan messages; reads fetch the messages they need, concurrently.  The
+publisher sequences retention removed are kept beside (``_gone``), also in
+the bucket, so a late resend of one is still a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any, Final
+
+from ...topics import Matcher
+from ..base import Span
+from ..engine import Record
+from ..streams import MAX_SEQ, add
+from .client import JsNotFound
+from .state import NatsState
+from .wire import _Head, head_of, record
+
+_CHUNK: Final = 128  # messages fetched concurrently while reading
+_CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
+
+
+class Index(NatsState):
+    """The heads of the stored messages (see the module docstring)."""
+
+    async def _fetch(self, sseqs: Sequence[int]) -> list[Any]:
+        """The stored messages at *sseqs* (None where a message is gone), concurrently."""
+
+        async def one(s: int) -> Any:
+            try:
+                return await self._js.get_msg(self.stream, s)
+            except JsNotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(s) for s in sseqs)))
+
+    async def _catch_up(self) -> None:
+        """Read the heads of messages this engine has not seen (all of them on open)."""
+        info = await self._js.stream_info(self.stream)
+        last = info.state.last_seq
+        pos = max(info.state.first_seq, self._heads[-1].sseq + 1 if self._heads else 1)
+        gone = bisect.bisect_left([h.sseq for h in self._heads], info.state.first_seq)
+        if gone:  # removed by the stream's own limits (max_age, max_bytes) or another front
+            self._forget(self._heads[:gone])
+            del self._heads[:gone]
+            del self._head_seqs[:gone]
+        while pos <= last:
+            chunk = list(range(pos, min(last, pos + _CHUNK - 1) + 1))
+            for msg in await self._fetch(chunk):
+                if msg is not None:
+                    self._index(msg)
+            pos = chunk[-1] + 1
+        self._sseq = last
+        floor = await self._kv_get("floor")  # bus sequences are never reused after a purge
+        top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
+        self._next = max(top, int(floor["next"]) if floor else 1)
+        self._durable = self._next - 1
+        self._load_gone(await self._kv_get("retained"))
+
+    def _forget(self, heads: Sequence[_Head]) -> None:
+        """*heads* leave the stream: remember their publisher sequences (see _gone)."""
+        now = time.time()
+        for h in heads:
+            ranges, _ = self._gone.get((h.pubid, h.topic), ([], now))
+            add(ranges, h.pubseq, h.pubseq + h.size)
+            self._gone[h.pubid, h.topic] = (ranges, now)
+        self._gone = {k: v for k, v in self._gone.items() if v[1] > now - self._gone_for}
+
+    def _load_gone(self, value: dict[str, Any] | None) -> None:
+        """Merge what retention (of any front) wrote to the bucket; malformed rows are skipped."""
+        rows = value.get("streams") if isinstance(value, dict) else None
+        for row in rows if isinstance(rows, list) else []:
+            try:
+                pubid, topic, spans, when = row
+                key, when = (str(pubid), str(topic)), float(when)
+                ranges, seen = self._gone.get(key, ([], when))
+                for lo, hi in spans:
+                    if 1 <= int(lo) < int(hi) <= MAX_SEQ + 1:
+                        add(ranges, int(lo), int(hi))
+                self._gone[key] = (ranges, max(seen, when))
+            except (TypeError, ValueError):
+                continue
+        for key, (ranges, _) in self._gone.items():
+            for lo, hi in ranges:
+                self._ledger.add(key, lo, hi)
+
+    def _gone_value(self) -> dict[str, Any]:
+        return {"streams": [[k[0], k[1], r, when] for k, (r, when) in self._gone.items()]}
+
+    def _index(self, msg: Any) -> _Head | None:
+        head = head_of(self.prefix, msg.seq, msg.subject, msg.headers, msg.data)
+        if head is None:
+            return None  # not written by eda: skipped by every read
+        self._add_head(head)
+        return head
+
+    def _add_head(self, head: _Head) -> None:
+        self._heads.append(head)
+        self._head_seqs.append(head.seq)
+        self._ledger.add((head.pubid, head.topic), head.pubseq, head.pubseq + head.size)
+
+    @property
+    def first_seq(self) -> int:
+        return self._heads[0].seq if self._heads else self._durable + 1
+
+    def _locate(self, seq: int) -> int:
+        """Index in _heads of the batch holding bus sequence *seq* (or the next one)."""
+        i = bisect.bisect_right(self._head_seqs, seq) - 1
+        if i >= 0 and self._heads[i].seq + self._heads[i].size <= seq:
+            i += 1
+        return max(i, 0)
+
+    def _records(
+        self, start: int, end: int, matcher: Matcher | None, left: int
+    ) -> Iterator[Record]:
+        i = self._locate(start)
+        while i < len(self._heads) and self._heads[i].seq <= end:
+            heads: list[_Head] = []
+            want = nbytes = 0
+            while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
+                h = self._heads[i]
+                i += 1
+                if matcher is None or matcher(h.topic):
+                    heads.append(h)
+                    want += min(h.seq + h.size - 1, end) - max(h.seq, start) + 1
+                    nbytes += h.nbytes
+                    if want >= left or nbytes >= _CHUNK_BYTES:  # one fetch, one deadline
+                        break
+            msgs = self._run(self._fetch([h.sseq for h in heads]))
+            left = max(1, left - want)  # the caller stops reading once it has enough
+            for head, msg in zip(heads, msgs, strict=True):
+                if msg is not None:  # else removed by retention meanwhile
+                    yield record(head, msg)
+
+    def seq_at(self, when: float) -> int:
+        stored = [h.stored for h in self._heads]
+        i = bisect.bisect_left(stored, when)
+        return self._heads[i].seq if i < len(self._heads) else self._next
+
+    def _backwards(self, pos: int) -> Iterator[Span]:
+        for h in reversed(self._heads):
+            if h.seq <= pos:
+                yield h.seq, h.size, h.topic
+
+    def _spans(self, first: int, last: int) -> Iterator[Span]:
+        for i in range(self._locate(first), len(self._heads)):
+            h = self._heads[i]
+            if h.seq > last:
+                return
+            yield h.seq, h.size, h.topic
+
+    def _sizes(self) -> Generator[tuple[int, int, float, int], None, None]:
+        for h in self._heads:
+            yield h.seq, h.size, h.stored, h.nbytes
+
+    def _stored_bytes(self) -> int:
+        return sum(h.nbytes for h in self._heads)
