@@ -906,17 +906,29 @@ def test_a_reply_to_zmq_cannot_connect_to_is_refused_and_cannot_break_the_inquir
         part.close()
 
 
-def test_a_participant_endpoint_zmq_refuses_is_a_no_vote_not_a_broken_coordinator(
+def test_a_malformed_explicit_participant_endpoint_is_refused_at_the_edge(
     running: Any, asker: Any, tmp_path: Path
 ) -> None:
+    """'tcp://a b:1' used to pass the loose text check and be refused by ZeroMQ
+    at the first prepare (a no vote); parsed as an Endpoint, it is refused where
+    it is given: a one-line usage error naming the option, and nothing starts."""
+    from eda.core.errors import UsageError
+    from eda.core.txn.protocol import parse_peers
+
+    with pytest.raises(UsageError, match=r"^bad peer odd endpoint 'tcp://a b:1'"):
+        Directory({"odd": "tcp://a b:1"})
+    with pytest.raises(UsageError, match=r"^bad --peer odd endpoint 'tcp://a b:1'"):
+        parse_peers(["odd=tcp://a b:1"])
+    assert parse_peers(["v6=tcp://[::1]:7741"])["v6"].zmq == "tcp://[::1]:7741"
     stock = participant(running, tmp_path, "stock", Actions())
-    peers = {"odd": "tcp://a b:1", "stock": stock.endpoint}
-    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory(peers)))
+    coord = running(lambda: Coordinator("c1", tmp_path, directory=Directory({"stock": stock.endpoint})))
     a = asker(coord.endpoint)
-    reply = a.wait(a.send(commit(["stock", "odd"])))
-    assert reply["outcome"] == "aborted" and "odd voted no: cannot connect" in reply["reason"]
     assert a.wait(a.send(commit(["stock"])))["outcome"] == "committed"
     wait_until(lambda: coord.daemon.stats({})["active"] == 0, 5)
+    for bad in ("odd=tcp://a b:1", "odd=tcp://h:0", "odd=tcp://*:1", "odd=h:99999"):
+        done = run("eda-txn", "coordinator", "--no-mdns", "--log", str(tmp_path), "--peer", bad)
+        assert done.returncode == 2, (bad, done)
+        assert done.stderr.count("\n") == 1 and "--peer odd endpoint" in done.stderr, done.stderr
 
 
 def test_a_persistent_agent_that_stops_reading_cannot_block_the_participant(

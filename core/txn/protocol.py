@@ -51,7 +51,15 @@ import zmq
 from ..daemon import Daemon, received
 from ..endpoint import Endpoint
 from ..errors import EdaError, ProtocolError, UsageError
-from ..reqrep import Envelope, Service, check_endpoint, decode, encode, error_reply, split_envelope
+from ..reqrep import (
+    Envelope,
+    Service,
+    client_endpoint,
+    decode,
+    encode,
+    error_reply,
+    split_envelope,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}")
 TXN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,49}\.[0-9a-f]{4,32}")
@@ -555,14 +563,17 @@ class Directory:
 
     def __init__(
         self,
-        explicit: Mapping[str, str] | None = None,
+        explicit: Mapping[str, Endpoint | str] | None = None,
         *,
         access: Any = None,
         find: Callable[[str], list[str]] | None = None,
         ttl: float = 30.0,
         miss_ttl: float = 1.0,
     ) -> None:
-        self.explicit = {k: check_endpoint(v, f"{k}") for k, v in (explicit or {}).items()}
+        self.explicit = {
+            name: client_endpoint(where, f"peer {name}").zmq
+            for name, where in (explicit or {}).items()
+        }
         self.access = access
         self.lookups = Lookups(find or self._lookup, ttl=ttl, miss_ttl=miss_ttl)
         self.attached = False
@@ -685,12 +696,13 @@ class Registration:
         self.presence.close()
 
 
-def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``NAME=tcp://HOST:PORT`` items as a dict (``--peer``)."""
-    peers: dict[str, str] = {}
+def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, Endpoint]:
+    """``NAME=tcp://HOST:PORT`` items as a dict (``--peer``); a malformed one is a
+    :class:`UsageError` naming the option."""
+    peers: dict[str, Endpoint] = {}
     for item in items:
         name, sep, endpoint = item.partition("=")
         if not sep:
             raise UsageError(f"bad peer {item[:80]!r}: use NAME=tcp://HOST:PORT")
-        peers[check_name(name, "participant name")] = check_endpoint(endpoint, "peer")
+        peers[check_name(name, "participant name")] = client_endpoint(endpoint, f"--peer {name}")
     return peers
