@@ -30,8 +30,9 @@ from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
 from eda.core.txn.coordinator import Coordinator
+from eda.core.txn.directory import Directory
 from eda.core.txn.participant import MAX_RESOLVE, Filter, Participant
-from eda.core.txn.protocol import MAX_DATA, NAME_RE, Directory
+from eda.core.txn.protocol import MAX_DATA, NAME_RE
 from eda.core.txn.status import twopc
 from tests import helpers
 from tests.helpers import run, wait_until
@@ -913,7 +914,7 @@ def test_a_malformed_explicit_participant_endpoint_is_refused_at_the_edge(
     at the first prepare (a no vote); parsed as an Endpoint, it is refused where
     it is given: a one-line usage error naming the option, and nothing starts."""
     from eda.core.errors import UsageError
-    from eda.core.txn.protocol import parse_peers
+    from eda.core.txn.directory import parse_peers
 
     with pytest.raises(UsageError, match=r"^bad peer odd endpoint 'tcp://a b:1'"):
         Directory({"odd": "tcp://a b:1"})

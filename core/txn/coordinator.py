@@ -42,16 +42,15 @@ from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError
 from . import crash
 from .compact import COMPACT_MIN
+from .directory import Directory
 from .journal import Journal, JournalError, open_journal
+from .peers import Peers
 from .protocol import (
     ABORT,
     COMMIT,
     DEFER,
     PENDING,
-    BatchService,
-    Directory,
     Log,
-    Peers,
     TxnError,
     check_name,
     check_participants,
@@ -62,6 +61,7 @@ from .protocol import (
     owner_of,
     printable,
 )
+from .service import BatchService
 
 ROLE = "coordinator"
 VOTING, DECIDING, COMMITTED, ABORTED = "voting", "deciding", "committed", "aborted"

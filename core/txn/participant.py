@@ -54,12 +54,11 @@ from ..errors import EdaError, NotFoundError, ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished
+from .directory import Lookups
 from .journal import JournalError, open_journal
+from .peers import Peers
 from .protocol import (
-    BatchService,
     Log,
-    Lookups,
-    Peers,
     TxnError,
     check_data,
     check_name,
@@ -69,6 +68,7 @@ from .protocol import (
     owner_of,
     printable,
 )
+from .service import BatchService
 
 PREPARING, PREPARED = "preparing", "prepared"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
