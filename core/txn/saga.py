@@ -121,7 +121,6 @@ def new_id(name: str) -> str:
     return f"{name[:40]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-
 # -- the executor -------------------------------------------------------------------------
 
 
