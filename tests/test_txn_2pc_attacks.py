@@ -31,8 +31,8 @@ from eda.core.txn import coordinator as coordinator_module
 from eda.core.txn.actions import Call, Result
 from eda.core.txn.coordinator import Coordinator
 from eda.core.txn.directory import Directory
-from eda.core.txn.participant import MAX_RESOLVE, Filter, Participant
-from eda.core.txn.protocol import MAX_DATA, NAME_RE
+from eda.core.txn.participant import Participant
+from eda.core.txn.protocol import MAX_DATA, MAX_RESOLVE, NAME_RE, Filter
 from eda.core.txn.status import twopc
 from tests import helpers
 from tests.helpers import run, wait_until
@@ -595,7 +595,7 @@ def test_prepares_with_made_up_reply_to_endpoints_cannot_use_up_sockets(
     """Each in-doubt transaction asks the endpoint its prepare named: a flood of
     made-up endpoints keeps at most MAX_PEERS sockets open (least recently used closed)."""
     part = Participant("stock", Actions(), tmp_path, inquire_after=0.01, max_live=10_000)
-    part.peers.max_peers = 8
+    part.in_doubt.peers.max_peers = 8
     try:
         for i in range(40):
             part.prepare(
@@ -604,8 +604,8 @@ def test_prepares_with_made_up_reply_to_endpoints_cannot_use_up_sockets(
             )  # fmt: skip
         time.sleep(0.02)
         part._tick()  # every one in doubt: each asks its coordinator
-        assert len(part.asking) == 40
-        assert len(part.peers.by_endpoint) == 8 and len(part._sockets) <= 8 + 2
+        assert len(part.in_doubt.asking) == 40
+        assert len(part.in_doubt.peers.by_endpoint) == 8 and len(part._sockets) <= 8 + 2
     finally:
         part.close()
 
@@ -902,7 +902,7 @@ def test_a_reply_to_zmq_cannot_connect_to_is_refused_and_cannot_break_the_inquir
         for _ in range(5):
             time.sleep(0.02)
             part._tick()
-        assert good in part.asking and len(part._sockets) == sockets + 1  # the good one's peer
+        assert good in part.in_doubt.asking and len(part._sockets) == sockets + 1  # the good one's peer
     finally:
         part.close()
 

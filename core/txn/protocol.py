@@ -13,7 +13,7 @@ participant    ``prepare`` txn, data, coordinator, reply_to  vote: yes|no, reaso
 participant    ``decide`` txn, outcome: commit|abort         done, hazard (an ack)
 participant    ``resolve`` txn, outcome (an operator)        state
 participant    ``resolve`` outcome, a filter (no txn: see    resolved, failed, more
-               ``participant.Filter``)
+               ``Filter``)
 both           ``stats``                                     counters (fsyncs, outcomes...)
 =============  ============================================  ===============================
 
@@ -29,6 +29,7 @@ daemons share live next to it, one subject each:
   (explicit endpoints, else the registry, else mDNS) and staying findable
   (:class:`~.directory.Registration`).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,14 @@ COORDINATOR_SERVICE = "txn-coordinator"
 COMMIT, ABORT, PENDING = "commit", "abort", "pending"
 DEFER = "__deferred__"  # a handler's reply meaning "answered later"
 MAX_BATCH = 256  # requests in one message (its frames); more are dropped
+MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
+PREPARED = "prepared"  # a participant's state once it voted yes: in doubt
 
 Log = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """A :data:`Log` that says nothing (the daemons' default)."""
 
 
 class TxnError(EdaError):
@@ -147,3 +154,55 @@ def check_timeout(value: object, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
         raise ProtocolError("timeout must be a number of seconds in (0, 3600]")
     return float(value)
+
+
+class Filter:
+    """Which in-doubt transactions a filtered ``resolve`` settles: all those (state
+    ``prepared``) of *coordinator*, prepared at least *older_than* seconds ago, whose
+    coordinator did not answer (*unanswered*); each given condition must hold."""
+
+    def __init__(
+        self,
+        coordinator: str | None = None,
+        older_than: float | None = None,
+        unanswered: bool = False,
+        limit: int = MAX_RESOLVE,
+    ) -> None:
+        self.coordinator = coordinator
+        self.older_than = older_than
+        self.unanswered = unanswered
+        self.limit = limit
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> Filter:
+        coordinator = req.get("coordinator")
+        if coordinator is not None:
+            coordinator = check_name(coordinator, "coordinator name")
+        older = req.get("older_than")
+        if older is not None and (
+            isinstance(older, bool) or not isinstance(older, int | float)
+            or not 0 <= older <= 10 * 365 * 86400
+        ):  # fmt: skip
+            raise ProtocolError("older_than must be a number of seconds, at least 0")
+        unanswered = req.get("unanswered", False)
+        if not isinstance(unanswered, bool):
+            raise ProtocolError("unanswered must be true or false")
+        limit = req.get("limit", MAX_RESOLVE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RESOLVE:
+            raise ProtocolError(f"limit must be a whole number in [1, {MAX_RESOLVE}]")
+        if coordinator is None and older is None and not unanswered:
+            raise ProtocolError("give a transaction id, or a filter (coordinator, older_than)")
+        return cls(coordinator, None if older is None else float(older), unanswered, limit)
+
+    def matches(self, txn: str, record: dict[str, Any], now: float) -> bool:
+        if record.get("state") != PREPARED:
+            return False
+        if self.coordinator is not None and owner_of(txn) != self.coordinator:
+            return False
+        if self.unanswered and not record.get("in_doubt"):
+            return False
+        if self.older_than is not None:
+            since = record.get("since", record.get("time"))
+            if not isinstance(since, int | float) or now - since < self.older_than:
+                return False
+        return True
