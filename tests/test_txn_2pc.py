@@ -35,12 +35,13 @@ from eda.core.errors import NotFoundError
 from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import crash
 from eda.core.txn.actions import PersistentAgent, ShellActions
-from eda.core.txn.coordinator import Coordinator, Txn
+from eda.core.txn.coordinator import Coordinator
 from eda.core.txn.coordinator import journal_path as coordinator_journal
 from eda.core.txn.directory import Directory
 from eda.core.txn.journal import read
 from eda.core.txn.participant import Participant, replay
 from eda.core.txn.participant import journal_path as participant_journal
+from eda.core.txn.transaction import Txn
 from tests import helpers
 from tests.helpers import run, wait_until
 
