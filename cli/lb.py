@@ -690,7 +690,6 @@ def stats(
     else each worker instance is asked for its own figures.  Exit 3 when NAME
     has no instance, 1 when an instance did not answer.
     """
-    from eda.core.endpoint import Endpoint
     from eda.core.errors import NotFoundError
     from eda.core.lb.stats import ask_stats
     from eda.core.registry.access import lookup
@@ -708,7 +707,7 @@ def stats(
     if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
         ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
         chosen = chosen[:MAX_ASKED]
-    endpoints = {Endpoint(i.host, i.port).zmq: i for i in chosen}
+    endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
     answers = ask_stats(endpoints, timeout)
     rows: list[dict[str, Any]] = []
     failed = 0
@@ -725,6 +724,10 @@ def stats(
     out.table(rows, _stats_table)
     if failed:
         raise Exit(ExitStatus.ERROR)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _number(value: object) -> float | int | None:
