@@ -150,15 +150,15 @@ def serve(
     $XDG_STATE_HOME/eda/registry.port): restarted with the same command, the
     registry listens where its clients expect it.
     """
-    from eda.core.registry.client import check_endpoint
     from eda.core.registry.server import Server, Settings
+    from eda.core.reqrep import client_endpoint
 
     ctx = Context("eda-registry", verbose)
     iface = _iface(interface)
     if iface and bind == "tcp://*:7700":
         bind = f"tcp://{iface}:7700"
     for peer in peers:
-        check_endpoint(peer)
+        client_endpoint(peer, "--peer")  # a usage error before anything starts
     settings = Settings(
         bind=bind,
         interface=iface,

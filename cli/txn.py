@@ -82,7 +82,7 @@ def _serve(daemon: Any, ctx: Context, what: str) -> None:
 def _register(daemon: Any, service: str, access: Any, ctx: Context, **kw: Any) -> Any:
     """Register *daemon* (registry or mDNS); a warning, not an error, when that fails."""
     from eda.core.daemon import port_of
-    from eda.core.txn.protocol import Registration
+    from eda.core.txn.directory import Registration
 
     if access is None:
         return None
@@ -161,7 +161,8 @@ def coordinator(
     """
     from eda.core.txn.advertise import advertised, default_name
     from eda.core.txn.coordinator import Coordinator, journal_path
-    from eda.core.txn.protocol import COORDINATOR_SERVICE, Directory, check_name, parse_peers
+    from eda.core.txn.directory import Directory, parse_peers
+    from eda.core.txn.protocol import COORDINATOR_SERVICE, check_name
 
     ctx = Context("eda-txn", verbose)
     name = check_name(name or default_name(), "coordinator name")
@@ -291,8 +292,9 @@ def participant(
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
     from eda.core.txn.advertise import advertised
+    from eda.core.txn.directory import find_coordinators, participant_service
     from eda.core.txn.participant import Participant, journal_path
-    from eda.core.txn.protocol import check_name, find_coordinators, participant_service
+    from eda.core.txn.protocol import check_name
 
     ctx = Context("eda-txn", verbose)
     check_name(name, "participant name")
@@ -549,7 +551,8 @@ def resolve(
     per transaction settled at a participant.  Exit status: 0 done, 3 none
     in doubt (or matching), 1 a participant failed or could not be reached.
     """
-    from eda.core.txn.protocol import Directory, check_name, check_txn
+    from eda.core.txn.directory import Directory
+    from eda.core.txn.protocol import check_name, check_txn
     from eda.core.txn.resolve import settle, whom
 
     ctx = Context("eda-txn", verbose)

@@ -250,29 +250,6 @@ def client_endpoint(value: Endpoint | str, what: str = "server") -> Endpoint:
     return endpoint
 
 
-def check_endpoint(endpoint: str, what: str = "server") -> str:
-    """*endpoint* if it looks like tcp://HOST:PORT, else :class:`UsageError`.
-
-    The loose text check callers outside the clients still use (the 2PC
-    directory's explicit peers, eda-lb's and the registry's peer lists):
-    a test pins that a malformed host there reaches ZeroMQ and is refused by
-    it.  Clients take :func:`client_endpoint`; these callers move to it with
-    their owners.
-    """
-    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if (
-        not endpoint.startswith("tcp://")
-        or not sep
-        or not host
-        or not port.isdigit()
-        or not 0 < int(port[:6]) < 65536
-        or len(endpoint) > 300
-        or not endpoint.isprintable()
-    ):
-        raise UsageError(f"bad {what} endpoint {endpoint!r}: use tcp://HOST:PORT")
-    return endpoint
-
-
 def tcp_reachable(endpoint: Endpoint | str, timeout: float = 0.2) -> bool:
     """Whether *endpoint* accepts a TCP connection: a dead cached or announced
     endpoint then costs a refused connect, not a whole request timeout."""

@@ -228,7 +228,8 @@ def test_txn_endpoints_from_the_registry_and_from_peers_go_through_endpoint(
     from eda.core.errors import ProtocolError
     from eda.core.registry import access as reg
     from eda.core.registry.model import from_dict
-    from eda.core.txn.protocol import check_reply_to, find_coordinators
+    from eda.core.txn.directory import find_coordinators
+    from eda.core.txn.protocol import check_reply_to
 
     found = [from_dict({"service": "txn-coordinator", "id": f"c{i}", "host": host, "port": 7730,
                         "meta": {"name": "c1"}}) for i, host in enumerate(("::1", "10.0.0.5"))]  # fmt: skip

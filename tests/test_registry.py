@@ -276,6 +276,20 @@ def test_bad_registrations_are_refused_and_disturb_nothing(procs: Procs) -> None
     assert server.popen.poll() is None
 
 
+def test_a_malformed_peer_registry_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
+    """--peer is parsed as an Endpoint where it is given: one line naming the
+    option, before the registry binds anything."""
+    for bad in ("tcp://a b:1", "tcp://h:0", "tcp://*:7700", "h:7700", "tcp://h:99999"):
+        result = run(
+            "eda-registry", "serve", "--no-mdns", "--data", str(tmp_path),
+            "--bind", "tcp://127.0.0.1:*", "--peer", bad,
+        )  # fmt: skip
+        assert result.returncode == 2, (bad, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "bad --peer endpoint" in lines[0], (bad, lines)
+    assert not list(tmp_path.iterdir())  # nothing started: no port remembered
+
+
 def test_garbage_on_the_registry_socket_is_answered_or_dropped(procs: Procs) -> None:
     server, ep = serve(procs)
     register(procs, ep, "orders", 8080)

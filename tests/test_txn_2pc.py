@@ -35,12 +35,13 @@ from eda.core.errors import NotFoundError
 from eda.core.reqrep import Client, Unavailable
 from eda.core.txn import crash
 from eda.core.txn.actions import PersistentAgent, ShellActions
-from eda.core.txn.coordinator import Coordinator, Txn
+from eda.core.txn.coordinator import Coordinator
 from eda.core.txn.coordinator import journal_path as coordinator_journal
+from eda.core.txn.directory import Directory
 from eda.core.txn.journal import read
 from eda.core.txn.participant import Participant, replay
 from eda.core.txn.participant import journal_path as participant_journal
-from eda.core.txn.protocol import Directory
+from eda.core.txn.transaction import Txn
 from tests import helpers
 from tests.helpers import run, wait_until
 
@@ -923,7 +924,7 @@ def test_cli_commit_exit_status_and_status_table_found_through_a_registry(
 def test_status_shows_sagas_next_to_transactions(
     cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The saga executor's summaries (eda.core.txn.saga.saga_status) join the 2PC rows."""
+    """The saga logs' summaries (eda.core.txn.sagalog.saga_status) join the 2PC rows."""
     import types
 
     from eda.core.txn.status import everything
@@ -932,7 +933,7 @@ def test_status_shows_sagas_next_to_transactions(
     c.start_all()
     txn = c.commit({"order": 1})["txn"]
     wait_until(lambda: c.states(txn) == {"pay": "committed"}, 5)
-    fake = types.ModuleType("eda.core.txn.saga")
+    fake = types.ModuleType("eda.core.txn.sagalog")
     seen: list[Path] = []
 
     def saga_status(log_dir: Path) -> list[dict[str, Any]]:
@@ -941,7 +942,7 @@ def test_status_shows_sagas_next_to_transactions(
                  "started": "2000-01-01T00:00:00+00:00", "steps": {"charge": {"status": "compensation-failed"}}}]  # fmt: skip
 
     fake.saga_status = saga_status  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, "eda.core.txn.saga", fake)
+    monkeypatch.setitem(__import__("sys").modules, "eda.core.txn.sagalog", fake)
     rows, problems = everything(c.log)
     assert seen == [c.log] and not problems
     assert [r["kind"] for r in rows] == ["saga", "2pc"]  # oldest first
@@ -1138,7 +1139,7 @@ import json, os, subprocess, sys
 from eda.core.daemon import Daemon
 from eda.core.txn.coordinator import Coordinator, journal_path
 from eda.core.txn.journal import read
-from eda.core.txn.protocol import Directory
+from eda.core.txn.directory import Directory
 
 d = sys.argv[1]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], check=True)

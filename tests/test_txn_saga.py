@@ -24,7 +24,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.txn import journal, saga, sagafile
 from eda.core.txn.saga import Crashed, Invocation, Result
-from eda.core.txn.sagafile import Action, Plan, Retry, SagaFileError, Step
+from eda.core.txn.sagafile import SagaFileError
+from eda.core.txn.sagaplan import Action, Plan, Retry, Step
 from tests.helpers import wait_until
 
 # -- helpers --------------------------------------------------------------------------------

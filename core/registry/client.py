@@ -37,11 +37,6 @@ CACHE_KEY = "registry-endpoints"  # in the shared discovery cache
 MAX_LEARNED = 32  # failover candidates learned from registries' hellos
 
 
-def check_endpoint(endpoint: str) -> str:
-    """*endpoint* as tcp://HOST:PORT text, else :class:`UsageError`."""
-    return reqrep.check_endpoint(endpoint, "registry")
-
-
 def local_address_towards(endpoint: Endpoint) -> str:
     """The local address this host uses to reach *endpoint* (no packet is sent)."""
     family = socket.AF_INET6 if endpoint.is_ipv6 else socket.AF_INET

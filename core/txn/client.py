@@ -35,7 +35,7 @@ class CoordinatorClient(reqrep.Client):
         self.access = access
 
     def discover(self) -> list[Endpoint]:
-        from .protocol import find_coordinators
+        from .directory import find_coordinators
 
         if self.access is None:
             return []

@@ -34,7 +34,6 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,15 @@ from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError
 from . import crash
 from .compact import COMPACT_MIN
-from .journal import Journal, JournalError, open_journal
+from .directory import Directory
+from .journal import Journal, JournalError, nothing, open_journal
+from .peers import Peers
 from .protocol import (
     ABORT,
     COMMIT,
     DEFER,
     PENDING,
-    BatchService,
-    Directory,
     Log,
-    Peers,
     TxnError,
     check_name,
     check_participants,
@@ -61,54 +59,18 @@ from .protocol import (
     new_txn_id,
     owner_of,
     printable,
+    quiet,
 )
+from .service import BatchService
+from .transaction import ABORTED, COMMITTED, DECIDING, OUTCOME_OF, VOTING, Reply, Txn
 
 ROLE = "coordinator"
-VOTING, DECIDING, COMMITTED, ABORTED = "voting", "deciding", "committed", "aborted"
-OUTCOME_OF = {COMMITTED: COMMIT, ABORTED: ABORT}
 FINISHED_KEPT = 10_000  # finished transactions remembered for repeated outcome queries
 MAX_ACTIVE = 10_000  # transactions voting at once; a commit beyond is refused (busy)
-
-Reply = Callable[[dict[str, Any]], None]
 
 
 def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
     return Path(log_dir) / f"coordinator-{name}.jsonl"
-
-
-@dataclass(eq=False)
-class Txn:
-    id: str
-    participants: dict[str, str | None]  # name -> endpoint (None: not found)
-    state: str = VOTING
-    votes: dict[str, str] = field(default_factory=dict)
-    reason: str = ""
-    acked: set[str] = field(default_factory=set)
-    waiter: Reply | None = None
-    deadline: float = float("inf")
-    timeout: float = 0.0
-    tries: int = 0
-    next_try: float = 0.0
-    asked: dict[str, Any] = field(default_factory=dict)  # name -> (peer, rid) outstanding
-    prepare: bytes = b""  # the prepare message, while participants are being looked up
-    ticket: int = 0  # the journal's ticket of its commit record, until it is durable
-    hazards: list[str] = field(default_factory=list)
-
-    def result(self) -> dict[str, Any]:
-        return {
-            "txn": self.id,
-            "outcome": self.state,
-            "votes": {n: self.votes.get(n, "none") for n in self.participants},
-            "reason": self.reason,
-        }
-
-
-def _quiet(_message: str) -> None:
-    pass
-
-
-def _nothing(_record: dict[str, Any]) -> bool:
-    return False
 
 
 class Coordinator(Daemon):
@@ -126,7 +88,7 @@ class Coordinator(Daemon):
         retry_max: float = 2.0,
         journal: Journal | None = None,
         max_active: int = MAX_ACTIVE,
-        log: Log = _quiet,
+        log: Log = quiet,
         warn: Log | None = None,
         interface: str | None = None,
         remember: bool = False,
@@ -239,7 +201,7 @@ class Coordinator(Daemon):
             return
         try:
             hazards = [r for r in self.hazard_records if not self._remembered(r.get("txn"))]
-            kept = self.journal.compact(hazards, _nothing, self._remembered)
+            kept = self.journal.compact(hazards, nothing, self._remembered)
         except JournalError as exc:
             self.limited("journal", f"warning: {exc}; it goes on in the old segment")
             return

@@ -58,6 +58,11 @@ def encode(record: Mapping[str, Any]) -> bytes:
     return data
 
 
+def nothing(_record: dict[str, Any]) -> bool:
+    """A *keep* for :meth:`Journal.compact` that keeps no record without a ``txn``."""
+    return False
+
+
 class Journal:
     """An open journal: the records it held when opened, and appends from now on."""
 

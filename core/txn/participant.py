@@ -38,11 +38,16 @@ forged prepares that name a coordinator that never existed stay in doubt;
 what bounds them is *max_per_coordinator* (unfinished transactions of one
 coordinator name: the others are served on) and what ends them is one
 ``resolve`` with a filter (``eda-txn resolve --abort --coordinator NAME``).
+
+Where the rest lives: asking coordinators about transactions in doubt is
+:mod:`.indoubt`; the ``resolve`` filter, like every other message, is in
+:mod:`.protocol`.  This module (about 550 lines) is the life of a transaction
+at one participant, its journal, vote and outcome, kept together because
+each step reads the state the previous one recorded.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -54,12 +59,12 @@ from ..errors import EdaError, NotFoundError, ProtocolError
 from . import crash
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished
-from .journal import JournalError, open_journal
+from .indoubt import InDoubt
+from .journal import JournalError, nothing, open_journal
 from .protocol import (
-    BatchService,
+    PREPARED,
+    Filter,
     Log,
-    Lookups,
-    Peers,
     TxnError,
     check_data,
     check_name,
@@ -68,9 +73,11 @@ from .protocol import (
     check_txn,
     owner_of,
     printable,
+    quiet,
 )
+from .service import BatchService
 
-PREPARING, PREPARED = "preparing", "prepared"
+PREPARING = "preparing"
 IN_DOUBT = {PREPARED, "heuristic-commit", "heuristic-abort"}
 # what a participant still owes work or a vote's outcome on: bounded (a heuristic one is
 # settled here and only waits to compare with the coordinator's outcome)
@@ -79,7 +86,6 @@ FINAL = {"committed", "aborted", "hazard"}
 KEPT = 100_000  # finished transactions remembered (older ones: see compact.py)
 MAX_LIVE = 10_000  # unfinished transactions; a prepare beyond is refused (a no vote)
 MAX_PER_COORDINATOR = 1_000  # unfinished transactions of one coordinator name (ditto)
-MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
 DONE = {COMMIT: "committed", ABORT: "aborted"}
 ROLE = "participant"
 
@@ -98,10 +104,6 @@ def replay(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return txns
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 class Participant(Daemon):
     """Serves ``prepare``, ``decide`` and ``resolve`` for participant *name*."""
 
@@ -118,7 +120,7 @@ class Participant(Daemon):
         kept: int = KEPT,
         max_live: int = MAX_LIVE,
         max_per_coordinator: int = MAX_PER_COORDINATOR,
-        log: Log = _quiet,
+        log: Log = quiet,
         warn: Log | None = None,
         interface: str | None = None,
         remember: bool = False,
@@ -129,10 +131,6 @@ class Participant(Daemon):
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "participant name")
         self.actions = actions
-        self.inquire_after = inquire_after
-        self.inquire_timeout = inquire_timeout
-        # name -> endpoints, when the recorded one fails; looked up off the loop
-        self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
         self.txns: dict[str, dict[str, Any]] = {}  # live: not finished
         self.finished = Finished(kept)
         self.max_live = max_live
@@ -148,11 +146,8 @@ class Participant(Daemon):
             if record.get("state") in OPEN:
                 self._count(txn, 1)
         now = time.monotonic()
-        self.since = {t: now for t, r in self.txns.items() if r.get("state") in IN_DOUBT}
         self.attempts: dict[tuple[str, str], int] = {}  # (txn, phase) -> runs so far
         self.retry: dict[str, float] = {}  # txn -> when to run its pending action again
-        self.asking: dict[str, tuple[Any, int, float]] = {}
-        self.unanswered: set[str] = set()
         self.hazards = 0
         self._voted = self._acked = False
         self.service = BatchService(
@@ -171,10 +166,13 @@ class Participant(Daemon):
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         state = port_file(f"participant-{name}", log_dir, f"participant-{name}.port")
         self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
-        if self.coordinators is not None:
-            self.coordinators.attach(self, lambda _names: None)  # used at the next inquiry
-        self.peers = Peers(self)
-        self.misdirected: set[str] = set()  # recorded endpoint is another coordinator's
+        self.in_doubt = InDoubt(
+            self,
+            [t for t, r in self.txns.items() if r.get("state") in IN_DOUBT],
+            inquire_after=inquire_after,
+            inquire_timeout=inquire_timeout,
+            find_coordinator=find_coordinator,
+        )
         cut = [t for t, r in self.txns.items() if r.get("state") == PREPARING]
         for txn in cut:  # cut short before any vote: nobody was promised anything, undo it
             self._record(txn, "aborting", note="prepare cut short by a crash, no vote sent")
@@ -219,7 +217,7 @@ class Participant(Daemon):
         head = [{"forgotten_before": self.finished.forgotten_before}, *self.finished.values()]
         try:
             # every record of an unfinished transaction; the rest is in the head
-            kept = self.journal.compact([*head, *started], _nothing, self.txns.__contains__)
+            kept = self.journal.compact([*head, *started], nothing, self.txns.__contains__)
         except JournalError as exc:
             self.limited("journal", f"warning: {exc}; it goes on in the old segment")
             return
@@ -241,13 +239,11 @@ class Participant(Daemon):
         if was_open != (state in OPEN):
             self._count(txn, -1 if was_open else 1)
         if state in IN_DOUBT:
-            self.since.setdefault(txn, time.monotonic())
+            self.in_doubt.entered(txn)
         else:
-            self.since.pop(txn, None)
-            self.asking.pop(txn, None)
+            self.in_doubt.left(txn, finished=state in FINAL)
         if state in FINAL:  # finished: only a small record stays, for repeated messages
             del self.txns[txn]
-            self.misdirected.discard(txn)
             self.finished.add(txn, _final(txn, live))
         return live
 
@@ -509,75 +505,24 @@ class Participant(Daemon):
             "malformed": self.malformed,
         }
 
-    # -- in doubt ---------------------------------------------------------------------------
+    # -- pending actions, and the transactions in doubt ------------------------------------
     def _tick(self) -> None:
         now = time.monotonic()
         for txn, due in list(self.retry.items())[:100]:
             if now >= due and txn in self.txns:
                 state = self.txns[txn].get("state")
                 self._apply(txn, COMMIT if state == "committing" else ABORT)
-        asked = 0
-        found: dict[str, list[str]] = {}  # coordinators looked up this tick: once each
-        for txn, since in list(self.since.items()):
-            if asked >= 200 or now - since < self.inquire_after:
-                continue
-            pending = self.asking.get(txn)
-            if pending is not None:
-                if now - pending[2] < self.inquire_timeout:
-                    continue
-                pending[0].forget(pending[1])
-                self._unanswered(txn)
-            again = pending is not None or txn in self.misdirected  # look the name up anew
-            self._inquire(txn, now, found if again else None)
-            asked += 1
+        self.in_doubt.inquire(now)
 
-    def _inquire(self, txn: str, now: float, found: dict[str, list[str]] | None) -> None:
-        """Ask the coordinator of *txn*; with *found*, one found anew by name if it
-        was silent (the recorded endpoint may be gone: a coordinator that moved)."""
-        record = self.txns[txn]
-        endpoint = record.get("reply_to")
-        name = str(record.get("coordinator"))
-        if found is not None and self.coordinators is not None:
-            if name not in found:
-                found[name] = self.coordinators.get(name) or []  # [] while being looked up
-            others = [e for e in found[name] if e != endpoint]
-            endpoint = others[0] if others else endpoint
-        if not isinstance(endpoint, str):
-            return
-        try:
-            peer = self.peers.get(endpoint)
-        except EdaError as exc:  # a journal written before reply_to was checked this strictly
-            self.limited("inquire", f"cannot ask about {txn}: {exc}")
-            self.asking[txn] = (_NOBODY, 0, now)  # asked again after inquire_timeout
-            return
-        rid = peer.ask({"op": "outcome", "txn": txn}, functools.partial(self._answered, txn))
-        self.asking[txn] = (peer, rid, now)
-
-    def _unanswered(self, txn: str) -> None:
-        if txn in self.unanswered:
-            return
-        self.unanswered.add(txn)
-        record = self.txns[txn]
-        note = f"in doubt: coordinator {record.get('coordinator')} does not answer"
-        # a note, not a promise: synced with the next batch (a flood costs no fsync each)
+    def note_unanswered(self, txn: str, note: str) -> None:
+        """Record that *txn*'s coordinator does not answer (a note: synced with the
+        next batch, so a flood of them costs no fsync each)."""
         self.journal.append({"txn": txn, "in_doubt": note, "time": round(time.time(), 3)})
-        record["in_doubt"] = note
+        self.txns[txn]["in_doubt"] = note
         self.warn(f"warning: {txn} {note}")
 
-    def _answered(self, txn: str, reply: dict[str, Any] | None) -> None:
-        self.asking.pop(txn, None)
-        if reply is None or txn not in self.txns or txn not in self.since:
-            return
-        outcome = reply.get("outcome")
-        if reply.get("ok") is not True and reply.get("code") == 3:
-            # another coordinator answers there (it never presumes about ids not its own):
-            # no outcome, and no proof that ours is gone; find it by name next time
-            self.misdirected.add(txn)
-            self._unanswered(txn)
-            return
-        if not reply.get("ok") or outcome not in (COMMIT, ABORT):
-            return  # pending, or refused: ask again later
-        self.unanswered.discard(txn)
+    def learned(self, txn: str, outcome: str) -> None:
+        """The coordinator's *outcome* for in-doubt *txn*, from an inquiry."""
         try:
             self.settle(txn, outcome)
         finally:
@@ -586,77 +531,10 @@ class Participant(Daemon):
     def close(self) -> None:
         try:
             self.actions.close()
-            if self.coordinators is not None:
-                self.coordinators.close()
+            self.in_doubt.close()
             self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()
-
-
-class Filter:
-    """Which in-doubt transactions a filtered ``resolve`` settles: all those (state
-    ``prepared``) of *coordinator*, prepared at least *older_than* seconds ago, whose
-    coordinator did not answer (*unanswered*); each given condition must hold."""
-
-    def __init__(
-        self,
-        coordinator: str | None = None,
-        older_than: float | None = None,
-        unanswered: bool = False,
-        limit: int = MAX_RESOLVE,
-    ) -> None:
-        self.coordinator = coordinator
-        self.older_than = older_than
-        self.unanswered = unanswered
-        self.limit = limit
-
-    @classmethod
-    def from_request(cls, req: dict[str, Any]) -> Filter:
-        coordinator = req.get("coordinator")
-        if coordinator is not None:
-            coordinator = check_name(coordinator, "coordinator name")
-        older = req.get("older_than")
-        if older is not None and (
-            isinstance(older, bool) or not isinstance(older, int | float)
-            or not 0 <= older <= 10 * 365 * 86400
-        ):  # fmt: skip
-            raise ProtocolError("older_than must be a number of seconds, at least 0")
-        unanswered = req.get("unanswered", False)
-        if not isinstance(unanswered, bool):
-            raise ProtocolError("unanswered must be true or false")
-        limit = req.get("limit", MAX_RESOLVE)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RESOLVE:
-            raise ProtocolError(f"limit must be a whole number in [1, {MAX_RESOLVE}]")
-        if coordinator is None and older is None and not unanswered:
-            raise ProtocolError("give a transaction id, or a filter (coordinator, older_than)")
-        return cls(coordinator, None if older is None else float(older), unanswered, limit)
-
-    def matches(self, txn: str, record: dict[str, Any], now: float) -> bool:
-        if record.get("state") != PREPARED:
-            return False
-        if self.coordinator is not None and owner_of(txn) != self.coordinator:
-            return False
-        if self.unanswered and not record.get("in_doubt"):
-            return False
-        if self.older_than is not None:
-            since = record.get("since", record.get("time"))
-            if not isinstance(since, int | float) or now - since < self.older_than:
-                return False
-        return True
-
-
-class _Nobody:
-    """Stands for a peer that could not be made (nothing to forget)."""
-
-    def forget(self, rid: int) -> None:
-        pass
-
-
-_NOBODY = _Nobody()
-
-
-def _nothing(_record: dict[str, Any]) -> bool:
-    return False
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def whom(
 ) -> dict[str, str]:
     """Endpoints of the participants to ask: those of *log_dir* in doubt about
     *txn_id* (or, without one, about a transaction of *coordinator*, or any),
-    and *names* found by *directory* (a :class:`~eda.core.txn.protocol.Directory`).
+    and *names* found by *directory* (a :class:`~eda.core.txn.directory.Directory`).
     NotFoundError for a name nobody has; EdaError when a registry did not answer."""
 
     def wanted(txn: str, record: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..runner import run, shell, signal_group
-from .sagafile import Action, Plan
+from .sagaplan import Action, Plan
 
 MAX_OUTPUT = 256 << 10  # a step's stdout above this is not merged into the data
 

@@ -126,12 +126,12 @@ def overall(row: dict[str, Any], done: bool) -> str:
 def sagas(log_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the sagas in *log_dir* (``DIR/sagas/ID.jsonl``), in the shape of the 2PC ones.
 
-    The saga executor (:mod:`eda.core.txn.saga`, when installed) summarizes
-    its logs with ``saga_status(log_dir)``; each summary keeps its own fields
+    The saga logs (:mod:`eda.core.txn.sagalog`, without the executor) are
+    summarized by ``saga_status(log_dir)``; each summary keeps its own fields
     and gains ``txn`` (its id), ``state`` (its status), ``reason`` and ``time``.
     """
     try:
-        module = importlib.import_module(f"{__package__}.saga")
+        module = importlib.import_module(f"{__package__}.sagalog")
     except ImportError:
         return [], []
     summarize = getattr(module, "saga_status", None)

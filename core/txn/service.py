@@ -1,0 +1,121 @@
+"""Serving 2PC requests: group commit, batched messages and deferred replies.
+
+Both daemons answer through :class:`BatchService`: what one turn of the
+loop drained is answered after one ``flush`` (the journal's fsync), so
+whatever a reply promises is durable first; the messages themselves are
+specified in :mod:`.protocol`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from ..daemon import Daemon, received
+from ..errors import EdaError, ProtocolError
+from ..reqrep import Envelope, Service, encode, error_reply, split_envelope
+from .protocol import DEFER, MAX_BATCH, MAX_FRAME
+
+
+class BatchService(Service):
+    """A request service with group commit, batched messages and deferred replies.
+
+    The replies to one drained batch are sent after *flush* () returned (the
+    owner's journal fsync): whatever a reply promises is durable first, and
+    one fsync covers the whole batch.  A message may carry several requests,
+    one per frame (a :class:`Peer` sends what it has in one go); the replies
+    to one asker go back together, one per frame, as one message.  A handler
+    that returns ``{DEFER: True}`` answers later with :meth:`reply`, using
+    :attr:`current` (the asking peer's envelope) and the request's rid, saved at the
+    time; between :meth:`hold` and :meth:`release` those replies are gathered
+    too.  :attr:`ahead`, when set, sees the whole batch first (to start its
+    work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
+    nobody waits on) may linger up to :attr:`linger` seconds for the next
+    batch, so that the two share one flush.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        handlers: Mapping[str, Callable[[Any], Mapping[str, Any]]],
+        *,
+        flush: Callable[[], None],
+    ) -> None:
+        # a frame of the largest data, every character escaped as \\uXXXX, still arrives
+        super().__init__(daemon, handlers, max_message=MAX_FRAME)
+        self.flush = flush
+        self.current: Envelope = ()
+        self.ahead: Callable[[list[list[bytes]]], None] | None = None
+        self.held: dict[Envelope, list[bytes]] | None = None
+        self.lazy: Callable[[dict[str, Any]], bool] | None = None
+        self.linger = 0.002
+        self.waiting: dict[Envelope, list[bytes]] = {}
+        self.lingering: Any = None  # the timer that sends lingering replies
+
+    def drain(self) -> None:
+        """Answer a batch of requests; one flush, then every reply of the batch."""
+        requests: list[list[bytes]] = []
+        for frames in received(self.sock, 256):
+            envelope, bodies = split_envelope(frames)
+            if len(bodies) > MAX_BATCH:
+                self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
+            requests += [[*envelope, body] for body in bodies[:MAX_BATCH]]
+        if self.ahead is not None and len(requests) > 1:
+            self.daemon.guarded("look-ahead", self.ahead, requests)
+        urgent = False
+        for *route, body in requests:
+            identity = tuple(route)
+            self.requests += 1
+            self.current = identity
+            reply = self.answer([body])
+            if not reply.get(DEFER):
+                self.waiting.setdefault(identity, []).append(self._encode(reply))
+                urgent = urgent or self.lazy is None or not self.lazy(reply)
+        if urgent:
+            self.answer_waiting()
+        elif self.waiting and self.lingering is None:
+            self.lingering = self.daemon.after(self.linger, "replies", self.answer_waiting)
+
+    def answer_waiting(self) -> None:
+        """Flush, then send every reply waiting."""
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
+        waiting, self.waiting = self.waiting, {}
+        if waiting:
+            self.flush()
+            self._send(waiting)
+
+    def _encode(self, reply: Mapping[str, Any]) -> bytes:
+        try:
+            return encode(reply)
+        except (ValueError, TypeError, RecursionError) as exc:  # a handler's bug
+            self.daemon.limited("reply", f"cannot encode a reply: {exc}")
+            return encode(error_reply(reply.get("rid"), EdaError("request failed")))
+
+    def _send(self, out: Mapping[Envelope, list[bytes]]) -> None:
+        for identity, replies in out.items():
+            try:  # noqa: SIM105 (per reply: cheaper than contextlib.suppress)
+                self.sock.send_multipart([*identity, *replies], zmq.NOBLOCK)
+            except zmq.ZMQError:  # the client is gone or not reading
+                pass
+
+    def reply(self, identity: Envelope, rid: object, fields: Mapping[str, Any]) -> None:
+        """Answer a deferred request (at :meth:`release`, if held)."""
+        data = self._encode({**fields, "rid": rid, "ok": True})
+        if self.held is not None:
+            self.held.setdefault(identity, []).append(data)
+        else:
+            self._send({identity: [data]})
+
+    def hold(self) -> None:
+        """Gather deferred replies until :meth:`release` (one message per asker)."""
+        if self.held is None:
+            self.held = {}
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self._send(held)
