@@ -103,7 +103,9 @@ def stats(
     if len(chosen) > MAX_ASKED:  # anyone can announce instances by mDNS
         ctx.warn(f"warning: {len(chosen)} instances found: asking the first {MAX_ASKED}")
         chosen = chosen[:MAX_ASKED]
-    endpoints = {f"tcp://{_hostport(i.host, i.port)}": i for i in chosen}
+    from eda.core.endpoint import Endpoint
+
+    endpoints = {Endpoint(i.host, i.port).zmq: i for i in chosen}
     answers = ask_stats(endpoints, timeout)
     rows: list[dict[str, Any]] = []
     failed = 0
@@ -128,10 +130,6 @@ def stats(
         out.table(proxied, _proxy_table)
     if failed:
         raise Exit(ExitStatus.ERROR)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _number(value: object) -> float | int | None:

@@ -214,7 +214,7 @@ def probe(
             left = (deadline if now >= quick_deadline else quick_deadline) - now
             if now >= deadline:
                 break
-            readable, writable, _ = select.select(list(greeting), list(connecting), [], left)
+            readable, writable = _wait(greeting, connecting, left)
             for sock in writable:
                 endpoint = connecting.pop(sock)
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
@@ -234,6 +234,31 @@ def probe(
             result[endpoint] = None
             sock.close()
     return result
+
+
+def _wait(
+    readers: Iterable[socket.socket], writers: Iterable[socket.socket], timeout: float
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """The *readers* readable and *writers* writable (or failed: the caller reads
+    SO_ERROR) within *timeout* seconds.
+
+    poll(), not select(): a busy process (a publisher with many subscribers)
+    holds descriptors numbered beyond select()'s 1024.
+    """
+    poller = select.poll()
+    watched: dict[int, tuple[socket.socket, bool]] = {}
+    for sock in readers:
+        poller.register(sock, select.POLLIN)
+        watched[sock.fileno()] = (sock, False)
+    for sock in writers:
+        poller.register(sock, select.POLLOUT)
+        watched[sock.fileno()] = (sock, True)
+    readable: list[socket.socket] = []
+    writable: list[socket.socket] = []
+    for fd, _events in poller.poll(max(0.0, timeout) * 1000):
+        sock, writer = watched[fd]
+        (writable if writer else readable).append(sock)
+    return readable, writable
 
 
 # (endpoint, peer id) -> (until, wall clock; refused, or only silent)

@@ -299,6 +299,8 @@ def one_shot_query(
         if interface:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
         sock.bind((interface or "", 0))
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         found: dict[str, Instance] = {}
         qids: set[int] = set()
         waiting = {e.lower() for e in expect or ()}
@@ -323,8 +325,8 @@ def one_shot_query(
                     )
                 continue
             wake = min(deadline, sends[0]) if sends else deadline
-            ready, _, _ = select.select([sock], [], [], max(0.0, wake - now))
-            if not ready:
+            # poll(), not select(): the socket's number may be beyond select()'s 1024
+            if not poller.poll(max(0.0, wake - now) * 1000):
                 continue
             try:
                 packet, (addr, port) = sock.recvfrom(9000)
