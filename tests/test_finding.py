@@ -47,6 +47,13 @@ def announced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return heard
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own discovery cache: what another test of this worker remembered
+    (a coordinator whose port something else took since) must not answer here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def dead_endpoint() -> str:
     with socket.create_server(("127.0.0.1", 0)) as s:  # just free: nothing listens there
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"

@@ -32,7 +32,7 @@ class BrokerThread:
 
     def __init__(self, **settings: object) -> None:
         local = {"bind": "tcp://127.0.0.1:*", "backend": "tcp://127.0.0.1:*"}
-        self.broker = Broker(Settings(service="upper", heartbeat=HB, **{**local, **settings}))  # type: ignore[arg-type]
+        self.broker = Broker(Settings(**{"service": "upper", "heartbeat": HB, **local, **settings}))  # type: ignore[arg-type]
         self.broker.start()
         self._stop = False
         self.thread = threading.Thread(target=self.broker.serve, args=(lambda: self._stop,))
@@ -751,8 +751,11 @@ _message = st.lists(_frame, min_size=1, max_size=6)
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[tuple[BrokerThread, FakeWorker]]:
-    broker = BrokerThread()
-    worker = FakeWorker(broker.back, "steady", concurrency=8)
+    # a heartbeat of 1 s, not HB: the one worker lives through all the examples, and a
+    # loaded machine that holds its thread for a few tenths of a second must not make
+    # the broker drop it as silent (every later probe would then wait for no worker)
+    broker = BrokerThread(heartbeat=1.0)
+    worker = FakeWorker(broker.back, "steady", concurrency=8, beat_every=1.0)
     ready_workers(broker, 1)
     yield broker, worker
     worker.close()
