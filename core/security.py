@@ -42,6 +42,7 @@ from typing import Any
 import zmq
 
 from . import keys, sockets
+from .errors import UsageError
 from .keys import Identity, Trusted
 
 ZAP_DOMAIN = "eda"
@@ -118,6 +119,22 @@ class Security:
             auth = self._authenticators.pop(id(context), None)
         if auth is not None:
             auth.stop()
+
+    def pinned(self, text: str) -> tuple[bytes, str]:
+        """(server key, endpoint text) from ``NAME@ENDPOINT``, NAME a trusted name:
+        how a user gives a secure ``--connect`` its server's key.  UsageError otherwise."""
+        name, at, endpoint = text.partition("@")
+        if not at:
+            raise UsageError(
+                f"--connect {text[:80]!r}: in secure mode name the server's trusted key:"
+                " NAME@tcp://HOST:PORT (NAME as in eda-keys list)"
+            )
+        for trusted_name, key in self.trusted.items():
+            if trusted_name == name:
+                return key, endpoint
+        raise UsageError(
+            f"--connect {text[:80]!r}: {name[:64]!r} is not trusted (eda-keys trust NAME KEY)"
+        )
 
     def trusts(self, key: str) -> str | None:
         """The name a peer's announced public key is trusted under, or None."""
