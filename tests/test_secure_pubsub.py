@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,11 +83,7 @@ def test_an_untrusted_subscriber_gets_nothing_and_the_publisher_says_so(procs: P
 
 
 def test_an_untrusted_subscriber_is_told_fast_by_a_streaming_publisher(procs: Procs, ids):
-    port = _free_port()
-    pub = procs.eda(
-        "eda-pub", "--secure", "--no-mdns", "--bind", f"tcp://127.0.0.1:{port}", "t",
-        stdin=subprocess.PIPE, env=ids["alice"].env,
-    )  # fmt: skip
+    port, pub = _streaming_publisher(procs, ids["alice"])
     # mallory trusts alice, alice does not trust mallory: alice's ZAP handler refuses it
     started = time.monotonic()
     refused = run(
@@ -156,11 +153,7 @@ def test_a_forged_announcement_gets_nothing(procs: Procs, ids, responder):
 
 
 def test_revocation_takes_effect_without_a_restart(procs: Procs, ids):
-    port = _free_port()
-    pub = procs.eda(
-        "eda-pub", "--secure", "--no-mdns", "--bind", f"tcp://127.0.0.1:{port}", "t",
-        stdin=subprocess.PIPE, env=ids["alice"].env,
-    )  # fmt: skip
+    port, pub = _streaming_publisher(procs, ids["alice"])
     connect = ("--secure", "--no-mdns", "--connect", f"alice@tcp://127.0.0.1:{port}", "t")
     first = procs.eda("eda-sub", *connect, "-C", "1", env=ids["bob"].env)
     _feed_until(pub, first, "before")
@@ -174,6 +167,16 @@ def test_revocation_takes_effect_without_a_restart(procs: Procs, ids):
     assert back.wait() == 0
     pub.popen.stdin.close()
     pub.wait()
+
+
+def _streaming_publisher(procs: Procs, who: Identity) -> tuple[int, Any]:
+    """A secure eda-pub reading stdin, bound to a port of 127.0.0.1 (no mDNS): (port, proc)."""
+    port = _free_port()
+    pub = procs.eda(
+        "eda-pub", "--secure", "--no-mdns", "--bind", f"tcp://127.0.0.1:{port}", "t",
+        stdin=subprocess.PIPE, env=who.env,
+    )  # fmt: skip
+    return port, pub
 
 
 def _feed_until(pub, sub, text: str) -> None:
