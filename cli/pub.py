@@ -320,6 +320,7 @@ def command(
     if outcome is not None:
         _report(ctx, outcome)
         one_shot = bool(messages) or whole
+        said_nobody = said_nobody or bool(refusals)  # each refusal was an error line
         if one_shot and pub.total_sent and not pub.ever_joined and not said_nobody:
             # publishing to nobody is not an error (as with MQTT), but never silent
             ctx.warn(

@@ -25,7 +25,7 @@ from tests.helpers import MdnsResponder, Procs, run, service_records, wait_until
 class Identity:
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.env = {"XDG_CONFIG_HOME": str(home)}
+        self.env = {"XDG_CONFIG_HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
         self.public = keys.create_identity(home / "eda" / "keys" / "id.key").public_text
         self.trusted = home / "eda" / "keys" / "trusted"
         self.trusted.mkdir(parents=True, exist_ok=True)
@@ -242,3 +242,38 @@ def _free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_subscriber_refusing_the_publisher_is_an_error_not_a_wait(procs: Procs, ids):
+    ids["bob"].revoke("alice")  # alice still trusts bob; bob no longer trusts alice
+    sub = procs.sub_ready("--secure", "t", "-W", "3", env=ids["bob"].env)
+    result = run("eda-pub", "--secure", "--wait", "30", "t", "x", env=ids["alice"].env)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eda-pub: error: the subscriber at tcp://")
+    assert lines[0].endswith(f"does not trust this key (eda-keys show: {ids['alice'].public})")
+    assert "not ready" not in result.stderr  # (not waited for: --wait 30 did not run out)
+    assert sub.wait() == 4 and sub.stdout == ""
+
+
+def test_garbage_and_half_handshakes_do_not_stop_a_secure_subscriber(procs: Procs, ids):
+    port = _free_port()
+    sub = procs.eda(
+        "eda-sub", "--secure", "-v", "--bind", f"tcp://127.0.0.1:{port}", "t", "-C", "1",
+        env=ids["bob"].env,
+    )  # fmt: skip
+    sub.wait_stderr("announced as", 15)
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00")
+    greeting += b"\x00" * 32
+    held = []
+    for payload in (b"garbage" * 100, greeting, greeting + b"\x04\xff" + b"\x00" * 300):
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(payload)  # garbage, a greeting and no HELLO, a broken HELLO
+        held.append(conn)
+    try:
+        result = run("eda-pub", "--secure", "t", "still served", env=ids["alice"].env)
+        assert result.returncode == 0, result.stderr
+        assert sub.wait() == 0 and [e["data"] for e in events(sub)] == ["still served"]
+    finally:
+        for conn in held:
+            conn.close()
