@@ -277,3 +277,14 @@ def test_garbage_and_half_handshakes_do_not_stop_a_secure_subscriber(procs: Proc
     finally:
         for conn in held:
             conn.close()
+
+
+def test_secure_mode_from_the_environment_and_the_config_file(tmp_path):
+    """EDA_SECURE=1 and `secure = true` turn it on (seen here by the missing key)."""
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "nobody")}
+    by_env = run("eda-sub", "t", env={**home, "EDA_SECURE": "1"})
+    config = tmp_path / "eda.toml"
+    config.write_text(f'secure = true\ntrust = "{tmp_path}"\n')
+    by_file = run("eda-pub", "--config", str(config), "t", "x", env=home)
+    for result in (by_env, by_file):
+        assert result.returncode == 2 and "run eda-keys init" in result.stderr
