@@ -288,3 +288,21 @@ def test_secure_mode_from_the_environment_and_the_config_file(tmp_path):
     by_file = run("eda-pub", "--config", str(config), "t", "x", env=home)
     for result in (by_env, by_file):
         assert result.returncode == 2 and "run eda-keys init" in result.stderr
+
+
+def test_a_secure_subscriber_ignores_an_untrusted_publisher_and_says_so(procs: Procs, ids):
+    sub = procs.sub_ready("--secure", "t", env=ids["bob"].env)
+    pub = procs.eda("eda-pub", "--secure", "t", stdin=subprocess.PIPE, env=ids["mallory"].env)
+
+    def warned() -> bool:  # a streaming publisher announces itself after half a second
+        pub.popen.stdin.write(b"forged\n")
+        pub.popen.stdin.flush()
+        return "is not trusted" in sub.stderr
+
+    wait_until(warned, 15, "the subscriber's warning")
+    assert f"its key {ids['mallory'].public} is not trusted" in sub.stderr
+    # mallory trusts bob and connects to him: bob's ZAP handler refuses it, and mallory is told
+    pub.wait_stderr("the subscriber at tcp://.* does not trust this key", 15)
+    pub.popen.stdin.close()
+    assert pub.wait() == 1
+    assert sub.stdout == ""
