@@ -9,7 +9,9 @@ Measurements (each with fresh processes):
 * the same with eda-sub printing CloudEvents JSON Lines;
 * one-shot latency: ``eda-pub t msg`` with a subscriber running, against
   ``mosquitto_pub -m``;
-* ``eda-pub --help`` start-up time against ``mosquitto_pub --help``.
+* ``eda-pub --help`` start-up time against ``mosquitto_pub --help``;
+* secure mode: the ``--raw`` pipe with ``--secure`` on both sides (CurveZMQ)
+  against the same pipe without it (issue 17: ratio >= 0.6).
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def run(quick: bool) -> list[Row]:
             in_dir("eda-raw", lambda w: eda_pipe(w, data, lines, raw=True)),
             in_dir("pyzmq", lambda w: pyzmq_pipe(w, data, lines)),
             in_dir("eda-json", lambda w: eda_pipe(w, data, lines, raw=False)),
+            in_dir("eda-secure", lambda w: eda_pipe(w, data, lines, raw=True, secure=True)),
         ])
-        (mosq, mosq_note), (raw, raw_note), (zmq_rate, zmq_note), (js, js_note) = [
+        (mosq, mosq_note), (raw, raw_note), (zmq_rate, zmq_note), (js, js_note), (sec, sec_note) = [
             (median(values) if values and not note else None, note) for values, note in pipes
         ]
         rate_unit = "lines/s"
@@ -98,6 +101,13 @@ def run(quick: bool) -> list[Row]:
         rows.append(row(
             f"pipe throughput --raw ({size})", raw, PYZMQ, zmq_rate, rate_unit,
             higher_is_better=True, ok=judge(raw_note), note=join_notes(raw_note, zmq_note),
+        ))
+
+        rows.append(row(
+            f"pipe throughput --raw --secure ({size})", sec, "eda insecure", raw, rate_unit,
+            higher_is_better=True, target="secure >= 0.6x insecure",
+            ok=judge(sec_note, None if sec is None or raw is None else sec >= 0.6 * raw),
+            note=join_notes(sec_note, raw_note),
         ))
 
         (eda_lat, eda_note), (mosq_lat, mosq_lat_note) = one_shots(tmp / "oneshot", broker)
@@ -240,18 +250,29 @@ def check_json_lines(data: Path, out: Path, lines: int, topic: str) -> None:
 
 # -- pipe throughput ------------------------------------------------------------
 
-def eda_pipe(work: Path, data: Path, lines: int, *, raw: bool) -> float:
-    """eda-pub bench.x < file  ->  eda-sub 'bench.>' [--raw] -C N > out; lines/s."""
+def eda_pipe(work: Path, data: Path, lines: int, *, raw: bool, secure: bool = False) -> float:
+    """eda-pub bench.x < file  ->  eda-sub 'bench.>' [--raw] -C N > out; lines/s.
+
+    With *secure*, both run --secure as one identity that trusts itself."""
     fresh(work)
     out, sub_err, pub_err = work / "out", work / "sub.err", work / "pub.err"
     sub_args = [eda_cmd("eda-sub"), "bench.>", "-C", str(lines), "-v"]
+    pub_args = [eda_cmd("eda-pub"), "bench.x"]
     if raw:
         sub_args.append("--raw")
-    with Procs(work, eda_env(work)) as procs:
+    env = eda_env(work)
+    if secure:
+        keys_cmd = eda_cmd("eda-keys")
+        key = subprocess.run([keys_cmd, "init"], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+        subprocess.run([keys_cmd, "trust", "self", key], env=env, check=True)
+        sub_args.append("--secure")
+        pub_args.append("--secure")
+    with Procs(work, env) as procs:
         sub = procs.start(sub_args, stdout=out, stderr=sub_err)
         wait_for_text(sub_err, "announced as", 15.0, sub)
         start = time.perf_counter()
-        pub = procs.start([eda_cmd("eda-pub"), "bench.x"], stdin=data, stderr=pub_err)
+        pub = procs.start(pub_args, stdin=data, stderr=pub_err)
         wait_receiver(sub, pub, out, lines, pipe_timeout(lines))
         elapsed = time.perf_counter() - start
         wait_exit(pub, 30.0, "eda-pub")

@@ -8,4 +8,5 @@ PROGRAMS = {
     "eda-bus": "eda.cli.bus",
     "eda-lb": "eda.cli.lb",
     "eda-txn": "eda.cli.txn",
+    "eda-keys": "eda.cli.keys",
 }

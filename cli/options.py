@@ -197,3 +197,56 @@ class EndpointType(click.ParamType[Endpoint]):
         except UsageError as exc:
             self.fail(str(exc), param, ctx)
         return endpoint
+
+
+def key_options(func: F) -> F:
+    """--key FILE and --trust DIR: this identity's key pair and the trusted keys' directory
+    (defaults under ``$XDG_CONFIG_HOME/eda/keys``; see :mod:`eda.core.keys`)."""
+    func = click.option(
+        "--trust",
+        "trust_dir",
+        type=click.Path(file_okay=False),
+        envvar="EDA_TRUST",
+        metavar="DIR",
+        help="Directory of trusted public keys, NAME.pub (default: "
+        "$XDG_CONFIG_HOME/eda/keys/trusted).",
+    )(func)
+    return click.option(
+        "--key",
+        "key_file",
+        type=click.Path(dir_okay=False),
+        envvar="EDA_KEY",
+        metavar="FILE",
+        help="This identity's key pair (default: $XDG_CONFIG_HOME/eda/keys/id.key).",
+    )(func)
+
+
+def security_options(func: F) -> F:
+    """--secure, --key FILE and --trust DIR (turned on by :func:`apply_security`)."""
+    func = key_options(func)
+    return click.option(
+        "--secure",
+        is_flag=True,
+        envvar="EDA_SECURE",
+        help="CURVE encryption and authentication on every connection: only peers whose "
+        "key is trusted (eda-keys trust) are talked to.",
+    )(func)
+
+
+def apply_security(secure: bool, key_file: str | None, trust_dir: str | None) -> Any:
+    """Turn secure mode on when asked (the :class:`eda.core.security.Security`, or None).
+
+    --key and --trust without --secure are a usage error: a user who names a
+    key expects encryption, never a silent plain connection.
+    """
+    if not secure:
+        if key_file or trust_dir:
+            raise UsageError("--key and --trust are used with --secure (EDA_SECURE=1)")
+        return None
+    from pathlib import Path
+
+    from eda.core import security
+
+    return security.enable(
+        Path(key_file) if key_file else None, Path(trust_dir) if trust_dir else None
+    )

@@ -12,8 +12,9 @@ import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
-from eda.cli.options import common_options
+from eda.cli.options import apply_security, common_options, security_options
 from eda.cli.output import for_terminal
+from eda.cli.secure import secure_reports
 from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
 from eda.core.topics import validate_topic
 
@@ -155,6 +156,7 @@ def _parse_header(
     metavar="SECONDS",
     help="With --bus --confirm: give up after SECONDS without a confirmation.",
 )
+@security_options
 @common_options
 def command(
     topic: str | None,
@@ -176,6 +178,9 @@ def command(
     bus: str | None,
     confirm: bool,
     confirm_timeout: float,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -201,6 +206,9 @@ def command(
         raise UsageError("--envelope and --json exclude each other")
     if messages and (whole or progress):
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
+    if secure and bus is not None:
+        raise UsageError("--secure with --bus is not available yet: publish brokerless")
+    apply_security(secure, key_file, trust_dir)
 
     from eda.core import codec, discovery, feed
     from eda.core.pubsub import Publisher
@@ -225,6 +233,7 @@ def command(
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
     pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
+    refusals = secure_reports(ctx, pub, "subscriber")
     rejected = 0
     failed = False  # some subscriber we knew of did not get (or confirm) everything
     said_nobody = False  # a warning already said that no subscriber is there
@@ -311,6 +320,7 @@ def command(
     if outcome is not None:
         _report(ctx, outcome)
         one_shot = bool(messages) or whole
+        said_nobody = said_nobody or bool(refusals)  # each refusal was an error line
         if one_shot and pub.total_sent and not pub.ever_joined and not said_nobody:
             # publishing to nobody is not an error (as with MQTT), but never silent
             ctx.warn(
@@ -320,6 +330,8 @@ def command(
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
         raise Exit(ExitStatus.ERROR)
+    if refusals:
+        raise Exit(ExitStatus.ERROR)  # (each refusal was reported as it happened)
     if outcome is not None and outcome.lost:
         raise Exit(ExitStatus.LOSS)
     if failed or (short and wait_subscribers) or (outcome is not None and not outcome.clean):

@@ -11,8 +11,9 @@ import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, Terminated, run
-from eda.cli.options import common_options, output_options
+from eda.cli.options import apply_security, common_options, output_options, security_options
 from eda.cli.output import Output, for_terminal
+from eda.cli.secure import secure_reports
 from eda.core.attributes import BUS_SEQUENCE
 from eda.core.errors import ExitStatus, UsageError
 from eda.core.topics import validate_pattern
@@ -111,6 +112,7 @@ Examples:
     help="With --durable: move the existing consumer to --from-start, --from-seq, --since or "
     "--last (on the bus's host only).",
 )
+@security_options
 @common_options
 def command(
     patterns: tuple[str, ...],
@@ -133,6 +135,9 @@ def command(
     durable: str | None,
     group: str | None,
     reset: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -161,6 +166,9 @@ def command(
                          "--since, --last")  # fmt: skip
     if (start is not None or durable or group) and bus is None:
         bus = AUTO
+    if secure and bus is not None:
+        raise UsageError("--secure with --bus is not available yet: subscribe brokerless")
+    apply_security(secure, key_file, trust_dir)
     if bus is not None:
         if not patterns:
             raise UsageError("missing PATTERN")
@@ -204,6 +212,7 @@ def command(
             " so far; still trying"
         ),
     )
+    refusals = secure_reports(ctx, sub, "publisher")
     status: int = ExitStatus.OK
     try:
         for endpoint in binds:
@@ -218,6 +227,10 @@ def command(
             )
             ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
         loop = _Loop(sub, _batch_renderer(raw, output), RecentEvents(), ctx)
+        if connects and not binds and no_mdns:
+            # only explicit publishers: once every one of them refused this key, nothing
+            # can ever arrive (an error, exit 1, not a wait)
+            loop.give_up = lambda: len(refusals) >= len(connects)
         loop.run(count, idle_timeout, strict, lost)
     except Exit as exc:
         status = exc.code
@@ -480,6 +493,7 @@ class _Loop:
         self.reported_copies = 0
         self.reported_evicted = 0
         self.reported_unaccounted = 0
+        self.give_up: Callable[[], bool] = lambda: False  # nothing more can come: exit 1
 
     def run(
         self, count: int | None, idle_timeout: float | None, strict: bool, lost: list[int]
@@ -508,6 +522,8 @@ class _Loop:
                 self._report()
                 if strict and lost[0]:
                     raise Exit(ExitStatus.LOSS)
+                if self.give_up():
+                    raise Exit(ExitStatus.ERROR)
                 if remaining == 0:
                     return
         finally:
@@ -521,6 +537,8 @@ class _Loop:
         left = idle_since + idle_timeout - time.monotonic()
         if left > 0 and self.sub.poll(left):
             return self._fresh()
+        if self.give_up():
+            raise Exit(ExitStatus.ERROR)
         # out of time: what is already queued still counts (and restarts the clock)
         return self._fresh() or None
 

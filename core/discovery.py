@@ -26,7 +26,8 @@ connects to them.
 
 Service types are standard DNS-SD, so ``avahi-browse -r _eda-sub._tcp``
 shows them.  TXT keys: ``id`` (peer id), ``p`` (space-separated patterns, or
-the topic for a publisher), ``v`` (wire version).
+the topic for a publisher), ``v`` (wire version), ``k`` (secure mode: the
+peer's CURVE public key, Z85, 40 characters; absent when not secure).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Peer:
     endpoint: str
     patterns: tuple[str, ...]
     name: str
+    key: str = ""  # secure mode: the public key it announced (Z85), "" when not secure
 
 
 @dataclass
@@ -150,7 +152,7 @@ def _peer_from_instance(inst: mdns.Instance) -> Peer | None:
     if where is None:
         return None
     patterns = tuple(inst.txt.get("p", "").split())
-    return Peer(peer_id, where.zmq, patterns, inst.name)
+    return Peer(peer_id, where.zmq, patterns, inst.name, inst.txt.get("k", "")[:64])
 
 
 # -- probing endpoints ------------------------------------------------------------------
@@ -296,6 +298,7 @@ def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]
                 str(entry["endpoint"]),
                 tuple(str(p) for p in entry.get("patterns", ())),
                 str(entry["name"]),
+                str(entry.get("key", ""))[:64],
             )
             seen = float(entry["seen"])
         except (KeyError, TypeError, ValueError):
@@ -368,6 +371,7 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
                 "id": p.id,
                 "endpoint": p.endpoint,
                 "patterns": list(p.patterns),
+                "key": p.key,
                 "seen": s,
             }
             for p, s in sorted(newest, key=lambda ps: ps[0].name)
@@ -670,19 +674,23 @@ class Discovery:
         on_ready: Callable[[], None] | None = None,
         *,
         unique: bool = False,
+        key: str | None = None,
     ) -> Any:
         """Announce this eda process (id, patterns, wire version in TXT).
 
         *unique*: the peer id is random and new for this process (no probing;
-        see :meth:`announce`).
+        see :meth:`announce`).  *key*: secure mode's public key (TXT ``k``).
         """
+        txt = {"id": peer_id, "p": txt_patterns(patterns), "v": str(codec.VERSION)}
+        if key is not None:
+            txt["k"] = key
         kind = service_type.split(".")[0].lstrip("_")
         host = socket.gethostname().split(".")[0] or "eda"
         return self.announce(
             service_type,
             f"{kind}-{host}-{peer_id}",
             port,
-            {"id": peer_id, "p": txt_patterns(patterns), "v": str(codec.VERSION)},
+            txt,
             on_ready,
             server=f"{host}-{peer_id}.local.",
             unique=unique,

@@ -32,6 +32,17 @@ Loss is accounted on both sides (README, "Loss is never silent"):
 
 None of this touches the per-event path: it costs one message per subscriber
 at the end and a few control messages when subscribers come and go.
+
+Secure mode (:mod:`eda.core.security`, turned on before a node is made):
+every connection is CURVE.  A node announces its public key (TXT ``k``) and
+connects only to discovered peers whose announced key it trusts, pinning
+that key (CURVE proves the peer holds it); a peer announcing an untrusted
+key, or none, is skipped and handed to :attr:`_Node.on_ignored`.  Peers
+connecting to a node's bound port are admitted by the ZAP handler (trusted
+keys only).  An explicit ``--connect`` names the server's trusted name,
+``NAME@tcp://HOST:PORT``.  The socket monitor reports a server refusing
+this key (``EVENT_HANDSHAKE_FAILED_AUTH``) within milliseconds; the
+connection is then dropped and the refusal handed to :attr:`_Node.on_refused`.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from typing import Any
 
 import zmq
 
-from . import codec, discovery, sockets
+from . import codec, discovery, security, sockets
 from .daemon import bind_socket
 from .endpoint import Endpoint
 from .errors import EdaError, UsageError
@@ -95,34 +106,43 @@ def _check_resolvable(endpoint: Endpoint) -> None:
         ) from None
 
 
-def _connect(sock: zmq.Socket[Any], endpoint: Endpoint) -> str:
-    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to."""
+def _connect(sock: zmq.Socket[Any], endpoint: Endpoint, key: bytes | None = None) -> str:
+    """Connect *sock* to *endpoint* (secure mode: the server whose public key is *key*);
+    the ``tcp://`` text connected to."""
     if endpoint.host == "*" or endpoint.port == 0:
         raise UsageError(f"cannot connect to {endpoint.zmq}: give a host and a port")
     _check_resolvable(endpoint)
     try:
-        return sockets.connect(sock, endpoint)
+        return sockets.connect(sock, endpoint, key)
     except zmq.ZMQError as exc:
         raise UsageError(f"cannot connect to {endpoint.zmq}: {exc}") from None
 
 
 class _Watch:
     """Explicitly given endpoints, followed by a socket monitor until each completes a
-    ZMTP handshake (a closed port or a stalled peer never does)."""
+    ZMTP handshake (a closed port or a stalled peer never does).
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    In secure mode (*secure*) it also watches for failed handshakes on every
+    connection this node made (a server refusing its key), for the node's
+    whole life: :attr:`failed` collects (endpoint, reason).
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], secure: bool = False) -> None:
         self._sock = sock
+        self._secure = secure
         self._mon: zmq.Socket[bytes] | None = None
         self.since: dict[str, float] = {}  # endpoint -> when connected; gone once it answered
         self.refused: set[str] = set()
         self.reported: set[str] = set()
+        self.failed: list[tuple[str, str]] = []  # (endpoint, why), taken by the node
 
     def open(self) -> None:
         """Start monitoring (before connecting, so no handshake event is missed)."""
         if self._mon is None:
-            self._mon = self._sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
-            )
+            events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+            if self._secure:
+                events |= security.FAILURE_EVENTS
+            self._mon = self._sock.get_monitor_socket(events)
 
     def add(self, endpoint: str) -> None:
         self.since.setdefault(endpoint, time.monotonic())
@@ -137,9 +157,13 @@ class _Watch:
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.since.pop(endpoint, None)
                 self.refused.discard(endpoint)
+                continue
+            why = security.handshake_failure(event["event"], event["value"])
+            if why is not None:
+                self.failed.append((endpoint, why))
             elif endpoint in self.since:
                 self.refused.add(endpoint)
-        if mon is not None and not self.since:
+        if mon is not None and not self.since and not self._secure:
             self.close()  # everything answered: no more monitoring cost
 
     def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:
@@ -192,6 +216,61 @@ class _Node:
         self._backlog: collections.deque[discovery.Peer] = collections.deque(maxlen=MAX_DISCOVERED)
         self.unreachable: list[discovery.Peer] = []  # announced, but no answer to a probe in time
         self.seen_before = 0  # peers the discovery cache knew (one-shot discovery)
+        self.security = security.active()
+        # secure mode: a discovered peer skipped, and why (untrusted key, or not secure;
+        # or, not secure here, a secure peer); called from the socket's thread
+        self.on_ignored: Callable[[discovery.Peer, str], None] | None = None
+        # secure mode: a server refused this node's key, (endpoint, why); dropped then
+        self.on_refused: Callable[[str, str], None] | None = None
+        self.refused: dict[str, str] = {}  # endpoint -> why its server refused us
+        self._peer_at: dict[str, str] = {}  # endpoint -> peer id, for connections we made
+        if self.security is not None:
+            self._watch = _Watch(sock, secure=True)
+            self._watch.open()
+
+    def admit(self, peer: discovery.Peer) -> bytes | None:
+        """The key to connect to a discovered *peer* with (b"": plain ZeroMQ), or None to
+        skip it: secure and insecure never mix, and a secure node pins trusted keys only."""
+        if self.security is None:
+            if peer.key:
+                self._ignore(peer, "it is in secure mode (--secure) and this program is not")
+                return None
+            return b""
+        if not peer.key:
+            self._ignore(peer, "it is not in secure mode")
+            return None
+        if self.security.trusts(peer.key) is None:
+            self._ignore(peer, f"its key {peer.key} is not trusted (eda-keys trust NAME KEY)")
+            return None
+        return peer.key.encode()
+
+    def _ignore(self, peer: discovery.Peer, why: str) -> None:
+        if self.on_ignored is not None:
+            self.on_ignored(peer, why)
+
+    def take_refusals(self) -> list[tuple[str, str]]:
+        """Servers that refused this node's key since the last call, as (endpoint, why).
+
+        Each such connection is dropped (libzmq would retry it forever).
+        """
+        watch = self._watch
+        if watch is None or self.security is None:
+            return []
+        watch.update()
+        failed, watch.failed = watch.failed, []
+        out = []
+        for endpoint, why in failed:
+            if endpoint not in self._connected or endpoint in self.refused:
+                continue  # a client refused at our bound port, or already reported
+            self.refused[endpoint] = why
+            self._connected.discard(endpoint)
+            self._from_discovery.pop(endpoint, None)
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disconnect(endpoint)
+            out.append((endpoint, why))
+            if self.on_refused is not None:
+                self.on_refused(endpoint, why)
+        return out
 
     def bind(self, endpoint: Endpoint | str) -> str:
         """Bind (text is parsed first: :class:`UsageError`); the ``tcp://`` endpoint bound."""
@@ -200,12 +279,17 @@ class _Node:
         self.endpoints.append(real.zmq)
         return real.zmq
 
-    def connect(self, endpoint: Endpoint | str, *, watch: bool = False) -> None:
+    def connect(
+        self, endpoint: Endpoint | str, *, watch: bool = False, key: bytes | None = None
+    ) -> None:
         """Connect to *endpoint*; with *watch*, follow it until it answers (see :meth:`unready`).
 
         Text is parsed first (:class:`UsageError`); a host name that does not
-        resolve is an EdaError at once.
+        resolve is an EdaError at once.  Secure mode: *key* is the server's
+        public key; text may name it as ``NAME@tcp://HOST:PORT`` (NAME trusted).
         """
+        if isinstance(endpoint, str) and self.security is not None and key is None:
+            key, endpoint = self.security.pinned(endpoint)
         where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint, "connect")
         text = where.zmq
         if text not in self._connected:
@@ -213,7 +297,7 @@ class _Node:
                 if self._watch is None:
                     self._watch = _Watch(self.sock)
                 self._watch.open()
-            _connect(self.sock, where)
+            _connect(self.sock, where, key or None)
             self._connected.add(text)
             if watch and self._watch is not None:
                 self._watch.add(text)
@@ -236,9 +320,12 @@ class _Node:
         """
         port = self.bound[0].port
         found = discovery.Discovery(self.interface)
+        key = self.security.public_key if self.security is not None else None
         # the id is random (32 bits) and new for each process: no conflict to probe for,
         # so a starting subscriber is found at once, not after about a second
-        found.announce_peer(self.announce_type, self.id, port, patterns, on_ready, unique=True)
+        found.announce_peer(
+            self.announce_type, self.id, port, patterns, on_ready, unique=True, key=key
+        )
         found.browse(self.browse_type, self._peers.put, self._peers.put)
         self._discovery = found
 
@@ -266,7 +353,10 @@ class _Node:
                 peer = self._backlog.popleft()
                 if peer.id in self.linked or peer.endpoint in self._connected:
                     continue
-                self.connect(peer.endpoint)
+                key = self.admit(peer)
+                if key is None:
+                    continue
+                self.connect(peer.endpoint, key=key)
                 mine[peer.endpoint] = (peer, time.monotonic())
                 if self.on_connect is not None:
                     self.on_connect(peer)
@@ -305,6 +395,8 @@ class _Node:
             self._watch.close()
         self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
         self.sock.close()
+        if self.security is not None:
+            self.security.release(self.ctx)  # its ZAP handler, before the context ends
         self.ctx.term()  # this node's context only: returns once its queue left or linger ran out
 
 
@@ -408,7 +500,11 @@ class Publisher(_Node):
         )
         ids = set()
         for peer in found.peers:
-            self.connect(peer.endpoint)
+            key = self.admit(peer)
+            if key is None:
+                continue
+            self.connect(peer.endpoint, key=key)
+            self._peer_at[peer.endpoint] = peer.id
             if topic is None or discovery.may_want(peer, topic):
                 ids.add(peer.id)
         return ids
@@ -423,6 +519,8 @@ class Publisher(_Node):
                 break
             if msg[1:2] == b"\x00":  # a control subscription; topics never start with NUL
                 self._control(msg[:1] == b"\x01", msg[1:3], msg[3:])
+        if self.security is not None:
+            self.take_refusals()
         if self._dropped:
             self._report_gone(GONE_GRACE)
         self.connect_discovered()
@@ -497,6 +595,8 @@ class Publisher(_Node):
         deadline = start + timeout
         while True:
             self.service()
+            # a subscriber that refused our key will not come: not waited for
+            wanted -= {self._peer_at.get(e, "") for e in self.refused}
             missing = wanted - self.subscribers.keys()
             if (
                 not missing
@@ -624,6 +724,7 @@ class Subscriber(_Node):
         # events an end of stream said were sent whose fate is unknown here: their
         # stream was forgotten (more than MAX_STREAMS), so neither delivered nor lost
         self.unaccounted = 0
+        self._alarm = False  # a publisher refused this key since poll last returned
         # the queue is bounded in bytes too: a batch of many small events is up to
         # codec.MAX_BATCH_BYTES, so --hwm batches of any size cannot take gigabytes
         sock.setsockopt(zmq.RCVHWM, min(hwm, _RECV_HWM_CAP))
@@ -635,11 +736,18 @@ class Subscriber(_Node):
         sock.subscribe(codec.BEACON_PREFIX + self.subid.encode())
 
     def poll(self, timeout: float | None) -> bool:
-        """Wait up to *timeout* seconds (None: forever) for a message."""
+        """Wait up to *timeout* seconds (None: forever) for a message.
+
+        False (no message) also as soon as a publisher refused this key (secure
+        mode: see :meth:`take_refusals`), so a caller never waits in vain.
+        """
         self._housekeeping()
         if timeout is None:
             while not self.sock.poll(100):
                 self._housekeeping()
+                if self._alarm:
+                    self._alarm = False
+                    return False
             return True
         deadline = time.monotonic() + timeout
         while True:
@@ -647,11 +755,16 @@ class Subscriber(_Node):
             if self.sock.poll(max(0, int(min(left, 0.1) * 1000))):
                 return True
             self._housekeeping()
+            if self._alarm:
+                self._alarm = False
+                return False
             if left <= 0.1:
                 return bool(self.sock.poll(0))
 
     def _housekeeping(self) -> None:
         self.connect_discovered()
+        if self.security is not None and self.take_refusals():
+            self._alarm = True  # poll returns: the caller may have to give up
         if self._watch is not None and self.on_unreachable is not None:
             for endpoint, refused in self._watch.unready(UNREADY_AFTER):
                 if endpoint not in self._watch.reported:

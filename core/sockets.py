@@ -66,8 +66,20 @@ def new_socket(
     return sock
 
 
-def connect(sock: Socket, endpoint: Endpoint) -> str:
-    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to."""
+def connect(sock: Socket, endpoint: Endpoint, server_key: bytes | None = None) -> str:
+    """Connect *sock* to *endpoint*; the ``tcp://`` text connected to.
+
+    A secure socket (CURVE keys set by secure mode's policy) is a CURVE client
+    of the server whose public key is *server_key* (Z85); without one it is
+    not connected: :class:`~eda.core.errors.UsageError` (secure mode pins
+    every server's key).
+    """
+    if server_key is not None:
+        sock.curve_serverkey = server_key
+    elif sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
+        from .errors import UsageError
+
+        raise UsageError(f"secure mode: no public key known for the server at {endpoint.zmq}")
     if endpoint.is_ipv6:
         sock.setsockopt(zmq.IPV6, 1)
     text = endpoint.zmq
@@ -78,9 +90,14 @@ def connect(sock: Socket, endpoint: Endpoint) -> str:
 def bind(sock: Socket, endpoint: Endpoint) -> Endpoint:
     """Bind *sock* to *endpoint* (port 0: any); the endpoint really bound.
 
+    A secure socket is a CURVE server on this endpoint (its clients are
+    admitted by secure mode's ZAP handler, :mod:`eda.core.security`).
+
     Raises :class:`zmq.ZMQError` as bind does; :meth:`eda.core.daemon.Daemon.bind`
     turns that into eda's errors.
     """
+    if sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
+        sock.curve_server = True  # (secure mode) a CURVE server on this endpoint
     if endpoint.is_ipv6:
         sock.setsockopt(zmq.IPV6, 1)
     sock.bind(endpoint.zmq)
