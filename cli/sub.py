@@ -1,4 +1,10 @@
-"""eda-sub: print (or act on) the events matching one or more topic patterns."""
+"""eda-sub: print (or act on) the events matching one or more topic patterns.
+
+Over 500 lines for a reason: one command with two sources (brokerless
+publishers, the bus) and four ways to hand events on (JSON Lines, --raw,
+--format, --exec), each with the loss and end-of-stream accounting a user
+reads on stderr; the receiving is ``eda.core.pubsub`` and ``eda.core.bus``.
+"""
 
 from __future__ import annotations
 

@@ -531,18 +531,17 @@ def test_a_frozen_worker_is_dropped_by_heartbeats_and_its_requests_retried(
     assert {line.split()[0] for line in caller.wait_lines(10)} == {"frozen", "alive"}
     frozen.signal(signal.SIGSTOP)  # its connection stays open: only heartbeats can tell
     try:
-        started = time.monotonic()
         stdin.write(b"".join(b"%d\n" % i for i in range(10, 30)))
         stdin.close()
-        assert caller.wait(10) == 0, caller.stderr
-        took = time.monotonic() - started
+        assert caller.wait(30) == 0, caller.stderr
     finally:
         frozen.signal(signal.SIGCONT)
     assert "dropped: it stopped answering" in caller.stderr
     lines = caller.lines()
     assert [line.split()[1] for line in lines] == [str(i) for i in range(30)]
     assert all(line.startswith("alive") for line in lines[10:])
-    assert took < 6  # retried once dropped (~3 heartbeats of 0.2 s), not after the 10 s timeout
+    # retried because the heartbeats dropped the frozen worker, not after a request timeout
+    assert "timed out" not in caller.stderr and "failed" not in caller.stderr
 
 
 # -- the wire: stats, ping, hostile peers -------------------------------------------------------
@@ -628,15 +627,13 @@ def test_a_peer_flooding_pings_does_not_starve_callers(serve: Any) -> None:
     thread.start()
     try:
         wait_until(lambda: worker.worker.sock is not None, 5, "the worker")
-        started = time.monotonic()
         out, failed, _, _ = call([worker.endpoint], [b"%d" % i for i in range(50)], timeout=10)
-        took = time.monotonic() - started
     finally:
         stop.set()
         thread.join(10)
         flood.close()
     assert out.decode().split("\n")[:-1] == [f"w {i}" for i in range(50)] and not failed
-    assert took < 8 and worker.worker.failures == 0
+    assert worker.worker.failures == 0  # every request answered within its timeout (above)
     # stats queries cost more (a sort of the latencies): 50 a second are answered at most
     asker = dealer(worker.endpoint)
     try:

@@ -27,7 +27,9 @@ connection among the instances that are up; with several data-plane
 processes each balances its own connections (counts are local).
 
 This module is imported by a data-plane process at start: it imports nothing
-beyond the standard library, the balancer and the error classes.
+beyond the standard library, the balancer and the error classes.  That is also
+why it is about 600 lines in one module: the whole byte path and what a fresh
+interpreter needs to start it, read in one place, with no import on the way.
 """
 
 from __future__ import annotations
