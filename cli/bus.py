@@ -1,8 +1,8 @@
 """eda-bus: the event bus -- a durable log with replay, confirmed publishing and consumers.
 
-One section per subcommand (serve, stats, retain, drop, delete-consumer,
-migrate), after the ``--bus`` option that eda-pub and eda-sub share.  About
-600 lines for a reason: six subcommands with some twenty options and their
+One section per subcommand (serve, migrate, stats, retain, delete-consumer),
+after the ``--bus`` option that eda-pub and eda-sub share.  About 600 lines
+for a reason: five subcommands with some twenty options and their
 tables, whose declarations and help texts are the man page; the logic is in
 ``eda.core.bus``.
 """
