@@ -206,7 +206,11 @@ class _Node:
         self.endpoints: list[str] = []  # bound, as tcp://HOST:PORT
         self.bound: list[Endpoint] = []  # the same, typed
         self.linked: BoundedSet[str] = BoundedSet(MAX_PEERS)  # peer ids connected to us
+        # called for each discovered peer this node is connected with, whichever side
+        # dialed: we connected to it, or it had connected to us first (once; both
+        # sides browse, so which one dials first is a race)
         self.on_connect: Callable[[discovery.Peer], None] | None = None
+        self._reported: BoundedSet[str] = BoundedSet(MAX_PEERS)  # peer ids on_connect got
         self._connected: set[str] = set()  # endpoints we connected to
         # discovered peers (or the names of withdrawn ones) from zeroconf's threads
         self._peers: queue.SimpleQueue[discovery.Peer | str] = queue.SimpleQueue()
@@ -332,6 +336,8 @@ class _Node:
     def connect_discovered(self) -> None:
         """Connect to the peers discovered since the last call.
 
+        :attr:`on_connect` hears of each connection made, and once of a peer
+        found already connected to us (it greeted first), which is not dialed.
         At most :data:`MAX_DISCOVERED` connections come from discovery; more
         peers wait in a bounded backlog.  When that is full, a connection
         whose peer never greeted us (no welcome or beacon within
@@ -348,18 +354,26 @@ class _Node:
                 with contextlib.suppress(zmq.ZMQError):
                     self.sock.disconnect(endpoint)
 
+        def report(peer: discovery.Peer, again: bool = False) -> None:
+            if again or peer.id not in self._reported:
+                self._reported.add(peer.id)
+                if self.on_connect is not None:
+                    self.on_connect(peer)
+
         def connect_waiting() -> None:
             while self._backlog and len(mine) < MAX_DISCOVERED:
                 peer = self._backlog.popleft()
-                if peer.id in self.linked or peer.endpoint in self._connected:
+                if peer.id in self.linked:
+                    report(peer)  # it connected to us first: linked all the same
+                    continue
+                if peer.endpoint in self._connected:
                     continue
                 key = self.admit(peer)
                 if key is None:
                     continue
                 self.connect(peer.endpoint, key=key)
                 mine[peer.endpoint] = (peer, time.monotonic())
-                if self.on_connect is not None:
-                    self.on_connect(peer)
+                report(peer, again=True)  # (each connection we make, as before)
 
         while True:
             try:
@@ -371,9 +385,9 @@ class _Node:
                     e for e, (p, _) in mine.items() if p.name == item and p.id not in self.linked
                 ]:
                     drop(endpoint)
-            elif not (
-                item.id in self.linked or item.endpoint in self._connected or item in self._backlog
-            ):
+            elif item.id in self.linked:
+                report(item)  # it connected to us first: linked all the same
+            elif not (item.endpoint in self._connected or item in self._backlog):
                 self._backlog.append(item)  # when full, the oldest waiting one is dropped
             connect_waiting()
         if self._backlog and len(mine) >= MAX_DISCOVERED:

@@ -52,3 +52,37 @@ def test_dead_and_cut_off_hosts_do_not_stall_publishers(network):
     assert json.loads(alive.lines()[0])["data"] == "still delivered"
     assert killed.popen.wait(5) == -9
     assert cut.lines() == []
+
+
+def test_subscriber_reports_a_publisher_that_connected_to_it_first():
+    """Both sides browse, so a publisher often connects to a new subscriber before
+    the subscriber's own discovery of it: eda-sub -v still says it is connected
+    (it used to say nothing, whichever way events then flowed)."""
+    from eda.core import discovery, pubsub
+    from tests.helpers import wait_until
+
+    reported: list[discovery.Peer] = []
+    sub = pubsub.Subscriber(["feed.>"], on_connect=reported.append)
+    pub = pubsub.Publisher()
+    try:
+        pub.bind("127.0.0.1:0")
+        pub.connect(sub.bind("127.0.0.1:0"))  # the publisher dials first
+
+        def welcomed() -> bool:
+            pub.service()  # (its socket sends the welcome when used)
+            if sub.poll(0.05):
+                sub.receive()
+            return pub.id in sub.publishers
+
+        wait_until(welcomed, 15, "the publisher's welcome")
+        found = discovery.Peer(pub.id, pub.endpoints[0], ("feed.x",), f"eda-pub-h-{pub.id}")
+        sub._peers.put(found)  # the subscriber's discovery finds it now
+        sub.connect_discovered()
+        assert reported == [found]
+        assert found.endpoint not in sub._connected  # linked already: not dialed again
+        sub._peers.put(found)  # announced again (an update): reported once
+        sub.connect_discovered()
+        assert reported == [found]
+    finally:
+        pub.close()
+        sub.close()
