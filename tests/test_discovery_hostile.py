@@ -255,7 +255,7 @@ def test_connections_from_discovery_are_capped_and_withdrawn_ones_closed(monkeyp
         assert peers[0].endpoint not in sub._connected
         assert peers[pubsub.MAX_DISCOVERED].endpoint in sub._connected  # its slot was reused
         sub.linked.add("p1")  # p1 greeted: it stays whatever happens
-        monkeypatch.setattr(pubsub, "HANDSHAKE_TIMEOUT", 0.0)
+        monkeypatch.setattr(pubsub.node, "HANDSHAKE_TIMEOUT", 0.0)  # where _Node reads it
         sub.connect_discovered()  # the waiting ones replace silent ones
         assert len(sub._connected) == pubsub.MAX_DISCOVERED
         assert all(p.endpoint in sub._connected for p in peers[-5:])

@@ -441,12 +441,12 @@ def end_frames(payload: object) -> list[bytes]:
 )
 def test_crafted_end_of_stream_messages_are_rejected(frames: list[bytes]) -> None:
     with pytest.raises(ValueError):
-        pubsub._parse_end(frames)
+        pubsub.subscriber._parse_end(frames)
 
 
 def test_a_valid_end_of_stream_message_parses() -> None:
     frames = end_frames({"p": "x", "s": "eda://h/pub/x", "t": {"a.b": [3, 10]}})
-    assert pubsub._parse_end(frames) == ("x", "eda://h/pub/x", {"a.b": (3, 10)})
+    assert pubsub.subscriber._parse_end(frames) == ("x", "eda://h/pub/x", {"a.b": (3, 10)})
 
 
 JSON_VALUES = st.recursive(
@@ -466,7 +466,7 @@ END_PAYLOADS = st.fixed_dictionaries(
 @given(st.one_of(st.binary(max_size=300), END_PAYLOADS.map(lambda v: json.dumps(v).encode())))
 def test_end_of_stream_decoder_yields_valid_ranges_or_value_error(payload: bytes) -> None:
     try:
-        pubid, source, due = pubsub._parse_end(
+        pubid, source, due = pubsub.subscriber._parse_end(
             [codec.BEACON_PREFIX + b"s1", codec.END_MARK, payload]
         )
     except ValueError:
