@@ -47,6 +47,11 @@ WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
 WINDOW_BATCHES = 4096
 CREDIT = 1 << 17  # events a subscriber lets the bus send ahead
 GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their share
+# a group member's events held unacknowledged at most (JetStream's max_ack_pending,
+# RabbitMQ's prefetch): a handler slow per event (--exec) holds one, so the next job
+# goes to a member that is free; a fast one (writing out) a modest batch per round trip
+GROUP_PENDING = 100
+GROUP_PENDING_SLOW = 1
 GRANT_BYTES = 4 << 20  # bytes of events taken after which credit is granted again
 
 
@@ -345,10 +350,13 @@ class BusSubscriber:
         credit: int | None = None,
         relocate: Relocate | None = None,
         reset: bool = False,
+        max_pending: int | None = None,
     ) -> None:
         """*relocate* finds the bus again (e.g. :func:`find_bus`) when it stops
         answering: the subscription then goes on where it is now.  *reset* moves
-        the existing durable consumer to *start* (asked until the bus agrees once)."""
+        the existing durable consumer to *start* (asked until the bus agrees once).
+        *max_pending*: a group member holds at most that many events delivered and
+        not acknowledged (default :data:`GROUP_PENDING`)."""
         self.endpoint = client_endpoint(endpoint, "bus")
         self._relocate = relocate
         self._heard = self._looked = time.monotonic()
@@ -358,6 +366,7 @@ class BusSubscriber:
         self.group = group
         self.member = secrets.token_hex(6)
         self.credit = credit or (GROUP_CREDIT if group else CREDIT)
+        self.max_pending = max_pending or GROUP_PENDING
         self.sock = _dealer(self.endpoint)
         self.malformed = 0
         self.lost = 0
@@ -387,6 +396,7 @@ class BusSubscriber:
             msg["durable"] = self.durable
         if self.group is not None:
             msg["group"], msg["member"] = self.group, self.member
+            msg["pending"] = self.max_pending
         start = self.start
         if self._subscribed and self.durable is None and self.group is None:
             start = {"seq": self.last + 1} if self.last else self.start
@@ -505,9 +515,13 @@ class BusSubscriber:
                 self.resumed = (position, old[:64], resumed.get("asked_from") is True)
 
     def ack(self, seq: int) -> None:
-        """The events up to bus sequence *seq* are written out (durable and group only)."""
-        if (self.durable is not None or self.group is not None) and seq > self.acked:
-            self.acked = seq
+        """The events up to bus sequence *seq* are written out (durable and group only).
+
+        A group member acknowledges each time: what it is given again (released by
+        a member gone, or its own after a bus restart) may lie below what it
+        acknowledged before, and the bus counts it held (against max_pending) until then."""
+        if (self.durable is not None and seq > self.acked) or self.group is not None:
+            self.acked = max(self.acked, seq)
             self._request({"op": "ack", "seq": seq})
 
     def close(self) -> None:

@@ -82,6 +82,8 @@ class Subscription:
     waiting: float | None = None  # since when its queued-bytes bound holds events back
     stalled: float | None = None  # since when its queue (SEND_HWM messages) has been full
     credited: float = 0.0  # when it last granted credit
+    max_pending: int | None = None  # group: events held (claimed, not acknowledged) at most
+    pending: int = 0  # group: events claimed for this member and not acknowledged yet
 
 
 @dataclass
@@ -386,7 +388,9 @@ class BusServer(Daemon):
             if sub.durable is not None:
                 self.engine.ack(sub.durable, min(seq, self._durable))
             elif sub.group is not None:
-                self.engine.group_ack(sub.group, sub.member, seq)
+                settled = self.engine.group_ack(sub.group, sub.member, seq)
+                sub.pending = max(0, sub.pending - settled)
+                self._groups_dirty = True  # room for the next claim, under max_pending
         elif op == "bye":
             self._drop(ident)
         return None
@@ -433,6 +437,9 @@ class BusServer(Daemon):
         start = self._start(spec, matcher)
         old = None if durable is None else self.engine.patterns_of(durable)
         credit = _integer(msg.get("credit", 0), "credit")
+        pending = msg.get("pending")
+        if pending is not None and not 0 < _integer(pending, "pending") <= p.MAX_CREDIT:
+            raise ProtocolError(f"pending must be an integer from 1 to {p.MAX_CREDIT}")
         if ident in self.subs:
             self._drop(ident, resubscribing=True)
         elif len(self.subs) >= MAX_SUBSCRIPTIONS:
@@ -447,6 +454,7 @@ class BusServer(Daemon):
         elif group is not None:
             member = _name(msg, "member") or ident.hex()
             sub.group, sub.member, sub.start = group, member, start
+            sub.max_pending = pending
             # creates the group, or refuses now a member whose patterns are not the group's
             self.engine.claim(group, member, patterns, 0, start)
             sub.cursor = start
@@ -518,10 +526,15 @@ class BusServer(Daemon):
         assert sub.group is not None
         if not sub.backlog:
             limit = min(sub.credit, PUMP_EVENTS)
+            if sub.max_pending is not None:
+                limit = min(limit, sub.max_pending - sub.pending)
+                if limit <= 0:
+                    return  # it holds its max: its next ack makes room
             try:
                 sub.backlog = self.engine.claim(
                     sub.group, sub.member, sub.matcher.patterns, limit, sub.start
                 )
+                sub.pending += sum(r.size for r in sub.backlog)
             except StoreError as exc:  # not now: the next round (or retry) claims again
                 self.limited("claim", f"group {sub.group}: cannot hand out events: {exc}")
                 self._groups_dirty = True
