@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -364,7 +365,8 @@ def _subscribe_bus(
             elif got:
                 if remaining is not None:
                     got, remaining = _take(got, remaining)
-                render(got)
+                with sub.busy() if slow else contextlib.nullcontext():  # a job may outlast 5 s
+                    render(got)
                 top = got[-1]
                 sub.ack(top.busseq + top.batch.size - 1)
                 idle_since = time.monotonic()

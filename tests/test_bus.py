@@ -547,6 +547,42 @@ def test_group_members_share_slow_jobs_holding_at_most_max_pending(
     wait_until(lambda: held() == 0, 30, "every job acknowledged")
 
 
+def test_a_group_member_whose_job_outlasts_the_silence_limit_keeps_it(
+    procs: Procs, engine: Bus, tmp_path: Path
+) -> None:
+    """A member silent for 5 s is dropped and its events go to the others; a member
+    running a long --exec job is not silent (it heartbeats meanwhile), so the job runs
+    once.  The 5 s are measured by the bus itself: a canary subscribes once the job
+    runs and never says another word; once the bus dropped it, the job outlasted them."""
+    import zmq
+
+    bus, ep = engine.start("-v")
+    for d in ("running", "go", "done"):
+        (tmp_path / d).mkdir()
+    job = tmp_path / "job.sh"
+    job.write_text(_JOB)
+    done = run("eda-pub", "--bus", ep, "--confirm", "job.x", "long")
+    assert done.returncode == 0, done.stderr
+    for name in "ab":
+        m = procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "--from-start", "-v",
+                      "--exec", f"sh {job} {name} {tmp_path}")  # fmt: skip
+        m.wait_stderr("subscribed", 15)
+    (running,) = wait_until(lambda: list((tmp_path / "running").iterdir()), 30, "the job")
+    canary = zmq.Context.instance().socket(zmq.DEALER)
+    canary.setsockopt(zmq.ROUTING_ID, b"canary")
+    try:
+        canary.connect(ep)
+        canary.send_multipart([b"R", b'{"op":"sub","patterns":["none.>"],"credit":0,"rid":1}'])
+        bus.wait_stderr(rf"subscription {b'canary'.hex()} silent for 5s: dropped", 30)
+    finally:
+        canary.close(linger=0)
+    # silent since before the canary subscribed, the member would have been dropped first
+    assert bus.stderr.count("silent for") == 1
+    (tmp_path / "go" / running.name.split(".", 1)[1]).touch()
+    wait_until(lambda: not list((tmp_path / "running").iterdir()), 30, "the job finished")
+    assert [f.name for f in (tmp_path / "done").iterdir()] == [running.name]  # run once
+
+
 def test_refusals_and_usage_errors_are_one_line(procs: Procs, engine: Bus, tmp_path: Path) -> None:
     _, ep = engine.start()
     bad = run("eda-sub", "--bus", ep, "a..b", "-W", "5")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import zmq
@@ -140,6 +142,26 @@ class BusSubscriber:
             self.endpoint = endpoint
             self.resubscribed += 1
             self.subscribe()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Heartbeats go on from a thread while the caller works on what it received
+        (an --exec job may take longer than GONE_AFTER): the bus does not take the
+        member for dead and give its events to another.  The caller must not use
+        this subscriber meanwhile (one thread at a time on the socket)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(p.HEARTBEAT):
+                self._request({"op": "hb"})
+
+        thread = threading.Thread(target=beat, name="bus-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_send >= p.HEARTBEAT:
