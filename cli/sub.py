@@ -8,6 +8,7 @@ reads on stderr; the receiving is ``eda.core.pubsub`` and ``eda.core.bus``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -113,6 +114,13 @@ Examples:
     "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
 )
 @click.option(
+    "--max-pending",
+    type=click.IntRange(1, 1 << 20),  # the bus's MAX_CREDIT
+    metavar="N",
+    help="With --group: hold at most N events delivered and not acknowledged, so the others "
+    "get the rest (default 1 with --exec, else 100).",
+)
+@click.option(
     "--reset",
     is_flag=True,
     help="With --durable: move the existing consumer to --from-start, --from-seq, --since or "
@@ -140,6 +148,7 @@ def command(
     until_end: bool,
     durable: str | None,
     group: str | None,
+    max_pending: int | None,
     reset: bool,
     secure: bool,
     key_file: str | None,
@@ -180,6 +189,8 @@ def command(
             raise UsageError("missing PATTERN")
         if durable and group:
             raise UsageError("--durable and --group exclude each other")
+        if max_pending is not None and not group:
+            raise UsageError("--max-pending needs --group NAME")
         for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
             validate_pattern(pattern)
         output = _output(ctx, template, force_json, exec_cmd, {BUS_SEQ})
@@ -187,7 +198,7 @@ def command(
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
             strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), until_end=until_end,
-            reset=reset,
+            reset=reset, max_pending=max_pending,
         )  # fmt: skip
         return
     if no_mdns and not (connects or binds):
@@ -302,12 +313,13 @@ def _subscribe_bus(
     relocate: Any = None,
     until_end: bool = False,
     reset: bool = False,
+    max_pending: int | None = None,
 ) -> None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out.
 
     With *until_end*, only up to the last event stored when it starts, then return.
     """
-    from eda.core.bus.client import BusSubscriber
+    from eda.core.bus.client import GROUP_PENDING_SLOW, BusSubscriber
     from eda.core.errors import EdaError
 
     matcher = None
@@ -324,11 +336,12 @@ def _subscribe_bus(
         matcher, patterns = Matcher(patterns), [">"]
 
     # --exec is slow per event: take few at a time, so heartbeats keep going and a
-    # group's other members get the rest
+    # group's other members get the rest (a member holds one job: the next goes to a free one)
     slow = output.mode == "exec"
     sub = BusSubscriber(
         endpoint, patterns, start=start, durable=durable, group=group,
         credit=64 if slow else None, relocate=relocate, reset=reset,
+        max_pending=max_pending or (GROUP_PENDING_SLOW if slow else None),
     )  # fmt: skip
     limit = 16 if slow else 1 << 16
     render = _bus_renderer(raw, output)
@@ -371,7 +384,8 @@ def _subscribe_bus(
             elif got:
                 if remaining is not None:
                     got, remaining = _take(got, remaining)
-                render(got)
+                with sub.busy() if slow else contextlib.nullcontext():  # a job may outlast 5 s
+                    render(got)
                 top = got[-1]
                 sub.ack(top.busseq + top.batch.size - 1)
                 idle_since = time.monotonic()

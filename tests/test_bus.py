@@ -491,6 +491,98 @@ def test_group_members_running_exec_share_the_work(
     assert a and b  # both worked
 
 
+_JOB = """cat > /dev/null
+: > "$2/running/$1.$EDA_ID"
+while [ ! -e "$2/go/$EDA_ID" ]; do sleep 0.02; done
+mv "$2/running/$1.$EDA_ID" "$2/done/"
+"""
+
+
+@pytest.mark.parametrize("max_pending", [None, 2])
+def test_group_members_share_slow_jobs_holding_at_most_max_pending(
+    procs: Procs, engine: Bus, tmp_path: Path, max_pending: int | None
+) -> None:
+    """Ten slow jobs (each waits until the test lets it finish) for two members: both
+    work, and the bus never sees a member hold more than --max-pending (default with
+    --exec: 1) events unacknowledged.  Before --max-pending, the first member took all
+    ten.  (Each job is its own batch: NATS never splits one.)"""
+    from eda.core.bus.client import request
+
+    _, ep = engine.start()
+    for d in ("running", "go", "done"):
+        (tmp_path / d).mkdir()
+    job = tmp_path / "job.sh"
+    job.write_text(_JOB)
+    extra = [] if max_pending is None else ["--max-pending", str(max_pending)]
+    most = max_pending or 1
+    n = 10
+    for i in range(n):  # stored first: a job waits on the test only, never on publishing
+        done = run("eda-pub", "--bus", ep, "--confirm", "job.x", str(i))
+        assert done.returncode == 0, done.stderr
+    members = []
+    for name in "ab":
+        members.append(procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "--from-start",
+                                 "-v", *extra, "--exec", f"sh {job} {name} {tmp_path}"))  # fmt: skip
+        members[-1].wait_stderr("subscribed", 15)
+
+    def held() -> int:
+        consumers = request(ep, {"op": "stats"})["stats"]["consumers"]
+        return int(next(c["held"] for c in consumers if c["name"] == "w"))
+
+    finished: list[str] = []
+    while len(finished) < n:
+        running = wait_until(lambda: [f.name for f in (tmp_path / "running").iterdir()], 30,
+                             f"a job running ({len(finished)} done)")  # fmt: skip
+        who = [name.split(".", 1)[0] for name in running]
+        assert len(who) == len(set(who))  # one job at a time per member
+        # every running job waits for the test: what the bus sees held is what members hold
+        assert len(running) <= held() <= 2 * most
+        for name in running:
+            (tmp_path / "go" / name.split(".", 1)[1]).touch()
+        let_go = [tmp_path / "done" / name for name in running]
+        wait_until(lambda: all(f.exists() for f in let_go), 30, "the jobs let go finished")  # noqa: B023
+        finished += running
+    assert {name.split(".", 1)[0] for name in finished} == {"a", "b"}  # both worked
+    assert len(set(finished)) == n
+    wait_until(lambda: held() == 0, 30, "every job acknowledged")
+
+
+def test_a_group_member_whose_job_outlasts_the_silence_limit_keeps_it(
+    procs: Procs, engine: Bus, tmp_path: Path
+) -> None:
+    """A member silent for 5 s is dropped and its events go to the others; a member
+    running a long --exec job is not silent (it heartbeats meanwhile), so the job runs
+    once.  The 5 s are measured by the bus itself: a canary subscribes once the job
+    runs and never says another word; once the bus dropped it, the job outlasted them."""
+    import zmq
+
+    bus, ep = engine.start("-v")
+    for d in ("running", "go", "done"):
+        (tmp_path / d).mkdir()
+    job = tmp_path / "job.sh"
+    job.write_text(_JOB)
+    done = run("eda-pub", "--bus", ep, "--confirm", "job.x", "long")
+    assert done.returncode == 0, done.stderr
+    for name in "ab":
+        m = procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "--from-start", "-v",
+                      "--exec", f"sh {job} {name} {tmp_path}")  # fmt: skip
+        m.wait_stderr("subscribed", 15)
+    (running,) = wait_until(lambda: list((tmp_path / "running").iterdir()), 30, "the job")
+    canary = zmq.Context.instance().socket(zmq.DEALER)
+    canary.setsockopt(zmq.ROUTING_ID, b"canary")
+    try:
+        canary.connect(ep)
+        canary.send_multipart([b"R", b'{"op":"sub","patterns":["none.>"],"credit":0,"rid":1}'])
+        bus.wait_stderr(rf"subscription {b'canary'.hex()} silent for 5s: dropped", 30)
+    finally:
+        canary.close(linger=0)
+    # silent since before the canary subscribed, the member would have been dropped first
+    assert bus.stderr.count("silent for") == 1
+    (tmp_path / "go" / running.name.split(".", 1)[1]).touch()
+    wait_until(lambda: not list((tmp_path / "running").iterdir()), 30, "the job finished")
+    assert [f.name for f in (tmp_path / "done").iterdir()] == [running.name]  # run once
+
+
 def test_refusals_and_usage_errors_are_one_line(procs: Procs, engine: Bus, tmp_path: Path) -> None:
     _, ep = engine.start()
     bad = run("eda-sub", "--bus", ep, "a..b", "-W", "5")

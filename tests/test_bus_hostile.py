@@ -273,9 +273,10 @@ def test_stats_on_a_terminal_is_a_table(procs: Procs, tmp_path: Path) -> None:
 
 def test_subscriptions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from eda.core.bus import SQLiteEngine
+    from eda.core.bus import requests as bus_requests
     from eda.core.bus import server as bus_server
 
-    monkeypatch.setattr(bus_server, "MAX_SUBSCRIPTIONS", 3)
+    monkeypatch.setattr(bus_requests, "MAX_SUBSCRIPTIONS", 3)
     srv = bus_server.BusServer(
         SQLiteEngine(tmp_path / "bus.db"), bus_server.Settings(bind="tcp://127.0.0.1:0", mdns=False)
     )

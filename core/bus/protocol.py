@@ -22,8 +22,11 @@ Bus to client:
                             restarted, or the client was cut off): subscribe again
     L  JSON                 ``{"lost": n}``: events removed by retention before delivery
 
-Requests (op): ``sub`` (patterns, from, durable, group, member, credit, reset: move
-an existing durable to *from*, admin), ``credit``
+Requests (op): ``sub`` (patterns, from, durable, group, member, credit, pending: a
+group member's most events held unacknowledged, as JetStream's ``max_ack_pending``
+(absent: its credit alone bounds it; a batch is never split on NATS, so a member
+holding nothing may be given one whole batch over it), reset: move an existing
+durable to *from*, admin), ``credit``
 (n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
 ``drop`` (name: a durable consumer or group nobody is subscribed as).
 """

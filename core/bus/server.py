@@ -8,80 +8,39 @@ One ROUTER socket serves every client (:mod:`.protocol`).  The loop, per round:
   only then confirm the batches it covered; any other commit or write of the
   round that fails (a subscription's, an ack's...) refuses (retry) at once the
   batches its rollback took;
-* pump the subscriptions: each reads from the engine, from its own cursor,
-  at most as many events as its credit allows.  Replay and live delivery are
-  the same path (live is a replay that caught up), so the switch from one to
-  the other can neither skip nor repeat an event, and a slow subscriber only
-  lags on disk: the bus holds no events for it in memory.
+* pump the subscriptions (:mod:`.delivery`).
 
-A subscriber grants credit (events) as it writes events out, heartbeats every
-:data:`~.protocol.HEARTBEAT` seconds, and is dropped after
-:data:`~.protocol.GONE_AFTER` seconds of silence; a dropped group member's
-unacknowledged events go to the other members.
+:class:`BusServer` is that loop and its confirmations; the rest of the daemon
+is one module per subject, each a layer of the class:
+:mod:`.connections` (the ROUTER's clients: where a message came from, hanging
+up, counting connections), :mod:`.delivery` (subscriptions: replay and live,
+credit, group claims under ``max_pending``, dropping the silent),
+:mod:`.requests` (subscribe, ack, stats, retain, drop) and :mod:`.peerinput`
+(what a peer may send in a request).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
-import os
-import socket
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from .. import codec
-from ..daemon import DRAIN_LIMIT, Daemon, Log, port_of, received
+from ..daemon import Log, port_of
 from ..errors import EdaError, ProtocolError, UsageError
 from ..limits import QueuedBytes, raise_fd_limit
-from ..reqrep import check_rid, decode_request, encode, error_reply, request_id, split_envelope
-from ..topics import Matcher, validate_pattern
+from ..reqrep import encode, error_reply, split_envelope
 from . import protocol as p
-from .engine import Engine, EventTooLargeError, Record, StoreError
-from .streams import MAX_SEQ, check_publisher
+from .delivery import Subscription
+from .engine import Engine, EventTooLargeError, StoreError
+from .requests import Answering
+from .streams import check_publisher
 
-PUMP_EVENTS = 1 << 16  # events one subscription is sent per round, at most
 SEND_HWM = 256  # messages queued per client on the ROUTER
-MAX_SUBSCRIPTIONS = 4096  # live subscriptions (a silent one is dropped after GONE_AFTER)
 HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by then is closed
 FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
-CUT_AFTER = p.GONE_AFTER  # s a subscriber at its queued-bytes bound may go without taking any
-LIE_AFTER = 2 * p.HEARTBEAT  # s of a full queue after which granting credit is a lie
-ADMIN_OPS = frozenset({"retain", "drop"})  # ops only a client on the bus's own host may ask for
-REPLY_OPS = frozenset({"stats", "retain", "drop"})  # one reply each: a REQ socket may ask them
-
-
-@dataclass
-class Connection:
-    """The TCP connection a client's requests come from (to cut it off)."""
-
-    fd: int
-    peer: Any  # getpeername() when first seen: a reused descriptor is not cut by mistake
-
-
-@dataclass
-class Subscription:
-    ident: bytes
-    matcher: Matcher
-    cursor: int
-    credit: int
-    seen: float
-    durable: str | None = None
-    group: str | None = None
-    member: str = ""
-    start: int | None = None
-    blocked: bool = False
-    sent: int = 0
-    backlog: list[Record] = field(default_factory=list)  # group: claimed, not sent yet
-    conn: Connection | None = None
-    waiting: float | None = None  # since when its queued-bytes bound holds events back
-    stalled: float | None = None  # since when its queue (SEND_HWM messages) has been full
-    credited: float = 0.0  # when it last granted credit
 
 
 @dataclass
@@ -98,7 +57,7 @@ class Settings:
     port_file: str | None = None  # where the port is remembered across restarts
 
 
-class BusServer(Daemon):
+class BusServer(Answering):
     """Serves one engine on one ROUTER socket."""
 
     def __init__(
@@ -308,387 +267,6 @@ class BusServer(Daemon):
         body = encode({"error": str(exc)[:300], "code": code, "retry": retry})
         self._send(ident, [p.REFUSED, p.TAG.pack(tag), body])
 
-    def _send(self, ident: bytes, frames: list[bytes], route: Sequence[bytes] = ()) -> bool:
-        """Send to one client without ever blocking; False when its queue is full or it is gone.
-
-        *route* is the rest of a REQ client's envelope (up to its empty delimiter).
-        """
-        try:
-            self.sock.send_multipart([ident, *route, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        return True
-
-    def _request(self, ident: bytes, frames: list[bytes], route: Sequence[bytes] = ()) -> None:
-        """Answer a request; *route*: from a REQ socket (see :meth:`_send`), which
-        can only make requests that get one reply (no subscription)."""
-        rid = None
-        try:
-            if len(frames) != 1:
-                raise ProtocolError("malformed request: expected one frame")
-            msg = decode_request(frames[0], p.OPS)
-            check_rid(msg)
-            rid = request_id(msg)
-            if route and msg["op"] not in REPLY_OPS:
-                raise ProtocolError(f"a REQ socket cannot {msg['op']!r}: subscribe from a DEALER")
-            reply = self._handle(ident, msg)
-        except (ProtocolError, UsageError) as exc:
-            self.dropped("request", exc)
-            reply = error_reply(rid, exc)
-        except StoreError as exc:  # its commit (or write) failed: the round's batches with it
-            self.limited("store", f"request failed: {exc}")
-            self._rolled_back(exc)
-            reply = error_reply(rid, exc)
-        except EdaError as exc:
-            reply = error_reply(rid, exc)
-        except Exception as exc:  # a bug: say so, answer, serve the others
-            self.failures += 1
-            self.limited("request", f"request failed: {type(exc).__name__}: {exc}"[:300])
-            reply = error_reply(rid, EdaError("the bus failed to handle the request"))
-        if reply is None:
-            return
-        reply.setdefault("ok", True)
-        reply["rid"] = rid
-        self._send(ident, [p.ANSWER, encode(reply)], route)
-
-    def _handle(self, ident: bytes, msg: dict[str, Any]) -> dict[str, Any] | None:
-        op = msg["op"]
-        if op == "sub":
-            return self._subscribe(ident, msg)
-        if op == "stats":
-            return {"stats": _stats_json(self.engine)}
-        if op in ADMIN_OPS and not self._from_own_host():
-            raise EdaError(f"{op} is only accepted from the bus's own host; run it there")
-        if op == "retain":
-            age, size = _number(msg, "max_age"), _number(msg, "max_bytes")
-            done = self.engine.retain(age, None if size is None else int(size))
-            self._commit()
-            return {"events": done.events, "bytes": done.bytes, "first_seq": done.first_seq}
-        if op == "drop":
-            return self._drop_consumer(msg)
-        sub = self.subs.get(ident)
-        if sub is None:  # restarted bus, or cut off: the client subscribes again
-            if op != "bye":
-                self._send(ident, [p.UNKNOWN, encode({"error": "unknown subscription"})])
-            return None
-        sub.seen = time.monotonic()
-        sub.conn = self._connection(sub.conn)
-        if op == "credit":
-            n = _integer(msg.get("n"), "credit")
-            sub.credit = min(sub.credit + n, p.MAX_CREDIT)
-            if n:
-                self.queued.release(ident, n)
-                sub.credited = time.monotonic()
-            sub.blocked = False
-            self._groups_dirty = self._groups_dirty or sub.group is not None
-        elif op == "ack":
-            seq = _integer(msg.get("seq"), "ack seq")
-            if sub.durable is not None:
-                self.engine.ack(sub.durable, min(seq, self._durable))
-            elif sub.group is not None:
-                self.engine.group_ack(sub.group, sub.member, seq)
-        elif op == "bye":
-            self._drop(ident)
-        return None
-
-    def _drop_consumer(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Delete a durable consumer or a group nobody is subscribed as (admin)."""
-        name = _name(msg, "name")
-        if name is None:
-            raise ProtocolError("drop needs a name")
-        live = sum(1 for s in self.subs.values() if name in (s.durable, s.group))
-        if live:
-            raise EdaError(f"{name!r} has {live} live subscriber(s); stop them first")
-        self.engine.drop_consumer(name)
-        self._commit()
-        self.log(f"consumer {name!r} deleted")
-        return {"deleted": name}
-
-    def _subscribe(self, ident: bytes, msg: dict[str, Any]) -> dict[str, Any]:
-        patterns = msg.get("patterns")
-        if (
-            not isinstance(patterns, list)
-            or not 0 < len(patterns) <= p.MAX_PATTERNS
-            or not all(isinstance(x, str) for x in patterns)
-        ):
-            raise ProtocolError(f"patterns must be a list of 1 to {p.MAX_PATTERNS} strings")
-        for pattern in patterns:
-            validate_pattern(pattern)
-        matcher = Matcher(patterns)
-        durable, group = _name(msg, "durable"), _name(msg, "group")
-        reset = msg.get("reset", False)
-        if not isinstance(reset, bool):
-            raise ProtocolError("reset must be true or false")
-        given = msg.get("from")
-        if reset:
-            if durable is None or given is None:
-                raise UsageError("reset moves a durable consumer: give durable and from")
-            if not self._from_own_host():
-                raise EdaError("moving a durable consumer is only accepted from the bus's own host")
-            others = sum(1 for i, s in self.subs.items() if s.durable == durable and i != ident)
-            if others:
-                raise EdaError(f"{durable!r} has {others} live subscriber(s); stop them first")
-        spec = "start" if given is None and durable is not None else given
-        # (a new durable consumer gets everything stored, as JetStream's)
-        start = self._start(spec, matcher)
-        old = None if durable is None else self.engine.patterns_of(durable)
-        credit = _integer(msg.get("credit", 0), "credit")
-        if ident in self.subs:
-            self._drop(ident, resubscribing=True)
-        elif len(self.subs) >= MAX_SUBSCRIPTIONS:
-            raise EdaError(f"too many subscriptions ({MAX_SUBSCRIPTIONS}); try again later")
-        sub = Subscription(ident, matcher, 0, min(credit, p.MAX_CREDIT), time.monotonic())
-        sub.conn, sub.credited = self._connection(None), sub.seen
-        if durable is not None:
-            sub.durable = durable
-            sub.cursor = self.engine.consumer(durable, patterns, start)
-            if reset and sub.cursor != start:
-                sub.cursor = self.engine.move(durable, start)
-        elif group is not None:
-            member = _name(msg, "member") or ident.hex()
-            sub.group, sub.member, sub.start = group, member, start
-            # creates the group, or refuses now a member whose patterns are not the group's
-            self.engine.claim(group, member, patterns, 0, start)
-            sub.cursor = start
-        else:
-            sub.cursor = start
-        self._commit()
-        self.subs[ident] = sub
-        self._groups_dirty = True
-        self.log(f"subscription {ident.hex()} {patterns} from {sub.cursor}")
-        reply: dict[str, Any] = {"from": sub.cursor, "last": self._durable}
-        if old is not None and not reset:  # it resumed: what the client asked may not hold
-            reply["resumed"] = {"patterns": list(old), "asked_from": given is not None}
-        return reply
-
-    def _start(self, spec: Any, matcher: Matcher) -> int:
-        engine = self.engine
-        if spec is None or spec == "live":
-            return self._durable + 1
-        if spec == "start":
-            return engine.first_seq
-        if isinstance(spec, dict) and len(spec) == 1:
-            ((key, value),) = spec.items()
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ProtocolError("from: a number is needed")
-            if key == "seq":
-                return max(_integer(value, "from seq"), 1)
-            if key == "time" and 0 <= value < codec.MAX_TIME:
-                return engine.seq_at(float(value))
-            if key == "last":
-                return engine.seq_for_last(_integer(value, "from last"), matcher)
-        raise ProtocolError("from: use 'start', 'live', {seq: N}, {time: T} or {last: N}")
-
-    # -- delivery ----------------------------------------------------------------
-    def pump(self) -> None:
-        if not self.subs:
-            return
-        durable = self._durable
-        groups_dirty, self._groups_dirty = self._groups_dirty, False
-        first = None
-        for sub in list(self.subs.values()):
-            if sub.credit <= 0 or sub.blocked:
-                continue
-            if sub.group is not None:
-                if groups_dirty:
-                    self._pump_member(sub)
-                continue
-            if sub.cursor > durable:
-                continue
-            if first is None:
-                first = self.engine.first_seq
-            if sub.cursor < first:
-                self._send(sub.ident, [p.LOST, encode({"lost": first - sub.cursor})])
-                sub.cursor = first
-            self._pump(sub, durable)
-
-    def _pump(self, sub: Subscription, durable: int) -> None:
-        limit = min(sub.credit, PUMP_EVENTS)
-        sent = 0
-        for record in self.engine.read(sub.cursor, durable, sub.matcher, limit):
-            if not self._deliver(sub, record):
-                sub.blocked = True
-                return
-            sent += record.size
-            sub.cursor = record.seq + record.size
-        if sent < limit:
-            sub.cursor = durable + 1  # nothing else matching up to there
-
-    def _pump_member(self, sub: Subscription) -> None:
-        assert sub.group is not None
-        if not sub.backlog:
-            limit = min(sub.credit, PUMP_EVENTS)
-            try:
-                sub.backlog = self.engine.claim(
-                    sub.group, sub.member, sub.matcher.patterns, limit, sub.start
-                )
-            except StoreError as exc:  # not now: the next round (or retry) claims again
-                self.limited("claim", f"group {sub.group}: cannot hand out events: {exc}")
-                self._groups_dirty = True
-                return
-            except EdaError as exc:  # this member's own fault: it alone is dropped
-                self.dropped("subscription", exc)
-                self._drop(sub.ident)
-                return
-            sub.backlog.reverse()
-        if sub.backlog:
-            self._groups_dirty = True  # more may be waiting
-        while sub.backlog:
-            # claimed, so held by this member: sent now, or when its queue has room
-            if not self._deliver(sub, sub.backlog[-1]):
-                sub.blocked = True
-                return
-            sub.backlog.pop()
-
-    def _deliver(self, sub: Subscription, record: Record) -> bool:
-        header = codec.encode_header(
-            record.kind, record.size, record.pubseq, record.time,
-            codec.encode_origin(record.pubid, record.source),
-        )  # fmt: skip
-        frames = [p.DELIVER, p.TAG.pack(record.seq), record.topic.encode(), header, record.body]
-        if record.extensions:
-            frames.append(record.extensions)
-        size = sum(map(len, frames))
-        if not self.queued.room(sub.ident, size):
-            if sub.waiting is None:
-                sub.waiting = time.monotonic()
-            return False
-        if not self._send(sub.ident, frames):
-            if sub.stalled is None:
-                sub.stalled = time.monotonic()
-            return False
-        sub.waiting = sub.stalled = None
-        self.queued.add(sub.ident, record.size, size)
-        sub.credit -= record.size
-        sub.sent += record.size
-        return True
-
-    def _retry(self) -> None:
-        """Try again the subscriptions whose queue was full (it may have room now)."""
-        for sub in self.subs.values():
-            if sub.blocked:
-                sub.blocked = False
-                self._groups_dirty = self._groups_dirty or sub.group is not None
-        self.pump()
-
-    def _check_gone(self) -> None:
-        now = time.monotonic()
-        for ident, sub in list(self.subs.items()):
-            if now - sub.seen > p.GONE_AFTER:
-                self.log(f"subscription {ident.hex()} silent for {p.GONE_AFTER:g}s: dropped")
-                self._drop(ident)
-            elif sub.waiting is not None and now - max(sub.waiting, sub.credited) > CUT_AFTER:
-                held = self.queued.held(ident)
-                self._cut_off(sub, f"{held} bytes queued and none taken for {CUT_AFTER:g}s "
-                              f"(at most {self.settings.client_bytes} per client)")  # fmt: skip
-            elif sub.stalled is not None and sub.credited - sub.stalled > LIE_AFTER:
-                # its queue has had no room for seconds: it read nothing, yet says it took events
-                self._cut_off(sub, "it grants credit for events it does not take")
-
-    def _cut_off(self, sub: Subscription, reason: str) -> None:
-        """A subscriber that does not take what is queued for it: told, dropped, hung up on.
-
-        Hanging up frees what its connection queued; it may connect and
-        subscribe again (a durable or plain one resumes where it was).
-        """
-        why = f"cut off: {reason}; read faster and subscribe again"
-        self.cut += 1
-        self.limited("cut", f"subscriber {sub.ident.hex()} {why}")
-        self._send(sub.ident, [p.UNKNOWN, encode({"error": why})])
-        self._drop(sub.ident, hang_up=True)
-
-    def _drop(self, ident: bytes, *, resubscribing: bool = False, hang_up: bool = False) -> None:
-        """End a subscription.  What is queued for it stays counted while the client
-        subscribes again on the same connection; else its connection is hung up on
-        (which frees what is queued) when something is queued or *hang_up* says so."""
-        sub = self.subs.pop(ident, None)
-        if not resubscribing:
-            if sub is not None and (hang_up or self.queued.held(ident)):
-                self._hang_up(sub.conn)
-            self.queued.forget(ident)
-        if sub is not None and sub.group is not None:
-            self.engine.release(sub.group, sub.member)
-            self._commit()
-            self._groups_dirty = True
-
-    # -- clients' connections ------------------------------------------------------
-    def _incoming(self) -> Iterator[list[bytes]]:
-        """The messages waiting (as :func:`~eda.core.daemon.received`), each noting
-        in :attr:`_sender` the frame that tells where it came from."""
-        sock = self.sock
-        for _ in range(DRAIN_LIMIT):
-            try:
-                frames = [sock.recv(zmq.NOBLOCK)]
-            except zmq.Again:
-                return
-            if sock.getsockopt(zmq.RCVMORE):
-                kind = sock.recv(copy=False)
-                self._sender = kind  # the routing id frame carries no properties
-                frames.append(kind.bytes)
-                while sock.getsockopt(zmq.RCVMORE):
-                    frames.append(sock.recv())
-            yield frames
-            self._sender = None
-
-    def _connection(self, known: Connection | None) -> Connection | None:
-        """The connection the message being handled came from (*known* if the same)."""
-        try:
-            fd = int(self._sender.get(zmq.SRCFD)) if self._sender is not None else -1
-        except zmq.ZMQError:
-            fd = -1
-        if fd < 0:
-            return known
-        if known is not None and known.fd == fd:
-            return known
-        return Connection(fd, _peer_of(fd))
-
-    def _hang_up(self, conn: Connection | None) -> None:
-        """Close a client's connection (libzmq frees what it queued for it)."""
-        if conn is not None and conn.peer is not None and _peer_of(conn.fd) == conn.peer:
-            _shutdown(conn.fd)
-
-    def _from_own_host(self) -> bool:
-        """Whether the request being handled came from this host (loopback or one of its
-        addresses); a transport without addresses (ipc, inproc) is this host's."""
-        if self._sender is None:
-            return True
-        try:
-            address = str(self._sender.get("Peer-Address"))
-        except zmq.ZMQError:
-            return True
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_loopback or str(ip) in self._own:
-            return True
-        self._own = _own_addresses()  # addresses change (DHCP): read again before refusing
-        return str(ip) in self._own
-
-    def _watch_connections(self) -> None:
-        """Count TCP connections (socket monitor); beyond :attr:`max_connections` a new
-        one is closed at once, so idle connections cannot take every descriptor."""
-        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-        self._monitor = self.sock.get_monitor_socket(events)
-        self._sockets.append(self._monitor)
-        self.watch(self._monitor, "connections", self._connection_events)
-
-    def _connection_events(self) -> None:
-        for frames in received(self._monitor):
-            event = parse_monitor_message(frames)
-            fd = int(event["value"])
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                if len(self.connections) >= self.max_connections:
-                    self.limited("connections", f"too many connections ({self.max_connections})"
-                                 "; closing new ones")  # fmt: skip
-                    _shutdown(fd)
-                else:
-                    self.connections.add(fd)
-            else:
-                self.connections.discard(fd)
-
     def _retain(self) -> None:
         done = self.engine.retain(self.settings.max_age, self.settings.max_bytes)
         self._commit()
@@ -701,85 +279,3 @@ class BusServer(Daemon):
         super().close()
         with contextlib.suppress(StoreError):
             self.engine.close()
-
-
-def _integer(value: Any, what: str) -> int:
-    """*value* if it is an integer in the range of bus sequences and counts, [0, 2**63 - 1]
-    (what SQLite stores), else :class:`ProtocolError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
-        raise ProtocolError(f"{what} must be an integer from 0 to {MAX_SEQ}")
-    return value
-
-
-def _peer_of(fd: int) -> Any:
-    """The peer address of connected socket *fd*, or None."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            return sock.getpeername()
-    except OSError:
-        return None
-
-
-def _shutdown(fd: int) -> None:
-    """End the connection on *fd* without closing the descriptor libzmq owns."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _own_addresses() -> set[str]:
-    import ifaddr
-
-    found = set()
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            found.add(ip.ip if isinstance(ip.ip, str) else ip.ip[0].split("%")[0])
-    return found
-
-
-def _name(msg: dict[str, Any], key: str) -> str | None:
-    value = msg.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 0 < len(value) <= 255 or not value.isprintable():
-        raise ProtocolError(f"{key} must be a printable name of 1 to 255 characters")
-    return value
-
-
-def _number(msg: dict[str, Any], key: str) -> float | None:
-    value = msg.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e18:
-        raise ProtocolError(f"{key} must be a non-negative number")
-    return float(value)
-
-
-def _stats_json(engine: Engine) -> dict[str, Any]:
-    s = engine.stats()
-    return {
-        "first_seq": s.first_seq,
-        "last_seq": s.last_seq,
-        "durable_seq": s.durable_seq,
-        "events": s.events,
-        "bytes": s.bytes,
-        "file_bytes": s.file_bytes,
-        "topics": {t: {"events": v.events, "bytes": v.bytes} for t, v in s.topics.items()},
-        "consumers": [
-            {
-                "name": c.name,
-                "kind": c.kind,
-                "patterns": list(c.patterns),
-                "next": c.next,
-                "lag": c.lag,
-                "held": c.held,
-            }
-            for c in s.consumers
-        ],
-    }
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))

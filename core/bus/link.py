@@ -1,0 +1,103 @@
+"""Reaching eda-bus: where it is, the socket to it, looking again when it moved, requests.
+
+Where the bus is, and the one-shot requests (stats, retain, drop), are
+:class:`BusClient`'s: :class:`eda.core.reqrep.Client` (given, else cached
+with a TCP probe, else mDNS) with the bus protocol's framing.  The publisher
+(:mod:`.publisher`) and the subscriber (:mod:`.subscriber`) talk to the bus
+on one DEALER socket each (:func:`dealer`), and find it again with
+:func:`moved` when it stops answering.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .. import reqrep
+from ..endpoint import Endpoint
+from ..errors import EdaError, ExitStatus, NotFoundError
+from ..reqrep import client_endpoint
+from ..sockets import connect, new_socket
+from . import protocol as p
+
+LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
+
+
+class NoBus(NotFoundError):
+    """No bus is known: none given, none cached, none answering mDNS (exit 3: not found)."""
+
+
+class ConfirmTimeout(EdaError):
+    """The bus did not confirm every batch in time."""
+
+    exit_code = ExitStatus.TIMEOUT
+
+
+class BusClient(reqrep.Client):
+    """Where the bus is (``--bus``, else ``EDA_BUS``, else the cached one, else
+    mDNS), and its requests (stats, retain, drop) with :class:`reqrep.Client`'s
+    round trip, framed as the bus protocol says (kind ``R``, answer ``A``)."""
+
+    what = "bus"
+    cache_key = p.CACHE_KEY
+    service_type = p.BUS_TYPE
+    request_frames = (p.REQUEST,)
+    reply_frames = (p.ANSWER,)
+
+    def none_found(self) -> EdaError:
+        return NoBus("no bus found; start one with 'eda-bus serve' or give --bus tcp://HOST:PORT")
+
+    def none_answered(self, tried: set[Endpoint]) -> EdaError:
+        where = reqrep.listed(tried, limit=3)
+        return ConfirmTimeout(f"the bus at {where} did not answer within {self.timeout:g}s")
+
+
+def find_bus(
+    endpoint: Endpoint | str | None = None,
+    *,
+    interface: str | None = None,
+    use_mdns: bool = True,
+    timeout: float = 0.3,
+) -> Endpoint:
+    """The bus to use: *endpoint*, else ``EDA_BUS``, else the cached one, else mDNS."""
+    explicit = endpoint or os.environ.get(p.ENV_BUS) or None
+    client = BusClient([explicit] if explicit else [], use_mdns=use_mdns, interface=interface,
+                       discover_timeout=timeout)  # fmt: skip
+    if client.explicit:
+        return client.explicit[0]  # given: used as it is, even when it is down now
+    return client.find()
+
+
+def dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
+    sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    connect(sock, endpoint)
+    return sock
+
+
+Relocate = Callable[[], Endpoint | str]
+
+
+def moved(relocate: Relocate, endpoint: Endpoint) -> Endpoint | None:
+    """Where *relocate* finds the bus now, if not at *endpoint* (None: it did not
+    move, or none is found now)."""
+    try:
+        found = client_endpoint(relocate(), "bus")
+    except EdaError:
+        return None
+    return None if found == endpoint else found
+
+
+def request(endpoint: Endpoint | str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One request to a bus (stats, retain, drop): its reply, or an error."""
+    client = BusClient([endpoint], timeout=timeout)
+    try:
+        return client.request(msg)
+    except (reqrep.RemoteError, NotFoundError) as exc:  # a refusal is exit 1, as it always was
+        raise EdaError(str(exc)) from None
+    finally:
+        client.close()
