@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from eda.core import cache, discovery
+from eda.core import probe as probe_module
 from tests.helpers import MdnsResponder, closed_port, service_records, wait_until
 from tests.hosts import Network
 
@@ -147,7 +148,7 @@ def test_a_dead_endpoint_is_remembered_for_its_peer_id(fresh_cache, responder, m
     probed: list[str] = []
     real_probe = discovery.probe
 
-    def spy(endpoints, timeout=discovery.PROBE_TIMEOUT, quick=()):
+    def spy(endpoints, timeout=probe_module.PROBE_TIMEOUT, quick=()):
         endpoints = list(endpoints)
         probed.extend(endpoints)
         return real_probe(endpoints, timeout, quick)
