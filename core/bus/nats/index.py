@@ -67,11 +67,16 @@ class Index(NatsState):
         floor = await self._kv_get("floor")  # bus sequences are never reused after a purge
         retained = await self._kv_get("retained")
         # from here on nothing is awaited: the rest is taken in at once or not at all
-        top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
-        self._next = max(top, int(floor["next"]) if floor else 1)
-        self._durable = self._next - 1
         self._load_gone(retained)
-        self._sseq = last
+        self._took_in(last, int(floor["next"]) if floor else 1)
+
+    def _took_in(self, sseq: int, floor: int) -> None:
+        """The stream was read up to stream sequence *sseq*: every head read is durable
+        (JetStream stored it), the next bus sequence follows them (or *floor*)."""
+        top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
+        self._next = max(top, floor)
+        self._durable = self._next - 1
+        self._sseq = sseq
 
     def _forget(self, heads: Sequence[_Head]) -> None:
         """*heads* leave the stream: remember their publisher sequences (see _gone)."""
