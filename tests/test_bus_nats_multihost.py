@@ -86,12 +86,15 @@ def connected_to(host: Host, nodes: list[Host]) -> Host:
     return next(n for n in nodes if n.address == peer)
 
 
-def events_of(host: Host, pattern: str, n: int, *args: str, bus: str = "") -> list[str]:
-    """*n* events replayed on *host*, through the bus at *bus* (default: found by mDNS)."""
+def events_of(
+    host: Host, pattern: str, n: int, *args: str, bus: str = "", front: Proc | None = None
+) -> list[str]:
+    """*n* events replayed on *host*, through the bus at *bus* (default: found by mDNS);
+    a failure shows the log of *front* (the bus serving them) too."""
     where = [bus] if bus else []
     got = host.run("eda-sub", "--bus", *where, pattern, "--from-start", "-C", str(n), "-W", "15",
                    "--raw", *args, timeout=180)  # fmt: skip
-    assert got.returncode == 0, got.stderr
+    assert got.returncode == 0, got.stderr + (f"front:\n{front.stderr[-4000:]}" if front else "")
     return got.stdout.splitlines()
 
 
@@ -119,7 +122,7 @@ def test_200k_confirmed_events_survive_a_killed_node_and_fronts_are_found_by_mdn
     assert pub.wait(90) == 0, pub.stderr  # every event confirmed, no user action
 
     # replayed through the other front, which wrote none of them
-    got = events_of(sub_host, "nums", n, bus=ep2)
+    got = events_of(sub_host, "nums", n, bus=ep2, front=bus2)
     assert sorted(int(x) for x in got) == list(range(1, n + 1))  # each exactly once
     extra = sub_host.run("eda-sub", "--bus", ep2, "nums", "--from-seq", str(n + 2), "-W", "1")
     assert extra.returncode == 4 and extra.stdout == ""  # nothing beyond (seq 1 was probe.x)
@@ -143,7 +146,7 @@ def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
 ) -> None:
     hosts, urls = nodes
     f1, pub_host, sub_host = (network.add_host(n) for n in ("f1", "pub", "sub"))
-    front(f1, ",".join(urls))
+    bus1, _ = front(f1, ",".join(urls))
     first = pub_host.run("eda-pub", "--bus", "--confirm", "--timeout", "30", "maj.x",
                          input="".join(f"{i}\n" for i in range(1, 101)))  # fmt: skip
     assert first.returncode == 0, first.stderr
@@ -164,7 +167,7 @@ def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
     assert minority.wait(30) == 4, minority.stderr  # a timeout, never a false confirmation
     assert "did not confirm 10 event(s)" in minority.stderr
     cut.reconnect()
-    got = events_of(sub_host, "maj.x", 1000)
+    got = events_of(sub_host, "maj.x", 1000, front=bus1)
     assert got == [str(i) for i in range(1, 1001)]
     lone = sub_host.run("eda-sub", "--bus", "min.x", "--from-start", "-W", "3", "--raw")
     assert lone.stdout.split() in ([], [str(i) for i in range(1, 11)])  # at most once

@@ -265,9 +265,8 @@ class NatsEngine(StatsOf):
             if not self._nc.is_connected:  # not now: the next commit or refresh reads it
                 raise StoreError("not connected")
             self._run(self._catch_up())
-        except StoreError:
-            self._sseq = self._heads[-1].sseq if self._heads else 0
-            self._next = self._durable + 1
+        except StoreError:  # cut off: what was read so far (refresh reads the rest)
+            self._took_in(self._heads[-1].sseq if self._heads else 0, self._durable + 1)
 
     def refresh(self) -> int:
         """Take in what other writers (fronts) stored; the new ``durable_seq``.

@@ -43,7 +43,13 @@ class Index(NatsState):
         return list(await asyncio.gather(*(one(s) for s in sseqs)))
 
     async def _catch_up(self) -> None:
-        """Read the heads of messages this engine has not seen (all of them on open)."""
+        """Read the heads of messages this engine has not seen (all of them on open).
+
+        A call cut off by its deadline (a cluster electing a leader answers
+        slowly) keeps the heads it read, and the next one goes on from there:
+        ``_sseq``, which tells :meth:`refresh` the stream has not moved, is set
+        last, with ``_next`` and ``_durable``, once nothing is awaited any more.
+        """
         info = await self._js.stream_info(self.stream)
         last = info.state.last_seq
         pos = max(info.state.first_seq, self._heads[-1].sseq + 1 if self._heads else 1)
@@ -58,12 +64,19 @@ class Index(NatsState):
                 if msg is not None:
                     self._index(msg)
             pos = chunk[-1] + 1
-        self._sseq = last
         floor = await self._kv_get("floor")  # bus sequences are never reused after a purge
+        retained = await self._kv_get("retained")
+        # from here on nothing is awaited: the rest is taken in at once or not at all
+        self._load_gone(retained)
+        self._took_in(last, int(floor["next"]) if floor else 1)
+
+    def _took_in(self, sseq: int, floor: int) -> None:
+        """The stream was read up to stream sequence *sseq*: every head read is durable
+        (JetStream stored it), the next bus sequence follows them (or *floor*)."""
         top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
-        self._next = max(top, int(floor["next"]) if floor else 1)
+        self._next = max(top, floor)
         self._durable = self._next - 1
-        self._load_gone(await self._kv_get("retained"))
+        self._sseq = sseq
 
     def _forget(self, heads: Sequence[_Head]) -> None:
         """*heads* leave the stream: remember their publisher sequences (see _gone)."""
