@@ -208,12 +208,14 @@ def test_every_strategy_uses_every_worker(serve: Any, strategy: str) -> None:
 
         balancer.started = record  # type: ignore[method-assign]
 
+    # heartbeats far apart: a loaded machine must not get a worker dropped as silent
+    # (its requests would be sent again, each a pick more: picks count attempts)
     out, failed, _, _ = call(
         [w.endpoint for w in workers], [b"y"] * 400, strategy=strategy, all_live=True,
-        slow_start=0, setup=watch,
+        slow_start=0, setup=watch, heartbeat=2.0, timeout=30.0,
     )  # fmt: skip
     shares = Counter(line.split()[0] for line in out.decode().splitlines())
-    assert not failed and sum(shares.values()) == 400 and len(picks) == 400
+    assert not failed and sum(shares.values()) == 400 and len(picks) >= 400
     assert min(shares["a"], shares["b"]) > 0, shares
     if strategy == "random":  # blind to load: even shares (binomial: 100 is 10 sigma off)
         assert min(shares.values()) > 100, shares

@@ -61,16 +61,18 @@ def test_a_trusted_pair_works(procs: Procs, ids):
 
 
 def test_secure_and_insecure_never_mix(procs: Procs, ids):
-    plain = procs.sub_ready("t", "-W", "3")
-    secure = procs.sub_ready("--secure", "t", "-W", "3", env=ids["bob"].env)
+    # the plain one ends at its first event (it must be y); the secure one waits for a
+    # second event that must never come (y), idle limits long enough for a loaded machine
+    plain = procs.sub_ready("t", "-C", "1", "-W", "60")
+    secure = procs.sub_ready("--secure", "t", "-C", "2", "-W", "8", env=ids["bob"].env)
     result = run("eda-pub", "--secure", "-v", "t", "x", env=ids["alice"].env)
     assert result.returncode == 0
     assert "it is not in secure mode" in result.stderr  # said with -v only
     insecure = run("eda-pub", "-v", "t", "y")
     assert "it is in secure mode (--secure) and this program is not" in insecure.stderr
-    assert secure.wait() == 4 and [e["data"] for e in events(secure)] == ["x"]
-    assert plain.wait() == 4
+    assert plain.wait() == 0
     assert [e["data"] for e in events(plain)] == ["y"]  # never the secure event
+    assert secure.wait() == 4 and [e["data"] for e in events(secure)] == ["x"]
 
 
 def test_an_untrusted_subscriber_gets_nothing_and_the_publisher_says_so(procs: Procs, ids):
