@@ -120,20 +120,20 @@ class Security:
         if auth is not None:
             auth.stop()
 
-    def pinned(self, text: str) -> tuple[bytes, str]:
+    def pinned(self, text: str, option: str = "--connect") -> tuple[bytes, str]:
         """(server key, endpoint text) from ``NAME@ENDPOINT``, NAME a trusted name:
         how a user gives a secure ``--connect`` its server's key.  UsageError otherwise."""
         name, at, endpoint = text.partition("@")
         if not at:
             raise UsageError(
-                f"--connect {text[:80]!r}: in secure mode name the server's trusted key:"
+                f"{option} {text[:80]!r}: in secure mode name the server's trusted key:"
                 " NAME@tcp://HOST:PORT (NAME as in eda-keys list)"
             )
         for trusted_name, key in self.trusted.items():
             if trusted_name == name:
                 return key, endpoint
         raise UsageError(
-            f"--connect {text[:80]!r}: {name[:64]!r} is not trusted (eda-keys trust NAME KEY)"
+            f"{option} {text[:80]!r}: {name[:64]!r} is not trusted (eda-keys trust NAME KEY)"
         )
 
     def trusts(self, key: str) -> str | None:
