@@ -68,6 +68,21 @@ def test_trusted_publisher_and_subscriber_through_a_secure_bus(procs: Procs, tmp
     assert stored(endpoint, ids["alice"]) == 2
 
 
+def test_the_discovery_cache_remembers_the_bus_with_its_key(procs: Procs, tmp_path, ids):
+    _, endpoint = serve(procs, tmp_path, ids["bus"])
+    alice = ids["alice"]
+    assert run("eda-pub", "--secure", "--bus", "--confirm", "t", "x", env=alice.env).returncode == 0
+    cached = run("eda-bus", "stats", "--secure", "--no-mdns", "--json", env=alice.env)
+    assert cached.returncode == 0, cached.stderr  # found in the cache, key and all
+    assert (
+        f"{ids['bus'].public}@{endpoint}"
+        in (alice.home / "cache").joinpath("eda", "discovery.json").read_text()
+    )
+    alice.revoke("bus")  # a cached key no longer trusted is not used
+    revoked = run("eda-bus", "stats", "--secure", "--no-mdns", "--json", env=alice.env)
+    assert revoked.returncode == 3, revoked.stderr
+
+
 def test_an_untrusted_client_is_refused_at_once_with_the_message(procs: Procs, tmp_path, ids):
     _, endpoint = serve(procs, tmp_path, ids["bus"])
     mallory = ids["mallory"].public
