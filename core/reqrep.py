@@ -247,22 +247,6 @@ def pinned_key(endpoint: Endpoint) -> bytes | None:
     return _pins.get(endpoint)
 
 
-def admission(key: str) -> tuple[bytes | None, str]:
-    """Whether a server announcing *key* ("" when it is not secure) may be used by this
-    process: (its key, b"" when plain ZeroMQ; None to skip it) and why it is skipped.
-    Secure and insecure never mix, and a secure process uses trusted keys only."""
-    active = security.active()
-    if active is None:
-        if key:
-            return None, "it is in secure mode (--secure) and this program is not"
-        return b"", ""
-    if not key:
-        return None, "it is not in secure mode"
-    if active.trusts(key) is None:
-        return None, f"its key {key} is not trusted (eda-keys trust NAME KEY)"
-    return key.encode(), ""
-
-
 def cache_entry(endpoint: Endpoint) -> str:
     """How *endpoint* is remembered in the discovery cache: ``KEY@tcp://...`` when pinned."""
     key = _pins.get(endpoint) if security.active() is not None else None
@@ -275,7 +259,7 @@ def from_cache_entry(entry: str) -> Endpoint | None:
     endpoint = Endpoint.from_peer(text) if text.startswith("tcp://") else None
     if endpoint is None:
         return None
-    pinned, _ = admission(key if at else "")
+    pinned, _ = security.admission(key if at else "")
     if pinned is None:
         return None
     if pinned:
@@ -442,7 +426,7 @@ class Client:
             endpoint = Endpoint.from_peer(peer.endpoint)
             if endpoint is None:
                 continue
-            key, why = admission(peer.key)
+            key, why = security.admission(peer.key)
             if key is None:
                 if self.on_ignored is not None:
                     self.on_ignored(peer, why)

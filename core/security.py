@@ -178,6 +178,22 @@ def active() -> Security | None:
     return _active
 
 
+def admission(key: str) -> tuple[bytes | None, str]:
+    """Whether a peer announcing *key* ("" when it is not secure) may be used by this
+    process: (its key, b"" when plain ZeroMQ; None to skip it) and why it is skipped.
+    Secure and insecure never mix, and a secure process uses trusted keys only."""
+    active = _active
+    if active is None:
+        if key:
+            return None, "it is in secure mode (--secure) and this program is not"
+        return b"", ""
+    if not key:
+        return None, "it is not in secure mode"
+    if active.trusts(key) is None:
+        return None, f"its key {key} is not trusted (eda-keys trust NAME KEY)"
+    return key.encode(), ""
+
+
 def handshake_failure(event: int, value: int) -> str | None:
     """Why a secure handshake failed, from a socket monitor event, or None if it did not."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
