@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import Context, on_stop_signals, run
-from eda.cli.options import common_options, json_option
+from eda.cli.options import apply_security, common_options, json_option, security_options
 from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
@@ -67,12 +67,13 @@ def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple
     if "://" in bus or (colon and port.isascii() and port.isdigit()):
         from eda.core.reqrep import client_endpoint
 
-        return client_endpoint(bus, "bus").zmq, args
+        name, at, endpoint = bus.rpartition("@")  # secure mode: NAME@tcp://HOST:PORT
+        return name + at + client_endpoint(endpoint, "bus").zmq, args
     return AUTO, (bus, *args)
 
 
-def bus_endpoint(bus: str, interface: str | None, no_mdns: bool) -> str:
-    return _endpoint(None if bus == AUTO else bus, interface, no_mdns)
+def bus_endpoint(bus: str, interface: str | None, no_mdns: bool, ctx: Context | None = None) -> str:
+    return _endpoint(None if bus == AUTO else bus, interface, no_mdns, ctx)
 
 
 def _bytes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -234,6 +235,7 @@ def _nats_options(func: Any) -> Any:
 @_client_limit_options
 @_nats_options
 @click.option("--name", default="", help="Instance name announced by mDNS.")
+@security_options
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -252,6 +254,9 @@ def serve(
     config: str | None,
     interface: str | None,
     no_mdns: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     verbose: bool,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
@@ -259,6 +264,7 @@ def serve(
     With --engine nats://..., this is a stateless front on a NATS JetStream
     stream: several fronts can serve the same stream, each found by mDNS."""
     ctx = Context("eda-bus", verbose)
+    apply_security(secure, key_file, trust_dir)
     from eda.core import discovery
     from eda.core.bus.server import BusServer, Settings
 
@@ -424,11 +430,21 @@ def migrate(
     Output(ctx).items([row])
 
 
-def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
-    from eda.core import discovery
+def _endpoint(
+    bus: str | None, interface: str | None, no_mdns: bool, ctx: Context | None = None
+) -> str:
+    """The bus's endpoint; with *ctx*, announced buses skipped are reported (secure mode)."""
+    from types import SimpleNamespace
+
+    from eda.cli.secure import secure_reports
+    from eda.core import discovery, security
     from eda.core.bus.client import find_bus
 
-    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns)
+    reports = SimpleNamespace(security=security.active(), on_ignored=None, on_refused=None)
+    if ctx is not None:
+        secure_reports(ctx, reports, "bus")
+    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns,
+                     on_ignored=reports.on_ignored)  # fmt: skip
     return found.zmq
 
 
@@ -444,6 +460,7 @@ def _endpoint(bus: str | None, interface: str | None, no_mdns: bool) -> str:
     is_flag=True,
     help="Only the durable consumers and groups: patterns, next sequence, lag, held.",
 )
+@security_options
 @common_options
 def stats(
     bus: str | None,
@@ -453,13 +470,17 @@ def stats(
     config: str | None,
     interface: str | None,
     no_mdns: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     verbose: bool,
 ) -> None:
     """Topics, counts, bytes, consumers and their lag."""
     ctx = Context("eda-bus", verbose)
+    apply_security(secure, key_file, trust_dir)
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns), {"op": "stats"}, timeout)
+    reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "stats"}, timeout)
     s = reply["stats"] if isinstance(reply.get("stats"), dict) else {}
     rows: list[dict[str, Any]] = [
         {
@@ -533,6 +554,7 @@ _table = TableView(
 @_retention_options
 @_timeout_option
 @json_option()
+@security_options
 @common_options
 def retain(
     bus: str | None,
@@ -543,16 +565,20 @@ def retain(
     config: str | None,
     interface: str | None,
     no_mdns: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     verbose: bool,
 ) -> None:
     """Remove the oldest events now: older than --max-age, beyond --max-bytes."""
     ctx = Context("eda-bus", verbose)
+    apply_security(secure, key_file, trust_dir)
     if max_age is None and max_bytes is None:
         raise UsageError("give --max-age and/or --max-bytes")
     from eda.core.bus.client import request
 
     msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
-    reply = request(_endpoint(bus, interface, no_mdns), msg, timeout)
+    reply = request(_endpoint(bus, interface, no_mdns, ctx), msg, timeout)
     done = {k: reply.get(w) for k, w in (("removed", "events"), ("bytes", "bytes"),
                                          ("first_seq", "first_seq"))}  # fmt: skip
     Output(ctx, force_json=force_json, terminal=_retained_line).items([done])
@@ -575,6 +601,7 @@ def _retained_line(done: dict[str, Any]) -> Text:
 @click.argument("name")
 @_bus_option
 @_timeout_option
+@security_options
 @common_options
 def delete_consumer(
     name: str,
@@ -583,14 +610,18 @@ def delete_consumer(
     config: str | None,
     interface: str | None,
     no_mdns: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     verbose: bool,
 ) -> None:
     """Delete durable consumer or group NAME (run it on the bus's host; nobody may be
     subscribed as NAME).  Its position is forgotten: NAME used again starts anew."""
     ctx = Context("eda-bus", verbose)
+    apply_security(secure, key_file, trust_dir)
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns), {"op": "drop", "name": name}, timeout)
+    reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "drop", "name": name}, timeout)
     Output(ctx, terminal=_deleted_line).items([{"deleted": reply.get("deleted", name)}])
 
 

@@ -206,8 +206,6 @@ def command(
         raise UsageError("--envelope and --json exclude each other")
     if messages and (whole or progress):
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
-    if secure and bus is not None:
-        raise UsageError("--secure with --bus is not available yet: publish brokerless")
     apply_security(secure, key_file, trust_dir)
 
     from eda.core import codec, discovery, feed
@@ -219,7 +217,7 @@ def command(
     whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
 
     if bus is not None:
-        endpoint = bus_endpoint(bus, interface, no_mdns)
+        endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
         kind = codec.JSON if json_mode else codec.TEXT
         _publish_to_bus(
             ctx, endpoint, topic, messages, kind, envelope, whole_data if whole else None,

@@ -181,8 +181,6 @@ def command(
                          "--since, --last")  # fmt: skip
     if (start is not None or durable or group) and bus is None:
         bus = AUTO
-    if secure and bus is not None:
-        raise UsageError("--secure with --bus is not available yet: subscribe brokerless")
     apply_security(secure, key_file, trust_dir)
     if bus is not None:
         if not patterns:
@@ -194,7 +192,7 @@ def command(
         for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
             validate_pattern(pattern)
         output = _output(ctx, template, force_json, exec_cmd, {BUS_SEQ})
-        endpoint = bus_endpoint(bus, interface, no_mdns)
+        endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
         _subscribe_bus(
             ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
             strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), until_end=until_end,

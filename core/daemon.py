@@ -373,14 +373,16 @@ class Daemon:
         port: int,
         txt: list[str] | None = None,
         on_ready: Callable[[], None] | None = None,
+        key: str | None = None,
     ) -> Any:
         """Announce this daemon by mDNS (in the background); the discovery
-        object, also kept in :attr:`discovery` for browsing and closed by :meth:`close`."""
+        object, also kept in :attr:`discovery` for browsing and closed by :meth:`close`.
+        *key*: secure mode's public key (TXT ``k``, pinned by clients)."""
         from .discovery import Discovery
 
         if self.discovery is None:
             self.discovery = Discovery(self.interface)
-        self.discovery.announce(service_type, name, port, txt or [], on_ready=on_ready)
+        self.discovery.announce_peer(service_type, name, port, txt or [], on_ready, key=key)
         return self.discovery
 
     def withdraw(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from . import cache, sockets
+from . import cache, security, sockets
 from .daemon import Daemon, received
 from .endpoint import Endpoint
 from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
@@ -232,6 +232,57 @@ class Service:
 
 
 # -- client side ---------------------------------------------------------------------------
+# secure mode: the public key of each server endpoint, learned where the endpoint was
+# (NAME@ENDPOINT given, a trusted announcement, the discovery cache); connections pin it
+_pins: dict[Endpoint, bytes] = {}
+
+
+def pin(endpoint: Endpoint, key: bytes) -> None:
+    """Remember that the server at *endpoint* holds the public *key* (secure mode)."""
+    _pins[endpoint] = key
+
+
+def pinned_key(endpoint: Endpoint) -> bytes | None:
+    """The public key pinned for *endpoint*, or None."""
+    return _pins.get(endpoint)
+
+
+def cache_entry(endpoint: Endpoint) -> str:
+    """How *endpoint* is remembered in the discovery cache: ``KEY@tcp://...`` when pinned."""
+    key = _pins.get(endpoint) if security.active() is not None else None
+    return f"{key.decode()}@{endpoint.zmq}" if key else endpoint.zmq
+
+
+def from_cache_entry(entry: str) -> Endpoint | None:
+    """The endpoint of a :func:`cache_entry` this process may use (its key pinned), or None."""
+    key, at, text = entry.rpartition("@")
+    endpoint = Endpoint.from_peer(text) if text.startswith("tcp://") else None
+    if endpoint is None:
+        return None
+    pinned, _ = security.admission(key if at else "")
+    if pinned is None:
+        return None
+    if pinned:
+        pin(endpoint, pinned)
+    return endpoint
+
+
+class Refused(EdaError):
+    """A secure server refused this program's key (or the handshake failed): exit 1."""
+
+
+def handshake_refusal(monitor: zmq.Socket[bytes] | None) -> str | None:
+    """Why a secure handshake failed, from what *monitor* received so far, or None."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while monitor is not None and monitor.poll(0):
+        event = recv_monitor_message(monitor)
+        why = security.handshake_failure(event["event"], event["value"])
+        if why is not None:
+            return why
+    return None
+
+
 def client_endpoint(value: Endpoint | str, what: str = "server") -> Endpoint:
     """*value* as an endpoint to connect to, or :class:`UsageError` naming *what* it is for.
 
@@ -305,7 +356,10 @@ class Client:
         interface: str | None = None,
         discover_timeout: float = 0.15,
     ) -> None:
-        self.explicit = [client_endpoint(e, self.what) for e in endpoints]
+        self.security = security.active()
+        # secure mode: a discovered server skipped, and why (untrusted key, or not secure)
+        self.on_ignored: Callable[[Any, str], None] | None = None
+        self.explicit = [self._given(e) for e in endpoints]
         self.timeout = timeout
         self.max_reply = max_reply
         self.use_mdns = use_mdns
@@ -318,7 +372,21 @@ class Client:
         self.current: Endpoint | None = None
         self._zctx = context
         self._sock: zmq.Socket[bytes] | None = None
+        self._mon: zmq.Socket[bytes] | None = None
         self._rids = itertools.count(1)
+
+    def _given(self, value: Endpoint | str) -> Endpoint:
+        """A given endpoint; in secure mode text names its key: ``NAME@tcp://HOST:PORT``
+        (or the endpoint's key was pinned where it was found)."""
+        if self.security is not None and isinstance(value, str) and "@" in value:
+            key, text = self.security.pinned(value, option=f"--{self.what}")
+            endpoint = client_endpoint(text, self.what)
+            pin(endpoint, key)
+            return endpoint
+        endpoint = client_endpoint(value, self.what)
+        if self.security is not None and endpoint not in _pins:
+            self.security.pinned(endpoint.zmq, option=f"--{self.what}")  # the usage error
+        return endpoint
 
     # -- where servers are ---------------------------------------------------------------
     def candidates(self, tried: set[Endpoint]) -> Iterator[Endpoint]:
@@ -342,7 +410,7 @@ class Client:
         """The endpoints that answered last time (well-formed ones only)."""
         if self.cache_key is None:
             return []
-        found = (Endpoint.from_peer(e) for e in cache.cached(self.cache_key))
+        found = (from_cache_entry(e) for e in cache.cached(self.cache_key))
         return [e for e in found if e is not None]
 
     def discover(self) -> list[Endpoint]:
@@ -353,8 +421,20 @@ class Client:
 
         peers = find_once(self.service_type, interface=self.interface,
                           timeout=self.discover_timeout)  # fmt: skip
-        found = (Endpoint.from_peer(p.endpoint) for p in peers)
-        return [e for e in found if e is not None]
+        usable = []
+        for peer in peers:
+            endpoint = Endpoint.from_peer(peer.endpoint)
+            if endpoint is None:
+                continue
+            key, why = security.admission(peer.key)
+            if key is None:
+                if self.on_ignored is not None:
+                    self.on_ignored(peer, why)
+                continue
+            if key:
+                pin(endpoint, key)
+            usable.append(endpoint)
+        return usable
 
     def reachable(self, endpoint: Endpoint) -> bool:
         """Whether *endpoint* accepts a TCP connection (else noted in :attr:`unreachable`)."""
@@ -371,7 +451,7 @@ class Client:
         if endpoint is None:
             raise self.none_found()
         if not self.explicit and self.cache_key is not None:
-            cache.remember(self.cache_key, [endpoint.zmq])
+            cache.remember(self.cache_key, [cache_entry(endpoint)])
         return endpoint
 
     # -- hooks ---------------------------------------------------------------------------
@@ -380,7 +460,7 @@ class Client:
         servers it named, unless the endpoints were given."""
         if not self.explicit and self.cache_key is not None and self.current is not None:
             known = [self.current, *[e for e in self.learned if e != self.current]]
-            cache.remember(self.cache_key, [e.zmq for e in known])
+            cache.remember(self.cache_key, [cache_entry(e) for e in known])
 
     def none_found(self) -> EdaError:
         return NoServer(f"no {self.what} found; give its endpoint")
@@ -395,17 +475,29 @@ class Client:
         if self._zctx is None:
             self._zctx = zmq.Context.instance()
         sock = new_socket(zmq.DEALER, context=self._zctx, max_message=self.max_reply)
+        if self.security is not None:  # before connecting: no handshake event is missed
+            self._mon = sock.get_monitor_socket(security.FAILURE_EVENTS)
         try:
-            sockets.connect(sock, endpoint)
+            sockets.connect(sock, endpoint, _pins.get(endpoint))
         except zmq.ZMQError as exc:
-            sock.close()
+            self._sock = sock
+            self.disconnect()
             raise UsageError(f"bad {self.what} endpoint {endpoint.zmq!r}: {exc}") from None
         self._sock, self.current = sock, endpoint
 
     def disconnect(self) -> None:
+        if self._mon is not None and self._sock is not None:
+            self._sock.disable_monitor()
+            self._mon.close(0)
         if self._sock is not None:
             self._sock.close()
-        self._sock, self.current = None, None
+        self._sock, self._mon, self.current = None, None, None
+
+    def refused(self, why: str) -> Refused:
+        """The error for a server that refused this key (:meth:`roundtrip`)."""
+        key = self.security.public_key if self.security is not None else ""
+        where = self.current.zmq if self.current is not None else "?"
+        return Refused(f"the {self.what} at {where} {why} (eda-keys show: {key})")
 
     def close(self) -> None:
         """Close the socket; the context stays open for the rest of the process."""
@@ -449,10 +541,19 @@ class Client:
         self._sock.send_multipart([*self.request_frames, encode({**msg, "rid": rid})])
         head = len(self.reply_frames)
         deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._mon is not None:
+            poller.register(self._mon, zmq.POLLIN)
         while True:
+            why = handshake_refusal(self._mon)
+            if why is not None:
+                raise self.refused(why)
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+            if left <= 0:
                 return None
+            if self._sock not in dict(poller.poll(int(left * 1000) + 1)):
+                continue
             frames = self._sock.recv_multipart()
             if len(frames) != head + 1 or tuple(frames[:head]) != self.reply_frames:
                 continue  # not a reply (a bus's other messages), or garbled

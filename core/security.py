@@ -120,20 +120,20 @@ class Security:
         if auth is not None:
             auth.stop()
 
-    def pinned(self, text: str) -> tuple[bytes, str]:
+    def pinned(self, text: str, option: str = "--connect") -> tuple[bytes, str]:
         """(server key, endpoint text) from ``NAME@ENDPOINT``, NAME a trusted name:
         how a user gives a secure ``--connect`` its server's key.  UsageError otherwise."""
         name, at, endpoint = text.partition("@")
         if not at:
             raise UsageError(
-                f"--connect {text[:80]!r}: in secure mode name the server's trusted key:"
+                f"{option} {text[:80]!r}: in secure mode name the server's trusted key:"
                 " NAME@tcp://HOST:PORT (NAME as in eda-keys list)"
             )
         for trusted_name, key in self.trusted.items():
             if trusted_name == name:
                 return key, endpoint
         raise UsageError(
-            f"--connect {text[:80]!r}: {name[:64]!r} is not trusted (eda-keys trust NAME KEY)"
+            f"{option} {text[:80]!r}: {name[:64]!r} is not trusted (eda-keys trust NAME KEY)"
         )
 
     def trusts(self, key: str) -> str | None:
@@ -176,6 +176,22 @@ def disable() -> None:
 def active() -> Security | None:
     """The process's secure mode, or None (plain ZeroMQ, as without --secure)."""
     return _active
+
+
+def admission(key: str) -> tuple[bytes | None, str]:
+    """Whether a peer announcing *key* ("" when it is not secure) may be used by this
+    process: (its key, b"" when plain ZeroMQ; None to skip it) and why it is skipped.
+    Secure and insecure never mix, and a secure process uses trusted keys only."""
+    active = _active
+    if active is None:
+        if key:
+            return None, "it is in secure mode (--secure) and this program is not"
+        return b"", ""
+    if not key:
+        return None, "it is not in secure mode"
+    if active.trusts(key) is None:
+        return None, f"its key {key} is not trusted (eda-keys trust NAME KEY)"
+    return key.encode(), ""
 
 
 def handshake_failure(event: int, value: int) -> str | None:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eda.core import keys
+
 
 def readable(files: Sequence[Any], timeout: float) -> list[Any]:
     """Those of *files* (objects with fileno() or descriptors) readable within *timeout* s.
@@ -330,3 +332,48 @@ class MdnsResponder:
         self._thread.join(5)
         self.sock.close()
         self.other.close()
+
+
+# -- secure mode ----------------------------------------------------------------------
+class Identity:
+    """One secure identity: a configuration home of its own (key pair, trusted directory),
+    as on a host of its own."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {"XDG_CONFIG_HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
+        self.public = keys.create_identity(home / "eda" / "keys" / "id.key").public_text
+        self.trusted = home / "eda" / "keys" / "trusted"
+        self.trusted.mkdir(parents=True, exist_ok=True)
+
+    def trust(self, name: str, other: Identity) -> None:
+        keys.trust(self.trusted, name, other.public)
+
+    def revoke(self, name: str) -> None:
+        keys.revoke(self.trusted, name)
+
+
+class Capture:
+    """Every packet on the namespace's loopback, read by an AF_PACKET socket."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.1)
+        self.data = bytearray()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            try:
+                self.data += self.sock.recv(65535)
+            except TimeoutError:
+                continue
+
+    def stop(self) -> bytes:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+        return bytes(self.data)

@@ -10,7 +10,6 @@ import json
 import secrets
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,23 +17,16 @@ from typing import Any
 
 import pytest
 
-from eda.core import discovery, keys
-from tests.helpers import MdnsResponder, Procs, run, service_records, wait_until
-
-
-class Identity:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {"XDG_CONFIG_HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")}
-        self.public = keys.create_identity(home / "eda" / "keys" / "id.key").public_text
-        self.trusted = home / "eda" / "keys" / "trusted"
-        self.trusted.mkdir(parents=True, exist_ok=True)
-
-    def trust(self, name: str, other: Identity) -> None:
-        keys.trust(self.trusted, name, other.public)
-
-    def revoke(self, name: str) -> None:
-        keys.revoke(self.trusted, name)
+from eda.core import discovery
+from tests.helpers import (
+    Capture,
+    Identity,
+    MdnsResponder,
+    Procs,
+    run,
+    service_records,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -122,7 +114,9 @@ def test_key_problems_stop_a_secure_program_with_one_line(ids, tmp_path):
     key_file.chmod(0o600)
     (ids["bob"].trusted / "bad.pub").write_text("nope\n")
     bad = run("eda-pub", "--secure", "t", "x", env=ids["bob"].env)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad.pub is malformed" in bad.stderr
+    assert (
+        bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad.pub is malformed" in bad.stderr
+    )
     plain = run("eda-pub", "--key", str(key_file), "t", "x")
     assert plain.returncode == 2 and "--key and --trust are used with --secure" in plain.stderr
 
@@ -193,32 +187,6 @@ def _feed_until(pub, sub, text: str) -> None:
 
 
 # -- eavesdropping --------------------------------------------------------------------
-class Capture:
-    """Every packet on the namespace's loopback, read by an AF_PACKET socket."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.sock.bind(("lo", 0))
-        self.sock.settimeout(0.1)
-        self.data = bytearray()
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while self.running:
-            try:
-                self.data += self.sock.recv(65535)
-            except TimeoutError:
-                continue
-
-    def stop(self) -> bytes:
-        self.running = False
-        self.thread.join(5)
-        self.sock.close()
-        return bytes(self.data)
-
-
 @pytest.mark.parametrize("secure", [False, True])
 def test_eavesdropping_sees_the_payload_only_without_secure_mode(procs: Procs, ids, secure):
     flag = ("--secure",) if secure else ()

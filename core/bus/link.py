@@ -11,12 +11,13 @@ on one DEALER socket each (:func:`dealer`), and find it again with
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from .. import reqrep
+from .. import reqrep, security
 from ..endpoint import Endpoint
 from ..errors import EdaError, ExitStatus, NotFoundError
 from ..reqrep import client_endpoint
@@ -61,22 +62,65 @@ def find_bus(
     interface: str | None = None,
     use_mdns: bool = True,
     timeout: float = 0.3,
+    on_ignored: Callable[[Any, str], None] | None = None,
 ) -> Endpoint:
-    """The bus to use: *endpoint*, else ``EDA_BUS``, else the cached one, else mDNS."""
+    """The bus to use: *endpoint*, else ``EDA_BUS``, else the cached one, else mDNS.
+
+    Secure mode: its key is pinned (:func:`reqrep.pinned_key`); *on_ignored* is told
+    of announced buses skipped (untrusted key, or not secure), as (peer, why)."""
     explicit = endpoint or os.environ.get(p.ENV_BUS) or None
     client = BusClient([explicit] if explicit else [], use_mdns=use_mdns, interface=interface,
                        discover_timeout=timeout)  # fmt: skip
+    client.on_ignored = on_ignored
     if client.explicit:
         return client.explicit[0]  # given: used as it is, even when it is down now
     return client.find()
 
 
+REFUSAL_WAIT = 1.0  # s: secure mode waits this long at most for the bus to take this key
+
+
 def dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
+    """The publisher's or subscriber's socket to the bus at *endpoint*.
+
+    Secure mode: connected with the bus's pinned key (:func:`reqrep.pinned_key`),
+    and a bus that refuses this program's key is :class:`reqrep.Refused` at once
+    (the handshake is awaited for :data:`REFUSAL_WAIT` at most; a bus that is
+    down is not an error here, as without secure mode)."""
     sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    connect(sock, endpoint)
+    if security.active() is None:
+        connect(sock, endpoint)
+        return sock
+    mon = sock.get_monitor_socket(security.FAILURE_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        connect(sock, endpoint, reqrep.pinned_key(endpoint))
+        why = _handshake(mon)
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
+    if why is not None:
+        sock.close()
+        key = security.active().public_key  # type: ignore[union-attr]
+        raise reqrep.Refused(f"the bus at {endpoint.zmq} {why} (eda-keys show: {key})")
     return sock
+
+
+def _handshake(mon: zmq.Socket[bytes]) -> str | None:
+    """Why the handshake watched by *mon* failed, or None (it succeeded, or the bus did
+    not answer within :data:`REFUSAL_WAIT`)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + REFUSAL_WAIT
+    while (left := deadline - time.monotonic()) > 0 and mon.poll(int(left * 1000) + 1):
+        event = recv_monitor_message(mon)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return None
+        why = security.handshake_failure(event["event"], event["value"])
+        if why is not None:
+            return why
+    return None
 
 
 Relocate = Callable[[], Endpoint | str]

@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from .. import codec
+from .. import codec, security
 from ..daemon import Log, port_of
 from ..errors import EdaError, ProtocolError, UsageError
 from ..limits import QueuedBytes, raise_fd_limit
@@ -137,11 +137,13 @@ class BusServer(Answering):
     def start(self) -> None:
         if self.settings.mdns:
             name = self.settings.name or f"bus-{self.port}"
+            secure = security.active()  # secure mode: clients pin the key announced
             self.announce(
                 p.BUS_TYPE,
                 name,
                 self.port,
                 [f"id={name}", f"v={codec.VERSION}"],
+                key=secure.public_key if secure is not None else None,
                 on_ready=lambda: self.log(f"announced bus {name} by mDNS"),
             )
 
@@ -277,5 +279,8 @@ class BusServer(Answering):
         with contextlib.suppress(zmq.ZMQError, AttributeError):
             self.sock.disable_monitor()
         super().close()
+        secure = security.active()
+        if secure is not None:
+            secure.release(self.zctx)  # its ZAP handler, before the context ends
         with contextlib.suppress(StoreError):
             self.engine.close()

@@ -188,18 +188,10 @@ class _Node:
     def admit(self, peer: discovery.Peer) -> bytes | None:
         """The key to connect to a discovered *peer* with (b"": plain ZeroMQ), or None to
         skip it: secure and insecure never mix, and a secure node pins trusted keys only."""
-        if self.security is None:
-            if peer.key:
-                self._ignore(peer, "it is in secure mode (--secure) and this program is not")
-                return None
-            return b""
-        if not peer.key:
-            self._ignore(peer, "it is not in secure mode")
-            return None
-        if self.security.trusts(peer.key) is None:
-            self._ignore(peer, f"its key {peer.key} is not trusted (eda-keys trust NAME KEY)")
-            return None
-        return peer.key.encode()
+        key, why = security.admission(peer.key)
+        if key is None:
+            self._ignore(peer, why)
+        return key
 
     def _ignore(self, peer: discovery.Peer, why: str) -> None:
         if self.on_ignored is not None:
