@@ -20,10 +20,11 @@ from tests.test_reqrep import Echo, running
 
 
 class Found:
-    """What a monkeypatched mDNS query answers (peers with an endpoint)."""
+    """What a monkeypatched mDNS query answers (peers with an endpoint; no key: plain mode)."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
+        self.key = ""
 
 
 class EchoClient(reqrep.Client):

@@ -571,6 +571,7 @@ def test_forged_registry_announcements_cost_a_connect_not_a_timeout(
     class Peer:
         def __init__(self, endpoint: str) -> None:
             self.endpoint = endpoint
+            self.key = ""  # plain mode: no announced key
 
     monkeypatch.setattr(discovery, "find_once", lambda *a, **kw: [Peer(e) for e in dead])
     monkeypatch.setattr(cache, "cached", lambda key: [])  # the client base reads it
