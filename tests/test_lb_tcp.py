@@ -715,7 +715,7 @@ def register(procs: Procs, endpoint: str, server: Server) -> Proc:
     proc = procs.eda("eda-registry", "register", "-v", "web", "--port", str(server.port),
                      "--host", "127.0.0.1", "--id", server.name.decode(), "--registry",
                      endpoint, "--no-mdns", *FAST)  # fmt: skip
-    proc.wait_stderr(r"registered \S+ at")
+    proc.wait_stderr(r"registered \S+ at", 30)  # a deadline for a loaded machine
     return proc
 
 

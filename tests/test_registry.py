@@ -53,7 +53,7 @@ def register(procs: Procs, endpoint: str, name: str, port: int, *args: str) -> P
         *FAST,
         *args,
     )
-    proc.wait_stderr(r"registered \S+ at")
+    proc.wait_stderr(r"registered \S+ at", 30)  # a deadline for a loaded machine
     return proc
 
 
