@@ -126,7 +126,7 @@ def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_p
     assert done.returncode == 4, done.stderr
     assert "disk is full" in done.stderr and "did not confirm" in done.stderr
     stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
-    assert 1000 < stored < 100_000
+    assert 0 < stored < 100_000  # some stored before the disk filled (how many: the tmpfs)
     got = replay(ep, "fill.up", stored, "--raw")
     numbers = [int(x[:8]) for x in got]
     # every stored event once and readable.  Not necessarily a prefix: while SQLite

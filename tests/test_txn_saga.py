@@ -557,10 +557,13 @@ def test_a_group_member_failing_stops_the_others_retries_and_compensates_the_don
         step("z"),
     )
     assert drive(plan, world, tmp_path) == saga.COMPENSATED
-    assert world.applied == set() and world.ever == {"a", "ok"}
+    # "slow" may have reached its 4th attempt (and been done) before "bad" failed on a
+    # loaded machine; whatever was done is compensated, and nothing stays applied
+    done = {"a", "ok"} | ({"slow"} & world.ever)
+    assert world.applied == set() and world.ever == done
     assert world.counts.get(("slow", "action"), 0) <= 4  # no retries once the group is doomed (it may never start)
     comps = [c[0] for c in world.calls if c[1] == "compensate"]
-    assert comps == ["ok", "a"]
+    assert set(comps[:-1]) == done - {"a"} and len(comps) == len(done) and comps[-1] == "a"
 
 
 def test_steps_after_the_pivot_are_retried_until_they_succeed_never_compensated(
