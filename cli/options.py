@@ -233,20 +233,41 @@ def security_options(func: F) -> F:
     )(func)
 
 
-def apply_security(secure: bool, key_file: str | None, trust_dir: str | None) -> Any:
+def allow_option(func: F) -> F:
+    """--allow NAME (repeatable): which trusted keys may call a secure daemon."""
+    return click.option(
+        "--allow",
+        "allow",
+        multiple=True,
+        metavar="NAME",
+        envvar="EDA_ALLOW",
+        help="With --secure: admit only these trusted names (eda-keys list; repeatable; "
+        "default: every trusted key).",
+    )(func)
+
+
+def apply_security(
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
+    allow: tuple[str, ...] = (),
+) -> Any:
     """Turn secure mode on when asked (the :class:`eda.core.security.Security`, or None).
 
-    --key and --trust without --secure are a usage error: a user who names a
-    key expects encryption, never a silent plain connection.
+    --key, --trust and --allow without --secure are a usage error: a user who
+    names a key expects encryption, never a silent plain connection.
     """
     if not secure:
-        if key_file or trust_dir:
-            raise UsageError("--key and --trust are used with --secure (EDA_SECURE=1)")
+        if key_file or trust_dir or allow:
+            given = "--key, --trust and --allow are" if allow else "--key and --trust are"
+            raise UsageError(f"{given} used with --secure (EDA_SECURE=1)")
         return None
     from pathlib import Path
 
     from eda.core import security
 
-    return security.enable(
+    active = security.enable(
         Path(key_file) if key_file else None, Path(trust_dir) if trust_dir else None
     )
+    active.allow(allow)
+    return active

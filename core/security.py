@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,16 +57,19 @@ MAX_DENIED = 64  # recent refused client keys remembered (shown with -v)
 
 
 class _Admission:
-    """The ZAP callback: trusted keys in, every other key out (remembered for -v)."""
+    """The ZAP callback: trusted keys in (only the allowed names, when an allow list
+    is set), every other key out (remembered for -v)."""
 
     def __init__(self, trusted: Trusted) -> None:
         self.trusted = trusted
+        self.allowed: frozenset[str] | None = None  # None: every trusted name
         self.denied: collections.deque[str] = collections.deque(maxlen=MAX_DENIED)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if domain != ZAP_DOMAIN:
             return False
-        if self.trusted.name_of(key) is not None:
+        name = self.trusted.name_of(key)
+        if name is not None and (self.allowed is None or name in self.allowed):
             return True
         self.denied.append(key.decode(errors="replace"))
         return False
@@ -119,6 +123,31 @@ class Security:
             auth = self._authenticators.pop(id(context), None)
         if auth is not None:
             auth.stop()
+
+    def allow(self, names: Iterable[str]) -> None:
+        """Admit only these trusted names (``--allow NAME``: which trusted keys may call
+        this daemon); an empty list keeps the default, every trusted key.  A name that
+        is not trusted now is a UsageError: a typo must not lock everyone out silently
+        (a name revoked later is simply refused, as every revoked key is)."""
+        wanted = frozenset(names)
+        if not wanted:
+            return
+        known = {name for name, _ in self.trusted.items()}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise UsageError(
+                f"--allow {unknown[0][:64]!r}: not a trusted name (eda-keys list shows them)"
+            )
+        assert self._admission is not None
+        self._admission.allowed = wanted
+
+    def peer_name(self, frame: Any) -> str | None:
+        """The trusted name of the peer that sent *frame* (a :class:`zmq.Frame` received
+        with ``copy=False``), from the key ZAP authenticated; None if it has none (a
+        plain socket) or the key is no longer trusted.  What ACLs and allow lists use:
+        the key proven by the CURVE handshake, never one a message claims."""
+        key = peer_key(frame)
+        return self.trusted.name_of(key.encode()) if key else None
 
     def pinned(self, text: str, option: str = "--connect") -> tuple[bytes, str]:
         """(server key, endpoint text) from ``NAME@ENDPOINT``, NAME a trusted name:
@@ -192,6 +221,18 @@ def admission(key: str) -> tuple[bytes | None, str]:
     if active.trusts(key) is None:
         return None, f"its key {key} is not trusted (eda-keys trust NAME KEY)"
     return key.encode(), ""
+
+
+def peer_key(frame: Any) -> str:
+    """The Z85 public key ZAP authenticated for the connection *frame* came from
+    ("" on a plain socket).  pyzmq's authenticator gives the client key as the
+    connection's User-Id."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+    text = user.decode(errors="replace") if isinstance(user, bytes) else str(user or "")
+    return text if keys.is_key(text) else ""
 
 
 def handshake_failure(event: int, value: int) -> str | None:

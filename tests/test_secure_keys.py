@@ -111,3 +111,52 @@ def test_trusted_directory_is_reread_when_it_changes(tmp_path):
     (directory / "junk.pub").write_text("junk")
     assert trusted.name_of(a.encode()) == "alice2"  # a bad file does not lose good keys
     assert trusted.problems and "junk.pub" in trusted.problems[0]
+
+
+def test_allow_list_admits_only_the_named_trusted_keys(tmp_path):
+    from eda.core.errors import UsageError
+    from eda.core.security import Security
+
+    alice = keys.create_identity(tmp_path / "alice.key")
+    bob = keys.create_identity(tmp_path / "bob.key")
+    me = keys.create_identity(tmp_path / "me.key")
+    trusted_dir = tmp_path / "trusted"
+    keys.trust(trusted_dir, "alice", alice.public_text)
+    keys.trust(trusted_dir, "bob", bob.public_text)
+    security = Security(me, keys.Trusted(trusted_dir).load())
+    admission = security._admission
+    assert admission is not None
+    # default: every trusted key
+    assert admission.callback("eda", alice.public) and admission.callback("eda", bob.public)
+    assert not admission.callback("eda", me.public)
+    security.allow([])
+    assert admission.callback("eda", bob.public)
+    with pytest.raises(UsageError, match="'carol': not a trusted name"):
+        security.allow(["carol"])
+    assert admission.callback("eda", bob.public)  # a refused --allow changed nothing
+    security.allow(["alice"])
+    assert admission.callback("eda", alice.public)
+    assert not admission.callback("eda", bob.public)
+    assert bob.public.decode() in security.denied
+    keys.revoke(trusted_dir, "alice")
+    assert not admission.callback("eda", alice.public)  # revocation still wins
+
+
+def test_peer_name_is_the_key_the_handshake_proved():
+    from eda.core import security
+
+    class Frame:
+        def __init__(self, user: object) -> None:
+            self.user = user
+
+        def get(self, name: str) -> object:
+            assert name == "User-Id"
+            if self.user is None:
+                raise security.zmq.ZMQError(22)
+            return self.user
+
+    key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    assert security.peer_key(Frame(key)) == key
+    assert security.peer_key(Frame(key.encode())) == key
+    assert security.peer_key(Frame(None)) == ""  # a plain socket has no User-Id
+    assert security.peer_key(Frame("not a key")) == ""
