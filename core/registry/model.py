@@ -55,6 +55,9 @@ class Instance:
     heartbeat: float = 0.0  # unix time of the last heartbeat the registry saw
     registry: str = ""  # id of the registry that receives its heartbeats
     rev: int = 0  # bumped by the owning registry on every change
+    # secure mode: the registrant's CURVE public key (Z85) as its registry's handshake
+    # proved it (never as a client claims it); "" when registered in plain mode
+    key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,7 @@ class Instance:
             and self.meta == other.meta
             and self.ttl == other.ttl
             and self.interval == other.interval
+            and self.key == other.key
         )
 
 
@@ -188,6 +192,15 @@ def validate_id(value: object) -> str:
     return value
 
 
+def validate_key(value: object) -> str:
+    """A record's public key: "" (plain mode) or Z85, 40 characters."""
+    from ..keys import is_key
+
+    if value == "" or (isinstance(value, str) and is_key(value)):
+        return str(value)
+    raise InvalidRecord(f"bad key {_short(value)}: a Z85 public key, 40 characters")
+
+
 def validate_registry_id(value: object) -> str:
     if not isinstance(value, str) or not REGISTRY_ID_RE.fullmatch(value):
         raise InvalidRecord(f"bad registry id {_short(value)}: 0-64 letters, digits, '-' or '_'")
@@ -222,6 +235,7 @@ def from_dict(data: object) -> Instance:
     times = [_timestamp(data.get(k, 0.0)) for k in ("registered", "heartbeat")]
     rev = validate_rev(data.get("rev", 0))
     registry = validate_registry_id(data.get("registry", ""))
+    key = validate_key(data.get("key", ""))
     return Instance(
         service=service,
         id=inst_id,
@@ -236,4 +250,5 @@ def from_dict(data: object) -> Instance:
         heartbeat=times[1],
         registry=registry,
         rev=rev,
+        key=key,
     )
