@@ -290,7 +290,7 @@ def register(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,
     )  # fmt: skip
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
     keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(
@@ -304,22 +304,6 @@ def _iface(interface: str | None) -> str | None:
     from eda.core.registry.access import resolve_interface
 
     return resolve_interface(interface)
-
-
-def _access(
-    registries: tuple[str, ...],
-    interface: str | None,
-    no_mdns: bool,
-    serverless: bool,
-    ctx: Context,
-) -> Access:
-    """How to reach registries; in secure mode, announced registries skipped are said
-    (an untrusted key: a warning; plain ones: with -v)."""
-    from eda.cli.secure import secure_reports
-
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    secure_reports(ctx, access, "registry")
-    return access
 
 
 # -- lookup / list -----------------------------------------------------------------------
@@ -360,7 +344,7 @@ def _ask(
     """*fetch* from the registry (or the LAN), saying what was left out or is down."""
     from eda.core.registry.fetching import fetched
 
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     return fetched(fetch, access, ctx.warn)
 
 
@@ -540,7 +524,7 @@ def deregister(
     ctx = Context("eda-registry", verbose)
     apply_security(secure, key_file, trust_dir)
     inst_id = validate_id(inst_id)
-    remove(inst_id, _access(registries, interface, no_mdns, False, ctx))
+    remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
     ctx.debug(f"deregistered {inst_id}")
 
 
@@ -599,7 +583,7 @@ def watch(
     ctx = Context("eda-registry", verbose)
     apply_security(secure, key_file, trust_dir)
     out = event_output(ctx, exec_cmd, template, force_json)
-    access = _access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
