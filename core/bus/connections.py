@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from ..daemon import DRAIN_LIMIT, Daemon, received
+from ..sockets import parse_monitor
 
 
 @dataclass
@@ -118,9 +118,11 @@ class ClientLinks(Daemon):
 
     def _connection_events(self) -> None:
         for frames in received(self._monitor):
-            event = parse_monitor_message(frames)
-            fd = int(event["value"])
-            if event["event"] == zmq.EVENT_ACCEPTED:
+            event = parse_monitor(frames)
+            if event is None:
+                continue
+            fd = event.value
+            if event.event == zmq.EVENT_ACCEPTED:
                 if len(self.connections) >= self.max_connections:
                     self.limited("connections", f"too many connections ({self.max_connections})"
                                  "; closing new ones")  # fmt: skip
