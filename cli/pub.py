@@ -387,13 +387,7 @@ def _publish_to_bus(
             bar.stop()
         pub.close()
     ctx.debug(f"{pub.confirmed} event(s) confirmed, {pub.resent} batch(es) sent again")
-    refusals = _refusals(pub.refused)
-    for line in refusals[:SHOWN_PROBLEMS]:
-        ctx.warn(f"error: {line}")
-    if len(refusals) > SHOWN_PROBLEMS:
-        ctx.warn(f"error: and {len(refusals) - SHOWN_PROBLEMS} more refusal(s) (see -v)")
-        for line in refusals[SHOWN_PROBLEMS:]:
-            ctx.debug(f"error: {line}")
+    _warn_some(ctx, _refusals(pub.refused), "refusal(s)", kind="error")
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
     if rejected or pub.refused:
@@ -421,14 +415,14 @@ def _refusals(refused: list[tuple[Any, str]]) -> list[str]:
 SHOWN_PROBLEMS = 5  # forged announcements must not flood a one-shot command's stderr
 
 
-def _warn_some(ctx: Context, problems: list[str], summary: str) -> None:
-    """The first few *problems* as warnings, then one line counting the rest."""
+def _warn_some(ctx: Context, problems: list[str], summary: str, kind: str = "warning") -> None:
+    """The first few *problems* as warnings (or errors), then one line counting the rest."""
     for text in problems[:SHOWN_PROBLEMS]:
-        ctx.warn(f"warning: {text}")
+        ctx.warn(f"{kind}: {text}")
     if len(problems) > SHOWN_PROBLEMS:
-        ctx.warn(f"warning: {len(problems) - SHOWN_PROBLEMS} more {summary} (see -v)")
+        ctx.warn(f"{kind}: {len(problems) - SHOWN_PROBLEMS} more {summary} (see -v)")
         for text in problems[SHOWN_PROBLEMS:]:
-            ctx.debug(f"warning: {text}")
+            ctx.debug(f"{kind}: {text}")
 
 
 def _whole_stdin() -> bytes:

@@ -308,3 +308,16 @@ def test_a_malformed_acl_is_a_config_error_naming_the_file(
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="not found"):
         Acl.load(tmp_path / "missing.toml")
+
+
+def test_eda_pub_says_each_reason_for_refused_batches_once() -> None:
+    from eda.cli.pub import _refusals
+    from eda.core.bus.publisher import Unconfirmed
+
+    why = "alice may not publish to payments.x (the bus's ACL)"
+    refused = [(Unconfirmed("payments.x", 1 + 10 * i, 10, "p1"), why) for i in range(300)]
+    refused.append((Unconfirmed("big.x", 1, 1, "p1"), "event too large\x1b[31m"))
+    assert _refusals(refused) == [
+        f"the bus refused 300 batches (3000 events) of payments.x: {why}",
+        "the bus refused big.x p1-1 (1 event(s)): event too large\\x1b[31m",
+    ]
