@@ -129,6 +129,12 @@ def test_a_key_allowed_orders_cannot_publish_or_subscribe_to_payments(procs: Pro
         line = one_error(as_(alice, "eda-sub", ep, *args, "--from-start", "-W", "20"), "eda-sub")
         assert line == (f"eda-sub: error: the bus refused: alice may not subscribe to {pattern}"
                         " (the bus's ACL)")  # fmt: skip
+    # taking over a durable consumer needs the rights on the patterns it had (its position)
+    made = as_(ops, "eda-sub", ep, "--durable", "audit", ">", "-C", "1", "--raw")
+    assert made.returncode == 0, made.stderr
+    line = one_error(as_(alice, "eda-sub", ep, "--durable", "audit", "orders.>", "-W", "20"),
+                     "eda-sub")  # fmt: skip
+    assert line.endswith("alice may not subscribe to > (the bus's ACL)")
     # bob has no table: [default] gives him public.> only
     assert as_(ids["bob"], "eda-pub", ep, "public.news", "hi").returncode == 0
     bob = one_error(as_(ids["bob"], "eda-pub", ep, "orders.x", "no"), "eda-pub")
