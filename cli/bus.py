@@ -242,9 +242,9 @@ def _nats_options(func: Any) -> Any:
     "acl",
     type=click.Path(dir_okay=False),
     metavar="FILE",
-    help="With --secure: what each trusted key may do, a TOML table per name "
-    '([alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
-    "names not listed; none: nothing); re-read when it changes.",
+    help="With --secure: what each trusted key may do, a TOML table per trusted name, e.g. "
+    '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
+    "names without one (else they may do nothing).  Re-read when it changes.",
 )
 @common_options
 def serve(
