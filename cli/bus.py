@@ -190,6 +190,7 @@ def _nats_options(func: Any) -> Any:
 
 @command.command(
     epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch\n"
+    "  eda-bus serve --data ./bus --secure --acl bus-acl.toml\n"
     "  eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222,"
     "nats://10.0.0.7:4222 --replicas 3"
 )
@@ -236,6 +237,15 @@ def _nats_options(func: Any) -> Any:
 @_nats_options
 @click.option("--name", default="", help="Instance name announced by mDNS.")
 @security_options
+@click.option(
+    "--acl",
+    "acl",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="With --secure: what each trusted key may do, a TOML table per trusted name, e.g. "
+    '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
+    "names without one (else they may do nothing).  Re-read when it changes.",
+)
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -257,6 +267,7 @@ def serve(
     secure: bool,
     key_file: str | None,
     trust_dir: str | None,
+    acl: str | None,
     verbose: bool,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
@@ -266,8 +277,10 @@ def serve(
     ctx = Context("eda-bus", verbose)
     apply_security(secure, key_file, trust_dir)
     from eda.core import discovery
+    from eda.core.bus.acl import open_acl
     from eda.core.bus.server import BusServer, Settings
 
+    rights = open_acl(acl or None)
     engine, where = _open_engine(
         engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream
     )
@@ -287,6 +300,7 @@ def serve(
         client_bytes=client_bytes,
         queued_bytes=queued_bytes,
         port_file=_port_file(data, getattr(engine, "stream", None)),
+        acl=rights,
     )
     try:
         server = BusServer(
