@@ -73,7 +73,7 @@ def _nats_auth_options(func: Any) -> Any:
 
     options = [
         ("--nats-creds", _NATS_FILE, "FILE",
-         "NATS engine: a credentials file (user JWT and nkey seed, as nats --creds)."),
+         "NATS engine: a credentials file (user JWT and nkey seed: a .creds file of nsc)."),
         ("--nats-nkey", _NATS_FILE, "FILE",
          "NATS engine: an nkey seed file (SU..., for a server's nkey users)."),
         ("--nats-user", None, "NAME",

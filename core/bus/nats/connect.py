@@ -220,7 +220,7 @@ def _tls_context(auth: NatsAuth) -> ssl.SSLContext | None:
             context.load_cert_chain(str(auth.tls_cert), str(auth.tls_key) if auth.tls_key else None)
         except (ssl.SSLError, ValueError) as exc:
             files = f"{auth.tls_cert}" + (f" and key {auth.tls_key}" if auth.tls_key else "")
-            why = getattr(exc, "reason", None) or exc
+            why = _said(exc) if isinstance(exc, ssl.SSLError) else exc
             raise ConfigError(f"NATS TLS client certificate {files}: {why}") from None
     return context
 
@@ -236,7 +236,11 @@ def _hopeless(exc: BaseException, plan: Plan) -> str | None:
         return (f"TLS with NATS at {plan.shown} failed: the server's certificate is not "
                 f"trusted ({why})")  # fmt: skip
     if isinstance(exc, ssl.SSLError):
-        return f"TLS with NATS at {plan.shown} failed: {exc.reason or exc}"
+        why = _said(exc)
+        if "alert" in why:  # the server ended the handshake
+            hint = "; it may want a client certificate" if plan.auth.tls_cert is None else ""
+            return f"TLS with NATS at {plan.shown} failed: the server refused it ({why}{hint})"
+        return f"TLS with NATS at {plan.shown} failed: {why}"
     m = re.search(r"'((?:\w+ )?(?:Authorization Violation|Authentication (?:Expired|Revoked)))'",
                   str(exc))  # fmt: skip
     if m is None:
@@ -244,6 +248,12 @@ def _hopeless(exc: BaseException, plan: Plan) -> str | None:
     if not plan.credentials:
         return f"NATS at {plan.shown} wants credentials and none were given ({m[1]})"
     return f"NATS at {plan.shown} refused the credentials ({m[1]})"
+
+
+def _said(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason in words: ``KEY_VALUES_MISMATCH`` as ``key values mismatch``."""
+    reason = exc.reason or ""
+    return reason.lower().replace("_", " ") if reason else str(exc)
 
 
 def _options(plan: Plan, nc: Any) -> dict[str, Any]:
