@@ -381,7 +381,7 @@ def test_a_password_is_never_sent_in_clear_when_tls_was_asked_for() -> None:
     assert done.returncode == 1, done.stderr
     assert done.stderr == (
         f"eda-bus: error: NATS at tls://127.0.0.1:{port} does not offer TLS, which was asked "
-        "for: nothing was sent\n"
+        "for: no secret was sent\n"
     )
     assert PASSWORD.encode() not in received and b"alice" not in received
 

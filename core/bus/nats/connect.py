@@ -324,7 +324,7 @@ async def connect(plan: Plan, timeout: float, errors: list[str], **options: Any)
             return nc
         why = str(refused.result()) if refused.done() else None
     except _NotTls:
-        why = f"NATS at {plan.shown} does not offer TLS, which was asked for: nothing was sent"
+        why = f"NATS at {plan.shown} does not offer TLS, which was asked for: no secret was sent"
     except Exception as exc:  # nats-py raises several kinds here
         why = f"cannot reach NATS at {plan.shown}: {plan.scrub(str(exc) or type(exc).__name__)}"
     finally:
