@@ -180,3 +180,22 @@ def test_secure_everywhere_refused_by_the_bus_keeps_brokerless_events(
     _published("--secure", "demo.direct", "d1", env=ids["alice"].env)
     assert sub.wait(30) == 0, sub.stderr
     assert [json.loads(line)["data"] for line in sub.lines()] == ["d1"]
+
+
+def test_a_republished_event_drops_where_it_came_from() -> None:
+    """``eda-sub --everywhere | eda-pub --envelope``: each hop stamps its own edavia."""
+    from eda.core.envelope import parse_envelope
+
+    line = b'{"type":"t","data":"x","edavia":"bus","edabusseq":3}'
+    topic, event = parse_envelope(line, 1, None, "eda://test", lambda: "id-1")
+    assert topic == "t" and json.loads(event) == {
+        "type": "t", "data": "x", "specversion": "1.0", "id": "id-1", "source": "eda://test",
+    }  # fmt: skip
+
+
+def test_the_terminal_view_shows_where_an_event_came_from() -> None:
+    from eda.cli.sub import _terminal_line
+
+    event = {"time": "2026-12-07T12:00:00.123456Z", "type": "orders.created", "data": "x"}
+    assert _terminal_line(event).plain == "12:00:00.123 orders.created x"
+    assert _terminal_line({**event, "edavia": "bus"}).plain == "12:00:00.123 bus    orders.created x"
