@@ -134,6 +134,8 @@ def test_what_only_the_bus_can_do_is_a_usage_error(args: tuple[str, ...]) -> Non
     done = run("eda-sub", "--everywhere", "demo.>", *args)
     assert done.returncode == 2, done.stderr
     assert "--everywhere excludes" in done.stderr and done.stderr.count("\n") == 1
+    by_env = run("eda-sub", "demo.>", *args, env={"EDA_SUB_EVERYWHERE": "1"})
+    assert by_env.returncode == 2 and "--everywhere excludes" in by_env.stderr
 
 
 def test_via_is_a_field_of_everywhere_only() -> None:
