@@ -1,14 +1,15 @@
 """eda-sub: print (or act on) the events matching one or more topic patterns.
 
 Over 500 lines for a reason: one command with two sources (brokerless
-publishers, the bus) and four ways to hand events on (JSON Lines, --raw,
---format, --exec), each with the loss and end-of-stream accounting a user
-reads on stderr; the receiving is ``eda.core.pubsub`` and ``eda.core.bus``.
+publishers, the bus; both with --everywhere), their options and how they
+combine, and four ways to hand events on (JSON Lines, --raw, --format,
+--exec).  The loop that receives from the sources, with their loss accounting,
+is :mod:`eda.cli.subloop`; the receiving itself is ``eda.core.pubsub`` and
+``eda.core.bus``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -21,15 +22,15 @@ from eda.cli.common import Context, Exit, Terminated, run
 from eda.cli.options import apply_security, common_options, output_options, security_options
 from eda.cli.output import Output, for_terminal
 from eda.cli.secure import secure_reports
-from eda.core.attributes import BUS_SEQUENCE
+from eda.core.attributes import BUS_SEQUENCE, VIA
 from eda.core.errors import ExitStatus, UsageError
 from eda.core.topics import validate_pattern
 
 if TYPE_CHECKING:
     from rich.text import Text
 
+    from eda.cli import subloop
     from eda.core.codec import Batch
-    from eda.core.envelope import RecentEvents
 
 EPILOG = """\b
 Examples:
@@ -38,6 +39,7 @@ Examples:
   eda-sub 'logs.>' --format '{time} {topic} {data}'
   eda-sub 'jobs.*' --exec ./handle.sh            run a command per event (event on its stdin)
   eda-sub --no-mdns --connect tcp://10.0.0.5:5555 'metrics.>'
+  eda-sub --everywhere '>'                       everything on the LAN: brokerless and bus
 """
 
 
@@ -84,6 +86,14 @@ Examples:
     help="High-water mark: batches queued before dropping (at most about 64 MiB in all).",
 )
 @bus_option
+@click.option(
+    "--everywhere",
+    is_flag=True,
+    help="Brokerless publishers and the bus (found as --bus finds it, or at --bus ENDPOINT) "
+    "as one stream; each event says where it came from (edavia: direct or bus, {via} in "
+    "--format). A bus not found is a warning. --from-start, --from-seq, --since and --last "
+    "apply to the bus.",
+)
 @click.option(
     "--from-start", is_flag=True, help="With --bus: replay every stored event, then live."
 )
@@ -141,6 +151,7 @@ def command(
     exec_cmd: str | None,
     hwm: int,
     bus: str | None,
+    everywhere: bool,
     from_start: bool,
     from_seq: int | None,
     since: str | None,
@@ -172,6 +183,9 @@ def command(
         raise UsageError("choose one of --raw, --json and --format")
     bus, patterns = split_bus(bus, patterns)
     start = _bus_start(from_start, from_seq, since, last)
+    if everywhere and (durable or group or until_end):
+        # a consumer that acknowledges, or a dump with an end, is the bus's alone
+        raise UsageError("--everywhere excludes --durable, --group and --until-end (use --bus)")
     if until_end and (durable or group):
         raise UsageError("--until-end excludes --durable and --group")
     if until_end and start is None:
@@ -179,7 +193,7 @@ def command(
     if reset and (not durable or start is None):
         raise UsageError("--reset needs --durable NAME and one of --from-start, --from-seq, "
                          "--since, --last")  # fmt: skip
-    if (start is not None or durable or group) and bus is None:
+    if (start is not None or durable or group or everywhere) and bus is None:
         bus = AUTO
     apply_security(secure, key_file, trust_dir)
     if bus is not None:
@@ -191,18 +205,57 @@ def command(
             raise UsageError("--max-pending needs --group NAME")
         for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
             validate_pattern(pattern)
-        output = _output(ctx, template, force_json, exec_cmd, {BUS_SEQ})
-        endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
-        _subscribe_bus(
-            ctx, endpoint, list(patterns), start, durable, group, count, idle_timeout, raw, output,
-            strict, relocate=lambda: bus_endpoint(bus, interface, no_mdns), until_end=until_end,
-            reset=reset, max_pending=max_pending,
-        )  # fmt: skip
-        return
-    if no_mdns and not (connects or binds):
+    brokerless = bus is None or everywhere
+    if brokerless and no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
-    output = _output(ctx, template, force_json, exec_cmd)
+    fields = {BUS_SEQ} if bus is not None else set()
+    if everywhere:
+        fields |= {VIA, "via"}
+    output = _output(ctx, template, force_json, exec_cmd, fields)
+    slow = output.mode == "exec"  # --exec: slow per event
 
+    from eda.cli import subloop
+
+    sources: list[subloop.Source] = []
+    status: int = ExitStatus.OK
+    try:
+        if brokerless:
+            direct = _brokerless(ctx, list(patterns), hwm, interface, raw, output, everywhere)
+            sources.append(direct)
+            _listen(ctx, direct, binds, connects, no_mdns, alone=not everywhere)
+        if bus is not None:
+            on_bus = _bus(
+                ctx, bus, interface, no_mdns, list(patterns), start, durable, group, raw, output,
+                strict, everywhere, until_end, reset, max_pending,
+            )  # fmt: skip
+            if on_bus is not None:  # (None: --until-end, and nothing stored from there)
+                sources.append(on_bus)
+        if sources:
+            subloop.run(sources, count, idle_timeout, strict, ctx, slow)
+    except Exit as exc:
+        status = exc.code
+    except Terminated:  # SIGTERM: what arrived is written; leave cleanly
+        pass
+    finally:
+        for source in sources:
+            source.close()
+    if output.finish() and status == ExitStatus.OK:
+        status = ExitStatus.ERROR
+    if status:
+        raise Exit(status)
+
+
+def _brokerless(
+    ctx: Context,
+    patterns: list[str],
+    hwm: int,
+    interface: str | None,
+    raw: bool,
+    output: Output,
+    everywhere: bool,
+) -> subloop.Brokerless:
+    """Events straight from publishers (found by mDNS, or connected or bound as told)."""
+    from eda.cli import subloop
     from eda.core import discovery
     from eda.core.envelope import RecentEvents
     from eda.core.pubsub import Subscriber
@@ -213,10 +266,9 @@ def command(
         lost[0] += n
         ctx.warn(f"lost {n} events from {for_terminal(source)} (topic {for_terminal(topic)})")
 
-    iface = discovery.resolve_interface(interface)
     sub = Subscriber(
-        list(patterns),
-        interface=iface,
+        patterns,
+        interface=discovery.resolve_interface(interface),
         hwm=hwm,
         on_loss=on_loss,
         on_connect=lambda peer: ctx.debug(
@@ -227,36 +279,37 @@ def command(
             " so far; still trying"
         ),
     )
+    render = _batch_renderer(raw, output, DIRECT if everywhere else None)
+    return subloop.Brokerless(sub, render, RecentEvents(), ctx, lost)
+
+
+def _listen(
+    ctx: Context,
+    source: subloop.Brokerless,
+    binds: tuple[str, ...],
+    connects: tuple[str, ...],
+    no_mdns: bool,
+    alone: bool,
+) -> None:
+    """Bind, connect and announce as told.  *alone*: the only source, so once every
+    explicit publisher refused this key (and nothing else can come), exit 1."""
+    sub = source.sub
     refusals = secure_reports(ctx, sub, "publisher")
-    status: int = ExitStatus.OK
-    try:
-        for endpoint in binds:
-            ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
-        for endpoint in connects:
-            sub.connect(endpoint, watch=True)
-        if not no_mdns:
-            sub.bind_for_announce()
-            sub.announce(
-                sub.matcher.patterns,
-                on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"),
-            )
-            ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
-        loop = _Loop(sub, _batch_renderer(raw, output), RecentEvents(), ctx)
-        if connects and not binds and no_mdns:
-            # only explicit publishers: once every one of them refused this key, nothing
-            # can ever arrive (an error, exit 1, not a wait)
-            loop.give_up = lambda: len(refusals) >= len(connects)
-        loop.run(count, idle_timeout, strict, lost)
-    except Exit as exc:
-        status = exc.code
-    except Terminated:  # SIGTERM: what arrived is written; leave cleanly
-        pass
-    finally:
-        sub.close()
-    if output.finish() and status == ExitStatus.OK:
-        status = ExitStatus.ERROR
-    if status:
-        raise Exit(status)
+    for endpoint in binds:
+        ctx.debug(f"listening on {sub.bind(endpoint)} as {sub.subid}")
+    for endpoint in connects:
+        sub.connect(endpoint, watch=True)
+    if not no_mdns:
+        sub.bind_for_announce()
+        sub.announce(
+            sub.matcher.patterns,
+            on_ready=lambda: ctx.debug(f"announced as {sub.subid} on mDNS"),
+        )
+        ctx.debug(f"listening on {sub.endpoints[0]} as {sub.subid}")
+    if alone and connects and not binds and no_mdns:
+        # only explicit publishers: once every one of them refused this key, nothing
+        # can ever arrive (an error, exit 1, not a wait)
+        source.give_up = lambda: len(refusals) >= len(connects)
 
 
 def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: int | None) -> Any:
@@ -296,37 +349,57 @@ def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: 
     return None
 
 
-def _subscribe_bus(
+def _bus(
     ctx: Context,
-    endpoint: str,
+    bus: str,
+    interface: str | None,
+    no_mdns: bool,
     patterns: list[str],
     start: Any,
     durable: str | None,
     group: str | None,
-    count: int | None,
-    idle_timeout: float | None,
     raw: bool,
     output: Output,
-    strict: bool = False,
-    relocate: Any = None,
-    until_end: bool = False,
-    reset: bool = False,
-    max_pending: int | None = None,
-) -> None:
+    strict: bool,
+    everywhere: bool,
+    until_end: bool,
+    reset: bool,
+    max_pending: int | None,
+) -> subloop.Bus | None:
     """Events from eda-bus: replay from *start*, then live; acknowledged once written out.
 
-    With *until_end*, only up to the last event stored when it starts, then return.
+    With *until_end*, only up to the last event stored when it starts (None: there
+    is nothing from *start*).  With *everywhere*, a bus that is not found is a
+    warning, and it is looked for again on a thread (brokerless events go on).
     """
+    from eda.cli import subloop
     from eda.core.bus.client import GROUP_PENDING_SLOW, BusSubscriber
     from eda.core.errors import EdaError
+
+    def find() -> str:
+        return bus_endpoint(bus, interface, no_mdns)
+
+    finder: subloop.BusFinder | None = None
+    endpoint: str | None
+    if everywhere:
+        try:
+            endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
+        except UsageError:
+            raise
+        except EdaError as exc:
+            ctx.warn(f"warning: {exc} (brokerless events only until a bus is found)")
+            endpoint = None
+        finder = subloop.BusFinder(find, endpoint)
+    else:
+        endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
 
     matcher = None
     end = 0  # with until_end: the last bus sequence to deliver
     if until_end:
+        assert endpoint is not None
         start, end = _stored_range(endpoint, patterns, start)
         if start["seq"] > end:  # nothing stored from there
-            output.finish()
-            return
+            return None
         # every topic is read, and the matching ones kept here: reaching bus sequence
         # *end* then tells that nothing matching is left before it
         from eda.core.topics import Matcher
@@ -336,72 +409,19 @@ def _subscribe_bus(
     # --exec is slow per event: take few at a time, so heartbeats keep going and a
     # group's other members get the rest (a member holds one job: the next goes to a free one)
     slow = output.mode == "exec"
-    sub = BusSubscriber(
-        endpoint, patterns, start=start, durable=durable, group=group,
-        credit=64 if slow else None, relocate=relocate, reset=reset,
-        max_pending=max_pending or (GROUP_PENDING_SLOW if slow else None),
+
+    def connect(endpoint: str) -> BusSubscriber:
+        return BusSubscriber(
+            endpoint, patterns, start=start, durable=durable, group=group,
+            credit=64 if slow else None, relocate=finder.relocate if finder else find,
+            reset=reset, max_pending=max_pending or (GROUP_PENDING_SLOW if slow else None),
+        )  # fmt: skip
+
+    render = _bus_renderer(raw, output, BUS if everywhere else None)
+    return subloop.Bus(
+        connect, endpoint, render, ctx, durable=durable, strict=strict, slow=slow,
+        matcher=matcher, end=end, finder=finder,
     )  # fmt: skip
-    limit = 16 if slow else 1 << 16
-    render = _bus_renderer(raw, output)
-    status: int = ExitStatus.OK
-    remaining = count
-    reported_lost = 0
-    warned = False
-    try:
-        sub.subscribe()
-        ctx.debug(f"subscribed to the bus at {endpoint}")
-        idle_since = time.monotonic()
-        while remaining != 0:
-            left = None if idle_timeout is None else idle_since + idle_timeout - time.monotonic()
-            got = sub.receive(limit) if left is not None and left <= 0 else None
-            if not got and (left is None or left > 0) and sub.poll(left):
-                got = sub.receive(limit)
-            if sub.errors:
-                raise EdaError(f"the bus refused: {for_terminal(sub.errors[0])}")
-            if sub.resumed is not None and durable is not None and not warned:
-                _warn_resumed(ctx, durable, patterns, *sub.resumed)
-                warned = True
-            if sub.lost > reported_lost:
-                ctx.warn(
-                    f"lost {sub.lost - reported_lost} events (removed by the bus's retention"
-                    " before they were delivered)"
-                )
-                reported_lost = sub.lost
-                if strict:
-                    raise Exit(ExitStatus.LOSS)
-            if got and matcher is not None:
-                reached = sub.last >= end
-                got = [d for d in got if d.busseq <= end and matcher(d.batch.topic)]
-                if remaining is not None and got:
-                    got, remaining = _take(got, remaining)
-                if got:
-                    render(got)
-                if reached:
-                    break
-                idle_since = time.monotonic()
-            elif got:
-                if remaining is not None:
-                    got, remaining = _take(got, remaining)
-                with sub.busy() if slow else contextlib.nullcontext():  # a job may outlast 5 s
-                    render(got)
-                top = got[-1]
-                sub.ack(top.busseq + top.batch.size - 1)
-                idle_since = time.monotonic()
-            elif left is not None and left <= 0:
-                ctx.warn(f"no event for {idle_timeout:g} s (-W/--timeout): exiting with status 4")
-                raise Exit(ExitStatus.TIMEOUT)
-    except Exit as exc:
-        status = exc.code
-    except Terminated:
-        pass
-    finally:
-        sub.close()
-    if sub.malformed:
-        ctx.warn(f"ignored {sub.malformed} malformed message(s)")
-    if output.finish() and status == ExitStatus.OK:
-        status = ExitStatus.ERROR
-    if status:
-        raise Exit(status)
 
 
 def _stored_range(endpoint: str, patterns: list[str], start: Any) -> tuple[dict[str, int], int]:
@@ -420,48 +440,17 @@ def _stored_range(endpoint: str, patterns: list[str], start: Any) -> tuple[dict[
     return {"seq": max(first, 1)}, last
 
 
-def _warn_resumed(
-    ctx: Context, name: str, patterns: list[str], at: int, old: list[str], asked: bool
-) -> None:
-    """A durable that already existed resumes at its position: say what was not done."""
-    shown = for_terminal(name)
-    if asked:
-        ctx.warn(
-            f"durable {shown!r} exists: resuming at seq {at}, the start asked for is ignored"
-            f" (to move it: eda-sub --bus --durable {shown} --reset --from-seq N|--since T"
-            "|--from-start, on the bus's host)"
-        )
-    if old != patterns:
-        ctx.warn(
-            f"durable {shown!r} had patterns {for_terminal(' '.join(old))}: now"
-            f" {for_terminal(' '.join(patterns))} (resuming at seq {at})"
-        )
-
-
-def _take(deliveries: list[Any], n: int) -> tuple[list[Any], int]:
-    out = []
-    for d in deliveries:
-        if n <= 0:
-            break
-        if d.batch.size > n:
-            from eda.core import codec
-
-            (part,), _ = codec.take([d.batch], n)
-            d = d._replace(batch=part)
-        out.append(d)
-        n -= d.batch.size
-    return out, n
-
-
-def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
+def _bus_renderer(raw: bool, output: Output, via: str | None) -> Callable[[list[Any]], None]:
     """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
     from eda.cli.output import json_text
     from eda.core import codec, envelope
 
     if raw and output.mode != "exec":
         return lambda ds: output.data(b"".join([envelope.batch_payloads(d.batch) for d in ds]))
+    stamp = {} if via is None else {VIA: via}
 
     if output.mode == "json":
+        tail = "".join(f',"{k}":"{v}"' for k, v in stamp.items()) + "}\n"
 
         def json_lines(ds: list[Any]) -> None:
             out: list[str] = []
@@ -469,21 +458,19 @@ def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
                 seq = d.busseq
                 if d.batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus
                     out.extend(
-                        json_text({**ev, BUS_SEQ: seq + i}) + "\n"
+                        json_text({**ev, BUS_SEQ: seq + i, **stamp}) + "\n"
                         for i, ev in enumerate(envelope.batch_to_events(d.batch))
                     )
                     continue
-                lines = envelope.batch_to_json_lines(d.batch).split("\n")
-                out.extend(
-                    [f'{line[:-1]},"{BUS_SEQ}":{seq + i}}}\n' for i, line in enumerate(lines[:-1])]
-                )
+                lines = envelope.batch_to_json_lines(d.batch).split("\n")[:-1]
+                out.extend([f'{ln[:-1]},"{BUS_SEQ}":{seq + i}{tail}' for i, ln in enumerate(lines)])
             output.text("".join(out))
 
         return json_lines
 
     def items(ds: list[Any]) -> None:
         output.items(
-            {**ev, BUS_SEQ: d.busseq + i}
+            {**ev, BUS_SEQ: d.busseq + i, **stamp}
             for d in ds
             for i, ev in enumerate(envelope.batch_to_events(d.batch))
         )
@@ -492,98 +479,11 @@ def _bus_renderer(raw: bool, output: Output) -> Callable[[list[Any]], None]:
 
 
 BUS_SEQ = BUS_SEQUENCE  # the attribute eda-sub --bus adds: the event's sequence on the bus
+# --everywhere: where each event came from (the edavia attribute, {via} in --format)
+DIRECT, BUS = "direct", "bus"
 
 # what --format may name: the event's attributes, {topic} (= {type}) and {ext[NAME]}
 FORMAT_FIELDS = frozenset({"topic", "ext"})
-
-
-class _Loop:
-    """Receive, drop copies, count, render; report malformed input at most once a second."""
-
-    def __init__(
-        self, sub: Any, render: Callable[[list[Batch]], None], recent: RecentEvents, ctx: Context
-    ) -> None:
-        self.sub = sub
-        self.render = render
-        self.recent = recent
-        self.ctx = ctx
-        self.reported_malformed = 0
-        self.reported_copies = 0
-        self.reported_evicted = 0
-        self.reported_unaccounted = 0
-        self.give_up: Callable[[], bool] = lambda: False  # nothing more can come: exit 1
-
-    def run(
-        self, count: int | None, idle_timeout: float | None, strict: bool, lost: list[int]
-    ) -> None:
-        """Until *count* events are out, *idle_timeout* passed without one, or a loss with
-        *strict*."""
-        from eda.core import codec
-
-        remaining = count
-        # the idle clock restarts once output is written: time blocked on a slow
-        # reader is not time without events
-        idle_since = time.monotonic()
-        try:
-            while True:
-                fresh = self._next(idle_since, idle_timeout)
-                if fresh is None:
-                    self.ctx.warn(
-                        f"no event for {idle_timeout:g} s (-W/--timeout): exiting with status 4"
-                    )
-                    raise Exit(ExitStatus.TIMEOUT)
-                if fresh:
-                    if remaining is not None:
-                        fresh, remaining = codec.take(fresh, remaining)
-                    self.render(fresh)
-                    idle_since = time.monotonic()
-                self._report()
-                if strict and lost[0]:
-                    raise Exit(ExitStatus.LOSS)
-                if self.give_up():
-                    raise Exit(ExitStatus.ERROR)
-                if remaining == 0:
-                    return
-        finally:
-            self._report(final=True)
-
-    def _next(self, idle_since: float, idle_timeout: float | None) -> list[Batch] | None:
-        """New events, after blocking until a message arrives; None once idle too long."""
-        if idle_timeout is None:
-            self.sub.poll(None)
-            return self._fresh()
-        left = idle_since + idle_timeout - time.monotonic()
-        if left > 0 and self.sub.poll(left):
-            return self._fresh()
-        if self.give_up():
-            raise Exit(ExitStatus.ERROR)
-        # out of time: what is already queued still counts (and restarts the clock)
-        return self._fresh() or None
-
-    def _fresh(self) -> list[Batch]:
-        """The events waiting now, without copies of events delivered before."""
-        return [piece for batch in self.sub.receive() for piece in self.recent.fresh(batch)]
-
-    def _report(self, final: bool = False) -> None:
-        malformed = self.sub.malformed - self.reported_malformed
-        if malformed and (final or self.ctx.due("malformed")):
-            self.ctx.warn(f"ignored {malformed} malformed message(s)")
-            self.reported_malformed = self.sub.malformed
-        copies = self.recent.dropped - self.reported_copies
-        if copies and self.ctx.verbose and (final or self.ctx.due("copies")):
-            self.ctx.debug(f"dropped {copies} event(s) delivered before (a loop or a copy)")
-            self.reported_copies = self.recent.dropped
-        evicted = getattr(self.sub, "evicted", 0) - self.reported_evicted
-        if evicted and self.ctx.verbose and (final or self.ctx.due("evicted")):
-            self.ctx.debug(f"forgot {evicted} publisher id(s) or stream(s) (per-peer bound)")
-            self.reported_evicted += evicted
-        unknown = getattr(self.sub, "unaccounted", 0) - self.reported_unaccounted
-        if unknown and (final or self.ctx.due("unaccounted")):
-            self.ctx.warn(
-                f"warning: cannot tell whether {unknown} event(s) arrived: their streams"
-                " were forgotten (more publishers and topics than a subscriber follows)"
-            )
-            self.reported_unaccounted += unknown
 
 
 def _output(
@@ -612,7 +512,8 @@ def _template_fields(event: dict[str, Any]) -> dict[str, Any]:
     from eda.core.envelope import data_text
 
     ext = {k: v for k, v in event.items() if k not in CORE_ATTRIBUTES}
-    return {**event, "topic": event.get("type", ""), "data": data_text(event), "ext": ext}
+    topic, data, via = event.get("type", ""), data_text(event), event.get(VIA, "")
+    return {**event, "topic": topic, "data": data, "ext": ext, "via": via}
 
 
 def _terminal_line(event: dict[str, Any]) -> Text:
@@ -623,6 +524,8 @@ def _terminal_line(event: dict[str, Any]) -> Text:
     line = Text()
     line.append(for_terminal(str(event.get("time", ""))[11:23]), style="dim")
     line.append(" ")
+    if VIA in event:  # --everywhere
+        line.append(f"{for_terminal(str(event[VIA])):6} ", style="magenta")
     line.append(for_terminal(event.get("type", "")), style="bold cyan")
     line.append(" ")
     if "data_base64" in event:
@@ -631,17 +534,31 @@ def _terminal_line(event: dict[str, Any]) -> Text:
     return line
 
 
-def _batch_renderer(raw: bool, output: Output) -> Callable[[list[Batch]], None]:
-    """How batches reach stdout: the fast paths (--raw, JSON Lines) work per batch."""
+def _batch_renderer(raw: bool, output: Output, via: str | None) -> Callable[[list[Batch]], None]:
+    """How batches reach stdout: the fast paths (--raw, JSON Lines) work per batch.
+
+    *via*: each event also says where it came from (--everywhere)."""
     from eda.core import envelope
 
     if raw and output.mode != "exec":
         return lambda batches: output.data(b"".join([envelope.batch_payloads(b) for b in batches]))
-    if output.mode == "json":
+    if output.mode == "json" and via is None:
         return lambda batches: output.text(
             "".join([envelope.batch_to_json_lines(b) for b in batches])
         )
-    return lambda batches: output.items(ev for b in batches for ev in envelope.batch_to_events(b))
+    if output.mode == "json":
+        # a newline only ends a line (JSON escapes the others): each line gains the attribute
+        tail = f',"{VIA}":"{via}"}}\n'
+        return lambda batches: output.text(
+            "".join([envelope.batch_to_json_lines(b) for b in batches]).replace("}\n", tail)
+        )
+    if via is None:
+        return lambda batches: output.items(
+            ev for b in batches for ev in envelope.batch_to_events(b)
+        )
+    return lambda batches: output.items(
+        {**ev, VIA: via} for b in batches for ev in envelope.batch_to_events(b)
+    )
 
 
 def main() -> None:

@@ -26,10 +26,13 @@ SPECVERSION: Final = "1.0"
 SEQUENCE: Final = "edaseq"
 # the event's sequence on the bus, added by eda-sub --bus
 BUS_SEQUENCE: Final = "edabusseq"
+# where an event came from, added by eda-sub --everywhere: "direct" (from its
+# publisher, brokerless) or "bus"
+VIA: Final = "edavia"
 # every attribute eda adds to an event it delivers: each hop stamps its own, so a
 # publisher may not set one (an output line would hold the key twice, and a
 # reader could take the publisher's value for eda's)
-EDA_ATTRIBUTES: Final = frozenset({SEQUENCE, BUS_SEQUENCE})
+EDA_ATTRIBUTES: Final = frozenset({SEQUENCE, BUS_SEQUENCE, VIA})
 
 # the attributes eda renders itself or that CloudEvents defines: an extension
 # attribute may not take any of these names

@@ -117,8 +117,7 @@ class BusSubscriber:
         """Wait up to *timeout* seconds (None: forever) for a message; heartbeats meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._heartbeat()
-            self._look_again()
+            self.housekeeping()
             wait = p.HEARTBEAT
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
@@ -126,6 +125,13 @@ class BusSubscriber:
                     return False
             if self.sock.poll(max(1, int(wait * 1000))):
                 return True
+
+    def housekeeping(self) -> None:
+        """What goes on while no message arrives (:meth:`poll` does it; a caller
+        waiting on this socket with others does it at least every :data:`p.HEARTBEAT`
+        seconds): heartbeats and credit, looking for the bus when it went quiet."""
+        self._heartbeat()
+        self._look_again()
 
     def _look_again(self) -> None:
         """Nothing heard for a while and the bus refuses connections: find it again."""

@@ -80,10 +80,10 @@ class Subscriber(_Node):
         False (no message) also as soon as a publisher refused this key (secure
         mode: see :meth:`take_refusals`), so a caller never waits in vain.
         """
-        self._housekeeping()
+        self.housekeeping()
         if timeout is None:
             while not self.sock.poll(100):
-                self._housekeeping()
+                self.housekeeping()
                 if self._alarm:
                     self._alarm = False
                     return False
@@ -93,14 +93,17 @@ class Subscriber(_Node):
             left = deadline - time.monotonic()
             if self.sock.poll(max(0, int(min(left, 0.1) * 1000))):
                 return True
-            self._housekeeping()
+            self.housekeeping()
             if self._alarm:
                 self._alarm = False
                 return False
             if left <= 0.1:
                 return bool(self.sock.poll(0))
 
-    def _housekeeping(self) -> None:
+    def housekeeping(self) -> None:
+        """What goes on while no message arrives (:meth:`poll` does it; a caller
+        waiting on this socket with others does it at least every 0.1 s): connect
+        to discovered publishers, take refusals, report unanswered endpoints."""
         self.connect_discovered()
         if self.security is not None and self.take_refusals():
             self._alarm = True  # poll returns: the caller may have to give up
