@@ -307,3 +307,24 @@ def test_a_plain_caller_leaves_secure_instances_out(ids):
     kept = usable(found, lambda peer, why: ignored.append((peer.id, why)))
     assert [i.id for i in kept] == ["plain"]
     assert ignored == [("secure", "it is in secure mode (--secure) and this program is not")]
+
+
+def test_a_secure_tcp_proxy_proxies_only_to_instances_under_a_trusted_key(ids, as_alice):
+    """eda-lb tcp --secure: a record (or announcement) whose key is missing or untrusted
+    gets no traffic, and is said so."""
+    from eda.core.lb.tcp import instances_of
+
+    record = {"service": "web", "host": "127.0.0.1", "status": "passing", "weight": 1}
+    records = [
+        {**record, "id": "trusted", "port": 8001, "key": ids["w"].public},
+        {**record, "id": "forged", "port": 8002, "key": ids["mallory"].public},
+        {**record, "id": "plain", "port": 8003},
+    ]
+    said: list[str] = []
+    backends = instances_of(records, said.append)
+    assert [b.id for b in backends] == ["trusted"]
+    assert said == [
+        f"warning: instance forged: its key {ids['mallory'].public} is not trusted "
+        "(eda-keys trust NAME KEY); left out",
+        "warning: instance plain: it is not in secure mode; left out",
+    ]
