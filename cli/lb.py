@@ -348,8 +348,7 @@ Examples:
     multiple=True,
     type=PinnedEndpoint("instance"),
     metavar="ENDPOINT",
-    help="Call this instance (repeatable; NAME@ENDPOINT with --secure) instead of looking "
-    "NAME up.",
+    help="Call this instance (repeatable; NAME@ENDPOINT with --secure) instead of looking NAME up.",
 )
 @click.option(
     "--slow-start",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,11 +51,17 @@ def worker(procs: Procs, who: Identity | None, log: Path, *args: str) -> tuple[P
     return proc, proc.wait_stderr(SERVING, 30)[1]
 
 
-def call(who: Identity, *args: str) -> object:
+def call(who: Identity, *args: str) -> subprocess.CompletedProcess[str]:
     """``eda-lb call pay --secure`` as *who* (its --timeout far beyond the run's own: a
     refusal must be told at once, never waited out)."""
     return run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--timeout", "60", *args,
                env=who.env, timeout=30)  # fmt: skip
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], endpoint: str, who: Identity) -> None:
+    """*done* (an eda-lb call) stopped with the one refusal line for *who*'s key, exit 1."""
+    line = f"the worker at {endpoint} does not trust this key (eda-keys show: {who.public})"
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"eda-lb: error: {line}\n")
 
 
 def sent(log: Path) -> str:
@@ -87,25 +94,15 @@ def test_a_trusted_call_through_a_secure_broker(procs: Procs, tmp_path: Path, id
     assert (done.returncode, done.stdout, done.stderr) == (0, "through\nthe broker\n", "")
     assert sent(log) == "through\nthe broker\n"
     # mallory is refused by the broker, at once
-    mallory = ids["mallory"].public
-    refused = call(ids["mallory"], "--connect", f"b@{front}", "x")
-    assert (refused.returncode, refused.stderr.strip()) == (
-        1, f"eda-lb: error: the worker at {front} does not trust this key (eda-keys show: {mallory})"
-    )  # fmt: skip
+    assert_refused(call(ids["mallory"], "--connect", f"b@{front}", "x"), front, ids["mallory"])
     assert sent(log) == "through\nthe broker\n"
 
 
-def test_an_untrusted_caller_is_refused_at_once_with_the_message(
-    procs: Procs, tmp_path: Path, ids
-):
+def test_an_untrusted_caller_is_refused_at_once_with_the_message(procs: Procs, tmp_path: Path, ids):
     log = tmp_path / "w.log"
     _, endpoint = worker(procs, ids["w"], log)
-    mallory = ids["mallory"].public
     done = call(ids["mallory"], "--connect", f"w@{endpoint}", "steal")
-    assert (done.returncode, done.stdout, done.stderr.strip()) == (
-        1, "", f"eda-lb: error: the worker at {endpoint} does not trust this key "
-        f"(eda-keys show: {mallory})",
-    )  # fmt: skip
+    assert_refused(done, endpoint, ids["mallory"])
     assert sent(log) == ""
 
 
@@ -199,11 +196,7 @@ def test_allow_admits_one_trusted_key_and_refuses_another(procs: Procs, tmp_path
     _, endpoint = worker(procs, ids["w"], log, "--allow", "alice")
     ok = call(ids["alice"], "--connect", f"w@{endpoint}", "from alice")
     assert (ok.returncode, ok.stdout) == (0, "from alice\n"), ok.stderr
-    bob = ids["bob"].public
-    refused = call(ids["bob"], "--connect", f"w@{endpoint}", "from bob")
-    assert (refused.returncode, refused.stderr.strip()) == (
-        1, f"eda-lb: error: the worker at {endpoint} does not trust this key (eda-keys show: {bob})"
-    )  # fmt: skip
+    assert_refused(call(ids["bob"], "--connect", f"w@{endpoint}", "from bob"), endpoint, ids["bob"])
     assert sent(log) == "from alice\n"
     # a name that is not trusted, and a broker the worker would not let call it: usage errors
     typo = run("eda-lb", "worker", "pay", "--secure", "--no-mdns", "--allow", "alcie", "--",
@@ -258,9 +251,7 @@ def test_eavesdropping_sees_the_request_only_without_secure_mode(
     assert len(seen) > 1000  # the capture saw the traffic either way
 
 
-def test_garbage_and_half_handshakes_do_not_stop_a_secure_worker(
-    procs: Procs, tmp_path: Path, ids
-):
+def test_garbage_and_half_handshakes_do_not_stop_a_secure_worker(procs: Procs, tmp_path: Path, ids):
     log = tmp_path / "w.log"
     proc, endpoint = worker(procs, ids["w"], log)
     port = int(endpoint.rsplit(":", 1)[1])
