@@ -8,6 +8,7 @@ ever sent is in its command's output, LOG.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import subprocess
@@ -319,3 +320,25 @@ def test_a_secure_tcp_proxy_proxies_only_to_instances_under_a_trusted_key(ids, a
         "(eda-keys trust NAME KEY); left out",
         "warning: instance plain: it is not in secure mode; left out",
     ]
+
+
+def test_a_broker_refusing_the_worker_key_is_said_and_left(procs: Procs, tmp_path: Path, ids):
+    """eda-lb serve --allow covers workers too: w, not allowed, is told at once (a
+    warning: it goes on serving its callers directly) and never gets a request."""
+    broker = procs.eda(
+        "eda-lb", "serve", "pay", "--secure", "--no-mdns", "--allow", "alice",
+        "--bind", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*", env=ids["b"].env,
+    )  # fmt: skip
+    front, back = broker.wait_stderr(BROKER, 30).groups()
+    log = tmp_path / "w.log"
+    proc, endpoint = worker(procs, ids["w"], log, "--broker", f"b@{back}")
+    via = call(ids["alice"], "--connect", f"b@{front}", "--timeout", "2", "via the broker")
+    assert via.returncode != 0 and via.stdout == ""  # the broker has no worker
+    proc.wait_stderr(
+        f"warning: the broker at {back} does not trust this key "
+        rf"\(eda-keys show: {re.escape(ids['w'].public)}\): not serving it",
+        15,
+    )
+    direct = call(ids["alice"], "--connect", f"w@{endpoint}", "direct")
+    assert (direct.returncode, direct.stdout) == (0, "direct\n"), direct.stderr
+    assert sent(log) == "direct\n"
