@@ -25,13 +25,13 @@ PROGRAMS.setdefault("eda-lb", "eda.cli.lb")  # as tests/test_lb_broker.py runs i
 
 SERVING = r"serving \S+ on (tcp://\S+) \("
 BROKER = r"listening on (tcp://\S+) \(callers\), (tcp://\S+) \(workers\)"
-PEOPLE = ("w", "w2", "b", "alice", "bob")
+PEOPLE = ("w", "w2", "b", "reg", "alice", "bob")
 
 
 @pytest.fixture
 def ids(tmp_path: Path) -> dict[str, Identity]:
-    """Workers w and w2, broker b, callers alice and bob trust each other; mallory trusts
-    them all, nobody trusts mallory."""
+    """Workers w and w2, broker b, registry reg, callers alice and bob trust each other;
+    mallory trusts them all, nobody trusts mallory."""
     people = {name: Identity(tmp_path / name) for name in (*PEOPLE, "mallory")}
     for a in PEOPLE:
         for b in PEOPLE:
@@ -128,6 +128,49 @@ def as_alice(ids) -> Iterator[security.Security]:
         yield security.enable(home / "id.key", home / "trusted")
     finally:
         security.disable()
+
+
+def test_callers_pin_each_worker_key_from_its_registry_record(procs: Procs, tmp_path: Path, ids):
+    """Found through a secure registry: each worker's key is the one its registration
+    proved.  Alice no longer trusts w2: its record is left out with the warning and w2 is
+    never sent a request; w serves everything."""
+    registry = procs.eda(
+        "eda-registry", "serve", "--secure", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+        "--data", str(tmp_path / "reg"), "--tick", "0.1", env=ids["reg"].env,
+    )  # fmt: skip
+    at = "reg@" + registry.wait_stderr(r"listening on (tcp://\S+)", 30)[1]
+    logs = {name: tmp_path / f"{name}.log" for name in ("w", "w2")}
+    for name in logs:
+        proc, _ = worker(procs, ids[name], logs[name], "--registry", at)
+        proc.wait_stderr(r"\(registered\)", 1)
+    ids["alice"].revoke("w2")
+    done = call(ids["alice"], "--registry", at, *(f"r{i}" for i in range(10)))
+    assert (done.returncode, done.stdout) == (0, "".join(f"r{i}\n" for i in range(10)))
+    assert f"its key {ids['w2'].public} is not trusted" in done.stderr
+    assert sent(logs["w"]).count("\n") == 10 and sent(logs["w2"]) == ""
+
+
+def test_callers_pin_each_worker_key_from_its_announcement(procs: Procs, tmp_path: Path, ids):
+    """Serverless: each worker announces its key (k=); a secure caller uses the trusted
+    one only: mallory's worker, announcing the same service, is never sent a request."""
+    logs = {name: tmp_path / f"{name}.log" for name in ("w", "mallory")}
+    for name, log in logs.items():
+        proc = procs.eda(
+            "eda-lb", "worker", "pay", "--secure", "--serverless", "--bind", "tcp://127.0.0.1:0",
+            "--", "tee", "-a", str(log), env=ids[name].env,
+        )  # fmt: skip
+        proc.wait_stderr(r"\(announced by mDNS\)", 30)
+
+    def heard() -> bool:  # alice's lookups hear w's announcement
+        found = run("eda-registry", "lookup", "pay", "--secure", "--serverless", "--json",
+                    env=ids["alice"].env)  # fmt: skip
+        return ids["w"].public in found.stdout
+
+    wait_until(heard, 30, "w's announcement")
+    done = run("eda-lb", "call", "pay", "--secure", "--serverless", "--timeout", "60",
+               *(f"r{i}" for i in range(10)), env=ids["alice"].env, timeout=30)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "".join(f"r{i}\n" for i in range(10)))
+    assert sent(logs["w"]).count("\n") == 10 and sent(logs["mallory"]) == ""
 
 
 def test_instances_found_with_an_untrusted_or_no_key_never_get_a_request(
