@@ -8,6 +8,7 @@ ever sent is in its command's output, LOG.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import socket
@@ -130,15 +131,20 @@ def as_alice(ids) -> Iterator[security.Security]:
         security.disable()
 
 
-def test_callers_pin_each_worker_key_from_its_registry_record(procs: Procs, tmp_path: Path, ids):
-    """Found through a secure registry: each worker's key is the one its registration
-    proved.  Alice no longer trusts w2: its record is left out with the warning and w2 is
-    never sent a request; w serves everything."""
+def secure_registry(procs: Procs, tmp_path: Path, ids: dict[str, Identity]) -> str:
+    """A secure registry (as reg), without mDNS; its endpoint, named by its key."""
     registry = procs.eda(
         "eda-registry", "serve", "--secure", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
         "--data", str(tmp_path / "reg"), "--tick", "0.1", env=ids["reg"].env,
     )  # fmt: skip
-    at = "reg@" + registry.wait_stderr(r"listening on (tcp://\S+)", 30)[1]
+    return "reg@" + registry.wait_stderr(r"listening on (tcp://\S+)", 30)[1]
+
+
+def test_callers_pin_each_worker_key_from_its_registry_record(procs: Procs, tmp_path: Path, ids):
+    """Found through a secure registry: each worker's key is the one its registration
+    proved.  Alice no longer trusts w2: its record is left out with the warning and w2 is
+    never sent a request; w serves everything."""
+    at = secure_registry(procs, tmp_path, ids)
     logs = {name: tmp_path / f"{name}.log" for name in ("w", "w2")}
     for name in logs:
         proc, _ = worker(procs, ids[name], logs[name], "--registry", at)
@@ -148,6 +154,26 @@ def test_callers_pin_each_worker_key_from_its_registry_record(procs: Procs, tmp_
     assert (done.returncode, done.stdout) == (0, "".join(f"r{i}\n" for i in range(10)))
     assert f"its key {ids['w2'].public} is not trusted" in done.stderr
     assert sent(logs["w"]).count("\n") == 10 and sent(logs["w2"]) == ""
+
+
+def test_stats_asks_each_instance_found_under_its_key(procs: Procs, tmp_path: Path, ids):
+    """eda-lb stats --secure: w's figures; w2 (--allow bob) refuses alice's key: one
+    error line at once, exit 1."""
+    at = secure_registry(procs, tmp_path, ids)
+    _, serving = worker(procs, ids["w"], tmp_path / "w.log", "--registry", at)
+    _, refusing = worker(procs, ids["w2"], tmp_path / "w2.log", "--registry", at, "--allow", "bob")
+    done = run("eda-lb", "stats", "pay", "--secure", "--no-mdns", "--registry", at, "--json",
+               "--timeout", "60", env=ids["alice"].env, timeout=30)  # fmt: skip
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["source"] for r in rows] == ["direct"] and rows[0]["instance"].endswith(
+        serving.rsplit(":", 1)[1]
+    )
+    alice = ids["alice"].public
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"eda-lb: error: the instance at {refusing} does not trust this key "
+        f"(eda-keys show: {alice})\n",
+    )
 
 
 def test_callers_pin_each_worker_key_from_its_announcement(procs: Procs, tmp_path: Path, ids):
