@@ -38,7 +38,7 @@ from .. import security
 from ..endpoint import Endpoint
 from ..registry.model import Instance
 from ..reqrep import pinned_key
-from ..sockets import connect
+from ..sockets import connect, monitor_events
 from . import protocol as p
 from .balancer import Backend, Balancer
 from .pins import Ignored, usable
@@ -225,17 +225,13 @@ class Pool:
             return
         events = refused = 0
         failed = None
-        with contextlib.suppress(zmq.Again):
-            while True:
-                event = monitor.recv_multipart(zmq.NOBLOCK)
-                kind = int.from_bytes(event[0][:2], "little")
-                if kind == zmq.EVENT_CONNECT_RETRIED:
-                    refused += 1
-                elif kind & security.FAILURE_EVENTS:
-                    value = int.from_bytes(event[0][2:6], "little")
-                    failed = failed or security.handshake_failure(kind, value)
-                else:
-                    events += 1
+        for event in monitor_events(monitor):
+            if event.event == zmq.EVENT_CONNECT_RETRIED:
+                refused += 1
+            elif event.event & security.FAILURE_EVENTS:
+                failed = failed or security.handshake_failure(event.event, event.value)
+            else:
+                events += 1
         if failed is not None:
             self._refused(conn, failed)
         elif events and (conn.backend is not None or conn.inflight):

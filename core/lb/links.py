@@ -32,7 +32,7 @@ from .. import security
 from ..endpoint import Endpoint
 from ..errors import ProtocolError, UsageError
 from ..reqrep import pinned_key
-from ..sockets import connect
+from ..sockets import connect, monitor_events
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -149,18 +149,15 @@ class BrokerLinks:
     def _connected(self, link: BrokerLink, sock: zmq.Socket[bytes]) -> None:
         if link.sock is not sock or link.monitor is None:
             return
-        with contextlib.suppress(zmq.Again):
-            while True:
-                event = link.monitor.recv_multipart(zmq.NOBLOCK)
-                kind = int.from_bytes(event[0][:2], "little")
-                if kind != zmq.EVENT_CONNECTED:
-                    self._refused(link, kind, int.from_bytes(event[0][2:6], "little"))
-                    return
-                link.connects += 1
-                if link.connects > 1:  # the first connection carried the W sent at connect
-                    self.worker.log(f"reconnected to broker {link.endpoint}: ready again")
-                    link.last_seen = time.monotonic()
-                    self._ready(sock)
+        for event in monitor_events(link.monitor):
+            if event.event != zmq.EVENT_CONNECTED:
+                self._refused(link, event.event, event.value)
+                return
+            link.connects += 1
+            if link.connects > 1:  # the first connection carried the W sent at connect
+                self.worker.log(f"reconnected to broker {link.endpoint}: ready again")
+                link.last_seen = time.monotonic()
+                self._ready(sock)
 
     def _refused(self, link: BrokerLink, kind: int, value: int) -> None:
         """Secure mode: the broker's handshake failed (it does not trust this worker's
