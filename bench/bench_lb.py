@@ -18,6 +18,8 @@ Rows (every process fresh, everything on 127.0.0.1, no discovery: ``--connect``)
   stderr); nothing is sent to a dropped instance.
 * (``--via``: the broker row is added here by the broker's owner, measured
   the same way as the ``call`` row with ``eda-lb serve`` in between.)
+* (``--secure``: bench_lb_secure.py measures the ``call`` row with and without
+  secure mode, with the helpers below.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,28 +149,48 @@ def _latency(stderr: Path) -> tuple[float, float]:
     return float(m[1]), float(m[2])
 
 
-def _workers(procs: Procs, work: Path, count: int = 3) -> tuple[list[str], list[object]]:
+SECURE_NAME = "self"  # secure mode: one identity, trusting itself under this name
+
+
+def secure_identity(env: dict[str, str]) -> None:
+    """A key pair in *env*'s configuration home, trusted as :data:`SECURE_NAME`."""
+    keys = eda_cmd("eda-keys")
+    key = subprocess.run([keys, "init"], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    subprocess.run([keys, "trust", SECURE_NAME, key], env=env, check=True, capture_output=True)
+
+
+def _workers(
+    procs: Procs, work: Path, count: int = 3, secure: bool = False
+) -> tuple[list[str], list[object]]:
+    """*count* persistent echo workers (with --secure: as the identity of
+    :func:`secure_identity`); their endpoints (``NAME@`` with *secure*) and processes."""
     endpoints, started = [], []
     for i in range(count):
         port = free_port()
         err = work / f"worker{i}.err"
         proc = procs.start(
             [eda_cmd("eda-lb"), "worker", "echo", "--no-mdns", "--persistent",
-             "--bind", f"tcp://127.0.0.1:{port}", "--", "cat"],
+             *(["--secure"] if secure else []), "--bind", f"tcp://127.0.0.1:{port}", "--", "cat"],
             stderr=err,
         )  # fmt: skip
         wait_for_text(err, "serving echo", 20, proc)
-        endpoints.append(f"tcp://127.0.0.1:{port}")
+        endpoints.append((f"{SECURE_NAME}@" if secure else "") + f"tcp://127.0.0.1:{port}")
         started.append(proc)
     return endpoints, started
 
 
-def _eda_run(work: Path, env: dict[str, str], n: int, src: Path) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) of eda-lb call over three persistent workers."""
+def _eda_run(
+    work: Path, env: dict[str, str], n: int, src: Path, secure: bool = False
+) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) of eda-lb call over three persistent workers (all with
+    --secure when *secure*: *env* holds a :func:`secure_identity`)."""
     with Procs(work, env) as procs:
-        endpoints, _ = _workers(procs, work)
+        endpoints, _ = _workers(procs, work, secure=secure)
         out, err = work / "eda.out", work / "eda.err"
         args = [eda_cmd("eda-lb"), "call", "echo", "-v", "--window", str(WINDOW)]
+        if secure:
+            args.append("--secure")
         for endpoint in endpoints:
             args += ["--connect", endpoint]
         start = time.perf_counter()

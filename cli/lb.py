@@ -9,7 +9,7 @@ declarations and help texts are the man page; the logic is in ``eda.core.lb``.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -19,15 +19,15 @@ from eda.cli.lbtcp import tcp
 from eda.cli.options import (
     SECONDS,
     EndpointType,
+    allow_option,
+    apply_security,
     common_options,
     registry_option,
+    security_options,
     strategy_option,
 )
 from eda.cli.output import Output
 from eda.core.errors import ExitStatus
-
-if TYPE_CHECKING:
-    from eda.core.endpoint import Endpoint
 
 EPILOG = """\b
 Examples:
@@ -65,6 +65,21 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return size
 
 
+class PinnedEndpoint(click.ParamType[str]):
+    """An endpoint to connect to (as :class:`EndpointType` reads it), in secure mode
+    preceded by the name its server's key is trusted under: ``NAME@tcp://HOST:PORT``.
+    The value is the text normalized; :func:`eda.core.lb.pins.given` pins the key."""
+
+    name = "endpoint"
+
+    def __init__(self, what: str) -> None:
+        self.endpoint = EndpointType(what)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        name, at, text = str(value).rpartition("@")
+        return name + at + self.endpoint.convert(text, param, ctx).zmq
+
+
 def _request_options(func: Any) -> Any:
     """Options worker and call share."""
     func = click.option(
@@ -94,6 +109,7 @@ Examples:
   eda-lb worker echo --persistent --concurrency 2 -- cat     2 processes, one line per request
   eda-lb worker upper --persistent --with-id -- ./loop.sh    lines 'ID<TAB>request' in and out
   eda-lb worker upper --weight 3 --serverless -- tr a-z A-Z  announced by mDNS, 3x the traffic
+  eda-lb worker pay --secure --allow shop -- ./charge.sh     CURVE; only key 'shop' may call
 """,
 )
 @click.argument("name")
@@ -151,12 +167,15 @@ Examples:
     "--broker",
     "brokers",
     multiple=True,
-    type=EndpointType("broker"),
+    type=PinnedEndpoint("broker"),
     metavar="ENDPOINT",
-    help="Also serve this broker's backend (repeatable); brokers of NAME are found anyway.",
+    help="Also serve this broker's backend (repeatable; NAME@ENDPOINT with --secure); "
+    "brokers of NAME are found anyway.",
 )
 @click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
 @_request_options
+@allow_option
+@security_options
 @common_options
 def worker(
     name: str,
@@ -168,12 +187,16 @@ def worker(
     weight: int,
     timeout: float | None,
     bind: str | None,
-    brokers: tuple[Endpoint, ...],
+    brokers: tuple[str, ...],
     inst_id: str | None,
     max_request: int,
     heartbeat: float,
     registries: tuple[str, ...],
     serverless: bool,
+    allow: tuple[str, ...],
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -190,8 +213,15 @@ def worker(
 
     Registers with the registry (or by mDNS when there is none) with its
     weight and concurrency, heartbeats, and deregisters on exit.  Brokers of
-    NAME (eda-lb serve) are found and served as well."""
+    NAME (eda-lb serve) are found and served as well.
+
+    With --secure, only trusted keys may call it (--allow: only these names;
+    a broker is a caller too), and it serves only brokers whose key it trusts."""
+    from types import SimpleNamespace
+
+    from eda.cli.secure import secure_reports
     from eda.core.endpoint import Endpoint
+    from eda.core.lb import pins
     from eda.core.lb.brokers import find_brokers
     from eda.core.lb.worker import Worker
     from eda.core.presence import Presence
@@ -200,6 +230,11 @@ def worker(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
+    security = apply_security(secure, key_file, trust_dir, allow)
+    explicit = [pins.given(b, "broker", "--broker", caller=True) for b in brokers]
+    # secure mode: brokers found with an untrusted key (or none) are left out, and said so
+    reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)
+    secure_reports(ctx, reports, "broker")
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     server = Worker(
         service,
@@ -239,8 +274,9 @@ def worker(
         inst = presence.start()
         server.inst_id = inst.id
         finder = find_brokers(
-            service, access, presence.mode, brokers, heartbeat=heartbeat, warn=ctx.debug
-        )
+            service, access, presence.mode, explicit, heartbeat=heartbeat, warn=ctx.debug,
+            on_ignored=reports.on_ignored,
+        )  # fmt: skip
         if finder is not None:
             server.follow_brokers(finder)
         how = {"registry": "registered", "mdns": "announced by mDNS", "none": "not registered"}
@@ -268,6 +304,7 @@ Examples:
   eda-lb call upper --unordered --window 500 < in.txt replies as they come, 500 in flight
   eda-lb call upper --via upper hello                 through the broker (eda-lb serve upper)
   eda-lb call upper --connect tcp://10.0.0.5:5000 hi  to a given instance, no lookup
+  eda-lb call pay --secure --connect w1@tcp://10.0.0.7:5601 x   secure: w1's trusted key pinned
 """,
 )
 @click.argument("name")
@@ -309,9 +346,9 @@ Examples:
     "--connect",
     "endpoints",
     multiple=True,
-    type=EndpointType("instance"),
+    type=PinnedEndpoint("instance"),
     metavar="ENDPOINT",
-    help="Call this instance (repeatable) instead of looking NAME up.",
+    help="Call this instance (repeatable; NAME@ENDPOINT with --secure) instead of looking NAME up.",
 )
 @click.option(
     "--slow-start",
@@ -322,6 +359,7 @@ Examples:
     help="Ramp up the share of an instance that appears or comes back over this long.",
 )
 @_request_options
+@security_options
 @common_options
 def call(
     name: str,
@@ -332,12 +370,15 @@ def call(
     window: int,
     unordered: bool,
     via: str | None,
-    endpoints: tuple[Endpoint, ...],
+    endpoints: tuple[str, ...],
     slow_start: float,
     max_request: int,
     heartbeat: float,
     registries: tuple[str, ...],
     serverless: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -354,13 +395,23 @@ def call(
     failure was a timeout).  With no live instance (none found, none that
     answers, or all gone for a whole --timeout), call stops with one error
     and exit status 3: the requests already sent are reported, the rest are
-    not sent."""
+    not sent.
+
+    With --secure, each instance's key is pinned (from its registry record or
+    announcement; NAME@ENDPOINT for --connect): instances with a key not
+    trusted are left out (a warning), and one refusing this caller's key is
+    never sent a request; when every one refuses it, one error line each and
+    exit status 1."""
+    from eda.cli.secure import secure_reports
+    from eda.core.lb import pins
     from eda.core.lb.caller import Caller, lookup_endpoints
     from eda.core.registry.model import validate_name
     from eda.core.reqrep import printable
 
     ctx = Context("eda-lb", verbose)
     validate_name(name)
+    apply_security(secure, key_file, trust_dir)
+    given = [pins.given(e, "instance", "--connect") for e in endpoints]
     out = Output(ctx)
 
     def failed(seq: int, line: bytes, reason: str) -> None:
@@ -392,14 +443,18 @@ def call(
         log=ctx.debug,
         warn=ctx.warn,
     )
+    caller.pool.what = "broker" if via else "worker"
+    secure_reports(ctx, caller, caller.pool.what)
     finder: Any = None
     try:
-        if endpoints:
-            caller.use((e.zmq, 1) for e in endpoints)
+        if given:
+            caller.use((e.zmq, 1) for e in given)
         else:
             access = registry_access(registries, interface, no_mdns, serverless, ctx)
             target = validate_name(via) if via else name
-            finder, found = lookup_endpoints(target, access, via=bool(via))
+            finder, found = lookup_endpoints(
+                target, access, via=bool(via), on_ignored=caller.on_ignored
+            )
             caller.use(found)
             finder.start()
             caller.follow(finder)
@@ -419,8 +474,10 @@ def call(
         f"{summary.busy} busy, {summary.dropped_instances} instance(s) dropped; latency "
         f"p50 {caller.percentile(0.5):.3f} ms, p99 {caller.percentile(0.99):.3f} ms"
     )
+    if summary.refused:  # every instance refused this key: each was an error line
+        raise Exit(ExitStatus.ERROR)
     if summary.no_instance:
-        where = f"service {via or name!r}" if not endpoints else ", ".join(e.zmq for e in endpoints)
+        where = f"service {via or name!r}" if not given else ", ".join(e.zmq for e in given)
         parts = [f"{summary.ok} answered", f"{summary.failed} failed"] if summary.sent else []
         if summary.unsent is not None:
             parts.append(f"input from line {summary.unsent + 1} on not sent")
@@ -555,6 +612,8 @@ Examples:
 @click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
 @click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
 @registry_option
+@allow_option
+@security_options
 @common_options
 def serve(
     name: str,
@@ -576,6 +635,10 @@ def serve(
     inst_id: str | None,
     registries: tuple[str, ...],
     serverless: bool,
+    allow: tuple[str, ...],
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -593,6 +656,9 @@ def serve(
     Ports bound as '*' (the default) are remembered in $XDG_STATE_HOME/eda
     (lb-NAME.port, lb-NAME.backend.port): restarted with the same command,
     the broker listens where callers and workers expect it.
+
+    With --secure, both ports admit trusted keys only (with --allow, only
+    these names: callers and workers alike).
     """
     from eda.core.lb.broker import Broker, Settings
     from eda.core.presence import Presence
@@ -601,6 +667,7 @@ def serve(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
+    apply_security(secure, key_file, trust_dir, allow)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     if access.interface:
         bind, backend = (

@@ -14,9 +14,11 @@ import click
 from eda.cli.common import Context, Exit, registry_access
 from eda.cli.options import (
     SECONDS,
+    apply_security,
     common_options,
     output_options,
     registry_option,
+    security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import ExitStatus
@@ -62,6 +64,7 @@ Examples:
     f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."
 )
 @registry_option
+@security_options
 @common_options
 def stats(
     name: str,
@@ -70,6 +73,9 @@ def stats(
     force_json: bool,
     registries: tuple[str, ...],
     serverless: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -85,16 +91,25 @@ def stats(
     state (up, down) and weight, as HAProxy's show stat.  Exit 3 when NAME
     has no instance, 1 when an instance did not answer.
     """
+    from types import SimpleNamespace
+
+    from eda.cli.secure import secure_reports
     from eda.core.errors import NotFoundError
+    from eda.core.lb.pins import usable
     from eda.core.lb.stats import ask_stats
     from eda.core.registry.access import lookup
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
+    security = apply_security(secure, key_file, trust_dir)
     out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
-    found = lookup(service, access)
+    # secure mode: instances with an untrusted key (or none) are left out, the others'
+    # keys pinned; one refusing this key is an error line
+    reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)
+    refusals = secure_reports(ctx, reports, "instance")
+    found = usable(lookup(service, access), reports.on_ignored)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
     chosen += [i for i in found if i.meta.get("role") == "proxy"]
@@ -106,14 +121,15 @@ def stats(
     from eda.core.endpoint import Endpoint
 
     endpoints = {Endpoint(i.host, i.port).zmq: i for i in chosen}
-    answers = ask_stats(endpoints, timeout)
+    answers = ask_stats(endpoints, timeout, on_refused=reports.on_refused)
     rows: list[dict[str, Any]] = []
     failed = 0
     for endpoint, answer in answers.items():
         inst = endpoints[endpoint]
         if isinstance(answer, str):
             failed += 1
-            ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
+            if endpoint not in refusals:  # (a refusal was its error line)
+                ctx.warn(f"warning: {inst.id} at {endpoint}: {answer}")
             continue
         if inst.meta.get("role") == "proxy":
             rows += _proxy_rows(service, inst.id, answer)

@@ -9,9 +9,11 @@ import click
 
 from eda.cli.common import Context, Terminated, on_stop_signals, registry_access
 from eda.cli.options import (
+    apply_security,
     common_options,
     health_check_options,
     registry_option,
+    security_options,
     strategy_option,
 )
 
@@ -87,6 +89,7 @@ Examples:
     help="builtin: the embedded proxy; haproxy: run HAProxy, configured from the registry.",
 )
 @registry_option
+@security_options
 @common_options
 def tcp(
     name: str,
@@ -105,6 +108,9 @@ def tcp(
     engine: str,
     registries: tuple[str, ...],
     serverless: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -116,6 +122,11 @@ def tcp(
     every instance with a TCP connect (rise/fall), retries a failed connect on
     another instance, and on SIGTERM stops accepting and lets open
     connections finish (--drain-timeout).  Diagnostics go to stderr.
+
+    With --secure, its ZeroMQ connections (the registry, the stats socket
+    eda-lb stats asks) are CURVE-encrypted and authenticated, and it proxies
+    only to instances registered or announced under a trusted key; the
+    proxied TCP bytes stay as the client and the instance send them.
     """
     import os
 
@@ -125,6 +136,7 @@ def tcp(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
+    apply_security(secure, key_file, trust_dir)
     where = core.parse_listen(listen)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(

@@ -282,6 +282,23 @@ def from_cache_entry(entry: str) -> Endpoint | None:
     return endpoint
 
 
+def given(value: Endpoint | str, what: str = "server", option: str = "") -> Endpoint:
+    """An endpoint given by the user (*option*, default ``--WHAT``); in secure mode text
+    names its key, ``NAME@tcp://HOST:PORT`` (pinned here), or the endpoint's key was
+    pinned where it was found.  :class:`UsageError` otherwise."""
+    active = security.active()
+    option = option or f"--{what}"
+    if active is not None and isinstance(value, str) and "@" in value:
+        key, text = active.pinned(value, option=option)
+        endpoint = client_endpoint(text, what)
+        pin(endpoint, key)
+        return endpoint
+    endpoint = client_endpoint(value, what)
+    if active is not None and endpoint not in _pins:
+        active.pinned(endpoint.zmq, option=option)  # the usage error
+    return endpoint
+
+
 class Refused(EdaError):
     """A secure server refused this program's key (or the handshake failed): exit 1."""
 
@@ -388,17 +405,7 @@ class Client:
         self._rids = itertools.count(1)
 
     def _given(self, value: Endpoint | str) -> Endpoint:
-        """A given endpoint; in secure mode text names its key: ``NAME@tcp://HOST:PORT``
-        (or the endpoint's key was pinned where it was found)."""
-        if self.security is not None and isinstance(value, str) and "@" in value:
-            key, text = self.security.pinned(value, option=f"--{self.what}")
-            endpoint = client_endpoint(text, self.what)
-            pin(endpoint, key)
-            return endpoint
-        endpoint = client_endpoint(value, self.what)
-        if self.security is not None and endpoint not in _pins:
-            self.security.pinned(endpoint.zmq, option=f"--{self.what}")  # the usage error
-        return endpoint
+        return given(value, self.what)
 
     # -- where servers are ---------------------------------------------------------------
     def candidates(self, tried: set[Endpoint]) -> Iterator[Endpoint]:

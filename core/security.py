@@ -141,6 +141,12 @@ class Security:
         assert self._admission is not None
         self._admission.allowed = wanted
 
+    def allows(self, name: str) -> bool:
+        """Whether the trusted *name* is on the allow list (every name is without one):
+        for a daemon that serves peers it connects to (an eda-lb worker and its brokers)."""
+        assert self._admission is not None
+        return self._admission.allowed is None or name in self._admission.allowed
+
     def peer_name(self, frame: Any) -> str | None:
         """The trusted name of the peer that sent *frame* (a :class:`zmq.Frame` received
         with ``copy=False``), from the key ZAP authenticated; None if it has none (a

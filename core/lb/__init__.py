@@ -5,6 +5,7 @@
 - :mod:`.worker` -- a service instance that runs a shell command per request;
 - :mod:`.caller` -- client-side balancing: the window, deadlines and retries, over
   :mod:`.callpool` (connections to instances) and :mod:`.callio` (input and ordered output);
+- :mod:`.pins` -- secure mode: which instances found may be used, each pinned to its key;
 - :mod:`.broker` -- the optional broker (``eda-lb serve``), with :mod:`.brokerqueue`,
   :mod:`.brokerworkers` and :mod:`.stats` (its figures, and asking for them);
 - :mod:`.tcp` -- the TCP proxy: :mod:`.dataplane` (moving bytes), :mod:`.planes`

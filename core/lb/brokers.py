@@ -4,6 +4,9 @@ found in the registry (or by mDNS), meta ``role=broker``, at their ``backend`` p
 A broker that moves is found again: the lookup runs every three heartbeats
 (1 to 3 s) off the worker's poll loop (:class:`~eda.core.presence.Finder`),
 and the worker asks :class:`BrokerFinder` for news once per heartbeat.
+
+Secure mode: only brokers whose key is trusted and allowed to call this
+worker (``--allow``) are served, each pinned to its key (:func:`.pins.usable`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from ..endpoint import Endpoint, valid_host
 from ..presence import Finder
 from ..registry import access as reg
 from ..registry.model import Instance
+from .pins import Ignored, usable
 
 Log = Callable[[str], None]
 
@@ -39,8 +43,11 @@ class BrokerFinder:
     was found since the last call (the first call always answers).
     """
 
-    def __init__(self, explicit: Sequence[Endpoint], finder: Finder | None) -> None:
+    def __init__(
+        self, explicit: Sequence[Endpoint], finder: Finder | None, on_ignored: Ignored | None = None
+    ) -> None:
         self.explicit, self.finder, self.first = list(explicit), finder, True
+        self.on_ignored = on_ignored  # secure mode: brokers found and left out, and why
 
     def __call__(self) -> list[str] | None:
         found = self.finder.take() if self.finder is not None else None
@@ -50,7 +57,7 @@ class BrokerFinder:
             found = []
         self.first = False
         endpoints = [e.zmq for e in self.explicit]
-        for inst in found:
+        for inst in usable(found, self.on_ignored, where=backend_endpoint, callers=True):
             backend = backend_endpoint(inst)
             if backend is not None:
                 endpoints.append(backend.zmq)
@@ -69,6 +76,7 @@ def find_brokers(
     *,
     heartbeat: float = 1.0,
     warn: Log = _quiet,
+    on_ignored: Ignored | None = None,
 ) -> BrokerFinder | None:
     """A started :class:`BrokerFinder` for the brokers of *service* (none looked up when
     the worker's presence *mode* is ``none``), or None when there is nothing to serve."""
@@ -86,4 +94,4 @@ def find_brokers(
         finder.start()
     if finder is None and not explicit:
         return None
-    return BrokerFinder(explicit, finder)
+    return BrokerFinder(explicit, finder, on_ignored)

@@ -25,9 +25,16 @@ unless *unordered*).  This module is the requests' own part:
   of failing every input line in turn;
 - **once**: a request is answered at most once -- a late reply to an attempt
   that was already retried is taken if it comes first, and the later one is
-  ignored.
+  ignored;
+- **secure mode**: an instance that refuses this caller's key is never sent a
+  request; while others serve, that is a warning; when every instance found
+  refused it, the caller stops at once (:attr:`Summary.refused`) and each
+  refusal goes to :attr:`Caller.on_refused` (the error lines, exit 1).
 
 Each failed request is reported through *failed* with its input, and counted.
+Over 500 lines for a reason: a request's whole life (window, deadline,
+retries, answered once) is one subject; connections (:mod:`.callpool`) and
+input and output (:mod:`.callio`) are apart already.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Any
 
 import zmq
 
+from .. import security
 from ..daemon import Daemon, Log
 from ..errors import NotFoundError, ProtocolError
 from ..measure import percentile
@@ -50,6 +58,7 @@ from . import protocol as p
 from .balancer import Balancer
 from .callio import Input, Output
 from .callpool import PROBE_TIME, Conn, Pool, endpoint_of
+from .pins import Ignored, usable
 from .protocol import send_request
 
 LATENCIES = 200_000  # answered requests' latencies kept for the percentiles
@@ -90,6 +99,7 @@ class Summary:
     dropped_instances: int = 0
     no_instance: bool = False  # stopped: no live instance for too long (the rest not sent)
     no_instance_for: float = 0.0  # then: seconds without one
+    refused: bool = False  # then: because every instance refused this key (secure mode)
     unsent: int | None = None  # then: the first input line not sent (from 0), if any
     picks: dict[str, int] = field(default_factory=dict)
 
@@ -121,6 +131,7 @@ class Caller(Daemon):
     ) -> None:
         super().__init__(log, warn, interface=interface)
         self.out, self.failed_cb = out, failed
+        self.security = security.active()
         self.balancer = Balancer(strategy, slow_start=slow_start)
         self.timeout, self.retries, self.window = timeout, retries, max(1, window)
         self.unordered, self.heartbeat, self.max_request = unordered, heartbeat, max_request
@@ -159,6 +170,24 @@ class Caller(Daemon):
     def use(self, endpoints: Iterable[tuple[str, int]], *, final: bool = False) -> None:
         """Call these (endpoint, weight) pairs from now on (see :meth:`Pool.use`)."""
         self.pool.use(endpoints, final=final)
+
+    # secure mode (cli/secure.py's reports): instances found and left out, and those that
+    # refused this caller's key when no instance accepts it (see Pool.refusals)
+    @property
+    def on_ignored(self) -> Any:
+        return self.pool.on_ignored
+
+    @on_ignored.setter
+    def on_ignored(self, report: Any) -> None:
+        self.pool.on_ignored = report
+
+    @property
+    def on_refused(self) -> Any:
+        return self.pool.on_refused
+
+    @on_refused.setter
+    def on_refused(self, report: Any) -> None:
+        self.pool.on_refused = report
 
     def follow(self, finder: Any) -> None:
         """Take the instances *finder* (a :class:`~eda.core.presence.Finder`) keeps finding."""
@@ -433,6 +462,8 @@ class Caller(Daemon):
         come back, or to be found); for a first one, three heartbeats (1 s at least) after
         every instance found was tried -- one that is up answers its first ping at once."""
         assert self.empty_since is not None
+        if self.pool.all_refused():
+            return True  # nothing to wait for
         empty = now - self.empty_since
         if empty >= self.timeout:
             return True
@@ -456,6 +487,9 @@ class Caller(Daemon):
             elif unsent is None:
                 unsent = req
         self.summary.no_instance = True
+        if self.pool.all_refused():
+            self.summary.refused = True
+            self.pool.tell_refusals(fatal=True)
         if unsent is None and more:
             body = self.input.next_unsent()
             unsent = Request(self.next_seq, b"", body or b"")
@@ -503,15 +537,17 @@ class Caller(Daemon):
 
 
 def lookup_endpoints(
-    service: str, access: Any, *, via: bool = False
+    service: str, access: Any, *, via: bool = False, on_ignored: Ignored | None = None
 ) -> tuple[Any, list[tuple[str, int]]]:
     """A :class:`~.presence.Finder` of *service*'s workers (brokers with *via*) and the
-    instances it finds now; :class:`~eda.core.errors.NotFoundError` when there is none."""
+    instances it finds now; :class:`~eda.core.errors.NotFoundError` when there is none.
+    Secure mode: only those with a trusted key, pinned (:func:`.pins.usable`; the
+    others are told to *on_ignored*)."""
     from ..presence import Finder
 
     role = "broker" if via else "worker"
     finder = Finder(service, access, lambda i: i.meta.get("role") == role)
-    found = finder.once()
+    found = usable(finder.once(), on_ignored)
     if not found:
         what = "broker" if via else "worker"
         raise NotFoundError(f"no passing {what} of service {service!r} found")

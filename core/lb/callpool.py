@@ -16,7 +16,12 @@ answered a ping:
   first answer at once (and :data:`MAX_CONNS` connected): one that does not
   answer in three heartbeats is closed and the next one found is tried, so a
   flood of announced instances costs a bounded number of sockets and the real
-  ones are still reached in turn.
+  ones are still reached in turn;
+- **secure mode**: each connection is made with the key pinned for its
+  endpoint (:mod:`.pins`: instances found with an untrusted or no key are
+  left out); an instance whose handshake fails (it does not trust this
+  caller's key, or does not hold the key pinned) is closed, not tried again,
+  and told to *on_refused* with why.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from .. import security
 from ..endpoint import Endpoint
 from ..registry.model import Instance
-from ..sockets import connect
+from ..reqrep import pinned_key
+from ..sockets import connect, monitor_events
 from . import protocol as p
 from .balancer import Backend, Balancer
+from .pins import Ignored, usable
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -91,6 +99,15 @@ class Pool:
         self.daemon, self.balancer = daemon, balancer
         self.heartbeat, self.max_request, self.relookup = heartbeat, max_request, relookup
         self.on_replies, self.on_live, self.on_dead = on_replies, on_live, on_dead
+        # secure mode: instances found and left out, and why (an untrusted key...)
+        self.on_ignored: Ignored | None = None
+        # secure mode: (endpoint, why) of each instance that refused this key, when none
+        # accepts it (tell_refusals); while another serves, a warning says it
+        self.on_refused: Callable[[str, str], None] | None = None
+        self.what = "worker"  # what the instances are, in those messages (or "broker")
+        self.security = security.active()
+        self.refused: dict[str, str] = {}  # endpoint -> why its handshake failed
+        self.held: list[tuple[str, str]] = []  # refusals not told yet (none live so far)
         self.conns: dict[str, Conn] = {}
         self.candidates: dict[str, int] = {}  # found, not connected yet: endpoint -> weight
         self.wanted: dict[str, int] = {}  # the latest instances found
@@ -108,7 +125,7 @@ class Pool:
         for key, weight in endpoints:
             if Endpoint.from_peer(key) is None:
                 self.daemon.warn(f"warning: instance endpoint {key[:80]!r} is malformed: ignored")
-            else:
+            elif key not in self.refused:  # (refused this caller's key: not tried again)
                 wanted[key] = weight
         candidates = self.candidates
         for key in [k for k in candidates if k not in wanted]:
@@ -146,7 +163,7 @@ class Pool:
     def _apply_lookup(self) -> None:
         found = self.finder.take()
         if found is not None:
-            self.use((endpoint_of(i), i.weight) for i in found)
+            self.use((endpoint_of(i), i.weight) for i in usable(found, self.on_ignored))
 
     def _probe(self) -> None:
         """Connect to more of the instances found, within the bounds."""
@@ -186,13 +203,19 @@ class Pool:
         sock.setsockopt(zmq.RCVHWM, 0)
         endpoint = Endpoint.from_peer(conn.key)
         assert endpoint is not None  # checked by use()
-        connect(sock, endpoint)  # an IPv6 one needs ZeroMQ's IPV6 option: it says so
+        # a dead process's connection closes at once: act on that, not on heartbeats alone
+        # (and one that refuses the connection, announced but not there, is passed over;
+        # in secure mode, one that refuses this key is told at once): watched from before
+        # the connect, so that no handshake is missed
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        secure = self.security is not None
+        monitor = sock.get_monitor_socket(events | security.FAILURE_EVENTS if secure else events)
+        conn.monitor = monitor
+        # an IPv6 endpoint needs ZeroMQ's IPV6 option: connect says so; secure mode: the key
+        # pinned where the instance was found (or given)
+        connect(sock, endpoint, pinned_key(endpoint))
         conn.sock, conn.since = sock, time.monotonic()
         daemon.watch(sock, "replies", lambda: self.on_replies(conn, sock))
-        # a dead process's connection closes at once: act on that, not on heartbeats alone
-        # (and one that refuses the connection, announced but not there, is passed over)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
-        conn.monitor = monitor
         daemon.watch(monitor, "disconnects", lambda: self._on_disconnect(conn, sock))
         self._ping(conn)
 
@@ -201,17 +224,51 @@ class Pool:
         if conn.sock is not sock or monitor is None:
             return
         events = refused = 0
-        with contextlib.suppress(zmq.Again):
-            while True:
-                event = monitor.recv_multipart(zmq.NOBLOCK)
-                if int.from_bytes(event[0][:2], "little") == zmq.EVENT_CONNECT_RETRIED:
-                    refused += 1
-                else:
-                    events += 1
-        if events and (conn.backend is not None or conn.inflight):
+        failed = None
+        for event in monitor_events(monitor):
+            if event.event == zmq.EVENT_CONNECT_RETRIED:
+                refused += 1
+            elif event.event & security.FAILURE_EVENTS:
+                failed = failed or security.handshake_failure(event.event, event.value)
+            else:
+                events += 1
+        if failed is not None:
+            self._refused(conn, failed)
+        elif events and (conn.backend is not None or conn.inflight):
             self._dead(conn, time.monotonic(), "its connection closed")
         elif refused and conn.backend is None and not conn.inflight and self.candidates:
             self._pass_over(conn)  # not there: try the next instance found
+
+    def _refused(self, conn: Conn, why: str) -> None:
+        """Secure mode: *conn*'s handshake failed (why): closed for good, its requests
+        retried elsewhere, the caller told."""
+        self.refused[conn.key] = why
+        self.candidates.pop(conn.key, None)
+        requests = list(conn.inflight.values())
+        conn.inflight.clear()
+        conn.gone = True
+        self.close(conn)
+        self.held.append((conn.key, why))
+        if self.balancer:
+            self.tell_refusals(fatal=False)
+        if requests:
+            self.on_dead(requests, time.monotonic())
+        self._probe()
+
+    def tell_refusals(self, *, fatal: bool) -> None:
+        """Say the refusals not told yet: to :attr:`on_refused` when *fatal* (no instance
+        accepts this key), else as warnings (the others serve)."""
+        held, self.held = self.held, []
+        key = self.security.public_key if self.security is not None else ""
+        for endpoint, why in held:
+            if fatal and self.on_refused is not None:
+                self.on_refused(endpoint, why)
+            else:
+                others = "" if fatal else "; the others serve"
+                level = "error" if fatal else "warning"
+                self.daemon.warn(
+                    f"{level}: the {self.what} at {endpoint} {why} (eda-keys show: {key}){others}"
+                )
 
     def close(self, conn: Conn) -> None:
         """Close *conn*'s socket (and forget it if it is gone)."""
@@ -242,6 +299,8 @@ class Pool:
         conn.backend = self.balancer.add(conn.key, conn.weight, conn, warm=warm)
         self.ever_live = True
         self.daemon.log(f"instance {conn.key} is live")
+        if self.held:  # refused by some, served by this one: those refusals are warnings
+            self.tell_refusals(fatal=False)
         self.on_live()
 
     # -- liveness ------------------------------------------------------------------------------
@@ -288,6 +347,11 @@ class Pool:
         if self.ever_live or self.candidates:
             return False
         return all(now - c.since >= wait for c in self.conns.values())
+
+    def all_refused(self) -> bool:
+        """Secure mode: no instance ever answered, and every one found refused this
+        caller's key (or failed the handshake): nothing to wait for."""
+        return bool(self.refused) and not (self.ever_live or self.candidates or self.conns)
 
     def forget_requests(self) -> None:
         for conn in self.conns.values():

@@ -10,6 +10,11 @@ jitter (:meth:`BrokerLinks.schedule`), one no longer listed is told ``D``
 and left, and at most :data:`MAX_BROKERS` are served at once (anyone can
 announce one).  Requests from a broker go through the worker's own
 admission, as a caller's do.
+
+Secure mode: each link is a CURVE client of the broker's key, pinned where
+the broker was found or given (:mod:`.pins`); a broker that refuses this
+worker's key (its ``--allow``) is a rate-limited warning and is tried again
+with the backoff (the worker goes on serving its callers directly).
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from ..errors import ProtocolError
+from .. import security
+from ..endpoint import Endpoint
+from ..errors import ProtocolError, UsageError
+from ..reqrep import pinned_key
+from ..sockets import connect, monitor_events
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -111,10 +120,15 @@ class BrokerLinks:
         # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
         # say W again then, rather than wait to find it silent (watched from before the
         # connect, so that the first connection is counted)
-        link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        secure = security.active()
+        events = zmq.EVENT_CONNECTED | (security.FAILURE_EVENTS if secure is not None else 0)
+        link.monitor = sock.get_monitor_socket(events)
         try:
-            sock.connect(link.endpoint)
-        except zmq.ZMQError as exc:
+            endpoint = Endpoint.from_peer(link.endpoint)
+            if endpoint is None:
+                raise UsageError("malformed endpoint")
+            connect(sock, endpoint, pinned_key(endpoint))  # secure mode: the broker's key
+        except (zmq.ZMQError, UsageError) as exc:
             link.sock = sock
             self.drop(link)
             w.limited("broker", f"cannot connect to broker {link.endpoint}: {exc}")
@@ -135,14 +149,28 @@ class BrokerLinks:
     def _connected(self, link: BrokerLink, sock: zmq.Socket[bytes]) -> None:
         if link.sock is not sock or link.monitor is None:
             return
-        with contextlib.suppress(zmq.Again):
-            while True:
-                link.monitor.recv_multipart(zmq.NOBLOCK)
-                link.connects += 1
-                if link.connects > 1:  # the first connection carried the W sent at connect
-                    self.worker.log(f"reconnected to broker {link.endpoint}: ready again")
-                    link.last_seen = time.monotonic()
-                    self._ready(sock)
+        for event in monitor_events(link.monitor):
+            if event.event != zmq.EVENT_CONNECTED:
+                self._refused(link, event.event, event.value)
+                return
+            link.connects += 1
+            if link.connects > 1:  # the first connection carried the W sent at connect
+                self.worker.log(f"reconnected to broker {link.endpoint}: ready again")
+                link.last_seen = time.monotonic()
+                self._ready(sock)
+
+    def _refused(self, link: BrokerLink, kind: int, value: int) -> None:
+        """Secure mode: the broker's handshake failed (it does not trust this worker's
+        key, or does not hold the key pinned): say so, leave it, try again later."""
+        why = security.handshake_failure(kind, value) or "failed the secure handshake"
+        secure = security.active()
+        key = secure.public_key if secure is not None else ""
+        self.worker.limited(
+            f"refused:{link.endpoint}",
+            f"the broker at {link.endpoint} {why} (eda-keys show: {key}): not serving it",
+        )
+        self.drop(link)
+        self.schedule(link, time.monotonic())
 
     def schedule(self, link: BrokerLink, now: float) -> None:
         """When to try *link* again: its backoff, doubled each time, jittered +-50%."""

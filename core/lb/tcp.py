@@ -273,7 +273,11 @@ class TcpProxy:
 
 # -- following the registry ----------------------------------------------------------------
 def instances_of(records: Iterable[dict[str, Any]], warn: Log = _quiet) -> list[Backend]:
-    """Backends (addresses resolved) of the passing records."""
+    """Backends (addresses resolved) of the passing records; in secure mode only those
+    registered (or announced) under a trusted key: a forged record gets no traffic."""
+    from .. import security
+
+    secure = security.active() is not None
     found = []
     for record in records:
         if record.get("status") != "passing":
@@ -281,6 +285,11 @@ def instances_of(records: Iterable[dict[str, Any]], warn: Log = _quiet) -> list[
         meta = record.get("meta")
         if isinstance(meta, dict) and meta.get("role") == "proxy":
             continue  # a proxy's stats socket (core/lb/proxystats.py), never a backend
+        if secure:
+            key, why = security.admission(str(record.get("key", "")))
+            if key is None:
+                warn(f"warning: instance {record['id']}: {why}; left out")
+                continue
         host = resolve(str(record["host"]), int(record["port"]))
         if host is None:
             warn(f"instance {record['id']}: cannot resolve host {record['host']!r}; left out")
