@@ -5,7 +5,9 @@ The finding, caching and round trip are :class:`eda.core.reqrep.Client`'s;
 this module says only where coordinators are.  A commit is not idempotent:
 after a timeout the outcome is unknown, so it is never sent to a second
 coordinator (:attr:`failover` is off); a coordinator remembered or found that
-refuses connections is passed over before anything is sent.
+refuses connections is passed over before anything is sent.  Secure mode:
+the coordinator's key is pinned as the client base does it (``--coordinator
+NAME@tcp://...``, the cache, a trusted registry record or announcement).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class CoordinatorClient(reqrep.Client):
 
         if self.access is None:
             return []
-        found = (Endpoint.from_peer(e) for e in find_coordinators(self.access))
+        endpoints = find_coordinators(self.access, on_ignored=self.on_ignored)
+        found = (Endpoint.from_peer(e) for e in endpoints)
         return [e for e in found if e is not None]
 
     def none_found(self) -> EdaError:
