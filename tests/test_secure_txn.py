@@ -38,7 +38,7 @@ from tests.test_txn_2pc import ABORT, ACCOUNT, COMMIT, PREPARE
 
 helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
 
-TRUSTING = ("c1", "a1", "a2", "alice", "bob")  # trust one another; nobody trusts mallory
+TRUSTING = ("c1", "a1", "a2", "alice", "bob", "reg")  # trust one another, not mallory
 LISTENING = r"{what} {name} listening on (tcp://[^\s,]+)"
 
 
@@ -75,13 +75,14 @@ def holds(bank: Path) -> list[str]:
 
 def participant(
     procs: Procs, tmp_path: Path, who: Identity | None, name: str, *extra: str,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, find: tuple[str, ...] = ("--no-mdns",),
 ) -> tuple[Proc, str]:  # fmt: skip
-    """Bank account *name* as a participant (secure as *who*, plain when None)."""
+    """Bank account *name* as a participant (secure as *who*, plain when None), found
+    as *find* says (by default: only by those given its endpoint)."""
     head = ACCOUNT.format(dir=tmp_path / "bank", name=name)
     secure = ("--secure",) if who is not None else ()
     proc = procs.eda(
-        "eda-txn", "participant", name, *secure, "--no-mdns", "--log", str(tmp_path / "txn"),
+        "eda-txn", "participant", name, *secure, *find, "--log", str(tmp_path / "txn"),
         "--bind", "tcp://127.0.0.1:*", "--prepare", head + PREPARE.format(name=name),
         "--commit", head + COMMIT, "--abort", head + ABORT, "--inquire-after", "0.3", *extra,
         env={**(who.env if who else {}), **(env or {})},
@@ -91,15 +92,16 @@ def participant(
 
 def coordinator(
     procs: Procs, tmp_path: Path, who: Identity | None, peers: dict[str, str], *extra: str,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, find: tuple[str, ...] = ("--no-mdns",),
 ) -> tuple[Proc, str]:  # fmt: skip
-    """Coordinator c1 (secure as *who*, plain when None) asking *peers* (name: endpoint)."""
+    """Coordinator c1 (secure as *who*, plain when None) asking *peers* (name: endpoint),
+    the others found as *find* says."""
     secure = ("--secure",) if who is not None else ()
     given = [
         f"--peer={name}={name + '@' if who else ''}{endpoint}" for name, endpoint in peers.items()
     ]
     proc = procs.eda(
-        "eda-txn", "coordinator", "--name", "c1", *secure, "--no-mdns", "--log", str(tmp_path / "txn"),
+        "eda-txn", "coordinator", "--name", "c1", *secure, *find, "--log", str(tmp_path / "txn"),
         "--bind", "tcp://127.0.0.1:*", "--vote-timeout", "30", *given, *extra,
         env={**(who.env if who else {}), **(env or {})},
     )  # fmt: skip
@@ -145,6 +147,57 @@ def test_a_trusted_transfer_commits_in_secure_mode(procs: Procs, tmp_path, ids, 
     # the participants recorded the key the coordinator proved, to ask it when in doubt
     committed = [r for r in states(tmp_path, "a1").values() if r.get("state") == "committed"]
     assert [r["coordinator_key"] for r in committed] == [ids["c1"].public]
+
+
+def test_participants_found_through_a_secure_registry_are_pinned_to_their_proven_keys(
+    procs: Procs, tmp_path, ids, bank
+):
+    registry = procs.eda(
+        "eda-registry", "serve", "--secure", "--no-mdns", "--bind", "tcp://127.0.0.1:*",
+        "--data", str(tmp_path / "registry"), env=ids["reg"].env,
+    )  # fmt: skip
+    where = registry.wait_stderr(r"listening on (tcp://\S+)", 30)[1]
+    find = ("--no-mdns", "--registry", f"reg@{where}")
+    for name in ("a1", "a2"):
+        proc, _ = participant(procs, tmp_path, ids[name], name, find=find)
+        proc.wait_stderr("announced by registry", 15)
+    _, endpoint = coordinator(procs, tmp_path, ids["c1"], {}, find=find)
+    status, result, stderr = transfer(ids["alice"], endpoint, 30)
+    assert (status, result.get("outcome")) == (0, "committed"), stderr
+    assert balances(bank) == {"a1": 70, "a2": 130}
+
+
+def test_participants_announced_by_mdns_are_pinned_to_their_announced_keys(
+    procs: Procs, tmp_path, ids, bank
+):
+    for name in ("a1", "a2"):
+        proc, _ = participant(procs, tmp_path, ids[name], name, find=())
+        proc.wait_stderr("announced by mDNS", 15)
+    _, endpoint = coordinator(procs, tmp_path, ids["c1"], {}, find=())
+    status, result, stderr = transfer(ids["alice"], endpoint, 30)
+    assert (status, result.get("outcome")) == (0, "committed"), stderr
+    assert balances(bank) == {"a1": 70, "a2": 130}
+    # a client finds the coordinator by mDNS too, its key pinned from the announcement
+    found = run("eda-txn", "commit", "--secure", "-p", "a1,a2", "--json", "--data",
+                json.dumps({"from": "a2", "to": "a1", "amount": 5}), env=ids["alice"].env)  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert balances(bank) == {"a1": 75, "a2": 125}
+
+
+def test_allow_on_the_coordinator_names_the_clients_that_may_start_transactions(
+    procs: Procs, tmp_path, ids, bank
+):
+    _, a1 = participant(procs, tmp_path, ids["a1"], "a1")
+    _, a2 = participant(procs, tmp_path, ids["a2"], "a2")
+    allowed = ("--allow", "alice", "--allow", "a1", "--allow", "a2")
+    _, endpoint = coordinator(procs, tmp_path, ids["c1"], {"a1": a1, "a2": a2}, *allowed)
+    status, result, stderr = transfer(ids["alice"], endpoint, 30)
+    assert (status, result.get("outcome")) == (0, "committed"), stderr
+    status, _, stderr = transfer(ids["bob"], endpoint, 30)  # trusted, but not allowed
+    bob = ids["bob"].public
+    refused = f"the coordinator at {endpoint} does not trust this key (eda-keys show: {bob})"
+    assert (status, stderr.strip()) == (1, f"eda-txn: error: {refused}")
+    assert balances(bank) == {"a1": 70, "a2": 130}
 
 
 def test_an_untrusted_client_is_refused_at_once_with_the_message(procs, tmp_path, ids, bank):
