@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.helpers import (
     MdnsResponder,
     Proc,
     Procs,
+    half_handshakes,
     run,
     service_records,
     wait_until,
@@ -344,16 +344,8 @@ def test_garbage_and_half_handshakes_do_not_stop_secure_daemons(procs, tmp_path,
     _, a1 = participant(procs, tmp_path, ids["a1"], "a1")
     _, a2 = participant(procs, tmp_path, ids["a2"], "a2")
     _, endpoint = coordinator(procs, tmp_path, ids["c1"], {"a1": a1, "a2": a2})
-    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00")
-    greeting += b"\x00" * 32
-    held = []
+    held = half_handshakes([endpoint, a1])
     try:
-        for target in (endpoint, a1):
-            host, port = target.removeprefix("tcp://").rsplit(":", 1)
-            for payload in (b"garbage" * 100, greeting, greeting + b"\x04\xff" + b"\x00" * 300):
-                conn = socket.create_connection((host, int(port)))
-                conn.sendall(payload)  # garbage, a greeting and no HELLO, a broken HELLO
-                held.append(conn)
         for amount in (10, 20, 30):
             status, result, stderr = transfer(ids["alice"], endpoint, amount)
             assert (status, result.get("outcome")) == (0, "committed"), stderr
