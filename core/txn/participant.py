@@ -386,7 +386,7 @@ class Participant(Daemon):
         crash.point(ROLE, "before-vote-logged")
         if result.ok:
             # secure mode: the key the coordinator proved, to pin when asking it in doubt
-            proven = {"coordinator_key": self.service.peer} if self.service.peer else {}
+            proven = {"coordinator_key": key} if (key := self.service.sender_key) else {}
             self._record(txn, PREPARED, **proven)
             self._voted = True
             return {"vote": "yes"}
