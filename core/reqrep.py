@@ -288,11 +288,8 @@ class Refused(EdaError):
 
 def handshake_refusal(monitor: zmq.Socket[bytes] | None) -> str | None:
     """Why a secure handshake failed, from what *monitor* received so far, or None."""
-    from zmq.utils.monitor import recv_monitor_message
-
-    while monitor is not None and monitor.poll(0):
-        event = recv_monitor_message(monitor)
-        why = security.handshake_failure(event["event"], event["value"])
+    for event in sockets.monitor_events(monitor):
+        why = security.handshake_failure(event.event, event.value)
         if why is not None:
             return why
     return None
