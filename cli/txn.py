@@ -98,16 +98,27 @@ def _register(daemon: Any, service: str, access: Any, ctx: Context, **kw: Any) -
         return None
 
 
-def _reports(ctx: Context, peers: str) -> Any:
-    """What secure mode skips among the *peers* found (cli/secure.py), for lookups
-    that are not a client's: ``on_ignored`` is told of each."""
+def _reports(ctx: Context, node: Any, peers: str) -> Any:
+    """Report what secure mode skips among the *peers* *node* finds (cli/secure.py's
+    rules: a key not trusted is a rate-limited warning, the rest is shown with -v);
+    *node* is a finder, or None for lookups of the caller's own (the reports returned)."""
     from types import SimpleNamespace
 
+    from eda.cli.secure import UNTRUSTED_EVERY
     from eda.core import security
 
-    reports = SimpleNamespace(security=security.active(), on_ignored=None, on_refused=None)
-    secure_reports(ctx, reports, peers)
-    return reports
+    if node is None:
+        node = SimpleNamespace(security=security.active(), on_ignored=None, on_refused=None)
+    secure_reports(ctx, node, peers)
+
+    def skipped(text: str) -> None:  # an announcement the registry's lookup left out
+        if "is not trusted" in text and ctx.due("untrusted", UNTRUSTED_EVERY):
+            ctx.warn(f"warning: {text}")
+        else:
+            ctx.debug(text)
+
+    node.on_skipped = skipped
+    return node
 
 
 @command.command(
@@ -201,7 +212,7 @@ def coordinator(
     name = check_name(name or default_name(), "coordinator name")
     access = _access(registries, interface, no_mdns, serverless, ctx)
     directory = Directory(parse_peers(peers), access=access)
-    secure_reports(ctx, directory, "participant")
+    _reports(ctx, directory, "participant")
     coord = Coordinator(
         name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
@@ -360,10 +371,12 @@ def participant(
         commands = {"prepare": prepare_cmd, "commit": commit_cmd, "abort": abort_cmd}
         actions = ShellActions(name, commands, timeout=action_timeout)
     access = _access(registries, interface, no_mdns, serverless, ctx)
-    reports = _reports(ctx, "coordinator")
+    reports = _reports(ctx, None, "coordinator")
 
     def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)
-        return find_coordinators(access, coordinator, reports.on_ignored) if access else []
+        if access is None:
+            return []
+        return find_coordinators(access, coordinator, reports.on_ignored, reports.on_skipped)
 
     try:
         part = Participant(
@@ -506,7 +519,7 @@ def commit(
     )
     access = _access(registries, interface, no_mdns, serverless, ctx)
     client = CoordinatorClient(coordinator, access, wait)  # (secure mode: KEY@ENDPOINT checked)
-    secure_reports(ctx, client, "coordinator")
+    _reports(ctx, client, "coordinator")
     if client.explicit and not tcp_reachable(client.explicit[0], 1.0):
         where = client.explicit[0].zmq
         ctx.error(f"cannot reach the coordinator at {where}: nothing was committed")
@@ -641,7 +654,7 @@ def resolve(
 
     access = _access(registries, interface, no_mdns, serverless, ctx)
     directory = Directory(access=access)
-    secure_reports(ctx, directory, "participant")
+    _reports(ctx, directory, "participant")
     targets = whom(log_dir, txn_id, coordinator, names, directory)
     if not targets:
         which = txn_id or "the transactions selected"

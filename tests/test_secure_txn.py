@@ -258,7 +258,10 @@ def test_a_forged_announcement_of_a_participant_gets_nothing(procs, tmp_path, id
     finally:
         responder.close()
     assert (status, result.get("outcome")) == (5, "aborted"), stderr
-    assert result["reason"].startswith("participant a2 not found"), result
+    mallory = ids["mallory"].public
+    ignored = f"instance txn-a2/forged at 127.0.0.1:{port}: its key {mallory} is not trusted"
+    assert result["reason"].startswith(f"participant a2 not found (ignored {ignored}"), result
+    assert f"warning: ignoring {ignored}" in coord.stderr  # said on the coordinator's side
     assert not (forger_log / "prepared").exists()
     assert balances(bank) == {"a1": 100, "a2": 100}
 
@@ -435,7 +438,7 @@ def test_a_lookup_uses_only_records_with_a_trusted_key_and_pins_it(ids, monkeypa
 
     records = [record(7001, ids["a2"].public), record(7002, ids["mallory"].public),
                record(7003, "")]  # fmt: skip
-    monkeypatch.setattr(txn_directory, "find_instances", lambda service, access: records)
+    monkeypatch.setattr(txn_directory, "find_instances", lambda service, access, **kw: records)
     keys_dir = ids["c1"].home / "eda" / "keys"
     security.enable(keys_dir / "id.key", keys_dir / "trusted")
     try:

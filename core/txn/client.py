@@ -12,6 +12,7 @@ NAME@tcp://...``, the cache, a trusted registry record or announcement).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .. import reqrep
@@ -35,13 +36,14 @@ class CoordinatorClient(reqrep.Client):
     def __init__(self, coordinator: Endpoint | str | None, access: Any, timeout: float) -> None:
         super().__init__([coordinator] if coordinator else [], timeout=timeout)
         self.access = access
+        self.on_skipped: Callable[[str], None] | None = None  # an announcement left out
 
     def discover(self) -> list[Endpoint]:
         from .directory import find_coordinators
 
         if self.access is None:
             return []
-        endpoints = find_coordinators(self.access, on_ignored=self.on_ignored)
+        endpoints = find_coordinators(self.access, None, self.on_ignored, self.on_skipped)
         found = (Endpoint.from_peer(e) for e in endpoints)
         return [e for e in found if e is not None]
 

@@ -35,6 +35,10 @@ Ignored = Callable[[Any, str], None]  # (peer: id, endpoint, key; why) of an ins
 MAX_SKIPPED = 1024  # names whose last lookup skipped instances, remembered for the reason
 
 
+def _quiet(_text: str) -> None:
+    pass
+
+
 class LookupFailed(TxnError):
     """A lookup that got no answer (no registry answered): it says nothing about the name."""
 
@@ -210,6 +214,7 @@ class Directory:
         self.security = security.active()
         self.on_ignored: Ignored | None = None
         self.on_refused: Callable[[str, str], None] | None = None  # (set by secure_reports)
+        self.on_skipped: Callable[[str], None] | None = None  # an announcement left out
         self.skipped: dict[str, str] = {}  # name -> why its instances were not used
 
     def _lookup(self, name: str) -> list[str]:
@@ -217,12 +222,18 @@ class Directory:
             return []
         skipped: list[str] = []
 
-        def ignored(peer: Any, why: str) -> None:
+        def ignored(peer: Any, why: str) -> None:  # a registry record
             skipped.append(f"{peer.endpoint}: {why}")
             if self.on_ignored is not None:
                 self.on_ignored(peer, why)
 
-        found = usable(find_instances(participant_service(name), self.access), ignored)
+        def heard(text: str) -> None:  # an announcement the lookup left out
+            skipped.append(text.removeprefix("ignoring "))
+            if self.on_skipped is not None:
+                self.on_skipped(text)
+
+        service = participant_service(name)
+        found = usable(find_instances(service, self.access, skipped=heard), ignored)
         if skipped and (name in self.skipped or len(self.skipped) < MAX_SKIPPED):
             more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
             self.skipped[name] = skipped[0] + more
@@ -262,11 +273,15 @@ class Directory:
 
 
 def find_instances(
-    service: str, access: Any, keep: Callable[[Any], bool] = lambda _inst: True
+    service: str,
+    access: Any,
+    keep: Callable[[Any], bool] = lambda _inst: True,
+    skipped: Callable[[str], None] | None = None,
 ) -> list[Any]:
     """The instances of *service* that *keep* accepts: the registry's; where it has
     none (daemons that announced themselves by mDNS before it started) or does not
-    answer, what mDNS knows.
+    answer, what mDNS knows.  *skipped* hears of each announcement secure mode left
+    out (an untrusted or missing key: one line each).
 
     Raises :class:`LookupFailed` when no registry answered and mDNS knows
     nothing either: that is no answer, not "not found".
@@ -283,7 +298,7 @@ def find_instances(
     except EdaError as exc:
         failure, found = exc, []
     if not found and not access.serverless and access.mdns:
-        heard = serverless.lookup(service, False, access.interface)
+        heard = serverless.lookup(service, False, access.interface, log=skipped or _quiet)
         found = [i for i in heard if i.service == service and keep(i)]
     if not found and failure is not None:
         raise LookupFailed(str(failure))
@@ -324,13 +339,17 @@ def pin_trusted(endpoint: str, key: object) -> None:
 
 
 def find_coordinators(
-    access: Any, name: str | None = None, on_ignored: Ignored | None = None
+    access: Any,
+    name: str | None = None,
+    on_ignored: Ignored | None = None,
+    skipped: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Endpoints of coordinators (the one called *name* only), from the registry or mDNS
-    (secure mode: trusted keys only, see :func:`usable`)."""
+    (secure mode: trusted keys only, see :func:`usable` and :func:`find_instances`)."""
     found = find_instances(
-        COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name
-    )
+        COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name,
+        skipped,
+    )  # fmt: skip
     return usable(found, on_ignored)
 
 
