@@ -71,6 +71,7 @@ class Peer:
         where = Endpoint.from_peer(endpoint)
         if where is None:
             raise ProtocolError(f"cannot connect to {printable(endpoint, 80)}: not tcp://HOST:PORT")
+        self.where = where
         secure = security.active() is not None
         self.key = reqrep.pinned_key(where) if secure else None  # the server key it pins
         if secure and self.key is None:
@@ -221,10 +222,7 @@ class Peers:
         handshake), or secure mode pinned another key for its endpoint since."""
         if peer.retry_due():
             return True
-        if peer.key is None:
-            return False
-        where = Endpoint.from_peer(peer.endpoint)
-        return where is not None and reqrep.pinned_key(where) not in (None, peer.key)
+        return peer.key is not None and reqrep.pinned_key(peer.where) not in (None, peer.key)
 
     def _drop(self, endpoint: str) -> None:
         old = self.by_endpoint.pop(endpoint)
