@@ -19,12 +19,16 @@ from eda.cli.common import Context, Exit, Terminated, registry_access, run
 from eda.cli.options import (
     LOG_HELP,
     SECONDS,
+    allow_option,
+    apply_security,
     common_options,
     json_option,
     output_options,
     registry_option,
+    security_options,
 )
 from eda.cli.output import Output, for_terminal
+from eda.cli.secure import secure_reports
 from eda.cli.txnsaga import saga
 from eda.cli.txnstatus import status
 from eda.core.errors import EdaError, ExitStatus, NotFoundError
@@ -40,6 +44,7 @@ Examples:
   eda-txn saga order.toml --data '{"order": 7}'     run a saga; progress as JSON Lines
   eda-txn saga --resume ID                          continue a saga after a crash
   eda-txn status                                    where transactions and sagas stand
+  eda-txn commit --secure -p stock,pay              CURVE: trusted keys only (eda-keys)
 """
 
 
@@ -93,12 +98,37 @@ def _register(daemon: Any, service: str, access: Any, ctx: Context, **kw: Any) -
         return None
 
 
+def _reports(ctx: Context, node: Any, peers: str) -> Any:
+    """Report what secure mode skips among the *peers* *node* finds (cli/secure.py's
+    rules: a key not trusted is a rate-limited warning, the rest is shown with -v);
+    *node* is a finder, or None for lookups of the caller's own (the reports returned)."""
+    from types import SimpleNamespace
+
+    from eda.cli.secure import UNTRUSTED_EVERY
+    from eda.core import security
+
+    if node is None:
+        node = SimpleNamespace(security=security.active(), on_ignored=None, on_refused=None)
+    secure_reports(ctx, node, peers)
+
+    def skipped(text: str) -> None:  # an announcement the registry's lookup left out
+        if "is not trusted" in text and ctx.due("untrusted", UNTRUSTED_EVERY):
+            ctx.warn(f"warning: {text}")
+        else:
+            ctx.debug(text)
+
+    node.on_skipped = skipped
+    return node
+
+
 @command.command(
     epilog="""\b
 Examples:
   eda-txn coordinator --log ./txn                    announced by mDNS (or a registry)
   eda-txn coordinator --name c2 --bind 'tcp://*:7731' --log ./txn
   eda-txn coordinator --no-mdns --peer stock=tcp://10.0.0.7:7741 --peer pay=tcp://10.0.0.8:7742
+  eda-txn coordinator --secure --allow shop --allow stock --allow pay --log ./txn
+  eda-txn coordinator --secure --no-mdns --peer stock=stock@tcp://10.0.0.7:7741
 """
 )
 @click.option(
@@ -115,7 +145,8 @@ Examples:
     "peers",
     multiple=True,
     metavar="NAME=ENDPOINT",
-    help="Where participant NAME listens, without discovery (repeatable).",
+    help="Where participant NAME listens, without discovery (repeatable); with --secure "
+    "NAME=KEY@ENDPOINT, KEY the trusted name of its key (eda-keys list).",
 )
 @click.option(
     "--vote-timeout",
@@ -133,6 +164,8 @@ Examples:
     metavar="SECONDS",
     help="Longest pause between two deliveries of a decision not yet acknowledged.",
 )
+@allow_option
+@security_options
 @registry_option
 @common_options
 def coordinator(
@@ -142,6 +175,10 @@ def coordinator(
     peers: tuple[str, ...],
     vote_timeout: float,
     retry_max: float,
+    allow: tuple[str, ...],
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     registries: tuple[str, ...],
     serverless: bool,
     config: str | None,
@@ -158,6 +195,12 @@ def coordinator(
     the registry, else mDNS.  Announced as the service txn-coordinator.  A
     --bind port of '*' is remembered next to the journal: restarted with the
     same command, the coordinator listens where its clients expect it.
+
+    With --secure only trusted keys (eda-keys) reach it, and it asks only
+    participants whose key it trusts (pinned from the registry record, the
+    announcement, or --peer NAME=KEY@ENDPOINT); one skipped is a warning.
+    --allow NAME limits who may call it: the clients that start transactions,
+    and the participants, which ask it about transactions in doubt.
     """
     from eda.core.txn.advertise import advertised, default_name
     from eda.core.txn.coordinator import Coordinator, journal_path
@@ -165,9 +208,11 @@ def coordinator(
     from eda.core.txn.protocol import COORDINATOR_SERVICE, check_name
 
     ctx = Context("eda-txn", verbose)
+    apply_security(secure, key_file, trust_dir, allow)
     name = check_name(name or default_name(), "coordinator name")
     access = _access(registries, interface, no_mdns, serverless, ctx)
     directory = Directory(parse_peers(peers), access=access)
+    _reports(ctx, directory, "participant")
     coord = Coordinator(
         name, log_dir, directory=directory, bind=bind, vote_timeout=vote_timeout,
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
@@ -201,6 +246,7 @@ Examples:
   eda-txn participant stock --prepare ./reserve.sh --commit ./confirm.sh --abort ./release.sh
   eda-txn participant pay --persistent -- ./pay-agent
   eda-txn participant bank --bind 'tcp://*:7741' --prepare 'jq -e ".amount < 100"'
+  eda-txn participant stock --secure --allow c1 --prepare ./reserve.sh --commit ./confirm.sh
 """
 )
 @click.argument("name")
@@ -245,6 +291,8 @@ Examples:
     metavar="SECONDS",
     help="Ask the coordinator for the outcome of a transaction prepared this long ago.",
 )
+@allow_option
+@security_options
 @registry_option
 @common_options
 def participant(
@@ -258,6 +306,10 @@ def participant(
     bind: str,
     action_timeout: float,
     inquire_after: float,
+    allow: tuple[str, ...],
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     registries: tuple[str, ...],
     serverless: bool,
     config: str | None,
@@ -289,6 +341,11 @@ def participant(
     txn-NAME (registry, else mDNS) so coordinators find it by name.  A --bind
     port of '*' (the default) is remembered next to the journal: restarted
     with the same command, the participant listens where coordinators found it.
+
+    With --secure only trusted keys (eda-keys) may call it; --allow NAME
+    limits that to those names (the coordinators, and the operators who run
+    `resolve`).  A coordinator it does not allow is refused before any
+    request: its transactions abort, saying so.
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
     from eda.core.txn.advertise import advertised
@@ -297,6 +354,7 @@ def participant(
     from eda.core.txn.protocol import check_name
 
     ctx = Context("eda-txn", verbose)
+    apply_security(secure, key_file, trust_dir, allow)
     check_name(name, "participant name")
     actions: Actions
     if persistent:
@@ -313,9 +371,12 @@ def participant(
         commands = {"prepare": prepare_cmd, "commit": commit_cmd, "abort": abort_cmd}
         actions = ShellActions(name, commands, timeout=action_timeout)
     access = _access(registries, interface, no_mdns, serverless, ctx)
+    reports = _reports(ctx, None, "coordinator")
 
     def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)
-        return find_coordinators(access, coordinator) if access else []
+        if access is None:
+            return []
+        return find_coordinators(access, coordinator, reports.on_ignored, reports.on_skipped)
 
     try:
         part = Participant(
@@ -354,6 +415,7 @@ Examples:
   eda-txn commit --participants stock,pay --data '{"order": 7, "qty": 2}'
   echo '{"order": 8}' | eda-txn commit --participants stock,pay --data -
   eda-txn commit -p stock -p pay --timeout 2 --format '{outcome} {txn}' || echo "exit $?"
+  eda-txn commit --secure --coordinator c1@tcp://10.0.0.5:7730 -p stock,pay --data @order.json
 """
 )
 @click.option(
@@ -375,7 +437,8 @@ Examples:
 @click.option(
     "--coordinator",
     metavar="ENDPOINT",
-    help="Coordinator to ask (default: the last one found, else discovery).",
+    help="Coordinator to ask (default: the last one found, else discovery); with --secure "
+    "KEY@ENDPOINT, KEY the trusted name of its key (eda-keys list).",
 )
 @click.option(
     "--timeout",
@@ -395,6 +458,7 @@ Examples:
     f"Print the result from a template. Fields: {', '.join(RESULT_FIELDS)}.",
     "JSON even on a terminal.",
 )
+@security_options
 @registry_option
 @common_options
 def commit(
@@ -405,6 +469,9 @@ def commit(
     wait: float | None,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     registries: tuple[str, ...],
     serverless: bool,
     config: str | None,
@@ -425,7 +492,8 @@ def commit(
       4  no answer from the coordinator within --wait: the outcome is
          unknown (see `status`); or the --coordinator given refused the
          connection: nothing was sent, nothing committed
-      3  no coordinator found;  2  bad options or --data;  1  refused
+      3  no coordinator found;  2  bad options or --data;  1  refused (with
+         --secure: also a coordinator that does not trust this key)
     """
     from eda.core.reqrep import Unavailable, tcp_reachable
     from eda.core.txn.client import CoordinatorClient
@@ -433,6 +501,7 @@ def commit(
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
     ctx = Context("eda-txn", verbose)
+    apply_security(secure, key_file, trust_dir)
     names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
     try:
         check_participants(names)
@@ -449,10 +518,12 @@ def commit(
         ctx, template=template, fields=RESULT_FIELDS, force_json=force_json, terminal=_result_text
     )
     access = _access(registries, interface, no_mdns, serverless, ctx)
-    if coordinator and not tcp_reachable(coordinator, 1.0):
-        ctx.error(f"cannot reach the coordinator at {coordinator}: nothing was committed")
+    client = CoordinatorClient(coordinator, access, wait)  # (secure mode: KEY@ENDPOINT checked)
+    _reports(ctx, client, "coordinator")
+    if client.explicit and not tcp_reachable(client.explicit[0], 1.0):
+        where = client.explicit[0].zmq
+        ctx.error(f"cannot reach the coordinator at {where}: nothing was committed")
         raise Exit(ExitStatus.TIMEOUT)
-    client = CoordinatorClient(coordinator, access, wait)
     msg: dict[str, Any] = {"op": "commit", "participants": names, "data": payload}
     if timeout is not None:
         msg["timeout"] = timeout
@@ -523,6 +594,7 @@ Examples:
 )
 @click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
 @json_option("JSON even on a terminal.")
+@security_options
 @registry_option
 @common_options
 def resolve(
@@ -535,6 +607,9 @@ def resolve(
     unanswered: bool,
     log_dir: str,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     registries: tuple[str, ...],
     serverless: bool,
     config: str | None,
@@ -550,12 +625,15 @@ def resolve(
     heuristic hazard (see `status`) instead of hiding it.  Prints one line
     per transaction settled at a participant.  Exit status: 0 done, 3 none
     in doubt (or matching), 1 a participant failed or could not be reached.
+    With --secure, a participant is asked under the key its journal records
+    (or its registry record), when that key is trusted.
     """
     from eda.core.txn.directory import Directory
     from eda.core.txn.protocol import check_name, check_txn
     from eda.core.txn.resolve import settle, whom
 
     ctx = Context("eda-txn", verbose)
+    apply_security(secure, key_file, trust_dir)
     if commit == abort:
         raise click.UsageError(
             "say --commit or --abort" if not commit else "--commit and --abort conflict: say one"
@@ -575,7 +653,9 @@ def resolve(
         raise click.UsageError(str(exc)) from None
 
     access = _access(registries, interface, no_mdns, serverless, ctx)
-    targets = whom(log_dir, txn_id, coordinator, names, Directory(access=access))
+    directory = Directory(access=access)
+    _reports(ctx, directory, "participant")
+    targets = whom(log_dir, txn_id, coordinator, names, directory)
     if not targets:
         which = txn_id or "the transactions selected"
         raise NotFoundError(f"no participant in {log_dir} is in doubt about {which}")

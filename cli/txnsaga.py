@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.common import Context, Exit, Terminated, write_stdout
-from eda.cli.options import common_options, output_options, registry_option
+from eda.cli.options import (
+    apply_security,
+    common_options,
+    output_options,
+    registry_option,
+    security_options,
+)
 from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.errors import ExitStatus, UsageError
 
@@ -29,6 +35,7 @@ Examples:
   eda-txn saga order.toml --id order-7 --data @order.json   your own id; the data from a file
   eda-txn saga --resume order-7                    go on after a crash, or retry a stuck saga
   eda-txn saga order.toml | jq -c 'select(.event == "step-failed")'
+  eda-txn saga --secure order.toml --data @order.json   publish and call steps over CURVE
 """
 
 SAGA_FIELDS = (
@@ -89,6 +96,7 @@ SAGA_COLOURS = {
     f"Fields: {', '.join(SAGA_FIELDS)}.  With --dry-run, one line per step; "
     f"fields: {', '.join(PLAN_FIELDS)}."
 )
+@security_options
 @registry_option
 @common_options
 def saga(
@@ -102,6 +110,9 @@ def saga(
     force: bool,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     registries: tuple[str, ...],
     serverless: bool,
     config: str | None,
@@ -118,6 +129,10 @@ def saga(
     as the log.  Exit status: 0 completed, 5 compensated (aborted), 1 stuck
     (a compensation failed for good: fix the cause, then --resume).
 
+    With --secure, publish steps reach only subscribers whose key is trusted
+    and call steps only workers whose key is trusted (a step's connect
+    endpoints then name the key: NAME@tcp://HOST:PORT).
+
     'eda-txn saga init [FILE]' writes a commented template to FILE
     (saga.toml by default, - for stdout).
     """
@@ -126,6 +141,7 @@ def saga(
     from eda.core.txn.data import read_data
 
     ctx = Context("eda-txn", verbose)
+    apply_security(secure, key_file, trust_dir)
     if file == "init" and resume is None and not dry_run:
         _saga_init(ctx, init_file or "saga.toml", force)
         return

@@ -377,3 +377,18 @@ class Capture:
         self.thread.join(5)
         self.sock.close()
         return bytes(self.data)
+
+
+def half_handshakes(endpoints: Sequence[str]) -> list[socket.socket]:
+    """Hostile connections to each ``tcp://HOST:PORT`` of *endpoints*, held open: garbage,
+    a ZMTP greeting asking for CURVE and no HELLO, a broken HELLO (the caller closes them)."""
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00")
+    greeting += b"\x00" * 32
+    held = []
+    for where in endpoints:
+        host, port = where.removeprefix("tcp://").rsplit(":", 1)
+        for payload in (b"garbage" * 100, greeting, greeting + b"\x04\xff" + b"\x00" * 300):
+            conn = socket.create_connection((host, int(port)))
+            conn.sendall(payload)
+            held.append(conn)
+    return held

@@ -5,11 +5,14 @@ The finding, caching and round trip are :class:`eda.core.reqrep.Client`'s;
 this module says only where coordinators are.  A commit is not idempotent:
 after a timeout the outcome is unknown, so it is never sent to a second
 coordinator (:attr:`failover` is off); a coordinator remembered or found that
-refuses connections is passed over before anything is sent.
+refuses connections is passed over before anything is sent.  Secure mode:
+the coordinator's key is pinned as the client base does it (``--coordinator
+NAME@tcp://...``, the cache, a trusted registry record or announcement).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .. import reqrep
@@ -33,13 +36,15 @@ class CoordinatorClient(reqrep.Client):
     def __init__(self, coordinator: Endpoint | str | None, access: Any, timeout: float) -> None:
         super().__init__([coordinator] if coordinator else [], timeout=timeout)
         self.access = access
+        self.on_skipped: Callable[[str], None] | None = None  # an announcement left out
 
     def discover(self) -> list[Endpoint]:
         from .directory import find_coordinators
 
         if self.access is None:
             return []
-        found = (Endpoint.from_peer(e) for e in find_coordinators(self.access))
+        endpoints = find_coordinators(self.access, None, self.on_ignored, self.on_skipped)
+        found = (Endpoint.from_peer(e) for e in endpoints)
         return [e for e in found if e is not None]
 
     def none_found(self) -> EdaError:

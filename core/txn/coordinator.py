@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import security
 from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError
 from . import crash
@@ -128,7 +129,7 @@ class Coordinator(Daemon):
         state = port_file(f"coordinator-{name}", log_dir, f"coordinator-{name}.port")
         self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
-        self.peers = Peers(self)
+        self.peers = Peers(self, roles=("participant", "coordinator"))
         self.directory.attach(self, self.found)
         self.recover(decided)
         self.every(0.05, "vote timeouts and phase two", self.retry)
@@ -142,7 +143,7 @@ class Coordinator(Daemon):
         try:
             peer = self.peers.get(endpoint)
         except EdaError as exc:  # an endpoint zmq refuses (an odd announcement): a failed ask
-            failed = {"ok": False, "error": str(exc)}
+            failed = {"ok": False, "error": str(exc), "unasked": True}
             self.after(0, "ask", lambda: callback(failed))
             return
         old = txn.asked.get(name)
@@ -322,10 +323,10 @@ class Coordinator(Daemon):
         yes = reply is not None and reply.get("ok") is True and reply.get("vote") == "yes"
         txn.votes[name] = "yes" if yes else "no"
         if not yes:
-            txn.acked.add(name)  # a no vote aborted there already
+            txn.acked.add(name)  # a no vote aborted there already (a refusal: nothing came)
             why = reply.get("reason") or reply.get("error") if reply else None
-            detail = f": {printable(why, 200)}" if why else ""
-            self.decide(txn, ABORT, f"{name} voted no{detail}")
+            detail = f": {printable(why, 300)}" if why else ""
+            self.decide(txn, ABORT, f"{name} {_no_vote(reply)}{detail}")
         elif len(txn.votes) == len(txn.participants):
             self.decide(txn, COMMIT, "")
 
@@ -482,3 +483,16 @@ class Coordinator(Daemon):
             self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()
+            secure = security.active()
+            if secure is not None:
+                secure.release(self.zctx)  # its ZAP handler, before the context ends
+
+
+def _no_vote(reply: dict[str, Any] | None) -> str:
+    """How a participant's missing yes is told: it voted no, refused this coordinator's
+    key (secure mode: it never saw the prepare), or could not be asked at all."""
+    if reply is not None and reply.get("refused") is True:
+        return "refused"
+    if reply is not None and reply.get("unasked") is True:
+        return "could not be asked"
+    return "voted no"

@@ -5,6 +5,12 @@ A participant or a coordinator is found by name: an explicit endpoint
 its lookups run in a background thread, :class:`Lookups`, never in the poll
 loop).  A daemon stays registered through :class:`Registration` (the work is
 :class:`~eda.core.presence.Presence`'s).
+
+Secure mode: what is found carries the key to pin (:func:`usable`): a
+registry record's key (the one its registry's handshake proved) or the
+announced ``k=``; an instance whose key is missing or not trusted is never
+used, and the lookup says why (:meth:`Directory.missing`).  An explicit
+``--peer NAME=KEY@tcp://HOST:PORT`` names a trusted key (:func:`parse_peers`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,23 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
+from .. import reqrep, security
 from ..daemon import Daemon
 from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
 from ..reqrep import client_endpoint
 from .protocol import COORDINATOR_SERVICE, TxnError, check_name, printable
+
+Ignored = Callable[[Any, str], None]  # (peer: id, endpoint, key; why) of an instance skipped
+MAX_SKIPPED = 1024  # names whose last lookup skipped instances, remembered for the reason
+
+
+def _quiet(_text: str) -> None:
+    pass
 
 
 class LookupFailed(TxnError):
@@ -195,12 +210,36 @@ class Directory:
         self.access = access
         self.lookups = Lookups(find or self._lookup, ttl=ttl, miss_ttl=miss_ttl)
         self.attached = False
+        # secure mode: instances skipped (untrusted or no key); cli/secure.py reports them
+        self.security = security.active()
+        self.on_ignored: Ignored | None = None
+        self.on_refused: Callable[[str, str], None] | None = None  # (set by secure_reports)
+        self.on_skipped: Callable[[str], None] | None = None  # an announcement left out
+        self.skipped: dict[str, str] = {}  # name -> why its instances were not used
 
     def _lookup(self, name: str) -> list[str]:
         if self.access is None:
             return []
-        found = find_instances(participant_service(name), self.access)
-        return [Endpoint(i.host, i.port).zmq for i in found]
+        skipped: list[str] = []
+
+        def ignored(peer: Any, why: str) -> None:  # a registry record
+            skipped.append(f"{peer.endpoint}: {why}")
+            if self.on_ignored is not None:
+                self.on_ignored(peer, why)
+
+        def heard(text: str) -> None:  # an announcement the lookup left out
+            skipped.append(text.removeprefix("ignoring "))
+            if self.on_skipped is not None:
+                self.on_skipped(text)
+
+        service = participant_service(name)
+        found = usable(find_instances(service, self.access, skipped=heard), ignored)
+        if skipped and (name in self.skipped or len(self.skipped) < MAX_SKIPPED):
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            self.skipped[name] = skipped[0] + more
+        elif not skipped:
+            self.skipped.pop(name, None)
+        return found
 
     def attach(self, daemon: Daemon, on_found: Callable[[list[str]], None]) -> None:
         """Look up in the background from now on; *on_found* (in *daemon*'s loop) hears
@@ -221,6 +260,9 @@ class Directory:
         failure = self.lookups.failed.get(name)
         if failure is not None:
             return f"participant {name} could not be looked up: {failure}"
+        skipped = self.skipped.get(name)
+        if skipped is not None:
+            return f"participant {name} not found (ignored {skipped})"
         return f"participant {name} not found"
 
     def stale(self, name: str) -> None:
@@ -231,11 +273,15 @@ class Directory:
 
 
 def find_instances(
-    service: str, access: Any, keep: Callable[[Any], bool] = lambda _inst: True
+    service: str,
+    access: Any,
+    keep: Callable[[Any], bool] = lambda _inst: True,
+    skipped: Callable[[str], None] | None = None,
 ) -> list[Any]:
     """The instances of *service* that *keep* accepts: the registry's; where it has
     none (daemons that announced themselves by mDNS before it started) or does not
-    answer, what mDNS knows.
+    answer, what mDNS knows.  *skipped* hears of each announcement secure mode left
+    out (an untrusted or missing key: one line each).
 
     Raises :class:`LookupFailed` when no registry answered and mDNS knows
     nothing either: that is no answer, not "not found".
@@ -252,19 +298,59 @@ def find_instances(
     except EdaError as exc:
         failure, found = exc, []
     if not found and not access.serverless and access.mdns:
-        heard = serverless.lookup(service, False, access.interface)
+        heard = serverless.lookup(service, False, access.interface, log=skipped or _quiet)
         found = [i for i in heard if i.service == service and keep(i)]
     if not found and failure is not None:
         raise LookupFailed(str(failure))
     return found
 
 
-def find_coordinators(access: Any, name: str | None = None) -> list[str]:
-    """Endpoints of coordinators (the one called *name* only), from the registry or mDNS."""
+def usable(instances: Iterable[Any], on_ignored: Ignored | None = None) -> list[str]:
+    """The endpoints of *instances* (registry records) this process may ask.
+
+    Secure mode: only those whose key (as their registry's handshake proved it,
+    or announced) is trusted, each key pinned for the connection
+    (:func:`eda.core.reqrep.pin`); secure and plain never mix.  Each one skipped is
+    told to *on_ignored* as (peer, why), the peer with ``id``, ``endpoint``, ``key``.
+    """
+    found: list[str] = []
+    for inst in instances:
+        endpoint = Endpoint(inst.host, inst.port)
+        key, why = security.admission(inst.key)
+        if key is None:
+            if on_ignored is not None:
+                on_ignored(SimpleNamespace(id=inst.id, endpoint=endpoint.zmq, key=inst.key), why)
+            continue
+        if key:
+            reqrep.pin(endpoint, key)
+        found.append(endpoint.zmq)
+    return found
+
+
+def pin_trusted(endpoint: str, key: object) -> None:
+    """Secure mode: pin *key* (Z85 text, as a journal records it) for the server at
+    *endpoint* if this process trusts it; else nothing is pinned, so nothing connects."""
+    where = Endpoint.from_peer(endpoint)
+    if security.active() is None or where is None or not isinstance(key, str):
+        return
+    pinned, _ = security.admission(key)
+    if pinned:
+        reqrep.pin(where, pinned)
+
+
+def find_coordinators(
+    access: Any,
+    name: str | None = None,
+    on_ignored: Ignored | None = None,
+    skipped: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Endpoints of coordinators (the one called *name* only), from the registry or mDNS
+    (secure mode: trusted keys only, see :func:`usable` and :func:`find_instances`)."""
     found = find_instances(
-        COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name
-    )
-    return [Endpoint(i.host, i.port).zmq for i in found]
+        COORDINATOR_SERVICE, access, lambda i: name is None or i.meta.get("name") == name,
+        skipped,
+    )  # fmt: skip
+    return usable(found, on_ignored)
 
 
 class Registration:
@@ -316,11 +402,20 @@ class Registration:
 
 def parse_peers(items: list[str] | tuple[str, ...]) -> dict[str, Endpoint]:
     """``NAME=tcp://HOST:PORT`` items as a dict (``--peer``); a malformed one is a
-    :class:`UsageError` naming the option."""
+    :class:`UsageError` naming the option.  Secure mode: ``NAME=KEY@tcp://HOST:PORT``,
+    KEY a trusted name (eda-keys list), whose key is pinned for that endpoint."""
+    active = security.active()
     peers: dict[str, Endpoint] = {}
     for item in items:
-        name, sep, endpoint = item.partition("=")
+        name, sep, where = item.partition("=")
         if not sep:
             raise UsageError(f"bad peer {item[:80]!r}: use NAME=tcp://HOST:PORT")
-        peers[check_name(name, "participant name")] = client_endpoint(endpoint, f"--peer {name}")
+        option = f"--peer {check_name(name, 'participant name')}"
+        key = None
+        if active is not None:
+            key, where = active.pinned(where, option=option)
+        endpoint = client_endpoint(where, option)
+        if key is not None:
+            reqrep.pin(endpoint, key)
+        peers[name] = endpoint
     return peers

@@ -9,6 +9,11 @@ is noted in the journal ("does not answer", what ``eda-txn status`` and a
 by name is given, looked up anew (a coordinator that moved).  Only an
 answer from the coordinator that made the transaction ends the doubt: the
 rules of presumed abort are in :mod:`.participant`.
+
+Secure mode: the coordinator is asked under the key it proved when it sent the
+prepare (``coordinator_key`` in the journal), while that key is still trusted;
+one found anew by name comes with the key its lookup pinned.  A coordinator
+that refuses this participant's key is noted with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EdaError
-from .directory import Lookups
+from .directory import Lookups, pin_trusted
 from .peers import Peers
 from .protocol import ABORT, COMMIT
 
@@ -69,7 +74,7 @@ class InDoubt:
         self.coordinators = Lookups(find_coordinator, ttl=5.0) if find_coordinator else None
         if self.coordinators is not None:
             self.coordinators.attach(participant, lambda _names: None)  # used at the next inquiry
-        self.peers = Peers(participant)
+        self.peers = Peers(participant, roles=("coordinator", "participant"))
 
     def entered(self, txn: str) -> None:
         self.since.setdefault(txn, time.monotonic())
@@ -110,6 +115,8 @@ class InDoubt:
             endpoint = others[0] if others else endpoint
         if not isinstance(endpoint, str):
             return
+        if endpoint == record.get("reply_to"):
+            pin_trusted(endpoint, record.get("coordinator_key"))
         try:
             peer = self.peers.get(endpoint)
         except EdaError as exc:  # a journal written before reply_to was checked this strictly
@@ -119,17 +126,20 @@ class InDoubt:
         rid = peer.ask({"op": "outcome", "txn": txn}, functools.partial(self._answered, txn))
         self.asking[txn] = (peer, rid, now)
 
-    def _unanswered(self, txn: str) -> None:
+    def _unanswered(self, txn: str, why: str = "does not answer") -> None:
         if txn in self.unanswered:
             return
         self.unanswered.add(txn)
         coordinator = self.participant.txns[txn].get("coordinator")
-        note = f"in doubt: coordinator {coordinator} does not answer"
+        note = f"in doubt: coordinator {coordinator} {why}"
         self.participant.note_unanswered(txn, note)
 
     def _answered(self, txn: str, reply: dict[str, Any] | None) -> None:
         self.asking.pop(txn, None)
         if reply is None or txn not in self.participant.txns or txn not in self.since:
+            return
+        if reply.get("refused") is True:  # secure mode: it refuses this participant's key
+            self._unanswered(txn, f"cannot be asked: {reply.get('error')}")
             return
         outcome = reply.get("outcome")
         if reply.get("ok") is not True and reply.get("code") == 3:

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import security
 from ..daemon import Daemon, port_file
 from ..errors import EdaError, NotFoundError, ProtocolError
 from . import crash
@@ -186,6 +187,9 @@ class Participant(Daemon):
                 self.retry[txn] = now
         self.started = {"participant": self.name, "endpoint": local(self.endpoint),
                         "pid": os.getpid(), "started": time.time()}  # fmt: skip
+        secure = security.active()
+        if secure is not None:  # eda-txn resolve pins it (when it trusts it)
+            self.started["key"] = secure.public_key
         self.journal.write(self.started)
         self.every(min(0.5, inquire_after / 2), "in-doubt transactions", self._tick)
         self.every(0.2, "journal", self._sync_journal)
@@ -381,7 +385,9 @@ class Participant(Daemon):
         result = self._run(PREPARE, txn, data)
         crash.point(ROLE, "before-vote-logged")
         if result.ok:
-            self._record(txn, PREPARED)
+            # secure mode: the key the coordinator proved, to pin when asking it in doubt
+            proven = {"coordinator_key": key} if (key := self.service.sender_key) else {}
+            self._record(txn, PREPARED, **proven)
             self._voted = True
             return {"vote": "yes"}
         # a no vote aborts here and now: release whatever the prepare may have left
@@ -535,6 +541,9 @@ class Participant(Daemon):
             self.journal.close()  # last: a disk still full raises, the rest is closed
         finally:
             super().close()
+            secure = security.active()
+            if secure is not None:
+                secure.release(self.zctx)  # its ZAP handler, before the context ends
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,9 @@ to ask, from their journals, and what their answers hold.
 A participant's journal (``participant-NAME.jsonl`` in the log directory)
 records where it listens and the state of each transaction; a participant
 in doubt about a transaction *wanted* is asked to apply the operator's outcome.
+Secure mode: the journal records the participant's public key too, pinned
+when this program trusts it (a participant found by name comes with the key
+its lookup pinned); a participant refusing this key is one error line.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import reqrep, security
+from ..endpoint import Endpoint
 from ..errors import EdaError, NotFoundError
+from .directory import pin_trusted
 from .journal import read
 from .participant import replay
 
@@ -40,14 +46,19 @@ def in_doubt(
         if names and name not in names:
             continue
         records = list(read(path))
-        endpoint = next(
-            (r["endpoint"] for r in reversed(records) if isinstance(r.get("endpoint"), str)), None
-        )
-        if endpoint is None:
+        start = next((r for r in reversed(records) if isinstance(r.get("endpoint"), str)), None)
+        if start is None:
             continue
         if names or any(wanted(t, r) for t, r in replay(records).items()):
-            found[name] = endpoint  # a participant named is asked whatever its log says
+            found[name] = start["endpoint"]  # a participant named is asked whatever its log says
+            pin_trusted(start["endpoint"], start.get("key"))
     return found
+
+
+class ParticipantClient(reqrep.Client):
+    """Requests to one participant (its refusals name it: "the participant at ...")."""
+
+    what = "participant"
 
 
 def whom(
@@ -87,12 +98,13 @@ def settle(
     every one a selection matches, a page per answer): per answer, the rows it
     settled and the transactions it failed to.  EdaError when it cannot be asked
     (nothing listens: said at once, not after the request's timeout)."""
-    from ..reqrep import Client, tcp_reachable
-
     one = request.get("txn")
-    if not tcp_reachable(endpoint, 1.0):
+    if not reqrep.tcp_reachable(endpoint, 1.0):
         raise EdaError(f"nothing listens at {endpoint} (is the participant running?)")
-    client = Client([endpoint], timeout=15.0 if one is not None else 60.0)
+    where = Endpoint.from_peer(endpoint)
+    if security.active() is not None and (where is None or reqrep.pinned_key(where) is None):
+        raise EdaError(f"no trusted key is known for the participant at {endpoint}")
+    client = ParticipantClient([endpoint], timeout=15.0 if one is not None else 60.0)
     try:
         while True:
             reply = client.request(dict(request))

@@ -42,7 +42,9 @@ Rules (each broken one is an error naming the file, line and key):
   pivot is not in a group;
 - ``connect`` (a string or list of ``tcp://`` endpoints) sends a ``publish``
   action to those subscribers too (besides those found by mDNS), and a
-  ``call`` action to those instances (instead of looking the service up).
+  ``call`` action to those instances (instead of looking the service up);
+  in secure mode (``eda-txn saga --secure``) each names the server's trusted
+  key, ``NAME@tcp://HOST:PORT`` (NAME as in ``eda-keys list``).
 
 tomllib gives no positions for keys, so :func:`locate` finds a key's line by
 scanning the text: table headers delimit the ``[[step]]`` tables, then the
@@ -61,6 +63,8 @@ from typing import Any
 from ..errors import UsageError
 from .sagaplan import KINDS, Action, Plan, Retry, Step
 
+# an endpoint, in secure mode after the trusted name of its key (core/keys.py's NAME)
+CONNECT_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}@)?(?:tcp|ipc|inproc)://\S+")
 STEP_KEYS = {"name", *KINDS, "compensate", "timeout", "retry", "group", "pivot", "connect"}
 ACTION_KEYS = {*KINDS, "timeout", "retry", "connect"}
 TOP_KEYS = {"name", "timeout", "retry", "step"}
@@ -218,7 +222,7 @@ class _Checker:
         if not isinstance(items, list) or not items:
             raise self.fail(path, "must be an endpoint or a list of them, e.g. 'tcp://host:5555'")
         for i, item in enumerate(items):
-            if not isinstance(item, str) or not re.fullmatch(r"(tcp|ipc|inproc)://\S+", item):
+            if not isinstance(item, str) or not CONNECT_RE.fullmatch(item):
                 raise self.fail([*path, i], f"{item!r} is not an endpoint like 'tcp://host:5555'")
         return tuple(items)
 

@@ -3,17 +3,20 @@
 Both daemons answer through :class:`BatchService`: what one turn of the
 loop drained is answered after one ``flush`` (the journal's fsync), so
 whatever a reply promises is durable first; the messages themselves are
-specified in :mod:`.protocol`.
+specified in :mod:`.protocol`.  In secure mode each request's handler can read
+the key its sender proved in the CURVE handshake (:attr:`Service.sender_key
+<eda.core.reqrep.Service.sender_key>`), as every request service does.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
 
-from ..daemon import Daemon, received
+from ..daemon import Daemon
 from ..errors import EdaError, ProtocolError
 from ..reqrep import Envelope, Service, encode, error_reply, split_envelope
 from .protocol import DEFER, MAX_BATCH, MAX_FRAME
@@ -33,7 +36,8 @@ class BatchService(Service):
     too.  :attr:`ahead`, when set, sees the whole batch first (to start its
     work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
     nobody waits on) may linger up to :attr:`linger` seconds for the next
-    batch, so that the two share one flush.
+    batch, so that the two share one flush.  :attr:`sender_key` is the key the
+    sender of the request being handled proved (secure mode; "" otherwise).
     """
 
     def __init__(
@@ -57,22 +61,26 @@ class BatchService(Service):
     def drain(self) -> None:
         """Answer a batch of requests; one flush, then every reply of the batch."""
         requests: list[list[bytes]] = []
-        for frames in received(self.sock, 256):
+        keys: list[str] = []  # who sent each one (secure mode)
+        for frames in itertools.islice(self.pending(), 256):
             envelope, bodies = split_envelope(frames)
             if len(bodies) > MAX_BATCH:
                 self.daemon.dropped("request", ProtocolError(f"over {MAX_BATCH} requests"))
             requests += [[*envelope, body] for body in bodies[:MAX_BATCH]]
+            keys += [self.sender_key] * min(len(bodies), MAX_BATCH)
         if self.ahead is not None and len(requests) > 1:
             self.daemon.guarded("look-ahead", self.ahead, requests)
         urgent = False
-        for *route, body in requests:
+        for (*route, body), key in zip(requests, keys, strict=True):
             identity = tuple(route)
             self.requests += 1
             self.current = identity
+            self.sender_key = key
             reply = self.answer([body])
             if not reply.get(DEFER):
                 self.waiting.setdefault(identity, []).append(self._encode(reply))
                 urgent = urgent or self.lazy is None or not self.lazy(reply)
+        self.sender_key = ""
         if urgent:
             self.answer_waiting()
         elif self.waiting and self.lingering is None:
