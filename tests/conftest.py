@@ -14,10 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import Procs, children_of
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests check properties, never speed: on a loaded 2-core machine example
+# generation and single examples are slow, which hypothesis would report as failures.
+settings.register_profile("eda", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("eda")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -186,9 +186,10 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
     # the member reads nothing for a while (but stays alive) while the bus fills its queue
     wait_until(stored_all, 30, "all stored")
     got: set[int] = set()
-    deadline = time.monotonic() + 60
-    last_hb = time.monotonic()
-    while len(got) < n and time.monotonic() < deadline:
+    # the property is "every event arrives", not a speed: give up only when nothing new
+    # arrived for a minute (a loaded machine delivers the 40 MB slowly, never stops)
+    progress = last_hb = time.monotonic()
+    while len(got) < n and time.monotonic() - progress < 60:
         if time.monotonic() - last_hb > 0.5:
             member.send_multipart([protocol.REQUEST, hb])
             last_hb = time.monotonic()
@@ -198,7 +199,8 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
                 batch = codec.decode(frames[2:])
                 (first,) = protocol.TAG.unpack(frames[1])
                 got.update(range(first, first + batch.size))
-    assert got == set(range(1, n + 1))
+                progress = time.monotonic()
+    assert len(got) == n and got == set(range(1, n + 1)), f"{n - len(got)} never delivered"
     member.close()
     pub.close()
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from eda.core.txn.actions import Call, PersistentAgent
+from tests.helpers import wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -103,16 +104,20 @@ def test_a_silent_agent_is_asked_to_stop_before_it_is_killed(tmp_path: Path) -> 
     """An agent silent past the timeout is restarted: SIGTERM first (it may clean up),
     SIGKILL only after a grace; it used to be killed outright."""
     flag = tmp_path / "cleaned"
+    ready = tmp_path / "ready"
     agent = _agent(
         tmp_path,
         "import signal, sys, time\n"
         f"signal.signal(signal.SIGTERM, lambda *_: (open({str(flag)!r}, 'w'), sys.exit(0)))\n"
-        "print('ready', file=sys.stderr, flush=True)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
         "while True:\n"
         "    time.sleep(1)\n",
         timeout=0.5,
     )
     try:
+        # its SIGTERM handler is in place (a loaded machine can take longer than the
+        # 0.5 s timeout just to start Python: a SIGTERM before it would kill it outright)
+        wait_until(ready.exists, 60, "the agent to install its SIGTERM handler")
         silent = agent.run(Call("prepare", "c1.00000000000000001", {}, 1))
         assert silent.reason == "the agent did not answer within 0.5s", silent.reason
         assert flag.exists()
