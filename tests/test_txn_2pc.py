@@ -919,6 +919,13 @@ def test_cli_commit_exit_status_and_status_table_found_through_a_registry(
     rows = [json.loads(line) for line in run("eda-txn", "status", "--log", log).stdout.splitlines()]
     assert [r["state"] for r in rows] == ["committed", "aborted"]
     assert rows[0]["coordinator"] == "c9" and rows[0]["participants"] == {"pay": "committed"}
+    # --data @FILE, as saga takes it (issue 16): the file's object is what pay's prepare reads
+    (tmp_path / "order.json").write_text('{"amount": 7, "x": 1}')
+    from_file = run("eda-txn", *base, "--data", f"@{tmp_path / 'order.json'}")
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["outcome"] == "committed"
+    missing = run("eda-txn", *base, "--data", f"@{tmp_path / 'none.json'}")
+    assert missing.returncode == 2 and "--data @" in missing.stderr and missing.stdout == ""
 
 
 def test_status_shows_sagas_next_to_transactions(
