@@ -23,12 +23,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench_lb import ANCHOR_NAME, WINDOW, _anchor_run, _latency, _lines
+from bench_lb import ANCHOR_NAME, WINDOW, _anchor_run, _latency, _lines, children_cpu, cpu_note
 from harness import (
     BenchError,
     Procs,
     Row,
     count_lines,
+    cpu_seconds,
     eda_cmd,
     eda_env,
     free_port,
@@ -45,9 +46,10 @@ WORKERS = 3
 
 
 def _eda_via_broker(
-    work: Path, env: dict[str, str], n: int, src: Path
+    work: Path, env: dict[str, str], n: int, src: Path, cpu: dict[str, list[float]]
 ) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) of eda-lb call through eda-lb serve."""
+    """(requests/s, p50 ms, p99 ms) of eda-lb call through eda-lb serve; the CPU seconds
+    per request of the caller, the broker and the workers together go to *cpu*."""
     front, back = free_port(), free_port()
     with Procs(work, env) as procs:
         serve_err = work / "serve.err"
@@ -57,6 +59,7 @@ def _eda_via_broker(
             stderr=serve_err,
         )  # fmt: skip
         wait_for_text(serve_err, "listening on", 20, broker)
+        workers = []
         for i in range(WORKERS):
             err = work / f"bworker{i}.err"
             proc = procs.start(
@@ -65,6 +68,7 @@ def _eda_via_broker(
                 stderr=err,
             )  # fmt: skip
             wait_for_text(err, "serving echo", 20, proc)
+            workers.append(proc)
         wait_until(
             lambda: serve_err.read_text().count(" ready (concurrency") >= WORKERS,
             20,
@@ -73,10 +77,18 @@ def _eda_via_broker(
         out, err = work / "via.out", work / "via.err"
         args = [eda_cmd("eda-lb"), "call", "echo", "-v", "--window", str(WINDOW), "--connect",
                 f"tcp://127.0.0.1:{front}"]  # fmt: skip
+        served = sum(cpu_seconds(w.pid) for w in workers)
+        brokered = cpu_seconds(broker.pid)
+        reaped = children_cpu()
         start = time.perf_counter()
         proc = procs.start(args, stdin=src, stdout=out, stderr=err)
         code = wait_exit(proc, 300, "eda-lb call via the broker")
         elapsed = time.perf_counter() - start
+        if broker.poll() is None:
+            cpu.setdefault("caller", []).append((children_cpu() - reaped) / n)
+            cpu.setdefault("broker", []).append((cpu_seconds(broker.pid) - brokered) / n)
+            served = sum(cpu_seconds(w.pid) for w in workers) - served
+            cpu.setdefault("workers", []).append(served / n)
         if code != 0 or count_lines(out) != n or out.read_bytes() != src.read_bytes():
             raise BenchError(f"eda-lb call exited {code}, {count_lines(out)}/{n}: {tail(err)}")
         if broker.poll() is not None:
@@ -93,11 +105,15 @@ def run(quick: bool) -> list[Row]:
         src = work / "in.txt"
         _lines(src, n)
         eda, anchor = [], []
+        cpu: dict[str, list[float]] = {}
         for _ in range(rounds):  # alternate, so load from elsewhere hits both alike
-            eda.append(_eda_via_broker(work, env, n, src))
+            eda.append(_eda_via_broker(work, env, n, src, cpu))
             anchor.append(_anchor_run(work, env, n, src, "pipe"))
     rate = median([r[0] for r in eda])
-    note = f"{n} requests, median of {rounds}; no broker tuning (workers say their capacity)"
+    note = (
+        f"{n} requests, median of {rounds}; no broker tuning (workers say their capacity); "
+        f"{cpu_note(cpu)}"
+    )
     return [
         row(
             f"lb call via broker, {WORKERS} persistent workers, window {WINDOW}", rate,

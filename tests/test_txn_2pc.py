@@ -1138,6 +1138,54 @@ def test_an_ack_waits_a_moment_to_share_the_next_votes_fsync(tmp_path: Path) -> 
         part.close()
 
 
+def test_votes_of_a_batch_share_the_next_batchs_preparing_fsync(tmp_path: Path) -> None:
+    """Group commit across batches: when the next batch of prepares is already there as
+    one batch ends, its votes are not fsynced on their own: the next batch's "preparing"
+    fsync (made before its actions run) covers them, and they are sent right after it,
+    before those actions run.  Two batches of prepares: 3 fsyncs, not 4."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    prepare = {"op": "prepare", "data": {}, "coordinator": "c1", "reply_to": "tcp://127.0.0.1:9"}
+
+    def batch(name: str, first_rid: int) -> list[bytes]:  # one message, two requests
+        return [json.dumps({**prepare, "txn": f"c1.00{name}{i}", "rid": first_rid + i}).encode()
+                for i in range(2)]  # fmt: skip
+
+    def received() -> list[dict[str, Any]]:
+        return [json.loads(f) for _ in iter(lambda: sock.poll(0), 0) for f in sock.recv_multipart()]
+
+    votes_when_run: list[list[int]] = []  # rids answered when the second batch's actions ran
+
+    class Arriving(Recorded):
+        def run_many(self, calls: list[Any]) -> list[Any]:
+            if calls[0].txn == "c1.00a0":  # the first batch runs: the second one arrives
+                sock.send_multipart(batch("b", 10))
+                wait_until(lambda: part.service.sock.poll(0), 5)
+            else:
+                wait_until(lambda: sock.poll(0), 5)
+                votes_when_run.append(sorted(r["rid"] for r in received()))
+            return super().run_many(calls)
+
+    part = Participant("stock", Arriving(), tmp_path, bind="tcp://127.0.0.1:*")
+    sock.connect(part.endpoint)
+    try:
+        fsyncs = part.journal.fsyncs
+        sock.send_multipart(batch("a", 0))
+        wait_until(lambda: part.service.sock.poll(0), 5)
+        part.service.drain()  # the first batch: its votes wait for the second one
+        assert received() == []
+        part.service.drain()  # the second batch
+        assert votes_when_run == [[0, 1]]  # sent after its preparing fsync, before its actions
+        assert part.journal.fsyncs == fsyncs + 3
+        wait_until(lambda: sock.poll(0), 5)
+        got = received()
+        assert sorted(r["rid"] for r in got) == [10, 11]
+        assert all(r["vote"] == "yes" for r in got)
+    finally:
+        sock.close()
+        part.close()
+
+
 # -- a full disk --------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 

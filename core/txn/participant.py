@@ -164,6 +164,8 @@ class Participant(Daemon):
         self.service.ahead = self._look_ahead
         # an ack may wait a moment for the next prepare: one fsync for both
         self.service.lazy = lambda reply: reply.get("done") is True
+        # a batch's votes wait for the next batch's "preparing" fsync when it is there already
+        self.service.carry = True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         state = port_file(f"participant-{name}", log_dir, f"participant-{name}.port")
         self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
@@ -263,13 +265,24 @@ class Participant(Daemon):
 
     def _flush(self) -> None:
         self.journal.sync()
+        self._durable()
+        self._compact()
+
+    def _durable(self) -> None:
+        """The journal was just synced: the votes and acks recorded are on disk."""
         if self._voted:
             self._voted = False
             crash.point(ROLE, "after-vote-logged")
         if self._acked:
             self._acked = False
             crash.point(ROLE, "before-ack")
-        self._compact()
+
+    def _sync_first(self) -> None:
+        """Sync the journal before an action runs (its "preparing" mark); the replies
+        waiting (the last batch's, carried over) are durable with it: they go now."""
+        self.journal.sync()
+        self._durable()
+        self.service.send_durable()
 
     # -- actions ----------------------------------------------------------------------------
     def _run(self, phase: str, txn: str, data: dict[str, Any]) -> Result:
@@ -328,7 +341,7 @@ class Participant(Daemon):
             return
         for txn, fields in starting:
             self._record(txn, PREPARING, **fields, since=round(time.time(), 3))
-        self.journal.sync()  # one fsync: every prepare of the batch leaves a trace first
+        self._sync_first()  # one fsync: every prepare of the batch leaves a trace first
         if any(call.phase != PREPARE for call in calls):
             crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:
@@ -381,7 +394,7 @@ class Participant(Daemon):
                 )
             self._record(txn, PREPARING, data=data, coordinator=coordinator, reply_to=reply_to,
                          since=round(time.time(), 3))  # fmt: skip
-            self.journal.sync()  # a crash from here on leaves a trace: the abort runs on restart
+            self._sync_first()  # a crash from here on leaves a trace: the abort runs on restart
         result = self._run(PREPARE, txn, data)
         crash.point(ROLE, "before-vote-logged")
         if result.ok:
