@@ -110,14 +110,18 @@ def _quiet(_message: str) -> None:
 
 
 def query(
-    interface: str | None = None, timeout: float = 0.3, log: Callable[[str], None] = _quiet
+    interface: str | None = None,
+    timeout: float = 0.3,
+    log: Callable[[str], None] = _quiet,
+    service: str | None = None,
 ) -> list[Instance]:
-    """Every eda instance whose responder answers a one-shot query now, and that this
-    process may use (secure mode: a trusted key; else none); *log* says which were not."""
+    """Every eda instance (of *service* only, when given) whose responder answers a
+    one-shot query now, and that this process may use (secure mode: a trusted key; else
+    none); *log* says which were not (of that service: others are none of its business)."""
     found = mdns.one_shot_query(SVC_TYPE, interface=interface, timeout=timeout)
     usable = []
     for inst in map(instance_of, found):
-        if inst is None:
+        if inst is None or (service is not None and inst.service != service):
             continue
         key, why = security.admission(inst.key)
         if key is None:
@@ -137,8 +141,8 @@ def lookup(
     return sorted(
         (
             i
-            for i in query(interface, timeout, log)
-            if i.service == service and (include_all or i.status == PASSING)
+            for i in query(interface, timeout, log, service)
+            if include_all or i.status == PASSING
         ),
         key=lambda i: i.id,
     )
