@@ -43,6 +43,7 @@ class Setup(Index):
                     ping_interval=max(1, int(self.timeout / 4)),
                     max_outstanding_pings=2,
                     error_cb=on_error,
+                    disconnected_cb=self._disconnected,
                 ),
                 self.timeout,
             )
@@ -58,6 +59,9 @@ class Setup(Index):
                 if time.monotonic() > deadline:
                     raise
             await asyncio.sleep(0.25)
+
+    async def _disconnected(self) -> None:
+        """nats-py lost the connection and reconnects (the engine fails the acks awaited)."""
 
     async def _setup(self, window: float, max_age: float | None, max_bytes: int | None) -> None:
         """The stream, the bucket and the index; safe to run again after a failure."""
