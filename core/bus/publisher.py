@@ -56,7 +56,7 @@ class BusPublisher:
         *,
         headers: dict[str, str] | None = None,
         source: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
         resend_after: float = RESEND_AFTER,
         relocate: Relocate | None = None,
     ) -> None:

@@ -31,7 +31,7 @@ from .wire import _Head, header_bytes, msg_id, nats_name
 DEFAULT_STREAM: Final = "EDA"
 # The longest any one call of the serving loop waits for NATS (an ack, a pull, an
 # API answer): well inside a publisher's patience (eda-pub --timeout, BusPublisher's
-# default 10 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
+# default 30 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
 # is slow, gone or stuck costs the bus a refused round (publishers resend) or one
 # error reply, never a stalled front.
 SERVE_DEADLINE: Final = 2.0
