@@ -382,14 +382,25 @@ def jetstream(work: Path, data: Path, events: int) -> tuple[Result, Result]:
 class Bus:
     """`eda-bus serve --data DIR --fsync batch`; ready once it listens and `eda-bus stats` works."""
 
-    def __init__(self, procs: Procs, work: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        procs: Procs,
+        work: Path,
+        env: dict[str, str],
+        serve_args: tuple[str, ...] = (),
+        client_args: tuple[str, ...] = (),
+    ) -> None:
+        """*serve_args* go to ``eda-bus serve``, *client_args* to it and to ``eda-bus
+        stats`` (``--secure``)."""
         self.err = work / "bus.err"
         if not Path(eda_cmd("eda-bus")).exists():
             raise BenchError(f"{eda_cmd('eda-bus')} is not installed")
         self.proc = procs.start(
-            [eda_cmd("eda-bus"), "serve", "--data", str(work / "data"), "--fsync", "batch"],
+            [eda_cmd("eda-bus"), "serve", "--data", str(work / "data"), "--fsync", "batch",
+             *client_args, *serve_args],
             stderr=self.err,
-        )
+            env=env,
+        )  # fmt: skip
         wait_until(self._listening, 20.0, "eda-bus to listen")
         # `eda-bus stats` finds the bus as every client does (mDNS, then the cache)
         stats_err = work / "stats.err"
@@ -397,7 +408,9 @@ class Bus:
         while True:
             with Procs(work, env) as once:
                 stats = once.start(
-                    [eda_cmd("eda-bus"), "stats"], stdout=work / "stats.out", stderr=stats_err
+                    [eda_cmd("eda-bus"), "stats", *client_args],
+                    stdout=work / "stats.out",
+                    stderr=stats_err,
                 )
                 code = wait_exit(stats, 20.0, "eda-bus stats")
             if code == 0:

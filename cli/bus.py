@@ -1,7 +1,8 @@
 """eda-bus: the event bus -- a durable log with replay, confirmed publishing and consumers.
 
 One section per subcommand (serve, migrate, stats, retain, delete-consumer),
-after the ``--bus`` option that eda-pub and eda-sub share.  About 600 lines
+after the ``--bus`` option that eda-pub and eda-sub share (the NATS engine's
+options are :mod:`eda.cli.busnats`'s).  About 600 lines
 for a reason: five subcommands with some twenty options and their
 tables, whose declarations and help texts are the man page; the logic is in
 ``eda.core.bus``.
@@ -9,11 +10,11 @@ tables, whose declarations and help texts are the man page; the logic is in
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from eda.cli.busnats import engine_option, nats_options
 from eda.cli.common import Context, on_stop_signals, run
 from eda.cli.options import apply_security, common_options, json_option, security_options
 from eda.cli.output import Column, Output, TableView, for_terminal
@@ -22,6 +23,8 @@ from eda.core.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.text import Text
+
+    from eda.core.bus.nats.connect import NatsAuth
 
 EPILOG = """\b
 Examples:
@@ -155,48 +158,16 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
 
 
-def nats_servers(text: str) -> list[str]:
-    """``nats://HOST:PORT[,nats://...]`` as a list of server URLs."""
-    urls = [u.strip() for u in text.split(",")]
-    for url in urls:
-        m = re.fullmatch(r"(nats|tls)://([^\s/:,]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?", url)
-        if not m or (m[3] and not 0 < int(m[3][1:]) < 65536):
-            raise UsageError(f"bad NATS server {url!r}: use nats://HOST:PORT[,nats://HOST:PORT...]")
-    return urls
-
-
-def _engine_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    return None if value in (None, "sqlite") else nats_servers(value)
-
-
-def _nats_options(func: Any) -> Any:
-    func = click.option(
-        "--stream",
-        default="EDA",
-        show_default=True,
-        metavar="NAME",
-        help="NATS engine: the JetStream stream (subjects eda.<topic>, so one per NATS account).",
-    )(func)
-    return click.option(
-        "--replicas",
-        type=click.IntRange(1, 5),
-        default=None,
-        metavar="N",
-        help="NATS engine: copies of the stream (3 survives a lost node; 1 when created "
-        "without it).  Given for an existing stream, it changes the stream in place, as the "
-        "retention limits of serve do.",
-    )(func)
-
-
 @command.command(
     epilog="\b\nExamples:\n  eda-bus serve --data ./bus --fsync batch\n"
+    "  eda-bus serve --data ./bus --secure --acl bus-acl.toml\n"
     "  eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222,"
     "nats://10.0.0.7:4222 --replicas 3"
 )
 @click.option(
     "--engine",
     "engine_urls",
-    callback=_engine_option,
+    callback=engine_option,
     metavar="sqlite|nats://HOST:PORT[,...]",
     help="Where events are kept: the embedded store under --data (default), or a NATS "
     "JetStream stream on these servers (needs nats-py: pip install 'eda[nats]').",
@@ -233,9 +204,18 @@ def _nats_options(func: Any) -> Any:
     help="Refuse events larger than N bytes.",
 )
 @_client_limit_options
-@_nats_options
+@nats_options
 @click.option("--name", default="", help="Instance name announced by mDNS.")
 @security_options
+@click.option(
+    "--acl",
+    "acl",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="With --secure: what each trusted key may do, a TOML table per trusted name, e.g. "
+    '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
+    "names without one (else they may do nothing).  Re-read when it changes.",
+)
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -250,6 +230,7 @@ def serve(
     max_connections: int | None,
     replicas: int | None,
     stream: str,
+    nats_auth: NatsAuth,
     name: str,
     config: str | None,
     interface: str | None,
@@ -257,6 +238,7 @@ def serve(
     secure: bool,
     key_file: str | None,
     trust_dir: str | None,
+    acl: str | None,
     verbose: bool,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
@@ -266,10 +248,12 @@ def serve(
     ctx = Context("eda-bus", verbose)
     apply_security(secure, key_file, trust_dir)
     from eda.core import discovery
+    from eda.core.bus.acl import open_acl
     from eda.core.bus.server import BusServer, Settings
 
+    rights = open_acl(acl or None)
     engine, where = _open_engine(
-        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth
     )
     for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
@@ -287,6 +271,7 @@ def serve(
         client_bytes=client_bytes,
         queued_bytes=queued_bytes,
         port_file=_port_file(data, getattr(engine, "stream", None)),
+        acl=rights,
     )
     try:
         server = BusServer(
@@ -328,6 +313,7 @@ def _open_engine(
     max_event_bytes: int,
     replicas: int | None,
     stream: str,
+    auth: NatsAuth,
 ) -> tuple[Any, str]:
     """The engine serve uses, and what to call it in messages."""
     if urls is None:
@@ -345,7 +331,7 @@ def _open_engine(
         return engine, data
     if data is not None:
         raise UsageError("--data is for the embedded store: leave it out with --engine nats://")
-    from eda.core.bus.nats import NatsEngine
+    from eda.core.bus.nats import NatsEngine, redact
 
     nats = NatsEngine(
         urls,
@@ -354,8 +340,9 @@ def _open_engine(
         max_age=max_age,
         max_bytes=max_bytes,
         max_event_bytes=max_event_bytes,
+        auth=auth,
     )
-    return nats, f"NATS stream {nats.stream} at {','.join(urls)}"
+    return nats, f"NATS stream {nats.stream} at {redact(','.join(urls))}"
 
 
 @command.command(
@@ -373,11 +360,11 @@ def _open_engine(
     "--to",
     "dest",
     required=True,
-    callback=_engine_option,
+    callback=engine_option,
     metavar="nats://HOST:PORT[,...]",
     help="The NATS servers of the JetStream stream to copy into.",
 )
-@_nats_options
+@nats_options
 @click.option(
     "--limit",
     type=click.IntRange(1),
@@ -391,6 +378,7 @@ def migrate(
     dest: list[str] | None,
     replicas: int | None,
     stream: str,
+    nats_auth: NatsAuth,
     limit: int | None,
     config: str | None,
     interface: str | None,
@@ -415,7 +403,7 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas) as to,
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth) as to,
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)

@@ -107,16 +107,20 @@ def registry_access(
     ctx: Context,
 ) -> Access:
     """How a program finds services: the ``--registry``/``--serverless`` options and the
-    common ``--interface``/``--no-mdns`` as an :class:`~eda.core.registry.access.Access`."""
+    common ``--interface``/``--no-mdns`` as an :class:`~eda.core.registry.access.Access`;
+    in secure mode, registries announced and skipped are said (:func:`secure_reports`)."""
+    from eda.cli.secure import secure_reports
     from eda.core.registry.access import Access, resolve_interface
 
-    return Access(
+    access = Access(
         registries=registries,
         interface=resolve_interface(interface),
         mdns=not no_mdns,
         serverless=serverless,
         log=ctx.debug,
     )
+    secure_reports(ctx, access, "registry")
+    return access
 
 
 class _Signals:

@@ -387,25 +387,42 @@ def _publish_to_bus(
             bar.stop()
         pub.close()
     ctx.debug(f"{pub.confirmed} event(s) confirmed, {pub.resent} batch(es) sent again")
-    for what, why in pub.refused:
-        ctx.warn(f"error: the bus refused {what}: {why}")
+    _warn_some(ctx, _refusals(pub.refused), "refusal(s)", kind="error")
     if rejected:
         ctx.warn(f"error: {rejected} input(s) rejected")
     if rejected or pub.refused:
         raise Exit(ExitStatus.ERROR)
 
 
+def _refusals(refused: list[tuple[Any, str]]) -> list[str]:
+    """One line per reason the bus gave for refusing batches (an ACL refuses every batch
+    of a topic: a long input must not print a line per batch)."""
+    by_reason: dict[str, list[Any]] = {}
+    for what, why in refused:
+        by_reason.setdefault(why, []).append(what)
+    lines = []
+    for why, batches in by_reason.items():
+        if len(batches) == 1:
+            what = str(batches[0])
+        else:
+            topics = sorted({b.topic for b in batches})
+            shown = ", ".join(topics[:3]) + (f" and {len(topics) - 3} more" * (len(topics) > 3))
+            what = f"{len(batches)} batches ({sum(b.events for b in batches)} events) of {shown}"
+        lines.append(f"the bus refused {what}: {for_terminal(why)}")
+    return lines
+
+
 SHOWN_PROBLEMS = 5  # forged announcements must not flood a one-shot command's stderr
 
 
-def _warn_some(ctx: Context, problems: list[str], summary: str) -> None:
-    """The first few *problems* as warnings, then one line counting the rest."""
+def _warn_some(ctx: Context, problems: list[str], summary: str, kind: str = "warning") -> None:
+    """The first few *problems* as warnings (or errors), then one line counting the rest."""
     for text in problems[:SHOWN_PROBLEMS]:
-        ctx.warn(f"warning: {text}")
+        ctx.warn(f"{kind}: {text}")
     if len(problems) > SHOWN_PROBLEMS:
-        ctx.warn(f"warning: {len(problems) - SHOWN_PROBLEMS} more {summary} (see -v)")
+        ctx.warn(f"{kind}: {len(problems) - SHOWN_PROBLEMS} more {summary} (see -v)")
         for text in problems[SHOWN_PROBLEMS:]:
-            ctx.debug(f"warning: {text}")
+            ctx.debug(f"{kind}: {text}")
 
 
 def _whole_stdin() -> bytes:

@@ -17,11 +17,13 @@ import click
 from eda.cli.common import Context, Exit, Terminated, registry_access, run
 from eda.cli.options import (
     SECONDS,
+    apply_security,
     common_options,
     health_check_options,
     output_options,
     registries_option,
     registry_option,
+    security_options,
 )
 from eda.cli.output import Output
 from eda.cli.registryviews import (
@@ -52,6 +54,7 @@ Examples:
   eda-registry services
   eda-registry watch orders --exec ./reload.sh
   eda-registry browse _http._tcp
+  eda-registry lookup orders --secure --registry reg@tcp://10.0.0.5:7700
 """
 
 
@@ -85,6 +88,7 @@ Examples:
   eda-registry serve --data /var/lib/eda/registry     keep state across restarts
   eda-registry serve --dns 127.0.0.1:8600             answer orders.service.eda A/SRV
   eda-registry serve --bind tcp://10.0.0.5:7700 --peer tcp://10.0.0.6:7700 --no-mdns
+  eda-registry serve --secure --peer reg2@tcp://10.0.0.6:7700   peer named by its trusted key
 """
 )
 @click.option(
@@ -106,7 +110,8 @@ Examples:
     "peers",
     multiple=True,
     metavar="ENDPOINT",
-    help="Another registry to replicate with (repeatable; mDNS finds them too).",
+    help="Another registry to replicate with (repeatable; mDNS finds them too; with "
+    "--secure: NAME@tcp://HOST:PORT, NAME its trusted key).",
 )
 @click.option(
     "--dns",
@@ -129,6 +134,7 @@ Examples:
     metavar="SECONDS",
     help="A peer registry silent this long is considered down.",
 )
+@security_options
 @common_options
 def serve(
     bind: str,
@@ -137,6 +143,9 @@ def serve(
     dns: str | None,
     tick: float,
     peer_timeout: float,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -149,16 +158,20 @@ def serve(
     A --bind port of '*' is remembered (in --data, else in
     $XDG_STATE_HOME/eda/registry.port): restarted with the same command, the
     registry listens where its clients expect it.
+
+    With --secure only trusted keys register, heartbeat, look up, watch and
+    replicate; each record carries the key its registrant proved, and only
+    that key heartbeats or deregisters it.  The DNS interface stays plain.
     """
-    from eda.core.registry.server import Server, Settings
-    from eda.core.reqrep import client_endpoint
+    from eda.core.registry.server import Server, Settings, peer_endpoint
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     iface = _iface(interface)
     if iface and bind == "tcp://*:7700":
         bind = f"tcp://{iface}:7700"
     for peer in peers:
-        client_endpoint(peer, "--peer")  # a usage error before anything starts
+        peer_endpoint(peer)  # a usage error before anything starts
     settings = Settings(
         bind=bind,
         interface=iface,
@@ -191,6 +204,7 @@ Examples:
   eda-registry register orders --port 8080 --check 'curl -fs localhost:8080/health'
   eda-registry register orders --port 8081 --check tcp -- python3 -m http.server 8081
   eda-registry register cache --port 6379 --ttl 3 --interval 1 --serverless
+  eda-registry register orders --port 8080 --secure --registry reg@tcp://10.0.0.5:7700
 """
 )
 @click.argument("name")
@@ -234,6 +248,7 @@ Examples:
 )
 @health_check_options(interval=5.0, timeout=2.0)
 @registry_option
+@security_options
 @common_options
 def register(
     name: str,
@@ -252,6 +267,9 @@ def register(
     fall: int,
     registries: tuple[str, ...],
     serverless: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -267,6 +285,7 @@ def register(
     from eda.core.registry.keeper import Keeper
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     record = reg.registration(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,
@@ -341,6 +360,7 @@ Examples:
 @click.option("--all", "include_all", is_flag=True, help="Every instance, whatever its health.")
 @registry_option
 @_output_options("{host}:{port}", INSTANCE_FIELDS)
+@security_options
 @common_options
 def lookup(
     name: str,
@@ -349,15 +369,24 @@ def lookup(
     serverless: bool,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
 ) -> None:
-    """Print the passing instances of service NAME; exit 3 if there is none."""
+    """Print the passing instances of service NAME; exit 3 if there is none.
+
+    With --secure, each record's key is the one its registrant proved (what a
+    client connecting to the instance pins); in serverless mode only instances
+    announcing a trusted key are shown (-v says which were not).
+    """
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     service = validate_name(name)
     out = instance_output(ctx, template, force_json)
     found = _query(
@@ -387,6 +416,7 @@ Examples:
 @click.argument("name", required=False)
 @registry_option
 @_output_options("{service} {address} {status}", INSTANCE_FIELDS)
+@security_options
 @common_options
 def list_(
     name: str | None,
@@ -394,6 +424,9 @@ def list_(
     serverless: bool,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -403,6 +436,7 @@ def list_(
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     service = validate_name(name) if name is not None else None
     out = instance_output(ctx, template, force_json)
     found = _query(
@@ -430,12 +464,16 @@ Examples:
 )
 @registry_option
 @_output_options("{service} {passing}/{instances}", SERVICE_FIELDS)
+@security_options
 @common_options
 def services(
     registries: tuple[str, ...],
     serverless: bool,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -445,6 +483,7 @@ def services(
     from eda.core.registry.access import services as fetch
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
     found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
     out.table(found, SERVICES_TABLE)
@@ -459,10 +498,14 @@ Examples:
 )
 @click.argument("inst_id", metavar="ID")
 @registries_option
+@security_options
 @common_options
 def deregister(
     inst_id: str,
     registries: tuple[str, ...],
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -472,11 +515,14 @@ def deregister(
 
     An operator's fix for a stuck entry.  An instance whose owner still
     heartbeats is registered again by its next heartbeat: stop the owner first.
+    With --secure, only the key that registered the instance may remove it
+    (--key FILE: the registrant's key); any other is refused, exit 1.
     """
     from eda.core.registry.access import deregister as remove
     from eda.core.registry.model import validate_id
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     inst_id = validate_id(inst_id)
     remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
     ctx.debug(f"deregistered {inst_id}")
@@ -506,6 +552,7 @@ Examples:
 @click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
 @registry_option
 @_output_options("{time} {type} {service} {address}", EVENT_FIELDS)
+@security_options
 @common_options
 def watch(
     name: str | None,
@@ -516,6 +563,9 @@ def watch(
     serverless: bool,
     template: str | None,
     force_json: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -531,6 +581,7 @@ def watch(
     from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
+    apply_security(secure, key_file, trust_dir)
     out = event_output(ctx, exec_cmd, template, force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)

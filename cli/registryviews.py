@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 INSTANCE_FIELDS = (
     "service", "id", "host", "port", "address", "weight", "meta", "status", "ttl", "interval",
-    "registered", "heartbeat", "registry", "rev",
+    "registered", "heartbeat", "registry", "rev", "key",
 )  # fmt: skip
 EVENT_FIELDS = (
     *INSTANCE_FIELDS, "type", "reason", "time", "seq", "instance", "snapshot", "resync",

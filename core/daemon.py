@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import zmq
 
@@ -133,17 +133,32 @@ def write_port(path: str, port: int) -> None:
                 os.unlink(tmp)
 
 
+@overload
 def received(
     sock: zmq.Socket[bytes], limit: int = DRAIN_LIMIT, *, multipart: bool = True
-) -> Iterator[list[bytes]]:
+) -> Iterator[list[bytes]]: ...
+@overload
+def received(
+    sock: zmq.Socket[bytes], limit: int = DRAIN_LIMIT, *, multipart: bool = True,
+    copy: Literal[False],
+) -> Iterator[list[zmq.Frame]]: ...
+def received(
+    sock: zmq.Socket[bytes], limit: int = DRAIN_LIMIT, *, multipart: bool = True,
+    copy: bool = True,
+) -> Iterator[list[Any]]:
     """The messages waiting on *sock*, at most *limit*, without blocking.
 
     With *multipart* false each frame comes alone (as a one-item list), as
-    :meth:`zmq.Socket.recv` reads them.
+    :meth:`zmq.Socket.recv` reads them.  With *copy* false they come as
+    :class:`zmq.Frame` objects, which also carry what ZAP proved about the
+    connection (secure mode: :func:`eda.core.security.peer_key`).
     """
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK) if multipart else [sock.recv(zmq.NOBLOCK)]
+            if multipart:
+                yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            else:
+                yield [sock.recv(zmq.NOBLOCK, copy=copy)]
         except zmq.Again:
             return
 

@@ -191,12 +191,27 @@ class Service:
         self.handlers = dict(handlers)
         self.parse = parse
         self.requests = 0
+        # secure mode: the public key (Z85) the request being answered came with, as the
+        # CURVE handshake of its connection proved it ("" in plain mode): who is asking
+        self.sender_key = ""
         self.sock = daemon.socket(zmq.ROUTER, max_message=max_message)
         daemon.watch(self.sock, "requests", self.drain)
 
+    def pending(self) -> Iterator[list[bytes]]:
+        """The requests waiting (a bounded batch); in secure mode each one's
+        :attr:`sender_key` is set while it is answered (read from its frames,
+        ZAP's User-Id, which only a frame received without copying carries)."""
+        if security.active() is None:
+            yield from received(self.sock)
+            return
+        for frames in received(self.sock, copy=False):
+            self.sender_key = security.peer_key(frames[-1])
+            yield [frame.bytes for frame in frames]
+        self.sender_key = ""
+
     def drain(self) -> None:
         """Answer the requests waiting (a bounded batch)."""
-        for frames in received(self.sock):
+        for frames in self.pending():
             self.requests += 1
             envelope, body = split_envelope(frames)
             reply = self.answer(body)
@@ -273,11 +288,8 @@ class Refused(EdaError):
 
 def handshake_refusal(monitor: zmq.Socket[bytes] | None) -> str | None:
     """Why a secure handshake failed, from what *monitor* received so far, or None."""
-    from zmq.utils.monitor import recv_monitor_message
-
-    while monitor is not None and monitor.poll(0):
-        event = recv_monitor_message(monitor)
-        why = security.handshake_failure(event["event"], event["value"])
+    for event in sockets.monitor_events(monitor):
+        why = security.handshake_failure(event.event, event.value)
         if why is not None:
             return why
     return None

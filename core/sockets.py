@@ -14,7 +14,9 @@ sockets and are not made here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import zmq
 
@@ -103,3 +105,35 @@ def bind(sock: Socket, endpoint: Endpoint) -> Endpoint:
     sock.bind(endpoint.zmq)
     bound = Endpoint.from_peer(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     return bound if bound is not None else endpoint
+
+
+class MonitorEvent(NamedTuple):
+    """One socket monitor event: what happened, its value (fd, errno or ZAP status) and
+    the endpoint it concerns."""
+
+    event: int
+    value: int
+    endpoint: str
+
+
+_MONITOR_HEAD = struct.Struct("=HI")  # libzmq: uint16 event, uint32 value
+
+
+def parse_monitor(frames: list[bytes]) -> MonitorEvent | None:
+    """A monitor socket's message as a :class:`MonitorEvent` (None if it is not one).
+
+    Written here rather than taken from ``zmq.utils.monitor``, which imports
+    ``zmq.asyncio`` and so all of asyncio: a one-shot command's start-up paid it.
+    """
+    if len(frames) != 2 or len(frames[0]) != _MONITOR_HEAD.size:
+        return None
+    event, value = _MONITOR_HEAD.unpack(frames[0])
+    return MonitorEvent(event, value, frames[1].decode(errors="replace"))
+
+
+def monitor_events(monitor: Socket | None) -> Iterator[MonitorEvent]:
+    """The events *monitor* has received so far (none when it is None), without waiting."""
+    while monitor is not None and monitor.poll(0):
+        event = parse_monitor(monitor.recv_multipart())
+        if event is not None:
+            yield event

@@ -88,6 +88,19 @@ def subscription_prefix(pattern: str) -> str:
     return pattern
 
 
+def covers(outer: str, pattern: str) -> bool:
+    """Whether every topic *pattern* matches is matched by *outer* too (both well formed):
+    ``orders.>`` covers ``orders.x``, ``orders.*.eu`` and ``orders.>``; ``orders.*``
+    does not cover ``orders.>`` (``orders.a.b``), nor ``*`` a literal's place in *outer*."""
+    outer_tokens, tokens = outer.split("."), pattern.split(".")
+    for i, tok in enumerate(outer_tokens):
+        if tok == ">":
+            return i < len(tokens)  # one or more tokens left, whatever they match
+        if i >= len(tokens) or tokens[i] == ">" or (tok != "*" and tok != tokens[i]):
+            return False
+    return len(tokens) == len(outer_tokens)
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = []
     for tok in pattern.split("."):

@@ -693,3 +693,35 @@ def test_a_terminal_too_narrow_for_the_table_gets_every_field_of_every_instance(
     for text in ("orders-10-200-200-200-65535", "second", "10.200.200.200:65535", "zone=a"):
         assert text in shown, shown
     assert "SERVICE" in shown and "META" in shown
+
+
+def test_a_serverless_announcement_carries_the_registrants_key_and_lookups_admit_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TXT k= is the record's key (never user metadata); a plain lookup keeps keyless
+    instances only, and an announced key that is not a key drops the record."""
+    from eda.core import mdns
+    from eda.core.registry import serverless
+
+    key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    txt = serverless.txt_of(rec(key=key, meta={"zone": "a"}))
+    assert txt["k"] == key
+    heard = [
+        mdns.Instance("secure._eda-svc._tcp.local.", 8080, "", ["10.0.0.1"], txt),
+        mdns.Instance(
+            "plain._eda-svc._tcp.local.", 8081, "", ["10.0.0.1"], {**txt, "id": "plain", "k": ""}
+        ),
+        mdns.Instance(
+            "forged._eda-svc._tcp.local.", 8082, "", ["10.0.0.1"], {**txt, "id": "forged", "k": "?"}
+        ),
+    ]
+    secure = serverless.instance_of(heard[0])
+    assert secure is not None and (secure.key, secure.meta) == (key, {"zone": "a"})
+    assert serverless.instance_of(heard[2]) is None
+    monkeypatch.setattr(mdns, "one_shot_query", lambda *_a, **_k: heard)
+    said: list[str] = []
+    assert [i.id for i in serverless.query(log=said.append)] == ["plain"]
+    assert said == [
+        "ignoring instance orders/orders-10-0-0-1-8080 at 10.0.0.1:8080: "
+        "it is in secure mode (--secure) and this program is not"
+    ]

@@ -8,10 +8,15 @@ directory, discovery cache), as on separate hosts.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 from tests.helpers import Capture, Identity, Proc, Procs, run
 
@@ -154,3 +159,93 @@ def test_eavesdropping_sees_the_payload_only_without_secure_mode(
         seen = capture.stop()
     assert (payload.encode() in seen) is not secure
     assert len(seen) > 1000  # the capture saw the traffic either way
+
+
+GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00")
+            + b"\x00" * 32)  # fmt: skip
+
+
+def _hello(body: bytes) -> bytes:
+    """A ZMTP command frame HELLO (the CURVE client's first command) around *body*."""
+    command = b"\x05HELLO" + body
+    return b"\x04" + bytes([len(command)]) + command
+
+
+def _half_handshakes(endpoint: str, each: int) -> list[socket.socket]:
+    """*each* TCP connections of every kind that never completes a CURVE handshake, held
+    open: garbage, half a greeting, a greeting then nothing, a HELLO whose box does not
+    open (random keys), half a HELLO."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    payloads = [
+        os.urandom(4096),
+        GREETING[:7],
+        GREETING,
+        GREETING + _hello(b"\x01\x00" + b"\x00" * 72 + os.urandom(32 + 8 + 80)),
+        GREETING + _hello(b"\x01\x00" + b"\x00" * 72 + os.urandom(32 + 8 + 80))[:90],
+    ]
+    held = []
+    for _ in range(each):
+        for payload in payloads:
+            conn = socket.create_connection((host, int(port)), 5)
+            conn.sendall(payload)
+            held.append(conn)
+    return held
+
+
+def _untrusted_clients(endpoint: str, bus_key: str, n: int) -> tuple[zmq.Context[Any], list[Any]]:
+    """*n* sockets with keys of their own (trusted by nobody) that complete the CURVE
+    handshake, are refused by ZAP, and keep trying (ZeroMQ reconnects)."""
+    zctx: zmq.Context[Any] = zmq.Context()
+    socks = []
+    for _ in range(n):
+        public, secret = zmq.curve_keypair()
+        sock = zctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = bus_key.encode()
+        sock.connect(endpoint)
+        sock.send_multipart([b"R", b'{"op": "stats", "rid": 1}'], zmq.NOBLOCK)
+        socks.append(sock)
+    return zctx, socks
+
+
+def test_garbage_and_half_finished_handshakes_leave_a_secure_bus_serving(
+    procs: Procs, tmp_path, ids
+):
+    bus, endpoint = serve(procs, tmp_path, ids["bus"])
+    given = f"bus@{endpoint}"
+    sub = procs.eda("eda-sub", "--secure", "--bus", given, "--from-start", "--raw", "orders.>",
+                    env=ids["bob"].env)  # fmt: skip
+    pub = procs.eda("eda-pub", "--secure", "--bus", given, "--confirm", "orders.n",
+                    stdin=subprocess.PIPE, env=ids["alice"].env)  # fmt: skip
+    feed(pub, range(1, 1001))
+    sub.wait_lines(1000, 30)
+    held = _half_handshakes(endpoint, 40)  # 200 connections stalled or broken at once
+    zctx, refused = _untrusted_clients(endpoint, ids["bus"].public, 20)
+    try:
+        feed(pub, range(1001, 5001))  # served meanwhile
+        sub.wait_lines(5000, 60)
+        done = run("eda-pub", "--secure", "--bus", given, "--confirm", "orders.once", "during",
+                   env=ids["alice"].env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    finally:
+        for conn in held:
+            conn.close()
+        for sock in refused:
+            sock.close()
+        zctx.term()
+    feed(pub, range(5001, 6001))  # and after
+    assert pub.popen.stdin is not None
+    pub.popen.stdin.close()
+    assert pub.wait(60) == 0, pub.stderr  # every event confirmed
+    sub.wait_lines(6001, 30)
+    numbers = [line for line in sub.lines() if line != "during"]
+    assert numbers == [str(i) for i in range(1, 6001)]
+    assert bus.popen.poll() is None
+    assert stored(endpoint, ids["alice"]) == 6001
+
+
+def feed(proc: Proc, numbers: range) -> None:
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write("".join(f"{i}\n" for i in numbers).encode())
+    proc.popen.stdin.flush()

@@ -9,21 +9,57 @@ tells a torn last write from a clean crash; :mod:`.retention` decides what
 old events go.
 """
 
-from .engine import (
-    FSYNC_MODES,
-    ConsumerStats,
-    Engine,
-    EventTooLargeError,
-    Fsync,
-    Receipt,
-    Record,
-    Retained,
-    Stats,
-    StoreError,
-    StoreFullError,
-    TopicStats,
-)
-from .sqlite import SQLiteEngine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import (
+        FSYNC_MODES,
+        ConsumerStats,
+        Engine,
+        EventTooLargeError,
+        Fsync,
+        Receipt,
+        Record,
+        Retained,
+        Stats,
+        StoreError,
+        StoreFullError,
+        TopicStats,
+    )
+    from .sqlite import SQLiteEngine
+
+# Imported when first used (PEP 562): a program that only needs a submodule
+# (eda-pub's --bus options need retention's parsers) must not pay for SQLite
+# and the engines at every start; ``--help`` and one-shot runs are timed.
+_LAZY = {
+    name: ".engine"
+    for name in (
+        "FSYNC_MODES",
+        "ConsumerStats",
+        "Engine",
+        "EventTooLargeError",
+        "Fsync",
+        "Receipt",
+        "Record",
+        "Retained",
+        "Stats",
+        "StoreError",
+        "StoreFullError",
+        "TopicStats",
+    )
+} | {"SQLiteEngine": ".sqlite"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FSYNC_MODES",

@@ -4,7 +4,9 @@ The bus reads each message frame by frame so that it knows the TCP
 connection it came from (:attr:`ClientLinks._sender`): to cut off a
 subscriber that does not read (its connection closed, which frees what libzmq
 queued for it), and to accept admin requests only from the bus's own host.
-A socket monitor counts connections; beyond ``max_connections`` a new one is
+On a secure bus with an ACL, the key the CURVE handshake proved for that
+connection says what the client may do (:meth:`ClientLinks._access`).  A
+socket monitor counts connections; beyond ``max_connections`` a new one is
 closed at once.  Sending never blocks: a client whose queue is full is
 skipped (:meth:`ClientLinks._send` says so).
 """
@@ -19,9 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
+from .. import security
 from ..daemon import DRAIN_LIMIT, Daemon, received
+from ..sockets import parse_monitor
+from .acl import Access, Acl
+
+MAX_ACCESSES = 4096  # clients' rights remembered between two looks at the ACL and the keys
 
 
 @dataclass
@@ -41,6 +47,9 @@ class ClientLinks(Daemon):
     _sender: zmq.Frame | None  # a frame of the message being handled
     _own: set[str]  # this host's addresses, as last read
     _monitor: zmq.Socket[bytes]
+    acl: Acl | None  # who may do what (secure mode's --acl); None: every client, everything
+    _accesses: dict[str, Access]  # by proven key; emptied when the ACL or the keys may change
+    _readers: dict[bytes, str]  # the proven key of each subscription (by client), with an ACL
 
     def _send(self, ident: bytes, frames: list[bytes], route: Sequence[bytes] = ()) -> bool:
         """Send to one client without ever blocking; False when its queue is full or it is gone.
@@ -83,6 +92,28 @@ class ClientLinks(Daemon):
             return known
         return Connection(fd, _peer_of(fd))
 
+    def _access(self) -> Access:
+        """What the client whose message is being handled may do (the bus has an
+        ACL): the rights of the trusted name of the key its CURVE handshake proved
+        (the ZAP User-Id of the frame, never a name a message claims)."""
+        return self._access_for(self._sender_key())
+
+    def _sender_key(self) -> str:
+        """The key the CURVE handshake proved for the message being handled ("" if none)."""
+        return security.peer_key(self._sender) if self._sender is not None else ""
+
+    def _access_for(self, key: str) -> Access:
+        """The rights of the proven *key* (Z85; "" for none: nothing), by its trusted name."""
+        assert self.acl is not None
+        access = self._accesses.get(key)
+        if access is None:
+            secure = security.active()
+            name = secure.trusted.name_of(key.encode()) if secure is not None and key else None
+            access = self.acl.access(name)
+            if len(self._accesses) < MAX_ACCESSES:
+                self._accesses[key] = access
+        return access
+
     def _hang_up(self, conn: Connection | None) -> None:
         """Close a client's connection (libzmq frees what it queued for it)."""
         if conn is not None and conn.peer is not None and _peer_of(conn.fd) == conn.peer:
@@ -118,9 +149,11 @@ class ClientLinks(Daemon):
 
     def _connection_events(self) -> None:
         for frames in received(self._monitor):
-            event = parse_monitor_message(frames)
-            fd = int(event["value"])
-            if event["event"] == zmq.EVENT_ACCEPTED:
+            event = parse_monitor(frames)
+            if event is None:
+                continue
+            fd = event.value
+            if event.event == zmq.EVENT_ACCEPTED:
                 if len(self.connections) >= self.max_connections:
                     self.limited("connections", f"too many connections ({self.max_connections})"
                                  "; closing new ones")  # fmt: skip

@@ -21,7 +21,7 @@ from .. import reqrep, security
 from ..endpoint import Endpoint
 from ..errors import EdaError, ExitStatus, NotFoundError
 from ..reqrep import client_endpoint
-from ..sockets import connect, new_socket
+from ..sockets import connect, new_socket, parse_monitor
 from . import protocol as p
 
 LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
@@ -110,14 +110,14 @@ def dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
 def _handshake(mon: zmq.Socket[bytes]) -> str | None:
     """Why the handshake watched by *mon* failed, or None (it succeeded, or the bus did
     not answer within :data:`REFUSAL_WAIT`)."""
-    from zmq.utils.monitor import recv_monitor_message
-
     deadline = time.monotonic() + REFUSAL_WAIT
     while (left := deadline - time.monotonic()) > 0 and mon.poll(int(left * 1000) + 1):
-        event = recv_monitor_message(mon)
-        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        event = parse_monitor(mon.recv_multipart())
+        if event is None:
+            continue
+        if event.event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return None
-        why = security.handshake_failure(event["event"], event["value"])
+        why = security.handshake_failure(event.event, event.value)
         if why is not None:
             return why
     return None

@@ -7,14 +7,17 @@ socket (:func:`eda.core.reqrep.split_envelope` gave its route) may only ask
 the ones with one reply each (:data:`REPLY_OPS`); retain, drop and moving a
 durable consumer are accepted only from the bus's own host.  What a peer
 sends is checked by :mod:`.peerinput`; whatever one request raises, the
-others' work goes on.
+others' work goes on.  With an ACL (:mod:`.acl`), a subscription needs the
+subscribe right on each of its patterns, stats one subscribe pattern (and
+shows what lies within them), retain and drop the admin right; credit, ack,
+hb and bye only go on with a subscription already accepted.
 """
 
 from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import codec
@@ -72,9 +75,12 @@ class Answering(Delivering):
         if op == "sub":
             return self._subscribe(ident, msg)
         if op == "stats":
-            return {"stats": stats_json(self.engine)}
-        if op in ADMIN_OPS and not self._from_own_host():
-            raise EdaError(f"{op} is only accepted from the bus's own host; run it there")
+            return {"stats": stats_json(self.engine, self._readable())}
+        if op in ADMIN_OPS:
+            if self.acl is not None:
+                self._access().administer("delete a consumer" if op == "drop" else op)
+            if not self._from_own_host():
+                raise EdaError(f"{op} is only accepted from the bus's own host; run it there")
         if op == "retain":
             age, size = check.number(msg, "max_age"), check.number(msg, "max_bytes")
             done = self.engine.retain(age, None if size is None else int(size))
@@ -142,6 +148,8 @@ class Answering(Delivering):
         # (a new durable consumer gets everything stored, as JetStream's)
         start = self._start(spec, matcher)
         old = None if durable is None else self.engine.patterns_of(durable)
+        if self.acl is not None:  # (and resuming a durable, the patterns it had: its position)
+            self._access().read([*patterns, *(old or ())])
         credit = check.integer(msg.get("credit", 0), "credit")
         pending = msg.get("pending")
         if pending is not None and not 0 < check.integer(pending, "pending") <= p.MAX_CREDIT:
@@ -168,12 +176,22 @@ class Answering(Delivering):
             sub.cursor = start
         self._commit()
         self.subs[ident] = sub
+        if self.acl is not None:  # asked again when the ACL or the trusted keys change
+            self._readers[ident] = self._sender_key()
         self._groups_dirty = True
         self.log(f"subscription {ident.hex()} {patterns} from {sub.cursor}")
         reply: dict[str, Any] = {"from": sub.cursor, "last": self._durable}
         if old is not None and not reset:  # it resumed: what the client asked may not hold
             reply["resumed"] = {"patterns": list(old), "asked_from": given is not None}
         return reply
+
+    def _readable(self) -> Callable[[str], bool] | None:
+        """Which topics (and patterns) the client asking for stats may see (None: all)."""
+        if self.acl is None:
+            return None
+        access = self._access()
+        access.stats()
+        return access.rights.may_read
 
     def _start(self, spec: Any, matcher: Matcher) -> int:
         engine = self.engine
@@ -194,8 +212,13 @@ class Answering(Delivering):
         raise ProtocolError("from: use 'start', 'live', {seq: N}, {time: T} or {last: N}")
 
 
-def stats_json(engine: Engine) -> dict[str, Any]:
+def stats_json(engine: Engine, readable: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """The stats reply; with *readable*, only the topics and consumers it accepts."""
     s = engine.stats()
+    topics, consumers = s.topics, s.consumers
+    if readable is not None:
+        topics = {t: v for t, v in topics.items() if readable(t)}
+        consumers = [c for c in consumers if all(readable(x) for x in c.patterns)]
     return {
         "first_seq": s.first_seq,
         "last_seq": s.last_seq,
@@ -203,7 +226,7 @@ def stats_json(engine: Engine) -> dict[str, Any]:
         "events": s.events,
         "bytes": s.bytes,
         "file_bytes": s.file_bytes,
-        "topics": {t: {"events": v.events, "bytes": v.bytes} for t, v in s.topics.items()},
+        "topics": {t: {"events": v.events, "bytes": v.bytes} for t, v in topics.items()},
         "consumers": [
             {
                 "name": c.name,
@@ -213,6 +236,6 @@ def stats_json(engine: Engine) -> dict[str, Any]:
                 "lag": c.lag,
                 "held": c.held,
             }
-            for c in s.consumers
+            for c in consumers
         ],
     }

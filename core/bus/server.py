@@ -15,8 +15,9 @@ is one module per subject, each a layer of the class:
 :mod:`.connections` (the ROUTER's clients: where a message came from, hanging
 up, counting connections), :mod:`.delivery` (subscriptions: replay and live,
 credit, group claims under ``max_pending``, dropping the silent),
-:mod:`.requests` (subscribe, ack, stats, retain, drop) and :mod:`.peerinput`
-(what a peer may send in a request).
+:mod:`.requests` (subscribe, ack, stats, retain, drop), :mod:`.peerinput`
+(what a peer may send in a request) and :mod:`.acl` (secure mode's ``--acl``:
+what each trusted key may do, checked per batch and per request).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..errors import EdaError, ProtocolError, UsageError
 from ..limits import QueuedBytes, raise_fd_limit
 from ..reqrep import encode, error_reply, split_envelope
 from . import protocol as p
+from .acl import Acl, Forbidden
 from .delivery import Subscription
 from .engine import Engine, EventTooLargeError, StoreError
 from .requests import Answering
@@ -41,6 +43,7 @@ from .streams import check_publisher
 SEND_HWM = 256  # messages queued per client on the ROUTER
 HANDSHAKE_MS = 5000  # a connection that has not completed the ZMTP greeting by then is closed
 FD_RESERVE = 64  # descriptors kept for the store, discovery and the sockets of the bus itself
+ACL_EVERY = 0.5  # s between two looks at the ACL file and the trusted keys (changed: re-read)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Settings:
     client_bytes: int = 64 << 20  # queued for one client (JetStream cuts a slow consumer there)
     queued_bytes: int = 512 << 20  # queued for all clients together
     port_file: str | None = None  # where the port is remembered across restarts
+    acl: Acl | None = None  # secure mode's rights by name (.acl.open_acl); None: trusted may all
 
 
 class BusServer(Answering):
@@ -73,6 +77,11 @@ class BusServer(Answering):
         super().__init__(log, warn, interface=interface)
         self.engine = engine
         self.settings = settings
+        self.acl = settings.acl
+        if self.acl is not None:
+            self._untrusted_names(self.acl)
+        self._accesses, self._readers = {}, {}
+        self._trusted: tuple[tuple[str, bytes], ...] = ()  # the trusted keys, as last seen
         self.sock = self.socket(zmq.ROUTER, max_message=max_message)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -100,8 +109,48 @@ class BusServer(Answering):
             self.every(0.2, "others' writes", self._refresh)
         if settings.max_age is not None or settings.max_bytes is not None:
             self.every(settings.retain_every, "retention", self._retain, first=0.0)
+        if self.acl is not None:
+            self.every(ACL_EVERY, "acl", self._check_acl, first=ACL_EVERY)
         self._releasing: Any = None
         self._try_release_all()
+
+    def _untrusted_names(self, acl: Acl) -> None:
+        secure = security.active()
+        names = [name for name, _ in secure.trusted.items()] if secure is not None else []
+        for name in acl.unknown(names)[:5]:
+            self.warn(f"warning: ACL file {acl.path}: {name!r} is not a trusted name"
+                      " (eda-keys list): its table gives nobody anything yet")  # fmt: skip
+
+    def _check_acl(self) -> None:
+        """Forget the rights given so far and re-read the ACL file if it changed (a
+        malformed edit keeps the rights read before); when it or the trusted keys
+        changed, end the subscriptions they no longer allow."""
+        self._accesses.clear()
+        self._readers = {i: key for i, key in self._readers.items() if i in self.subs}
+        secure, acl = security.active(), self.acl
+        trusted = tuple(secure.trusted.items()) if secure is not None else ()
+        changed, self._trusted = trusted != self._trusted, trusted
+        if acl is not None and acl.changed():
+            try:
+                acl.reload()
+            except EdaError as exc:
+                self.warn(f"warning: {exc}; keeping the rights read before")
+            else:
+                changed = True
+                self._untrusted_names(acl)
+                self.log(f"ACL file {acl.path} read again: {len(acl.tables)} table(s)")
+        if changed:
+            self._recheck_subscriptions()
+
+    def _recheck_subscriptions(self) -> None:
+        """End each subscription its key may no longer read, telling its client why."""
+        for ident, sub in list(self.subs.items()):
+            try:
+                self._access_for(self._readers.get(ident, "")).read(sub.matcher.patterns)
+            except Forbidden as exc:
+                self._send(ident, [p.ANSWER, encode(error_reply(None, exc))])
+                self._drop(ident)
+                self.log(f"subscription {ident.hex()} ended: {exc}")
 
     def _try_release_all(self) -> None:
         """:meth:`_release_all`, retried every 2 s while the store cannot answer yet
@@ -246,9 +295,15 @@ class BusServer(Answering):
         try:
             batch = codec.decode(frames[1:])
             check_publisher(batch.pubid)
+            if self.acl is not None:
+                self._access().publish(batch.topic)
             (receipt,) = self.engine.append([batch])
         except (codec.WireError, EventTooLargeError, UsageError) as exc:
             self.dropped("batch", exc)
+            self._refuse(ident, tag, exc, retry=False)
+            return
+        except Forbidden as exc:
+            self.limited("acl", f"refused a batch: {exc}")
             self._refuse(ident, tag, exc, retry=False)
             return
         except StoreError as exc:  # full disk, I/O: what this round appended was rolled back

@@ -101,22 +101,18 @@ class _Watch:
         self.since.setdefault(endpoint, time.monotonic())
 
     def update(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        mon = self._mon
-        while mon is not None and mon.poll(0):
-            event = recv_monitor_message(mon)
-            endpoint = event["endpoint"].decode(errors="replace")
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        for event in sockets.monitor_events(self._mon):
+            endpoint = event.endpoint
+            if event.event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.since.pop(endpoint, None)
                 self.refused.discard(endpoint)
                 continue
-            why = security.handshake_failure(event["event"], event["value"])
+            why = security.handshake_failure(event.event, event.value)
             if why is not None:
                 self.failed.append((endpoint, why))
             elif endpoint in self.since:
                 self.refused.add(endpoint)
-        if mon is not None and not self.since and not self._secure:
+        if self._mon is not None and not self.since and not self._secure:
             self.close()  # everything answered: no more monitoring cost
 
     def unready(self, older_than: float = 0.0) -> list[tuple[str, bool]]:

@@ -18,6 +18,11 @@ Records that come back from a registry or the LAN are validated again here
 (:func:`~.model.from_dict`): a misbehaving registry cannot hand a caller an
 out-of-range port or a record that breaks printing; such records are left
 out and counted in :attr:`Access.dropped`.
+
+Secure mode (:mod:`eda.core.security` on): registries are used under trusted
+keys only (the client base pins them; :attr:`Access.on_ignored` hears of the
+announced ones skipped), a record carries its registrant's proven key, and an
+instance registered by mDNS announces this process's key.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import security as secure_mode
 from ..errors import EdaError, UsageError
 from .client import Client, NoRegistry, local_address_towards
 from .model import (
@@ -68,18 +74,27 @@ class Access:
     # set when registries seen before (cached, announced) did not answer and the
     # answer came from the LAN by mDNS instead: what to tell the user
     registry_down: str = ""
+    # secure mode: a registry announced by mDNS and skipped, and why (untrusted, not secure)
+    on_ignored: Callable[[Any, str], None] | None = None
+
+    @property
+    def security(self) -> secure_mode.Security | None:
+        """The process's secure mode (None: plain)."""
+        return secure_mode.active()
 
     @property
     def endpoints(self) -> list[str]:
         return [e for item in self.registries for e in item.replace(",", " ").split()]
 
     def client(self, timeout: float | None = None) -> Client:
-        return Client(
+        client = Client(
             self.endpoints,
             interface=self.interface,
             use_mdns=self.mdns,
             timeout=self.timeout if timeout is None else timeout,
         )
+        client.on_ignored = self.on_ignored
+        return client
 
     def valid(self, records: Iterable[object]) -> list[Instance]:
         """*records* that validate; the others are counted in :attr:`dropped`."""
@@ -136,8 +151,8 @@ def query(op: str, service: str | None, include_all: bool, access: Access) -> li
     from . import serverless
 
     if name is None:
-        return serverless.query(access.interface)
-    found = serverless.lookup(name, include_all or op == "list", access.interface)
+        return serverless.query(access.interface, log=access.log)
+    found = serverless.lookup(name, include_all or op == "list", access.interface, log=access.log)
     return [i for i in found if i.service == name]
 
 
@@ -220,8 +235,12 @@ def registration(
 
 
 def finish(record: dict[str, Any], client: Client | None, interface: str | None) -> Instance:
-    """The instance to register: the default host (see :func:`default_host`) and id filled in."""
+    """The instance to register: the default host (see :func:`default_host`) and id filled
+    in; in secure mode this process's public key (what an mDNS announcement carries; a
+    registry sets the key the handshake proves instead)."""
     record = dict(record)
+    active = secure_mode.active()
+    record["key"] = active.public_key if active is not None else ""
     if record.get("host") is None:
         record["host"] = default_host(client, interface)
     if "id" not in record:
@@ -318,4 +337,5 @@ def changes(
         finally:
             watcher.close()
             client.close()
-    yield from serverless.watch(name, snapshot=snapshot, interface=access.interface)
+    yield from serverless.watch(name, snapshot=snapshot, interface=access.interface,
+                                log=access.log)  # fmt: skip

@@ -10,7 +10,10 @@ answer in time the client moves on to the next registry by itself.
 
 Finding, request ids, timeouts and the failover loop are
 :class:`eda.core.reqrep.Client`'s; this module says where registries are
-and what a registry's hello means.
+and what a registry's hello means.  Secure mode is the client base's too:
+each registry is used under its pinned, trusted key (announced, cached, or
+given as ``NAME@tcp://HOST:PORT``), and a hello names the peers with their
+keys (``KEY@tcp://HOST:PORT``, :func:`named_peer`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def local_address_towards(endpoint: Endpoint) -> str:
         return "::1" if endpoint.is_ipv6 else "127.0.0.1"
     finally:
         sock.close()
+
+
+def named_peer(text: object) -> Endpoint | None:
+    """A registry a registry's hello names (``tcp://HOST:PORT``; secure mode:
+    ``KEY@tcp://HOST:PORT``, the key trusted here, then pinned), or None: malformed,
+    or one this process may not use (secure and plain never mix)."""
+    return reqrep.from_cache_entry(text) if isinstance(text, str) else None
 
 
 class Client(reqrep.Client):
@@ -106,7 +116,7 @@ class Client(reqrep.Client):
         for text in peers if isinstance(peers, list) else []:
             if len(self.learned) >= MAX_LEARNED:
                 break
-            endpoint = Endpoint.from_peer(text)
+            endpoint = named_peer(text)
             if endpoint is not None and endpoint not in self.learned:
                 self.learned.append(endpoint)
         return reply

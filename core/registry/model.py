@@ -25,7 +25,8 @@ HOST_RE = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 META_ITEM_LIMIT = 255  # RFC 6763 6.1: one TXT string is at most 255 bytes
 META_TOTAL_LIMIT = 1300  # RFC 6763 6.2: keep the whole TXT record under ~1300 bytes
 META_KEY_LIMIT = 64
-RESERVED_META = frozenset({"svc", "id", "w", "st", "ttl", "iv", "h", "rv"})  # serverless TXT keys
+# serverless TXT keys (k: secure mode's public key)
+RESERVED_META = frozenset({"svc", "id", "w", "st", "ttl", "iv", "h", "rv", "k"})
 MAX_TTL = 86400.0
 # Revisions are JSON-safe integers (a larger one once stopped the daemon at its next
 # snapshot); bumps saturate here rather than grow past what every reader accepts.
@@ -118,13 +119,13 @@ def validate_meta(meta: object) -> dict[str, str]:
             )
         if not key.isascii():
             raise InvalidRecord(f"bad metadata key {key!r}: ASCII only (RFC 6763 6.4)")
-        if key.lower() in RESERVED_META:
-            raise InvalidRecord(f"metadata key {key!r} is reserved")
         size = len(key) + 1 + len(_utf8(value))
         if size > META_ITEM_LIMIT:
             raise InvalidRecord(
                 f"metadata {key}=... is {size} bytes; one key=value must fit in {META_ITEM_LIMIT}"
             )
+        if key.lower() in RESERVED_META:
+            raise InvalidRecord(f"metadata key {key!r} is reserved")
         total += size + 1
         out[key.lower()] = value
     if total > META_TOTAL_LIMIT:

@@ -13,6 +13,15 @@ counted in :attr:`Server.malformed`, and reported by a rate-limited warning.
 It never changes state, and no single request, record or failed write ends
 the loop: each step of the loop is guarded on its own.
 
+Secure mode (:mod:`eda.core.security`, on before the server is made): the
+request socket and the change stream are CURVE servers admitting trusted keys
+only, the announcement carries this registry's key (``k=``), and peer
+registries are pinned to their keys (announced, ``NAME@tcp://...`` given, or
+``KEY@tcp://...`` as a peer's hello names them; untrusted or plain ones are
+skipped).  A record carries the key its registrant's connection proved
+(:attr:`eda.core.reqrep.Service.sender_key`, never the one a request claims),
+and only that key heartbeats or deregisters it.
+
 The loop, its guards, timers, binding and mDNS announcing are
 :class:`eda.core.daemon.Daemon`'s; request framing, validation up to the op
 and error replies are :class:`eda.core.reqrep.Service`'s.  This module holds
@@ -28,21 +37,25 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .. import sockets
+from .. import reqrep, security, sockets
 from ..daemon import BindError, Daemon, Log, bind_failed, port_file, port_of, received
 from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
 from ..reqrep import Handler, Service
 from . import protocol
+from .client import named_peer
 from .dns import Responder, TcpConnections
 from .model import from_dict, validate_registry_id
 from .persist import Journal
 from .protocol import ProtocolError, Request, decode, encode
 from .store import Event, Store
+
+if TYPE_CHECKING:
+    from ..discovery import Peer
 
 MAX_PEERS = 32  # peer registries one registry links to (a hostile hello may name thousands)
 EXPIRE_EVERY = 0.05  # seconds between two expiry passes
@@ -78,12 +91,23 @@ class PeerLink:
         return self.address.zmq
 
 
+class NotOwner(EdaError):
+    """A heartbeat or deregistration of an instance registered under another key."""
+
+
 def peer_endpoint(text: str) -> Endpoint:
-    """A peer registry's endpoint given by the user, or :class:`UsageError`."""
-    parsed = Endpoint.from_peer(text)
-    if parsed is None:
-        Endpoint.parse(text, "peer registry")  # says what is wrong with it
-        raise UsageError(f"bad peer registry endpoint {text[:80]!r}: give a host and a port")
+    """A peer registry's endpoint given by the user (``--peer``), or :class:`UsageError`.
+
+    In secure mode it names the peer's trusted key, ``NAME@tcp://HOST:PORT``
+    (as every secure ``--connect``), and that key is pinned for the endpoint.
+    """
+    secure = security.active()
+    key = b""
+    if secure is not None:
+        key, text = secure.pinned(text, "--peer")
+    parsed = reqrep.client_endpoint(text, "--peer")
+    if key:
+        reqrep.pin(parsed, key)
     return parsed
 
 
@@ -108,7 +132,8 @@ class Server(Daemon):
                 self.warn(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
         self.links: dict[str, PeerLink] = {}
         self.subscribed: set[str] = set()
-        self.found: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.security = security.active()
+        self.found: queue.SimpleQueue[Peer] = queue.SimpleQueue()  # registries announced
         self.udp: socket.socket | None = None
         self.dns_tcp: TcpConnections | None = None
         self.responder = Responder(self._dns_lookup)
@@ -197,10 +222,11 @@ class Server(Daemon):
                 self.id,
                 self.port,
                 on_ready=lambda: self.log(f"announced registry {self.id} by mDNS"),
+                key=self.security.public_key if self.security is not None else None,
             )
             discovery.browse(
                 protocol.REGISTRY_TYPE,
-                lambda peer: self.found.put(peer.endpoint) if peer.id != self.id else None,
+                lambda peer: self.found.put(peer) if peer.id != self.id else None,
             )
 
     def _dns_tcp_ready(self, fd: int, events: int) -> None:
@@ -242,23 +268,48 @@ class Server(Daemon):
 
     # -- requests (validated by Service, then protocol.request_from) -----------------
     def _op_hello(self, req: Request) -> dict[str, Any]:
+        # the live peers, for failover; in secure mode each with its key (KEY@tcp://...)
         return {
             "registry": self.id,
             "tick": self.settings.tick,
             "pub_port": port_of(self.pub_endpoint),
-            "peers": sorted(link.endpoint for link in self.links.values() if link.alive),
+            "peers": sorted(
+                reqrep.cache_entry(link.address) for link in self.links.values() if link.alive
+            ),
         }
 
     def _op_register(self, req: Request) -> dict[str, Any]:
         inst = req.instance
         assert inst is not None
         register = req.op == "register"
+        inst.key = self.service.sender_key  # proven by the handshake; a claimed key is ignored
+        self._check_owner(inst.id, req.op)
         self._publish(self.store.heartbeat(inst, register=register))
         return {"instance": inst.to_dict()} if register else {"rev": inst.rev}
 
     _op_heartbeat = _op_register
 
+    def _check_owner(self, inst_id: str, op: str, operator: bool = False) -> None:
+        """Refuse *op* on an instance registered under another key than the sender's:
+        nobody heartbeats, re-registers or deregisters someone else's instance, an
+        operator included.  A record without a key (registered in plain mode, before
+        this registry was secure) is anyone's to take over."""
+        entry = self.store.entries.get(inst_id)
+        owner = entry.inst.key if entry is not None else ""
+        if not owner or owner == self.service.sender_key:
+            return
+        name = self.security.trusted.name_of(owner.encode()) if self.security else None
+        who = f"key {owner}" + (f" ({name})" if name else "")
+        hint = (
+            "; deregister it with that key (--key FILE), or stop it and let it expire"
+            if operator
+            else ""
+        )
+        raise NotOwner(f"{op} refused: instance {inst_id!r} is registered by {who}, "
+                       f"not by this key{hint}")  # fmt: skip
+
     def _op_deregister(self, req: Request) -> dict[str, Any]:
+        self._check_owner(req.id, "deregister", req.operator)
         if req.operator:
             self._publish(self.store.deregister(req.id, "deregistered by an operator"))
         else:
@@ -314,12 +365,23 @@ class Server(Daemon):
     def _drain_found(self) -> None:
         while True:
             try:
-                endpoint = self.found.get_nowait()
+                peer = self.found.get_nowait()
             except queue.Empty:
                 return
-            where = Endpoint.from_peer(endpoint)  # (from mDNS: checked there already)
-            if where is not None:
-                self._add_peer(where)
+            where = Endpoint.from_peer(peer.endpoint)  # (from mDNS: checked there already)
+            if where is None or where.zmq in self.links:
+                continue
+            key, why = security.admission(peer.key)  # secure and plain never mix
+            if key is None:
+                text = f"ignoring registry {peer.id[:64]!r} at {where.zmq}: {why}"
+                if self.security is not None and peer.key:
+                    self.limited("untrusted", text)  # a forged announcement, likely
+                else:
+                    self.log(text)
+                continue
+            if key:
+                reqrep.pin(where, key)
+            self._add_peer(where)
 
     def _add_peer(self, where: Endpoint) -> None:
         endpoint = where.zmq
@@ -329,8 +391,8 @@ class Server(Daemon):
             self.limited("peers", f"not linking to {endpoint[:80]}: {MAX_PEERS} peers already")
             return
         sock = self.socket(zmq.DEALER, max_message=64 * protocol.MAX_MESSAGE)
-        try:
-            sockets.connect(sock, where)
+        try:  # secure mode: pinned where it was found (a peer without a key is a UsageError)
+            sockets.connect(sock, where, reqrep.pinned_key(where))
         except zmq.ZMQError as exc:
             self.close_socket(sock)
             raise UsageError(f"bad peer endpoint {endpoint}: {exc}") from None
@@ -374,10 +436,11 @@ class Server(Daemon):
         pub = link.address.with_port(pub_port)  # its change stream: same host
         if pub.zmq not in self.subscribed:
             self.subscribed.add(pub.zmq)
-            sockets.connect(self.peer_sub, pub)
+            # the same process, so the same key as its requests' socket
+            sockets.connect(self.peer_sub, pub, reqrep.pinned_key(link.address))
         self.log(f"replicating with peer registry {peer_id} at {link.endpoint}")
-        for endpoint in peers[:MAX_PEERS]:
-            where = Endpoint.from_peer(endpoint)  # malformed ones are skipped
+        for text in peers[:MAX_PEERS]:
+            where = named_peer(text)  # malformed, untrusted or mixed ones are skipped
             if where is not None:
                 with contextlib.suppress(UsageError):
                     self._add_peer(where)
@@ -438,3 +501,5 @@ class Server(Daemon):
         if self.dns_tcp is not None:
             self.dns_tcp.close()
         super().close()  # every socket, links included
+        if self.security is not None:
+            self.security.release(self.zctx)  # its ZAP handler, before the context ends

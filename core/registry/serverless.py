@@ -3,7 +3,11 @@
 Each instance is a standard DNS-SD service of type ``_eda-svc._tcp``, named
 after its instance id, with TXT keys ``svc`` (service name), ``id``, ``w``
 (weight), ``st`` (health status), ``rv`` (revision), ``ttl``, ``iv`` and the
-user's metadata, so ``avahi-browse -r _eda-svc._tcp`` lists them.
+user's metadata, so ``avahi-browse -r _eda-svc._tcp`` lists them.  In secure
+mode TXT ``k`` is the registrant's public key (:attr:`~.model.Instance.key`):
+a lookup keeps only instances this process may use (:func:`eda.core.security.admission`:
+trusted keys in secure mode, keyless instances in plain mode), so that whoever
+connects to an instance pins the key it announced, and CURVE proves it.
 
 A killed process cannot send a goodbye, and ordinary mDNS records live for
 75 minutes in caches.  So the records carry a TTL of a few seconds, and a
@@ -17,12 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import mdns
+from .. import mdns, security
 from ..discovery import Discovery
 from .model import PASSING, RESERVED_META, Instance, InvalidRecord, from_dict
 from .store import DEREGISTERED, HEALTH, REGISTERED, UPDATED, Event, make_event
 
 SVC_TYPE = "_eda-svc._tcp.local."
+MAX_SAID = 1000  # skipped instances a watch remembers having reported
 
 
 def txt_of(inst: Instance) -> dict[str, str]:
@@ -36,6 +41,8 @@ def txt_of(inst: Instance) -> dict[str, str]:
         "iv": f"{inst.interval:g}",
         "h": inst.host,
     }
+    if inst.key:
+        txt["k"] = inst.key
     txt.update(inst.meta)
     return txt
 
@@ -56,6 +63,7 @@ def instance_of(found: mdns.Instance) -> Instance | None:
                 "ttl": float(txt.get("ttl", "6")),
                 "interval": float(txt.get("iv", "2")),
                 "registry": "mdns",
+                "key": txt.get("k", ""),
                 "meta": {k: v for k, v in txt.items() if k not in RESERVED_META},
             }
         )
@@ -97,19 +105,39 @@ class Announcer:
         self._discovery.close()
 
 
-def query(interface: str | None = None, timeout: float = 0.3) -> list[Instance]:
-    """Every eda instance whose responder answers a one-shot query now."""
+def _quiet(_message: str) -> None:
+    pass
+
+
+def query(
+    interface: str | None = None, timeout: float = 0.3, log: Callable[[str], None] = _quiet
+) -> list[Instance]:
+    """Every eda instance whose responder answers a one-shot query now, and that this
+    process may use (secure mode: a trusted key; else none); *log* says which were not."""
     found = mdns.one_shot_query(SVC_TYPE, interface=interface, timeout=timeout)
-    return [i for i in map(instance_of, found) if i is not None]
+    usable = []
+    for inst in map(instance_of, found):
+        if inst is None:
+            continue
+        key, why = security.admission(inst.key)
+        if key is None:
+            log(f"ignoring instance {inst.service}/{inst.id} at {inst.host}:{inst.port}: {why}")
+            continue
+        usable.append(inst)
+    return usable
 
 
 def lookup(
-    service: str, include_all: bool = False, interface: str | None = None, timeout: float = 0.3
+    service: str,
+    include_all: bool = False,
+    interface: str | None = None,
+    timeout: float = 0.3,
+    log: Callable[[str], None] = _quiet,
 ) -> list[Instance]:
     return sorted(
         (
             i
-            for i in query(interface, timeout)
+            for i in query(interface, timeout, log)
             if i.service == service and (include_all or i.status == PASSING)
         ),
         key=lambda i: i.id,
@@ -127,6 +155,7 @@ def watch(
     interface: str | None = None,
     period: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = _quiet,
 ) -> Iterator[Event]:
     """Poll the LAN every *period* seconds; yield a change event per difference.
 
@@ -136,10 +165,17 @@ def watch(
     known: dict[str, Instance] = {}
     missing: dict[str, int] = {}
     first = True
+    said: set[str] = set()  # instances skipped (secure mode) are said once, not every poll
+
+    def once(message: str) -> None:
+        if message not in said and len(said) < MAX_SAID:
+            said.add(message)
+            log(message)
+
     while True:
         now = {
             i.id: i
-            for i in query(interface, min(0.3, period))
+            for i in query(interface, min(0.3, period), once)
             if service is None or i.service == service
         }
         for inst_id, inst in now.items():

@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from .. import reqrep, security
 from ..errors import EdaError
 from ..sockets import connect, new_socket
 from . import protocol
@@ -111,8 +112,9 @@ class Watcher:
         sub.subscribe(protocol.TICK)
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
         self.sub = sub  # closed by _close_sub whatever happens next (term() waits for it)
-        try:
-            connect(sub, self.client.pub_endpoint(hello))
+        try:  # secure mode: the registry's own key, pinned where it was found
+            pinned = reqrep.pinned_key(self.client.current) if self.client.current else None
+            connect(sub, self.client.pub_endpoint(hello), pinned)
         except zmq.ZMQError as exc:
             self._close_sub()
             raise protocol.RemoteError(f"bad change stream endpoint: {exc}") from None
@@ -241,6 +243,9 @@ class Watcher:
 
     def close(self) -> None:
         self._close_sub()
+        secure = security.active()
+        if secure is not None:
+            secure.release(self.ctx)  # its ZAP handler, before the context ends
         self.ctx.term()
 
 

@@ -89,12 +89,14 @@ store and its quorum decide durability.
 Modules, one job each: :mod:`.bridge` (the asyncio loop the engine's calls run
 on), :mod:`.wire` (names, headers, message ids), :mod:`.state`, :mod:`.index`,
 :mod:`.setup`, :mod:`.consumers`, :mod:`.groups`, :mod:`.stats` (the layers of
-:class:`NatsEngine`), :mod:`.engine` (writing, retention), :mod:`.migrate`.
+:class:`NatsEngine`), :mod:`.engine` (writing, retention), :mod:`.migrate`,
+:mod:`.connect` (connecting, with NATS's security: :class:`NatsAuth`).
 """
 
 from __future__ import annotations
 
 from .client import nats
+from .connect import NatsAuth, redact
 from .engine import DEFAULT_STREAM, SERVE_DEADLINE, NatsEngine
 from .migrate import Migrated, migrate
 from .wire import nats_name
@@ -103,8 +105,10 @@ __all__ = [
     "DEFAULT_STREAM",
     "SERVE_DEADLINE",
     "Migrated",
+    "NatsAuth",
     "NatsEngine",
     "migrate",
     "nats",
     "nats_name",
+    "redact",
 ]

@@ -25,6 +25,7 @@ from ..engine import Engine, Receipt, StoreError
 from ..streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_events
 from .bridge import Bridge
 from .client import nats
+from .connect import NatsAuth, prepare
 from .stats import StatsOf
 from .wire import _Head, header_bytes, msg_id, nats_name
 
@@ -73,6 +74,7 @@ class NatsEngine(StatsOf):
         timeout: float = 10.0,
         deadline: float = SERVE_DEADLINE,
         clock: Callable[[], float] = time.time,
+        auth: NatsAuth | None = None,
     ) -> None:
         if nats is None:
             raise UsageError("the NATS engine needs nats-py: pip install 'eda[nats]'")
@@ -88,7 +90,9 @@ class NatsEngine(StatsOf):
         self.ack_wait = ack_wait
         self.timeout = timeout  # opening (patient: a cluster may be electing leaders)
         self.deadline = min(deadline, timeout)  # every call once open (see SERVE_DEADLINE)
-        self._servers = [servers] if isinstance(servers, str) else list(servers)
+        # credentials and TLS checked before connecting; the URLs kept carry no secret
+        self._plan = prepare([servers] if isinstance(servers, str) else servers, auth)
+        self._servers = self._plan.servers
         self._bridge = Bridge(f"NATS stream {self.stream}", self.deadline)
         self._closed = False
         # a publish was answered 503 (no leader), or not at all: see PROBE_DEADLINE

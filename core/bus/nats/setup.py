@@ -1,5 +1,7 @@
 """Opening a NATS engine: the connection, the stream, the bucket, and changes to them.
 
+The connection, with NATS's own security, is :mod:`.connect`'s.
+
 The stream (``EDA`` by default, subjects ``<prefix>.>``, file storage, the
 replicas, limits and duplicate window asked for) and the key-value bucket
 ``<stream>_consumers`` are created when missing; an existing stream is given
@@ -16,8 +18,8 @@ import time
 from typing import Any
 
 from ...errors import UsageError
-from ..engine import StoreError
-from .client import JsApiError, JsNotFound, NatsTimeout, ServiceUnavailable, jsapi, nats
+from .client import JsApiError, JsNotFound, NatsTimeout, ServiceUnavailable, jsapi
+from .connect import connect
 from .index import Index
 
 
@@ -26,30 +28,22 @@ class Setup(Index):
 
     async def _open(self, window: float, max_age: float | None, max_bytes: int | None) -> None:
         self.errors: list[str] = []  # the client's last connection errors (it reconnects)
-
-        async def on_error(exc: Exception) -> None:
-            self.errors[:] = [*self.errors[-9:], str(exc) or type(exc).__name__]
-
-        try:  # nats-py retries the first connect forever when reconnecting is on
-            self._nc = await asyncio.wait_for(
-                nats.connect(
-                    servers=self._servers,
-                    connect_timeout=min(2.0, self.timeout),
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.2,
-                    allow_reconnect=True,
-                    # a server cut off by the network is silent: found dead after two
-                    # unanswered pings (not nats-py's 2 x 120 s), then another is used
-                    ping_interval=max(1, int(self.timeout / 4)),
-                    max_outstanding_pings=2,
-                    error_cb=on_error,
-                    disconnected_cb=self._disconnected,
-                ),
-                self.timeout,
-            )
-        except Exception as exc:  # nats-py raises several kinds here
-            why = self.errors[-1] if isinstance(exc, TimeoutError) and self.errors else exc
-            raise StoreError(f"cannot reach NATS at {','.join(self._servers)}: {why}") from None
+        # nats-py retries the first connect forever when reconnecting is on: connect
+        # gives up after the timeout, at once when the servers refuse (see .connect)
+        self._nc = await connect(
+            self._plan,
+            self.timeout,
+            self.errors,
+            connect_timeout=min(2.0, self.timeout),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            allow_reconnect=True,
+            # a server cut off by the network is silent: found dead after two
+            # unanswered pings (not nats-py's 2 x 120 s), then another is used
+            ping_interval=max(1, int(self.timeout / 4)),
+            max_outstanding_pings=2,
+            disconnected_cb=self._disconnected,  # (the acks awaited on it: see the engine)
+        )
         self._js = self._nc.jetstream(timeout=self.timeout)
         deadline = time.monotonic() + self.timeout * 7
         while True:  # a cluster that just lost or regained a node answers 503 for a while

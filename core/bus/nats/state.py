@@ -18,6 +18,7 @@ from ..base import EngineBase
 from ..engine import StoreError
 from ..streams import Ranges
 from .bridge import Bridge
+from .connect import Plan
 from .wire import _Head
 
 T = TypeVar("T")
@@ -58,7 +59,8 @@ class NatsState(EngineBase):
     _gone_for: float
     _groups: dict[str, list[str]]  # group -> patterns (its consumer exists)
     _held: dict[str, dict[str, list[_Held]]]  # group -> member -> messages
-    _servers: list[str]
+    _servers: list[str]  # without credentials: they are in _plan
+    _plan: Plan  # how to connect (credentials, TLS)
     _unanswered: dict[str, float]  # group -> when a no-wait pull went unanswered
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
