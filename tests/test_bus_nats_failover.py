@@ -26,16 +26,19 @@ from tests.helpers import wait_until
 from tests.test_bus_nats import cluster, open_when_ready
 from tests.test_bus_store import batch
 
+Call = list[Any]  # [its coroutine's name, how long it may wait, its result]
 
-def record_waits(store: NatsEngine, log: list[tuple[str, float]]) -> None:
-    """Note in *log* each call *store* makes to NATS: (its coroutine's name, how long it
-    may wait)."""
+
+def record_calls(store: NatsEngine, log: list[Call]) -> None:
+    """Note in *log* each call *store* makes to NATS."""
     bridge = store._bridge
     run = bridge.run
 
     def recording(coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
-        log.append((coro.__qualname__, bridge.deadline if timeout is None else timeout))
-        return run(coro, timeout)
+        call = [coro.__qualname__, bridge.deadline if timeout is None else timeout, None]
+        log.append(call)
+        call[2] = run(coro, timeout)  # (a StoreError leaves None)
+        return call[2]
 
     bridge.run = recording  # type: ignore[method-assign]
 
@@ -60,8 +63,8 @@ def test_a_writer_on_the_killed_leader_resumes_on_a_survivor_and_only_probes_mea
         dead = int(leader[1:]) - 1
         store = NatsEngine([urls[dead]], replicas=3, timeout=2.0)
         try:
-            log: list[tuple[str, float]] = []
-            record_waits(store, log)
+            log: list[Call] = []
+            record_calls(store, log)
             hosts[dead].started[0].signal(signal.SIGSTOP)  # takes it in, never answers
             store.append([batch(101, 100)])
             with ThreadPoolExecutor(1) as commit:
@@ -89,16 +92,19 @@ def test_a_writer_on_the_killed_leader_resumes_on_a_survivor_and_only_probes_mea
             assert store._nc.connected_url.netloc != urls[dead].removeprefix("nats://")
 
             # until a new leader: every publish answered 503 at once (none waited for an
-            # ack that could not come), and between them nothing but questions, of
-            # PROBE_DEADLINE each, whether the stream has a leader again (no read nor
-            # stream info that no one answers)
+            # ack that could not come), and between them questions, of PROBE_DEADLINE
+            # each, whether the stream has a leader again; a read or a stream info (that
+            # no one would answer without a leader) only once one said yes
             first = outcomes.index("confirmed")
             assert first > 0 and all("status 503" in o for o in outcomes[:first]), outcomes
             meanwhile = log[: rounds[first]]
-            assert {what.rsplit(".", 1)[-1] for what, _ in meanwhile} == {"_store", "_probe"}
-            assert all(wait <= PROBE_DEADLINE for what, wait in meanwhile if "_probe" in what)
+            probes = [(i, c) for i, c in enumerate(meanwhile) if c[0].endswith("._probe")]
+            assert probes and all(wait <= PROBE_DEADLINE for _, (_, wait, _) in probes)
+            for i, (what, _, _) in enumerate(meanwhile):
+                if not what.endswith(("._store", "._probe")):
+                    assert [said for j, (_, _, said) in probes if j < i][-1:] == [True], what
             store.refresh()  # a leader again: a refresh asks as it always did
-            assert log[-1] == ("NatsEngine.refresh.<locals>.moved", 1.0)
+            assert log[-1][:2] == ["NatsEngine.refresh.<locals>.moved", 1.0]
 
             pubseqs = [r.pubseq + i for r in store.read(1) for i in range(r.size)]
             assert pubseqs == list(range(1, 1101))  # each confirmed event exactly once

@@ -309,7 +309,9 @@ class NatsEngine(StatsOf):
         """Whether the stream has a leader: the first answer to this call's stream info
         request or to one an earlier call left in flight."""
         if len(self._probes) < PROBES_IN_FLIGHT:
-            self._probes.add(asyncio.ensure_future(self._js.stream_info(self.stream)))
+            asking = asyncio.ensure_future(self._js.stream_info(self.stream))
+            asking.add_done_callback(_answered)  # (also when no call takes the answer)
+            self._probes.add(asking)
         while self._probes:
             done, _ = await asyncio.wait(self._probes, return_when=asyncio.FIRST_COMPLETED)
             self._probes -= done
@@ -355,6 +357,12 @@ class NatsEngine(StatsOf):
         with contextlib.suppress(Exception):  # closing a broken connection
             self._run(self._nc.close(), self.timeout)
         self._bridge.stop()
+
+
+def _answered(task: asyncio.Future[Any]) -> None:
+    """A probe's answer is taken or not: a failed one is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _implements(engine: NatsEngine) -> Engine:
