@@ -151,7 +151,7 @@ def _parse_header(
     "--timeout",
     "confirm_timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=30.0,
     show_default=True,
     metavar="SECONDS",
     help="With --bus --confirm: give up after SECONDS without a confirmation.",

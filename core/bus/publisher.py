@@ -6,7 +6,10 @@ unchanged.  Batches go out pipelined (up to a window); each is kept until the
 bus confirms it durable.  When no confirmation arrives for
 :data:`RESEND_AFTER` seconds (a bus restart, a lost connection), every
 unconfirmed batch is sent again with the same publisher id and sequences:
-the bus stores each event at most once, so resending is always safe.
+the bus stores each event at most once, so resending is always safe.  A batch
+the bus refused for now (``retry``: its store failed, e.g. a JetStream stream
+electing a leader) goes again as soon as a confirmation shows the bus stores
+again.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class BusPublisher:
         *,
         headers: dict[str, str] | None = None,
         source: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
         resend_after: float = RESEND_AFTER,
         relocate: Relocate | None = None,
     ) -> None:
@@ -82,6 +85,7 @@ class BusPublisher:
         self.resent = 0  # batches sent again
         self.refused: list[tuple[Unconfirmed, str]] = []  # batches the bus will never take
         self.warnings: list[str] = []  # retryable refusals (disk full...), newest last
+        self._retry: set[int] = set()  # tags the bus refused for now, to send again
 
     # -- the Publisher shape Feeder uses --------------------------------------------
     def send(self, topic: str, body: bytes, count: int, kind: int = codec.TEXT) -> None:
@@ -145,6 +149,14 @@ class BusPublisher:
             for tag in tags:
                 self._settle(tag)
             self._progress = time.monotonic()
+            if self._retry:  # the bus stores again: what it refused meanwhile goes again
+                retry, self._retry = self._retry, set()
+                for tag in sorted(retry):  # in the order they were sent first
+                    again = self.pending.get(tag)
+                    if again is not None:
+                        if not self._push(again):
+                            break  # (the rest go with the next resend of everything)
+                        self.resent += 1
         elif kind == p.REFUSED and len(frames) == 3 and len(frames[1]) == 8:
             (tag,) = p.TAG.unpack(frames[1])
             try:
@@ -153,7 +165,9 @@ class BusPublisher:
                 return
             error = str(info.get("error", "refused"))[:300]
             if info.get("retry"):
-                self.warnings.append(error)
+                self.warnings[:] = [*self.warnings[-9:], error]
+                if tag in self.pending:
+                    self._retry.add(tag)
                 return
             batch = self.pending.get(tag)
             if batch is not None:

@@ -32,9 +32,11 @@ Shape, and why:
   engine also cuts each batch against the publisher sequences it has seen,
   as the embedded engine does, so a resend overlapping a stored batch only
   stores its new part, also after the duplicate window.
-* **Durability**: ``append`` publishes without waiting; ``commit`` waits for
-  the stream's acknowledgements (given by the Raft quorum when ``replicas`` >
-  1) and only then moves ``durable_seq``.  Sequences and publisher ranges an
+* **Durability**: ``append`` plans and queues; ``commit`` publishes what was
+  appended, all at once (one hand-over to the asyncio loop per serving round,
+  however many batches it holds), waits for the stream's acknowledgements
+  (given by the Raft quorum when ``replicas`` > 1) and only then moves
+  ``durable_seq``.  Sequences and publisher ranges an
   unacknowledged or refused publish took are forgotten again (the engine
   reads back what the stream holds), so a resend is stored, never taken for
   a duplicate.
@@ -42,6 +44,12 @@ Shape, and why:
   ``SERVE_DEADLINE`` (2 s), well inside a publisher's patience: a server
   that is slow, gone, or that lost acknowledgements with a restart costs a
   refused round (the publishers resend) or one error, never a stalled bus.
+  A broken connection fails the acknowledgements awaited on it at once
+  (nats-py reconnects to another server of the cluster).  While the stream
+  has no leader (a publish answered 503: JetStream elects another 4 to 9 s
+  after its leader died), calls only ask whether it has one again, waiting
+  ``PROBE_DEADLINE`` (0.25 s) at most, so the bus notices the new leader
+  within that time and confirms again.
 * **Durable consumers** keep their exact position (a bus sequence, which may
   fall inside a message) in the key-value bucket ``<stream>_consumers``
   (itself a JetStream stream with the same replicas): a JetStream consumer

@@ -32,10 +32,21 @@ from .wire import _Head, header_bytes, msg_id, nats_name
 DEFAULT_STREAM: Final = "EDA"
 # The longest any one call of the serving loop waits for NATS (an ack, a pull, an
 # API answer): well inside a publisher's patience (eda-pub --timeout, BusPublisher's
-# default 10 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
+# default 30 s without a confirmation) and eda-bus stats' 5 s, so a NATS server that
 # is slow, gone or stuck costs the bus a refused round (publishers resend) or one
 # error reply, never a stalled front.
 SERVE_DEADLINE: Final = 2.0
+# When its leader dies, a replicated stream has none until JetStream elects another
+# (4 to 9 s after the last heartbeat: nats-server's Raft election timeout, not an
+# option).  Meanwhile a publish is answered 503 at once, but an API request gets no
+# answer at all, so a call that asked would sit out its deadline and hold the
+# serving loop past the election.  Instead, while the stream seems to have no leader,
+# a call first asks whether it has one again, and waits this long at most: the loop,
+# which asks every round and every refresh, notices the new leader within this time.
+PROBE_DEADLINE: Final = 0.25
+# ... those questions still unanswered (each lives until the JetStream API timeout;
+# a slow answer is still taken by a later call) at most
+PROBES_IN_FLIGHT: Final = 16
 
 
 class NatsEngine(StatsOf):
@@ -84,9 +95,14 @@ class NatsEngine(StatsOf):
         self._servers = self._plan.servers
         self._bridge = Bridge(f"NATS stream {self.stream}", self.deadline)
         self._closed = False
+        # a publish was answered 503 (no leader), or not at all: see PROBE_DEADLINE
+        self._leaderless = False
+        self._probes: set[asyncio.Future[Any]] = set()
         self._heads = []
         self._head_seqs = []
-        self._pending = []
+        self._pending = []  # heads appended, not committed yet
+        self._outbox: list[tuple[str, bytes, dict[str, str]]] = []  # (their messages)
+        self._acks: dict[str, asyncio.Future[Any]] = {}  # reply subject -> its publish's ack
         self._gone = {}  # see NatsState
         self._gone_for = max(2 * duplicate_window, 600.0)
         self._groups = {}
@@ -138,11 +154,10 @@ class NatsEngine(StatsOf):
             self._check(batch)
             rooms.append(self._room(batch))
         last_stored = self._heads[-1].stored if self._heads else 0.0
-        now = max(self._clock(), self._pending[-1][0].stored if self._pending else last_stored)
-        # what a publish refuses is forgotten again by _abandon (and what the
-        # stream does not acknowledge by commit's _resync): never confirmed
+        now = max(self._clock(), self._pending[-1].stored if self._pending else last_stored)
+        # what the stream does not acknowledge is forgotten again by commit's
+        # _resync: never confirmed
         pieces, receipts = self._ledger.plan(batches, self._next, rooms)
-        out: list[tuple[str, bytes, dict[str, str], _Head]] = []
         for p in pieces:
             b = p.batch
             meta = {"kind": b.kind, "time": b.time, "pubid": b.pubid, "pubseq": p.pubseq,
@@ -156,43 +171,34 @@ class NatsEngine(StatsOf):
                 "Nats-Expected-Last-Sequence": str(self._sseq - 1),
             }
             head = _Head(self._sseq, p.seq, p.size, now, b.topic, b.pubid, p.pubseq, len(p.body))
-            out.append((f"{self.prefix}.{b.topic}", p.body, headers, head))
+            self._pending.append(head)
+            self._outbox.append((f"{self.prefix}.{b.topic}", p.body, headers))
             self._next = p.seq + p.size
-        if out:
-            sent: list[asyncio.Future[Any]] = []
-            try:
-                self._run(self._publish([(s, d, h) for s, d, h, _ in out], sent))
-            except StoreError as exc:
-                self._pending += [(m[3], f) for m, f in zip(out, sent, strict=False)]
-                self._abandon()
-                raise StoreError(
-                    f"{exc}; nothing after sequence {self._durable} is confirmed: the "
-                    f"publishers resend it"
-                ) from None
-            self._pending += [(m[3], f) for m, f in zip(out, sent, strict=True)]
         return receipts
 
-    def _abandon(self) -> None:
-        """Give up on every unacknowledged publish: forget the sequences and ranges
-        they took and read back what the stream really holds."""
-        pending, self._pending = self._pending, []
-
-        def forget() -> None:
-            for _, fut in pending:
-                fut.cancel()
-            getattr(self, "_acks", {}).clear()
-
-        self._bridge.call_soon(forget)
-        self._resync()
+    async def _store(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], heads: list[_Head]
+    ) -> str | None:
+        """Publish *msgs* in order, then wait for their acks (:meth:`_settle`); after a
+        failure no ack is awaited any more."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            await self._publish(msgs, futures)
+            failure = await self._settle(list(zip(heads, futures, strict=True)))
+        except BaseException:  # nats-py failed, or the caller's deadline cancelled it
+            self._acks.clear()
+            raise
+        if failure is not None:
+            self._acks.clear()
+        return failure
 
     async def _publish(
         self, msgs: list[tuple[str, bytes, dict[str, str]]], futures: list[asyncio.Future[Any]]
     ) -> None:
         """Send *msgs* in order without waiting for their acks; one future per message
-        sent, appended to *futures* (so a failure part-way leaves those of the sent ones)."""
+        sent, appended to *futures*."""
         if not hasattr(self, "_inbox"):
             self._inbox = self._nc.new_inbox()
-            self._acks: dict[str, asyncio.Future[Any]] = {}
             self._ackn = 0
 
             async def on_ack(msg: Any) -> None:
@@ -214,12 +220,13 @@ class NatsEngine(StatsOf):
         if not self._pending:
             return self._durable
         pending, self._pending = self._pending, []
-        try:
-            failure = self._run(self._settle(pending))
+        outbox, self._outbox = self._outbox, []
+        try:  # the round's messages go out together: one call to the loop, one flush
+            failure = self._run(self._store(outbox, pending))
         except StoreError as exc:
             failure = str(exc)
         if failure is None:
-            for head, _ in pending:
+            for head in pending:
                 self._add_head_indexed(head)
             self._ledger.fresh.clear()
             self._durable = self._next - 1
@@ -229,6 +236,16 @@ class NatsEngine(StatsOf):
             f"NATS stream {self.stream}: {failure}; nothing after sequence {self._durable} is "
             f"confirmed: the publishers resend it"
         )
+
+    async def _disconnected(self) -> None:
+        """nats-py lost its connection (it reconnects, to another server of the cluster
+        when that one is gone): an ack for a message sent on the old connection will not
+        come, so the commit waiting for it fails now rather than at its deadline (the
+        publishers resend; JetStream drops what was stored after all by its Msg-Id)."""
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._acks.clear()
 
     def _add_head_indexed(self, head: _Head) -> None:
         self._heads.append(head)
@@ -243,11 +260,17 @@ class NatsEngine(StatsOf):
         except TimeoutError:
             for _, f in pending:
                 f.cancel()
+            self._leaderless = True
             return "the stream did not acknowledge in time"
         for (head, _), reply in zip(pending, replies, strict=True):
+            if reply is None:  # (see _disconnected)
+                self._leaderless = True
+                return "the connection to NATS broke before the stream acknowledged"
             if not reply.data:  # a status instead of an ack: 503, no stream leader right now
+                self._leaderless = True
                 status = (reply.headers or {}).get("Status", "?")
                 return f"the stream did not store it (status {status}: no leader or no quorum)"
+            self._leaderless = False  # its leader answered
             ack = json.loads(reply.data)
             if ack.get("error", {}).get("err_code") == 10071:  # wrong last sequence
                 return "another writer appended to the stream"
@@ -266,11 +289,38 @@ class NatsEngine(StatsOf):
         for h in self._heads:
             self._ledger.add((h.pubid, h.topic), h.pubseq, h.pubseq + h.size)
         try:
-            if not self._nc.is_connected:  # not now: the next commit or refresh reads it
-                raise StoreError("not connected")
+            if not self._nc.is_connected or not self._has_leader():
+                raise StoreError("not now")  # the next commit or refresh reads it
             self._run(self._catch_up())
         except StoreError:  # cut off: what was read so far (refresh reads the rest)
+            # what the stream holds beyond is found by the next publish: its expected
+            # last sequence is refused (10071) and the resync after that reads it
             self._took_in(self._heads[-1].sseq if self._heads else 0, self._durable + 1)
+
+    def _has_leader(self) -> bool:
+        """False while the stream seems to have no leader (a publish was answered 503 or
+        not at all) and :meth:`_probe` finds none within PROBE_DEADLINE."""
+        if self._leaderless:
+            with contextlib.suppress(StoreError):  # no answer yet: still in flight
+                self._leaderless = not self._run(self._probe(), PROBE_DEADLINE)
+        return not self._leaderless
+
+    async def _probe(self) -> bool:
+        """Whether the stream has a leader: the first answer to this call's stream info
+        request or to one an earlier call left in flight."""
+        if len(self._probes) < PROBES_IN_FLIGHT:
+            asking = asyncio.ensure_future(self._js.stream_info(self.stream))
+            asking.add_done_callback(_answered)  # (also when no call takes the answer)
+            self._probes.add(asking)
+        while self._probes:
+            done, _ = await asyncio.wait(self._probes, return_when=asyncio.FIRST_COMPLETED)
+            self._probes -= done
+            for task in done:
+                if not task.cancelled() and task.exception() is None:
+                    cluster = task.result().cluster  # None: one server, its own leader
+                    if cluster is None or cluster.leader:
+                        return True
+        return False
 
     def refresh(self) -> int:
         """Take in what other writers (fronts) stored; the new ``durable_seq``.
@@ -279,7 +329,7 @@ class NatsEngine(StatsOf):
         pending, and a read of the new heads only when the stream moved.
         """
         self._usable()
-        if self._pending or not self._nc.is_connected:
+        if self._pending or not self._nc.is_connected or not self._has_leader():
             return self._durable
 
         async def moved() -> None:
@@ -307,6 +357,12 @@ class NatsEngine(StatsOf):
         with contextlib.suppress(Exception):  # closing a broken connection
             self._run(self._nc.close(), self.timeout)
         self._bridge.stop()
+
+
+def _answered(task: asyncio.Future[Any]) -> None:
+    """A probe's answer is taken or not: a failed one is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _implements(engine: NatsEngine) -> Engine:

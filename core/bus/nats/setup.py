@@ -42,6 +42,7 @@ class Setup(Index):
             # unanswered pings (not nats-py's 2 x 120 s), then another is used
             ping_interval=max(1, int(self.timeout / 4)),
             max_outstanding_pings=2,
+            disconnected_cb=self._disconnected,  # (the acks awaited on it: see the engine)
         )
         self._js = self._nc.jetstream(timeout=self.timeout)
         deadline = time.monotonic() + self.timeout * 7
@@ -52,6 +53,9 @@ class Setup(Index):
                 if time.monotonic() > deadline:
                     raise
             await asyncio.sleep(0.25)
+
+    async def _disconnected(self) -> None:
+        """nats-py lost the connection and reconnects (the engine fails the acks awaited)."""
 
     async def _setup(self, window: float, max_age: float | None, max_bytes: int | None) -> None:
         """The stream, the bucket and the index; safe to run again after a failure."""

@@ -51,7 +51,7 @@ class NatsState(EngineBase):
     _sseq: int  # the stream's last sequence, as this engine knows it
     _heads: list[_Head]
     _head_seqs: list[int]  # bus sequences of _heads, for bisect
-    _pending: list[tuple[_Head, asyncio.Future[Any]]]
+    _pending: list[_Head]  # appended, not committed yet (the engine publishes them then)
     # publisher sequences of events no longer in the stream (retention), kept for a
     # while so that a late resend of one is still a duplicate, also after a resync
     # or a reopen (JetStream's duplicate window refuses its Msg-Id meanwhile)
