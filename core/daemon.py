@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -343,7 +344,9 @@ class Daemon:
         self._timers = [t for t in self._timers if not t.cancelled]
         now = time.monotonic()
         wait = min([now + IDLE_WAIT, *(t.due for t in self._timers)])
-        return int(max(0.0, wait - now) * 1000) + 1
+        # rounded up, never past the due time; 0 when a timer is due (``after(0)``: the
+        # group commit, replies, the outbox pump run at once, not a millisecond later)
+        return math.ceil(max(0.0, wait - now) * 1000)
 
     def _run_timers(self) -> None:
         now = time.monotonic()

@@ -177,3 +177,14 @@ def test_rate_limited_says_once_then_counts_what_it_held() -> None:
     limited.last["kind"] -= 61.0  # the interval has passed
     limited("kind", "problem 3")
     assert said[-1] == "warning: problem 3 (and 2 more since the last warning)"
+
+
+def test_a_timer_due_now_does_not_make_the_loop_wait(daemon: Daemon) -> None:
+    """``after(0)`` (group commit, replies, the outbox pump) runs on the next turn:
+    the poll does not wait (it used to wait a millisecond more than the due time)."""
+    now = daemon.after(0, "now", lambda: None)
+    assert daemon._wait_ms() == 0
+    now.cancel()
+    later = daemon.after(0.0105, "later", lambda: None)
+    assert 1 <= daemon._wait_ms() <= 11  # rounded up to the due time, not past it
+    later.cancel()
