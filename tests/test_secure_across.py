@@ -1,0 +1,187 @@
+"""Secure mode across programs (the review of issue 17): paths that go through more than
+one program -- a saga's call steps to eda-lb workers, callers finding brokers in a secure
+registry, registries replicating with peers found by mDNS -- with real processes in the
+test namespace.
+
+Each identity is a configuration home of its own (key pair, trusted directory), as on
+separate hosts.  Workers run each request through ``tee -a LOG``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+from tests.helpers import Identity, Proc, Procs, run, wait_until
+
+helpers.PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
+
+SERVING = r"serving \S+ on (tcp://\S+) \("
+BROKER = r"listening on (tcp://\S+) \(callers\), (tcp://\S+) \(workers\)"
+TRUSTING = ("w", "b", "reg", "reg2", "alice", "bob")
+
+
+@pytest.fixture
+def ids(tmp_path: Path) -> dict[str, Identity]:
+    """Everyone but mallory trusts one another; mallory trusts them all, nobody trusts
+    mallory."""
+    people = {name: Identity(tmp_path / name) for name in (*TRUSTING, "mallory")}
+    for a in TRUSTING:
+        for b in TRUSTING:
+            if a != b:
+                people[a].trust(b, people[b])
+        people["mallory"].trust(a, people[a])
+    return people
+
+
+def worker(procs: Procs, who: Identity, log: Path, *args: str) -> tuple[Proc, str]:
+    """A secure worker of 'pay' as *who*, each request through ``tee -a LOG``."""
+    proc = procs.eda(
+        "eda-lb", "worker", "pay", "--secure", "-v", "--no-mdns", "--bind", "tcp://127.0.0.1:0",
+        *args, "--", "tee", "-a", str(log), env=who.env,
+    )  # fmt: skip
+    return proc, proc.wait_stderr(SERVING, 30)[1]
+
+
+def registry(procs: Procs, tmp_path: Path, who: Identity, *args: str, mdns: bool = False) -> Proc:
+    return procs.eda(
+        "eda-registry", "serve", "--secure", "-v", "--bind", "tcp://127.0.0.1:*",
+        "--data", str(tmp_path / f"data-{who.home.name}"), "--tick", "0.1",
+        *(() if mdns else ("--no-mdns",)), *args, env=who.env,
+    )  # fmt: skip
+
+
+def secure_registry(procs: Procs, tmp_path: Path, ids: dict[str, Identity]) -> str:
+    """A secure registry (as reg) without mDNS; its endpoint named by its key."""
+    proc = registry(procs, tmp_path, ids["reg"])
+    return "reg@" + proc.wait_stderr(r"listening on (tcp://[^\s,]+)", 30)[1]
+
+
+def register(procs: Procs, who: Identity, at: str, port: int) -> Proc:
+    """Instance PORT of 'orders' registered at *at* as *who*, heartbeating."""
+    proc = procs.eda("eda-registry", "register", "--secure", "-v", "orders", "--port", str(port),
+                     "--registry", at, "--interval", "0.5", "--ttl", "3", env=who.env)  # fmt: skip
+    proc.wait_stderr(r"registered \S+ at", 30)
+    return proc
+
+
+def sent(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+SAGA = """
+name = "order"
+
+[[step]]
+name = "charge"
+call = "pay"
+{connect}
+"""
+
+
+def saga(
+    tmp_path: Path, who: Identity, connect: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``eda-txn saga --secure`` of one call step to 'pay' as *who*."""
+    plan = tmp_path / "order.toml"
+    plan.write_text(SAGA.format(connect=connect))
+    return run("eda-txn", "saga", "--secure", "--no-mdns", str(plan), "--log",
+               str(tmp_path / f"txn-{who.home.name}"), "--data", '{"order": 7}', *args,
+               env=who.env, timeout=60)  # fmt: skip
+
+
+def test_a_saga_call_step_reaches_a_secure_worker_named_by_its_key(procs: Procs, tmp_path, ids):
+    """``connect = "w@tcp://..."``: the step's request goes to the worker holding w's key
+    (one rule for every explicit endpoint); a worker holding another key is never sent it,
+    and a plain endpoint in secure mode is a usage error before any step runs."""
+    log = tmp_path / "w.log"
+    _, endpoint = worker(procs, ids["w"], log)
+    done = saga(tmp_path, ids["alice"], f'connect = "w@{endpoint}"')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["event"] == "saga-completed"
+    assert json.loads(sent(log)) == {"order": 7}
+    # mallory's worker where alice's plan says w is: the handshake fails, nothing is sent
+    forged = tmp_path / "mallory.log"
+    _, theirs = worker(procs, ids["mallory"], forged)
+    failed = saga(tmp_path, ids["alice"], f'connect = "w@{theirs}"')
+    assert failed.returncode != 0 and sent(forged) == ""
+    # an endpoint without its key's name, in secure mode
+    plain = saga(tmp_path, ids["alice"], f'connect = "{endpoint}"')
+    assert plain.returncode == 2, plain.stderr
+    assert "name the server's trusted key" in plain.stderr
+    assert json.loads(sent(log)) == {"order": 7}
+
+
+def test_a_saga_call_step_pins_the_worker_key_from_a_secure_registry(procs: Procs, tmp_path, ids):
+    """The worker is found through a secure registry: its record's proven key is pinned;
+    bob no longer trusting w, the step finds no usable worker and sends nothing."""
+    at = secure_registry(procs, tmp_path, ids)
+    log = tmp_path / "w.log"
+    proc, _ = worker(procs, ids["w"], log, "--registry", at)
+    proc.wait_stderr(r"\(registered\)", 15)
+    done = saga(tmp_path, ids["alice"], "", "--registry", at)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(sent(log)) == {"order": 7}
+    ids["bob"].revoke("w")
+    refused = saga(tmp_path, ids["bob"], "", "--registry", at)
+    assert refused.returncode != 0
+    assert sent(log).count("\n") == 1
+
+
+def test_a_caller_goes_via_a_broker_found_in_a_secure_registry(procs: Procs, tmp_path, ids):
+    """``eda-lb call --via`` with a secure registry: the broker's record pins its key, the
+    worker reaches the broker through the registry too; mallory's caller is refused by
+    the registry at once and nothing reaches the worker."""
+    at = secure_registry(procs, tmp_path, ids)
+    broker = procs.eda(
+        "eda-lb", "serve", "pay", "--secure", "-v", "--no-mdns", "--registry", at,
+        "--bind", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*", env=ids["b"].env,
+    )  # fmt: skip
+    broker.wait_stderr(BROKER, 30)
+    log = tmp_path / "w.log"
+    worker(procs, ids["w"], log, "--registry", at)
+    broker.wait_stderr("worker .* ready", 30)
+    done = run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--registry", at, "--via",
+               "pay", "one", "two", env=ids["alice"].env, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "one\ntwo\n"), done.stderr
+    assert sent(log) == "one\ntwo\n"
+    stolen = run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--registry", at, "--via",
+                 "pay", "x", env=ids["mallory"].env, timeout=60)  # fmt: skip
+    assert stolen.returncode == 1 and "does not trust this key" in stolen.stderr
+    assert sent(log) == "one\ntwo\n"
+
+
+def test_secure_registries_found_by_mdns_replicate_both_ways(procs: Procs, tmp_path, ids):
+    """Two secure registries with mDNS and no --peer find each other by their
+    announcements (keys pinned from k=) and replicate both ways; mallory's registry,
+    announced too, gets nothing and gives nothing."""
+    first = registry(procs, tmp_path, ids["reg"], mdns=True)
+    a = first.wait_stderr(r"listening on (tcp://[^\s,]+)", 30)[1]
+    second = registry(procs, tmp_path, ids["reg2"], mdns=True)
+    b = second.wait_stderr(r"listening on (tcp://[^\s,]+)", 30)[1]
+    forger = registry(procs, tmp_path, ids["mallory"], mdns=True)
+    m = forger.wait_stderr(r"listening on (tcp://[^\s,]+)", 30)[1]
+    for who, at, port in (("alice", f"reg@{a}", 9001), ("bob", f"reg2@{b}", 9002)):
+        register(procs, ids[who], at, port)
+    ids["mallory"].trust("self", ids["mallory"])
+    register(procs, ids["mallory"], f"self@{m}", 9666)
+
+    def ports(at: str) -> dict[int, str] | None:
+        done = run("eda-registry", "lookup", "--secure", "--no-mdns", "--registry", at,
+                   "orders", "--json", env=ids["alice"].env)  # fmt: skip
+        got = {
+            json.loads(line)["port"]: json.loads(line)["key"] for line in done.stdout.splitlines()
+        }
+        return got if len(got) == 2 else None
+
+    both = {9001: ids["alice"].public, 9002: ids["bob"].public}
+    assert wait_until(lambda: ports(f"reg@{a}"), 30, "replication b -> a") == both
+    assert wait_until(lambda: ports(f"reg2@{b}"), 30, "replication a -> b") == both
+    first.wait_stderr(re.escape(f"its key {ids['mallory'].public} is not trusted"), 15)
+    assert "replicating with peer registry" not in forger.stderr
