@@ -185,3 +185,66 @@ def test_secure_registries_found_by_mdns_replicate_both_ways(procs: Procs, tmp_p
     assert wait_until(lambda: ports(f"reg2@{b}"), 30, "replication a -> b") == both
     first.wait_stderr(re.escape(f"its key {ids['mallory'].public} is not trusted"), 15)
     assert "replicating with peer registry" not in forger.stderr
+
+
+# -- one rule for explicit endpoints ------------------------------------------------------
+ENDPOINT_OPTIONS = ("--registry", "--bus", "--connect", "--broker", "--peer", "--coordinator")
+
+
+def endpoint_options() -> list[tuple[str, str, str]]:
+    """(program, subcommand, help) of every option that names a server to connect to."""
+    import importlib
+
+    import click
+
+    found = []
+    for program in ("bus", "lb", "registry", "txn", "pub", "sub"):
+        command = importlib.import_module(f"eda.cli.{program}").command
+        subs = command.commands if isinstance(command, click.Group) else {"": command}
+        for sub_name, sub in subs.items():
+            for param in sub.params:
+                if not isinstance(param, click.Option) or "ENDPOINT" not in (param.metavar or ""):
+                    continue
+                if set(param.opts) & set(ENDPOINT_OPTIONS) and "secure" in {
+                    p.name for p in sub.params
+                }:
+                    found.append(
+                        (f"eda-{program} {sub_name}".strip(), param.opts[0], param.help or "")
+                    )
+    return found
+
+
+def test_every_explicit_endpoint_option_says_the_one_secure_rule_in_one_wording():
+    """--registry, --bus, --connect, --broker, --peer, --coordinator: the same text names
+    the server's key (NAME@tcp://HOST:PORT; eda-txn's --peer NAME=KEY@tcp://HOST:PORT)."""
+    from eda.cli.options import SECURE_ENDPOINT
+
+    options = endpoint_options()
+    assert len(options) > 20
+    peer = (
+        "with --secure: NAME=KEY@tcp://HOST:PORT, KEY the trusted name of its key (eda-keys list)"
+    )
+    for program, option, text in options:
+        wanted = peer if (program, option) == ("eda-txn coordinator", "--peer") else SECURE_ENDPOINT
+        assert wanted in " ".join(text.split()), (program, option, text)
+
+
+def test_every_explicit_endpoint_is_refused_without_its_key_name_in_secure_mode(tmp_path, ids):
+    """The one parser (Security.pinned): each program refuses a plain endpoint and an
+    untrusted name in secure mode with the same usage error, exit 2."""
+    env = ids["alice"].env
+    at = "tcp://127.0.0.1:1"
+    commands = [
+        ("eda-pub", "--secure", "--no-mdns", "--connect", "{}", "t", "{{}}"),
+        ("eda-sub", "--secure", "--no-mdns", "--connect", "{}", "t", "-W", "1"),
+        ("eda-pub", "--secure", "--no-mdns", "--bus", "{}", "t", "{{}}"),
+        ("eda-registry", "lookup", "--secure", "--no-mdns", "--registry", "{}", "orders"),
+        ("eda-lb", "call", "pay", "--secure", "--no-mdns", "--connect", "{}", "x"),
+        ("eda-txn", "commit", "--secure", "--no-mdns", "--coordinator", "{}", "-p", "a1"),
+    ]
+    for command in commands:
+        for given, why in ((at, "in secure mode name the server's trusted key"),
+                           (f"carol@{at}", "'carol' is not trusted")):  # fmt: skip
+            args = [a.format(given) for a in command[1:]]
+            done = run(command[0], *args, env=env, timeout=30)
+            assert done.returncode == 2 and why in done.stderr, (command[0], args, done.stderr)
