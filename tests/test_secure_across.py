@@ -157,6 +157,28 @@ def test_a_caller_goes_via_a_broker_found_in_a_secure_registry(procs: Procs, tmp
     assert sent(log) == "one\ntwo\n"
 
 
+def test_a_worker_allowing_alice_serves_no_broker_it_does_not_allow(procs: Procs, tmp_path, ids):
+    """``--allow alice`` on a worker: bob (trusted, not allowed) cannot get round it through
+    a broker found in the registry -- the worker leaves the broker out, named, and bob's
+    request never reaches the command; named explicitly, the broker is a usage error."""
+    at = secure_registry(procs, tmp_path, ids)
+    broker = procs.eda(
+        "eda-lb", "serve", "pay", "--secure", "-v", "--no-mdns", "--registry", at,
+        "--bind", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*", env=ids["b"].env,
+    )  # fmt: skip
+    back = broker.wait_stderr(BROKER, 30)[2]
+    log = tmp_path / "w.log"
+    proc, _ = worker(procs, ids["w"], log, "--registry", at, "--allow", "alice")
+    proc.wait_stderr(re.escape("is not allowed to call (--allow)"), 30)
+    done = run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--registry", at, "--via",
+               "pay", "--timeout", "2", "--retries", "0", "round", env=ids["bob"].env,
+               timeout=60)  # fmt: skip
+    assert done.returncode != 0 and sent(log) == ""
+    named = run("eda-lb", "worker", "pay", "--secure", "--no-mdns", "--allow", "alice",
+                "--broker", f"b@{back}", "--", "cat", env=ids["w"].env, timeout=30)  # fmt: skip
+    assert named.returncode == 2 and "'b' is not in --allow" in named.stderr
+
+
 def test_secure_registries_found_by_mdns_replicate_both_ways(procs: Procs, tmp_path, ids):
     """Two secure registries with mDNS and no --peer find each other by their
     announcements (keys pinned from k=) and replicate both ways; mallory's registry,
