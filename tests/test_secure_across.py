@@ -270,3 +270,31 @@ def test_every_explicit_endpoint_is_refused_without_its_key_name_in_secure_mode(
             args = [a.format(given) for a in command[1:]]
             done = run(command[0], *args, env=env, timeout=30)
             assert done.returncode == 2 and why in done.stderr, (command[0], args, done.stderr)
+
+
+def test_a_revoked_key_reconnecting_is_refused_without_a_restart(procs: Procs, tmp_path, ids):
+    """eda-keys revoke on a running worker's and registry's host: alice's next connection
+    is refused with the one line, at once; the daemons keep serving bob."""
+    log = tmp_path / "w.log"
+    _, endpoint = worker(procs, ids["w"], log)
+    at = secure_registry(procs, tmp_path, ids)
+    register(procs, ids["bob"], at, 9001)
+
+    def call(who: str) -> subprocess.CompletedProcess[str]:
+        return run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--timeout", "60",
+                   "--connect", f"w@{endpoint}", who, env=ids[who].env, timeout=30)  # fmt: skip
+
+    def lookup(who: str) -> subprocess.CompletedProcess[str]:
+        return run("eda-registry", "lookup", "--secure", "--no-mdns", "--registry", at,
+                   "orders", env=ids[who].env, timeout=30)  # fmt: skip
+
+    assert call("alice").returncode == 0 and lookup("alice").returncode == 0
+    ids["w"].revoke("alice")
+    ids["reg"].revoke("alice")
+    refused = wait_until(lambda: (r := call("alice")).returncode == 1 and r, 15, "revoked")
+    line = f"does not trust this key (eda-keys show: {ids['alice'].public})"
+    assert f"the worker at {endpoint} {line}" in refused.stderr
+    gone = wait_until(lambda: (r := lookup("alice")).returncode == 1 and r, 15, "revoked")
+    assert line in gone.stderr
+    assert call("bob").returncode == 0 and lookup("bob").returncode == 0
+    assert sent(log) == "alice\nbob\n"
