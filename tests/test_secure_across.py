@@ -298,3 +298,24 @@ def test_a_revoked_key_reconnecting_is_refused_without_a_restart(procs: Procs, t
     assert line in gone.stderr
     assert call("bob").returncode == 0 and lookup("bob").returncode == 0
     assert sent(log) == "alice\nbob\n"
+
+
+def test_only_subcommands_that_open_no_zeromq_socket_lack_secure():
+    """EDA_SECURE=1 never leaves a plain connection behind: every subcommand takes
+    --secure but eda-keys (files), eda-txn status (journals), eda-registry browse (mDNS
+    only, as avahi-browse) and eda-bus migrate (NATS, secured by its own options)."""
+    import importlib
+
+    import click
+
+    without = set()
+    for program in ("bus", "keys", "lb", "registry", "txn", "pub", "sub"):
+        command = importlib.import_module(f"eda.cli.{program}").command
+        subs = command.commands if isinstance(command, click.Group) else {"": command}
+        for sub_name, sub in subs.items():
+            if "secure" not in {p.name for p in sub.params}:
+                without.add(f"eda-{program} {sub_name}".strip())
+    keys = {f"eda-keys {c}" for c in ("init", "show", "trust", "list", "revoke")}
+    assert without == {*keys, "eda-txn status", "eda-registry browse", "eda-bus migrate"}
+    migrate = importlib.import_module("eda.cli.bus").command.commands["migrate"]
+    assert {"nats_creds", "nats_tls_ca"} <= {p.name for p in migrate.params}
