@@ -118,6 +118,23 @@ def test_a_saga_call_step_reaches_a_secure_worker_named_by_its_key(procs: Procs,
     assert json.loads(sent(log)) == {"order": 7}
 
 
+def test_a_saga_call_step_refused_by_the_worker_fails_at_once_naming_it(
+    procs: Procs, tmp_path, ids
+):
+    """The worker allows bob only: alice's saga step fails with the refusal, not after
+    its timeout (60 s here), and the worker's command never runs."""
+    log = tmp_path / "w.log"
+    _, endpoint = worker(procs, ids["w"], log, "--allow", "bob")
+    plan = f'connect = "w@{endpoint}"\ntimeout = 60\nretry = {{ attempts = 1 }}'
+    done = saga(tmp_path, ids["alice"], plan)
+    assert done.returncode == 5, done.stderr
+    key = ids["alice"].public
+    assert f"the worker at {endpoint} does not trust this key (eda-keys show: {key})" in (
+        done.stderr
+    )
+    assert sent(log) == ""
+
+
 def test_a_saga_call_step_pins_the_worker_key_from_a_secure_registry(procs: Procs, tmp_path, ids):
     """The worker is found through a secure registry: its record's proven key is pinned;
     bob no longer trusting w, the step finds no usable worker and sends nothing."""

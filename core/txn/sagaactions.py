@@ -251,6 +251,14 @@ def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
         interface=reach.interface,
     )
     caller.prefix = request_prefix(inv)
+    refusals: list[str] = []  # secure mode: workers refusing this key, told as cli/secure.py does
+
+    def refused(endpoint: str, why: str) -> None:
+        active = security.active()
+        key = active.public_key if active is not None else ""
+        refusals.append(f"the worker at {endpoint} {why} (eda-keys show: {key})")
+
+    caller.on_refused = refused
     finder = None
     try:
         if action.connect:
@@ -272,8 +280,8 @@ def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
         if finder is not None:
             finder.close()
         caller.close()
-    if failures:
-        return Result(False, error=f"call {action.target}: {failures[0]}"[:300])
+    if refusals or failures:
+        return Result(False, error=f"call {action.target}: {(refusals or failures)[0]}"[:300])
     output, note = _json_object(b"".join(replies))
     return Result(True, output, note=note)
 
