@@ -16,7 +16,13 @@ import click
 
 from eda.cli.busnats import engine_option, nats_options
 from eda.cli.common import Context, on_stop_signals, run
-from eda.cli.options import apply_security, common_options, json_option, security_options
+from eda.cli.options import (
+    SECURE_ENDPOINT,
+    apply_security,
+    common_options,
+    json_option,
+    security_options,
+)
 from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
@@ -53,7 +59,8 @@ def bus_option(func: Any) -> Any:
         flag_value=AUTO,
         default=None,
         metavar="[ENDPOINT]",
-        help="Go through an eda-bus (found by EDA_BUS or mDNS, or at ENDPOINT tcp://HOST:PORT).",
+        help="Go through an eda-bus (found by EDA_BUS or mDNS, or at ENDPOINT tcp://HOST:PORT;"
+        f" {SECURE_ENDPOINT}).",
     )(func)
 
 
@@ -136,7 +143,7 @@ def _bus_option(func: Any) -> Any:
         "--bus",
         "bus",
         metavar="ENDPOINT",
-        help="The bus, e.g. tcp://10.0.0.5:5570 (default: EDA_BUS, then mDNS).",
+        help=f"The bus, e.g. tcp://10.0.0.5:5570 (default: EDA_BUS, then mDNS; {SECURE_ENDPOINT}).",
     )(func)
 
 

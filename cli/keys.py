@@ -82,8 +82,26 @@ def show(key_file: str | None, trust_dir: str | None) -> None:
     click.echo(keys.load_identity(_key_file(key_file)).public_text)
 
 
+class _KeyArguments(click.Command):
+    """A command whose KEY argument may begin with '-' (the Z85 alphabet has it: about
+    one key in 85 does): an argument that is a public key is never read as an option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            options = {o for p in self.params for o in p.opts if o.startswith("-")}
+            given = [
+                a
+                for a in args
+                if a.startswith("-") and keys.is_key(a) and a.partition("=")[0] not in options
+            ]
+            if given:
+                args = [a for a in args if a not in given] + ["--", *given]
+        return super().parse_args(ctx, args)
+
+
 @command.command(
-    epilog="\b\nExamples:\n  eda-keys trust alice 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7'"
+    cls=_KeyArguments,
+    epilog="\b\nExamples:\n  eda-keys trust alice 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7'",
 )
 @click.argument("name")
 @click.argument("key")

@@ -18,6 +18,7 @@ from eda.cli.lbstats import stats
 from eda.cli.lbtcp import tcp
 from eda.cli.options import (
     SECONDS,
+    SECURE_ENDPOINT,
     EndpointType,
     allow_option,
     apply_security,
@@ -169,7 +170,7 @@ Examples:
     multiple=True,
     type=PinnedEndpoint("broker"),
     metavar="ENDPOINT",
-    help="Also serve this broker's backend (repeatable; NAME@ENDPOINT with --secure); "
+    help=f"Also serve this broker's backend (repeatable; {SECURE_ENDPOINT}); "
     "brokers of NAME are found anyway.",
 )
 @click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
@@ -348,7 +349,7 @@ Examples:
     multiple=True,
     type=PinnedEndpoint("instance"),
     metavar="ENDPOINT",
-    help="Call this instance (repeatable; NAME@ENDPOINT with --secure) instead of looking NAME up.",
+    help=f"Call this instance (repeatable; {SECURE_ENDPOINT}) instead of looking NAME up.",
 )
 @click.option(
     "--slow-start",

@@ -108,7 +108,8 @@ def registries_option(func: F) -> F:
         multiple=True,
         metavar="ENDPOINT",
         envvar="EDA_REGISTRY",
-        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS).",
+        help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS;"
+        f" {SECURE_ENDPOINT}).",
     )(func)
 
 
@@ -219,6 +220,13 @@ def key_options(func: F) -> F:
         metavar="FILE",
         help="This identity's key pair (default: $XDG_CONFIG_HOME/eda/keys/id.key).",
     )(func)
+
+
+SECURE_ENDPOINT = (
+    "with --secure: NAME@tcp://HOST:PORT, NAME the trusted name of its key (eda-keys list)"
+)
+"""How an endpoint given by the user names its server's key in secure mode: one wording in
+every help text (the one rule, :meth:`eda.core.security.Security.pinned`)."""
 
 
 def security_options(func: F) -> F:

@@ -12,7 +12,7 @@ import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
-from eda.cli.options import apply_security, common_options, security_options
+from eda.cli.options import SECURE_ENDPOINT, apply_security, common_options, security_options
 from eda.cli.output import for_terminal
 from eda.cli.secure import secure_reports
 from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
@@ -83,7 +83,7 @@ def _parse_header(
     "connects",
     multiple=True,
     metavar="ENDPOINT",
-    help="Connect to a subscriber that binds (repeatable).",
+    help=f"Connect to a subscriber that binds (repeatable; {SECURE_ENDPOINT}).",
 )
 @click.option(
     "--wait-subscribers",

@@ -17,6 +17,7 @@ import click
 from eda.cli.common import Context, Exit, Terminated, registry_access, run
 from eda.cli.options import (
     SECONDS,
+    SECURE_ENDPOINT,
     apply_security,
     common_options,
     health_check_options,
@@ -56,7 +57,6 @@ Examples:
   eda-registry browse _http._tcp
   eda-registry lookup orders --secure --registry reg@tcp://10.0.0.5:7700
 """
-
 
 
 def _output_options(example: str, fields: tuple[str, ...]) -> Callable[[Any], Any]:
@@ -110,8 +110,8 @@ Examples:
     "peers",
     multiple=True,
     metavar="ENDPOINT",
-    help="Another registry to replicate with (repeatable; mDNS finds them too; with "
-    "--secure: NAME@tcp://HOST:PORT, NAME its trusted key).",
+    help="Another registry to replicate with (repeatable; mDNS finds them too;"
+    f" {SECURE_ENDPOINT}).",
 )
 @click.option(
     "--dns",
@@ -450,8 +450,6 @@ def list_(
         ctx,
     )
     print_instances(found, out)
-
-
 
 
 @command.command(

@@ -19,7 +19,13 @@ import click
 
 from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, Terminated, run
-from eda.cli.options import apply_security, common_options, output_options, security_options
+from eda.cli.options import (
+    SECURE_ENDPOINT,
+    apply_security,
+    common_options,
+    output_options,
+    security_options,
+)
 from eda.cli.output import Output, for_terminal
 from eda.cli.secure import secure_reports
 from eda.core.attributes import BUS_SEQUENCE, VIA
@@ -50,7 +56,7 @@ Examples:
     "connects",
     multiple=True,
     metavar="ENDPOINT",
-    help="Connect to a publisher that binds (repeatable).",
+    help=f"Connect to a publisher that binds (repeatable; {SECURE_ENDPOINT}).",
 )
 @click.option(
     "--bind",

@@ -19,6 +19,7 @@ from eda.cli.common import Context, Exit, Terminated, registry_access, run
 from eda.cli.options import (
     LOG_HELP,
     SECONDS,
+    SECURE_ENDPOINT,
     allow_option,
     apply_security,
     common_options,
@@ -145,8 +146,8 @@ Examples:
     "peers",
     multiple=True,
     metavar="NAME=ENDPOINT",
-    help="Where participant NAME listens, without discovery (repeatable); with --secure "
-    "NAME=KEY@ENDPOINT, KEY the trusted name of its key (eda-keys list).",
+    help="Where participant NAME listens, without discovery (repeatable); with --secure: "
+    "NAME=KEY@tcp://HOST:PORT, KEY the trusted name of its key (eda-keys list).",
 )
 @click.option(
     "--vote-timeout",
@@ -437,8 +438,7 @@ Examples:
 @click.option(
     "--coordinator",
     metavar="ENDPOINT",
-    help="Coordinator to ask (default: the last one found, else discovery); with --secure "
-    "KEY@ENDPOINT, KEY the trusted name of its key (eda-keys list).",
+    help=f"Coordinator to ask (default: the last one found, else discovery); {SECURE_ENDPOINT}.",
 )
 @click.option(
     "--timeout",

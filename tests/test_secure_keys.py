@@ -160,3 +160,15 @@ def test_peer_name_is_the_key_the_handshake_proved():
     assert security.peer_key(Frame(key.encode())) == key
     assert security.peer_key(Frame(None)) == ""  # a plain socket has no User-Id
     assert security.peer_key(Frame("not a key")) == ""
+
+
+@pytest.mark.parametrize("first", ["-", "-h", "--", "-v"])
+def test_a_key_beginning_with_a_dash_is_trusted_as_given(home, tmp_path, first):
+    """Z85 has '-': about one key in 85 begins with it, and ``eda-keys trust NAME KEY``
+    as the README shows it must take it as the key, never as an option (-h, --)."""
+    key = first + "rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7Abc"[: 40 - len(first)]
+    done = eda_keys("trust", "alice", key, env=home)
+    assert (done.returncode, done.stderr) == (0, "")
+    trusted = tmp_path / "config" / "eda" / "keys" / "trusted" / "alice.pub"
+    assert trusted.read_text().strip() == key
+    assert eda_keys("trust", "bob", "--", key, env=home).returncode == 0

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import security
+from ..endpoint import Endpoint
 from ..errors import UsageError
 from ..runner import run, shell, signal_group
 from .sagaplan import Action, Plan
@@ -249,10 +251,18 @@ def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
         interface=reach.interface,
     )
     caller.prefix = request_prefix(inv)
+    refusals: list[str] = []  # secure mode: workers refusing this key, told as cli/secure.py does
+
+    def refused(endpoint: str, why: str) -> None:
+        active = security.active()
+        key = active.public_key if active is not None else ""
+        refusals.append(f"the worker at {endpoint} {why} (eda-keys show: {key})")
+
+    caller.on_refused = refused
     finder = None
     try:
         if action.connect:
-            caller.use([(endpoint, 1) for endpoint in action.connect])
+            caller.use([(connect_endpoint(e).zmq, 1) for e in action.connect])
         else:
             access = Access(
                 registries=reach.registries,
@@ -270,8 +280,8 @@ def run_call(action: Action, inv: Invocation, reach: Reach = Reach()) -> Result:
         if finder is not None:
             finder.close()
         caller.close()
-    if failures:
-        return Result(False, error=f"call {action.target}: {failures[0]}"[:300])
+    if refusals or failures:
+        return Result(False, error=f"call {action.target}: {(refusals or failures)[0]}"[:300])
     output, note = _json_object(b"".join(replies))
     return Result(True, output, note=note)
 
@@ -281,9 +291,27 @@ CALL_UNAVAILABLE = (
 )
 
 
+def connect_endpoint(text: str) -> Endpoint:
+    """A ``connect`` endpoint of a call step: in secure mode ``NAME@tcp://HOST:PORT``,
+    the worker's trusted key pinned (eda-lb call --connect's rule); UsageError otherwise."""
+    from ..lb.pins import given
+
+    return given(text, "worker", "connect")
+
+
 def check_runnable(plan: Plan) -> None:
-    """Refuse a plan this build cannot run, before any step runs."""
+    """Refuse a plan this build cannot run, before any step runs: a call step without
+    eda-lb's caller, a ``connect`` endpoint that breaks secure mode's rule."""
     for step in plan.steps:
         for action in (step.action, step.compensate):
             if action is not None and action.kind == "call" and _caller() is None:
                 raise UsageError(f"step {step.name!r}: {CALL_UNAVAILABLE}")
+            active = security.active()
+            for text in action.connect if action is not None else ():
+                try:
+                    if action is not None and action.kind == "call":
+                        connect_endpoint(text)
+                    elif active is not None:
+                        active.pinned(text, option="connect")
+                except UsageError as exc:
+                    raise UsageError(f"step {step.name!r}: {exc}") from None
