@@ -4,10 +4,13 @@ purge a topic."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Procs, run, wait_until
+from tests.helpers import Procs, command, run, wait_until
 from tests.test_bus import Bus, engine, start_bus  # noqa: F401  (the fixture: both engines)
 
 
@@ -277,3 +280,29 @@ def test_purge_is_refused_by_the_nats_engine_and_from_another_host(
     assert far.returncode == 1 and "own host" in far.stderr, far.stderr
     near = a.run("eda-bus", "purge", "keep.me", "--bus", outside, "--yes")
     assert json.loads(near.stdout)["events"] == 1, near.stderr
+
+
+def test_purge_asks_first_on_a_terminal_and_does_nothing_unless_told_yes(
+    procs: Procs, tmp_path: Path
+) -> None:
+    _, ep = start_bus(procs, tmp_path / "bus")
+    send(ep, "a.x", 2)
+    send(ep, "b.y", 1)
+
+    def answer(text: str) -> subprocess.CompletedProcess[bytes]:
+        main, tty = pty.openpty()  # a terminal on stdin: the operator is asked
+        try:
+            os.write(main, text.encode())
+            return subprocess.run(command("eda-bus", "purge", "a.x", "--bus", ep), stdin=tty,
+                                  capture_output=True, timeout=30, check=False)  # fmt: skip
+        finally:
+            os.close(main)
+            os.close(tty)
+
+    no = answer("n\n")
+    assert b"Remove every stored event of a.x?" in no.stderr, no.stderr
+    assert no.returncode == 1 and b"not purged" in no.stderr and no.stdout == b""
+    assert bus_stats(ep)[1] == {"a.x": 2, "b.y": 1}
+    yes = answer("y\n")
+    assert yes.returncode == 0, yes.stderr
+    assert json.loads(yes.stdout)["events"] == 2 and bus_stats(ep)[1] == {"b.y": 1}
