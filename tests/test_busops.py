@@ -12,6 +12,7 @@ from typing import Any
 
 from tests.helpers import Procs, command, run, wait_until
 from tests.test_bus import Bus, engine, start_bus  # noqa: F401  (the fixture: both engines)
+from tests.test_bus_acl import RIGHTS, as_, ids, serve, topics  # noqa: F401  (ids: a fixture)
 
 
 def consumers(ep: str) -> list[dict[str, Any]]:
@@ -306,3 +307,17 @@ def test_purge_asks_first_on_a_terminal_and_does_nothing_unless_told_yes(
     yes = answer("y\n")
     assert yes.returncode == 0, yes.stderr
     assert json.loads(yes.stdout)["events"] == 2 and bus_stats(ep)[1] == {"b.y": 1}
+
+
+def test_purge_under_an_acl_needs_admin(procs: Procs, tmp_path: Path, ids: Any) -> None:  # noqa: F811
+    _, ep = serve(procs, tmp_path, ids, RIGHTS)
+    alice, ops = ids["alice"], ids["ops"]
+    assert as_(alice, "eda-pub", ep, "orders.created", "one").returncode == 0
+    refused = as_(alice, "eda-bus", ep, "purge", "orders.created", "--yes")
+    assert refused.returncode == 1, refused.stderr
+    assert "alice may not purge: it needs admin = true" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert topics(ep, ops) == {"orders.created"}
+    done = as_(ops, "eda-bus", ep, "purge", "orders.created", "--yes")
+    assert done.returncode == 0 and json.loads(done.stdout)["events"] == 1, done.stderr
+    assert topics(ep, ops) == set()
