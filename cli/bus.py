@@ -1,9 +1,9 @@
 """eda-bus: the event bus -- a durable log with replay, confirmed publishing and consumers.
 
-One section per subcommand (serve, migrate, stats, retain, delete-consumer),
+One section per subcommand (serve, migrate, stats, retain, purge, delete-consumer),
 after the ``--bus`` option that eda-pub and eda-sub share (the NATS engine's
 options are :mod:`eda.cli.busnats`'s).  About 600 lines
-for a reason: five subcommands with some twenty options and their
+for a reason: six subcommands with some twenty options and their
 tables, whose declarations and help texts are the man page; the logic is in
 ``eda.core.bus``.
 """
@@ -38,6 +38,7 @@ Examples:
   eda-bus serve --data ./bus --fsync always --max-age 7d --max-bytes 10GB
   eda-bus stats                               topics, counts, consumers and their lag
   eda-bus retain --max-age 7d                 remove events older than a week
+  eda-bus purge orders.test --yes             remove every stored event of one topic
   eda-bus stats --consumers                   durable consumers, groups and their lag
   eda-bus delete-consumer billing             forget a durable consumer or a group
   eda-bus serve --engine nats://10.0.0.5:4222,nats://10.0.0.6:4222 --replicas 3
@@ -587,6 +588,68 @@ def _retained_line(done: dict[str, Any]) -> Text:
     if not done.get("removed"):
         return Text("removed nothing")
     return Text(f"removed {removed} events ({size} bytes); the log now starts at seq {first}")
+
+
+@command.command(
+    epilog="\b\nExamples:\n  eda-bus purge orders.test          every stored event of one topic"
+    "\n  eda-bus purge 'sensors.>' --yes   of every topic under sensors, without asking",
+)
+@click.argument("pattern")
+@click.option("--yes", "-f", "yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@_bus_option
+@_timeout_option
+@json_option()
+@security_options
+@common_options
+def purge(
+    pattern: str,
+    yes: bool,
+    bus: str | None,
+    timeout: float,
+    force_json: bool,
+    config: str | None,
+    interface: str | None,
+    no_mdns: bool,
+    secure: bool,
+    key_file: str | None,
+    trust_dir: str | None,
+    verbose: bool,
+) -> None:
+    """Remove every stored event whose topic PATTERN matches (a topic, or a pattern
+    with * and >), wherever it is in the log; other topics are untouched.  Sequences
+    are not reused, consumers keep their positions and skip the purged events,
+    readers are not told of them as lost.  Asks first unless --yes; run it on the
+    bus's host.  The NATS engine refuses it (exit 2)."""
+    import sys
+
+    from eda.core.errors import EdaError
+    from eda.core.topics import validate_pattern
+
+    ctx = Context("eda-bus", verbose)
+    apply_security(secure, key_file, trust_dir)
+    validate_pattern(pattern)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"purge {pattern} removes events for good: give --yes (-f) to run it")
+        if not click.confirm(f"Remove every stored event of {pattern}?", err=True):
+            raise EdaError("not purged")
+    from eda.core.bus.client import request
+
+    msg = {"op": "purge", "pattern": pattern}
+    reply = request(_endpoint(bus, interface, no_mdns, ctx), msg, timeout)
+    done = {"pattern": pattern, **{k: reply.get(k) for k in ("events", "bytes", "topics")}}
+    Output(ctx, force_json=force_json, terminal=_purged_line).items([done])
+
+
+def _purged_line(done: dict[str, Any]) -> Text:
+    """What purge did, in words (a terminal)."""
+    from rich.text import Text
+
+    if not done.get("events"):
+        return Text(f"no stored event of {for_terminal(done['pattern'])}: purged nothing")
+    topics = ", ".join(for_terminal(t) for t in done.get("topics") or [])
+    events, size = for_terminal(done.get("events")), for_terminal(done.get("bytes"))
+    return Text(f"purged {events} events ({size} bytes) of {topics}")
 
 
 @command.command(

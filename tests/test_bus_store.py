@@ -877,3 +877,77 @@ def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open store"):
         SQLiteEngine(path)
     assert sqlite3.sqlite_version  # the standard library's SQLite, nothing else
+
+
+# -- purging one topic ---------------------------------------------------------------
+
+
+def test_purge_removes_one_topic_anywhere_and_keeps_every_invariant(tmp_path: Path) -> None:
+    """Embedded engine: a purge removes exactly the matching topics' events; sequences,
+    consumers' positions, idempotence, counts and retention hold, also after a reopen."""
+    path = tmp_path / "bus.db"
+    with SQLiteEngine(path) as s:
+        s.append([batch(1, 3, "a.x"), batch(1, 2, "b.y"), batch(1, 3, "c.z"),
+                  batch(4, 2, "b.y"), batch(4, 1, "a.x")])  # fmt: skip
+        s.commit()  # a.x 1-3, b.y 4-5, c.z 6-8, b.y 9-10, a.x 11
+        s.consumer("d", [">"], 1)
+        s.ack("d", 4)  # next 5: inside the purged topic
+        s.consumer("later", ["b.*"], 9)
+        s.claim("g", "m1", [">"], 5, start=1)  # holds 1-5 (b.y 4-5 among them)
+        s.claim("g", "m2", [">"], 2)  # holds 6-7
+        assert s.group_ack("g", "m1", 3) == 3  # m1 still holds 4-5: b.y only
+        done = s.purge("b.*")
+        assert (done.events, done.topics) == (4, ("b.y",))
+        assert done.bytes == len(b"p1:b.y:1\np1:b.y:2") + len(b"p1:b.y:4\np1:b.y:5")
+        assert [q for q, _ in events(s)] == [1, 2, 3, 6, 7, 8, 11]  # the others untouched
+        assert s.purge("b.y") == (0, 0, ())  # idempotent
+        st_ = s.stats()
+        assert set(st_.topics) == {"a.x", "c.z"} and st_.events == 7
+        assert (st_.first_seq, st_.last_seq) == (1, 11) and s.kept_from == 1
+        lags = {c.name: (c.next, c.lag, c.held) for c in st_.consumers}
+        assert lags == {"d": (5, 4, 0), "later": (9, 0, 0), "g": (8, 4, 2)}
+        assert s.held("g") == {"m2": [(6, 7)]}  # the lease on purged events only is settled
+        # a publisher re-sending what was purged is not stored again; new events go on
+        (again,) = s.append([batch(1, 2, "b.y")])
+        assert again.stored == () and again.duplicates == ((1, 2),)
+        (new,) = s.append([batch(6, 1, "b.y")])
+        assert new.stored == ((6, 12, 1),)  # sequences are never reused
+        s.commit()
+        assert [q for q, _ in events(s, 5)] == [6, 7, 8, 11, 12]  # d's next read skips the hole
+    with SQLiteEngine(path) as s:  # the same after a restart
+        st_ = s.stats()
+        assert {t: v.events for t, v in st_.topics.items()} == {"a.x": 4, "c.z": 3, "b.y": 1}
+        assert s.kept_from == 1 and s.last_seq == 12 and s.position("d") == 5
+        assert s.append([batch(1, 1, "b.y")])[0].stored == ()
+        done = s.purge(">")  # a pattern over every topic
+        assert done.events == 8 and done.topics == ("a.x", "b.y", "c.z")
+        assert s.stats().events == 0 and s.first_seq == 13 and s.kept_from == 1
+        (r,) = s.append([batch(1, 2, "n.t")])
+        assert r.stored == ((1, 13, 2),)
+        s.commit()
+        assert s.retain(max_bytes=0).events == 2  # retention still works after a purge
+        assert s.first_seq == s.kept_from == 15
+
+
+def test_retention_after_a_purge_cuts_where_it_removes(tmp_path: Path) -> None:
+    """kept_from follows retention, not purges: a reader before it lost events, after it not."""
+    clock = Clock()
+    with SQLiteEngine(tmp_path / "bus.db", clock=clock) as s:
+        for i in range(4):
+            s.append([batch(1 + 2 * i, 2, "old"), batch(1 + 2 * i, 2, "keep")])
+            s.commit()
+            clock.now += 60
+        s.purge("old")
+        assert s.first_seq == 3 and s.kept_from == 1  # seqs 1-2 were purged: no loss
+        gone = s.retain(max_age=150)  # the batches stored at 0 and 60 s (keep 3-4, 7-8)
+        assert gone.events == 4 and s.first_seq == 11 and s.kept_from == 11
+        assert [q for q, _ in events(s)] == [11, 12, 15, 16]
+
+
+def test_the_nats_engine_refuses_to_purge_one_topic(nats_opener: Opener) -> None:
+    with nats_opener() as s:
+        s.append([batch(1, 2, "a.x"), batch(1, 2, "b.y")])
+        s.commit()
+        with pytest.raises(UsageError, match="NATS engine"):
+            s.purge("a.x")
+        assert s.stats().events == 4 and s.kept_from == 1

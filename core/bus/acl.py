@@ -8,7 +8,7 @@ TOML, one table per trusted key name (as ``eda-keys list`` shows them)::
 
     [ops]
     subscribe = [">"]
-    admin = true                    # retain, delete-consumer
+    admin = true                    # retain, purge, delete-consumer
 
     [default]                       # every trusted name without a table of its own
     subscribe = ["public.>"]
@@ -25,7 +25,7 @@ What each right allows:
   ``orders.>``; ``>`` only within ``>``); resuming a durable consumer needs
   its stored patterns too.  ``eda-bus stats`` needs one subscribe pattern and
   shows the topics and consumers within them (the bus-wide counts stay).
-* ``admin``: ``retain`` and ``delete-consumer`` (still from the bus's own host
+* ``admin``: ``retain``, ``purge`` and ``delete-consumer`` (still from the bus's own host
   only, as without an ACL).
 
 A trusted name with no table gets the ``[default]`` table, or nothing when

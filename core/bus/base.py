@@ -26,7 +26,7 @@ from ..codec import Batch
 from ..errors import UsageError
 from ..topics import Matcher
 from . import retention
-from .engine import ConsumerStats, Receipt, Record, Retained, Stats, TopicStats
+from .engine import ConsumerStats, Purged, Receipt, Record, Retained, Stats, TopicStats
 from .streams import MAX_SEQ, Ranges, add, check_batch, overlaps, subtract
 
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
@@ -181,8 +181,17 @@ class EngineBase(ABC):
     @abstractmethod
     def first_seq(self) -> int: ...
 
+    @property
+    def kept_from(self) -> int:
+        """Where retention cut the log (an engine without purge holes: its first event)."""
+        return self.first_seq
+
     @abstractmethod
     def commit(self) -> int: ...
+
+    @abstractmethod
+    def purge(self, pattern: str) -> Purged:
+        """Remove every stored event of the topics *pattern* matches (see ``Engine.purge``)."""
 
     @abstractmethod
     def _records(

@@ -94,8 +94,8 @@ class Delivering(ClientLinks):
                 continue
             if sub.cursor > durable:
                 continue
-            if first is None:
-                first = self.engine.first_seq
+            if first is None:  # (a purge's holes after it are no loss: the reads skip them)
+                first = self.engine.kept_from
             if sub.cursor < first:
                 self._send(sub.ident, [p.LOST, encode({"lost": first - sub.cursor})])
                 sub.cursor = first

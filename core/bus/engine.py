@@ -8,7 +8,9 @@ above never knows which one it drives.
 Terms used throughout:
 
 * **bus sequence**: one number per stored event, per bus, starting at 1 and
-  only ever increasing (never reused, also after retention removed events).
+  only ever increasing (never reused, also after retention or a purge removed
+  events).  Retention removes the oldest events (a reader behind it lost them);
+  a purge removes one topic's events anywhere (holes nobody lost).
 * **stream**: the events of one publisher on one topic, ``(pubid, topic)``,
   numbered by the publisher (the wire's sequence).  An event is identified
   by ``(pubid, topic, publisher sequence)``; ``append`` stores each at most
@@ -124,6 +126,14 @@ class Retained(NamedTuple):
     first_seq: int
 
 
+class Purged(NamedTuple):
+    """What a purge removed: every stored event of *topics*."""
+
+    events: int
+    bytes: int
+    topics: tuple[str, ...]
+
+
 class Engine(Protocol):
     """What eda-bus needs from a store.  All methods run on the caller's thread.
 
@@ -146,6 +156,11 @@ class Engine(Protocol):
     @property
     def first_seq(self) -> int:
         """The oldest stored bus sequence (``last_seq + 1`` when the store is empty)."""
+
+    @property
+    def kept_from(self) -> int:
+        """Where retention cut the log: a reader positioned before it lost the events in
+        between; sequences missing from it on were purged on purpose (not a loss)."""
 
     # -- writing --------------------------------------------------------------
     def append(self, batches: Sequence[Batch]) -> list[Receipt]:
@@ -226,6 +241,13 @@ class Engine(Protocol):
         self, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
     ) -> Retained:
         """Remove the oldest events: stored more than *max_age* s ago, or beyond *max_bytes*."""
+
+    def purge(self, pattern: str) -> Purged:
+        """Remove every stored event whose topic *pattern* matches, wherever it is in the log.
+
+        Bus sequences are not reused, consumers keep their positions (and skip the
+        holes), publisher sequences stay known (a resend is still a duplicate).
+        """
 
     def close(self) -> None:
         """Commit what is pending and release the store."""

@@ -19,7 +19,7 @@ import zmq
 
 from .. import reqrep, security
 from ..endpoint import Endpoint
-from ..errors import EdaError, ExitStatus, NotFoundError
+from ..errors import EdaError, ExitStatus, NotFoundError, UsageError
 from ..reqrep import client_endpoint
 from ..sockets import connect, new_socket, parse_monitor
 from . import protocol as p
@@ -137,11 +137,13 @@ def moved(relocate: Relocate, endpoint: Endpoint) -> Endpoint | None:
 
 
 def request(endpoint: Endpoint | str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """One request to a bus (stats, retain, drop): its reply, or an error."""
+    """One request to a bus (stats, retain, purge, drop): its reply, or an error."""
     client = BusClient([endpoint], timeout=timeout)
     try:
         return client.request(msg)
     except (reqrep.RemoteError, NotFoundError) as exc:  # a refusal is exit 1, as it always was
+        if exc.exit_code == ExitStatus.USAGE:  # what the bus cannot do at all (purge on NATS)
+            raise UsageError(str(exc)) from None
         raise EdaError(str(exc)) from None
     finally:
         client.close()

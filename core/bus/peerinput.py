@@ -35,6 +35,15 @@ def patterns(msg: dict[str, Any]) -> list[str]:
     return given
 
 
+def pattern(msg: dict[str, Any], key: str) -> str:
+    """The request's *key*: one valid topic pattern."""
+    value = msg.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key} must be a topic pattern")
+    validate_pattern(value)
+    return value
+
+
 def name(msg: dict[str, Any], key: str) -> str | None:
     value = msg.get(key)
     if value is None:

@@ -28,7 +28,7 @@ group member's most events held unacknowledged, as JetStream's ``max_ack_pending
 holding nothing may be given one whole batch over it), reset: move an existing
 durable to *from*, admin), ``credit``
 (n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
-``drop`` (name: a durable consumer or group nobody is subscribed as).
+``purge`` (pattern), ``drop`` (name: a durable consumer or group nobody is subscribed as).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ UNKNOWN: Final = b"X"
 LOST: Final = b"L"
 
 TAG: Final = struct.Struct("!Q")
-OPS: Final = frozenset({"sub", "credit", "ack", "hb", "bye", "stats", "retain", "drop"})
+OPS: Final = frozenset(
+    {"sub", "credit", "ack", "hb", "bye", "stats", "retain", "drop", "purge"}
+)
 
 MAX_CREDIT: Final = 1 << 20  # events a subscriber may have in flight
 MAX_PATTERNS: Final = 64

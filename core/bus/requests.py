@@ -1,15 +1,15 @@
 """The bus's requests: subscribe, credit, ack, heartbeat, bye, and the one-shot
-ones (stats, retain, drop a consumer).
+ones (stats, retain, purge a topic, drop a consumer).
 
 Every request gets one reply (``A``), except credit, ack, hb and bye on a
 live subscription (none: they only keep it going).  A request from a REQ
 socket (:func:`eda.core.reqrep.split_envelope` gave its route) may only ask
-the ones with one reply each (:data:`REPLY_OPS`); retain, drop and moving a
+the ones with one reply each (:data:`REPLY_OPS`); retain, purge, drop and moving a
 durable consumer are accepted only from the bus's own host.  What a peer
 sends is checked by :mod:`.peerinput`; whatever one request raises, the
 others' work goes on.  With an ACL (:mod:`.acl`), a subscription needs the
 subscribe right on each of its patterns, stats one subscribe pattern (and
-shows what lies within them), retain and drop the admin right; credit, ack,
+shows what lies within them), retain, purge and drop the admin right; credit, ack,
 hb and bye only go on with a subscription already accepted.
 """
 
@@ -30,8 +30,10 @@ from .delivery import Delivering, Subscription
 from .engine import Engine, StoreError
 
 MAX_SUBSCRIPTIONS = 4096  # live subscriptions (a silent one is dropped after GONE_AFTER)
-ADMIN_OPS = frozenset({"retain", "drop"})  # ops only a client on the bus's own host may ask for
-REPLY_OPS = frozenset({"stats", "retain", "drop"})  # one reply each: a REQ socket may ask them
+# ops only a client on the bus's own host may ask for
+ADMIN_OPS = frozenset({"retain", "purge", "drop"})
+# one reply each: a REQ socket may ask them
+REPLY_OPS = frozenset({"stats", "retain", "purge", "drop"})
 
 
 class Answering(Delivering):
@@ -86,6 +88,8 @@ class Answering(Delivering):
             done = self.engine.retain(age, None if size is None else int(size))
             self._commit()
             return {"events": done.events, "bytes": done.bytes, "first_seq": done.first_seq}
+        if op == "purge":
+            return self._purge(msg)
         if op == "drop":
             return self._drop_consumer(msg)
         sub = self.subs.get(ident)
@@ -114,6 +118,15 @@ class Answering(Delivering):
         elif op == "bye":
             self._drop(ident)
         return None
+
+    def _purge(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Remove every stored event of the topics a pattern matches (admin)."""
+        pattern = check.pattern(msg, "pattern")
+        done = self.engine.purge(pattern)
+        self._commit()
+        self._groups_dirty = True  # (leases on purged events only are settled)
+        self.log(f"purged {done.events} events of {pattern!r} ({len(done.topics)} topics)")
+        return {"events": done.events, "bytes": done.bytes, "topics": list(done.topics)}
 
     def _drop_consumer(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Delete a durable consumer or a group nobody is subscribed as (admin)."""

@@ -4,7 +4,8 @@ One row per stored batch (a wire batch, or the part of one that was new):
 ``seq`` is the bus sequence of its first event and the table's rowid, so a
 lookup by sequence is one b-tree descent and a replay is a range scan over
 large blobs; an index on the stored time makes ``seq_at`` as cheap.  Rows are
-never updated, only appended and, by retention, deleted from the front.
+never updated, only appended and deleted: by retention from the front, by a
+purge all of one topic's (the meta ``kept_from`` says where retention cut).
 
 Idempotence: for each stream (pubid, topic) the engine keeps the publisher
 sequences it has stored as a list of half-open ranges ``[lo, hi)`` (normally
@@ -64,6 +65,7 @@ from .engine import (
     ConsumerStats,
     Engine,
     Fsync,
+    Purged,
     Receipt,
     Record,
     Stats,
@@ -164,6 +166,11 @@ class SQLiteEngine(SQLiteConsumers):
     def first_seq(self) -> int:
         row = self._conn.execute("SELECT min(seq) FROM batches").fetchone()
         return int(row[0]) if row[0] is not None else self._next
+
+    @property
+    def kept_from(self) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'kept_from'").fetchone()
+        return int(row[0]) if row is not None else self.first_seq  # (no purge yet: no holes)
 
     def _begin(self) -> None:
         self._usable()
@@ -386,6 +393,10 @@ class SQLiteEngine(SQLiteConsumers):
                 keep = plan.keep_from
                 self._cuts.clear()
                 conn.execute("DELETE FROM batches WHERE seq < ?", (keep,))
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('kept_from', ?)",
+                    (max(keep, self.kept_from),),
+                )
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
             if max_age is not None:  # a publisher silent for longer is forgotten
@@ -394,11 +405,42 @@ class SQLiteEngine(SQLiteConsumers):
             raise self._failed(exc) from None
         self.commit()
         self._load()
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Give the space of removed batches back to the file system."""
         try:
-            conn.execute("PRAGMA incremental_vacuum")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA incremental_vacuum")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception as exc:
             raise self._failed(exc) from None
+
+    def purge(self, pattern: str) -> Purged:
+        matcher = Matcher([pattern])
+        self.commit()
+        topics = tuple(sorted(t for t, c in self._topics.items() if c[0] and matcher(t)))
+        if not topics:
+            return Purged(0, 0, ())
+        events = sum(self._topics[t][0] for t in topics)
+        size = sum(self._topics[t][1] for t in topics)
+        conn = self._conn
+        try:
+            self._begin()  # where retention cut, before the holes: what readers lost
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('kept_from', ?)", (self.kept_from,))
+            conn.executemany("DELETE FROM batches WHERE topic = ?", [(t,) for t in topics])
+            self._cuts.clear()
+            leases = conn.execute(
+                "SELECT grp, first, last, patterns FROM leases JOIN groups ON name = grp"
+            ).fetchall()
+            for group, first, last, spec in leases:  # a lease on purged events only: settled
+                if not self._count(first, last, self._spec(spec)):
+                    conn.execute("DELETE FROM leases WHERE grp = ? AND first = ?", (group, first))
+        except Exception as exc:
+            raise self._failed(exc) from None
+        self.commit()  # (next_seq with it: sequences are never reused)
+        self._load()
+        self._shrink()
+        return Purged(events, size, topics)
 
     def _release(self) -> None:
         self._conn.close()

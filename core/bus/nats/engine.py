@@ -21,7 +21,7 @@ from ...errors import UsageError
 from ...topics import validate_topic
 from .. import retention
 from ..base import DEFAULT_MAX_RANGES
-from ..engine import Engine, Receipt, StoreError
+from ..engine import Engine, Purged, Receipt, StoreError
 from ..streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_events
 from .bridge import Bridge
 from .client import nats
@@ -352,6 +352,15 @@ class NatsEngine(StatsOf):
         self._run(self._js.purge_stream(self.stream, seq=sseq))
         del self._heads[:i]
         del self._head_seqs[:i]
+
+    def purge(self, pattern: str) -> Purged:
+        """Refused: every front of the stream indexes it in memory assuming only its
+        oldest messages ever leave it (retention), so a subject purge in the middle
+        would leave the other fronts reading messages that are gone."""
+        raise UsageError(
+            f"cannot purge {pattern!r}: the NATS engine only removes the oldest events "
+            "(eda-bus retain); purge one topic with the embedded engine"
+        )
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection
