@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+
+from eda.core import __version__
 
 PROGRAMS = ["pub", "sub", "registry", "bus", "lb", "txn", "keys"]
 # modules that no program needs to parse its options and print --help
@@ -28,20 +32,27 @@ HEAVY = {
 }
 
 
-def imported_by_help(program: str) -> set[str]:
+def imported(args: list[str]) -> tuple[str, set[str]]:
+    """stdout of ``python -X importtime ARGS`` (exit 0) and the modules it imported."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", f"eda.cli.{program}", "--help"],
+        [sys.executable, "-X", "importtime", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Usage:" in result.stdout
     names = set()
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and line.count("|") == 2:
             names.add(line.rsplit("|", 1)[1].strip())
-    assert "click" in names  # the probe sees imports at all
+    assert "eda.core" in names  # the probe sees imports at all
+    return result.stdout, names
+
+
+def imported_by_help(program: str) -> set[str]:
+    out, names = imported(["-m", f"eda.cli.{program}", "--help"])
+    assert "Usage:" in out
+    assert "click" in names
     return names
 
 
@@ -49,3 +60,25 @@ def imported_by_help(program: str) -> set[str]:
 def test_help_imports_nothing_heavy(program):
     heavy = sorted(imported_by_help(program) & HEAVY)
     assert heavy == [], f"eda-{program} --help imports {heavy}"
+
+
+def entry_points() -> dict[str, str]:
+    """The installed programs, as pyproject.toml declares them: name -> "module:function"."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    scripts: dict[str, str] = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    return scripts
+
+
+def test_every_program_has_an_entry_point():
+    assert sorted(entry_points()) == sorted(f"eda-{p}" for p in PROGRAMS)
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_version_imports_no_click(program):
+    """``eda-X --version`` (as the installed script runs it) prints its line without click."""
+    module, _, function = entry_points()[f"eda-{program}"].partition(":")
+    code = f"import sys; from {module} import {function}; sys.exit({function}())"
+    out, names = imported(["-c", code, "--version"])
+    assert out == f"eda-{program} {__version__}\n"
+    heavy = sorted(names & (HEAVY | {"click"}))
+    assert heavy == [], f"eda-{program} --version imports {heavy}"
