@@ -8,6 +8,7 @@ regression of this kind (eda-pub loading SQLite and the bus engines through
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -32,15 +33,18 @@ HEAVY = {
 }
 
 
-def imported(args: list[str]) -> tuple[str, set[str]]:
-    """stdout of ``python -X importtime ARGS`` (exit 0) and the modules it imported."""
+def imported(
+    args: list[str], status: int = 0, env: dict[str, str] | None = None
+) -> tuple[str, set[str]]:
+    """stdout of ``python -X importtime ARGS`` (exit *status*) and the modules it imported."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == status, result.stderr[-2000:]
     names = set()
     for line in result.stderr.splitlines():
         if line.startswith("import time:") and line.count("|") == 2:
@@ -82,3 +86,26 @@ def test_version_imports_no_click(program):
     assert out == f"eda-{program} {__version__}\n"
     heavy = sorted(names & (HEAVY | {"click"}))
     assert heavy == [], f"eda-{program} --version imports {heavy}"
+
+
+# what a one-shot command does not need either: the daemons' and other subcommands' modules
+ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {"logging", "subprocess"}
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["eda.cli.pub", "t", "one-shot"], 0),  # nobody listening: a warning, exit 0
+        (["eda.cli.registry", "lookup", "db"], 3),  # no registry: not found
+    ],
+    ids=["pub", "registry-lookup"],
+)
+def test_one_shot_imports_nothing_heavy(tmp_path, args, status):
+    """A one-shot ``eda-pub t msg`` or ``eda-registry lookup`` in a shell loop pays for
+    ZeroMQ and discovery, never for asyncio, rich, SQLite, zeroconf, logging or subprocess."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    _, names = imported(["-m", *args], status, env)
+    assert {"zmq", "eda.core.discovery"} <= names  # the command did its network work
+    heavy = sorted(names & ONE_SHOT_HEAVY)
+    assert heavy == [], f"{args[0]} {args[1]} imports {heavy}"
