@@ -89,7 +89,7 @@ def test_version_imports_no_click(program):
 
 
 # what a one-shot command does not need either: the daemons' and other subcommands' modules
-ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {"logging", "subprocess"}
+ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {"logging", "subprocess", "_hashlib"}
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,8 @@ ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {"logging", "subproce
 )
 def test_one_shot_imports_nothing_heavy(tmp_path, args, status):
     """A one-shot ``eda-pub t msg`` or ``eda-registry lookup`` in a shell loop pays for
-    ZeroMQ and discovery, never for asyncio, rich, SQLite, zeroconf, logging or subprocess."""
+    ZeroMQ and discovery, never for asyncio, rich, SQLite, zeroconf, logging, subprocess or
+    OpenSSL (hashlib)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
                XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
     _, names = imported(["-m", *args], status, env)
