@@ -89,7 +89,12 @@ def test_version_imports_no_click(program):
 
 
 # what a one-shot command does not need either: the daemons' and other subcommands' modules
-ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {"logging", "subprocess", "_hashlib"}
+ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {
+    "logging",
+    "subprocess",
+    "_hashlib",
+    "eda.cli.bus",  # eda-bus's command line: eda-pub and eda-sub need its --bus option only
+}
 
 
 @pytest.mark.parametrize(
