@@ -369,20 +369,12 @@ def one_shots(work: Path, broker: Mosquitto) -> list[Series]:
     """
     fresh(work)
     env = eda_env(work)
-    eda_out, eda_err, mosq_out = work / "eda-sub.out", work / "eda-sub.err", work / "mosq-sub.out"
-    client = f"benchlat{time.monotonic_ns()}"
+    eda_out, mosq_out = work / "eda-sub.out", work / "mosq-sub.out"
     messages = [f"msg{i}" for i in range(ONE_SHOTS)]
     with Procs(work, env) as procs:
-        eda_sub = procs.start(
-            [eda_cmd("eda-sub"), "t", "-v", "-C", str(ONE_SHOTS)], stdout=eda_out, stderr=eda_err
+        eda_sub, mosq_sub, eda_ready, mosq_ready = start_subscribers(
+            procs, work, broker, ONE_SHOTS
         )
-        mosq_sub = procs.start(
-            ["mosquitto_sub", *broker.args(), "-i", client, "-t", "t", "-C", str(ONE_SHOTS)],
-            stdout=mosq_out, stderr=work / "mosq-sub.err",
-        )
-        eda_ready = attempt(lambda: wait_for_text(eda_err, "announced as", 15.0, eda_sub))[1]
-        mosq_ready = attempt(lambda: broker.wait_subscribed(client, "t"))[1]
-        time.sleep(SUB_HEAD_START)
 
         def eda_pub(i: int) -> float:
             if eda_ready:
@@ -400,6 +392,28 @@ def one_shots(work: Path, broker: Mosquitto) -> list[Series]:
         if not mosq_note:
             mosq_note = check_printed(mosq_sub, mosq_out, messages, json_lines=False)
     return [(eda_times, eda_note), (mosq_times, mosq_note)]
+
+
+def start_subscribers(
+    procs: Procs, work: Path, broker: Mosquitto, count: int
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+    """`eda-sub t -C count` (announced for SUB_HEAD_START s) and `mosquitto_sub -t t -C count`
+    (subscribed), printing to eda-sub.out and mosq-sub.out in *work*; each with why it is
+    not ready ('' when it is)."""
+    eda_err = work / "eda-sub.err"
+    client = f"bench{time.monotonic_ns()}"
+    eda_sub = procs.start(
+        [eda_cmd("eda-sub"), "t", "-v", "-C", str(count)],
+        stdout=work / "eda-sub.out", stderr=eda_err,
+    )  # fmt: skip
+    mosq_sub = procs.start(
+        ["mosquitto_sub", *broker.args(), "-i", client, "-t", "t", "-C", str(count)],
+        stdout=work / "mosq-sub.out", stderr=work / "mosq-sub.err",
+    )  # fmt: skip
+    eda_ready = attempt(lambda: wait_for_text(eda_err, "announced as", 15.0, eda_sub))[1]
+    mosq_ready = attempt(lambda: broker.wait_subscribed(client, "t"))[1]
+    time.sleep(SUB_HEAD_START)
+    return eda_sub, mosq_sub, eda_ready, mosq_ready
 
 
 def timed_ok(
@@ -435,20 +449,10 @@ def publish_loops(work: Path, broker: Mosquitto, count: int) -> list[tuple[float
     env = eda_env(work)
     messages = [f"msg{i}" for i in range(count)]
     loop = 'for i in $(seq 0 $(($N - 1))); do "$@" "msg$i" || exit 1; done'
-    eda_out, eda_err, mosq_out = work / "eda-sub.out", work / "eda-sub.err", work / "mosq-sub.out"
-    client = f"benchloop{time.monotonic_ns()}"
+    eda_out, mosq_out = work / "eda-sub.out", work / "mosq-sub.out"
     results: list[tuple[float | None, str]] = []
     with Procs(work, env) as procs:
-        eda_sub = procs.start(
-            [eda_cmd("eda-sub"), "t", "-v", "-C", str(count)], stdout=eda_out, stderr=eda_err
-        )
-        mosq_sub = procs.start(
-            ["mosquitto_sub", *broker.args(), "-i", client, "-t", "t", "-C", str(count)],
-            stdout=mosq_out, stderr=work / "mosq-sub.err",
-        )
-        eda_ready = attempt(lambda: wait_for_text(eda_err, "announced as", 15.0, eda_sub))[1]
-        mosq_ready = attempt(lambda: broker.wait_subscribed(client, "t"))[1]
-        time.sleep(SUB_HEAD_START)
+        eda_sub, mosq_sub, eda_ready, mosq_ready = start_subscribers(procs, work, broker, count)
         sides = [
             (eda_ready, [eda_cmd("eda-pub"), "t"], eda_sub, eda_out, True),
             (mosq_ready, ["mosquitto_pub", *broker.args(), "-t", "t", "-m"], mosq_sub,

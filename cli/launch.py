@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from functools import partial
 
 from eda.cli import PROGRAMS
 
@@ -26,29 +27,11 @@ def launch(program: str) -> None:
     importlib.import_module(PROGRAMS[program]).main()
 
 
-def pub() -> None:
-    launch("eda-pub")
-
-
-def sub() -> None:
-    launch("eda-sub")
-
-
-def registry() -> None:
-    launch("eda-registry")
-
-
-def bus() -> None:
-    launch("eda-bus")
-
-
-def lb() -> None:
-    launch("eda-lb")
-
-
-def txn() -> None:
-    launch("eda-txn")
-
-
-def keys() -> None:
-    launch("eda-keys")
+# the console scripts' functions (pyproject.toml [project.scripts])
+pub = partial(launch, "eda-pub")
+sub = partial(launch, "eda-sub")
+registry = partial(launch, "eda-registry")
+bus = partial(launch, "eda-bus")
+lb = partial(launch, "eda-lb")
+txn = partial(launch, "eda-txn")
+keys = partial(launch, "eda-keys")
