@@ -49,6 +49,8 @@ QUICK_LINES = 100_000
 PIPE_ROUNDS = 3  # full runs: each pipe measurement is taken this many times, in turn
 ONE_SHOTS = 10
 HELP_RUNS = 10
+LOOP_PUBLISHES = 1_000  # issue 20: a shell loop of one-shot publishes (QUICK_LOOP with --quick)
+QUICK_LOOP = 50
 SUB_HEAD_START = 3.0  # the issue: "a matching subscriber started 3 s earlier is running"
 STALL = 5.0  # publisher done and no output for this long: the rest was lost
 ANCHOR_PYZMQ = Path(__file__).with_name("pyzmq_anchor.py")
@@ -134,6 +136,26 @@ def run(quick: bool) -> list[Row]:
             higher_is_better=False, target="<= 100 ms",
             ok=judge(help_note, None if help_med is None else help_med <= 100),
             note=join_notes(help_note, mosq_help_note),
+        ))
+
+        (eda_version, version_note), (floor, floor_note) = version_times(tmp / "version")
+        version_med = median(eda_version) * 1000 if eda_version else None
+        rows.append(row(
+            f"eda-pub --version, median of {HELP_RUNS}", version_med,
+            "python -c pass", median(floor) * 1000 if floor else None, "ms",
+            higher_is_better=False, target="<= 30 ms",
+            ok=judge(version_note, None if version_med is None else version_med <= 30),
+            note=join_notes(version_note, floor_note),
+        ))
+
+        loops = QUICK_LOOP if quick else LOOP_PUBLISHES
+        (eda_loop, loop_note), (mosq_loop, mosq_loop_note) = publish_loops(
+            tmp / "loop", broker, loops
+        )
+        rows.append(row(
+            f"shell loop of {loops:,} one-shot publishes, total", eda_loop, MOSQ, mosq_loop, "s",
+            higher_is_better=False, ok=judge(loop_note),
+            note=join_notes(loop_note, mosq_loop_note),
         ))
     return rows
 
@@ -347,20 +369,12 @@ def one_shots(work: Path, broker: Mosquitto) -> list[Series]:
     """
     fresh(work)
     env = eda_env(work)
-    eda_out, eda_err, mosq_out = work / "eda-sub.out", work / "eda-sub.err", work / "mosq-sub.out"
-    client = f"benchlat{time.monotonic_ns()}"
+    eda_out, mosq_out = work / "eda-sub.out", work / "mosq-sub.out"
     messages = [f"msg{i}" for i in range(ONE_SHOTS)]
     with Procs(work, env) as procs:
-        eda_sub = procs.start(
-            [eda_cmd("eda-sub"), "t", "-v", "-C", str(ONE_SHOTS)], stdout=eda_out, stderr=eda_err
+        eda_sub, mosq_sub, eda_ready, mosq_ready = start_subscribers(
+            procs, work, broker, ONE_SHOTS
         )
-        mosq_sub = procs.start(
-            ["mosquitto_sub", *broker.args(), "-i", client, "-t", "t", "-C", str(ONE_SHOTS)],
-            stdout=mosq_out, stderr=work / "mosq-sub.err",
-        )
-        eda_ready = attempt(lambda: wait_for_text(eda_err, "announced as", 15.0, eda_sub))[1]
-        mosq_ready = attempt(lambda: broker.wait_subscribed(client, "t"))[1]
-        time.sleep(SUB_HEAD_START)
 
         def eda_pub(i: int) -> float:
             if eda_ready:
@@ -380,8 +394,32 @@ def one_shots(work: Path, broker: Mosquitto) -> list[Series]:
     return [(eda_times, eda_note), (mosq_times, mosq_note)]
 
 
-def timed_ok(args: list[str], work: Path, env: dict[str, str] | None = None) -> float:
-    elapsed, code = time_command(args, work, env)
+def start_subscribers(
+    procs: Procs, work: Path, broker: Mosquitto, count: int
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+    """`eda-sub t -C count` (announced for SUB_HEAD_START s) and `mosquitto_sub -t t -C count`
+    (subscribed), printing to eda-sub.out and mosq-sub.out in *work*; each with why it is
+    not ready ('' when it is)."""
+    eda_err = work / "eda-sub.err"
+    client = f"bench{time.monotonic_ns()}"
+    eda_sub = procs.start(
+        [eda_cmd("eda-sub"), "t", "-v", "-C", str(count)],
+        stdout=work / "eda-sub.out", stderr=eda_err,
+    )  # fmt: skip
+    mosq_sub = procs.start(
+        ["mosquitto_sub", *broker.args(), "-i", client, "-t", "t", "-C", str(count)],
+        stdout=work / "mosq-sub.out", stderr=work / "mosq-sub.err",
+    )  # fmt: skip
+    eda_ready = attempt(lambda: wait_for_text(eda_err, "announced as", 15.0, eda_sub))[1]
+    mosq_ready = attempt(lambda: broker.wait_subscribed(client, "t"))[1]
+    time.sleep(SUB_HEAD_START)
+    return eda_sub, mosq_sub, eda_ready, mosq_ready
+
+
+def timed_ok(
+    args: list[str], work: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> float:
+    elapsed, code = time_command(args, work, env, timeout)
     if code != 0:
         raise BenchError(f"{Path(args[0]).name} exited {code}: {tail(work / 'timed.err')}")
     return elapsed
@@ -403,7 +441,56 @@ def check_printed(
     return "" if printed == messages else f"subscriber printed {printed}"
 
 
+def publish_loops(work: Path, broker: Mosquitto, count: int) -> list[tuple[float | None, str]]:
+    """Total wall time of a shell loop running `eda-pub t msgN` *count* times (an eda-sub
+    announced 3 s earlier), then of the same loop with `mosquitto_pub` (a mosquitto_sub
+    running); each subscriber must print all *count* events, in order."""
+    fresh(work)
+    env = eda_env(work)
+    messages = [f"msg{i}" for i in range(count)]
+    loop = 'for i in $(seq 0 $(($N - 1))); do "$@" "msg$i" || exit 1; done'
+    eda_out, mosq_out = work / "eda-sub.out", work / "mosq-sub.out"
+    results: list[tuple[float | None, str]] = []
+    with Procs(work, env) as procs:
+        eda_sub, mosq_sub, eda_ready, mosq_ready = start_subscribers(procs, work, broker, count)
+        sides = [
+            (eda_ready, [eda_cmd("eda-pub"), "t"], eda_sub, eda_out, True),
+            (mosq_ready, ["mosquitto_pub", *broker.args(), "-t", "t", "-m"], mosq_sub,
+             mosq_out, False),
+        ]  # fmt: skip
+        for not_ready, publish, sub, out, json_lines in sides:
+            if not_ready:
+                results.append((None, f"subscriber not ready: {not_ready}"))
+                continue
+            shell = ["sh", "-c", loop, "loop", *publish]
+            elapsed, note = attempt(
+                lambda shell=shell: timed_ok(  # type: ignore[misc]
+                    shell, work, {**env, "N": str(count)}, timeout=count * 2.0 + 30
+                )
+            )
+            if not note:
+                note = check_printed(sub, out, messages, json_lines=json_lines)
+            results.append((elapsed, note))
+    return results
+
+
 # -- start-up ---------------------------------------------------------------------
+
+def version_times(work: Path) -> list[Series]:
+    """Wall time of `eda-pub --version` and of the interpreter doing nothing (the floor:
+    eda's own python), HELP_RUNS each, in turn."""
+    fresh(work)
+    env = eda_env(work)
+    python = str(Path(eda_cmd("eda-pub")).with_name("python"))
+
+    def eda_version(i: int) -> float:
+        return timed_ok([eda_cmd("eda-pub"), "--version"], work, env)
+
+    def floor(i: int) -> float:
+        return timed_ok([python, "-c", "pass"], work, env)
+
+    return interleave(HELP_RUNS, [eda_version, floor])
+
 
 def help_times(work: Path) -> list[Series]:
     """Wall time of `eda-pub --help` and `mosquitto_pub --help`, HELP_RUNS each, in turn.

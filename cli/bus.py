@@ -1,8 +1,8 @@
 """eda-bus: the event bus -- a durable log with replay, confirmed publishing and consumers.
 
-One section per subcommand (serve, migrate, stats, retain, purge, delete-consumer),
-after the ``--bus`` option that eda-pub and eda-sub share (the NATS engine's
-options are :mod:`eda.cli.busnats`'s).  About 600 lines
+One section per subcommand (serve, migrate, stats, retain, purge, delete-consumer)
+(the ``--bus`` option that eda-pub and eda-sub share is :mod:`eda.cli.busopt`'s,
+the NATS engine's options :mod:`eda.cli.busnats`'s).  About 600 lines
 for a reason: six subcommands with some twenty options and their
 tables, whose declarations and help texts are the man page; the logic is in
 ``eda.core.bus``.
@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eda.cli.busnats import engine_option, nats_options
+from eda.cli.busopt import AUTO as AUTO  # (re-exported: the names eda-pub and eda-sub used)
+from eda.cli.busopt import bus_endpoint as bus_endpoint
+from eda.cli.busopt import bus_option as bus_option
+from eda.cli.busopt import find_endpoint as _endpoint
+from eda.cli.busopt import split_bus as split_bus
 from eda.cli.common import Context, on_stop_signals, run
 from eda.cli.options import (
     SECURE_ENDPOINT,
@@ -46,45 +51,6 @@ Examples:
 """
 
 parse_bytes = parse_size  # sizes and ages are parsed in core (eda-lb imports this name)
-
-
-AUTO = "auto"  # --bus without an endpoint: EDA_BUS, the cache, then mDNS
-
-
-def bus_option(func: Any) -> Any:
-    """``--bus [ENDPOINT]`` for eda-pub and eda-sub."""
-    return click.option(
-        "--bus",
-        "bus",
-        is_flag=False,
-        flag_value=AUTO,
-        default=None,
-        metavar="[ENDPOINT]",
-        help="Go through an eda-bus (found by EDA_BUS or mDNS, or at ENDPOINT tcp://HOST:PORT;"
-        f" {SECURE_ENDPOINT}).",
-    )(func)
-
-
-def split_bus(bus: str | None, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    """``--bus TOPIC ...``: click took the first argument as the endpoint; give it back.
-
-    A value that looks like an endpoint (``://``, or ``HOST:PORT``) is one,
-    checked here (a bare ``HOST:PORT`` is refused: endpoints are tcp://HOST:PORT
-    everywhere), never a topic or a pattern.
-    """
-    if bus is None or bus == AUTO:
-        return bus, args
-    _, colon, port = bus.rpartition(":")
-    if "://" in bus or (colon and port.isascii() and port.isdigit()):
-        from eda.core.reqrep import client_endpoint
-
-        name, at, endpoint = bus.rpartition("@")  # secure mode: NAME@tcp://HOST:PORT
-        return name + at + client_endpoint(endpoint, "bus").zmq, args
-    return AUTO, (bus, *args)
-
-
-def bus_endpoint(bus: str, interface: str | None, no_mdns: bool, ctx: Context | None = None) -> str:
-    return _endpoint(None if bus == AUTO else bus, interface, no_mdns, ctx)
 
 
 def _bytes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -424,24 +390,6 @@ def migrate(
             "source_last_seq": src.last_seq,
         }
     Output(ctx).items([row])
-
-
-def _endpoint(
-    bus: str | None, interface: str | None, no_mdns: bool, ctx: Context | None = None
-) -> str:
-    """The bus's endpoint; with *ctx*, announced buses skipped are reported (secure mode)."""
-    from types import SimpleNamespace
-
-    from eda.cli.secure import secure_reports
-    from eda.core import discovery, security
-    from eda.core.bus.client import find_bus
-
-    reports = SimpleNamespace(security=security.active(), on_ignored=None, on_refused=None)
-    if ctx is not None:
-        secure_reports(ctx, reports, "bus")
-    found = find_bus(bus, interface=discovery.resolve_interface(interface), use_mdns=not no_mdns,
-                     on_ignored=reports.on_ignored)  # fmt: skip
-    return found.zmq
 
 
 @command.command(

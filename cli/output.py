@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -438,6 +437,8 @@ class Output:
         assert self.exec_cmd is not None
         extra = self.exec_env(item) if self.exec_env is not None else {}
         env = dict(os.environ, **{k: _environment_value(v) for k, v in extra.items()})
+        import subprocess  # (--exec only: not on every program's start-up path)
+
         line = json_text(item) + "\n"
         cmd = self.exec_cmd
         result = subprocess.run(cmd, shell=True, input=line.encode(), env=env, check=False)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.bus import AUTO, bus_endpoint, bus_option, split_bus
+from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
 from eda.cli.options import SECURE_ENDPOINT, apply_security, common_options, security_options
 from eda.cli.output import for_terminal

@@ -33,7 +33,6 @@ a program reports.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -107,6 +106,8 @@ class Security:
 
     def _authenticate(self, context: Any) -> None:
         """Start the ZAP handler of *context* once (before its first socket can bind)."""
+        import logging  # (only a secure program that binds pays for it)
+
         from zmq.auth.thread import ThreadAuthenticator
 
         with self._lock:

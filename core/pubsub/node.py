@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
 import re
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -40,7 +40,9 @@ HANDSHAKE_TIMEOUT = 3.0  # seconds a discovered peer has to greet us before it m
 
 
 def new_id() -> str:
-    return secrets.token_hex(4)
+    # os.urandom is what secrets.token_hex reads; secrets would load OpenSSL (hashlib, for
+    # hmac) on every one-shot command's start-up
+    return os.urandom(4).hex()
 
 
 _PEER_ID = re.compile(r"[0-9A-Za-z_-]{1,32}")  # what a beacon, goodbye or ack may name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import secrets
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -72,7 +72,7 @@ class Publisher(_Node):
         # that outlives publisher runs takes an id it saw before for the same stream
         # and drops sequences it already had as copies (self.id, in mDNS names and
         # the welcome, stays short)
-        self.pubid = secrets.token_hex(16)
+        self.pubid = os.urandom(16).hex()  # (secrets.token_hex, without loading OpenSSL)
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
         self._origin = codec.encode_origin(self.pubid, self.source)
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
