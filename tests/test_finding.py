@@ -168,7 +168,7 @@ def test_the_coordinator_is_found_by_discovery_past_a_dead_cached_one(
     cache.remember(txn_client.CACHE_KEY, [dead_endpoint()])
     with running(Echo()) as echo:
         assert isinstance(echo, Echo)
-        monkeypatch.setattr(directory, "find_coordinators", lambda access: [echo.endpoint])
+        monkeypatch.setattr(directory, "find_coordinators", lambda access, *_: [echo.endpoint])
         client = txn_client.CoordinatorClient(None, access=object(), timeout=5)
         assert client.request({"op": "echo", "say": "c"})["said"] == "c"
         client.close()
@@ -181,7 +181,7 @@ def test_no_coordinator_anywhere_is_not_found_or_a_usage_error(
     from eda.core.txn import client as txn_client
     from eda.core.txn import directory
 
-    monkeypatch.setattr(directory, "find_coordinators", lambda access: [])
+    monkeypatch.setattr(directory, "find_coordinators", lambda access, *_: [])
     with pytest.raises(NotFoundError, match="no coordinator found"):
         txn_client.CoordinatorClient(None, access=object(), timeout=1).request({"op": "x"})
     with pytest.raises(UsageError, match="allow mDNS"):
@@ -199,7 +199,9 @@ def test_a_commit_is_never_sent_to_a_second_coordinator(monkeypatch: pytest.Monk
     quiet = str(silent.getsockopt_string(zmq.LAST_ENDPOINT))
     with running(Echo()) as echo:
         assert isinstance(echo, Echo)
-        monkeypatch.setattr(directory, "find_coordinators", lambda access: [quiet, echo.endpoint])
+        monkeypatch.setattr(
+            directory, "find_coordinators", lambda access, *_: [quiet, echo.endpoint]
+        )
         client = txn_client.CoordinatorClient(None, access=object(), timeout=0.3)
         with pytest.raises(reqrep.Unavailable):
             client.request({"op": "echo"})
