@@ -1077,8 +1077,14 @@ def test_a_caller_that_never_reads_costs_the_broker_bounded_memory(procs: Procs)
             assert sorted(r[2:4] for r in replies) == sorted(
                 [f"good{i}".encode(), b"ok"] for i in range(50)
             )
-            peak = vm_kib(broker.popen.pid, "VmHWM")
-            assert peak - before < 128 * MIB, (before, peak)  # 600 MB of replies asked for
+            # 600 MB of replies asked for: what stays for a caller that never reads is
+            # bounded (the peak is not: requests in flight wait in the receive pipe, up to
+            # its high-water mark, for as long as a loaded machine is slower than the flood)
+            pid = broker.popen.pid
+            wait_until(
+                lambda: vm_kib(pid, "VmRSS") - before < 128 * MIB, 30,
+                "the broker's memory back under 128 MiB while the attacker stays connected",
+            )  # fmt: skip
             figures = stats_of(endpoint)
             assert figures["unsent"] > 0 and figures["unread_bytes"] <= 8 << 20
         finally:
