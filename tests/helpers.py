@@ -353,6 +353,18 @@ class Identity:
         keys.revoke(self.trusted, name)
 
 
+def trusting(home: Path, names: Sequence[str]) -> dict[str, Identity]:
+    """Identities under *home*: *names* trust one another; ``mallory`` (added) trusts
+    them all and nobody trusts mallory (the secure-mode tests' cast)."""
+    people = {name: Identity(home / name) for name in (*names, "mallory")}
+    for a in names:
+        for b in names:
+            if a != b:
+                people[a].trust(b, people[b])
+        people["mallory"].trust(a, people[a])
+    return people
+
+
 class Capture:
     """Every packet on the namespace's loopback, read by an AF_PACKET socket."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import helpers
-from tests.helpers import Identity, Proc, Procs, run, wait_until
+from tests.helpers import Identity, Proc, Procs, run, trusting, wait_until
 
 helpers.PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
 helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
@@ -31,13 +31,7 @@ TRUSTING = ("w", "b", "reg", "reg2", "alice", "bob")
 def ids(tmp_path: Path) -> dict[str, Identity]:
     """Everyone but mallory trusts one another; mallory trusts them all, nobody trusts
     mallory."""
-    people = {name: Identity(tmp_path / name) for name in (*TRUSTING, "mallory")}
-    for a in TRUSTING:
-        for b in TRUSTING:
-            if a != b:
-                people[a].trust(b, people[b])
-        people["mallory"].trust(a, people[a])
-    return people
+    return trusting(tmp_path, TRUSTING)
 
 
 def worker(procs: Procs, who: Identity, log: Path, *args: str) -> tuple[Proc, str]:

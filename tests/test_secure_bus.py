@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import zmq
 
-from tests.helpers import Capture, Identity, Proc, Procs, run
+from tests.helpers import Capture, Identity, Proc, Procs, run, trusting
 
 SERVING = r"serving .+ on (tcp://\S+) \(seq"
 
@@ -26,13 +26,7 @@ SERVING = r"serving .+ on (tcp://\S+) \(seq"
 @pytest.fixture
 def ids(tmp_path: Path) -> dict[str, Identity]:
     """The bus, alice and bob trust each other; mallory trusts them, nobody trusts mallory."""
-    people = {name: Identity(tmp_path / name) for name in ("bus", "alice", "bob", "mallory")}
-    for a in ("bus", "alice", "bob"):
-        for b in ("bus", "alice", "bob"):
-            if a != b:
-                people[a].trust(b, people[b])
-        people["mallory"].trust(a, people[a])
-    return people
+    return trusting(tmp_path, ("bus", "alice", "bob"))
 
 
 def serve(procs: Procs, tmp_path: Path, who: Identity | None, *args: str) -> tuple[Proc, str]:

@@ -41,7 +41,10 @@ def test_init_writes_a_private_key_pair_and_show_prints_the_public_key(home, tmp
     # the file is a ZPL certificate as zmq.auth writes them
     import zmq.auth
 
-    assert zmq.auth.load_certificate(str(path)) == (public.encode(), keys.load_identity(path).secret)
+    assert zmq.auth.load_certificate(str(path)) == (
+        public.encode(),
+        keys.load_identity(path).secret,
+    )
 
 
 def test_init_never_replaces_an_identity(home):

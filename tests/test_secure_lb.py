@@ -20,7 +20,7 @@ import pytest
 
 from eda.core import security
 from eda.core.registry.model import Instance
-from tests.helpers import PROGRAMS, Capture, Identity, Proc, Procs, run, wait_until
+from tests.helpers import PROGRAMS, Capture, Identity, Proc, Procs, run, trusting, wait_until
 
 PROGRAMS.setdefault("eda-lb", "eda.cli.lb")  # as tests/test_lb_broker.py runs it
 
@@ -33,13 +33,7 @@ PEOPLE = ("w", "w2", "b", "reg", "alice", "bob")
 def ids(tmp_path: Path) -> dict[str, Identity]:
     """Workers w and w2, broker b, registry reg, callers alice and bob trust each other;
     mallory trusts them all, nobody trusts mallory."""
-    people = {name: Identity(tmp_path / name) for name in (*PEOPLE, "mallory")}
-    for a in PEOPLE:
-        for b in PEOPLE:
-            if a != b:
-                people[a].trust(b, people[b])
-        people["mallory"].trust(a, people[a])
-    return people
+    return trusting(tmp_path, PEOPLE)
 
 
 def worker(procs: Procs, who: Identity | None, log: Path, *args: str) -> tuple[Proc, str]:

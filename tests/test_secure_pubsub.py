@@ -26,6 +26,7 @@ from tests.helpers import (
     Procs,
     run,
     service_records,
+    trusting,
     wait_until,
 )
 
@@ -33,12 +34,7 @@ from tests.helpers import (
 @pytest.fixture
 def ids(tmp_path: Path) -> dict[str, Identity]:
     """alice and bob trust each other; mallory trusts both, nobody trusts mallory."""
-    people = {name: Identity(tmp_path / name) for name in ("alice", "bob", "mallory")}
-    people["alice"].trust("bob", people["bob"])
-    people["bob"].trust("alice", people["alice"])
-    people["mallory"].trust("alice", people["alice"])
-    people["mallory"].trust("bob", people["bob"])
-    return people
+    return trusting(tmp_path, ("alice", "bob"))
 
 
 def events(proc) -> list[dict]:

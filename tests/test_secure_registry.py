@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from eda.core import keys
-from tests.helpers import Capture, Identity, Proc, Procs, run, wait_until
+from tests.helpers import Capture, Identity, Proc, Procs, run, trusting, wait_until
 
 LISTENING = r"listening on (tcp://\S+) \(changes on (tcp://\S+)\)"
 HEARTBEATS = ("--interval", "0.5", "--ttl", "5")
@@ -31,13 +31,7 @@ HEARTBEATS = ("--interval", "0.5", "--ttl", "5")
 def ids(tmp_path: Path) -> dict[str, Identity]:
     """Two registries (reg, reg2), alice and bob trust each other; mallory trusts them
     all (and itself, as 'self'); nobody trusts mallory."""
-    people = {n: Identity(tmp_path / n) for n in ("reg", "reg2", "alice", "bob", "mallory")}
-    good = ("reg", "reg2", "alice", "bob")
-    for a in good:
-        for b in good:
-            if a != b:
-                people[a].trust(b, people[b])
-        people["mallory"].trust(a, people[a])
+    people = trusting(tmp_path, ("reg", "reg2", "alice", "bob"))
     people["mallory"].trust("self", people["mallory"])
     return people
 
@@ -140,7 +134,9 @@ def test_a_watch_follows_a_secure_registry(procs: Procs, tmp_path, ids):
 def test_an_untrusted_client_is_refused_at_once_with_the_message(procs: Procs, tmp_path, ids):
     _, endpoint, _ = serve(procs, tmp_path, ids["reg"])
     mallory = ids["mallory"]
-    refused = f"the registry at {endpoint} does not trust this key (eda-keys show: {mallory.public})"
+    refused = (
+        f"the registry at {endpoint} does not trust this key (eda-keys show: {mallory.public})"
+    )
     for command, args in (
         ("lookup", ("orders",)),
         ("list", ()),
@@ -193,8 +189,9 @@ def test_a_record_carries_the_registrants_key_whatever_it_claims(procs: Procs, t
         for op in ("heartbeat", "register"):
             refused = request(as_bob, {"op": op, "rid": 2, "instance": claim})
             assert not refused["ok"] and refused["code"] == 1
-            assert f"instance 'claimed' is registered by key {alice.public} (alice)" in (
-                refused["error"]
+            assert (
+                f"instance 'claimed' is registered by key {alice.public} (alice)"
+                in (refused["error"])
             )
         refused = request(as_bob, {"op": "deregister", "rid": 3, "id": "claimed"})
         assert not refused["ok"] and "registered by key" in refused["error"]
@@ -323,9 +320,7 @@ def test_serverless_secure_lookups_keep_trusted_keys_only(procs: Procs, ids):
 
 
 @pytest.mark.parametrize("secure", [False, True])
-def test_eavesdropping_sees_metadata_only_without_secure_mode(
-    procs: Procs, tmp_path, ids, secure
-):
+def test_eavesdropping_sees_metadata_only_without_secure_mode(procs: Procs, tmp_path, ids, secure):
     secret = f"EAVESDROP-{secrets.token_hex(8)}"
     registry, bob = (ids["reg"], ids["bob"]) if secure else (None, None)
     _, endpoint, _ = serve(procs, tmp_path, registry)

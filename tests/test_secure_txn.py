@@ -32,6 +32,7 @@ from tests.helpers import (
     half_handshakes,
     run,
     service_records,
+    trusting,
     wait_until,
 )
 from tests.test_txn_2pc import ABORT, ACCOUNT, COMMIT, PREPARE
@@ -44,13 +45,7 @@ LISTENING = r"{what} {name} listening on (tcp://[^\s,]+)"
 
 @pytest.fixture
 def ids(tmp_path: Path) -> dict[str, Identity]:
-    people = {name: Identity(tmp_path / name) for name in (*TRUSTING, "mallory")}
-    for a in TRUSTING:
-        for b in TRUSTING:
-            if a != b:
-                people[a].trust(b, people[b])
-        people["mallory"].trust(a, people[a])
-    return people
+    return trusting(tmp_path, TRUSTING)
 
 
 @pytest.fixture
@@ -205,7 +200,11 @@ def test_an_untrusted_client_is_refused_at_once_with_the_message(procs, tmp_path
     status, result, stderr = transfer(ids["mallory"], endpoint, 30)
     mallory = ids["mallory"].public
     refused = f"the coordinator at {endpoint} does not trust this key (eda-keys show: {mallory})"
-    assert (status, stderr.strip(), result.get("outcome")) == (1, f"eda-txn: error: {refused}", None)
+    assert (status, stderr.strip(), result.get("outcome")) == (
+        1,
+        f"eda-txn: error: {refused}",
+        None,
+    )
     plain = transfer(None, endpoint, 30, "--wait", "2")
     assert plain[0] == 4  # a plain client gets no answer from a secure coordinator
     assert balances(bank) == {"a1": 100, "a2": 100}
@@ -266,9 +265,7 @@ def test_a_forged_announcement_of_a_participant_gets_nothing(procs, tmp_path, id
     assert balances(bank) == {"a1": 100, "a2": 100}
 
 
-def test_allow_on_a_participant_refuses_a_coordinator_it_does_not_name(
-    procs, tmp_path, ids, bank
-):
+def test_allow_on_a_participant_refuses_a_coordinator_it_does_not_name(procs, tmp_path, ids, bank):
     _, a1 = participant(procs, tmp_path, ids["a1"], "a1", "--allow", "alice")
     _, a2 = participant(procs, tmp_path, ids["a2"], "a2", "--allow", "c1")
     _, endpoint = coordinator(procs, tmp_path, ids["c1"], {"a1": a1, "a2": a2})
@@ -360,9 +357,7 @@ def test_garbage_and_half_handshakes_do_not_stop_secure_daemons(procs, tmp_path,
     assert balances(bank) == {"a1": 35, "a2": 165}
 
 
-def test_resolve_asks_a_participant_under_the_key_its_journal_records(
-    procs, tmp_path, ids, bank
-):
+def test_resolve_asks_a_participant_under_the_key_its_journal_records(procs, tmp_path, ids, bank):
     _, a1 = participant(procs, tmp_path, ids["a1"], "a1")
     _, a2 = participant(procs, tmp_path, ids["a2"], "a2")
     crashing = {"EDA_CRASH_AT": "coordinator:before-decision"}
@@ -417,7 +412,9 @@ def test_a_saga_completes_in_secure_mode_and_publishes_to_trusted_subscribers_on
 def test_secure_mode_from_the_environment_and_the_config_file(tmp_path, ids):
     by_env = run("eda-txn", "commit", "--no-mdns", "--coordinator", "tcp://127.0.0.1:1", "-p",
                  "a1", env={**ids["alice"].env, "EDA_SECURE": "1"})  # fmt: skip
-    assert by_env.returncode == 2 and "in secure mode name the server's trusted key" in by_env.stderr
+    assert (
+        by_env.returncode == 2 and "in secure mode name the server's trusted key" in by_env.stderr
+    )
     config = tmp_path / "eda.toml"
     config.write_text("[txn]\nsecure = true\n")
     nobody = {"XDG_CONFIG_HOME": str(tmp_path / "nobody")}
@@ -458,8 +455,7 @@ def test_a_lookup_uses_only_records_with_a_trusted_key_and_pins_it(ids, monkeypa
         try:
             assert directory.endpoints("a2") == []
             assert directory.missing("a2") == (
-                f"participant a2 not found (ignored tcp://127.0.0.1:7002: {untrusted}"
-                " (and 1 more))"
+                f"participant a2 not found (ignored tcp://127.0.0.1:7002: {untrusted} (and 1 more))"
             )
         finally:
             directory.close()

@@ -28,27 +28,6 @@ if TYPE_CHECKING:
     )
     from .sqlite import SQLiteEngine
 
-# Imported when first used (PEP 562): a program that only needs a submodule
-# (eda-pub's --bus options need retention's parsers) must not pay for SQLite
-# and the engines at every start; ``--help`` and one-shot runs are timed.
-_LAZY = {
-    name: ".engine"
-    for name in (
-        "FSYNC_MODES",
-        "ConsumerStats",
-        "Engine",
-        "EventTooLargeError",
-        "Fsync",
-        "Receipt",
-        "Record",
-        "Retained",
-        "Stats",
-        "StoreError",
-        "StoreFullError",
-        "TopicStats",
-    )
-} | {"SQLiteEngine": ".sqlite"}
-
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
@@ -76,3 +55,7 @@ __all__ = [
     "StoreFullError",
     "TopicStats",
 ]
+# Imported when first used (PEP 562): a program that only needs a submodule
+# (eda-pub's --bus options need retention's parsers) must not pay for SQLite
+# and the engines at every start; ``--help`` and one-shot runs are timed.
+_LAZY = {name: ".sqlite" if name == "SQLiteEngine" else ".engine" for name in __all__}
