@@ -414,7 +414,8 @@ def test_watch_exec_runs_once_per_change_with_the_event_on_stdin(
     _, ep = serve(procs)
     out = tmp_path / "seen"
     w = watch(procs, ep, "orders", "--exec", f"cat >> {out}; echo $EDA_EVENT >> {out}.kinds")
-    a = register(procs, ep, "orders", 8080)
+    # a TTL a loaded machine cannot outlast by accident (0.8 s expired it before SIGINT)
+    a = register(procs, ep, "orders", 8080, "--interval", "1", "--ttl", "60")
     a.signal(signal.SIGINT)
     a.wait()
     wait_until(
