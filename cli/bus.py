@@ -205,6 +205,7 @@ def serve(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     name: str,
     config: str | None,
     interface: str | None,
@@ -227,7 +228,8 @@ def serve(
 
     rights = open_acl(acl or None)
     engine, where = _open_engine(
-        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
+        nats_format,
     )
     for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
@@ -288,6 +290,7 @@ def _open_engine(
     replicas: int | None,
     stream: str,
     auth: NatsAuth,
+    nats_format: str | None = None,
 ) -> tuple[Any, str]:
     """The engine serve uses, and what to call it in messages."""
     if urls is None:
@@ -315,6 +318,7 @@ def _open_engine(
         max_bytes=max_bytes,
         max_event_bytes=max_event_bytes,
         auth=auth,
+        message_format=nats_format,  # type: ignore[arg-type]
     )
     return nats, f"NATS stream {nats.stream} at {redact(','.join(urls))}"
 
@@ -353,6 +357,7 @@ def migrate(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     limit: int | None,
     config: str | None,
     interface: str | None,
@@ -377,7 +382,8 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth) as to,
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth,
+                               message_format=nats_format) as to,  # type: ignore[arg-type]
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)
