@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Proc, Procs, command, run, wait_until
+from tests.helpers import PROGRAMS, Proc, Procs, command, run, wait_until
 from tests.test_bus import start_bus
 from tests.test_registry import register
 from tests.test_registry import serve as serve_registry
@@ -161,3 +161,32 @@ def test_bus_stats_watch_on_a_terminal_redraws_in_place(procs: Procs, tmp_path: 
     assert "\x1b[1A" in text or "\x1b[A" in text or "\x1b[2K" in text, text
     assert '"rows"' not in text
     assert text.count("kind") >= 2  # several frames, each with the table's heading
+
+
+def test_lb_stats_watch_gives_requests_per_second_and_ends_when_the_broker_is_lost(
+    procs: Procs,
+) -> None:
+    PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+    broker = procs.eda("eda-lb", "serve", "watched", "-v", "--heartbeat", "0.2",
+                       "--bind", "tcp://127.0.0.1:0", "--backend", "tcp://127.0.0.1:0")  # fmt: skip
+    procs.eda("eda-lb", "worker", "watched", "-v", "--heartbeat", "0.2", "--id", "w1",
+              "--persistent", "--", "cat")  # fmt: skip
+    broker.wait_stderr(r"listening on .*\((registered|announced by mDNS)\)", 15)
+    watch = procs.eda("eda-lb", "stats", "watched", "--watch", "--interval", "0.3",
+                      "--timeout", "1")  # fmt: skip
+
+    def requests() -> list[Any]:
+        return [[(r["instance"], r["requests"]) for r in s["rows"]] for s in snapshots(watch)]
+
+    wait_until(lambda: any(("w1", 0) in s for s in requests()), 30, "the worker at the broker")
+    done = run("eda-lb", "call", "watched", "--via", "watched", input="x\n" * 50)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: ("w1", 50) in requests()[-1], 30, "the calls counted")
+    got = snapshots(watch)
+    i = next(i for i, s in enumerate(got) if any(r["requests"] == 50 for r in s["rows"]))
+    before = next(r for r in got[i - 1]["rows"] if r["instance"] == "w1")
+    after = next(r for r in got[i]["rows"] if r["instance"] == "w1")
+    rate = (after["requests"] - before["requests"]) / got[i]["interval"]
+    assert after["requests_per_s"] > 0 and abs(after["requests_per_s"] - rate) <= 0.05 * rate
+    broker.kill()
+    assert watch.wait(30) == 1, watch.stderr  # as eda-lb stats when its broker does not answer
