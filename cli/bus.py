@@ -29,6 +29,7 @@ from eda.cli.options import (
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
+from eda.cli.watch import watch_options
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
 
@@ -205,6 +206,7 @@ def serve(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     name: str,
     config: str | None,
     interface: str | None,
@@ -227,7 +229,8 @@ def serve(
 
     rights = open_acl(acl or None)
     engine, where = _open_engine(
-        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
+        nats_format,
     )
     for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
@@ -288,6 +291,7 @@ def _open_engine(
     replicas: int | None,
     stream: str,
     auth: NatsAuth,
+    nats_format: str | None = None,
 ) -> tuple[Any, str]:
     """The engine serve uses, and what to call it in messages."""
     if urls is None:
@@ -315,6 +319,7 @@ def _open_engine(
         max_bytes=max_bytes,
         max_event_bytes=max_event_bytes,
         auth=auth,
+        message_format=nats_format,  # type: ignore[arg-type]
     )
     return nats, f"NATS stream {nats.stream} at {redact(','.join(urls))}"
 
@@ -353,6 +358,7 @@ def migrate(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     limit: int | None,
     config: str | None,
     interface: str | None,
@@ -377,7 +383,8 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth) as to,
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth,
+                               message_format=nats_format) as to,  # type: ignore[arg-type]
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)
@@ -393,7 +400,8 @@ def migrate(
 
 
 @command.command(
-    epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag\n  eda-bus stats --consumers"
+    epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag\n  eda-bus stats --consumers\n"
+    "  eda-bus stats --watch                       live rates, lag; piped: a JSON line a second"
 )
 @_bus_option
 @_timeout_option
@@ -404,6 +412,7 @@ def migrate(
     is_flag=True,
     help="Only the durable consumers and groups: patterns, next sequence, lag, held.",
 )
+@watch_options
 @security_options
 @common_options
 def stats(
@@ -411,6 +420,8 @@ def stats(
     timeout: float,
     force_json: bool,
     only_consumers: bool,
+    watch: bool,
+    interval: float,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -422,9 +433,27 @@ def stats(
     """Topics, counts, bytes, consumers and their lag."""
     ctx = Context("eda-bus", verbose)
     apply_security(secure, key_file, trust_dir)
+    endpoint = _endpoint(bus, interface, no_mdns, ctx)
+    out = Output(ctx, force_json=force_json)
+    view = _consumer_table if only_consumers else _table
+    if watch:
+        from eda.cli.watch import watch as follow
+
+        follow(out, lambda: _stats_rows(endpoint, timeout, only_consumers), lambda r: [(r, view)],
+               key=lambda r: (r["kind"], r.get("topic") or r.get("name")), interval=interval,
+               counters=_RATES, title="eda-bus stats")  # fmt: skip
+        return
+    out.table(_stats_rows(endpoint, timeout, only_consumers), view)
+
+
+# what --watch gives a rate of (and its column): stored events and bytes, consumers' progress
+_RATES = {"events": "events/s", "bytes": "bytes/s", "next": "consumed/s"}
+
+
+def _stats_rows(endpoint: Any, timeout: float, only_consumers: bool) -> list[dict[str, Any]]:
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "stats"}, timeout)
+    reply = request(endpoint, {"op": "stats"}, timeout)
     s = reply["stats"] if isinstance(reply.get("stats"), dict) else {}
     rows: list[dict[str, Any]] = [
         {
@@ -443,8 +472,7 @@ def stats(
             rows.append({**c, "consumer": c.get("kind"), "kind": "consumer"})
     if only_consumers:
         rows = [r for r in rows if r["kind"] == "consumer"]
-    out = Output(ctx, force_json=force_json)
-    out.table(rows, _consumer_table if only_consumers else _table)
+    return rows
 
 
 def _counts(r: dict[str, Any], *keys: str) -> list[Any]:

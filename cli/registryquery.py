@@ -23,11 +23,14 @@ from eda.cli.output import Output
 from eda.cli.registry import fields_options
 from eda.cli.registryviews import (
     INSTANCE_FIELDS,
+    INSTANCES_TABLE,
     SERVICE_FIELDS,
     SERVICES_TABLE,
     instance_output,
+    passing,
     print_instances,
 )
+from eda.cli.watch import watch_options
 from eda.core.errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -139,11 +142,13 @@ def lookup(
 Examples:
   eda-registry list                              every service and instance (a table on a tty)
   eda-registry list orders --json | jq -r .status
+  eda-registry list --watch                      live: instances and their health
 """,
 )
 @click.argument("name", required=False)
 @registry_option
 @fields_options("{service} {address} {status}", INSTANCE_FIELDS)
+@watch_options
 @security_options
 @common_options
 def list_(
@@ -152,6 +157,8 @@ def list_(
     serverless: bool,
     template: str | None,
     force_json: bool,
+    watch: bool,
+    interval: float,
     secure: bool,
     key_file: str | None,
     trust_dir: str | None,
@@ -167,17 +174,17 @@ def list_(
     apply_security(secure, key_file, trust_dir)
     service = validate_name(name) if name is not None else None
     out = instance_output(ctx, template, force_json)
-    found = _query(
-        "list",
-        service,
-        True,
-        registries,
-        serverless,
-        interface,
-        no_mdns,
-        ctx,
-    )
-    print_instances(found, out)
+
+    def found() -> list[dict[str, Any]]:
+        return _query("list", service, True, registries, serverless, interface, no_mdns, ctx)
+
+    if watch:
+        from eda.cli.watch import watch as follow
+
+        follow(out, found, lambda rows: [(rows, INSTANCES_TABLE)], key=lambda r: r.get("id"),
+               interval=interval, title="eda-registry list", summary=passing)  # fmt: skip
+        return
+    print_instances(found(), out)
 
 
 @click.command(
