@@ -128,10 +128,15 @@ LAZY = {
     "eda.cli.lbserve": ["lb", "serve"],
     "eda.cli.lbstats": ["lb", "stats"],
     "eda.cli.lbtcp": ["lb", "tcp"],
+    "eda.cli.txndaemons": ["txn", "coordinator"],
+    "eda.cli.txncommit": ["txn", "commit"],
+    "eda.cli.txnresolve": ["txn", "resolve"],
+    "eda.cli.txnsaga": ["txn", "saga"],
+    "eda.cli.txnstatus": ["txn", "status"],
 }
 
 
-@pytest.mark.parametrize("program", ["registry", "lb"])
+@pytest.mark.parametrize("program", ["registry", "lb", "txn"])
 def test_group_help_lists_every_subcommand(program):
     """``eda-X --help`` lists each subcommand with its short help, taken from its definition."""
     import click
