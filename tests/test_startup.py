@@ -123,10 +123,20 @@ LAZY = {
     "eda.cli.registryserve": ["registry", "serve"],
     "eda.cli.registryquery": ["registry", "lookup"],
     "eda.cli.registrywatch": ["registry", "watch"],
+    "eda.cli.lbworker": ["lb", "worker"],
+    "eda.cli.lbcall": ["lb", "call"],
+    "eda.cli.lbserve": ["lb", "serve"],
+    "eda.cli.lbstats": ["lb", "stats"],
+    "eda.cli.lbtcp": ["lb", "tcp"],
+    "eda.cli.txndaemons": ["txn", "coordinator"],
+    "eda.cli.txncommit": ["txn", "commit"],
+    "eda.cli.txnresolve": ["txn", "resolve"],
+    "eda.cli.txnsaga": ["txn", "saga"],
+    "eda.cli.txnstatus": ["txn", "status"],
 }
 
 
-@pytest.mark.parametrize("program", ["registry"])
+@pytest.mark.parametrize("program", ["registry", "lb", "txn"])
 def test_group_help_lists_every_subcommand(program):
     """``eda-X --help`` lists each subcommand with its short help, taken from its definition."""
     import click
