@@ -23,6 +23,7 @@ from eda.cli.options import (
     allow_option,
     apply_security,
     common_options,
+    metrics_option,
     registry_option,
     security_options,
     strategy_option,
@@ -177,6 +178,7 @@ Examples:
 @_request_options
 @allow_option
 @security_options
+@metrics_option
 @common_options
 def worker(
     name: str,
@@ -202,6 +204,7 @@ def worker(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Serve requests for NAME by running a command: any shell command becomes a service.
 
@@ -262,6 +265,9 @@ def worker(
 
     on_stop_signals(stop)
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = Endpoint.parse(endpoint, "worker").port
         ttl = round(3 * heartbeat, 3)
@@ -615,6 +621,7 @@ Examples:
 @registry_option
 @allow_option
 @security_options
+@metrics_option
 @common_options
 def serve(
     name: str,
@@ -644,6 +651,7 @@ def serve(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a broker for service NAME: workers of NAME connect to it, callers send it
     requests (`eda-lb call NAME` with its via option), and it balances each
@@ -683,6 +691,9 @@ def serve(
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(broker, metrics)
         broker.start()
         interval = max(0.2, min(heartbeat, 2.0))
         record = reg.registration(

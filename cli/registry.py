@@ -21,6 +21,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     health_check_options,
+    metrics_option,
     output_options,
     registries_option,
     registry_option,
@@ -135,6 +136,7 @@ Examples:
     help="A peer registry silent this long is considered down.",
 )
 @security_options
+@metrics_option
 @common_options
 def serve(
     bind: str,
@@ -150,6 +152,7 @@ def serve(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a registry: accept registrations, expire silent instances, stream changes.
 
@@ -185,6 +188,9 @@ def serve(
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""
         ctx.warn(

@@ -24,6 +24,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     json_option,
+    metrics_option,
     output_options,
     registry_option,
     security_options,
@@ -168,6 +169,7 @@ Examples:
 @allow_option
 @security_options
 @registry_option
+@metrics_option
 @common_options
 def coordinator(
     name: str | None,
@@ -186,6 +188,7 @@ def coordinator(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a two-phase commit coordinator: `commit` asks it to run transactions.
 
@@ -221,6 +224,9 @@ def coordinator(
     )  # fmt: skip
     registration = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(coord, metrics)
         registration = _register(
             coord, COORDINATOR_SERVICE, access, ctx,
             inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
@@ -295,6 +301,7 @@ Examples:
 @allow_option
 @security_options
 @registry_option
+@metrics_option
 @common_options
 def participant(
     name: str,
@@ -317,6 +324,7 @@ def participant(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Take part in transactions as NAME: vote, then commit or abort.
 
@@ -389,6 +397,9 @@ def participant(
         raise
     registration = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(part, metrics)
         registration = _register(part, participant_service(name), access, ctx)
         where = f", announced by {registration.where}" if registration else ""
         doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")
