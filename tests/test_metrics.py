@@ -52,6 +52,8 @@ def check_names(families: dict[str, Any], prefix: str) -> None:
                 assert sample.name in (name + "_total", name + "_created"), sample.name
             for label in sample.labels:
                 assert LABEL_RE.match(label) and not label.startswith("__"), label
+                # Prometheus's own target labels: a metric's would be renamed exported_*
+                assert label not in ("instance", "job"), (name, label)
         if family.type == "histogram":
             assert name.endswith("_seconds"), name
     assert "process_resident_memory_bytes" in families  # the process collector
@@ -229,12 +231,12 @@ def test_lb_worker_and_broker_export_requests_and_latency_histograms() -> None:
     check_names(from_worker, "eda_lb_worker_")
     check_names(from_broker, "eda_lb_broker_")
     latency = from_worker["eda_lb_worker_request_duration_seconds"]
-    assert value(latency, "_count", instance="svc-1") == 3
-    assert value(latency, "_bucket", instance="svc-1", le="0.025") == 2
+    assert value(latency, "_count") == 3
+    assert value(latency, "_bucket", le="0.025") == 2
     per_instance = from_broker["eda_lb_broker_request_duration_seconds"]
-    assert value(per_instance, "_count", instance="w-1") == 2
-    assert value(from_broker["eda_lb_broker_instance_requests"], "_total", instance="w-1") == 2
-    assert value(from_broker["eda_lb_broker_instance_state"], instance="w-1",
+    assert value(per_instance, "_count", worker="w-1") == 2
+    assert value(from_broker["eda_lb_broker_instance_requests"], "_total", worker="w-1") == 2
+    assert value(from_broker["eda_lb_broker_instance_state"], worker="w-1",
                  state="healthy") == 1  # fmt: skip
     assert "eda_lb_broker_ejections" in from_broker
 
@@ -251,9 +253,9 @@ def test_lb_proxy_families_come_from_its_figures() -> None:
     exporter = metrics.Exporter(proxy_families(lambda: figures))
     found = {f.name: f for f in text_string_to_metric_families(exporter.render().decode())}
     check_names(found, "eda_lb_proxy_")
-    assert value(found["eda_lb_proxy_connections"], "_total", instance="web-1") == 40
-    assert value(found["eda_lb_proxy_instance_up"], instance="web-2") == 0
-    assert value(found["eda_lb_proxy_connect_errors"], "_total", instance="web-2") == 5
+    assert value(found["eda_lb_proxy_connections"], "_total", backend="web-1") == 40
+    assert value(found["eda_lb_proxy_instance_up"], backend="web-2") == 0
+    assert value(found["eda_lb_proxy_connect_errors"], "_total", backend="web-2") == 5
 
 
 def test_txn_daemons_export_outcomes_and_in_doubt(tmp_path: Path) -> None:
@@ -280,3 +282,52 @@ def test_txn_daemons_export_outcomes_and_in_doubt(tmp_path: Path) -> None:
     assert value(outcomes, "_total", outcome="aborted") == 2
     assert value(from_part["eda_txn_participant_in_doubt_transactions"]) == 1
     assert value(from_coord["eda_txn_coordinator_journal_bytes"]) >= 0
+
+
+def test_the_grafana_dashboard_queries_only_exported_names(tmp_path: Path) -> None:
+    """Every eda_* series contrib/grafana/eda.json asks for is one a daemon exports."""
+    import json
+
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer
+    from eda.core.bus.server import Settings as BusSettings
+    from eda.core.lb.broker import Broker
+    from eda.core.lb.broker import Settings as BrokerSettings
+    from eda.core.lb.metrics import proxy_families
+    from eda.core.lb.worker import Worker
+    from eda.core.registry.server import Server, Settings
+    from eda.core.txn.actions import ShellActions
+    from eda.core.txn.coordinator import Coordinator
+    from eda.core.txn.directory import Directory
+    from eda.core.txn.participant import Participant
+
+    engine = SQLiteEngine(tmp_path / "bus.db")
+    daemons = [
+        Server(Settings(bind="tcp://127.0.0.1:0", mdns=False)),
+        BusServer(engine, BusSettings(bind="tcp://127.0.0.1:0", mdns=False)),
+        Broker(BrokerSettings(service="svc")),
+        Coordinator("c1", tmp_path / "c", directory=Directory({}), bind="tcp://127.0.0.1:*"),
+        Participant("p", ShellActions("p", {}), tmp_path / "p", bind="tcp://127.0.0.1:*"),
+    ]
+    worker = Worker("svc", ["cat"])
+    exported: set[str] = set()
+    try:
+        for source in [*(d.metrics for d in daemons), worker.metrics,
+                       proxy_families(lambda: {"backends": []})]:  # fmt: skip
+            text = metrics.Exporter(source).render().decode()
+            for family in text_string_to_metric_families(text):  # (empty ones too)
+                suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+                exported.update(family.name + x for x in suffixes.get(family.type, ("",)))
+    finally:
+        worker.shutdown()
+        for daemon in daemons:
+            daemon.close()
+        engine.close()
+    exported |= {"eda_service", "eda_instance"}  # target labels the README's relabeling adds
+    dashboard = json.loads((Path(__file__).parent.parent / "contrib/grafana/eda.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 20
+    asked = {name for e in exprs for name in re.findall(r"\beda_[a-z0-9_]*[a-z0-9]\b", e)}
+    assert asked - exported == set()
+    families_asked = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in asked}
+    assert len(families_asked) > 25

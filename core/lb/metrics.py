@@ -3,8 +3,9 @@
 The figures ``eda-lb stats`` shows, read at scrape time, plus the one thing
 they lack: a cumulative latency histogram per instance (the ``Histogram``
 each worker and each broker's worker entry observes once per reply).
-Per-instance series are labelled ``instance`` with the worker's (or
-backend's) registered id; a broker lists at most :data:`MAX_LISTED` workers.
+A broker's per-worker series are labelled ``worker`` and a proxy's
+``backend``, with the instance's registered id (``instance`` is Prometheus's
+own target label); a broker lists at most :data:`MAX_LISTED` workers.
 """
 
 from __future__ import annotations
@@ -57,18 +58,18 @@ def broker_families(broker: Broker) -> Iterator[Any]:
     members = broker.members
     listed = [*members.by_ident.values(), *members.dead][:MAX_LISTED]
     requests = CounterMetricFamily(
-        p + "instance_requests", "Requests answered by each worker.", labels=["instance"]
+        p + "instance_requests", "Requests answered by each worker.", labels=["worker"]
     )
     errors = CounterMetricFamily(
         p + "instance_errors", "Failed requests at each worker (error replies, timeouts, "
-        "lost with it).", labels=["instance"],
+        "lost with it).", labels=["worker"],
     )  # fmt: skip
     inflight = GaugeMetricFamily(
-        p + "instance_inflight_requests", "Requests at each worker now.", labels=["instance"]
+        p + "instance_inflight_requests", "Requests at each worker now.", labels=["worker"]
     )
     state = GaugeMetricFamily(
         p + "instance_state", "Each worker's state (1 for the one it is in).",
-        labels=["instance", "state"],
+        labels=["worker", "state"],
     )  # fmt: skip
     for w in listed:
         requests.add_metric([w.id], w.requests)
@@ -80,7 +81,7 @@ def broker_families(broker: Broker) -> Iterator[Any]:
     yield from (requests, errors, inflight, state)
     yield metrics.histogram_family(
         p + "request_duration_seconds", "Time from dispatch to a worker to its reply.",
-        ["instance"], (([w.id], w.latency) for w in listed),
+        ["worker"], (([w.id], w.latency) for w in listed),
     )  # fmt: skip
     yield from metrics.daemon_families("lb_broker", broker)
 
@@ -103,7 +104,7 @@ def worker_families(worker: Worker) -> Iterator[Any]:
                  sum(1 for b in worker.brokers.values() if b.sock is not None))  # fmt: skip
     yield metrics.histogram_family(
         p + "request_duration_seconds", "Time from a request's arrival to its reply.",
-        ["instance"], [([worker.inst_id or ""], worker.latency)],
+        [], [([], worker.latency)],
     )  # fmt: skip
     yield from metrics.daemon_families("lb_worker", worker)
 
@@ -115,7 +116,7 @@ def proxy_families(figures: Callable[[], dict[str, Any]]) -> Callable[[], Iterat
     def families() -> Iterator[Any]:
         answer = figures()
         p = "eda_lb_proxy_"
-        labels = ["instance"]
+        labels = ["backend"]
         sessions = GaugeMetricFamily(p + "sessions", "Connections open now.", labels=labels)
         total = CounterMetricFamily(p + "connections", "Connections proxied.", labels=labels)
         bytes_in = CounterMetricFamily(p + "received_bytes", "Bytes from clients.",
