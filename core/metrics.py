@@ -211,19 +211,27 @@ class MetricsThread:
 
 
 # -- what every daemon exports --------------------------------------------------------------
+def counter(name: str, documentation: str, value: float) -> Any:
+    """A counter family of one value (*name* without ``_total``: the exposition adds it)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def gauge(name: str, documentation: str, value: float) -> Any:
+    """A gauge family of one value."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
 def daemon_families(program: str, daemon: Any) -> Iterator[Any]:
     """What the poll-loop base counts (:class:`~eda.core.daemon.Daemon`): malformed
     inputs dropped and loop steps that raised, as ``eda_<program>_...``."""
-    from prometheus_client.core import CounterMetricFamily
-
-    yield CounterMetricFamily(
-        f"eda_{program}_malformed_inputs", "Inputs from peers dropped as malformed.",
-        value=daemon.malformed,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        f"eda_{program}_step_failures", "Steps of the poll loop that raised (and were survived).",
-        value=daemon.failures,
-    )  # fmt: skip
+    yield counter(f"eda_{program}_malformed_inputs", "Inputs from peers dropped as malformed.",
+                  daemon.malformed)  # fmt: skip
+    yield counter(f"eda_{program}_step_failures",
+                  "Steps of the poll loop that raised (and were survived).", daemon.failures)
 
 
 def histogram_family(

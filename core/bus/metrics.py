@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 from .. import metrics
 
@@ -26,44 +26,25 @@ MAX_TOPICS = 500  # topics exported as labels, the ones with most events first
 def families(server: BusServer) -> Iterator[Any]:
     """The bus's families (see the module docstring)."""
     s = server.engine.stats()
-    yield CounterMetricFamily(
-        "eda_bus_events_stored", "Events stored in the log (each once: duplicates are not).",
-        value=s.last_seq,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_bus_events_delivered", "Events sent to subscribers (replay and live).",
-        value=server.delivered_before + sum(sub.sent for sub in server.subs.values()),
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_bus_events_lost", "Events reported lost to subscribers (removed by retention "
-        "before they read them).", value=server.lost,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_bus_batches_confirmed", "Published batches confirmed once durable.",
-        value=server.confirmed,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_bus_batches_refused", "Published batches refused (too large, not allowed, store "
-        "error).", value=server.refused,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_bus_subscribers_cut", "Subscribers cut off for not reading what was queued.",
-        value=server.cut,
-    )  # fmt: skip
-    yield GaugeMetricFamily("eda_bus_log_events", "Events in the log now.", value=s.events)
-    yield GaugeMetricFamily(
-        "eda_bus_log_bytes", "Payload bytes of the events in the log.", value=s.bytes
-    )
-    yield GaugeMetricFamily(
-        "eda_bus_disk_bytes", "Size of the store on disk.", value=s.file_bytes
-    )
-    yield GaugeMetricFamily(
-        "eda_bus_first_sequence", "Oldest event kept (retention cuts before it).",
-        value=s.first_seq,
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        "eda_bus_durable_sequence", "Newest committed (durable) event.", value=s.durable_seq
-    )
+    counter, gauge = metrics.counter, metrics.gauge
+    yield counter("eda_bus_events_stored",
+                  "Events stored in the log (each once: duplicates are not).", s.last_seq)
+    yield counter("eda_bus_events_delivered", "Events sent to subscribers (replay and live).",
+                  server.delivered_before + sum(sub.sent for sub in server.subs.values()))
+    yield counter("eda_bus_events_lost", "Events reported lost to subscribers (removed by "
+                  "retention before they read them).", server.lost)
+    yield counter("eda_bus_batches_confirmed", "Published batches confirmed once durable.",
+                  server.confirmed)
+    yield counter("eda_bus_batches_refused", "Published batches refused (too large, not "
+                  "allowed, store error).", server.refused)
+    yield counter("eda_bus_subscribers_cut",
+                  "Subscribers cut off for not reading what was queued.", server.cut)
+    yield gauge("eda_bus_log_events", "Events in the log now.", s.events)
+    yield gauge("eda_bus_log_bytes", "Payload bytes of the events in the log.", s.bytes)
+    yield gauge("eda_bus_disk_bytes", "Size of the store on disk.", s.file_bytes)
+    yield gauge("eda_bus_first_sequence", "Oldest event kept (retention cuts before it).",
+                s.first_seq)
+    yield gauge("eda_bus_durable_sequence", "Newest committed (durable) event.", s.durable_seq)
     topic_events = GaugeMetricFamily(
         "eda_bus_topic_events", "Events in the log, by topic.", labels=["topic"]
     )
@@ -96,14 +77,8 @@ def families(server: BusServer) -> Iterator[Any]:
     yield lag
     yield held
     yield position
-    yield GaugeMetricFamily(
-        "eda_bus_subscriptions", "Subscriptions served now.", value=len(server.subs)
-    )
-    yield GaugeMetricFamily(
-        "eda_bus_connections", "Client connections open now.", value=len(server.connections)
-    )
-    yield GaugeMetricFamily(
-        "eda_bus_queued_bytes", "Bytes queued for subscribers and not taken yet.",
-        value=server.queued.total,
-    )  # fmt: skip
+    yield gauge("eda_bus_subscriptions", "Subscriptions served now.", len(server.subs))
+    yield gauge("eda_bus_connections", "Client connections open now.", len(server.connections))
+    yield gauge("eda_bus_queued_bytes", "Bytes queued for subscribers and not taken yet.",
+                server.queued.total)
     yield from metrics.daemon_families("bus", server)

@@ -26,34 +26,27 @@ if TYPE_CHECKING:
 WORKER_STATES = ("healthy", "slow-start", "ejected", "dead")
 
 
-def _counter(name: str, doc: str, value: float) -> Any:
-    return CounterMetricFamily(name, doc, value=value)
-
-
-def _gauge(name: str, doc: str, value: float) -> Any:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
 def broker_families(broker: Broker) -> Iterator[Any]:
     """``eda-lb serve``: requests in, answers out, retries, expiries, queue, and per worker
     its requests, errors, load, state and latency histogram."""
     p = "eda_lb_broker_"
-    yield _counter(p + "requests", "Requests accepted from callers.", broker.requests)
-    yield _counter(p + "replies", "Replies sent to callers (errors included).", broker.answered)
-    yield _counter(p + "errors", "Error replies sent to callers.", broker.errors)
-    yield _counter(p + "refused", "Requests refused busy (queue full).", broker.refused)
-    yield _counter(p + "retries", "Requests sent again (a worker died, was busy or failed).",
-                   broker.retried)  # fmt: skip
-    yield _counter(p + "expired", "Requests whose deadline passed before a reply.",
-                   broker.expired)  # fmt: skip
-    yield _counter(p + "ejections", "Workers ejected for consecutive failures.",
-                   broker.balancer.ejections)  # fmt: skip
-    yield _gauge(p + "inflight_requests", "Requests at workers now.", broker.inflight)
-    yield _gauge(p + "queued_requests", "Requests waiting for a free worker.", len(broker.queue))
-    yield _gauge(p + "queued_bytes", "Bytes of the requests waiting.", broker.queue.bytes)
-    yield _gauge(p + "unread_bytes", "Replies waiting for callers that do not read.",
-                 broker.outbox.bytes)  # fmt: skip
-    yield _gauge(p + "workers", "Workers connected.", len(broker.workers))
+    counter, gauge = metrics.counter, metrics.gauge
+    yield counter(p + "requests", "Requests accepted from callers.", broker.requests)
+    yield counter(p + "replies", "Replies sent to callers (errors included).", broker.answered)
+    yield counter(p + "errors", "Error replies sent to callers.", broker.errors)
+    yield counter(p + "refused", "Requests refused busy (queue full).", broker.refused)
+    yield counter(p + "retries", "Requests sent again (a worker died, was busy or failed).",
+                  broker.retried)  # fmt: skip
+    yield counter(p + "expired", "Requests whose deadline passed before a reply.",
+                  broker.expired)  # fmt: skip
+    yield counter(p + "ejections", "Workers ejected for consecutive failures.",
+                  broker.balancer.ejections)  # fmt: skip
+    yield gauge(p + "inflight_requests", "Requests at workers now.", broker.inflight)
+    yield gauge(p + "queued_requests", "Requests waiting for a free worker.", len(broker.queue))
+    yield gauge(p + "queued_bytes", "Bytes of the requests waiting.", broker.queue.bytes)
+    yield gauge(p + "unread_bytes", "Replies waiting for callers that do not read.",
+                broker.outbox.bytes)  # fmt: skip
+    yield gauge(p + "workers", "Workers connected.", len(broker.workers))
     now = time.monotonic()
     members = broker.members
     listed = [*members.by_ident.values(), *members.dead][:MAX_LISTED]
@@ -89,19 +82,20 @@ def broker_families(broker: Broker) -> Iterator[Any]:
 def worker_families(worker: Worker) -> Iterator[Any]:
     """``eda-lb worker``: requests, errors, busy refusals, timeouts, load and latency."""
     p = "eda_lb_worker_"
-    yield _counter(p + "requests", "Requests admitted.", worker.requests)
-    yield _counter(p + "errors", "Requests answered with an error.", worker.errors)
-    yield _counter(p + "busy", "Requests refused busy (queue full).", worker.busy)
-    yield _counter(p + "timeouts", "Requests that timed out (queued or running).",
-                   worker.timeouts)  # fmt: skip
-    yield _gauge(p + "inflight_requests", "Requests running now.", worker.inflight)
-    yield _gauge(p + "queued_requests", "Requests waiting for a slot.", len(worker.queue))
-    yield _gauge(p + "queued_bytes", "Bytes of the requests waiting.", worker.queue_bytes)
-    yield _gauge(p + "unread_bytes", "Replies waiting for callers that do not read.",
-                 worker.outbox.bytes)  # fmt: skip
-    yield _gauge(p + "concurrency", "Requests run at once at most.", worker.concurrency)
-    yield _gauge(p + "brokers", "Brokers this worker is linked to.",
-                 sum(1 for b in worker.brokers.values() if b.sock is not None))  # fmt: skip
+    counter, gauge = metrics.counter, metrics.gauge
+    yield counter(p + "requests", "Requests admitted.", worker.requests)
+    yield counter(p + "errors", "Requests answered with an error.", worker.errors)
+    yield counter(p + "busy", "Requests refused busy (queue full).", worker.busy)
+    yield counter(p + "timeouts", "Requests that timed out (queued or running).",
+                  worker.timeouts)  # fmt: skip
+    yield gauge(p + "inflight_requests", "Requests running now.", worker.inflight)
+    yield gauge(p + "queued_requests", "Requests waiting for a slot.", len(worker.queue))
+    yield gauge(p + "queued_bytes", "Bytes of the requests waiting.", worker.queue_bytes)
+    yield gauge(p + "unread_bytes", "Replies waiting for callers that do not read.",
+                worker.outbox.bytes)  # fmt: skip
+    yield gauge(p + "concurrency", "Requests run at once at most.", worker.concurrency)
+    yield gauge(p + "brokers", "Brokers this worker is linked to.",
+                sum(1 for b in worker.brokers.values() if b.sock is not None))  # fmt: skip
     yield metrics.histogram_family(
         p + "request_duration_seconds", "Time from a request's arrival to its reply.",
         [], [([], worker.latency)],

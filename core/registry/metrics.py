@@ -48,14 +48,11 @@ def families(server: Server) -> Iterator[Any]:
         for status, n in by_status.items():
             instances.add_metric([service, status], n)
     yield instances
-    yield CounterMetricFamily(
-        "eda_registry_heartbeats", "Heartbeats received from registered instances.",
-        value=counted["heartbeat"],
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "eda_registry_registrations", "Registration requests received.",
-        value=counted["register"],
-    )  # fmt: skip
+    counter, gauge = metrics.counter, metrics.gauge
+    yield counter("eda_registry_heartbeats", "Heartbeats received from registered instances.",
+                  counted["heartbeat"])
+    yield counter("eda_registry_registrations", "Registration requests received.",
+                  counted["register"])
     changes = CounterMetricFamily(
         "eda_registry_changes", "Changes on the change stream, by kind (expired: no heartbeat "
         "within its TTL).", labels=["kind"],
@@ -63,9 +60,7 @@ def families(server: Server) -> Iterator[Any]:
     for kind in (REGISTERED, DEREGISTERED, EXPIRED, HEALTH, UPDATED):
         changes.add_metric([kind], counted[kind])
     yield changes
-    yield CounterMetricFamily(
-        "eda_registry_requests", "Requests answered.", value=server.service.requests
-    )
+    yield counter("eda_registry_requests", "Requests answered.", server.service.requests)
     peers = GaugeMetricFamily(
         "eda_registry_peers", "Peer registries, by state.", labels=["state"]
     )
@@ -73,14 +68,10 @@ def families(server: Server) -> Iterator[Any]:
     peers.add_metric(["alive"], alive)
     peers.add_metric(["silent"], len(server.links) - alive)
     yield peers
-    yield GaugeMetricFamily(
-        "eda_registry_change_sequence", "Sequence number of the last change.",
-        value=server.store.seq,
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        "eda_registry_data_bytes", "Disk use of --data (change log and snapshots).",
-        value=metrics.directory_bytes(server.settings.data),
-    )  # fmt: skip
+    yield gauge("eda_registry_change_sequence", "Sequence number of the last change.",
+                server.store.seq)
+    yield gauge("eda_registry_data_bytes", "Disk use of --data (change log and snapshots).",
+                metrics.directory_bytes(server.settings.data))
     yield from metrics.daemon_families("registry", server)
 
 

@@ -30,13 +30,10 @@ def coordinator_families(coord: Coordinator) -> Iterator[Any]:
     outcomes.add_metric(["committed"], coord.committed)
     outcomes.add_metric(["aborted"], coord.aborted)
     yield outcomes
-    yield GaugeMetricFamily(
-        p + "active_transactions", "Transactions not finished (voting or in phase two).",
-        value=len(coord.active),
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        p + "voting_transactions", "Transactions waiting for votes.", value=coord.voting
-    )
+    yield metrics.gauge(p + "active_transactions",
+                        "Transactions not finished (voting or in phase two).", len(coord.active))
+    yield metrics.gauge(p + "voting_transactions", "Transactions waiting for votes.",
+                        coord.voting)
     yield from _journal(p, coord.journal)
     yield from metrics.daemon_families("txn_coordinator", coord)
 
@@ -51,21 +48,14 @@ def participant_families(part: Participant) -> Iterator[Any]:
     for state in sorted(set(STATES) | set(states)):
         by_state.add_metric([state], states.get(state, 0))
     yield by_state
-    yield GaugeMetricFamily(
-        p + "in_doubt_transactions", "Prepared transactions waiting for their coordinator's "
-        "decision.", value=states.get("prepared", 0),
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        p + "hazards",
-        "Operator resolutions (--commit/--abort) against the coordinator's decision.",
-        value=part.hazards,
-    )  # fmt: skip
+    yield metrics.gauge(p + "in_doubt_transactions", "Prepared transactions waiting for "
+                        "their coordinator's decision.", states.get("prepared", 0))
+    yield metrics.counter(p + "hazards", "Operator resolutions (--commit/--abort) against "
+                          "the coordinator's decision.", part.hazards)
     yield from _journal(p, part.journal)
     yield from metrics.daemon_families("txn_participant", part)
 
 
 def _journal(prefix: str, journal: Any) -> Iterator[Any]:
-    yield CounterMetricFamily(prefix + "journal_fsyncs", "Journal fsyncs.", value=journal.fsyncs)
-    yield GaugeMetricFamily(
-        prefix + "journal_bytes", "Size of the journal on disk.", value=journal.size
-    )
+    yield metrics.counter(prefix + "journal_fsyncs", "Journal fsyncs.", journal.fsyncs)
+    yield metrics.gauge(prefix + "journal_bytes", "Size of the journal on disk.", journal.size)
