@@ -224,6 +224,9 @@ def test_lb_worker_and_broker_export_requests_and_latency_histograms() -> None:
         entry.latency.observe(0.004)
         entry.latency.observe(0.3)
         broker.workers[b"w"] = entry
+        gone = Entry(b"v", "w-1", 1, 1, Backend("w-1", 1), 0.0, 1.0)  # its earlier connection
+        gone.dead, gone.requests = True, 7
+        broker.members.dead.append(gone)
         from_worker, from_broker = scrape(worker), scrape(broker)
     finally:
         worker.shutdown()
@@ -235,6 +238,7 @@ def test_lb_worker_and_broker_export_requests_and_latency_histograms() -> None:
     assert value(latency, "_bucket", le="0.025") == 2
     per_instance = from_broker["eda_lb_broker_request_duration_seconds"]
     assert value(per_instance, "_count", worker="w-1") == 2
+    # one series per worker id (value() asserts it): the live connection's
     assert value(from_broker["eda_lb_broker_instance_requests"], "_total", worker="w-1") == 2
     assert value(from_broker["eda_lb_broker_instance_state"], worker="w-1",
                  state="healthy") == 1  # fmt: skip

@@ -49,7 +49,7 @@ def broker_families(broker: Broker) -> Iterator[Any]:
     yield gauge(p + "workers", "Workers connected.", len(broker.workers))
     now = time.monotonic()
     members = broker.members
-    listed = [*members.by_ident.values(), *members.dead][:MAX_LISTED]
+    listed = list(_by_id([*members.by_ident.values(), *members.dead]).values())[:MAX_LISTED]
     requests = CounterMetricFamily(
         p + "instance_requests", "Requests answered by each worker.", labels=["worker"]
     )
@@ -77,6 +77,15 @@ def broker_families(broker: Broker) -> Iterator[Any]:
         ["worker"], (([w.id], w.latency) for w in listed),
     )  # fmt: skip
     yield from metrics.daemon_families("lb_broker", broker)
+
+
+def _by_id(workers: list[Any]) -> dict[str, Any]:
+    """One entry per worker id, the live one first (a worker that reconnected is listed
+    among the dead too; two series with the same labels would spoil a scrape)."""
+    found: dict[str, Any] = {}
+    for w in workers:
+        found.setdefault(w.id, w)
+    return found
 
 
 def worker_families(worker: Worker) -> Iterator[Any]:
