@@ -26,6 +26,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     json_option,
+    metrics_option,
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
@@ -191,6 +192,7 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
     "names without one (else they may do nothing).  Re-read when it changes.",
 )
+@metrics_option
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -216,6 +218,7 @@ def serve(
     trust_dir: str | None,
     acl: str | None,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
 
@@ -264,6 +267,9 @@ def serve(
         raise
     on_stop_signals(lambda *_: server.stop())
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         server.start()
         ctx.warn(
             f"serving {where} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})"

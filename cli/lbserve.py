@@ -5,6 +5,8 @@ The group (cli/lb.py) imports this module only when ``eda-lb serve`` runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from eda.cli.common import Context, Terminated, registry_access
@@ -16,6 +18,7 @@ from eda.cli.options import (
     allow_option,
     apply_security,
     common_options,
+    metrics_option,
     registry_option,
     security_options,
     strategy_option,
@@ -146,6 +149,7 @@ Examples:
 @registry_option
 @allow_option
 @security_options
+@metrics_option
 @common_options
 def serve(
     name: str,
@@ -175,6 +179,7 @@ def serve(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a broker for service NAME: workers of NAME connect to it, callers send it
     requests (`eda-lb call NAME` with its via option), and it balances each
@@ -214,6 +219,9 @@ def serve(
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(broker, metrics)
         broker.start()
         interval = max(0.2, min(heartbeat, 2.0))
         record = reg.registration(

@@ -21,6 +21,7 @@ from eda.cli.options import (
     allow_option,
     apply_security,
     common_options,
+    metrics_option,
     security_options,
 )
 
@@ -100,6 +101,7 @@ Examples:
 @request_options
 @allow_option
 @security_options
+@metrics_option
 @common_options
 def worker(
     name: str,
@@ -125,6 +127,7 @@ def worker(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Serve requests for NAME by running a command: any shell command becomes a service.
 
@@ -185,6 +188,9 @@ def worker(
 
     on_stop_signals(stop)
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = Endpoint.parse(endpoint, "worker").port
         ttl = round(3 * heartbeat, 3)

@@ -6,6 +6,8 @@ this module only when one of them runs).
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from eda.cli.common import Context, Exit, Terminated, registry_access
@@ -15,6 +17,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     health_check_options,
+    metrics_option,
     registry_option,
     security_options,
 )
@@ -76,6 +79,7 @@ Examples:
     help="A peer registry silent this long is considered down.",
 )
 @security_options
+@metrics_option
 @common_options
 def serve(
     bind: str,
@@ -91,6 +95,7 @@ def serve(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a registry: accept registrations, expire silent instances, stream changes.
 
@@ -126,6 +131,9 @@ def serve(
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""
         ctx.warn(

@@ -16,6 +16,7 @@ from eda.cli.options import (
     allow_option,
     apply_security,
     common_options,
+    metrics_option,
     registry_option,
     security_options,
 )
@@ -99,6 +100,7 @@ Examples:
 @allow_option
 @security_options
 @registry_option
+@metrics_option
 @common_options
 def coordinator(
     name: str | None,
@@ -117,6 +119,7 @@ def coordinator(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Run a two-phase commit coordinator: `commit` asks it to run transactions.
 
@@ -152,6 +155,9 @@ def coordinator(
     )  # fmt: skip
     registration = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(coord, metrics)
         registration = _register(
             coord, COORDINATOR_SERVICE, access, ctx,
             inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
@@ -226,6 +232,7 @@ Examples:
 @allow_option
 @security_options
 @registry_option
+@metrics_option
 @common_options
 def participant(
     name: str,
@@ -248,6 +255,7 @@ def participant(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Take part in transactions as NAME: vote, then commit or abort.
 
@@ -320,6 +328,9 @@ def participant(
         raise
     registration = None
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(part, metrics)
         registration = _register(part, participant_service(name), access, ctx)
         where = f", announced by {registration.where}" if registration else ""
         doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")
