@@ -57,7 +57,7 @@ import zmq
 
 from .daemon import BindError, bind_failed
 from .endpoint import Endpoint
-from .errors import EdaError, ExitStatus
+from .errors import EdaError, ExitStatus, ProtocolError
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 Response = tuple[int, Headers, bytes]
@@ -150,6 +150,8 @@ def _pairs(headers: Headers) -> Sequence[tuple[str, str]]:
 
 
 def _status_of(exc: EdaError) -> int:
+    if isinstance(exc, ProtocolError):  # what the client sent is not what was asked for
+        return 400
     if exc.exit_code == ExitStatus.USAGE:
         return 400
     if exc.exit_code == ExitStatus.NOT_FOUND:
