@@ -2,7 +2,8 @@
 # bench/setup.sh: install the benchmark anchors from Debian packages when they
 # are missing: the mosquitto broker and clients, nats-server (JetStream) for
 # the bus benchmark, nginx-light, wrk and haproxy for the TCP load balancer's (and
-# nginx-light and wrk for the HTTP APIs'), etcd (etcd-server, and etcd-client for etcdctl) for the registry's.  No system
+# nginx-light and wrk for the HTTP APIs'), etcd (etcd-server, and etcd-client for
+# etcdctl) for the registry's.  No system
 # service is ever started: the benchmarks run their own brokers on 127.0.0.1.
 # (nats-py, the JetStream client, is installed into .venv-bench by `make bench`.)
 set -euo pipefail
