@@ -89,6 +89,7 @@ class Limits:
     output_bytes: int = 8 << 20  # queued for one client; a stream beyond it waits, then is cut
     stalled_time: float = 30.0  # s a client may leave its full queue unread before it is cut
     connections: int = 4096  # open at once (the oldest idle one makes room for a new one)
+    ping_time: float = 15.0  # s between two comments on every open stream (proxies, dead peers)
 
 
 class Loop(Protocol):
@@ -517,6 +518,7 @@ class Server:
         self.evicted = 0  # idle connections closed to make room at the cap
         self.failures = 0  # handlers that raised (answered 500)
         self._date = (0, "")
+        self._pinged = time.monotonic()
         self.listener = self._listen(address)
         host, port = self.listener.getsockname()[:2]
         self.endpoint = Endpoint(host, port)
@@ -650,6 +652,9 @@ class Server:
 
     def _sweep(self) -> None:
         now, limits = time.monotonic(), self.limits
+        ping = now - self._pinged > limits.ping_time
+        if ping:
+            self._pinged = now
         for conn in list(self.conns.values()):
             if conn.began is not None and now - conn.began > limits.request_time:
                 self.refused += 1
@@ -660,6 +665,8 @@ class Server:
                 conn.full_since = conn.full_since or now
                 if now - conn.full_since > limits.stalled_time:
                     conn.close()  # it reads nothing of what is queued for it
+            elif ping and conn.stream is not None and conn.stream.room():
+                conn.stream.send(b": ping\n\n")  # an SSE comment: readers ignore it
 
     def date(self) -> str:
         now = int(time.time())

@@ -69,7 +69,6 @@ BATCH = "application/cloudevents-batch+json"
 MAX_BATCH = 10_000  # events in one batched request
 MAX_STREAMS = 256  # event streams open at once
 PUMP_EVENTS = 1000  # events one stream is sent per turn, at most
-KEEPALIVE = 15.0  # s between two comments on an idle stream
 RETRY_AFTER = "1"
 
 
@@ -124,7 +123,6 @@ class BusHttp:
         self.server.route("GET", "/events", self.subscribe)
         bus.before_round.append(self.settle)
         bus.on_durable.append(lambda _durable: self.pump())
-        bus.every(KEEPALIVE, "HTTP keep-alive", self._keepalive)
 
     @property
     def url(self) -> str:
@@ -347,10 +345,6 @@ class BusHttp:
             sse(line[:-1], id=record.seq + i) for i, line in enumerate(lines)
         )
 
-    def _keepalive(self) -> None:
-        for stream in list(self.readers):
-            if stream.room():
-                stream.send(b": tick\n\n")
 
     def close(self) -> None:
         self.server.close()

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from .store import Event
 
 MAX_STREAMS = 256  # change streams open at once
-KEEPALIVE = 15.0  # s between two comments on an idle change stream
 
 
 def http_address(text: str, what: str = "--http") -> Endpoint:
@@ -91,7 +90,6 @@ class RegistryHttp:
         for method, path, handler in routes:
             self.server.route(method, path, handler)
         registry.on_change.append(self._changed)
-        registry.every(KEEPALIVE, "HTTP keep-alive", self._keepalive)
 
     @property
     def url(self) -> str:
@@ -184,10 +182,6 @@ class RegistryHttp:
                 data = sse(http.dumps(event), id=event.get("seq"), event=event["type"])
             stream.send(data)
 
-    def _keepalive(self) -> None:
-        for stream in list(self.streams):
-            if stream.room():
-                stream.send(b": tick\n\n")
 
     def close(self) -> None:
         self.server.close()
