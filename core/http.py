@@ -57,7 +57,7 @@ import zmq
 
 from .daemon import BindError, bind_failed
 from .endpoint import Endpoint
-from .errors import EdaError, ExitStatus
+from .errors import EdaError, ExitStatus, ProtocolError
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 Response = tuple[int, Headers, bytes]
@@ -89,6 +89,7 @@ class Limits:
     output_bytes: int = 8 << 20  # queued for one client; a stream beyond it waits, then is cut
     stalled_time: float = 30.0  # s a client may leave its full queue unread before it is cut
     connections: int = 4096  # open at once (the oldest idle one makes room for a new one)
+    ping_time: float = 15.0  # s between two comments on every open stream (proxies, dead peers)
 
 
 class Loop(Protocol):
@@ -110,10 +111,14 @@ class HttpError(EdaError):
         self.status, self.detail, self.title, self.extra = status, detail, title, extra
 
 
+def dumps(value: Any) -> str:
+    """Compact JSON text (UTF-8 kept) of a value eda built."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def json_response(status: int, value: Any, headers: Headers = ()) -> Response:
     """*value* as a JSON body (compact, UTF-8)."""
-    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    return status, [("content-type", JSON_TYPE), *_pairs(headers)], body
+    return status, [("content-type", JSON_TYPE), *_pairs(headers)], dumps(value).encode()
 
 
 def problem(status: int, detail: str, *, title: str = "", **extra: Any) -> Response:
@@ -126,8 +131,7 @@ def problem(status: int, detail: str, *, title: str = "", **extra: Any) -> Respo
         "detail": detail,
         **extra,
     }
-    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    return status, [("content-type", PROBLEM_TYPE)], body
+    return status, [("content-type", PROBLEM_TYPE)], dumps(value).encode()
 
 
 def sse(data: str, *, id: str | int | None = None, event: str | None = None) -> bytes:
@@ -147,6 +151,8 @@ def _pairs(headers: Headers) -> Sequence[tuple[str, str]]:
 
 
 def _status_of(exc: EdaError) -> int:
+    if isinstance(exc, ProtocolError):  # what the client sent is not what was asked for
+        return 400
     if exc.exit_code == ExitStatus.USAGE:
         return 400
     if exc.exit_code == ExitStatus.NOT_FOUND:
@@ -512,6 +518,7 @@ class Server:
         self.evicted = 0  # idle connections closed to make room at the cap
         self.failures = 0  # handlers that raised (answered 500)
         self._date = (0, "")
+        self._pinged = time.monotonic()
         self.listener = self._listen(address)
         host, port = self.listener.getsockname()[:2]
         self.endpoint = Endpoint(host, port)
@@ -645,6 +652,9 @@ class Server:
 
     def _sweep(self) -> None:
         now, limits = time.monotonic(), self.limits
+        ping = now - self._pinged > limits.ping_time
+        if ping:
+            self._pinged = now
         for conn in list(self.conns.values()):
             if conn.began is not None and now - conn.began > limits.request_time:
                 self.refused += 1
@@ -655,6 +665,8 @@ class Server:
                 conn.full_since = conn.full_since or now
                 if now - conn.full_since > limits.stalled_time:
                     conn.close()  # it reads nothing of what is queued for it
+            elif ping and conn.stream is not None and conn.stream.room():
+                conn.stream.send(b": ping\n\n")  # an SSE comment: readers ignore it
 
     def date(self) -> str:
         now = int(time.time())

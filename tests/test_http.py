@@ -307,3 +307,18 @@ def test_problem_shape() -> None:
     assert dict(headers) == {"content-type": "application/problem+json"}
     assert json.loads(body) == {"type": "about:blank", "title": "Bad thing", "status": 422,
                                 "detail": "why", "field": "x"}  # fmt: skip
+
+
+def test_open_streams_are_pinged() -> None:
+    web = Running(Limits(ping_time=0.2))
+    try:
+        with socket.create_connection(("127.0.0.1", web.port), timeout=10) as s:
+            s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while got.count(b": ping\n\n") < 2:
+                chunk = s.recv(4096)
+                assert chunk
+                got += chunk
+        assert b"data: hello\n" in got
+    finally:
+        web.close()
