@@ -50,6 +50,7 @@ from .protocol import (
     COMMIT,
     DEFER,
     PENDING,
+    PHASE_TWO_RETRY,
     Log,
     TxnError,
     check_name,
@@ -417,7 +418,8 @@ class Coordinator(Daemon):
         """Send the decision to every participant that has not acknowledged it."""
         outcome = OUTCOME_OF[txn.state]
         txn.tries += 1
-        txn.next_try = time.monotonic() + min(self.retry_max, 0.1 * 2 ** min(txn.tries - 1, 10))
+        backoff = PHASE_TWO_RETRY * 2 ** min(txn.tries - 1, 10)
+        txn.next_try = time.monotonic() + min(self.retry_max, backoff)
         first = True
         msg = f'{{"op":"decide","txn":"{txn.id}","outcome":"{outcome}"}}'.encode()
         for name in txn.participants:

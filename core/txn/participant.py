@@ -63,6 +63,7 @@ from .compact import COMPACT_MIN, Finished
 from .indoubt import InDoubt
 from .journal import JournalError, nothing, open_journal
 from .protocol import (
+    ACK_LINGER,
     PREPARED,
     Filter,
     Log,
@@ -162,8 +163,9 @@ class Participant(Daemon):
             flush=self._flush,
         )
         self.service.ahead = self._look_ahead
-        # an ack may wait a moment for the next prepare: one fsync for both
+        # an ack waits for the next fsync (a prepare's, a vote's) to share, up to ACK_LINGER
         self.service.lazy = lambda reply: reply.get("done") is True
+        self.service.linger = ACK_LINGER
         # a batch's votes wait for the next batch's "preparing" fsync when it is there already
         self.service.carry = True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead

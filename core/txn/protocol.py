@@ -53,6 +53,10 @@ DEFER = "__deferred__"  # a handler's reply meaning "answered later"
 MAX_BATCH = 256  # requests in one message (its frames); more are dropped
 MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
 PREPARED = "prepared"  # a participant's state once it voted yes: in doubt
+PHASE_TWO_RETRY = 0.1  # s: a decision not acknowledged is sent again after this (then doubling)
+# s: the longest a participant's ack waits for another fsync to share (half the first retry,
+# so that an ack held back is never the reason a decision is sent again)
+ACK_LINGER = PHASE_TWO_RETRY / 2
 
 Log = Callable[[str], None]
 
