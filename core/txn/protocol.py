@@ -131,10 +131,20 @@ def printable(text: object, limit: int = 300) -> str:
 def check_reply_to(value: object) -> str:
     """A coordinator's endpoint as a prepare names it (``tcp://HOST:PORT``; see
     :meth:`~eda.core.endpoint.Endpoint.from_peer`), as ZeroMQ takes it."""
+    checked = _reply_to.get(value) if isinstance(value, str) else None
+    if checked is not None:  # every prepare of a coordinator names the same one
+        return checked
     endpoint = Endpoint.from_peer(value)
     if endpoint is None:
         raise ProtocolError(f"bad coordinator endpoint {printable(value, 80)!r}")
+    if len(_reply_to) >= MAX_REPLY_TO:  # endpoints made up by peers: bounded
+        _reply_to.clear()
+    _reply_to[str(value)] = endpoint.zmq
     return endpoint.zmq
+
+
+MAX_REPLY_TO = 256  # coordinator endpoints remembered as checked
+_reply_to: dict[str, str] = {}  # a prepare's reply_to -> the endpoint, checked
 
 
 def check_outcome(value: object) -> str:
