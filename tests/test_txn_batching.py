@@ -134,6 +134,29 @@ def test_acks_wait_for_the_next_fsync_whatever_makes_it_up_to_half_the_first_ret
     assert [r.get("state") for r in part.finished.values()][-6:] == ["committed"] * 6
 
 
+def test_batches_of_decides_alone_make_no_fsync_the_next_prepare_covers_their_acks(
+    clock: Clock, asker: Asker
+) -> None:
+    """The coordinator sends each group commit's decides together: a batch of decides
+    runs its commit actions without syncing first (nothing needs to be durable before
+    a commit action), so three such batches then a prepare cost two fsyncs (its mark,
+    with every ack, and its vote), not one more per batch of decides."""
+    part = asker.part
+    txns = [f"c1.00b{i}" for i in range(6)]
+    asker.turn(*[{**PREPARE, "txn": t, "rid": i} for i, t in enumerate(txns)])
+    fsyncs = part.journal.fsyncs
+    for k in range(3):
+        decides = [{"op": "decide", "txn": t, "outcome": "commit", "rid": 10 + 2 * k + i}
+                   for i, t in enumerate(txns[2 * k : 2 * k + 2])]  # fmt: skip
+        assert asker.turn(*decides) == []  # the acks wait
+    assert part.journal.fsyncs == fsyncs
+    got = asker.turn({**PREPARE, "txn": "c1.00c0", "rid": 20})
+    assert sorted(r["rid"] for r in got) == [10, 11, 12, 13, 14, 15, 20]
+    assert part.journal.fsyncs == fsyncs + 2
+    assert isinstance(part.actions, Recorded)
+    assert [("commit", t) for t in txns] == [c for c in part.actions.calls if c[0] == "commit"]
+
+
 def test_votes_carried_to_the_next_batch_go_with_it_even_when_it_holds_only_acks(
     clock: Clock, tmp_path: Path
 ) -> None:

@@ -343,7 +343,8 @@ class Participant(Daemon):
             return
         for txn, fields in starting:
             self._record(txn, PREPARING, **fields, since=round(time.time(), 3))
-        self._sync_first()  # one fsync: every prepare of the batch leaves a trace first
+        if starting:  # (commit and abort actions need nothing synced first: acks wait on)
+            self._sync_first()  # one fsync: every prepare of the batch leaves a trace first
         if any(call.phase != PREPARE for call in calls):
             crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:
