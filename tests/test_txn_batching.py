@@ -18,6 +18,8 @@ import zmq
 
 from eda.core import daemon as daemon_module
 from eda.core.txn.actions import Result
+from eda.core.txn.coordinator import Coordinator
+from eda.core.txn.directory import Directory
 from eda.core.txn.participant import Participant
 from eda.core.txn.protocol import ACK_LINGER, PHASE_TWO_RETRY
 from tests.helpers import wait_until
@@ -194,3 +196,54 @@ def test_votes_carried_to_the_next_batch_go_with_it_even_when_it_holds_only_acks
     finally:
         asker.close()
         part.close()
+
+
+def test_prepares_of_a_turn_go_out_before_its_decisions_fsync(
+    clock: Clock, tmp_path: Path
+) -> None:
+    """The coordinator's decision fsync blocks its loop: the prepares queued in the
+    same turn (new commits) are sent before it, so the participants work on them
+    while the coordinator's disk syncs.  Counted: the requests still queued for the
+    participants when the fsync starts -- none."""
+    ctx = zmq.Context.instance()
+    routers = {n: ctx.socket(zmq.ROUTER) for n in ("a", "b")}
+    endpoints = {}
+    for name, sock in routers.items():
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind("tcp://127.0.0.1:*")
+        endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    coord = Coordinator("c1", tmp_path, directory=Directory(endpoints))
+    queued_at_fsync: list[int] = []
+    sync = coord.journal.sync
+
+    def counted_sync() -> None:
+        queued_at_fsync.append(sum(len(p.outbox) for p in coord.peers.by_endpoint.values()))
+        sync()
+
+    results: list[dict[str, Any]] = []
+    try:
+        first = coord.begin(["a", "b"], "{}", 60, results.append)
+        coord._run_timers()  # the end of the turn: the prepares go
+        for sock in routers.values():  # each participant votes yes
+            wait_until(lambda sock=sock: sock.poll(0), 5)
+            route, frame = sock.recv_multipart()
+            msg = json.loads(frame)
+            assert msg["txn"] == first.id
+            sock.send_multipart([route, json.dumps({"rid": msg["rid"], "ok": True,
+                                                    "vote": "yes"}).encode()])  # fmt: skip
+        for peer in coord.peers.by_endpoint.values():  # one turn: the votes are read...
+            wait_until(lambda peer=peer: peer.sock.poll(0), 5)
+            peer._drain()
+        second = coord.begin(["a", "b"], "{}", 60, results.append)  # ...and a new commit
+        coord.journal.sync = counted_sync  # type: ignore[method-assign]
+        coord._run_timers()  # the end of that turn
+        assert [r["outcome"] for r in results] == ["committed"]
+        assert queued_at_fsync == [0]  # the second transaction's prepares went first
+        for sock in routers.values():
+            wait_until(lambda sock=sock: sock.poll(0), 5)
+            got = [json.loads(f) for f in sock.recv_multipart()[1:]]
+            assert [m["op"] for m in got] == ["prepare"] and got[0]["txn"] == second.id
+    finally:
+        coord.close()
+        for sock in routers.values():
+            sock.close()

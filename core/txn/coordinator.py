@@ -377,6 +377,7 @@ class Coordinator(Daemon):
         """Make the decisions of this turn durable, then tell their participants."""
         self.flush_due = False
         batch, self.deciding = self.deciding, []
+        self.peers.flush()  # the prepares of this turn go before the fsync, not after it
         try:
             self.journal.sync()
         except JournalError as exc:
