@@ -2,7 +2,10 @@
 
 The plot shows, over the run's time, the throughput (completed operations per
 second) and the latency of each client operation, one colour per subject,
-with every fault window shaded, as Jepsen's latency graphs.
+with every fault window shaded, as Jepsen's latency graphs. Latency is that of
+a confirmed publish (eda-pub --bus --confirm, start to exit) and of a
+registry lookup (eda-registry lookup, start to exit): whole program runs, as
+a script sees them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from tests.nemesis.checkers import Result
 from tests.nemesis.history import OK, Op
 
 CLIENT_KINDS = {("bus", "publish"), ("pubsub", "publish"), ("registry", "lookup")}
+# a feed's publish is a write into eda-pub's stdin: its latency says nothing of eda
+TIMED_KINDS = CLIENT_KINDS - {("pubsub", "publish")}
 COLOURS = {"kill": "red", "stop": "orange", "cut": "purple", "split": "blue", "loss": "green"}
 
 
@@ -79,7 +84,9 @@ def plot(history: Sequence[Op], path: Path, title: str) -> None:
                 counts[min(int(op.end), seconds - 1)] += 1
         top.plot(range(seconds), counts, label=subject, linewidth=1)
         for outcome, marker in ((OK, "."), ("fail", "x"), ("info", "^")):
-            shown = [op for op in mine if op.outcome == outcome]
+            shown = [
+                op for op in mine if op.outcome == outcome and (subject, op.kind) in TIMED_KINDS
+            ]
             if shown:
                 bottom.scatter(
                     [op.end for op in shown], [max(op.latency, 1e-3) for op in shown],
