@@ -163,7 +163,9 @@ def check_registry(history: Sequence[Op]) -> Result:
     converge p50/p99/max); no instance served once its registrant has been dead for
     longer than the TTL plus the peer hand-over (peer timeout + TTL) plus a tick."""
     result = Result("registry")
-    lookups = _of(history, "registry", "lookup")
+    lookups = sorted(  # eda-registry lookup, and dig at the DNS interface
+        _of(history, "registry", "lookup") + _of(history, "registry", "view"), key=lambda o: o.end
+    )
     _count(result, lookups)
     setup = _of(history, "registry", "setup")
     if not setup:

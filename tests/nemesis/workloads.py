@@ -259,10 +259,16 @@ class PubSubWorkload(Workload):
 
 # -- the registry -------------------------------------------------------------------------
 TTL, INTERVAL, PEER_TIMEOUT, TICK = 2.0, 0.4, 1.0, 0.2
+DNS_PORT = 8600
 
 
 class RegistryWorkload(Workload):
-    """Three registry peers, a registrant per host, and each peer's view looked up."""
+    """Three registry peers, a registrant per host, and each peer's view looked up.
+
+    Each peer is asked two ways from its own host (so a partition never hides
+    its view): ``eda-registry lookup`` (a whole program run, seconds on a
+    loaded machine) and ``dig`` at its DNS interface (milliseconds), which
+    times convergence finely."""
 
     subject = "registry"
 
@@ -277,6 +283,7 @@ class RegistryWorkload(Workload):
             proc = host.eda(
                 "eda-registry", "serve", "-v", "--data", str(workdir / f"registry{i + 1}"),
                 "--tick", str(TICK), "--peer-timeout", str(PEER_TIMEOUT), *others,
+                "--dns", f"{host.address}:{DNS_PORT}",
             )  # fmt: skip
             proc.wait_stderr("announced registry", 60)
             self.daemon(f"registry{i + 1}", host, proc, ("kill", "stop"))
@@ -296,6 +303,30 @@ class RegistryWorkload(Workload):
         for i, (host, endpoint) in enumerate(zip(peers, endpoints, strict=True), 1):
             name = f"observer{i}"
             self.loops.append(Loop(name, self._observer(name, i, host, endpoint), pause=0.2))
+            self.loops.append(Loop(f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1))
+
+    def _dig(self, name: str, peer: int, host: Host) -> Callable[[], None]:
+        argv = [
+            *host.prefix, "dig", "+short", "+time=1", "+tries=1", "-p", str(DNS_PORT),
+            f"@{host.address}", f"{SERVICE}.service.eda", "SRV",
+        ]  # fmt: skip
+
+        def view() -> None:
+            began = self.history.now()
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                rc = r.returncode
+            except subprocess.TimeoutExpired:
+                rc = -1
+            if rc == 0:  # "PRIO WEIGHT PORT ID.nem.service.eda." per instance
+                ids = sorted(line.split()[3].split(".")[0] for line in r.stdout.splitlines())
+                value: Any = {"registry": peer, "ids": ids}
+                self.history.add(name, self.subject, "view", value, OK, began)
+            else:
+                value = {"registry": peer, "rc": rc}
+                self.history.add(name, self.subject, "view", value, FAIL, began)
+
+        return view
 
     def _observer(self, name: str, peer: int, host: Host, endpoint: str) -> Callable[[], None]:
         def lookup() -> None:
