@@ -197,7 +197,9 @@ def check_registry(history: Sequence[Op]) -> Result:
             continue
         for inst in op.value["ids"]:
             for since, until, fault in dead.get(inst, []):
-                if since + bound < op.time < until:
+                # the answer is from some instant of [time, end]: stale only if all of it
+                # is past the bound and before the restart (which registers it anew)
+                if since + bound < op.time and op.end < until:
                     result.flag(
                         "stale-instance",
                         f"registry{op.value['registry']} served {inst} {op.time - since:.1f} s "
