@@ -235,7 +235,47 @@ def check_registry(history: Sequence[Op]) -> Result:
     return result
 
 
-CHECKERS = (check_bus, check_pubsub, check_registry)
+# -- eda-lb -------------------------------------------------------------------------------
+def check_lb(history: Sequence[Op]) -> Result:
+    """Per call: every request answered at most once, in input order, by one of the
+    workers, or reported (``request N failed``, ``input from line N on not sent``, or
+    exit 3 before anything was sent); the caller ends."""
+    result = Result("lb")
+    calls = _of(history, "lb", "call")
+    _count(result, calls)
+    setup = _of(history, "lb", "setup")
+    workers = set(setup[-1].value["workers"]) if setup else set()
+    for op in calls:
+        v = op.value
+        index = {r: i for i, r in enumerate(v["requests"], 1)}
+        answered: list[int] = []
+        for line in v["replies"]:
+            body, _, worker = line.rpartition(" ")
+            if body not in index or worker not in workers:
+                result.flag("phantom-reply", f"reply {line!r} answers no request sent", [op])
+                continue
+            answered.append(index[body])
+        for i, n in sorted(Counter(answered).items()):
+            if n > 1:
+                result.flag("duplicate-reply", f"request {i} answered {n} times", [op])
+        if answered != sorted(answered):
+            result.flag("out-of-order", f"replies in the order {answered}", [op])
+        if v["rc"] == -1:
+            result.flag("hung", f"the caller did not end: {v['stderr']}", [op])
+            continue
+        unsent = v["unsent_from"] or (1 if v["rc"] == 3 and not answered else None)
+        for i in range(1, len(v["requests"]) + 1):
+            reported = i in v["failed"] or (unsent is not None and i >= unsent)
+            if i not in answered and not reported:
+                result.flag("unanswered", f"request {i} neither answered nor reported", [op])
+            if i in answered and i in v["failed"]:
+                result.flag("answered-and-failed", f"request {i} answered and reported", [op])
+        if v["rc"] == 0 and sorted(answered) != list(range(1, len(v["requests"]) + 1)):
+            result.flag("exit-0-incomplete", "exit 0 without every reply", [op])
+    return result
+
+
+CHECKERS = (check_bus, check_pubsub, check_registry, check_lb)
 
 
 def check_all(history: Sequence[Op]) -> list[Result]:

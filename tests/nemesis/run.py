@@ -17,14 +17,21 @@ from tests.nemesis import report
 from tests.nemesis.checkers import Result, check_all
 from tests.nemesis.history import History
 from tests.nemesis.nemesis import Nemesis, schedule
-from tests.nemesis.workloads import BusWorkload, PubSubWorkload, RegistryWorkload, Workload
+from tests.nemesis.workloads import (
+    BusWorkload,
+    LbWorkload,
+    PubSubWorkload,
+    RegistryWorkload,
+    Workload,
+)
 
 # roles by host index (modulo the number of hosts): 5 hosts share them, 10 spread them
 LAYOUT = {
     5: {"bus": 0, "bus-pub": (1, 4), "durable": 2, "members": (3, 4), "feed": 1,
-        "ps-subs": (2, 3), "registries": (0, 1, 2)},
+        "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,)},
     10: {"bus": 0, "bus-pub": (1, 5), "durable": 2, "members": (3, 4), "feed": 5,
-         "ps-subs": (6, 7), "registries": (7, 8, 9)},
+         "ps-subs": (6, 7), "registries": (7, 8, 9), "lb-workers": (2, 4, 6),
+         "lb-callers": (1, 8)},
 }  # fmt: skip
 
 
@@ -51,6 +58,7 @@ def run(
             on(*roles["members"]),
         ),
         PubSubWorkload(history, out, hs[roles["feed"] % hosts], on(*roles["ps-subs"])),
+        LbWorkload(history, out, on(*roles["lb-workers"]), on(*roles["lb-callers"])),
     ]
     daemons = [d for w in workloads for d in w.daemons]
     faults = schedule(seed, seconds, [(d.name, d.kinds) for d in daemons], [h.name for h in hs])

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from tests.nemesis.checkers import check_bus, check_pubsub, check_registry, percentile
+from tests.nemesis.checkers import (
+    check_bus,
+    check_lb,
+    check_pubsub,
+    check_registry,
+    percentile,
+)
 from tests.nemesis.history import FAIL, INFO, OK, Op
 from tests.nemesis.nemesis import schedule
 
@@ -144,6 +150,36 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([1.0] * 99 + [9.0], 99) == 1.0
     assert percentile([1.0] * 98 + [9.0, 9.0], 99) == 9.0
+
+
+# -- lb -----------------------------------------------------------------------------------
+def lb_history(
+    replies: list[str], failed: list[int], rc: int, unsent: int | None = None
+) -> list[Op]:
+    value = {"requests": ["r1", "r2", "r3"], "replies": replies, "failed": failed,
+             "unsent_from": unsent, "rc": rc, "stderr": ""}  # fmt: skip
+    return [
+        op(0, "lb", "lb", "setup", {"workers": ["w1", "w2"]}),
+        op(1, "lb-call1", "lb", "call", value, OK if rc == 0 else FAIL),
+    ]
+
+
+def test_lb_clean_histories() -> None:
+    assert check_lb(lb_history(["r1 w1", "r2 w2", "r3 w1"], [], 0)).anomalies == []
+    assert check_lb(lb_history(["r1 w1", "r3 w1"], [2], 1)).anomalies == []
+    assert check_lb(lb_history(["r1 w1"], [], 3, unsent=2)).anomalies == []
+    assert check_lb(lb_history([], [], 3)).anomalies == []  # no instance: nothing sent
+
+
+def test_lb_names_each_anomaly() -> None:
+    assert kinds(check_lb(lb_history(["r1 w1", "r1 w2", "r2 w1", "r3 w1"], [], 0))) == [
+        "duplicate-reply", "exit-0-incomplete"]  # fmt: skip
+    assert kinds(check_lb(lb_history(["r2 w1", "r1 w1", "r3 w1"], [], 0))) == ["out-of-order"]
+    assert kinds(check_lb(lb_history(["r1 w1", "r3 w1"], [], 1))) == ["unanswered"]
+    assert kinds(check_lb(lb_history(["r1 w9", "r2 w1", "r3 w1"], [1], 1))) == ["phantom-reply"]
+    assert kinds(check_lb(lb_history(["r1 w1", "r2 w1", "r3 w1"], [2], 1))) == [
+        "answered-and-failed"]  # fmt: skip
+    assert kinds(check_lb(lb_history([], [], -1))) == ["hung"]
 
 
 # -- the schedule -------------------------------------------------------------------------

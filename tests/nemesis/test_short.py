@@ -21,7 +21,7 @@ SEED = 18  # fixed: the same schedule of faults every run
 def test_short_form_finds_no_anomaly(network: Network, tmp_path: Path) -> None:
     out = tmp_path / "nemesis"
     results, summary = run(network, out, seconds=60, seed=SEED, hosts=5)
-    assert {r.checker for r in results} == {"bus", "pubsub", "registry"}
+    assert {r.checker for r in results} == {"bus", "pubsub", "registry", "lb"}
     assert all(r.ok > 0 for r in results), summary  # every workload did work
     assert (out / "latency.png").stat().st_size > 0
     assert not [a for r in results for a in r.anomalies], f"report in {out}:\n{summary}"

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Proc, wait_until
+from tests.helpers import PROGRAMS, Proc, wait_until
 from tests.hosts import Host
 from tests.nemesis.history import FAIL, INFO, OK, History
 from tests.nemesis.nemesis import Daemon
 
-BUS_TOPIC, PS_TOPIC, SERVICE = "nem.bus", "nem.ps", "nem"
+BUS_TOPIC, PS_TOPIC, SERVICE, LB_SERVICE = "nem.bus", "nem.ps", "nem", "nemlb"
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -345,3 +345,61 @@ class RegistryWorkload(Workload):
                 self.history.add(name, self.subject, "lookup", value, FAIL, began)
 
         return lookup
+
+
+# -- eda-lb ---------------------------------------------------------------------------------
+PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+LB_FAILED = re.compile(r"request (\d+) failed")
+LB_UNSENT = re.compile(r"input from line (\d+) on not sent")
+
+
+class LbWorkload(Workload):
+    """Workers of one service on several hosts (each reply names its worker); callers
+    send numbered requests with ``eda-lb call`` and keep its stdout, stderr and status."""
+
+    subject = "lb"
+
+    def __init__(
+        self, history: History, workdir: Path, workers: list[Host], callers: list[Host]
+    ) -> None:
+        super().__init__(history, workdir)
+        self.names = []
+        for i, host in enumerate(workers, 1):
+            name = f"lbw{i}"
+            reply = f'printf "%s %s\\n" "$(cat)" {name}'
+            proc = host.eda(
+                "eda-lb", "worker", LB_SERVICE, "-v", "--heartbeat", "0.3", "--id", name,
+                "--", "sh", "-c", reply,
+            )  # fmt: skip
+            self.daemon(name, host, proc, ("kill", "stop"))
+            self.names.append(name)
+        history.add("lb", self.subject, "setup", {"workers": self.names})
+        for d in self.daemons:
+            d.proc.wait_stderr(f"serving {LB_SERVICE} on", 60)
+        for i, host in enumerate(callers, 1):
+            self.loops.append(Loop(f"lb-call{i}", self._caller(f"lb-call{i}", host)))
+
+    def _caller(self, name: str, host: Host) -> Callable[[], None]:
+        count = iter(range(1, 1 << 30))
+
+        def call() -> None:
+            n = next(count)
+            requests = [f"{name}-{n}-{i}" for i in range(5)]
+            began = self.history.now()
+            try:
+                r = host.run("eda-lb", "call", LB_SERVICE, "--timeout", "8", *requests, timeout=120)
+                rc, out, err = r.returncode, r.stdout, r.stderr
+            except subprocess.TimeoutExpired:
+                rc, out, err = -1, "", "eda-lb call did not end within 120 s"
+            unsent = LB_UNSENT.search(err)
+            value = {
+                "requests": requests,
+                "replies": out.splitlines(),
+                "failed": sorted(int(m) for m in LB_FAILED.findall(err)),
+                "unsent_from": int(unsent.group(1)) if unsent else None,
+                "rc": rc,
+                "stderr": last_line(err),
+            }
+            self.history.add(name, self.subject, "call", value, OK if rc == 0 else FAIL, began)
+
+        return call
