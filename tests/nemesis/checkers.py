@@ -278,9 +278,20 @@ def check_lb(history: Sequence[Op]) -> Result:
 CHECKERS = (check_bus, check_pubsub, check_registry, check_lb)
 
 
+def check_harness(history: Sequence[Op]) -> Result:
+    """The harness's own errors (a client loop that died, a final read that raised):
+    the run did not check what it claims, which counts as an anomaly too."""
+    result = Result("harness")
+    for op in _of(history, "harness", "error"):
+        result.flag("harness-error", f"{op.process}: {op.value}", [op])
+    return result
+
+
 def check_all(history: Sequence[Op]) -> list[Result]:
     subjects = {op.subject for op in history}
-    return [c(history) for c in CHECKERS if c.__name__.removeprefix("check_") in subjects]
+    results = [c(history) for c in CHECKERS if c.__name__.removeprefix("check_") in subjects]
+    harness = check_harness(history)
+    return [*results, harness] if harness.anomalies else results
 
 
 __all__ = ["FAIL", "Anomaly", "Result", "check_all"]

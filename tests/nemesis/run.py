@@ -71,10 +71,14 @@ def run(
     threading.Event().wait(max(0.0, nemesis.begun + seconds - history.now()))  # the run's length
     nemesis.finish()
     threading.Event().wait(recovery)  # the recovery window: clients go on, no faults
-    registry, *others = workloads
+    registry, *others = workloads  # the registry's observers go on: they time convergence
     for w in others:
         w.stop_clients()
-        w.finish()
+    for w in others:
+        try:
+            w.finish()
+        except Exception as exc:  # recorded; the checkers then miss the final reads
+            history.add(w.subject, "harness", "error", repr(exc), "fail")
     registry.stop_clients()
     history.close()
     results = check_all(history.ops)

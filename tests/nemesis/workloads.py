@@ -46,7 +46,10 @@ def last_line(text: str) -> str:
 class Loop:
     """A client that repeats *op* in a thread of its own until stopped."""
 
-    def __init__(self, name: str, op: Callable[[], None], pause: float = 0.1) -> None:
+    def __init__(
+        self, history: History, name: str, op: Callable[[], None], pause: float = 0.1
+    ) -> None:
+        self.history = history
         self.name = name
         self.op = op
         self.pause = pause
@@ -55,7 +58,11 @@ class Loop:
 
     def _run(self) -> None:
         while not self.stopped.is_set():
-            self.op()
+            try:
+                self.op()
+            except Exception as exc:  # the harness's own trouble: recorded, and the loop ends
+                self.history.add(self.name, "harness", "error", repr(exc), FAIL)
+                return
             self.stopped.wait(self.pause)
 
     def start(self) -> None:
@@ -126,7 +133,9 @@ class BusWorkload(Workload):
             for i, h in enumerate(members, 1)
         ]
         for i, host in enumerate(publishers, 1):
-            self.loops.append(Loop(f"bus-pub{i}", self._publisher(f"bus-pub{i}", host)))
+            self.loops.append(
+                Loop(self.history, f"bus-pub{i}", self._publisher(f"bus-pub{i}", host))
+            )
         wait_until(lambda: self._stats(bus_host) is not None, 60, "the bus answering stats")
 
     def _publisher(self, name: str, host: Host) -> Callable[[], None]:
@@ -151,7 +160,10 @@ class BusWorkload(Workload):
         return publish
 
     def _stats(self, host: Host) -> dict[str, Any] | None:
-        r = host.run("eda-bus", "stats", "--consumers", "--bus", self.endpoint, timeout=30)
+        try:
+            r = host.run("eda-bus", "stats", "--consumers", "--bus", self.endpoint, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
         if r.returncode != 0:
             return None
         return {c["name"]: c for c in json_lines(r.stdout)}
@@ -171,12 +183,16 @@ class BusWorkload(Workload):
         except AssertionError as exc:
             self.history.add("bus-check", self.subject, "stats", str(exc), FAIL, began)
         began = self.history.now()
-        r = host.run(
-            "eda-sub", "--bus", self.endpoint, BUS_TOPIC, "--from-start", "--until-end",
-            timeout=120,
-        )  # fmt: skip
-        log = [[e.get("data"), e.get("edabusseq")] for e in json_lines(r.stdout)]
-        outcome = OK if r.returncode == 0 else FAIL
+        try:
+            r = host.run(
+                "eda-sub", "--bus", self.endpoint, BUS_TOPIC, "--from-start", "--until-end",
+                timeout=300,
+            )  # fmt: skip
+            text, rc = r.stdout, r.returncode
+        except subprocess.TimeoutExpired:
+            text, rc = "", -1
+        log = [[e.get("data"), e.get("edabusseq")] for e in json_lines(text)]
+        outcome = OK if rc == 0 else FAIL
         self.history.add("bus-check", self.subject, "read", log, outcome, began)
         for d in [self.durable, *self.members]:
             d.proc.signal(signal.SIGTERM)
@@ -220,7 +236,7 @@ class PubSubWorkload(Workload):
         self.feed = self.daemon("feed", feed_host, feed, ("stop",))
         self.pipe = feed.popen.stdin
         self.count = 0
-        self.loops.append(Loop("feed", self._write, pause=0.05))
+        self.loops.append(Loop(self.history, "feed", self._write, pause=0.05))
 
     def _write(self) -> None:
         assert self.pipe is not None
@@ -302,8 +318,12 @@ class RegistryWorkload(Workload):
             history.add(f"svc{i}", self.subject, "instance", {"daemon": f"svc{i}", "id": f"svc{i}"})
         for i, (host, endpoint) in enumerate(zip(peers, endpoints, strict=True), 1):
             name = f"observer{i}"
-            self.loops.append(Loop(name, self._observer(name, i, host, endpoint), pause=0.2))
-            self.loops.append(Loop(f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1))
+            self.loops.append(
+                Loop(self.history, name, self._observer(name, i, host, endpoint), pause=0.2)
+            )
+            self.loops.append(
+                Loop(self.history, f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1)
+            )
 
     def _dig(self, name: str, peer: int, host: Host) -> Callable[[], None]:
         argv = [
@@ -377,7 +397,7 @@ class LbWorkload(Workload):
         for d in self.daemons:
             d.proc.wait_stderr(f"serving {LB_SERVICE} on", 60)
         for i, host in enumerate(callers, 1):
-            self.loops.append(Loop(f"lb-call{i}", self._caller(f"lb-call{i}", host)))
+            self.loops.append(Loop(self.history, f"lb-call{i}", self._caller(f"lb-call{i}", host)))
 
     def _caller(self, name: str, host: Host) -> Callable[[], None]:
         count = iter(range(1, 1 << 30))
