@@ -135,6 +135,11 @@ Examples:
     metavar="SECONDS",
     help="A peer registry silent this long is considered down.",
 )
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Also serve the HTTP API here (register, heartbeat, lookup, change stream as SSE).",
+)
 @security_options
 @metrics_option
 @common_options
@@ -143,6 +148,7 @@ def serve(
     data: str | None,
     peers: tuple[str, ...],
     dns: str | None,
+    http: str | None,
     tick: float,
     peer_timeout: float,
     secure: bool,
@@ -175,6 +181,10 @@ def serve(
         bind = f"tcp://{iface}:7700"
     for peer in peers:
         peer_endpoint(peer)  # a usage error before anything starts
+    if http:
+        from eda.core.registry.http import RegistryHttp, http_address
+
+        http_at = http_address(http)
     settings = Settings(
         bind=bind,
         interface=iface,
@@ -191,8 +201,10 @@ def serve(
         from eda.core.metrics import serve as serve_metrics
 
         serve_metrics(server, metrics)
+        api = RegistryHttp(server, http_at) if http else None
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""
+        extra += f", HTTP on {api.url}" if api else ""
         ctx.warn(
             f"registry {server.id} listening on {server.endpoint} "
             f"(changes on {server.pub_endpoint}{extra})"

@@ -57,7 +57,7 @@ import zmq
 
 from .daemon import BindError, bind_failed
 from .endpoint import Endpoint
-from .errors import EdaError, ExitStatus
+from .errors import EdaError, ExitStatus, ProtocolError
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 Response = tuple[int, Headers, bytes]
@@ -110,10 +110,14 @@ class HttpError(EdaError):
         self.status, self.detail, self.title, self.extra = status, detail, title, extra
 
 
+def dumps(value: Any) -> str:
+    """Compact JSON text (UTF-8 kept) of a value eda built."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def json_response(status: int, value: Any, headers: Headers = ()) -> Response:
     """*value* as a JSON body (compact, UTF-8)."""
-    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    return status, [("content-type", JSON_TYPE), *_pairs(headers)], body
+    return status, [("content-type", JSON_TYPE), *_pairs(headers)], dumps(value).encode()
 
 
 def problem(status: int, detail: str, *, title: str = "", **extra: Any) -> Response:
@@ -126,8 +130,7 @@ def problem(status: int, detail: str, *, title: str = "", **extra: Any) -> Respo
         "detail": detail,
         **extra,
     }
-    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    return status, [("content-type", PROBLEM_TYPE)], body
+    return status, [("content-type", PROBLEM_TYPE)], dumps(value).encode()
 
 
 def sse(data: str, *, id: str | int | None = None, event: str | None = None) -> bytes:
@@ -147,6 +150,8 @@ def _pairs(headers: Headers) -> Sequence[tuple[str, str]]:
 
 
 def _status_of(exc: EdaError) -> int:
+    if isinstance(exc, ProtocolError):  # what the client sent is not what was asked for
+        return 400
     if exc.exit_code == ExitStatus.USAGE:
         return 400
     if exc.exit_code == ExitStatus.NOT_FOUND:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eda.cli.sub import _bus_start
+from eda.core.bus.startat import start_spec as _bus_start
 from eda.core.errors import UsageError
 from tests.helpers import Procs, command, readable, run
 from tests.test_bus import Bus, engine, start_bus

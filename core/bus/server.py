@@ -23,7 +23,7 @@ what each trusted key may do, checked per batch and per request).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,10 @@ class BusServer(Answering):
         self.refused = 0
         self._durable = engine.durable_seq
         self._groups_dirty = True
+        # the HTTP front (.http): settles its own appends before each round, and is told
+        # of each new durable sequence (its streams deliver from the store too)
+        self.before_round: list[Callable[[], object]] = []
+        self.on_durable: list[Callable[[int], object]] = []
         self.watch(self.sock, "clients", self.drain)
         self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
@@ -183,9 +187,7 @@ class BusServer(Answering):
         except StoreError:
             return  # unreachable for now: publishing and stats report it
         if durable != self._durable:
-            self._durable = durable
-            self._groups_dirty = True
-            self.pump()
+            self.committed(durable)
 
     @property
     def port(self) -> int:
@@ -225,6 +227,8 @@ class BusServer(Answering):
         (retry) at once (:meth:`_rolled_back`).  Each message is handled on its
         own: whatever one raises, the others' work goes on.
         """
+        for step in self.before_round:
+            self.guarded("before a round", step)
         self._waiting = []
         self._safe = self.engine.durable_seq
         for frames in self._incoming():  # each noting where it came from
@@ -237,10 +241,16 @@ class BusServer(Answering):
             self.limited("commit", f"commit failed: {exc}")
             self._answer(waiting, self._safe, exc)
             return
+        self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
+        self.committed(durable)
+
+    def committed(self, durable: int) -> None:
+        """After a commit (a round's, or the HTTP front's): deliver up to *durable*."""
         if durable != self._durable:
             self._durable = durable
             self._groups_dirty = True
-        self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
+            for listener in self.on_durable:
+                self.guarded("durable listener", listener, durable)
         self.pump()
 
     def _commit(self) -> int:

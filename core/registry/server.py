@@ -37,7 +37,7 @@ import queue
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +134,7 @@ class Server(Daemon):
                 skipped = self.journal.skipped
                 self.warn(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
         self.links: dict[str, PeerLink] = {}
+        self.on_change: list[Callable[[Event], object]] = []  # told every change (HTTP's SSE)
         self.subscribed: set[str] = set()
         self.security = security.active()
         self.found: queue.SimpleQueue[Peer] = queue.SimpleQueue()  # registries announced
@@ -248,6 +249,8 @@ class Server(Daemon):
                 self.xpub.send_multipart(
                     [protocol.event_topic(event["service"]), encode(event)], zmq.NOBLOCK
                 )
+            for listener in self.on_change:
+                self.guarded("change listener", listener, event)
             inst = event["instance"]
             self.log(f"{event['type']} {inst['service']}/{inst['id']}: {event['reason']}")
 
