@@ -26,6 +26,7 @@ from eda.cli.options import (
     metrics_option,
     registry_option,
     security_options,
+    serve_metrics,
     strategy_option,
 )
 from eda.cli.output import Output
@@ -265,9 +266,7 @@ def worker(
 
     on_stop_signals(stop)
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(server, metrics)
+        serve_metrics(server, metrics, ctx.warn)
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = Endpoint.parse(endpoint, "worker").port
         ttl = round(3 * heartbeat, 3)
@@ -691,9 +690,7 @@ def serve(
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(broker, metrics)
+        serve_metrics(broker, metrics, ctx.warn)
         broker.start()
         interval = max(0.2, min(heartbeat, 2.0))
         record = reg.registration(

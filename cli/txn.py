@@ -28,6 +28,7 @@ from eda.cli.options import (
     output_options,
     registry_option,
     security_options,
+    serve_metrics,
 )
 from eda.cli.output import Output, for_terminal
 from eda.cli.secure import secure_reports
@@ -224,9 +225,7 @@ def coordinator(
     )  # fmt: skip
     registration = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(coord, metrics)
+        serve_metrics(coord, metrics, ctx.warn)
         registration = _register(
             coord, COORDINATOR_SERVICE, access, ctx,
             inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
@@ -397,9 +396,7 @@ def participant(
         raise
     registration = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(part, metrics)
+        serve_metrics(part, metrics, ctx.warn)
         registration = _register(part, participant_service(name), access, ctx)
         where = f", announced by {registration.where}" if registration else ""
         doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")

@@ -162,10 +162,12 @@ def test_prometheus_scrapes_the_daemons_the_registry_lists(procs: Procs, tmp_pat
 
 
 def test_bus_and_tcp_proxy_serve_metrics(procs: Procs, tmp_path: Path) -> None:
-    bus_port, proxy_port, reg_port = free_port(), free_port(), free_port()
+    proxy_port, reg_port = free_port(), free_port()
     bus = procs.eda("eda-bus", "serve", "--no-mdns", "--data", str(tmp_path / "bus"),
-                    "--bind", "tcp://127.0.0.1:*", "--metrics", f"127.0.0.1:{bus_port}")  # fmt: skip
-    where = bus.wait_stderr(r"on (tcp://\S+)", 15).group(1)
+                    "--bind", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0")  # fmt: skip
+    where = bus.wait_stderr(r"serving .* on (tcp://\S+)", 15).group(1)
+    # port 0: any free one, said at start
+    bus_port = int(bus.wait_stderr(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
     published = run("eda-pub", "--bus", where, "--confirm", "orders.created",
                     input="a\nb\nc\n", env={"EDA_NO_MDNS": "1"})  # fmt: skip
     assert published.returncode == 0, published.stderr
