@@ -28,6 +28,7 @@ from eda.cli.options import (
     json_option,
     metrics_option,
     security_options,
+    serve_metrics,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
 from eda.cli.watch import watch_options
@@ -277,9 +278,7 @@ def serve(
         raise
     on_stop_signals(lambda *_: server.stop())
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(server, metrics)
+        serve_metrics(server, metrics, ctx.warn)
         api = BusHttp(server, http_at) if http else None
         server.start()
         ctx.warn(

@@ -21,6 +21,7 @@ from eda.cli.options import (
     metrics_option,
     registry_option,
     security_options,
+    serve_metrics,
     strategy_option,
 )
 
@@ -219,9 +220,7 @@ def serve(
     broker = Broker(settings, log=ctx.debug, warn=ctx.warn, interface=access.interface)
     presence = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(broker, metrics)
+        serve_metrics(broker, metrics, ctx.warn)
         broker.start()
         interval = max(0.2, min(heartbeat, 2.0))
         record = reg.registration(

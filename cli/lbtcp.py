@@ -162,7 +162,9 @@ def tcp(
         from eda.core.metrics import serve_in_thread
 
         exporter = serve_in_thread(proxy_families(figures), metrics, ctx.warn)
-        served.extend([exporter] if exporter is not None else [])
+        if exporter is not None:
+            served.append(exporter)
+            ctx.warn(f"metrics on {exporter.server.url}/metrics")
         served.append(
             PublishedFigures(service, access, figures, engine, log=ctx.debug, warn=ctx.warn).start()
         )

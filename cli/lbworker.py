@@ -23,6 +23,7 @@ from eda.cli.options import (
     common_options,
     metrics_option,
     security_options,
+    serve_metrics,
 )
 
 
@@ -188,9 +189,7 @@ def worker(
 
     on_stop_signals(stop)
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(server, metrics)
+        serve_metrics(server, metrics, ctx.warn)
         endpoint = server.start(bind or f"tcp://{access.interface or '*'}:*")
         port = Endpoint.parse(endpoint, "worker").port
         ttl = round(3 * heartbeat, 3)

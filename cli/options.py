@@ -302,3 +302,15 @@ def metrics_option(func: F) -> F:
         help="Serve Prometheus metrics on http://HOST:PORT/metrics (':9464': every address; "
         "port 0: any); registrations and announcements then carry metrics=HOST:PORT.",
     )(func)
+
+
+def serve_metrics(daemon: Any, address: Endpoint | None, say: Callable[[str], None]) -> Any:
+    """Serve *daemon*'s /metrics where --metrics says (nothing without it) and *say* where:
+    called once the daemon is made and before it registers, so its registration says it."""
+    if address is None:
+        return None
+    from eda.core import metrics
+
+    server = metrics.serve(daemon, address)
+    say(f"metrics on {server.url}/metrics")
+    return server

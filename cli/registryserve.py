@@ -20,6 +20,7 @@ from eda.cli.options import (
     metrics_option,
     registry_option,
     security_options,
+    serve_metrics,
 )
 from eda.cli.registry import local_interface
 
@@ -141,9 +142,7 @@ def serve(
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(server, metrics)
+        serve_metrics(server, metrics, ctx.warn)
         api = RegistryHttp(server, http_at) if http else None
         server.start()
         extra = f", DNS on {server.dns_address}" if server.dns_address else ""

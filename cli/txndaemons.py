@@ -19,6 +19,7 @@ from eda.cli.options import (
     metrics_option,
     registry_option,
     security_options,
+    serve_metrics,
 )
 from eda.cli.txn import peer_reports, txn_access
 from eda.core.errors import EdaError
@@ -155,9 +156,7 @@ def coordinator(
     )  # fmt: skip
     registration = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(coord, metrics)
+        serve_metrics(coord, metrics, ctx.warn)
         registration = _register(
             coord, COORDINATOR_SERVICE, access, ctx,
             inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
@@ -328,9 +327,7 @@ def participant(
         raise
     registration = None
     try:
-        from eda.core.metrics import serve as serve_metrics
-
-        serve_metrics(part, metrics)
+        serve_metrics(part, metrics, ctx.warn)
         registration = _register(part, participant_service(name), access, ctx)
         where = f", announced by {registration.where}" if registration else ""
         doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")

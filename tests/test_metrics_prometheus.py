@@ -162,10 +162,12 @@ def test_prometheus_scrapes_the_daemons_the_registry_lists(procs: Procs, tmp_pat
 
 
 def test_bus_and_tcp_proxy_serve_metrics(procs: Procs, tmp_path: Path) -> None:
-    bus_port, proxy_port, reg_port = free_port(), free_port(), free_port()
+    proxy_port, reg_port = free_port(), free_port()
     bus = procs.eda("eda-bus", "serve", "--no-mdns", "--data", str(tmp_path / "bus"),
-                    "--bind", "tcp://127.0.0.1:*", "--metrics", f"127.0.0.1:{bus_port}")  # fmt: skip
-    where = bus.wait_stderr(r"on (tcp://\S+)", 15).group(1)
+                    "--bind", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0")  # fmt: skip
+    where = bus.wait_stderr(r"serving .* on (tcp://\S+)", 15).group(1)
+    # port 0: any free one, said at start
+    bus_port = int(bus.wait_stderr(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
     published = run("eda-pub", "--bus", where, "--confirm", "orders.created",
                     input="a\nb\nc\n", env={"EDA_NO_MDNS": "1"})  # fmt: skip
     assert published.returncode == 0, published.stderr
@@ -215,3 +217,31 @@ def _no_xdg_leak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Remembered ports and caches stay in this test's directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_the_metrics_port_keeps_answering_through_junk_and_forged_records(
+    procs: Procs, tmp_path: Path
+) -> None:
+    port = free_port()
+    reg = registry(procs, port)
+    # a forged metrics address in a registration is left out of the discovery
+    forged = procs.eda("eda-registry", "register", "svc", "--port", "5000", "--no-mdns",
+                       "--registry", reg, "--meta", "metrics=evil/../x:80")  # fmt: skip
+    honest = procs.eda("eda-registry", "register", "svc", "--port", "5001", "--no-mdns",
+                       "--registry", reg, "--meta", "metrics=:9999")  # fmt: skip
+    sd = f"http://127.0.0.1:{port}/v1/prometheus-sd/svc"
+    wait_until(lambda: json.loads(get(sd)[1]), 20, "the honest instance in the discovery")
+    junk = []
+    for i in range(50):  # garbage, half requests, a request line that never ends
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall([b"\x00\xff" * 300, b"GET /metrics HTTP/1.1\r\nHost: x", b"GET /" * 2000][i % 3])
+        junk.append(sock)
+    try:
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and "eda_registry_instances" in text
+        groups = json.loads(get(sd)[1])
+        assert [g["targets"] for g in groups] == [["127.0.0.1:9999"]]
+    finally:
+        for sock in junk:
+            sock.close()
+    assert forged.popen.poll() is None and honest.popen.poll() is None
