@@ -5,13 +5,18 @@ mark), not in bytes: 100,000 replies of 1 MiB to a caller that never reads is
 100 GB.  A daemon answering peers on a ROUTER (or on a DEALER, one peer) sends
 its replies through an :class:`Outbox` instead:
 
-- the socket's sending high-water mark comes from a byte budget (:func:`hwm_for`:
-  as many messages of the largest size as fit in :data:`PIPE_BYTES`; with a
-  smaller largest size, a deeper pipe, up to :data:`MAX_HWM` messages) and
-  is set once, before the socket connects (lowering it on open pipes can
-  stall them: the reader acknowledges reads at the old mark's pace); a ROUTER
-  is made ``ROUTER_MANDATORY``, so that a full pipe says so (``EAGAIN``)
-  instead of dropping the message;
+- the socket's pipe to each peer is deep in messages (:data:`HWM`: a burst of
+  replies, up to a persistent process's whole depth, goes out in one go; a
+  shallow pipe chops it into half-pipe pieces, each a wake-up of both
+  threads and a smaller batch for the caller) and bounded in bytes two ways:
+  replies up to :data:`LARGE` bytes fill it to at most ``HWM * LARGE`` bytes;
+  larger ones are sent tracked (:class:`zmq.MessageTracker`: done when
+  ZeroMQ has written them out) and go to the pipe only while those not yet
+  written fit in :data:`LARGE_BYTES` per peer.  Together :data:`PIPE_BYTES`.
+  The mark is set once, before the socket connects (lowering it on open
+  pipes can stall them: the reader acknowledges reads at the old mark's
+  pace); a ROUTER is made ``ROUTER_MANDATORY``, so that a full pipe says so
+  (``EAGAIN``) instead of dropping the message;
 - what the pipe cannot take now waits in the outbox, in order, counted in
   bytes per peer and in total, and goes out on :meth:`Outbox.flush` (after
   every batch of input, and on a timer);
@@ -44,11 +49,15 @@ from .limits import PeerBytes
 if TYPE_CHECKING:
     from .daemon import Daemon, Timer
 
-# what ZeroMQ may queue for one peer (via the sending HWM): 64 replies of 1 MiB.  A
-# shallower pipe costs throughput (each refill wakes ZeroMQ's I/O thread): with 16,
-# eda-lb serve answered 40 % fewer requests a second in bench/bench_lb_broker.py
-PIPE_BYTES = 64 << 20
-MIN_HWM, MAX_HWM = 16, 1000  # messages: a burst of small replies still fits the pipe
+# what ZeroMQ may queue for one peer: HWM messages of up to LARGE bytes, and larger
+# ones up to LARGE_BYTES.  A pipe shallower than a burst of replies costs throughput:
+# it refills half a pipe at a time, each a wake-up of both threads (64 messages: a worker
+# woke twice as often per request, and its caller got its replies in smaller batches;
+# 16: eda-lb serve answered 40 % fewer requests a second in bench/bench_lb_broker.py)
+HWM = 1000  # messages
+LARGE = 32 << 10  # bytes: a reply over this is sent tracked, counted until written out
+LARGE_BYTES = 32 << 20  # tracked bytes ZeroMQ may hold for one peer
+PIPE_BYTES = HWM * LARGE + LARGE_BYTES  # at most, per peer (64 MiB)
 RECV_HWM = 1000  # messages waiting to be read from one peer (was 100,000)
 PEER_BYTES = 8 << 20  # replies waiting in an outbox for one peer, at most
 TOTAL_BYTES = 64 << 20  # and for every peer together
@@ -63,16 +72,10 @@ _SEND = zmq.backend.Socket.send
 Key = tuple[zmq.Socket[bytes], bytes | None]  # (socket, ROUTER identity or None on a DEALER)
 
 
-def hwm_for(max_message: int, budget: int = PIPE_BYTES) -> int:
-    """A high-water mark (messages) that keeps a pipe of *max_message*-byte messages
-    within about *budget* bytes (never below :data:`MIN_HWM`)."""
-    return max(MIN_HWM, min(MAX_HWM, budget // max(1, max_message)))
-
-
-def bound_socket(sock: zmq.Socket[bytes], max_message: int) -> None:
-    """Set *sock*'s high-water marks from bytes (before it binds or connects) and make a
-    ROUTER say when a peer's pipe is full."""
-    sock.setsockopt(zmq.SNDHWM, hwm_for(max_message))
+def bound_socket(sock: zmq.Socket[bytes]) -> None:
+    """Set *sock*'s high-water marks (before it binds or connects) and make a ROUTER
+    say when a peer's pipe is full."""
+    sock.setsockopt(zmq.SNDHWM, HWM)
     # what arrives is read at once (and refused at once when over a bound): this pipe
     # fills only while the daemon is slower than the sender, and a small one costs
     # throughput (every refill is a wake-up of the I/O thread)
@@ -107,11 +110,14 @@ class Outbox:
         self.lost = 0  # replies to peers that left
         self.high = 0  # the most bytes waiting since memory was last given back
         self.kept = False  # something was kept since the last flush
+        # replies over LARGE bytes that ZeroMQ still holds, per peer, and their bytes
+        self.tracked: dict[Key, collections.deque[tuple[zmq.MessageTracker, int]]] = {}
+        self.in_pipe: dict[Key, int] = {}
 
     @staticmethod
-    def adopt(sock: zmq.Socket[bytes], max_message: int) -> None:
+    def adopt(sock: zmq.Socket[bytes]) -> None:
         """Bound *sock* (before it binds or connects): see the module's doc."""
-        bound_socket(sock, max_message)
+        bound_socket(sock)
 
     @staticmethod
     def size(frames: list[bytes]) -> int:
@@ -126,8 +132,11 @@ class Outbox:
         key = (sock, ident)
         if key not in self.waiting:  # the hot path: nothing waits for this peer
             try:
-                _send_now(sock, ident, frames)
-                return True
+                if len(frames[-1]) <= LARGE:
+                    _send_now(sock, ident, frames)
+                    return True
+                if self._send_large(key, frames):
+                    return True
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
@@ -158,7 +167,10 @@ class Outbox:
             sent = 0
             try:
                 while queue:
-                    _send_now(sock, ident, queue[0])
+                    if len(queue[0][-1]) <= LARGE:
+                        _send_now(sock, ident, queue[0])
+                    elif not self._send_large(key, queue[0]):
+                        break  # the pipe holds LARGE_BYTES for it: on the timer, later
                     sent += self.size(queue.popleft())
             except zmq.Again:
                 pass
@@ -171,16 +183,48 @@ class Outbox:
             if not queue:
                 del self.waiting[key]
                 self.held.forget(key)
+        for key in list(self.tracked):  # written out: let go of their trackers
+            self._in_pipe(key)
         if not self.waiting and self.high >= RELEASE_AFTER:
             self.high = 0
             release_memory()
         return moved
+
+    def _send_large(self, key: Key, frames: list[bytes]) -> bool:
+        """Send a reply over LARGE bytes, tracked, if the peer's tracked bytes still in
+        ZeroMQ leave room for it (or none are); False: not now (zmq.Again: pipe full)."""
+        size = len(frames[-1])
+        for other in [k for k in self.tracked if k != key]:  # peers gone: let go of them
+            self._in_pipe(other)
+        held = self._in_pipe(key)
+        if held and held + size > LARGE_BYTES:
+            return False
+        tracker = _send_now(key[0], key[1], frames, track=True)
+        self.tracked.setdefault(key, collections.deque()).append((tracker, size))
+        self.in_pipe[key] = held + size
+        return True
+
+    def _in_pipe(self, key: Key) -> int:
+        """Bytes of the peer's large replies that ZeroMQ has not written out yet."""
+        queue = self.tracked.get(key)
+        if queue is None:
+            return 0
+        held = self.in_pipe[key]
+        while queue and queue[0][0].done:  # written out in the order they were sent
+            held -= queue.popleft()[1]
+        if queue:
+            self.in_pipe[key] = held
+            return held
+        del self.tracked[key], self.in_pipe[key]
+        return 0
 
     def drop(self, sock: zmq.Socket[bytes]) -> None:
         """Forget every reply waiting on *sock* (it is being closed); counted as lost."""
         for key in [k for k in self.waiting if k[0] is sock]:
             self.lost += len(self.waiting.pop(key))
             self.held.forget(key)
+        for key in [k for k in self.tracked if k[0] is sock]:
+            del self.tracked[key], self.in_pipe[key]
 
     @property  # (last in the class: the name hides the builtin type below it)
     def bytes(self) -> int:
@@ -188,12 +232,18 @@ class Outbox:
         return self.held.total
 
 
-def _send_now(sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes]) -> None:
+def _send_now(
+    sock: zmq.Socket[bytes], ident: bytes | None, frames: list[bytes], track: bool = False
+) -> Any:
+    """Send *frames* (after *ident* on a ROUTER); with *track*, the last one's tracker."""
     if ident is not None:
         _SEND(sock, ident, _MORE)  # on a full pipe (ROUTER_MANDATORY): EAGAIN, nothing sent
     last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _SEND(sock, frame, _MORE if i < last else _LAST)
+    for i in range(last):
+        _SEND(sock, frames[i], _MORE)
+    if track:  # not copied: ZeroMQ lets go of it (and says so) once written out
+        return _SEND(sock, frames[last], _LAST, False, True)
+    return _SEND(sock, frames[last], _LAST)
 
 
 class Pump:

@@ -157,7 +157,7 @@ class Broker(Daemon):
         # callers: what ZeroMQ queues per caller is bounded in bytes, and a reply its
         # pipe cannot take waits in the outbox (bounded too); workers: up to their
         # capacity in flight each (they read at once), so their pipes hold that many
-        self.outbox.adopt(self.front, self.settings.max_request)
+        self.outbox.adopt(self.front)
         self.back.setsockopt(zmq.SNDHWM, 100_000)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
         name = f"lb-{self.settings.service}"

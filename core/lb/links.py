@@ -116,7 +116,7 @@ class BrokerLinks:
     def _connect(self, link: BrokerLink, now: float) -> None:
         w = self.worker
         sock = w.socket(zmq.DEALER, linger=1000, max_message=2 * w.max_request + 65536)
-        w.outbox.adopt(sock, w.max_request)
+        w.outbox.adopt(sock)
         # a restarted broker is reconnected to by ZeroMQ on its own, under a new identity:
         # say W again then, rather than wait to find it silent (watched from before the
         # connect, so that the first connection is counted)

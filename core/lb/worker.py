@@ -156,7 +156,7 @@ class Worker(Daemon):
         # one far beyond it only costs its sender the connection
         limit = 2 * self.max_request + 65536
         self.sock = self.socket(zmq.ROUTER, linger=1000, max_message=limit)  # last replies out
-        self.outbox.adopt(self.sock, self.max_request)  # a caller's pipes bounded in bytes
+        self.outbox.adopt(self.sock)  # a caller's pipes bounded in bytes
         self.endpoint = self.bind(self.sock, bind)
         self.pump.watch(self.sock, "requests", self._on_requests)
         self.app.start()
