@@ -26,9 +26,11 @@ from eda.cli.options import (
     apply_security,
     common_options,
     json_option,
+    metrics_option,
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
+from eda.cli.watch import watch_options
 from eda.core.bus.retention import parse_age, parse_size
 from eda.core.errors import UsageError
 
@@ -195,6 +197,7 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     metavar="HOST:PORT",
     help="Also serve HTTP here: POST /events (CloudEvents HTTP binding), GET /events as SSE.",
 )
+@metrics_option
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -210,6 +213,7 @@ def serve(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     name: str,
     config: str | None,
     interface: str | None,
@@ -220,6 +224,7 @@ def serve(
     acl: str | None,
     http: str | None,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
 
@@ -237,7 +242,8 @@ def serve(
 
         http_at = serve_address(http, rights is not None)
     engine, where = _open_engine(
-        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
+        nats_format,
     )
     for line in getattr(engine, "repairs", ()):
         ctx.warn(f"warning: {line}")
@@ -272,6 +278,9 @@ def serve(
     on_stop_signals(lambda *_: server.stop())
     try:
         api = BusHttp(server, http_at) if http else None
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
         server.start()
         ctx.warn(
             f"serving {where} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})"
@@ -300,6 +309,7 @@ def _open_engine(
     replicas: int | None,
     stream: str,
     auth: NatsAuth,
+    nats_format: str | None = None,
 ) -> tuple[Any, str]:
     """The engine serve uses, and what to call it in messages."""
     if urls is None:
@@ -327,6 +337,7 @@ def _open_engine(
         max_bytes=max_bytes,
         max_event_bytes=max_event_bytes,
         auth=auth,
+        message_format=nats_format,  # type: ignore[arg-type]
     )
     return nats, f"NATS stream {nats.stream} at {redact(','.join(urls))}"
 
@@ -365,6 +376,7 @@ def migrate(
     replicas: int | None,
     stream: str,
     nats_auth: NatsAuth,
+    nats_format: str | None,
     limit: int | None,
     config: str | None,
     interface: str | None,
@@ -389,7 +401,8 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth) as to,
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth,
+                               message_format=nats_format) as to,  # type: ignore[arg-type]
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)
@@ -405,7 +418,8 @@ def migrate(
 
 
 @command.command(
-    epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag\n  eda-bus stats --consumers"
+    epilog="\b\nExamples:\n  eda-bus stats --json | jq .lag\n  eda-bus stats --consumers\n"
+    "  eda-bus stats --watch                       live rates, lag; piped: a JSON line a second"
 )
 @_bus_option
 @_timeout_option
@@ -416,6 +430,7 @@ def migrate(
     is_flag=True,
     help="Only the durable consumers and groups: patterns, next sequence, lag, held.",
 )
+@watch_options
 @security_options
 @common_options
 def stats(
@@ -423,6 +438,8 @@ def stats(
     timeout: float,
     force_json: bool,
     only_consumers: bool,
+    watch: bool,
+    interval: float,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -434,9 +451,27 @@ def stats(
     """Topics, counts, bytes, consumers and their lag."""
     ctx = Context("eda-bus", verbose)
     apply_security(secure, key_file, trust_dir)
+    endpoint = _endpoint(bus, interface, no_mdns, ctx)
+    out = Output(ctx, force_json=force_json)
+    view = _consumer_table if only_consumers else _table
+    if watch:
+        from eda.cli.watch import watch as follow
+
+        follow(out, lambda: _stats_rows(endpoint, timeout, only_consumers), lambda r: [(r, view)],
+               key=lambda r: (r["kind"], r.get("topic") or r.get("name")), interval=interval,
+               counters=_RATES, title="eda-bus stats")  # fmt: skip
+        return
+    out.table(_stats_rows(endpoint, timeout, only_consumers), view)
+
+
+# what --watch gives a rate of (and its column): stored events and bytes, consumers' progress
+_RATES = {"events": "events/s", "bytes": "bytes/s", "next": "consumed/s"}
+
+
+def _stats_rows(endpoint: Any, timeout: float, only_consumers: bool) -> list[dict[str, Any]]:
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "stats"}, timeout)
+    reply = request(endpoint, {"op": "stats"}, timeout)
     s = reply["stats"] if isinstance(reply.get("stats"), dict) else {}
     rows: list[dict[str, Any]] = [
         {
@@ -455,8 +490,7 @@ def stats(
             rows.append({**c, "consumer": c.get("kind"), "kind": "consumer"})
     if only_consumers:
         rows = [r for r in rows if r["kind"] == "consumer"]
-    out = Output(ctx, force_json=force_json)
-    out.table(rows, _consumer_table if only_consumers else _table)
+    return rows
 
 
 def _counts(r: dict[str, Any], *keys: str) -> list[Any]:

@@ -98,7 +98,18 @@ def _nats_auth_options(func: Any) -> Any:
 
 
 def nats_options(func: Any) -> Any:
-    """--stream, --replicas and NATS's own security (:func:`_nats_auth_options`)."""
+    """--stream, --replicas, --nats-format and NATS's own security (:func:`_nats_auth_options`)."""
+    func = click.option(
+        "--nats-format",
+        "nats_format",
+        type=click.Choice(["eda", "cloudevents"]),
+        default=None,
+        help="NATS engine: how the stream holds events.  eda (default when created): one "
+        "message per batch, the fastest; cloudevents: one message per event in the "
+        "CloudEvents NATS binding (ce- headers, the data as the body; an envelope in "
+        "structured mode), which any NATS client or CloudEvents SDK reads.  Chosen when the "
+        "stream is created; leave it out to use the stream's.",
+    )(func)
     func = click.option(
         "--stream",
         default="EDA",

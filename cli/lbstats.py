@@ -21,6 +21,7 @@ from eda.cli.options import (
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
+from eda.cli.watch import watch_options
 from eda.core.errors import ExitStatus
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ Examples:
   eda-lb stats upper --json | jq -r 'select(.state != "healthy") | .instance'
   eda-lb stats upper --format '{instance} {requests} {p99_ms}'
   eda-lb stats web                          a TCP proxy's (eda-lb tcp web) per-instance counters
+  eda-lb stats upper --watch                live: requests/s, latency, health per instance
 """,
 )
 @click.argument("name")
@@ -64,6 +66,7 @@ Examples:
     f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."
 )
 @registry_option
+@watch_options
 @security_options
 @common_options
 def stats(
@@ -71,6 +74,8 @@ def stats(
     timeout: float,
     template: str | None,
     force_json: bool,
+    watch: bool,
+    interval: float,
     registries: tuple[str, ...],
     serverless: bool,
     secure: bool,
@@ -94,10 +99,6 @@ def stats(
     from types import SimpleNamespace
 
     from eda.cli.secure import secure_reports
-    from eda.core.errors import NotFoundError
-    from eda.core.lb.pins import usable
-    from eda.core.lb.stats import ask_stats
-    from eda.core.registry.access import lookup
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-lb", verbose)
@@ -109,6 +110,47 @@ def stats(
     # keys pinned; one refusing this key is an error line
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)
     refusals = secure_reports(ctx, reports, "instance")
+    if watch:  # each snapshot asks again; it ends when no instance answers (exit 1)
+        from eda.cli.watch import watch as follow
+
+        def snapshot() -> list[dict[str, Any]]:
+            rows, failed = _gather(ctx, service, access, reports, refusals, timeout)
+            if failed and not rows:
+                raise Exit(ExitStatus.ERROR)
+            return rows
+
+        follow(out, snapshot, _views, key=lambda r: (r["source"], r["instance"]),
+               counters=_RATES, interval=interval, title=f"eda-lb stats {service}")  # fmt: skip
+        return
+    rows, failed = _gather(ctx, service, access, reports, refusals, timeout)
+    for shown, view in _views(rows):
+        if shown or (view is _stats_table and not rows):
+            out.table(shown, view)
+    if failed:
+        raise Exit(ExitStatus.ERROR)
+
+
+# what --watch gives a rate of (and its column)
+_RATES = {"requests": "req/s", "errors": "err/s", "sessions_total": "sessions/s",
+          "bytes_in": "in B/s", "bytes_out": "out B/s"}  # fmt: skip
+
+
+def _views(rows: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], TableView]]:
+    """The rows of brokers and workers in one table each, the TCP proxies' in theirs."""
+    proxied = [r for r in rows if r["source"].startswith("proxy ")]
+    return [([r for r in rows if not r["source"].startswith("proxy ")], _stats_table),
+            (proxied, _proxy_table)]  # fmt: skip
+
+
+def _gather(
+    ctx: Context, service: str, access: Any, reports: Any, refusals: Any, timeout: float
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows of every instance of *service* that answered, and how many did not."""
+    from eda.core.errors import NotFoundError
+    from eda.core.lb.pins import usable
+    from eda.core.lb.stats import ask_stats
+    from eda.core.registry.access import lookup
+
     found = usable(lookup(service, access), reports.on_ignored)
     brokers = [i for i in found if i.meta.get("role") == "broker"]
     chosen = brokers or [i for i in found if i.meta.get("role") == "worker"]
@@ -138,14 +180,7 @@ def stats(
         if not found_rows and brokers:
             ctx.warn(f"warning: broker {inst.id} has no worker")
         rows += found_rows
-    proxied = [r for r in rows if r["source"].startswith("proxy ")]
-    rows = [r for r in rows if not r["source"].startswith("proxy ")]
-    if rows or not proxied:
-        out.table(rows, _stats_table)
-    if proxied:
-        out.table(proxied, _proxy_table)
-    if failed:
-        raise Exit(ExitStatus.ERROR)
+    return rows, failed
 
 
 def _number(value: object) -> float | int | None:

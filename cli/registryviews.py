@@ -78,6 +78,12 @@ def print_instances(found: list[dict[str, Any]], out: Output) -> None:
 STATUS_COLOURS = {"passing": "green", "warning": "yellow", "critical": "red"}
 
 
+def passing(found: list[dict[str, Any]]) -> str:
+    """How many instances pass their checks (list --watch's heading)."""
+    ok = sum(1 for r in found if r.get("status") == "passing")
+    return f"{ok}/{len(found)} passing"
+
+
 def _instance_cells(r: dict[str, Any]) -> list[Any]:
     """An instance's cells; every peer-supplied string is escaped and shown as plain Text."""
     from rich.text import Text

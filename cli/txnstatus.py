@@ -10,6 +10,7 @@ import click
 from eda.cli.common import Context, Exit
 from eda.cli.options import LOG_HELP, common_options, output_options
 from eda.cli.output import Column, Output, TableView, for_terminal
+from eda.cli.watch import watch_options
 from eda.core.errors import ExitStatus, NotFoundError, UsageError
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ Examples:
   eda-txn status                                    every transaction and saga of ./txn
   eda-txn status c1.18f3a2b4c5d6e7                  one of them (exit 3 if unknown)
   eda-txn status --log /var/lib/eda/txn --json | jq 'select(.state == "in-doubt")'
+  eda-txn status --watch                            live: states, in-doubt first
 """
 )
 @click.argument("txn_id", metavar="[ID]", required=False)
@@ -48,6 +50,7 @@ Examples:
 @output_options(
     f"Print one line per transaction from a template. Fields: {', '.join(STATUS_FIELDS)}."
 )
+@watch_options
 @common_options
 def status(
     txn_id: str | None,
@@ -55,6 +58,8 @@ def status(
     follow: bool,
     template: str | None,
     force_json: bool,
+    watch: bool,
+    interval: float,
     config: str | None,
     interface: str | None,
     no_mdns: bool,
@@ -78,6 +83,20 @@ def status(
             terminal=_change_line,
         ))  # fmt: skip
         return
+    out = Output(ctx, template=template, fields=STATUS_FIELDS, force_json=force_json)
+    if watch:
+        from eda.cli.watch import watch as watching
+
+        def snapshot() -> list[dict[str, Any]]:
+            rows, problems = everything(log_dir)
+            for problem in problems:
+                if ctx.due(problem, 60.0):  # once a minute, not every snapshot
+                    ctx.warn(f"warning: {problem}")
+            return [r for r in rows if txn_id is None or r.get("txn") == txn_id]
+
+        watching(out, snapshot, lambda rows: [(rows, _status_table)], key=lambda r: r.get("txn"),
+                 interval=interval, title="eda-txn status", summary=_states)  # fmt: skip
+        return
     rows, problems = everything(log_dir)
     for problem in problems:
         ctx.warn(f"warning: {problem}")
@@ -85,10 +104,18 @@ def status(
         rows = [r for r in rows if r.get("txn") == txn_id]
         if not rows:
             raise NotFoundError(f"no transaction or saga {txn_id} in {log_dir}")
-    out = Output(ctx, template=template, fields=STATUS_FIELDS, force_json=force_json)
     out.table(rows, _status_table)
     if problems:
         raise Exit(ExitStatus.ERROR)
+
+
+def _states(rows: list[dict[str, Any]]) -> str:
+    """How many are in each state, in-doubt first (status --watch's heading)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("state"))] = counts.get(str(r.get("state")), 0) + 1
+    order = sorted(counts, key=lambda s: (s != "in-doubt", s))
+    return ", ".join(f"{counts[s]} {for_terminal(s)}" for s in order) or "none"
 
 
 # how `status --follow` ends, as `saga` and `commit` do

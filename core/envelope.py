@@ -123,29 +123,32 @@ def bus_json_lines(
     return [f'{ln[:-1]},"{BUS_SEQUENCE}":{busseq + i}{tail}' for i, ln in enumerate(lines)]
 
 
+def _attributes(batch: codec.Batch, seq: int, time: str, content_type: str) -> dict[str, Any]:
+    """The attributes of event *seq* of a TEXT or JSON batch (everything but its data)."""
+    return {
+        "specversion": attributes.SPECVERSION,
+        "id": f"{batch.pubid}-{seq}",
+        "source": batch.source,
+        "type": batch.topic,
+        "time": time,
+        "datacontenttype": content_type,
+        **batch.extensions.values,
+        SEQUENCE: seq,
+    }
+
+
 def batch_to_events(batch: codec.Batch) -> list[dict[str, Any]]:
     """The events of a batch as dictionaries (for templates, terminal views and --exec)."""
     if batch.kind == codec.ENVELOPE:
         return [{**ev, SEQUENCE: batch.seq + i} for i, ev in enumerate(codec.envelopes(batch))]
     time = rfc3339(batch.time)
     content_type = CONTENT_TYPES[batch.kind]
-    ext = batch.extensions.values
     values: list[Any] = (
         codec.json_values(batch) if batch.kind == codec.JSON else codec.split_body(batch)
     )
     events = []
     for i, value in enumerate(values):
-        seq = batch.seq + i
-        event: dict[str, Any] = {
-            "specversion": attributes.SPECVERSION,
-            "id": f"{batch.pubid}-{seq}",
-            "source": batch.source,
-            "type": batch.topic,
-            "time": time,
-            "datacontenttype": content_type,
-            **ext,
-            SEQUENCE: seq,
-        }
+        event = _attributes(batch, batch.seq + i, time, content_type)
         if isinstance(value, bytes):
             try:
                 event["data"] = value.decode()
@@ -156,6 +159,37 @@ def batch_to_events(batch: codec.Batch) -> list[dict[str, Any]]:
             event["data"] = value
         events.append(event)
     return events
+
+
+def binary_events(batch: codec.Batch) -> list[tuple[dict[str, Any], bytes]]:
+    """The events of a TEXT or JSON batch for a binding's binary content mode: each
+    one's attributes as :func:`batch_to_events` renders them (without ``data``) and
+    its data, the payload's bytes as published (``application/octet-stream`` for a
+    TEXT payload that is not UTF-8)."""
+    time = rfc3339(batch.time)
+    content_type = CONTENT_TYPES[batch.kind]
+    parts = codec.split_body(batch)
+    try:
+        batch.body.decode()
+        binary: list[bool] | None = None
+    except UnicodeDecodeError:
+        binary = [not _utf8(part) for part in parts]
+    return [
+        (
+            _attributes(batch, batch.seq + i, time, BINARY_TYPE if binary and binary[i] else
+                        content_type),
+            part,
+        )
+        for i, part in enumerate(parts)
+    ]  # fmt: skip
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def data_text(event: dict[str, Any]) -> str:

@@ -71,9 +71,23 @@ def nats_opener(server: Server) -> Opener:
     return open_
 
 
-@pytest.fixture(params=["sqlite", "nats"])
+@pytest.fixture(params=["sqlite", "nats", "nats-cloudevents"])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    """Open the same store again and again, on either engine."""
+    """Open the same store again and again, on either engine (NATS in both its
+    message formats: the same contract, one batch or one event per message)."""
+    if request.param == "sqlite":
+        return lambda **kw: SQLiteEngine(tmp_path / "bus.db", **kw)
+    nats_open: Opener = request.getfixturevalue("nats_opener")
+    if request.param == "nats":
+        return nats_open
+    return lambda **kw: nats_open(message_format="cloudevents", **kw)
+
+
+@pytest.fixture(params=["sqlite", "nats"])
+def batch_opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """As ``opener``, for checks of what is counted or removed per stored batch (bytes
+    with the newlines between a batch's payloads, retention by whole batches): the
+    NATS engine's eda format, which stores a batch per message, as the embedded one."""
     if request.param == "sqlite":
         return lambda **kw: SQLiteEngine(tmp_path / "bus.db", **kw)
     return request.getfixturevalue("nats_opener")  # type: ignore[no-any-return]

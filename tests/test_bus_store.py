@@ -43,6 +43,7 @@ from tests.helpers import readable, run
 ROOT = Path(__file__).resolve().parent.parent
 # the engines as fixtures: a test that takes ``opener`` runs on both
 server, nats_opener, opener = bus_engines.server, bus_engines.nats_opener, bus_engines.opener
+batch_opener = bus_engines.batch_opener
 
 
 def batch(
@@ -181,8 +182,8 @@ def test_group_members_share_events_and_a_released_members_go_to_others(opener: 
             s.held("nobody")
 
 
-def test_stats_count_topics_bytes_and_lag(opener: Opener) -> None:
-    with opener() as store:
+def test_stats_count_topics_bytes_and_lag(batch_opener: Opener) -> None:
+    with batch_opener() as store:
         store.append([batch(1, 3, "a.x"), batch(1, 2, "b.y")])
         store.commit()
         store.consumer("c", ["a.*"], 1)
@@ -195,9 +196,9 @@ def test_stats_count_topics_bytes_and_lag(opener: Opener) -> None:
         assert st_.consumers[0].lag == 3 and st_.file_bytes > 0
 
 
-def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> None:
+def test_retention_by_age_and_by_bytes_keeps_sequences_going(batch_opener: Opener) -> None:
     clock = Clock()
-    with opener(clock=clock) as s:
+    with batch_opener(clock=clock) as s:
         for i in range(10):
             s.append([batch(1 + 10 * i, 10, width=90)])  # ~1 KB per batch
             s.commit()
@@ -207,11 +208,11 @@ def test_retention_by_age_and_by_bytes_keeps_sequences_going(opener: Opener) -> 
         gone = s.retain(max_bytes=2 * 1000 + 500)
         assert gone.first_seq == 81 and s.stats().events == 20
         assert events(s)[0][0] == 81
-    with opener(clock=clock) as s:  # what retention removed stays removed
+    with batch_opener(clock=clock) as s:  # what retention removed stays removed
         assert s.first_seq == 81 and events(s)[0][0] == 81
         s.retain(max_bytes=0)
         assert s.stats().events == 0 and s.first_seq == 101
-    with opener(clock=clock) as s:
+    with batch_opener(clock=clock) as s:
         assert s.first_seq == 101 and s.last_seq == 100
         (r,) = s.append([batch(101, 1)])
         assert r.stored == ((101, 101, 1),)  # sequences are never reused

@@ -106,6 +106,7 @@ def test_progress_through_the_bus_counts_sent_and_confirmed(procs: Procs, tmp_pa
     assert got.stdout.splitlines() == [f"{i:05}" for i in range(2000)], got.stderr
 
 
+@pytest.mark.long
 def test_until_end_dumps_what_is_stored_and_exits_0(procs: Procs, engine: Bus) -> None:
     _, ep = engine.start()
     for topic, body in [("a.x", "1\n2\n"), ("b.y", "3\n"), ("a.z", "4\n"), ("b.y", "5\n6\n")]:

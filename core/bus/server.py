@@ -23,7 +23,7 @@ what each trusted key may do, checked per batch and per request).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,7 @@ class BusServer(Answering):
         self._sender: zmq.Frame | None = None  # a frame of the message being handled
         self._own: set[str] = set()
         self.cut = 0  # subscribers cut off for not reading
+        self.lost = self.delivered_before = 0  # (core/bus/metrics.py)
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
         self._waiting: list[tuple[bytes, int, int]] = []  # (client, tag, confirm_at) this round
@@ -118,6 +119,12 @@ class BusServer(Answering):
             self.every(ACL_EVERY, "acl", self._check_acl, first=ACL_EVERY)
         self._releasing: Any = None
         self._try_release_all()
+
+    def metrics(self) -> Iterator[Any]:
+        """What --metrics exports (core/bus/metrics.py)."""
+        from .metrics import families
+
+        return families(self)
 
     def _untrusted_names(self, acl: Acl) -> None:
         secure = security.active()

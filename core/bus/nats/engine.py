@@ -27,7 +27,7 @@ from .bridge import Bridge
 from .client import nats
 from .connect import NatsAuth, prepare
 from .stats import StatsOf
-from .wire import _Head, header_bytes, msg_id, nats_name
+from .wire import FORMATS, Format, _Head, cloudevent_headers, header_bytes, msg_id, nats_name
 
 DEFAULT_STREAM: Final = "EDA"
 # The longest any one call of the serving loop waits for NATS (an ack, a pull, an
@@ -75,6 +75,7 @@ class NatsEngine(StatsOf):
         deadline: float = SERVE_DEADLINE,
         clock: Callable[[], float] = time.time,
         auth: NatsAuth | None = None,
+        message_format: Format | None = None,
     ) -> None:
         if nats is None:
             raise UsageError("the NATS engine needs nats-py: pip install 'eda[nats]'")
@@ -83,6 +84,10 @@ class NatsEngine(StatsOf):
         if replicas is not None and not 1 <= replicas <= 5:
             raise UsageError(f"invalid replicas {replicas}: JetStream allows 1 to 5")
         self._want_replicas = replicas  # None: as the stream has it (1 when created)
+        if message_format is not None and message_format not in FORMATS:
+            raise UsageError(f"invalid NATS message format {message_format!r}: eda or cloudevents")
+        self._want_format = message_format  # None: as the stream has it (eda when created)
+        self.format: Format = message_format or "eda"
         self.replicas = replicas or 1
         self.changes: list[str] = []  # what opening changed in an existing stream's config
         self.warnings: list[str] = []  # what the caller should tell its user
@@ -135,6 +140,14 @@ class NatsEngine(StatsOf):
         # the common case, cheaply: headers of fixed size plus strings JSON escapes
         # at most 12-fold (an astral character as two \\uXXXX escapes)
         bound = 512 + 12 * (len(batch.pubid) + len(batch.source) + len(ext))
+        if self.format == "cloudevents":  # one message per event: cut them one by one
+            # ... and the ce- headers: fixed ones, and the strings percent-encoded at
+            # most 3 characters per UTF-8 byte
+            texts = (batch.pubid, batch.source, batch.topic, ext)
+            bound += 512 + 3 * sum(len(t.encode()) for t in texts)
+            check_events(batch, limit - bound, f"the NATS server's max payload of {limit} "
+                         f"(less {bound} bytes of headers)")  # fmt: skip
+            return 0
         if len(batch.body) + bound <= limit:
             return limit - bound
         meta = {"kind": batch.kind, "time": batch.time, "pubid": batch.pubid, "pubseq": MAX_SEQ,
@@ -170,10 +183,14 @@ class NatsEngine(StatsOf):
                 "Nats-Msg-Id": msg_id(b.pubid, b.topic, p.pubseq),
                 "Nats-Expected-Last-Sequence": str(self._sseq - 1),
             }
+            if self.format == "cloudevents":
+                headers.update(cloudevent_headers(p))
             head = _Head(self._sseq, p.seq, p.size, now, b.topic, b.pubid, p.pubseq, len(p.body))
             self._pending.append(head)
             self._outbox.append((f"{self.prefix}.{b.topic}", p.body, headers))
             self._next = p.seq + p.size
+        if self.format == "cloudevents":  # the spans of a batch, not of its messages
+            receipts = [r._replace(stored=_joined(r.stored)) for r in receipts]
         return receipts
 
     async def _store(
@@ -366,6 +383,17 @@ class NatsEngine(StatsOf):
         with contextlib.suppress(Exception):  # closing a broken connection
             self._run(self._nc.close(), self.timeout)
         self._bridge.stop()
+
+
+def _joined(spans: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+    """Stored spans (publisher sequence, bus sequence, count) with adjacent ones joined."""
+    out: list[tuple[int, int, int]] = []
+    for pubseq, seq, count in spans:
+        if out and out[-1][0] + out[-1][2] == pubseq and out[-1][1] + out[-1][2] == seq:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + count)
+        else:
+            out.append((pubseq, seq, count))
+    return tuple(out)
 
 
 def _answered(task: asyncio.Future[Any]) -> None:

@@ -22,7 +22,7 @@ from ..streams import check_name
 from .client import JsNotFound, NatsTimeout, jsapi
 from .consumers import Consumers
 from .state import _Held
-from .wire import bucket_key, head_of, nats_name, record
+from .wire import bucket_key, head_of, joined, nats_name, record
 
 # nats-server 2.9 never answers a no-wait pull on a consumer that held messages a
 # purge removed (it answers at once otherwise).  A group whose pull went unanswered
@@ -99,7 +99,7 @@ class Groups(Consumers):
                 out.append(record(head, msg))
                 held.append(_Held(head.seq, head.seq + head.size - 1, msg, time.monotonic()))
                 got += head.size
-        return out
+        return list(joined(out)) if self.format == "cloudevents" else out
 
     async def _pull(self, group: str, n: int) -> list[Any]:
         """Up to *n* messages the group's consumer has now; never waits for new ones.
@@ -199,7 +199,9 @@ class Groups(Consumers):
     def held(self, group: str) -> dict[str, list[tuple[int, int]]]:
         self._group_known(group)
         return {
-            m: [(h.first, h.last) for h in hs] for m, hs in self._held.get(group, {}).items() if hs
+            m: _adjacent_joined([(h.first, h.last) for h in hs])
+            for m, hs in self._held.get(group, {}).items()
+            if hs
         }
 
     def _group_known(self, group: str) -> dict[str, Any]:
@@ -208,3 +210,15 @@ class Groups(Consumers):
         if row is None:
             raise NotFoundError(f"no consumer group {group!r}")
         return row
+
+
+def _adjacent_joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Held ranges with adjacent ones shown as one (format ``cloudevents`` holds a
+    message per event)."""
+    out: list[tuple[int, int]] = []
+    for first, last in ranges:
+        if out and out[-1][1] + 1 == first:
+            out[-1] = (out[-1][0], last)
+        else:
+            out.append((first, last))
+    return out

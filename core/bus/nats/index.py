@@ -22,7 +22,7 @@ from ..engine import Record
 from ..streams import MAX_SEQ, add
 from .client import JsNotFound
 from .state import NatsState
-from .wire import _Head, head_of, record
+from .wire import _Head, head_of, joined, record
 
 _CHUNK: Final = 128  # messages fetched concurrently while reading
 _CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
@@ -149,9 +149,9 @@ class Index(NatsState):
                         break
             msgs = self._run(self._fetch([h.sseq for h in heads]))
             left = max(1, left - want)  # the caller stops reading once it has enough
-            for head, msg in zip(heads, msgs, strict=True):
-                if msg is not None:  # else removed by retention meanwhile
-                    yield record(head, msg)
+            found = (record(h, m) for h, m in zip(heads, msgs, strict=True) if m is not None)
+            # (a message is None when retention removed it meanwhile)
+            yield from joined(found) if self.format == "cloudevents" else found
 
     def seq_at(self, when: float) -> int:
         stored = [h.stored for h in self._heads]

@@ -21,6 +21,7 @@ from ...errors import UsageError
 from .client import JsApiError, JsNotFound, NatsTimeout, ServiceUnavailable, jsapi
 from .connect import connect
 from .index import Index
+from .wire import FORMATS
 
 
 class Setup(Index):
@@ -89,12 +90,34 @@ class Setup(Index):
                 bucket=bucket, history=1, replicas=self.replicas
             )
         await self._catch_up()
+        await self._choose_format()
         limit = int(self._nc.max_payload)
         if self.max_event_bytes > limit:
             self.warnings[:] = [
                 f"events larger than the NATS server's max payload ({limit} bytes, less "
                 f"headers) are refused, though the event limit is {self.max_event_bytes}"
             ]
+
+    async def _choose_format(self) -> None:
+        """The stream's message format, kept in the bucket (``format``): every front
+        writes the one the stream has.  Asked for another, an empty stream takes it;
+        one holding events refuses (a consumer of the stream would see both)."""
+        row = await self._kv_get("format")
+        had = str(row.get("name")) if row else "eda"  # (streams from before the option)
+        if had not in FORMATS:
+            raise UsageError(f"NATS stream {self.stream} is in message format {had!r}, "
+                             "unknown to this eda: upgrade it")  # fmt: skip
+        want = self._want_format or had
+        if want != had and self._heads:
+            raise UsageError(
+                f"NATS stream {self.stream} holds events in the {had} message format: "
+                f"--nats-format {want} needs another stream (--stream NAME)"
+            )
+        if row is None or want != had:
+            await self._kv_put("format", {"name": want})
+            if row is not None:
+                self.changes.append(f"NATS stream {self.stream} changed: format {had} -> {want}")
+        self.format = want
 
     async def _reconfigure(self, info: Any, max_age: float | None, max_bytes: int | None) -> None:
         """Give an existing stream the limits and replicas asked for (those given only).

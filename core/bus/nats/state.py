@@ -19,7 +19,7 @@ from ..engine import StoreError
 from ..streams import Ranges
 from .bridge import Bridge
 from .connect import Plan
-from .wire import _Head
+from .wire import Format, _Head
 
 T = TypeVar("T")
 
@@ -44,6 +44,8 @@ class NatsState(EngineBase):
     warnings: list[str]  # what the caller should tell its user
     errors: list[str]  # the client's last connection errors (it reconnects)
     _want_replicas: int | None
+    format: Format  # how events are stored: eda batches, or one CloudEvent per message
+    _want_format: Format | None
     _bridge: Bridge
     _nc: Any  # nats.aio.client.Client
     _js: Any  # its JetStreamContext

@@ -10,10 +10,19 @@ import base64
 import hashlib
 import json
 import re
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Literal, NamedTuple
 
+from ... import binding, codec, envelope
+from ...attributes import BUS_SEQUENCE
 from ...errors import UsageError
+from ..base import Piece
 from ..engine import Record
+
+Format = Literal["eda", "cloudevents"]
+FORMATS: Final[tuple[Format, ...]] = ("eda", "cloudevents")
+# structured content mode: the message body is the event in the JSON event format
+STRUCTURED: Final = "application/cloudevents+json"
 
 NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream, group names NATS accepts everywhere
 
@@ -69,6 +78,24 @@ def head_of(prefix: str, sseq: int, subject: str, hdrs: Any, data: bytes | None)
     )
 
 
+def cloudevent_headers(piece: Piece) -> dict[str, str]:
+    """The CloudEvents NATS binding's headers of a one-event *piece* (format ``cloudevents``).
+
+    Binary content mode for a text or JSON event: a ``ce-`` header per
+    attribute (as eda-sub --bus prints the event: ``edaseq``, ``edabusseq``
+    included), the payload as the body.  Structured content mode for an
+    envelope (an event published whole, eda-pub --envelope): the body is the
+    event in the JSON event format, as published, and ``Content-Type`` says so.
+    """
+    batch = piece.batch
+    if batch.kind == codec.ENVELOPE:
+        return {"Content-Type": STRUCTURED}
+    one = batch._replace(seq=piece.pubseq, size=1, body=piece.body)
+    ((attributes, _),) = envelope.binary_events(one)
+    attributes[BUS_SEQUENCE] = piece.seq
+    return binding.to_headers(attributes)
+
+
 def record(head: _Head, msg: Any) -> Record:
     """The record of a stored message whose head is *head*."""
     meta = json.loads(msg.headers["Eda-Meta"])
@@ -76,3 +103,28 @@ def record(head: _Head, msg: Any) -> Record:
         head.seq, head.size, head.stored, head.topic, int(meta["kind"]), float(meta["time"]),
         head.pubid, head.pubseq, meta["source"], meta["ext"].encode(), msg.data or b"",
     )  # fmt: skip
+
+
+def joined(records: Iterable[Record]) -> Iterator[Record]:
+    """*records* with the runs of one batch's events joined again (format ``cloudevents``
+    stores one per message): what follows a record in the same publisher stream, bus
+    sequences, time, source, extensions and store round is part of it, unless a payload
+    holds a newline (only a batch of one event may)."""
+    run: Record | None = None
+    for r in records:
+        if (
+            run is not None
+            and r.seq == run.seq + run.size
+            and r.pubseq == run.pubseq + run.size
+            and r[3:7] == run[3:7]  # topic, kind, time, pubid
+            and (r.source, r.extensions, r.stored) == (run.source, run.extensions, run.stored)
+            and b"\n" not in r.body
+            and (run.size > 1 or b"\n" not in run.body)
+        ):
+            run = run._replace(size=run.size + r.size, body=run.body + b"\n" + r.body)
+            continue
+        if run is not None:
+            yield run
+        run = r
+    if run is not None:
+        yield run
