@@ -6,7 +6,7 @@ NETNS := scripts/netns-run
 # tests mostly wait (mDNS, timeouts), so more workers than cores pay off
 TEST_WORKERS ?= 4
 
-.PHONY: setup deps demo test lint docs bench clean
+.PHONY: setup deps demo test lint docs bench clean nemesis
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,13 @@ lint: setup
 
 test: deps lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# the LAN nemesis's long form (issue 18): 10 hosts, SECONDS of faults, a seeded
+# schedule; report in build/nemesis/SEED/ (summary.txt, latency.png, history.jsonl)
+SECONDS ?= 600
+SEED ?= 1
+nemesis: setup deps
+	$(NETNS) $(PY) -m tests.nemesis --seconds $(SECONDS) --seed $(SEED) --hosts 10 --out build/nemesis/$(SEED)
 
 docs: setup
 	$(PY) scripts/gendocs.py

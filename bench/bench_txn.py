@@ -13,6 +13,13 @@ the request/reply hops, the journals and their fsyncs.
 * latency of one transaction at a time, p50 and p99; target p50 <= 5 ms.
   Anchor: two sequential write+fsync, the durable floor of a 2PC commit's
   critical path (the participant's vote, then the coordinator's decision);
+* one-shot ``eda-txn commit -p stock,pay --coordinator tcp://...`` (issue 20: a
+  shell loop's cost per transaction), median wall time of :data:`ONE_SHOTS` runs
+  against the same daemons; target <= 80 ms.  Anchor, taken in turn with it: the
+  same interpreter started to do three sequential write+fsync of a record in the
+  same directory and exit -- the floor of any one-shot command that starts Python
+  and waits for a 2PC commit's durable critical path (a participant's "preparing"
+  mark, then its vote, then the coordinator's decision);
 * fsyncs per transaction over the throughput run: the fsync(2) and
   fdatasync(2) system calls the kernel saw each daemon make, counted by
   ``perf stat`` on the syscall tracepoints (no overhead to speak of); the
@@ -37,10 +44,12 @@ import time
 from pathlib import Path
 
 import zmq
+from bench_pubsub import interleave, timed_ok
 from harness import (
     BenchError,
     Procs,
     Row,
+    cpu_seconds,
     eda_cmd,
     eda_env,
     free_port,
@@ -51,6 +60,15 @@ from harness import (
 )
 
 IN_FLIGHT = 16
+ONE_SHOTS = 30  # eda-txn commit runs (and as many anchor runs, in turn); 10 with --quick
+ONE_SHOT_PARTICIPANTS = ("stock", "pay")
+FSYNCS = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+for _ in range(3):
+    os.write(fd, b'{"txn":"c1.00000000000000000","state":"prepared","time":1764290000.123}\n')
+    os.fsync(fd)
+"""
 PARTICIPANTS = ("stock", "pay", "ship")
 AGENT = r"""
 import sys
@@ -213,6 +231,32 @@ class SyscallCount:
         return counts if self.procs else None
 
 
+def one_shots(work: Path, env: dict[str, str], coordinator: str, runs: int) -> tuple[
+    list[float], list[float]
+]:
+    """Wall times of *runs* one-shot ``eda-txn commit`` (each must commit) and of as many
+    anchor runs (see the module's docstring), taken in turn."""
+    python = str(Path(eda_cmd("eda-txn")).with_name("python"))
+    script = work / "fsyncs.py"
+    script.write_text(FSYNCS)
+    anchor_file = str(work / "anchor-oneshot.jsonl")
+
+    def commit(i: int) -> float:  # exit 0: committed
+        return timed_ok(
+            [eda_cmd("eda-txn"), "commit", "--json", "-p", ",".join(ONE_SHOT_PARTICIPANTS),
+             "--coordinator", coordinator, "--data", json.dumps({"one_shot": i})],
+            work, env,
+        )  # fmt: skip
+
+    def anchor(i: int) -> float:
+        return timed_ok([python, str(script), anchor_file], work, env)
+
+    (eda, eda_note), (floor, floor_note) = interleave(runs, [commit, anchor])
+    if eda_note or floor_note:
+        raise BenchError(eda_note or floor_note)
+    return eda, floor
+
+
 def run(quick: bool) -> list[Row]:
     count = 3000 if quick else 20000
     single = 300 if quick else 2000
@@ -254,10 +298,15 @@ def run(quick: bool) -> list[Row]:
                 kernel = SyscallCount(pids, work)
                 kernel.start()
                 before = fsyncs(load, endpoints)
+                cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
                 seconds = load.run(count, IN_FLIGHT)
+                cpu = {n: cpu_seconds(p) - cpu_before[n] for n, p in pids.items()}
                 after = fsyncs(load, endpoints)
                 counted = kernel.stop()
                 stats = load.stats(endpoints["coordinator"])
+                shots, floor = one_shots(
+                    work, env, endpoints["coordinator"], 10 if quick else ONE_SHOTS
+                )
             finally:
                 load.close()
             if coordinator.poll() is not None:
@@ -283,15 +332,24 @@ def run(quick: bool) -> list[Row]:
         f"{anchor_after[0]:.0f}/s before and after"
     )
     setup = f"3 --persistent participants, fsync'd journals; {count} transactions"
+    cpu_note = ", ".join(f"{n} {cpu[n] * 1000 / count:.2f}" for n in endpoints)
+    cpu_all = sum(cpu.values()) * 1000 / count
+    shot, shot_floor = median(shots) * 1000, median(floor) * 1000
     return [
         row(f"2PC committed/s, {IN_FLIGHT} in flight", rate, "write+fsync loop (1 per txn)",
             anchor_rate, "txn/s", higher_is_better=True, target=">= 1000", ok=rate >= 1000,
-            note=f"{setup}; {where}; coordinator stats {stats}"),
+            note=f"{setup}; {where}; CPU ms per transaction {cpu_all:.2f} (daemons: {cpu_note}, "
+                 f"agents apart); coordinator stats {stats}"),
         row("2PC latency p50, one at a time", p50, "2 sequential write+fsync", anchor_pair * 1000,
             "ms", higher_is_better=False, target="<= 5", ok=p50 <= 5,
             note=f"{single} transactions; p99 {p99:.2f} ms; {where}"),
         row("2PC latency p99, one at a time", p99, "2 sequential write+fsync", anchor_pair * 1000,
             "ms", higher_is_better=False),
+        row(f"eda-txn commit one-shot, 2 participants, median of {len(shots)}", shot,
+            "python start + 3 sequential write+fsync", shot_floor, "ms", higher_is_better=False,
+            target="<= 80", ok=shot <= 80,
+            note=f"max {max(shots) * 1000:.0f} ms (anchor max {max(floor) * 1000:.0f} ms); "
+                 f"--coordinator given, the daemons of the throughput run; {where}"),
         row("fsyncs per transaction, coordinator", coord_fsyncs, "-", None, "fsync/txn",
             higher_is_better=False, target="< 1", ok=coord_fsyncs < 1,
             note=f"all four daemons: {all_fsyncs:.2f} fsync/txn ({per}); counted by {source}"),

@@ -192,12 +192,12 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
     "names without one (else they may do nothing).  Re-read when it changes.",
 )
+@metrics_option
 @click.option(
     "--http",
     metavar="HOST:PORT",
     help="Also serve HTTP here: POST /events (CloudEvents HTTP binding), GET /events as SSE.",
 )
-@metrics_option
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -277,10 +277,10 @@ def serve(
         raise
     on_stop_signals(lambda *_: server.stop())
     try:
-        api = BusHttp(server, http_at) if http else None
         from eda.core.metrics import serve as serve_metrics
 
         serve_metrics(server, metrics)
+        api = BusHttp(server, http_at) if http else None
         server.start()
         ctx.warn(
             f"serving {where} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})"

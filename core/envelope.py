@@ -106,6 +106,20 @@ def _mixed_lines(batch: codec.Batch, head: str, middle: str, binary: str) -> str
     return "".join(out)
 
 
+def _attributes(batch: codec.Batch, seq: int, time: str, content_type: str) -> dict[str, Any]:
+    """The attributes of event *seq* of a TEXT or JSON batch (everything but its data)."""
+    return {
+        "specversion": attributes.SPECVERSION,
+        "id": f"{batch.pubid}-{seq}",
+        "source": batch.source,
+        "type": batch.topic,
+        "time": time,
+        "datacontenttype": content_type,
+        **batch.extensions.values,
+        SEQUENCE: seq,
+    }
+
+
 def bus_json_lines(
     busseq: int, batch: codec.Batch, stamp: Mapping[str, str] | None = None
 ) -> list[str]:
@@ -121,20 +135,6 @@ def bus_json_lines(
     tail = "".join(f',"{k}":"{v}"' for k, v in stamp.items()) + "}\n"
     lines = batch_to_json_lines(batch).split("\n")[:-1]
     return [f'{ln[:-1]},"{BUS_SEQUENCE}":{busseq + i}{tail}' for i, ln in enumerate(lines)]
-
-
-def _attributes(batch: codec.Batch, seq: int, time: str, content_type: str) -> dict[str, Any]:
-    """The attributes of event *seq* of a TEXT or JSON batch (everything but its data)."""
-    return {
-        "specversion": attributes.SPECVERSION,
-        "id": f"{batch.pubid}-{seq}",
-        "source": batch.source,
-        "type": batch.topic,
-        "time": time,
-        "datacontenttype": content_type,
-        **batch.extensions.values,
-        SEQUENCE: seq,
-    }
 
 
 def batch_to_events(batch: codec.Batch) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import itertools
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Host:
     link: str  # the veth end on the bridge side
     procs: Procs
     started: list[Proc] = field(default_factory=list)
+    commands: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def prefix(self) -> list[str]:
@@ -45,9 +47,29 @@ class Host:
         return {**kw, "env": {"XDG_CACHE_HOME": cache, **(kw.get("env") or {})}}
 
     def eda(self, program: str, *args: str, **kw: Any) -> Proc:
-        proc = self.procs.start(command(program, *args), prefix=self.prefix, **self._env(kw))
+        argv = command(program, *args)
+        proc = self.procs.start(argv, prefix=self.prefix, **self._env(kw))
         self.started.append(proc)
+        self.commands[id(proc)] = (argv, kw)
         return proc
+
+    def restart(self, proc: Proc) -> Proc:
+        """Start *proc*'s command again on this host (after a crash): a new Proc."""
+        argv, kw = self.commands[id(proc)]
+        proc.kill()
+        again = self.procs.start(argv, prefix=self.prefix, **self._env(kw))
+        self.started.append(again)
+        self.commands[id(again)] = (argv, kw)
+        return again
+
+    @staticmethod
+    def stop(proc: Proc) -> None:
+        """Freeze *proc* (SIGSTOP): it holds its sockets and answers nothing."""
+        proc.signal(signal.SIGSTOP)
+
+    @staticmethod
+    def cont(proc: Proc) -> None:
+        proc.signal(signal.SIGCONT)
 
     def sub_ready(self, *args: str, **kw: Any) -> Proc:
         proc = self.eda("eda-sub", "-v", *args, **kw)
@@ -59,24 +81,43 @@ class Host:
 
         return run(program, *args, prefix=self.prefix, **self._env(kw))
 
-    def set_input_loss(self, percent: int) -> None:
-        """Drop *percent* % of the UDP packets this host receives (0: none), at random.
+    def set_input_loss(self, percent: int, protocols: Sequence[str] = ("udp",)) -> None:
+        """Drop *percent* % of the packets of *protocols* this host receives (0: none).
 
         An nftables rule in the host's namespace (``numgen random``), on input
-        only, as a Wi-Fi station misses multicast; TCP is left alone.
+        only, as a Wi-Fi station misses multicast (a drop on output would make
+        sendto fail with EPERM, which no real network does); by default UDP
+        only, TCP left alone; ``("udp", "tcp")`` drops both.
         """
+        rules = " ".join(
+            f'iifname != "lo" meta l4proto {proto} numgen random mod 100 < {int(percent)} drop;'
+            for proto in protocols
+        )
+        self._input_table("edaloss", rules if percent > 0 else "")
+
+    def block_from(self, addresses: Sequence[str]) -> None:
+        """Hear nothing from *addresses* (empty: heal): one side of a partition.
+
+        Input only, as :meth:`set_input_loss`; each side of a partition drops
+        what the other sends, so neither hears the other, TCP nor mDNS.
+        """
+        rules = f"ip saddr {{ {', '.join(addresses)} }} drop;" if addresses else ""
+        self._input_table("edapart", rules)
+
+    def _input_table(self, table: str, rules: str) -> None:
+        """Replace this host's nftables table *table* by an input chain of *rules*."""
         from tests.helpers import require_tools
 
         require_tools("nft", install="nftables")
         nft = [*self.prefix, "nft"]
-        subprocess.run([*nft, "delete", "table", "inet", "edaloss"], capture_output=True)
-        if percent <= 0:
+        subprocess.run([*nft, "delete", "table", "inet", table], capture_output=True)
+        if not rules:
             return
-        rules = (
-            "table inet edaloss { chain input { type filter hook input priority 0; "
-            f'iifname != "lo" meta l4proto udp numgen random mod 100 < {int(percent)} drop; }}; }}'
+        text = (
+            f"table inet {table} {{ chain input {{ type filter hook input priority 0; "
+            f"{rules} }}; }}"
         )
-        subprocess.run([*nft, "-f", "-"], input=rules.encode(), check=True, capture_output=True)
+        subprocess.run([*nft, "-f", "-"], input=text.encode(), check=True, capture_output=True)
 
     def cut(self) -> None:
         """Pull the cable: the host keeps running but hears nothing."""
@@ -127,6 +168,19 @@ class Network:
         host = Host(name, address, holder, outer, self.procs)
         self.hosts.append(host)
         return host
+
+    def split(self, half: Sequence[Host]) -> None:
+        """Split the bridge in two: *half* and the other hosts no longer hear each other."""
+        inside = [h for h in self.hosts if h in half]
+        outside = [h for h in self.hosts if h not in half]
+        for here, there in ((inside, outside), (outside, inside)):
+            for host in here:
+                host.block_from([h.address for h in there])
+
+    def join(self) -> None:
+        """Heal a :meth:`split`."""
+        for host in self.hosts:
+            host.block_from([])
 
     def close(self) -> None:
         for host in self.hosts:

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs, wait_until
+from tests.helpers import Proc, Procs, wait_until
 from tests.hosts import Host, Network
 
 TTL = 1.0
 FAST = ("--interval", "0.2", "--ttl", str(TTL))
 
 
-def serve(host: Host, *args: str) -> str:
-    proc = host.eda("eda-registry", "serve", "-v", "--tick", "0.1", "--peer-timeout", "0.6", *args)
+def start(host: Host, *args: str) -> Proc:
+    return host.eda("eda-registry", "serve", "-v", "--tick", "0.1", "--peer-timeout", "0.6", *args)
+
+
+def announced(proc: Proc) -> str:
+    """The id of the registry *proc* once it is announced by mDNS."""
     proc.wait_stderr("announced registry", 15)
     return proc.wait_stderr(r"registry (\w+) listening").group(1)
 
@@ -30,7 +34,7 @@ def found(result: subprocess.CompletedProcess[str]) -> list[tuple[str, int]]:
 @pytest.mark.long
 def test_instances_on_two_hosts_found_by_mdns_and_kill_9_expires(network: Network) -> None:
     a, b, c = (network.add_host(n) for n in "abc")
-    serve(a)
+    announced(start(a))
     on_b = b.eda(
         "eda-registry", "register", "-v", "orders", "--port", "8080", "--interval", "0.3",
         "--ttl", "3",
@@ -61,8 +65,8 @@ def test_instances_on_two_hosts_found_by_mdns_and_kill_9_expires(network: Networ
 @pytest.mark.long
 def test_two_registries_replicate_and_clients_fail_over(network: Network) -> None:
     a, b, c = (network.add_host(n) for n in "abc")
-    id_a = serve(a)
-    id_b = serve(b)
+    started = start(a), start(b)  # at once; each then finds the other by mDNS
+    id_a, id_b = map(announced, started)
     ep_a = f"tcp://{a.address}:7700"
     ep_b = f"tcp://{b.address}:7700"
     for host in (a, b):  # both have found and greeted each other

@@ -44,12 +44,14 @@ def test_a_saga_calls_workers_on_other_hosts_and_survives_losing_the_one_that_an
 ) -> None:
     a, b, c = (network.add_host(n) for n in "abc")
     hosts = {"a": a, "b": b}
-    for host in (a, b):
+    workers = []
+    for host in (a, b):  # both start at once, then both are waited for
         reply = f'jq -c "{{reserved: .qty, by: \\"{host.name}\\"}}"'
-        worker = host.eda(
+        workers.append((host, host.eda(
             "eda-lb", "worker", "stock", "--serverless", "--heartbeat", "0.3",
             "--", "sh", "-c", reply,
-        )  # fmt: skip
+        )))  # fmt: skip
+    for host, worker in workers:
         worker.wait_stderr(rf"serving stock on tcp://{host.address}:\d+", 20)
     file = tmp_path / "order.toml"
     file.write_text(SAGA)

@@ -50,6 +50,7 @@ from .protocol import (
     COMMIT,
     DEFER,
     PENDING,
+    PHASE_TWO_RETRY,
     Log,
     TxnError,
     check_name,
@@ -382,6 +383,7 @@ class Coordinator(Daemon):
         """Make the decisions of this turn durable, then tell their participants."""
         self.flush_due = False
         batch, self.deciding = self.deciding, []
+        self.peers.flush()  # the prepares of this turn go before the fsync, not after it
         try:
             self.journal.sync()
         except JournalError as exc:
@@ -423,7 +425,8 @@ class Coordinator(Daemon):
         """Send the decision to every participant that has not acknowledged it."""
         outcome = OUTCOME_OF[txn.state]
         txn.tries += 1
-        txn.next_try = time.monotonic() + min(self.retry_max, 0.1 * 2 ** min(txn.tries - 1, 10))
+        backoff = PHASE_TWO_RETRY * 2 ** min(txn.tries - 1, 10)
+        txn.next_try = time.monotonic() + min(self.retry_max, backoff)
         first = True
         msg = f'{{"op":"decide","txn":"{txn.id}","outcome":"{outcome}"}}'.encode()
         for name in txn.participants:

@@ -49,10 +49,13 @@ class JournalError(EdaError):
     """The journal cannot be written now (disk full, I/O error); what it held is intact."""
 
 
+# one encoder for every record (json.dumps with options makes a new one per call)
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode(record: Mapping[str, Any]) -> bytes:
     """*record* as one journal line."""
-    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    data = (line + "\n").encode()
+    data = (_encoder.encode(record) + "\n").encode()
     if len(data) > MAX_RECORD:
         raise EdaError(f"journal record of {len(data)} bytes is over {MAX_RECORD}")
     return data

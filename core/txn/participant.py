@@ -63,6 +63,7 @@ from .compact import COMPACT_MIN, Finished
 from .indoubt import InDoubt
 from .journal import JournalError, nothing, open_journal
 from .protocol import (
+    ACK_LINGER,
     PREPARED,
     Filter,
     Log,
@@ -162,8 +163,9 @@ class Participant(Daemon):
             flush=self._flush,
         )
         self.service.ahead = self._look_ahead
-        # an ack may wait a moment for the next prepare: one fsync for both
+        # an ack waits for the next fsync (a prepare's, a vote's) to share, up to ACK_LINGER
         self.service.lazy = lambda reply: reply.get("done") is True
+        self.service.linger = ACK_LINGER
         # a batch's votes wait for the next batch's "preparing" fsync when it is there already
         self.service.carry = True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
@@ -341,7 +343,8 @@ class Participant(Daemon):
             return
         for txn, fields in starting:
             self._record(txn, PREPARING, **fields, since=round(time.time(), 3))
-        self._sync_first()  # one fsync: every prepare of the batch leaves a trace first
+        if starting:  # (commit and abort actions need nothing synced first: acks wait on)
+            self._sync_first()  # one fsync: every prepare of the batch leaves a trace first
         if any(call.phase != PREPARE for call in calls):
             crash.point(ROLE, "before-apply")  # where the handler would have reached it
         for call in calls:

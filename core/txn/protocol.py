@@ -53,6 +53,10 @@ DEFER = "__deferred__"  # a handler's reply meaning "answered later"
 MAX_BATCH = 256  # requests in one message (its frames); more are dropped
 MAX_RESOLVE = 1_000  # transactions one filtered resolve request settles (the rest: ask again)
 PREPARED = "prepared"  # a participant's state once it voted yes: in doubt
+PHASE_TWO_RETRY = 0.1  # s: a decision not acknowledged is sent again after this (then doubling)
+# s: the longest a participant's ack waits for another fsync to share (half the first retry,
+# so that an ack held back is never the reason a decision is sent again)
+ACK_LINGER = PHASE_TWO_RETRY / 2
 
 Log = Callable[[str], None]
 
@@ -127,10 +131,20 @@ def printable(text: object, limit: int = 300) -> str:
 def check_reply_to(value: object) -> str:
     """A coordinator's endpoint as a prepare names it (``tcp://HOST:PORT``; see
     :meth:`~eda.core.endpoint.Endpoint.from_peer`), as ZeroMQ takes it."""
+    checked = _reply_to.get(value) if isinstance(value, str) else None
+    if checked is not None:  # every prepare of a coordinator names the same one
+        return checked
     endpoint = Endpoint.from_peer(value)
     if endpoint is None:
         raise ProtocolError(f"bad coordinator endpoint {printable(value, 80)!r}")
+    if len(_reply_to) >= MAX_REPLY_TO:  # endpoints made up by peers: bounded
+        _reply_to.clear()
+    _reply_to[str(value)] = endpoint.zmq
     return endpoint.zmq
+
+
+MAX_REPLY_TO = 256  # coordinator endpoints remembered as checked
+_reply_to: dict[str, str] = {}  # a prepare's reply_to -> the endpoint, checked
 
 
 def check_outcome(value: object) -> str:

@@ -21,6 +21,9 @@ from ..errors import EdaError, ProtocolError
 from ..reqrep import Envelope, Service, encode, error_reply, split_envelope
 from .protocol import DEFER, MAX_BATCH, MAX_FRAME
 
+# s: how long replies carried over to the next batch (already there) may wait for it, at most
+CARRY_WAIT = 0.002
+
 
 class BatchService(Service):
     """A request service with group commit, batched messages and deferred replies.
@@ -35,16 +38,17 @@ class BatchService(Service):
     time; between :meth:`hold` and :meth:`release` those replies are gathered
     too.  :attr:`ahead`, when set, sees the whole batch first (to start its
     work in one go).  Replies that :attr:`lazy` accepts (acknowledgements
-    nobody waits on) may linger up to :attr:`linger` seconds for the next
-    batch, so that the two share one flush.  :attr:`sender_key` is the key the
+    nobody waits on) wait for the next flush, whatever makes it, up to
+    :attr:`linger` seconds: then they are flushed on their own.
+    :attr:`sender_key` is the key the
     sender of the request being handled proved (secure mode; "" otherwise).
     With :attr:`carry`, the replies
     of a batch wait for the next batch when its requests are there already:
     an owner that syncs its journal early in a batch (a participant's
     "preparing" marks, before their actions run) sends them with
     :meth:`send_durable` right after that sync, so one fsync serves both
-    batches; otherwise the next batch's flush covers them.  Replies are
-    carried over one batch at most, and never past :attr:`linger`.
+    batches; otherwise the end of the next batch flushes them.  Replies are
+    carried over one batch at most, and never past :data:`CARRY_WAIT`.
     """
 
     def __init__(
@@ -61,7 +65,7 @@ class BatchService(Service):
         self.ahead: Callable[[list[list[bytes]]], None] | None = None
         self.held: dict[Envelope, list[bytes]] | None = None
         self.lazy: Callable[[dict[str, Any]], bool] | None = None
-        self.linger = 0.002
+        self.linger = CARRY_WAIT  # (a participant lets its acks wait longer: ACK_LINGER)
         self.waiting: dict[Envelope, list[bytes]] = {}
         self.lingering: Any = None  # the timer that sends lingering replies
         self.carry = False  # replies may wait for the next batch's first sync (see above)
@@ -90,14 +94,24 @@ class BatchService(Service):
                 self.waiting.setdefault(identity, []).append(self._encode(reply))
                 urgent = urgent or self.lazy is None or not self.lazy(reply)
         self.sender_key = ""
-        if urgent and self.carry and not self.carried and self._more():
-            self.carried = True  # the next batch, already here, makes them durable
-            if self.lingering is None:  # (and if it does not come after all: soon anyway)
-                self.lingering = self.daemon.after(self.linger, "replies", self.answer_waiting)
+        if self.carried or (urgent and not (self.carry and self._more())):
+            self.answer_waiting()  # (replies carried over go with this batch at the latest)
         elif urgent:
-            self.answer_waiting()
-        elif self.waiting and self.lingering is None:
-            self.lingering = self.daemon.after(self.linger, "replies", self.answer_waiting)
+            self.carried = True  # the next batch, already here, makes them durable
+            self._wait(CARRY_WAIT)  # (and if it does not come after all: soon anyway)
+        elif self.waiting:
+            self._wait(self.linger)
+
+    def _wait(self, delay: float) -> None:
+        """Send the waiting replies within *delay* seconds at the latest (sooner when
+        a flush comes first)."""
+        timer = self.daemon.after(delay, "replies", self.answer_waiting)
+        if self.lingering is not None:
+            if self.lingering.due <= timer.due:
+                timer.cancel()
+                return
+            self.lingering.cancel()
+        self.lingering = timer
 
     def _more(self) -> bool:
         """Whether requests are waiting to be read now."""

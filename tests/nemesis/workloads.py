@@ -1,0 +1,425 @@
+"""Workloads: real eda programs as users run them, each operation recorded in the history.
+
+Each workload starts its daemons on the hosts it is given (the nemesis may
+kill, restart or freeze them), runs client loops in threads while the
+nemesis works, and after the heal and the recovery window makes its final
+reads. Values are unique strings, so a checker can tell every event apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import PROGRAMS, Proc, wait_until
+from tests.hosts import Host
+from tests.nemesis.history import FAIL, INFO, OK, History
+from tests.nemesis.nemesis import Daemon
+
+BUS_TOPIC, PS_TOPIC, SERVICE, LB_SERVICE = "nem.bus", "nem.ps", "nem", "nemlb"
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The complete JSON lines of *text*: a line a kill -9 cut short is no event written."""
+    found = []
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            found.append(item)
+    return found
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class Loop:
+    """A client that repeats *op* in a thread of its own until stopped."""
+
+    def __init__(
+        self, history: History, name: str, op: Callable[[], None], pause: float = 0.1
+    ) -> None:
+        self.history = history
+        self.name = name
+        self.op = op
+        self.pause = pause
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.op()
+            except Exception as exc:  # the harness's own trouble: recorded, and the loop ends
+                self.history.add(self.name, "harness", "error", repr(exc), FAIL)
+                return
+            self.stopped.wait(self.pause)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(120)
+
+
+class Workload:
+    subject = ""
+
+    def __init__(self, history: History, workdir: Path) -> None:
+        self.history = history
+        self.workdir = workdir
+        self.daemons: list[Daemon] = []
+        self.loops: list[Loop] = []
+
+    def daemon(self, name: str, host: Host, proc: Proc, kinds: tuple[str, ...]) -> Daemon:
+        d = Daemon(name, host, proc, kinds)
+        self.daemons.append(d)
+        return d
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    def stop_clients(self) -> None:
+        for loop in self.loops:
+            loop.stopped.set()
+        for loop in self.loops:
+            loop.stop()
+
+    def finish(self) -> None:
+        """Final reads, after the heal and the recovery window."""
+
+
+# -- the bus (embedded engine) ------------------------------------------------------------
+class BusWorkload(Workload):
+    """eda-bus serve; confirmed publishers; a durable consumer; a group of two members."""
+
+    subject = "bus"
+
+    def __init__(
+        self,
+        history: History,
+        workdir: Path,
+        bus_host: Host,
+        publishers: list[Host],
+        durable: Host,
+        members: list[Host],
+    ) -> None:
+        super().__init__(history, workdir)
+        self.endpoint = f"tcp://{bus_host.address}:5570"
+        self.bus_host = bus_host
+        bus = bus_host.eda(
+            "eda-bus", "serve", "--data", str(workdir / "bus"), "--bind", self.endpoint, "-v"
+        )
+        bus.wait_stderr("announced bus", 60)
+        self.daemon("bus", bus_host, bus, ("kill", "stop"))
+        sub = ("eda-sub", "--bus", self.endpoint, BUS_TOPIC)
+        self.durable = self.daemon(
+            "durable", durable, durable.eda(*sub, "--durable", "d1"), ("kill", "stop")
+        )
+        self.members = [
+            self.daemon(f"member{i}", h, h.eda(*sub, "--group", "g1"), ("kill", "stop"))
+            for i, h in enumerate(members, 1)
+        ]
+        for i, host in enumerate(publishers, 1):
+            self.loops.append(
+                Loop(self.history, f"bus-pub{i}", self._publisher(f"bus-pub{i}", host))
+            )
+        wait_until(lambda: self._stats(bus_host) is not None, 60, "the bus answering stats")
+
+    def _publisher(self, name: str, host: Host) -> Callable[[], None]:
+        count = iter(range(1, 1 << 30))
+
+        def publish() -> None:
+            n = next(count)
+            values = [f"{name}-{n}-{i}" for i in range(3)]
+            began = self.history.now()
+            try:
+                r = host.run(
+                    "eda-pub", "--bus", self.endpoint, "--confirm", "--timeout", "5",
+                    BUS_TOPIC, *values, timeout=60,
+                )  # fmt: skip
+                rc, why = r.returncode, last_line(r.stderr)
+            except subprocess.TimeoutExpired:
+                rc, why = -1, "eda-pub did not end within 60 s"
+            outcome = OK if rc == 0 else INFO  # not confirmed: may or may not be stored
+            value = {"values": values, "rc": rc, "stderr": why}
+            self.history.add(name, self.subject, "publish", value, outcome, began)
+
+        return publish
+
+    def _stats(self, host: Host) -> dict[str, Any] | None:
+        try:
+            r = host.run("eda-bus", "stats", "--consumers", "--bus", self.endpoint, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
+        if r.returncode != 0:
+            return None
+        return {c["name"]: c for c in json_lines(r.stdout)}
+
+    def finish(self) -> None:
+        host = self.bus_host
+        began = self.history.now()
+
+        def caught_up() -> dict[str, Any] | None:
+            stats = self._stats(host)
+            done = stats and all(stats.get(n, {}).get("lag", 1) == 0 for n in ("d1", "g1"))
+            return stats if done else None
+
+        try:
+            stats = wait_until(caught_up, 120, "the durable consumer and the group caught up")
+            self.history.add("bus-check", self.subject, "stats", stats, OK, began)
+        except AssertionError as exc:
+            self.history.add("bus-check", self.subject, "stats", str(exc), FAIL, began)
+        began = self.history.now()
+        try:
+            r = host.run(
+                "eda-sub", "--bus", self.endpoint, BUS_TOPIC, "--from-start", "--until-end",
+                timeout=300,
+            )  # fmt: skip
+            text, rc = r.stdout, r.returncode
+        except subprocess.TimeoutExpired:
+            text, rc = "", -1
+        log = [[e.get("data"), e.get("edabusseq")] for e in json_lines(text)]
+        outcome = OK if rc == 0 else FAIL
+        self.history.add("bus-check", self.subject, "read", log, outcome, began)
+        for d in [self.durable, *self.members]:
+            d.proc.signal(signal.SIGTERM)
+        for d in [self.durable, *self.members]:
+            _ended(d.proc)
+            for i, proc in enumerate(d.incarnations):
+                events = [[e.get("data"), e.get("edabusseq")] for e in json_lines(proc.stdout)]
+                consumer = "durable" if d is self.durable else "group"
+                value = {"consumer": consumer, "incarnation": i, "events": events}
+                self.history.add(d.name, self.subject, "delivered", value)
+
+
+def _ended(proc: Proc, timeout: float = 30) -> None:
+    try:
+        proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# -- brokerless pub/sub -------------------------------------------------------------------
+SUB_ID = re.compile(r"announced as (\w+) on mDNS")
+SUB_LOST = re.compile(r"lost (\d+) events from")
+PUB_REPORT = re.compile(r"subscriber (\w+) (is gone|lost (\d+) event|did not confirm)")
+
+
+class PubSubWorkload(Workload):
+    """One brokerless feed (eda-pub reading a pipe) and subscribers on other hosts."""
+
+    subject = "pubsub"
+
+    def __init__(
+        self, history: History, workdir: Path, feed_host: Host, subscribers: list[Host]
+    ) -> None:
+        super().__init__(history, workdir)
+        self.subs = []
+        for i, host in enumerate(subscribers, 1):
+            proc = host.sub_ready(PS_TOPIC)
+            self.subs.append(self.daemon(f"ps-sub{i}", host, proc, ("kill", "stop")))
+        feed = feed_host.eda("eda-pub", "-v", PS_TOPIC, stdin=subprocess.PIPE)
+        # frozen, not killed: a new feed would be a new publisher, its events a new stream
+        self.feed = self.daemon("feed", feed_host, feed, ("stop",))
+        self.pipe = feed.popen.stdin
+        self.count = 0
+        self.loops.append(Loop(self.history, "feed", self._write, pause=0.05))
+
+    def _write(self) -> None:
+        assert self.pipe is not None
+        self.count += 1
+        began = self.history.now()
+        self.pipe.write(f"p-{self.count}\n".encode())
+        self.pipe.flush()
+        self.history.add("feed", self.subject, "publish", self.count, OK, began)
+
+    def finish(self) -> None:
+        assert self.pipe is not None
+        self.pipe.close()
+        feed = self.feed.proc
+        began = self.history.now()
+        _ended(feed, 60)
+        reports: dict[str, list[str]] = {}
+        for m in PUB_REPORT.finditer(feed.stderr):
+            reports.setdefault(m.group(1), []).append(m.group(2))
+        value = {"rc": feed.popen.returncode, "last": self.count, "reports": reports}
+        self.history.add("feed", self.subject, "feed-end", value, OK, began)
+        for d in self.subs:
+            d.proc.signal(signal.SIGTERM)
+        for d in self.subs:
+            _ended(d.proc)
+            for i, proc in enumerate(d.incarnations):
+                sid = SUB_ID.search(proc.stderr)
+                events = [[e.get("edaseq"), e.get("data")] for e in json_lines(proc.stdout)]
+                value = {
+                    "incarnation": i,
+                    "id": sid.group(1) if sid else None,
+                    "events": events,
+                    "lost": sum(int(n) for n in SUB_LOST.findall(proc.stderr)),
+                }
+                self.history.add(d.name, self.subject, "delivered", value)
+
+
+# -- the registry -------------------------------------------------------------------------
+TTL, INTERVAL, PEER_TIMEOUT, TICK = 2.0, 0.4, 1.0, 0.2
+DNS_PORT = 8600
+
+
+class RegistryWorkload(Workload):
+    """Three registry peers, a registrant per host, and each peer's view looked up.
+
+    Each peer is asked two ways from its own host (so a partition never hides
+    its view): ``eda-registry lookup`` (a whole program run, seconds on a
+    loaded machine) and ``dig`` at its DNS interface (milliseconds), which
+    times convergence finely."""
+
+    subject = "registry"
+
+    def __init__(
+        self, history: History, workdir: Path, peers: list[Host], registrants: list[Host]
+    ) -> None:
+        super().__init__(history, workdir)
+        endpoints = [f"tcp://{h.address}:7700" for h in peers]
+        self.peers = peers
+        for i, host in enumerate(peers):
+            others = [a for e in endpoints if e != endpoints[i] for a in ("--peer", e)]
+            proc = host.eda(
+                "eda-registry", "serve", "-v", "--data", str(workdir / f"registry{i + 1}"),
+                "--tick", str(TICK), "--peer-timeout", str(PEER_TIMEOUT), *others,
+                "--dns", f"{host.address}:{DNS_PORT}",
+            )  # fmt: skip
+            proc.wait_stderr("announced registry", 60)
+            self.daemon(f"registry{i + 1}", host, proc, ("kill", "stop"))
+        history.add(
+            "registry", self.subject, "setup",
+            {"ttl": TTL, "peer_timeout": PEER_TIMEOUT, "tick": TICK, "interval": INTERVAL},
+        )  # fmt: skip
+        for i, host in enumerate(registrants, 1):
+            port = 9000 + i
+            proc = host.eda(
+                "eda-registry", "register", "-v", SERVICE, "--port", str(port), "--ttl", str(TTL),
+                "--interval", str(INTERVAL), "--id", f"svc{i}",
+            )  # fmt: skip
+            proc.wait_stderr(f"registered {SERVICE}/", 60)
+            self.daemon(f"svc{i}", host, proc, ("kill", "stop"))
+            history.add(f"svc{i}", self.subject, "instance", {"daemon": f"svc{i}", "id": f"svc{i}"})
+        for i, (host, endpoint) in enumerate(zip(peers, endpoints, strict=True), 1):
+            name = f"observer{i}"
+            self.loops.append(
+                Loop(self.history, name, self._observer(name, i, host, endpoint), pause=0.2)
+            )
+            self.loops.append(
+                Loop(self.history, f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1)
+            )
+
+    def _dig(self, name: str, peer: int, host: Host) -> Callable[[], None]:
+        argv = [
+            *host.prefix, "dig", "+short", "+time=1", "+tries=1", "-p", str(DNS_PORT),
+            f"@{host.address}", f"{SERVICE}.service.eda", "SRV",
+        ]  # fmt: skip
+
+        def view() -> None:
+            began = self.history.now()
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                rc = r.returncode
+            except subprocess.TimeoutExpired:
+                rc = -1
+            if rc == 0:  # "PRIO WEIGHT PORT ID.nem.service.eda." per instance
+                ids = sorted(line.split()[3].split(".")[0] for line in r.stdout.splitlines())
+                value: Any = {"registry": peer, "ids": ids}
+                self.history.add(name, self.subject, "view", value, OK, began)
+            else:
+                value = {"registry": peer, "rc": rc}
+                self.history.add(name, self.subject, "view", value, FAIL, began)
+
+        return view
+
+    def _observer(self, name: str, peer: int, host: Host, endpoint: str) -> Callable[[], None]:
+        def lookup() -> None:
+            began = self.history.now()
+            try:
+                r = host.run("eda-registry", "lookup", SERVICE, "--registry", endpoint, timeout=30)
+                rc = r.returncode
+            except subprocess.TimeoutExpired:
+                rc = -1
+            if rc in (0, 3):  # 3: none passing, an empty view
+                ids = sorted(str(item.get("id")) for item in json_lines(r.stdout))
+                value: Any = {"registry": peer, "ids": ids}
+                self.history.add(name, self.subject, "lookup", value, OK, began)
+            else:
+                value = {"registry": peer, "rc": rc}
+                self.history.add(name, self.subject, "lookup", value, FAIL, began)
+
+        return lookup
+
+
+# -- eda-lb ---------------------------------------------------------------------------------
+PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
+LB_FAILED = re.compile(r"request (\d+) failed")
+LB_UNSENT = re.compile(r"input from line (\d+) on not sent")
+
+
+class LbWorkload(Workload):
+    """Workers of one service on several hosts (each reply names its worker); callers
+    send numbered requests with ``eda-lb call`` and keep its stdout, stderr and status."""
+
+    subject = "lb"
+
+    def __init__(
+        self, history: History, workdir: Path, workers: list[Host], callers: list[Host]
+    ) -> None:
+        super().__init__(history, workdir)
+        self.names = []
+        for i, host in enumerate(workers, 1):
+            name = f"lbw{i}"
+            reply = f'printf "%s %s\\n" "$(cat)" {name}'
+            proc = host.eda(
+                "eda-lb", "worker", LB_SERVICE, "-v", "--heartbeat", "0.3", "--id", name,
+                "--", "sh", "-c", reply,
+            )  # fmt: skip
+            self.daemon(name, host, proc, ("kill", "stop"))
+            self.names.append(name)
+        history.add("lb", self.subject, "setup", {"workers": self.names})
+        for d in self.daemons:
+            d.proc.wait_stderr(f"serving {LB_SERVICE} on", 60)
+        for i, host in enumerate(callers, 1):
+            self.loops.append(Loop(self.history, f"lb-call{i}", self._caller(f"lb-call{i}", host)))
+
+    def _caller(self, name: str, host: Host) -> Callable[[], None]:
+        count = iter(range(1, 1 << 30))
+
+        def call() -> None:
+            n = next(count)
+            requests = [f"{name}-{n}-{i}" for i in range(5)]
+            began = self.history.now()
+            try:
+                r = host.run("eda-lb", "call", LB_SERVICE, "--timeout", "8", *requests, timeout=120)
+                rc, out, err = r.returncode, r.stdout, r.stderr
+            except subprocess.TimeoutExpired:
+                rc, out, err = -1, "", "eda-lb call did not end within 120 s"
+            unsent = LB_UNSENT.search(err)
+            value = {
+                "requests": requests,
+                "replies": out.splitlines(),
+                "failed": sorted(int(m) for m in LB_FAILED.findall(err)),
+                "unsent_from": int(unsent.group(1)) if unsent else None,
+                "rc": rc,
+                "stderr": last_line(err),
+            }
+            self.history.add(name, self.subject, "call", value, OK if rc == 0 else FAIL, began)
+
+        return call
