@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eda.core.daemon import BindError, Daemon
 from eda.core.errors import NotFoundError, UsageError
@@ -322,3 +324,12 @@ def test_open_streams_are_pinged() -> None:
         assert b"data: hello\n" in got
     finally:
         web.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=st.sampled_from([b"", b"GET /metrics HTTP/1.1\r\n", b"POST /echo HTTP/1.1\r\n"]),
+       noise=st.binary(max_size=2048))  # fmt: skip
+def test_any_bytes_get_an_http_answer_or_a_hang_up(web: Running, prefix: bytes, noise: bytes) -> None:
+    out = raw(web.port, prefix + noise + b"\r\n\r\n", timeout=1)
+    assert out == b"" or out.startswith(b"HTTP/1.1 ")
+    assert get(web.port, "/metrics")[0] == 200  # and the server goes on
