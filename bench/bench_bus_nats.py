@@ -131,36 +131,22 @@ def run(quick: bool) -> list[Row]:
                     note=join_notes(note, anchor_note, nats_front[2] if k == 0 else ""),
                 )
             )
-    # the cost of --nats-format cloudevents: its rows beside the default format's
+    # the cost of --nats-format cloudevents: its rows beside the default format's; then
+    # the engine in this process beside the anchor
     for k, what in enumerate(("confirmed publish", "replay --from-start --raw")):
-        (value, note), (eda_value, eda_note) = cloudevents[k], nats_front[k]
-        rows.append(
-            row(
-                f"NATS engine, cloudevents format, {what} ({size})",
-                value,
-                CLOUDEVENTS_ANCHOR,
-                eda_value,
-                RATE,
-                higher_is_better=True,
-                ok=judge(note),
-                note=join_notes(note, eda_note, cloudevents[2] if k == 0 else ""),
-            )
-        )
+        name = f"NATS engine, cloudevents format, {what} ({size})"
+        rows.append(beside(name, cloudevents[k], CLOUDEVENTS_ANCHOR, nats_front[k],
+                           cloudevents[2] if k == 0 else ""))  # fmt: skip
     for k, what in enumerate(("append+commit", "read")):
-        (value, note), (anchor_value, anchor_note) = engine[k], anchor[k]
-        rows.append(
-            row(
-                f"{ENGINE} {what} ({size})",
-                value,
-                ANCHOR,
-                anchor_value,
-                RATE,
-                higher_is_better=True,
-                ok=judge(note),
-                note=join_notes(note, anchor_note),
-            )
-        )
+        rows.append(beside(f"{ENGINE} {what} ({size})", engine[k], ANCHOR, anchor[k]))
     return rows
+
+
+def beside(name: str, result: Result, anchor_name: str, anchor: Result, more: str = "") -> Row:
+    """A rate row of *result* beside *anchor*'s, with no target."""
+    (value, note), (anchor_value, anchor_note) = result, anchor
+    return row(name, value, anchor_name, anchor_value, RATE, higher_is_better=True,
+               ok=judge(note), note=join_notes(note, anchor_note, more))  # fmt: skip
 
 
 # -- prerequisites and the cluster ----------------------------------------------------------
