@@ -180,3 +180,21 @@ def test_any_attribute_string_survives_the_headers(text: str) -> None:
     value = binding.encode_value(text)
     assert all(0x21 <= ord(c) <= 0x7E for c in value) and '"' not in value
     assert binding.decode_value(value) == text
+
+
+def test_durable_consumers_and_groups_go_on_through_a_front_in_the_cloudevents_format(
+    procs: Procs, tmp_path: Path
+) -> None:
+    srv = Server(procs, tmp_path / "jetstream")
+    bus, ep = start_front(procs, srv.url, new_stream(), "--nats-format", "cloudevents")
+    pub = run("eda-pub", "--bus", ep, "--confirm", "jobs.a", input="".join(f"{i}\n" for i in range(6)))
+    assert pub.returncode == 0, pub.stderr
+    for want in (["0", "1", "2"], ["3", "4", "5"]):  # each run resumes where the last acked
+        took = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-C", "3",
+                   "-W", "10")  # fmt: skip
+        assert took.stdout.splitlines() == want, took.stderr
+    took = run("eda-sub", "--bus", ep, "jobs.>", "--group", "workers", "--from-start", "--raw",
+               "-C", "6", "-W", "10")  # fmt: skip
+    assert took.stdout.splitlines() == [str(i) for i in range(6)], took.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0
