@@ -47,7 +47,7 @@ PROBE_DEADLINE: Final = 0.25
 # A round of more messages than this (the cloudevents format stores one per event)
 # waits for its acks as long as they keep coming, within SERVE_DEADLINE of each other:
 # JetStream acknowledges a few thousand messages a second on a loaded machine.
-ACKS_PER_DEADLINE: Final = 1000
+ACKS_PER_DEADLINE: Final = 100
 # ... those questions still unanswered (each lives until the JetStream API timeout;
 # a slow answer is still taken by a later call) at most
 PROBES_IN_FLIGHT: Final = 16

@@ -25,6 +25,7 @@ from .state import NatsState
 from .wire import _Head, head_of, joined, record
 
 _CHUNK: Final = 128  # messages fetched concurrently while reading
+_CHUNK_EVENTS: Final = 512  # ... in the cloudevents format (a message per event, small)
 _CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
 
 
@@ -138,7 +139,8 @@ class Index(NatsState):
         while i < len(self._heads) and self._heads[i].seq <= end:
             heads: list[_Head] = []
             want = nbytes = 0
-            while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
+            most = _CHUNK_EVENTS if self.format == "cloudevents" else _CHUNK
+            while i < len(self._heads) and len(heads) < most and self._heads[i].seq <= end:
                 h = self._heads[i]
                 i += 1
                 if matcher is None or matcher(h.topic):
