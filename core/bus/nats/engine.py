@@ -48,6 +48,8 @@ PROBE_DEADLINE: Final = 0.25
 # waits for its acks as long as they keep coming, within SERVE_DEADLINE of each other:
 # JetStream acknowledges a few thousand messages a second on a loaded machine.
 ACKS_PER_DEADLINE: Final = 100
+# Messages of the cloudevents format one commit round takes at most (see round_full)
+ROUND_MESSAGES: Final = 2000
 # ... those questions still unanswered (each lives until the JetStream API timeout;
 # a slow answer is still taken by a later call) at most
 PROBES_IN_FLIGHT: Final = 16
@@ -128,6 +130,13 @@ class NatsEngine(StatsOf):
             raise
 
     # -- writing --------------------------------------------------------------
+    @property
+    def round_full(self) -> bool:
+        """In the cloudevents format, ROUND_MESSAGES appended: the bus commits them
+        before it takes more (a round of a million messages would hold every
+        confirmation of it until the last is acknowledged)."""
+        return self.format == "cloudevents" and len(self._outbox) >= ROUND_MESSAGES
+
     def _check(self, batch: Batch) -> None:
         subject_bytes = len(self.prefix) + 1 + len(batch.topic.encode())
         if batch.topic not in self._topics_ok and subject_bytes > 4000:
