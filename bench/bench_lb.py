@@ -163,19 +163,24 @@ def secure_identity(env: dict[str, str]) -> None:
 
 
 def _workers(
-    procs: Procs, work: Path, count: int = 3, secure: bool = False
+    procs: Procs, work: Path, count: int = 3, secure: bool = False,
+    metrics: list[int] | None = None,
 ) -> tuple[list[str], list[object]]:
     """*count* persistent echo workers (with --secure: as the identity of
-    :func:`secure_identity`); their endpoints (``NAME@`` with *secure*) and processes."""
+    :func:`secure_identity`; with *metrics*, a list, each with --metrics on a port added
+    to it); their endpoints (``NAME@`` with *secure*) and processes."""
     endpoints, started = [], []
     for i in range(count):
         port = free_port()
         err = work / f"worker{i}.err"
+        served = [] if metrics is None else ["--metrics", f"127.0.0.1:{free_port()}"]
         proc = procs.start(
-            [eda_cmd("eda-lb"), "worker", "echo", "--no-mdns", "--persistent",
+            [eda_cmd("eda-lb"), "worker", "echo", "--no-mdns", "--persistent", *served,
              *(["--secure"] if secure else []), "--bind", f"tcp://127.0.0.1:{port}", "--", "cat"],
             stderr=err,
         )  # fmt: skip
+        if metrics is not None:
+            metrics.append(int(served[1].rpartition(":")[2]))
         wait_for_text(err, "serving echo", 20, proc)
         endpoints.append((f"{SECURE_NAME}@" if secure else "") + f"tcp://127.0.0.1:{port}")
         started.append(proc)
@@ -201,12 +206,14 @@ def _eda_run(
     src: Path,
     cpu: dict[str, list[float]] | None = None,
     secure: bool = False,
+    metrics: list[int] | None = None,
 ) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms) of eda-lb call over three persistent workers (all with
-    --secure when *secure*: *env* holds a :func:`secure_identity`); the CPU seconds per
-    request of the caller and of the workers together go to *cpu*."""
+    --secure when *secure*: *env* holds a :func:`secure_identity`; with --metrics, their
+    ports added to the list *metrics*); the CPU seconds per request of the caller and of
+    the workers together go to *cpu*."""
     with Procs(work, env) as procs:
-        endpoints, workers = _workers(procs, work, secure=secure)
+        endpoints, workers = _workers(procs, work, secure=secure, metrics=metrics)
         out, err = work / "eda.out", work / "eda.err"
         args = [eda_cmd("eda-lb"), "call", "echo", "-v", "--window", str(WINDOW)]
         if secure:

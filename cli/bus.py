@@ -26,6 +26,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     json_option,
+    metrics_option,
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
@@ -191,6 +192,12 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
     '[alice] publish = ["orders.>"] subscribe = [">"] admin = true; [default] for the '
     "names without one (else they may do nothing).  Re-read when it changes.",
 )
+@metrics_option
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Also serve HTTP here: POST /events (CloudEvents HTTP binding), GET /events as SSE.",
+)
 @common_options
 def serve(
     engine_urls: list[str] | None,
@@ -215,7 +222,9 @@ def serve(
     key_file: str | None,
     trust_dir: str | None,
     acl: str | None,
+    http: str | None,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
 
@@ -228,6 +237,10 @@ def serve(
     from eda.core.bus.server import BusServer, Settings
 
     rights = open_acl(acl or None)
+    if http:
+        from eda.core.bus.http import BusHttp, serve_address
+
+        http_at = serve_address(http, rights is not None)
     engine, where = _open_engine(
         engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
         nats_format,
@@ -264,9 +277,14 @@ def serve(
         raise
     on_stop_signals(lambda *_: server.stop())
     try:
+        from eda.core.metrics import serve as serve_metrics
+
+        serve_metrics(server, metrics)
+        api = BusHttp(server, http_at) if http else None
         server.start()
         ctx.warn(
             f"serving {where} on {server.endpoint} (seq {engine.first_seq}..{engine.last_seq})"
+            + (f", HTTP on {api.url}" if api else "")
         )
         server.serve()
     finally:

@@ -17,10 +17,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import click
 
+from eda.cli.lazygroup import LazyGroup, subcommand_of
 from eda.core.config import Setting, default_paths, settings_for
 from eda.core.errors import ConfigError, EdaError, ExitStatus, NotFoundError
 
@@ -244,16 +246,35 @@ def default_map(command: click.Command, program: str, argv: list[str]) -> dict[s
 
     Keys are option names; the per-program table is named after the program
     without ``eda-``.  For a program with subcommands, a key feeds every
-    subcommand that has that option.
+    subcommand that has that option.  Of a :class:`LazyGroup`, only the
+    subcommand *argv* runs is imported, unless a key is none of its options.
     """
     from eda.cli import PROGRAMS
 
     section = program.removeprefix("eda-")
     tables = {name.removeprefix("eda-") for name in PROGRAMS}
     settings = settings_for(section, default_paths(_config_path(argv)), tables)
+    if not isinstance(command, LazyGroup):
+        return _defaults(command, program, settings)
+    command.commands.get(subcommand_of(command, argv) or "")
+    try:
+        return _defaults(command, program, settings, command.commands.loaded())
+    except ConfigError:  # perhaps another subcommand's option: the error if nobody's
+        return _defaults(command, program, settings)
+
+
+def _defaults(
+    command: click.Command,
+    program: str,
+    settings: dict[str, Setting],
+    subcommands: dict[str, click.Command] | None = None,
+) -> dict[str, Any]:
+    """:func:`default_map` over *subcommands* (default: all of a group's)."""
+    section = program.removeprefix("eda-")
     targets: list[tuple[str | None, dict[str, click.Parameter]]]
     if isinstance(command, click.Group):
-        targets = [(name, _options_by_key(sub)) for name, sub in command.commands.items()]
+        subs = dict(command.commands.items()) if subcommands is None else subcommands
+        targets = [(name, _options_by_key(sub)) for name, sub in subs.items()]
     else:
         targets = [(None, _options_by_key(command))]
     result: dict[str, Any] = {}
@@ -282,6 +303,9 @@ def _convert(param: click.Parameter, setting: Setting) -> Any:
 
 
 def _commands(command: click.Command) -> list[click.Command]:
+    """*command* and its subcommands (of a :class:`LazyGroup`, those imported so far)."""
+    if isinstance(command, LazyGroup):
+        return [command, *command.commands.loaded().values()]
     if isinstance(command, click.Group):
         return [command, *command.commands.values()]
     return [command]
@@ -300,17 +324,24 @@ def assign_envvars(command: click.Command, program: str) -> None:
     """Give every option without one its environment variable, EDA_<PROGRAM>_<OPTION>
     (``EDA_SUB_TIMEOUT`` for eda-sub's ``--timeout``); for a group, the variable
     feeds every subcommand that has the option, as a config key does, except for
-    :data:`PER_SUBCOMMAND` options: EDA_<PROGRAM>_<SUBCOMMAND>_<OPTION>."""
+    :data:`PER_SUBCOMMAND` options: EDA_<PROGRAM>_<SUBCOMMAND>_<OPTION>.  A
+    :class:`LazyGroup`'s subcommands get theirs when imported."""
     prefix = envvar_prefix(program)
     for cmd in _commands(command):
-        sub = f"_{cmd.name}" if cmd is not command and cmd.name else ""
-        for param in cmd.params:
-            if not isinstance(param, click.Option) or param.envvar or not param.expose_value:
-                continue
-            long = [opt for opt in param.opts if opt.startswith("--")]
-            if long:
-                name = long[0][2:] if long[0] not in PER_SUBCOMMAND else sub + "_" + long[0][2:]
-                param.envvar = f"{prefix}_{name.lstrip('_').replace('-', '_').upper()}"
+        _assign_envvars(cmd, prefix, cmd is not command)
+    if isinstance(command, LazyGroup):
+        command.commands.prepare = partial(_assign_envvars, prefix=prefix, subcommand=True)
+
+
+def _assign_envvars(cmd: click.Command, prefix: str, subcommand: bool) -> None:
+    sub = f"_{cmd.name}" if subcommand and cmd.name else ""
+    for param in cmd.params:
+        if not isinstance(param, click.Option) or param.envvar or not param.expose_value:
+            continue
+        long = [opt for opt in param.opts if opt.startswith("--")]
+        if long:
+            name = long[0][2:] if long[0] not in PER_SUBCOMMAND else sub + "_" + long[0][2:]
+            param.envvar = f"{prefix}_{name.lstrip('_').replace('-', '_').upper()}"
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -12,6 +12,7 @@ from eda.cli.options import (
     apply_security,
     common_options,
     health_check_options,
+    metrics_option,
     registry_option,
     security_options,
     strategy_option,
@@ -90,6 +91,7 @@ Examples:
 )
 @registry_option
 @security_options
+@metrics_option
 @common_options
 def tcp(
     name: str,
@@ -115,6 +117,7 @@ def tcp(
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
+    metrics: Any,
 ) -> None:
     """Proxy TCP connections on --listen to the passing instances of service NAME.
 
@@ -154,8 +157,12 @@ def tcp(
     served: list[Any] = []  # the stats socket and its registration, closed at the end
 
     def serve_figures(figures: Any, engine: str) -> None:
+        from eda.core.lb.metrics import proxy_families
         from eda.core.lb.proxystats import PublishedFigures
+        from eda.core.metrics import serve_in_thread
 
+        exporter = serve_in_thread(proxy_families(figures), metrics, ctx.warn)
+        served.extend([exporter] if exporter is not None else [])
         served.append(
             PublishedFigures(service, access, figures, engine, log=ctx.debug, warn=ctx.warn).start()
         )

@@ -279,3 +279,26 @@ def apply_security(
     )
     active.allow(allow)
     return active
+
+
+def metrics_option(func: F) -> F:
+    """--metrics HOST:PORT: serve Prometheus metrics there (:func:`serve_metrics`)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        from eda.core.metrics import parse_address
+
+        try:
+            return parse_address(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+
+    return click.option(
+        "--metrics",
+        "metrics",
+        metavar="HOST:PORT",
+        callback=parse,
+        help="Serve Prometheus metrics on http://HOST:PORT/metrics (':9464': every address; "
+        "port 0: any); registrations and announcements then carry metrics=HOST:PORT.",
+    )(func)

@@ -10,8 +10,6 @@ is :mod:`eda.cli.subloop`; the receiving itself is ``eda.core.pubsub`` and
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -188,7 +186,9 @@ def command(
     if sum([raw, bool(template), force_json]) > 1:
         raise UsageError("choose one of --raw, --json and --format")
     bus, patterns = split_bus(bus, patterns)
-    start = _bus_start(from_start, from_seq, since, last)
+    from eda.core.bus.startat import start_spec
+
+    start = start_spec(from_start, from_seq, since, last)
     if everywhere and (durable or group or until_end):
         # a consumer that acknowledges, or a dump with an end, is the bus's alone
         raise UsageError("--everywhere excludes --durable, --group and --until-end (use --bus)")
@@ -318,43 +318,6 @@ def _listen(
         source.give_up = lambda: len(refusals) >= len(connects)
 
 
-def _bus_start(from_start: bool, from_seq: int | None, since: str | None, last: int | None) -> Any:
-    """The starting point of a bus subscription (None: live, or a durable's position)."""
-    given = [from_start, from_seq is not None, since is not None, last is not None]
-    if sum(given) > 1:
-        raise UsageError("choose one of --from-start, --from-seq, --since and --last")
-    if from_start:
-        return "start"
-    if from_seq is not None:
-        return {"seq": from_seq}
-    if last is not None:
-        return {"last": last}
-    if since is not None:
-        from datetime import UTC, datetime
-
-        if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdwSMHDW]\s*", since):  # an age: that long ago
-            from eda.core.bus.retention import parse_age
-
-            try:
-                return {"time": max(time.time() - parse_age(since), 0.0)}
-            except UsageError:
-                raise UsageError(f"bad --since {since!r}: an age must be positive") from None
-        try:
-            when = datetime.fromisoformat(since)
-        except ValueError:
-            try:
-                return {"time": float(since)}
-            except ValueError:
-                raise UsageError(
-                    f"bad --since {since!r}: use RFC 3339 (2026-11-01T00:00Z), unix seconds"
-                    " or an age (30m, 1h, 2d)"
-                ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return {"time": when.timestamp()}
-    return None
-
-
 def _bus(
     ctx: Context,
     bus: str,
@@ -448,29 +411,17 @@ def _stored_range(endpoint: str, patterns: list[str], start: Any) -> tuple[dict[
 
 def _bus_renderer(raw: bool, output: Output, via: str | None) -> Callable[[list[Any]], None]:
     """As :func:`_batch_renderer`, each event also carrying its bus sequence (edabusseq)."""
-    from eda.cli.output import json_text
-    from eda.core import codec, envelope
+    from eda.core import envelope
 
     if raw and output.mode != "exec":
         return lambda ds: output.data(b"".join([envelope.batch_payloads(d.batch) for d in ds]))
     stamp = {} if via is None else {VIA: via}
 
     if output.mode == "json":
-        tail = "".join(f',"{k}":"{v}"' for k, v in stamp.items()) + "}\n"
 
         def json_lines(ds: list[Any]) -> None:
-            out: list[str] = []
-            for d in ds:
-                seq = d.busseq
-                if d.batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus
-                    out.extend(
-                        json_text({**ev, BUS_SEQ: seq + i, **stamp}) + "\n"
-                        for i, ev in enumerate(envelope.batch_to_events(d.batch))
-                    )
-                    continue
-                lines = envelope.batch_to_json_lines(d.batch).split("\n")[:-1]
-                out.extend([f'{ln[:-1]},"{BUS_SEQ}":{seq + i}{tail}' for i, ln in enumerate(lines)])
-            output.text("".join(out))
+            lines = envelope.bus_json_lines
+            output.text("".join([line for d in ds for line in lines(d.busseq, d.batch, stamp)]))
 
         return json_lines
 

@@ -397,10 +397,12 @@ class Daemon:
         object, also kept in :attr:`discovery` for browsing and closed by :meth:`close`.
         *key*: secure mode's public key (TXT ``k``, pinned by clients)."""
         from .discovery import Discovery
+        from .metrics import meta
 
         if self.discovery is None:
             self.discovery = Discovery(self.interface)
-        self.discovery.announce_peer(service_type, name, port, txt or [], on_ready, key=key)
+        txt = [*(txt or []), *meta()]  # where its /metrics is, if served
+        self.discovery.announce_peer(service_type, name, port, txt, on_ready, key=key)
         return self.discovery
 
     def withdraw(self) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import base64
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from . import attributes, codec
-from .attributes import CORE_ATTRIBUTES, SEQUENCE
+from .attributes import BUS_SEQUENCE, CORE_ATTRIBUTES, SEQUENCE
 from .errors import InputError, UsageError
 from .topics import validate_topic
 
@@ -118,6 +118,23 @@ def _attributes(batch: codec.Batch, seq: int, time: str, content_type: str) -> d
         **batch.extensions.values,
         SEQUENCE: seq,
     }
+
+
+def bus_json_lines(
+    busseq: int, batch: codec.Batch, stamp: Mapping[str, str] | None = None
+) -> list[str]:
+    """The events of *batch*, stored from bus sequence *busseq*, as eda-sub --bus prints
+    them (and the bus's HTTP stream sends them): CloudEvents JSON lines, each ending in a
+    newline, with its ``edabusseq`` and the constant attributes of *stamp*."""
+    stamp = stamp or {}
+    if batch.kind == codec.ENVELOPE:  # may carry an edabusseq of another bus: replaced
+        return [
+            attributes.safe_dumps({**ev, BUS_SEQUENCE: busseq + i, **stamp}) + "\n"
+            for i, ev in enumerate(batch_to_events(batch))
+        ]
+    tail = "".join(f',"{k}":"{v}"' for k, v in stamp.items()) + "}\n"
+    lines = batch_to_json_lines(batch).split("\n")[:-1]
+    return [f'{ln[:-1]},"{BUS_SEQUENCE}":{busseq + i}{tail}' for i, ln in enumerate(lines)]
 
 
 def batch_to_events(batch: codec.Batch) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ through :class:`Procs`, and a fixture fails the test if one is left behind.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import sys
@@ -29,10 +30,15 @@ settings.load_profile("eda")
 def pytest_configure(config: pytest.Config) -> None:
     """Outside a private network namespace, restart this pytest run inside one.
 
+    (Also registers the ``long`` marker: see :func:`pytest_collection_modifyitems`.)
+
     With pytest-xdist (``-n N``), each worker starts in a fresh namespace of
     its own, so tests running at the same time in different workers can never
     see each other's mDNS announcements, ports, bridges or hosts.
     """
+    config.addinivalue_line(
+        "markers", "long: takes 8 s or more; started first (see pytest_collection_modifyitems)"
+    )
     if os.environ.get("EDA_NETNS") == "1":
         _own_namespace_per_worker(config)
         return
@@ -63,6 +69,41 @@ def _own_namespace_per_worker(config: pytest.Config) -> None:
             spec = f"{count}{star}popen//python={python}"
         specs.append(spec)
     config.option.tx = specs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the tests marked ``long`` first, spread evenly over the xdist workers.
+
+    ``--dist worksteal`` hands worker k the k-th of N consecutive chunks of this
+    list, then moves the tail half of the longest queue to a worker that ran
+    out.  A long test at the tail of a queue would end the run with one worker
+    busy and the others idle; all of them at the front of the list would all
+    go to one worker.  So each chunk begins with its share of the long tests
+    (dealt round robin) and goes on with the others, in collection order.
+    Every worker computes the same order, as xdist requires.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    workers = int(workerinput["workercount"]) if workerinput else 1
+    items[:] = _long_first(items, workers)
+
+
+def _long_first(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    long = [item for item in items if item.get_closest_marker("long")]
+    rest = iter([item for item in items if not item.get_closest_marker("long")])
+    sizes, left = [], len(items)
+    for k in range(workers):  # as worksteal splits the list at the start
+        sizes.append(left // (workers - k))
+        left -= sizes[-1]
+    chunks: list[list[pytest.Item]] = [[] for _ in sizes]
+    k = 0
+    for item in long:
+        while len(chunks[k % workers]) >= sizes[k % workers]:  # full: the next one
+            k += 1
+        chunks[k % workers].append(item)
+        k += 1
+    for chunk, size in zip(chunks, sizes, strict=True):
+        chunk.extend(itertools.islice(rest, size - len(chunk)))
+    return [item for chunk in chunks for item in chunk]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -175,6 +175,7 @@ def test_avahi_sees_a_serverless_instance_and_eda_browse_sees_avahis(procs, avah
     assert item["name"] == "avahi web" and item["port"] == 8081 and ADDRESS in item["addresses"]
 
 
+@pytest.mark.long
 def test_without_avahi_the_tests_fail_at_once_saying_what_to_install(tmp_path):
     """A fresh machine without avahi: one line naming the packages, not a 15 s timeout."""
     empty = tmp_path / "bin"

@@ -194,6 +194,7 @@ def test_replay_switches_to_live_without_gap_or_duplicate_while_publishing(
     assert [e["edabusseq"] for e in events] == list(range(1, total + 1))
 
 
+@pytest.mark.long
 def test_durable_consumer_resumes_after_its_kill_9_and_after_a_bus_restart(
     procs: Procs, engine: Bus
 ) -> None:
@@ -241,6 +242,7 @@ def test_group_members_share_events_exactly_once(procs: Procs, engine: Bus) -> N
     assert got_a and got_b
 
 
+@pytest.mark.long
 def test_a_dead_group_members_unacknowledged_events_go_to_the_others(
     procs: Procs, engine: Bus, tmp_path: Path
 ) -> None:
@@ -273,6 +275,7 @@ def _group(ep: str) -> dict[str, object] | None:
     return next((r for r in rows if r.get("consumer") == "group"), None)
 
 
+@pytest.mark.long
 def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
     procs: Procs, engine: Bus
 ) -> None:
@@ -299,6 +302,7 @@ def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
     assert sorted(int(x) for x in sub.lines()) == list(range(1, n + 1))
 
 
+@pytest.mark.long
 def test_clients_find_a_bus_that_came_back_elsewhere_again(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -498,6 +502,7 @@ mv "$2/running/$1.$EDA_ID" "$2/done/"
 """
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("max_pending", [None, 2])
 def test_group_members_share_slow_jobs_holding_at_most_max_pending(
     procs: Procs, engine: Bus, tmp_path: Path, max_pending: int | None
@@ -547,6 +552,7 @@ def test_group_members_share_slow_jobs_holding_at_most_max_pending(
     wait_until(lambda: held() == 0, 30, "every job acknowledged")
 
 
+@pytest.mark.long
 def test_a_group_member_whose_job_outlasts_the_silence_limit_keeps_it(
     procs: Procs, engine: Bus, tmp_path: Path
 ) -> None:

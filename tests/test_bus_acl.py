@@ -100,6 +100,7 @@ def envelope(topic: str, data: str, n: int) -> str:
     return json.dumps(event) + "\n"
 
 
+@pytest.mark.long
 def test_a_key_allowed_orders_cannot_publish_or_subscribe_to_payments(procs: Procs, tmp_path, ids):
     _, ep = serve(procs, tmp_path, ids, RIGHTS)
     alice, ops = ids["alice"], ids["ops"]

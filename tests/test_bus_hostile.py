@@ -148,6 +148,7 @@ def test_tags_frames_decode_or_are_refused(frame: bytes) -> None:
     assert protocol.pack_tags(list(tags)) == frame
 
 
+@pytest.mark.long
 def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
     procs: Procs, tmp_path: Path
 ) -> None:

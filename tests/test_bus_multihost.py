@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 
+
+@pytest.mark.long
 def test_bus_on_one_host_serves_publishers_and_consumers_on_two_others(
     network: Any, tmp_path: Path
 ) -> None:

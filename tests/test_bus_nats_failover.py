@@ -43,6 +43,7 @@ def record_calls(store: NatsEngine, log: list[Call]) -> None:
     bridge.run = recording  # type: ignore[method-assign]
 
 
+@pytest.mark.long
 def test_a_writer_on_the_killed_leader_resumes_on_a_survivor_and_only_probes_meanwhile(
     tmp_path: Path,
 ) -> None:

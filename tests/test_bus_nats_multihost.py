@@ -98,6 +98,7 @@ def events_of(
     return got.stdout.splitlines()
 
 
+@pytest.mark.long
 def test_200k_confirmed_events_survive_a_killed_node_and_fronts_are_found_by_mdns(
     network: Network, nodes: tuple[list[Host], list[str]]
 ) -> None:
@@ -141,6 +142,7 @@ def _stored(host: Host, ep: str) -> int:
     return int(next((r["events"] for r in rows if r.get("kind") == "bus"), 0) or 0)
 
 
+@pytest.mark.long
 def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
     network: Network, nodes: tuple[list[Host], list[str]]
 ) -> None:
@@ -173,6 +175,7 @@ def test_a_partition_confirms_on_the_majority_and_times_out_on_the_minority(
     assert lone.stdout.split() in ([], [str(i) for i in range(1, 11)])  # at most once
 
 
+@pytest.mark.long
 def test_serve_changes_the_replicas_and_limits_of_an_existing_stream_or_refuses_clearly(
     network: Network, nodes: tuple[list[Host], list[str]]
 ) -> None:

@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import Procs, command, run, wait_until
 from tests.test_bus import Bus, engine, start_bus  # noqa: F401  (the fixture: both engines)
 from tests.test_bus_acl import RIGHTS, as_, ids, serve, topics  # noqa: F401  (ids: a fixture)
@@ -48,6 +50,7 @@ def test_stats_consumers_lists_durables_and_groups_with_patterns_and_lag(
     assert rows["audit"]["lag"] == 0
 
 
+@pytest.mark.long
 def test_delete_consumer_forgets_its_position_and_refuses_unknown_or_live_names(
     procs: Procs, engine: Bus  # noqa: F811
 ) -> None:
@@ -118,6 +121,7 @@ def test_an_existing_durable_says_it_ignores_a_start_and_a_new_pattern(
     assert plain.stdout.splitlines() == ["8"] and plain.stderr == "", plain.stderr
 
 
+@pytest.mark.long
 def test_reset_moves_a_durable_back_to_a_sequence_a_time_or_the_start(
     procs: Procs, engine: Bus  # noqa: F811
 ) -> None:
@@ -206,6 +210,7 @@ def read(ep: str, *args: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.long
 def test_purge_one_topic_of_three_keeps_sequences_counts_consumers_and_replays(
     procs: Procs, tmp_path: Path
 ) -> None:

@@ -307,7 +307,7 @@ def test_an_empty_bus_says_empty_not_a_backwards_range() -> None:
 
 
 def test_browse_templates_take_meta_as_its_help_says() -> None:
-    from eda.cli import registry
+    from eda.cli import registrywatch as registry  # browse's module
 
     item = {"event": "added", "name": "web", "addresses": ["10.0.0.5"], "port": 80,
             "txt": {"zone": "a"}}  # fmt: skip

@@ -23,9 +23,13 @@ from tests.helpers import MdnsResponder, closed_port, service_records, wait_unti
 from tests.hosts import Network
 
 LOSS = 25  # percent, on input, on both hosts
-RUNS = 20
+# one-shot runs per test: a question asked once gets through about 56% of the time
+# (75% x 75%), so without the repeats and the cache ten first contacts all succeed
+# about 3 times in 1000
+RUNS = 10
 
 
+@pytest.mark.long
 def test_one_shot_publishes_reach_a_subscriber_on_the_other_host(network: Network) -> None:
     a, b = network.add_host("a"), network.add_host("b")
     sub = b.sub_ready("lan.>")
@@ -48,6 +52,7 @@ def test_one_shot_publishes_reach_a_subscriber_on_the_other_host(network: Networ
     assert failed == []
 
 
+@pytest.mark.long
 def test_first_contact_lookups_find_a_registered_service(network: Network, tmp_path: Path) -> None:
     a, b = network.add_host("a"), network.add_host("b")
     serve = b.eda("eda-registry", "serve", "-v")

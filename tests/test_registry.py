@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from tests.helpers import Proc, Procs, command, readable, run, wait_until
@@ -379,6 +380,7 @@ def test_health_check_failure_drops_instance_and_recovery_brings_it_back(
     ]
 
 
+@pytest.mark.long
 def test_flapping_check_does_not_flap_lookups(procs: Procs, tmp_path: Path) -> None:
     _, ep = serve(procs)
     check = tmp_path / "flap.sh"
@@ -444,6 +446,7 @@ def test_watch_snapshot_then_changes_and_count(procs: Procs) -> None:
     assert w.stderr == ""
 
 
+@pytest.mark.long
 def test_registry_restart_keeps_live_registrations_and_drops_dead_ones(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -918,6 +921,7 @@ def test_an_unusable_data_directory_is_a_runtime_error(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.long
 def test_a_stopped_registry_does_not_pass_for_an_empty_one(procs: Procs, tmp_path: Path) -> None:
     """A registry seen before (cached) that is down is said on stderr, and never "not found"."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # this test's dead registry stays here

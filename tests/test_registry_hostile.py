@@ -509,6 +509,7 @@ def test_a_lying_registry_cannot_stop_watch(zctx: zmq.Context[zmq.Socket[bytes]]
     liar.xpub.close()
 
 
+@pytest.mark.long
 def test_idle_dns_tcp_connections_are_closed_by_serve(procs: Procs) -> None:
     server, _ep = serve(procs, "--dns", "127.0.0.1:0")
     port = int(server.wait_stderr(r"DNS on 127\.0\.0\.1:(\d+)").group(1))

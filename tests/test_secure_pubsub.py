@@ -49,6 +49,7 @@ def test_a_trusted_pair_works(procs: Procs, ids):
     assert [e["data"] for e in events(sub)] == ["one", "two"]
 
 
+@pytest.mark.long
 def test_secure_and_insecure_never_mix(procs: Procs, ids):
     # the plain one ends at its first event (it must be y); the secure one waits for a
     # second event that must never come (y), idle limits long enough for a loaded machine

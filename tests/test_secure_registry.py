@@ -271,6 +271,7 @@ def test_a_secure_peer_is_named_by_its_key(tmp_path, ids):
     assert unknown.returncode == 2 and "'carol' is not trusted" in unknown.stderr
 
 
+@pytest.mark.long
 def test_insecure_and_secure_registries_never_mix(procs: Procs, tmp_path, ids):
     secure, s, _ = serve(procs, tmp_path, ids["reg"], mdns=True)
     plain, p, _ = serve(procs, tmp_path, None, mdns=True)
@@ -291,6 +292,7 @@ def test_insecure_and_secure_registries_never_mix(procs: Procs, tmp_path, ids):
     assert "replicating with peer registry" not in secure.stderr + plain.stderr
 
 
+@pytest.mark.long
 def test_serverless_secure_lookups_keep_trusted_keys_only(procs: Procs, ids):
     register(procs, ids["alice"], None, "orders", 9001, "--serverless")
     register(procs, None, None, "orders", 9002, "--serverless")

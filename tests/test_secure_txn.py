@@ -162,6 +162,7 @@ def test_participants_found_through_a_secure_registry_are_pinned_to_their_proven
     assert balances(bank) == {"a1": 70, "a2": 130}
 
 
+@pytest.mark.long
 def test_participants_announced_by_mdns_are_pinned_to_their_announced_keys(
     procs: Procs, tmp_path, ids, bank
 ):

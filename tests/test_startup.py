@@ -8,6 +8,7 @@ regression of this kind (eda-pub loading SQLite and the bus engines through
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -115,3 +116,63 @@ def test_one_shot_imports_nothing_heavy(tmp_path, args, status):
     assert {"zmq", "eda.core.discovery"} <= names  # the command did its network work
     heavy = sorted(names & ONE_SHOT_HEAVY)
     assert heavy == [], f"{args[0]} {args[1]} imports {heavy}"
+
+
+# each subcommand of a lazy group (eda.cli.lazygroup) and the modules only other subcommands need
+LAZY = {
+    "eda.cli.registryserve": ["registry", "serve"],
+    "eda.cli.registryquery": ["registry", "lookup"],
+    "eda.cli.registrywatch": ["registry", "watch"],
+    "eda.cli.lbworker": ["lb", "worker"],
+    "eda.cli.lbcall": ["lb", "call"],
+    "eda.cli.lbserve": ["lb", "serve"],
+    "eda.cli.lbstats": ["lb", "stats"],
+    "eda.cli.lbtcp": ["lb", "tcp"],
+    "eda.cli.txndaemons": ["txn", "coordinator"],
+    "eda.cli.txncommit": ["txn", "commit"],
+    "eda.cli.txnresolve": ["txn", "resolve"],
+    "eda.cli.txnsaga": ["txn", "saga"],
+    "eda.cli.txnstatus": ["txn", "status"],
+}
+
+
+@pytest.mark.parametrize("program", ["registry", "lb", "txn"])
+def test_group_help_lists_every_subcommand(program):
+    """``eda-X --help`` lists each subcommand with its short help, taken from its definition."""
+    import click
+
+    command = importlib.import_module(f"eda.cli.{program}").command
+    out, _ = imported(["-m", f"eda.cli.{program}", "--help"])
+    listed = out.split("Commands:\n", 1)[1]
+    for name, sub in command.commands.items():
+        ctx = click.Context(sub)
+        assert f"  {name} " in listed
+        assert sub.get_short_help_str(40)[:20] in listed, (name, ctx)
+
+
+@pytest.mark.parametrize("module", sorted(LAZY))
+def test_a_subcommand_imports_no_other_subcommands_module(module):
+    """Running (here: asking for the help of) one subcommand imports its own module only."""
+    program, sub = LAZY[module]
+    _, names = imported(["-m", f"eda.cli.{program}", sub, "--help"])
+    assert module in names
+    others = sorted(m for m in LAZY if m != module and LAZY[m][0] == program)
+    assert not names & set(others), f"eda-{program} {sub} imports {sorted(names & set(others))}"
+
+
+def test_a_config_key_of_another_subcommand_is_no_error(tmp_path):
+    """Only the subcommand that runs is imported, yet a config key of another subcommand is
+    still accepted, and one of no subcommand still refused (exit 2)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), EDA_NO_MDNS="1")
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[registry]\nttl = 5\n")  # register's option
+    bad.write_text("[registry]\nno_such_option = 5\n")
+    lookup = [sys.executable, "-m", "eda.cli.registry", "lookup", "db", "-c"]
+    result = subprocess.run([*lookup, str(good)], capture_output=True, text=True, env=env,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1, result.stderr  # the config was fine: it looked
+    assert "no registry found" in result.stderr
+    result = subprocess.run([*lookup, str(bad)], capture_output=True, text=True, env=env,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "no_such_option' is not an option of eda-registry" in result.stderr

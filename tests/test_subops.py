@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eda.cli.sub import _bus_start
+from eda.core.bus.startat import start_spec as _bus_start
 from eda.core.errors import UsageError
 from tests.helpers import Procs, command, readable, run
 from tests.test_bus import Bus, engine, start_bus
@@ -106,6 +106,7 @@ def test_progress_through_the_bus_counts_sent_and_confirmed(procs: Procs, tmp_pa
     assert got.stdout.splitlines() == [f"{i:05}" for i in range(2000)], got.stderr
 
 
+@pytest.mark.long
 def test_until_end_dumps_what_is_stored_and_exits_0(procs: Procs, engine: Bus) -> None:
     _, ep = engine.start()
     for topic, body in [("a.x", "1\n2\n"), ("b.y", "3\n"), ("a.z", "4\n"), ("b.y", "5\n6\n")]:

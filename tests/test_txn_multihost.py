@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import helpers
 from tests.helpers import wait_until
 
 helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
 
 
+@pytest.mark.long
 def test_two_phase_commit_across_three_hosts_found_by_mdns(network: Any, tmp_path: Path) -> None:
     a, b, c = (network.add_host(n) for n in "abc")
     log = str(tmp_path / "{}")
@@ -68,6 +71,7 @@ def test_two_phase_commit_across_three_hosts_found_by_mdns(network: Any, tmp_pat
     assert json.loads(stock_rows.stdout)["participants"] == {"stock": "committed"}
 
 
+@pytest.mark.long
 def test_2pc_daemons_started_before_a_registry_move_to_it_and_mdns_still_finds_the_rest(
     network: Any, tmp_path: Path
 ) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PROGRAMS
 from tests.hosts import Host, Network
 
@@ -36,6 +38,7 @@ def saga(host: Host, file: Path, log: Path, saga_id: str) -> dict[str, object]:
     return output
 
 
+@pytest.mark.long
 def test_a_saga_calls_workers_on_other_hosts_and_survives_losing_the_one_that_answered(
     network: Network, tmp_path: Path
 ) -> None:

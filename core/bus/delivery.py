@@ -71,6 +71,8 @@ class Delivering(ClientLinks):
     queued: QueuedBytes  # bytes queued per client and in all
     subs: dict[bytes, Subscription]
     cut: int  # subscribers cut off for not reading
+    lost: int  # events reported lost to subscribers (retention removed them unread)
+    delivered_before: int  # events sent to subscriptions that have ended
     _durable: int  # the engine's durable_seq as last seen: delivered up to there
     _groups_dirty: bool  # a group member may be able to claim (new events, acks, room)
     settings: Settings
@@ -97,6 +99,7 @@ class Delivering(ClientLinks):
             if first is None:  # (a purge's holes after it are no loss: the reads skip them)
                 first = self.engine.kept_from
             if sub.cursor < first:
+                self.lost += first - sub.cursor
                 self._send(sub.ident, [p.LOST, encode({"lost": first - sub.cursor})])
                 sub.cursor = first
             self._pump(sub, durable)
@@ -206,6 +209,8 @@ class Delivering(ClientLinks):
         subscribes again on the same connection; else its connection is hung up on
         (which frees what is queued) when something is queued or *hang_up* says so."""
         sub = self.subs.pop(ident, None)
+        if sub is not None:
+            self.delivered_before += sub.sent  # (metrics: the live ones' are summed at scrape)
         if not resubscribing:
             if sub is not None and (hang_up or self.queued.held(ident)):
                 self._hang_up(sub.conn)

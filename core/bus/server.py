@@ -23,6 +23,7 @@ what each trusted key may do, checked per batch and per request).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,7 @@ class BusServer(Answering):
         self._sender: zmq.Frame | None = None  # a frame of the message being handled
         self._own: set[str] = set()
         self.cut = 0  # subscribers cut off for not reading
+        self.lost = self.delivered_before = 0  # (core/bus/metrics.py)
         self.subs: dict[bytes, Subscription] = {}
         self.confirmed = 0
         self._waiting: list[tuple[bytes, int, int]] = []  # (client, tag, confirm_at) this round
@@ -102,6 +104,10 @@ class BusServer(Answering):
         self.refused = 0
         self._durable = engine.durable_seq
         self._groups_dirty = True
+        # the HTTP front (.http): settles its own appends before each round, and is told
+        # of each new durable sequence (its streams deliver from the store too)
+        self.before_round: list[Callable[[], object]] = []
+        self.on_durable: list[Callable[[int], object]] = []
         self.watch(self.sock, "clients", self.drain)
         self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
@@ -113,6 +119,12 @@ class BusServer(Answering):
             self.every(ACL_EVERY, "acl", self._check_acl, first=ACL_EVERY)
         self._releasing: Any = None
         self._try_release_all()
+
+    def metrics(self) -> Iterator[Any]:
+        """What --metrics exports (core/bus/metrics.py)."""
+        from .metrics import families
+
+        return families(self)
 
     def _untrusted_names(self, acl: Acl) -> None:
         secure = security.active()
@@ -175,9 +187,7 @@ class BusServer(Answering):
         except StoreError:
             return  # unreachable for now: publishing and stats report it
         if durable != self._durable:
-            self._durable = durable
-            self._groups_dirty = True
-            self.pump()
+            self.committed(durable)
 
     @property
     def port(self) -> int:
@@ -217,6 +227,8 @@ class BusServer(Answering):
         (retry) at once (:meth:`_rolled_back`).  Each message is handled on its
         own: whatever one raises, the others' work goes on.
         """
+        for step in self.before_round:
+            self.guarded("before a round", step)
         self._waiting = []
         self._safe = self.engine.durable_seq
         for frames in self._incoming():  # each noting where it came from
@@ -231,10 +243,16 @@ class BusServer(Answering):
             self.limited("commit", f"commit failed: {exc}")
             self._answer(waiting, self._safe, exc)
             return
+        self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
+        self.committed(durable)
+
+    def committed(self, durable: int) -> None:
+        """After a commit (a round's, or the HTTP front's): deliver up to *durable*."""
         if durable != self._durable:
             self._durable = durable
             self._groups_dirty = True
-        self._answer(waiting, durable, StoreError("the batch was not covered by a commit"))
+            for listener in self.on_durable:
+                self.guarded("durable listener", listener, durable)
         self.pump()
 
     def _commit(self) -> int:

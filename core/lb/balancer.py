@@ -97,6 +97,7 @@ class Balancer:
         self._pick = self._pickers[strategy]
         self._live: list[Backend] | None = None  # instances of weight > 0, when nothing changes
         self._ejected = 0  # backends ejected now (maybe expired: checked lazily)
+        self.ejections = 0  # ejections since start (--metrics)
         self._warming = 0  # backends possibly still in slow start
 
     # -- membership ----------------------------------------------------------------------------
@@ -311,6 +312,7 @@ class Balancer:
         backend.ejections += 1
         backend.consecutive = 0
         self._ejected += 1
+        self.ejections += 1
         if self.slow_start > 0:
             backend.warm_from = backend.ejected_until
             self._warming += 1

@@ -432,6 +432,7 @@ class Broker(Daemon):
         self.balancer.finished(w.backend, status == OK)  # an error reply is a failure (5xx)
         w.requests += 1
         w.latencies.append(now - t0)
+        w.latency.observe(now - t0)
         if status != OK:
             w.errors += 1
         self._answer(p, status, body)
@@ -522,6 +523,12 @@ class Broker(Daemon):
     @property
     def capacity(self) -> int:
         return self.members.capacity
+
+    def metrics(self) -> Any:
+        """What --metrics exports (core/lb/metrics.py)."""
+        from .metrics import broker_families
+
+        return broker_families(self)
 
     def stats(self) -> dict[str, Any]:
         """What S answers (core/lb/stats.py)."""

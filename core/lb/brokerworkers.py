@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..metrics import Histogram
 from .balancer import Backend, Balancer
 from .brokerqueue import Pending
 
@@ -37,6 +38,7 @@ class Worker:
     requests: int = 0  # answered (ok or err)
     errors: int = 0  # err replies, timeouts, bad replies, requests lost with it
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES))
+    latency: Histogram = field(default_factory=Histogram)  # all of them (--metrics)
     dead: bool = False
     beat_at: float = 0.0  # monotonic time of its last H
 

@@ -46,6 +46,7 @@ import zmq
 from ..daemon import DRAIN_LIMIT, Daemon, Log
 from ..errors import ProtocolError, UsageError
 from ..measure import latency_ms
+from ..metrics import Histogram
 from ..outbox import RELEASE_AFTER, Pump, release_memory
 from . import protocol as p
 from .commands import DEPTH, Job, PerRequest, Persistent, Running
@@ -113,6 +114,7 @@ class Worker(Daemon):
         self.outbox = self.pump.outbox
         self.requests = self.errors = self.busy = self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
+        self.latency = Histogram()  # every request's latency (--metrics)
         self.links: BrokerLinks | None = None  # to the brokers of the service, if asked
         self.stats_budget = p.Budget()
         self.stats_dropped = 0  # S over the budget
@@ -339,7 +341,9 @@ class Worker(Daemon):
         """The one reply of an admitted request (counted, its latency kept)."""
         if status == p.ERR:
             self.errors += 1
-        self.latencies.append((now or time.monotonic()) - job.received)
+        took = (now or time.monotonic()) - job.received
+        self.latencies.append(took)
+        self.latency.observe(took)
         self._send(job, status, body)
 
     def refuse(self, job: Job) -> None:
@@ -371,6 +375,12 @@ class Worker(Daemon):
             self.reply(self._dequeue(), p.ERR, b"timed out in the queue", now)
 
     # -- stats -------------------------------------------------------------------------------------
+    def metrics(self) -> Any:
+        """What --metrics exports (core/lb/metrics.py)."""
+        from .metrics import worker_families
+
+        return worker_families(self)
+
     def figures(self) -> dict[str, Any]:
         """This instance's figures, as its ``T`` reply carries them."""
         latency = {k: v or 0.0 for k, v in latency_ms(self.latencies).items()}

@@ -31,6 +31,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import metrics
 from .. import security as secure_mode
 from ..errors import EdaError, UsageError
 from .client import Client, NoRegistry, local_address_towards
@@ -224,7 +225,7 @@ def registration(
         "host": host,
         "port": port,
         "weight": weight,
-        "meta": parse_meta(tuple(meta)),
+        "meta": parse_meta((*meta, *metrics.meta())),  # where its /metrics is, if served
         "ttl": ttl,
         "interval": interval,
     }

@@ -30,12 +30,14 @@ what only a registry does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import queue
 import secrets
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +126,7 @@ class Server(Daemon):
         self.id = self.journal.registry_id() if self.journal else secrets.token_hex(4)
         self.store = Store(self.id)
         self.persist_failed = False
+        self.counted: collections.Counter[str] = collections.Counter()  # changes, heartbeats
         if self.journal is not None:
             records, seq = self.journal.load()
             self.store.restore(records, seq)
@@ -131,6 +134,7 @@ class Server(Daemon):
                 skipped = self.journal.skipped
                 self.warn(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
         self.links: dict[str, PeerLink] = {}
+        self.on_change: list[Callable[[Event], object]] = []  # told every change (HTTP's SSE)
         self.subscribed: set[str] = set()
         self.security = security.active()
         self.found: queue.SimpleQueue[Peer] = queue.SimpleQueue()  # registries announced
@@ -235,6 +239,7 @@ class Server(Daemon):
 
     def _publish(self, events: list[Event]) -> None:
         for event in events:
+            self.counted[event["type"]] += 1
             if self.journal is not None:
                 try:
                     self.journal.append(event)
@@ -244,6 +249,8 @@ class Server(Daemon):
                 self.xpub.send_multipart(
                     [protocol.event_topic(event["service"]), encode(event)], zmq.NOBLOCK
                 )
+            for listener in self.on_change:
+                self.guarded("change listener", listener, event)
             inst = event["instance"]
             self.log(f"{event['type']} {inst['service']}/{inst['id']}: {event['reason']}")
 
@@ -282,6 +289,7 @@ class Server(Daemon):
         inst = req.instance
         assert inst is not None
         register = req.op == "register"
+        self.counted[req.op] += 1
         inst.key = self.service.sender_key  # proven by the handshake; a claimed key is ignored
         self._check_owner(inst.id, req.op)
         self._publish(self.store.heartbeat(inst, register=register))
@@ -333,6 +341,17 @@ class Server(Daemon):
             "seq": self.store.seq,
             "instances": [i.to_dict() for i in found],
         }
+
+    # -- metrics (core/metrics.py) ----------------------------------------------------
+    def metrics(self) -> Iterator[Any]:
+        from .metrics import families
+
+        return families(self)
+
+    def metric_routes(self) -> list[tuple[str, str, Any]]:
+        from .metrics import routes
+
+        return routes(self)
 
     # -- change stream ---------------------------------------------------------------
     def _tick(self) -> None:

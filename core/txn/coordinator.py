@@ -236,6 +236,12 @@ class Coordinator(Daemon):
             raise NotFoundError(f"transaction {txn_id} belongs to another coordinator")
         return {"txn": txn_id, "outcome": ABORT}  # presumed abort: never decided, or long done
 
+    def metrics(self) -> Any:
+        """What --metrics exports (core/txn/metrics.py)."""
+        from .metrics import coordinator_families
+
+        return coordinator_families(self)
+
     def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -510,6 +510,12 @@ class Participant(Daemon):
             "more": max(0, len(matching) - where.limit),
         }
 
+    def metrics(self) -> Any:
+        """What --metrics exports (core/txn/metrics.py)."""
+        from .metrics import participant_families
+
+        return participant_families(self)
+
     def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
         states: dict[str, int] = {}
         for record in [*self.txns.values(), *self.finished.values()]:
