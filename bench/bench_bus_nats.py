@@ -370,7 +370,10 @@ def front_on_nats(
     if message_format != "eda":
         args += ["--nats-format", message_format]
     try:
-        published, replayed = front(work, data, events, args, "serving NATS stream EDA")
+        # one JetStream message per event is an order of magnitude slower: more patience
+        patience = 1 if message_format == "eda" else 10
+        published, replayed = front(work, data, events, args, "serving NATS stream EDA",
+                                    patience)  # fmt: skip
         if published[0] is not None:
             try:
                 messages, replicas = js_info(urls, "EDA")
@@ -399,10 +402,16 @@ def engine_option(option: str = "--engine") -> bool:
 
 
 def front(
-    work: Path, data: Path, events: int, serve_args: list[str], serving: str = "serving "
+    work: Path,
+    data: Path,
+    events: int,
+    serve_args: list[str],
+    serving: str = "serving ",
+    patience: int = 1,
 ) -> tuple[Result, Result]:
     """``eda-bus serve SERVE_ARGS`` on a known endpoint; the confirmed publish of the file
-    through it, then its replay, which must equal the file."""
+    through it, then its replay, which must equal the file (each given *patience* times
+    the usual time)."""
     env = eda_env(work)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     bus_err, pub_err = work / "bus.err", work / "pub.err"
@@ -426,7 +435,7 @@ def front(
                 stdin=data,
                 stderr=pub_err,
             )
-            wait_exit(pub, pipe_timeout(events) * 4, "eda-pub --bus --confirm")
+            wait_exit(pub, pipe_timeout(events) * 4 * patience, "eda-pub --bus --confirm")
             elapsed = time.perf_counter() - start
             exited_ok(pub, pub_err, "eda-pub --bus --confirm")
             if bus.poll() is not None:
@@ -442,7 +451,7 @@ def front(
                 stdout=out,
                 stderr=sub_err,
             )  # fmt: skip
-            wait_output(sub, out, "eda-sub --bus --from-start", pipe_timeout(events) * 2)
+            wait_output(sub, out, "eda-sub --bus --from-start", pipe_timeout(events) * 2 * patience)
             elapsed = time.perf_counter() - start
             exited_ok(sub, sub_err, "eda-sub --bus --from-start")
             check_identical(data, out, events)
