@@ -17,6 +17,9 @@ stream below has 3 replicas and is deleted after its measurement.
   ENGINE_BATCH events, ``append`` + ``commit`` every ENGINE_COMMIT batches, then
   ``read`` of everything, compared with the input; what the engine costs without the
   bus protocol, the processes and the client.
+* **the cloudevents format**: the same front with ``--nats-format cloudevents`` (one
+  JetStream message per event, in the CloudEvents NATS binding), its publish and
+  replay rows beside the default format's in the same run: the cost of the format.
 * **anchor**: ``nats_anchor.py pub`` (nats-py, one JetStream message per event, acks
   awaited in a window of 1,000) into an R3 stream on the same cluster, then
   ``nats_anchor.py replay`` (an ordered ephemeral consumer), checked the same way.
@@ -74,6 +77,7 @@ NATS_FRONT = "eda-bus --engine nats:// (R3)"
 EMBEDDED = "eda-bus --data (embedded)"
 ANCHOR = "JetStream R3 (nats-py)"
 ENGINE = "NatsEngine in-process (R3)"
+CLOUDEVENTS_ANCHOR = "the same front, eda format (default)"
 
 
 def run(quick: bool) -> list[Row]:
@@ -85,7 +89,7 @@ def run(quick: bool) -> list[Row]:
         embedded = front(fresh(tmp / "embedded"), data, events, embedded_args(tmp / "embedded"))
         if missing:
             anchor = engine = ((None, missing), (None, missing))
-            nats_front = ((None, missing), (None, missing), "")
+            nats_front = cloudevents = ((None, missing), (None, missing), "")
         else:
             with Procs(tmp) as procs:
                 try:
@@ -93,11 +97,13 @@ def run(quick: bool) -> list[Row]:
                 except BenchError as exc:
                     failed = f"the 3-node cluster did not start: {exc}"
                     anchor = engine = ((None, failed), (None, failed))
-                    nats_front = ((None, failed), (None, failed), "")
+                    nats_front = cloudevents = ((None, failed), (None, failed), "")
                 else:
                     anchor = jetstream_anchor(fresh(tmp / "anchor"), urls, data, events)
                     engine = engine_direct(urls, data, events)
                     nats_front = front_on_nats(fresh(tmp / "front"), urls, data, events)
+                    cloudevents = front_on_nats(fresh(tmp / "front-ce"), urls, data, events,
+                                                "cloudevents")  # fmt: skip
 
     rows: list[Row] = []
     # the targets are for 1,000,000 events: at 100k start-up weighs too much,
@@ -125,21 +131,22 @@ def run(quick: bool) -> list[Row]:
                     note=join_notes(note, anchor_note, nats_front[2] if k == 0 else ""),
                 )
             )
+    # the cost of --nats-format cloudevents: its rows beside the default format's; then
+    # the engine in this process beside the anchor
+    for k, what in enumerate(("confirmed publish", "replay --from-start --raw")):
+        name = f"NATS engine, cloudevents format, {what} ({size})"
+        rows.append(beside(name, cloudevents[k], CLOUDEVENTS_ANCHOR, nats_front[k],
+                           cloudevents[2] if k == 0 else ""))  # fmt: skip
     for k, what in enumerate(("append+commit", "read")):
-        (value, note), (anchor_value, anchor_note) = engine[k], anchor[k]
-        rows.append(
-            row(
-                f"{ENGINE} {what} ({size})",
-                value,
-                ANCHOR,
-                anchor_value,
-                RATE,
-                higher_is_better=True,
-                ok=judge(note),
-                note=join_notes(note, anchor_note),
-            )
-        )
+        rows.append(beside(f"{ENGINE} {what} ({size})", engine[k], ANCHOR, anchor[k]))
     return rows
+
+
+def beside(name: str, result: Result, anchor_name: str, anchor: Result, more: str = "") -> Row:
+    """A rate row of *result* beside *anchor*'s, with no target."""
+    (value, note), (anchor_value, anchor_note) = result, anchor
+    return row(name, value, anchor_name, anchor_value, RATE, higher_is_better=True,
+               ok=judge(note), note=join_notes(note, anchor_note, more))  # fmt: skip
 
 
 # -- prerequisites and the cluster ----------------------------------------------------------
@@ -351,15 +358,22 @@ def embedded_args(work: Path) -> list[str]:
 
 
 def front_on_nats(
-    work: Path, urls: list[str], data: Path, events: int
+    work: Path, urls: list[str], data: Path, events: int, message_format: str = "eda"
 ) -> tuple[Result, Result, str]:
-    """The front on the cluster; the third item says how the stream holds the events."""
-    if not engine_option():
-        why = f"{eda_cmd('eda-bus')} serve has no --engine option (this install predates it)"
+    """The front on the cluster (its stream in *message_format*); the third item says how
+    the stream holds the events."""
+    option = "--engine" if message_format == "eda" else "--nats-format"
+    if not engine_option(option):
+        why = f"{eda_cmd('eda-bus')} serve has no {option} option (this install predates it)"
         return (None, why), (None, why), ""
     args = ["--engine", ",".join(urls), "--replicas", str(NODES)]
+    if message_format != "eda":
+        args += ["--nats-format", message_format]
     try:
-        published, replayed = front(work, data, events, args, "serving NATS stream EDA")
+        # one JetStream message per event is an order of magnitude slower: more patience
+        patience = 1 if message_format == "eda" else 10
+        published, replayed = front(work, data, events, args, "serving NATS stream EDA",
+                                    patience)  # fmt: skip
         if published[0] is not None:
             try:
                 messages, replicas = js_info(urls, "EDA")
@@ -377,21 +391,27 @@ def front_on_nats(
             js_call(urls, "delete", "KV_EDA_consumers")
 
 
-def engine_option() -> bool:
+def engine_option(option: str = "--engine") -> bool:
     try:
         done = subprocess.run(
             [eda_cmd("eda-bus"), "serve", "--help"], capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return "--engine" in done.stdout
+    return option in done.stdout
 
 
 def front(
-    work: Path, data: Path, events: int, serve_args: list[str], serving: str = "serving "
+    work: Path,
+    data: Path,
+    events: int,
+    serve_args: list[str],
+    serving: str = "serving ",
+    patience: int = 1,
 ) -> tuple[Result, Result]:
     """``eda-bus serve SERVE_ARGS`` on a known endpoint; the confirmed publish of the file
-    through it, then its replay, which must equal the file."""
+    through it, then its replay, which must equal the file (each given *patience* times
+    the usual time)."""
     env = eda_env(work)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     bus_err, pub_err = work / "bus.err", work / "pub.err"
@@ -415,7 +435,7 @@ def front(
                 stdin=data,
                 stderr=pub_err,
             )
-            wait_exit(pub, pipe_timeout(events) * 4, "eda-pub --bus --confirm")
+            wait_exit(pub, pipe_timeout(events) * 4 * patience, "eda-pub --bus --confirm")
             elapsed = time.perf_counter() - start
             exited_ok(pub, pub_err, "eda-pub --bus --confirm")
             if bus.poll() is not None:
@@ -431,7 +451,7 @@ def front(
                 stdout=out,
                 stderr=sub_err,
             )  # fmt: skip
-            wait_output(sub, out, "eda-sub --bus --from-start", pipe_timeout(events) * 2)
+            wait_output(sub, out, "eda-sub --bus --from-start", pipe_timeout(events) * 2 * patience)
             elapsed = time.perf_counter() - start
             exited_ok(sub, sub_err, "eda-sub --bus --from-start")
             check_identical(data, out, events)

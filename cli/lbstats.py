@@ -116,7 +116,9 @@ def stats(
         def snapshot() -> list[dict[str, Any]]:
             rows, failed = _gather(ctx, service, access, reports, refusals, timeout)
             if failed and not rows:
-                raise Exit(ExitStatus.ERROR)
+                from eda.core.errors import EdaError
+
+                raise EdaError(f"no instance of service {service!r} answered")  # exit 1
             return rows
 
         follow(out, snapshot, _views, key=lambda r: (r["source"], r["instance"]),

@@ -31,7 +31,13 @@ from tests.test_bus import replay
 from tests.test_bus_nats_cli import new_stream, start_front
 from tests.test_bus_store import batch
 
-server, nats_opener = bus_engines.server, bus_engines.nats_opener  # fixtures
+nats_opener = bus_engines.nats_opener  # a fixture, on this module's server:
+
+
+@pytest.fixture
+def server(procs: Procs, tmp_path: Path) -> Server:
+    """This test's own nats-server -js (its processes are checked, as a front's are)."""
+    return Server(procs, tmp_path / "jetstream")
 
 
 async def _read_stream(url: str, subject: str) -> list[tuple[str, bytes, dict[str, str]]]:
@@ -71,9 +77,9 @@ def _canonical(value: Any) -> str:
 
 
 def test_a_foreign_nats_client_reads_each_event_as_eda_sub_prints_it(
-    procs: Procs, tmp_path: Path
+    procs: Procs, server: Server
 ) -> None:
-    srv = Server(procs, tmp_path / "jetstream")
+    srv = server
     stream = new_stream()
     bus, ep = start_front(procs, srv.url, stream, "--nats-format", "cloudevents")
     text = 'plain\nspace and "quote" 100%\ncafé € 😀\n'
@@ -180,3 +186,21 @@ def test_any_attribute_string_survives_the_headers(text: str) -> None:
     value = binding.encode_value(text)
     assert all(0x21 <= ord(c) <= 0x7E for c in value) and '"' not in value
     assert binding.decode_value(value) == text
+
+
+def test_durable_consumers_and_groups_go_on_through_a_front_in_the_cloudevents_format(
+    procs: Procs, server: Server
+) -> None:
+    srv = server
+    bus, ep = start_front(procs, srv.url, new_stream(), "--nats-format", "cloudevents")
+    pub = run("eda-pub", "--bus", ep, "--confirm", "jobs.a", input="".join(f"{i}\n" for i in range(6)))
+    assert pub.returncode == 0, pub.stderr
+    for want in (["0", "1", "2"], ["3", "4", "5"]):  # each run resumes where the last acked
+        took = run("eda-sub", "--bus", ep, "jobs.>", "--durable", "billing", "--raw", "-C", "3",
+                   "-W", "10")  # fmt: skip
+        assert took.stdout.splitlines() == want, took.stderr
+    took = run("eda-sub", "--bus", ep, "jobs.>", "--group", "workers", "--from-start", "--raw",
+               "-C", "6", "-W", "10")  # fmt: skip
+    assert took.stdout.splitlines() == [str(i) for i in range(6)], took.stderr
+    bus.signal(signal.SIGTERM)
+    assert bus.wait(10) == 0

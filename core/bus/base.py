@@ -169,6 +169,12 @@ class EngineBase(ABC):
         self._matchers: dict[tuple[str, ...], Matcher] = {}
 
     @property
+    def round_full(self) -> bool:
+        """Enough was appended for one commit round: the server leaves the rest for the
+        next one, so confirmations keep coming (the NATS engine's cloudevents format)."""
+        return False
+
+    @property
     def max_ranges(self) -> int:
         return self._ledger.max_ranges
 

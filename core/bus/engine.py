@@ -146,6 +146,10 @@ class Engine(Protocol):
     shared: bool
 
     @property
+    def round_full(self) -> bool:
+        """Enough was appended for one commit round: the daemon commits before taking more."""
+
+    @property
     def last_seq(self) -> int:
         """The newest appended bus sequence (0 when nothing was ever stored)."""
 

@@ -234,6 +234,8 @@ class BusServer(Answering):
         for frames in self._incoming():  # each noting where it came from
             self.guarded("message", self._take, frames)
             self._safe = self.engine.durable_seq
+            if self.engine.round_full:  # the rest waits for the next round
+                break
         waiting, self._waiting = self._waiting, []
         try:
             durable = self.engine.commit()

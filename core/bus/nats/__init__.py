@@ -74,6 +74,17 @@ Shape, and why:
   only), the existing stream is updated in place (``changes`` says what), or
   the change is refused with a UsageError when JetStream refuses it.
 
+**The cloudevents format** (``message_format="cloudevents"``, the stream's
+own, kept in the bucket under ``format``): one message per event in the
+CloudEvents NATS binding, for NATS clients and CloudEvents SDKs that are not
+eda: a text or JSON event in binary content mode (a ``ce-`` header per
+attribute, the payload as the body), an envelope in structured content mode
+(``Content-Type: application/cloudevents+json``, the event as published).
+The ``Eda-*`` headers stay (``Eda-Count`` 1), so everything above holds;
+reads join the runs of one batch's events into one record again.  A round
+of many such messages waits for its acks as long as they keep coming
+(``ACKS_PER_DEADLINE``).  JetStream's cost per message makes it slower.
+
 Differences from the embedded engine, by design: what a group member holds
 (``held``, ``release``) is this engine's view; when the engine itself dies,
 JetStream redelivers what its members held after ``ack_wait``.  A group

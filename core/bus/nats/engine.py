@@ -44,6 +44,12 @@ SERVE_DEADLINE: Final = 2.0
 # a call first asks whether it has one again, and waits this long at most: the loop,
 # which asks every round and every refresh, notices the new leader within this time.
 PROBE_DEADLINE: Final = 0.25
+# A round of more messages than this (the cloudevents format stores one per event)
+# waits for its acks as long as they keep coming, within SERVE_DEADLINE of each other:
+# JetStream acknowledges a few thousand messages a second on a loaded machine.
+ACKS_PER_DEADLINE: Final = 100
+# Messages of the cloudevents format one commit round takes at most (see round_full)
+ROUND_MESSAGES: Final = 2000
 # ... those questions still unanswered (each lives until the JetStream API timeout;
 # a slow answer is still taken by a later call) at most
 PROBES_IN_FLIGHT: Final = 16
@@ -124,6 +130,13 @@ class NatsEngine(StatsOf):
             raise
 
     # -- writing --------------------------------------------------------------
+    @property
+    def round_full(self) -> bool:
+        """In the cloudevents format, ROUND_MESSAGES appended: the bus commits them
+        before it takes more (a round of a million messages would hold every
+        confirmation of it until the last is acknowledged)."""
+        return self.format == "cloudevents" and len(self._outbox) >= ROUND_MESSAGES
+
     def _check(self, batch: Batch) -> None:
         subject_bytes = len(self.prefix) + 1 + len(batch.topic.encode())
         if batch.topic not in self._topics_ok and subject_bytes > 4000:
@@ -238,8 +251,11 @@ class NatsEngine(StatsOf):
             return self._durable
         pending, self._pending = self._pending, []
         outbox, self._outbox = self._outbox, []
+        # the cloudevents format's round is a message per event: it may take longer,
+        # as long as acks keep coming (see _acked)
+        most = self.deadline * max(1.0, len(outbox) / ACKS_PER_DEADLINE)
         try:  # the round's messages go out together: one call to the loop, one flush
-            failure = self._run(self._store(outbox, pending))
+            failure = self._run(self._store(outbox, pending), most)
         except StoreError as exc:
             failure = str(exc)
         if failure is None:
@@ -271,9 +287,11 @@ class NatsEngine(StatsOf):
     async def _settle(self, pending: list[tuple[_Head, asyncio.Future[Any]]]) -> str | None:
         """Wait for every ack; None when each message was stored where it was meant to be."""
         try:
-            replies = await asyncio.wait_for(
-                asyncio.gather(*(f for _, f in pending)), self.deadline * 0.9
-            )
+            futures = [f for _, f in pending]
+            if len(futures) <= ACKS_PER_DEADLINE:
+                replies = await asyncio.wait_for(asyncio.gather(*futures), self.deadline * 0.9)
+            else:
+                replies = await self._acked(futures)
         except TimeoutError:
             for _, f in pending:
                 f.cancel()
@@ -296,6 +314,14 @@ class NatsEngine(StatsOf):
             if ack.get("duplicate") or ack.get("seq") != head.sseq:
                 return "another writer appended to the stream"
         return None
+
+    async def _acked(self, futures: list[asyncio.Future[Any]]) -> list[Any]:
+        """The acks of a round of many messages (the cloudevents format: one per event),
+        in order; TimeoutError once none came for the deadline (a stall, not the work)."""
+        for fut in futures:
+            if not fut.done():
+                await asyncio.wait_for(asyncio.shield(fut), self.deadline * 0.9)
+        return [fut.result() for fut in futures]
 
     def _resync(self) -> None:
         """Forget what was not acknowledged and read what the stream really holds."""

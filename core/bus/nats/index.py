@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Final
@@ -20,11 +21,13 @@ from ...topics import Matcher
 from ..base import Span
 from ..engine import Record
 from ..streams import MAX_SEQ, add
-from .client import JsNotFound
+from .client import JsNotFound, NatsTimeout, jsapi
 from .state import NatsState
 from .wire import _Head, head_of, joined, record
 
 _CHUNK: Final = 128  # messages fetched concurrently while reading
+_CHUNK_EVENTS: Final = 256  # ... in the cloudevents format (a message per event, small)
+_RUN: Final = 16  # consecutive messages of that format read through a consumer, not one by one
 _CHUNK_BYTES: Final = 8 << 20  # ... and at most about this many bytes of them
 
 
@@ -32,7 +35,9 @@ class Index(NatsState):
     """The heads of the stored messages (see the module docstring)."""
 
     async def _fetch(self, sseqs: Sequence[int]) -> list[Any]:
-        """The stored messages at *sseqs* (None where a message is gone), concurrently."""
+        """The stored messages at *sseqs* (None where a message is gone), concurrently;
+        in the cloudevents format (many small messages) the runs of consecutive ones
+        through an ephemeral consumer each (:meth:`_fetch_run`)."""
 
         async def one(s: int) -> Any:
             try:
@@ -40,7 +45,51 @@ class Index(NatsState):
             except JsNotFound:
                 return None
 
-        return list(await asyncio.gather(*(one(s) for s in sseqs)))
+        if self.format != "cloudevents" or len(sseqs) < _RUN:
+            return list(await asyncio.gather(*(one(s) for s in sseqs)))
+        runs: list[list[int]] = []
+        for s in sseqs:
+            if runs and runs[-1][-1] + 1 == s:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        found: dict[int, Any] = {}
+        for run in runs:
+            if len(run) >= _RUN:
+                found.update(await self._fetch_run(run[0], run[-1]))
+        rest = [s for s in sseqs if s not in found]
+        found.update(zip(rest, await asyncio.gather(*(one(s) for s in rest)), strict=True))
+        return [found.get(s) for s in sseqs]
+
+    async def _fetch_run(self, first: int, last: int) -> dict[int, Any]:
+        """Messages *first* to *last* of the stream (those still there) through an
+        ephemeral consumer: one request for the run, not one per message."""
+        config = jsapi.ConsumerConfig(
+            deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=first,
+            ack_policy=jsapi.AckPolicy.NONE,
+            inactive_threshold=max(5.0, self.deadline * 2),  # gone by itself if left
+            mem_storage=True,
+            num_replicas=1,
+        )
+        sub = await self._js.pull_subscribe(f"{self.prefix}.>", stream=self.stream, config=config)
+        got: dict[int, Any] = {}
+        try:
+            while True:
+                want = last - first + 1 - len(got)
+                msgs = await sub.fetch(want, timeout=self.deadline / 2)
+                for msg in msgs:
+                    s = msg.metadata.sequence.stream
+                    if s > last:
+                        return got
+                    got[s] = msg
+                if not msgs or len(got) >= last - first + 1 or max(got, default=0) >= last:
+                    return got
+        except NatsTimeout:
+            return got  # what retention left of the run (the rest reads as gone)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _catch_up(self) -> None:
         """Read the heads of messages this engine has not seen (all of them on open).
@@ -109,7 +158,9 @@ class Index(NatsState):
         return {"streams": [[k[0], k[1], r, when] for k, (r, when) in self._gone.items()]}
 
     def _index(self, msg: Any) -> _Head | None:
-        head = head_of(self.prefix, msg.seq, msg.subject, msg.headers, msg.data)
+        # (a stored message as get_msg gives it, or as a consumer delivers it)
+        sseq = msg.seq if hasattr(msg, "seq") else msg.metadata.sequence.stream
+        head = head_of(self.prefix, sseq, msg.subject, msg.headers, msg.data)
         if head is None:
             return None  # not written by eda: skipped by every read
         self._add_head(head)
@@ -138,7 +189,8 @@ class Index(NatsState):
         while i < len(self._heads) and self._heads[i].seq <= end:
             heads: list[_Head] = []
             want = nbytes = 0
-            while i < len(self._heads) and len(heads) < _CHUNK and self._heads[i].seq <= end:
+            most = _CHUNK_EVENTS if self.format == "cloudevents" else _CHUNK
+            while i < len(self._heads) and len(heads) < most and self._heads[i].seq <= end:
                 h = self._heads[i]
                 i += 1
                 if matcher is None or matcher(h.topic):
