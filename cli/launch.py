@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from functools import partial
 
 from eda.cli import PROGRAMS
 
@@ -51,14 +50,12 @@ def known_help(program: str, before: list[str]) -> str | None:
     for this width and no config file could change the defaults it shows."""
     if len(before) > 1 or (before and before[0].startswith("-")):
         return None
-    from eda.core.config import default_paths
+    from eda.core.configpaths import default_paths
 
     if os.environ.get("EDA_CONFIG") or default_paths(None):
         return None
-    import shutil
-
     # click.formatting.HelpFormatter's width, every program's max_content_width being 100
-    width = max(min(shutil.get_terminal_size().columns, 100) - 2, 50)
+    width = max(min(terminal_columns(), 100) - 2, 50)
     if width not in HELP_WIDTHS:
         return None
     from eda.cli.helptext import HELP
@@ -66,11 +63,46 @@ def known_help(program: str, before: list[str]) -> str | None:
     return HELP.get((program, before[0] if before else "", width))
 
 
-# the console scripts' functions (pyproject.toml [project.scripts])
-pub = partial(launch, "eda-pub")
-sub = partial(launch, "eda-sub")
-registry = partial(launch, "eda-registry")
-bus = partial(launch, "eda-bus")
-lb = partial(launch, "eda-lb")
-txn = partial(launch, "eda-txn")
-keys = partial(launch, "eda-keys")
+def terminal_columns() -> int:
+    """shutil.get_terminal_size().columns (what click asks), without importing shutil (and
+    with it bz2, lzma and fnmatch): $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+# the console scripts' functions (pyproject.toml [project.scripts]); plain functions, not
+# functools.partial: functools is not imported for --version and --help
+def pub() -> None:
+    launch("eda-pub")
+
+
+def sub() -> None:
+    launch("eda-sub")
+
+
+def registry() -> None:
+    launch("eda-registry")
+
+
+def bus() -> None:
+    launch("eda-bus")
+
+
+def lb() -> None:
+    launch("eda-lb")
+
+
+def txn() -> None:
+    launch("eda-txn")
+
+
+def keys() -> None:
+    launch("eda-keys")
