@@ -5,7 +5,11 @@
     python scripts/gendocs.py --out DIR    write (or check) under DIR instead
 
 Every program in ``eda.cli.PROGRAMS`` gets ``man/<prog>.1`` and bash, zsh and
-fish completion scripts.  The completion scripts are click's own: they call
+fish completion scripts; ``cli/helptext.py`` gets every ``--help`` text, for
+eda.cli.launch to print without importing click (written in this tree only, not
+under ``--out DIR``).
+
+The completion scripts are click's own: they call
 the installed console script with ``_<PROG>_COMPLETE`` set, so they always
 follow the current options.  Output is deterministic (no dates), so a test
 can compare it with what is committed.
@@ -31,6 +35,7 @@ from eda.cli.launch import HELP_WIDTHS
 from eda.core import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
+HELP_MODULE = "cli/helptext.py"
 COMPLETIONS = {"bash": "{prog}.bash", "zsh": "_{prog}", "fish": "{prog}.fish"}
 
 EXIT_STATUS = [
@@ -252,7 +257,7 @@ def generate() -> dict[str, str]:
         for shell, name in COMPLETIONS.items():
             files[f"completions/{name.format(prog=prog)}"] = completion(prog, command, shell)
         texts.update(help_texts(prog, command))
-    files["cli/helptext.py"] = help_module(texts)
+    files[HELP_MODULE] = help_module(texts)
     return files
 
 
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT, help="root of man/ and completions/")
     args = parser.parse_args(argv)
     files = generate()
+    if args.out.resolve() != ROOT:  # the help texts are the package's, kept in this tree only
+        files.pop(HELP_MODULE)
     stale = sorted(
         path
         for path, text in files.items()
