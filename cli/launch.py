@@ -78,31 +78,22 @@ def terminal_columns() -> int:
     return columns or 80
 
 
-# the console scripts' functions (pyproject.toml [project.scripts]); plain functions, not
-# functools.partial: functools is not imported for --version and --help
-def pub() -> None:
-    launch("eda-pub")
+class Program:
+    """A console script's function: ``eda-pub = "eda.cli.launch:pub"`` calls ``pub()``
+    (a callable, not functools.partial: functools is not imported for --help)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> None:
+        launch(self.name)
 
 
-def sub() -> None:
-    launch("eda-sub")
-
-
-def registry() -> None:
-    launch("eda-registry")
-
-
-def bus() -> None:
-    launch("eda-bus")
-
-
-def lb() -> None:
-    launch("eda-lb")
-
-
-def txn() -> None:
-    launch("eda-txn")
-
-
-def keys() -> None:
-    launch("eda-keys")
+# the console scripts' functions (pyproject.toml [project.scripts])
+pub = Program("eda-pub")
+sub = Program("eda-sub")
+registry = Program("eda-registry")
+bus = Program("eda-bus")
+lb = Program("eda-lb")
+txn = Program("eda-txn")
+keys = Program("eda-keys")
