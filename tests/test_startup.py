@@ -133,10 +133,12 @@ LAZY = {
     "eda.cli.txnresolve": ["txn", "resolve"],
     "eda.cli.txnsaga": ["txn", "saga"],
     "eda.cli.txnstatus": ["txn", "status"],
+    "eda.cli.busserve": ["bus", "serve"],
+    "eda.cli.busadmin": ["bus", "stats"],
 }
 
 
-@pytest.mark.parametrize("program", ["registry", "lb", "txn"])
+@pytest.mark.parametrize("program", ["registry", "lb", "txn", "bus"])
 def test_group_help_lists_every_subcommand(program):
     """``eda-X --help`` lists each subcommand with its short help, taken from its definition."""
     import click
