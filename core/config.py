@@ -15,11 +15,11 @@ A file holds shared keys at the top level and per-program tables::
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
+from .configpaths import default_paths as default_paths  # (where the files are)
 from .errors import ConfigError
 
 # tomllib and tomli_w are imported where used: most runs have no config file,
@@ -35,22 +35,6 @@ class Setting(NamedTuple):
 
     def where(self) -> str:
         return f"{self.path}:{key_line(self.path, self.key)}: key '{self.key}'"
-
-
-def default_paths(explicit: str | None) -> list[str]:
-    """Config files that exist, lowest precedence first.
-
-    Plain strings, not pathlib: this runs on every start, ``--help`` included.
-    """
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    paths = [os.path.join(xdg, "eda", "config.toml"), "eda.toml"]
-    found = [p for p in paths if os.path.isfile(p)]
-    if explicit is not None:
-        path = explicit
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        found.append(path)
-    return found
 
 
 def read(path: str) -> dict[str, Any]:

@@ -83,8 +83,9 @@ def test_items_with_a_terminal_view_are_drawn_in_one_write() -> None:
 
 
 def test_every_table_of_every_program_draws_for_an_injected_terminal() -> None:
-    from eda.cli import bus, txnstatus
+    from eda.cli import busadmin as bus  # (stats and its tables)
     from eda.cli import lbstats as lb
+    from eda.cli import txnstatus
 
     cases: list[tuple[Any, list[dict[str, Any]], str]] = [
         (bus._table, [{"kind": "topic", "topic": "t", "events": 5, "bytes": 9}], "events"),
@@ -218,8 +219,9 @@ def test_a_broker_found_at_an_ipv6_address_is_served_at_a_bracketed_endpoint() -
 def _tables() -> list[tuple[str, Any, list[dict[str, Any]], list[str]]]:
     """Every table of every program, with realistic widths, and the values (ids,
     counts, addresses) each must show whole."""
-    from eda.cli import bus, registryviews, txnstatus
+    from eda.cli import busadmin as bus  # (stats and its tables)
     from eda.cli import lbstats as lb
+    from eda.cli import registryviews, txnstatus
 
     worker = {
         "id": "upper-10-200-200-200-40123", "state": "slow-start", "requests": 1234567,
@@ -297,7 +299,7 @@ def test_the_most_important_columns_stay_on_a_narrow_terminal() -> None:
 
 
 def test_an_empty_bus_says_empty_not_a_backwards_range() -> None:
-    from eda.cli import bus
+    from eda.cli import busadmin as bus  # (stats and retain)
 
     screen = bytearray()
     env = Environment(write=screen.extend, stdout_isatty=True, width=80, colour=False)
@@ -330,7 +332,7 @@ def test_durations_print_as_they_are_written() -> None:
 
 
 def test_retain_says_what_it_did_in_words_on_a_terminal_and_json_on_a_pipe() -> None:
-    from eda.cli import bus
+    from eda.cli import busadmin as bus  # (stats and retain)
 
     done = {"removed": 5, "bytes": 600, "first_seq": 6}
     for tty, expected in ((True, "removed 5 events (600 bytes); the log now starts at seq 6\n"),
