@@ -1053,7 +1053,12 @@ def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve
         [*LB, "call", "svc", *reg, "a", "b", "c", "d"], capture_output=True, timeout=30,
         check=False,
     )  # fmt: skip
-    assert {line.split()[0] for line in direct.stdout.splitlines()} == {b"one", b"two"}
+    # without --via, only workers answer (never the broker); that both workers are used is
+    # shown above: which of them answers four requests of a fresh caller is a race (the first
+    # to answer its ping takes them all when the other's ping answer comes later, under load)
+    tags = [line.split()[0] for line in direct.stdout.splitlines()]
+    assert direct.returncode == 0 and len(tags) == 4, direct.stderr
+    assert set(tags) <= {b"one", b"two"}
 
 
 # -- memory bounded per caller ---------------------------------------------------------------
