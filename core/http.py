@@ -370,6 +370,9 @@ class _Connection:
     def next(self) -> None:
         """Hand the next queued request to its handler when none is being answered."""
         while self.current is None and self.queue and not self.closed and self.stream is None:
+            if len(self.out) >= self.server.limits.output_bytes:
+                self._pause()  # it reads none of its answers: none more until it does
+                return
             request = self.current = self.queue.popleft()
             self.server.dispatch(request)
             if not request.answered:
@@ -448,6 +451,10 @@ class _Connection:
             self.close()
             return
         del self.out[:sent]
+        if self.queue and self.current is None and self.stream is None:
+            self.next()  # answers held back while its queue was full
+            if self.closed:
+                return
         if not self.out:
             self.full_since = None
             if self.closing:
