@@ -4,10 +4,12 @@ attacking core/http.py and the bus/registry/metrics endpoints, failing before it
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from eda.core.http import Limits
-from tests.helpers import wait_until
+from tests.helpers import Procs, wait_until
 from tests.test_http import Running, get
+from tests.test_http_bus import post, start
 
 
 def test_pipelined_requests_never_read_do_not_grow_the_output_queue() -> None:
@@ -49,3 +51,16 @@ def test_pipelined_requests_never_read_do_not_grow_the_output_queue() -> None:
         assert get(web.port, "/metrics")[0] == 200
     finally:
         web.close()
+
+
+def test_a_ce_header_with_bad_percent_encoding_is_a_400(procs: Procs, tmp_path: Path) -> None:
+    """Binary mode percent-decodes ce-* headers: "%ff" is not UTF-8, the client's fault
+    (400 naming the header), not a failure of the bus (500 and a warning)."""
+    bus, _ep, url = start(procs, tmp_path / "bus")
+    for header in ("ce-type: a%ff", "ce-id: %c3%28"):
+        code, body = post(url, {"ce-specversion": "1.0", "ce-type": "a.b", "ce-source": "/s",
+                                header.split(":")[0]: header.split(": ")[1]}, b"1")  # fmt: skip
+        assert code == 400, body
+        assert body is not None and header.split(":")[0] in body["detail"], body
+    assert post(url, {"ce-specversion": "1.0", "ce-type": "a.b"}, b"1")[0] == 201
+    assert "handler failed" not in bus.stderr
