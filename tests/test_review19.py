@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from eda.core.http import Limits
-from tests.helpers import Procs, wait_until
+from tests.helpers import Procs, trusting, wait_until
 from tests.test_http import Running, get
 from tests.test_http_bus import post, start
 
@@ -64,3 +64,28 @@ def test_a_ce_header_with_bad_percent_encoding_is_a_400(procs: Procs, tmp_path: 
         assert body is not None and header.split(":")[0] in body["detail"], body
     assert post(url, {"ce-specversion": "1.0", "ce-type": "a.b"}, b"1")[0] == 201
     assert "handler failed" not in bus.stderr
+
+
+def test_http_cannot_take_over_an_instance_a_key_registered(procs: Procs, tmp_path: Path) -> None:
+    """Secure mode: alice registers orders-1 with her key and goes on heartbeating; HTTP
+    (which proves no key) can neither re-register, heartbeat nor deregister it, even
+    right after the registry answered one of alice's requests, and the record keeps
+    alice's key.  (A property check: no defect was found here.)"""
+    from tests.test_http_registry import post_json
+    from tests.test_secure_registry import ask, found, register
+
+    ids = trusting(tmp_path, ("reg", "alice"))
+    proc = procs.eda("eda-registry", "serve", "--secure", "--no-mdns", "--bind",
+                     "tcp://127.0.0.1:*", "--http", "127.0.0.1:0", env=ids["reg"].env)  # fmt: skip
+    m = proc.wait_stderr(r"listening on (tcp://\S+) .*HTTP on (http://[^\s)]+)", 30)
+    endpoint, url = m.group(1), m.group(2)
+    register(procs, ids["alice"], f"reg@{endpoint}", "orders", 9001, "--id", "orders-1")
+    record = {"service": "orders", "id": "orders-1", "host": "127.0.0.1", "port": 9666}
+    for _ in range(5):  # interleaved with alice's heartbeats
+        assert post_json(f"{url}/v1/instances", record)[0] == 403
+        assert post_json(f"{url}/v1/instances/orders-1/heartbeat", {"port": 9666},
+                         method="PUT")[0] == 403  # fmt: skip
+        assert post_json(f"{url}/v1/instances/orders-1", {}, method="DELETE")[0] == 403
+    assert found(ask(ids["alice"], "lookup", f"reg@{endpoint}", "orders", "--json")) == {
+        9001: ids["alice"].public
+    }
