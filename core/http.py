@@ -223,8 +223,21 @@ class Stream:
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self.on_close: Callable[[], object] | None = None  # the client left or it was cut
+        self._on_close: Callable[[], object] | None = None
         self.on_room: Callable[[], object] | None = None  # what was queued went out
+
+    @property
+    def on_close(self) -> Callable[[], object] | None:
+        """Called once the client left or it was cut; set on a stream already closed
+        (the client reset the connection before its head went out), it runs at once."""
+        return self._on_close
+
+    @on_close.setter
+    def on_close(self, call: Callable[[], object] | None) -> None:
+        self._on_close = call
+        if call is not None and self._conn.closed and self._conn.stream is not self:
+            self._on_close = None
+            self._conn.server.loop.guarded("HTTP stream", call)
 
     @property
     def closed(self) -> bool:
@@ -416,12 +429,12 @@ class _Connection:
                  "cache-control: no-store\r\nconnection: close\r\n"]  # fmt: skip
         lines.extend(f"{k}: {v}\r\n" for k, v in _pairs(headers))
         lines.append("\r\n")
-        self.stream = Stream(self)
+        stream = self.stream = Stream(self)
         self.current = None
         self.queue.clear()
-        self.write("".join(lines).encode("latin-1"))
+        self.write("".join(lines).encode("latin-1"))  # may close it (the client is gone)
         self.server.answered += 1
-        return self.stream
+        return stream
 
     def write(self, data: bytes) -> None:
         if self.closed or not data:

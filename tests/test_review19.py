@@ -89,3 +89,24 @@ def test_http_cannot_take_over_an_instance_a_key_registered(procs: Procs, tmp_pa
     assert found(ask(ids["alice"], "lookup", f"reg@{endpoint}", "orders", "--json")) == {
         9001: ids["alice"].public
     }
+
+
+def test_a_stream_whose_client_reset_the_connection_is_closed_not_a_failure() -> None:
+    """Clients that send GET /events and reset the connection at once (SO_LINGER 0):
+    writing the stream's head fails, and the handler was given None (AttributeError,
+    a "handler failed" warning) instead of a closed stream whose on_close still runs."""
+    import struct
+
+    web = Running()
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", web.port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.close()
+        wait_until(lambda: not web.server.conns, what="every connection gone")
+        assert web.server.failures == 0
+        assert web.closed_streams == len(web.streams) == 300
+        assert get(web.port, "/metrics")[0] == 200
+    finally:
+        web.close()
