@@ -215,7 +215,7 @@ class Request:
         """Answer 200 with a body that goes on until :meth:`Stream.close` (or the client
         leaves); the connection is not reused after it."""
         self._done = True
-        return self._conn.start_stream(headers)
+        return self._conn.start_stream(headers, head_only=self.method == "HEAD")
 
 
 class Stream:
@@ -245,7 +245,8 @@ class Stream:
 
     def room(self) -> bool:
         """Whether the client takes what is sent (its queue is under the limit)."""
-        return not self._conn.closed and len(self._conn.out) < self._conn.server.limits.output_bytes
+        conn = self._conn
+        return not (conn.closed or conn.closing) and len(conn.out) < conn.server.limits.output_bytes
 
     def send(self, data: bytes) -> None:
         self._conn.write(data)
@@ -424,7 +425,7 @@ class _Connection:
             return
         self.next()
 
-    def start_stream(self, headers: Headers) -> Stream:
+    def start_stream(self, headers: Headers, head_only: bool = False) -> Stream:
         lines = ["HTTP/1.1 200 OK\r\n", f"date: {self.server.date()}\r\nserver: eda\r\n",
                  "cache-control: no-store\r\nconnection: close\r\n"]  # fmt: skip
         lines.extend(f"{k}: {v}\r\n" for k, v in _pairs(headers))
@@ -434,11 +435,13 @@ class _Connection:
         self.queue.clear()
         self.write("".join(lines).encode("latin-1"))  # may close it (the client is gone)
         self.server.answered += 1
+        if head_only:  # HEAD: no body; what the handler sends is dropped
+            self.finish()
         return stream
 
     def write(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
+        if self.closed or not data or (self.closing and self.stream is not None):
+            return  # (a stream ended: its close or a HEAD)
         if not self.out:
             try:
                 sent = self.sock.send(data)

@@ -110,3 +110,27 @@ def test_a_stream_whose_client_reset_the_connection_is_closed_not_a_failure() ->
         assert get(web.port, "/metrics")[0] == 200
     finally:
         web.close()
+
+
+def test_head_of_an_event_stream_is_its_head_only() -> None:
+    """HEAD on a streaming route answered with the stream's body (and kept it open,
+    events flowing): a HEAD answer has no body; the stream is closed at once."""
+    web = Running()
+    try:
+        out = raw_exchange(web.port, b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, out
+        assert body == b"", out
+        wait_until(lambda: web.closed_streams == 1, what="the stream closed")
+    finally:
+        web.close()
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send *data*, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
