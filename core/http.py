@@ -215,7 +215,7 @@ class Request:
         """Answer 200 with a body that goes on until :meth:`Stream.close` (or the client
         leaves); the connection is not reused after it."""
         self._done = True
-        return self._conn.start_stream(headers)
+        return self._conn.start_stream(headers, head_only=self.method == "HEAD")
 
 
 class Stream:
@@ -223,8 +223,21 @@ class Stream:
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self.on_close: Callable[[], object] | None = None  # the client left or it was cut
+        self._on_close: Callable[[], object] | None = None
         self.on_room: Callable[[], object] | None = None  # what was queued went out
+
+    @property
+    def on_close(self) -> Callable[[], object] | None:
+        """Called once the client left or it was cut; set on a stream already closed
+        (the client reset the connection before its head went out), it runs at once."""
+        return self._on_close
+
+    @on_close.setter
+    def on_close(self, call: Callable[[], object] | None) -> None:
+        self._on_close = call
+        if call is not None and self._conn.closed and self._conn.stream is not self:
+            self._on_close = None
+            self._conn.server.loop.guarded("HTTP stream", call)
 
     @property
     def closed(self) -> bool:
@@ -232,7 +245,8 @@ class Stream:
 
     def room(self) -> bool:
         """Whether the client takes what is sent (its queue is under the limit)."""
-        return not self._conn.closed and len(self._conn.out) < self._conn.server.limits.output_bytes
+        conn = self._conn
+        return not (conn.closed or conn.closing) and len(conn.out) < conn.server.limits.output_bytes
 
     def send(self, data: bytes) -> None:
         self._conn.write(data)
@@ -370,6 +384,9 @@ class _Connection:
     def next(self) -> None:
         """Hand the next queued request to its handler when none is being answered."""
         while self.current is None and self.queue and not self.closed and self.stream is None:
+            if len(self.out) >= self.server.limits.output_bytes:
+                self._pause()  # it reads none of its answers: none more until it does
+                return
             request = self.current = self.queue.popleft()
             self.server.dispatch(request)
             if not request.answered:
@@ -408,21 +425,23 @@ class _Connection:
             return
         self.next()
 
-    def start_stream(self, headers: Headers) -> Stream:
+    def start_stream(self, headers: Headers, head_only: bool = False) -> Stream:
         lines = ["HTTP/1.1 200 OK\r\n", f"date: {self.server.date()}\r\nserver: eda\r\n",
                  "cache-control: no-store\r\nconnection: close\r\n"]  # fmt: skip
         lines.extend(f"{k}: {v}\r\n" for k, v in _pairs(headers))
         lines.append("\r\n")
-        self.stream = Stream(self)
+        stream = self.stream = Stream(self)
         self.current = None
         self.queue.clear()
-        self.write("".join(lines).encode("latin-1"))
+        self.write("".join(lines).encode("latin-1"))  # may close it (the client is gone)
         self.server.answered += 1
-        return self.stream
+        if head_only:  # HEAD: no body; what the handler sends is dropped
+            self.finish()
+        return stream
 
     def write(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
+        if self.closed or not data or (self.closing and self.stream is not None):
+            return  # (a stream ended: its close or a HEAD)
         if not self.out:
             try:
                 sent = self.sock.send(data)
@@ -448,6 +467,10 @@ class _Connection:
             self.close()
             return
         del self.out[:sent]
+        if self.queue and self.current is None and self.stream is None:
+            self.next()  # answers held back while its queue was full
+            if self.closed:
+                return
         if not self.out:
             self.full_since = None
             if self.closing:

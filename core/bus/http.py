@@ -173,7 +173,10 @@ class BusHttp:
         event: dict[str, Any] = {}
         for name, value in req.headers.items():
             if name.startswith("ce-"):
-                event[name[3:]] = unquote(value, errors="strict")
+                try:
+                    event[name[3:]] = unquote(value, errors="strict")
+                except UnicodeDecodeError:
+                    raise HttpError(400, f"{name} is not percent-encoded UTF-8") from None
         if event.get("specversion") != SPECVERSION:
             raise HttpError(400, f"ce-specversion must be {SPECVERSION}")
         for name in ("data", "data_base64"):
