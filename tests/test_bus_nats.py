@@ -198,6 +198,7 @@ def open_when_ready(urls: list[str]) -> NatsEngine:
     return wait_until(opened, 30, "a JetStream cluster that creates an R3 stream")  # type: ignore[no-any-return]
 
 
+@pytest.mark.long
 def test_cluster_keeps_every_confirmed_event_exactly_once_when_a_node_is_killed(
     tmp_path: Path,
 ) -> None:
@@ -259,6 +260,7 @@ MINORITY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_a_partitioned_node_never_confirms_and_the_majority_goes_on(tmp_path: Path) -> None:
     """Cut the stream leader's host off: its own writer gets no confirmation, the other
     two nodes elect a leader and keep confirming; after healing, nothing extra is stored."""

@@ -366,6 +366,7 @@ def test_acknowledgements_lost_with_the_nats_server_never_stall_the_front(
     assert bus.wait(10) == 0
 
 
+@pytest.mark.long
 def test_an_unreachable_nats_server_is_a_one_line_error(tmp_path: Path) -> None:
     from tests.helpers import closed_port
 
@@ -376,6 +377,7 @@ def test_an_unreachable_nats_server_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.long
 def test_a_front_on_a_3_node_cluster_loses_nothing_when_the_front_and_a_node_are_killed(
     procs: Procs, tmp_path: Path
 ) -> None:

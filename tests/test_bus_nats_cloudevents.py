@@ -76,6 +76,7 @@ def _canonical(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+@pytest.mark.long
 def test_a_foreign_nats_client_reads_each_event_as_eda_sub_prints_it(
     procs: Procs, server: Server
 ) -> None:

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cloudevents.v1.conversion import to_binary, to_structured
 from cloudevents.v1.http import CloudEvent
 
@@ -113,6 +114,7 @@ def test_cloudevents_sdk_binary_and_structured_read_back_unchanged(procs: Procs,
     assert datas == lines
 
 
+@pytest.mark.long
 def test_sse_replays_and_tails_from_each_start(procs: Procs, tmp_path: Path) -> None:
     _bus, ep, url = start(procs, tmp_path / "bus")
     done = run("eda-pub", "--bus", ep, "--confirm", "t.one", input="1\n2\n3\n")

@@ -819,6 +819,7 @@ def broker_rows(n: int, timeout: float = 15.0, reg: tuple[str, ...] = ()) -> lis
     return found
 
 
+@pytest.mark.long
 def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -887,6 +888,7 @@ def test_through_the_broker_calls_stats_hostile_peers_and_kill_9_of_a_worker(
     assert broker.popen.poll() is None
 
 
+@pytest.mark.long
 def test_broker_kill_and_restart_workers_come_back_and_callers_retry(procs: Procs) -> None:
     """The real commands, with a registry: the broker is killed (-9) with requests in
     flight and comes back on other ports; the workers notice its silence, find the new

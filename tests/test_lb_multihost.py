@@ -9,6 +9,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from tests.helpers import PROGRAMS, Proc, wait_until
 from tests.hosts import Host, Network
 
@@ -75,6 +77,7 @@ def worker_on(host: Host) -> Proc:
     )
 
 
+@pytest.mark.long
 def test_a_caller_balances_over_workers_on_two_hosts_directly_and_via_a_broker(
     network: Network,
 ) -> None:

@@ -93,6 +93,7 @@ def query(port: int, promql: str) -> list[dict[str, Any]]:
     return list(answer["data"]["result"]) if answer.get("status") == "success" else []
 
 
+@pytest.mark.long
 def test_prometheus_scrapes_the_daemons_the_registry_lists(procs: Procs, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("registry", "worker", "broker", "part", "coord")}
     reg = registry(procs, ports["registry"])

@@ -813,6 +813,7 @@ def balances(work: Path, names: list[str]) -> dict[str, int]:
     return out
 
 
+@pytest.mark.long
 def test_bank_invariant_under_concurrent_transfers_and_random_kills(
     cluster: Any, tmp_path: Path
 ) -> None:
