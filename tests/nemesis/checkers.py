@@ -189,7 +189,8 @@ def check_registry(history: Sequence[Op]) -> Result:
         elif target in opened:
             since, start = opened.pop(target)
             dead[instances[target]].append((since, op.time, start))
-    ends = [op.time for op in history if op.kind == "heal-all"]
+    heals = [op for op in history if op.kind == "heal-all"]
+    ends = [op.time for op in heals]
     for target, (since, start) in opened.items():
         dead[instances[target]].append((since, ends[-1] if ends else math.inf, start))
     for op in lookups:
@@ -209,7 +210,7 @@ def check_registry(history: Sequence[Op]) -> Result:
     if not ends:
         result.flag("no-heal", "the run never healed", [])
         return result
-    healed = ends[-1]
+    healed = heals[-1].end  # everything is healed and every daemon restarted
     expected = sorted(instances.values())
     times = []
     for peer in sorted({op.value["registry"] for op in lookups}):
