@@ -264,7 +264,10 @@ def check_lb(history: Sequence[Op]) -> Result:
         if v["rc"] == -1:
             result.flag("hung", f"the caller did not end: {v['stderr']}", [op])
             continue
-        unsent = v["unsent_from"] or (1 if v["rc"] == 3 and not answered else None)
+        # a call that failed as a whole before any reply (exit 3: no instance; exit 1 with
+        # one error line, e.g. no registry answered) reports every request as not done
+        whole = v["rc"] != 0 and not answered and not v["failed"]
+        unsent = v["unsent_from"] or (1 if whole else None)
         for i in range(1, len(v["requests"]) + 1):
             reported = i in v["failed"] or (unsent is not None and i >= unsent)
             if i not in answered and not reported:

@@ -169,6 +169,7 @@ def test_lb_clean_histories() -> None:
     assert check_lb(lb_history(["r1 w1", "r3 w1"], [2], 1)).anomalies == []
     assert check_lb(lb_history(["r1 w1"], [], 3, unsent=2)).anomalies == []
     assert check_lb(lb_history([], [], 3)).anomalies == []  # no instance: nothing sent
+    assert check_lb(lb_history([], [], 1)).anomalies == []  # no registry answered: the same
 
 
 def test_lb_names_each_anomaly() -> None:
