@@ -189,7 +189,8 @@ def check_registry(history: Sequence[Op]) -> Result:
         elif target in opened:
             since, start = opened.pop(target)
             dead[instances[target]].append((since, op.time, start))
-    ends = [op.time for op in history if op.kind == "heal-all"]
+    heals = [op for op in history if op.kind == "heal-all"]
+    ends = [op.time for op in heals]
     for target, (since, start) in opened.items():
         dead[instances[target]].append((since, ends[-1] if ends else math.inf, start))
     for op in lookups:
@@ -209,7 +210,7 @@ def check_registry(history: Sequence[Op]) -> Result:
     if not ends:
         result.flag("no-heal", "the run never healed", [])
         return result
-    healed = ends[-1]
+    healed = heals[-1].end  # everything is healed and every daemon restarted
     expected = sorted(instances.values())
     times = []
     for peer in sorted({op.value["registry"] for op in lookups}):
@@ -263,7 +264,10 @@ def check_lb(history: Sequence[Op]) -> Result:
         if v["rc"] == -1:
             result.flag("hung", f"the caller did not end: {v['stderr']}", [op])
             continue
-        unsent = v["unsent_from"] or (1 if v["rc"] == 3 and not answered else None)
+        # a call that failed as a whole before any reply (exit 3: no instance; exit 1 with
+        # one error line, e.g. no registry answered) reports every request as not done
+        whole = v["rc"] != 0 and not answered and not v["failed"]
+        unsent = v["unsent_from"] or (1 if whole else None)
         for i in range(1, len(v["requests"]) + 1):
             reported = i in v["failed"] or (unsent is not None and i >= unsent)
             if i not in answered and not reported:

@@ -19,7 +19,13 @@ from pathlib import Path
 from tests.nemesis.checkers import Result
 from tests.nemesis.history import OK, Op
 
-CLIENT_KINDS = {("bus", "publish"), ("pubsub", "publish"), ("registry", "lookup"), ("lb", "call")}
+CLIENT_KINDS = {
+    ("bus", "publish"),
+    ("pubsub", "publish"),
+    ("registry", "lookup"),
+    ("registry", "view"),
+    ("lb", "call"),
+}
 # a feed's publish is a write into eda-pub's stdin: its latency says nothing of eda
 TIMED_KINDS = CLIENT_KINDS - {("pubsub", "publish")}
 COLOURS = {"kill": "red", "stop": "orange", "cut": "purple", "split": "blue", "loss": "green"}
