@@ -16,6 +16,7 @@ from tests.nemesis.run import run
 SEED = 18  # fixed: the same schedule of faults every run
 
 
+@pytest.mark.long
 @pytest.mark.nemesis
 @pytest.mark.timeout(900)
 def test_short_form_finds_no_anomaly(network: Network, tmp_path: Path) -> None:
