@@ -128,8 +128,11 @@ def test_a_subscriber_that_never_confirms_makes_eda_pub_exit_4(
     with piped_sub(tmp_path, "busy", "--raw") as sub:
         subid = sub.wait_stderr(r"announced as (\w+)").group(1)
         with data.open("rb") as fh:
-            flood = procs.eda("eda-pub", "-v", "--linger", "0.5", "busy", stdin=fh)
-            assert flood.wait(60) == 4  # the busy subscriber confirmed nothing within 0.5 s
+            # the subscriber waited for (under load, the default 2 s wait could find no one:
+            # then nothing is sent, and eda-pub rightly exits 0)
+            flood = procs.eda("eda-pub", "-v", "--linger", "0.5", "--wait-subscribers", "1",
+                              "--wait", "30", "busy", stdin=fh)  # fmt: skip
+            assert flood.wait(90) == 4, flood.stderr  # the busy one confirmed nothing in 0.5 s
         assert re.search(rf"subscriber {subid} did not confirm", flood.stderr), flood.stderr
         # a one-shot publish to the busy subscriber (its socket takes no new connection
         # while it is stuck): the event does not reach it, which eda-pub says

@@ -233,7 +233,10 @@ def test_sigterm_to_register_with_child_stops_child_and_deregisters(procs: Procs
         "7001",
         "--registry",
         ep,
-        *FAST,
+        "--interval",  # a TTL a loaded machine outlasts (0.8 s expired it once under load,
+        "1",  # exit 1); the lookup below then shows the deregistration, not an expiry
+        "--ttl",
+        "30",
         "--",
         "sleep",
         "30",
