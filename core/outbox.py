@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 # 16: eda-lb serve answered 40 % fewer requests a second in bench/bench_lb_broker.py)
 HWM = 1000  # messages
 LARGE = 32 << 10  # bytes: a reply over this is sent tracked, counted until written out
-LARGE_BYTES = 32 << 20  # tracked bytes ZeroMQ may hold for one peer
-PIPE_BYTES = HWM * LARGE + LARGE_BYTES  # at most, per peer (64 MiB)
+LARGE_BYTES = 16 << 20  # tracked bytes ZeroMQ may hold for one peer (32 MiB of 256 KiB
+# replies to a caller that never reads stayed resident in a broker past 128 MiB, in CI)
+PIPE_BYTES = HWM * LARGE + LARGE_BYTES  # at most, per peer (48 MiB)
 RECV_HWM = 1000  # messages waiting to be read from one peer (was 100,000)
 PEER_BYTES = 8 << 20  # replies waiting in an outbox for one peer, at most
 TOTAL_BYTES = 64 << 20  # and for every peer together
