@@ -133,7 +133,9 @@ def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_p
     # frees WAL space, a later small batch may fit where an earlier one was refused
     # (README: what a full disk keeps); the refused ones were reported unconfirmed.
     assert len(numbers) == len(set(numbers)) == stored
-    assert set(numbers) <= set(range(1, 100_001)) and 1 in numbers
+    # nor does it start at 1: under load eda-pub's first batch grows, and one larger than
+    # the tmpfs is refused whole (a CI run stored from event 27,902 on)
+    assert set(numbers) <= set(range(1, 100_001))
     assert bus.popen.poll() is None  # still serving
 
 
