@@ -116,7 +116,10 @@ def test_txn_status_watch_shows_a_saga_change_state(tmp_path: Path, procs: Procs
 
 def _read_pty(fd: int, into: bytearray, until: float) -> None:
     while time.monotonic() < until:
-        ready, _, _ = select.select([fd], [], [], max(0.0, until - time.monotonic()))
+        # poll, not select: an xdist worker may hold more than 1,024 fds (select's limit)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        ready = poller.poll(max(0.0, until - time.monotonic()) * 1000)
         if not ready:
             return
         try:
