@@ -19,8 +19,7 @@ from eda.cli.busopt import bus_endpoint as bus_endpoint
 from eda.cli.busopt import bus_option as bus_option
 from eda.cli.busopt import split_bus as split_bus
 from eda.cli.common import run
-from eda.cli.lazygroup import LazyGroup
-from eda.cli.options import SECURE_ENDPOINT, common_options
+from eda.cli.options import SECURE_ENDPOINT, program_group
 from eda.core.bus.retention import parse_age, parse_size
 
 EPILOG = """\b
@@ -121,14 +120,8 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG,
-    context_settings={"max_content_width": 100},
-)
-@common_options
-def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+@program_group(SUBCOMMANDS, EPILOG)
+def command(**options: Any) -> None:
     """The event bus: a durable log of events with replay, confirmed publishing,
     durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
 

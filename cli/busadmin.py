@@ -17,7 +17,7 @@ from eda.cli.bus import (
 from eda.cli.busopt import find_endpoint as _endpoint
 from eda.cli.common import Context
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     json_option,
     security_options,
@@ -53,17 +53,14 @@ def stats(
     only_consumers: bool,
     watch: bool,
     interval: float,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     verbose: bool,
 ) -> None:
     """Topics, counts, bytes, consumers and their lag."""
     ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     endpoint = _endpoint(bus, interface, no_mdns, ctx)
     out = Output(ctx, force_json=force_json)
     view = _consumer_table if only_consumers else _table
@@ -165,17 +162,14 @@ def retain(
     max_bytes: int | None,
     timeout: float,
     force_json: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     verbose: bool,
 ) -> None:
     """Remove the oldest events now: older than --max-age, beyond --max-bytes."""
     ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if max_age is None and max_bytes is None:
         raise UsageError("give --max-age and/or --max-bytes")
     from eda.core.bus.client import request
@@ -214,12 +208,9 @@ def purge(
     bus: str | None,
     timeout: float,
     force_json: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     verbose: bool,
 ) -> None:
     """Remove every stored event whose topic PATTERN matches (a topic, or a pattern
@@ -233,7 +224,7 @@ def purge(
     from eda.core.topics import validate_pattern
 
     ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     validate_pattern(pattern)
     if not yes:
         if not sys.stdin.isatty():
@@ -272,18 +263,15 @@ def delete_consumer(
     name: str,
     bus: str | None,
     timeout: float,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     verbose: bool,
 ) -> None:
     """Delete durable consumer or group NAME (run it on the bus's host; nobody may be
     subscribed as NAME).  Its position is forgotten: NAME used again starts anew."""
     ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     from eda.core.bus.client import request
 
     reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "drop", "name": name}, timeout)

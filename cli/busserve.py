@@ -16,7 +16,7 @@ from eda.cli.bus import (
 from eda.cli.busnats import engine_option, nats_options
 from eda.cli.common import Context, on_stop_signals
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     metrics_option,
     security_options,
@@ -110,12 +110,9 @@ def serve(
     nats_auth: NatsAuth,
     nats_format: str | None,
     name: str,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     acl: str | None,
     http: str | None,
     verbose: bool,
@@ -126,7 +123,7 @@ def serve(
     With --engine nats://..., this is a stateless front on a NATS JetStream
     stream: several fronts can serve the same stream, each found by mDNS."""
     ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     from eda.core import discovery
     from eda.core.bus.acl import open_acl
     from eda.core.bus.server import BusServer, Settings
@@ -137,7 +134,15 @@ def serve(
 
         http_at = serve_address(http, rights is not None)
     engine, where = _open_engine(
-        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
+        engine_urls,
+        data,
+        fsync,
+        max_age,
+        max_bytes,
+        max_event_bytes,
+        replicas,
+        stream,
+        nats_auth,
         nats_format,
     )
     for line in getattr(engine, "repairs", ()):
@@ -271,7 +276,6 @@ def migrate(
     nats_auth: NatsAuth,
     nats_format: str | None,
     limit: int | None,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -294,8 +298,9 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth,
-                               message_format=nats_format) as to,  # type: ignore[arg-type]
+        nats_engine.NatsEngine(
+            dest, stream=stream, replicas=replicas, auth=nats_auth, message_format=nats_format
+        ) as to,  # type: ignore[arg-type]
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)

@@ -13,11 +13,10 @@ from typing import Any
 import click
 
 from eda.cli.common import run
-from eda.cli.lazygroup import LazyGroup
 from eda.cli.options import (
     SECONDS,
     EndpointType,
-    common_options,
+    program_group,
     registry_option,
 )
 
@@ -41,14 +40,8 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG,
-    context_settings={"max_content_width": 100},
-)
-@common_options
-def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+@program_group(SUBCOMMANDS, EPILOG)
+def command(**options: Any) -> None:
     """Load balancing: any shell command becomes a service over ZeroMQ (worker, call,
     serve), and a TCP proxy that follows the registry (tcp)."""
 

@@ -19,7 +19,7 @@ from eda.cli.lb import (
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
     security_options,
     strategy_option,
@@ -109,10 +109,7 @@ def call(
     heartbeat: float,
     registries: tuple[str, ...],
     serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -143,7 +140,7 @@ def call(
 
     ctx = Context("eda-lb", verbose)
     validate_name(name)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     given = [pins.given(e, "instance", "--connect") for e in endpoints]
     out = Output(ctx)
 

@@ -15,8 +15,8 @@ from eda.cli.lb import (
 )
 from eda.cli.options import (
     SECONDS,
+    SecureMode,
     allow_option,
-    apply_security,
     common_options,
     metrics_option,
     registry_option,
@@ -172,11 +172,7 @@ def serve(
     inst_id: str | None,
     registries: tuple[str, ...],
     serverless: bool,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -205,7 +201,7 @@ def serve(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    apply_security(secure, key_file, trust_dir, allow)
+    secure.apply()
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     if access.interface:
         bind, backend = (

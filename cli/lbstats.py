@@ -14,7 +14,7 @@ import click
 from eda.cli.common import Context, Exit, registry_access
 from eda.cli.options import (
     SECONDS,
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
@@ -78,10 +78,7 @@ def stats(
     interval: float,
     registries: tuple[str, ...],
     serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -103,7 +100,7 @@ def stats(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    security = apply_security(secure, key_file, trust_dir)
+    security = secure.apply()
     out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     # secure mode: instances with an untrusted key (or none) are left out, the others'

@@ -9,7 +9,7 @@ import click
 
 from eda.cli.common import Context, Terminated, on_stop_signals, registry_access
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     health_check_options,
     metrics_option,
@@ -110,10 +110,7 @@ def tcp(
     engine: str,
     registries: tuple[str, ...],
     serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -139,7 +136,7 @@ def tcp(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     where = core.parse_listen(listen)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     settings = core.Settings(

@@ -18,8 +18,8 @@ from eda.cli.lb import (
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
+    SecureMode,
     allow_option,
-    apply_security,
     common_options,
     metrics_option,
     security_options,
@@ -120,11 +120,7 @@ def worker(
     heartbeat: float,
     registries: tuple[str, ...],
     serverless: bool,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -158,7 +154,7 @@ def worker(
 
     ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    security = apply_security(secure, key_file, trust_dir, allow)
+    security = secure.apply()
     explicit = [pins.given(b, "broker", "--broker", caller=True) for b in brokers]
     # secure mode: brokers found with an untrusted key (or none) are left out, and said so
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)

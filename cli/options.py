@@ -9,8 +9,9 @@ Every program has :func:`common_options`; commands that print items take
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import click
 
@@ -29,7 +30,8 @@ CHECK_SECONDS = click.FloatRange(min=0.01)
 
 
 def common_options(func: F) -> F:
-    """Options every program has."""
+    """Options every program has: ``interface``, ``no_mdns`` and ``verbose`` reach the
+    command; --config is read by :func:`eda.cli.common.run` before click parses."""
     decorators = [
         click.option(
             "-c",
@@ -37,6 +39,7 @@ def common_options(func: F) -> F:
             "config",
             type=click.Path(dir_okay=False),
             envvar=SHARED_ENVVARS["--config"],
+            expose_value=False,
             help="TOML config file (see FILES in the man page).",
         ),
         click.option(
@@ -60,12 +63,39 @@ def common_options(func: F) -> F:
             is_flag=True,
             help="Diagnostics on stderr; tracebacks on errors.",
         ),
-        click.version_option(__version__, "--version", message="%(prog)s %(version)s"),
-        click.help_option("-h", "--help"),
     ]
+    func = version_help_options(func)
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+def version_help_options(func: F) -> F:
+    """--version and -h/--help."""
+    func = click.help_option("-h", "--help")(func)
+    return click.version_option(__version__, "--version", message="%(prog)s %(version)s")(func)
+
+
+def program_group(
+    subcommands: dict[str, str], epilog: str, options: bool = True
+) -> Callable[[F], Any]:
+    """Make the decorated function (its docstring: the program's help) the group of a program
+    whose subcommands are each in a module of its own, imported only when it runs
+    (:class:`~eda.cli.lazygroup.LazyGroup`: *subcommands* maps name to ``module:attribute``);
+    with *options*, the group takes :func:`common_options` (they reach every subcommand
+    through the config and ``EDA_*`` variables), else only --version and --help."""
+    from eda.cli.lazygroup import LazyGroup
+
+    def decorate(func: F) -> Any:
+        func = common_options(func) if options else version_help_options(func)
+        return click.group(
+            cls=LazyGroup,
+            subcommands=subcommands,
+            epilog=epilog,
+            context_settings={"max_content_width": 100},
+        )(func)
+
+    return decorate
 
 
 def format_option(help: str) -> Callable[[F], F]:
@@ -229,16 +259,40 @@ SECURE_ENDPOINT = (
 every help text (the one rule, :meth:`eda.core.security.Security.pinned`)."""
 
 
+class SecureMode(NamedTuple):
+    """--secure, --key, --trust and (a daemon's) --allow as given, one value for the
+    command (:func:`security_options`), which turns secure mode on by :meth:`apply`
+    once its own arguments are checked."""
+
+    on: bool = False
+    key_file: str | None = None
+    trust_dir: str | None = None
+    allow: tuple[str, ...] = ()
+
+    def apply(self) -> Any:
+        """:func:`apply_security` of these options (the active Security, or None)."""
+        return apply_security(self.on, self.key_file, self.trust_dir, self.allow)
+
+
 def security_options(func: F) -> F:
-    """--secure, --key FILE and --trust DIR (turned on by :func:`apply_security`)."""
-    func = key_options(func)
+    """--secure, --key FILE and --trust DIR, given to the command as ``secure``, a
+    :class:`SecureMode` (with --allow too when the command has :func:`allow_option`)."""
+
+    @functools.wraps(func)
+    def secured(
+        *args: Any, secure: bool, key_file: str | None, trust_dir: str | None, **kwargs: Any
+    ) -> Any:
+        allow = tuple(kwargs.pop("allow", ()) or ())
+        return func(*args, secure=SecureMode(secure, key_file, trust_dir, allow), **kwargs)
+
+    wrapped = key_options(cast(F, secured))
     return click.option(
         "--secure",
         is_flag=True,
         envvar="EDA_SECURE",
         help="CURVE encryption and authentication on every connection: only peers whose "
         "key is trusted (eda-keys trust) are talked to.",
-    )(func)
+    )(wrapped)
 
 
 def allow_option(func: F) -> F:

@@ -12,7 +12,7 @@ import click
 
 from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
-from eda.cli.options import SECURE_ENDPOINT, apply_security, common_options, security_options
+from eda.cli.options import SECURE_ENDPOINT, SecureMode, common_options, security_options
 from eda.cli.output import for_terminal
 from eda.cli.secure import secure_reports
 from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
@@ -178,10 +178,7 @@ def command(
     bus: str | None,
     confirm: bool,
     confirm_timeout: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -206,7 +203,7 @@ def command(
         raise UsageError("--envelope and --json exclude each other")
     if messages and (whole or progress):
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
 
     from eda.core import codec, discovery, feed
     from eda.core.pubsub import Publisher

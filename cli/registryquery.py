@@ -13,7 +13,7 @@ import click
 
 from eda.cli.common import Context, registry_access
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     registries_option,
     registry_option,
@@ -100,10 +100,7 @@ def lookup(
     serverless: bool,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -117,7 +114,7 @@ def lookup(
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     service = validate_name(name)
     out = instance_output(ctx, template, force_json)
     found = _query(
@@ -159,10 +156,7 @@ def list_(
     force_json: bool,
     watch: bool,
     interval: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -171,7 +165,7 @@ def list_(
     from eda.core.registry.model import validate_name
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     service = validate_name(name) if name is not None else None
     out = instance_output(ctx, template, force_json)
 
@@ -204,10 +198,7 @@ def services(
     serverless: bool,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -216,7 +207,7 @@ def services(
     from eda.core.registry.access import services as fetch
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
     found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
     out.table(found, SERVICES_TABLE)
@@ -236,10 +227,7 @@ Examples:
 def deregister(
     inst_id: str,
     registries: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -255,7 +243,7 @@ def deregister(
     from eda.core.registry.model import validate_id
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     inst_id = validate_id(inst_id)
     remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
     ctx.debug(f"deregistered {inst_id}")

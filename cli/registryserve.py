@@ -14,7 +14,7 @@ from eda.cli.common import Context, Exit, Terminated, registry_access
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
     health_check_options,
     metrics_option,
@@ -95,10 +95,7 @@ def serve(
     http: str | None,
     tick: float,
     peer_timeout: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -119,7 +116,7 @@ def serve(
     from eda.core.registry.server import Server, Settings, peer_endpoint
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     iface = local_interface(interface)
     if iface and bind == "tcp://*:7700":
         bind = f"tcp://{iface}:7700"
@@ -227,10 +224,7 @@ def register(
     fall: int,
     registries: tuple[str, ...],
     serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -245,7 +239,7 @@ def register(
     from eda.core.registry.keeper import Keeper
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     record = reg.registration(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,

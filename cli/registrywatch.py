@@ -12,7 +12,7 @@ import click
 from eda.cli.common import Context, Exit, registry_access
 from eda.cli.options import (
     SECONDS,
-    apply_security,
+    SecureMode,
     common_options,
     registry_option,
     security_options,
@@ -64,10 +64,7 @@ def watch(
     serverless: bool,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -82,7 +79,7 @@ def watch(
     from eda.core.registry.access import changes
 
     ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     out = event_output(ctx, exec_cmd, template, force_json)
     access = registry_access(registries, interface, no_mdns, serverless, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
@@ -115,7 +112,6 @@ def browse(
     count: int | None,
     template: str | None,
     force_json: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,

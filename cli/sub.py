@@ -19,7 +19,7 @@ from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, Terminated, run
 from eda.cli.options import (
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     security_options,
@@ -165,10 +165,7 @@ def command(
     group: str | None,
     max_pending: int | None,
     reset: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
+    secure: SecureMode,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -201,7 +198,7 @@ def command(
                          "--since, --last")  # fmt: skip
     if (start is not None or durable or group or everywhere) and bus is None:
         bus = AUTO
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if bus is not None:
         if not patterns:
             raise UsageError("missing PATTERN")

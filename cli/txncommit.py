@@ -14,7 +14,7 @@ from eda.cli.common import Context, Exit
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
@@ -90,12 +90,9 @@ def commit(
     wait: float | None,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     registries: tuple[str, ...],
     serverless: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -122,7 +119,7 @@ def commit(
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
     ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
     try:
         check_participants(names)

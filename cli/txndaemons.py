@@ -13,8 +13,8 @@ from eda.cli.common import Context, Terminated
 from eda.cli.options import (
     LOG_HELP,
     SECONDS,
+    SecureMode,
     allow_option,
-    apply_security,
     common_options,
     metrics_option,
     registry_option,
@@ -110,13 +110,9 @@ def coordinator(
     peers: tuple[str, ...],
     vote_timeout: float,
     retry_max: float,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     registries: tuple[str, ...],
     serverless: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -144,7 +140,7 @@ def coordinator(
     from eda.core.txn.protocol import COORDINATOR_SERVICE, check_name
 
     ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir, allow)
+    secure.apply()
     name = check_name(name or default_name(), "coordinator name")
     access = txn_access(registries, interface, no_mdns, serverless, ctx)
     directory = Directory(parse_peers(peers), access=access)
@@ -244,13 +240,9 @@ def participant(
     bind: str,
     action_timeout: float,
     inquire_after: float,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     registries: tuple[str, ...],
     serverless: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -293,7 +285,7 @@ def participant(
     from eda.core.txn.protocol import check_name
 
     ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir, allow)
+    secure.apply()
     check_name(name, "participant name")
     actions: Actions
     if persistent:

@@ -12,7 +12,7 @@ import click
 from eda.cli.common import Context, Exit
 from eda.cli.options import (
     LOG_HELP,
-    apply_security,
+    SecureMode,
     common_options,
     json_option,
     registry_option,
@@ -77,12 +77,9 @@ def resolve(
     unanswered: bool,
     log_dir: str,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     registries: tuple[str, ...],
     serverless: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -103,7 +100,7 @@ def resolve(
     from eda.core.txn.resolve import settle, whom
 
     ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if commit == abort:
         raise click.UsageError(
             "say --commit or --abort" if not commit else "--commit and --abort conflict: say one"

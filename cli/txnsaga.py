@@ -11,7 +11,7 @@ import click
 
 from eda.cli.common import Context, Exit, Terminated, write_stdout
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
@@ -110,12 +110,9 @@ def saga(
     force: bool,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     registries: tuple[str, ...],
     serverless: bool,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
@@ -141,7 +138,7 @@ def saga(
     from eda.core.txn.data import read_data
 
     ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if file == "init" and resume is None and not dry_run:
         _saga_init(ctx, init_file or "saga.toml", force)
         return

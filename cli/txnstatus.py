@@ -60,7 +60,6 @@ def status(
     force_json: bool,
     watch: bool,
     interval: float,
-    config: str | None,
     interface: str | None,
     no_mdns: bool,
     verbose: bool,
