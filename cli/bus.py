@@ -35,7 +35,7 @@ Examples:
   eda-bus migrate --from ./bus --to nats://10.0.0.5:4222
 """
 
-parse_bytes = parse_size  # sizes and ages are parsed in core (eda-lb imports this name)
+parse_bytes = parse_size  # sizes and ages are parsed in core
 
 
 def bytes_value(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

@@ -14,10 +14,11 @@ import click
 
 from eda.cli.common import run
 from eda.cli.options import (
-    SECONDS,
     EndpointType,
+    heartbeat_option,
     program_group,
     registry_option,
+    size_option,
 )
 
 EPILOG = """\b
@@ -51,19 +52,6 @@ DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without 
 STRATEGY_HELP = "round-robin, weighted (registry weight), least-conn, random, p2c (two choices)."
 
 
-def request_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from eda.cli.bus import parse_bytes
-    from eda.core.errors import UsageError
-
-    try:
-        size = parse_bytes(value)
-    except UsageError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if not 0 < size <= 256 << 20:
-        raise click.BadParameter("use 1 byte to 256MiB")
-    return size
-
-
 class PinnedEndpoint(click.ParamType[str]):
     """An endpoint to connect to (as :class:`EndpointType` reads it), in secure mode
     preceded by the name its server's key is trusted under: ``NAME@tcp://HOST:PORT``.
@@ -81,22 +69,14 @@ class PinnedEndpoint(click.ParamType[str]):
 
 def request_options(func: Any) -> Any:
     """Options worker and call share."""
-    func = click.option(
+    func = size_option(
         "--max-request",
-        default="1MiB",
-        show_default=True,
-        metavar="SIZE",
-        callback=request_size,
-        help="Largest request (and reply) body; a bigger one gets one error, the rest go on.",
+        "1MiB",
+        "Largest request (and reply) body; a bigger one gets one error, the rest go on.",
     )(func)
-    func = click.option(
-        "--heartbeat",
-        type=SECONDS,
-        default=1.0,
-        show_default=True,
-        metavar="SECONDS",
-        help="Heartbeat interval; a peer silent for three intervals is dropped.",
-    )(func)
+    func = heartbeat_option("Heartbeat interval; a peer silent for three intervals is dropped.")(
+        func
+    )
     return registry_option(func)
 
 

@@ -21,7 +21,9 @@ from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
+    retries_option,
     security_options,
+    slow_start_option,
     strategy_option,
 )
 from eda.cli.output import Output
@@ -52,14 +54,7 @@ Examples:
     help="Time for each request, retries included (each attempt gets an equal share of the "
     "time left).",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 100),
-    default=2,
-    show_default=True,
-    metavar="N",
-    help="Attempts on other instances after a timeout or a dead instance (same request id).",
-)
+@retries_option("Attempts on other instances after a timeout or a dead instance (same request id).")
 @click.option(
     "--window",
     type=click.IntRange(1, 100_000),
@@ -83,13 +78,8 @@ Examples:
     metavar="ENDPOINT",
     help=f"Call this instance (repeatable; {SECURE_ENDPOINT}) instead of looking NAME up.",
 )
-@click.option(
-    "--slow-start",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Ramp up the share of an instance that appears or comes back over this long.",
+@slow_start_option(
+    2.0, "Ramp up the share of an instance that appears or comes back over this long."
 )
 @request_options
 @security_options

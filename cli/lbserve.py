@@ -10,18 +10,19 @@ from typing import Any
 import click
 
 from eda.cli.common import Context, Terminated, registry_access
-from eda.cli.lb import (
-    request_size,
-)
 from eda.cli.options import (
     SECONDS,
     SecureMode,
     allow_option,
     common_options,
+    heartbeat_option,
     metrics_option,
     registry_option,
+    retries_option,
     security_options,
     serve_metrics,
+    size_option,
+    slow_start_option,
     strategy_option,
 )
 
@@ -52,14 +53,9 @@ Examples:
     help="Where workers connect (tcp://HOST:PORT, PORT may be '*').",
 )
 @strategy_option("How a worker is chosen for each request.")
-@click.option(
-    "--heartbeat",
-    type=SECONDS,
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Heartbeat period towards workers (each worker's own is learnt); a worker silent "
-    "for 3 of its periods is dropped.",
+@heartbeat_option(
+    "Heartbeat period towards workers (each worker's own is learnt); a worker silent "
+    "for 3 of its periods is dropped."
 )
 @click.option(
     "--queue",
@@ -70,30 +66,15 @@ Examples:
     help="Requests waiting for a free worker at most (a caller takes half at most); "
     "beyond, callers get 'busy'.",
 )
-@click.option(
-    "--queue-bytes",
-    default="64MiB",
-    show_default=True,
-    metavar="SIZE",
-    callback=request_size,
-    help="Bytes of the requests waiting at most; beyond, callers get 'busy'.",
+@size_option(
+    "--queue-bytes", "64MiB", "Bytes of the requests waiting at most; beyond, callers get 'busy'."
 )
-@click.option(
+@size_option(
     "--max-request",
-    default="1MiB",
-    show_default=True,
-    metavar="SIZE",
-    callback=request_size,
-    help="Largest request body; a larger one gets one error reply, the rest go on.",
+    "1MiB",
+    "Largest request body; a larger one gets one error reply, the rest go on.",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 100),
-    default=2,
-    show_default=True,
-    metavar="N",
-    help="Re-sends of a request whose worker died, to other workers.",
-)
+@retries_option("Re-sends of a request whose worker died, to other workers.")
 @click.option(
     "--pipeline",
     type=click.IntRange(1, 10_000),
@@ -120,14 +101,7 @@ Examples:
     metavar="SECONDS",
     help="First ejection; each next one doubles, up to 30 s.",
 )
-@click.option(
-    "--slow-start",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A worker joining others ramps its share up over this long (0: off).",
-)
+@slow_start_option(0.0, "A worker joining others ramps its share up over this long (0: off).")
 @click.option(
     "--panic",
     type=click.FloatRange(0, 100),

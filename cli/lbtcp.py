@@ -14,6 +14,7 @@ from eda.cli.options import (
     health_check_options,
     metrics_option,
     registry_option,
+    retries_option,
     security_options,
     strategy_option,
 )
@@ -37,13 +38,7 @@ Examples:
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept connections.")
 @strategy_option("How each new connection picks an instance (weighted: the registry weight).")
 @health_check_options(interval=1.0, timeout=1.0)
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 20),
-    default=2,
-    show_default=True,
-    help="Other instances tried when a connect fails (builtin engine).",
-)
+@retries_option("Other instances tried when a connect fails (builtin engine).", 20, None)
 @click.option(
     "--connect-timeout",
     type=click.FloatRange(min=0.01),

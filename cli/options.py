@@ -203,6 +203,58 @@ def strategy_option(help: str) -> Callable[[F], F]:
     )
 
 
+# -- eda-lb: the options its commands share, each with the words of its command -----------
+def heartbeat_option(help: str) -> Callable[[F], F]:
+    """--heartbeat SECONDS (1 s by default)."""
+    return click.option(
+        "--heartbeat", type=SECONDS, default=1.0, show_default=True, metavar="SECONDS", help=help
+    )
+
+
+def retries_option(help: str, most: int = 100, metavar: str | None = "N") -> Callable[[F], F]:
+    """--retries N (2 by default, at most *most*)."""
+    return click.option(
+        "--retries",
+        type=click.IntRange(0, most),
+        default=2,
+        show_default=True,
+        metavar=metavar,
+        help=help,
+    )
+
+
+def slow_start_option(default: float, help: str) -> Callable[[F], F]:
+    """--slow-start SECONDS: how long an instance that appears ramps its share up."""
+    return click.option(
+        "--slow-start",
+        type=click.FloatRange(0),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help=help,
+    )
+
+
+def request_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A size of requests (1MiB, 64MiB...) in bytes: 1 byte to 256 MiB."""
+    from eda.core.bus.retention import parse_size
+
+    try:
+        size = parse_size(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not 0 < size <= 256 << 20:
+        raise click.BadParameter("use 1 byte to 256MiB")
+    return size
+
+
+def size_option(name: str, default: str, help: str) -> Callable[[F], F]:
+    """An option of a size of requests (:func:`request_size`), given to the command in bytes."""
+    return click.option(
+        name, default=default, show_default=True, metavar="SIZE", callback=request_size, help=help
+    )
+
+
 class EndpointType(click.ParamType[Endpoint]):
     """An option naming a server to connect to, parsed once into an
     :class:`~eda.core.endpoint.Endpoint` (``tcp://HOST:PORT``, ``HOST:PORT``,
