@@ -110,19 +110,16 @@ def serve(
     nats_auth: NatsAuth,
     nats_format: str | None,
     name: str,
-    interface: str | None,
-    no_mdns: bool,
     secure: SecureMode,
     acl: str | None,
     http: str | None,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
 
     With --engine nats://..., this is a stateless front on a NATS JetStream
     stream: several fronts can serve the same stream, each found by mDNS."""
-    ctx = Context("eda-bus", verbose)
     secure.apply()
     from eda.core import discovery
     from eda.core.bus.acl import open_acl
@@ -134,15 +131,7 @@ def serve(
 
         http_at = serve_address(http, rights is not None)
     engine, where = _open_engine(
-        engine_urls,
-        data,
-        fsync,
-        max_age,
-        max_bytes,
-        max_event_bytes,
-        replicas,
-        stream,
-        nats_auth,
+        engine_urls, data, fsync, max_age, max_bytes, max_event_bytes, replicas, stream, nats_auth,
         nats_format,
     )
     for line in getattr(engine, "repairs", ()):
@@ -155,7 +144,7 @@ def serve(
         bind=bind,
         max_age=max_age,
         max_bytes=max_bytes,
-        mdns=not no_mdns,
+        mdns=not ctx.no_mdns,
         name=name,
         max_connections=max_connections or 0,
         client_bytes=client_bytes,
@@ -169,7 +158,7 @@ def serve(
             settings,
             log=ctx.debug,
             warn=ctx.warn,
-            interface=discovery.resolve_interface(interface),
+            interface=discovery.resolve_interface(ctx.interface),
             max_message=max(4 << 20, 2 * max_event_bytes + 65536),
         )
     except BaseException:
@@ -276,16 +265,13 @@ def migrate(
     nats_auth: NatsAuth,
     nats_format: str | None,
     limit: int | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Copy an embedded store into a NATS JetStream stream, keeping ids and order.
 
     Each event is copied once, whatever the stream already holds: run it again
     after an interruption and it copies only the rest ("present": events the
     stream already had).  Into an empty stream, bus sequences are kept too."""
-    ctx = Context("eda-bus", verbose)
     if dest is None:
         raise UsageError("--to takes nats://HOST:PORT[,...]")
     from pathlib import Path
@@ -298,9 +284,8 @@ def migrate(
         raise UsageError(f"no embedded store in {source} (no bus.db)")
     with (
         SQLiteEngine(db) as src,
-        nats_engine.NatsEngine(
-            dest, stream=stream, replicas=replicas, auth=nats_auth, message_format=nats_format
-        ) as to,  # type: ignore[arg-type]
+        nats_engine.NatsEngine(dest, stream=stream, replicas=replicas, auth=nats_auth,
+                               message_format=nats_format) as to,  # type: ignore[arg-type]
     ):
         ctx.debug(f"copying {source} (seq {src.first_seq}..{src.last_seq}) into {to.stream}")
         done = nats_engine.migrate(src, to, limit=limit)

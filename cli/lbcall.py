@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.lb import (
     STRATEGY_HELP,
     PinnedEndpoint,
@@ -97,12 +97,9 @@ def call(
     slow_start: float,
     max_request: int,
     heartbeat: float,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Send requests to the instances of NAME and print the replies.
 
@@ -128,7 +125,6 @@ def call(
     from eda.core.registry.model import validate_name
     from eda.core.reqrep import printable
 
-    ctx = Context("eda-lb", verbose)
     validate_name(name)
     secure.apply()
     given = [pins.given(e, "instance", "--connect") for e in endpoints]
@@ -170,7 +166,7 @@ def call(
         if given:
             caller.use((e.zmq, 1) for e in given)
         else:
-            access = registry_access(registries, interface, no_mdns, serverless, ctx)
+            access = registry_access(registry, ctx)
             target = validate_name(via) if via else name
             finder, found = lookup_endpoints(
                 target, access, via=bool(via), on_ignored=caller.on_ignored

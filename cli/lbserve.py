@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Terminated, registry_access
+from eda.cli.common import Context, Registries, Terminated, registry_access
 from eda.cli.options import (
     SECONDS,
     SecureMode,
@@ -144,13 +144,10 @@ def serve(
     drain: float,
     host: str | None,
     inst_id: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a broker for service NAME: workers of NAME connect to it, callers send it
     requests (`eda-lb call NAME` with its via option), and it balances each
@@ -173,10 +170,9 @@ def serve(
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     secure.apply()
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     if access.interface:
         bind, backend = (
             e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)

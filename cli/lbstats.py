@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
     SECONDS,
     SecureMode,
@@ -76,12 +76,9 @@ def stats(
     force_json: bool,
     watch: bool,
     interval: float,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Per-instance figures of service NAME: requests, errors, in flight, latency
     percentiles (ms) and state (healthy, ejected, slow-start, dead).
@@ -98,11 +95,10 @@ def stats(
     from eda.cli.secure import secure_reports
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     security = secure.apply()
     out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     # secure mode: instances with an untrusted key (or none) are left out, the others'
     # keys pinned; one refusing this key is an error line
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Terminated, on_stop_signals, registry_access
+from eda.cli.common import Context, Registries, Terminated, on_stop_signals, registry_access
 from eda.cli.options import (
     SecureMode,
     common_options,
@@ -103,13 +103,10 @@ def tcp(
     workers: int | None,
     max_conn: int,
     engine: str,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Proxy TCP connections on --listen to the passing instances of service NAME.
 
@@ -129,11 +126,10 @@ def tcp(
     from eda.core.lb.follow import Follower, HaproxyFollower
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     secure.apply()
     where = core.parse_listen(listen)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     settings = core.Settings(
         strategy=strategy,
         retries=retries,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, on_stop_signals, registry_access
+from eda.cli.common import Context, Registries, on_stop_signals, registry_access
 from eda.cli.lb import (
     DRAIN_GRACE,
     PinnedEndpoint,
@@ -118,13 +118,10 @@ def worker(
     inst_id: str | None,
     max_request: int,
     heartbeat: float,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Serve requests for NAME by running a command: any shell command becomes a service.
 
@@ -152,14 +149,13 @@ def worker(
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
     security = secure.apply()
     explicit = [pins.given(b, "broker", "--broker", caller=True) for b in brokers]
     # secure mode: brokers found with an untrusted key (or none) are left out, and said so
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)
     secure_reports(ctx, reports, "broker")
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     server = Worker(
         service,
         list(cmd),

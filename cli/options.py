@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import click
 
-from eda.cli.common import SHARED_ENVVARS
+from eda.cli.common import SHARED_ENVVARS, Context, Registries
 from eda.core import __version__
 from eda.core.endpoint import Endpoint
 from eda.core.errors import UsageError
@@ -30,8 +30,9 @@ CHECK_SECONDS = click.FloatRange(min=0.01)
 
 
 def common_options(func: F) -> F:
-    """Options every program has: ``interface``, ``no_mdns`` and ``verbose`` reach the
-    command; --config is read by :func:`eda.cli.common.run` before click parses."""
+    """Options every program has, given to the command as ``ctx``, its
+    :class:`~eda.cli.common.Context`; --config is read by :func:`eda.cli.common.run`
+    before click parses."""
     decorators = [
         click.option(
             "-c",
@@ -64,10 +65,24 @@ def common_options(func: F) -> F:
             help="Diagnostics on stderr; tracebacks on errors.",
         ),
     ]
-    func = version_help_options(func)
+    func = version_help_options(cast(F, _with_context(func)))
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+def _with_context(func: Callable[..., Any]) -> Callable[..., Any]:
+    """*func* called with ``ctx``, a :class:`~eda.cli.common.Context` of the program that
+    runs (its name, -v, --interface, --no-mdns) instead of those three options."""
+
+    @functools.wraps(func)
+    def contextual(
+        *args: Any, interface: str | None, no_mdns: bool, verbose: bool, **kwargs: Any
+    ) -> Any:
+        prog = click.get_current_context().find_root().info_name or ""
+        return func(*args, ctx=Context(prog, verbose, interface, no_mdns), **kwargs)
+
+    return contextual
 
 
 def version_help_options(func: F) -> F:
@@ -121,7 +136,8 @@ def output_options(format_help: str, json_help: str = JSON_HELP) -> Callable[[F]
 
 
 def registry_option(func: F) -> F:
-    """--registry and --serverless."""
+    """--registry and --serverless, given to the command as ``registry``, one
+    :class:`~eda.cli.common.Registries`."""
     func = click.option(
         "--serverless",
         is_flag=True,
@@ -131,7 +147,13 @@ def registry_option(func: F) -> F:
 
 
 def registries_option(func: F) -> F:
-    """--registry alone (for what only a registry can do)."""
+    """--registry alone (for what only a registry can do), given as ``registry``."""
+
+    @functools.wraps(func)
+    def registered(*args: Any, registries: tuple[str, ...], **kwargs: Any) -> Any:
+        serverless = bool(kwargs.pop("serverless", False))
+        return func(*args, registry=Registries(tuple(registries), serverless), **kwargs)
+
     return click.option(
         "--registry",
         "registries",
@@ -140,7 +162,7 @@ def registries_option(func: F) -> F:
         envvar="EDA_REGISTRY",
         help="Registry to use, e.g. tcp://10.0.0.5:7700 (repeatable; default: cached, then mDNS;"
         f" {SECURE_ENDPOINT}).",
-    )(func)
+    )(cast(F, registered))
 
 
 def health_check_options(interval: float, timeout: float) -> Callable[[F], F]:

@@ -179,9 +179,7 @@ def command(
     confirm: bool,
     confirm_timeout: float,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Publish events on TOPIC: each MESSAGE is one event, or each stdin line.
 
@@ -190,7 +188,7 @@ def command(
     event reaches them.  A feed that runs longer than half a second also
     announces itself, so subscribers started later find it.
     """
-    ctx = Context("eda-pub", verbose)
+    interface, no_mdns = ctx.interface, ctx.no_mdns
     bus, rest = split_bus(bus, (topic, *messages) if topic is not None else ())
     topic, messages = (rest[0], rest[1:]) if rest else (None, ())
     if confirm and bus is None:

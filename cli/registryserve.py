@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Exit, Terminated, registry_access
+from eda.cli.common import Context, Exit, Registries, Terminated, registry_access
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
@@ -96,10 +96,8 @@ def serve(
     tick: float,
     peer_timeout: float,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a registry: accept registrations, expire silent instances, stream changes.
 
@@ -115,9 +113,8 @@ def serve(
     """
     from eda.core.registry.server import Server, Settings, peer_endpoint
 
-    ctx = Context("eda-registry", verbose)
     secure.apply()
-    iface = local_interface(interface)
+    iface = local_interface(ctx.interface)
     if iface and bind == "tcp://*:7700":
         bind = f"tcp://{iface}:7700"
     for peer in peers:
@@ -130,7 +127,7 @@ def serve(
         bind=bind,
         interface=iface,
         data=data,
-        mdns=not no_mdns,
+        mdns=not ctx.no_mdns,
         peers=peers,
         dns=dns,
         tick=tick,
@@ -222,12 +219,9 @@ def register(
     check_timeout: float,
     rise: int,
     fall: int,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Register NAME while this command runs: heartbeat, check health, deregister on exit.
 
@@ -238,13 +232,12 @@ def register(
     from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
-    ctx = Context("eda-registry", verbose)
     secure.apply()
     record = reg.registration(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,
     )  # fmt: skip
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
     keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(

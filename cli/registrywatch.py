@@ -9,7 +9,7 @@ import time
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
     SECONDS,
     SecureMode,
@@ -60,14 +60,11 @@ def watch(
     exec_cmd: str | None,
     snapshot: bool,
     count: int | None,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     template: str | None,
     force_json: bool,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Print a line per change (registered, deregistered, expired, health, updated).
 
@@ -78,10 +75,9 @@ def watch(
     """
     from eda.core.registry.access import changes
 
-    ctx = Context("eda-registry", verbose)
     secure.apply()
     out = event_output(ctx, exec_cmd, template, force_json)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
@@ -112,28 +108,26 @@ def browse(
     count: int | None,
     template: str | None,
     force_json: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Browse any DNS-SD service TYPE by mDNS, like avahi-browse -r (TYPE: _http._tcp...)."""
     from eda.core.registry.browse import browse as browse_lan
     from eda.core.registry.browse import full_type
 
-    if no_mdns:
+    if ctx.no_mdns:
         raise UsageError("browse needs mDNS; drop --no-mdns")
     full_type(service_type)
     deadline = None if duration is None else time.monotonic() + duration
     seen = 0
     out = Output(
-        Context("eda-registry", verbose),
+        ctx,
         template=template,
         fields=BROWSE_FIELDS,
         force_json=force_json,
         template_fields=browse_fields,
         terminal=browse_line,
     )
-    for item in browse_lan(service_type, local_interface(interface)):
+    for item in browse_lan(service_type, local_interface(ctx.interface)):
         if item is not None:
             out.items([item])
             seen += 1

@@ -166,9 +166,7 @@ def command(
     max_pending: int | None,
     reset: bool,
     secure: SecureMode,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Print every event whose topic matches a PATTERN.
 
@@ -177,7 +175,6 @@ def command(
     mDNS, including those that start later.  Output is JSON Lines (CloudEvents)
     when stdout is not a terminal, a coloured view when it is.
     """
-    ctx = Context("eda-sub", verbose)
     if not patterns and bus is None:
         raise UsageError("missing PATTERN")
     if sum([raw, bool(template), force_json]) > 1:
@@ -209,7 +206,7 @@ def command(
         for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
             validate_pattern(pattern)
     brokerless = bus is None or everywhere
-    if brokerless and no_mdns and not (connects or binds):
+    if brokerless and ctx.no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
     fields = {BUS_SEQ} if bus is not None else set()
     if everywhere:
@@ -223,13 +220,13 @@ def command(
     status: int = ExitStatus.OK
     try:
         if brokerless:
-            direct = _brokerless(ctx, list(patterns), hwm, interface, raw, output, everywhere)
+            direct = _brokerless(ctx, list(patterns), hwm, ctx.interface, raw, output, everywhere)
             sources.append(direct)
-            _listen(ctx, direct, binds, connects, no_mdns, alone=not everywhere)
+            _listen(ctx, direct, binds, connects, ctx.no_mdns, alone=not everywhere)
         if bus is not None:
             on_bus = _bus(
-                ctx, bus, interface, no_mdns, list(patterns), start, durable, group, raw, output,
-                strict, everywhere, until_end, reset, max_pending,
+                ctx, bus, ctx.interface, ctx.no_mdns, list(patterns), start, durable, group, raw,
+                output, strict, everywhere, until_end, reset, max_pending,
             )  # fmt: skip
             if on_bus is not None:  # (None: --until-end, and nothing stored from there)
                 sources.append(on_bus)

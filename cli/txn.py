@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eda.cli.common import Context, registry_access, run
+from eda.cli.common import Context, Registries, registry_access, run
 from eda.cli.options import program_group
 from eda.cli.secure import secure_reports
 
@@ -47,17 +47,11 @@ def command(**options: Any) -> None:
 # -- shared by the subcommands ------------------------------------------------------------
 
 
-def txn_access(
-    registries: tuple[str, ...],
-    interface: str | None,
-    no_mdns: bool,
-    serverless: bool,
-    ctx: Context,
-) -> Any:
+def txn_access(registry: Registries, ctx: Context) -> Any:
     """How to find names (registry, else mDNS), or None when neither may be used."""
-    if no_mdns and not registries:
+    if ctx.no_mdns and not registry.given:
         return None
-    return registry_access(registries, interface, no_mdns, serverless, ctx)
+    return registry_access(registry, ctx)
 
 
 def peer_reports(ctx: Context, node: Any, peers: str) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit
+from eda.cli.common import Context, Exit, Registries
 from eda.cli.options import (
     SECONDS,
     SECURE_ENDPOINT,
@@ -91,11 +91,8 @@ def commit(
     template: str | None,
     force_json: bool,
     secure: SecureMode,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Run one transaction across participants: exit 0 committed, 5 aborted.
 
@@ -118,7 +115,6 @@ def commit(
     from eda.core.txn.data import read_data
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
-    ctx = Context("eda-txn", verbose)
     secure.apply()
     names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
     try:
@@ -135,7 +131,7 @@ def commit(
     out = Output(
         ctx, template=template, fields=RESULT_FIELDS, force_json=force_json, terminal=_result_text
     )
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     client = CoordinatorClient(coordinator, access, wait)  # (secure mode: KEY@ENDPOINT checked)
     peer_reports(ctx, client, "coordinator")
     if client.explicit and not tcp_reachable(client.explicit[0], 1.0):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Terminated
+from eda.cli.common import Context, Registries, Terminated
 from eda.cli.options import (
     LOG_HELP,
     SECONDS,
@@ -111,12 +111,9 @@ def coordinator(
     vote_timeout: float,
     retry_max: float,
     secure: SecureMode,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a two-phase commit coordinator: `commit` asks it to run transactions.
 
@@ -139,10 +136,9 @@ def coordinator(
     from eda.core.txn.directory import Directory, parse_peers
     from eda.core.txn.protocol import COORDINATOR_SERVICE, check_name
 
-    ctx = Context("eda-txn", verbose)
     secure.apply()
     name = check_name(name or default_name(), "coordinator name")
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     directory = Directory(parse_peers(peers), access=access)
     peer_reports(ctx, directory, "participant")
     coord = Coordinator(
@@ -241,12 +237,9 @@ def participant(
     action_timeout: float,
     inquire_after: float,
     secure: SecureMode,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Take part in transactions as NAME: vote, then commit or abort.
 
@@ -284,7 +277,6 @@ def participant(
     from eda.core.txn.participant import Participant, journal_path
     from eda.core.txn.protocol import check_name
 
-    ctx = Context("eda-txn", verbose)
     secure.apply()
     check_name(name, "participant name")
     actions: Actions
@@ -301,7 +293,7 @@ def participant(
             raise click.UsageError("a command after -- needs --persistent")
         commands = {"prepare": prepare_cmd, "commit": commit_cmd, "abort": abort_cmd}
         actions = ShellActions(name, commands, timeout=action_timeout)
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     reports = peer_reports(ctx, None, "coordinator")
 
     def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit
+from eda.cli.common import Context, Exit, Registries
 from eda.cli.options import (
     LOG_HELP,
     SecureMode,
@@ -78,11 +78,8 @@ def resolve(
     log_dir: str,
     force_json: bool,
     secure: SecureMode,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Settle an in-doubt transaction by hand (a heuristic decision), or every one
     that --coordinator, --older-than and --unanswered select (all given must hold).
@@ -99,7 +96,6 @@ def resolve(
     from eda.core.txn.protocol import check_name, check_txn
     from eda.core.txn.resolve import settle, whom
 
-    ctx = Context("eda-txn", verbose)
     secure.apply()
     if commit == abort:
         raise click.UsageError(
@@ -119,7 +115,7 @@ def resolve(
     except EdaError as exc:
         raise click.UsageError(str(exc)) from None
 
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     directory = Directory(access=access)
     peer_reports(ctx, directory, "participant")
     targets = whom(log_dir, txn_id, coordinator, names, directory)

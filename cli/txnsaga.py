@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit, Terminated, write_stdout
+from eda.cli.common import Context, Exit, Registries, Terminated, write_stdout
 from eda.cli.options import (
     SecureMode,
     common_options,
@@ -111,11 +111,8 @@ def saga(
     template: str | None,
     force_json: bool,
     secure: SecureMode,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Run the saga in FILE (TOML), or continue one with --resume ID.
 
@@ -137,7 +134,6 @@ def saga(
     from eda.core.txn import sagafile
     from eda.core.txn.data import read_data
 
-    ctx = Context("eda-txn", verbose)
     secure.apply()
     if file == "init" and resume is None and not dry_run:
         _saga_init(ctx, init_file or "saga.toml", force)
@@ -181,10 +177,10 @@ def saga(
         "on_event": on_event,
         "on_stderr": on_stderr,
         "reach": sagas.Reach(
-            interface=_interface_address(interface),
-            mdns=not no_mdns,
-            registries=registries,
-            serverless=serverless,
+            interface=_interface_address(ctx.interface),
+            mdns=not ctx.no_mdns,
+            registries=registry.given,
+            serverless=registry.serverless,
         ),
     }
     if resume is not None:
