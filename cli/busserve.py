@@ -18,6 +18,7 @@ from eda.cli.common import Context, on_stop_signals
 from eda.cli.options import (
     SecureMode,
     common_options,
+    count_option,
     metrics_option,
     security_options,
     serve_metrics,
@@ -66,13 +67,9 @@ if TYPE_CHECKING:
     help="Where clients connect, e.g. tcp://*:5570.",
 )
 @retention_options
-@click.option(
-    "--max-event-bytes",
-    type=click.IntRange(1, 1 << 26),
-    default=1 << 20,
-    show_default=True,
-    metavar="N",
-    help="Refuse events larger than N bytes.",
+@count_option(
+    "--max-event-bytes", type=click.IntRange(1, 1 << 26), default=1 << 20,
+    help="Refuse events larger than N bytes."
 )
 @client_limit_options
 @nats_options
@@ -249,12 +246,8 @@ def _open_engine(
     help="The NATS servers of the JetStream stream to copy into.",
 )
 @nats_options
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    metavar="N",
-    help="Copy at most N events now; run again to copy the rest.",
+@count_option(
+    "--limit", type=click.IntRange(1), help="Copy at most N events now; run again to copy the rest."
 )
 @common_options
 def migrate(

@@ -17,11 +17,12 @@ from eda.cli.lb import (
     request_options,
 )
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
+    count_option,
     retries_option,
+    seconds_option,
     security_options,
     slow_start_option,
     strategy_option,
@@ -45,23 +46,14 @@ Examples:
 @click.argument("name")
 @click.argument("requests", nargs=-1)
 @strategy_option(STRATEGY_HELP)
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
+@seconds_option(
+    "--timeout", default=10.0,
     help="Time for each request, retries included (each attempt gets an equal share of the "
-    "time left).",
+    "time left)."
 )
 @retries_option("Attempts on other instances after a timeout or a dead instance (same request id).")
-@click.option(
-    "--window",
-    type=click.IntRange(1, 100_000),
-    default=100,
-    show_default=True,
-    metavar="N",
-    help="Requests in flight at once.",
+@count_option(
+    "--window", type=click.IntRange(1, 100_000), default=100, help="Requests in flight at once."
 )
 @click.option("--unordered", is_flag=True, help="Print replies as they come, not in input order.")
 @click.option(

@@ -11,14 +11,15 @@ import click
 
 from eda.cli.common import Context, Registries, Terminated, registry_access
 from eda.cli.options import (
-    SECONDS,
     SecureMode,
     allow_option,
     common_options,
+    count_option,
     heartbeat_option,
     metrics_option,
     registry_option,
     retries_option,
+    seconds_option,
     security_options,
     serve_metrics,
     size_option,
@@ -57,14 +58,10 @@ Examples:
     "Heartbeat period towards workers (each worker's own is learnt); a worker silent "
     "for 3 of its periods is dropped."
 )
-@click.option(
-    "--queue",
-    type=click.IntRange(0),
-    default=10_000,
-    show_default=True,
-    metavar="N",
+@count_option(
+    "--queue", type=click.IntRange(0), default=10_000,
     help="Requests waiting for a free worker at most (a caller takes half at most); "
-    "beyond, callers get 'busy'.",
+    "beyond, callers get 'busy'."
 )
 @size_option(
     "--queue-bytes", "64MiB", "Bytes of the requests waiting at most; beyond, callers get 'busy'."
@@ -75,31 +72,19 @@ Examples:
     "Largest request body; a larger one gets one error reply, the rest go on.",
 )
 @retries_option("Re-sends of a request whose worker died, to other workers.")
-@click.option(
-    "--pipeline",
-    type=click.IntRange(1, 10_000),
-    default=None,
-    metavar="N",
+@count_option(
+    "--pipeline", type=click.IntRange(1, 10_000),
     help="Requests sent ahead to each worker slot [default: as many as each worker says "
     "it takes: its concurrency, times 256 for a persistent worker, which pipelines "
-    "requests into its processes].",
+    "requests into its processes]."
 )
-@click.option(
-    "--eject-after",
-    type=click.IntRange(1),
-    default=5,
-    show_default=True,
-    metavar="N",
+@count_option(
+    "--eject-after", type=click.IntRange(1), default=5,
     help="Requests in a row that fail at a worker (time out, or an error reply) eject it "
-    "for a while.",
+    "for a while."
 )
-@click.option(
-    "--eject-time",
-    type=SECONDS,
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="First ejection; each next one doubles, up to 30 s.",
+@seconds_option(
+    "--eject-time", default=1.0, help="First ejection; each next one doubles, up to 30 s."
 )
 @slow_start_option(0.0, "A worker joining others ramps its share up over this long (0: off).")
 @click.option(
@@ -110,14 +95,10 @@ Examples:
     metavar="PERCENT",
     help="Below this share of healthy workers, balance over all of them.",
 )
-@click.option(
-    "--drain",
-    type=click.FloatRange(0),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
+@seconds_option(
+    "--drain", type=click.FloatRange(0), default=5.0,
     help="On SIGTERM/SIGINT: answer new requests 'busy' (callers retry elsewhere) and let "
-    "the running ones finish this long.",
+    "the running ones finish this long."
 )
 @click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
 @click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")

@@ -13,11 +13,11 @@ import click
 
 from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
-    SECONDS,
     SecureMode,
     common_options,
     output_options,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
@@ -53,14 +53,7 @@ Examples:
 """,
 )
 @click.argument("name")
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to wait for each instance's answer.",
-)
+@seconds_option("--timeout", default=2.0, help="How long to wait for each instance's answer.")
 @output_options(
     f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}; "
     f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."

@@ -11,10 +11,12 @@ from eda.cli.common import Context, Registries, Terminated, on_stop_signals, reg
 from eda.cli.options import (
     SecureMode,
     common_options,
+    count_option,
     health_check_options,
     metrics_option,
     registry_option,
     retries_option,
+    seconds_option,
     security_options,
     strategy_option,
 )
@@ -39,43 +41,25 @@ Examples:
 @strategy_option("How each new connection picks an instance (weighted: the registry weight).")
 @health_check_options(interval=1.0, timeout=1.0)
 @retries_option("Other instances tried when a connect fails (builtin engine).", 20, None)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0.01),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A connect to an instance taking longer is retried elsewhere (builtin engine).",
+@seconds_option(
+    "--connect-timeout", type=click.FloatRange(min=0.01), default=2.0,
+    help="A connect to an instance taking longer is retried elsewhere (builtin engine)."
 )
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGTERM: stop accepting, let open connections finish for this long.",
+@seconds_option(
+    "--drain-timeout", type=click.FloatRange(min=0), default=30.0,
+    help="On SIGTERM: stop accepting, let open connections finish for this long."
 )
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Close a connection that moved no byte either way this long (0: never).",
+@seconds_option(
+    "--idle-timeout", type=click.FloatRange(min=0), default=600.0,
+    help="Close a connection that moved no byte either way this long (0: never)."
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 256),
-    metavar="N",
-    help="Data-plane processes (builtin engine)  [default: one per CPU]",
+@count_option(
+    "--workers", type=click.IntRange(0, 256),
+    help="Data-plane processes (builtin engine)  [default: one per CPU]"
 )
-@click.option(
-    "--max-conn",
-    type=click.IntRange(1, 1_000_000),
-    default=10000,
-    show_default=True,
-    metavar="N",
-    help="Open connections per data-plane process; more wait in the listen backlog.",
+@count_option(
+    "--max-conn", type=click.IntRange(1, 1_000_000), default=10000,
+    help="Open connections per data-plane process; more wait in the listen backlog."
 )
 @click.option(
     "--engine",

@@ -16,12 +16,13 @@ from eda.cli.lb import (
     request_options,
 )
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
     SecureMode,
     allow_option,
     common_options,
+    count_option,
     metrics_option,
+    seconds_option,
     security_options,
     serve_metrics,
 )
@@ -53,35 +54,20 @@ Examples:
     "request id, the same on a retry); a reply line 'ID<TAB>reply' answers request ID, "
     "in any order; any other line answers the oldest request.",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 1024),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Requests run at once (with --persistent: processes kept running).",
+@count_option(
+    "--concurrency", type=click.IntRange(1, 1024), default=1,
+    help="Requests run at once (with --persistent: processes kept running)."
 )
-@click.option(
-    "--queue",
-    type=click.IntRange(0, 1_000_000),
-    default=None,
-    metavar="N",
-    help="Requests waiting for a free slot before 'busy' is answered [default: 1024].",
+@count_option(
+    "--queue", type=click.IntRange(0, 1_000_000),
+    help="Requests waiting for a free slot before 'busy' is answered [default: 1024]."
 )
-@click.option(
-    "--weight",
-    type=click.IntRange(0, 65535),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Share of the traffic under the weighted strategy (0: drain).",
+@count_option(
+    "--weight", type=click.IntRange(0, 65535), default=1,
+    help="Share of the traffic under the weighted strategy (0: drain)."
 )
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=None,
-    metavar="SECONDS",
-    help="Kill a request's command after this long [default: the caller's timeout].",
+@seconds_option(
+    "--timeout", help="Kill a request's command after this long [default: the caller's timeout]."
 )
 @click.option(
     "--bind",

@@ -225,36 +225,42 @@ def strategy_option(help: str) -> Callable[[F], F]:
     )
 
 
+def seconds_option(
+    *decls: str, default: float | None = None, help: str, type: Any = SECONDS
+) -> Callable[[F], F]:
+    """A duration in SECONDS (*type*: its range, more than 0 by default)."""
+    return click.option(
+        *decls, type=type, default=default, show_default=default is not None,
+        metavar="SECONDS", help=help,
+    )  # fmt: skip
+
+
+def count_option(
+    *decls: str, type: Any, default: float | None = None, help: str, metavar: str | None = "N"
+) -> Callable[[F], F]:
+    """A number N (*type*: its range)."""
+    return click.option(
+        *decls, type=type, default=default, show_default=default is not None,
+        metavar=metavar, help=help,
+    )  # fmt: skip
+
+
 # -- eda-lb: the options its commands share, each with the words of its command -----------
 def heartbeat_option(help: str) -> Callable[[F], F]:
     """--heartbeat SECONDS (1 s by default)."""
-    return click.option(
-        "--heartbeat", type=SECONDS, default=1.0, show_default=True, metavar="SECONDS", help=help
-    )
+    return seconds_option("--heartbeat", default=1.0, help=help)
 
 
 def retries_option(help: str, most: int = 100, metavar: str | None = "N") -> Callable[[F], F]:
     """--retries N (2 by default, at most *most*)."""
-    return click.option(
-        "--retries",
-        type=click.IntRange(0, most),
-        default=2,
-        show_default=True,
-        metavar=metavar,
-        help=help,
+    return count_option(
+        "--retries", type=click.IntRange(0, most), default=2, help=help, metavar=metavar
     )
 
 
 def slow_start_option(default: float, help: str) -> Callable[[F], F]:
     """--slow-start SECONDS: how long an instance that appears ramps its share up."""
-    return click.option(
-        "--slow-start",
-        type=click.FloatRange(0),
-        default=default,
-        show_default=True,
-        metavar="SECONDS",
-        help=help,
-    )
+    return seconds_option("--slow-start", type=click.FloatRange(0), default=default, help=help)
 
 
 def request_size(ctx: click.Context, param: click.Parameter, value: str) -> int:

@@ -12,7 +12,14 @@ import click
 
 from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
-from eda.cli.options import SECURE_ENDPOINT, SecureMode, common_options, security_options
+from eda.cli.options import (
+    SECURE_ENDPOINT,
+    SecureMode,
+    common_options,
+    count_option,
+    seconds_option,
+    security_options,
+)
 from eda.cli.output import for_terminal
 from eda.cli.secure import secure_reports
 from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
@@ -92,28 +99,16 @@ def _parse_header(
     metavar="N",
     help="Wait until N subscribers are connected before sending.",
 )
-@click.option(
-    "--wait",
-    "wait_seconds",
-    type=click.FloatRange(0),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Longest wait for subscribers to connect.",
+@seconds_option(
+    "--wait", "wait_seconds", type=click.FloatRange(0), default=2.0,
+    help="Longest wait for subscribers to connect."
 )
-@click.option(
-    "--discover-timeout",
-    type=click.FloatRange(0),
-    default=0.15,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to listen for subscribers answering the mDNS query.",
+@seconds_option(
+    "--discover-timeout", type=click.FloatRange(0), default=0.15,
+    help="How long to listen for subscribers answering the mDNS query."
 )
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="N",
-    help="At most N events per second.",
+@count_option(
+    "--rate", type=click.FloatRange(min=0, min_open=True), help="At most N events per second."
 )
 @click.option(
     "--progress",
@@ -121,13 +116,9 @@ def _parse_header(
     help="Progress bar on stderr when stdin is a file and stderr a terminal: bytes read, "
     "events sent and, with --bus, confirmed.",
 )
-@click.option(
-    "--linger",
-    type=click.FloatRange(0),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Longest wait on exit for every subscriber to confirm the end of the stream.",
+@seconds_option(
+    "--linger", type=click.FloatRange(0), default=5.0,
+    help="Longest wait on exit for every subscriber to confirm the end of the stream."
 )
 @click.option(
     "--hwm",
@@ -147,14 +138,9 @@ def _parse_header(
     is_flag=True,
     help="With --bus: exit 0 only once the bus confirmed every event durable (4 on timeout).",
 )
-@click.option(
-    "--timeout",
-    "confirm_timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="With --bus --confirm: give up after SECONDS without a confirmation.",
+@seconds_option(
+    "--timeout", "confirm_timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+    help="With --bus --confirm: give up after SECONDS without a confirmation."
 )
 @security_options
 @common_options

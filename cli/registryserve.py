@@ -12,13 +12,13 @@ import click
 
 from eda.cli.common import Context, Exit, Registries, Terminated, registry_access
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
     health_check_options,
     metrics_option,
     registry_option,
+    seconds_option,
     security_options,
     serve_metrics,
 )
@@ -63,21 +63,9 @@ Examples:
     metavar="HOST:PORT",
     help="Also answer DNS for NAME.service.eda here, e.g. 127.0.0.1:8600.",
 )
-@click.option(
-    "--tick",
-    type=SECONDS,
-    default=0.5,
-    show_default=True,
-    metavar="SECONDS",
-    help="Liveness beacon period on the change stream.",
-)
-@click.option(
-    "--peer-timeout",
-    type=SECONDS,
-    default=3.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A peer registry silent this long is considered down.",
+@seconds_option("--tick", default=0.5, help="Liveness beacon period on the change stream.")
+@seconds_option(
+    "--peer-timeout", default=3.0, help="A peer registry silent this long is considered down."
 )
 @click.option(
     "--http",
@@ -186,15 +174,10 @@ Examples:
     show_default=True,
     help="Relative weight (SRV weight in DNS answers).",
 )
-@click.option(
-    "--ttl",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="Expire after this long without a heartbeat  [default: 3 x interval, or 6]",
+@seconds_option(
+    "--ttl", help="Expire after this long without a heartbeat  [default: 3 x interval, or 6]"
 )
-@click.option(
-    "--interval", type=SECONDS, metavar="SECONDS", help="Heartbeat period  [default: ttl / 3, or 2]"
-)
+@seconds_option("--interval", help="Heartbeat period  [default: ttl / 3, or 2]")
 @click.option(
     "--check",
     metavar="CMD|tcp",

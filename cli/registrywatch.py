@@ -11,10 +11,11 @@ import click
 
 from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
-    SECONDS,
     SecureMode,
     common_options,
+    count_option,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output
@@ -50,7 +51,7 @@ Examples:
     is_flag=True,
     help="First print each current instance (type 'present', snapshot: true).",
 )
-@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
+@count_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
 @registry_option
 @fields_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @security_options
@@ -98,8 +99,8 @@ Examples:
 """
 )
 @click.argument("service_type", metavar="TYPE")
-@click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
-@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
+@seconds_option("--duration", help="Stop (exit 0) after SECONDS.")
+@count_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N items.")
 @fields_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(

@@ -12,12 +12,12 @@ import click
 
 from eda.cli.common import Context, Exit, Registries
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
     output_options,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output, for_terminal
@@ -61,19 +61,15 @@ Examples:
     metavar="ENDPOINT",
     help=f"Coordinator to ask (default: the last one found, else discovery); {SECURE_ENDPOINT}.",
 )
-@click.option(
+@seconds_option(
     "--timeout",
-    type=SECONDS,
-    metavar="SECONDS",
     help="Abort the transaction unless every vote is in by then "
-    "[default: what the coordinator was started with, 5 s by default]",
+    "[default: what the coordinator was started with, 5 s by default]"
 )
-@click.option(
+@seconds_option(
     "--wait",
-    type=SECONDS,
-    metavar="SECONDS",
     help="Give up waiting for the outcome after this long (exit 4: outcome unknown) "
-    "[default: --timeout + 10, else 30]",
+    "[default: --timeout + 10, else 30]"
 )
 @output_options(
     f"Print the result from a template. Fields: {', '.join(RESULT_FIELDS)}.",

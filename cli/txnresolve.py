@@ -16,6 +16,7 @@ from eda.cli.options import (
     common_options,
     json_option,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output
@@ -51,11 +52,9 @@ Examples:
     metavar="NAME",
     help="No ID: every transaction in doubt that coordinator NAME started.",
 )
-@click.option(
-    "--older-than",
-    type=click.FloatRange(min=0),
-    metavar="SECONDS",
-    help="No ID: every transaction in doubt that was prepared at least SECONDS ago.",
+@seconds_option(
+    "--older-than", type=click.FloatRange(min=0),
+    help="No ID: every transaction in doubt that was prepared at least SECONDS ago."
 )
 @click.option(
     "--unanswered",
