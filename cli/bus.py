@@ -19,7 +19,7 @@ from eda.cli.busopt import bus_endpoint as bus_endpoint
 from eda.cli.busopt import bus_option as bus_option
 from eda.cli.busopt import split_bus as split_bus
 from eda.cli.common import run
-from eda.cli.options import SECURE_ENDPOINT, program_group
+from eda.cli.options import SECURE_ENDPOINT, program_group, seconds_option
 from eda.core.bus.retention import parse_age, parse_size
 
 EPILOG = """\b
@@ -100,14 +100,10 @@ def bus_address_option(func: Any) -> Any:
 
 
 def timeout_option(func: Any) -> Any:
-    return click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=5.0,
-        show_default=True,
-        metavar="SECONDS",
+    return seconds_option(
+        "--timeout", default=5.0,
         help="Give up (exit 4) when the bus has not answered after SECONDS.",
-    )(func)
+    )(func)  # fmt: skip
 
 
 SUBCOMMANDS = {

@@ -18,8 +18,8 @@ from eda.cli.common import Context, on_stop_signals
 from eda.cli.options import (
     SecureMode,
     common_options,
-    count_option,
     metrics_option,
+    number_option,
     security_options,
     serve_metrics,
 )
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     help="Where clients connect, e.g. tcp://*:5570.",
 )
 @retention_options
-@count_option(
+@number_option(
     "--max-event-bytes", type=click.IntRange(1, 1 << 26), default=1 << 20,
     help="Refuse events larger than N bytes."
 )
@@ -246,7 +246,7 @@ def _open_engine(
     help="The NATS servers of the JetStream stream to copy into.",
 )
 @nats_options
-@count_option(
+@number_option(
     "--limit", type=click.IntRange(1), help="Copy at most N events now; run again to copy the rest."
 )
 @common_options

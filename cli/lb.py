@@ -8,6 +8,7 @@ The logic is in ``eda.core.lb``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -65,6 +66,13 @@ class PinnedEndpoint(click.ParamType[str]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         name, at, text = str(value).rpartition("@")
         return name + at + self.endpoint.convert(text, param, ctx).zmq
+
+
+def pinned_endpoints_option(*decls: str, what: str, help: str) -> Callable[[Any], Any]:
+    """A repeatable option of endpoints of *what* to connect to (:class:`PinnedEndpoint`)."""
+    return click.option(
+        *decls, multiple=True, type=PinnedEndpoint(what), metavar="ENDPOINT", help=help
+    )
 
 
 def request_options(func: Any) -> Any:

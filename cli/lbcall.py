@@ -13,14 +13,14 @@ import click
 from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.lb import (
     STRATEGY_HELP,
-    PinnedEndpoint,
+    pinned_endpoints_option,
     request_options,
 )
 from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
-    count_option,
+    number_option,
     retries_option,
     seconds_option,
     security_options,
@@ -52,7 +52,7 @@ Examples:
     "time left)."
 )
 @retries_option("Attempts on other instances after a timeout or a dead instance (same request id).")
-@count_option(
+@number_option(
     "--window", type=click.IntRange(1, 100_000), default=100, help="Requests in flight at once."
 )
 @click.option("--unordered", is_flag=True, help="Print replies as they come, not in input order.")
@@ -62,14 +62,10 @@ Examples:
     metavar="BROKER",
     help="Go through the broker(s) registered as service BROKER (eda-lb serve) instead.",
 )
-@click.option(
-    "--connect",
-    "endpoints",
-    multiple=True,
-    type=PinnedEndpoint("instance"),
-    metavar="ENDPOINT",
+@pinned_endpoints_option(
+    "--connect", "endpoints", what="instance",
     help=f"Call this instance (repeatable; {SECURE_ENDPOINT}) instead of looking NAME up.",
-)
+)  # fmt: skip
 @slow_start_option(
     2.0, "Ramp up the share of an instance that appears or comes back over this long."
 )

@@ -14,9 +14,9 @@ from eda.cli.options import (
     SecureMode,
     allow_option,
     common_options,
-    count_option,
     heartbeat_option,
     metrics_option,
+    number_option,
     registry_option,
     retries_option,
     seconds_option,
@@ -58,7 +58,7 @@ Examples:
     "Heartbeat period towards workers (each worker's own is learnt); a worker silent "
     "for 3 of its periods is dropped."
 )
-@count_option(
+@number_option(
     "--queue", type=click.IntRange(0), default=10_000,
     help="Requests waiting for a free worker at most (a caller takes half at most); "
     "beyond, callers get 'busy'."
@@ -72,13 +72,13 @@ Examples:
     "Largest request body; a larger one gets one error reply, the rest go on.",
 )
 @retries_option("Re-sends of a request whose worker died, to other workers.")
-@count_option(
+@number_option(
     "--pipeline", type=click.IntRange(1, 10_000),
     help="Requests sent ahead to each worker slot [default: as many as each worker says "
     "it takes: its concurrency, times 256 for a persistent worker, which pipelines "
     "requests into its processes]."
 )
-@count_option(
+@number_option(
     "--eject-after", type=click.IntRange(1), default=5,
     help="Requests in a row that fail at a worker (time out, or an error reply) eject it "
     "for a while."

@@ -11,9 +11,9 @@ from eda.cli.common import Context, Registries, Terminated, on_stop_signals, reg
 from eda.cli.options import (
     SecureMode,
     common_options,
-    count_option,
     health_check_options,
     metrics_option,
+    number_option,
     registry_option,
     retries_option,
     seconds_option,
@@ -53,11 +53,11 @@ Examples:
     "--idle-timeout", type=click.FloatRange(min=0), default=600.0,
     help="Close a connection that moved no byte either way this long (0: never)."
 )
-@count_option(
+@number_option(
     "--workers", type=click.IntRange(0, 256),
     help="Data-plane processes (builtin engine)  [default: one per CPU]"
 )
-@count_option(
+@number_option(
     "--max-conn", type=click.IntRange(1, 1_000_000), default=10000,
     help="Open connections per data-plane process; more wait in the listen backlog."
 )

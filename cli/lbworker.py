@@ -12,7 +12,7 @@ import click
 from eda.cli.common import Context, Registries, on_stop_signals, registry_access
 from eda.cli.lb import (
     DRAIN_GRACE,
-    PinnedEndpoint,
+    pinned_endpoints_option,
     request_options,
 )
 from eda.cli.options import (
@@ -20,8 +20,8 @@ from eda.cli.options import (
     SecureMode,
     allow_option,
     common_options,
-    count_option,
     metrics_option,
+    number_option,
     seconds_option,
     security_options,
     serve_metrics,
@@ -54,15 +54,15 @@ Examples:
     "request id, the same on a retry); a reply line 'ID<TAB>reply' answers request ID, "
     "in any order; any other line answers the oldest request.",
 )
-@count_option(
+@number_option(
     "--concurrency", type=click.IntRange(1, 1024), default=1,
     help="Requests run at once (with --persistent: processes kept running)."
 )
-@count_option(
+@number_option(
     "--queue", type=click.IntRange(0, 1_000_000),
     help="Requests waiting for a free slot before 'busy' is answered [default: 1024]."
 )
-@count_option(
+@number_option(
     "--weight", type=click.IntRange(0, 65535), default=1,
     help="Share of the traffic under the weighted strategy (0: drain)."
 )
@@ -75,15 +75,11 @@ Examples:
     metavar="ENDPOINT",
     help="Where to listen [default: tcp://*:* on --interface's address, or on all].",
 )
-@click.option(
-    "--broker",
-    "brokers",
-    multiple=True,
-    type=PinnedEndpoint("broker"),
-    metavar="ENDPOINT",
+@pinned_endpoints_option(
+    "--broker", "brokers", what="broker",
     help=f"Also serve this broker's backend (repeatable; {SECURE_ENDPOINT}); "
     "brokers of NAME are found anyway.",
-)
+)  # fmt: skip
 @click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
 @request_options
 @allow_option

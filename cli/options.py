@@ -225,24 +225,21 @@ def strategy_option(help: str) -> Callable[[F], F]:
     )
 
 
-def seconds_option(
-    *decls: str, default: float | None = None, help: str, type: Any = SECONDS
-) -> Callable[[F], F]:
-    """A duration in SECONDS (*type*: its range, more than 0 by default)."""
-    return click.option(
-        *decls, type=type, default=default, show_default=default is not None,
-        metavar="SECONDS", help=help,
-    )  # fmt: skip
-
-
-def count_option(
+def number_option(
     *decls: str, type: Any, default: float | None = None, help: str, metavar: str | None = "N"
 ) -> Callable[[F], F]:
-    """A number N (*type*: its range)."""
+    """A number (*type*: its range), its default shown."""
     return click.option(
         *decls, type=type, default=default, show_default=default is not None,
         metavar=metavar, help=help,
     )  # fmt: skip
+
+
+def seconds_option(
+    *decls: str, default: float | None = None, help: str, type: Any = SECONDS
+) -> Callable[[F], F]:
+    """A duration in SECONDS (*type*: its range, more than 0 by default)."""
+    return number_option(*decls, type=type, default=default, help=help, metavar="SECONDS")
 
 
 # -- eda-lb: the options its commands share, each with the words of its command -----------
@@ -253,7 +250,7 @@ def heartbeat_option(help: str) -> Callable[[F], F]:
 
 def retries_option(help: str, most: int = 100, metavar: str | None = "N") -> Callable[[F], F]:
     """--retries N (2 by default, at most *most*)."""
-    return count_option(
+    return number_option(
         "--retries", type=click.IntRange(0, most), default=2, help=help, metavar=metavar
     )
 

@@ -16,7 +16,7 @@ from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
-    count_option,
+    number_option,
     seconds_option,
     security_options,
 )
@@ -107,7 +107,7 @@ def _parse_header(
     "--discover-timeout", type=click.FloatRange(0), default=0.15,
     help="How long to listen for subscribers answering the mDNS query."
 )
-@count_option(
+@number_option(
     "--rate", type=click.FloatRange(min=0, min_open=True), help="At most N events per second."
 )
 @click.option(

@@ -13,7 +13,7 @@ from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
     SecureMode,
     common_options,
-    count_option,
+    number_option,
     registry_option,
     seconds_option,
     security_options,
@@ -51,7 +51,7 @@ Examples:
     is_flag=True,
     help="First print each current instance (type 'present', snapshot: true).",
 )
-@count_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
 @registry_option
 @fields_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @security_options
@@ -100,7 +100,7 @@ Examples:
 )
 @click.argument("service_type", metavar="TYPE")
 @seconds_option("--duration", help="Stop (exit 0) after SECONDS.")
-@count_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N items.")
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N items.")
 @fields_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(

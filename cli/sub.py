@@ -21,7 +21,7 @@ from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
-    count_option,
+    number_option,
     output_options,
     seconds_option,
     security_options,
@@ -65,7 +65,7 @@ Examples:
     metavar="ENDPOINT",
     help="Listen here for publishers, e.g. tcp://*:5556 (repeatable).",
 )
-@count_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
 @seconds_option(
     "-W", "--timeout", "idle_timeout", type=click.FloatRange(min=0, min_open=True),
     help="Exit 4 after SECONDS without an event (time spent writing output does not count)."
@@ -99,14 +99,14 @@ Examples:
 @click.option(
     "--from-start", is_flag=True, help="With --bus: replay every stored event, then live."
 )
-@count_option("--from-seq", type=click.IntRange(1), help="With --bus: start at bus sequence N.")
+@number_option("--from-seq", type=click.IntRange(1), help="With --bus: start at bus sequence N.")
 @click.option(
     "--since",
     metavar="TIME",
     help="With --bus: start at events stored since TIME: RFC 3339 (2026-11-01T00:00Z), unix "
     "seconds, or an age ago (90s, 30m, 1h, 2d, 1w).",
 )
-@count_option("--last", type=click.IntRange(0), help="With --bus: the last N events, then live.")
+@number_option("--last", type=click.IntRange(0), help="With --bus: the last N events, then live.")
 @click.option(
     "--until-end",
     is_flag=True,
@@ -121,7 +121,7 @@ Examples:
 @click.option(
     "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
 )
-@count_option(
+@number_option(
     "--max-pending", type=click.IntRange(1, 1 << 20),
     help="With --group: hold at most N events delivered and not acknowledged, so the others "
     "get the rest (default 1 with --exec, else 100)."

@@ -37,10 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import security
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
-from . import crash, logdir
+from . import crash, roles
 from .compact import COMPACT_MIN
 from .directory import Directory
 from .journal import Journal, JournalError, nothing
@@ -72,7 +71,7 @@ MAX_ACTIVE = 10_000  # transactions voting at once; a commit beyond is refused (
 
 
 def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
-    return logdir.journal_path(ROLE, log_dir, name)
+    return roles.journal_path(ROLE, log_dir, name)
 
 
 class Coordinator(Daemon):
@@ -96,7 +95,7 @@ class Coordinator(Daemon):
         remember: bool = False,
     ) -> None:
         """*remember*: a port bound as ``*`` is the one remembered in *log_dir*
-        (:mod:`.logdir`), where commit clients and participants in doubt expect it."""
+        (:mod:`.roles`), where commit clients and participants in doubt expect it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "coordinator name")
         self.directory = directory or Directory()
@@ -107,11 +106,11 @@ class Coordinator(Daemon):
         decided: dict[str, dict[str, Any]] = {}  # read from the journal: not done yet
         fold = functools.partial(self._fold, decided)
         if journal is None:
-            journal = logdir.open_role_journal(self, ROLE, log_dir, name, fold)
+            journal = roles.open_role_journal(self, ROLE, log_dir, name, fold)
         else:
             for record in journal.replay():
                 fold(record)
-            logdir.repaired(self, journal)
+            roles.repaired(self, journal)
         self.journal = journal
         self.max_active = max_active
         self.voting = 0  # transactions of self.active still voting
@@ -126,7 +125,7 @@ class Coordinator(Daemon):
             flush=lambda: None,
         )
         sock = self.service.sock
-        self.endpoint = logdir.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
+        self.endpoint = roles.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self, roles=("participant", "coordinator"))
         self.directory.attach(self, self.found)
@@ -485,14 +484,7 @@ class Coordinator(Daemon):
         self.peers.flush()
 
     def close(self) -> None:
-        try:
-            self.directory.close()
-            self.journal.close()  # last: a disk still full raises, the rest is closed
-        finally:
-            super().close()
-            secure = security.active()
-            if secure is not None:
-                secure.release(self.zctx)  # its ZAP handler, before the context ends
+        roles.close(self, [self.directory, self.journal], super().close)
 
 
 def _no_vote(reply: dict[str, Any] | None) -> str:

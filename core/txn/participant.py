@@ -57,7 +57,7 @@ from typing import Any
 from .. import security
 from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError, ProtocolError
-from . import crash, logdir
+from . import crash, roles
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished
 from .indoubt import InDoubt
@@ -93,7 +93,7 @@ ROLE = "participant"
 
 
 def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
-    return logdir.journal_path(ROLE, log_dir, name)
+    return roles.journal_path(ROLE, log_dir, name)
 
 
 def replay(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -128,7 +128,7 @@ class Participant(Daemon):
         remember: bool = False,
     ) -> None:
         """*remember*: a port bound as ``*`` is the one remembered in *log_dir*
-        (:mod:`.logdir`), where coordinators last found it."""
+        (:mod:`.roles`), where coordinators last found it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "participant name")
         self.actions = actions
@@ -139,7 +139,7 @@ class Participant(Daemon):
         self.live_of: dict[str, int] = {}  # coordinator name -> its open transactions here
         self.open = 0  # open transactions (see OPEN): at most max_live
         self.started: dict[str, Any] = {}  # this process's start record (with its endpoint)
-        self.journal = logdir.open_role_journal(self, ROLE, log_dir, name, self._load)
+        self.journal = roles.open_role_journal(self, ROLE, log_dir, name, self._load)
         self._compact()
         for txn, record in self.txns.items():
             if record.get("state") in OPEN:
@@ -167,7 +167,7 @@ class Participant(Daemon):
         self.service.carry = True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
         sock = self.service.sock
-        self.endpoint = logdir.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
+        self.endpoint = roles.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
         self.in_doubt = InDoubt(
             self,
             [t for t, r in self.txns.items() if r.get("state") in IN_DOUBT],
@@ -554,15 +554,7 @@ class Participant(Daemon):
             self.journal.sync()
 
     def close(self) -> None:
-        try:
-            self.actions.close()
-            self.in_doubt.close()
-            self.journal.close()  # last: a disk still full raises, the rest is closed
-        finally:
-            super().close()
-            secure = security.active()
-            if secure is not None:
-                secure.release(self.zctx)  # its ZAP handler, before the context ends
+        roles.close(self, [self.actions, self.in_doubt, self.journal], super().close)
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""What each 2PC daemon keeps in its ``--log`` directory, named after its role and name.
+"""What the two 2PC daemons (coordinator, participant) do alike: their files, and closing.
 
+Each keeps in its ``--log`` directory, named after its role and name,
 ``coordinator-c1.jsonl`` / ``participant-stock.jsonl``: its journal (:mod:`.journal`);
 ``coordinator-c1.port`` / ``participant-stock.port``: the port it bound as ``*``, so that
 restarted with the same command it comes back where its peers found it (commit clients and
@@ -15,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from .. import security
 from ..daemon import Daemon, port_file
 from .journal import Journal, open_journal
 
@@ -54,3 +56,16 @@ def bind_role(
     the journal (:meth:`~eda.core.daemon.Daemon.bind_remembered`)."""
     state = port_file(f"{role}-{name}", log_dir, f"{role}-{name}.port") if remember else None
     return daemon.bind_remembered(sock, bind, state)
+
+
+def close(daemon: Daemon, parts: list[Any], close_daemon: Callable[[], None]) -> None:
+    """Close *parts* in order (the journal last: a disk still full raises, the rest is
+    closed), then the daemon (*close_daemon*) and, in secure mode, its ZAP handler."""
+    try:
+        for part in parts:
+            part.close()
+    finally:
+        close_daemon()
+        secure = security.active()
+        if secure is not None:
+            secure.release(daemon.zctx)  # before the context ends
