@@ -12,6 +12,7 @@ import click
 from eda.cli.common import Context, Registries, Terminated, registry_access
 from eda.cli.options import (
     SecureMode,
+    advertise_options,
     allow_option,
     common_options,
     heartbeat_option,
@@ -100,8 +101,7 @@ Examples:
     help="On SIGTERM/SIGINT: answer new requests 'busy' (callers retry elsewhere) and let "
     "the running ones finish this long."
 )
-@click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
-@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@advertise_options("Address to publish (default: this host's).")
 @registry_option
 @allow_option
 @security_options

@@ -20,6 +20,7 @@ from eda.cli.options import (
     SecureMode,
     allow_option,
     common_options,
+    instance_id_option,
     metrics_option,
     number_option,
     seconds_option,
@@ -80,7 +81,7 @@ Examples:
     help=f"Also serve this broker's backend (repeatable; {SECURE_ENDPOINT}); "
     "brokers of NAME are found anyway.",
 )  # fmt: skip
-@click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
+@instance_id_option
 @request_options
 @allow_option
 @security_options

@@ -165,6 +165,23 @@ def registries_option(func: F) -> F:
     )(cast(F, registered))
 
 
+def instance_id_option(func: F) -> F:
+    """--id ID: the id a registered instance publishes (default: NAME-HOST-PORT)."""
+    return click.option(
+        "--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT)."
+    )(func)
+
+
+def advertise_options(host_help: str) -> Callable[[F], F]:
+    """--host HOST and --id ID: what a registered instance publishes (*host_help* says
+    the command's default address)."""
+
+    def decorate(func: F) -> F:
+        return click.option("--host", metavar="HOST", help=host_help)(instance_id_option(func))
+
+    return decorate
+
+
 def health_check_options(interval: float, timeout: float) -> Callable[[F], F]:
     """--check-interval, --check-timeout, --rise and --fall; *interval* and *timeout* are
     the program's defaults (a registered service's command check runs every 5 s, the TCP
@@ -172,39 +189,15 @@ def health_check_options(interval: float, timeout: float) -> Callable[[F], F]:
 
     def decorate(func: F) -> F:
         options = [
-            click.option(
-                "--check-interval",
-                type=CHECK_SECONDS,
-                default=interval,
-                show_default=True,
-                metavar="SECONDS",
-                help="Period of the health check.",
-            ),
-            click.option(
-                "--check-timeout",
-                type=CHECK_SECONDS,
-                default=timeout,
-                show_default=True,
-                metavar="SECONDS",
-                help="A check running longer fails.",
-            ),
-            click.option(
-                "--rise",
-                type=click.IntRange(1),
-                default=2,
-                show_default=True,
-                metavar="N",
-                help="Passing results in a row before an instance is passing again.",
-            ),
-            click.option(
-                "--fall",
-                type=click.IntRange(1),
-                default=3,
-                show_default=True,
-                metavar="N",
-                help="Failing results in a row before an instance stops passing.",
-            ),
-        ]
+            seconds_option("--check-interval", type=CHECK_SECONDS, default=interval,
+                           help="Period of the health check."),
+            seconds_option("--check-timeout", type=CHECK_SECONDS, default=timeout,
+                           help="A check running longer fails."),
+            number_option("--rise", type=click.IntRange(1), default=2,
+                          help="Passing results in a row before an instance is passing again."),
+            number_option("--fall", type=click.IntRange(1), default=3,
+                          help="Failing results in a row before an instance stops passing."),
+        ]  # fmt: skip
         for option in reversed(options):
             func = option(func)
         return func

@@ -14,6 +14,7 @@ from eda.cli.common import Context, Exit, Registries, Terminated, registry_acces
 from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
+    advertise_options,
     common_options,
     health_check_options,
     metrics_option,
@@ -154,12 +155,7 @@ Examples:
 @click.option(
     "--port", type=click.IntRange(1, 65535), required=True, help="Port the instance listens on."
 )
-@click.option(
-    "--host",
-    metavar="HOST",
-    help="Address to publish (default: this host's address towards the registry).",
-)
-@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@advertise_options("Address to publish (default: this host's address towards the registry).")
 @click.option(
     "--meta",
     "meta",
