@@ -165,6 +165,11 @@ def registries_option(func: F) -> F:
     )(cast(F, registered))
 
 
+def hwm_option(help: str) -> Callable[[F], F]:
+    """--hwm N, the high-water mark of brokerless pub/sub (*help* says of what)."""
+    return number_option("--hwm", type=click.IntRange(1), default=10_000, help=help, metavar=None)
+
+
 def instance_id_option(func: F) -> F:
     """--id ID: the id a registered instance publishes (default: NAME-HOST-PORT)."""
     return click.option(

@@ -16,6 +16,7 @@ from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
+    hwm_option,
     number_option,
     seconds_option,
     security_options,
@@ -120,13 +121,7 @@ def _parse_header(
     "--linger", type=click.FloatRange(0), default=5.0,
     help="Longest wait on exit for every subscriber to confirm the end of the stream."
 )
-@click.option(
-    "--hwm",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="High-water mark: batches queued per subscriber before dropping.",
-)
+@hwm_option("High-water mark: batches queued per subscriber before dropping.")
 @click.option(
     "--block",
     is_flag=True,

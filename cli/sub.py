@@ -21,6 +21,7 @@ from eda.cli.options import (
     SECURE_ENDPOINT,
     SecureMode,
     common_options,
+    hwm_option,
     number_option,
     output_options,
     seconds_option,
@@ -80,13 +81,7 @@ Examples:
     help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set; exit 1 at the end "
     "if any run failed.",
 )
-@click.option(
-    "--hwm",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="High-water mark: batches queued before dropping (at most about 64 MiB in all).",
-)
+@hwm_option("High-water mark: batches queued before dropping (at most about 64 MiB in all).")
 @bus_option
 @click.option(
     "--everywhere",
