@@ -2,9 +2,20 @@
 
 Every program has :func:`common_options`; commands that print items take
 :func:`output_options` (``--format``, ``--json``); those that find services
-:func:`registry_option`; the TCP proxy and ``eda-registry register``
-:func:`health_check_options`; eda-lb's three balancers :func:`strategy_option`
-(the names are :data:`eda.core.lb.balancer.STRATEGIES`).
+:func:`registry_option`; secure ones :func:`security_options` (daemons also
+:func:`allow_option`, :func:`metrics_option`, :func:`advertise_options`); the TCP
+proxy and ``eda-registry register`` :func:`health_check_options`; eda-lb's three
+balancers :func:`strategy_option` (the names are
+:data:`eda.core.lb.balancer.STRATEGIES`) and, call, serve and worker alike,
+:func:`retries_option`, :func:`slow_start_option`, :func:`heartbeat_option` and
+:func:`size_option`.  Durations and counts are :func:`seconds_option` and
+:func:`number_option`, one line each.
+
+What a command only passes on reaches it as one typed value, built by the
+decorator: ``ctx`` (:class:`~eda.cli.common.Context`: the program's name, -v,
+--interface, --no-mdns), ``registry`` (:class:`~eda.cli.common.Registries`) and
+``secure`` (:class:`SecureMode`, turned on by ``secure.apply()``).  A program of
+subcommands is made by :func:`program_group`.
 """
 
 from __future__ import annotations
