@@ -192,3 +192,20 @@ def test_secure_mode_refuses_http_off_loopback_and_with_an_acl(procs: Procs, tmp
                   "--bind", "tcp://127.0.0.1:0", "--http", http, *extra, env=ident.env)  # fmt: skip
         assert out.returncode == 2, out.stderr
         assert words in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_binary_mode_decodes_ce_headers_as_the_nats_binding_does(procs: Procs, tmp_path: Path) -> None:
+    """One decoder for ce-* headers (core/binding.from_headers), over HTTP as over NATS:
+    percent-encoded UTF-8, and a double-quoted value (older binding versions) unquoted."""
+    from eda.core import binding
+
+    _bus, ep, url = start(procs, tmp_path / "bus")
+    headers = {"ce-specversion": "1.0", "ce-type": "dec.x", "ce-id": "1", "ce-source": "/d",
+               "ce-subject": '"quoted value"', "ce-region": "Euro%20%E2%82%AC",
+               "ce-plain": "a+b"}  # fmt: skip
+    assert post(url, headers, b"x")[0] == 201
+    (got,) = [json.loads(line) for line in sub_all(ep, 1)]
+    want = binding.from_headers(headers.items())
+    assert {k: got[k] for k in ("subject", "region", "plain")} == {
+        k: want[k] for k in ("subject", "region", "plain")} == {
+        "subject": "quoted value", "region": "Euro €", "plain": "a+b"}  # fmt: skip
