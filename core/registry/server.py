@@ -63,7 +63,7 @@ MAX_PEERS = 32  # peer registries one registry links to (a hostile hello may nam
 EXPIRE_EVERY = 0.05  # seconds between two expiry passes
 # requests answered in one turn of the loop before its other sockets (HTTP, the peer
 # stream, DNS) have theirs: an HTTP lookup waits behind this many queued heartbeats at most
-REQUESTS_PER_TURN = 64
+REQUESTS_PER_TURN = 32
 
 
 @dataclass
