@@ -31,7 +31,7 @@ from typing import Any
 import zmq
 
 from . import cache, security, sockets
-from .daemon import Daemon, received
+from .daemon import DRAIN_LIMIT, Daemon, received
 from .endpoint import Endpoint
 from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
 from .sockets import new_socket
@@ -177,6 +177,10 @@ class Service:
     What fails validation is counted as malformed (:meth:`Daemon.dropped`);
     an ``EdaError`` from a handler is a refusal on the merits; any other
     exception is a bug, warned about and answered as a failed request.
+    One turn of the daemon's loop answers at most *batch* requests, then its
+    other sockets have theirs: a daemon that also serves HTTP (eda-registry)
+    takes a small batch, so that an HTTP request waits for one such batch at
+    most, however many requests are queued.
     """
 
     def __init__(
@@ -186,10 +190,12 @@ class Service:
         *,
         parse: Callable[[dict[str, Any]], Any] = lambda msg: msg,
         max_message: int = MAX_MESSAGE,
+        batch: int = DRAIN_LIMIT,
     ) -> None:
         self.daemon = daemon
         self.handlers = dict(handlers)
         self.parse = parse
+        self.batch = batch
         self.requests = 0
         # secure mode: the public key (Z85) the request being answered came with, as the
         # CURVE handshake of its connection proved it ("" in plain mode): who is asking
@@ -202,9 +208,9 @@ class Service:
         :attr:`sender_key` is set while it is answered (read from its frames,
         ZAP's User-Id, which only a frame received without copying carries)."""
         if security.active() is None:
-            yield from received(self.sock)
+            yield from received(self.sock, self.batch)
             return
-        for frames in received(self.sock, copy=False):
+        for frames in received(self.sock, self.batch, copy=False):
             self.sender_key = security.peer_key(frames[-1])
             yield [frame.bytes for frame in frames]
         self.sender_key = ""
