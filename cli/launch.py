@@ -36,6 +36,8 @@ def launch(program: str) -> None:
     elif argv[-1:] in (["--help"], ["-h"]):
         text = known_help(program, argv[:-1])
     if text is None:
+        if program == "eda-pub" and plain_publish(argv):
+            ask_for_subscribers()
         importlib.import_module(PROGRAMS[program]).main()
         return
     try:
@@ -61,6 +63,36 @@ def known_help(program: str, before: list[str]) -> str | None:
     from eda.cli.helptext import HELP
 
     return HELP.get((program, before[0] if before else "", width))
+
+
+# what decides where eda-pub looks for subscribers, besides its options: a config file
+# (checked too), these variables and every EDA_PUB_* one (its options' own)
+PUB_SETTINGS = ("EDA_CONFIG", "EDA_INTERFACE", "EDA_NO_MDNS")
+
+
+def plain_publish(argv: list[str]) -> bool:
+    """Whether ``eda-pub ARGV`` publishes to the subscribers mDNS finds, asking exactly
+    as :func:`ask_for_subscribers` does: a topic, messages, and no option, setting or
+    config file that could change where or how long it looks (the command decides
+    anew; when it asks differently, its own question goes out)."""
+    if not argv or any(arg.startswith("-") for arg in argv):
+        return False
+    if any(name in os.environ for name in PUB_SETTINGS):
+        return False
+    if any(name.startswith("EDA_PUB_") for name in os.environ):
+        return False
+    from eda.core.configpaths import default_paths
+
+    return not default_paths(None)
+
+
+def ask_for_subscribers() -> None:
+    """Send eda-pub's mDNS question for subscribers now, before click and pyzmq are
+    imported: their import time passes while the answers, and the settle for
+    newcomers, come in (eda.core.discovery.discover_soon; cli/pub.py takes the result)."""
+    from eda.core import discovery
+
+    discovery.discover_soon(discovery.SUB_TYPE)
 
 
 def terminal_columns() -> int:

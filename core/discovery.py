@@ -274,6 +274,81 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
     return found
 
 
+class Pending:
+    """A :func:`discover` running in a thread of its own since :func:`discover_soon`.
+
+    A one-shot command's wait for mDNS answers (the question, the answers, then
+    the settle for newcomers) needs no Python work, so it can run while the
+    command imports click and pyzmq and makes its socket: started first, it
+    is often over by the time the command needs its result.
+    """
+
+    def __init__(self, service_type: str, interface: str | None, timeout: float) -> None:
+        self.asked = (service_type, interface, timeout)
+        self._found: Found | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="eda-discover", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        service_type, interface, timeout = self.asked
+        try:
+            self._found = discover(service_type, interface=interface, timeout=timeout)
+        except BaseException as exc:  # handed to result(), in the command's thread
+            self._error = exc
+
+    def result(self) -> Found:
+        """What :func:`discover` found (waiting for it to end); its exception, if any."""
+        if self in _soon:
+            _soon.remove(self)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        return self._found
+
+    def finish(self) -> None:
+        """Let it end (it writes the cache last)."""
+        self._thread.join()
+
+
+_soon: list[Pending] = []  # started by discover_soon, result not taken yet
+
+
+def discover_soon(
+    service_type: str, *, interface: str | None = None, timeout: float = 0.15
+) -> Pending:
+    """:func:`discover`, started now in a thread (see :class:`Pending`).
+
+    The same question asked again (service type, interface, timeout), before
+    the first one's result was taken, gets the one already running: a
+    program's entry point may ask as soon as its arguments say what the
+    command will ask (:mod:`eda.cli.launch`), and the command, later, takes
+    the answer.  A question whose result nobody took (the command failed
+    first) is let end before the process exits: it writes the cache last.
+    """
+    asked = (service_type, interface, timeout)
+    for pending in _soon:
+        if pending.asked == asked:
+            return pending
+    if not _soon_exit:
+        import atexit
+
+        atexit.register(_finish_soon)
+        _soon_exit.append(True)
+    pending = Pending(service_type, interface, timeout)
+    _soon.append(pending)
+    return pending
+
+
+_soon_exit: list[bool] = []  # [True] once _finish_soon is registered with atexit
+
+
+def _finish_soon() -> None:
+    while _soon:
+        _soon.pop().finish()
+
+
 def find_once(
     service_type: str, *, interface: str | None = None, timeout: float = 0.15
 ) -> list[Peer]:

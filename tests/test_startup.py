@@ -234,3 +234,69 @@ def test_help_imports_nothing_but_its_text(tmp_path):
         extra = sorted(names - baseline)
         assert extra == ["eda", "eda.cli", "eda.cli.helptext", "eda.cli.launch", "eda.core",
                          "eda.core.configpaths"], extra  # fmt: skip
+
+
+# records, in order, the first import of click and of pyzmq and every datagram sent to
+# the mDNS port (from any thread), then runs the installed eda-pub (its console script)
+AUDITED = """
+import os, sys
+seen = []
+def hook(event, args):
+    if event == "import" and args[0] in ("click", "zmq"):
+        seen.append("import " + args[0])
+    elif event == "socket.sendto" and isinstance(args[1], tuple) and args[1][1:2] == (5353,):
+        seen.append("mdns question")
+sys.addaudithook(hook)
+import atexit
+atexit.register(lambda: os.write(2, ("\\nAUDIT " + ",".join(seen) + "\\n").encode()))
+from eda.cli.launch import pub
+sys.exit(pub())
+"""
+
+
+def audited_pub(args: list[str], env: dict[str, str]) -> tuple[int, list[str], str]:
+    """Exit status, the AUDITED events and stderr of the installed ``eda-pub ARGS``."""
+    result = subprocess.run([sys.executable, "-c", AUDITED, *args], capture_output=True,
+                            text=True, env=env, timeout=60)  # fmt: skip
+    events = result.stderr.rsplit("\nAUDIT ", 1)[1].strip()
+    return result.returncode, events.split(",") if events else [], result.stderr
+
+
+def test_one_shot_publish_asks_for_subscribers_before_importing_click_and_pyzmq(tmp_path):
+    """``eda-pub TOPIC MESSAGE`` sends its mDNS question as it starts, so the answers and
+    the settle for newcomers (50 ms) pass while click and pyzmq are imported, instead
+    of after; with an option or a setting that could change how it looks, or --no-mdns,
+    it asks only once the command knows (or not at all)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    for name in ("EDA_CONFIG", "EDA_INTERFACE", "EDA_NO_MDNS"):
+        env.pop(name, None)
+    code, events, err = audited_pub(["t", "one-shot"], env)
+    assert code == 0, err  # nobody listening: a warning, exit 0
+    assert events[0] == "mdns question", events
+    assert {"import click", "import zmq"} <= set(events)
+    # an option: the command decides, after parsing (the question after click's import)
+    code, events, err = audited_pub(["--discover-timeout", "0.2", "t", "x"], env)
+    assert code == 0, err
+    assert events.index("import click") < events.index("mdns question"), events
+    for args, extra in (
+        (["--no-mdns", "t", "x"], {}),
+        (["t", "x"], {"EDA_NO_MDNS": "1"}),
+        (["t", "x"], {"EDA_PUB_BUS": "tcp://127.0.0.1:9"}),  # (the bus is not there: exit 1)
+    ):
+        code, events, err = audited_pub(args, {**env, **extra})
+        assert "mdns question" not in events, (args, extra, events)
+
+
+def test_a_publish_that_fails_after_asking_exits_cleanly(tmp_path):
+    """The question asked as eda-pub starts is let end when the command fails before
+    taking its answer: the usual one-line error and status, and the discovery cache
+    written whole (no temporary file left)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    code, events, err = audited_pub(["orders/#", "x"], env)  # an MQTT-style topic
+    assert code == 2, err
+    assert events[:1] == ["mdns question"], events
+    assert "eda-pub: error: invalid topic 'orders/#'" in err and "Traceback" not in err
+    cache_dir = tmp_path / "cache" / "eda"
+    assert [p.name for p in cache_dir.iterdir()] == ["discovery.json"]
