@@ -300,3 +300,49 @@ def test_a_publish_that_fails_after_asking_exits_cleanly(tmp_path):
     assert "eda-pub: error: invalid topic 'orders/#'" in err and "Traceback" not in err
     cache_dir = tmp_path / "cache" / "eda"
     assert [p.name for p in cache_dir.iterdir()] == ["discovery.json"]
+
+
+# says whether the interpreter was torn down (its modules cleared: an object held by
+# one is collected then) and whether the atexit functions ran, then runs a program
+TEARDOWN = """
+import os, sys
+class Held:
+    def __del__(self, write=os.write):
+        write(2, b"\\nTEARDOWN\\n")
+held = Held()
+import atexit
+atexit.register(lambda: os.write(2, b"\\nATEXIT\\n"))
+from eda.cli.launch import {function}
+sys.exit({function}())
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "status", "torn_down"),
+    [
+        ("pub", ["t", "one-shot"], 0, False),  # nobody listening: a warning, exit 0
+        ("pub", ["orders/#", "x"], 2, False),  # a usage error
+        ("registry", ["lookup", "db", "--no-mdns"], 1, False),  # no registry found
+        ("lb", ["call", "echo", "x", "--connect", "tcp://127.0.0.1:9", "--timeout", "0.2"], 3,
+         False),  # nobody there: no live instance
+        ("txn", ["status", "--log", "{tmp}"], 0, True),  # not a one-shot of shell loops
+    ],
+    ids=["pub", "pub-usage", "registry-lookup", "lb-call", "txn-status"],
+)
+def test_a_one_shot_command_exits_without_the_interpreters_teardown(
+    tmp_path, program, args, status, torn_down
+):
+    """The commands shell loops run leave at once when done, their exit status kept, the
+    atexit functions run (and stdout, stderr flushed): tearing the interpreter down
+    (a tenth of their time) does nothing they need.  Other commands exit as usual."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    module, _, function = entry_points()[f"eda-{program}"].partition(":")
+    code = TEARDOWN.format(function=function).replace("eda.cli.launch", module)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                            text=True, env=env, timeout=60)  # fmt: skip
+    assert result.returncode == status, result.stderr
+    assert "\nATEXIT\n" in result.stderr
+    assert ("\nTEARDOWN\n" in result.stderr) == torn_down, result.stderr
+    assert "Traceback" not in result.stderr
