@@ -157,7 +157,7 @@ def ask_for_subscribers() -> None:
     newcomers, come in (eda.core.discovery.discover_soon; cli/pub.py takes the result)."""
     from eda.core import discovery
 
-    discovery.discover_soon(discovery.SUB_TYPE)
+    discovery.discover_soon(discovery.SUB_TYPE).wait_asked()
 
 
 def terminal_columns() -> int:

@@ -201,17 +201,24 @@ def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]
     return peers
 
 
-def discover(service_type: str, *, interface: str | None = None, timeout: float = 0.15) -> Found:
+def discover(
+    service_type: str,
+    *,
+    interface: str | None = None,
+    timeout: float = 0.15,
+    on_asked: Callable[[], None] | None = None,
+) -> Found:
     """Peers of *service_type* now: those answering a one-shot query, and cached ones alive.
 
     Every endpoint is probed (:func:`probe`) before it is returned;
-    the cache is updated with what was learned.
+    the cache is updated with what was learned.  *on_asked* is called once the
+    first mDNS question went out.
     """
     now = time.time()
     known = _cached_peers(service_type, now)
     dead = _dead_endpoints(now)
     answers = mdns.one_shot_query(
-        service_type, interface=interface, timeout=timeout, expect=set(known)
+        service_type, interface=interface, timeout=timeout, expect=set(known), on_asked=on_asked
     )
     answered: dict[str, Peer] = {}
     found = Found(cached=len(known), seen=[peer for peer, _ in known.values()])
@@ -287,15 +294,26 @@ class Pending:
         self.asked = (service_type, interface, timeout)
         self._found: Found | None = None
         self._error: BaseException | None = None
+        self._out = threading.Event()  # the first question went out (or never will)
         self._thread = threading.Thread(target=self._run, name="eda-discover", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         service_type, interface, timeout = self.asked
         try:
-            self._found = discover(service_type, interface=interface, timeout=timeout)
+            self._found = discover(
+                service_type, interface=interface, timeout=timeout, on_asked=self._out.set
+            )
         except BaseException as exc:  # handed to result(), in the command's thread
             self._error = exc
+        finally:
+            self._out.set()
+
+    def wait_asked(self, timeout: float = 0.1) -> None:
+        """Wait (at most *timeout* s) until the question went out: the thread reading the
+        cache and sending it would otherwise wait for the interpreter's lock while the
+        command imports, and ask later."""
+        self._out.wait(timeout)
 
     def result(self) -> Found:
         """What :func:`discover` found (waiting for it to end); its exception, if any."""

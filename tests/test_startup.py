@@ -9,6 +9,7 @@ regression of this kind (eda-pub loading SQLite and the bus engines through
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -346,3 +347,18 @@ def test_a_one_shot_command_exits_without_the_interpreters_teardown(
     assert "\nATEXIT\n" in result.stderr
     assert ("\nTEARDOWN\n" in result.stderr) == torn_down, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_early_question_never_hides_a_new_subscriber(procs):
+    """Through the installed eda-pub, whose mDNS question goes out as it starts (and whose
+    wait for newcomers passes during its imports): a subscriber started since the last
+    run, which the discovery cache does not know, still gets the event."""
+    first = procs.sub_ready("t", "-C", "2")
+    code, events, err = audited_pub(["t", "warm the cache"], dict(os.environ))
+    assert code == 0 and events[0] == "mdns question", (events, err)
+    first.wait_lines(1)
+    second = procs.sub_ready("t", "-C", "1")  # not in the cache yet
+    code, events, err = audited_pub(["t", "both"], dict(os.environ))
+    assert code == 0 and events[0] == "mdns question", (events, err)
+    assert first.wait() == 0 and second.wait() == 0
+    assert json.loads(second.lines()[0])["data"] == "both"
