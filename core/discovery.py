@@ -30,8 +30,9 @@ the topic for a publisher), ``v`` (wire version), ``k`` (secure mode: the
 peer's CURVE public key, Z85, 40 characters; absent when not secure).
 
 Probing an endpoint (is a ZeroMQ peer listening there?) is :mod:`eda.core.probe`.
-About 650 lines for a reason: this is the one module that drives zeroconf --
-announcing, browsing, resolving on a bounded pool, the cache -- and its
+About 750 lines for a reason: this is the one module that drives zeroconf --
+announcing, browsing, resolving on a bounded pool, the cache, the one-shot
+question a command starts early in a thread (:func:`discover_soon`) -- and its
 threads share the state of one :class:`Discovery`; split, a reader would have
 to follow that state across files.
 """
