@@ -184,13 +184,25 @@ def command(
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
     secure.apply()
 
-    from eda.core import codec, discovery, feed
+    from eda.core import discovery
+
+    whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
+    pending = None
+    iface = None
+    if bus is None:
+        iface = discovery.resolve_interface(interface)
+        if not no_mdns:
+            # the question goes out now (or went out as the program started: cli/launch.py);
+            # the answers and the settle for newcomers pass while pyzmq is imported
+            pending = discovery.discover_soon(
+                discovery.SUB_TYPE, interface=iface, timeout=discover_timeout
+            )
+
+    from eda.core import codec, feed
     from eda.core.pubsub import Publisher
 
     def reject(exc: InputError) -> None:
         ctx.warn(f"error: {exc}; skipped")
-
-    whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
 
     if bus is not None:
         endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
@@ -203,7 +215,6 @@ def command(
         )  # fmt: skip
         return
 
-    iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
     pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
@@ -218,9 +229,9 @@ def command(
         for endpoint in connects:
             pub.connect(endpoint, watch=True)
         expected: set[str] = set()
-        if not no_mdns:
+        if pending is not None:
             expected = pub.connect_subscribers(
-                discover_timeout, None if envelope and topic is None else topic
+                discover_timeout, None if envelope and topic is None else topic, pending.result()
             )
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
         # a bound publisher cannot know who will connect: subscribers already retrying
