@@ -127,16 +127,37 @@ class Proc:
         return self.stdout.splitlines()
 
     def wait_stderr(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        return wait_until(
-            lambda: re.search(pattern, self.stderr),
-            timeout,
-            f"stderr ~ {pattern!r}; got {self.stderr!r}",
-        )
+        try:
+            return wait_until(
+                lambda: re.search(pattern, self.stderr), timeout, f"stderr ~ {pattern!r}"
+            )
+        except AssertionError as exc:  # what it said by the deadline, not when asked
+            raise AssertionError(f"{exc}; got {self.stderr[-4000:]!r}") from None
 
     def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
-        wait_until(
-            lambda: len(self.lines()) >= n, timeout, f"{n} lines of output; got {self.stdout!r}"
-        )
+        """Wait for *n* lines on stdout (as :meth:`lines` counts them); all of them.
+
+        A long output is not read whole again at every poll (a million lines every
+        20 ms was most of a test's time): what was written since is read and its
+        newlines counted; each ends a line, so n of them are n lines.
+        """
+        seen = [0, 0]  # bytes read, newlines among them
+
+        def enough() -> bool:
+            with self.out_path.open("rb") as fh:
+                fh.seek(seen[0])
+                while chunk := fh.read(1 << 20):
+                    seen[0] += len(chunk)
+                    seen[1] += chunk.count(b"\n")
+            if seen[1] >= n:
+                return True
+            # short: read whole, for a last line without a newline or other line ends
+            return seen[0] < 1 << 20 and len(self.lines()) >= n
+
+        try:
+            wait_until(enough, timeout, f"{n} lines of output")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {self.stdout[-4000:]!r}") from None
         return self.lines()
 
     def wait(self, timeout: float = 15.0) -> int:
@@ -218,6 +239,30 @@ def run(
         result.stdout.decode(errors="replace"),
         result.stderr.decode(errors="replace"),
     )
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run *calls* (independent one-shot commands, e.g. ``lambda: run(...)``) at the same
+    time; their results in order.  For checks that do not depend on one another: each
+    process waits on its own answers, so N of them take about as long as the slowest.
+    An exception of one is raised once all have ended."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        try:
+            results[k] = calls[k]()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 _held: list[socket.socket] = []
