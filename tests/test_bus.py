@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, Procs, require_tools, run, wait_until
+from tests.helpers import Proc, Procs, require_tools, run, together, wait_until
 
 BIND = "tcp://127.0.0.1:0"
 SERVING = r"serving .+ on (tcp://\S+) \(seq"
@@ -521,14 +521,15 @@ def test_group_members_share_slow_jobs_holding_at_most_max_pending(
     extra = [] if max_pending is None else ["--max-pending", str(max_pending)]
     most = max_pending or 1
     n = 10
-    for i in range(n):  # stored first: a job waits on the test only, never on publishing
-        done = run("eda-pub", "--bus", ep, "--confirm", "job.x", str(i))
+    # stored first (a job waits on the test only, never on publishing), by ten publishers
+    # at once: ten batches
+    for done in together(*(lambda i=i: run("eda-pub", "--bus", ep, "--confirm", "job.x", str(i))
+                           for i in range(n))):  # fmt: skip
         assert done.returncode == 0, done.stderr
-    members = []
-    for name in "ab":
-        members.append(procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "--from-start",
-                                 "-v", *extra, "--exec", f"sh {job} {name} {tmp_path}"))  # fmt: skip
-        members[-1].wait_stderr("subscribed", 15)
+    members = [procs.eda("eda-sub", "--bus", ep, "job.>", "--group", "w", "--from-start", "-v",
+                         *extra, "--exec", f"sh {job} {name} {tmp_path}") for name in "ab"]  # fmt: skip
+    for member in members:
+        member.wait_stderr("subscribed", 15)
 
     def held() -> int:
         consumers = request(ep, {"op": "stats"})["stats"]["consumers"]
