@@ -103,6 +103,7 @@ class Proc:
         prefix: Sequence[str] = (),
     ) -> None:
         self.out_path = workdir / f"proc{n}.out"
+        self._counted = [0, 0]  # bytes of stdout read by newlines(), newlines among them
         self.err_path = workdir / f"proc{n}.err"
         self._out = self.out_path.open("wb")
         self._err = self.err_path.open("wb")
@@ -134,25 +135,28 @@ class Proc:
         except AssertionError as exc:  # what it said by the deadline, not when asked
             raise AssertionError(f"{exc}; got {self.stderr[-4000:]!r}") from None
 
+    def newlines(self) -> int:
+        """Lines ended on stdout so far, counted incrementally: only what was written
+        since the last call is read (a poll of a long output does not read it whole)."""
+        with self.out_path.open("rb") as fh:
+            fh.seek(self._counted[0])
+            while chunk := fh.read(1 << 20):
+                self._counted[0] += len(chunk)
+                self._counted[1] += chunk.count(b"\n")
+        return self._counted[1]
+
     def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
         """Wait for *n* lines on stdout (as :meth:`lines` counts them); all of them.
 
-        A long output is not read whole again at every poll (a million lines every
-        20 ms was most of a test's time): what was written since is read and its
-        newlines counted; each ends a line, so n of them are n lines.
+        Polled with :meth:`newlines` (a million lines read again every 20 ms was most
+        of a test's time): each newline ends a line, so n of them are n lines.
         """
-        seen = [0, 0]  # bytes read, newlines among them
 
         def enough() -> bool:
-            with self.out_path.open("rb") as fh:
-                fh.seek(seen[0])
-                while chunk := fh.read(1 << 20):
-                    seen[0] += len(chunk)
-                    seen[1] += chunk.count(b"\n")
-            if seen[1] >= n:
+            if self.newlines() >= n:
                 return True
             # short: read whole, for a last line without a newline or other line ends
-            return seen[0] < 1 << 20 and len(self.lines()) >= n
+            return self._counted[0] < 1 << 20 and len(self.lines()) >= n
 
         try:
             wait_until(enough, timeout, f"{n} lines of output")

@@ -243,7 +243,7 @@ def test_group_members_share_events_exactly_once(procs: Procs, engine: Bus) -> N
     done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input="".join(
         f"{i} {'x' * 100}\n" for i in range(1, n + 1)))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    wait_until(lambda: len(a.lines()) + len(b.lines()) >= n, 20, "all events handed out")
+    wait_until(lambda: a.newlines() + b.newlines() >= n, 20, "all events handed out")
     got_a = [int(x.split()[0]) for x in a.lines()]
     got_b = [int(x.split()[0]) for x in b.lines()]
     assert sorted(got_a + got_b) == list(range(1, n + 1))  # each to exactly one member
@@ -271,7 +271,7 @@ def test_a_dead_group_members_unacknowledged_events_go_to_the_others(
     a.kill()  # the whole process group: eda-sub and its hanging command
     b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw")
     # GONE_AFTER (5 s) without a heartbeat: A's events go to B, each once
-    wait_until(lambda: len(b.lines()) >= n, 30, "B got every event, A's too")
+    wait_until(lambda: b.newlines() >= n, 30, "B got every event, A's too")
     assert sorted(int(x) for x in b.lines()) == list(range(1, n + 1))
     a_ran = [json.loads(line)["data"] for line in taken.read_text().splitlines()]
     assert a_ran and set(a_ran) <= {str(i) for i in range(1, n + 1)}

@@ -247,7 +247,7 @@ def test_groups_and_retain_work_through_a_nats_front(procs: Procs, server: Serve
     done = run("eda-pub", "--bus", ep, "--confirm", "work.items",
                input="".join(f"{i}\n" for i in range(1, n + 1)))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    wait_until(lambda: len(a.lines()) + len(b.lines()) >= n, 20, "all events handed out")
+    wait_until(lambda: a.newlines() + b.newlines() >= n, 20, "all events handed out")
     assert sorted(int(x) for x in a.lines() + b.lines()) == list(range(1, n + 1))
     a.kill()
     b.kill()
