@@ -109,7 +109,7 @@ def test_a_client_refuses_a_bus_with_an_unknown_key(procs: Procs, tmp_path, ids)
                  env=ids["alice"].env)  # fmt: skip
     assert forged.returncode == 1
     assert f"the bus at {endpoint} failed the secure handshake" in forged.stderr
-    stats = run("eda-bus", "stats", "--json", "--no-mdns", "--bus", endpoint)
+    stats = run("eda-bus", "stats", "--json", "--no-mdns", "--bus", endpoint, "--timeout", "2")
     assert stats.returncode != 0  # a plain client is not served by a secure bus either
     bus.signal(2)
     bus.wait()
