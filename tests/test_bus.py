@@ -512,7 +512,6 @@ mv "$2/running/$1.$EDA_ID" "$2/done/"
 """
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("max_pending", [None, 2])
 def test_group_members_share_slow_jobs_holding_at_most_max_pending(
     procs: Procs, engine: Bus, tmp_path: Path, max_pending: int | None
