@@ -97,7 +97,6 @@ def test_an_untrusted_client_is_refused_at_once_with_the_message(procs: Procs, t
     assert (stats.returncode, stats.stderr.strip()) == (1, f"eda-bus: error: {refused}")
 
 
-@pytest.mark.long
 def test_a_client_refuses_a_bus_with_an_unknown_key(procs: Procs, tmp_path, ids):
     """A bus announcing a key alice does not trust (mallory's) is skipped with a warning,
     never sent anything; named explicitly under a trusted name, the handshake fails."""
