@@ -23,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zmq
 
-from eda.core.reqrep import Client
+from eda.core.endpoint import Endpoint
+from eda.core.reqrep import Client, given
+from eda.core.sockets import connect
 from eda.core.txn.journal import open_journal
-from tests.helpers import PROGRAMS, Identity, Proc, Procs, run, trusting
+from tests.helpers import PROGRAMS, Identity, Proc, Procs, run, trusting, wait_until
+from tests.test_reqrep import refusing  # noqa: F401 (a fixture)
 
 PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
 PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
@@ -277,3 +281,28 @@ def test_a_one_shot_client_ends_with_one_line(servers: Servers, client: str, how
     if how == "untrusting":
         refused = f"does not trust this key (eda-keys show: {servers.mallory.public})"
         assert done.returncode == 1 and lines[0].endswith(refused), done.stderr
+
+
+# -- the racy order, forced: a handshake refused before the request is sent -------------------
+def test_lb_stats_told_of_a_refusal_before_it_asked(
+    refusing: tuple[str, Identity],  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """eda-lb stats asks every instance at once; one whose handshake failed before it was
+    asked has no connection to queue the question on (before: zmq.Again, a traceback)."""
+    from eda.core.lb import stats
+
+    named, _ = refusing
+    where = named.partition("@")[2]
+    given(named)  # (pins srv's key, as a registry record would)
+
+    def connect_then_refused(sock: zmq.Socket[bytes], endpoint: Endpoint, key: bytes) -> str:
+        text = connect(sock, endpoint, key)
+        wait_until(lambda: not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT, 10, "the refusal")
+        return text
+
+    monkeypatch.setattr(stats, "connect", connect_then_refused)
+    told: list[tuple[str, str]] = []
+    answers = stats.ask_stats([where], 60.0, on_refused=lambda *report: told.append(report))
+    assert answers == {where: "does not trust this key"}
+    assert told == [(where, "does not trust this key")]
