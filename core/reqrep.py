@@ -485,8 +485,13 @@ class Client:
 
     def find(self) -> Endpoint:
         """The server to use, without a request: the first candidate (remembered when
-        it was looked up); :meth:`none_found` when there is none."""
-        endpoint = next(self.candidates(set()), None)
+        it was looked up) found by the overall deadline a request would have;
+        :meth:`none_found` when there is none."""
+        self._until = self._deadline(self.timeout)
+        try:
+            endpoint = next(self.candidates(set()), None)
+        finally:
+            self._until = float("inf")
         if endpoint is None:
             raise self.none_found()
         if not self.explicit and self.cache_key is not None:
@@ -552,8 +557,7 @@ class Client:
         answers, :meth:`none_answered` (or :meth:`none_found` if none was known).
         """
         wait = self.timeout if timeout is None else timeout
-        started = time.monotonic()
-        self._until = started + (self.total if self.total is not None else ATTEMPTS * wait)
+        self._until = self._deadline(wait)
         try:
             return self._request(msg, wait)
         finally:
@@ -579,6 +583,10 @@ class Client:
             self.disconnect()
             if not self.failover or self._left() <= 0:
                 raise self.none_answered(tried)
+
+    def _deadline(self, wait: float) -> float:
+        """When a request whose attempts each wait *wait* must end, all included."""
+        return time.monotonic() + (self.total if self.total is not None else ATTEMPTS * wait)
 
     def _left(self) -> float:
         """Seconds left before the overall deadline of the request under way."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -343,3 +344,26 @@ def test_a_request_ends_by_its_overall_deadline_however_many_servers_are_silent(
     # every attempt waited only what was left of the request's 0.5 s: the silent servers
     # were not each given their 2 s, and the attempts' waits add up to the deadline at most
     assert waited and all(t <= 0.5 for t in waited) and sum(waited) <= 0.5 + 0.01 * len(waited)
+
+
+def test_finding_a_server_ends_by_the_overall_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probing the endpoints the cache remembers never outlasts the deadline a request
+    would have (3 attempt timeouts), however many there are and however slowly each
+    probe fails (before: 40 probes of 0.2 s, 8 s).  The clock is the test's."""
+    clock = [1000.0]
+    probes: list[float] = []
+
+    def slow_probe(endpoint: Endpoint, timeout: float = reqrep.PROBE_TIMEOUT) -> bool:
+        probes.append(timeout)
+        clock[0] += timeout  # a silent endpoint: the probe waits its whole timeout
+        return False
+
+    class Remembering(Client):
+        def remembered(self) -> list[Endpoint]:
+            return [Endpoint.parse(f"tcp://127.0.0.1:{20000 + i}") for i in range(40)]
+
+    monkeypatch.setattr(reqrep, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(reqrep, "tcp_reachable", slow_probe)
+    with pytest.raises(NoServer):
+        Remembering(timeout=1.0, use_mdns=False).find()
+    assert 0 < len(probes) < 40 and sum(probes) <= 3.0 + 1e-9
