@@ -18,6 +18,11 @@ answers this way and every client asks this way, so the rules live here once:
   and fails over to the next endpoint it knows when one stops answering;
   one request never outlasts its overall deadline (:attr:`Client.total`),
   whatever it waits on: a probe, mDNS, a server, a refused handshake.
+
+This module is about 600 lines on purpose: the client and the server are the
+two halves of one protocol (framing, ``rid`` rules, error replies, the
+envelope of REQ and DEALER peers), and a reader checking one half against
+the other finds both here.
 """
 
 from __future__ import annotations
