@@ -116,3 +116,72 @@ def test_a_stalled_reader_of_a_bus_that_stops_loses_nothing(procs: Procs, tmp_pa
     reader.close()
     _bus, ep, url = start(procs, tmp_path / "bus")
     resumes_after(url, got)
+
+
+def test_a_durable_stream_cut_by_the_output_budget_loses_nothing(tmp_path: Path) -> None:
+    """In process, with a small budget: two readers that stop reading pass it together,
+    the slowest (the durable one) is cut; what it had queued is offered again."""
+    import time
+
+    from eda.core import codec
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.http import BusHttp
+    from eda.core.bus.server import BusServer, Settings
+    from eda.core.http import Limits
+
+    engine = SQLiteEngine(tmp_path / "bus.db")
+    origin = codec.encode_origin("p1", "src")
+    for i in range(EVENTS):
+        header = codec.encode_header(codec.TEXT, 1, i + 1, time.time(), origin)
+        engine.append([codec.decode([b"t.big", header, PAYLOAD.encode()])])
+    engine.commit()
+    server = BusServer(engine, Settings(bind="tcp://127.0.0.1:0", mdns=False))
+    api = BusHttp(server, "127.0.0.1:0")
+    api.server.limits = Limits(output_bytes=1 << 20, output_budget=3 << 19, stalled_time=600)
+    server.every(0.02, "test", lambda: None)  # (the loop looks at *until* often)
+    try:
+        durable = Reader(api.url, "topic=t.>&durable=web")
+        durable.sock.setblocking(False)
+        server.serve(until=lambda: b"id: " in _peek(durable))  # it starts, then reads no more
+        other = Reader(api.url, "topic=t.>&from-start")
+        other.sock.setblocking(False)
+        server.serve(until=lambda: api.server.cut > 0)
+        assert api.server.cut == 1 and [r.durable for r in api.readers.values()] == [None]
+
+        def drained() -> bool:
+            _peek(durable)
+            return durable.eof
+
+        server.serve(until=drained)  # what was written before the cut still arrives
+        got = durable.ids()
+        durable.close()
+        other.close()
+        assert got == list(range(1, len(got) + 1)) and len(got) < EVENTS
+        again = Reader(api.url, "topic=t.>&durable=web")
+        again.sock.setblocking(False)
+        deadline = time.monotonic() + 20
+
+        def offered() -> bool:
+            _peek(again)
+            return len(again.ids()) >= 100 or time.monotonic() > deadline
+
+        server.serve(until=offered)
+        ids = again.ids()[:100]
+        again.close()
+        assert ids, f"nothing offered again after event {got[-1]}: all the rest was lost"
+        assert ids[0] <= got[-1] + 1, f"events {got[-1] + 1}..{ids[0] - 1} were lost"
+        assert ids == list(range(ids[0], ids[0] + 100))
+    finally:
+        api.close()
+        server.close()
+
+
+def _peek(reader: Reader) -> bytes:
+    """What *reader* received so far, reading what is there without waiting."""
+    try:
+        chunk = reader.sock.recv(65536)
+    except BlockingIOError:
+        return reader.data
+    reader.data += chunk
+    reader.eof = reader.eof or not chunk
+    return reader.data
