@@ -232,6 +232,7 @@ class Stream:
         self._conn = conn
         self._on_close: Callable[[], object] | None = None
         self.on_room: Callable[[], object] | None = None  # what was queued went out
+        self.on_written: Callable[[], object] | None = None  # more went out (see written)
 
     @property
     def on_close(self) -> Callable[[], object] | None:
@@ -254,6 +255,19 @@ class Stream:
         """Whether the client takes what is sent (its queue is under the limit)."""
         conn = self._conn
         return not (conn.closed or conn.closing) and len(conn.out) < conn.server.limits.output_bytes
+
+    @property
+    def written(self) -> int:
+        """Bytes of this connection handed to the kernel so far (its head included): what
+        a client that is gone may still have missed is only what sat in socket buffers."""
+        return self._conn.written
+
+    @property
+    def queued(self) -> int:
+        """Where the end of what was sent so far lies, counted as :attr:`written` is: once
+        ``written`` reaches it, all of it went out (on a closed stream it never will)."""
+        conn = self._conn
+        return conn.written + len(conn.out)
 
     def send(self, data: bytes) -> None:
         self._conn.write(data)
@@ -342,6 +356,7 @@ class _Connection:
         self.parsing = _Parsing(self)
         self.parser = httptools.HttpRequestParser(self.parsing)
         self.out = bytearray()
+        self.written = 0  # bytes handed to the kernel (Stream.written)
         self.queue: deque[Request] = deque()
         self.current: Request | None = None
         self.stream: Stream | None = None
@@ -484,6 +499,7 @@ class _Connection:
             except OSError:
                 self.close()
                 return
+            self.written += sent
             if sent == len(data):
                 return
             data = data[sent:]
@@ -505,7 +521,13 @@ class _Connection:
             self.close()
             return
         del self.out[:sent]
+        self.written += sent
         self.server.queued -= sent
+        stream = self.stream
+        if sent and stream is not None and stream.on_written is not None:
+            self.server.loop.guarded("HTTP stream", stream.on_written)
+            if self.closed:
+                return
         if self.queue and self.current is None and self.stream is None:
             self.next()  # answers held back while its queue was full
             if self.closed:

@@ -32,8 +32,14 @@ Server-Sent Events: ``id:`` the bus sequence, ``data:`` the event exactly as
 ``eda-sub --bus`` prints it (:func:`eda.core.envelope.bus_json_lines`).  It
 starts live, or at ``from-start``, ``from-seq=N``, ``since=TIME`` (RFC 3339,
 unix seconds or an age), ``last=N``, or after the ``Last-Event-ID`` a
-reconnecting browser sends; ``durable=NAME`` resumes a durable consumer, which
-acknowledges events as they are written to the connection.  Retention
+reconnecting browser sends; ``durable=NAME`` resumes a durable consumer.  A durable
+consumer is acknowledged only up to the last event whose bytes were handed to the
+kernel (:attr:`eda.core.http.Stream.written`), never for what is merely queued on the
+connection: a client that leaves, stalls, is cut by the output budget, or a bus that
+stops, loses nothing queued.  What sat in socket buffers when the client vanished
+counts as delivered; a client that sends ``Last-Event-ID`` with ``durable=`` resumes
+after the earlier of that id and the consumer's position, so it gets those again
+(at least once: a few duplicates, no loss).  Retention
 overtaking a stream is told by an ``event: lost`` with ``{"lost": N}``.
 
 Secure mode: an HTTP client proves no key, so HTTP is served on a loopback
@@ -45,7 +51,8 @@ from __future__ import annotations
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -99,6 +106,9 @@ class _Reader:
     durable: str | None
     blocked: bool = False
     acked: int = 0
+    # (where its bytes end on the connection, last sequence they cover): acknowledged
+    # once the stream's written bytes reach that end
+    marks: deque[tuple[int, int]] = field(default_factory=deque)
 
 
 class BusHttp:
@@ -274,8 +284,9 @@ class BusHttp:
         except (ProtocolError, UsageError) as exc:
             raise HttpError(400, f"{exc}; e.g. /events?topic=orders.>&from-start") from None
         last_id = req.headers.get("last-event-id", "")
-        if spec is None and last_id.isdigit() and len(last_id) < 19:
-            spec = {"seq": int(last_id) + 1}  # a browser reconnecting: resume after it
+        after = int(last_id) + 1 if last_id.isdigit() and len(last_id) < 19 else None
+        if spec is None and after is not None:
+            spec = {"seq": after}  # a browser reconnecting: resume after it
         if len(self.readers) >= MAX_STREAMS:
             raise HttpError(503, f"{MAX_STREAMS} event streams are open; try again later")
         if durable is not None and any(r.durable == durable for r in self.readers.values()):
@@ -289,13 +300,30 @@ class BusHttp:
                 bus._commit()
             except EdaError as exc:
                 raise HttpError(409 if isinstance(exc, UsageError) else 503, str(exc)) from None
+            if after is not None:  # what it says it got last: never skips, may repeat
+                cursor = max(1, min(cursor, after))
         stream = req.stream()
-        reader = _Reader(stream, matcher, cursor, durable)
+        reader = _Reader(stream, matcher, cursor, durable, acked=cursor - 1)
         self.readers[stream] = reader
-        stream.on_close = lambda: self.readers.pop(stream, None)
+        stream.on_close = lambda: self._closed(reader)
         stream.on_room = lambda: self._unblock(reader)
+        if durable is not None:
+            stream.on_written = lambda: self._acknowledge(reader)
         stream.send(f": from bus sequence {cursor}\n\n".encode())
         self._pump(reader, bus._durable)
+
+    def _closed(self, reader: _Reader) -> None:
+        self.readers.pop(reader.stream, None)
+        self._acknowledge(reader)  # what went out before it closed; the rest is offered again
+
+    def _acknowledge(self, reader: _Reader) -> None:
+        """Acknowledge a durable consumer up to the last event whose bytes went out."""
+        marks, written, last = reader.marks, reader.stream.written, 0
+        while marks and marks[0][0] <= written:
+            last = marks.popleft()[1]
+        if reader.durable is not None and last > reader.acked:
+            reader.acked = last
+            self.bus.engine.ack(reader.durable, min(last, self.bus._durable))
 
     def _unblock(self, reader: _Reader) -> None:
         reader.blocked = False
@@ -309,6 +337,7 @@ class BusHttp:
 
     def _pump(self, reader: _Reader, durable: int) -> None:
         engine, stream = self.bus.engine, reader.stream
+        marks = reader.marks if reader.durable is not None else None
         while reader.cursor <= durable and not stream.closed:
             first = engine.kept_from
             if reader.cursor < first:  # retention removed what it had not read yet
@@ -323,14 +352,17 @@ class BusHttp:
                 stream.send(self._render(record))
                 sent += record.size
                 reader.cursor = record.seq + record.size
+                if marks is not None and not stream.closed:  # (closing, it dropped its queue)
+                    marks.append((stream.queued, reader.cursor - 1))
             else:
                 if sent < PUMP_EVENTS:
                     reader.cursor = durable + 1  # nothing else matching up to there
+                    if marks is not None and not stream.closed:
+                        marks.append((stream.queued, durable))
             if reader.blocked or sent == 0:
                 break
-        if reader.durable is not None and reader.cursor - 1 > reader.acked:
-            reader.acked = reader.cursor - 1  # as written to the connection
-            engine.ack(reader.durable, min(reader.acked, durable))
+        if marks is not None:
+            self._acknowledge(reader)  # what went out at once
 
     @staticmethod
     def _render(record: Record) -> bytes:
