@@ -32,7 +32,8 @@ from tests.nemesis.workloads import (
 # the txn role (bank transfers and sagas) runs in the long form only (short form's budget)
 LAYOUT = {
     5: {"bus": 0, "bus-pub": (1, 4), "durable": 2, "members": (3, 4), "feed": 1,
-        "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,)},
+        "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,),
+        "txn-participants": (1, 2, 3), "txn-coordinators": (0, 4), "txn-clients": (2,)},
     10: {"bus": 0, "bus-pub": (1, 5), "durable": 2, "members": (3, 4), "feed": 5,
          "ps-subs": (6, 7), "registries": (7, 8, 9), "lb-workers": (2, 4, 6),
          "lb-callers": (1, 8), "txn-participants": (3, 5, 9), "txn-coordinators": (0, 7),
@@ -66,12 +67,13 @@ def run(
     seed: int,
     hosts: int,
     recovery: float = 30.0,
+    txn: bool | None = None,
 ) -> tuple[list[Result], str]:
     """Run, check and report into *out*; returns the results and the summary text.
 
     The recovery window after the heal ends once every workload's checked
     conditions hold (:meth:`Workload.recovered`, for :data:`SETTLE` s), or
-    after *recovery* s."""
+    after *recovery* s. *txn*: run the txn role (by default on 10 hosts only)."""
     out.mkdir(parents=True, exist_ok=True)
     roles = LAYOUT[5 if hosts < 10 else 10]
     hs: list[Host] = [network.add_host(f"n{i + 1}") for i in range(hosts)]
@@ -93,7 +95,7 @@ def run(
         PubSubWorkload(history, out, hs[roles["feed"] % hosts], on(*roles["ps-subs"])),
         LbWorkload(history, out, on(*roles["lb-workers"]), on(*roles["lb-callers"])),
     ]
-    if "txn-participants" in roles:
+    if txn if txn is not None else hosts >= 10:
         workloads.append(
             TxnWorkload(
                 history, out, on(*roles["txn-participants"]), on(*roles["txn-coordinators"]),

@@ -13,8 +13,8 @@ transfers between two accounts, each client through its own coordinator.
 ``call`` steps to an eda-lb service whose workers run on the participants'
 hosts, each action and compensation leaving a marker file named by its
 request id (``SAGA.STEP.PHASE.0``: the same for every try, so idempotent);
-``check`` is a local step that fails every third saga, which is then
-compensated. A saga left stuck (a compensation out of tries) is resumed
+``check`` is a local step that fails every third saga at its one try,
+which is then compensated. A saga left stuck (a compensation out of tries) is resumed
 after the recovery window.
 
 The final reads record every account's files and every saga's markers; the
@@ -84,6 +84,7 @@ compensate = {{ call = "{service}" }}
 [[step]]
 name = "check"
 run = "jq -e '.n % 3 != 0' > /dev/null"
+retry = {{ attempts = 1 }}
 """
 SAGA_STEPS = ("debit", "credit")  # the steps with effects; "check" has none
 
