@@ -131,6 +131,20 @@ def test_registry_convergence_is_measured_from_the_last_heal() -> None:
     assert result.stats["convergence"]["max"] == pytest.approx(2.0)
 
 
+def test_registry_convergence_with_slow_lookups_overlapping_quick_views() -> None:
+    """A lookup is a program run of seconds: one asked before the views converged may end
+    after them, and one asked after may end long after the quick dig that showed it."""
+    both = ["svc1", "svc2"]
+    history = reg_history([], (10, 30))
+    slow = [(50.2, 57.0, ["svc1"]), (50.6, 56.0, both)]  # (asked, answered, view)
+    history += [Op(t, end, "observer1", "registry", "lookup", {"registry": 1, "ids": ids}, OK)
+                for t, end, ids in slow]  # fmt: skip
+    history.append(op(50.7, "dig1", "registry", "view", {"registry": 1, "ids": both}))
+    result = check_registry(history)
+    assert result.anomalies == []
+    assert result.stats["convergence_s"] == pytest.approx([0.7])  # healed 50.1, the dig 50.8
+
+
 def test_registry_names_stale_instances_and_views_that_never_converge() -> None:
     both = ["svc1", "svc2"]
     # svc2 was killed at 10 and served at 20 (past the 6.4 s bound): stale
