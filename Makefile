@@ -11,9 +11,10 @@ TEST_WORKERS ?= 3
 
 setup: $(VENV)/.installed
 
+# the venv's own pip installs everything here (upgrading it first cost a download and
+# an install: 20 s of a loaded CI machine's set-up)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -13,6 +13,10 @@
   heartbeating once a second over ZeroMQ): ``GET /v1/services/svc7`` (20
   instances) on one keep-alive connection, ~300 a second (target < 5 ms),
   against the same lookups over the registry's ZeroMQ API, the two alternating.
+  Both clients are as light as each other: a raw pyzmq DEALER, and a raw
+  socket sending one prepared request and reading the answer by its
+  ``content-length`` (http.client costs more than the server's answer, and on
+  a loaded machine more CPU a lookup means a longer tail).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -179,7 +184,8 @@ def registry_http_lookups(work: Path, count: int) -> tuple[list[float], list[flo
                            stderr=work / "load.err")  # fmt: skip
         wait_for_text(work / "load.out", "ready", 60, load)
         time.sleep(1.0)  # the steady heartbeat rate, as bench_registry
-        conn = http.client.HTTPConnection(found.group(1), int(found.group(2)), timeout=5)
+        conn = socket.create_connection((found.group(1), int(found.group(2))), timeout=5)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -200,18 +206,36 @@ def registry_http_lookups(work: Path, count: int) -> tuple[list[float], list[flo
     return times, zmq_times
 
 
-def http_lookup(conn: http.client.HTTPConnection) -> float:
+LOOKUP = b"GET /v1/services/svc7 HTTP/1.1\r\nHost: registry\r\n\r\n"
+
+
+def http_lookup(conn: socket.socket) -> float:
     start = time.perf_counter()
     try:
-        conn.request("GET", "/v1/services/svc7")
-        resp = conn.getresponse()
-        body = resp.read()
+        conn.sendall(LOOKUP)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += _received(conn)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        if length is None:
+            raise BenchError(f"HTTP lookup answered without a length: {head[:200]!r}")
+        while len(body) < int(length.group(1)):
+            body += _received(conn)
     except OSError as exc:
         raise BenchError(f"HTTP lookup failed: {exc!r}") from None
+    found = json.loads(body)
     took = time.perf_counter() - start
-    if resp.status != 200 or len(json.loads(body)["instances"]) != PER_SERVICE:
-        raise BenchError(f"HTTP lookup answered {resp.status}: {body[:200]!r}")
+    if not head.startswith(b"HTTP/1.1 200") or len(found["instances"]) != PER_SERVICE:
+        raise BenchError(f"HTTP lookup answered {head[:40]!r}: {body[:200]!r}")
     return took
+
+
+def _received(conn: socket.socket) -> bytes:
+    chunk = conn.recv(65536)
+    if not chunk:
+        raise BenchError("the registry closed the HTTP connection")
+    return chunk
 
 
 def zmq_lookup(sock: zmq.Socket[bytes], rid: int) -> float:

@@ -6,13 +6,16 @@ Rows (every process fresh, as installed, everything on 127.0.0.1):
   --persistent -- cat``: median wall time, target <= 60 ms.  Anchor: the same round
   trip as the shortest pyzmq program does it (``python -c`` importing zmq, a REQ
   socket, one request to a raw pyzmq REP echo server started alongside).
-* ``eda-X --help`` of each program with subcommands and of one subcommand (the
-  text is printed without importing click: cli/launch.py), target <= 40 ms.
-  Anchor: the interpreter doing nothing (``python -c pass``), the floor.
+* ``eda-X --help`` of every program, and of one subcommand of each program with
+  subcommands (the text is printed without importing click: cli/launch.py),
+  target <= 40 ms; ``eda-X --version`` of every program, target <= 30 ms.
+  Anchor, taken in turn with them: the interpreter doing nothing (``python -c
+  pass``, eda's own python), the floor.
 
-(one-shot ``eda-pub``, ``eda-pub --help``/``--version`` and the shell loop of
-publishes are in bench_pubsub.py, one-shot ``eda-registry lookup`` in
-bench_registry.py, one-shot ``eda-txn commit`` in bench_txn.py.)
+(one-shot ``eda-pub``, ``eda-pub --help`` against ``mosquitto_pub --help`` and the
+shell loop of publishes are in bench_pubsub.py, one-shot ``eda-registry lookup``
+in bench_registry.py, one-shot ``eda-pub --bus --confirm`` in bench_bus.py,
+one-shot ``eda-txn commit`` in bench_txn.py.)
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ sock.send(sys.argv[2].encode())
 sys.stdout.write(sock.recv().decode() + "\n")
 """
 
-HELPS = [["eda-registry"], ["eda-registry", "lookup"], ["eda-lb"], ["eda-txn"], ["eda-bus"]]
+PROGRAMS = ["eda-pub", "eda-sub", "eda-registry", "eda-bus", "eda-lb", "eda-txn", "eda-keys"]
+# every program's --help, and one subcommand's of each program that has subcommands
+HELPS = [[p] for p in PROGRAMS] + [
+    ["eda-registry", "lookup"], ["eda-bus", "stats"], ["eda-lb", "call"], ["eda-txn", "commit"],
+    ["eda-keys", "trust"],
+]  # fmt: skip
+VERSIONS = [[p, "--version"] for p in PROGRAMS]
 
 
 def calls(work: Path, runs: int) -> list[tuple[list[float], str]]:
@@ -75,15 +84,16 @@ def calls(work: Path, runs: int) -> list[tuple[list[float], str]]:
         )
 
 
-def helps(work: Path, runs: int) -> list[tuple[list[float], str]]:
-    """Wall times of each `eda-X [SUB] --help` (HELPS) and of `python -c pass`, in turn."""
+def startups(work: Path, runs: int, commands: list[list[str]]) -> list[tuple[list[float], str]]:
+    """Wall times of each of *commands* (``eda-X ARGS``) and of `python -c pass` (eda's own
+    interpreter: the floor), in turn."""
     fresh(work)
     env = eda_env(work)
     measures = [
-        (lambda args: lambda i: timed_ok([eda_cmd(args[0]), *args[1:], "--help"], work, env))(a)
-        for a in HELPS
+        (lambda args: lambda i: timed_ok([eda_cmd(args[0]), *args[1:]], work, env))(a)
+        for a in commands
     ]
-    floor = [sys.executable, "-c", "pass"]
+    floor = [str(Path(eda_cmd("eda-pub")).with_name("python")), "-c", "pass"]
     return interleave(runs, [*measures, lambda i: timed_ok(floor, work, env)])
 
 
@@ -101,16 +111,27 @@ def run(quick: bool) -> list[Row]:
             ok=judge(eda_note, None if eda_med is None else eda_med <= 60),
             note=join_notes(eda_note, anchor_note),
         ))  # fmt: skip
-        series, failed = attempt(lambda: helps(tmp / "help", runs))
-        measured = series or [([], failed)] * (len(HELPS) + 1)
-        floor_times, floor_note = measured[-1]
-        floor = median(floor_times) * 1000 if floor_times else None
-        for args, (times, note) in zip(HELPS, measured[:-1], strict=True):
-            med = median(times) * 1000 if times else None
-            rows.append(row(
-                f"{' '.join(args)} --help, median of {runs}", med, FLOOR, floor, "ms",
-                higher_is_better=False, target="<= 40 ms",
-                ok=judge(note, None if med is None else med <= 40),
-                note=join_notes(note, floor_note),
-            ))  # fmt: skip
+        for name, commands, target in (
+            ("help", [[*h, "--help"] for h in HELPS], 40),
+            ("version", VERSIONS, 30),
+        ):
+            rows += startup_rows(tmp / name, runs, commands, target)
+    return rows
+
+
+def startup_rows(work: Path, runs: int, commands: list[list[str]], target: float) -> list[Row]:
+    """One row per command of *commands*, median wall time against the floor's."""
+    series, failed = attempt(lambda: startups(work, runs, commands))
+    measured = series or [([], failed)] * (len(commands) + 1)
+    floor_times, floor_note = measured[-1]
+    floor = median(floor_times) * 1000 if floor_times else None
+    rows = []
+    for args, (times, note) in zip(commands, measured[:-1], strict=True):
+        med = median(times) * 1000 if times else None
+        rows.append(row(
+            f"{' '.join(args)}, median of {runs}", med, FLOOR, floor, "ms",
+            higher_is_better=False, target=f"<= {target:g} ms",
+            ok=judge(note, None if med is None else med <= target),
+            note=join_notes(note, floor_note),
+        ))  # fmt: skip
     return rows

@@ -118,8 +118,8 @@ def run(quick: bool) -> list[Row]:
         rows.append(row(
             f"one-shot eda-pub latency, median of {ONE_SHOTS}", eda_med,
             MOSQ, median(mosq_lat) * 1000 if mosq_lat else None, "ms",
-            higher_is_better=False, target="<= 300 ms",
-            ok=judge(eda_note, None if eda_med is None else eda_med <= 300), note=note,
+            higher_is_better=False, target="<= 60 ms",
+            ok=judge(eda_note, None if eda_med is None else eda_med <= 60), note=note,
         ))
         rows.append(row(
             f"one-shot eda-pub latency, max of {ONE_SHOTS}",
@@ -133,8 +133,8 @@ def run(quick: bool) -> list[Row]:
         rows.append(row(
             f"eda-pub --help, median of {HELP_RUNS}", help_med,
             MOSQ, median(mosq_help) * 1000 if mosq_help else None, "ms",
-            higher_is_better=False, target="<= 100 ms",
-            ok=judge(help_note, None if help_med is None else help_med <= 100),
+            higher_is_better=False, target="<= 40 ms",
+            ok=judge(help_note, None if help_med is None else help_med <= 40),
             note=join_notes(help_note, mosq_help_note),
         ))
 

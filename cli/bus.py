@@ -19,8 +19,7 @@ from eda.cli.busopt import bus_endpoint as bus_endpoint
 from eda.cli.busopt import bus_option as bus_option
 from eda.cli.busopt import split_bus as split_bus
 from eda.cli.common import run
-from eda.cli.lazygroup import LazyGroup
-from eda.cli.options import SECURE_ENDPOINT, common_options
+from eda.cli.options import SECURE_ENDPOINT, program_group, seconds_option
 from eda.core.bus.retention import parse_age, parse_size
 
 EPILOG = """\b
@@ -36,7 +35,7 @@ Examples:
   eda-bus migrate --from ./bus --to nats://10.0.0.5:4222
 """
 
-parse_bytes = parse_size  # sizes and ages are parsed in core (eda-lb imports this name)
+parse_bytes = parse_size  # sizes and ages are parsed in core
 
 
 def bytes_value(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -101,14 +100,10 @@ def bus_address_option(func: Any) -> Any:
 
 
 def timeout_option(func: Any) -> Any:
-    return click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=5.0,
-        show_default=True,
-        metavar="SECONDS",
+    return seconds_option(
+        "--timeout", default=5.0,
         help="Give up (exit 4) when the bus has not answered after SECONDS.",
-    )(func)
+    )(func)  # fmt: skip
 
 
 SUBCOMMANDS = {
@@ -121,14 +116,8 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG,
-    context_settings={"max_content_width": 100},
-)
-@common_options
-def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+@program_group(SUBCOMMANDS, EPILOG)
+def command(**options: Any) -> None:
     """The event bus: a durable log of events with replay, confirmed publishing,
     durable and grouped consumers.  eda-pub and eda-sub use it with --bus."""
 

@@ -14,10 +14,10 @@ from eda.cli.bus import (
     retention_options,
     timeout_option,
 )
-from eda.cli.busopt import find_endpoint as _endpoint
+from eda.cli.busopt import find_endpoint
 from eda.cli.common import Context
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     json_option,
     security_options,
@@ -53,18 +53,12 @@ def stats(
     only_consumers: bool,
     watch: bool,
     interval: float,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Topics, counts, bytes, consumers and their lag."""
-    ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
-    endpoint = _endpoint(bus, interface, no_mdns, ctx)
+    secure.apply()
+    endpoint = _endpoint(bus, ctx)
     out = Output(ctx, force_json=force_json)
     view = _consumer_table if only_consumers else _table
     if watch:
@@ -75,6 +69,11 @@ def stats(
                counters=_RATES, title="eda-bus stats")  # fmt: skip
         return
     out.table(_stats_rows(endpoint, timeout, only_consumers), view)
+
+
+def _endpoint(bus: str | None, ctx: Context) -> Any:
+    """The bus's endpoint: --bus, else EDA_BUS, the cache, mDNS (as --interface/--no-mdns say)."""
+    return find_endpoint(bus, ctx.interface, ctx.no_mdns, ctx)
 
 
 # what --watch gives a rate of (and its column): stored events and bytes, consumers' progress
@@ -165,23 +164,17 @@ def retain(
     max_bytes: int | None,
     timeout: float,
     force_json: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Remove the oldest events now: older than --max-age, beyond --max-bytes."""
-    ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if max_age is None and max_bytes is None:
         raise UsageError("give --max-age and/or --max-bytes")
     from eda.core.bus.client import request
 
     msg: dict[str, Any] = {"op": "retain", "max_age": max_age, "max_bytes": max_bytes}
-    reply = request(_endpoint(bus, interface, no_mdns, ctx), msg, timeout)
+    reply = request(_endpoint(bus, ctx), msg, timeout)
     done = {k: reply.get(w) for k, w in (("removed", "events"), ("bytes", "bytes"),
                                          ("first_seq", "first_seq"))}  # fmt: skip
     Output(ctx, force_json=force_json, terminal=_retained_line).items([done])
@@ -214,13 +207,8 @@ def purge(
     bus: str | None,
     timeout: float,
     force_json: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Remove every stored event whose topic PATTERN matches (a topic, or a pattern
     with * and >), wherever it is in the log; other topics are untouched.  Sequences
@@ -232,8 +220,7 @@ def purge(
     from eda.core.errors import EdaError
     from eda.core.topics import validate_pattern
 
-    ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     validate_pattern(pattern)
     if not yes:
         if not sys.stdin.isatty():
@@ -243,7 +230,7 @@ def purge(
     from eda.core.bus.client import request
 
     msg = {"op": "purge", "pattern": pattern}
-    reply = request(_endpoint(bus, interface, no_mdns, ctx), msg, timeout)
+    reply = request(_endpoint(bus, ctx), msg, timeout)
     done = {"pattern": pattern, **{k: reply.get(k) for k in ("events", "bytes", "topics")}}
     Output(ctx, force_json=force_json, terminal=_purged_line).items([done])
 
@@ -272,21 +259,16 @@ def delete_consumer(
     name: str,
     bus: str | None,
     timeout: float,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Delete durable consumer or group NAME (run it on the bus's host; nobody may be
     subscribed as NAME).  Its position is forgotten: NAME used again starts anew."""
-    ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     from eda.core.bus.client import request
 
-    reply = request(_endpoint(bus, interface, no_mdns, ctx), {"op": "drop", "name": name}, timeout)
+    endpoint = _endpoint(bus, ctx)
+    reply = request(endpoint, {"op": "drop", "name": name}, timeout)
     Output(ctx, terminal=_deleted_line).items([{"deleted": reply.get("deleted", name)}])
 
 

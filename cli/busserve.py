@@ -16,9 +16,10 @@ from eda.cli.bus import (
 from eda.cli.busnats import engine_option, nats_options
 from eda.cli.common import Context, on_stop_signals
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     metrics_option,
+    number_option,
     security_options,
     serve_metrics,
 )
@@ -66,13 +67,9 @@ if TYPE_CHECKING:
     help="Where clients connect, e.g. tcp://*:5570.",
 )
 @retention_options
-@click.option(
-    "--max-event-bytes",
-    type=click.IntRange(1, 1 << 26),
-    default=1 << 20,
-    show_default=True,
-    metavar="N",
-    help="Refuse events larger than N bytes.",
+@number_option(
+    "--max-event-bytes", type=click.IntRange(1, 1 << 26), default=1 << 20,
+    help="Refuse events larger than N bytes."
 )
 @client_limit_options
 @nats_options
@@ -110,23 +107,17 @@ def serve(
     nats_auth: NatsAuth,
     nats_format: str | None,
     name: str,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
+    secure: SecureMode,
     acl: str | None,
     http: str | None,
-    verbose: bool,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Serve the bus: store what publishers send, deliver it to subscribers.
 
     With --engine nats://..., this is a stateless front on a NATS JetStream
     stream: several fronts can serve the same stream, each found by mDNS."""
-    ctx = Context("eda-bus", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     from eda.core import discovery
     from eda.core.bus.acl import open_acl
     from eda.core.bus.server import BusServer, Settings
@@ -150,7 +141,7 @@ def serve(
         bind=bind,
         max_age=max_age,
         max_bytes=max_bytes,
-        mdns=not no_mdns,
+        mdns=not ctx.no_mdns,
         name=name,
         max_connections=max_connections or 0,
         client_bytes=client_bytes,
@@ -164,7 +155,7 @@ def serve(
             settings,
             log=ctx.debug,
             warn=ctx.warn,
-            interface=discovery.resolve_interface(interface),
+            interface=discovery.resolve_interface(ctx.interface),
             max_message=max(4 << 20, 2 * max_event_bytes + 65536),
         )
     except BaseException:
@@ -255,12 +246,8 @@ def _open_engine(
     help="The NATS servers of the JetStream stream to copy into.",
 )
 @nats_options
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    metavar="N",
-    help="Copy at most N events now; run again to copy the rest.",
+@number_option(
+    "--limit", type=click.IntRange(1), help="Copy at most N events now; run again to copy the rest."
 )
 @common_options
 def migrate(
@@ -271,17 +258,13 @@ def migrate(
     nats_auth: NatsAuth,
     nats_format: str | None,
     limit: int | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Copy an embedded store into a NATS JetStream stream, keeping ids and order.
 
     Each event is copied once, whatever the stream already holds: run it again
     after an interruption and it copies only the rest ("present": events the
     stream already had).  Into an empty stream, bus sequences are kept too."""
-    ctx = Context("eda-bus", verbose)
     if dest is None:
         raise UsageError("--to takes nats://HOST:PORT[,...]")
     from pathlib import Path

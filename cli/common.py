@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn
 
 import click
 
@@ -75,11 +75,17 @@ def _stderr(line: str) -> None:
 
 
 class Context:
-    """What a running program needs besides its options: its name and stderr."""
+    """What a running program needs besides its options: its name, stderr, and the
+    options every program has (--interface, --no-mdns, -v: :func:`eda.cli.options.common_options`
+    gives a command its Context)."""
 
-    def __init__(self, prog: str, verbose: bool) -> None:
+    def __init__(
+        self, prog: str, verbose: bool, interface: str | None = None, no_mdns: bool = False
+    ) -> None:
         self.prog = prog
         self.verbose = verbose
+        self.interface = interface
+        self.no_mdns = no_mdns
         self._last: dict[str, float] = {}
 
     def warn(self, message: str) -> None:
@@ -101,13 +107,15 @@ class Context:
         return True
 
 
-def registry_access(
-    registries: tuple[str, ...],
-    interface: str | None,
-    no_mdns: bool,
-    serverless: bool,
-    ctx: Context,
-) -> Access:
+class Registries(NamedTuple):
+    """--registry (repeatable) and --serverless as given
+    (:func:`eda.cli.options.registry_option`)."""
+
+    given: tuple[str, ...] = ()
+    serverless: bool = False
+
+
+def registry_access(registry: Registries, ctx: Context) -> Access:
     """How a program finds services: the ``--registry``/``--serverless`` options and the
     common ``--interface``/``--no-mdns`` as an :class:`~eda.core.registry.access.Access`;
     in secure mode, registries announced and skipped are said (:func:`secure_reports`)."""
@@ -115,10 +123,10 @@ def registry_access(
     from eda.core.registry.access import Access, resolve_interface
 
     access = Access(
-        registries=registries,
-        interface=resolve_interface(interface),
-        mdns=not no_mdns,
-        serverless=serverless,
+        registries=registry.given,
+        interface=resolve_interface(ctx.interface),
+        mdns=not ctx.no_mdns,
+        serverless=registry.serverless,
         log=ctx.debug,
     )
     secure_reports(ctx, access, "registry")

@@ -36,7 +36,16 @@ def launch(program: str) -> None:
     elif argv[-1:] in (["--help"], ["-h"]):
         text = known_help(program, argv[:-1])
     if text is None:
-        importlib.import_module(PROGRAMS[program]).main()
+        if program == "eda-pub" and plain_publish(argv):
+            ask_for_subscribers()
+        main = importlib.import_module(PROGRAMS[program]).main
+        if not one_shot(program, argv):
+            main()
+            return
+        try:
+            main()
+        except SystemExit as exc:
+            leave(exc.code)
         return
     try:
         sys.stdout.write(text)
@@ -61,6 +70,94 @@ def known_help(program: str, before: list[str]) -> str | None:
     from eda.cli.helptext import HELP
 
     return HELP.get((program, before[0] if before else "", width))
+
+
+# the commands of shell loops and scripts (None: all of the program's), which leave
+# nothing to the interpreter's teardown (see leave)
+ONE_SHOT: dict[str, set[str] | None] = {
+    "eda-pub": None,
+    "eda-registry": {"lookup", "list", "services"},
+    "eda-lb": {"call"},
+    "eda-txn": {"commit"},
+}
+
+
+def one_shot(program: str, argv: list[str]) -> bool:
+    """Whether ``PROGRAM ARGV`` is one of :data:`ONE_SHOT` (the subcommand: the first
+    argument that is not an option; a group option's value before it just says no)."""
+    if program not in ONE_SHOT:
+        return False
+    commands = ONE_SHOT[program]
+    if commands is None:
+        return True
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first in commands
+
+
+def leave(code: object) -> None:
+    """Exit with *code* (a SystemExit's) at once, without tearing the interpreter down.
+
+    Tearing down a few hundred modules (clearing them, collecting what they
+    held) is a tenth of a one-shot command's time and does nothing it needs:
+    its sockets, contexts and files are closed by then.  What an exit must do
+    is still done: stdout and stderr flushed, the atexit functions run, and
+    a thread that is not a daemon waited for (then the interpreter exits as
+    usual).
+    """
+    threading = sys.modules.get("threading")
+    if threading is not None and any(
+        thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
+        raise SystemExit(code)  # (the interpreter waits for them)
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    if not isinstance(code, (int, type(None))):
+        sys.stderr.write(f"{code}\n")  # as the interpreter prints a SystemExit's message
+    _flush()
+    import atexit
+
+    atexit._run_exitfuncs()
+    _flush()
+    os._exit(status & 0xFF)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:  # noqa: SIM105 (contextlib is not imported for --help)
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # none, closed, or a closed pipe
+            pass
+
+
+# what decides where eda-pub looks for subscribers, besides its options: a config file
+# (checked too), these variables and every EDA_PUB_* one (its options' own)
+PUB_SETTINGS = ("EDA_CONFIG", "EDA_INTERFACE", "EDA_NO_MDNS")
+
+
+def plain_publish(argv: list[str]) -> bool:
+    """Whether ``eda-pub ARGV`` publishes to the subscribers mDNS finds, asking exactly
+    as :func:`ask_for_subscribers` does: a topic, messages, and no option, setting or
+    config file that could change where or how long it looks (the command decides
+    anew; when it asks differently, its own question goes out)."""
+    if not argv or any(arg.startswith("-") for arg in argv):
+        return False
+    if any(name in os.environ for name in PUB_SETTINGS):
+        return False
+    if any(name.startswith("EDA_PUB_") for name in os.environ):
+        return False
+    from eda.core.configpaths import default_paths
+
+    return not default_paths(None)
+
+
+def ask_for_subscribers() -> None:
+    """Send eda-pub's mDNS question for subscribers now, before click and pyzmq are
+    imported: their import time passes while the answers, and the settle for
+    newcomers, come in (eda.core.discovery.discover_soon; cli/pub.py takes the result)."""
+    from eda.core import discovery
+
+    discovery.discover_soon(discovery.SUB_TYPE).wait_asked()
 
 
 def terminal_columns() -> int:

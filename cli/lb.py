@@ -8,17 +8,18 @@ The logic is in ``eda.core.lb``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from eda.cli.common import run
-from eda.cli.lazygroup import LazyGroup
 from eda.cli.options import (
-    SECONDS,
     EndpointType,
-    common_options,
+    heartbeat_option,
+    program_group,
     registry_option,
+    size_option,
 )
 
 EPILOG = """\b
@@ -41,14 +42,8 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG,
-    context_settings={"max_content_width": 100},
-)
-@common_options
-def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+@program_group(SUBCOMMANDS, EPILOG)
+def command(**options: Any) -> None:
     """Load balancing: any shell command becomes a service over ZeroMQ (worker, call,
     serve), and a TCP proxy that follows the registry (tcp)."""
 
@@ -56,19 +51,6 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 # -- shared by the subcommands ------------------------------------------------------------
 DRAIN_GRACE = 10.0  # seconds a stopping worker gives running requests (without --timeout)
 STRATEGY_HELP = "round-robin, weighted (registry weight), least-conn, random, p2c (two choices)."
-
-
-def request_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from eda.cli.bus import parse_bytes
-    from eda.core.errors import UsageError
-
-    try:
-        size = parse_bytes(value)
-    except UsageError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if not 0 < size <= 256 << 20:
-        raise click.BadParameter("use 1 byte to 256MiB")
-    return size
 
 
 class PinnedEndpoint(click.ParamType[str]):
@@ -86,24 +68,23 @@ class PinnedEndpoint(click.ParamType[str]):
         return name + at + self.endpoint.convert(text, param, ctx).zmq
 
 
+def pinned_endpoints_option(*decls: str, what: str, help: str) -> Callable[[Any], Any]:
+    """A repeatable option of endpoints of *what* to connect to (:class:`PinnedEndpoint`)."""
+    return click.option(
+        *decls, multiple=True, type=PinnedEndpoint(what), metavar="ENDPOINT", help=help
+    )
+
+
 def request_options(func: Any) -> Any:
     """Options worker and call share."""
-    func = click.option(
+    func = size_option(
         "--max-request",
-        default="1MiB",
-        show_default=True,
-        metavar="SIZE",
-        callback=request_size,
-        help="Largest request (and reply) body; a bigger one gets one error, the rest go on.",
+        "1MiB",
+        "Largest request (and reply) body; a bigger one gets one error, the rest go on.",
     )(func)
-    func = click.option(
-        "--heartbeat",
-        type=SECONDS,
-        default=1.0,
-        show_default=True,
-        metavar="SECONDS",
-        help="Heartbeat interval; a peer silent for three intervals is dropped.",
-    )(func)
+    func = heartbeat_option("Heartbeat interval; a peer silent for three intervals is dropped.")(
+        func
+    )
     return registry_option(func)
 
 

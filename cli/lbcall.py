@@ -10,18 +10,21 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.lb import (
     STRATEGY_HELP,
-    PinnedEndpoint,
+    pinned_endpoints_option,
     request_options,
 )
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
+    number_option,
+    retries_option,
+    seconds_option,
     security_options,
+    slow_start_option,
     strategy_option,
 )
 from eda.cli.output import Output
@@ -43,30 +46,14 @@ Examples:
 @click.argument("name")
 @click.argument("requests", nargs=-1)
 @strategy_option(STRATEGY_HELP)
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
+@seconds_option(
+    "--timeout", default=10.0,
     help="Time for each request, retries included (each attempt gets an equal share of the "
-    "time left).",
+    "time left)."
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 100),
-    default=2,
-    show_default=True,
-    metavar="N",
-    help="Attempts on other instances after a timeout or a dead instance (same request id).",
-)
-@click.option(
-    "--window",
-    type=click.IntRange(1, 100_000),
-    default=100,
-    show_default=True,
-    metavar="N",
-    help="Requests in flight at once.",
+@retries_option("Attempts on other instances after a timeout or a dead instance (same request id).")
+@number_option(
+    "--window", type=click.IntRange(1, 100_000), default=100, help="Requests in flight at once."
 )
 @click.option("--unordered", is_flag=True, help="Print replies as they come, not in input order.")
 @click.option(
@@ -75,21 +62,12 @@ Examples:
     metavar="BROKER",
     help="Go through the broker(s) registered as service BROKER (eda-lb serve) instead.",
 )
-@click.option(
-    "--connect",
-    "endpoints",
-    multiple=True,
-    type=PinnedEndpoint("instance"),
-    metavar="ENDPOINT",
+@pinned_endpoints_option(
+    "--connect", "endpoints", what="instance",
     help=f"Call this instance (repeatable; {SECURE_ENDPOINT}) instead of looking NAME up.",
-)
-@click.option(
-    "--slow-start",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Ramp up the share of an instance that appears or comes back over this long.",
+)  # fmt: skip
+@slow_start_option(
+    2.0, "Ramp up the share of an instance that appears or comes back over this long."
 )
 @request_options
 @security_options
@@ -107,15 +85,9 @@ def call(
     slow_start: float,
     max_request: int,
     heartbeat: float,
-    registries: tuple[str, ...],
-    serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Send requests to the instances of NAME and print the replies.
 
@@ -141,9 +113,8 @@ def call(
     from eda.core.registry.model import validate_name
     from eda.core.reqrep import printable
 
-    ctx = Context("eda-lb", verbose)
     validate_name(name)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     given = [pins.given(e, "instance", "--connect") for e in endpoints]
     out = Output(ctx)
 
@@ -183,7 +154,7 @@ def call(
         if given:
             caller.use((e.zmq, 1) for e in given)
         else:
-            access = registry_access(registries, interface, no_mdns, serverless, ctx)
+            access = registry_access(registry, ctx)
             target = validate_name(via) if via else name
             finder, found = lookup_endpoints(
                 target, access, via=bool(via), on_ignored=caller.on_ignored

@@ -9,19 +9,22 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Terminated, registry_access
-from eda.cli.lb import (
-    request_size,
-)
+from eda.cli.common import Context, Registries, Terminated, registry_access
 from eda.cli.options import (
-    SECONDS,
+    SecureMode,
+    advertise_options,
     allow_option,
-    apply_security,
     common_options,
+    heartbeat_option,
     metrics_option,
+    number_option,
     registry_option,
+    retries_option,
+    seconds_option,
     security_options,
     serve_metrics,
+    size_option,
+    slow_start_option,
     strategy_option,
 )
 
@@ -52,82 +55,39 @@ Examples:
     help="Where workers connect (tcp://HOST:PORT, PORT may be '*').",
 )
 @strategy_option("How a worker is chosen for each request.")
-@click.option(
-    "--heartbeat",
-    type=SECONDS,
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Heartbeat period towards workers (each worker's own is learnt); a worker silent "
-    "for 3 of its periods is dropped.",
+@heartbeat_option(
+    "Heartbeat period towards workers (each worker's own is learnt); a worker silent "
+    "for 3 of its periods is dropped."
 )
-@click.option(
-    "--queue",
-    type=click.IntRange(0),
-    default=10_000,
-    show_default=True,
-    metavar="N",
+@number_option(
+    "--queue", type=click.IntRange(0), default=10_000,
     help="Requests waiting for a free worker at most (a caller takes half at most); "
-    "beyond, callers get 'busy'.",
+    "beyond, callers get 'busy'."
 )
-@click.option(
-    "--queue-bytes",
-    default="64MiB",
-    show_default=True,
-    metavar="SIZE",
-    callback=request_size,
-    help="Bytes of the requests waiting at most; beyond, callers get 'busy'.",
+@size_option(
+    "--queue-bytes", "64MiB", "Bytes of the requests waiting at most; beyond, callers get 'busy'."
 )
-@click.option(
+@size_option(
     "--max-request",
-    default="1MiB",
-    show_default=True,
-    metavar="SIZE",
-    callback=request_size,
-    help="Largest request body; a larger one gets one error reply, the rest go on.",
+    "1MiB",
+    "Largest request body; a larger one gets one error reply, the rest go on.",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 100),
-    default=2,
-    show_default=True,
-    metavar="N",
-    help="Re-sends of a request whose worker died, to other workers.",
-)
-@click.option(
-    "--pipeline",
-    type=click.IntRange(1, 10_000),
-    default=None,
-    metavar="N",
+@retries_option("Re-sends of a request whose worker died, to other workers.")
+@number_option(
+    "--pipeline", type=click.IntRange(1, 10_000),
     help="Requests sent ahead to each worker slot [default: as many as each worker says "
     "it takes: its concurrency, times 256 for a persistent worker, which pipelines "
-    "requests into its processes].",
+    "requests into its processes]."
 )
-@click.option(
-    "--eject-after",
-    type=click.IntRange(1),
-    default=5,
-    show_default=True,
-    metavar="N",
+@number_option(
+    "--eject-after", type=click.IntRange(1), default=5,
     help="Requests in a row that fail at a worker (time out, or an error reply) eject it "
-    "for a while.",
+    "for a while."
 )
-@click.option(
-    "--eject-time",
-    type=SECONDS,
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="First ejection; each next one doubles, up to 30 s.",
+@seconds_option(
+    "--eject-time", default=1.0, help="First ejection; each next one doubles, up to 30 s."
 )
-@click.option(
-    "--slow-start",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A worker joining others ramps its share up over this long (0: off).",
-)
+@slow_start_option(0.0, "A worker joining others ramps its share up over this long (0: off).")
 @click.option(
     "--panic",
     type=click.FloatRange(0, 100),
@@ -136,17 +96,12 @@ Examples:
     metavar="PERCENT",
     help="Below this share of healthy workers, balance over all of them.",
 )
-@click.option(
-    "--drain",
-    type=click.FloatRange(0),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
+@seconds_option(
+    "--drain", type=click.FloatRange(0), default=5.0,
     help="On SIGTERM/SIGINT: answer new requests 'busy' (callers retry elsewhere) and let "
-    "the running ones finish this long.",
+    "the running ones finish this long."
 )
-@click.option("--host", metavar="HOST", help="Address to publish (default: this host's).")
-@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@advertise_options("Address to publish (default: this host's).")
 @registry_option
 @allow_option
 @security_options
@@ -170,17 +125,10 @@ def serve(
     drain: float,
     host: str | None,
     inst_id: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a broker for service NAME: workers of NAME connect to it, callers send it
     requests (`eda-lb call NAME` with its via option), and it balances each
@@ -203,10 +151,9 @@ def serve(
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    apply_security(secure, key_file, trust_dir, allow)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    secure.apply()
+    access = registry_access(registry, ctx)
     if access.interface:
         bind, backend = (
             e.replace("tcp://*:", f"tcp://{access.interface}:") for e in (bind, backend)

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
-    SECONDS,
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Column, Output, TableView, for_terminal
@@ -53,14 +53,7 @@ Examples:
 """,
 )
 @click.argument("name")
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to wait for each instance's answer.",
-)
+@seconds_option("--timeout", default=2.0, help="How long to wait for each instance's answer.")
 @output_options(
     f"One line per instance, e.g. '{{instance}} {{p99_ms}}'. Fields: {', '.join(STATS_FIELDS)}; "
     f"of a TCP proxy: {', '.join(PROXY_FIELDS[4:])}."
@@ -76,15 +69,9 @@ def stats(
     force_json: bool,
     watch: bool,
     interval: float,
-    registries: tuple[str, ...],
-    serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Per-instance figures of service NAME: requests, errors, in flight, latency
     percentiles (ms) and state (healthy, ejected, slow-start, dead).
@@ -101,11 +88,10 @@ def stats(
     from eda.cli.secure import secure_reports
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    security = apply_security(secure, key_file, trust_dir)
+    security = secure.apply()
     out = Output(ctx, template=template, fields=ALL_STATS_FIELDS, force_json=force_json)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     # secure mode: instances with an untrusted key (or none) are left out, the others'
     # keys pinned; one refusing this key is an error line
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)

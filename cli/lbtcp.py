@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Terminated, on_stop_signals, registry_access
+from eda.cli.common import Context, Registries, Terminated, on_stop_signals, registry_access
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     health_check_options,
     metrics_option,
+    number_option,
     registry_option,
+    retries_option,
+    seconds_option,
     security_options,
     strategy_option,
 )
@@ -37,50 +40,26 @@ Examples:
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept connections.")
 @strategy_option("How each new connection picks an instance (weighted: the registry weight).")
 @health_check_options(interval=1.0, timeout=1.0)
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 20),
-    default=2,
-    show_default=True,
-    help="Other instances tried when a connect fails (builtin engine).",
+@retries_option("Other instances tried when a connect fails (builtin engine).", 20, None)
+@seconds_option(
+    "--connect-timeout", type=click.FloatRange(min=0.01), default=2.0,
+    help="A connect to an instance taking longer is retried elsewhere (builtin engine)."
 )
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0.01),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A connect to an instance taking longer is retried elsewhere (builtin engine).",
+@seconds_option(
+    "--drain-timeout", type=click.FloatRange(min=0), default=30.0,
+    help="On SIGTERM: stop accepting, let open connections finish for this long."
 )
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGTERM: stop accepting, let open connections finish for this long.",
+@seconds_option(
+    "--idle-timeout", type=click.FloatRange(min=0), default=600.0,
+    help="Close a connection that moved no byte either way this long (0: never)."
 )
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Close a connection that moved no byte either way this long (0: never).",
+@number_option(
+    "--workers", type=click.IntRange(0, 256),
+    help="Data-plane processes (builtin engine)  [default: one per CPU]"
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 256),
-    metavar="N",
-    help="Data-plane processes (builtin engine)  [default: one per CPU]",
-)
-@click.option(
-    "--max-conn",
-    type=click.IntRange(1, 1_000_000),
-    default=10000,
-    show_default=True,
-    metavar="N",
-    help="Open connections per data-plane process; more wait in the listen backlog.",
+@number_option(
+    "--max-conn", type=click.IntRange(1, 1_000_000), default=10000,
+    help="Open connections per data-plane process; more wait in the listen backlog."
 )
 @click.option(
     "--engine",
@@ -108,16 +87,10 @@ def tcp(
     workers: int | None,
     max_conn: int,
     engine: str,
-    registries: tuple[str, ...],
-    serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Proxy TCP connections on --listen to the passing instances of service NAME.
 
@@ -137,11 +110,10 @@ def tcp(
     from eda.core.lb.follow import Follower, HaproxyFollower
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     where = core.parse_listen(listen)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     settings = core.Settings(
         strategy=strategy,
         retries=retries,

@@ -9,19 +9,21 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, on_stop_signals, registry_access
+from eda.cli.common import Context, Registries, on_stop_signals, registry_access
 from eda.cli.lb import (
     DRAIN_GRACE,
-    PinnedEndpoint,
+    pinned_endpoints_option,
     request_options,
 )
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
+    SecureMode,
     allow_option,
-    apply_security,
     common_options,
+    instance_id_option,
     metrics_option,
+    number_option,
+    seconds_option,
     security_options,
     serve_metrics,
 )
@@ -53,35 +55,20 @@ Examples:
     "request id, the same on a retry); a reply line 'ID<TAB>reply' answers request ID, "
     "in any order; any other line answers the oldest request.",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 1024),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Requests run at once (with --persistent: processes kept running).",
+@number_option(
+    "--concurrency", type=click.IntRange(1, 1024), default=1,
+    help="Requests run at once (with --persistent: processes kept running)."
 )
-@click.option(
-    "--queue",
-    type=click.IntRange(0, 1_000_000),
-    default=None,
-    metavar="N",
-    help="Requests waiting for a free slot before 'busy' is answered [default: 1024].",
+@number_option(
+    "--queue", type=click.IntRange(0, 1_000_000),
+    help="Requests waiting for a free slot before 'busy' is answered [default: 1024]."
 )
-@click.option(
-    "--weight",
-    type=click.IntRange(0, 65535),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Share of the traffic under the weighted strategy (0: drain).",
+@number_option(
+    "--weight", type=click.IntRange(0, 65535), default=1,
+    help="Share of the traffic under the weighted strategy (0: drain)."
 )
-@click.option(
-    "--timeout",
-    type=SECONDS,
-    default=None,
-    metavar="SECONDS",
-    help="Kill a request's command after this long [default: the caller's timeout].",
+@seconds_option(
+    "--timeout", help="Kill a request's command after this long [default: the caller's timeout]."
 )
 @click.option(
     "--bind",
@@ -89,16 +76,12 @@ Examples:
     metavar="ENDPOINT",
     help="Where to listen [default: tcp://*:* on --interface's address, or on all].",
 )
-@click.option(
-    "--broker",
-    "brokers",
-    multiple=True,
-    type=PinnedEndpoint("broker"),
-    metavar="ENDPOINT",
+@pinned_endpoints_option(
+    "--broker", "brokers", what="broker",
     help=f"Also serve this broker's backend (repeatable; {SECURE_ENDPOINT}); "
     "brokers of NAME are found anyway.",
-)
-@click.option("--id", "inst_id", default=None, help="Instance id [default: NAME-HOST-PORT].")
+)  # fmt: skip
+@instance_id_option
 @request_options
 @allow_option
 @security_options
@@ -118,17 +101,10 @@ def worker(
     inst_id: str | None,
     max_request: int,
     heartbeat: float,
-    registries: tuple[str, ...],
-    serverless: bool,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Serve requests for NAME by running a command: any shell command becomes a service.
 
@@ -156,14 +132,13 @@ def worker(
     from eda.core.registry import access as reg
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-lb", verbose)
     service = validate_name(name)
-    security = apply_security(secure, key_file, trust_dir, allow)
+    security = secure.apply()
     explicit = [pins.given(b, "broker", "--broker", caller=True) for b in brokers]
     # secure mode: brokers found with an untrusted key (or none) are left out, and said so
     reports = SimpleNamespace(security=security, on_ignored=None, on_refused=None)
     secure_reports(ctx, reports, "broker")
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     server = Worker(
         service,
         list(cmd),

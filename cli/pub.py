@@ -12,7 +12,15 @@ import click
 
 from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, run
-from eda.cli.options import SECURE_ENDPOINT, apply_security, common_options, security_options
+from eda.cli.options import (
+    SECURE_ENDPOINT,
+    SecureMode,
+    common_options,
+    hwm_option,
+    number_option,
+    seconds_option,
+    security_options,
+)
 from eda.cli.output import for_terminal
 from eda.cli.secure import secure_reports
 from eda.core.errors import EdaError, ExitStatus, InputError, UsageError
@@ -92,28 +100,16 @@ def _parse_header(
     metavar="N",
     help="Wait until N subscribers are connected before sending.",
 )
-@click.option(
-    "--wait",
-    "wait_seconds",
-    type=click.FloatRange(0),
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Longest wait for subscribers to connect.",
+@seconds_option(
+    "--wait", "wait_seconds", type=click.FloatRange(0), default=2.0,
+    help="Longest wait for subscribers to connect."
 )
-@click.option(
-    "--discover-timeout",
-    type=click.FloatRange(0),
-    default=0.15,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to listen for subscribers answering the mDNS query.",
+@seconds_option(
+    "--discover-timeout", type=click.FloatRange(0), default=0.15,
+    help="How long to listen for subscribers answering the mDNS query."
 )
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="N",
-    help="At most N events per second.",
+@number_option(
+    "--rate", type=click.FloatRange(min=0, min_open=True), help="At most N events per second."
 )
 @click.option(
     "--progress",
@@ -121,21 +117,11 @@ def _parse_header(
     help="Progress bar on stderr when stdin is a file and stderr a terminal: bytes read, "
     "events sent and, with --bus, confirmed.",
 )
-@click.option(
-    "--linger",
-    type=click.FloatRange(0),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Longest wait on exit for every subscriber to confirm the end of the stream.",
+@seconds_option(
+    "--linger", type=click.FloatRange(0), default=5.0,
+    help="Longest wait on exit for every subscriber to confirm the end of the stream."
 )
-@click.option(
-    "--hwm",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="High-water mark: batches queued per subscriber before dropping.",
-)
+@hwm_option("High-water mark: batches queued per subscriber before dropping.")
 @click.option(
     "--block",
     is_flag=True,
@@ -147,14 +133,9 @@ def _parse_header(
     is_flag=True,
     help="With --bus: exit 0 only once the bus confirmed every event durable (4 on timeout).",
 )
-@click.option(
-    "--timeout",
-    "confirm_timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="With --bus --confirm: give up after SECONDS without a confirmation.",
+@seconds_option(
+    "--timeout", "confirm_timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+    help="With --bus --confirm: give up after SECONDS without a confirmation."
 )
 @security_options
 @common_options
@@ -178,13 +159,8 @@ def command(
     bus: str | None,
     confirm: bool,
     confirm_timeout: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Publish events on TOPIC: each MESSAGE is one event, or each stdin line.
 
@@ -193,7 +169,7 @@ def command(
     event reaches them.  A feed that runs longer than half a second also
     announces itself, so subscribers started later find it.
     """
-    ctx = Context("eda-pub", verbose)
+    interface, no_mdns = ctx.interface, ctx.no_mdns
     bus, rest = split_bus(bus, (topic, *messages) if topic is not None else ())
     topic, messages = (rest[0], rest[1:]) if rest else (None, ())
     if confirm and bus is None:
@@ -206,15 +182,27 @@ def command(
         raise UsageError("--envelope and --json exclude each other")
     if messages and (whole or progress):
         raise UsageError("--whole and --progress read stdin; do not give MESSAGE arguments")
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
 
-    from eda.core import codec, discovery, feed
+    from eda.core import discovery
+
+    whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
+    pending = None
+    iface = None
+    if bus is None:
+        iface = discovery.resolve_interface(interface)
+        if not no_mdns:
+            # the question goes out now (or went out as the program started: cli/launch.py);
+            # the answers and the settle for newcomers pass while pyzmq is imported
+            pending = discovery.discover_soon(
+                discovery.SUB_TYPE, interface=iface, timeout=discover_timeout
+            )
+
+    from eda.core import codec, feed
     from eda.core.pubsub import Publisher
 
     def reject(exc: InputError) -> None:
         ctx.warn(f"error: {exc}; skipped")
-
-    whole_data = _whole_stdin() if whole else b""  # (refused before any network work)
 
     if bus is not None:
         endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
@@ -227,7 +215,6 @@ def command(
         )  # fmt: skip
         return
 
-    iface = discovery.resolve_interface(interface)
     pub = Publisher(headers=headers, interface=iface, hwm=hwm, block=block)
     pub.on_subscriber = lambda subid: ctx.debug(f"subscriber {subid} ready")
     pub.on_gone = lambda gone: ctx.warn(f"warning: {_gone_text(gone)}")
@@ -242,9 +229,9 @@ def command(
         for endpoint in connects:
             pub.connect(endpoint, watch=True)
         expected: set[str] = set()
-        if not no_mdns:
+        if pending is not None:
             expected = pub.connect_subscribers(
-                discover_timeout, None if envelope and topic is None else topic
+                discover_timeout, None if envelope and topic is None else topic, pending.result()
             )
             ctx.debug(f"found {len(expected)} subscriber(s) by mDNS")
         # a bound publisher cannot know who will connect: subscribers already retrying

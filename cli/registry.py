@@ -12,12 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import click
-
 from eda.cli.common import run
-from eda.cli.lazygroup import LazyGroup
-from eda.cli.options import output_options
-from eda.core import __version__
+from eda.cli.options import output_options, program_group
 
 EPILOG_GROUP = """\b
 Examples:
@@ -58,14 +54,7 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG_GROUP,
-    context_settings={"max_content_width": 100},
-)
-@click.version_option(__version__, "--version", message="%(prog)s %(version)s")
-@click.help_option("-h", "--help")
+@program_group(SUBCOMMANDS, EPILOG_GROUP, options=False)
 def command() -> None:
     """Service registration and discovery for a LAN.
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from eda.cli.common import Context, registry_access
+from eda.cli.common import Context, Registries, registry_access
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     registries_option,
     registry_option,
@@ -39,43 +39,22 @@ if TYPE_CHECKING:
 
 # -- lookup / list -----------------------------------------------------------------------
 def _query(
-    op: str,
-    name: str | None,
-    include_all: bool,
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    ctx: Context,
+    op: str, name: str | None, include_all: bool, registry: Registries, ctx: Context
 ) -> list[dict[str, Any]]:
     from eda.core.registry.access import query
 
-    found = _ask(
-        lambda access: query(op, name, include_all, access),
-        registries,
-        serverless,
-        interface,
-        no_mdns,
-        ctx,
-    )
+    found = _ask(lambda access: query(op, name, include_all, access), registry, ctx)
     return [i.to_dict() for i in found]
 
 
 T = TypeVar("T")
 
 
-def _ask(
-    fetch: Callable[[Access], list[T]],
-    registries: tuple[str, ...],
-    serverless: bool,
-    interface: str | None,
-    no_mdns: bool,
-    ctx: Context,
-) -> list[T]:
+def _ask(fetch: Callable[[Access], list[T]], registry: Registries, ctx: Context) -> list[T]:
     """*fetch* from the registry (or the LAN), saying what was left out or is down."""
     from eda.core.registry.fetching import fetched
 
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     return fetched(fetch, access, ctx.warn)
 
 
@@ -96,17 +75,11 @@ Examples:
 def lookup(
     name: str,
     include_all: bool,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Print the passing instances of service NAME; exit 3 if there is none.
 
@@ -116,20 +89,10 @@ def lookup(
     """
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     service = validate_name(name)
     out = instance_output(ctx, template, force_json)
-    found = _query(
-        "lookup",
-        service,
-        include_all,
-        registries,
-        serverless,
-        interface,
-        no_mdns,
-        ctx,
-    )
+    found = _query("lookup", service, include_all, registry, ctx)
     if not found:
         what = "instance" if include_all else "passing instance"
         raise NotFoundError(f"no {what} of service {service!r}")
@@ -153,30 +116,23 @@ Examples:
 @common_options
 def list_(
     name: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     template: str | None,
     force_json: bool,
     watch: bool,
     interval: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Print every registered instance (of service NAME if given), whatever its health."""
     from eda.core.registry.model import validate_name
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     service = validate_name(name) if name is not None else None
     out = instance_output(ctx, template, force_json)
 
     def found() -> list[dict[str, Any]]:
-        return _query("list", service, True, registries, serverless, interface, no_mdns, ctx)
+        return _query("list", service, True, registry, ctx)
 
     if watch:
         from eda.cli.watch import watch as follow
@@ -200,25 +156,18 @@ Examples:
 @security_options
 @common_options
 def services(
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Print every service name with its instance counts (passing of all registered)."""
     from eda.core.registry.access import services as fetch
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     out = Output(ctx, template=template, fields=SERVICE_FIELDS, force_json=force_json)
-    found = _ask(fetch, registries, serverless, interface, no_mdns, ctx)
+    found = _ask(fetch, registry, ctx)
     out.table(found, SERVICES_TABLE)
 
 
@@ -235,14 +184,9 @@ Examples:
 @common_options
 def deregister(
     inst_id: str,
-    registries: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Remove instance ID from the registry at once; exit 3 if there is no such instance.
 
@@ -254,8 +198,7 @@ def deregister(
     from eda.core.registry.access import deregister as remove
     from eda.core.registry.model import validate_id
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     inst_id = validate_id(inst_id)
-    remove(inst_id, registry_access(registries, interface, no_mdns, False, ctx))
+    remove(inst_id, registry_access(registry, ctx))
     ctx.debug(f"deregistered {inst_id}")

@@ -10,15 +10,16 @@ from typing import Any
 
 import click
 
-from eda.cli.common import Context, Exit, Terminated, registry_access
+from eda.cli.common import Context, Exit, Registries, Terminated, registry_access
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
+    advertise_options,
     common_options,
     health_check_options,
     metrics_option,
     registry_option,
+    seconds_option,
     security_options,
     serve_metrics,
 )
@@ -63,21 +64,9 @@ Examples:
     metavar="HOST:PORT",
     help="Also answer DNS for NAME.service.eda here, e.g. 127.0.0.1:8600.",
 )
-@click.option(
-    "--tick",
-    type=SECONDS,
-    default=0.5,
-    show_default=True,
-    metavar="SECONDS",
-    help="Liveness beacon period on the change stream.",
-)
-@click.option(
-    "--peer-timeout",
-    type=SECONDS,
-    default=3.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A peer registry silent this long is considered down.",
+@seconds_option("--tick", default=0.5, help="Liveness beacon period on the change stream.")
+@seconds_option(
+    "--peer-timeout", default=3.0, help="A peer registry silent this long is considered down."
 )
 @click.option(
     "--http",
@@ -95,14 +84,9 @@ def serve(
     http: str | None,
     tick: float,
     peer_timeout: float,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a registry: accept registrations, expire silent instances, stream changes.
 
@@ -118,9 +102,8 @@ def serve(
     """
     from eda.core.registry.server import Server, Settings, peer_endpoint
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
-    iface = local_interface(interface)
+    secure.apply()
+    iface = local_interface(ctx.interface)
     if iface and bind == "tcp://*:7700":
         bind = f"tcp://{iface}:7700"
     for peer in peers:
@@ -133,7 +116,7 @@ def serve(
         bind=bind,
         interface=iface,
         data=data,
-        mdns=not no_mdns,
+        mdns=not ctx.no_mdns,
         peers=peers,
         dns=dns,
         tick=tick,
@@ -172,12 +155,7 @@ Examples:
 @click.option(
     "--port", type=click.IntRange(1, 65535), required=True, help="Port the instance listens on."
 )
-@click.option(
-    "--host",
-    metavar="HOST",
-    help="Address to publish (default: this host's address towards the registry).",
-)
-@click.option("--id", "inst_id", metavar="ID", help="Instance id (default: NAME-HOST-PORT).")
+@advertise_options("Address to publish (default: this host's address towards the registry).")
 @click.option(
     "--meta",
     "meta",
@@ -192,15 +170,10 @@ Examples:
     show_default=True,
     help="Relative weight (SRV weight in DNS answers).",
 )
-@click.option(
-    "--ttl",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="Expire after this long without a heartbeat  [default: 3 x interval, or 6]",
+@seconds_option(
+    "--ttl", help="Expire after this long without a heartbeat  [default: 3 x interval, or 6]"
 )
-@click.option(
-    "--interval", type=SECONDS, metavar="SECONDS", help="Heartbeat period  [default: ttl / 3, or 2]"
-)
+@seconds_option("--interval", help="Heartbeat period  [default: ttl / 3, or 2]")
 @click.option(
     "--check",
     metavar="CMD|tcp",
@@ -225,15 +198,9 @@ def register(
     check_timeout: float,
     rise: int,
     fall: int,
-    registries: tuple[str, ...],
-    serverless: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    registry: Registries,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Register NAME while this command runs: heartbeat, check health, deregister on exit.
 
@@ -244,13 +211,12 @@ def register(
     from eda.core.registry import access as reg
     from eda.core.registry.keeper import Keeper
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     record = reg.registration(
         name, port, host=host, inst_id=inst_id, meta=meta, weight=weight, ttl=ttl,
         interval=interval,
     )  # fmt: skip
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     presence = Presence(access, record, log=ctx.debug, warn=ctx.warn, required=True)
     keeper = Keeper(presence, warn=ctx.warn, debug=ctx.debug)
     code = keeper.run(

@@ -9,12 +9,13 @@ import time
 
 import click
 
-from eda.cli.common import Context, Exit, registry_access
+from eda.cli.common import Context, Exit, Registries, registry_access
 from eda.cli.options import (
-    SECONDS,
-    apply_security,
+    SecureMode,
     common_options,
+    number_option,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output
@@ -50,7 +51,7 @@ Examples:
     is_flag=True,
     help="First print each current instance (type 'present', snapshot: true).",
 )
-@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
 @registry_option
 @fields_options("{time} {type} {service} {address}", EVENT_FIELDS)
 @security_options
@@ -60,17 +61,11 @@ def watch(
     exec_cmd: str | None,
     snapshot: bool,
     count: int | None,
-    registries: tuple[str, ...],
-    serverless: bool,
+    registry: Registries,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Print a line per change (registered, deregistered, expired, health, updated).
 
@@ -81,10 +76,9 @@ def watch(
     """
     from eda.core.registry.access import changes
 
-    ctx = Context("eda-registry", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     out = event_output(ctx, exec_cmd, template, force_json)
-    access = registry_access(registries, interface, no_mdns, serverless, ctx)
+    access = registry_access(registry, ctx)
     events = changes(name, access, snapshot=snapshot, warn=ctx.warn)
     try:
         for seen, event in enumerate(events, 1):
@@ -105,8 +99,8 @@ Examples:
 """
 )
 @click.argument("service_type", metavar="TYPE")
-@click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop (exit 0) after SECONDS.")
-@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N items.")
+@seconds_option("--duration", help="Stop (exit 0) after SECONDS.")
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N items.")
 @fields_options("{event} {name} {address}", BROWSE_FIELDS)
 @common_options
 def browse(
@@ -115,29 +109,26 @@ def browse(
     count: int | None,
     template: str | None,
     force_json: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Browse any DNS-SD service TYPE by mDNS, like avahi-browse -r (TYPE: _http._tcp...)."""
     from eda.core.registry.browse import browse as browse_lan
     from eda.core.registry.browse import full_type
 
-    if no_mdns:
+    if ctx.no_mdns:
         raise UsageError("browse needs mDNS; drop --no-mdns")
     full_type(service_type)
     deadline = None if duration is None else time.monotonic() + duration
     seen = 0
     out = Output(
-        Context("eda-registry", verbose),
+        ctx,
         template=template,
         fields=BROWSE_FIELDS,
         force_json=force_json,
         template_fields=browse_fields,
         terminal=browse_line,
     )
-    for item in browse_lan(service_type, local_interface(interface)):
+    for item in browse_lan(service_type, local_interface(ctx.interface)):
         if item is not None:
             out.items([item])
             seen += 1

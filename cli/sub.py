@@ -19,9 +19,12 @@ from eda.cli.busopt import AUTO, bus_endpoint, bus_option, split_bus
 from eda.cli.common import Context, Exit, Terminated, run
 from eda.cli.options import (
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
+    hwm_option,
+    number_option,
     output_options,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output, for_terminal
@@ -63,14 +66,10 @@ Examples:
     metavar="ENDPOINT",
     help="Listen here for publishers, e.g. tcp://*:5556 (repeatable).",
 )
-@click.option("-C", "--count", type=click.IntRange(1), metavar="N", help="Exit 0 after N events.")
-@click.option(
-    "-W",
-    "--timeout",
-    "idle_timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Exit 4 after SECONDS without an event (time spent writing output does not count).",
+@number_option("-C", "--count", type=click.IntRange(1), help="Exit 0 after N events.")
+@seconds_option(
+    "-W", "--timeout", "idle_timeout", type=click.FloatRange(min=0, min_open=True),
+    help="Exit 4 after SECONDS without an event (time spent writing output does not count)."
 )
 @click.option("--raw", is_flag=True, help="Print the payload only, one per line.")
 @output_options("Print one line per item from a template, e.g. '{time} {topic} {data}'.")
@@ -82,13 +81,7 @@ Examples:
     help="Run CMD per event, event JSON on its stdin, EDA_TOPIC/EDA_ID set; exit 1 at the end "
     "if any run failed.",
 )
-@click.option(
-    "--hwm",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="High-water mark: batches queued before dropping (at most about 64 MiB in all).",
-)
+@hwm_option("High-water mark: batches queued before dropping (at most about 64 MiB in all).")
 @bus_option
 @click.option(
     "--everywhere",
@@ -101,18 +94,14 @@ Examples:
 @click.option(
     "--from-start", is_flag=True, help="With --bus: replay every stored event, then live."
 )
-@click.option(
-    "--from-seq", type=click.IntRange(1), metavar="N", help="With --bus: start at bus sequence N."
-)
+@number_option("--from-seq", type=click.IntRange(1), help="With --bus: start at bus sequence N.")
 @click.option(
     "--since",
     metavar="TIME",
     help="With --bus: start at events stored since TIME: RFC 3339 (2026-11-01T00:00Z), unix "
     "seconds, or an age ago (90s, 30m, 1h, 2d, 1w).",
 )
-@click.option(
-    "--last", type=click.IntRange(0), metavar="N", help="With --bus: the last N events, then live."
-)
+@number_option("--last", type=click.IntRange(0), help="With --bus: the last N events, then live.")
 @click.option(
     "--until-end",
     is_flag=True,
@@ -127,12 +116,10 @@ Examples:
 @click.option(
     "--group", metavar="NAME", help="With --bus: share the events with the other members of NAME."
 )
-@click.option(
-    "--max-pending",
-    type=click.IntRange(1, 1 << 20),  # the bus's MAX_CREDIT
-    metavar="N",
+@number_option(
+    "--max-pending", type=click.IntRange(1, 1 << 20),
     help="With --group: hold at most N events delivered and not acknowledged, so the others "
-    "get the rest (default 1 with --exec, else 100).",
+    "get the rest (default 1 with --exec, else 100)."
 )
 @click.option(
     "--reset",
@@ -165,13 +152,8 @@ def command(
     group: str | None,
     max_pending: int | None,
     reset: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    ctx: Context,
 ) -> None:
     """Print every event whose topic matches a PATTERN.
 
@@ -180,7 +162,6 @@ def command(
     mDNS, including those that start later.  Output is JSON Lines (CloudEvents)
     when stdout is not a terminal, a coloured view when it is.
     """
-    ctx = Context("eda-sub", verbose)
     if not patterns and bus is None:
         raise UsageError("missing PATTERN")
     if sum([raw, bool(template), force_json]) > 1:
@@ -201,7 +182,7 @@ def command(
                          "--since, --last")  # fmt: skip
     if (start is not None or durable or group or everywhere) and bus is None:
         bus = AUTO
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if bus is not None:
         if not patterns:
             raise UsageError("missing PATTERN")
@@ -212,7 +193,7 @@ def command(
         for pattern in patterns:  # a usage error here, as without --bus, not the bus's refusal
             validate_pattern(pattern)
     brokerless = bus is None or everywhere
-    if brokerless and no_mdns and not (connects or binds):
+    if brokerless and ctx.no_mdns and not (connects or binds):
         raise UsageError("with --no-mdns, give --connect or --bind")
     fields = {BUS_SEQ} if bus is not None else set()
     if everywhere:
@@ -226,13 +207,13 @@ def command(
     status: int = ExitStatus.OK
     try:
         if brokerless:
-            direct = _brokerless(ctx, list(patterns), hwm, interface, raw, output, everywhere)
+            direct = _brokerless(ctx, list(patterns), hwm, ctx.interface, raw, output, everywhere)
             sources.append(direct)
-            _listen(ctx, direct, binds, connects, no_mdns, alone=not everywhere)
+            _listen(ctx, direct, binds, connects, ctx.no_mdns, alone=not everywhere)
         if bus is not None:
             on_bus = _bus(
-                ctx, bus, interface, no_mdns, list(patterns), start, durable, group, raw, output,
-                strict, everywhere, until_end, reset, max_pending,
+                ctx, bus, ctx.interface, ctx.no_mdns, list(patterns), start, durable, group, raw,
+                output, strict, everywhere, until_end, reset, max_pending,
             )  # fmt: skip
             if on_bus is not None:  # (None: --until-end, and nothing stored from there)
                 sources.append(on_bus)

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
-
-from eda.cli.common import Context, registry_access, run
-from eda.cli.lazygroup import LazyGroup
-from eda.cli.options import common_options
+from eda.cli.common import Context, Registries, registry_access, run
+from eda.cli.options import program_group
 from eda.cli.secure import secure_reports
 
 EPILOG = """\b
@@ -41,14 +38,8 @@ SUBCOMMANDS = {
 }
 
 
-@click.group(
-    cls=LazyGroup,
-    subcommands=SUBCOMMANDS,
-    epilog=EPILOG,
-    context_settings={"max_content_width": 100},
-)
-@common_options
-def command(config: str | None, interface: str | None, no_mdns: bool, verbose: bool) -> None:
+@program_group(SUBCOMMANDS, EPILOG)
+def command(**options: Any) -> None:
     """Distributed transactions: two-phase commit (coordinator, participant, commit,
     resolve) and sagas with compensation (saga), with durable logs and crash recovery."""
 
@@ -56,17 +47,11 @@ def command(config: str | None, interface: str | None, no_mdns: bool, verbose: b
 # -- shared by the subcommands ------------------------------------------------------------
 
 
-def txn_access(
-    registries: tuple[str, ...],
-    interface: str | None,
-    no_mdns: bool,
-    serverless: bool,
-    ctx: Context,
-) -> Any:
+def txn_access(registry: Registries, ctx: Context) -> Any:
     """How to find names (registry, else mDNS), or None when neither may be used."""
-    if no_mdns and not registries:
+    if ctx.no_mdns and not registry.given:
         return None
-    return registry_access(registries, interface, no_mdns, serverless, ctx)
+    return registry_access(registry, ctx)
 
 
 def peer_reports(ctx: Context, node: Any, peers: str) -> Any:

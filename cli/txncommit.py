@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit
+from eda.cli.common import Context, Exit, Registries
 from eda.cli.options import (
-    SECONDS,
     SECURE_ENDPOINT,
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output, for_terminal
@@ -61,19 +61,15 @@ Examples:
     metavar="ENDPOINT",
     help=f"Coordinator to ask (default: the last one found, else discovery); {SECURE_ENDPOINT}.",
 )
-@click.option(
+@seconds_option(
     "--timeout",
-    type=SECONDS,
-    metavar="SECONDS",
     help="Abort the transaction unless every vote is in by then "
-    "[default: what the coordinator was started with, 5 s by default]",
+    "[default: what the coordinator was started with, 5 s by default]"
 )
-@click.option(
+@seconds_option(
     "--wait",
-    type=SECONDS,
-    metavar="SECONDS",
     help="Give up waiting for the outcome after this long (exit 4: outcome unknown) "
-    "[default: --timeout + 10, else 30]",
+    "[default: --timeout + 10, else 30]"
 )
 @output_options(
     f"Print the result from a template. Fields: {', '.join(RESULT_FIELDS)}.",
@@ -90,15 +86,9 @@ def commit(
     wait: float | None,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Run one transaction across participants: exit 0 committed, 5 aborted.
 
@@ -121,8 +111,7 @@ def commit(
     from eda.core.txn.data import read_data
     from eda.core.txn.protocol import MAX_DATA, check_participants, data_json
 
-    ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     names = [n.strip() for item in participants for n in item.split(",") if n.strip()]
     try:
         check_participants(names)
@@ -138,7 +127,7 @@ def commit(
     out = Output(
         ctx, template=template, fields=RESULT_FIELDS, force_json=force_json, terminal=_result_text
     )
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     client = CoordinatorClient(coordinator, access, wait)  # (secure mode: KEY@ENDPOINT checked)
     peer_reports(ctx, client, "coordinator")
     if client.explicit and not tcp_reachable(client.explicit[0], 1.0):

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Terminated
+from eda.cli.common import Context, Registries, Terminated
 from eda.cli.options import (
     LOG_HELP,
-    SECONDS,
+    SecureMode,
     allow_option,
-    apply_security,
     common_options,
     metrics_option,
     registry_option,
+    seconds_option,
     security_options,
     serve_metrics,
 )
@@ -26,6 +26,31 @@ from eda.core.errors import EdaError
 
 if TYPE_CHECKING:
     pass
+
+
+def _run(
+    daemon: Any, ctx: Context, who: str, journal: Any, note: str, metrics: Any, service: str,
+    access: Any, **kw: Any,
+) -> None:
+    """Serve *daemon*'s metrics, register it as *service*, say where *who* listens, and
+    run it until SIGINT/SIGTERM; close it (and leave the registry) whatever happens."""
+    from eda.core.txn.advertise import advertised
+
+    registration = None
+    try:
+        serve_metrics(daemon, metrics, ctx.warn)
+        registration = _register(daemon, service, access, ctx, **kw)
+        host = registration and registration.inst.host
+        reached = advertised(daemon.endpoint, host, access and access.interface)
+        if hasattr(daemon, "advertise"):  # the coordinator's, told to participants in doubt
+            daemon.advertise = reached
+        where = f", announced by {registration.where}" if registration else ""
+        ctx.warn(f"{who} listening on {reached}{where} (journal {journal}{note})")
+        _serve(daemon, ctx, who.partition(" ")[0])
+    finally:
+        if registration is not None:
+            registration.close()
+        daemon.close()
 
 
 def _serve(daemon: Any, ctx: Context, what: str) -> None:
@@ -82,21 +107,13 @@ Examples:
     help="Where participant NAME listens, without discovery (repeatable); with --secure: "
     "NAME=KEY@tcp://HOST:PORT, KEY the trusted name of its key (eda-keys list).",
 )
-@click.option(
-    "--vote-timeout",
-    type=SECONDS,
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Abort a transaction whose votes are not all in by then (a commit may ask for another).",
+@seconds_option(
+    "--vote-timeout", default=5.0,
+    help="Abort a transaction whose votes are not all in by then (a commit may ask for another)."
 )
-@click.option(
-    "--retry-max",
-    type=SECONDS,
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Longest pause between two deliveries of a decision not yet acknowledged.",
+@seconds_option(
+    "--retry-max", default=2.0,
+    help="Longest pause between two deliveries of a decision not yet acknowledged."
 )
 @allow_option
 @security_options
@@ -110,17 +127,10 @@ def coordinator(
     peers: tuple[str, ...],
     vote_timeout: float,
     retry_max: float,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    registry: Registries,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Run a two-phase commit coordinator: `commit` asks it to run transactions.
 
@@ -138,15 +148,14 @@ def coordinator(
     --allow NAME limits who may call it: the clients that start transactions,
     and the participants, which ask it about transactions in doubt.
     """
-    from eda.core.txn.advertise import advertised, default_name
+    from eda.core.txn.advertise import default_name
     from eda.core.txn.coordinator import Coordinator, journal_path
     from eda.core.txn.directory import Directory, parse_peers
     from eda.core.txn.protocol import COORDINATOR_SERVICE, check_name
 
-    ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir, allow)
+    secure.apply()
     name = check_name(name or default_name(), "coordinator name")
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     directory = Directory(parse_peers(peers), access=access)
     peer_reports(ctx, directory, "participant")
     coord = Coordinator(
@@ -154,27 +163,11 @@ def coordinator(
         retry_max=retry_max, log=ctx.debug, warn=ctx.warn, interface=access and access.interface,
         remember=True,
     )  # fmt: skip
-    registration = None
-    try:
-        serve_metrics(coord, metrics, ctx.warn)
-        registration = _register(
-            coord, COORDINATOR_SERVICE, access, ctx,
-            inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
-        )  # fmt: skip
-        coord.advertise = advertised(
-            coord.endpoint, registration and registration.inst.host, access and access.interface
-        )
-        where = f", announced by {registration.where}" if registration else ""
-        recovering = f", recovering {len(coord.active)}" if coord.active else ""
-        ctx.warn(
-            f"coordinator {name} listening on {coord.advertise}{where} "
-            f"(journal {journal_path(log_dir, name)}{recovering})"
-        )
-        _serve(coord, ctx, "coordinator")
-    finally:
-        if registration is not None:
-            registration.close()
-        coord.close()
+    recovering = f", recovering {len(coord.active)}" if coord.active else ""
+    _run(
+        coord, ctx, f"coordinator {name}", journal_path(log_dir, name), recovering, metrics,
+        COORDINATOR_SERVICE, access, inst_id=f"txn-coordinator-{name}"[:63], meta={"name": name},
+    )  # fmt: skip
 
 
 @click.command(
@@ -212,21 +205,13 @@ Examples:
     metavar="ENDPOINT",
     help="Where to listen (tcp://*:* : any free port).",
 )
-@click.option(
-    "--action-timeout",
-    type=SECONDS,
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A command or agent silent this long fails (prepare: votes no).",
+@seconds_option(
+    "--action-timeout", default=10.0,
+    help="A command or agent silent this long fails (prepare: votes no)."
 )
-@click.option(
-    "--inquire-after",
-    type=SECONDS,
-    default=2.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Ask the coordinator for the outcome of a transaction prepared this long ago.",
+@seconds_option(
+    "--inquire-after", default=2.0,
+    help="Ask the coordinator for the outcome of a transaction prepared this long ago."
 )
 @allow_option
 @security_options
@@ -244,17 +229,10 @@ def participant(
     bind: str,
     action_timeout: float,
     inquire_after: float,
-    allow: tuple[str, ...],
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    registry: Registries,
     metrics: Any,
+    ctx: Context,
 ) -> None:
     """Take part in transactions as NAME: vote, then commit or abort.
 
@@ -287,13 +265,11 @@ def participant(
     request: its transactions abort, saying so.
     """
     from eda.core.txn.actions import Actions, PersistentAgent, ShellActions
-    from eda.core.txn.advertise import advertised
     from eda.core.txn.directory import find_coordinators, participant_service
     from eda.core.txn.participant import Participant, journal_path
     from eda.core.txn.protocol import check_name
 
-    ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir, allow)
+    secure.apply()
     check_name(name, "participant name")
     actions: Actions
     if persistent:
@@ -309,7 +285,7 @@ def participant(
             raise click.UsageError("a command after -- needs --persistent")
         commands = {"prepare": prepare_cmd, "commit": commit_cmd, "abort": abort_cmd}
         actions = ShellActions(name, commands, timeout=action_timeout)
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     reports = peer_reports(ctx, None, "coordinator")
 
     def find(coordinator: str) -> list[str]:  # (a failure keeps what was found before)
@@ -325,22 +301,9 @@ def participant(
     except BaseException:
         actions.close()
         raise
-    registration = None
-    try:
-        serve_metrics(part, metrics, ctx.warn)
-        registration = _register(part, participant_service(name), access, ctx)
-        where = f", announced by {registration.where}" if registration else ""
-        doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")
-        in_doubt = f", {doubt} in doubt" if doubt else ""
-        reached = advertised(
-            part.endpoint, registration and registration.inst.host, access and access.interface
-        )
-        ctx.warn(
-            f"participant {name} listening on {reached}{where} "
-            f"(journal {journal_path(log_dir, name)}{in_doubt})"
-        )
-        _serve(part, ctx, "participant")
-    finally:
-        if registration is not None:
-            registration.close()
-        part.close()
+    doubt = sum(1 for r in part.txns.values() if r.get("state") == "prepared")
+    in_doubt = f", {doubt} in doubt" if doubt else ""
+    _run(
+        part, ctx, f"participant {name}", journal_path(log_dir, name), in_doubt, metrics,
+        participant_service(name), access,
+    )  # fmt: skip

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit
+from eda.cli.common import Context, Exit, Registries
 from eda.cli.options import (
     LOG_HELP,
-    apply_security,
+    SecureMode,
     common_options,
     json_option,
     registry_option,
+    seconds_option,
     security_options,
 )
 from eda.cli.output import Output
@@ -51,11 +52,9 @@ Examples:
     metavar="NAME",
     help="No ID: every transaction in doubt that coordinator NAME started.",
 )
-@click.option(
-    "--older-than",
-    type=click.FloatRange(min=0),
-    metavar="SECONDS",
-    help="No ID: every transaction in doubt that was prepared at least SECONDS ago.",
+@seconds_option(
+    "--older-than", type=click.FloatRange(min=0),
+    help="No ID: every transaction in doubt that was prepared at least SECONDS ago."
 )
 @click.option(
     "--unanswered",
@@ -77,15 +76,9 @@ def resolve(
     unanswered: bool,
     log_dir: str,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Settle an in-doubt transaction by hand (a heuristic decision), or every one
     that --coordinator, --older-than and --unanswered select (all given must hold).
@@ -102,8 +95,7 @@ def resolve(
     from eda.core.txn.protocol import check_name, check_txn
     from eda.core.txn.resolve import settle, whom
 
-    ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if commit == abort:
         raise click.UsageError(
             "say --commit or --abort" if not commit else "--commit and --abort conflict: say one"
@@ -122,7 +114,7 @@ def resolve(
     except EdaError as exc:
         raise click.UsageError(str(exc)) from None
 
-    access = txn_access(registries, interface, no_mdns, serverless, ctx)
+    access = txn_access(registry, ctx)
     directory = Directory(access=access)
     peer_reports(ctx, directory, "participant")
     targets = whom(log_dir, txn_id, coordinator, names, directory)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eda.cli.common import Context, Exit, Terminated, write_stdout
+from eda.cli.common import Context, Exit, Registries, Terminated, write_stdout
 from eda.cli.options import (
-    apply_security,
+    SecureMode,
     common_options,
     output_options,
     registry_option,
@@ -110,15 +110,9 @@ def saga(
     force: bool,
     template: str | None,
     force_json: bool,
-    secure: bool,
-    key_file: str | None,
-    trust_dir: str | None,
-    registries: tuple[str, ...],
-    serverless: bool,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    secure: SecureMode,
+    registry: Registries,
+    ctx: Context,
 ) -> None:
     """Run the saga in FILE (TOML), or continue one with --resume ID.
 
@@ -140,8 +134,7 @@ def saga(
     from eda.core.txn import sagafile
     from eda.core.txn.data import read_data
 
-    ctx = Context("eda-txn", verbose)
-    apply_security(secure, key_file, trust_dir)
+    secure.apply()
     if file == "init" and resume is None and not dry_run:
         _saga_init(ctx, init_file or "saga.toml", force)
         return
@@ -184,10 +177,10 @@ def saga(
         "on_event": on_event,
         "on_stderr": on_stderr,
         "reach": sagas.Reach(
-            interface=_interface_address(interface),
-            mdns=not no_mdns,
-            registries=registries,
-            serverless=serverless,
+            interface=_interface_address(ctx.interface),
+            mdns=not ctx.no_mdns,
+            registries=registry.given,
+            serverless=registry.serverless,
         ),
     }
     if resume is not None:

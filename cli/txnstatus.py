@@ -60,10 +60,7 @@ def status(
     force_json: bool,
     watch: bool,
     interval: float,
-    config: str | None,
-    interface: str | None,
-    no_mdns: bool,
-    verbose: bool,
+    ctx: Context,
 ) -> None:
     """Where transactions and sagas stand, from the journals in --log.
 
@@ -74,7 +71,6 @@ def status(
     """
     from eda.core.txn.status import everything
 
-    ctx = Context("eda-txn", verbose)
     if follow:
         if txn_id is None:
             raise UsageError("--follow follows one transaction or saga: give its ID")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from eda.cli.options import seconds_option
 from eda.cli.output import Column, Output, Row, TableView, json_text
 
 if TYPE_CHECKING:
@@ -39,14 +40,10 @@ Views = Callable[[list[Row]], Sequence[tuple[list[Row], TableView]]]
 
 def watch_options(func: Any) -> Any:
     """``--watch`` and ``--interval SECONDS`` (given to the command as ``watch``, ``interval``)."""
-    func = click.option(
-        "--interval",
-        type=click.FloatRange(min=0.05),
-        default=1.0,
-        show_default=True,
-        metavar="SECONDS",
+    func = seconds_option(
+        "--interval", type=click.FloatRange(min=0.05), default=1.0,
         help="With --watch: seconds between two snapshots.",
-    )(func)
+    )(func)  # fmt: skip
     return click.option(
         "--watch",
         is_flag=True,

@@ -5,7 +5,8 @@ JSON payloads, whole envelopes) is parsed here with :func:`loads`, which
 refuses what RFC 8259 does not have (NaN, Infinity, numbers that overflow to
 infinity) and strings that cannot be written as UTF-8 (lone surrogates), and
 checked against CloudEvents 1.0: attribute names are lowercase letters and
-digits, extension values are scalars, and the attributes eda itself renders
+digits, extension values are scalars, ``time`` is an RFC 3339 timestamp
+(:func:`check_time`), and the attributes eda itself renders
 (:data:`CORE_ATTRIBUTES`) or stamps on the events it delivers
 (:data:`EDA_ATTRIBUTES`) can never be set by an extension.  What fails
 raises ValueError; callers turn it into their own error type.
@@ -57,6 +58,13 @@ MAX_NAME: Final = 64  # CloudEvents advises 20; eda accepts up to this many char
 MAX_ATTRIBUTE: Final = 4096  # characters in id, source and other string attributes
 _NAME = re.compile(r"[a-z0-9]{1,64}")
 _INT_RANGE = 1 << 63
+# RFC 3339 section 5.6 date-time ("T" and "Z" may be lower case, section 5.6 NOTE); ranges
+# (month, day of that month, hour, ...) are checked by check_time
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-]([0-9]{2}):([0-9]{2}))"
+)
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 # a "\uD800"-style escape: the only way a lone surrogate gets into a JSON string
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -139,6 +147,27 @@ def _string(event: dict[str, Any], name: str, required: bool) -> None:
         raise ValueError(f"attribute {name!r} must be {what} of at most {MAX_ATTRIBUTE} characters")
 
 
+def check_time(text: str) -> str:
+    """*text* when it is an RFC 3339 timestamp (CloudEvents' Timestamp), e.g.
+    ``2026-12-07T12:00:00Z`` or ``2026-12-07T13:00:00.5+01:00``; ValueError otherwise.
+
+    Second 60 is accepted (a leap second); a space for the ``T`` is not.
+    """
+    m = _RFC3339.fullmatch(text)
+    if m is not None:
+        year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+        offset_hour, offset_minute = (int(g or 0) for g in m.groups()[6:])
+        leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+        days = 29 if month == 2 and leap else _MONTH_DAYS[month - 1] if 1 <= month <= 12 else 0
+        if (1 <= day <= days and hour < 24 and minute < 60 and second <= 60
+                and offset_hour < 24 and offset_minute < 60):  # fmt: skip
+            return text
+    raise ValueError(
+        f"attribute 'time' {text[:40]!r} is not an RFC 3339 timestamp "
+        "(e.g. 2026-12-07T12:00:00Z or 2026-12-07T13:00:00.5+01:00)"
+    )
+
+
 def check_event(event: Any) -> dict[str, Any]:
     """A CloudEvents 1.0 event in JSON format, checked; ValueError says what is wrong.
 
@@ -152,6 +181,8 @@ def check_event(event: Any) -> dict[str, Any]:
         _string(event, name, True)
     for name in _STRING_ATTRIBUTES:
         _string(event, name, False)
+    if "time" in event:
+        check_time(event["time"])
     if "data_base64" in event:
         if "data" in event:
             raise ValueError("an event holds 'data' or 'data_base64', not both")

@@ -74,10 +74,13 @@ def to_headers(event: Mapping[str, Any]) -> dict[str, str]:
 
 def from_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The attributes in *headers* (name, value pairs; names matched case-insensitively),
-    as canonical strings; ValueError for a value that is not valid."""
+    as canonical strings; a ValueError naming the header for a value that is not valid."""
     found: dict[str, str] = {}
     for name, value in headers:
         lower = name.lower()
         if lower.startswith(PREFIX) and len(lower) > len(PREFIX):
-            found[lower[len(PREFIX) :]] = decode_value(value)
+            try:
+                found[lower[len(PREFIX) :]] = decode_value(value)
+            except ValueError as exc:
+                raise ValueError(f"{lower[:80]}: {exc}") from None
     return found

@@ -30,8 +30,9 @@ the topic for a publisher), ``v`` (wire version), ``k`` (secure mode: the
 peer's CURVE public key, Z85, 40 characters; absent when not secure).
 
 Probing an endpoint (is a ZeroMQ peer listening there?) is :mod:`eda.core.probe`.
-About 650 lines for a reason: this is the one module that drives zeroconf --
-announcing, browsing, resolving on a bounded pool, the cache -- and its
+About 750 lines for a reason: this is the one module that drives zeroconf --
+announcing, browsing, resolving on a bounded pool, the cache, the one-shot
+question a command starts early in a thread (:func:`discover_soon`) -- and its
 threads share the state of one :class:`Discovery`; split, a reader would have
 to follow that state across files.
 """
@@ -201,17 +202,24 @@ def _cached_peers(service_type: str, now: float) -> dict[str, tuple[Peer, float]
     return peers
 
 
-def discover(service_type: str, *, interface: str | None = None, timeout: float = 0.15) -> Found:
+def discover(
+    service_type: str,
+    *,
+    interface: str | None = None,
+    timeout: float = 0.15,
+    on_asked: Callable[[], None] | None = None,
+) -> Found:
     """Peers of *service_type* now: those answering a one-shot query, and cached ones alive.
 
     Every endpoint is probed (:func:`probe`) before it is returned;
-    the cache is updated with what was learned.
+    the cache is updated with what was learned.  *on_asked* is called once the
+    first mDNS question went out.
     """
     now = time.time()
     known = _cached_peers(service_type, now)
     dead = _dead_endpoints(now)
     answers = mdns.one_shot_query(
-        service_type, interface=interface, timeout=timeout, expect=set(known)
+        service_type, interface=interface, timeout=timeout, expect=set(known), on_asked=on_asked
     )
     answered: dict[str, Peer] = {}
     found = Found(cached=len(known), seen=[peer for peer, _ in known.values()])
@@ -272,6 +280,92 @@ def discover(service_type: str, *, interface: str | None = None, timeout: float 
     )
     _remember_dead(dead)
     return found
+
+
+class Pending:
+    """A :func:`discover` running in a thread of its own since :func:`discover_soon`.
+
+    A one-shot command's wait for mDNS answers (the question, the answers, then
+    the settle for newcomers) needs no Python work, so it can run while the
+    command imports click and pyzmq and makes its socket: started first, it
+    is often over by the time the command needs its result.
+    """
+
+    def __init__(self, service_type: str, interface: str | None, timeout: float) -> None:
+        self.asked = (service_type, interface, timeout)
+        self._found: Found | None = None
+        self._error: BaseException | None = None
+        self._out = threading.Event()  # the first question went out (or never will)
+        self._thread = threading.Thread(target=self._run, name="eda-discover", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        service_type, interface, timeout = self.asked
+        try:
+            self._found = discover(
+                service_type, interface=interface, timeout=timeout, on_asked=self._out.set
+            )
+        except BaseException as exc:  # handed to result(), in the command's thread
+            self._error = exc
+        finally:
+            self._out.set()
+
+    def wait_asked(self, timeout: float = 0.1) -> None:
+        """Wait (at most *timeout* s) until the question went out: the thread reading the
+        cache and sending it would otherwise wait for the interpreter's lock while the
+        command imports, and ask later."""
+        self._out.wait(timeout)
+
+    def result(self) -> Found:
+        """What :func:`discover` found (waiting for it to end); its exception, if any."""
+        if self in _soon:
+            _soon.remove(self)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        return self._found
+
+    def finish(self) -> None:
+        """Let it end (it writes the cache last)."""
+        self._thread.join()
+
+
+_soon: list[Pending] = []  # started by discover_soon, result not taken yet
+
+
+def discover_soon(
+    service_type: str, *, interface: str | None = None, timeout: float = 0.15
+) -> Pending:
+    """:func:`discover`, started now in a thread (see :class:`Pending`).
+
+    The same question asked again (service type, interface, timeout), before
+    the first one's result was taken, gets the one already running: a
+    program's entry point may ask as soon as its arguments say what the
+    command will ask (:mod:`eda.cli.launch`), and the command, later, takes
+    the answer.  A question whose result nobody took (the command failed
+    first) is let end before the process exits: it writes the cache last.
+    """
+    asked = (service_type, interface, timeout)
+    for pending in _soon:
+        if pending.asked == asked:
+            return pending
+    if not _soon_exit:
+        import atexit
+
+        atexit.register(_finish_soon)
+        _soon_exit.append(True)
+    pending = Pending(service_type, interface, timeout)
+    _soon.append(pending)
+    return pending
+
+
+_soon_exit: list[bool] = []  # [True] once _finish_soon is registered with atexit
+
+
+def _finish_soon() -> None:
+    while _soon:
+        _soon.pop().finish()
 
 
 def find_once(

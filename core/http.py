@@ -32,10 +32,15 @@ Limits against hostile clients (CONVENTIONS.md §7), all in :class:`Limits`:
 the request head (line and headers) and the number of headers, the body
 (checked against ``Content-Length`` before it is read, and as chunks come),
 a deadline to send the whole request once it began (slowloris), an idle
-timeout between requests, requests queued on one connection (pipelining),
-bytes queued for a client that does not read, and a cap on connections: at
-the cap a new connection closes the one idle the longest, so well-behaved
-clients are served with thousands of idle connections held open.
+timeout between requests, requests queued on one connection (pipelining: a
+hard limit, whatever one read holds; the request past it is answered 429 and
+the connection closed after it), bytes queued for a client that does not
+read, bytes queued for all clients together (the output budget: past it the
+connections whose queue has waited the longest to be read are cut, so many
+slow readers cannot hold more than the budget and clients that read are
+served), and a cap on connections: at the cap a new connection closes the
+one idle the longest, so well-behaved clients are served with thousands of
+idle connections held open.
 """
 
 from __future__ import annotations
@@ -85,8 +90,9 @@ class Limits:
     body_bytes: int = 1 << 20  # one request's body
     request_time: float = 10.0  # s to send a whole request once its first byte came
     idle_time: float = 60.0  # s a connection may wait between requests
-    pipelined: int = 16  # requests queued behind the one being answered
+    pipelined: int = 16  # requests queued behind the one being answered (one more: 429, closed)
     output_bytes: int = 8 << 20  # queued for one client; a stream beyond it waits, then is cut
+    output_budget: int = 128 << 20  # queued for all clients; beyond it the slowest are cut
     stalled_time: float = 30.0  # s a client may leave its full queue unread before it is cut
     connections: int = 4096  # open at once (the oldest idle one makes room for a new one)
     ping_time: float = 15.0  # s between two comments on every open stream (proxies, dead peers)
@@ -164,7 +170,7 @@ class Request:
     """One request, read whole: method, path, query, headers (lower-case names), body."""
 
     __slots__ = ("_conn", "_done", "body", "headers", "keep_alive", "method", "params",
-                 "path", "query", "target")  # fmt: skip
+                 "path", "query", "refusal", "target")  # fmt: skip
 
     def __init__(self, conn: _Connection, method: str, target: str,
                  headers: dict[str, str], body: bytes, keep_alive: bool) -> None:  # fmt: skip
@@ -175,6 +181,7 @@ class Request:
         self.path = unquote(split.path)
         self.query: dict[str, list[str]] = parse_qs(split.query, keep_blank_values=True)
         self.params: dict[str, str] = {}
+        self.refusal: tuple[int, str] | None = None  # answered so, not handled (a limit)
 
     @property
     def peer(self) -> str:
@@ -322,6 +329,10 @@ class _Refused(Exception):
         self.status, self.detail = status, detail
 
 
+class _Stop(Exception):
+    """Raised from a parser callback: nothing more of this connection's input is parsed."""
+
+
 class _Connection:
     """One client: its parser, the requests it sent, what is queued for it."""
 
@@ -339,7 +350,9 @@ class _Connection:
         self.began: float | None = None  # when the request being read began
         self.last = time.monotonic()  # last request answered, or connected
         self.full_since: float | None = None  # since when its queue has been over the limit
+        self.behind_since = 0.0  # since when its queue has held bytes (while it does)
         self.reading = True
+        self.input_done = False  # past the pipelining limit: nothing more is read
 
     # -- input ---------------------------------------------------------------------
     def readable(self) -> None:
@@ -353,15 +366,19 @@ class _Connection:
         if not data:
             self.close()
             return
-        if self.stream is not None or self.closing:
+        if self.stream is not None or self.closing or self.input_done:
             return  # nothing more is read on a streaming or closing connection
         try:
             self.parser.feed_data(data)
+        except _Stop:
+            return
         except _Refused as exc:
             self.server.refused += 1
             self.fail(exc.status, exc.detail)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _Stop):
+                return  # (the parser is left broken: it is not fed again)
             if isinstance(cause, _Refused):
                 self.server.refused += 1
                 self.fail(cause.status, cause.detail)
@@ -376,9 +393,22 @@ class _Connection:
     def received(self, method: str, url: str, headers: dict[str, str], body: bytes,
                  keep_alive: bool) -> None:  # fmt: skip
         self.began = None
-        self.queue.append(Request(self, method, url, headers, body, keep_alive))
-        if len(self.queue) > self.server.limits.pipelined:
+        limit = self.server.limits.pipelined
+        if len(self.queue) >= limit:
+            # hard, however many requests one read held: this one is answered 429 after
+            # those queued, then the connection closes; nothing more is parsed or read
+            self.server.refused += 1
+            self.input_done = True
             self._pause()
+            refused = Request(self, method, "/", {}, b"", False)
+            refused.refusal = (429, f"more than {limit} requests sent ahead of their answers: "
+                               "send the rest on a new connection")  # fmt: skip
+            self.queue.append(refused)
+            self.next()
+            raise _Stop
+        self.queue.append(Request(self, method, url, headers, body, keep_alive))
+        if len(self.queue) >= limit:
+            self._pause()  # read no more until its answers are read
         self.next()
 
     def next(self) -> None:
@@ -388,10 +418,13 @@ class _Connection:
                 self._pause()  # it reads none of its answers: none more until it does
                 return
             request = self.current = self.queue.popleft()
-            self.server.dispatch(request)
+            if request.refusal is not None:
+                request.respond(*problem(*request.refusal))
+            else:
+                self.server.dispatch(request)
             if not request.answered:
                 return  # it answers later (respond) and comes back here
-        if not self.queue and not self.reading and not self.closed:
+        if not self.queue and not self.reading and not self.closed and not self.input_done:
             self._resume()
 
     def _pause(self) -> None:
@@ -442,6 +475,7 @@ class _Connection:
     def write(self, data: bytes) -> None:
         if self.closed or not data or (self.closing and self.stream is not None):
             return  # (a stream ended: its close or a HEAD)
+        server = self.server
         if not self.out:
             try:
                 sent = self.sock.send(data)
@@ -454,9 +488,13 @@ class _Connection:
                 return
             data = data[sent:]
             self.out += data
+            self.behind_since = time.monotonic()
             self._watch()
-            return
-        self.out += data
+        else:
+            self.out += data
+        server.queued += len(data)
+        if server.queued > server.limits.output_budget:
+            server.over_budget()
 
     def writable(self) -> None:
         try:
@@ -467,6 +505,7 @@ class _Connection:
             self.close()
             return
         del self.out[:sent]
+        self.server.queued -= sent
         if self.queue and self.current is None and self.stream is None:
             self.next()  # answers held back while its queue was full
             if self.closed:
@@ -513,6 +552,8 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        self.server.queued -= len(self.out)
+        self.out.clear()
         self.server.dropped(self)
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -539,6 +580,9 @@ class Server:
         self.answered = 0  # responses sent
         self.refused = 0  # requests refused as malformed or over a limit
         self.evicted = 0  # idle connections closed to make room at the cap
+        self.cut = 0  # connections closed to bring the bytes queued back under the budget
+        self.queued = 0  # bytes queued for all clients together
+        self._cutting = False
         self.failures = 0  # handlers that raised (answered 500)
         self._date = (0, "")
         self._pinged = time.monotonic()
@@ -668,6 +712,25 @@ class Server:
             conn.writable()
         if events & (zmq.POLLIN | zmq.POLLERR) and not conn.closed:
             conn.readable()
+
+    def over_budget(self) -> None:
+        """More is queued for all clients together than the output budget: cut the
+        connections whose queue has waited the longest to be read (the slowest readers)
+        until the total is back to three quarters of the budget."""
+        if self._cutting:  # (a stream's on_close, run as one is cut, wrote more)
+            return
+        self._cutting = True
+        try:
+            goal = self.limits.output_budget * 3 // 4
+            behind = sorted((c for c in self.conns.values() if c.out),
+                            key=lambda c: c.behind_since)  # fmt: skip
+            for conn in behind:
+                if self.queued <= goal:
+                    break
+                self.cut += 1
+                conn.close()
+        finally:
+            self._cutting = False
 
     def dropped(self, conn: _Connection) -> None:
         self.conns.pop(conn.fd, None)

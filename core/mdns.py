@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MDNS_GROUP = "224.0.0.251"
@@ -282,6 +283,7 @@ def one_shot_query(
     timeout: float = 0.25,
     settle: float = 0.05,
     expect: set[str] | None = None,
+    on_asked: Callable[[], None] | None = None,
 ) -> list[Instance]:
     """Ask the LAN for instances of *service_type*; gather answers for *timeout* seconds.
 
@@ -291,7 +293,8 @@ def one_shot_query(
     only *settle* more seconds for any newcomer, so a warm cache answers
     quickly while a subscriber the cache does not know yet is still heard.
     Only legacy unicast responses count: from port 5353, to this socket,
-    repeating the id of one of the questions asked.
+    repeating the id of one of the questions asked.  *on_asked* is called once
+    the first question went out.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -323,6 +326,9 @@ def one_shot_query(
                     sock.sendto(
                         build_query(service_type, TYPE_PTR, qid, known), (MDNS_GROUP, MDNS_PORT)
                     )
+                if on_asked is not None:
+                    on_asked()
+                    on_asked = None
                 continue
             wake = min(deadline, sends[0]) if sends else deadline
             # poll(), not select(): the socket's number may be beyond select()'s 1024

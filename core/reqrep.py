@@ -15,7 +15,14 @@ answers this way and every client asks this way, so the rules live here once:
   TCP probe, else mDNS, and remembers what answered: the registry, bus and
   coordinator clients only say where to look), tags each request with a
   fresh ``rid``, waits at most a timeout, ignores stale or garbled replies,
-  and fails over to the next endpoint it knows when one stops answering.
+  and fails over to the next endpoint it knows when one stops answering;
+  one request never outlasts its overall deadline (:attr:`Client.total`),
+  whatever it waits on: a probe, mDNS, a server, a refused handshake.
+
+This module is about 600 lines on purpose: the client and the server are the
+two halves of one protocol (framing, ``rid`` rules, error replies, the
+envelope of REQ and DEALER peers), and a reader checking one half against
+the other finds both here.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 import zmq
 
 from . import cache, security, sockets
-from .daemon import Daemon, received
+from .daemon import DRAIN_LIMIT, Daemon, received
 from .endpoint import Endpoint
 from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
 from .sockets import new_socket
@@ -41,6 +48,8 @@ MAX_RID = 2**63 - 1
 MAX_RID_TEXT = 64
 MAX_ANNOUNCED = 8  # servers found by mDNS that one request tries
 MAX_HOPS = 16  # routing frames before a REQ's empty delimiter (one per proxy on the way)
+ATTEMPTS = 3  # a request's overall deadline, in attempt timeouts, unless one is given
+PROBE_TIMEOUT = 0.2  # s: the TCP connect that checks a cached or announced endpoint
 
 
 class RemoteError(EdaError):
@@ -177,6 +186,10 @@ class Service:
     What fails validation is counted as malformed (:meth:`Daemon.dropped`);
     an ``EdaError`` from a handler is a refusal on the merits; any other
     exception is a bug, warned about and answered as a failed request.
+    One turn of the daemon's loop answers at most *batch* requests, then its
+    other sockets have theirs: a daemon that also serves HTTP (eda-registry)
+    takes a small batch, so that an HTTP request waits for one such batch at
+    most, however many requests are queued.
     """
 
     def __init__(
@@ -186,10 +199,12 @@ class Service:
         *,
         parse: Callable[[dict[str, Any]], Any] = lambda msg: msg,
         max_message: int = MAX_MESSAGE,
+        batch: int = DRAIN_LIMIT,
     ) -> None:
         self.daemon = daemon
         self.handlers = dict(handlers)
         self.parse = parse
+        self.batch = batch
         self.requests = 0
         # secure mode: the public key (Z85) the request being answered came with, as the
         # CURVE handshake of its connection proved it ("" in plain mode): who is asking
@@ -202,9 +217,9 @@ class Service:
         :attr:`sender_key` is set while it is answered (read from its frames,
         ZAP's User-Id, which only a frame received without copying carries)."""
         if security.active() is None:
-            yield from received(self.sock)
+            yield from received(self.sock, self.batch)
             return
-        for frames in received(self.sock, copy=False):
+        for frames in received(self.sock, self.batch, copy=False):
             self.sender_key = security.peer_key(frames[-1])
             yield [frame.bytes for frame in frames]
         self.sender_key = ""
@@ -330,7 +345,7 @@ def client_endpoint(value: Endpoint | str, what: str = "server") -> Endpoint:
     return endpoint
 
 
-def tcp_reachable(endpoint: Endpoint | str, timeout: float = 0.2) -> bool:
+def tcp_reachable(endpoint: Endpoint | str, timeout: float = PROBE_TIMEOUT) -> bool:
     """Whether *endpoint* accepts a TCP connection: a dead cached or announced
     endpoint then costs a refused connect, not a whole request timeout."""
     where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.from_peer(endpoint)
@@ -360,7 +375,16 @@ class Client:
     What answered is remembered under :attr:`cache_key`.  When the server in
     use stops answering, the next request looks again (the cache, then
     mDNS) before giving up, unless :attr:`failover` is off (a request that
-    must not be sent twice).  Subclasses say only where to look (the class
+    must not be sent twice).
+
+    Each server gets :attr:`timeout` to answer; a request as a whole -- every
+    probe, mDNS query, attempt and wait for a secure handshake -- ends by its
+    overall deadline, :attr:`total` seconds after it began (by default
+    :data:`ATTEMPTS` attempt timeouts): looking again never starts the clock
+    again, so a one-shot command that gives its ``--timeout`` as *total* ends
+    by then, with one error, whatever the servers do.
+
+    Subclasses say only where to look (the class
     attributes, or :meth:`discover`) and what to say when nothing answers
     (:meth:`none_found`, :meth:`none_answered`).  :attr:`request_frames` and
     :attr:`reply_frames` are the frames a protocol puts before the JSON
@@ -384,12 +408,16 @@ class Client:
         use_mdns: bool = True,
         interface: str | None = None,
         discover_timeout: float = 0.15,
+        total: float | None = None,
     ) -> None:
         self.security = security.active()
         # secure mode: a discovered server skipped, and why (untrusted key, or not secure)
         self.on_ignored: Callable[[Any, str], None] | None = None
         self.explicit = [self._given(e) for e in endpoints]
         self.timeout = timeout
+        # the most one request takes in all (None: ATTEMPTS times its attempt timeout)
+        self.total = total
+        self._until = float("inf")  # the overall deadline of the request under way
         self.max_reply = max_reply
         self.use_mdns = use_mdns
         self.interface = interface
@@ -436,10 +464,12 @@ class Client:
         """Servers announced now: a one-shot mDNS query for :attr:`service_type`."""
         if not self.use_mdns or self.service_type is None:
             return []
+        wait = min(self.discover_timeout, self._until - time.monotonic())
+        if wait <= 0:
+            return []
         from .discovery import find_once
 
-        peers = find_once(self.service_type, interface=self.interface,
-                          timeout=self.discover_timeout)  # fmt: skip
+        peers = find_once(self.service_type, interface=self.interface, timeout=wait)
         usable = []
         for peer in peers:
             endpoint = Endpoint.from_peer(peer.endpoint)
@@ -457,7 +487,8 @@ class Client:
 
     def reachable(self, endpoint: Endpoint) -> bool:
         """Whether *endpoint* accepts a TCP connection (else noted in :attr:`unreachable`)."""
-        if tcp_reachable(endpoint):
+        wait = min(PROBE_TIMEOUT, self._until - time.monotonic())
+        if wait > 0 and tcp_reachable(endpoint, wait):
             return True
         if endpoint not in self.unreachable:
             self.unreachable.append(endpoint)
@@ -465,8 +496,13 @@ class Client:
 
     def find(self) -> Endpoint:
         """The server to use, without a request: the first candidate (remembered when
-        it was looked up); :meth:`none_found` when there is none."""
-        endpoint = next(self.candidates(set()), None)
+        it was looked up) found by the overall deadline a request would have;
+        :meth:`none_found` when there is none."""
+        self._until = self._deadline(self.timeout)
+        try:
+            endpoint = next(self.candidates(set()), None)
+        finally:
+            self._until = float("inf")
         if endpoint is None:
             raise self.none_found()
         if not self.explicit and self.cache_key is not None:
@@ -526,62 +562,97 @@ class Client:
     def request(self, msg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send *msg* and return the reply, failing over as needed.
 
-        Each endpoint gets *timeout* seconds (default :attr:`timeout`); a
-        refusal raises (:func:`raise_for`); when no endpoint answers,
-        :meth:`none_answered` (or :meth:`none_found` if none was known).
+        Each endpoint gets *timeout* seconds (default :attr:`timeout`), and the
+        request ends by its overall deadline (:attr:`total`) whatever is left
+        to try; a refusal raises (:func:`raise_for`); when no endpoint
+        answers, :meth:`none_answered` (or :meth:`none_found` if none was known).
         """
+        wait = self.timeout if timeout is None else timeout
+        self._until = self._deadline(wait)
+        try:
+            return self._request(msg, wait)
+        finally:
+            self._until = float("inf")
+
+    def _request(self, msg: dict[str, Any], wait: float) -> dict[str, Any]:
         tried: set[Endpoint] = set()
         candidates: Iterator[Endpoint] | None = None
         while True:
             if self._sock is None:
                 if candidates is None:
                     candidates = self.candidates(tried)
-                endpoint = next(candidates, None)
+                endpoint = next(candidates, None) if self._left() > 0 else None
                 if endpoint is None:
                     raise self.none_answered(tried) if tried else self.none_found()
                 self.connect(endpoint)
             assert self.current is not None
-            reply = self.roundtrip(msg, self.timeout if timeout is None else timeout)
+            reply = self.roundtrip(msg, min(wait, self._left()))
             if reply is not None:
                 self.answered()
                 return raise_for(reply)
             tried.add(self.current)
             self.disconnect()
-            if not self.failover:
+            if not self.failover or self._left() <= 0:
                 raise self.none_answered(tried)
+
+    def _deadline(self, wait: float) -> float:
+        """When a request whose attempts each wait *wait* must end, all included."""
+        return time.monotonic() + (self.total if self.total is not None else ATTEMPTS * wait)
+
+    def _left(self) -> float:
+        """Seconds left before the overall deadline of the request under way."""
+        return self._until - time.monotonic()
 
     def roundtrip(self, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """The reply to *msg* from the current endpoint, or None after *timeout*.
 
         Replies to earlier requests (a late answer) and garbled ones are skipped.
+        Nothing here blocks past *timeout*: the request waits for room to be sent
+        as it waits for its reply (a socket whose only connection failed its
+        secure handshake has nowhere to queue it), and a refused handshake,
+        reported by the socket monitor before or after the request went out, ends
+        the wait at once (:class:`Refused`).
         """
         assert self._sock is not None
         rid = next(self._rids)
-        self._sock.send_multipart([*self.request_frames, encode({**msg, "rid": rid})])
+        frames = [*self.request_frames, encode({**msg, "rid": rid})]
         head = len(self.reply_frames)
         deadline = time.monotonic() + timeout
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         if self._mon is not None:
             poller.register(self._mon, zmq.POLLIN)
+        unsent = True
         while True:
             why = handshake_refusal(self._mon)
             if why is not None:
                 raise self.refused(why)
+            if unsent:
+                unsent = not self._send(frames)
+                poller.modify(self._sock, zmq.POLLOUT if unsent else zmq.POLLIN)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if self._sock not in dict(poller.poll(int(left * 1000) + 1)):
+            if self._sock not in dict(poller.poll(int(left * 1000) + 1)) or unsent:
                 continue
-            frames = self._sock.recv_multipart()
-            if len(frames) != head + 1 or tuple(frames[:head]) != self.reply_frames:
+            frames_in = self._sock.recv_multipart()
+            if len(frames_in) != head + 1 or tuple(frames_in[:head]) != self.reply_frames:
                 continue  # not a reply (a bus's other messages), or garbled
             try:
-                reply = decode(frames[head])
+                reply = decode(frames_in[head])
             except ProtocolError:
                 continue
             if reply.get("rid") == rid:
                 return reply
+
+    def _send(self, frames: list[bytes]) -> bool:
+        """Queue *frames* on the socket without waiting; False when there is no room."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
 
 def listed(endpoints: Iterable[Endpoint], limit: int = 0) -> str:

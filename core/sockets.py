@@ -20,6 +20,7 @@ sockets and are not made here.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,3 +195,12 @@ def monitor_events(monitor: Socket | None) -> Iterator[MonitorEvent]:
         event = parse_monitor(monitor.recv_multipart())
         if event is not None:
             yield event
+
+
+def stop_monitor(sock: Socket | None, monitor: Socket) -> None:
+    """Stop the monitor of *sock* (None: already closed) and close *monitor* at once;
+    the caller has taken *monitor* out of its poller first."""
+    if sock is not None:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+    monitor.close(0)

@@ -103,6 +103,7 @@ class Proc:
         prefix: Sequence[str] = (),
     ) -> None:
         self.out_path = workdir / f"proc{n}.out"
+        self._counted = [0, 0]  # bytes of stdout read by newlines(), newlines among them
         self.err_path = workdir / f"proc{n}.err"
         self._out = self.out_path.open("wb")
         self._err = self.err_path.open("wb")
@@ -127,16 +128,40 @@ class Proc:
         return self.stdout.splitlines()
 
     def wait_stderr(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        return wait_until(
-            lambda: re.search(pattern, self.stderr),
-            timeout,
-            f"stderr ~ {pattern!r}; got {self.stderr!r}",
-        )
+        try:
+            return wait_until(
+                lambda: re.search(pattern, self.stderr), timeout, f"stderr ~ {pattern!r}"
+            )
+        except AssertionError as exc:  # what it said by the deadline, not when asked
+            raise AssertionError(f"{exc}; got {self.stderr[-4000:]!r}") from None
+
+    def newlines(self) -> int:
+        """Lines ended on stdout so far, counted incrementally: only what was written
+        since the last call is read (a poll of a long output does not read it whole)."""
+        with self.out_path.open("rb") as fh:
+            fh.seek(self._counted[0])
+            while chunk := fh.read(1 << 20):
+                self._counted[0] += len(chunk)
+                self._counted[1] += chunk.count(b"\n")
+        return self._counted[1]
 
     def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
-        wait_until(
-            lambda: len(self.lines()) >= n, timeout, f"{n} lines of output; got {self.stdout!r}"
-        )
+        """Wait for *n* lines on stdout (as :meth:`lines` counts them); all of them.
+
+        Polled with :meth:`newlines` (a million lines read again every 20 ms was most
+        of a test's time): each newline ends a line, so n of them are n lines.
+        """
+
+        def enough() -> bool:
+            if self.newlines() >= n:
+                return True
+            # short: read whole, for a last line without a newline or other line ends
+            return self._counted[0] < 1 << 20 and len(self.lines()) >= n
+
+        try:
+            wait_until(enough, timeout, f"{n} lines of output")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {self.stdout[-4000:]!r}") from None
         return self.lines()
 
     def wait(self, timeout: float = 15.0) -> int:
@@ -218,6 +243,30 @@ def run(
         result.stdout.decode(errors="replace"),
         result.stderr.decode(errors="replace"),
     )
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run *calls* (independent one-shot commands, e.g. ``lambda: run(...)``) at the same
+    time; their results in order.  For checks that do not depend on one another: each
+    process waits on its own answers, so N of them take about as long as the slowest.
+    An exception of one is raised once all have ended."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        try:
+            results[k] = calls[k]()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 _held: list[socket.socket] = []

@@ -13,6 +13,7 @@ import itertools
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,10 +148,12 @@ class Network:
         n = len(self.hosts) + 2
         holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
         ns = f"/proc/{holder.pid}/ns/net"
-        # unshare has exec'd sleep once the namespace differs from ours
+        # unshare has exec'd sleep once the namespace differs from ours (polled, not
+        # spun: a spinning test process takes the CPU the starting unshare needs)
         while os.readlink(ns) == os.readlink("/proc/self/ns/net"):
             if holder.poll() is not None:
                 raise RuntimeError("could not create a network namespace")
+            time.sleep(0.002)
         outer, inner = f"edav{self.net}h{n}", f"edav{self.net}i{n}"
         ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         ip("link", "set", inner, "netns", str(holder.pid))

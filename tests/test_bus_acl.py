@@ -9,6 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -20,7 +21,7 @@ from eda.core.bus import protocol
 from eda.core.bus.acl import Acl, Forbidden
 from eda.core.errors import ConfigError
 from eda.core.topics import Matcher, covers
-from tests.helpers import Identity, Proc, Procs, run, wait_until
+from tests.helpers import Identity, Proc, Procs, run, together, wait_until
 
 SERVING = r"serving .+ on (tcp://\S+) \(seq"
 RIGHTS = """\
@@ -103,49 +104,73 @@ def envelope(topic: str, data: str, n: int) -> str:
 @pytest.mark.long
 def test_a_key_allowed_orders_cannot_publish_or_subscribe_to_payments(procs: Procs, tmp_path, ids):
     _, ep = serve(procs, tmp_path, ids, RIGHTS)
-    alice, ops = ids["alice"], ids["ops"]
-    allowed = as_(alice, "eda-pub", ep, "orders.created", "one")
-    assert (allowed.returncode, allowed.stderr) == (0, "")
-    refused = one_error(as_(alice, "eda-pub", ep, "payments.x", "SECRET"), "eda-pub")
-    assert refused.startswith("eda-pub: error: the bus refused payments.x ")
-    assert refused.endswith("alice may not publish to payments.x (the bus's ACL)")
-    assert stats(ep, ops)["events"] == 1  # nothing of the refused batch was stored
-    # one input, both topics: the allowed batches are confirmed and stored, the others
-    # refused with one line whatever their number
-    lines = [envelope("orders.paid" if n % 2 else "payments.x", f"m{n}", n) for n in range(400)]
-    mixed = as_(alice, "eda-pub", ep, "--envelope", input="".join(lines))
-    assert "payments.x" in one_error(mixed, "eda-pub")
-    assert stats(ep, ops)["events"] == 201
-    assert topics(ep, ops) == {"orders.created", "orders.paid"}
-    # subscribing: within orders.> is accepted; payments.x, '>' and a durable on it are not
-    sub = as_(alice, "eda-sub", ep, "orders.*", "--from-start", "-C", "2", "--raw")
-    assert (sub.returncode, sub.stdout.splitlines()) == (0, ["one", "m1"]), sub.stderr
-    for args, pattern in (
+    alice, bob, ops = ids["alice"], ids["bob"], ids["ops"]
+    # what no later check depends on runs at once (each run waits on its own answers)
+    refused_subs = (
         (("payments.x",), "payments.x"),
         ((">",), ">"),
         (("--durable", "pay", "payments.>"), "payments.>"),
         (("--group", "workers", "payments.x"), "payments.x"),
         (("orders.>", "*.x"), "*.x"),
-    ):
-        line = one_error(as_(alice, "eda-sub", ep, *args, "--from-start", "-W", "20"), "eda-sub")
+    )
+    allowed, refused, by_bob, made, *subs = together(
+        lambda: as_(alice, "eda-pub", ep, "orders.created", "one"),
+        lambda: as_(alice, "eda-pub", ep, "payments.x", "SECRET"),
+        lambda: as_(bob, "eda-pub", ep, "orders.x", "no"),
+        # a durable of ops on '>' (it takes the first event: alice's orders.created)
+        lambda: as_(ops, "eda-sub", ep, "--durable", "audit", ">", "-C", "1", "--raw"),
+        *(lambda a=args: as_(alice, "eda-sub", ep, *a, "--from-start", "-W", "20")
+          for args, _ in refused_subs),
+    )  # fmt: skip
+    assert (allowed.returncode, allowed.stderr) == (0, "")
+    refused = one_error(refused, "eda-pub")
+    assert refused.startswith("eda-pub: error: the bus refused payments.x ")
+    assert refused.endswith("alice may not publish to payments.x (the bus's ACL)")
+    # bob has no table: [default] gives him public.> only
+    bob_refused = one_error(by_bob, "eda-pub")
+    assert bob_refused.endswith("bob may not publish to orders.x (the bus's ACL)")
+    assert made.returncode == 0, made.stderr
+    # subscribing: payments.x, '>', a durable or a group on it are not within orders.>
+    for sub, (_, pattern) in zip(subs, refused_subs, strict=True):
+        line = one_error(sub, "eda-sub")
         assert line == (f"eda-sub: error: the bus refused: alice may not subscribe to {pattern}"
                         " (the bus's ACL)")  # fmt: skip
-    # taking over a durable consumer needs the rights on the patterns it had (its position)
-    made = as_(ops, "eda-sub", ep, "--durable", "audit", ">", "-C", "1", "--raw")
-    assert made.returncode == 0, made.stderr
-    line = one_error(as_(alice, "eda-sub", ep, "--durable", "audit", "orders.>", "-W", "20"),
-                     "eda-sub")  # fmt: skip
+    assert stats(ep, ops)["events"] == 1  # nothing of the refused batches was stored
+    # one input, both topics: the allowed batches are confirmed and stored, the others
+    # refused with one line whatever their number
+    lines = [envelope("orders.paid" if n % 2 else "payments.x", f"m{n}", n) for n in range(400)]
+    mixed = as_(alice, "eda-pub", ep, "--envelope", input="".join(lines))
+    assert "payments.x" in one_error(mixed, "eda-pub")
+    counted, listed = together(lambda: stats(ep, ops), lambda: topics(ep, ops))
+    assert counted["events"] == 201
+    assert listed == {"orders.created", "orders.paid"}
+
+    def bob_then_alice() -> tuple[Any, Any, Any]:
+        news = as_(bob, "eda-pub", ep, "public.news", "hi")
+        # once public.news is stored: bob reads it; stats shows alice only what she may
+        # subscribe to (not public.news)
+        heard, seen = together(
+            lambda: as_(bob, "eda-sub", ep, "public.>", "--from-start", "-C", "1", "--raw"),
+            lambda: topics(ep, alice),
+        )
+        return news, heard, seen
+
+    sub, takeover, (news, heard, seen), retain = together(
+        # subscribing within orders.> is accepted
+        lambda: as_(alice, "eda-sub", ep, "orders.*", "--from-start", "-C", "2", "--raw"),
+        # taking over a durable consumer needs the rights on the patterns it had (its position)
+        lambda: as_(alice, "eda-sub", ep, "--durable", "audit", "orders.>", "-W", "20"),
+        bob_then_alice,
+        # retain needs admin
+        lambda: as_(alice, "eda-bus", ep, "retain", "--max-age", "1d"),
+    )
+    assert (sub.returncode, sub.stdout.splitlines()) == (0, ["one", "m1"]), sub.stderr
+    line = one_error(takeover, "eda-sub")
     assert line.endswith("alice may not subscribe to > (the bus's ACL)")
-    # bob has no table: [default] gives him public.> only
-    assert as_(ids["bob"], "eda-pub", ep, "public.news", "hi").returncode == 0
-    bob = one_error(as_(ids["bob"], "eda-pub", ep, "orders.x", "no"), "eda-pub")
-    assert bob.endswith("bob may not publish to orders.x (the bus's ACL)")
-    heard = as_(ids["bob"], "eda-sub", ep, "public.>", "--from-start", "-C", "1", "--raw")
+    assert news.returncode == 0, news.stderr
     assert (heard.returncode, heard.stdout) == (0, "hi\n"), heard.stderr
-    # stats shows what its reader may subscribe to; retain needs admin
-    assert topics(ep, alice) == {"orders.created", "orders.paid"}
-    retain = one_error(as_(alice, "eda-bus", ep, "retain", "--max-age", "1d"), "eda-bus")
-    assert "alice may not retain: it needs admin = true" in retain
+    assert seen == {"orders.created", "orders.paid"}
+    assert "alice may not retain: it needs admin = true" in one_error(retain, "eda-bus")
     assert as_(ops, "eda-bus", ep, "retain", "--max-age", "1d").returncode == 0
 
 

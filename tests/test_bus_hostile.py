@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from eda.core.bus import protocol
 from tests.helpers import Procs, command, run, wait_until
-from tests.test_bus import _feed, replay, start_bus, stored_stats
+from tests.test_bus import _feed, replay, start_bus, stored_events, stored_stats
 
 
 def test_hostile_clients_do_not_stop_a_good_publisher_being_confirmed(
@@ -26,7 +26,7 @@ def test_hostile_clients_do_not_stop_a_good_publisher_being_confirmed(
     _, ep = start_bus(procs, tmp_path / "bus", "--max-event-bytes", "1000")
     good = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
     _feed(good, range(1, 1001))
-    wait_until(lambda: int(stored_stats(ep)["events"]) >= 1000, 15, "the first events stored")  # type: ignore[call-overload]
+    wait_until(lambda: stored_events(ep) >= 1000, 15, "the first events stored")
     zctx = zmq.Context.instance()
     bad = zctx.socket(zmq.DEALER)
     bad.setsockopt(zmq.LINGER, 0)
@@ -184,7 +184,7 @@ def test_a_group_member_whose_queue_filled_still_gets_every_event_it_claimed(
 
     def stored_all() -> bool:
         member.send_multipart([protocol.REQUEST, hb])
-        return int(stored_stats(ep)["events"]) == n  # type: ignore[call-overload]
+        return stored_events(ep) == n
 
     # the member reads nothing for a while (but stays alive) while the bus fills its queue
     wait_until(stored_all, 30, "all stored")
@@ -475,7 +475,7 @@ def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(
     for i in range(1, 601):  # 600 messages of 64 kB: more than its queue and TCP buffers take
         header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
         pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"lie.x", header, b"y" * 65536])
-    wait_until(lambda: int(stored_stats(ep)["events"]) == 600, 60, "all stored")  # type: ignore[call-overload]
+    wait_until(lambda: stored_events(ep) == 600, 60, "all stored")
     liar = zctx.socket(zmq.DEALER)
     liar.setsockopt(zmq.LINGER, 0)
     liar.setsockopt(zmq.RCVHWM, 1)

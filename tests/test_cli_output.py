@@ -126,6 +126,21 @@ def test_health_check_options_are_one_definition_in_both_programs() -> None:
     assert _option(tcp, "check_interval").default == 1.0
 
 
+def test_an_instance_id_option_reads_the_same_in_every_command_that_registers() -> None:
+    """--id of eda-lb worker, eda-lb serve and eda-registry register: one definition (the
+    worker's said 'TEXT' and '[default: ...]' where the others said 'ID', '(default: ...)')."""
+    from eda.cli import lb, registry
+
+    commands = [lb.command.commands["worker"], lb.command.commands["serve"],
+                registry.command.commands["register"]]  # fmt: skip
+    options = [_option(command, "inst_id") for command in commands]
+    for option in options:
+        assert isinstance(option, click.Option)
+        assert (option.opts, option.metavar, option.help) == (
+            options[0].opts, "ID", "Instance id (default: NAME-HOST-PORT)."
+        )
+
+
 def test_a_check_period_below_10_ms_is_refused_by_both_programs() -> None:
     from eda.cli import lb, registry
 

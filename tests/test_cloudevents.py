@@ -124,3 +124,88 @@ def test_republishing_under_a_new_type_reaches_both_topics(procs, tmp_path):
             original["source"],
             "keep me",
         )
+
+
+# -- ce-time: an RFC 3339 timestamp (core/attributes.check_time) ---------------------------
+GOOD_TIMES = ["2026-12-07T12:00:00Z", "2026-12-07t12:00:00z", "2026-12-07T12:00:00.123456Z",
+              "2026-12-07T13:00:00.5+01:00", "2024-02-29T23:59:60-00:00", "0001-01-01T00:00:00Z",
+              "9999-12-31T23:59:59.999999999+23:59"]  # fmt: skip
+BAD_TIMES = ["", "now", "2026-12-07", "2026-12-07 12:00:00Z", "2026-12-07T12:00:00",
+             "2026-12-07T12:00Z", "2026-13-01T00:00:00Z", "2026-02-29T00:00:00Z",
+             "2026-04-31T00:00:00Z", "2026-12-00T00:00:00Z", "2026-12-07T24:00:00Z",
+             "2026-12-07T12:60:00Z", "2026-12-07T12:00:61Z", "2026-12-07T12:00:00+24:00",
+             "2026-12-07T12:00:00+01:60", "2026-12-07T12:00:00.Z", "26-12-07T12:00:00Z",
+             "2026-12-07T12:00:00+0100", "２０２６-12-07T12:00:00Z", "2026-12-07T12:00:00Z\n",
+             "1900-02-29T00:00:00Z"]  # fmt: skip
+
+
+def test_time_must_be_an_rfc3339_timestamp() -> None:
+    import pytest
+
+    from eda.core.attributes import check_event, check_time
+
+    for text in GOOD_TIMES:
+        assert check_time(text) == text
+    for text in BAD_TIMES:
+        with pytest.raises(ValueError, match="RFC 3339"):
+            check_time(text)
+    event = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    assert check_event({**event, "time": GOOD_TIMES[0]})
+    with pytest.raises(ValueError, match="RFC 3339"):
+        check_event({**event, "time": "yesterday"})
+
+
+def test_any_timestamp_python_writes_is_accepted_and_what_is_accepted_is_a_time() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from eda.core.attributes import check_time
+
+    offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(
+        lambda m: timezone(timedelta(minutes=m)))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.datetimes(timezones=offsets))
+    def written(when: datetime) -> None:
+        assert check_time(when.isoformat()) == when.isoformat()
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                         r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})?", fullmatch=True)
+           | st.text(max_size=40))  # fmt: skip
+    def accepted(text: str) -> None:
+        try:
+            check_time(text)
+        except ValueError:
+            return
+        # what is accepted is a real instant (Python reads it, a leap second aside)
+        fixed = text.upper().replace("Z", "+00:00").replace(":60", ":59")
+        head, dot, rest = fixed.partition(".")
+        if dot:  # (Python reads at most 6 fraction digits)
+            digits = rest[: len(rest) - 6]
+            fixed = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
+        assert datetime.fromisoformat(fixed).tzinfo is not None
+
+    written()
+    accepted()
+
+
+def test_eda_pub_skips_an_envelope_with_a_bad_time_and_sends_the_others(procs):
+    sub = procs.sub_ready("ce.timed", "-C", "2")
+    good = {"specversion": "1.0", "type": "ce.timed", "source": "/t", "data": 1}
+    lines = [json.dumps({**good, "id": "a", "time": "2026-12-07T12:00:00Z"}),
+             json.dumps({**good, "id": "b", "time": "07/12/2026 12:00"}),
+             json.dumps({**good, "id": "c", "time": "2026-12-07T13:00:00.25+01:00"})]  # fmt: skip
+    result = run("eda-pub", "--envelope", input="\n".join(lines) + "\n")
+    assert result.returncode == 1, result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("eda-pub: error: line 2: invalid envelope: attribute 'time'")
+    assert "RFC 3339" in errors[0]
+    assert errors[1] == "eda-pub: error: 1 input(s) rejected"
+    assert sub.wait() == 0
+    got = events(sub)
+    assert [(e["id"], e["time"]) for e in got] == [("a", "2026-12-07T12:00:00Z"),
+                                                  ("c", "2026-12-07T13:00:00.25+01:00")]

@@ -333,3 +333,88 @@ def test_any_bytes_get_an_http_answer_or_a_hang_up(web: Running, prefix: bytes, 
     out = raw(web.port, prefix + noise + b"\r\n\r\n", timeout=1)
     assert out == b"" or out.startswith(b"HTTP/1.1 ")
     assert get(web.port, "/metrics")[0] == 200  # and the server goes on
+
+
+def test_pipelining_is_limited_hard_whatever_one_read_holds(web: Running) -> None:
+    """A hundred requests in one packet, each answered later: the server parses the
+    limit's worth (one answered, sixteen queued), answers them in order, answers the
+    next one 429 and closes; it never holds the other 83 (the limit was per read)."""
+    handled: list[bytes] = []
+
+    def later(req: Request) -> None:
+        handled.append(req.body)
+        web.pending.append(req)
+
+    web.server.route("POST", "/count", later)
+    requests = [f"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nn{i:02}".encode()
+                for i in range(100)]  # fmt: skip
+    refused = web.server.refused
+    out = raw(web.port, b"".join(requests))
+    answers = out.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"201"] * 17 + [b"429"], out[-400:]
+    assert [a.split(b"\r\n\r\n", 1)[1][:3] for a in answers[:17]] == [
+        f"n{i:02}".encode() for i in range(17)]  # fmt: skip
+    assert b"connection: close" in answers[-1] and b"more than 16 requests" in answers[-1]
+    assert len(handled) == 17 and web.server.refused == refused + 1
+    # one answered and sixteen queued at once are all served, on a connection kept open
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as s:
+        for burst, answers in ((b"".join(requests[:17]), 17), (requests[17], 1)):
+            s.sendall(burst)
+            got = b""
+            while got.count(b"HTTP/1.1 201") < answers:
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+    assert len(handled) == 17 + 18 and web.server.refused == refused + 1
+    assert get(web.port, "/metrics")[0] == 200
+
+
+def test_the_output_budget_cuts_the_slowest_readers_and_serves_the_others() -> None:
+    """Many clients open streams and read nothing: each may queue up to its own limit,
+    but all of them together no more than the server's budget; past it those whose
+    queue has waited longest are cut (counted), and a client that reads gets its whole
+    stream meanwhile."""
+    per_client, budget, chunk = 1 << 20, 4 << 20, b"data: " + b"x" * 8186 + b"\n\n"
+    web = Running(Limits(output_bytes=per_client, output_budget=budget, stalled_time=60))
+    peak = {"queued": 0}
+    total = 16 << 20
+
+    def stream(req: Request) -> None:
+        out = req.stream()
+        left = {"bytes": total if req.arg("finite") is not None else 1 << 40}
+        out.on_close = web._stream_closed
+
+        def produce() -> None:
+            while out.room() and left["bytes"] > 0:
+                out.send(chunk)
+                left["bytes"] -= len(chunk)
+                peak["queued"] = max(peak["queued"], web.server.queued)
+            if left["bytes"] <= 0:
+                out.close()
+
+        out.on_room = produce
+        produce()
+
+    web.server.route("GET", "/flood", stream)
+    hogs: list[socket.socket] = []
+    try:
+        for _ in range(12):  # each would hold 1 MiB: 12 MiB in all without the budget
+            s = socket.create_connection(("127.0.0.1", web.port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            hogs.append(s)
+            wait_until(lambda: web.server.answered >= len(hogs), what="stream started")
+        wait_until(lambda: web.server.cut >= 12 - budget // per_client, what="hogs cut")
+        assert web.server.queued <= budget
+        got = curl("-N", "-o", "/dev/null", "-w", "%{size_download}",
+                   f"http://127.0.0.1:{web.port}/flood?finite")  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        assert int(got.stdout) >= total  # the reading client got its whole stream
+        # every stream closed was a hog cut, but the one that ended; never over the budget
+        wait_until(lambda: web.closed_streams == web.server.cut + 1, what="streams closed")
+        assert web.server.cut <= 12 and peak["queued"] <= budget
+        assert get(web.port, "/metrics")[0] == 200
+    finally:
+        for s in hogs:
+            s.close()
+        web.close()

@@ -192,3 +192,49 @@ def test_secure_mode_refuses_http_off_loopback_and_with_an_acl(procs: Procs, tmp
                   "--bind", "tcp://127.0.0.1:0", "--http", http, *extra, env=ident.env)  # fmt: skip
         assert out.returncode == 2, out.stderr
         assert words in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_a_bad_time_is_a_400_and_good_events_around_it_are_stored(procs: Procs, tmp_path: Path) -> None:
+    """ce-time (binary mode) and "time" (structured, batched) are RFC 3339 timestamps,
+    checked as eda-pub --envelope checks them: a bad one is the client's fault (400,
+    nothing of that request stored); the requests before and after it are stored."""
+    _bus, ep, url = start(procs, tmp_path / "bus")
+    ce = {"ce-specversion": "1.0", "ce-type": "timed.x", "ce-source": "/t"}
+    assert post(url, {**ce, "ce-id": "1", "ce-time": "2026-12-07T12:00:00Z"}, b"a")[0] == 201
+    for bad in ("yesterday", "2026-12-07 12:00:00Z", "2026-02-30T00:00:00Z"):
+        code, doc = post(url, {**ce, "ce-id": "x", "ce-time": bad}, b"b")
+        assert code == 400 and doc is not None, doc
+        assert "time" in doc["detail"] and "RFC 3339" in doc["detail"], doc
+    event = {"specversion": "1.0", "type": "timed.x", "id": "s", "source": "/t", "data": 1}
+    code, doc = post(url, {"content-type": "application/cloudevents+json"},
+                     json.dumps({**event, "time": "12:00"}).encode())  # fmt: skip
+    assert code == 400 and doc is not None and "RFC 3339" in doc["detail"], doc
+    batch = [{**event, "id": "b1", "time": "2026-12-07T12:00:01Z"}, {**event, "time": 5}]
+    code, doc = post(url, {"content-type": "application/cloudevents-batch+json"},
+                     json.dumps(batch).encode())  # fmt: skip
+    assert code == 400 and doc is not None and "event 2" in doc["detail"], doc
+    stamp = "2026-12-07T13:00:00.5+01:00"
+    assert post(url, {**ce, "ce-id": "2", "ce-time": stamp.replace("+", "%2B")}, b"c")[0] == 201
+    got = [json.loads(line) for line in sub_all(ep, 2)]
+    assert [(e["id"], e["time"], e["data"]) for e in got] == [
+        ("1", "2026-12-07T12:00:00Z", "a"), ("2", stamp, "c")]  # fmt: skip
+    stats = run("eda-bus", "stats", "--bus", ep, "--json")
+    rows = [json.loads(line) for line in stats.stdout.splitlines()]
+    assert next(r for r in rows if r["kind"] == "bus")["events"] == 2  # nothing else stored
+
+
+def test_binary_mode_decodes_ce_headers_as_the_nats_binding_does(procs: Procs, tmp_path: Path) -> None:
+    """One decoder for ce-* headers (core/binding.from_headers), over HTTP as over NATS:
+    percent-encoded UTF-8, and a double-quoted value (older binding versions) unquoted."""
+    from eda.core import binding
+
+    _bus, ep, url = start(procs, tmp_path / "bus")
+    headers = {"ce-specversion": "1.0", "ce-type": "dec.x", "ce-id": "1", "ce-source": "/d",
+               "ce-subject": '"quoted value"', "ce-region": "Euro%20%E2%82%AC",
+               "ce-plain": "a+b"}  # fmt: skip
+    assert post(url, headers, b"x")[0] == 201
+    (got,) = [json.loads(line) for line in sub_all(ep, 1)]
+    want = binding.from_headers(headers.items())
+    assert {k: got[k] for k in ("subject", "region", "plain")} == {
+        k: want[k] for k in ("subject", "region", "plain")} == {
+        "subject": "quoted value", "region": "Euro €", "plain": "a+b"}  # fmt: skip

@@ -135,3 +135,65 @@ def test_secure_mode_serves_http_on_loopback_only(procs: Procs, tmp_path: Path) 
     url = proc.wait_stderr(r"HTTP on (http://[^\s)]+)", 15).group(1)
     record = {"service": "web", "host": "127.0.0.1", "port": 80}
     assert post_json(f"{url}/v1/instances", record)[0] == 201
+
+
+def test_an_http_lookup_waits_behind_one_turn_of_queued_requests_at_most() -> None:
+    """A flood of ZeroMQ heartbeats is queued when an HTTP lookup arrives: the lookup is
+    answered after at most one turn's batch of them (the loop's turns are fair), not
+    after a batch of a thousand (the registry benchmark's 1,000-instance load made HTTP
+    lookups wait seconds on a loaded machine); every queued heartbeat is answered too."""
+    import select
+    import time
+
+    import zmq
+
+    from eda.core.registry.http import RegistryHttp
+    from eda.core.registry.server import REQUESTS_PER_TURN, Server, Settings
+
+    flood_size = 3000
+    registry = Server(Settings(bind="tcp://127.0.0.1:0", mdns=False))
+    web = RegistryHttp(registry, "127.0.0.1:0")
+    registry.service.sock.bind("inproc://http-fairness")  # a send lands in its queue at once
+    flood = zmq.Context.instance().socket(zmq.DEALER)
+    flood.setsockopt(zmq.SNDHWM, 0)  # the whole flood queued, none refused
+    flood.setsockopt(zmq.RCVHWM, 0)  # and every reply kept until read
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.connect("inproc://http-fairness")
+    handled_before: list[int] = []
+    lookup = registry.service.handlers["lookup"]
+
+    def timed_lookup(req: Any) -> Any:  # only HTTP asks for lookups here
+        handled_before.append(registry.service.requests)
+        return lookup(req)
+
+    registry.service.handlers["lookup"] = timed_lookup
+    client = socket.create_connection(("127.0.0.1", web.server.port), timeout=10)
+    deadline = time.monotonic() + 20
+    try:
+        registry.serve(until=lambda: bool(web.server.conns) or time.monotonic() > deadline)
+        assert web.server.conns, "the HTTP connection was not accepted"
+        for i in range(flood_size):
+            record = {"service": f"svc{i % 50}", "id": f"inst{i}", "host": "127.0.0.1",
+                      "port": 10000 + i, "ttl": 30.0}  # fmt: skip
+            flood.send(json.dumps({"op": "heartbeat", "instance": record}).encode(), zmq.NOBLOCK)
+        client.sendall(b"GET /v1/services/svc7?all HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn = next(iter(web.server.conns.values()))
+        assert select.select([conn.sock], [], [], 10)[0], "the lookup did not arrive"
+        registry.serve(until=lambda: bool(handled_before) or time.monotonic() > deadline)
+        assert handled_before, "the HTTP lookup was not handled"
+        assert handled_before[0] <= REQUESTS_PER_TURN < flood_size, handled_before
+        answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        registry.serve(until=lambda: registry.service.requests >= flood_size
+                       or time.monotonic() > deadline)  # fmt: skip
+        assert registry.service.requests == flood_size
+        replies = 0
+        while flood.poll(0 if replies else 5000):
+            assert json.loads(flood.recv())["ok"] is True
+            replies += 1
+        assert replies == flood_size  # fair turns lose nothing
+    finally:
+        client.close()
+        flood.close()
+        web.close()
+        registry.close()

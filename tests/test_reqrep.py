@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,12 +20,12 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eda.core import reqrep
+from eda.core import keys, reqrep, security
 from eda.core.daemon import Daemon
 from eda.core.endpoint import Endpoint
 from eda.core.errors import NotFoundError, UsageError
 from eda.core.reqrep import Client, NoServer, ProtocolError, RemoteError, Service, Unavailable
-from tests.helpers import wait_until
+from tests.helpers import Identity, trusting, wait_until
 
 MAX = 4096  # the toy's request size limit
 
@@ -248,3 +250,120 @@ def test_parse_request_accepts_only_valid_requests(frame: bytes) -> None:
     rid = reqrep.request_id(msg)
     assert msg.get("rid") is None or rid == msg["rid"]
     json.loads(reqrep.encode({"rid": rid}))  # always safe to echo
+
+
+# -- never hanging -------------------------------------------------------------------------
+@pytest.fixture
+def refusing(tmp_path: Path) -> Iterator[tuple[str, Identity]]:
+    """A CURVE server (as srv) whose ZAP handler trusts no key, and secure mode in this
+    process as mallory, who trusts srv: (``srv@ENDPOINT``, mallory)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    ids = trusting(tmp_path, ("srv",))
+    server = keys.load_identity(ids["srv"].home / "eda" / "keys" / "id.key")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    (tmp_path / "nobody").mkdir()
+    auth.configure_curve(domain="*", location=str(tmp_path / "nobody"))  # trusts no key
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.curve_publickey, router.curve_secretkey = server.public, server.secret
+    router.curve_server = True
+    router.bind("tcp://127.0.0.1:*")
+    home = ids["mallory"].home / "eda" / "keys"
+    security.enable(home / "id.key", home / "trusted")
+    try:
+        yield f"srv@{router.getsockopt_string(zmq.LAST_ENDPOINT)}", ids["mallory"]
+    finally:
+        security.disable()
+        router.close()
+        auth.stop()
+        ctx.term()
+
+
+class RefusedBeforeSending(Client):
+    """A client whose handshake fails before it sends its request, as happens under load
+    (the I/O thread finishes the handshake before this thread gets to send): its socket
+    then has no connection left to queue the request on."""
+
+    def connect(self, endpoint: Endpoint) -> None:
+        super().connect(endpoint)
+        mon, sock = self._mon, self._sock
+        assert mon is not None and sock is not None
+        wait_until(lambda: mon.poll(0), 10, "the handshake to fail")
+        wait_until(lambda: not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT, 10, "no room to send")
+
+
+def test_a_handshake_refused_before_the_request_is_sent_is_told_not_waited_on(
+    refusing: tuple[str, Identity],
+) -> None:
+    """The test behind a CI hang of ``eda-registry list --secure`` with an untrusted key:
+    the request blocked in send() for ever (before the fix: this thread never ended)."""
+    endpoint, mallory = refusing
+    client = RefusedBeforeSending([endpoint], timeout=60.0, context=zmq.Context())
+    outcome: list[BaseException | dict[str, Any]] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(client.request({"op": "echo"}))
+        except BaseException as exc:  # (the test looks at what it was)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(30)  # a hang check (the client's own timeout is 60 s): it is refused at once
+    assert not thread.is_alive(), "the request hangs"
+    [refused] = outcome
+    where = endpoint.partition("@")[2]
+    assert isinstance(refused, reqrep.Refused) and str(refused) == (
+        f"the server at {where} does not trust this key (eda-keys show: {mallory.public})"
+    )
+    client.close()
+
+
+def test_a_request_ends_by_its_overall_deadline_however_many_servers_are_silent() -> None:
+    """Looking again never starts the clock again: a request given *total* seconds ends by
+    then although each of its servers would be given *timeout* (before: 5 x 2 s)."""
+    holes = []
+    for _ in range(5):
+        sock = zmq.Context.instance().socket(zmq.ROUTER)  # accepts, never answers
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind("tcp://127.0.0.1:*")
+        holes.append(sock)
+    endpoints = [str(s.getsockopt_string(zmq.LAST_ENDPOINT)) for s in holes]
+    client = Client(endpoints, timeout=2.0, total=0.5)
+    waited: list[float] = []
+    real = client.roundtrip
+    client.roundtrip = lambda msg, t: waited.append(t) or real(msg, t)  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="no server answered"):
+        client.request({"op": "echo"})
+    client.close()
+    for sock in holes:
+        sock.close()
+    # every attempt waited only what was left of the request's 0.5 s: the silent servers
+    # were not each given their 2 s, and the attempts' waits add up to the deadline at most
+    assert waited and all(t <= 0.5 for t in waited) and sum(waited) <= 0.5 + 0.01 * len(waited)
+
+
+def test_finding_a_server_ends_by_the_overall_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probing the endpoints the cache remembers never outlasts the deadline a request
+    would have (3 attempt timeouts), however many there are and however slowly each
+    probe fails (before: 40 probes of 0.2 s, 8 s).  The clock is the test's."""
+    clock = [1000.0]
+    probes: list[float] = []
+
+    def slow_probe(endpoint: Endpoint, timeout: float = reqrep.PROBE_TIMEOUT) -> bool:
+        probes.append(timeout)
+        clock[0] += timeout  # a silent endpoint: the probe waits its whole timeout
+        return False
+
+    class Remembering(Client):
+        def remembered(self) -> list[Endpoint]:
+            return [Endpoint.parse(f"tcp://127.0.0.1:{20000 + i}") for i in range(40)]
+
+    monkeypatch.setattr(reqrep, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(reqrep, "tcp_reachable", slow_probe)
+    with pytest.raises(NoServer):
+        Remembering(timeout=1.0, use_mdns=False).find()
+    assert 0 < len(probes) < 40 and sum(probes) <= 3.0 + 1e-9

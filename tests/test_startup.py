@@ -9,6 +9,7 @@ regression of this kind (eda-pub loading SQLite and the bus engines through
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -234,3 +235,130 @@ def test_help_imports_nothing_but_its_text(tmp_path):
         extra = sorted(names - baseline)
         assert extra == ["eda", "eda.cli", "eda.cli.helptext", "eda.cli.launch", "eda.core",
                          "eda.core.configpaths"], extra  # fmt: skip
+
+
+# records, in order, the first import of click and of pyzmq and every datagram sent to
+# the mDNS port (from any thread), then runs the installed eda-pub (its console script)
+AUDITED = """
+import os, sys
+seen = []
+def hook(event, args):
+    if event == "import" and args[0] in ("click", "zmq"):
+        seen.append("import " + args[0])
+    elif event == "socket.sendto" and isinstance(args[1], tuple) and args[1][1:2] == (5353,):
+        seen.append("mdns question")
+sys.addaudithook(hook)
+import atexit
+atexit.register(lambda: os.write(2, ("\\nAUDIT " + ",".join(seen) + "\\n").encode()))
+from eda.cli.launch import pub
+sys.exit(pub())
+"""
+
+
+def audited_pub(args: list[str], env: dict[str, str]) -> tuple[int, list[str], str]:
+    """Exit status, the AUDITED events and stderr of the installed ``eda-pub ARGS``."""
+    result = subprocess.run([sys.executable, "-c", AUDITED, *args], capture_output=True,
+                            text=True, env=env, timeout=60)  # fmt: skip
+    events = result.stderr.rsplit("\nAUDIT ", 1)[1].strip()
+    return result.returncode, events.split(",") if events else [], result.stderr
+
+
+def test_one_shot_publish_asks_for_subscribers_before_importing_click_and_pyzmq(tmp_path):
+    """``eda-pub TOPIC MESSAGE`` sends its mDNS question as it starts, so the answers and
+    the settle for newcomers (50 ms) pass while click and pyzmq are imported, instead
+    of after; with an option or a setting that could change how it looks, or --no-mdns,
+    it asks only once the command knows (or not at all)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    for name in ("EDA_CONFIG", "EDA_INTERFACE", "EDA_NO_MDNS"):
+        env.pop(name, None)
+    code, events, err = audited_pub(["t", "one-shot"], env)
+    assert code == 0, err  # nobody listening: a warning, exit 0
+    assert events[0] == "mdns question", events
+    assert {"import click", "import zmq"} <= set(events)
+    # an option: the command decides, after parsing (the question after click's import)
+    code, events, err = audited_pub(["--discover-timeout", "0.2", "t", "x"], env)
+    assert code == 0, err
+    assert events.index("import click") < events.index("mdns question"), events
+    for args, extra in (
+        (["--no-mdns", "t", "x"], {}),
+        (["t", "x"], {"EDA_NO_MDNS": "1"}),
+        (["t", "x"], {"EDA_PUB_BUS": "tcp://127.0.0.1:9"}),  # (the bus is not there: exit 1)
+    ):
+        code, events, err = audited_pub(args, {**env, **extra})
+        assert "mdns question" not in events, (args, extra, events)
+
+
+def test_a_publish_that_fails_after_asking_exits_cleanly(tmp_path):
+    """The question asked as eda-pub starts is let end when the command fails before
+    taking its answer: the usual one-line error and status, and the discovery cache
+    written whole (no temporary file left)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    code, events, err = audited_pub(["orders/#", "x"], env)  # an MQTT-style topic
+    assert code == 2, err
+    assert events[:1] == ["mdns question"], events
+    assert "eda-pub: error: invalid topic 'orders/#'" in err and "Traceback" not in err
+    cache_dir = tmp_path / "cache" / "eda"
+    assert [p.name for p in cache_dir.iterdir()] == ["discovery.json"]
+
+
+# says whether the interpreter was torn down (its modules cleared: an object held by
+# one is collected then) and whether the atexit functions ran, then runs a program
+TEARDOWN = """
+import os, sys
+class Held:
+    def __del__(self, write=os.write):
+        write(2, b"\\nTEARDOWN\\n")
+held = Held()
+import atexit
+atexit.register(lambda: os.write(2, b"\\nATEXIT\\n"))
+from eda.cli.launch import {function}
+sys.exit({function}())
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "status", "torn_down"),
+    [
+        ("pub", ["t", "one-shot"], 0, False),  # nobody listening: a warning, exit 0
+        ("pub", ["orders/#", "x"], 2, False),  # a usage error
+        ("registry", ["lookup", "db", "--no-mdns"], 1, False),  # no registry found
+        ("lb", ["call", "echo", "x", "--connect", "tcp://127.0.0.1:9", "--timeout", "0.2"], 3,
+         False),  # nobody there: no live instance
+        ("txn", ["status", "--log", "{tmp}"], 0, True),  # not a one-shot of shell loops
+    ],
+    ids=["pub", "pub-usage", "registry-lookup", "lb-call", "txn-status"],
+)
+def test_a_one_shot_command_exits_without_the_interpreters_teardown(
+    tmp_path, program, args, status, torn_down
+):
+    """The commands shell loops run leave at once when done, their exit status kept, the
+    atexit functions run (and stdout, stderr flushed): tearing the interpreter down
+    (a tenth of their time) does nothing they need.  Other commands exit as usual."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    module, _, function = entry_points()[f"eda-{program}"].partition(":")
+    code = TEARDOWN.format(function=function).replace("eda.cli.launch", module)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                            text=True, env=env, timeout=60)  # fmt: skip
+    assert result.returncode == status, result.stderr
+    assert "\nATEXIT\n" in result.stderr
+    assert ("\nTEARDOWN\n" in result.stderr) == torn_down, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_early_question_never_hides_a_new_subscriber(procs):
+    """Through the installed eda-pub, whose mDNS question goes out as it starts (and whose
+    wait for newcomers passes during its imports): a subscriber started since the last
+    run, which the discovery cache does not know, still gets the event."""
+    first = procs.sub_ready("t", "-C", "2")
+    code, events, err = audited_pub(["t", "warm the cache"], dict(os.environ))
+    assert code == 0 and events[0] == "mdns question", (events, err)
+    first.wait_lines(1)
+    second = procs.sub_ready("t", "-C", "1")  # not in the cache yet
+    code, events, err = audited_pub(["t", "both"], dict(os.environ))
+    assert code == 0 and events[0] == "mdns question", (events, err)
+    assert first.wait() == 0 and second.wait() == 0
+    assert json.loads(second.lines()[0])["data"] == "both"

@@ -3,7 +3,8 @@
 ``POST /events`` publishes, in any of the binding's three modes:
 
 * binary: the payload is the body, its ``Content-Type`` the event's
-  ``datacontenttype``, the attributes ``ce-*`` headers (percent-decoded); a JSON
+  ``datacontenttype``, the attributes ``ce-*`` headers (decoded by
+  :func:`eda.core.binding.from_headers`, as the NATS binding's are); a JSON
   type makes the body the event's JSON ``data``, ``application/octet-stream``
   its ``data_base64``, any other its text (``data_base64`` if not UTF-8); without
   a ``Content-Type``, a body that parses as JSON is taken as JSON (the SDKs' default);
@@ -46,11 +47,10 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import zmq
 
-from .. import codec, envelope, http
+from .. import binding, codec, envelope, http
 from ..attributes import SPECVERSION, dumps, loads
 from ..endpoint import Endpoint
 from ..errors import EdaError, InputError, ProtocolError, UsageError
@@ -170,13 +170,10 @@ class BusHttp:
 
     def _binary(self, req: Request, kind: str) -> dict[str, Any]:
         """The event of a binary-mode request: ce-* headers, the body as its data."""
-        event: dict[str, Any] = {}
-        for name, value in req.headers.items():
-            if name.startswith("ce-"):
-                try:
-                    event[name[3:]] = unquote(value, errors="strict")
-                except UnicodeDecodeError:
-                    raise HttpError(400, f"{name} is not percent-encoded UTF-8") from None
+        try:
+            event: dict[str, Any] = dict(binding.from_headers(req.headers.items()))
+        except ValueError as exc:
+            raise HttpError(400, str(exc)[:500]) from None
         if event.get("specversion") != SPECVERSION:
             raise HttpError(400, f"ce-specversion must be {SPECVERSION}")
         for name in ("data", "data_base64"):

@@ -55,6 +55,7 @@ from .protocol import (
     STATS_QUERY,
     TAG,
     Budget,
+    Message,
     TooLarge,
     forward_request,
     messages,
@@ -199,6 +200,14 @@ class Broker(Daemon):
                     self._answer(p, BUSY, b"broker shutting down")
         super().close()
 
+    def _message(self, msg: list[bytes], max_body: int, what: str) -> Message | None:
+        """The message after *msg*'s identity frame, or None: dropped as a malformed *what*."""
+        try:
+            return parse(msg, 1, max_body)
+        except ProtocolError as exc:
+            self.dropped(what, exc)
+            return None
+
     # -- callers ------------------------------------------------------------------------
     def _on_front(self) -> None:
         max_body = self.settings.max_request
@@ -215,10 +224,8 @@ class Broker(Daemon):
                 else:
                     self._request(msg[0], rid, ms, body)
                 continue
-            try:
-                m = parse(msg, 1, max_body)
-            except ProtocolError as exc:
-                self.dropped("caller message", exc)
+            m = self._message(msg, max_body, "caller message")
+            if m is None:
                 continue
             if m.kind == PING:
                 load = pong(m.seq, self.inflight, self.capacity, len(self.queue))
@@ -364,10 +371,8 @@ class Broker(Daemon):
                 w.seen = now
                 freed = self._result(w, rid, status, body, now) or freed
                 continue
-            try:
-                m = parse(msg, 1, max_body)
-            except ProtocolError as exc:
-                self.dropped("worker message", exc)
+            m = self._message(msg, max_body, "worker message")
+            if m is None:
                 continue
             if m.kind == READY:
                 assert m.data is not None

@@ -108,6 +108,19 @@ def _attempts(n: int) -> str:
     return f"{n} attempt{'s' if n != 1 else ''}"
 
 
+class _OfPool:
+    """An attribute of a caller that is its pool's (read and set there)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, caller: Any, owner: type | None = None) -> Any:
+        return self if caller is None else getattr(caller.pool, self.name)
+
+    def __set__(self, caller: Any, value: Any) -> None:
+        setattr(caller.pool, self.name, value)
+
+
 class Caller(Daemon):
     """Sends requests for one service and collects their replies (see the module's doc)."""
 
@@ -173,21 +186,8 @@ class Caller(Daemon):
 
     # secure mode (cli/secure.py's reports): instances found and left out, and those that
     # refused this caller's key when no instance accepts it (see Pool.refusals)
-    @property
-    def on_ignored(self) -> Any:
-        return self.pool.on_ignored
-
-    @on_ignored.setter
-    def on_ignored(self, report: Any) -> None:
-        self.pool.on_ignored = report
-
-    @property
-    def on_refused(self) -> Any:
-        return self.pool.on_refused
-
-    @on_refused.setter
-    def on_refused(self, report: Any) -> None:
-        self.pool.on_refused = report
+    on_ignored = _OfPool()
+    on_refused = _OfPool()
 
     def follow(self, finder: Any) -> None:
         """Take the instances *finder* (a :class:`~eda.core.presence.Finder`) keeps finding."""

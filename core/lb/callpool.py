@@ -38,7 +38,7 @@ from .. import security
 from ..endpoint import Endpoint
 from ..registry.model import Instance
 from ..reqrep import pinned_key
-from ..sockets import connect, monitor_events
+from ..sockets import connect, monitor_events, stop_monitor
 from . import protocol as p
 from .balancer import Backend, Balancer
 from .pins import Ignored, usable
@@ -275,10 +275,7 @@ class Pool:
         self._unbalance(conn)
         if conn.monitor is not None:
             self.daemon.forget(conn.monitor)
-            if conn.sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    conn.sock.disable_monitor()
-            conn.monitor.close(0)
+            stop_monitor(conn.sock, conn.monitor)
             conn.monitor = None
         if conn.sock is not None:
             self.daemon.close_socket(conn.sock)

@@ -32,7 +32,7 @@ from .. import security
 from ..endpoint import Endpoint
 from ..errors import ProtocolError, UsageError
 from ..reqrep import pinned_key
-from ..sockets import connect, monitor_events
+from ..sockets import connect, monitor_events, stop_monitor
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -180,10 +180,7 @@ class BrokerLinks:
     def drop(self, link: BrokerLink, goodbye: bool = False) -> None:
         if link.monitor is not None:
             self.worker.forget(link.monitor)
-            if link.sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    link.sock.disable_monitor()
-            link.monitor.close(0)
+            stop_monitor(link.sock, link.monitor)
             link.monitor = None
         if link.sock is not None:
             if goodbye:

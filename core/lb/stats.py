@@ -10,6 +10,7 @@ instance refusing this key is told at once, not waited for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -130,7 +131,9 @@ def _ask(
             except UsageError as exc:  # secure mode: no key known for it
                 results[endpoint] = str(exc)
                 continue
-            sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
+            # no room: its secure handshake failed already (the monitor says why)
+            with contextlib.suppress(zmq.Again):
+                sock.send_multipart([TAG, STATS_QUERY], zmq.NOBLOCK)
             poller.register(sock, zmq.POLLIN)
         deadline = time.monotonic() + timeout
         waiting = {s for s in socks if results[socks[s]] == "no answer"}

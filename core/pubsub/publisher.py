@@ -102,7 +102,12 @@ class Publisher(_Node):
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.LINGER, 0)
 
-    def connect_subscribers(self, timeout: float = 0.15, topic: str | None = None) -> set[str]:
+    def connect_subscribers(
+        self,
+        timeout: float = 0.15,
+        topic: str | None = None,
+        found: discovery.Found | None = None,
+    ) -> set[str]:
         """Connect to every subscriber found now; return the ids to wait for.
 
         Found means: answering a one-shot mDNS query (asked several times
@@ -112,9 +117,14 @@ class Publisher(_Node):
         listed in :attr:`unreachable`; :attr:`seen_before` is how many the
         cache knew that may want *topic* and are gone now.  With *topic*,
         subscribers whose announced patterns cannot match it are connected
-        (a later topic may be theirs) but not waited for.
+        (a later topic may be theirs) but not waited for.  *found*: what
+        :func:`eda.core.discovery.discover` found for ``SUB_TYPE`` already (one started
+        earlier, :func:`~eda.core.discovery.discover_soon`), instead of asking now.
         """
-        found = discovery.discover(discovery.SUB_TYPE, interface=self.interface, timeout=timeout)
+        if found is None:
+            found = discovery.discover(
+                discovery.SUB_TYPE, interface=self.interface, timeout=timeout
+            )
         self.unreachable = [
             p for p in found.unreachable if topic is None or discovery.may_want(p, topic)
         ]

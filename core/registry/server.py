@@ -55,6 +55,9 @@ from .protocol import Request, encode
 from .store import Event, Store
 
 EXPIRE_EVERY = 0.05  # seconds between two expiry passes
+# requests answered in one turn of the loop before its other sockets (HTTP, the peer
+# stream, DNS) have theirs: an HTTP lookup waits behind this many queued heartbeats at most
+REQUESTS_PER_TURN = 32
 
 
 @dataclass
@@ -115,7 +118,8 @@ class Server(Daemon):
 
     # -- setup ---------------------------------------------------------------
     def _open_sockets(self, settings: Settings) -> None:
-        self.service = Service(self, self._handlers(), parse=protocol.request_from)
+        self.service = Service(self, self._handlers(), parse=protocol.request_from,
+                               batch=REQUESTS_PER_TURN)  # fmt: skip
         self.router = self.service.sock
         state = port_file("registry", settings.data) if settings.remember else None
         self.endpoint = self.bind_remembered(self.router, settings.bind, state)

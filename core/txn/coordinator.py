@@ -37,13 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import security
-from ..daemon import Daemon, port_file
+from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError
-from . import crash
+from . import crash, roles
 from .compact import COMPACT_MIN
 from .directory import Directory
-from .journal import Journal, JournalError, nothing, open_journal
+from .journal import Journal, JournalError, nothing
 from .peers import Peers
 from .protocol import (
     ABORT,
@@ -72,7 +71,7 @@ MAX_ACTIVE = 10_000  # transactions voting at once; a commit beyond is refused (
 
 
 def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
-    return Path(log_dir) / f"coordinator-{name}.jsonl"
+    return roles.journal_path(ROLE, log_dir, name)
 
 
 class Coordinator(Daemon):
@@ -95,9 +94,8 @@ class Coordinator(Daemon):
         interface: str | None = None,
         remember: bool = False,
     ) -> None:
-        """With *remember*, a port bound as ``*`` is remembered next to the journal
-        (``coordinator-NAME.port``): restarted with the same command, the coordinator
-        comes back where its clients (``commit``, participants in doubt) expect it."""
+        """*remember*: a port bound as ``*`` is the one remembered in *log_dir*
+        (:mod:`.roles`), where commit clients and participants in doubt expect it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "coordinator name")
         self.directory = directory or Directory()
@@ -108,13 +106,12 @@ class Coordinator(Daemon):
         decided: dict[str, dict[str, Any]] = {}  # read from the journal: not done yet
         fold = functools.partial(self._fold, decided)
         if journal is None:
-            journal = open_journal(journal_path(log_dir, name), fold)
+            journal = roles.open_role_journal(self, ROLE, log_dir, name, fold)
         else:
             for record in journal.replay():
                 fold(record)
+            roles.repaired(self, journal)
         self.journal = journal
-        if self.journal.repaired:
-            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
         self.max_active = max_active
         self.voting = 0  # transactions of self.active still voting
         self.active: dict[str, Txn] = {}
@@ -127,8 +124,8 @@ class Coordinator(Daemon):
             {"commit": self.commit, "outcome": self.outcome, "stats": self.stats},
             flush=lambda: None,
         )
-        state = port_file(f"coordinator-{name}", log_dir, f"coordinator-{name}.port")
-        self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
+        sock = self.service.sock
+        self.endpoint = roles.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
         self.advertise = advertise or self.endpoint.replace("0.0.0.0", "127.0.0.1")
         self.peers = Peers(self, roles=("participant", "coordinator"))
         self.directory.attach(self, self.found)
@@ -487,14 +484,7 @@ class Coordinator(Daemon):
         self.peers.flush()
 
     def close(self) -> None:
-        try:
-            self.directory.close()
-            self.journal.close()  # last: a disk still full raises, the rest is closed
-        finally:
-            super().close()
-            secure = security.active()
-            if secure is not None:
-                secure.release(self.zctx)  # its ZAP handler, before the context ends
+        roles.close(self, [self.directory, self.journal], super().close)
 
 
 def _no_vote(reply: dict[str, Any] | None) -> str:

@@ -55,13 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import security
-from ..daemon import Daemon, port_file
+from ..daemon import Daemon
 from ..errors import EdaError, NotFoundError, ProtocolError
-from . import crash
+from . import crash, roles
 from .actions import ABORT, COMMIT, PREPARE, Actions, Call, Result
 from .compact import COMPACT_MIN, Finished
 from .indoubt import InDoubt
-from .journal import JournalError, nothing, open_journal
+from .journal import JournalError, nothing
 from .protocol import (
     ACK_LINGER,
     PREPARED,
@@ -93,7 +93,7 @@ ROLE = "participant"
 
 
 def journal_path(log_dir: str | os.PathLike[str], name: str) -> Path:
-    return Path(log_dir) / f"participant-{name}.jsonl"
+    return roles.journal_path(ROLE, log_dir, name)
 
 
 def replay(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -127,9 +127,8 @@ class Participant(Daemon):
         interface: str | None = None,
         remember: bool = False,
     ) -> None:
-        """With *remember*, a port bound as ``*`` is remembered next to the journal
-        (``participant-NAME.port``): restarted with the same command, the participant
-        comes back where coordinators last found it."""
+        """*remember*: a port bound as ``*`` is the one remembered in *log_dir*
+        (:mod:`.roles`), where coordinators last found it."""
         super().__init__(log, warn, interface=interface)
         self.name = check_name(name, "participant name")
         self.actions = actions
@@ -140,9 +139,7 @@ class Participant(Daemon):
         self.live_of: dict[str, int] = {}  # coordinator name -> its open transactions here
         self.open = 0  # open transactions (see OPEN): at most max_live
         self.started: dict[str, Any] = {}  # this process's start record (with its endpoint)
-        self.journal = open_journal(journal_path(log_dir, name), self._load)
-        if self.journal.repaired:
-            self.warn(f"warning: cut a torn tail of {self.journal.repaired} bytes off the journal")
+        self.journal = roles.open_role_journal(self, ROLE, log_dir, name, self._load)
         self._compact()
         for txn, record in self.txns.items():
             if record.get("state") in OPEN:
@@ -169,8 +166,8 @@ class Participant(Daemon):
         # a batch's votes wait for the next batch's "preparing" fsync when it is there already
         self.service.carry = True
         self.ready: dict[tuple[str, str], Result] = {}  # results of actions run ahead
-        state = port_file(f"participant-{name}", log_dir, f"participant-{name}.port")
-        self.endpoint = self.bind_remembered(self.service.sock, bind, state if remember else None)
+        sock = self.service.sock
+        self.endpoint = roles.bind_role(self, sock, ROLE, log_dir, name, bind, remember)
         self.in_doubt = InDoubt(
             self,
             [t for t, r in self.txns.items() if r.get("state") in IN_DOUBT],
@@ -557,15 +554,7 @@ class Participant(Daemon):
             self.journal.sync()
 
     def close(self) -> None:
-        try:
-            self.actions.close()
-            self.in_doubt.close()
-            self.journal.close()  # last: a disk still full raises, the rest is closed
-        finally:
-            super().close()
-            secure = security.active()
-            if secure is not None:
-                secure.release(self.zctx)  # its ZAP handler, before the context ends
+        roles.close(self, [self.actions, self.in_doubt, self.journal], super().close)
 
 
 def _final(txn: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,12 @@ try:
     from nats.js.errors import ServiceUnavailableError as ServiceUnavailable
 except ImportError:  # pragma: no cover - the extra is not installed
     nats = None  # type: ignore[assignment]
+    jsapi = None  # type: ignore[assignment]
+
+    class NatsError(Exception):  # type: ignore[no-redef]
+        """Stands in for nats-py's errors so that modules naming them still import."""
+
+    NatsTimeout = JsApiError = JsNotFound = ServiceUnavailable = NatsError  # type: ignore[assignment,misc]
 
 __all__ = [
     "JsApiError",
