@@ -260,7 +260,6 @@ class Peers:
     def close(self) -> None:
         """Stop the stream's monitor (the sockets are the server's to close)."""
         if self.monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self.sub.disable_monitor()
-            self.monitor.close(0)
+            self.server.forget(self.monitor)
+            sockets.stop_monitor(self.sub, self.monitor)
             self.monitor = None
