@@ -32,7 +32,7 @@ import zmq
 from . import sockets
 from .endpoint import Endpoint
 from .errors import EdaError, UsageError
-from .sockets import new_socket
+from .sockets import Liveness, new_socket
 
 Log = Callable[[str], None]
 WARN_EVERY = 10.0  # seconds between two warnings of the same kind
@@ -220,10 +220,17 @@ class Daemon:
 
     # -- sockets -----------------------------------------------------------------------
     def socket(
-        self, kind: int, *, linger: int = 0, max_message: int | None = None
+        self,
+        kind: int,
+        *,
+        linger: int = 0,
+        max_message: int | None = None,
+        liveness: Liveness | None = None,
     ) -> zmq.Socket[bytes]:
         """A socket this daemon closes (with *linger* ms) in :meth:`close`."""
-        sock = new_socket(kind, context=self.zctx, linger=linger, max_message=max_message)
+        sock = new_socket(
+            kind, context=self.zctx, linger=linger, max_message=max_message, liveness=liveness
+        )
         self._sockets.append(sock)
         return sock
 

@@ -8,6 +8,12 @@ program.  :func:`connect` and :func:`bind` take a typed
 :class:`~eda.core.endpoint.Endpoint` (IPv6 included: the socket's IPV6 option is
 set when the endpoint needs it).
 
+A socket made for a *long-lived link* (``liveness=LONG_LIVED``: a registry's
+links to its peers) also gets ZeroMQ's own keep-alive, :class:`Liveness`: a
+connection that hears nothing is dropped within seconds and connected again
+with short, bounded tries, rather than held open through a partition until
+TCP's retransmission back-off (which doubles up to minutes) lets it speak again.
+
 Plain TCP/UDP sockets (the TCP proxy's data plane, mDNS, DNS) are not ZeroMQ
 sockets and are not made here.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import zmq
@@ -40,6 +47,52 @@ def remove_policy(policy: Policy) -> None:
         _policies.remove(policy)
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """How a long-lived link notices a silent peer and comes back after a heal (seconds).
+
+    ZMTP heartbeats (``HEARTBEAT_IVL``/``_TIMEOUT``/``_TTL``) run in ZeroMQ's I/O
+    thread, so a busy or starved program still answers them; a frozen or cut-off
+    peer does not, and its connection is dropped. A connect then retries every
+    *reconnect* s, doubling up to *reconnect_max* (``RECONNECT_IVL``/``_MAX``),
+    and gives up on one try after *connect_timeout* (``CONNECT_TIMEOUT``): a SYN
+    sent into a partition is not left to TCP's own back-off (1, 2, 4... s).
+    """
+
+    heartbeat: float  # a PING every this long
+    timeout: float  # no traffic for this long after a PING: the connection is dropped
+    ttl: float  # the other side is told to drop the connection after this long unheard
+    connect_timeout: float
+    reconnect: float
+    reconnect_max: float
+
+    @property
+    def dropped_within(self) -> float:
+        """A peer unheard for this long has been dropped (a PING, then the timeout)."""
+        return self.heartbeat + self.timeout
+
+    @property
+    def reconnected_within(self) -> float:
+        """Once the network is back, a dropped link is connected again within this long:
+        the try under way times out, and the next one comes at most *reconnect_max* later."""
+        return self.connect_timeout + self.reconnect_max
+
+    def apply(self, sock: Socket) -> None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, round(self.heartbeat * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self.timeout * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, round(self.ttl * 1000))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, round(self.connect_timeout * 1000))
+        sock.setsockopt(zmq.RECONNECT_IVL, round(self.reconnect * 1000))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, round(self.reconnect_max * 1000))
+
+
+# links that live as long as their process (a registry's peers): a silent peer is
+# dropped within 4 s, and once the network heals it is connected again within 2 s
+LONG_LIVED = Liveness(
+    heartbeat=1.0, timeout=3.0, ttl=3.0, connect_timeout=1.0, reconnect=0.1, reconnect_max=1.0
+)
+
+
 def new_socket(
     kind: int,
     *,
@@ -48,12 +101,14 @@ def new_socket(
     max_message: int | None = None,
     sndhwm: int | None = None,
     rcvhwm: int | None = None,
+    liveness: Liveness | None = None,
 ) -> Socket:
     """A ZeroMQ socket of *kind* on *context* (the process-wide one by default).
 
     *linger* is in milliseconds (0: unsent messages are dropped at close);
     *max_message* bounds what a peer can make this socket take in one message
-    (a bigger one drops the peer's connection).
+    (a bigger one drops the peer's connection); *liveness* (:data:`LONG_LIVED`)
+    makes its connections keep themselves alive, as a long-lived link needs.
     """
     ctx = context if context is not None else zmq.Context.instance()
     sock: Socket = ctx.socket(kind)
@@ -64,6 +119,8 @@ def new_socket(
         sock.setsockopt(zmq.SNDHWM, sndhwm)
     if rcvhwm is not None:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    if liveness is not None:
+        liveness.apply(sock)
     for policy in _policies:
         policy(sock, kind)
     return sock

@@ -1,8 +1,8 @@
 """The registry daemon: one thread, one poll loop over every socket it owns.
 
 Sockets: a ROUTER for requests (see :mod:`.protocol`), an XPUB for the
-change stream, a SUB and one DEALER per peer registry for replication, and
-optionally a UDP socket and a TCP listener for the DNS interface.  Being
+change stream, a SUB and one DEALER per peer registry for replication
+(:mod:`.peers`), and optionally a UDP socket and a TCP listener for the DNS interface.  Being
 single-threaded, the store needs no locks and the order of events is the
 order of changes.
 
@@ -33,33 +33,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import queue
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
-from .. import reqrep, security, sockets
+from .. import reqrep, security
 from ..daemon import BindError, Daemon, Log, bind_failed, port_file, port_of, received
 from ..endpoint import Endpoint
-from ..errors import EdaError, UsageError
+from ..errors import EdaError
 from ..reqrep import Handler, Service
 from . import protocol
-from .client import named_peer
 from .dns import Responder, TcpConnections
-from .model import from_dict, validate_registry_id
+from .peers import Peers
+from .peers import peer_endpoint as peer_endpoint  # (cli/registryserve.py imports it here)
 from .persist import Journal
-from .protocol import ProtocolError, Request, decode, encode
+from .protocol import Request, encode
 from .store import Event, Store
 
-if TYPE_CHECKING:
-    from ..discovery import Peer
-
-MAX_PEERS = 32  # peer registries one registry links to (a hostile hello may name thousands)
 EXPIRE_EVERY = 0.05  # seconds between two expiry passes
 # requests answered in one turn of the loop before its other sockets (HTTP, the peer
 # stream, DNS) have theirs: an HTTP lookup waits behind this many queued heartbeats at most
@@ -82,38 +76,8 @@ class Settings:
     remember: bool = False
 
 
-@dataclass
-class PeerLink:
-    address: Endpoint
-    sock: zmq.Socket[bytes]
-    id: str = ""
-    last_tick: float = 0.0
-    alive: bool = False
-    hello_sent: float = 0.0
-
-    @property
-    def endpoint(self) -> str:
-        return self.address.zmq
-
-
 class NotOwner(EdaError):
     """A heartbeat or deregistration of an instance registered under another key."""
-
-
-def peer_endpoint(text: str) -> Endpoint:
-    """A peer registry's endpoint given by the user (``--peer``), or :class:`UsageError`.
-
-    In secure mode it names the peer's trusted key, ``NAME@tcp://HOST:PORT``
-    (as every secure ``--connect``), and that key is pinned for the endpoint.
-    """
-    secure = security.active()
-    key = b""
-    if secure is not None:
-        key, text = secure.pinned(text, "--peer")
-    parsed = reqrep.client_endpoint(text, "--peer")
-    if key:
-        reqrep.pin(parsed, key)
-    return parsed
 
 
 class Server(Daemon):
@@ -136,11 +100,8 @@ class Server(Daemon):
             if self.journal.skipped:
                 skipped = self.journal.skipped
                 self.warn(f"warning: skipped {skipped} unreadable record(s) in {settings.data}")
-        self.links: dict[str, PeerLink] = {}
         self.on_change: list[Callable[[Event], object]] = []  # told every change (HTTP's SSE)
-        self.subscribed: set[str] = set()
         self.security = security.active()
-        self.found: queue.SimpleQueue[Peer] = queue.SimpleQueue()  # registries announced
         self.udp: socket.socket | None = None
         self.dns_tcp: TcpConnections | None = None
         self.responder = Responder(self._dns_lookup)
@@ -169,10 +130,8 @@ class Server(Daemon):
         where = Endpoint.parse(settings.bind, "bind").with_port(0)
         self.pub_endpoint = self.bind(self.xpub, where).zmq
         self.watch(self.xpub, "subscriptions", self._drain_subscriptions)
-        self.peer_sub = self.socket(zmq.SUB, max_message=4 * protocol.MAX_MESSAGE)
-        for topic in (protocol.EVENTS, protocol.TICK):
-            self.peer_sub.subscribe(topic)
-        self.watch(self.peer_sub, "peer stream", self._drain_peer_stream)
+        self.peers = Peers(self)  # replication
+        self.links = self.peers.links
         if settings.dns:
             self._bind_dns(settings.dns)
 
@@ -223,7 +182,7 @@ class Server(Daemon):
     def start(self) -> None:
         """Announce by mDNS, browse for peer registries, connect to explicit peers."""
         for endpoint in self.settings.peers:
-            self._add_peer(peer_endpoint(endpoint))
+            self.peers.add(peer_endpoint(endpoint))
         if self.settings.mdns:
             discovery = self.announce(
                 protocol.REGISTRY_TYPE,
@@ -234,7 +193,7 @@ class Server(Daemon):
             )
             discovery.browse(
                 protocol.REGISTRY_TYPE,
-                lambda peer: self.found.put(peer) if peer.id != self.id else None,
+                lambda peer: self.peers.found.put(peer) if peer.id != self.id else None,
             )
 
     def _dns_tcp_ready(self, fd: int, events: int) -> None:
@@ -284,9 +243,7 @@ class Server(Daemon):
             "registry": self.id,
             "tick": self.settings.tick,
             "pub_port": port_of(self.pub_endpoint),
-            "peers": sorted(
-                reqrep.cache_entry(link.address) for link in self.links.values() if link.alive
-            ),
+            "peers": sorted(reqrep.cache_entry(link.address) for link in self.peers.live()),
         }
 
     def _op_register(self, req: Request) -> dict[str, Any]:
@@ -363,17 +320,7 @@ class Server(Daemon):
             self.dns_tcp.expire()  # idle DNS-over-TCP connections
         tick = encode({"registry": self.id, "seq": self.store.seq})
         self.xpub.send_multipart([protocol.TICK, tick])
-        now = time.monotonic()
-        for link in self.links.values():
-            if link.alive and now - link.last_tick > self.settings.peer_timeout:
-                link.alive = False
-                self.store.peer_lost(link.id)
-                self.log(f"peer registry {link.id} at {link.endpoint} went silent")
-            if link.id and not link.alive and now - link.last_tick > 2 * self.settings.peer_timeout:
-                link.id = ""  # it may have restarted under a new id: say hello again
-            if not link.id and now - link.hello_sent > 2.0:
-                self._send(link, {"op": "hello"})
-        self._drain_found()
+        self.peers.tick()
 
     def _drain_subscriptions(self) -> None:
         joined = False
@@ -383,113 +330,6 @@ class Server(Daemon):
             self.xpub.send_multipart(
                 [protocol.TICK, encode({"registry": self.id, "seq": self.store.seq})]
             )
-
-    # -- replication --------------------------------------------------------------------
-    def _drain_found(self) -> None:
-        while True:
-            try:
-                peer = self.found.get_nowait()
-            except queue.Empty:
-                return
-            where = Endpoint.from_peer(peer.endpoint)  # (from mDNS: checked there already)
-            if where is None or where.zmq in self.links:
-                continue
-            key, why = security.admission(peer.key)  # secure and plain never mix
-            if key is None:
-                text = f"ignoring registry {peer.id[:64]!r} at {where.zmq}: {why}"
-                if self.security is not None and peer.key:
-                    self.limited("untrusted", text)  # a forged announcement, likely
-                else:
-                    self.log(text)
-                continue
-            if key:
-                reqrep.pin(where, key)
-            self._add_peer(where)
-
-    def _add_peer(self, where: Endpoint) -> None:
-        endpoint = where.zmq
-        if endpoint in self.links or endpoint == self.endpoint:
-            return
-        if len(self.links) >= MAX_PEERS:
-            self.limited("peers", f"not linking to {endpoint[:80]}: {MAX_PEERS} peers already")
-            return
-        sock = self.socket(zmq.DEALER, max_message=64 * protocol.MAX_MESSAGE)
-        try:  # secure mode: pinned where it was found (a peer without a key is a UsageError)
-            sockets.connect(sock, where, reqrep.pinned_key(where))
-        except zmq.ZMQError as exc:
-            self.close_socket(sock)
-            raise UsageError(f"bad peer endpoint {endpoint}: {exc}") from None
-        link = PeerLink(where, sock)
-        self.links[endpoint] = link
-        self.watch(sock, "peer replies", lambda: self._drain_peer_replies(link))
-        self._send(link, {"op": "hello"})
-
-    def _send(self, link: PeerLink, msg: dict[str, Any]) -> None:
-        if msg["op"] == "hello":
-            link.hello_sent = time.monotonic()
-        with contextlib.suppress(zmq.ZMQError):
-            link.sock.send(encode(msg), zmq.NOBLOCK)
-
-    def _drain_peer_replies(self, link: PeerLink) -> None:
-        for (raw,) in received(link.sock, 100, multipart=False):
-            try:
-                reply = decode(raw)
-                if "pub_port" in reply:
-                    self._on_hello(link, reply)
-                elif "instances" in reply and reply.get("registry") == link.id:
-                    if not isinstance(reply["instances"], list):
-                        raise ProtocolError("instances is not a list")
-                    # all or nothing: a record left out would read as deleted by the peer
-                    records = [from_dict(d) for d in reply["instances"]]
-                    self._publish(self.store.merge_peer(link.id, records))
-            except (EdaError, ValueError, TypeError, KeyError, zmq.ZMQError) as e:
-                self.dropped(f"reply from peer {link.endpoint}", e)
-
-    def _on_hello(self, link: PeerLink, reply: dict[str, Any]) -> None:
-        peer_id = validate_registry_id(reply.get("registry", ""))
-        if not peer_id or peer_id == self.id or link.id:
-            return
-        pub_port = reply.get("pub_port")
-        if isinstance(pub_port, bool) or not isinstance(pub_port, int) or not 0 < pub_port < 65536:
-            raise ProtocolError("bad pub_port in a peer's hello")
-        peers = reply.get("peers", [])
-        if not isinstance(peers, list):
-            raise ProtocolError("bad peers in a peer's hello")
-        link.id = peer_id
-        pub = link.address.with_port(pub_port)  # its change stream: same host
-        if pub.zmq not in self.subscribed:
-            self.subscribed.add(pub.zmq)
-            # the same process, so the same key as its requests' socket
-            sockets.connect(self.peer_sub, pub, reqrep.pinned_key(link.address))
-        self.log(f"replicating with peer registry {peer_id} at {link.endpoint}")
-        for text in peers[:MAX_PEERS]:
-            where = named_peer(text)  # malformed, untrusted or mixed ones are skipped
-            if where is not None:
-                with contextlib.suppress(UsageError):
-                    self._add_peer(where)
-
-    def _drain_peer_stream(self) -> None:
-        for frames in received(self.peer_sub):
-            try:
-                if len(frames) != 2:
-                    raise ProtocolError(f"{len(frames)} frames, not 2")
-                msg = decode(frames[1])
-                if frames[0] == protocol.TICK:
-                    self._on_peer_tick(validate_registry_id(msg.get("registry", "")))
-                elif msg.get("registry") != self.id:
-                    self._publish(self.store.apply_remote(msg))
-            except (EdaError, ValueError, TypeError, KeyError) as exc:
-                self.dropped("change from a peer", exc)
-
-    def _on_peer_tick(self, peer_id: str) -> None:
-        link = next((lk for lk in self.links.values() if lk.id == peer_id), None)
-        if link is None or peer_id == self.id:
-            return
-        link.last_tick = time.monotonic()
-        if not link.alive:
-            link.alive = True
-            self.store.peer_alive(peer_id)
-            self._send(link, {"op": "snapshot", "owned": True})
 
     # -- DNS ------------------------------------------------------------------------------
     def _dns_lookup(self, service: str) -> list[Any] | None:
@@ -515,8 +355,9 @@ class Server(Daemon):
     def close(self) -> None:
         """Release everything (safe on a half-built server: a failed bind calls it)."""
         self.withdraw()
-        if getattr(self, "peer_sub", None) is not None:  # built: save what it holds
+        if getattr(self, "peers", None) is not None:  # built: save what it holds
             self.guarded("snapshot", self.persist)
+            self.peers.close()
         if self.journal is not None:
             self.journal.close()
         if self.udp is not None:

@@ -18,6 +18,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hosts", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--txn", action=argparse.BooleanOptionalAction, default=None,
+        help="run the txn role (default: with 10 hosts)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = (args.out or Path("build/nemesis") / str(args.seed)).resolve()
     work = out / "procs"
@@ -27,7 +31,7 @@ def main() -> int:
     procs = Procs(work)
     network = Network(procs)
     try:
-        results, text = run(network, out, args.seconds, args.seed, args.hosts)
+        results, text = run(network, out, args.seconds, args.seed, args.hosts, txn=args.txn)
     finally:
         procs.kill_all()
         network.close()

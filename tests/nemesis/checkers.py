@@ -163,8 +163,11 @@ def check_registry(history: Sequence[Op]) -> Result:
     converge p50/p99/max); no instance served once its registrant has been dead for
     longer than the TTL plus the peer hand-over (peer timeout + TTL) plus a tick."""
     result = Result("registry")
-    lookups = sorted(  # eda-registry lookup, and dig at the DNS interface
-        _of(history, "registry", "lookup") + _of(history, "registry", "view"), key=lambda o: o.end
+    # eda-registry lookup, and dig at the DNS interface, in the order they were asked: an
+    # answer is from some instant between an op's start and end, so a slow lookup asked
+    # before the views converged may end after quicker ones asked later
+    lookups = sorted(
+        _of(history, "registry", "lookup") + _of(history, "registry", "view"), key=lambda o: o.time
     )
     _count(result, lookups)
     setup = _of(history, "registry", "setup")
@@ -227,7 +230,8 @@ def check_registry(history: Sequence[Op]) -> Result:
         i = len(ok) - 1
         while i > 0 and ok[i - 1].value["ids"] == expected:
             i -= 1
-        times.append(max(0.0, ok[i].end - healed))
+        # converged as soon as the first of the final run of full views answered
+        times.append(max(0.0, min(op.end for op in ok[i:]) - healed))
     result.stats["convergence_s"] = times
     result.stats["convergence"] = {
         "p50": percentile(times, 50), "p99": percentile(times, 99),
@@ -279,7 +283,128 @@ def check_lb(history: Sequence[Op]) -> Result:
     return result
 
 
-CHECKERS = (check_bus, check_pubsub, check_registry, check_lb)
+# -- eda-txn ------------------------------------------------------------------------------
+def check_txn(history: Sequence[Op]) -> Result:
+    """2PC transfers: both accounts of a transfer hold it as done or neither does (every
+    participant agrees), each once and for its amount; the bank total is conserved; no
+    account is negative; none is still held (in doubt) after the recovery window; and
+    what a client was told (committed, aborted) is what the accounts show.
+    Sagas: each ends completed (every step's action, no compensation) or compensated
+    (every action undone), never half, and as its client was told."""
+    result = Result("txn")
+    transfers = _of(history, "txn", "transfer")
+    sagas = _of(history, "txn", "saga")
+    _count(result, [*transfers, *sagas])
+    accounts = _of(history, "txn", "account")
+    if not accounts:
+        result.flag("no-final-read", "the accounts were not read after the recovery", [])
+        return result
+    by_ref = {op.value["ref"]: op for op in transfers}
+    # txn id -> account -> (state, record)
+    seen: dict[str, dict[str, tuple[str, dict[str, Any]]]] = defaultdict(dict)
+    opening = total = 0
+    held_any = False
+    for op in accounts:
+        v = op.value
+        balance = v["initial"] + sum(r["delta"] for r in v["done"].values())
+        opening += v["initial"]
+        total += balance
+        if balance < 0:
+            result.flag("negative", f"{v['account']} ends at {balance}", [op])
+        for txn, rec in v["held"].items():
+            held_any = True
+            shown = [op, by_ref[rec["ref"]]] if rec["ref"] in by_ref else [op]
+            result.flag("in-doubt", f"{v['account']} still holds {txn} ({rec['ref']})", shown)
+        for state in ("held", "done"):
+            for txn, rec in v[state].items():
+                seen[txn][v["account"]] = (state, rec)
+    result.stats["bank_total"] = {"opening": opening, "closing": total}
+    if total != opening and not held_any:
+        result.flag("not-conserved", f"the bank holds {total}, not {opening}", accounts)
+    refs: Counter[str] = Counter()
+    for txn, where in sorted(seen.items()):
+        ref = next(iter(where.values()))[1]["ref"]
+        transfer = by_ref.get(ref)
+        if transfer is None:
+            result.flag("phantom", f"{txn} ({ref!r}) is in the accounts but was never asked",
+                        accounts)  # fmt: skip
+            continue
+        t = transfer.value
+        expect = {t["from"]: -t["amount"], t["to"]: t["amount"]}
+        done = {a for a, (state, _) in where.items() if state == "done"}
+        if done:
+            refs[ref] += 1
+        for account, (_, rec) in where.items():
+            if expect.get(account) != rec["delta"]:
+                result.flag("wrong-amount", f"{txn} moved {rec['delta']} at {account}, "
+                            f"not {expect.get(account)}", [transfer])  # fmt: skip
+        if done and done != set(expect) and not any(s == "held" for s, _ in where.values()):
+            result.flag("disagree", f"{txn} ({ref}) is done at {sorted(done)} only, "
+                        f"not at {sorted(set(expect) - done)}", [transfer])  # fmt: skip
+        if t["outcome"] == "aborted" and done:
+            result.flag("aborted-applied", f"{txn} was reported aborted, done at "
+                        f"{sorted(done)}", [transfer])  # fmt: skip
+    for ref, n in refs.items():
+        if n > 1:
+            result.flag("duplicate", f"transfer {ref} applied as {n} transactions", [by_ref[ref]])
+    for op in transfers:
+        t = op.value
+        if t["outcome"] == "committed" and {
+            a for a, (s, _) in seen.get(t["txn"], {}).items() if s == "done"
+        } != {t["from"], t["to"]}:
+            result.flag("committed-lost", f"{t['txn']} ({t['ref']}) was reported committed, "
+                        "not done at both accounts", [op])  # fmt: skip
+    result.stats["transfers"] = dict(Counter(op.value["outcome"] or "unknown" for op in transfers))
+    _check_sagas(result, history, sagas)
+    return result
+
+
+def _check_sagas(result: Result, history: Sequence[Op], sagas: Sequence[Op]) -> None:
+    """Sagas against their effects: markers SAGA.STEP.PHASE.N, one per action or
+    compensation a step's service ran."""
+    effects = _of(history, "txn", "effects")
+    if not sagas:
+        return
+    if not effects:
+        result.flag("no-final-read", "the sagas' effects were not read", [])
+        return
+    ran: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for marker in effects[-1].value:
+        parts = marker.rsplit(".", 3)
+        if len(parts) == 4:
+            ran[parts[0]].add((parts[1], parts[2]))
+    last: dict[str, Op] = {}
+    for op in sagas:
+        last[op.value["saga"]] = op  # a resume comes after the run it continues
+    steps = sorted({step for done in ran.values() for step, _ in done} | {"debit", "credit"})
+    ends: Counter[str] = Counter()
+    for sid, op in sorted(last.items()):
+        done = ran.get(sid, set())
+        applied = {s for s in steps if (s, "action") in done}
+        undone = {s for s in steps if (s, "compensate") in done}
+        if undone - applied:
+            result.flag("phantom-compensation", f"saga {sid} compensated {sorted(undone - applied)}"
+                        " which never ran", [op])  # fmt: skip
+        if applied == set(steps) and not undone:
+            end = "completed"
+        elif applied <= undone:
+            end = "compensated"
+        else:
+            end = "half"
+            result.flag("saga-half", f"saga {sid} ran {sorted(applied)} and undid "
+                        f"{sorted(undone)}", [op])  # fmt: skip
+        ends[end] += 1
+        told = {0: "completed", 5: "compensated"}.get(op.value["rc"])
+        if told is None:
+            result.flag("saga-unfinished", f"saga {sid} did not end (exit {op.value['rc']}: "
+                        f"{op.value['stderr']})", [op])  # fmt: skip
+        elif told != end and end != "half":
+            result.flag("saga-misreported", f"saga {sid} exited {told}, its effects say {end}",
+                        [op])  # fmt: skip
+    result.stats["sagas"] = dict(ends)
+
+
+CHECKERS = (check_bus, check_pubsub, check_registry, check_lb, check_txn)
 
 
 def check_harness(history: Sequence[Op]) -> Result:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from tests.hosts import Host, Network
 from tests.nemesis import report
 from tests.nemesis.checkers import Result, check_all
-from tests.nemesis.history import History
+from tests.nemesis.history import OK, History, Op
 from tests.nemesis.nemesis import Nemesis, schedule
+from tests.nemesis.txn import TxnWorkload
 from tests.nemesis.workloads import (
     BusWorkload,
     LbWorkload,
@@ -25,20 +28,52 @@ from tests.nemesis.workloads import (
     Workload,
 )
 
-# roles by host index (modulo the number of hosts): 5 hosts share them, 10 spread them
+# roles by host index (modulo the number of hosts): 5 hosts share them, 10 spread them;
+# the txn role (bank transfers and sagas) runs in the long form only (short form's budget)
 LAYOUT = {
     5: {"bus": 0, "bus-pub": (1, 4), "durable": 2, "members": (3, 4), "feed": 1,
-        "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,)},
+        "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,),
+        "txn-participants": (1, 2, 3), "txn-coordinators": (0, 4), "txn-clients": (2,)},
     10: {"bus": 0, "bus-pub": (1, 5), "durable": 2, "members": (3, 4), "feed": 5,
          "ps-subs": (6, 7), "registries": (7, 8, 9), "lb-workers": (2, 4, 6),
-         "lb-callers": (1, 8)},
+         "lb-callers": (1, 8), "txn-participants": (3, 5, 9), "txn-coordinators": (0, 7),
+         "txn-clients": (1, 6)},
 }  # fmt: skip
+SETTLE = 2.0  # s the checkers' conditions hold before the recovery window ends
+
+
+def faulted(history: Sequence[Op], roles: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per workload, the faults applied to its daemons (kill, stop); "network": to hosts."""
+    hit: dict[str, list[str]] = {subject: [] for subject in [*roles, "network"]}
+    owner = {name: subject for subject, names in roles.items() for name in names}
+    for op in history:
+        if op.subject == "nemesis" and op.kind == "start" and op.outcome == OK:
+            subject = owner.get(op.value["target"], "network")
+            hit[subject].append(f"{op.value['fault']} {op.value['target']}")
+    return hit
+
+
+def _finish(workload: Workload, history: History) -> None:
+    try:
+        workload.finish()
+    except Exception as exc:  # recorded; the checkers then miss the final reads
+        history.add(workload.subject, "harness", "error", repr(exc), "fail")
 
 
 def run(
-    network: Network, out: Path, seconds: float, seed: int, hosts: int, recovery: float = 15.0
+    network: Network,
+    out: Path,
+    seconds: float,
+    seed: int,
+    hosts: int,
+    recovery: float = 30.0,
+    txn: bool | None = None,
 ) -> tuple[list[Result], str]:
-    """Run, check and report into *out*; returns the results and the summary text."""
+    """Run, check and report into *out*; returns the results and the summary text.
+
+    The recovery window after the heal ends once every workload's checked
+    conditions hold (:meth:`Workload.recovered`, for :data:`SETTLE` s), or
+    after *recovery* s. *txn*: run the txn role (by default on 10 hosts only)."""
     out.mkdir(parents=True, exist_ok=True)
     roles = LAYOUT[5 if hosts < 10 else 10]
     hs: list[Host] = [network.add_host(f"n{i + 1}") for i in range(hosts)]
@@ -48,7 +83,7 @@ def run(
 
     history = History(out / "history.jsonl")
     workloads: list[Workload] = [
-        RegistryWorkload(history, out, on(*roles["registries"]), hs),
+        RegistryWorkload(history, out, on(*roles["registries"]), hs, rotate_lookups=hosts < 10),
         BusWorkload(
             history,
             out,
@@ -60,7 +95,19 @@ def run(
         PubSubWorkload(history, out, hs[roles["feed"] % hosts], on(*roles["ps-subs"])),
         LbWorkload(history, out, on(*roles["lb-workers"]), on(*roles["lb-callers"])),
     ]
+    if txn if txn is not None else hosts >= 10:
+        workloads.append(
+            TxnWorkload(
+                history, out, on(*roles["txn-participants"]), on(*roles["txn-coordinators"]),
+                on(*roles["txn-clients"]),
+            )
+        )  # fmt: skip
+    for w in workloads:  # every daemon was started above: their start-ups overlap
+        w.ready()
     daemons = [d for w in workloads for d in w.daemons]
+    (out / "roles.json").write_text(
+        json.dumps({w.subject: [d.name for d in w.daemons] for w in workloads}, indent=1)
+    )
     faults = schedule(seed, seconds, [(d.name, d.kinds) for d in daemons], [h.name for h in hs])
     (out / "schedule.json").write_text(json.dumps([asdict(f) for f in faults], indent=1))
     nemesis = Nemesis(network, daemons, faults, history)
@@ -70,16 +117,27 @@ def run(
     nemesis.start()
     threading.Event().wait(max(0.0, nemesis.begun + seconds - history.now()))  # the run's length
     nemesis.finish()
-    threading.Event().wait(recovery)  # the recovery window: clients go on, no faults
-    registry, *others = workloads  # the registry's observers go on: they time convergence
-    for w in others:
+    healed = history.now()
+    deadline, held_since = time.monotonic() + recovery, None
+    while time.monotonic() < deadline:  # the recovery window: clients go on, no faults
+        if all(w.recovered(healed) for w in workloads):
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= SETTLE:
+                break
+        else:
+            held_since = None
+        threading.Event().wait(0.2)
+    history.add("nemesis", "nemesis", "recovered", {"after": history.now() - healed})
+    for w in workloads:  # every client told at once: each ends the operation it is in
+        for loop in w.loops:
+            loop.stopped.set()
+    for w in workloads:
         w.stop_clients()
-    for w in others:
-        try:
-            w.finish()
-        except Exception as exc:  # recorded; the checkers then miss the final reads
-            history.add(w.subject, "harness", "error", repr(exc), "fail")
-    registry.stop_clients()
+    finishing = [threading.Thread(target=_finish, args=(w, history)) for w in workloads]
+    for t in finishing:  # the final reads of different workloads overlap
+        t.start()
+    for t in finishing:
+        t.join()
     history.close()
     results = check_all(history.ops)
     title = f"eda nemesis: seed {seed}, {seconds:.0f} s, {hosts} hosts, {len(faults)} faults"

@@ -12,10 +12,12 @@ from tests.nemesis.checkers import (
     check_lb,
     check_pubsub,
     check_registry,
+    check_txn,
     percentile,
 )
 from tests.nemesis.history import FAIL, INFO, OK, Op
 from tests.nemesis.nemesis import schedule
+from tests.nemesis.run import faulted
 
 
 def op(t: float, process: str, subject: str, kind: str, value: Any, outcome: str = OK) -> Op:
@@ -129,6 +131,20 @@ def test_registry_convergence_is_measured_from_the_last_heal() -> None:
     assert result.stats["convergence"]["max"] == pytest.approx(2.0)
 
 
+def test_registry_convergence_with_slow_lookups_overlapping_quick_views() -> None:
+    """A lookup is a program run of seconds: one asked before the views converged may end
+    after them, and one asked after may end long after the quick dig that showed it."""
+    both = ["svc1", "svc2"]
+    history = reg_history([], (10, 30))
+    slow = [(50.2, 57.0, ["svc1"]), (50.6, 56.0, both)]  # (asked, answered, view)
+    history += [Op(t, end, "observer1", "registry", "lookup", {"registry": 1, "ids": ids}, OK)
+                for t, end, ids in slow]  # fmt: skip
+    history.append(op(50.7, "dig1", "registry", "view", {"registry": 1, "ids": both}))
+    result = check_registry(history)
+    assert result.anomalies == []
+    assert result.stats["convergence_s"] == pytest.approx([0.7])  # healed 50.1, the dig 50.8
+
+
 def test_registry_names_stale_instances_and_views_that_never_converge() -> None:
     both = ["svc1", "svc2"]
     # svc2 was killed at 10 and served at 20 (past the 6.4 s bound): stale
@@ -200,3 +216,86 @@ def test_schedule_is_a_function_of_the_seed_and_heals_in_time() -> None:
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     ordered = sorted(faults, key=lambda f: f.start)
     assert any(b.start < a.end for a, b in itertools.pairwise(ordered))  # faults overlap
+
+
+# -- txn ----------------------------------------------------------------------------------
+def transfer(ref: str, src: str, dst: str, amount: int, rc: int, txn: str) -> Op:
+    outcome = {0: "committed", 5: "aborted"}.get(rc)
+    value = {"ref": ref, "from": src, "to": dst, "amount": amount, "rc": rc, "txn": txn,
+             "outcome": outcome, "stderr": ""}  # fmt: skip
+    return op(1, "transfer1", "txn", "transfer", value, OK if outcome else INFO)
+
+
+def account(name: str, done: dict[str, tuple[int, str]], held: Any = None) -> Op:
+    records = {"done": done, "held": held or {}}
+    value: dict[str, Any] = {"account": name, "initial": 100}
+    for state, recs in records.items():
+        value[state] = {txn: {"delta": d, "ref": ref} for txn, (d, ref) in recs.items()}
+    return op(20, name, "txn", "account", value)
+
+
+def saga(sid: str, rc: int) -> Op:
+    value = {"saga": sid, "n": 1, "rc": rc, "stderr": ""}
+    return op(2, "saga1", "txn", "saga", value, OK if rc in (0, 5) else INFO)
+
+
+def effects(*markers: str) -> Op:
+    return op(21, "saga-effects", "txn", "effects", list(markers))
+
+
+def txn_history(a: dict[str, Any], b: dict[str, Any], *extra: Op, held: Any = None) -> list[Op]:
+    return [
+        transfer("t1", "a", "b", 30, 0, "c1.1"),
+        transfer("t2", "b", "a", 50, 5, "c1.2"),
+        transfer("t3", "a", "b", 20, 4, "c2.1"),  # unknown outcome: either is fine
+        account("a", a, held), account("b", b), *extra,
+    ]  # fmt: skip
+
+
+def test_txn_clean_history_has_no_anomaly() -> None:
+    good = txn_history({"c1.1": (-30, "t1"), "c2.1": (-20, "t3")},
+                       {"c1.1": (30, "t1"), "c2.1": (20, "t3")})  # fmt: skip
+    sagas = [saga("s1", 0), saga("s2", 5), saga("s3", 5), saga("s4", 1),
+             op(30, "saga-resume", "txn", "saga", {"saga": "s4", "rc": 5, "stderr": ""}),
+             effects("s1.debit.action.0", "s1.credit.action.0", "s2.debit.action.0",
+                     "s2.credit.action.0", "s2.credit.compensate.0", "s2.debit.compensate.0",
+                     "s4.debit.action.0", "s4.debit.compensate.0")]  # fmt: skip
+    result = check_txn([*good, *sagas])
+    assert result.anomalies == []
+    assert result.stats["bank_total"] == {"opening": 200, "closing": 200}
+    assert result.stats["sagas"] == {"completed": 1, "compensated": 3}
+    assert (result.ops, result.ok) == (8, 6)
+
+
+def test_txn_names_each_anomaly() -> None:
+    # t1 committed but done at a only; t2 aborted yet applied; t3 applied twice;
+    # a negative; a transfer no one asked for; a wrong amount
+    bad = txn_history(
+        {"c1.1": (-30, "t1"), "c1.2": (50, "t2"), "c2.1": (-20, "t3"), "c2.9": (-20, "t3"),
+         "c9.9": (-90, "nobody")},
+        {"c1.2": (-50, "t2"), "c2.1": (20, "t3"), "c2.9": (25, "t3")},
+    )  # fmt: skip
+    assert kinds(check_txn(bad)) == [
+        "aborted-applied", "committed-lost", "disagree", "duplicate", "negative",
+        "not-conserved", "phantom", "wrong-amount",
+    ]  # fmt: skip
+    t1 = {"c1.1": (-30, "t1")}, {"c1.1": (30, "t1")}
+    doubt = txn_history(*t1, held={"c2.1": (-20, "t3")})
+    assert kinds(check_txn(doubt)) == ["in-doubt"]
+    sagas = [saga("s1", 0), saga("s2", 5), saga("s3", 1), saga("s4", 5),
+             effects("s1.debit.action.0", "s2.debit.action.0", "s2.credit.action.0",
+                     "s2.debit.compensate.0", "s4.credit.compensate.0")]  # fmt: skip
+    result = check_txn([*txn_history(*t1), *sagas])
+    assert kinds(result) == [
+        "phantom-compensation", "saga-half", "saga-half", "saga-unfinished",
+    ]  # fmt: skip
+    assert kinds(check_txn([transfer("t1", "a", "b", 1, 0, "c1.1")])) == ["no-final-read"]
+
+
+def test_faulted_names_what_hit_each_role() -> None:
+    def fault(kind: str, target: str, outcome: str = OK) -> Op:
+        return op(1, target, "nemesis", "start", {"fault": kind, "target": target}, outcome)
+
+    history = [fault("kill", "bus"), fault("cut", "n1"), fault("stop", "lbw1", FAIL)]
+    hit = faulted(history, {"bus": ["bus"], "lb": ["lbw1"]})
+    assert hit == {"bus": ["kill bus"], "lb": [], "network": ["cut n1"]}

@@ -8,6 +8,7 @@ reads. Values are unique strings, so a checker can tell every event apart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -97,11 +98,21 @@ class Workload:
         self.daemons.append(d)
         return d
 
+    def ready(self) -> None:
+        """Wait until the daemons started in the constructor serve (all workloads start
+        theirs first, then wait: their start-ups overlap)."""
+
+    def recovered(self, healed: float) -> bool:
+        """Whether what the checkers judge after the heal (at *healed*) holds already:
+        the recovery window ends once every workload's does."""
+        return True
+
     def start(self) -> None:
         for loop in self.loops:
             loop.start()
 
     def stop_clients(self) -> None:
+        """Stop the client loops, each after the operation it is in."""
         for loop in self.loops:
             loop.stopped.set()
         for loop in self.loops:
@@ -132,8 +143,7 @@ class BusWorkload(Workload):
         bus = bus_host.eda(
             "eda-bus", "serve", "--data", str(workdir / "bus"), "--bind", self.endpoint, "-v"
         )
-        bus.wait_stderr("announced bus", 60)
-        self.daemon("bus", bus_host, bus, ("kill", "stop"))
+        self.bus = self.daemon("bus", bus_host, bus, ("kill", "stop"))
         sub = ("eda-sub", "--bus", self.endpoint, BUS_TOPIC)
         self.durable = self.daemon(
             "durable", durable, durable.eda(*sub, "--durable", "d1"), ("kill", "stop")
@@ -146,7 +156,10 @@ class BusWorkload(Workload):
             self.loops.append(
                 Loop(self.history, f"bus-pub{i}", self._publisher(f"bus-pub{i}", host))
             )
-        wait_until(lambda: self._stats(bus_host) is not None, 60, "the bus answering stats")
+
+    def ready(self) -> None:
+        self.bus.proc.wait_stderr("announced bus", 60)
+        wait_until(lambda: self._stats(self.bus_host) is not None, 60, "the bus answering stats")
 
     def _publisher(self, name: str, host: Host) -> Callable[[], None]:
         count = iter(range(1, 1 << 30))
@@ -228,14 +241,20 @@ class PubSubWorkload(Workload):
         super().__init__(history, workdir)
         self.subs = []
         for i, host in enumerate(subscribers, 1):
-            proc = host.sub_ready(PS_TOPIC)
+            proc = host.eda("eda-sub", "-v", PS_TOPIC)
             self.subs.append(self.daemon(f"ps-sub{i}", host, proc, ("kill", "stop")))
-        feed = feed_host.eda("eda-pub", "-v", PS_TOPIC, stdin=subprocess.PIPE)
-        # frozen, not killed: a new feed would be a new publisher, its events a new stream
-        self.feed = self.daemon("feed", feed_host, feed, ("stop",))
-        self.pipe = feed.popen.stdin
+        self.feed_host = feed_host
         self.count = 0
         self.loops.append(Loop(self.history, "feed", self._write, pause=0.05))
+
+    def ready(self) -> None:
+        """The subscribers announced, then the feed started (it finds them)."""
+        for d in self.subs:
+            d.proc.wait_stderr("announced as", 60)
+        feed = self.feed_host.eda("eda-pub", "-v", PS_TOPIC, stdin=subprocess.PIPE)
+        # frozen, not killed: a new feed would be a new publisher, its events a new stream
+        self.feed = self.daemon("feed", self.feed_host, feed, ("stop",))
+        self.pipe = feed.popen.stdin
 
     def _write(self) -> None:
         assert self.pipe is not None
@@ -290,8 +309,16 @@ class RegistryWorkload(Workload):
     subject = "registry"
 
     def __init__(
-        self, history: History, workdir: Path, peers: list[Host], registrants: list[Host]
+        self,
+        history: History,
+        workdir: Path,
+        peers: list[Host],
+        registrants: list[Host],
+        rotate_lookups: bool = False,
     ) -> None:
+        """*rotate_lookups*: one ``eda-registry lookup`` loop asks the peers in turn
+        (the short form: a program run costs a loaded machine seconds) instead of one
+        loop per peer; ``dig`` always asks each peer in a loop of its own."""
         super().__init__(history, workdir)
         endpoints = [f"tcp://{h.address}:7700" for h in peers]
         self.peers = peers
@@ -302,29 +329,54 @@ class RegistryWorkload(Workload):
                 "--tick", str(TICK), "--peer-timeout", str(PEER_TIMEOUT), *others,
                 "--dns", f"{host.address}:{DNS_PORT}",
             )  # fmt: skip
-            proc.wait_stderr("announced registry", 60)
             self.daemon(f"registry{i + 1}", host, proc, ("kill", "stop"))
         history.add(
             "registry", self.subject, "setup",
             {"ttl": TTL, "peer_timeout": PEER_TIMEOUT, "tick": TICK, "interval": INTERVAL},
         )  # fmt: skip
-        for i, host in enumerate(registrants, 1):
+        self.registrants = registrants
+        self.instances: list[str] = []
+        observers = []
+        for i, (host, endpoint) in enumerate(zip(peers, endpoints, strict=True), 1):
+            observers.append(self._observer(f"observer{i}", i, host, endpoint))
+            self.loops.append(
+                Loop(self.history, f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1)
+            )
+        if rotate_lookups:
+            turn = itertools.cycle(observers)
+            self.loops.append(Loop(self.history, "observers", lambda: next(turn)(), pause=0.2))
+        else:
+            for i, observer in enumerate(observers, 1):
+                self.loops.append(Loop(self.history, f"observer{i}", observer, pause=0.2))
+
+    def ready(self) -> None:
+        """The peers announced, then a registrant per host registered (it finds them)."""
+        for d in list(self.daemons):
+            d.proc.wait_stderr("announced registry", 60)
+        started = []
+        for i, host in enumerate(self.registrants, 1):
             port = 9000 + i
             proc = host.eda(
                 "eda-registry", "register", "-v", SERVICE, "--port", str(port), "--ttl", str(TTL),
                 "--interval", str(INTERVAL), "--id", f"svc{i}",
             )  # fmt: skip
-            proc.wait_stderr(f"registered {SERVICE}/", 60)
-            self.daemon(f"svc{i}", host, proc, ("kill", "stop"))
-            history.add(f"svc{i}", self.subject, "instance", {"daemon": f"svc{i}", "id": f"svc{i}"})
-        for i, (host, endpoint) in enumerate(zip(peers, endpoints, strict=True), 1):
-            name = f"observer{i}"
-            self.loops.append(
-                Loop(self.history, name, self._observer(name, i, host, endpoint), pause=0.2)
-            )
-            self.loops.append(
-                Loop(self.history, f"dig{i}", self._dig(f"dig{i}", i, host), pause=0.1)
-            )
+            started.append(self.daemon(f"svc{i}", host, proc, ("kill", "stop")))
+        for d in started:
+            d.proc.wait_stderr(f"registered {SERVICE}/", 60)
+            self.instances.append(d.name)
+            self.history.add(d.name, self.subject, "instance", {"daemon": d.name, "id": d.name})
+
+    def recovered(self, healed: float) -> bool:
+        """Every peer's last view since *healed*, asked with dig (milliseconds, where a
+        lookup is a whole program run), is every instance: the checker's convergence."""
+        expected = sorted(self.instances)
+        last: dict[int, Any] = {}
+        for op in list(self.history.ops):
+            if op.subject == self.subject and op.kind == "view" and op.time >= healed:
+                last[op.value["registry"]] = op
+        return len(last) == len(self.peers) and all(
+            op.outcome == OK and op.value["ids"] == expected for op in last.values()
+        )
 
     def _dig(self, name: str, peer: int, host: Host) -> Callable[[], None]:
         argv = [
@@ -393,10 +445,12 @@ class LbWorkload(Workload):
             self.daemon(name, host, proc, ("kill", "stop"))
             self.names.append(name)
         history.add("lb", self.subject, "setup", {"workers": self.names})
-        for d in self.daemons:
-            d.proc.wait_stderr(f"serving {LB_SERVICE} on", 60)
         for i, host in enumerate(callers, 1):
             self.loops.append(Loop(self.history, f"lb-call{i}", self._caller(f"lb-call{i}", host)))
+
+    def ready(self) -> None:
+        for d in self.daemons:
+            d.proc.wait_stderr(f"serving {LB_SERVICE} on", 60)
 
     def _caller(self, name: str, host: Host) -> Callable[[], None]:
         count = iter(range(1, 1 << 30))
