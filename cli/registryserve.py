@@ -24,6 +24,7 @@ from eda.cli.options import (
     serve_metrics,
 )
 from eda.cli.registry import local_interface
+from eda.core.registry.protocol import MAX_TICK
 
 
 # -- serve ----------------------------------------------------------------------------
@@ -64,7 +65,13 @@ Examples:
     metavar="HOST:PORT",
     help="Also answer DNS for NAME.service.eda here, e.g. 127.0.0.1:8600.",
 )
-@seconds_option("--tick", default=0.5, help="Liveness beacon period on the change stream.")
+@seconds_option(
+    "--tick",
+    default=0.5,
+    type=click.FloatRange(0, MAX_TICK, min_open=True),
+    help=f"Liveness beacon period on the change stream (at most {MAX_TICK:g} s: clients"
+    " accept no longer one).",
+)
 @seconds_option(
     "--peer-timeout", default=3.0, help="A peer registry silent this long is considered down."
 )

@@ -306,3 +306,30 @@ def test_lb_stats_told_of_a_refusal_before_it_asked(
     answers = stats.ask_stats([where], 60.0, on_refused=lambda *report: told.append(report))
     assert answers == {where: "does not trust this key"}
     assert told == [(where, "does not trust this key")]
+
+
+def test_bus_publisher_told_of_a_refusal_later_than_its_first_wait(
+    refusing: tuple[str, Identity],  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """eda-pub --bus --confirm waits a moment for the bus to take its key; a refusal
+    that comes later (a loaded machine) is still the one-line refusal, not "did not
+    confirm N event(s)" at the confirm timeout."""
+    from eda.core.bus import link
+    from eda.core.bus.publisher import BusPublisher
+    from eda.core.reqrep import Refused
+
+    named, mallory = refusing
+    endpoint = given(named, "bus")
+    monkeypatch.setattr(link, "REFUSAL_WAIT", 0.0)  # the refusal comes after the first wait
+    pub = BusPublisher(endpoint, timeout=5.0)
+    try:
+        pub.send("orders", b"one", 1)
+        with pytest.raises(Refused) as refused:
+            pub.finish()
+    finally:
+        pub.close()
+    assert str(refused.value) == (
+        f"the bus at {endpoint.zmq} does not trust this key (eda-keys show: {mallory.public})"
+    )
+    assert pub.confirmed == 0

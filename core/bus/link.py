@@ -21,7 +21,7 @@ from .. import reqrep, security
 from ..endpoint import Endpoint
 from ..errors import EdaError, ExitStatus, NotFoundError, UsageError
 from ..reqrep import client_endpoint
-from ..sockets import connect, new_socket, parse_monitor
+from ..sockets import connect, new_socket, parse_monitor, stop_monitor
 from . import protocol as p
 
 LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
@@ -87,24 +87,49 @@ def dealer(endpoint: Endpoint) -> zmq.Socket[bytes]:
     and a bus that refuses this program's key is :class:`reqrep.Refused` at once
     (the handshake is awaited for :data:`REFUSAL_WAIT` at most; a bus that is
     down is not an error here, as without secure mode)."""
+    sock, mon = watched_dealer(endpoint)
+    if mon is not None:
+        stop_monitor(sock, mon)
+    return sock
+
+
+def watched_dealer(endpoint: Endpoint) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes] | None]:
+    """:func:`dealer`, and in secure mode the monitor of its handshakes, still open: a
+    refusal later than :data:`REFUSAL_WAIT` (a loaded machine) is read from it with
+    :func:`check_refused` for as long as the caller waits on the bus."""
     sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if security.active() is None:
         connect(sock, endpoint)
-        return sock
+        return sock, None
     mon = sock.get_monitor_socket(security.FAILURE_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         connect(sock, endpoint, reqrep.pinned_key(endpoint))
         why = _handshake(mon)
-    finally:
-        sock.disable_monitor()
-        mon.close(0)
-    if why is not None:
+    except BaseException:
+        stop_monitor(sock, mon)
         sock.close()
-        key = security.active().public_key  # type: ignore[union-attr]
-        raise reqrep.Refused(f"the bus at {endpoint.zmq} {why} (eda-keys show: {key})")
-    return sock
+        raise
+    if why is not None:
+        stop_monitor(sock, mon)
+        sock.close()
+        raise refused(endpoint, why)
+    return sock, mon
+
+
+def refused(endpoint: Endpoint, why: str) -> reqrep.Refused:
+    """The one-line refusal of a bus that did not take this program's key."""
+    key = security.active().public_key  # type: ignore[union-attr]
+    return reqrep.Refused(f"the bus at {endpoint.zmq} {why} (eda-keys show: {key})")
+
+
+def check_refused(mon: zmq.Socket[bytes] | None, endpoint: Endpoint) -> None:
+    """:class:`reqrep.Refused` if *mon* (of :func:`watched_dealer`) saw the bus at
+    *endpoint* refuse this program's key since last asked (never waits)."""
+    why = reqrep.handshake_refusal(mon)
+    if why is not None:
+        raise refused(endpoint, why)
 
 
 def _handshake(mon: zmq.Socket[bytes]) -> str | None:

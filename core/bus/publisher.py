@@ -27,8 +27,9 @@ from .. import codec
 from ..endpoint import Endpoint
 from ..errors import ProtocolError
 from ..reqrep import client_endpoint, decode
+from ..sockets import stop_monitor
 from . import protocol as p
-from .link import LOOK_AGAIN_AFTER, ConfirmTimeout, Relocate, dealer, moved
+from .link import LOOK_AGAIN_AFTER, ConfirmTimeout, Relocate, check_refused, moved, watched_dealer
 
 RESEND_AFTER = 1.0  # s without any confirmation while some are due: send them all again
 WINDOW_BYTES = 32 << 20  # unconfirmed bytes in flight before send() waits
@@ -73,7 +74,8 @@ class BusPublisher:
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
         self.timeout = timeout
         self.resend_after = resend_after
-        self.sock = dealer(self.endpoint)
+        # secure mode: the monitor that tells of a refusal later than dealer()'s wait
+        self.sock, self._mon = watched_dealer(self.endpoint)
         self._seq: dict[str, int] = {}
         self._envelope_ids = 0
         self._tags = 0
@@ -112,7 +114,9 @@ class BusPublisher:
             self._wait(time.monotonic() + self.timeout, stall=True)
 
     def service(self) -> None:
-        """Take in confirmations that arrived (never waits)."""
+        """Take in confirmations that arrived (never waits); :class:`~eda.core.reqrep.Refused`
+        when the bus refused this program's key (secure mode), however late."""
+        check_refused(self._mon, self.endpoint)
         while self.sock.poll(0):
             self._receive()
 
@@ -199,10 +203,20 @@ class BusPublisher:
                 self._resend()
                 since = now
             wait = min(deadline, since + self.resend_after) - now
-            if self.sock.poll(max(1, int(wait * 1000))):
+            if self._ready(max(1, int(wait * 1000))):
                 self.service()
                 if limit is None and stall and len(self.pending) < WINDOW_BATCHES // 2:
                     return
+
+    def _ready(self, timeout_ms: int) -> bool:
+        """Whether a confirmation (or, in secure mode, a handshake event) came within
+        *timeout_ms*."""
+        if self._mon is None:
+            return bool(self.sock.poll(timeout_ms))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
+        return bool(poller.poll(timeout_ms))
 
     def _look_again(self, now: float) -> None:
         """No answer for a while: find the bus again; if it moved, talk to it there."""
@@ -212,8 +226,8 @@ class BusPublisher:
         self._looked = now
         endpoint = moved(self._relocate, self.endpoint)
         if endpoint is not None:  # (None: not moved, or none found now: resend where it was)
-            self.sock.close()
-            self.sock = dealer(endpoint)
+            self.close()
+            self.sock, self._mon = watched_dealer(endpoint)
             self.endpoint = endpoint
 
     def _resend(self) -> None:
@@ -245,6 +259,9 @@ class BusPublisher:
         )
 
     def close(self) -> None:
+        if self._mon is not None:
+            stop_monitor(self.sock, self._mon)
+            self._mon = None
         self.sock.close()
 
 

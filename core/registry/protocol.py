@@ -35,6 +35,7 @@ from .model import Instance, InvalidRecord, from_dict, validate_id, validate_nam
 REGISTRY_TYPE = "_eda-registry._tcp.local."
 EVENTS = b"ev."
 TICK = b"tick"
+MAX_TICK = 5.0  # s: the longest tick (--tick) a registry may have; a client accepts no longer one
 OPS = ("hello", "register", "heartbeat", "deregister", "lookup", "list", "snapshot")
 
 

@@ -58,6 +58,18 @@ def _record(data: object) -> dict[str, Any] | None:
         return None
 
 
+def _tick(value: object) -> float:
+    """The tick a registry's hello announces, within (0, :data:`~.protocol.MAX_TICK`]:
+    a registry claiming a longer one would keep a watcher waiting on a dead stream for
+    :data:`SILENT_TICKS` of them."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if number and isinstance(value, (int, float)) and 0 < value <= protocol.MAX_TICK:
+        return float(value)  # (NaN is in no range)
+    limit = f"{protocol.MAX_TICK:g}s"  # (a huge int is not shown)
+    raise protocol.RemoteError(f"the registry sent a malformed hello (tick: not in (0, {limit}])")
+
+
+SILENT_TICKS = 6  # ticks without a message: the registry went silent
 PRESENT = "present"
 
 
@@ -104,10 +116,7 @@ class Watcher:
 
     def _connect(self, show_present: bool, resync: bool) -> tuple[int, list[Event]]:
         hello = self.client.hello()
-        tick = hello.get("tick", 0.5)
-        if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0 < tick <= 60:
-            raise protocol.RemoteError("the registry sent a malformed hello (tick)")
-        self.silence = 6 * float(tick)
+        self.silence = SILENT_TICKS * _tick(hello.get("tick", 0.5))
         sub = new_socket(zmq.SUB, context=self.ctx)
         sub.subscribe(protocol.TICK)
         sub.subscribe(protocol.event_topic(self.service) if self.service else protocol.EVENTS)
@@ -118,7 +127,9 @@ class Watcher:
         except zmq.ZMQError as exc:
             self._close_sub()
             raise protocol.RemoteError(f"bad change stream endpoint: {exc}") from None
-        if not sub.poll(int(self.silence * 1000)):
+        # the stream is live when its first message comes: waited for no longer than a
+        # request of this client's may take in all (not what the registry claims)
+        if not sub.poll(int(min(self.silence, self._budget()) * 1000)):
             self._close_sub()
             raise protocol.RemoteError("the registry's change stream did not answer")
         msg: dict[str, Any] = {"op": "snapshot"}
@@ -151,6 +162,11 @@ class Watcher:
             events = list(self._diff(records))
         self.state = records
         return seq, events
+
+    def _budget(self) -> float:
+        """The most one request of :attr:`client` takes in all (its overall deadline)."""
+        client = self.client
+        return client.total if client.total is not None else reqrep.ATTEMPTS * client.timeout
 
     def _made(self, kind: str, record: dict[str, Any], reason: str, **flags: bool) -> Event:
         return {
