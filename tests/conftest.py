@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "long: takes 8 s or more; started first (see pytest_collection_modifyitems)"
     )
+    _default_sigint()
     if os.environ.get("EDA_NETNS") == "1":
         _own_namespace_per_worker(config)
         if getattr(config, "workerinput", None) is None:  # once, before any worker starts
@@ -49,6 +50,21 @@ def pytest_configure(config: pytest.Config) -> None:
         capture.stop_global_capturing()
     runner = str(ROOT / "scripts" / "netns-run")
     os.execv(runner, [runner, sys.executable, "-m", "pytest", *config.invocation_params.args])
+
+
+def _default_sigint() -> None:
+    """Give the programs the tests start a default SIGINT, whatever this run inherited.
+
+    A shell without job control starts a background command (``make test &``)
+    with SIGINT ignored; every process after it inherits that, and Python keeps
+    an ignored SIGINT ignored -- as it should, for a program run that way.  The
+    tests send SIGINT on purpose (exit 130, --watch, --follow): a handler here
+    (not an ignore) makes every child start with the default.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _compile_bytecode() -> None:

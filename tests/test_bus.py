@@ -325,6 +325,9 @@ def test_clients_find_a_bus_that_came_back_elsewhere_again(
     pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
     _feed(pub, range(1, 10_001))
     wait_until(lambda: stored_events(ep) > 0, 15, "events stored")
+    # the subscriber is connected (it has events) before the bus goes: a subscriber
+    # still starting when it went finds no bus at all, and says so (exit 3)
+    wait_until(lambda: sub.newlines() > 0, 30, "the subscriber's first events")
     bus.kill()
     (data / "port").unlink()  # forgotten: it comes back on another port
     _feed(pub, range(10_001, n + 1))

@@ -78,3 +78,15 @@ def test_together_gives_results_in_order_and_raises_what_one_raised() -> None:
 
     with pytest.raises(ValueError, match="this one"):
         together(lambda: 1, fails)
+
+
+def test_programs_started_by_the_tests_take_sigint(procs: Procs) -> None:
+    """Whether or not this run was started in the background (SIGINT ignored), the
+    programs the tests start get SIGINT's default: tests stop them with it."""
+    proc = procs.eda("eda-sub", "--no-mdns", "t")
+    ignored = next(
+        int(line.split()[1], 16)
+        for line in Path(f"/proc/{proc.popen.pid}/status").read_text().splitlines()
+        if line.startswith("SigIgn:")
+    )
+    assert not ignored & (1 << (2 - 1)), "SIGINT is ignored by the started program"
