@@ -24,7 +24,7 @@ from eda.cli.options import (
     serve_metrics,
 )
 from eda.cli.registry import local_interface
-from eda.core.registry.protocol import MAX_TICK
+from eda.core.registry.model import MAX_TICK  # not .protocol: --help imports no zmq
 
 
 # -- serve ----------------------------------------------------------------------------

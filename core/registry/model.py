@@ -16,6 +16,8 @@ from typing import Any
 
 from ..errors import UsageError
 
+MAX_TICK = 5.0  # s: the longest tick (--tick) a registry may have; a client accepts no longer one
+
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 STATUSES = (PASSING, WARNING, CRITICAL)
 

@@ -30,12 +30,12 @@ from ..reqrep import RemoteError as RemoteError
 from ..reqrep import check_rid, request_id
 from ..reqrep import decode as decode
 from ..reqrep import encode as encode
+from .model import MAX_TICK as MAX_TICK
 from .model import Instance, InvalidRecord, from_dict, validate_id, validate_name
 
 REGISTRY_TYPE = "_eda-registry._tcp.local."
 EVENTS = b"ev."
 TICK = b"tick"
-MAX_TICK = 5.0  # s: the longest tick (--tick) a registry may have; a client accepts no longer one
 OPS = ("hello", "register", "heartbeat", "deregister", "lookup", "list", "snapshot")
 
 
