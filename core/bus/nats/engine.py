@@ -44,6 +44,11 @@ SERVE_DEADLINE: Final = 2.0
 # a call first asks whether it has one again, and waits this long at most: the loop,
 # which asks every round and every refresh, notices the new leader within this time.
 PROBE_DEADLINE: Final = 0.25
+# The longest a replicated stream goes without a leader after its leader's kill -9: the
+# election timeout's 9 s plus the vote.  eda-pub --bus --confirm's default --timeout
+# (and BusPublisher's) outlasts it with SERVE_DEADLINE to spare, so a failover that
+# loses nothing never ends a confirmed stream with exit 4 (make bench: bus_failover).
+LEADERLESS_AT_MOST: Final = 10.0
 # A round of more messages than this (the cloudevents format stores one per event)
 # waits for its acks as long as they keep coming, within SERVE_DEADLINE of each other:
 # JetStream acknowledges a few thousand messages a second on a loaded machine.
