@@ -20,7 +20,7 @@ from ...codec import Batch
 from ...errors import UsageError
 from ...topics import validate_topic
 from .. import retention
-from ..base import DEFAULT_MAX_RANGES
+from ..base import DEFAULT_MAX_RANGES, FORGET_AFTER
 from ..engine import Engine, Purged, Receipt, StoreError
 from ..streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_events
 from .bridge import Bridge
@@ -120,7 +120,7 @@ class NatsEngine(StatsOf):
         self._outbox: list[tuple[str, bytes, dict[str, str]]] = []  # (their messages)
         self._acks: dict[str, asyncio.Future[Any]] = {}  # reply subject -> its publish's ack
         self._gone = {}  # see NatsState
-        self._gone_for = max(2 * duplicate_window, 600.0)
+        self._gone_for = max(2 * duplicate_window, FORGET_AFTER)
         self._groups = {}
         self._held = {}
         self._unanswered = {}
