@@ -319,6 +319,29 @@ class Environment:
             highlight=False,
         )
 
+    def live_console(self) -> Console:
+        """A rich console for a view redrawn in place (``--watch``'s ``Live``): a
+        terminal, drawing straight through :attr:`write`."""
+        import io
+        from typing import IO, cast
+
+        from rich.console import Console
+
+        write = self.write
+
+        class Through(io.TextIOBase):
+            def write(self, text: str) -> int:
+                write(text.encode())
+                return len(text)
+
+        return Console(
+            file=cast(IO[str], Through()),
+            width=self.width,
+            force_terminal=True,
+            color_system=None if self.colour is False else "auto",
+            highlight=False,
+        )
+
 
 def _environment_value(value: Any) -> str:
     """*value* as an environment variable value (a NUL from a peer would crash exec)."""

@@ -324,12 +324,13 @@ def _bus(
     """
     from eda.cli import subloop
     from eda.core.bus.client import GROUP_PENDING_SLOW, BusSubscriber
+    from eda.core.bus.finder import BusFinder
     from eda.core.errors import EdaError
 
     def find() -> str:
         return bus_endpoint(bus, interface, no_mdns)
 
-    finder: subloop.BusFinder | None = None
+    finder: BusFinder | None = None
     endpoint: str | None
     if everywhere:
         try:
@@ -339,7 +340,7 @@ def _bus(
         except EdaError as exc:
             ctx.warn(f"warning: {exc} (brokerless events only until a bus is found)")
             endpoint = None
-        finder = subloop.BusFinder(find, endpoint)
+        finder = BusFinder(find, endpoint)
     else:
         endpoint = bus_endpoint(bus, interface, no_mdns, ctx)
 

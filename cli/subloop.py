@@ -9,7 +9,8 @@ loop (:func:`run`) drives them: it waits on all their sockets at once
 clock (``-W``), and hands what each source received to that source's
 renderer; each source keeps its own accounting (brokerless gaps and
 malformed messages, the bus's retention losses) and its own housekeeping
-(discovery, heartbeats, looking for the bus again).
+(discovery, heartbeats, looking for the bus again: ``--everywhere`` looks
+for it in the background with :class:`eda.core.bus.finder.BusFinder`).
 
 Apart from eda-sub's command module (options and output) because this is
 what a reader of the loss and end-of-stream rules looks for.
@@ -18,7 +19,6 @@ what a reader of the loss and end-of-stream rules looks for.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from eda.core.errors import EdaError, ExitStatus
 
 if TYPE_CHECKING:
     from eda.core.bus.client import BusSubscriber, Delivery
+    from eda.core.bus.finder import BusFinder
     from eda.core.codec import Batch
     from eda.core.envelope import RecentEvents
     from eda.core.pubsub import Subscriber
@@ -385,64 +386,3 @@ def _warn_resumed(
             f"durable {shown!r} had patterns {for_terminal(' '.join(old))}: now"
             f" {for_terminal(' '.join(patterns))} (resuming at seq {at})"
         )
-
-
-LOOK_FIRST = 2.0  # s: a bus not found is looked for again after this long...
-LOOK_AT_MOST = 30.0  # ...then twice as long each time, up to this (RFC 6762 §5.2)
-
-
-class BusFinder:
-    """Where the bus is, looked up on a thread of its own (``--everywhere``), so that
-    brokerless events never wait for a cache probe or an mDNS query.
-
-    :meth:`found` hands over a bus found since it was last called, and starts the
-    next look when it is due; :meth:`relocate` is what a running bus subscriber
-    calls when its bus stopped answering (the latest place found, a look started).
-    """
-
-    def __init__(self, find: Callable[[], str], last: str | None = None) -> None:
-        self._find = find
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._new: str | None = None  # found, not yet taken by found()
-        self._latest = last  # where the bus was found last
-        self._due = time.monotonic() + LOOK_FIRST
-        self._wait = LOOK_FIRST
-        self._stopped = False
-
-    def found(self) -> str | None:
-        with self._lock:
-            new, self._new = self._new, None
-        if new is None and time.monotonic() >= self._due:
-            self._look()
-        return new
-
-    def relocate(self) -> str:
-        self._look()
-        if self._latest is None:
-            from eda.core.bus.client import NoBus
-
-            raise NoBus("no bus found")
-        return self._latest
-
-    def _look(self) -> None:
-        with self._lock:
-            if self._stopped or (self._thread is not None and self._thread.is_alive()):
-                return
-            self._thread = threading.Thread(target=self._run, name="find-bus", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            endpoint: str | None = self._find()
-        except Exception:  # none found, or the network failed: look again later
-            endpoint = None
-        with self._lock:
-            if endpoint is not None:
-                self._new = self._latest = endpoint
-            self._wait = min(self._wait * 2, LOOK_AT_MOST)
-            self._due = time.monotonic() + self._wait
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True

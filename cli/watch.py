@@ -128,17 +128,11 @@ def _live(
     summary: Callable[[list[Row]], str] | None,
 ) -> Callable[[list[Row] | None], None]:  # fmt: skip
     """A rich Live view on the terminal: call it with rows to redraw, None to stop."""
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.live import Live
     from rich.text import Text
 
-    env = out.env
-    console = Console(
-        width=env.width,
-        force_terminal=True,
-        color_system=None if env.colour is False else "auto",
-        highlight=False,
-    )
+    console = out.env.live_console()
     view = Live(console=console, auto_refresh=False, transient=False)
     started = False
 

@@ -8,8 +8,11 @@ rules around them are written once here, so the two cannot drift:
   for exactly-once storage, **bounded**: a stream split into more than
   ``max_ranges`` ranges (a publisher that skips numbers) refuses batches that
   would split it further until the gaps are filled, as Kafka refuses
-  out-of-order sequences; and the plan of an append (which parts of each batch
-  are new, the bus sequences they take, the receipts).
+  out-of-order sequences; a stream none of whose events the store holds any
+  more is forgotten :data:`FORGET_AFTER` seconds on (every publisher run
+  takes a new id: kept for ever, they would grow without end); and the plan
+  of an append (which parts of each batch are new, the bus sequences they
+  take, the receipts).
 * :class:`EngineBase`: the engine methods whose logic is the engine's
   contract rather than its storage (``read``'s bounds and slicing,
   ``seq_for_last``, counting events in a range, ``retain``'s plan, the
@@ -19,7 +22,7 @@ rules around them are written once here, so the two cannot drift:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Final, NamedTuple, Self
 
 from ..codec import Batch
@@ -30,6 +33,9 @@ from .engine import ConsumerStats, Purged, Receipt, Record, Retained, Stats, Top
 from .streams import MAX_SEQ, Ranges, add, check_batch, overlaps, subtract
 
 DEFAULT_MAX_RANGES: Final = 1024  # separate ranges of publisher sequences kept per stream
+# s a stream is still known after retention removed its last event (a late resend of one
+# of them is a duplicate until then); with --max-age, until its publisher was silent that long
+FORGET_AFTER: Final = 600.0
 
 Stream = tuple[str, str]  # (pubid, topic)
 Span = tuple[int, int, str]  # (bus sequence of a batch's first event, its events, its topic)
@@ -88,6 +94,12 @@ class Ledger:
     def clear(self) -> None:
         self.ranges.clear()
         self.fresh.clear()
+
+    def forget(self, keys: Iterable[Stream]) -> None:
+        """The streams *keys* have no event in the store any more: forgotten."""
+        for key in keys:
+            self.ranges.pop(key, None)
+            self.fresh.pop(key, None)
 
     def add(self, key: Stream, lo: int, hi: int) -> None:
         """Publisher sequences [lo, hi) of *key* are in the store (read back, not planned)."""

@@ -59,7 +59,7 @@ from ..codec import Batch
 from ..errors import UsageError
 from ..topics import Matcher
 from . import retention
-from .base import DEFAULT_MAX_RANGES, Span
+from .base import DEFAULT_MAX_RANGES, FORGET_AFTER, Span
 from .engine import (
     FSYNC_MODES,
     ConsumerStats,
@@ -399,6 +399,13 @@ class SQLiteEngine(SQLiteConsumers):
                 )
                 conn.execute("DELETE FROM leases WHERE last < ?", (keep,))
                 conn.execute("UPDATE leases SET first = ? WHERE first < ?", (keep, keep))
+                # a stream with no event left, silent for FORGET_AFTER: forgotten (a
+                # stream's events were stored at or before its last 'seen')
+                conn.execute(
+                    "DELETE FROM streams WHERE seen < MIN(COALESCE((SELECT stored FROM batches"
+                    " ORDER BY seq LIMIT 1), ?), ?)",
+                    (now, now - FORGET_AFTER),
+                )
             if max_age is not None:  # a publisher silent for longer is forgotten
                 conn.execute("DELETE FROM streams WHERE seen < ?", (now - max_age,))
         except Exception as exc:

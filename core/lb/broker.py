@@ -20,7 +20,10 @@ counted and dropped (a rate-limited warning), and changes no state.
 This module is the broker's poll loop and its decisions; what it keeps lives
 next to it: the requests and their bounded queue (core/lb/brokerqueue.py),
 the workers connected (core/lb/brokerworkers.py), and the figures of its S
-answer (core/lb/stats.py).
+answer (core/lb/stats.py).  About 540 lines for a reason: what is left is
+the two sockets' handlers and the decisions they share each turn (pick,
+send, requeue a dead worker's requests, the first answer of a retried one):
+split, a reader would follow one request across modules.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ logged and left out.
 
 Needs HAProxy >= 2.5 (``add server`` with ``check``, ``del server``); the
 Debian 12 package is 2.6.
+
+About 500 lines for a reason: one child process and the one API that drives
+it (start, the Runtime API's commands in their order, the servers draining
+until they can be deleted, stop); what can stand alone, the configuration
+file and the names, is already core/lb/haproxycfg.py.
 """
 
 from __future__ import annotations

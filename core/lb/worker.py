@@ -211,16 +211,8 @@ class Worker(Daemon):
     def read_requests(self, sock: zmq.Socket[bytes], start: int) -> None:
         now = time.monotonic()
         max_request = self.max_request
-        recv = p.recv
-        budget = BATCH_BYTES  # then the other sockets get their turn (heartbeats, replies)
-        for _ in range(DRAIN_LIMIT):
-            if budget <= 0:
-                break
-            try:
-                frames = recv(sock)
-            except zmq.Again:
-                break
-            budget -= len(frames[-1])
+        # at most BATCH_BYTES, then the other sockets get their turn (heartbeats, replies)
+        for frames in p.messages(sock, DRAIN_LIMIT, BATCH_BYTES):
             if len(frames) == start + 5 and frames[start + 1] == p.REQUEST:
                 try:
                     rid, timeout_ms, body = p.parse_request(frames, start, max_request)

@@ -28,11 +28,15 @@ from .. import reqrep, security
 from ..daemon import Daemon
 from ..endpoint import Endpoint
 from ..errors import EdaError, UsageError
+from ..limits import BoundedMap
 from ..reqrep import client_endpoint
 from .protocol import COORDINATOR_SERVICE, TxnError, check_name, printable
 
 Ignored = Callable[[Any, str], None]  # (peer: id, endpoint, key; why) of an instance skipped
 MAX_SKIPPED = 1024  # names whose last lookup skipped instances, remembered for the reason
+# names whose answer is kept (a commit names any participant it likes: a flood of made-up
+# names forgets the least recently used ones, counted in Lookups.cache.evicted)
+MAX_NAMES = 4096
 
 
 def _quiet(_text: str) -> None:
@@ -62,7 +66,9 @@ class Lookups:
     When a lookup ends, the daemon's loop is woken (a pipe it watches,
     :meth:`attach`) and *on_found* hears the names looked up since.  At
     most *max_pending* names wait for a lookup; more are answered "not
-    found" at once (a flood of made-up names cannot grow the queue).
+    found" at once (a flood of made-up names cannot grow the queue), and
+    the answers of at most *max_names* names are kept, the least recently
+    used forgotten first (counted: ``cache.evicted``).
     """
 
     def __init__(
@@ -72,12 +78,14 @@ class Lookups:
         ttl: float = 30.0,
         miss_ttl: float = 1.0,
         max_pending: int = 256,
+        max_names: int = MAX_NAMES,
     ) -> None:
         self.find = find
         self.ttl = ttl
         self.miss_ttl = miss_ttl
         self.max_pending = max_pending
-        self.cache: dict[str, tuple[float, list[str]]] = {}
+        # name -> (when found, endpoints); read and written under _lock (its reads move keys)
+        self.cache: BoundedMap[str, tuple[float, list[str]]] = BoundedMap(max_names)
         self.pending: set[str] = set()  # queued or being looked up
         self.failed: dict[str, str] = {}  # name -> why its last lookup got no answer
         self.previous: dict[str, list[str]] = {}  # found, then declared stale: a fallback
@@ -97,7 +105,8 @@ class Lookups:
         daemon.watch(self._wake_r, "lookups", self._woken)
 
     def get(self, name: str) -> list[str] | None:
-        hit = self.cache.get(name)
+        with self._lock:
+            hit = self.cache.get(name)
         now = time.monotonic()
         if hit is not None and now - hit[0] < (self.ttl if hit[1] else self.miss_ttl):
             return hit[1]
@@ -114,7 +123,8 @@ class Lookups:
     def stale(self, name: str) -> None:
         """Look *name* up afresh before using it again (an endpoint stopped answering);
         what was found stays the answer should that lookup get no answer."""
-        hit = self.cache.pop(name, None)
+        with self._lock:
+            hit = self.cache.pop(name, None)
         if hit is not None and hit[1] and len(self.previous) < 4 * self.max_pending:
             self.previous[name] = hit[1]
 
@@ -157,10 +167,14 @@ class Lookups:
 
     def lookup_now(self, name: str) -> list[str]:
         """Look *name* up in the calling thread (a command), with the same rules."""
-        hit = self.cache.get(name)
+        with self._lock:
+            hit = self.cache.get(name)
         if hit is None or time.monotonic() - hit[0] >= (self.ttl if hit[1] else self.miss_ttl):
-            self._store(name, *self._find(name))
-        return self.cache[name][1]
+            found, failure = self._find(name)
+            with self._lock:
+                self._store(name, found, failure)
+                hit = self.cache[name]
+        return hit[1]
 
     def _woken(self) -> None:
         with contextlib.suppress(OSError):

@@ -35,6 +35,11 @@ after a crash anywhere gives the outcome a run without the crash would have
 had: a step that was running is run again (its action must be idempotent:
 use the ids above); a step whose try failed resumes its retries; a saga
 that was compensating goes on compensating.
+
+About 500 lines: the executor as one subject (running, retrying,
+compensating, resuming read the same run state); the plan, the file, the
+log and the actions are modules of their own (sagaplan, sagafile, sagalog,
+sagaactions).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ...codec import Batch
 from ...errors import UsageError
 from ...topics import validate_topic
 from .. import retention
-from ..base import DEFAULT_MAX_RANGES
+from ..base import DEFAULT_MAX_RANGES, FORGET_AFTER
 from ..engine import Engine, Purged, Receipt, StoreError
 from ..streams import DEFAULT_MAX_EVENT, MAX_SEQ, check_events
 from .bridge import Bridge
@@ -44,6 +44,11 @@ SERVE_DEADLINE: Final = 2.0
 # a call first asks whether it has one again, and waits this long at most: the loop,
 # which asks every round and every refresh, notices the new leader within this time.
 PROBE_DEADLINE: Final = 0.25
+# The longest a replicated stream goes without a leader after its leader's kill -9: the
+# election timeout's 9 s plus the vote.  eda-pub --bus --confirm's default --timeout
+# (and BusPublisher's) outlasts it with SERVE_DEADLINE to spare, so a failover that
+# loses nothing never ends a confirmed stream with exit 4 (make bench: bus_failover).
+LEADERLESS_AT_MOST: Final = 10.0
 # A round of more messages than this (the cloudevents format stores one per event)
 # waits for its acks as long as they keep coming, within SERVE_DEADLINE of each other:
 # JetStream acknowledges a few thousand messages a second on a loaded machine.
@@ -115,7 +120,7 @@ class NatsEngine(StatsOf):
         self._outbox: list[tuple[str, bytes, dict[str, str]]] = []  # (their messages)
         self._acks: dict[str, asyncio.Future[Any]] = {}  # reply subject -> its publish's ack
         self._gone = {}  # see NatsState
-        self._gone_for = max(2 * duplicate_window, 600.0)
+        self._gone_for = max(2 * duplicate_window, FORGET_AFTER)
         self._groups = {}
         self._held = {}
         self._unanswered = {}

@@ -134,7 +134,13 @@ class Index(NatsState):
             ranges, _ = self._gone.get((h.pubid, h.topic), ([], now))
             add(ranges, h.pubseq, h.pubseq + h.size)
             self._gone[h.pubid, h.topic] = (ranges, now)
-        self._gone = {k: v for k, v in self._gone.items() if v[1] > now - self._gone_for}
+        expired = [k for k, v in self._gone.items() if v[1] <= now - self._gone_for]
+        if expired:
+            for key in expired:
+                del self._gone[key]
+            # (heads are the oldest of _heads, about to leave: the streams of the rest stay)
+            live = {(h.pubid, h.topic) for h in self._heads[len(heads) :]}
+            self._ledger.forget(k for k in expired if k not in live)
 
     def _load_gone(self, value: dict[str, Any] | None) -> None:
         """Merge what retention (of any front) wrote to the bucket; malformed rows are skipped."""
