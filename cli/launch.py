@@ -176,7 +176,7 @@ def terminal_columns() -> int:
 
 
 class Program:
-    """A console script's function: ``eda-pub = "eda.cli.launch:pub"`` calls ``pub()``
+    """A program's function: bin/eda-pub (installed as it is) calls ``pub()``
     (a callable, not functools.partial: functools is not imported for --help)."""
 
     def __init__(self, name: str) -> None:
@@ -186,7 +186,7 @@ class Program:
         launch(self.name)
 
 
-# the console scripts' functions (pyproject.toml [project.scripts])
+# the programs' functions (bin/eda-*, pyproject.toml script-files)
 pub = Program("eda-pub")
 sub = Program("eda-sub")
 registry = Program("eda-registry")
