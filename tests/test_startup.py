@@ -93,6 +93,20 @@ def test_every_program_has_an_entry_point():
     assert sorted(entry_points()) == sorted(f"eda-{p}" for p in PROGRAMS)
 
 
+def as_installed(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """*env* for ``python -S`` to find eda (and its dependencies) as a regular install
+    does, without the site-packages' .pth hooks: an editable install's imports re and
+    pathlib before the program starts."""
+    import sysconfig
+
+    (tmp_path / "eda").mkdir()
+    for package in ("core", "cli"):
+        (tmp_path / "eda" / package).symlink_to(ROOT / package)
+    paths = dict.fromkeys([str(tmp_path), sysconfig.get_path("purelib"),
+                           sysconfig.get_path("platlib")])  # fmt: skip
+    return dict(env, PYTHONPATH=os.pathsep.join(paths))
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_the_installed_script_imports_only_eda(program, tmp_path):
     """The installed ``eda-X`` (the file in the interpreter's bin directory, as pip put it
@@ -101,10 +115,7 @@ def test_the_installed_script_imports_only_eda(program, tmp_path):
     the site-packages' .pth hooks (-S: an editable install's imports re itself), eda
     found through PYTHONPATH."""
     script = Path(sys.executable).parent / f"eda-{program}"
-    (tmp_path / "eda").mkdir()
-    for package in ("core", "cli"):
-        (tmp_path / "eda" / package).symlink_to(ROOT / package)
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path), PYTHONPATH=str(tmp_path))
+    env = as_installed(dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)), tmp_path)
     env.pop("EDA_CONFIG", None)
     for args in (["--version"], ["--help"]):
         out, names = imported(["-S", str(script), *args], env=env)
@@ -130,6 +141,7 @@ ONE_SHOT_HEAVY = (HEAVY - {"zmq", "eda.core.discovery"}) | {
     "logging",
     "subprocess",
     "_hashlib",
+    "pathlib",  # (with urllib.parse, fnmatch): eda.core.keys imports it for a key file only
     "eda.cli.bus",  # eda-bus's command line: eda-pub and eda-sub need its --bus option only
 }
 
@@ -155,7 +167,7 @@ def test_one_shot_imports_nothing_heavy(tmp_path, args, status, network):
     random ids come from os.urandom, as secrets' do)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
                XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
-    _, names = imported(["-m", *args], status, env)
+    _, names = imported(["-S", "-m", *args], status, as_installed(env, tmp_path))
     assert {"zmq", *network} <= names  # the command did its network work
     heavy = sorted(names & ONE_SHOT_HEAVY)
     assert heavy == [], f"{args[0]} {args[1]} imports {heavy}"
