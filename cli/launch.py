@@ -11,9 +11,8 @@ defaults shown, click renders it.  Anything else, including ``--version`` among
 other arguments, goes to the program's own ``main``.
 """
 
-from __future__ import annotations
-
-import importlib
+# (no `from __future__ import annotations`: importing __future__ is a module more for --help;
+# Python 3.11 evaluates these annotations as they are)
 import os
 import sys
 
@@ -38,7 +37,9 @@ def launch(program: str) -> None:
     if text is None:
         if program == "eda-pub" and plain_publish(argv):
             ask_for_subscribers()
-        main = importlib.import_module(PROGRAMS[program]).main
+        # __import__, not importlib.import_module: importlib (with warnings) is not
+        # imported for --help
+        main = __import__(PROGRAMS[program], fromlist=["main"]).main
         if not one_shot(program, argv):
             main()
             return

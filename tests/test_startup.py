@@ -277,15 +277,17 @@ def test_help_with_a_config_file_is_clicks_own(tmp_path):
 def test_help_imports_nothing_but_its_text(tmp_path):
     """Beyond what the interpreter imports for ``python -c pass``, ``eda-X --help`` imports
     eda's launcher, the help texts and the config file finder: no click, no typing, re,
-    shutil (with bz2, lzma) or functools."""
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path))
+    shutil (with bz2, lzma), functools or importlib (with warnings).  As installed:
+    without the site-packages' .pth hooks, which may import any of them first."""
+    env = as_installed(dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)), tmp_path)
     env.pop("EDA_CONFIG", None)
-    floor = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"],
+    floor = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", "import site"],
                            capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     baseline = {line.rsplit("|", 1)[1].strip() for line in floor.stderr.splitlines()
                 if line.startswith("import time:") and line.count("|") == 2}  # fmt: skip
     for args in (["--help"], ["lookup", "-h"]):
-        _, names = launched("registry", args, env)
+        _, names = imported(["-S", str(Path(sys.executable).parent / "eda-registry"), *args],
+                            env=env)  # fmt: skip
         extra = sorted(names - baseline)
         assert extra == ["eda", "eda.cli", "eda.cli.helptext", "eda.cli.launch", "eda.core",
                          "eda.core.configpaths"], extra  # fmt: skip
