@@ -11,9 +11,8 @@ defaults shown, click renders it.  Anything else, including ``--version`` among
 other arguments, goes to the program's own ``main``.
 """
 
-from __future__ import annotations
-
-import importlib
+# (no `from __future__ import annotations`: importing __future__ is a module more for --help;
+# Python 3.11 evaluates these annotations as they are)
 import os
 import sys
 
@@ -38,7 +37,9 @@ def launch(program: str) -> None:
     if text is None:
         if program == "eda-pub" and plain_publish(argv):
             ask_for_subscribers()
-        main = importlib.import_module(PROGRAMS[program]).main
+        # __import__, not importlib.import_module: importlib (with warnings) is not
+        # imported for --help
+        main = __import__(PROGRAMS[program], fromlist=["main"]).main
         if not one_shot(program, argv):
             main()
             return
@@ -176,7 +177,7 @@ def terminal_columns() -> int:
 
 
 class Program:
-    """A console script's function: ``eda-pub = "eda.cli.launch:pub"`` calls ``pub()``
+    """A program's function: bin/eda-pub (installed as it is) calls ``pub()``
     (a callable, not functools.partial: functools is not imported for --help)."""
 
     def __init__(self, name: str) -> None:
@@ -186,7 +187,7 @@ class Program:
         launch(self.name)
 
 
-# the console scripts' functions (pyproject.toml [project.scripts])
+# the programs' functions (bin/eda-*, pyproject.toml script-files)
 pub = Program("eda-pub")
 sub = Program("eda-sub")
 registry = Program("eda-registry")

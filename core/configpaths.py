@@ -5,8 +5,6 @@ a config file could change the defaults it shows, without paying for the parser'
 imports (``re``, ``typing``): this module imports ``os`` only.
 """
 
-from __future__ import annotations
-
 import os
 
 

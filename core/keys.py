@@ -21,9 +21,12 @@ import re
 import stat
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, EdaError, UsageError
+
+if TYPE_CHECKING:  # pathlib (with urllib.parse, fnmatch) only when a key file is used: a
+    from pathlib import Path  # one-shot command not in secure mode never needs it
 
 KEY_LENGTH = 40  # Z85 text of a 32-byte Curve25519 key
 # Z85's alphabet (ZeroMQ RFC 32): 85 printable characters, no quote, no backslash
@@ -41,6 +44,8 @@ def is_key(text: str) -> bool:
 
 def keys_dir() -> Path:
     """``$XDG_CONFIG_HOME/eda/keys`` (``~/.config`` when the variable is unset)."""
+    from pathlib import Path
+
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "eda" / "keys"
 

@@ -36,14 +36,16 @@ import collections
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import keys, sockets
 from .errors import UsageError
 from .keys import Identity, Trusted
+
+if TYPE_CHECKING:  # (imported by eda.core.keys when a key file is used)
+    from pathlib import Path
 
 ZAP_DOMAIN = "eda"
 # monitor events that end a secure handshake in failure

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
-import secrets
+import os
 import socket
 import time
 from typing import Any, NamedTuple
@@ -68,7 +68,8 @@ class BusPublisher:
         self._looked = 0.0
         # 128 random bits: the bus keeps every (pubid, topic)'s sequences, so an id
         # another run ever used would have this run's events dropped as duplicates
-        self.pubid = secrets.token_hex(16)
+        # (os.urandom(n).hex(): secrets.token_hex(n) without importing hmac and OpenSSL)
+        self.pubid = os.urandom(16).hex()
         self.source = source or f"eda://{socket.gethostname()}/pub/{self.pubid}"
         self._origin = codec.encode_origin(self.pubid, self.source)
         self._ext = json.dumps(headers, separators=(",", ":")).encode() if headers else b""

@@ -11,7 +11,7 @@ acknowledges.
 from __future__ import annotations
 
 import contextlib
-import secrets
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -69,7 +69,8 @@ class BusSubscriber:
         self.start = start
         self.durable = durable
         self.group = group
-        self.member = secrets.token_hex(6)
+        # (os.urandom(n).hex(): secrets.token_hex(n) without importing hmac and OpenSSL)
+        self.member = os.urandom(6).hex()
         self.credit = credit or (GROUP_CREDIT if group else CREDIT)
         self.max_pending = max_pending or GROUP_PENDING
         self.sock = dealer(self.endpoint)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import collections
 import heapq
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,7 +166,8 @@ class Caller(Daemon):
         self.deadlines: list[tuple[float, int, Request, int]] = []
         self.delayed: list[tuple[float, Request]] = []  # busy everywhere: to try again later
         self.summary = Summary()
-        self.prefix = f"{os.getpid():x}-{secrets.token_hex(2)}.".encode()
+        # (os.urandom(n).hex(): secrets.token_hex(n) without importing hmac and OpenSSL)
+        self.prefix = f"{os.getpid():x}-{os.urandom(2).hex()}.".encode()
         self.next_seq = 0  # the next input line's number
         self.started = time.monotonic()
         self.empty_since: float | None = None

@@ -33,8 +33,8 @@ daemons share live next to it, one subject each:
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +92,9 @@ def owner_of(txn: str) -> str:
 
 def new_txn_id(coordinator: str) -> str:
     """A fresh id: unique across restarts (time and randomness), sortable by time."""
-    return f"{coordinator}.{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+    # os.urandom(n).hex() is what secrets.token_hex(n) returns, without importing hmac and
+    # OpenSSL (_hashlib) into every one-shot eda-txn commit (tests/test_startup.py)
+    return f"{coordinator}.{int(time.time() * 1000):011x}{os.urandom(3).hex()}"
 
 
 def data_json(data: object) -> str:
