@@ -1,0 +1,41 @@
+"""What the liveness tests (tests/test_liveness_*.py) share: the policy's figures, shortened
+for tests, and a TCP retransmission back-off that does not depend on the machine's load.
+
+Each test partitions two hosts for longer than a long-lived link's heartbeats take to drop
+it, then heals them, and asserts the link's traffic resumed within a bound set by
+:data:`eda.core.sockets.LONG_LIVED` (scaled by ``EDA_LIVENESS_SCALE``).  Without the
+heartbeats, a connection held through the partition speaks again only at TCP's next
+retransmission: after 1, 3, 7, 15... RTOs.  The hosts' route to each other gets a minimum
+RTO of :data:`RTO` (``ip route ... rto_min``), so those times are fixed (the RTO is that
+minimum plus a round-trip time of milliseconds) rather than 0.2 s plus however long a loaded
+machine takes to answer: a partition of :data:`PARTITION` ends after the second
+retransmission (3 RTOs) and more than 5 s before the third (7 RTOs).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from eda.core.sockets import LONG_LIVED, SCALE_ENV
+from tests.hosts import Host
+
+SCALE = 0.25
+LIVE = LONG_LIVED.scaled(SCALE)
+FAST = {SCALE_ENV: str(SCALE)}  # the environment of the programs on the partitioned link
+RTO = 1.5  # s, the minimum RTO on the partitioned link
+PARTITION = 3 * RTO + 0.5  # the third retransmission comes 7 RTOs after the cut: 5.5 s later
+HEAL_SLACK = 2.0  # s, a loaded machine's scheduling: well under the 5.5 s
+
+
+def fixed_rto(*hosts: Host) -> None:
+    """Give each host's route to the others a minimum RTO of :data:`RTO` seconds."""
+    for host in hosts:
+        ip = [*host.prefix, "ip"]
+        shown = subprocess.run([*ip, "-o", "route", "show", "proto", "kernel"], check=True,
+                               capture_output=True, text=True).stdout  # fmt: skip
+        for route in shown.splitlines():
+            if route.startswith("10.231."):
+                words = route.split()
+                words = words[: words.index("\\")] if "\\" in words else words
+                subprocess.run([*ip, "route", "replace", *words, "rto_min", f"{RTO * 1000:g}ms"],
+                               check=True, capture_output=True)  # fmt: skip
