@@ -14,9 +14,12 @@ retransmission (3 RTOs) and more than 5 s before the third (7 RTOs).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import threading
 
 from eda.core.sockets import LONG_LIVED, SCALE_ENV
+from tests.helpers import Proc
 from tests.hosts import Host
 
 SCALE = 0.25
@@ -39,3 +42,42 @@ def fixed_rto(*hosts: Host) -> None:
                 words = words[: words.index("\\")] if "\\" in words else words
                 subprocess.run([*ip, "route", "replace", *words, "rto_min", f"{RTO * 1000:g}ms"],
                                check=True, capture_output=True)  # fmt: skip
+
+
+EVERY = 0.05  # s between two events of the stream
+
+
+class Stream:
+    """Numbered events written to a publisher's stdin, one every :data:`EVERY` s."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        stdin = self.proc.popen.stdin
+        assert stdin is not None
+        while not self._stop.wait(EVERY):
+            try:
+                stdin.write(b"%d\n" % (self.sent + 1))
+                stdin.flush()
+            except BrokenPipeError:  # the publisher is gone: the test says why
+                return
+            self.sent += 1
+
+    def end(self) -> int:
+        """Stop writing and close stdin (the publisher then waits for its confirmations)."""
+        self._stop.set()
+        self._thread.join()
+        assert self.proc.popen.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.popen.stdin.close()
+        return self.sent
+
+
+def numbers(sub: Proc) -> list[int]:
+    """The numbered events a subscriber (``--raw``) printed, in order."""
+    return [int(line) for line in sub.lines() if line.strip().isdigit()]

@@ -12,60 +12,20 @@ the dropped connection carried is resent with its publisher id and sequences.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, wait_until
+from tests.helpers import wait_until
 from tests.hosts import Network
-from tests.liveness import FAST, HEAL_SLACK, LIVE, PARTITION, fixed_rto
+from tests.liveness import FAST, HEAL_SLACK, LIVE, PARTITION, Stream, fixed_rto, numbers
 
 # after the heal, events are stored again within: the link connected again, and room for
 # a loaded machine's scheduling (a connection held through the partition waits 5.5 s more)
 RESUMED_WITHIN = LIVE.reconnected_within + HEAL_SLACK
-EVERY = 0.05  # s between two events of the stream
-
-
-class Stream:
-    """Numbered events written to a publisher's stdin, one every :data:`EVERY` s."""
-
-    def __init__(self, proc: Proc) -> None:
-        self.proc = proc
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        stdin = self.proc.popen.stdin
-        assert stdin is not None
-        while not self._stop.wait(EVERY):
-            try:
-                stdin.write(b"%d\n" % (self.sent + 1))
-                stdin.flush()
-            except BrokenPipeError:  # the publisher is gone: the test says why
-                return
-            self.sent += 1
-
-    def end(self) -> int:
-        """Stop writing and close stdin (the publisher then waits for its confirmations)."""
-        self._stop.set()
-        self._thread.join()
-        assert self.proc.popen.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.popen.stdin.close()
-        return self.sent
-
-
-def numbers(sub: Proc) -> list[int]:
-    return [int(line) for line in sub.lines() if line.strip().isdigit()]
-
-
 @pytest.mark.long
 def test_confirmed_stream_resumes_after_a_partition_and_stores_every_event_once(
     network: Network, tmp_path: Path
