@@ -4,7 +4,7 @@ A publisher on one host streams to a subscriber on another; the hosts are
 partitioned for longer than the link's heartbeats take to drop it, then
 healed.  Held open through the partition, the connection would hide the
 outage: the publisher queues into a dead pipe, and the stream stays silent
-until TCP's next retransmission, 5.5 s after this heal (:mod:`tests.liveness`).
+until TCP's next retransmission, 7.5 s after this heal (:mod:`tests.liveness`).
 ZeroMQ heartbeats on the XPUB and the SUB (:data:`eda.core.sockets.LONG_LIVED`,
 shortened here by ``EDA_LIVENESS_SCALE``) drop the connection and make it again
 with short tries: the stream resumes within the policy's figures, and what the
