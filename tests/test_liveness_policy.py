@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import zmq
 
 from eda.core import sockets
 from eda.core.errors import ConfigError
 from eda.core.sockets import LONG_LIVED, SCALE_ENV, liveness_scale, new_socket
+from tests import helpers
 from tests.helpers import run
+
+helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
 
 
 def test_the_policy_figures_bound_the_drop_and_the_reconnect() -> None:
@@ -54,3 +59,11 @@ def test_a_program_given_a_bad_scale_says_so_in_one_line() -> None:
                  env={SCALE_ENV: "fast"})  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == f"eda-pub: error: {SCALE_ENV}='fast': not a number from 0.05 to 10\n"
+
+
+def test_a_2pc_daemon_given_a_bad_scale_says_so_at_start(tmp_path: Path) -> None:
+    """Its links are made when first needed: the value is checked before serving anyway."""
+    result = run("eda-txn", "coordinator", "--no-mdns", "--serverless", "--log",
+                 str(tmp_path / "log"), "--bind", "tcp://127.0.0.1:0", env={SCALE_ENV: "0"})  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"eda-txn: error: {SCALE_ENV}='0': not a number from 0.05 to 10\n"

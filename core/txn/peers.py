@@ -206,6 +206,7 @@ class Peers:
         self.roles = roles
         self.by_endpoint: OrderedDict[str, Peer] = OrderedDict()
         self.dirty: list[Peer] = []
+        sockets.liveness_scale()  # a bad EDA_LIVENESS_SCALE: an error now, not per peer later
 
     def get(self, endpoint: str) -> Peer:
         peer = self.by_endpoint.get(endpoint)
