@@ -8,9 +8,9 @@ ZeroMQ heartbeats on the publisher's DEALER (:data:`eda.core.sockets.LONG_LIVED`
 shortened here by ``EDA_LIVENESS_SCALE``) drop the connection and make it again with short tries, so the confirmed stream
 resumes within the policy's figures.  Every event is stored exactly once: what
 the dropped connection carried is resent with its publisher id and sequences.
-A durable consumer on the publisher's side of the partition, its link dropped
-too, subscribes again by its name and gets every event (from its acknowledged
-position: none lost).
+A durable consumer and a group's only member on the publisher's side of the
+partition, their links dropped too, subscribe again by their names and get
+every event (from their acknowledged positions: none lost).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ RESUMED_WITHIN = LIVE.reconnected_within + HEAL_SLACK
 
 
 @pytest.mark.long
-def test_confirmed_stream_and_durable_consumer_resume_after_a_partition(
+def test_confirmed_stream_and_durable_consumers_resume_after_a_partition(
     network: Network, tmp_path: Path
 ) -> None:
     a, b = network.add_host("a"), network.add_host("b")
@@ -43,14 +43,16 @@ def test_confirmed_stream_and_durable_consumer_resume_after_a_partition(
     bus.wait_stderr(r"serving \S+ on tcp://", 30)
     # on the bus's side of the partition: sees what the bus stored, as it stores it
     sub = b.eda("eda-sub", "--bus", bus_at, "--no-mdns", "--raw", "orders")
-    # on the publisher's side: a durable consumer, whose link is cut off too
-    durable = a.eda("eda-sub", "--bus", bus_at, "--no-mdns", "--raw", "--durable", "billing",
-                    "orders", env=FAST)  # fmt: skip
+    # on the publisher's side: a durable consumer and a group's member, cut off too
+    consumer = ("eda-sub", "--bus", bus_at, "--no-mdns", "--raw", "--from-start")
+    durable = a.eda(*consumer, "--durable", "billing", "orders", env=FAST)
+    group = a.eda(*consumer, "--group", "workers", "orders", env=FAST)
     pub = a.eda("eda-pub", "-v", "--bus", bus_at, "--confirm", "--no-mdns", "orders",
                 stdin=subprocess.PIPE, env=FAST)  # fmt: skip
     stream = Stream(pub)
     try:
-        wait_until(lambda: len(numbers(durable)) >= 10, 30, "the first events delivered")
+        wait_until(lambda: min(len(numbers(durable)), len(numbers(group))) >= 10, 30,
+                   "the first events delivered")  # fmt: skip
         cut = time.monotonic()
         network.split([a])
         time.sleep(max(0.0, cut + PARTITION - time.monotonic()))  # the fault's length
@@ -71,6 +73,7 @@ def test_confirmed_stream_and_durable_consumer_resume_after_a_partition(
     stored = [int(x) for x in replay.stdout.split()]
     assert sorted(stored) == list(range(1, total + 1))  # every event, once
     assert json.loads(stats.stdout.splitlines()[0])["events"] == total, stats  # none twice
-    # the durable consumer subscribed again by its name, from its acknowledged position
-    wait_until(lambda: total in numbers(durable), 15, "the durable consumer's last event")
-    assert set(numbers(durable)) == set(range(1, total + 1))  # none lost (at least once)
+    # the consumers subscribed again by their names, from their acknowledged positions
+    for consumer in (durable, group):
+        wait_until(lambda c=consumer: total in numbers(c), 15, "a consumer's last event")
+        assert set(numbers(consumer)) == set(range(1, total + 1))  # none lost (at least once)
