@@ -91,14 +91,13 @@ class Liveness:
         return dataclasses.replace(self, **figures)
 
     def apply(self, sock: Socket) -> None:
-        """Set these figures, scaled by ``EDA_LIVENESS_SCALE``, on *sock*."""
-        live = self.scaled(liveness_scale())
-        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(live.heartbeat))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(live.timeout))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, _ms(live.ttl))
-        sock.setsockopt(zmq.CONNECT_TIMEOUT, _ms(live.connect_timeout))
-        sock.setsockopt(zmq.RECONNECT_IVL, _ms(live.reconnect))
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _ms(live.reconnect_max))
+        """Set these figures on *sock* (:func:`new_socket` scales them first)."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(self.heartbeat))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(self.timeout))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, _ms(self.ttl))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, _ms(self.connect_timeout))
+        sock.setsockopt(zmq.RECONNECT_IVL, _ms(self.reconnect))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _ms(self.reconnect_max))
 
 
 def _ms(seconds: float) -> int:
@@ -152,6 +151,8 @@ def new_socket(
     (a bigger one drops the peer's connection); *liveness* (:data:`LONG_LIVED`)
     makes its connections keep themselves alive, as a long-lived link needs.
     """
+    # scaled by EDA_LIVENESS_SCALE (a bad value raises here, before any socket is made)
+    live = liveness.scaled(liveness_scale()) if liveness is not None else None
     ctx = context if context is not None else zmq.Context.instance()
     sock: Socket = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger)
@@ -161,8 +162,8 @@ def new_socket(
         sock.setsockopt(zmq.SNDHWM, sndhwm)
     if rcvhwm is not None:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
-    if liveness is not None:
-        liveness.apply(sock)
+    if live is not None:
+        live.apply(sock)
     for policy in _policies:
         policy(sock, kind)
     return sock
