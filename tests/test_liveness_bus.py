@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import together, wait_until
 from tests.hosts import Network
-from tests.liveness import FAST, HEAL_SLACK, LIVE, PARTITION, Stream, fixed_rto, numbers
-
-# after the heal, events are stored again within: the link connected again, and room for
-# a loaded machine's scheduling (a connection held through the partition waits 7.5 s more)
-RESUMED_WITHIN = LIVE.reconnected_within + HEAL_SLACK
+from tests.liveness import FAST, Stream, fixed_rto, numbers, stream_through_partition
 
 
 @pytest.mark.long
@@ -50,19 +45,11 @@ def test_confirmed_stream_and_durable_consumers_resume_after_a_partition(
     pub = a.eda("eda-pub", "-v", "--bus", bus_at, "--confirm", "--no-mdns", "orders",
                 stdin=subprocess.PIPE, env=FAST)  # fmt: skip
     stream = Stream(pub)
-    try:
-        wait_until(lambda: min(len(numbers(durable)), len(numbers(group))) >= 10, 30,
-                   "the first events delivered")  # fmt: skip
-        cut = time.monotonic()
-        network.split([a])
-        time.sleep(max(0.0, cut + PARTITION - time.monotonic()))  # the fault's length
-        network.join()
-        healed, after = time.monotonic(), stream.sent
-        left = max(1.0, healed + RESUMED_WITHIN - time.monotonic())
-        wait_until(lambda: any(n > after for n in numbers(sub)), left,
-                   f"an event sent after the heal stored within {RESUMED_WITHIN:g} s")  # fmt: skip
-    finally:
-        total = stream.end()
+    wait_until(lambda: min(len(numbers(durable)), len(numbers(group))) >= 10, 30,
+               "the first events delivered")  # fmt: skip
+    total = stream_through_partition(
+        network, [a], stream, sub, "an event sent after the heal stored"
+    )
     assert pub.wait(30) == 0, pub.stderr
     replay, stats = together(
         lambda: b.run("eda-sub", "--bus", bus_at, "--no-mdns", "--from-start", "--raw",
@@ -74,6 +61,6 @@ def test_confirmed_stream_and_durable_consumers_resume_after_a_partition(
     assert sorted(stored) == list(range(1, total + 1))  # every event, once
     assert json.loads(stats.stdout.splitlines()[0])["events"] == total, stats  # none twice
     # the consumers subscribed again by their names, from their acknowledged positions
-    for consumer in (durable, group):
-        wait_until(lambda c=consumer: total in numbers(c), 15, "a consumer's last event")
-        assert set(numbers(consumer)) == set(range(1, total + 1))  # none lost (at least once)
+    for reader in (durable, group):
+        wait_until(lambda r=reader: total in numbers(r), 15, "a consumer's last event")
+        assert set(numbers(reader)) == set(range(1, total + 1))  # none lost (at least once)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 from tests import helpers
 from tests.helpers import Proc, wait_until
 from tests.hosts import Host, Network
-from tests.liveness import FAST, HEAL_SLACK, LIVE, PARTITION, fixed_rto
+from tests.liveness import FAST, HEAL_SLACK, LIVE, PARTITION, fixed_rto, partition, resumed
 
 helpers.PROGRAMS.setdefault("eda-txn", "eda.cli.txn")
 
@@ -92,17 +91,15 @@ def test_commits_resume_after_a_partition_and_none_is_left_in_doubt(
     client = a.procs.start([*a.prefix, sys.executable, "-c", COMMITS, coordinator,
                             str(VOTE_TIMEOUT)], env=FAST)  # fmt: skip
     wait_until(lambda: committed_after(client, 0.0), 30, "a first commit")
-    cut = time.monotonic()
-    network.split([a])
-    split = time.monotonic()  # (the rules take a moment to be in place)
-    time.sleep(max(0.0, cut + CUT_FOR - time.monotonic()))  # the fault's length, not a wait
-    network.join()
-    healed = time.monotonic()
-    left = max(1.0, healed + RESUMED_WITHIN - time.monotonic())
-    wait_until(lambda: committed_after(client, healed), left,
-               f"a commit after the heal within {RESUMED_WITHIN:g} s")  # fmt: skip
+    fault = partition(network, [a], CUT_FOR)
+    resumed(lambda: committed_after(client, fault.healed), fault, RESUMED_WITHIN,
+            "a commit after the heal")  # fmt: skip
     client.kill()
-    during = [c["outcome"] for c in commits(client) if split < c["start"] and c["end"] < healed]
+    during = [
+        c["outcome"]
+        for c in commits(client)
+        if fault.split < c["start"] and c["end"] < fault.healed
+    ]
     assert during and "committed" not in during  # the fault was real
 
     def settled() -> bool:  # the participant knows every outcome; the coordinator is done
