@@ -8,11 +8,15 @@ program.  :func:`connect` and :func:`bind` take a typed
 :class:`~eda.core.endpoint.Endpoint` (IPv6 included: the socket's IPV6 option is
 set when the endpoint needs it).
 
-A socket made for a *long-lived link* (``liveness=LONG_LIVED``: a registry's
-links to its peers) also gets ZeroMQ's own keep-alive, :class:`Liveness`: a
-connection that hears nothing is dropped within seconds and connected again
-with short, bounded tries, rather than held open through a partition until
-TCP's retransmission back-off (which doubles up to minutes) lets it speak again.
+A socket made for a *long-lived link* (``liveness=LONG_LIVED``: every
+connection eda keeps to a peer for the life of a program, listed in
+ARCHITECTURE.md "Rules the code keeps") also gets ZeroMQ's own keep-alive,
+:class:`Liveness`: a connection that hears nothing is dropped within seconds
+and connected again with short, bounded tries, rather than held open through
+a partition until TCP's retransmission back-off (which doubles up to minutes)
+lets it speak again.  ``EDA_LIVENESS_SCALE`` (:data:`SCALE_ENV`) multiplies its
+figures, read when a socket is made: tests shorten them so a partition longer
+than the drop time costs seconds, not tens of seconds.
 
 Plain TCP/UDP sockets (the TCP proxy's data plane, mDNS, DNS) are not ZeroMQ
 sockets and are not made here.
@@ -21,9 +25,11 @@ sockets and are not made here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import zmq
@@ -47,7 +53,7 @@ def remove_policy(policy: Policy) -> None:
         _policies.remove(policy)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Liveness:
     """How a long-lived link notices a silent peer and comes back after a heal (seconds).
 
@@ -77,17 +83,52 @@ class Liveness:
         the try under way times out, and the next one comes at most *reconnect_max* later."""
         return self.connect_timeout + self.reconnect_max
 
+    def scaled(self, factor: float) -> Liveness:
+        """These figures multiplied by *factor* (``EDA_LIVENESS_SCALE``, tests)."""
+        if factor == 1.0:
+            return self
+        figures = {f.name: factor * getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **figures)
+
     def apply(self, sock: Socket) -> None:
-        sock.setsockopt(zmq.HEARTBEAT_IVL, round(self.heartbeat * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self.timeout * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, round(self.ttl * 1000))
-        sock.setsockopt(zmq.CONNECT_TIMEOUT, round(self.connect_timeout * 1000))
-        sock.setsockopt(zmq.RECONNECT_IVL, round(self.reconnect * 1000))
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, round(self.reconnect_max * 1000))
+        """Set these figures on *sock* (:func:`new_socket` scales them first)."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(self.heartbeat))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(self.timeout))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, _ms(self.ttl))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, _ms(self.connect_timeout))
+        sock.setsockopt(zmq.RECONNECT_IVL, _ms(self.reconnect))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _ms(self.reconnect_max))
 
 
-# links that live as long as their process (a registry's peers): a silent peer is
-# dropped within 4 s, and once the network heals it is connected again within 2 s
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))  # (0 would mean "never" to ZeroMQ)
+
+
+SCALE_ENV = "EDA_LIVENESS_SCALE"
+SCALE_RANGE = (0.05, 10.0)  # ZMTP's TTL is carried in deciseconds, at most 6553 s
+
+
+def liveness_scale() -> float:
+    """``EDA_LIVENESS_SCALE``: the factor applied to every :class:`Liveness` (1 when
+    unset); :class:`~eda.core.errors.ConfigError` when it is not a number in
+    :data:`SCALE_RANGE`."""
+    text = os.environ.get(SCALE_ENV, "").strip()
+    if not text:
+        return 1.0
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    low, high = SCALE_RANGE
+    if not low <= factor <= high:  # (NaN too)
+        from .errors import ConfigError
+
+        raise ConfigError(f"{SCALE_ENV}={text[:40]!r}: not a number from {low:g} to {high:g}")
+    return factor
+
+
+# links that live as long as their process (ARCHITECTURE.md lists them): a silent peer
+# is dropped within 4 s, and once the network heals it is connected again within 2 s
 LONG_LIVED = Liveness(
     heartbeat=1.0, timeout=3.0, ttl=3.0, connect_timeout=1.0, reconnect=0.1, reconnect_max=1.0
 )
@@ -110,6 +151,8 @@ def new_socket(
     (a bigger one drops the peer's connection); *liveness* (:data:`LONG_LIVED`)
     makes its connections keep themselves alive, as a long-lived link needs.
     """
+    # scaled by EDA_LIVENESS_SCALE (a bad value raises here, before any socket is made)
+    live = liveness.scaled(liveness_scale()) if liveness is not None else None
     ctx = context if context is not None else zmq.Context.instance()
     sock: Socket = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger)
@@ -119,8 +162,8 @@ def new_socket(
         sock.setsockopt(zmq.SNDHWM, sndhwm)
     if rcvhwm is not None:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
-    if liveness is not None:
-        liveness.apply(sock)
+    if live is not None:
+        live.apply(sock)
     for policy in _policies:
         policy(sock, kind)
     return sock

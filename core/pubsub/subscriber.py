@@ -12,7 +12,7 @@ import zmq
 
 from .. import codec, discovery
 from ..limits import BoundedMap
-from ..sockets import new_socket
+from ..sockets import LONG_LIVED, new_socket
 from ..topics import Matcher
 from .node import (
     _PEER_ID,
@@ -44,7 +44,10 @@ class Subscriber(_Node):
         on_unreachable: Callable[[str, bool], None] | None = None,
     ) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
-        sock = new_socket(zmq.SUB, context=ctx)
+        # long-lived links: a publisher cut off is dropped and connected again within seconds
+        # of the heal (its next event shows what was lost, by number), not at TCP's next
+        # retransmission
+        sock = new_socket(zmq.SUB, context=ctx, liveness=LONG_LIVED)
         super().__init__(ctx, sock, interface)
         self.matcher = Matcher(patterns)
         self.on_connect = on_connect

@@ -3,6 +3,12 @@
 The blocking :class:`~eda.core.reqrep.Client` would stall every other
 transaction; a :class:`Peer` queues requests and sends what a turn of the
 loop queued as one message, and the replies come back through the loop.
+Its socket is a long-lived link (:data:`eda.core.sockets.LONG_LIVED`): a
+connection cut off by a partition is dropped by ZeroMQ heartbeats and made
+again within seconds of the heal.  What the dropped connection carried is the
+callers' timers' business, as for any silent peer: a coordinator aborts what
+did not vote in time and drives phase two again, a participant in doubt
+inquires again.
 
 Secure mode: a peer is a CURVE server whose key was pinned where its endpoint
 was learned (:func:`eda.core.reqrep.pin`: a ``--peer NAME=KEY@tcp://...``, a
@@ -76,7 +82,9 @@ class Peer:
         self.key = reqrep.pinned_key(where) if secure else None  # the server key it pins
         if secure and self.key is None:
             raise ProtocolError(f"no trusted key is known for the {roles[0]} at {where.zmq}")
-        self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20)
+        # a long-lived link: held through a partition, a connection would stay silent
+        # until TCP's next retransmission after the heal (seconds to minutes)
+        self.sock = daemon.socket(zmq.DEALER, max_message=1 << 20, liveness=sockets.LONG_LIVED)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)  # a peer long gone: retries are dropped
         # secure mode: told at once when the peer refuses this key (before connecting:
         # no handshake event is missed)
@@ -198,6 +206,7 @@ class Peers:
         self.roles = roles
         self.by_endpoint: OrderedDict[str, Peer] = OrderedDict()
         self.dirty: list[Peer] = []
+        sockets.liveness_scale()  # a bad EDA_LIVENESS_SCALE: an error now, not per peer later
 
     def get(self, endpoint: str) -> Peer:
         peer = self.by_endpoint.get(endpoint)
