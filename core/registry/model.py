@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
@@ -63,7 +63,16 @@ class Instance:
     key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as JSON sends it: :func:`dataclasses.asdict`'s answer, written out
+        (asdict copies each value through a generic recursion: 40x slower, and a lookup
+        answers with every instance of a service)."""
+        return {
+            "service": self.service, "id": self.id, "host": self.host, "port": self.port,
+            "weight": self.weight, "meta": dict(self.meta), "status": self.status,
+            "ttl": self.ttl, "interval": self.interval, "registered": self.registered,
+            "heartbeat": self.heartbeat, "registry": self.registry, "rev": self.rev,
+            "key": self.key,
+        }  # fmt: skip
 
     def copy(self) -> Instance:
         """A new record with the same fields (*meta* shared: records never change it)."""
