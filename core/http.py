@@ -50,6 +50,7 @@ import errno
 import json
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -394,12 +395,13 @@ class _Connection:
             cause = exc.__context__
             if isinstance(cause, _Stop):
                 return  # (the parser is left broken: it is not fed again)
+            self.server.refused += 1
             if isinstance(cause, _Refused):
-                self.server.refused += 1
                 self.fail(cause.status, cause.detail)
             else:
                 self.fail(400, "malformed request")
         except httptools.HttpParserUpgrade:
+            self.server.refused += 1
             self.fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             self.server.refused += 1
@@ -599,8 +601,10 @@ class Server:
         self.limits = limits or Limits()
         self.routes: dict[tuple[str, ...], dict[str, Handler]] = {}
         self.conns: dict[int, _Connection] = {}
+        # what /metrics reports of it (eda.core.metrics.http_families)
         self.answered = 0  # responses sent
         self.refused = 0  # requests refused as malformed or over a limit
+        self.refused_connections = 0  # closed at once: at the cap, with none idle to close
         self.evicted = 0  # idle connections closed to make room at the cap
         self.cut = 0  # connections closed to bring the bytes queued back under the budget
         self.queued = 0  # bytes queued for all clients together
@@ -613,6 +617,7 @@ class Server:
         self.endpoint = Endpoint(host, port)
         loop.watch_events(self.listener, f"{what} accept", lambda _e: self._accept(), zmq.POLLIN)
         self._sweeper = loop.every(SWEEP_EVERY, f"{what} deadlines", self._sweep)
+        _servers.add(self)
 
     @property
     def port(self) -> int:
@@ -705,6 +710,7 @@ class Server:
                     self._evict()  # out of descriptors: make room for the next
                 return
             if len(self.conns) >= self.limits.connections and not self._evict():
+                self.refused_connections += 1
                 sock.close()  # every connection is busy: this one is refused
                 continue
             sock.setblocking(False)
@@ -783,11 +789,20 @@ class Server:
         return self._date[1]
 
     def close(self) -> None:
+        _servers.discard(self)
         self._sweeper.cancel()
         for conn in list(self.conns.values()):
             conn.close()
         self.loop.forget(self.listener)
         self.listener.close()
+
+
+_servers: weakref.WeakSet[Server] = weakref.WeakSet()  # open ones
+
+
+def servers_on(loop: object) -> list[Server]:
+    """The HTTP servers open on *loop* (a daemon): what its ``/metrics`` reports."""
+    return sorted((s for s in _servers if s.loop is loop), key=lambda s: s.what)
 
 
 def _reraise(exc: Exception) -> None:

@@ -169,13 +169,15 @@ def serve(daemon: Any, address: Endpoint | str | None) -> Any:
 
 
 def serve_in_thread(
-    families: Callable[[], Families], address: Endpoint | str | None, warn: Callable[[str], None]
-) -> MetricsThread | None:
-    """:func:`serve` for a program without a poll loop (the TCP proxy): a small daemon
-    in a thread of its own serves the scrapes; *families* must be safe to call from it."""
+    families: Callable[[], Families], address: Endpoint | str | None,
+    warn: Callable[[str], None], *, program: str = "lb_proxy",
+) -> MetricsThread | None:  # fmt: skip
+    """:func:`serve` for a program without a poll loop (the TCP proxy, *program*): a small
+    daemon in a thread of its own serves the scrapes; *families* must be safe to call from
+    it.  The scrapes' own HTTP server is reported as ``eda_<program>_http_...``."""
     if address is None:
         return None
-    return MetricsThread(families, address, warn)
+    return MetricsThread(families, address, warn, program=program)
 
 
 class MetricsThread:
@@ -183,12 +185,16 @@ class MetricsThread:
 
     def __init__(
         self, families: Callable[[], Families], address: Endpoint | str,
-        warn: Callable[[str], None],
+        warn: Callable[[str], None], *, program: str = "lb_proxy",
     ) -> None:  # fmt: skip
         from .daemon import Daemon
 
         self.daemon = Daemon(warn=warn)
-        self.daemon.metrics = families  # type: ignore[attr-defined]
+        def with_http() -> Iterator[Any]:
+            yield from families()
+            yield from http_families(program, self.daemon)
+
+        self.daemon.metrics = with_http  # type: ignore[attr-defined]
         try:
             self.server = serve(self.daemon, address)
         except BaseException:
@@ -232,6 +238,46 @@ def daemon_families(program: str, daemon: Any) -> Iterator[Any]:
                   daemon.malformed)  # fmt: skip
     yield counter(f"eda_{program}_step_failures",
                   "Steps of the poll loop that raised (and were survived).", daemon.failures)
+    yield from http_families(program, daemon)
+
+
+def http_families(program: str, daemon: Any) -> Iterator[Any]:
+    """What each HTTP server on *daemon*'s loop (:mod:`eda.core.http`) counts, as
+    ``eda_<program>_http_...`` labelled ``server``: ``metrics`` (this port) and ``http``
+    (``--http``): responses, refusals, connections cut, evicted, open, bytes queued."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from .http import servers_on
+
+    p, labels = f"eda_{program}_http_", ["server"]
+    by_label: dict[str, list[Any]] = {}  # (two servers of one kind: one sample, their sum)
+    for server in servers_on(daemon):
+        by_label.setdefault(server.what.lower(), []).append(server)
+    counters = (
+        ("responses", "answered", "HTTP responses sent."),
+        ("refused_requests", "refused", "HTTP requests refused: malformed, over a size or "
+         "time limit, or past the pipelining limit (answered 4xx, then the connection closed)."),
+        ("refused_connections", "refused_connections", "HTTP connections closed on accepting "
+         "them: at the connection limit, with no idle one to close instead."),
+        ("cut_connections", "cut", "HTTP connections cut because more bytes were queued for "
+         "all clients than the output budget (the slowest readers first)."),
+        ("evicted_connections", "evicted", "Idle HTTP connections closed to make room for a "
+         "new one at the connection limit."),
+        ("handler_failures", "failures", "HTTP requests whose handler failed (answered 500)."),
+    )  # fmt: skip
+    for name, attribute, help_text in counters:
+        family = CounterMetricFamily(p + name, help_text, labels=labels)
+        for label, servers in by_label.items():
+            family.add_metric([label], sum(getattr(server, attribute) for server in servers))
+        yield family
+    open_now = GaugeMetricFamily(p + "connections", "HTTP connections open now.", labels=labels)
+    queued = GaugeMetricFamily(p + "queued_bytes", "Bytes queued for HTTP clients, all together.",
+                               labels=labels)  # fmt: skip
+    for label, servers in by_label.items():
+        open_now.add_metric([label], sum(len(server.conns) for server in servers))
+        queued.add_metric([label], sum(server.queued for server in servers))
+    yield open_now
+    yield queued
 
 
 def histogram_family(

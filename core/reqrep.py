@@ -50,6 +50,9 @@ MAX_ANNOUNCED = 8  # servers found by mDNS that one request tries
 MAX_HOPS = 16  # routing frames before a REQ's empty delimiter (one per proxy on the way)
 ATTEMPTS = 3  # a request's overall deadline, in attempt timeouts, unless one is given
 PROBE_TIMEOUT = 0.2  # s: the TCP connect that checks a cached or announced endpoint
+# a reply's send flags as plain ints: send_multipart's enum arithmetic costs more than the send
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
 
 
 class RemoteError(EdaError):
@@ -69,8 +72,12 @@ class Unavailable(EdaError):
 
 
 # -- messages ------------------------------------------------------------------------------
+# json.dumps with these arguments builds an encoder per call; one built once says the same
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode(msg: Mapping[str, Any]) -> bytes:
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(msg).encode()
 
 
 def decode(frame: bytes) -> dict[str, Any]:
@@ -236,7 +243,9 @@ class Service:
                 self.daemon.limited("reply", f"cannot encode a reply: {exc}")
                 data = encode(error_reply(None, EdaError("request failed")))
             with contextlib.suppress(zmq.ZMQError):  # the client is gone or not reading
-                self.sock.send_multipart([*envelope, data], zmq.NOBLOCK)
+                for frame in envelope:
+                    self.sock.send(frame, _MORE)
+                self.sock.send(data, _LAST)
 
     def answer(self, body: list[bytes]) -> dict[str, Any]:
         """The reply to one request (the frames after the envelope)."""

@@ -31,7 +31,7 @@ from ..reqrep import check_rid, request_id
 from ..reqrep import decode as decode
 from ..reqrep import encode as encode
 from .model import MAX_TICK as MAX_TICK
-from .model import Instance, InvalidRecord, from_dict, validate_id, validate_name
+from .model import Instance, InvalidRecord, Records, from_dict, validate_id, validate_name
 
 REGISTRY_TYPE = "_eda-registry._tcp.local."
 EVENTS = b"ev."
@@ -81,15 +81,20 @@ def parse_request(frame: bytes) -> Request:
     return request_from(decode_request(frame))
 
 
-def request_from(msg: dict[str, Any]) -> Request:
-    """The typed request in *msg* (a JSON object with a known ``op``); see :func:`parse_request`."""
+def request_from(msg: dict[str, Any], records: Records | None = None) -> Request:
+    """The typed request in *msg* (a JSON object with a known ``op``); see :func:`parse_request`.
+
+    *records* validates the record a registration or heartbeat carries (the
+    daemon's, which remembers what it validated: :class:`~.model.Records`)."""
     check_rid(msg)
     op = str(msg["op"])
     safe_rid = request_id(msg)
     if op in ("register", "heartbeat"):
-        if not isinstance(msg.get("instance"), dict):
+        record = msg.get("instance")
+        if not isinstance(record, dict):
             raise ProtocolError(f"malformed request: {op} needs an instance object")
-        return Request(op, safe_rid, instance=from_dict(msg["instance"]))
+        inst = from_dict(record) if records is None else records.from_dict(record)
+        return Request(op, safe_rid, instance=inst)
     if op == "deregister":
         if "id" not in msg:
             raise InvalidRecord("deregister needs an instance id")

@@ -48,6 +48,7 @@ from ..errors import EdaError
 from ..reqrep import Handler, Service
 from . import protocol
 from .dns import Responder, TcpConnections
+from .model import Records
 from .peers import Peers
 from .peers import peer_endpoint as peer_endpoint  # (cli/registryserve.py imports it here)
 from .persist import Journal
@@ -118,7 +119,9 @@ class Server(Daemon):
 
     # -- setup ---------------------------------------------------------------
     def _open_sockets(self, settings: Settings) -> None:
-        self.service = Service(self, self._handlers(), parse=protocol.request_from,
+        records = Records()  # heartbeats repeat their record: validated once, while it holds
+        self.service = Service(self, self._handlers(),
+                               parse=lambda msg: protocol.request_from(msg, records),
                                batch=REQUESTS_PER_TURN)  # fmt: skip
         self.router = self.service.sock
         state = port_file("registry", settings.data) if settings.remember else None
