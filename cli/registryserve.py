@@ -18,13 +18,17 @@ from eda.cli.options import (
     common_options,
     health_check_options,
     metrics_option,
+    number_option,
     registry_option,
     seconds_option,
     security_options,
     serve_metrics,
 )
 from eda.cli.registry import local_interface
-from eda.core.registry.model import MAX_TICK  # not .protocol: --help imports no zmq
+from eda.core.registry.model import (  # not .protocol: --help imports no zmq
+    DEFAULT_MAX_INSTANCES,
+    MAX_TICK,
+)
 
 
 # -- serve ----------------------------------------------------------------------------
@@ -75,6 +79,13 @@ Examples:
 @seconds_option(
     "--peer-timeout", default=3.0, help="A peer registry silent this long is considered down."
 )
+@number_option(
+    "--max-instances",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_INSTANCES,
+    help="Refuse to register new instances past this many (heartbeats of those held,"
+    " and peers' changes, are still taken).",
+)
 @click.option(
     "--http",
     metavar="HOST:PORT",
@@ -91,6 +102,7 @@ def serve(
     http: str | None,
     tick: float,
     peer_timeout: float,
+    max_instances: int,
     secure: SecureMode,
     metrics: Any,
     ctx: Context,
@@ -128,6 +140,7 @@ def serve(
         dns=dns,
         tick=tick,
         peer_timeout=peer_timeout,
+        max_instances=max_instances,
         remember=True,
     )
     server = Server(settings, log=ctx.debug, warn=ctx.warn)

@@ -43,6 +43,7 @@ from ..http import HttpError, Request, Response, Stream, json_response, sse
 from . import protocol
 from .model import InvalidRecord, validate_name
 from .server import NotOwner, Server
+from .store import RegistryFull
 
 if TYPE_CHECKING:
     from .store import Event
@@ -109,6 +110,8 @@ class RegistryHttp:
             raise HttpError(409, str(exc)[:500]) from None
         except NotOwner as exc:
             raise HttpError(403, str(exc)[:500]) from None
+        except RegistryFull as exc:
+            raise HttpError(507, str(exc)[:500], title="Registry full") from None
 
     def _object(self, req: Request) -> dict[str, Any]:
         value = req.json()
@@ -181,7 +184,6 @@ class RegistryHttp:
             if data is None:
                 data = sse(http.dumps(event), id=event.get("seq"), event=event["type"])
             stream.send(data)
-
 
     def close(self) -> None:
         self.server.close()

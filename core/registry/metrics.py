@@ -61,6 +61,9 @@ def families(server: Server) -> Iterator[Any]:
         changes.add_metric([kind], counted[kind])
     yield changes
     yield counter("eda_registry_requests", "Requests answered.", server.service.requests)
+    yield counter("eda_registry_refused_registrations", "Registrations of new instances "
+                  "refused because the registry held --max-instances.",
+                  server.store.refused_full)  # fmt: skip
     peers = GaugeMetricFamily(
         "eda_registry_peers", "Peer registries, by state.", labels=["state"]
     )

@@ -30,6 +30,7 @@ META_KEY_LIMIT = 64
 # serverless TXT keys (k: secure mode's public key)
 RESERVED_META = frozenset({"svc", "id", "w", "st", "ttl", "iv", "h", "rv", "k"})
 MAX_TTL = 86400.0
+DEFAULT_MAX_INSTANCES = 100_000  # eda-registry serve --max-instances
 # Revisions are JSON-safe integers (a larger one once stopped the daemon at its next
 # snapshot); bumps saturate here rather than grow past what every reader accepts.
 MAX_REV = 2**53 - 1

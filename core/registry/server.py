@@ -48,7 +48,7 @@ from ..errors import EdaError
 from ..reqrep import Handler, Service
 from . import protocol
 from .dns import Responder, TcpConnections
-from .model import Records
+from .model import DEFAULT_MAX_INSTANCES, Records
 from .peers import Peers
 from .peers import peer_endpoint as peer_endpoint  # (cli/registryserve.py imports it here)
 from .persist import Journal
@@ -71,6 +71,7 @@ class Settings:
     dns: str | None = None  # host:port
     tick: float = 0.5
     peer_timeout: float = 3.0
+    max_instances: int = DEFAULT_MAX_INSTANCES  # registrations of new ids past it are refused
     snapshot_interval: float = 1.0
     # remember a port bound as '*' (in --data, else $XDG_STATE_HOME/eda/registry.port), so
     # that a registry restarted with the same command comes back where its clients are
@@ -92,7 +93,7 @@ class Server(Daemon):
         self.settings = settings
         self.journal = Journal(settings.data) if settings.data else None
         self.id = self.journal.registry_id() if self.journal else secrets.token_hex(4)
-        self.store = Store(self.id)
+        self.store = Store(self.id, max_instances=settings.max_instances)
         self.persist_failed = False
         self.counted: collections.Counter[str] = collections.Counter()  # changes, heartbeats
         if self.journal is not None:

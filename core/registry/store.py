@@ -11,6 +11,13 @@ registry.  A replica applies a peer's change only when its ``rev`` is newer
 than what it holds (deletions win ties), which stops replication loops.
 Replicas keep a peer's instances while that peer is alive; when it goes
 silent they give them one TTL for their heartbeats to arrive elsewhere.
+
+Bounded (CONVENTIONS §7): a registration of a new id past ``max_instances``
+is refused (:class:`RegistryFull`, counted in ``refused_full``); heartbeats of
+the instances held, and peers' replicated changes, are still taken (a
+replica refusing them would never converge with its peer).  Tombstones are
+kept :data:`TOMBSTONE_SECONDS`, at most :data:`MAX_TOMBSTONES` of them, the
+oldest forgotten first.
 """
 
 from __future__ import annotations
@@ -22,8 +29,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import NotFoundError
-from .model import PASSING, Instance, InvalidRecord, from_dict, next_rev, validate_registry_id
+from ..errors import EdaError, NotFoundError
+from .model import (
+    DEFAULT_MAX_INSTANCES,
+    PASSING,
+    Instance,
+    InvalidRecord,
+    from_dict,
+    next_rev,
+    validate_registry_id,
+)
 
 REGISTERED, DEREGISTERED, EXPIRED, HEALTH, UPDATED = (
     "registered",
@@ -36,6 +51,7 @@ SYNC = "sync"  # ownership moved; replicated, never shown to watchers
 DELETIONS = (DEREGISTERED, EXPIRED)
 TOMBSTONE_SECONDS = 600.0
 MAX_REASON = 200  # characters of a replicated event's reason
+MAX_TOMBSTONES = 200_000  # deleted ids remembered (their revision), oldest forgotten first
 
 Event = dict[str, Any]
 
@@ -67,12 +83,23 @@ def make_event(
     }
 
 
+class RegistryFull(EdaError):
+    """A registration of a new instance past the registry's --max-instances."""
+
+
 class Store:
     """Instances by id and by service, with their deadlines."""
 
-    def __init__(self, registry_id: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        registry_id: str,
+        clock: Callable[[], float] = time.time,
+        max_instances: int = DEFAULT_MAX_INSTANCES,
+    ) -> None:
         self.id = registry_id
         self.clock = clock
+        self.max_instances = max_instances
+        self.refused_full = 0  # registrations refused by max_instances
         self.entries: dict[str, Entry] = {}
         self.services: dict[str, dict[str, Entry]] = {}
         self.tombstones: dict[str, tuple[int, float]] = {}
@@ -102,8 +129,14 @@ class Store:
             group.pop(inst_id, None)
             if not group:
                 self.services.pop(entry.inst.service, None)
-            self.tombstones[inst_id] = (entry.inst.rev, self.clock())
+            self._bury(inst_id, entry.inst.rev)
         return entry
+
+    def _bury(self, inst_id: str, rev: int) -> None:
+        """Remember that *inst_id* was deleted at *rev* (bounded: oldest forgotten first)."""
+        self.tombstones[inst_id] = (rev, self.clock())
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            del self.tombstones[next(iter(self.tombstones))]
 
     def _tomb_rev(self, inst_id: str) -> int:
         return self.tombstones.get(inst_id, (-1, 0.0))[0]
@@ -115,6 +148,12 @@ class Store:
         inst.registry, inst.heartbeat = self.id, now
         entry = self.entries.get(inst.id)
         if entry is None:
+            if len(self.entries) >= self.max_instances:
+                self.refused_full += 1
+                raise RegistryFull(
+                    f"registry full: it holds {len(self.entries)} instances (--max-instances);"
+                    f" {inst.id!r} not registered"
+                )
             inst.registered = now if register or not inst.registered else inst.registered
             inst.rev = next_rev(max(inst.rev, self._tomb_rev(inst.id)))
             self._put(inst, now + inst.ttl)
