@@ -124,6 +124,9 @@ def call(
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
+    def sent(seq: int, endpoint: str) -> None:
+        ctx.debug(f"request {seq + 1} sent to {endpoint}")
+
     closed: list[Exit] = []
 
     def write(data: bytes) -> None:
@@ -146,6 +149,7 @@ def call(
         slow_start=slow_start,
         log=ctx.debug,
         warn=ctx.warn,
+        sent=sent if ctx.verbose else None,
     )
     caller.pool.what = "broker" if via else "worker"
     secure_reports(ctx, caller, caller.pool.what)

@@ -244,12 +244,14 @@ def check_registry(history: Sequence[Op]) -> Result:
 def check_lb(history: Sequence[Op]) -> Result:
     """Per call: every request answered at most once, in input order, by one of the
     workers, or reported (``request N failed``, ``input from line N on not sent``, or
-    exit 3 before anything was sent); the caller ends."""
+    exit 3 before anything was sent); a reply only from an instance the caller sent
+    that request to (``eda-lb call -v``: ``request N sent to ENDPOINT``); the caller ends."""
     result = Result("lb")
     calls = _of(history, "lb", "call")
     _count(result, calls)
     setup = _of(history, "lb", "setup")
     workers = set(setup[-1].value["workers"]) if setup else set()
+    host_of = setup[-1].value["hosts"] if setup else {}
     for op in calls:
         v = op.value
         index = {r: i for i, r in enumerate(v["requests"], 1)}
@@ -260,6 +262,14 @@ def check_lb(history: Sequence[Op]) -> Result:
                 result.flag("phantom-reply", f"reply {line!r} answers no request sent", [op])
                 continue
             answered.append(index[body])
+            went = v.get("sent", {}).get(str(index[body]), [])
+            if host_of.get(worker) not in went:
+                result.flag(
+                    "reply-from-elsewhere",
+                    f"request {index[body]} answered by {worker} ({host_of.get(worker)}), "
+                    f"sent only to {went or 'no instance'}",
+                    [op],
+                )
         for i, n in sorted(Counter(answered).items()):
             if n > 1:
                 result.flag("duplicate-reply", f"request {i} answered {n} times", [op])

@@ -422,11 +422,13 @@ class RegistryWorkload(Workload):
 PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
 LB_FAILED = re.compile(r"request (\d+) failed")
 LB_UNSENT = re.compile(r"input from line (\d+) on not sent")
+LB_SENT = re.compile(r"request (\d+) sent to tcp://(.+):\d+$", re.M)  # eda-lb call -v
 
 
 class LbWorkload(Workload):
     """Workers of one service on several hosts (each reply names its worker); callers
-    send numbered requests with ``eda-lb call`` and keep its stdout, stderr and status."""
+    send numbered requests with ``eda-lb call -v`` and keep its stdout, stderr (where
+    each attempt's instance is named) and status."""
 
     subject = "lb"
 
@@ -435,6 +437,7 @@ class LbWorkload(Workload):
     ) -> None:
         super().__init__(history, workdir)
         self.names = []
+        where = {}
         for i, host in enumerate(workers, 1):
             name = f"lbw{i}"
             reply = f'printf "%s %s\\n" "$(cat)" {name}'
@@ -444,7 +447,8 @@ class LbWorkload(Workload):
             )  # fmt: skip
             self.daemon(name, host, proc, ("kill", "stop"))
             self.names.append(name)
-        history.add("lb", self.subject, "setup", {"workers": self.names})
+            where[name] = host.address
+        history.add("lb", self.subject, "setup", {"workers": self.names, "hosts": where})
         for i, host in enumerate(callers, 1):
             self.loops.append(Loop(self.history, f"lb-call{i}", self._caller(f"lb-call{i}", host)))
 
@@ -460,16 +464,21 @@ class LbWorkload(Workload):
             requests = [f"{name}-{n}-{i}" for i in range(5)]
             began = self.history.now()
             rc, out, err = attempt(
-                host, "eda-lb", "call", LB_SERVICE, "--timeout", "8", *requests, timeout=120
-            )
+                host, "eda-lb", "call", "-v", LB_SERVICE, "--timeout", "8", *requests,
+                timeout=120,
+            )  # fmt: skip
             unsent = LB_UNSENT.search(err)
+            sent: dict[str, list[str]] = {}
+            for m in LB_SENT.finditer(err):
+                sent.setdefault(m.group(1), []).append(m.group(2).strip("[]"))
             value = {
                 "requests": requests,
                 "replies": out.splitlines(),
                 "failed": sorted(int(m) for m in LB_FAILED.findall(err)),
                 "unsent_from": int(unsent.group(1)) if unsent else None,
+                "sent": sent,  # request number -> the hosts of the instances it went to
                 "rc": rc,
-                "stderr": last_line(err),
+                "stderr": last_line(LB_SENT.sub("", err)),
             }
             self.history.add(name, self.subject, "call", value, OK if rc == 0 else FAIL, began)
 
