@@ -10,6 +10,7 @@ import pytest
 from tests.nemesis.checkers import (
     check_bus,
     check_lb,
+    check_nats,
     check_pubsub,
     check_registry,
     check_txn,
@@ -70,6 +71,23 @@ def test_bus_without_a_final_read_is_an_anomaly() -> None:
     assert kinds(check_bus(history)) == ["no-final-read"]
     failed = [o if o.kind != "read" else op(10, "c", "bus", "read", [], FAIL) for o in history]
     assert kinds(check_bus(failed)) == ["no-final-read"]
+
+
+def as_nats(history: list[Op], consumers: list[str]) -> list[Op]:
+    """*history* as the NATS role's (subject ``nats``; its setup names its consumers)."""
+    moved = [Op(o.time, o.end, o.process, "nats", o.kind, o.value, o.outcome) for o in history]
+    return [op(0, "nats", "nats", "setup", {"consumers": consumers}), *moved]
+
+
+def test_the_nats_role_is_checked_as_the_bus_and_apart_from_it() -> None:
+    clean = bus_history([["a", 1], ["b", 2]], ["a", "b"], [])
+    # the NATS role runs no group: nothing is asked of one
+    assert check_nats(as_nats(clean, ["durable"])).anomalies == []
+    assert kinds(check_nats(as_nats(clean, ["durable", "group"]))) == ["group-undelivered"] * 2
+    lost = bus_history([["a", 1]], ["a"], [])  # b confirmed, not in JetStream's stream
+    assert kinds(check_nats(as_nats(lost, ["durable"]))) == ["lost-confirmed"]
+    assert check_nats(lost).ops == 0  # the embedded bus's history is not the NATS role's
+    assert check_bus(as_nats(lost, ["durable"])).ops == 0
 
 
 # -- pub/sub ------------------------------------------------------------------------------
