@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -154,5 +155,8 @@ def run(
     history.close()
     results = check_all(history.ops)
     title = f"eda nemesis: seed {seed}, {seconds:.0f} s, {hosts} hosts, {len(faults)} faults"
+    kinds = Counter(f.kind for f in faults)
     text = report.write(history.ops, results, out, title)
+    text = f"{title} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})\n{text}"
+    (out / "summary.txt").write_text(text)
     return results, text
