@@ -97,7 +97,8 @@ def call(
 
     A failed request (an error reply, or no answer after its retries) is
     reported on stderr with its input; the exit status is then 1 (4 if every
-    failure was a timeout).  With no live instance (none found, none that
+    failure was a timeout); -v names the instance each attempt went to
+    ("request N sent to ENDPOINT").  With no live instance (none found, none that
     answers, or all gone for a whole --timeout), call stops with one error
     and exit status 3: the requests already sent are reported, the rest are
     not sent.
