@@ -97,7 +97,8 @@ def call(
 
     A failed request (an error reply, or no answer after its retries) is
     reported on stderr with its input; the exit status is then 1 (4 if every
-    failure was a timeout).  With no live instance (none found, none that
+    failure was a timeout); -v names the instance each attempt went to
+    ("request N sent to ENDPOINT").  With no live instance (none found, none that
     answers, or all gone for a whole --timeout), call stops with one error
     and exit status 3: the requests already sent are reported, the rest are
     not sent.
@@ -124,6 +125,9 @@ def call(
         text = printable(line.decode(errors="replace"), 200)
         ctx.error(f"request {seq + 1} failed: {printable(reason)}; input: {text}")
 
+    def sent(seq: int, endpoint: str) -> None:
+        ctx.debug(f"request {seq + 1} sent to {endpoint}")
+
     closed: list[Exit] = []
 
     def write(data: bytes) -> None:
@@ -146,6 +150,7 @@ def call(
         slow_start=slow_start,
         log=ctx.debug,
         warn=ctx.warn,
+        sent=sent if ctx.verbose else None,
     )
     caller.pool.what = "broker" if via else "worker"
     secure_reports(ctx, caller, caller.pool.what)

@@ -30,7 +30,8 @@ from eda.core.bus.nats import NatsEngine, migrate
 from eda.core.errors import UsageError
 from tests import bus_engines
 from tests.bus_engines import Opener, Server, free_port
-from tests.helpers import Proc, Procs, require_tools, wait_until
+from tests.helpers import Procs, wait_until
+from tests.natsnodes import start_nodes
 from tests.test_bus_store import Clock, batch, events
 
 # the contract tests that run on both engines are in tests/test_bus_store.py
@@ -146,16 +147,6 @@ def test_group_messages_held_by_a_lost_engine_are_redelivered_after_ack_wait(
 # -- a 3-node JetStream cluster on namespaced hosts -------------------------------------
 
 
-def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
-    routes = ",".join(f"nats://{a}:6222" for a in peers)
-    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", "0.0.0.0", "-p", "4222",
-            "-sd", str(store / f"n{i}"), "--cluster_name", "eda",
-            "--cluster", f"nats://{host.address}:6222", "--routes", routes]  # fmt: skip
-    proc = host.procs.start(argv, prefix=host.prefix)
-    host.started.append(proc)
-    return proc
-
-
 class Cluster(NamedTuple):
     hosts: list[Any]
     urls: list[str]
@@ -172,17 +163,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """
     from tests.hosts import Network, ip
 
-    require_tools("nats-server", install="nats-server")
     procs = Procs(tmp_path)
     net = Network(procs)
     try:
         hosts = [net.add_host(f"n{i}") for i in range(1, 4)]
         ip("addr", "add", f"10.231.{net.net}.1/24", "dev", net.bridge)
-        peers = [h.address for h in hosts]
-        nodes = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
-        for node in nodes:
-            node.wait_stderr("Server is ready", 20)
-        yield Cluster(hosts, [f"nats://{a}:4222" for a in peers], procs)
+        yield Cluster(hosts, start_nodes(hosts, tmp_path), procs)
     finally:
         procs.kill_all()
         net.close()

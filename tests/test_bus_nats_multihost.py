@@ -1,7 +1,7 @@
 """eda-bus on NATS JetStream at CLI level, across namespaced hosts.
 
-A 3-node JetStream cluster (three hosts, ``start_node`` of
-tests/test_bus_nats.py), eda-bus fronts on hosts of their own, eda-pub and
+A 3-node JetStream cluster (three hosts, ``start_nodes`` of
+tests/natsnodes.py), eda-bus fronts on hosts of their own, eda-pub and
 eda-sub on two more hosts, finding a front by mDNS.  Failures: kill -9 of a
 NATS node during a confirmed stream of 200,000 events, kill -9 of a front,
 a partition cutting one node off.
@@ -11,50 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import Proc, require_tools, wait_until
+from tests.helpers import Proc, wait_until
 from tests.hosts import Host, Network, ip
+from tests.natsnodes import front, start_nodes
 from tests.test_bus import _feed
-from tests.test_bus_nats import start_node
-
-ANNOUNCED = r"serving NATS stream \S+ at \S+ on tcp://\S+"
 
 
 @pytest.fixture
 def nodes(network: Network, tmp_path: Path) -> tuple[list[Host], list[str]]:
     """Three clustered ``nats-server -js`` nodes on hosts n1..n3; their URLs."""
-    require_tools("nats-server", install="nats-server")
     hosts = [network.add_host(f"n{i}") for i in range(1, 4)]
     # the test process reaches the nodes through an address on the bridge
     ip("addr", "add", f"10.231.{network.net}.1/24", "dev", network.bridge)
-    peers = [h.address for h in hosts]
-    procs = [start_node(h, i, peers, tmp_path) for i, h in enumerate(hosts, 1)]
-    for proc in procs:
-        proc.wait_stderr("Server is ready", 20)
-    return hosts, [f"nats://{a}:4222" for a in peers]
-
-
-def front(host: Host, engine: str, *args: str, replicas: bool = True) -> tuple[Proc, str]:
-    """An eda-bus front on *host* (R3 stream EDA); its endpoint as others reach it."""
-    three = ["--replicas", "3"] if replicas else []
-
-    def started() -> tuple[Proc, str] | None:
-        bus = host.eda("eda-bus", "serve", "--engine", engine, *three, "-v", *args)
-        ready = "announced bus" if "--no-mdns" not in args else ANNOUNCED
-        wait_until(lambda: re.search(ready, bus.stderr) or bus.popen.poll() is not None, 40)
-        if bus.popen.poll() is not None:
-            return None  # no JetStream meta leader yet: start again
-        m = re.search(r" on tcp://[^:]+:(\d+) ", bus.stderr)
-        assert m, bus.stderr
-        return bus, f"tcp://{host.address}:{m[1]}"
-
-    return wait_until(started, 60, f"a front on {host.name}")  # type: ignore[no-any-return]
+    return hosts, start_nodes(hosts, tmp_path)
 
 
 async def _info(urls: list[str], stream: str) -> Any:

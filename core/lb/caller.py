@@ -140,9 +140,11 @@ class Caller(Daemon):
         log: Log = _quiet,
         warn: Log | None = None,
         interface: str | None = None,
+        sent: Callable[[int, str], None] | None = None,
     ) -> None:
+        """*sent*: told of every attempt, (input line index, the instance's endpoint)."""
         super().__init__(log, warn, interface=interface)
-        self.out, self.failed_cb = out, failed
+        self.out, self.failed_cb, self.sent_cb = out, failed, sent
         self.security = security.active()
         self.balancer = Balancer(strategy, slow_start=slow_start)
         self.timeout, self.retries, self.window = timeout, retries, max(1, window)
@@ -282,6 +284,8 @@ class Caller(Daemon):
         self.pending[req.rid] = req
         heapq.heappush(self.deadlines, (now + share, self.summary.sent, req, req.attempt))
         self.summary.sent += 1
+        if self.sent_cb is not None:
+            self.sent_cb(req.seq, backend.key)
         return True
 
     # -- replies -------------------------------------------------------------------------------

@@ -7,12 +7,21 @@ Blocking requests: only :class:`~eda.core.presence.Presence` drives an
 from __future__ import annotations
 
 import contextlib
+import secrets
+import time
 from collections.abc import Callable
 
 from ..errors import EdaError
 from .client import Client, RegistryUnavailable
 from .model import Instance, InvalidRecord, from_dict, validate_rev
 from .protocol import RemoteError
+
+CLOCK = secrets.token_hex(8)  # this process's monotonic clock, as heartbeats name it
+
+
+def sent() -> dict[str, object]:
+    """When a heartbeat is sent, by this process's clock (the registry's .lateness)."""
+    return {"clock": CLOCK, "at": time.monotonic()}
 
 
 class Agent:
@@ -28,7 +37,9 @@ class Agent:
     def register(self) -> Instance:
         """First registration; raises if refused or if no registry answers."""
         self.client.hello()
-        reply = self.client.request({"op": "register", "instance": self.inst.to_dict()})
+        reply = self.client.request(
+            {"op": "register", "instance": self.inst.to_dict(), "sent": sent()}
+        )
         try:
             self.inst = from_dict(reply.get("instance"))
         except InvalidRecord as exc:
@@ -41,7 +52,7 @@ class Agent:
         self.inst.status = status
         try:
             reply = self.client.request(
-                {"op": "heartbeat", "instance": self.inst.to_dict()},
+                {"op": "heartbeat", "instance": self.inst.to_dict(), "sent": sent()},
                 timeout=min(1.0, max(0.2, self.inst.interval)),
             )
             if not self.client.registry_id:

@@ -20,6 +20,7 @@ operations and validates each into a typed :class:`Request`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ class Request:
     op: str
     rid: int | str | None = None
     instance: Instance | None = None  # register, heartbeat
+    sent: tuple[str, float] | None = None  # heartbeat: the registrant's clock (.lateness)
     id: str = ""  # deregister
     service: str | None = None  # lookup (required), list and snapshot (optional)
     all: bool = False  # lookup: every instance, not only passing ones
@@ -69,6 +71,23 @@ def _flag(msg: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ProtocolError(f"malformed request: {key!r} must be true or false")
     return value
+
+
+def _sent(msg: dict[str, Any]) -> tuple[str, float] | None:
+    """A heartbeat's ``sent``: {"clock": name (1-64 characters), "at": seconds}, or none."""
+    sent = msg.get("sent")
+    if sent is None:
+        return None
+    clock, at = (sent.get("clock"), sent.get("at")) if isinstance(sent, dict) else (None, None)
+    if (
+        not isinstance(clock, str)
+        or not 0 < len(clock) <= 64
+        or isinstance(at, bool)
+        or not isinstance(at, int | float)
+        or not math.isfinite(at)
+    ):
+        raise ProtocolError("malformed request: 'sent' must be {clock: name, at: seconds}")
+    return clock, float(at)
 
 
 def parse_request(frame: bytes) -> Request:
@@ -94,7 +113,7 @@ def request_from(msg: dict[str, Any], records: Records | None = None) -> Request
         if not isinstance(record, dict):
             raise ProtocolError(f"malformed request: {op} needs an instance object")
         inst = from_dict(record) if records is None else records.from_dict(record)
-        return Request(op, safe_rid, instance=inst)
+        return Request(op, safe_rid, instance=inst, sent=_sent(msg))
     if op == "deregister":
         if "id" not in msg:
             raise InvalidRecord("deregister needs an instance id")

@@ -48,6 +48,7 @@ from ..errors import EdaError
 from ..reqrep import Handler, Service
 from . import protocol
 from .dns import Responder, TcpConnections
+from .lateness import Lateness
 from .model import DEFAULT_MAX_INSTANCES, Records
 from .peers import Peers
 from .peers import peer_endpoint as peer_endpoint  # (cli/registryserve.py imports it here)
@@ -94,6 +95,7 @@ class Server(Daemon):
         self.journal = Journal(settings.data) if settings.data else None
         self.id = self.journal.registry_id() if self.journal else secrets.token_hex(4)
         self.store = Store(self.id, max_instances=settings.max_instances)
+        self.lateness = Lateness()  # how late each heartbeat arrives, at least
         self.persist_failed = False
         self.counted: collections.Counter[str] = collections.Counter()  # changes, heartbeats
         if self.journal is not None:
@@ -257,7 +259,8 @@ class Server(Daemon):
         self.counted[req.op] += 1
         inst.key = self.service.sender_key  # proven by the handshake; a claimed key is ignored
         self._check_owner(inst.id, req.op)
-        self._publish(self.store.heartbeat(inst, register=register))
+        late = self.lateness.of(inst.id, req.sent)
+        self._publish(self.store.heartbeat(inst, register=register, late=late))
         return {"instance": inst.to_dict()} if register else {"rev": inst.rev}
 
     _op_heartbeat = _op_register

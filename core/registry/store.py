@@ -142,9 +142,18 @@ class Store:
         return self.tombstones.get(inst_id, (-1, 0.0))[0]
 
     # -- requests from owners ---------------------------------------------------
-    def heartbeat(self, inst: Instance, *, register: bool = False) -> list[Event]:
-        """Accept a registration or heartbeat; this registry becomes the owner."""
+    def heartbeat(
+        self, inst: Instance, *, register: bool = False, late: float = 0.0
+    ) -> list[Event]:
+        """Accept a registration or heartbeat; this registry becomes the owner.
+
+        *late*: seconds the heartbeat arrived late at least (:mod:`.lateness`); its TTL
+        counts from when it was sent, and one sent a whole TTL ago or more says nothing
+        of now: ignored, so it neither keeps nor revives the instance."""
         now = self.clock()
+        if late >= inst.ttl and not register:
+            return []
+        now -= late
         inst.registry, inst.heartbeat = self.id, now
         entry = self.entries.get(inst.id)
         if entry is None:
@@ -173,7 +182,8 @@ class Store:
         elif old.registry != self.id:
             kind, reason = SYNC, f"heartbeats moved here from registry {old.registry}"
         inst.rev = next_rev(old.rev) if kind else old.rev
-        self._put(inst, now + inst.ttl)
+        # a late heartbeat never shortens what a later one, come sooner, granted
+        self._put(inst, max(now + inst.ttl, entry.deadline) if late else now + inst.ttl)
         return [self._event(kind, inst, reason)] if kind else []
 
     def deregister(self, inst_id: str, reason: str = "deregistered by its owner") -> list[Event]:

@@ -22,6 +22,10 @@ def main() -> int:
         "--txn", action=argparse.BooleanOptionalAction, default=None,
         help="run the txn role (default: with 10 hosts)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nats", action=argparse.BooleanOptionalAction, default=None,
+        help="run the NATS role (three JetStream nodes, two fronts; default: with 10 hosts)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = (args.out or Path("build/nemesis") / str(args.seed)).resolve()
     work = out / "procs"
@@ -31,7 +35,8 @@ def main() -> int:
     procs = Procs(work)
     network = Network(procs)
     try:
-        results, text = run(network, out, args.seconds, args.seed, args.hosts, txn=args.txn)
+        results, text = run(network, out, args.seconds, args.seed, args.hosts, txn=args.txn,
+                            nats=args.nats)  # fmt: skip
     finally:
         procs.kill_all()
         network.close()

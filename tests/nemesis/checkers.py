@@ -45,18 +45,22 @@ def _count(result: Result, ops: Sequence[Op]) -> None:
 
 
 # -- bus ----------------------------------------------------------------------------------
-def check_bus(history: Sequence[Op]) -> Result:
+def check_bus(history: Sequence[Op], subject: str = "bus") -> Result:
     """Confirmed events stored exactly once; unconfirmed ones at most once; nothing that
     was never published; every event below the durable's acknowledged position
-    delivered to it; every stored event delivered to at least one group member."""
-    result = Result("bus")
-    publishes = _of(history, "bus", "publish")
+    delivered to it; every stored event delivered to at least one group member (when
+    the workload's setup names a group). *subject*: ``bus`` (the embedded engine) or
+    ``nats`` (fronts on JetStream)."""
+    result = Result(subject)
+    setup = _of(history, subject, "setup")
+    groups = not setup or "group" in setup[-1].value["consumers"]
+    publishes = _of(history, subject, "publish")
     _count(result, publishes)
     by_value: dict[str, Op] = {}
     for op in publishes:
         for v in op.value["values"]:
             by_value[v] = op
-    reads = [op for op in _of(history, "bus", "read") if op.outcome == OK]
+    reads = [op for op in _of(history, subject, "read") if op.outcome == OK]
     if not reads:
         result.flag("no-final-read", "the log could not be read after the recovery", [])
         return result
@@ -72,12 +76,12 @@ def check_bus(history: Sequence[Op]) -> Result:
         if op.outcome == OK and value not in stored:
             result.flag("lost-confirmed", f"{value!r} was confirmed, not in the log", [op, read])
     delivered: dict[str, set[str]] = defaultdict(set)
-    for op in _of(history, "bus", "delivered"):
+    for op in _of(history, subject, "delivered"):
         for data, _ in op.value["events"]:
             delivered[op.value["consumer"]].add(data)
             if data not in by_value:
                 result.flag("phantom", f"{data!r} delivered but never published", [op])
-    stats = [op for op in _of(history, "bus", "stats") if op.outcome == OK]
+    stats = [op for op in _of(history, subject, "stats") if op.outcome == OK]
     if not stats:
         result.flag("not-caught-up", "the durable consumer or the group never caught up", [])
         return result
@@ -91,7 +95,7 @@ def check_bus(history: Sequence[Op]) -> Result:
                 "but was never delivered to it",
                 [stats[-1], read],
             )
-        if value not in delivered["group"]:
+        if groups and value not in delivered["group"]:
             result.flag(
                 "group-undelivered",
                 f"{value!r} (bus seq {seq}) reached no member of the group",
@@ -103,6 +107,11 @@ def check_bus(history: Sequence[Op]) -> Result:
         len(op.value["values"]) for op in publishes if op.outcome == INFO
     )
     return result
+
+
+def check_nats(history: Sequence[Op]) -> Result:
+    """:func:`check_bus` on the NATS engine's role (subject ``nats``)."""
+    return check_bus(history, "nats")
 
 
 # -- brokerless pub/sub -------------------------------------------------------------------
@@ -244,12 +253,14 @@ def check_registry(history: Sequence[Op]) -> Result:
 def check_lb(history: Sequence[Op]) -> Result:
     """Per call: every request answered at most once, in input order, by one of the
     workers, or reported (``request N failed``, ``input from line N on not sent``, or
-    exit 3 before anything was sent); the caller ends."""
+    exit 3 before anything was sent); a reply only from an instance the caller sent
+    that request to (``eda-lb call -v``: ``request N sent to ENDPOINT``); the caller ends."""
     result = Result("lb")
     calls = _of(history, "lb", "call")
     _count(result, calls)
     setup = _of(history, "lb", "setup")
     workers = set(setup[-1].value["workers"]) if setup else set()
+    host_of = setup[-1].value["hosts"] if setup else {}
     for op in calls:
         v = op.value
         index = {r: i for i, r in enumerate(v["requests"], 1)}
@@ -260,6 +271,14 @@ def check_lb(history: Sequence[Op]) -> Result:
                 result.flag("phantom-reply", f"reply {line!r} answers no request sent", [op])
                 continue
             answered.append(index[body])
+            went = v.get("sent", {}).get(str(index[body]), [])
+            if host_of.get(worker) not in went:
+                result.flag(
+                    "reply-from-elsewhere",
+                    f"request {index[body]} answered by {worker} ({host_of.get(worker)}), "
+                    f"sent only to {went or 'no instance'}",
+                    [op],
+                )
         for i, n in sorted(Counter(answered).items()):
             if n > 1:
                 result.flag("duplicate-reply", f"request {i} answered {n} times", [op])
@@ -404,7 +423,7 @@ def _check_sagas(result: Result, history: Sequence[Op], sagas: Sequence[Op]) -> 
     result.stats["sagas"] = dict(ends)
 
 
-CHECKERS = (check_bus, check_pubsub, check_registry, check_lb, check_txn)
+CHECKERS = (check_bus, check_nats, check_pubsub, check_registry, check_lb, check_txn)
 
 
 def check_harness(history: Sequence[Op]) -> Result:

@@ -25,6 +25,9 @@ CLIENT_KINDS = {
     ("registry", "lookup"),
     ("registry", "view"),
     ("lb", "call"),
+    ("nats", "publish"),
+    ("txn", "transfer"),
+    ("txn", "saga"),
 }
 # a feed's publish is a write into eda-pub's stdin: its latency says nothing of eda
 TIMED_KINDS = CLIENT_KINDS - {("pubsub", "publish")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -23,21 +24,25 @@ from tests.nemesis.txn import TxnWorkload
 from tests.nemesis.workloads import (
     BusWorkload,
     LbWorkload,
+    NatsWorkload,
     PubSubWorkload,
     RegistryWorkload,
     Workload,
 )
 
 # roles by host index (modulo the number of hosts): 5 hosts share them, 10 spread them;
-# the txn role (bank transfers and sagas) runs in the long form only (short form's budget)
+# the txn role (bank transfers and sagas) and the NATS role (three JetStream nodes, two
+# fronts) run in the long form only (the short form's budget: the suite is over its own)
 LAYOUT = {
     5: {"bus": 0, "bus-pub": (1, 4), "durable": 2, "members": (3, 4), "feed": 1,
         "ps-subs": (2, 3), "registries": (0, 1, 2), "lb-workers": (2, 3, 4), "lb-callers": (0,),
-        "txn-participants": (1, 2, 3), "txn-coordinators": (0, 4), "txn-clients": (2,)},
+        "txn-participants": (1, 2, 3), "txn-coordinators": (0, 4), "txn-clients": (2,),
+        "nats-nodes": (1, 2, 3), "nats-fronts": (0, 4), "nats-pub": (2, 3), "nats-durable": 1},
     10: {"bus": 0, "bus-pub": (1, 5), "durable": 2, "members": (3, 4), "feed": 5,
          "ps-subs": (6, 7), "registries": (7, 8, 9), "lb-workers": (2, 4, 6),
          "lb-callers": (1, 8), "txn-participants": (3, 5, 9), "txn-coordinators": (0, 7),
-         "txn-clients": (1, 6)},
+         "txn-clients": (1, 6), "nats-nodes": (1, 4, 8), "nats-fronts": (3, 9),
+         "nats-pub": (2, 6), "nats-durable": 5},
 }  # fmt: skip
 SETTLE = 2.0  # s the checkers' conditions hold before the recovery window ends
 
@@ -68,12 +73,14 @@ def run(
     hosts: int,
     recovery: float = 30.0,
     txn: bool | None = None,
+    nats: bool | None = None,
 ) -> tuple[list[Result], str]:
     """Run, check and report into *out*; returns the results and the summary text.
 
     The recovery window after the heal ends once every workload's checked
     conditions hold (:meth:`Workload.recovered`, for :data:`SETTLE` s), or
-    after *recovery* s. *txn*: run the txn role (by default on 10 hosts only)."""
+    after *recovery* s. *txn*, *nats*: run the txn role, the NATS role (by default on
+    10 hosts only)."""
     out.mkdir(parents=True, exist_ok=True)
     roles = LAYOUT[5 if hosts < 10 else 10]
     hs: list[Host] = [network.add_host(f"n{i + 1}") for i in range(hosts)]
@@ -100,6 +107,13 @@ def run(
             TxnWorkload(
                 history, out, on(*roles["txn-participants"]), on(*roles["txn-coordinators"]),
                 on(*roles["txn-clients"]),
+            )
+        )  # fmt: skip
+    if nats if nats is not None else hosts >= 10:
+        workloads.append(
+            NatsWorkload(
+                history, out, on(*roles["nats-nodes"]), on(*roles["nats-fronts"]),
+                on(*roles["nats-pub"]), hs[roles["nats-durable"] % hosts],
             )
         )  # fmt: skip
     for w in workloads:  # every daemon was started above: their start-ups overlap
@@ -141,5 +155,8 @@ def run(
     history.close()
     results = check_all(history.ops)
     title = f"eda nemesis: seed {seed}, {seconds:.0f} s, {hosts} hosts, {len(faults)} faults"
+    kinds = Counter(f.kind for f in faults)
     text = report.write(history.ops, results, out, title)
+    text = f"{title} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})\n{text}"
+    (out / "summary.txt").write_text(text)
     return results, text

@@ -10,6 +10,7 @@ import pytest
 from tests.nemesis.checkers import (
     check_bus,
     check_lb,
+    check_nats,
     check_pubsub,
     check_registry,
     check_txn,
@@ -70,6 +71,23 @@ def test_bus_without_a_final_read_is_an_anomaly() -> None:
     assert kinds(check_bus(history)) == ["no-final-read"]
     failed = [o if o.kind != "read" else op(10, "c", "bus", "read", [], FAIL) for o in history]
     assert kinds(check_bus(failed)) == ["no-final-read"]
+
+
+def as_nats(history: list[Op], consumers: list[str]) -> list[Op]:
+    """*history* as the NATS role's (subject ``nats``; its setup names its consumers)."""
+    moved = [Op(o.time, o.end, o.process, "nats", o.kind, o.value, o.outcome) for o in history]
+    return [op(0, "nats", "nats", "setup", {"consumers": consumers}), *moved]
+
+
+def test_the_nats_role_is_checked_as_the_bus_and_apart_from_it() -> None:
+    clean = bus_history([["a", 1], ["b", 2]], ["a", "b"], [])
+    # the NATS role runs no group: nothing is asked of one
+    assert check_nats(as_nats(clean, ["durable"])).anomalies == []
+    assert kinds(check_nats(as_nats(clean, ["durable", "group"]))) == ["group-undelivered"] * 2
+    lost = bus_history([["a", 1]], ["a"], [])  # b confirmed, not in JetStream's stream
+    assert kinds(check_nats(as_nats(lost, ["durable"]))) == ["lost-confirmed"]
+    assert check_nats(lost).ops == 0  # the embedded bus's history is not the NATS role's
+    assert check_bus(as_nats(lost, ["durable"])).ops == 0
 
 
 # -- pub/sub ------------------------------------------------------------------------------
@@ -169,13 +187,24 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 # -- lb -----------------------------------------------------------------------------------
+LB_HOSTS = {"w1": "10.0.0.1", "w2": "10.0.0.2"}
+
+
 def lb_history(
-    replies: list[str], failed: list[int], rc: int, unsent: int | None = None
+    replies: list[str],
+    failed: list[int],
+    rc: int,
+    unsent: int | None = None,
+    sent: dict[str, list[str]] | None = None,
 ) -> list[Op]:
+    """A call of requests r1..r3; by default each was sent to both workers (*sent*:
+    request number -> the hosts it went to, as ``eda-lb call -v`` names them)."""
+    if sent is None:
+        sent = {str(i): sorted(LB_HOSTS.values()) for i in (1, 2, 3)}
     value = {"requests": ["r1", "r2", "r3"], "replies": replies, "failed": failed,
-             "unsent_from": unsent, "rc": rc, "stderr": ""}  # fmt: skip
+             "unsent_from": unsent, "sent": sent, "rc": rc, "stderr": ""}  # fmt: skip
     return [
-        op(0, "lb", "lb", "setup", {"workers": ["w1", "w2"]}),
+        op(0, "lb", "lb", "setup", {"workers": ["w1", "w2"], "hosts": LB_HOSTS}),
         op(1, "lb-call1", "lb", "call", value, OK if rc == 0 else FAIL),
     ]
 
@@ -197,6 +226,20 @@ def test_lb_names_each_anomaly() -> None:
     assert kinds(check_lb(lb_history(["r1 w1", "r2 w1", "r3 w1"], [2], 1))) == [
         "answered-and-failed"]  # fmt: skip
     assert kinds(check_lb(lb_history([], [], -1))) == ["hung"]
+
+
+def test_lb_flags_a_reply_from_an_instance_the_request_did_not_go_to() -> None:
+    w1, w2 = LB_HOSTS["w1"], LB_HOSTS["w2"]
+    # r2 retried on w2 after w1 timed out, and w1's late reply taken: both were sent it
+    retried = {"1": [w1], "2": [w1, w2], "3": [w2]}
+    assert check_lb(lb_history(["r1 w1", "r2 w1", "r3 w2"], [], 0, sent=retried)).anomalies == []
+    # r2 went to w1 only, the reply says w2 answered it
+    elsewhere = lb_history(["r1 w1", "r2 w2", "r3 w2"], [], 0, sent={"1": [w1], "2": [w1],
+                                                                     "3": [w2]})  # fmt: skip
+    assert kinds(check_lb(elsewhere)) == ["reply-from-elsewhere"]
+    # a reply to a request the caller never sent anywhere
+    unsent = lb_history(["r1 w1", "r2 w1", "r3 w1"], [], 0, sent={"1": [w1], "3": [w1]})
+    assert kinds(check_lb(unsent)) == ["reply-from-elsewhere"]
 
 
 # -- the schedule -------------------------------------------------------------------------

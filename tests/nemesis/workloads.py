@@ -20,6 +20,7 @@ from typing import Any
 
 from tests.helpers import PROGRAMS, Proc, wait_until
 from tests.hosts import Host
+from tests.natsnodes import front, start_nodes
 from tests.nemesis.history import FAIL, INFO, OK, History
 from tests.nemesis.nemesis import Daemon
 
@@ -138,30 +139,40 @@ class BusWorkload(Workload):
         members: list[Host],
     ) -> None:
         super().__init__(history, workdir)
-        self.endpoint = f"tcp://{bus_host.address}:5570"
-        self.bus_host = bus_host
+        endpoint = f"tcp://{bus_host.address}:5570"
         bus = bus_host.eda(
-            "eda-bus", "serve", "--data", str(workdir / "bus"), "--bind", self.endpoint, "-v"
+            "eda-bus", "serve", "--data", str(workdir / "bus"), "--bind", endpoint, "-v"
         )
-        self.bus = self.daemon("bus", bus_host, bus, ("kill", "stop"))
-        sub = ("eda-sub", "--bus", self.endpoint, BUS_TOPIC)
+        self.fronts = [self.daemon("bus", bus_host, bus, ("kill", "stop"))]
+        self.clients([endpoint], publishers, durable, members)
+
+    def clients(
+        self, endpoints: list[str], publishers: list[Host], durable: Host, members: list[Host]
+    ) -> None:
+        """The durable consumer and the group's members (through the first of *endpoints*,
+        the bus or its fronts) and the publishers (the i-th through the i-th, in turn)."""
+        self.endpoints = endpoints
+        sub = ("eda-sub", "--bus", endpoints[0], BUS_TOPIC)
         self.durable = self.daemon(
-            "durable", durable, durable.eda(*sub, "--durable", "d1"), ("kill", "stop")
-        )
+            "durable" if self.subject == "bus" else f"{self.subject}-durable",
+            durable, durable.eda(*sub, "--durable", "d1"), ("kill", "stop"),
+        )  # fmt: skip
         self.members = [
             self.daemon(f"member{i}", h, h.eda(*sub, "--group", "g1"), ("kill", "stop"))
             for i, h in enumerate(members, 1)
         ]
+        consumers = ["durable", *(["group"] if members else [])]
+        self.history.add(self.subject, self.subject, "setup", {"consumers": consumers})
         for i, host in enumerate(publishers, 1):
-            self.loops.append(
-                Loop(self.history, f"bus-pub{i}", self._publisher(f"bus-pub{i}", host))
-            )
+            name = f"{self.subject}-pub{i}"
+            endpoint = endpoints[(i - 1) % len(endpoints)]
+            self.loops.append(Loop(self.history, name, self._publisher(name, host, endpoint)))
 
     def ready(self) -> None:
-        self.bus.proc.wait_stderr("announced bus", 60)
-        wait_until(lambda: self._stats(self.bus_host) is not None, 60, "the bus answering stats")
+        self.fronts[0].proc.wait_stderr("announced bus", 60)
+        wait_until(lambda: self._stats(self.fronts[0].host) is not None, 60, "the bus's stats")
 
-    def _publisher(self, name: str, host: Host) -> Callable[[], None]:
+    def _publisher(self, name: str, host: Host, endpoint: str) -> Callable[[], None]:
         count = iter(range(1, 1 << 30))
 
         def publish() -> None:
@@ -169,7 +180,7 @@ class BusWorkload(Workload):
             values = [f"{name}-{n}-{i}" for i in range(3)]
             began = self.history.now()
             rc, _, err = attempt(
-                host, "eda-pub", "--bus", self.endpoint, "--confirm", "--timeout", "5",
+                host, "eda-pub", "--bus", endpoint, "--confirm", "--timeout", "5",
                 BUS_TOPIC, *values, timeout=60,
             )  # fmt: skip
             why = last_line(err)
@@ -179,33 +190,36 @@ class BusWorkload(Workload):
 
         return publish
 
-    def _stats(self, host: Host) -> dict[str, Any] | None:
-        rc, out, _ = attempt(host, "eda-bus", "stats", "--consumers", "--bus", self.endpoint,
-                             timeout=60)  # fmt: skip
+    def _stats(self, host: Host, endpoint: str | None = None) -> dict[str, Any] | None:
+        rc, out, _ = attempt(host, "eda-bus", "stats", "--consumers", "--bus",
+                             endpoint or self.endpoints[0], timeout=60)  # fmt: skip
         return {c["name"]: c for c in json_lines(out)} if rc == 0 else None
 
     def finish(self) -> None:
-        host = self.bus_host
+        host = self.fronts[-1].host  # the last front (the bus itself, or a NATS front)
+        endpoint = self.endpoints[-1]
+        names = ["d1", *(["g1"] if self.members else [])]
         began = self.history.now()
 
         def caught_up() -> dict[str, Any] | None:
-            stats = self._stats(host)
-            done = stats and all(stats.get(n, {}).get("lag", 1) == 0 for n in ("d1", "g1"))
+            stats = self._stats(host, endpoint)
+            done = stats and all(stats.get(n, {}).get("lag", 1) == 0 for n in names)
             return stats if done else None
 
+        check = f"{self.subject}-check"
         try:
             stats = wait_until(caught_up, 120, "the durable consumer and the group caught up")
-            self.history.add("bus-check", self.subject, "stats", stats, OK, began)
+            self.history.add(check, self.subject, "stats", stats, OK, began)
         except AssertionError as exc:
-            self.history.add("bus-check", self.subject, "stats", str(exc), FAIL, began)
+            self.history.add(check, self.subject, "stats", str(exc), FAIL, began)
         began = self.history.now()
         rc, text, _ = attempt(
-            host, "eda-sub", "--bus", self.endpoint, BUS_TOPIC, "--from-start", "--until-end",
+            host, "eda-sub", "--bus", endpoint, BUS_TOPIC, "--from-start", "--until-end",
             timeout=300,
         )  # fmt: skip
         log = [[e.get("data"), e.get("edabusseq")] for e in json_lines(text)]
         outcome = OK if rc == 0 else FAIL
-        self.history.add("bus-check", self.subject, "read", log, outcome, began)
+        self.history.add(check, self.subject, "read", log, outcome, began)
         for d in [self.durable, *self.members]:
             d.proc.signal(signal.SIGTERM)
         for d in [self.durable, *self.members]:
@@ -215,6 +229,58 @@ class BusWorkload(Workload):
                 consumer = "durable" if d is self.durable else "group"
                 value = {"consumer": consumer, "incarnation": i, "events": events}
                 self.history.add(d.name, self.subject, "delivered", value)
+
+
+# -- the bus on the NATS engine --------------------------------------------------------------
+class NatsWorkload(BusWorkload):
+    """Three ``nats-server -js`` nodes (an R3 stream), two ``eda-bus serve --engine nats``
+    fronts, confirmed publishers and a durable consumer through the fronts: the bus's
+    workload and checker (subject ``nats``) on JetStream. The nemesis kills, freezes and
+    cuts off nodes and fronts alike."""
+
+    subject = "nats"
+
+    def __init__(
+        self,
+        history: History,
+        workdir: Path,
+        nodes: list[Host],
+        fronts: list[Host],
+        publishers: list[Host],
+        durable: Host,
+    ) -> None:
+        Workload.__init__(self, history, workdir)
+        self.urls = start_nodes(nodes, workdir / "nats", wait=False)
+        for i, host in enumerate(nodes, 1):
+            self.daemon(f"nats{i}", host, host.started[-1], ("kill", "stop"))
+        self.front_hosts, self.fronts = fronts, []
+        self.publishers, self.durable_host = publishers, durable
+        self.loops = []
+
+    def ready(self) -> None:
+        """The nodes ready, then the fronts (each started again until JetStream has a
+        meta leader), then the durable consumer and the publishers."""
+        for d in self.daemons:
+            d.proc.wait_stderr("Server is ready", 60)
+        engine = ",".join(self.urls)
+        endpoints = []
+        for i, host in enumerate(self.front_hosts, 1):
+            endpoint = f"tcp://{host.address}:5571"
+            proc, _ = front(host, engine, "--no-mdns", "--bind", endpoint)
+            self.fronts.append(self.daemon(f"front{i}", host, proc, ("kill", "stop")))
+            endpoints.append(endpoint)
+        self.clients(endpoints, self.publishers, self.durable_host, [])
+
+    def recovered(self, healed: float) -> bool:
+        """Each front serves again: one that exited (started while JetStream had no
+        leader, as after a kill -9 during a partition) is started again, as a
+        supervisor would."""
+        for d in self.fronts:
+            if d.proc.popen.poll() is not None:
+                d.restart()
+                self.history.add(d.name, self.subject, "restart", None, INFO)
+        return all(self._stats(d.host, e) is not None for d, e in zip(
+            self.fronts, self.endpoints, strict=True))  # fmt: skip
 
 
 def _ended(proc: Proc, timeout: float = 30) -> None:
@@ -422,11 +488,13 @@ class RegistryWorkload(Workload):
 PROGRAMS.setdefault("eda-lb", "eda.cli.lb")
 LB_FAILED = re.compile(r"request (\d+) failed")
 LB_UNSENT = re.compile(r"input from line (\d+) on not sent")
+LB_SENT = re.compile(r"request (\d+) sent to tcp://(.+):\d+$", re.M)  # eda-lb call -v
 
 
 class LbWorkload(Workload):
     """Workers of one service on several hosts (each reply names its worker); callers
-    send numbered requests with ``eda-lb call`` and keep its stdout, stderr and status."""
+    send numbered requests with ``eda-lb call -v`` and keep its stdout, stderr (where
+    each attempt's instance is named) and status."""
 
     subject = "lb"
 
@@ -435,6 +503,7 @@ class LbWorkload(Workload):
     ) -> None:
         super().__init__(history, workdir)
         self.names = []
+        where = {}
         for i, host in enumerate(workers, 1):
             name = f"lbw{i}"
             reply = f'printf "%s %s\\n" "$(cat)" {name}'
@@ -444,7 +513,8 @@ class LbWorkload(Workload):
             )  # fmt: skip
             self.daemon(name, host, proc, ("kill", "stop"))
             self.names.append(name)
-        history.add("lb", self.subject, "setup", {"workers": self.names})
+            where[name] = host.address
+        history.add("lb", self.subject, "setup", {"workers": self.names, "hosts": where})
         for i, host in enumerate(callers, 1):
             self.loops.append(Loop(self.history, f"lb-call{i}", self._caller(f"lb-call{i}", host)))
 
@@ -460,16 +530,21 @@ class LbWorkload(Workload):
             requests = [f"{name}-{n}-{i}" for i in range(5)]
             began = self.history.now()
             rc, out, err = attempt(
-                host, "eda-lb", "call", LB_SERVICE, "--timeout", "8", *requests, timeout=120
-            )
+                host, "eda-lb", "call", "-v", LB_SERVICE, "--timeout", "8", *requests,
+                timeout=120,
+            )  # fmt: skip
             unsent = LB_UNSENT.search(err)
+            sent: dict[str, list[str]] = {}
+            for m in LB_SENT.finditer(err):
+                sent.setdefault(m.group(1), []).append(m.group(2).strip("[]"))
             value = {
                 "requests": requests,
                 "replies": out.splitlines(),
                 "failed": sorted(int(m) for m in LB_FAILED.findall(err)),
                 "unsent_from": int(unsent.group(1)) if unsent else None,
+                "sent": sent,  # request number -> the hosts of the instances it went to
                 "rc": rc,
-                "stderr": last_line(err),
+                "stderr": last_line(LB_SENT.sub("", err)),
             }
             self.history.add(name, self.subject, "call", value, OK if rc == 0 else FAIL, began)
 

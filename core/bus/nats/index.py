@@ -121,11 +121,17 @@ class Index(NatsState):
 
     def _took_in(self, sseq: int, floor: int) -> None:
         """The stream was read up to stream sequence *sseq*: every head read is durable
-        (JetStream stored it), the next bus sequence follows them (or *floor*)."""
+        (JetStream stored it), the next bus sequence follows them (or *floor*).
+
+        Never below a sequence already acknowledged: a leader whose copy of the stream
+        lags (elected after kills and partitions) reports less than the stream holds,
+        and writing on top of its view would have it acknowledge events where the
+        others hold other events (nemesis seed 2); expecting the true last sequence,
+        it refuses the write instead, until the stream is whole."""
         top = self._heads[-1].seq + self._heads[-1].size if self._heads else 1
         self._next = max(top, floor)
         self._durable = self._next - 1
-        self._sseq = sseq
+        self._sseq = max(sseq, self._heads[-1].sseq if self._heads else 0)
 
     def _forget(self, heads: Sequence[_Head]) -> None:
         """*heads* leave the stream: remember their publisher sequences (see _gone)."""
