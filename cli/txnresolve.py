@@ -61,6 +61,11 @@ Examples:
     is_flag=True,
     help="No ID: every transaction in doubt whose coordinator does not answer.",
 )
+@seconds_option(
+    "--timeout",
+    help="Give up on a participant that has not answered after this long (exit 1) "
+    "[default: 15 s for an ID, 60 s for each page of a selection]"
+)
 @click.option("--log", "log_dir", default="txn", show_default=True, metavar="DIR", help=LOG_HELP)
 @json_option("JSON even on a terminal.")
 @security_options
@@ -74,6 +79,7 @@ def resolve(
     coordinator: str | None,
     older_than: float | None,
     unanswered: bool,
+    timeout: float | None,
     log_dir: str,
     force_json: bool,
     secure: SecureMode,
@@ -87,7 +93,8 @@ def resolve(
     chose it; if the coordinator later decides otherwise, both report a
     heuristic hazard (see `status`) instead of hiding it.  Prints one line
     per transaction settled at a participant.  Exit status: 0 done, 3 none
-    in doubt (or matching), 1 a participant failed or could not be reached.
+    in doubt (or matching), 1 a participant failed, could not be reached or
+    did not answer within --timeout.
     With --secure, a participant is asked under the key its journal records
     (or its registry record), when that key is trusted.
     """
@@ -133,7 +140,7 @@ def resolve(
             request["unanswered"] = True
     for name, endpoint in sorted(targets.items()):
         try:
-            for done, failures in settle(name, endpoint, request):
+            for done, failures in settle(name, endpoint, request, timeout):
                 settled += len(done)
                 out.items(done)
                 for item in failures:

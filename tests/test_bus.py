@@ -300,6 +300,9 @@ def test_a_bus_restarted_with_the_same_command_comes_back_where_its_clients_are(
     pub = procs.eda("eda-pub", "--bus", "--confirm", "nums", stdin=subprocess.PIPE)
     _feed(pub, range(1, 25_001))
     wait_until(lambda: stored_events(ep) > 0, 15, "events stored")
+    # and the subscriber has found the bus (a subscriber still starting when the bus is
+    # killed finds none, exit 3: with stores on tmpfs the events are stored before that)
+    wait_until(lambda: sub.newlines() > 0, 30, "the subscriber's first events")
     bus.kill()  # kill -9 mid-stream, then the same command again
     _feed(pub, range(25_001, n + 1))
     assert pub.popen.stdin is not None

@@ -357,7 +357,7 @@ _action = st.one_of(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(rounds=st.lists(st.lists(_action, max_size=8), min_size=1, max_size=8))
 # a resubscription's release commits the round's batch, then its next write fails: the

@@ -326,7 +326,7 @@ def test_open_streams_are_pinged() -> None:
         web.close()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(prefix=st.sampled_from([b"", b"GET /metrics HTTP/1.1\r\n", b"POST /echo HTTP/1.1\r\n"]),
        noise=st.binary(max_size=2048))  # fmt: skip
 def test_any_bytes_get_an_http_answer_or_a_hang_up(web: Running, prefix: bytes, noise: bytes) -> None:

@@ -6,6 +6,7 @@ last one that went out (at least once: duplicates of a partly sent batch, no los
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 from tests.helpers import Procs, run, wait_until
@@ -31,7 +32,7 @@ class Reader:
         self.sock.connect((host, int(port)))
         extra = f"last-event-id: {last_id}\r\n" if last_id is not None else ""
         self.sock.sendall(f"GET /events?{query} HTTP/1.1\r\nhost: x\r\n{extra}\r\n".encode())
-        self.data = b""
+        self.data = bytearray()  # appended to a few KB at a time, megabytes in all
         self.eof = False
 
     def ids(self) -> list[int]:
@@ -55,9 +56,16 @@ class Reader:
         return self.ids()
 
     def drain(self) -> list[int]:
-        """Everything the server handed to its kernel before it closed."""
+        """Everything the server handed to its kernel before it closed.
+
+        Read back to back (each read waits for data, up to 10 s), not polled: megabytes
+        of socket buffers come through the small receive buffer a few KB a read, and a
+        pause between reads made this most of a test's time."""
         self.sock.settimeout(10)
-        wait_until(lambda: self.read() and self.eof, timeout=30, what="the end of the stream")
+        deadline = time.monotonic() + 30
+        while not self.eof:
+            assert time.monotonic() < deadline, "timed out after 30s waiting for the end"
+            self.read()
         return self.ids()
 
     def close(self) -> None:
@@ -121,7 +129,6 @@ def test_a_stalled_reader_of_a_bus_that_stops_loses_nothing(procs: Procs, tmp_pa
 def test_a_durable_stream_cut_by_the_output_budget_loses_nothing(tmp_path: Path) -> None:
     """In process, with a small budget: two readers that stop reading pass it together,
     the slowest (the durable one) is cut; what it had queued is offered again."""
-    import time
 
     from eda.core import codec
     from eda.core.bus import SQLiteEngine
@@ -149,7 +156,7 @@ def test_a_durable_stream_cut_by_the_output_budget_loses_nothing(tmp_path: Path)
         assert api.server.cut == 1 and [r.durable for r in api.readers.values()] == [None]
 
         def drained() -> bool:
-            _peek(durable)
+            _peek(durable, everything=True)
             return durable.eof
 
         server.serve(until=drained)  # what was written before the cut still arrives
@@ -176,12 +183,16 @@ def test_a_durable_stream_cut_by_the_output_budget_loses_nothing(tmp_path: Path)
         server.close()
 
 
-def _peek(reader: Reader) -> bytes:
-    """What *reader* received so far, reading what is there without waiting."""
-    try:
-        chunk = reader.sock.recv(65536)
-    except BlockingIOError:
-        return reader.data
-    reader.data += chunk
-    reader.eof = reader.eof or not chunk
+def _peek(reader: Reader, everything: bool = False) -> bytes:
+    """What *reader* received so far, reading what is there without waiting (one read,
+    or with *everything* as many as there is data for: its receive buffer is small)."""
+    while not reader.eof:
+        try:
+            chunk = reader.sock.recv(65536)
+        except BlockingIOError:
+            break
+        reader.data += chunk
+        reader.eof = not chunk
+        if not everything:
+            break
     return reader.data

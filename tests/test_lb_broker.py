@@ -763,7 +763,7 @@ def shared() -> Iterator[tuple[BrokerThread, FakeWorker]]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(front=st.lists(_message, max_size=8), back=st.lists(_message, max_size=8))
 def test_any_frames_on_either_socket_leave_the_broker_serving(shared, front, back):  # type: ignore[no-untyped-def]

@@ -237,7 +237,7 @@ def commit(servers: Servers, how: str) -> Asked:
 
 def resolve(servers: Servers, how: str) -> Asked:
     """eda-txn resolve of a transaction in doubt at a1, as its journal here says (a1's
-    endpoint and, in secure mode, its key); the participant's timeout is 15 s."""
+    endpoint and, in secure mode, its key), given --timeout 1 as the others are."""
     where, secure, who = target(servers, how, "participant")
     log = servers.home / f"resolve-{how.replace(' ', '-')}"
     log.mkdir()
@@ -246,8 +246,9 @@ def resolve(servers: Servers, how: str) -> Asked:
     start = {"endpoint": endpoint, **({"key": servers.ids[name].public} if name else {})}
     journal.write(start)
     journal.write({"txn": TXN, "state": "prepared"})
-    argv = ("eda-txn", "resolve", TXN, "--commit", *secure, "--no-mdns", "--log", str(log))
-    return Asked(argv, 15.0, who)
+    argv = ("eda-txn", "resolve", TXN, "--commit", *secure, "--no-mdns", "--log", str(log),
+            "--timeout", "1")  # fmt: skip
+    return Asked(argv, 1.0, who)
 
 
 CLIENTS: dict[str, Where] = {
@@ -262,14 +263,8 @@ CLIENTS: dict[str, Where] = {
     "eda-txn commit": commit,
     "eda-txn resolve": resolve,
 }
-SLOW = {"eda-txn resolve"}  # its participant timeout is 15 s: waited out twice
-
-
 @pytest.mark.parametrize("how", ["untrusting", "black hole", "stopped"])
-@pytest.mark.parametrize(
-    "client",
-    [pytest.param(c, marks=pytest.mark.long) if c in SLOW else c for c in CLIENTS],
-)
+@pytest.mark.parametrize("client", list(CLIENTS))
 def test_a_one_shot_client_ends_with_one_line(servers: Servers, client: str, how: str) -> None:
     asked = CLIENTS[client](servers, how)
     program = asked.argv[0]

@@ -543,7 +543,7 @@ _JOURNAL_SAMPLES = [
 
 
 @settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(st.lists(st.binary(max_size=200) | st.sampled_from(_JOURNAL_SAMPLES), max_size=8))
 def test_journal_load_survives_any_log_contents(tmp_path: Path, lines: list[bytes]) -> None:

@@ -544,7 +544,7 @@ def test_hostile_frames_are_refused_and_the_daemons_keep_serving(cluster: Any) -
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(
     st.one_of(

@@ -92,19 +92,23 @@ def whom(
 
 
 def settle(
-    name: str, endpoint: str, request: dict[str, Any]
+    name: str, endpoint: str, request: dict[str, Any], timeout: float | None = None
 ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """Ask participant *name* at *endpoint* to apply *request* (one transaction, or
     every one a selection matches, a page per answer): per answer, the rows it
-    settled and the transactions it failed to.  EdaError when it cannot be asked
-    (nothing listens: said at once, not after the request's timeout)."""
+    settled and the transactions it failed to.  *timeout*: how long to wait for
+    each answer (default 15 s for one transaction, 60 s for a page of a selection).
+    EdaError when it cannot be asked (nothing listens: said at once, not after the
+    request's timeout)."""
     one = request.get("txn")
     if not reqrep.tcp_reachable(endpoint, 1.0):
         raise EdaError(f"nothing listens at {endpoint} (is the participant running?)")
     where = Endpoint.from_peer(endpoint)
     if security.active() is not None and (where is None or reqrep.pinned_key(where) is None):
         raise EdaError(f"no trusted key is known for the participant at {endpoint}")
-    client = ParticipantClient([endpoint], timeout=15.0 if one is not None else 60.0)
+    if timeout is None:
+        timeout = 15.0 if one is not None else 60.0
+    client = ParticipantClient([endpoint], timeout=timeout)
     try:
         while True:
             reply = client.request(dict(request))
