@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def _default_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+SHM_AT_LEAST = 2 << 30  # bytes free on /dev/shm for the tests' directories to go there
+
+
 def _temporary_files_in_memory() -> None:
     """Put the tests' directories (``tmp_path``: the daemons' stores, journals and
     logs) on the tmpfs /dev/shm, when there is one and PYTEST_DEBUG_TEMPROOT (pytest's
@@ -79,7 +83,12 @@ def _temporary_files_in_memory() -> None:
     Tests of a full disk mount tmpfs of their own over a directory there, as before.
     """
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+    # a container's default /dev/shm is 64 MiB: too small for the stores, so disk then
+    if (
+        shm.is_dir()
+        and os.access(shm, os.W_OK | os.X_OK)
+        and shutil.disk_usage(shm).free >= SHM_AT_LEAST
+    ):
         os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(shm))
 
 
