@@ -17,7 +17,7 @@ import zmq
 
 from .. import codec, discovery
 from ..limits import BoundedMap, BoundedSet
-from ..sockets import LONG_LIVED, new_socket
+from ..sockets import new_socket
 from .node import (
     _PEER_ID,
     END_RESEND,
@@ -66,9 +66,7 @@ class Publisher(_Node):
         block: bool = False,
     ) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
-        # long-lived links: a subscriber cut off is dropped within seconds (its queue with
-        # it) rather than queued for until TCP gives up; a connect is tried again promptly
-        sock = new_socket(zmq.XPUB, context=ctx, liveness=LONG_LIVED)
+        sock = new_socket(zmq.XPUB, context=ctx)
         super().__init__(ctx, sock, interface)
         # what its events and end of stream carry: 128 random bits, since a subscriber
         # that outlives publisher runs takes an id it saw before for the same stream

@@ -12,7 +12,7 @@ import zmq
 
 from .. import codec, discovery
 from ..limits import BoundedMap
-from ..sockets import LONG_LIVED, new_socket
+from ..sockets import new_socket
 from ..topics import Matcher
 from .node import (
     _PEER_ID,
@@ -44,10 +44,7 @@ class Subscriber(_Node):
         on_unreachable: Callable[[str, bool], None] | None = None,
     ) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
-        # long-lived links: a publisher cut off is dropped and connected again within seconds
-        # of the heal (its next event shows what was lost, by number), not at TCP's next
-        # retransmission
-        sock = new_socket(zmq.SUB, context=ctx, liveness=LONG_LIVED)
+        sock = new_socket(zmq.SUB, context=ctx)
         super().__init__(ctx, sock, interface)
         self.matcher = Matcher(patterns)
         self.on_connect = on_connect
