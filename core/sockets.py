@@ -8,9 +8,10 @@ program.  :func:`connect` and :func:`bind` take a typed
 :class:`~eda.core.endpoint.Endpoint` (IPv6 included: the socket's IPV6 option is
 set when the endpoint needs it).
 
-A socket made for a *long-lived link* (``liveness=LONG_LIVED``: every
-connection eda keeps to a peer for the life of a program, listed in
-ARCHITECTURE.md "Rules the code keeps") also gets ZeroMQ's own keep-alive,
+A socket made for a *long-lived link* (``liveness=LONG_LIVED``: the
+connections eda keeps to a peer for the life of a program, listed in
+ARCHITECTURE.md "Rules the code keeps", with why brokerless pub/sub's must not
+have it) also gets ZeroMQ's own keep-alive,
 :class:`Liveness`: a connection that hears nothing is dropped within seconds
 and connected again with short, bounded tries, rather than held open through
 a partition until TCP's retransmission back-off (which doubles up to minutes)
