@@ -54,13 +54,6 @@ def test_a_bad_scale_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, t
         sockets.new_socket(zmq.DEALER, liveness=LONG_LIVED)
 
 
-def test_a_program_given_a_bad_scale_says_so_in_one_line() -> None:
-    result = run("eda-pub", "--bus", "tcp://127.0.0.1:9", "--no-mdns", "orders", "x",
-                 env={SCALE_ENV: "fast"})  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr == f"eda-pub: error: {SCALE_ENV}='fast': not a number from 0.05 to 10\n"
-
-
 def test_a_2pc_daemon_given_a_bad_scale_says_so_at_start(tmp_path: Path) -> None:
     """Its links are made when first needed: the value is checked before serving anyway."""
     result = run("eda-txn", "coordinator", "--no-mdns", "--serverless", "--log",

@@ -5,14 +5,7 @@ Where the bus is, and the one-shot requests (stats, retain, drop), are
 with a TCP probe, else mDNS) with the bus protocol's framing.  The publisher
 (:mod:`.publisher`) and the subscriber (:mod:`.subscriber`) talk to the bus
 on one DEALER socket each (:func:`dealer`), and find it again with
-:func:`moved` when it stops answering.  That socket is a long-lived link
-(:data:`eda.core.sockets.LONG_LIVED`): ZeroMQ heartbeats drop a connection held
-through a partition, and it is made again within seconds of the heal.  What
-the dropped connection carried is not lost: the publisher resends every
-unconfirmed batch with its publisher id and sequences (the bus stores each
-event once), and a subscriber the bus no longer knows (a new connection is a
-new peer to its ROUTER) subscribes again from the event after its last, or
-from its durable or group position.
+:func:`moved` when it stops answering.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from .. import reqrep, security
 from ..endpoint import Endpoint
 from ..errors import EdaError, ExitStatus, NotFoundError, UsageError
 from ..reqrep import client_endpoint
-from ..sockets import LONG_LIVED, connect, new_socket, parse_monitor, stop_monitor
+from ..sockets import connect, new_socket, parse_monitor, stop_monitor
 from . import protocol as p
 
 LOOK_AGAIN_AFTER = 2.0  # s without an answer: look for the bus again (it may have moved)
@@ -104,7 +97,9 @@ def watched_dealer(endpoint: Endpoint) -> tuple[zmq.Socket[bytes], zmq.Socket[by
     """:func:`dealer`, and in secure mode the monitor of its handshakes, still open: a
     refusal later than :data:`REFUSAL_WAIT` (a loaded machine) is read from it with
     :func:`check_refused` for as long as the caller waits on the bus."""
-    sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0, liveness=LONG_LIVED)
+    sock = new_socket(zmq.DEALER, sndhwm=1000, rcvhwm=0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if security.active() is None:
         connect(sock, endpoint)
         return sock, None
