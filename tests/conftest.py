@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -41,7 +40,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "long: takes 8 s or more; started first (see pytest_collection_modifyitems)"
     )
     _default_sigint()
-    _temporary_files_in_memory()
     if os.environ.get("EDA_NETNS") == "1":
         _own_namespace_per_worker(config)
         if getattr(config, "workerinput", None) is None:  # once, before any worker starts
@@ -67,29 +65,6 @@ def _default_sigint() -> None:
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-SHM_AT_LEAST = 2 << 30  # bytes free on /dev/shm for the tests' directories to go there
-
-
-def _temporary_files_in_memory() -> None:
-    """Put the tests' directories (``tmp_path``: the daemons' stores, journals and
-    logs) on the tmpfs /dev/shm, when there is one and PYTEST_DEBUG_TEMPROOT (pytest's
-    own knob) does not say otherwise.
-
-    The tests check what is stored, never that a disk keeps it through a power cut
-    (kill -9 keeps the page cache): every commit of a store, a registry or a 2PC
-    journal fsyncs, and on a loaded disk that was 5 ms each, against 0.1 ms on tmpfs.
-    Tests of a full disk mount tmpfs of their own over a directory there, as before.
-    """
-    shm = Path("/dev/shm")
-    # a container's default /dev/shm is 64 MiB: too small for the stores, so disk then
-    if (
-        shm.is_dir()
-        and os.access(shm, os.W_OK | os.X_OK)
-        and shutil.disk_usage(shm).free >= SHM_AT_LEAST
-    ):
-        os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(shm))
 
 
 def _compile_bytecode() -> None:
