@@ -429,7 +429,9 @@ def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_serv
         s.connect(ep)
         s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
         greedy.append(s)
-    good = procs.eda("eda-sub", "--bus", ep, "good.n", "-C", "2000", "--raw")
+    # from the first event after the big ones: a live subscription made after eda-pub
+    # stored its first batches would miss them (eda-pub starts faster than eda-sub)
+    good = procs.eda("eda-sub", "--bus", ep, "--from-seq", "65", "good.n", "-C", "2000", "--raw")
     pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
     _feed(pub, range(1, 2001))
     assert pub.popen.stdin is not None
@@ -457,6 +459,60 @@ def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_serv
     wait_until(lambda: alive() or "cut off" in bus.stderr, 30, "a never-reading subscriber cut")
     assert peak - before < 100 << 20, (before, peak)
     for s in greedy:
+        s.close()
+
+
+def test_stuck_clients_holding_the_whole_queue_are_cut_off_so_readers_are_served(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Nine clients that never read each hold one 1 MB event, more than --max-queued in all,
+    and want nothing more (so never wait on their own bound); a reader is held back by the
+    global bound: the stuck ones are cut off and the reader gets every event."""
+    import time
+
+    from eda.core import codec
+
+    bus, ep = start_bus(procs, tmp_path / "bus", "--max-client-queued", "2MiB",
+                        "--max-queued", "8MiB")  # fmt: skip
+    done = run("eda-pub", "--bus", ep, "--confirm", "-s", "big.x", input="x" * 1_000_000)
+    assert done.returncode == 0, done.stderr
+    before = _rss(bus.popen.pid)
+    zctx = zmq.Context.instance()
+    stuck = []
+    sub = {"op": "sub", "patterns": ["big.x"], "from": "start", "credit": protocol.MAX_CREDIT}
+    for _ in range(9):
+        s = zctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 1)
+        s.connect(ep)
+        s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+        stuck.append(s)
+    n = 300
+    good = procs.eda("eda-sub", "--bus", ep, "--from-seq", "2", "good.n", "-C", str(n), "--raw")
+    pub = zctx.socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    origin = codec.encode_origin("f1".rjust(32, "0"), "eda://test")
+    for i in range(1, n + 1):  # one batch each: a reader held to one at a time gets few
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"good.n", header, b"%d" % i])
+    peak, beat = 0, 0.0
+    hb = json.dumps({"op": "hb"}).encode()
+
+    def alive() -> None:  # the stuck ones stay alive (but read nothing)
+        nonlocal peak, beat
+        if time.monotonic() - beat > 0.5:
+            beat = time.monotonic()
+            for s in stuck:
+                s.send_multipart([protocol.REQUEST, hb], zmq.NOBLOCK)
+        peak = max(peak, _rss(bus.popen.pid))
+
+    wait_until(lambda: alive() or good.popen.poll() is not None, 60, "the reader served")
+    assert good.wait() == 0, good.stderr
+    assert good.stdout.split() == [str(i) for i in range(1, n + 1)]
+    assert "holds others back" in bus.stderr
+    assert peak - before < 100 << 20, (before, peak)
+    for s in [*stuck, pub]:
         s.close()
 
 
