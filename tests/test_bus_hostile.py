@@ -502,6 +502,52 @@ def test_stuck_clients_holding_the_whole_queue_are_cut_off_so_readers_are_served
     pub.close()
 
 
+def test_a_subscriber_held_back_by_its_queued_bytes_is_not_read_again_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held back by its bound, a subscriber is tried again every 50 ms: the store is read
+    for it only once there is room for what it was refused (each try read a chunk of up
+    to 64 events ahead, 64 MB of 1 MB ones, to send none)."""
+    import time
+
+    from eda.core import codec
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer, Settings
+
+    engine = SQLiteEngine(tmp_path / "bus.db")
+    origin = codec.encode_origin("p1", "src")
+    for i in range(1, 11):
+        header = codec.encode_header(codec.TEXT, 1, i, time.time(), origin)
+        engine.append([codec.decode([b"big.x", header, b"x" * 600])])
+    engine.commit()
+    settings = Settings(bind="tcp://127.0.0.1:0", mdns=False, client_bytes=1000)
+    server = BusServer(engine, settings)
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.RCVHWM, 1)
+        client.connect(server.endpoint)
+        sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": 1000}
+        client.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+        deadline = time.monotonic() + 20
+        server.serve(until=lambda: any(s.waiting for s in server.subs.values())
+                     or time.monotonic() > deadline)  # fmt: skip
+        (held,) = server.subs.values()
+        assert held.waiting and held.sent == 1  # one 600-byte event: no room for a second
+        reads = []
+        read = engine.read
+        monkeypatch.setattr(engine, "read", lambda *a, **k: reads.append(a) or read(*a, **k))
+        for _ in range(20):
+            server._retry()
+        assert reads == [] and held.sent == 1
+        server.queued.release(held.ident, 1)  # it took the one it was sent: room again
+        server._retry()
+        assert len(reads) == 1 and held.sent == 2
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(
     procs: Procs, tmp_path: Path
 ) -> None:
