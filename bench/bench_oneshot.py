@@ -29,20 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 from bench_pubsub import attempt, fresh, interleave, join_notes, judge, timed_ok
-from harness import (
-    BenchError,
-    Procs,
-    Row,
-    eda_cmd,
-    eda_env,
-    free_port,
-    median,
-    row,
-    scratch,
-    tail,
-    wait_for_text,
-)
+from harness import BenchError, Procs, Row, eda_cmd, eda_env, free_port, median, row, scratch
 
 RUNS = 20
 QUICK_RUNS = 5
@@ -92,8 +81,8 @@ def calls(work: Path, runs: int) -> list[tuple[list[float], str]]:
             [sys.executable, "-c", ECHO_SERVER, f"tcp://127.0.0.1:{raw}"],
             stdout=work / "server.out",
         )
-        wait_for_text(err, "serving echo", 20, worker)
-        wait_for_text(work / "server.out", "serving", 20, server)
+        harness.wait_for_text(err, "serving echo", 20, worker)
+        harness.wait_for_text(work / "server.out", "serving", 20, server)
         call = [eda_cmd("eda-lb"), "call", "echo", "hello", "--no-mdns",
                 "--connect", f"tcp://127.0.0.1:{port}"]  # fmt: skip
         anchor = [sys.executable, "-c", ECHO_CLIENT, f"tcp://127.0.0.1:{raw}", "hello"]
@@ -194,14 +183,14 @@ def profile_commands(work: Path, procs: Procs, env: dict[str, str]) -> dict[str,
     ]  # fmt: skip
     for args, name, ready in starts:
         proc = procs.start(args, stderr=work / f"{name}.err", stdout=work / f"{name}.out")
-        wait_for_text(work / f"{name}.err", ready, 20, proc)
+        harness.wait_for_text(work / f"{name}.err", ready, 20, proc)
     coordinator = procs.start(
         [eda_cmd("eda-txn"), "coordinator", "--no-mdns", "--name", "c1", "--log", log,
          "--bind", f"tcp://127.0.0.1:{coord}",
          *(f"--peer={name}=tcp://127.0.0.1:{port}" for name, port in parts.items())],
         stderr=work / "coordinator.err",
     )  # fmt: skip
-    wait_for_text(work / "coordinator.err", "listening on", 20, coordinator)
+    harness.wait_for_text(work / "coordinator.err", "listening on", 20, coordinator)
     procs.start(
         [eda_cmd("eda-registry"), "register", "svc7", "--port", "9000", "--host", "127.0.0.1",
          "--registry", f"tcp://127.0.0.1:{reg}"],
@@ -220,7 +209,7 @@ def profile_commands(work: Path, procs: Procs, env: dict[str, str]) -> dict[str,
     deadline = time.monotonic() + 20  # the instance registered (lookup exits 3 before)
     while run_measured(commands["eda-registry lookup"], work, env)[2] != 0:
         if time.monotonic() > deadline:
-            raise BenchError(f"svc7 not registered: {tail(work / 'register.err')}")
+            raise BenchError(f"svc7 not registered: {harness.tail(work / 'register.err')}")
         time.sleep(0.2)
     return commands
 
@@ -274,7 +263,7 @@ def profile(work: Path, runs: int) -> dict[str, dict[str, float]]:
         modules: dict[str, Path] = {}
         for label, args in commands.items():  # warm: caches filled, module lists known
             if run_measured(args, work, env)[2] != 0:
-                raise BenchError(f"{label} failed: {tail(work / 'timed.err')}")
+                raise BenchError(f"{label} failed: {harness.tail(work / 'timed.err')}")
             proc = subprocess.run(
                 [python, "-X", "importtime", *args], env=env, cwd=work,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False,
@@ -292,7 +281,7 @@ def profile(work: Path, runs: int) -> dict[str, dict[str, float]]:
                 got = samples[label]
                 wall, cpu, code = run_measured(args, work, env)
                 if code != 0:
-                    raise BenchError(f"{label} exited {code}: {tail(work / 'timed.err')}")
+                    raise BenchError(f"{label} exited {code}: {harness.tail(work / 'timed.err')}")
                 got.setdefault("wall", []).append(wall)
                 got.setdefault("cpu", []).append(cpu)
                 marks_file = work / "marks.json"
