@@ -386,10 +386,11 @@ def profile_rows(result: dict[str, dict[str, float]], runs: int) -> list[Row]:
 def profile_table(result: dict[str, dict[str, float]]) -> str:
     """The profile as the README's markdown table."""
     owners = [f"import {p}" for p in (*PACKAGES, "stdlib")]
-    head = ["command", *PHASE_NAMES, *(o.replace("import ", "imp. ") for o in owners)]
+    head = ["command", *PHASE_NAMES, "python -c pass",
+            *(o.replace("import ", "imp. ") for o in owners)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, got in result.items():
-        cells = [f"{got.get(k, 0.0):.1f}" for k in (*PHASE_NAMES, *owners)]
+        cells = [f"{got.get(k, 0.0):.1f}" for k in (*PHASE_NAMES, "python -c pass", *owners)]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     parts = ("start", "zmq", "click", "other imports", "rest", "total")
     if all(f"Mi {p}" in got for got in result.values() for p in parts):
