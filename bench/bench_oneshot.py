@@ -124,7 +124,7 @@ def run(quick: bool) -> list[Row]:
         ):
             rows += startup_rows(tmp / name, runs, commands, target)
         profile_runs = QUICK_PROFILE_RUNS if quick else PROFILE_RUNS
-        figures, failed = attempt(lambda: profile(tmp / "profile", profile_runs))
+        figures, failed = attempt(lambda: profile(tmp / "profile", profile_runs, not quick))
         if figures is not None:
             rows += profile_rows(figures, profile_runs)
         else:
@@ -249,9 +249,11 @@ def import_split(report: str) -> tuple[list[str], dict[str, float]]:
     return top_level, owners
 
 
-def profile(work: Path, runs: int) -> dict[str, dict[str, float]]:
+def profile(work: Path, runs: int, count: bool = True) -> dict[str, dict[str, float]]:
     """Median milliseconds of each phase of each one-shot command (PHASE_NAMES, then
-    ``import NAME`` per owner), interleaved with the interpreter alone."""
+    ``import NAME`` per owner), interleaved with the interpreter alone; with *count*
+    and valgrind installed, the instructions of each part too (``Mi PART``: minutes
+    on a loaded machine, so not in --quick runs)."""
     fresh(work)
     env = eda_env(work)
     python = str(Path(eda_cmd("eda-pub")).with_name("python"))
@@ -305,7 +307,7 @@ def profile(work: Path, runs: int) -> dict[str, dict[str, float]]:
             result[label] = {k: median(v) * 1000 for k, v in got.items()}
             result[label]["python -c pass"] = median(floor_wall) * 1000
             result[label]["python -c pass cpu"] = median(floor_cpu) * 1000
-        if shutil.which("valgrind"):
+        if count and shutil.which("valgrind"):
             for label, split in instruction_split(work, commands, env, modules).items():
                 result[label].update({f"Mi {part}": value for part, value in split.items()})
     return result
