@@ -130,7 +130,7 @@ def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_p
     # the store keeps every event it confirmed, and the publisher is told of the others.
     # How many fit is no property: the tmpfs, SQLite's WAL and the batch sizes a loaded
     # machine makes decide it (a CI run stored 689 events, another none of the first 27,901)
-    confirmed = 100_000 - int(told)
+    confirmed = 100_000 - int(told)  # (10 MB fit eda-pub's window: every line was sent)
     stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
     assert confirmed <= stored < 100_000
     got = replay(ep, "fill.up", stored, "--raw") if stored else []
