@@ -228,11 +228,13 @@ def run(
     program: str,
     *args: str,
     input: bytes | str | None = None,
-    timeout: float = 30.0,
+    timeout: float = 2 * SAYS_WITHIN,
     env: dict[str, str] | None = None,
     prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run an eda program to completion; stdout and stderr as text."""
+    """Run an eda program to completion; stdout and stderr as text.  *timeout* is
+    for a command that hangs: a loaded 2-core box ran a refused ``eda-registry list
+    --secure`` (0.3 s of CPU) in 9 s with four at once, and one went past 30 s in CI."""
     data = input.encode() if isinstance(input, str) else input
     result = subprocess.run(
         [*prefix, *command(program, *args)],
