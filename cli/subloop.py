@@ -353,8 +353,7 @@ class Bus(Source):
 
     def written(self, items: list[Delivery]) -> None:
         if self.sub is not None and self.matcher is None:
-            top = items[-1]
-            self.sub.ack(top.busseq + top.batch.size - 1)
+            self.sub.written(items)
 
     def busy(self) -> contextlib.AbstractContextManager[None]:
         # a job may outlast the bus's patience (5 s): heartbeats go on from a thread

@@ -103,19 +103,20 @@ class Presence:
             agent = Agent(self.client, self.inst, self.warn)
             self.inst = agent.register()
             self._agent = agent
-            self._said(f"with registry {agent.registry}")
+            where = f"with registry {agent.registry}"
         elif self.mode == "mdns":
             from .registry.serverless import Announcer
 
             announcer = Announcer(self.inst, self.interface)
             announcer.start()
             self._announcer = announcer
-            self._said("by mDNS")
+            where = "by mDNS"
         else:
             self.log("not registered (no registry and mDNS off): callers need the endpoint")
             return self.inst
         self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
         self._thread.start()
+        self._said(where)  # once kept: a script may stop the program as soon as it reads this
         return self.inst
 
     def set_status(self, status: str) -> None:
@@ -178,7 +179,10 @@ class Presence:
         self._wake.set()
         stuck = False
         if self._thread is not None:
-            self._thread.join(3.0)
+            # a signal (SIGTERM as Terminated) may have cut start() short while it launched
+            # the thread: joining one whose start never returned raises, and must not
+            with contextlib.suppress(RuntimeError):
+                self._thread.join(3.0)
             stuck = self._thread.is_alive()  # still waiting on a registry: leave it its socket
             self._thread = None
         agent, self._agent = self._agent, None

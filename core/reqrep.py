@@ -30,18 +30,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import cache, security, sockets
-from .daemon import DRAIN_LIMIT, Daemon, received
 from .endpoint import Endpoint
 from .errors import EdaError, ExitStatus, NotFoundError, ProtocolError, UsageError
 from .sockets import new_socket
+
+if TYPE_CHECKING:
+    # the server half's daemon (and socket, for the probe) are imported where they are
+    # used: a one-shot client (eda-lb call, eda-txn commit...) needs neither, and their
+    # imports are a few per cent of its start-up (tests/test_startup.py)
+    from .daemon import Daemon
 
 MAX_MESSAGE = 65536  # bytes in one request; a bigger one drops its connection
 MAX_RID = 2**63 - 1
@@ -206,12 +210,15 @@ class Service:
         *,
         parse: Callable[[dict[str, Any]], Any] = lambda msg: msg,
         max_message: int = MAX_MESSAGE,
-        batch: int = DRAIN_LIMIT,
+        batch: int | None = None,  # (None: the daemon's DRAIN_LIMIT)
     ) -> None:
+        from .daemon import DRAIN_LIMIT, received
+
+        self._received = received
         self.daemon = daemon
         self.handlers = dict(handlers)
         self.parse = parse
-        self.batch = batch
+        self.batch = DRAIN_LIMIT if batch is None else batch
         self.requests = 0
         # secure mode: the public key (Z85) the request being answered came with, as the
         # CURVE handshake of its connection proved it ("" in plain mode): who is asking
@@ -224,9 +231,9 @@ class Service:
         :attr:`sender_key` is set while it is answered (read from its frames,
         ZAP's User-Id, which only a frame received without copying carries)."""
         if security.active() is None:
-            yield from received(self.sock, self.batch)
+            yield from self._received(self.sock, self.batch)
             return
-        for frames in received(self.sock, self.batch, copy=False):
+        for frames in self._received(self.sock, self.batch, copy=False):
             self.sender_key = security.peer_key(frames[-1])
             yield [frame.bytes for frame in frames]
         self.sender_key = ""
@@ -360,8 +367,15 @@ def tcp_reachable(endpoint: Endpoint | str, timeout: float = PROBE_TIMEOUT) -> b
     where = endpoint if isinstance(endpoint, Endpoint) else Endpoint.from_peer(endpoint)
     if where is None:
         return False
+    import socket
+
+    host, port = where.sockaddr
     try:
-        socket.create_connection(where.sockaddr, timeout).close()
+        # an ASCII name or address as bytes: its IDNA encoding (what getaddrinfo does to a
+        # str) is the same, and the codec's import (stringprep, unicodedata) is not paid
+        name = host.encode() if host.isascii() else host.encode("idna")
+        # (create_connection hands the host to getaddrinfo, which takes bytes: not typeshed's)
+        socket.create_connection((name, port), timeout).close()  # type: ignore[arg-type]
     except (OSError, ValueError):
         return False
     return True

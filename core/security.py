@@ -13,8 +13,11 @@ and refuses to connect a secure socket without one.  One socket can do both
 the options into each listener and each connection as it is made.
 
 The ZAP handler is pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator`, one
-per ZeroMQ context, started with the first secure socket of that context
-(before it can bind: without a handler libzmq would admit every client).
+per ZeroMQ context, started when the first secure socket of that context
+binds, before it does (:func:`serving`: without a handler libzmq would admit
+every client).  A program that only connects never starts one: a client has
+no use for it, and its thread and asyncio's import were a third of a secure
+one-shot command's start-up (seconds on a loaded machine).
 Why a thread rather than a handler on the program's own poll loop: a
 program's loop is often busy elsewhere (writing to a slow stdout, blocked on
 ``--block``, running an ``--exec`` command), and libzmq holds a handshake
@@ -35,7 +38,6 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -76,18 +78,20 @@ class _Admission:
         return False
 
 
-@dataclass
 class Security:
-    """What secure mode needs in a process: its key pair and who it trusts."""
+    """What secure mode needs in a process: its key pair and who it trusts.
 
-    identity: Identity
-    trusted: Trusted
-    _authenticators: dict[int, Any] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _admission: _Admission | None = None
+    (A plain class, not a dataclass: generating a dataclass's methods at import
+    costs every program's start-up over 2 million instructions, about 1 % of a
+    one-shot command's, and nothing compares or copies a Security.)
+    """
 
-    def __post_init__(self) -> None:
-        self._admission = _Admission(self.trusted)
+    def __init__(self, identity: Identity, trusted: Trusted) -> None:
+        self.identity = identity
+        self.trusted = trusted
+        self._authenticators: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._admission: _Admission | None = _Admission(trusted)
 
     @property
     def public_key(self) -> str:
@@ -100,14 +104,14 @@ class Security:
         return self._admission.denied
 
     def policy(self, sock: sockets.Socket, kind: int) -> None:
-        """The socket policy: this identity's keys and the ZAP domain on *sock*."""
-        self._authenticate(sock.context)
+        """The socket policy: this identity's keys and the ZAP domain on *sock* (its
+        context's ZAP handler is started if it binds: :func:`serving`)."""
         sock.curve_publickey = self.identity.public
         sock.curve_secretkey = self.identity.secret
         sock.zap_domain = ZAP_DOMAIN.encode()
 
     def _authenticate(self, context: Any) -> None:
-        """Start the ZAP handler of *context* once (before its first socket can bind)."""
+        """Start the ZAP handler of *context* once (before its first socket binds)."""
         import logging  # (only a secure program that binds pays for it)
 
         from zmq.auth.thread import ThreadAuthenticator
@@ -209,6 +213,15 @@ def disable() -> None:
             auth = _active._authenticators.pop(context_id)
             auth.stop()
     _active = None
+
+
+def serving(sock: sockets.Socket) -> None:
+    """Before the secure *sock* binds (a CURVE server): its context's ZAP handler runs,
+    started once, so that only trusted keys get in.  With secure mode off there is no
+    handler, and libzmq would admit every key: :class:`UsageError` then."""
+    if _active is None:
+        raise UsageError("a secure socket cannot serve with secure mode off")
+    _active._authenticate(sock.context)
 
 
 def active() -> Security | None:

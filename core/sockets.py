@@ -200,8 +200,11 @@ def bind(sock: Socket, endpoint: Endpoint) -> Endpoint:
     Raises :class:`zmq.ZMQError` as bind does; :meth:`eda.core.daemon.Daemon.bind`
     turns that into eda's errors.
     """
-    if sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
-        sock.curve_server = True  # (secure mode) a CURVE server on this endpoint
+    if sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:  # (secure mode) a CURVE server here,
+        from . import security  # its clients admitted by the ZAP handler, started now
+
+        security.serving(sock)
+        sock.curve_server = True
     if endpoint.is_ipv6:
         sock.setsockopt(zmq.IPV6, 1)
     sock.bind(endpoint.zmq)

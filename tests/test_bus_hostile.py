@@ -124,10 +124,16 @@ def test_a_full_disk_stops_confirmations_and_keeps_the_store(procs: Procs, tmp_p
     done = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "fill.up", input=lines,
                timeout=120)  # fmt: skip
     assert done.returncode == 4, done.stderr
-    assert "disk is full" in done.stderr and "did not confirm" in done.stderr
+    assert "disk is full" in done.stderr
+    told = done.stderr.partition("did not confirm ")[2].split(" ", 1)[0]
+    assert told.isdigit(), done.stderr
+    # the store keeps every event it confirmed, and the publisher is told of the others.
+    # How many fit is no property: the tmpfs, SQLite's WAL and the batch sizes a loaded
+    # machine makes decide it (a CI run stored 689 events, another none of the first 27,901)
+    confirmed = 100_000 - int(told)  # (10 MB fit eda-pub's window: every line was sent)
     stored = int(stored_stats(ep)["events"])  # type: ignore[call-overload]
-    assert 0 < stored < 100_000  # some stored before the disk filled (how many: the tmpfs)
-    got = replay(ep, "fill.up", stored, "--raw")
+    assert confirmed <= stored < 100_000
+    got = replay(ep, "fill.up", stored, "--raw") if stored else []
     numbers = [int(x[:8]) for x in got]
     # every stored event once and readable.  Not necessarily a prefix: while SQLite
     # frees WAL space, a later small batch may fit where an earlier one was refused

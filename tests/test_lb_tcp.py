@@ -701,7 +701,7 @@ FAST = ("--interval", "0.2", "--ttl", "0.8")
 
 def lb(procs: Procs, *args: str) -> tuple[Proc, tuple[str, int]]:
     proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "-v", *args])
-    where = proc.wait_stderr(r"proxying (\S+):(\d+) to", 15)
+    where = proc.wait_stderr(r"proxying (\S+):(\d+) to")  # (a deadline for a loaded machine)
     return proc, (where.group(1), int(where.group(2)))
 
 
@@ -859,11 +859,11 @@ def test_cli_started_before_its_registry_waits_for_it(procs: Procs, servers: lis
         endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     proc, address = lb(procs, "--listen", "127.0.0.1:0", "web", "--registry", endpoint,
                        "--no-mdns", "--workers", "1")  # fmt: skip
-    proc.wait_stderr("still trying", 15)
+    proc.wait_stderr("still trying")
     reg = procs.eda("eda-registry", "serve", "-v", "--no-mdns", "--bind", endpoint, "--tick", "0.1")
     reg.wait_stderr("listening on")
     register(procs, endpoint, servers[0])
-    proc.wait_stderr(r"1 instance\(s\) up: a", 15)
+    proc.wait_stderr(r"1 instance\(s\) up: a")
     assert ask(address) == b"a:ping"
     planes = [int(p.split(":")[0]) for p in children_of(proc.popen.pid)]
     assert len(planes) == 1

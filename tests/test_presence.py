@@ -244,3 +244,21 @@ def test_txn_endpoints_from_the_registry_and_from_peers_go_through_endpoint(
     for bad in ("tcp://a b:1", "tcp://*:7730", "tcp://h:0", "udp://h:1", "tcp://::1:7730", 7, None):
         with pytest.raises(ProtocolError, match="bad coordinator endpoint"):
             check_reply_to(bad)
+
+
+def test_close_after_a_start_that_a_signal_cut_short_does_not_raise() -> None:
+    """SIGTERM arriving while start() launches the heartbeat thread (the line 'registered'
+    was printed just before, so a script that stops the program on seeing it lands there)
+    leaves a thread object whose start never returned. close() must still deregister
+    and return: a RuntimeError from joining it replaced the Terminated, and
+    `eda-registry register -- CMD` exited 1 instead of with CMD's status (session 26, run 1)."""
+    import threading
+
+    from eda.core.presence import Presence
+    from eda.core.registry import access as reg
+
+    record = reg.registration("web", 7001, ttl=30, interval=1)
+    presence = Presence(reg.Access(mdns=False), record)
+    presence._thread = threading.Thread(target=lambda: None)  # created, its start cut short
+    presence.close()
+    assert presence._thread is None

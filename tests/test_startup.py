@@ -173,6 +173,30 @@ def test_one_shot_imports_nothing_heavy(tmp_path, args, status, network):
     assert heavy == [], f"{args[0]} {args[1]} imports {heavy}"
 
 
+
+@pytest.mark.parametrize(
+    ("args", "status", "unneeded"),
+    [
+        (["eda.cli.lb", "call", "echo", "x", "--connect", "tcp://127.0.0.1:9", "--timeout",
+          "0.2"], 3, {"socket"}),  # given an instance: no TCP probe, no socket module
+        (["eda.cli.txn", "commit", "-p", "a,b", "--coordinator", "tcp://127.0.0.1:9",
+          "--wait", "0.2", "--no-mdns"], 4, {"eda.core.daemon", "encodings.idna"}),
+        (["eda.cli.registry", "lookup", "db"], 3, {"eda.core.daemon"}),  # none found by mDNS
+    ],
+    ids=["lb-call", "txn-commit", "registry-lookup"],
+)
+def test_a_client_imports_no_server_half(tmp_path, args, status, unneeded):
+    """A one-shot client does not import what only servers use: the daemon loop (the
+    request/reply server half's, eda.core.reqrep.Service), the socket module when it
+    probes nothing, nor the IDNA codec (stringprep, unicodedata) for an ASCII endpoint
+    it probes (eda-txn commit's check that the coordinator given accepts connections)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # fmt: skip
+    _, names = imported(["-S", "-m", *args], status, as_installed(env, tmp_path))
+    assert {"zmq", "eda.core.reqrep"} <= names  # the command did its network work
+    needless = sorted(names & unneeded)
+    assert needless == [], f"{args[0]} {args[1]} imports {needless}"
+
 # each subcommand of a lazy group (eda.cli.lazygroup) and the modules only other subcommands need
 LAZY = {
     "eda.cli.registryserve": ["registry", "serve"],
@@ -418,3 +442,26 @@ def test_the_early_question_never_hides_a_new_subscriber(procs):
     assert code == 0 and events[0] == "mdns question", (events, err)
     assert first.wait() == 0 and second.wait() == 0
     assert json.loads(second.lines()[0])["data"] == "both"
+
+
+def test_the_client_base_generates_no_dataclass_but_liveness():
+    """Importing the request/reply client base (eda.core.reqrep, with eda.core.sockets and
+    eda.core.security: every client and daemon) generates no dataclass besides
+    sockets.Liveness (copied with dataclasses.replace): generating one costs each
+    program's start-up 2-3 million instructions, about 1 % of a one-shot command."""
+    code = """
+import dataclasses
+import eda.core.endpoint, eda.core.errors, eda.core.keys  # (their own classes: not counted)
+made = []
+original = dataclasses._process_class
+def spy(cls, *args):
+    made.append(f"{cls.__module__}.{cls.__qualname__}")
+    return original(cls, *args)
+dataclasses._process_class = spy
+import eda.core.reqrep
+print(" ".join(made))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["eda.core.sockets.Liveness"]

@@ -174,6 +174,29 @@ class Delivering(ClientLinks):
         sub.sent += record.size
         return True
 
+    def _settle(self, sub: Subscription, ranges: list[tuple[int, int]]) -> None:
+        """Group member *sub* wrote out the events in *ranges* (bus sequences): those it
+        holds are settled, and only those.  It may hold lower ones not written yet
+        (released by a member gone, handed to it after newer ones): "everything up to
+        the last one written" would settle them too, and nobody would ever write them
+        if it died before it did."""
+        assert sub.group is not None
+        settled = sum(self.engine.group_ack(sub.group, sub.member, last, first)
+                      for first, last in ranges)  # fmt: skip
+        sub.pending = max(0, sub.pending - settled)
+        self._groups_dirty = True  # room for the next claim, under max_pending
+
+    def _replace_member(self, ident: bytes, group: str, member: str) -> None:
+        """Member *member* of *group* subscribes from *ident*: a subscription it still has
+        from another connection (dropped by ZeroMQ heartbeats, or the bus found
+        elsewhere) ends now, its events handed out again.  Left to be dropped as silent
+        seconds later, it would release what the new one holds by then, which the new
+        one would acknowledge in vain, its max_pending full for ever."""
+        for other, sub in list(self.subs.items()):
+            if other != ident and sub.group == group and sub.member == member:
+                self.log(f"subscription {other.hex()}: member {member} subscribed again")
+                self._drop(other)
+
     def _retry(self) -> None:
         """Try again the subscriptions whose queue was full (it may have room now)."""
         for sub in self.subs.values():

@@ -229,8 +229,10 @@ class Engine(Protocol):
         newest durable event).
         """
 
-    def group_ack(self, group: str, member: str, seq: int) -> int:
-        """*member* has handled what it holds up to *seq*; return how many events that settled."""
+    def group_ack(self, group: str, member: str, seq: int, first: int = 0) -> int:
+        """*member* has handled what it holds from *first* to *seq* (0: all up to *seq*);
+        return how many events that settled.  What it holds outside them stays held
+        (it may have been handed released events after newer ones, not written yet)."""
 
     def release(self, group: str, member: str) -> int:
         """*member* is dead: what it held goes to the next claims; return how many events."""

@@ -21,6 +21,25 @@ def integer(value: Any, what: str) -> int:
     return value
 
 
+def ranges(msg: dict[str, Any], seq: int) -> list[tuple[int, int]]:
+    """The acknowledgement's ``ranges`` (``[[first, last], ...]``, first <= last, at most
+    MAX_ACK_RANGES); without them, one: everything up to *seq* (a client before them)."""
+    given = msg.get("ranges")
+    if given is None:
+        return [(0, seq)]
+    if not isinstance(given, list) or not 0 < len(given) <= p.MAX_ACK_RANGES:
+        raise ProtocolError(f"ranges must be a list of 1 to {p.MAX_ACK_RANGES} [first, last]")
+    out = []
+    for pair in given:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ProtocolError("each of ranges must be [first, last]")
+        first, last = integer(pair[0], "range first"), integer(pair[1], "range last")
+        if first > last:
+            raise ProtocolError(f"range {first}-{last} ends before it begins")
+        out.append((first, last))
+    return out
+
+
 def patterns(msg: dict[str, Any]) -> list[str]:
     """The request's ``patterns``: a list of 1 to MAX_PATTERNS valid patterns."""
     given = msg.get("patterns")

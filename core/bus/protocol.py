@@ -27,8 +27,10 @@ group member's most events held unacknowledged, as JetStream's ``max_ack_pending
 (absent: its credit alone bounds it; a batch is never split on NATS, so a member
 holding nothing may be given one whole batch over it), reset: move an existing
 durable to *from*, admin), ``credit``
-(n), ``ack`` (seq), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes),
-``purge`` (pattern), ``drop`` (name: a durable consumer or group nobody is subscribed as).
+(n), ``ack`` (seq[, ranges]: a group member's ``[[first, last], ...]``, the bus
+sequences it wrote out, at most MAX_ACK_RANGES; without them, everything up to
+*seq*), ``hb``, ``bye``, ``stats``, ``retain`` (max_age, max_bytes), ``purge``
+(pattern), ``drop`` (name: a durable consumer or group nobody is subscribed as).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ OPS: Final = frozenset(
 
 MAX_CREDIT: Final = 1 << 20  # events a subscriber may have in flight
 MAX_PATTERNS: Final = 64
+MAX_ACK_RANGES: Final = 1024  # ranges of bus sequences in one acknowledgement
 HEARTBEAT: Final = 1.0  # s between a subscriber's heartbeats
 GONE_AFTER: Final = 5.0  # s without a word from a subscriber: it is gone (group: redelivered)
 

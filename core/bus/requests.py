@@ -112,9 +112,7 @@ class Answering(Delivering):
             if sub.durable is not None:
                 self.engine.ack(sub.durable, min(seq, self._durable))
             elif sub.group is not None:
-                settled = self.engine.group_ack(sub.group, sub.member, seq)
-                sub.pending = max(0, sub.pending - settled)
-                self._groups_dirty = True  # room for the next claim, under max_pending
+                self._settle(sub, check.ranges(msg, seq))
         elif op == "bye":
             self._drop(ident)
         return None
@@ -167,6 +165,8 @@ class Answering(Delivering):
         pending = msg.get("pending")
         if pending is not None and not 0 < check.integer(pending, "pending") <= p.MAX_CREDIT:
             raise ProtocolError(f"pending must be an integer from 1 to {p.MAX_CREDIT}")
+        if group is not None:  # the same member from a new connection: its old one ends
+            self._replace_member(ident, group, check.name(msg, "member") or ident.hex())
         if ident in self.subs:
             self._drop(ident, resubscribing=True)
         elif len(self.subs) >= MAX_SUBSCRIPTIONS:

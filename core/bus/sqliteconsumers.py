@@ -150,24 +150,29 @@ class SQLiteConsumers(EngineBase):
         self._write("UPDATE groups SET next = ? WHERE name = ?", (reached + 1, group))
         return out + records
 
-    def group_ack(self, group: str, member: str, seq: int) -> int:
+    def group_ack(self, group: str, member: str, seq: int, first: int = 0) -> int:
         if not 0 <= seq <= MAX_SEQ:
             raise UsageError(f"group {group!r}: acknowledged sequence {seq} is out of range")
+        if not 0 <= first <= seq:
+            raise UsageError(f"group {group!r}: acknowledged range {first}-{seq} is not one")
         matcher = self._group_matcher(group)
         leases = self._conn.execute(
-            "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?",
-            (group, member, seq),
+            "SELECT first, last FROM leases WHERE grp = ? AND member = ? AND first <= ?"
+            " AND last >= ?",
+            (group, member, seq, first),
         ).fetchall()
         settled = 0
-        for first, last in leases:
-            settled += self._count(first, min(last, seq), matcher)
-            if last <= seq:
-                self._write("DELETE FROM leases WHERE grp = ? AND first = ?", (group, first))
-            else:
+        for lo, hi in leases:
+            settled += self._count(max(lo, first), min(hi, seq), matcher)
+            # what is left on either side stays held, unless no event of the group lies there
+            if lo < first and self._count(lo, first - 1, matcher):
                 self._write(
-                    "UPDATE leases SET first = ? WHERE grp = ? AND first = ?",
-                    (seq + 1, group, first),
+                    "UPDATE leases SET last = ? WHERE grp = ? AND first = ?", (first - 1, group, lo)
                 )
+            else:
+                self._write("DELETE FROM leases WHERE grp = ? AND first = ?", (group, lo))
+            if seq < hi and self._count(seq + 1, hi, matcher):
+                self._write("INSERT INTO leases VALUES (?, ?, ?, ?)", (group, seq + 1, hi, member))
         return settled
 
     def release(self, group: str, member: str) -> int:

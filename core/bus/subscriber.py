@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import zmq
@@ -252,15 +252,46 @@ class BusSubscriber:
             if isinstance(old, list) and all(isinstance(x, str) for x in old):
                 self.resumed = (position, old[:64], resumed.get("asked_from") is True)
 
-    def ack(self, seq: int) -> None:
-        """The events up to bus sequence *seq* are written out (durable and group only).
+    def ack(self, seq: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """The events up to bus sequence *seq* are written out (durable and group only);
+        a group member's *ranges*: exactly which (:meth:`written` gives them).
 
         A group member acknowledges each time: what it is given again (released by
         a member gone, or its own after a bus restart) may lie below what it
         acknowledged before, and the bus counts it held (against max_pending) until then."""
         if (self.durable is not None and seq > self.acked) or self.group is not None:
             self.acked = max(self.acked, seq)
-            self._request({"op": "ack", "seq": seq})
+            msg: dict[str, Any] = {"op": "ack", "seq": seq}
+            if ranges and self.group is not None:
+                msg["ranges"] = [list(r) for r in ranges]
+            self._request(msg)
+
+    def written(self, deliveries: Sequence[Delivery]) -> None:
+        """*deliveries* (as :meth:`receive` gave them, in order) are written out: acknowledged.
+
+        A durable consumer acknowledges up to the last one.  A group member says
+        exactly which bus sequences it wrote: it may be handed events released by a
+        member gone after newer ones, and hold some not written yet below the last
+        one it wrote (the bus would take those for done, and nobody would write them
+        if this member died first)."""
+        if not deliveries:
+            return
+        top = deliveries[-1]
+        seq = top.busseq + top.batch.size - 1
+        if self.group is None:
+            self.ack(seq)
+            return
+        ranges: list[tuple[int, int]] = []
+        for d in deliveries:
+            first, last = d.busseq, d.busseq + d.batch.size - 1
+            if ranges and ranges[-1][1] + 1 == first:  # right after the one before
+                ranges[-1] = (ranges[-1][0], last)
+            else:
+                ranges.append((first, last))
+        for i in range(0, len(ranges), p.MAX_ACK_RANGES):
+            chunk = ranges[i : i + p.MAX_ACK_RANGES]
+            # (seq: a bus before ranges acknowledges up to it, as it always did)
+            self.ack(seq if i + p.MAX_ACK_RANGES >= len(ranges) else chunk[-1][1], chunk)
 
     def close(self) -> None:
         try:

@@ -204,6 +204,9 @@ class Peers:
         if not isinstance(peers, list):
             raise ProtocolError("bad peers in a peer's hello")
         link.id = peer_id
+        # heard of now: the id is kept until the peer stays unheard of for twice the peer
+        # timeout (its first tick comes once the stream's subscription is live)
+        link.last_tick = time.monotonic()
         pub = link.address.with_port(pub_port)  # its change stream: same host
         link.stream = pub.zmq
         if pub.zmq not in self.subscribed:
@@ -240,6 +243,7 @@ class Peers:
             link.alive = True
             link.resync = False
             self.server.store.peer_alive(peer_id)
+            self.server.log(f"change stream of peer registry {peer_id} live: asking for a snapshot")
             self._ask_snapshot(link)
         elif link.resync:  # its first tick since the stream connected again
             link.resync = False

@@ -289,10 +289,10 @@ class SagaRun:
             fields = {"step": step.name, "attempt": attempt, "error": result.error, "final": final}
             if not final:
                 fields["retry_in"] = round(delay, 3)
+            if final and stop is not None:  # the others start no new try from now on,
+                stop.set()  # not only once this record is durable (an fsync: long on a busy disk)
             self._record("step-failed", **fields)
             if final:
-                if stop is not None:
-                    stop.set()
                 return False
             self._wait(delay, stop)
 

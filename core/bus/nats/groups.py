@@ -166,18 +166,18 @@ class Groups(Consumers):
         for member, i, h in stale:
             self._held[group][member][i] = h._replace(since=now)
 
-    def group_ack(self, group: str, member: str, seq: int) -> int:
+    def group_ack(self, group: str, member: str, seq: int, first: int = 0) -> int:
         self._group_known(group)
         self._touch(group)
         held = self._held.get(group, {}).get(member, [])
-        done = [h for h in held if h.last <= seq]
+        done = [h for h in held if first <= h.first and h.last <= seq]
         acked = self._run(self._each([h.msg.ack_sync(timeout=self.deadline / 2) for h in done]))
         unacked = {id(h) for h, ok in zip(done, acked, strict=True) if not ok}
         settled = 0
         keep: list[_Held] = []
         for h in held:
-            if id(h) in unacked:  # no answer (server gone, message purged): acked again later
-                keep.append(h)
+            if id(h) in unacked or h.first < first:  # (no answer: server gone, message
+                keep.append(h)  # purged: acked again later; or not among those acknowledged)
                 continue
             settled += max(0, min(h.last, seq) - h.first + 1)
             if h.first <= seq < h.last:
