@@ -15,6 +15,7 @@ least recently used ones first and counting how many were forgotten.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, overload
@@ -86,11 +87,16 @@ class QueuedBytes:
     whether *size* more bytes may be sent: a peer holding nothing may always be
     sent one thing (so one large item never stalls a peer for good); otherwise
     its bytes and everyone's must stay within *per_peer* and *total*.
+    :attr:`crowded` says that *total*, not its own bound, held a peer back (the
+    caller resets it), and :meth:`untaken_since` since when a peer has left its
+    oldest item untaken: the caller frees room for the peers that read by
+    cutting off those that do not (eda-bus: :meth:`.BusServer._make_room`).
     """
 
     def __init__(self, per_peer: int, total: int) -> None:
         self.bytes = PeerBytes(per_peer, total)
-        self._sent: dict[Hashable, deque[list[int]]] = {}  # [units, bytes], oldest first
+        self._sent: dict[Hashable, deque[list[float]]] = {}  # [units, bytes, sent at], oldest 1st
+        self.crowded = False  # the total held back a peer within its own bound
 
     @property
     def total(self) -> int:
@@ -100,11 +106,21 @@ class QueuedBytes:
         return self.bytes.held(peer)
 
     def room(self, peer: Hashable, size: int) -> bool:
-        return self.bytes.held(peer) == 0 or self.bytes.fits(peer, size)
+        held = self.bytes.held(peer)
+        if held == 0 or self.bytes.fits(peer, size):
+            return True
+        if held + size <= self.bytes.per_peer:
+            self.crowded = True
+        return False
 
     def add(self, peer: Hashable, units: int, size: int) -> None:
-        self._sent.setdefault(peer, deque()).append([units, size])
+        self._sent.setdefault(peer, deque()).append([units, size, time.monotonic()])
         self.bytes.add(peer, size)
+
+    def untaken_since(self, peer: Hashable) -> float | None:
+        """When the oldest item still held for *peer* was sent (time.monotonic); None: none."""
+        sent = self._sent.get(peer)
+        return sent[0][2] if sent else None
 
     def release(self, peer: Hashable, units: int) -> None:
         """*peer* took its oldest *units* (more than it was sent is ignored)."""
@@ -113,11 +129,11 @@ class QueuedBytes:
         while sent and units > 0:
             item = sent[0]
             if units >= item[0]:
-                units -= item[0]
-                freed += item[1]
+                units -= int(item[0])
+                freed += int(item[1])
                 sent.popleft()
             else:  # part of one item: its bytes in proportion
-                part = item[1] * units // item[0]
+                part = int(item[1]) * units // int(item[0])
                 item[0] -= units
                 item[1] -= part
                 freed += part

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eda.core.bus import protocol
-from tests.helpers import Procs, command, run, wait_until
+from tests.helpers import Proc, Procs, command, run, wait_until
 from tests.test_bus import _feed, replay, start_bus, stored_events, stored_stats
 
 
@@ -414,56 +414,144 @@ def _rss(pid: int) -> int:
     return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) * 1024
 
 
+class _NeverReading:
+    """*n* raw subscribers of *pattern* from the start, with all the credit they may
+    have, that never read (RCVHWM 1); :meth:`alive` keeps them subscribed (``hb``)
+    and notes the bus's peak RSS."""
+
+    def __init__(self, bus: Proc, ep: str, n: int, pattern: str) -> None:
+        self.pid = bus.popen.pid
+        self.before = self.peak = _rss(self.pid)
+        self.beat = 0.0
+        sub = {"op": "sub", "patterns": [pattern], "from": "start", "credit": protocol.MAX_CREDIT}
+        self.socks = []
+        for _ in range(n):
+            s = zmq.Context.instance().socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVHWM, 1)
+            s.connect(ep)
+            s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+            self.socks.append(s)
+
+    def alive(self) -> None:
+        import time
+
+        if time.monotonic() - self.beat > 0.5:
+            self.beat = time.monotonic()
+            for s in self.socks:
+                s.send_multipart([protocol.REQUEST, b'{"op": "hb"}'], zmq.NOBLOCK)
+        self.peak = max(self.peak, _rss(self.pid))
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
 def test_never_reading_subscribers_cannot_grow_the_bus_and_good_clients_are_served(
     procs: Procs, tmp_path: Path
 ) -> None:
-    import time
-
     bus, ep = start_bus(procs, tmp_path / "bus", "--max-client-queued", "2MiB",
                         "--max-queued", "8MiB")  # fmt: skip
     big = "".join(f"{i:06d}{'x' * 999_000}\n" for i in range(64))  # 64 MB, one event a batch
     done = run("eda-pub", "--bus", ep, "--confirm", "big.x", input=big, timeout=120)
     assert done.returncode == 0, done.stderr
-    before = _rss(bus.popen.pid)
-    zctx = zmq.Context.instance()
-    greedy = []
-    sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": protocol.MAX_CREDIT}
-    for _ in range(6):
-        s = zctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVHWM, 1)
-        s.connect(ep)
-        s.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
-        greedy.append(s)
-    good = procs.eda("eda-sub", "--bus", ep, "good.n", "-C", "2000", "--raw")
+    greedy = _NeverReading(bus, ep, 6, ">")
+    # from the first event after the big ones: a live subscription made after eda-pub
+    # stored its first batches would miss them (eda-pub starts faster than eda-sub)
+    good = procs.eda("eda-sub", "--bus", ep, "--from-seq", "65", "good.n", "-C", "2000", "--raw")
     pub = procs.eda("eda-pub", "--bus", ep, "--confirm", "good.n", stdin=subprocess.PIPE)
     _feed(pub, range(1, 2001))
     assert pub.popen.stdin is not None
     pub.popen.stdin.close()
-    peak, beat = 0, 0.0
-    hb = json.dumps({"op": "hb"}).encode()
-
-    def alive() -> None:  # the greedy ones stay alive (but read nothing)
-        nonlocal peak, beat
-        if time.monotonic() - beat > 0.5:
-            beat = time.monotonic()
-            for s in greedy:
-                s.send_multipart([protocol.REQUEST, hb], zmq.NOBLOCK)
-        peak = max(peak, _rss(bus.popen.pid))
-
     # the good publisher and subscriber are served meanwhile
-    wait_until(lambda: alive() or good.popen.poll() is not None, 60, "the good subscriber")
+    wait_until(lambda: greedy.alive() or good.popen.poll() is not None, 60, "the good subscriber")
     assert good.wait() == 0, good.stderr
     assert good.stdout.split() == [str(i) for i in range(1, 2001)]
     assert pub.wait(30) == 0, pub.stderr
     # six subscribers could be sent all of 64 MB each (384 MB); now 8 MiB in all, plus
     # one event each, plus what reading from the store costs
-    assert peak - before < 100 << 20, (before, peak)
+    assert greedy.peak - greedy.before < 100 << 20, (greedy.before, greedy.peak)
     # and one that takes nothing of what is queued for it is cut off
-    wait_until(lambda: alive() or "cut off" in bus.stderr, 30, "a never-reading subscriber cut")
-    assert peak - before < 100 << 20, (before, peak)
-    for s in greedy:
-        s.close()
+    wait_until(lambda: greedy.alive() or "cut off" in bus.stderr, 30, "a never-reading one cut")
+    assert greedy.peak - greedy.before < 100 << 20, (greedy.before, greedy.peak)
+    greedy.close()
+
+
+def test_stuck_clients_holding_the_whole_queue_are_cut_off_so_readers_are_served(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Nine clients that never read each hold one 1 MB event, more than --max-queued in all,
+    and want nothing more (so never wait on their own bound); a reader is held back by the
+    global bound: the stuck ones are cut off and the reader gets every event."""
+    from eda.core import codec
+
+    bus, ep = start_bus(procs, tmp_path / "bus", "--max-client-queued", "2MiB",
+                        "--max-queued", "8MiB")  # fmt: skip
+    done = run("eda-pub", "--bus", ep, "--confirm", "-s", "big.x", input="x" * 1_000_000)
+    assert done.returncode == 0, done.stderr
+    stuck = _NeverReading(bus, ep, 9, "big.x")
+    n = 300
+    good = procs.eda("eda-sub", "--bus", ep, "--from-seq", "2", "good.n", "-C", str(n), "--raw")
+    pub = zmq.Context.instance().socket(zmq.DEALER)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(ep)
+    origin = codec.encode_origin("f1".rjust(32, "0"), "eda://test")
+    for i in range(1, n + 1):  # one batch each: a reader held to one at a time gets few
+        header = codec.encode_header(codec.TEXT, 1, i, 0.0, origin)
+        pub.send_multipart([protocol.PUBLISH, protocol.TAG.pack(i), b"good.n", header, b"%d" % i])
+    wait_until(lambda: stuck.alive() or good.popen.poll() is not None, 60, "the reader served")
+    assert good.wait() == 0, good.stderr
+    assert good.stdout.split() == [str(i) for i in range(1, n + 1)]
+    assert "holds others back" in bus.stderr
+    assert stuck.peak - stuck.before < 100 << 20, (stuck.before, stuck.peak)
+    stuck.close()
+    pub.close()
+
+
+def test_a_subscriber_held_back_by_its_queued_bytes_is_not_read_again_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held back by its bound, a subscriber is tried again every 50 ms: the store is read
+    for it only once there is room for what it was refused (each try read a chunk of up
+    to 64 events ahead, 64 MB of 1 MB ones, to send none)."""
+    import time
+
+    from eda.core import codec
+    from eda.core.bus import SQLiteEngine
+    from eda.core.bus.server import BusServer, Settings
+
+    engine = SQLiteEngine(tmp_path / "bus.db")
+    origin = codec.encode_origin("p1", "src")
+    for i in range(1, 11):
+        header = codec.encode_header(codec.TEXT, 1, i, time.time(), origin)
+        engine.append([codec.decode([b"big.x", header, b"x" * 600])])
+    engine.commit()
+    settings = Settings(bind="tcp://127.0.0.1:0", mdns=False, client_bytes=1000)
+    server = BusServer(engine, settings)
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.RCVHWM, 1)
+        client.connect(server.endpoint)
+        sub = {"op": "sub", "patterns": [">"], "from": "start", "credit": 1000}
+        client.send_multipart([protocol.REQUEST, json.dumps(sub).encode()])
+        deadline = time.monotonic() + 20
+        server.serve(until=lambda: any(s.waiting for s in server.subs.values())
+                     or time.monotonic() > deadline)  # fmt: skip
+        (held,) = server.subs.values()
+        assert held.waiting and held.sent == 1  # one 600-byte event: no room for a second
+        reads = []
+        read = engine.read
+        monkeypatch.setattr(engine, "read", lambda *a, **k: reads.append(a) or read(*a, **k))
+        for _ in range(20):
+            server._retry()
+        assert reads == [] and held.sent == 1
+        server.queued.release(held.ident, 1)  # it took the one it was sent: room again
+        server._retry()
+        assert len(reads) == 1 and held.sent == 2
+    finally:
+        client.close()
+        server.close()
 
 
 def test_a_subscriber_that_grants_credit_for_events_it_does_not_take_is_cut_off(

@@ -54,6 +54,23 @@ def test_releasing_what_was_sent_frees_it_in_order_and_in_proportion() -> None:
     assert q.held("a") == 0 and q.total == 0
 
 
+def test_the_total_holding_a_peer_back_is_told_and_the_oldest_untaken_item_dated() -> None:
+    q = QueuedBytes(per_peer=1000, total=1500)
+    q.add("a", 1, 900)
+    assert not q.room("a", 200) and not q.crowded  # its own bound
+    q.add("b", 1, 500)
+    assert q.room("c", 100)  # a peer holding nothing may always be sent one
+    q.add("c", 1, 100)
+    assert not q.room("c", 100) and q.crowded  # within its own bound: the total
+    first = q.untaken_since("a")
+    q.add("a", 1, 50)
+    assert first is not None and q.untaken_since("a") == first
+    q.release("a", 1)
+    assert (q.untaken_since("a") or 0) >= first and q.untaken_since("d") is None
+    q.release("a", 1)
+    assert q.untaken_since("a") is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(_steps)
 def test_peer_bytes_add_up_and_fits_keeps_both_bounds(

@@ -58,6 +58,7 @@ class Subscription:
     backlog: list[Record] = field(default_factory=list)  # group: claimed, not sent yet
     conn: Connection | None = None
     waiting: float | None = None  # since when its queued-bytes bound holds events back
+    wanted: int = 0  # the bytes of the event its queued-bytes bound held back
     stalled: float | None = None  # since when its queue (SEND_HWM messages) has been full
     credited: float = 0.0  # when it last granted credit
     max_pending: int | None = None  # group: events held (claimed, not acknowledged) at most
@@ -102,6 +103,8 @@ class Delivering(ClientLinks):
                 self.lost += first - sub.cursor
                 self._send(sub.ident, [p.LOST, encode({"lost": first - sub.cursor})])
                 sub.cursor = first
+            if sub.waiting is not None and not self.queued.room(sub.ident, sub.wanted):
+                continue  # still no room for what it was refused: not read again for nothing
             self._pump(sub, durable)
 
     def _pump(self, sub: Subscription, durable: int) -> None:
@@ -159,6 +162,7 @@ class Delivering(ClientLinks):
         if not self.queued.room(sub.ident, size):
             if sub.waiting is None:
                 sub.waiting = time.monotonic()
+            sub.wanted = size
             return False
         if not self._send(sub.ident, frames):
             if sub.stalled is None:

@@ -23,6 +23,7 @@ what each trusted key may do, checked per batch and per request).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from ..limits import QueuedBytes, raise_fd_limit
 from ..reqrep import encode, error_reply, split_envelope
 from . import protocol as p
 from .acl import Acl, Forbidden
-from .delivery import Subscription
+from .delivery import CUT_AFTER, Subscription
 from .engine import Engine, EventTooLargeError, StoreError
 from .requests import Answering
 from .streams import check_publisher
@@ -111,6 +112,7 @@ class BusServer(Answering):
         self.watch(self.sock, "clients", self.drain)
         self.every(0.05, "delivery", self._retry)
         self.every(1.0, "heartbeats", self._check_gone)
+        self.every(1.0, "room for readers", self._make_room)
         if engine.shared:  # a shared store (NATS): other fronts write to it too
             self.every(0.2, "others' writes", self._refresh)
         if settings.max_age is not None or settings.max_bytes is not None:
@@ -179,6 +181,30 @@ class BusServer(Answering):
             self._releasing.cancel()
             self._releasing = None
             self.log("group members' events released")
+
+    def _make_room(self) -> None:
+        """The bound on what is queued for all clients (``--max-queued``) held back a
+        client within its own bound: cut off every subscriber that has left what was
+        queued for it untaken for :data:`~.delivery.CUT_AFTER` seconds.
+
+        Stuck clients must not hold the shared budget for good while the ones that
+        read wait: without this, a crowd of stuck clients that want nothing more
+        (so never wait on their own bound, the other cut) would leave every other
+        subscriber one event per credit it grants.  A client that reads grants
+        credit for what it took at least every heartbeat, which frees its oldest.
+        """
+        queued = self.queued
+        if not queued.crowded:
+            return
+        queued.crowded = False
+        now = time.monotonic()
+        for ident, sub in list(self.subs.items()):
+            since = queued.untaken_since(ident)
+            if since is not None and now - since > CUT_AFTER:
+                limit = self.settings.queued_bytes
+                self._cut_off(sub, f"{queued.held(ident)} bytes queued and none taken for "
+                              f"{CUT_AFTER:g}s while the bus's queue for all clients "
+                              f"({limit} bytes) holds others back")  # fmt: skip
 
     def _refresh(self) -> None:
         """Deliver what other fronts of a shared store stored (the store tells its durable_seq)."""

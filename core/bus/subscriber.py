@@ -77,6 +77,7 @@ class BusSubscriber:
         self.malformed = 0
         self.lost = 0
         self.last = 0  # bus sequence of the newest event received
+        self._began = 0  # where the bus said a plain subscription began (0: not told yet)
         self.acked = 0
         self._owed = 0  # events taken since credit was last granted
         self._owed_bytes = 0  # and their bytes
@@ -104,8 +105,11 @@ class BusSubscriber:
             msg["group"], msg["member"] = self.group, self.member
             msg["pending"] = self.max_pending
         start = self.start
-        if self._subscribed and self.durable is None and self.group is None:
-            start = {"seq": self.last + 1} if self.last else self.start
+        # again: where it got to, or began (a live one forgotten before its first event,
+        # cut off, dropped or by a restart, must not skip what was stored meanwhile)
+        plain = self.durable is None and self.group is None
+        if self._subscribed and plain and (self.last or self._began):
+            start = {"seq": max(self.last + 1, self._began)}
         if start is not None:
             msg["from"] = start
         if self.reset:
@@ -241,6 +245,8 @@ class BusSubscriber:
         if not first:  # a subscribe again (after a bus restart) resumes, as it should
             return
         resumed, position = reply.get("resumed"), reply.get("from")
+        if isinstance(position, int) and position > 0:
+            self._began = position
         if isinstance(resumed, dict) and isinstance(position, int):
             old = resumed.get("patterns")
             if isinstance(old, list) and all(isinstance(x, str) for x in old):
