@@ -61,7 +61,8 @@ def client_limit_options(func: Any) -> Any:
         default="512MiB",
         show_default=True,
         metavar="SIZE",
-        help="Events queued for all subscribers together, at most.",
+        help="Events queued for all subscribers together, at most; when it holds one back, "
+        "subscribers that took nothing queued for 5 s are cut off.",
     )(func)
     return click.option(
         "--max-client-queued",
