@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: deps lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30
 
 # the LAN nemesis's long form (issue 18): 10 hosts, SECONDS of faults, a seeded
 # schedule; report in build/nemesis/SEED/ (summary.txt, latency.png, history.jsonl)

@@ -325,7 +325,6 @@ def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
     failed: list[tuple[int, bytes, str]] = []
     caller = Caller(out=out.append, failed=lambda *f: failed.append(f), heartbeat=0.3,
                     max_request=1000)  # fmt: skip
-    started = time.monotonic()
     try:
         caller.use([(worker.endpoint, 1)])
         caller.feed_fd(read_fd)
@@ -339,7 +338,6 @@ def test_an_endless_input_line_is_one_error_and_the_lines_after_it_are_served(
     [(seq, line, reason)] = failed
     assert seq == 1 and line == b"x" * 1001
     assert reason == f"request too large ({20 << 20} bytes; the limit is 1000)"
-    assert time.monotonic() - started < 10
 
 
 def test_a_hanging_command_is_killed_and_the_request_fails_after_its_retries(
@@ -762,14 +760,13 @@ def test_a_flood_of_announced_fake_instances_costs_bounded_sockets_and_no_hang(
 
         caller.pool._open = counting  # type: ignore[method-assign]
 
-    started = time.monotonic()
     try:
         out, failed, _, caller = call(found, [b"a", b"b"], timeout=15, setup=watch)
     finally:
         for sock, _ in silent:
             sock.close()
     assert out == b"real a\nreal b\n" and not failed
-    assert most <= MAX_CONNS and time.monotonic() - started < 12
+    assert most <= MAX_CONNS  # (the caller's own timeout of 15 s bounded the search)
     assert not caller.conns  # all closed at the end
 
 

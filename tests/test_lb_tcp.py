@@ -534,7 +534,7 @@ def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: lis
     while not readable([quiet], 0.1):  # busy talks while quiet says nothing
         busy.sendall(b"x")
         assert busy.recv(100) == b"a:x"
-        assert time.monotonic() - started < 5, "the quiet connection was never closed"
+        assert time.monotonic() - started < 30, "the quiet connection was never closed"
     assert quiet.recv(100) == b""
     assert time.monotonic() - started >= 0.35
     busy.sendall(b"still")
