@@ -25,9 +25,9 @@ from eda.core.lb.broker import Broker, Settings
 from eda.core.lb.caller import Caller, Summary
 from eda.core.lb.callpool import MAX_CONNS
 from eda.core.lb.worker import DEPTH, MAX_BROKERS, Worker
-from tests.helpers import Proc, Procs, wait_until
+from tests.helpers import Proc, Procs, command, wait_until
 
-LB = [sys.executable, "-m", "eda.cli.lb"]
+LB = command("eda-lb")  # as installed (bin/eda-lb)
 # a persistent worker command that says who answered: "NAME LINE"
 TAGGED = 'while read -r l; do echo "{name} $l"; done'
 
@@ -921,7 +921,7 @@ def test_a_worker_announced_by_mdns_moves_to_a_registry_that_appears(procs: Proc
     worker = lb(procs, "worker", "svc", "-v", "--", "cat")
     worker.wait_stderr(r"serving svc on \S+ \(announced by mDNS\)", 20)
     registry = procs.start(
-        [sys.executable, "-m", "eda.cli.registry", "serve", "-v", "--bind", "tcp://127.0.0.1:*",
+        [*command("eda-registry"), "serve", "-v", "--bind", "tcp://127.0.0.1:*",
          "--tick", "0.1"],
     )  # fmt: skip
     endpoint = registry.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
@@ -994,7 +994,7 @@ def test_cli_call_reports_each_failure_with_its_input_and_exits_1(procs: Procs) 
 
 def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve: Any) -> None:
     registry = procs.start(
-        [sys.executable, "-m", "eda.cli.registry", "serve", "--no-mdns", "--bind",
+        [*command("eda-registry"), "serve", "--no-mdns", "--bind",
          "tcp://127.0.0.1:*"],
     )  # fmt: skip
     endpoint = registry.wait_stderr(r"listening on (tcp://\S+)", 15).group(1)
@@ -1028,7 +1028,7 @@ def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve
     assert caller.wait(15) == 0
     assert len(caller.lines()) == sent
     lookup = subprocess.run(
-        [sys.executable, "-m", "eda.cli.registry", "lookup", "svc", *reg],
+        [*command("eda-registry"), "lookup", "svc", *reg],
         capture_output=True, timeout=15, check=False,
     )  # fmt: skip
     metas = [json.loads(line)["meta"] for line in lookup.stdout.splitlines()]
@@ -1037,7 +1037,7 @@ def test_new_instances_are_used_and_via_goes_to_brokers_only(procs: Procs, serve
     # worker does: an in-process worker stands in for it here)
     front = serve(persistent("broker"), persistent=True)
     registered = procs.start(
-        [sys.executable, "-m", "eda.cli.registry", "register", "-v", "svc", *reg, "--host",
+        [*command("eda-registry"), "register", "-v", "svc", *reg, "--host",
          "127.0.0.1", "--port", front.endpoint.rsplit(":", 1)[1], "--meta", "role=broker"],
     )  # fmt: skip
     registered.wait_stderr("registered svc/", 15)
