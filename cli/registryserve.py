@@ -70,6 +70,11 @@ Examples:
     help="Also answer DNS for NAME.service.eda here, e.g. 127.0.0.1:8600.",
 )
 @seconds_option(
+    "--dns-idle",
+    default=10.0,
+    help="Close a DNS-over-TCP connection (--dns) idle this long.",
+)
+@seconds_option(
     "--tick",
     default=0.5,
     type=click.FloatRange(0, MAX_TICK, min_open=True),
@@ -99,6 +104,7 @@ def serve(
     data: str | None,
     peers: tuple[str, ...],
     dns: str | None,
+    dns_idle: float,
     http: str | None,
     tick: float,
     peer_timeout: float,
@@ -138,6 +144,7 @@ def serve(
         mdns=not ctx.no_mdns,
         peers=peers,
         dns=dns,
+        dns_idle=dns_idle,
         tick=tick,
         peer_timeout=peer_timeout,
         max_instances=max_instances,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,12 +49,19 @@ def _late_writer(procs: Procs, stream: str) -> Proc:
 
 
 def test_a_failed_wait_shows_what_the_process_wrote_by_the_deadline(procs: Procs) -> None:
-    proc = _late_writer(procs, "stderr")
-    with pytest.raises(AssertionError, match="late"):
-        proc.wait_stderr("never said", timeout=3)
-    out = _late_writer(procs, "stdout")
-    with pytest.raises(AssertionError, match="late"):
-        out.wait_lines(2, timeout=3)
+    err, out = _late_writer(procs, "stderr"), _late_writer(procs, "stdout")
+
+    def failed(wait: Any) -> str:
+        with pytest.raises(AssertionError) as caught:
+            wait()
+        return str(caught.value)
+
+    # both waits at once (each began before its writer wrote)
+    said = together(
+        lambda: failed(lambda: err.wait_stderr("never said", timeout=3)),
+        lambda: failed(lambda: out.wait_lines(2, timeout=3)),
+    )
+    assert all("late" in message for message in said), said
 
 
 def test_newlines_counts_what_lines_counts_as_it_grows(procs: Procs) -> None:

@@ -32,7 +32,11 @@ class BrokerThread:
 
     def __init__(self, **settings: object) -> None:
         local = {"bind": "tcp://127.0.0.1:*", "backend": "tcp://127.0.0.1:*"}
-        self.broker = Broker(Settings(**{"service": "upper", "heartbeat": HB, **local, **settings}))  # type: ignore[arg-type]
+        self.warnings: list[str] = []
+        self.broker = Broker(
+            Settings(**{"service": "upper", "heartbeat": HB, **local, **settings}),  # type: ignore[arg-type]
+            warn=self.warnings.append,
+        )
         self.broker.start()
         self._stop = False
         self.thread = threading.Thread(target=self.broker.serve, args=(lambda: self._stop,))
@@ -320,11 +324,11 @@ def test_a_silent_workers_requests_go_to_another_with_the_same_rid(make):  # typ
     wait_until(lambda: len(doomed.seen) == 20 and doomed.beats >= 3, 5, "the doomed worker's load")
     survivor = make(FakeWorker, broker.back, "survivor", concurrency=50)
     ready_workers(broker, 2)
-    started = time.monotonic()
     doomed.die()
     replies = caller.replies(20, 10)
     assert len(replies) == 20, "a request was lost"
-    assert time.monotonic() - started < 10 * HB + 1  # dropped after ~3 heartbeats
+    # dropped for its silence (three heartbeats), not for the requests' deadlines
+    assert broker.warnings == ["warning: worker doomed went silent: re-sending its 20 request(s)"]
     assert {r[2] for r in replies} == {f"k.{i}".encode() for i in range(20)}
     assert all(r[3] == b"ok" for r in replies)
     assert sorted(survivor.seen) == sorted(doomed.seen)  # the same rids, re-sent
@@ -945,9 +949,7 @@ def test_stats_of_a_flood_of_announced_instances_uses_bounded_sockets() -> None:
     worker = BrokerThread()
     try:
         fakes = [f"tcp://127.0.0.4:{32000 + i}" for i in range(1100)]
-        started = time.monotonic()
         answers = ask_stats([*fakes, worker.front], timeout=0.2)
-        assert time.monotonic() - started < 5
     finally:
         worker.close()
     assert len(answers) == 1101 and {answers[f] for f in fakes} == {"no answer"}

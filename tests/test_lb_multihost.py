@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from tests.helpers import PROGRAMS, Proc, wait_until
+from tests.helpers import PROGRAMS, Proc, command, wait_until
 from tests.hosts import Host, Network
 
-LB = [sys.executable, "-m", "eda.cli.lb"]
+LB = command("eda-lb")  # as installed (bin/eda-lb)
 
 
 def lb(host: Host, *args: str, **kw: Any) -> Proc:

@@ -31,6 +31,7 @@ from tests.helpers import (
     Procs,
     children_of,
     closed_port,
+    command,
     readable,
     require_tools,
     wait_until,
@@ -534,7 +535,7 @@ def test_idle_connections_are_closed_and_busy_ones_kept(proxy: Any, servers: lis
     while not readable([quiet], 0.1):  # busy talks while quiet says nothing
         busy.sendall(b"x")
         assert busy.recv(100) == b"a:x"
-        assert time.monotonic() - started < 5, "the quiet connection was never closed"
+        assert time.monotonic() - started < 30, "the quiet connection was never closed"
     assert quiet.recv(100) == b""
     assert time.monotonic() - started >= 0.35
     busy.sendall(b"still")
@@ -700,7 +701,7 @@ FAST = ("--interval", "0.2", "--ttl", "0.8")
 
 
 def lb(procs: Procs, *args: str) -> tuple[Proc, tuple[str, int]]:
-    proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "-v", *args])
+    proc = procs.start([*command("eda-lb"), "tcp", "-v", *args])
     where = proc.wait_stderr(r"proxying (\S+):(\d+) to")  # (a deadline for a loaded machine)
     return proc, (where.group(1), int(where.group(2)))
 
@@ -833,7 +834,7 @@ def test_a_data_plane_process_warns_through_the_proxy() -> None:
 
 def test_cli_refuses_bad_options(procs: Procs, tmp_path: Path) -> None:
     def lb_run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "eda.cli.lb", "tcp", *args],
+        return subprocess.run([*command("eda-lb"), "tcp", *args],
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 
     bad = lb_run("--listen", "nowhere", "web", "--no-mdns", "--registry", "tcp://127.0.0.1:1")
@@ -924,7 +925,7 @@ def _free_port() -> int:
 
 def _stats_rows(endpoint: str) -> dict[str, dict[str, Any]]:
     """eda-lb stats web, piped: its JSON Lines by instance ({} while it fails)."""
-    done = subprocess.run([sys.executable, "-m", "eda.cli.lb", "stats", "web", "--registry",
+    done = subprocess.run([*command("eda-lb"), "stats", "web", "--registry",
                            endpoint, "--no-mdns"], capture_output=True, text=True, timeout=30)  # fmt: skip
     if done.returncode != 0:
         return {}
@@ -983,7 +984,7 @@ def test_cli_haproxy_engine_names_its_runtime_socket_without_verbose(
     servers.append(Server("a"))
     endpoint = registry(procs)
     register(procs, endpoint, servers[0])
-    proc = procs.start([sys.executable, "-m", "eda.cli.lb", "tcp", "--listen",
+    proc = procs.start([*command("eda-lb"), "tcp", "--listen",
                         f"127.0.0.1:{_free_port()}", "web", "--engine", "haproxy",
                         "--registry", endpoint, "--no-mdns"])  # fmt: skip
     found = proc.wait_stderr(r"runtime API: (\S+)", 15)

@@ -161,13 +161,11 @@ def test_a_slow_subscriber_outlives_a_publisher_that_gave_up(procs: Procs, tmp_p
         wait_until(lambda: sub.lines > before, 30, "more output")
 
 
-def test_confirmed_delivery_exits_zero_and_quickly(procs: Procs) -> None:
+def test_confirmed_delivery_exits_zero(procs: Procs) -> None:
     sub = procs.sub_ready("ok", "-C", "3")
-    start = time.monotonic()
     result = run("eda-pub", "--linger", "60", "ok", "a", "b", "c")
+    # 0: the acknowledgement ended the wait (a linger that ran out unconfirmed exits 4)
     assert result.returncode == 0 and result.stderr == ""
-    # the acknowledgement, not the 60 s linger, ended the wait (a generous bound)
-    assert time.monotonic() - start < 30
     assert sub.wait() == 0 and len(sub.lines()) == 3
 
 
@@ -201,12 +199,11 @@ def test_connect_to_a_closed_port_warns_and_exits_4(closed_port: int) -> None:
 
 def test_an_unresolvable_host_is_an_error_at_once() -> None:
     for program, args in (("eda-pub", ["t", "x"]), ("eda-sub", ["t", "-W", "30"])):
-        start = time.monotonic()
         result = run(program, "--no-mdns", "--connect", "tcp://no-such-host.invalid:5555", *args)
+        # an error (exit 1), not a silent wait that ran out (exit 4)
         assert result.returncode == 1, result.stderr
         assert result.stderr.count("\n") == 1
         assert "cannot resolve 'no-such-host.invalid'" in result.stderr
-        assert time.monotonic() - start < 20  # not the -W 30 of silent waiting
 
 
 def test_eda_sub_warns_about_a_publisher_that_does_not_answer(

@@ -104,7 +104,7 @@ def test_a_saga_call_step_reaches_a_secure_worker_named_by_its_key(procs: Procs,
     forged = tmp_path / "mallory.log"
     _, theirs = worker(procs, ids["mallory"], forged)
     failed = saga(tmp_path, ids["alice"], f'connect = "w@{theirs}"')
-    assert failed.returncode != 0 and sent(forged) == ""
+    assert failed.returncode == 5 and sent(forged) == "", failed.returncode
     # an endpoint without its key's name, in secure mode
     plain = saga(tmp_path, ids["alice"], f'connect = "{endpoint}"')
     assert plain.returncode == 2, plain.stderr
@@ -141,7 +141,7 @@ def test_a_saga_call_step_pins_the_worker_key_from_a_secure_registry(procs: Proc
     assert json.loads(sent(log)) == {"order": 7}
     ids["bob"].revoke("w")
     refused = saga(tmp_path, ids["bob"], "", "--registry", at)
-    assert refused.returncode != 0
+    assert refused.returncode == 5, refused.returncode
     assert sent(log).count("\n") == 1
 
 
@@ -184,7 +184,7 @@ def test_a_worker_allowing_alice_serves_no_broker_it_does_not_allow(procs: Procs
     done = run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--registry", at, "--via",
                "pay", "--timeout", "2", "--retries", "0", "round", env=ids["bob"].env,
                timeout=60)  # fmt: skip
-    assert done.returncode != 0 and sent(log) == ""
+    assert done.returncode == 4 and sent(log) == "", done.returncode
     named = run("eda-lb", "worker", "pay", "--secure", "--no-mdns", "--allow", "alice",
                 "--broker", f"b@{back}", "--", "cat", env=ids["w"].env, timeout=30)  # fmt: skip
     assert named.returncode == 2 and "'b' is not in --allow" in named.stderr

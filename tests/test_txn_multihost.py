@@ -45,9 +45,16 @@ def test_two_phase_commit_across_three_hosts_found_by_mdns(network: Any, tmp_pat
     assert ok.returncode == 0, ok.stderr
     txn = json.loads(ok.stdout)["txn"]
     assert txn.startswith("ca.")
-    assert (tmp_path / "stock.ok").read_text() == f"{txn}\n" and (
-        tmp_path / "pay.ok"
-    ).read_text() == f"{txn}\n"
+    # applied by phase two, just after the client's answer (the coordinator's decision)
+    wait_until(
+        lambda: all(
+            (tmp_path / f"{name}.ok").exists()
+            and (tmp_path / f"{name}.ok").read_text() == f"{txn}\n"
+            for name in ("stock", "pay")
+        ),
+        30,
+        "both commits applied",
+    )
 
     no = b.run("eda-txn", "commit", "-p", "stock,pay", "--data", '{"order": 8}')
     assert no.returncode == 5 and json.loads(no.stdout)["votes"]["pay"] == "no", no.stderr

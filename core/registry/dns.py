@@ -262,7 +262,7 @@ class Responder:
 
 # -- DNS over TCP (RFC 1035 4.2.2, RFC 7766) ----------------------------------------------------
 MAX_TCP_CONNECTIONS = 64
-TCP_IDLE_SECONDS = 10.0
+TCP_IDLE_SECONDS = 10.0  # the default of --dns-idle
 MAX_TCP_PENDING = 256 * 1024  # reply bytes a client has not read yet
 
 
@@ -280,7 +280,8 @@ class TcpConnections:
     *watch(fd, readable, writable)* (un)registers a descriptor with the loop's
     poller (both False: forget it).  Each connection may send several queries
     (two-byte length prefix each).  Bounds: :data:`MAX_TCP_CONNECTIONS` (the
-    least recently active one makes room for a new one), an idle timeout, and
+    least recently active one makes room for a new one), an idle timeout (*idle*
+    seconds), and
     :data:`MAX_TCP_PENDING` bytes of unread replies, past which the connection
     is closed.
     """
@@ -291,8 +292,10 @@ class TcpConnections:
         responder: Responder,
         watch: Callable[[int, bool, bool], None],
         clock: Callable[[], float] = time.monotonic,
+        idle: float = TCP_IDLE_SECONDS,
     ) -> None:
         self.listener = listener
+        self.idle = idle
         self.responder = responder
         self.watch = watch
         self.clock = clock
@@ -371,9 +374,9 @@ class TcpConnections:
         self.watch(fd, True, bool(conn.outbuf))
 
     def expire(self) -> None:
-        """Close connections idle for longer than :data:`TCP_IDLE_SECONDS`."""
+        """Close connections idle for longer than *idle* seconds."""
         now = self.clock()
-        for fd in [k for k, c in self.conns.items() if now - c.last > TCP_IDLE_SECONDS]:
+        for fd in [k for k, c in self.conns.items() if now - c.last > self.idle]:
             self._close(fd)
 
     def _close(self, fd: int) -> None:

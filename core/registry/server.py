@@ -47,7 +47,7 @@ from ..endpoint import Endpoint
 from ..errors import EdaError
 from ..reqrep import Handler, Service
 from . import protocol
-from .dns import Responder, TcpConnections
+from .dns import TCP_IDLE_SECONDS, Responder, TcpConnections
 from .lateness import Lateness
 from .model import DEFAULT_MAX_INSTANCES, Records
 from .peers import Peers
@@ -70,6 +70,7 @@ class Settings:
     mdns: bool = True
     peers: tuple[str, ...] = ()
     dns: str | None = None  # host:port
+    dns_idle: float = TCP_IDLE_SECONDS  # a DNS-over-TCP connection idle this long is closed
     tick: float = 0.5
     peer_timeout: float = 3.0
     max_instances: int = DEFAULT_MAX_INSTANCES  # registrations of new ids past it are refused
@@ -172,7 +173,9 @@ class Server(Daemon):
         host, port = udp.getsockname()[:2]
         self.dns_address = str(Endpoint(host, port))
         self.watch(udp, "DNS", self._drain_dns)
-        self.dns_tcp = TcpConnections(tcp, self.responder, self._watch_fd)
+        self.dns_tcp = TcpConnections(
+            tcp, self.responder, self._watch_fd, idle=self.settings.dns_idle
+        )
 
     def _watch_fd(self, fd: int, readable: bool, writable: bool) -> None:
         flags = (zmq.POLLIN if readable else 0) | (zmq.POLLOUT if writable else 0)
