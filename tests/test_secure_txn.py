@@ -144,7 +144,7 @@ def test_a_trusted_transfer_commits_in_secure_mode(procs: Procs, tmp_path, ids, 
     assert (status, result.get("outcome")) == (5, "aborted"), stderr
     assert result["reason"] == "a1 voted no: exit status 1: insufficient funds"
     settled(bank, {"a1": 70, "a2": 130})
-    assert holds(bank) == []
+    wait_until(lambda: holds(bank) == [], 30, "the aborted transfer's hold released")
     # the participants recorded the key the coordinator proved, to ask it when in doubt
     committed = [r for r in states(tmp_path, "a1").values() if r.get("state") == "committed"]
     assert [r["coordinator_key"] for r in committed] == [ids["c1"].public]
@@ -240,7 +240,7 @@ def test_a_participant_holding_an_untrusted_key_gets_no_request(procs, tmp_path,
     ), result
     assert not (forger_log / "prepared").exists()
     assert not [r for r in read(forger_log / "participant-a2.jsonl") if "txn" in r]
-    wait_until(lambda: holds(bank) == [], 10, "a1's hold released")
+    wait_until(lambda: holds(bank) == [], 30, "a1's hold released")
     assert balances(bank) == {"a1": 100, "a2": 100}
 
 
@@ -285,7 +285,7 @@ def test_allow_on_a_participant_refuses_a_coordinator_it_does_not_name(procs, tm
     )
     assert states(tmp_path, "a1") == {}  # a1 heard nothing
     # a2 (which allows c1) prepared and was told to abort: its hold is released
-    wait_until(lambda: holds(bank) == [], 10, "a2's hold released")
+    wait_until(lambda: holds(bank) == [], 30, "a2's hold released")
     assert balances(bank) == {"a1": 100, "a2": 100}
 
 
@@ -321,7 +321,8 @@ def test_an_in_doubt_participant_asks_the_coordinator_under_its_proven_key(
         )
 
     wait_until(settled, 20, "both participants learned the abort")
-    assert holds(bank) == [] and balances(bank) == {"a1": 100, "a2": 100}
+    wait_until(lambda: holds(bank) == [] and balances(bank) == {"a1": 100, "a2": 100}, 30,
+               "the holds released and the balances untouched")  # fmt: skip
 
 
 @pytest.mark.parametrize("secure", [False, True])
@@ -382,7 +383,8 @@ def test_resolve_asks_a_participant_under_the_key_its_journal_records(procs, tmp
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert sorted(r["participant"] for r in rows) == ["a1", "a2"]
-    assert holds(bank) == [] and balances(bank) == {"a1": 100, "a2": 100}
+    wait_until(lambda: holds(bank) == [] and balances(bank) == {"a1": 100, "a2": 100}, 30,
+               "the holds released and the balances untouched")  # fmt: skip
 
 
 SAGA = """
