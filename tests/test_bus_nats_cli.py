@@ -418,3 +418,21 @@ def test_a_front_on_a_3_node_cluster_loses_nothing_when_the_front_and_a_node_are
         assert extra.returncode == 4 and extra.stdout == ""
         bus.signal(signal.SIGTERM)
         assert bus.wait(10) == 0
+
+
+def test_a_durable_consumer_waits_out_a_store_that_fails_its_subscription(
+    procs: Procs, server: Server
+) -> None:
+    """The front's JetStream call for a subscription fails (here: nats-server frozen, no
+    answer in time; in the nemesis: 503 while the stream elects a leader): the front
+    refuses it for now (retry) and eda-sub --durable subscribes again, never exits."""
+    bus, ep = start_front(procs, server.url, new_stream())
+    assert run("eda-pub", "--bus", ep, "--confirm", "t.x", "1").returncode == 0
+    server.proc.signal(signal.SIGSTOP)
+    sub = procs.eda("eda-sub", "--bus", ep, "t.x", "--durable", "d1", "--raw", "-C", "2")
+    wait_until(lambda: "request failed" in bus.stderr or sub.popen.poll() is not None, 60,
+               "the front's subscription request failed")  # fmt: skip
+    server.proc.signal(signal.SIGCONT)
+    assert run("eda-pub", "--bus", ep, "--confirm", "t.x", "2").returncode == 0
+    assert sub.wait(60) == 0, sub.stderr  # was: "the bus refused: NATS stream ...", exit 1
+    assert sub.lines() == ["1", "2"]
