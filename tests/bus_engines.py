@@ -19,7 +19,8 @@ import pytest
 from eda.core.bus import SQLiteEngine
 from eda.core.bus import nats as nats_engine
 from eda.core.bus.nats import NatsEngine
-from tests.helpers import Proc, Procs, require_tools
+from tests.helpers import Proc, Procs
+from tests.natsnodes import nats_server
 
 _ids = itertools.count(1)
 
@@ -37,14 +38,14 @@ class Server:
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: Proc = procs.start(
-            ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
+            [nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
         )
         self.proc.wait_stderr("Server is ready", 20)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tools("nats-server", install="nats-server")
+    nats_server()
     if nats_engine.nats is None:
         pytest.fail(
             "nats-py not found: install the test extras (pip install -e '.[test]')", pytrace=False

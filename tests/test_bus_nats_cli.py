@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, Procs, require_tools, run, wait_until
+from tests.helpers import Proc, Procs, run, wait_until
+from tests.natsnodes import nats_server
 from tests.test_bus import BIND, _feed, replay, start_bus, stored_events, stored_stats
 from tests.test_bus_nats import Server, cluster
 
@@ -25,7 +26,7 @@ from tests.test_bus_nats import Server, cluster
 @pytest.fixture
 def server(procs: Procs, tmp_path: Path) -> Server:
     """This test's own nats-server -js (the default stream's subjects are eda.>)."""
-    require_tools("nats-server", install="nats-server")
+    nats_server()
     return Server(procs, tmp_path / "jetstream")
 
 
@@ -331,7 +332,7 @@ def test_the_front_survives_its_nats_server_going_away_and_coming_back(
     down = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "t.x", "2")
     assert down.returncode == 4, down.stderr  # never a false confirmation
     assert "did not confirm 1 event(s)" in down.stderr
-    argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(server.port),
+    argv = [nats_server(), "-js", "-a", "127.0.0.1", "-p", str(server.port),
             "-sd", str(tmp_path / "jetstream")]  # fmt: skip
     procs.start(argv).wait_stderr("Server is ready", 20)
     # what the front waited for died with the server: it answers within the
@@ -354,7 +355,7 @@ def test_acknowledgements_lost_with_the_nats_server_never_stall_the_front(
     down = run("eda-pub", "--bus", ep, "--confirm", "--timeout", "3", "t.x", "2")
     assert down.returncode == 4, down.stderr  # never a false confirmation
     server.proc.kill()  # and what it took dies with it
-    argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(server.port),
+    argv = [nats_server(), "-js", "-a", "127.0.0.1", "-p", str(server.port),
             "-sd", str(tmp_path / "jetstream")]  # fmt: skip
     procs.start(argv).wait_stderr("Server is ready", 20)
     # with the publisher's and stats' default patience
@@ -417,3 +418,21 @@ def test_a_front_on_a_3_node_cluster_loses_nothing_when_the_front_and_a_node_are
         assert extra.returncode == 4 and extra.stdout == ""
         bus.signal(signal.SIGTERM)
         assert bus.wait(10) == 0
+
+
+def test_a_durable_consumer_waits_out_a_store_that_fails_its_subscription(
+    procs: Procs, server: Server
+) -> None:
+    """The front's JetStream call for a subscription fails (here: nats-server frozen, no
+    answer in time; in the nemesis: 503 while the stream elects a leader): the front
+    refuses it for now (retry) and eda-sub --durable subscribes again, never exits."""
+    bus, ep = start_front(procs, server.url, new_stream())
+    assert run("eda-pub", "--bus", ep, "--confirm", "t.x", "1").returncode == 0
+    server.proc.signal(signal.SIGSTOP)
+    sub = procs.eda("eda-sub", "--bus", ep, "t.x", "--durable", "d1", "--raw", "-C", "2")
+    wait_until(lambda: "request failed" in bus.stderr or sub.popen.poll() is not None, 60,
+               "the front's subscription request failed")  # fmt: skip
+    server.proc.signal(signal.SIGCONT)
+    assert run("eda-pub", "--bus", ep, "--confirm", "t.x", "2").returncode == 0
+    assert sub.wait(60) == 0, sub.stderr  # was: "the bus refused: NATS stream ...", exit 1
+    assert sub.lines() == ["1", "2"]

@@ -29,6 +29,7 @@ from eda.core.bus.nats.connect import NatsAuth, prepare, redact
 from eda.core.errors import ConfigError, UsageError
 from tests.bus_engines import free_port
 from tests.helpers import Proc, Procs, require_tools, run
+from tests.natsnodes import nats_server
 from tests.test_bus import replay
 
 PASSWORD = "pw-Zq7!xK2vMark"  # distinctive: searched for in every output
@@ -103,7 +104,7 @@ class Server:
     """A nats-server -js configured by the test (its ``conf``), on 127.0.0.1."""
 
     def __init__(self, procs: Procs, work: Path, conf: str, scheme: str = "nats") -> None:
-        require_tools("nats-server", install="nats-server")
+        nats_server()
         self.port = free_port()
         work.mkdir(parents=True, exist_ok=True)
         path = work / "nats.conf"
@@ -112,7 +113,7 @@ class Server:
             f'jetstream {{ store_dir: "{work / "js"}" }}\n{conf}\n'
         )
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.proc: Proc = procs.start(["nats-server", "-c", str(path)])
+        self.proc: Proc = procs.start([nats_server(), "-c", str(path)])
         self.proc.wait_stderr("Server is ready", 20)
 
     def refusals(self) -> int:
@@ -158,7 +159,7 @@ def no_secret_in(procs: Procs) -> None:
     """Neither the password nor the token appears in anything a process printed."""
     for proc in procs.started:
         out = proc.stdout + proc.stderr
-        if proc.popen.args[0] == "nats-server":
+        if proc.popen.args[0] == nats_server():
             continue  # the server's own log is not eda's output
         assert PASSWORD not in out and TOKEN not in out, out
 

@@ -29,7 +29,8 @@ from eda.core.bus import SQLiteEngine, StoreError
 from eda.core.bus import nats as nats_engine
 from eda.core.bus.nats import NatsEngine, migrate
 from eda.core.errors import NotFoundError
-from tests.helpers import Proc, Procs, require_tools, wait_until
+from tests.helpers import Proc, Procs, wait_until
+from tests.natsnodes import nats_server
 from tests.test_bus_nats import free_port
 from tests.test_bus_store import batch
 
@@ -54,7 +55,7 @@ class Server:
         self.proc = self.start()
 
     def start(self) -> Proc:
-        proc = self.procs.start(["nats-server", "-c", str(self.conf)])
+        proc = self.procs.start([nats_server(), "-c", str(self.conf)])
         proc.wait_stderr("Server is ready", 20)
         return proc
 
@@ -65,7 +66,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tools("nats-server", install="nats-server")
+    nats_server()
     if nats_engine.nats is None:
         pytest.fail("nats-py not found: pip install -e '.[test]'", pytrace=False)
     work = tmp_path_factory.mktemp("natsprop")

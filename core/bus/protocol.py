@@ -13,7 +13,9 @@ Bus to client:
     N  tag, JSON            a batch refused: ``{"error", "code", "retry"}``; with
                             ``retry`` true (disk full, store error) it was not stored and
                             may be sent again later, else it never will be
-    A  JSON                 the reply to a request (``rid``, ``ok``...)
+    A  JSON                 the reply to a request (``rid``, ``ok``...); a request the
+                            store failed (e.g. a JetStream stream electing a leader) is
+                            refused with ``retry`` true: the client asks again later
     D  busseq, topic, header, body[, extensions]
                             stored events for a subscription; the header's sequence is
                             the publisher's (event ids kept), *busseq* (8 bytes) the bus

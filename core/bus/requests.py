@@ -59,7 +59,7 @@ class Answering(Delivering):
         except StoreError as exc:  # its commit (or write) failed: the round's batches with it
             self.limited("store", f"request failed: {exc}")
             self._rolled_back(exc)
-            reply = error_reply(rid, exc)
+            reply = {**error_reply(rid, exc), "retry": True}  # the store may be back soon
         except EdaError as exc:
             reply = error_reply(rid, exc)
         except Exception as exc:  # a bug: say so, answer, serve the others

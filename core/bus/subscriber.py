@@ -34,6 +34,7 @@ GROUP_CREDIT = 1000  # a group member takes less ahead: the others get their sha
 GROUP_PENDING = 100
 GROUP_PENDING_SLOW = 1
 GRANT_BYTES = 4 << 20  # bytes of events taken after which credit is granted again
+RETRY_AFTER = 1.0  # a request the bus's store failed (``retry``): subscribe again after
 
 
 class Delivery(NamedTuple):
@@ -90,6 +91,7 @@ class BusSubscriber:
         # a durable that already existed: (its position, its patterns before, a start was asked)
         self.resumed: tuple[int, list[str], bool] | None = None
         self._answered = False  # the bus answered a subscribe of ours
+        self._retry_at: float | None = None  # subscribe again then: the store failed
 
     def _request(self, msg: dict[str, Any]) -> None:
         self._rid += 1
@@ -137,6 +139,10 @@ class BusSubscriber:
         seconds): heartbeats and credit, looking for the bus when it went quiet."""
         self._heartbeat()
         self._look_again()
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None  # a durable or group resumes where the bus kept it
+            self.resubscribed += 1
+            self.subscribe()
 
     def _look_again(self) -> None:
         """Nothing heard for a while and the bus refuses connections: find it again."""
@@ -237,6 +243,9 @@ class BusSubscriber:
             self.malformed += 1
             return
         if not reply.get("ok"):
+            if reply.get("retry") is True:  # the store failed (a JetStream election): not us
+                self._retry_at = time.monotonic() + RETRY_AFTER
+                return
             self.errors.append(str(reply.get("error", "request refused"))[:300])
             return
         if "from" not in reply:

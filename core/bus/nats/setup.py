@@ -142,8 +142,9 @@ class Setup(Index):
             f"{k.removeprefix('num_')} {_said(k, getattr(config, k))} -> {_said(k, v)}"
             for k, v in want.items()
         )
-        if want.get("num_replicas", 1) > 1 and info.cluster is None:
-            # a single server would record the number and keep one copy
+        if want.get("num_replicas", 1) > 1 and (info.cluster is None or not info.cluster.name):
+            # a single server would record the number and keep one copy (2.9 says no
+            # cluster; 2.10 on name their leader, themselves, but no cluster name)
             raise UsageError(
                 f"cannot change NATS stream {self.stream} ({said}): the server is not "
                 f"clustered, so it keeps one copy (more need a JetStream cluster)"
