@@ -184,7 +184,9 @@ def test_a_worker_allowing_alice_serves_no_broker_it_does_not_allow(procs: Procs
     done = run("eda-lb", "call", "pay", "--secure", "--no-mdns", "--registry", at, "--via",
                "pay", "--timeout", "2", "--retries", "0", "round", env=ids["bob"].env,
                timeout=60)  # fmt: skip
-    assert done.returncode == 4 and sent(log) == "", done.returncode
+    # the broker has no worker for bob: it says so (1: "every instance is busy") or the
+    # request times out there (4), whichever comes first on a loaded machine
+    assert done.returncode in (1, 4) and sent(log) == "", (done.returncode, done.stderr)
     named = run("eda-lb", "worker", "pay", "--secure", "--no-mdns", "--allow", "alice",
                 "--broker", f"b@{back}", "--", "cat", env=ids["w"].env, timeout=30)  # fmt: skip
     assert named.returncode == 2 and "'b' is not in --allow" in named.stderr
