@@ -267,8 +267,13 @@ def test_a_dead_group_members_unacknowledged_events_go_to_the_others(
     done = run("eda-pub", "--bus", ep, "--confirm", "work.items", input="".join(
         f"{i}\n" for i in range(1, n + 1)))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    held = wait_until(lambda: (_group(ep) or {}).get("held"), 30, "events held by A")
-    assert held > 0 and taken.exists()
+    # held by the bus for A, and A's command has them (it writes them as it reads)
+    def reading() -> bool:
+        return taken.exists() and taken.stat().st_size > 0
+
+    held = wait_until(lambda: reading() and (_group(ep) or {}).get("held"), 30,
+                      "events held by A, and A's command reading them")  # fmt: skip
+    assert held > 0
     a.kill()  # the whole process group: eda-sub and its hanging command
     b = procs.eda("eda-sub", "--bus", ep, "work.>", "--group", "workers", "--raw")
     # GONE_AFTER (5 s) without a heartbeat: A's events go to B, each once
